@@ -1,0 +1,234 @@
+"""Configuration from the environment.
+
+Every variable has a default (listed in ``VARIABLES`` and the README). A bad
+value raises ``ConfigError`` whose message is one line starting with the
+variable's name; ``rtmanager`` prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+from desired.jobs import ImageAllowlist, RecordDefaults
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    default: str
+    help: str
+
+
+VARIABLES: tuple[Var, ...] = (
+    Var("RTMANAGER_DATABASE_URL", "postgresql://postgres@127.0.0.1:55432/rtmanager",
+        "PostgreSQL DSN (the default is the local stack of deploy/local/services.sh)"),
+    Var("RTMANAGER_REDIS_URL", "redis://127.0.0.1:56379/0", "Redis URL"),
+    Var("RTMANAGER_DOCKER_NETWORK", "galaxy-games", "user-defined network for engine containers, created if missing"),
+    Var("RTMANAGER_STATE_ROOT", "/var/lib/rtmanager/games", "host directory holding one state directory per game"),
+    Var("RTMANAGER_ENGINE_STATE_DIR", "/var/lib/galaxy-engine", "where the state directory is mounted in the engine"),
+    Var("RTMANAGER_IMAGE_ALLOWLIST", "galaxy/engine:*,galaxy/engine-stub:*",
+        "comma-separated shell patterns; only matching image refs may run"),
+    Var("RTMANAGER_INSTANCE", "default", "instance name, written on container labels; replicas share it"),
+    Var("RTMANAGER_ENGINE_PORT", "8080", "engine HTTP port inside the container"),
+    Var("RTMANAGER_ENGINE_HEALTH_PATH", "/healthz", "engine health path"),
+    Var("RTMANAGER_START_TIMEOUT", "30", "seconds for a started engine to answer its health path"),
+    Var("RTMANAGER_CLEANUP_TTL", "86400", "seconds after which a stopped container is removed (0: never)"),
+    Var("RTMANAGER_RESYNC_INTERVAL", "30", "seconds between full resyncs of Docker against Postgres"),
+    Var("RTMANAGER_CONCURRENCY", "4", "reconcile workers (about the knee of a 2-core machine)"),
+    Var("RTMANAGER_HTTP_PORT", "8090", "port of /healthz, /readyz, /metrics and the REST API (0: off)"),
+    Var("RTMANAGER_HTTP_HOST", "127.0.0.1", "address the HTTP server binds"),
+    Var("RTMANAGER_API_TOKEN", "", "bearer token of the REST API; empty disables the REST API"),
+    Var("RTMANAGER_START_STREAM", "runtime:start_jobs", "stream of start jobs"),
+    Var("RTMANAGER_STOP_STREAM", "runtime:stop_jobs", "stream of stop jobs"),
+    Var("RTMANAGER_RESULTS_STREAM", "runtime:job_results", "stream of job results"),
+    Var("RTMANAGER_CONSUMER_GROUP", "rtmanager", "consumer group on the job streams"),
+    Var("RTMANAGER_CONSUMER_NAME", "", "consumer name in the group (default: instance-hostname)"),
+    Var("RTMANAGER_RESULTS_MAXLEN", "100000", "approximate MAXLEN of the results stream (0: no trimming)"),
+    Var("RTMANAGER_STOP_GRACE", "10", "seconds between SIGTERM and SIGKILL when stopping an engine"),
+    Var("RTMANAGER_JOB_TIMEOUT", "300", "seconds a job may wait for Docker before it fails with docker_unavailable"),
+    Var("RTMANAGER_ENGINE_MEMORY", "512m", "engine memory limit (bytes, or with k/m/g)"),
+    Var("RTMANAGER_ENGINE_CPUS", "1.0", "engine CPU limit in CPUs"),
+    Var("RTMANAGER_ENGINE_PIDS", "256", "engine pids limit"),
+    Var("RTMANAGER_ENGINE_USER", "", "uid[:gid] the engine runs as (empty: the image's own user)"),
+    Var("RTMANAGER_PROBE_ADDRESS", "ip", "how the health probe reaches the engine: ip or hostname"),
+    Var("RTMANAGER_LOG_FORMAT", "json", "json or text"),
+    Var("RTMANAGER_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+)
+_DEFAULTS = {v.name: v.default for v in VARIABLES}
+
+_STREAM_NAME = re.compile(r"^[A-Za-z0-9:_.-]{1,200}$")
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    database_url: str
+    redis_url: str
+    docker_network: str
+    state_root: str
+    engine_state_dir: str
+    image_allowlist: ImageAllowlist
+    instance: str
+    engine_port: int
+    health_path: str
+    start_timeout: float
+    cleanup_ttl: float
+    resync_interval: float
+    concurrency: int
+    http_port: int
+    http_host: str
+    api_token: str = field(repr=False)
+    start_stream: str
+    stop_stream: str
+    results_stream: str
+    consumer_group: str
+    consumer_name: str
+    results_maxlen: int
+    stop_grace: float
+    job_timeout: float
+    engine_memory: int
+    engine_nano_cpus: int
+    engine_pids: int
+    engine_user: str | None
+    probe_address: str
+    log_format: str
+    log_level: str
+
+    @property
+    def record_defaults(self) -> RecordDefaults:
+        return RecordDefaults(docker_network=self.docker_network, state_root=self.state_root,
+                              engine_port=self.engine_port)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str:
+            return env.get(name, _DEFAULTS[name]).strip()
+
+        def parse(name: str, conv: Callable[[str], object], rule: str, secret: bool = False) -> object:
+            raw = get(name)
+            try:
+                return conv(raw)
+            except (ValueError, TypeError) as exc:
+                detail = f" ({exc})" if str(exc) and "invalid literal" not in str(exc) else ""
+                shown = "" if secret else f", got {raw!r}"  # URLs may carry passwords
+                raise ConfigError(f"{name}: {rule}{shown}{detail}") from None
+
+        def number(lo: float, hi: float, kind=float):
+            def conv(raw: str):
+                v = kind(raw)
+                if not lo <= v <= hi:
+                    raise ValueError(f"out of range {lo}..{hi}")
+                return v
+            return conv
+
+        def url(schemes: tuple[str, ...]):
+            def conv(raw: str) -> str:
+                parts = urlsplit(raw)
+                if parts.scheme not in schemes or not parts.hostname:
+                    raise ValueError(f"scheme must be one of {', '.join(schemes)}")
+                return raw
+            return conv
+
+        def pattern(regex: re.Pattern[str]):
+            def conv(raw: str) -> str:
+                if not regex.match(raw):
+                    raise ValueError("")
+                return raw
+            return conv
+
+        def abspath(raw: str) -> str:
+            if not raw.startswith("/") or "\x00" in raw:
+                raise ValueError("")
+            return os.path.normpath(raw)
+
+        def allowlist(raw: str) -> ImageAllowlist:
+            al = ImageAllowlist(raw)
+            if not al.patterns:
+                raise ValueError("at least one pattern is needed")
+            return al
+
+        def health_path(raw: str) -> str:
+            if not raw.startswith("/") or any(c.isspace() for c in raw):
+                raise ValueError("")
+            return raw
+
+        def size(raw: str) -> int:
+            m = re.fullmatch(r"(\d+)([kmgKMG]?)[bB]?", raw)
+            if not m:
+                raise ValueError("")
+            v = int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+            if v < 6 * 1024**2:
+                raise ValueError("at least 6m")
+            return v
+
+        def user(raw: str) -> str | None:
+            if raw == "":
+                return None
+            if not re.fullmatch(r"\d{1,10}(:\d{1,10})?", raw):
+                raise ValueError("")
+            return raw
+
+        def choice(*options: str):
+            def conv(raw: str) -> str:
+                if raw.lower() not in options:
+                    raise ValueError("")
+                return raw.lower()
+            return conv
+
+        def token(raw: str) -> str:
+            if raw and len(raw) < 16:
+                raise ValueError("")
+            return raw
+
+        instance = parse("RTMANAGER_INSTANCE", pattern(_NAME), "must be 1-63 letters, digits, _ . -")
+        consumer = get("RTMANAGER_CONSUMER_NAME") or f"{instance}-{socket.gethostname()}"
+        return cls(
+            database_url=parse("RTMANAGER_DATABASE_URL", url(("postgresql", "postgres")),
+                               "must be a postgresql:// URL", secret=True),
+            redis_url=parse("RTMANAGER_REDIS_URL", url(("redis", "rediss", "unix")), "must be a redis:// URL",
+                            secret=True),
+            docker_network=parse("RTMANAGER_DOCKER_NETWORK", pattern(_NAME), "must be a Docker network name"),
+            state_root=parse("RTMANAGER_STATE_ROOT", abspath, "must be an absolute path"),
+            engine_state_dir=parse("RTMANAGER_ENGINE_STATE_DIR", abspath, "must be an absolute path"),
+            image_allowlist=parse("RTMANAGER_IMAGE_ALLOWLIST", allowlist, "must list image patterns"),
+            instance=instance,
+            engine_port=parse("RTMANAGER_ENGINE_PORT", number(1, 65535, int), "must be a port 1-65535"),
+            health_path=parse("RTMANAGER_ENGINE_HEALTH_PATH", health_path, "must be a path starting with /"),
+            start_timeout=parse("RTMANAGER_START_TIMEOUT", number(0.1, 3600), "must be seconds in 0.1..3600"),
+            cleanup_ttl=parse("RTMANAGER_CLEANUP_TTL", number(0, 10**8), "must be seconds, 0 or more"),
+            resync_interval=parse("RTMANAGER_RESYNC_INTERVAL", number(0.5, 86400), "must be seconds in 0.5..86400"),
+            concurrency=parse("RTMANAGER_CONCURRENCY", number(1, 64, int), "must be an integer 1..64"),
+            http_port=parse("RTMANAGER_HTTP_PORT", number(0, 65535, int), "must be a port 0-65535"),
+            http_host=get("RTMANAGER_HTTP_HOST"),
+            api_token=parse("RTMANAGER_API_TOKEN", token, "must be empty or at least 16 characters",
+                            secret=True),
+            start_stream=parse("RTMANAGER_START_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
+            stop_stream=parse("RTMANAGER_STOP_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
+            results_stream=parse("RTMANAGER_RESULTS_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
+            consumer_group=parse("RTMANAGER_CONSUMER_GROUP", pattern(_STREAM_NAME), "must be a group name"),
+            consumer_name=consumer,
+            results_maxlen=parse("RTMANAGER_RESULTS_MAXLEN", number(0, 10**9, int), "must be an integer, 0 or more"),
+            stop_grace=parse("RTMANAGER_STOP_GRACE", number(0, 3600), "must be seconds in 0..3600"),
+            job_timeout=parse("RTMANAGER_JOB_TIMEOUT", number(1, 86400), "must be seconds in 1..86400"),
+            engine_memory=parse("RTMANAGER_ENGINE_MEMORY", size, "must be a size such as 512m"),
+            engine_nano_cpus=int(parse("RTMANAGER_ENGINE_CPUS", number(0.01, 1024), "must be CPUs, e.g. 1.5")
+                                 * 1e9),
+            engine_pids=parse("RTMANAGER_ENGINE_PIDS", number(16, 1 << 22, int), "must be an integer 16 or more"),
+            engine_user=parse("RTMANAGER_ENGINE_USER", user, "must be uid or uid:gid"),
+            probe_address=parse("RTMANAGER_PROBE_ADDRESS", choice("ip", "hostname"), "must be ip or hostname"),
+            log_format=parse("RTMANAGER_LOG_FORMAT", choice("json", "text"), "must be json or text"),
+            log_level=parse("RTMANAGER_LOG_LEVEL", choice("debug", "info", "warning", "error"),
+                            "must be DEBUG, INFO, WARNING or ERROR").upper(),
+        )
+

@@ -1,0 +1,45 @@
+"""Prometheus metrics, prefixed ``rtmanager_``, registered on an injected registry.
+
+Names follow controller-runtime's where there is one (reconcile totals and
+durations, work queue depth / adds / retries) so that existing dashboards read
+naturally.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+_FAST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.reconciles = Counter("rtmanager_reconcile_total", "Reconciles by action and result",
+                                  ["action", "result"], registry=r)
+        self.reconcile_seconds = Histogram("rtmanager_reconcile_duration_seconds", "Time of one reconcile",
+                                           ["action"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("rtmanager_workqueue_depth", "Keys waiting in the work queue", registry=r)
+        self.queue_adds = Counter("rtmanager_workqueue_adds_total", "Keys added to the work queue", registry=r)
+        self.queue_retries = Counter("rtmanager_workqueue_retries_total", "Keys re-added after a failure",
+                                     registry=r)
+        self.jobs = Counter("rtmanager_jobs_received_total", "Job entries read, by stream and outcome",
+                            ["stream", "outcome"], registry=r)
+        self.results = Counter("rtmanager_results_published_total", "Results published, by outcome and error code",
+                               ["outcome", "error_code"], registry=r)
+        self.outbox_pending = Gauge("rtmanager_outbox_pending", "Results waiting to be published", registry=r)
+        self.docker_calls = Counter("rtmanager_docker_api_calls_total", "Docker API calls by operation and result",
+                                    ["operation", "result"], registry=r)
+        self.docker_seconds = Histogram("rtmanager_docker_api_duration_seconds", "Docker API call time",
+                                        ["operation"], buckets=_FAST_BUCKETS, registry=r)
+        self.probes = Counter("rtmanager_engine_probes_total", "Engine health probes by result", ["result"],
+                              registry=r)
+        self.records = Gauge("rtmanager_runtime_records", "Runtime records by status", ["status"], registry=r)
+        self.resyncs = Counter("rtmanager_resync_total", "Full resyncs by result", ["result"], registry=r)
+        self.ready = Gauge("rtmanager_ready", "1 when Postgres, Redis and Docker answer", registry=r)
+
+    def docker_observer(self, op: str, seconds: float, ok: bool) -> None:
+        self.docker_calls.labels(op, "ok" if ok else "error").inc()
+        self.docker_seconds.labels(op).observe(seconds)

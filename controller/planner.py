@@ -1,0 +1,114 @@
+"""``plan(record, container) -> Action``: the whole decision of the controller, with no I/O.
+
+The worker re-reads the record (Postgres) and the container (Docker) every
+time it looks at a game, calls ``plan`` and carries out the one action it
+returns; after the action it looks again, until ``plan`` says NOOP. Because the
+decision is made from what *is*, never from what happened before, any action can
+be repeated after a crash.
+
+``container`` is the container named ``galaxy-game-{game_id}``, or one carrying
+our labels, or None. ``want_hash`` is the spec hash the container should carry
+(``None`` when the record does not ask for a running container).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from desired.model import DesiredStatus, RuntimeRecord, Status
+from observed.model import ObservedContainer
+
+
+class ActionKind(str, enum.Enum):
+    NOOP = "noop"
+    CREATE = "create"              # no container: create, start, wait healthy
+    START = "start"                # our container with the right spec exists but does not run
+    RECREATE = "recreate"          # our container runs an old spec: remove, then create
+    CONFIRM = "confirm"            # the right container runs: wait healthy, then record it
+    STOP = "stop"                  # stop the running container
+    MARK_STOPPED = "mark_stopped"  # nothing runs: record the game as stopped
+    REMOVE = "remove"              # remove the container
+    MARK_REMOVED = "mark_removed"  # nothing left: record the game as removed
+    CLEANUP = "cleanup"            # stopped for longer than the cleanup TTL: remove it
+    DISPOSE = "dispose"            # our labels but no record: remove the orphan
+    WAIT = "wait"                  # come back later (orphan in its grace period, container in transition)
+    BLOCKED = "blocked"            # the name is held by a container that is not ours
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    reason: str = ""
+
+    @property
+    def is_noop(self) -> bool:
+        return self.kind is ActionKind.NOOP
+
+
+NOOP = Action(ActionKind.NOOP)
+_TRANSIENT_STATES = ("removing", "paused")
+
+
+def plan(
+    record: RuntimeRecord | None,
+    container: ObservedContainer | None,
+    *,
+    want_hash: str | None,
+    instance: str,
+    now: datetime,
+    orphan_grace: float = 10.0,
+    cleanup_ttl: float = 0.0,
+) -> Action:
+    ours = container is not None and container.managed_by(instance)
+
+    if record is None or (record.status is Status.REMOVED and record.desired_status is DesiredStatus.REMOVED
+                          and record.converged and not ours):
+        if not ours:
+            return NOOP
+        assert container is not None
+        if record is None:
+            age = (now - container.created_at).total_seconds() if container.created_at else orphan_grace
+            if age < orphan_grace:
+                return Action(ActionKind.WAIT, f"orphan {container.name} younger than the grace period")
+            return Action(ActionKind.DISPOSE, f"container {container.name} has no runtime record")
+
+    if container is not None and not ours:
+        if record.desired_status is DesiredStatus.RUNNING:
+            return Action(ActionKind.BLOCKED, f"name {container.name} is held by a container rtmanager does not manage")
+        container = None  # somebody else's; for stop and remove it is as if there were none
+
+    if container is not None and container.state in _TRANSIENT_STATES:
+        return Action(ActionKind.WAIT, f"container is {container.state}")
+
+    desired = record.desired_status
+    if desired is DesiredStatus.RUNNING:
+        if container is None:
+            return Action(ActionKind.CREATE, "no container")
+        if container.spec_hash != want_hash:
+            return Action(ActionKind.RECREATE, f"spec hash {container.spec_hash} != {want_hash}")
+        if not container.running:
+            return Action(ActionKind.START, f"container is {container.state}")
+        if (record.status is Status.RUNNING and record.converged
+                and record.current_container_id == container.id):
+            return NOOP
+        return Action(ActionKind.CONFIRM, "container runs; record not yet converged")
+
+    if desired is DesiredStatus.STOPPED:
+        if container is not None and container.running:
+            return Action(ActionKind.STOP, "desired stopped")
+        current_id = container.id if container is not None else None
+        if record.status is Status.STOPPED and record.converged and record.current_container_id == current_id:
+            if (container is not None and cleanup_ttl > 0 and record.stopped_at is not None
+                    and now - record.stopped_at >= timedelta(seconds=cleanup_ttl)):
+                return Action(ActionKind.CLEANUP, f"stopped for more than {cleanup_ttl:g}s")
+            return NOOP
+        return Action(ActionKind.MARK_STOPPED, "nothing runs")
+
+    # desired removed
+    if container is not None:
+        return Action(ActionKind.REMOVE, "desired removed")
+    if record.status is Status.REMOVED and record.converged:
+        return NOOP
+    return Action(ActionKind.MARK_REMOVED, "container gone")

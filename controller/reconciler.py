@@ -1,0 +1,313 @@
+"""The reconciler: workers that take a game id from the work queue and converge it.
+
+``sync(game_id)`` is sample-controller's syncHandler: it re-reads the record
+and the container every time, asks ``plan`` for one action, carries it out, and
+writes what it observed. Then it looks again (``MAX_STEPS`` at most) until the
+plan says NOOP. Results are written, with the final status, in one transaction
+(see desired/store.py); the relay publishes them.
+
+Never hold a pooled Postgres connection across a Docker call or a probe: every
+store call below acquires and releases its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+from typing import Callable
+
+from controller.config import Settings
+from controller.metrics import Metrics
+from controller.planner import ActionKind, plan
+from controller.workqueue import ShutDown, WorkQueue
+from desired.errors import (
+    Conflict,
+    ContainerStartFailed,
+    EngineUnhealthy,
+    PermanentError,
+    TemporaryError,
+)
+from desired.model import (
+    Health,
+    Outcome,
+    RuntimeRecord,
+    Status,
+    container_name,
+)
+from desired.store import Finish, StatusUpdate, Store
+from observed.docker import DockerAdapter, ensure_state_dir
+from observed.health import HealthProbe
+from observed.model import ContainerSpec, ObservedContainer
+
+log = logging.getLogger("rtmanager.reconciler")
+
+MAX_STEPS = 6
+ORPHAN_GRACE = 10.0
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def build_spec(settings: Settings, record: RuntimeRecord) -> ContainerSpec:
+    assert record.desired_image_ref
+    return ContainerSpec(
+        name=container_name(record.game_id),
+        image=record.desired_image_ref,
+        game_id=record.game_id,
+        instance=settings.instance,
+        network=settings.docker_network,
+        state_path=record.state_path,
+        state_target=settings.engine_state_dir,
+        env={
+            "GAME_ID": record.game_id,
+            "ENGINE_PORT": str(settings.engine_port),
+            "ENGINE_STATE_DIR": settings.engine_state_dir,
+        },
+        memory_bytes=settings.engine_memory,
+        nano_cpus=settings.engine_nano_cpus,
+        pids_limit=settings.engine_pids,
+        generation=record.generation,
+        spec_revision=record.spec_revision,
+        user=settings.engine_user,
+    )
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, store: Store, docker: DockerAdapter, probe: HealthProbe,
+                 metrics: Metrics, queue: WorkQueue, results_written: Callable[[], None]) -> None:
+        self.settings = settings
+        self.store = store
+        self.docker = docker
+        self.probe = probe
+        self.metrics = metrics
+        self.queue = queue
+        self._results_written = results_written
+
+    # ---------------------------------------------------------------- workers
+    async def worker(self, n: int) -> None:
+        while True:
+            try:
+                key = await self.queue.get()
+            except ShutDown:
+                return
+            try:
+                await self.sync(str(key))
+                self.queue.forget(key)
+            except TemporaryError as exc:
+                delay = self.queue.add_rate_limited(key)
+                self.metrics.queue_retries.inc()
+                log.warning("temporary failure, retrying in %.1fs: %s", delay, exc.message,
+                            extra={"game_id": key, "error_code": exc.code.value})
+                await self._fail_if_overdue(str(key), exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                delay = self.queue.add_rate_limited(key)
+                self.metrics.queue_retries.inc()
+                log.exception("reconcile failed unexpectedly, retrying in %.1fs", delay, extra={"game_id": key})
+            finally:
+                self.queue.done(key)
+
+    async def sync(self, game_id: str) -> None:
+        for _ in range(MAX_STEPS):
+            record = await self.store.find(game_id)
+            container = await self.docker.inspect(container_name(game_id))
+            spec = build_spec(self.settings, record) if record and record.desired_image_ref else None
+            action = plan(record, container, want_hash=spec.spec_hash if spec else None,
+                          instance=self.settings.instance, now=now_utc(), orphan_grace=ORPHAN_GRACE,
+                          cleanup_ttl=self.settings.cleanup_ttl)
+            if action.kind is ActionKind.NOOP:
+                return
+            if action.kind is ActionKind.WAIT:
+                self.queue.add_after(game_id, 1.0 if record else ORPHAN_GRACE)
+                return
+            log.info("%s: %s", action.kind.value, action.reason, extra={"game_id": game_id,
+                                                                          "action": action.kind.value})
+            started = asyncio.get_running_loop().time()
+            result = "ok"
+            try:
+                await self._act(action.kind, record, container, spec)
+            except PermanentError as exc:
+                result = "failed"
+                assert record is not None
+                await self._give_up(record, exc)
+                return
+            except Conflict as exc:
+                result = "conflict"
+                log.info("record changed under us, looking again: %s", exc, extra={"game_id": game_id})
+            except BaseException:
+                result = "error"
+                raise
+            finally:
+                self.metrics.reconciles.labels(action.kind.value, result).inc()
+                self.metrics.reconcile_seconds.labels(action.kind.value).observe(
+                    asyncio.get_running_loop().time() - started)
+        log.warning("did not converge within %d steps; will look again", MAX_STEPS, extra={"game_id": game_id})
+        self.queue.add_after(game_id, 1.0)
+
+    # ---------------------------------------------------------------- actions
+    async def _act(self, kind: ActionKind, record: RuntimeRecord | None, container: ObservedContainer | None,
+                   spec: ContainerSpec | None) -> None:
+        if kind is ActionKind.DISPOSE:
+            assert container is not None
+            log.warning("disposing orphan container %s", container.name, extra={"container_id": container.id})
+            await self.docker.remove(container.id)
+            return
+        assert record is not None
+        if kind is ActionKind.BLOCKED:
+            raise ContainerStartFailed(f"the name {container_name(record.game_id)} is held by a container "
+                                       "rtmanager does not manage")
+        if kind in (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM):
+            assert spec is not None
+            await self._run(kind, record, container, spec)
+        elif kind is ActionKind.STOP:
+            assert container is not None
+            await self.docker.stop(container.id, self.settings.stop_grace)
+            after = await self.docker.inspect(container.id)
+            await self._mark_stopped(record, after)
+        elif kind is ActionKind.MARK_STOPPED:
+            await self._mark_stopped(record, container)
+        elif kind in (ActionKind.REMOVE, ActionKind.CLEANUP):
+            assert container is not None
+            if kind is ActionKind.CLEANUP:
+                log.info("removing container stopped for longer than the cleanup TTL",
+                         extra={"game_id": record.game_id, "container_id": container.id})
+            await self.docker.remove(container.id)
+            if kind is ActionKind.REMOVE:
+                await self._mark_removed(record, container.id)
+            else:
+                await self.store.cleaned_up(record.game_id, record.generation, now_utc())
+        elif kind is ActionKind.MARK_REMOVED:
+            await self._mark_removed(record, "")
+
+    async def _run(self, kind: ActionKind, record: RuntimeRecord, container: ObservedContainer | None,
+                   spec: ContainerSpec) -> None:
+        if record.status is not Status.STARTING:
+            record = await self.store.update_status(StatusUpdate(
+                game_id=record.game_id, expected_status=record.status,
+                expected_container_id=record.current_container_id, to=Status.STARTING, now=now_utc(),
+                changes={"health": Health.UNKNOWN}))
+        if kind is ActionKind.RECREATE and container is not None:
+            await self.docker.remove(container.id)
+            container = None
+        if container is None:
+            await self.docker.ensure_image(spec.image)
+            await self.docker.ensure_network()
+            await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
+                                    _uid(self.settings.engine_user))
+            container = await self.docker.create(spec)
+            if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.instance):
+                return  # adopted a container from an older attempt: plan again from what it is
+        if not container.running:
+            await self.docker.start(container.id)
+        await self._confirm(record, container.id, spec)
+
+    async def _confirm(self, record: RuntimeRecord, container_id: str, spec: ContainerSpec) -> None:
+        """Wait for the engine's health path, then record the game as running."""
+        loop = asyncio.get_running_loop()
+        last_look = [loop.time()]
+        exited: list[ObservedContainer] = []
+
+        async def still_running() -> bool:
+            if loop.time() - last_look[0] < 0.5:
+                return True
+            last_look[0] = loop.time()
+            seen = await self.docker.inspect(container_id)
+            if seen is None or not seen.running:
+                if seen is not None:
+                    exited.append(seen)
+                return False
+            return True
+
+        seen = await self.docker.inspect(container_id)
+        if seen is None:
+            raise ContainerStartFailed("the container disappeared right after start")
+        if not seen.running:
+            await self._raise_exited(seen)
+        host = seen.ip_address if (self.settings.probe_address == "ip" and seen.ip_address) else seen.name
+        ok, detail = await self.probe.wait_healthy(host, self.settings.start_timeout, still_running)
+        self.metrics.probes.labels("healthy" if ok else "unhealthy").inc()
+        if not ok:
+            if exited:
+                await self._raise_exited(exited[-1])
+            await self.docker.stop(container_id, self.settings.stop_grace)
+            raise EngineUnhealthy(f"engine did not answer GET {self.settings.health_path} with 2xx within "
+                                  f"{self.settings.start_timeout:g}s (last: {detail}); container stopped")
+        await self.store.update_status(
+            StatusUpdate(game_id=record.game_id, expected_status=Status.STARTING, expected_container_id=None,
+                         to=Status.RUNNING, now=now_utc(),
+                         changes={"current_container_id": container_id, "current_image_ref": spec.image,
+                                  "health": Health.HEALTHY, "observed_generation": record.generation,
+                                  "last_error_code": None, "last_error_message": None}),
+            finish=Finish(generation=record.generation, outcome=Outcome.SUCCESS))
+        self._results_written()
+        log.info("running and healthy", extra={"game_id": record.game_id, "container_id": container_id[:12]})
+
+    async def _raise_exited(self, seen: ObservedContainer) -> None:
+        tail = await self.docker.logs_tail(seen.id, 5)
+        detail = f"engine exited with code {seen.exit_code}"
+        if seen.oom_killed:
+            detail += " (OOM-killed)"
+        if tail:
+            detail += f"; last log lines: {tail[-400:]}"
+        raise ContainerStartFailed(detail)
+
+    async def _mark_stopped(self, record: RuntimeRecord, container: ObservedContainer | None) -> None:
+        container_id = container.id if container is not None else None
+        await self.store.update_status(
+            StatusUpdate(game_id=record.game_id, expected_status=record.status,
+                         expected_container_id=record.current_container_id, to=Status.STOPPED, now=now_utc(),
+                         changes={"current_container_id": container_id,
+                                  "current_image_ref": record.current_image_ref or record.desired_image_ref,
+                                  "health": Health.UNKNOWN, "observed_generation": record.generation}),
+            finish=Finish(generation=record.generation, outcome=Outcome.SUCCESS, container_id=container_id or ""))
+        self._results_written()
+
+    async def _mark_removed(self, record: RuntimeRecord, container_id: str) -> None:
+        await self.store.update_status(
+            StatusUpdate(game_id=record.game_id, expected_status=record.status,
+                         expected_container_id=record.current_container_id, to=Status.REMOVED, now=now_utc(),
+                         changes={"health": Health.UNKNOWN, "observed_generation": record.generation}),
+            finish=Finish(generation=record.generation, outcome=Outcome.SUCCESS, container_id=container_id))
+        self._results_written()
+
+    async def _give_up(self, record: RuntimeRecord, exc: PermanentError) -> None:
+        log.warning("giving up on generation %d: %s", record.generation, exc.message,
+                    extra={"game_id": record.game_id, "error_code": exc.code.value})
+        seen = await self.docker.inspect(container_name(record.game_id))
+        ours = seen is not None and seen.managed_by(self.settings.instance)
+        if ours and seen.running:
+            await self.docker.stop(seen.id, self.settings.stop_grace)
+        new = await self.store.give_up(record.game_id, record.generation, exc.code, exc.message, now_utc(),
+                                       seen.id if ours else None)
+        if new is not None:
+            self._results_written()
+
+    async def _fail_if_overdue(self, game_id: str, exc: TemporaryError) -> None:
+        """A job must not wait forever for a Docker daemon that does not come back."""
+        try:
+            ops = await self.store.pending_operations(game_id)
+            if not ops:
+                return
+            age = (now_utc() - ops[0].created_at).total_seconds()
+            if age < self.settings.job_timeout:
+                return
+            record = await self.store.find(game_id)
+            if record is None:
+                return
+            log.error("job waited %.0fs; failing it with %s", age, exc.code.value, extra={"game_id": game_id})
+            if await self.store.give_up(game_id, record.generation, exc.code,
+                                        f"gave up after {age:.0f}s: {exc.message}", now_utc(),
+                                        record.current_container_id):
+                self._results_written()
+        except TemporaryError:
+            pass
+        except Exception:
+            log.exception("could not fail an overdue job", extra={"game_id": game_id})
+
+
+def _uid(user: str | None) -> int | None:
+    return int(user.split(":", 1)[0]) if user else None
+

@@ -1,0 +1,289 @@
+"""Jobs: parsing stream entries and deciding how a job changes desired state.
+
+Both halves are pure. ``parse_job`` turns the raw fields of a stream entry (bytes,
+possibly hostile) into a ``Job`` or raises ``InvalidJob`` with the error code and
+a message naming the field. ``decide`` takes the current record (or ``None``)
+and a job and says what the intake must write in one transaction:
+
+* ``replay``  - the job asks for what already holds: answer ``success`` +
+  ``replay_no_op`` at once, change nothing;
+* ``join``    - the desired state already says this but has not converged yet:
+  the job waits for the current generation, nothing is bumped;
+* ``change``  - the desired state changes: ``generation`` is bumped and every
+  still-pending operation of an older generation is answered ``superseded``;
+* ``reject``  - the job cannot apply to this game (``invalid_request``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Mapping
+
+from desired.model import (
+    GAME_ID_PATTERN,
+    DesiredStatus,
+    ErrorCode,
+    JobKind,
+    OpSource,
+    RuntimeRecord,
+    Status,
+    StopReason,
+    engine_endpoint,
+)
+
+MAX_IMAGE_REF = 255
+MAX_FIELD = 1024
+SHOWN_BAD_GAME_ID = 64
+
+# A Docker image reference: [host[:port]/]path[:tag][@sha256:digest].
+IMAGE_REF_PATTERN = re.compile(
+    r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9.-]*[a-zA-Z0-9])?(?::[0-9]{1,5})?/)?"
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+
+
+class InvalidJob(ValueError):
+    """A job entry that cannot be carried out; ``code`` goes into the result."""
+
+    def __init__(self, code: ErrorCode, message: str, game_id: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.game_id = game_id
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    kind: JobKind
+    game_id: str
+    source: OpSource
+    image_ref: str | None = None
+    reason: StopReason | None = None
+    stream: str = ""
+    entry_id: str = ""
+
+
+def image_repository(image_ref: str) -> str:
+    """The repository part of a reference: without its tag and digest."""
+    ref = image_ref.split("@", 1)[0]
+    slash, colon = ref.rfind("/"), ref.rfind(":")
+    return ref[:colon] if colon > slash else ref
+
+
+class ImageAllowlist:
+    """Comma-separated shell-style patterns (``galaxy/engine:*``) matched on the whole ref."""
+
+    def __init__(self, patterns: str | list[str]) -> None:
+        items = patterns.split(",") if isinstance(patterns, str) else patterns
+        self.patterns = tuple(p.strip() for p in items if p.strip())
+
+    def allows(self, image_ref: str) -> bool:
+        return any(fnmatch.fnmatchcase(image_ref, p) for p in self.patterns)
+
+
+def validate_game_id(value: str) -> str:
+    if not GAME_ID_PATTERN.match(value):
+        raise InvalidJob(
+            ErrorCode.INVALID_REQUEST,
+            "game_id must match ^[a-z0-9](?:[a-z0-9-]{0,49}[a-z0-9])?$",
+            game_id=shown_game_id(value),
+        )
+    return value
+
+
+def validate_image_ref(value: str, allowlist: ImageAllowlist, game_id: str) -> str:
+    if len(value) > MAX_IMAGE_REF or not IMAGE_REF_PATTERN.match(value):
+        raise InvalidJob(ErrorCode.INVALID_REQUEST, "image_ref is not a valid image reference", game_id)
+    if not allowlist.allows(value):
+        raise InvalidJob(
+            ErrorCode.IMAGE_REJECTED,
+            f"image_ref {value!r} is not allowed by RTMANAGER_IMAGE_ALLOWLIST",
+            game_id,
+        )
+    return value
+
+
+def shown_game_id(raw: str) -> str:
+    """A bad game_id as it may be echoed in a result: printable and short."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in raw)
+    return cleaned[:SHOWN_BAD_GAME_ID]
+
+
+def _text(fields: Mapping[bytes | str, bytes | str], name: str, game_id: str = "") -> str:
+    raw = fields.get(name.encode(), fields.get(name))
+    if raw is None:
+        raise InvalidJob(ErrorCode.INVALID_REQUEST, f"field {name} is missing", game_id)
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidJob(ErrorCode.INVALID_REQUEST, f"field {name} is not valid UTF-8", game_id) from None
+    if raw == "":
+        raise InvalidJob(ErrorCode.INVALID_REQUEST, f"field {name} is empty", game_id)
+    if len(raw) > MAX_FIELD:
+        raise InvalidJob(ErrorCode.INVALID_REQUEST, f"field {name} is longer than {MAX_FIELD} characters", game_id)
+    return raw
+
+
+def _raw_game_id(fields: Mapping[bytes | str, bytes | str]) -> str:
+    raw = fields.get(b"game_id", fields.get("game_id"))
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", errors="replace")
+    return shown_game_id(raw or "")
+
+
+def parse_job(
+    kind: JobKind,
+    fields: Mapping[bytes | str, bytes | str],
+    allowlist: ImageAllowlist,
+    *,
+    source: OpSource = OpSource.LOBBY,
+    stream: str = "",
+    entry_id: str = "",
+) -> Job:
+    """Validate the fields of one job; unknown fields are ignored."""
+    try:
+        game_id = validate_game_id(_text(fields, "game_id"))
+    except InvalidJob as exc:
+        exc.game_id = exc.game_id or _raw_game_id(fields)
+        raise
+    image_ref = reason = None
+    if kind in (JobKind.START, JobKind.PATCH):
+        image_ref = validate_image_ref(_text(fields, "image_ref", game_id), allowlist, game_id)
+    elif kind is JobKind.STOP:
+        raw = _text(fields, "reason", game_id)
+        try:
+            reason = StopReason(raw)
+        except ValueError:
+            allowed = ", ".join(r.value for r in StopReason)
+            raise InvalidJob(
+                ErrorCode.INVALID_REQUEST, f"field reason must be one of {allowed}", game_id
+            ) from None
+    return Job(kind=kind, game_id=game_id, source=source, image_ref=image_ref, reason=reason,
+               stream=stream, entry_id=entry_id)
+
+
+@dataclass(frozen=True)
+class RecordDefaults:
+    """What a new record takes from the controller's configuration."""
+
+    docker_network: str
+    state_root: str
+    engine_port: int
+
+    def state_path(self, game_id: str) -> str:
+        validate_game_id(game_id)  # never build a host path from an unchecked id
+        root = os.path.abspath(self.state_root)
+        path = os.path.join(root, game_id)
+        if os.path.dirname(path) != root:
+            raise InvalidJob(ErrorCode.INVALID_REQUEST, "game_id does not make a safe state path", game_id)
+        return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    action: str  # "replay" | "join" | "change" | "reject"
+    record: RuntimeRecord | None = None
+    error_code: ErrorCode | None = None
+    message: str = ""
+    container_id: str = ""
+    engine_endpoint: str = ""
+
+    @property
+    def op_generation(self) -> int:
+        return self.record.generation if self.record else 0
+
+
+def _replay(record: RuntimeRecord | None, with_container: bool) -> Decision:
+    if record is not None and with_container:
+        return Decision(action="replay", record=record, error_code=ErrorCode.REPLAY_NO_OP,
+                        container_id=record.current_container_id or "",
+                        engine_endpoint=record.engine_endpoint)
+    return Decision(action="replay", record=record, error_code=ErrorCode.REPLAY_NO_OP)
+
+
+def _reject(record: RuntimeRecord | None, message: str) -> Decision:
+    return Decision(action="reject", record=record, error_code=ErrorCode.INVALID_REQUEST, message=message)
+
+
+def _want(record: RuntimeRecord, now: datetime, **desired) -> Decision:
+    """Join the current generation when nothing changes, else bump it."""
+    changed = any(getattr(record, k) != v for k, v in desired.items())
+    if not changed:
+        return Decision(action="join", record=record)
+    return Decision(action="change", record=record.replace(
+        generation=record.generation + 1, last_op_at=max(now, record.last_op_at), **desired))
+
+
+def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: RecordDefaults) -> Decision:
+    kind = job.kind
+    if record is not None and record.status is Status.REMOVED and record.desired_status is DesiredStatus.REMOVED:
+        if kind in (JobKind.STOP, JobKind.CLEANUP):
+            return _replay(record, with_container=False)
+        return _reject(record, f"game {job.game_id} was removed; its game_id cannot be used again")
+
+    if kind is JobKind.START:
+        assert job.image_ref
+        if record is None:
+            new = RuntimeRecord(
+                game_id=job.game_id, status=Status.STARTING, current_container_id=None,
+                current_image_ref=None, engine_endpoint=engine_endpoint(job.game_id, defaults.engine_port),
+                state_path=defaults.state_path(job.game_id), docker_network=defaults.docker_network,
+                started_at=None, stopped_at=None, removed_at=None, last_op_at=now, created_at=now,
+                desired_status=DesiredStatus.RUNNING, desired_image_ref=job.image_ref,
+                generation=1, observed_generation=0,
+            )
+            return Decision(action="change", record=new)
+        if (record.converged and record.status is Status.RUNNING
+                and record.desired_status is DesiredStatus.RUNNING
+                and record.current_image_ref == job.image_ref):
+            return _replay(record, with_container=True)
+        return _want(record, now, desired_status=DesiredStatus.RUNNING, desired_image_ref=job.image_ref,
+                     stop_reason=None)
+
+    if kind is JobKind.STOP:
+        if record is None:
+            return _replay(None, with_container=False)
+        if record.desired_status is not DesiredStatus.RUNNING and record.converged:
+            return _replay(record, with_container=False)
+        if record.desired_status is DesiredStatus.REMOVED:
+            return Decision(action="join", record=record)
+        return _want(record, now, desired_status=DesiredStatus.STOPPED, stop_reason=job.reason)
+
+    if record is None:
+        if kind is JobKind.CLEANUP:
+            return _replay(None, with_container=False)
+        return _reject(None, f"game {job.game_id} is not known")
+
+    if kind is JobKind.RESTART:
+        image = record.desired_image_ref or record.current_image_ref
+        if not image:
+            return _reject(record, f"game {job.game_id} has no image to restart")
+        return Decision(action="change", record=record.replace(
+            desired_status=DesiredStatus.RUNNING, desired_image_ref=image, stop_reason=None,
+            spec_revision=record.spec_revision + 1, generation=record.generation + 1,
+            last_op_at=max(now, record.last_op_at)))
+
+    if kind is JobKind.PATCH:
+        assert job.image_ref
+        if record.desired_status is not DesiredStatus.RUNNING:
+            return _reject(record, f"game {job.game_id} is not running; patch needs a running game")
+        current = record.desired_image_ref or ""
+        if image_repository(current) != image_repository(job.image_ref):
+            return _reject(record, f"field image_ref: patch must keep the repository "
+                                   f"{image_repository(current)!r}")
+        if record.converged and record.status is Status.RUNNING and record.current_image_ref == job.image_ref:
+            return _replay(record, with_container=True)
+        return _want(record, now, desired_image_ref=job.image_ref)
+
+    if kind is JobKind.CLEANUP:
+        if record.desired_status is DesiredStatus.RUNNING:
+            return _reject(record, f"game {job.game_id} is running; stop it before cleanup")
+        return _want(record, now, desired_status=DesiredStatus.REMOVED)
+
+    raise AssertionError(f"unhandled job kind {kind}")

@@ -1,0 +1,72 @@
+"""Apply the numbered SQL files in ``migrations/`` once each, in order.
+
+Each file runs in its own transaction and is recorded in ``schema_migrations``;
+a session-level advisory lock makes concurrent ``rtmanager migrate`` runs (two
+replicas starting together) wait for each other instead of racing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+
+import asyncpg
+
+MIGRATION_LOCK_KEY = 0x72746D6D  # "rtmm"
+FILE_PATTERN = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    found = []
+    for entry in importlib.resources.files("migrations").iterdir():
+        m = FILE_PATTERN.match(entry.name)
+        if m:
+            found.append(Migration(version=m.group(1), name=entry.name, sql=entry.read_text("utf-8")))
+    found.sort(key=lambda mig: mig.version)
+    versions = [mig.version for mig in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration numbers in {versions}")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply what is pending; return the names applied (empty when up to date)."""
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    text PRIMARY KEY,
+                   name       text NOT NULL,
+                   checksum   text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")}
+        for mig in load_migrations():
+            if mig.version in done:
+                if done[mig.version] != mig.checksum:
+                    raise RuntimeError(f"migration {mig.name} was changed after it was applied")
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    mig.version, mig.name, mig.checksum,
+                )
+            applied.append(mig.name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied

@@ -1,0 +1,243 @@
+"""The domain model of rtmanager: pure values, no I/O.
+
+A *runtime record* is one row of ``runtime_records``: what the controller last
+observed about a game's container (``status``, ``current_*``) next to what
+Lobby or an operator asked for (``desired_status``, ``desired_image_ref``).
+Every change of the desired fields bumps ``generation``; the controller copies
+the generation it converged to into ``observed_generation``. A record is
+*converged* when the two are equal.
+
+Status machine (the observed lifecycle; seed 001's running / stopped / removed,
+plus ``starting`` for "asked to run, not yet healthy")::
+
+    starting --> running | stopped | removed
+    running  --> starting | stopped | removed      (starting = being recreated)
+    stopped  --> starting | removed
+    removed  --> (nothing: the record stays for audit)
+
+The same rules are enforced by CHECK constraints in ``migrations/`` so that a
+bug cannot store a record this module would refuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping
+
+GAME_ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,49}[a-z0-9])?$")
+CONTAINER_PREFIX = "galaxy-game-"
+
+
+class Status(str, enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    REMOVED = "removed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self is Status.REMOVED
+
+
+class DesiredStatus(str, enum.Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    REMOVED = "removed"
+
+
+TRANSITIONS: Mapping[Status, frozenset[Status]] = {
+    Status.STARTING: frozenset({Status.RUNNING, Status.STOPPED, Status.REMOVED}),
+    Status.RUNNING: frozenset({Status.STARTING, Status.STOPPED, Status.REMOVED}),
+    Status.STOPPED: frozenset({Status.STARTING, Status.REMOVED}),
+    Status.REMOVED: frozenset(),
+}
+
+
+class InvalidTransition(ValueError):
+    """A status change the state machine does not allow."""
+
+
+def check_transition(frm: Status, to: Status) -> None:
+    if to not in TRANSITIONS[frm]:
+        raise InvalidTransition(f"status transition {frm.value} -> {to.value} is not allowed")
+
+
+class StopReason(str, enum.Enum):
+    ORPHAN_CLEANUP = "orphan_cleanup"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"
+    ADMIN_REQUEST = "admin_request"
+    TIMEOUT = "timeout"
+
+
+class JobKind(str, enum.Enum):
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    PATCH = "patch"
+    CLEANUP = "cleanup"
+
+
+class OpKind(str, enum.Enum):
+    """Operation-log ``op`` values (seed 004's vocabulary, the ones we use)."""
+
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"
+    PATCH = "patch"
+    CLEANUP = "cleanup"
+    RECONCILE = "reconcile"
+
+
+class OpSource(str, enum.Enum):
+    LOBBY = "lobby"
+    ADMIN = "admin"
+    SCHEDULER = "scheduler"
+    RECONCILER = "reconciler"
+
+
+class OpStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (OpStatus.SUCCEEDED, OpStatus.FAILED)
+
+
+class Outcome(str, enum.Enum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable error codes of the results stream (DESIGN A1)."""
+
+    REPLAY_NO_OP = "replay_no_op"
+    INVALID_REQUEST = "invalid_request"
+    IMAGE_REJECTED = "image_rejected"
+    IMAGE_UNAVAILABLE = "image_unavailable"
+    CONTAINER_START_FAILED = "container_start_failed"
+    ENGINE_UNHEALTHY = "engine_unhealthy"
+    SUPERSEDED = "superseded"
+    DOCKER_UNAVAILABLE = "docker_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+class Health(str, enum.Enum):
+    UNKNOWN = "unknown"
+    HEALTHY = "healthy"
+    UNREACHABLE = "unreachable"
+
+
+def container_name(game_id: str) -> str:
+    return CONTAINER_PREFIX + game_id
+
+
+def engine_endpoint(game_id: str, port: int) -> str:
+    return f"http://{container_name(game_id)}:{port}"
+
+
+class InvalidRecord(ValueError):
+    """A runtime record that breaks an invariant."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeRecord:
+    game_id: str
+    status: Status
+    current_container_id: str | None
+    current_image_ref: str | None
+    engine_endpoint: str
+    state_path: str
+    docker_network: str
+    started_at: datetime | None
+    stopped_at: datetime | None
+    removed_at: datetime | None
+    last_op_at: datetime
+    created_at: datetime
+    desired_status: DesiredStatus
+    desired_image_ref: str | None
+    generation: int
+    observed_generation: int
+    spec_revision: int = 0
+    stop_reason: StopReason | None = None
+    health: Health = Health.UNKNOWN
+    last_error_code: ErrorCode | None = None
+    last_error_message: str | None = None
+
+    @property
+    def converged(self) -> bool:
+        return self.observed_generation == self.generation
+
+    def validate(self) -> None:
+        """Raise InvalidRecord when an invariant (seed 001, plus desired state) fails."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise InvalidRecord(f"runtime record {self.game_id!r}: {msg}")
+
+        need(bool(GAME_ID_PATTERN.match(self.game_id or "")), "game_id does not match the pattern")
+        need(bool(self.engine_endpoint.strip()), "engine_endpoint must not be empty")
+        need(bool(self.state_path.strip()), "state_path must not be empty")
+        need(bool(self.docker_network.strip()), "docker_network must not be empty")
+        need(self.last_op_at >= self.created_at, "last_op_at must not be before created_at")
+        st = self.status
+        if st is Status.RUNNING:
+            need(bool(self.current_container_id), "running needs current_container_id")
+            need(bool(self.current_image_ref), "running needs current_image_ref")
+            need(self.started_at is not None, "running needs started_at")
+        elif st is Status.STOPPED:
+            need(bool(self.current_image_ref), "stopped needs current_image_ref")
+            need(self.stopped_at is not None, "stopped needs stopped_at")
+        elif st is Status.REMOVED:
+            need(self.removed_at is not None, "removed needs removed_at")
+            need(self.current_container_id is None, "removed must not keep a container id")
+        if self.started_at is not None:
+            need(self.started_at >= self.created_at, "started_at must not be before created_at")
+        if self.stopped_at is not None and self.started_at is not None:
+            need(self.stopped_at >= self.started_at, "stopped_at must not be before started_at")
+        if self.removed_at is not None:
+            need(self.removed_at >= self.created_at, "removed_at must not be before created_at")
+        need(self.generation >= 1, "generation must be at least 1")
+        need(0 <= self.observed_generation <= self.generation,
+             "observed_generation must be between 0 and generation")
+        if self.desired_status is DesiredStatus.RUNNING:
+            need(bool(self.desired_image_ref), "desired running needs desired_image_ref")
+        need(self.spec_revision >= 0, "spec_revision must not be negative")
+
+    def replace(self, **changes: Any) -> "RuntimeRecord":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobResult:
+    """One entry of the results stream; every field is always present on the wire."""
+
+    result_id: str
+    game_id: str
+    outcome: Outcome
+    job: JobKind
+    job_entry_id: str = ""
+    container_id: str = ""
+    engine_endpoint: str = ""
+    error_code: ErrorCode | None = None
+    error_message: str = ""
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "game_id": self.game_id,
+            "outcome": self.outcome.value,
+            "container_id": self.container_id,
+            "engine_endpoint": self.engine_endpoint,
+            "error_code": self.error_code.value if self.error_code else "",
+            "error_message": self.error_message,
+            "job": self.job.value,
+            "job_entry_id": self.job_entry_id,
+            "result_id": self.result_id,
+        }

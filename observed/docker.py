@@ -1,0 +1,264 @@
+"""The Docker adapter: docker-py behind a bounded thread pool.
+
+docker-py is synchronous. Every call runs in a ``ThreadPoolExecutor`` whose
+size equals the client's HTTP connection pool, so no thread ever waits for a
+connection and the event loop never blocks. Cancelling the awaiting task does
+not cancel the call already running in its thread: callers must treat every
+action as "may have happened" and re-read the truth next time, which the
+reconciler does.
+
+Driver errors are translated here, once:
+
+* connection failures, timeouts and 5xx answers -> ``DockerUnavailable`` (retry);
+* a missing image that cannot be pulled          -> ``ImageUnavailable``;
+* create / start refused by the daemon           -> ``ContainerStartFailed``.
+
+Create is idempotent through the deterministic name: a 409 conflict means the
+container exists already (an earlier attempt whose answer was lost), and the
+existing container is returned for the caller to adopt or replace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import docker
+import docker.errors
+import docker.types
+import requests.exceptions
+
+from desired.errors import ContainerStartFailed, DockerUnavailable, ImageUnavailable
+from observed.model import (
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    ContainerSpec,
+    ObservedContainer,
+    from_inspect,
+    from_list_entry,
+)
+
+log = logging.getLogger("rtmanager.docker")
+T = TypeVar("T")
+
+_TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+
+
+class DockerAdapter:
+    def __init__(self, *, instance: str, network: str, pool_size: int = 8, timeout: float = 30.0,
+                 observer: Callable[[str, float, bool], None] | None = None) -> None:
+        self.instance = instance
+        self.network = network
+        self.pool_size = pool_size
+        self._timeout = timeout
+        self._client: docker.DockerClient | None = None
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="docker")
+        self._observer = observer
+        self._network_ready = False
+
+    # --------------------------------------------------------------- plumbing
+    def _docker(self) -> docker.DockerClient:
+        if self._client is None:
+            # from_env reads DOCKER_HOST / DOCKER_TLS_VERIFY / DOCKER_CERT_PATH.
+            self._client = docker.from_env(timeout=int(self._timeout), max_pool_size=self.pool_size)
+        return self._client
+
+    async def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ok = False
+        try:
+            result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            ok = True
+            return result
+        except docker.errors.NotFound:
+            ok = True  # an answer, not a failure of the daemon
+            raise
+        except docker.errors.APIError as exc:
+            if exc.status_code is not None and exc.status_code < 500:
+                ok = True
+                raise
+            raise DockerUnavailable(f"docker {op}: {exc.explanation or exc}") from exc
+        except docker.errors.DockerException as exc:
+            raise DockerUnavailable(f"docker {op}: {exc}") from exc
+        except _TRANSIENT as exc:
+            raise DockerUnavailable(f"docker {op}: {exc.__class__.__name__}: {exc}") from exc
+        finally:
+            if self._observer is not None:
+                self._observer(op, loop.time() - started, ok)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+    # ------------------------------------------------------------------ reads
+    async def ping(self) -> None:
+        await self._call("ping", lambda: self._docker().ping())
+
+    async def list_managed(self) -> list[ObservedContainer]:
+        """Every container of this instance, running or not, in one API call."""
+        filters = {"label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_INSTANCE}={self.instance}"]}
+
+        def list_raw() -> list[dict]:
+            return self._docker().api.containers(all=True, filters=filters)
+
+        raw = await self._call("list", list_raw)
+        return [from_list_entry(attrs, self.network) for attrs in raw]
+
+    async def inspect(self, name_or_id: str) -> ObservedContainer | None:
+        try:
+            attrs = await self._call("inspect", lambda: self._docker().api.inspect_container(name_or_id))
+        except docker.errors.NotFound:
+            return None
+        return from_inspect(attrs, self.network)
+
+    async def logs_tail(self, name_or_id: str, lines: int = 20) -> str:
+        try:
+            raw = await self._call("logs", lambda: self._docker().api.logs(
+                name_or_id, stdout=True, stderr=True, tail=lines))
+        except (docker.errors.NotFound, docker.errors.APIError, DockerUnavailable):
+            return ""
+        return raw.decode("utf-8", errors="replace").strip()
+
+    # ---------------------------------------------------------------- actions
+    async def ensure_network(self) -> None:
+        if self._network_ready:
+            return
+
+        def ensure() -> None:
+            api = self._docker().api
+            # names= matches substrings: check the exact name.
+            if any(n.get("Name") == self.network for n in api.networks(names=[self.network])):
+                return
+            try:
+                api.create_network(self.network, driver="bridge",
+                                   labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: self.instance})
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:
+                    raise
+
+        await self._call("network", ensure)
+        self._network_ready = True
+
+    async def ensure_image(self, image: str) -> None:
+        """Present locally, or pulled once; otherwise ImageUnavailable."""
+        try:
+            await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
+            return
+        except docker.errors.NotFound:
+            pass
+        try:
+            log.info("pulling image %s", image)
+            await self._call("pull", lambda: self._docker().images.pull(image))
+        except (docker.errors.NotFound, docker.errors.APIError, DockerUnavailable) as exc:
+            raise ImageUnavailable(f"image {image} is not present and could not be pulled: {_short(exc)}") from exc
+
+    async def create(self, spec: ContainerSpec) -> ObservedContainer:
+        """Create the container for ``spec``; if the name is taken, return what holds it."""
+        host_config = dict(
+            network_mode=spec.network,
+            mounts=[docker.types.Mount(target=spec.state_target, source=spec.state_path, type="bind",
+                                       read_only=False)],
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges:true"],
+            privileged=False,
+            pids_limit=spec.pids_limit,
+            mem_limit=spec.memory_bytes,
+            memswap_limit=spec.memory_bytes,
+            nano_cpus=spec.nano_cpus,
+            restart_policy={"Name": "no"},
+            init=False,
+            log_config=docker.types.LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+        )
+
+        def create_raw() -> str:
+            api = self._docker().api
+            hc = api.create_host_config(**host_config)
+            nc = api.create_networking_config({spec.network: api.create_endpoint_config(aliases=[spec.name])})
+            created = api.create_container(
+                image=spec.image, name=spec.name, hostname=spec.name, labels=spec.all_labels(),
+                environment=dict(spec.env), host_config=hc, networking_config=nc, user=spec.user,
+                detach=True,
+            )
+            return created["Id"]
+
+        try:
+            container_id = await self._call("create", create_raw)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                existing = await self.inspect(spec.name)
+                if existing is not None:
+                    return existing
+            if exc.status_code == 404:
+                raise ImageUnavailable(f"image {spec.image}: {_short(exc)}") from exc
+            raise ContainerStartFailed(f"create {spec.name}: {_short(exc)}") from exc
+        found = await self.inspect(container_id)
+        if found is None:
+            raise ContainerStartFailed(f"container {spec.name} vanished right after create")
+        return found
+
+    async def start(self, container_id: str) -> None:
+        try:
+            await self._call("start", lambda: self._docker().api.start(container_id))
+        except docker.errors.NotFound as exc:
+            raise ContainerStartFailed(f"start: container {container_id[:12]} is gone") from exc
+        except docker.errors.APIError as exc:
+            raise ContainerStartFailed(f"start {container_id[:12]}: {_short(exc)}") from exc
+
+    async def stop(self, container_id: str, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds (docker's own stop)."""
+        try:
+            await self._call("stop", lambda: self._docker().api.stop(container_id, timeout=max(0, int(grace))))
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 304:  # already stopped
+                return
+            raise DockerUnavailable(f"stop {container_id[:12]}: {_short(exc)}") from exc
+
+    async def remove(self, container_id: str) -> None:
+        try:
+            await self._call("remove", lambda: self._docker().api.remove_container(container_id, force=True))
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409 and "already in progress" in str(exc):
+                return
+            raise DockerUnavailable(f"remove {container_id[:12]}: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    return str(text).strip().splitlines()[0][:300] if text else exc.__class__.__name__
+
+
+def ensure_state_dir(state_root: str, path: str, uid: int | None = None) -> None:
+    """Create a game's state directory with 0700, refusing anything but a real directory.
+
+    The controller never follows a symlink here: a container that can write into
+    its state directory could plant one pointing anywhere on the host.
+    """
+    root = os.path.abspath(state_root)
+    if os.path.dirname(os.path.abspath(path)) != root:
+        raise ContainerStartFailed(f"state path {path} is not directly under {root}")
+    os.makedirs(root, mode=0o711, exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ContainerStartFailed(f"state path {path} exists and is not a directory")
+    if uid is not None and st.st_uid != uid:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(fd, uid, -1)
+        finally:
+            os.close(fd)

@@ -1,0 +1,162 @@
+"""What Docker really runs, as plain values parsed at the adapter boundary.
+
+A managed container is recognised by its labels, never by its name alone: a
+container called ``galaxy-game-x`` without our labels belongs to somebody else
+and is left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+LABEL_MANAGED_BY = "com.galaxy.managed-by"
+LABEL_INSTANCE = "com.galaxy.instance"
+LABEL_GAME_ID = "com.galaxy.game-id"
+LABEL_SPEC_HASH = "com.galaxy.spec-hash"
+LABEL_GENERATION = "com.galaxy.generation"
+MANAGED_BY = "rtmanager"
+
+_EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContainerSpec:
+    """Everything rtmanager decides about a container; hashed into a label to detect drift."""
+
+    name: str
+    image: str
+    game_id: str
+    instance: str
+    network: str
+    state_path: str
+    state_target: str
+    env: Mapping[str, str]
+    memory_bytes: int
+    nano_cpus: int
+    pids_limit: int
+    generation: int
+    spec_revision: int
+    user: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def spec_hash(self) -> str:
+        # The generation is not part of the hash: a new generation that asks for
+        # the same container (a stop then a start) reuses it.
+        body = json.dumps({
+            "image": self.image, "network": self.network, "state_path": self.state_path,
+            "state_target": self.state_target, "env": dict(sorted(self.env.items())),
+            "memory": self.memory_bytes, "cpus": self.nano_cpus, "pids": self.pids_limit,
+            "rev": self.spec_revision, "user": self.user,
+        }, sort_keys=True)
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+    def all_labels(self) -> dict[str, str]:
+        return {
+            **self.labels,
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_INSTANCE: self.instance,
+            LABEL_GAME_ID: self.game_id,
+            LABEL_SPEC_HASH: self.spec_hash,
+            LABEL_GENERATION: str(self.generation),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObservedContainer:
+    id: str
+    name: str
+    image: str
+    state: str  # created | running | paused | restarting | removing | exited | dead
+    labels: Mapping[str, str]
+    created_at: datetime | None = None
+    exit_code: int | None = None
+    oom_killed: bool = False
+    ip_address: str | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "restarting")
+
+    @property
+    def game_id(self) -> str | None:
+        return self.labels.get(LABEL_GAME_ID)
+
+    @property
+    def spec_hash(self) -> str | None:
+        return self.labels.get(LABEL_SPEC_HASH)
+
+    def managed_by(self, instance: str) -> bool:
+        return (self.labels.get(LABEL_MANAGED_BY) == MANAGED_BY
+                and self.labels.get(LABEL_INSTANCE) == instance)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if value is None or value == "" or str(value).startswith("0001-01-01"):
+        return None
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    text = str(value).replace("Z", "+00:00")
+    # Docker prints nanoseconds; Python takes at most microseconds.
+    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _first_ip(networks: Mapping[str, Any] | None, prefer: str | None) -> str | None:
+    networks = networks or {}
+    if prefer and prefer in networks and networks[prefer].get("IPAddress"):
+        return networks[prefer]["IPAddress"]
+    for net in networks.values():
+        if net.get("IPAddress"):
+            return net["IPAddress"]
+    return None
+
+
+def from_list_entry(attrs: Mapping[str, Any], network: str | None = None) -> ObservedContainer:
+    """One entry of ``GET /containers/json`` (docker-py ``list(sparse=True)``)."""
+    names = attrs.get("Names") or []
+    state = attrs.get("State") or ""
+    if isinstance(state, dict):  # some API versions nest it
+        state = state.get("Status", "")
+    exit_code = None
+    m = _EXITED_STATUS.search(attrs.get("Status") or "")
+    if m:
+        exit_code = int(m.group(1))
+    return ObservedContainer(
+        id=attrs["Id"],
+        name=(names[0].lstrip("/") if names else ""),
+        image=attrs.get("Image", ""),
+        state=state,
+        labels=dict(attrs.get("Labels") or {}),
+        created_at=_parse_time(attrs.get("Created")),
+        exit_code=exit_code,
+        ip_address=_first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network),
+    )
+
+
+def from_inspect(attrs: Mapping[str, Any], network: str | None = None) -> ObservedContainer:
+    """The answer of ``GET /containers/{id}/json``."""
+    st = attrs.get("State") or {}
+    config = attrs.get("Config") or {}
+    exit_code = st.get("ExitCode") if st.get("Status") in ("exited", "dead") else None
+    return ObservedContainer(
+        id=attrs["Id"],
+        name=(attrs.get("Name") or "").lstrip("/"),
+        image=config.get("Image", ""),
+        state=st.get("Status", ""),
+        labels=dict(config.get("Labels") or {}),
+        created_at=_parse_time(attrs.get("Created")),
+        exit_code=exit_code,
+        oom_killed=bool(st.get("OOMKilled")),
+        ip_address=_first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network),
+        finished_at=_parse_time(st.get("FinishedAt")),
+    )
