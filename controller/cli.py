@@ -78,25 +78,51 @@ async def _submit(settings: Settings, kind: str, game_id: str, value: str) -> in
     return 0
 
 
-async def _results(settings: Settings, follow: bool, count: int) -> int:
+async def _results(settings: Settings, follow: bool, count: int, wait_for: list[str],
+                   timeout: float) -> int:
+    """Print results; with --wait-for, only those of the given job entry ids, until all arrived."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
     last = "0-0"
+    waiting = set(wait_for)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     try:
         while True:
-            reply = await client.xread({settings.results_stream: last}, count=count,
-                                       block=1000 if follow else None)
+            block = 500 if (follow or waiting) else None
+            reply = await client.xread({settings.results_stream: last}, count=count, block=block)
             for _, entries in reply or []:
                 for entry_id, fields in entries:
                     last = entry_id
-                    print(entry_id, " ".join(f"{k}={v!r}" for k, v in fields.items()), flush=True)
-            if not follow and not reply:
+                    if wait_for and fields.get("job_entry_id") not in waiting:
+                        continue
+                    waiting.discard(fields.get("job_entry_id", ""))
+                    print(_format_result(fields), flush=True)
+            if wait_for and not waiting:
                 return 0
-    except asyncio.CancelledError:
-        return 0
+            if wait_for and loop.time() > deadline:
+                print(f"rtmanager results: no result within {timeout:g}s for {', '.join(sorted(waiting))}",
+                      file=sys.stderr)
+                return 1
+            if not follow and not wait_for and not reply:
+                return 0
     finally:
         await client.aclose()
+
+
+def _format_result(f: dict[str, str]) -> str:
+    parts = [f"{f.get('job', '?'):<5}", f"{f.get('game_id', '?'):<14}", f"{f.get('outcome', '?'):<8}"]
+    if f.get("error_code"):
+        parts.append(f"error_code={f['error_code']}")
+    if f.get("container_id"):
+        parts.append(f"container={f['container_id'][:12]}")
+    if f.get("engine_endpoint"):
+        parts.append(f"endpoint={f['engine_endpoint']}")
+    if f.get("error_message"):
+        parts.append(f"message={f['error_message']!r}")
+    parts.append(f"entry={f.get('job_entry_id') or '-'}")
+    return "  ".join(parts)
 
 
 async def _doctor(settings: Settings) -> int:
@@ -160,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     rp = sub.add_parser("results", help="print the results stream")
     rp.add_argument("--follow", action="store_true")
     rp.add_argument("--count", type=int, default=1000)
+    rp.add_argument("--wait-for", nargs="+", default=[], metavar="ENTRY_ID",
+                    help="print only the results of these job entries, waiting until all have arrived")
+    rp.add_argument("--timeout", type=float, default=60.0, help="with --wait-for: seconds to wait")
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")
     sub.add_parser("env", help="list the configuration variables and their defaults")
     args = parser.parse_args(argv)
@@ -179,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         "status": lambda: _status(settings),
         "submit": lambda: _submit(settings, args.kind, args.game_id,
                                   getattr(args, "image_ref", None) or getattr(args, "reason", "")),
-        "results": lambda: _results(settings, args.follow, args.count),
+        "results": lambda: _results(settings, args.follow, args.count, args.wait_for, args.timeout),
         "doctor": lambda: _doctor(settings),
     }
     try:

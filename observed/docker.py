@@ -61,6 +61,7 @@ class DockerAdapter:
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="docker")
         self._observer = observer
         self._network_ready = False
+        self._network_lock = asyncio.Lock()  # Docker accepts two networks with one name: create once
 
     # --------------------------------------------------------------- plumbing
     def _docker(self) -> docker.DockerClient:
@@ -129,23 +130,22 @@ class DockerAdapter:
 
     # ---------------------------------------------------------------- actions
     async def ensure_network(self) -> None:
-        if self._network_ready:
+        async with self._network_lock:
+            if not self._network_ready:
+                await self._call("network", self._ensure_network_sync)
+                self._network_ready = True
+
+    def _ensure_network_sync(self) -> None:
+        api = self._docker().api
+        # names= matches substrings: check the exact name.
+        if any(n.get("Name") == self.network for n in api.networks(names=[self.network])):
             return
-
-        def ensure() -> None:
-            api = self._docker().api
-            # names= matches substrings: check the exact name.
-            if any(n.get("Name") == self.network for n in api.networks(names=[self.network])):
-                return
-            try:
-                api.create_network(self.network, driver="bridge",
-                                   labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: self.instance})
-            except docker.errors.APIError as exc:
-                if exc.status_code != 409:
-                    raise
-
-        await self._call("network", ensure)
-        self._network_ready = True
+        try:
+            api.create_network(self.network, driver="bridge", check_duplicate=True,
+                               labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: self.instance})
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
 
     async def ensure_image(self, image: str) -> None:
         """Present locally, or pulled once; otherwise ImageUnavailable."""
@@ -196,6 +196,9 @@ class DockerAdapter:
                 existing = await self.inspect(spec.name)
                 if existing is not None:
                     return existing
+            if exc.status_code == 404 and "network" in str(exc).lower():
+                self._network_ready = False  # deleted behind our back: create it again next time
+                raise DockerUnavailable(f"create {spec.name}: {_short(exc)}") from exc
             if exc.status_code == 404:
                 raise ImageUnavailable(f"image {spec.image}: {_short(exc)}") from exc
             raise ContainerStartFailed(f"create {spec.name}: {_short(exc)}") from exc

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: bring up Postgres, Redis and dockerd when they are not
+# running (installing what is missing), build the stub engine images, make the
+# virtual environment, then run the whole suite. Extra arguments go to pytest.
+#   bash deploy/test.sh              # everything
+#   bash deploy/test.sh tests/unit   # one tier
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(bash deploy/local/services.sh up)"
+bash deploy/engine-stub/build.sh >/dev/null
+bash deploy/local/venv.sh
+export RTMANAGER_TEST_DATABASE_URL=${RTMANAGER_DATABASE_URL%/*}/postgres
+export RTMANAGER_TEST_REDIS_URL=$RTMANAGER_REDIS_URL
+exec .venv/bin/python -m pytest -p no:cacheprovider "${@:-tests}"

@@ -1,0 +1,182 @@
+"""Fixtures for the tiers that need real services.
+
+The services are the ones deploy/local/services.sh starts (or whatever
+RTMANAGER_TEST_DATABASE_URL / RTMANAGER_TEST_REDIS_URL / DOCKER_HOST point at).
+A test that needs a service that does not answer *fails* with a message saying
+how to start it; nothing here skips.
+
+Isolation per test: a database copied from a template built once from the
+migrations, stream and group names with a unique prefix, a unique Docker
+instance label and network, and a temporary state root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import docker
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_DSN = os.environ.get("RTMANAGER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:55432/postgres")
+REDIS_URL = os.environ.get("RTMANAGER_TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
+STUB_REPO = "galaxy/engine-stub"
+STUB_IMAGE = f"{STUB_REPO}:1.0"
+HOW_TO = "start the local services with `deploy/local/services.sh up` (as root)"
+
+
+def dsn_for(dbname: str) -> str:
+    parts = urlsplit(ADMIN_DSN)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
+
+
+def _need(what: str, fn):
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available"
+        pytest.fail(f"{what} is not reachable ({exc.__class__.__name__}: {exc}); {HOW_TO}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def template_db() -> str:
+    """A database with the schema, built once per session; tests copy it."""
+    name = f"rtm_template_{os.getpid()}"
+
+    async def build() -> None:
+        from desired.migrate import migrate
+
+        admin = await asyncpg.connect(ADMIN_DSN, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(dsn_for(name))
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    _need("Postgres", lambda: asyncio.run(build()))
+    yield name
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture
+def database_url(template_db: str) -> str:
+    name = f"rtm_test_{uuid.uuid4().hex[:12]}"
+
+    async def create() -> None:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    yield dsn_for(name)
+
+    async def drop() -> None:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture
+async def pool(database_url: str):
+    p = await asyncpg.create_pool(database_url, min_size=1, max_size=8)
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    _need("Redis", lambda: redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping())
+    return REDIS_URL
+
+
+@pytest.fixture
+async def redis_client(redis_url: str):
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> docker.DockerClient:
+    client = _need("Docker", lambda: docker.from_env(timeout=30))
+    _need("Docker", client.ping)
+    return client
+
+
+@pytest.fixture(scope="session")
+def stub_images(docker_client: docker.DockerClient) -> str:
+    """The stub engine images, built by the project's own script when missing."""
+    wanted = [f"{STUB_REPO}:{t}" for t in ("1.0", "1.1", "crash", "mute")]
+    missing = [t for t in wanted if not docker_client.images.list(name=t)]
+    if missing:
+        subprocess.run(["bash", str(ROOT / "deploy/engine-stub/build.sh")], check=True)
+    return STUB_IMAGE
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def rtm_env(database_url: str, redis_url: str, docker_client, stub_images, tmp_path: Path, unique: str):
+    """Environment for one controller under test: isolated names everywhere."""
+    state_root = tmp_path / "games"
+    env = {
+        "RTMANAGER_DATABASE_URL": database_url,
+        "RTMANAGER_REDIS_URL": redis_url,
+        "RTMANAGER_DOCKER_NETWORK": f"rtm-test-{unique}",
+        "RTMANAGER_STATE_ROOT": str(state_root),
+        "RTMANAGER_INSTANCE": f"test-{unique}",
+        "RTMANAGER_IMAGE_ALLOWLIST": f"{STUB_REPO}:*",
+        "RTMANAGER_START_STREAM": f"t{unique}:start_jobs",
+        "RTMANAGER_STOP_STREAM": f"t{unique}:stop_jobs",
+        "RTMANAGER_RESULTS_STREAM": f"t{unique}:job_results",
+        "RTMANAGER_CONSUMER_GROUP": "rtmanager",
+        "RTMANAGER_START_TIMEOUT": "10",
+        "RTMANAGER_STOP_GRACE": "2",
+        "RTMANAGER_RESYNC_INTERVAL": "2",
+        "RTMANAGER_HTTP_PORT": "0",
+        "RTMANAGER_LOG_FORMAT": "text",
+        "RTMANAGER_LOG_LEVEL": "INFO",
+    }
+    yield env
+    cleanup_docker(docker_client, env["RTMANAGER_INSTANCE"], env["RTMANAGER_DOCKER_NETWORK"])
+    r = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(match=f"t{unique}:*"):
+        r.delete(key)
+    r.close()
+
+
+def cleanup_docker(client: docker.DockerClient, instance: str, network: str) -> None:
+    for c in client.containers.list(all=True, filters={"label": f"com.galaxy.instance={instance}"}):
+        c.remove(force=True)
+    for n in client.networks.list(names=[network]):
+        if n.name == network:
+            n.remove()

@@ -1,0 +1,156 @@
+"""Intake and relay against real Redis and Postgres (no Docker: the intake never touches it)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from controller.config import Settings
+from controller.intake import Intake
+from controller.metrics import Metrics
+from controller.relay import Relay
+from desired.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(database_url, redis_url, unique, tmp_path):
+    return Settings.from_env({
+        "RTMANAGER_DATABASE_URL": database_url, "RTMANAGER_REDIS_URL": redis_url,
+        "RTMANAGER_STATE_ROOT": str(tmp_path), "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
+        "RTMANAGER_START_STREAM": f"t{unique}:start_jobs", "RTMANAGER_STOP_STREAM": f"t{unique}:stop_jobs",
+        "RTMANAGER_RESULTS_STREAM": f"t{unique}:job_results", "RTMANAGER_CONSUMER_NAME": "c1",
+    })
+
+
+@pytest.fixture
+async def wired(settings, pool, redis_client, unique):
+    store = Store(pool)
+    changed: list[str] = []
+    intake = Intake(settings, redis_client, store, Metrics(), desired_changed=changed.append,
+                    results_written=lambda: None)
+    relay = Relay(settings, redis_client, store, Metrics())
+    yield intake, relay, store, changed
+    keys = [k async for k in redis_client.scan_iter(match=f"t{unique}:*")]
+    if keys:
+        await redis_client.delete(*keys)
+
+
+async def drain(intake: Intake) -> None:
+    await intake.ensure_groups()
+    while await intake._read_once("0"):
+        pass
+    await intake._read_once(">")
+
+
+async def read_results(redis_client, stream: str) -> list[dict[str, str]]:
+    entries = await redis_client.xrange(stream)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+BAD_ENTRIES = [
+    ("start", {"image_ref": "galaxy/engine-stub:1.0"}, "field game_id is missing", ""),
+    ("start", {"game_id": "", "image_ref": "galaxy/engine-stub:1.0"}, "field game_id is empty", ""),
+    ("start", {"game_id": "../../etc", "image_ref": "galaxy/engine-stub:1.0"}, "game_id must match", "../../etc"),
+    ("start", {"game_id": "g;rm -rf /", "image_ref": "galaxy/engine-stub:1.0"}, "game_id must match", "g;rm -rf /"),
+    ("start", {"game_id": "x" * 5000, "image_ref": "galaxy/engine-stub:1.0"}, "longer than", "x" * 64),
+    ("start", {"game_id": b"\xff\xfe", "image_ref": "galaxy/engine-stub:1.0"}, "not valid UTF-8", "\ufffd\ufffd"),
+    ("start", {"game_id": "g1"}, "field image_ref is missing", "g1"),
+    ("start", {"game_id": "g1", "image_ref": "evil/miner:latest"}, "not allowed", "g1"),
+    ("start", {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0 --privileged"}, "not a valid image", "g1"),
+    ("stop", {"game_id": "g1", "reason": "because"}, "field reason must be one of", "g1"),
+    ("stop", {"game_id": "g1"}, "field reason is missing", "g1"),
+]
+
+
+async def test_bad_entries_get_failure_results_and_are_acknowledged(wired, redis_client, settings):
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    ids = []
+    for kind, fields, _, _ in BAD_ENTRIES:
+        stream = settings.start_stream if kind == "start" else settings.stop_stream
+        ids.append((await redis_client.xadd(stream, fields)).decode())
+    good = (await redis_client.xadd(settings.start_stream, {"game_id": "ok-1", "image_ref": "galaxy/engine-stub:1.0",
+                                                            "extra": "ignored"})).decode()
+    await drain(intake)
+    assert await relay.flush() == len(BAD_ENTRIES)
+    # Entry ids are unique per stream only: key results by (job, entry id).
+    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
+    for entry_id, (kind, _, message, shown_id) in zip(ids, BAD_ENTRIES):
+        res = results[(kind, entry_id)]
+        expected_code = "image_rejected" if message == "not allowed" else "invalid_request"
+        assert (res["outcome"], res["error_code"], res["job"]) == ("failure", expected_code, kind)
+        assert message in res["error_message"]
+        assert res["game_id"] == shown_id
+        assert res["container_id"] == "" and res["engine_endpoint"] == ""
+    assert ("start", good) not in results and changed == ["ok-1"]
+    for stream in (settings.start_stream, settings.stop_stream):
+        pending = await redis_client.xpending(stream, settings.consumer_group)
+        assert pending["pending"] == 0
+
+
+async def test_redelivered_entry_is_one_operation(wired, redis_client, settings, pool):
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    entry = (await redis_client.xadd(settings.start_stream,
+                                     {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    # Read without acknowledging, as a controller killed before XACK would.
+    await redis_client.xreadgroup(settings.consumer_group, settings.consumer_name, {settings.start_stream: ">"})
+    await intake.handle(settings.start_stream, entry, {b"game_id": b"g1", b"image_ref": b"galaxy/engine-stub:1.0"})
+    await drain(intake)  # the pending entry is delivered again, from id 0
+    assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 1
+    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
+
+
+async def test_start_then_stop_in_one_read_are_applied_in_sent_order(wired, redis_client, settings, pool):
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    # Entry ids order the two streams only to the millisecond: space the adds.
+    async def add(stream, fields):
+        await asyncio.sleep(0.003)
+        return (await redis_client.xadd(stream, fields)).decode()
+
+    stop_first = await add(settings.stop_stream, {"game_id": "g2", "reason": "cancelled"})
+    await add(settings.start_stream, {"game_id": "g2", "image_ref": "galaxy/engine-stub:1.0"})
+    start = await add(settings.start_stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})
+    stop = await add(settings.stop_stream, {"game_id": "g1", "reason": "cancelled"})
+    await drain(intake)
+    await relay.flush()
+    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
+    assert results[("stop", stop_first)]["error_code"] == "replay_no_op"  # stop of an unknown game
+    assert results[("start", start)]["error_code"] == "superseded"        # the later stop replaced it
+    assert ("stop", stop) not in results                                  # waits for convergence
+    assert (await store.get("g1")).desired_status.value == "stopped"
+    assert (await store.get("g2")).desired_status.value == "running"
+
+
+async def test_relay_resumes_after_redis_errors(wired, redis_client, settings, pool, monkeypatch):
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    await redis_client.xadd(settings.stop_stream, {"game_id": "g9", "reason": "nope"})
+    await drain(intake)
+    real_xadd = redis_client.xadd
+    calls = {"n": 0}
+
+    async def flaky_xadd(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            import redis.exceptions
+            raise redis.exceptions.ConnectionError("simulated outage")
+        return await real_xadd(*args, **kwargs)
+
+    monkeypatch.setattr(redis_client, "xadd", flaky_xadd)
+    task = asyncio.create_task(relay.run())
+    try:
+        for _ in range(100):
+            if await store.unpublished_count() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert await store.unpublished_count() == 0
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+    assert calls["n"] == 3
+    assert len(await read_results(redis_client, settings.results_stream)) == 1

@@ -1,0 +1,262 @@
+"""The asyncpg store against a real Postgres (a fresh copy of the template database per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime, timedelta, timezone
+
+import asyncpg
+import pytest
+
+from desired.errors import Conflict, NotFound
+from desired.jobs import Job, RecordDefaults
+from desired.migrate import migrate
+from desired.model import (
+    DesiredStatus,
+    ErrorCode,
+    Health,
+    JobKind,
+    OpSource,
+    OpStatus,
+    Outcome,
+    Status,
+    StopReason,
+)
+from desired.store import Finish, StatusUpdate, Store
+
+pytestmark = pytest.mark.integration
+
+DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
+IMG = "galaxy/engine-stub:1.0"
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def start(game: str, entry: str = "", image: str = IMG) -> Job:
+    return Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=image,
+               stream="s:start" if entry else "", entry_id=entry)
+
+
+def stop(game: str, entry: str = "") -> Job:
+    return Job(kind=JobKind.STOP, game_id=game, source=OpSource.LOBBY, reason=StopReason.FINISHED,
+               stream="s:stop" if entry else "", entry_id=entry)
+
+
+async def results(pool) -> list[dict]:
+    rows = await pool.fetch("SELECT fields FROM job_results ORDER BY seq")
+    return [json.loads(r["fields"]) for r in rows]
+
+
+async def converge_running(store: Store, game: str, container: str = "c" * 64, at=T0) -> None:
+    rec = await store.get(game)
+    await store.update_status(
+        StatusUpdate(game_id=game, expected_status=rec.status, expected_container_id=None, to=Status.RUNNING,
+                     now=at + timedelta(seconds=1),
+                     changes={"current_container_id": container, "current_image_ref": rec.desired_image_ref,
+                              "health": Health.HEALTHY, "observed_generation": rec.generation}),
+        finish=Finish(generation=rec.generation, outcome=Outcome.SUCCESS))
+
+
+async def test_migrate_twice_changes_nothing(database_url):
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await migrate(conn) == []  # the template already has the schema
+        before = await conn.fetch("SELECT version, applied_at FROM schema_migrations")
+        assert await migrate(conn) == []
+        assert await conn.fetch("SELECT version, applied_at FROM schema_migrations") == before
+        assert [r["version"] for r in before] == ["0001"]
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_on_an_empty_database_apply_once(database_url):
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("DROP TABLE job_results, runtime_operations, runtime_records, schema_migrations")
+    await conn.close()
+    conns = [await asyncpg.connect(database_url) for _ in range(3)]
+    try:
+        applied = await asyncio.gather(*(migrate(c) for c in conns))
+        assert sorted(len(a) for a in applied) == [0, 0, 1]
+    finally:
+        for c in conns:
+            await c.close()
+
+
+async def test_submit_creates_record_and_queued_operation(pool):
+    store = Store(pool)
+    out = await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    assert out.decision.action == "change" and not out.duplicate
+    rec = await store.get("g1")
+    assert rec.status is Status.STARTING and rec.desired_status is DesiredStatus.RUNNING
+    assert rec.generation == 1 and rec.observed_generation == 0
+    assert rec.state_path == "/srv/games/g1" and rec.engine_endpoint == "http://galaxy-game-g1:8080"
+    ops = await store.pending_operations("g1")
+    assert [(o.op.value, o.status, o.generation, o.entry_id) for o in ops] == [("start", OpStatus.QUEUED, 1, "1-0")]
+    assert await results(pool) == []
+
+
+async def test_the_same_entry_twice_is_one_operation(pool):
+    store = Store(pool)
+    first = await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    again = await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    assert again.duplicate and again.operation_id == first.operation_id
+    assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 1
+    assert (await store.get("g1")).generation == 1
+
+
+async def test_converging_answers_the_job_once_with_container_and_endpoint(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    await converge_running(store, "g1")
+    [res] = await results(pool)
+    assert res["outcome"] == "success" and res["error_code"] == "" and res["job_entry_id"] == "1-0"
+    assert res["container_id"] == "c" * 64 and res["engine_endpoint"] == "http://galaxy-game-g1:8080"
+    assert (await store.get("g1")).converged
+    assert await store.pending_operations("g1") == []
+
+
+async def test_start_of_running_game_with_same_image_is_replay(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    await converge_running(store, "g1")
+    out = await store.submit(start("g1", "2-0"), T0 + timedelta(seconds=5), DEFAULTS)
+    assert out.decision.action == "replay"
+    res = (await results(pool))[-1]
+    assert (res["outcome"], res["error_code"], res["container_id"]) == ("success", "replay_no_op", "c" * 64)
+    assert (await store.get("g1")).generation == 1
+
+
+@pytest.mark.parametrize("case", ["unknown", "stopped"])
+async def test_stop_replays_have_empty_container_fields(pool, case):
+    store = Store(pool)
+    if case == "stopped":
+        await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+        await converge_running(store, "g1")
+        await store.submit(stop("g1", "2-0"), T0 + timedelta(seconds=2), DEFAULTS)
+        rec = await store.get("g1")
+        await store.update_status(StatusUpdate(
+            game_id="g1", expected_status=Status.RUNNING, expected_container_id="c" * 64, to=Status.STOPPED,
+            now=T0 + timedelta(seconds=3), changes={"observed_generation": rec.generation}),
+            finish=Finish(generation=rec.generation, outcome=Outcome.SUCCESS))
+    out = await store.submit(stop("g1", "3-0"), T0 + timedelta(seconds=4), DEFAULTS)
+    assert out.decision.action == "replay"
+    res = (await results(pool))[-1]
+    assert res["error_code"] == "replay_no_op" and res["container_id"] == "" and res["engine_endpoint"] == ""
+
+
+async def test_a_newer_job_supersedes_a_pending_one(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    await store.submit(stop("g1", "2-0"), T0 + timedelta(seconds=1), DEFAULTS)
+    [res] = await results(pool)
+    assert res["job_entry_id"] == "1-0" and res["outcome"] == "failure" and res["error_code"] == "superseded"
+    rec = await store.get("g1")
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.generation == 2
+    assert [o.entry_id for o in await store.pending_operations("g1")] == ["2-0"]
+
+
+async def test_concurrent_update_status_one_wins_the_other_conflicts(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    await converge_running(store, "g1")
+
+    def to(status):
+        return StatusUpdate(game_id="g1", expected_status=Status.RUNNING, expected_container_id="c" * 64,
+                            to=status, now=T0 + timedelta(seconds=9), changes={})
+
+    outcomes = await asyncio.gather(store.update_status(to(Status.STOPPED)), store.update_status(to(Status.STARTING)),
+                                    return_exceptions=True)
+    assert sorted(type(o).__name__ for o in outcomes) == ["Conflict", "RuntimeRecord"]
+    winner = next(o for o in outcomes if not isinstance(o, Exception))
+    assert (await store.get("g1")).status is winner.status
+
+
+async def test_update_status_guards(pool):
+    store = Store(pool)
+    with pytest.raises(NotFound):
+        await store.get("nope")
+    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    await converge_running(store, "g1")
+    with pytest.raises(Conflict):  # stale container id
+        await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.RUNNING,
+                                               expected_container_id="d" * 64, to=Status.STOPPED,
+                                               now=T0 + timedelta(seconds=2), changes={}))
+    from desired.model import InvalidTransition
+    rec = await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.RUNNING,
+                                                 expected_container_id=None, to=Status.REMOVED,
+                                                 now=T0 + timedelta(seconds=3), changes={}))
+    assert rec.removed_at == T0 + timedelta(seconds=3) and rec.current_container_id is None
+    with pytest.raises(InvalidTransition):
+        await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.REMOVED,
+                                               expected_container_id=None, to=Status.STARTING,
+                                               now=T0 + timedelta(seconds=4), changes={}))
+    with pytest.raises(ValueError):  # the reconciler may not write desired columns
+        await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.REMOVED,
+                                               expected_container_id=None, to=Status.REMOVED,
+                                               now=T0, changes={"desired_status": DesiredStatus.RUNNING}))
+
+
+@pytest.mark.parametrize("sql, constraint", [
+    ("INSERT INTO runtime_records (game_id, status, engine_endpoint, state_path, docker_network, last_op_at,"
+     " created_at, desired_status, desired_image_ref, generation, observed_generation)"
+     " VALUES ('g1', 'running', 'e', '/s', 'n', now(), now(), 'running', 'i', 1, 0)", "runtime_records_running_chk"),
+    ("INSERT INTO runtime_records (game_id, status, engine_endpoint, state_path, docker_network, last_op_at,"
+     " created_at, desired_status, desired_image_ref, generation, observed_generation)"
+     " VALUES ('../x', 'starting', 'e', '/s', 'n', now(), now(), 'running', 'i', 1, 0)", "game_id"),
+    ("INSERT INTO runtime_records (game_id, status, engine_endpoint, state_path, docker_network, last_op_at,"
+     " created_at, desired_status, desired_image_ref, generation, observed_generation)"
+     " VALUES ('g1', 'starting', 'e', '/s', 'n', now(), now(), 'running', 'i', 1, 2)",
+     "runtime_records_generation_chk"),
+    ("INSERT INTO runtime_records (game_id, status, engine_endpoint, state_path, docker_network, last_op_at,"
+     " created_at, desired_status, generation, observed_generation)"
+     " VALUES ('g1', 'starting', 'e', '/s', 'n', now(), now(), 'running', 1, 0)", "runtime_records_desired_chk"),
+    ("INSERT INTO runtime_records (game_id, status, engine_endpoint, state_path, docker_network, last_op_at,"
+     " created_at, desired_status, desired_image_ref, generation, observed_generation)"
+     " VALUES ('g1', 'paused', 'e', '/s', 'n', now(), now(), 'running', 'i', 1, 0)", "status"),
+    ("INSERT INTO runtime_operations (game_id, op, source, status) VALUES ('g1', 'start', 'lobby', 'succeeded')",
+     "runtime_operations_finished_chk"),
+])
+async def test_schema_refuses_rows_that_break_invariants(pool, sql, constraint):
+    with pytest.raises(asyncpg.CheckViolationError) as err:
+        await pool.execute(sql)
+    assert constraint in str(err.value.constraint_name or "")
+
+
+async def test_rejected_entry_is_a_failed_operation_with_one_result(pool):
+    store = Store(pool)
+    first = await store.reject_entry(kind=JobKind.START, game_id="BAD/..", stream="s:start", entry_id="5-0",
+                                     code=ErrorCode.INVALID_REQUEST, message="game_id must match")
+    again = await store.reject_entry(kind=JobKind.START, game_id="BAD/..", stream="s:start", entry_id="5-0",
+                                     code=ErrorCode.INVALID_REQUEST, message="game_id must match")
+    assert again.duplicate and again.operation_id == first.operation_id
+    [res] = await results(pool)
+    assert res["outcome"] == "failure" and res["error_code"] == "invalid_request" and res["game_id"] == "BAD/.."
+    op = await store.operation(first.operation_id)
+    assert op.status is OpStatus.FAILED and op.finished_at is not None
+
+
+async def test_give_up_answers_failure_and_stops_wanting_the_game(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    new = await store.give_up("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "no answer", T0 + timedelta(seconds=30), None)
+    assert new.status is Status.STOPPED and new.desired_status is DesiredStatus.STOPPED and new.converged
+    assert new.last_error_code is ErrorCode.ENGINE_UNHEALTHY
+    [res] = await results(pool)
+    assert (res["outcome"], res["error_code"], res["error_message"]) == ("failure", "engine_unhealthy", "no answer")
+    assert res["container_id"] == "" and res["engine_endpoint"] == ""
+    # a stale generation changes nothing
+    assert await store.give_up("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "again", T0, None) is None
+
+
+async def test_outbox_is_read_in_commit_order_and_marked(pool):
+    store = Store(pool)
+    for i in range(3):
+        await store.reject_entry(kind=JobKind.STOP, game_id=f"g{i}", stream="s:stop", entry_id=f"{i}-0",
+                                 code=ErrorCode.INVALID_REQUEST, message="x")
+    pending = await store.unpublished()
+    assert [p.game_id for p in pending] == ["g0", "g1", "g2"]
+    await store.mark_published(pending[0].seq, "9-0")
+    assert [p.game_id for p in await store.unpublished()] == ["g1", "g2"]
+    assert await store.unpublished_count() == 2
+
+
