@@ -12,22 +12,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from datetime import datetime, timezone
 
 import asyncpg
 import redis.asyncio as aioredis
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from controller.config import Settings
 from controller.http import HttpServer
 from controller.intake import Intake
 from controller.metrics import Metrics
-from controller.planner import ActionKind, plan
-from controller.reconciler import ORPHAN_GRACE, Reconciler, build_spec
+from controller.planner import ActionKind
+from controller.reconciler import Reconciler
 from controller.relay import Relay
 from controller.workqueue import WorkQueue
-from desired.model import container_name
+from desired.model import Status, container_name
 from desired.store import NOTIFY_CHANNEL, PG_UNAVAILABLE, Store
 from observed.docker import DockerAdapter
+from observed.events import EventWatcher
 from observed.health import HealthProbe
 from controller.logs import redact_url
 
@@ -52,6 +53,8 @@ class Controller:
         self.probe = HealthProbe(port=settings.engine_port, path=settings.health_path)
         self.queue = WorkQueue(on_change=self._queue_changed)
         self._last_adds = 0
+        self.resync_now = asyncio.Event()
+        self.events: EventWatcher | None = None
 
     def _queue_changed(self, q: WorkQueue) -> None:
         self.metrics.queue_depth.set(len(q))
@@ -81,6 +84,11 @@ class Controller:
             self._spawn(f"worker-{n}", self.reconciler.worker(n))
         self._spawn("resync", self.resync_loop())
         self._spawn("listener", self.listen_loop())
+        if s.health_interval > 0:
+            self._spawn("health", self.health_loop())
+        self.events = EventWatcher(instance=s.instance, loop=asyncio.get_running_loop(),
+                                   on_event=self._on_docker_event, on_connect=self.resync_now.set)
+        self.events.start()
         if s.http_port:
             await self.http.start()
 
@@ -104,8 +112,14 @@ class Controller:
         stop_waiter.cancel()
         return code
 
+    def _on_docker_event(self, game_id: str, action: str) -> None:
+        log.debug("docker event %s", action, extra={"game_id": game_id})
+        self.queue.add(game_id)
+
     async def shutdown(self) -> None:
         log.info("shutting down")
+        if self.events is not None:
+            self.events.stop()
         self.intake.stop()
         self.queue.shut_down()
         workers = [t for t in self.tasks if t.get_name().startswith("worker-")]
@@ -141,13 +155,10 @@ class Controller:
                 by_game[c.game_id] = c
             else:
                 self.queue.add(c.game_id or c.name)  # odd container: let sync look at it
-        now = datetime.now(timezone.utc)
+        self.reconciler.refill_dispose_budget()
         queued = 0
         for rec in records:
-            spec = build_spec(self.settings, rec) if rec.desired_image_ref else None
-            action = plan(rec, by_game.pop(rec.game_id, None), want_hash=spec.spec_hash if spec else None,
-                          instance=self.settings.instance, now=now, orphan_grace=ORPHAN_GRACE,
-                          cleanup_ttl=self.settings.cleanup_ttl)
+            action, _ = self.reconciler.plan_for(rec, by_game.pop(rec.game_id, None))
             if action.kind is not ActionKind.NOOP:
                 self.queue.add(rec.game_id)
                 queued += 1
@@ -166,10 +177,40 @@ class Controller:
             except (Exception,) as exc:  # Docker or Postgres away: try again next interval
                 self.metrics.resyncs.labels("error").inc()
                 log.warning("resync failed: %s", exc)
+            await self._wait_any(self.stopping, self.resync_now, timeout=self.settings.resync_interval)
+            self.resync_now.clear()
+
+    @staticmethod
+    async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
+        waiters = [asyncio.create_task(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def health_loop(self) -> None:
+        """Probe running engines; write the health field only when it changes."""
+        sem = asyncio.Semaphore(16)
+        while not self.stopping.is_set():
             try:
-                await asyncio.wait_for(self.stopping.wait(), self.settings.resync_interval)
+                await asyncio.wait_for(self.stopping.wait(), self.settings.health_interval)
+                return
             except asyncio.TimeoutError:
                 pass
+            try:
+                records = await self.store.list_by_status(Status.RUNNING)
+                if not records:
+                    continue
+                ips = {c.id: c.ip_address for c in await self.docker.list_managed() if c.running}
+
+                async def probe(rec) -> None:
+                    async with sem:
+                        await self.reconciler.probe_health(rec, ips.get(rec.current_container_id or ""))
+
+                await asyncio.gather(*(probe(r) for r in records))
+            except Exception as exc:  # Postgres or Docker away: next interval
+                log.warning("health round failed: %s", exc)
 
     async def listen_loop(self) -> None:
         """NOTIFY from other processes (REST on another replica, operators' tools) -> queue."""
@@ -213,11 +254,41 @@ class Controller:
         return checks
 
 
+STARTUP_WAIT = 60.0
+
+
+async def _startup_migrate(settings: Settings) -> None:
+    """Wait (bounded) for Postgres to accept connections, then apply pending migrations."""
+    from desired.migrate import migrate
+
+    async for attempt in AsyncRetrying(retry=retry_if_exception_type(PG_UNAVAILABLE),
+                                       stop=stop_after_delay(STARTUP_WAIT),
+                                       wait=wait_exponential(multiplier=0.2, max=5), reraise=True,
+                                       before_sleep=lambda rs: log.warning("waiting for Postgres: %s",
+                                                                           rs.outcome.exception())):
+        with attempt:
+            conn = await asyncpg.connect(settings.database_url, timeout=5)
+    try:
+        if settings.auto_migrate:
+            applied = await migrate(conn)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        else:
+            version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
+            log.info("schema version %s", version)
+    finally:
+        await conn.close()
+
+
 async def run(settings: Settings) -> int:
     controller = Controller(settings)
     try:
+        await _startup_migrate(settings)
         await controller.start()
     except PG_UNAVAILABLE as exc:
         log.error("cannot reach Postgres at %s: %s", redact_url(settings.database_url), exc)
+        return 1
+    except asyncpg.UndefinedTableError:
+        log.error("the database has no rtmanager schema: run `rtmanager migrate` (or set RTMANAGER_AUTO_MIGRATE=1)")
         return 1
     return await controller.run_until_stopped()

@@ -60,6 +60,14 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_ENGINE_PIDS", "256", "engine pids limit"),
     Var("RTMANAGER_ENGINE_USER", "", "uid[:gid] the engine runs as (empty: the image's own user)"),
     Var("RTMANAGER_PROBE_ADDRESS", "ip", "how the health probe reaches the engine: ip or hostname"),
+    Var("RTMANAGER_ORPHAN_GRACE", "10", "seconds an unrecorded container with our labels is left alone"),
+    Var("RTMANAGER_MAX_REMOVALS", "10", "orphan containers disposed at most per resync interval"),
+    Var("RTMANAGER_DRY_RUN", "0", "1: log every container action the controller would take, take none"),
+    Var("RTMANAGER_CRASH_LIMIT", "5", "crashes within the crash window that end in a terminal failure"),
+    Var("RTMANAGER_CRASH_WINDOW", "600", "seconds without a crash after which the crash count starts again"),
+    Var("RTMANAGER_CRASH_BACKOFF_MAX", "30", "cap in seconds of the restart delay after crashes (from 0.1, doubling)"),
+    Var("RTMANAGER_HEALTH_INTERVAL", "15", "seconds between health probes of running engines (0: off)"),
+    Var("RTMANAGER_AUTO_MIGRATE", "1", "1: `rtmanager run` applies pending migrations at start (under the lock)"),
     Var("RTMANAGER_LOG_FORMAT", "json", "json or text"),
     Var("RTMANAGER_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -71,8 +79,8 @@ _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    database_url: str
-    redis_url: str
+    database_url: str = field(repr=False)  # may carry a password
+    redis_url: str = field(repr=False)
     docker_network: str
     state_root: str
     engine_state_dir: str
@@ -100,6 +108,14 @@ class Settings:
     engine_pids: int
     engine_user: str | None
     probe_address: str
+    orphan_grace: float
+    max_removals: int
+    dry_run: bool
+    crash_limit: int
+    crash_window: float
+    crash_backoff_max: float
+    health_interval: float
+    auto_migrate: bool
     log_format: str
     log_level: str
 
@@ -186,6 +202,11 @@ class Settings:
                 return raw.lower()
             return conv
 
+        def flag(raw: str) -> bool:
+            if raw.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                raise ValueError("")
+            return raw.lower() in ("1", "true", "yes")
+
         def token(raw: str) -> str:
             if raw and len(raw) < 16:
                 raise ValueError("")
@@ -227,6 +248,14 @@ class Settings:
             engine_pids=parse("RTMANAGER_ENGINE_PIDS", number(16, 1 << 22, int), "must be an integer 16 or more"),
             engine_user=parse("RTMANAGER_ENGINE_USER", user, "must be uid or uid:gid"),
             probe_address=parse("RTMANAGER_PROBE_ADDRESS", choice("ip", "hostname"), "must be ip or hostname"),
+            orphan_grace=parse("RTMANAGER_ORPHAN_GRACE", number(0, 86400), "must be seconds in 0..86400"),
+            max_removals=parse("RTMANAGER_MAX_REMOVALS", number(0, 10**6, int), "must be an integer, 0 or more"),
+            dry_run=parse("RTMANAGER_DRY_RUN", flag, "must be 0 or 1"),
+            crash_limit=parse("RTMANAGER_CRASH_LIMIT", number(1, 1000, int), "must be an integer 1..1000"),
+            crash_window=parse("RTMANAGER_CRASH_WINDOW", number(1, 10**7), "must be seconds, 1 or more"),
+            crash_backoff_max=parse("RTMANAGER_CRASH_BACKOFF_MAX", number(0.1, 3600), "must be seconds in 0.1..3600"),
+            health_interval=parse("RTMANAGER_HEALTH_INTERVAL", number(0, 86400), "must be seconds in 0..86400"),
+            auto_migrate=parse("RTMANAGER_AUTO_MIGRATE", flag, "must be 0 or 1"),
             log_format=parse("RTMANAGER_LOG_FORMAT", choice("json", "text"), "must be json or text"),
             log_level=parse("RTMANAGER_LOG_LEVEL", choice("debug", "info", "warning", "error"),
                             "must be DEBUG, INFO, WARNING or ERROR").upper(),

@@ -25,6 +25,7 @@ class ActionKind(str, enum.Enum):
     NOOP = "noop"
     CREATE = "create"              # no container: create, start, wait healthy
     START = "start"                # our container with the right spec exists but does not run
+    RECOVER = "recover"            # the running game's container exited on its own: record it, restart later
     RECREATE = "recreate"          # our container runs an old spec: remove, then create
     CONFIRM = "confirm"            # the right container runs: wait healthy, then record it
     STOP = "stop"                  # stop the running container
@@ -33,7 +34,7 @@ class ActionKind(str, enum.Enum):
     MARK_REMOVED = "mark_removed"  # nothing left: record the game as removed
     CLEANUP = "cleanup"            # stopped for longer than the cleanup TTL: remove it
     DISPOSE = "dispose"            # our labels but no record: remove the orphan
-    WAIT = "wait"                  # come back later (orphan in its grace period, container in transition)
+    WAIT = "wait"                  # come back after ``delay`` (grace period, restart backoff, transition)
     BLOCKED = "blocked"            # the name is held by a container that is not ours
 
 
@@ -41,6 +42,7 @@ class ActionKind(str, enum.Enum):
 class Action:
     kind: ActionKind
     reason: str = ""
+    delay: float = 0.0  # for WAIT: seconds until it is worth looking again
 
     @property
     def is_noop(self) -> bool:
@@ -71,7 +73,8 @@ def plan(
         if record is None:
             age = (now - container.created_at).total_seconds() if container.created_at else orphan_grace
             if age < orphan_grace:
-                return Action(ActionKind.WAIT, f"orphan {container.name} younger than the grace period")
+                return Action(ActionKind.WAIT, f"orphan {container.name} younger than the grace period",
+                              delay=max(0.1, orphan_grace - age))
             return Action(ActionKind.DISPOSE, f"container {container.name} has no runtime record")
 
     if container is not None and not ours:
@@ -80,7 +83,7 @@ def plan(
         container = None  # somebody else's; for stop and remove it is as if there were none
 
     if container is not None and container.state in _TRANSIENT_STATES:
-        return Action(ActionKind.WAIT, f"container is {container.state}")
+        return Action(ActionKind.WAIT, f"container is {container.state}", delay=1.0)
 
     desired = record.desired_status
     if desired is DesiredStatus.RUNNING:
@@ -89,6 +92,11 @@ def plan(
         if container.spec_hash != want_hash:
             return Action(ActionKind.RECREATE, f"spec hash {container.spec_hash} != {want_hash}")
         if not container.running:
+            if record.status is Status.RUNNING and record.current_container_id == container.id:
+                return Action(ActionKind.RECOVER, f"container exited on its own (exit code {container.exit_code})")
+            if record.restart_not_before is not None and now < record.restart_not_before:
+                return Action(ActionKind.WAIT, "restart backoff after a crash",
+                              delay=(record.restart_not_before - now).total_seconds())
             return Action(ActionKind.START, f"container is {container.state}")
         if (record.status is Status.RUNNING and record.converged
                 and record.current_container_id == container.id):

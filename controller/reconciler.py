@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from controller.config import Settings
@@ -29,13 +29,15 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.model import (
+    ErrorCode,
     Health,
+    OpKind,
     Outcome,
     RuntimeRecord,
     Status,
     container_name,
 )
-from desired.store import Finish, StatusUpdate, Store
+from desired.store import Finish, ReconcilerNote, StatusUpdate, Store
 from observed.docker import DockerAdapter, ensure_state_dir
 from observed.health import HealthProbe
 from observed.model import ContainerSpec, ObservedContainer
@@ -43,7 +45,7 @@ from observed.model import ContainerSpec, ObservedContainer
 log = logging.getLogger("rtmanager.reconciler")
 
 MAX_STEPS = 6
-ORPHAN_GRACE = 10.0
+CRASH_BACKOFF_BASE = 0.1  # seconds, doubled per crash like Docker's restart delay
 
 
 def now_utc() -> datetime:
@@ -84,6 +86,17 @@ class Reconciler:
         self.metrics = metrics
         self.queue = queue
         self._results_written = results_written
+        self.dispose_budget = settings.max_removals  # refilled by every resync
+
+    def refill_dispose_budget(self) -> None:
+        self.dispose_budget = self.settings.max_removals
+
+    def plan_for(self, record: RuntimeRecord | None, container: ObservedContainer | None):
+        spec = build_spec(self.settings, record) if record and record.desired_image_ref else None
+        action = plan(record, container, want_hash=spec.spec_hash if spec else None,
+                      instance=self.settings.instance, now=now_utc(), orphan_grace=self.settings.orphan_grace,
+                      cleanup_ttl=self.settings.cleanup_ttl)
+        return action, spec
 
     # ---------------------------------------------------------------- workers
     async def worker(self, n: int) -> None:
@@ -114,17 +127,27 @@ class Reconciler:
         for _ in range(MAX_STEPS):
             record = await self.store.find(game_id)
             container = await self.docker.inspect(container_name(game_id))
-            spec = build_spec(self.settings, record) if record and record.desired_image_ref else None
-            action = plan(record, container, want_hash=spec.spec_hash if spec else None,
-                          instance=self.settings.instance, now=now_utc(), orphan_grace=ORPHAN_GRACE,
-                          cleanup_ttl=self.settings.cleanup_ttl)
+            action, spec = self.plan_for(record, container)
             if action.kind is ActionKind.NOOP:
                 return
             if action.kind is ActionKind.WAIT:
-                self.queue.add_after(game_id, 1.0 if record else ORPHAN_GRACE)
+                self.queue.add_after(game_id, max(action.delay, 0.05))
                 return
+            if self.settings.dry_run:
+                log.info("dry run: would %s: %s", action.kind.value, action.reason,
+                         extra={"game_id": game_id, "action": action.kind.value, "dry_run": True})
+                return
+            if action.kind is ActionKind.DISPOSE:
+                if self.dispose_budget <= 0:
+                    log.warning("not disposing %s: the removal budget of this resync interval is spent",
+                                container_name(game_id), extra={"game_id": game_id})
+                    self.queue.add_after(game_id, self.settings.resync_interval)
+                    return
+                self.dispose_budget -= 1
             log.info("%s: %s", action.kind.value, action.reason, extra={"game_id": game_id,
                                                                           "action": action.kind.value})
+            if record is not None and not record.converged:
+                await self.store.claim(game_id, record.generation)
             started = asyncio.get_running_loop().time()
             result = "ok"
             try:
@@ -169,6 +192,9 @@ class Reconciler:
             await self._mark_stopped(record, after)
         elif kind is ActionKind.MARK_STOPPED:
             await self._mark_stopped(record, container)
+        elif kind is ActionKind.RECOVER:
+            assert container is not None
+            await self._recover(record, container)
         elif kind in (ActionKind.REMOVE, ActionKind.CLEANUP):
             assert container is not None
             if kind is ActionKind.CLEANUP:
@@ -240,7 +266,7 @@ class Reconciler:
                          to=Status.RUNNING, now=now_utc(),
                          changes={"current_container_id": container_id, "current_image_ref": spec.image,
                                   "health": Health.HEALTHY, "observed_generation": record.generation,
-                                  "last_error_code": None, "last_error_message": None}),
+                                  "health_checked_at": now_utc(), "restart_not_before": None}),
             finish=Finish(generation=record.generation, outcome=Outcome.SUCCESS))
         self._results_written()
         log.info("running and healthy", extra={"game_id": record.game_id, "container_id": container_id[:12]})
@@ -253,6 +279,73 @@ class Reconciler:
         if tail:
             detail += f"; last log lines: {tail[-400:]}"
         raise ContainerStartFailed(detail)
+
+    async def probe_health(self, record: RuntimeRecord, ip: str | None) -> None:
+        """One periodic probe of a running engine; the record changes only when health does."""
+        host = ip if (self.settings.probe_address == "ip" and ip) else container_name(record.game_id)
+        ok, detail = await self.probe.check(host) if (ip or self.settings.probe_address != "ip") else (
+            False, "container not running")
+        self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
+        health = Health.HEALTHY if ok else Health.UNREACHABLE
+        if health is record.health:
+            return
+        log.warning("engine health: %s -> %s (%s)", record.health.value, health.value, detail,
+                    extra={"game_id": record.game_id})
+        try:
+            await self.store.update_status(StatusUpdate(
+                game_id=record.game_id, expected_status=Status.RUNNING,
+                expected_container_id=record.current_container_id, to=Status.RUNNING, now=now_utc(),
+                changes={"health": health, "health_checked_at": now_utc()}))
+        except Conflict:
+            pass  # the record moved on meanwhile; the next round looks again
+        if not ip:
+            self.queue.add(record.game_id)  # not running at all: let the reconciler look
+
+    async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> None:
+        """The engine of a running game exited on its own: record why, restart after a backoff.
+
+        Crashes are counted while each comes within RTMANAGER_CRASH_WINDOW of the
+        previous one; the RTMANAGER_CRASH_LIMIT-th is terminal (the game is given
+        up as container_start_failed and left stopped).
+        """
+        s = self.settings
+        seen = await self.docker.inspect(container.id) or container
+        tail = await self.docker.logs_tail(container.id, 10)
+        now = now_utc()
+        recent = record.last_crash_at is not None and (now - record.last_crash_at).total_seconds() < s.crash_window
+        count = record.crash_count + 1 if recent else 1
+        detail = f"engine exited unexpectedly with code {seen.exit_code}"
+        if seen.oom_killed:
+            detail += " (OOM-killed)"
+        if tail:
+            detail += f"; last log lines: {tail[-600:]}"
+        observed = {"crash_count": count, "last_exit_code": seen.exit_code, "last_oom_killed": seen.oom_killed,
+                    "last_crash_at": now}
+        params = {"event": "crash", "exit_code": seen.exit_code, "oom_killed": seen.oom_killed,
+                  "crash_count": count, "log_tail": tail[-2000:], "container_id": container.id}
+        if count >= s.crash_limit:
+            message = f"crash loop: {count} crashes within {s.crash_window:g}s; last: {detail}"
+            log.error("giving up after %d crashes", count, extra={"game_id": record.game_id,
+                                                                  "exit_code": seen.exit_code})
+            await self.store.give_up(record.game_id, record.generation, ErrorCode.CONTAINER_START_FAILED, message,
+                                     now, container.id, observed=observed,
+                                     note=ReconcilerNote(op=OpKind.RESTART, params=params,
+                                                         error_code=ErrorCode.CONTAINER_START_FAILED,
+                                                         message=message))
+            self._results_written()
+            return
+        delay = min(CRASH_BACKOFF_BASE * 2 ** (count - 1), s.crash_backoff_max)
+        log.warning("engine crashed (%d in the window); restarting in %.1fs: %s", count, delay, detail,
+                    extra={"game_id": record.game_id, "exit_code": seen.exit_code, "oom_killed": seen.oom_killed})
+        await self.store.update_status(
+            StatusUpdate(game_id=record.game_id, expected_status=Status.RUNNING, expected_container_id=container.id,
+                         to=Status.STARTING, now=now,
+                         changes={**observed, "health": Health.UNREACHABLE,
+                                  "restart_not_before": now + timedelta(seconds=delay),
+                                  "last_error_code": ErrorCode.CONTAINER_START_FAILED,
+                                  "last_error_message": detail}),
+            note=ReconcilerNote(op=OpKind.RESTART, params={**params, "restart_in": delay}))
+        self.queue.add_after(record.game_id, delay)
 
     async def _mark_stopped(self, record: RuntimeRecord, container: ObservedContainer | None) -> None:
         container_id = container.id if container is not None else None

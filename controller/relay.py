@@ -54,7 +54,7 @@ class Relay:
         while not self._stopping.is_set():
             published = 0
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_retryable), wait=wait_exponential_jitter(initial=0.2, max=10),
+                retry=retry_if_exception(_retryable), wait=wait_exponential_jitter(multiplier=0.2, max=10),
                 before_sleep=lambda rs: log.warning("relay paused: %s", rs.outcome.exception()),
                 reraise=True,
             ):

@@ -171,6 +171,12 @@ class RuntimeRecord:
     health: Health = Health.UNKNOWN
     last_error_code: ErrorCode | None = None
     last_error_message: str | None = None
+    crash_count: int = 0
+    last_exit_code: int | None = None
+    last_oom_killed: bool = False
+    last_crash_at: datetime | None = None
+    restart_not_before: datetime | None = None
+    health_checked_at: datetime | None = None
 
     @property
     def converged(self) -> bool:
@@ -210,6 +216,7 @@ class RuntimeRecord:
         if self.desired_status is DesiredStatus.RUNNING:
             need(bool(self.desired_image_ref), "desired running needs desired_image_ref")
         need(self.spec_revision >= 0, "spec_revision must not be negative")
+        need(self.crash_count >= 0, "crash_count must not be negative")
 
     def replace(self, **changes: Any) -> "RuntimeRecord":
         return dataclasses.replace(self, **changes)

@@ -59,11 +59,14 @@ _RECORD_COLUMNS = (
     "state_path", "docker_network", "started_at", "stopped_at", "removed_at", "last_op_at",
     "created_at", "desired_status", "desired_image_ref", "generation", "observed_generation",
     "spec_revision", "stop_reason", "health", "last_error_code", "last_error_message",
+    "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
+    "health_checked_at",
 )
 _OBSERVED_COLUMNS = frozenset({
     "status", "current_container_id", "current_image_ref", "started_at", "stopped_at",
     "removed_at", "last_op_at", "health", "last_error_code", "last_error_message",
-    "observed_generation",
+    "observed_generation", "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at",
+    "restart_not_before", "health_checked_at",
 })
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
@@ -182,7 +185,8 @@ class Store:
             *[_db_value(getattr(record, c)) for c in _RECORD_COLUMNS],
         )
 
-    async def update_status(self, upd: StatusUpdate, finish: "Finish | None" = None) -> RuntimeRecord:
+    async def update_status(self, upd: StatusUpdate, finish: "Finish | None" = None,
+                            note: "ReconcilerNote | None" = None) -> RuntimeRecord:
         """Compare-and-swap one status transition and derive the timestamps from it.
 
         Raises Conflict when the stored status or container id is not the
@@ -226,10 +230,13 @@ class Store:
                                upd.game_id, *[_db_value(v) for v in changes.values()])
             if finish is not None:
                 await self._finish_pending(conn, new, finish)
+            if note is not None:
+                await self._insert_note(conn, new, note, upd.now)
             return new
 
     async def give_up(self, game_id: str, generation: int, code: ErrorCode, message: str,
-                      now: datetime, container_id: str | None) -> RuntimeRecord | None:
+                      now: datetime, container_id: str | None, observed: dict[str, Any] | None = None,
+                      note: "ReconcilerNote | None" = None) -> RuntimeRecord | None:
         """A permanent failure at ``generation``: answer its jobs and stop wanting the game running.
 
         The controller sets the desired state to stopped (so it does not retry a
@@ -249,8 +256,9 @@ class Store:
                 desired_status=DesiredStatus.STOPPED, generation=generation + 1,
                 observed_generation=generation + 1, last_error_code=code, last_error_message=message,
                 last_op_at=max(now, cur.last_op_at), health=Health.UNKNOWN,
-                current_container_id=container_id,
+                current_container_id=container_id, restart_not_before=None,
             )
+            changes.update(observed or {})
             if status is not Status.REMOVED:
                 changes.update(status=Status.STOPPED, current_image_ref=image,
                                stopped_at=cur.stopped_at if status is Status.STOPPED and cur.stopped_at else now)
@@ -261,6 +269,8 @@ class Store:
                                game_id, *[_db_value(v) for v in changes.values()])
             await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
                                                          error_code=code, message=message))
+            if note is not None:
+                await self._insert_note(conn, new, note, now)
             return new
 
     async def cleaned_up(self, game_id: str, generation: int, now: datetime) -> RuntimeRecord | None:
@@ -340,6 +350,13 @@ class Store:
                 result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
                 job_entry_id=entry_id, error_code=code, error_message=message))
             return SubmitOutcome(operation_id=op_id, decision=None)
+
+    async def claim(self, game_id: str, generation: int) -> int:
+        """Mark the queued operations of ``generation`` as running (the controller works on them)."""
+        result = await self.pool.execute(
+            "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
+            " AND status = 'queued'", game_id, generation)
+        return int(result.split()[-1])
 
     async def operations(self, game_id: str, limit: int = 100) -> list[Operation]:
         rows = await self.pool.fetch(
@@ -446,10 +463,26 @@ class Store:
             game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
             code.value if code else None, message, now, now if status.is_final else None)
 
+    async def _insert_note(self, conn: asyncpg.Connection, record: RuntimeRecord, note: "ReconcilerNote",
+                           now: datetime) -> None:
+        await self._insert_op(conn, record.game_id, note.op, OpSource.RECONCILER,
+                              OpStatus.FAILED if note.error_code else OpStatus.SUCCEEDED, record.generation,
+                              None, None, note.params, now, note.error_code, note.message or None)
+
     async def _insert_result(self, conn: asyncpg.Connection, op_id: int | None, result: JobResult) -> None:
         await conn.execute(
             "INSERT INTO job_results (result_id, operation_id, game_id, fields) VALUES ($1, $2, $3, $4::jsonb)",
             uuid.UUID(result.result_id), op_id, result.game_id, json.dumps(result.fields()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconcilerNote:
+    """An operation-log row for something the controller did on its own (no result is published)."""
+
+    op: OpKind
+    params: dict
+    error_code: ErrorCode | None = None
+    message: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,0 +1,92 @@
+"""Docker events for managed containers, as hints for the work queue.
+
+The reader runs on its own docker client and its own thread (a blocking
+stream would otherwise hold an executor slot forever). Events are only hints:
+dockerd keeps just the last 256 for replay, skips slow subscribers, and ends
+the stream when it restarts, saying nothing about what happened meanwhile. So
+on every (re)connect the reader first asks for a full relist (``on_connect``)
+before it trusts events again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Callable
+
+import docker
+
+from observed.model import LABEL_GAME_ID, LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY
+
+log = logging.getLogger("rtmanager.events")
+
+WATCHED = ("start", "die", "oom", "destroy", "stop", "kill")
+
+
+class EventWatcher:
+    def __init__(self, *, instance: str, loop: asyncio.AbstractEventLoop,
+                 on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> None:
+        self.instance = instance
+        self._loop = loop
+        self._on_event = on_event
+        self._on_connect = on_connect
+        self._stopping = threading.Event()
+        self._stream = None
+        self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
+        self.connected = False
+        self.events_seen = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        stream = self._stream
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - closing a dead stream may fail; we are leaving anyway
+                pass
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        delay = 0.5
+        filters = {"type": "container", "event": list(WATCHED),
+                   "label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_INSTANCE}={self.instance}"]}
+        while not self._stopping.is_set():
+            client = None
+            try:
+                client = docker.from_env(timeout=None)
+                self._stream = client.events(decode=True, filters=filters)
+                self.connected = True
+                delay = 0.5
+                self._loop.call_soon_threadsafe(self._on_connect)
+                for event in self._stream:
+                    if self._stopping.is_set():
+                        break
+                    attrs = (event.get("Actor") or {}).get("Attributes") or {}
+                    game_id = attrs.get(LABEL_GAME_ID)
+                    if game_id:
+                        self.events_seen += 1
+                        self._loop.call_soon_threadsafe(self._on_event, game_id, event.get("Action", ""))
+                if not self._stopping.is_set():
+                    log.warning("docker event stream ended (daemon restart?); reconnecting")
+            except Exception as exc:  # noqa: BLE001 - any failure: reconnect and relist
+                if self._stopping.is_set():
+                    break
+                log.warning("docker event stream failed, reconnecting in %.1fs: %s", delay, exc)
+            finally:
+                self.connected = False
+                self._stream = None
+                if client is not None:
+                    try:
+                        client.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+            if not self._stopping.is_set():
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
