@@ -95,10 +95,11 @@ class Controller:
     def _spawn(self, name: str, coro) -> None:
         self.tasks.append(asyncio.create_task(coro, name=name))
 
-    async def run_until_stopped(self) -> int:
+    async def run_until_stopped(self, handle_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopping.set)
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stopping.set)
         stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-signal")
         done, _ = await asyncio.wait([stop_waiter, *self.tasks], return_when=asyncio.FIRST_COMPLETED)
         code = 0
@@ -106,6 +107,8 @@ class Controller:
             if task is stop_waiter:
                 continue
             exc = task.exception() if not task.cancelled() else None
+            if exc is None and self.stopping.is_set():
+                continue  # a loop that saw the stop first
             log.critical("task %s ended unexpectedly: %r", task.get_name(), exc, exc_info=exc)
             code = 1
         await self.shutdown()

@@ -1,0 +1,46 @@
+"""kill -9 of ``rtmanager run`` at arbitrary moments: the next run finishes the work, one container per game."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import redis
+
+from tests.e2e.test_walking_skeleton import migrate
+from tests.support import ControllerProcess, ResultReader
+
+pytestmark = pytest.mark.e2e
+
+
+def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client, tmp_path, unique):
+    migrate(rtm_env)
+    rng = random.Random(unique)
+    r = redis.Redis.from_url(rtm_env["RTMANAGER_REDIS_URL"], decode_responses=True)
+    results = ResultReader(rtm_env["RTMANAGER_REDIS_URL"], rtm_env["RTMANAGER_RESULTS_STREAM"])
+    games = [f"k9-{unique}-{i}" for i in range(6)]
+    entries = {g: r.xadd(rtm_env["RTMANAGER_START_STREAM"], {"game_id": g, "image_ref": "galaxy/engine-stub:1.0"})
+               for g in games}
+    log = tmp_path / "rtmanager.log"
+    try:
+        for round_ in range(3):  # start, let it work for a moment, kill -9
+            ctl = ControllerProcess(rtm_env, log).start()
+            time.sleep(rng.uniform(0.5, 0.9))  # start-up takes ~0.4 s: kills land mid-work
+            ctl.kill9()
+        ctl = ControllerProcess(rtm_env, log).start()
+        got = {g: results.for_entry(entries[g], timeout=60) for g in games}
+        for g, res in got.items():
+            assert res["outcome"] == "success", (res, ctl.log()[-4000:])
+            containers = docker_client.containers.list(all=True, filters={"label": f"com.galaxy.game-id={g}"})
+            assert [c.id for c in containers] == [res["container_id"]]
+            assert containers[0].status == "running"
+        time.sleep(1.0)  # any late duplicates would have shown up by now
+        by_entry: dict[str, set[str]] = {}
+        for f in results.seen:
+            by_entry.setdefault(f["job_entry_id"], set()).add(f["result_id"])
+        assert all(len(ids) == 1 for ids in by_entry.values()), by_entry  # re-publishes keep the result_id
+        assert ctl.stop() == 0
+    finally:
+        r.close()
+        results.close()

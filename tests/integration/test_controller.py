@@ -1,0 +1,327 @@
+"""The controller in process against real Postgres, Redis and Docker (issue 4's scenarios)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import docker
+import pytest
+import redis.asyncio as aioredis
+
+from controller.app import Controller
+from controller.config import Settings
+from controller.reconciler import build_spec
+from desired.jobs import Job
+from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
+from desired.store import Store
+from observed.docker import DockerAdapter, ensure_state_dir
+
+pytestmark = pytest.mark.integration
+
+
+class Harness:
+    """Starts and stops in-process controllers on one isolated environment."""
+
+    def __init__(self, env: dict[str, str], docker_client: docker.DockerClient) -> None:
+        self.env = env
+        self.docker = docker_client
+        self.running: list[tuple[Controller, asyncio.Task]] = []
+        self.redis = aioredis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
+        self.last_result = "0-0"
+        self.results: list[dict[str, str]] = []
+
+    def settings(self, **overrides: str) -> Settings:
+        return Settings.from_env({**self.env, **{f"RTMANAGER_{k.upper()}": v for k, v in overrides.items()}})
+
+    async def start(self, **overrides: str) -> Controller:
+        ctl = Controller(self.settings(**overrides))
+        await ctl.start()
+        task = asyncio.create_task(ctl.run_until_stopped(handle_signals=False))
+        self.running.append((ctl, task))
+        return ctl
+
+    async def stop_all(self) -> None:
+        for ctl, task in self.running:
+            ctl.stopping.set()
+            assert await asyncio.wait_for(task, 30) == 0
+        self.running.clear()
+
+    async def submit_start(self, game: str, image: str = "galaxy/engine-stub:1.0") -> str:
+        return await self.redis.xadd(self.env["RTMANAGER_START_STREAM"], {"game_id": game, "image_ref": image})
+
+    async def submit_stop(self, game: str, reason: str = "cancelled") -> str:
+        return await self.redis.xadd(self.env["RTMANAGER_STOP_STREAM"], {"game_id": game, "reason": reason})
+
+    async def result(self, entry_id: str, job: str = "start", timeout: float = 30) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self.results:
+                if r["job_entry_id"] == entry_id and r["job"] == job:
+                    return r
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {job} result for {entry_id} in {timeout}s; got {self.results}")
+            reply = await self.redis.xread({self.env["RTMANAGER_RESULTS_STREAM"]: self.last_result}, block=200)
+            for _, entries in reply or []:
+                for eid, fields in entries:
+                    self.last_result = eid
+                    self.results.append(fields)
+
+    def containers(self, game: str) -> list[docker.models.containers.Container]:
+        return self.docker.containers.list(all=True, filters={"label": f"com.galaxy.game-id={game}"})
+
+
+@pytest.fixture
+async def h(rtm_env, docker_client):
+    harness = Harness(rtm_env, docker_client)
+    yield harness
+    await harness.stop_all()
+    await harness.redis.aclose()
+
+
+async def eventually(check, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if inspect.isawaitable(last):
+                last = await last
+            if last:
+                return last
+        except AssertionError as exc:
+            last = exc
+        await asyncio.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout}s (last: {last})")
+
+
+async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
+    """A start job recorded and a container created by a controller that then died: adopted, not duplicated."""
+    store = Store(pool)
+    settings = h.settings()
+    await store.submit(Job(kind=JobKind.START, game_id="adopt-1", source=OpSource.LOBBY,
+                           image_ref="galaxy/engine-stub:1.0"), datetime.now(timezone.utc), settings.record_defaults)
+    record = await store.get("adopt-1")
+    adapter = DockerAdapter(instance=settings.instance, network=settings.docker_network)
+    try:
+        await adapter.ensure_network()
+        ensure_state_dir(settings.state_root, record.state_path)
+        created = await adapter.create(build_spec(settings, record))
+        await adapter.start(created.id)
+    finally:
+        adapter.close()
+    await h.start()
+    rec = await eventually(lambda: _converged(store, "adopt-1"), what="convergence")
+    assert rec.current_container_id == created.id
+    assert [c.id for c in h.containers("adopt-1")] == [created.id]
+
+
+async def test_a_created_but_never_started_container_is_started_not_duplicated(h, pool):
+    """The state a kill -9 between create and start leaves behind."""
+    store = Store(pool)
+    settings = h.settings()
+    entry = await h.submit_start("half-1")
+    ctl = await h.start(concurrency="1")
+    await eventually(lambda: _converged(store, "half-1"), what="first convergence")
+    await h.stop_all()
+    # Put the world back to "created, not started, record starting", as after a crash mid-way.
+    [c] = h.containers("half-1")
+    c.stop(timeout=1)
+    c.remove()
+    await pool.execute("UPDATE runtime_records SET status = 'starting', observed_generation = 0,"
+                       " current_container_id = NULL WHERE game_id = 'half-1'")
+    adapter = DockerAdapter(instance=settings.instance, network=settings.docker_network)
+    try:
+        created = await adapter.create(build_spec(settings, await store.get("half-1")))
+    finally:
+        adapter.close()
+    assert created.state == "created"
+    await h.start()
+    rec = await eventually(lambda: _converged(store, "half-1"), what="convergence after restart")
+    assert rec.current_container_id == created.id
+    assert [c.id for c in h.containers("half-1")] == [created.id]
+    assert (await h.result(entry))["outcome"] == "success"
+    del ctl
+
+
+async def test_disposes_an_orphan_but_leaves_foreign_containers_alone(h, docker_client, unique):
+    settings = h.settings()
+    docker_client.networks.create(settings.docker_network, driver="bridge")
+    common = dict(image="galaxy/engine-stub:1.0", detach=True, network=settings.docker_network)
+    orphan = docker_client.containers.run(name=f"galaxy-game-orphan-{unique}", labels={
+        "com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance,
+        "com.galaxy.game-id": f"orphan-{unique}"}, **common)
+    foreign = docker_client.containers.run(name=f"galaxy-game-foreign-{unique}", **common)
+    other_instance = docker_client.containers.run(name=f"galaxy-game-other-{unique}", labels={
+        "com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": f"someone-else-{unique}",
+        "com.galaxy.game-id": f"other-{unique}"}, **common)
+    try:
+        await h.start(orphan_grace="1", resync_interval="0.5")
+        await eventually(lambda: not docker_client.containers.list(all=True, filters={"id": orphan.id}),
+                         what="orphan disposed")
+        await asyncio.sleep(1.5)  # a few more resyncs
+        foreign.reload()
+        other_instance.reload()
+        assert foreign.status == "running" and other_instance.status == "running"
+    finally:
+        foreign.remove(force=True)
+        other_instance.remove(force=True)
+
+
+async def test_dry_run_takes_no_action(h, docker_client, unique, pool, caplog):
+    settings = h.settings()
+    docker_client.networks.create(settings.docker_network, driver="bridge")
+    orphan = docker_client.containers.run(
+        "galaxy/engine-stub:1.0", detach=True, name=f"galaxy-game-dry-{unique}", network=settings.docker_network,
+        labels={"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance,
+                "com.galaxy.game-id": f"dry-{unique}"})
+    caplog.set_level("INFO", logger="rtmanager.reconciler")
+    await h.start(dry_run="1", orphan_grace="0", resync_interval="0.5")
+    await h.submit_start("dry-2")
+    await eventually(lambda: "dry run: would create" in caplog.text and "dry run: would dispose" in caplog.text,
+                     what="dry-run log lines")
+    assert h.containers("dry-2") == []
+    orphan.reload()
+    assert orphan.status == "running"
+    assert (await Store(pool).get("dry-2")).status is Status.STARTING
+
+
+async def test_kill_from_outside_is_noticed_through_events_and_restarted(h, pool):
+    store = Store(pool)
+    await h.start(resync_interval="300")  # only events can notice within the test's time
+    await h.result(await h.submit_start("kill-1"))
+    [c] = h.containers("kill-1")
+    started = time.monotonic()
+    c.kill()
+    rec = await eventually(lambda: _crashed_and_back(store, "kill-1"), timeout=10, what="restart after kill")
+    assert time.monotonic() - started < 10
+    assert rec.crash_count == 1 and rec.last_exit_code == 137 and not rec.last_oom_killed
+    assert [x.id for x in h.containers("kill-1")] == [c.id]  # restarted in place
+    ops = await store.operations("kill-1")
+    crash = next(o for o in ops if o.source is OpSource.RECONCILER)
+    assert crash.params["exit_code"] == 137 and "engine-stub" in crash.params["log_tail"]
+
+
+async def test_crash_loop_ends_in_a_terminal_failure(h, pool):
+    store = Store(pool)
+    await h.start(resync_interval="300", crash_limit="2")
+    await h.result(await h.submit_start("loop-1"))
+    [c] = h.containers("loop-1")
+    c.kill()
+    await eventually(lambda: _crashed_and_back(store, "loop-1"), timeout=10, what="first restart")
+    c.reload()
+    c.kill()
+    rec = await eventually(lambda: _given_up(store, "loop-1"), timeout=10, what="terminal failure")
+    assert rec.last_error_code.value == "container_start_failed" and "crash loop" in rec.last_error_message
+    assert rec.crash_count == 2
+    c.reload()
+    assert c.status == "exited"
+
+
+@pytest.mark.parametrize("desired", ["running", "stopped"])
+async def test_rm_from_outside_is_recreated_or_recorded(h, pool, desired):
+    store = Store(pool)
+    await h.start(resync_interval="300")
+    await h.result(await h.submit_start("rm-1"))
+    if desired == "stopped":
+        await h.result(await h.submit_stop("rm-1"), job="stop")
+    [c] = h.containers("rm-1")
+    c.remove(force=True)
+    if desired == "running":
+        rec = await eventually(lambda: _converged(store, "rm-1", other_than=c.id), timeout=10, what="recreated")
+        assert rec.status is Status.RUNNING
+        assert [x.id for x in h.containers("rm-1")] == [rec.current_container_id]
+    else:
+        async def recorded():
+            r = await store.get("rm-1")
+            return r if r.current_container_id is None and r.status is Status.STOPPED else None
+        await eventually(recorded, timeout=10, what="container gone recorded")
+        assert h.containers("rm-1") == []
+
+
+async def test_new_image_recreates_the_container_and_keeps_the_state(h, pool, rtm_env):
+    store = Store(pool)
+    await h.start()
+    first = await h.result(await h.submit_start("img-1", "galaxy/engine-stub:1.0"))
+    state = Path(rtm_env["RTMANAGER_STATE_ROOT"]) / "img-1"
+    (state / "save.dat").write_text("turn 42")
+    second = await h.result(await h.submit_start("img-1", "galaxy/engine-stub:1.1"))
+    assert second["outcome"] == "success" and second["container_id"] != first["container_id"]
+    [c] = h.containers("img-1")
+    assert c.id == second["container_id"] and c.attrs["Config"]["Image"] == "galaxy/engine-stub:1.1"
+    assert (state / "save.dat").read_text() == "turn 42"
+    assert len((state / "boots").read_text().splitlines()) == 2  # both engines wrote into the same directory
+    assert (state.stat().st_mode & 0o777) == 0o700
+    rec = await store.get("img-1")
+    assert rec.current_image_ref == "galaxy/engine-stub:1.1" and rec.generation == 2
+
+
+async def test_an_engine_that_exits_at_once_fails_without_a_hot_loop(h, pool, docker_client):
+    store = Store(pool)
+    await h.start()
+    since = int(time.time()) - 1
+    res = await h.result(await h.submit_start("crash-1", "galaxy/engine-stub:crash"))
+    assert res["outcome"] == "failure" and res["error_code"] == "container_start_failed"
+    assert "exited with code 3" in res["error_message"] and "crashing as asked" in res["error_message"]
+    await asyncio.sleep(2)
+    rec = await store.get("crash-1")
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED and rec.converged
+    starts = list(docker_client.events(since=since, until=int(time.time()) + 1, decode=True,
+                                       filters={"container": "galaxy-game-crash-1", "event": "start"}))
+    assert len(starts) == 1
+
+
+async def test_an_engine_that_never_answers_is_unhealthy_and_stopped(h, pool):
+    await h.start(start_timeout="1.5")
+    res = await h.result(await h.submit_start("mute-1", "galaxy/engine-stub:mute"))
+    assert res["outcome"] == "failure" and res["error_code"] == "engine_unhealthy"
+    assert "/healthz" in res["error_message"]
+    [c] = h.containers("mute-1")
+    assert c.status == "exited"
+
+
+async def test_missing_image_is_image_unavailable(h):
+    await h.start()
+    res = await h.result(await h.submit_start("noimg-1", "galaxy/engine-stub:does-not-exist"))
+    assert res["outcome"] == "failure" and res["error_code"] == "image_unavailable"
+
+
+async def test_cleanup_ttl_removes_stopped_containers_and_keeps_the_record(h, pool):
+    store = Store(pool)
+    await h.start(cleanup_ttl="1", resync_interval="0.5")
+    await h.result(await h.submit_start("ttl-1"))
+    await h.result(await h.submit_stop("ttl-1"), job="stop")
+    rec = await eventually(lambda: _status(store, "ttl-1", Status.REMOVED), timeout=10, what="removed after TTL")
+    assert rec.removed_at is not None and rec.desired_status is DesiredStatus.REMOVED
+    assert h.containers("ttl-1") == []
+
+
+async def _converged(store: Store, game: str, other_than: str | None = None):
+    rec = await store.find(game)
+    if rec and rec.converged and rec.status is Status.RUNNING and rec.current_container_id != other_than:
+        return rec
+    return None
+
+
+async def _crashed_and_back(store: Store, game: str):
+    rec = await store.find(game)
+    if rec and rec.crash_count >= 1 and rec.status is Status.RUNNING and rec.health.value == "healthy":
+        return rec
+    return None
+
+
+async def _given_up(store: Store, game: str):
+    rec = await store.find(game)
+    return rec if rec and rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED else None
+
+
+async def _status(store: Store, game: str, status: Status):
+    rec = await store.find(game)
+    return rec if rec and rec.status is status else None
+
+
+def test_stop_reason_vocabulary_matches_the_contract():
+    assert [r.value for r in StopReason] == ["orphan_cleanup", "cancelled", "finished", "admin_request", "timeout"]
