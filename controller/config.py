@@ -151,14 +151,16 @@ class Settings:
         def url(schemes: tuple[str, ...]):
             def conv(raw: str) -> str:
                 parts = urlsplit(raw)
-                if parts.scheme not in schemes or not parts.hostname:
+                if parts.scheme not in schemes:
                     raise ValueError(f"scheme must be one of {', '.join(schemes)}")
+                if not (parts.hostname or (parts.scheme == "unix" and parts.path)):
+                    raise ValueError("a host (or, for unix://, a socket path) is needed")
                 return raw
             return conv
 
         def pattern(regex: re.Pattern[str]):
             def conv(raw: str) -> str:
-                if not regex.match(raw):
+                if not regex.fullmatch(raw):  # $ would let a trailing newline through
                     raise ValueError("")
                 return raw
             return conv

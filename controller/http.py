@@ -101,7 +101,7 @@ class HttpServer:
 
     async def get_runtime(self, request: web.Request) -> web.Response:
         game_id = request.match_info["game_id"]
-        if not GAME_ID_PATTERN.match(game_id):
+        if not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
         try:
             record = await self.c.store.get(game_id)
@@ -111,7 +111,7 @@ class HttpServer:
 
     async def get_operations(self, request: web.Request) -> web.Response:
         game_id = request.match_info["game_id"]
-        if not GAME_ID_PATTERN.match(game_id):
+        if not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
         ops = await self.c.store.operations(game_id)
         return web.json_response({"operations": [

@@ -50,7 +50,7 @@ class Action:
 
 
 NOOP = Action(ActionKind.NOOP)
-_TRANSIENT_STATES = ("removing", "paused")
+_TRANSIENT_STATES = ("removing",)
 
 
 def plan(
@@ -87,16 +87,20 @@ def plan(
 
     desired = record.desired_status
     if desired is DesiredStatus.RUNNING:
+        backoff = (record.restart_not_before - now).total_seconds() if record.restart_not_before else 0.0
         if container is None:
+            if backoff > 0:  # the crashed container vanished: the backoff still holds
+                return Action(ActionKind.WAIT, "restart backoff after a crash", delay=backoff)
             return Action(ActionKind.CREATE, "no container")
         if container.spec_hash != want_hash:
             return Action(ActionKind.RECREATE, f"spec hash {container.spec_hash} != {want_hash}")
+        if container.state == "paused":
+            return Action(ActionKind.RECREATE, "container was paused from outside")
         if not container.running:
             if record.status is Status.RUNNING and record.current_container_id == container.id:
                 return Action(ActionKind.RECOVER, f"container exited on its own (exit code {container.exit_code})")
-            if record.restart_not_before is not None and now < record.restart_not_before:
-                return Action(ActionKind.WAIT, "restart backoff after a crash",
-                              delay=(record.restart_not_before - now).total_seconds())
+            if backoff > 0:
+                return Action(ActionKind.WAIT, "restart backoff after a crash", delay=backoff)
             return Action(ActionKind.START, f"container is {container.state}")
         if (record.status is Status.RUNNING and record.converged
                 and record.current_container_id == container.id):

@@ -87,7 +87,7 @@ class ImageAllowlist:
 
 
 def validate_game_id(value: str) -> str:
-    if not GAME_ID_PATTERN.match(value):
+    if not GAME_ID_PATTERN.fullmatch(value):
         raise InvalidJob(
             ErrorCode.INVALID_REQUEST,
             "game_id must match ^[a-z0-9](?:[a-z0-9-]{0,49}[a-z0-9])?$",
@@ -97,7 +97,7 @@ def validate_game_id(value: str) -> str:
 
 
 def validate_image_ref(value: str, allowlist: ImageAllowlist, game_id: str) -> str:
-    if len(value) > MAX_IMAGE_REF or not IMAGE_REF_PATTERN.match(value):
+    if len(value) > MAX_IMAGE_REF or not IMAGE_REF_PATTERN.fullmatch(value):
         raise InvalidJob(ErrorCode.INVALID_REQUEST, "image_ref is not a valid image reference", game_id)
     if not allowlist.allows(value):
         raise InvalidJob(
@@ -251,8 +251,8 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
             return _replay(None, with_container=False)
         if record.desired_status is not DesiredStatus.RUNNING and record.converged:
             return _replay(record, with_container=False)
-        if record.desired_status is DesiredStatus.REMOVED:
-            return Decision(action="join", record=record)
+        if record.desired_status is not DesiredStatus.RUNNING:
+            return Decision(action="join", record=record)  # already on its way down, whatever the reason
         return _want(record, now, desired_status=DesiredStatus.STOPPED, stop_reason=job.reason)
 
     if record is None:

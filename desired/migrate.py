@@ -32,7 +32,7 @@ class Migration:
 def load_migrations() -> list[Migration]:
     found = []
     for entry in importlib.resources.files("migrations").iterdir():
-        m = FILE_PATTERN.match(entry.name)
+        m = FILE_PATTERN.fullmatch(entry.name)
         if m:
             found.append(Migration(version=m.group(1), name=entry.name, sql=entry.read_text("utf-8")))
     found.sort(key=lambda mig: mig.version)

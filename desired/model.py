@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping
 
+# The contract's pattern. Use it with fullmatch(): in Python, "$" also matches
+# before a trailing newline, so match() would let "g1\n" through.
 GAME_ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,49}[a-z0-9])?$")
 CONTAINER_PREFIX = "galaxy-game-"
 
@@ -188,7 +190,7 @@ class RuntimeRecord:
             if not cond:
                 raise InvalidRecord(f"runtime record {self.game_id!r}: {msg}")
 
-        need(bool(GAME_ID_PATTERN.match(self.game_id or "")), "game_id does not match the pattern")
+        need(bool(GAME_ID_PATTERN.fullmatch(self.game_id or "")), "game_id does not match the pattern")
         need(bool(self.engine_endpoint.strip()), "engine_endpoint must not be empty")
         need(bool(self.state_path.strip()), "state_path must not be empty")
         need(bool(self.docker_network.strip()), "docker_network must not be empty")

@@ -217,8 +217,19 @@ class DockerAdapter:
 
     async def stop(self, container_id: str, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds (docker's own stop)."""
+        def stop_raw() -> None:
+            api = self._docker().api
+            try:
+                api.stop(container_id, timeout=max(0, int(grace)))
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409 and "paused" in str(exc).lower():
+                    api.unpause(container_id)  # a paused process cannot take SIGTERM
+                    api.stop(container_id, timeout=max(0, int(grace)))
+                else:
+                    raise
+
         try:
-            await self._call("stop", lambda: self._docker().api.stop(container_id, timeout=max(0, int(grace))))
+            await self._call("stop", stop_raw)
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:

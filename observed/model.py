@@ -82,7 +82,8 @@ class ObservedContainer:
 
     @property
     def running(self) -> bool:
-        return self.state in ("running", "restarting")
+        """Holds a live process (a paused one too: it has to be stopped or removed)."""
+        return self.state in ("running", "restarting", "paused")
 
     @property
     def game_id(self) -> str | None:

@@ -1,0 +1,208 @@
+"""controller.config: defaults, and one clear line naming the variable for every bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.config import VARIABLES, ConfigError, Settings
+from desired.jobs import RecordDefaults
+
+
+def test_defaults_parse() -> None:
+    s = Settings.from_env({})
+    assert s.database_url == "postgresql://postgres@127.0.0.1:55432/rtmanager"
+    assert s.redis_url == "redis://127.0.0.1:56379/0"
+    assert s.docker_network == "galaxy-games"
+    assert s.state_root == "/var/lib/rtmanager/games"
+    assert s.engine_state_dir == "/var/lib/galaxy-engine"
+    assert s.image_allowlist.patterns == ("galaxy/engine:*", "galaxy/engine-stub:*")
+    assert s.instance == "default"
+    assert s.engine_port == 8080 and isinstance(s.engine_port, int)
+    assert s.health_path == "/healthz"
+    assert s.start_timeout == 30.0
+    assert s.cleanup_ttl == 86400.0
+    assert s.resync_interval == 30.0
+    assert s.concurrency == 4
+    assert s.http_port == 8090
+    assert s.http_host == "127.0.0.1"
+    assert s.api_token == ""
+    assert (s.start_stream, s.stop_stream, s.results_stream) == (
+        "runtime:start_jobs", "runtime:stop_jobs", "runtime:job_results")
+    assert s.consumer_group == "rtmanager"
+    assert s.consumer_name.startswith("default-")
+    assert s.results_maxlen == 100000
+    assert s.stop_grace == 10.0
+    assert s.job_timeout == 300.0
+    assert s.engine_memory == 512 * 1024 ** 2
+    assert s.engine_nano_cpus == 1_000_000_000
+    assert s.engine_pids == 256
+    assert s.engine_user is None
+    assert s.probe_address == "ip"
+    assert s.orphan_grace == 10.0
+    assert s.max_removals == 10
+    assert s.dry_run is False
+    assert s.crash_limit == 5
+    assert s.crash_window == 600.0
+    assert s.crash_backoff_max == 30.0
+    assert s.health_interval == 15.0
+    assert s.auto_migrate is True
+    assert s.log_format == "json"
+    assert s.log_level == "INFO"
+    assert s.record_defaults == RecordDefaults(docker_network="galaxy-games",
+                                               state_root="/var/lib/rtmanager/games", engine_port=8080)
+
+
+def test_every_variable_has_a_default_and_help() -> None:
+    names = [v.name for v in VARIABLES]
+    assert len(names) == len(set(names))
+    for v in VARIABLES:
+        assert v.name.startswith("RTMANAGER_") and v.help
+    for contract in ("RTMANAGER_DATABASE_URL", "RTMANAGER_REDIS_URL", "RTMANAGER_DOCKER_NETWORK",
+                     "RTMANAGER_STATE_ROOT", "RTMANAGER_ENGINE_STATE_DIR", "RTMANAGER_IMAGE_ALLOWLIST",
+                     "RTMANAGER_INSTANCE", "RTMANAGER_ENGINE_PORT", "RTMANAGER_ENGINE_HEALTH_PATH",
+                     "RTMANAGER_START_TIMEOUT", "RTMANAGER_CLEANUP_TTL", "RTMANAGER_RESYNC_INTERVAL",
+                     "RTMANAGER_CONCURRENCY", "RTMANAGER_HTTP_PORT", "RTMANAGER_API_TOKEN"):
+        assert contract in names
+
+
+def test_overrides_parse() -> None:
+    s = Settings.from_env({
+        "RTMANAGER_ENGINE_PORT": " 9000 ",
+        "RTMANAGER_ENGINE_MEMORY": "1g",
+        "RTMANAGER_ENGINE_CPUS": "1.5",
+        "RTMANAGER_ENGINE_USER": "1000:1000",
+        "RTMANAGER_LOG_LEVEL": "debug",
+        "RTMANAGER_LOG_FORMAT": "TEXT",
+        "RTMANAGER_API_TOKEN": "x" * 16,
+        "RTMANAGER_STATE_ROOT": "/srv/games/../rtm/",
+        "RTMANAGER_CLEANUP_TTL": "0",
+        "RTMANAGER_HTTP_PORT": "0",
+        "RTMANAGER_CONSUMER_NAME": "c1",
+        "RTMANAGER_DATABASE_URL": "postgres://u:pw@db:5432/rtm",
+        "RTMANAGER_REDIS_URL": "rediss://:pw@redis:6380/1",
+    })
+    assert s.engine_port == 9000
+    assert s.engine_memory == 1024 ** 3
+    assert s.engine_nano_cpus == 1_500_000_000
+    assert s.engine_user == "1000:1000"
+    assert s.log_level == "DEBUG"
+    assert s.log_format == "text"
+    assert s.api_token == "x" * 16
+    assert s.state_root == "/srv/rtm"
+    assert s.cleanup_ttl == 0 and s.http_port == 0
+    assert s.consumer_name == "c1"
+    # secrets are kept out of repr (settings may end up in a log line)
+    assert "x" * 16 not in repr(s)
+    assert "pw" not in repr(s)
+
+
+@pytest.mark.parametrize(("raw", "value"), [
+    ("1", True), ("true", True), ("YES", True), ("0", False), ("False", False), ("no", False),
+])
+def test_flags(raw: str, value: bool) -> None:
+    s = Settings.from_env({"RTMANAGER_DRY_RUN": raw, "RTMANAGER_AUTO_MIGRATE": raw})
+    assert s.dry_run is value and s.auto_migrate is value
+
+
+def test_redis_unix_socket_url_is_accepted() -> None:
+    # "unix" is one of the accepted schemes; a socket URL has a path and no host.
+    s = Settings.from_env({"RTMANAGER_REDIS_URL": "unix:///run/redis/redis.sock?db=0"})
+    assert s.redis_url == "unix:///run/redis/redis.sock?db=0"
+
+
+BAD = [
+    ("RTMANAGER_ENGINE_PORT", "abc"),
+    ("RTMANAGER_ENGINE_PORT", "0"),
+    ("RTMANAGER_ENGINE_PORT", "65536"),
+    ("RTMANAGER_HTTP_PORT", "-1"),
+    ("RTMANAGER_HTTP_PORT", "http"),
+    ("RTMANAGER_START_TIMEOUT", "-1"),
+    ("RTMANAGER_START_TIMEOUT", "nan"),
+    ("RTMANAGER_START_TIMEOUT", "soon"),
+    ("RTMANAGER_CLEANUP_TTL", "-5"),
+    ("RTMANAGER_RESYNC_INTERVAL", "0"),
+    ("RTMANAGER_CONCURRENCY", "0"),
+    ("RTMANAGER_CONCURRENCY", "2.5"),
+    ("RTMANAGER_IMAGE_ALLOWLIST", ""),
+    ("RTMANAGER_IMAGE_ALLOWLIST", " , ,"),
+    ("RTMANAGER_ENGINE_HEALTH_PATH", "healthz"),
+    ("RTMANAGER_ENGINE_HEALTH_PATH", "/health z"),
+    ("RTMANAGER_ENGINE_MEMORY", "12x"),
+    ("RTMANAGER_ENGINE_MEMORY", "1m"),
+    ("RTMANAGER_ENGINE_CPUS", "0"),
+    ("RTMANAGER_ENGINE_PIDS", "8"),
+    ("RTMANAGER_ENGINE_USER", "root"),
+    ("RTMANAGER_API_TOKEN", "short"),
+    ("RTMANAGER_DATABASE_URL", "mysql://u@h/x"),
+    ("RTMANAGER_DATABASE_URL", "postgresql:///nohost"),
+    ("RTMANAGER_REDIS_URL", "http://h:6379"),
+    ("RTMANAGER_DOCKER_NETWORK", "bad network"),
+    ("RTMANAGER_INSTANCE", "-x"),
+    ("RTMANAGER_INSTANCE", "a" * 64),
+    ("RTMANAGER_STATE_ROOT", "relative/path"),
+    ("RTMANAGER_ENGINE_STATE_DIR", "state"),
+    ("RTMANAGER_START_STREAM", "bad stream"),
+    ("RTMANAGER_CONSUMER_GROUP", ""),
+    ("RTMANAGER_RESULTS_MAXLEN", "-1"),
+    ("RTMANAGER_STOP_GRACE", "3601"),
+    ("RTMANAGER_JOB_TIMEOUT", "0"),
+    ("RTMANAGER_PROBE_ADDRESS", "dns"),
+    ("RTMANAGER_ORPHAN_GRACE", "-1"),
+    ("RTMANAGER_MAX_REMOVALS", "many"),
+    ("RTMANAGER_DRY_RUN", "maybe"),
+    ("RTMANAGER_CRASH_LIMIT", "0"),
+    ("RTMANAGER_CRASH_WINDOW", "0"),
+    ("RTMANAGER_CRASH_BACKOFF_MAX", "0"),
+    ("RTMANAGER_HEALTH_INTERVAL", "-1"),
+    ("RTMANAGER_AUTO_MIGRATE", "2"),
+    ("RTMANAGER_LOG_FORMAT", "xml"),
+    ("RTMANAGER_LOG_LEVEL", "TRACE"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD, ids=[f"{n}={v!r}" for n, v in BAD])
+def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({name: value})
+    msg = str(exc.value)
+    assert msg.startswith(name + ":")
+    assert "\n" not in msg and "\r" not in msg
+    assert len(msg) < 300
+
+
+def test_value_with_newline_still_gives_one_line() -> None:
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({"RTMANAGER_ENGINE_HEALTH_PATH": "/a\nb"})
+    assert "\n" not in str(exc.value)
+    assert str(exc.value).startswith("RTMANAGER_ENGINE_HEALTH_PATH:")
+
+
+def test_first_bad_variable_is_reported_even_with_several() -> None:
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({"RTMANAGER_ENGINE_PORT": "x", "RTMANAGER_CONCURRENCY": "0"})
+    assert str(exc.value).startswith("RTMANAGER_ENGINE_PORT:")
+
+
+def test_non_secret_values_are_echoed() -> None:
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({"RTMANAGER_ENGINE_PORT": "abc"})
+    assert "'abc'" in str(exc.value)
+
+
+SECRETS = [
+    ("RTMANAGER_DATABASE_URL", "mysql://u:secret@h/x", "secret"),
+    ("RTMANAGER_DATABASE_URL", "postgresql://u:secret@/x", "secret"),
+    ("RTMANAGER_DATABASE_URL", "postgresql://u:secret@[::1/x", "secret"),
+    ("RTMANAGER_REDIS_URL", "http://:secret@h:6379", "secret"),
+    ("RTMANAGER_API_TOKEN", "s3cr3t-token", "s3cr3t"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "secret"), SECRETS, ids=[s[1] for s in SECRETS])
+def test_secrets_never_shown(name: str, value: str, secret: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({name: value})
+    msg = str(exc.value)
+    assert msg.startswith(name + ":")
+    assert secret not in msg
+    assert exc.value.__cause__ is None and exc.value.__suppress_context__

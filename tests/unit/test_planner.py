@@ -1,0 +1,226 @@
+"""controller.planner.plan as a table: every branch, with small factories."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from controller.planner import NOOP, Action, ActionKind, plan
+from desired.model import DesiredStatus, RuntimeRecord, Status
+from observed.model import (
+    LABEL_GAME_ID,
+    LABEL_GENERATION,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_SPEC_HASH,
+    MANAGED_BY,
+    ObservedContainer,
+)
+
+INSTANCE = "default"
+HASH = "aaaaaaaaaaaaaaaa"
+OLD_HASH = "bbbbbbbbbbbbbbbb"
+NOW = datetime(2024, 1, 2, 12, 0, 0, tzinfo=timezone.utc)
+T0 = NOW - timedelta(days=1)
+GRACE = 10.0
+TTL = 3600.0
+
+A = ActionKind
+
+
+def ours(state: str = "running", *, spec_hash: str = HASH, cid: str = "c1", age: float | None = 600.0,
+         instance: str = INSTANCE) -> ObservedContainer:
+    return ObservedContainer(
+        id=cid, name="galaxy-game-g1", image="galaxy/engine:1", state=state,
+        labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: instance, LABEL_GAME_ID: "g1",
+                LABEL_SPEC_HASH: spec_hash, LABEL_GENERATION: "1"},
+        created_at=None if age is None else NOW - timedelta(seconds=age),
+        exit_code=0 if state == "exited" else None,
+    )
+
+
+def foreign(state: str = "running") -> ObservedContainer:
+    return ObservedContainer(id="f1", name="galaxy-game-g1", image="nginx:latest", state=state,
+                             labels={"maintainer": "someone"}, created_at=NOW - timedelta(days=3))
+
+
+def record(status: Status, desired: DesiredStatus, *, converged: bool = True, cid: str | None = "c1",
+           stopped_ago: float = 60.0, **extra) -> RuntimeRecord:
+    gen = 5
+    kw: dict = dict(
+        game_id="g1", status=status, current_container_id=None, current_image_ref=None,
+        engine_endpoint="http://galaxy-game-g1:8080", state_path="/var/lib/rtmanager/games/g1",
+        docker_network="galaxy-games", started_at=None, stopped_at=None, removed_at=None,
+        last_op_at=T0 + timedelta(minutes=1), created_at=T0, desired_status=desired,
+        desired_image_ref="galaxy/engine:1", generation=gen, observed_generation=gen if converged else gen - 1,
+    )
+    if status is Status.RUNNING:
+        kw.update(current_container_id=cid, current_image_ref="galaxy/engine:1", started_at=T0)
+    elif status is Status.STOPPED:
+        kw.update(current_container_id=cid, current_image_ref="galaxy/engine:1", started_at=T0,
+                  stopped_at=NOW - timedelta(seconds=stopped_ago))
+    elif status is Status.REMOVED:
+        kw.update(removed_at=T0 + timedelta(seconds=1))
+    kw.update(extra)
+    r = RuntimeRecord(**kw)
+    r.validate()
+    return r
+
+
+R, ST, RM = DesiredStatus.RUNNING, DesiredStatus.STOPPED, DesiredStatus.REMOVED
+
+# (id, record, container, extra plan kwargs, expected kind)
+TABLE = [
+    # no record
+    ("no-record-no-container", None, None, {}, A.NOOP),
+    ("no-record-young-orphan", None, ours(age=GRACE - 5), {}, A.WAIT),
+    ("no-record-old-orphan", None, ours(age=GRACE + 5), {}, A.DISPOSE),
+    ("no-record-old-orphan-exited", None, ours("exited", age=3600), {}, A.DISPOSE),
+    ("no-record-orphan-no-created", None, ours(age=None), {}, A.DISPOSE),
+    ("no-record-foreign", None, foreign(), {}, A.NOOP),
+    ("no-record-other-instance", None, ours(instance="other"), {}, A.NOOP),
+    # desired running
+    ("running-no-container", record(Status.STARTING, R, converged=False), None, {}, A.CREATE),
+    ("running-wrong-hash", record(Status.RUNNING, R), ours(spec_hash=OLD_HASH), {}, A.RECREATE),
+    ("running-wrong-hash-exited", record(Status.STOPPED, R, converged=False),
+     ours("exited", spec_hash=OLD_HASH), {}, A.RECREATE),
+    ("running-no-hash-label", record(Status.RUNNING, R),
+     ObservedContainer(id="c1", name="galaxy-game-g1", image="x", state="running",
+                       labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: INSTANCE}), {}, A.RECREATE),
+    ("running-exited-right-hash", record(Status.STOPPED, R, converged=False), ours("exited"), {}, A.START),
+    ("running-created-right-hash", record(Status.STARTING, R, converged=False), ours("created"), {}, A.START),
+    ("running-right-hash-not-converged", record(Status.STARTING, R, converged=False), ours(), {}, A.CONFIRM),
+    ("running-right-hash-record-running-unconverged", record(Status.RUNNING, R, converged=False), ours(), {},
+     A.CONFIRM),
+    ("running-right-hash-other-container-id", record(Status.RUNNING, R, cid="c0"), ours(), {}, A.CONFIRM),
+    ("running-converged", record(Status.RUNNING, R), ours(), {}, A.NOOP),
+    # the container of a running game exited on its own; crash backoff
+    ("running-container-exited-on-its-own", record(Status.RUNNING, R), ours("exited"), {}, A.RECOVER),
+    ("running-container-dead-on-its-own", record(Status.RUNNING, R), ours("dead"), {}, A.RECOVER),
+    ("running-unconverged-container-exited", record(Status.RUNNING, R, converged=False), ours("exited"), {},
+     A.RECOVER),
+    ("running-exited-container-not-the-recorded-one", record(Status.RUNNING, R, cid="c0"), ours("exited"), {},
+     A.START),
+    ("restart-backoff-pending", record(Status.STARTING, R, current_container_id="c1",
+                                       restart_not_before=NOW + timedelta(seconds=5)), ours("exited"), {}, A.WAIT),
+    ("restart-backoff-over", record(Status.STARTING, R, current_container_id="c1",
+                                    restart_not_before=NOW - timedelta(seconds=1)), ours("exited"), {}, A.START),
+    ("restart-backoff-ends-exactly-now", record(Status.STARTING, R, current_container_id="c1",
+                                                restart_not_before=NOW), ours("exited"), {}, A.START),
+    ("restart-backoff-does-not-hold-a-new-spec", record(Status.STARTING, R, current_container_id="c1",
+                                                        restart_not_before=NOW + timedelta(seconds=5)),
+     ours("exited", spec_hash=OLD_HASH), {}, A.RECREATE),
+    ("running-converged-restarting", record(Status.RUNNING, R), ours("restarting"), {}, A.NOOP),
+    ("running-foreign-holds-name", record(Status.STARTING, R, converged=False), foreign(), {}, A.BLOCKED),
+    ("running-foreign-exited-holds-name", record(Status.RUNNING, R), foreign("exited"), {}, A.BLOCKED),
+    ("running-other-instance-holds-name", record(Status.STARTING, R, converged=False),
+     ours(instance="other"), {}, A.BLOCKED),
+    # foreign container while desired stopped / removed: as if none
+    ("stopped-foreign-record-running", record(Status.RUNNING, ST, converged=False), foreign(), {}, A.MARK_STOPPED),
+    ("stopped-foreign-converged", record(Status.STOPPED, ST, cid=None), foreign(), {}, A.NOOP),
+    ("removed-foreign-record-stopped", record(Status.STOPPED, RM, converged=False), foreign(), {}, A.MARK_REMOVED),
+    # desired stopped
+    ("stopped-running-container", record(Status.RUNNING, ST, converged=False), ours(), {}, A.STOP),
+    ("stopped-restarting-container", record(Status.RUNNING, ST, converged=False), ours("restarting"), {}, A.STOP),
+    ("stopped-running-container-wrong-hash", record(Status.RUNNING, ST, converged=False),
+     ours(spec_hash=OLD_HASH), {}, A.STOP),
+    ("stopped-exited-record-running", record(Status.RUNNING, ST, converged=False), ours("exited"), {},
+     A.MARK_STOPPED),
+    ("stopped-exited-record-stopped-unconverged", record(Status.STOPPED, ST, converged=False), ours("exited"), {},
+     A.MARK_STOPPED),
+    ("stopped-exited-other-container-id", record(Status.STOPPED, ST, cid="c0"), ours("exited"), {},
+     A.MARK_STOPPED),
+    ("stopped-no-container-record-starting", record(Status.STARTING, ST, converged=False), None, {},
+     A.MARK_STOPPED),
+    ("stopped-no-container-record-keeps-id", record(Status.STOPPED, ST, cid="c1"), None, {}, A.MARK_STOPPED),
+    ("stopped-no-container-converged", record(Status.STOPPED, ST, cid=None), None, {}, A.NOOP),
+    ("stopped-converged", record(Status.STOPPED, ST), ours("exited"), {}, A.NOOP),
+    ("stopped-ttl-expired", record(Status.STOPPED, ST, stopped_ago=TTL + 1), ours("exited"),
+     {"cleanup_ttl": TTL}, A.CLEANUP),
+    ("stopped-ttl-exactly", record(Status.STOPPED, ST, stopped_ago=TTL), ours("exited"),
+     {"cleanup_ttl": TTL}, A.CLEANUP),
+    ("stopped-ttl-not-expired", record(Status.STOPPED, ST, stopped_ago=TTL - 1), ours("exited"),
+     {"cleanup_ttl": TTL}, A.NOOP),
+    ("stopped-ttl-disabled", record(Status.STOPPED, ST, stopped_ago=10 * TTL), ours("exited"),
+     {"cleanup_ttl": 0.0}, A.NOOP),
+    ("stopped-ttl-expired-no-container", record(Status.STOPPED, ST, cid=None, stopped_ago=TTL + 1), None,
+     {"cleanup_ttl": TTL}, A.NOOP),
+    ("stopped-ttl-expired-unconverged", record(Status.STOPPED, ST, converged=False, stopped_ago=TTL + 1),
+     ours("exited"), {"cleanup_ttl": TTL}, A.MARK_STOPPED),
+    # desired removed
+    ("removed-exited-container", record(Status.STOPPED, RM, converged=False), ours("exited"), {}, A.REMOVE),
+    ("removed-running-container", record(Status.RUNNING, RM, converged=False), ours(), {}, A.REMOVE),
+    ("removed-no-container-record-stopped", record(Status.STOPPED, RM, converged=False, cid=None), None, {},
+     A.MARK_REMOVED),
+    ("removed-no-container-record-removed-unconverged", record(Status.REMOVED, RM, converged=False), None, {},
+     A.MARK_REMOVED),
+    ("removed-converged", record(Status.REMOVED, RM), None, {}, A.NOOP),
+    ("removed-converged-foreign", record(Status.REMOVED, RM), foreign(), {}, A.NOOP),
+    ("removed-converged-leftover-ours", record(Status.REMOVED, RM), ours("exited"), {}, A.REMOVE),
+    # containers in transition
+    ("removing-desired-running", record(Status.RUNNING, R), ours("removing"), {}, A.WAIT),
+    ("removing-desired-stopped", record(Status.STOPPED, ST), ours("removing"), {}, A.WAIT),
+    ("removing-desired-removed", record(Status.STOPPED, RM, converged=False), ours("removing"), {}, A.WAIT),
+    ("paused-desired-running", record(Status.RUNNING, R), ours("paused"), {}, A.RECREATE),
+    ("paused-desired-stopped", record(Status.RUNNING, ST), ours("paused"), {}, A.STOP),
+]
+
+
+@pytest.mark.parametrize(("rec", "container", "kwargs", "expected"),
+                         [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
+def test_plan(rec, container, kwargs, expected: ActionKind) -> None:
+    kw = dict(want_hash=HASH, instance=INSTANCE, now=NOW, orphan_grace=GRACE)
+    kw.update(kwargs)
+    action = plan(rec, container, **kw)
+    assert isinstance(action, Action)
+    assert action.kind is expected, action.reason
+    assert action.is_noop == (expected is A.NOOP)
+    if expected is not A.NOOP:
+        assert action.reason  # every action says why, for logs
+
+
+def test_table_covers_every_action_kind() -> None:
+    assert {row[-1] for row in TABLE} == set(ActionKind)
+
+
+KW = dict(want_hash=HASH, instance=INSTANCE, now=NOW, orphan_grace=GRACE)
+
+
+@pytest.mark.parametrize(("rec", "container", "delay"), [
+    (None, ours(age=GRACE - 4), 4.0),
+    (None, ours(age=GRACE - 0.001), 0.1),  # never busy-loops on an almost expired grace
+    (record(Status.RUNNING, R), ours("removing"), 1.0),
+    (record(Status.STARTING, R, restart_not_before=NOW + timedelta(seconds=3)), None, 3.0),
+    (record(Status.STARTING, R, current_container_id="c1", restart_not_before=NOW + timedelta(seconds=2.5)),
+     ours("exited"), 2.5),
+], ids=["orphan-grace", "orphan-grace-floor", "removing", "backoff-container-vanished", "restart-backoff"])
+def test_wait_says_when_to_look_again(rec, container, delay: float) -> None:
+    action = plan(rec, container, **KW)
+    assert action.kind is A.WAIT
+    assert action.delay == pytest.approx(delay)
+
+
+@pytest.mark.parametrize("row", [row for row in TABLE if row[-1] is not A.WAIT], ids=lambda row: row[0])
+def test_only_wait_carries_a_delay(row) -> None:
+    _, rec, container, kwargs, _ = row
+    assert plan(rec, container, **{**KW, **kwargs}).delay == 0.0
+
+
+def test_orphan_grace_boundary() -> None:
+    kw = dict(want_hash=None, instance=INSTANCE, now=NOW, orphan_grace=GRACE)
+    assert plan(None, ours(age=GRACE - 0.001), **kw).kind is A.WAIT
+    assert plan(None, ours(age=GRACE), **kw).kind is A.DISPOSE
+
+
+def test_plan_does_not_mutate_inputs() -> None:
+    rec = record(Status.STOPPED, ST, stopped_ago=TTL + 1)
+    c = ours("exited")
+    rec_before, c_before = rec.replace(), ObservedContainer(**{f: getattr(c, f) for f in c.__dataclass_fields__})
+    plan(rec, c, want_hash=HASH, instance=INSTANCE, now=NOW, cleanup_ttl=TTL)
+    assert rec == rec_before and c == c_before
+
+
+def test_noop_constant() -> None:
+    assert NOOP.kind is A.NOOP and NOOP.is_noop
+    assert not Action(A.CREATE).is_noop
