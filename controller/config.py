@@ -52,6 +52,9 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_RESULTS_STREAM", "runtime:job_results", "stream of job results"),
     Var("RTMANAGER_CONSUMER_GROUP", "rtmanager", "consumer group on the job streams"),
     Var("RTMANAGER_CONSUMER_NAME", "", "consumer name in the group (default: instance-hostname)"),
+    Var("RTMANAGER_DEAD_LETTER_STREAM", "runtime:dead_letters", "copies of job entries that could not be handled"),
+    Var("RTMANAGER_CLAIM_IDLE", "60", "seconds an entry stays pending in another consumer before it is claimed"),
+    Var("RTMANAGER_MAX_DELIVERIES", "5", "deliveries of one entry before it is dead-lettered"),
     Var("RTMANAGER_RESULTS_MAXLEN", "100000", "approximate MAXLEN of the results stream (0: no trimming)"),
     Var("RTMANAGER_STOP_GRACE", "10", "seconds between SIGTERM and SIGKILL when stopping an engine"),
     Var("RTMANAGER_JOB_TIMEOUT", "300", "seconds a job may wait for Docker before it fails with docker_unavailable"),
@@ -100,6 +103,9 @@ class Settings:
     results_stream: str
     consumer_group: str
     consumer_name: str
+    dead_letter_stream: str
+    claim_idle: float
+    max_deliveries: int
     results_maxlen: int
     stop_grace: float
     job_timeout: float
@@ -241,6 +247,9 @@ class Settings:
             results_stream=parse("RTMANAGER_RESULTS_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             consumer_group=parse("RTMANAGER_CONSUMER_GROUP", pattern(_STREAM_NAME), "must be a group name"),
             consumer_name=consumer,
+            dead_letter_stream=parse("RTMANAGER_DEAD_LETTER_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
+            claim_idle=parse("RTMANAGER_CLAIM_IDLE", number(1, 86400), "must be seconds in 1..86400"),
+            max_deliveries=parse("RTMANAGER_MAX_DELIVERIES", number(1, 1000, int), "must be an integer 1..1000"),
             results_maxlen=parse("RTMANAGER_RESULTS_MAXLEN", number(0, 10**9, int), "must be an integer, 0 or more"),
             stop_grace=parse("RTMANAGER_STOP_GRACE", number(0, 3600), "must be seconds in 0..3600"),
             job_timeout=parse("RTMANAGER_JOB_TIMEOUT", number(1, 86400), "must be seconds in 1..86400"),

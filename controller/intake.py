@@ -10,8 +10,13 @@ Entries of the start and stop streams are merged in entry-id order (Redis ids
 are timestamps from one clock), so "start then stop" of one game is applied in
 the order Lobby sent it even when both arrive in one read.
 
-On start the consumer first re-reads its own pending entries (id ``0``): those
-it read before a crash but did not acknowledge.
+A pending pass (at start, after an outage, and every few seconds) re-reads the
+consumer's own pending entries (read before a crash, or whose handling failed)
+and claims, with XAUTOCLAIM looped until its cursor is 0-0, entries idle longer
+than RTMANAGER_CLAIM_IDLE in the lists of dead consumers. An entry delivered
+more than RTMANAGER_MAX_DELIVERIES times is dead-lettered: a failed operation
+with internal_error, its result, and a copy on RTMANAGER_DEAD_LETTER_STREAM.
+Job streams are never trimmed by rtmanager (trimming deletes pending entries).
 """
 
 from __future__ import annotations
@@ -26,14 +31,18 @@ import redis.exceptions
 from controller.config import Settings
 from controller.metrics import Metrics
 from desired.errors import StoreUnavailable
-from desired.jobs import InvalidJob, parse_job
-from desired.model import JobKind, OpSource
+from desired.jobs import InvalidJob, parse_job, shown_game_id
+from desired.model import ErrorCode, JobKind, OpSource
 from desired.store import PG_UNAVAILABLE, Store, now_utc
 
 log = logging.getLogger("rtmanager.intake")
 
 READ_COUNT = 100
 BLOCK_MS = 1000
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:
@@ -67,24 +76,29 @@ class Intake:
                     raise
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = 0.2
-        backlog = True  # first our own pending entries, then new ones
+        next_pending_pass = 0.0  # first our own pending entries and dead consumers', then new ones
         while not self._stopping.is_set():
             try:
-                if backlog:
+                if loop.time() >= next_pending_pass:
                     await self.ensure_groups()
-                    backlog = await self._read_once("0")
-                else:
-                    await self._read_once(">")
+                    await self.pending_pass()
+                    next_pending_pass = loop.time() + self.pending_interval
+                await self._read_new()
                 self.healthy = True
                 delay = 0.2
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StoreUnavailable,
                     *PG_UNAVAILABLE) as exc:
                 self.healthy = False
                 log.warning("intake paused, retrying in %.1fs: %s", delay, exc)
-                backlog = True
+                next_pending_pass = 0.0
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+    @property
+    def pending_interval(self) -> float:
+        return max(1.0, min(self.settings.claim_idle / 2, 15.0))
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -92,27 +106,98 @@ class Intake:
         except asyncio.TimeoutError:
             pass
 
-    async def _read_once(self, start_id: str) -> bool:
-        """Read and handle one batch; return True when more of the backlog may remain."""
-        streams = {s: start_id for s in self.streams}
-        reply = await self.redis.xreadgroup(self.settings.consumer_group, self.settings.consumer_name, streams,
-                                            count=READ_COUNT, block=None if start_id == "0" else BLOCK_MS)
+    async def _read_new(self) -> None:
+        """Entries never delivered before, of both streams, handled in entry-id order."""
+        reply = await self.redis.xreadgroup(self.settings.consumer_group, self.settings.consumer_name,
+                                            {s: ">" for s in self.streams}, count=READ_COUNT, block=BLOCK_MS)
         entries: list[tuple[tuple[int, int], str, str, dict]] = []
         for stream_raw, items in reply or []:
-            stream = stream_raw.decode() if isinstance(stream_raw, bytes) else stream_raw
+            stream = _text(stream_raw)
             for entry_id_raw, fields in items:
-                entry_id = entry_id_raw.decode() if isinstance(entry_id_raw, bytes) else entry_id_raw
-                if fields is None:  # the entry was deleted while pending: nothing to do but ack
-                    await self.redis.xack(stream, self.settings.consumer_group, entry_id)
-                    continue
+                entry_id = _text(entry_id_raw)
                 entries.append((_entry_key(entry_id), stream, entry_id, fields))
         entries.sort(key=lambda e: e[0])
         for _, stream, entry_id, fields in entries:
             if self._stopping.is_set():
-                break
+                return
+            await self._process(stream, entry_id, fields, deliveries=1)
+
+    async def pending_pass(self) -> None:
+        """Entries delivered before and not acknowledged: ours (a crash before XACK, a failed
+        handling) and those idle longer than RTMANAGER_CLAIM_IDLE in dead consumers' lists."""
+        group, me = self.settings.consumer_group, self.settings.consumer_name
+        for stream in self.streams:
+            last = "0"
+            while not self._stopping.is_set():
+                reply = await self.redis.xreadgroup(group, me, {stream: last}, count=READ_COUNT)
+                items = reply[0][1] if reply else []
+                if not items:
+                    break
+                await self._process_redelivered(stream, items)
+                last = _text(items[-1][0])
+            cursor = "0-0"
+            while not self._stopping.is_set():
+                cursor, items, *_ = await self.redis.xautoclaim(
+                    stream, group, me, min_idle_time=int(self.settings.claim_idle * 1000), start_id=cursor,
+                    count=READ_COUNT)
+                if items:
+                    log.warning("claimed %d entries idle for more than %.0fs in other consumers",
+                                len(items), self.settings.claim_idle, extra={"stream": stream})
+                    await self._process_redelivered(stream, items)
+                if _text(cursor) == "0-0":
+                    break
+
+    async def _process_redelivered(self, stream: str, items: list) -> None:
+        ids = [_text(i[0]) for i in items]
+        pending = await self.redis.xpending_range(stream, self.settings.consumer_group, min=ids[0], max=ids[-1],
+                                                  count=len(ids) + 1000)
+        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+        for entry_id_raw, fields in items:
+            entry_id = _text(entry_id_raw)
+            if self._stopping.is_set():
+                return
+            await self._process(stream, entry_id, fields, deliveries=deliveries.get(entry_id, 1))
+
+    async def _process(self, stream: str, entry_id: str, fields: dict | None, deliveries: int) -> None:
+        """Handle one entry, then acknowledge it; a failing entry stays pending and is retried
+        by the next pending pass, until it is dead-lettered."""
+        group = self.settings.consumer_group
+        if fields is None:  # deleted from the stream while pending: nothing to carry out
+            await self.redis.xack(stream, group, entry_id)
+            return
+        if deliveries > self.settings.max_deliveries:
+            await self.dead_letter(stream, entry_id, fields, deliveries)
+            await self.redis.xack(stream, group, entry_id)
+            return
+        try:
             await self.handle(stream, entry_id, fields)
-            await self.redis.xack(stream, self.settings.consumer_group, entry_id)
-        return start_id == "0" and len(entries) > 0
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StoreUnavailable,
+                *PG_UNAVAILABLE):
+            raise
+        except Exception:
+            self.metrics.jobs.labels(stream, "error").inc()
+            log.exception("could not handle entry (delivery %d of at most %d); it stays pending",
+                          deliveries, self.settings.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
+            return
+        await self.redis.xack(stream, group, entry_id)
+
+    async def dead_letter(self, stream: str, entry_id: str, fields: dict, deliveries: int) -> None:
+        """Never drop an entry silently: a failed operation, its result, and a copy for operators."""
+        kind = self.streams[stream]
+        raw_game = fields.get(b"game_id", fields.get("game_id", b""))
+        game_id = shown_game_id(raw_game.decode("utf-8", "replace") if isinstance(raw_game, bytes) else raw_game)
+        message = f"dead-lettered after {deliveries} deliveries: the entry could not be handled"
+        outcome = await self.store.reject_entry(kind=kind, game_id=game_id, stream=stream, entry_id=entry_id,
+                                                code=ErrorCode.INTERNAL_ERROR, message=message)
+        if outcome.duplicate:
+            return  # it had been carried out; only the XACK was missing
+        copy = {**fields, "rtm_source_stream": stream, "rtm_entry_id": entry_id,
+                "rtm_deliveries": str(deliveries), "rtm_error": message}
+        await self.redis.xadd(self.settings.dead_letter_stream, copy)
+        self.metrics.jobs.labels(stream, "dead_letter").inc()
+        log.error("dead-lettered entry", extra={"stream": stream, "entry_id": entry_id, "game_id": game_id,
+                                                "deliveries": deliveries})
+        self._results_written()
 
     async def handle(self, stream: str, entry_id: str, fields: dict) -> None:
         kind = self.streams[stream]

@@ -40,9 +40,8 @@ async def wired(settings, pool, redis_client, unique):
 
 async def drain(intake: Intake) -> None:
     await intake.ensure_groups()
-    while await intake._read_once("0"):
-        pass
-    await intake._read_once(">")
+    await intake.pending_pass()
+    await intake._read_new()
 
 
 async def read_results(redis_client, stream: str) -> list[dict[str, str]]:
@@ -154,3 +153,59 @@ async def test_relay_resumes_after_redis_errors(wired, redis_client, settings, p
         await asyncio.wait_for(task, 5)
     assert calls["n"] == 3
     assert len(await read_results(redis_client, settings.results_stream)) == 1
+
+
+async def test_entries_of_a_dead_consumer_are_claimed_once(wired, redis_client, settings, pool, unique):
+    intake, relay, store, changed = wired
+    intake.settings = settings = Settings.from_env({**_env(settings, unique), "RTMANAGER_CLAIM_IDLE": "1"})
+    await intake.ensure_groups()
+    entry = (await redis_client.xadd(settings.start_stream,
+                                     {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    # Another consumer reads it and dies without acknowledging.
+    await redis_client.xreadgroup(settings.consumer_group, "dead-consumer", {settings.start_stream: ">"})
+    await intake.pending_pass()
+    assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 0  # not idle long enough yet
+    await asyncio.sleep(1.1)
+    await intake.pending_pass()
+    await intake.pending_pass()
+    ops = await store.operations("g1")
+    assert [o.entry_id for o in ops] == [entry]
+    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
+
+
+async def test_an_entry_that_keeps_failing_is_dead_lettered_not_dropped(wired, redis_client, settings, pool,
+                                                                      unique, monkeypatch):
+    intake, relay, store, changed = wired
+    intake.settings = settings = Settings.from_env({**_env(settings, unique), "RTMANAGER_MAX_DELIVERIES": "2"})
+    await intake.ensure_groups()
+
+    async def broken_submit(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(store, "submit", broken_submit)
+    entry = (await redis_client.xadd(settings.start_stream,
+                                     {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    other = (await redis_client.xadd(settings.stop_stream, {"game_id": "g2", "reason": "bogus"})).decode()
+    await intake._read_new()  # delivery 1: fails, stays pending; the next entry is still handled
+    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 1
+    await intake.pending_pass()  # delivery 2: fails again
+    await intake.pending_pass()  # delivery 3 > 2: dead-lettered
+    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
+    await relay.flush()
+    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
+    assert results[("stop", other)]["error_code"] == "invalid_request"
+    dead = results[("start", entry)]
+    assert (dead["outcome"], dead["error_code"], dead["game_id"]) == ("failure", "internal_error", "g1")
+    [(_, copy)] = await redis_client.xrange(settings.dead_letter_stream)
+    assert copy[b"rtm_entry_id"].decode() == entry and copy[b"image_ref"] == b"galaxy/engine-stub:1.0"
+    await redis_client.delete(settings.dead_letter_stream)
+
+
+def _env(settings: Settings, unique: str) -> dict[str, str]:
+    return {
+        "RTMANAGER_DATABASE_URL": settings.database_url, "RTMANAGER_REDIS_URL": settings.redis_url,
+        "RTMANAGER_STATE_ROOT": settings.state_root, "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
+        "RTMANAGER_START_STREAM": settings.start_stream, "RTMANAGER_STOP_STREAM": settings.stop_stream,
+        "RTMANAGER_RESULTS_STREAM": settings.results_stream, "RTMANAGER_CONSUMER_NAME": settings.consumer_name,
+        "RTMANAGER_DEAD_LETTER_STREAM": f"t{unique}:dead",
+    }
