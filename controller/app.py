@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
 
 import asyncpg
@@ -26,6 +28,7 @@ from controller.reconciler import Reconciler
 from controller.relay import Relay
 from controller.workqueue import WorkQueue
 from desired.model import Status, container_name
+from desired.leader import Fence, Fenced, Lease
 from desired.store import NOTIFY_CHANNEL, PG_UNAVAILABLE, Store
 from observed.docker import DockerAdapter
 from observed.events import EventWatcher
@@ -35,6 +38,7 @@ from controller.logs import redact_url
 log = logging.getLogger("rtmanager")
 
 SHUTDOWN_DRAIN = 15.0
+EXIT_LOST_LEADERSHIP = 3
 
 
 class Controller:
@@ -51,10 +55,14 @@ class Controller:
                                     pool_size=max(4, settings.concurrency + 2),
                                     observer=self.metrics.docker_observer)
         self.probe = HealthProbe(port=settings.engine_port, path=settings.health_path)
-        self.queue = WorkQueue(on_change=self._queue_changed)
+        self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
         self.resync_now = asyncio.Event()
+        self.results_changed = asyncio.Event()
         self.events: EventWatcher | None = None
+        self.exit_code = 0
+        self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
+                           holder=f"{settings.consumer_name}-{os.getpid()}-{secrets.token_hex(3)}")
 
     def _queue_changed(self, q: WorkQueue) -> None:
         self.metrics.queue_depth.set(len(q))
@@ -62,22 +70,44 @@ class Controller:
             self.metrics.queue_adds.inc(q.adds - self._last_adds)
             self._last_adds = q.adds
 
+    def _queue_timing(self, what: str, seconds: float) -> None:
+        (self.metrics.queue_wait if what == "queued" else self.metrics.queue_work).observe(seconds)
+
     async def start(self) -> None:
+        """Connect, serve HTTP, and campaign for leadership; the leader's loops start once elected."""
         s = self.settings
         log.info("starting", extra={"instance": s.instance, "database": redact_url(s.database_url),
                                     "redis": redact_url(s.redis_url), "network": s.docker_network,
-                                    "concurrency": s.concurrency})
-        self.pool = await asyncpg.create_pool(s.database_url, min_size=1, max_size=max(4, s.concurrency + 4),
-                                              command_timeout=30)
+                                    "concurrency": s.concurrency, "holder": self.fence.holder})
+        self.pool = await asyncpg.create_pool(
+            s.database_url, min_size=1, max_size=max(4, s.concurrency + 4), command_timeout=30,
+            # A leader paused inside a transaction must not hold off a take-over for long.
+            server_settings={"idle_in_transaction_session_timeout": str(int(s.lease_ttl * 1000))})
         self.redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5,
                                              health_check_interval=15)
-        self.store = Store(self.pool)
+        self.store = Store(self.pool, fence=self.fence)
+        self.lease = Lease(self.pool, self.fence)
         self.relay = Relay(s, self.redis, self.store, self.metrics)
         self.intake = Intake(s, self.redis, self.store, self.metrics, desired_changed=self.queue.add,
-                             results_written=self.relay.poke)
+                             results_written=self._results_written)
         self.reconciler = Reconciler(s, self.store, self.docker, self.probe, self.metrics, self.queue,
-                                     results_written=self.relay.poke)
+                                     results_written=self._results_written, fence=self.fence)
         self.http = HttpServer(self)
+        if s.http_port:
+            await self.http.start()
+        self._spawn("leadership", self.leadership_loop())
+
+    def _results_written(self) -> None:
+        self.relay.poke()
+        # Wake every REST caller waiting for its job; later waiters take the fresh event.
+        changed, self.results_changed = self.results_changed, asyncio.Event()
+        changed.set()
+
+    async def _lead(self) -> None:
+        s = self.settings
+        log.info("elected leader", extra={"epoch": self.fence.epoch})
+        self.metrics.leader.set(1)
+        self.intake.claim_everything_once = True  # entries the previous leader read but did not ack
         self._spawn("relay", self.relay.run())
         self._spawn("intake", self.intake.run())
         for n in range(s.concurrency):
@@ -89,37 +119,82 @@ class Controller:
         self.events = EventWatcher(instance=s.instance, loop=asyncio.get_running_loop(),
                                    on_event=self._on_docker_event, on_connect=self.resync_now.set)
         self.events.start()
-        if s.http_port:
-            await self.http.start()
+
+    async def leadership_loop(self) -> None:
+        """Campaign until elected, then renew; a lost term stops the process (exit 3)."""
+        ttl = self.settings.lease_ttl
+        announced = False
+        while not self.stopping.is_set():
+            try:
+                if await self.lease.acquire() is not None:
+                    break
+            except PG_UNAVAILABLE as exc:
+                log.warning("leader election: Postgres unavailable: %s", exc)
+            if not announced:
+                log.info("standing by: another replica holds the lease of instance %s", self.settings.instance)
+                announced = True
+            await self._wait_any(self.stopping, timeout=min(1.0, ttl / 3))
+        if self.stopping.is_set():
+            return
+        await self._lead()
+        while not self.stopping.is_set():
+            await self._wait_any(self.stopping, timeout=ttl / 5)
+            if self.stopping.is_set():
+                return
+            try:
+                renewed = await asyncio.wait_for(self.lease.renew(), ttl / 2)
+            except (asyncio.TimeoutError, *PG_UNAVAILABLE) as exc:
+                log.warning("could not renew the lease: %s", exc)
+                renewed = self.fence.valid_locally  # keep trying until the term lapses locally
+                if renewed:
+                    continue
+            if not renewed:
+                log.critical("lost leadership (term %d); stopping", self.fence.epoch)
+                self.metrics.leader.set(0)
+                self.exit_code = EXIT_LOST_LEADERSHIP
+                self.stopping.set()
+                return
+
+    @property
+    def is_leader(self) -> bool:
+        return self.fence.valid_locally
 
     def _spawn(self, name: str, coro) -> None:
-        self.tasks.append(asyncio.create_task(coro, name=name))
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.append(task)
+        task.add_done_callback(self._task_ended)
+
+    def _task_ended(self, task: asyncio.Task) -> None:
+        """Supervision: a loop that dies stops the whole process loudly instead of limping on."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None and self.stopping.is_set():
+            return
+        if isinstance(exc, Fenced):
+            log.critical("fenced: %s; stopping", exc)
+            self.exit_code = self.exit_code or EXIT_LOST_LEADERSHIP
+        else:
+            log.critical("task %s ended unexpectedly: %r", task.get_name(), exc, exc_info=exc)
+            self.exit_code = self.exit_code or 1
+        self.stopping.set()
 
     async def run_until_stopped(self, handle_signals: bool = True) -> int:
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stopping.set)
-        stop_waiter = asyncio.create_task(self.stopping.wait(), name="stop-signal")
-        done, _ = await asyncio.wait([stop_waiter, *self.tasks], return_when=asyncio.FIRST_COMPLETED)
-        code = 0
-        for task in done:
-            if task is stop_waiter:
-                continue
-            exc = task.exception() if not task.cancelled() else None
-            if exc is None and self.stopping.is_set():
-                continue  # a loop that saw the stop first
-            log.critical("task %s ended unexpectedly: %r", task.get_name(), exc, exc_info=exc)
-            code = 1
+        await self.stopping.wait()
         await self.shutdown()
-        stop_waiter.cancel()
-        return code
+        return self.exit_code
 
     def _on_docker_event(self, game_id: str, action: str) -> None:
         log.debug("docker event %s", action, extra={"game_id": game_id})
         self.queue.add(game_id)
 
     async def shutdown(self) -> None:
+        """Stop reading jobs, let workers finish the action in hand (bounded), flush the outbox,
+        hand the lease back, close everything."""
         log.info("shutting down")
         if self.events is not None:
             self.events.stop()
@@ -130,10 +205,16 @@ class Controller:
             _, pending = await asyncio.wait(workers, timeout=SHUTDOWN_DRAIN)
             for t in pending:
                 t.cancel()
-        try:
-            await asyncio.wait_for(self.relay.flush(), 5)
-        except Exception as exc:  # the outbox keeps them; the next start publishes them
-            log.warning("results left in the outbox: %s", exc)
+        if self.fence.valid_locally:
+            try:
+                await asyncio.wait_for(self.relay.flush(), 5)
+            except Exception as exc:  # the outbox keeps them; the next leader publishes them
+                log.warning("results left in the outbox: %s", exc)
+            try:
+                await asyncio.wait_for(self.lease.release(), 2)
+            except Exception as exc:
+                log.warning("could not release the lease (it expires by itself): %s", exc)
+        self.metrics.leader.set(0)
         self.relay.stop()
         for t in self.tasks:
             t.cancel()
@@ -145,7 +226,7 @@ class Controller:
         if self.pool is not None:
             await self.pool.close()
         self.docker.close()
-        log.info("stopped")
+        log.info("stopped", extra={"exit_code": self.exit_code})
 
     # ------------------------------------------------------------- triggers
     async def resync_once(self) -> int:
@@ -168,6 +249,9 @@ class Controller:
         for game_id in by_game:  # containers without a live record: orphans, or removed records
             self.queue.add(game_id)
             queued += 1
+        for status, count in (await self.store.count_by_status()).items():
+            self.metrics.records.labels(status).set(count)
+        self.metrics.outbox_pending.set(await self.store.unpublished_count())
         return queued
 
     async def resync_loop(self) -> None:
@@ -184,7 +268,7 @@ class Controller:
             self.resync_now.clear()
 
     @staticmethod
-    async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
+    async def _wait_any(*events: asyncio.Event, timeout: float | None) -> None:
         waiters = [asyncio.create_task(e.wait()) for e in events]
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

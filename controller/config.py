@@ -71,6 +71,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_CRASH_BACKOFF_MAX", "30", "cap in seconds of the restart delay after crashes (from 0.1, doubling)"),
     Var("RTMANAGER_HEALTH_INTERVAL", "15", "seconds between health probes of running engines (0: off)"),
     Var("RTMANAGER_AUTO_MIGRATE", "1", "1: `rtmanager run` applies pending migrations at start (under the lock)"),
+    Var("RTMANAGER_LEASE_TTL", "5", "seconds of a leadership lease; a standby takes over within about this"),
     Var("RTMANAGER_LOG_FORMAT", "json", "json or text"),
     Var("RTMANAGER_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
 )
@@ -122,6 +123,7 @@ class Settings:
     crash_backoff_max: float
     health_interval: float
     auto_migrate: bool
+    lease_ttl: float
     log_format: str
     log_level: str
 
@@ -267,6 +269,7 @@ class Settings:
             crash_backoff_max=parse("RTMANAGER_CRASH_BACKOFF_MAX", number(0.1, 3600), "must be seconds in 0.1..3600"),
             health_interval=parse("RTMANAGER_HEALTH_INTERVAL", number(0, 86400), "must be seconds in 0..86400"),
             auto_migrate=parse("RTMANAGER_AUTO_MIGRATE", flag, "must be 0 or 1"),
+            lease_ttl=parse("RTMANAGER_LEASE_TTL", number(1, 600), "must be seconds in 1..600"),
             log_format=parse("RTMANAGER_LOG_FORMAT", choice("json", "text"), "must be json or text"),
             log_level=parse("RTMANAGER_LOG_LEVEL", choice("debug", "info", "warning", "error"),
                             "must be DEBUG, INFO, WARNING or ERROR").upper(),

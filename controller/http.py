@@ -8,6 +8,7 @@ constant time); with no token configured the REST API answers 503.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import logging
@@ -18,13 +19,19 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controller.openapi import openapi_document
 from desired.errors import NotFound
-from desired.model import GAME_ID_PATTERN, Status
+from desired.jobs import InvalidJob, parse_job
+from desired.model import GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
+from desired.store import now_utc
 
 if TYPE_CHECKING:
     from controller.app import Controller
 
 log = logging.getLogger("rtmanager.http")
+
+DEFAULT_WAIT = 30.0
+MAX_WAIT = 300.0
 
 
 def _json_value(v: Any) -> Any:
@@ -50,6 +57,9 @@ class HttpServer:
         app.router.add_get("/api/v1/runtimes", self.list_runtimes)
         app.router.add_get("/api/v1/runtimes/{game_id}", self.get_runtime)
         app.router.add_get("/api/v1/runtimes/{game_id}/operations", self.get_operations)
+        app.router.add_get("/api/v1/openapi.json", self.openapi)
+        for kind in JobKind:
+            app.router.add_post(f"/api/v1/runtimes/{{game_id}}/{kind.value}", self._job_handler(kind))
         self.app = app
 
     async def start(self) -> None:
@@ -82,7 +92,70 @@ class HttpServer:
     async def readyz(self, request: web.Request) -> web.Response:
         checks = await self.c.readiness()
         ok = all(v == "ok" for v in checks.values())
-        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+        return web.json_response({"ready": ok, "leader": self.c.is_leader, "checks": checks},
+                                 status=200 if ok else 503)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    def _job_handler(self, kind: JobKind):
+        async def handler(request: web.Request) -> web.Response:
+            return await self.submit_job(request, kind)
+        handler.__name__ = f"post_{kind.value}"
+        return handler
+
+    async def submit_job(self, request: web.Request, kind: JobKind) -> web.Response:
+        """Change desired state exactly as a stream job would, then wait (bounded) for its result."""
+        game_id = request.match_info["game_id"]
+        try:
+            wait = float(request.query.get("wait", DEFAULT_WAIT))
+            if not 0 <= wait <= MAX_WAIT:
+                raise ValueError
+        except ValueError:
+            return _error(400, f"wait must be seconds between 0 and {MAX_WAIT:g}")
+        body: dict[str, Any] = {}
+        if request.can_read_body:
+            try:
+                body = await request.json()
+            except (ValueError, UnicodeDecodeError):
+                return _error(400, "the body must be a JSON object")
+            if not isinstance(body, dict):
+                return _error(400, "the body must be a JSON object")
+        fields = {"game_id": game_id, **{k: v for k, v in body.items() if isinstance(k, str)}}
+        bad = [k for k in ("image_ref", "reason") if k in fields and not isinstance(fields[k], str)]
+        if bad:
+            return _invalid(game_id, kind, f"field {bad[0]} must be a string")
+        if kind is JobKind.STOP and "reason" not in fields:
+            fields["reason"] = "admin_request"
+        try:
+            job = parse_job(kind, fields, self.c.settings.image_allowlist, source=OpSource.ADMIN)
+        except InvalidJob as exc:
+            return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
+        if not self.c.is_leader:
+            return _error(503, "this replica is a standby; send jobs to the leader", retry_after=True)
+        try:
+            outcome = await self.c.store.submit(job, now_utc(), self.c.settings.record_defaults)
+        except InvalidJob as exc:
+            return _invalid(game_id, kind, exc.message, exc.code)
+        self.c.queue.add(job.game_id)
+        self.c.relay.poke()
+        op_id = outcome.operation_id
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            changed = self.c.results_changed
+            result = await self.c.store.result_for(op_id)
+            if result is not None:
+                return web.json_response({**result, "operation_id": op_id})
+            left = deadline - loop.time()
+            if left <= 0:
+                op = await self.c.store.operation(op_id)
+                return web.json_response({"operation_id": op_id, "status": op.status.value,
+                                          "game_id": job.game_id, "job": kind.value}, status=202)
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.c.metrics.registry)
@@ -118,5 +191,13 @@ class HttpServer:
             {k: _json_value(v) for k, v in dataclasses.asdict(op).items()} for op in ops]})
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, retry_after: bool = False) -> web.Response:
+    headers = {"Retry-After": "2"} if retry_after else None
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _invalid(game_id: str, kind: JobKind, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> web.Response:
+    """A job refused before it reached desired state: the job-result shape, HTTP 400."""
+    body = JobResult(result_id="", game_id=game_id, outcome=Outcome.FAILURE, job=kind, error_code=code,
+                     error_message=message).fields()
+    return web.json_response(body, status=400)

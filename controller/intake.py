@@ -31,6 +31,7 @@ import redis.exceptions
 from controller.config import Settings
 from controller.metrics import Metrics
 from desired.errors import StoreUnavailable
+from desired.leader import Fenced
 from desired.jobs import InvalidJob, parse_job, shown_game_id
 from desired.model import ErrorCode, JobKind, OpSource
 from desired.store import PG_UNAVAILABLE, Store, now_utc
@@ -62,6 +63,7 @@ class Intake:
         self.streams = {settings.start_stream: JobKind.START, settings.stop_stream: JobKind.STOP}
         self._stopping = asyncio.Event()
         self.healthy = False
+        self.claim_everything_once = False  # a new leader takes over what the old one left pending
 
     def stop(self) -> None:
         self._stopping.set()
@@ -136,16 +138,17 @@ class Intake:
                 await self._process_redelivered(stream, items)
                 last = _text(items[-1][0])
             cursor = "0-0"
+            min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
             while not self._stopping.is_set():
                 cursor, items, *_ = await self.redis.xautoclaim(
-                    stream, group, me, min_idle_time=int(self.settings.claim_idle * 1000), start_id=cursor,
-                    count=READ_COUNT)
+                    stream, group, me, min_idle_time=min_idle, start_id=cursor, count=READ_COUNT)
                 if items:
                     log.warning("claimed %d entries idle for more than %.0fs in other consumers",
                                 len(items), self.settings.claim_idle, extra={"stream": stream})
                     await self._process_redelivered(stream, items)
                 if _text(cursor) == "0-0":
                     break
+        self.claim_everything_once = False
 
     async def _process_redelivered(self, stream: str, items: list) -> None:
         ids = [_text(i[0]) for i in items]
@@ -171,7 +174,7 @@ class Intake:
             return
         try:
             await self.handle(stream, entry_id, fields)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StoreUnavailable,
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StoreUnavailable, Fenced,
                 *PG_UNAVAILABLE):
             raise
         except Exception:

@@ -39,6 +39,17 @@ class Metrics:
         self.records = Gauge("rtmanager_runtime_records", "Runtime records by status", ["status"], registry=r)
         self.resyncs = Counter("rtmanager_resync_total", "Full resyncs by result", ["result"], registry=r)
         self.ready = Gauge("rtmanager_ready", "1 when Postgres, Redis and Docker answer", registry=r)
+        self.convergence = Histogram(
+            "rtmanager_job_convergence_seconds", "Job accepted to its result published",
+            ["kind", "outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.phase = Histogram("rtmanager_job_phase_seconds",
+                               "Time in each phase of a job: queued, container_created, engine_healthy, "
+                               "result_published", ["phase"], buckets=_FAST_BUCKETS + (30, 60), registry=r)
+        self.queue_wait = Histogram("rtmanager_workqueue_queue_duration_seconds", "Time a key waits in the queue",
+                                    buckets=_FAST_BUCKETS, registry=r)
+        self.queue_work = Histogram("rtmanager_workqueue_work_duration_seconds", "Time a key is worked on",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.leader = Gauge("rtmanager_leader", "1 while this replica holds the leadership lease", registry=r)
 
     def docker_observer(self, op: str, seconds: float, ok: bool) -> None:
         self.docker_calls.labels(op, "ok" if ok else "error").inc()

@@ -37,6 +37,7 @@ from desired.model import (
     Status,
     container_name,
 )
+from desired.leader import Fence, Fenced
 from desired.store import Finish, ReconcilerNote, StatusUpdate, Store
 from observed.docker import DockerAdapter, ensure_state_dir
 from observed.health import HealthProbe
@@ -78,7 +79,8 @@ def build_spec(settings: Settings, record: RuntimeRecord) -> ContainerSpec:
 
 class Reconciler:
     def __init__(self, settings: Settings, store: Store, docker: DockerAdapter, probe: HealthProbe,
-                 metrics: Metrics, queue: WorkQueue, results_written: Callable[[], None]) -> None:
+                 metrics: Metrics, queue: WorkQueue, results_written: Callable[[], None],
+                 fence: Fence | None = None) -> None:
         self.settings = settings
         self.store = store
         self.docker = docker
@@ -87,6 +89,7 @@ class Reconciler:
         self.queue = queue
         self._results_written = results_written
         self.dispose_budget = settings.max_removals  # refilled by every resync
+        self.fence = fence
 
     def refill_dispose_budget(self) -> None:
         self.dispose_budget = self.settings.max_removals
@@ -108,6 +111,8 @@ class Reconciler:
             try:
                 await self.sync(str(key))
                 self.queue.forget(key)
+            except Fenced:
+                raise  # this replica is no longer the leader: stop acting at once
             except TemporaryError as exc:
                 delay = self.queue.add_rate_limited(key)
                 self.metrics.queue_retries.inc()
@@ -147,7 +152,8 @@ class Reconciler:
             log.info("%s: %s", action.kind.value, action.reason, extra={"game_id": game_id,
                                                                           "action": action.kind.value})
             if record is not None and not record.converged:
-                await self.store.claim(game_id, record.generation)
+                for accepted in await self.store.claim(game_id, record.generation):
+                    self.metrics.phase.labels("queued").observe((now_utc() - accepted).total_seconds())
             started = asyncio.get_running_loop().time()
             result = "ok"
             try:
@@ -173,6 +179,8 @@ class Reconciler:
     # ---------------------------------------------------------------- actions
     async def _act(self, kind: ActionKind, record: RuntimeRecord | None, container: ObservedContainer | None,
                    spec: ContainerSpec | None) -> None:
+        if self.fence is not None and not self.fence.valid_locally:
+            raise Fenced("the leadership term lapsed before a Docker action")
         if kind is ActionKind.DISPOSE:
             assert container is not None
             log.warning("disposing orphan container %s", container.name, extra={"container_id": container.id})
@@ -223,7 +231,9 @@ class Reconciler:
             await self.docker.ensure_network()
             await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
                                     _uid(self.settings.engine_user))
+            t0 = asyncio.get_running_loop().time()
             container = await self.docker.create(spec)
+            self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
             if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.instance):
                 return  # adopted a container from an older attempt: plan again from what it is
         if not container.running:
@@ -253,8 +263,11 @@ class Reconciler:
         if not seen.running:
             await self._raise_exited(seen)
         host = seen.ip_address if (self.settings.probe_address == "ip" and seen.ip_address) else seen.name
+        t0 = loop.time()
         ok, detail = await self.probe.wait_healthy(host, self.settings.start_timeout, still_running)
         self.metrics.probes.labels("healthy" if ok else "unhealthy").inc()
+        if ok:
+            self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
         if not ok:
             if exited:
                 await self._raise_exited(exited[-1])

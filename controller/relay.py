@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timezone
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -83,6 +84,12 @@ class Relay:
                 await self.store.mark_published(item.seq, entry_id.decode() if isinstance(entry_id, bytes)
                                                 else entry_id)
                 self.metrics.results.labels(item.fields.get("outcome", ""), item.fields.get("error_code", "")).inc()
+                now = datetime.now(timezone.utc)
+                if item.written_at is not None:
+                    self.metrics.phase.labels("result_published").observe((now - item.written_at).total_seconds())
+                if item.accepted_at is not None:
+                    self.metrics.convergence.labels(item.fields.get("job", ""), item.fields.get("outcome", "")) \
+                        .observe((now - item.accepted_at).total_seconds())
                 log.info("published result", extra={"game_id": item.game_id, "result_id": item.result_id,
                                                     "outcome": item.fields.get("outcome"),
                                                     "error_code": item.fields.get("error_code")})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from typing import Callable, Hashable
 
 
@@ -21,7 +22,8 @@ class ShutDown(Exception):
 
 class WorkQueue:
     def __init__(self, *, base_delay: float = 0.1, max_delay: float = 60.0,
-                 on_change: Callable[["WorkQueue"], None] | None = None) -> None:
+                 on_change: Callable[["WorkQueue"], None] | None = None,
+                 on_timing: Callable[[str, float], None] | None = None) -> None:
         self._queue: collections.deque[Hashable] = collections.deque()
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
@@ -34,6 +36,9 @@ class WorkQueue:
         self.adds = 0
         self.retries = 0
         self._on_change = on_change
+        self._on_timing = on_timing  # ("queued" | "work", seconds)
+        self._added_at: dict[Hashable, float] = {}
+        self._started_at: dict[Hashable, float] = {}
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -47,6 +52,7 @@ class WorkQueue:
             return
         self.adds += 1
         self._dirty.add(key)
+        self._added_at.setdefault(key, time.monotonic())
         if key not in self._processing:
             self._queue.append(key)
             self._notify()
@@ -103,11 +109,18 @@ class WorkQueue:
         key = self._queue.popleft()
         self._processing.add(key)
         self._dirty.discard(key)
+        now = time.monotonic()
+        self._started_at[key] = now
+        if self._on_timing is not None:
+            self._on_timing("queued", now - self._added_at.pop(key, now))
         self._changed()
         return key
 
     def done(self, key: Hashable) -> None:
         self._processing.discard(key)
+        started = self._started_at.pop(key, None)
+        if started is not None and self._on_timing is not None:
+            self._on_timing("work", time.monotonic() - started)
         if key in self._dirty:
             self._queue.append(key)
             self._notify()

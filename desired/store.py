@@ -15,16 +15,18 @@ any point lose nothing: either the whole step is committed, or none of it is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, AsyncIterator
 
 import asyncpg
 
 from desired.errors import Conflict, NotFound
 from desired.jobs import Decision, Job, RecordDefaults, decide
+from desired.leader import Fence
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -140,11 +142,24 @@ class PendingResult:
     result_id: str
     game_id: str
     fields: dict[str, str]
+    written_at: datetime | None = None
+    accepted_at: datetime | None = None  # when the job was accepted (None for results without an operation)
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """Reads go straight to the pool; every write runs in ``_tx``, which checks the
+    leadership fence (when there is one) inside the same transaction."""
+
+    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None) -> None:
         self.pool = pool
+        self.fence = fence
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if self.fence is not None:
+                await self.fence.check(conn)
+            yield conn
 
     # ------------------------------------------------------------------ records
     async def get(self, game_id: str) -> RuntimeRecord:
@@ -180,10 +195,11 @@ class Store:
         cols = ", ".join(_RECORD_COLUMNS)
         params = ", ".join(f"${i}" for i in range(1, len(_RECORD_COLUMNS) + 1))
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RECORD_COLUMNS if c != "game_id")
-        await self.pool.execute(
-            f"INSERT INTO runtime_records ({cols}) VALUES ({params}) ON CONFLICT (game_id) DO UPDATE SET {updates}",
-            *[_db_value(getattr(record, c)) for c in _RECORD_COLUMNS],
-        )
+        async with self._tx() as conn:
+            await conn.execute(
+                f"INSERT INTO runtime_records ({cols}) VALUES ({params}) ON CONFLICT (game_id) DO UPDATE SET {updates}",
+                *[_db_value(getattr(record, c)) for c in _RECORD_COLUMNS],
+            )
 
     async def update_status(self, upd: StatusUpdate, finish: "Finish | None" = None,
                             note: "ReconcilerNote | None" = None) -> RuntimeRecord:
@@ -210,7 +226,7 @@ class Store:
                 changes.setdefault("stopped_at", None)
         if upd.to is Status.REMOVED:
             changes["current_container_id"] = None
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as conn:
             row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", upd.game_id)
             if row is None:
                 raise NotFound(upd.game_id)
@@ -243,7 +259,7 @@ class Store:
         start that cannot work) only if nobody changed it meanwhile.
         Returns the new record, or None when a newer generation took over.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as conn:
             row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", game_id)
             if row is None:
                 return None
@@ -275,7 +291,7 @@ class Store:
 
     async def cleaned_up(self, game_id: str, generation: int, now: datetime) -> RuntimeRecord | None:
         """The cleanup TTL removed a stopped container: the record becomes removed, for audit."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as conn:
             row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", game_id)
             if row is None:
                 return None
@@ -302,7 +318,7 @@ class Store:
         A stream entry already submitted (redelivery after a crash before XACK)
         is recognised by its (stream, entry_id) and changes nothing.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as conn:
             if job.stream:
                 existing = await conn.fetchval(
                     "SELECT id FROM runtime_operations WHERE stream = $1 AND entry_id = $2",
@@ -339,7 +355,7 @@ class Store:
                            now: datetime | None = None) -> SubmitOutcome:
         """An entry that could not be parsed: a failed operation and its failure result."""
         now = now or now_utc()
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self._tx() as conn:
             existing = await conn.fetchval(
                 "SELECT id FROM runtime_operations WHERE stream = $1 AND entry_id = $2", stream, entry_id)
             if existing is not None:
@@ -351,12 +367,13 @@ class Store:
                 job_entry_id=entry_id, error_code=code, error_message=message))
             return SubmitOutcome(operation_id=op_id, decision=None)
 
-    async def claim(self, game_id: str, generation: int) -> int:
-        """Mark the queued operations of ``generation`` as running (the controller works on them)."""
-        result = await self.pool.execute(
-            "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
-            " AND status = 'queued'", game_id, generation)
-        return int(result.split()[-1])
+    async def claim(self, game_id: str, generation: int) -> list[datetime]:
+        """Mark the queued operations of ``generation`` as running; return when each was accepted."""
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
+                " AND status = 'queued' RETURNING created_at", game_id, generation)
+        return [r["created_at"] for r in rows]
 
     async def operations(self, game_id: str, limit: int = 100) -> list[Operation]:
         rows = await self.pool.fetch(
@@ -382,16 +399,24 @@ class Store:
     # ------------------------------------------------------------------ outbox
     async def unpublished(self, limit: int = 100) -> list[PendingResult]:
         rows = await self.pool.fetch(
-            "SELECT seq, result_id, game_id, fields FROM job_results WHERE published_at IS NULL"
-            " ORDER BY seq LIMIT $1", limit)
+            "SELECT r.seq, r.result_id, r.game_id, r.fields, r.created_at, o.created_at AS accepted_at"
+            " FROM job_results r LEFT JOIN runtime_operations o ON o.id = r.operation_id"
+            " WHERE r.published_at IS NULL ORDER BY r.seq LIMIT $1", limit)
         return [PendingResult(seq=r["seq"], result_id=str(r["result_id"]), game_id=r["game_id"],
-                              fields=json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"])
+                              fields=json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"],
+                              written_at=r["created_at"], accepted_at=r["accepted_at"])
                 for r in rows]
 
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self.pool.fetch("SELECT status, count(*) AS n FROM runtime_records GROUP BY status")
+        counts = {s.value: 0 for s in Status}
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
     async def mark_published(self, seq: int, stream_entry_id: str) -> None:
-        await self.pool.execute(
-            "UPDATE job_results SET published_at = now(), stream_entry_id = $2 WHERE seq = $1",
-            seq, stream_entry_id)
+        async with self._tx() as conn:
+            await conn.execute("UPDATE job_results SET published_at = now(), stream_entry_id = $2 WHERE seq = $1",
+                               seq, stream_entry_id)
 
     async def unpublished_count(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL")

@@ -71,7 +71,7 @@ async def test_migrate_twice_changes_nothing(database_url):
 
 async def test_concurrent_migrations_on_an_empty_database_apply_once(database_url):
     conn = await asyncpg.connect(database_url)
-    await conn.execute("DROP TABLE job_results, runtime_operations, runtime_records, schema_migrations")
+    await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
     expected = len(load_migrations())
     await conn.close()
     conns = [await asyncpg.connect(database_url) for _ in range(3)]

@@ -1,0 +1,165 @@
+"""The OpenAPI 3.0 document of the internal REST API, served at /api/v1/openapi.json.
+
+Built from the same enums and patterns the code validates with, so the
+document cannot drift from the behaviour; schemathesis checks the server
+against it (tests/integration/test_http.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from desired.jobs import MAX_IMAGE_REF
+from desired.model import (
+    GAME_ID_PATTERN,
+    DesiredStatus,
+    ErrorCode,
+    Health,
+    JobKind,
+    OpKind,
+    OpSource,
+    OpStatus,
+    Outcome,
+    Status,
+    StopReason,
+)
+
+_NULLABLE_STR = {"type": "string", "nullable": True}
+_NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
+
+
+def _enum(values) -> dict[str, Any]:
+    return {"type": "string", "enum": [v.value for v in values]}
+
+
+def openapi_document() -> dict[str, Any]:
+    game_id = {"name": "game_id", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": GAME_ID_PATTERN.pattern, "maxLength": 51}}
+    wait = {"name": "wait", "in": "query", "required": False,
+            "description": "seconds to wait for the job's result (default 30)",
+            "schema": {"type": "number", "minimum": 0, "maximum": 300}}
+    errors = {
+        "400": {"description": "invalid request", "content": {"application/json": {
+            "schema": {"oneOf": [{"$ref": "#/components/schemas/JobResult"}, {"$ref": "#/components/schemas/Error"}]}}}},
+        "401": {"$ref": "#/components/responses/Unauthorized"},
+        "503": {"$ref": "#/components/responses/Unavailable"},
+    }
+    image_body = {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["image_ref"],
+        "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF}}}}}}
+    stop_body = {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"reason": _enum(StopReason)}}}}}
+    empty_body = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
+    bodies = {JobKind.START: image_body, JobKind.PATCH: image_body, JobKind.STOP: stop_body,
+              JobKind.RESTART: empty_body, JobKind.CLEANUP: empty_body}
+
+    paths: dict[str, Any] = {
+        "/api/v1/runtimes": {"get": {
+            "operationId": "listRuntimes", "summary": "List runtime records",
+            "parameters": [{"name": "status", "in": "query", "required": False, "schema": _enum(Status)}],
+            "responses": {"200": {"description": "runtime records", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["runtimes"], "properties": {
+                    "runtimes": {"type": "array", "items": {"$ref": "#/components/schemas/Runtime"}}}}}}},
+                "400": {"$ref": "#/components/responses/BadRequest"},
+                "401": {"$ref": "#/components/responses/Unauthorized"},
+                "503": {"$ref": "#/components/responses/Unavailable"}}}},
+        "/api/v1/runtimes/{game_id}": {"get": {
+            "operationId": "getRuntime", "summary": "One runtime record, with its current health",
+            "parameters": [game_id],
+            "responses": {"200": {"description": "the record", "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Runtime"}}}},
+                "400": {"$ref": "#/components/responses/BadRequest"},
+                "401": {"$ref": "#/components/responses/Unauthorized"},
+                "404": {"$ref": "#/components/responses/NotFound"},
+                "503": {"$ref": "#/components/responses/Unavailable"}}}},
+        "/api/v1/runtimes/{game_id}/operations": {"get": {
+            "operationId": "listOperations", "summary": "The operation log of a game, newest first",
+            "parameters": [game_id],
+            "responses": {"200": {"description": "operations", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["operations"], "properties": {
+                    "operations": {"type": "array", "items": {"$ref": "#/components/schemas/Operation"}}}}}}},
+                "400": {"$ref": "#/components/responses/BadRequest"},
+                "401": {"$ref": "#/components/responses/Unauthorized"},
+                "503": {"$ref": "#/components/responses/Unavailable"}}}},
+    }
+    for kind in JobKind:
+        paths[f"/api/v1/runtimes/{{game_id}}/{kind.value}"] = {"post": {
+            "operationId": f"{kind.value}Runtime",
+            "summary": f"A {kind.value} job: changes desired state like a stream job, waits for its result",
+            "parameters": [game_id, wait],
+            "requestBody": bodies[kind],
+            "responses": {
+                "200": {"description": "the job's result (outcome success or failure)", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/JobResultWithOperation"}}}},
+                "202": {"description": "accepted; the wait ran out before the result", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
+                **errors}}}
+
+    result_props = {
+        "game_id": {"type": "string"}, "outcome": _enum(Outcome), "container_id": {"type": "string"},
+        "engine_endpoint": {"type": "string"},
+        "error_code": {"type": "string", "enum": [""] + [c.value for c in ErrorCode]},
+        "error_message": {"type": "string"}, "job": _enum(JobKind), "job_entry_id": {"type": "string"},
+        "result_id": {"type": "string"},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "rtmanager internal API", "version": "1",
+                 "description": "Runtime Manager of the Galaxy platform. Every /api/v1 call needs "
+                                "`Authorization: Bearer <RTMANAGER_API_TOKEN>`."},
+        "paths": paths,
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {
+                "BadRequest": {"description": "invalid request", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}},
+                "Unauthorized": {"description": "missing or wrong bearer token", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}},
+                "NotFound": {"description": "no such runtime", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}},
+                "Unavailable": {"description": "REST API disabled, or this replica is a standby",
+                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "JobResult": {"type": "object", "required": list(result_props), "properties": result_props},
+                "JobResultWithOperation": {"allOf": [
+                    {"$ref": "#/components/schemas/JobResult"},
+                    {"type": "object", "required": ["operation_id"],
+                     "properties": {"operation_id": {"type": "integer"}}}]},
+                "Accepted": {"type": "object", "required": ["operation_id", "status", "game_id", "job"],
+                             "properties": {"operation_id": {"type": "integer"}, "status": _enum(OpStatus),
+                                            "game_id": {"type": "string"}, "job": _enum(JobKind)}},
+                "Runtime": {"type": "object", "required": ["game_id", "status", "desired_status", "generation",
+                                                           "observed_generation", "health"],
+                            "properties": {
+                                "game_id": {"type": "string"}, "status": _enum(Status),
+                                "current_container_id": _NULLABLE_STR, "current_image_ref": _NULLABLE_STR,
+                                "engine_endpoint": {"type": "string"}, "state_path": {"type": "string"},
+                                "docker_network": {"type": "string"}, "started_at": _NULLABLE_TIME,
+                                "stopped_at": _NULLABLE_TIME, "removed_at": _NULLABLE_TIME,
+                                "last_op_at": {"type": "string", "format": "date-time"},
+                                "created_at": {"type": "string", "format": "date-time"},
+                                "desired_status": _enum(DesiredStatus), "desired_image_ref": _NULLABLE_STR,
+                                "generation": {"type": "integer"}, "observed_generation": {"type": "integer"},
+                                "spec_revision": {"type": "integer"},
+                                "stop_reason": {**_enum(StopReason), "nullable": True},
+                                "health": _enum(Health),
+                                "last_error_code": {**_enum(ErrorCode), "nullable": True},
+                                "last_error_message": _NULLABLE_STR, "crash_count": {"type": "integer"},
+                                "last_exit_code": {"type": "integer", "nullable": True},
+                                "last_oom_killed": {"type": "boolean"}, "last_crash_at": _NULLABLE_TIME,
+                                "restart_not_before": _NULLABLE_TIME, "health_checked_at": _NULLABLE_TIME}},
+                "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
+                              "properties": {
+                                  "id": {"type": "integer"}, "game_id": {"type": "string"}, "op": _enum(OpKind),
+                                  "source": _enum(OpSource), "status": _enum(OpStatus),
+                                  "generation": {"type": "integer"}, "stream": _NULLABLE_STR,
+                                  "entry_id": _NULLABLE_STR, "params": {"type": "object"},
+                                  "error_code": _NULLABLE_STR, "error_message": _NULLABLE_STR,
+                                  "created_at": {"type": "string", "format": "date-time"},
+                                  "finished_at": _NULLABLE_TIME}},
+            },
+        },
+    }

@@ -1,0 +1,99 @@
+"""Leader election with a lease row and fencing epochs.
+
+Several replicas may run with the same RTMANAGER_INSTANCE; exactly one (the
+holder of an unexpired lease) reconciles, reads jobs and publishes results.
+
+* ``acquire`` takes the lease only when it has expired, and bumps ``epoch``:
+  each term has a larger epoch than every term before it.
+* ``renew`` extends the lease only if this replica still holds *this* epoch.
+* Every write transaction of the leader first runs ``check`` (``Fence``): the
+  lease row must still name this holder and epoch and be unexpired, read
+  ``FOR SHARE``. A take-over (an UPDATE of that row) therefore waits for the
+  writes in flight and every later write of the old term fails with Fenced.
+  A leader paused inside a transaction cannot block a take-over for long:
+  the pool sets ``idle_in_transaction_session_timeout`` to the lease TTL.
+* Besides, the leader keeps a local deadline (last renewal + TTL, on the
+  monotonic clock) and takes no Docker action once it has passed: a process
+  that was paused (SIGSTOP, a VM stall) wakes up knowing it may be deposed.
+
+All times are the database's ``now()``; replicas' clocks never matter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from desired.errors import RtmError
+
+
+class Fenced(RtmError):
+    """This replica's leadership term is over: it must not write or act any more."""
+
+
+@dataclass
+class Fence:
+    instance: str
+    holder: str
+    ttl: float
+    epoch: int = 0
+    deadline: float = 0.0  # monotonic; actions are allowed before it
+
+    @property
+    def valid_locally(self) -> bool:
+        return self.epoch > 0 and time.monotonic() < self.deadline
+
+    async def check(self, conn: asyncpg.Connection) -> None:
+        if not self.valid_locally:
+            raise Fenced(f"leadership term {self.epoch} of {self.holder} has lapsed")
+        ok = await conn.fetchval(
+            "SELECT 1 FROM leader_leases WHERE instance = $1 AND holder = $2 AND epoch = $3"
+            " AND expires_at > now() FOR SHARE", self.instance, self.holder, self.epoch)
+        if ok is None:
+            raise Fenced(f"leadership term {self.epoch} of {self.holder} is over")
+
+
+class Lease:
+    def __init__(self, pool: asyncpg.Pool, fence: Fence) -> None:
+        self.pool = pool
+        self.fence = fence
+
+    async def acquire(self) -> int | None:
+        """Take the lease if it is free or expired; return the new epoch, or None."""
+        started = time.monotonic()
+        epoch = await self.pool.fetchval(
+            """INSERT INTO leader_leases AS l (instance, holder, epoch, acquired_at, renewed_at, expires_at)
+               VALUES ($1, $2, 1, now(), now(), now() + make_interval(secs => $3))
+               ON CONFLICT (instance) DO UPDATE
+                  SET holder = EXCLUDED.holder, epoch = l.epoch + 1, acquired_at = now(),
+                      renewed_at = now(), expires_at = EXCLUDED.expires_at
+                WHERE l.expires_at <= now()
+               RETURNING epoch""", self.fence.instance, self.fence.holder, self.fence.ttl)
+        if epoch is not None:
+            self.fence.epoch = epoch
+            self.fence.deadline = started + self.fence.ttl
+        return epoch
+
+    async def renew(self) -> bool:
+        started = time.monotonic()
+        if not self.fence.valid_locally:
+            return False  # too late: the lease may already belong to another replica
+        status = await self.pool.execute(
+            "UPDATE leader_leases SET renewed_at = now(), expires_at = now() + make_interval(secs => $4)"
+            " WHERE instance = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()",
+            self.fence.instance, self.fence.holder, self.fence.epoch, self.fence.ttl)
+        if status.endswith(" 1"):
+            self.fence.deadline = started + self.fence.ttl
+            return True
+        return False
+
+    async def release(self) -> None:
+        """Give the lease up at once (graceful shutdown), so that a standby need not wait."""
+        if self.fence.epoch:
+            await self.pool.execute(
+                "UPDATE leader_leases SET expires_at = greatest(acquired_at, now())"
+                " WHERE instance = $1 AND holder = $2 AND epoch = $3",
+                self.fence.instance, self.fence.holder, self.fence.epoch)
+            self.fence.epoch = 0
