@@ -7,6 +7,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash deploy/local/services.sh up)"
+# The metrics test scrapes rtmanager with a real Prometheus server (Debian's package).
+if ! command -v prometheus >/dev/null 2>&1; then
+  echo "test.sh: installing prometheus" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+fi
 bash deploy/engine-stub/build.sh >/dev/null
 bash deploy/local/venv.sh
 export RTMANAGER_TEST_DATABASE_URL=${RTMANAGER_DATABASE_URL%/*}/postgres

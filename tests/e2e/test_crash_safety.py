@@ -15,6 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client, tmp_path, unique):
+    rtm_env = {**rtm_env, "RTMANAGER_LEASE_TTL": "1"}  # a killed leader's lease lapses after 1 s
     migrate(rtm_env)
     rng = random.Random(unique)
     r = redis.Redis.from_url(rtm_env["RTMANAGER_REDIS_URL"], decode_responses=True)
@@ -26,7 +27,8 @@ def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client
     try:
         for round_ in range(3):  # start, let it work for a moment, kill -9
             ctl = ControllerProcess(rtm_env, log).start()
-            time.sleep(rng.uniform(0.5, 0.9))  # start-up takes ~0.4 s: kills land mid-work
+            # start-up takes ~0.4 s and the previous lease lapses after 1 s: kills land mid-work
+            time.sleep(rng.uniform(1.4, 2.0) if round_ else rng.uniform(0.5, 0.9))
             ctl.kill9()
         ctl = ControllerProcess(rtm_env, log).start()
         got = {g: results.for_entry(entries[g], timeout=60) for g in games}

@@ -261,3 +261,25 @@ async def test_outbox_is_read_in_commit_order_and_marked(pool):
     assert await store.unpublished_count() == 2
 
 
+
+
+async def test_a_deposed_leader_cannot_write(pool):
+    from desired.leader import Fence, Fenced, Lease
+
+    old_fence, new_fence = Fence(instance="i", holder="old", ttl=5), Fence(instance="i", holder="new", ttl=5)
+    old, new = Lease(pool, old_fence), Lease(pool, new_fence)
+    assert await old.acquire() == 1
+    assert await new.acquire() is None  # the lease is held
+    old_store = Store(pool, fence=old_fence)
+    await old_store.submit(start("g1", "1-0"), T0, DEFAULTS)  # the leader writes
+    await pool.execute("UPDATE leader_leases SET expires_at = now()")  # the old leader stalls past its lease
+    assert await new.acquire() == 2  # a new term, with a larger epoch
+    assert not await old.renew()
+    with pytest.raises(Fenced):
+        await old_store.submit(start("g2", "2-0"), T0, DEFAULTS)
+    with pytest.raises(Fenced):
+        await old_store.mark_published(1, "1-1")
+    assert await Store(pool).find("g2") is None
+    await Store(pool, fence=new_fence).submit(start("g2", "2-0"), T0, DEFAULTS)
+    await new.release()
+    assert await Lease(pool, Fence(instance="i", holder="third", ttl=5)).acquire() == 3  # released: no wait
