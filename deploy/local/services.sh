@@ -83,7 +83,7 @@ start_postgres() {
     log "starting Postgres on 127.0.0.1:$PG_PORT"
     # fsync off: this cluster is for development and tests only.
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$data" -l "$LOCAL_DIR/postgres.log" -w -t 60 \
-      -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $data -c fsync=off -c max_connections=200" start >/dev/null \
+      -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $data -c fsync=off -c max_connections=200 -c shared_preload_libraries=pg_stat_statements" start >/dev/null \
       || die "Postgres did not start: see $LOCAL_DIR/postgres.log"
   fi
   "$PG_BIN/psql" -qtA -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres \
