@@ -259,6 +259,7 @@ class Controller:
             try:
                 queued = await self.resync_once()
                 self.metrics.resyncs.labels("ok").inc()
+                await self.readiness()  # keeps rtmanager_ready current without a /readyz caller
                 if queued:
                     log.info("resync queued %d games", queued)
             except (Exception,) as exc:  # Docker or Postgres away: try again next interval

@@ -140,6 +140,7 @@ def test_image_ref_limits(doc: dict[str, Any]) -> None:
     ("startJobs", "RTMANAGER_START_STREAM"),
     ("stopJobs", "RTMANAGER_STOP_STREAM"),
     ("jobResults", "RTMANAGER_RESULTS_STREAM"),
+    ("deadLetters", "RTMANAGER_DEAD_LETTER_STREAM"),
 ])
 def test_channel_address_is_the_default_stream(doc: dict[str, Any], channel: str, variable: str) -> None:
     ch = doc["channels"][channel]
@@ -158,7 +159,15 @@ def test_operations_direction(doc: dict[str, Any]) -> None:
         DEFAULTS["RTMANAGER_START_STREAM"]: "receive",
         DEFAULTS["RTMANAGER_STOP_STREAM"]: "receive",
         DEFAULTS["RTMANAGER_RESULTS_STREAM"]: "send",
+        DEFAULTS["RTMANAGER_DEAD_LETTER_STREAM"]: "send",
     }
+
+
+def test_every_stream_variable_has_a_channel(doc: dict[str, Any]) -> None:
+    """A stream added to the configuration must be described in the document too."""
+    stream_vars = {v.name for v in VARIABLES if v.name.endswith("_STREAM")}
+    addresses = {ch["address"] for ch in doc["channels"].values()}
+    assert {DEFAULTS[v] for v in stream_vars} == addresses
 
 
 @pytest.mark.parametrize("channel, kind", [("startJobs", JobKind.START), ("stopJobs", JobKind.STOP)])
