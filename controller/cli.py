@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from controller.config import VARIABLES, ConfigError, Settings
@@ -141,8 +142,19 @@ async def _doctor(settings: Settings) -> int:
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=5)
         try:
-            version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
-            say(True, f"postgres at {redact_url(settings.database_url)}", f"schema version {version}")
+            from desired.migrate import load_migrations
+
+            applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            pending = [m.name for m in load_migrations() if m.version not in applied]
+            say(True, f"postgres at {redact_url(settings.database_url)}")
+            say(not pending, "schema", f"pending migrations {pending}: run `rtmanager migrate`" if pending
+                else f"up to date ({len(applied)} migrations)")
+            lease = None if pending else await conn.fetchrow(
+                "SELECT holder, epoch, expires_at > now() AS live FROM leader_leases WHERE instance = $1",
+                settings.instance)
+            if lease is not None:
+                print(f"info leader of instance {settings.instance}: {lease['holder']} (term {lease['epoch']}, "
+                      f"{'live' if lease['live'] else 'expired'})")
         except asyncpg.UndefinedTableError:
             say(False, "postgres schema", "not migrated: run `rtmanager migrate`")
         finally:
@@ -161,10 +173,21 @@ async def _doctor(settings: Settings) -> int:
     try:
         await docker.ping()
         say(True, "docker daemon")
+        managed = await docker.list_managed()
+        print(f"info {len(managed)} containers of instance {settings.instance}, "
+              f"{sum(1 for c in managed if c.running)} running")
     except Exception as exc:
         say(False, "docker daemon", str(exc))
     finally:
         docker.close()
+    root = settings.state_root
+    probe_dir = root
+    while not os.path.isdir(probe_dir):  # the nearest existing ancestor decides whether it can be made
+        probe_dir = os.path.dirname(probe_dir)
+    say(os.access(probe_dir, os.W_OK), f"state root {root}",
+        "" if os.path.isdir(root) else "missing; it will be created")
+    if not settings.api_token:
+        print("info RTMANAGER_API_TOKEN is empty: the REST API answers 503")
     return 1 if problems else 0
 
 
