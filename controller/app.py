@@ -59,6 +59,7 @@ class Controller:
         self._last_adds = 0
         self.resync_now = asyncio.Event()
         self.results_changed = asyncio.Event()
+        self.lease_done = asyncio.Event()  # set by shutdown once the term's last writes are done
         self.events: EventWatcher | None = None
         self.exit_code = 0
         self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
@@ -137,9 +138,11 @@ class Controller:
         if self.stopping.is_set():
             return
         await self._lead()
-        while not self.stopping.is_set():
-            await self._wait_any(self.stopping, timeout=ttl / 5)
-            if self.stopping.is_set():
+        # Renew until shutdown has drained the workers and flushed the outbox (``lease_done``),
+        # not merely until the stop signal: the last writes of a graceful stop need the term.
+        while not self.lease_done.is_set():
+            await self._wait_any(self.lease_done, timeout=ttl / 5)
+            if self.lease_done.is_set():
                 return
             try:
                 renewed = await asyncio.wait_for(self.lease.renew(), ttl / 2)
@@ -210,6 +213,8 @@ class Controller:
                 await asyncio.wait_for(self.relay.flush(), 5)
             except Exception as exc:  # the outbox keeps them; the next leader publishes them
                 log.warning("results left in the outbox: %s", exc)
+        self.lease_done.set()
+        if self.fence.valid_locally:
             try:
                 await asyncio.wait_for(self.lease.release(), 2)
             except Exception as exc:

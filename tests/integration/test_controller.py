@@ -325,3 +325,20 @@ async def _status(store: Store, game: str, status: Status):
 
 def test_stop_reason_vocabulary_matches_the_contract():
     assert [r.value for r in StopReason] == ["orphan_cleanup", "cancelled", "finished", "admin_request", "timeout"]
+
+
+async def test_periodic_probe_marks_a_stalled_engine_unreachable_and_back(h, pool):
+    store = Store(pool)
+    await h.start(health_interval="0.5", resync_interval="300")
+    await h.result(await h.submit_start("health-1"))
+    [c] = h.containers("health-1")
+    assert c.exec_run(["sh", "-c", "kill -STOP $(pidof httpd)"]).exit_code == 0
+    rec = await eventually(lambda: _health(store, "health-1", "unreachable"), timeout=10, what="unreachable")
+    assert rec.status is Status.RUNNING and rec.health_checked_at is not None
+    assert c.exec_run(["sh", "-c", "kill -CONT $(pidof httpd)"]).exit_code == 0
+    await eventually(lambda: _health(store, "health-1", "healthy"), timeout=10, what="healthy again")
+
+
+async def _health(store: Store, game: str, health: str):
+    rec = await store.find(game)
+    return rec if rec and rec.health.value == health else None
