@@ -84,6 +84,10 @@ class Intake:
         while not self._stopping.is_set():
             try:
                 if loop.time() >= next_pending_pass:
+                    # Re-reading pending entries counts as a delivery: do it only when both
+                    # services answer, so an outage does not push entries to the dead letters.
+                    await self.store.ping()
+                    await self.redis.ping()
                     await self.ensure_groups()
                     await self.pending_pass()
                     next_pending_pass = loop.time() + self.pending_interval

@@ -2,8 +2,11 @@
 
 Results are read in commit order (``seq``) and published one by one, so the
 results of one game never overtake each other. A result is marked published
-only after XADD answered; a crash in between publishes it again with the same
-``result_id`` (at-least-once; consumers dedupe on it). While Redis or Postgres
+only after XADD answered. After a start or a failure the relay first looks for
+pending results in the stream's recent tail (an XADD whose answer or marking was
+lost) and marks those instead of adding them again; a result older than that
+tail could still be published twice, with the same ``result_id``
+(at-least-once; consumers dedupe on it). While Redis or Postgres
 is away the relay backs off (tenacity) and resumes by itself.
 
 Only the results stream is trimmed (approximate MAXLEN): trimming a job stream
@@ -28,6 +31,7 @@ log = logging.getLogger("rtmanager.relay")
 
 BATCH = 200
 IDLE_POLL = 1.0
+TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -43,6 +47,29 @@ class Relay:
         self.wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.healthy = False
+        # After a start or a failure, an XADD may have gone through without its outbox row being
+        # marked: look at the stream's tail before publishing again (fewer duplicates).
+        self._suspect = True
+
+    async def _skip_already_published(self, batch):
+        """Mark results found in the stream's recent tail as published instead of adding them again."""
+        tail = await self.redis.xrevrange(self.settings.results_stream, count=TAIL_SCAN)
+        found = {}
+        for entry_id, fields in tail:
+            rid = fields.get(b"result_id", fields.get("result_id"))
+            if rid is not None:
+                found[rid.decode() if isinstance(rid, bytes) else rid] = \
+                    entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        rest = []
+        for item in batch:
+            if item.result_id in found:
+                log.info("result already on the stream; marking it published",
+                         extra={"game_id": item.game_id, "result_id": item.result_id})
+                await self.store.mark_published(item.seq, found[item.result_id])
+            else:
+                rest.append(item)
+        self._suspect = False
+        return rest
 
     def poke(self) -> None:
         self.wake.set()
@@ -61,7 +88,11 @@ class Relay:
             ):
                 with attempt:
                     self.healthy = False
-                    published = await self.flush()
+                    try:
+                        published = await self.flush()
+                    except BaseException:
+                        self._suspect = True
+                        raise
                     self.healthy = True
             if published == 0:
                 try:
@@ -76,6 +107,8 @@ class Relay:
         while True:
             self.wake.clear()
             batch = await self.store.unpublished(BATCH)
+            if self._suspect and batch:
+                batch = await self._skip_already_published(batch)
             for item in batch:
                 kwargs = {}
                 if self.settings.results_maxlen:

@@ -54,6 +54,9 @@ PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    # What asyncpg raises when the server goes away in the middle of an operation.
+    asyncpg.exceptions.InternalClientError,
 )
 
 _RECORD_COLUMNS = (
@@ -160,6 +163,9 @@ class Store:
             if self.fence is not None:
                 await self.fence.check(conn)
             yield conn
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
 
     # ------------------------------------------------------------------ records
     async def get(self, game_id: str) -> RuntimeRecord:

@@ -136,3 +136,73 @@ def test_redis_outage_during_a_burst_loses_no_job(rtm_env, tmp_path, docker_clie
     finally:
         assert ctl.stop() == 0, ctl.log()[-3000:]
         server.stop()
+
+
+class PostgresCluster:
+    """A throwaway cluster of the test's own (initdb as the postgres user), so that it can be stopped."""
+
+    def __init__(self) -> None:
+        import glob
+        import tempfile
+        self.bin = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+        self.dir = tempfile.mkdtemp(prefix="rtm-pg-", dir="/var/tmp")
+        subprocess.run(["chown", "postgres:", self.dir], check=True)
+        self.port = free_port()
+        self.data = f"{self.dir}/data"
+        self._as_pg(f"{self.bin}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+
+    def _as_pg(self, *cmd: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._as_pg(f"{self.bin}/pg_ctl", "-D", self.data, "-l", f"{self.dir}/log", "-w", "-o",
+                    f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off", "start")
+
+    def stop(self) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{self.bin}/pg_ctl", "-D", self.data, "-m", "fast",
+                        "stop"], capture_output=True)
+
+    def remove(self) -> None:
+        self.stop()
+        subprocess.run(["rm", "-rf", self.dir])
+
+
+def test_postgres_outage_during_a_burst_loses_no_job(rtm_env, tmp_path, unique):
+    pg = PostgresCluster()
+    pg.start()
+    env = {**rtm_env, "RTMANAGER_DATABASE_URL": pg.url}
+    ctl = None
+    try:
+        migrate(env)
+        ctl = ControllerProcess(env, tmp_path / "rtmanager.log").start()
+        r = redis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
+        reader = ResultReader(env["RTMANAGER_REDIS_URL"], env["RTMANAGER_RESULTS_STREAM"])
+        sent = []
+
+        def send(i: int) -> None:
+            sent.append(r.xadd(env["RTMANAGER_STOP_STREAM"], {"game_id": f"pg-{unique}-{i}", "reason": "cancelled"}))
+
+        reader.for_entry(r.xadd(env["RTMANAGER_STOP_STREAM"], {"game_id": "warm-up", "reason": "cancelled"}))
+        for i in range(15):
+            send(i)
+        pg.stop()  # mid-burst
+        for i in range(15, 30):
+            send(i)  # Redis still takes jobs; they must wait, not be lost
+        time.sleep(3)
+        assert ctl.proc.poll() is None, "the controller must keep running without Postgres"
+        pg.start()
+        for entry in sent:
+            res = reader.for_entry(entry, timeout=60)
+            assert res["outcome"] == "success" and res["error_code"] == "replay_no_op", (res, ctl.log()[-3000:])
+        ids = [(f["job"], f["job_entry_id"]) for f in reader.seen]
+        assert len(ids) == len(set(ids))  # one result each
+        reader.close()
+        r.close()
+    finally:
+        if ctl is not None:
+            assert ctl.stop() == 0, ctl.log()[-3000:]
+        pg.remove()

@@ -209,3 +209,18 @@ def _env(settings: Settings, unique: str) -> dict[str, str]:
         "RTMANAGER_RESULTS_STREAM": settings.results_stream, "RTMANAGER_CONSUMER_NAME": settings.consumer_name,
         "RTMANAGER_DEAD_LETTER_STREAM": f"t{unique}:dead",
     }
+
+
+async def test_a_result_already_on_the_stream_is_marked_not_added_again(wired, redis_client, settings, pool):
+    """XADD went through but the outbox row was not marked (crash or outage in between)."""
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    await redis_client.xadd(settings.stop_stream, {"game_id": "g1", "reason": "nope"})
+    await drain(intake)
+    [pending] = await store.unpublished()
+    entry_id = (await redis_client.xadd(settings.results_stream, pending.fields)).decode()
+    assert relay._suspect  # a fresh relay does not trust the outbox alone
+    assert await relay.flush() == 0
+    assert await store.unpublished_count() == 0
+    assert await pool.fetchval("SELECT stream_entry_id FROM job_results") == entry_id
+    assert len(await read_results(redis_client, settings.results_stream)) == 1
