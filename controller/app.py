@@ -264,11 +264,18 @@ class Controller:
             try:
                 queued = await self.resync_once()
                 self.metrics.resyncs.labels("ok").inc()
-                await self.readiness()  # keeps rtmanager_ready current without a /readyz caller
+                # Docker and Postgres just answered; with Redis, that is readiness (kept current
+                # without a /readyz caller, and without extra Docker calls).
+                try:
+                    await asyncio.wait_for(self.redis.ping(), 2)
+                    self.metrics.ready.set(1)
+                except Exception:  # noqa: BLE001 - any failure means not ready
+                    self.metrics.ready.set(0)
                 if queued:
                     log.info("resync queued %d games", queued)
-            except (Exception,) as exc:  # Docker or Postgres away: try again next interval
+            except Exception as exc:  # Docker or Postgres away: try again next interval
                 self.metrics.resyncs.labels("error").inc()
+                self.metrics.ready.set(0)
                 log.warning("resync failed: %s", exc)
             await self._wait_any(self.stopping, self.resync_now, timeout=self.settings.resync_interval)
             self.resync_now.clear()
