@@ -45,61 +45,45 @@ def _need(what: str, fn):
         pytest.fail(f"{what} is not reachable ({exc.__class__.__name__}: {exc}); {HOW_TO}", pytrace=False)
 
 
+def admin_sql(*statements: str) -> None:
+    """Run statements on the admin connection (CREATE / DROP DATABASE cannot run in a transaction)."""
+    async def run() -> None:
+        admin = await asyncpg.connect(ADMIN_DSN, timeout=5)
+        try:
+            for sql in statements:
+                await admin.execute(sql)
+        finally:
+            await admin.close()
+
+    asyncio.run(run())
+
+
 @pytest.fixture(scope="session")
 def template_db() -> str:
     """A database with the schema, built once per session; tests copy it."""
     name = f"rtm_template_{os.getpid()}"
 
-    async def build() -> None:
+    async def migrate_it() -> None:
         from desired.migrate import migrate
 
-        admin = await asyncpg.connect(ADMIN_DSN, timeout=5)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
         conn = await asyncpg.connect(dsn_for(name))
         try:
             await migrate(conn)
         finally:
             await conn.close()
 
-    _need("Postgres", lambda: asyncio.run(build()))
+    _need("Postgres", lambda: admin_sql(f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
+    asyncio.run(migrate_it())
     yield name
-
-    async def drop() -> None:
-        admin = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-    asyncio.run(drop())
+    admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 def database_url(template_db: str) -> str:
     name = f"rtm_test_{uuid.uuid4().hex[:12]}"
-
-    async def create() -> None:
-        admin = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        finally:
-            await admin.close()
-
-    asyncio.run(create())
+    admin_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     yield dsn_for(name)
-
-    async def drop() -> None:
-        admin = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-    asyncio.run(drop())
+    admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
