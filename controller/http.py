@@ -121,7 +121,8 @@ class HttpServer:
                 return _error(400, "the body must be a JSON object")
             if not isinstance(body, dict):
                 return _error(400, "the body must be a JSON object")
-        fields = {"game_id": game_id, **{k: v for k, v in body.items() if isinstance(k, str)}}
+        # The path names the game; a game_id in the body must not redirect the job.
+        fields = {**{k: v for k, v in body.items() if isinstance(k, str)}, "game_id": game_id}
         bad = [k for k in ("image_ref", "reason") if k in fields and not isinstance(fields[k], str)]
         if bad:
             return _invalid(game_id, kind, f"field {bad[0]} must be a string")
@@ -138,7 +139,7 @@ class HttpServer:
         except InvalidJob as exc:
             return _invalid(game_id, kind, exc.message, exc.code)
         self.c.queue.add(job.game_id)
-        self.c.relay.poke()
+        self.c._results_written()  # superseded callers and replays have results now
         op_id = outcome.operation_id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -163,7 +164,7 @@ class HttpServer:
 
     async def list_runtimes(self, request: web.Request) -> web.Response:
         status = request.query.get("status")
-        if status:
+        if status is not None:
             try:
                 records = await self.c.store.list_by_status(Status(status))
             except ValueError:

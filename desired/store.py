@@ -44,6 +44,7 @@ from desired.model import (
 )
 
 NOTIFY_CHANNEL = "rtmanager_desired"
+_GAME_LOCK_SPACE = 0x72746D67  # "rtmg": advisory locks keyed by game
 
 # asyncpg errors that mean "Postgres is not reachable right now" (retry), as
 # opposed to a query that is wrong.
@@ -331,6 +332,9 @@ class Store:
                     job.stream, job.entry_id)
                 if existing is not None:
                     return SubmitOutcome(operation_id=existing, decision=None, duplicate=True)
+            # FOR UPDATE locks nothing while the record does not exist yet: two first jobs for a
+            # new game would both insert. A transaction-scoped advisory lock per game orders them.
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _GAME_LOCK_SPACE, job.game_id)
             row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", job.game_id)
             current = record_from_row(row) if row else None
             decision = decide(current, job, now, defaults)
