@@ -342,32 +342,27 @@ def bench_steady(rtm: Rtm, n: int, seconds: float, resync: float) -> dict:
     rtm.wait_results({rtm.submit("start", g) for g in games}, timeout=600)
     time.sleep(resync + 1)  # let the resync after the burst settle
 
-    async def stmt_count() -> float | None:
+    async def stmt_counts() -> dict[str, float] | None:
         conn = await asyncpg.connect(rtm.env["RTMANAGER_DATABASE_URL"])
         try:
-            return await conn.fetchval(
-                "SELECT sum(calls) FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid"
-                " WHERE d.datname = current_database() AND s.query NOT ILIKE '%pg_stat_statements%'")
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            rows = await conn.fetch(
+                "SELECT query, calls::float8 AS calls FROM pg_stat_statements s JOIN pg_database d"
+                " ON d.oid = s.dbid WHERE d.datname = current_database()"
+                " AND s.query NOT ILIKE '%pg_stat_statements%'")
+            return {r["query"]: r["calls"] for r in rows}
         except asyncpg.PostgresError:
             return None
         finally:
             await conn.close()
 
-    async def stat_ready() -> bool:
-        conn = await asyncpg.connect(rtm.env["RTMANAGER_DATABASE_URL"])
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            await conn.fetchval("SELECT count(*) FROM pg_stat_statements")
-            return True
-        except asyncpg.PostgresError:
-            return False
-        finally:
-            await conn.close()
-
-    has_stats = asyncio.run(stat_ready())
-    m0, cpu0, s0 = rtm.metrics(), rtm.cpu_seconds(), asyncio.run(stmt_count()) if has_stats else None
+    m0, cpu0, q0 = rtm.metrics(), rtm.cpu_seconds(), asyncio.run(stmt_counts())
     time.sleep(seconds)
-    m1, cpu1, s1 = rtm.metrics(), rtm.cpu_seconds(), asyncio.run(stmt_count()) if has_stats else None
+    m1, cpu1, q1 = rtm.metrics(), rtm.cpu_seconds(), asyncio.run(stmt_counts())
+    per_query = {q: c - (q0 or {}).get(q, 0.0) for q, c in (q1 or {}).items() if c - (q0 or {}).get(q, 0.0) > 0}
+    resync_markers = ("observed_generation <> generation", "GROUP BY status", "count(*) FROM job_results")
+    resync_sql = sum(c for q, c in per_query.items() if any(m in q for m in resync_markers))
+    top = sorted(per_query.items(), key=lambda kv: -kv[1])[:12]
 
     def delta(prefix: str) -> dict[str, float]:
         return {k: m1[k] - m0.get(k, 0.0) for k in m1 if k.startswith(prefix) and m1[k] - m0.get(k, 0.0)}
@@ -383,8 +378,10 @@ def bench_steady(rtm: Rtm, n: int, seconds: float, resync: float) -> dict:
             "cpu_percent": 100 * (cpu1 - cpu0) / seconds, "rss_mib": rtm.rss_mib(),
             "docker_calls": by_op, "docker_calls_per_resync": {k: v / resyncs for k, v in by_op.items()} if resyncs else {},
             "reconciles": reconciles,
-            "sql_statements": (s1 - s0) if s0 is not None and s1 is not None else None,
-            "sql_per_resync": ((s1 - s0) / resyncs) if (s0 is not None and s1 is not None and resyncs) else None}
+            "sql_statements": sum(per_query.values()) if q1 is not None else None,
+            "sql_per_minute": sum(per_query.values()) * 60 / seconds if q1 is not None else None,
+            "resync_sql_per_resync": resync_sql / resyncs if (q1 is not None and resyncs) else None,
+            "top_queries": [{"calls": c, "query": " ".join(q.split())[:160]} for q, c in top]}
 
 
 def bench_planner(n: int) -> dict:
@@ -485,9 +482,13 @@ def print_table(r: dict) -> None:
         print(f"controller CPU: {st['cpu_seconds']:.2f}s ({st['cpu_percent']:.2f}% of one core); RSS {st['rss_mib']:.0f} MiB")
         print(f"Docker API calls per resync: {st['docker_calls_per_resync']}")
         print(f"Docker API calls in total: {st['docker_calls']}; reconciles: {st['reconciles']:g}")
-        sql = st["sql_per_resync"]
-        print(f"SQL statements per resync: {sql:.1f} (total {st['sql_statements']:g}, health rounds included)"
-              if sql is not None else "SQL statements: pg_stat_statements not available")
+        if st["sql_statements"] is None:
+            print("SQL statements: pg_stat_statements not available")
+        else:
+            print(f"SQL statements per resync (the resync's own queries): {st['resync_sql_per_resync']:.1f}")
+            print(f"SQL statements per idle minute, everything included: {st['sql_per_minute']:.0f}")
+            for q in st["top_queries"][:6]:
+                print(f"   {q['calls']:>6.0f}  {q['query'][:100]}")
     p = r["planner"]
     print(f"\n== planner: {p['decisions_per_second']:,.0f} decisions/s over {p['pairs']:,} pairs")
 

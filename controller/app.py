@@ -83,7 +83,11 @@ class Controller:
         self.pool = await asyncpg.create_pool(
             s.database_url, min_size=1, max_size=max(4, s.concurrency + 4), command_timeout=30,
             # A leader paused inside a transaction must not hold off a take-over for long.
-            server_settings={"idle_in_transaction_session_timeout": str(int(s.lease_ttl * 1000))})
+            server_settings={"idle_in_transaction_session_timeout": str(int(s.lease_ttl * 1000))},
+            # Pool connections never LISTEN, SET, hold session locks or open cursors, so the
+            # default reset (4 statements per release) is pure overhead; asyncpg still rolls
+            # back a transaction left open.
+            reset=_no_session_state)
         self.redis = aioredis.Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5,
                                              health_check_interval=15)
         self.store = Store(self.pool, fence=self.fence)
@@ -355,6 +359,10 @@ class Controller:
 
 
 STARTUP_WAIT = 60.0
+
+
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    return None
 
 
 async def _startup_migrate(settings: Settings) -> None:

@@ -30,7 +30,7 @@ from desired.store import PG_UNAVAILABLE, Store
 log = logging.getLogger("rtmanager.relay")
 
 BATCH = 200
-IDLE_POLL = 1.0
+IDLE_POLL = 5.0  # a fallback only: results written in this process wake the relay at once
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 
 
