@@ -149,11 +149,14 @@ class Reconciler:
                     self.queue.add_after(game_id, self.settings.resync_interval)
                     return
                 self.dispose_budget -= 1
-            log.info("%s: %s", action.kind.value, action.reason, extra={"game_id": game_id,
-                                                                          "action": action.kind.value})
+            op_ids: list[int] = []
             if record is not None and not record.converged:
-                for accepted in await self.store.claim(game_id, record.generation):
+                for op_id, accepted in await self.store.claim(game_id, record.generation):
+                    op_ids.append(op_id)
                     self.metrics.phase.labels("queued").observe((now_utc() - accepted).total_seconds())
+            log.info("%s: %s", action.kind.value, action.reason, extra={
+                "game_id": game_id, "action": action.kind.value, "operation_ids": ",".join(map(str, op_ids)),
+                "generation": record.generation if record else None})
             started = asyncio.get_running_loop().time()
             result = "ok"
             try:

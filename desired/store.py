@@ -377,13 +377,13 @@ class Store:
                 job_entry_id=entry_id, error_code=code, error_message=message))
             return SubmitOutcome(operation_id=op_id, decision=None)
 
-    async def claim(self, game_id: str, generation: int) -> list[datetime]:
-        """Mark the queued operations of ``generation`` as running; return when each was accepted."""
+    async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
+        """Mark the queued operations of ``generation`` as running; return (id, accepted at) of each."""
         async with self._tx() as conn:
             rows = await conn.fetch(
                 "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
-                " AND status = 'queued' RETURNING created_at", game_id, generation)
-        return [r["created_at"] for r in rows]
+                " AND status = 'queued' RETURNING id, created_at", game_id, generation)
+        return [(r["id"], r["created_at"]) for r in rows]
 
     async def operations(self, game_id: str, limit: int = 100) -> list[Operation]:
         rows = await self.pool.fetch(
