@@ -384,19 +384,38 @@ async def _startup_migrate(settings: Settings) -> None:
         else:
             version = await conn.fetchval("SELECT max(version) FROM schema_migrations")
             log.info("schema version %s", version)
+        owner = await conn.fetchval(
+            "WITH claimed AS (INSERT INTO controller_identity (instance) VALUES ($1)"
+            " ON CONFLICT (singleton) DO NOTHING RETURNING instance)"
+            " SELECT instance FROM claimed UNION ALL SELECT instance FROM controller_identity LIMIT 1",
+            settings.instance)
+        if owner != settings.instance:
+            raise WrongInstance(f"RTMANAGER_INSTANCE: the database at {redact_url(settings.database_url)} "
+                                f"belongs to instance {owner!r}, not {settings.instance!r}")
     finally:
         await conn.close()
+
+
+class WrongInstance(RuntimeError):
+    pass
 
 
 async def run(settings: Settings) -> int:
     controller = Controller(settings)
     try:
         await _startup_migrate(settings)
-        await controller.start()
+    except WrongInstance as exc:
+        log.error("%s", exc)
+        return 2
     except PG_UNAVAILABLE as exc:
         log.error("cannot reach Postgres at %s: %s", redact_url(settings.database_url), exc)
         return 1
     except asyncpg.UndefinedTableError:
         log.error("the database has no rtmanager schema: run `rtmanager migrate` (or set RTMANAGER_AUTO_MIGRATE=1)")
+        return 1
+    try:
+        await controller.start()
+    except PG_UNAVAILABLE as exc:
+        log.error("cannot reach Postgres at %s: %s", redact_url(settings.database_url), exc)
         return 1
     return await controller.run_until_stopped()

@@ -160,7 +160,9 @@ class Reconciler:
             started = asyncio.get_running_loop().time()
             result = "ok"
             try:
-                await self._act(action.kind, record, container, spec)
+                # A container that is not ours only ever blocks the name: act as if there were none.
+                ours = container if container is not None and container.managed_by(self.settings.instance) else None
+                await self._act(action.kind, record, ours, spec)
             except PermanentError as exc:
                 result = "failed"
                 assert record is not None

@@ -98,3 +98,16 @@ def test_env_lists_every_variable():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
     missing = [n for n in names if n not in readme and n.replace("RTMANAGER_", "_") not in readme]
     assert not missing, f"variables not documented in the README: {missing}"
+
+
+def test_a_database_of_another_instance_is_refused(rtm_env, tmp_path):
+    migrate(rtm_env)
+    first = ControllerProcess(rtm_env, tmp_path / "first.log").start()
+    time.sleep(1.5)
+    assert first.stop() == 0, first.log()[-2000:]
+    other = {**rtm_env, "RTMANAGER_INSTANCE": rtm_env["RTMANAGER_INSTANCE"] + "-other", "RTMANAGER_LOG_FORMAT": "text"}
+    out = subprocess.run([sys.executable, "-m", "controller.cli", "run"], env={**os.environ, **other},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"belongs to instance '{rtm_env['RTMANAGER_INSTANCE']}'" in out.stderr
+    assert "RTMANAGER_INSTANCE" in out.stderr

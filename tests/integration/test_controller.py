@@ -342,3 +342,24 @@ async def test_periodic_probe_marks_a_stalled_engine_unreachable_and_back(h, poo
 async def _health(store: Store, game: str, health: str):
     rec = await store.find(game)
     return rec if rec and rec.health.value == health else None
+
+
+async def test_a_foreign_container_holding_the_name_is_never_recorded_as_ours(h, pool, docker_client, unique):
+    """Desired stopped while somebody else's container holds the name: converge without touching it."""
+    store = Store(pool)
+    settings = h.settings()
+    docker_client.networks.create(settings.docker_network, driver="bridge")
+    foreign = docker_client.containers.run("galaxy/engine-stub:1.0", detach=True, name="galaxy-game-held-1",
+                                           network=settings.docker_network)
+    try:
+        await h.start()
+        res = await h.result(await h.submit_start("held-1"))
+        assert res["error_code"] == "container_start_failed" and "does not manage" in res["error_message"]
+        rec = await store.get("held-1")
+        assert rec.converged and rec.status is Status.STOPPED and rec.current_container_id is None
+        await asyncio.sleep(1.5)  # nothing keeps working on it
+        assert (await store.get("held-1")).generation == rec.generation
+        foreign.reload()
+        assert foreign.status == "running"
+    finally:
+        foreign.remove(force=True)
