@@ -73,9 +73,29 @@ def template_db() -> str:
             await conn.close()
 
     _need("Postgres", lambda: admin_sql(f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"'))
+    _drop_leftovers()
     asyncio.run(migrate_it())
     yield name
     admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _drop_leftovers() -> None:
+    """Databases left by an interrupted run; one still in use (another run) is left alone."""
+    async def run() -> None:
+        admin = await asyncpg.connect(ADMIN_DSN)
+        try:
+            names = await admin.fetch("SELECT datname FROM pg_database WHERE (datname LIKE 'rtm\\_test\\_%'"
+                                      " OR datname LIKE 'rtm\\_template\\_%') AND datname <> $1",
+                                      f"rtm_template_{os.getpid()}")
+            for row in names:
+                try:
+                    await admin.execute(f'DROP DATABASE "{row["datname"]}"')
+                except asyncpg.PostgresError:
+                    pass  # in use by a run still going
+        finally:
+            await admin.close()
+
+    asyncio.run(run())
 
 
 @pytest.fixture
