@@ -39,6 +39,7 @@ log = logging.getLogger("rtmanager")
 
 SHUTDOWN_DRAIN = 15.0
 EXIT_LOST_LEADERSHIP = 3
+PRUNE_EVERY = 3600.0
 
 
 class Controller:
@@ -264,7 +265,18 @@ class Controller:
         return queued
 
     async def resync_loop(self) -> None:
+        last_prune = 0.0
+        loop = asyncio.get_running_loop()
         while not self.stopping.is_set():
+            if self.settings.retention_days and loop.time() - last_prune > PRUNE_EVERY:
+                try:
+                    results, ops = await self.store.prune(self.settings.retention_days)
+                    last_prune = loop.time()
+                    if results or ops:
+                        log.info("retention: removed %d results and %d operations older than %g days",
+                                 results, ops, self.settings.retention_days)
+                except Exception as exc:  # noqa: BLE001 - retried next round
+                    log.warning("retention failed: %s", exc)
             try:
                 queued = await self.resync_once()
                 self.metrics.resyncs.labels("ok").inc()

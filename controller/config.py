@@ -71,6 +71,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_CRASH_BACKOFF_MAX", "30", "cap in seconds of the restart delay after crashes (from 0.1, doubling)"),
     Var("RTMANAGER_HEALTH_INTERVAL", "15", "seconds between health probes of running engines (0: off)"),
     Var("RTMANAGER_AUTO_MIGRATE", "1", "1: `rtmanager run` applies pending migrations at start (under the lock)"),
+    Var("RTMANAGER_RETENTION_DAYS", "30", "days published results and finished operations are kept (0: forever)"),
     Var("RTMANAGER_LEASE_TTL", "5", "seconds of a leadership lease; a standby takes over within about this"),
     Var("RTMANAGER_LOG_FORMAT", "json", "json or text"),
     Var("RTMANAGER_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
@@ -124,6 +125,7 @@ class Settings:
     health_interval: float
     auto_migrate: bool
     lease_ttl: float
+    retention_days: float
     log_format: str
     log_level: str
 
@@ -270,6 +272,7 @@ class Settings:
             health_interval=parse("RTMANAGER_HEALTH_INTERVAL", number(0, 86400), "must be seconds in 0..86400"),
             auto_migrate=parse("RTMANAGER_AUTO_MIGRATE", flag, "must be 0 or 1"),
             lease_ttl=parse("RTMANAGER_LEASE_TTL", number(1, 600), "must be seconds in 1..600"),
+            retention_days=parse("RTMANAGER_RETENTION_DAYS", number(0, 36500), "must be days, 0 or more"),
             log_format=parse("RTMANAGER_LOG_FORMAT", choice("json", "text"), "must be json or text"),
             log_level=parse("RTMANAGER_LOG_LEVEL", choice("debug", "info", "warning", "error"),
                             "must be DEBUG, INFO, WARNING or ERROR").upper(),

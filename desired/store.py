@@ -428,6 +428,23 @@ class Store:
             await conn.execute("UPDATE job_results SET published_at = now(), stream_entry_id = $2 WHERE seq = $1",
                                seq, stream_entry_id)
 
+    async def prune(self, older_than_days: float) -> tuple[int, int]:
+        """Retention: published results and finished operations older than the horizon.
+
+        A redelivered stream entry is recognised by its operation row, so the
+        horizon must be far longer than any entry can stay pending (it is days,
+        entries are acknowledged within seconds).
+        """
+        async with self._tx() as conn:
+            results = await conn.execute(
+                "DELETE FROM job_results WHERE published_at < now() - make_interval(secs => $1)",
+                older_than_days * 86400)
+            ops = await conn.execute(
+                "DELETE FROM runtime_operations o WHERE o.finished_at < now() - make_interval(secs => $1)"
+                " AND NOT EXISTS (SELECT 1 FROM job_results r WHERE r.operation_id = o.id)",
+                older_than_days * 86400)
+        return int(results.split()[-1]), int(ops.split()[-1])
+
     async def unpublished_count(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL")
 

@@ -283,3 +283,21 @@ async def test_a_deposed_leader_cannot_write(pool):
     await Store(pool, fence=new_fence).submit(start("g2", "2-0"), T0, DEFAULTS)
     await new.release()
     assert await Lease(pool, Fence(instance="i", holder="third", ttl=5)).acquire() == 3  # released: no wait
+
+
+async def test_retention_prunes_only_old_published_results_and_finished_operations(pool):
+    store = Store(pool)
+    for i in range(3):
+        await store.reject_entry(kind=JobKind.STOP, game_id=f"g{i}", stream="s:stop", entry_id=f"{i}-0",
+                                 code=ErrorCode.INVALID_REQUEST, message="x")
+    await store.submit(start("live", "9-0"), T0, DEFAULTS)  # queued: never pruned
+    [p0, p1, _] = await store.unpublished()
+    await store.mark_published(p0.seq, "1-1")
+    await store.mark_published(p1.seq, "1-2")
+    await pool.execute("UPDATE job_results SET published_at = now() - interval '40 days' WHERE seq = $1", p0.seq)
+    await pool.execute("UPDATE runtime_operations SET finished_at = now() - interval '40 days'"
+                       " WHERE finished_at IS NOT NULL")
+    assert await store.prune(30) == (1, 1)  # g0: old and published; g2's result is not published yet
+    remaining = {r["game_id"] for r in await pool.fetch("SELECT game_id FROM runtime_operations")}
+    assert remaining == {"g1", "g2", "live"}
+    assert await store.unpublished_count() == 1
