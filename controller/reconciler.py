@@ -47,6 +47,7 @@ log = logging.getLogger("rtmanager.reconciler")
 
 MAX_STEPS = 6
 CRASH_BACKOFF_BASE = 0.1  # seconds, doubled per crash like Docker's restart delay
+_RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 
 
 def now_utc() -> datetime:
@@ -118,13 +119,15 @@ class Reconciler:
                 self.metrics.queue_retries.inc()
                 log.warning("temporary failure, retrying in %.1fs: %s", delay, exc.message,
                             extra={"game_id": key, "error_code": exc.code.value})
-                await self._fail_if_overdue(str(key), exc)
+                await self._fail_if_overdue(str(key), exc.code, exc.message)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 delay = self.queue.add_rate_limited(key)
                 self.metrics.queue_retries.inc()
                 log.exception("reconcile failed unexpectedly, retrying in %.1fs", delay, extra={"game_id": key})
+                # Whatever the cause, a waiting job gets an answer once it is overdue.
+                await self._fail_if_overdue(str(key), ErrorCode.INTERNAL_ERROR, f"{exc.__class__.__name__}: {exc}")
             finally:
                 self.queue.done(key)
 
@@ -166,7 +169,12 @@ class Reconciler:
             except PermanentError as exc:
                 result = "failed"
                 assert record is not None
-                await self._give_up(record, exc)
+                if record.converged and action.kind in _RESTORING:
+                    # Nobody asked for this start: the controller was bringing back a game that
+                    # crashed or vanished. It counts as one more crash, with backoff and a limit.
+                    await self._count_crash(record, exc.message, exc.code, None)
+                else:
+                    await self._give_up(record, exc)
                 return
             except Conflict as exc:
                 result = "conflict"
@@ -281,7 +289,7 @@ class Reconciler:
                                   f"{self.settings.start_timeout:g}s (last: {detail}); container stopped")
         await self.store.update_status(
             StatusUpdate(game_id=record.game_id, expected_status=Status.STARTING, expected_container_id=None,
-                         to=Status.RUNNING, now=now_utc(),
+                         to=Status.RUNNING, now=now_utc(), expected_generation=record.generation,
                          changes={"current_container_id": container_id, "current_image_ref": spec.image,
                                   "health": Health.HEALTHY, "observed_generation": record.generation,
                                   "health_checked_at": now_utc(), "restart_not_before": None}),
@@ -320,48 +328,56 @@ class Reconciler:
             self.queue.add(record.game_id)  # not running at all: let the reconciler look
 
     async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> None:
-        """The engine of a running game exited on its own: record why, restart after a backoff.
-
-        Crashes are counted while each comes within RTMANAGER_CRASH_WINDOW of the
-        previous one; the RTMANAGER_CRASH_LIMIT-th is terminal (the game is given
-        up as container_start_failed and left stopped).
-        """
-        s = self.settings
+        """The engine of a running game exited on its own: record why, restart after a backoff."""
         seen = await self.docker.inspect(container.id) or container
         tail = await self.docker.logs_tail(container.id, 10)
-        now = now_utc()
-        recent = record.last_crash_at is not None and (now - record.last_crash_at).total_seconds() < s.crash_window
-        count = record.crash_count + 1 if recent else 1
         detail = f"engine exited unexpectedly with code {seen.exit_code}"
         if seen.oom_killed:
             detail += " (OOM-killed)"
         if tail:
             detail += f"; last log lines: {tail[-600:]}"
-        observed = {"crash_count": count, "last_exit_code": seen.exit_code, "last_oom_killed": seen.oom_killed,
-                    "last_crash_at": now}
-        params = {"event": "crash", "exit_code": seen.exit_code, "oom_killed": seen.oom_killed,
-                  "crash_count": count, "log_tail": tail[-2000:], "container_id": container.id}
+        await self._count_crash(record, detail, ErrorCode.CONTAINER_START_FAILED, container.id,
+                                exit_code=seen.exit_code, oom_killed=seen.oom_killed, log_tail=tail)
+
+    async def _count_crash(self, record: RuntimeRecord, detail: str, code: ErrorCode, container_id: str | None,
+                           exit_code: int | None = None, oom_killed: bool = False, log_tail: str = "") -> None:
+        """One more crash of a game nobody asked to change (an exit, or a failed restart after one).
+
+        Crashes are counted while each comes within RTMANAGER_CRASH_WINDOW of the
+        previous one; the RTMANAGER_CRASH_LIMIT-th is terminal (the game is given
+        up and left stopped); before that the restart waits 0.1 s, doubling.
+        """
+        s = self.settings
+        generation = record.generation
+        record = await self.store.get(record.game_id)  # the action may have moved its status
+        if record.generation != generation:
+            return  # a job changed the desired state meanwhile: plan again instead
+        now = now_utc()
+        recent = record.last_crash_at is not None and (now - record.last_crash_at).total_seconds() < s.crash_window
+        count = record.crash_count + 1 if recent else 1
+        observed: dict = {"crash_count": count, "last_crash_at": now}
+        if exit_code is not None:
+            observed.update(last_exit_code=exit_code, last_oom_killed=oom_killed)
+        params = {"event": "crash", "exit_code": exit_code, "oom_killed": oom_killed, "crash_count": count,
+                  "log_tail": log_tail[-2000:], "container_id": container_id, "detail": detail[:1000]}
         if count >= s.crash_limit:
             message = f"crash loop: {count} crashes within {s.crash_window:g}s; last: {detail}"
-            log.error("giving up after %d crashes", count, extra={"game_id": record.game_id,
-                                                                  "exit_code": seen.exit_code})
-            await self.store.give_up(record.game_id, record.generation, ErrorCode.CONTAINER_START_FAILED, message,
-                                     now, container.id, observed=observed,
-                                     note=ReconcilerNote(op=OpKind.RESTART, params=params,
-                                                         error_code=ErrorCode.CONTAINER_START_FAILED,
+            log.error("giving up after %d crashes", count, extra={"game_id": record.game_id, "exit_code": exit_code})
+            await self.store.give_up(record.game_id, record.generation, code, message, now, container_id,
+                                     observed=observed,
+                                     note=ReconcilerNote(op=OpKind.RESTART, params=params, error_code=code,
                                                          message=message))
             self._results_written()
             return
         delay = min(CRASH_BACKOFF_BASE * 2 ** (count - 1), s.crash_backoff_max)
         log.warning("engine crashed (%d in the window); restarting in %.1fs: %s", count, delay, detail,
-                    extra={"game_id": record.game_id, "exit_code": seen.exit_code, "oom_killed": seen.oom_killed})
+                    extra={"game_id": record.game_id, "exit_code": exit_code, "oom_killed": oom_killed})
         await self.store.update_status(
-            StatusUpdate(game_id=record.game_id, expected_status=Status.RUNNING, expected_container_id=container.id,
-                         to=Status.STARTING, now=now,
+            StatusUpdate(game_id=record.game_id, expected_status=record.status, expected_container_id=None,
+                         to=Status.STARTING, now=now, expected_generation=record.generation,
                          changes={**observed, "health": Health.UNREACHABLE,
                                   "restart_not_before": now + timedelta(seconds=delay),
-                                  "last_error_code": ErrorCode.CONTAINER_START_FAILED,
-                                  "last_error_message": detail}),
+                                  "last_error_code": code, "last_error_message": detail}),
             note=ReconcilerNote(op=OpKind.RESTART, params={**params, "restart_in": delay}))
         self.queue.add_after(record.game_id, delay)
 
@@ -370,6 +386,7 @@ class Reconciler:
         await self.store.update_status(
             StatusUpdate(game_id=record.game_id, expected_status=record.status,
                          expected_container_id=record.current_container_id, to=Status.STOPPED, now=now_utc(),
+                         expected_generation=record.generation,
                          changes={"current_container_id": container_id,
                                   "current_image_ref": record.current_image_ref or record.desired_image_ref,
                                   "health": Health.UNKNOWN, "observed_generation": record.generation}),
@@ -380,6 +397,7 @@ class Reconciler:
         await self.store.update_status(
             StatusUpdate(game_id=record.game_id, expected_status=record.status,
                          expected_container_id=record.current_container_id, to=Status.REMOVED, now=now_utc(),
+                         expected_generation=record.generation,
                          changes={"health": Health.UNKNOWN, "observed_generation": record.generation}),
             finish=Finish(generation=record.generation, outcome=Outcome.SUCCESS, container_id=container_id))
         self._results_written()
@@ -396,7 +414,7 @@ class Reconciler:
         if new is not None:
             self._results_written()
 
-    async def _fail_if_overdue(self, game_id: str, exc: TemporaryError) -> None:
+    async def _fail_if_overdue(self, game_id: str, code: ErrorCode, message: str) -> None:
         """A job must not wait forever for a Docker daemon that does not come back."""
         try:
             ops = await self.store.pending_operations(game_id)
@@ -408,9 +426,9 @@ class Reconciler:
             record = await self.store.find(game_id)
             if record is None:
                 return
-            log.error("job waited %.0fs; failing it with %s", age, exc.code.value, extra={"game_id": game_id})
-            if await self.store.give_up(game_id, record.generation, exc.code,
-                                        f"gave up after {age:.0f}s: {exc.message}", now_utc(),
+            log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
+            if await self.store.give_up(game_id, record.generation, code,
+                                        f"gave up after {age:.0f}s: {message}", now_utc(),
                                         record.current_container_id):
                 self._results_written()
         except TemporaryError:

@@ -222,10 +222,15 @@ def _want(record: RuntimeRecord, now: datetime, **desired) -> Decision:
 
 def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: RecordDefaults) -> Decision:
     kind = job.kind
-    if record is not None and record.status is Status.REMOVED and record.desired_status is DesiredStatus.REMOVED:
+    # Removal is final from the moment it is asked for, not only once it is done: a start
+    # accepted while the container is being removed could never converge.
+    if record is not None and record.desired_status is DesiredStatus.REMOVED:
         if kind in (JobKind.STOP, JobKind.CLEANUP):
-            return _replay(record, with_container=False)
-        return _reject(record, f"game {job.game_id} was removed; its game_id cannot be used again")
+            if record.converged:
+                return _replay(record, with_container=False)
+            return Decision(action="join", record=record)
+        return _reject(record, f"game {job.game_id} was removed or is being removed; "
+                               "its game_id cannot be used again")
 
     if kind is JobKind.START:
         assert job.image_ref

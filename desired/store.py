@@ -138,6 +138,9 @@ class StatusUpdate:
     to: Status
     now: datetime
     changes: dict[str, Any]
+    # Writes that finish a generation also guard on it: a job accepted meanwhile changed
+    # what "converged" means, and the caller must look again instead of answering.
+    expected_generation: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,10 +243,12 @@ class Store:
             current = record_from_row(row)
             if current.status is not upd.expected_status or (
                     upd.expected_container_id is not None
-                    and current.current_container_id != upd.expected_container_id):
+                    and current.current_container_id != upd.expected_container_id) or (
+                    upd.expected_generation is not None and current.generation != upd.expected_generation):
                 raise Conflict(
-                    f"{upd.game_id}: expected status {upd.expected_status.value} and container "
-                    f"{upd.expected_container_id}, found {current.status.value} and {current.current_container_id}")
+                    f"{upd.game_id}: expected status {upd.expected_status.value}, container "
+                    f"{upd.expected_container_id}, generation {upd.expected_generation}; found "
+                    f"{current.status.value}, {current.current_container_id}, {current.generation}")
             if changes.get("last_op_at") and changes["last_op_at"] < current.last_op_at:
                 changes["last_op_at"] = current.last_op_at
             new = current.replace(**changes)

@@ -4,6 +4,7 @@
 #   galaxy/engine-stub:1.1   the same engine under another tag and image id (for patch)
 #   galaxy/engine-stub:crash exits with code 3 at once
 #   galaxy/engine-stub:mute  runs but never answers its health path
+#   galaxy/engine-stub:flaky healthy on its first boot, exits 4 on every restart
 # Usage: deploy/engine-stub/build.sh [repository]   (default galaxy/engine-stub)
 set -euo pipefail
 repo=${1:-galaxy/engine-stub}
@@ -26,3 +27,4 @@ build 1.0 ok
 build 1.1 ok-1.1
 build crash crash
 build mute mute
+build flaky flaky

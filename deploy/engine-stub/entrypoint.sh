@@ -3,6 +3,7 @@
 #   ok     serve /healthz with 200 on $ENGINE_PORT
 #   crash  exit 3 at once (for crash-loop and start-failure tests)
 #   mute   run but never answer (for health-timeout tests)
+#   flaky  healthy on its first boot in a state directory, exits 4 on every later one
 port=${ENGINE_PORT:-8080}
 state=${ENGINE_STATE_DIR:-}
 echo "engine-stub: game=${GAME_ID:-?} variant=${STUB_VARIANT} port=${port} state=${state}"
@@ -10,6 +11,11 @@ if [ -n "$state" ] && [ -d "$state" ]; then
   date >> "$state/boots" 2>/dev/null || echo "engine-stub: state dir $state is not writable"
 fi
 case "$STUB_VARIANT" in
+  flaky)
+    if [ "$(wc -l < "$state/boots" 2>/dev/null || echo 0)" -gt 1 ]; then
+      echo "engine-stub: flaky engine refuses a second boot" >&2; exit 4
+    fi
+    httpd -f -p "$port" -h /www & ;;
   crash) echo "engine-stub: crashing as asked" >&2; exit 3 ;;
   mute) sleep 100000 & ;;
   *) httpd -f -p "$port" -h /www & ;;

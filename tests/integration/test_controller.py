@@ -363,3 +363,18 @@ async def test_a_foreign_container_holding_the_name_is_never_recorded_as_ours(h,
         assert foreign.status == "running"
     finally:
         foreign.remove(force=True)
+
+
+async def test_an_engine_that_fails_its_restarts_is_counted_up_to_the_limit(h, pool):
+    """A failed restart after a crash is one more crash (backoff, limit), not a failed start job."""
+    store = Store(pool)
+    await h.start(resync_interval="300", crash_limit="3")
+    res = await h.result(await h.submit_start("flaky-1", "galaxy/engine-stub:flaky"))
+    assert res["outcome"] == "success"
+    [c] = h.containers("flaky-1")
+    c.kill()
+    rec = await eventually(lambda: _given_up(store, "flaky-1"), timeout=20, what="terminal failure")
+    assert rec.crash_count == 3
+    assert "crash loop: 3 crashes" in rec.last_error_message and "code 4" in rec.last_error_message
+    restarts = [o for o in await store.operations("flaky-1") if o.source is OpSource.RECONCILER]
+    assert len(restarts) == 3 and restarts[0].error_code == "container_start_failed"

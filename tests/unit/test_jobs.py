@@ -339,10 +339,10 @@ DECIDE_TABLE = [
     (START1, "running-converged", "replay+c", None),
     (START1, "running-patching", "change", dict(desired_status=R, desired_image_ref=IMG1)),
     (START1, "running-stopping", "change", dict(desired_status=R, desired_image_ref=IMG1, stop_reason=None)),
-    (START1, "running-removing", "change", dict(desired_status=R, desired_image_ref=IMG1, stop_reason=None)),
+    (START1, "running-removing", "reject", None),  # removal is final once asked for
     (START1, "stopped-converged", "change", dict(desired_status=R, desired_image_ref=IMG1, stop_reason=None)),
     (START1, "stopped-starting", "join", None),
-    (START1, "stopped-cleaning", "change", dict(desired_status=R, desired_image_ref=IMG1, stop_reason=None)),
+    (START1, "stopped-cleaning", "reject", None),
     (START1, "removed-converged", "reject", None),
     (START1, "removed-unconverged", "reject", None),
     (START2, "running-converged", "change", dict(desired_status=R, desired_image_ref=IMG2)),
@@ -362,7 +362,7 @@ DECIDE_TABLE = [
     (STOP_FIN, "stopped-starting", "change", dict(desired_status=ST, stop_reason=StopReason.FINISHED)),
     (STOP_FIN, "stopped-cleaning", "join", None),
     (STOP_FIN, "removed-converged", "replay", None),
-    (STOP_FIN, "removed-unconverged", "replay", None),
+    (STOP_FIN, "removed-unconverged", "join", None),  # answered when the removal converges
     # restart
     (RESTART, "none", "reject", None),
     (RESTART, "starting-pending", "change", dict(desired_status=R, desired_image_ref=IMG1, spec_revision=1)),
@@ -373,8 +373,7 @@ DECIDE_TABLE = [
     (RESTART, "stopped-converged", "change",
      dict(desired_status=R, desired_image_ref=IMG1, spec_revision=1, stop_reason=None)),
     (RESTART, "stopped-starting", "change", dict(desired_status=R, desired_image_ref=IMG1, spec_revision=1)),
-    (RESTART, "stopped-cleaning", "change",
-     dict(desired_status=R, desired_image_ref=IMG1, spec_revision=1, stop_reason=None)),
+    (RESTART, "stopped-cleaning", "reject", None),
     (RESTART, "removed-converged", "reject", None),
     (RESTART, "starting-no-image", "reject", None),
     # patch
@@ -402,7 +401,7 @@ DECIDE_TABLE = [
     (CLEANUP, "stopped-starting", "reject", None),
     (CLEANUP, "stopped-cleaning", "join", None),
     (CLEANUP, "removed-converged", "replay", None),
-    (CLEANUP, "removed-unconverged", "replay", None),
+    (CLEANUP, "removed-unconverged", "join", None),
 ]
 
 _DESIRED_FIELDS = ("desired_status", "desired_image_ref", "stop_reason", "spec_revision")
