@@ -25,6 +25,7 @@ from desired.errors import (
     Conflict,
     ContainerStartFailed,
     EngineUnhealthy,
+    ImageRejected,
     PermanentError,
     TemporaryError,
 )
@@ -169,7 +170,7 @@ class Reconciler:
             except PermanentError as exc:
                 result = "failed"
                 assert record is not None
-                if record.converged and action.kind in _RESTORING:
+                if record.converged and action.kind in _RESTORING and not isinstance(exc, ImageRejected):
                     # Nobody asked for this start: the controller was bringing back a game that
                     # crashed or vanished. It counts as one more crash, with backoff and a limit.
                     await self._count_crash(record, exc.message, exc.code, None)
@@ -231,6 +232,12 @@ class Reconciler:
 
     async def _run(self, kind: ActionKind, record: RuntimeRecord, container: ObservedContainer | None,
                    spec: ContainerSpec) -> None:
+        # The allowlist holds at every start, not only when a job is accepted: restarts, crash
+        # recoveries and spec changes reuse a stored image the operator may have banned since.
+        if kind is not ActionKind.CONFIRM and not self.settings.image_allowlist.allows(spec.image):
+            raise ImageRejected(f"image {spec.image} is no longer allowed by RTMANAGER_IMAGE_ALLOWLIST")
+        if kind is ActionKind.RECREATE:
+            await self.docker.ensure_image(spec.image)  # pull before taking the running game down
         if record.status is not Status.STARTING:
             record = await self.store.update_status(StatusUpdate(
                 game_id=record.game_id, expected_status=record.status,

@@ -5,6 +5,7 @@
     │   ├── DockerUnavailable     the daemon did not answer
     │   └── StoreUnavailable      Postgres did not answer
     └── PermanentError        answer the job with a failure now
+        ├── ImageRejected         the image is not (any more) on the allowlist
         ├── ImageUnavailable      the image is not present and cannot be pulled
         ├── ContainerStartFailed  create or start was refused, or the engine exited
         └── EngineUnhealthy       no 2xx on the health path within the start timeout
@@ -41,6 +42,10 @@ class StoreUnavailable(TemporaryError):
 
 class PermanentError(RtmError):
     pass
+
+
+class ImageRejected(PermanentError):
+    code = ErrorCode.IMAGE_REJECTED
 
 
 class ImageUnavailable(PermanentError):

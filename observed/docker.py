@@ -158,6 +158,8 @@ class DockerAdapter:
             log.info("pulling image %s", image)
             await self._call("pull", lambda: self._docker().images.pull(image))
         except (docker.errors.NotFound, docker.errors.APIError, DockerUnavailable) as exc:
+            # One pull, then image_unavailable (the contract): the daemon reports an unreachable
+            # registry and an unknown image alike, as a 5xx, so they cannot be told apart here.
             raise ImageUnavailable(f"image {image} is not present and could not be pulled: {_short(exc)}") from exc
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:

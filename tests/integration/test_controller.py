@@ -378,3 +378,20 @@ async def test_an_engine_that_fails_its_restarts_is_counted_up_to_the_limit(h, p
     assert "crash loop: 3 crashes" in rec.last_error_message and "code 4" in rec.last_error_message
     restarts = [o for o in await store.operations("flaky-1") if o.source is OpSource.RECONCILER]
     assert len(restarts) == 3 and restarts[0].error_code == "container_start_failed"
+
+
+async def test_an_image_banned_after_it_was_accepted_is_not_started_again(h, pool, rtm_env):
+    """The allowlist holds at every container start: a restart of a banned image is refused."""
+    store = Store(pool)
+    await h.start()
+    await h.result(await h.submit_start("ban-1", "galaxy/engine-stub:1.0"))
+    await h.stop_all()
+    h.env = {**rtm_env, "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:1.1"}
+    ctl = await h.start()
+    [c] = h.containers("ban-1")
+    c.kill()  # the crash recovery would start the banned image again
+    rec = await eventually(lambda: _given_up(store, "ban-1"), timeout=15, what="refused restart")
+    assert rec.last_error_code.value == "image_rejected" and rec.crash_count == 1  # no retries of a ban
+    c.reload()
+    assert c.status == "exited"
+    del ctl
