@@ -8,8 +8,9 @@ holder of an unexpired lease) reconciles, reads jobs and publishes results.
 * ``renew`` extends the lease only if this replica still holds *this* epoch.
 * Every write transaction of the leader first runs ``check`` (``Fence``): the
   lease row must still name this holder and epoch and be unexpired, read
-  ``FOR SHARE``. A take-over (an UPDATE of that row) therefore waits for the
-  writes in flight and every later write of the old term fails with Fenced.
+  ``FOR KEY SHARE``. A take-over (``acquire`` locks the row FOR UPDATE)
+  therefore waits for the writes in flight and every later write of the old
+  term fails with Fenced, while the holder's own renewal never waits for them.
   A leader paused inside a transaction cannot block a take-over for long:
   the pool sets ``idle_in_transaction_session_timeout`` to the lease TTL.
 * Besides, the leader keeps a local deadline (last renewal + TTL, on the
@@ -48,9 +49,11 @@ class Fence:
     async def check(self, conn: asyncpg.Connection) -> None:
         if not self.valid_locally:
             raise Fenced(f"leadership term {self.epoch} of {self.holder} has lapsed")
+        # FOR KEY SHARE: the holder's own renewal (a no-key UPDATE) does not wait for it, while a
+        # take-over (acquire locks the row FOR UPDATE first) waits for every write in flight.
         ok = await conn.fetchval(
             "SELECT 1 FROM leader_leases WHERE instance = $1 AND holder = $2 AND epoch = $3"
-            " AND expires_at > now() FOR SHARE", self.instance, self.holder, self.epoch)
+            " AND expires_at > now() FOR KEY SHARE", self.instance, self.holder, self.epoch)
         if ok is None:
             raise Fenced(f"leadership term {self.epoch} of {self.holder} is over")
 
@@ -63,14 +66,21 @@ class Lease:
     async def acquire(self) -> int | None:
         """Take the lease if it is free or expired; return the new epoch, or None."""
         started = time.monotonic()
-        epoch = await self.pool.fetchval(
-            """INSERT INTO leader_leases AS l (instance, holder, epoch, acquired_at, renewed_at, expires_at)
-               VALUES ($1, $2, 1, now(), now(), now() + make_interval(secs => $3))
-               ON CONFLICT (instance) DO UPDATE
-                  SET holder = EXCLUDED.holder, epoch = l.epoch + 1, acquired_at = now(),
-                      renewed_at = now(), expires_at = EXCLUDED.expires_at
-                WHERE l.expires_at <= now()
-               RETURNING epoch""", self.fence.instance, self.fence.holder, self.fence.ttl)
+        async with self.pool.acquire() as conn, conn.transaction():
+            # FOR UPDATE conflicts with the FOR KEY SHARE of the old term's writes: a take-over
+            # waits until they are committed or rolled back, and later ones see the new epoch.
+            row = await conn.fetchrow("SELECT expires_at > now() AS live FROM leader_leases WHERE instance = $1"
+                                      " FOR UPDATE", self.fence.instance)
+            if row is not None and row["live"]:
+                return None
+            epoch = await conn.fetchval(
+                """INSERT INTO leader_leases AS l (instance, holder, epoch, acquired_at, renewed_at, expires_at)
+                   VALUES ($1, $2, 1, now(), now(), now() + make_interval(secs => $3))
+                   ON CONFLICT (instance) DO UPDATE
+                      SET holder = EXCLUDED.holder, epoch = l.epoch + 1, acquired_at = now(),
+                          renewed_at = now(), expires_at = EXCLUDED.expires_at
+                    WHERE l.expires_at <= now()
+                   RETURNING epoch""", self.fence.instance, self.fence.holder, self.fence.ttl)
         if epoch is not None:
             self.fence.epoch = epoch
             self.fence.deadline = started + self.fence.ttl

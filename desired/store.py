@@ -433,22 +433,30 @@ class Store:
             await conn.execute("UPDATE job_results SET published_at = now(), stream_entry_id = $2 WHERE seq = $1",
                                seq, stream_entry_id)
 
-    async def prune(self, older_than_days: float) -> tuple[int, int]:
+    async def prune(self, older_than_days: float, batch: int = 1000) -> tuple[int, int]:
         """Retention: published results and finished operations older than the horizon.
 
-        A redelivered stream entry is recognised by its operation row, so the
-        horizon must be far longer than any entry can stay pending (it is days,
-        entries are acknowledged within seconds).
+        Small batches, each its own short transaction and not fenced (old history is
+        nobody's to contend for), so that a large backlog never holds locks for long.
+        A redelivered stream entry is recognised by its operation row, so the horizon
+        must be far longer than any entry can stay pending (days against seconds).
         """
-        async with self._tx() as conn:
-            results = await conn.execute(
-                "DELETE FROM job_results WHERE published_at < now() - make_interval(secs => $1)",
-                older_than_days * 86400)
-            ops = await conn.execute(
-                "DELETE FROM runtime_operations o WHERE o.finished_at < now() - make_interval(secs => $1)"
-                " AND NOT EXISTS (SELECT 1 FROM job_results r WHERE r.operation_id = o.id)",
-                older_than_days * 86400)
-        return int(results.split()[-1]), int(ops.split()[-1])
+        seconds = older_than_days * 86400
+        totals = [0, 0]
+        statements = (
+            "DELETE FROM job_results WHERE seq IN (SELECT seq FROM job_results"
+            " WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+            "DELETE FROM runtime_operations WHERE id IN (SELECT o.id FROM runtime_operations o"
+            " WHERE o.finished_at < now() - make_interval(secs => $1)"
+            " AND NOT EXISTS (SELECT 1 FROM job_results r WHERE r.operation_id = o.id) LIMIT $2)",
+        )
+        for i, sql in enumerate(statements):
+            while True:
+                done = int((await self.pool.execute(sql, seconds, batch)).split()[-1])
+                totals[i] += done
+                if done < batch:
+                    break
+        return totals[0], totals[1]
 
     async def unpublished_count(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL")

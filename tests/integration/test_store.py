@@ -297,7 +297,29 @@ async def test_retention_prunes_only_old_published_results_and_finished_operatio
     await pool.execute("UPDATE job_results SET published_at = now() - interval '40 days' WHERE seq = $1", p0.seq)
     await pool.execute("UPDATE runtime_operations SET finished_at = now() - interval '40 days'"
                        " WHERE finished_at IS NOT NULL")
-    assert await store.prune(30) == (1, 1)  # g0: old and published; g2's result is not published yet
+    assert await store.prune(30, batch=1) == (1, 1)  # g0: old and published; g2 is not published yet
     remaining = {r["game_id"] for r in await pool.fetch("SELECT game_id FROM runtime_operations")}
     assert remaining == {"g1", "g2", "live"}
     assert await store.unpublished_count() == 1
+
+
+async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(pool):
+    from desired.leader import Fence, Lease
+
+    fence = Fence(instance="j", holder="a", ttl=5)
+    lease = Lease(pool, fence)
+    assert await lease.acquire() == 1
+    conn = await pool.acquire()
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await fence.check(conn)  # a long write transaction of the leader, in flight
+        assert await asyncio.wait_for(lease.renew(), 1.0)  # the holder's renewal does not wait for it
+        await pool.execute("UPDATE leader_leases SET expires_at = now()")  # the term lapses meanwhile
+        take_over = asyncio.create_task(Lease(pool, Fence(instance="j", holder="b", ttl=5)).acquire())
+        await asyncio.sleep(0.5)
+        assert not take_over.done()  # waits for the old term's write to end
+    finally:
+        await tx.rollback()
+        await pool.release(conn)
+    assert await asyncio.wait_for(take_over, 5) == 2
