@@ -134,8 +134,8 @@ class Controller:
             try:
                 if await self.lease.acquire() is not None:
                     break
-            except PG_UNAVAILABLE as exc:
-                log.warning("leader election: Postgres unavailable: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - a standby must outlive any Postgres trouble
+                log.warning("leader election: %s: %s", exc.__class__.__name__, exc)
             if not announced:
                 log.info("standing by: another replica holds the lease of instance %s", self.settings.instance)
                 announced = True
@@ -151,7 +151,7 @@ class Controller:
                 return
             try:
                 renewed = await asyncio.wait_for(self.lease.renew(), ttl / 2)
-            except (asyncio.TimeoutError, *PG_UNAVAILABLE) as exc:
+            except Exception as exc:  # noqa: BLE001 - retried until the term lapses locally
                 log.warning("could not renew the lease: %s", exc)
                 renewed = self.fence.valid_locally  # keep trying until the term lapses locally
                 if renewed:
@@ -344,7 +344,7 @@ class Controller:
                         await asyncio.wait_for(self.stopping.wait(), 5)
                     except asyncio.TimeoutError:
                         pass
-            except PG_UNAVAILABLE as exc:
+            except Exception as exc:  # noqa: BLE001 - best effort: the resync is the fallback
                 log.warning("listener lost Postgres, retrying in %.1fs: %s", delay, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10)

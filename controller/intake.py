@@ -30,20 +30,28 @@ import redis.exceptions
 
 from controller.config import Settings
 from controller.metrics import Metrics
-from desired.errors import StoreUnavailable
+from controller.outages import UNAVAILABLE, is_missing_group
 from desired.leader import Fenced
 from desired.jobs import InvalidJob, parse_job, shown_game_id
 from desired.model import ErrorCode, JobKind, OpSource
+from desired.errors import StoreUnavailable
 from desired.store import PG_UNAVAILABLE, Store, now_utc
 
 log = logging.getLogger("rtmanager.intake")
 
 READ_COUNT = 100
+POISON_FACTOR = 4  # deliveries beyond max x this are dead-lettered even with no failure seen here
 BLOCK_MS = 1000
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _raw_field(fields: dict | None, name: str):
+    if fields is None:
+        return None
+    return fields.get(name.encode(), fields.get(name))
 
 
 def _entry_key(entry_id: str) -> tuple[int, int]:
@@ -64,6 +72,7 @@ class Intake:
         self._stopping = asyncio.Event()
         self.healthy = False
         self.claim_everything_once = False  # a new leader takes over what the old one left pending
+        self._handling_failures: dict[tuple[str, str], int] = {}
 
     def stop(self) -> None:
         self._stopping.set()
@@ -94,8 +103,9 @@ class Intake:
                 await self._read_new()
                 self.healthy = True
                 delay = 0.2
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StoreUnavailable,
-                    *PG_UNAVAILABLE) as exc:
+            except Exception as exc:
+                if not (isinstance(exc, UNAVAILABLE) or is_missing_group(exc)):
+                    raise
                 self.healthy = False
                 log.warning("intake paused, retrying in %.1fs: %s", delay, exc)
                 next_pending_pass = 0.0
@@ -116,77 +126,93 @@ class Intake:
         """Entries never delivered before, of both streams, handled in entry-id order."""
         reply = await self.redis.xreadgroup(self.settings.consumer_group, self.settings.consumer_name,
                                             {s: ">" for s in self.streams}, count=READ_COUNT, block=BLOCK_MS)
-        entries: list[tuple[tuple[int, int], str, str, dict]] = []
-        for stream_raw, items in reply or []:
-            stream = _text(stream_raw)
-            for entry_id_raw, fields in items:
-                entry_id = _text(entry_id_raw)
-                entries.append((_entry_key(entry_id), stream, entry_id, fields))
-        entries.sort(key=lambda e: e[0])
-        for _, stream, entry_id, fields in entries:
-            if self._stopping.is_set():
-                return
-            await self._process(stream, entry_id, fields, deliveries=1)
+        entries = [(_entry_key(_text(eid)), _text(stream), _text(eid), fields, 1)
+                   for stream, items in reply or [] for eid, fields in items]
+        await self._process_in_order(entries)
 
     async def pending_pass(self) -> None:
         """Entries delivered before and not acknowledged: ours (a crash before XACK, a failed
-        handling) and those idle longer than RTMANAGER_CLAIM_IDLE in dead consumers' lists."""
+        handling) and those idle longer than RTMANAGER_CLAIM_IDLE in dead consumers' lists,
+        of both streams together, in entry-id order."""
         group, me = self.settings.consumer_group, self.settings.consumer_name
+        entries = []
         for stream in self.streams:
+            items: list = []
             last = "0"
             while not self._stopping.is_set():
                 reply = await self.redis.xreadgroup(group, me, {stream: last}, count=READ_COUNT)
-                items = reply[0][1] if reply else []
-                if not items:
+                batch = reply[0][1] if reply else []
+                if not batch:
                     break
-                await self._process_redelivered(stream, items)
-                last = _text(items[-1][0])
+                items.extend(batch)
+                last = _text(batch[-1][0])
             cursor = "0-0"
             min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
             while not self._stopping.is_set():
-                cursor, items, *_ = await self.redis.xautoclaim(
+                cursor, claimed, *_ = await self.redis.xautoclaim(
                     stream, group, me, min_idle_time=min_idle, start_id=cursor, count=READ_COUNT)
-                if items:
-                    log.warning("claimed %d entries idle for more than %.0fs in other consumers",
-                                len(items), self.settings.claim_idle, extra={"stream": stream})
-                    await self._process_redelivered(stream, items)
+                if claimed:
+                    log.warning("claimed %d entries left pending by other consumers", len(claimed),
+                                extra={"stream": stream})
+                    items.extend(claimed)
                 if _text(cursor) == "0-0":
                     break
+            if items:
+                ids = sorted((_text(i[0]) for i in items), key=_entry_key)
+                pending = await self.redis.xpending_range(stream, group, min=ids[0], max=ids[-1],
+                                                          count=len(ids) + 1000)
+                deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
+                entries += [(_entry_key(_text(eid)), stream, _text(eid), fields, deliveries.get(_text(eid), 1))
+                            for eid, fields in items]
         self.claim_everything_once = False
+        await self._process_in_order(entries)
 
-    async def _process_redelivered(self, stream: str, items: list) -> None:
-        ids = [_text(i[0]) for i in items]
-        pending = await self.redis.xpending_range(stream, self.settings.consumer_group, min=ids[0], max=ids[-1],
-                                                  count=len(ids) + 1000)
-        deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
-        for entry_id_raw, fields in items:
-            entry_id = _text(entry_id_raw)
+    async def _process_in_order(self, entries: list) -> None:
+        """One game's entries are never applied out of order: after one of them stays pending,
+        the later ones of the same game wait for the next pending pass too."""
+        entries.sort(key=lambda e: e[0])
+        held: set[bytes | str] = set()
+        for _, stream, entry_id, fields, deliveries in entries:
             if self._stopping.is_set():
                 return
-            await self._process(stream, entry_id, fields, deliveries=deliveries.get(entry_id, 1))
+            game = _raw_field(fields, "game_id")
+            if game is not None and game in held:
+                continue
+            if not await self._process(stream, entry_id, fields, deliveries) and game is not None:
+                held.add(game)
 
-    async def _process(self, stream: str, entry_id: str, fields: dict | None, deliveries: int) -> None:
+    async def _process(self, stream: str, entry_id: str, fields: dict | None, deliveries: int) -> bool:
         """Handle one entry, then acknowledge it; a failing entry stays pending and is retried
-        by the next pending pass, until it is dead-lettered."""
+        by the next pending pass, until it is dead-lettered. Returns False when it stays pending."""
         group = self.settings.consumer_group
         if fields is None:  # deleted from the stream while pending: nothing to carry out
             await self.redis.xack(stream, group, entry_id)
-            return
-        if deliveries > self.settings.max_deliveries:
+            return True
+        failed_here = self._handling_failures.get((stream, entry_id), 0)
+        if (deliveries > self.settings.max_deliveries and failed_here) or \
+                deliveries > self.settings.max_deliveries * POISON_FACTOR:
+            # Failed in this process, or delivered so often that it must be crashing processes.
             await self.dead_letter(stream, entry_id, fields, deliveries)
             await self.redis.xack(stream, group, entry_id)
-            return
+            self._handling_failures.pop((stream, entry_id), None)
+            return True
         try:
             await self.handle(stream, entry_id, fields)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StoreUnavailable, Fenced,
-                *PG_UNAVAILABLE):
+        except (*UNAVAILABLE, Fenced):
             raise
-        except Exception:
+        except Exception as exc:
+            if is_missing_group(exc):
+                raise
+            # A failure that is not an outage: count it here, so that outages (which also
+            # raise the delivery count in Redis) never push a good entry to the dead letters.
+            self._handling_failures[(stream, entry_id)] = self._handling_failures.get((stream, entry_id), 0) + 1
             self.metrics.jobs.labels(stream, "error").inc()
             log.exception("could not handle entry (delivery %d of at most %d); it stays pending",
                           deliveries, self.settings.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
-            return
+            return False
         await self.redis.xack(stream, group, entry_id)
+        self._handling_failures.pop((stream, entry_id), None)
+        return True
 
     async def dead_letter(self, stream: str, entry_id: str, fields: dict, deliveries: int) -> None:
         """Never drop an entry silently: a failed operation, its result, and a copy for operators."""

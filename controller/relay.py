@@ -20,12 +20,12 @@ import logging
 from datetime import datetime, timezone
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
 
 from controller.config import Settings
 from controller.metrics import Metrics
-from desired.store import PG_UNAVAILABLE, Store
+from controller.outages import UNAVAILABLE
+from desired.store import Store
 
 log = logging.getLogger("rtmanager.relay")
 
@@ -35,7 +35,7 @@ TAIL_SCAN = 2000  # results looked at for a possibly-published result after a fa
 
 
 def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, *PG_UNAVAILABLE))
+    return isinstance(exc, UNAVAILABLE)
 
 
 class Relay:

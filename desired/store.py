@@ -58,6 +58,13 @@ PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     # What asyncpg raises when the server goes away in the middle of an operation.
     asyncpg.exceptions.InternalClientError,
+    # A server that answers but cannot take writes or sessions right now (fail-over, full).
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.DiskFullError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.DeadlockDetectedError,
 )
 
 _RECORD_COLUMNS = (

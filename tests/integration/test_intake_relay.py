@@ -224,3 +224,58 @@ async def test_a_result_already_on_the_stream_is_marked_not_added_again(wired, r
     assert await store.unpublished_count() == 0
     assert await pool.fetchval("SELECT stream_entry_id FROM job_results") == entry_id
     assert len(await read_results(redis_client, settings.results_stream)) == 1
+
+
+async def test_an_outage_never_pushes_a_good_entry_to_the_dead_letters(wired, redis_client, settings, pool, unique,
+                                                                     monkeypatch):
+    import asyncpg
+
+    intake, relay, store, changed = wired
+    intake.settings = settings = Settings.from_env({**_env(settings, unique), "RTMANAGER_MAX_DELIVERIES": "2"})
+    await intake.ensure_groups()
+    real_submit, calls = store.submit, {"n": 0}
+
+    async def read_only_then_fine(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 5:  # a fail-over: the server answers but takes no writes
+            raise asyncpg.exceptions.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction")
+        return await real_submit(*args, **kwargs)
+
+    monkeypatch.setattr(store, "submit", read_only_then_fine)
+    entry = (await redis_client.xadd(settings.start_stream,
+                                     {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    from desired.errors import StoreUnavailable
+    with pytest.raises(StoreUnavailable):
+        await intake._read_new()
+    for _ in range(4):  # deliveries 2..5, all beyond RTMANAGER_MAX_DELIVERIES, all during the outage
+        with pytest.raises(StoreUnavailable):
+            await intake.pending_pass()
+    await intake.pending_pass()  # the outage is over
+    assert [o.entry_id for o in await store.operations("g1")] == [entry]
+    assert (await store.get("g1")).desired_status.value == "running"
+    assert await redis_client.xlen(settings.dead_letter_stream) == 0
+
+
+async def test_after_a_failed_entry_later_entries_of_that_game_wait(wired, redis_client, settings, pool, monkeypatch):
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    real_submit, failed = store.submit, []
+
+    async def fail_first_start(job, *args, **kwargs):
+        if job.kind.value == "start" and not failed:
+            failed.append(job)
+            raise RuntimeError("simulated bug")
+        return await real_submit(job, *args, **kwargs)
+
+    monkeypatch.setattr(store, "submit", fail_first_start)
+    await redis_client.xadd(settings.start_stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})
+    await asyncio.sleep(0.003)
+    await redis_client.xadd(settings.stop_stream, {"game_id": "g1", "reason": "cancelled"})
+    await redis_client.xadd(settings.stop_stream, {"game_id": "other", "reason": "cancelled"})
+    await intake._read_new()
+    assert [o.game_id for o in await store.operations("g1")] == []  # the stop waits behind the failed start
+    assert len(await store.operations("other")) == 1                 # other games carry on
+    await intake.pending_pass()
+    ops = sorted(await store.operations("g1"), key=lambda o: o.id)
+    assert [o.op.value for o in ops] == ["start", "stop"]            # Lobby's order
+    assert (await store.get("g1")).desired_status.value == "stopped"
