@@ -52,9 +52,11 @@ class Controller:
         self.tasks: list[asyncio.Task] = []
         self.pool: asyncpg.Pool | None = None
         self.redis: aioredis.Redis | None = None
+        self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
+                           holder=f"{settings.consumer_name}-{os.getpid()}-{secrets.token_hex(3)}")
         self.docker = DockerAdapter(instance=settings.instance, network=settings.docker_network,
                                     pool_size=max(4, settings.concurrency + 2),
-                                    observer=self.metrics.docker_observer)
+                                    observer=self.metrics.docker_observer, guard=self._may_act)
         self.probe = HealthProbe(port=settings.engine_port, path=settings.health_path)
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
@@ -63,14 +65,18 @@ class Controller:
         self.lease_done = asyncio.Event()  # set by shutdown once the term's last writes are done
         self.events: EventWatcher | None = None
         self.exit_code = 0
-        self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
-                           holder=f"{settings.consumer_name}-{os.getpid()}-{secrets.token_hex(3)}")
 
     def _queue_changed(self, q: WorkQueue) -> None:
         self.metrics.queue_depth.set(len(q))
         if q.adds != self._last_adds:
             self.metrics.queue_adds.inc(q.adds - self._last_adds)
             self._last_adds = q.adds
+
+    def _may_act(self) -> None:
+        """Checked before every Docker call that changes something: a replica whose term has
+        lapsed (a stall, a partition from Postgres) stops mid-action, not after it."""
+        if not self.fence.valid_locally:
+            raise Fenced(f"leadership term {self.fence.epoch} has lapsed; no more Docker actions")
 
     def _queue_timing(self, what: str, seconds: float) -> None:
         (self.metrics.queue_wait if what == "queued" else self.metrics.queue_work).observe(seconds)
@@ -210,7 +216,9 @@ class Controller:
         self.queue.shut_down()
         workers = [t for t in self.tasks if t.get_name().startswith("worker-")]
         if workers:
-            _, pending = await asyncio.wait(workers, timeout=SHUTDOWN_DRAIN)
+            # A replica that lost its term has nothing left to finish: stop at once.
+            drain = SHUTDOWN_DRAIN if self.fence.valid_locally else 0
+            _, pending = await asyncio.wait(workers, timeout=drain) if drain else (set(), set(workers))
             for t in pending:
                 t.cancel()
         if self.fence.valid_locally:

@@ -47,12 +47,14 @@ from observed.model import (
 log = logging.getLogger("rtmanager.docker")
 T = TypeVar("T")
 
+_MUTATING = frozenset({"network", "pull", "create", "start", "stop", "remove"})
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
 
 
 class DockerAdapter:
     def __init__(self, *, instance: str, network: str, pool_size: int = 8, timeout: float = 30.0,
-                 observer: Callable[[str, float, bool], None] | None = None) -> None:
+                 observer: Callable[[str, float, bool], None] | None = None,
+                 guard: Callable[[], None] | None = None) -> None:
         self.instance = instance
         self.network = network
         self.pool_size = pool_size
@@ -60,6 +62,7 @@ class DockerAdapter:
         self._client: docker.DockerClient | None = None
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="docker")
         self._observer = observer
+        self._guard = guard  # raises when this replica may no longer change anything (lost leadership)
         self._network_ready = False
         self._network_lock = asyncio.Lock()  # Docker accepts two networks with one name: create once
 
@@ -71,6 +74,8 @@ class DockerAdapter:
         return self._client
 
     async def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if op in _MUTATING and self._guard is not None:
+            self._guard()
         loop = asyncio.get_running_loop()
         started = loop.time()
         ok = False
