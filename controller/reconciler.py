@@ -304,13 +304,18 @@ class Reconciler:
         self._results_written()
         log.info("running and healthy", extra={"game_id": record.game_id, "container_id": container_id[:12]})
 
-    async def _raise_exited(self, seen: ObservedContainer) -> None:
-        tail = await self.docker.logs_tail(seen.id, 5)
-        detail = f"engine exited with code {seen.exit_code}"
+    async def _exit_detail(self, seen: ObservedContainer, what: str, lines: int) -> tuple[str, str]:
+        """Why an engine stopped, for results and the record: exit code, OOM flag, last log lines."""
+        tail = await self.docker.logs_tail(seen.id, lines)
+        detail = f"engine {what} with code {seen.exit_code}"
         if seen.oom_killed:
             detail += " (OOM-killed)"
         if tail:
-            detail += f"; last log lines: {tail[-400:]}"
+            detail += f"; last log lines: {tail[-600:]}"
+        return detail, tail
+
+    async def _raise_exited(self, seen: ObservedContainer) -> None:
+        detail, _ = await self._exit_detail(seen, "exited", 5)
         raise ContainerStartFailed(detail)
 
     async def probe_health(self, record: RuntimeRecord, ip: str | None) -> None:
@@ -337,12 +342,7 @@ class Reconciler:
     async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> None:
         """The engine of a running game exited on its own: record why, restart after a backoff."""
         seen = await self.docker.inspect(container.id) or container
-        tail = await self.docker.logs_tail(container.id, 10)
-        detail = f"engine exited unexpectedly with code {seen.exit_code}"
-        if seen.oom_killed:
-            detail += " (OOM-killed)"
-        if tail:
-            detail += f"; last log lines: {tail[-600:]}"
+        detail, tail = await self._exit_detail(seen, "exited unexpectedly", 10)
         await self._count_crash(record, detail, ErrorCode.CONTAINER_START_FAILED, container.id,
                                 exit_code=seen.exit_code, oom_killed=seen.oom_killed, log_tail=tail)
 

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.integration.test_http import STUB_10, STUB_11, Api
+from tests.integration.test_http import STUB_10, STUB_11, api  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.integration
 
@@ -41,18 +41,6 @@ CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conform
 GET_EXAMPLES = 25
 POST_EXAMPLES = 8
 BUDGET = 60.0
-
-
-@pytest.fixture
-async def api(rtm_env, docker_client):
-    a = Api(rtm_env, docker_client)
-    try:
-        yield a
-    finally:
-        try:
-            await a.stop_all()
-        finally:
-            await a.close()
 
 
 def run_schemathesis(base: str, token: str) -> tuple[dict[str, collections.Counter], dict[str, str]]:
