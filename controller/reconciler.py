@@ -209,9 +209,8 @@ class Reconciler:
             await self._run(kind, record, container, spec)
         elif kind is ActionKind.STOP:
             assert container is not None
-            await self.docker.stop(container.id, self.settings.stop_grace)
-            after = await self.docker.inspect(container.id)
-            await self._mark_stopped(record, after)
+            await self.docker.stop(container.id, self.settings.stop_grace)  # returns once it has exited
+            await self._mark_stopped(record, container)
         elif kind is ActionKind.MARK_STOPPED:
             await self._mark_stopped(record, container)
         elif kind is ActionKind.RECOVER:
