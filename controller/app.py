@@ -328,7 +328,7 @@ class Controller:
                     continue
                 ips = {c.id: c.ip_address for c in await self.docker.list_managed() if c.running}
 
-                async def probe(rec) -> None:
+                async def probe(rec, ips=ips) -> None:
                     async with sem:
                         await self.reconciler.probe_health(rec, ips.get(rec.current_container_id or ""))
 

@@ -7,7 +7,6 @@ mount; a stop job stops one of them and is answered.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 

@@ -133,18 +133,6 @@ class Api:
         return self.docker.containers.list(all=True, filters={"label": f"com.galaxy.game-id={game}"})
 
 
-@pytest.fixture
-async def api(rtm_env, docker_client):
-    a = Api(rtm_env, docker_client)
-    try:
-        yield a
-    finally:
-        try:
-            await a.stop_all()
-        finally:
-            await a.close()
-
-
 def assert_result_shape(body: dict[str, Any], *, with_operation: bool = True) -> None:
     expected = RESULT_FIELDS | ({"operation_id"} if with_operation else set())
     assert set(body) == expected, body

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.integration.test_http import STUB_10, STUB_11, api  # noqa: F401 - the fixture
+from tests.integration.test_http import STUB_10, STUB_11
 
 pytestmark = pytest.mark.integration
 
