@@ -43,11 +43,15 @@ class EventWatcher:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.reconnect()
+
+    def reconnect(self) -> None:
+        """Drop the current stream, as a dockerd restart would; the reader reconnects and relists."""
         stream = self._stream
         if stream is not None:
             try:
                 stream.close()
-            except Exception:  # noqa: BLE001 - closing a dead stream may fail; we are leaving anyway
+            except Exception:  # noqa: BLE001 - already closed
                 pass
 
     def alive(self) -> bool:
@@ -55,6 +59,7 @@ class EventWatcher:
 
     def _run(self) -> None:
         delay = 0.5
+        self.connects = 0
         filters = {"type": "container", "event": list(WATCHED),
                    "label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_INSTANCE}={self.instance}"]}
         while not self._stopping.is_set():
@@ -63,6 +68,7 @@ class EventWatcher:
                 client = docker.from_env(timeout=None)
                 self._stream = client.events(decode=True, filters=filters)
                 self.connected = True
+                self.connects += 1
                 delay = 0.5
                 self._loop.call_soon_threadsafe(self._on_connect)
                 for event in self._stream:

@@ -395,3 +395,20 @@ async def test_an_image_banned_after_it_was_accepted_is_not_started_again(h, poo
     c.reload()
     assert c.status == "exited"
     del ctl
+
+
+async def test_events_missed_while_the_stream_was_down_are_caught_by_the_relist(h, pool):
+    """The event stream ends (as on a dockerd restart) and says nothing of what happened meanwhile:
+    the reconnect relists before trusting events again."""
+    store = Store(pool)
+    ctl = await h.start(resync_interval="300")  # no periodic resync within the test
+    await h.result(await h.submit_start("relist-1"))
+    await eventually(lambda: ctl.events.connected, what="event stream connected")
+    connects = ctl.events.connects
+    ctl.events.reconnect()
+    await eventually(lambda: not ctl.events.connected, timeout=5, what="stream dropped")
+    [c] = h.containers("relist-1")
+    c.kill()  # while no stream is connected: this event is lost
+    await eventually(lambda: ctl.events.connects > connects, timeout=10, what="reconnected")
+    rec = await eventually(lambda: _crashed_and_back(store, "relist-1"), timeout=10, what="noticed by the relist")
+    assert rec.last_exit_code == 137
