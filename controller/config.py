@@ -64,7 +64,8 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_ENGINE_USER", "", "uid[:gid] the engine runs as (empty: the image's own user)"),
     Var("RTMANAGER_PROBE_ADDRESS", "ip", "how the health probe reaches the engine: ip or hostname"),
     Var("RTMANAGER_ORPHAN_GRACE", "10", "seconds an unrecorded container with our labels is left alone"),
-    Var("RTMANAGER_MAX_REMOVALS", "10", "orphan containers disposed at most per resync interval"),
+    Var("RTMANAGER_MAX_REMOVALS", "10", "containers removed on the controller's own initiative (orphans, "
+        "cleanup TTL) at most per resync interval"),
     Var("RTMANAGER_DRY_RUN", "0", "1: log every container action the controller would take, take none"),
     Var("RTMANAGER_CRASH_LIMIT", "5", "crashes within the crash window that end in a terminal failure"),
     Var("RTMANAGER_CRASH_WINDOW", "600", "seconds without a crash after which the crash count starts again"),

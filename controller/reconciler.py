@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
@@ -90,11 +91,16 @@ class Reconciler:
         self.metrics = metrics
         self.queue = queue
         self._results_written = results_written
-        self.dispose_budget = settings.max_removals  # refilled by every resync
+        self.dispose_budget = settings.max_removals  # refilled by the resync, once per interval
+        self._budget_refilled_at = time.monotonic()
         self.fence = fence
 
     def refill_dispose_budget(self) -> None:
-        self.dispose_budget = self.settings.max_removals
+        """At most once per resync interval, however many resyncs run (events reconnecting force some)."""
+        now = time.monotonic()
+        if now - self._budget_refilled_at >= self.settings.resync_interval:
+            self.dispose_budget = self.settings.max_removals
+            self._budget_refilled_at = now
 
     def plan_for(self, record: RuntimeRecord | None, container: ObservedContainer | None):
         spec = build_spec(self.settings, record) if record and record.desired_image_ref else None
@@ -146,9 +152,11 @@ class Reconciler:
                 log.info("dry run: would %s: %s", action.kind.value, action.reason,
                          extra={"game_id": game_id, "action": action.kind.value, "dry_run": True})
                 return
-            if action.kind is ActionKind.DISPOSE:
+            if action.kind in (ActionKind.DISPOSE, ActionKind.CLEANUP):
+                # Removals nobody asked for (orphans, the cleanup TTL) are rationed: a wrong
+                # database or clock must not empty the host in one go.
                 if self.dispose_budget <= 0:
-                    log.warning("not disposing %s: the removal budget of this resync interval is spent",
+                    log.warning("not removing %s: the removal budget of this resync interval is spent",
                                 container_name(game_id), extra={"game_id": game_id})
                     self.queue.add_after(game_id, self.settings.resync_interval)
                     return

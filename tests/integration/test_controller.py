@@ -412,3 +412,21 @@ async def test_events_missed_while_the_stream_was_down_are_caught_by_the_relist(
     await eventually(lambda: ctl.events.connects > connects, timeout=10, what="reconnected")
     rec = await eventually(lambda: _crashed_and_back(store, "relist-1"), timeout=10, what="noticed by the relist")
     assert rec.last_exit_code == 137
+
+
+async def test_removals_nobody_asked_for_are_rationed_per_resync(h, pool):
+    store = Store(pool)
+    await h.start(cleanup_ttl="300", resync_interval="300", max_removals="1")
+    for g in ("ration-1", "ration-2"):
+        await h.result(await h.submit_start(g))
+        await h.result(await h.submit_stop(g), job="stop")
+    await h.stop_all()
+    await asyncio.sleep(1.2)
+    ctl = await h.start(cleanup_ttl="1", resync_interval="300", max_removals="1")  # both past the TTL
+    async def one_removed():
+        return [g for g in ("ration-1", "ration-2") if (await store.get(g)).status is Status.REMOVED]
+
+    await eventually(one_removed, timeout=10, what="one cleanup")
+    await asyncio.sleep(1.5)
+    assert len(await one_removed()) == 1  # the second waits for the next resync interval's budget
+    del ctl
