@@ -81,6 +81,8 @@ _OBSERVED_COLUMNS = frozenset({
     "observed_generation", "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at",
     "restart_not_before", "health_checked_at",
 })
+_DESIRED_COLUMNS = ("desired_status", "desired_image_ref", "generation", "spec_revision", "stop_reason",
+                    "last_op_at")
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
 
@@ -100,6 +102,21 @@ def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
 
 def _db_value(v: Any) -> Any:
     return v.value if hasattr(v, "value") else v
+
+
+_INSERT_RECORD = (f"INSERT INTO runtime_records ({', '.join(_RECORD_COLUMNS)})"
+                  f" VALUES ({', '.join(f'${i}' for i in range(1, len(_RECORD_COLUMNS) + 1))})")
+
+
+async def _insert_record(conn: asyncpg.Connection, record: RuntimeRecord, on_conflict: str = "") -> None:
+    await conn.execute(_INSERT_RECORD + on_conflict, *[_db_value(getattr(record, c)) for c in _RECORD_COLUMNS])
+
+
+async def _set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str, Any]) -> None:
+    """UPDATE the given columns of one record (the names come from code, never from input)."""
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=2))
+    await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
+                       game_id, *[_db_value(v) for v in changes.values()])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,14 +226,9 @@ class Store:
 
     async def upsert(self, record: RuntimeRecord) -> None:
         record.validate()
-        cols = ", ".join(_RECORD_COLUMNS)
-        params = ", ".join(f"${i}" for i in range(1, len(_RECORD_COLUMNS) + 1))
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RECORD_COLUMNS if c != "game_id")
         async with self._tx() as conn:
-            await conn.execute(
-                f"INSERT INTO runtime_records ({cols}) VALUES ({params}) ON CONFLICT (game_id) DO UPDATE SET {updates}",
-                *[_db_value(getattr(record, c)) for c in _RECORD_COLUMNS],
-            )
+            await _insert_record(conn, record, f" ON CONFLICT (game_id) DO UPDATE SET {updates}")
 
     async def update_status(self, upd: StatusUpdate, finish: "Finish | None" = None,
                             note: "ReconcilerNote | None" = None) -> RuntimeRecord:
@@ -260,9 +272,7 @@ class Store:
                 changes["last_op_at"] = current.last_op_at
             new = current.replace(**changes)
             new.validate()
-            sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=2))
-            await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
-                               upd.game_id, *[_db_value(v) for v in changes.values()])
+            await _set_columns(conn, upd.game_id, changes)
             if finish is not None:
                 await self._finish_pending(conn, new, finish)
             if note is not None:
@@ -299,9 +309,7 @@ class Store:
                                stopped_at=cur.stopped_at if status is Status.STOPPED and cur.stopped_at else now)
             new = cur.replace(**changes)
             new.validate()
-            sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=2))
-            await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
-                               game_id, *[_db_value(v) for v in changes.values()])
+            await _set_columns(conn, game_id, changes)
             await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
                                                          error_code=code, message=message))
             if note is not None:
@@ -317,15 +325,12 @@ class Store:
             cur = record_from_row(row)
             if cur.generation != generation or cur.status is not Status.STOPPED:
                 return None
-            new = cur.replace(desired_status=DesiredStatus.REMOVED, generation=generation + 1,
-                              observed_generation=generation + 1, status=Status.REMOVED,
-                              removed_at=now, current_container_id=None, health=Health.UNKNOWN,
-                              last_op_at=max(now, cur.last_op_at))
+            changes = dict(desired_status=DesiredStatus.REMOVED, generation=generation + 1,
+                           observed_generation=generation + 1, status=Status.REMOVED, removed_at=now,
+                           current_container_id=None, health=Health.UNKNOWN, last_op_at=max(now, cur.last_op_at))
+            new = cur.replace(**changes)
             new.validate()
-            await conn.execute(
-                "UPDATE runtime_records SET desired_status = 'removed', generation = $2, observed_generation = $2,"
-                " status = 'removed', removed_at = $3, current_container_id = NULL, health = 'unknown',"
-                " last_op_at = $4 WHERE game_id = $1", game_id, generation + 1, now, new.last_op_at)
+            await _set_columns(conn, game_id, changes)
             await self._insert_op(conn, game_id, OpKind.CLEANUP, OpSource.RECONCILER, OpStatus.SUCCEEDED,
                                   generation + 1, None, None, {"reason": "cleanup_ttl"}, now, None, None)
             return new
@@ -473,15 +478,9 @@ class Store:
                              new: RuntimeRecord) -> None:
         new.validate()
         if current is None:
-            cols = ", ".join(_RECORD_COLUMNS)
-            params = ", ".join(f"${i}" for i in range(1, len(_RECORD_COLUMNS) + 1))
-            await conn.execute(f"INSERT INTO runtime_records ({cols}) VALUES ({params})",
-                               *[_db_value(getattr(new, c)) for c in _RECORD_COLUMNS])
+            await _insert_record(conn, new)
             return
-        cols = ("desired_status", "desired_image_ref", "generation", "spec_revision", "stop_reason", "last_op_at")
-        sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(cols, start=2))
-        await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
-                           new.game_id, *[_db_value(getattr(new, c)) for c in cols])
+        await _set_columns(conn, new.game_id, {c: getattr(new, c) for c in _DESIRED_COLUMNS})
 
     async def _supersede_older(self, conn: asyncpg.Connection, record: RuntimeRecord, now: datetime) -> None:
         rows = await conn.fetch(
