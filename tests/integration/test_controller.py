@@ -8,70 +8,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import docker
 import pytest
-import redis.asyncio as aioredis
 
-from controller.app import Controller
-from controller.config import Settings
 from controller.reconciler import build_spec
 from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
 from desired.store import Store
 from observed.docker import DockerAdapter, ensure_state_dir
+from tests.integration.harness import Harness
 
 pytestmark = pytest.mark.integration
-
-
-class Harness:
-    """Starts and stops in-process controllers on one isolated environment."""
-
-    def __init__(self, env: dict[str, str], docker_client: docker.DockerClient) -> None:
-        self.env = env
-        self.docker = docker_client
-        self.running: list[tuple[Controller, asyncio.Task]] = []
-        self.redis = aioredis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
-        self.last_result = "0-0"
-        self.results: list[dict[str, str]] = []
-
-    def settings(self, **overrides: str) -> Settings:
-        return Settings.from_env({**self.env, **{f"RTMANAGER_{k.upper()}": v for k, v in overrides.items()}})
-
-    async def start(self, **overrides: str) -> Controller:
-        ctl = Controller(self.settings(**overrides))
-        await ctl.start()
-        task = asyncio.create_task(ctl.run_until_stopped(handle_signals=False))
-        self.running.append((ctl, task))
-        return ctl
-
-    async def stop_all(self) -> None:
-        for ctl, task in self.running:
-            ctl.stopping.set()
-            assert await asyncio.wait_for(task, 30) == 0
-        self.running.clear()
-
-    async def submit_start(self, game: str, image: str = "galaxy/engine-stub:1.0") -> str:
-        return await self.redis.xadd(self.env["RTMANAGER_START_STREAM"], {"game_id": game, "image_ref": image})
-
-    async def submit_stop(self, game: str, reason: str = "cancelled") -> str:
-        return await self.redis.xadd(self.env["RTMANAGER_STOP_STREAM"], {"game_id": game, "reason": reason})
-
-    async def result(self, entry_id: str, job: str = "start", timeout: float = 30) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for r in self.results:
-                if r["job_entry_id"] == entry_id and r["job"] == job:
-                    return r
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {job} result for {entry_id} in {timeout}s; got {self.results}")
-            reply = await self.redis.xread({self.env["RTMANAGER_RESULTS_STREAM"]: self.last_result}, block=200)
-            for _, entries in reply or []:
-                for eid, fields in entries:
-                    self.last_result = eid
-                    self.results.append(fields)
-
-    def containers(self, game: str) -> list[docker.models.containers.Container]:
-        return self.docker.containers.list(all=True, filters={"label": f"com.galaxy.game-id={game}"})
 
 
 @pytest.fixture

@@ -17,11 +17,10 @@ from typing import Any
 import aiohttp
 import docker
 import pytest
-import redis.asyncio as aioredis
 import yarl
 
 from controller.app import Controller
-from controller.config import Settings
+from tests.integration.harness import Harness
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +36,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Api:
+class Api(Harness):
     """In-process controllers of one isolated environment, and an HTTP client for them."""
 
     def __init__(self, env: dict[str, str], docker_client: docker.DockerClient) -> None:
         self.token = secrets.token_hex(16)  # 32 characters
         assert len(self.token) == 32
-        self.env = {**env, "RTMANAGER_HTTP_HOST": "127.0.0.1", "RTMANAGER_API_TOKEN": self.token,
-                    "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*,galaxy/engine:*"}
-        self.docker = docker_client
-        self.running: list[tuple[Controller, asyncio.Task]] = []
+        super().__init__({**env, "RTMANAGER_HTTP_HOST": "127.0.0.1", "RTMANAGER_API_TOKEN": self.token,
+                          "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*,galaxy/engine:*"}, docker_client)
         self.port = 0
         self.session: aiohttp.ClientSession | None = None
-        self.redis = aioredis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
-        self.last_result = "0-0"
-        self.results: list[dict[str, str]] = []
 
     @property
     def base(self) -> str:
@@ -64,12 +58,8 @@ class Api:
     async def start(self, leader: bool = True, **overrides: str) -> Controller:
         """A controller on a fresh free port; with ``leader`` wait until it leads."""
         port = free_port()
-        env = {**self.env, "RTMANAGER_HTTP_PORT": str(port),
-               **{f"RTMANAGER_{k.upper()}": v for k, v in overrides.items()}}
-        ctl = Controller(Settings.from_env(env))
-        await ctl.start()
-        task = asyncio.create_task(ctl.run_until_stopped(handle_signals=False))
-        self.running.append((ctl, task))
+        ctl = await super().start(http_port=str(port), **overrides)
+        task = self.running[-1][1]
         if not self.port:
             self.port = port
         if self.session is None:
@@ -81,12 +71,6 @@ class Api:
                 assert not task.done(), f"the controller stopped: {task.result()}"
                 await asyncio.sleep(0.05)
         return ctl
-
-    async def stop_all(self) -> None:
-        for ctl, task in reversed(self.running):
-            ctl.stopping.set()
-            assert await asyncio.wait_for(task, 40) == 0
-        self.running.clear()
 
     async def close(self) -> None:
         if self.session is not None:
@@ -114,23 +98,6 @@ class Api:
         status, resp_body, _ = await self.request("POST", f"/api/v1/runtimes/{game}/{kind}", json=body,
                                                   params=params, **kwargs)
         return status, resp_body
-
-    async def stream_result(self, predicate, timeout: float = 30, what: str = "result") -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            for r in self.results:
-                if predicate(r):
-                    return r
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {what} on the results stream in {timeout}s; got {self.results}")
-            reply = await self.redis.xread({self.env["RTMANAGER_RESULTS_STREAM"]: self.last_result}, block=200)
-            for _, entries in reply or []:
-                for eid, fields in entries:
-                    self.last_result = eid
-                    self.results.append(fields)
-
-    def containers(self, game: str) -> list:
-        return self.docker.containers.list(all=True, filters={"label": f"com.galaxy.game-id={game}"})
 
 
 def assert_result_shape(body: dict[str, Any], *, with_operation: bool = True) -> None:
