@@ -1,0 +1,203 @@
+"""Production events around ``rtmanager run`` as a process: an empty database next to running
+games, a Postgres outage longer than the lease, a replica whose clock is behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import asyncpg
+import pytest
+import redis
+
+from tests.conftest import admin_sql, dsn_for
+from tests.e2e.test_outages import PostgresCluster, free_port
+from tests.e2e.test_walking_skeleton import migrate
+from tests.support import ControllerProcess, ResultReader
+
+pytestmark = pytest.mark.e2e
+
+STUB = "galaxy/engine-stub:1.0"
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s (last: {got!r})"
+        time.sleep(interval)
+
+
+def http_status(url: str, timeout: float = 3.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def running(docker_client, game: str) -> list[str]:
+    return [c.id for c in docker_client.containers.list(filters={"label": f"com.galaxy.game-id={game}"})]
+
+
+# --------------------------------------------------------------- defect 5: an empty database
+def test_a_controller_on_an_empty_database_never_disposes_of_running_games(rtm_env, docker_client, tmp_path,
+                                                                          unique):
+    env = {**rtm_env, "RTMANAGER_ORPHAN_GRACE": "0", "RTMANAGER_RESYNC_INTERVAL": "0.5"}
+    migrate(env)
+    games = [f"keep-{unique}-a", f"keep-{unique}-b"]
+    r = redis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
+    reader = ResultReader(env["RTMANAGER_REDIS_URL"], env["RTMANAGER_RESULTS_STREAM"])
+    ctl = ControllerProcess(env, tmp_path / "first.log").start()
+    try:
+        entries = [r.xadd(env["RTMANAGER_START_STREAM"], {"game_id": g, "image_ref": STUB}) for g in games]
+        for e in entries:
+            assert reader.for_entry(e, timeout=60)["outcome"] == "success"
+    finally:
+        assert ctl.stop() == 0
+    before = {g: running(docker_client, g) for g in games}
+    assert all(len(ids) == 1 for ids in before.values())
+
+    # The database is lost (a new volume, `compose down -v`): same instance, empty schema.
+    fresh = f"rtm_test_{os.getpid()}_fresh_{unique}"
+    admin_sql(f'CREATE DATABASE "{fresh}"')
+    env2 = {**env, "RTMANAGER_DATABASE_URL": dsn_for(fresh)}  # Redis and its consumer group are kept
+    migrate(env2)
+    ctl = ControllerProcess(env2, tmp_path / "second.log").start()
+    try:
+        wait_until(lambda: "unowned" in ctl.log(), 30, "the unowned containers reported")
+        time.sleep(3)  # six resync intervals: plenty of chances to dispose of them
+        assert {g: running(docker_client, g) for g in games} == before, ctl.log()[-3000:]
+        status = cli(env2, "status")
+        assert status.returncode == 0, status.stderr
+        for g in games:
+            assert any(g in line and "unowned" in line for line in status.stdout.splitlines()), status.stdout
+
+        # An operator hands one back to rtmanager and disposes of the other.
+        adopt = cli(env2, "adopt", games[0])
+        assert adopt.returncode == 0, adopt.stderr
+        dispose = cli(env2, "dispose", games[1])
+        assert dispose.returncode == 0, dispose.stderr
+
+        def settled():
+            return running(docker_client, games[1]) == [] and len(running(docker_client, games[0])) == 1
+
+        wait_until(settled, 30, "the adopted game running and the disposed one gone")
+        out = cli(env2, "status").stdout
+        line = next(line for line in out.splitlines() if games[0] in line)
+        assert "running" in line and "unowned" not in line, out
+        # the adopted game is managed again: a stop works as usual
+        stop = r.xadd(env["RTMANAGER_STOP_STREAM"], {"game_id": games[0], "reason": "cancelled"})
+        res = reader.for_entry(stop, timeout=30)
+        assert res["outcome"] == "success" and res["error_code"] == "", res
+    finally:
+        assert ctl.stop() == 0, ctl.log()[-3000:]
+        admin_sql(f'DROP DATABASE IF EXISTS "{fresh}" WITH (FORCE)')
+        r.close()
+        reader.close()
+
+
+# --------------------------------------------------------------- defect 6: a Postgres outage past the lease
+@pytest.mark.parametrize("outage", [5.0, 20.0])
+def test_a_postgres_outage_longer_than_the_lease_does_not_end_the_process(rtm_env, tmp_path, unique, outage):
+    pg = PostgresCluster()
+    pg.start()
+    port = free_port()
+    env = {**rtm_env, "RTMANAGER_DATABASE_URL": pg.url, "RTMANAGER_LEASE_TTL": "2",
+           "RTMANAGER_HTTP_PORT": str(port), "RTMANAGER_HTTP_HOST": "127.0.0.1"}
+    ctl = None
+    r = redis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
+    reader = ResultReader(env["RTMANAGER_REDIS_URL"], env["RTMANAGER_RESULTS_STREAM"])
+    try:
+        migrate(env)
+        ctl = ControllerProcess(env, tmp_path / "rtmanager.log").start()
+        warm = r.xadd(env["RTMANAGER_STOP_STREAM"], {"game_id": "warm-up", "reason": "cancelled"})
+        reader.for_entry(warm, timeout=30)
+        pg.stop()
+        during = [r.xadd(env["RTMANAGER_STOP_STREAM"], {"game_id": f"pgo-{unique}-{i}", "reason": "cancelled"})
+                  for i in range(5)]
+        deadline = time.monotonic() + outage
+        saw_not_ready = False
+        while time.monotonic() < deadline:
+            assert ctl.proc.poll() is None, f"the controller exited: {ctl.log()[-3000:]}"
+            assert http_status(f"http://127.0.0.1:{port}/healthz") == 200
+            saw_not_ready |= http_status(f"http://127.0.0.1:{port}/readyz") == 503
+            time.sleep(0.5)
+        assert saw_not_ready
+        pg.start()
+        for e in during:
+            res = reader.for_entry(e, timeout=60)
+            assert res["outcome"] == "success", res
+        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 30, "ready again")
+        assert ctl.proc.poll() is None
+    finally:
+        if ctl is not None:
+            assert ctl.stop() == 0, ctl.log()[-3000:]
+        pg.remove()
+        r.close()
+        reader.close()
+
+
+# --------------------------------------------------------------- the database clock
+def test_a_replica_whose_clock_is_an_hour_behind_keeps_every_record_valid(rtm_env, docker_client, tmp_path,
+                                                                          unique):
+    env = {**rtm_env, "RTMANAGER_LEASE_TTL": "2"}
+    migrate(env)
+    game = f"clock-{unique}"
+    r = redis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
+    reader = ResultReader(env["RTMANAGER_REDIS_URL"], env["RTMANAGER_RESULTS_STREAM"])
+    ctl = ControllerProcess(env, tmp_path / "first.log").start()
+    try:
+        e = r.xadd(env["RTMANAGER_START_STREAM"], {"game_id": game, "image_ref": STUB})
+        assert reader.for_entry(e, timeout=60)["outcome"] == "success"
+    finally:
+        assert ctl.stop() == 0
+    # The next leader's wall clock is an hour behind (monotonic time is left alone).
+    slow = ControllerProcess({**env, "FAKETIME": "-1h", "DONT_FAKE_MONOTONIC": "1",
+                              "LD_PRELOAD": _libfaketime()}, tmp_path / "second.log").start()
+    try:
+        e = r.xadd(env["RTMANAGER_STOP_STREAM"], {"game_id": game, "reason": "cancelled"})
+        res = reader.for_entry(e, timeout=60)
+        assert res["outcome"] == "success" and res["error_code"] == "", (res, slow.log()[-3000:])
+        e = r.xadd(env["RTMANAGER_START_STREAM"], {"game_id": game, "image_ref": STUB})
+        res = reader.for_entry(e, timeout=60)
+        assert res["outcome"] == "success", (res, slow.log()[-3000:])
+    finally:
+        assert slow.stop() == 0, slow.log()[-3000:]
+        r.close()
+        reader.close()
+
+    async def times():
+        conn = await asyncpg.connect(env["RTMANAGER_DATABASE_URL"])
+        try:
+            return await conn.fetchrow("SELECT started_at, stopped_at, last_op_at, created_at, now() AS now"
+                                       " FROM runtime_records WHERE game_id = $1", game)
+        finally:
+            await conn.close()
+
+    import asyncio
+    row = asyncio.run(times())
+    assert row["last_op_at"] >= row["created_at"] and abs((row["now"] - row["last_op_at"]).total_seconds()) < 600, \
+        json.dumps({k: str(v) for k, v in row.items()})
+
+
+def _libfaketime() -> str:
+    for path in ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+                 "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"):
+        if os.path.exists(path):
+            return path
+    raise AssertionError("libfaketime.so.1 not found; deploy/test.sh installs Debian's faketime")
