@@ -1,4 +1,4 @@
-"""The Docker adapter: docker-py behind a bounded thread pool.
+"""The Docker backend (one Docker host): docker-py behind a bounded thread pool.
 
 docker-py is synchronous. Every call runs in a ``ThreadPoolExecutor`` whose
 size equals the client's HTTP connection pool, so no thread ever waits for a
@@ -7,11 +7,15 @@ not cancel the call already running in its thread: callers must treat every
 action as "may have happened" and re-read the truth next time, which the
 reconciler does.
 
-Driver errors are translated here, once:
+Driver errors are translated here, once (``observed.errors``):
 
-* connection failures, timeouts and 5xx answers -> ``DockerUnavailable`` (retry);
-* a missing image that cannot be pulled          -> ``ImageUnavailable``;
-* create / start refused by the daemon           -> ``ContainerStartFailed``.
+* connection failures, timeouts and 5xx answers -> ``BackendUnavailable`` (retry);
+* a missing image that cannot be pulled          -> ``ImageMissing``;
+* create / start refused by the daemon           -> ``Refused``.
+
+Every way of taking an engine down (stop, and remove of a unit that still runs)
+sends SIGTERM and waits the grace period before docker kills it: engines save
+their state on SIGTERM.
 
 Create is idempotent through the deterministic name: a 409 conflict means the
 container exists already (an earlier attempt whose answer was lost), and the
@@ -33,7 +37,9 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from desired.errors import ContainerStartFailed, DockerUnavailable, ImageUnavailable
+from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.text import safe_text
+from observed.events import EventWatcher
 from observed.model import (
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -51,7 +57,11 @@ _MUTATING = frozenset({"network", "pull", "create", "start", "stop", "remove"})
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
 
 
-class DockerAdapter:
+class DockerBackend:
+    """The runtime backend port (observed/backend.py) on one Docker host."""
+
+    name = "docker"
+
     def __init__(self, *, instance: str, network: str, pool_size: int = 8, timeout: float = 30.0,
                  observer: Callable[[str, float, bool], None] | None = None,
                  guard: Callable[[], None] | None = None) -> None:
@@ -90,11 +100,11 @@ class DockerAdapter:
             if exc.status_code is not None and exc.status_code < 500:
                 ok = True
                 raise
-            raise DockerUnavailable(f"docker {op}: {exc.explanation or exc}") from exc
+            raise BackendUnavailable(f"docker {op}: {exc.explanation or exc}") from exc
         except docker.errors.DockerException as exc:
-            raise DockerUnavailable(f"docker {op}: {exc}") from exc
+            raise BackendUnavailable(f"docker {op}: {exc}") from exc
         except _TRANSIENT as exc:
-            raise DockerUnavailable(f"docker {op}: {exc.__class__.__name__}: {exc}") from exc
+            raise BackendUnavailable(f"docker {op}: {exc.__class__.__name__}: {exc}") from exc
         finally:
             if self._observer is not None:
                 self._observer(op, loop.time() - started, ok)
@@ -126,14 +136,22 @@ class DockerAdapter:
         return from_inspect(attrs, self.network)
 
     async def logs_tail(self, name_or_id: str, lines: int = 20) -> str:
+        """The engine's last lines, as safe text (engines print anything, NUL included)."""
         try:
             raw = await self._call("logs", lambda: self._docker().api.logs(
                 name_or_id, stdout=True, stderr=True, tail=lines))
-        except (docker.errors.NotFound, docker.errors.APIError, DockerUnavailable):
+        except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable):
             return ""
-        return raw.decode("utf-8", errors="replace").strip()
+        return safe_text(raw, 4000, keep_tail=True).strip()
+
+    def events(self, on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> EventWatcher:
+        return EventWatcher(instance=self.instance, loop=asyncio.get_running_loop(), on_event=on_event,
+                            on_connect=on_connect)
 
     # ---------------------------------------------------------------- actions
+    async def prepare(self) -> None:
+        await self.ensure_network()
+
     async def ensure_network(self) -> None:
         async with self._network_lock:
             if not self._network_ready:
@@ -153,7 +171,7 @@ class DockerAdapter:
                 raise
 
     async def ensure_image(self, image: str) -> None:
-        """Present locally, or pulled once; otherwise ImageUnavailable."""
+        """Present locally, or pulled once; otherwise ImageMissing."""
         try:
             await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
             return
@@ -162,10 +180,10 @@ class DockerAdapter:
         try:
             log.info("pulling image %s", image)
             await self._call("pull", lambda: self._docker().images.pull(image))
-        except (docker.errors.NotFound, docker.errors.APIError, DockerUnavailable) as exc:
+        except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable) as exc:
             # One pull, then image_unavailable (the contract): the daemon reports an unreachable
             # registry and an unknown image alike, as a 5xx, so they cannot be told apart here.
-            raise ImageUnavailable(f"image {image} is not present and could not be pulled: {_short(exc)}") from exc
+            raise ImageMissing(f"image {image} is not present and could not be pulled: {_short(exc)}") from exc
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the container for ``spec``; if the name is taken, return what holds it."""
@@ -205,22 +223,22 @@ class DockerAdapter:
                     return existing
             if exc.status_code == 404 and "network" in str(exc).lower():
                 self._network_ready = False  # deleted behind our back: create it again next time
-                raise DockerUnavailable(f"create {spec.name}: {_short(exc)}") from exc
+                raise BackendUnavailable(f"create {spec.name}: {_short(exc)}") from exc
             if exc.status_code == 404:
-                raise ImageUnavailable(f"image {spec.image}: {_short(exc)}") from exc
-            raise ContainerStartFailed(f"create {spec.name}: {_short(exc)}") from exc
+                raise ImageMissing(f"image {spec.image}: {_short(exc)}") from exc
+            raise Refused(f"create {spec.name}: {_short(exc)}") from exc
         found = await self.inspect(container_id)
         if found is None:
-            raise ContainerStartFailed(f"container {spec.name} vanished right after create")
+            raise Refused(f"container {spec.name} vanished right after create")
         return found
 
     async def start(self, container_id: str) -> None:
         try:
             await self._call("start", lambda: self._docker().api.start(container_id))
         except docker.errors.NotFound as exc:
-            raise ContainerStartFailed(f"start: container {container_id[:12]} is gone") from exc
+            raise Refused(f"start: container {container_id[:12]} is gone") from exc
         except docker.errors.APIError as exc:
-            raise ContainerStartFailed(f"start {container_id[:12]}: {_short(exc)}") from exc
+            raise Refused(f"start {container_id[:12]}: {_short(exc)}") from exc
 
     async def stop(self, container_id: str, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds (docker's own stop)."""
@@ -242,9 +260,11 @@ class DockerAdapter:
         except docker.errors.APIError as exc:
             if exc.status_code == 304:  # already stopped
                 return
-            raise DockerUnavailable(f"stop {container_id[:12]}: {_short(exc)}") from exc
+            raise BackendUnavailable(f"stop {container_id[:12]}: {_short(exc)}") from exc
 
-    async def remove(self, container_id: str) -> None:
+    async def remove(self, container_id: str, grace: float) -> None:
+        """Stop gracefully first (a forced remove would SIGKILL a running engine), then remove."""
+        await self.stop(container_id, grace)
         try:
             await self._call("remove", lambda: self._docker().api.remove_container(container_id, force=True))
         except docker.errors.NotFound:
@@ -252,12 +272,13 @@ class DockerAdapter:
         except docker.errors.APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc):
                 return
-            raise DockerUnavailable(f"remove {container_id[:12]}: {_short(exc)}") from exc
+            raise BackendUnavailable(f"remove {container_id[:12]}: {_short(exc)}") from exc
 
 
 def _short(exc: BaseException) -> str:
     text = getattr(exc, "explanation", None) or str(exc)
-    return str(text).strip().splitlines()[0][:300] if text else exc.__class__.__name__
+    text = safe_text(str(text)).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
 def ensure_state_dir(state_root: str, path: str, uid: int | None = None) -> None:
@@ -268,7 +289,7 @@ def ensure_state_dir(state_root: str, path: str, uid: int | None = None) -> None
     """
     root = os.path.abspath(state_root)
     if os.path.dirname(os.path.abspath(path)) != root:
-        raise ContainerStartFailed(f"state path {path} is not directly under {root}")
+        raise Refused(f"state path {path} is not directly under {root}")
     os.makedirs(root, mode=0o711, exist_ok=True)
     try:
         os.mkdir(path, 0o700)
@@ -276,7 +297,7 @@ def ensure_state_dir(state_root: str, path: str, uid: int | None = None) -> None
         pass
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
-        raise ContainerStartFailed(f"state path {path} exists and is not a directory")
+        raise Refused(f"state path {path} exists and is not a directory")
     if uid is not None and st.st_uid != uid:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:

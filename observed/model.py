@@ -19,6 +19,10 @@ LABEL_INSTANCE = "com.galaxy.instance"
 LABEL_GAME_ID = "com.galaxy.game-id"
 LABEL_SPEC_HASH = "com.galaxy.spec-hash"
 LABEL_GENERATION = "com.galaxy.generation"
+# Which database (its identity uid) and which leadership term created the unit: only a unit
+# provably created under this database may be disposed of as an orphan.
+LABEL_DATABASE = "com.galaxy.database"
+LABEL_EPOCH = "com.galaxy.epoch"
 MANAGED_BY = "rtmanager"
 
 _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
@@ -42,6 +46,8 @@ class ContainerSpec:
     generation: int
     spec_revision: int
     user: str | None = None
+    database: str = ""
+    epoch: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -64,6 +70,8 @@ class ContainerSpec:
             LABEL_GAME_ID: self.game_id,
             LABEL_SPEC_HASH: self.spec_hash,
             LABEL_GENERATION: str(self.generation),
+            LABEL_DATABASE: self.database,
+            LABEL_EPOCH: str(self.epoch),
         }
 
 
@@ -79,6 +87,7 @@ class ObservedContainer:
     oom_killed: bool = False
     ip_address: str | None = None
     finished_at: datetime | None = None
+    mounts: tuple[tuple[str, str], ...] = ()  # (source, destination); from inspect only
 
     @property
     def running(self) -> bool:
@@ -92,6 +101,22 @@ class ObservedContainer:
     @property
     def spec_hash(self) -> str | None:
         return self.labels.get(LABEL_SPEC_HASH)
+
+    @property
+    def database(self) -> str:
+        return self.labels.get(LABEL_DATABASE, "")
+
+    @property
+    def epoch(self) -> int:
+        raw = self.labels.get(LABEL_EPOCH, "")
+        return int(raw) if raw.isdigit() else 0
+
+    def created_under(self, database: str, epoch: int) -> bool:
+        """Provably created by a controller of this database, in this term or an earlier one.
+
+        A unit from another database (a lost volume, a new database) or from a later term
+        than the database knows (a database restored from an older backup) is not."""
+        return bool(self.database) and self.database == database and 0 < self.epoch <= epoch
 
     def managed_by(self, instance: str) -> bool:
         return (self.labels.get(LABEL_MANAGED_BY) == MANAGED_BY
@@ -160,4 +185,5 @@ def from_inspect(attrs: Mapping[str, Any], network: str | None = None) -> Observ
         oom_killed=bool(st.get("OOMKilled")),
         ip_address=_first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network),
         finished_at=_parse_time(st.get("FinishedAt")),
+        mounts=tuple((m.get("Source", ""), m.get("Destination", "")) for m in attrs.get("Mounts") or []),
     )

@@ -1,0 +1,60 @@
+"""The runtime backend port: what the reconciler needs from whatever runs the engines.
+
+One implementation per backend (``observed/docker.py`` for one Docker host; a
+Swarm backend is another implementation of the same port, not an edit of the
+reconciler). Every method translates its driver's errors into
+``observed.errors``; every string it returns is safe text.
+
+A *unit* is what runs one game: a container on a Docker host. Its name is
+deterministic (``galaxy-game-{game_id}``), which is what makes ``create``
+idempotent: a name conflict means an earlier attempt got through, and the
+existing unit is returned for the caller to adopt or replace.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from observed.model import ContainerSpec, ObservedContainer
+
+
+class EventSource(Protocol):
+    """Hints that a unit changed; ``on_connect`` runs after every (re)connect (relist then)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def reconnect(self) -> None: ...
+
+
+class RuntimeBackend(Protocol):
+    name: str
+
+    async def ping(self) -> None: ...
+
+    async def list_managed(self) -> list[ObservedContainer]:
+        """Every unit of this instance, running or not, in one call."""
+
+    async def inspect(self, name_or_id: str) -> ObservedContainer | None:
+        """One unit, or None when it does not exist."""
+
+    async def ensure_image(self, image: str) -> None:
+        """Present, or pulled once; otherwise ImageMissing."""
+
+    async def prepare(self) -> None:
+        """What every unit needs before the first create (the network)."""
+
+    async def create(self, spec: ContainerSpec) -> ObservedContainer: ...
+
+    async def start(self, unit_id: str) -> None: ...
+
+    async def stop(self, unit_id: str, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; returns once it has exited."""
+
+    async def remove(self, unit_id: str, grace: float) -> None:
+        """Stop gracefully (as ``stop``) when it still runs, then remove it."""
+
+    async def logs_tail(self, unit_id: str, lines: int = 20) -> str: ...
+
+    def events(self, on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> EventSource: ...
+
+    def close(self) -> None: ...

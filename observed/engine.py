@@ -1,0 +1,167 @@
+"""The engine client: the health probe and the engine's admin API, over aiohttp.
+
+Engines are untrusted: an answer is read only up to a small bound (an engine
+streaming an endless body must not grow the controller), every request has a
+timeout, and the answer is validated before it is believed. Errors come out
+translated once (``observed.errors``): no answer or a garbled one is
+``EngineUnreachable``, 404 on the status path is ``EngineUnsupported`` (an engine
+without the admin API), 409 on a turn is ``EngineConflict``.
+
+Admin API (paths under the configured admin path, default ``/admin/v1``)::
+
+    GET  status -> 200 {"turn": int, "phase": "idle"|"generating"|"finished",
+                        "last_generation": {"turn": int, "ok": bool, "error": str} | null}
+    POST turns {"expected_turn": N} -> 202 generation of N+1 started
+                                    -> 200 already at N+1 or later (a repeat)
+                                    -> 409 not at turn N, or generating
+
+The compare-and-swap on ``expected_turn`` is what keeps a crash or a redelivery
+from advancing a game twice.
+
+The probe goes to the container's IP on the game network when it has one (the
+controller may run outside that network, where the hostname does not resolve);
+the endpoint reported to Lobby stays the hostname form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+
+from observed.errors import EngineConflict, EngineUnreachable, EngineUnsupported
+from observed.text import safe_text
+
+HEALTH_BODY_LIMIT = 4096      # bytes of a health answer ever read
+ADMIN_BODY_LIMIT = 64 * 1024  # bytes of an admin answer ever read
+PHASES = ("idle", "generating", "finished")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LastGeneration:
+    turn: int
+    ok: bool
+    error: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineStatus:
+    turn: int
+    phase: str
+    last_generation: LastGeneration | None = None
+
+
+class EngineClient:
+    def __init__(self, *, port: int, path: str, admin_path: str = "/admin/v1", attempt_timeout: float = 2.0,
+                 admin_timeout: float = 5.0) -> None:
+        self.port = port
+        self.path = path
+        self.admin_path = admin_path.rstrip("/")
+        self._attempt_timeout = aiohttp.ClientTimeout(total=attempt_timeout)
+        self._admin_timeout = aiohttp.ClientTimeout(total=admin_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # No keep-alive: each probe is a fresh connection, as a new client would make.
+            self._session = aiohttp.ClientSession(
+                timeout=self._attempt_timeout, read_bufsize=HEALTH_BODY_LIMIT,
+                connector=aiohttp.TCPConnector(force_close=True, limit=64))
+        return self._session
+
+    # ------------------------------------------------------------------ health
+    async def check(self, host: str) -> tuple[bool, str]:
+        """One health attempt: (healthy, detail). The body is never read past a few KiB."""
+        url = f"http://{host}:{self.port}{self.path}"
+        try:
+            async with self._http().get(url, allow_redirects=False) as resp:
+                await resp.content.read(HEALTH_BODY_LIMIT)
+                return 200 <= resp.status < 300, f"HTTP {resp.status}"
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            return False, safe_text(f"{exc.__class__.__name__}: {exc}".strip(": "), 300)
+
+    async def wait_healthy(self, host: str, timeout: float,
+                           still_worth_it: Callable[[], Awaitable[bool]] | None = None) -> tuple[bool, str]:
+        """Poll until healthy or ``timeout``; ``still_worth_it()`` returning False stops early."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.02
+        detail = "no attempt"
+        while True:
+            ok, detail = await self.check(host)
+            if ok:
+                return True, detail
+            if still_worth_it is not None and not await still_worth_it():
+                return False, detail
+            left = deadline - loop.time()
+            if left <= 0:
+                return False, detail
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.5)
+
+    # --------------------------------------------------------------- admin API
+    async def _admin(self, method: str, host: str, what: str, body: dict | None = None) -> tuple[int, Any]:
+        url = f"http://{host}:{self.port}{self.admin_path}/{what}"
+        try:
+            async with self._http().request(method, url, json=body, allow_redirects=False,
+                                            timeout=self._admin_timeout) as resp:
+                raw = await resp.content.read(ADMIN_BODY_LIMIT + 1)
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            raise EngineUnreachable(f"engine {what}: {exc.__class__.__name__}: {exc}") from exc
+        if len(raw) > ADMIN_BODY_LIMIT:
+            raise EngineUnreachable(f"engine {what}: answer larger than {ADMIN_BODY_LIMIT} bytes")
+        if status == 404:
+            raise EngineUnsupported(f"the engine has no admin API (404 on {self.admin_path}/{what})")
+        try:
+            data = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            data = None
+        return status, data
+
+    async def status(self, host: str) -> EngineStatus:
+        status, data = await self._admin("GET", host, "status")
+        if status != 200:
+            raise EngineUnreachable(f"engine status: HTTP {status}")
+        return parse_status(data)
+
+    async def request_turn(self, host: str, expected_turn: int) -> bool:
+        """Ask for turn ``expected_turn + 1``: True when generation started, False when the engine
+        was already past it (a repeat). EngineConflict when it is not at that turn or is busy."""
+        status, data = await self._admin("POST", host, "turns", {"expected_turn": expected_turn})
+        if status == 202:
+            return True
+        if status == 200:
+            return False
+        if status == 409:
+            detail = data.get("error", "") if isinstance(data, dict) else ""
+            raise EngineConflict(f"engine refused turn {expected_turn + 1}: {detail or 'conflict'}")
+        raise EngineUnreachable(f"engine turns: HTTP {status}")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def parse_status(data: Any) -> EngineStatus:
+    """Believe an engine's status only when it has the documented shape."""
+    def bad(why: str) -> EngineUnreachable:
+        return EngineUnreachable(f"engine status: {why}")
+
+    if not isinstance(data, dict):
+        raise bad("not a JSON object")
+    turn, phase = data.get("turn"), data.get("phase")
+    if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
+        raise bad("turn must be a non-negative integer")
+    if phase not in PHASES:
+        raise bad(f"phase must be one of {', '.join(PHASES)}")
+    last = data.get("last_generation")
+    last_gen = None
+    if last is not None:
+        if not isinstance(last, dict) or not isinstance(last.get("turn"), int) or not isinstance(last.get("ok"), bool):
+            raise bad("last_generation must be null or {turn, ok, error}")
+        last_gen = LastGeneration(turn=last["turn"], ok=last["ok"], error=safe_text(str(last.get("error") or ""), 500))
+    return EngineStatus(turn=turn, phase=phase, last_generation=last_gen)

@@ -1,0 +1,54 @@
+"""Errors of the runtime backends and of the engine client, split by what the caller should do.
+
+    ObservedError (message is already safe text)
+    ├── BackendUnavailable    the daemon did not answer, or answered 5xx: retry with backoff
+    ├── ImageMissing          the image is not present and could not be pulled
+    ├── Refused               the daemon refused to create or start the container
+    └── EngineError           the engine's admin API (see observed/engine.py)
+        ├── EngineUnreachable     no answer (connection refused, timeout, garbage)
+        ├── EngineUnsupported     the engine has no admin API (404 on its status path)
+        └── EngineConflict        the engine refused a turn (409: not at that turn, or busy)
+
+Driver errors (docker-py, requests, aiohttp) are translated into these once, in
+the adapter that owns the driver, with ``raise ... from exc``. The reconciler maps
+them to the results' error codes in one table.
+"""
+
+from __future__ import annotations
+
+from observed.text import safe_text
+
+
+class ObservedError(Exception):
+    def __init__(self, message: str) -> None:
+        message = safe_text(message, 1000)
+        super().__init__(message)
+        self.message = message
+
+
+class BackendUnavailable(ObservedError):
+    pass
+
+
+class ImageMissing(ObservedError):
+    pass
+
+
+class Refused(ObservedError):
+    pass
+
+
+class EngineError(ObservedError):
+    pass
+
+
+class EngineUnreachable(EngineError):
+    pass
+
+
+class EngineUnsupported(EngineError):
+    pass
+
+
+class EngineConflict(EngineError):
+    pass
