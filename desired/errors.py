@@ -2,17 +2,21 @@
 
     RtmError (code: ErrorCode)
     ├── TemporaryError        retry with backoff; the job stays pending
-    │   ├── DockerUnavailable     the daemon did not answer
-    │   └── StoreUnavailable      Postgres did not answer
+    │   ├── DockerUnavailable     the runtime backend did not answer
+    │   └── StoreUnavailable      Postgres did not answer (or is failing over)
     └── PermanentError        answer the job with a failure now
-        ├── ImageRejected         the image is not (any more) on the allowlist
+        ├── ImageRejected         the image is not (any more) allowed
         ├── ImageUnavailable      the image is not present and cannot be pulled
         ├── ContainerStartFailed  create or start was refused, or the engine exited
         └── EngineUnhealthy       no 2xx on the health path within the start timeout
-    NotFound, Conflict            store outcomes (seed 000), not failures of a job
+    StoreError                a query failed for a reason that is not an outage (a bug, bad data)
+    └── UniqueViolation           names the unique constraint that was violated
+    NotFound, Conflict        store outcomes (compare-and-swap), not failures of a job
 
-Driver errors (asyncpg, redis, docker) are translated once, in the adapters,
-with ``raise ... from exc``.
+Driver errors are translated once, in the adapter that owns the driver, with
+``raise ... from exc``: asyncpg's in ``desired/store.py``; the runtime backend's
+and the engine's in ``observed/`` (``observed.errors``), which the reconciler maps
+to these codes in one table.
 """
 
 from __future__ import annotations
@@ -58,6 +62,16 @@ class ContainerStartFailed(PermanentError):
 
 class EngineUnhealthy(PermanentError):
     code = ErrorCode.ENGINE_UNHEALTHY
+
+
+class StoreError(RtmError):
+    """A statement failed, and not because Postgres is away: retrying the same write will not help."""
+
+
+class UniqueViolation(StoreError):
+    def __init__(self, message: str, constraint: str) -> None:
+        super().__init__(message)
+        self.constraint = constraint
 
 
 class NotFound(LookupError):

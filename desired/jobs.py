@@ -176,6 +176,9 @@ class RecordDefaults:
     state_root: str
     engine_port: int
 
+    def endpoint(self, game_id: str) -> str:
+        return engine_endpoint(game_id, self.engine_port)
+
     def state_path(self, game_id: str) -> str:
         validate_game_id(game_id)  # never build a host path from an unchecked id
         root = os.path.abspath(self.state_root)

@@ -179,6 +179,11 @@ class RuntimeRecord:
     last_crash_at: datetime | None = None
     restart_not_before: datetime | None = None
     health_checked_at: datetime | None = None
+    # While a job replaces a running engine (patch, restart, start with another image): the
+    # image it ran before, to start again if the new one fails. ``rolling_back`` marks the
+    # generation that does so; its own failure stops the game instead of rolling back again.
+    rollback_image_ref: str | None = None
+    rolling_back: bool = False
 
     @property
     def converged(self) -> bool:

@@ -2,14 +2,25 @@
 
 Two writers share ``runtime_records`` and never step on each other's columns:
 
-* the intake (jobs from Redis or REST) writes only the *desired* columns and
-  ``generation``, under ``SELECT ... FOR UPDATE``;
-* the reconciler writes only the *observed* columns, with a compare-and-swap on
-  ``(status, current_container_id)`` (seed 000), and ``observed_generation``.
+* admission (jobs from a stream, REST, an operator) writes only the *desired*
+  columns and ``generation``, under ``SELECT ... FOR UPDATE`` plus a per-game
+  advisory lock (a record that does not exist yet cannot be locked);
+* the reconciler writes only the *observed* columns through the named
+  transitions below (``mark_running``, ``record_crash``, ...), each a
+  compare-and-swap on ``(status, current_container_id)`` (and on ``generation``
+  when it answers jobs), computed by the pure functions of desired/transitions.py.
 
 Every operation ends in the same transaction that writes its result into
-``job_results``; the relay publishes from there. That is what lets a crash at
-any point lose nothing: either the whole step is committed, or none of it is.
+``job_results``; the relay publishes from there. Either the whole step is
+committed, or none of it is: a crash at any point loses nothing.
+
+Every timestamp written comes from the database clock (``now()`` of the
+transaction), read together with the leadership fence (desired/leader.py) in the
+first statement of each write transaction.
+
+asyncpg's errors do not leave this module: an outage becomes ``StoreUnavailable``
+(retry), a unique violation ``UniqueViolation`` (naming its constraint), anything
+else ``StoreError``.
 """
 
 from __future__ import annotations
@@ -17,15 +28,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import asyncpg
 
+from desired import transitions
+from desired.clock import Clock
 from desired.errors import Conflict, NotFound
-from desired.jobs import Decision, Job, RecordDefaults, decide
+from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide
 from desired.leader import Fence
 from desired.model import (
     DesiredStatus,
@@ -42,30 +56,13 @@ from desired.model import (
     StopReason,
     check_transition,
 )
+from desired.pg import translating
+from desired.policy import CrashPolicy, CrashVerdict, next_crash
+
+log = logging.getLogger("rtmanager.store")
 
 NOTIFY_CHANNEL = "rtmanager_desired"
 _GAME_LOCK_SPACE = 0x72746D67  # "rtmg": advisory locks keyed by game
-
-# asyncpg errors that mean "Postgres is not reachable right now" (retry), as
-# opposed to a query that is wrong.
-PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    # What asyncpg raises when the server goes away in the middle of an operation.
-    asyncpg.exceptions.InternalClientError,
-    # A server that answers but cannot take writes or sessions right now (fail-over, full).
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.ReadOnlySQLTransactionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-    asyncpg.exceptions.DiskFullError,
-    asyncpg.exceptions.SerializationError,
-    asyncpg.exceptions.DeadlockDetectedError,
-)
 
 _RECORD_COLUMNS = (
     "game_id", "status", "current_container_id", "current_image_ref", "engine_endpoint",
@@ -73,22 +70,12 @@ _RECORD_COLUMNS = (
     "created_at", "desired_status", "desired_image_ref", "generation", "observed_generation",
     "spec_revision", "stop_reason", "health", "last_error_code", "last_error_message",
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
-    "health_checked_at",
+    "health_checked_at", "rollback_image_ref", "rolling_back",
 )
-_OBSERVED_COLUMNS = frozenset({
-    "status", "current_container_id", "current_image_ref", "started_at", "stopped_at",
-    "removed_at", "last_op_at", "health", "last_error_code", "last_error_message",
-    "observed_generation", "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at",
-    "restart_not_before", "health_checked_at",
-})
-_DESIRED_COLUMNS = ("desired_status", "desired_image_ref", "generation", "spec_revision", "stop_reason",
-                    "last_op_at")
+_DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
+                              "stop_reason", "last_op_at"})
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
@@ -106,14 +93,21 @@ def _db_value(v: Any) -> Any:
 
 _INSERT_RECORD = (f"INSERT INTO runtime_records ({', '.join(_RECORD_COLUMNS)})"
                   f" VALUES ({', '.join(f'${i}' for i in range(1, len(_RECORD_COLUMNS) + 1))})")
+_SELECT_FOR_UPDATE = "SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE"
 
 
 async def _insert_record(conn: asyncpg.Connection, record: RuntimeRecord, on_conflict: str = "") -> None:
     await conn.execute(_INSERT_RECORD + on_conflict, *[_db_value(getattr(record, c)) for c in _RECORD_COLUMNS])
 
 
+def _changed(old: RuntimeRecord, new: RuntimeRecord) -> dict[str, Any]:
+    return {c: getattr(new, c) for c in _RECORD_COLUMNS if getattr(old, c) != getattr(new, c)}
+
+
 async def _set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str, Any]) -> None:
     """UPDATE the given columns of one record (the names come from code, never from input)."""
+    if not changes:
+        return
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=2))
     await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
                        game_id, *[_db_value(v) for v in changes.values()])
@@ -153,21 +147,6 @@ class SubmitOutcome:
 
 
 @dataclass(frozen=True, kw_only=True)
-class StatusUpdate:
-    """One observed-state write guarded by (status, current_container_id)."""
-
-    game_id: str
-    expected_status: Status
-    expected_container_id: str | None
-    to: Status
-    now: datetime
-    changes: dict[str, Any]
-    # Writes that finish a generation also guard on it: a job accepted meanwhile changed
-    # what "converged" means, and the caller must look again instead of answering.
-    expected_generation: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
 class PendingResult:
     seq: int
     result_id: str
@@ -177,23 +156,103 @@ class PendingResult:
     accepted_at: datetime | None = None  # when the job was accepted (None for results without an operation)
 
 
-class Store:
-    """Reads go straight to the pool; every write runs in ``_tx``, which checks the
-    leadership fence (when there is one) inside the same transaction."""
+@dataclass(frozen=True, kw_only=True)
+class ReconcilerNote:
+    """An operation-log row for something the controller did on its own (no result is published)."""
 
-    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None) -> None:
+    op: OpKind
+    params: dict
+    error_code: ErrorCode | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finish:
+    """How to end the pending operations of a generation once it converged (or failed)."""
+
+    generation: int
+    outcome: Outcome
+    error_code: ErrorCode | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Crash:
+    """What is known about one crash of an engine."""
+
+    code: ErrorCode
+    detail: str
+    container_id: str | None
+    exit_code: int | None = None
+    oom_killed: bool = False
+    log_tail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """Which instance the database belongs to, and the uid that labels every unit created under it."""
+
+    instance: str
+    uid: str
+    claimed_at: datetime
+
+
+class WrongInstance(RuntimeError):
+    """The database belongs to another RTMANAGER_INSTANCE."""
+
+
+_KEEP = object()
+
+
+@translating
+class Store:
+    """Reads go straight to the pool; every write runs in ``_tx``, which reads the database clock
+    and checks the leadership fence (when there is one) in its first statement."""
+
+    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None, clock: Clock | None = None) -> None:
         self.pool = pool
         self.fence = fence
+        self.clock = clock or Clock()
 
     @contextlib.asynccontextmanager
-    async def _tx(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
         async with self.pool.acquire() as conn, conn.transaction():
+            before = datetime.now(timezone.utc)
             if self.fence is not None:
-                await self.fence.check(conn)
-            yield conn
+                now = await self.fence.check(conn)
+            else:
+                now = await conn.fetchval("SELECT now()")
+            self.clock.observe_db(now, before, datetime.now(timezone.utc))
+            yield conn, now
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
+
+    # ---------------------------------------------------------------- identity
+    async def claim_identity(self, instance: str) -> Identity:
+        """The database's identity, claimed for ``instance`` when it has none; WrongInstance when it
+        belongs to another instance."""
+        row = await self.pool.fetchrow(
+            "WITH claimed AS (INSERT INTO controller_identity (instance) VALUES ($1)"
+            " ON CONFLICT (singleton) DO NOTHING RETURNING instance, uid, claimed_at)"
+            " SELECT * FROM claimed UNION ALL SELECT instance, uid, claimed_at FROM controller_identity LIMIT 1",
+            instance)
+        identity = Identity(instance=row["instance"], uid=str(row["uid"]), claimed_at=row["claimed_at"])
+        if identity.instance != instance:
+            raise WrongInstance(f"the database belongs to instance {identity.instance!r}, not {instance!r}")
+        return identity
+
+    async def identity(self) -> Identity | None:
+        row = await self.pool.fetchrow("SELECT instance, uid, claimed_at FROM controller_identity")
+        return Identity(instance=row["instance"], uid=str(row["uid"]), claimed_at=row["claimed_at"]) if row else None
+
+    async def lease_info(self, instance: str) -> dict | None:
+        row = await self.pool.fetchrow(
+            "SELECT holder, epoch, expires_at > now() AS live FROM leader_leases WHERE instance = $1", instance)
+        return dict(row) if row is not None else None
+
+    async def applied_migrations(self) -> set[str]:
+        return {r["version"] for r in await self.pool.fetch("SELECT version FROM schema_migrations")}
 
     # ------------------------------------------------------------------ records
     async def get(self, game_id: str) -> RuntimeRecord:
@@ -203,10 +262,8 @@ class Store:
         return record_from_row(row)
 
     async def find(self, game_id: str) -> RuntimeRecord | None:
-        try:
-            return await self.get(game_id)
-        except NotFound:
-            return None
+        row = await self.pool.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1", game_id)
+        return record_from_row(row) if row is not None else None
 
     async def list(self) -> list[RuntimeRecord]:
         rows = await self.pool.fetch("SELECT * FROM runtime_records ORDER BY game_id")
@@ -224,125 +281,154 @@ class Store:
             " OR observed_generation <> generation")
         return [record_from_row(r) for r in rows]
 
+    async def game_ids(self, game_ids: list[str]) -> set[str]:
+        """Which of these games have a record (removed ones included)."""
+        rows = await self.pool.fetch("SELECT game_id FROM runtime_records WHERE game_id = ANY($1::text[])",
+                                     game_ids)
+        return {r["game_id"] for r in rows}
+
     async def upsert(self, record: RuntimeRecord) -> None:
         record.validate()
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RECORD_COLUMNS if c != "game_id")
-        async with self._tx() as conn:
+        async with self._tx() as (conn, _):
             await _insert_record(conn, record, f" ON CONFLICT (game_id) DO UPDATE SET {updates}")
 
-    async def update_status(self, upd: StatusUpdate, finish: "Finish | None" = None,
-                            note: "ReconcilerNote | None" = None) -> RuntimeRecord:
-        """Compare-and-swap one status transition and derive the timestamps from it.
-
-        Raises Conflict when the stored status or container id is not the
-        expected one, NotFound when there is no record.
-        """
-        bad = set(upd.changes) - _OBSERVED_COLUMNS
-        if bad:
-            raise ValueError(f"update_status may not write {sorted(bad)}")
-        changes = dict(upd.changes)
-        changes["status"] = upd.to
-        changes.setdefault("last_op_at", upd.now)
-        if upd.expected_status is not upd.to:
-            check_transition(upd.expected_status, upd.to)
-            # Timestamps follow the destination (seed 000), on the transition only.
-            if upd.to is Status.STOPPED:
-                changes.setdefault("stopped_at", upd.now)
-            elif upd.to is Status.REMOVED:
-                changes.setdefault("removed_at", upd.now)
-            elif upd.to is Status.RUNNING:
-                changes.setdefault("started_at", upd.now)
-                changes.setdefault("stopped_at", None)
-        if upd.to is Status.REMOVED:
-            changes["current_container_id"] = None
-        async with self._tx() as conn:
-            row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", upd.game_id)
+    # ------------------------------------------------- observed transitions
+    async def _transition(self, rec: RuntimeRecord, change: Callable[[RuntimeRecord, datetime], RuntimeRecord], *,
+                          finish: Outcome | None = None, guard_generation: bool = False,
+                          note: ReconcilerNote | None = None,
+                          container_id: Any = _KEEP) -> RuntimeRecord:
+        """Compare-and-swap from ``rec`` (status, container id, and generation when asked) to
+        ``change(current, now)``; with ``finish``, answer the pending jobs of its generation."""
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, rec.game_id)
             if row is None:
-                raise NotFound(upd.game_id)
-            current = record_from_row(row)
-            if current.status is not upd.expected_status or (
-                    upd.expected_container_id is not None
-                    and current.current_container_id != upd.expected_container_id) or (
-                    upd.expected_generation is not None and current.generation != upd.expected_generation):
+                raise NotFound(rec.game_id)
+            cur = record_from_row(row)
+            expected_container = rec.current_container_id if container_id is _KEEP else container_id
+            if cur.status is not rec.status or cur.current_container_id != expected_container or (
+                    (guard_generation or finish is not None) and cur.generation != rec.generation):
                 raise Conflict(
-                    f"{upd.game_id}: expected status {upd.expected_status.value}, container "
-                    f"{upd.expected_container_id}, generation {upd.expected_generation}; found "
-                    f"{current.status.value}, {current.current_container_id}, {current.generation}")
-            if changes.get("last_op_at") and changes["last_op_at"] < current.last_op_at:
-                changes["last_op_at"] = current.last_op_at
-            new = current.replace(**changes)
+                    f"{rec.game_id}: expected status {rec.status.value}, container {expected_container}, "
+                    f"generation {rec.generation}; found {cur.status.value}, {cur.current_container_id}, "
+                    f"{cur.generation}")
+            new = change(cur, now)
+            if new.status is not cur.status:
+                check_transition(cur.status, new.status)
             new.validate()
-            await _set_columns(conn, upd.game_id, changes)
+            await _set_columns(conn, rec.game_id, _changed(cur, new))
             if finish is not None:
-                await self._finish_pending(conn, new, finish)
+                await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=finish), now)
             if note is not None:
-                await self._insert_note(conn, new, note, upd.now)
+                await self._insert_note(conn, new, note, now)
             return new
 
-    async def give_up(self, game_id: str, generation: int, code: ErrorCode, message: str,
-                      now: datetime, container_id: str | None, observed: dict[str, Any] | None = None,
-                      note: "ReconcilerNote | None" = None) -> RuntimeRecord | None:
-        """A permanent failure at ``generation``: answer its jobs and stop wanting the game running.
+    async def mark_starting(self, rec: RuntimeRecord, *, rollback_image: str | None) -> RuntimeRecord:
+        return await self._transition(rec, lambda cur, now: transitions.starting(
+            cur, now, rollback_image=rollback_image))
 
-        The controller sets the desired state to stopped (so it does not retry a
-        start that cannot work) only if nobody changed it meanwhile.
-        Returns the new record, or None when a newer generation took over.
-        """
-        async with self._tx() as conn:
-            row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", game_id)
+    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str) -> RuntimeRecord:
+        """The engine answers: the generation converged and its jobs are answered ``success``."""
+        return await self._transition(rec, lambda cur, now: transitions.running(
+            cur, now, container_id=container_id, image=image), finish=Outcome.SUCCESS)
+
+    async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
+        return await self._transition(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id),
+                                      finish=Outcome.SUCCESS)
+
+    async def mark_removed(self, rec: RuntimeRecord) -> RuntimeRecord:
+        return await self._transition(rec, transitions.removed, finish=Outcome.SUCCESS)
+
+    async def record_health(self, rec: RuntimeRecord, *, healthy: bool) -> RuntimeRecord:
+        return await self._transition(rec, lambda cur, now: transitions.health(cur, now, healthy=healthy))
+
+    async def record_crash(self, rec: RuntimeRecord, crash: Crash, policy: CrashPolicy) -> tuple[RuntimeRecord, CrashVerdict]:
+        """One more crash of a game nobody asked to change (an exit, or a failed restart after one):
+        a restart after the policy's backoff, or (the limit-th in the window) the game given up."""
+        verdict: list[CrashVerdict] = []
+
+        def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+            v = next_crash(cur, now, policy)
+            verdict.append(v)
+            return transitions.crashed(cur, now, verdict=v, code=crash.code, detail=crash.detail,
+                                       exit_code=crash.exit_code, oom_killed=crash.oom_killed, window=policy.window)
+
+        params = {"event": "crash", "exit_code": crash.exit_code, "oom_killed": crash.oom_killed,
+                  "log_tail": crash.log_tail[-2000:], "container_id": crash.container_id,
+                  "detail": crash.detail[:1000]}
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, rec.game_id)
+            if row is None:
+                raise NotFound(rec.game_id)
+            cur = record_from_row(row)
+            if cur.generation != rec.generation or cur.status is not rec.status:
+                raise Conflict(f"{rec.game_id}: changed since the crash was seen")
+            new = change(cur, now)
+            v = verdict[-1]
+            if new.status is not cur.status:
+                check_transition(cur.status, new.status)
+            new.validate()
+            await _set_columns(conn, rec.game_id, _changed(cur, new))
+            params.update(crash_count=v.count, **({"gave_up": True} if v.give_up else {"restart_in": v.delay}))
+            await self._insert_note(conn, new, ReconcilerNote(
+                op=OpKind.RESTART, params=params, error_code=crash.code if v.give_up else None,
+                message=new.last_error_message or "" if v.give_up else ""), now)
+            if v.give_up:  # a job that joined the crashed generation hears why
+                await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=Outcome.FAILURE,
+                                                             error_code=crash.code,
+                                                             message=new.last_error_message or ""), now)
+            return new, v
+
+    async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str) -> RuntimeRecord | None:
+        """``generation`` cannot converge: answer its jobs with this failure, and ask for what is safe
+        now (desired/transitions.py ``failed``: roll back, stop, or keep removing).
+
+        Returns the new record, or None when a newer generation took over meanwhile."""
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, game_id)
             if row is None:
                 return None
             cur = record_from_row(row)
             if cur.generation != generation:
                 return None
-            image = cur.current_image_ref or cur.desired_image_ref
-            status = cur.status
-            changes: dict[str, Any] = dict(
-                desired_status=DesiredStatus.STOPPED, generation=generation + 1,
-                observed_generation=generation + 1, last_error_code=code, last_error_message=message,
-                last_op_at=max(now, cur.last_op_at), health=Health.UNKNOWN,
-                current_container_id=container_id, restart_not_before=None,
-            )
-            changes.update(observed or {})
-            if status is not Status.REMOVED:
-                changes.update(status=Status.STOPPED, current_image_ref=image,
-                               stopped_at=cur.stopped_at if status is Status.STOPPED and cur.stopped_at else now)
-            new = cur.replace(**changes)
+            new, target = transitions.failed(cur, now, code=code, message=message)
             new.validate()
-            await _set_columns(conn, game_id, changes)
+            await _set_columns(conn, game_id, _changed(cur, new))
+            jobs = await self._pending_ops(conn, game_id, generation)
+            answer = f"{message}; rolled back to {target}" if target else message
             await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
-                                                         error_code=code, message=message))
-            if note is not None:
-                await self._insert_note(conn, new, note, now)
+                                                         error_code=code, message=answer), now)
+            if target:
+                op = jobs[0].op if jobs else OpKind.RECONCILE
+                await self._insert_note(conn, new, ReconcilerNote(
+                    op=op, params={"event": "rollback", "from": cur.desired_image_ref, "to": target,
+                                   "failed_generation": generation, "error_code": code.value}), now)
             return new
 
-    async def cleaned_up(self, game_id: str, generation: int, now: datetime) -> RuntimeRecord | None:
-        """The cleanup TTL removed a stopped container: the record becomes removed, for audit."""
-        async with self._tx() as conn:
-            row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", game_id)
+    async def cleaned_up(self, game_id: str, generation: int) -> RuntimeRecord | None:
+        """The cleanup TTL removed a stopped unit: the record becomes removed, for audit."""
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, game_id)
             if row is None:
                 return None
             cur = record_from_row(row)
             if cur.generation != generation or cur.status is not Status.STOPPED:
                 return None
-            changes = dict(desired_status=DesiredStatus.REMOVED, generation=generation + 1,
-                           observed_generation=generation + 1, status=Status.REMOVED, removed_at=now,
-                           current_container_id=None, health=Health.UNKNOWN, last_op_at=max(now, cur.last_op_at))
-            new = cur.replace(**changes)
+            new = transitions.cleaned_up(cur, now)
             new.validate()
-            await _set_columns(conn, game_id, changes)
+            await _set_columns(conn, game_id, _changed(cur, new))
             await self._insert_op(conn, game_id, OpKind.CLEANUP, OpSource.RECONCILER, OpStatus.SUCCEEDED,
-                                  generation + 1, None, None, {"reason": "cleanup_ttl"}, now, None, None)
+                                  new.generation, None, None, {"reason": "cleanup_ttl"}, now, None, None)
             return new
 
-    # --------------------------------------------------------------- operations
-    async def submit(self, job: Job, now: datetime, defaults: RecordDefaults) -> SubmitOutcome:
+    # ------------------------------------------------------- desired state
+    async def submit(self, job: Job, defaults: RecordDefaults) -> SubmitOutcome:
         """Record one job as a desired-state change plus an operation, in one transaction.
 
         A stream entry already submitted (redelivery after a crash before XACK)
         is recognised by its (stream, entry_id) and changes nothing.
         """
-        async with self._tx() as conn:
+        async with self._tx() as (conn, now):
             if job.stream:
                 existing = await conn.fetchval(
                     "SELECT id FROM runtime_operations WHERE stream = $1 AND entry_id = $2",
@@ -352,7 +438,7 @@ class Store:
             # FOR UPDATE locks nothing while the record does not exist yet: two first jobs for a
             # new game would both insert. A transaction-scoped advisory lock per game orders them.
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _GAME_LOCK_SPACE, job.game_id)
-            row = await conn.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE", job.game_id)
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, job.game_id)
             current = record_from_row(row) if row else None
             decision = decide(current, job, now, defaults)
             params = {k: v for k, v in (("image_ref", job.image_ref),
@@ -378,11 +464,9 @@ class Store:
             return SubmitOutcome(operation_id=op_id, decision=decision)
 
     async def reject_entry(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str,
-                           code: ErrorCode, message: str, source: OpSource = OpSource.LOBBY,
-                           now: datetime | None = None) -> SubmitOutcome:
+                           code: ErrorCode, message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:
         """An entry that could not be parsed: a failed operation and its failure result."""
-        now = now or now_utc()
-        async with self._tx() as conn:
+        async with self._tx() as (conn, now):
             existing = await conn.fetchval(
                 "SELECT id FROM runtime_operations WHERE stream = $1 AND entry_id = $2", stream, entry_id)
             if existing is not None:
@@ -394,9 +478,30 @@ class Store:
                 job_entry_id=entry_id, error_code=code, error_message=message))
             return SubmitOutcome(operation_id=op_id, decision=None)
 
+    async def adopt(self, game_id: str, image_ref: str, defaults: RecordDefaults) -> RuntimeRecord:
+        """An operator hands an unowned unit back to rtmanager: a record that wants it running on its
+        own image and state directory. InvalidJob when the game already has a record."""
+        async with self._tx() as (conn, now):
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _GAME_LOCK_SPACE, game_id)
+            if await conn.fetchval("SELECT 1 FROM runtime_records WHERE game_id = $1", game_id):
+                raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} already has a runtime record", game_id)
+            record = RuntimeRecord(
+                game_id=game_id, status=Status.STARTING, current_container_id=None, current_image_ref=None,
+                engine_endpoint=defaults.endpoint(game_id), state_path=defaults.state_path(game_id),
+                docker_network=defaults.docker_network, started_at=None, stopped_at=None, removed_at=None,
+                last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=image_ref,
+                generation=1, observed_generation=0)
+            record.validate()
+            await _insert_record(conn, record)
+            await self._insert_op(conn, game_id, OpKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
+                                  None, {"event": "adopt", "image_ref": image_ref}, now, None, None)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
+            return record
+
+    # --------------------------------------------------------------- operations
     async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
         """Mark the queued operations of ``generation`` as running; return (id, accepted at) of each."""
-        async with self._tx() as conn:
+        async with self._tx() as (conn, _):
             rows = await conn.fetch(
                 "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
                 " AND status = 'queued' RETURNING id, created_at", game_id, generation)
@@ -418,6 +523,12 @@ class Store:
             "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running') ORDER BY id",
             game_id)
         return [Operation.from_row(r) for r in rows]
+
+    async def oldest_pending_age(self, game_id: str) -> float | None:
+        """Seconds (database clock) since the oldest unanswered job of the game was accepted."""
+        return await self.pool.fetchval(
+            "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM runtime_operations"
+            " WHERE game_id = $1 AND status IN ('queued', 'running')", game_id)
 
     async def result_for(self, op_id: int) -> dict[str, str] | None:
         raw = await self.pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op_id)
@@ -441,9 +552,22 @@ class Store:
         return counts
 
     async def mark_published(self, seq: int, stream_entry_id: str) -> None:
-        async with self._tx() as conn:
+        async with self._tx() as (conn, _):
             await conn.execute("UPDATE job_results SET published_at = now(), stream_entry_id = $2 WHERE seq = $1",
                                seq, stream_entry_id)
+
+    async def recently_published(self, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
+        """(seq, stream entry id, result_id) of results published in the last ``seconds``."""
+        rows = await self.pool.fetch(
+            "SELECT seq, stream_entry_id, result_id FROM job_results WHERE published_at > now() -"
+            " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2", seconds, limit)
+        return [(r["seq"], r["stream_entry_id"], str(r["result_id"])) for r in rows]
+
+    async def mark_unpublished(self, seqs: list[int]) -> None:
+        """Results the stream lost: the relay publishes them again (same result_id)."""
+        async with self._tx() as (conn, _):
+            await conn.execute("UPDATE job_results SET published_at = NULL, stream_entry_id = NULL"
+                               " WHERE seq = ANY($1::bigint[])", seqs)
 
     async def prune(self, older_than_days: float, batch: int = 1000) -> tuple[int, int]:
         """Retention: published results and finished operations older than the horizon.
@@ -454,13 +578,15 @@ class Store:
         must be far longer than any entry can stay pending (days against seconds).
         """
         seconds = older_than_days * 86400
-        totals = [0, 0]
+        totals = [0, 0, 0]
         statements = (
             "DELETE FROM job_results WHERE seq IN (SELECT seq FROM job_results"
             " WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
             "DELETE FROM runtime_operations WHERE id IN (SELECT o.id FROM runtime_operations o"
             " WHERE o.finished_at < now() - make_interval(secs => $1)"
             " AND NOT EXISTS (SELECT 1 FROM job_results r WHERE r.operation_id = o.id) LIMIT $2)",
+            "DELETE FROM entry_attempts WHERE (stream, entry_id) IN (SELECT stream, entry_id FROM entry_attempts"
+            " WHERE updated_at < now() - make_interval(secs => $1) LIMIT $2)",
         )
         for i, sql in enumerate(statements):
             while True:
@@ -473,6 +599,42 @@ class Store:
     async def unpublished_count(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL")
 
+    # ------------------------------------------------------------ intake marks
+    async def stream_marks(self) -> dict[str, tuple[int, int]]:
+        rows = await self.pool.fetch("SELECT stream, mark_ms, mark_seq FROM stream_marks")
+        return {r["stream"]: (int(r["mark_ms"]), int(r["mark_seq"])) for r in rows}
+
+    async def advance_mark(self, stream: str, mark: tuple[int, int]) -> tuple[int, int]:
+        """Raise the stream's mark to ``mark`` (never lower it); return the stored mark."""
+        async with self._tx() as (conn, _):
+            row = await conn.fetchrow(
+                "INSERT INTO stream_marks AS m (stream, mark_ms, mark_seq) VALUES ($1, $2, $3)"
+                " ON CONFLICT (stream) DO UPDATE SET mark_ms = EXCLUDED.mark_ms, mark_seq = EXCLUDED.mark_seq,"
+                " updated_at = now() WHERE (m.mark_ms, m.mark_seq) < (EXCLUDED.mark_ms, EXCLUDED.mark_seq)"
+                " RETURNING mark_ms, mark_seq", stream, mark[0], mark[1])
+            if row is None:
+                row = await conn.fetchrow("SELECT mark_ms, mark_seq FROM stream_marks WHERE stream = $1", stream)
+        return int(row["mark_ms"]), int(row["mark_seq"])
+
+    async def count_attempt(self, stream: str, entry_id: str, error: str | None = None) -> int:
+        """One more handling attempt of a re-read entry; returns how many so far."""
+        async with self._tx() as (conn, _):
+            return await conn.fetchval(
+                "INSERT INTO entry_attempts AS a (stream, entry_id, attempts, last_error) VALUES ($1, $2, 1, $3)"
+                " ON CONFLICT (stream, entry_id) DO UPDATE SET attempts = a.attempts + 1,"
+                " last_error = coalesce($3, a.last_error), updated_at = now() RETURNING attempts",
+                stream, entry_id, error)
+
+    async def uncount_attempt(self, stream: str, entry_id: str) -> None:
+        """The attempt ended in an outage, not in a failure of the entry: it does not count."""
+        async with self._tx() as (conn, _):
+            await conn.execute("UPDATE entry_attempts SET attempts = greatest(attempts - 1, 0), updated_at = now()"
+                               " WHERE stream = $1 AND entry_id = $2", stream, entry_id)
+
+    async def forget_attempts(self, stream: str, entry_id: str) -> None:
+        async with self._tx() as (conn, _):
+            await conn.execute("DELETE FROM entry_attempts WHERE stream = $1 AND entry_id = $2", stream, entry_id)
+
     # ----------------------------------------------------------------- helpers
     async def _write_desired(self, conn: asyncpg.Connection, current: RuntimeRecord | None,
                              new: RuntimeRecord) -> None:
@@ -480,7 +642,11 @@ class Store:
         if current is None:
             await _insert_record(conn, new)
             return
-        await _set_columns(conn, new.game_id, {c: getattr(new, c) for c in _DESIRED_COLUMNS})
+        changes = _changed(current, new)
+        bad = set(changes) - _DESIRED_COLUMNS
+        if bad:
+            raise AssertionError(f"admission may not write observed columns {sorted(bad)}")
+        await _set_columns(conn, new.game_id, changes)
 
     async def _supersede_older(self, conn: asyncpg.Connection, record: RuntimeRecord, now: datetime) -> None:
         rows = await conn.fetch(
@@ -492,25 +658,27 @@ class Store:
                                f"replaced by a newer job (generation {record.generation}) before it converged",
                                "", "", now)
 
-    async def _finish_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: "Finish") -> int:
+    async def _pending_ops(self, conn: asyncpg.Connection, game_id: str, generation: int) -> list[Operation]:
         rows = await conn.fetch(
             "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
-            " AND generation <= $2 ORDER BY id FOR UPDATE", record.game_id, finish.generation)
-        now = record.last_op_at
-        for row in rows:
-            op = Operation.from_row(row)
+            " AND generation <= $2 ORDER BY id FOR UPDATE", game_id, generation)
+        return [Operation.from_row(r) for r in rows]
+
+    async def _finish_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: Finish,
+                              now: datetime) -> int:
+        ops = await self._pending_ops(conn, record.game_id, finish.generation)
+        for op in ops:
             if op.generation < finish.generation:
                 await self._end_op(conn, op, Outcome.FAILURE, ErrorCode.SUPERSEDED,
                                    "replaced by a newer job before it converged", "", "", now)
                 continue
-            container_id = finish.container_id if finish.container_id is not None else (
-                record.current_container_id or "")
-            endpoint = record.engine_endpoint if (finish.outcome is Outcome.SUCCESS and container_id) else ""
-            if finish.outcome is Outcome.FAILURE:
-                container_id, endpoint = "", ""
+            container_id, endpoint = "", ""
+            if finish.outcome is Outcome.SUCCESS:
+                container_id = record.current_container_id or ""
+                endpoint = record.engine_endpoint if container_id else ""
             await self._end_op(conn, op, finish.outcome, finish.error_code, finish.message,
                                container_id, endpoint, now)
-        return len(rows)
+        return len(ops)
 
     async def _end_op(self, conn: asyncpg.Connection, op: Operation, outcome: Outcome,
                       code: ErrorCode | None, message: str, container_id: str, endpoint: str,
@@ -534,7 +702,7 @@ class Store:
             game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
             code.value if code else None, message, now, now if status.is_final else None)
 
-    async def _insert_note(self, conn: asyncpg.Connection, record: RuntimeRecord, note: "ReconcilerNote",
+    async def _insert_note(self, conn: asyncpg.Connection, record: RuntimeRecord, note: ReconcilerNote,
                            now: datetime) -> None:
         await self._insert_op(conn, record.game_id, note.op, OpSource.RECONCILER,
                               OpStatus.FAILED if note.error_code else OpStatus.SUCCEEDED, record.generation,
@@ -546,22 +714,35 @@ class Store:
             uuid.UUID(result.result_id), op_id, result.game_id, json.dumps(result.fields()))
 
 
-@dataclass(frozen=True, kw_only=True)
-class ReconcilerNote:
-    """An operation-log row for something the controller did on its own (no result is published)."""
+# ------------------------------------------------------------- notifications
+class Notifications:
+    """NOTIFY from other processes (REST on another replica, operators' tools) on a connection of its own.
 
-    op: OpKind
-    params: dict
-    error_code: ErrorCode | None = None
-    message: str = ""
+    Best effort: asyncpg does not notice a dead listener by itself, so the connection is pinged,
+    and reconnected with backoff; the periodic resync is the fallback for what is missed."""
 
+    def __init__(self, database_url: str, on_notify: Callable[[str], None]) -> None:
+        self.database_url = database_url
+        self.on_notify = on_notify
 
-@dataclass(frozen=True, kw_only=True)
-class Finish:
-    """How to end the pending operations of a generation once it converged (or failed)."""
-
-    generation: int
-    outcome: Outcome
-    error_code: ErrorCode | None = None
-    message: str = ""
-    container_id: str | None = None  # None: take the record's
+    async def run(self, stopping: asyncio.Event) -> None:
+        delay = 0.5
+        while not stopping.is_set():
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.database_url, timeout=5)
+                await conn.add_listener(NOTIFY_CHANNEL, lambda *args: self.on_notify(args[3]))
+                delay = 0.5
+                while not stopping.is_set() and not conn.is_closed():
+                    await conn.execute("SELECT 1", timeout=5)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), 5)
+            except Exception as exc:  # noqa: BLE001 - best effort: the resync is the fallback
+                log.warning("listener lost Postgres, retrying in %.1fs: %s", delay, exc)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 10)
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await conn.close()

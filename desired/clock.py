@@ -1,0 +1,51 @@
+"""Time as the database sees it.
+
+Every timestamp written to a record comes from the database clock (``now()`` of
+the writing transaction), so a failover to a replica whose wall clock is behind
+cannot store ``stopped_at < started_at``. Decisions that compare stored times
+with "now" (restart backoff, cleanup TTL) use ``Clock.now()``: the local clock
+corrected by the offset measured at the last transaction. Tests inject a
+``ManualClock``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc) + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def observe_db(self, db_now: datetime, local_before: datetime, local_after: datetime) -> None:
+        """``db_now`` was read between the two local readings: keep the offset to the midpoint."""
+        self.offset = db_now - (local_before + (local_after - local_before) / 2)
+
+
+class ManualClock(Clock):
+    """A clock for tests: moves only when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        super().__init__()
+        self._now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self._mono = 1000.0
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        self._now += timedelta(seconds=seconds)
+        self._mono += seconds
+
+    def observe_db(self, db_now: datetime, local_before: datetime, local_after: datetime) -> None:
+        pass
