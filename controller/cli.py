@@ -1,20 +1,26 @@
-"""The ``rtmanager`` command.
+"""The ``rtmanager`` command (every subcommand is listed in the README).
 
     rtmanager run                      the controller, in the foreground
     rtmanager migrate                  apply pending migrations (idempotent)
-    rtmanager status                   a table of runtime records
+    rtmanager status                   a table of runtime records, and unowned containers
     rtmanager submit start GAME IMAGE  publish a start job as Lobby does
     rtmanager submit stop GAME REASON  publish a stop job as Lobby does
     rtmanager results [--follow]       print the results stream
+    rtmanager adopt GAME...|--all      hand unowned containers back to rtmanager
+    rtmanager dispose GAME...          stop (gracefully) and remove unowned containers
     rtmanager doctor                   check every dependency, say what is wrong
+    rtmanager env                      the configuration variables and their defaults
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import signal
 import sys
+from typing import AsyncIterator
 
 from controller.config import VARIABLES, ConfigError, Settings
 from controller.logs import redact_url, setup_logging
@@ -28,12 +34,45 @@ def _settings() -> Settings:
         raise SystemExit(2) from None
 
 
+@contextlib.asynccontextmanager
+async def _store(settings: Settings) -> AsyncIterator:
+    from desired.pg import create_pool
+    from desired.store import Store
+
+    pool = await create_pool(settings.database_url, max_size=2, lease_ttl=settings.lease_ttl)
+    try:
+        yield Store(pool)
+    finally:
+        await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _backend(settings: Settings) -> AsyncIterator:
+    from observed.docker import DockerBackend
+
+    backend = DockerBackend(instance=settings.instance, network=settings.docker_network, pool_size=2)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@contextlib.asynccontextmanager
+async def _streams(settings: Settings) -> AsyncIterator:
+    from controller.streams import RedisStreams
+
+    streams = RedisStreams(settings.redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
+    try:
+        yield streams
+    finally:
+        await streams.close()
+
+
 async def _migrate(settings: Settings) -> int:
-    import asyncpg
-
     from desired.migrate import migrate
+    from desired.pg import connect
 
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect(settings.database_url)
     try:
         applied = await migrate(conn)
     finally:
@@ -42,74 +81,126 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
+async def _unowned(settings: Settings, store, backend) -> list:
+    """Containers of this instance that have no record and were not created under this database."""
+    identity = await store.identity()
+    lease = await store.lease_info(settings.instance)
+    epoch = lease["epoch"] if lease else 0
+    managed = [c for c in await backend.list_managed() if c.game_id]
+    known = await store.game_ids([c.game_id for c in managed])
+    return [c for c in managed if c.game_id not in known
+            and not (identity is not None and c.created_under(identity.uid, epoch))]
+
+
 async def _status(settings: Settings) -> int:
-    import asyncpg
-
-    from desired.store import Store
-
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
-    try:
-        records = await Store(pool).list()
-    finally:
-        await pool.close()
+    async with _store(settings) as store, _backend(settings) as backend:
+        records = await store.list()
+        try:
+            unowned = await _unowned(settings, store, backend)
+        except Exception as exc:  # noqa: BLE001 - the records are still worth printing
+            unowned = []
+            print(f"rtmanager status: could not list containers: {exc}", file=sys.stderr)
     rows = [("GAME", "STATUS", "DESIRED", "GEN", "HEALTH", "IMAGE", "CONTAINER", "LAST ERROR")]
     for r in records:
         rows.append((r.game_id, r.status.value, r.desired_status.value,
                      f"{r.observed_generation}/{r.generation}", r.health.value,
                      r.current_image_ref or r.desired_image_ref or "-", (r.current_container_id or "-")[:12],
                      (r.last_error_code.value if r.last_error_code else "-")))
+    for c in unowned:
+        rows.append((c.game_id or c.name, "unowned", "-", "-", "-", c.image or "-", c.id[:12],
+                     "not created under this database: rtmanager adopt / dispose"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
 
 
-async def _submit(settings: Settings, kind: str, game_id: str, value: str) -> int:
-    import redis.asyncio as aioredis
+async def _adopt(settings: Settings, games: list[str], everything: bool) -> int:
+    """Records that want the unowned containers running, on their own image and state directory."""
+    from desired.jobs import InvalidJob
 
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
+    failures = 0
+    async with _store(settings) as store, _backend(settings) as backend:
+        unowned = {c.game_id: c for c in await _unowned(settings, store, backend)}
+        wanted = sorted(unowned) if everything else games
+        if not wanted:
+            print("nothing to adopt: no unowned containers")
+        for game in wanted:
+            c = unowned.get(game)
+            if c is None:
+                print(f"{game}: no unowned container of instance {settings.instance} for this game", file=sys.stderr)
+                failures += 1
+                continue
+            seen = await backend.inspect(c.id)
+            expected = settings.record_defaults.state_path(game)
+            sources = {src for src, dst in (seen.mounts if seen else ()) if dst == settings.engine_state_dir}
+            if sources != {expected}:
+                print(f"{game}: its state directory is {sorted(sources) or 'not mounted'}, not {expected}; "
+                      "not adopted (a recreate would start it on another directory)", file=sys.stderr)
+                failures += 1
+                continue
+            try:
+                await store.adopt(game, seen.image or c.image, settings.record_defaults)
+            except InvalidJob as exc:
+                print(f"{game}: {exc.message}", file=sys.stderr)
+                failures += 1
+                continue
+            print(f"{game}: adopted (desired running on {seen.image or c.image}, state {expected})")
+    return 1 if failures else 0
+
+
+async def _dispose(settings: Settings, games: list[str]) -> int:
+    """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record."""
+    failures = 0
+    async with _store(settings) as store, _backend(settings) as backend:
+        unowned = {c.game_id: c for c in await _unowned(settings, store, backend)}
+        for game in games:
+            c = unowned.get(game)
+            if c is None:
+                print(f"{game}: no unowned container of instance {settings.instance} for this game "
+                      "(a managed game is stopped with a stop job and removed with cleanup)", file=sys.stderr)
+                failures += 1
+                continue
+            await backend.remove(c.id, settings.stop_grace)
+            print(f"{game}: container {c.id[:12]} stopped and removed")
+    return 1 if failures else 0
+
+
+async def _submit(settings: Settings, kind: str, game_id: str, value: str) -> int:
+    async with _streams(settings) as streams:
         if kind == "start":
-            entry = await client.xadd(settings.start_stream, {"game_id": game_id, "image_ref": value})
+            entry = await streams.add(settings.start_stream, {"game_id": game_id, "image_ref": value})
         else:
-            entry = await client.xadd(settings.stop_stream, {"game_id": game_id, "reason": value})
-    finally:
-        await client.aclose()
-    print(entry.decode())
+            entry = await streams.add(settings.stop_stream, {"game_id": game_id, "reason": value})
+    print(entry)
     return 0
 
 
 async def _results(settings: Settings, follow: bool, count: int, wait_for: list[str],
                    timeout: float) -> int:
     """Print results; with --wait-for, only those of the given job entry ids, until all arrived."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
     last = "0-0"
     waiting = set(wait_for)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    try:
+    async with _streams(settings) as streams:
         while True:
             block = 500 if (follow or waiting) else None
-            reply = await client.xread({settings.results_stream: last}, count=count, block=block)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    if wait_for and fields.get("job_entry_id") not in waiting:
-                        continue
-                    waiting.discard(fields.get("job_entry_id", ""))
-                    print(_format_result(fields), flush=True)
+            entries = await streams.read_after(settings.results_stream, last, count, block)
+            for entry_id, fields in entries:
+                last = entry_id
+                if wait_for and fields.get("job_entry_id") not in waiting:
+                    continue
+                waiting.discard(fields.get("job_entry_id", ""))
+                print(_format_result(fields), flush=True)
             if wait_for and not waiting:
                 return 0
             if wait_for and loop.time() > deadline:
                 print(f"rtmanager results: no result within {timeout:g}s for {', '.join(sorted(waiting))}",
                       file=sys.stderr)
                 return 1
-            if not follow and not wait_for and not reply:
+            if not follow and not wait_for and not entries:
                 return 0
-    finally:
-        await client.aclose()
 
 
 def _format_result(f: dict[str, str]) -> str:
@@ -127,10 +218,7 @@ def _format_result(f: dict[str, str]) -> str:
 
 
 async def _doctor(settings: Settings) -> int:
-    import asyncpg
-    import redis.asyncio as aioredis
-
-    from observed.docker import DockerAdapter
+    from desired.migrate import load_migrations
 
     problems = 0
 
@@ -139,47 +227,38 @@ async def _doctor(settings: Settings) -> int:
         problems += 0 if ok else 1
         print(f"{'ok  ' if ok else 'FAIL'} {what}{(': ' + detail) if detail else ''}")
 
+    where = f"postgres at {redact_url(settings.database_url)}"
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=5)
-        try:
-            from desired.migrate import load_migrations
-
-            applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        async with _store(settings) as store:
+            say(True, where)
+            try:
+                applied = await store.applied_migrations()
+            except Exception:  # noqa: BLE001 - no schema_migrations table yet
+                applied = set()
             pending = [m.name for m in load_migrations() if m.version not in applied]
-            say(True, f"postgres at {redact_url(settings.database_url)}")
             say(not pending, "schema", f"pending migrations {pending}: run `rtmanager migrate`" if pending
                 else f"up to date ({len(applied)} migrations)")
-            lease = None if pending else await conn.fetchrow(
-                "SELECT holder, epoch, expires_at > now() AS live FROM leader_leases WHERE instance = $1",
-                settings.instance)
+            lease = None if pending else await store.lease_info(settings.instance)
             if lease is not None:
                 print(f"info leader of instance {settings.instance}: {lease['holder']} (term {lease['epoch']}, "
                       f"{'live' if lease['live'] else 'expired'})")
-        except asyncpg.UndefinedTableError:
-            say(False, "postgres schema", "not migrated: run `rtmanager migrate`")
-        finally:
-            await conn.close()
-    except Exception as exc:
-        say(False, f"postgres at {redact_url(settings.database_url)}", f"{exc.__class__.__name__}: {exc}")
-    client = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    except Exception as exc:  # noqa: BLE001 - reported, the other checks still run
+        say(False, where, str(exc))
     try:
-        await client.ping()
+        async with _streams(settings) as streams:
+            await streams.ping()
         say(True, f"redis at {redact_url(settings.redis_url)}")
-    except Exception as exc:
-        say(False, f"redis at {redact_url(settings.redis_url)}", f"{exc.__class__.__name__}: {exc}")
-    finally:
-        await client.aclose()
-    docker = DockerAdapter(instance=settings.instance, network=settings.docker_network, pool_size=1)
+    except Exception as exc:  # noqa: BLE001
+        say(False, f"redis at {redact_url(settings.redis_url)}", str(exc))
     try:
-        await docker.ping()
-        say(True, "docker daemon")
-        managed = await docker.list_managed()
-        print(f"info {len(managed)} containers of instance {settings.instance}, "
-              f"{sum(1 for c in managed if c.running)} running")
-    except Exception as exc:
+        async with _backend(settings) as backend:
+            await backend.ping()
+            say(True, "docker daemon")
+            managed = await backend.list_managed()
+            print(f"info {len(managed)} containers of instance {settings.instance}, "
+                  f"{sum(1 for c in managed if c.running)} running")
+    except Exception as exc:  # noqa: BLE001
         say(False, "docker daemon", str(exc))
-    finally:
-        docker.close()
     root = settings.state_root
     probe_dir = root
     while not os.path.isdir(probe_dir):  # the nearest existing ancestor decides whether it can be made
@@ -191,13 +270,17 @@ async def _doctor(settings: Settings) -> int:
     return 1 if problems else 0
 
 
+def _stopped_while_starting(signum, frame) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rtmanager", description="Runtime Manager of the Galaxy game platform")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the controller in the foreground")
     run_p.add_argument("--log-format", choices=("json", "text"), help="override RTMANAGER_LOG_FORMAT")
     sub.add_parser("migrate", help="apply pending database migrations")
-    sub.add_parser("status", help="print a table of runtime records")
+    sub.add_parser("status", help="print a table of runtime records and unowned containers")
     sp = sub.add_parser("submit", help="publish a job as Lobby does")
     ssub = sp.add_subparsers(dest="kind", required=True)
     st = ssub.add_parser("start")
@@ -212,6 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     rp.add_argument("--wait-for", nargs="+", default=[], metavar="ENTRY_ID",
                     help="print only the results of these job entries, waiting until all have arrived")
     rp.add_argument("--timeout", type=float, default=60.0, help="with --wait-for: seconds to wait")
+    ap = sub.add_parser("adopt", help="hand unowned containers back to rtmanager (records that keep them running)")
+    ap.add_argument("games", nargs="*", metavar="GAME")
+    ap.add_argument("--all", action="store_true", help="every unowned container")
+    dp = sub.add_parser("dispose", help="stop gracefully and remove unowned containers")
+    dp.add_argument("games", nargs="+", metavar="GAME")
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")
     sub.add_parser("env", help="list the configuration variables and their defaults")
     args = parser.parse_args(argv)
@@ -220,8 +308,12 @@ def main(argv: list[str] | None = None) -> None:
         for var in VARIABLES:
             print(f"{var.name}={var.default!s:<45} # {var.help}")
         return
+    if args.command == "adopt" and not (args.games or args.all):
+        parser.error("adopt needs GAME... or --all")
     settings = _settings()
     if args.command == "run":
+        # A SIGTERM before the event loop takes the signals over ends start-up cleanly (exit 0).
+        signal.signal(signal.SIGTERM, _stopped_while_starting)
         setup_logging(args.log_format or settings.log_format, settings.log_level)
         from controller.app import run
         raise SystemExit(asyncio.run(run(settings)))
@@ -232,13 +324,15 @@ def main(argv: list[str] | None = None) -> None:
         "submit": lambda: _submit(settings, args.kind, args.game_id,
                                   getattr(args, "image_ref", None) or getattr(args, "reason", "")),
         "results": lambda: _results(settings, args.follow, args.count, args.wait_for, args.timeout),
+        "adopt": lambda: _adopt(settings, args.games, args.all),
+        "dispose": lambda: _dispose(settings, args.games),
         "doctor": lambda: _doctor(settings),
     }
     try:
         raise SystemExit(asyncio.run(handlers[args.command]()))
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    except (OSError, ConnectionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one line, not a traceback, for an operator's command
         print(f"rtmanager {args.command}: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

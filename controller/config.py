@@ -40,6 +40,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_INSTANCE", "default", "instance name, written on container labels; replicas share it"),
     Var("RTMANAGER_ENGINE_PORT", "8080", "engine HTTP port inside the container"),
     Var("RTMANAGER_ENGINE_HEALTH_PATH", "/healthz", "engine health path"),
+    Var("RTMANAGER_ENGINE_ADMIN_PATH", "/admin/v1", "path prefix of the engine's admin API (status, turns)"),
     Var("RTMANAGER_START_TIMEOUT", "30", "seconds for a started engine to answer its health path"),
     Var("RTMANAGER_CLEANUP_TTL", "86400", "seconds after which a stopped container is removed (0: never)"),
     Var("RTMANAGER_RESYNC_INTERVAL", "30", "seconds between full resyncs of Docker against Postgres"),
@@ -54,7 +55,11 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_CONSUMER_NAME", "", "consumer name in the group (default: instance-hostname)"),
     Var("RTMANAGER_DEAD_LETTER_STREAM", "runtime:dead_letters", "copies of job entries that could not be handled"),
     Var("RTMANAGER_CLAIM_IDLE", "60", "seconds an entry stays pending in another consumer before it is claimed"),
-    Var("RTMANAGER_MAX_DELIVERIES", "5", "deliveries of one entry before it is dead-lettered"),
+    Var("RTMANAGER_MAX_DELIVERIES", "5", "failed handling attempts of one entry before it is dead-lettered "
+        "(outages do not count)"),
+    Var("RTMANAGER_STREAM_KEEP", "3600", "seconds of handled job-stream entries kept before trimming (entries "
+        "not yet handled are never trimmed)"),
+    Var("RTMANAGER_DEAD_LETTER_MAXLEN", "10000", "approximate MAXLEN of the dead-letter stream (0: no trimming)"),
     Var("RTMANAGER_RESULTS_MAXLEN", "100000", "approximate MAXLEN of the results stream (0: no trimming)"),
     Var("RTMANAGER_STOP_GRACE", "10", "seconds between SIGTERM and SIGKILL when stopping an engine"),
     Var("RTMANAGER_JOB_TIMEOUT", "300", "seconds a job may wait for Docker before it fails with docker_unavailable"),
@@ -94,6 +99,7 @@ class Settings:
     instance: str
     engine_port: int
     health_path: str
+    admin_path: str
     start_timeout: float
     cleanup_ttl: float
     resync_interval: float
@@ -109,6 +115,8 @@ class Settings:
     dead_letter_stream: str
     claim_idle: float
     max_deliveries: int
+    stream_keep: float
+    dead_letter_maxlen: int
     results_maxlen: int
     stop_grace: float
     job_timeout: float
@@ -239,6 +247,7 @@ class Settings:
             instance=instance,
             engine_port=parse("RTMANAGER_ENGINE_PORT", number(1, 65535, int), "must be a port 1-65535"),
             health_path=parse("RTMANAGER_ENGINE_HEALTH_PATH", health_path, "must be a path starting with /"),
+            admin_path=parse("RTMANAGER_ENGINE_ADMIN_PATH", health_path, "must be a path starting with /"),
             start_timeout=parse("RTMANAGER_START_TIMEOUT", number(0.1, 3600), "must be seconds in 0.1..3600"),
             cleanup_ttl=parse("RTMANAGER_CLEANUP_TTL", number(0, 10**8), "must be seconds, 0 or more"),
             resync_interval=parse("RTMANAGER_RESYNC_INTERVAL", number(0.5, 86400), "must be seconds in 0.5..86400"),
@@ -255,6 +264,9 @@ class Settings:
             dead_letter_stream=parse("RTMANAGER_DEAD_LETTER_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             claim_idle=parse("RTMANAGER_CLAIM_IDLE", number(1, 86400), "must be seconds in 1..86400"),
             max_deliveries=parse("RTMANAGER_MAX_DELIVERIES", number(1, 1000, int), "must be an integer 1..1000"),
+            stream_keep=parse("RTMANAGER_STREAM_KEEP", number(0, 10**8), "must be seconds, 0 or more"),
+            dead_letter_maxlen=parse("RTMANAGER_DEAD_LETTER_MAXLEN", number(0, 10**9, int),
+                                     "must be an integer, 0 or more"),
             results_maxlen=parse("RTMANAGER_RESULTS_MAXLEN", number(0, 10**9, int), "must be an integer, 0 or more"),
             stop_grace=parse("RTMANAGER_STOP_GRACE", number(0, 3600), "must be seconds in 0..3600"),
             job_timeout=parse("RTMANAGER_JOB_TIMEOUT", number(1, 86400), "must be seconds in 1..86400"),

@@ -14,19 +14,20 @@ import hmac
 import logging
 from datetime import datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controller.admission import Admission
+from controller.config import Settings
+from controller.metrics import Metrics
 from controller.openapi import openapi_document
-from desired.errors import NotFound
+from desired.errors import NotFound, StoreUnavailable
 from desired.jobs import InvalidJob, parse_job
 from desired.model import GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
-from desired.store import now_utc
-
-if TYPE_CHECKING:
-    from controller.app import Controller
+from desired.store import Store
 
 log = logging.getLogger("rtmanager.http")
 
@@ -46,11 +47,24 @@ def record_json(record) -> dict[str, Any]:
     return {k: _json_value(v) for k, v in dataclasses.asdict(record).items()}
 
 
+@dataclass(frozen=True, kw_only=True)
+class HttpDeps:
+    """What the HTTP surface needs from the controller, and nothing more."""
+
+    settings: Settings
+    store: Store
+    admission: Admission
+    metrics: Metrics
+    is_leader: Callable[[], bool]
+    readiness: Callable[[], Awaitable[dict[str, str]]]
+    results_changed: Callable[[], asyncio.Event]  # the event set when the next results are written
+
+
 class HttpServer:
-    def __init__(self, controller: "Controller") -> None:
-        self.c = controller
+    def __init__(self, deps: HttpDeps) -> None:
+        self.c = deps
         self._runner: web.AppRunner | None = None
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[self._outages, self._auth])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
@@ -75,6 +89,14 @@ class HttpServer:
             await self._runner.cleanup()
 
     @web.middleware
+    async def _outages(self, request: web.Request, handler):
+        """Postgres away is 503 (retry later), not a 500."""
+        try:
+            return await handler(request)
+        except StoreUnavailable:
+            return _error(503, "the database is not reachable right now", retry_after=True)
+
+    @web.middleware
     async def _auth(self, request: web.Request, handler):
         if request.path.startswith("/api/"):
             token = self.c.settings.api_token
@@ -82,7 +104,8 @@ class HttpServer:
                 return _error(503, "the REST API is disabled: set RTMANAGER_API_TOKEN")
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            # Header bytes that are not UTF-8 arrive as surrogates: compare bytes, never fail.
+            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
                 return _error(401, "missing or wrong bearer token")
         return await handler(request)
 
@@ -92,7 +115,7 @@ class HttpServer:
     async def readyz(self, request: web.Request) -> web.Response:
         checks = await self.c.readiness()
         ok = all(v == "ok" for v in checks.values())
-        return web.json_response({"ready": ok, "leader": self.c.is_leader, "checks": checks},
+        return web.json_response({"ready": ok, "leader": self.c.is_leader(), "checks": checks},
                                  status=200 if ok else 503)
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -132,19 +155,17 @@ class HttpServer:
             job = parse_job(kind, fields, self.c.settings.image_allowlist, source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
-        if not self.c.is_leader:
+        if not self.c.is_leader():
             return _error(503, "this replica is a standby; send jobs to the leader", retry_after=True)
         try:
-            outcome = await self.c.store.submit(job, now_utc(), self.c.settings.record_defaults)
+            outcome = await self.c.admission.submit(job)
         except InvalidJob as exc:
             return _invalid(game_id, kind, exc.message, exc.code)
-        self.c.queue.add(job.game_id)
-        self.c._results_written()  # superseded callers and replays have results now
         op_id = outcome.operation_id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            changed = self.c.results_changed
+            changed = self.c.results_changed()
             result = await self.c.store.result_for(op_id)
             if result is not None:
                 return web.json_response({**result, "operation_id": op_id})

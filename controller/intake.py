@@ -1,120 +1,137 @@
 """Intake: job streams -> desired state, never touching Docker.
 
-For each entry: parse and validate, then one Postgres transaction writes the
-desired-state change and an operation row (or, for a bad entry, a failed
-operation and its ``invalid_request`` result); only then XACK. A crash between
-the commit and the XACK redelivers the entry, and the (stream, entry id) key of
-the operation log makes the second delivery a no-op.
+For each entry: parse and validate, then admission (controller/admission.py)
+writes the desired-state change and an operation row in one transaction (or, for
+a bad entry, a failed operation and its ``invalid_request`` result); only then
+XACK. A crash between the commit and the XACK redelivers the entry, and the
+(stream, entry id) key of the operation log makes the second delivery a no-op.
 
-Entries of the start and stop streams are merged in entry-id order (Redis ids
-are timestamps from one clock), so "start then stop" of one game is applied in
-the order Lobby sent it even when both arrive in one read.
+**Order.** The entries of one game take effect in entry-id order across all job
+streams, whatever the backlog:
 
-A pending pass (at start, after an outage, and every few seconds) re-reads the
-consumer's own pending entries (read before a crash, or whose handling failed)
-and claims, with XAUTOCLAIM looped until its cursor is 0-0, entries idle longer
-than RTMANAGER_CLAIM_IDLE in the lists of dead consumers. An entry delivered
-more than RTMANAGER_MAX_DELIVERIES times is dead-lettered: a failed operation
-with internal_error, its result, and a copy on RTMANAGER_DEAD_LETTER_STREAM.
-Job streams are never trimmed by rtmanager (trimming deletes pending entries).
+* Entry ids order entries across streams, except within one millisecond, where
+  the start stream's entries come first and the stop stream's last (``order``).
+* New entries are merged across streams. XREADGROUP's COUNT applies to each
+  stream separately, so one read can return the 100 oldest starts and a much
+  later stop; an entry is therefore handled only once every other stream is
+  either *exhausted* (its last read returned less than COUNT: nothing older is
+  waiting there) or has a buffered entry at least as new. A stream whose buffer
+  runs dry is read again before anything newer is handled.
+* After an entry of a game fails (it stays pending), every later entry of that
+  game is left pending too (``held``), across reads, until a pending pass has
+  handled the first one or dead-lettered it.
+* A pending pass (at start, after an outage, on election, and every few
+  seconds) re-reads this consumer's pending entries and claims entries idle in
+  dead consumers' lists (XAUTOCLAIM, looped until its cursor is 0-0; a new
+  leader claims everything its predecessor left at once), and handles them
+  together, in entry-id order, before anything new.
+
+**Attempts, not deliveries.** Redis counts a delivery every time a pending entry
+is read again, outages included. Only handling attempts that failed for a reason
+other than an outage (or that crashed the process: an attempt of a re-read entry
+is counted durably *before* it runs) count toward RTMANAGER_MAX_DELIVERIES; past
+that the entry is dead-lettered: a failed operation with internal_error, its
+result, and a copy on RTMANAGER_DEAD_LETTER_STREAM. Nothing is dropped silently.
+
+**Marks.** Every few seconds the intake stores, per stream, the highest entry id
+at or below which everything has been handled (below the group's oldest pending
+entry). A consumer group that vanished (deleted, renamed, Redis restored from an
+older snapshot) is created again from that mark, an entry at or below it is
+acknowledged and never applied again, and job streams are trimmed only below it
+(and never inside the last RTMANAGER_STREAM_KEEP seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+import time
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
+from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
-from controller.outages import UNAVAILABLE, is_missing_group
-from desired.leader import Fenced
-from desired.jobs import InvalidJob, parse_job, shown_game_id
-from desired.model import ErrorCode, JobKind, OpSource
+from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
-from desired.store import PG_UNAVAILABLE, Store, now_utc
+from desired.jobs import InvalidJob, parse_job, shown_game_id
+from desired.leader import Fenced
+from desired.model import ErrorCode, JobKind, OpSource
+from desired.store import Store
 
 log = logging.getLogger("rtmanager.intake")
 
 READ_COUNT = 100
-POISON_FACTOR = 4  # deliveries beyond max x this are dead-lettered even with no failure seen here
 BLOCK_MS = 1000
+MAINTAIN_EVERY = 10.0  # seconds between storing marks and trimming
+OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
+MAX_SEQ = 2**64 - 1
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _raw_field(fields: dict | None, name: str):
-    if fields is None:
-        return None
-    return fields.get(name.encode(), fields.get(name))
-
-
-def _entry_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+def previous_id(entry_id: str) -> tuple[int, int]:
+    """The entry id just before ``entry_id``."""
+    ms, seq = entry_key(entry_id)
+    return (ms, seq - 1) if seq > 0 else (ms - 1, MAX_SEQ)
 
 
 class Intake:
-    def __init__(self, settings: Settings, redis_client: aioredis.Redis, store: Store, metrics: Metrics,
-                 desired_changed: Callable[[str], None], results_written: Callable[[], None]) -> None:
+    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, admission: Admission,
+                 metrics: Metrics) -> None:
         self.settings = settings
-        self.redis = redis_client
+        self.redis = streams
         self.store = store
+        self.admission = admission
         self.metrics = metrics
-        self._desired_changed = desired_changed
-        self._results_written = results_written
-        self.streams = {settings.start_stream: JobKind.START, settings.stop_stream: JobKind.STOP}
+        self.kinds: dict[str, JobKind] = {settings.start_stream: JobKind.START, settings.stop_stream: JobKind.STOP}
+        self._rank = {settings.start_stream: 0, settings.stop_stream: 2}
         self._stopping = asyncio.Event()
         self.healthy = False
-        self.claim_everything_once = False  # a new leader takes over what the old one left pending
-        self._handling_failures: dict[tuple[str, str], int] = {}
+        self.claim_everything_once = True  # a new leader takes over what the old one left pending
+        self.held: set = set()              # games with an entry left pending: later ones wait
+        self.marks: dict[str, tuple[int, int]] = {}
+        self.skipped_below_mark = 0
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self.kinds)
+
+    def order(self, entry: Entry) -> tuple[int, int, int]:
+        """Entry-id order across streams. Redis numbers each stream on its own, so entries of two
+        streams within one millisecond cannot be ordered by their ids; then the start stream's come
+        first and the stop stream's last: a stop is never applied before a start it may follow (the
+        other choice could leave running a game Lobby believes stopped)."""
+        ms, seq = entry_key(entry.id)
+        return ms, self._rank[entry.stream], seq
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def ensure_groups(self) -> None:
-        for stream in self.streams:
-            try:
-                await self.redis.xgroup_create(stream, self.settings.consumer_group, id="0", mkstream=True)
-                log.info("created consumer group %s on %s", self.settings.consumer_group, stream)
-            except redis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+    @property
+    def pending_interval(self) -> float:
+        return max(1.0, min(self.settings.claim_idle / 2, 15.0))
 
+    # ------------------------------------------------------------------ loop
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         delay = 0.2
         next_pending_pass = 0.0  # first our own pending entries and dead consumers', then new ones
+        next_maintenance = loop.time() + MAINTAIN_EVERY
         while not self._stopping.is_set():
             try:
                 if loop.time() >= next_pending_pass:
-                    # Re-reading pending entries counts as a delivery: do it only when both
-                    # services answer, so an outage does not push entries to the dead letters.
-                    await self.store.ping()
-                    await self.redis.ping()
                     await self.ensure_groups()
                     await self.pending_pass()
                     next_pending_pass = loop.time() + self.pending_interval
-                await self._read_new()
+                await self.read_round()
+                if loop.time() >= next_maintenance:
+                    await self.maintain()
+                    next_maintenance = loop.time() + MAINTAIN_EVERY
                 self.healthy = True
                 delay = 0.2
-            except Exception as exc:
-                if not (isinstance(exc, UNAVAILABLE) or is_missing_group(exc)):
-                    raise
+            except OUTAGES as exc:
                 self.healthy = False
                 log.warning("intake paused, retrying in %.1fs: %s", delay, exc)
                 next_pending_pass = 0.0
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
-
-    @property
-    def pending_interval(self) -> float:
-        return max(1.0, min(self.settings.claim_idle / 2, 15.0))
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -122,139 +139,143 @@ class Intake:
         except asyncio.TimeoutError:
             pass
 
-    async def _read_new(self) -> None:
-        """Entries never delivered before, of both streams, handled in entry-id order."""
-        reply = await self.redis.xreadgroup(self.settings.consumer_group, self.settings.consumer_name,
-                                            {s: ">" for s in self.streams}, count=READ_COUNT, block=BLOCK_MS)
-        entries = [(_entry_key(_text(eid)), _text(stream), _text(eid), fields, 1)
-                   for stream, items in reply or [] for eid, fields in items]
-        await self._process_in_order(entries)
+    async def ensure_groups(self) -> None:
+        """Create missing groups from the stored mark (id 0 when there is none)."""
+        self.marks = await self.store.stream_marks()
+        for stream in self.streams:
+            mark = self.marks.get(stream)
+            start = f"{mark[0]}-{mark[1]}" if mark else "0"
+            if await self.redis.ensure_group(stream, start):
+                log.info("created consumer group %s on %s from %s", self.settings.consumer_group, stream, start)
+
+    # ------------------------------------------------------------------ reads
+    async def read_round(self, block_ms: int | None = BLOCK_MS) -> int:
+        """Wait (bounded) for new entries, then handle every entry that has come, merged across
+        streams in entry-id order. Returns how many were looked at."""
+        first = await self.redis.read_new(self.streams, READ_COUNT, block_ms)
+        buffers: dict[str, list[Entry]] = {s: [] for s in self.streams}
+        for e in first:
+            buffers[e.stream].append(e)
+        exhausted = {s: len(buffers[s]) < READ_COUNT for s in self.streams}
+        seen = 0
+        while not self._stopping.is_set():
+            for s in self.streams:
+                if not buffers[s] and not exhausted[s]:
+                    got = await self.redis.read_new([s], READ_COUNT, None)
+                    buffers[s] = got
+                    exhausted[s] = len(got) < READ_COUNT
+            heads = [(self.order(buffers[s][0]), s) for s in self.streams if buffers[s]]
+            if not heads:
+                return seen
+            _, s = min(heads)
+            entry = buffers[s].pop(0)
+            seen += 1
+            game = entry.field("game_id")
+            if game is not None and game in self.held:
+                continue  # stays pending behind an earlier entry of its game
+            if not await self._process(entry, reread=False) and game is not None:
+                self.held.add(game)
+        return seen
 
     async def pending_pass(self) -> None:
         """Entries delivered before and not acknowledged: ours (a crash before XACK, a failed
-        handling) and those idle longer than RTMANAGER_CLAIM_IDLE in dead consumers' lists,
-        of both streams together, in entry-id order."""
-        group, me = self.settings.consumer_group, self.settings.consumer_name
-        entries = []
+        handling, entries held behind those) and those idle longer than RTMANAGER_CLAIM_IDLE in
+        dead consumers' lists, of all streams together, in entry-id order."""
+        min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
+        entries: dict[tuple[str, str], Entry] = {}
         for stream in self.streams:
-            items: list = []
-            last = "0"
-            while not self._stopping.is_set():
-                reply = await self.redis.xreadgroup(group, me, {stream: last}, count=READ_COUNT)
-                batch = reply[0][1] if reply else []
-                if not batch:
-                    break
-                items.extend(batch)
-                last = _text(batch[-1][0])
-            cursor = "0-0"
-            min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
-            while not self._stopping.is_set():
-                cursor, claimed, *_ = await self.redis.xautoclaim(
-                    stream, group, me, min_idle_time=min_idle, start_id=cursor, count=READ_COUNT)
-                if claimed:
-                    log.warning("claimed %d entries left pending by other consumers", len(claimed),
-                                extra={"stream": stream})
-                    items.extend(claimed)
-                if _text(cursor) == "0-0":
-                    break
-            if items:
-                ids = sorted((_text(i[0]) for i in items), key=_entry_key)
-                pending = await self.redis.xpending_range(stream, group, min=ids[0], max=ids[-1],
-                                                          count=len(ids) + 1000)
-                deliveries = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
-                entries += [(_entry_key(_text(eid)), stream, _text(eid), fields, deliveries.get(_text(eid), 1))
-                            for eid, fields in items]
+            for e in await self.redis.read_own_pending(stream, READ_COUNT):
+                entries[(e.stream, e.id)] = e
+            claimed = await self.redis.claim_idle(stream, min_idle, READ_COUNT)
+            if claimed:
+                log.warning("claimed %d entries left pending by other consumers", len(claimed),
+                            extra={"stream": stream})
+            for e in claimed:
+                entries[(e.stream, e.id)] = e
         self.claim_everything_once = False
-        await self._process_in_order(entries)
-
-    async def _process_in_order(self, entries: list) -> None:
-        """One game's entries are never applied out of order: after one of them stays pending,
-        the later ones of the same game wait for the next pending pass too."""
-        entries.sort(key=lambda e: e[0])
-        held: set[bytes | str] = set()
-        for _, stream, entry_id, fields, deliveries in entries:
+        held: set = set()
+        for entry in sorted(entries.values(), key=self.order):
             if self._stopping.is_set():
                 return
-            game = _raw_field(fields, "game_id")
+            game = entry.field("game_id")
             if game is not None and game in held:
                 continue
-            if not await self._process(stream, entry_id, fields, deliveries) and game is not None:
+            if not await self._process(entry, reread=True) and game is not None:
                 held.add(game)
+        self.held = held
 
-    async def _process(self, stream: str, entry_id: str, fields: dict | None, deliveries: int) -> bool:
-        """Handle one entry, then acknowledge it; a failing entry stays pending and is retried
-        by the next pending pass, until it is dead-lettered. Returns False when it stays pending."""
-        group = self.settings.consumer_group
-        if fields is None:  # deleted from the stream while pending: nothing to carry out
-            await self.redis.xack(stream, group, entry_id)
+    # --------------------------------------------------------------- handling
+    async def _process(self, entry: Entry, *, reread: bool) -> bool:
+        """Handle one entry, then acknowledge it. A failing entry stays pending (False) and is
+        tried again by a pending pass, until it is dead-lettered."""
+        stream, entry_id = entry.stream, entry.id
+        if entry.fields is None:  # deleted from the stream while pending: nothing to carry out
+            await self.redis.ack(stream, entry_id)
             return True
-        failed_here = self._handling_failures.get((stream, entry_id), 0)
-        if (deliveries > self.settings.max_deliveries and failed_here) or \
-                deliveries > self.settings.max_deliveries * POISON_FACTOR:
-            # Failed in this process, or delivered so often that it must be crashing processes.
-            await self.dead_letter(stream, entry_id, fields, deliveries)
-            await self.redis.xack(stream, group, entry_id)
-            self._handling_failures.pop((stream, entry_id), None)
+        mark = self.marks.get(stream)
+        if mark is not None and entry_key(entry_id) <= mark:
+            # Handled before (the group was recreated, or Redis went back in time): never twice.
+            self.skipped_below_mark += 1
+            self.metrics.jobs.labels(stream, "below_mark").inc()
+            log.info("entry at or below the stream's handled mark; acknowledged without applying it again",
+                     extra={"stream": stream, "entry_id": entry_id})
+            await self.redis.ack(stream, entry_id)
             return True
+        attempts = 0
+        if reread:
+            # Counted before it runs, so that an entry that kills the process counts too.
+            attempts = await self.store.count_attempt(stream, entry_id)
+            if attempts > self.settings.max_deliveries:
+                await self.dead_letter(entry, attempts - 1)
+                await self.redis.ack(stream, entry_id)
+                return True
         try:
-            await self.handle(stream, entry_id, fields)
-        except (*UNAVAILABLE, Fenced):
+            await self.handle(entry)
+        except (*OUTAGES, Fenced):
+            if reread:
+                try:
+                    await self.store.uncount_attempt(stream, entry_id)  # an outage is not the entry's fault
+                except OUTAGES:
+                    pass
             raise
-        except Exception as exc:
-            if is_missing_group(exc):
-                raise
-            # A failure that is not an outage: count it here, so that outages (which also
-            # raise the delivery count in Redis) never push a good entry to the dead letters.
-            self._handling_failures[(stream, entry_id)] = self._handling_failures.get((stream, entry_id), 0) + 1
+        except Exception as exc:  # noqa: BLE001 - a failure of this entry, not of a service
+            if not reread:
+                attempts = await self.store.count_attempt(stream, entry_id, f"{exc.__class__.__name__}: {exc}")
             self.metrics.jobs.labels(stream, "error").inc()
-            log.exception("could not handle entry (delivery %d of at most %d); it stays pending",
-                          deliveries, self.settings.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
+            log.exception("could not handle entry (attempt %d of at most %d); it stays pending",
+                          attempts, self.settings.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
             return False
-        await self.redis.xack(stream, group, entry_id)
-        self._handling_failures.pop((stream, entry_id), None)
+        await self.redis.ack(stream, entry_id)
+        if attempts:
+            try:
+                await self.store.forget_attempts(stream, entry_id)
+            except OUTAGES:
+                pass  # retention removes it
         return True
 
-    async def dead_letter(self, stream: str, entry_id: str, fields: dict, deliveries: int) -> None:
-        """Never drop an entry silently: a failed operation, its result, and a copy for operators."""
-        kind = self.streams[stream]
-        raw_game = fields.get(b"game_id", fields.get("game_id", b""))
-        game_id = shown_game_id(raw_game.decode("utf-8", "replace") if isinstance(raw_game, bytes) else raw_game)
-        message = f"dead-lettered after {deliveries} deliveries: the entry could not be handled"
-        outcome = await self.store.reject_entry(kind=kind, game_id=game_id, stream=stream, entry_id=entry_id,
-                                                code=ErrorCode.INTERNAL_ERROR, message=message)
-        if outcome.duplicate:
-            return  # it had been carried out; only the XACK was missing
-        copy = {**fields, "rtm_source_stream": stream, "rtm_entry_id": entry_id,
-                "rtm_deliveries": str(deliveries), "rtm_error": message}
-        await self.redis.xadd(self.settings.dead_letter_stream, copy)
-        self.metrics.jobs.labels(stream, "dead_letter").inc()
-        log.error("dead-lettered entry", extra={"stream": stream, "entry_id": entry_id, "game_id": game_id,
-                                                "deliveries": deliveries})
-        self._results_written()
+    def kind_of(self, entry: Entry) -> JobKind:
+        return self.kinds[entry.stream]
 
-    async def handle(self, stream: str, entry_id: str, fields: dict) -> None:
-        kind = self.streams[stream]
+    async def handle(self, entry: Entry) -> None:
+        stream, entry_id = entry.stream, entry.id
+        kind = self.kind_of(entry)
         try:
-            job = parse_job(kind, fields, self.settings.image_allowlist, source=OpSource.LOBBY,
+            job = parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
                             stream=stream, entry_id=entry_id)
         except InvalidJob as bad:
-            await self.store.reject_entry(kind=kind, game_id=bad.game_id, stream=stream, entry_id=entry_id,
-                                          code=bad.code, message=bad.message)
+            await self.admission.reject(kind=kind, game_id=bad.game_id, stream=stream, entry_id=entry_id,
+                                        code=bad.code, message=bad.message)
             self.metrics.jobs.labels(stream, "rejected").inc()
             log.warning("rejected job: %s", bad.message,
                         extra={"stream": stream, "entry_id": entry_id, "error_code": bad.code.value,
                                "game_id": bad.game_id})
-            self._results_written()
             return
         try:
-            outcome = await self.store.submit(job, now_utc(), self.settings.record_defaults)
+            outcome = await self.admission.submit(job)
         except InvalidJob as bad:  # the state path check of a new record
-            await self.store.reject_entry(kind=kind, game_id=job.game_id, stream=stream, entry_id=entry_id,
-                                          code=bad.code, message=bad.message)
-            self._results_written()
+            await self.admission.reject(kind=kind, game_id=job.game_id, stream=stream, entry_id=entry_id,
+                                        code=bad.code, message=bad.message)
             return
-        except PG_UNAVAILABLE as exc:
-            raise StoreUnavailable(f"postgres: {exc}") from exc
         if outcome.duplicate:
             self.metrics.jobs.labels(stream, "duplicate").inc()
             log.info("entry already recorded as operation %d", outcome.operation_id,
@@ -266,7 +287,43 @@ class Intake:
         log.info("%s job: %s", kind.value, decision.action,
                  extra={"game_id": job.game_id, "operation_id": outcome.operation_id, "entry_id": entry_id,
                         "error_code": decision.error_code.value if decision.error_code else ""})
-        if decision.action in ("change", "join"):
-            self._desired_changed(job.game_id)
-        self._results_written()  # replays, rejections and superseded jobs have results now
 
+    async def dead_letter(self, entry: Entry, attempts: int) -> None:
+        """Never drop an entry silently: a failed operation, its result, and a copy for operators."""
+        kind = self.kind_of(entry)
+        raw_game = entry.field("game_id") or b""
+        game_id = shown_game_id(raw_game.decode("utf-8", "replace") if isinstance(raw_game, bytes) else raw_game)
+        message = f"dead-lettered after {attempts} failed attempts: the entry could not be handled"
+        outcome = await self.admission.reject(kind=kind, game_id=game_id, stream=entry.stream, entry_id=entry.id,
+                                              code=ErrorCode.INTERNAL_ERROR, message=message)
+        if outcome.duplicate:
+            return  # it had been carried out; only the XACK was missing
+        copy = {**(entry.fields or {}), "rtm_source_stream": entry.stream, "rtm_entry_id": entry.id,
+                "rtm_attempts": str(attempts), "rtm_error": message}
+        await self.redis.add(self.settings.dead_letter_stream, copy,
+                             maxlen=self.settings.dead_letter_maxlen or None)
+        self.metrics.jobs.labels(entry.stream, "dead_letter").inc()
+        log.error("dead-lettered entry", extra={"stream": entry.stream, "entry_id": entry.id, "game_id": game_id,
+                                                "attempts": attempts})
+
+    # ------------------------------------------------------------ maintenance
+    async def maintain(self) -> None:
+        """Store each stream's handled mark, then trim what lies below it (and outside the keep window)."""
+        keep_floor = (int((time.time() - self.settings.stream_keep) * 1000), 0)
+        for stream in self.streams:
+            info = await self.redis.group_info(stream)
+            if info is None:
+                continue
+            if info.oldest_pending:
+                mark = previous_id(info.oldest_pending)
+            else:
+                mark = entry_key(info.last_delivered)
+            if mark <= (0, 0):
+                continue
+            self.marks[stream] = await self.store.advance_mark(stream, mark)
+            if self.settings.stream_keep >= 0:
+                below = min(self.marks[stream], keep_floor)
+                if below > (0, 0):
+                    trimmed = await self.redis.trim_below(stream, f"{below[0]}-{below[1]}")
+                    if trimmed:
+                        log.info("trimmed %d handled entries", trimmed, extra={"stream": stream})

@@ -50,6 +50,14 @@ class Metrics:
         self.queue_work = Histogram("rtmanager_workqueue_work_duration_seconds", "Time a key is worked on",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.leader = Gauge("rtmanager_leader", "1 while this replica holds the leadership lease", registry=r)
+        self.leadership = Counter("rtmanager_leadership_changes_total",
+                                  "Leadership terms won (elected) and lost (deposed)", ["event"], registry=r)
+        self.unowned = Gauge("rtmanager_unowned_containers",
+                             "Containers with this instance's labels that were not created under this database "
+                             "(left running for an operator: rtmanager adopt / dispose)", registry=r)
+        self.reconcile_errors = Counter("rtmanager_reconcile_errors_total",
+                                        "Reconciles that failed with an error that is neither an outage nor a "
+                                        "conflict (a bug or bad data; see the log)", registry=r)
 
     def docker_observer(self, op: str, seconds: float, ok: bool) -> None:
         self.docker_calls.labels(op, "ok" if ok else "error").inc()

@@ -7,8 +7,13 @@ decision is made from what *is*, never from what happened before, any action can
 be repeated after a crash.
 
 ``container`` is the container named ``galaxy-game-{game_id}``, or one carrying
-our labels, or None. ``want_hash`` is the spec hash the container should carry
-(``None`` when the record does not ask for a running container).
+our labels, or None. Never destroy what cannot be proved ours: a container with
+our instance label but no record is disposed of only when its labels say it was
+created under this database (its identity uid) in a term the database knows;
+anything else is ``UNOWNED``, left running and reported.
+
+``want_hash`` is the spec hash the container should carry (``None`` when the
+record does not ask for a running container).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class ActionKind(str, enum.Enum):
     MARK_REMOVED = "mark_removed"  # nothing left: record the game as removed
     CLEANUP = "cleanup"            # stopped for longer than the cleanup TTL: remove it
     DISPOSE = "dispose"            # our labels but no record: remove the orphan
+    UNOWNED = "unowned"            # our labels, no record, and not provably created under this database
     WAIT = "wait"                  # come back after ``delay`` (grace period, restart backoff, transition)
     BLOCKED = "blocked"            # the name is held by a container that is not ours
 
@@ -62,7 +68,11 @@ def plan(
     now: datetime,
     orphan_grace: float = 10.0,
     cleanup_ttl: float = 0.0,
+    database: str = "",
+    epoch: int = 0,
 ) -> Action:
+    """``database`` and ``epoch``: the identity uid of this database and the current leadership
+    term; an orphan is disposed of only when its labels prove it was created under them."""
     ours = container is not None and container.managed_by(instance)
 
     if record is None or (record.status is Status.REMOVED and record.desired_status is DesiredStatus.REMOVED
@@ -71,6 +81,9 @@ def plan(
             return NOOP
         assert container is not None
         if record is None:
+            if not container.created_under(database, epoch):
+                return Action(ActionKind.UNOWNED, f"{container.name} was not created under this database; "
+                                                  "left running for an operator (rtmanager adopt / dispose)")
             age = (now - container.created_at).total_seconds() if container.created_at else orphan_grace
             if age < orphan_grace:
                 return Action(ActionKind.WAIT, f"orphan {container.name} younger than the grace period",

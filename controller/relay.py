@@ -6,11 +6,21 @@ only after XADD answered. After a start or a failure the relay first looks for
 pending results in the stream's recent tail (an XADD whose answer or marking was
 lost) and marks those instead of adding them again; a result older than that
 tail could still be published twice, with the same ``result_id``
-(at-least-once; consumers dedupe on it). While Redis or Postgres
-is away the relay backs off (tenacity) and resumes by itself.
+(at-least-once; consumers dedupe on it). While Redis or Postgres is away the
+relay backs off and resumes by itself.
 
-Only the results stream is trimmed (approximate MAXLEN): trimming a job stream
-would delete entries still pending in the consumer group.
+**Results that Redis lost.** XADD answering is not durability: with AOF
+``everysec`` or an asynchronous replica, a Redis that crashes loses the last
+acknowledged entries. Whenever Redis comes back (a reconnect after an error, or
+a new server ``run_id``), the relay compares what it marked published recently
+with what the stream really holds and publishes again, with the same
+``result_id``, whatever is missing.
+
+**One publisher at a time.** ``flush`` holds a lock: the shutdown's last flush
+and the loop never publish the same batch twice.
+
+Only the results stream is trimmed here (approximate MAXLEN); job streams are
+trimmed by the intake, below what it has handled.
 """
 
 from __future__ import annotations
@@ -19,12 +29,10 @@ import asyncio
 import logging
 from datetime import datetime, timezone
 
-import redis.asyncio as aioredis
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
-
 from controller.config import Settings
 from controller.metrics import Metrics
-from controller.outages import UNAVAILABLE
+from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
+from desired.errors import StoreUnavailable
 from desired.store import Store
 
 log = logging.getLogger("rtmanager.relay")
@@ -32,34 +40,107 @@ log = logging.getLogger("rtmanager.relay")
 BATCH = 200
 IDLE_POLL = 5.0  # a fallback only: results written in this process wake the relay at once
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
-
-
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, UNAVAILABLE)
+VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
+OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 
 
 class Relay:
-    def __init__(self, settings: Settings, redis_client: aioredis.Redis, store: Store, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, metrics: Metrics) -> None:
         self.settings = settings
-        self.redis = redis_client
+        self.redis = streams
         self.store = store
         self.metrics = metrics
         self.wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
         self.healthy = False
         # After a start or a failure, an XADD may have gone through without its outbox row being
         # marked: look at the stream's tail before publishing again (fewer duplicates).
         self._suspect = True
+        self._verify = True  # check the stream against what was marked published (start, reconnect)
+        self._run_id: str | None = None
+        self.republished = 0
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def reset(self) -> None:
+        """A new leadership term: run again, and trust nothing about the stream."""
+        self._stopping = asyncio.Event()
+        self._suspect = self._verify = True
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.wake.set()
+
+    async def run(self) -> None:
+        delay = 0.2
+        loop = asyncio.get_running_loop()
+        last_check = 0.0
+        while not self._stopping.is_set():
+            try:
+                if loop.time() - last_check >= IDLE_POLL:
+                    await self.check_server()
+                    last_check = loop.time()
+                published = await self.flush()
+                self.healthy = True
+                delay = 0.2
+            except OUTAGES as exc:
+                self.healthy = False
+                self._suspect = self._verify = True
+                log.warning("relay paused, retrying in %.1fs: %s", delay, exc)
+                await self._sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if published == 0:
+                await self._sleep(IDLE_POLL, wake=True)
+
+    async def _sleep(self, seconds: float, wake: bool = False) -> None:
+        event = self.wake if wake else self._stopping
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        if wake:
+            self.wake.clear()
+
+    async def flush(self) -> int:
+        """Publish what is pending; return how many were published."""
+        async with self._lock:
+            if self._verify:
+                await self._verify_stream()
+            total = 0
+            while True:
+                self.wake.clear()
+                batch = await self.store.unpublished(BATCH)
+                if self._suspect and batch:
+                    batch = await self._skip_already_published(batch)
+                self._suspect = False
+                for item in batch:
+                    entry_id = await self.redis.add(self.settings.results_stream, item.fields,
+                                                    maxlen=self.settings.results_maxlen or None)
+                    await self.store.mark_published(item.seq, entry_id)
+                    self._observe(item)
+                total += len(batch)
+                if len(batch) < BATCH:
+                    return total
+
+    def _observe(self, item) -> None:
+        self.metrics.results.labels(item.fields.get("outcome", ""), item.fields.get("error_code", "")).inc()
+        now = datetime.now(timezone.utc)
+        if item.written_at is not None:
+            self.metrics.phase.labels("result_published").observe((now - item.written_at).total_seconds())
+        if item.accepted_at is not None:
+            self.metrics.convergence.labels(item.fields.get("job", ""), item.fields.get("outcome", "")) \
+                .observe((now - item.accepted_at).total_seconds())
+        log.info("published result", extra={"game_id": item.game_id, "result_id": item.result_id,
+                                            "outcome": item.fields.get("outcome"),
+                                            "error_code": item.fields.get("error_code")})
 
     async def _skip_already_published(self, batch):
         """Mark results found in the stream's recent tail as published instead of adding them again."""
-        tail = await self.redis.xrevrange(self.settings.results_stream, count=TAIL_SCAN)
-        found = {}
-        for entry_id, fields in tail:
-            rid = fields.get(b"result_id", fields.get("result_id"))
-            if rid is not None:
-                found[rid.decode() if isinstance(rid, bytes) else rid] = \
-                    entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        found = {f.get("result_id"): eid for eid, f in await self.redis.recent(self.settings.results_stream,
+                                                                                  TAIL_SCAN)}
         rest = []
         for item in batch:
             if item.result_id in found:
@@ -68,64 +149,42 @@ class Relay:
                 await self.store.mark_published(item.seq, found[item.result_id])
             else:
                 rest.append(item)
-        self._suspect = False
         return rest
 
-    def poke(self) -> None:
-        self.wake.set()
+    async def check_server(self) -> None:
+        """A new Redis ``run_id`` means a restarted server: verify before the next publish."""
+        run_id = await self.redis.server_run_id()
+        if self._run_id is not None and run_id != self._run_id:
+            log.warning("redis restarted (run_id changed); checking recent results against the stream")
+            self._verify = True
+            self.wake.set()
+        self._run_id = run_id
 
-    def stop(self) -> None:
-        self._stopping.set()
-        self.wake.set()
-
-    async def run(self) -> None:
-        while not self._stopping.is_set():
-            published = 0
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_retryable), wait=wait_exponential_jitter(multiplier=0.2, max=10),
-                before_sleep=lambda rs: log.warning("relay paused: %s", rs.outcome.exception()),
-                reraise=True,
-            ):
-                with attempt:
-                    self.healthy = False
-                    try:
-                        published = await self.flush()
-                    except BaseException:
-                        self._suspect = True
-                        raise
-                    self.healthy = True
-            if published == 0:
-                try:
-                    await asyncio.wait_for(self.wake.wait(), IDLE_POLL)
-                except asyncio.TimeoutError:
-                    pass
-                self.wake.clear()
-
-    async def flush(self) -> int:
-        """Publish what is pending; return how many were published."""
-        total = 0
+    async def _verify_stream(self) -> None:
+        """Publish again what was marked published but is not on the stream (Redis lost it)."""
+        stream = self.settings.results_stream
+        recent = await self.store.recently_published(VERIFY_WINDOW)
+        self._run_id = await self.redis.server_run_id()
+        self._verify = False
+        if not recent:
+            return
+        first = await self.redis.stream_first_id(stream)
+        oldest = min(recent, key=lambda r: entry_key(r[1]))[1]
+        on_stream = set()
+        start = oldest if first is None or entry_key(oldest) > entry_key(first) else first
         while True:
-            self.wake.clear()
-            batch = await self.store.unpublished(BATCH)
-            if self._suspect and batch:
-                batch = await self._skip_already_published(batch)
-            for item in batch:
-                kwargs = {}
-                if self.settings.results_maxlen:
-                    kwargs = {"maxlen": self.settings.results_maxlen, "approximate": True}
-                entry_id = await self.redis.xadd(self.settings.results_stream, item.fields, **kwargs)
-                await self.store.mark_published(item.seq, entry_id.decode() if isinstance(entry_id, bytes)
-                                                else entry_id)
-                self.metrics.results.labels(item.fields.get("outcome", ""), item.fields.get("error_code", "")).inc()
-                now = datetime.now(timezone.utc)
-                if item.written_at is not None:
-                    self.metrics.phase.labels("result_published").observe((now - item.written_at).total_seconds())
-                if item.accepted_at is not None:
-                    self.metrics.convergence.labels(item.fields.get("job", ""), item.fields.get("outcome", "")) \
-                        .observe((now - item.accepted_at).total_seconds())
-                log.info("published result", extra={"game_id": item.game_id, "result_id": item.result_id,
-                                                    "outcome": item.fields.get("outcome"),
-                                                    "error_code": item.fields.get("error_code")})
-            total += len(batch)
-            if len(batch) < BATCH:
-                return total
+            page = await self.redis.range(stream, start, "+", 1000)
+            on_stream |= {f.get("result_id") for _, f in page}
+            if len(page) < 1000:
+                break
+            ms, seq = entry_key(page[-1][0])
+            start = f"{ms}-{seq + 1}"
+        # Entries older than the stream's first entry were trimmed (MAXLEN), not lost.
+        floor = entry_key(first) if first else None
+        lost = [seq for seq, entry_id, result_id in ((r[0], r[1], r[2]) for r in recent)
+                if result_id not in on_stream and (floor is None or entry_key(entry_id) >= floor)]
+        if lost:
+            log.warning("%d published results are missing from %s (Redis lost them); publishing them again "
+                        "with the same result_id", len(lost), stream)
+            await self.store.mark_unpublished(lost)
+            self.republished += len(lost)

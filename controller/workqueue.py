@@ -133,6 +133,19 @@ class WorkQueue:
         self._timers.clear()
         self._notify(all_waiters=True)
 
+    def reset(self) -> None:
+        """Empty and open again (a new leadership term starts from a fresh resync)."""
+        self.shut_down()
+        self._queue.clear()
+        self._dirty.clear()
+        self._processing.clear()
+        self._failures.clear()
+        self._added_at.clear()
+        self._started_at.clear()
+        self._waiters.clear()
+        self._shutting_down = False
+        self._changed()
+
     def _notify(self, all_waiters: bool = False) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()

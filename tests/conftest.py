@@ -80,18 +80,21 @@ def template_db() -> str:
 
 
 def _drop_leftovers() -> None:
-    """Databases left by an interrupted run; one still in use (another run) is left alone."""
+    """Databases left by interrupted runs: each name carries the pid of the pytest process that
+    made it, and only those of processes that are gone are dropped (runs may overlap)."""
     async def run() -> None:
         admin = await asyncpg.connect(ADMIN_DSN)
         try:
-            names = await admin.fetch("SELECT datname FROM pg_database WHERE (datname LIKE 'rtm\\_test\\_%'"
-                                      " OR datname LIKE 'rtm\\_template\\_%') AND datname <> $1",
-                                      f"rtm_template_{os.getpid()}")
+            names = await admin.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'rtm\\_test\\_%'"
+                                      " OR datname LIKE 'rtm\\_template\\_%'")
             for row in names:
+                pid = row["datname"].split("_")[2]
+                if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                    continue  # a run still going
                 try:
-                    await admin.execute(f'DROP DATABASE "{row["datname"]}"')
+                    await admin.execute(f'DROP DATABASE "{row["datname"]}" WITH (FORCE)')
                 except asyncpg.PostgresError:
-                    pass  # in use by a run still going
+                    pass
         finally:
             await admin.close()
 
@@ -100,7 +103,7 @@ def _drop_leftovers() -> None:
 
 @pytest.fixture
 def database_url(template_db: str) -> str:
-    name = f"rtm_test_{uuid.uuid4().hex[:12]}"
+    name = f"rtm_test_{os.getpid()}_{uuid.uuid4().hex[:12]}"
     admin_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     yield dsn_for(name)
     admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -136,7 +139,7 @@ def docker_client() -> docker.DockerClient:
 @pytest.fixture(scope="session")
 def stub_images(docker_client: docker.DockerClient) -> str:
     """The stub engine images, built by the project's own script when missing."""
-    wanted = [f"{STUB_REPO}:{t}" for t in ("1.0", "1.1", "crash", "mute", "flaky")]
+    wanted = [f"{STUB_REPO}:{t}" for t in ("1.0", "1.1", "plain", "slowgen", "genfail", "finish3", "crash", "nulcrash", "mute", "flaky")]
     missing = [t for t in wanted if not docker_client.images.list(name=t)]
     if missing:
         subprocess.run(["bash", str(ROOT / "deploy/engine-stub/build.sh")], check=True)

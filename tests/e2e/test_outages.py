@@ -74,11 +74,15 @@ def test_a_result_left_in_the_outbox_is_published_once(rtm_env, tmp_path):
 
     import asyncio
     asyncio.run(put())
-    for _ in range(2):  # start, publish, stop; start again: nothing more
-        ctl = ControllerProcess(rtm_env, tmp_path / "rtmanager.log").start()
+    for n in range(2):  # start, publish, stop; start again: nothing more
+        log = tmp_path / f"rtmanager-{n}.log"
+        ctl = ControllerProcess(rtm_env, log).start()
         reader = ResultReader(rtm_env["RTMANAGER_REDIS_URL"], rtm_env["RTMANAGER_RESULTS_STREAM"])
         reader.wait_for(lambda f: f["result_id"] == result_id, timeout=20)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 20
+        while "elected leader" not in ctl.log():  # this process has read the outbox too
+            assert time.monotonic() < deadline, ctl.log()
+            time.sleep(0.1)
         assert ctl.stop() == 0
         entries = reader.r.xrange(rtm_env["RTMANAGER_RESULTS_STREAM"])
         reader.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from controller.reconciler import build_spec
 from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
 from desired.store import Store
-from observed.docker import DockerAdapter, ensure_state_dir
+from observed.docker import DockerBackend, ensure_state_dir
 from tests.integration.harness import Harness
 
 pytestmark = pytest.mark.integration
@@ -49,9 +48,9 @@ async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
     store = Store(pool)
     settings = h.settings()
     await store.submit(Job(kind=JobKind.START, game_id="adopt-1", source=OpSource.LOBBY,
-                           image_ref="galaxy/engine-stub:1.0"), datetime.now(timezone.utc), settings.record_defaults)
+                           image_ref="galaxy/engine-stub:1.0"), settings.record_defaults)
     record = await store.get("adopt-1")
-    adapter = DockerAdapter(instance=settings.instance, network=settings.docker_network)
+    adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
     try:
         await adapter.ensure_network()
         ensure_state_dir(settings.state_root, record.state_path)
@@ -79,7 +78,7 @@ async def test_a_created_but_never_started_container_is_started_not_duplicated(h
     c.remove()
     await pool.execute("UPDATE runtime_records SET status = 'starting', observed_generation = 0,"
                        " current_container_id = NULL WHERE game_id = 'half-1'")
-    adapter = DockerAdapter(instance=settings.instance, network=settings.docker_network)
+    adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
     try:
         created = await adapter.create(build_spec(settings, await store.get("half-1")))
     finally:
@@ -93,39 +92,54 @@ async def test_a_created_but_never_started_container_is_started_not_duplicated(h
     del ctl
 
 
-async def test_disposes_an_orphan_but_leaves_foreign_containers_alone(h, docker_client, unique):
+async def test_disposes_an_orphan_but_leaves_foreign_and_unowned_containers_alone(h, docker_client, unique,
+                                                                                   pool):
+    """Only a container provably created under this database (its uid and a known term on the
+    labels) and without a record is an orphan; one of another database is unowned and left running."""
     settings = h.settings()
+    ctl = await h.start(orphan_grace="1", resync_interval="0.5")
+    await eventually(lambda: ctl.is_leader, what="leadership")
+    uid = str(await pool.fetchval("SELECT uid FROM controller_identity"))
     docker_client.networks.create(settings.docker_network, driver="bridge")
     common = dict(image="galaxy/engine-stub:1.0", detach=True, network=settings.docker_network)
+    ours = {"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance}
     orphan = docker_client.containers.run(name=f"galaxy-game-orphan-{unique}", labels={
-        "com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance,
-        "com.galaxy.game-id": f"orphan-{unique}"}, **common)
+        **ours, "com.galaxy.game-id": f"orphan-{unique}", "com.galaxy.database": uid,
+        "com.galaxy.epoch": str(ctl.fence.epoch)}, **common)
+    unowned = docker_client.containers.run(name=f"galaxy-game-unowned-{unique}", labels={
+        **ours, "com.galaxy.game-id": f"unowned-{unique}", "com.galaxy.database": "another-database",
+        "com.galaxy.epoch": "1"}, **common)
+    future = docker_client.containers.run(name=f"galaxy-game-future-{unique}", labels={
+        **ours, "com.galaxy.game-id": f"future-{unique}", "com.galaxy.database": uid,
+        "com.galaxy.epoch": str(ctl.fence.epoch + 5)}, **common)  # a database restored from an older backup
     foreign = docker_client.containers.run(name=f"galaxy-game-foreign-{unique}", **common)
     other_instance = docker_client.containers.run(name=f"galaxy-game-other-{unique}", labels={
         "com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": f"someone-else-{unique}",
         "com.galaxy.game-id": f"other-{unique}"}, **common)
+    kept = (foreign, other_instance, unowned, future)
     try:
-        await h.start(orphan_grace="1", resync_interval="0.5")
         await eventually(lambda: not docker_client.containers.list(all=True, filters={"id": orphan.id}),
                          what="orphan disposed")
-        await asyncio.sleep(1.5)  # a few more resyncs
-        foreign.reload()
-        other_instance.reload()
-        assert foreign.status == "running" and other_instance.status == "running"
+        await eventually(lambda: ctl.metrics.unowned._value.get() == 2, what="two unowned counted")
+        for c in kept:
+            c.reload()
+            assert c.status == "running", c.name
     finally:
-        foreign.remove(force=True)
-        other_instance.remove(force=True)
+        for c in kept:
+            c.remove(force=True)
 
 
 async def test_dry_run_takes_no_action(h, docker_client, unique, pool, caplog):
     settings = h.settings()
+    caplog.set_level("INFO", logger="rtmanager.reconciler")
+    ctl = await h.start(dry_run="1", orphan_grace="0", resync_interval="0.5")
+    await eventually(lambda: ctl.is_leader, what="leadership")
     docker_client.networks.create(settings.docker_network, driver="bridge")
     orphan = docker_client.containers.run(
         "galaxy/engine-stub:1.0", detach=True, name=f"galaxy-game-dry-{unique}", network=settings.docker_network,
         labels={"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance,
-                "com.galaxy.game-id": f"dry-{unique}"})
-    caplog.set_level("INFO", logger="rtmanager.reconciler")
-    await h.start(dry_run="1", orphan_grace="0", resync_interval="0.5")
+                "com.galaxy.game-id": f"dry-{unique}", "com.galaxy.epoch": str(ctl.fence.epoch),
+                "com.galaxy.database": str(await pool.fetchval("SELECT uid FROM controller_identity"))})
     await h.submit_start("dry-2")
     await eventually(lambda: "dry run: would create" in caplog.text and "dry run: would dispose" in caplog.text,
                      what="dry-run log lines")
@@ -225,6 +239,9 @@ async def test_an_engine_that_never_answers_is_unhealthy_and_stopped(h, pool):
     res = await h.result(await h.submit_start("mute-1", "galaxy/engine-stub:mute"))
     assert res["outcome"] == "failure" and res["error_code"] == "engine_unhealthy"
     assert "/healthz" in res["error_message"]
+    # the failed generation turns the game to stopped, and the next step stops the container
+    rec = await eventually(lambda: _status(Store(pool), "mute-1", Status.STOPPED), what="stopped")
+    assert rec.converged and rec.desired_status is DesiredStatus.STOPPED
     [c] = h.containers("mute-1")
     assert c.status == "exited"
 
@@ -301,8 +318,8 @@ async def test_a_foreign_container_holding_the_name_is_never_recorded_as_ours(h,
         await h.start()
         res = await h.result(await h.submit_start("held-1"))
         assert res["error_code"] == "container_start_failed" and "does not manage" in res["error_message"]
-        rec = await store.get("held-1")
-        assert rec.converged and rec.status is Status.STOPPED and rec.current_container_id is None
+        rec = await eventually(lambda: _status(store, "held-1", Status.STOPPED), what="recorded stopped")
+        assert rec.converged and rec.current_container_id is None
         await asyncio.sleep(1.5)  # nothing keeps working on it
         assert (await store.get("held-1")).generation == rec.generation
         foreign.reload()

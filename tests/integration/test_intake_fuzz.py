@@ -9,10 +9,12 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from controller.admission import Admission
 from controller.config import Settings
 from controller.intake import Intake
 from controller.metrics import Metrics
 from controller.relay import Relay
+from controller.streams import RedisStreams
 from desired.store import Store
 
 pytestmark = pytest.mark.integration
@@ -45,18 +47,19 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
         "RTMANAGER_CONSUMER_NAME": "fuzz"})
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     client = aioredis.Redis.from_url(redis_url)
+    streams = RedisStreams(redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
     try:
         store = Store(pool)
-        intake = Intake(settings, client, store, Metrics(), desired_changed=lambda g: None,
-                        results_written=lambda: None)
+        admission = Admission(store, settings.record_defaults, wake=lambda g: None, results_written=lambda: None)
+        intake = Intake(settings, streams, store, admission, Metrics())
         await intake.ensure_groups()
         added = []
         for kind, fields in batch:
             stream = settings.start_stream if kind == "start" else settings.stop_stream
             added.append((kind, (await client.xadd(stream, fields)).decode()))
         await intake.pending_pass()
-        await intake._read_new()
-        await Relay(settings, client, store, Metrics()).flush()
+        await intake.read_round(block_ms=None)
+        await Relay(settings, streams, store, Metrics()).flush()
         for stream in (settings.start_stream, settings.stop_stream):
             assert (await client.xpending(stream, settings.consumer_group))["pending"] == 0
         # Every entry has an operation; those answered at once have exactly one result each.
@@ -78,4 +81,5 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
         if keys:
             await client.delete(*keys)
         await client.aclose()
+        await streams.close()
         await pool.close()

@@ -6,10 +6,13 @@ import asyncio
 
 import pytest
 
+from controller.admission import Admission
 from controller.config import Settings
 from controller.intake import Intake
 from controller.metrics import Metrics
 from controller.relay import Relay
+from controller.streams import Entry, RedisStreams
+from desired.errors import StoreUnavailable
 from desired.store import Store
 
 pytestmark = pytest.mark.integration
@@ -29,19 +32,26 @@ def settings(database_url, redis_url, unique, tmp_path):
 async def wired(settings, pool, redis_client, unique):
     store = Store(pool)
     changed: list[str] = []
-    intake = Intake(settings, redis_client, store, Metrics(), desired_changed=changed.append,
-                    results_written=lambda: None)
-    relay = Relay(settings, redis_client, store, Metrics())
+    streams = RedisStreams(settings.redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
+    admission = Admission(store, settings.record_defaults, wake=changed.append, results_written=lambda: None)
+    intake = Intake(settings, streams, store, admission, Metrics())
+    relay = Relay(settings, streams, store, Metrics())
     yield intake, relay, store, changed
+    await streams.close()
     keys = [k async for k in redis_client.scan_iter(match=f"t{unique}:*")]
     if keys:
         await redis_client.delete(*keys)
 
 
+def with_settings(intake: Intake, settings: Settings) -> Settings:
+    intake.settings = settings
+    return settings
+
+
 async def drain(intake: Intake) -> None:
     await intake.ensure_groups()
     await intake.pending_pass()
-    await intake._read_new()
+    await intake.read_round(block_ms=None)
 
 
 async def read_results(redis_client, stream: str) -> list[dict[str, str]]:
@@ -97,7 +107,8 @@ async def test_redelivered_entry_is_one_operation(wired, redis_client, settings,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
     # Read without acknowledging, as a controller killed before XACK would.
     await redis_client.xreadgroup(settings.consumer_group, settings.consumer_name, {settings.start_stream: ">"})
-    await intake.handle(settings.start_stream, entry, {b"game_id": b"g1", b"image_ref": b"galaxy/engine-stub:1.0"})
+    await intake.handle(Entry(stream=settings.start_stream, id=entry,
+                              fields={b"game_id": b"g1", b"image_ref": b"galaxy/engine-stub:1.0"}))
     await drain(intake)  # the pending entry is delivered again, from id 0
     assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 1
     assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
@@ -130,6 +141,7 @@ async def test_relay_resumes_after_redis_errors(wired, redis_client, settings, p
     await intake.ensure_groups()
     await redis_client.xadd(settings.stop_stream, {"game_id": "g9", "reason": "nope"})
     await drain(intake)
+    redis_client = relay.redis.client
     real_xadd = redis_client.xadd
     calls = {"n": 0}
 
@@ -157,7 +169,8 @@ async def test_relay_resumes_after_redis_errors(wired, redis_client, settings, p
 
 async def test_entries_of_a_dead_consumer_are_claimed_once(wired, redis_client, settings, pool, unique):
     intake, relay, store, changed = wired
-    intake.settings = settings = Settings.from_env({**_env(settings, unique), "RTMANAGER_CLAIM_IDLE": "1"})
+    settings = with_settings(intake, Settings.from_env({**_env(settings, unique), "RTMANAGER_CLAIM_IDLE": "1"}))
+    intake.claim_everything_once = False  # a running leader, not a new one
     await intake.ensure_groups()
     entry = (await redis_client.xadd(settings.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
@@ -176,8 +189,9 @@ async def test_entries_of_a_dead_consumer_are_claimed_once(wired, redis_client, 
 async def test_an_entry_that_keeps_failing_is_dead_lettered_not_dropped(wired, redis_client, settings, pool,
                                                                       unique, monkeypatch):
     intake, relay, store, changed = wired
-    intake.settings = settings = Settings.from_env({**_env(settings, unique), "RTMANAGER_MAX_DELIVERIES": "2"})
+    settings = with_settings(intake, Settings.from_env({**_env(settings, unique), "RTMANAGER_MAX_DELIVERIES": "2"}))
     await intake.ensure_groups()
+    intake.claim_everything_once = False
 
     async def broken_submit(*args, **kwargs):
         raise RuntimeError("simulated bug")
@@ -186,10 +200,10 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_not_dropped(wired, r
     entry = (await redis_client.xadd(settings.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
     other = (await redis_client.xadd(settings.stop_stream, {"game_id": "g2", "reason": "bogus"})).decode()
-    await intake._read_new()  # delivery 1: fails, stays pending; the next entry is still handled
+    await intake.read_round(block_ms=None)  # attempt 1: fails, stays pending; the next entry is still handled
     assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 1
-    await intake.pending_pass()  # delivery 2: fails again
-    await intake.pending_pass()  # delivery 3 > 2: dead-lettered
+    await intake.pending_pass()  # attempt 2: fails again
+    await intake.pending_pass()  # a third attempt would exceed 2: dead-lettered
     assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
     await relay.flush()
     results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
@@ -228,25 +242,22 @@ async def test_a_result_already_on_the_stream_is_marked_not_added_again(wired, r
 
 async def test_an_outage_never_pushes_a_good_entry_to_the_dead_letters(wired, redis_client, settings, pool, unique,
                                                                      monkeypatch):
-    import asyncpg
-
     intake, relay, store, changed = wired
-    intake.settings = settings = Settings.from_env({**_env(settings, unique), "RTMANAGER_MAX_DELIVERIES": "2"})
+    settings = with_settings(intake, Settings.from_env({**_env(settings, unique), "RTMANAGER_MAX_DELIVERIES": "2"}))
     await intake.ensure_groups()
     real_submit, calls = store.submit, {"n": 0}
 
     async def read_only_then_fine(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] <= 5:  # a fail-over: the server answers but takes no writes
-            raise asyncpg.exceptions.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction")
+        if calls["n"] <= 5:  # a fail-over: the server answers but takes no writes (what the store raises)
+            raise StoreUnavailable("postgres: ReadOnlySQLTransactionError: cannot execute INSERT")
         return await real_submit(*args, **kwargs)
 
     monkeypatch.setattr(store, "submit", read_only_then_fine)
     entry = (await redis_client.xadd(settings.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
-    from desired.errors import StoreUnavailable
     with pytest.raises(StoreUnavailable):
-        await intake._read_new()
+        await intake.read_round(block_ms=None)
     for _ in range(4):  # deliveries 2..5, all beyond RTMANAGER_MAX_DELIVERIES, all during the outage
         with pytest.raises(StoreUnavailable):
             await intake.pending_pass()
@@ -272,7 +283,7 @@ async def test_after_a_failed_entry_later_entries_of_that_game_wait(wired, redis
     await asyncio.sleep(0.003)
     await redis_client.xadd(settings.stop_stream, {"game_id": "g1", "reason": "cancelled"})
     await redis_client.xadd(settings.stop_stream, {"game_id": "other", "reason": "cancelled"})
-    await intake._read_new()
+    await intake.read_round(block_ms=None)
     assert [o.game_id for o in await store.operations("g1")] == []  # the stop waits behind the failed start
     assert len(await store.operations("other")) == 1                 # other games carry on
     await intake.pending_pass()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
@@ -15,21 +14,18 @@ from desired.migrate import load_migrations, migrate
 from desired.model import (
     DesiredStatus,
     ErrorCode,
-    Health,
     JobKind,
     OpSource,
     OpStatus,
-    Outcome,
     Status,
     StopReason,
 )
-from desired.store import Finish, StatusUpdate, Store
+from desired.store import Store
 
 pytestmark = pytest.mark.integration
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
 IMG = "galaxy/engine-stub:1.0"
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def start(game: str, entry: str = "", image: str = IMG) -> Job:
@@ -47,14 +43,9 @@ async def results(pool) -> list[dict]:
     return [json.loads(r["fields"]) for r in rows]
 
 
-async def converge_running(store: Store, game: str, container: str = "c" * 64, at=T0) -> None:
+async def converge_running(store: Store, game: str, container: str = "c" * 64):
     rec = await store.get(game)
-    await store.update_status(
-        StatusUpdate(game_id=game, expected_status=rec.status, expected_container_id=None, to=Status.RUNNING,
-                     now=at + timedelta(seconds=1),
-                     changes={"current_container_id": container, "current_image_ref": rec.desired_image_ref,
-                              "health": Health.HEALTHY, "observed_generation": rec.generation}),
-        finish=Finish(generation=rec.generation, outcome=Outcome.SUCCESS))
+    return await store.mark_running(rec, container_id=container, image=rec.desired_image_ref)
 
 
 async def test_migrate_twice_changes_nothing(database_url):
@@ -85,7 +76,7 @@ async def test_concurrent_migrations_on_an_empty_database_apply_once(database_ur
 
 async def test_submit_creates_record_and_queued_operation(pool):
     store = Store(pool)
-    out = await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    out = await store.submit(start("g1", "1-0"), DEFAULTS)
     assert out.decision.action == "change" and not out.duplicate
     rec = await store.get("g1")
     assert rec.status is Status.STARTING and rec.desired_status is DesiredStatus.RUNNING
@@ -98,8 +89,8 @@ async def test_submit_creates_record_and_queued_operation(pool):
 
 async def test_the_same_entry_twice_is_one_operation(pool):
     store = Store(pool)
-    first = await store.submit(start("g1", "1-0"), T0, DEFAULTS)
-    again = await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    first = await store.submit(start("g1", "1-0"), DEFAULTS)
+    again = await store.submit(start("g1", "1-0"), DEFAULTS)
     assert again.duplicate and again.operation_id == first.operation_id
     assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 1
     assert (await store.get("g1")).generation == 1
@@ -107,7 +98,7 @@ async def test_the_same_entry_twice_is_one_operation(pool):
 
 async def test_converging_answers_the_job_once_with_container_and_endpoint(pool):
     store = Store(pool)
-    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
     await converge_running(store, "g1")
     [res] = await results(pool)
     assert res["outcome"] == "success" and res["error_code"] == "" and res["job_entry_id"] == "1-0"
@@ -118,9 +109,9 @@ async def test_converging_answers_the_job_once_with_container_and_endpoint(pool)
 
 async def test_start_of_running_game_with_same_image_is_replay(pool):
     store = Store(pool)
-    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
     await converge_running(store, "g1")
-    out = await store.submit(start("g1", "2-0"), T0 + timedelta(seconds=5), DEFAULTS)
+    out = await store.submit(start("g1", "2-0"), DEFAULTS)
     assert out.decision.action == "replay"
     res = (await results(pool))[-1]
     assert (res["outcome"], res["error_code"], res["container_id"]) == ("success", "replay_no_op", "c" * 64)
@@ -131,15 +122,11 @@ async def test_start_of_running_game_with_same_image_is_replay(pool):
 async def test_stop_replays_have_empty_container_fields(pool, case):
     store = Store(pool)
     if case == "stopped":
-        await store.submit(start("g1", "1-0"), T0, DEFAULTS)
+        await store.submit(start("g1", "1-0"), DEFAULTS)
         await converge_running(store, "g1")
-        await store.submit(stop("g1", "2-0"), T0 + timedelta(seconds=2), DEFAULTS)
-        rec = await store.get("g1")
-        await store.update_status(StatusUpdate(
-            game_id="g1", expected_status=Status.RUNNING, expected_container_id="c" * 64, to=Status.STOPPED,
-            now=T0 + timedelta(seconds=3), changes={"observed_generation": rec.generation}),
-            finish=Finish(generation=rec.generation, outcome=Outcome.SUCCESS))
-    out = await store.submit(stop("g1", "3-0"), T0 + timedelta(seconds=4), DEFAULTS)
+        await store.submit(stop("g1", "2-0"), DEFAULTS)
+        await store.mark_stopped(await store.get("g1"), container_id="c" * 64)
+    out = await store.submit(stop("g1", "3-0"), DEFAULTS)
     assert out.decision.action == "replay"
     res = (await results(pool))[-1]
     assert res["error_code"] == "replay_no_op" and res["container_id"] == "" and res["engine_endpoint"] == ""
@@ -147,8 +134,8 @@ async def test_stop_replays_have_empty_container_fields(pool, case):
 
 async def test_a_newer_job_supersedes_a_pending_one(pool):
     store = Store(pool)
-    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
-    await store.submit(stop("g1", "2-0"), T0 + timedelta(seconds=1), DEFAULTS)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await store.submit(stop("g1", "2-0"), DEFAULTS)
     [res] = await results(pool)
     assert res["job_entry_id"] == "1-0" and res["outcome"] == "failure" and res["error_code"] == "superseded"
     rec = await store.get("g1")
@@ -156,45 +143,44 @@ async def test_a_newer_job_supersedes_a_pending_one(pool):
     assert [o.entry_id for o in await store.pending_operations("g1")] == ["2-0"]
 
 
-async def test_concurrent_update_status_one_wins_the_other_conflicts(pool):
+async def test_concurrent_transitions_one_wins_the_other_conflicts(pool):
     store = Store(pool)
-    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
-    await converge_running(store, "g1")
-
-    def to(status):
-        return StatusUpdate(game_id="g1", expected_status=Status.RUNNING, expected_container_id="c" * 64,
-                            to=status, now=T0 + timedelta(seconds=9), changes={})
-
-    outcomes = await asyncio.gather(store.update_status(to(Status.STOPPED)), store.update_status(to(Status.STARTING)),
-                                    return_exceptions=True)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await converge_running(store, "g1")
+    outcomes = await asyncio.gather(store.mark_stopped(rec, container_id=rec.current_container_id),
+                                    store.mark_starting(rec, rollback_image=None), return_exceptions=True)
     assert sorted(type(o).__name__ for o in outcomes) == ["Conflict", "RuntimeRecord"]
     winner = next(o for o in outcomes if not isinstance(o, Exception))
     assert (await store.get("g1")).status is winner.status
 
 
-async def test_update_status_guards(pool):
+async def test_transition_guards_and_database_timestamps(pool):
     store = Store(pool)
     with pytest.raises(NotFound):
         await store.get("nope")
-    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
-    await converge_running(store, "g1")
-    with pytest.raises(Conflict):  # stale container id
-        await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.RUNNING,
-                                               expected_container_id="d" * 64, to=Status.STOPPED,
-                                               now=T0 + timedelta(seconds=2), changes={}))
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await converge_running(store, "g1")
+    db_now = await pool.fetchval("SELECT now()")
+    assert abs((rec.started_at - db_now).total_seconds()) < 5  # the database clock, not the caller's
+    with pytest.raises(Conflict):  # a stale container id
+        await store.mark_stopped(rec.replace(current_container_id="d" * 64), container_id=None)
+    with pytest.raises(Conflict):  # a stale status
+        await store.mark_removed(rec.replace(status=Status.STARTING))
+    removed = await store.mark_removed(rec)
+    assert removed.removed_at >= removed.created_at and removed.current_container_id is None
     from desired.model import InvalidTransition
-    rec = await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.RUNNING,
-                                                 expected_container_id=None, to=Status.REMOVED,
-                                                 now=T0 + timedelta(seconds=3), changes={}))
-    assert rec.removed_at == T0 + timedelta(seconds=3) and rec.current_container_id is None
     with pytest.raises(InvalidTransition):
-        await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.REMOVED,
-                                               expected_container_id=None, to=Status.STARTING,
-                                               now=T0 + timedelta(seconds=4), changes={}))
-    with pytest.raises(ValueError):  # the reconciler may not write desired columns
-        await store.update_status(StatusUpdate(game_id="g1", expected_status=Status.REMOVED,
-                                               expected_container_id=None, to=Status.REMOVED,
-                                               now=T0, changes={"desired_status": DesiredStatus.RUNNING}))
+        await store.mark_starting(removed, rollback_image=None)
+
+
+async def test_a_generation_answered_while_another_was_accepted_conflicts(pool):
+    """A finishing write guards on the generation: a job accepted meanwhile must be looked at first."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await store.get("g1")
+    await store.submit(start("g1", "2-0", image="galaxy/engine-stub:1.1"), DEFAULTS)
+    with pytest.raises(Conflict):
+        await store.mark_running(rec, container_id="c" * 64, image=IMG)
 
 
 @pytest.mark.parametrize("sql, constraint", [
@@ -236,17 +222,49 @@ async def test_rejected_entry_is_a_failed_operation_with_one_result(pool):
     assert op.status is OpStatus.FAILED and op.finished_at is not None
 
 
-async def test_give_up_answers_failure_and_stops_wanting_the_game(pool):
+async def test_a_failed_start_answers_failure_and_stops_wanting_the_game(pool):
     store = Store(pool)
-    await store.submit(start("g1", "1-0"), T0, DEFAULTS)
-    new = await store.give_up("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "no answer", T0 + timedelta(seconds=30), None)
-    assert new.status is Status.STOPPED and new.desired_status is DesiredStatus.STOPPED and new.converged
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    new = await store.fail_generation("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "no answer")
+    assert new.desired_status is DesiredStatus.STOPPED and new.generation == 2 and not new.rolling_back
     assert new.last_error_code is ErrorCode.ENGINE_UNHEALTHY
     [res] = await results(pool)
     assert (res["outcome"], res["error_code"], res["error_message"]) == ("failure", "engine_unhealthy", "no answer")
     assert res["container_id"] == "" and res["engine_endpoint"] == ""
     # a stale generation changes nothing
-    assert await store.give_up("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "again", T0, None) is None
+    assert await store.fail_generation("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "again") is None
+
+
+async def test_a_failed_patch_of_a_running_game_rolls_back_once(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await converge_running(store, "g1")
+    patch = Job(kind=JobKind.PATCH, game_id="g1", source=OpSource.ADMIN, image_ref="galaxy/engine-stub:9")
+    await store.submit(patch, DEFAULTS)
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=IMG)
+    new = await store.fail_generation("g1", rec.generation, ErrorCode.ENGINE_UNHEALTHY, "no answer")
+    assert new.desired_status is DesiredStatus.RUNNING and new.desired_image_ref == IMG and new.rolling_back
+    res = (await results(pool))[-1]
+    assert res["job"] == "patch" and res["error_code"] == "engine_unhealthy"
+    assert res["error_message"] == f"no answer; rolled back to {IMG}"
+    [note] = [o for o in await store.operations("g1") if o.source is OpSource.RECONCILER]
+    assert note.params["event"] == "rollback" and note.params["to"] == IMG
+    # the rollback generation's own failure stops the game instead of rolling back again
+    again = await store.fail_generation("g1", new.generation, ErrorCode.ENGINE_UNHEALTHY, "still no answer")
+    assert again.desired_status is DesiredStatus.STOPPED and not again.rolling_back
+
+
+async def test_an_overdue_cleanup_stays_a_removal(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await converge_running(store, "g1")
+    await store.submit(stop("g1", "2-0"), DEFAULTS)
+    await store.mark_stopped(await store.get("g1"), container_id="c" * 64)
+    await store.submit(Job(kind=JobKind.CLEANUP, game_id="g1", source=OpSource.ADMIN), DEFAULTS)
+    rec = await store.get("g1")
+    new = await store.fail_generation("g1", rec.generation, ErrorCode.DOCKER_UNAVAILABLE, "docker away")
+    assert new.desired_status is DesiredStatus.REMOVED and new.generation == rec.generation + 1
+    assert (await results(pool))[-1]["error_code"] == "docker_unavailable"
 
 
 async def test_outbox_is_read_in_commit_order_and_marked(pool):
@@ -263,26 +281,29 @@ async def test_outbox_is_read_in_commit_order_and_marked(pool):
 
 
 
-async def test_a_deposed_leader_cannot_write(pool):
+async def test_a_deposed_leader_cannot_write(pool, database_url):
     from desired.leader import Fence, Fenced, Lease
 
     old_fence, new_fence = Fence(instance="i", holder="old", ttl=5), Fence(instance="i", holder="new", ttl=5)
-    old, new = Lease(pool, old_fence), Lease(pool, new_fence)
+    old, new = Lease(database_url, old_fence), Lease(database_url, new_fence)
     assert await old.acquire() == 1
     assert await new.acquire() is None  # the lease is held
     old_store = Store(pool, fence=old_fence)
-    await old_store.submit(start("g1", "1-0"), T0, DEFAULTS)  # the leader writes
+    await old_store.submit(start("g1", "1-0"), DEFAULTS)  # the leader writes
     await pool.execute("UPDATE leader_leases SET expires_at = now()")  # the old leader stalls past its lease
     assert await new.acquire() == 2  # a new term, with a larger epoch
     assert not await old.renew()
     with pytest.raises(Fenced):
-        await old_store.submit(start("g2", "2-0"), T0, DEFAULTS)
+        await old_store.submit(start("g2", "2-0"), DEFAULTS)
     with pytest.raises(Fenced):
         await old_store.mark_published(1, "1-1")
     assert await Store(pool).find("g2") is None
-    await Store(pool, fence=new_fence).submit(start("g2", "2-0"), T0, DEFAULTS)
+    await Store(pool, fence=new_fence).submit(start("g2", "2-0"), DEFAULTS)
     await new.release()
-    assert await Lease(pool, Fence(instance="i", holder="third", ttl=5)).acquire() == 3  # released: no wait
+    third = Lease(database_url, Fence(instance="i", holder="third", ttl=5))
+    assert await third.acquire() == 3  # released: no wait
+    for lease in (old, new, third):
+        await lease.close()
 
 
 async def test_retention_prunes_only_old_published_results_and_finished_operations(pool):
@@ -290,7 +311,7 @@ async def test_retention_prunes_only_old_published_results_and_finished_operatio
     for i in range(3):
         await store.reject_entry(kind=JobKind.STOP, game_id=f"g{i}", stream="s:stop", entry_id=f"{i}-0",
                                  code=ErrorCode.INVALID_REQUEST, message="x")
-    await store.submit(start("live", "9-0"), T0, DEFAULTS)  # queued: never pruned
+    await store.submit(start("live", "9-0"), DEFAULTS)  # queued: never pruned
     [p0, p1, _] = await store.unpublished()
     await store.mark_published(p0.seq, "1-1")
     await store.mark_published(p1.seq, "1-2")
@@ -303,11 +324,12 @@ async def test_retention_prunes_only_old_published_results_and_finished_operatio
     assert await store.unpublished_count() == 1
 
 
-async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(pool):
+async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(pool, database_url):
     from desired.leader import Fence, Lease
 
     fence = Fence(instance="j", holder="a", ttl=5)
-    lease = Lease(pool, fence)
+    lease = Lease(database_url, fence)
+    other = Lease(database_url, Fence(instance="j", holder="b", ttl=5))
     assert await lease.acquire() == 1
     conn = await pool.acquire()
     tx = conn.transaction()
@@ -316,10 +338,12 @@ async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(p
         await fence.check(conn)  # a long write transaction of the leader, in flight
         assert await asyncio.wait_for(lease.renew(), 1.0)  # the holder's renewal does not wait for it
         await pool.execute("UPDATE leader_leases SET expires_at = now()")  # the term lapses meanwhile
-        take_over = asyncio.create_task(Lease(pool, Fence(instance="j", holder="b", ttl=5)).acquire())
+        take_over = asyncio.create_task(other.acquire())
         await asyncio.sleep(0.5)
         assert not take_over.done()  # waits for the old term's write to end
     finally:
         await tx.rollback()
         await pool.release(conn)
     assert await asyncio.wait_for(take_over, 5) == 2
+    await lease.close()
+    await other.close()

@@ -1,24 +1,23 @@
 """Property, against the real store: random sequences of jobs and observations keep every stored
 record valid, and every job ends with exactly one result.
 
-The observations are what the reconciler writes (desired/store.py update_status and give_up):
-converging a game to its desired status, or giving a generation up.
+The observations are what the reconciler writes (desired/store.py's named transitions and
+fail_generation): converging a game to its desired status, or failing a generation (which rolls a
+running game back, or stops it, or keeps removing it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
-from datetime import datetime, timedelta, timezone
 
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from desired.jobs import Job, RecordDefaults
-from desired.model import DesiredStatus, ErrorCode, Health, JobKind, OpSource, Outcome, Status, StopReason
-from desired.store import Finish, StatusUpdate, Store, record_from_row
+from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
+from desired.store import Store, record_from_row
 
 pytestmark = pytest.mark.integration
 
@@ -41,11 +40,7 @@ def test_random_jobs_and_observations_keep_records_valid_and_answer_every_job_on
 async def _run(steps, database_url: str) -> None:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     prefix = uuid.uuid4().hex[:6]
-    clock = itertools.count(1)
     store = Store(pool)
-
-    def now() -> datetime:
-        return datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=next(clock))
 
     try:
         for n, step in enumerate(steps):
@@ -54,17 +49,18 @@ async def _run(steps, database_url: str) -> None:
                 await store.submit(Job(kind=kind, game_id=f"{prefix}-{game}", source=OpSource.LOBBY,
                                        image_ref=image if kind in (JobKind.START, JobKind.PATCH) else None,
                                        reason=reason if kind is JobKind.STOP else None,
-                                       stream="s", entry_id=f"{prefix}-{n}"), now(), DEFAULTS)
+                                       stream="s", entry_id=f"{prefix}-{n}"), DEFAULTS)
             elif step[0] == "converge":
-                await _converge(store, f"{prefix}-{step[1]}", now())
+                await _converge(store, f"{prefix}-{step[1]}")
             else:
                 rec = await store.find(f"{prefix}-{step[1]}")
                 if rec is not None and not rec.converged:
-                    await store.give_up(rec.game_id, rec.generation, ErrorCode.ENGINE_UNHEALTHY, "no answer", now(),
-                                        rec.current_container_id)
+                    if rec.status is Status.RUNNING and rec.desired_status is DesiredStatus.RUNNING:
+                        rec = await store.mark_starting(rec, rollback_image=rec.current_image_ref)
+                    await store.fail_generation(rec.game_id, rec.generation, ErrorCode.ENGINE_UNHEALTHY, "no answer")
             await _check_records(pool, prefix)
         for game in GAMES:  # the controller catches up with everything
-            await _converge(store, f"{prefix}-{game}", now())
+            await _converge(store, f"{prefix}-{game}")
         await _check_records(pool, prefix)
         rows = await pool.fetch(
             "SELECT o.id, o.status, count(r.seq) AS results FROM runtime_operations o"
@@ -79,29 +75,18 @@ async def _run(steps, database_url: str) -> None:
         await pool.close()
 
 
-async def _converge(store: Store, game: str, at: datetime) -> None:
+async def _converge(store: Store, game: str) -> None:
     rec = await store.find(game)
     if rec is None or rec.converged:
         return
-    finish = Finish(generation=rec.generation, outcome=Outcome.SUCCESS)
     if rec.desired_status is DesiredStatus.RUNNING:
-        if rec.status not in (Status.STARTING, Status.RUNNING):
-            rec = await store.update_status(StatusUpdate(game_id=game, expected_status=rec.status,
-                                                         expected_container_id=None, to=Status.STARTING, now=at,
-                                                         changes={}))
-        await store.update_status(StatusUpdate(
-            game_id=game, expected_status=rec.status, expected_container_id=None, to=Status.RUNNING, now=at,
-            changes={"current_container_id": f"c{rec.generation}", "current_image_ref": rec.desired_image_ref,
-                     "health": Health.HEALTHY, "observed_generation": rec.generation}), finish=finish)
+        if rec.status is not Status.STARTING:
+            rec = await store.mark_starting(rec, rollback_image=None)
+        await store.mark_running(rec, container_id=f"c{rec.generation}", image=rec.desired_image_ref)
     elif rec.desired_status is DesiredStatus.STOPPED:
-        await store.update_status(StatusUpdate(
-            game_id=game, expected_status=rec.status, expected_container_id=None, to=Status.STOPPED, now=at,
-            changes={"current_image_ref": rec.current_image_ref or rec.desired_image_ref,
-                     "observed_generation": rec.generation}), finish=finish)
+        await store.mark_stopped(rec, container_id=None)
     else:
-        await store.update_status(StatusUpdate(
-            game_id=game, expected_status=rec.status, expected_container_id=None, to=Status.REMOVED, now=at,
-            changes={"observed_generation": rec.generation}), finish=finish)
+        await store.mark_removed(rec)
 
 
 async def _check_records(pool: asyncpg.Pool, prefix: str) -> None:

@@ -10,6 +10,8 @@ import pytest
 from observed.model import (
     LABEL_GAME_ID,
     LABEL_GENERATION,
+    LABEL_DATABASE,
+    LABEL_EPOCH,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     LABEL_SPEC_HASH,
@@ -258,15 +260,19 @@ def test_spec_hash_ignores_generation() -> None:
 
 
 def test_all_labels() -> None:
-    s = spec(generation=4, labels={"extra": "1", LABEL_MANAGED_BY: "spoofed", LABEL_GAME_ID: "other"})
+    s = spec(generation=4, labels={"extra": "1", LABEL_MANAGED_BY: "spoofed", LABEL_GAME_ID: "other"},
+             database="db-uid", epoch=3)
     labels = s.all_labels()
-    ours = {LABEL_MANAGED_BY, LABEL_INSTANCE, LABEL_GAME_ID, LABEL_SPEC_HASH, LABEL_GENERATION}
+    ours = {LABEL_MANAGED_BY, LABEL_INSTANCE, LABEL_GAME_ID, LABEL_SPEC_HASH, LABEL_GENERATION, LABEL_DATABASE,
+            LABEL_EPOCH}
     assert ours <= set(labels)
     assert labels[LABEL_MANAGED_BY] == "rtmanager"
     assert labels[LABEL_INSTANCE] == "default"
     assert labels[LABEL_GAME_ID] == "g1"  # extra labels cannot override ours
     assert labels[LABEL_SPEC_HASH] == s.spec_hash
     assert labels[LABEL_GENERATION] == "4"
+    assert labels[LABEL_DATABASE] == "db-uid" and labels[LABEL_EPOCH] == "3"
+    assert spec(database="other", epoch=9).spec_hash == spec().spec_hash  # provenance is not the spec
     assert labels["extra"] == "1"
     assert set(labels) == ours | {"extra"}
     assert set(spec().all_labels()) == ours

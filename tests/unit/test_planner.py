@@ -10,6 +10,8 @@ from controller.planner import NOOP, Action, ActionKind, plan
 from desired.model import DesiredStatus, RuntimeRecord, Status
 from observed.model import (
     LABEL_GAME_ID,
+    LABEL_DATABASE,
+    LABEL_EPOCH,
     LABEL_GENERATION,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -19,6 +21,8 @@ from observed.model import (
 )
 
 INSTANCE = "default"
+DATABASE = "5b0d6f7e-1c1f-4c55-9a43-6f5b2f4c8e10"
+EPOCH = 3
 HASH = "aaaaaaaaaaaaaaaa"
 OLD_HASH = "bbbbbbbbbbbbbbbb"
 NOW = datetime(2024, 1, 2, 12, 0, 0, tzinfo=timezone.utc)
@@ -30,11 +34,12 @@ A = ActionKind
 
 
 def ours(state: str = "running", *, spec_hash: str = HASH, cid: str = "c1", age: float | None = 600.0,
-         instance: str = INSTANCE) -> ObservedContainer:
+         instance: str = INSTANCE, database: str | None = DATABASE, epoch: int = 2) -> ObservedContainer:
+    provenance = {LABEL_DATABASE: database, LABEL_EPOCH: str(epoch)} if database is not None else {}
     return ObservedContainer(
         id=cid, name="galaxy-game-g1", image="galaxy/engine:1", state=state,
         labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: instance, LABEL_GAME_ID: "g1",
-                LABEL_SPEC_HASH: spec_hash, LABEL_GENERATION: "1"},
+                LABEL_SPEC_HASH: spec_hash, LABEL_GENERATION: "1", **provenance},
         created_at=None if age is None else NOW - timedelta(seconds=age),
         exit_code=0 if state == "exited" else None,
     )
@@ -68,6 +73,7 @@ def record(status: Status, desired: DesiredStatus, *, converged: bool = True, ci
     return r
 
 
+KW = dict(want_hash=HASH, instance=INSTANCE, now=NOW, orphan_grace=GRACE, database=DATABASE, epoch=EPOCH)
 R, ST, RM = DesiredStatus.RUNNING, DesiredStatus.STOPPED, DesiredStatus.REMOVED
 
 # (id, record, container, extra plan kwargs, expected kind)
@@ -79,6 +85,12 @@ TABLE = [
     ("no-record-old-orphan-exited", None, ours("exited", age=3600), {}, A.DISPOSE),
     ("no-record-orphan-no-created", None, ours(age=None), {}, A.DISPOSE),
     ("no-record-foreign", None, foreign(), {}, A.NOOP),
+    # never dispose of what cannot be proved ours: another database, none, or a later term
+    ("no-record-other-database", None, ours(database="0e9a4f3c-0000-4000-8000-000000000000"), {}, A.UNOWNED),
+    ("no-record-no-database-label", None, ours(database=None), {}, A.UNOWNED),
+    ("no-record-from-a-later-term", None, ours(epoch=EPOCH + 1), {}, A.UNOWNED),
+    ("no-record-empty-database-uid", None, ours(), {"database": ""}, A.UNOWNED),
+    ("no-record-young-unowned", None, ours(age=1, database=None), {}, A.UNOWNED),
     ("no-record-other-instance", None, ours(instance="other"), {}, A.NOOP),
     # desired running
     ("running-no-container", record(Status.STARTING, R, converged=False), None, {}, A.CREATE),
@@ -170,7 +182,7 @@ TABLE = [
 @pytest.mark.parametrize(("rec", "container", "kwargs", "expected"),
                          [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
 def test_plan(rec, container, kwargs, expected: ActionKind) -> None:
-    kw = dict(want_hash=HASH, instance=INSTANCE, now=NOW, orphan_grace=GRACE)
+    kw = dict(KW)
     kw.update(kwargs)
     action = plan(rec, container, **kw)
     assert isinstance(action, Action)
@@ -182,9 +194,6 @@ def test_plan(rec, container, kwargs, expected: ActionKind) -> None:
 
 def test_table_covers_every_action_kind() -> None:
     assert {row[-1] for row in TABLE} == set(ActionKind)
-
-
-KW = dict(want_hash=HASH, instance=INSTANCE, now=NOW, orphan_grace=GRACE)
 
 
 @pytest.mark.parametrize(("rec", "container", "delay"), [
@@ -208,7 +217,7 @@ def test_only_wait_carries_a_delay(row) -> None:
 
 
 def test_orphan_grace_boundary() -> None:
-    kw = dict(want_hash=None, instance=INSTANCE, now=NOW, orphan_grace=GRACE)
+    kw = {**KW, "want_hash": None}
     assert plan(None, ours(age=GRACE - 0.001), **kw).kind is A.WAIT
     assert plan(None, ours(age=GRACE), **kw).kind is A.DISPOSE
 

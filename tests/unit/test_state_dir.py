@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from desired.errors import ContainerStartFailed
+from observed.errors import Refused
 from observed.docker import ensure_state_dir
 
 
@@ -23,7 +23,7 @@ def test_a_symlink_planted_at_the_state_path_is_refused(tmp_path):
     root.mkdir()
     target.mkdir()
     os.symlink(target, root / "g1")
-    with pytest.raises(ContainerStartFailed, match="not a directory"):
+    with pytest.raises(Refused, match="not a directory"):
         ensure_state_dir(str(root), str(root / "g1"))
 
 
@@ -31,14 +31,14 @@ def test_a_file_at_the_state_path_is_refused(tmp_path):
     root = tmp_path / "games"
     root.mkdir()
     (root / "g1").write_text("x")
-    with pytest.raises(ContainerStartFailed):
+    with pytest.raises(Refused):
         ensure_state_dir(str(root), str(root / "g1"))
 
 
 @pytest.mark.parametrize("path", ["../x", "g1/deeper", "/etc"])
 def test_only_direct_children_of_the_root(tmp_path, path):
     root = tmp_path / "games"
-    with pytest.raises(ContainerStartFailed, match="not directly under"):
+    with pytest.raises(Refused, match="not directly under"):
         ensure_state_dir(str(root), os.path.join(str(root), path))
 
 

@@ -1,0 +1,50 @@
+"""Admission: the one path by which a job becomes desired state.
+
+Every source of jobs (the stream intake, the REST API, later the control stream
+and the turn scheduler) calls ``submit`` or ``reject``; nothing else writes
+desired state. ``submit`` commits the desired-state change and the operation
+row in one transaction (desired/store.py), then wakes the reconciler for the
+game and the relay for the results that already exist (replays, rejections,
+superseded jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from desired.jobs import Job, RecordDefaults
+from desired.model import ErrorCode, JobKind, OpSource
+from desired.store import Store, SubmitOutcome
+
+log = logging.getLogger("rtmanager.admission")
+
+
+class Admission:
+    def __init__(self, store: Store, defaults: RecordDefaults, *, wake: Callable[[str], None],
+                 results_written: Callable[[], None]) -> None:
+        self.store = store
+        self.defaults = defaults
+        self._wake = wake
+        self._results_written = results_written
+
+    async def submit(self, job: Job) -> SubmitOutcome:
+        """Desired state and an operation row (InvalidJob when the game_id cannot make a state path)."""
+        outcome = await self.store.submit(job, self.defaults)
+        if outcome.duplicate:
+            return outcome
+        decision = outcome.decision
+        assert decision is not None
+        if decision.action in ("change", "join"):
+            self._wake(job.game_id)
+        self._results_written()
+        return outcome
+
+    async def reject(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str, code: ErrorCode,
+                     message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:
+        """A job that cannot be carried out: a failed operation and its result."""
+        outcome = await self.store.reject_entry(kind=kind, game_id=game_id, stream=stream, entry_id=entry_id,
+                                                code=code, message=message, source=source)
+        if not outcome.duplicate:
+            self._results_written()
+        return outcome

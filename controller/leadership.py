@@ -1,0 +1,125 @@
+"""Leadership: campaign for the lease, renew it, step down when it is lost, campaign again.
+
+One replica of an instance leads (reads jobs, reconciles, publishes); the
+others stand by. The lease and its fencing live in desired/leader.py; this loop
+decides *when* to lead:
+
+* **Campaign** every ``ttl / 3`` until the lease is free, then call
+  ``on_elected`` (the composition root starts the leader's tasks).
+* **Renew** every ``ttl / 5`` on the lease's own connection. A failed renewal is
+  retried until the term lapses locally (the fence's deadline).
+* **Step down** when the term is lost: a renewal found another holder, the
+  deadline passed during an outage, or a write was fenced (``lost()``). The
+  fence is closed at once (no backend call, no write passes it), then
+  ``on_deposed`` cancels the leader's tasks. The process stays up as a standby
+  and campaigns again: after an outage it leads again in a new term, or follows
+  the replica that took over. Losing a term never ends the process.
+* A graceful shutdown keeps renewing until the root says its last writes are
+  done (``release()``), then hands the lease over at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+from controller.metrics import Metrics
+from desired.errors import StoreUnavailable
+from desired.leader import Fence, Lease
+
+log = logging.getLogger("rtmanager.leadership")
+
+
+class Leadership:
+    def __init__(self, lease: Lease, fence: Fence, metrics: Metrics, *,
+                 on_elected: Callable[[], Awaitable[None]], on_deposed: Callable[[str], Awaitable[None]]) -> None:
+        self.lease = lease
+        self.fence = fence
+        self.metrics = metrics
+        self._on_elected = on_elected
+        self._on_deposed = on_deposed
+        self._lost = asyncio.Event()
+        self._released = asyncio.Event()
+        self.leading = False
+        self.terms = 0
+
+    @property
+    def ttl(self) -> float:
+        return self.fence.ttl
+
+    def lost(self, reason: str) -> None:
+        """A write or an action found the term over (another replica took it): step down now."""
+        if self.leading:
+            log.warning("leadership term %d is over: %s", self.fence.epoch, reason)
+            self.fence.deadline = 0.0
+            self._lost.set()
+
+    def release(self) -> None:
+        """The graceful shutdown's last writes are done: stop renewing."""
+        self._released.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        announced = False
+        while not stopping.is_set():
+            if not await self._campaign(stopping, announced):
+                return
+            announced = False
+            self.leading = True
+            self.terms += 1
+            self._lost.clear()
+            self.metrics.leader.set(1)
+            self.metrics.leadership.labels("elected").inc()
+            log.info("elected leader", extra={"epoch": self.fence.epoch})
+            await self._on_elected()
+            reason = await self._hold(stopping)
+            if reason is None:
+                return  # graceful shutdown: the root releases the lease
+            self.leading = False
+            self.fence.deadline = 0.0
+            self.metrics.leader.set(0)
+            self.metrics.leadership.labels("deposed").inc()
+            log.error("lost leadership (term %d): %s; standing by and campaigning again", self.fence.epoch, reason)
+            await self._on_deposed(reason)
+            announced = True
+
+    async def _campaign(self, stopping: asyncio.Event, announced: bool) -> bool:
+        while not stopping.is_set():
+            try:
+                if await self.lease.acquire() is not None:
+                    return True
+                if not announced:
+                    log.info("standing by: another replica holds the lease of instance %s", self.fence.instance)
+                    announced = True
+            except StoreUnavailable as exc:
+                log.warning("leader election: %s", exc)
+            try:
+                await asyncio.wait_for(stopping.wait(), min(1.0, self.ttl / 3))
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    async def _hold(self, stopping: asyncio.Event) -> str | None:
+        """Renew until released (None) or lost (the reason)."""
+        while not self._released.is_set():
+            waiters = [asyncio.create_task(e.wait()) for e in (self._released, self._lost)]
+            try:
+                await asyncio.wait(waiters, timeout=self.ttl / 5, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+            if self._released.is_set():
+                return None
+            if self._lost.is_set():
+                return "another replica took over"
+            try:
+                if await self.lease.renew():
+                    continue
+                if not self.fence.valid_locally:
+                    return "the lease could not be renewed before it expired"
+                return "another replica holds the lease"
+            except StoreUnavailable as exc:
+                if not self.fence.valid_locally:
+                    return f"the lease expired while Postgres was unreachable ({exc})"
+                log.warning("could not renew the lease (retrying until term %d lapses): %s", self.fence.epoch, exc)
+        return None

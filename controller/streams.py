@@ -1,0 +1,228 @@
+"""The Redis adapter: consumer groups on the job streams, results, snapshots and dead letters.
+
+This module owns redis-py: nothing else in the controller imports it, and its
+errors do not leave here. A Redis that is away (connection refused, timeout, a
+replica during fail-over, a server still loading) raises ``StreamsUnavailable``
+(retry with backoff); a group or stream deleted under us raises ``GroupMissing``
+(create it again); any other error is a bug and raises ``StreamsError``.
+
+Entry fields stay bytes: a job entry may carry anything, and the job parser is
+the place that says which bytes are a valid field.
+
+Redis facts this relies on: XREADGROUP's COUNT applies to each stream
+separately; XAUTOCLAIM must be looped until its cursor comes back as 0-0;
+reading one's own pending entries again (id 0) and claiming raise their delivery
+count, so that count is *not* a count of handling attempts; trimming a stream
+deletes entries whether or not they are pending, so job streams are only ever
+trimmed below what has been handled (controller/intake.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from desired.errors import RtmError, TemporaryError
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,      # includes BusyLoadingError (a restarting server)
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,        # a replica during a fail-over
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+class StreamsUnavailable(TemporaryError):
+    """Redis did not answer: retry with backoff."""
+
+
+class GroupMissing(RtmError):
+    """The stream or its consumer group was deleted under us."""
+
+
+class StreamsError(RtmError):
+    """Redis answered with an error that is not an outage."""
+
+
+def _translate(exc: BaseException) -> BaseException | None:
+    if isinstance(exc, _UNAVAILABLE):
+        return StreamsUnavailable(f"redis: {exc.__class__.__name__}: {exc}")
+    if isinstance(exc, redis.exceptions.ResponseError) and "NOGROUP" in str(exc):
+        return GroupMissing(f"redis: {exc}")
+    if isinstance(exc, redis.exceptions.RedisError):
+        return StreamsError(f"redis: {exc.__class__.__name__}: {exc}")
+    return None
+
+
+def _translated(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except BaseException as exc:
+            ours = _translate(exc)
+            if ours is None:
+                raise
+            raise ours from exc
+    return wrapper
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """Order of entry ids (``ms-seq``); ids of different streams compare by their millisecond."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Entry:
+    stream: str
+    id: str
+    fields: dict | None  # None: deleted from the stream while pending
+
+    def field(self, name: str):
+        if self.fields is None:
+            return None
+        return self.fields.get(name.encode(), self.fields.get(name))
+
+
+@dataclass
+class GroupInfo:
+    last_delivered: str
+    pending: int
+    oldest_pending: str | None = None
+    consumers: dict[str, int] = field(default_factory=dict)
+
+
+class RedisStreams:
+    def __init__(self, url: str, *, group: str, consumer: str) -> None:
+        self.client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
+                                              health_check_interval=15)
+        self.group = group
+        self.consumer = consumer
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def server_run_id(self) -> str:
+        """Changes whenever the Redis server restarts."""
+        info = await self.client.info("server")
+        return str(info.get("run_id", ""))
+
+    # ------------------------------------------------------------ consumer group
+    async def ensure_group(self, stream: str, start_id: str = "0") -> bool:
+        """Create the group (and the stream) from ``start_id``; False when it existed already."""
+        try:
+            await self.client.xgroup_create(stream, self.group, id=start_id, mkstream=True)
+            return True
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+
+    async def group_info(self, stream: str) -> GroupInfo | None:
+        try:
+            groups = await self.client.xinfo_groups(stream)
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return None
+            raise
+        for g in groups:
+            if _text(g["name"]) == self.group:
+                info = GroupInfo(last_delivered=_text(g["last-delivered-id"]), pending=int(g["pending"]))
+                if info.pending:
+                    summary = await self.client.xpending(stream, self.group)
+                    info.oldest_pending = _text(summary["min"]) if summary.get("min") else None
+                    info.consumers = {_text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or []}
+                return info
+        return None
+
+    async def read_new(self, streams: list[str], count: int, block_ms: int | None) -> list[Entry]:
+        """Entries never delivered to the group, up to ``count`` of *each* stream."""
+        reply = await self.client.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
+                                             count=count, block=block_ms)
+        return [Entry(stream=_text(stream), id=_text(eid), fields=fields)
+                for stream, items in reply or [] for eid, fields in items]
+
+    async def read_own_pending(self, stream: str, count: int) -> list[Entry]:
+        """This consumer's delivered, unacknowledged entries (all of them, oldest first)."""
+        out: list[Entry] = []
+        last = "0"
+        while True:
+            reply = await self.client.xreadgroup(self.group, self.consumer, {stream: last}, count=count)
+            batch = reply[0][1] if reply else []
+            if not batch:
+                return out
+            out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in batch]
+            last = _text(batch[-1][0])
+
+    async def claim_idle(self, stream: str, min_idle_ms: int, count: int) -> list[Entry]:
+        """Take over entries idle longer than ``min_idle_ms`` in other consumers' lists."""
+        out: list[Entry] = []
+        cursor = "0-0"
+        while True:
+            cursor, claimed, *_ = await self.client.xautoclaim(stream, self.group, self.consumer,
+                                                               min_idle_time=min_idle_ms, start_id=cursor,
+                                                               count=count)
+            out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in claimed]
+            if _text(cursor) == "0-0":
+                return out
+
+    async def ack(self, stream: str, *entry_ids: str) -> None:
+        if entry_ids:
+            await self.client.xack(stream, self.group, *entry_ids)
+
+    async def trim_below(self, stream: str, min_id: str) -> int:
+        """Delete entries older than ``min_id`` (approximately: whole nodes only, cheap)."""
+        return int(await self.client.xtrim(stream, minid=min_id, approximate=True))
+
+    async def trim_to_length(self, stream: str, maxlen: int) -> int:
+        return int(await self.client.xtrim(stream, maxlen=maxlen, approximate=True))
+
+    # ------------------------------------------------------------------ writes
+    async def add(self, stream: str, fields: dict, maxlen: int | None = None) -> str:
+        kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}
+        return _text(await self.client.xadd(stream, fields, **kwargs))
+
+    async def recent(self, stream: str, count: int) -> list[tuple[str, dict]]:
+        """The newest ``count`` entries, newest first, with str fields."""
+        return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()})
+                for eid, fields in await self.client.xrevrange(stream, count=count)]
+
+    async def range(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict]]:
+        return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()})
+                for eid, fields in await self.client.xrange(stream, min=start, max=end, count=count)]
+
+    async def read_after(self, stream: str, last_id: str, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
+        """Plain reads (no group), as Lobby reads results: entries after ``last_id``, str fields."""
+        reply = await self.client.xread({stream: last_id}, count=count, block=block_ms)
+        return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()})
+                for _, items in reply or [] for eid, fields in items]
+
+    async def stream_first_id(self, stream: str) -> str | None:
+        got = await self.client.xrange(stream, count=1)
+        return _text(got[0][0]) if got else None
+
+
+def _translate_methods(cls) -> None:
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(member):
+            setattr(cls, name, _translated(member))
+
+
+_translate_methods(RedisStreams)

@@ -1,0 +1,192 @@
+"""Triggers: what tells the work queue which game to look at, and readiness.
+
+A stream entry, a NOTIFY or a backend event is only a hint about which key to
+look at; the periodic resync is what makes the loop level-triggered. Each
+trigger is a loop the composition root runs while this replica leads:
+
+* ``Resync``: one backend list call and one records query per interval; queue
+  every game whose plan is not NOOP (and report unowned units);
+* ``HealthRound``: probe running engines every RTMANAGER_HEALTH_INTERVAL;
+* NOTIFY (``desired.store.Notifications``) and backend events
+  (``RuntimeBackend.events``), wired in the composition root.
+
+``Readiness`` answers /readyz from a result cached for about a second, computed
+by one probe at a time: a flood of requests never fans out to Postgres, Redis
+and Docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+from controller.metrics import Metrics
+from controller.planner import ActionKind
+from controller.reconciler import Reconciler, backend_errors
+from controller.workqueue import WorkQueue
+from desired.model import Status, container_name
+from desired.store import Store
+from observed.backend import RuntimeBackend
+
+log = logging.getLogger("rtmanager.triggers")
+
+PRUNE_EVERY = 3600.0
+HEALTH_CONCURRENCY = 16
+
+
+async def wait_any(*events: asyncio.Event, timeout: float | None) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+class Resync:
+    def __init__(self, *, store: Store, backend: RuntimeBackend, reconciler: Reconciler, queue: WorkQueue,
+                 metrics: Metrics, interval: float, retention_days: float,
+                 ready_check: Callable[[], Awaitable[bool]]) -> None:
+        self.store = store
+        self.backend = backend
+        self.reconciler = reconciler
+        self.queue = queue
+        self.metrics = metrics
+        self.interval = interval
+        self.retention_days = retention_days
+        self._ready_check = ready_check
+        self.now = asyncio.Event()  # set to resync at once (events reconnected)
+
+    async def once(self) -> int:
+        """List the backend (one call) and live records (one query); queue every game not converged."""
+        with backend_errors():
+            containers = await self.backend.list_managed()
+        records = await self.store.list_live()
+        by_game = {}
+        unowned = 0
+        for c in containers:
+            if c.game_id and c.name == container_name(c.game_id):
+                by_game[c.game_id] = c
+            else:
+                self.queue.add(c.game_id or c.name)  # odd container: let sync look at it
+        self.reconciler.refill_dispose_budget()
+        queued = 0
+        for rec in records:
+            action, _ = self.reconciler.plan_for(rec, by_game.pop(rec.game_id, None))
+            if action.kind is not ActionKind.NOOP:
+                self.queue.add(rec.game_id)
+                queued += 1
+        for game_id, c in by_game.items():  # units without a live record: orphans, unowned, or removed records
+            if c.id in self.reconciler.unowned:
+                unowned += 1
+                continue
+            self.queue.add(game_id)
+            queued += 1
+        self.metrics.unowned.set(unowned)
+        for status, count in (await self.store.count_by_status()).items():
+            self.metrics.records.labels(status).set(count)
+        self.metrics.outbox_pending.set(await self.store.unpublished_count())
+        return queued
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        last_prune = 0.0
+        loop = asyncio.get_running_loop()
+        while not stopping.is_set():
+            if self.retention_days and loop.time() - last_prune > PRUNE_EVERY:
+                try:
+                    results, ops = await self.store.prune(self.retention_days)
+                    last_prune = loop.time()
+                    if results or ops:
+                        log.info("retention: removed %d results and %d operations older than %g days",
+                                 results, ops, self.retention_days)
+                except Exception as exc:  # noqa: BLE001 - retried next round
+                    log.warning("retention failed: %s", exc)
+            try:
+                queued = await self.once()
+                self.metrics.resyncs.labels("ok").inc()
+                self.metrics.ready.set(1 if await self._ready_check() else 0)
+                if queued:
+                    log.info("resync queued %d games", queued)
+            except Exception as exc:  # noqa: BLE001 - the backend or Postgres away: next interval
+                self.metrics.resyncs.labels("error").inc()
+                self.metrics.ready.set(0)
+                log.warning("resync failed: %s", exc)
+            await wait_any(stopping, self.now, timeout=self.interval)
+            self.now.clear()
+
+
+class HealthRound:
+    """Probe running engines; the reconciler writes the health field only when it changes."""
+
+    def __init__(self, *, store: Store, backend: RuntimeBackend, reconciler: Reconciler, interval: float) -> None:
+        self.store = store
+        self.backend = backend
+        self.reconciler = reconciler
+        self.interval = interval
+
+    async def once(self) -> None:
+        records = await self.store.list_by_status(Status.RUNNING)
+        if not records:
+            return
+        with backend_errors():
+            ips = {c.id: c.ip_address for c in await self.backend.list_managed() if c.running}
+        sem = asyncio.Semaphore(HEALTH_CONCURRENCY)
+
+        async def probe(rec) -> None:
+            async with sem:
+                await self.reconciler.probe_health(rec, ips.get(rec.current_container_id or ""))
+
+        await asyncio.gather(*(probe(r) for r in records))
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await wait_any(stopping, timeout=self.interval)
+            if stopping.is_set():
+                return
+            try:
+                await self.once()
+            except Exception as exc:  # noqa: BLE001 - Postgres or the backend away: next interval
+                log.warning("health round failed: %s", exc)
+
+
+class Readiness:
+    """``/readyz``: Postgres, Redis and the backend answer. Cached for ``ttl`` seconds, one probe at a time."""
+
+    def __init__(self, checks: dict[str, Callable[[], Awaitable[None]]], metrics: Metrics, *, ttl: float = 1.0,
+                 timeout: float = 2.0) -> None:
+        self.checks = checks
+        self.metrics = metrics
+        self.ttl = ttl
+        self.timeout = timeout
+        self.probes = 0  # how many times the dependencies were really asked
+        self._cached: tuple[float, dict[str, str]] | None = None
+        self._inflight: asyncio.Task | None = None
+
+    async def check(self) -> dict[str, str]:
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < self.ttl:
+            return self._cached[1]
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._probe())
+        return await asyncio.shield(self._inflight)
+
+    async def ok(self) -> bool:
+        return all(v == "ok" for v in (await self.check()).values())
+
+    async def _probe(self) -> dict[str, str]:
+        self.probes += 1
+        results: dict[str, str] = {}
+
+        async def one(name: str, fn) -> None:
+            try:
+                await asyncio.wait_for(fn(), self.timeout)
+                results[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure means not ready
+                results[name] = f"error: {exc.__class__.__name__}"
+
+        await asyncio.gather(*(one(n, fn) for n, fn in self.checks.items()))
+        self.metrics.ready.set(1 if all(v == "ok" for v in results.values()) else 0)
+        self._cached = (time.monotonic(), results)
+        return results

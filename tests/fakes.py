@@ -1,0 +1,662 @@
+"""In-memory fakes of the adapters, for unit tests of the loop (no Postgres, Redis or Docker).
+
+Each fake keeps the semantics the code relies on, and records its calls:
+
+* ``FakeStreams``: Redis Streams with one consumer group (COUNT per stream, a
+  pending list per consumer, delivery counts, XAUTOCLAIM, trimming);
+* ``FakeBackend`` and ``FakeEngine``: a Docker host whose containers behave as
+  their image says (healthy, exits at once, never answers);
+* ``FakeStore``: the store, in memory, built on the same pure functions as the
+  real one (``desired.jobs.decide``, ``desired.transitions``), with the same
+  compare-and-swap guards.
+
+They are fakes, not mocks: the integration tier runs the same scenarios on the
+real services.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailable, entry_key
+from desired import transitions
+from desired.clock import ManualClock
+from desired.errors import Conflict, NotFound, StoreUnavailable
+from desired.jobs import Job, RecordDefaults, decide
+from desired.model import (
+    DesiredStatus,
+    ErrorCode,
+    JobKind,
+    JobResult,
+    OpKind,
+    OpSource,
+    OpStatus,
+    Outcome,
+    RuntimeRecord,
+    Status,
+    check_transition,
+)
+from desired.policy import CrashPolicy, next_crash
+from desired.store import Crash, Identity, Operation, PendingResult, SubmitOutcome
+from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.model import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, ContainerSpec, ObservedContainer
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+# ------------------------------------------------------------------- streams
+@dataclass
+class _Pending:
+    consumer: str
+    deliveries: int
+    delivered_at: float
+
+
+@dataclass
+class _Stream:
+    entries: list[tuple[str, dict]] = field(default_factory=list)
+    last_delivered: str = "0-0"
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    has_group: bool = False
+    seq: int = 0
+
+
+class FakeStreams:
+    """One consumer group over in-memory streams. ``down`` makes every call an outage."""
+
+    def __init__(self, group: str = "rtmanager", consumer: str = "c1", clock: ManualClock | None = None) -> None:
+        self.group = group
+        self.consumer = consumer
+        self.streams: dict[str, _Stream] = {}
+        self.clock = clock or ManualClock()
+        self.down = False
+        self.calls: list[tuple] = []
+        self._ms = itertools.count(1000)
+        self.run_id = "run-1"
+
+    def _s(self, stream: str) -> _Stream:
+        return self.streams.setdefault(stream, _Stream())
+
+    def _check(self, op: str, *args) -> None:
+        self.calls.append((op, *args))
+        if self.down:
+            raise StreamsUnavailable(f"redis: {op}: fake outage")
+
+    def xadd(self, stream: str, fields: dict, entry_id: str | None = None) -> str:
+        """What Lobby does (not through the adapter): append an entry."""
+        s = self._s(stream)
+        eid = entry_id or f"{next(self._ms)}-0"
+        s.entries.append((eid, {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
+                                for k, v in fields.items()}))
+        return eid
+
+    async def close(self) -> None:
+        pass
+
+    async def ping(self) -> None:
+        self._check("ping")
+
+    async def server_run_id(self) -> str:
+        self._check("server_run_id")
+        return self.run_id
+
+    async def ensure_group(self, stream: str, start_id: str = "0") -> bool:
+        self._check("ensure_group", stream, start_id)
+        s = self._s(stream)
+        if s.has_group:
+            return False
+        s.has_group, s.last_delivered, s.pending = True, start_id if start_id != "0" else "0-0", {}
+        return True
+
+    def _need_group(self, s: _Stream, stream: str) -> None:
+        if not s.has_group:
+            raise GroupMissing(f"NOGROUP {stream}")
+
+    async def read_new(self, streams: list[str], count: int, block_ms: int | None) -> list[Entry]:
+        self._check("read_new", tuple(streams), count)
+        out = []
+        for name in streams:
+            s = self._s(name)
+            self._need_group(s, name)
+            fresh = [(eid, f) for eid, f in s.entries if entry_key(eid) > entry_key(s.last_delivered)][:count]
+            for eid, f in fresh:
+                s.pending[eid] = _Pending(self.consumer, 1, self.clock.monotonic())
+                s.last_delivered = eid
+                out.append(Entry(stream=name, id=eid, fields=dict(f)))
+        return out
+
+    async def read_own_pending(self, stream: str, count: int) -> list[Entry]:
+        self._check("read_own_pending", stream)
+        s = self._s(stream)
+        self._need_group(s, stream)
+        by_id = dict(s.entries)
+        out = []
+        for eid in sorted(s.pending, key=entry_key):
+            p = s.pending[eid]
+            if p.consumer == self.consumer:
+                p.deliveries += 1
+                out.append(Entry(stream=stream, id=eid, fields=dict(by_id[eid]) if eid in by_id else None))
+        return out
+
+    async def claim_idle(self, stream: str, min_idle_ms: int, count: int) -> list[Entry]:
+        self._check("claim_idle", stream, min_idle_ms)
+        s = self._s(stream)
+        self._need_group(s, stream)
+        by_id = dict(s.entries)
+        out = []
+        now = self.clock.monotonic()
+        for eid in sorted(s.pending, key=entry_key):
+            p = s.pending[eid]
+            if p.consumer != self.consumer and (now - p.delivered_at) * 1000 >= min_idle_ms:
+                s.pending[eid] = _Pending(self.consumer, p.deliveries + 1, now)
+                out.append(Entry(stream=stream, id=eid, fields=dict(by_id[eid]) if eid in by_id else None))
+        return out
+
+    def deliver_to(self, consumer: str, stream: str, count: int = 100) -> list[str]:
+        """Another consumer reads new entries (and, say, dies without acknowledging them)."""
+        s = self._s(stream)
+        fresh = [eid for eid, _ in s.entries if entry_key(eid) > entry_key(s.last_delivered)][:count]
+        for eid in fresh:
+            s.pending[eid] = _Pending(consumer, 1, self.clock.monotonic())
+            s.last_delivered = eid
+        return fresh
+
+    async def ack(self, stream: str, *entry_ids: str) -> None:
+        self._check("ack", stream, *entry_ids)
+        s = self._s(stream)
+        for eid in entry_ids:
+            s.pending.pop(eid, None)
+
+    async def group_info(self, stream: str) -> GroupInfo | None:
+        self._check("group_info", stream)
+        s = self.streams.get(stream)
+        if s is None or not s.has_group:
+            return None
+        oldest = min(s.pending, key=entry_key) if s.pending else None
+        return GroupInfo(last_delivered=s.last_delivered, pending=len(s.pending), oldest_pending=oldest)
+
+    async def trim_below(self, stream: str, min_id: str) -> int:
+        self._check("trim_below", stream, min_id)
+        s = self._s(stream)
+        before = len(s.entries)
+        s.entries = [(eid, f) for eid, f in s.entries if entry_key(eid) >= entry_key(min_id)]
+        return before - len(s.entries)
+
+    async def trim_to_length(self, stream: str, maxlen: int) -> int:
+        s = self._s(stream)
+        cut = max(0, len(s.entries) - maxlen)
+        s.entries = s.entries[cut:]
+        return cut
+
+    async def add(self, stream: str, fields: dict, maxlen: int | None = None) -> str:
+        self._check("add", stream)
+        eid = self.xadd(stream, fields)
+        if maxlen:
+            await self.trim_to_length(stream, maxlen)
+        return eid
+
+    def fields_of(self, stream: str) -> list[dict[str, str]]:
+        return [{(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                 for k, v in f.items()} for _, f in self._s(stream).entries]
+
+    async def recent(self, stream: str, count: int) -> list[tuple[str, dict]]:
+        self._check("recent", stream)
+        pairs = list(zip((eid for eid, _ in self._s(stream).entries), self.fields_of(stream)))
+        return pairs[::-1][:count]
+
+    async def range(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict]]:
+        self._check("range", stream)
+        pairs = zip((eid for eid, _ in self._s(stream).entries), self.fields_of(stream))
+        return [(eid, f) for eid, f in pairs if entry_key(eid) >= entry_key(start)][:count]
+
+    async def stream_first_id(self, stream: str) -> str | None:
+        entries = self._s(stream).entries
+        return entries[0][0] if entries else None
+
+
+# ------------------------------------------------------------------- backend
+@dataclass
+class FakeContainer:
+    id: str
+    name: str
+    image: str
+    labels: dict
+    state: str = "created"
+    exit_code: int | None = None
+    created_at: datetime = T0
+    logs: str = ""
+
+
+class FakeBackend:
+    """A Docker host. ``behaviour[image]``: ``ok`` (healthy), ``crash`` (exits at once with code 3),
+    ``mute`` (runs, never healthy). Images not in ``images`` are missing (and cannot be pulled)."""
+
+    name = "fake"
+
+    def __init__(self, instance: str = "default", images: set[str] | None = None) -> None:
+        self.instance = instance
+        self.images = images if images is not None else {"galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1",
+                                                         "galaxy/engine-stub:mute", "galaxy/engine-stub:crash"}
+        self.behaviour = {"galaxy/engine-stub:mute": "mute", "galaxy/engine-stub:crash": "crash"}
+        self.containers: dict[str, FakeContainer] = {}
+        self.calls: list[tuple] = []
+        self.down = False
+        self.graceful: list[str] = []  # ids stopped with SIGTERM first
+        self._ids = itertools.count(1)
+
+    def _check(self, op: str, *args) -> None:
+        self.calls.append((op, *args))
+        if self.down:
+            raise BackendUnavailable(f"docker {op}: fake outage")
+
+    def ops(self, *names: str) -> list[tuple]:
+        return [c for c in self.calls if not names or c[0] in names]
+
+    def _observe(self, c: FakeContainer) -> ObservedContainer:
+        return ObservedContainer(id=c.id, name=c.name, image=c.image, state=c.state, labels=dict(c.labels),
+                                 created_at=c.created_at, exit_code=c.exit_code, ip_address="10.0.0.1" if
+                                 c.state == "running" else None)
+
+    def by_name(self, name: str) -> FakeContainer | None:
+        return next((c for c in self.containers.values() if c.name == name), None)
+
+    async def ping(self) -> None:
+        self._check("ping")
+
+    async def list_managed(self) -> list[ObservedContainer]:
+        self._check("list")
+        return [self._observe(c) for c in self.containers.values()
+                if c.labels.get(LABEL_MANAGED_BY) == MANAGED_BY and c.labels.get(LABEL_INSTANCE) == self.instance]
+
+    async def inspect(self, name_or_id: str) -> ObservedContainer | None:
+        self._check("inspect", name_or_id)
+        c = self.containers.get(name_or_id) or self.by_name(name_or_id)
+        return self._observe(c) if c else None
+
+    async def ensure_image(self, image: str) -> None:
+        self._check("ensure_image", image)
+        if image not in self.images:
+            raise ImageMissing(f"image {image} is not present and could not be pulled")
+
+    async def prepare(self) -> None:
+        self._check("prepare")
+
+    async def create(self, spec: ContainerSpec) -> ObservedContainer:
+        self._check("create", spec.name)
+        existing = self.by_name(spec.name)
+        if existing is not None:
+            return self._observe(existing)
+        c = FakeContainer(id=f"c{next(self._ids):063d}", name=spec.name, image=spec.image, labels=spec.all_labels())
+        self.containers[c.id] = c
+        return self._observe(c)
+
+    async def start(self, unit_id: str) -> None:
+        self._check("start", unit_id)
+        c = self.containers.get(unit_id)
+        if c is None:
+            raise Refused(f"start: container {unit_id[:12]} is gone")
+        if self.behaviour.get(c.image) == "crash":
+            c.state, c.exit_code, c.logs = "exited", 3, "engine-stub: crashing as asked"
+        else:
+            c.state, c.exit_code = "running", None
+
+    async def stop(self, unit_id: str, grace: float) -> None:
+        self._check("stop", unit_id, grace)
+        c = self.containers.get(unit_id)
+        if c is not None and c.state == "running":
+            self.graceful.append(unit_id)
+            c.state, c.exit_code = "exited", 0
+
+    async def remove(self, unit_id: str, grace: float) -> None:
+        self._check("remove", unit_id, grace)
+        await self.stop(unit_id, grace)
+        self.containers.pop(unit_id, None)
+
+    async def logs_tail(self, unit_id: str, lines: int = 20) -> str:
+        c = self.containers.get(unit_id)
+        return c.logs if c else ""
+
+    def events(self, on_event, on_connect):
+        return _NoEvents()
+
+    def close(self) -> None:
+        pass
+
+    def crash(self, game_id: str, code: int = 1) -> None:
+        """The engine of a game exits on its own."""
+        c = self.by_name(f"galaxy-game-{game_id}")
+        assert c is not None
+        c.state, c.exit_code = "exited", code
+
+
+class _NoEvents:
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def reconnect(self) -> None:
+        pass
+
+
+class FakeEngine:
+    """Health answers as the backend's container behaviour says."""
+
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+        self.probes = 0
+
+    def _healthy(self, host: str) -> bool:
+        running = [c for c in self.backend.containers.values() if c.state == "running"]
+        return any(self.backend.behaviour.get(c.image, "ok") == "ok" for c in running)
+
+    async def check(self, host: str) -> tuple[bool, str]:
+        self.probes += 1
+        ok = self._healthy(host)
+        return ok, "HTTP 200" if ok else "no answer"
+
+    async def wait_healthy(self, host: str, timeout: float, still_worth_it=None) -> tuple[bool, str]:
+        ok, detail = await self.check(host)
+        if not ok and still_worth_it is not None:
+            await still_worth_it()
+        return ok, detail
+
+    async def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------- store
+class FakeStore:
+    """The store's interface in memory, on the same pure functions and guards as desired/store.py."""
+
+    def __init__(self, clock: ManualClock | None = None) -> None:
+        self.clock = clock or ManualClock(T0)
+        self.records: dict[str, RuntimeRecord] = {}
+        self.ops: list[Operation] = []
+        self.results: list[dict] = []  # {"seq", "result_id", "game_id", "fields", "operation_id", "published"}
+        self.marks: dict[str, tuple[int, int]] = {}
+        self.attempts: dict[tuple[str, str], int] = {}
+        self.down = False
+        self.fail_submit: Exception | None = None
+        self._seq = itertools.count(1)
+        self._op_ids = itertools.count(1)
+
+    def _check(self) -> datetime:
+        if self.down:
+            raise StoreUnavailable("postgres: fake outage")
+        return self.clock.now()
+
+    # records
+    async def ping(self) -> None:
+        self._check()
+
+    async def get(self, game_id: str) -> RuntimeRecord:
+        self._check()
+        if game_id not in self.records:
+            raise NotFound(game_id)
+        return self.records[game_id]
+
+    async def find(self, game_id: str) -> RuntimeRecord | None:
+        self._check()
+        return self.records.get(game_id)
+
+    async def list(self) -> list[RuntimeRecord]:
+        self._check()
+        return sorted(self.records.values(), key=lambda r: r.game_id)
+
+    async def list_by_status(self, status: Status) -> list[RuntimeRecord]:
+        return [r for r in await self.list() if r.status is status]
+
+    async def list_live(self) -> list[RuntimeRecord]:
+        return [r for r in await self.list() if r.status is not Status.REMOVED
+                or r.desired_status is not DesiredStatus.REMOVED or not r.converged]
+
+    async def count_by_status(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in Status}
+        for r in await self.list():
+            counts[r.status.value] += 1
+        return counts
+
+    async def unpublished_count(self) -> int:
+        return sum(1 for r in self.results if not r["published"])
+
+    async def claim_identity(self, instance: str) -> Identity:
+        return Identity(instance=instance, uid="fake-database", claimed_at=T0)
+
+    # transitions
+    def _swap(self, rec: RuntimeRecord, new: RuntimeRecord) -> RuntimeRecord:
+        cur = self.records[rec.game_id]
+        if new.status is not cur.status:
+            check_transition(cur.status, new.status)
+        new.validate()
+        self.records[rec.game_id] = new
+        return new
+
+    def _guard(self, rec: RuntimeRecord, generation: bool) -> RuntimeRecord:
+        cur = self.records.get(rec.game_id)
+        if cur is None:
+            raise NotFound(rec.game_id)
+        if cur.status is not rec.status or cur.current_container_id != rec.current_container_id or (
+                generation and cur.generation != rec.generation):
+            raise Conflict(f"{rec.game_id}: changed")
+        return cur
+
+    async def mark_starting(self, rec: RuntimeRecord, *, rollback_image: str | None) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, False)
+        return self._swap(cur, transitions.starting(cur, now, rollback_image=rollback_image))
+
+    async def _finishing(self, rec: RuntimeRecord, change) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, True)
+        new = self._swap(cur, change(cur, now))
+        self._finish(new, cur.generation, Outcome.SUCCESS, None, "", now)
+        return new
+
+    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str) -> RuntimeRecord:
+        return await self._finishing(rec, lambda cur, now: transitions.running(
+            cur, now, container_id=container_id, image=image))
+
+    async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
+        return await self._finishing(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id))
+
+    async def mark_removed(self, rec: RuntimeRecord) -> RuntimeRecord:
+        return await self._finishing(rec, transitions.removed)
+
+    async def record_health(self, rec: RuntimeRecord, *, healthy: bool) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, False)
+        return self._swap(cur, transitions.health(cur, now, healthy=healthy))
+
+    async def record_crash(self, rec: RuntimeRecord, crash: Crash, policy: CrashPolicy):
+        now = self._check()
+        cur = self.records[rec.game_id]
+        if cur.generation != rec.generation or cur.status is not rec.status:
+            raise Conflict("changed")
+        verdict = next_crash(cur, now, policy)
+        new = self._swap(cur, transitions.crashed(cur, now, verdict=verdict, code=crash.code, detail=crash.detail,
+                                                  exit_code=crash.exit_code, oom_killed=crash.oom_killed,
+                                                  window=policy.window))
+        self._op(new.game_id, OpKind.RESTART, OpSource.RECONCILER,
+                 OpStatus.FAILED if verdict.give_up else OpStatus.SUCCEEDED, new.generation,
+                 {"event": "crash", "crash_count": verdict.count}, crash.code if verdict.give_up else None)
+        if verdict.give_up:
+            self._finish(new, cur.generation, Outcome.FAILURE, crash.code, new.last_error_message or "", now)
+        return new, verdict
+
+    async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str):
+        now = self._check()
+        cur = self.records.get(game_id)
+        if cur is None or cur.generation != generation:
+            return None
+        new, target = transitions.failed(cur, now, code=code, message=message)
+        jobs = [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
+        self._swap(cur, new)
+        self._finish(new, generation, Outcome.FAILURE, code,
+                     f"{message}; rolled back to {target}" if target else message, now)
+        if target:
+            self._op(game_id, jobs[0].op if jobs else OpKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED,
+                     new.generation, {"event": "rollback", "to": target}, None)
+        return new
+
+    async def cleaned_up(self, game_id: str, generation: int):
+        now = self._check()
+        cur = self.records.get(game_id)
+        if cur is None or cur.generation != generation or cur.status is not Status.STOPPED:
+            return None
+        return self._swap(cur, transitions.cleaned_up(cur, now))
+
+    # admission
+    async def submit(self, job: Job, defaults: RecordDefaults) -> SubmitOutcome:
+        now = self._check()
+        if self.fail_submit is not None:
+            raise self.fail_submit
+        if job.stream:
+            dup = next((o for o in self.ops if o.stream == job.stream and o.entry_id == job.entry_id), None)
+            if dup is not None:
+                return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
+        current = self.records.get(job.game_id)
+        decision = decide(current, job, now, defaults)
+        if decision.action == "change":
+            assert decision.record is not None
+            decision.record.validate()
+            self.records[job.game_id] = decision.record
+            for o in list(self.ops):
+                if o.game_id == job.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
+                        and o.generation < decision.record.generation:
+                    self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED, "replaced by a newer job", "", "", now)
+        status = OpStatus.QUEUED if decision.action in ("change", "join") else (
+            OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
+        op = self._op(job.game_id, OpKind(job.kind.value), job.source, status, decision.op_generation,
+                      {}, decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id)
+        if decision.action in ("replay", "reject"):
+            self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=job.game_id,
+                                       outcome=Outcome.SUCCESS if decision.action == "replay" else Outcome.FAILURE,
+                                       job=job.kind, job_entry_id=job.entry_id, container_id=decision.container_id,
+                                       engine_endpoint=decision.engine_endpoint, error_code=decision.error_code,
+                                       error_message=decision.message))
+        return SubmitOutcome(operation_id=op.id, decision=decision)
+
+    async def reject_entry(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str, code: ErrorCode,
+                           message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:
+        self._check()
+        dup = next((o for o in self.ops if o.stream == stream and o.entry_id == entry_id), None)
+        if dup is not None:
+            return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
+        op = self._op(game_id, OpKind(kind.value), source, OpStatus.FAILED, 0, {}, code, stream, entry_id)
+        self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
+                                   job_entry_id=entry_id, error_code=code, error_message=message))
+        return SubmitOutcome(operation_id=op.id, decision=None)
+
+    # operations
+    def _op(self, game_id, op, source, status, generation, params, code, stream=None, entry_id=None) -> Operation:
+        o = Operation(id=next(self._op_ids), game_id=game_id, op=op, source=source, status=status,
+                      generation=generation, stream=stream or None, entry_id=entry_id or None, params=params,
+                      error_code=code.value if code else None, error_message=None, created_at=self.clock.now(),
+                      finished_at=self.clock.now() if status.is_final else None)
+        self.ops.append(o)
+        return o
+
+    def _end(self, op: Operation, outcome: Outcome, code, message: str, container_id: str, endpoint: str, now):
+        i = self.ops.index(op)
+        self.ops[i] = Operation(**{**op.__dict__, "status": OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS
+                                   else OpStatus.FAILED, "error_code": code.value if code else None,
+                                   "error_message": message or None, "finished_at": now})
+        self._result(self.ops[i], JobResult(result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome,
+                                            job=JobKind(op.op.value), job_entry_id=op.entry_id or "",
+                                            container_id=container_id, engine_endpoint=endpoint, error_code=code,
+                                            error_message=message))
+
+    def _finish(self, record: RuntimeRecord, generation: int, outcome: Outcome, code, message: str, now) -> None:
+        for o in list(self.ops):
+            if o.game_id != record.game_id or o.status not in (OpStatus.QUEUED, OpStatus.RUNNING) \
+                    or o.generation > generation:
+                continue
+            if o.generation < generation:
+                self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED, "replaced by a newer job", "", "", now)
+            elif outcome is Outcome.SUCCESS:
+                cid = record.current_container_id or ""
+                self._end(o, outcome, None, "", cid, record.engine_endpoint if cid else "", now)
+            else:
+                self._end(o, outcome, code, message, "", "", now)
+
+    def _result(self, op: Operation, result: JobResult) -> None:
+        self.results.append({"seq": next(self._seq), "result_id": result.result_id, "game_id": result.game_id,
+                             "fields": result.fields(), "operation_id": op.id, "published": None})
+
+    async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
+        self._check()
+        out = []
+        for i, o in enumerate(self.ops):
+            if o.game_id == game_id and o.generation == generation and o.status is OpStatus.QUEUED:
+                self.ops[i] = Operation(**{**o.__dict__, "status": OpStatus.RUNNING})
+                out.append((o.id, o.created_at))
+        return out
+
+    async def operations(self, game_id: str, limit: int = 100) -> list[Operation]:
+        return [o for o in reversed(self.ops) if o.game_id == game_id][:limit]
+
+    async def pending_operations(self, game_id: str) -> list[Operation]:
+        return [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
+
+    async def oldest_pending_age(self, game_id: str) -> float | None:
+        pending = await self.pending_operations(game_id)
+        return (self.clock.now() - pending[0].created_at).total_seconds() if pending else None
+
+    def results_for(self, game_id: str | None = None) -> list[dict[str, str]]:
+        return [r["fields"] for r in self.results if game_id is None or r["game_id"] == game_id]
+
+    # outbox
+    async def unpublished(self, limit: int = 100) -> list[PendingResult]:
+        self._check()
+        return [PendingResult(seq=r["seq"], result_id=r["result_id"], game_id=r["game_id"], fields=r["fields"])
+                for r in self.results if not r["published"]][:limit]
+
+    async def mark_published(self, seq: int, stream_entry_id: str) -> None:
+        self._check()
+        for r in self.results:
+            if r["seq"] == seq:
+                r["published"] = stream_entry_id
+
+    async def recently_published(self, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
+        self._check()
+        return [(r["seq"], r["published"], r["result_id"]) for r in self.results if r["published"]][-limit:]
+
+    async def mark_unpublished(self, seqs: list[int]) -> None:
+        for r in self.results:
+            if r["seq"] in seqs:
+                r["published"] = None
+
+    # intake bookkeeping
+    async def stream_marks(self) -> dict[str, tuple[int, int]]:
+        self._check()
+        return dict(self.marks)
+
+    async def advance_mark(self, stream: str, mark: tuple[int, int]) -> tuple[int, int]:
+        self._check()
+        self.marks[stream] = max(self.marks.get(stream, (0, 0)), mark)
+        return self.marks[stream]
+
+    async def count_attempt(self, stream: str, entry_id: str, error: str | None = None) -> int:
+        self._check()
+        self.attempts[(stream, entry_id)] = self.attempts.get((stream, entry_id), 0) + 1
+        return self.attempts[(stream, entry_id)]
+
+    async def uncount_attempt(self, stream: str, entry_id: str) -> None:
+        self._check()
+        self.attempts[(stream, entry_id)] = max(0, self.attempts.get((stream, entry_id), 0) - 1)
+
+    async def forget_attempts(self, stream: str, entry_id: str) -> None:
+        self._check()
+        self.attempts.pop((stream, entry_id), None)
+
+    async def prune(self, older_than_days: float, batch: int = 1000) -> tuple[int, int]:
+        return 0, 0
+
+
+def defaults(state_root: str = "/srv/games") -> RecordDefaults:
+    return RecordDefaults(docker_network="galaxy-games", state_root=state_root, engine_port=8080)

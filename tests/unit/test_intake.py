@@ -1,0 +1,215 @@
+"""The intake against in-memory streams and store: order across streams and reads, held games,
+attempts that are not deliveries, dead letters, marks and trimming. Milliseconds, no services."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.admission import Admission
+from controller.config import Settings
+from controller.intake import READ_COUNT, Intake
+from controller.metrics import Metrics
+from desired.errors import StoreUnavailable
+from tests.fakes import FakeStore, FakeStreams, defaults
+
+START, STOP, DEAD = "runtime:start_jobs", "runtime:stop_jobs", "runtime:dead_letters"
+IMG = "galaxy/engine-stub:1.0"
+
+
+def make(**env: str) -> tuple[Intake, FakeStreams, FakeStore, list[str]]:
+    settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*", **env})
+    streams, store, woken = FakeStreams(), FakeStore(), []
+    admission = Admission(store, defaults(), wake=woken.append, results_written=lambda: None)
+    return Intake(settings, streams, store, admission, Metrics()), streams, store, woken
+
+
+async def run_once(intake: Intake) -> None:
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    while await intake.read_round(block_ms=None):
+        pass
+
+
+def start(streams: FakeStreams, game: str, image: str = IMG) -> str:
+    return streams.xadd(START, {"game_id": game, "image_ref": image})
+
+
+def stop(streams: FakeStreams, game: str) -> str:
+    return streams.xadd(STOP, {"game_id": game, "reason": "cancelled"})
+
+
+def ops_of(store: FakeStore, game: str) -> list[tuple[str, str]]:
+    return [(o.op.value, o.entry_id) for o in store.ops if o.game_id == game]
+
+
+@pytest.mark.parametrize("backlog", [0, 1, READ_COUNT - 1, READ_COUNT, READ_COUNT + 10, 3 * READ_COUNT + 7])
+async def test_one_games_entries_take_effect_in_entry_order_whatever_the_backlog(backlog):
+    """A stop of another stream must never overtake an earlier start that a read did not reach yet."""
+    intake, streams, store, _ = make()
+    for _ in range(backlog):
+        start(streams, "filler")
+    s = start(streams, "target")
+    p = stop(streams, "target")
+    await run_once(intake)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+    rec = store.records["target"]
+    assert rec.desired_status.value == "stopped"
+    assert [r["error_code"] for r in store.results_for("target")] == ["superseded"]  # the start, replaced
+
+
+async def test_within_one_millisecond_a_stop_never_goes_before_a_start():
+    """Redis numbers each stream on its own: a start 5000-3 and a stop 5000-0 were sent in one
+    millisecond in an order the ids cannot tell. The stop goes last."""
+    intake, streams, store, _ = make()
+    s = streams.xadd(START, {"game_id": "g1", "image_ref": IMG}, entry_id="5000-3")
+    p = streams.xadd(STOP, {"game_id": "g1", "reason": "cancelled"}, entry_id="5000-0")
+    await run_once(intake)
+    assert ops_of(store, "g1") == [("start", s), ("stop", p)]
+
+
+async def test_entries_interleaved_over_three_reads_keep_the_global_order():
+    intake, streams, store, _ = make()
+    sent = []
+    for i in range(2 * READ_COUNT + 30):
+        game = f"g{i % 7}"
+        sent.append(("start", start(streams, game)) if i % 3 else ("stop", stop(streams, game)))
+    await run_once(intake)
+    applied = [(o.op.value, o.entry_id) for o in store.ops]
+    assert applied == sent
+
+
+async def test_a_failed_entry_holds_the_later_entries_of_its_game_across_reads():
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    store.fail_submit = RuntimeError("simulated bug")
+    s = start(streams, "g1")
+    await intake.read_round(block_ms=None)                     # fails: g1 is held
+    store.fail_submit = None
+    p = stop(streams, "g1")
+    other = stop(streams, "other")
+    await intake.read_round(block_ms=None)                     # a later read: the stop of g1 still waits
+    assert ops_of(store, "g1") == [] and len(ops_of(store, "other")) == 1
+    await intake.pending_pass()                                # retried in order
+    assert ops_of(store, "g1") == [("start", s), ("stop", p)]
+    assert streams.streams[START].pending == {} and streams.streams[STOP].pending == {}
+    assert other
+
+
+async def test_outage_retries_are_not_attempts_and_never_dead_letter_a_good_entry():
+    intake, streams, store, _ = make(RTMANAGER_MAX_DELIVERIES="2")
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    s = start(streams, "g1")
+    store.fail_submit = StoreUnavailable("postgres: fake lock timeout")  # the store answers, the write times out
+    with pytest.raises(StoreUnavailable):
+        await intake.read_round(block_ms=None)
+    for _ in range(10):  # far past RTMANAGER_MAX_DELIVERIES re-reads, all during the outage
+        with pytest.raises(StoreUnavailable):
+            await intake.pending_pass()
+    assert streams.streams[START].pending[s].deliveries > 10  # Redis counted every re-read
+    store.fail_submit = None
+    await intake.pending_pass()
+    assert ops_of(store, "g1") == [("start", s)]
+    assert streams.fields_of(DEAD) == []
+
+
+async def test_an_entry_that_keeps_failing_is_dead_lettered_after_the_attempt_limit():
+    intake, streams, store, _ = make(RTMANAGER_MAX_DELIVERIES="2")
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    store.fail_submit = RuntimeError("simulated bug")
+    s = start(streams, "g1")
+    await intake.read_round(block_ms=None)  # attempt 1
+    await intake.pending_pass()             # attempt 2
+    assert streams.fields_of(DEAD) == []
+    await intake.pending_pass()             # over the limit: dead-lettered, answered, acknowledged
+    [copy] = streams.fields_of(DEAD)
+    assert copy["rtm_entry_id"] == s and copy["image_ref"] == IMG
+    [res] = store.results_for("g1")
+    assert (res["outcome"], res["error_code"], res["job_entry_id"]) == ("failure", "internal_error", s)
+    assert streams.streams[START].pending == {}
+
+
+async def test_an_entry_that_kills_the_process_counts_as_an_attempt():
+    """Re-read entries are counted before they run: a crash mid-handling still counts."""
+    intake, streams, store, _ = make(RTMANAGER_MAX_DELIVERIES="1")
+    await intake.ensure_groups()
+    s = start(streams, "g1")
+    streams.deliver_to("c1", START)  # read by this consumer, then the process died
+    store.fail_submit = KeyboardInterrupt()  # dies again, before answering
+    with pytest.raises(KeyboardInterrupt):
+        await intake.pending_pass()
+    store.fail_submit = None
+    await intake.pending_pass()  # the next process: one attempt already spent: dead-lettered
+    assert streams.fields_of(DEAD)[0]["rtm_entry_id"] == s
+
+
+async def test_a_new_leader_claims_everything_its_predecessor_left_before_reading_new_entries():
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    s = start(streams, "g1")
+    streams.deliver_to("dead-leader", START)
+    p = stop(streams, "g1")
+    await run_once(intake)
+    assert ops_of(store, "g1") == [("start", s), ("stop", p)]
+
+
+async def test_marks_recreate_a_lost_group_and_never_apply_an_entry_twice():
+    intake, streams, store, _ = make()
+    first = start(streams, "g1")
+    await run_once(intake)
+    await intake.maintain()
+    assert store.marks[START] >= tuple(int(x) for x in first.split("-"))
+    # The group vanishes (Redis restored from an older snapshot, or deleted by hand)...
+    streams.streams[START].has_group = False
+    later = start(streams, "g2")
+    store.ops.clear()  # ...and retention already forgot the operation of the first entry
+    await run_once(intake)
+    assert [o.entry_id for o in store.ops] == [later]  # created again from the mark
+    # and an entry at or below the mark that is delivered anyway is acknowledged, not applied
+    streams.streams[START].last_delivered = "0-0"
+    await run_once(intake)
+    assert [o.entry_id for o in store.ops] == [later] and intake.skipped_below_mark >= 1
+
+
+async def test_job_streams_are_trimmed_only_below_what_was_handled():
+    intake, streams, store, _ = make(RTMANAGER_STREAM_KEEP="0")
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    store.fail_submit = RuntimeError("simulated bug")
+    held = start(streams, "g1")
+    await intake.read_round(block_ms=None)  # stays pending
+    store.fail_submit = None
+    for i in range(5):
+        start(streams, f"h{i}")
+    await intake.read_round(block_ms=None)
+    await intake.maintain()
+    kept = [eid for eid, _ in streams.streams[START].entries]
+    assert held in kept  # pending: never trimmed
+    assert store.marks[START] < tuple(int(x) for x in held.split("-"))
+
+
+async def test_an_outage_of_redis_pauses_without_losing_the_entry():
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    s = start(streams, "g1")
+    streams.down = True
+    from controller.streams import StreamsUnavailable
+    with pytest.raises(StreamsUnavailable):
+        await intake.read_round(block_ms=None)
+    streams.down = False
+    await run_once(intake)
+    assert ops_of(store, "g1") == [("start", s)]
+
+
+async def test_bad_entries_are_answered_and_acknowledged_and_the_intake_goes_on():
+    intake, streams, store, woken = make()
+    bad = streams.xadd(START, {"game_id": "../etc", "image_ref": IMG})
+    bad2 = streams.xadd(START, {"game_id": b"\xff", "image_ref": IMG})
+    good = start(streams, "g1")
+    await run_once(intake)
+    codes = {r["job_entry_id"]: r["error_code"] for r in store.results_for()}
+    assert codes[bad] == codes[bad2] == "invalid_request"
+    assert ops_of(store, "g1") == [("start", good)] and woken == ["g1"]
+    assert all(not s.pending for s in streams.streams.values())

@@ -1,0 +1,231 @@
+"""``Reconciler.sync(key)`` against in-memory fakes, the way sample-controller tests its syncHandler:
+seed the world, run one sync, assert the actions taken and the record and results left."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller.config import Settings
+from controller.metrics import Metrics
+from controller.reconciler import Reconciler
+from controller.workqueue import WorkQueue
+from desired.jobs import Job
+from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
+from observed.model import LABEL_DATABASE, LABEL_EPOCH, LABEL_GAME_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
+from tests.fakes import FakeBackend, FakeContainer, FakeEngine, FakeStore, defaults
+
+IMG, IMG2 = "galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1"
+
+
+class World:
+    def __init__(self, tmp_path, **env: str) -> None:
+        self.settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
+                                           "RTMANAGER_STATE_ROOT": str(tmp_path / "games"),
+                                           "RTMANAGER_ORPHAN_GRACE": "0", **env})
+        self.store = FakeStore()
+        self.backend = FakeBackend()
+        self.engine = FakeEngine(self.backend)
+        self.queue = WorkQueue()
+        self.written = 0
+        self.reconciler = Reconciler(self.settings, self.store, self.backend, self.engine, Metrics(), self.queue,
+                                     results_written=self._written, clock=self.store.clock, database="db-1")
+        self.defaults = defaults(str(tmp_path / "games"))
+
+    def _written(self) -> None:
+        self.written += 1
+
+    async def job(self, kind: JobKind, game: str, image: str | None = None) -> None:
+        await self.store.submit(Job(kind=kind, game_id=game, source=OpSource.LOBBY, image_ref=image,
+                                    reason=StopReason.CANCELLED if kind is JobKind.STOP else None,
+                                    stream="s", entry_id=f"{len(self.store.ops) + 1}-0"), self.defaults)
+
+    async def sync(self, game: str):
+        await self.reconciler.sync(game)
+        return self.store.records.get(game)
+
+    def results(self, game: str) -> list[tuple[str, str, str]]:
+        return [(r["job"], r["outcome"], r["error_code"]) for r in self.store.results_for(game)]
+
+    def running(self, game: str) -> list:
+        return [c for c in self.backend.containers.values() if c.name == f"galaxy-game-{game}" and c.state == "running"]
+
+
+@pytest.fixture
+def w(tmp_path) -> World:
+    return World(tmp_path)
+
+
+async def test_a_start_creates_starts_and_answers_only_once_healthy(w):
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await w.sync("g1")
+    assert [c[0] for c in w.backend.ops("create", "start")] == ["create", "start"]
+    assert rec.status is Status.RUNNING and rec.converged and rec.current_image_ref == IMG
+    [res] = w.store.results_for("g1")
+    assert res["outcome"] == "success" and res["container_id"] == rec.current_container_id
+    assert res["engine_endpoint"] == "http://galaxy-game-g1:8080"
+    labels = w.backend.containers[rec.current_container_id].labels
+    assert labels[LABEL_DATABASE] == "db-1"  # provenance on every unit
+
+
+async def test_an_engine_that_never_answers_is_not_answered_success(w):
+    """Answering before convergence would tell Lobby a dead engine runs."""
+    await w.job(JobKind.START, "g1", "galaxy/engine-stub:mute")
+    rec = await w.sync("g1")
+    assert w.results("g1") == [("start", "failure", "engine_unhealthy")]
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED and rec.converged
+    assert w.running("g1") == [] and w.backend.graceful  # stopped, with SIGTERM first
+
+
+async def test_a_sync_is_idempotent(w):
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    calls = len(w.backend.calls)
+    await w.sync("g1")
+    assert [c[0] for c in w.backend.calls[calls:]] == ["inspect"]  # looked, did nothing
+
+
+async def test_a_job_accepted_during_convergence_is_not_answered_by_the_older_one(w):
+    await w.job(JobKind.START, "g1", IMG)
+    real = w.store.mark_running
+
+    async def a_stop_arrives_first(rec, **kw):
+        await w.job(JobKind.STOP, "g1")  # accepted while the start was converging
+        return await real(rec, **kw)
+
+    w.store.mark_running = a_stop_arrives_first
+    rec = await w.sync("g1")
+    assert w.results("g1") == [("start", "failure", "superseded"), ("stop", "success", "")]
+    assert rec.status is Status.STOPPED and w.running("g1") == []
+
+
+@pytest.mark.parametrize("image, code, touched", [
+    ("galaxy/engine-stub:missing", "image_unavailable", False),
+    ("galaxy/engine-stub:mute", "engine_unhealthy", True),
+    ("galaxy/engine-stub:crash", "container_start_failed", True),
+])
+async def test_a_failed_patch_rolls_back_to_the_image_that_ran(w, image, code, touched):
+    await w.job(JobKind.START, "g1", IMG)
+    before = (await w.sync("g1")).current_container_id
+    await w.job(JobKind.PATCH, "g1", image)
+    rec = await w.sync("g1")
+    assert w.results("g1")[-1] == ("patch", "failure", code)
+    assert rec.status is Status.RUNNING and rec.current_image_ref == IMG and rec.converged
+    assert rec.desired_image_ref == IMG and not rec.rolling_back
+    assert len(w.running("g1")) == 1
+    assert (w.running("g1")[0].id == before) is (not touched)
+    assert any(o.params.get("event") == "rollback" for o in w.store.ops) is touched or code == "image_unavailable"
+
+
+async def test_the_rollback_generation_failing_too_stops_the_game(w):
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    w.backend.behaviour[IMG] = "mute"  # the old engine will not come back either
+    await w.job(JobKind.PATCH, "g1", "galaxy/engine-stub:crash")
+    rec = await w.sync("g1")
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED
+    assert w.running("g1") == []
+
+
+async def test_every_path_that_takes_an_engine_down_stops_it_gracefully_first(w):
+    await w.job(JobKind.START, "g1", IMG)
+    first = (await w.sync("g1")).current_container_id
+    await w.job(JobKind.PATCH, "g1", IMG2)  # recreate on an image change
+    second = (await w.sync("g1")).current_container_id
+    await w.job(JobKind.RESTART, "g1")
+    third = (await w.sync("g1")).current_container_id
+    await w.job(JobKind.STOP, "g1")
+    await w.sync("g1")
+    assert w.backend.graceful == [first, second, third]
+    removes = [c for c in w.backend.calls if c[0] == "remove"]
+    assert all(c[2] == w.settings.stop_grace for c in removes)
+
+
+async def test_a_crash_restarts_after_a_backoff_and_the_limit_gives_up(tmp_path):
+    w = World(tmp_path, RTMANAGER_CRASH_LIMIT="3")
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    for n in (1, 2):
+        w.backend.crash("g1", code=5)
+        rec = await w.sync("g1")
+        assert rec.crash_count == n and rec.status is Status.STARTING and rec.last_exit_code == 5
+        assert rec.restart_not_before > w.store.clock.now()
+        w.store.clock.advance(60)
+        rec = await w.sync("g1")
+        assert rec.status is Status.RUNNING and len(w.running("g1")) == 1
+    w.backend.crash("g1", code=5)
+    rec = await w.sync("g1")
+    assert rec.crash_count == 3 and rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED
+    assert "crash loop" in rec.last_error_message
+
+
+async def test_an_image_banned_since_it_was_accepted_is_not_started_again(tmp_path):
+    w = World(tmp_path)
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    w.reconciler.settings = Settings.from_env({**{"RTMANAGER_IMAGE_ALLOWLIST": IMG2,
+                                                  "RTMANAGER_STATE_ROOT": w.settings.state_root}})
+    w.backend.crash("g1")
+    rec = await w.sync("g1")
+    w.store.clock.advance(60)
+    rec = await w.sync("g1")
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.last_error_code.value == "image_rejected"
+    assert w.running("g1") == []
+
+
+def orphan(w: World, game: str, *, database: str | None = "db-1", epoch: int = 1):
+    labels = {LABEL_MANAGED_BY: "rtmanager", LABEL_INSTANCE: "default", LABEL_GAME_ID: game}
+    if database is not None:
+        labels.update({LABEL_DATABASE: database, LABEL_EPOCH: str(epoch)})
+    c = FakeContainer(id=f"o-{game}", name=f"galaxy-game-{game}", image=IMG, labels=labels, state="running")
+    w.backend.containers[c.id] = c
+    return c
+
+
+async def test_an_orphan_created_under_this_database_is_disposed_of_gracefully(w):
+    c = orphan(w, "gone")
+    await w.sync("gone")
+    assert c.id not in w.backend.containers and w.backend.graceful == [c.id]
+
+
+@pytest.mark.parametrize("database, epoch", [(None, 0), ("another-db", 1), ("db-1", 99)],
+                         ids=["no-label", "another-database", "a-later-term"])
+async def test_a_container_not_provably_ours_is_never_destroyed(w, database, epoch):
+    c = orphan(w, "theirs", database=database, epoch=epoch)
+    await w.sync("theirs")
+    assert w.backend.containers[c.id].state == "running"
+    assert [op[0] for op in w.backend.calls] == ["inspect"]
+    assert c.id in w.reconciler.unowned
+
+
+async def test_removals_nobody_asked_for_are_rationed(tmp_path):
+    w = World(tmp_path, RTMANAGER_MAX_REMOVALS="1")
+    a, b = orphan(w, "o1"), orphan(w, "o2")
+    await w.sync("o1")
+    await w.sync("o2")
+    assert (a.id in w.backend.containers, b.id in w.backend.containers) == (False, True)
+
+
+async def test_docker_away_fails_a_waiting_job_only_after_the_job_timeout(tmp_path):
+    w = World(tmp_path, RTMANAGER_JOB_TIMEOUT="60")
+    await w.job(JobKind.START, "g1", IMG)
+    w.backend.down = True
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", 60)
+    assert w.results("g1") == []
+    w.store.clock.advance(61)
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", 60)
+    assert w.results("g1") == [("start", "failure", "docker_unavailable")]
+
+
+async def test_an_overdue_cleanup_stays_a_removal(w):
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    await w.job(JobKind.STOP, "g1")
+    await w.sync("g1")
+    await w.job(JobKind.CLEANUP, "g1")
+    w.store.clock.advance(400)
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", 300)
+    rec = w.store.records["g1"]
+    assert rec.desired_status is DesiredStatus.REMOVED
+    w.backend.down = False
+    rec = await w.sync("g1")
+    assert rec.status is Status.REMOVED and w.backend.by_name("galaxy-game-g1") is None

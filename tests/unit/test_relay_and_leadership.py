@@ -1,0 +1,199 @@
+"""The outbox relay and the leadership loop against in-memory fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+
+import pytest
+
+import controller.http as http
+import controller.intake as intake
+from controller.config import Settings
+from controller.leadership import Leadership
+from controller.metrics import Metrics
+from controller.relay import Relay
+from desired.errors import StoreUnavailable
+from desired.leader import Fence
+from desired.model import ErrorCode, JobKind
+from tests.fakes import FakeStore, FakeStreams
+
+RESULTS = "runtime:job_results"
+
+
+def relay_world() -> tuple[Relay, FakeStreams, FakeStore]:
+    settings = Settings.from_env({})
+    streams, store = FakeStreams(), FakeStore()
+    return Relay(settings, streams, store, Metrics()), streams, store
+
+
+async def answered(store: FakeStore, n: int) -> None:
+    for i in range(n):
+        await store.reject_entry(kind=JobKind.STOP, game_id=f"g{i % 3}", stream="s", entry_id=f"{i + 1}-0",
+                                 code=ErrorCode.INVALID_REQUEST, message="bad")
+
+
+async def test_results_are_published_in_commit_order_and_marked():
+    relay, streams, store = relay_world()
+    await answered(store, 5)
+    assert await relay.flush() == 5
+    assert [f["job_entry_id"] for f in streams.fields_of(RESULTS)] == [f"{i}-0" for i in range(1, 6)]
+    assert await store.unpublished_count() == 0
+    assert await relay.flush() == 0
+
+
+async def test_a_result_already_on_the_stream_is_marked_not_published_again():
+    relay, streams, store = relay_world()
+    await answered(store, 1)
+    [pending] = await store.unpublished()
+    streams.xadd(RESULTS, pending.fields)  # XADD went through, the marking did not (a crash)
+    assert await relay.flush() == 0
+    assert len(streams.fields_of(RESULTS)) == 1 and await store.unpublished_count() == 0
+
+
+async def test_results_a_restarted_redis_lost_are_published_again_with_the_same_result_id():
+    relay, streams, store = relay_world()
+    await answered(store, 4)
+    await relay.flush()
+    kept = streams.streams[RESULTS].entries[:2]
+    lost_ids = [f["result_id"] for f in streams.fields_of(RESULTS)[2:]]
+    streams.streams[RESULTS].entries = kept  # AOF everysec: the last two acknowledged entries are gone
+    streams.run_id = "run-2"                 # a restarted server
+    await relay.check_server()
+    await relay.flush()
+    ids = [f["result_id"] for f in streams.fields_of(RESULTS)]
+    assert ids[2:] == lost_ids and len(ids) == len(set(ids)) == 4
+    assert relay.republished == 2
+
+
+async def test_two_flushes_at_once_never_publish_a_result_twice():
+    """The shutdown's last flush and the relay loop: one publisher at a time."""
+    relay, streams, store = relay_world()
+    await answered(store, 50)
+    real_add = streams.add
+
+    async def slow_add(*args, **kwargs):
+        await asyncio.sleep(0)
+        return await real_add(*args, **kwargs)
+
+    streams.add = slow_add
+    await asyncio.gather(relay.flush(), relay.flush())
+    ids = [f["result_id"] for f in streams.fields_of(RESULTS)]
+    assert len(ids) == len(set(ids)) == 50
+
+
+async def test_the_relay_backs_off_during_an_outage_and_resumes():
+    relay, streams, store = relay_world()
+    await answered(store, 2)
+    streams.down = True
+    task = asyncio.create_task(relay.run())
+    await asyncio.sleep(0.05)
+    assert streams.fields_of(RESULTS) == []
+    streams.down = False
+    for _ in range(100):
+        if await store.unpublished_count() == 0:
+            break
+        await asyncio.sleep(0.05)
+    relay.stop()
+    await asyncio.wait_for(task, 5)
+    assert len(streams.fields_of(RESULTS)) == 2
+
+
+# ------------------------------------------------------------------ leadership
+class FakeLease:
+    """A lease whose answers the test decides: ``free`` (acquire), ``renews`` (renew), ``down`` (outage)."""
+
+    def __init__(self, fence: Fence) -> None:
+        self.fence = fence
+        self.free = True
+        self.renews = True
+        self.down = False
+        self.epoch = 0
+
+    async def acquire(self):
+        if self.down:
+            raise StoreUnavailable("postgres: fake outage")
+        if not self.free:
+            return None
+        self.epoch += 1
+        self.fence.epoch = self.epoch
+        self.fence.deadline = time.monotonic() + self.fence.ttl
+        self.free = False
+        return self.epoch
+
+    async def renew(self):
+        if self.down:
+            raise StoreUnavailable("postgres: fake outage")
+        if not self.fence.valid_locally or not self.renews:
+            return False
+        self.fence.deadline = time.monotonic() + self.fence.ttl
+        return True
+
+
+async def wait_for(cond, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def leading():
+    fence = Fence(instance="i", holder="me", ttl=0.3)
+    lease = FakeLease(fence)
+    events: list[str] = []
+
+    async def elected():
+        events.append(f"elected {fence.epoch}")
+
+    async def deposed(reason):
+        events.append("deposed")
+
+    leadership = Leadership(lease, fence, Metrics(), on_elected=elected, on_deposed=deposed)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(leadership.run(stopping))
+    yield leadership, lease, fence, events
+    stopping.set()
+    leadership.release()
+    await asyncio.wait_for(task, 5)
+
+
+async def test_an_outage_past_the_lease_steps_down_then_leads_again_in_a_new_term(leading):
+    leadership, lease, fence, events = leading
+    await wait_for(lambda: events == ["elected 1"])
+    lease.down = True  # Postgres away for longer than the lease
+    await wait_for(lambda: "deposed" in events)
+    assert not fence.valid_locally and not leadership.leading  # no action passes the fence any more
+    lease.down, lease.free = False, True  # back; nobody else took it
+    await wait_for(lambda: events == ["elected 1", "deposed", "elected 2"])
+    assert leadership.leading and fence.valid_locally
+
+
+async def test_a_fenced_write_steps_down_at_once_and_the_replica_follows(leading):
+    leadership, lease, fence, events = leading
+    await wait_for(lambda: events == ["elected 1"])
+    lease.free = False  # another replica took over
+    leadership.lost("a write found another epoch")
+    await wait_for(lambda: events == ["elected 1", "deposed"])
+    assert not fence.valid_locally
+    await asyncio.sleep(0.2)
+    assert events == ["elected 1", "deposed"]  # standing by while the other leads
+
+
+async def test_renewals_that_fail_briefly_keep_the_term(leading):
+    leadership, lease, fence, events = leading
+    await wait_for(lambda: events == ["elected 1"])
+    lease.down = True
+    await asyncio.sleep(fence.ttl / 3)  # shorter than the term
+    lease.down = False
+    await asyncio.sleep(fence.ttl)
+    assert events == ["elected 1"] and leadership.leading
+
+
+def test_admission_is_the_only_writer_of_desired_state():
+    """REST and the stream intake share one path (controller/admission.py)."""
+    for module in (http, intake):
+        source = inspect.getsource(module)
+        assert "store.submit(" not in source and "admission.submit(" in source, module.__name__
