@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -376,7 +376,8 @@ def bench_steady(rtm: Rtm, n: int, seconds: float, resync: float) -> dict:
         by_op[op] = by_op.get(op, 0) + v
     return {"games": n, "seconds": seconds, "resyncs": resyncs, "cpu_seconds": cpu1 - cpu0,
             "cpu_percent": 100 * (cpu1 - cpu0) / seconds, "rss_mib": rtm.rss_mib(),
-            "docker_calls": by_op, "docker_calls_per_resync": {k: v / resyncs for k, v in by_op.items()} if resyncs else {},
+            "docker_calls": by_op,
+            "docker_calls_per_resync": {k: v / resyncs for k, v in by_op.items()} if resyncs else {},
             "reconciles": reconciles,
             "sql_statements": sum(per_query.values()) if q1 is not None else None,
             "sql_per_minute": sum(per_query.values()) * 60 / seconds if q1 is not None else None,
@@ -386,7 +387,7 @@ def bench_steady(rtm: Rtm, n: int, seconds: float, resync: float) -> dict:
 
 def bench_planner(n: int) -> dict:
     rng = random.Random(7)
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     pairs = []
     for i in range(n):
         status = rng.choice(list(Status))
@@ -431,7 +432,7 @@ def main() -> None:
         client.networks.create(NETWORK, driver="bridge")
     work = Path(tempfile.mkdtemp(prefix="rtm-bench-"))
     (work / "plain-games").mkdir()
-    results: dict = {"when": datetime.now(timezone.utc).isoformat(), "cpus": os.cpu_count(),
+    results: dict = {"when": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(),
                      "concurrency": CONCURRENCY}
     rtm = Rtm(work, args.resync)
     plain = Plain(work / "plain-games")
@@ -479,7 +480,8 @@ def print_table(r: dict) -> None:
     if "steady" in r:
         st = r["steady"]
         print(f"\n== steady state: {st['games']} running games, {st['seconds']:g}s idle, {st['resyncs']:g} resyncs")
-        print(f"controller CPU: {st['cpu_seconds']:.2f}s ({st['cpu_percent']:.2f}% of one core); RSS {st['rss_mib']:.0f} MiB")
+        print(f"controller CPU: {st['cpu_seconds']:.2f}s ({st['cpu_percent']:.2f}% of one core); "
+              f"RSS {st['rss_mib']:.0f} MiB")
         print(f"Docker API calls per resync: {st['docker_calls_per_resync']}")
         print(f"Docker API calls in total: {st['docker_calls']}; reconciles: {st['reconciles']:g}")
         if st["sql_statements"] is None:

@@ -11,7 +11,7 @@ superseded jobs).
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from desired.jobs import Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 import signal
-from typing import Coroutine
+from collections.abc import Coroutine
 
 from controller.admission import Admission
 from controller.config import Settings

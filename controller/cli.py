@@ -20,7 +20,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from controller.config import VARIABLES, ConfigError, Settings
 from controller.logs import redact_url, setup_logging
@@ -111,7 +111,7 @@ async def _status(settings: Settings) -> int:
                      "not created under this database: rtmanager adopt / dispose"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -259,15 +259,19 @@ async def _doctor(settings: Settings) -> int:
                   f"{sum(1 for c in managed if c.running)} running")
     except Exception as exc:  # noqa: BLE001
         say(False, "docker daemon", str(exc))
-    root = settings.state_root
-    probe_dir = root
-    while not os.path.isdir(probe_dir):  # the nearest existing ancestor decides whether it can be made
-        probe_dir = os.path.dirname(probe_dir)
-    say(os.access(probe_dir, os.W_OK), f"state root {root}",
-        "" if os.path.isdir(root) else "missing; it will be created")
+    writable, exists = _state_root(settings.state_root)
+    say(writable, f"state root {settings.state_root}", "" if exists else "missing; it will be created")
     if not settings.api_token:
         print("info RTMANAGER_API_TOKEN is empty: the REST API answers 503")
     return 1 if problems else 0
+
+
+def _state_root(root: str) -> tuple[bool, bool]:
+    """(writable, exists): the nearest existing ancestor decides whether it can be made."""
+    probe_dir = root
+    while not os.path.isdir(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    return os.access(probe_dir, os.W_OK), os.path.isdir(root)
 
 
 def _stopped_while_starting(signum, frame) -> None:

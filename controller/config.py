@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 from desired.jobs import ImageAllowlist, RecordDefaults
@@ -144,7 +144,7 @@ class Settings:
                               engine_port=self.engine_port)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
 
         def get(name: str) -> str:

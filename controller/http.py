@@ -12,10 +12,11 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -176,7 +177,7 @@ class HttpServer:
                                           "game_id": job.game_id, "job": kind.value}, status=202)
             try:
                 await asyncio.wait_for(changed.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -136,7 +136,7 @@ class Intake:
     async def _sleep(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stopping.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def ensure_groups(self) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from controller.metrics import Metrics
 from desired.errors import StoreUnavailable
@@ -95,7 +95,7 @@ class Leadership:
                 log.warning("leader election: %s", exc)
             try:
                 await asyncio.wait_for(stopping.wait(), min(1.0, self.ttl / 3))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return False
 

@@ -40,7 +40,8 @@ def openapi_document() -> dict[str, Any]:
             "schema": {"type": "number", "minimum": 0, "maximum": 300}}
     errors = {
         "400": {"description": "invalid request", "content": {"application/json": {
-            "schema": {"oneOf": [{"$ref": "#/components/schemas/JobResult"}, {"$ref": "#/components/schemas/Error"}]}}}},
+            "schema": {"oneOf": [{"$ref": "#/components/schemas/JobResult"},
+                                 {"$ref": "#/components/schemas/Error"}]}}}},
         "401": {"$ref": "#/components/responses/Unauthorized"},
         "503": {"$ref": "#/components/responses/Unavailable"},
     }

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from controller.config import Settings
 from controller.metrics import Metrics

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from controller.config import Settings
 from controller.metrics import Metrics
@@ -99,7 +99,7 @@ class Relay:
         event = self.wake if wake else self._stopping
         try:
             await asyncio.wait_for(event.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if wake:
             self.wake.clear()
@@ -127,7 +127,7 @@ class Relay:
 
     def _observe(self, item) -> None:
         self.metrics.results.labels(item.fields.get("outcome", ""), item.fields.get("error_code", "")).inc()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if item.written_at is not None:
             self.metrics.phase.labels("result_published").observe((now - item.written_at).total_seconds())
         if item.accepted_at is not None:

@@ -5,7 +5,10 @@
   being processed, it is handed out again after ``done``;
 * ``add_rate_limited`` re-adds a key after a per-key exponential backoff
   (``base * 2**failures``, capped); ``forget`` resets it after a success;
-* ``add_after`` re-adds a key later (health checks, grace periods).
+* ``add_after`` re-adds a key later (health checks, grace periods); one timer per
+  key, the earliest wins, and a replaced timer is cancelled.
+
+Timers come from ``timers`` (the running loop by default; tests inject a manual clock).
 """
 
 from __future__ import annotations
@@ -13,17 +16,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
 
 
 class ShutDown(Exception):
     """The queue was shut down; the worker should return."""
 
 
+class Timers(Protocol):
+    def time(self) -> float: ...
+    def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle: ...
+
+
 class WorkQueue:
     def __init__(self, *, base_delay: float = 0.1, max_delay: float = 60.0,
-                 on_change: Callable[["WorkQueue"], None] | None = None,
-                 on_timing: Callable[[str, float], None] | None = None) -> None:
+                 on_change: Callable[[WorkQueue], None] | None = None,
+                 on_timing: Callable[[str, float], None] | None = None,
+                 timers: Timers | None = None) -> None:
+        self._timer_source = timers
         self._queue: collections.deque[Hashable] = collections.deque()
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
@@ -64,14 +75,14 @@ class WorkQueue:
         if delay <= 0:
             self.add(key)
             return
-        loop = asyncio.get_running_loop()
+        timers = self._timer_source or asyncio.get_running_loop()
         old = self._timers.get(key)
-        when = loop.time() + delay
+        when = timers.time() + delay
         if old is not None:
             if old.when() <= when:
                 return  # an earlier wake-up is already planned
             old.cancel()
-        self._timers[key] = loop.call_at(when, self._fire, key)
+        self._timers[key] = timers.call_at(when, self._fire, key)
 
     def _fire(self, key: Hashable) -> None:
         self._timers.pop(key, None)
@@ -79,7 +90,7 @@ class WorkQueue:
 
     def backoff(self, key: Hashable) -> float:
         n = self._failures.get(key, 0)
-        return min(self.base_delay * (2 ** n), self.max_delay)
+        return float(min(self.base_delay * (2 ** n), self.max_delay))
 
     def add_rate_limited(self, key: Hashable) -> float:
         delay = self.backoff(key)

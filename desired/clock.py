@@ -11,7 +11,7 @@ corrected by the offset measured at the last transaction. Tests inject a
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 
 class Clock:
@@ -19,7 +19,7 @@ class Clock:
         self.offset = timedelta(0)
 
     def now(self) -> datetime:
-        return datetime.now(timezone.utc) + self.offset
+        return datetime.now(UTC) + self.offset
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -34,7 +34,7 @@ class ManualClock(Clock):
 
     def __init__(self, start: datetime | None = None) -> None:
         super().__init__()
-        self._now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self._now = start or datetime(2026, 1, 1, tzinfo=UTC)
         self._mono = 1000.0
 
     def now(self) -> datetime:

@@ -19,9 +19,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Mapping
 
 from desired.model import (
     GAME_ID_PATTERN,
@@ -214,7 +214,7 @@ def _reject(record: RuntimeRecord | None, message: str) -> Decision:
     return Decision(action="reject", record=record, error_code=ErrorCode.INVALID_REQUEST, message=message)
 
 
-def _want(record: RuntimeRecord, now: datetime, **desired) -> Decision:
+def _want(record: RuntimeRecord, now: datetime, **desired: object) -> Decision:
     """Join the current generation when nothing changes, else bump it."""
     changed = any(getattr(record, k) != v for k, v in desired.items())
     if not changed:

@@ -54,7 +54,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
                    checksum   text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        done = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")}
+        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        done = {r["version"]: r["checksum"] for r in rows}
         for mig in load_migrations():
             if mig.version in done:
                 if done[mig.version] != mig.checksum:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any
 
 # The contract's pattern. Use it with fullmatch(): in Python, "$" also matches
 # before a trailing newline, so match() would let "g1\n" through.
@@ -225,7 +226,7 @@ class RuntimeRecord:
         need(self.spec_revision >= 0, "spec_revision must not be negative")
         need(self.crash_count >= 0, "crash_count must not be negative")
 
-    def replace(self, **changes: Any) -> "RuntimeRecord":
+    def replace(self, **changes: Any) -> RuntimeRecord:
         return dataclasses.replace(self, **changes)
 
 

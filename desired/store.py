@@ -30,9 +30,10 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -130,7 +131,7 @@ class Operation:
     finished_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: asyncpg.Record) -> "Operation":
+    def from_row(cls, row: asyncpg.Record) -> Operation:
         params = row["params"]
         return cls(id=row["id"], game_id=row["game_id"], op=OpKind(row["op"]), source=OpSource(row["source"]),
                    status=OpStatus(row["status"]), generation=row["generation"], stream=row["stream"],
@@ -217,12 +218,12 @@ class Store:
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
         async with self.pool.acquire() as conn, conn.transaction():
-            before = datetime.now(timezone.utc)
+            before = datetime.now(UTC)
             if self.fence is not None:
                 now = await self.fence.check(conn)
             else:
                 now = await conn.fetchval("SELECT now()")
-            self.clock.observe_db(now, before, datetime.now(timezone.utc))
+            self.clock.observe_db(now, before, datetime.now(UTC))
             yield conn, now
 
     async def ping(self) -> None:
@@ -342,7 +343,8 @@ class Store:
     async def record_health(self, rec: RuntimeRecord, *, healthy: bool) -> RuntimeRecord:
         return await self._transition(rec, lambda cur, now: transitions.health(cur, now, healthy=healthy))
 
-    async def record_crash(self, rec: RuntimeRecord, crash: Crash, policy: CrashPolicy) -> tuple[RuntimeRecord, CrashVerdict]:
+    async def record_crash(self, rec: RuntimeRecord, crash: Crash,
+                           policy: CrashPolicy) -> tuple[RuntimeRecord, CrashVerdict]:
         """One more crash of a game nobody asked to change (an exit, or a failed restart after one):
         a restart after the policy's backoff, or (the limit-th in the window) the game given up."""
         verdict: list[CrashVerdict] = []
@@ -379,7 +381,8 @@ class Store:
                                                              message=new.last_error_message or ""), now)
             return new, v
 
-    async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str) -> RuntimeRecord | None:
+    async def fail_generation(self, game_id: str, generation: int, code: ErrorCode,
+                              message: str) -> RuntimeRecord | None:
         """``generation`` cannot converge: answer its jobs with this failure, and ask for what is safe
         now (desired/transitions.py ``failed``: roll back, stop, or keep removing).
 

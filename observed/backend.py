@@ -13,7 +13,8 @@ existing unit is returned for the caller to adopt or replace.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from observed.model import ContainerSpec, ObservedContainer
 

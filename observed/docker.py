@@ -29,8 +29,9 @@ import functools
 import logging
 import os
 import stat
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -38,7 +39,6 @@ import docker.types
 import requests.exceptions
 
 from observed.errors import BackendUnavailable, ImageMissing, Refused
-from observed.text import safe_text
 from observed.events import EventWatcher
 from observed.model import (
     LABEL_INSTANCE,
@@ -49,6 +49,7 @@ from observed.model import (
     from_inspect,
     from_list_entry,
 )
+from observed.text import safe_text
 
 log = logging.getLogger("rtmanager.docker")
 T = TypeVar("T")

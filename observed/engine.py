@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -80,7 +81,7 @@ class EngineClient:
             async with self._http().get(url, allow_redirects=False) as resp:
                 await resp.content.read(HEALTH_BODY_LIMIT)
                 return 200 <= resp.status < 300, f"HTTP {resp.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             return False, safe_text(f"{exc.__class__.__name__}: {exc}".strip(": "), 300)
 
     async def wait_healthy(self, host: str, timeout: float,
@@ -110,7 +111,7 @@ class EngineClient:
                                             timeout=self._admin_timeout) as resp:
                 raw = await resp.content.read(ADMIN_BODY_LIMIT + 1)
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise EngineUnreachable(f"engine {what}: {exc.__class__.__name__}: {exc}") from exc
         if len(raw) > ADMIN_BODY_LIMIT:
             raise EngineUnreachable(f"engine {what}: answer larger than {ADMIN_BODY_LIMIT} bytes")

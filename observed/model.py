@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 LABEL_MANAGED_BY = "com.galaxy.managed-by"
 LABEL_INSTANCE = "com.galaxy.instance"
@@ -127,7 +128,7 @@ def _parse_time(value: Any) -> datetime | None:
     if value is None or value == "" or str(value).startswith("0001-01-01"):
         return None
     if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, tz=timezone.utc)
+        return datetime.fromtimestamp(value, tz=UTC)
     text = str(value).replace("Z", "+00:00")
     # Docker prints nanoseconds; Python takes at most microseconds.
     text = re.sub(r"(\.\d{6})\d+", r"\1", text)
@@ -140,10 +141,10 @@ def _parse_time(value: Any) -> datetime | None:
 def _first_ip(networks: Mapping[str, Any] | None, prefer: str | None) -> str | None:
     networks = networks or {}
     if prefer and prefer in networks and networks[prefer].get("IPAddress"):
-        return networks[prefer]["IPAddress"]
+        return str(networks[prefer]["IPAddress"])
     for net in networks.values():
         if net.get("IPAddress"):
-            return net["IPAddress"]
+            return str(net["IPAddress"])
     return None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailable, entry_key
 from desired import transitions
@@ -44,7 +44,7 @@ from desired.store import Crash, Identity, Operation, PendingResult, SubmitOutco
 from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.model import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, ContainerSpec, ObservedContainer
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 # ------------------------------------------------------------------- streams
@@ -204,13 +204,14 @@ class FakeStreams:
 
     async def recent(self, stream: str, count: int) -> list[tuple[str, dict]]:
         self._check("recent", stream)
-        pairs = list(zip((eid for eid, _ in self._s(stream).entries), self.fields_of(stream)))
-        return pairs[::-1][:count]
+        return self._pairs(stream)[::-1][:count]
 
     async def range(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict]]:
         self._check("range", stream)
-        pairs = zip((eid for eid, _ in self._s(stream).entries), self.fields_of(stream))
-        return [(eid, f) for eid, f in pairs if entry_key(eid) >= entry_key(start)][:count]
+        return [(eid, f) for eid, f in self._pairs(stream) if entry_key(eid) >= entry_key(start)][:count]
+
+    def _pairs(self, stream: str) -> list[tuple[str, dict]]:
+        return list(zip([eid for eid, _ in self._s(stream).entries], self.fields_of(stream), strict=True))
 
     async def stream_first_id(self, stream: str) -> str | None:
         entries = self._s(stream).entries

@@ -53,7 +53,7 @@ class ControllerProcess:
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ControllerProcess":
+    def start(self) -> ControllerProcess:
         exe = Path(sys.executable).with_name("rtmanager")
         cmd = [str(exe), "run"] if exe.exists() else [sys.executable, "-m", "controller.cli", "run"]
         self._log = open(self.log_path, "ab")

@@ -95,7 +95,8 @@ def test_one_leader_and_take_over_on_kill_and_on_pause(rtm_env, tmp_path, docker
         assert leaders() == ["c"]  # one leader; the woken one stands by
         assert leads(procs[second][1]) is False
         for i in (1, 2, 3):
-            containers = docker_client.containers.list(all=True, filters={"label": f"com.galaxy.game-id=lead-{unique}-{i}"})
+            label = f"com.galaxy.game-id=lead-{unique}-{i}"
+            containers = docker_client.containers.list(all=True, filters={"label": label})
             assert len(containers) == 1 and containers[0].status == "running"
     finally:
         for ctl, _ in procs.values():

@@ -103,7 +103,10 @@ def test_env_lists_every_variable():
 def test_a_database_of_another_instance_is_refused(rtm_env, tmp_path):
     migrate(rtm_env)
     first = ControllerProcess(rtm_env, tmp_path / "first.log").start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while "elected leader" not in first.log():  # it has claimed the database for its instance
+        assert time.monotonic() < deadline, first.log()[-2000:]
+        time.sleep(0.1)
     assert first.stop() == 0, first.log()[-2000:]
     other = {**rtm_env, "RTMANAGER_INSTANCE": rtm_env["RTMANAGER_INSTANCE"] + "-other", "RTMANAGER_LOG_FORMAT": "text"}
     out = subprocess.run([sys.executable, "-m", "controller.cli", "run"], env={**os.environ, **other},

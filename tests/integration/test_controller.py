@@ -221,14 +221,15 @@ async def test_new_image_recreates_the_container_and_keeps_the_state(h, pool, rt
 
 async def test_an_engine_that_exits_at_once_fails_without_a_hot_loop(h, pool, docker_client):
     store = Store(pool)
-    await h.start()
+    ctl = await h.start(resync_interval="0.5")
     since = int(time.time()) - 1
     res = await h.result(await h.submit_start("crash-1", "galaxy/engine-stub:crash"))
     assert res["outcome"] == "failure" and res["error_code"] == "container_start_failed"
     assert "exited with code 3" in res["error_message"] and "crashing as asked" in res["error_message"]
-    await asyncio.sleep(2)
-    rec = await store.get("crash-1")
-    assert rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED and rec.converged
+    rec = await eventually(lambda: _status(store, "crash-1", Status.STOPPED), what="recorded stopped")
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.converged
+    resyncs = ctl.metrics.resyncs.labels("ok")._value.get()
+    await eventually(lambda: ctl.metrics.resyncs.labels("ok")._value.get() >= resyncs + 2, what="two resyncs")
     starts = list(docker_client.events(since=since, until=int(time.time()) + 1, decode=True,
                                        filters={"container": "galaxy-game-crash-1", "event": "start"}))
     assert len(starts) == 1

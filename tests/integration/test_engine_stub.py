@@ -213,7 +213,7 @@ def test_of_concurrent_posts_with_the_same_expected_turn_exactly_one_wins(engine
         barrier = threading.Barrier(4)
         codes: list[int] = []
 
-        def post():
+        def post(barrier=barrier, codes=codes, turn=turn):
             barrier.wait()
             codes.append(e.post_turn(turn).status)
         threads = [threading.Thread(target=post) for _ in range(4)]
@@ -254,7 +254,8 @@ def test_finish3_finishes_at_turn_3_and_refuses_more(engines):
     e.control_file("generation_seconds", "0.1")
     for turn in range(3):
         assert e.post_turn(turn).status == 202, turn
-        e.wait_status(lambda s: s["turn"] == turn + 1 and s["phase"] != "generating", what=f"turn {turn + 1}")
+        e.wait_status(lambda s, turn=turn: s["turn"] == turn + 1 and s["phase"] != "generating",
+                      what=f"turn {turn + 1}")
     s = e.status()
     assert s["turn"] == 3 and s["phase"] == "finished" and s["last_generation"]["ok"] is True
     refused = e.post_turn(3)

@@ -200,11 +200,15 @@ async def test_no_token_configured_disables_the_api(api):
     assert (await api.get("/readyz", auth=False))[0] == 200
 
 
-async def test_a_standby_refuses_jobs_with_503_and_retry_after(api):
+async def test_a_standby_refuses_jobs_with_503_and_retry_after(api, caplog):
+    caplog.set_level("INFO", logger="rtmanager.leadership")
     await api.start()
     standby = await api.start(leader=False)
     standby_port = standby.settings.http_port
-    await asyncio.sleep(0.5)
+    for _ in range(200):  # it has campaigned and lost, and says so
+        if "standing by" in caplog.text:
+            break
+        await asyncio.sleep(0.02)
     assert not standby.is_leader
     status, body = await api.get("/readyz", port=standby_port, auth=False)
     assert status == 200 and body["leader"] is False

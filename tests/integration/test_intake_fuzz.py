@@ -7,7 +7,9 @@ import asyncio
 import uuid
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from controller.admission import Admission
 from controller.config import Settings

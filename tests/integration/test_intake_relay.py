@@ -87,7 +87,7 @@ async def test_bad_entries_get_failure_results_and_are_acknowledged(wired, redis
     assert await relay.flush() == len(BAD_ENTRIES)
     # Entry ids are unique per stream only: key results by (job, entry id).
     results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
-    for entry_id, (kind, _, message, shown_id) in zip(ids, BAD_ENTRIES):
+    for entry_id, (kind, _, message, shown_id) in zip(ids, BAD_ENTRIES, strict=True):
         res = results[(kind, entry_id)]
         expected_code = "image_rejected" if message == "not allowed" else "invalid_request"
         assert (res["outcome"], res["error_code"], res["job"]) == ("failure", expected_code, kind)

@@ -13,7 +13,8 @@ import uuid
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from desired.jobs import Job, RecordDefaults
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason

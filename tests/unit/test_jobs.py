@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -30,7 +30,7 @@ from desired.model import (
 
 ALLOW = ImageAllowlist("galaxy/engine:*, galaxy/engine-stub:*,localhost:5000/galaxy/engine:*")
 DEFAULTS = RecordDefaults(docker_network="galaxy-games", state_root="/var/lib/rtmanager/games", engine_port=8080)
-T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=1)
 DIGEST = "sha256:" + "ab" * 32
 

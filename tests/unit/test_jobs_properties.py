@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,7 +37,7 @@ GAMES = ["a", "g1", "z-9"]
 IMAGES = ["galaxy/engine:1", "galaxy/engine:2", "galaxy/engine-stub:1"]
 ALLOW = ImageAllowlist("galaxy/engine:*,galaxy/engine-stub:*")
 DEFAULTS = RecordDefaults(docker_network="galaxy-games", state_root="/var/lib/rtmanager/games", engine_port=8080)
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 @dataclass

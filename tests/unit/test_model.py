@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -23,7 +23,7 @@ from desired.model import (
 )
 
 S = Status
-T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 # Written out by hand (not derived from TRANSITIONS): True = allowed.
 TRANSITION_TABLE: dict[tuple[Status, Status], bool] = {

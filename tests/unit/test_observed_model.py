@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from observed.model import (
-    LABEL_GAME_ID,
-    LABEL_GENERATION,
     LABEL_DATABASE,
     LABEL_EPOCH,
+    LABEL_GAME_ID,
+    LABEL_GENERATION,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     LABEL_SPEC_HASH,
@@ -116,7 +116,7 @@ def test_from_list_entry_exited(list_entry_exited) -> None:
     assert not c.running
     assert c.exit_code == 3
     assert c.labels == LABELS
-    assert c.created_at == datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)  # 1704164645
+    assert c.created_at == datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)  # 1704164645
     assert c.ip_address is None  # an exited container has an empty IPAddress
     assert c.game_id == "g1"
     assert c.spec_hash == "0123456789abcdef"
@@ -170,7 +170,7 @@ def test_from_inspect_running(inspect_running) -> None:
     assert c.image == "galaxy/engine:1.2"  # the configured reference, not the image id
     assert c.state == "running" and c.running
     assert c.labels == LABELS
-    assert c.created_at == datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)
+    assert c.created_at == datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
     assert c.exit_code is None
     assert c.oom_killed is False
     assert c.ip_address == "172.18.0.5"
@@ -184,13 +184,13 @@ def test_from_inspect_oom_killed(inspect_oom) -> None:
     assert c.exit_code == 137
     assert c.oom_killed is True
     assert c.ip_address is None
-    assert c.finished_at == datetime(2024, 1, 2, 4, 0, 0, 987654, tzinfo=timezone.utc)
+    assert c.finished_at == datetime(2024, 1, 2, 4, 0, 0, 987654, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(("created", "expected"), [
-    ("2024-01-02T03:04:05Z", datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)),
-    ("2024-01-02T03:04:05.5Z", datetime(2024, 1, 2, 3, 4, 5, 500000, tzinfo=timezone.utc)),
-    ("2024-01-02T03:04:05.123456789+00:00", datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=timezone.utc)),
+    ("2024-01-02T03:04:05Z", datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)),
+    ("2024-01-02T03:04:05.5Z", datetime(2024, 1, 2, 3, 4, 5, 500000, tzinfo=UTC)),
+    ("2024-01-02T03:04:05.123456789+00:00", datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)),
     ("0001-01-01T00:00:00Z", None),
     ("", None),
     ("not a time", None),

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from controller.planner import NOOP, Action, ActionKind, plan
 from desired.model import DesiredStatus, RuntimeRecord, Status
 from observed.model import (
-    LABEL_GAME_ID,
     LABEL_DATABASE,
     LABEL_EPOCH,
+    LABEL_GAME_ID,
     LABEL_GENERATION,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -25,7 +25,7 @@ DATABASE = "5b0d6f7e-1c1f-4c55-9a43-6f5b2f4c8e10"
 EPOCH = 3
 HASH = "aaaaaaaaaaaaaaaa"
 OLD_HASH = "bbbbbbbbbbbbbbbb"
-NOW = datetime(2024, 1, 2, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2024, 1, 2, 12, 0, 0, tzinfo=UTC)
 T0 = NOW - timedelta(days=1)
 GRACE = 10.0
 TTL = 3600.0

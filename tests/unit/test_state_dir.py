@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from observed.errors import Refused
 from observed.docker import ensure_state_dir
+from observed.errors import Refused
 
 
 def test_created_with_restrictive_permissions(tmp_path):

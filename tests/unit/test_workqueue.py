@@ -104,6 +104,50 @@ async def test_add_after_zero_adds_now() -> None:
     assert len(q) == 1
 
 
+class ManualTimers:
+    """Timers on a clock the test moves: a timer that was not cancelled fires when its time comes."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.handles: list[asyncio.TimerHandle] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when, callback, *args):
+        handle = asyncio.TimerHandle(when, callback, args, asyncio.get_running_loop())
+        self.handles.append(handle)
+        return handle
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for h in sorted(self.handles, key=lambda h: h.when()):
+            if h.when() <= self.now and not h.cancelled():
+                self.handles.remove(h)
+                h._run()
+
+
+async def test_a_replaced_timer_never_fires() -> None:
+    timers = ManualTimers()
+    q = WorkQueue(timers=timers)
+    q.add_after("k", 5.0)
+    q.add_after("k", 0.02)  # earlier: replaces the 5 s timer
+    q.add_after("k", 10.0)  # later: ignored
+    timers.advance(0.02)
+    assert await get_now(q) == "k"
+    q.done("k")
+    timers.advance(20.0)  # past both discarded timers
+    assert len(q) == 0 and q.adds == 1
+
+
+async def test_shut_down_cancels_every_timer() -> None:
+    timers = ManualTimers()
+    q = WorkQueue(timers=timers)
+    q.add_after("b", 1.0)
+    q.shut_down()
+    assert all(h.cancelled() for h in timers.handles)
+
+
 async def test_add_after_keeps_the_earliest_wakeup() -> None:
     q = WorkQueue()
     loop = asyncio.get_running_loop()
