@@ -66,7 +66,13 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_ENGINE_MEMORY", "512m", "engine memory limit (bytes, or with k/m/g)"),
     Var("RTMANAGER_ENGINE_CPUS", "1.0", "engine CPU limit in CPUs"),
     Var("RTMANAGER_ENGINE_PIDS", "256", "engine pids limit"),
-    Var("RTMANAGER_ENGINE_USER", "", "uid[:gid] the engine runs as (empty: the image's own user)"),
+    Var("RTMANAGER_ENGINE_USER", "10000:10000", "uid[:gid] the engine runs as (the state directory is owned by "
+        "it); `image`: the image's own user"),
+    Var("RTMANAGER_ENGINE_READ_ONLY", "1", "1: the engine's root filesystem is read-only (it writes to its state "
+        "directory and /tmp)"),
+    Var("RTMANAGER_ENGINE_TMPFS", "64m", "size of the tmpfs mounted at /tmp in the engine (0: none)"),
+    Var("RTMANAGER_ENGINE_DISK", "1g", "size limit of the engine's writable layer where the storage driver "
+        "supports it (0: none)"),
     Var("RTMANAGER_PROBE_ADDRESS", "ip", "how the health probe reaches the engine: ip or hostname"),
     Var("RTMANAGER_ORPHAN_GRACE", "10", "seconds an unrecorded container with our labels is left alone"),
     Var("RTMANAGER_MAX_REMOVALS", "10", "containers removed on the controller's own initiative (orphans, "
@@ -124,6 +130,9 @@ class Settings:
     engine_nano_cpus: int
     engine_pids: int
     engine_user: str | None
+    engine_read_only: bool
+    engine_tmpfs: int
+    engine_disk: int
     probe_address: str
     orphan_grace: float
     max_removals: int
@@ -209,8 +218,14 @@ class Settings:
                 raise ValueError("at least 6m")
             return v
 
+        def optional_size(raw: str) -> int:
+            m = re.fullmatch(r"(\d+)([kmgKMG]?)[bB]?", raw)
+            if not m:
+                raise ValueError("")
+            return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+
         def user(raw: str) -> str | None:
-            if raw == "":
+            if raw in ("", "image"):
                 return None
             if not re.fullmatch(r"\d{1,10}(:\d{1,10})?", raw):
                 raise ValueError("")
@@ -274,7 +289,10 @@ class Settings:
             engine_nano_cpus=int(parse("RTMANAGER_ENGINE_CPUS", number(0.01, 1024), "must be CPUs, e.g. 1.5")
                                  * 1e9),
             engine_pids=parse("RTMANAGER_ENGINE_PIDS", number(16, 1 << 22, int), "must be an integer 16 or more"),
-            engine_user=parse("RTMANAGER_ENGINE_USER", user, "must be uid or uid:gid"),
+            engine_user=parse("RTMANAGER_ENGINE_USER", user, "must be uid, uid:gid or image"),
+            engine_read_only=parse("RTMANAGER_ENGINE_READ_ONLY", flag, "must be 0 or 1"),
+            engine_tmpfs=parse("RTMANAGER_ENGINE_TMPFS", optional_size, "must be 0 or a size such as 64m"),
+            engine_disk=parse("RTMANAGER_ENGINE_DISK", optional_size, "must be 0 or a size such as 1g"),
             probe_address=parse("RTMANAGER_PROBE_ADDRESS", choice("ip", "hostname"), "must be ip or hostname"),
             orphan_grace=parse("RTMANAGER_ORPHAN_GRACE", number(0, 86400), "must be seconds in 0..86400"),
             max_removals=parse("RTMANAGER_MAX_REMOVALS", number(0, 10**6, int), "must be an integer, 0 or more"),

@@ -101,6 +101,9 @@ def build_spec(settings: Settings, record: RuntimeRecord, *, database: str = "",
         generation=record.generation,
         spec_revision=record.spec_revision,
         user=settings.engine_user,
+        read_only=settings.engine_read_only,
+        tmpfs_bytes=settings.engine_tmpfs,
+        disk_bytes=settings.engine_disk,
         database=database,
         epoch=epoch,
     )
@@ -317,7 +320,7 @@ class Reconciler:
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
             await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
-                                    _uid(self.settings.engine_user))
+                                    *_ids(self.settings.engine_user))
             t0 = asyncio.get_running_loop().time()
             container = await self.backend.create(spec)
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
@@ -446,5 +449,9 @@ class Reconciler:
             log.exception("could not fail an overdue job", extra={"game_id": game_id})
 
 
-def _uid(user: str | None) -> int | None:
-    return int(user.split(":", 1)[0]) if user else None
+def _ids(user: str | None) -> tuple[int | None, int | None]:
+    """(uid, gid) of RTMANAGER_ENGINE_USER, None where the image decides."""
+    if not user:
+        return None, None
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid) if gid else None

@@ -75,6 +75,7 @@ class DockerBackend:
         self._observer = observer
         self._guard = guard  # raises when this replica may no longer change anything (lost leadership)
         self._network_ready = False
+        self.disk_quota: bool | None = None  # whether the storage driver takes a writable-layer size limit
         self._network_lock = asyncio.Lock()  # Docker accepts two networks with one name: create once
 
     # --------------------------------------------------------------- plumbing
@@ -202,18 +203,33 @@ class DockerBackend:
             restart_policy={"Name": "no"},
             init=False,
             log_config=docker.types.LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+            read_only=spec.read_only,
         )
+        if spec.tmpfs_bytes:
+            host_config["tmpfs"] = {"/tmp": f"rw,nosuid,nodev,noexec,size={spec.tmpfs_bytes}"}
 
         def create_raw() -> str:
             api = self._docker().api
-            hc = api.create_host_config(**host_config)
             nc = api.create_networking_config({spec.network: api.create_endpoint_config(aliases=[spec.name])})
-            created = api.create_container(
-                image=spec.image, name=spec.name, hostname=spec.name, labels=spec.all_labels(),
-                environment=dict(spec.env), host_config=hc, networking_config=nc, user=spec.user,
-                detach=True,
-            )
-            return created["Id"]
+            disk = {"size": str(spec.disk_bytes)} if spec.disk_bytes and self.disk_quota is not False else None
+            while True:
+                hc = api.create_host_config(**host_config, **({"storage_opt": disk} if disk else {}))
+                try:
+                    created = api.create_container(
+                        image=spec.image, name=spec.name, hostname=spec.name, labels=spec.all_labels(),
+                        environment=dict(spec.env), host_config=hc, networking_config=nc, user=spec.user,
+                        detach=True,
+                    )
+                    if disk:
+                        self.disk_quota = True
+                    return created["Id"]
+                except docker.errors.APIError as exc:
+                    if not disk or "storage-opt" not in str(exc).lower():
+                        raise
+                    # Only some storage drivers can cap the writable layer (overlay2 on xfs with pquota).
+                    log.warning("this Docker host cannot limit an engine's writable layer (%s); engines run "
+                                "without that limit", _short(exc))
+                    self.disk_quota, disk = False, None
 
         try:
             container_id = await self._call("create", create_raw)
@@ -282,7 +298,7 @@ def _short(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
-def ensure_state_dir(state_root: str, path: str, uid: int | None = None) -> None:
+def ensure_state_dir(state_root: str, path: str, uid: int | None = None, gid: int | None = None) -> None:
     """Create a game's state directory with 0700, refusing anything but a real directory.
 
     The controller never follows a symlink here: a container that can write into
@@ -299,9 +315,13 @@ def ensure_state_dir(state_root: str, path: str, uid: int | None = None) -> None
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise Refused(f"state path {path} exists and is not a directory")
-    if uid is not None and st.st_uid != uid:
+    if (uid is not None and st.st_uid != uid) or (gid is not None and st.st_gid != gid):
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
-            os.fchown(fd, uid, -1)
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        except PermissionError as exc:
+            raise Refused(f"cannot give the state directory {path} to the engine user {uid}:{gid} (rtmanager runs "
+                          f"as uid {os.getuid()}): run rtmanager as root, or set RTMANAGER_ENGINE_USER to its "
+                          "own uid") from exc
         finally:
             os.close(fd)

@@ -47,6 +47,9 @@ class ContainerSpec:
     generation: int
     spec_revision: int
     user: str | None = None
+    read_only: bool = False
+    tmpfs_bytes: int = 0
+    disk_bytes: int = 0
     database: str = ""
     epoch: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -60,6 +63,8 @@ class ContainerSpec:
             "state_target": self.state_target, "env": dict(sorted(self.env.items())),
             "memory": self.memory_bytes, "cpus": self.nano_cpus, "pids": self.pids_limit,
             "rev": self.spec_revision, "user": self.user,
+            **({"isolation": [self.read_only, self.tmpfs_bytes, self.disk_bytes]}
+               if (self.read_only or self.tmpfs_bytes or self.disk_bytes) else {}),
         }, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 

@@ -7,6 +7,7 @@ mount; a stop job stops one of them and is answered.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -66,6 +67,14 @@ def test_start_two_games_then_stop_one(rtm_env, docker_client, tmp_path, unique)
             assert "no-new-privileges:true" in host["SecurityOpt"]
             assert host["RestartPolicy"]["Name"] == "no"
             assert host["PidsLimit"] and host["Memory"] and host["NanoCpus"]
+            # isolation by default: non-root, read-only root filesystem, a small tmpfs at /tmp
+            assert cfg["User"] == "10000:10000" and host["ReadonlyRootfs"] is True
+            assert host["Tmpfs"]["/tmp"].endswith(f"size={64 * 1024 ** 2}")
+            state = os.stat(mounts[0]["Source"])
+            assert (state.st_uid, state.st_gid, state.st_mode & 0o777) == (10000, 10000, 0o700)
+            top = c.top(ps_args="-o pid,uid")
+            uid = top["Titles"].index("UID")
+            assert top["Processes"] and all(p[uid] == "10000" for p in top["Processes"])
 
         stop_entry = r.xadd(rtm_env["RTMANAGER_STOP_STREAM"], {"game_id": games[0], "reason": "finished"})
         res = results.for_entry(stop_entry, timeout=30)

@@ -36,7 +36,12 @@ def test_defaults_parse() -> None:
     assert s.engine_memory == 512 * 1024 ** 2
     assert s.engine_nano_cpus == 1_000_000_000
     assert s.engine_pids == 256
-    assert s.engine_user is None
+    assert s.engine_user == "10000:10000"  # engines run as a non-root user by default
+    assert s.engine_read_only is True and s.engine_tmpfs == 64 * 1024 ** 2 and s.engine_disk == 1024 ** 3
+    assert Settings.from_env({"RTMANAGER_ENGINE_USER": "image"}).engine_user is None
+    off = Settings.from_env({"RTMANAGER_ENGINE_READ_ONLY": "0", "RTMANAGER_ENGINE_TMPFS": "0",
+                             "RTMANAGER_ENGINE_DISK": "0"})
+    assert (off.engine_read_only, off.engine_tmpfs, off.engine_disk) == (False, 0, 0)
     assert s.probe_address == "ip"
     assert s.orphan_grace == 10.0
     assert s.max_removals == 10
