@@ -136,7 +136,7 @@ class Controller:
         self.http = HttpServer(HttpDeps(
             settings=s, store=self.store, admission=self.admission, metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
-            results_changed=lambda: self.results_changed))
+            results_changed=lambda: self.results_changed, results_written=self._results_written))
         if s.http_port:
             await self.http.start()
         self._spawn("leadership", self.leadership.run(self.stopping))

@@ -100,14 +100,16 @@ async def _status(settings: Settings) -> int:
         except Exception as exc:  # noqa: BLE001 - the records are still worth printing
             unowned = []
             print(f"rtmanager status: could not list containers: {exc}", file=sys.stderr)
-    rows = [("GAME", "STATUS", "DESIRED", "GEN", "HEALTH", "IMAGE", "CONTAINER", "LAST ERROR")]
+    rows = [("GAME", "STATUS", "DESIRED", "GEN", "HEALTH", "TURN", "PHASE", "IMAGE", "CONTAINER", "LAST ERROR")]
     for r in records:
+        turn = "-" if r.turn is None else str(r.turn) + (" (paused)" if r.paused else "")
         rows.append((r.game_id, r.status.value, r.desired_status.value,
-                     f"{r.observed_generation}/{r.generation}", r.health.value,
+                     f"{r.observed_generation}/{r.generation}", r.health.value, turn,
+                     r.phase or ("none" if r.admin_api is False else "-"),
                      r.current_image_ref or r.desired_image_ref or "-", (r.current_container_id or "-")[:12],
                      (r.last_error_code.value if r.last_error_code else "-")))
     for c in unowned:
-        rows.append((c.game_id or c.name, "unowned", "-", "-", "-", c.image or "-", c.id[:12],
+        rows.append((c.game_id or c.name, "unowned", "-", "-", "-", "-", "-", c.image or "-", c.id[:12],
                      "not created under this database: rtmanager adopt / dispose"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

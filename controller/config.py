@@ -51,6 +51,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_START_STREAM", "runtime:start_jobs", "stream of start jobs"),
     Var("RTMANAGER_STOP_STREAM", "runtime:stop_jobs", "stream of stop jobs"),
     Var("RTMANAGER_RESULTS_STREAM", "runtime:job_results", "stream of job results"),
+    Var("RTMANAGER_SNAPSHOT_STREAM", "runtime:snapshots", "stream of runtime snapshots to Lobby"),
     Var("RTMANAGER_CONSUMER_GROUP", "rtmanager", "consumer group on the job streams"),
     Var("RTMANAGER_CONSUMER_NAME", "", "consumer name in the group (default: instance-hostname)"),
     Var("RTMANAGER_DEAD_LETTER_STREAM", "runtime:dead_letters", "copies of job entries that could not be handled"),
@@ -82,6 +83,12 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_CRASH_WINDOW", "600", "seconds without a crash after which the crash count starts again"),
     Var("RTMANAGER_CRASH_BACKOFF_MAX", "30", "cap in seconds of the restart delay after crashes (from 0.1, doubling)"),
     Var("RTMANAGER_HEALTH_INTERVAL", "15", "seconds between health probes of running engines (0: off)"),
+    Var("RTMANAGER_UNREACHABLE_AFTER", "3", "failed health probes in a row after which an engine is "
+        "engine_unreachable"),
+    Var("RTMANAGER_UNREACHABLE_RESTART_AFTER", "0", "seconds an engine may stay unreachable before it is "
+        "restarted (counted as a crash; 0: never)"),
+    Var("RTMANAGER_GENERATION_TIMEOUT", "600", "seconds a generating engine may fail its health probes before "
+        "they count"),
     Var("RTMANAGER_AUTO_MIGRATE", "1", "1: `rtmanager run` applies pending migrations at start (under the lock)"),
     Var("RTMANAGER_RETENTION_DAYS", "30", "days published results and finished operations are kept (0: forever)"),
     Var("RTMANAGER_LEASE_TTL", "5", "seconds of a leadership lease; a standby takes over within about this"),
@@ -116,6 +123,7 @@ class Settings:
     start_stream: str
     stop_stream: str
     results_stream: str
+    snapshot_stream: str
     consumer_group: str
     consumer_name: str
     dead_letter_stream: str
@@ -141,6 +149,9 @@ class Settings:
     crash_window: float
     crash_backoff_max: float
     health_interval: float
+    unreachable_after: int
+    unreachable_restart_after: float
+    generation_timeout: float
     auto_migrate: bool
     lease_ttl: float
     retention_days: float
@@ -274,6 +285,7 @@ class Settings:
             start_stream=parse("RTMANAGER_START_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             stop_stream=parse("RTMANAGER_STOP_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             results_stream=parse("RTMANAGER_RESULTS_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
+            snapshot_stream=parse("RTMANAGER_SNAPSHOT_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             consumer_group=parse("RTMANAGER_CONSUMER_GROUP", pattern(_STREAM_NAME), "must be a group name"),
             consumer_name=consumer,
             dead_letter_stream=parse("RTMANAGER_DEAD_LETTER_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
@@ -301,6 +313,10 @@ class Settings:
             crash_window=parse("RTMANAGER_CRASH_WINDOW", number(1, 10**7), "must be seconds, 1 or more"),
             crash_backoff_max=parse("RTMANAGER_CRASH_BACKOFF_MAX", number(0.1, 3600), "must be seconds in 0.1..3600"),
             health_interval=parse("RTMANAGER_HEALTH_INTERVAL", number(0, 86400), "must be seconds in 0..86400"),
+            unreachable_after=parse("RTMANAGER_UNREACHABLE_AFTER", number(1, 1000, int), "must be an integer 1..1000"),
+            unreachable_restart_after=parse("RTMANAGER_UNREACHABLE_RESTART_AFTER", number(0, 10**7),
+                                            "must be seconds, 0 or more"),
+            generation_timeout=parse("RTMANAGER_GENERATION_TIMEOUT", number(1, 10**6), "must be seconds, 1 or more"),
             auto_migrate=parse("RTMANAGER_AUTO_MIGRATE", flag, "must be 0 or 1"),
             lease_ttl=parse("RTMANAGER_LEASE_TTL", number(1, 600), "must be seconds in 1..600"),
             retention_days=parse("RTMANAGER_RETENTION_DAYS", number(0, 36500), "must be days, 0 or more"),

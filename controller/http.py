@@ -59,6 +59,7 @@ class HttpDeps:
     is_leader: Callable[[], bool]
     readiness: Callable[[], Awaitable[dict[str, str]]]
     results_changed: Callable[[], asyncio.Event]  # the event set when the next results are written
+    results_written: Callable[[], None]           # wake the relay
 
 
 class HttpServer:
@@ -73,6 +74,7 @@ class HttpServer:
         app.router.add_get("/api/v1/runtimes/{game_id}", self.get_runtime)
         app.router.add_get("/api/v1/runtimes/{game_id}/operations", self.get_operations)
         app.router.add_get("/api/v1/openapi.json", self.openapi)
+        app.router.add_post("/api/v1/snapshots/resync", self.resync_snapshots)
         for kind in JobKind:
             app.router.add_post(f"/api/v1/runtimes/{{game_id}}/{kind.value}", self._job_handler(kind))
         self.app = app
@@ -179,6 +181,19 @@ class HttpServer:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 pass
+
+    async def resync_snapshots(self, request: web.Request) -> web.Response:
+        """A snapshot of every live game (or of ``?game_id=``), for a Lobby that lost track."""
+        game_id = request.query.get("game_id")
+        if game_id is not None and not GAME_ID_PATTERN.fullmatch(game_id):
+            return _error(400, "game_id does not match the pattern")
+        if not self.c.is_leader():
+            return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
+        count = await self.c.store.snapshot_resync(game_id)
+        if game_id is not None and count == 0:
+            return _error(404, f"no runtime for game {game_id}")
+        self.c.results_written()
+        return web.json_response({"snapshots": count})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.c.metrics.registry)

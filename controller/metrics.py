@@ -29,6 +29,10 @@ class Metrics:
                             ["stream", "outcome"], registry=r)
         self.results = Counter("rtmanager_results_published_total", "Results published, by outcome and error code",
                                ["outcome", "error_code"], registry=r)
+        self.snapshots = Counter("rtmanager_snapshots_published_total", "Runtime snapshots published, by reason",
+                                 ["reason"], registry=r)
+        self.engine_calls = Counter("rtmanager_engine_status_calls_total",
+                                    "Calls of engines' admin API, by call and result", ["call", "result"], registry=r)
         self.outbox_pending = Gauge("rtmanager_outbox_pending", "Results waiting to be published", registry=r)
         self.docker_calls = Counter("rtmanager_docker_api_calls_total", "Docker API calls by operation and result",
                                     ["operation", "result"], registry=r)
@@ -55,6 +59,9 @@ class Metrics:
         self.unowned = Gauge("rtmanager_unowned_containers",
                              "Containers with this instance's labels that were not created under this database "
                              "(left running for an operator: rtmanager adopt / dispose)", registry=r)
+        self.daemon_restarts = Counter("rtmanager_engines_stopped_by_daemon_total",
+                                       "Engines found stopped by a restart of the container daemon and started "
+                                       "again without counting a crash", registry=r)
         self.reconcile_errors = Counter("rtmanager_reconcile_errors_total",
                                         "Reconciles that failed with an error that is neither an outage nor a "
                                         "conflict (a bug or bad data; see the log)", registry=r)

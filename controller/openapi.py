@@ -83,6 +83,18 @@ def openapi_document() -> dict[str, Any]:
                 "401": {"$ref": "#/components/responses/Unauthorized"},
                 "503": {"$ref": "#/components/responses/Unavailable"}}}},
     }
+    paths["/api/v1/snapshots/resync"] = {"post": {
+        "operationId": "resyncSnapshots",
+        "summary": "Publish a snapshot (reason resync, a new revision) of every live game, or of one",
+        "parameters": [{"name": "game_id", "in": "query", "required": False,
+                        "schema": {"type": "string", "pattern": GAME_ID_PATTERN.pattern, "maxLength": 51}}],
+        "responses": {"200": {"description": "how many snapshots were written", "content": {"application/json": {
+            "schema": {"type": "object", "required": ["snapshots"],
+                       "properties": {"snapshots": {"type": "integer"}}}}}},
+            "400": {"$ref": "#/components/responses/BadRequest"},
+            "401": {"$ref": "#/components/responses/Unauthorized"},
+            "404": {"$ref": "#/components/responses/NotFound"},
+            "503": {"$ref": "#/components/responses/Unavailable"}}}}
     for kind in JobKind:
         paths[f"/api/v1/runtimes/{{game_id}}/{kind.value}"] = {"post": {
             "operationId": f"{kind.value}Runtime",
@@ -151,7 +163,17 @@ def openapi_document() -> dict[str, Any]:
                                 "last_error_message": _NULLABLE_STR, "crash_count": {"type": "integer"},
                                 "last_exit_code": {"type": "integer", "nullable": True},
                                 "last_oom_killed": {"type": "boolean"}, "last_crash_at": _NULLABLE_TIME,
-                                "restart_not_before": _NULLABLE_TIME, "health_checked_at": _NULLABLE_TIME}},
+                                "restart_not_before": _NULLABLE_TIME, "health_checked_at": _NULLABLE_TIME,
+                                "rollback_image_ref": _NULLABLE_STR, "rolling_back": {"type": "boolean"},
+                                "turn": {"type": "integer", "nullable": True},
+                                "phase": {"type": "string", "enum": ["idle", "generating", "finished"],
+                                          "nullable": True},
+                                "admin_api": {"type": "boolean", "nullable": True},
+                                "probe_failures": {"type": "integer"}, "unreachable_since": _NULLABLE_TIME,
+                                "generation_started_at": _NULLABLE_TIME, "last_turn_at": _NULLABLE_TIME,
+                                "snapshot_revision": {"type": "integer"}, "paused": {"type": "boolean"},
+                                "turn_interval": {"type": "integer"},
+                                "desired_turn": {"type": "integer", "nullable": True}}},
                 "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
                               "properties": {
                                   "id": {"type": "integer"}, "game_id": {"type": "string"}, "op": _enum(OpKind),

@@ -70,6 +70,7 @@ def plan(
     cleanup_ttl: float = 0.0,
     database: str = "",
     epoch: int = 0,
+    unreachable_restart_after: float = 0.0,
 ) -> Action:
     """``database`` and ``epoch``: the identity uid of this database and the current leadership
     term; an orphan is disposed of only when its labels prove it was created under them."""
@@ -110,13 +111,17 @@ def plan(
         if container.state == "paused":
             return Action(ActionKind.RECREATE, "container was paused from outside")
         if not container.running:
-            if record.status is Status.RUNNING and record.current_container_id == container.id:
+            if record.status.is_up and record.current_container_id == container.id:
                 return Action(ActionKind.RECOVER, f"container exited on its own (exit code {container.exit_code})")
             if backoff > 0:
                 return Action(ActionKind.WAIT, "restart backoff after a crash", delay=backoff)
             return Action(ActionKind.START, f"container is {container.state}")
-        if (record.status is Status.RUNNING and record.converged
-                and record.current_container_id == container.id):
+        if (record.status is Status.ENGINE_UNREACHABLE and unreachable_restart_after > 0
+                and record.unreachable_since is not None and record.current_container_id == container.id):
+            left = unreachable_restart_after - (now - record.unreachable_since).total_seconds()
+            if left <= 0:
+                return Action(ActionKind.RECOVER, f"engine unreachable for more than {unreachable_restart_after:g}s")
+        if record.status.is_up and record.converged and record.current_container_id == container.id:
             return NOOP
         return Action(ActionKind.CONFIRM, "container runs; record not yet converged")
 

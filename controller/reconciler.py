@@ -29,6 +29,7 @@ from controller.config import Settings
 from controller.metrics import Metrics
 from controller.planner import Action, ActionKind, plan
 from controller.workqueue import ShutDown, WorkQueue
+from desired import transitions
 from desired.clock import Clock
 from desired.errors import (
     Conflict,
@@ -46,10 +47,11 @@ from desired.leader import Fence, Fenced
 from desired.model import ErrorCode, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
 from desired.store import Crash, Store
+from desired.transitions import Probe
 from observed.backend import RuntimeBackend
 from observed.docker import ensure_state_dir
 from observed.engine import EngineClient
-from observed.errors import BackendUnavailable, ImageMissing, ObservedError, Refused
+from observed.errors import BackendUnavailable, EngineError, EngineUnsupported, ImageMissing, ObservedError, Refused
 from observed.model import ContainerSpec, ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
@@ -147,7 +149,8 @@ class Reconciler:
         action = plan(record, container, want_hash=spec.spec_hash if spec else None,
                       instance=self.settings.instance, now=self.clock.now(),
                       orphan_grace=self.settings.orphan_grace, cleanup_ttl=self.settings.cleanup_ttl,
-                      database=self.database, epoch=self.epoch)
+                      database=self.database, epoch=self.epoch,
+                      unreachable_restart_after=self.settings.unreachable_restart_after)
         return action, spec
 
     def note_unowned(self, container: ObservedContainer) -> None:
@@ -381,27 +384,67 @@ class Reconciler:
         detail, _ = await self._exit_detail(seen, "exited", 5)
         raise ContainerStartFailed(detail)
 
-    async def probe_health(self, record: RuntimeRecord, ip: str | None) -> None:
-        """One periodic probe of a running engine; the record changes only when health does."""
-        if ip or self.settings.probe_address != "ip":
-            ok, detail = await self.engine.check(self._probe_host(record.game_id, ip))
-        else:
-            ok, detail = False, "container not running"
+    async def probe(self, record: RuntimeRecord, ip: str | None) -> Probe:
+        """Ask a running engine how it is: its health path, then (when it has one) its admin status."""
+        if not ip and self.settings.probe_address == "ip":
+            return Probe(healthy=False)
+        host = self._probe_host(record.game_id, ip)
+        ok, detail = await self.engine.check(host)
         self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
-        if ok == (record.health.value == "healthy"):
-            return
-        log.warning("engine health: %s -> %s (%s)", record.health.value, "healthy" if ok else "unreachable", detail,
-                    extra={"game_id": record.game_id})
+        if not ok or record.admin_api is False:
+            return Probe(healthy=ok)
         try:
-            await self.store.record_health(record, healthy=ok)
-        except Conflict:
-            pass  # the record moved on meanwhile; the next round looks again
+            st = await self.engine.status(host)
+        except EngineUnsupported:
+            self.metrics.engine_calls.labels("status", "unsupported").inc()
+            return Probe(healthy=True, admin_api=False)
+        except EngineError as exc:
+            self.metrics.engine_calls.labels("status", "error").inc()
+            log.info("engine status: %s", exc.message, extra={"game_id": record.game_id})
+            return Probe(healthy=True)
+        self.metrics.engine_calls.labels("status", "ok").inc()
+        last = st.last_generation
+        return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase,
+                     failed_turn=last.turn if last is not None and not last.ok else None)
+
+    async def observe(self, record: RuntimeRecord, ip: str | None) -> None:
+        """One periodic look at a running engine; the record is written only when something changed."""
+        probe = await self.probe(record, ip)
+        s = self.settings
+        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
+                                   generation_timeout=s.generation_timeout)
+        if new != record:
+            if new.status is not record.status:
+                log.warning("engine: %s -> %s", record.status.value, new.status.value,
+                            extra={"game_id": record.game_id})
+            try:
+                await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
+                                                    generation_timeout=s.generation_timeout)
+            except Conflict:
+                pass  # the record moved on meanwhile; the next round looks again
+            self._results_written()  # a snapshot
         if not ip:
             self.queue.add(record.game_id)  # not running at all: let the reconciler look
 
     async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> None:
-        """The engine of a running game exited on its own: record why, restart after a backoff."""
+        """The engine of a running game exited on its own: record why, restart after a backoff.
+
+        An engine stopped by a daemon restart did not crash: it starts again at once and does
+        not count toward the crash limit (five daemon restarts must not give every game up)."""
         seen = await self.backend.inspect(container.id) or container
+        if seen.running:  # not an exit: an engine that stopped answering for too long
+            await self.backend.stop(seen.id, self.settings.stop_grace)
+            await self._count_crash(record, Crash(
+                code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
+                detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
+                       "restarted"))
+            return
+        if self.backend.stopped_by_daemon(seen):
+            log.warning("engine stopped by a restart of the container daemon; starting it again (not a crash)",
+                        extra={"game_id": record.game_id, "exit_code": seen.exit_code})
+            self.metrics.daemon_restarts.inc()
+            await self.store.mark_starting(record, rollback_image=None)
+            return
         detail, tail = await self._exit_detail(seen, "exited unexpectedly", 10)
         await self._count_crash(record, Crash(code=ErrorCode.CONTAINER_START_FAILED, detail=detail,
                                               container_id=container.id, exit_code=seen.exit_code,

@@ -1,4 +1,4 @@
-"""The outbox relay: results committed in Postgres -> the results stream.
+"""The outbox relay: results and snapshots committed in Postgres -> their streams.
 
 Results are read in commit order (``seq``) and published one by one, so the
 results of one game never overtake each other. A result is marked published
@@ -42,6 +42,7 @@ IDLE_POLL = 5.0  # a fallback only: results written in this process wake the rel
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
+ID_FIELD = {"result": "result_id", "snapshot": "snapshot_id"}  # what consumers dedupe on, per outbox kind
 
 
 class Relay:
@@ -117,7 +118,7 @@ class Relay:
                     batch = await self._skip_already_published(batch)
                 self._suspect = False
                 for item in batch:
-                    entry_id = await self.redis.add(self.settings.results_stream, item.fields,
+                    entry_id = await self.redis.add(self.stream_of(item.kind), item.fields,
                                                     maxlen=self.settings.results_maxlen or None)
                     await self.store.mark_published(item.seq, entry_id)
                     self._observe(item)
@@ -125,7 +126,15 @@ class Relay:
                 if len(batch) < BATCH:
                     return total
 
+    def stream_of(self, kind: str) -> str:
+        return self.settings.snapshot_stream if kind == "snapshot" else self.settings.results_stream
+
     def _observe(self, item) -> None:
+        if item.kind == "snapshot":
+            self.metrics.snapshots.labels(item.fields.get("reason", "")).inc()
+            log.info("published snapshot", extra={"game_id": item.game_id, "reason": item.fields.get("reason"),
+                                                  "status": item.fields.get("status")})
+            return
         self.metrics.results.labels(item.fields.get("outcome", ""), item.fields.get("error_code", "")).inc()
         now = datetime.now(UTC)
         if item.written_at is not None:
@@ -138,9 +147,11 @@ class Relay:
                                             "error_code": item.fields.get("error_code")})
 
     async def _skip_already_published(self, batch):
-        """Mark results found in the stream's recent tail as published instead of adding them again."""
-        found = {f.get("result_id"): eid for eid, f in await self.redis.recent(self.settings.results_stream,
-                                                                                  TAIL_SCAN)}
+        """Mark entries found in their stream's recent tail as published instead of adding them again."""
+        found: dict[str, str] = {}
+        for kind in {item.kind for item in batch}:
+            found |= {f.get(ID_FIELD[kind], ""): eid for eid, f in await self.redis.recent(self.stream_of(kind),
+                                                                                         TAIL_SCAN)}
         rest = []
         for item in batch:
             if item.result_id in found:
@@ -161,11 +172,15 @@ class Relay:
         self._run_id = run_id
 
     async def _verify_stream(self) -> None:
-        """Publish again what was marked published but is not on the stream (Redis lost it)."""
-        stream = self.settings.results_stream
-        recent = await self.store.recently_published(VERIFY_WINDOW)
+        """Publish again what was marked published but is not on its stream (Redis lost it)."""
         self._run_id = await self.redis.server_run_id()
+        for kind in ID_FIELD:
+            await self._verify_kind(kind)
         self._verify = False
+
+    async def _verify_kind(self, kind: str) -> None:
+        stream = self.stream_of(kind)
+        recent = await self.store.recently_published(kind, VERIFY_WINDOW)
         if not recent:
             return
         first = await self.redis.stream_first_id(stream)
@@ -174,7 +189,7 @@ class Relay:
         start = oldest if first is None or entry_key(oldest) > entry_key(first) else first
         while True:
             page = await self.redis.range(stream, start, "+", 1000)
-            on_stream |= {f.get("result_id") for _, f in page}
+            on_stream |= {f.get(ID_FIELD[kind]) for _, f in page}
             if len(page) < 1000:
                 break
             ms, seq = entry_key(page[-1][0])

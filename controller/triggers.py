@@ -26,7 +26,7 @@ from controller.metrics import Metrics
 from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
 from controller.workqueue import WorkQueue
-from desired.model import Status, container_name
+from desired.model import container_name
 from desired.store import Store
 from observed.backend import RuntimeBackend
 
@@ -127,7 +127,7 @@ class HealthRound:
         self.interval = interval
 
     async def once(self) -> None:
-        records = await self.store.list_by_status(Status.RUNNING)
+        records = await self.store.list_up()
         if not records:
             return
         with backend_errors():
@@ -136,7 +136,7 @@ class HealthRound:
 
         async def probe(rec) -> None:
             async with sem:
-                await self.reconciler.probe_health(rec, ips.get(rec.current_container_id or ""))
+                await self.reconciler.observe(rec, ips.get(rec.current_container_id or ""))
 
         await asyncio.gather(*(probe(r) for r in records))
 

@@ -234,6 +234,10 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
             return Decision(action="join", record=record)
         return _reject(record, f"game {job.game_id} was removed or is being removed; "
                                "its game_id cannot be used again")
+    # A finished game is over: it may be stopped or cleaned up, not started, restarted or patched.
+    if (record is not None and record.status is Status.FINISHED
+            and kind in (JobKind.START, JobKind.RESTART, JobKind.PATCH)):
+        return _reject(record, f"game {job.game_id} is finished; stop it (reason finished) instead")
 
     if kind is JobKind.START:
         assert job.image_ref
@@ -247,7 +251,7 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
                 generation=1, observed_generation=0,
             )
             return Decision(action="change", record=new)
-        if (record.converged and record.status is Status.RUNNING
+        if (record.converged and record.status.is_up
                 and record.desired_status is DesiredStatus.RUNNING
                 and record.current_image_ref == job.image_ref):
             return _replay(record, with_container=True)
@@ -285,7 +289,7 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
         if image_repository(current) != image_repository(job.image_ref):
             return _reject(record, f"field image_ref: patch must keep the repository "
                                    f"{image_repository(current)!r}")
-        if record.converged and record.status is Status.RUNNING and record.current_image_ref == job.image_ref:
+        if record.converged and record.status.is_up and record.current_image_ref == job.image_ref:
             return _replay(record, with_container=True)
         return _want(record, now, desired_image_ref=job.image_ref)
 

@@ -7,11 +7,17 @@ Every change of the desired fields bumps ``generation``; the controller copies
 the generation it converged to into ``observed_generation``. A record is
 *converged* when the two are equal.
 
-Status machine (the observed lifecycle; seed 001's running / stopped / removed,
-plus ``starting`` for "asked to run, not yet healthy")::
+Status machine (the observed lifecycle). ``starting``: asked to run, not yet
+healthy. Five statuses mean "the engine's container runs" (``UP``) and differ in
+what the engine says of itself: ``running`` (idle, answering),
+``generation_in_progress`` (generating the next turn), ``generation_failed``
+(the last generation failed; the game stays up), ``engine_unreachable`` (the
+container runs but the engine has not answered RTMANAGER_UNREACHABLE_AFTER
+probes in a row), ``finished`` (the engine says the game is over)::
 
-    starting --> running | stopped | removed
-    running  --> starting | stopped | removed      (starting = being recreated)
+    starting --> any UP status | stopped | removed
+    UP       --> any other UP status | starting | stopped | removed
+                 (starting = being recreated, or restarted after a crash)
     stopped  --> starting | removed
     removed  --> (nothing: the record stays for audit)
 
@@ -38,12 +44,25 @@ CONTAINER_PREFIX = "galaxy-game-"
 class Status(str, enum.Enum):
     STARTING = "starting"
     RUNNING = "running"
+    GENERATION_IN_PROGRESS = "generation_in_progress"
+    GENERATION_FAILED = "generation_failed"
+    ENGINE_UNREACHABLE = "engine_unreachable"
+    FINISHED = "finished"
     STOPPED = "stopped"
     REMOVED = "removed"
 
     @property
     def is_terminal(self) -> bool:
         return self is Status.REMOVED
+
+    @property
+    def is_up(self) -> bool:
+        """The engine's container runs (whatever the engine says of itself)."""
+        return self in UP
+
+
+UP: frozenset[Status] = frozenset({Status.RUNNING, Status.GENERATION_IN_PROGRESS, Status.GENERATION_FAILED,
+                                   Status.ENGINE_UNREACHABLE, Status.FINISHED})
 
 
 class DesiredStatus(str, enum.Enum):
@@ -53,8 +72,8 @@ class DesiredStatus(str, enum.Enum):
 
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
-    Status.STARTING: frozenset({Status.RUNNING, Status.STOPPED, Status.REMOVED}),
-    Status.RUNNING: frozenset({Status.STARTING, Status.STOPPED, Status.REMOVED}),
+    Status.STARTING: UP | {Status.STOPPED, Status.REMOVED},
+    **{up: (UP - {up}) | {Status.STARTING, Status.STOPPED, Status.REMOVED} for up in UP},
     Status.STOPPED: frozenset({Status.STARTING, Status.REMOVED}),
     Status.REMOVED: frozenset(),
 }
@@ -86,7 +105,7 @@ class JobKind(str, enum.Enum):
 
 
 class OpKind(str, enum.Enum):
-    """Operation-log ``op`` values (seed 004's vocabulary, the ones we use)."""
+    """Operation-log ``op`` values."""
 
     START = "start"
     STOP = "stop"
@@ -94,6 +113,10 @@ class OpKind(str, enum.Enum):
     PATCH = "patch"
     CLEANUP = "cleanup"
     RECONCILE = "reconcile"
+    PAUSE = "pause"
+    RESUME = "resume"
+    FORCE_NEXT_TURN = "force_next_turn"
+    TURN = "turn"
 
 
 class OpSource(str, enum.Enum):
@@ -131,6 +154,9 @@ class ErrorCode(str, enum.Enum):
     SUPERSEDED = "superseded"
     DOCKER_UNAVAILABLE = "docker_unavailable"
     INTERNAL_ERROR = "internal_error"
+    GENERATION_FAILED = "generation_failed"
+    ENGINE_UNREACHABLE = "engine_unreachable"
+    ENGINE_UNSUPPORTED = "engine_unsupported"
 
 
 class Health(str, enum.Enum):
@@ -185,6 +211,19 @@ class RuntimeRecord:
     # generation that does so; its own failure stops the game instead of rolling back again.
     rollback_image_ref: str | None = None
     rolling_back: bool = False
+    # What the engine says of itself (its admin API), and the probes' count.
+    turn: int | None = None
+    phase: str | None = None
+    admin_api: bool | None = None      # None: not asked yet; False: the engine has none (404)
+    probe_failures: int = 0            # failed health probes in a row
+    unreachable_since: datetime | None = None
+    generation_started_at: datetime | None = None
+    last_turn_at: datetime | None = None  # when the engine last reported a new turn (the clock counts from it)
+    snapshot_revision: int = 0         # the revision of the last snapshot published for this game
+    # Desired: the turn clock and forced turns (a change bumps the generation like any desired change).
+    paused: bool = False               # the turn clock is stopped; the engine keeps serving
+    turn_interval: int = 0             # seconds between scheduled turns (0: no schedule)
+    desired_turn: int | None = None    # the turn desired state asks the engine to reach
 
     @property
     def converged(self) -> bool:
@@ -202,10 +241,10 @@ class RuntimeRecord:
         need(bool(self.docker_network.strip()), "docker_network must not be empty")
         need(self.last_op_at >= self.created_at, "last_op_at must not be before created_at")
         st = self.status
-        if st is Status.RUNNING:
-            need(bool(self.current_container_id), "running needs current_container_id")
-            need(bool(self.current_image_ref), "running needs current_image_ref")
-            need(self.started_at is not None, "running needs started_at")
+        if st.is_up:
+            need(bool(self.current_container_id), f"{st.value} needs current_container_id")
+            need(bool(self.current_image_ref), f"{st.value} needs current_image_ref")
+            need(self.started_at is not None, f"{st.value} needs started_at")
         elif st is Status.STOPPED:
             need(bool(self.current_image_ref), "stopped needs current_image_ref")
             need(self.stopped_at is not None, "stopped needs stopped_at")
@@ -225,6 +264,9 @@ class RuntimeRecord:
             need(bool(self.desired_image_ref), "desired running needs desired_image_ref")
         need(self.spec_revision >= 0, "spec_revision must not be negative")
         need(self.crash_count >= 0, "crash_count must not be negative")
+        need(self.probe_failures >= 0, "probe_failures must not be negative")
+        need(self.turn is None or self.turn >= 0, "turn must not be negative")
+        need(self.snapshot_revision >= 0, "snapshot_revision must not be negative")
 
     def replace(self, **changes: Any) -> RuntimeRecord:
         return dataclasses.replace(self, **changes)

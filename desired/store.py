@@ -37,12 +37,13 @@ from typing import Any
 
 import asyncpg
 
-from desired import transitions
+from desired import snapshots, transitions
 from desired.clock import Clock
 from desired.errors import Conflict, NotFound
 from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide
 from desired.leader import Fence
 from desired.model import (
+    UP,
     DesiredStatus,
     ErrorCode,
     Health,
@@ -71,10 +72,12 @@ _RECORD_COLUMNS = (
     "created_at", "desired_status", "desired_image_ref", "generation", "observed_generation",
     "spec_revision", "stop_reason", "health", "last_error_code", "last_error_message",
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
-    "health_checked_at", "rollback_image_ref", "rolling_back",
+    "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
+    "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
+    "desired_turn",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
-                              "stop_reason", "last_op_at"})
+                              "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn"})
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
 
@@ -149,10 +152,13 @@ class SubmitOutcome:
 
 @dataclass(frozen=True, kw_only=True)
 class PendingResult:
+    """One outbox entry: a job result, or a snapshot (``kind``); ``result_id`` is the snapshot_id then."""
+
     seq: int
     result_id: str
     game_id: str
     fields: dict[str, str]
+    kind: str = "result"
     written_at: datetime | None = None
     accepted_at: datetime | None = None  # when the job was accepted (None for results without an operation)
 
@@ -270,6 +276,12 @@ class Store:
         rows = await self.pool.fetch("SELECT * FROM runtime_records ORDER BY game_id")
         return [record_from_row(r) for r in rows]
 
+    async def list_up(self) -> list[RuntimeRecord]:
+        """Games whose engine's container should be running (every UP status)."""
+        rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = ANY($1::text[]) ORDER BY game_id",
+                                     [s.value for s in UP])
+        return [record_from_row(r) for r in rows]
+
     async def list_by_status(self, status: Status) -> list[RuntimeRecord]:
         rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = $1 ORDER BY game_id",
                                      status.value)
@@ -297,7 +309,7 @@ class Store:
     # ------------------------------------------------- observed transitions
     async def _transition(self, rec: RuntimeRecord, change: Callable[[RuntimeRecord, datetime], RuntimeRecord], *,
                           finish: Outcome | None = None, guard_generation: bool = False,
-                          note: ReconcilerNote | None = None,
+                          note: ReconcilerNote | None = None, reason: str | None = None,
                           container_id: Any = _KEEP) -> RuntimeRecord:
         """Compare-and-swap from ``rec`` (status, container id, and generation when asked) to
         ``change(current, now)``; with ``finish``, answer the pending jobs of its generation."""
@@ -313,11 +325,7 @@ class Store:
                     f"{rec.game_id}: expected status {rec.status.value}, container {expected_container}, "
                     f"generation {rec.generation}; found {cur.status.value}, {cur.current_container_id}, "
                     f"{cur.generation}")
-            new = change(cur, now)
-            if new.status is not cur.status:
-                check_transition(cur.status, new.status)
-            new.validate()
-            await _set_columns(conn, rec.game_id, _changed(cur, new))
+            new = await self._write(conn, cur, change(cur, now), now, reason)
             if finish is not None:
                 await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=finish), now)
             if note is not None:
@@ -340,8 +348,11 @@ class Store:
     async def mark_removed(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.removed, finish=Outcome.SUCCESS)
 
-    async def record_health(self, rec: RuntimeRecord, *, healthy: bool) -> RuntimeRecord:
-        return await self._transition(rec, lambda cur, now: transitions.health(cur, now, healthy=healthy))
+    async def record_observation(self, rec: RuntimeRecord, probe: transitions.Probe, *, unreachable_after: int,
+                                 generation_timeout: float) -> RuntimeRecord:
+        """What a probe of a running engine changed (desired/transitions.py ``observed``)."""
+        return await self._transition(rec, lambda cur, now: transitions.observed(
+            cur, now, probe, unreachable_after=unreachable_after, generation_timeout=generation_timeout))
 
     async def record_crash(self, rec: RuntimeRecord, crash: Crash,
                            policy: CrashPolicy) -> tuple[RuntimeRecord, CrashVerdict]:
@@ -367,10 +378,7 @@ class Store:
                 raise Conflict(f"{rec.game_id}: changed since the crash was seen")
             new = change(cur, now)
             v = verdict[-1]
-            if new.status is not cur.status:
-                check_transition(cur.status, new.status)
-            new.validate()
-            await _set_columns(conn, rec.game_id, _changed(cur, new))
+            new = await self._write(conn, cur, new, now, "crash_loop" if v.give_up else "crashed")
             params.update(crash_count=v.count, **({"gave_up": True} if v.give_up else {"restart_in": v.delay}))
             await self._insert_note(conn, new, ReconcilerNote(
                 op=OpKind.RESTART, params=params, error_code=crash.code if v.give_up else None,
@@ -395,8 +403,7 @@ class Store:
             if cur.generation != generation:
                 return None
             new, target = transitions.failed(cur, now, code=code, message=message)
-            new.validate()
-            await _set_columns(conn, game_id, _changed(cur, new))
+            new = await self._write(conn, cur, new, now)
             jobs = await self._pending_ops(conn, game_id, generation)
             answer = f"{message}; rolled back to {target}" if target else message
             await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
@@ -417,9 +424,7 @@ class Store:
             cur = record_from_row(row)
             if cur.generation != generation or cur.status is not Status.STOPPED:
                 return None
-            new = transitions.cleaned_up(cur, now)
-            new.validate()
-            await _set_columns(conn, game_id, _changed(cur, new))
+            new = await self._write(conn, cur, transitions.cleaned_up(cur, now), now)
             await self._insert_op(conn, game_id, OpKind.CLEANUP, OpSource.RECONCILER, OpStatus.SUCCEEDED,
                                   new.generation, None, None, {"reason": "cleanup_ttl"}, now, None, None)
             return new
@@ -448,7 +453,7 @@ class Store:
                                         ("reason", job.reason.value if job.reason else None)) if v}
             if decision.action == "change":
                 assert decision.record is not None
-                await self._write_desired(conn, current, decision.record)
+                await self._write_desired(conn, current, decision.record, now)
                 await self._supersede_older(conn, decision.record, now)
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job.game_id)
             status = OpStatus.QUEUED if decision.action in ("change", "join") else (
@@ -494,8 +499,7 @@ class Store:
                 docker_network=defaults.docker_network, started_at=None, stopped_at=None, removed_at=None,
                 last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=image_ref,
                 generation=1, observed_generation=0)
-            record.validate()
-            await _insert_record(conn, record)
+            record = await self._write(conn, None, record, now)
             await self._insert_op(conn, game_id, OpKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
                                   None, {"event": "adopt", "image_ref": image_ref}, now, None, None)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
@@ -533,6 +537,17 @@ class Store:
             "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM runtime_operations"
             " WHERE game_id = $1 AND status IN ('queued', 'running')", game_id)
 
+    async def snapshot_resync(self, game_id: str | None = None) -> int:
+        """A snapshot with reason resync (and a new revision) of every live game, or of one."""
+        async with self._tx() as (conn, now):
+            rows = await conn.fetch(
+                "SELECT * FROM runtime_records WHERE ($1::text IS NULL OR game_id = $1)"
+                " AND (status <> 'removed' OR $1::text IS NOT NULL) ORDER BY game_id FOR UPDATE", game_id)
+            for row in rows:
+                cur = record_from_row(row)
+                await self._write(conn, cur, cur, now, "resync")
+            return len(rows)
+
     async def result_for(self, op_id: int) -> dict[str, str] | None:
         raw = await self.pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op_id)
         return json.loads(raw) if isinstance(raw, str) else raw
@@ -540,12 +555,12 @@ class Store:
     # ------------------------------------------------------------------ outbox
     async def unpublished(self, limit: int = 100) -> list[PendingResult]:
         rows = await self.pool.fetch(
-            "SELECT r.seq, r.result_id, r.game_id, r.fields, r.created_at, o.created_at AS accepted_at"
+            "SELECT r.seq, r.result_id, r.game_id, r.fields, r.kind, r.created_at, o.created_at AS accepted_at"
             " FROM job_results r LEFT JOIN runtime_operations o ON o.id = r.operation_id"
             " WHERE r.published_at IS NULL ORDER BY r.seq LIMIT $1", limit)
         return [PendingResult(seq=r["seq"], result_id=str(r["result_id"]), game_id=r["game_id"],
                               fields=json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"],
-                              written_at=r["created_at"], accepted_at=r["accepted_at"])
+                              kind=r["kind"], written_at=r["created_at"], accepted_at=r["accepted_at"])
                 for r in rows]
 
     async def count_by_status(self) -> dict[str, int]:
@@ -559,11 +574,12 @@ class Store:
             await conn.execute("UPDATE job_results SET published_at = now(), stream_entry_id = $2 WHERE seq = $1",
                                seq, stream_entry_id)
 
-    async def recently_published(self, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
-        """(seq, stream entry id, result_id) of results published in the last ``seconds``."""
+    async def recently_published(self, kind: str, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
+        """(seq, stream entry id, result_id) of the entries of ``kind`` published in the last ``seconds``."""
         rows = await self.pool.fetch(
-            "SELECT seq, stream_entry_id, result_id FROM job_results WHERE published_at > now() -"
-            " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2", seconds, limit)
+            "SELECT seq, stream_entry_id, result_id FROM job_results WHERE kind = $3 AND published_at > now() -"
+            " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2",
+            seconds, limit, kind)
         return [(r["seq"], r["stream_entry_id"], str(r["result_id"])) for r in rows]
 
     async def mark_unpublished(self, seqs: list[int]) -> None:
@@ -639,17 +655,39 @@ class Store:
             await conn.execute("DELETE FROM entry_attempts WHERE stream = $1 AND entry_id = $2", stream, entry_id)
 
     # ----------------------------------------------------------------- helpers
-    async def _write_desired(self, conn: asyncpg.Connection, current: RuntimeRecord | None,
-                             new: RuntimeRecord) -> None:
+    async def _write(self, conn: asyncpg.Connection, cur: RuntimeRecord | None, new: RuntimeRecord,
+                     now: datetime, forced_reason: str | None = None) -> RuntimeRecord:
+        """Write ``new`` over ``cur`` (insert when None): the status machine, the invariants, the
+        changed columns only, and the snapshot Lobby is owed when status, turn or paused changed."""
+        if cur is not None and new.status is not cur.status:
+            check_transition(cur.status, new.status)
+        reason = snapshots.reason_for(cur, new, forced_reason)
+        if reason is not None:
+            new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else 0) + 1)
         new.validate()
-        if current is None:
+        if cur is None:
             await _insert_record(conn, new)
-            return
-        changes = _changed(current, new)
-        bad = set(changes) - _DESIRED_COLUMNS
-        if bad:
-            raise AssertionError(f"admission may not write observed columns {sorted(bad)}")
-        await _set_columns(conn, new.game_id, changes)
+        else:
+            await _set_columns(conn, new.game_id, _changed(cur, new))
+        if reason is not None:
+            await self._insert_snapshot(conn, new, cur.status if cur else None, reason, now)
+        return new
+
+    async def _insert_snapshot(self, conn: asyncpg.Connection, record: RuntimeRecord, previous: Status | None,
+                               reason: str, now: datetime) -> None:
+        snapshot_id = str(uuid.uuid4())
+        body = snapshots.fields(record, previous=previous, reason=reason, snapshot_id=snapshot_id, now=now)
+        await conn.execute(
+            "INSERT INTO job_results (result_id, operation_id, game_id, fields, kind)"
+            " VALUES ($1, NULL, $2, $3::jsonb, 'snapshot')", uuid.UUID(snapshot_id), record.game_id, json.dumps(body))
+
+    async def _write_desired(self, conn: asyncpg.Connection, current: RuntimeRecord | None,
+                             new: RuntimeRecord, now: datetime) -> RuntimeRecord:
+        if current is not None:
+            bad = set(_changed(current, new)) - _DESIRED_COLUMNS
+            if bad:
+                raise AssertionError(f"admission may not write observed columns {sorted(bad)}")
+        return await self._write(conn, current, new, now)
 
     async def _supersede_older(self, conn: asyncpg.Connection, record: RuntimeRecord, now: datetime) -> None:
         rows = await conn.fetch(

@@ -15,6 +15,7 @@ invariant.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from desired.model import DesiredStatus, ErrorCode, Health, RuntimeRecord, Status
@@ -31,18 +32,23 @@ def _touch(cur: RuntimeRecord, now: datetime) -> datetime:
 
 def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -> RuntimeRecord:
     """About to create or start the engine (a job's change, or a restart after a crash)."""
-    return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now),
+    return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now), admin_api=None,
+                       probe_failures=0, unreachable_since=None, generation_started_at=None,
                        rollback_image_ref=rollback_image if cur.status is not Status.STARTING
                        else cur.rollback_image_ref)
 
 
 def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str) -> RuntimeRecord:
-    """The engine answers its health path: the generation has converged."""
-    started = cur.started_at if cur.status is Status.RUNNING and cur.started_at else _at_least(now, cur.created_at)
-    return cur.replace(status=Status.RUNNING, current_container_id=container_id, current_image_ref=image,
+    """The engine answers its health path: the generation has converged. A game that was already up
+    keeps what its engine last said of itself (finished, generating, ...); an unreachable one that
+    answers again is running."""
+    up = cur.status.is_up and cur.current_container_id == container_id
+    status = cur.status if up and cur.status is not Status.ENGINE_UNREACHABLE else Status.RUNNING
+    started = cur.started_at if up and cur.started_at else _at_least(now, cur.created_at)
+    return cur.replace(status=status, current_container_id=container_id, current_image_ref=image,
                        started_at=started, stopped_at=None, health=Health.HEALTHY, health_checked_at=now,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
-                       rolling_back=False, last_op_at=_touch(cur, now))
+                       rolling_back=False, probe_failures=0, unreachable_since=None, last_op_at=_touch(cur, now))
 
 
 def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None) -> RuntimeRecord:
@@ -63,9 +69,64 @@ def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
                        rolling_back=False, last_op_at=_touch(cur, now))
 
 
-def health(cur: RuntimeRecord, now: datetime, *, healthy: bool) -> RuntimeRecord:
-    return cur.replace(health=Health.HEALTHY if healthy else Health.UNREACHABLE, health_checked_at=now,
-                       last_op_at=_touch(cur, now))
+@dataclass(frozen=True, kw_only=True)
+class Probe:
+    """One look at a running engine: its health path, and (when it has one) its admin API's status."""
+
+    healthy: bool
+    admin_api: bool | None = None   # None: not asked, or no answer
+    turn: int | None = None
+    phase: str | None = None        # idle | generating | finished
+    failed_turn: int | None = None  # last_generation.turn when last_generation.ok is false
+
+
+def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_after: int,
+             generation_timeout: float) -> RuntimeRecord:
+    """What one probe changes on an up game (the store writes only when something did).
+
+    * ``engine_unreachable`` after ``unreachable_after`` failed probes in a row; the first
+      success returns it to what the engine says (running, generating, ...);
+    * failures while a generation runs count only after ``generation_timeout`` seconds;
+    * the engine's phase decides between running, generation_in_progress,
+      generation_failed (its last generation failed) and finished.
+    """
+    if not cur.status.is_up:
+        return cur
+    if not probe.healthy:
+        if (cur.status is Status.GENERATION_IN_PROGRESS and cur.generation_started_at is not None
+                and (now - cur.generation_started_at).total_seconds() < generation_timeout):
+            return cur  # a generating engine may be too busy to answer
+        failures = cur.probe_failures + 1
+        changes: dict[str, object] = dict(probe_failures=failures, health=Health.UNREACHABLE)
+        if failures >= unreachable_after and cur.status is not Status.ENGINE_UNREACHABLE:
+            changes.update(status=Status.ENGINE_UNREACHABLE, unreachable_since=now, health_checked_at=now,
+                           last_op_at=_touch(cur, now))
+        return cur.replace(**changes)
+    changes = dict(probe_failures=0, unreachable_since=None, health=Health.HEALTHY)
+    status = Status.RUNNING if cur.status is Status.ENGINE_UNREACHABLE else cur.status
+    if probe.admin_api is not None:
+        changes["admin_api"] = probe.admin_api
+    if probe.phase is not None:
+        changes.update(turn=probe.turn, phase=probe.phase)
+        if probe.phase == "finished":
+            status = Status.FINISHED
+        elif probe.phase == "generating":
+            status = Status.GENERATION_IN_PROGRESS
+            changes["generation_started_at"] = cur.generation_started_at or now
+        elif probe.failed_turn is not None and probe.turn is not None and probe.failed_turn == probe.turn + 1:
+            status = Status.GENERATION_FAILED
+            changes["generation_started_at"] = None
+        else:
+            status = Status.RUNNING
+            changes["generation_started_at"] = None
+        if probe.turn is not None and cur.turn is not None and probe.turn > cur.turn:
+            changes["last_turn_at"] = now
+        elif cur.turn is None and probe.turn is not None:
+            changes["last_turn_at"] = cur.last_turn_at or now
+    new = cur.replace(status=status, **changes)
+    if new != cur:
+        new = new.replace(health_checked_at=now, last_op_at=_touch(cur, now))
+    return new
 
 
 def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: ErrorCode, detail: str,

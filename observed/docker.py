@@ -25,12 +25,14 @@ existing container is returned for the caller to adopt or replace.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
 import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import docker
@@ -54,6 +56,9 @@ from observed.text import safe_text
 log = logging.getLogger("rtmanager.docker")
 T = TypeVar("T")
 
+# A daemon that is asked to stop first stops its containers (up to their stop timeout), then
+# goes away: an engine that exited this long before the gap was still stopped by it.
+DAEMON_STOP_MARGIN = timedelta(seconds=30)
 _MUTATING = frozenset({"network", "pull", "create", "start", "stop", "remove"})
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
 
@@ -76,6 +81,8 @@ class DockerBackend:
         self._guard = guard  # raises when this replica may no longer change anything (lost leadership)
         self._network_ready = False
         self.disk_quota: bool | None = None  # whether the storage driver takes a writable-layer size limit
+        self._unreachable_since: datetime | None = None
+        self.daemon_gaps: collections.deque[tuple[datetime, datetime]] = collections.deque(maxlen=32)
         self._network_lock = asyncio.Lock()  # Docker accepts two networks with one name: create once
 
     # --------------------------------------------------------------- plumbing
@@ -94,6 +101,7 @@ class DockerBackend:
         try:
             result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
             ok = True
+            self._reachable()
             return result
         except docker.errors.NotFound:
             ok = True  # an answer, not a failure of the daemon
@@ -104,8 +112,10 @@ class DockerBackend:
                 raise
             raise BackendUnavailable(f"docker {op}: {exc.explanation or exc}") from exc
         except docker.errors.DockerException as exc:
+            self._unreachable()
             raise BackendUnavailable(f"docker {op}: {exc}") from exc
         except _TRANSIENT as exc:
+            self._unreachable()
             raise BackendUnavailable(f"docker {op}: {exc.__class__.__name__}: {exc}") from exc
         finally:
             if self._observer is not None:
@@ -147,8 +157,34 @@ class DockerBackend:
         return safe_text(raw, 4000, keep_tail=True).strip()
 
     def events(self, on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> EventWatcher:
+        def connected() -> None:
+            self._reachable()
+            on_connect()
+
         return EventWatcher(instance=self.instance, loop=asyncio.get_running_loop(), on_event=on_event,
-                            on_connect=on_connect)
+                            on_connect=connected, on_lost=self._unreachable)
+
+    # ------------------------------------------------------- daemon restarts
+    def _unreachable(self) -> None:
+        if self._unreachable_since is None:
+            self._unreachable_since = datetime.now(UTC)
+
+    def _reachable(self) -> None:
+        if self._unreachable_since is not None:
+            self.daemon_gaps.append((self._unreachable_since, datetime.now(UTC)))
+            self._unreachable_since = None
+
+    def stopped_by_daemon(self, container: ObservedContainer) -> bool:
+        """The engine exited while the daemon went away (a dockerd restart stops every container when
+        live-restore is off): that is not a crash of the engine. Known from the gaps this process
+        saw in the daemon's answers and event stream."""
+        when = container.finished_at
+        if when is None:
+            return False
+        gaps = list(self.daemon_gaps)
+        if self._unreachable_since is not None:
+            gaps.append((self._unreachable_since, datetime.now(UTC)))
+        return any(start - DAEMON_STOP_MARGIN <= when <= end for start, end in gaps)
 
     # ---------------------------------------------------------------- actions
     async def prepare(self) -> None:

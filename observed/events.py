@@ -27,11 +27,14 @@ WATCHED = ("start", "die", "oom", "destroy", "stop", "kill")
 
 class EventWatcher:
     def __init__(self, *, instance: str, loop: asyncio.AbstractEventLoop,
-                 on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> None:
+                 on_event: Callable[[str, str], None], on_connect: Callable[[], None],
+                 on_lost: Callable[[], None] = lambda: None) -> None:
         self.instance = instance
         self._loop = loop
         self._on_event = on_event
         self._on_connect = on_connect
+        self._on_lost = on_lost  # the daemon ended the stream or did not answer (not our own reconnect)
+        self._deliberate = False
         self._stopping = threading.Event()
         self._stream = None
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
@@ -47,12 +50,19 @@ class EventWatcher:
 
     def reconnect(self) -> None:
         """Drop the current stream, as a dockerd restart would; the reader reconnects and relists."""
+        self._deliberate = True
         stream = self._stream
         if stream is not None:
             try:
                 stream.close()
             except Exception:  # noqa: BLE001 - already closed
                 pass
+
+    def _lost(self) -> None:
+        if self._deliberate:
+            self._deliberate = False
+            return
+        self._loop.call_soon_threadsafe(self._on_lost)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -81,10 +91,12 @@ class EventWatcher:
                         self._loop.call_soon_threadsafe(self._on_event, game_id, event.get("Action", ""))
                 if not self._stopping.is_set():
                     log.warning("docker event stream ended (daemon restart?); reconnecting")
+                    self._lost()
             except Exception as exc:  # noqa: BLE001 - any failure: reconnect and relist
                 if self._stopping.is_set():
                     break
                 log.warning("docker event stream failed, reconnecting in %.1fs: %s", delay, exc)
+                self._lost()
             finally:
                 self.connected = False
                 self._stream = None

@@ -166,6 +166,8 @@ def rtm_env(database_url: str, redis_url: str, docker_client, stub_images, tmp_p
         "RTMANAGER_START_STREAM": f"t{unique}:start_jobs",
         "RTMANAGER_STOP_STREAM": f"t{unique}:stop_jobs",
         "RTMANAGER_RESULTS_STREAM": f"t{unique}:job_results",
+        "RTMANAGER_SNAPSHOT_STREAM": f"t{unique}:snapshots",
+        "RTMANAGER_DEAD_LETTER_STREAM": f"t{unique}:dead_letters",
         "RTMANAGER_CONSUMER_GROUP": "rtmanager",
         "RTMANAGER_START_TIMEOUT": "10",
         "RTMANAGER_STOP_GRACE": "2",

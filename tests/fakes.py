@@ -246,6 +246,7 @@ class FakeBackend:
         self.calls: list[tuple] = []
         self.down = False
         self.graceful: list[str] = []  # ids stopped with SIGTERM first
+        self.daemon_stopped: set[str] = set()
         self._ids = itertools.count(1)
 
     def _check(self, op: str, *args) -> None:
@@ -299,6 +300,7 @@ class FakeBackend:
         c = self.containers.get(unit_id)
         if c is None:
             raise Refused(f"start: container {unit_id[:12]} is gone")
+        self.daemon_stopped.discard(unit_id)  # a later exit is its own
         if self.behaviour.get(c.image) == "crash":
             c.state, c.exit_code, c.logs = "exited", 3, "engine-stub: crashing as asked"
         else:
@@ -319,6 +321,16 @@ class FakeBackend:
     async def logs_tail(self, unit_id: str, lines: int = 20) -> str:
         c = self.containers.get(unit_id)
         return c.logs if c else ""
+
+    def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
+        return unit.id in self.daemon_stopped
+
+    def restart_daemon(self) -> None:
+        """Every running container is stopped by the daemon going away."""
+        for c in self.containers.values():
+            if c.state == "running":
+                c.state, c.exit_code = "exited", 0
+                self.daemon_stopped.add(c.id)
 
     def events(self, on_event, on_connect):
         return _NoEvents()
@@ -468,10 +480,15 @@ class FakeStore:
     async def mark_removed(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._finishing(rec, transitions.removed)
 
-    async def record_health(self, rec: RuntimeRecord, *, healthy: bool) -> RuntimeRecord:
+    async def record_observation(self, rec: RuntimeRecord, probe, *, unreachable_after: int,
+                                 generation_timeout: float) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
-        return self._swap(cur, transitions.health(cur, now, healthy=healthy))
+        return self._swap(cur, transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
+                                                    generation_timeout=generation_timeout))
+
+    async def list_up(self) -> list[RuntimeRecord]:
+        return [r for r in await self.list() if r.status.is_up]
 
     async def record_crash(self, rec: RuntimeRecord, crash: Crash, policy: CrashPolicy):
         now = self._check()
@@ -623,9 +640,10 @@ class FakeStore:
             if r["seq"] == seq:
                 r["published"] = stream_entry_id
 
-    async def recently_published(self, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
+    async def recently_published(self, kind: str, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
         self._check()
-        return [(r["seq"], r["published"], r["result_id"]) for r in self.results if r["published"]][-limit:]
+        return [(r["seq"], r["published"], r["result_id"]) for r in self.results
+                if r["published"] and r.get("kind", "result") == kind][-limit:]
 
     async def mark_unpublished(self, seqs: list[int]) -> None:
         for r in self.results:

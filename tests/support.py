@@ -77,3 +77,420 @@ class ControllerProcess:
 
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
+
+
+def _pids(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def restart_dockerd(timeout: float = 60.0) -> None:
+    """Stop the local dockerd (SIGTERM) and start it again, as an operator's restart would.
+
+    Without live-restore every container stops with the daemon and the event stream ends. A new
+    dockerd started while the old containerd still runs fails to reach it and dies: wait until
+    both are gone first. Only for a daemon this machine's test run started (deploy/local/services.sh).
+    """
+    import docker
+
+    assert not os.environ.get("DOCKER_HOST"), "restart_dockerd restarts the local daemon only"
+    for pid in _pids("dockerd"):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _pids("dockerd") or _pids("containerd"):
+        if time.monotonic() > deadline:
+            raise AssertionError("dockerd did not stop")
+        time.sleep(0.1)
+    log_dir = Path(os.environ.get("RTM_LOCAL_DIR", "/var/tmp/rtmanager-local"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / "dockerd.log", "ab") as out:
+        subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    client = docker.from_env(timeout=5)
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Services of a test's own, so that a test may stop, kill or restart them: a throwaway Redis, a
+# throwaway Postgres cluster and a private dockerd. Nothing here touches the machine's shared
+# services (deploy/local/services.sh).
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server of the test's own, so that it can be stopped.
+
+    AOF with ``appendfsync always``: every acknowledged write is on disk before the reply, so a
+    restart (even after SIGKILL) loses no acknowledged entry. The port and directory are kept
+    across restarts."""
+
+    def __init__(self, directory, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = directory
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError(f"redis-server did not start on port {self.port}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SHUTDOWN (the AOF is flushed), as an operator's restart would."""
+        if self.running:
+            client = redis.Redis.from_url(self.url, socket_timeout=5)
+            try:
+                client.shutdown()
+            except (redis.ConnectionError, redis.ResponseError):
+                pass
+            finally:
+                client.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash. With appendfsync always, acknowledged writes survive it."""
+        if self.running:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class PostgresCluster:
+    """A throwaway cluster of the test's own (initdb as the postgres user), so that it can be stopped."""
+
+    def __init__(self) -> None:
+        import glob
+        import tempfile
+        self.bin = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
+        self.dir = tempfile.mkdtemp(prefix="rtm-pg-", dir="/var/tmp")
+        subprocess.run(["chown", "postgres:", self.dir], check=True)
+        self.port = free_port()
+        self.data = f"{self.dir}/data"
+        self._as_pg(f"{self.bin}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+
+    def _as_pg(self, *cmd: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url_for(self, dbname: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def start(self) -> None:
+        self._as_pg(f"{self.bin}/pg_ctl", "-D", self.data, "-l", f"{self.dir}/log", "-w", "-o",
+                    f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast`` (clients are disconnected, a clean shutdown) or ``immediate`` (a crash: WAL replay at start)."""
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{self.bin}/pg_ctl", "-D", self.data, "-m", mode,
+                        "stop"], capture_output=True)
+
+    def remove(self) -> None:
+        self.stop()
+        subprocess.run(["rm", "-rf", self.dir])
+
+
+class PrivateDockerd:
+    """A dockerd of the test's own, next to the machine's main one, so that a test may restart it.
+
+    Everything it uses is its own: ``--data-root`` (under /var/tmp), ``--exec-root``, ``--pidfile``
+    and its socket (under /run/rtm-dockerd-<id>/), and its own containerd. Engines' networks get
+    addresses from a private pool (``--default-address-pool``, a 10.x/16 no route uses yet); with
+    ``--iptables=false --ip-masq=false --bridge=none`` it writes no firewall rule and has no default
+    bridge, so it never meets the main daemon's networks. The host reaches container IPs on its
+    user-defined bridges directly (each bridge carries a connected route).
+
+    Two details keep it out of the main daemon's way:
+
+    * dockerd and containerd run under other process names (``rtm-dockerd``, ``rtm-containerd``:
+      symlinks), so that ``pgrep -x dockerd`` / ``containerd`` (``restart_dockerd`` above) never
+      sees them; containerd is therefore started by this class (``--containerd``), not by dockerd.
+    * its registry traffic goes to a proxy at 127.0.0.1:9 where nothing listens: a pull of a
+      missing image fails at once instead of reaching the internet.
+
+    ``restart()`` is an operator's daemon restart: SIGTERM to dockerd (pid from its pidfile), wait
+    until it has exited, then its containerd likewise, start both again with the same arguments,
+    wait until the daemon answers. Without live-restore every container stops with the daemon.
+    ``remove()`` removes everything it created: containers, networks, mounts, the data root.
+    """
+
+    POOLS = [f"10.{n}.0.0/16" for n in range(213, 251)]
+
+    def __init__(self, name: str | None = None, address_pool: str | None = None, pool_size: int = 24) -> None:
+        import shutil
+        import tempfile
+        import uuid
+
+        self.id = name or uuid.uuid4().hex[:8]
+        self.run_dir = Path(f"/run/rtm-dockerd-{self.id}")
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        self.data_dir = Path(tempfile.mkdtemp(prefix=f"rtm-dockerd-{self.id}-", dir="/var/tmp"))
+        self.pool = address_pool or self._free_pool()
+        (self.run_dir / "pool").write_text(self.pool)
+        self.pool_size = pool_size
+        self.socket = self.run_dir / "docker.sock"
+        self.pidfile = self.run_dir / "docker.pid"
+        self.containerd_socket = self.run_dir / "containerd" / "containerd.sock"
+        self.log_path = self.data_dir / "dockerd.log"
+        bin_dir = self.run_dir / "bin"
+        bin_dir.mkdir()
+        binaries = {"dockerd": shutil.which("dockerd") or "/usr/sbin/dockerd",
+                    "containerd": shutil.which("containerd") or "/usr/bin/containerd"}
+        for name_, path in binaries.items():
+            if not os.path.exists(path):
+                raise AssertionError(f"{name_} is not installed (Debian: apt-get install docker.io)")
+            (bin_dir / f"rtm-{name_}").symlink_to(path)
+        self._dockerd_bin = str(bin_dir / "rtm-dockerd")
+        self._containerd_bin = str(bin_dir / "rtm-containerd")
+        (self.run_dir / "daemon.json").write_text("{}\n")
+        (self.run_dir / "containerd.toml").write_text(
+            "version = 2\n"
+            f'root = "{self.data_dir}/containerd"\n'
+            f'state = "{self.run_dir}/containerd/state"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.containerd_socket}"\n'
+            '[debug]\n  address = ""\n'
+            '[metrics]\n  address = ""\n')
+        self.dockerd: subprocess.Popen | None = None
+        self.containerd: subprocess.Popen | None = None
+        self.restarts = 0
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def _free_pool(cls) -> str:
+        """A 10.x/16 that no route of this host and no other private dockerd uses."""
+        import ipaddress
+        import random
+
+        routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+        used = []
+        for line in routes.splitlines():
+            word = line.split()[0] if line.split() else ""
+            try:
+                used.append(ipaddress.ip_network(word if word != "default" else "0.0.0.0/32", strict=False))
+            except ValueError:
+                continue
+        for other in Path("/run").glob("rtm-dockerd-*/pool"):
+            try:
+                used.append(ipaddress.ip_network(other.read_text().strip()))
+            except (OSError, ValueError):
+                continue
+        free = [p for p in cls.POOLS if not any(ipaddress.ip_network(p).overlaps(u) for u in used
+                                                if u.prefixlen > 0)]
+        if not free:
+            raise AssertionError("no free 10.x/16 address pool for a private dockerd")
+        return random.choice(free)
+
+    @property
+    def host(self) -> str:
+        """The DOCKER_HOST of this daemon."""
+        return f"unix://{self.socket}"
+
+    def client(self, timeout: int = 30):
+        import docker
+
+        return docker.DockerClient(base_url=self.host, timeout=timeout)
+
+    def _dockerd_args(self) -> list[str]:
+        return [self._dockerd_bin, "--data-root", str(self.data_dir / "docker"), "--exec-root",
+                str(self.run_dir / "exec"), "--pidfile", str(self.pidfile), "-H", self.host,
+                "--containerd", str(self.containerd_socket), "--config-file", str(self.run_dir / "daemon.json"),
+                "--iptables=false", "--ip-masq=false", "--ip-forward=false", "--bridge=none",
+                "--userland-proxy=false",
+                "--default-address-pool", f"base={self.pool},size={self.pool_size}"]
+
+    def _wait_gone(self, proc: subprocess.Popen | None, pid: int | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = proc.poll() is None if proc is not None else (pid is not None and _alive(pid))
+            if not alive:
+                return
+            if time.monotonic() > deadline:
+                if proc is not None:
+                    proc.kill()
+                    proc.wait(10)
+                elif pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    def _pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return self.dockerd.pid if self.dockerd is not None and self.dockerd.poll() is None else None
+
+    # --------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 60.0) -> None:
+        proxy = "http://127.0.0.1:9"
+        env = {**os.environ, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy,
+               "https_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
+        env.pop("DOCKER_HOST", None)
+        self.containerd_socket.unlink(missing_ok=True)  # a killed containerd leaves its socket behind
+        config = str(self.run_dir / "containerd.toml")
+        with open(self.data_dir / "containerd.log", "ab") as out:
+            self.containerd = subprocess.Popen([self._containerd_bin, "--config", config], stdout=out,
+                                               stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        deadline = time.monotonic() + timeout
+        while not self.containerd_socket.exists():
+            if self.containerd.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"containerd did not start: {self._tail('containerd.log')}")
+            time.sleep(0.05)
+        with open(self.log_path, "ab") as out:
+            self.dockerd = subprocess.Popen(self._dockerd_args(), stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env=env)
+        while True:
+            try:
+                client = self.client(timeout=5)  # asks the daemon for its API version at once
+                try:
+                    client.ping()
+                    return
+                finally:
+                    client.close()
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.dockerd.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"private dockerd did not start: {self._tail('dockerd.log')}") from None
+                time.sleep(0.1)
+
+    def _tail(self, name: str) -> str:
+        try:
+            return (self.data_dir / name).read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        return self.dockerd is not None and self.dockerd.poll() is None
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM dockerd (pid from its pidfile) and wait; then its containerd likewise."""
+        pid = self._pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            self._wait_gone(self.dockerd if self.dockerd is not None and self.dockerd.pid == pid else None,
+                            pid, timeout)
+        if self.dockerd is not None and self.dockerd.poll() is None:
+            self.dockerd.terminate()
+            self._wait_gone(self.dockerd, None, timeout)
+        if self.containerd is not None and self.containerd.poll() is None:
+            self.containerd.terminate()
+            self._wait_gone(self.containerd, None, timeout)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        self.stop(timeout)
+        self.start(timeout)
+        self.restarts += 1
+
+    def load_images(self, *refs: str, source_host: str | None = None) -> None:
+        """``docker save`` from the main daemon (or ``source_host``) piped into ``docker load`` here."""
+        src = ["docker"] + (["-H", source_host] if source_host else [])
+        env = {k: v for k, v in os.environ.items() if k != "DOCKER_HOST"}
+        save = subprocess.Popen([*src, "save", *refs], stdout=subprocess.PIPE, env=env)
+        load = subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=save.stdout, capture_output=True,
+                              env=env)
+        save.stdout.close()
+        if save.wait() != 0 or load.returncode != 0:
+            raise AssertionError(f"could not load {refs} into the private dockerd: {load.stderr.decode()[-500:]}")
+
+    def remove(self) -> None:
+        """Remove everything this daemon created: containers, networks, mounts, data root, run dir."""
+        if self.running:
+            try:
+                client = self.client(timeout=30)
+                try:
+                    for c in client.containers.list(all=True):
+                        try:
+                            c.remove(force=True)
+                        except Exception:  # noqa: BLE001 - best effort, the data root goes anyway
+                            pass
+                    for n in client.networks.list():
+                        if n.name not in ("bridge", "host", "none"):
+                            try:
+                                n.remove()
+                            except Exception:  # noqa: BLE001
+                                pass
+                finally:
+                    client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.stop()
+        # Whatever a killed daemon left mounted (container rootfs, netns, shm) must go before rm -rf,
+        # which must never walk into a bind mount (a game's state directory).
+        for root in (str(self.data_dir), str(self.run_dir)):
+            for mount in reversed(_mounts_under(root)):
+                subprocess.run(["umount", "-l", mount], capture_output=True)
+        for path in (self.data_dir, self.run_dir):
+            subprocess.run(["rm", "-rf", "--one-file-system", str(path)], capture_output=True)
+
+    def __enter__(self) -> PrivateDockerd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _mounts_under(root: str) -> list[str]:
+    root = root.rstrip("/") + "/"
+    out = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            target = line.split()[1].encode().decode("unicode_escape")
+            if target.startswith(root):
+                out.append(target)
+    return out

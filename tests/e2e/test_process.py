@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -95,7 +96,7 @@ def test_env_lists_every_variable():
     names = [line.split("=", 1)[0] for line in out.stdout.splitlines()]
     from controller.config import VARIABLES
     assert names == [v.name for v in VARIABLES]
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [n for n in names if n not in readme and n.replace("RTMANAGER_", "_") not in readme]
     assert not missing, f"variables not documented in the README: {missing}"
 

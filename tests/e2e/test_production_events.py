@@ -201,3 +201,52 @@ def _libfaketime() -> str:
         if os.path.exists(path):
             return path
     raise AssertionError("libfaketime.so.1 not found; deploy/test.sh installs Debian's faketime")
+
+
+# --------------------------------------------------------------- snapshots survive a kill -9
+def test_a_snapshot_committed_before_a_kill_9_is_published_after_it_with_the_same_id(rtm_env, tmp_path, unique):
+    from tests.e2e.test_outages import RedisServer
+
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    env = {**rtm_env, "RTMANAGER_REDIS_URL": redis_server.url, "RTMANAGER_LEASE_TTL": "1",
+           "RTMANAGER_ENGINE_ADMIN_PATH": "/cgi-bin/admin/v1", "RTMANAGER_HEALTH_INTERVAL": "0.3",
+           "RTMANAGER_UNREACHABLE_AFTER": "2"}
+    migrate(env)
+    game = f"snap-{unique}"
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    reader = ResultReader(redis_server.url, env["RTMANAGER_RESULTS_STREAM"])
+    ctl = ControllerProcess(env, tmp_path / "first.log").start()
+
+    async def pending_unreachable():
+        conn = await asyncpg.connect(env["RTMANAGER_DATABASE_URL"])
+        try:
+            return await conn.fetchval(
+                "SELECT result_id::text FROM job_results WHERE kind = 'snapshot' AND published_at IS NULL"
+                " AND fields->>'reason' = 'engine_unreachable' AND game_id = $1", game)
+        finally:
+            await conn.close()
+
+    import asyncio
+    try:
+        e = r.xadd(env["RTMANAGER_START_STREAM"], {"game_id": game, "image_ref": STUB})
+        assert reader.for_entry(e, timeout=60)["outcome"] == "success"
+        redis_server.stop()  # the change can be committed, not published
+        control = tmp_path / "games" / game / "stub-control"
+        control.mkdir(exist_ok=True)
+        (control / "mute").write_text("")
+        snapshot_id = wait_until(lambda: asyncio.run(pending_unreachable()), 30, "the snapshot in the outbox")
+        ctl.kill9()
+        redis_server.start()
+        ctl = ControllerProcess(env, tmp_path / "second.log").start()
+
+        def published():
+            return [f for _, f in redis.Redis.from_url(redis_server.url, decode_responses=True).xrange(
+                env["RTMANAGER_SNAPSHOT_STREAM"]) if f["snapshot_id"] == snapshot_id]
+
+        found = wait_until(published, 30, "the same snapshot published after the restart")
+        assert len(found) == 1 and found[0]["reason"] == "engine_unreachable"
+    finally:
+        assert ctl.stop() == 0, ctl.log()[-3000:]
+        reader.close()
+        redis_server.stop()

@@ -186,7 +186,7 @@ async def test_a_generation_answered_while_another_was_accepted_conflicts(pool):
 @pytest.mark.parametrize("sql, constraint", [
     ("INSERT INTO runtime_records (game_id, status, engine_endpoint, state_path, docker_network, last_op_at,"
      " created_at, desired_status, desired_image_ref, generation, observed_generation)"
-     " VALUES ('g1', 'running', 'e', '/s', 'n', now(), now(), 'running', 'i', 1, 0)", "runtime_records_running_chk"),
+     " VALUES ('g1', 'running', 'e', '/s', 'n', now(), now(), 'running', 'i', 1, 0)", "runtime_records_up_chk"),
     ("INSERT INTO runtime_records (game_id, status, engine_endpoint, state_path, docker_network, last_op_at,"
      " created_at, desired_status, desired_image_ref, generation, observed_generation)"
      " VALUES ('../x', 'starting', 'e', '/s', 'n', now(), now(), 'running', 'i', 1, 0)", "game_id"),

@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from controller.config import VARIABLES
+from desired import snapshots
 from desired.jobs import IMAGE_REF_PATTERN, MAX_IMAGE_REF, SHOWN_BAD_GAME_ID, ImageAllowlist, parse_job
-from desired.model import GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, Outcome, StopReason
+from desired.model import GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, Outcome, Status, StopReason
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 DEFAULTS = {v.name: v.default for v in VARIABLES}
@@ -141,6 +142,7 @@ def test_image_ref_limits(doc: dict[str, Any]) -> None:
     ("stopJobs", "RTMANAGER_STOP_STREAM"),
     ("jobResults", "RTMANAGER_RESULTS_STREAM"),
     ("deadLetters", "RTMANAGER_DEAD_LETTER_STREAM"),
+    ("snapshots", "RTMANAGER_SNAPSHOT_STREAM"),
 ])
 def test_channel_address_is_the_default_stream(doc: dict[str, Any], channel: str, variable: str) -> None:
     ch = doc["channels"][channel]
@@ -160,7 +162,17 @@ def test_operations_direction(doc: dict[str, Any]) -> None:
         DEFAULTS["RTMANAGER_STOP_STREAM"]: "receive",
         DEFAULTS["RTMANAGER_RESULTS_STREAM"]: "send",
         DEFAULTS["RTMANAGER_DEAD_LETTER_STREAM"]: "send",
+        DEFAULTS["RTMANAGER_SNAPSHOT_STREAM"]: "send",
     }
+
+
+def test_snapshot_fields_and_reasons_are_the_codes(doc: dict[str, Any]) -> None:
+    schema = payload(doc, "snapshots")
+    assert schema["required"] == list(snapshots.FIELDS) == list(schema["properties"])
+    assert field(doc, "snapshots", "reason")["enum"] == list(snapshots.REASONS)
+    assert field(doc, "snapshots", "status")["enum"] == [s.value for s in Status]
+    example = channel_message(doc, "snapshots")["examples"][0]["payload"]
+    assert list(example) == list(snapshots.FIELDS)
 
 
 def test_every_stream_variable_has_a_channel(doc: dict[str, Any]) -> None:

@@ -25,24 +25,24 @@ from desired.model import (
 S = Status
 T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
 
-# Written out by hand (not derived from TRANSITIONS): True = allowed.
+# Written out by hand (not derived from TRANSITIONS): Y = allowed. Columns in the order of the rows.
+_MATRIX = """
+                        starting running gen_in_progress gen_failed unreachable finished stopped removed
+starting                .        Y       Y               Y          Y           Y        Y       Y
+running                 Y        .       Y               Y          Y           Y        Y       Y
+generation_in_progress  Y        Y       .               Y          Y           Y        Y       Y
+generation_failed       Y        Y       Y               .          Y           Y        Y       Y
+engine_unreachable      Y        Y       Y               Y          .           Y        Y       Y
+finished                Y        Y       Y               Y          Y           .        Y       Y
+stopped                 Y        .       .               .          .           .        .       Y
+removed                 .        .       .               .          .           .        .       .
+"""
+_ORDER = [S.STARTING, S.RUNNING, S.GENERATION_IN_PROGRESS, S.GENERATION_FAILED, S.ENGINE_UNREACHABLE, S.FINISHED,
+          S.STOPPED, S.REMOVED]
 TRANSITION_TABLE: dict[tuple[Status, Status], bool] = {
-    (S.STARTING, S.STARTING): False,
-    (S.STARTING, S.RUNNING): True,
-    (S.STARTING, S.STOPPED): True,
-    (S.STARTING, S.REMOVED): True,
-    (S.RUNNING, S.STARTING): True,
-    (S.RUNNING, S.RUNNING): False,
-    (S.RUNNING, S.STOPPED): True,
-    (S.RUNNING, S.REMOVED): True,
-    (S.STOPPED, S.STARTING): True,
-    (S.STOPPED, S.RUNNING): False,
-    (S.STOPPED, S.STOPPED): False,
-    (S.STOPPED, S.REMOVED): True,
-    (S.REMOVED, S.STARTING): False,
-    (S.REMOVED, S.RUNNING): False,
-    (S.REMOVED, S.STOPPED): False,
-    (S.REMOVED, S.REMOVED): False,
+    (S(row.split()[0]), to): cell == "Y"
+    for row in _MATRIX.strip().splitlines()[1:]
+    for to, cell in zip(_ORDER, row.split()[1:], strict=True)
 }
 
 
@@ -95,7 +95,7 @@ def make_record(status: Status, **changes) -> RuntimeRecord:
         generation=1,
         observed_generation=0,
     )
-    if status is Status.RUNNING:
+    if status.is_up:
         base.update(current_container_id="c1", current_image_ref="galaxy/engine:1",
                     started_at=T0 + timedelta(seconds=1), observed_generation=1)
     elif status is Status.STOPPED:
@@ -134,6 +134,9 @@ BREAKS = [
     ("running-with-empty-container-id", Status.RUNNING, dict(current_container_id=""), "current_container_id"),
     ("running-without-image", Status.RUNNING, dict(current_image_ref=None), "current_image_ref"),
     ("running-without-started-at", Status.RUNNING, dict(started_at=None), "started_at"),
+    ("finished-without-container-id", Status.FINISHED, dict(current_container_id=None), "current_container_id"),
+    ("unreachable-without-image", Status.ENGINE_UNREACHABLE, dict(current_image_ref=None), "current_image_ref"),
+    ("negative-turn", Status.RUNNING, dict(turn=-1), "turn"),
     ("stopped-without-stopped-at", Status.STOPPED, dict(stopped_at=None), "stopped_at"),
     ("stopped-without-image", Status.STOPPED, dict(current_image_ref=None), "current_image_ref"),
     ("removed-with-container-id", Status.REMOVED, dict(current_container_id="c1"), "container id"),
@@ -215,5 +218,5 @@ def test_error_codes_are_the_contract() -> None:
     assert {c.value for c in ErrorCode} == {
         "replay_no_op", "invalid_request", "image_rejected", "image_unavailable",
         "container_start_failed", "engine_unhealthy", "superseded", "docker_unavailable",
-        "internal_error",
+        "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported",
     }

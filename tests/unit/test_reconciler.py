@@ -229,3 +229,17 @@ async def test_an_overdue_cleanup_stays_a_removal(w):
     w.backend.down = False
     rec = await w.sync("g1")
     assert rec.status is Status.REMOVED and w.backend.by_name("galaxy-game-g1") is None
+
+
+async def test_daemon_restarts_are_not_crashes(tmp_path):
+    """Five restarts of the container daemon within the crash window give no game up."""
+    w = World(tmp_path, RTMANAGER_CRASH_LIMIT="3")
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    for _ in range(5):
+        w.backend.restart_daemon()
+        rec = await w.sync("g1")
+        assert rec.status is Status.RUNNING and rec.crash_count == 0 and len(w.running("g1")) == 1
+    w.backend.crash("g1")  # a real crash still counts
+    rec = await w.sync("g1")
+    assert rec.crash_count == 1
