@@ -32,7 +32,7 @@ from controller.metrics import Metrics
 from controller.reconciler import Reconciler
 from controller.relay import Relay
 from controller.streams import RedisStreams
-from controller.triggers import HealthRound, Readiness, Resync
+from controller.triggers import HealthRound, Readiness, Resync, TurnClock
 from controller.workqueue import WorkQueue
 from desired.clock import Clock
 from desired.errors import StoreError, StoreUnavailable
@@ -93,6 +93,7 @@ class Controller:
 
     def _results_written(self) -> None:
         self.relay.poke()
+        self.turn_clock.wake.set()  # a new game, a generated turn, a resume: the next due time moved
         # Wake every REST caller waiting for its job; later waiters take the fresh event.
         changed, self.results_changed = self.results_changed, asyncio.Event()
         changed.set()
@@ -130,13 +131,16 @@ class Controller:
                              ready_check=self.readiness.ok)
         self.health = HealthRound(store=self.store, backend=self.backend, reconciler=self.reconciler,
                                   interval=s.health_interval)
+        self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
+                                    max_sleep=s.resync_interval)
         self.lease = Lease(s.database_url, self.fence)
         self.leadership = Leadership(self.lease, self.fence, self.metrics, on_elected=self._lead,
                                      on_deposed=self._step_down)
         self.http = HttpServer(HttpDeps(
             settings=s, store=self.store, admission=self.admission, metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
-            results_changed=lambda: self.results_changed, results_written=self._results_written))
+            results_changed=lambda: self.results_changed, results_written=self._results_written,
+            schedule_changed=self.turn_clock.wake.set))
         if s.http_port:
             await self.http.start()
         self._spawn("leadership", self.leadership.run(self.stopping))
@@ -156,6 +160,7 @@ class Controller:
         self._spawn("listener", Notifications(s.database_url, self.queue.add).run(self.term_stopping), leader=True)
         if s.health_interval > 0:
             self._spawn("health", self.health.run(self.term_stopping), leader=True)
+        self._spawn("turn-clock", self.turn_clock.run(self.term_stopping), leader=True)
         self.events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
         self.events.start()
 

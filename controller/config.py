@@ -50,6 +50,8 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_API_TOKEN", "", "bearer token of the REST API; empty disables the REST API"),
     Var("RTMANAGER_START_STREAM", "runtime:start_jobs", "stream of start jobs"),
     Var("RTMANAGER_STOP_STREAM", "runtime:stop_jobs", "stream of stop jobs"),
+    Var("RTMANAGER_CONTROL_STREAM", "runtime:control_jobs", "stream of control jobs (pause, resume, "
+        "force_next_turn, reconcile)"),
     Var("RTMANAGER_RESULTS_STREAM", "runtime:job_results", "stream of job results"),
     Var("RTMANAGER_SNAPSHOT_STREAM", "runtime:snapshots", "stream of runtime snapshots to Lobby"),
     Var("RTMANAGER_CONSUMER_GROUP", "rtmanager", "consumer group on the job streams"),
@@ -122,6 +124,7 @@ class Settings:
     api_token: str = field(repr=False)
     start_stream: str
     stop_stream: str
+    control_stream: str
     results_stream: str
     snapshot_stream: str
     consumer_group: str
@@ -284,6 +287,7 @@ class Settings:
                             secret=True),
             start_stream=parse("RTMANAGER_START_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             stop_stream=parse("RTMANAGER_STOP_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
+            control_stream=parse("RTMANAGER_CONTROL_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             results_stream=parse("RTMANAGER_RESULTS_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             snapshot_stream=parse("RTMANAGER_SNAPSHOT_STREAM", pattern(_STREAM_NAME), "must be a stream name"),
             consumer_group=parse("RTMANAGER_CONSUMER_GROUP", pattern(_STREAM_NAME), "must be a group name"),

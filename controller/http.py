@@ -24,16 +24,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
-from controller.openapi import openapi_document
+from controller.openapi import REST_JOBS, openapi_document
 from desired.errors import NotFound, StoreUnavailable
-from desired.jobs import InvalidJob, parse_job
-from desired.model import GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
+from desired.jobs import InvalidJob, parse_control, parse_job, parse_turn_interval
+from desired.model import CONTROL_OPS, GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
 from desired.store import Store
 
 log = logging.getLogger("rtmanager.http")
 
 DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
+
 
 
 def _json_value(v: Any) -> Any:
@@ -60,6 +61,7 @@ class HttpDeps:
     readiness: Callable[[], Awaitable[dict[str, str]]]
     results_changed: Callable[[], asyncio.Event]  # the event set when the next results are written
     results_written: Callable[[], None]           # wake the relay
+    schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
 
 
 class HttpServer:
@@ -75,8 +77,9 @@ class HttpServer:
         app.router.add_get("/api/v1/runtimes/{game_id}/operations", self.get_operations)
         app.router.add_get("/api/v1/openapi.json", self.openapi)
         app.router.add_post("/api/v1/snapshots/resync", self.resync_snapshots)
-        for kind in JobKind:
-            app.router.add_post(f"/api/v1/runtimes/{{game_id}}/{kind.value}", self._job_handler(kind))
+        for path, kind in REST_JOBS.items():
+            app.router.add_post(f"/api/v1/runtimes/{{game_id}}/{path}", self._job_handler(kind))
+        app.router.add_put("/api/v1/runtimes/{game_id}/schedule", self.put_schedule)
         self.app = app
 
     async def start(self) -> None:
@@ -152,10 +155,18 @@ class HttpServer:
         bad = [k for k in ("image_ref", "reason") if k in fields and not isinstance(fields[k], str)]
         if bad:
             return _invalid(game_id, kind, f"field {bad[0]} must be a string")
+        if "turn_interval" in fields:
+            interval = fields["turn_interval"]
+            if isinstance(interval, bool) or not isinstance(interval, int):
+                return _invalid(game_id, kind, "field turn_interval must be whole seconds")
+            fields["turn_interval"] = str(interval)
         if kind is JobKind.STOP and "reason" not in fields:
             fields["reason"] = "admin_request"
         try:
-            job = parse_job(kind, fields, self.c.settings.image_allowlist, source=OpSource.ADMIN)
+            if kind in CONTROL_OPS:
+                job = parse_control({"game_id": game_id, "op": kind.value}, source=OpSource.ADMIN)
+            else:
+                job = parse_job(kind, fields, self.c.settings.image_allowlist, source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
         if not self.c.is_leader():
@@ -181,6 +192,35 @@ class HttpServer:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:
                 pass
+
+    async def put_schedule(self, request: web.Request) -> web.Response:
+        """The turn clock's interval of a game (``{"turn_interval": seconds}``, 0: no schedule)."""
+        game_id = request.match_info["game_id"]
+        if not GAME_ID_PATTERN.fullmatch(game_id):
+            return _error(400, "game_id does not match the pattern")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object")
+        if not isinstance(body, dict) or "turn_interval" not in body:
+            return _error(400, "field turn_interval is missing")
+        raw = body["turn_interval"]
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            return _error(400, "field turn_interval must be whole seconds")
+        try:
+            interval = parse_turn_interval(raw, game_id)
+        except InvalidJob as exc:
+            return _error(400, exc.message)
+        if not self.c.is_leader():
+            return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
+        try:
+            record = await self.c.store.set_schedule(game_id, interval, OpSource.ADMIN)
+        except NotFound:
+            return _error(404, f"no runtime for game {game_id}")
+        except InvalidJob as exc:
+            return _error(409, exc.message)
+        self.c.schedule_changed()
+        return web.json_response(record_json(record))
 
     async def resync_snapshots(self, request: web.Request) -> web.Response:
         """A snapshot of every live game (or of ``?game_id=``), for a Lobby that lost track."""

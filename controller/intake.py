@@ -52,9 +52,9 @@ from controller.config import Settings
 from controller.metrics import Metrics
 from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
-from desired.jobs import InvalidJob, parse_job, shown_game_id
+from desired.jobs import InvalidJob, parse_control, parse_job, shown_game_id
 from desired.leader import Fenced
-from desired.model import ErrorCode, JobKind, OpSource
+from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
 from desired.store import Store
 
 log = logging.getLogger("rtmanager.intake")
@@ -80,8 +80,11 @@ class Intake:
         self.store = store
         self.admission = admission
         self.metrics = metrics
-        self.kinds: dict[str, JobKind] = {settings.start_stream: JobKind.START, settings.stop_stream: JobKind.STOP}
-        self._rank = {settings.start_stream: 0, settings.stop_stream: 2}
+        # The control stream's entries name their op; JobKind.RECONCILE answers one that names none.
+        self.kinds: dict[str, JobKind] = {settings.start_stream: JobKind.START,
+                                          settings.control_stream: JobKind.RECONCILE,
+                                          settings.stop_stream: JobKind.STOP}
+        self._rank = {settings.start_stream: 0, settings.control_stream: 1, settings.stop_stream: 2}
         self._stopping = asyncio.Event()
         self.healthy = False
         self.claim_everything_once = True  # a new leader takes over what the old one left pending
@@ -96,8 +99,8 @@ class Intake:
     def order(self, entry: Entry) -> tuple[int, int, int]:
         """Entry-id order across streams. Redis numbers each stream on its own, so entries of two
         streams within one millisecond cannot be ordered by their ids; then the start stream's come
-        first and the stop stream's last: a stop is never applied before a start it may follow (the
-        other choice could leave running a game Lobby believes stopped)."""
+        first, the control stream's next and the stop stream's last: a stop is never applied before
+        a start it may follow (the other choice could leave running a game Lobby believes stopped)."""
         ms, seq = entry_key(entry.id)
         return ms, self._rank[entry.stream], seq
 
@@ -254,14 +257,21 @@ class Intake:
         return True
 
     def kind_of(self, entry: Entry) -> JobKind:
+        if entry.stream == self.settings.control_stream:
+            raw = entry.field("op")
+            op = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            return next((k for k in CONTROL_OPS if k.value == op), JobKind.RECONCILE)
         return self.kinds[entry.stream]
 
     async def handle(self, entry: Entry) -> None:
         stream, entry_id = entry.stream, entry.id
         kind = self.kind_of(entry)
         try:
-            job = parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
-                            stream=stream, entry_id=entry_id)
+            if stream == self.settings.control_stream:
+                job = parse_control(entry.fields, source=OpSource.LOBBY, stream=stream, entry_id=entry_id)
+            else:
+                job = parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
+                                stream=stream, entry_id=entry_id)
         except InvalidJob as bad:
             await self.admission.reject(kind=kind, game_id=bad.game_id, stream=stream, entry_id=entry_id,
                                         code=bad.code, message=bad.message)

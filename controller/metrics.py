@@ -33,6 +33,11 @@ class Metrics:
                                  ["reason"], registry=r)
         self.engine_calls = Counter("rtmanager_engine_status_calls_total",
                                     "Calls of engines' admin API, by call and result", ["call", "result"], registry=r)
+        self.turns = Counter("rtmanager_turns_total", "Turns generated and failed", ["result"], registry=r)
+        self.generation_seconds = Histogram("rtmanager_generation_duration_seconds",
+                                            "From asking an engine for a turn to the turn generated",
+                                            buckets=_LATENCY_BUCKETS + (600,), registry=r)
+        self.paused = Gauge("rtmanager_games_paused", "Games whose turn clock is paused", registry=r)
         self.outbox_pending = Gauge("rtmanager_outbox_pending", "Results waiting to be published", registry=r)
         self.docker_calls = Counter("rtmanager_docker_api_calls_total", "Docker API calls by operation and result",
                                     ["operation", "result"], registry=r)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from desired.jobs import MAX_IMAGE_REF
+from desired.jobs import MAX_IMAGE_REF, MAX_TURN_INTERVAL
 from desired.model import (
     GAME_ID_PATTERN,
     DesiredStatus,
@@ -24,6 +24,12 @@ from desired.model import (
     StopReason,
 )
 
+# The jobs the REST API takes, by their path (``turn`` is the turn clock's own).
+REST_JOBS: dict[str, JobKind] = {
+    "start": JobKind.START, "stop": JobKind.STOP, "restart": JobKind.RESTART, "patch": JobKind.PATCH,
+    "cleanup": JobKind.CLEANUP, "pause": JobKind.PAUSE, "resume": JobKind.RESUME,
+    "force-next-turn": JobKind.FORCE_NEXT_TURN, "reconcile": JobKind.RECONCILE,
+}
 _NULLABLE_STR = {"type": "string", "nullable": True}
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 
@@ -48,11 +54,17 @@ def openapi_document() -> dict[str, Any]:
     image_body = {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["image_ref"],
         "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF}}}}}}
+    interval = {"type": "integer", "minimum": 0, "maximum": MAX_TURN_INTERVAL,
+                "description": "seconds between scheduled turns (0: no schedule)"}
+    start_body = {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["image_ref"],
+        "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
+                       "turn_interval": interval}}}}}
     stop_body = {"required": False, "content": {"application/json": {"schema": {
         "type": "object", "properties": {"reason": _enum(StopReason)}}}}}
     empty_body = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
-    bodies = {JobKind.START: image_body, JobKind.PATCH: image_body, JobKind.STOP: stop_body,
-              JobKind.RESTART: empty_body, JobKind.CLEANUP: empty_body}
+    bodies = {kind: empty_body for kind in REST_JOBS.values()}
+    bodies.update({JobKind.START: start_body, JobKind.PATCH: image_body, JobKind.STOP: stop_body})
 
     paths: dict[str, Any] = {
         "/api/v1/runtimes": {"get": {
@@ -95,9 +107,21 @@ def openapi_document() -> dict[str, Any]:
             "401": {"$ref": "#/components/responses/Unauthorized"},
             "404": {"$ref": "#/components/responses/NotFound"},
             "503": {"$ref": "#/components/responses/Unavailable"}}}}
-    for kind in JobKind:
-        paths[f"/api/v1/runtimes/{{game_id}}/{kind.value}"] = {"post": {
-            "operationId": f"{kind.value}Runtime",
+    paths["/api/v1/runtimes/{game_id}/schedule"] = {"put": {
+        "operationId": "setSchedule", "summary": "Set the turn clock's interval of a game (0: no schedule)",
+        "parameters": [game_id],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["turn_interval"], "properties": {"turn_interval": interval}}}}},
+        "responses": {"200": {"description": "the record", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/Runtime"}}}},
+            "400": {"$ref": "#/components/responses/BadRequest"},
+            "401": {"$ref": "#/components/responses/Unauthorized"},
+            "404": {"$ref": "#/components/responses/NotFound"},
+            "409": {"$ref": "#/components/responses/BadRequest"},
+            "503": {"$ref": "#/components/responses/Unavailable"}}}}
+    for path, kind in REST_JOBS.items():
+        paths[f"/api/v1/runtimes/{{game_id}}/{path}"] = {"post": {
+            "operationId": f"{path.replace('-', '_')}Runtime",
             "summary": f"A {kind.value} job: changes desired state like a stream job, waits for its result",
             "parameters": [game_id, wait],
             "requestBody": bodies[kind],
@@ -173,7 +197,8 @@ def openapi_document() -> dict[str, Any]:
                                 "generation_started_at": _NULLABLE_TIME, "last_turn_at": _NULLABLE_TIME,
                                 "snapshot_revision": {"type": "integer"}, "paused": {"type": "boolean"},
                                 "turn_interval": {"type": "integer"},
-                                "desired_turn": {"type": "integer", "nullable": True}}},
+                                "desired_turn": {"type": "integer", "nullable": True},
+                                "clock_from": _NULLABLE_TIME}},
                 "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
                               "properties": {
                                   "id": {"type": "integer"}, "game_id": {"type": "string"}, "op": _enum(OpKind),

@@ -33,6 +33,7 @@ class ActionKind(str, enum.Enum):
     RECOVER = "recover"            # the running game's container exited on its own: record it, restart later
     RECREATE = "recreate"          # our container runs an old spec: remove, then create
     CONFIRM = "confirm"            # the right container runs: wait healthy, then record it
+    TURN = "turn"                  # desired state asks for a turn the engine has not reached: ask the engine
     STOP = "stop"                  # stop the running container
     MARK_STOPPED = "mark_stopped"  # nothing runs: record the game as stopped
     REMOVE = "remove"              # remove the container
@@ -121,6 +122,10 @@ def plan(
             left = unreachable_restart_after - (now - record.unreachable_since).total_seconds()
             if left <= 0:
                 return Action(ActionKind.RECOVER, f"engine unreachable for more than {unreachable_restart_after:g}s")
+        if (record.status.is_up and record.current_container_id == container.id and record.desired_turn is not None
+                and (record.turn is None or record.turn < record.desired_turn)
+                and record.status is not Status.FINISHED):
+            return Action(ActionKind.TURN, f"turn {record.desired_turn} wanted, the engine is at {record.turn}")
         if record.status.is_up and record.converged and record.current_container_id == container.id:
             return NOOP
         return Action(ActionKind.CONFIRM, "container runs; record not yet converged")

@@ -51,12 +51,22 @@ from desired.transitions import Probe
 from observed.backend import RuntimeBackend
 from observed.docker import ensure_state_dir
 from observed.engine import EngineClient
-from observed.errors import BackendUnavailable, EngineError, EngineUnsupported, ImageMissing, ObservedError, Refused
+from observed.errors import (
+    BackendUnavailable,
+    EngineConflict,
+    EngineError,
+    EngineUnsupported,
+    ImageMissing,
+    ObservedError,
+    Refused,
+)
 from observed.model import ContainerSpec, ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
 
 MAX_STEPS = 8
+TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
+WAITING = object()  # an action that will look again later by itself
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 
 # The one table from the backend's errors to the results' error codes.
@@ -236,7 +246,8 @@ class Reconciler:
                 # A container that is not ours only ever blocks the name: act as if there were none.
                 ours = container if container is not None and container.managed_by(self.settings.instance) else None
                 with backend_errors():
-                    await self._act(action.kind, record, ours, spec)
+                    if await self._act(action.kind, record, ours, spec) is WAITING:
+                        return  # comes back later by itself (add_after)
             except PermanentError as exc:
                 result = "failed"
                 assert record is not None
@@ -261,7 +272,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- actions
     async def _act(self, kind: ActionKind, record: RuntimeRecord | None, container: ObservedContainer | None,
-                   spec: ContainerSpec | None) -> None:
+                   spec: ContainerSpec | None) -> object:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
         grace = self.settings.stop_grace
@@ -302,6 +313,10 @@ class Reconciler:
         elif kind is ActionKind.MARK_REMOVED:
             await self.store.mark_removed(record)
             self._results_written()
+        elif kind is ActionKind.TURN:
+            assert container is not None
+            return await self._turn(record, container)
+        return None
 
     async def _run(self, kind: ActionKind, record: RuntimeRecord, container: ObservedContainer | None,
                    spec: ContainerSpec) -> None:
@@ -365,7 +380,95 @@ class Reconciler:
             raise EngineUnhealthy(f"engine did not answer GET {self.settings.health_path} with 2xx within "
                                   f"{self.settings.start_timeout:g}s (last: {detail})")
         self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
-        await self.store.mark_running(record, container_id=container_id, image=spec.image)
+        probe = await self.probe(record, seen.ip_address) if record.admin_api is not False else None
+        s = self.settings
+        await self.store.mark_running(record, container_id=container_id, image=spec.image,
+                                      probe=probe if probe is not None and probe.healthy else None,
+                                      unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout)
+        self._results_written()
+
+    # ------------------------------------------------------------------ turns
+    async def _turn(self, record: RuntimeRecord, container: ObservedContainer) -> object:
+        """Ask the engine for the turn desired state wants, level-triggered: look at the engine first,
+        then ask for turn N+1 only when it is idle at N (its compare-and-swap on ``expected_turn``
+        makes a repeated request harmless); poll while it generates."""
+        seen = await self.backend.inspect(container.id) or container
+        host = self._probe_host(record.game_id, seen.ip_address)
+        target = record.desired_turn or 0
+        try:
+            st = await self.engine.status(host)
+        except EngineUnsupported as exc:
+            self.metrics.engine_calls.labels("status", "unsupported").inc()
+            await self._fail_turn(record, ErrorCode.ENGINE_UNSUPPORTED, exc.message)
+            return None
+        except EngineError as exc:
+            self.metrics.engine_calls.labels("status", "error").inc()
+            age = await self.store.oldest_pending_age(record.game_id) or 0
+            if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.start_timeout:
+                await self._fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)
+                return None
+            self.queue.add_after(record.game_id, TURN_POLL)
+            return WAITING
+        self.metrics.engine_calls.labels("status", "ok").inc()
+        last = st.last_generation
+        failed_turn = last.turn if last is not None and not last.ok else None
+        asked_before = record.generation_started_at is not None
+        probe = Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase, failed_turn=failed_turn)
+        record = await self._record_probe(record, probe)
+        if st.turn >= target:
+            return None  # reached: the next step confirms and answers the jobs
+        if st.phase == "generating":
+            self.queue.add_after(record.game_id, TURN_POLL)
+            return WAITING
+        if st.phase == "finished":
+            await self._fail_turn(record, ErrorCode.INVALID_REQUEST, f"the game finished at turn {st.turn}")
+            return None
+        if asked_before and failed_turn == st.turn + 1:
+            self.metrics.turns.labels("failed").inc()
+            await self._fail_turn(record, ErrorCode.GENERATION_FAILED,
+                                  f"the engine failed to generate turn {failed_turn}: {last.error if last else ''}")
+            return None
+        if self.fence is not None and not self.fence.valid_locally:
+            raise Fenced("the leadership term lapsed before a turn request")
+        try:
+            started = await self.engine.request_turn(host, st.turn)
+        except EngineConflict:
+            self.queue.add_after(record.game_id, TURN_POLL)  # busy, or its turn moved: look again
+            return WAITING
+        except EngineError as exc:
+            log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
+            self.queue.add_after(record.game_id, TURN_POLL)
+            return WAITING
+        self.metrics.engine_calls.labels("turns", "ok").inc()
+        log.info("asked the engine for turn %d", st.turn + 1, extra={"game_id": record.game_id})
+        if started:
+            await self.store.turn_requested(record)
+            self._results_written()  # generation_started
+        self.queue.add_after(record.game_id, TURN_POLL)
+        return WAITING
+
+    async def _record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
+        s = self.settings
+        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
+                                   generation_timeout=s.generation_timeout)
+        if new == record:
+            return record
+        if new.status is Status.RUNNING and record.status is Status.GENERATION_IN_PROGRESS:
+            self.metrics.turns.labels("generated").inc()
+            if record.generation_started_at is not None:
+                self.metrics.generation_seconds.observe((self.clock.now() - record.generation_started_at)
+                                                        .total_seconds())
+        written = await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
+                                                      generation_timeout=s.generation_timeout)
+        self._results_written()  # a snapshot
+        return written
+
+    async def _fail_turn(self, record: RuntimeRecord, code: ErrorCode, message: str) -> None:
+        log.warning("turn failed: %s", message, extra={"game_id": record.game_id, "error_code": code.value})
+        try:
+            await self.store.fail_turn(record, code, message)
+        except Conflict:
+            return  # a newer job took over: it decides
         self._results_written()
 
     def _probe_host(self, game_id: str, ip: str | None) -> str:

@@ -26,7 +26,9 @@ from controller.metrics import Metrics
 from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
 from controller.workqueue import WorkQueue
-from desired.model import container_name
+from desired.errors import Conflict, StoreUnavailable
+from desired.jobs import Job
+from desired.model import JobKind, OpSource, container_name
 from desired.store import Store
 from observed.backend import RuntimeBackend
 
@@ -87,6 +89,7 @@ class Resync:
         self.metrics.unowned.set(unowned)
         for status, count in (await self.store.count_by_status()).items():
             self.metrics.records.labels(status).set(count)
+        self.metrics.paused.set(sum(1 for r in records if r.paused and r.status.is_up))
         self.metrics.outbox_pending.set(await self.store.unpublished_count())
         return queued
 
@@ -149,6 +152,41 @@ class HealthRound:
                 await self.once()
             except Exception as exc:  # noqa: BLE001 - Postgres or the backend away: next interval
                 log.warning("health round failed: %s", exc)
+
+
+class TurnClock:
+    """The turn clock: a ``turn`` job (source scheduler) for every running, unpaused game whose interval
+    has passed since its last turn (or since it was started or resumed).
+
+    One due-time query per tick, not a timer per game; the tick sleeps until the next game is due
+    (at most a resync interval, and woken when a schedule changes in this process). A game asks for
+    one turn at a time, so ticks missed during an outage give one turn when it ends, not a burst."""
+
+    def __init__(self, *, store: Store, admission, metrics: Metrics, max_sleep: float) -> None:
+        self.store = store
+        self.admission = admission
+        self.metrics = metrics
+        self.max_sleep = max_sleep
+        self.wake = asyncio.Event()
+
+    async def tick(self) -> float:
+        """Ask for the turns that are due; return the seconds until the next one."""
+        due, next_in = await self.store.due_turns()
+        for game_id in due:
+            await self.admission.submit(Job(kind=JobKind.TURN, game_id=game_id, source=OpSource.SCHEDULER))
+        if due:
+            log.info("turn clock: asked for %d turns", len(due))
+        return self.max_sleep if next_in is None else min(next_in, self.max_sleep)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                delay = await self.tick()
+            except (StoreUnavailable, Conflict) as exc:
+                log.warning("turn clock: %s", exc)
+                delay = 2.0
+            self.wake.clear()
+            await wait_any(stopping, self.wake, timeout=max(0.05, delay))
 
 
 class Readiness:

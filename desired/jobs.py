@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from desired.model import (
+    CONTROL_OPS,
     GAME_ID_PATTERN,
     DesiredStatus,
     ErrorCode,
@@ -37,6 +38,7 @@ from desired.model import (
 
 MAX_IMAGE_REF = 255
 MAX_FIELD = 1024
+MAX_TURN_INTERVAL = 7 * 86400
 SHOWN_BAD_GAME_ID = 64
 
 # A Docker image reference: [host[:port]/]path[:tag][@sha256:digest].
@@ -64,6 +66,7 @@ class Job:
     source: OpSource
     image_ref: str | None = None
     reason: StopReason | None = None
+    turn_interval: int | None = None  # start jobs may set the turn clock
     stream: str = ""
     entry_id: str = ""
 
@@ -152,9 +155,11 @@ def parse_job(
     except InvalidJob as exc:
         exc.game_id = exc.game_id or _raw_game_id(fields)
         raise
-    image_ref = reason = None
+    image_ref = reason = turn_interval = None
     if kind in (JobKind.START, JobKind.PATCH):
         image_ref = validate_image_ref(_text(fields, "image_ref", game_id), allowlist, game_id)
+    if kind is JobKind.START and _present(fields, "turn_interval"):
+        turn_interval = parse_turn_interval(_text(fields, "turn_interval", game_id), game_id)
     elif kind is JobKind.STOP:
         raw = _text(fields, "reason", game_id)
         try:
@@ -165,7 +170,38 @@ def parse_job(
                 ErrorCode.INVALID_REQUEST, f"field reason must be one of {allowed}", game_id
             ) from None
     return Job(kind=kind, game_id=game_id, source=source, image_ref=image_ref, reason=reason,
-               stream=stream, entry_id=entry_id)
+               turn_interval=turn_interval, stream=stream, entry_id=entry_id)
+
+
+def parse_control(fields: Mapping[bytes | str, bytes | str], *, source: OpSource = OpSource.LOBBY,
+                  stream: str = "", entry_id: str = "") -> Job:
+    """An entry of the control stream: ``game_id`` and ``op`` (pause, resume, force_next_turn, reconcile)."""
+    try:
+        game_id = validate_game_id(_text(fields, "game_id"))
+    except InvalidJob as exc:
+        exc.game_id = exc.game_id or _raw_game_id(fields)
+        raise
+    raw = _text(fields, "op", game_id)
+    ops = {k.value: k for k in CONTROL_OPS}
+    if raw not in ops:
+        raise InvalidJob(ErrorCode.INVALID_REQUEST, f"field op must be one of {', '.join(ops)}", game_id)
+    return Job(kind=ops[raw], game_id=game_id, source=source, stream=stream, entry_id=entry_id)
+
+
+def parse_turn_interval(raw: object, game_id: str = "") -> int:
+    """Seconds between scheduled turns: an integer from 0 (no schedule) to a week."""
+    try:
+        value = int(str(raw), 10) if not isinstance(raw, bool) else None
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_TURN_INTERVAL:
+        raise InvalidJob(ErrorCode.INVALID_REQUEST,
+                         f"field turn_interval must be whole seconds from 0 to {MAX_TURN_INTERVAL}", game_id)
+    return value
+
+
+def _present(fields: Mapping[bytes | str, bytes | str], name: str) -> bool:
+    return name in fields or name.encode() in fields
 
 
 @dataclass(frozen=True)
@@ -248,15 +284,17 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
                 state_path=defaults.state_path(job.game_id), docker_network=defaults.docker_network,
                 started_at=None, stopped_at=None, removed_at=None, last_op_at=now, created_at=now,
                 desired_status=DesiredStatus.RUNNING, desired_image_ref=job.image_ref,
-                generation=1, observed_generation=0,
+                generation=1, observed_generation=0, turn_interval=job.turn_interval or 0, clock_from=now,
             )
             return Decision(action="change", record=new)
+        interval = record.turn_interval if job.turn_interval is None else job.turn_interval
         if (record.converged and record.status.is_up
                 and record.desired_status is DesiredStatus.RUNNING
-                and record.current_image_ref == job.image_ref):
+                and record.current_image_ref == job.image_ref and interval == record.turn_interval):
             return _replay(record, with_container=True)
+        clock = {} if record.desired_status is DesiredStatus.RUNNING else {"clock_from": now}
         return _want(record, now, desired_status=DesiredStatus.RUNNING, desired_image_ref=job.image_ref,
-                     stop_reason=None)
+                     stop_reason=None, turn_interval=interval, **clock)
 
     if kind is JobKind.STOP:
         if record is None:
@@ -298,4 +336,41 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
             return _reject(record, f"game {job.game_id} is running; stop it before cleanup")
         return _want(record, now, desired_status=DesiredStatus.REMOVED)
 
+    if kind is JobKind.RECONCILE:  # look again now: answered after the next reconcile of the game
+        return _bump(record, now)
+
+    # Turn operations need a game that is (or is about to be) up and not over.
+    if record.desired_status is not DesiredStatus.RUNNING:
+        return _reject(record, f"game {job.game_id} is not running; {kind.value} needs a running game")
+    if record.status is Status.FINISHED:
+        return _reject(record, f"game {job.game_id} is finished")
+
+    if kind is JobKind.PAUSE:
+        if record.paused:
+            return _replay(record, with_container=True)
+        return _bump(record, now, paused=True)
+
+    if kind is JobKind.RESUME:
+        if not record.paused:
+            return _replay(record, with_container=True)
+        return _bump(record, now, paused=False, clock_from=now)  # the clock restarts
+
+    if kind in (JobKind.FORCE_NEXT_TURN, JobKind.TURN):
+        # One turn past the engine's last completed turn. Two at once, a redelivery, or a forced
+        # turn during a generation ask for the same turn: never two turns for one request.
+        target = next_turn(record)
+        if record.desired_turn is not None and record.desired_turn >= target:
+            return Decision(action="join", record=record)
+        return _bump(record, now, desired_turn=target)
+
     raise AssertionError(f"unhandled job kind {kind}")
+
+
+def next_turn(record: RuntimeRecord) -> int:
+    return (record.turn or 0) + 1
+
+
+def _bump(record: RuntimeRecord, now: datetime, **desired: object) -> Decision:
+    """A new generation (converged once the reconciler has looked), with these desired changes."""
+    return Decision(action="change", record=record.replace(
+        generation=record.generation + 1, last_op_at=max(now, record.last_op_at), **desired))

@@ -97,11 +97,21 @@ class StopReason(str, enum.Enum):
 
 
 class JobKind(str, enum.Enum):
+    """What a result answers (its ``job`` field): the job kinds, and the control and turn ops."""
+
     START = "start"
     STOP = "stop"
     RESTART = "restart"
     PATCH = "patch"
     CLEANUP = "cleanup"
+    PAUSE = "pause"
+    RESUME = "resume"
+    FORCE_NEXT_TURN = "force_next_turn"
+    RECONCILE = "reconcile"
+    TURN = "turn"
+
+
+CONTROL_OPS = (JobKind.PAUSE, JobKind.RESUME, JobKind.FORCE_NEXT_TURN, JobKind.RECONCILE)  # the control stream's
 
 
 class OpKind(str, enum.Enum):
@@ -224,6 +234,7 @@ class RuntimeRecord:
     paused: bool = False               # the turn clock is stopped; the engine keeps serving
     turn_interval: int = 0             # seconds between scheduled turns (0: no schedule)
     desired_turn: int | None = None    # the turn desired state asks the engine to reach
+    clock_from: datetime | None = None  # the clock counts from here too (start, resume)
 
     @property
     def converged(self) -> bool:

@@ -74,10 +74,11 @@ _RECORD_COLUMNS = (
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
-    "desired_turn",
+    "desired_turn", "clock_from",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
-                              "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn"})
+                              "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
+                              "clock_from"})
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
 
@@ -336,10 +337,65 @@ class Store:
         return await self._transition(rec, lambda cur, now: transitions.starting(
             cur, now, rollback_image=rollback_image))
 
-    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str) -> RuntimeRecord:
-        """The engine answers: the generation converged and its jobs are answered ``success``."""
-        return await self._transition(rec, lambda cur, now: transitions.running(
-            cur, now, container_id=container_id, image=image), finish=Outcome.SUCCESS)
+    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str,
+                           probe: transitions.Probe | None = None, unreachable_after: int = 3,
+                           generation_timeout: float = 600) -> RuntimeRecord:
+        """The engine answers: the generation converged and its jobs are answered ``success``
+        (with what the engine said of itself, when it was asked)."""
+        def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+            new = transitions.running(cur, now, container_id=container_id, image=image)
+            if probe is not None:
+                new = transitions.observed(new, now, probe, unreachable_after=unreachable_after,
+                                           generation_timeout=generation_timeout)
+            return new
+        return await self._transition(rec, change, finish=Outcome.SUCCESS)
+
+    async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
+        return await self._transition(rec, transitions.turn_requested)
+
+    async def fail_turn(self, rec: RuntimeRecord, code: ErrorCode, message: str) -> RuntimeRecord:
+        """The turn of ``rec.generation`` cannot be had: answer its jobs; the game stays up."""
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, rec.game_id)
+            if row is None:
+                raise NotFound(rec.game_id)
+            cur = record_from_row(row)
+            if cur.generation != rec.generation:
+                raise Conflict(f"{rec.game_id}: a newer generation took over")
+            new = await self._write(conn, cur, transitions.turn_failed(cur, now, code=code, message=message), now)
+            await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=Outcome.FAILURE,
+                                                         error_code=code, message=message), now)
+            return new
+
+    async def due_turns(self, limit: int = 200) -> tuple[list[str], float | None]:
+        """The turn clock, in one query: games whose interval has passed since their last turn (or
+        since they were started or resumed), and the seconds until the next one is due."""
+        rows = await self.pool.fetch(
+            "SELECT game_id, extract(epoch FROM greatest(coalesce(last_turn_at, clock_from, created_at),"
+            " coalesce(clock_from, created_at)) + make_interval(secs => turn_interval) - now())::float8 AS due_in"
+            " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
+            " AND status = 'running' AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
+            " ORDER BY due_in LIMIT $1", limit)
+        due = [r["game_id"] for r in rows if r["due_in"] <= 0]
+        later = [r["due_in"] for r in rows if r["due_in"] > 0]
+        return due, (min(later) if later else None)
+
+    async def set_schedule(self, game_id: str, turn_interval: int, source: OpSource) -> RuntimeRecord:
+        """The turn clock's interval (desired state; nothing to converge, so no generation)."""
+        async with self._tx() as (conn, now):
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _GAME_LOCK_SPACE, game_id)
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, game_id)
+            if row is None:
+                raise NotFound(game_id)
+            cur = record_from_row(row)
+            if cur.desired_status is DesiredStatus.REMOVED:
+                raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} was removed", game_id)
+            new = await self._write_desired(conn, cur, cur.replace(turn_interval=turn_interval,
+                                                                   last_op_at=max(now, cur.last_op_at)), now)
+            await self._insert_op(conn, game_id, OpKind.RECONCILE, source, OpStatus.SUCCEEDED, cur.generation,
+                                  None, None, {"turn_interval": turn_interval}, now, None, None)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
+            return new
 
     async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
         return await self._transition(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id),

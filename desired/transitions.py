@@ -165,6 +165,22 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) 
     return cur.replace(desired_status=DesiredStatus.STOPPED, rolling_back=False, **common), None
 
 
+def turn_requested(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+    """The engine took the request (202): it generates the next turn."""
+    return cur.replace(status=Status.GENERATION_IN_PROGRESS, phase="generating", generation_started_at=now,
+                       last_op_at=_touch(cur, now))
+
+
+def turn_failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) -> RuntimeRecord:
+    """The turn desired state asked for cannot be had (the generation failed, the engine has no admin
+    API or does not answer): its jobs get the failure, and desired state stops asking (the game
+    stays up; a force_next_turn asks again)."""
+    status = Status.GENERATION_FAILED if code is ErrorCode.GENERATION_FAILED and cur.status.is_up else cur.status
+    return cur.replace(status=status, desired_turn=cur.turn, generation=cur.generation + 1,
+                       observed_generation=cur.generation + 1, generation_started_at=None, last_error_code=code,
+                       last_error_message=message, last_op_at=_touch(cur, now))
+
+
 def cleaned_up(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
     """The cleanup TTL removed a stopped unit: the record becomes removed, for audit."""
     return removed(cur.replace(desired_status=DesiredStatus.REMOVED, generation=cur.generation + 1), now)

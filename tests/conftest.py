@@ -165,6 +165,7 @@ def rtm_env(database_url: str, redis_url: str, docker_client, stub_images, tmp_p
         "RTMANAGER_IMAGE_ALLOWLIST": f"{STUB_REPO}:*",
         "RTMANAGER_START_STREAM": f"t{unique}:start_jobs",
         "RTMANAGER_STOP_STREAM": f"t{unique}:stop_jobs",
+        "RTMANAGER_CONTROL_STREAM": f"t{unique}:control_jobs",
         "RTMANAGER_RESULTS_STREAM": f"t{unique}:job_results",
         "RTMANAGER_SNAPSHOT_STREAM": f"t{unique}:snapshots",
         "RTMANAGER_DEAD_LETTER_STREAM": f"t{unique}:dead_letters",

@@ -41,7 +41,15 @@ from desired.model import (
 )
 from desired.policy import CrashPolicy, next_crash
 from desired.store import Crash, Identity, Operation, PendingResult, SubmitOutcome
-from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.engine import EngineStatus, LastGeneration
+from observed.errors import (
+    BackendUnavailable,
+    EngineConflict,
+    EngineUnreachable,
+    EngineUnsupported,
+    ImageMissing,
+    Refused,
+)
 from observed.model import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, ContainerSpec, ObservedContainer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -259,8 +267,12 @@ class FakeBackend:
 
     def _observe(self, c: FakeContainer) -> ObservedContainer:
         return ObservedContainer(id=c.id, name=c.name, image=c.image, state=c.state, labels=dict(c.labels),
-                                 created_at=c.created_at, exit_code=c.exit_code, ip_address="10.0.0.1" if
-                                 c.state == "running" else None)
+                                 created_at=c.created_at, exit_code=c.exit_code,
+                                 ip_address=self.ip_of(c) if c.state == "running" else None)
+
+    def ip_of(self, c: FakeContainer) -> str:
+        n = list(self.containers).index(c.id) if c.id in self.containers else 0
+        return f"10.0.{n // 250}.{n % 250 + 2}"
 
     def by_name(self, name: str) -> FakeContainer | None:
         return next((c for c in self.containers.values() if c.name == name), None)
@@ -356,16 +368,70 @@ class _NoEvents:
         pass
 
 
+@dataclass
+class FakeGame:
+    """What a fake engine keeps in its state directory: the turn, its phase, the last generation."""
+
+    turn: int = 0
+    phase: str = "idle"
+    last: tuple[int, bool, str] | None = None
+
+
 class FakeEngine:
-    """Health answers as the backend's container behaviour says."""
+    """Health and the admin API as the backend's containers behave. ``admin[image]``: ``ok`` (turns
+    generate at once), ``slow`` (stay generating until ``finish_generation``), ``fail`` (every
+    generation fails), ``none`` (no admin API: 404)."""
 
     def __init__(self, backend: FakeBackend) -> None:
         self.backend = backend
         self.probes = 0
+        self.admin: dict[str, str] = {}
+        self.games: dict[str, FakeGame] = {}  # by container name: the state directory survives a recreate
+        self.requests: list[tuple[str, int]] = []
+
+    def _container(self, host: str) -> FakeContainer | None:
+        return next((c for c in self.backend.containers.values()
+                     if c.state == "running" and self.backend.ip_of(c) == host), None)
 
     def _healthy(self, host: str) -> bool:
-        running = [c for c in self.backend.containers.values() if c.state == "running"]
-        return any(self.backend.behaviour.get(c.image, "ok") == "ok" for c in running)
+        c = self._container(host)
+        return c is not None and self.backend.behaviour.get(c.image, "ok") == "ok"
+
+    def game(self, name: str) -> FakeGame:
+        return self.games.setdefault(name, FakeGame())
+
+    def _admin(self, host: str) -> tuple[FakeContainer, FakeGame, str]:
+        c = self._container(host)
+        if c is None or not self._healthy(host):
+            raise EngineUnreachable(f"engine at {host} does not answer")
+        mode = self.admin.get(c.image, "ok")
+        if mode == "none":
+            raise EngineUnsupported("the engine has no admin API (404)")
+        return c, self.game(c.name), mode
+
+    async def status(self, host: str) -> EngineStatus:
+        _, g, _ = self._admin(host)
+        last = LastGeneration(turn=g.last[0], ok=g.last[1], error=g.last[2]) if g.last else None
+        return EngineStatus(turn=g.turn, phase=g.phase, last_generation=last)
+
+    async def request_turn(self, host: str, expected_turn: int) -> bool:
+        c, g, mode = self._admin(host)
+        self.requests.append((c.name, expected_turn))
+        if g.turn > expected_turn:
+            return False
+        if g.turn < expected_turn or g.phase != "idle":
+            raise EngineConflict("not at that turn, or busy")
+        if mode == "fail":
+            g.last = (g.turn + 1, False, "the galaxy collapsed")
+        elif mode == "slow":
+            g.phase = "generating"
+        else:
+            g.turn, g.last = g.turn + 1, (g.turn + 1, True, "")
+        return True
+
+    def finish_generation(self, name: str) -> None:
+        g = self.game(name)
+        g.turn, g.phase, g.last = g.turn + 1, "idle", (g.turn + 1, True, "")
 
     async def check(self, host: str) -> tuple[bool, str]:
         self.probes += 1
@@ -470,9 +536,29 @@ class FakeStore:
         self._finish(new, cur.generation, Outcome.SUCCESS, None, "", now)
         return new
 
-    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str) -> RuntimeRecord:
-        return await self._finishing(rec, lambda cur, now: transitions.running(
-            cur, now, container_id=container_id, image=image))
+    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str, probe=None,
+                           unreachable_after: int = 3, generation_timeout: float = 600) -> RuntimeRecord:
+        def change(cur, now):
+            new = transitions.running(cur, now, container_id=container_id, image=image)
+            if probe is not None:
+                new = transitions.observed(new, now, probe, unreachable_after=unreachable_after,
+                                           generation_timeout=generation_timeout)
+            return new
+        return await self._finishing(rec, change)
+
+    async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, False)
+        return self._swap(cur, transitions.turn_requested(cur, now))
+
+    async def fail_turn(self, rec: RuntimeRecord, code: ErrorCode, message: str) -> RuntimeRecord:
+        now = self._check()
+        cur = self.records[rec.game_id]
+        if cur.generation != rec.generation:
+            raise Conflict("a newer generation took over")
+        new = self._swap(cur, transitions.turn_failed(cur, now, code=code, message=message))
+        self._finish(new, cur.generation, Outcome.FAILURE, code, message, now)
+        return new
 
     async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
         return await self._finishing(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id))

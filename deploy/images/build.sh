@@ -20,7 +20,8 @@
 # built from, the base image's id, the debootstrap settings); an image whose
 # hash is unchanged is not rebuilt. The rtmanager image's inputs are
 # deploy/Dockerfile, pyproject.toml, README.md and the four packages, so
-# editing the code rebuilds it (about 20 s) and nothing else.
+# editing the code rebuilds it (about 30 s) and nothing else. Untagged leftovers of
+# earlier builds (older than 15 min, with the label) are removed at the end.
 #
 # Needs root (debootstrap) and dockerd. Installs
 # debootstrap with apt-get when it is missing. Environment:
@@ -114,7 +115,7 @@ build_rootfs() {
 # docker_build TAG HASH CONTEXT [docker build options...]
 docker_build() {
   local tag=$1 hash=$2 ctx=$3; shift 3
-  if ! docker build -q --network host --label "$LABEL=$hash" -t "$tag" "$@" "$ctx" \
+  if ! docker build -q --force-rm --network host --label "$LABEL=$hash" -t "$tag" "$@" "$ctx" \
       >"$scratch/build.log" 2>&1; then
     tail -n 40 "$scratch/build.log" >&2
     die "building $tag failed"
@@ -184,4 +185,8 @@ for image in "${wanted[@]}"; do
     prometheus) build_from_folder "$PROM_TAG" prometheus ;;
   esac
 done
+# A rebuild leaves the previous image (and the rtmanager build stage) untagged. Remove such
+# leftovers of this script (they carry its label), once they are old enough not to belong to a
+# build still running next to this one.
+docker image prune -f --filter "label=$LABEL" --filter until=15m >/dev/null 2>&1 || true
 log "done in $(secs "$start")s"

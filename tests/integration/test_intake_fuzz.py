@@ -46,6 +46,7 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
         "RTMANAGER_DATABASE_URL": database_url, "RTMANAGER_REDIS_URL": redis_url, "RTMANAGER_STATE_ROOT": state_root,
         "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*", "RTMANAGER_START_STREAM": f"f{u}:start",
         "RTMANAGER_STOP_STREAM": f"f{u}:stop", "RTMANAGER_RESULTS_STREAM": f"f{u}:results",
+        "RTMANAGER_CONTROL_STREAM": f"f{u}:control", "RTMANAGER_SNAPSHOT_STREAM": f"f{u}:snapshots",
         "RTMANAGER_CONSUMER_NAME": "fuzz"})
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     client = aioredis.Redis.from_url(redis_url)

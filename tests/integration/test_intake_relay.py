@@ -24,6 +24,7 @@ def settings(database_url, redis_url, unique, tmp_path):
         "RTMANAGER_DATABASE_URL": database_url, "RTMANAGER_REDIS_URL": redis_url,
         "RTMANAGER_STATE_ROOT": str(tmp_path), "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
         "RTMANAGER_START_STREAM": f"t{unique}:start_jobs", "RTMANAGER_STOP_STREAM": f"t{unique}:stop_jobs",
+        "RTMANAGER_CONTROL_STREAM": f"t{unique}:control_jobs", "RTMANAGER_SNAPSHOT_STREAM": f"t{unique}:snapshots",
         "RTMANAGER_RESULTS_STREAM": f"t{unique}:job_results", "RTMANAGER_CONSUMER_NAME": "c1",
     })
 
@@ -84,7 +85,7 @@ async def test_bad_entries_get_failure_results_and_are_acknowledged(wired, redis
     good = (await redis_client.xadd(settings.start_stream, {"game_id": "ok-1", "image_ref": "galaxy/engine-stub:1.0",
                                                             "extra": "ignored"})).decode()
     await drain(intake)
-    assert await relay.flush() == len(BAD_ENTRIES)
+    assert await relay.flush() == len(BAD_ENTRIES) + 1  # and the snapshot of the game the good entry starts
     # Entry ids are unique per stream only: key results by (job, entry id).
     results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
     for entry_id, (kind, _, message, shown_id) in zip(ids, BAD_ENTRIES, strict=True):
@@ -220,6 +221,7 @@ def _env(settings: Settings, unique: str) -> dict[str, str]:
         "RTMANAGER_DATABASE_URL": settings.database_url, "RTMANAGER_REDIS_URL": settings.redis_url,
         "RTMANAGER_STATE_ROOT": settings.state_root, "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
         "RTMANAGER_START_STREAM": settings.start_stream, "RTMANAGER_STOP_STREAM": settings.stop_stream,
+        "RTMANAGER_CONTROL_STREAM": settings.control_stream, "RTMANAGER_SNAPSHOT_STREAM": settings.snapshot_stream,
         "RTMANAGER_RESULTS_STREAM": settings.results_stream, "RTMANAGER_CONSUMER_NAME": settings.consumer_name,
         "RTMANAGER_DEAD_LETTER_STREAM": f"t{unique}:dead",
     }

@@ -18,8 +18,8 @@ import yaml
 
 from controller.config import VARIABLES
 from desired import snapshots
-from desired.jobs import IMAGE_REF_PATTERN, MAX_IMAGE_REF, SHOWN_BAD_GAME_ID, ImageAllowlist, parse_job
-from desired.model import GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, Outcome, Status, StopReason
+from desired.jobs import IMAGE_REF_PATTERN, MAX_IMAGE_REF, SHOWN_BAD_GAME_ID, ImageAllowlist, parse_control, parse_job
+from desired.model import CONTROL_OPS, GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, Outcome, Status, StopReason
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
 DEFAULTS = {v.name: v.default for v in VARIABLES}
@@ -143,6 +143,7 @@ def test_image_ref_limits(doc: dict[str, Any]) -> None:
     ("jobResults", "RTMANAGER_RESULTS_STREAM"),
     ("deadLetters", "RTMANAGER_DEAD_LETTER_STREAM"),
     ("snapshots", "RTMANAGER_SNAPSHOT_STREAM"),
+    ("controlJobs", "RTMANAGER_CONTROL_STREAM"),
 ])
 def test_channel_address_is_the_default_stream(doc: dict[str, Any], channel: str, variable: str) -> None:
     ch = doc["channels"][channel]
@@ -163,7 +164,14 @@ def test_operations_direction(doc: dict[str, Any]) -> None:
         DEFAULTS["RTMANAGER_RESULTS_STREAM"]: "send",
         DEFAULTS["RTMANAGER_DEAD_LETTER_STREAM"]: "send",
         DEFAULTS["RTMANAGER_SNAPSHOT_STREAM"]: "send",
+        DEFAULTS["RTMANAGER_CONTROL_STREAM"]: "receive",
     }
+
+
+def test_control_ops_are_the_codes(doc: dict[str, Any]) -> None:
+    assert field(doc, "controlJobs", "op")["enum"] == [k.value for k in CONTROL_OPS]
+    example = channel_message(doc, "controlJobs")["examples"][0]["payload"]
+    assert parse_control(example).kind.value == example["op"]
 
 
 def test_snapshot_fields_and_reasons_are_the_codes(doc: dict[str, Any]) -> None:

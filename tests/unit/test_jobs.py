@@ -469,7 +469,7 @@ def test_decide_start_creates_a_new_record() -> None:
         engine_endpoint="http://galaxy-game-g1:8080", state_path="/var/lib/rtmanager/games/g1",
         docker_network="galaxy-games", started_at=None, stopped_at=None, removed_at=None,
         last_op_at=NOW, created_at=NOW, desired_status=DesiredStatus.RUNNING, desired_image_ref=IMG1,
-        generation=1, observed_generation=0,
+        generation=1, observed_generation=0, clock_from=NOW,
     )
 
 

@@ -60,7 +60,7 @@ def record(status: Status, desired: DesiredStatus, *, converged: bool = True, ci
         last_op_at=T0 + timedelta(minutes=1), created_at=T0, desired_status=desired,
         desired_image_ref="galaxy/engine:1", generation=gen, observed_generation=gen if converged else gen - 1,
     )
-    if status is Status.RUNNING:
+    if status.is_up:
         kw.update(current_container_id=cid, current_image_ref="galaxy/engine:1", started_at=T0)
     elif status is Status.STOPPED:
         kw.update(current_container_id=cid, current_image_ref="galaxy/engine:1", started_at=T0,
@@ -107,6 +107,15 @@ TABLE = [
      A.CONFIRM),
     ("running-right-hash-other-container-id", record(Status.RUNNING, R, cid="c0"), ours(), {}, A.CONFIRM),
     ("running-converged", record(Status.RUNNING, R), ours(), {}, A.NOOP),
+    # turns: desired state asks for a turn the engine has not reached
+    ("turn-wanted", record(Status.RUNNING, R, converged=False, turn=4, desired_turn=5), ours(), {}, A.TURN),
+    ("turn-wanted-turn-unknown", record(Status.RUNNING, R, converged=False, desired_turn=1), ours(), {}, A.TURN),
+    ("turn-reached", record(Status.RUNNING, R, converged=False, turn=5, desired_turn=5), ours(), {}, A.CONFIRM),
+    ("turn-while-generating", record(Status.GENERATION_IN_PROGRESS, R, converged=False, turn=4, desired_turn=5),
+     ours(), {}, A.TURN),
+    ("turn-of-a-finished-game", record(Status.FINISHED, R, converged=False, turn=9, desired_turn=10), ours(), {},
+     A.CONFIRM),
+    ("generation-failed-converged", record(Status.GENERATION_FAILED, R, turn=4), ours(), {}, A.NOOP),
     # the container of a running game exited on its own; crash backoff
     ("running-container-exited-on-its-own", record(Status.RUNNING, R), ours("exited"), {}, A.RECOVER),
     ("running-container-dead-on-its-own", record(Status.RUNNING, R), ours("dead"), {}, A.RECOVER),

@@ -243,3 +243,93 @@ async def test_daemon_restarts_are_not_crashes(tmp_path):
     w.backend.crash("g1")  # a real crash still counts
     rec = await w.sync("g1")
     assert rec.crash_count == 1
+
+
+# ----------------------------------------------------------------------- turns
+async def started(w: World, game: str = "g1", image: str = IMG):
+    await w.job(JobKind.START, game, image)
+    return await w.sync(game)
+
+
+async def test_a_forced_turn_asks_the_engine_once_and_answers_when_it_is_generated(w):
+    rec = await started(w)
+    assert rec.turn == 0 and rec.admin_api is True  # asked at confirm time
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # twice at once: the same turn
+    rec = await w.sync("g1")  # asks, then polls later
+    assert rec.status is Status.GENERATION_IN_PROGRESS
+    rec = await w.sync("g1")  # the poll: generated
+    assert w.engine.requests == [("galaxy-game-g1", 0)]
+    assert rec.turn == 1 and rec.status is Status.RUNNING and rec.converged
+    assert w.results("g1")[-2:] == [("force_next_turn", "success", "")] * 2
+
+
+async def test_a_turn_already_generated_before_a_crash_is_not_asked_again(w):
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    w.engine.game("galaxy-game-g1").turn = 1  # asked, generated; the controller died before recording it
+    rec = await w.sync("g1")
+    assert w.engine.requests == [] and rec.turn == 1 and rec.converged
+
+
+async def test_a_forced_turn_during_a_generation_waits_for_it(w):
+    w.engine.admin[IMG] = "slow"
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    rec = await w.sync("g1")
+    assert rec.status is Status.GENERATION_IN_PROGRESS and not rec.converged
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # during the generation: the same turn
+    w.engine.finish_generation("galaxy-game-g1")
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and rec.status is Status.RUNNING and len(w.engine.requests) == 1
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [("force_next_turn", "success", "")] * 2
+
+
+async def test_a_failed_generation_answers_generation_failed_and_the_game_stays_up(w):
+    w.engine.admin[IMG] = "fail"
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    rec = await w.sync("g1")  # asks
+    rec = await w.sync("g1")  # sees the failure
+    assert w.results("g1")[-1] == ("force_next_turn", "failure", "generation_failed")
+    assert rec.status is Status.GENERATION_FAILED and rec.converged and len(w.running("g1")) == 1
+    w.engine.admin[IMG] = "ok"
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # a force retries it
+    await w.sync("g1")
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and rec.status is Status.RUNNING
+    assert w.results("g1")[-1] == ("force_next_turn", "success", "")
+
+
+async def test_turns_on_an_engine_without_admin_api_are_engine_unsupported(w):
+    w.engine.admin[IMG] = "none"
+    rec = await started(w)
+    assert rec.admin_api is False and rec.status is Status.RUNNING
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    rec = await w.sync("g1")
+    assert w.results("g1")[-1] == ("force_next_turn", "failure", "engine_unsupported")
+    assert rec.status is Status.RUNNING and rec.converged
+
+
+async def test_pause_and_resume_are_answered_and_keep_the_engine_serving(w):
+    await started(w)
+    await w.job(JobKind.PAUSE, "g1")
+    rec = await w.sync("g1")
+    assert rec.paused and rec.converged and w.results("g1")[-1] == ("pause", "success", "")
+    await w.job(JobKind.PAUSE, "g1")
+    assert w.results("g1")[-1] == ("pause", "success", "replay_no_op")
+    await w.job(JobKind.RESUME, "g1")
+    rec = await w.sync("g1")
+    assert not rec.paused and w.results("g1")[-1] == ("resume", "success", "")
+    assert len(w.running("g1")) == 1 and not w.engine.requests
+
+
+async def test_control_ops_on_a_game_that_does_not_run_are_invalid(w):
+    for op in (JobKind.PAUSE, JobKind.RESUME, JobKind.FORCE_NEXT_TURN, JobKind.RECONCILE):
+        await w.job(op, "ghost")
+    assert {r[2] for r in w.results("ghost")} == {"invalid_request"}
+    await started(w)
+    await w.job(JobKind.STOP, "g1")
+    await w.sync("g1")
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    assert w.results("g1")[-1] == ("force_next_turn", "failure", "invalid_request")

@@ -1,0 +1,156 @@
+"""Turn operations on real Docker with the stub engine's admin API: the turn clock, pause and resume,
+forced turns (exactly one, even twice at once), failed generations, engines without an admin API,
+and control jobs interleaved with starts and stops on the streams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_http import STUB_10
+
+pytestmark = pytest.mark.integration
+
+FAST = dict(engine_admin_path="/cgi-bin/admin/v1", health_interval="0.3", resync_interval="1")
+
+
+async def eventually(check, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s (last: {got!r})"
+        await asyncio.sleep(0.1)
+
+
+async def runtime(api, game: str) -> dict:
+    status, body = await api.get(f"/api/v1/runtimes/{game}")
+    assert status == 200, body
+    return body
+
+
+def engine_turn(api, game: str) -> int:
+    """The turn the engine itself keeps in its state directory."""
+    import json
+    raw = (Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "engine" / "status.json").read_text()
+    return json.loads(raw)["turn"]
+
+
+def slow(api, game: str, seconds: str) -> None:
+    d = Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "stub-control"
+    d.mkdir(exist_ok=True)
+    (d / "generation_seconds").write_text(seconds)
+
+
+async def test_the_turn_clock_advances_a_game_and_pause_stops_it(api):
+    await api.start(**FAST)
+    game = "clock1"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10, "turn_interval": 2})
+    assert res["outcome"] == "success", res
+    slow(api, game, "0.1")
+    t0 = time.monotonic()
+    await eventually(lambda: _turn_at_least(api, game, 2), 15, "two scheduled turns")
+    elapsed = time.monotonic() - t0
+    assert 2.0 <= elapsed <= 9.0, elapsed  # about one turn per 2 s
+    status, res = await api.job(game, "pause")
+    assert res["outcome"] == "success" and res["job"] == "pause", res
+    paused_at = (await runtime(api, game))["turn"]
+    await asyncio.sleep(4.5)  # more than two intervals: a paused clock must not tick
+    assert (await runtime(api, game))["turn"] == paused_at
+    status, res = await api.job(game, "resume")
+    assert res["outcome"] == "success", res
+    await eventually(lambda: _turn_at_least(api, game, paused_at + 1), 10, "the clock restarted")
+    ops = {o["source"] for o in (await api.get(f"/api/v1/runtimes/{game}/operations"))[1]["operations"]
+           if o["op"] == "turn"}
+    assert ops == {"scheduler"}
+
+
+async def _turn_at_least(api, game: str, turn: int) -> bool:
+    body = await runtime(api, game)
+    return body["turn"] is not None and body["turn"] >= turn
+
+
+async def test_force_next_turn_advances_exactly_one_turn_even_sent_twice_at_once(api):
+    await api.start(**FAST)
+    game = "force1"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10})
+    assert res["outcome"] == "success", res
+    slow(api, game, "0.5")
+    await eventually(lambda: _turn_at_least(api, game, 0), what="the engine's turn known")
+    answers = await asyncio.gather(api.job(game, "force-next-turn"), api.job(game, "force-next-turn"))
+    assert [a[1]["outcome"] for a in answers] == ["success", "success"], answers
+    assert engine_turn(api, game) == 1 and (await runtime(api, game))["turn"] == 1
+    await asyncio.sleep(1.5)  # nothing asks for another
+    assert engine_turn(api, game) == 1
+
+
+async def test_a_failing_generation_answers_generation_failed_and_the_game_stays_up(api):
+    await api.start(**FAST)
+    game = "genfail1"
+    status, res = await api.job(game, "start", {"image_ref": "galaxy/engine-stub:genfail"})
+    assert res["outcome"] == "success", res
+    await eventually(lambda: _turn_at_least(api, game, 0), what="the engine's turn known")
+    status, res = await api.job(game, "force-next-turn")
+    assert res["outcome"] == "failure" and res["error_code"] == "generation_failed", res
+    body = await runtime(api, game)
+    assert body["status"] == "generation_failed" and body["turn"] == 0 and len(api.containers(game)) == 1
+
+
+async def test_turn_ops_on_an_engine_without_admin_api_are_engine_unsupported(api):
+    await api.start(**FAST)
+    game = "plain2"
+    status, res = await api.job(game, "start", {"image_ref": "galaxy/engine-stub:plain"})
+    assert res["outcome"] == "success", res
+    status, res = await api.job(game, "force-next-turn")
+    assert res["error_code"] == "engine_unsupported", res
+    for op in ("pause", "resume"):
+        status, res = await api.job(game, op)
+        assert res["outcome"] == "success", res  # the clock is rtmanager's: it needs no admin API
+    assert (await runtime(api, game))["status"] == "running"
+
+
+async def test_control_jobs_interleaved_with_starts_and_stops_apply_in_entry_order(api):
+    """Control entries share the intake's per-game order with the start and stop streams."""
+    start_s, stop_s, control = (api.env[k] for k in ("RTMANAGER_START_STREAM", "RTMANAGER_STOP_STREAM",
+                                                      "RTMANAGER_CONTROL_STREAM"))
+    async def add(stream: str, fields: dict) -> str:
+        await asyncio.sleep(0.003)  # entry ids of two streams order them only to the millisecond
+        return await api.redis.xadd(stream, fields)
+
+    entries = [
+        ("start", await add(start_s, {"game_id": "ctl1", "image_ref": STUB_10})),
+        ("pause", await add(control, {"game_id": "ctl1", "op": "pause"})),
+        ("force_next_turn", await add(control, {"game_id": "ctl1", "op": "force_next_turn"})),
+        ("stop", await add(stop_s, {"game_id": "ctl1", "reason": "cancelled"})),
+        ("pause", await add(control, {"game_id": "ctl1", "op": "pause"})),  # after the stop: not running
+        ("reconcile", await add(control, {"game_id": "ctl1", "op": "bogus"})),
+    ]
+    await api.start(**FAST)
+    got = [await api.result(entry, job, timeout=60) for job, entry in entries]
+    assert got[-2]["error_code"] == "invalid_request" and "not running" in got[-2]["error_message"], got[-2]
+    assert got[-1]["error_code"] == "invalid_request" and "op" in got[-1]["error_message"], got[-1]
+    assert got[3]["outcome"] == "success" and got[3]["error_code"] == "", got[3]
+    ops = [o for o in (await api.get("/api/v1/runtimes/ctl1/operations"))[1]["operations"]
+           if o["source"] == "lobby"][::-1]
+    assert [o["entry_id"] for o in ops] == [e for _, e in entries]  # taken in entry order
+    assert (await runtime(api, "ctl1"))["status"] == "stopped"
+
+
+async def test_schedule_is_set_through_rest_and_validated(api):
+    await api.start(**FAST)
+    game = "sched1"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10})
+    assert res["outcome"] == "success", res
+    status, body, _ = await api.request("PUT", f"/api/v1/runtimes/{game}/schedule", json={"turn_interval": 1})
+    assert status == 200 and body["turn_interval"] == 1
+    slow(api, game, "0.1")
+    await eventually(lambda: _turn_at_least(api, game, 1), 10, "a scheduled turn")
+    for bad in ({"turn_interval": -1}, {"turn_interval": "5"}, {"turn_interval": True}, {}, [1]):
+        status, body, _ = await api.request("PUT", f"/api/v1/runtimes/{game}/schedule", json=bad)
+        assert status == 400, (bad, body)
+    status, _, _ = await api.request("PUT", "/api/v1/runtimes/nope/schedule", json={"turn_interval": 1})
+    assert status == 404
