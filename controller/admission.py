@@ -22,15 +22,16 @@ log = logging.getLogger("rtmanager.admission")
 
 class Admission:
     def __init__(self, store: Store, defaults: RecordDefaults, *, wake: Callable[[str], None],
-                 results_written: Callable[[], None]) -> None:
+                 results_written: Callable[[], None], registry: bool = False) -> None:
         self.store = store
         self.defaults = defaults
+        self.registry = registry  # RTMANAGER_VERSION_POLICY=registry
         self._wake = wake
         self._results_written = results_written
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Desired state and an operation row (InvalidJob when the game_id cannot make a state path)."""
-        outcome = await self.store.submit(job, self.defaults)
+        outcome = await self.store.submit(job, self.defaults, registry=self.registry)
         if outcome.duplicate:
             return outcome
         decision = outcome.decision

@@ -29,7 +29,7 @@ from controller.intake import Intake
 from controller.leadership import Leadership
 from controller.logs import redact_url
 from controller.metrics import Metrics
-from controller.reconciler import Reconciler
+from controller.reconciler import Reconciler, backend_errors
 from controller.relay import Relay
 from controller.streams import RedisStreams
 from controller.triggers import HealthRound, Readiness, Resync, TurnClock
@@ -42,6 +42,7 @@ from desired.pg import connect, create_pool
 from desired.store import Identity, Notifications, Store, WrongInstance
 from observed.docker import DockerBackend
 from observed.engine import EngineClient
+from observed.errors import ObservedError
 
 log = logging.getLogger("rtmanager")
 
@@ -98,6 +99,16 @@ class Controller:
         changed, self.results_changed = self.results_changed, asyncio.Event()
         changed.set()
 
+    async def _image_present(self, image: str) -> bool | None:
+        try:
+            return await self.backend.image_present(image)
+        except ObservedError:
+            return None  # the daemon does not answer: unknown
+
+    async def _pull_image(self, image: str) -> None:
+        with backend_errors():
+            await self.backend.ensure_image(image)
+
     @property
     def is_leader(self) -> bool:
         return self.leadership.leading and self.fence.valid_locally
@@ -118,7 +129,7 @@ class Controller:
             self.identity = await Store(self.pool, clock=self.clock).claim_identity(s.instance)
         self.streams = RedisStreams(s.redis_url, group=s.consumer_group, consumer=s.consumer_name)
         self.admission = Admission(self.store, s.record_defaults, wake=self.queue.add,
-                                   results_written=self._results_written)
+                                   results_written=self._results_written, registry=s.version_policy == "registry")
         self.relay = Relay(s, self.streams, self.store, self.metrics)
         self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics)
         self.reconciler = Reconciler(s, self.store, self.backend, self.engine, self.metrics, self.queue,
@@ -140,7 +151,8 @@ class Controller:
             settings=s, store=self.store, admission=self.admission, metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
             results_changed=lambda: self.results_changed, results_written=self._results_written,
-            schedule_changed=self.turn_clock.wake.set))
+            schedule_changed=self.turn_clock.wake.set, image_present=self._image_present,
+            pull_image=self._pull_image))
         if s.http_port:
             await self.http.start()
         self._spawn("leadership", self.leadership.run(self.stopping))

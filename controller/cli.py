@@ -8,6 +8,10 @@
     rtmanager results [--follow]       print the results stream
     rtmanager adopt GAME...|--all      hand unowned containers back to rtmanager
     rtmanager dispose GAME...          stop (gracefully) and remove unowned containers
+    rtmanager versions list [--status S]           the engine-version registry
+    rtmanager versions add VERSION IMAGE [--pull]  register an engine version
+    rtmanager versions deprecate|disable|activate VERSION
+    rtmanager versions remove VERSION
     rtmanager doctor                   check every dependency, say what is wrong
     rtmanager env                      the configuration variables and their defaults
 """
@@ -168,6 +172,58 @@ async def _dispose(settings: Settings, games: list[str]) -> int:
     return 1 if failures else 0
 
 
+async def _versions(settings: Settings, args: argparse.Namespace) -> int:
+    """The engine-version registry, straight in the database (the controller reads it at every start)."""
+    from desired.errors import NotFound, UniqueViolation
+    from desired.jobs import IMAGE_REF_PATTERN
+    from desired.store import VersionInUse
+    from desired.versions import VERSION_PATTERN, VersionStatus
+
+    async with _store(settings) as store:
+        if args.action == "list":
+            entries = await store.list_versions(VersionStatus(args.status) if args.status else None)
+            rows = [("VERSION", "STATUS", "IMAGE", "NOTES")] + [
+                (e.version, e.status.value, e.image_ref, e.notes.splitlines()[0] if e.notes else "") for e in entries]
+            widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            for r in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            return 0
+        version = args.version
+        if not VERSION_PATTERN.fullmatch(version):
+            print("rtmanager versions: VERSION must be 1-64 characters of A-Z a-z 0-9 . _ -", file=sys.stderr)
+            return 2
+        try:
+            if args.action == "add":
+                image = args.image_ref
+                if not IMAGE_REF_PATTERN.fullmatch(image) or not settings.image_allowlist.allows(image):
+                    print(f"rtmanager versions: {image!r} is not a valid image allowed by RTMANAGER_IMAGE_ALLOWLIST",
+                          file=sys.stderr)
+                    return 2
+                if args.pull:
+                    async with _backend(settings) as backend:
+                        await backend.ensure_image(image)
+                entry = await store.create_version(version, image, VersionStatus.ACTIVE, args.notes or "")
+                print(f"{entry.version}: {entry.image_ref} ({entry.status.value})")
+            elif args.action == "remove":
+                await store.delete_version(version)
+                print(f"{version}: removed")
+            else:
+                status = {"deprecate": VersionStatus.DEPRECATED, "disable": VersionStatus.DISABLED,
+                          "activate": VersionStatus.ACTIVE}[args.action]
+                entry = await store.update_version(version, status=status, notes=None)
+                print(f"{entry.version}: {entry.status.value}")
+        except NotFound:
+            print(f"rtmanager versions: no engine version {version}", file=sys.stderr)
+            return 1
+        except UniqueViolation as exc:
+            print(f"rtmanager versions: already registered ({exc.constraint})", file=sys.stderr)
+            return 1
+        except VersionInUse as exc:
+            print(f"rtmanager versions: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
 async def _submit(settings: Settings, kind: str, game_id: str, value: str) -> int:
     async with _streams(settings) as streams:
         if kind == "start":
@@ -306,6 +362,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--all", action="store_true", help="every unowned container")
     dp = sub.add_parser("dispose", help="stop gracefully and remove unowned containers")
     dp.add_argument("games", nargs="+", metavar="GAME")
+    vp = sub.add_parser("versions", help="the engine-version registry")
+    vsub = vp.add_subparsers(dest="action", required=True)
+    vl = vsub.add_parser("list")
+    vl.add_argument("--status", choices=("active", "deprecated", "disabled"))
+    va = vsub.add_parser("add")
+    va.add_argument("version")
+    va.add_argument("image_ref")
+    va.add_argument("--notes", default="")
+    va.add_argument("--pull", action="store_true", help="pull the image first")
+    for action in ("deprecate", "disable", "activate", "remove"):
+        vsub.add_parser(action).add_argument("version")
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")
     sub.add_parser("env", help="list the configuration variables and their defaults")
     args = parser.parse_args(argv)
@@ -332,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         "results": lambda: _results(settings, args.follow, args.count, args.wait_for, args.timeout),
         "adopt": lambda: _adopt(settings, args.games, args.all),
         "dispose": lambda: _dispose(settings, args.games),
+        "versions": lambda: _versions(settings, args),
         "doctor": lambda: _doctor(settings),
     }
     try:

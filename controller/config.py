@@ -38,6 +38,8 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_IMAGE_ALLOWLIST", "galaxy/engine:*,galaxy/engine-stub:*",
         "comma-separated shell patterns; only matching image refs may run"),
     Var("RTMANAGER_INSTANCE", "default", "instance name, written on container labels; replicas share it"),
+    Var("RTMANAGER_VERSION_POLICY", "allowlist", "allowlist: RTMANAGER_IMAGE_ALLOWLIST alone decides which images "
+        "run; registry: only registered engine versions (active for new starts), inside the allowlist"),
     Var("RTMANAGER_ENGINE_PORT", "8080", "engine HTTP port inside the container"),
     Var("RTMANAGER_ENGINE_HEALTH_PATH", "/healthz", "engine health path"),
     Var("RTMANAGER_ENGINE_ADMIN_PATH", "/admin/v1", "path prefix of the engine's admin API (status, turns)"),
@@ -111,6 +113,7 @@ class Settings:
     state_root: str
     engine_state_dir: str
     image_allowlist: ImageAllowlist
+    version_policy: str
     instance: str
     engine_port: int
     health_path: str
@@ -273,6 +276,8 @@ class Settings:
             state_root=parse("RTMANAGER_STATE_ROOT", abspath, "must be an absolute path"),
             engine_state_dir=parse("RTMANAGER_ENGINE_STATE_DIR", abspath, "must be an absolute path"),
             image_allowlist=parse("RTMANAGER_IMAGE_ALLOWLIST", allowlist, "must list image patterns"),
+            version_policy=parse("RTMANAGER_VERSION_POLICY", choice("allowlist", "registry"),
+                                 "must be allowlist or registry"),
             instance=instance,
             engine_port=parse("RTMANAGER_ENGINE_PORT", number(1, 65535, int), "must be a port 1-65535"),
             health_path=parse("RTMANAGER_ENGINE_HEALTH_PATH", health_path, "must be a path starting with /"),

@@ -25,10 +25,19 @@ from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
 from controller.openapi import REST_JOBS, openapi_document
-from desired.errors import NotFound, StoreUnavailable
-from desired.jobs import InvalidJob, parse_control, parse_job, parse_turn_interval
+from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
+from desired.jobs import (
+    IMAGE_REF_PATTERN,
+    MAX_IMAGE_REF,
+    InvalidJob,
+    parse_control,
+    parse_job,
+    parse_turn_interval,
+)
+from desired.leader import Fenced
 from desired.model import CONTROL_OPS, GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
-from desired.store import Store
+from desired.store import Store, VersionInUse
+from desired.versions import MAX_NOTES, VERSION_PATTERN, VersionStatus
 
 log = logging.getLogger("rtmanager.http")
 
@@ -62,6 +71,8 @@ class HttpDeps:
     results_changed: Callable[[], asyncio.Event]  # the event set when the next results are written
     results_written: Callable[[], None]           # wake the relay
     schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
+    image_present: Callable[[str], Awaitable[bool]] = lambda image: _unknown()
+    pull_image: Callable[[str], Awaitable[None]] = lambda image: _unknown()
 
 
 class HttpServer:
@@ -80,6 +91,12 @@ class HttpServer:
         for path, kind in REST_JOBS.items():
             app.router.add_post(f"/api/v1/runtimes/{{game_id}}/{path}", self._job_handler(kind))
         app.router.add_put("/api/v1/runtimes/{game_id}/schedule", self.put_schedule)
+        versions_path = "/api/v1/admin/engine-versions"
+        app.router.add_get(versions_path, self.list_versions)
+        app.router.add_post(versions_path, self.create_version)
+        app.router.add_get(versions_path + "/{version}", self.get_version)
+        app.router.add_patch(versions_path + "/{version}", self.update_version)
+        app.router.add_delete(versions_path + "/{version}", self.delete_version)
         self.app = app
 
     async def start(self) -> None:
@@ -101,6 +118,8 @@ class HttpServer:
             return await handler(request)
         except StoreUnavailable:
             return _error(503, "the database is not reachable right now", retry_after=True)
+        except Fenced:
+            return _error(503, "this replica just lost its leadership; send this to the leader", retry_after=True)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -222,6 +241,116 @@ class HttpServer:
         self.c.schedule_changed()
         return web.json_response(record_json(record))
 
+    # ------------------------------------------------------- engine versions
+    async def _version_json(self, entry, live_games: int | None = None) -> dict[str, Any]:
+        body = {k: _json_value(v) for k, v in dataclasses.asdict(entry).items()}
+        body["image_present"] = await self.c.image_present(entry.image_ref)
+        if live_games is not None:
+            body["live_games"] = live_games
+        return body
+
+    async def list_versions(self, request: web.Request) -> web.Response:
+        raw = request.query.get("status")
+        try:
+            status = VersionStatus(raw) if raw is not None else None
+        except ValueError:
+            return _error(400, f"status must be one of {', '.join(s.value for s in VersionStatus)}")
+        entries = await self.c.store.list_versions(status)
+        return web.json_response({"engine_versions": [await self._version_json(e) for e in entries]})
+
+    async def get_version(self, request: web.Request) -> web.Response:
+        version = request.match_info["version"]
+        if not VERSION_PATTERN.fullmatch(version):
+            return _error(400, "version must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        try:
+            entry, live = await self.c.store.get_version(version)
+        except NotFound:
+            return _error(404, f"no engine version {version}")
+        return web.json_response(await self._version_json(entry, live))
+
+    async def _version_body(self, request: web.Request, allowed: set[str]) -> dict[str, Any] | web.Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        for name in body:
+            if name not in allowed:
+                what = "is immutable" if name in ("image_ref", "version") else "is not a field of an engine version"
+                return _error(400, f"field {name} {what}")
+        for name in ("version", "image_ref", "status", "notes"):
+            if name in body and not isinstance(body[name], str):
+                return _error(400, f"field {name} must be a string")
+        if "status" in body and body["status"] not in {s.value for s in VersionStatus}:
+            return _error(400, f"field status must be one of {', '.join(s.value for s in VersionStatus)}")
+        notes = body.get("notes", "")
+        if len(notes) > MAX_NOTES:
+            return _error(400, f"field notes is longer than {MAX_NOTES} characters")
+        if any((ch < " " and ch not in "\n\t") or "\ud800" <= ch <= "\udfff" for ch in notes):
+            return _error(400, "field notes must be text without control characters")
+        return body
+
+    async def create_version(self, request: web.Request) -> web.Response:
+        body = await self._version_body(request, {"version", "image_ref", "status", "notes"})
+        if isinstance(body, web.Response):
+            return body
+        pull = request.query.get("pull", "0")
+        if pull not in ("0", "1"):
+            return _error(400, "pull must be 0 or 1")
+        version, image = body.get("version"), body.get("image_ref")
+        if not version or not VERSION_PATTERN.fullmatch(version):
+            return _error(400, "field version must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        if not image or len(image) > MAX_IMAGE_REF or not IMAGE_REF_PATTERN.fullmatch(image):
+            return _error(400, "field image_ref is not a valid image reference")
+        if not self.c.settings.image_allowlist.allows(image):
+            return _error(400, f"field image_ref: {image!r} is not allowed by RTMANAGER_IMAGE_ALLOWLIST")
+        if not self.c.is_leader():
+            return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
+        if pull == "1":
+            try:
+                await self.c.pull_image(image)
+            except RtmError as exc:
+                return _error(409, f"field image_ref: the image could not be pulled: {exc.message}")
+        try:
+            entry = await self.c.store.create_version(version, image, VersionStatus(body.get("status", "active")),
+                                                       body.get("notes", ""))
+        except UniqueViolation as exc:
+            field = {"engine_versions_version_key": "version",
+                     "engine_versions_image_ref_key": "image_ref"}.get(exc.constraint, exc.constraint)
+            return _error(409, f"an engine version with this {field} exists (constraint {exc.constraint})")
+        return web.json_response(await self._version_json(entry, 0), status=201)
+
+    async def update_version(self, request: web.Request) -> web.Response:
+        version = request.match_info["version"]
+        if not VERSION_PATTERN.fullmatch(version):
+            return _error(400, "version must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        body = await self._version_body(request, {"status", "notes"})
+        if isinstance(body, web.Response):
+            return body
+        if not self.c.is_leader():
+            return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
+        try:
+            entry = await self.c.store.update_version(
+                version, status=VersionStatus(body["status"]) if "status" in body else None, notes=body.get("notes"))
+        except NotFound:
+            return _error(404, f"no engine version {version}")
+        return web.json_response(await self._version_json(entry))
+
+    async def delete_version(self, request: web.Request) -> web.Response:
+        version = request.match_info["version"]
+        if not VERSION_PATTERN.fullmatch(version):
+            return _error(400, "version must be 1-64 characters of A-Z a-z 0-9 . _ -")
+        if not self.c.is_leader():
+            return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
+        try:
+            await self.c.store.delete_version(version)
+        except NotFound:
+            return _error(404, f"no engine version {version}")
+        except VersionInUse as exc:
+            return _error(409, str(exc))
+        return web.Response(status=204)
+
     async def resync_snapshots(self, request: web.Request) -> web.Response:
         """A snapshot of every live game (or of ``?game_id=``), for a Lobby that lost track."""
         game_id = request.query.get("game_id")
@@ -267,6 +396,10 @@ class HttpServer:
         ops = await self.c.store.operations(game_id)
         return web.json_response({"operations": [
             {k: _json_value(v) for k, v in dataclasses.asdict(op).items()} for op in ops]})
+
+
+async def _unknown():
+    return None
 
 
 def _error(status: int, message: str, retry_after: bool = False) -> web.Response:

@@ -23,6 +23,7 @@ from desired.model import (
     Status,
     StopReason,
 )
+from desired.versions import MAX_NOTES, VERSION_PATTERN, VersionStatus
 
 # The jobs the REST API takes, by their path (``turn`` is the turn clock's own).
 REST_JOBS: dict[str, JobKind] = {
@@ -119,6 +120,50 @@ def openapi_document() -> dict[str, Any]:
             "404": {"$ref": "#/components/responses/NotFound"},
             "409": {"$ref": "#/components/responses/BadRequest"},
             "503": {"$ref": "#/components/responses/Unavailable"}}}}
+    version = {"name": "version", "in": "path", "required": True,
+               "schema": {"type": "string", "pattern": VERSION_PATTERN.pattern}}
+    v_status = _enum(VersionStatus)
+    v_ref = {"$ref": "#/components/schemas/EngineVersion"}
+    bad, auth, busy, missing, conflict = ({"$ref": f"#/components/responses/{n}"} for n in
+                                          ("BadRequest", "Unauthorized", "Unavailable", "NotFound", "Conflict"))
+    paths["/api/v1/admin/engine-versions"] = {
+        "get": {"operationId": "listEngineVersions", "summary": "The engine-version registry",
+                "parameters": [{"name": "status", "in": "query", "required": False, "schema": v_status}],
+                "responses": {"200": {"description": "entries", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["engine_versions"],
+                    "properties": {"engine_versions": {"type": "array", "items": v_ref}}}}}},
+                    "400": bad, "401": auth, "503": busy}},
+        "post": {"operationId": "createEngineVersion",
+                 "summary": "Register an engine version (409 names the unique constraint that was violated)",
+                 "parameters": [{"name": "pull", "in": "query", "required": False,
+                                 "description": "1: pull the image before registering it",
+                                 "schema": {"type": "string", "enum": ["0", "1"]}}],
+                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                     "type": "object", "required": ["version", "image_ref"], "additionalProperties": False,
+                     "properties": {"version": {"type": "string", "pattern": VERSION_PATTERN.pattern},
+                                    "image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
+                                    "status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES}}}}}},
+                 "responses": {"201": {"description": "registered", "content": {"application/json": {
+                     "schema": v_ref}}}, "400": bad, "401": auth, "409": conflict, "503": busy}},
+    }
+    paths["/api/v1/admin/engine-versions/{version}"] = {
+        "get": {"operationId": "getEngineVersion", "summary": "One entry, with the number of live games on it",
+                "parameters": [version],
+                "responses": {"200": {"description": "the entry", "content": {"application/json": {
+                    "schema": v_ref}}}, "400": bad, "401": auth, "404": missing, "503": busy}},
+        "patch": {"operationId": "updateEngineVersion", "summary": "Change status or notes (image_ref is immutable)",
+                  "parameters": [version],
+                  "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                      "type": "object", "additionalProperties": False,
+                      "properties": {"status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES}}}}}},
+                  "responses": {"200": {"description": "the entry", "content": {"application/json": {
+                      "schema": v_ref}}}, "400": bad, "401": auth, "404": missing, "503": busy}},
+        "delete": {"operationId": "deleteEngineVersion",
+                   "summary": "Remove an entry (409 while a game that is not removed uses it)",
+                   "parameters": [version],
+                   "responses": {"204": {"description": "removed"}, "400": bad, "401": auth, "404": missing,
+                                 "409": conflict, "503": busy}},
+    }
     for path, kind in REST_JOBS.items():
         paths[f"/api/v1/runtimes/{{game_id}}/{path}"] = {"post": {
             "operationId": f"{path.replace('-', '_')}Runtime",
@@ -154,6 +199,8 @@ def openapi_document() -> dict[str, Any]:
                 "Unauthorized": {"description": "missing or wrong bearer token", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Error"}}}},
                 "NotFound": {"description": "no such runtime", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}},
+                "Conflict": {"description": "conflicts with what exists", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Error"}}}},
                 "Unavailable": {"description": "REST API disabled, or this replica is a standby",
                                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
@@ -198,7 +245,17 @@ def openapi_document() -> dict[str, Any]:
                                 "snapshot_revision": {"type": "integer"}, "paused": {"type": "boolean"},
                                 "turn_interval": {"type": "integer"},
                                 "desired_turn": {"type": "integer", "nullable": True},
-                                "clock_from": _NULLABLE_TIME}},
+                                "clock_from": _NULLABLE_TIME, "engine_version": {"type": "string"}}},
+                "EngineVersion": {"type": "object",
+                                  "required": ["version", "image_ref", "status", "notes", "created_at", "updated_at",
+                                               "image_present"],
+                                  "properties": {
+                                      "version": {"type": "string"}, "image_ref": {"type": "string"},
+                                      "status": _enum(VersionStatus), "notes": {"type": "string"},
+                                      "created_at": {"type": "string", "format": "date-time"},
+                                      "updated_at": {"type": "string", "format": "date-time"},
+                                      "image_present": {"type": "boolean", "nullable": True},
+                                      "live_games": {"type": "integer"}}},
                 "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
                               "properties": {
                                   "id": {"type": "integer"}, "game_id": {"type": "string"}, "op": _enum(OpKind),

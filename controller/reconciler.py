@@ -29,7 +29,7 @@ from controller.config import Settings
 from controller.metrics import Metrics
 from controller.planner import Action, ActionKind, plan
 from controller.workqueue import ShutDown, WorkQueue
-from desired import transitions
+from desired import transitions, versions
 from desired.clock import Clock
 from desired.errors import (
     Conflict,
@@ -322,8 +322,13 @@ class Reconciler:
                    spec: ContainerSpec) -> None:
         # The allowlist holds at every start, not only when a job is accepted: restarts, crash
         # recoveries and spec changes reuse a stored image the operator may have banned since.
-        if kind is not ActionKind.CONFIRM and not self.settings.image_allowlist.allows(spec.image):
-            raise ImageRejected(f"image {spec.image} is no longer allowed by RTMANAGER_IMAGE_ALLOWLIST")
+        if kind is not ActionKind.CONFIRM:
+            if not self.settings.image_allowlist.allows(spec.image):
+                raise ImageRejected(f"image {spec.image} is no longer allowed by RTMANAGER_IMAGE_ALLOWLIST")
+            if self.settings.version_policy == "registry":
+                refusal = versions.refuse_run(await self.store.engine_version_of(spec.image), spec.image)
+                if refusal is not None:
+                    raise ImageRejected(refusal)
         if kind is ActionKind.RECREATE:
             await self.backend.ensure_image(spec.image)  # pull before taking the running game down
         if record.status is not Status.STARTING:

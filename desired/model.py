@@ -235,6 +235,7 @@ class RuntimeRecord:
     turn_interval: int = 0             # seconds between scheduled turns (0: no schedule)
     desired_turn: int | None = None    # the turn desired state asks the engine to reach
     clock_from: datetime | None = None  # the clock counts from here too (start, resume)
+    engine_version: str = ""           # the registered version of the game's image (empty: unregistered)
 
     @property
     def converged(self) -> bool:

@@ -58,9 +58,10 @@ def reason_for(old: RuntimeRecord | None, new: RuntimeRecord, forced: str | None
     return "started"  # to starting: being started or replaced
 
 
-def fields(new: RuntimeRecord, *, previous: Status | None, reason: str, snapshot_id: str, now: datetime,
-           engine_version: str = "") -> dict[str, str]:
-    failure = reason in _FAILURES
+def fields(new: RuntimeRecord, *, previous: Status | None, reason: str, snapshot_id: str,
+           now: datetime) -> dict[str, str]:
+    # A game stopped by rtmanager (a failed start, a crash loop, a disabled version) says why.
+    failure = reason in _FAILURES or (reason == "stopped" and new.stop_reason is None)
     return {
         "snapshot_id": snapshot_id,
         "game_id": new.game_id,
@@ -72,7 +73,7 @@ def fields(new: RuntimeRecord, *, previous: Status | None, reason: str, snapshot
         "container_id": new.current_container_id or "",
         "engine_endpoint": new.engine_endpoint if new.status.is_up else "",
         "image_ref": new.current_image_ref or new.desired_image_ref or "",
-        "engine_version": engine_version,
+        "engine_version": new.engine_version,
         "turn": "" if new.turn is None else str(new.turn),
         "paused": "1" if new.paused else "0",
         "exit_code": "" if not failure or new.last_exit_code is None else str(new.last_exit_code),

@@ -37,7 +37,7 @@ from typing import Any
 
 import asyncpg
 
-from desired import snapshots, transitions
+from desired import snapshots, transitions, versions
 from desired.clock import Clock
 from desired.errors import Conflict, NotFound
 from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide
@@ -74,7 +74,7 @@ _RECORD_COLUMNS = (
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
-    "desired_turn", "clock_from",
+    "desired_turn", "clock_from", "engine_version",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
@@ -203,6 +203,16 @@ class Identity:
     instance: str
     uid: str
     claimed_at: datetime
+
+
+class VersionInUse(RuntimeError):
+    """An engine version that a game (not removed) still runs or wants cannot be deleted."""
+
+
+def _version_from_row(row: asyncpg.Record) -> versions.EngineVersion:
+    return versions.EngineVersion(version=row["version"], image_ref=row["image_ref"],
+                                  status=versions.VersionStatus(row["status"]), notes=row["notes"],
+                                  created_at=row["created_at"], updated_at=row["updated_at"])
 
 
 class WrongInstance(RuntimeError):
@@ -486,11 +496,12 @@ class Store:
             return new
 
     # ------------------------------------------------------- desired state
-    async def submit(self, job: Job, defaults: RecordDefaults) -> SubmitOutcome:
+    async def submit(self, job: Job, defaults: RecordDefaults, *, registry: bool = False) -> SubmitOutcome:
         """Record one job as a desired-state change plus an operation, in one transaction.
 
         A stream entry already submitted (redelivery after a crash before XACK)
-        is recognised by its (stream, entry_id) and changes nothing.
+        is recognised by its (stream, entry_id) and changes nothing. With ``registry`` (the
+        version policy), a start or patch that would run a new image needs an active version.
         """
         async with self._tx() as (conn, now):
             if job.stream:
@@ -505,6 +516,15 @@ class Store:
             row = await conn.fetchrow(_SELECT_FOR_UPDATE, job.game_id)
             current = record_from_row(row) if row else None
             decision = decide(current, job, now, defaults)
+            if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
+                    and decision.action in ("change", "join")):
+                # FOR SHARE: a concurrent disable or delete of the version waits for this job.
+                row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE",
+                                          job.image_ref)
+                refusal = versions.refuse_new(_version_from_row(row) if row else None, job.image_ref)
+                if refusal is not None:
+                    decision = Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED,
+                                        message=refusal)
             params = {k: v for k, v in (("image_ref", job.image_ref),
                                         ("reason", job.reason.value if job.reason else None)) if v}
             if decision.action == "change":
@@ -674,6 +694,63 @@ class Store:
     async def unpublished_count(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL")
 
+    # ----------------------------------------------------- engine versions
+    async def engine_version_of(self, image_ref: str) -> versions.EngineVersion | None:
+        row = await self.pool.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1", image_ref)
+        return _version_from_row(row) if row else None
+
+    async def list_versions(self, status: versions.VersionStatus | None = None) -> list[versions.EngineVersion]:
+        rows = await self.pool.fetch("SELECT * FROM engine_versions WHERE $1::text IS NULL OR status = $1"
+                                     " ORDER BY version", status.value if status else None)
+        return [_version_from_row(r) for r in rows]
+
+    async def get_version(self, version: str) -> tuple[versions.EngineVersion, int]:
+        """The entry and the number of live (not removed) games on it; NotFound."""
+        row = await self.pool.fetchrow(
+            "SELECT v.*, (SELECT count(*) FROM runtime_records r WHERE r.status <> 'removed'"
+            " AND coalesce(r.desired_image_ref, r.current_image_ref) = v.image_ref) AS live_games"
+            " FROM engine_versions v WHERE v.version = $1", version)
+        if row is None:
+            raise NotFound(version)
+        return _version_from_row(row), int(row["live_games"])
+
+    async def create_version(self, version: str, image_ref: str, status: versions.VersionStatus,
+                             notes: str) -> versions.EngineVersion:
+        """UniqueViolation (naming engine_versions_version_key or engine_versions_image_ref_key) when
+        either exists: the database decides, so two racing creates give one entry and one conflict."""
+        async with self._tx() as (conn, _):
+            row = await conn.fetchrow(
+                "INSERT INTO engine_versions (version, image_ref, status, notes) VALUES ($1, $2, $3, $4)"
+                " RETURNING *", version, image_ref, status.value, notes)
+            await conn.execute("UPDATE runtime_records SET engine_version = $1 WHERE"
+                               " coalesce(desired_image_ref, current_image_ref) = $2", version, image_ref)
+            return _version_from_row(row)
+
+    async def update_version(self, version: str, *, status: versions.VersionStatus | None,
+                             notes: str | None) -> versions.EngineVersion:
+        async with self._tx() as (conn, _):
+            row = await conn.fetchrow(
+                "UPDATE engine_versions SET status = coalesce($2, status), notes = coalesce($3, notes),"
+                " updated_at = now() WHERE version = $1 RETURNING *", version, status.value if status else None,
+                notes)
+            if row is None:
+                raise NotFound(version)
+            return _version_from_row(row)
+
+    async def delete_version(self, version: str) -> None:
+        """NotFound, or VersionInUse while a game that is not removed runs or wants its image."""
+        async with self._tx() as (conn, _):
+            row = await conn.fetchrow("SELECT * FROM engine_versions WHERE version = $1 FOR UPDATE", version)
+            if row is None:
+                raise NotFound(version)
+            users = await conn.fetch(
+                "SELECT game_id FROM runtime_records WHERE status <> 'removed' AND (desired_image_ref = $1"
+                " OR current_image_ref = $1) ORDER BY game_id LIMIT 5", row["image_ref"])
+            if users:
+                raise VersionInUse(f"engine version {version} is used by games that are not removed: "
+                                   + ", ".join(r["game_id"] for r in users))
+            await conn.execute("DELETE FROM engine_versions WHERE id = $1", row["id"])
+
     # ------------------------------------------------------------ intake marks
     async def stream_marks(self) -> dict[str, tuple[int, int]]:
         rows = await self.pool.fetch("SELECT stream, mark_ms, mark_seq FROM stream_marks")
@@ -717,6 +794,10 @@ class Store:
         changed columns only, and the snapshot Lobby is owed when status, turn or paused changed."""
         if cur is not None and new.status is not cur.status:
             check_transition(cur.status, new.status)
+        image = new.desired_image_ref or new.current_image_ref
+        if cur is None or image != (cur.desired_image_ref or cur.current_image_ref):
+            version = await conn.fetchval("SELECT version FROM engine_versions WHERE image_ref = $1", image)
+            new = new.replace(engine_version=version or "")
         reason = snapshots.reason_for(cur, new, forced_reason)
         if reason is not None:
             new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else 0) + 1)

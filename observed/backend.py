@@ -38,6 +38,8 @@ class RuntimeBackend(Protocol):
     async def inspect(self, name_or_id: str) -> ObservedContainer | None:
         """One unit, or None when it does not exist."""
 
+    async def image_present(self, image: str) -> bool: ...
+
     async def ensure_image(self, image: str) -> None:
         """Present, or pulled once; otherwise ImageMissing."""
 

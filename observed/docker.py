@@ -208,6 +208,13 @@ class DockerBackend:
             if exc.status_code != 409:
                 raise
 
+    async def image_present(self, image: str) -> bool:
+        try:
+            await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
+            return True
+        except docker.errors.NotFound:
+            return False
+
     async def ensure_image(self, image: str) -> None:
         """Present locally, or pulled once; otherwise ImageMissing."""
         try:

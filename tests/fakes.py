@@ -615,7 +615,7 @@ class FakeStore:
         return self._swap(cur, transitions.cleaned_up(cur, now))
 
     # admission
-    async def submit(self, job: Job, defaults: RecordDefaults) -> SubmitOutcome:
+    async def submit(self, job: Job, defaults: RecordDefaults, *, registry: bool = False) -> SubmitOutcome:
         now = self._check()
         if self.fail_submit is not None:
             raise self.fail_submit

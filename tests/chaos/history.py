@@ -67,6 +67,7 @@ class History:
     games: list[str]
     mortal: list[str]
     instance: str = ""
+    code: str = ""                                             # the commit under test (and local changes)
     never_healthy: list[str] = field(default_factory=list)    # images whose engine can never become healthy
     jobs: list[JobRecord] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)

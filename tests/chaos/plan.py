@@ -148,7 +148,7 @@ def _stream_job(rng: random.Random, kind: str, game: str, tag: str) -> PlannedJo
 
 
 def _rest_job(rng: random.Random, kind: str, game: str, tag: str) -> PlannedJob:
-    wait = rng.choice([0.0, 1.0, 3.0, 8.0, 15.0])
+    wait = rng.choice([0.0, 0.5, 1.0, 3.0, 8.0])
     job = PlannedJob(at=0, tag=tag, via="rest", kind=kind, game=game, path_game=game, wait=wait, body=None)
     if kind == "start":
         job.image = _start_image(rng)
@@ -240,10 +240,11 @@ def plan_faults(seed: int, duration: float, n_games: int, *, dockerd_restart: bo
         elif kind == "leader_change":
             f.params = {"old_back_after": round(rng.uniform(1, 5), 2),
                         "then": rng.choice(["stop_new", "keep_both", "kill_new"])}
-            f.duration = 3 + f.params["old_back_after"] + 2
+            f.duration = 8 + f.params["old_back_after"]  # start a standby, hand over, come back: about that
         elif kind == "pause_leader":
             f.duration = round(LEASE_TTL + rng.uniform(0.5, 4.0), 2)
             f.params = {"with_standby": rng.random() < 0.6}
+            overhead = 1 + (3 if f.params["with_standby"] else 0)  # a standby to start, a look after
         elif kind in ("postgres_down", "redis_down"):
             f.duration = round(rng.uniform(1.0, cap), 2)
             f.params = {"how": rng.choice(["fast", "immediate"] if kind == "postgres_down" else ["shutdown", "kill"])}
@@ -254,5 +255,7 @@ def plan_faults(seed: int, duration: float, n_games: int, *, dockerd_restart: bo
         elif kind in ("container_kill", "container_remove"):
             f.params = {"game": rng.randrange(n_games)}
         faults.append(f)
+        if kind == "pause_leader":
+            t += overhead
         t += f.duration + (rng.uniform(0.5, 3.0) if short else rng.uniform(1.0, 12.0))
     return faults

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
+import docker.errors
 import redis
 
 from tests.chaos.checker import Report, check, resolve
@@ -189,13 +190,20 @@ class ChaosRun:
 
     # -------------------------------------------------------------- services
     def _setup(self) -> None:
-        for tool in ("redis-server", "runuser", "docker", "ip"):
+        import glob
+
+        for tool in ("redis-server", "runuser", "docker", "ip", "dockerd", "containerd"):
             if shutil.which(tool) is None:
                 raise AssertionError(f"{tool} is not installed; `bash deploy/local/services.sh up` installs the "
                                      "services (as root)")
+        if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+            raise AssertionError("PostgreSQL's server binaries are not installed (/usr/lib/postgresql/*/bin/initdb); "
+                                 "`bash deploy/local/services.sh up` installs them (as root)")
         self.work = Path(tempfile.mkdtemp(prefix=f"rtm-chaos-{self.id}-", dir="/var/tmp"))
         os.chmod(self.work, 0o755)
         self.say(f"work dir {self.work}, logs {self.log_dir}")
+        self.history.code = _code_version()
+        self.say(f"code under test: {self.history.code}")
         self.pg = PostgresCluster()
         self.pg.start()
         self.pg_up = True
@@ -230,6 +238,8 @@ class ChaosRun:
             "RTMANAGER_STOP_STREAM": self.streams["stop"],
             "RTMANAGER_RESULTS_STREAM": self.streams["results"],
             "RTMANAGER_DEAD_LETTER_STREAM": self.streams["dead"],
+            "RTMANAGER_CONTROL_STREAM": f"{prefix}:control_jobs",
+            "RTMANAGER_SNAPSHOT_STREAM": f"{prefix}:snapshots",
             "RTMANAGER_CONSUMER_GROUP": "rtmanager",
             "RTMANAGER_LEASE_TTL": str(LEASE_TTL),
             "RTMANAGER_RESYNC_INTERVAL": "2",
@@ -559,17 +569,20 @@ class ChaosRun:
     def _outside(self, index: int, remove: bool) -> str:
         client = self.docker()
         try:
-            containers = {c.name: c for c in client.containers.list(all=True)}
+            containers = {c.name: c for c in client.containers.list(all=True, ignore_removed=True)}
             order = self.all_games[index % len(self.all_games):] + self.all_games[:index % len(self.all_games)]
             for game in order:
                 c = containers.get(f"galaxy-game-{game}")
                 if c is None or (not remove and c.status != "running"):
                     continue
-                if remove:
-                    c.remove(force=True)
-                    return f"removed the container of {game} from outside (docker rm -f, was {c.status})"
-                c.kill()
-                return f"killed the container of {game} from outside (SIGKILL)"
+                try:
+                    if remove:
+                        c.remove(force=True)
+                        return f"removed the container of {game} from outside (docker rm -f, was {c.status})"
+                    c.kill()
+                    return f"killed the container of {game} from outside (SIGKILL)"
+                except docker.errors.APIError:  # gone or changed meanwhile (rtmanager is busy too): the next one
+                    continue
             return f"skipped: no {'' if remove else 'running '}container to {'remove' if remove else 'kill'}"
         finally:
             client.close()
@@ -706,7 +719,7 @@ class ChaosRun:
     def _docker_snapshot(self) -> list:
         client = self.docker()
         try:
-            return sorted((c.id, c.status, c.attrs["Config"]["Image"]) for c in client.containers.list(all=True))
+            return sorted((c["Id"], c["State"], c["Image"]) for c in client.api.containers(all=True))
         finally:
             client.close()
 
@@ -824,13 +837,16 @@ class ChaosRun:
         for _, f in h.results:
             key = f.get("error_code") or f.get("outcome", "?")
             codes[key] = codes.get(key, 0) + 1
+        unsent = sum(1 for j in h.jobs if j.sent_at is None)
         lines.append(f"chaos seed={self.seed} minutes={self.minutes:g}: {len(stream)} stream entries, "
                      f"{len(rest)} REST calls ({sum(1 for j in rest if j.op_id is not None)} admitted), "
-                     f"{len(bad)} bad shapes; {len(h.results)} results {dict(sorted(codes.items()))}; "
+                     f"{len(bad)} bad shapes, {unsent} planned jobs not sent (the REST client fell behind); "
+                     f"{len(h.results)} results {dict(sorted(codes.items()))}; "
                      f"{sum(1 for f in h.faults if f.started is not None)} faults run")
         for g in self.all_games:
             lines.append(f"  {g:10s} final {_show(report.observed.get(g))}; allowed "
                          f"{', '.join(_show(s) for s in report.expected.get(g, []))}")
+        lines.append(f"code under test: {h.code or 'unknown'}")
         if report.ok:
             lines.append("all invariants hold")
         else:
@@ -852,6 +868,20 @@ class ChaosRun:
                 lines.append(f"  {g}:")
                 lines += [f"    {t}" for t in trail]
         return "\n".join(lines) + "\n"
+
+
+def _code_version() -> str:
+    """The commit, and how many product files differ from it (read-only git: no index refresh)."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              env=env, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "controller", "desired", "observed",
+                                "migrations"], cwd=ROOT, capture_output=True, text=True, env=env,
+                               timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head or 'unknown'}" + (f" + {len(dirty)} changed product files" if dirty else "")
 
 
 def _show(state) -> str:
