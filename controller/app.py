@@ -68,7 +68,8 @@ class Controller:
                            holder=f"{settings.consumer_name}-{os.getpid()}-{secrets.token_hex(3)}")
         self.backend = DockerBackend(instance=settings.instance, network=settings.docker_network,
                                      pool_size=max(4, settings.concurrency + 2),
-                                     observer=self.metrics.docker_observer, guard=self._may_act)
+                                     observer=self.metrics.docker_observer, guard=self._may_act,
+                                     probe_address=settings.probe_address)
         self.engine = EngineClient(port=settings.engine_port, path=settings.health_path,
                                    admin_path=settings.admin_path)
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)

@@ -113,6 +113,7 @@ def build_spec(settings: Settings, record: RuntimeRecord, *, database: str = "",
         generation=record.generation,
         spec_revision=record.spec_revision,
         user=settings.engine_user,
+        node=record.node_id,
         read_only=settings.engine_read_only,
         tmpfs_bytes=settings.engine_tmpfs,
         disk_bytes=settings.engine_disk,
@@ -375,7 +376,7 @@ class Reconciler:
             raise ContainerStartFailed("the container disappeared right after start")
         if not seen.running:
             await self._raise_exited(seen)
-        host = self._probe_host(record.game_id, seen.ip_address)
+        host = self._probe_host(record.game_id, seen.address)
         t0 = loop.time()
         ok, detail = await self.engine.wait_healthy(host, self.settings.start_timeout, still_running)
         self.metrics.probes.labels("healthy" if ok else "unhealthy").inc()
@@ -385,11 +386,12 @@ class Reconciler:
             raise EngineUnhealthy(f"engine did not answer GET {self.settings.health_path} with 2xx within "
                                   f"{self.settings.start_timeout:g}s (last: {detail})")
         self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
-        probe = await self.probe(record, seen.ip_address) if record.admin_api is not False else None
+        probe = await self.probe(record, seen.address) if record.admin_api is not False else None
         s = self.settings
         await self.store.mark_running(record, container_id=container_id, image=spec.image,
                                       probe=probe if probe is not None and probe.healthy else None,
-                                      unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout)
+                                      unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout,
+                                      node=seen.node)
         self._results_written()
 
     # ------------------------------------------------------------------ turns
@@ -398,7 +400,7 @@ class Reconciler:
         then ask for turn N+1 only when it is idle at N (its compare-and-swap on ``expected_turn``
         makes a repeated request harmless); poll while it generates."""
         seen = await self.backend.inspect(container.id) or container
-        host = self._probe_host(record.game_id, seen.ip_address)
+        host = self._probe_host(record.game_id, seen.address)
         target = record.desired_turn or 0
         try:
             st = await self.engine.status(host)
@@ -476,8 +478,9 @@ class Reconciler:
             return  # a newer job took over: it decides
         self._results_written()
 
-    def _probe_host(self, game_id: str, ip: str | None) -> str:
-        return ip if (self.settings.probe_address == "ip" and ip) else container_name(game_id)
+    @staticmethod
+    def _probe_host(game_id: str, address: str | None) -> str:
+        return address or container_name(game_id)
 
     async def _exit_detail(self, seen: ObservedContainer, what: str, lines: int) -> tuple[str, str]:
         tail = await self.backend.logs_tail(seen.id, lines)
@@ -492,11 +495,12 @@ class Reconciler:
         detail, _ = await self._exit_detail(seen, "exited", 5)
         raise ContainerStartFailed(detail)
 
-    async def probe(self, record: RuntimeRecord, ip: str | None) -> Probe:
-        """Ask a running engine how it is: its health path, then (when it has one) its admin status."""
-        if not ip and self.settings.probe_address == "ip":
+    async def probe(self, record: RuntimeRecord, address: str | None) -> Probe:
+        """Ask a running engine how it is: its health path, then (when it has one) its admin status.
+        ``address`` is the backend's (None: the unit does not run)."""
+        if not address:
             return Probe(healthy=False)
-        host = self._probe_host(record.game_id, ip)
+        host = address
         ok, detail = await self.engine.check(host)
         self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
         if not ok or record.admin_api is False:
@@ -515,9 +519,9 @@ class Reconciler:
         return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase,
                      failed_turn=last.turn if last is not None and not last.ok else None)
 
-    async def observe(self, record: RuntimeRecord, ip: str | None) -> None:
+    async def observe(self, record: RuntimeRecord, address: str | None) -> None:
         """One periodic look at a running engine; the record is written only when something changed."""
-        probe = await self.probe(record, ip)
+        probe = await self.probe(record, address)
         s = self.settings
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
                                    generation_timeout=s.generation_timeout)
@@ -531,7 +535,7 @@ class Reconciler:
             except Conflict:
                 pass  # the record moved on meanwhile; the next round looks again
             self._results_written()  # a snapshot
-        if not ip:
+        if not address:
             self.queue.add(record.game_id)  # not running at all: let the reconciler look
 
     async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> None:

@@ -134,12 +134,12 @@ class HealthRound:
         if not records:
             return
         with backend_errors():
-            ips = {c.id: c.ip_address for c in await self.backend.list_managed() if c.running}
+            addresses = {c.id: c.address for c in await self.backend.list_managed() if c.running}
         sem = asyncio.Semaphore(HEALTH_CONCURRENCY)
 
         async def probe(rec) -> None:
             async with sem:
-                await self.reconciler.observe(rec, ips.get(rec.current_container_id or ""))
+                await self.reconciler.observe(rec, addresses.get(rec.current_container_id or ""))
 
         await asyncio.gather(*(probe(r) for r in records))
 

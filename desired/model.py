@@ -236,6 +236,7 @@ class RuntimeRecord:
     desired_turn: int | None = None    # the turn desired state asks the engine to reach
     clock_from: datetime | None = None  # the clock counts from here too (start, resume)
     engine_version: str = ""           # the registered version of the game's image (empty: unregistered)
+    node_id: str | None = None         # the node that first ran it, where its state lives (Swarm)
 
     @property
     def converged(self) -> bool:

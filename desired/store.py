@@ -74,7 +74,7 @@ _RECORD_COLUMNS = (
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
-    "desired_turn", "clock_from", "engine_version",
+    "desired_turn", "clock_from", "engine_version", "node_id",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
@@ -349,11 +349,11 @@ class Store:
 
     async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str,
                            probe: transitions.Probe | None = None, unreachable_after: int = 3,
-                           generation_timeout: float = 600) -> RuntimeRecord:
+                           generation_timeout: float = 600, node: str | None = None) -> RuntimeRecord:
         """The engine answers: the generation converged and its jobs are answered ``success``
         (with what the engine said of itself, when it was asked)."""
         def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
-            new = transitions.running(cur, now, container_id=container_id, image=image)
+            new = transitions.running(cur, now, container_id=container_id, image=image, node=node)
             if probe is not None:
                 new = transitions.observed(new, now, probe, unreachable_after=unreachable_after,
                                            generation_timeout=generation_timeout)

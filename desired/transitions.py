@@ -38,7 +38,8 @@ def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -
                        else cur.rollback_image_ref)
 
 
-def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str) -> RuntimeRecord:
+def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
+            node: str | None = None) -> RuntimeRecord:
     """The engine answers its health path: the generation has converged. A game that was already up
     keeps what its engine last said of itself (finished, generating, ...); an unreachable one that
     answers again is running."""
@@ -48,7 +49,8 @@ def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str)
     return cur.replace(status=status, current_container_id=container_id, current_image_ref=image,
                        started_at=started, stopped_at=None, health=Health.HEALTHY, health_checked_at=now,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
-                       rolling_back=False, probe_failures=0, unreachable_since=None, last_op_at=_touch(cur, now))
+                       rolling_back=False, probe_failures=0, unreachable_since=None, last_op_at=_touch(cur, now),
+                       node_id=cur.node_id or node)
 
 
 def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None) -> RuntimeRecord:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import os
@@ -70,8 +71,9 @@ class DockerBackend:
 
     def __init__(self, *, instance: str, network: str, pool_size: int = 8, timeout: float = 30.0,
                  observer: Callable[[str, float, bool], None] | None = None,
-                 guard: Callable[[], None] | None = None) -> None:
+                 guard: Callable[[], None] | None = None, probe_address: str = "ip") -> None:
         self.instance = instance
+        self.probe_address = probe_address  # ip: the container's IP; hostname: its name on the network
         self.network = network
         self.pool_size = pool_size
         self._timeout = timeout
@@ -138,14 +140,19 @@ class DockerBackend:
             return self._docker().api.containers(all=True, filters=filters)
 
         raw = await self._call("list", list_raw)
-        return [from_list_entry(attrs, self.network) for attrs in raw]
+        return [self._addressed(from_list_entry(attrs, self.network)) for attrs in raw]
+
+    def _addressed(self, c: ObservedContainer) -> ObservedContainer:
+        if not c.running:
+            return c
+        return dataclasses.replace(c, address=c.ip_address if self.probe_address == "ip" else c.name)
 
     async def inspect(self, name_or_id: str) -> ObservedContainer | None:
         try:
             attrs = await self._call("inspect", lambda: self._docker().api.inspect_container(name_or_id))
         except docker.errors.NotFound:
             return None
-        return from_inspect(attrs, self.network)
+        return self._addressed(from_inspect(attrs, self.network))
 
     async def logs_tail(self, name_or_id: str, lines: int = 20) -> str:
         """The engine's last lines, as safe text (engines print anything, NUL included)."""

@@ -73,10 +73,14 @@ class EngineClient:
                 connector=aiohttp.TCPConnector(force_close=True, limit=64))
         return self._session
 
+    def _netloc(self, address: str) -> str:
+        """``host`` (the engine port) or ``host:port`` (a port published on a node)."""
+        return address if ":" in address else f"{address}:{self.port}"
+
     # ------------------------------------------------------------------ health
     async def check(self, host: str) -> tuple[bool, str]:
         """One health attempt: (healthy, detail). The body is never read past a few KiB."""
-        url = f"http://{host}:{self.port}{self.path}"
+        url = f"http://{self._netloc(host)}{self.path}"
         try:
             async with self._http().get(url, allow_redirects=False) as resp:
                 await resp.content.read(HEALTH_BODY_LIMIT)
@@ -105,7 +109,7 @@ class EngineClient:
 
     # --------------------------------------------------------------- admin API
     async def _admin(self, method: str, host: str, what: str, body: dict | None = None) -> tuple[int, Any]:
-        url = f"http://{host}:{self.port}{self.admin_path}/{what}"
+        url = f"http://{self._netloc(host)}{self.admin_path}/{what}"
         try:
             async with self._http().request(method, url, json=body, allow_redirects=False,
                                             timeout=self._admin_timeout) as resp:

@@ -47,6 +47,9 @@ class ContainerSpec:
     generation: int
     spec_revision: int
     user: str | None = None
+    # Pinned to this node (a Swarm backend keeps a game where its state is). Not part of the hash:
+    # the pin is learnt after the first start and applies to the units created after it.
+    node: str | None = None
     read_only: bool = False
     tmpfs_bytes: int = 0
     disk_bytes: int = 0
@@ -93,6 +96,10 @@ class ObservedContainer:
     oom_killed: bool = False
     ip_address: str | None = None
     finished_at: datetime | None = None
+    # How the controller reaches the engine ("host" or "host:port"), as the backend's probe mode
+    # says: the container's IP, its hostname on the game network, or a published port on its node.
+    address: str | None = None
+    node: str | None = None  # the node it runs on (a Swarm backend)
     mounts: tuple[tuple[str, str], ...] = ()  # (source, destination); from inspect only
 
     @property

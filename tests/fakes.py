@@ -268,7 +268,8 @@ class FakeBackend:
     def _observe(self, c: FakeContainer) -> ObservedContainer:
         return ObservedContainer(id=c.id, name=c.name, image=c.image, state=c.state, labels=dict(c.labels),
                                  created_at=c.created_at, exit_code=c.exit_code,
-                                 ip_address=self.ip_of(c) if c.state == "running" else None)
+                                 ip_address=self.ip_of(c) if c.state == "running" else None,
+                                 address=self.ip_of(c) if c.state == "running" else None)
 
     def ip_of(self, c: FakeContainer) -> str:
         n = list(self.containers).index(c.id) if c.id in self.containers else 0
@@ -537,9 +538,10 @@ class FakeStore:
         return new
 
     async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str, probe=None,
-                           unreachable_after: int = 3, generation_timeout: float = 600) -> RuntimeRecord:
+                           unreachable_after: int = 3, generation_timeout: float = 600,
+                           node: str | None = None) -> RuntimeRecord:
         def change(cur, now):
-            new = transitions.running(cur, now, container_id=container_id, image=image)
+            new = transitions.running(cur, now, container_id=container_id, image=image, node=node)
             if probe is not None:
                 new = transitions.observed(new, now, probe, unreachable_after=unreachable_after,
                                            generation_timeout=generation_timeout)
