@@ -40,6 +40,7 @@ from desired.leader import Fence, Fenced, Lease
 from desired.migrate import migrate
 from desired.pg import connect, create_pool
 from desired.store import Identity, Notifications, Store, WrongInstance
+from observed.backend import RuntimeBackend
 from observed.docker import DockerBackend
 from observed.engine import EngineClient
 from observed.errors import ObservedError
@@ -66,10 +67,7 @@ class Controller:
         self.exit_code = 0
         self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
                            holder=f"{settings.consumer_name}-{os.getpid()}-{secrets.token_hex(3)}")
-        self.backend = DockerBackend(instance=settings.instance, network=settings.docker_network,
-                                     pool_size=max(4, settings.concurrency + 2),
-                                     observer=self.metrics.docker_observer, guard=self._may_act,
-                                     probe_address=settings.probe_address)
+        self.backend = make_backend(settings, observer=self.metrics.docker_observer, guard=self._may_act)
         self.engine = EngineClient(port=settings.engine_port, path=settings.health_path,
                                    admin_path=settings.admin_path)
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
@@ -269,6 +267,17 @@ class Controller:
         await self.pool.close()
         self.backend.close()
         log.info("stopped", extra={"exit_code": self.exit_code})
+
+
+def make_backend(settings: Settings, **hooks) -> RuntimeBackend:
+    """The runtime backend of RTMANAGER_BACKEND: one Docker host, or a Docker Swarm."""
+    common = dict(instance=settings.instance, network=settings.docker_network,
+                  pool_size=max(4, settings.concurrency + 2), probe_address=settings.probe_address, **hooks)
+    if settings.backend == "swarm":
+        from observed.swarm import SwarmBackend
+
+        return SwarmBackend(port=settings.engine_port, **common)
+    return DockerBackend(**common)
 
 
 async def prepare_database(settings: Settings) -> Identity:

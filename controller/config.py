@@ -78,7 +78,10 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_ENGINE_TMPFS", "64m", "size of the tmpfs mounted at /tmp in the engine (0: none)"),
     Var("RTMANAGER_ENGINE_DISK", "1g", "size limit of the engine's writable layer where the storage driver "
         "supports it (0: none)"),
-    Var("RTMANAGER_PROBE_ADDRESS", "ip", "how the health probe reaches the engine: ip or hostname"),
+    Var("RTMANAGER_BACKEND", "docker", "docker: one container per game on one Docker host; swarm: one service per "
+        "game on a Docker Swarm"),
+    Var("RTMANAGER_PROBE_ADDRESS", "ip", "how the controller reaches engines: ip (the container's IP; docker), "
+        "hostname (on the game network: rtmanager runs on it) or published (a host-mode port on the node; swarm)"),
     Var("RTMANAGER_ORPHAN_GRACE", "10", "seconds an unrecorded container with our labels is left alone"),
     Var("RTMANAGER_MAX_REMOVALS", "10", "containers removed on the controller's own initiative (orphans, "
         "cleanup TTL) at most per resync interval"),
@@ -148,6 +151,7 @@ class Settings:
     engine_tmpfs: int
     engine_disk: int
     probe_address: str
+    backend: str
     orphan_grace: float
     max_removals: int
     dry_run: bool
@@ -314,7 +318,9 @@ class Settings:
             engine_read_only=parse("RTMANAGER_ENGINE_READ_ONLY", flag, "must be 0 or 1"),
             engine_tmpfs=parse("RTMANAGER_ENGINE_TMPFS", optional_size, "must be 0 or a size such as 64m"),
             engine_disk=parse("RTMANAGER_ENGINE_DISK", optional_size, "must be 0 or a size such as 1g"),
-            probe_address=parse("RTMANAGER_PROBE_ADDRESS", choice("ip", "hostname"), "must be ip or hostname"),
+            probe_address=parse("RTMANAGER_PROBE_ADDRESS", choice("ip", "hostname", "published"),
+                                "must be ip, hostname or published"),
+            backend=parse("RTMANAGER_BACKEND", choice("docker", "swarm"), "must be docker or swarm"),
             orphan_grace=parse("RTMANAGER_ORPHAN_GRACE", number(0, 86400), "must be seconds in 0..86400"),
             max_removals=parse("RTMANAGER_MAX_REMOVALS", number(0, 10**6, int), "must be an integer, 0 or more"),
             dry_run=parse("RTMANAGER_DRY_RUN", flag, "must be 0 or 1"),
