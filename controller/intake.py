@@ -61,7 +61,6 @@ log = logging.getLogger("rtmanager.intake")
 
 READ_COUNT = 100
 BLOCK_MS = 1000
-MAINTAIN_EVERY = 10.0  # seconds between storing marks and trimming
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
 
@@ -116,7 +115,7 @@ class Intake:
         loop = asyncio.get_running_loop()
         delay = 0.2
         next_pending_pass = 0.0  # first our own pending entries and dead consumers', then new ones
-        next_maintenance = loop.time() + MAINTAIN_EVERY
+        next_maintenance = loop.time() + self.pending_interval
         while not self._stopping.is_set():
             try:
                 if loop.time() >= next_pending_pass:
@@ -126,7 +125,7 @@ class Intake:
                 await self.read_round()
                 if loop.time() >= next_maintenance:
                     await self.maintain()
-                    next_maintenance = loop.time() + MAINTAIN_EVERY
+                    next_maintenance = loop.time() + self.pending_interval
                 self.healthy = True
                 delay = 0.2
             except OUTAGES as exc:
