@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import secrets
 import signal
 from collections.abc import Coroutine
 
 from controller.admission import Admission
 from controller.config import Settings
 from controller.http import HttpDeps, HttpServer
-from controller.intake import Intake
+from controller.intake import INTAKE_WORKERS, Intake
 from controller.leadership import Leadership
 from controller.logs import redact_url
 from controller.metrics import Metrics
@@ -66,7 +64,7 @@ class Controller:
         self.term_stopping = asyncio.Event()
         self.exit_code = 0
         self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
-                           holder=f"{settings.consumer_name}-{os.getpid()}-{secrets.token_hex(3)}")
+                           holder=settings.consumer_name)  # one name per replica, stable across restarts
         self.backend = make_backend(settings, observer=self.metrics.docker_observer, guard=self._may_act)
         self.engine = EngineClient(port=settings.engine_port, path=settings.health_path,
                                    admin_path=settings.admin_path)
@@ -122,7 +120,9 @@ class Controller:
         log.info("starting", extra={"instance": s.instance, "database": redact_url(s.database_url),
                                     "redis": redact_url(s.redis_url), "network": s.docker_network,
                                     "concurrency": s.concurrency, "holder": self.fence.holder})
-        self.pool = await create_pool(s.database_url, max_size=max(4, s.concurrency + 4), lease_ttl=s.lease_ttl)
+        # Reconcile workers, the intake's workers, and the relay, resync, health round, HTTP.
+        self.pool = await create_pool(s.database_url, max_size=s.concurrency + INTAKE_WORKERS + 4,
+                                      lease_ttl=s.lease_ttl)
         self.store = Store(self.pool, fence=self.fence, clock=self.clock)
         if self.identity is None:
             self.identity = await Store(self.pool, clock=self.clock).claim_identity(s.instance)

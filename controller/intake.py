@@ -44,6 +44,7 @@ acknowledged and never applied again, and job streams are trimmed only below it
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -61,6 +62,8 @@ log = logging.getLogger("rtmanager.intake")
 
 READ_COUNT = 100
 BLOCK_MS = 1000
+INTAKE_WORKERS = 4      # entries of different games handled at once (each its own transaction)
+MAX_IN_FLIGHT = 1000    # entries read ahead and not yet handled, at most
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
 
@@ -69,6 +72,73 @@ def previous_id(entry_id: str) -> tuple[int, int]:
     """The entry id just before ``entry_id``."""
     ms, seq = entry_key(entry_id)
     return (ms, seq - 1) if seq > 0 else (ms - 1, MAX_SEQ)
+
+
+class Dispatcher:
+    """Entries of one key (a game) one after the other, in the order they are put; entries of
+    different keys up to ``workers`` at once. A game whose entry stays pending (``handle`` answers
+    False) or meets an outage is held: its later entries are dropped here (they stay pending in the
+    consumer group) and ``on_held`` is told. The first outage is raised by ``drain`` (and ``put``)."""
+
+    def __init__(self, handle, *, workers: int, on_held, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self._handle = handle
+        self._sem = asyncio.Semaphore(workers)
+        self._on_held = on_held
+        self._max = max_in_flight
+        self._queues: dict = {}
+        self._tasks: dict = {}
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._error: BaseException | None = None
+
+    async def put(self, key, entry: Entry, reread: bool) -> None:
+        while self._in_flight >= self._max:
+            self._room.clear()
+            await self._room.wait()
+        self._raise()
+        self._queues.setdefault(key, collections.deque()).append((entry, reread))
+        self._in_flight += 1
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.create_task(self._run_key(key), name="intake-game")
+
+    async def _run_key(self, key) -> None:
+        queue = self._queues[key]
+        try:
+            while queue:
+                entry, reread = queue.popleft()
+                try:
+                    async with self._sem:
+                        handled = await self._handle(entry, reread=reread)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - an outage, a lost term: the run loop decides
+                    self._error = self._error or exc
+                    handled = False
+                finally:
+                    self._in_flight -= 1
+                if not handled:
+                    self._in_flight -= len(queue)  # they stay pending behind this one
+                    queue.clear()
+                    self._on_held(key)
+        finally:
+            self._queues.pop(key, None)
+            self._tasks.pop(key, None)
+            self._room.set()
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def cancel(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
 
 
 class Intake:
@@ -90,6 +160,11 @@ class Intake:
         self.held: set = set()              # games with an entry left pending: later ones wait
         self.marks: dict[str, tuple[int, int]] = {}
         self.skipped_below_mark = 0
+        self._dispatch = Dispatcher(self._process, workers=INTAKE_WORKERS, on_held=self.held_game)
+
+    def held_game(self, key) -> None:
+        if isinstance(key, bytes | str):
+            self.held.add(key)
 
     @property
     def streams(self) -> list[str]:
@@ -105,6 +180,7 @@ class Intake:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._dispatch.cancel()
 
     @property
     def pending_interval(self) -> float:
@@ -168,15 +244,15 @@ class Intake:
                     exhausted[s] = len(got) < READ_COUNT
             heads = [(self.order(buffers[s][0]), s) for s in self.streams if buffers[s]]
             if not heads:
-                return seen
+                break
             _, s = min(heads)
             entry = buffers[s].pop(0)
             seen += 1
             game = entry.field("game_id")
             if game is not None and game in self.held:
                 continue  # stays pending behind an earlier entry of its game
-            if not await self._process(entry, reread=False) and game is not None:
-                self.held.add(game)
+            await self._dispatch.put(game if game is not None else (entry.stream, entry.id), entry, False)
+        await self._dispatch.drain()
         return seen
 
     async def pending_pass(self) -> None:
@@ -195,16 +271,15 @@ class Intake:
             for e in claimed:
                 entries[(e.stream, e.id)] = e
         self.claim_everything_once = False
-        held: set = set()
+        self.held = set()
         for entry in sorted(entries.values(), key=self.order):
             if self._stopping.is_set():
-                return
+                break
             game = entry.field("game_id")
-            if game is not None and game in held:
+            if game is not None and game in self.held:
                 continue
-            if not await self._process(entry, reread=True) and game is not None:
-                held.add(game)
-        self.held = held
+            await self._dispatch.put(game if game is not None else (entry.stream, entry.id), entry, True)
+        await self._dispatch.drain()
 
     # --------------------------------------------------------------- handling
     async def _process(self, entry: Entry, *, reread: bool) -> bool:

@@ -5,7 +5,9 @@ others stand by. The lease and its fencing live in desired/leader.py; this loop
 decides *when* to lead:
 
 * **Campaign** every ``ttl / 3`` until the lease is free, then call
-  ``on_elected`` (the composition root starts the leader's tasks).
+  ``on_elected`` (the composition root starts the leader's tasks). A process's
+  first campaign takes back at once a lease held under its own replica name
+  (it held it before a crash), instead of waiting a TTL for it to expire.
 * **Renew** every ``ttl / 5`` on the lease's own connection. A failed renewal is
   retried until the term lapses locally (the fence's deadline).
 * **Step down** when the term is lost: a renewal found another holder, the
@@ -61,9 +63,11 @@ class Leadership:
 
     async def run(self, stopping: asyncio.Event) -> None:
         announced = False
+        first = True
         while not stopping.is_set():
-            if not await self._campaign(stopping, announced):
+            if not await self._campaign(stopping, announced, reclaim=first):
                 return
+            first = False
             announced = False
             self.leading = True
             self.terms += 1
@@ -83,10 +87,14 @@ class Leadership:
             await self._on_deposed(reason)
             announced = True
 
-    async def _campaign(self, stopping: asyncio.Event, announced: bool) -> bool:
+    async def _campaign(self, stopping: asyncio.Event, announced: bool, reclaim: bool) -> bool:
         while not stopping.is_set():
             try:
-                if await self.lease.acquire() is not None:
+                if await self.lease.acquire(reclaim=reclaim) is not None:
+                    if self.lease.reclaimed:
+                        log.warning("took back the lease held under this replica's name %s (a restart after a "
+                                    "crash; if another live process uses the same RTMANAGER_CONSUMER_NAME, it "
+                                    "now stands by)", self.fence.holder)
                     return True
                 if not announced:
                     log.info("standing by: another replica holds the lease of instance %s", self.fence.instance)

@@ -199,6 +199,15 @@ class RedisStreams:
         kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}
         return _text(await self.client.xadd(stream, fields, **kwargs))
 
+    async def add_many(self, items: list[tuple[str, dict]], maxlen: int | None = None) -> list[str]:
+        """XADD each (stream, fields) in order, in one round trip (a pipeline, not a transaction)."""
+        kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, fields in items:
+                pipe.xadd(stream, fields, **kwargs)
+            ids = await pipe.execute()
+        return [_text(i) for i in ids]
+
     async def recent(self, stream: str, count: int) -> list[tuple[str, dict]]:
         """The newest ``count`` entries, newest first, with str fields."""
         return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()})

@@ -74,6 +74,7 @@ class Lease:
         self.fence = fence
         self._timeout = connect_timeout
         self._conn: asyncpg.Connection | None = None
+        self.reclaimed = False  # the last acquire took a live lease held under this replica's name
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -95,22 +96,30 @@ class Lease:
         if conn is not None and not conn.is_closed():
             conn.terminate()
 
-    async def acquire(self) -> int | None:
-        """Take the lease if it is free or expired; return the new epoch, or None."""
+    async def acquire(self, *, reclaim: bool = False) -> int | None:
+        """Take the lease if it is free or expired; return the new epoch, or None.
+
+        ``reclaim`` (a process's first campaign): a live lease held under this replica's own name
+        is taken at once, in a new term. It was this replica before a crash or a kill -9, which
+        cannot renew it any more; waiting for it to expire would only delay the restart by a TTL
+        (client-go renews at once when the holder is its own identity). A second live process
+        with the same name (a misconfiguration) takes it over once; the one it deposes never
+        reclaims again, so the two cannot take turns."""
         started = time.monotonic()
-        epoch = await self._run(self._acquire)
+        epoch = await self._run(lambda conn: self._acquire(conn, reclaim))
         if epoch is not None:
             self.fence.epoch = epoch
             self.fence.deadline = started + self.fence.ttl
         return epoch
 
-    async def _acquire(self, conn: asyncpg.Connection) -> int | None:
+    async def _acquire(self, conn: asyncpg.Connection, reclaim: bool) -> int | None:
         async with conn.transaction():
             # FOR UPDATE conflicts with the FOR KEY SHARE of the old term's writes: a take-over
             # waits until they are committed or rolled back, and later ones see the new epoch.
-            row = await conn.fetchrow("SELECT expires_at > now() AS live FROM leader_leases WHERE instance = $1"
-                                      " FOR UPDATE", self.fence.instance)
-            if row is not None and row["live"]:
+            row = await conn.fetchrow("SELECT expires_at > now() AS live, holder FROM leader_leases"
+                                      " WHERE instance = $1 FOR UPDATE", self.fence.instance)
+            own = row is not None and reclaim and row["holder"] == self.fence.holder
+            if row is not None and row["live"] and not own:
                 return None
             epoch = await conn.fetchval(
                 """INSERT INTO leader_leases AS l (instance, holder, epoch, acquired_at, renewed_at, expires_at)
@@ -118,8 +127,10 @@ class Lease:
                    ON CONFLICT (instance) DO UPDATE
                       SET holder = EXCLUDED.holder, epoch = l.epoch + 1, acquired_at = now(),
                           renewed_at = now(), expires_at = EXCLUDED.expires_at
-                    WHERE l.expires_at <= now()
-                   RETURNING epoch""", self.fence.instance, self.fence.holder, self.fence.ttl)
+                    WHERE l.expires_at <= now() OR $4
+                   RETURNING epoch""", self.fence.instance, self.fence.holder, self.fence.ttl, own)
+            if own and row["live"]:
+                self.reclaimed = True
         return epoch
 
     async def renew(self) -> bool:

@@ -199,6 +199,9 @@ class FakeStreams:
         s.entries = s.entries[cut:]
         return cut
 
+    async def add_many(self, items: list[tuple[str, dict]], maxlen: int | None = None) -> list[str]:
+        return [await self.add(stream, fields, maxlen) for stream, fields in items]
+
     async def add(self, stream: str, fields: dict, maxlen: int | None = None) -> str:
         self._check("add", stream)
         eid = self.xadd(stream, fields)
@@ -721,6 +724,10 @@ class FakeStore:
         self._check()
         return [PendingResult(seq=r["seq"], result_id=r["result_id"], game_id=r["game_id"], fields=r["fields"])
                 for r in self.results if not r["published"]][:limit]
+
+    async def mark_published_many(self, marks: list[tuple[int, str]]) -> None:
+        for seq, entry_id in marks:
+            await self.mark_published(seq, entry_id)
 
     async def mark_published(self, seq: int, stream_entry_id: str) -> None:
         self._check()

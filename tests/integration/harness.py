@@ -27,6 +27,10 @@ class Harness:
         return Settings.from_env({**self.env, **{f"RTMANAGER_{k.upper()}": v for k, v in overrides.items()}})
 
     async def start(self, **overrides: str) -> Controller:
+        # Replicas of one instance need names of their own (a replica takes back a lease held under
+        # its own name at once); a controller started again after stop_all is a new replica.
+        self.started = getattr(self, "started", 0) + 1
+        overrides.setdefault("consumer_name", f"replica-{self.started}")
         ctl = Controller(self.settings(**overrides))
         await ctl.start()
         task = asyncio.create_task(ctl.run_until_stopped(handle_signals=False))

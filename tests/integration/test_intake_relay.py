@@ -142,18 +142,17 @@ async def test_relay_resumes_after_redis_errors(wired, redis_client, settings, p
     await intake.ensure_groups()
     await redis_client.xadd(settings.stop_stream, {"game_id": "g9", "reason": "nope"})
     await drain(intake)
-    redis_client = relay.redis.client
-    real_xadd = redis_client.xadd
+    real_add = relay.redis.add_many
     calls = {"n": 0}
 
-    async def flaky_xadd(*args, **kwargs):
+    async def flaky_add(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] <= 2:
-            import redis.exceptions
-            raise redis.exceptions.ConnectionError("simulated outage")
-        return await real_xadd(*args, **kwargs)
+            from controller.streams import StreamsUnavailable
+            raise StreamsUnavailable("redis: simulated outage")
+        return await real_add(*args, **kwargs)
 
-    monkeypatch.setattr(redis_client, "xadd", flaky_xadd)
+    monkeypatch.setattr(relay.redis, "add_many", flaky_add)
     task = asyncio.create_task(relay.run())
     try:
         for _ in range(100):

@@ -39,7 +39,7 @@ def stop(game: str, entry: str = "") -> Job:
 
 
 async def results(pool) -> list[dict]:
-    rows = await pool.fetch("SELECT fields FROM job_results ORDER BY seq")
+    rows = await pool.fetch("SELECT fields FROM job_results WHERE kind = 'result' ORDER BY seq")
     return [json.loads(r["fields"]) for r in rows]
 
 
@@ -311,8 +311,9 @@ async def test_retention_prunes_only_old_published_results_and_finished_operatio
     for i in range(3):
         await store.reject_entry(kind=JobKind.STOP, game_id=f"g{i}", stream="s:stop", entry_id=f"{i}-0",
                                  code=ErrorCode.INVALID_REQUEST, message="x")
-    await store.submit(start("live", "9-0"), DEFAULTS)  # queued: never pruned
-    [p0, p1, _] = await store.unpublished()
+    await store.submit(start("live", "9-0"), DEFAULTS)  # queued: never pruned (its snapshot is not published)
+    [p0, p1, _, snapshot] = await store.unpublished()
+    assert snapshot.kind == "snapshot"
     await store.mark_published(p0.seq, "1-1")
     await store.mark_published(p1.seq, "1-2")
     await pool.execute("UPDATE job_results SET published_at = now() - interval '40 days' WHERE seq = $1", p0.seq)
@@ -321,7 +322,7 @@ async def test_retention_prunes_only_old_published_results_and_finished_operatio
     assert await store.prune(30, batch=1) == (1, 1)  # g0: old and published; g2 is not published yet
     remaining = {r["game_id"] for r in await pool.fetch("SELECT game_id FROM runtime_operations")}
     assert remaining == {"g1", "g2", "live"}
-    assert await store.unpublished_count() == 1
+    assert await store.unpublished_count() == 2
 
 
 async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(pool, database_url):
@@ -347,3 +348,20 @@ async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(p
     assert await asyncio.wait_for(take_over, 5) == 2
     await lease.close()
     await other.close()
+
+
+async def test_a_restarted_replica_takes_back_its_own_lease_at_once(database_url):
+    from desired.leader import Fence, Lease
+
+    before = Lease(database_url, Fence(instance="k", holder="replica-1", ttl=30))
+    assert await before.acquire() == 1
+    after = Lease(database_url, Fence(instance="k", holder="replica-1", ttl=30))  # the same replica after a kill -9
+    other = Lease(database_url, Fence(instance="k", holder="replica-2", ttl=30))
+    try:
+        assert await after.acquire() is None                     # not a first campaign: it waits like anyone
+        assert await other.acquire(reclaim=True) is None         # another replica's live lease: never
+        assert await after.acquire(reclaim=True) == 2 and after.reclaimed  # its own: at once, a new term
+        assert not await before.renew()                          # the old term is over: fenced
+    finally:
+        for lease in (before, after, other):
+            await lease.close()

@@ -3,6 +3,8 @@ attempts that are not deliveries, dead letters, marks and trimming. Milliseconds
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from controller.admission import Admission
@@ -67,15 +69,41 @@ async def test_within_one_millisecond_a_stop_never_goes_before_a_start():
     assert ops_of(store, "g1") == [("start", s), ("stop", p)]
 
 
-async def test_entries_interleaved_over_three_reads_keep_the_global_order():
+async def test_entries_interleaved_over_three_reads_keep_each_games_order():
     intake, streams, store, _ = make()
-    sent = []
+    sent: dict[str, list] = {}
     for i in range(2 * READ_COUNT + 30):
         game = f"g{i % 7}"
-        sent.append(("start", start(streams, game)) if i % 3 else ("stop", stop(streams, game)))
+        sent.setdefault(game, []).append(("start", start(streams, game)) if i % 3 else ("stop", stop(streams, game)))
     await run_once(intake)
-    applied = [(o.op.value, o.entry_id) for o in store.ops]
-    assert applied == sent
+    for game, entries in sent.items():
+        assert ops_of(store, game) == entries, game
+
+
+async def test_games_are_handled_side_by_side_and_a_slow_one_does_not_hold_the_others():
+    """A real start in the middle of a flood must not wait for the whole flood."""
+    intake, streams, store, _ = make()
+    gate = asyncio.Event()
+    real = store.submit
+
+    async def slow_for_g0(job, *args, **kwargs):
+        if job.game_id == "g0":
+            await gate.wait()
+        return await real(job, *args, **kwargs)
+
+    store.submit = slow_for_g0
+    for _ in range(5):
+        stop(streams, "g0")
+    s = start(streams, "other")
+    task = asyncio.create_task(run_once(intake))
+    for _ in range(200):
+        if ops_of(store, "other"):
+            break
+        await asyncio.sleep(0.005)
+    assert ops_of(store, "other") == [("start", s)] and ops_of(store, "g0") == []
+    gate.set()
+    await asyncio.wait_for(task, 5)
+    assert len(ops_of(store, "g0")) == 5
 
 
 async def test_a_failed_entry_holds_the_later_entries_of_its_game_across_reads():

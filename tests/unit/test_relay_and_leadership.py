@@ -111,7 +111,9 @@ class FakeLease:
         self.down = False
         self.epoch = 0
 
-    async def acquire(self):
+    reclaimed = False
+
+    async def acquire(self, reclaim: bool = False):
         if self.down:
             raise StoreUnavailable("postgres: fake outage")
         if not self.free:
