@@ -1,7 +1,7 @@
 """Admission: the one path by which a job becomes desired state.
 
-Every source of jobs (the stream intake, the REST API, later the control stream
-and the turn scheduler) calls ``submit`` or ``reject``; nothing else writes
+Every source of jobs (the stream intake of the start, stop and control streams,
+the REST API, and the turn clock) calls ``submit`` or ``reject``; nothing else writes
 desired state. ``submit`` commits the desired-state change and the operation
 row in one transaction (desired/store.py), then wakes the reconciler for the
 game and the relay for the results that already exist (replays, rejections,

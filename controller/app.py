@@ -276,7 +276,7 @@ def make_backend(settings: Settings, **hooks) -> RuntimeBackend:
     if settings.backend == "swarm":
         from observed.swarm import SwarmBackend
 
-        return SwarmBackend(port=settings.engine_port, **common)
+        return SwarmBackend(port=settings.engine_port, stop_grace=settings.stop_grace, **common)
     return DockerBackend(**common)
 
 

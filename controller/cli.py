@@ -52,9 +52,9 @@ async def _store(settings: Settings) -> AsyncIterator:
 
 @contextlib.asynccontextmanager
 async def _backend(settings: Settings) -> AsyncIterator:
-    from observed.docker import DockerBackend
+    from controller.app import make_backend
 
-    backend = DockerBackend(instance=settings.instance, network=settings.docker_network, pool_size=2)
+    backend = make_backend(settings)  # RTMANAGER_BACKEND: docker or swarm
     try:
         yield backend
     finally:

@@ -332,9 +332,11 @@ class Reconciler:
                     raise ImageRejected(refusal)
         if kind is ActionKind.RECREATE:
             await self.backend.ensure_image(spec.image)  # pull before taking the running game down
-        if record.status is not Status.STARTING:
+        confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
+            and record.current_container_id == container.id
+        if record.status is not Status.STARTING and not confirming_up:
             # A job replacing a running engine: remember what it ran, to start it again on failure.
-            rollback = (record.current_image_ref if record.status is Status.RUNNING and not record.converged
+            rollback = (record.current_image_ref if record.status.is_up and not record.converged
                         and not record.rolling_back else None)
             record = await self.store.mark_starting(record, rollback_image=rollback)
         if kind is ActionKind.RECREATE and container is not None:
@@ -420,7 +422,8 @@ class Reconciler:
         last = st.last_generation
         failed_turn = last.turn if last is not None and not last.ok else None
         asked_before = record.generation_started_at is not None
-        probe = Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase, failed_turn=failed_turn)
+        probe = Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase, failed_turn=failed_turn,
+                      failed_error=last.error if failed_turn is not None and last is not None else "")
         record = await self._record_probe(record, probe)
         if st.turn >= target:
             return None  # reached: the next step confirms and answers the jobs
@@ -516,8 +519,9 @@ class Reconciler:
             return Probe(healthy=True)
         self.metrics.engine_calls.labels("status", "ok").inc()
         last = st.last_generation
+        failed = last is not None and not last.ok
         return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase,
-                     failed_turn=last.turn if last is not None and not last.ok else None)
+                     failed_turn=last.turn if failed else None, failed_error=last.error if failed else "")
 
     async def observe(self, record: RuntimeRecord, address: str | None) -> None:
         """One periodic look at a running engine; the record is written only when something changed."""

@@ -239,10 +239,9 @@ class Decision:
 
 
 def _replay(record: RuntimeRecord | None, with_container: bool) -> Decision:
-    if record is not None and with_container:
+    if record is not None and with_container and record.current_container_id:
         return Decision(action="replay", record=record, error_code=ErrorCode.REPLAY_NO_OP,
-                        container_id=record.current_container_id or "",
-                        engine_endpoint=record.engine_endpoint)
+                        container_id=record.current_container_id, engine_endpoint=record.engine_endpoint)
     return Decision(action="replay", record=record, error_code=ErrorCode.REPLAY_NO_OP)
 
 

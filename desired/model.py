@@ -153,7 +153,7 @@ class Outcome(str, enum.Enum):
 
 
 class ErrorCode(str, enum.Enum):
-    """Stable error codes of the results stream (DESIGN A1)."""
+    """Stable error codes of the results stream (docs/contract.md lists when each happens)."""
 
     REPLAY_NO_OP = "replay_no_op"
     INVALID_REQUEST = "invalid_request"
@@ -243,7 +243,7 @@ class RuntimeRecord:
         return self.observed_generation == self.generation
 
     def validate(self) -> None:
-        """Raise InvalidRecord when an invariant (seed 001, plus desired state) fails."""
+        """Raise InvalidRecord when an invariant of the record (observed and desired) fails."""
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise InvalidRecord(f"runtime record {self.game_id!r}: {msg}")

@@ -47,7 +47,7 @@ def rollback_target(record: RuntimeRecord) -> str | None:
     the rollback generation's own failure stops the game."""
     if record.rolling_back:
         return None
-    if record.status is Status.RUNNING and record.current_container_id:
+    if record.status.is_up and record.current_container_id:
         return record.current_image_ref  # failed before the running engine was touched
     if record.status is Status.STARTING:
         return record.rollback_image_ref

@@ -76,7 +76,8 @@ def fields(new: RuntimeRecord, *, previous: Status | None, reason: str, snapshot
         "engine_version": new.engine_version,
         "turn": "" if new.turn is None else str(new.turn),
         "paused": "1" if new.paused else "0",
-        "exit_code": "" if not failure or new.last_exit_code is None else str(new.last_exit_code),
+        "exit_code": "" if reason not in ("crashed", "crash_loop") or new.last_exit_code is None
+        else str(new.last_exit_code),
         "error_code": new.last_error_code.value if failure and new.last_error_code else "",
         "error_message": (new.last_error_message or "") if failure else "",
         "observed_at": now.isoformat(),

@@ -118,6 +118,15 @@ async def _set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str
                        game_id, *[_db_value(v) for v in changes.values()])
 
 
+# A change of these replaces what older pending jobs asked for (they are answered superseded);
+# a pause, a forced turn or a reconcile does not.
+_REPLACING = ("desired_status", "desired_image_ref", "spec_revision")
+
+
+def replaces(current: RuntimeRecord, new: RuntimeRecord) -> bool:
+    return any(getattr(current, f) != getattr(new, f) for f in _REPLACING)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Operation:
     id: int
@@ -351,13 +360,17 @@ class Store:
                            probe: transitions.Probe | None = None, unreachable_after: int = 3,
                            generation_timeout: float = 600, node: str | None = None) -> RuntimeRecord:
         """The engine answers: the generation converged and its jobs are answered ``success``
-        (with what the engine said of itself, when it was asked)."""
+        (with what the engine said of itself, when it was asked) -- unless desired state also asks
+        for a turn the engine has not reached: then the turn comes first."""
         def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
             new = transitions.running(cur, now, container_id=container_id, image=image, node=node)
             if probe is not None:
                 new = transitions.observed(new, now, probe, unreachable_after=unreachable_after,
                                            generation_timeout=generation_timeout)
-            return new
+            return new if transitions.turn_reached(new) else new.replace(observed_generation=cur.observed_generation)
+        if rec.desired_turn is not None and not transitions.turn_reached(rec) and (
+                probe is None or probe.turn is None or probe.turn < rec.desired_turn):
+            return await self._transition(rec, change, guard_generation=True)
         return await self._transition(rec, change, finish=Outcome.SUCCESS)
 
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
@@ -373,8 +386,13 @@ class Store:
             if cur.generation != rec.generation:
                 raise Conflict(f"{rec.game_id}: a newer generation took over")
             new = await self._write(conn, cur, transitions.turn_failed(cur, now, code=code, message=message), now)
-            await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=Outcome.FAILURE,
-                                                         error_code=code, message=message), now)
+            # The turn's jobs fail; the others of the generation (the game is up) converged.
+            for op in await self._pending_ops(conn, cur.game_id, cur.generation):
+                if op.op in (OpKind.FORCE_NEXT_TURN, OpKind.TURN):
+                    await self._end_op(conn, op, Outcome.FAILURE, code, message, "", "", now)
+                else:
+                    await self._end_op(conn, op, Outcome.SUCCESS, None, "", new.current_container_id or "",
+                                       new.engine_endpoint if new.current_container_id else "", now)
             return new
 
     async def due_turns(self, limit: int = 200) -> tuple[list[str], float | None]:
@@ -530,7 +548,8 @@ class Store:
             if decision.action == "change":
                 assert decision.record is not None
                 await self._write_desired(conn, current, decision.record, now)
-                await self._supersede_older(conn, decision.record, now)
+                if current is not None and replaces(current, decision.record):
+                    await self._supersede_older(conn, decision.record, now)
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job.game_id)
             status = OpStatus.QUEUED if decision.action in ("change", "join") else (
                 OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
@@ -852,12 +871,10 @@ class Store:
 
     async def _finish_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: Finish,
                               now: datetime) -> int:
+        # Older generations still pending were not replaced (a pause, a forced turn, a reconcile
+        # came after them): they converge with this one and hear the same answer.
         ops = await self._pending_ops(conn, record.game_id, finish.generation)
         for op in ops:
-            if op.generation < finish.generation:
-                await self._end_op(conn, op, Outcome.FAILURE, ErrorCode.SUPERSEDED,
-                                   "replaced by a newer job before it converged", "", "", now)
-                continue
             container_id, endpoint = "", ""
             if finish.outcome is Outcome.SUCCESS:
                 container_id = record.current_container_id or ""

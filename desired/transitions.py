@@ -80,6 +80,7 @@ class Probe:
     turn: int | None = None
     phase: str | None = None        # idle | generating | finished
     failed_turn: int | None = None  # last_generation.turn when last_generation.ok is false
+    failed_error: str = ""          # and its error
 
 
 def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_after: int,
@@ -102,7 +103,8 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
         changes: dict[str, object] = dict(probe_failures=failures, health=Health.UNREACHABLE)
         if failures >= unreachable_after and cur.status is not Status.ENGINE_UNREACHABLE:
             changes.update(status=Status.ENGINE_UNREACHABLE, unreachable_since=now, health_checked_at=now,
-                           last_op_at=_touch(cur, now))
+                           last_op_at=_touch(cur, now), last_error_code=ErrorCode.ENGINE_UNREACHABLE,
+                           last_error_message=f"the engine did not answer {failures} health probes in a row")
         return cur.replace(**changes)
     changes = dict(probe_failures=0, unreachable_since=None, health=Health.HEALTHY)
     status = Status.RUNNING if cur.status is Status.ENGINE_UNREACHABLE else cur.status
@@ -118,6 +120,10 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
         elif probe.failed_turn is not None and probe.turn is not None and probe.failed_turn == probe.turn + 1:
             status = Status.GENERATION_FAILED
             changes["generation_started_at"] = None
+            if cur.status is not Status.GENERATION_FAILED:
+                changes.update(last_error_code=ErrorCode.GENERATION_FAILED,
+                               last_error_message=f"the engine failed to generate turn {probe.failed_turn}"
+                                                  + (f": {probe.failed_error}" if probe.failed_error else ""))
         else:
             status = Status.RUNNING
             changes["generation_started_at"] = None
@@ -165,6 +171,11 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) 
     if target:
         return cur.replace(desired_image_ref=target, rolling_back=True, **common), target
     return cur.replace(desired_status=DesiredStatus.STOPPED, rolling_back=False, **common), None
+
+
+def turn_reached(record: RuntimeRecord) -> bool:
+    """Desired state asks for no turn the engine has not reached."""
+    return record.desired_turn is None or (record.turn is not None and record.turn >= record.desired_turn)
 
 
 def turn_requested(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:

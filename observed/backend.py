@@ -5,7 +5,8 @@ Swarm backend is another implementation of the same port, not an edit of the
 reconciler). Every method translates its driver's errors into
 ``observed.errors``; every string it returns is safe text.
 
-A *unit* is what runs one game: a container on a Docker host. Its name is
+A *unit* is what runs one game: a container on a Docker host, a service on a
+Docker Swarm. Its name is
 deterministic (``galaxy-game-{game_id}``), which is what makes ``create``
 idempotent: a name conflict means an earlier attempt got through, and the
 existing unit is returned for the caller to adopt or replace.

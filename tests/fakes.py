@@ -40,7 +40,7 @@ from desired.model import (
     check_transition,
 )
 from desired.policy import CrashPolicy, next_crash
-from desired.store import Crash, Identity, Operation, PendingResult, SubmitOutcome
+from desired.store import Crash, Identity, Operation, PendingResult, SubmitOutcome, replaces
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
@@ -549,7 +549,14 @@ class FakeStore:
                 new = transitions.observed(new, now, probe, unreachable_after=unreachable_after,
                                            generation_timeout=generation_timeout)
             return new
-        return await self._finishing(rec, change)
+        now = self._check()
+        cur = self._guard(rec, True)
+        new = change(cur, now)
+        if not transitions.turn_reached(new):
+            return self._swap(cur, new.replace(observed_generation=cur.observed_generation))
+        new = self._swap(cur, new)
+        self._finish(new, cur.generation, Outcome.SUCCESS, None, "", now)
+        return new
 
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         now = self._check()
@@ -562,7 +569,13 @@ class FakeStore:
         if cur.generation != rec.generation:
             raise Conflict("a newer generation took over")
         new = self._swap(cur, transitions.turn_failed(cur, now, code=code, message=message))
-        self._finish(new, cur.generation, Outcome.FAILURE, code, message, now)
+        for o in list(self.ops):
+            if o.game_id == rec.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
+                    and o.generation <= cur.generation:
+                if o.op in (OpKind.FORCE_NEXT_TURN, OpKind.TURN):
+                    self._end(o, Outcome.FAILURE, code, message, "", "", now)
+                else:
+                    self._end(o, Outcome.SUCCESS, None, "", new.current_container_id or "", new.engine_endpoint, now)
         return new
 
     async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
@@ -635,8 +648,8 @@ class FakeStore:
             decision.record.validate()
             self.records[job.game_id] = decision.record
             for o in list(self.ops):
-                if o.game_id == job.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
-                        and o.generation < decision.record.generation:
+                if current is not None and replaces(current, decision.record) and o.game_id == job.game_id \
+                        and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) and o.generation < decision.record.generation:
                     self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED, "replaced by a newer job", "", "", now)
         status = OpStatus.QUEUED if decision.action in ("change", "join") else (
             OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
@@ -685,9 +698,7 @@ class FakeStore:
             if o.game_id != record.game_id or o.status not in (OpStatus.QUEUED, OpStatus.RUNNING) \
                     or o.generation > generation:
                 continue
-            if o.generation < generation:
-                self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED, "replaced by a newer job", "", "", now)
-            elif outcome is Outcome.SUCCESS:
+            if outcome is Outcome.SUCCESS:
                 cid = record.current_container_id or ""
                 self._end(o, outcome, None, "", cid, record.engine_endpoint if cid else "", now)
             else:

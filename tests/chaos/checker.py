@@ -332,6 +332,11 @@ def check_truthful_results(history: History) -> list[Violation]:
                 problems.append(f"engine_endpoint {r.get('engine_endpoint')!r}")
             if job.image in never:
                 problems.append(f"a success running {job.image}, whose engine never becomes healthy")
+        if (r.get("outcome") == "success" and job.kind in ("start", "patch") and job.image
+                and r.get("container_id") in history.container_images):
+            ran = history.container_images[r["container_id"]]
+            if ran != job.image:
+                problems.append(f"its container {r['container_id'][:12]} was created from {ran}, not {job.image}")
         if r.get("outcome") == "failure" and (r.get("container_id") or r.get("engine_endpoint")):
             problems.append("a failure that names a container or an endpoint")
         if problems:

@@ -80,6 +80,7 @@ class History:
     dead_letters: list[dict] = field(default_factory=list)
     records: dict = field(default_factory=dict)                # game -> runtime record (a few columns)
     containers: list[dict] = field(default_factory=list)       # every container of the private daemon
+    container_images: dict = field(default_factory=dict)       # id -> image of every container ever created
     state_dirs: dict = field(default_factory=dict)             # game -> what the run saw and what is there now
     controller_exits: list[dict] = field(default_factory=list)  # exits nobody asked for
     quiet: bool = True

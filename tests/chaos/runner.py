@@ -332,7 +332,8 @@ class ChaosRun:
         self.t0 = self.t_work
         self.say("workload and faults start")
         for name, fn in (("streams", self._stream_sender), ("rest", self._rest_client),
-                         ("faults", self._fault_injector), ("monitor", self._monitor)):
+                         ("faults", self._fault_injector), ("monitor", self._monitor),
+                         ("docker-events", self._docker_events)):
             t = threading.Thread(target=self._guard(fn), name=f"chaos-{name}", daemon=True)
             t.start()
             self.threads.append(t)
@@ -342,7 +343,7 @@ class ChaosRun:
         self.workload_over.set()
         self.say("workload over; waiting for the fault in progress to finish")
         for t in self.threads:
-            if t.name != "chaos-monitor":
+            if t.name not in ("chaos-monitor", "chaos-docker-events"):
                 t.join(timeout=180)
 
     def _guard(self, fn):
@@ -587,6 +588,32 @@ class ChaosRun:
         finally:
             client.close()
 
+    # --------------------------------------------------------- docker events
+    def _docker_events(self) -> None:
+        """The image of every container the private daemon creates, from its own event stream
+        (straight to the daemon, not through the proxy); after a daemon restart, from where it stopped."""
+        since = time.time() - 5
+        while not self.abort.is_set():
+            client = None
+            try:
+                client = self.dockerd.client(timeout=None)
+                self._events_client = client
+                for ev in client.events(decode=True, since=since, filters={"type": "container", "event": "create"}):
+                    if self.abort.is_set():
+                        return
+                    attrs = (ev.get("Actor") or {}).get("Attributes") or {}
+                    cid = (ev.get("Actor") or {}).get("ID") or ev.get("id")
+                    if cid and attrs.get("image"):
+                        self.history.container_images[cid] = attrs["image"]
+                    since = max(since, ev.get("timeNano", 0) / 1e9 - 1)
+            except Exception:  # noqa: BLE001 - the daemon restarted or the run ends: look again
+                pass
+            finally:
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        client.close()
+            time.sleep(0.2)
+
     # ------------------------------------------------------------- monitor
     def _monitor(self) -> None:
         last_progress = 0.0
@@ -777,6 +804,7 @@ class ChaosRun:
                 nets = c.attrs["NetworkSettings"].get("Networks") or {}
                 ip = (nets.get(self.network) or {}).get("IPAddress") or ""
                 running = c.attrs["State"].get("Running", False)
+                h.container_images.setdefault(c.id, c.attrs["Config"]["Image"])
                 h.containers.append({"id": c.id, "name": c.name, "game": labels.get("com.galaxy.game-id"),
                                      "instance": labels.get("com.galaxy.instance"), "running": running,
                                      "status": c.status, "image": c.attrs["Config"]["Image"], "ip": ip,

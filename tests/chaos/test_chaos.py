@@ -375,6 +375,19 @@ def test_a_success_of_an_engine_that_never_becomes_healthy_is_a_violation():
     assert "truthful_results" in invariants(b.check())
 
 
+def test_a_success_whose_container_runs_another_image_is_a_violation():
+    b = H()
+    s = b.entry("start", "g1", V10)
+    b.answer(s)
+    p = b.rest("patch", "g1", V11)
+    b.answer(p, container="e" * 64)
+    b.h.container_images = {"c" * 64: V10, "e" * 64: V10}  # the patch's container was built from 1.0
+    b.running("g1", V11)
+    assert "truthful_results" in invariants(b.check())
+    b.h.container_images["e" * 64] = V11
+    assert b.check().ok
+
+
 def test_a_controller_that_exits_on_its_own_is_a_violation_unless_documented():
     b = H()
     b.h.controller_exits = [{"slot": "a", "code": 1, "at": 3.0, "expected": False, "log_tail": "boom"}]

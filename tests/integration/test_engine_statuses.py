@@ -72,6 +72,7 @@ async def test_an_engine_that_stops_answering_is_unreachable_then_recovered(api)
     assert_revisions_increase(snaps)
     unreachable = next(s for s in snaps if s["reason"] == "engine_unreachable")
     assert unreachable["status"] == "engine_unreachable" and unreachable["previous_status"] == "running"
+    assert unreachable["error_code"] == "engine_unreachable" and unreachable["exit_code"] == ""
     recovered = next(s for s in snaps if s["reason"] == "recovered")
     assert recovered["previous_status"] == "engine_unreachable"
     assert all(set(s) == set(json.loads(json.dumps(s))) for s in snaps)

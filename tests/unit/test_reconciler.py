@@ -333,3 +333,52 @@ async def test_control_ops_on_a_game_that_does_not_run_are_invalid(w):
     await w.sync("g1")
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     assert w.results("g1")[-1] == ("force_next_turn", "failure", "invalid_request")
+
+
+async def test_a_pause_does_not_supersede_a_start_that_is_still_converging(w):
+    await w.job(JobKind.START, "g1", IMG)
+    await w.job(JobKind.PAUSE, "g1")  # before the start converged
+    rec = await w.sync("g1")
+    assert rec.paused and rec.status is Status.RUNNING and rec.converged
+    assert w.results("g1") == [("start", "success", ""), ("pause", "success", "")]
+
+
+async def test_a_force_sent_while_starting_is_answered_only_once_the_turn_is_there(w):
+    w.engine.admin[IMG] = "slow"
+    await w.job(JobKind.START, "g1", IMG)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    rec = await w.sync("g1")
+    assert rec.status is Status.GENERATION_IN_PROGRESS and w.results("g1") == []
+    w.engine.finish_generation("galaxy-game-g1")
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and w.results("g1") == [("start", "success", ""), ("force_next_turn", "success", "")]
+
+
+async def test_control_ops_on_an_up_game_never_make_it_starting(w):
+    await started(w)
+    statuses = []
+    real = w.store.mark_starting
+
+    async def spy(rec, **kw):
+        statuses.append("starting")
+        return await real(rec, **kw)
+
+    w.store.mark_starting = spy
+    for op in (JobKind.PAUSE, JobKind.RESUME, JobKind.RECONCILE):
+        await w.job(op, "g1")
+        rec = await w.sync("g1")
+        assert rec.status is Status.RUNNING and rec.converged
+    assert statuses == []
+
+
+async def test_a_failed_patch_of_a_game_whose_generation_failed_rolls_back(w):
+    w.engine.admin[IMG] = "fail"
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.sync("g1")
+    rec = await w.sync("g1")
+    assert rec.status is Status.GENERATION_FAILED
+    await w.job(JobKind.PATCH, "g1", "galaxy/engine-stub:crash")
+    rec = await w.sync("g1")
+    assert w.results("g1")[-1] == ("patch", "failure", "container_start_failed")
+    assert rec.desired_image_ref == IMG and rec.status.is_up and len(w.running("g1")) == 1

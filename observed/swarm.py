@@ -1,0 +1,791 @@
+"""The Swarm backend: one Docker Swarm service per game, behind the same port as the Docker backend.
+
+A *unit* here is a service, and its id is the service id. Each game's service is
+replicated with one replica at most, restart condition ``none`` (rtmanager, not
+Swarm, decides about restarts), endpoint mode ``dnsrr`` (no virtual IP: the
+routing mesh needs IPVS), on an attachable overlay network, with the hostname
+``galaxy-game-{game_id}`` and rtmanager's labels on the service and on its
+containers. It is created with 0 replicas (``created``); ``start`` scales it to
+1, or, when the one task has died, forces a new task (``force_update``);
+``stop`` scales it to 0; ``remove`` stops it, then removes the service.
+
+Swarm says less than dockerd, and later:
+
+* there are no task events: the state of a service is read from its tasks,
+  polled while an action converges, and once per resync for all services (one
+  service-list call and one task-list call, filtered by our labels);
+* a create returns before any task exists, and a stop or a removal before the
+  task's container has stopped: every action here returns only once the tasks
+  say it is done, so no name or state directory is reused while an earlier
+  engine may still run in it;
+* a name conflict is not always answered with 409: any failed create is
+  followed by a look-up of the name, and an existing service is adopted;
+* the stop grace period of a task is the one its service had when the task was
+  made (Swarm reads it from the task): it is set at create from
+  RTMANAGER_STOP_GRACE, and a running task cannot be given another one.
+
+The state of a service, as ``ObservedContainer.state``:
+
+* ``running``: a task's container runs (also while it is being stopped);
+* ``created``: nothing ran yet, or a task is on its way (pending, preparing,
+  starting): ``start`` waits for it;
+* ``exited``: scaled to 0 after it ran, or its last task ended (complete,
+  failed, rejected, shut down); ``exit_code`` and ``finished_at`` are the last
+  task's, ``node`` the node it ran on.
+
+Errors are translated as in observed/docker.py: no answer, timeouts and 5xx ->
+``BackendUnavailable``; a refused create or a task the nodes reject ->
+``Refused``; an image no node has -> ``ImageMissing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.model import (
+    LABEL_GAME_ID,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    ContainerSpec,
+    ObservedContainer,
+)
+from observed.text import safe_text
+
+log = logging.getLogger("rtmanager.swarm")
+T = TypeVar("T")
+
+_MUTATING = frozenset({"network", "pull", "create", "update", "remove"})
+_TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+
+# Task states (swarmkit's api.TaskState, lower-cased by the API).
+_ON_ITS_WAY = frozenset({"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"})
+_ENDED = frozenset({"complete", "shutdown", "failed", "rejected", "orphaned", "remove"})
+_WANTED = frozenset({"running", "ready"})  # desired states of a task that should run
+_GENERIC_EXIT = re.compile(r"^task: non-zero exit \(-?\d+\)$")
+
+POLL = 0.2          # seconds between looks at the tasks while an action converges
+START_WAIT = 60.0   # a task still not running after this: refused (no node can take it)
+STOP_MARGIN = 30.0  # waited beyond the grace period for a task to stop
+KICK_AFTER = 3.0   # seconds after a scale-up without a task before an update is forced
+GONE_WAIT = 60.0    # waited for a removed service's tasks and containers to disappear
+NODE_REREAD = 2.0   # seconds between reads of the node list when a task names an unknown node
+
+
+class SwarmBackend:
+    """The runtime backend port (observed/backend.py) on a Docker Swarm, through one manager."""
+
+    name = "swarm"
+
+    def __init__(self, *, instance: str, network: str, port: int = 8080, pool_size: int = 8,
+                 timeout: float = 30.0, observer: Callable[[str, float, bool], None] | None = None,
+                 guard: Callable[[], None] | None = None, probe_address: str = "hostname",
+                 stop_grace: float = 10.0, start_wait: float = START_WAIT, base_url: str | None = None) -> None:
+        if probe_address not in ("ip", "hostname", "published"):
+            raise ValueError(f"probe_address must be ip, hostname or published, not {probe_address!r}")
+        self.instance = instance
+        self.network = network
+        self.port = port
+        self.probe_address = probe_address
+        self.pool_size = pool_size
+        self.stop_grace = stop_grace
+        self.start_wait = start_wait
+        self._base_url = base_url  # None: DOCKER_HOST and friends, as docker.from_env reads them
+        self._timeout = timeout
+        self._client: docker.DockerClient | None = None
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="swarm")
+        self._observer = observer
+        self._guard = guard
+        self._network_ready = False
+        self._network_lock = asyncio.Lock()
+        self._nodes: dict[str, dict[str, str]] = {}  # node id -> {"addr", "state", "availability"}
+        self._nodes_read_at = 0.0
+        self._warned_disk = False
+
+    # --------------------------------------------------------------- plumbing
+    def _new_client(self, timeout: float | None) -> docker.DockerClient:
+        if self._base_url:
+            return docker.DockerClient(base_url=self._base_url, timeout=timeout, max_pool_size=self.pool_size)
+        return docker.from_env(timeout=timeout, max_pool_size=self.pool_size)
+
+    def _docker(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = self._new_client(int(self._timeout))
+        return self._client
+
+    async def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if op in _MUTATING and self._guard is not None:
+            self._guard()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ok = False
+        try:
+            result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            ok = True
+            return result
+        except docker.errors.NotFound:
+            ok = True
+            raise
+        except docker.errors.APIError as exc:
+            if exc.status_code is not None and exc.status_code < 500:
+                ok = True
+                raise
+            raise BackendUnavailable(f"swarm {op}: {_short(exc)}") from exc
+        except docker.errors.DockerException as exc:
+            raise BackendUnavailable(f"swarm {op}: {_short(exc)}") from exc
+        except _TRANSIENT as exc:
+            raise BackendUnavailable(f"swarm {op}: {exc.__class__.__name__}: {exc}") from exc
+        finally:
+            if self._observer is not None:
+                self._observer(op, loop.time() - started, ok)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+    def _labels_filter(self, *extra: str) -> dict[str, list[str]]:
+        return {"label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_INSTANCE}={self.instance}", *extra]}
+
+    # ------------------------------------------------------------------ reads
+    async def ping(self) -> None:
+        """The daemon answers and is a manager of an active swarm (a plain dockerd answers 503 here)."""
+        await self._call("ping", lambda: self._docker().api.inspect_swarm())
+
+    async def list_managed(self) -> list[ObservedContainer]:
+        """Every service of this instance, from one service-list and one task-list call."""
+        filters = self._labels_filter()
+        services = await self._call("list", lambda: self._docker().api.services(filters=filters))
+        tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters=filters)) if services else []
+        by_service: dict[str, list[dict]] = {}
+        for t in tasks:
+            by_service.setdefault(t.get("ServiceID", ""), []).append(t)
+        await self._know_nodes(by_service.values())
+        return [self._observe(s, by_service.get(s["ID"], [])) for s in services]
+
+    async def inspect(self, name_or_id: str) -> ObservedContainer | None:
+        found = await self._read(name_or_id)
+        if found is None:
+            return None
+        service, tasks = found
+        await self._know_nodes([tasks])
+        return self._observe(service, tasks)
+
+    async def _read(self, name_or_id: str) -> tuple[dict, list[dict]] | None:
+        """The service (by id or exact name) and all its tasks; None when there is no such service."""
+        try:
+            service = await self._call("inspect", lambda: self._docker().api.inspect_service(name_or_id))
+        except docker.errors.NotFound:
+            return None
+        # The daemon also matches a prefix of an id: only an exact id or name is this unit.
+        if name_or_id not in (service.get("ID"), (service.get("Spec") or {}).get("Name")):
+            return None
+        try:
+            tasks = await self._service_tasks(service["ID"])
+        except docker.errors.NotFound:
+            return None  # removed in between
+        return service, tasks
+
+    async def _service_tasks(self, service_id: str) -> list[dict]:
+        return await self._call("tasks", lambda: self._docker().api.tasks(filters={"service": service_id}))
+
+    async def _know_nodes(self, task_lists: Iterable[list[dict]], force: bool = False) -> None:
+        """Node addresses (the published probe mode) and states (a stop): read once, then again only when a
+        task names a node not seen yet (at most every few seconds), or when ``force``d."""
+        if not force:
+            if self.probe_address != "published":
+                return
+            unknown = any(t.get("NodeID") and t["NodeID"] not in self._nodes for ts in task_lists for t in ts)
+            if self._nodes_read_at and not (unknown and time.monotonic() - self._nodes_read_at > NODE_REREAD):
+                return
+        nodes = await self._call("nodes", lambda: self._docker().api.nodes())
+        self._nodes = {n["ID"]: _node_info(n) for n in nodes}
+        self._nodes_read_at = time.monotonic()
+
+    def _observe(self, service: Mapping[str, Any], tasks: list[dict]) -> ObservedContainer:
+        spec = service.get("Spec") or {}
+        template = spec.get("TaskTemplate") or {}
+        cspec = template.get("ContainerSpec") or {}
+        state, task = _state(service, tasks)
+        status = (task or {}).get("Status") or {}
+        cstatus = status.get("ContainerStatus") or {}
+        exit_code = None
+        finished_at = None
+        if state == "exited" and task is not None and status.get("State") in _ENDED:
+            if cstatus.get("ContainerID"):
+                exit_code = cstatus.get("ExitCode")
+            finished_at = _when(status.get("Timestamp"))
+        ip = _task_ip(task, spec.get("Name", ""), self.network) if task is not None else None
+        address = None
+        if state == "running" and task is not None:
+            if self.probe_address == "hostname":
+                address = cspec.get("Hostname") or spec.get("Name")
+            elif self.probe_address == "ip":
+                address = ip
+            else:
+                address = self._published(task)
+        return ObservedContainer(
+            id=service["ID"],
+            name=spec.get("Name", ""),
+            image=str(cspec.get("Image", "")).split("@", 1)[0],
+            state=state,
+            labels=dict(spec.get("Labels") or {}),
+            created_at=_when(service.get("CreatedAt")),
+            exit_code=exit_code,
+            ip_address=ip,
+            finished_at=finished_at,
+            address=address,
+            node=(task or {}).get("NodeID") or None,
+            mounts=tuple((m.get("Source", ""), m.get("Target", "")) for m in cspec.get("Mounts") or []),
+        )
+
+    def _published(self, task: Mapping[str, Any]) -> str | None:
+        node = self._nodes.get(task.get("NodeID") or "")
+        if node is None or not node.get("addr"):
+            return None
+        for p in ((task.get("Status") or {}).get("PortStatus") or {}).get("Ports") or []:
+            if p.get("TargetPort") == self.port and p.get("PublishedPort") and p.get("PublishMode") == "host":
+                return f"{node['addr']}:{p['PublishedPort']}"
+        return None
+
+    async def logs_tail(self, unit_id: str, lines: int = 20) -> str:
+        """The last task's last lines, and its error when Swarm says more than its exit code."""
+        try:
+            tasks = await self._service_tasks(unit_id)
+        except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable):
+            return ""
+        task = _latest(tasks)
+        if task is None:
+            return ""
+        err = str((task.get("Status") or {}).get("Err") or "")
+        text = ""
+        if ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID"):
+            def logs_raw() -> bytes:
+                api = self._docker().api
+                res = api._get(api._url("/tasks/{0}/logs", task["ID"]),
+                               params={"stdout": 1, "stderr": 1, "tail": lines}, stream=False)
+                return api._get_result_tty(False, res, False)
+
+            try:
+                text = safe_text(await self._call("logs", logs_raw), 4000, keep_tail=True).strip()
+            except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable):
+                text = ""
+        if err and not _GENERIC_EXIT.match(err):
+            text = (text + "\n" if text else "") + f"swarm: {safe_text(err, 500)}"
+        return text
+
+    def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
+        """Not known on Swarm: a task that ended because its node's dockerd restarted looks like a crash
+        (README, Swarm backend)."""
+        return False
+
+    def events(self, on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> TaskPoller:
+        return TaskPoller(client_factory=lambda: self._new_client(30), filters=self._labels_filter(),
+                          loop=asyncio.get_running_loop(), on_event=on_event, on_connect=on_connect)
+
+    # ---------------------------------------------------------------- images
+    async def image_present(self, image: str) -> bool:
+        """On the manager rtmanager talks to (every node needs it: README, Swarm backend)."""
+        try:
+            await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
+            return True
+        except docker.errors.NotFound:
+            return False
+
+    async def ensure_image(self, image: str) -> None:
+        if await self.image_present(image):
+            return
+        try:
+            log.info("pulling image %s", image)
+            await self._call("pull", lambda: self._docker().images.pull(image))
+        except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable) as exc:
+            raise ImageMissing(f"image {image} is not present and could not be pulled: {_short(exc)}") from exc
+
+    # --------------------------------------------------------------- network
+    async def prepare(self) -> None:
+        async with self._network_lock:
+            if not self._network_ready:
+                await self._call("network", self._ensure_network_sync)
+                self._network_ready = True
+
+    def _ensure_network_sync(self) -> None:
+        api = self._docker().api
+        for n in api.networks(names=[self.network]):
+            if n.get("Name") != self.network:
+                continue
+            if n.get("Driver") != "overlay" or n.get("Scope") != "swarm":
+                raise Refused(f"network {self.network} exists as a {n.get('Scope')} {n.get('Driver')} network; "
+                              "the Swarm backend needs an overlay network (RTMANAGER_DOCKER_NETWORK)")
+            return
+        try:
+            api.create_network(self.network, driver="overlay", attachable=True, check_duplicate=True,
+                               labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: self.instance})
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+
+    # ---------------------------------------------------------------- create
+    def _service_spec(self, spec: ContainerSpec) -> dict[str, Any]:
+        labels = spec.all_labels()
+        mounts: list[dict[str, Any]] = [
+            {"Type": "bind", "Source": spec.state_path, "Target": spec.state_target, "ReadOnly": False}]
+        if spec.tmpfs_bytes:
+            # Swarm mounts a tmpfs with nosuid, nodev and noexec, as the Docker backend asks explicitly.
+            mounts.append({"Type": "tmpfs", "Target": "/tmp",
+                           "TmpfsOptions": {"SizeBytes": spec.tmpfs_bytes, "Mode": 0o1777}})
+        if spec.disk_bytes and not self._warned_disk:
+            self._warned_disk = True
+            log.warning("Swarm services cannot limit an engine's writable layer; engines run without that limit")
+        container: dict[str, Any] = {
+            "Image": spec.image,
+            "Hostname": spec.name,
+            "Env": [f"{k}={v}" for k, v in spec.env.items()],
+            "Labels": labels,
+            "Mounts": mounts,
+            "ReadOnly": spec.read_only,
+            "StopSignal": "SIGTERM",
+            "StopGracePeriod": int(max(0.0, self.stop_grace) * 1e9),
+            "CapabilityDrop": ["ALL"],
+            "Init": False,
+        }
+        if spec.user:
+            container["User"] = spec.user
+        template: dict[str, Any] = {
+            "ContainerSpec": container,
+            "Resources": {"Limits": {"NanoCPUs": spec.nano_cpus, "MemoryBytes": spec.memory_bytes,
+                                     "Pids": spec.pids_limit}},
+            "RestartPolicy": {"Condition": "none", "MaxAttempts": 0},
+            "LogDriver": {"Name": "json-file", "Options": {"max-size": "10m", "max-file": "3"}},
+            "Networks": [{"Target": spec.network}],
+            "ForceUpdate": 0,
+        }
+        if spec.node:
+            template["Placement"] = {"Constraints": [f"node.id=={spec.node}"]}
+        endpoint: dict[str, Any] = {"Mode": "dnsrr"}
+        if self.probe_address == "published":
+            endpoint["Ports"] = [{"Protocol": "tcp", "TargetPort": self.port, "PublishMode": "host"}]
+        return {
+            "Name": spec.name,
+            "Labels": labels,
+            "TaskTemplate": template,
+            "Mode": {"Replicated": {"Replicas": 0}},
+            # Never two tasks of a game at once (they would share its state directory).
+            "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "continue"},
+            "EndpointSpec": endpoint,
+        }
+
+    async def create(self, spec: ContainerSpec) -> ObservedContainer:
+        """Create the service with 0 replicas; if the name is taken (however Swarm says it), return what holds it."""
+        body = self._service_spec(spec)
+
+        def create_raw() -> str:
+            api = self._docker().api
+            res = api._post_json(api._url("/services/create"), data=body)
+            return api._result(res, json=True)["ID"]
+
+        try:
+            service_id = await self._call("create", create_raw)
+        except (docker.errors.APIError, BackendUnavailable) as exc:
+            existing = await self.inspect(spec.name)
+            if existing is not None:
+                return existing
+            if isinstance(exc, BackendUnavailable):
+                raise
+            text = _short(exc)
+            if exc.status_code == 404 and "network" in text.lower():
+                self._network_ready = False
+                raise BackendUnavailable(f"create {spec.name}: {text}") from exc
+            raise Refused(f"create {spec.name}: {text}") from exc
+        found = await self.inspect(service_id)
+        if found is None:
+            raise Refused(f"service {spec.name} vanished right after create")
+        return found
+
+    # --------------------------------------------------------------- actions
+    async def _update(self, service_id: str, change: Callable[[dict], None]) -> None:
+        """Read the spec, change it, write it back at that version (again when another writer came first)."""
+        for attempt in range(5):
+            try:
+                service = await self._call("inspect", lambda: self._docker().api.inspect_service(service_id))
+            except docker.errors.NotFound as exc:
+                raise Refused(f"service {service_id[:12]} is gone") from exc
+            spec = service["Spec"]
+            change(spec)
+            version = service["Version"]["Index"]
+
+            def update_raw(spec=spec, version=version) -> None:
+                api = self._docker().api
+                res = api._post_json(api._url("/services/{0}/update", service_id), data=spec,
+                                     params={"version": version})
+                api._result(res, json=True)
+
+            try:
+                await self._call("update", update_raw)
+                return
+            except (docker.errors.APIError, BackendUnavailable) as exc:
+                if "out of sequence" in str(exc).lower() and attempt < 4:
+                    continue
+                if isinstance(exc, docker.errors.NotFound):
+                    raise Refused(f"service {service_id[:12]} is gone") from exc
+                if isinstance(exc, docker.errors.APIError):
+                    raise Refused(f"update {service_id[:12]}: {_short(exc)}") from exc
+                raise
+
+    async def start(self, unit_id: str) -> None:
+        """Scale to 1, or force a new task when the one task has ended; return once a task runs or ended."""
+        found = await self._read(unit_id)
+        if found is None:
+            raise Refused(f"start: service {unit_id[:12]} is gone")
+        service, tasks = found
+        if any(_leaving(t) for t in tasks):
+            # A task still being stopped or removed: a new one must not run next to it (they share the state
+            # directory), and Swarm makes no new task for a slot whose old task it has not forgotten yet.
+            await self._until_stopped(service, self.start_wait, _leaving)
+            tasks = await self._service_tasks(unit_id)
+        before = {t["ID"] for t in tasks if _task_state(t) in _ENDED}
+        latest = _latest(tasks)
+        if _replicas(service) == 0:
+            await self._update(unit_id, lambda s: _set_replicas(s, 1))
+        elif latest is not None and _task_state(latest) in _ENDED:
+            await self._update(unit_id, _force_update)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        kicked = False
+        last: dict | None = None
+        while True:
+            try:
+                tasks = await self._service_tasks(unit_id)
+            except docker.errors.NotFound as exc:
+                raise Refused(f"start: service {unit_id[:12]} was removed") from exc
+            task = _latest([t for t in tasks if t["ID"] not in before])
+            if task is not None:
+                last = task
+                st = _task_state(task)
+                if st == "running" or (st in _ENDED and _container_of(task)):
+                    # It runs, or it ran and ended (inspect tells which, with the exit code). Either way its
+                    # state directory is on that node now: keep the game there.
+                    await self._pin(service, str(task.get("NodeID") or ""))
+                    return
+                if st in _ENDED:
+                    raise _refusal(task, service)
+            elif not kicked and loop.time() - started > KICK_AFTER:
+                # Scaled up, and still no task: Swarm sometimes misses a scale-up; a forced update makes the task.
+                kicked = True
+                log.info("service %s: no task %gs after the scale-up; forcing an update", _name(service), KICK_AFTER)
+                await self._update(unit_id, _force_update)
+            if loop.time() - started > self.start_wait:
+                what = (f"{_task_state(last)}: {_task_message(last)}" if last is not None else "no task was made")
+                raise Refused(f"start {_name(service)}: no task running after {self.start_wait:g}s ({what})")
+            await asyncio.sleep(POLL)
+
+    async def _pin(self, service: Mapping[str, Any], node: str) -> None:
+        """Constrain the service to ``node`` unless it is constrained to a node already. Swarm does not
+        restart a task that still fits its new constraints."""
+        placement = (service["Spec"].get("TaskTemplate") or {}).get("Placement") or {}
+        if not node or any(c.replace(" ", "").startswith("node.id==") for c in placement.get("Constraints") or []):
+            return
+
+        def add(spec: dict) -> None:
+            place = spec.setdefault("TaskTemplate", {}).setdefault("Placement", {})
+            constraints = [c for c in place.get("Constraints") or [] if not c.replace(" ", "").startswith("node.id==")]
+            place["Constraints"] = [*constraints, f"node.id=={node}"]
+
+        await self._update(service["ID"], add)
+        log.info("service %s pinned to node %s", _name(service), node)
+
+    async def stop(self, unit_id: str, grace: float) -> None:
+        """Scale to 0 (SIGTERM, then SIGKILL after the task's grace period); return once no task runs and
+        Swarm has forgotten the tasks it scaled away (their containers are removed with them)."""
+        found = await self._read(unit_id)
+        if found is None:
+            return
+        service, tasks = found
+        if _replicas(service) != 0:
+            await self._update(unit_id, lambda s: _set_replicas(s, 0))
+        own_grace = int(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {})
+                        .get("StopGracePeriod") or 0) / 1e9
+        await self._until_stopped(service, max(grace, own_grace) + STOP_MARGIN, _not_done)
+
+    async def _until_stopped(self, service: Mapping[str, Any], timeout: float,
+                             blocking: Callable[[Mapping[str, Any]], bool]) -> None:
+        """Until no task of the service is ``blocking``. A task on a node that is down cannot be stopped
+        from here: it is not waited for (after a while), with a warning."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            try:
+                tasks = await self._service_tasks(service["ID"])
+            except docker.errors.NotFound:
+                return
+            left = [t for t in tasks if blocking(t)]
+            if not left:
+                return
+            waited = loop.time() - started
+            if waited > min(timeout, 10.0):
+                await self._know_nodes([left], force=True)
+                left = [t for t in left if self._nodes.get(t.get("NodeID") or "", {}).get("state") != "down"]
+                if not left:
+                    log.warning("service %s: its task is on a node that is down; not waiting for it",
+                                _name(service))
+                    return
+            if waited > timeout:
+                raise BackendUnavailable(f"stop {_name(service)}: task still {_task_state(left[0])} after "
+                                         f"{timeout:g}s")
+            await asyncio.sleep(POLL)
+
+    async def remove(self, unit_id: str, grace: float) -> None:
+        """Stop gracefully, remove the service, and return once no task or container of it is left."""
+        found = await self._read(unit_id)
+        if found is None:
+            return
+        service, _ = found
+        await self.stop(service["ID"], grace)
+        try:
+            await self._call("remove", lambda: self._docker().api.remove_service(service["ID"]))
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            raise BackendUnavailable(f"remove {_name(service)}: {_short(exc)}") from exc
+        await self._until_gone(service)
+
+    async def _until_gone(self, service: Mapping[str, Any]) -> None:
+        """Swarm forgets a removed service's tasks before their containers are removed: wait for both (the
+        containers as far as the daemon we talk to can see: its own node's)."""
+        game = (service["Spec"].get("Labels") or {}).get(LABEL_GAME_ID, "")
+        filters = self._labels_filter(f"{LABEL_GAME_ID}={game}")
+        by_service = {"label": [f"com.docker.swarm.service.id={service['ID']}"]}
+        deadline = asyncio.get_running_loop().time() + GONE_WAIT
+        while True:
+            tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters=filters))
+            left = [t for t in tasks if t.get("ServiceID") == service["ID"]]
+            if not left:
+                containers = await self._call("list", lambda: self._docker().api.containers(
+                    all=True, filters=by_service))
+                if not containers:
+                    return
+            if asyncio.get_running_loop().time() > deadline:
+                raise BackendUnavailable(f"remove {_name(service)}: its tasks or containers are still there "
+                                         f"after {GONE_WAIT:g}s")
+            await asyncio.sleep(POLL)
+
+
+# ------------------------------------------------------------------------- tasks -> state
+def _task_state(task: Mapping[str, Any]) -> str:
+    return str((task.get("Status") or {}).get("State") or "")
+
+
+def _not_done(task: Mapping[str, Any]) -> bool:
+    """May still run, or is still to be removed (by a scale-down): not yet gone."""
+    return _task_state(task) not in _ENDED or task.get("DesiredState") == "remove"
+
+
+def _leaving(task: Mapping[str, Any]) -> bool:
+    """Being stopped or removed, and not gone yet."""
+    return _not_done(task) and task.get("DesiredState") not in _WANTED
+
+
+def _container_of(task: Mapping[str, Any]) -> str:
+    return str(((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID") or "")
+
+
+def _task_message(task: Mapping[str, Any]) -> str:
+    status = task.get("Status") or {}
+    return safe_text(str(status.get("Err") or status.get("Message") or ""), 300)
+
+
+def _refusal(task: Mapping[str, Any], service: Mapping[str, Any]) -> Exception:
+    message = _task_message(task)
+    if "no such image" in message.lower() or "pull access denied" in message.lower():
+        image = ((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image", "")
+        return ImageMissing(f"image {image} is missing on node {str(task.get('NodeID', ''))[:12]}: {message}")
+    return Refused(f"start {_name(service)}: task {_task_state(task)}: {message}")
+
+
+def _name(service: Mapping[str, Any]) -> str:
+    return str((service.get("Spec") or {}).get("Name") or service.get("ID", "")[:12])
+
+
+def _replicas(service: Mapping[str, Any]) -> int:
+    mode = (service.get("Spec") or {}).get("Mode") or {}
+    return int(((mode.get("Replicated") or {}).get("Replicas")) or 0)
+
+
+def _set_replicas(spec: dict, n: int) -> None:
+    spec["Mode"] = {"Replicated": {"Replicas": n}}
+
+
+def _force_update(spec: dict) -> None:
+    template = spec.setdefault("TaskTemplate", {})
+    template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
+
+
+def _latest(tasks: Iterable[Mapping[str, Any]]) -> dict | None:
+    """The task that tells the state: the newest of those meant to run, else the newest."""
+    tasks = list(tasks)
+    wanted = [t for t in tasks if t.get("DesiredState") in _WANTED]
+    pool = wanted or tasks
+    if not pool:
+        return None
+    return dict(max(pool, key=lambda t: (_when(t.get("CreatedAt")) or datetime.min.replace(tzinfo=UTC),
+                                         (t.get("Version") or {}).get("Index", 0))))
+
+
+def _state(service: Mapping[str, Any], tasks: list[dict]) -> tuple[str, dict | None]:
+    running = [t for t in tasks if _task_state(t) == "running"]
+    if running:
+        return "running", _latest(running)
+    latest = _latest(tasks)
+    if latest is None:
+        # Never ran (0 replicas since create, or a task not made yet), or stopped and its tasks already
+        # forgotten: an update (the scale to 0) leaves a previous spec.
+        ran = _replicas(service) == 0 and bool(service.get("PreviousSpec"))
+        return ("exited" if ran else "created"), None
+    st = _task_state(latest)
+    if st in _ON_ITS_WAY and latest.get("DesiredState") in _WANTED:
+        return "created", latest
+    return "exited", latest
+
+
+def _task_ip(task: Mapping[str, Any], name: str, network: str) -> str | None:
+    for att in task.get("NetworksAttachments") or []:
+        net = att.get("Network") or {}
+        if (net.get("Spec") or {}).get("Name") == network:
+            for addr in att.get("Addresses") or []:
+                return str(addr).split("/", 1)[0]
+    return None
+
+
+def _node_info(node: Mapping[str, Any]) -> dict[str, str]:
+    status = node.get("Status") or {}
+    addr = str(status.get("Addr") or "")
+    if addr in ("", "0.0.0.0"):  # a manager may report 0.0.0.0 here; its manager address is right
+        addr = str((node.get("ManagerStatus") or {}).get("Addr") or "").rsplit(":", 1)[0]
+    return {"addr": addr, "state": str(status.get("State") or ""),
+            "availability": str((node.get("Spec") or {}).get("Availability") or "")}
+
+
+def _when(value: Any) -> datetime | None:
+    if not value or str(value).startswith("0001-01-01"):
+        return None
+    text = re.sub(r"(\.\d{6})\d+", r"\1", str(value).replace("Z", "+00:00"))
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _short(exc: BaseException) -> str:
+    text = getattr(exc, "explanation", None) or str(exc)
+    text = safe_text(str(text)).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
+
+
+# ------------------------------------------------------------------------- events
+class TaskPoller:
+    """What stands in for an event stream on Swarm (it has no task events): the tasks of this instance,
+    listed every ``interval`` seconds in one call. A game whose newest task changed (a new task, another
+    state, gone) is reported with ``on_event(game_id, state)``. ``on_connect`` runs after every
+    (re)start of polling (the first answer, an answer after failures, ``reconnect``): relist then."""
+
+    def __init__(self, *, client_factory: Callable[[], docker.DockerClient], filters: dict[str, list[str]],
+                 loop: asyncio.AbstractEventLoop, on_event: Callable[[str, str], None],
+                 on_connect: Callable[[], None], interval: float = 1.0) -> None:
+        self._factory = client_factory
+        self._filters = filters
+        self._loop = loop
+        self._on_event = on_event
+        self._on_connect = on_connect
+        self.interval = interval
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._fresh = True  # the next answer starts a new "connection"
+        self._thread = threading.Thread(target=self._run, name="swarm-tasks", daemon=True)
+        self.connected = False
+        self.connects = 0
+        self.events_seen = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def reconnect(self) -> None:
+        self._fresh = True
+        self._wake.set()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _snapshot(self, tasks: list[dict]) -> dict[str, tuple[str, str]]:
+        per_service: dict[str, list[dict]] = {}
+        for t in tasks:
+            per_service.setdefault(t.get("ServiceID", ""), []).append(t)
+        out: dict[str, tuple[str, str]] = {}
+        for ts in per_service.values():
+            latest = _latest(ts)
+            if latest is None:
+                continue
+            labels = ((latest.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}
+            game = labels.get(LABEL_GAME_ID)
+            if game:
+                out[game] = (latest["ID"], _task_state(latest))
+        return out
+
+    def _run(self) -> None:
+        client = None
+        last: dict[str, tuple[str, str]] = {}
+        delay = self.interval
+        while not self._stopping.is_set():
+            try:
+                if client is None:
+                    client = self._factory()
+                snapshot = self._snapshot(client.api.tasks(filters=self._filters))
+                if self._fresh or not self.connected:
+                    self._fresh = False
+                    self.connected = True
+                    self.connects += 1
+                    self._loop.call_soon_threadsafe(self._on_connect)
+                else:
+                    for game in set(last) | set(snapshot):
+                        if last.get(game) != snapshot.get(game):
+                            self.events_seen += 1
+                            state = snapshot[game][1] if game in snapshot else "gone"
+                            self._loop.call_soon_threadsafe(self._on_event, game, state)
+                last = snapshot
+                delay = self.interval
+            except Exception as exc:  # noqa: BLE001 - any failure: poll again, then relist
+                if self._stopping.is_set():
+                    break
+                if self.connected:
+                    log.warning("swarm task poll failed, trying again in %.1fs: %s", delay, exc)
+                self.connected = False
+                if client is not None:
+                    try:
+                        client.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    client = None
+                delay = min(max(delay * 2, 0.5), 10.0)
+            self._wake.wait(delay)
+            self._wake.clear()
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
