@@ -38,7 +38,8 @@ class Metrics:
                                             "From asking an engine for a turn to the turn generated",
                                             buckets=_LATENCY_BUCKETS + (600,), registry=r)
         self.paused = Gauge("rtmanager_games_paused", "Games whose turn clock is paused", registry=r)
-        self.outbox_pending = Gauge("rtmanager_outbox_pending", "Outbox entries (results and snapshots) waiting to be published", registry=r)
+        self.outbox_pending = Gauge("rtmanager_outbox_pending",
+                                    "Outbox entries (results and snapshots) waiting to be published", registry=r)
         self.docker_calls = Counter("rtmanager_docker_api_calls_total", "Docker API calls by operation and result",
                                     ["operation", "result"], registry=r)
         self.docker_seconds = Histogram("rtmanager_docker_api_duration_seconds", "Docker API call time",

@@ -649,7 +649,8 @@ class FakeStore:
             self.records[job.game_id] = decision.record
             for o in list(self.ops):
                 if current is not None and replaces(current, decision.record) and o.game_id == job.game_id \
-                        and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) and o.generation < decision.record.generation:
+                        and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
+                        and o.generation < decision.record.generation:
                     self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED, "replaced by a newer job", "", "", now)
         status = OpStatus.QUEUED if decision.action in ("change", "join") else (
             OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
