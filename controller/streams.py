@@ -19,14 +19,12 @@ trimmed below what has been handled (controller/intake.py).
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from desired.errors import RtmError, TemporaryError
+from desired.errors import RtmError, TemporaryError, translating
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError,      # includes BusyLoadingError (a restarting server)
@@ -63,19 +61,6 @@ def _translate(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _translated(fn):
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await fn(*args, **kwargs)
-        except BaseException as exc:
-            ours = _translate(exc)
-            if ours is None:
-                raise
-            raise ours from exc
-    return wrapper
-
-
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -106,6 +91,7 @@ class GroupInfo:
     consumers: dict[str, int] = field(default_factory=dict)
 
 
+@translating(_translate)
 class RedisStreams:
     def __init__(self, url: str, *, group: str, consumer: str) -> None:
         self.client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,
@@ -226,12 +212,3 @@ class RedisStreams:
     async def stream_first_id(self, stream: str) -> str | None:
         got = await self.client.xrange(stream, count=1)
         return _text(got[0][0]) if got else None
-
-
-def _translate_methods(cls) -> None:
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.iscoroutinefunction(member):
-            setattr(cls, name, _translated(member))
-
-
-_translate_methods(RedisStreams)

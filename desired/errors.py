@@ -21,6 +21,10 @@ to these codes in one table.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+
 from desired.model import ErrorCode
 
 
@@ -80,3 +84,26 @@ class NotFound(LookupError):
 
 class Conflict(RuntimeError):
     """A compare-and-swap guard did not hold: someone else changed the record."""
+
+
+def translating(translate: Callable[[BaseException], BaseException | None]):
+    """Class decorator for an adapter: every public coroutine method raises ``translate(exc)`` from
+    the driver's ``exc`` (when it gives one), so the driver's errors never leave the adapter."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except BaseException as exc:
+                ours = translate(exc)
+                if ours is None:
+                    raise
+                raise ours from exc
+        return wrapper
+
+    def decorate(cls):
+        for name, member in list(vars(cls).items()):
+            if not name.startswith("_") and inspect.iscoroutinefunction(member):
+                setattr(cls, name, wrap(member))
+        return cls
+    return decorate

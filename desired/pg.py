@@ -9,12 +9,11 @@ naming its constraint, anything else ``StoreError``.
 from __future__ import annotations
 
 import asyncio
-import functools
-import inspect
 
 import asyncpg
 
 from desired.errors import StoreError, StoreUnavailable, UniqueViolation
+from desired.errors import translating as errors_translating
 
 # asyncpg errors that mean "Postgres is not reachable right now" (retry), as
 # opposed to a query that is wrong.
@@ -52,26 +51,8 @@ def translate(exc: BaseException) -> BaseException | None:
     return None
 
 
-def _translated(fn):
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await fn(*args, **kwargs)
-        except BaseException as exc:
-            ours = translate(exc)
-            if ours is None:
-                raise
-            raise ours from exc
-    return wrapper
-
-
-def translating(cls):
-    """Class decorator: every public coroutine method raises the store's errors only."""
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.iscoroutinefunction(member):
-            setattr(cls, name, _translated(member))
-    return cls
-
+translating = errors_translating(translate)
+"""Class decorator: every public coroutine method raises the store's errors only."""
 
 
 async def _no_session_state(conn: asyncpg.Connection) -> None:
