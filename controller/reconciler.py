@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from controller.config import Settings
 from controller.metrics import Metrics
@@ -65,6 +66,7 @@ from observed.model import ContainerSpec, ObservedContainer
 log = logging.getLogger("rtmanager.reconciler")
 
 MAX_STEPS = 8
+DAEMON_SETTLE = 5.0  # seconds an engine that exited as if asked to is watched for a daemon going away
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 WAITING = object()  # an action that will look again later by itself
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
@@ -299,7 +301,7 @@ class Reconciler:
             self._results_written()
         elif kind is ActionKind.RECOVER:
             assert container is not None
-            await self._recover(record, container)
+            return await self._recover(record, container)
         elif kind is ActionKind.REMOVE:
             assert container is not None
             await self.backend.remove(container.id, grace)
@@ -542,7 +544,7 @@ class Reconciler:
         if not address:
             self.queue.add(record.game_id)  # not running at all: let the reconciler look
 
-    async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> None:
+    async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> object:
         """The engine of a running game exited on its own: record why, restart after a backoff.
 
         An engine stopped by a daemon restart did not crash: it starts again at once and does
@@ -555,12 +557,19 @@ class Reconciler:
                 detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
                        "restarted"))
             return
+        if (not self.backend.stopped_by_daemon(seen) and seen.exit_code in (0, 143) and seen.finished_at is not None
+                and (age := (datetime.now(UTC) - seen.finished_at).total_seconds()) < DAEMON_SETTLE):
+            # An engine that exited as if asked to (SIGTERM) just now: a daemon that is being
+            # stopped stops its containers while it still answers, and goes away only after.
+            # Look again in a moment, when a daemon restart would show.
+            self.queue.add_after(record.game_id, DAEMON_SETTLE - age)
+            return WAITING
         if self.backend.stopped_by_daemon(seen):
             log.warning("engine stopped by a restart of the container daemon; starting it again (not a crash)",
                         extra={"game_id": record.game_id, "exit_code": seen.exit_code})
             self.metrics.daemon_restarts.inc()
             await self.store.mark_starting(record, rollback_image=None)
-            return
+            return None
         detail, tail = await self._exit_detail(seen, "exited unexpectedly", 10)
         await self._count_crash(record, Crash(code=ErrorCode.CONTAINER_START_FAILED, detail=detail,
                                               container_id=container.id, exit_code=seen.exit_code,
