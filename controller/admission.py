@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from desired.jobs import Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource
-from desired.store import Store, SubmitOutcome
+from desired.store import Rejection, Store, SubmitOutcome
 
 log = logging.getLogger("rtmanager.admission")
 
@@ -40,6 +40,16 @@ class Admission:
             self._wake(job.game_id)
         self._results_written()
         return outcome
+
+    async def submit_many(self, items: list[Job | Rejection]) -> list[SubmitOutcome]:
+        """``submit`` / ``reject`` of each item, in order, in one transaction (the intake's batches)."""
+        outcomes = await self.store.submit_many(items, self.defaults, registry=self.registry)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.decision is not None and outcome.decision.action in ("change", "join"):
+                self._wake(item.game_id)
+        if any(not o.duplicate for o in outcomes):
+            self._results_written()
+        return outcomes
 
     async def reject(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str, code: ErrorCode,
                      message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:

@@ -23,7 +23,7 @@ from collections.abc import Coroutine
 from controller.admission import Admission
 from controller.config import Settings
 from controller.http import HttpDeps, HttpServer
-from controller.intake import INTAKE_WORKERS, Intake
+from controller.intake import Intake
 from controller.leadership import Leadership
 from controller.logs import redact_url
 from controller.metrics import Metrics
@@ -120,9 +120,8 @@ class Controller:
         log.info("starting", extra={"instance": s.instance, "database": redact_url(s.database_url),
                                     "redis": redact_url(s.redis_url), "network": s.docker_network,
                                     "concurrency": s.concurrency, "holder": self.fence.holder})
-        # Reconcile workers, the intake's workers, and the relay, resync, health round, HTTP.
-        self.pool = await create_pool(s.database_url, max_size=s.concurrency + INTAKE_WORKERS + 4,
-                                      lease_ttl=s.lease_ttl)
+        # Reconcile workers, and the intake, relay, resync, health round, turn clock, HTTP.
+        self.pool = await create_pool(s.database_url, max_size=s.concurrency + 6, lease_ttl=s.lease_ttl)
         self.store = Store(self.pool, fence=self.fence, clock=self.clock)
         if self.identity is None:
             self.identity = await Store(self.pool, clock=self.clock).claim_identity(s.instance)

@@ -44,7 +44,6 @@ acknowledged and never applied again, and job streams are trimmed only below it
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 
@@ -53,17 +52,16 @@ from controller.config import Settings
 from controller.metrics import Metrics
 from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
-from desired.jobs import InvalidJob, parse_control, parse_job, shown_game_id
+from desired.jobs import InvalidJob, Job, parse_control, parse_job, shown_game_id
 from desired.leader import Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
-from desired.store import Store
+from desired.store import Rejection, Store
 
 log = logging.getLogger("rtmanager.intake")
 
 READ_COUNT = 100
 BLOCK_MS = 1000
-INTAKE_WORKERS = 4      # entries of different games handled at once (each its own transaction)
-MAX_IN_FLIGHT = 1000    # entries read ahead and not yet handled, at most
+BATCH = 200             # new entries admitted in one transaction
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
 
@@ -72,73 +70,6 @@ def previous_id(entry_id: str) -> tuple[int, int]:
     """The entry id just before ``entry_id``."""
     ms, seq = entry_key(entry_id)
     return (ms, seq - 1) if seq > 0 else (ms - 1, MAX_SEQ)
-
-
-class Dispatcher:
-    """Entries of one key (a game) one after the other, in the order they are put; entries of
-    different keys up to ``workers`` at once. A game whose entry stays pending (``handle`` answers
-    False) or meets an outage is held: its later entries are dropped here (they stay pending in the
-    consumer group) and ``on_held`` is told. The first outage is raised by ``drain`` (and ``put``)."""
-
-    def __init__(self, handle, *, workers: int, on_held, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-        self._handle = handle
-        self._sem = asyncio.Semaphore(workers)
-        self._on_held = on_held
-        self._max = max_in_flight
-        self._queues: dict = {}
-        self._tasks: dict = {}
-        self._in_flight = 0
-        self._room = asyncio.Event()
-        self._room.set()
-        self._error: BaseException | None = None
-
-    async def put(self, key, entry: Entry, reread: bool) -> None:
-        while self._in_flight >= self._max:
-            self._room.clear()
-            await self._room.wait()
-        self._raise()
-        self._queues.setdefault(key, collections.deque()).append((entry, reread))
-        self._in_flight += 1
-        if key not in self._tasks:
-            self._tasks[key] = asyncio.create_task(self._run_key(key), name="intake-game")
-
-    async def _run_key(self, key) -> None:
-        queue = self._queues[key]
-        try:
-            while queue:
-                entry, reread = queue.popleft()
-                try:
-                    async with self._sem:
-                        handled = await self._handle(entry, reread=reread)
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:  # noqa: BLE001 - an outage, a lost term: the run loop decides
-                    self._error = self._error or exc
-                    handled = False
-                finally:
-                    self._in_flight -= 1
-                if not handled:
-                    self._in_flight -= len(queue)  # they stay pending behind this one
-                    queue.clear()
-                    self._on_held(key)
-        finally:
-            self._queues.pop(key, None)
-            self._tasks.pop(key, None)
-            self._room.set()
-
-    async def drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
-        self._raise()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def cancel(self) -> None:
-        for task in list(self._tasks.values()):
-            task.cancel()
 
 
 class Intake:
@@ -160,11 +91,7 @@ class Intake:
         self.held: set = set()              # games with an entry left pending: later ones wait
         self.marks: dict[str, tuple[int, int]] = {}
         self.skipped_below_mark = 0
-        self._dispatch = Dispatcher(self._process, workers=INTAKE_WORKERS, on_held=self.held_game)
 
-    def held_game(self, key) -> None:
-        if isinstance(key, bytes | str):
-            self.held.add(key)
 
     @property
     def streams(self) -> list[str]:
@@ -180,7 +107,6 @@ class Intake:
 
     def stop(self) -> None:
         self._stopping.set()
-        self._dispatch.cancel()
 
     @property
     def pending_interval(self) -> float:
@@ -236,6 +162,7 @@ class Intake:
             buffers[e.stream].append(e)
         exhausted = {s: len(buffers[s]) < READ_COUNT for s in self.streams}
         seen = 0
+        batch: list[Entry] = []
         while not self._stopping.is_set():
             for s in self.streams:
                 if not buffers[s] and not exhausted[s]:
@@ -251,8 +178,11 @@ class Intake:
             game = entry.field("game_id")
             if game is not None and game in self.held:
                 continue  # stays pending behind an earlier entry of its game
-            await self._dispatch.put(game if game is not None else (entry.stream, entry.id), entry, False)
-        await self._dispatch.drain()
+            batch.append(entry)
+            if len(batch) >= BATCH:
+                await self._admit(batch)
+                batch = []
+        await self._admit(batch)
         return seen
 
     async def pending_pass(self) -> None:
@@ -271,17 +201,94 @@ class Intake:
             for e in claimed:
                 entries[(e.stream, e.id)] = e
         self.claim_everything_once = False
-        self.held = set()
+        held: set = set()
         for entry in sorted(entries.values(), key=self.order):
             if self._stopping.is_set():
                 break
             game = entry.field("game_id")
-            if game is not None and game in self.held:
+            if game is not None and game in held:
                 continue
-            await self._dispatch.put(game if game is not None else (entry.stream, entry.id), entry, True)
-        await self._dispatch.drain()
+            if not await self._process(entry, reread=True) and game is not None:
+                held.add(game)
+        self.held = held
 
     # --------------------------------------------------------------- handling
+    async def _admit(self, batch: list[Entry]) -> None:
+        """New entries, in order, admitted in one transaction and acknowledged together. When the
+        batch fails for a reason that is not an outage, each entry is handled on its own, so that
+        only the failing one (and its game's later entries) stays pending."""
+        if not batch:
+            return
+        items: list[Job | Rejection] = []
+        kept: list[Entry] = []
+        for entry in batch:
+            if entry.fields is None or self._below_mark(entry):
+                await self.redis.ack(entry.stream, entry.id)
+                continue
+            items.append(self._parse(entry))
+            kept.append(entry)
+        if not items:
+            return
+        try:
+            outcomes = await self.admission.submit_many(items)
+        except (*OUTAGES, Fenced):
+            raise
+        except Exception:  # noqa: BLE001 - isolate the entry that fails, one by one
+            log.exception("a batch of %d entries failed; handling them one by one", len(kept))
+            held: set = set()
+            for entry in kept:
+                game = entry.field("game_id")
+                if game is not None and (game in held or game in self.held):
+                    continue
+                if not await self._process(entry, reread=False) and game is not None:
+                    held.add(game)
+            self.held |= held
+            return
+        for item, outcome in zip(items, outcomes, strict=True):
+            self._account(item, outcome)
+        by_stream: dict[str, list[str]] = {}
+        for entry in kept:
+            by_stream.setdefault(entry.stream, []).append(entry.id)
+        for stream, ids in by_stream.items():
+            await self.redis.ack(stream, *ids)
+
+    def _below_mark(self, entry: Entry) -> bool:
+        mark = self.marks.get(entry.stream)
+        if mark is None or entry_key(entry.id) > mark:
+            return False
+        # Handled before (the group was recreated, or Redis went back in time): never twice.
+        self.skipped_below_mark += 1
+        self.metrics.jobs.labels(entry.stream, "below_mark").inc()
+        log.info("entry at or below the stream's handled mark; acknowledged without applying it again",
+                 extra={"stream": entry.stream, "entry_id": entry.id})
+        return True
+
+    def _parse(self, entry: Entry) -> Job | Rejection:
+        kind = self.kind_of(entry)
+        try:
+            if entry.stream == self.settings.control_stream:
+                return parse_control(entry.fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
+            return parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
+                             stream=entry.stream, entry_id=entry.id)
+        except InvalidJob as bad:
+            return Rejection(kind=kind, game_id=bad.game_id, stream=entry.stream, entry_id=entry.id,
+                             code=bad.code, message=bad.message)
+
+    def _account(self, item: Job | Rejection, outcome) -> None:
+        stream = item.stream
+        if outcome.duplicate:
+            self.metrics.jobs.labels(stream, "duplicate").inc()
+        elif isinstance(item, Rejection):
+            self.metrics.jobs.labels(stream, "rejected").inc()
+            log.warning("rejected job: %s", item.message, extra={
+                "stream": stream, "entry_id": item.entry_id, "error_code": item.code.value, "game_id": item.game_id})
+        else:
+            decision = outcome.decision
+            self.metrics.jobs.labels(stream, decision.action).inc()
+            log.info("%s job: %s", item.kind.value, decision.action,
+                     extra={"game_id": item.game_id, "operation_id": outcome.operation_id, "entry_id": item.entry_id,
+                            "error_code": decision.error_code.value if decision.error_code else ""})
+
     async def _process(self, entry: Entry, *, reread: bool) -> bool:
         """Handle one entry, then acknowledge it. A failing entry stays pending (False) and is
         tried again by a pending pass, until it is dead-lettered."""
@@ -289,13 +296,7 @@ class Intake:
         if entry.fields is None:  # deleted from the stream while pending: nothing to carry out
             await self.redis.ack(stream, entry_id)
             return True
-        mark = self.marks.get(stream)
-        if mark is not None and entry_key(entry_id) <= mark:
-            # Handled before (the group was recreated, or Redis went back in time): never twice.
-            self.skipped_below_mark += 1
-            self.metrics.jobs.labels(stream, "below_mark").inc()
-            log.info("entry at or below the stream's handled mark; acknowledged without applying it again",
-                     extra={"stream": stream, "entry_id": entry_id})
+        if self._below_mark(entry):
             await self.redis.ack(stream, entry_id)
             return True
         attempts = 0
@@ -338,39 +339,18 @@ class Intake:
         return self.kinds[entry.stream]
 
     async def handle(self, entry: Entry) -> None:
-        stream, entry_id = entry.stream, entry.id
-        kind = self.kind_of(entry)
-        try:
-            if stream == self.settings.control_stream:
-                job = parse_control(entry.fields, source=OpSource.LOBBY, stream=stream, entry_id=entry_id)
-            else:
-                job = parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
-                                stream=stream, entry_id=entry_id)
-        except InvalidJob as bad:
-            await self.admission.reject(kind=kind, game_id=bad.game_id, stream=stream, entry_id=entry_id,
-                                        code=bad.code, message=bad.message)
-            self.metrics.jobs.labels(stream, "rejected").inc()
-            log.warning("rejected job: %s", bad.message,
-                        extra={"stream": stream, "entry_id": entry_id, "error_code": bad.code.value,
-                               "game_id": bad.game_id})
-            return
-        try:
-            outcome = await self.admission.submit(job)
-        except InvalidJob as bad:  # the state path check of a new record
-            await self.admission.reject(kind=kind, game_id=job.game_id, stream=stream, entry_id=entry_id,
-                                        code=bad.code, message=bad.message)
-            return
-        if outcome.duplicate:
-            self.metrics.jobs.labels(stream, "duplicate").inc()
-            log.info("entry already recorded as operation %d", outcome.operation_id,
-                     extra={"stream": stream, "entry_id": entry_id, "game_id": job.game_id})
-            return
-        decision = outcome.decision
-        assert decision is not None
-        self.metrics.jobs.labels(stream, decision.action).inc()
-        log.info("%s job: %s", kind.value, decision.action,
-                 extra={"game_id": job.game_id, "operation_id": outcome.operation_id, "entry_id": entry_id,
-                        "error_code": decision.error_code.value if decision.error_code else ""})
+        """One entry on its own (a re-read one, or one of a batch that failed)."""
+        item = self._parse(entry)
+        if isinstance(item, Job):
+            try:
+                outcome = await self.admission.submit(item)
+            except InvalidJob as bad:  # the state path check of a new record
+                item = Rejection(kind=item.kind, game_id=item.game_id, stream=entry.stream, entry_id=entry.id,
+                                 code=bad.code, message=bad.message)
+        if isinstance(item, Rejection):
+            outcome = await self.admission.reject(kind=item.kind, game_id=item.game_id, stream=entry.stream,
+                                                  entry_id=entry.id, code=item.code, message=item.message)
+        self._account(item, outcome)
 
     async def dead_letter(self, entry: Entry, attempts: int) -> None:
         """Never drop an entry silently: a failed operation, its result, and a copy for operators."""

@@ -40,7 +40,7 @@ from desired.model import (
     check_transition,
 )
 from desired.policy import CrashPolicy, next_crash
-from desired.store import Crash, Identity, Operation, PendingResult, SubmitOutcome, replaces
+from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome, replaces
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
@@ -465,6 +465,7 @@ class FakeStore:
         self.attempts: dict[tuple[str, str], int] = {}
         self.down = False
         self.fail_submit: Exception | None = None
+        self.batches = 0
         self._seq = itertools.count(1)
         self._op_ids = itertools.count(1)
 
@@ -663,6 +664,24 @@ class FakeStore:
                                        engine_endpoint=decision.engine_endpoint, error_code=decision.error_code,
                                        error_message=decision.message))
         return SubmitOutcome(operation_id=op.id, decision=decision)
+
+    async def submit_many(self, items, defaults: RecordDefaults, *, registry: bool = False) -> list[SubmitOutcome]:
+        """One transaction: all or nothing."""
+        self._check()
+        self.batches += 1
+        saved = (dict(self.records), list(self.ops), list(self.results))
+        try:
+            out = []
+            for item in items:
+                if isinstance(item, Rejection):
+                    out.append(await self.reject_entry(kind=item.kind, game_id=item.game_id, stream=item.stream,
+                                                       entry_id=item.entry_id, code=item.code, message=item.message))
+                else:
+                    out.append(await self.submit(item, defaults, registry=registry))
+            return out
+        except BaseException:
+            self.records, self.ops, self.results = saved
+            raise
 
     async def reject_entry(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str, code: ErrorCode,
                            message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:

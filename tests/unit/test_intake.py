@@ -3,8 +3,6 @@ attempts that are not deliveries, dead letters, marks and trimming. Milliseconds
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from controller.admission import Admission
@@ -80,30 +78,39 @@ async def test_entries_interleaved_over_three_reads_keep_each_games_order():
         assert ops_of(store, game) == entries, game
 
 
-async def test_games_are_handled_side_by_side_and_a_slow_one_does_not_hold_the_others():
-    """A real start in the middle of a flood must not wait for the whole flood."""
+async def test_a_flood_is_admitted_in_batches_of_one_transaction_each():
     intake, streams, store, _ = make()
-    gate = asyncio.Event()
+    for i in range(1000):
+        stop(streams, f"unknown-{i}")  # replays: no Docker work
+    for i in range(500):
+        streams.xadd(START, {"game_id": "BAD GAME", "image_ref": IMG})
+    await run_once(intake)
+    assert len(store.results) == 1500 and store.batches <= 1500 // 200 + 3
+    assert all(not s.pending for s in streams.streams.values())
+
+
+async def test_a_batch_that_fails_is_handled_entry_by_entry_and_only_the_failing_game_waits():
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()
     real = store.submit
 
-    async def slow_for_g0(job, *args, **kwargs):
-        if job.game_id == "g0":
-            await gate.wait()
+    async def broken_for_g1(job, *args, **kwargs):
+        if job.game_id == "g1":
+            raise RuntimeError("simulated bug")
         return await real(job, *args, **kwargs)
 
-    store.submit = slow_for_g0
-    for _ in range(5):
-        stop(streams, "g0")
-    s = start(streams, "other")
-    task = asyncio.create_task(run_once(intake))
-    for _ in range(200):
-        if ops_of(store, "other"):
-            break
-        await asyncio.sleep(0.005)
-    assert ops_of(store, "other") == [("start", s)] and ops_of(store, "g0") == []
-    gate.set()
-    await asyncio.wait_for(task, 5)
-    assert len(ops_of(store, "g0")) == 5
+    store.submit = broken_for_g1
+    a = stop(streams, "a")
+    g1 = start(streams, "g1")
+    b = stop(streams, "b")
+    g1_later = stop(streams, "g1")
+    await intake.read_round(block_ms=None)
+    assert ops_of(store, "a") == [("stop", a)] and ops_of(store, "b") == [("stop", b)]
+    assert ops_of(store, "g1") == [] and b"g1" in intake.held
+    store.submit = real
+    await intake.pending_pass()
+    assert ops_of(store, "g1") == [("start", g1), ("stop", g1_later)]
 
 
 async def test_a_failed_entry_holds_the_later_entries_of_its_game_across_reads():
