@@ -384,6 +384,14 @@ class Reconciler:
         t0 = loop.time()
         ok, detail = await self.engine.wait_healthy(host, self.settings.start_timeout, still_running)
         self.metrics.probes.labels("healthy" if ok else "unhealthy").inc()
+        if ok:
+            # The answer came from the address this unit had: make sure it is still this unit's (a
+            # daemon may hand a dead container's IP to the next one at once).
+            again = await self.backend.inspect(container_id)
+            if again is None or not again.running or again.address != seen.address:
+                if again is not None and not again.running:
+                    await self._raise_exited(again)
+                raise ContainerStartFailed("the engine's container stopped or moved while it was probed")
         if not ok:
             if exited:
                 await self._raise_exited(exited[-1])

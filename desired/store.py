@@ -384,8 +384,10 @@ class Store:
             return new
 
     async def mark_starting(self, rec: RuntimeRecord, *, rollback_image: str | None) -> RuntimeRecord:
+        """Guarded on the generation too: the unit about to be created is built from ``rec``'s desired
+        state; a job accepted meanwhile must be planned for first."""
         return await self._transition(rec, lambda cur, now: transitions.starting(
-            cur, now, rollback_image=rollback_image))
+            cur, now, rollback_image=rollback_image), guard_generation=True)
 
     async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str,
                            probe: transitions.Probe | None = None, unreachable_after: int = 3,

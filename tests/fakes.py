@@ -531,7 +531,7 @@ class FakeStore:
 
     async def mark_starting(self, rec: RuntimeRecord, *, rollback_image: str | None) -> RuntimeRecord:
         now = self._check()
-        cur = self._guard(rec, False)
+        cur = self._guard(rec, True)
         return self._swap(cur, transitions.starting(cur, now, rollback_image=rollback_image))
 
     async def _finishing(self, rec: RuntimeRecord, change) -> RuntimeRecord:

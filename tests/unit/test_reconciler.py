@@ -98,6 +98,56 @@ async def test_a_job_accepted_during_convergence_is_not_answered_by_the_older_on
     assert rec.status is Status.STOPPED and w.running("g1") == []
 
 
+async def test_a_change_accepted_between_plan_and_create_is_not_converged_by_the_older_spec(w):
+    """Chaos seeds 101, 303 and 606: a change accepted after the sync planned the previous change, before it
+    created the unit, was answered success by a container of the previous image."""
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    await w.job(JobKind.START, "g1", IMG2)  # a change of image: the sync will recreate
+    real = w.store.mark_starting
+    patched: list[bool] = []
+
+    async def a_patch_lands_first(rec, **kw):
+        if not patched:
+            patched.append(True)
+            await w.job(JobKind.PATCH, "g1", IMG)
+        return await real(rec, **kw)
+
+    w.store.mark_starting = a_patch_lands_first
+    for _ in range(3):
+        rec = await w.sync("g1")
+    [up] = w.running("g1")
+    assert up.image == IMG and rec.current_image_ref == IMG and rec.converged
+    res = w.store.results_for("g1")
+    assert [(r["job"], r["outcome"]) for r in res][-2:] == [("start", "failure"), ("patch", "success")]
+    assert res[-1]["container_id"] == up.id
+
+
+async def test_an_answer_from_an_address_another_engine_took_over_is_not_this_engines(w):
+    """Chaos seed 505: the new engine died as it was probed and the daemon gave its address to
+    another game's engine, whose answer was taken for the new one's."""
+    await w.job(JobKind.START, "other", IMG)
+    await w.sync("other")
+    [other] = w.running("other")
+    real_ip, real_check = w.backend.ip_of, w.engine.check
+    taken: list[str] = []
+
+    async def dies_as_it_is_probed(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.state == "running" and not taken:
+            taken.append(real_ip(c))
+            c.state, c.exit_code = "exited", 3
+            w.backend.ip_of = lambda x: taken[0] if x is other else real_ip(x)  # type: ignore[method-assign]
+        return await real_check(host)
+
+    w.engine.check = dies_as_it_is_probed  # type: ignore[method-assign]
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await w.sync("g1")
+    assert taken, "the scenario did not happen"
+    assert w.results("g1") == [("start", "failure", "container_start_failed")]
+    assert rec.status is not Status.RUNNING
+
+
 @pytest.mark.parametrize("image, code, touched", [
     ("galaxy/engine-stub:missing", "image_unavailable", False),
     ("galaxy/engine-stub:mute", "engine_unhealthy", True),
