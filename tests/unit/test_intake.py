@@ -67,6 +67,49 @@ async def test_within_one_millisecond_a_stop_never_goes_before_a_start():
     assert ops_of(store, "g1") == [("start", s), ("stop", p)]
 
 
+async def test_a_same_millisecond_start_that_lands_just_after_the_read_still_goes_first():
+    """The blocking read wakes for the stop alone; the start Lobby sent in the same millisecond
+    lands on the other stream a moment later (chaos seed 707). The round looks again before it
+    orders, so the start still goes first."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    p = streams.xadd(STOP, {"game_id": "g1", "reason": "cancelled"}, entry_id="5000-0")
+    real = streams.read_new
+    late: list[str] = []
+
+    async def read_then_start_lands(names, count, block_ms):
+        got = await real(names, count, block_ms)
+        if not late:
+            late.append(streams.xadd(START, {"game_id": "g1", "image_ref": IMG}, entry_id="5000-1"))
+        return got
+
+    streams.read_new = read_then_start_lands  # type: ignore[method-assign]
+    await intake.read_round(block_ms=None)
+    assert ops_of(store, "g1") == [("start", late[0]), ("stop", p)]
+
+
+async def test_a_start_that_lands_while_another_stream_is_refilled_is_not_overtaken():
+    """A backlog on the stop stream takes two reads. Between them Lobby starts and stops g1; the
+    second read of the stop stream brings the stop, and the start stream, empty since the round
+    began, must be read again before the stop is applied."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    for i in range(READ_COUNT):
+        stop(streams, f"filler{i}")
+    real = streams.read_new
+    sent: list[tuple[str, str]] = []
+
+    async def lobby_acts_during_the_refill(names, count, block_ms):
+        if names == [STOP] and not sent:
+            sent.append(("start", start(streams, "g1")))
+            sent.append(("stop", stop(streams, "g1")))
+        return await real(names, count, block_ms)
+
+    streams.read_new = lobby_acts_during_the_refill  # type: ignore[method-assign]
+    await intake.read_round(block_ms=None)
+    assert ops_of(store, "g1") == sent
+
+
 async def test_entries_interleaved_over_three_reads_keep_each_games_order():
     intake, streams, store, _ = make()
     sent: dict[str, list] = {}
@@ -82,7 +125,7 @@ async def test_a_flood_is_admitted_in_batches_of_one_transaction_each():
     intake, streams, store, _ = make()
     for i in range(1000):
         stop(streams, f"unknown-{i}")  # replays: no Docker work
-    for i in range(500):
+    for _ in range(500):
         streams.xadd(START, {"game_id": "BAD GAME", "image_ref": IMG})
     await run_once(intake)
     assert len(store.results) == 1500 and store.batches <= 1500 // 200 + 3
