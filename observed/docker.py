@@ -186,8 +186,8 @@ class DockerBackend:
         live-restore is off): that is not a crash of the engine. Known from the gaps this process
         saw in the daemon's answers and event stream."""
         when = container.finished_at
-        if when is None:
-            return False
+        if when is None or container.exit_code not in (0, 143):
+            return False  # a daemon stops its containers with SIGTERM; a SIGKILL from outside is a crash
         gaps = list(self.daemon_gaps)
         if self._unreachable_since is not None:
             gaps.append((self._unreachable_since, datetime.now(UTC)))
