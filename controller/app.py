@@ -45,7 +45,7 @@ from observed.errors import ObservedError
 
 log = logging.getLogger("rtmanager")
 
-SHUTDOWN_DRAIN = 15.0
+SHUTDOWN_DRAIN = 5.0  # seconds workers may finish the action in hand; the next leader redoes the rest
 STARTUP_WAIT = 60.0
 
 
