@@ -53,7 +53,8 @@ class Controller:
     """Everything that runs in ``rtmanager run``, wired together."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, clock: Clock | None = None,
-                 identity: Identity | None = None) -> None:
+                 identity: Identity | None = None, *, backend_factory=None,
+                 engine: EngineClient | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.clock = clock or Clock()
@@ -65,9 +66,12 @@ class Controller:
         self.exit_code = 0
         self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
                            holder=settings.consumer_name)  # one name per replica, stable across restarts
-        self.backend = make_backend(settings, observer=self.metrics.docker_observer, guard=self._may_act)
-        self.engine = EngineClient(port=settings.engine_port, path=settings.health_path,
-                                   admin_path=settings.admin_path)
+        # backend_factory and engine: the benchmark's simulated daemon and engines (make_backend's
+        # signature); production uses the defaults.
+        self.backend = (backend_factory or make_backend)(settings, observer=self.metrics.docker_observer,
+                                                         guard=self._may_act)
+        self.engine = engine or EngineClient(port=settings.engine_port, path=settings.health_path,
+                                             admin_path=settings.admin_path)
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
         self.results_changed = asyncio.Event()
@@ -139,7 +143,7 @@ class Controller:
                              metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,
                              ready_check=self.readiness.ok)
         self.health = HealthRound(store=self.store, backend=self.backend, reconciler=self.reconciler,
-                                  interval=s.health_interval)
+                                  interval=s.health_interval, metrics=self.metrics)
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
                                     max_sleep=s.resync_interval)
         self.lease = Lease(s.database_url, self.fence)

@@ -47,6 +47,12 @@ class Metrics:
         self.probes = Counter("rtmanager_engine_probes_total", "Engine health probes by result", ["result"],
                               registry=r)
         self.records = Gauge("rtmanager_runtime_records", "Runtime records by status", ["status"], registry=r)
+        self.resync_seconds = Histogram("rtmanager_resync_duration_seconds",
+                                        "One full resync: the backend's list, the live records, the planning",
+                                        buckets=_FAST_BUCKETS, registry=r)
+        self.health_round_seconds = Histogram("rtmanager_health_round_duration_seconds",
+                                              "One health round over every running engine",
+                                              buckets=_FAST_BUCKETS + (30, 60), registry=r)
         self.resyncs = Counter("rtmanager_resync_total", "Full resyncs by result", ["result"], registry=r)
         self.ready = Gauge("rtmanager_ready", "1 when Postgres, Redis and Docker answer", registry=r)
         self.convergence = Histogram(

@@ -143,6 +143,7 @@ class Reconciler:
         self.dispose_budget = settings.max_removals  # refilled by the resync, once per interval
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
+        self._hashes: dict[tuple, str] = {}
 
     @property
     def epoch(self) -> int:
@@ -155,16 +156,31 @@ class Reconciler:
             self.dispose_budget = self.settings.max_removals
             self._budget_refilled_at = now
 
+    def want_hash(self, record: RuntimeRecord) -> str | None:
+        """The spec hash a record's container should carry; cached, since a resync asks for every game
+        and the spec changes only with the image, the state path or the spec revision."""
+        if not record.desired_image_ref:
+            return None
+        key = (record.game_id, record.desired_image_ref, record.state_path, record.spec_revision)
+        found = self._hashes.get(key)
+        if found is None:
+            if len(self._hashes) > 200_000:
+                self._hashes.clear()
+            found = self._hashes[key] = build_spec(self.settings, record).spec_hash
+        return found
+
     def plan_for(self, record: RuntimeRecord | None, container: ObservedContainer | None
                  ) -> tuple[Action, ContainerSpec | None]:
         spec = (build_spec(self.settings, record, database=self.database, epoch=self.epoch)
                 if record and record.desired_image_ref else None)
-        action = plan(record, container, want_hash=spec.spec_hash if spec else None,
+        return self.plan_only(record, container), spec
+
+    def plan_only(self, record: RuntimeRecord | None, container: ObservedContainer | None) -> Action:
+        return plan(record, container, want_hash=self.want_hash(record) if record else None,
                       instance=self.settings.instance, now=self.clock.now(),
                       orphan_grace=self.settings.orphan_grace, cleanup_ttl=self.settings.cleanup_ttl,
                       database=self.database, epoch=self.epoch,
                       unreachable_restart_after=self.settings.unreachable_restart_after)
-        return action, spec
 
     def note_unowned(self, container: ObservedContainer) -> None:
         if container.id not in self.unowned:
@@ -411,8 +427,7 @@ class Reconciler:
         """Ask the engine for the turn desired state wants, level-triggered: look at the engine first,
         then ask for turn N+1 only when it is idle at N (its compare-and-swap on ``expected_turn``
         makes a repeated request harmless); poll while it generates."""
-        seen = await self.backend.inspect(container.id) or container
-        host = self._probe_host(record.game_id, seen.address)
+        host = self._probe_host(record.game_id, container.address)
         target = record.desired_turn or 0
         try:
             st = await self.engine.status(host)
@@ -434,9 +449,16 @@ class Reconciler:
         asked_before = record.generation_started_at is not None
         probe = Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase, failed_turn=failed_turn,
                       failed_error=last.error if failed_turn is not None and last is not None else "")
-        record = await self._record_probe(record, probe)
         if st.turn >= target:
-            return None  # reached: the next step confirms and answers the jobs
+            # Reached: the engine just answered, so the generation converges here, with its jobs.
+            s = self.settings
+            await self.store.mark_running(record, container_id=container.id, image=record.current_image_ref or "",
+                                          probe=probe, unreachable_after=s.unreachable_after,
+                                          generation_timeout=s.generation_timeout)
+            self._note_generated(record, probe)
+            self._results_written()
+            return None
+        record = await self._record_probe(record, probe)
         if st.phase == "generating":
             self.queue.add_after(record.game_id, TURN_POLL)
             return WAITING
@@ -473,15 +495,19 @@ class Reconciler:
                                    generation_timeout=s.generation_timeout)
         if new == record:
             return record
-        if new.status is Status.RUNNING and record.status is Status.GENERATION_IN_PROGRESS:
-            self.metrics.turns.labels("generated").inc()
-            if record.generation_started_at is not None:
-                self.metrics.generation_seconds.observe((self.clock.now() - record.generation_started_at)
-                                                        .total_seconds())
+        self._note_generated(record, probe)
         written = await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
                                                       generation_timeout=s.generation_timeout)
         self._results_written()  # a snapshot
         return written
+
+    def _note_generated(self, record: RuntimeRecord, probe: Probe) -> None:
+        if record.status is Status.GENERATION_IN_PROGRESS and probe.phase == "idle" and probe.turn is not None \
+                and record.turn is not None and probe.turn > record.turn:
+            self.metrics.turns.labels("generated").inc()
+            if record.generation_started_at is not None:
+                self.metrics.generation_seconds.observe((self.clock.now() - record.generation_started_at)
+                                                        .total_seconds())
 
     async def _fail_turn(self, record: RuntimeRecord, code: ErrorCode, message: str) -> None:
         log.warning("turn failed: %s", message, extra={"game_id": record.game_id, "error_code": code.value})
@@ -514,10 +540,11 @@ class Reconciler:
         if not address:
             return Probe(healthy=False)
         host = address
-        ok, detail = await self.engine.check(host)
-        self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
-        if not ok or record.admin_api is False:
-            return Probe(healthy=ok)
+        if record.admin_api is not True:  # an engine known to have an admin API answers both at once
+            ok, _ = await self.engine.check(host)
+            self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
+            if not ok or record.admin_api is False:
+                return Probe(healthy=ok)
         try:
             st = await self.engine.status(host)
         except EngineUnsupported:
@@ -526,7 +553,13 @@ class Reconciler:
         except EngineError as exc:
             self.metrics.engine_calls.labels("status", "error").inc()
             log.info("engine status: %s", exc.message, extra={"game_id": record.game_id})
+            if record.admin_api is True:  # the status did not answer: does the engine answer at all?
+                ok, _ = await self.engine.check(host)
+                self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
+                return Probe(healthy=ok)
             return Probe(healthy=True)
+        if record.admin_api is True:
+            self.metrics.probes.labels("healthy").inc()
         self.metrics.engine_calls.labels("status", "ok").inc()
         last = st.last_generation
         failed = last is not None and not last.ok

@@ -35,6 +35,7 @@ from observed.backend import RuntimeBackend
 log = logging.getLogger("rtmanager.triggers")
 
 PRUNE_EVERY = 3600.0
+MIN_TICK = 0.25  # seconds between two ticks of the turn clock, at least
 HEALTH_CONCURRENCY = 16
 
 
@@ -76,7 +77,7 @@ class Resync:
         self.reconciler.refill_dispose_budget()
         queued = 0
         for rec in records:
-            action, _ = self.reconciler.plan_for(rec, by_game.pop(rec.game_id, None))
+            action = self.reconciler.plan_only(rec, by_game.pop(rec.game_id, None))
             if action.kind is not ActionKind.NOOP:
                 self.queue.add(rec.game_id)
                 queued += 1
@@ -107,7 +108,9 @@ class Resync:
                 except Exception as exc:  # noqa: BLE001 - retried next round
                     log.warning("retention failed: %s", exc)
             try:
+                t0 = loop.time()
                 queued = await self.once()
+                self.metrics.resync_seconds.observe(loop.time() - t0)
                 self.metrics.resyncs.labels("ok").inc()
                 self.metrics.ready.set(1 if await self._ready_check() else 0)
                 if queued:
@@ -123,7 +126,9 @@ class Resync:
 class HealthRound:
     """Probe running engines; the reconciler writes the health field only when it changes."""
 
-    def __init__(self, *, store: Store, backend: RuntimeBackend, reconciler: Reconciler, interval: float) -> None:
+    def __init__(self, *, store: Store, backend: RuntimeBackend, reconciler: Reconciler, interval: float,
+                 metrics: Metrics) -> None:
+        self.metrics = metrics
         self.store = store
         self.backend = backend
         self.reconciler = reconciler
@@ -149,7 +154,9 @@ class HealthRound:
             if stopping.is_set():
                 return
             try:
+                t0 = asyncio.get_running_loop().time()
                 await self.once()
+                self.metrics.health_round_seconds.observe(asyncio.get_running_loop().time() - t0)
             except Exception as exc:  # noqa: BLE001 - Postgres or the backend away: next interval
                 log.warning("health round failed: %s", exc)
 
@@ -180,13 +187,17 @@ class TurnClock:
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
+            self.wake.clear()  # a wake while the tick runs is kept for the next one
             try:
                 delay = await self.tick()
             except (StoreUnavailable, Conflict) as exc:
                 log.warning("turn clock: %s", exc)
                 delay = 2.0
-            self.wake.clear()
-            await wait_any(stopping, self.wake, timeout=max(0.05, delay))
+            # Every result written wakes the clock (a new game, a generated turn): at most a few
+            # due-time queries a second, however many results are written.
+            await wait_any(stopping, timeout=min(MIN_TICK, delay))
+            if not self.wake.is_set():
+                await wait_any(stopping, self.wake, timeout=max(0.0, delay - MIN_TICK))
 
 
 class Readiness:

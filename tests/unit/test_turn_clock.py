@@ -1,0 +1,77 @@
+"""The turn clock's waking: results written wake it, a burst of them costs a few queries, and no
+wake is lost, whether it comes while a tick runs or while the clock holds back between ticks."""
+
+from __future__ import annotations
+
+import asyncio
+
+from controller.metrics import Metrics
+from controller.triggers import MIN_TICK, TurnClock
+
+
+class DueTimes:
+    """The store's one query the clock makes; nothing is due and nothing will be."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.hold: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def due_turns(self):
+        self.calls += 1
+        self.entered.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        return [], None
+
+
+async def until(pred, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not pred():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def running(store: DueTimes):
+    clock = TurnClock(store=store, admission=None, metrics=Metrics(), max_sleep=60.0)
+    stopping = asyncio.Event()
+    return clock, stopping, asyncio.create_task(clock.run(stopping))
+
+
+async def test_a_wake_while_the_clock_holds_back_is_not_lost():
+    store = DueTimes()
+    clock, stopping, task = await running(store)
+    await until(lambda: store.calls == 1)
+    clock.wake.set()  # within MIN_TICK of the first tick: held back, then honoured
+    await until(lambda: store.calls == 2, timeout=MIN_TICK + 2.0)
+    stopping.set()
+    await task
+
+
+async def test_a_wake_while_a_tick_runs_gives_another_tick():
+    store = DueTimes()
+    store.hold = asyncio.Event()
+    clock, stopping, task = await running(store)
+    await store.entered.wait()
+    clock.wake.set()  # the query has been sent: what it returns may not include the new game
+    store.hold.set()
+    await until(lambda: store.calls == 2, timeout=MIN_TICK + 2.0)
+    stopping.set()
+    await task
+
+
+async def test_a_burst_of_wakes_costs_a_few_queries_not_one_each():
+    store = DueTimes()
+    clock, stopping, task = await running(store)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 1.0
+    wakes = 0
+    while loop.time() < end:
+        clock.wake.set()
+        wakes += 1
+        await asyncio.sleep(0.005)
+    stopping.set()
+    await task
+    assert wakes > 50
+    assert store.calls <= 1.0 / MIN_TICK + 2
