@@ -79,46 +79,6 @@ class ControllerProcess:
         self.stop(signal.SIGKILL)
 
 
-def _pids(name: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
-def restart_dockerd(timeout: float = 60.0) -> None:
-    """Stop the local dockerd (SIGTERM) and start it again, as an operator's restart would.
-
-    Without live-restore every container stops with the daemon and the event stream ends. A new
-    dockerd started while the old containerd still runs fails to reach it and dies: wait until
-    both are gone first. Only for a daemon this machine's test run started (deploy/local/services.sh).
-    """
-    import docker
-
-    assert not os.environ.get("DOCKER_HOST"), "restart_dockerd restarts the local daemon only"
-    for pid in _pids("dockerd"):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _pids("dockerd") or _pids("containerd"):
-        if time.monotonic() > deadline:
-            raise AssertionError("dockerd did not stop")
-        time.sleep(0.1)
-    log_dir = Path(os.environ.get("RTM_LOCAL_DIR", "/var/tmp/rtmanager-local"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / "dockerd.log", "ab") as out:
-        subprocess.Popen(["dockerd"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    client = docker.from_env(timeout=5)
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    finally:
-        client.close()
-
-
 # ---------------------------------------------------------------------------------------------
 # Services of a test's own, so that a test may stop, kill or restart them: a throwaway Redis, a
 # throwaway Postgres cluster and a private dockerd. Nothing here touches the machine's shared
@@ -242,8 +202,9 @@ class PrivateDockerd:
     Two details keep it out of the main daemon's way:
 
     * dockerd and containerd run under other process names (``rtm-dockerd``, ``rtm-containerd``:
-      symlinks), so that ``pgrep -x dockerd`` / ``containerd`` (``restart_dockerd`` above) never
-      sees them; containerd is therefore started by this class (``--containerd``), not by dockerd.
+      symlinks), so that ``pgrep -x dockerd`` / ``containerd`` (an operator's, or a test's, look
+      for the machine's daemon) never sees them; containerd is therefore started by this class
+      (``--containerd``), not by dockerd.
     * its registry traffic goes to a proxy at 127.0.0.1:9 where nothing listens: a pull of a
       missing image fails at once instead of reaching the internet.
 
@@ -456,6 +417,12 @@ class PrivateDockerd:
             except Exception:  # noqa: BLE001
                 pass
         self.stop()
+        # Shims outlive their containerd by design; those of this daemon's containerd must go too.
+        for pid in self._own_shims():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         # Whatever a killed daemon left mounted (container rootfs, netns, shm) must go before rm -rf,
         # which must never walk into a bind mount (a game's state directory).
         for root in (str(self.data_dir), str(self.run_dir)):
@@ -463,6 +430,21 @@ class PrivateDockerd:
                 subprocess.run(["umount", "-l", mount], capture_output=True)
         for path in (self.data_dir, self.run_dir):
             subprocess.run(["rm", "-rf", "--one-file-system", str(path)], capture_output=True)
+
+    def _own_shims(self) -> list[int]:
+        """containerd-shim processes serving this daemon's containerd (by the socket in their arguments)."""
+        mine = []
+        needle = str(self.containerd_socket).encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"containerd-shim" in cmdline and needle in cmdline:
+                mine.append(int(proc.name))
+        return mine
 
     def __enter__(self) -> PrivateDockerd:
         self.start()

@@ -357,16 +357,17 @@ def _valid_stream_jobs(history: History) -> dict[str, list[JobRecord]]:
 
 def before(a: JobRecord, b: JobRecord, strict_same_ms: bool) -> bool | None:
     """Whether entry ``a`` must take effect before entry ``b``: True / False, or None when the order
-    is not defined. Entry ids order entries across the two streams by their millisecond; within one
-    millisecond only entries of one stream are ordered, unless ``strict_same_ms`` (the intake's
-    docstring: start-stream entries first; README "Known limits": either order)."""
+    is not defined. Entry ids order entries across the streams by their millisecond; within one
+    millisecond the start stream's entries come first and the stop stream's last (docs/contract.md,
+    "Order per game"). Without ``strict_same_ms`` such cross-stream pairs count as unordered (what
+    an older README said: "may be applied in either order")."""
     ka, kb = entry_key(a), entry_key(b)
     if ka[0] != kb[0] or a.stream == b.stream or strict_same_ms:
         return ka < kb
     return None
 
 
-def check_admission_order(history: History, info: list[str], strict_same_ms: bool = False) -> list[Violation]:
+def check_admission_order(history: History, info: list[str], strict_same_ms: bool = True) -> list[Violation]:
     out = []
     for game, jobs in _valid_stream_jobs(history).items():
         with_op = [j for j in jobs if j.op_id is not None]
@@ -378,7 +379,7 @@ def check_admission_order(history: History, info: list[str], strict_same_ms: boo
                 order = before(a, b, strict_same_ms)
                 if order is None:
                     info.append(f"{game}: {b.tag} ({b.stream} stream) was admitted before {a.tag} ({a.stream} stream),"
-                                f" sent within the same millisecond {a.entry_id.split('-')[0]} (README, known limits)")
+                                f" sent within the same millisecond {a.entry_id.split('-')[0]} (not checked: lenient)")
                 elif order and not found:
                     out.append(Violation("admission_order", f"{b.describe()} was admitted (operation {b.op_id}) "
                                          f"before the earlier entry {a.describe()} (operation {a.op_id})", game,
@@ -387,7 +388,7 @@ def check_admission_order(history: History, info: list[str], strict_same_ms: boo
     return out
 
 
-def check_result_order(history: History, info: list[str], strict_same_ms: bool = False) -> list[Violation]:
+def check_result_order(history: History, info: list[str], strict_same_ms: bool = True) -> list[Violation]:
     position: dict[tuple[str, str], int] = {}
     for i, (_, f) in enumerate(history.results):
         key = (f.get("job"), f.get("job_entry_id"))
@@ -409,7 +410,7 @@ def check_result_order(history: History, info: list[str], strict_same_ms: bool =
                 order = before(a, b, strict_same_ms)
                 if order is None:
                     info.append(f"{game}: the result of {b.tag} came before that of {a.tag}, sent within the same "
-                                f"millisecond on the other stream (README, known limits)")
+                                f"millisecond on the other stream (not checked: lenient)")
                 elif order and not found:
                     ra, rb = a.result, b.result
                     out.append(Violation("result_order", f"the result of {b.describe()} "
@@ -756,10 +757,10 @@ def check_quiesced(history: History) -> list[Violation]:
 
 
 # ----------------------------------------------------------------------- all
-def check(history: History, *, strict_same_ms: bool = False) -> Report:
-    """Every invariant over the history. ``strict_same_ms``: order entries of the two streams within
-    one millisecond too (start first), as controller/intake.py claims; by default such pairs are
-    reported as information only (README, "Known limits")."""
+def check(history: History, *, strict_same_ms: bool = True) -> Report:
+    """Every invariant over the history. ``strict_same_ms`` (the default): entries of the two streams
+    within one millisecond are ordered too, start first (docs/contract.md); False reports such pairs
+    as information only."""
     report = Report()
     info = report.info
     v: list[Violation] = []

@@ -1,7 +1,7 @@
 """The chaos checker: fast unit tests of its invariants on hand-made histories, and one short
 fixed-seed run against real services of its own (marker ``chaos``).
 
-Longer runs: ``python -m tests.chaos --seed N --minutes M`` (README, "Tests")."""
+Longer runs: ``python -m tests.chaos --seed N --minutes M`` (``--help`` lists the options)."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_results_of_one_game_out_of_entry_order_are_a_violation():
     assert "result_order" in invariants(r), r.violations
 
 
-def test_results_within_one_millisecond_across_streams_are_information_unless_strict():
+def test_within_one_millisecond_the_start_stream_comes_first():
     b = H()
     first = b.entry("start", "g1", V10)
     second = b.entry("stop", "g1", same_ms=True)
@@ -174,8 +174,9 @@ def test_results_within_one_millisecond_across_streams_are_information_unless_st
     b.answer(second, "replay_no_op")
     b.answer(first)
     b.running("g1", V10)
-    assert b.check().ok
-    assert "admission_order" in invariants(b.check(strict_same_ms=True))
+    assert "admission_order" in invariants(b.check())  # docs/contract.md: start, then stop
+    lenient = b.check(strict_same_ms=False)
+    assert lenient.ok and any("same millisecond" in i for i in lenient.info)
 
 
 def test_a_job_answered_at_once_may_overtake_an_earlier_converging_one():

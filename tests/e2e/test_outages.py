@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import time
 import uuid
 
@@ -13,49 +11,9 @@ import pytest
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
+from tests.support import ControllerProcess, PostgresCluster, RedisServer, ResultReader
 
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A throwaway redis-server of the test's own, so that it can be stopped."""
-
-    def __init__(self, directory) -> None:
-        self.port = free_port()
-        self.dir = directory
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            try:
-                redis.Redis.from_url(self.url).shutdown()
-            except redis.ConnectionError:
-                pass
-            self.proc.wait(10)
 
 
 def test_a_result_left_in_the_outbox_is_published_once(rtm_env, tmp_path):
@@ -140,39 +98,6 @@ def test_redis_outage_during_a_burst_loses_no_job(rtm_env, tmp_path, docker_clie
     finally:
         assert ctl.stop() == 0, ctl.log()[-3000:]
         server.stop()
-
-
-class PostgresCluster:
-    """A throwaway cluster of the test's own (initdb as the postgres user), so that it can be stopped."""
-
-    def __init__(self) -> None:
-        import glob
-        import tempfile
-        self.bin = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
-        self.dir = tempfile.mkdtemp(prefix="rtm-pg-", dir="/var/tmp")
-        subprocess.run(["chown", "postgres:", self.dir], check=True)
-        self.port = free_port()
-        self.data = f"{self.dir}/data"
-        self._as_pg(f"{self.bin}/initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
-
-    def _as_pg(self, *cmd: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def start(self) -> None:
-        self._as_pg(f"{self.bin}/pg_ctl", "-D", self.data, "-l", f"{self.dir}/log", "-w", "-o",
-                    f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off", "start")
-
-    def stop(self) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{self.bin}/pg_ctl", "-D", self.data, "-m", "fast",
-                        "stop"], capture_output=True)
-
-    def remove(self) -> None:
-        self.stop()
-        subprocess.run(["rm", "-rf", self.dir])
 
 
 def test_postgres_outage_during_a_burst_loses_no_job(rtm_env, tmp_path, unique):

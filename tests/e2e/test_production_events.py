@@ -16,9 +16,8 @@ import pytest
 import redis
 
 from tests.conftest import admin_sql, dsn_for
-from tests.e2e.test_outages import PostgresCluster, free_port
 from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
+from tests.support import ControllerProcess, PostgresCluster, ResultReader, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -205,7 +204,7 @@ def _libfaketime() -> str:
 
 # --------------------------------------------------------------- snapshots survive a kill -9
 def test_a_snapshot_committed_before_a_kill_9_is_published_after_it_with_the_same_id(rtm_env, tmp_path, unique):
-    from tests.e2e.test_outages import RedisServer
+    from tests.support import RedisServer
 
     redis_server = RedisServer(tmp_path)
     redis_server.start()

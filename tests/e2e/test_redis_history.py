@@ -11,9 +11,8 @@ import asyncpg
 import pytest
 import redis
 
-from tests.e2e.test_outages import RedisServer
 from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
+from tests.support import ControllerProcess, RedisServer, ResultReader
 
 pytestmark = pytest.mark.e2e
 
