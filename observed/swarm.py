@@ -26,12 +26,15 @@ Swarm says less than dockerd, and later:
 
 The state of a service, as ``ObservedContainer.state``:
 
+* ``created``: never started (0 replicas since the create);
+* ``restarting``: scaled up, and its task not made yet or on its way (pending,
+  preparing, starting): Swarm runs it by itself once a node can take it, so it
+  counts as running (a stop scales it away); ``start`` waits for it;
 * ``running``: a task's container runs (also while it is being stopped);
-* ``created``: nothing ran yet, or a task is on its way (pending, preparing,
-  starting): ``start`` waits for it;
 * ``exited``: scaled to 0 after it ran, or its last task ended (complete,
-  failed, rejected, shut down); ``exit_code`` and ``finished_at`` are the last
-  task's, ``node`` the node it ran on.
+  failed, rejected, shut down, or *lost*: on a node that is down);
+  ``exit_code`` and ``finished_at`` are the last task's, ``node`` the node it
+  ran on.
 
 Errors are translated as in observed/docker.py: no answer, timeouts and 5xx ->
 ``BackendUnavailable``; a refused create or a task the nodes reject ->
@@ -74,16 +77,18 @@ _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, 
 
 # Task states (swarmkit's api.TaskState, lower-cased by the API).
 _ON_ITS_WAY = frozenset({"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"})
-_ENDED = frozenset({"complete", "shutdown", "failed", "rejected", "orphaned", "remove"})
+# "lost" is ours: a task on a node that is down (Swarm goes on calling it running).
+_ENDED = frozenset({"complete", "shutdown", "failed", "rejected", "orphaned", "remove", "lost"})
 _WANTED = frozenset({"running", "ready"})  # desired states of a task that should run
 _GENERIC_EXIT = re.compile(r"^task: non-zero exit \(-?\d+\)$")
 
 POLL = 0.2          # seconds between looks at the tasks while an action converges
 START_WAIT = 60.0   # a task still not running after this: refused (no node can take it)
 STOP_MARGIN = 30.0  # waited beyond the grace period for a task to stop
-KICK_AFTER = 3.0   # seconds after a scale-up without a task before an update is forced
+KICK_AFTER = 3.0    # seconds after a scale-up without a task before an update is forced
 GONE_WAIT = 60.0    # waited for a removed service's tasks and containers to disappear
-NODE_REREAD = 2.0   # seconds between reads of the node list when a task names an unknown node
+NODE_REFRESH = 10.0  # seconds node states and addresses are trusted
+NODE_REREAD = 2.0    # at least this between reads of the node list when a task names an unknown node
 
 
 class SwarmBackend:
@@ -114,6 +119,7 @@ class SwarmBackend:
         self._network_lock = asyncio.Lock()
         self._nodes: dict[str, dict[str, str]] = {}  # node id -> {"addr", "state", "availability"}
         self._nodes_read_at = 0.0
+        self._down_check = 0.0
         self._warned_disk = False
 
     # --------------------------------------------------------------- plumbing
@@ -171,10 +177,10 @@ class SwarmBackend:
         filters = self._labels_filter()
         services = await self._call("list", lambda: self._docker().api.services(filters=filters))
         tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters=filters)) if services else []
+        await self._know_nodes(tasks)
         by_service: dict[str, list[dict]] = {}
-        for t in tasks:
+        for t in self._settle(tasks):
             by_service.setdefault(t.get("ServiceID", ""), []).append(t)
-        await self._know_nodes(by_service.values())
         return [self._observe(s, by_service.get(s["ID"], [])) for s in services]
 
     async def inspect(self, name_or_id: str) -> ObservedContainer | None:
@@ -182,7 +188,6 @@ class SwarmBackend:
         if found is None:
             return None
         service, tasks = found
-        await self._know_nodes([tasks])
         return self._observe(service, tasks)
 
     async def _read(self, name_or_id: str) -> tuple[dict, list[dict]] | None:
@@ -201,16 +206,34 @@ class SwarmBackend:
         return service, tasks
 
     async def _service_tasks(self, service_id: str) -> list[dict]:
-        return await self._call("tasks", lambda: self._docker().api.tasks(filters={"service": service_id}))
+        """The service's tasks, those on a node that is down marked lost."""
+        tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters={"service": service_id}))
+        await self._know_nodes(tasks)
+        return self._settle(tasks)
 
-    async def _know_nodes(self, task_lists: Iterable[list[dict]], force: bool = False) -> None:
-        """Node addresses (the published probe mode) and states (a stop): read once, then again only when a
-        task names a node not seen yet (at most every few seconds), or when ``force``d."""
-        if not force:
-            if self.probe_address != "published":
-                return
-            unknown = any(t.get("NodeID") and t["NodeID"] not in self._nodes for ts in task_lists for t in ts)
-            if self._nodes_read_at and not (unknown and time.monotonic() - self._nodes_read_at > NODE_REREAD):
+    def _settle(self, tasks: list[dict]) -> list[dict]:
+        """Swarm goes on calling a task on a node that is down running (with desired state shutdown): it
+        is ``lost`` here, an end without an exit code. Its node's dockerd stops it if it comes back."""
+        out = []
+        for t in tasks:
+            node = self._nodes.get(t.get("NodeID") or "")
+            if node is not None and node["state"] == "down" and _task_state(t) not in _ENDED:
+                status = dict(t.get("Status") or {})
+                status.update(State="lost", Err=f"node {t['NodeID'][:12]} is down", Timestamp=None,
+                              ContainerStatus={k: v for k, v in (status.get("ContainerStatus") or {}).items()
+                                               if k != "ExitCode"})
+                t = {**t, "Status": status, "Lost": True}
+            out.append(t)
+        return out
+
+    async def _know_nodes(self, tasks: Iterable[Mapping[str, Any]], force: bool = False) -> None:
+        """Node states (a task on a node that is down is lost) and addresses (the published probe mode):
+        one node-list call, again after NODE_REFRESH seconds, or sooner (but not more often than every
+        NODE_REREAD seconds) when a task names a node not seen yet."""
+        age = time.monotonic() - self._nodes_read_at
+        if not force and self._nodes_read_at and age < NODE_REFRESH:
+            unknown = any(t.get("NodeID") and t["NodeID"] not in self._nodes for t in tasks)
+            if not unknown or age < NODE_REREAD:
                 return
         nodes = await self._call("nodes", lambda: self._docker().api.nodes())
         self._nodes = {n["ID"]: _node_info(n) for n in nodes}
@@ -226,7 +249,7 @@ class SwarmBackend:
         exit_code = None
         finished_at = None
         if state == "exited" and task is not None and status.get("State") in _ENDED:
-            if cstatus.get("ContainerID"):
+            if cstatus.get("ContainerID") and not task.get("Lost"):
                 exit_code = cstatus.get("ExitCode")
             finished_at = _when(status.get("Timestamp"))
         ip = _task_ip(task, spec.get("Name", ""), self.network) if task is not None else None
@@ -273,7 +296,7 @@ class SwarmBackend:
             return ""
         err = str((task.get("Status") or {}).get("Err") or "")
         text = ""
-        if ((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID"):
+        if _container_of(task) and not task.get("Lost"):  # a node that is down has no logs to give
             def logs_raw() -> bytes:
                 api = self._docker().api
                 res = api._get(api._url("/tasks/{0}/logs", task["ID"]),
@@ -403,12 +426,12 @@ class SwarmBackend:
             existing = await self.inspect(spec.name)
             if existing is not None:
                 return existing
+            text = exc.message if isinstance(exc, BackendUnavailable) else _short(exc)
+            if "network" in text.lower() and "not found" in text.lower():
+                self._network_ready = False  # deleted behind our back: create it again next time
+                raise BackendUnavailable(f"create {spec.name}: {text}") from exc
             if isinstance(exc, BackendUnavailable):
                 raise
-            text = _short(exc)
-            if exc.status_code == 404 and "network" in text.lower():
-                self._network_ready = False
-                raise BackendUnavailable(f"create {spec.name}: {text}") from exc
             raise Refused(f"create {spec.name}: {text}") from exc
         found = await self.inspect(service_id)
         if found is None:
@@ -522,26 +545,27 @@ class SwarmBackend:
 
     async def _until_stopped(self, service: Mapping[str, Any], timeout: float,
                              blocking: Callable[[Mapping[str, Any]], bool]) -> None:
-        """Until no task of the service is ``blocking``. A task on a node that is down cannot be stopped
-        from here: it is not waited for (after a while), with a warning."""
+        """Until no task of the service is ``blocking``. A task on a node that is down (lost) cannot be
+        stopped from here: it is not waited for, with a warning; the node list is read again when a wait
+        lasts, in case a node went down meanwhile."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        warned = False
         while True:
             try:
                 tasks = await self._service_tasks(service["ID"])
             except docker.errors.NotFound:
                 return
-            left = [t for t in tasks if blocking(t)]
+            if not warned and any(t.get("Lost") for t in tasks):
+                warned = True
+                log.warning("service %s: a task of it is on a node that is down; not waiting for it", _name(service))
+            left = [t for t in tasks if blocking(t) and not t.get("Lost")]
             if not left:
                 return
             waited = loop.time() - started
-            if waited > min(timeout, 10.0):
-                await self._know_nodes([left], force=True)
-                left = [t for t in left if self._nodes.get(t.get("NodeID") or "", {}).get("state") != "down"]
-                if not left:
-                    log.warning("service %s: its task is on a node that is down; not waiting for it",
-                                _name(service))
-                    return
+            if waited > min(timeout, 10.0) and loop.time() - self._down_check > 5.0:
+                self._down_check = loop.time()
+                await self._know_nodes(left, force=True)  # a node that went down meanwhile
             if waited > timeout:
                 raise BackendUnavailable(f"stop {_name(service)}: task still {_task_state(left[0])} after "
                                          f"{timeout:g}s")
@@ -571,7 +595,8 @@ class SwarmBackend:
         deadline = asyncio.get_running_loop().time() + GONE_WAIT
         while True:
             tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters=filters))
-            left = [t for t in tasks if t.get("ServiceID") == service["ID"]]
+            await self._know_nodes(tasks)
+            left = [t for t in self._settle(tasks) if t.get("ServiceID") == service["ID"] and not t.get("Lost")]
             if not left:
                 containers = await self._call("list", lambda: self._docker().api.containers(
                     all=True, filters=by_service))
@@ -650,13 +675,15 @@ def _state(service: Mapping[str, Any], tasks: list[dict]) -> tuple[str, dict | N
         return "running", _latest(running)
     latest = _latest(tasks)
     if latest is None:
-        # Never ran (0 replicas since create, or a task not made yet), or stopped and its tasks already
-        # forgotten: an update (the scale to 0) leaves a previous spec.
-        ran = _replicas(service) == 0 and bool(service.get("PreviousSpec"))
-        return ("exited" if ran else "created"), None
+        if _replicas(service) > 0:
+            return "restarting", None  # scaled up, its task not made yet: Swarm makes and runs it by itself
+        # Never ran (0 replicas since the create), or stopped and its tasks already forgotten: an update
+        # (the scale to 0) leaves a previous spec.
+        return ("exited" if service.get("PreviousSpec") else "created"), None
     st = _task_state(latest)
     if st in _ON_ITS_WAY and latest.get("DesiredState") in _WANTED:
-        return "created", latest
+        # Swarm will run it by itself as soon as a node can take it: it has to be stopped like a running one.
+        return "restarting", latest
     return "exited", latest
 
 
@@ -732,11 +759,11 @@ class TaskPoller:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _snapshot(self, tasks: list[dict]) -> dict[str, tuple[str, str]]:
+    def _snapshot(self, tasks: list[dict]) -> dict[str, tuple[str, str, str]]:
         per_service: dict[str, list[dict]] = {}
         for t in tasks:
             per_service.setdefault(t.get("ServiceID", ""), []).append(t)
-        out: dict[str, tuple[str, str]] = {}
+        out: dict[str, tuple[str, str, str]] = {}
         for ts in per_service.values():
             latest = _latest(ts)
             if latest is None:
@@ -744,12 +771,12 @@ class TaskPoller:
             labels = ((latest.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}
             game = labels.get(LABEL_GAME_ID)
             if game:
-                out[game] = (latest["ID"], _task_state(latest))
+                out[game] = (latest["ID"], _task_state(latest), str(latest.get("DesiredState") or ""))
         return out
 
     def _run(self) -> None:
         client = None
-        last: dict[str, tuple[str, str]] = {}
+        last: dict[str, tuple[str, str, str]] = {}
         delay = self.interval
         while not self._stopping.is_set():
             try:
