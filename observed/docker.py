@@ -60,6 +60,7 @@ T = TypeVar("T")
 # A daemon that is asked to stop first stops its containers (up to their stop timeout), then
 # goes away: an engine that exited this long before the gap was still stopped by it.
 DAEMON_STOP_MARGIN = timedelta(seconds=30)
+NAME_RACE_LOOKS = 30  # 0.1 s apart: how long a lost name race waits to see the winner
 _MUTATING = frozenset({"network", "pull", "create", "start", "stop", "remove"})
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
 
@@ -285,7 +286,7 @@ class DockerBackend:
             container_id = await self._call("create", create_raw)
         except docker.errors.APIError as exc:
             if exc.status_code == 409:
-                existing = await self.inspect(spec.name)
+                existing = await self._holder_of(spec.name)
                 if existing is not None:
                     return existing
             if exc.status_code == 404 and "network" in str(exc).lower():
@@ -298,6 +299,16 @@ class DockerBackend:
         if found is None:
             raise Refused(f"container {spec.name} vanished right after create")
         return found
+
+    async def _holder_of(self, name: str) -> ObservedContainer | None:
+        """The container holding ``name`` after a create lost the name to another: Docker reserves a
+        name (and answers 409) a moment before that container can be inspected by it."""
+        for _ in range(NAME_RACE_LOOKS):
+            existing = await self.inspect(name)
+            if existing is not None:
+                return existing
+            await asyncio.sleep(0.1)
+        return None
 
     async def start(self, container_id: str) -> None:
         try:

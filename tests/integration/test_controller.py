@@ -43,6 +43,25 @@ async def eventually(check, timeout: float = 15.0, interval: float = 0.1, what: 
     raise AssertionError(f"{what} not reached within {timeout}s (last: {last})")
 
 
+async def test_concurrent_creates_of_one_name_give_one_container(h, pool):
+    """The loser of a name race gets the winner's container, not an error: Docker answers 409
+    before the winner's container can be inspected by name."""
+    store = Store(pool)
+    settings = h.settings()
+    await store.submit(Job(kind=JobKind.START, game_id="twice-1", source=OpSource.LOBBY,
+                           image_ref="galaxy/engine-stub:1.0"), settings.record_defaults)
+    record = await store.get("twice-1")
+    adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
+    try:
+        await adapter.ensure_network()
+        ensure_state_dir(settings.state_root, record.state_path)
+        units = await asyncio.gather(*(adapter.create(build_spec(settings, record)) for _ in range(4)))
+    finally:
+        adapter.close()
+    assert len({u.id for u in units}) == 1
+    assert [c.id for c in h.containers("twice-1")] == [units[0].id]
+
+
 async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
     """A start job recorded and a container created by a controller that then died: adopted, not duplicated."""
     store = Store(pool)
