@@ -64,7 +64,7 @@ BLOCK_MS = 1000
 BATCH = 200             # new entries admitted in one transaction
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
-SAME_MS_SETTLE = 0.002   # past one millisecond of Redis' clock: see _catch_up
+SAME_MS_SETTLE = 0.002   # past one millisecond of Redis' clock: see read_round
 
 
 def previous_id(entry_id: str) -> tuple[int, int]:
@@ -158,32 +158,47 @@ class Intake:
         """Wait (bounded) for new entries, then handle every entry that has come, merged across
         streams in entry-id order. Returns how many were looked at.
 
-        The merge only takes the smallest head while every stream with an empty buffer has been
-        read after the others: a stream whose buffer still holds entries cannot have unread ones
-        that go before them, but an empty one may have received entries since it was last read.
-        So a refill of a stream with more to read is followed by a catch-up of the empty ones."""
-        first = await self.redis.read_new(self.streams, READ_COUNT, block_ms)
+        The merge takes the smallest head only when no stream can still hold an entry that goes
+        before it. A stream whose buffer holds entries cannot (its unread ones come after them);
+        a stream with an empty buffer can, unless it was read after the head was fetched, and at
+        least SAME_MS_SETTLE after: entries Lobby sends to two streams within one millisecond are
+        ordered by stream rank, and the second may land a moment after the first was read. So
+        before a head is taken, every empty stream not read since then is read again (in one
+        XREADGROUP, which sees all of them at one instant)."""
+        loop = asyncio.get_running_loop()
+        names = list(self.streams)
+        sent = loop.time()
+        first = await self.redis.read_new(names, READ_COUNT, block_ms)
         if not first:
             return 0
-        buffers: dict[str, list[Entry]] = {s: [] for s in self.streams}
+        fetched = loop.time()
+        buffers: dict[str, list[tuple[float, Entry]]] = {s: [] for s in names}
         for e in first:
-            buffers[e.stream].append(e)
-        more = {s: len(buffers[s]) >= READ_COUNT for s in self.streams}
-        await self._catch_up(buffers, more)
+            buffers[e.stream].append((fetched, e))
+        more = {s: len(buffers[s]) >= READ_COUNT for s in names}
+        read_at = dict.fromkeys(names, sent)  # when each stream was last asked (a lower bound)
         seen = 0
         batch: list[Entry] = []
         while not self._stopping.is_set():
-            drained = [s for s in self.streams if not buffers[s] and more[s]]
-            if drained:
-                for s in drained:
-                    buffers[s] = await self.redis.read_new([s], READ_COUNT, None)
+            heads = [(self.order(buffers[s][0][1]), s) for s in names if buffers[s]]
+            head = min(heads)[1] if heads else None
+            due = buffers[head][0][0] + SAME_MS_SETTLE if head is not None else None
+            stale = [s for s in names if not buffers[s] and (more[s] or (due is not None and read_at[s] < due))]
+            if stale:
+                if due is not None and loop.time() < due:
+                    await asyncio.sleep(due - loop.time())
+                sent = loop.time()
+                got = await self.redis.read_new(stale, READ_COUNT, None)
+                fetched = loop.time()
+                for e in got:
+                    buffers[e.stream].append((fetched, e))
+                for s in stale:
+                    read_at[s] = sent
                     more[s] = len(buffers[s]) >= READ_COUNT
-                await self._catch_up(buffers, more)
-            heads = [(self.order(buffers[s][0]), s) for s in self.streams if buffers[s]]
-            if not heads:
+                continue
+            if head is None:
                 break
-            _, s = min(heads)
-            entry = buffers[s].pop(0)
+            _, entry = buffers[head].pop(0)
             seen += 1
             game = entry.field("game_id")
             if game is not None and game in self.held:
@@ -194,17 +209,6 @@ class Intake:
                 batch = []
         await self._admit(batch)
         return seen
-
-    async def _catch_up(self, buffers: dict[str, list[Entry]], more: dict[str, bool]) -> None:
-        """Read again every stream whose buffer is empty, a little after the last read. Entries
-        Lobby sent to two streams within one millisecond get ids the merge orders by stream rank;
-        a read that woke for the first of them must also see the second, which may land on its
-        stream a moment later. Waiting past the millisecond first makes sure it has landed."""
-        await asyncio.sleep(SAME_MS_SETTLE)
-        for s in self.streams:
-            if not buffers[s]:
-                buffers[s] = await self.redis.read_new([s], READ_COUNT, None)
-                more[s] = len(buffers[s]) >= READ_COUNT
 
     async def pending_pass(self) -> None:
         """Entries delivered before and not acknowledged: ours (a crash before XACK, a failed

@@ -3,7 +3,11 @@ attempts that are not deliveries, dead letters, marks and trimming. Milliseconds
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.admission import Admission
 from controller.config import Settings
@@ -107,6 +111,28 @@ async def test_a_start_that_lands_while_another_stream_is_refilled_is_not_overta
 
     streams.read_new = lobby_acts_during_the_refill  # type: ignore[method-assign]
     await intake.read_round(block_ms=None)
+    assert ops_of(store, "g1") == sent
+
+
+async def test_a_stream_emptied_by_the_merge_is_read_again_before_a_later_head_is_taken():
+    """Chaos seed 25: the round had one stop, read alone; while it looked at the other streams, a
+    stop and then a start landed. The start was taken before the second stop, which the stop
+    stream, emptied by the merge, had not been asked for."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    first = streams.xadd(STOP, {"game_id": "g1", "reason": "cancelled"}, entry_id="5000-0")
+    real = streams.read_new
+    sent: list[tuple[str, str]] = [("stop", first)]
+
+    async def lobby_goes_on(names, count, block_ms):
+        if len(sent) == 1 and START in names and STOP not in names:
+            sent.append(("stop", streams.xadd(STOP, {"game_id": "g1", "reason": "cancelled"}, entry_id="5010-0")))
+            sent.append(("start", streams.xadd(START, {"game_id": "g1", "image_ref": IMG}, entry_id="5012-0")))
+        return await real(names, count, block_ms)
+
+    streams.read_new = lobby_goes_on  # type: ignore[method-assign]
+    await intake.read_round(block_ms=None)
+    assert len(sent) == 3, "the scenario did not happen"
     assert ops_of(store, "g1") == sent
 
 
@@ -291,3 +317,69 @@ async def test_bad_entries_are_answered_and_acknowledged_and_the_intake_goes_on(
     assert codes[bad] == codes[bad2] == "invalid_request"
     assert ops_of(store, "g1") == [("start", good)] and woken == ["g1"]
     assert all(not s.pending for s in streams.streams.values())
+
+
+@st.composite
+def lobby_traffic(draw):
+    """What Lobby appends before each of the intake's reads: a few entries per read, for 3 games, on
+    the start and stop streams; entries of one read's batch may share a millisecond."""
+    batches = draw(st.lists(st.lists(st.tuples(st.sampled_from([START, STOP]), st.sampled_from(["a", "b", "c"]),
+                                               st.booleans()), max_size=6), min_size=1, max_size=25))
+    count = draw(st.sampled_from([2, 3, READ_COUNT]))
+    return batches, count
+
+
+@settings(max_examples=80, deadline=None)
+@given(lobby_traffic())
+def test_any_interleaving_of_lobby_and_reads_keeps_each_games_order(traffic):
+    """Entries land between any two reads (as they do in production); each game's entries take
+    effect in the contract's order: entry id, then start stream before stop stream within one
+    millisecond."""
+    batches, count = traffic
+
+    async def scenario() -> None:
+        intake, streams, store, _ = make()
+        await intake.ensure_groups()
+        real = streams.read_new
+        sent: dict[str, list[tuple[tuple[int, int, int], str, str]]] = {}
+        pending = list(batches)
+        ms = [10_000]
+        seq = {START: 0, STOP: 0}
+
+        async def lobby_then_read(names, n, block_ms):
+            if pending:
+                ms[0] += 5
+                seq[START] = seq[STOP] = 0
+                for stream, game, same_ms in pending.pop(0):
+                    if not same_ms:
+                        ms[0] += 1
+                        seq[START] = seq[STOP] = 0
+                    eid = f"{ms[0]}-{seq[stream]}"
+                    seq[stream] += 1
+                    if stream == START:
+                        streams.xadd(START, {"game_id": game, "image_ref": IMG}, entry_id=eid)
+                    else:
+                        streams.xadd(STOP, {"game_id": game, "reason": "cancelled"}, entry_id=eid)
+                    rank = 0 if stream == START else 2
+                    sent.setdefault(game, []).append(((ms[0], rank, seq[stream] - 1), stream, eid))
+            return await real(names, n, block_ms)
+
+        streams.read_new = lobby_then_read  # type: ignore[method-assign]
+        for _ in range(len(batches) + 3):
+            await intake.read_round(block_ms=None)
+        while pending:
+            await intake.read_round(block_ms=None)
+        while await intake.read_round(block_ms=None):
+            pass
+        for game, entries in sent.items():
+            want = [("start" if stream == START else "stop", eid) for _, stream, eid in sorted(entries)]
+            assert ops_of(store, game) == want, game
+
+    import controller.intake as intake_module
+
+    saved = intake_module.READ_COUNT
+    intake_module.READ_COUNT = count  # small reads: streams that need several per round
+    try:
+        asyncio.run(scenario())
+    finally:
+        intake_module.READ_COUNT = saved
