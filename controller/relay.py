@@ -122,9 +122,9 @@ class Relay:
                     # a crash in between publishes them again with the same ids (the tail check).
                     ids = await self.redis.add_many([(self.stream_of(i.kind), i.fields) for i in batch],
                                                     maxlen=self.settings.results_maxlen or None)
-                    await self.store.mark_published_many([(i.seq, e) for i, e in zip(batch, ids, strict=True)])
-                    for item in batch:
+                    for item in batch:  # counted once on the stream: a retry finds them in its tail
                         self._observe(item)
+                    await self.store.mark_published_many([(i.seq, e) for i, e in zip(batch, ids, strict=True)])
                 total += len(batch)
                 if len(batch) < BATCH:
                     return total

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
 from desired.store import Store
 from observed.docker import DockerBackend, ensure_state_dir
 from tests.integration.harness import Harness
+from tests.waits import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -25,22 +25,6 @@ async def h(rtm_env, docker_client):
     yield harness
     await harness.stop_all()
     await harness.redis.aclose()
-
-
-async def eventually(check, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if inspect.isawaitable(last):
-                last = await last
-            if last:
-                return last
-        except AssertionError as exc:
-            last = exc
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s (last: {last})")
 
 
 async def test_concurrent_creates_of_one_name_give_one_container(h, pool):

@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.integration.test_http import STUB_10
+from tests.waits import eventually
 
 pytestmark = pytest.mark.integration
 
 ADMIN = "/cgi-bin/admin/v1"
 FAST = dict(engine_admin_path=ADMIN, health_interval="0.3", unreachable_after="2", resync_interval="1")
-
-
-async def eventually(check, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s (last: {got!r})"
-        await asyncio.sleep(0.1)
 
 
 async def snapshots(api, game: str) -> list[dict[str, str]]:

@@ -20,6 +20,7 @@ import docker
 import pytest
 
 from tests.conftest import STUB_REPO
+from tests.waits import eventually_sync as eventually
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +30,6 @@ PORT = 8080
 NEW_STATUS = {"turn": 0, "phase": "idle", "last_generation": None}
 # A uid that owns nothing in the image: the engine must get by with its state directory alone.
 ENGINE_USER = "4321:4321" if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
-
-
-def eventually(check, timeout: float = 10.0, what: str = "condition", interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
 
 
 @dataclass

@@ -21,6 +21,7 @@ import yarl
 
 from controller.app import Controller
 from tests.integration.harness import Harness
+from tests.waits import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -273,7 +274,13 @@ async def test_rest_jobs_through_a_whole_lifecycle(api):
     reconciles = sample(text, "rtmanager_reconcile_total")
     assert reconciles and sum(v for _, v in reconciles) >= 1, reconciles
     assert any('result="ok"' in labels for labels, _ in reconciles), reconciles
-    assert sum(v for lbl, v in sample(text, "rtmanager_job_convergence_seconds_count") if 'kind="start"' in lbl) >= 1
+
+    async def start_convergence_counted() -> bool:
+        _, text, _ = await api.request("GET", "/metrics", auth=False)
+        counts = sample(text, "rtmanager_job_convergence_seconds_count")
+        return sum(v for lbl, v in counts if 'kind="start"' in lbl) >= 1
+
+    await eventually(start_convergence_counted, what="the start's convergence in the metrics")
 
     # start again with the same image: a replay
     status, res = await api.job(game, "start", {"image_ref": STUB_10})

@@ -20,18 +20,9 @@ from aiohttp import web
 
 from observed.engine import EngineClient
 from tests.integration.test_http import STUB_10, STUB_11
+from tests.waits import eventually
 
 pytestmark = pytest.mark.integration
-
-
-async def eventually(check, timeout: float = 20.0, what: str = "condition", interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s (last: {got!r})"
-        await asyncio.sleep(interval)
 
 
 async def record(api, game: str) -> dict:

@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_http import STUB_10
+from tests.waits import eventually
 
 pytestmark = pytest.mark.integration
 
 FAST = dict(engine_admin_path="/cgi-bin/admin/v1", health_interval="0.3", resync_interval="1")
-
-
-async def eventually(check, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s (last: {got!r})"
-        await asyncio.sleep(0.1)
 
 
 async def runtime(api, game: str) -> dict:

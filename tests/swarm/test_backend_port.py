@@ -29,6 +29,7 @@ from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.model import ContainerSpec, ObservedContainer
 from observed.swarm import SwarmBackend
 from tests.conftest import cleanup_docker
+from tests.waits import eventually
 
 pytestmark = [pytest.mark.integration]
 
@@ -82,19 +83,6 @@ class Port:
         assert any(addr in net for net in self.allowed), f"{addr} is not an address of this test ({self.allowed})"
         with urllib.request.urlopen(f"http://{host}:{port or 8080}/healthz", timeout=5) as resp:
             return resp.read()
-
-
-async def eventually(check, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s (last: {last})")
 
 
 @pytest.fixture(params=["docker", "swarm"])

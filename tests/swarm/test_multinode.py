@@ -18,30 +18,15 @@ the "state root on shared storage" case of the README, not a test of node-local 
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import pytest
 
 from desired.store import Store
 from tests.integration.harness import Harness
 from tests.swarm.conftest import STUBS
 from tests.swarm.nodes import Cluster
+from tests.waits import eventually
 
 pytestmark = pytest.mark.e2e
-
-
-async def eventually(check, timeout: float = 30.0, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s (last: {last})")
 
 
 @pytest.fixture
