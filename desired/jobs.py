@@ -9,8 +9,9 @@ and a job and says what the intake must write in one transaction:
   ``replay_no_op`` at once, change nothing;
 * ``join``    - the desired state already says this but has not converged yet:
   the job waits for the current generation, nothing is bumped;
-* ``change``  - the desired state changes: ``generation`` is bumped and every
-  still-pending operation of an older generation is answered ``superseded``;
+* ``change``  - the desired state changes: ``generation`` is bumped; when what runs
+  changes (status, image, a restart) every still-pending operation of an older
+  generation is answered ``superseded`` (desired/store.py ``replaces``);
 * ``reject``  - the job cannot apply to this game (``invalid_request``).
 """
 
