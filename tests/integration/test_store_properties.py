@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from desired.jobs import Job, RecordDefaults
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
 from desired.store import Store, record_from_row
+from desired.transitions import Probe
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +84,10 @@ async def _converge(store: Store, game: str) -> None:
     if rec.desired_status is DesiredStatus.RUNNING:
         if rec.status is not Status.STARTING:
             rec = await store.mark_starting(rec, rollback_image=None)
-        await store.mark_running(rec, container_id=f"c{rec.generation}", image=rec.desired_image_ref)
+        # A forced turn converges once the engine has reached it: the engine says so.
+        probe = None if rec.desired_turn is None else Probe(healthy=True, admin_api=True, turn=rec.desired_turn,
+                                                            phase="idle")
+        await store.mark_running(rec, container_id=f"c{rec.generation}", image=rec.desired_image_ref, probe=probe)
     elif rec.desired_status is DesiredStatus.STOPPED:
         await store.mark_stopped(rec, container_id=None)
     else:
