@@ -1,17 +1,7 @@
-"""The Docker backend (one Docker host): docker-py behind a bounded thread pool.
-
-docker-py is synchronous. Every call runs in a ``ThreadPoolExecutor`` whose
-size equals the client's HTTP connection pool, so no thread ever waits for a
-connection and the event loop never blocks. Cancelling the awaiting task does
-not cancel the call already running in its thread: callers must treat every
-action as "may have happened" and re-read the truth next time, which the
-reconciler does.
-
-Driver errors are translated here, once (``observed.errors``):
-
-* connection failures, timeouts and 5xx answers -> ``BackendUnavailable`` (retry);
-* a missing image that cannot be pulled          -> ``ImageMissing``;
-* create / start refused by the daemon           -> ``Refused``.
+"""The Docker backend (one Docker host), on the shared docker-py plumbing of ``observed.daemon``
+(a bounded thread pool; connection failures, timeouts and 5xx answers -> ``BackendUnavailable``;
+an image neither present nor pullable -> ``ImageMissing``). Create or start refused by the
+daemon -> ``Refused``.
 
 Every way of taking an engine down (stop, and remove of a unit that still runs)
 sends SIGTERM and waits the grace period before docker kills it: engines save
@@ -27,20 +17,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import functools
 import logging
 import os
 import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
 
 import docker
 import docker.errors
 import docker.types
-import requests.exceptions
 
+from observed.daemon import DaemonClient, short_error
 from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.events import EventWatcher
 from observed.model import (
@@ -55,17 +42,14 @@ from observed.model import (
 from observed.text import safe_text
 
 log = logging.getLogger("rtmanager.docker")
-T = TypeVar("T")
 
 # A daemon that is asked to stop first stops its containers (up to their stop timeout), then
 # goes away: an engine that exited this long before the gap was still stopped by it.
 DAEMON_STOP_MARGIN = timedelta(seconds=30)
 NAME_RACE_LOOKS = 30  # 0.1 s apart: how long a lost name race waits to see the winner
-_MUTATING = frozenset({"network", "pull", "create", "start", "stop", "remove"})
-_TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
 
 
-class DockerBackend:
+class DockerBackend(DaemonClient):
     """The runtime backend port (observed/backend.py) on one Docker host."""
 
     name = "docker"
@@ -73,61 +57,15 @@ class DockerBackend:
     def __init__(self, *, instance: str, network: str, pool_size: int = 8, timeout: float = 30.0,
                  observer: Callable[[str, float, bool], None] | None = None,
                  guard: Callable[[], None] | None = None, probe_address: str = "ip") -> None:
+        super().__init__(pool_size=pool_size, timeout=timeout, observer=observer, guard=guard)
         self.instance = instance
         self.probe_address = probe_address  # ip: the container's IP; hostname: its name on the network
         self.network = network
-        self.pool_size = pool_size
-        self._timeout = timeout
-        self._client: docker.DockerClient | None = None
-        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="docker")
-        self._observer = observer
-        self._guard = guard  # raises when this replica may no longer change anything (lost leadership)
         self._network_ready = False
         self.disk_quota: bool | None = None  # whether the storage driver takes a writable-layer size limit
         self._unreachable_since: datetime | None = None
         self.daemon_gaps: collections.deque[tuple[datetime, datetime]] = collections.deque(maxlen=32)
         self._network_lock = asyncio.Lock()  # Docker accepts two networks with one name: create once
-
-    # --------------------------------------------------------------- plumbing
-    def _docker(self) -> docker.DockerClient:
-        if self._client is None:
-            # from_env reads DOCKER_HOST / DOCKER_TLS_VERIFY / DOCKER_CERT_PATH.
-            self._client = docker.from_env(timeout=int(self._timeout), max_pool_size=self.pool_size)
-        return self._client
-
-    async def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if op in _MUTATING and self._guard is not None:
-            self._guard()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        ok = False
-        try:
-            result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-            ok = True
-            self._reachable()
-            return result
-        except docker.errors.NotFound:
-            ok = True  # an answer, not a failure of the daemon
-            raise
-        except docker.errors.APIError as exc:
-            if exc.status_code is not None and exc.status_code < 500:
-                ok = True
-                raise
-            raise BackendUnavailable(f"docker {op}: {exc.explanation or exc}") from exc
-        except docker.errors.DockerException as exc:
-            self._unreachable()
-            raise BackendUnavailable(f"docker {op}: {exc}") from exc
-        except _TRANSIENT as exc:
-            self._unreachable()
-            raise BackendUnavailable(f"docker {op}: {exc.__class__.__name__}: {exc}") from exc
-        finally:
-            if self._observer is not None:
-                self._observer(op, loop.time() - started, ok)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._client is not None:
-            self._client.close()
 
     # ------------------------------------------------------------------ reads
     async def ping(self) -> None:
@@ -216,28 +154,6 @@ class DockerBackend:
             if exc.status_code != 409:
                 raise
 
-    async def image_present(self, image: str) -> bool:
-        try:
-            await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
-            return True
-        except docker.errors.NotFound:
-            return False
-
-    async def ensure_image(self, image: str) -> None:
-        """Present locally, or pulled once; otherwise ImageMissing."""
-        try:
-            await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
-            return
-        except docker.errors.NotFound:
-            pass
-        try:
-            log.info("pulling image %s", image)
-            await self._call("pull", lambda: self._docker().images.pull(image))
-        except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable) as exc:
-            # One pull, then image_unavailable (the contract): the daemon reports an unreachable
-            # registry and an unknown image alike, as a 5xx, so they cannot be told apart here.
-            raise ImageMissing(f"image {image} is not present and could not be pulled: {_short(exc)}") from exc
-
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the container for ``spec``; if the name is taken, return what holds it."""
         host_config = dict(
@@ -279,7 +195,7 @@ class DockerBackend:
                         raise
                     # Only some storage drivers can cap the writable layer (overlay2 on xfs with pquota).
                     log.warning("this Docker host cannot limit an engine's writable layer (%s); engines run "
-                                "without that limit", _short(exc))
+                                "without that limit", short_error(exc))
                     self.disk_quota, disk = False, None
 
         try:
@@ -291,10 +207,10 @@ class DockerBackend:
                     return existing
             if exc.status_code == 404 and "network" in str(exc).lower():
                 self._network_ready = False  # deleted behind our back: create it again next time
-                raise BackendUnavailable(f"create {spec.name}: {_short(exc)}") from exc
+                raise BackendUnavailable(f"create {spec.name}: {short_error(exc)}") from exc
             if exc.status_code == 404:
-                raise ImageMissing(f"image {spec.image}: {_short(exc)}") from exc
-            raise Refused(f"create {spec.name}: {_short(exc)}") from exc
+                raise ImageMissing(f"image {spec.image}: {short_error(exc)}") from exc
+            raise Refused(f"create {spec.name}: {short_error(exc)}") from exc
         found = await self.inspect(container_id)
         if found is None:
             raise Refused(f"container {spec.name} vanished right after create")
@@ -316,7 +232,7 @@ class DockerBackend:
         except docker.errors.NotFound as exc:
             raise Refused(f"start: container {container_id[:12]} is gone") from exc
         except docker.errors.APIError as exc:
-            raise Refused(f"start {container_id[:12]}: {_short(exc)}") from exc
+            raise Refused(f"start {container_id[:12]}: {short_error(exc)}") from exc
 
     async def stop(self, container_id: str, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds (docker's own stop)."""
@@ -338,7 +254,7 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             if exc.status_code == 304:  # already stopped
                 return
-            raise BackendUnavailable(f"stop {container_id[:12]}: {_short(exc)}") from exc
+            raise BackendUnavailable(f"stop {container_id[:12]}: {short_error(exc)}") from exc
 
     async def remove(self, container_id: str, grace: float) -> None:
         """Stop gracefully first (a forced remove would SIGKILL a running engine), then remove."""
@@ -350,13 +266,7 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             if exc.status_code == 409 and "already in progress" in str(exc):
                 return
-            raise BackendUnavailable(f"remove {container_id[:12]}: {_short(exc)}") from exc
-
-
-def _short(exc: BaseException) -> str:
-    text = getattr(exc, "explanation", None) or str(exc)
-    text = safe_text(str(text)).strip()
-    return text.splitlines()[0][:300] if text else exc.__class__.__name__
+            raise BackendUnavailable(f"remove {container_id[:12]}: {short_error(exc)}") from exc
 
 
 def ensure_state_dir(state_root: str, path: str, uid: int | None = None, gid: int | None = None) -> None:

@@ -44,20 +44,18 @@ Errors are translated as in observed/docker.py: no answer, timeouts and 5xx ->
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import docker.errors
-import requests.exceptions
 
+from observed.daemon import DaemonClient, short_error
 from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.model import (
     LABEL_GAME_ID,
@@ -70,10 +68,7 @@ from observed.model import (
 from observed.text import safe_text
 
 log = logging.getLogger("rtmanager.swarm")
-T = TypeVar("T")
 
-_MUTATING = frozenset({"network", "pull", "create", "update", "remove"})
-_TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
 
 # Task states (swarmkit's api.TaskState, lower-cased by the API).
 _ON_ITS_WAY = frozenset({"new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting"})
@@ -91,7 +86,7 @@ NODE_REFRESH = 10.0  # seconds node states and addresses are trusted
 NODE_REREAD = 2.0    # at least this between reads of the node list when a task names an unknown node
 
 
-class SwarmBackend:
+class SwarmBackend(DaemonClient):
     """The runtime backend port (observed/backend.py) on a Docker Swarm, through one manager."""
 
     name = "swarm"
@@ -102,67 +97,19 @@ class SwarmBackend:
                  stop_grace: float = 10.0, start_wait: float = START_WAIT, base_url: str | None = None) -> None:
         if probe_address not in ("ip", "hostname", "published"):
             raise ValueError(f"probe_address must be ip, hostname or published, not {probe_address!r}")
+        super().__init__(pool_size=pool_size, timeout=timeout, observer=observer, guard=guard, base_url=base_url)
         self.instance = instance
         self.network = network
         self.port = port
         self.probe_address = probe_address
-        self.pool_size = pool_size
         self.stop_grace = stop_grace
         self.start_wait = start_wait
-        self._base_url = base_url  # None: DOCKER_HOST and friends, as docker.from_env reads them
-        self._timeout = timeout
-        self._client: docker.DockerClient | None = None
-        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="swarm")
-        self._observer = observer
-        self._guard = guard
         self._network_ready = False
         self._network_lock = asyncio.Lock()
         self._nodes: dict[str, dict[str, str]] = {}  # node id -> {"addr", "state", "availability"}
         self._nodes_read_at = 0.0
         self._down_check = 0.0
         self._warned_disk = False
-
-    # --------------------------------------------------------------- plumbing
-    def _new_client(self, timeout: float | None) -> docker.DockerClient:
-        if self._base_url:
-            return docker.DockerClient(base_url=self._base_url, timeout=timeout, max_pool_size=self.pool_size)
-        return docker.from_env(timeout=timeout, max_pool_size=self.pool_size)
-
-    def _docker(self) -> docker.DockerClient:
-        if self._client is None:
-            self._client = self._new_client(int(self._timeout))
-        return self._client
-
-    async def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if op in _MUTATING and self._guard is not None:
-            self._guard()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        ok = False
-        try:
-            result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
-            ok = True
-            return result
-        except docker.errors.NotFound:
-            ok = True
-            raise
-        except docker.errors.APIError as exc:
-            if exc.status_code is not None and exc.status_code < 500:
-                ok = True
-                raise
-            raise BackendUnavailable(f"swarm {op}: {_short(exc)}") from exc
-        except docker.errors.DockerException as exc:
-            raise BackendUnavailable(f"swarm {op}: {_short(exc)}") from exc
-        except _TRANSIENT as exc:
-            raise BackendUnavailable(f"swarm {op}: {exc.__class__.__name__}: {exc}") from exc
-        finally:
-            if self._observer is not None:
-                self._observer(op, loop.time() - started, ok)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._client is not None:
-            self._client.close()
 
     def _labels_filter(self, *extra: str) -> dict[str, list[str]]:
         return {"label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_INSTANCE}={self.instance}", *extra]}
@@ -320,23 +267,6 @@ class SwarmBackend:
         return TaskPoller(client_factory=lambda: self._new_client(30), filters=self._labels_filter(),
                           loop=asyncio.get_running_loop(), on_event=on_event, on_connect=on_connect)
 
-    # ---------------------------------------------------------------- images
-    async def image_present(self, image: str) -> bool:
-        """On the manager rtmanager talks to (every node needs it: README, Swarm backend)."""
-        try:
-            await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
-            return True
-        except docker.errors.NotFound:
-            return False
-
-    async def ensure_image(self, image: str) -> None:
-        if await self.image_present(image):
-            return
-        try:
-            log.info("pulling image %s", image)
-            await self._call("pull", lambda: self._docker().images.pull(image))
-        except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable) as exc:
-            raise ImageMissing(f"image {image} is not present and could not be pulled: {_short(exc)}") from exc
 
     # --------------------------------------------------------------- network
     async def prepare(self) -> None:
@@ -426,7 +356,7 @@ class SwarmBackend:
             existing = await self.inspect(spec.name)
             if existing is not None:
                 return existing
-            text = exc.message if isinstance(exc, BackendUnavailable) else _short(exc)
+            text = exc.message if isinstance(exc, BackendUnavailable) else short_error(exc)
             if "network" in text.lower() and "not found" in text.lower():
                 self._network_ready = False  # deleted behind our back: create it again next time
                 raise BackendUnavailable(f"create {spec.name}: {text}") from exc
@@ -465,7 +395,7 @@ class SwarmBackend:
                 if isinstance(exc, docker.errors.NotFound):
                     raise Refused(f"service {service_id[:12]} is gone") from exc
                 if isinstance(exc, docker.errors.APIError):
-                    raise Refused(f"update {service_id[:12]}: {_short(exc)}") from exc
+                    raise Refused(f"update {service_id[:12]}: {short_error(exc)}") from exc
                 raise
 
     async def start(self, unit_id: str) -> None:
@@ -583,7 +513,7 @@ class SwarmBackend:
         except docker.errors.NotFound:
             pass
         except docker.errors.APIError as exc:
-            raise BackendUnavailable(f"remove {_name(service)}: {_short(exc)}") from exc
+            raise BackendUnavailable(f"remove {_name(service)}: {short_error(exc)}") from exc
         await self._until_gone(service)
 
     async def _until_gone(self, service: Mapping[str, Any]) -> None:
@@ -713,12 +643,6 @@ def _when(value: Any) -> datetime | None:
         return datetime.fromisoformat(text)
     except ValueError:
         return None
-
-
-def _short(exc: BaseException) -> str:
-    text = getattr(exc, "explanation", None) or str(exc)
-    text = safe_text(str(text)).strip()
-    return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
 # ------------------------------------------------------------------------- events

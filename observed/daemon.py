@@ -1,0 +1,134 @@
+"""What the Docker and the Swarm backends share: one docker-py client behind a bounded thread pool.
+
+docker-py is synchronous. Every call runs in a ``ThreadPoolExecutor`` whose size equals the
+client's HTTP connection pool, so no thread ever waits for a connection and the event loop never
+blocks. Cancelling the awaiting task does not cancel the call already running in its thread:
+callers must treat every action as "may have happened" and re-read the truth next time, which the
+reconciler does.
+
+Driver errors are translated here, once, into the port's (``observed.errors``): connection
+failures, timeouts and 5xx answers become ``BackendUnavailable``; a 404 or another 4xx is an
+answer and stays docker-py's exception for the backend to interpret; an image that is neither
+present nor pullable is ``ImageMissing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from observed.errors import BackendUnavailable, ImageMissing
+from observed.text import safe_text
+
+log = logging.getLogger("rtmanager.docker")
+T = TypeVar("T")
+
+# Calls that change something: refused once this replica may no longer act (lost leadership).
+MUTATING = frozenset({"network", "pull", "create", "start", "stop", "update", "remove"})
+_TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+
+
+def short_error(exc: BaseException) -> str:
+    """One printable line of a driver error (daemon messages may carry any bytes)."""
+    text = getattr(exc, "explanation", None) or str(exc)
+    text = safe_text(str(text)).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
+
+
+class DaemonClient:
+    """The plumbing of a backend that talks to a Docker daemon (``name`` prefixes its errors).
+
+    ``observer(op, seconds, ok)`` sees every call (metrics); ``guard()`` runs before every
+    mutating call and raises when this replica may no longer change anything. Subclasses may
+    override ``_reachable`` / ``_unreachable`` to track the daemon's outages.
+    """
+
+    name = "docker"
+
+    def __init__(self, *, pool_size: int, timeout: float, observer: Callable[[str, float, bool], None] | None,
+                 guard: Callable[[], None] | None, base_url: str | None = None) -> None:
+        self.pool_size = pool_size
+        self._timeout = timeout
+        self._base_url = base_url  # None: DOCKER_HOST and friends, as docker.from_env reads them
+        self._client: docker.DockerClient | None = None
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=self.name)
+        self._observer = observer
+        self._guard = guard
+
+    def _new_client(self, timeout: float | None) -> docker.DockerClient:
+        if self._base_url:
+            return docker.DockerClient(base_url=self._base_url, timeout=timeout, max_pool_size=self.pool_size)
+        return docker.from_env(timeout=timeout, max_pool_size=self.pool_size)
+
+    def _docker(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = self._new_client(int(self._timeout))
+        return self._client
+
+    def _reachable(self) -> None:
+        """The daemon answered a call."""
+
+    def _unreachable(self) -> None:
+        """A call could not reach the daemon."""
+
+    async def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if op in MUTATING and self._guard is not None:
+            self._guard()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ok = False
+        try:
+            result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            ok = True
+            self._reachable()
+            return result
+        except docker.errors.NotFound:
+            ok = True  # an answer, not a failure of the daemon
+            raise
+        except docker.errors.APIError as exc:
+            if exc.status_code is not None and exc.status_code < 500:
+                ok = True
+                raise
+            raise BackendUnavailable(f"{self.name} {op}: {short_error(exc)}") from exc
+        except docker.errors.DockerException as exc:
+            self._unreachable()
+            raise BackendUnavailable(f"{self.name} {op}: {short_error(exc)}") from exc
+        except _TRANSIENT as exc:
+            self._unreachable()
+            raise BackendUnavailable(f"{self.name} {op}: {exc.__class__.__name__}: {exc}") from exc
+        finally:
+            if self._observer is not None:
+                self._observer(op, loop.time() - started, ok)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+
+    # ---------------------------------------------------------------- images
+    async def image_present(self, image: str) -> bool:
+        try:
+            await self._call("image_inspect", lambda: self._docker().api.inspect_image(image))
+            return True
+        except docker.errors.NotFound:
+            return False
+
+    async def ensure_image(self, image: str) -> None:
+        """Present locally, or pulled once; otherwise ImageMissing."""
+        if await self.image_present(image):
+            return
+        try:
+            log.info("pulling image %s", image)
+            await self._call("pull", lambda: self._docker().images.pull(image))
+        except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable) as exc:
+            # One pull, then image_unavailable (the contract): the daemon reports an unreachable
+            # registry and an unknown image alike, as a 5xx, so they cannot be told apart here.
+            raise ImageMissing(f"image {image} is not present and could not be pulled: {short_error(exc)}") from exc
