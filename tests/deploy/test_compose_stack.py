@@ -19,9 +19,7 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,9 +28,11 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.support import ROOT, free_port
+from tests.waits import wait_for
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
 BUILD_SCRIPT = ROOT / "deploy" / "images" / "build.sh"
 STUB_IMAGE = "galaxy/engine-stub:1.0"
@@ -48,27 +48,6 @@ def compose_command() -> list[str]:
         return ["docker-compose"]
     pytest.fail("neither `docker compose` nor `docker-compose` is installed: run deploy/test-deploy.sh "
                 "(it installs Debian's docker-compose)", pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, fn, timeout: float, interval: float = 0.5, detail=lambda: ""):
-    """Poll ``fn`` until it returns something truthy; fail with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-        except Exception as exc:  # noqa: BLE001 - kept for the failure message
-            value, last = None, exc
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"{what}: not within {timeout:.0f}s (last error: {last!r})\n{detail()}", pytrace=False)
 
 
 def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import socket
@@ -13,6 +14,7 @@ import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
+from tests.waits import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -34,14 +36,7 @@ def leads(port: int) -> bool | None:
         return None
 
 
-def wait_until(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout}s")
+wait_until = functools.partial(eventually_sync, interval=0.2)
 
 
 def test_one_leader_and_take_over_on_kill_and_on_pause(rtm_env, tmp_path, docker_client, unique):

@@ -3,6 +3,7 @@ games, a Postgres outage longer than the lease, a replica whose clock is behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,20 +19,14 @@ import redis
 from tests.conftest import admin_sql, dsn_for
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, PostgresCluster, ResultReader, free_port
+from tests.waits import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
 STUB = "galaxy/engine-stub:1.0"
 
 
-def wait_until(check, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s (last: {got!r})"
-        time.sleep(interval)
+wait_until = functools.partial(eventually_sync, interval=0.2)
 
 
 def http_status(url: str, timeout: float = 3.0) -> int | None:

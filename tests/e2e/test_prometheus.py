@@ -22,6 +22,7 @@ import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
+from tests.waits import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -57,18 +58,10 @@ def get_text(url: str, timeout: float = 2.0) -> str:
         return resp.read().decode()
 
 
-def wait_until(cond, timeout: float, what: str, details=lambda: ""):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-        except (OSError, ValueError, KeyError) as exc:  # not up yet
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(0.25)
-    raise AssertionError(f"{what} not within {timeout}s (last: {last!r}) {details()}")
+def wait_until(cond, timeout: float, what: str, details=None):
+    """Prometheus and rtmanager not answering yet (connection refused, JSON not there) is "not yet"."""
+    return eventually_sync(cond, timeout, what, 0.25, retry_on=(AssertionError, OSError, ValueError, KeyError),
+                           detail=details)
 
 
 def query(prom: str, promql: str) -> list[dict]:

@@ -4,6 +4,7 @@ older copy of its append-only file, and a consumer group deleted (or renamed) by
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import time
 
@@ -13,18 +14,12 @@ import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, RedisServer, ResultReader
+from tests.waits import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
 
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what} did not hold within {timeout}s"
-        time.sleep(0.2)
+wait_until = functools.partial(eventually_sync, interval=0.2)
 
 
 def ops_per_entry(env) -> dict[str, int]:

@@ -27,18 +27,23 @@ async def h(rtm_env, docker_client):
     await harness.redis.aclose()
 
 
+async def recorded_start(store, settings, game_id):
+    """A start job recorded, its state directory made: what a controller does before creating."""
+    await store.submit(Job(kind=JobKind.START, game_id=game_id, source=OpSource.LOBBY,
+                           image_ref="galaxy/engine-stub:1.0"), settings.record_defaults)
+    record = await store.get(game_id)
+    ensure_state_dir(settings.state_root, record.state_path)
+    return record
+
+
 async def test_concurrent_creates_of_one_name_give_one_container(h, pool):
     """The loser of a name race gets the winner's container, not an error: Docker answers 409
     before the winner's container can be inspected by name."""
-    store = Store(pool)
     settings = h.settings()
-    await store.submit(Job(kind=JobKind.START, game_id="twice-1", source=OpSource.LOBBY,
-                           image_ref="galaxy/engine-stub:1.0"), settings.record_defaults)
-    record = await store.get("twice-1")
+    record = await recorded_start(Store(pool), settings, "twice-1")
     adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
     try:
         await adapter.ensure_network()
-        ensure_state_dir(settings.state_root, record.state_path)
         units = await asyncio.gather(*(adapter.create(build_spec(settings, record)) for _ in range(4)))
     finally:
         adapter.close()
@@ -50,13 +55,10 @@ async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
     """A start job recorded and a container created by a controller that then died: adopted, not duplicated."""
     store = Store(pool)
     settings = h.settings()
-    await store.submit(Job(kind=JobKind.START, game_id="adopt-1", source=OpSource.LOBBY,
-                           image_ref="galaxy/engine-stub:1.0"), settings.record_defaults)
-    record = await store.get("adopt-1")
+    record = await recorded_start(store, settings, "adopt-1")
     adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
     try:
         await adapter.ensure_network()
-        ensure_state_dir(settings.state_root, record.state_path)
         created = await adapter.create(build_spec(settings, record))
         await adapter.start(created.id)
     finally:

@@ -11,42 +11,19 @@ here skips: what is missing fails.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.swarm.nodes import Cluster
+from tests.support import separate_tier
+from tests.swarm.nodes import STUBS, Cluster
 
-HERE = Path(__file__).resolve().parent
-STUBS = ("galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1", "galaxy/engine-stub:crash", "galaxy/engine-stub:mute")
-
-
-def _asked_for(config: pytest.Config) -> bool:
-    if os.environ.get("RTM_SWARM_TESTS") == "1":
-        return True
-    base = config.invocation_params.dir
-    for arg in config.args:
-        path = (base / arg.split("::", 1)[0]).resolve()
-        if path == HERE or HERE in path.parents:
-            return True
-    return False
-
-
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    if collection_path.name == "conftest.py" or collection_path == HERE:
-        return None
-    return None if _asked_for(config) else True
+pytest_ignore_collect = separate_tier(Path(__file__).resolve().parent, "RTM_SWARM_TESTS")
 
 
 @pytest.fixture(scope="session")
 def swarm1(docker_client, stub_images):
     """A one-node swarm (its manager in a namespace of its own) with the stub engines, for the session."""
-    cluster = Cluster(1)
-    try:
-        cluster.up()
+    with Cluster(1) as cluster:
         cluster.load_images(*STUBS)
         yield cluster
-    finally:
-        problems = cluster.down()
-        assert not problems, f"test swarm {cluster.id} left things behind: {problems}"

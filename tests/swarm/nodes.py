@@ -91,6 +91,10 @@ class SwarmNode(PrivateDockerd):
             c.close()
 
 
+# The stub engine images every test swarm's nodes get (deploy/engine-stub/build.sh builds them).
+STUBS = ("galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1", "galaxy/engine-stub:crash", "galaxy/engine-stub:mute")
+
+
 class Cluster:
     def __init__(self, nodes: int = 1) -> None:
         self.n = nodes

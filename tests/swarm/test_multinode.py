@@ -22,8 +22,7 @@ import pytest
 
 from desired.store import Store
 from tests.integration.harness import Harness
-from tests.swarm.conftest import STUBS
-from tests.swarm.nodes import Cluster
+from tests.swarm.nodes import STUBS, Cluster
 from tests.waits import eventually
 
 pytestmark = pytest.mark.e2e
@@ -31,14 +30,9 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def cluster2(docker_client, stub_images):
-    cluster = Cluster(2)
-    try:
-        cluster.up()
+    with Cluster(2) as cluster:
         cluster.load_images(*STUBS)
         yield cluster
-    finally:
-        problems = cluster.down()
-        assert not problems, f"test swarm {cluster.id} left things behind: {problems}"
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,29 +28,17 @@ from pathlib import Path
 import docker
 import pytest
 
+from tests.support import ROOT
+from tests.waits import wait_for
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 STACK_FILE = ROOT / "deploy" / "swarm" / "stack.yaml"
 PREPARE = ROOT / "deploy" / "swarm" / "prepare.sh"
 BUILD = ROOT / "deploy" / "images" / "build.sh"
 IMAGES = ("rtmanager:0.1.0", "rtmanager-postgres:15", "rtmanager-redis:7")
 HTTP_PORT = 18090
 CRASH_LIMIT = 3
-
-
-def wait_for(what: str, fn, timeout: float, interval: float = 0.5, detail=lambda: ""):
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-        except Exception as exc:  # noqa: BLE001 - kept for the failure message
-            value, last = None, exc
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"{what}: not within {timeout:.0f}s (last error: {last!r})\n{detail()}", pytrace=False)
 
 
 class Stack:

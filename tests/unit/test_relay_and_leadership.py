@@ -18,6 +18,7 @@ from desired.errors import StoreUnavailable
 from desired.leader import Fence
 from desired.model import ErrorCode, JobKind
 from tests.fakes import FakeStore, FakeStreams
+from tests.waits import eventually
 
 RESULTS = "runtime:job_results"
 
@@ -133,14 +134,6 @@ class FakeLease:
         return True
 
 
-async def wait_for(cond, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 async def leading():
     fence = Fence(instance="i", holder="me", ttl=0.3)
@@ -164,21 +157,21 @@ async def leading():
 
 async def test_an_outage_past_the_lease_steps_down_then_leads_again_in_a_new_term(leading):
     leadership, lease, fence, events = leading
-    await wait_for(lambda: events == ["elected 1"])
+    await eventually(lambda: events == ["elected 1"], 5.0, interval=0.01)
     lease.down = True  # Postgres away for longer than the lease
-    await wait_for(lambda: "deposed" in events)
+    await eventually(lambda: "deposed" in events, 5.0, interval=0.01)
     assert not fence.valid_locally and not leadership.leading  # no action passes the fence any more
     lease.down, lease.free = False, True  # back; nobody else took it
-    await wait_for(lambda: events == ["elected 1", "deposed", "elected 2"])
+    await eventually(lambda: events == ["elected 1", "deposed", "elected 2"], 5.0, interval=0.01)
     assert leadership.leading and fence.valid_locally
 
 
 async def test_a_fenced_write_steps_down_at_once_and_the_replica_follows(leading):
     leadership, lease, fence, events = leading
-    await wait_for(lambda: events == ["elected 1"])
+    await eventually(lambda: events == ["elected 1"], 5.0, interval=0.01)
     lease.free = False  # another replica took over
     leadership.lost("a write found another epoch")
-    await wait_for(lambda: events == ["elected 1", "deposed"])
+    await eventually(lambda: events == ["elected 1", "deposed"], 5.0, interval=0.01)
     assert not fence.valid_locally
     await asyncio.sleep(0.2)
     assert events == ["elected 1", "deposed"]  # standing by while the other leads
@@ -186,7 +179,7 @@ async def test_a_fenced_write_steps_down_at_once_and_the_replica_follows(leading
 
 async def test_renewals_that_fail_briefly_keep_the_term(leading):
     leadership, lease, fence, events = leading
-    await wait_for(lambda: events == ["elected 1"])
+    await eventually(lambda: events == ["elected 1"], 5.0, interval=0.01)
     lease.down = True
     await asyncio.sleep(fence.ttl / 3)  # shorter than the term
     lease.down = False

@@ -7,6 +7,7 @@ import asyncio
 
 from controller.metrics import Metrics
 from controller.triggers import MIN_TICK, TurnClock
+from tests.waits import eventually
 
 
 class DueTimes:
@@ -25,14 +26,6 @@ class DueTimes:
         return [], None
 
 
-async def until(pred, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not pred():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
-
-
 async def running(store: DueTimes):
     clock = TurnClock(store=store, admission=None, metrics=Metrics(), max_sleep=60.0)
     stopping = asyncio.Event()
@@ -42,9 +35,9 @@ async def running(store: DueTimes):
 async def test_a_wake_while_the_clock_holds_back_is_not_lost():
     store = DueTimes()
     clock, stopping, task = await running(store)
-    await until(lambda: store.calls == 1)
+    await eventually(lambda: store.calls == 1, 5.0, interval=0.01)
     clock.wake.set()  # within MIN_TICK of the first tick: held back, then honoured
-    await until(lambda: store.calls == 2, timeout=MIN_TICK + 2.0)
+    await eventually(lambda: store.calls == 2, MIN_TICK + 2.0, interval=0.01)
     stopping.set()
     await task
 
@@ -56,7 +49,7 @@ async def test_a_wake_while_a_tick_runs_gives_another_tick():
     await store.entered.wait()
     clock.wake.set()  # the query has been sent: what it returns may not include the new game
     store.hold.set()
-    await until(lambda: store.calls == 2, timeout=MIN_TICK + 2.0)
+    await eventually(lambda: store.calls == 2, MIN_TICK + 2.0, interval=0.01)
     stopping.set()
     await task
 
