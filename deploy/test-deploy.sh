@@ -16,29 +16,9 @@ cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "test-deploy.sh: run as root (debootstrap, apt-get, the state root's owner)" >&2; exit 1; }
 
-t_start=$(date +%s)
-timings=()
-step() { # name command...
-  local name=$1 t0 rc=0; shift
-  t0=$(date +%s)
-  echo "test-deploy: $name" >&2
-  "$@" || rc=$?
-  timings+=("$(printf '%-28s %4ss%s' "$name" "$(( $(date +%s) - t0 ))" "$([ $rc = 0 ] || echo "  (failed: $rc)")")")
-  return $rc
-}
-summary() {
-  local rc=$?
-  echo "test-deploy: timings" >&2
-  for line in "${timings[@]}"; do echo "  $line" >&2; done
-  echo "  $(printf '%-28s %4ss' total "$(( $(date +%s) - t_start ))")" >&2
-  exit $rc
-}
-trap summary EXIT
-
-apt_install() {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
-}
+STEPS_NAME=test-deploy
+# shellcheck source=deploy/local/steps.sh
+. deploy/local/steps.sh
 
 tools() {
   local pkgs=()
@@ -46,17 +26,13 @@ tools() {
   if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null 2>&1; then
     pkgs+=(docker-compose)
   fi
-  if [ ${#pkgs[@]} -gt 0 ]; then
-    echo "test-deploy: installing ${pkgs[*]}" >&2
-    apt_install "${pkgs[@]}"
-  fi
+  [ ${#pkgs[@]} = 0 ] || apt_install "${pkgs[@]}"
 }
 
-services() { local env; env=$(bash deploy/local/services.sh up) || return; eval "$env"; }
 # The stack's test starts galaxy/engine-stub:1.0; deploy/test.sh rebuilds the stubs on each run.
 stubs() { docker image inspect galaxy/engine-stub:1.0 >/dev/null 2>&1 || bash deploy/engine-stub/build.sh >/dev/null; }
 
-step "local services (dockerd)" services
+step "local services (dockerd)" local_services
 step "tools" tools
 step "stub engine images" stubs
 step "venv" bash deploy/local/venv.sh

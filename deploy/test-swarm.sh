@@ -17,42 +17,18 @@ cd "$(dirname "$0")/.."
 
 [ "$(id -u)" = 0 ] || { echo "test-swarm.sh: run as root (network namespaces, dockerd, debootstrap)" >&2; exit 1; }
 
-t_start=$(date +%s)
-timings=()
-step() { # name command...
-  local name=$1 t0 rc=0; shift
-  t0=$(date +%s)
-  echo "test-swarm: $name" >&2
-  "$@" || rc=$?
-  timings+=("$(printf '%-28s %4ss%s' "$name" "$(( $(date +%s) - t0 ))" "$([ $rc = 0 ] || echo "  (failed: $rc)")")")
-  return $rc
-}
-summary() {
-  local rc=$?
-  echo "test-swarm: timings" >&2
-  for line in "${timings[@]}"; do echo "  $line" >&2; done
-  echo "  $(printf '%-28s %4ss' total "$(( $(date +%s) - t_start ))")" >&2
-  exit $rc
-}
-trap summary EXIT
-
-apt_install() {
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
-}
+STEPS_NAME=test-swarm
+# shellcheck source=deploy/local/steps.sh
+. deploy/local/steps.sh
 
 tools() {
   local pkgs=()
   command -v ip >/dev/null 2>&1 || pkgs+=(iproute2)
   command -v nsenter >/dev/null 2>&1 || pkgs+=(util-linux)
   command -v debootstrap >/dev/null 2>&1 || pkgs+=(debootstrap)
-  if [ ${#pkgs[@]} -gt 0 ]; then
-    echo "test-swarm: installing ${pkgs[*]}" >&2
-    apt_install "${pkgs[@]}"
-  fi
+  [ ${#pkgs[@]} = 0 ] || apt_install "${pkgs[@]}"
 }
 
-services() { local env; env=$(bash deploy/local/services.sh up) || return; eval "$env"; }
 stubs() {
   local t
   for t in 1.0 1.1 crash mute; do
@@ -60,11 +36,9 @@ stubs() {
   done
 }
 
-step "local services (dockerd)" services
+step "local services (dockerd)" local_services
 step "tools" tools
 step "stub engine images" stubs
 step "venv" bash deploy/local/venv.sh
 step "images (deploy/images)" bash deploy/images/build.sh rtmanager postgres redis
-export RTMANAGER_TEST_DATABASE_URL=${RTMANAGER_DATABASE_URL%/*}/postgres
-export RTMANAGER_TEST_REDIS_URL=$RTMANAGER_REDIS_URL
 step "swarm tests" .venv/bin/python -m pytest -p no:cacheprovider tests/swarm "$@"
