@@ -28,7 +28,6 @@ import requests.exceptions
 from observed.errors import BackendUnavailable, ImageMissing
 from observed.text import safe_text
 
-log = logging.getLogger("rtmanager.docker")
 T = TypeVar("T")
 
 # Calls that change something: refused once this replica may no longer act (lost leadership).
@@ -126,7 +125,7 @@ class DaemonClient:
         if await self.image_present(image):
             return
         try:
-            log.info("pulling image %s", image)
+            logging.getLogger(f"rtmanager.{self.name}").info("pulling image %s", image)
             await self._call("pull", lambda: self._docker().images.pull(image))
         except (docker.errors.NotFound, docker.errors.APIError, BackendUnavailable) as exc:
             # One pull, then image_unavailable (the contract): the daemon reports an unreachable

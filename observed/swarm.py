@@ -36,7 +36,7 @@ The state of a service, as ``ObservedContainer.state``:
   ``exit_code`` and ``finished_at`` are the last task's, ``node`` the node it
   ran on.
 
-Errors are translated as in observed/docker.py: no answer, timeouts and 5xx ->
+Errors are translated as for the Docker backend (observed/daemon.py): no answer, timeouts and 5xx ->
 ``BackendUnavailable``; a refused create or a task the nodes reject ->
 ``Refused``; an image no node has -> ``ImageMissing``.
 """

@@ -28,8 +28,8 @@ async def eventually(check, timeout: float = 30.0, what: str = "condition", inte
                      retry_on: tuple[type[BaseException], ...] = (AssertionError,),
                      detail: Callable[[], str] | None = None):
     """Call ``check`` (plain or async) until it gives something truthy, and return that. An
-    AssertionError (or any of ``retry_on``) from ``check`` counts as "not yet"; the last answer,
-    and ``detail()`` when given, are in the failure."""
+    exception of ``retry_on`` (by default AssertionError) from ``check`` counts as "not yet"; the
+    last answer, and ``detail()`` when given, are in the failure."""
     wait = _Wait(timeout, what, retry_on, detail)
     while True:
         try:

@@ -43,7 +43,7 @@ apt_install() { # package...
 local_services() {
   local env
   env=$(bash deploy/local/services.sh up) || return
-  eval "$env"
+  eval "$env" || return
   export RTMANAGER_DATABASE_URL RTMANAGER_REDIS_URL
   # The tests make databases of their own next to the service's one.
   export RTMANAGER_TEST_DATABASE_URL=${RTMANAGER_DATABASE_URL%/*}/postgres

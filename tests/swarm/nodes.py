@@ -261,8 +261,10 @@ class Cluster:
     def __enter__(self) -> Cluster:
         try:
             return self.up()
-        except BaseException:
-            self.down()
+        except BaseException as exc:
+            problems = self.down()
+            if problems:
+                exc.add_note(f"test swarm {self.id} left things behind after a failed set-up: {problems}")
             raise
 
     def __exit__(self, *exc) -> None:

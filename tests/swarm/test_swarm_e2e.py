@@ -280,6 +280,49 @@ def test_walking_skeleton(stack: Stack):
     assert stack.running_task(f"galaxy-game-{games[0]}") is not None  # the other one runs on
 
 
+def test_replay_and_bad_input(stack: Stack):
+    """A start sent again is a replay of the same service; malformed entries are answered
+    invalid_request (an image outside the allowlist image_rejected) and make nothing, and the
+    consumer goes on with the next good entry."""
+    game = f"rp-{stack.name}"
+    first = stack.result_for(stack.start_job(game))
+    assert first["outcome"] == "success", (first, stack.logs())
+    task = stack.running_task(f"galaxy-game-{game}")
+    assert task is not None
+    again = stack.result_for(stack.start_job(game))
+    assert (again["outcome"], again["error_code"]) == ("success", "replay_no_op"), again
+    assert again["container_id"] == first["container_id"]
+    # (bad entry, the field its answer names, the job it is answered as)
+    bad = {
+        "bad game_id": (("runtime:start_jobs", "game_id", "../etc", "image_ref", "galaxy/engine-stub:1.0"),
+                        "game_id", "start"),
+        "no image_ref": (("runtime:start_jobs", "game_id", f"rp2-{stack.name}"), "image_ref", "start"),
+        "bad image_ref": (("runtime:start_jobs", "game_id", f"rp2-{stack.name}", "image_ref", "not an image"),
+                          "image_ref", "start"),
+        "bad reason": (("runtime:stop_jobs", "game_id", game, "reason", "because"), "reason", "stop"),
+        "unknown op": (("runtime:control_jobs", "game_id", game, "op", "explode"), "op", "reconcile"),
+    }
+    entries = {what: stack.redis_cli("XADD", fields[0], "*", *fields[1:]) for what, (fields, _, _) in bad.items()}
+    outside = stack.start_job(f"rp3-{stack.name}", image="nginx:latest")
+    good = stack.start_job(f"rp4-{stack.name}")
+    for what, entry in entries.items():
+        res = stack.result_for(entry)
+        _, field, job = bad[what]
+        assert (res["outcome"], res["error_code"], res["job"]) == ("failure", "invalid_request", job), (what, res)
+        assert field in res["error_message"], (what, res)
+    res = stack.result_for(outside)
+    assert (res["outcome"], res["error_code"]) == ("failure", "image_rejected"), res
+    assert stack.result_for(good)["outcome"] == "success"
+    names = sorted(svc["Spec"]["Name"] for svc in stack.engines())
+    assert f"galaxy-game-{game}" in names and f"galaxy-game-rp4-{stack.name}" in names
+    assert not [n for n in names if n.startswith(("galaxy-game-rp2-", "galaxy-game-rp3-"))], names
+    assert stack.record(f"rp2-{stack.name}") is None and stack.record(f"rp3-{stack.name}") is None
+    # The replay and the bad stop touched nothing: the same task runs, the engine booted once.
+    after = stack.running_task(f"galaxy-game-{game}")
+    assert after is not None and after["ID"] == task["ID"]
+    assert stack.events(game) == ["boot"]
+
+
 def test_drift_a_task_killed_from_outside_is_restarted(stack: Stack):
     game = f"drift-{stack.name}"
     res = stack.result_for(stack.start_job(game))
