@@ -430,13 +430,18 @@ class Store:
 
     async def due_turns(self, limit: int = 200) -> tuple[list[str], float | None]:
         """The turn clock, in one query: games whose interval has passed since their last turn (or
-        since they were started or resumed), and the seconds until the next one is due."""
+        since they were started or resumed), and the seconds until the next one is due.
+
+        A game is asked for one turn at a time, and only once the previous request has been
+        answered (its generation converged): a turn the health round saw reached is not answered
+        yet, and asking for the next one then would move the generation on before its jobs are
+        answered, on every turn of a loaded controller (observed at 1,000 games)."""
         rows = await self.pool.fetch(
             "SELECT game_id, extract(epoch FROM greatest(coalesce(last_turn_at, clock_from, created_at),"
             " coalesce(clock_from, created_at)) + make_interval(secs => turn_interval) - now())::float8 AS due_in"
             " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
             " AND status = 'running' AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
-            " ORDER BY due_in LIMIT $1", limit)
+            " AND observed_generation = generation ORDER BY due_in LIMIT $1", limit)
         due = [r["game_id"] for r in rows if r["due_in"] <= 0]
         later = [r["due_in"] for r in rows if r["due_in"] > 0]
         return due, (min(later) if later else None)

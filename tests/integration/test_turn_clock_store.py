@@ -1,0 +1,72 @@
+"""The turn clock's query against the real store: it never asks for a turn while the previous
+request is still unanswered.
+
+Found by the scale benchmark (1,000 games on a 10 s clock, 2 loaded cores): the health round
+recorded the turn an engine had reached before the reconciler converged the request, the clock
+saw the turn reached and asked for the next one at once, and the generation moved on again. Under
+load this happened on every turn: observed_generation stayed at 1 while generation reached 16, no
+turn operation was ever answered, and neither was a start job that changed the game's interval
+(950 of 1,000 unanswered after 20 minutes).
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from desired.jobs import Job, RecordDefaults
+from desired.model import JobKind, OpSource, OpStatus
+from desired.store import Store
+from desired.transitions import Probe
+
+pytestmark = pytest.mark.integration
+
+DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
+IMAGE = "galaxy/engine-stub:1.0"
+
+
+def at(turn: int, phase: str = "idle") -> Probe:
+    return Probe(healthy=True, admin_api=True, turn=turn, phase=phase)
+
+
+async def overdue(pool: asyncpg.Pool, game: str) -> None:
+    await pool.execute("UPDATE runtime_records SET clock_from = now() - interval '1 hour',"
+                       " last_turn_at = now() - interval '1 hour' WHERE game_id = $1", game)
+
+
+async def pending(store: Store, game: str) -> list[str]:
+    return [op.op.value for op in await store.operations(game) if op.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
+
+
+async def test_the_clock_asks_for_no_turn_while_the_previous_one_is_unanswered(pool):
+    store = Store(pool)
+    game = "clock-1"
+    await store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMAGE,
+                           turn_interval=10), DEFAULTS)
+    rec = await store.mark_starting(await store.get(game), rollback_image=None)
+    rec = await store.mark_running(rec, container_id="c1", image=IMAGE, probe=at(0))
+    assert rec.converged and await pending(store, game) == []
+    await overdue(pool, game)
+    due, _ = await store.due_turns()
+    assert game in due
+
+    # The clock asks for turn 1; the reconciler hands it to the engine, which generates it.
+    await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
+    rec = await store.turn_requested(await store.get(game))
+    assert rec.desired_turn == 1 and not rec.converged
+    # A start that changes the interval meanwhile waits for the same generation's answer.
+    await store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMAGE,
+                           turn_interval=5), DEFAULTS)
+    # The health round sees the engine at turn 1 before the reconciler does: the turn is reached,
+    # the request not answered yet.
+    rec = await store.record_observation(await store.get(game), at(1), unreachable_after=3, generation_timeout=600)
+    assert rec.turn == 1 and not rec.converged
+    await overdue(pool, game)
+    due, _ = await store.due_turns()
+    assert game not in due, "the clock asked for turn 2 while turn 1's request was unanswered"
+
+    # The reconciler converges: every job of the generation is answered; then the clock may ask again.
+    rec = await store.mark_running(await store.get(game), container_id="c1", image=IMAGE, probe=at(1))
+    assert rec.converged and await pending(store, game) == []
+    due, _ = await store.due_turns()
+    assert game in due
