@@ -208,6 +208,33 @@ async def test_a_crash_restarts_after_a_backoff_and_the_limit_gives_up(tmp_path)
     assert "crash loop" in rec.last_error_message
 
 
+async def test_a_crash_seen_for_an_older_generation_is_not_counted_against_a_newer_one(w):
+    """A job accepted while the sync handled a crash (a stop here) moved the generation on: the
+    crash belongs to the older one and is not counted (no restart, no crash loop), and the stop
+    converges as asked."""
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    w.backend.crash("g1", code=5)
+    real, finds = w.store.find, []
+
+    async def a_stop_lands_meanwhile(game_id):
+        finds.append(game_id)
+        if len(finds) == 2:  # the crash path looks at the record again before counting
+            await w.job(JobKind.STOP, "g1")
+        return await real(game_id)
+
+    w.store.find = a_stop_lands_meanwhile
+    starts = len(w.backend.ops("start"))
+    rec = await w.sync("g1")
+    assert len(finds) >= 2, "the crash path no longer looks at the record again: rewrite this test"
+    assert rec.crash_count == 0 and rec.last_exit_code != 5, rec
+    w.store.find = real
+    rec = await w.sync("g1")
+    assert rec.status is Status.STOPPED and rec.desired_status is DesiredStatus.STOPPED and rec.crash_count == 0
+    assert w.results("g1")[-1] == ("stop", "success", "")
+    assert len(w.backend.ops("start")) == starts  # nothing restarted the crashed engine
+
+
 async def test_an_image_banned_since_it_was_accepted_is_not_started_again(tmp_path):
     w = World(tmp_path)
     await w.job(JobKind.START, "g1", IMG)
