@@ -70,6 +70,10 @@ SECTIONS = ("start", "restart", "failover", "flood", "turns", "sim")
 MARK = "/* rtm-scale-bench */ "  # our own statements, left out of every count
 RESYNC_MARKERS = ("observed_generation <> generation", "GROUP BY status", "count(*) FROM job_results")
 BRIDGE_PORTS = 1024  # a Linux bridge holds at most this many ports (BR_MAX_PORTS)
+# Each engine the host talks to costs two ARP entries: the host's for the engine, the engine's (in
+# its own namespace) for its gateway; the kernel's limit (gc_thresh3) counts every namespace.
+NEIGH_PER_GAME = 2
+NEIGH_SPARE = 16
 MIB = 2**20
 
 
@@ -802,6 +806,13 @@ def ensure_games(run: Run, n: int) -> None:
     settle(run, run.leader)
 
 
+def neighbour_table_max() -> int | None:
+    try:
+        return int(Path("/proc/sys/net/ipv4/neigh/default/gc_thresh3").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def section_start(run: Run) -> dict:
     a = run.args
     n = a.games
@@ -809,6 +820,14 @@ def section_start(run: Run) -> dict:
     if n > BRIDGE_PORTS - 4:
         say(f"note: {n} games on one bridge network: a Linux bridge holds at most {BRIDGE_PORTS} ports, so "
             f"starts past about {BRIDGE_PORTS - 4} are expected to fail (container_start_failed)")
+    neigh_max = neighbour_table_max()
+    if neigh_max is not None and NEIGH_PER_GAME * n + NEIGH_SPARE > neigh_max:
+        say(f"note: {n} probed games need about {NEIGH_PER_GAME * n + NEIGH_SPARE} ARP entries and the kernel's "
+            f"table holds {neigh_max} (net.ipv4.neigh.default.gc_thresh3, shared by every network namespace): "
+            f"engines past about {(neigh_max - NEIGH_SPARE) // NEIGH_PER_GAME} cannot be reached and their starts "
+            f"fail (engine_unhealthy, each after the start timeout). Raise it first, e.g. sysctl -w "
+            f"net.ipv4.neigh.default.gc_thresh1=4096 net.ipv4.neigh.default.gc_thresh2=8192 "
+            f"net.ipv4.neigh.default.gc_thresh3=16384")
     out: dict = {"stages": stages, "sizes": []}
     base_host = run.host.snapshot(set())
     out["host_before"] = base_host
