@@ -61,6 +61,8 @@ class DaemonClient:
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix=self.name)
         self._observer = observer
         self._guard = guard
+        self._network_ready = False  # reset when an action finds the network gone
+        self._network_lock = asyncio.Lock()  # Docker accepts two networks with one name: create once
 
     def _new_client(self, timeout: float | None) -> docker.DockerClient:
         if self._base_url:
@@ -111,6 +113,17 @@ class DaemonClient:
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             self._client.close()
+
+    # --------------------------------------------------------------- network
+    async def ensure_network(self) -> None:
+        """The game network, made once per process (and again after it was found gone)."""
+        async with self._network_lock:
+            if not self._network_ready:
+                await self._call("network", self._ensure_network_sync)
+                self._network_ready = True
+
+    def _ensure_network_sync(self) -> None:
+        raise NotImplementedError
 
     # ---------------------------------------------------------------- images
     async def image_present(self, image: str) -> bool:

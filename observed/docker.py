@@ -61,11 +61,9 @@ class DockerBackend(DaemonClient):
         self.instance = instance
         self.probe_address = probe_address  # ip: the container's IP; hostname: its name on the network
         self.network = network
-        self._network_ready = False
         self.disk_quota: bool | None = None  # whether the storage driver takes a writable-layer size limit
         self._unreachable_since: datetime | None = None
         self.daemon_gaps: collections.deque[tuple[datetime, datetime]] = collections.deque(maxlen=32)
-        self._network_lock = asyncio.Lock()  # Docker accepts two networks with one name: create once
 
     # ------------------------------------------------------------------ reads
     async def ping(self) -> None:
@@ -135,12 +133,6 @@ class DockerBackend(DaemonClient):
     # ---------------------------------------------------------------- actions
     async def prepare(self) -> None:
         await self.ensure_network()
-
-    async def ensure_network(self) -> None:
-        async with self._network_lock:
-            if not self._network_ready:
-                await self._call("network", self._ensure_network_sync)
-                self._network_ready = True
 
     def _ensure_network_sync(self) -> None:
         api = self._docker().api

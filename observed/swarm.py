@@ -104,8 +104,6 @@ class SwarmBackend(DaemonClient):
         self.probe_address = probe_address
         self.stop_grace = stop_grace
         self.start_wait = start_wait
-        self._network_ready = False
-        self._network_lock = asyncio.Lock()
         self._nodes: dict[str, dict[str, str]] = {}  # node id -> {"addr", "state", "availability"}
         self._nodes_read_at = 0.0
         self._down_check = 0.0
@@ -267,13 +265,9 @@ class SwarmBackend(DaemonClient):
         return TaskPoller(client_factory=lambda: self._new_client(30), filters=self._labels_filter(),
                           loop=asyncio.get_running_loop(), on_event=on_event, on_connect=on_connect)
 
-
     # --------------------------------------------------------------- network
     async def prepare(self) -> None:
-        async with self._network_lock:
-            if not self._network_ready:
-                await self._call("network", self._ensure_network_sync)
-                self._network_ready = True
+        await self.ensure_network()
 
     def _ensure_network_sync(self) -> None:
         api = self._docker().api
