@@ -571,16 +571,7 @@ class Store:
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _GAME_LOCK_SPACE, job.game_id)
             row = await conn.fetchrow(_SELECT_FOR_UPDATE, job.game_id)
             current = record_from_row(row) if row else None
-            decision = decide(current, job, now, defaults)
-            if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
-                    and decision.action in ("change", "join")):
-                # FOR SHARE: a concurrent disable or delete of the version waits for this job.
-                row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE",
-                                          job.image_ref)
-                refusal = versions.refuse_new(_version_from_row(row) if row else None, job.image_ref)
-                if refusal is not None:
-                    decision = Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED,
-                                        message=refusal)
+            decision = await self._decide(conn, current, job, now, defaults, registry)
             params = {k: v for k, v in (("image_ref", job.image_ref),
                                         ("reason", job.reason.value if job.reason else None)) if v}
             if decision.action == "change":
@@ -662,15 +653,7 @@ class Store:
                     continue
                 job = item
                 current = records.get(job.game_id)
-                decision = decide(current, job, now, defaults)
-                if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
-                        and decision.action in ("change", "join")):
-                    row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE",
-                                              job.image_ref)
-                    refusal = versions.refuse_new(_version_from_row(row) if row else None, job.image_ref)
-                    if refusal is not None:
-                        decision = Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED,
-                                            message=refusal)
+                decision = await self._decide(conn, current, job, now, defaults, registry)
                 params = {k: v for k, v in (("image_ref", job.image_ref),
                                             ("reason", job.reason.value if job.reason else None)) if v}
                 status = OpStatus.QUEUED if decision.action in ("change", "join") else (
@@ -699,6 +682,19 @@ class Store:
                 await conn.execute("SELECT pg_notify($1, g) FROM unnest($2::text[]) AS g", NOTIFY_CHANNEL,
                                    sorted(set(notify)))
             return outcomes
+
+    async def _decide(self, conn: asyncpg.Connection, current: RuntimeRecord | None, job: Job, now: datetime,
+                      defaults: RecordDefaults, registry: bool) -> Decision:
+        """``decide``, then, under the registry policy, the version of a new image: read FOR SHARE, so a
+        concurrent disable or delete of the version waits for this job."""
+        decision = decide(current, job, now, defaults)
+        if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
+                and decision.action in ("change", "join")):
+            row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE", job.image_ref)
+            refusal = versions.refuse_new(_version_from_row(row) if row else None, job.image_ref)
+            if refusal is not None:
+                return Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED, message=refusal)
+        return decision
 
     async def reject_entry(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str,
                            code: ErrorCode, message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:
