@@ -11,7 +11,8 @@ and a job and says what the intake must write in one transaction:
   the job waits for the current generation, nothing is bumped;
 * ``change``  - the desired state changes: ``generation`` is bumped; when what runs
   changes (status, image, a restart) every still-pending operation of an older
-  generation is answered ``superseded`` (desired/store.py ``replaces``);
+  generation is answered ``superseded`` (``replaces``), and a turn desired state asked for
+  but the engine has not reached is no longer asked for: the jobs that wanted it are answered;
 * ``reject``  - the job cannot apply to this game (``invalid_request``).
 """
 
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+from desired import transitions
 from desired.model import (
     CONTROL_OPS,
     GAME_ID_PATTERN,
@@ -259,7 +261,26 @@ def _want(record: RuntimeRecord, now: datetime, **desired: object) -> Decision:
         generation=record.generation + 1, last_op_at=max(now, record.last_op_at), **desired))
 
 
+# A change of these replaces what older pending jobs asked for (they are answered superseded);
+# a pause, a forced turn or a reconcile does not.
+_REPLACING = ("desired_status", "desired_image_ref", "spec_revision")
+
+
+def replaces(current: RuntimeRecord, new: RuntimeRecord) -> bool:
+    return any(getattr(current, f) != getattr(new, f) for f in _REPLACING)
+
+
 def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: RecordDefaults) -> Decision:
+    d = _decide(record, job, now, defaults)
+    if d.action == "change" and record is not None and d.record is not None and replaces(record, d.record):
+        # The jobs that asked for an unreached turn are answered superseded now: desired state
+        # must stop asking for it too, or the turn is generated later for nobody (after a stop
+        # and a start, say), and a later force_next_turn would join a turn nobody asks for.
+        d = Decision(action="change", record=transitions.turn_unasked(d.record))
+    return d
+
+
+def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: RecordDefaults) -> Decision:
     kind = job.kind
     # Removal is final from the moment it is asked for, not only once it is done: a start
     # accepted while the container is being removed could never converge.

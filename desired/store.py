@@ -40,7 +40,7 @@ import asyncpg
 from desired import snapshots, transitions, versions
 from desired.clock import Clock
 from desired.errors import Conflict, NotFound
-from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide
+from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide, replaces
 from desired.leader import Fence
 from desired.model import (
     UP,
@@ -116,15 +116,6 @@ async def _set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str
     sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=2))
     await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
                        game_id, *[_db_value(v) for v in changes.values()])
-
-
-# A change of these replaces what older pending jobs asked for (they are answered superseded);
-# a pause, a forced turn or a reconcile does not.
-_REPLACING = ("desired_status", "desired_image_ref", "spec_revision")
-
-
-def replaces(current: RuntimeRecord, new: RuntimeRecord) -> bool:
-    return any(getattr(current, f) != getattr(new, f) for f in _REPLACING)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -148,8 +148,9 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
     if exit_code is not None:
         crash.update(last_exit_code=exit_code, last_oom_killed=oom_killed)
     if verdict.give_up:
-        return cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
-                           health=Health.UNKNOWN, restart_not_before=None, rolling_back=False, **crash)
+        return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
+                                        health=Health.UNKNOWN, restart_not_before=None, rolling_back=False,
+                                        **crash))
     return cur.replace(status=Status.STARTING, health=Health.UNREACHABLE,
                        restart_not_before=now + timedelta(seconds=verdict.delay), **crash)
 
@@ -165,6 +166,7 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) 
     """
     common = dict(generation=cur.generation + 1, last_error_code=code, last_error_message=message,
                   restart_not_before=None, last_op_at=_touch(cur, now))
+    cur = turn_unasked(cur)  # the jobs that asked for a turn are answered with this failure
     if cur.desired_status is DesiredStatus.REMOVED:
         return cur.replace(**common), None
     target = rollback_target(cur) if cur.desired_status is DesiredStatus.RUNNING else None
@@ -176,6 +178,13 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) 
 def turn_reached(record: RuntimeRecord) -> bool:
     """Desired state asks for no turn the engine has not reached."""
     return record.desired_turn is None or (record.turn is not None and record.turn >= record.desired_turn)
+
+
+def turn_unasked(record: RuntimeRecord) -> RuntimeRecord:
+    """Desired state stops asking for a turn the engine has not reached: the jobs that asked for it
+    were answered (superseded, failed, given up), and a turn nobody waits for must not be generated
+    later, nor a later force_next_turn join it."""
+    return record if turn_reached(record) else record.replace(desired_turn=record.turn)
 
 
 def turn_requested(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:

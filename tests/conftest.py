@@ -24,6 +24,16 @@ import docker
 import pytest
 import redis
 import redis.asyncio as aioredis
+from hypothesis import settings as hypothesis_settings
+
+# Property tests. The default profile ("ci") is derandomized: the same examples on every run and
+# machine, so a suite is never green or red by luck, and no example database is kept between runs.
+# "explore" draws new examples on each run (the seed is printed with a failure, and
+# `--hypothesis-seed=N` replays it) and ten times as many where a test does not fix its count:
+#   HYPOTHESIS_PROFILE=explore .venv/bin/python -m pytest tests/unit
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("explore", derandomize=False, print_blob=True, max_examples=1000)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("RTMANAGER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:55432/postgres")

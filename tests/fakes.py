@@ -25,7 +25,7 @@ from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailabl
 from desired import transitions
 from desired.clock import ManualClock
 from desired.errors import Conflict, NotFound, StoreUnavailable
-from desired.jobs import Job, RecordDefaults, decide
+from desired.jobs import Job, RecordDefaults, decide, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -40,7 +40,7 @@ from desired.model import (
     check_transition,
 )
 from desired.policy import CrashPolicy, next_crash
-from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome, replaces
+from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,

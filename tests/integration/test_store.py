@@ -143,6 +143,21 @@ async def test_a_newer_job_supersedes_a_pending_one(pool):
     assert [o.entry_id for o in await store.pending_operations("g1")] == ["2-0"]
 
 
+async def test_a_stop_that_supersedes_a_forced_turn_stops_asking_for_it(pool):
+    """Else the turn nobody waits for any more is generated after the next start."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await converge_running(store, "g1")
+    await store.submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id="g1", source=OpSource.LOBBY,
+                           stream="s:control", entry_id="2-0"), DEFAULTS)
+    assert (await store.get("g1")).desired_turn == 1
+    await store.submit(stop("g1", "3-0"), DEFAULTS)
+    superseded = [r for r in await results(pool) if r["job_entry_id"] == "2-0"]
+    assert [r["error_code"] for r in superseded] == ["superseded"]
+    rec = await store.get("g1")
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.desired_turn is None
+
+
 async def test_concurrent_transitions_one_wins_the_other_conflicts(pool):
     store = Store(pool)
     await store.submit(start("g1", "1-0"), DEFAULTS)

@@ -6,10 +6,13 @@ The "controller" here is a tiny simulation of what the reconciler and the store 
 sets the timestamps of the destination, and copies generation to observed_generation.
 It can also crash a running engine (RECOVER: running -> starting at the same generation)
 and give a crashed game up (store.give_up: desired stopped at a new, converged generation,
-its pending operations answered with a failure).
-Operation bookkeeping follows DESIGN A1 and desired/jobs.py: replay / reject answer
-at once; join / change wait for their generation; a change supersedes pending
-operations of older generations; converging answers the operations at that generation.
+its pending operations answered with a failure). Converging a running game generates the turn
+desired state asks for, as the reconciler does before it answers (and only a turn some pending
+job asked for: a superseded or failed forced turn is never generated later).
+Operation bookkeeping follows the contract and desired/jobs.py: replay / reject answer
+at once; join / change wait for their generation; a change of what runs (``replaces``)
+supersedes pending operations of older generations, a control op or a turn supersedes nothing;
+converging answers every operation waiting for that generation or an older one.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import collections
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from desired.jobs import ImageAllowlist, RecordDefaults, decide, parse_job
+from desired import transitions
+from desired.jobs import ImageAllowlist, RecordDefaults, decide, parse_job, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -49,6 +53,8 @@ class Sim:
     outcomes: dict[int, str] = field(default_factory=dict)
     jobs: int = 0
     containers: int = 0
+    kinds: dict[int, JobKind] = field(default_factory=dict)
+    turns_generated: int = 0
 
     def tick(self, seconds: int = 1) -> None:
         self.now += timedelta(seconds=seconds)
@@ -71,6 +77,7 @@ class Sim:
     def job(self, kind: JobKind, gid: str, image: str, reason: StopReason) -> None:
         idx = self.jobs
         self.jobs += 1
+        self.kinds[idx] = kind
         fields = {b"game_id": gid.encode()}
         if kind in (JobKind.START, JobKind.PATCH):
             fields[b"image_ref"] = image.encode()
@@ -93,9 +100,10 @@ class Sim:
             assert new is not None
             assert new.generation == (old.generation + 1 if old else 1)
             assert new.observed_generation == (old.observed_generation if old else 0)
-            for op in [op for op in self.pending if op[1] == gid and op[2] < new.generation]:
-                self.pending.remove(op)
-                self.answer(op[0], "superseded")
+            if old is not None and replaces(old, new):  # control ops and turns replace nothing
+                for op in [op for op in self.pending if op[1] == gid and op[2] < new.generation]:
+                    self.pending.remove(op)
+                    self.answer(op[0], "superseded")
             self.store(gid, new)
             self.pending.append((idx, gid, new.generation))
 
@@ -103,11 +111,11 @@ class Sim:
         rec = self.records.get(gid)
         if rec is None:
             return
-        if not settled(rec):
+        if not settled(rec) or not transitions.turn_reached(rec):
             self.store(gid, self._converged(rec))
             rec = self.records[gid]
         for op in [op for op in self.pending if op[1] == gid]:
-            assert op[2] == rec.generation, f"op {op} left behind at generation {rec.generation}"
+            assert op[2] <= rec.generation, f"op {op} ahead of generation {rec.generation}"
             self.pending.remove(op)
             self.answer(op[0], "converged")
 
@@ -130,13 +138,13 @@ class Sim:
                 or rec.desired_status is not DesiredStatus.RUNNING:
             return
         check_transition(rec.status, Status.STOPPED)
-        new = rec.replace(
+        new = transitions.turn_unasked(rec).replace(
             desired_status=DesiredStatus.STOPPED, generation=rec.generation + 1,
             observed_generation=rec.generation + 1, status=Status.STOPPED, stopped_at=self.now,
             current_image_ref=rec.current_image_ref or rec.desired_image_ref, restart_not_before=None,
             health=Health.UNKNOWN, last_op_at=max(self.now, rec.last_op_at))
         for op in [op for op in self.pending if op[1] == gid]:
-            assert op[2] == rec.generation, f"op {op} left behind at generation {rec.generation}"
+            assert op[2] <= rec.generation, f"op {op} ahead of generation {rec.generation}"
             self.pending.remove(op)
             self.answer(op[0], "gave_up")
         self.store(gid, new)
@@ -159,6 +167,13 @@ class Sim:
             self.containers += 1
             changes = dict(current_container_id=f"c{self.containers}", current_image_ref=rec.desired_image_ref,
                            started_at=self.now, stopped_at=None, health=Health.HEALTHY, restart_not_before=None)
+            if not transitions.turn_reached(rec):  # the reconciler asks the engine for it first
+                assert rec.desired_turn is not None
+                waiting = [op for op in self.pending if op[1] == rec.game_id
+                           and self.kinds[op[0]] in (JobKind.FORCE_NEXT_TURN, JobKind.TURN)]
+                assert waiting, f"turn {rec.desired_turn} generated for nobody: its jobs were answered"
+                self.turns_generated += 1
+                changes["turn"] = rec.desired_turn
         elif target is DesiredStatus.STOPPED:
             assert status is not Status.REMOVED, "desired stopped on a removed record"
             if status is not Status.STOPPED:
@@ -186,8 +201,17 @@ crash_step = st.tuples(st.sampled_from(["crash", "give_up"]), st.sampled_from(GA
 steps = st.lists(st.one_of(job_step, job_step, converge_step, tick_step, crash_step), max_size=40)
 
 
+_START = ("job", JobKind.START, "a", IMAGES[0], StopReason.FINISHED)
+_FORCE = ("job", JobKind.FORCE_NEXT_TURN, "a", IMAGES[0], StopReason.FINISHED)
+_STOP = ("job", JobKind.STOP, "a", IMAGES[0], StopReason.CANCELLED)
+
+
 @settings(max_examples=200, deadline=None)
 @given(steps)
+# Found on a fresh clone: a forced turn on a starting game, converged, then forced again.
+@example([_START, _FORCE, ("converge", "a"), _START, _FORCE])
+# A stop supersedes a waiting forced turn: a later start must not generate it for nobody.
+@example([_START, _FORCE, _STOP, ("converge", "a"), _START, ("converge", "a"), _FORCE])
 def test_jobs_keep_records_valid_and_answer_every_job_once(plan: list[tuple]) -> None:
     sim = Sim()
     for step in plan:
@@ -226,6 +250,23 @@ def test_simulation_can_see_a_superseded_job() -> None:
     sim.job(JobKind.STOP, "g1", IMAGES[0], StopReason.CANCELLED)  # replay
     assert sim.outcomes == {0: "superseded", 1: "superseded", 2: "converged", 3: "replay"}
     assert sim.records["g1"].status is Status.STOPPED
+
+
+def test_simulation_generates_a_forced_turn_once_and_never_a_superseded_one() -> None:
+    sim = Sim()
+    sim.job(JobKind.START, "g1", IMAGES[0], StopReason.FINISHED)
+    sim.job(JobKind.FORCE_NEXT_TURN, "g1", IMAGES[0], StopReason.FINISHED)
+    sim.converge("g1")
+    assert sim.records["g1"].turn == 1 and sim.turns_generated == 1
+    sim.job(JobKind.FORCE_NEXT_TURN, "g1", IMAGES[0], StopReason.FINISHED)  # the next turn: a change
+    assert sim.records["g1"].desired_turn == 2
+    sim.job(JobKind.STOP, "g1", IMAGES[0], StopReason.CANCELLED)  # supersedes the forced turn
+    assert sim.outcomes[2] == "superseded"
+    assert sim.records["g1"].desired_turn == 1, "desired state must stop asking for the superseded turn"
+    sim.converge("g1")
+    sim.job(JobKind.START, "g1", IMAGES[0], StopReason.FINISHED)
+    sim.converge("g1")
+    assert sim.records["g1"].turn == 1 and sim.turns_generated == 1
 
 
 def test_simulation_crash_then_start_joins_and_give_up_answers_it() -> None:
