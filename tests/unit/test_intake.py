@@ -383,3 +383,99 @@ def test_any_interleaving_of_lobby_and_reads_keeps_each_games_order(traffic):
         asyncio.run(scenario())
     finally:
         intake_module.READ_COUNT = saved
+
+
+# ---------------------------------------------------------------- rounds cut short
+CONTROL = "runtime:control_jobs"
+
+
+def backlog_with_a_late_stop(streams: FakeStreams) -> tuple[str, str]:
+    """The recipe: 250 starts of other games, a start of target, 49 more, then a stop of target.
+    The first read of a round takes 100 starts and the stop, far behind its start."""
+    for i in range(250):
+        start(streams, f"filler{i}")
+    s = start(streams, "target")
+    for i in range(49):
+        start(streams, f"late{i}")
+    return s, stop(streams, "target")
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21/2: pending entries skip the merge")
+async def test_a_round_cut_by_an_outage_does_not_apply_the_delivered_stop_before_its_unread_start():
+    """A Postgres statement timeout cuts the round after the first reads: the stop was delivered
+    (pending), the start not yet. The pending pass must read on before it applies the stop."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    s, p = backlog_with_a_late_stop(streams)
+    store.fail_submit = StoreUnavailable("postgres: statement timeout")
+    with pytest.raises(StoreUnavailable):
+        await intake.read_round(block_ms=None)
+    assert p in streams.streams[STOP].pending and s not in streams.streams[START].pending
+    store.fail_submit = None
+    await run_once(intake)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+    assert store.records["target"].desired_status.value == "stopped"
+    assert all(not st_.pending for st_ in streams.streams.values())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21/2: pending entries skip the merge")
+async def test_a_process_killed_after_its_first_read_does_not_apply_the_stop_before_its_start():
+    """kill -9 (or a SIGTERM for a deploy) right after the first read of a round: the next process
+    finds the stop in its pending list and the start still unread."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    s, p = backlog_with_a_late_stop(streams)
+    await streams.read_new([START, CONTROL, STOP], READ_COUNT, None)  # then the process died
+    intake, *_ = make()
+    intake.redis, intake.store = streams, store
+    intake.admission = Admission(store, defaults(), wake=lambda g: None, results_written=lambda: None)
+    await run_once(intake)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21/2: pending entries skip the merge")
+async def test_a_new_leader_orders_what_its_predecessor_left_pending_with_what_it_never_read():
+    """A failover: the old leader read 100 starts and the stop, and died (or was deposed). The new
+    leader claims them and must still not apply the stop before the unread start."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    s, p = backlog_with_a_late_stop(streams)
+    streams.deliver_to("old-leader", START)
+    streams.deliver_to("old-leader", STOP)
+    await run_once(intake)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21/2: pending entries skip the merge")
+async def test_entries_a_deposed_leader_reads_late_are_taken_over_before_anything_newer_is_applied():
+    """A deposed leader that is still alive (SIGSTOP / SIGCONT) read the start after the new leader
+    claimed everything at its election. The new leader reads the stop: it must take the start over
+    from the other consumer's list first, not 60 s later."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()  # the election: nothing to claim yet
+    s = start(streams, "target")
+    streams.deliver_to("old-leader", START)  # the deposed leader's last read
+    p = stop(streams, "target")
+    await intake.read_round(block_ms=None)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21/2: pending entries skip the merge")
+async def test_no_read_without_a_valid_leadership_fence():
+    """A deposed leader (its term lapsed during a SIGSTOP, or Postgres away) must not read: whatever
+    it read would sit in its pending list, out of the new leader's order."""
+    from desired.leader import Fence, Fenced
+
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    start(streams, "g1")
+    intake.fence = Fence(instance="i", holder="c1", ttl=10, epoch=3, deadline=0.0)  # lapsed
+    streams.calls.clear()
+    with pytest.raises(Fenced):
+        await intake.read_round(block_ms=None)
+    with pytest.raises(Fenced):
+        await intake.pending_pass()
+    assert not [c for c in streams.calls if c[0] in ("read_new", "read_own_pending", "claim_idle", "claim_others")]
+    assert streams.streams[START].pending == {}
