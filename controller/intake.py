@@ -23,8 +23,12 @@ streams, whatever the backlog:
 * A pending pass (at start, after an outage, on election, and every few
   seconds) re-reads this consumer's pending entries and claims entries idle in
   dead consumers' lists (XAUTOCLAIM, looped until its cursor is 0-0; a new
-  leader claims everything its predecessor left at once), and handles them
-  together, in entry-id order, before anything new.
+  leader claims everything its predecessor left at once), and handles them in
+  the same merge as new entries: a stop delivered early (a round cut by an
+  outage, a crash, a fail-over) waits until the streams are read past it.
+* Only the leader reads, and only while its term is valid (``fence``); after
+  every read it takes over whatever other consumers hold pending (a deposed
+  leader's last read), before it applies anything newer.
 
 **Attempts, not deliveries.** Redis counts a delivery every time a pending entry
 is read again, outages included. Only handling attempts that failed for a reason
