@@ -178,8 +178,11 @@ class Intake:
         """New entries of ``names``, then every entry another consumer holds pending (a deposed
         leader's last read, taken before ours): the leader takes those over at once, before it
         applies anything newer. Nothing to take over when a round's first read found nothing new."""
-        got = await self.redis.read_new(names, READ_COUNT, self._may_read(block_ms))
+        block = self._may_read(block_ms)
+        got = await self.redis.read_new(names, READ_COUNT, block)
         if not got and first:
+            if block_ms and not block:
+                await self._sleep(0.05)  # the term ends within READ_MARGIN unless renewed: do not spin
             return [], []
         self._may_read()
         return got, await self.redis.claim_others(self.streams, READ_COUNT)

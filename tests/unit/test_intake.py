@@ -556,3 +556,26 @@ def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, 
         asyncio.run(scenario())
     finally:
         intake_module.READ_COUNT = saved
+
+
+async def test_a_blocking_read_ends_before_the_term_could_lapse():
+    """A read that blocks past the term's end could deliver entries to a replica no longer leading."""
+    import time as _time
+
+    from desired.leader import Fence
+
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    blocks: list[int | None] = []
+    real = streams.read_new
+
+    async def record_block(names, count, block_ms):
+        blocks.append(block_ms)
+        return await real(names, count, block_ms)
+
+    streams.read_new = record_block  # type: ignore[method-assign]
+    intake.fence = Fence(instance="i", holder="c1", ttl=10, epoch=3, deadline=_time.monotonic() + 0.8)
+    await intake.read_round(block_ms=1000)
+    intake.fence.deadline = _time.monotonic() + 0.3  # inside the margin: no blocking at all
+    await intake.read_round(block_ms=1000)
+    assert blocks[0] is not None and 0 < blocks[0] <= 300 and blocks[1] is None
