@@ -487,11 +487,13 @@ class _Killed(BaseException):
        count=st.sampled_from([2, 3, 5]),
        outages=st.sets(st.integers(0, 40), max_size=8),
        kills=st.sets(st.integers(0, 40), max_size=4),
+       commit_kills=st.sets(st.integers(0, 40), max_size=3),
        failover=st.booleans())
-def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, kills, failover):
+def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, kills, commit_kills, failover):
     """A backlog read a few entries at a time, with rounds cut at arbitrary points: Postgres away
-    for one admission (a statement timeout), the process killed right after a read (the next one
-    is the same consumer, or another replica after a failover). Each game's entries still take
+    for one admission (a statement timeout), the process killed right after a read or right after a
+    commit, before its XACK (the next one is the same consumer, or another replica after a
+    failover). Each game's entries still take
     effect in entry order, each exactly once, and nothing stays pending."""
 
     async def scenario() -> None:
@@ -524,7 +526,10 @@ def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, 
                 calls["admit"] += 1
                 if calls["admit"] - 1 in outages:
                     raise StoreUnavailable("postgres: canceling statement due to statement timeout")
-                return await real(*args, **kwargs)
+                out = await real(*args, **kwargs)
+                if calls["admit"] - 1 in commit_kills:
+                    raise _Killed()
+                return out
             return admit
 
         streams.read_new = read_then_maybe_die  # type: ignore[method-assign]
