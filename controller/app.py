@@ -133,7 +133,7 @@ class Controller:
         self.admission = Admission(self.store, s.record_defaults, wake=self.queue.add,
                                    results_written=self._results_written, registry=s.version_policy == "registry")
         self.relay = Relay(s, self.streams, self.store, self.metrics)
-        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics)
+        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics, fence=self.fence)
         self.reconciler = Reconciler(s, self.store, self.backend, self.engine, self.metrics, self.queue,
                                      results_written=self._results_written, fence=self.fence, clock=self.clock,
                                      database=self.identity.uid)
@@ -164,7 +164,8 @@ class Controller:
         s = self.settings
         self.term_stopping = asyncio.Event()
         self.queue.reset()
-        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics)  # claims everything once
+        # Claims everything once; reads only while this term is valid.
+        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics, fence=self.fence)
         self.relay.reset()
         self._spawn("relay", self.relay.run(), leader=True)
         self._spawn("intake", self.intake.run(), leader=True)

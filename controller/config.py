@@ -59,7 +59,8 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_CONSUMER_GROUP", "rtmanager", "consumer group on the job streams"),
     Var("RTMANAGER_CONSUMER_NAME", "", "consumer name in the group (default: instance-hostname)"),
     Var("RTMANAGER_DEAD_LETTER_STREAM", "runtime:dead_letters", "copies of job entries that could not be handled"),
-    Var("RTMANAGER_CLAIM_IDLE", "60", "seconds an entry stays pending in another consumer before it is claimed"),
+    Var("RTMANAGER_CLAIM_IDLE", "60", "seconds an entry idles in another consumer's list before a pending pass "
+        "claims it (the leader also takes such entries over after each of its reads)"),
     Var("RTMANAGER_MAX_DELIVERIES", "5", "failed handling attempts of one entry before it is dead-lettered "
         "(outages do not count)"),
     Var("RTMANAGER_STREAM_KEEP", "3600", "seconds of handled job-stream entries kept before trimming (entries "

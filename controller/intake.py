@@ -23,8 +23,12 @@ streams, whatever the backlog:
 * A pending pass (at start, after an outage, on election, and every few
   seconds) re-reads this consumer's pending entries and claims entries idle in
   dead consumers' lists (XAUTOCLAIM, looped until its cursor is 0-0; a new
-  leader claims everything its predecessor left at once), and handles them
-  together, in entry-id order, before anything new.
+  leader claims everything its predecessor left at once), and handles them in
+  the same merge as new entries: a stop delivered early (a round cut by an
+  outage, a crash, a fail-over) waits until the streams are read past it.
+* Only the leader reads, and only while its term is valid (``fence``); after
+  every read it takes over whatever other consumers hold pending (a deposed
+  leader's last read), before it applies anything newer.
 
 **Attempts, not deliveries.** Redis counts a delivery every time a pending entry
 is read again, outages included. Only handling attempts that failed for a reason
@@ -53,7 +57,7 @@ from controller.metrics import Metrics
 from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
 from desired.jobs import InvalidJob, Job, parse_control, parse_job, shown_game_id
-from desired.leader import Fenced
+from desired.leader import Fence, Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
 from desired.store import Rejection, Store
 
@@ -64,7 +68,8 @@ BLOCK_MS = 1000
 BATCH = 200             # new entries admitted in one transaction
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
-SAME_MS_SETTLE = 0.002   # past one millisecond of Redis' clock: see read_round
+SAME_MS_SETTLE = 0.002   # past one millisecond of Redis' clock: see _merge
+READ_MARGIN = 0.5        # a blocking read ends this long before the leadership term could lapse
 
 
 def previous_id(entry_id: str) -> tuple[int, int]:
@@ -75,12 +80,13 @@ def previous_id(entry_id: str) -> tuple[int, int]:
 
 class Intake:
     def __init__(self, settings: Settings, streams: RedisStreams, store: Store, admission: Admission,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, fence: Fence | None = None) -> None:
         self.settings = settings
         self.redis = streams
         self.store = store
         self.admission = admission
         self.metrics = metrics
+        self.fence = fence  # no read without a valid term (None: no leadership, as in the unit tests)
         # The control stream's entries name their op; JobKind.RECONCILE answers one that names none.
         self.kinds: dict[str, JobKind] = {settings.start_stream: JobKind.START,
                                           settings.control_stream: JobKind.RECONCILE,
@@ -154,29 +160,76 @@ class Intake:
                 log.info("created consumer group %s on %s from %s", self.settings.consumer_group, stream, start)
 
     # ------------------------------------------------------------------ reads
+    def _may_read(self, block_ms: int | None = None) -> int | None:
+        """Raise Fenced unless this replica's term is valid; a blocking read is cut to end before
+        the term could lapse. Whatever a deposed leader read would sit in its pending list, out of
+        the new leader's order, so no read happens without a valid fence."""
+        if self.fence is None:
+            return block_ms
+        if not self.fence.valid_locally:
+            raise Fenced(f"leadership term {self.fence.epoch} has lapsed; no more reads")
+        if block_ms:
+            left_ms = int((self.fence.deadline - time.monotonic() - READ_MARGIN) * 1000)
+            block_ms = min(block_ms, left_ms) if left_ms > 0 else None
+        return block_ms
+
+    async def _read(self, names: list[str], block_ms: int | None,
+                    first: bool = False) -> tuple[list[Entry], list[Entry]]:
+        """New entries of ``names``, then every entry another consumer holds pending (a deposed
+        leader's last read, taken before ours): the leader takes those over at once, before it
+        applies anything newer. Nothing to take over when a round's first read found nothing new."""
+        block = self._may_read(block_ms)
+        got = await self.redis.read_new(names, READ_COUNT, block)
+        if not got and first:
+            if block_ms and not block:
+                await self._sleep(0.05)  # the term ends within READ_MARGIN unless renewed: do not spin
+            return [], []
+        self._may_read()
+        return got, await self.redis.claim_others(self.streams, READ_COUNT)
+
     async def read_round(self, block_ms: int | None = BLOCK_MS) -> int:
         """Wait (bounded) for new entries, then handle every entry that has come, merged across
-        streams in entry-id order. Returns how many were looked at.
+        streams in entry-id order (``_merge``). Returns how many were looked at."""
+        names = list(self.streams)
+        sent = asyncio.get_running_loop().time()
+        got, taken = await self._read(names, block_ms, first=True)
+        if not got:
+            return 0
+        return await self._merge(got, taken, read=names, sent=sent)
 
-        The merge takes the smallest head only when no stream can still hold an entry that goes
-        before it. A stream whose buffer holds entries cannot (its unread ones come after them);
-        a stream with an empty buffer can, unless it was read after the head was fetched, and at
-        least SAME_MS_SETTLE after: entries Lobby sends to two streams within one millisecond are
-        ordered by stream rank, and the second may land a moment after the first was read. So
-        before a head is taken, every empty stream not read since then is read again (in one
-        XREADGROUP, which sees all of them at one instant)."""
+    async def _merge(self, got: list[Entry], taken: list[Entry], *, read: list[str], sent: float) -> int:
+        """Handle delivered entries, new (``got``, from a read of the streams ``read`` sent at
+        ``sent``) and delivered before (``taken``: pending, claimed), merged across streams in
+        entry-id order with the entries still unread.
+
+        A stream's delivered entries all go before its unread ones. The merge takes the smallest
+        head only when no stream can still hold an entry that goes before it. A stream whose buffer
+        holds entries cannot; a stream with an empty buffer can, unless it was read after the head
+        was fetched, and at least SAME_MS_SETTLE after: entries Lobby sends to two streams within
+        one millisecond are ordered by stream rank, and the second may land a moment after the
+        first was read. So before a head is taken, every empty stream not read since then is read
+        again (in one XREADGROUP, which sees all of them at one instant). Entries delivered before
+        (a round cut by an outage or a crash, a predecessor's) go through the same merge: a stop
+        delivered early never goes before a start not yet read."""
         loop = asyncio.get_running_loop()
         names = list(self.streams)
-        sent = loop.time()
-        first = await self.redis.read_new(names, READ_COUNT, block_ms)
-        if not first:
-            return 0
+        buffers: dict[str, list[tuple[float, Entry, bool]]] = {s: [] for s in names}
+        known: set[tuple[str, str]] = set()
+
+        def take(entries: list[Entry], reread: bool, fetched: float) -> None:
+            for e in entries:
+                if (e.stream, e.id) not in known and e.stream in buffers:
+                    known.add((e.stream, e.id))
+                    buffers[e.stream].append((fetched, e, reread))
+
         fetched = loop.time()
-        buffers: dict[str, list[tuple[float, Entry]]] = {s: [] for s in names}
-        for e in first:
-            buffers[e.stream].append((fetched, e))
-        more = {s: len(buffers[s]) >= READ_COUNT for s in names}
-        read_at = dict.fromkeys(names, sent)  # when each stream was last asked (a lower bound)
+        take(got, False, fetched)
+        take(taken, True, fetched)
+        for s in names:
+            buffers[s].sort(key=lambda b: self.order(b[1]))
+        # Streams not read yet may hold older entries: read before anything is taken past their buffer.
+        more = {s: s not in read or sum(not b[2] for b in buffers[s]) >= READ_COUNT for s in names}
+        read_at = {s: sent if s in read else float("-inf") for s in names}  # when last asked (a lower bound)
         seen = 0
         batch: list[Entry] = []
         while not self._stopping.is_set():
@@ -188,21 +241,33 @@ class Intake:
                 if due is not None and loop.time() < due:
                     await asyncio.sleep(due - loop.time())
                 sent = loop.time()
-                got = await self.redis.read_new(stale, READ_COUNT, None)
+                got, taken = await self._read(stale, None)
                 fetched = loop.time()
+                counts = {s: 0 for s in names}
                 for e in got:
-                    buffers[e.stream].append((fetched, e))
+                    counts[e.stream] += 1
+                take(got, False, fetched)
+                take(taken, True, fetched)
+                if taken:
+                    for s in names:
+                        buffers[s].sort(key=lambda b: self.order(b[1]))
                 for s in stale:
                     read_at[s] = sent
-                    more[s] = len(buffers[s]) >= READ_COUNT
+                    more[s] = counts[s] >= READ_COUNT
                 continue
             if head is None:
                 break
-            _, entry = buffers[head].pop(0)
+            _, entry, reread = buffers[head].pop(0)
             seen += 1
             game = entry.field("game_id")
             if game is not None and game in self.held:
                 continue  # stays pending behind an earlier entry of its game
+            if reread:  # on its own, its attempt counted first; what came before it is admitted first
+                await self._admit(batch)
+                batch = []
+                if not await self._process(entry, reread=True) and game is not None:
+                    self.held.add(game)
+                continue
             batch.append(entry)
             if len(batch) >= BATCH:
                 await self._admit(batch)
@@ -212,13 +277,17 @@ class Intake:
 
     async def pending_pass(self) -> None:
         """Entries delivered before and not acknowledged: ours (a crash before XACK, a failed
-        handling, entries held behind those) and those idle longer than RTMANAGER_CLAIM_IDLE in
-        dead consumers' lists, of all streams together, in entry-id order."""
+        handling, a round cut short, entries held behind those) and those idle longer than
+        RTMANAGER_CLAIM_IDLE in dead consumers' lists, of all streams together, merged in entry-id
+        order with the entries not read yet (``_merge``), each game's failed entry holding its
+        later ones again."""
         min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
         entries: dict[tuple[str, str], Entry] = {}
         for stream in self.streams:
+            self._may_read()
             for e in await self.redis.read_own_pending(stream, READ_COUNT):
                 entries[(e.stream, e.id)] = e
+            self._may_read()
             claimed = await self.redis.claim_idle(stream, min_idle, READ_COUNT)
             if claimed:
                 log.warning("claimed %d entries left pending by other consumers", len(claimed),
@@ -226,16 +295,8 @@ class Intake:
             for e in claimed:
                 entries[(e.stream, e.id)] = e
         self.claim_everything_once = False
-        held: set = set()
-        for entry in sorted(entries.values(), key=self.order):
-            if self._stopping.is_set():
-                break
-            game = entry.field("game_id")
-            if game is not None and game in held:
-                continue
-            if not await self._process(entry, reread=True) and game is not None:
-                held.add(game)
-        self.held = held
+        self.held = set()
+        await self._merge([], list(entries.values()), read=[], sent=float("-inf"))
 
     # --------------------------------------------------------------- handling
     async def _admit(self, batch: list[Entry]) -> None:

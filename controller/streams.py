@@ -169,6 +169,36 @@ class RedisStreams:
             if _text(cursor) == "0-0":
                 return out
 
+    async def claim_others(self, streams: list[str], count: int) -> list[Entry]:
+        """Take over at once every entry pending in another consumer's list, however briefly idle
+        (only the leader reads: another consumer's entries are a dead or deposed leader's). One
+        round trip when no other consumer holds any."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xpending(stream, self.group)
+            summaries = await pipe.execute()
+        out: list[Entry] = []
+        for stream, summary in zip(streams, summaries, strict=True):
+            for c in summary.get("consumers") or []:
+                name = _text(c["name"])
+                if name == self.consumer or not int(c["pending"]):
+                    continue
+                low = "-"
+                while True:
+                    rows = await self.client.xpending_range(stream, self.group, min=low, max="+", count=count,
+                                                            consumername=name)
+                    if not rows:
+                        break
+                    ids = [_text(r["message_id"]) for r in rows]
+                    claimed = await self.client.xclaim(stream, self.group, self.consumer, min_idle_time=0,
+                                                       message_ids=ids)
+                    # An entry deleted from the stream comes back without fields (or not at all).
+                    out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in claimed]
+                    if len(rows) < count:
+                        break
+                    low = f"({ids[-1]}"
+        return out
+
     async def ack(self, stream: str, *entry_ids: str) -> None:
         if entry_ids:
             await self.client.xack(stream, self.group, *entry_ids)

@@ -163,6 +163,20 @@ class FakeStreams:
                 out.append(Entry(stream=stream, id=eid, fields=dict(by_id[eid]) if eid in by_id else None))
         return out
 
+    async def claim_others(self, streams: list[str], count: int) -> list[Entry]:
+        self._check("claim_others", tuple(streams))
+        out = []
+        for name in streams:
+            s = self._s(name)
+            self._need_group(s, name)
+            by_id = dict(s.entries)
+            for eid in sorted(s.pending, key=entry_key):
+                p = s.pending[eid]
+                if p.consumer != self.consumer:
+                    s.pending[eid] = _Pending(self.consumer, p.deliveries + 1, self.clock.monotonic())
+                    out.append(Entry(stream=name, id=eid, fields=dict(by_id[eid]) if eid in by_id else None))
+        return out
+
     def deliver_to(self, consumer: str, stream: str, count: int = 100) -> list[str]:
         """Another consumer reads new entries (and, say, dies without acknowledging them)."""
         s = self._s(stream)

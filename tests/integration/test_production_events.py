@@ -55,6 +55,54 @@ async def test_a_later_stop_never_overtakes_an_earlier_start_behind_a_long_backl
     assert running_ids(api, "target") == []
 
 
+async def test_a_stop_delivered_early_is_not_applied_before_its_start_when_the_round_is_cut(api, database_url):
+    """Issue 21: the first read of a round takes 100 entries of each stream, so the stop, far
+    behind its start, is delivered with the oldest starts. A Postgres statement timeout (here a
+    table lock held past it) cuts the round; the pending pass must not apply that stop before the
+    start it never read (it was answered replay_no_op, and the start then ran the game for good)."""
+    admin = await asyncpg.connect(database_url)
+    try:
+        db = await admin.fetchval("SELECT current_database()")
+        await admin.execute(f'ALTER DATABASE "{db}" SET statement_timeout = \'2s\'')  # the controller's sessions
+        ctl = await api.start()
+        await eventually(lambda: ctl.is_leader and ctl.intake.healthy, 30, "leading, the intake reading")
+        await admin.execute("SET statement_timeout = 0")
+        lock = admin.transaction()
+        await lock.start()
+        await admin.execute("LOCK TABLE runtime_operations IN ACCESS EXCLUSIVE MODE")
+        starts, stops = api.env["RTMANAGER_START_STREAM"], api.env["RTMANAGER_STOP_STREAM"]
+        refused = {"image_ref": "refused/engine:1.0"}
+        async with api.redis.pipeline(transaction=True) as pipe:  # all at once, as a backlog
+            for i in range(250):
+                pipe.xadd(starts, {"game_id": f"early{i}", **refused})
+            pipe.xadd(starts, {"game_id": "target", "image_ref": STUB_10})
+            for i in range(49):
+                pipe.xadd(starts, {"game_id": f"late{i}", **refused})
+            pipe.xadd(stops, {"game_id": "target", "reason": "cancelled"})
+            ids = await pipe.execute()
+        start_id, stop_id = ids[250], ids[-1]
+        group = api.env["RTMANAGER_CONSUMER_GROUP"]
+
+        async def round_cut_with_the_stop_delivered():
+            pending = await api.redis.xpending(stops, group)
+            return pending["pending"] == 1 and not ctl.intake.healthy  # healthy again only after an outage
+
+        await eventually(round_cut_with_the_stop_delivered, 30, "the stop delivered and the round cut by a timeout")
+        await lock.rollback()
+    finally:
+        await admin.close()
+    stop_res = await api.result(stop_id, "stop", timeout=90)
+    start_res = await api.result(start_id, "start", timeout=5)
+    assert stop_res["error_code"] != "replay_no_op", stop_res  # the stop knew the game
+    assert stop_res["outcome"] == "success", stop_res
+    assert api.results.index(start_res) < api.results.index(stop_res)
+    rec = await record(api, "target")
+    assert rec["desired_status"] == "stopped" and rec["status"] == "stopped", rec
+    assert running_ids(api, "target") == []
+    answered = {r["job_entry_id"] for r in api.results}
+    assert set(ids) <= answered  # every entry answered
+
+
 # --------------------------------------------------------------- defect 2: a failed patch keeps the game
 @pytest.mark.parametrize("bad_image, code", [
     ("galaxy/engine-stub:does-not-exist", "image_unavailable"),   # the pull fails: nothing is touched

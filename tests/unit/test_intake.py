@@ -13,6 +13,7 @@ from controller.admission import Admission
 from controller.config import Settings
 from controller.intake import READ_COUNT, Intake
 from controller.metrics import Metrics
+from controller.streams import entry_key
 from desired.errors import StoreUnavailable
 from tests.fakes import FakeStore, FakeStreams, defaults
 
@@ -383,3 +384,203 @@ def test_any_interleaving_of_lobby_and_reads_keeps_each_games_order(traffic):
         asyncio.run(scenario())
     finally:
         intake_module.READ_COUNT = saved
+
+
+# ---------------------------------------------------------------- rounds cut short
+CONTROL = "runtime:control_jobs"
+
+
+def backlog_with_a_late_stop(streams: FakeStreams) -> tuple[str, str]:
+    """The recipe: 250 starts of other games, a start of target, 49 more, then a stop of target.
+    The first read of a round takes 100 starts and the stop, far behind its start."""
+    for i in range(250):
+        start(streams, f"filler{i}")
+    s = start(streams, "target")
+    for i in range(49):
+        start(streams, f"late{i}")
+    return s, stop(streams, "target")
+
+
+async def test_a_round_cut_by_an_outage_does_not_apply_the_delivered_stop_before_its_unread_start():
+    """A Postgres statement timeout cuts the round after the first reads: the stop was delivered
+    (pending), the start not yet. The pending pass must read on before it applies the stop."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    s, p = backlog_with_a_late_stop(streams)
+    store.fail_submit = StoreUnavailable("postgres: statement timeout")
+    with pytest.raises(StoreUnavailable):
+        await intake.read_round(block_ms=None)
+    assert p in streams.streams[STOP].pending and s not in streams.streams[START].pending
+    store.fail_submit = None
+    await run_once(intake)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+    assert store.records["target"].desired_status.value == "stopped"
+    assert all(not st_.pending for st_ in streams.streams.values())
+
+
+async def test_a_process_killed_after_its_first_read_does_not_apply_the_stop_before_its_start():
+    """kill -9 (or a SIGTERM for a deploy) right after the first read of a round: the next process
+    finds the stop in its pending list and the start still unread."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    s, p = backlog_with_a_late_stop(streams)
+    await streams.read_new([START, CONTROL, STOP], READ_COUNT, None)  # then the process died
+    intake, *_ = make()
+    intake.redis, intake.store = streams, store
+    intake.admission = Admission(store, defaults(), wake=lambda g: None, results_written=lambda: None)
+    await run_once(intake)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+
+
+async def test_a_new_leader_orders_what_its_predecessor_left_pending_with_what_it_never_read():
+    """A failover: the old leader read 100 starts and the stop, and died (or was deposed). The new
+    leader claims them and must still not apply the stop before the unread start."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    s, p = backlog_with_a_late_stop(streams)
+    streams.deliver_to("old-leader", START)
+    streams.deliver_to("old-leader", STOP)
+    await run_once(intake)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+
+
+async def test_entries_a_deposed_leader_reads_late_are_taken_over_before_anything_newer_is_applied():
+    """A deposed leader that is still alive (SIGSTOP / SIGCONT) read the start after the new leader
+    claimed everything at its election. The new leader reads the stop: it must take the start over
+    from the other consumer's list first, not 60 s later."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()  # the election: nothing to claim yet
+    s = start(streams, "target")
+    streams.deliver_to("old-leader", START)  # the deposed leader's last read
+    p = stop(streams, "target")
+    await intake.read_round(block_ms=None)
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+
+
+async def test_no_read_without_a_valid_leadership_fence():
+    """A deposed leader (its term lapsed during a SIGSTOP, or Postgres away) must not read: whatever
+    it read would sit in its pending list, out of the new leader's order."""
+    from desired.leader import Fence, Fenced
+
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    start(streams, "g1")
+    intake.fence = Fence(instance="i", holder="c1", ttl=10, epoch=3, deadline=0.0)  # lapsed
+    streams.calls.clear()
+    with pytest.raises(Fenced):
+        await intake.read_round(block_ms=None)
+    with pytest.raises(Fenced):
+        await intake.pending_pass()
+    assert not [c for c in streams.calls if c[0] in ("read_new", "read_own_pending", "claim_idle", "claim_others")]
+    assert streams.streams[START].pending == {}
+
+
+class _Killed(BaseException):
+    """kill -9, a SIGTERM for a deploy, a failover: the process is gone, its pending list stays."""
+
+
+@settings(max_examples=120, deadline=None)
+@given(entries=st.lists(st.tuples(st.sampled_from([START, STOP]), st.sampled_from(["a", "b", "c"]),
+                                  st.booleans()), min_size=1, max_size=30),
+       count=st.sampled_from([2, 3, 5]),
+       outages=st.sets(st.integers(0, 40), max_size=8),
+       kills=st.sets(st.integers(0, 40), max_size=4),
+       commit_kills=st.sets(st.integers(0, 40), max_size=3),
+       failover=st.booleans())
+def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, kills, commit_kills, failover):
+    """A backlog read a few entries at a time, with rounds cut at arbitrary points: Postgres away
+    for one admission (a statement timeout), the process killed right after a read or right after a
+    commit, before its XACK (the next one is the same consumer, or another replica after a
+    failover). Each game's entries still take
+    effect in entry order, each exactly once, and nothing stays pending."""
+
+    async def scenario() -> None:
+        intake, streams, store, _ = make()
+        sent: dict[str, list[tuple[str, str]]] = {}
+        ms, seq = 10_000, {START: 0, STOP: 0}
+        for stream, game, same_ms in entries:
+            if not same_ms:
+                ms, seq = ms + 1, {START: 0, STOP: 0}
+            eid = f"{ms}-{seq[stream]}"
+            seq[stream] += 1
+            if stream == START:
+                streams.xadd(START, {"game_id": game, "image_ref": IMG}, entry_id=eid)
+            else:
+                streams.xadd(STOP, {"game_id": game, "reason": "cancelled"}, entry_id=eid)
+            sent.setdefault(game, []).append(((ms, 0 if stream == START else 2, seq[stream] - 1),
+                                              "start" if stream == START else "stop", eid))
+        calls = {"read": 0, "admit": 0}
+        real_read, real_many, real_one = streams.read_new, store.submit_many, store.submit
+
+        async def read_then_maybe_die(names, n, block_ms):
+            got = await real_read(names, n, block_ms)
+            calls["read"] += 1
+            if calls["read"] - 1 in kills:
+                raise _Killed()
+            return got
+
+        def failing(real):
+            async def admit(*args, **kwargs):
+                calls["admit"] += 1
+                if calls["admit"] - 1 in outages:
+                    raise StoreUnavailable("postgres: canceling statement due to statement timeout")
+                out = await real(*args, **kwargs)
+                if calls["admit"] - 1 in commit_kills:
+                    raise _Killed()
+                return out
+            return admit
+
+        streams.read_new = read_then_maybe_die  # type: ignore[method-assign]
+        store.submit_many, store.submit = failing(real_many), failing(real_one)  # type: ignore[method-assign]
+        consumers = iter(f"replica-{i}" for i in range(100))
+        for _ in range(200):
+            try:
+                await run_once(intake)
+                if all(not s.pending and not [e for e, _ in s.entries
+                                              if entry_key(e) > entry_key(s.last_delivered)]
+                       for s in streams.streams.values()):
+                    break
+            except StoreUnavailable:
+                continue
+            except _Killed:
+                if failover:
+                    streams.consumer = next(consumers)
+                fresh = Intake(intake.settings, streams, store, intake.admission, intake.metrics)
+                intake = fresh
+        for game, want in sent.items():
+            assert ops_of(store, game) == [(kind, eid) for _, kind, eid in sorted(want)], game
+        assert all(not s.pending for s in streams.streams.values())
+
+    import controller.intake as intake_module
+
+    saved = intake_module.READ_COUNT
+    intake_module.READ_COUNT = count
+    try:
+        asyncio.run(scenario())
+    finally:
+        intake_module.READ_COUNT = saved
+
+
+async def test_a_blocking_read_ends_before_the_term_could_lapse():
+    """A read that blocks past the term's end could deliver entries to a replica no longer leading."""
+    import time as _time
+
+    from desired.leader import Fence
+
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    blocks: list[int | None] = []
+    real = streams.read_new
+
+    async def record_block(names, count, block_ms):
+        blocks.append(block_ms)
+        return await real(names, count, block_ms)
+
+    streams.read_new = record_block  # type: ignore[method-assign]
+    intake.fence = Fence(instance="i", holder="c1", ttl=10, epoch=3, deadline=_time.monotonic() + 0.8)
+    await intake.read_round(block_ms=1000)
+    intake.fence.deadline = _time.monotonic() + 0.3  # inside the margin: no blocking at all
+    await intake.read_round(block_ms=1000)
+    assert blocks[0] is not None and 0 < blocks[0] <= 300 and blocks[1] is None
