@@ -315,6 +315,12 @@ class Reconciler:
         elif kind is ActionKind.MARK_STOPPED:
             await self.store.mark_stopped(record, container_id=container.id if container else None)
             self._results_written()
+        elif kind is ActionKind.RECORD:
+            if not transitions.turn_reached(record):  # a turn asked for before the game finished
+                await self._fail_turn(record, ErrorCode.INVALID_REQUEST, f"the game finished at turn {record.turn}")
+            else:
+                await self.store.mark_converged(record)
+                self._results_written()
         elif kind is ActionKind.RECOVER:
             assert container is not None
             return await self._recover(record, container)

@@ -397,6 +397,10 @@ class Store:
             return await self._transition(rec, change, guard_generation=True)
         return await self._transition(rec, change, finish=Outcome.SUCCESS)
 
+    async def mark_converged(self, rec: RuntimeRecord) -> RuntimeRecord:
+        """The running unit already is what the generation asks for: its jobs are answered ``success``."""
+        return await self._transition(rec, transitions.recorded, finish=Outcome.SUCCESS)
+
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.turn_requested)
 

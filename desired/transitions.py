@@ -53,6 +53,13 @@ def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
                        node_id=cur.node_id or node)
 
 
+def recorded(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+    """The unit that runs already is what the generation asks for (it changed nothing about what
+    runs): the generation has converged. Status and health stay what was last observed."""
+    return cur.replace(observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
+                       rolling_back=False, last_op_at=_touch(cur, now))
+
+
 def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None) -> RuntimeRecord:
     """Nothing runs (stopped by us, or found so): the generation has converged."""
     when = cur.stopped_at if (cur.status is Status.STOPPED and cur.stopped_at) else _at_least(

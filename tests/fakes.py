@@ -559,6 +559,9 @@ class FakeStore:
         self._finish(new, cur.generation, Outcome.SUCCESS, None, "", now)
         return new
 
+    async def mark_converged(self, rec: RuntimeRecord) -> RuntimeRecord:
+        return await self._finishing(rec, transitions.recorded)
+
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
