@@ -443,6 +443,11 @@ class Reconciler:
             return None
         except EngineError as exc:
             self.metrics.engine_calls.labels("status", "error").inc()
+            if transitions.busy_generating(record, self.clock.now(), self.settings.generation_timeout):
+                # A slow or timed-out poll of an engine generating the turn is not unreachable:
+                # the health round and the generation timeout decide that (transitions.observed).
+                self.queue.add_after(record.game_id, TURN_POLL)
+                return WAITING
             age = await self.store.oldest_pending_age(record.game_id) or 0
             if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.start_timeout:
                 await self._fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)

@@ -90,6 +90,13 @@ class Probe:
     failed_error: str = ""          # and its error
 
 
+def busy_generating(cur: RuntimeRecord, now: datetime, generation_timeout: float) -> bool:
+    """The engine is known to be generating a turn, for less than ``generation_timeout`` seconds: it
+    may be too busy to answer, and a probe or a status poll it does not answer says nothing yet."""
+    return (cur.status is Status.GENERATION_IN_PROGRESS and cur.generation_started_at is not None
+            and (now - cur.generation_started_at).total_seconds() < generation_timeout)
+
+
 def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_after: int,
              generation_timeout: float) -> RuntimeRecord:
     """What one probe changes on an up game (the store writes only when something did).
@@ -103,8 +110,7 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
     if not cur.status.is_up:
         return cur
     if not probe.healthy:
-        if (cur.status is Status.GENERATION_IN_PROGRESS and cur.generation_started_at is not None
-                and (now - cur.generation_started_at).total_seconds() < generation_timeout):
+        if busy_generating(cur, now, generation_timeout):
             return cur  # a generating engine may be too busy to answer
         failures = cur.probe_failures + 1
         changes: dict[str, object] = dict(probe_failures=failures, health=Health.UNREACHABLE)

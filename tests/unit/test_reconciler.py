@@ -508,7 +508,6 @@ async def test_a_restart_whose_engine_fails_is_not_rolled_back_to_the_same_image
     assert rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED and w.running("g1") == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 #9: not fixed yet")
 async def test_a_slow_status_of_a_generating_engine_is_not_unreachable(w):
     """Issue 21 #9: one status timeout during a long generation failed the turn engine_unreachable,
     then the turn arrived (turn_generated)."""
