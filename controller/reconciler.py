@@ -45,7 +45,7 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import ErrorCode, RuntimeRecord, Status, container_name
+from desired.model import DesiredStatus, ErrorCode, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
 from desired.store import Crash, Store
 from desired.transitions import Probe
@@ -643,12 +643,15 @@ class Reconciler:
                                          "oom_killed": crash.oom_killed})
         self.queue.add_after(record.game_id, verdict.delay)
 
-    async def _fail(self, record: RuntimeRecord, code: ErrorCode, message: str) -> None:
-        new = await self.store.fail_generation(record.game_id, record.generation, code, message)
+    async def _fail(self, record: RuntimeRecord, code: ErrorCode, message: str, *, answer_now: bool = False) -> None:
+        new = await self.store.fail_generation(record.game_id, record.generation, code, message,
+                                               answer_now=answer_now)
         if new is None:
             return  # a newer generation took over meanwhile
+        stopping = not answer_now and new.desired_status is DesiredStatus.STOPPED
         log.warning("generation %d failed: %s%s", record.generation, message,
-                    f"; rolling back to {new.desired_image_ref}" if new.rolling_back else "",
+                    f"; rolling back to {new.desired_image_ref}" if new.rolling_back else
+                    "; answered once the engine is stopped" if stopping else "",
                     extra={"game_id": record.game_id, "error_code": code.value})
         self._results_written()
 
@@ -662,7 +665,7 @@ class Reconciler:
             if record is None or record.converged:
                 return
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
-            await self._fail(record, code, f"gave up after {age:.0f}s: {message}")
+            await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
         except (StoreUnavailable, Conflict):
             pass
         except Exception:  # noqa: BLE001 - logged; the next failure tries again

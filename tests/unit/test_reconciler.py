@@ -553,7 +553,6 @@ async def test_a_status_that_never_answers_past_the_generation_timeout_is_unreac
     assert w.results("g1")[-1] == ("force_next_turn", "failure", "engine_unreachable")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 #10: not fixed yet")
 async def test_a_failed_start_is_answered_only_once_its_engine_is_stopped(w):
     """Issue 21 #10: the engine_unhealthy failure was written while the container still ran."""
     seen: list[tuple[str, list]] = []
@@ -571,7 +570,6 @@ async def test_a_failed_start_is_answered_only_once_its_engine_is_stopped(w):
     assert rec.status is Status.STOPPED and rec.desired_status is DesiredStatus.STOPPED and rec.converged
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 #10: not fixed yet")
 async def test_a_failed_start_whose_engine_cannot_be_stopped_is_answered_after_the_job_timeout(tmp_path):
     w = World(tmp_path, RTMANAGER_JOB_TIMEOUT="60")
 
