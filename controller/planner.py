@@ -33,6 +33,7 @@ class ActionKind(str, enum.Enum):
     RECOVER = "recover"            # the running game's container exited on its own: record it, restart later
     RECREATE = "recreate"          # our container runs an old spec: remove, then create
     CONFIRM = "confirm"            # the right container runs: wait healthy, then record it
+    RECORD = "record"              # the running engine already is what the generation asks for: record it
     TURN = "turn"                  # desired state asks for a turn the engine has not reached: ask the engine
     STOP = "stop"                  # stop the running container
     MARK_STOPPED = "mark_stopped"  # nothing runs: record the game as stopped
@@ -126,8 +127,11 @@ def plan(
                 and (record.turn is None or record.turn < record.desired_turn)
                 and record.status is not Status.FINISHED):
             return Action(ActionKind.TURN, f"turn {record.desired_turn} wanted, the engine is at {record.turn}")
-        if record.status.is_up and record.converged and record.current_container_id == container.id:
-            return NOOP
+        if record.status.is_up and record.current_container_id == container.id:
+            # The generation changes nothing about what runs (pause, resume, reconcile, the turn
+            # clock): converging it is recording it. Never a health wait that could fail it, so
+            # an engine that does not answer is not taken down by a control job.
+            return NOOP if record.converged else Action(ActionKind.RECORD, "the running engine is already right")
         return Action(ActionKind.CONFIRM, "container runs; record not yet converged")
 
     if desired is DesiredStatus.STOPPED:

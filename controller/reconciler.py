@@ -45,7 +45,7 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import ErrorCode, RuntimeRecord, Status, container_name
+from desired.model import DesiredStatus, ErrorCode, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
 from desired.store import Crash, Store
 from desired.transitions import Probe
@@ -315,6 +315,12 @@ class Reconciler:
         elif kind is ActionKind.MARK_STOPPED:
             await self.store.mark_stopped(record, container_id=container.id if container else None)
             self._results_written()
+        elif kind is ActionKind.RECORD:
+            if not transitions.turn_reached(record):  # a turn asked for before the game finished
+                await self._fail_turn(record, ErrorCode.INVALID_REQUEST, f"the game finished at turn {record.turn}")
+            else:
+                await self.store.mark_converged(record)
+                self._results_written()
         elif kind is ActionKind.RECOVER:
             assert container is not None
             return await self._recover(record, container)
@@ -437,6 +443,11 @@ class Reconciler:
             return None
         except EngineError as exc:
             self.metrics.engine_calls.labels("status", "error").inc()
+            if transitions.busy_generating(record, self.clock.now(), self.settings.generation_timeout):
+                # A slow or timed-out poll of an engine generating the turn is not unreachable:
+                # the health round and the generation timeout decide that (transitions.observed).
+                self.queue.add_after(record.game_id, TURN_POLL)
+                return WAITING
             age = await self.store.oldest_pending_age(record.game_id) or 0
             if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.start_timeout:
                 await self._fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)
@@ -632,12 +643,15 @@ class Reconciler:
                                          "oom_killed": crash.oom_killed})
         self.queue.add_after(record.game_id, verdict.delay)
 
-    async def _fail(self, record: RuntimeRecord, code: ErrorCode, message: str) -> None:
-        new = await self.store.fail_generation(record.game_id, record.generation, code, message)
+    async def _fail(self, record: RuntimeRecord, code: ErrorCode, message: str, *, answer_now: bool = False) -> None:
+        new = await self.store.fail_generation(record.game_id, record.generation, code, message,
+                                               answer_now=answer_now)
         if new is None:
             return  # a newer generation took over meanwhile
+        stopping = not answer_now and new.desired_status is DesiredStatus.STOPPED
         log.warning("generation %d failed: %s%s", record.generation, message,
-                    f"; rolling back to {new.desired_image_ref}" if new.rolling_back else "",
+                    f"; rolling back to {new.desired_image_ref}" if new.rolling_back else
+                    "; answered once the engine is stopped" if stopping else "",
                     extra={"game_id": record.game_id, "error_code": code.value})
         self._results_written()
 
@@ -651,7 +665,7 @@ class Reconciler:
             if record is None or record.converged:
                 return
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
-            await self._fail(record, code, f"gave up after {age:.0f}s: {message}")
+            await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
         except (StoreUnavailable, Conflict):
             pass
         except Exception:  # noqa: BLE001 - logged; the next failure tries again

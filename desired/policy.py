@@ -44,11 +44,13 @@ def rollback_target(record: RuntimeRecord) -> str | None:
     """The image to start again when the engine a job asked for failed, or None (stop instead).
 
     Only a game that was running when the job came in is rolled back, and only once:
-    the rollback generation's own failure stops the game."""
+    the rollback generation's own failure stops the game. Never to the image the failed
+    generation itself asked for: that would only wait for the same engine once more."""
     if record.rolling_back:
         return None
+    target = None
     if record.status.is_up and record.current_container_id:
-        return record.current_image_ref  # failed before the running engine was touched
-    if record.status is Status.STARTING:
-        return record.rollback_image_ref
-    return None
+        target = record.current_image_ref  # failed before the running engine was touched
+    elif record.status is Status.STARTING:
+        target = record.rollback_image_ref
+    return target if target != record.desired_image_ref else None

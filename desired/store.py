@@ -144,6 +144,19 @@ class Operation:
                    created_at=row["created_at"], finished_at=row["finished_at"])
 
 
+def decided(op: Operation, outcome: Outcome, code: ErrorCode | None, message: str, container_id: str,
+            endpoint: str) -> tuple[Outcome, ErrorCode | None, str, str, str]:
+    """The answer of a pending operation whose failure was already decided (``fail_generation``,
+    recorded until its engine is stopped): that failure, whatever converged; an answer given before
+    the engine was stopped (overdue, superseded) says so."""
+    if op.error_code is None or op.status.is_final:
+        return outcome, code, message, container_id, endpoint
+    decided_message = op.error_message or ""
+    if outcome is Outcome.FAILURE and message and message != decided_message:
+        decided_message = f"{decided_message}; answered although the engine was not stopped: {message}"
+    return Outcome.FAILURE, ErrorCode(op.error_code), decided_message, "", ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Rejection:
     """An entry that could not be parsed: a failed operation and its result, with the parser's code."""
@@ -397,6 +410,10 @@ class Store:
             return await self._transition(rec, change, guard_generation=True)
         return await self._transition(rec, change, finish=Outcome.SUCCESS)
 
+    async def mark_converged(self, rec: RuntimeRecord) -> RuntimeRecord:
+        """The running unit already is what the generation asks for: its jobs are answered ``success``."""
+        return await self._transition(rec, transitions.recorded, finish=Outcome.SUCCESS)
+
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.turn_requested)
 
@@ -503,9 +520,14 @@ class Store:
             return new, v
 
     async def fail_generation(self, game_id: str, generation: int, code: ErrorCode,
-                              message: str) -> RuntimeRecord | None:
+                              message: str, *, answer_now: bool = False) -> RuntimeRecord | None:
         """``generation`` cannot converge: answer its jobs with this failure, and ask for what is safe
         now (desired/transitions.py ``failed``: roll back, stop, or keep removing).
+
+        When the game is to be stopped, its jobs are not answered yet: the failure is recorded on
+        them and answered by the transition that records the game stopped (results come after
+        convergence: Lobby never hears of a failed start while its engine still runs). With
+        ``answer_now`` (a job overdue) they are answered at once.
 
         Returns the new record, or None when a newer generation took over meanwhile."""
         async with self._tx() as (conn, now):
@@ -519,6 +541,11 @@ class Store:
             new = await self._write(conn, cur, new, now)
             jobs = await self._pending_ops(conn, game_id, generation)
             answer = f"{message}; rolled back to {target}" if target else message
+            if new.desired_status is DesiredStatus.STOPPED and not answer_now:
+                for op in jobs:  # answered once stopped (_end_op); a failure recorded first stands
+                    await conn.execute("UPDATE runtime_operations SET error_code = $2, error_message = $3"
+                                       " WHERE id = $1 AND error_code IS NULL", op.id, code.value, answer)
+                return new
             await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
                                                          error_code=code, message=answer), now)
             if target:
@@ -1007,6 +1034,8 @@ class Store:
     async def _end_op(self, conn: asyncpg.Connection, op: Operation, outcome: Outcome,
                       code: ErrorCode | None, message: str, container_id: str, endpoint: str,
                       now: datetime) -> None:
+        outcome, code, message, container_id, endpoint = decided(op, outcome, code, message, container_id,
+                                                                 endpoint)
         status = OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS else OpStatus.FAILED
         await conn.execute(
             "UPDATE runtime_operations SET status = $2, error_code = $3, error_message = $4, finished_at = $5"

@@ -53,6 +53,13 @@ def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
                        node_id=cur.node_id or node)
 
 
+def recorded(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+    """The unit that runs already is what the generation asks for (it changed nothing about what
+    runs): the generation has converged. Status and health stay what was last observed."""
+    return cur.replace(observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
+                       rolling_back=False, last_op_at=_touch(cur, now))
+
+
 def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None) -> RuntimeRecord:
     """Nothing runs (stopped by us, or found so): the generation has converged."""
     when = cur.stopped_at if (cur.status is Status.STOPPED and cur.stopped_at) else _at_least(
@@ -83,6 +90,13 @@ class Probe:
     failed_error: str = ""          # and its error
 
 
+def busy_generating(cur: RuntimeRecord, now: datetime, generation_timeout: float) -> bool:
+    """The engine is known to be generating a turn, for less than ``generation_timeout`` seconds: it
+    may be too busy to answer, and a probe or a status poll it does not answer says nothing yet."""
+    return (cur.status is Status.GENERATION_IN_PROGRESS and cur.generation_started_at is not None
+            and (now - cur.generation_started_at).total_seconds() < generation_timeout)
+
+
 def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_after: int,
              generation_timeout: float) -> RuntimeRecord:
     """What one probe changes on an up game (the store writes only when something did).
@@ -96,8 +110,7 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
     if not cur.status.is_up:
         return cur
     if not probe.healthy:
-        if (cur.status is Status.GENERATION_IN_PROGRESS and cur.generation_started_at is not None
-                and (now - cur.generation_started_at).total_seconds() < generation_timeout):
+        if busy_generating(cur, now, generation_timeout):
             return cur  # a generating engine may be too busy to answer
         failures = cur.probe_failures + 1
         changes: dict[str, object] = dict(probe_failures=failures, health=Health.UNREACHABLE)

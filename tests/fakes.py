@@ -40,7 +40,7 @@ from desired.model import (
     check_transition,
 )
 from desired.policy import CrashPolicy, next_crash
-from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome
+from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome, decided
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
@@ -573,6 +573,9 @@ class FakeStore:
         self._finish(new, cur.generation, Outcome.SUCCESS, None, "", now)
         return new
 
+    async def mark_converged(self, rec: RuntimeRecord) -> RuntimeRecord:
+        return await self._finishing(rec, transitions.recorded)
+
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
@@ -625,7 +628,8 @@ class FakeStore:
             self._finish(new, cur.generation, Outcome.FAILURE, crash.code, new.last_error_message or "", now)
         return new, verdict
 
-    async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str):
+    async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str, *,
+                              answer_now: bool = False):
         now = self._check()
         cur = self.records.get(game_id)
         if cur is None or cur.generation != generation:
@@ -633,6 +637,12 @@ class FakeStore:
         new, target = transitions.failed(cur, now, code=code, message=message)
         jobs = [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
         self._swap(cur, new)
+        if new.desired_status is DesiredStatus.STOPPED and not answer_now:
+            for o in jobs:  # answered once stopped, like the store
+                if o.generation <= generation and o.error_code is None:
+                    self.ops[self.ops.index(o)] = Operation(**{**o.__dict__, "error_code": code.value,
+                                                               "error_message": message})
+            return new
         self._finish(new, generation, Outcome.FAILURE, code,
                      f"{message}; rolled back to {target}" if target else message, now)
         if target:
@@ -718,6 +728,7 @@ class FakeStore:
         return o
 
     def _end(self, op: Operation, outcome: Outcome, code, message: str, container_id: str, endpoint: str, now):
+        outcome, code, message, container_id, endpoint = decided(op, outcome, code, message, container_id, endpoint)
         i = self.ops.index(op)
         self.ops[i] = Operation(**{**op.__dict__, "status": OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS
                                    else OpStatus.FAILED, "error_code": code.value if code else None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -243,13 +244,16 @@ async def test_an_engine_that_exits_at_once_fails_without_a_hot_loop(h, pool, do
 async def test_an_engine_that_never_answers_is_unhealthy_and_stopped(h, pool):
     await h.start(start_timeout="1.5")
     res = await h.result(await h.submit_start("mute-1", "galaxy/engine-stub:mute"))
+    [c] = h.containers("mute-1")  # at the moment the failure is read (issue 21 #10)
+    assert c.status == "exited", c.status
     assert res["outcome"] == "failure" and res["error_code"] == "engine_unhealthy"
     assert "/healthz" in res["error_message"]
-    # the failed generation turns the game to stopped, and the next step stops the container
-    rec = await eventually(lambda: _status(Store(pool), "mute-1", Status.STOPPED), what="stopped")
-    assert rec.converged and rec.desired_status is DesiredStatus.STOPPED
-    [c] = h.containers("mute-1")
-    assert c.status == "exited"
+    # the failed generation turns the game to stopped; the stop comes first, then the answer with the record
+    rec = await Store(pool).get("mute-1")
+    assert rec.status is Status.STOPPED and rec.converged and rec.desired_status is DesiredStatus.STOPPED
+    [op] = await Store(pool).operations("mute-1")
+    exited = datetime.fromisoformat(c.attrs["State"]["FinishedAt"][:26].rstrip("Z") + "+00:00")
+    assert op.finished_at is not None and exited <= op.finished_at, (exited, op.finished_at)
 
 
 async def test_missing_image_is_image_unavailable(h):

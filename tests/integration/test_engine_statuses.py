@@ -168,3 +168,33 @@ async def test_a_snapshot_resync_publishes_every_live_game_with_a_new_revision(a
         assert int(snaps[0]["revision"]) == before[g] + 1 and snaps[0]["status"] == "running"
     status, body, _ = await api.request("POST", "/api/v1/snapshots/resync", params={"game_id": "nope"})
     assert status == 404
+
+
+async def test_a_pause_on_an_unreachable_engine_is_answered_and_leaves_it_running(api):
+    """Issue 21 #3: the pause waited for the engine's health, failed, rolled back to the same image,
+    failed again and stopped the game."""
+    await api.start(**FAST, start_timeout="1.5", unreachable_restart_after="0")
+    game = "unr-pause"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10})
+    assert res["outcome"] == "success", res
+    [engine] = api.containers(game)
+    mute = control(api, game, "mute")
+    await eventually(lambda: _status_is(api, game, "engine_unreachable"), what="engine_unreachable")
+    status, res = await api.job(game, "pause")
+    assert (res["outcome"], res["error_code"], res["container_id"]) == ("success", "", engine.id), res
+    # Well past two health waits (the confirm, and the 'rollback' one): still the same engine, wanted running.
+    deadline = asyncio.get_running_loop().time() + 4 * 1.5
+    while asyncio.get_running_loop().time() < deadline:
+        _, body = await api.get(f"/api/v1/runtimes/{game}")
+        assert body["desired_status"] == "running" and body["status"] == "engine_unreachable", body
+        engine.reload()
+        assert engine.status == "running"
+        await asyncio.sleep(0.3)
+    assert body["paused"] is True
+    mute.unlink()
+    await eventually(lambda: _status_is(api, game, "running"), what="recovered")
+    assert [c.id for c in api.containers(game)] == [engine.id]
+
+
+async def _status_is(api, game: str, status: str) -> bool:
+    return await status_of(api, game) == status

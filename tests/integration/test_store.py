@@ -243,11 +243,28 @@ async def test_a_failed_start_answers_failure_and_stops_wanting_the_game(pool):
     new = await store.fail_generation("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "no answer")
     assert new.desired_status is DesiredStatus.STOPPED and new.generation == 2 and not new.rolling_back
     assert new.last_error_code is ErrorCode.ENGINE_UNHEALTHY
+    assert await results(pool) == []  # not while its engine may still run: once it is stopped
+    [op] = await store.pending_operations("g1")
+    assert op.error_code == "engine_unhealthy"
+    await store.mark_stopped(new, container_id=None)
     [res] = await results(pool)
     assert (res["outcome"], res["error_code"], res["error_message"]) == ("failure", "engine_unhealthy", "no answer")
     assert res["container_id"] == "" and res["engine_endpoint"] == ""
     # a stale generation changes nothing
     assert await store.fail_generation("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "again") is None
+
+
+async def test_a_failed_start_whose_engine_is_not_stopped_is_answered_when_overdue_and_says_so(pool):
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    new = await store.fail_generation("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "no answer")
+    await store.fail_generation("g1", new.generation, ErrorCode.DOCKER_UNAVAILABLE, "gave up after 300s: docker away",
+                                answer_now=True)
+    [res] = await results(pool)
+    assert (res["outcome"], res["error_code"]) == ("failure", "engine_unhealthy")
+    assert res["error_message"] == ("no answer; answered although the engine was not stopped: "
+                                    "gave up after 300s: docker away")
+    assert await store.pending_operations("g1") == []
 
 
 async def test_a_failed_patch_of_a_running_game_rolls_back_once(pool):

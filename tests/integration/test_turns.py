@@ -145,3 +145,35 @@ async def test_schedule_is_set_through_rest_and_validated(api):
         assert status == 400, (bad, body)
     status, _, _ = await api.request("PUT", "/api/v1/runtimes/nope/schedule", json={"turn_interval": 1})
     assert status == 404
+
+
+async def test_a_long_generation_whose_engine_does_not_answer_is_not_engine_unreachable(api):
+    """Issue 21 #9: one status timeout during a long generation failed the forced turn
+    engine_unreachable, then the engine published the turn; a retry in between must not ask for two."""
+    from tests.integration.test_engine_statuses import control, snapshots
+
+    ctl = await api.start(**FAST, start_timeout="1", unreachable_after="2")
+    game = "slowst1"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10})
+    assert res["outcome"] == "success", res
+    slow(api, game, "10")
+    await eventually(lambda: _turn_at_least(api, game, 0), what="the engine's turn known")
+    stream = api.env["RTMANAGER_CONTROL_STREAM"]
+    first = await api.redis.xadd(stream, {"game_id": game, "op": "force_next_turn"})
+    await eventually(lambda: _status(api, game, "generation_in_progress"), what="generating")
+    mute = control(api, game, "mute")  # health and admin requests hang while it generates
+    errors = ctl.metrics.engine_calls.labels("status", "error")
+    polls = errors._value.get()
+    await eventually(lambda: errors._value.get() >= polls + 2, 20, "two status polls timed out")
+    retry = await api.redis.xadd(stream, {"game_id": game, "op": "force_next_turn"})
+    await eventually(lambda: engine_turn(api, game) == 1, 20, "the turn generated")
+    mute.unlink()
+    got = [await api.result(e, "force_next_turn", timeout=30) for e in (first, retry)]
+    assert [(r["outcome"], r["error_code"]) for r in got] == [("success", "")] * 2, got
+    assert engine_turn(api, game) == 1 and (await runtime(api, game))["turn"] == 1
+    reasons = [s["reason"] for s in await snapshots(api, game)]
+    assert "engine_unreachable" not in reasons, reasons
+
+
+async def _status(api, game: str, status: str) -> bool:
+    return (await runtime(api, game))["status"] == status

@@ -9,8 +9,10 @@ from controller.config import Settings
 from controller.metrics import Metrics
 from controller.reconciler import Reconciler
 from controller.workqueue import WorkQueue
+from desired.errors import DockerUnavailable
 from desired.jobs import Job
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
+from observed.errors import BackendUnavailable, EngineUnreachable
 from observed.model import LABEL_DATABASE, LABEL_EPOCH, LABEL_GAME_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
 from tests.fakes import FakeBackend, FakeContainer, FakeEngine, FakeStore, defaults
 
@@ -459,3 +461,131 @@ async def test_a_failed_patch_of_a_game_whose_generation_failed_rolls_back(w):
     rec = await w.sync("g1")
     assert w.results("g1")[-1] == ("patch", "failure", "container_start_failed")
     assert rec.desired_image_ref == IMG and rec.status.is_up and len(w.running("g1")) == 1
+
+
+# ------------------------------------------------- issue 21: unreachable engines, slow turns, failed starts
+async def unreachable(w: World, game: str = "g1"):
+    """The engine of a running game stops answering; the health rounds record it unreachable."""
+    [c] = w.running(game)
+    w.backend.behaviour[c.image] = "mute"
+    for _ in range(w.settings.unreachable_after):
+        await w.reconciler.observe(w.store.records[game], w.backend.ip_of(c))
+    rec = w.store.records[game]
+    assert rec.status is Status.ENGINE_UNREACHABLE
+    return rec
+
+
+@pytest.mark.parametrize("kind", [JobKind.PAUSE, JobKind.RECONCILE, JobKind.START])
+async def test_a_job_that_changes_nothing_that_runs_leaves_an_unreachable_engine_alone(w, kind):
+    """Issue 21 #3: a pause on an engine that stopped answering waited for its health, failed,
+    'rolled back' to the image it ran, failed again and stopped the game."""
+    before = (await started(w)).current_container_id
+    await unreachable(w)
+    if kind is JobKind.START:  # a start that only changes the turn clock
+        await w.store.submit(Job(kind=kind, game_id="g1", source=OpSource.LOBBY, image_ref=IMG, turn_interval=5,
+                                 stream="s", entry_id="99-0"), w.defaults)
+    else:
+        await w.job(kind, "g1")
+    probes, calls = w.engine.probes, len(w.backend.calls)
+    rec = await w.sync("g1")
+    assert w.results("g1")[-1] == (kind.value, "success", "")
+    assert rec.converged and rec.desired_status is DesiredStatus.RUNNING and not rec.rolling_back
+    assert rec.status is Status.ENGINE_UNREACHABLE and rec.current_container_id == before
+    assert [c.id for c in w.running("g1")] == [before]
+    assert [c[0] for c in w.backend.calls[calls:]] == ["inspect"] * 2  # looked; touched nothing
+    assert w.engine.probes == probes  # and waited for no health answer
+
+
+async def test_a_restart_whose_engine_fails_is_not_rolled_back_to_the_same_image(w):
+    """A rollback to the image the failed unit itself runs would only wait for it once more."""
+    await started(w)
+    w.backend.behaviour[IMG] = "mute"
+    await w.job(JobKind.RESTART, "g1")
+    rec = await w.sync("g1")
+    assert w.results("g1")[-1] == ("restart", "failure", "engine_unhealthy")
+    assert "rolled back" not in w.store.results_for("g1")[-1]["error_message"]
+    assert not any(o.params.get("event") == "rollback" for o in w.store.ops)
+    assert rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED and w.running("g1") == []
+
+
+async def test_a_slow_status_of_a_generating_engine_is_not_unreachable(w):
+    """Issue 21 #9: one status timeout during a long generation failed the turn engine_unreachable,
+    then the turn arrived (turn_generated)."""
+    w.engine.admin[IMG] = "slow"
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    rec = await w.sync("g1")  # asked: the engine generates
+    assert rec.status is Status.GENERATION_IN_PROGRESS
+    real = w.engine.status
+
+    async def too_busy(host):
+        raise EngineUnreachable("status: timed out")
+
+    w.engine.status = too_busy  # type: ignore[method-assign]
+    w.store.clock.advance(w.settings.start_timeout + 1)  # the job waits longer than a start may take
+    for _ in range(w.settings.unreachable_after + 1):  # health rounds and turn polls see nothing
+        await w.reconciler.observe(w.store.records["g1"], w.backend.ip_of(w.running("g1")[0]))
+        rec = await w.sync("g1")
+    assert rec.status is Status.GENERATION_IN_PROGRESS and not rec.converged
+    assert w.results("g1") == [("start", "success", "")]
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # a retry meanwhile asks for the same turn
+    w.engine.status = real  # type: ignore[method-assign]
+    w.engine.finish_generation("galaxy-game-g1")
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and rec.status is Status.RUNNING and rec.converged
+    assert w.engine.requests == [("galaxy-game-g1", 0)] and w.engine.game("galaxy-game-g1").turn == 1
+    assert w.results("g1")[1:] == [("force_next_turn", "success", "")] * 2
+
+
+async def test_a_status_that_never_answers_past_the_generation_timeout_is_unreachable(tmp_path):
+    w = World(tmp_path, RTMANAGER_GENERATION_TIMEOUT="60")
+    w.engine.admin[IMG] = "slow"
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.sync("g1")
+
+    async def too_busy(host):
+        raise EngineUnreachable("status: timed out")
+
+    w.engine.status = too_busy  # type: ignore[method-assign]
+    w.store.clock.advance(61)
+    await w.sync("g1")
+    assert w.results("g1")[-1] == ("force_next_turn", "failure", "engine_unreachable")
+
+
+async def test_a_failed_start_is_answered_only_once_its_engine_is_stopped(w):
+    """Issue 21 #10: the engine_unhealthy failure was written while the container still ran."""
+    seen: list[tuple[str, list]] = []
+    real = w.store._result
+
+    def result(op, res):
+        seen.append((res.outcome.value, [c.id for c in w.running("g1")]))
+        real(op, res)
+
+    w.store._result = result  # type: ignore[method-assign]
+    await w.job(JobKind.START, "g1", "galaxy/engine-stub:mute")
+    rec = await w.sync("g1")
+    assert w.results("g1") == [("start", "failure", "engine_unhealthy")]
+    assert seen == [("failure", [])]  # written when nothing ran any more
+    assert rec.status is Status.STOPPED and rec.desired_status is DesiredStatus.STOPPED and rec.converged
+
+
+async def test_a_failed_start_whose_engine_cannot_be_stopped_is_answered_after_the_job_timeout(tmp_path):
+    w = World(tmp_path, RTMANAGER_JOB_TIMEOUT="60")
+
+    async def daemon_gone(unit_id, grace):
+        w.backend.down = True
+        raise BackendUnavailable("docker stop: connection refused")
+
+    w.backend.stop = daemon_gone  # type: ignore[method-assign]
+    await w.job(JobKind.START, "g1", "galaxy/engine-stub:mute")
+    with pytest.raises(DockerUnavailable):
+        await w.sync("g1")
+    assert w.results("g1") == [] and len(w.running("g1")) == 1  # not answered while it runs
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", 60)
+    assert w.results("g1") == []
+    w.store.clock.advance(61)
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", 60)
+    assert w.results("g1") == [("start", "failure", "engine_unhealthy")]
+    message = w.store.results_for("g1")[-1]["error_message"]
+    assert "did not answer" in message and "gave up" in message and "not stopped" in message

@@ -143,7 +143,9 @@ def test_crash_backoff_is_capped() -> None:
 
 
 @pytest.mark.parametrize(("record", "target"), [
-    (rec(), "img:1"),                                                        # failed before touching it
+    (rec(desired_image_ref="img:2"), "img:1"),                               # failed before touching it
+    (rec(), None),                                     # the generation asked for the image that runs
+    (rec(S.STARTING, rollback_image_ref="img:1"), None),  # a restart on the same image: nothing to go back to
     (rec(S.STARTING, rollback_image_ref="img:0"), "img:0"),                  # replacing a running engine
     (rec(S.STARTING), None),                                                 # a start of a stopped game
     (rec(S.STARTING, rollback_image_ref="img:0", rolling_back=True), None),  # only once
