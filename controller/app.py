@@ -153,7 +153,8 @@ class Controller:
             settings=s, store=self.store, admission=self.admission, metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
             results_changed=lambda: self.results_changed, results_written=self._results_written,
-            schedule_changed=self.turn_clock.wake.set, image_present=self._image_present,
+            schedule_changed=self.turn_clock.wake.set, unowned=lambda: self.resync.unowned,
+            image_present=self._image_present,
             pull_image=self._pull_image))
         if s.http_port:
             await self.http.start()

@@ -61,6 +61,7 @@ class Resync:
         self.retention_days = retention_days
         self._ready_check = ready_check
         self.now = asyncio.Event()  # set to resync at once (events reconnected)
+        self.unowned = 0  # units of this instance without a record, at the last resync (/readyz)
 
     async def once(self) -> int:
         """List the backend (one call) and live records (one query); queue every game not converged."""
@@ -88,6 +89,7 @@ class Resync:
             self.queue.add(game_id)
             queued += 1
         self.metrics.unowned.set(unowned)
+        self.unowned = unowned
         for status, count in (await self.store.count_by_status()).items():
             self.metrics.records.labels(status).set(count)
         self.metrics.paused.set(sum(1 for r in records if r.paused and r.status.is_up))

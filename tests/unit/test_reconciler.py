@@ -258,10 +258,18 @@ def orphan(w: World, game: str, *, database: str | None = "db-1", epoch: int = 1
     return c
 
 
-async def test_an_orphan_created_under_this_database_is_disposed_of_gracefully(w):
-    c = orphan(w, "gone")
-    await w.sync("gone")
-    assert c.id not in w.backend.containers and w.backend.graceful == [c.id]
+async def test_a_container_of_this_database_without_a_record_is_left_running_and_reported(w, caplog):
+    """A database restored from an older backup of itself: containers created after the backup carry
+    its identity and a term it knows, and have no record. They are games; nothing proves they may go."""
+    c = orphan(w, "after-the-backup")
+    with caplog.at_level("ERROR", logger="rtmanager.reconciler"):
+        await w.sync("after-the-backup")
+        await w.sync("after-the-backup")
+    assert w.backend.containers[c.id].state == "running"
+    assert [op[0] for op in w.backend.calls] == ["inspect", "inspect"]  # looked at, never touched
+    assert c.id in w.reconciler.unowned
+    reports = [r for r in caplog.records if r.levelname == "ERROR" and "after-the-backup" in r.getMessage()]
+    assert len(reports) == 1  # loudly, once
 
 
 @pytest.mark.parametrize("database, epoch", [(None, 0), ("another-db", 1), ("db-1", 99)],
@@ -275,11 +283,16 @@ async def test_a_container_not_provably_ours_is_never_destroyed(w, database, epo
 
 
 async def test_removals_nobody_asked_for_are_rationed(tmp_path):
-    w = World(tmp_path, RTMANAGER_MAX_REMOVALS="1")
-    a, b = orphan(w, "o1"), orphan(w, "o2")
+    w = World(tmp_path, RTMANAGER_MAX_REMOVALS="1", RTMANAGER_CLEANUP_TTL="60")
+    for game in ("o1", "o2"):
+        await w.job(JobKind.START, game, IMG)
+        await w.sync(game)
+        await w.job(JobKind.STOP, game)
+        await w.sync(game)
+    w.store.clock.advance(61)
     await w.sync("o1")
     await w.sync("o2")
-    assert (a.id in w.backend.containers, b.id in w.backend.containers) == (False, True)
+    assert (w.backend.by_name("galaxy-game-o1"), w.backend.by_name("galaxy-game-o2") is not None) == (None, True)
 
 
 async def test_docker_away_fails_a_waiting_job_only_after_the_job_timeout(tmp_path):
