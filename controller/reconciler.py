@@ -45,7 +45,7 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import ErrorCode, RuntimeRecord, Status, container_name
+from desired.model import ErrorCode, OpKind, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
 from desired.store import Crash, Store
 from desired.transitions import Probe
@@ -464,6 +464,19 @@ class Reconciler:
             self.metrics.turns.labels("failed").inc()
             await self._fail_turn(record, ErrorCode.GENERATION_FAILED,
                                   f"the engine failed to generate turn {failed_turn}: {last.error if last else ''}")
+            return None
+        if record.paused and not any(op.op is OpKind.FORCE_NEXT_TURN
+                                     for op in await self.store.pending_operations(record.game_id)):
+            # A pause accepted before the engine was asked: only a forced turn is generated paused
+            # or not; a scheduled one is withdrawn (its job answered superseded, the pause success).
+            log.info("paused before the engine was asked for turn %d: the scheduled turn is withdrawn", target,
+                     extra={"game_id": record.game_id})
+            try:
+                await self.store.fail_turn(record, ErrorCode.SUPERSEDED,
+                                           "the game was paused before the engine was asked for the turn")
+            except Conflict:
+                return None  # a newer job took over: plan again
+            self._results_written()
             return None
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a turn request")

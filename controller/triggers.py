@@ -181,10 +181,13 @@ class TurnClock:
     async def tick(self) -> float:
         """Ask for the turns that are due; return the seconds until the next one."""
         due, next_in = await self.store.due_turns()
+        asked = 0
         for game_id in due:
-            await self.admission.submit(Job(kind=JobKind.TURN, game_id=game_id, source=OpSource.SCHEDULER))
-        if due:
-            log.info("turn clock: asked for %d turns", len(due))
+            # Decided again under the record's lock: a pause or a forced turn since the query skips it.
+            outcome = await self.admission.submit(Job(kind=JobKind.TURN, game_id=game_id, source=OpSource.SCHEDULER))
+            asked += outcome.decision is not None and outcome.decision.action != "skip"
+        if asked:
+            log.info("turn clock: asked for %d turns", asked)
         return self.max_sleep if next_in is None else min(next_in, self.max_sleep)
 
     async def run(self, stopping: asyncio.Event) -> None:

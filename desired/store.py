@@ -186,7 +186,7 @@ def _result_row(op_id: int | None, result: JobResult) -> tuple:
 
 @dataclass(frozen=True, kw_only=True)
 class SubmitOutcome:
-    operation_id: int
+    operation_id: int  # 0 when nothing was recorded (a scheduled turn no longer due: "skip")
     decision: Decision | None  # None when the entry had been submitted before
     duplicate: bool = False
 
@@ -572,6 +572,8 @@ class Store:
             row = await conn.fetchrow(_SELECT_FOR_UPDATE, job.game_id)
             current = record_from_row(row) if row else None
             decision = await self._decide(conn, current, job, now, defaults, registry)
+            if decision.action == "skip":
+                return SubmitOutcome(operation_id=0, decision=decision)
             params = {k: v for k, v in (("image_ref", job.image_ref),
                                         ("reason", job.reason.value if job.reason else None)) if v}
             if decision.action == "change":
@@ -654,6 +656,9 @@ class Store:
                 job = item
                 current = records.get(job.game_id)
                 decision = await self._decide(conn, current, job, now, defaults, registry)
+                if decision.action == "skip":  # its operation id stays unused
+                    outcomes.append(SubmitOutcome(operation_id=0, decision=decision))
+                    continue
                 params = {k: v for k, v in (("image_ref", job.image_ref),
                                             ("reason", job.reason.value if job.reason else None)) if v}
                 status = OpStatus.QUEUED if decision.action in ("change", "join") else (

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
 from controller.reconciler import Reconciler
+from controller.triggers import TurnClock
 from controller.workqueue import WorkQueue
 from desired.jobs import Job
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
@@ -472,3 +474,84 @@ async def test_a_failed_patch_of_a_game_whose_generation_failed_rolls_back(w):
     rec = await w.sync("g1")
     assert w.results("g1")[-1] == ("patch", "failure", "container_start_failed")
     assert rec.desired_image_ref == IMG and rec.status.is_up and len(w.running("g1")) == 1
+
+
+# ------------------------------------------------------- the turn clock against a pause or a force
+async def scheduled(w: World, game: str = "g1", interval: int = 10):
+    await w.store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMG,
+                             turn_interval=interval, stream="s", entry_id=f"{len(w.store.ops) + 1}-0"), w.defaults)
+    rec = await w.sync(game)
+    assert rec.status is Status.RUNNING and rec.admin_api is True and rec.turn == 0
+    return rec
+
+
+class ReadThenRace:
+    """The turn clock's due-time query, with something admitted between the read and the submit."""
+
+    def __init__(self, w: World, race) -> None:
+        self.w = w
+        self.race = race
+
+    async def due_turns(self):
+        due = [g for g, r in self.w.store.records.items() if r.turn_interval and not r.paused]  # read: due
+        await self.race()
+        return due, None
+
+
+def turn_clock(w: World, race) -> TurnClock:
+    admission = Admission(w.store, w.defaults, wake=w.queue.add, results_written=lambda: None)
+    return TurnClock(store=ReadThenRace(w, race), admission=admission, metrics=Metrics(), max_sleep=60.0)
+
+
+async def test_a_scheduled_turn_read_before_a_pause_is_not_generated_after_the_pause_is_answered(w):
+    await scheduled(w)
+    w.store.clock.advance(11)
+
+    async def pause():
+        await w.job(JobKind.PAUSE, "g1")
+        await w.sync("g1")
+        assert w.results("g1")[-1] == ("pause", "success", "")  # the pause is answered
+
+    await turn_clock(w, pause).tick()  # the clock read the record unpaused, then submits
+    rec = await w.sync("g1")
+    assert w.engine.requests == [] and rec.turn == 0 and rec.paused
+    assert [r for r in w.results("g1") if r[0] == "turn"] == []  # nothing asked, nothing answered
+
+
+async def test_a_scheduled_turn_read_before_a_force_gives_no_second_turn(w):
+    await scheduled(w)
+    w.store.clock.advance(11)
+
+    async def force():
+        await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+        await w.sync("g1")  # asks the engine
+        await w.sync("g1")  # sees the turn generated
+        assert w.results("g1")[-1] == ("force_next_turn", "success", "")
+
+    await turn_clock(w, force).tick()
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and w.engine.requests == [("galaxy-game-g1", 0)]  # the forced turn only
+
+
+async def test_a_pause_accepted_before_the_engine_is_asked_withdraws_a_scheduled_turn(w):
+    await scheduled(w)
+    w.store.clock.advance(11)
+    await w.store.submit(Job(kind=JobKind.TURN, game_id="g1", source=OpSource.SCHEDULER), w.defaults)
+    await w.job(JobKind.PAUSE, "g1")  # before the reconciler asked the engine for the turn
+    rec = await w.sync("g1")
+    assert w.engine.requests == [] and rec.turn == 0 and rec.paused and rec.converged
+    assert w.results("g1")[-2:] == [("turn", "failure", "superseded"), ("pause", "success", "")]
+    assert rec.last_error_code is None
+    w.store.clock.advance(60)
+    await w.sync("g1")
+    assert w.engine.requests == []
+
+
+async def test_a_turn_forced_before_a_pause_is_still_generated(w):
+    await scheduled(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.job(JobKind.PAUSE, "g1")  # the contract: a forced turn, paused or not
+    await w.sync("g1")
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and rec.paused and rec.converged
+    assert w.results("g1")[-2:] == [("force_next_turn", "success", ""), ("pause", "success", "")]
