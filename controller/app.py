@@ -110,6 +110,11 @@ class Controller:
         with backend_errors():
             await self.backend.ensure_image(image)
 
+    async def _relay_check(self) -> None:
+        """/readyz: the leader's relay finishes its passes (a standby runs none)."""
+        if self.is_leader:
+            self.relay.check_stalled()
+
     @property
     def is_leader(self) -> bool:
         return self.leadership.leading and self.fence.valid_locally
@@ -138,7 +143,7 @@ class Controller:
                                      results_written=self._results_written, fence=self.fence, clock=self.clock,
                                      database=self.identity.uid)
         self.readiness = Readiness({"postgres": self.store.ping, "redis": self.streams.ping,
-                                    "docker": self.backend.ping}, self.metrics)
+                                    "docker": self.backend.ping, "relay": self._relay_check}, self.metrics)
         self.resync = Resync(store=self.store, backend=self.backend, reconciler=self.reconciler, queue=self.queue,
                              metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,
                              ready_check=self.readiness.ok)

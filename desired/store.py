@@ -118,6 +118,12 @@ async def _set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str
                        game_id, *[_db_value(v) for v in changes.values()])
 
 
+# The relay's check of what Redis may have lost, at every start, new term and outage: it reads the
+# recent window by job_results_published_idx, never the whole table (which grows with retention).
+RECENTLY_PUBLISHED_SQL = (
+    "SELECT seq, stream_entry_id, result_id FROM job_results WHERE kind = $3 AND published_at > now() -"
+    " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2")
+
 # A change of these replaces what older pending jobs asked for (they are answered superseded);
 # a pause, a forced turn or a reconcile does not.
 _REPLACING = ("desired_status", "desired_image_ref", "spec_revision")
@@ -814,10 +820,7 @@ class Store:
 
     async def recently_published(self, kind: str, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
         """(seq, stream entry id, result_id) of the entries of ``kind`` published in the last ``seconds``."""
-        rows = await self.pool.fetch(
-            "SELECT seq, stream_entry_id, result_id FROM job_results WHERE kind = $3 AND published_at > now() -"
-            " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2",
-            seconds, limit, kind)
+        rows = await self.pool.fetch(RECENTLY_PUBLISHED_SQL, seconds, limit, kind)
         return [(r["seq"], r["stream_entry_id"], str(r["result_id"])) for r in rows]
 
     async def mark_unpublished(self, seqs: list[int]) -> None:
