@@ -49,11 +49,11 @@ TAIL_SCAN = 2000  # results looked at for a possibly-published result after a fa
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
 STALL_LIMIT = 60.0  # seconds a pass may go without finishing or progress before /readyz says so
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
+ID_FIELD = {"result": "result_id", "snapshot": "snapshot_id"}  # what consumers dedupe on, per outbox kind
 
 
 class RelayStalled(Exception):
     """The relay has not finished a pass, nor made progress, for longer than its stall limit."""
-ID_FIELD = {"result": "result_id", "snapshot": "snapshot_id"}  # what consumers dedupe on, per outbox kind
 
 
 class Relay:
