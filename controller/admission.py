@@ -36,6 +36,8 @@ class Admission:
             return outcome
         decision = outcome.decision
         assert decision is not None
+        if decision.action == "skip":
+            return outcome  # nothing was recorded
         if decision.action in ("change", "join"):
             self._wake(job.game_id)
         self._results_written()
@@ -47,7 +49,7 @@ class Admission:
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome.decision is not None and outcome.decision.action in ("change", "join"):
                 self._wake(item.game_id)
-        if any(not o.duplicate for o in outcomes):
+        if any(not o.duplicate and o.operation_id for o in outcomes):
             self._results_written()
         return outcomes
 

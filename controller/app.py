@@ -110,6 +110,11 @@ class Controller:
         with backend_errors():
             await self.backend.ensure_image(image)
 
+    async def _relay_check(self) -> None:
+        """/readyz: the leader's relay finishes its passes (a standby runs none)."""
+        if self.is_leader:
+            self.relay.check_stalled()
+
     @property
     def is_leader(self) -> bool:
         return self.leadership.leading and self.fence.valid_locally
@@ -138,7 +143,7 @@ class Controller:
                                      results_written=self._results_written, fence=self.fence, clock=self.clock,
                                      database=self.identity.uid)
         self.readiness = Readiness({"postgres": self.store.ping, "redis": self.streams.ping,
-                                    "docker": self.backend.ping}, self.metrics)
+                                    "docker": self.backend.ping, "relay": self._relay_check}, self.metrics)
         self.resync = Resync(store=self.store, backend=self.backend, reconciler=self.reconciler, queue=self.queue,
                              metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,
                              ready_check=self.readiness.ok)
@@ -153,7 +158,8 @@ class Controller:
             settings=s, store=self.store, admission=self.admission, metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
             results_changed=lambda: self.results_changed, results_written=self._results_written,
-            schedule_changed=self.turn_clock.wake.set, image_present=self._image_present,
+            schedule_changed=self.turn_clock.wake.set, unowned=lambda: self.resync.unowned,
+            image_present=self._image_present,
             pull_image=self._pull_image))
         if s.http_port:
             await self.http.start()

@@ -86,14 +86,11 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _unowned(settings: Settings, store, backend) -> list:
-    """Containers of this instance that have no record and were not created under this database."""
-    identity = await store.identity()
-    lease = await store.lease_info(settings.instance)
-    epoch = lease["epoch"] if lease else 0
+    """Containers of this instance that have no record, whoever created them (the controller never
+    disposes of them: after a restored backup they may be games created under this very database)."""
     managed = [c for c in await backend.list_managed() if c.game_id]
     known = await store.game_ids([c.game_id for c in managed])
-    return [c for c in managed if c.game_id not in known
-            and not (identity is not None and c.created_under(identity.uid, epoch))]
+    return [c for c in managed if c.game_id not in known]
 
 
 async def _status(settings: Settings) -> int:
@@ -114,7 +111,7 @@ async def _status(settings: Settings) -> int:
                      (r.last_error_code.value if r.last_error_code else "-")))
     for c in unowned:
         rows.append((c.game_id or c.name, "unowned", "-", "-", "-", "-", "-", c.image or "-", c.id[:12],
-                     "not created under this database: rtmanager adopt / dispose"))
+                     "no record: rtmanager adopt / dispose"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

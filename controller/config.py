@@ -83,8 +83,9 @@ VARIABLES: tuple[Var, ...] = (
         "game on a Docker Swarm"),
     Var("RTMANAGER_PROBE_ADDRESS", "ip", "how the controller reaches engines: ip (the container's IP; docker), "
         "hostname (on the game network: rtmanager runs on it) or published (a host-mode port on the node; swarm)"),
-    Var("RTMANAGER_ORPHAN_GRACE", "10", "seconds an unrecorded container with our labels is left alone"),
-    Var("RTMANAGER_MAX_REMOVALS", "10", "containers removed on the controller's own initiative (orphans, "
+    Var("RTMANAGER_ORPHAN_GRACE", "10", "seconds before an unrecorded container with our labels is reported "
+        "as unowned (never removed by the controller)"),
+    Var("RTMANAGER_MAX_REMOVALS", "10", "containers removed on the controller's own initiative (the "
         "cleanup TTL) at most per resync interval"),
     Var("RTMANAGER_DRY_RUN", "0", "1: log every container action the controller would take, take none"),
     Var("RTMANAGER_CRASH_LIMIT", "5", "crashes within the crash window that end in a terminal failure"),

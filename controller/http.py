@@ -71,6 +71,7 @@ class HttpDeps:
     results_changed: Callable[[], asyncio.Event]  # the event set when the next results are written
     results_written: Callable[[], None]           # wake the relay
     schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
+    unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
     image_present: Callable[[str], Awaitable[bool]] = lambda image: _unknown()
     pull_image: Callable[[str], Awaitable[None]] = lambda image: _unknown()
 
@@ -140,8 +141,8 @@ class HttpServer:
     async def readyz(self, request: web.Request) -> web.Response:
         checks = await self.c.readiness()
         ok = all(v == "ok" for v in checks.values())
-        return web.json_response({"ready": ok, "leader": self.c.is_leader(), "checks": checks},
-                                 status=200 if ok else 503)
+        return web.json_response({"ready": ok, "leader": self.c.is_leader(), "checks": checks,
+                                  "unowned": self.c.unowned()}, status=200 if ok else 503)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())

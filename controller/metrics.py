@@ -69,8 +69,11 @@ class Metrics:
         self.leadership = Counter("rtmanager_leadership_changes_total",
                                   "Leadership terms won (elected) and lost (deposed)", ["event"], registry=r)
         self.unowned = Gauge("rtmanager_unowned_containers",
-                             "Containers with this instance's labels that were not created under this database "
-                             "(left running for an operator: rtmanager adopt / dispose)", registry=r)
+                             "Units with this instance's labels and no runtime record, left running and "
+                             "untouched for an operator (rtmanager adopt / dispose)", registry=r)
+        self.relay_stalled = Gauge("rtmanager_relay_stalled_seconds",
+                                   "Seconds the outbox relay's pass under way (or its failures in a row) has gone "
+                                   "without finishing or progress; 0 when idle", registry=r)
         self.daemon_restarts = Counter("rtmanager_engines_stopped_by_daemon_total",
                                        "Engines found stopped by a restart of the container daemon and started "
                                        "again without counting a crash", registry=r)

@@ -7,10 +7,12 @@ decision is made from what *is*, never from what happened before, any action can
 be repeated after a crash.
 
 ``container`` is the container named ``galaxy-game-{game_id}``, or one carrying
-our labels, or None. Never destroy what cannot be proved ours: a container with
-our instance label but no record is disposed of only when its labels say it was
-created under this database (its identity uid) in a term the database knows;
-anything else is ``UNOWNED``, left running and reported.
+our labels, or None. Never destroy what cannot be proved ours to dispose of: a
+container with our instance label but no record is ``UNOWNED``, left running and
+reported, whatever its provenance labels say. Records are never deleted, so such
+a unit exists only after data loss (a database restored from an older backup of
+itself, whose identity and terms the unit carries): it is a game, and only an
+operator may adopt or dispose of it.
 
 ``want_hash`` is the spec hash the container should carry (``None`` when the
 record does not ask for a running container).
@@ -40,8 +42,7 @@ class ActionKind(str, enum.Enum):
     REMOVE = "remove"              # remove the container
     MARK_REMOVED = "mark_removed"  # nothing left: record the game as removed
     CLEANUP = "cleanup"            # stopped for longer than the cleanup TTL: remove it
-    DISPOSE = "dispose"            # our labels but no record: remove the orphan
-    UNOWNED = "unowned"            # our labels, no record, and not provably created under this database
+    UNOWNED = "unowned"            # our labels, no record: left running for an operator (adopt / dispose)
     WAIT = "wait"                  # come back after ``delay`` (grace period, restart backoff, transition)
     BLOCKED = "blocked"            # the name is held by a container that is not ours
 
@@ -75,7 +76,7 @@ def plan(
     unreachable_restart_after: float = 0.0,
 ) -> Action:
     """``database`` and ``epoch``: the identity uid of this database and the current leadership
-    term; an orphan is disposed of only when its labels prove it was created under them."""
+    term; they only say how an unowned unit is reported (it is never disposed of here)."""
     ours = container is not None and container.managed_by(instance)
 
     if record is None or (record.status is Status.REMOVED and record.desired_status is DesiredStatus.REMOVED
@@ -91,7 +92,9 @@ def plan(
             if age < orphan_grace:
                 return Action(ActionKind.WAIT, f"orphan {container.name} younger than the grace period",
                               delay=max(0.1, orphan_grace - age))
-            return Action(ActionKind.DISPOSE, f"container {container.name} has no runtime record")
+            return Action(ActionKind.UNOWNED, f"{container.name} was created under this database but has no "
+                                              "runtime record (was the database restored from an older backup?); "
+                                              "left running for an operator (rtmanager adopt / dispose)")
 
     if container is not None and not ours:
         if record.desired_status is DesiredStatus.RUNNING:

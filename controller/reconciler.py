@@ -45,7 +45,7 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import DesiredStatus, ErrorCode, RuntimeRecord, Status, container_name
+from desired.model import DesiredStatus, ErrorCode, OpKind, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
 from desired.store import Crash, Store
 from desired.transitions import Probe
@@ -182,13 +182,13 @@ class Reconciler:
                       database=self.database, epoch=self.epoch,
                       unreachable_restart_after=self.settings.unreachable_restart_after)
 
-    def note_unowned(self, container: ObservedContainer) -> None:
+    def note_unowned(self, container: ObservedContainer, reason: str) -> None:
+        """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
         if container.id not in self.unowned:
             self.unowned[container.id] = container.name
-            log.warning("container %s carries this instance's labels but was not created under this database; "
-                        "leaving it running (rtmanager adopt %s, or rtmanager dispose %s)", container.name,
-                        container.game_id, container.game_id,
-                        extra={"game_id": container.game_id, "container_id": container.id, "unowned": True})
+            log.error("unaccounted unit: %s; rtmanager adopt %s, or rtmanager dispose %s", reason,
+                      container.game_id, container.game_id,
+                      extra={"game_id": container.game_id, "container_id": container.id, "unowned": True})
 
     # ---------------------------------------------------------------- workers
     async def worker(self, n: int) -> None:
@@ -233,7 +233,7 @@ class Reconciler:
                 return
             if action.kind is ActionKind.UNOWNED:
                 assert container is not None
-                self.note_unowned(container)
+                self.note_unowned(container, action.reason)
                 return
             if action.kind is ActionKind.WAIT:
                 self.queue.add_after(game_id, max(action.delay, 0.05))
@@ -242,8 +242,8 @@ class Reconciler:
                 log.info("dry run: would %s: %s", action.kind.value, action.reason,
                          extra={"game_id": game_id, "action": action.kind.value, "dry_run": True})
                 return
-            if action.kind in (ActionKind.DISPOSE, ActionKind.CLEANUP):
-                # Removals nobody asked for (orphans, the cleanup TTL) are rationed: a wrong
+            if action.kind is ActionKind.CLEANUP:
+                # Removals nobody asked for (the cleanup TTL) are rationed: a wrong
                 # database or clock must not empty the host in one go.
                 if self.dispose_budget <= 0:
                     log.warning("not removing %s: the removal budget of this resync interval is spent",
@@ -295,11 +295,6 @@ class Reconciler:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
         grace = self.settings.stop_grace
-        if kind is ActionKind.DISPOSE:
-            assert container is not None
-            log.warning("disposing orphan container %s", container.name, extra={"container_id": container.id})
-            await self.backend.remove(container.id, grace)
-            return
         assert record is not None
         if kind is ActionKind.BLOCKED:
             raise ContainerStartFailed(f"the name {container_name(record.game_id)} is held by a container "
@@ -480,6 +475,19 @@ class Reconciler:
             self.metrics.turns.labels("failed").inc()
             await self._fail_turn(record, ErrorCode.GENERATION_FAILED,
                                   f"the engine failed to generate turn {failed_turn}: {last.error if last else ''}")
+            return None
+        if record.paused and not any(op.op is OpKind.FORCE_NEXT_TURN
+                                     for op in await self.store.pending_operations(record.game_id)):
+            # A pause accepted before the engine was asked: only a forced turn is generated paused
+            # or not; a scheduled one is withdrawn (its job answered superseded, the pause success).
+            log.info("paused before the engine was asked for turn %d: the scheduled turn is withdrawn", target,
+                     extra={"game_id": record.game_id})
+            try:
+                await self.store.fail_turn(record, ErrorCode.SUPERSEDED,
+                                           "the game was paused before the engine was asked for the turn")
+            except Conflict:
+                return None  # a newer job took over: plan again
+            self._results_written()
             return None
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a turn request")

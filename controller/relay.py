@@ -19,6 +19,11 @@ with what the stream really holds and publishes again, with the same
 **One publisher at a time.** ``flush`` holds a lock: the shutdown's last flush
 and the loop never publish the same batch twice.
 
+**A stalled relay shows.** A pass (the check above, then publishing) that neither
+finishes nor makes progress for ``stall_limit`` seconds, whether it keeps failing
+(a statement timeout is retried like an outage) or hangs, makes ``/readyz`` answer
+503 naming the relay, and ``rtmanager_relay_stalled_seconds`` says for how long.
+
 Only the results stream is trimmed here (approximate MAXLEN); job streams are
 trimmed by the intake, below what it has handled.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 
 from controller.config import Settings
@@ -41,8 +47,13 @@ BATCH = 200
 IDLE_POLL = 5.0  # a fallback only: results written in this process wake the relay at once
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
+STALL_LIMIT = 60.0  # seconds a pass may go without finishing or progress before /readyz says so
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 ID_FIELD = {"result": "result_id", "snapshot": "snapshot_id"}  # what consumers dedupe on, per outbox kind
+
+
+class RelayStalled(Exception):
+    """The relay has not finished a pass, nor made progress, for longer than its stall limit."""
 
 
 class Relay:
@@ -61,6 +72,25 @@ class Relay:
         self._verify = True  # check the stream against what was marked published (start, reconnect)
         self._run_id: str | None = None
         self.republished = 0
+        self.stall_limit = STALL_LIMIT
+        self._busy_since: float | None = None  # monotonic start of the pass (or series of failed ones) under way
+        self.last_error = ""
+        metrics.relay_stalled.set_function(self.stalled_for)
+
+    def stalled_for(self) -> float:
+        """Seconds the pass under way (or the failures in a row) has gone without finishing or progress."""
+        return 0.0 if self._busy_since is None else max(0.0, time.monotonic() - self._busy_since)
+
+    def check_stalled(self) -> None:
+        """For /readyz on the leader: RelayStalled when the relay has been stuck for too long."""
+        stalled = self.stalled_for()
+        if stalled > self.stall_limit:
+            raise RelayStalled(f"no pass finished for {stalled:.0f}s" + (f": {self.last_error}" if self.last_error
+                                                                          else ""))
+
+    def _progress(self) -> None:
+        if self._busy_since is not None:
+            self._busy_since = time.monotonic()
 
     def poke(self) -> None:
         self.wake.set()
@@ -69,6 +99,7 @@ class Relay:
         """A new leadership term: run again, and trust nothing about the stream."""
         self._stopping = asyncio.Event()
         self._suspect = self._verify = True
+        self._busy_since = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -79,16 +110,21 @@ class Relay:
         loop = asyncio.get_running_loop()
         last_check = 0.0
         while not self._stopping.is_set():
+            if self._busy_since is None:
+                self._busy_since = time.monotonic()
             try:
                 if loop.time() - last_check >= IDLE_POLL:
                     await self.check_server()
                     last_check = loop.time()
                 published = await self.flush()
                 self.healthy = True
+                self._busy_since = None
+                self.last_error = ""
                 delay = 0.2
             except OUTAGES as exc:
                 self.healthy = False
                 self._suspect = self._verify = True
+                self.last_error = str(exc)[:200]
                 log.warning("relay paused, retrying in %.1fs: %s", delay, exc)
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -125,6 +161,7 @@ class Relay:
                     for item in batch:  # counted once on the stream: a retry finds them in its tail
                         self._observe(item)
                     await self.store.mark_published_many([(i.seq, e) for i, e in zip(batch, ids, strict=True)])
+                    self._progress()  # a long backlog is not a stall
                 total += len(batch)
                 if len(batch) < BATCH:
                     return total

@@ -61,6 +61,7 @@ class Resync:
         self.retention_days = retention_days
         self._ready_check = ready_check
         self.now = asyncio.Event()  # set to resync at once (events reconnected)
+        self.unowned = 0  # units of this instance without a record, at the last resync (/readyz)
 
     async def once(self) -> int:
         """List the backend (one call) and live records (one query); queue every game not converged."""
@@ -88,6 +89,7 @@ class Resync:
             self.queue.add(game_id)
             queued += 1
         self.metrics.unowned.set(unowned)
+        self.unowned = unowned
         for status, count in (await self.store.count_by_status()).items():
             self.metrics.records.labels(status).set(count)
         self.metrics.paused.set(sum(1 for r in records if r.paused and r.status.is_up))
@@ -179,10 +181,13 @@ class TurnClock:
     async def tick(self) -> float:
         """Ask for the turns that are due; return the seconds until the next one."""
         due, next_in = await self.store.due_turns()
+        asked = 0
         for game_id in due:
-            await self.admission.submit(Job(kind=JobKind.TURN, game_id=game_id, source=OpSource.SCHEDULER))
-        if due:
-            log.info("turn clock: asked for %d turns", len(due))
+            # Decided again under the record's lock: a pause or a forced turn since the query skips it.
+            outcome = await self.admission.submit(Job(kind=JobKind.TURN, game_id=game_id, source=OpSource.SCHEDULER))
+            asked += outcome.decision is not None and outcome.decision.action != "skip"
+        if asked:
+            log.info("turn clock: asked for %d turns", asked)
         return self.max_sleep if next_in is None else min(next_in, self.max_sleep)
 
     async def run(self, stopping: asyncio.Event) -> None:

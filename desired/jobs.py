@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from desired import transitions
 from desired.model import (
@@ -229,7 +229,7 @@ class RecordDefaults:
 
 @dataclass(frozen=True, kw_only=True)
 class Decision:
-    action: str  # "replay" | "join" | "change" | "reject"
+    action: str  # "replay" | "join" | "change" | "reject" | "skip" (a scheduled turn no longer due: nothing)
     record: RuntimeRecord | None = None
     error_code: ErrorCode | None = None
     message: str = ""
@@ -360,6 +360,11 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
     if kind is JobKind.RECONCILE:  # look again now: answered after the next reconcile of the game
         return _bump(record, now)
 
+    if kind is JobKind.TURN and not turn_due(record, now):
+        # The turn clock read the record before this transaction: a pause, a forced turn, a stop or
+        # a new schedule since then took the turn away. Nothing is recorded, nobody is answered.
+        return Decision(action="skip", record=record)
+
     # Turn operations need a game that is (or is about to be) up and not over.
     if record.desired_status is not DesiredStatus.RUNNING:
         return _reject(record, f"game {job.game_id} is not running; {kind.value} needs a running game")
@@ -385,6 +390,20 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
         return _bump(record, now, desired_turn=target)
 
     raise AssertionError(f"unhandled job kind {kind}")
+
+
+def turn_due(record: RuntimeRecord, now: datetime) -> bool:
+    """The turn clock's condition (``Store.due_turns``), decided again under the record's lock when
+    its ``turn`` job is submitted: running, unpaused, converged, with an admin API, no turn already
+    asked for, and the interval passed since the later of the last turn and the start or resume."""
+    if (record.turn_interval <= 0 or record.paused or record.desired_status is not DesiredStatus.RUNNING
+            or record.status is not Status.RUNNING or record.admin_api is not True or not record.converged):
+        return False
+    if record.desired_turn is not None and (record.turn is None or record.desired_turn > record.turn):
+        return False
+    since = record.clock_from or record.created_at
+    base = max(record.last_turn_at or since, since)
+    return now >= base + timedelta(seconds=record.turn_interval)
 
 
 def next_turn(record: RuntimeRecord) -> int:

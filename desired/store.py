@@ -118,6 +118,12 @@ async def _set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str
                        game_id, *[_db_value(v) for v in changes.values()])
 
 
+# The relay's check of what Redis may have lost, at every start, new term and outage: it reads the
+# recent window by job_results_published_idx, never the whole table (which grows with retention).
+RECENTLY_PUBLISHED_SQL = (
+    "SELECT seq, stream_entry_id, result_id FROM job_results WHERE kind = $3 AND published_at > now() -"
+    " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2")
+
 @dataclass(frozen=True, kw_only=True)
 class Operation:
     id: int
@@ -190,7 +196,7 @@ def _result_row(op_id: int | None, result: JobResult) -> tuple:
 
 @dataclass(frozen=True, kw_only=True)
 class SubmitOutcome:
-    operation_id: int
+    operation_id: int  # 0 when nothing was recorded (a scheduled turn no longer due: "skip")
     decision: Decision | None  # None when the entry had been submitted before
     duplicate: bool = False
 
@@ -590,6 +596,8 @@ class Store:
             row = await conn.fetchrow(_SELECT_FOR_UPDATE, job.game_id)
             current = record_from_row(row) if row else None
             decision = await self._decide(conn, current, job, now, defaults, registry)
+            if decision.action == "skip":
+                return SubmitOutcome(operation_id=0, decision=decision)
             params = {k: v for k, v in (("image_ref", job.image_ref),
                                         ("reason", job.reason.value if job.reason else None)) if v}
             if decision.action == "change":
@@ -672,6 +680,9 @@ class Store:
                 job = item
                 current = records.get(job.game_id)
                 decision = await self._decide(conn, current, job, now, defaults, registry)
+                if decision.action == "skip":  # its operation id stays unused
+                    outcomes.append(SubmitOutcome(operation_id=0, decision=decision))
+                    continue
                 params = {k: v for k, v in (("image_ref", job.image_ref),
                                             ("reason", job.reason.value if job.reason else None)) if v}
                 status = OpStatus.QUEUED if decision.action in ("change", "join") else (
@@ -827,10 +838,7 @@ class Store:
 
     async def recently_published(self, kind: str, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
         """(seq, stream entry id, result_id) of the entries of ``kind`` published in the last ``seconds``."""
-        rows = await self.pool.fetch(
-            "SELECT seq, stream_entry_id, result_id FROM job_results WHERE kind = $3 AND published_at > now() -"
-            " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2",
-            seconds, limit, kind)
+        rows = await self.pool.fetch(RECENTLY_PUBLISHED_SQL, seconds, limit, kind)
         return [(r["seq"], r["stream_entry_id"], str(r["result_id"])) for r in rows]
 
     async def mark_unpublished(self, seqs: list[int]) -> None:

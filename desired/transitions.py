@@ -211,9 +211,11 @@ def turn_failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: 
     API or does not answer): its jobs get the failure, and desired state stops asking (the game
     stays up; a force_next_turn asks again)."""
     status = Status.GENERATION_FAILED if code is ErrorCode.GENERATION_FAILED and cur.status.is_up else cur.status
+    # A scheduled turn a pause withdrew (superseded) is nobody's error: the last error stays.
+    error = {} if code is ErrorCode.SUPERSEDED else {"last_error_code": code, "last_error_message": message}
     return cur.replace(status=status, desired_turn=cur.turn, generation=cur.generation + 1,
-                       observed_generation=cur.generation + 1, generation_started_at=None, last_error_code=code,
-                       last_error_message=message, last_op_at=_touch(cur, now))
+                       observed_generation=cur.generation + 1, generation_started_at=None,
+                       last_op_at=_touch(cur, now), **error)
 
 
 def cleaned_up(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:

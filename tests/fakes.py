@@ -668,6 +668,8 @@ class FakeStore:
                 return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
         current = self.records.get(job.game_id)
         decision = decide(current, job, now, defaults)
+        if decision.action == "skip":
+            return SubmitOutcome(operation_id=0, decision=decision)
         if decision.action == "change":
             assert decision.record is not None
             decision.record.validate()

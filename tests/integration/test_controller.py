@@ -98,10 +98,10 @@ async def test_a_created_but_never_started_container_is_started_not_duplicated(h
     del ctl
 
 
-async def test_disposes_an_orphan_but_leaves_foreign_and_unowned_containers_alone(h, docker_client, unique,
-                                                                                   pool):
-    """Only a container provably created under this database (its uid and a known term on the
-    labels) and without a record is an orphan; one of another database is unowned and left running."""
+async def test_never_disposes_of_a_unit_without_a_record_whatever_its_labels(h, docker_client, unique, pool):
+    """A container of this instance without a record is left running and reported, even one whose
+    labels say it was created under this database in a term it knows: a database restored from an
+    older backup of itself has no record of the games started after the backup."""
     settings = h.settings()
     ctl = await h.start(orphan_grace="1", resync_interval="0.5")
     await eventually(lambda: ctl.is_leader, what="leadership")
@@ -109,7 +109,7 @@ async def test_disposes_an_orphan_but_leaves_foreign_and_unowned_containers_alon
     docker_client.networks.create(settings.docker_network, driver="bridge")
     common = dict(image="galaxy/engine-stub:1.0", detach=True, network=settings.docker_network)
     ours = {"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance}
-    orphan = docker_client.containers.run(name=f"galaxy-game-orphan-{unique}", labels={
+    after_backup = docker_client.containers.run(name=f"galaxy-game-orphan-{unique}", labels={
         **ours, "com.galaxy.game-id": f"orphan-{unique}", "com.galaxy.database": uid,
         "com.galaxy.epoch": str(ctl.fence.epoch)}, **common)
     unowned = docker_client.containers.run(name=f"galaxy-game-unowned-{unique}", labels={
@@ -122,14 +122,17 @@ async def test_disposes_an_orphan_but_leaves_foreign_and_unowned_containers_alon
     other_instance = docker_client.containers.run(name=f"galaxy-game-other-{unique}", labels={
         "com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": f"someone-else-{unique}",
         "com.galaxy.game-id": f"other-{unique}"}, **common)
-    kept = (foreign, other_instance, unowned, future)
+    kept = (after_backup, foreign, other_instance, unowned, future)
+    resyncs = ctl.metrics.resyncs.labels("ok")
     try:
-        await eventually(lambda: not docker_client.containers.list(all=True, filters={"id": orphan.id}),
-                         what="orphan disposed")
-        await eventually(lambda: ctl.metrics.unowned._value.get() == 2, what="two unowned counted")
+        await eventually(lambda: ctl.metrics.unowned._value.get() == 3, what="three unowned counted")
+        assert ctl.resync.unowned == 3  # what /readyz reports
+        seen = resyncs._value.get()
+        await eventually(lambda: resyncs._value.get() >= seen + 4, what="four more resyncs, well past the grace")
         for c in kept:
             c.reload()
             assert c.status == "running", c.name
+        assert ctl.metrics.unowned._value.get() == 3
     finally:
         for c in kept:
             c.remove(force=True)
@@ -147,8 +150,7 @@ async def test_dry_run_takes_no_action(h, docker_client, unique, pool, caplog):
                 "com.galaxy.game-id": f"dry-{unique}", "com.galaxy.epoch": str(ctl.fence.epoch),
                 "com.galaxy.database": str(await pool.fetchval("SELECT uid FROM controller_identity"))})
     await h.submit_start("dry-2")
-    await eventually(lambda: "dry run: would create" in caplog.text and "dry run: would dispose" in caplog.text,
-                     what="dry-run log lines")
+    await eventually(lambda: "dry run: would create" in caplog.text, what="dry-run log lines")
     assert h.containers("dry-2") == []
     orphan.reload()
     assert orphan.status == "running"

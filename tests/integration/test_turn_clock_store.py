@@ -70,3 +70,57 @@ async def test_the_clock_asks_for_no_turn_while_the_previous_one_is_unanswered(p
     assert rec.converged and await pending(store, game) == []
     due, _ = await store.due_turns()
     assert game in due
+
+
+async def running_on_a_clock(store: Store, pool: asyncpg.Pool, game: str):
+    await store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMAGE,
+                           turn_interval=10), DEFAULTS)
+    rec = await store.mark_starting(await store.get(game), rollback_image=None)
+    await store.mark_running(rec, container_id="c1", image=IMAGE, probe=at(0))
+    await overdue(pool, game)
+    due, _ = await store.due_turns()
+    assert game in due  # what the clock read
+    return await store.get(game)
+
+
+async def test_a_turn_submitted_after_a_pause_was_accepted_records_nothing(pool):
+    """The clock reads the record unpaused, a pause is accepted (and answered), then the clock submits:
+    the store decides again under the record's lock and the turn is skipped."""
+    store = Store(pool)
+    game = "clock-paused"
+    await running_on_a_clock(store, pool, game)
+    await store.submit(Job(kind=JobKind.PAUSE, game_id=game, source=OpSource.LOBBY), DEFAULTS)
+    paused = await store.mark_running(await store.get(game), container_id="c1", image=IMAGE, probe=at(0))
+    assert paused.paused and paused.converged and await pending(store, game) == []
+    ops = len(await store.operations(game))
+
+    outcome = await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
+    assert outcome.decision is not None and outcome.decision.action == "skip"
+    assert await store.get(game) == paused  # no desired turn, no new generation
+    assert len(await store.operations(game)) == ops  # no operation, so no result either
+    # submit_many (the same decision step) skips it too
+    [outcome] = await store.submit_many([Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER)], DEFAULTS)
+    assert outcome.decision is not None and outcome.decision.action == "skip"
+    assert await store.get(game) == paused and len(await store.operations(game)) == ops
+
+
+async def test_a_turn_submitted_after_a_forced_turn_is_not_one_too_many(pool):
+    store = Store(pool)
+    game = "clock-forced"
+    await running_on_a_clock(store, pool, game)
+    await store.submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id=game, source=OpSource.LOBBY), DEFAULTS)
+    rec = await store.turn_requested(await store.get(game))
+    # While the forced turn is asked for, the clock's turn is not due: it would only join it.
+    outcome = await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
+    assert outcome.decision is not None and outcome.decision.action == "skip"
+    rec = await store.mark_running(await store.get(game), container_id="c1", image=IMAGE, probe=at(1))
+    assert rec.turn == 1 and rec.converged
+    # The forced turn restarted the interval: the clock's late submit asks for nothing.
+    outcome = await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
+    assert outcome.decision is not None and outcome.decision.action == "skip"
+    assert (await store.get(game)).desired_turn == 1
+    # Once the interval has passed again the clock's turn is taken as before.
+    await overdue(pool, game)
+    outcome = await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
+    assert outcome.decision is not None and outcome.decision.action == "change"
+    assert (await store.get(game)).desired_turn == 2

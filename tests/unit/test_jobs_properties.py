@@ -90,6 +90,9 @@ class Sim:
             assert d.record is old
             assert d.error_code is (ErrorCode.REPLAY_NO_OP if d.action == "replay" else ErrorCode.INVALID_REQUEST)
             self.answer(idx, d.action)
+        elif d.action == "skip":  # the clock's turn no longer due: nothing recorded, nobody waits for it
+            assert kind is JobKind.TURN and old is not None and d.record is old
+            self.answer(idx, "skip")
         elif d.action == "join":
             assert old is not None and d.record is old
             assert not settled(old), "a join on a settled record would never be answered"

@@ -81,11 +81,12 @@ TABLE = [
     # no record
     ("no-record-no-container", None, None, {}, A.NOOP),
     ("no-record-young-orphan", None, ours(age=GRACE - 5), {}, A.WAIT),
-    ("no-record-old-orphan", None, ours(age=GRACE + 5), {}, A.DISPOSE),
-    ("no-record-old-orphan-exited", None, ours("exited", age=3600), {}, A.DISPOSE),
-    ("no-record-orphan-no-created", None, ours(age=None), {}, A.DISPOSE),
+    ("no-record-old-orphan", None, ours(age=GRACE + 5), {}, A.UNOWNED),
+    ("no-record-old-orphan-exited", None, ours("exited", age=3600), {}, A.UNOWNED),
+    ("no-record-orphan-no-created", None, ours(age=None), {}, A.UNOWNED),
     ("no-record-foreign", None, foreign(), {}, A.NOOP),
-    # never dispose of what cannot be proved ours: another database, none, or a later term
+    # never dispose of a unit without a record: created under this database (a restored backup), another
+    # database, none, or a later term
     ("no-record-other-database", None, ours(database="0e9a4f3c-0000-4000-8000-000000000000"), {}, A.UNOWNED),
     ("no-record-no-database-label", None, ours(database=None), {}, A.UNOWNED),
     ("no-record-from-a-later-term", None, ours(epoch=EPOCH + 1), {}, A.UNOWNED),
@@ -231,7 +232,7 @@ def test_only_wait_carries_a_delay(row) -> None:
 def test_orphan_grace_boundary() -> None:
     kw = {**KW, "want_hash": None}
     assert plan(None, ours(age=GRACE - 0.001), **kw).kind is A.WAIT
-    assert plan(None, ours(age=GRACE), **kw).kind is A.DISPOSE
+    assert plan(None, ours(age=GRACE), **kw).kind is A.UNOWNED
 
 
 def test_plan_does_not_mutate_inputs() -> None:

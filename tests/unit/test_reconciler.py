@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
 from controller.reconciler import Reconciler
+from controller.triggers import TurnClock
 from controller.workqueue import WorkQueue
 from desired.errors import DockerUnavailable
 from desired.jobs import Job
@@ -260,10 +262,18 @@ def orphan(w: World, game: str, *, database: str | None = "db-1", epoch: int = 1
     return c
 
 
-async def test_an_orphan_created_under_this_database_is_disposed_of_gracefully(w):
-    c = orphan(w, "gone")
-    await w.sync("gone")
-    assert c.id not in w.backend.containers and w.backend.graceful == [c.id]
+async def test_a_container_of_this_database_without_a_record_is_left_running_and_reported(w, caplog):
+    """A database restored from an older backup of itself: containers created after the backup carry
+    its identity and a term it knows, and have no record. They are games; nothing proves they may go."""
+    c = orphan(w, "after-the-backup")
+    with caplog.at_level("ERROR", logger="rtmanager.reconciler"):
+        await w.sync("after-the-backup")
+        await w.sync("after-the-backup")
+    assert w.backend.containers[c.id].state == "running"
+    assert [op[0] for op in w.backend.calls] == ["inspect", "inspect"]  # looked at, never touched
+    assert c.id in w.reconciler.unowned
+    reports = [r for r in caplog.records if r.levelname == "ERROR" and "after-the-backup" in r.getMessage()]
+    assert len(reports) == 1  # loudly, once
 
 
 @pytest.mark.parametrize("database, epoch", [(None, 0), ("another-db", 1), ("db-1", 99)],
@@ -277,11 +287,16 @@ async def test_a_container_not_provably_ours_is_never_destroyed(w, database, epo
 
 
 async def test_removals_nobody_asked_for_are_rationed(tmp_path):
-    w = World(tmp_path, RTMANAGER_MAX_REMOVALS="1")
-    a, b = orphan(w, "o1"), orphan(w, "o2")
+    w = World(tmp_path, RTMANAGER_MAX_REMOVALS="1", RTMANAGER_CLEANUP_TTL="60")
+    for game in ("o1", "o2"):
+        await w.job(JobKind.START, game, IMG)
+        await w.sync(game)
+        await w.job(JobKind.STOP, game)
+        await w.sync(game)
+    w.store.clock.advance(61)
     await w.sync("o1")
     await w.sync("o2")
-    assert (a.id in w.backend.containers, b.id in w.backend.containers) == (False, True)
+    assert (w.backend.by_name("galaxy-game-o1"), w.backend.by_name("galaxy-game-o2") is not None) == (None, True)
 
 
 async def test_docker_away_fails_a_waiting_job_only_after_the_job_timeout(tmp_path):
@@ -589,3 +604,84 @@ async def test_a_failed_start_whose_engine_cannot_be_stopped_is_answered_after_t
     assert w.results("g1") == [("start", "failure", "engine_unhealthy")]
     message = w.store.results_for("g1")[-1]["error_message"]
     assert "did not answer" in message and "gave up" in message and "not stopped" in message
+
+
+# ------------------------------------------------------- the turn clock against a pause or a force
+async def scheduled(w: World, game: str = "g1", interval: int = 10):
+    await w.store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMG,
+                             turn_interval=interval, stream="s", entry_id=f"{len(w.store.ops) + 1}-0"), w.defaults)
+    rec = await w.sync(game)
+    assert rec.status is Status.RUNNING and rec.admin_api is True and rec.turn == 0
+    return rec
+
+
+class ReadThenRace:
+    """The turn clock's due-time query, with something admitted between the read and the submit."""
+
+    def __init__(self, w: World, race) -> None:
+        self.w = w
+        self.race = race
+
+    async def due_turns(self):
+        due = [g for g, r in self.w.store.records.items() if r.turn_interval and not r.paused]  # read: due
+        await self.race()
+        return due, None
+
+
+def turn_clock(w: World, race) -> TurnClock:
+    admission = Admission(w.store, w.defaults, wake=w.queue.add, results_written=lambda: None)
+    return TurnClock(store=ReadThenRace(w, race), admission=admission, metrics=Metrics(), max_sleep=60.0)
+
+
+async def test_a_scheduled_turn_read_before_a_pause_is_not_generated_after_the_pause_is_answered(w):
+    await scheduled(w)
+    w.store.clock.advance(11)
+
+    async def pause():
+        await w.job(JobKind.PAUSE, "g1")
+        await w.sync("g1")
+        assert w.results("g1")[-1] == ("pause", "success", "")  # the pause is answered
+
+    await turn_clock(w, pause).tick()  # the clock read the record unpaused, then submits
+    rec = await w.sync("g1")
+    assert w.engine.requests == [] and rec.turn == 0 and rec.paused
+    assert [r for r in w.results("g1") if r[0] == "turn"] == []  # nothing asked, nothing answered
+
+
+async def test_a_scheduled_turn_read_before_a_force_gives_no_second_turn(w):
+    await scheduled(w)
+    w.store.clock.advance(11)
+
+    async def force():
+        await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+        await w.sync("g1")  # asks the engine
+        await w.sync("g1")  # sees the turn generated
+        assert w.results("g1")[-1] == ("force_next_turn", "success", "")
+
+    await turn_clock(w, force).tick()
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and w.engine.requests == [("galaxy-game-g1", 0)]  # the forced turn only
+
+
+async def test_a_pause_accepted_before_the_engine_is_asked_withdraws_a_scheduled_turn(w):
+    await scheduled(w)
+    w.store.clock.advance(11)
+    await w.store.submit(Job(kind=JobKind.TURN, game_id="g1", source=OpSource.SCHEDULER), w.defaults)
+    await w.job(JobKind.PAUSE, "g1")  # before the reconciler asked the engine for the turn
+    rec = await w.sync("g1")
+    assert w.engine.requests == [] and rec.turn == 0 and rec.paused and rec.converged
+    assert w.results("g1")[-2:] == [("turn", "failure", "superseded"), ("pause", "success", "")]
+    assert rec.last_error_code is None
+    w.store.clock.advance(60)
+    await w.sync("g1")
+    assert w.engine.requests == []
+
+
+async def test_a_turn_forced_before_a_pause_is_still_generated(w):
+    await scheduled(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.job(JobKind.PAUSE, "g1")  # the contract: a forced turn, paused or not
+    await w.sync("g1")
+    rec = await w.sync("g1")
+    assert rec.turn == 1 and rec.paused and rec.converged
+    assert w.results("g1")[-2:] == [("force_next_turn", "success", ""), ("pause", "success", "")]

@@ -13,7 +13,7 @@ import controller.intake as intake
 from controller.config import Settings
 from controller.leadership import Leadership
 from controller.metrics import Metrics
-from controller.relay import Relay
+from controller.relay import Relay, RelayStalled
 from desired.errors import StoreUnavailable
 from desired.leader import Fence
 from desired.model import ErrorCode, JobKind
@@ -99,6 +99,43 @@ async def test_the_relay_backs_off_during_an_outage_and_resumes():
     relay.stop()
     await asyncio.wait_for(task, 5)
     assert len(streams.fields_of(RESULTS)) == 2
+
+
+async def test_a_relay_that_keeps_failing_says_it_is_stalled_and_recovers():
+    """A check that keeps failing (a statement timeout is retried like an outage) is a stall, not a
+    quiet retry: past the limit check_stalled raises (/readyz) and the gauge counts; a finished pass
+    clears both."""
+    relay, streams, store = relay_world()
+    relay.stall_limit = 0.2
+    await answered(store, 1)
+    metrics = relay.metrics.registry
+    store.down = True  # every statement fails
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: relay.stalled_for() > 0.2, 5, what="the stall past its limit")
+        with pytest.raises(RelayStalled, match="no pass finished"):
+            relay.check_stalled()
+        assert metrics.get_sample_value("rtmanager_relay_stalled_seconds") > 0.2
+        store.down = False
+        await eventually(lambda: relay.stalled_for() == 0, 15, what="a pass finished")
+        relay.check_stalled()
+        assert metrics.get_sample_value("rtmanager_relay_stalled_seconds") == 0
+        assert len(streams.fields_of(RESULTS)) == 1
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_an_idle_relay_is_never_stalled():
+    relay, streams, store = relay_world()
+    relay.stall_limit = 0.0
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: relay.healthy, 5, what="a first pass")
+        relay.check_stalled()  # waiting for work is not a stall
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
 
 
 # ------------------------------------------------------------------ leadership
