@@ -177,15 +177,15 @@ class Intake:
                     first: bool = False) -> tuple[list[Entry], list[Entry]]:
         """New entries of ``names``, then every entry another consumer holds pending (a deposed
         leader's last read, taken before ours): the leader takes those over at once, before it
-        applies anything newer. Nothing to take over when a round's first read found nothing new."""
+        applies anything newer, even when nothing new came (its late read may have taken the last
+        entry there was)."""
         block = self._may_read(block_ms)
         got = await self.redis.read_new(names, READ_COUNT, block)
-        if not got and first:
-            if block_ms and not block:
-                await self._sleep(0.05)  # the term ends within READ_MARGIN unless renewed: do not spin
-            return [], []
         self._may_read()
-        return got, await self.redis.claim_others(self.streams, READ_COUNT)
+        taken = await self.redis.claim_others(self.streams, READ_COUNT)
+        if not got and not taken and first and block_ms and not block:
+            await self._sleep(0.05)  # the term ends within READ_MARGIN unless renewed: do not spin
+        return got, taken
 
     async def read_round(self, block_ms: int | None = BLOCK_MS) -> int:
         """Wait (bounded) for new entries, then handle every entry that has come, merged across
@@ -193,7 +193,7 @@ class Intake:
         names = list(self.streams)
         sent = asyncio.get_running_loop().time()
         got, taken = await self._read(names, block_ms, first=True)
-        if not got:
+        if not got and not taken:
             return 0
         return await self._merge(got, taken, read=names, sent=sent)
 
@@ -265,6 +265,8 @@ class Intake:
             if reread:  # on its own, its attempt counted first; what came before it is admitted first
                 await self._admit(batch)
                 batch = []
+                if game is not None and game in self.held:
+                    continue  # an earlier entry of its game, just admitted, failed: it holds this one
                 if not await self._process(entry, reread=True) and game is not None:
                     self.held.add(game)
                 continue

@@ -66,6 +66,7 @@ from observed.model import ContainerSpec, ObservedContainer
 log = logging.getLogger("rtmanager.reconciler")
 
 MAX_STEPS = 8
+REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 DAEMON_SETTLE = 5.0  # seconds an engine that exited as if asked to is watched for a daemon going away
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 WAITING = object()  # an action that will look again later by itself
@@ -276,6 +277,11 @@ class Reconciler:
                     await self._count_crash(record, Crash(code=exc.code, detail=exc.message, container_id=None))
                 else:
                     await self._fail(record, exc.code, exc.message)
+                    if record.desired_status is not DesiredStatus.RUNNING:
+                        # A stop or removal the daemon refuses: answered; try again later, not in
+                        # a loop of new generations.
+                        self.queue.add_after(game_id, REFUSED_RETRY)
+                        return
             except Conflict as exc:
                 result = "conflict"
                 log.info("record changed under us, looking again: %s", exc, extra={"game_id": game_id})

@@ -530,8 +530,8 @@ class Store:
         """``generation`` cannot converge: answer its jobs with this failure, and ask for what is safe
         now (desired/transitions.py ``failed``: roll back, stop, or keep removing).
 
-        When the game is to be stopped, its jobs are not answered yet: the failure is recorded on
-        them and answered by the transition that records the game stopped (results come after
+        When a game that was wanted running is to be stopped, its jobs are not answered yet: the
+        failure is recorded on them and answered by the transition that records the game stopped (results come after
         convergence: Lobby never hears of a failed start while its engine still runs). With
         ``answer_now`` (a job overdue) they are answered at once.
 
@@ -547,7 +547,10 @@ class Store:
             new = await self._write(conn, cur, new, now)
             jobs = await self._pending_ops(conn, game_id, generation)
             answer = f"{message}; rolled back to {target}" if target else message
-            if new.desired_status is DesiredStatus.STOPPED and not answer_now:
+            # Held only when the failed generation wanted the game running (a start whose engine
+            # never became healthy): a failed stop is answered now, or it would never be.
+            if (new.desired_status is DesiredStatus.STOPPED and cur.desired_status is DesiredStatus.RUNNING
+                    and not answer_now):
                 for op in jobs:  # answered once stopped (_end_op); a failure recorded first stands
                     await conn.execute("UPDATE runtime_operations SET error_code = $2, error_message = $3"
                                        " WHERE id = $1 AND error_code IS NULL", op.id, code.value, answer)

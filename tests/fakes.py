@@ -637,7 +637,8 @@ class FakeStore:
         new, target = transitions.failed(cur, now, code=code, message=message)
         jobs = [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
         self._swap(cur, new)
-        if new.desired_status is DesiredStatus.STOPPED and not answer_now:
+        if (new.desired_status is DesiredStatus.STOPPED and cur.desired_status is DesiredStatus.RUNNING
+                and not answer_now):
             for o in jobs:  # answered once stopped, like the store
                 if o.generation <= generation and o.error_code is None:
                     self.ops[self.ops.index(o)] = Operation(**{**o.__dict__, "error_code": code.value,

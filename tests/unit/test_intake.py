@@ -15,6 +15,7 @@ from controller.intake import READ_COUNT, Intake
 from controller.metrics import Metrics
 from controller.streams import entry_key
 from desired.errors import StoreUnavailable
+from desired.model import JobKind
 from tests.fakes import FakeStore, FakeStreams, defaults
 
 START, STOP, DEAD = "runtime:start_jobs", "runtime:stop_jobs", "runtime:dead_letters"
@@ -584,3 +585,49 @@ async def test_a_blocking_read_ends_before_the_term_could_lapse():
     intake.fence.deadline = _time.monotonic() + 0.3  # inside the margin: no blocking at all
     await intake.read_round(block_ms=1000)
     assert blocks[0] is not None and 0 < blocks[0] <= 300 and blocks[1] is None
+
+
+async def test_a_reread_stop_stays_held_when_its_start_admitted_just_before_it_fails():
+    """Found in review: the pending pass admitted the batch holding the game's start, which failed
+    (not an outage) and put the game on hold, then applied the re-read stop all the same."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    s, p = backlog_with_a_late_stop(streams)
+    store.fail_submit = StoreUnavailable("postgres: statement timeout")  # the round is cut
+    with pytest.raises(StoreUnavailable):
+        await intake.read_round(block_ms=None)
+    store.fail_submit = None
+    real_one, real_many = store.submit, store.submit_many
+
+    def target_start(job) -> bool:
+        return getattr(job, "game_id", None) == "target" and job.kind is JobKind.START
+
+    async def one(job, *a, **k):
+        if target_start(job):
+            raise RuntimeError("a bug in the start of target")
+        return await real_one(job, *a, **k)
+
+    async def many(items, *a, **k):
+        if any(target_start(i) for i in items):
+            raise RuntimeError("a bug in the start of target")
+        return await real_many(items, *a, **k)
+
+    store.submit, store.submit_many = one, many
+    await intake.pending_pass()
+    assert ops_of(store, "target") == []  # the stop waits behind its failed start
+    store.submit, store.submit_many = real_one, real_many
+    await intake.pending_pass()
+    assert ops_of(store, "target") == [("start", s), ("stop", p)]
+
+
+async def test_the_last_entry_a_deposed_leader_read_late_is_taken_over_at_once():
+    """Found in review: when nothing new came, the leader did not look at other consumers' pending
+    entries, so the last entry a deposed leader took waited for the idle claim (a minute)."""
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    s = start(streams, "target")
+    streams.deliver_to("old-leader", START)
+    await intake.read_round(block_ms=None)
+    assert ops_of(store, "target") == [("start", s)]

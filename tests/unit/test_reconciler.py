@@ -14,7 +14,7 @@ from controller.workqueue import WorkQueue
 from desired.errors import DockerUnavailable
 from desired.jobs import Job
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
-from observed.errors import BackendUnavailable, EngineUnreachable
+from observed.errors import BackendUnavailable, EngineUnreachable, Refused
 from observed.model import LABEL_DATABASE, LABEL_EPOCH, LABEL_GAME_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
 from tests.fakes import FakeBackend, FakeContainer, FakeEngine, FakeStore, defaults
 
@@ -604,6 +604,39 @@ async def test_a_failed_start_whose_engine_cannot_be_stopped_is_answered_after_t
     assert w.results("g1") == [("start", "failure", "engine_unhealthy")]
     message = w.store.results_for("g1")[-1]["error_message"]
     assert "did not answer" in message and "gave up" in message and "not stopped" in message
+
+
+async def test_a_stop_the_daemon_refuses_is_answered_and_retried_without_a_loop(tmp_path):
+    """Found in review: a stop the daemon refuses for good was held like a failed start's answer,
+    never answered, and bumped a new generation at every step."""
+    w = World(tmp_path)
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+
+    async def refuse(unit_id, grace):
+        raise Refused("cannot stop container: permission denied")
+
+    w.backend.stop = refuse  # type: ignore[method-assign]
+    await w.job(JobKind.STOP, "g1")
+    generation = w.store.records["g1"].generation
+    for _ in range(3):
+        await w.sync("g1")
+    assert w.results("g1")[-1] == ("stop", "failure", "container_start_failed")
+    assert w.store.records["g1"].generation <= generation + 3  # one try per pass, not a loop
+
+
+async def test_a_failed_start_whose_engine_the_daemon_refuses_to_stop_is_answered(tmp_path):
+    w = World(tmp_path)
+
+    async def refuse(unit_id, grace):
+        raise Refused("cannot stop container: permission denied")
+
+    w.backend.stop = refuse  # type: ignore[method-assign]
+    await w.job(JobKind.START, "g1", "galaxy/engine-stub:mute")
+    await w.sync("g1")
+    [(job, outcome, code)] = w.results("g1")
+    assert (job, outcome, code) == ("start", "failure", "engine_unhealthy")
+    assert "not stopped" in w.store.results_for("g1")[-1]["error_message"]
 
 
 # ------------------------------------------------------- the turn clock against a pause or a force
