@@ -27,6 +27,7 @@ from datetime import datetime
 from desired.model import (
     CONTROL_OPS,
     GAME_ID_PATTERN,
+    MAX_TURN,
     DesiredStatus,
     ErrorCode,
     JobKind,
@@ -359,6 +360,10 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
         # One turn past the engine's last completed turn. Two at once, a redelivery, or a forced
         # turn during a generation ask for the same turn: never two turns for one request.
         target = next_turn(record)
+        if target > MAX_TURN:  # no column holds the next turn: this game's turns are over
+            return Decision(action="reject", record=record, error_code=ErrorCode.GENERATION_FAILED,
+                            message=f"game {job.game_id} is at turn {record.turn}, the largest turn a game can "
+                                    "have; there is no next turn")
         if record.desired_turn is not None and record.desired_turn >= target:
             return Decision(action="join", record=record)
         return _bump(record, now, desired_turn=target)

@@ -28,7 +28,7 @@ def test_a_redis_that_refuses_writes_is_unavailable(message):
 
 @pytest.mark.parametrize("message", REFUSALS)
 def test_a_refusal_inside_a_pipeline_is_unavailable_too(message):
-    """redis-py rewrites a pipeline's error: ``Command # 1 (XADD ...) of pipeline caused error: ('NOREPLICAS ...',)``."""
+    """redis-py rewrites a pipeline's error: ``... of pipeline caused error: ('NOREPLICAS ...',)``."""
     exc = redis.exceptions.ResponseError(message)
     exc.args = (f"Command # 1 (XADD runtime:job_results * game_id g1) of pipeline caused error: {exc.args}",)
     assert isinstance(_translate(exc), StreamsUnavailable)
