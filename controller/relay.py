@@ -33,6 +33,7 @@ from controller.config import Settings
 from controller.metrics import Metrics
 from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
+from desired.leader import Fenced
 from desired.store import Store
 
 log = logging.getLogger("rtmanager.relay")
@@ -85,11 +86,18 @@ class Relay:
                     last_check = loop.time()
                 published = await self.flush()
                 self.healthy = True
+                self.metrics.loop_ok("relay")
                 delay = 0.2
-            except OUTAGES as exc:
+            except Fenced:
+                raise  # the term is over: the composition root steps down
+            except Exception as exc:  # noqa: BLE001 - an outage, or an error nobody classified: back off, never die
                 self.healthy = False
                 self._suspect = self._verify = True
-                log.warning("relay paused, retrying in %.1fs: %s", delay, exc)
+                self.metrics.loop_failed("relay", exc)
+                if isinstance(exc, OUTAGES):
+                    log.warning("relay paused, retrying in %.1fs: %s", delay, exc)
+                else:
+                    log.exception("relay failed unexpectedly, retrying in %.1fs", delay)
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
