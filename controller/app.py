@@ -357,11 +357,15 @@ async def prepare_database(settings: Settings) -> Identity:
         await pool.close()
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -> int:
+    """``signalled``: whether a SIGTERM or SIGINT came before the event loop took the signals over
+    (the CLI catches them from the process's first moment)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal during start-up ends it cleanly too
         loop.add_signal_handler(sig, stopping.set)
+    if signalled is not None and signalled():
+        stopping.set()
     try:
         identity = await _until(stopping, prepare_database(settings))
     except WrongInstance as exc:
