@@ -196,7 +196,8 @@ def test_start_job_through_the_compose_stack(stack: Stack) -> None:
     base = f"http://127.0.0.1:{stack.http_port}"
     ready = wait_for("rtmanager /readyz", lambda: (lambda r: r[0] == 200 and json.loads(r[1]))(http_get(
         f"{base}/readyz")), timeout=180, detail=stack.logs)
-    assert ready["ready"] is True and ready["checks"] == {"docker": "ok", "redis": "ok", "postgres": "ok"}, ready
+    assert ready["ready"] is True and ready["checks"] == {"docker": "ok", "redis": "ok", "postgres": "ok",
+                                                          "loops": "ok"}, ready
 
     # rtmanager runs as uid 10001 with the socket's group, no capabilities, read-only root.
     rtm = stack.container("rtmanager")
