@@ -4,9 +4,14 @@ the triggers controller/triggers.py, admission controller/admission.py.
 
 Tasks. Always: the leadership loop and the HTTP server. While this replica
 leads: the intake, the outbox relay, N reconcile workers, the resync, the
-NOTIFY listener, the health round and the backend's event reader. A leader task
-that dies of a fenced write steps this replica down (it campaigns again); any
-other death stops the process loudly (exit 1) instead of limping on.
+NOTIFY listener, the health round and the backend's event reader. Each loop
+survives what goes wrong in it: per-game work fails or retries that game, and a
+failed iteration is logged, counted (``rtmanager_loop_errors_total``), shown on
+``/readyz`` and retried with a capped backoff. A leader task that dies of a
+fenced write steps this replica down (it campaigns again); a task that ends
+any other way is logged, counted (``rtmanager_loop_restarts_total``) and
+started again after a backoff: a poison value must not end the process, since
+every restart (and every replica) would meet it again.
 
 Shutdown (SIGTERM / SIGINT): stop reading jobs, let the workers finish the
 action in hand (bounded), stop the relay and flush the outbox once, hand the
@@ -16,9 +21,10 @@ lease over, close the clients, exit 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 
 from controller.admission import Admission
 from controller.config import Settings
@@ -46,6 +52,9 @@ from observed.errors import ObservedError
 log = logging.getLogger("rtmanager")
 
 SHUTDOWN_DRAIN = 5.0  # seconds workers may finish the action in hand; the next leader redoes the rest
+RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # seconds before a task that ended unexpectedly starts again, doubling
+RESTART_RESET = 60.0  # a task that ran this long before it ended starts again after RESTART_FIRST
+SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock"}  # call Metrics.loop_ok
 STARTUP_WAIT = 60.0
 
 
@@ -76,6 +85,7 @@ class Controller:
         self._last_adds = 0
         self.results_changed = asyncio.Event()
         self.events = None
+        self._restart_delay: dict[str, float] = {}
 
     # ---------------------------------------------------------------- wiring
     def _queue_changed(self, q: WorkQueue) -> None:
@@ -163,7 +173,7 @@ class Controller:
             pull_image=self._pull_image))
         if s.http_port:
             await self.http.start()
-        self._spawn("leadership", self.leadership.run(self.stopping))
+        self._spawn("leadership", lambda: self.leadership.run(self.stopping))
 
     # ------------------------------------------------------------ leadership
     async def _lead(self) -> None:
@@ -173,15 +183,17 @@ class Controller:
         # Claims everything once; reads only while this term is valid.
         self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics, fence=self.fence)
         self.relay.reset()
-        self._spawn("relay", self.relay.run(), leader=True)
-        self._spawn("intake", self.intake.run(), leader=True)
+        term = self.term_stopping
+        listener = Notifications(s.database_url, self.queue.add)
+        self._spawn("relay", self.relay.run, leader=True)
+        self._spawn("intake", self.intake.run, leader=True)
         for n in range(s.concurrency):
-            self._spawn(f"worker-{n}", self.reconciler.worker(n), leader=True)
-        self._spawn("resync", self.resync.run(self.term_stopping), leader=True)
-        self._spawn("listener", Notifications(s.database_url, self.queue.add).run(self.term_stopping), leader=True)
+            self._spawn(f"worker-{n}", functools.partial(self.reconciler.worker, n), leader=True)
+        self._spawn("resync", lambda: self.resync.run(term), leader=True)
+        self._spawn("listener", lambda: listener.run(term), leader=True)
         if s.health_interval > 0:
-            self._spawn("health", self.health.run(self.term_stopping), leader=True)
-        self._spawn("turn-clock", self.turn_clock.run(self.term_stopping), leader=True)
+            self._spawn("health", lambda: self.health.run(term), leader=True)
+        self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
         self.events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
         self.events.start()
 
@@ -196,6 +208,9 @@ class Controller:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for name in list(self.metrics.failing_loops):  # the term's loops are gone: nothing of theirs fails
+            if name != "leadership":
+                self.metrics.loop_ok(name)
 
     def _on_backend_event(self, game_id: str, action: str) -> None:
         log.debug("backend event %s", action, extra={"game_id": game_id})
@@ -207,25 +222,52 @@ class Controller:
             self.events = None
 
     # ----------------------------------------------------------- supervision
-    def _spawn(self, name: str, coro: Coroutine, leader: bool = False) -> None:
-        task = asyncio.create_task(coro, name=name)
+    def _spawn(self, name: str, factory: Callable[[], Coroutine], leader: bool = False) -> None:
+        """Run ``factory()`` as a task; ``factory`` starts it again if it ends unexpectedly."""
+        task = asyncio.create_task(factory(), name=name)
         (self.leader_tasks if leader else self.tasks).append(task)
-        task.add_done_callback(self._task_ended)
+        term = self.term_stopping if leader else None
+        started = asyncio.get_running_loop().time()
+        task.add_done_callback(lambda t: self._task_ended(t, factory, term, started))
 
-    def _task_ended(self, task: asyncio.Task) -> None:
-        """Supervision: a fenced leader task steps this replica down; any other death stops the
-        process loudly instead of limping on."""
+    def _task_ended(self, task: asyncio.Task, factory: Callable[[], Coroutine] | None = None,
+                    term: asyncio.Event | None = None, started: float = 0.0) -> None:
+        """Supervision: a fenced leader task steps this replica down; a task that ends any other way
+        (an error, or returning while nobody asked it to stop) is started again after a backoff
+        (doubling per quick death, capped), for as long as its term lasts. Never the process's end:
+        the restart would meet the same poison value, and so would every replica."""
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is None and (self.stopping.is_set() or self.term_stopping.is_set()):
+        if self.stopping.is_set() or (term is not None and term.is_set()):
+            if exc is not None and not isinstance(exc, Fenced):
+                log.error("task %s ended while stopping: %r", task.get_name(), exc, exc_info=exc)
             return
         if isinstance(exc, Fenced):
             self.leadership.lost(f"{task.get_name()}: {exc}")
             return
-        log.critical("task %s ended unexpectedly: %r", task.get_name(), exc, exc_info=exc)
-        self.exit_code = self.exit_code or 1
-        self.stopping.set()
+        name = task.get_name()
+        for tasks in (self.leader_tasks, self.tasks):
+            if task in tasks:
+                tasks.remove(task)
+        loop = asyncio.get_running_loop()
+        previous = self._restart_delay.get(name)
+        quick = previous is not None and loop.time() - started < RESTART_RESET
+        delay = min(previous * 2, RESTART_MAX) if quick and previous is not None else RESTART_FIRST
+        self._restart_delay[name] = delay
+        self.metrics.loop_failed(name, exc or RuntimeError("the task returned"))
+        self.metrics.loop_restarts.labels(name).inc()
+        log.critical("task %s ended unexpectedly (%r); starting it again in %.1fs", name, exc, delay, exc_info=exc)
+        if factory is not None:
+            loop.call_later(delay, self._restart, name, factory, term)
+
+    def _restart(self, name: str, factory: Callable[[], Coroutine], term: asyncio.Event | None) -> None:
+        if self.stopping.is_set() or (term is not None and (term.is_set() or term is not self.term_stopping)):
+            return  # stopping, or the term it served is over (a new term starts its own)
+        log.warning("starting task %s again", name)
+        if name not in SELF_REPORTING:
+            self.metrics.loop_ok(name)  # the others say so themselves once an iteration succeeds
+        self._spawn(name, factory, leader=term is not None)
 
     async def run_until_stopped(self, handle_signals: bool = True) -> int:
         if handle_signals:
@@ -322,11 +364,15 @@ async def prepare_database(settings: Settings) -> Identity:
         await pool.close()
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -> int:
+    """``signalled``: whether a SIGTERM or SIGINT came before the event loop took the signals over
+    (the CLI catches them from the process's first moment)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a signal during start-up ends it cleanly too
         loop.add_signal_handler(sig, stopping.set)
+    if signalled is not None and signalled():
+        stopping.set()
     try:
         identity = await _until(stopping, prepare_database(settings))
     except WrongInstance as exc:

@@ -18,16 +18,36 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 
-from controller.config import VARIABLES, ConfigError, Settings
-from controller.logs import redact_url, setup_logging
+# rtmanager run: SIGTERM and SIGINT are caught from the process's first moment, before the heavy
+# imports and the event loop; one that comes before the event loop takes them over is noted here
+# and honoured as soon as start-up can stop cleanly (exit 0). Without this, a SIGTERM in the first
+# few hundred milliseconds killed the process (exit status -15).
+_signalled: list[int] = []
+
+
+def _note_signal(signum, frame) -> None:
+    _signalled.append(signum)
+
+
+def _catch_signals_early() -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _note_signal)
+
+
+if sys.argv[1:2] == ["run"] and sys.argv[0].rsplit("/", 1)[-1] in ("rtmanager", "cli.py"):
+    _catch_signals_early()  # `rtmanager run` or `python -m controller.cli run`: before anything else
+
+import argparse  # noqa: E402 - after the signal handlers, on purpose
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import os  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+
+from controller.config import VARIABLES, ConfigError, Settings  # noqa: E402
+from controller.logs import redact_url, setup_logging  # noqa: E402
 
 
 def _settings() -> Settings:
@@ -329,11 +349,9 @@ def _state_root(root: str) -> tuple[bool, bool]:
     return os.access(probe_dir, os.W_OK), os.path.isdir(root)
 
 
-def _stopped_while_starting(signum, frame) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> None:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
+        _catch_signals_early()
     parser = argparse.ArgumentParser(prog="rtmanager", description="Runtime Manager of the Galaxy game platform")
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="run the controller in the foreground")
@@ -382,11 +400,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("adopt needs GAME... or --all")
     settings = _settings()
     if args.command == "run":
-        # A SIGTERM before the event loop takes the signals over ends start-up cleanly (exit 0).
-        signal.signal(signal.SIGTERM, _stopped_while_starting)
         setup_logging(args.log_format or settings.log_format, settings.log_level)
         from controller.app import run
-        raise SystemExit(asyncio.run(run(settings)))
+        if _signalled:  # a SIGTERM or SIGINT during the imports: nothing has started yet
+            raise SystemExit(0)
+        code = asyncio.run(run(settings, signalled=lambda: bool(_signalled)))
+        _catch_signals_early()  # closing the event loop gave the signals back to their defaults
+        raise SystemExit(code)
     setup_logging("text", "WARNING")
     handlers = {
         "migrate": lambda: _migrate(settings),

@@ -136,10 +136,17 @@ class Intake:
                     await self.maintain()
                     next_maintenance = loop.time() + self.pending_interval
                 self.healthy = True
+                self.metrics.loop_ok("intake")
                 delay = 0.2
-            except OUTAGES as exc:
+            except Fenced:
+                raise  # the term is over: the composition root steps down
+            except Exception as exc:  # noqa: BLE001 - an outage, or an error nobody classified: back off, never die
                 self.healthy = False
-                log.warning("intake paused, retrying in %.1fs: %s", delay, exc)
+                self.metrics.loop_failed("intake", exc)
+                if isinstance(exc, OUTAGES):
+                    log.warning("intake paused, retrying in %.1fs: %s", delay, exc)
+                else:
+                    log.exception("intake failed unexpectedly, retrying in %.1fs", delay)
                 next_pending_pass = 0.0
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)

@@ -75,8 +75,14 @@ class Leadership:
             self.metrics.leader.set(1)
             self.metrics.leadership.labels("elected").inc()
             log.info("elected leader", extra={"epoch": self.fence.epoch})
-            await self._on_elected()
-            reason = await self._hold(stopping)
+            try:
+                await self._on_elected()
+            except Exception as exc:  # noqa: BLE001 - the term cannot be served: step down, campaign again
+                log.exception("could not start the leader's tasks")
+                self.metrics.loop_failed("leadership", exc)
+                reason = f"the leader's tasks could not start: {exc.__class__.__name__}: {exc}"
+            else:
+                reason = await self._hold(stopping)
             if reason is None:
                 return  # graceful shutdown: the root releases the lease
             self.leading = False
@@ -95,12 +101,18 @@ class Leadership:
                         log.warning("took back the lease held under this replica's name %s (a restart after a "
                                     "crash; if another live process uses the same RTMANAGER_CONSUMER_NAME, it "
                                     "now stands by)", self.fence.holder)
+                    self.metrics.loop_ok("leadership")
                     return True
+                self.metrics.loop_ok("leadership")
                 if not announced:
                     log.info("standing by: another replica holds the lease of instance %s", self.fence.instance)
                     announced = True
-            except StoreUnavailable as exc:
-                log.warning("leader election: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - Postgres away, or a bug: campaign again, never die
+                self.metrics.loop_failed("leadership", exc)
+                if isinstance(exc, StoreUnavailable):
+                    log.warning("leader election: %s", exc)
+                else:
+                    log.exception("leader election failed unexpectedly")
             try:
                 await asyncio.wait_for(stopping.wait(), min(1.0, self.ttl / 3))
             except TimeoutError:
@@ -122,12 +134,18 @@ class Leadership:
                 return "another replica took over"
             try:
                 if await self.lease.renew():
+                    self.metrics.loop_ok("leadership")
                     continue
                 if not self.fence.valid_locally:
                     return "the lease could not be renewed before it expired"
                 return "another replica holds the lease"
-            except StoreUnavailable as exc:
+            except Exception as exc:  # noqa: BLE001 - Postgres away, or a bug: retry until the term lapses
+                self.metrics.loop_failed("leadership", exc)
                 if not self.fence.valid_locally:
-                    return f"the lease expired while Postgres was unreachable ({exc})"
-                log.warning("could not renew the lease (retrying until term %d lapses): %s", self.fence.epoch, exc)
+                    return f"the lease expired while it could not be renewed ({exc.__class__.__name__}: {exc})"
+                if isinstance(exc, StoreUnavailable):
+                    log.warning("could not renew the lease (retrying until term %d lapses): %s", self.fence.epoch,
+                                exc)
+                else:
+                    log.exception("could not renew the lease (retrying until term %d lapses)", self.fence.epoch)
         return None

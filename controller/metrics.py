@@ -81,6 +81,25 @@ class Metrics:
                                         "Reconciles that failed with an error that is neither an outage nor a "
                                         "conflict (a bug or bad data; see the log)", registry=r)
 
+        self.loop_errors = Counter("rtmanager_loop_errors_total",
+                                   "Iterations of a loop that failed (an outage, or an error nobody classified: "
+                                   "see the log); the loop backs off and tries again", ["loop"], registry=r)
+        self.loop_failing = Gauge("rtmanager_loop_failing", "1 while a loop's last iteration failed", ["loop"],
+                                  registry=r)
+        self.loop_restarts = Counter("rtmanager_loop_restarts_total",
+                                     "Loops that ended unexpectedly and were started again after a backoff",
+                                     ["loop"], registry=r)
+        self.failing_loops: dict[str, str] = {}  # loop -> its last error, while failing (/readyz)
+
+    def loop_failed(self, loop: str, exc: BaseException) -> None:
+        self.loop_errors.labels(loop).inc()
+        self.loop_failing.labels(loop).set(1)
+        self.failing_loops[loop] = f"{exc.__class__.__name__}: {exc}"[:200]
+
+    def loop_ok(self, loop: str) -> None:
+        if self.failing_loops.pop(loop, None) is not None:
+            self.loop_failing.labels(loop).set(0)
+
     def docker_observer(self, op: str, seconds: float, ok: bool) -> None:
         self.docker_calls.labels(op, "ok" if ok else "error").inc()
         self.docker_seconds.labels(op).observe(seconds)

@@ -39,6 +39,7 @@ from controller.config import Settings
 from controller.metrics import Metrics
 from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
+from desired.leader import Fenced
 from desired.store import Store
 
 log = logging.getLogger("rtmanager.relay")
@@ -120,12 +121,19 @@ class Relay:
                 self.healthy = True
                 self._busy_since = None
                 self.last_error = ""
+                self.metrics.loop_ok("relay")
                 delay = 0.2
-            except OUTAGES as exc:
+            except Fenced:
+                raise  # the term is over: the composition root steps down
+            except Exception as exc:  # noqa: BLE001 - an outage, or an error nobody classified: back off, never die
                 self.healthy = False
                 self._suspect = self._verify = True
                 self.last_error = str(exc)[:200]
-                log.warning("relay paused, retrying in %.1fs: %s", delay, exc)
+                self.metrics.loop_failed("relay", exc)
+                if isinstance(exc, OUTAGES):
+                    log.warning("relay paused, retrying in %.1fs: %s", delay, exc)
+                else:
+                    log.exception("relay failed unexpectedly, retrying in %.1fs", delay)
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue

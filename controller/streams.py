@@ -2,8 +2,10 @@
 
 This module owns redis-py: nothing else in the controller imports it, and its
 errors do not leave here. A Redis that is away (connection refused, timeout, a
-replica during fail-over, a server still loading) raises ``StreamsUnavailable``
-(retry with backoff); a group or stream deleted under us raises ``GroupMissing``
+replica during fail-over, a server still loading) or that refuses writes for a while
+(``MISCONF``: a failed background save or a full disk; ``NOREPLICAS``: too few replicas for
+min-replicas-to-write; ``READONLY``, ``LOADING``, ``BUSY``, ``OOM``, ...) raises
+``StreamsUnavailable`` (retry with backoff); a group or stream deleted under us raises ``GroupMissing``
 (create it again); any other error is a bug and raises ``StreamsError``.
 
 Entry fields stay bytes: a job entry may carry anything, and the job parser is
@@ -19,6 +21,7 @@ trimmed below what has been handled (controller/intake.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -39,6 +42,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# Error codes of a Redis that answers but refuses for a while; redis-py raises most of them as a
+# plain ResponseError (inside a pipeline, with its message rewritten: see _error_code).
+_REFUSING = frozenset({"MISCONF", "NOREPLICAS", "READONLY", "LOADING", "BUSY", "OOM", "MASTERDOWN", "TRYAGAIN",
+                       "CLUSTERDOWN"})
+_PIPELINE_ERROR = re.compile(r"of pipeline caused error: \(?['\"]?([A-Z]+)\b")
+
+
 class StreamsUnavailable(TemporaryError):
     """Redis did not answer: retry with backoff."""
 
@@ -51,8 +61,19 @@ class StreamsError(RtmError):
     """Redis answered with an error that is not an outage."""
 
 
+def _error_code(exc: BaseException) -> str:
+    """The code Redis put first in its error, also when a pipeline rewrote the message as
+    ``Command # N (...) of pipeline caused error: ('CODE ...',)``."""
+    message = str(exc)
+    found = _PIPELINE_ERROR.findall(message)  # the last one: the command's text comes before it
+    if found:
+        return found[-1]
+    return message.split(" ", 1)[0]
+
+
 def _translate(exc: BaseException) -> BaseException | None:
-    if isinstance(exc, _UNAVAILABLE):
+    if isinstance(exc, _UNAVAILABLE) or (isinstance(exc, redis.exceptions.ResponseError)
+                                         and _error_code(exc) in _REFUSING):
         return StreamsUnavailable(f"redis: {exc.__class__.__name__}: {exc}")
     if isinstance(exc, redis.exceptions.ResponseError) and "NOGROUP" in str(exc):
         return GroupMissing(f"redis: {exc}")

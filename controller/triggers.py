@@ -26,8 +26,9 @@ from controller.metrics import Metrics
 from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
 from controller.workqueue import WorkQueue
-from desired.errors import Conflict, StoreUnavailable
+from desired.errors import Conflict, StoreUnavailable, TemporaryError
 from desired.jobs import Job
+from desired.leader import Fenced
 from desired.model import JobKind, OpSource, container_name
 from desired.store import Store
 from observed.backend import RuntimeBackend
@@ -37,6 +38,8 @@ log = logging.getLogger("rtmanager.triggers")
 PRUNE_EVERY = 3600.0
 MIN_TICK = 0.25  # seconds between two ticks of the turn clock, at least
 HEALTH_CONCURRENCY = 16
+TICK_RETRY, TICK_RETRY_MAX = 2.0, 30.0   # seconds between failed ticks of the turn clock, doubling
+GAME_RETRY, GAME_RETRY_MAX = 1.0, 60.0   # seconds before a game whose turn job failed is asked again
 
 
 async def wait_any(*events: asyncio.Event, timeout: float | None) -> None:
@@ -114,13 +117,18 @@ class Resync:
                 queued = await self.once()
                 self.metrics.resync_seconds.observe(loop.time() - t0)
                 self.metrics.resyncs.labels("ok").inc()
+                self.metrics.loop_ok("resync")
                 self.metrics.ready.set(1 if await self._ready_check() else 0)
                 if queued:
                     log.info("resync queued %d games", queued)
             except Exception as exc:  # noqa: BLE001 - the backend or Postgres away: next interval
                 self.metrics.resyncs.labels("error").inc()
+                self.metrics.loop_failed("resync", exc)
                 self.metrics.ready.set(0)
-                log.warning("resync failed: %s", exc)
+                if isinstance(exc, TemporaryError):
+                    log.warning("resync failed: %s", exc)
+                else:
+                    log.exception("resync failed unexpectedly; trying again next interval")
             await wait_any(stopping, self.now, timeout=self.interval)
             self.now.clear()
 
@@ -146,7 +154,13 @@ class HealthRound:
 
         async def probe(rec) -> None:
             async with sem:
-                await self.reconciler.observe(rec, addresses.get(rec.current_container_id or ""))
+                try:
+                    await self.reconciler.observe(rec, addresses.get(rec.current_container_id or ""))
+                except (TemporaryError, Fenced):
+                    raise  # not this game's doing: the round fails
+                except Exception:  # noqa: BLE001 - this game's bad data fails this game's probe, not the round
+                    self.metrics.reconcile_errors.inc()
+                    log.exception("health probe failed", extra={"game_id": rec.game_id})
 
         await asyncio.gather(*(probe(r) for r in records))
 
@@ -159,8 +173,15 @@ class HealthRound:
                 t0 = asyncio.get_running_loop().time()
                 await self.once()
                 self.metrics.health_round_seconds.observe(asyncio.get_running_loop().time() - t0)
-            except Exception as exc:  # noqa: BLE001 - Postgres or the backend away: next interval
-                log.warning("health round failed: %s", exc)
+                self.metrics.loop_ok("health")
+            except Fenced:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Postgres or the backend away, or a bug: next interval
+                self.metrics.loop_failed("health", exc)
+                if isinstance(exc, TemporaryError):
+                    log.warning("health round failed: %s", exc)
+                else:
+                    log.exception("health round failed unexpectedly; trying again next interval")
 
 
 class TurnClock:
@@ -177,27 +198,64 @@ class TurnClock:
         self.metrics = metrics
         self.max_sleep = max_sleep
         self.wake = asyncio.Event()
+        self.held: dict[str, tuple[float, float]] = {}  # game -> (not before, backoff): its turn job failed
 
     async def tick(self) -> float:
-        """Ask for the turns that are due; return the seconds until the next one."""
+        """Ask for the turns that are due; return the seconds until the next one.
+
+        A game whose turn job fails for a reason that is not an outage (its record's bad data, a
+        bug) is that game's failure: it is logged and tried again after a backoff of its own
+        (GAME_RETRY, doubling up to GAME_RETRY_MAX); the other games get their turns."""
         due, next_in = await self.store.due_turns()
+        now = time.monotonic()
+        self.held = {g: h for g, h in self.held.items() if g in due}
         asked = 0
         for game_id in due:
-            # Decided again under the record's lock: a pause or a forced turn since the query skips it.
-            outcome = await self.admission.submit(Job(kind=JobKind.TURN, game_id=game_id, source=OpSource.SCHEDULER))
-            asked += outcome.decision is not None and outcome.decision.action != "skip"
+            held = self.held.get(game_id)
+            if held is not None and held[0] > now:
+                continue
+            try:
+                # Decided again under the record's lock: a pause or a forced turn since the query skips it.
+                outcome = await self.admission.submit(Job(kind=JobKind.TURN, game_id=game_id,
+                                                          source=OpSource.SCHEDULER))
+            except (TemporaryError, Fenced):
+                raise  # not this game's doing: the tick fails
+            except Conflict:
+                continue  # the record moved meanwhile: the next tick looks again
+            except Exception:  # noqa: BLE001 - this game's turn fails, not the clock
+                backoff = min(held[1] * 2, GAME_RETRY_MAX) if held is not None else GAME_RETRY
+                self.held[game_id] = (now + backoff, backoff)
+                self.metrics.turns.labels("error").inc()
+                log.exception("turn clock: could not ask for a turn; trying this game again in %.0fs", backoff,
+                              extra={"game_id": game_id})
+                continue
+            self.held.pop(game_id, None)
+            decision = getattr(outcome, "decision", None)
+            asked += decision is None or decision.action != "skip"
         if asked:
             log.info("turn clock: asked for %d turns", asked)
-        return self.max_sleep if next_in is None else min(next_in, self.max_sleep)
+        delay = self.max_sleep if next_in is None else min(next_in, self.max_sleep)
+        if self.held:
+            delay = min(delay, max(0.0, min(h[0] for h in self.held.values()) - now))
+        return delay
 
     async def run(self, stopping: asyncio.Event) -> None:
+        backoff = TICK_RETRY
         while not stopping.is_set():
             self.wake.clear()  # a wake while the tick runs is kept for the next one
             try:
                 delay = await self.tick()
-            except (StoreUnavailable, Conflict) as exc:
-                log.warning("turn clock: %s", exc)
-                delay = 2.0
+                backoff = TICK_RETRY
+                self.metrics.loop_ok("turn-clock")
+            except Fenced:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Postgres away, or a bug: back off, never die
+                self.metrics.loop_failed("turn-clock", exc)
+                if isinstance(exc, (StoreUnavailable, Conflict)):
+                    log.warning("turn clock: %s; retrying in %.1fs", exc, backoff)
+                else:
+                    log.exception("turn clock failed unexpectedly; retrying in %.1fs", backoff)
+                delay, backoff = backoff, min(backoff * 2, TICK_RETRY_MAX)
             # Every result written wakes the clock (a new game, a generated turn): at most a few
             # due-time queries a second, however many results are written.
             await wait_any(stopping, timeout=min(MIN_TICK, delay))
@@ -241,6 +299,9 @@ class Readiness:
                 results[name] = f"error: {exc.__class__.__name__}"
 
         await asyncio.gather(*(one(n, fn) for n, fn in self.checks.items()))
+        failing = dict(self.metrics.failing_loops)  # loops backing off: an outage the pings miss, or a bug
+        results["loops"] = "ok" if not failing else "error: " + "; ".join(f"{k}: {v}"
+                                                                         for k, v in sorted(failing.items()))
         self.metrics.ready.set(1 if all(v == "ok" for v in results.values()) else 0)
         self._cached = (time.monotonic(), results)
         return results

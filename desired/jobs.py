@@ -29,6 +29,7 @@ from desired import transitions
 from desired.model import (
     CONTROL_OPS,
     GAME_ID_PATTERN,
+    MAX_TURN,
     DesiredStatus,
     ErrorCode,
     JobKind,
@@ -385,6 +386,10 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
         # One turn past the engine's last completed turn. Two at once, a redelivery, or a forced
         # turn during a generation ask for the same turn: never two turns for one request.
         target = next_turn(record)
+        if target > MAX_TURN:  # no column holds the next turn: this game's turns are over
+            return Decision(action="reject", record=record, error_code=ErrorCode.GENERATION_FAILED,
+                            message=f"game {job.game_id} is at turn {record.turn}, the largest turn a game can "
+                                    "have; there is no next turn")
         if record.desired_turn is not None and record.desired_turn >= target:
             return Decision(action="join", record=record)
         return _bump(record, now, desired_turn=target)
@@ -395,12 +400,14 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
 def turn_due(record: RuntimeRecord, now: datetime) -> bool:
     """The turn clock's condition (``Store.due_turns``), decided again under the record's lock when
     its ``turn`` job is submitted: running, unpaused, converged, with an admin API, no turn already
-    asked for, and the interval passed since the later of the last turn and the start or resume."""
+    asked for, a next turn that fits its column, and the interval passed since the later of the last turn and the start or resume."""
     if (record.turn_interval <= 0 or record.paused or record.desired_status is not DesiredStatus.RUNNING
             or record.status is not Status.RUNNING or record.admin_api is not True or not record.converged):
         return False
     if record.desired_turn is not None and (record.turn is None or record.desired_turn > record.turn):
         return False
+    if record.turn is not None and record.turn >= MAX_TURN:
+        return False  # no column holds the next turn (Store.due_turns leaves the game out too)
     since = record.clock_from or record.created_at
     base = max(record.last_turn_at or since, since)
     return now >= base + timedelta(seconds=record.turn_interval)

@@ -39,6 +39,9 @@ from typing import Any
 # before a trailing newline, so match() would let "g1\n" through.
 GAME_ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,49}[a-z0-9])?$")
 CONTAINER_PREFIX = "galaxy-game-"
+# The turn columns are PostgreSQL integers: a game at MAX_TURN cannot get a next turn, and an
+# engine reporting more (or less than 0) gives a garbage answer.
+MAX_TURN = 2**31 - 1
 
 
 class Status(str, enum.Enum):
@@ -278,7 +281,11 @@ class RuntimeRecord:
         need(self.spec_revision >= 0, "spec_revision must not be negative")
         need(self.crash_count >= 0, "crash_count must not be negative")
         need(self.probe_failures >= 0, "probe_failures must not be negative")
-        need(self.turn is None or self.turn >= 0, "turn must not be negative")
+        need(self.turn is None or 0 <= self.turn <= MAX_TURN, f"turn must be from 0 to {MAX_TURN}")
+        need(self.desired_turn is None or 0 <= self.desired_turn <= MAX_TURN,
+             f"desired_turn must be from 0 to {MAX_TURN}")
+        need(self.last_exit_code is None or -2**31 <= self.last_exit_code <= MAX_TURN,
+             "last_exit_code must be a 32-bit integer")
         need(self.snapshot_revision >= 0, "snapshot_revision must not be negative")
 
     def replace(self, **changes: Any) -> RuntimeRecord:

@@ -43,6 +43,7 @@ from desired.errors import Conflict, NotFound
 from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide, replaces
 from desired.leader import Fence
 from desired.model import (
+    MAX_TURN,
     UP,
     DesiredStatus,
     ErrorCode,
@@ -455,6 +456,7 @@ class Store:
             " coalesce(clock_from, created_at)) + make_interval(secs => turn_interval) - now())::float8 AS due_in"
             " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
             " AND status = 'running' AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
+            f" AND (turn IS NULL OR turn < {MAX_TURN})"  # at the largest turn there is no next one
             " AND observed_generation = generation ORDER BY due_in LIMIT $1", limit)
         due = [r["game_id"] for r in rows if r["due_in"] <= 0]
         later = [r["due_in"] for r in rows if r["due_in"] > 0]

@@ -39,6 +39,7 @@ from observed.text import safe_text
 HEALTH_BODY_LIMIT = 4096      # bytes of a health answer ever read
 ADMIN_BODY_LIMIT = 64 * 1024  # bytes of an admin answer ever read
 PHASES = ("idle", "generating", "finished")
+MAX_TURN = 2**31 - 1          # the contract: a turn is a 32-bit signed integer, never negative
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,14 +160,20 @@ def parse_status(data: Any) -> EngineStatus:
     if not isinstance(data, dict):
         raise bad("not a JSON object")
     turn, phase = data.get("turn"), data.get("phase")
-    if not isinstance(turn, int) or isinstance(turn, bool) or turn < 0:
-        raise bad("turn must be a non-negative integer")
+    if not _is_turn(turn):
+        raise bad(f"turn must be an integer from 0 to {MAX_TURN}")
     if phase not in PHASES:
         raise bad(f"phase must be one of {', '.join(PHASES)}")
     last = data.get("last_generation")
     last_gen = None
     if last is not None:
-        if not isinstance(last, dict) or not isinstance(last.get("turn"), int) or not isinstance(last.get("ok"), bool):
+        if not isinstance(last, dict) or not _is_turn(last.get("turn")) or not isinstance(last.get("ok"), bool):
             raise bad("last_generation must be null or {turn, ok, error}")
         last_gen = LastGeneration(turn=last["turn"], ok=last["ok"], error=safe_text(str(last.get("error") or ""), 500))
     return EngineStatus(turn=turn, phase=phase, last_generation=last_gen)
+
+
+def _is_turn(value: Any) -> bool:
+    """A turn number a record can hold (a 32-bit signed integer, not negative): anything else,
+    floats and booleans included, is a garbage answer."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TURN

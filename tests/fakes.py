@@ -81,6 +81,7 @@ class FakeStreams:
         self.streams: dict[str, _Stream] = {}
         self.clock = clock or ManualClock()
         self.down = False
+        self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.calls: list[tuple] = []
         self._ms = itertools.count(1000)
         self.run_id = "run-1"
@@ -92,6 +93,8 @@ class FakeStreams:
         self.calls.append((op, *args))
         if self.down:
             raise StreamsUnavailable(f"redis: {op}: fake outage")
+        if self.fail is not None:
+            raise self.fail
 
     def xadd(self, stream: str, fields: dict, entry_id: str | None = None) -> str:
         """What Lobby does (not through the adapter): append an entry."""
@@ -270,6 +273,7 @@ class FakeBackend:
         self.containers: dict[str, FakeContainer] = {}
         self.calls: list[tuple] = []
         self.down = False
+        self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.graceful: list[str] = []  # ids stopped with SIGTERM first
         self.daemon_stopped: set[str] = set()
         self._ids = itertools.count(1)
@@ -278,6 +282,8 @@ class FakeBackend:
         self.calls.append((op, *args))
         if self.down:
             raise BackendUnavailable(f"docker {op}: fake outage")
+        if self.fail is not None:
+            raise self.fail
 
     def ops(self, *names: str) -> list[tuple]:
         return [c for c in self.calls if not names or c[0] in names]
@@ -406,6 +412,7 @@ class FakeEngine:
         self.admin: dict[str, str] = {}
         self.games: dict[str, FakeGame] = {}  # by container name: the state directory survives a recreate
         self.requests: list[tuple[str, int]] = []
+        self.fail: dict[str, Exception] = {}  # by container name: the admin API raises this
 
     def _container(self, host: str) -> FakeContainer | None:
         return next((c for c in self.backend.containers.values()
@@ -422,6 +429,8 @@ class FakeEngine:
         c = self._container(host)
         if c is None or not self._healthy(host):
             raise EngineUnreachable(f"engine at {host} does not answer")
+        if c.name in self.fail:
+            raise self.fail[c.name]
         mode = self.admin.get(c.image, "ok")
         if mode == "none":
             raise EngineUnsupported("the engine has no admin API (404)")
@@ -478,6 +487,7 @@ class FakeStore:
         self.marks: dict[str, tuple[int, int]] = {}
         self.attempts: dict[tuple[str, str], int] = {}
         self.down = False
+        self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.fail_submit: Exception | None = None
         self.batches = 0
         self._seq = itertools.count(1)
@@ -486,6 +496,8 @@ class FakeStore:
     def _check(self) -> datetime:
         if self.down:
             raise StoreUnavailable("postgres: fake outage")
+        if self.fail is not None:
+            raise self.fail
         return self.clock.now()
 
     # records

@@ -124,3 +124,31 @@ async def test_a_turn_submitted_after_a_forced_turn_is_not_one_too_many(pool):
     outcome = await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
     assert outcome.decision is not None and outcome.decision.action == "change"
     assert (await store.get(game)).desired_turn == 2
+
+
+async def test_a_game_at_the_largest_turn_is_never_due_and_a_forced_turn_fails_for_it_alone(pool):
+    """Issue 21, defect 4: the turn columns are 32-bit; turn 2147483648 is no turn to ask for."""
+    from desired.model import MAX_TURN, ErrorCode
+
+    store = Store(pool)
+    for game in ("clock-max", "clock-other"):
+        await store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMAGE,
+                               turn_interval=10), DEFAULTS)
+        rec = await store.mark_starting(await store.get(game), rollback_image=None)
+        await store.mark_running(rec, container_id=f"c-{game}", image=IMAGE,
+                                 probe=at(MAX_TURN if game == "clock-max" else 7))
+        await overdue(pool, game)
+    due, _ = await store.due_turns()
+    assert "clock-other" in due
+    assert "clock-max" not in due, "the clock would ask for a turn no column holds"
+
+    outcome = await store.submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id="clock-max", source=OpSource.LOBBY),
+                                 DEFAULTS)
+    assert outcome.decision is not None and outcome.decision.action == "reject"
+    (op,) = [o for o in await store.operations("clock-max") if o.op.value == "force_next_turn"]
+    assert op.status is OpStatus.FAILED and op.error_code == ErrorCode.GENERATION_FAILED.value
+    rec = await store.get("clock-max")
+    assert rec.turn == MAX_TURN and rec.desired_turn is None and rec.converged
+    # The other game's turns go on.
+    await store.submit(Job(kind=JobKind.TURN, game_id="clock-other", source=OpSource.SCHEDULER), DEFAULTS)
+    assert (await store.get("clock-other")).desired_turn == 8

@@ -1,0 +1,47 @@
+"""The Redis adapter's own word on redis-py's errors: a Redis that refuses writes for a while
+(a failed background save, too few replicas, a replica, a server loading or busy, out of memory)
+is unavailable, not a bug; those come back from redis-py as plain ``ResponseError``."""
+
+from __future__ import annotations
+
+import pytest
+import redis.exceptions
+
+from controller.streams import GroupMissing, StreamsError, StreamsUnavailable, _translate
+
+REFUSALS = [
+    "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
+    "NOREPLICAS Not enough good replicas to write.",
+    "READONLY You can't write against a read only replica.",
+    "LOADING Redis is loading the dataset in memory",
+    "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+    "OOM command not allowed when used memory > 'maxmemory'.",
+    "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+    "TRYAGAIN Multiple keys request during rehashing of slot",
+]
+
+
+@pytest.mark.parametrize("message", REFUSALS)
+def test_a_redis_that_refuses_writes_is_unavailable(message):
+    assert isinstance(_translate(redis.exceptions.ResponseError(message)), StreamsUnavailable)
+
+
+@pytest.mark.parametrize("message", REFUSALS)
+def test_a_refusal_inside_a_pipeline_is_unavailable_too(message):
+    """redis-py rewrites a pipeline's error: ``... of pipeline caused error: ('NOREPLICAS ...',)``."""
+    exc = redis.exceptions.ResponseError(message)
+    exc.args = (f"Command # 1 (XADD runtime:job_results * game_id g1) of pipeline caused error: {exc.args}",)
+    assert isinstance(_translate(exc), StreamsUnavailable)
+
+
+def test_a_busygroup_or_an_unknown_error_is_not_an_outage():
+    assert not isinstance(_translate(redis.exceptions.ResponseError("BUSYGROUP Consumer Group name already exists")),
+                          StreamsUnavailable)
+    assert isinstance(_translate(redis.exceptions.ResponseError("ERR syntax error")), StreamsError)
+    assert isinstance(_translate(redis.exceptions.ResponseError("NOGROUP No such key")), GroupMissing)
+
+
+def test_a_field_value_that_looks_like_a_code_does_not_make_an_outage():
+    exc = redis.exceptions.ResponseError("ERR bad")
+    exc.args = (f"Command # 1 (XADD s * reason NOREPLICAS) of pipeline caused error: {exc.args}",)
+    assert isinstance(_translate(exc), StreamsError)
