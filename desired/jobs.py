@@ -400,7 +400,8 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
 def turn_due(record: RuntimeRecord, now: datetime) -> bool:
     """The turn clock's condition (``Store.due_turns``), decided again under the record's lock when
     its ``turn`` job is submitted: running, unpaused, converged, with an admin API, no turn already
-    asked for, a next turn that fits its column, and the interval passed since the later of the last turn and the start or resume."""
+    asked for, a next turn that fits its column, and the interval passed since the later of the last
+    turn and the start or resume."""
     if (record.turn_interval <= 0 or record.paused or record.desired_status is not DesiredStatus.RUNNING
             or record.status is not Status.RUNNING or record.admin_api is not True or not record.converged):
         return False
