@@ -814,9 +814,10 @@ def _jobs_of(history: History, game: str, since: float, until: float = math.inf)
 
 
 def check_daemon_restarts(history: History) -> list[Violation]:
-    """Around each watched dockerd restart (stubborn_engines): a game that ran before it and got no job
-    meanwhile neither counts a crash nor is given up, whatever the exit code the daemon's stop left
-    (SIGTERM ignored, then SIGKILL: 137)."""
+    """Around each watched dockerd restart (stubborn_engines): a game that ran before it does not count
+    a crash (faults come one at a time, and jobs do not count crashes: the restart is the only cause),
+    whatever the exit code the daemon's stop left (SIGTERM ignored, then SIGKILL: 137); one that got no
+    job meanwhile is not given up either."""
     out = []
     for f in history.faults:
         obs = f.observed or {}
@@ -824,23 +825,26 @@ def check_daemon_restarts(history: History) -> list[Violation]:
             continue
         for game in sorted(set((obs.get("running_ids") or {}).values())):
             b, a = (obs.get("before") or {}).get(game), (obs.get("after") or {}).get(game)
-            if not b or not a or _jobs_of(history, game, obs["before_wall"] - 1, obs["after_wall"]):
+            if not b or not a:
                 continue
+            jobs = _jobs_of(history, game, obs["before_wall"] - 1, obs["after_wall"])
             problems = []
             if (a.get("crash_count") or 0) > (b.get("crash_count") or 0):
                 problems.append(f"counted as a crash (crash_count {b.get('crash_count')} -> {a.get('crash_count')})")
-            if b.get("desired_status") == "running" and a.get("desired_status") != "running":
+            if b.get("desired_status") == "running" and a.get("desired_status") != "running" and not jobs:
                 problems.append(f"given up (desired {a.get('desired_status')}, {a.get('last_error_code')})")
             if problems:
                 out.append(Violation("daemon_restarts", f"a dockerd restart at {f.started or f.at:.1f}s: "
                                      + "; ".join(problems), game,
-                                     {"exit_code": (obs.get("exit_codes") or {}).get(game), "before": b, "after": a}))
+                                     {"exit_code": (obs.get("exit_codes") or {}).get(game), "before": b, "after": a,
+                                      "jobs meanwhile": [j.describe() for j in jobs]}))
     return out
 
 
 def check_restore(history: History) -> list[Violation]:
     """A database restored from an older dump: no container that ran just before the restore is removed
-    after it, unless a job of its game sent after the restore began (or the harness) removed it."""
+    after it, unless the harness removed it or a job of its game sent after the restore began may
+    have: a cleanup, patch or restart, or a start of another image (a stop keeps the container)."""
     out = []
     for f in history.faults:
         obs = f.observed or {}
@@ -850,7 +854,10 @@ def check_restore(history: History) -> list[Violation]:
             gone = history.destroyed.get(cid)
             if gone is None or gone < obs["restore_wall"] or cid in history.harness_removed:
                 continue
-            if _jobs_of(history, game, obs["restore_wall"], gone):
+            image = history.container_images.get(cid)
+            if any(j.valid and accepted(j) is not False and (j.kind in ("cleanup", "patch", "restart")
+                                                             or (j.kind == "start" and j.image != image))
+                   for j in _jobs_of(history, game, obs["restore_wall"], gone)):
                 continue
             out.append(Violation("restore", f"its container {cid[:12]}, running when the database was restored, "
                                  f"was removed {gone - obs['restore_wall']:.1f}s after the restore began with no job "

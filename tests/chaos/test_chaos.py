@@ -532,8 +532,11 @@ def test_a_daemon_restart_must_not_count_a_crash_or_give_a_game_up():
     b.h.faults.clear()
     _watched_restart(b, up, {**up, "desired_status": "stopped", "last_error_code": "container_start_failed"})
     assert "given up" in b.check().first.message
-    s.sent_wall = 110.0  # a job of the game during the restart: not the daemon's doing
+    s.sent_wall = 110.0  # a job of the game during the restart: it may have stopped the game ...
     assert b.check().ok
+    b.h.faults.clear()
+    _watched_restart(b, up, {**up, "crash_count": 1})
+    assert invariants(b.check()) == {"daemon_restarts"}  # ... but jobs never count a crash
 
 
 def _restore(b: H, running: dict, at_dump: list, dump: float = 100.0, restore: float = 110.0) -> None:
@@ -556,10 +559,14 @@ def test_no_running_game_is_removed_by_a_restore():
     b.h.destroyed[cid] = 125.0  # removed after the restore, no job asked
     r = b.check()
     assert invariants(r) == {"restore"} and r.first.game == "g1"
-    late = b.rest("stop", "g1")
-    late.sent_wall = 120.0  # a job sent after the restore may remove it
-    b.answer(late)
+    stop = b.rest("stop", "g1")
+    stop.sent_wall = 115.0  # a stop keeps the container: no excuse
+    b.answer(stop)
     b.h.records["g1"]["desired_status"] = "stopped"
+    assert "restore" in invariants(b.check())
+    late = b.rest("restart", "g1")
+    late.sent_wall = 120.0  # a restart sent after the restore may replace it
+    b.answer(late, "superseded")
     assert "restore" not in invariants(b.check())
 
 
