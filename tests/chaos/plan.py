@@ -288,7 +288,8 @@ def plan_faults(seed: int, duration: float, n_games: int, *, dockerd_restart: bo
             f.params = {"game": rng.randrange(n_games)}
         elif kind == "backlog":
             cut = rng.choice(BACKLOG_CUTS)
-            f.params = {"entries": rng.randint(150, 400), "cut": cut, "cut_after": round(rng.uniform(0.05, 1.0), 2)}
+            # the intake takes a burst in well under a second: cut it soon, or (table_lock) lock first
+            f.params = {"entries": rng.randint(150, 400), "cut": cut, "cut_after": round(rng.uniform(0.0, 0.4), 2)}
             if cut == "table_lock":
                 f.params["hold"] = round(STATEMENT_TIMEOUT + rng.uniform(1.0, 6.0), 1)
             elif cut == "sigstop":

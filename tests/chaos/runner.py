@@ -611,8 +611,17 @@ class ChaosRun:
         return next(i for i, x in enumerate(self.plan_faults) if x is f)
 
     def _fault_backlog(self, f: PlannedFault) -> str:
-        """XADD the burst in one pipeline (more than one read per stream), then cut the round."""
+        """XADD the burst in one pipeline (more than one read per stream), then cut the round. A table
+        lock is taken first and held past the statement timeout: the round meets it mid-way."""
         burst = [p for p in self.plan_jobs if p.burst == f"B{self._index(f)}"]
+        cut, hold = f.params.get("cut"), f.params.get("hold", 1.0)
+        locker = None
+        if cut == "table_lock":
+            taken = threading.Event()
+            locker = threading.Thread(target=lambda: asyncio.run(self._lock_table("runtime_operations", hold, taken)),
+                                      daemon=True)
+            locker.start()
+            taken.wait(10)
         r = redis.Redis.from_url(self.redis.url, socket_timeout=10, socket_connect_timeout=2)
         sent_at, wall = self.now(), time.time()
         try:
@@ -634,7 +643,6 @@ class ChaosRun:
                 rec.send_error = error
         counts = {k: sum(1 for q in burst if q.stream == k) for k in ("start", "stop")}
         time.sleep(f.params.get("cut_after", 0.2))
-        cut, hold = f.params.get("cut"), f.params.get("hold", 1.0)
         leader = self.leader() or "a"
         slot = self.slots[leader]
         if cut == "kill9":
@@ -654,9 +662,9 @@ class ChaosRun:
             time.sleep(hold)
             slot.cont()
             how = f"SIGSTOP of leader {leader} for {hold}s"
-        elif cut == "table_lock":
-            asyncio.run(self._lock_table("runtime_operations", hold))
-            how = f"LOCK TABLE runtime_operations IN ACCESS EXCLUSIVE MODE held {hold}s"
+        elif locker is not None:
+            locker.join(hold + 60)
+            how = f"LOCK TABLE runtime_operations IN ACCESS EXCLUSIVE MODE taken before it, held {hold}s"
         else:
             self.redis.kill()
             self.redis_up = False
@@ -668,11 +676,12 @@ class ChaosRun:
         return (f"burst of {len(burst)} entries ({counts['start']} start, {counts['stop']} stop"
                 f"{', send error ' + error if error else ''}); after {f.params.get('cut_after')}s: {how}")
 
-    async def _lock_table(self, table: str, hold: float) -> None:
+    async def _lock_table(self, table: str, hold: float, taken: threading.Event) -> None:
         conn = await asyncpg.connect(self.env["RTMANAGER_DATABASE_URL"], timeout=10)
         try:
             async with conn.transaction():
                 await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE", timeout=hold + 30)
+                taken.set()
                 await asyncio.sleep(hold)
         finally:
             await conn.close()
@@ -715,9 +724,11 @@ class ChaosRun:
         what = f.params.get("status", "turn 2147483647")
         _write_as_engine(path, hostile_status(what))
         f.params.setdefault("chosen", game)
-        schedule = self._schedule(game, 1)
-        time.sleep(f.duration)
-        _write_as_engine(path, before)
+        try:
+            schedule = self._schedule(game, 1)
+            time.sleep(f.duration)
+        finally:
+            _write_as_engine(path, before)
         unschedule = self._schedule(game, 0)
         return (f"engine of {game} answered its status with {what} for {f.duration:.1f}s (turn clock 1 s: "
                 f"{schedule}; off again: {unschedule}); its own status put back")
