@@ -133,6 +133,20 @@ def test_a_result_published_twice_with_one_result_id_is_information_only():
     assert any("published 2 times" in i for i in r.info)
 
 
+def test_a_turn_of_the_clock_may_be_answered_with_an_engine_error():
+    b = H()
+    s = b.entry("start", "g1", V10)
+    b.answer(s)
+    b.running("g1", V10)
+    for code in ("engine_unreachable", "generation_failed", "engine_unsupported"):
+        b.h.results.append([f"{len(b.h.results) + 1}-0", {
+            "game_id": "g1", "outcome": "failure", "container_id": "", "engine_endpoint": "", "error_code": code,
+            "error_message": "engine status: turn must be a non-negative integer", "job": "turn",
+            "job_entry_id": "", "result_id": f"turn-{code}"}])
+    r = b.check()
+    assert "results_well_formed" not in invariants(r), [v.render() for v in r.violations]
+
+
 # ------------------------------------------------------------------ violations
 def test_an_unanswered_entry_is_a_violation():
     b = H()
