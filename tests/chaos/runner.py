@@ -712,10 +712,12 @@ class ChaosRun:
         finally:
             client.close()
         index = f.params.get("game", 0) % len(self.all_games)
-        order = self.all_games[index:] + self.all_games[:index]
-        game = next((g for g in order if g in running), None)
-        if game is None:
+        order = [g for g in self.all_games[index:] + self.all_games[:index] if g in running]
+        if not order:
             return "skipped: no game runs"
+        now = self.now()  # the game the workload leaves alone longest, so that it stays up meanwhile
+        game = min(order, key=lambda g: sum(1 for j in self.plan_jobs
+                                            if j.game == g and now - 1 <= j.at <= now + f.duration + 5))
         path = self.games_root / game / "engine" / "status.json"
         try:
             before = path.read_bytes()
