@@ -732,6 +732,11 @@ class ChaosRun:
         finally:
             _write_as_engine(path, before)
         unschedule = self._schedule(game, 0)
+        for _ in range(20):  # a clock left on would generate turns until the end of the run: insist
+            if unschedule in ("HTTP 200", "HTTP 404") or self.abort.is_set():
+                break
+            time.sleep(1.0)
+            unschedule = self._schedule(game, 0)
         return (f"engine of {game} answered its status with {what} for {f.duration:.1f}s (turn clock 1 s: "
                 f"{schedule}; off again: {unschedule}); its own status put back")
 
