@@ -822,8 +822,25 @@ class ChaosRun:
             client.close()
 
         def back() -> bool:
+            """Every game that ran is no longer wanted running, or runs again in a container started after
+            the restart and its record says so (rtmanager has seen the exit and counted it, or not)."""
             rows = self._records_now()
-            return all(rows.get(g, {}).get("status") in ("running", "stopped") for g in running_ids.values())
+            client = self.docker()
+            try:
+                started = {c["Names"][0].lstrip("/"): c["Id"] for c in client.api.containers(all=True)}
+                again = set()
+                for game in running_ids.values():
+                    cid = started.get(f"galaxy-game-{game}")
+                    if cid is None:
+                        continue
+                    with contextlib.suppress(docker.errors.APIError):
+                        st = client.api.inspect_container(cid)["State"]
+                        if st.get("Running") and _epoch(st.get("StartedAt", "")) > rec.observed["before_wall"]:
+                            again.add(game)
+            finally:
+                client.close()
+            return all(rows.get(g, {}).get("desired_status") != "running"
+                       or (g in again and rows[g].get("status") == "running") for g in running_ids.values())
 
         with contextlib.suppress(AssertionError, Exception):
             self._wait(back, 40, "the games to run again after a daemon restart", interval=1.0)
@@ -1233,6 +1250,18 @@ def _write_as_engine(path: Path, data: bytes) -> None:
     tmp.write_bytes(data)
     os.chown(tmp, 10000, 10000)
     os.replace(tmp, path)
+
+
+def _epoch(docker_time: str) -> float:
+    """A Docker timestamp (RFC 3339, nanoseconds) as seconds since the epoch; 0 when unreadable."""
+    import datetime
+    import re
+
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", docker_time or "")
+    if not m:
+        return 0.0
+    base = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.UTC).timestamp()
+    return base + float(m.group(2) or 0)
 
 
 def _lines(path: Path) -> int:

@@ -524,6 +524,14 @@ def test_hostile_statuses_are_what_they_say():
         json.loads(docs["not JSON"])
 
 
+def test_docker_times_are_read_to_the_microsecond():
+    from tests.chaos.runner import _epoch
+
+    assert _epoch("1970-01-01T00:00:10.5Z") == 10.5
+    assert abs(_epoch("2026-12-03T18:56:24.123456789Z") - 1796324184.123456789) < 1e-5
+    assert _epoch("") == 0.0 and _epoch("0001-01-01T00:00:00Z") < 0
+
+
 def _watched_restart(b: H, before: dict, after: dict, game: str = "g1") -> None:
     b.h.faults.append(FaultRecord(at=5, kind="dockerd_restart", duration=0, params={}, started=5, ended=9, observed={
         "before_wall": 100.0, "after_wall": 120.0, "running_ids": {"c" * 64: game}, "exit_codes": {game: 137},
