@@ -10,7 +10,10 @@ One run (``python -m tests.chaos --seed N --minutes M``, or ``tests/chaos/test_c
   few games, with gaps and bursts;
 * **a fault schedule** drawn from the same seed: kill -9 of a controller, a second replica and a
   leader change, SIGSTOP of the leader past its lease, Postgres and Redis stopped for 1-20 s, the
-  private dockerd restarted, the Docker event streams cut, a container killed or removed;
+  private dockerd restarted, the Docker event streams cut, a container killed or removed; and,
+  with ``--faults``, kinds that are off by default (plan.EXTRA_OPTIONS): backlogs past one read cut
+  mid-round, Redis refusing writes, hostile engine answers, a database restored from an older
+  dump, engines that ignore SIGTERM during daemon restarts;
 * **a checker** (checker.py, pure functions over the recorded history and the final
   observations), run once the faults are healed and the system is quiet.
 

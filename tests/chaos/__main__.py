@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lenient-same-ms", action="store_true", help="do not order entries of the start and stop "
                    "streams sent within one millisecond (docs/contract.md orders them: start first); report such "
                    "pairs as information only")
+    p.add_argument("--faults", default="", metavar="KINDS", help="opt-in fault kinds, comma-separated, or all: "
+                   "backlog (bursts past one read, cut by a kill -9 / SIGTERM / SIGSTOP of the leader, a table "
+                   "lock or a Redis blip), redis_readonly (Redis refuses writes), hostile_engine (an engine answers "
+                   "hostile status values), db_restore (the database restored from an older dump), "
+                   "stubborn_engines (1.1 engines ignore SIGTERM; dockerd restarts are watched)")
     p.add_argument("--plan", action="store_true", help="print the workload and fault schedule and exit")
     p.add_argument("--check", type=Path, default=None, help="re-check a saved history.json and exit")
     args = p.parse_args(argv)
@@ -44,13 +49,23 @@ def main(argv: list[str] | None = None) -> int:
             print(v.render())
         return 0 if report.ok else 1
 
+    from tests.chaos.plan import parse_extra
+    try:
+        extra = parse_extra(args.faults)
+    except ValueError as exc:
+        p.error(str(exc))
     seed = args.seed if args.seed is not None else int(time.time()) % 1_000_000
     if args.plan:
-        from tests.chaos.plan import game_names, plan_faults, plan_workload
+        from tests.chaos.plan import game_names, plan_backlogs, plan_faults, plan_workload
         games, mortal = game_names(args.games)
-        for j in plan_workload(seed, args.minutes * 60, games, mortal):
+        faults = plan_faults(seed, args.minutes * 60, args.games, dockerd_restart=not args.no_dockerd_restart,
+                             extra=extra)
+        jobs = plan_workload(seed, args.minutes * 60, games, mortal)
+        if "backlog" in extra:
+            jobs = sorted(jobs + plan_backlogs(seed, faults, games, mortal), key=lambda j: j.at)
+        for j in jobs:
             print(f"{j.at:7.2f}s {j.describe()}")
-        for f in plan_faults(seed, args.minutes * 60, args.games, dockerd_restart=not args.no_dockerd_restart):
+        for f in faults:
             print(f.describe())
         return 0
 
@@ -69,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, interrupted)  # also when started in the background (SIGINT ignored there)
     run = ChaosRun(seed, args.minutes, log_dir, n_games=args.games, dockerd_restart=not args.no_dockerd_restart,
                    quiesce_timeout=args.quiesce_timeout, strict_same_ms=not args.lenient_same_ms,
-                   out=lambda s: print(s, flush=True))
+                   out=lambda s: print(s, flush=True), extra=extra)
     try:
         report, _ = run.run()
     except KeyboardInterrupt:

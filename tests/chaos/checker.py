@@ -32,8 +32,9 @@ CONTRACT_FIELDS = frozenset({"game_id", "outcome", "container_id", "engine_endpo
                              "error_message", "job", "job_entry_id", "result_id"})
 ERROR_CODES = frozenset({"replay_no_op", "invalid_request", "image_rejected", "image_unavailable",
                          "container_start_failed", "engine_unhealthy", "superseded", "docker_unavailable",
-                         "internal_error"})
-JOB_KINDS = frozenset({"start", "stop", "restart", "patch", "cleanup"})
+                         "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported"})
+JOB_KINDS = frozenset({"start", "stop", "restart", "patch", "cleanup",  # and the turns of the clock (docs/contract.md)
+                       "pause", "resume", "force_next_turn", "reconcile", "turn"})
 REJECTIONS = frozenset({"invalid_request", "image_rejected"})
 AT_ONCE = REJECTIONS | {"replay_no_op"}  # answered in the admitting transaction, not after convergence
 ENGINE_UID = 10000
@@ -56,8 +57,11 @@ INVARIANTS = (
     "record_agrees",         # the runtime record says what Docker shows
     "state_dirs",            # every state directory intact
     "controllers",           # no controller process ended on its own
+    "daemon_restarts",       # (stubborn_engines) no game counts a crash or is given up by a daemon restart
+    "restore",               # (db_restore) no container of a game that ran is removed because of a restore
     "quiesced",              # once healed, the system became quiet
 )
+RESTORE_MARGIN = 10.0  # seconds before a dump: an entry sent then may have been admitted only after it
 
 State = tuple  # ("absent",) ("stopped",) ("removed",) ("running", image) ; image "*" = any image
 ABSENT, STOPPED, REMOVED = ("absent",), ("stopped",), ("removed",)
@@ -128,11 +132,38 @@ def accepted(job: JobRecord) -> bool | None:
         return True
     if job.op_source == "none":
         return False  # looked for in the operation log, not there
+    if job.op_source == "restored":
+        return None  # a database restore forgot it: it may or may not have had its effect
     if job.http_status is not None:
         return job.http_status in (200, 202)
     if job.http_error and job.http_error.startswith("connect"):
         return False
     return None if job.sent_at is not None else False
+
+
+# ------------------------------------------------------------------- restores
+def restore_windows(history: History) -> list[tuple[float, float]]:
+    """Wall-clock spans whose jobs a database restore may have made rtmanager forget: from a little
+    before each dump to the end of its restore. Their admissions and results may be lost (an entry
+    acknowledged in Redis is not read again), and operation ids are handed out again after it."""
+    out = []
+    for f in history.faults:
+        obs = f.observed or {}
+        if f.kind == "db_restore" and obs.get("dump_wall") is not None and obs.get("restored_wall") is not None:
+            out.append((obs["dump_wall"] - RESTORE_MARGIN, obs["restored_wall"]))
+    return out
+
+
+def in_windows(job: JobRecord, windows: list[tuple[float, float]]) -> bool:
+    return job.sent_wall is not None and any(a <= job.sent_wall <= b for a, b in windows)
+
+
+def restore_phase(job: JobRecord, windows: list[tuple[float, float]]) -> int:
+    """How many restores ended before the job was sent (2 per restore, 1 within its window): operation
+    ids order jobs only within one phase."""
+    if job.sent_wall is None:
+        return 2 * len(windows)
+    return sum(2 if job.sent_wall > b else 1 if job.sent_wall >= a else 0 for a, b in windows)
 
 
 # ----------------------------------------------------------------- resolution
@@ -159,11 +190,21 @@ def resolve(history: History, start_stream: str, stop_stream: str) -> list[str]:
             job.result = first_result.get((job.stream, job.entry_id))
     claimed: set[int] = set()
     rest = [j for j in history.jobs if j.via == "rest" and j.sent_at is not None]
+    windows = restore_windows(history)
+    ops_by_id = {op["id"]: op for op in history.ops}
     for job in rest:
         body = job.http_body or {}
         if job.http_status in (200, 202) and isinstance(body.get("operation_id"), int):
             job.op_id = body["operation_id"]
             job.op_source = "answer"
+            op = ops_by_id.get(job.op_id)
+            if in_windows(job, windows) and (op is None or op["game_id"] != job.game or op["op"] != job.kind):
+                # a restore forgot it, and its id may belong to another operation now
+                notes.append(f"{job.tag}: operation {job.op_id} of its answer is not in the restored log")
+                job.op_id, job.op_source = None, "restored"
+                job.result = ({k: v for k, v in body.items() if k in CONTRACT_FIELDS}
+                              if job.http_status == 200 and body.get("result_id") else None)
+                continue
             claimed.add(job.op_id)
         else:
             job.op_id = None
@@ -184,8 +225,10 @@ def resolve(history: History, start_stream: str, stop_stream: str) -> list[str]:
         notes.append(f"{match.tag}: REST call without an answer ({match.http_error or match.http_status}) was "
                      f"admitted as operation {op['id']}")
     for job in unresolved:
-        job.op_source = "none"
+        job.op_source = "none" if not in_windows(job, windows) else "restored"
     for job in rest:
+        if job.op_source == "restored":
+            continue
         if job.op_id is not None:
             job.result = history.op_results.get(str(job.op_id))
             if job.result is None and job.http_status == 200 and (job.http_body or {}).get("result_id"):
@@ -219,11 +262,19 @@ def check_results_well_formed(history: History) -> list[Violation]:
     return out
 
 
-def check_answered(history: History) -> list[Violation]:
+def check_answered(history: History, info: list[str] | None = None) -> list[Violation]:
     answered = {(f.get("job"), f.get("job_entry_id")) for _, f in history.results}
-    return [Violation("answered", f"{job.describe()} has no result", job.game,
-                      {"job": job.tag, "entry_id": job.entry_id, "stream": job.stream})
-            for job in history.jobs if landed(job) and (job.stream, job.entry_id) not in answered]
+    windows = restore_windows(history)
+    out = []
+    for job in history.jobs:
+        if landed(job) and (job.stream, job.entry_id) not in answered:
+            if in_windows(job, windows):
+                if info is not None:
+                    info.append(f"{job.tag} has no result: sent around a database restore, which forgot it")
+                continue
+            out.append(Violation("answered", f"{job.describe()} has no result", job.game,
+                                 {"job": job.tag, "entry_id": job.entry_id, "stream": job.stream}))
+    return out
 
 
 def check_one_result_id(history: History, info: list[str]) -> list[Violation]:
@@ -235,8 +286,13 @@ def check_one_result_id(history: History, info: list[str]) -> list[Violation]:
     by_id: dict[str, list] = defaultdict(list)
     for _, f in history.results:
         by_id[f.get("result_id")].append(f)
+    windows = restore_windows(history)
+    around_restore = {(j.stream, j.entry_id) for j in history.jobs if landed(j) and in_windows(j, windows)}
     for key, per_id in ids.items():
-        if len(per_id) > 1:
+        if len(per_id) > 1 and key in around_restore:
+            info.append(f"{key[0]} entry {key[1]} answered with {len(per_id)} result_ids: sent around a database "
+                        "restore, which forgot its first answer")
+        elif len(per_id) > 1:
             out.append(Violation("one_result_id", f"{key[0]} entry {key[1]} answered with {len(per_id)} different "
                                  "result_ids", per_id[next(iter(per_id))][0][1].get("game_id"),
                                  {rid: [e for e, _ in copies] for rid, copies in per_id.items()}))
@@ -346,9 +402,12 @@ def check_truthful_results(history: History) -> list[Violation]:
 
 
 def _valid_stream_jobs(history: History) -> dict[str, list[JobRecord]]:
+    """Per game, in entry order; without the entries sent around a database restore (their
+    admission may be forgotten, and operation ids are handed out again after it)."""
     per_game: dict[str, list[JobRecord]] = defaultdict(list)
+    windows = restore_windows(history)
     for job in history.jobs:
-        if landed(job) and job.valid and job.game:
+        if landed(job) and job.valid and job.game and not in_windows(job, windows):
             per_game[job.game].append(job)
     for jobs in per_game.values():
         jobs.sort(key=entry_key)
@@ -565,14 +624,16 @@ def admission_sequence(history: History, game: str) -> list[tuple[JobRecord, boo
     was admitted). Operation ids give the order; a job without one goes last (its effect is then
     taken as possibly the final one, which only widens the set)."""
     seq = []
+    windows = restore_windows(history)
     for job in history.jobs:
         if job.game != game or not job.valid:
             continue
         acc = accepted(job)
         if acc is False:
             continue
-        seq.append((job, acc is None))
-    seq.sort(key=lambda p: (p[0].op_id if p[0].op_id is not None else math.inf, p[0].sent_at or 0))
+        seq.append((job, acc is None or in_windows(job, windows)))
+    seq.sort(key=lambda p: (restore_phase(p[0], windows) if windows else 0,
+                            p[0].op_id if p[0].op_id is not None else math.inf, p[0].sent_at or 0))
     return seq
 
 
@@ -749,6 +810,79 @@ def check_controllers(history: History, info: list[str]) -> list[Violation]:
     return out
 
 
+def _jobs_of(history: History, game: str, since: float, until: float = math.inf) -> list[JobRecord]:
+    return [j for j in history.jobs if j.game == game and j.sent_wall is not None and since <= j.sent_wall <= until]
+
+
+def check_daemon_restarts(history: History) -> list[Violation]:
+    """Around each watched dockerd restart (stubborn_engines): a game that ran before it does not count
+    a crash (faults come one at a time, and jobs do not count crashes: the restart is the only cause),
+    whatever the exit code the daemon's stop left (SIGTERM ignored, then SIGKILL: 137); one that got no
+    job meanwhile is not given up either."""
+    out = []
+    for f in history.faults:
+        obs = f.observed or {}
+        if f.kind != "dockerd_restart" or "after" not in obs:
+            continue
+        for game in sorted(set((obs.get("running_ids") or {}).values())):
+            b, a = (obs.get("before") or {}).get(game), (obs.get("after") or {}).get(game)
+            if not b or not a:
+                continue
+            jobs = _jobs_of(history, game, obs["before_wall"] - 1, obs["after_wall"])
+            problems = []
+            if (a.get("crash_count") or 0) > (b.get("crash_count") or 0):
+                problems.append(f"counted as a crash (crash_count {b.get('crash_count')} -> {a.get('crash_count')})")
+            if b.get("desired_status") == "running" and a.get("desired_status") != "running" and not jobs:
+                problems.append(f"given up (desired {a.get('desired_status')}, {a.get('last_error_code')})")
+            if problems:
+                out.append(Violation("daemon_restarts", f"a dockerd restart at {f.started or f.at:.1f}s: "
+                                     + "; ".join(problems), game,
+                                     {"exit_code": (obs.get("exit_codes") or {}).get(game), "before": b, "after": a,
+                                      "jobs meanwhile": [j.describe() for j in jobs]}))
+    return out
+
+
+def check_restore(history: History) -> list[Violation]:
+    """A database restored from an older dump: no container that ran just before the restore is removed
+    after it, unless the harness removed it or a job of its game sent after the restore began may
+    have: a cleanup, patch or restart, or a start of another image (a stop keeps the container)."""
+    out = []
+    for f in history.faults:
+        obs = f.observed or {}
+        if f.kind != "db_restore" or "running" not in obs or obs.get("restore_wall") is None:
+            continue
+        for cid, game in sorted(obs["running"].items(), key=lambda x: x[1]):
+            gone = history.destroyed.get(cid)
+            if gone is None or gone < obs["restore_wall"] or cid in history.harness_removed:
+                continue
+            image = history.container_images.get(cid)
+            if any(j.valid and accepted(j) is not False and (j.kind in ("cleanup", "patch", "restart")
+                                                             or (j.kind == "start" and j.image != image))
+                   for j in _jobs_of(history, game, obs["restore_wall"], gone)):
+                continue
+            out.append(Violation("restore", f"its container {cid[:12]}, running when the database was restored, "
+                                 f"was removed {gone - obs['restore_wall']:.1f}s after the restore began with no job "
+                                 "asking", game, {"container": cid, "created_before_dump":
+                                                  cid in (obs.get("containers_at_dump") or [])}))
+    return out
+
+
+def left_by_restore(history: History) -> set[str]:
+    """Games whose running container was created after the dump their database was restored from and is
+    not the one their record names: unowned, left running for an operator (architecture, section 9)."""
+    games: set[str] = set()
+    for f in history.faults:
+        obs = f.observed or {}
+        if f.kind != "db_restore" or "containers_at_dump" not in obs:
+            continue
+        for c in history.containers:
+            rec = history.records.get(c.get("game") or "") or {}
+            if (c.get("running") and c["id"] in (obs.get("running") or {})
+                    and c["id"] not in obs["containers_at_dump"] and rec.get("current_container_id") != c["id"]):
+                games.add(c.get("game"))
+    return games
+
+
 def check_quiesced(history: History) -> list[Violation]:
     if history.quiet:
         return []
@@ -765,7 +899,7 @@ def check(history: History, *, strict_same_ms: bool = True) -> Report:
     info = report.info
     v: list[Violation] = []
     v += check_results_well_formed(history)
-    v += check_answered(history)
+    v += check_answered(history, info)
     v += check_one_result_id(history, info)
     v += check_no_phantom_results(history, info)
     v += check_rejections(history)
@@ -782,6 +916,13 @@ def check(history: History, *, strict_same_ms: bool = True) -> Report:
     v += check_records(history, observed)
     v += check_state_dirs(history, observed)
     v += check_controllers(history, info)
+    v += check_daemon_restarts(history)
+    v += check_restore(history)
+    unowned = left_by_restore(history)
+    for x in [x for x in v if x.invariant in ("final_state", "record_agrees") and x.game in unowned]:
+        v.remove(x)
+        info.append(f"{x.game}: runs a container created after a dump the database was restored from, left for "
+                    f"an operator (not checked: {x.invariant}: {x.message})")
     v += check_quiesced(history)
     rank = {name: i for i, name in enumerate(INVARIANTS)}
     report.violations = sorted(v, key=lambda x: rank.get(x.invariant, len(rank)))

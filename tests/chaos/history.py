@@ -58,6 +58,7 @@ class FaultRecord:
     started: float | None = None
     ended: float | None = None
     note: str = ""              # what was done (or why it was skipped)
+    observed: dict = field(default_factory=dict)  # what the harness saw around it (db_restore, watched restarts)
 
 
 @dataclass
@@ -83,6 +84,9 @@ class History:
     container_images: dict = field(default_factory=dict)       # id -> image of every container ever created
     state_dirs: dict = field(default_factory=dict)             # game -> what the run saw and what is there now
     controller_exits: list[dict] = field(default_factory=list)  # exits nobody asked for
+    extra: list[str] = field(default_factory=list)              # the opt-in fault kinds of the run (--faults)
+    destroyed: dict = field(default_factory=dict)               # id -> wall time a container was removed
+    harness_removed: list[str] = field(default_factory=list)    # ids the harness removed itself
     quiet: bool = True
     not_quiet: list[str] = field(default_factory=list)
 

@@ -17,6 +17,18 @@ REASONS = ("orphan_cleanup", "cancelled", "finished", "admin_request", "timeout"
 
 FAULT_KINDS = ("kill9", "leader_change", "pause_leader", "postgres_down", "redis_down", "dockerd_restart",
                "events_cut", "container_kill", "container_remove")
+# Opt-in (``--faults``): not in a run unless asked for, so that a seed without the option plays
+# exactly as before. ``stubborn_engines`` is no fault of its own: the 1.1 engines' PID 1 ignores
+# SIGTERM (a dockerd restart then SIGKILLs them, exit 137), and the dockerd restarts are watched.
+EXTRA_FAULT_KINDS = ("backlog", "redis_readonly", "hostile_engine", "db_restore")
+EXTRA_OPTIONS = EXTRA_FAULT_KINDS + ("stubborn_engines",)
+BACKLOG_CUTS = ("kill9", "sigterm", "sigstop", "table_lock", "redis_blip")
+READ_COUNT = 100                # the intake reads up to this many entries per stream per read
+STATEMENT_TIMEOUT = 30.0        # the controller's command timeout (desired/pg.py): a lock held longer
+HOSTILE_STATUSES = (            # what a hostile engine's admin status says (its status.json, served verbatim)
+    "turn 2147483647", "turn 2147483648", "turn 2**64", "turn 1e400", "last_generation turn 2**63",
+    "phase with NUL and a lone surrogate", "not JSON", "a JSON list", "nested 100000 deep", "1 MB error text",
+)
 LEASE_TTL = 2.0
 
 
@@ -37,6 +49,7 @@ class PlannedJob:
     body: object = None             # REST: the JSON body (or raw bytes for a body that is not JSON)
     wait: float = 0.0               # REST: ?wait=
     pair: str | None = None         # XADDed in one pipeline with this other tag (same millisecond, likely)
+    burst: str | None = None        # a backlog burst: XADDed by its fault, all in one pipeline, in plan order
 
     def describe(self) -> str:
         if self.via == "stream":
@@ -219,15 +232,34 @@ def plan_workload(seed: int, duration: float, games: list[str], mortal: list[str
 
 
 # ------------------------------------------------------------------------- faults
-def plan_faults(seed: int, duration: float, n_games: int, *, dockerd_restart: bool = True) -> list[PlannedFault]:
-    """Every kind once first (in a seeded order), then a seeded mix; one fault at a time."""
+def parse_extra(text: str | None) -> tuple[str, ...]:
+    """``--faults``: a comma-separated list of EXTRA_OPTIONS, or ``all``; unknown names raise ValueError."""
+    if not text:
+        return ()
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return EXTRA_OPTIONS
+    unknown = sorted(set(names) - set(EXTRA_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown fault kind(s) {unknown}; known: {', '.join(EXTRA_OPTIONS)} or all")
+    return tuple(n for n in EXTRA_OPTIONS if n in names)
+
+
+def plan_faults(seed: int, duration: float, n_games: int, *, dockerd_restart: bool = True,
+                extra: tuple[str, ...] = ()) -> list[PlannedFault]:
+    """Every kind once first (in a seeded order), then a seeded mix; one fault at a time. ``extra``
+    (EXTRA_OPTIONS) adds kinds to both; without it the schedule is what it always was."""
     rng = random.Random(f"faults-{seed}")
     short = duration < 180  # a CI-sized run: shorter outages so that every kind fits
     cap = 6.0 if short else 20.0
-    kinds = list(FAULT_KINDS)
+    added = [k for k in EXTRA_FAULT_KINDS if k in extra]
+    kinds = list(FAULT_KINDS) + added
     rng.shuffle(kinds)
     weights = {"kill9": 3, "leader_change": 2, "pause_leader": 2, "postgres_down": 2, "redis_down": 2,
                "dockerd_restart": 1.5, "events_cut": 2, "container_kill": 3, "container_remove": 2}
+    weights.update({k: 2 for k in added})
+    if "stubborn_engines" in extra:
+        weights["dockerd_restart"] = 3
     faults: list[PlannedFault] = []
     t = rng.uniform(3.0, 6.0)
     while t < duration - 2:
@@ -254,8 +286,84 @@ def plan_faults(seed: int, duration: float, n_games: int, *, dockerd_restart: bo
             f.params = {"then_kill_game": rng.randrange(n_games) if rng.random() < 0.5 else None}
         elif kind in ("container_kill", "container_remove"):
             f.params = {"game": rng.randrange(n_games)}
+        elif kind == "backlog":
+            cut = rng.choice(BACKLOG_CUTS)
+            # the intake takes a burst in well under a second: cut it soon, or (table_lock) lock first
+            f.params = {"entries": rng.randint(150, 400), "cut": cut, "cut_after": round(rng.uniform(0.0, 0.4), 2)}
+            if cut == "table_lock":
+                f.params["hold"] = round(STATEMENT_TIMEOUT + rng.uniform(1.0, 6.0), 1)
+            elif cut == "sigstop":
+                f.params["hold"] = round(LEASE_TTL + rng.uniform(0.5, 3.0), 2)
+            elif cut == "redis_blip":
+                f.params["hold"] = round(rng.uniform(0.3, 2.0), 2)
+            else:
+                f.params["hold"] = round(rng.uniform(0.2, 2.0), 2)  # back after
+            f.duration = f.params["hold"] + 3
+        elif kind == "redis_readonly":
+            f.duration = round(rng.uniform(2.0, cap + 4), 2)
+        elif kind == "hostile_engine":
+            f.duration = round(rng.uniform(5.0, 15.0), 2)
+            f.params = {"game": rng.randrange(n_games), "status": rng.choice(HOSTILE_STATUSES)}
+        elif kind == "db_restore":
+            f.params = {"age": round(rng.uniform(4.0, 12.0 if short else 40.0), 2)}
+            f.duration = f.params["age"] + 10  # the dump's age, then stop, restore and start again: about that
         faults.append(f)
         if kind == "pause_leader":
             t += overhead
         t += f.duration + (rng.uniform(0.5, 3.0) if short else rng.uniform(1.0, 12.0))
     return faults
+
+
+# ------------------------------------------------------------------------ backlogs
+def plan_backlogs(seed: int, faults: list[PlannedFault], games: list[str], mortal: list[str]) -> list[PlannedJob]:
+    """The entries of every ``backlog`` fault: more than one read (READ_COUNT) on the start stream
+    and often on the stop stream too, XADDed at once in this order. Most of the start stream's
+    entries come first, so that the start stream's second read holds starts older than the stop
+    stream's first read; among them, for one or two games, a start far into the start stream and
+    a stop of the same game early on the stop stream (sent after it, so applied after it). Fillers
+    are starts and stops of every game (mostly replays) and bad shapes (rejected at once)."""
+    rng = random.Random(f"backlog-{seed}")
+    jobs: list[PlannedJob] = []
+    for i, f in enumerate(faults):
+        if f.kind == "backlog":
+            for j in _backlog(rng, f"B{i}", int(f.params.get("entries", 200)), games, games + mortal):
+                j.at = f.at
+                jobs.append(j)
+    return jobs
+
+
+def _backlog(rng: random.Random, burst: str, total: int, games: list[str], everyone: list[str]) -> list[PlannedJob]:
+    n = 0
+
+    def tag() -> str:
+        nonlocal n
+        n += 1
+        return f"{burst}-{n:04d}"
+
+    def filler(stream: str) -> PlannedJob:
+        game = rng.choice(everyone)
+        if rng.random() < 0.45:
+            for _ in range(20):
+                j = _bad_stream(rng, game, tag())
+                if j.stream == stream:
+                    return j
+        return _stream_job(rng, stream, game, tag())
+
+    n_start = max(READ_COUNT + 10, int(total * rng.uniform(0.5, 0.7)))
+    n_stop = max(20, total - n_start)
+    head = [filler("stop") for _ in range(rng.randint(0, 10))]  # a few stops before the start stream's run
+    starts = [filler("start") for _ in range(n_start)]
+    stops = [filler("stop") for _ in range(max(0, n_stop - len(head)))]
+    for game in rng.sample(games, k=min(len(games), rng.choice([1, 2]))):
+        image = rng.choice([V10, V11])
+        far = PlannedJob(at=0, tag=tag(), via="stream", kind="start", game=game, image=image, stream="start")
+        far.fields = {"game_id": game, "image_ref": image, "chaos_tag": far.tag}
+        reason = rng.choice(REASONS)
+        early = PlannedJob(at=0, tag=tag(), via="stream", kind="stop", game=game, reason=reason, stream="stop")
+        early.fields = {"game_id": game, "reason": reason, "chaos_tag": early.tag}
+        starts.insert(rng.randint(READ_COUNT + 1, len(starts)), far)
+        stops.insert(rng.randint(0, min(len(stops), READ_COUNT // 2 - len(head))), early)
+    order = head + starts + stops
+    for j in order:
+        j.burst = burst
+    return order

@@ -34,15 +34,17 @@ import asyncpg
 import docker.errors
 import redis
 
-from tests.chaos.checker import Report, check, resolve
+from tests.chaos.checker import Report, check, in_windows, resolve, restore_windows
 from tests.chaos.history import FaultRecord, History, JobRecord
 from tests.chaos.plan import (
     IMAGES_TO_LOAD,
     LEASE_TTL,
     NEVER_HEALTHY,
+    V11,
     PlannedFault,
     PlannedJob,
     game_names,
+    plan_backlogs,
     plan_faults,
     plan_workload,
 )
@@ -127,7 +129,7 @@ class Slot:
 class ChaosRun:
     def __init__(self, seed: int, minutes: float, log_dir: Path, *, n_games: int = 8, dockerd_restart: bool = True,
                  quiesce_timeout: float = 120.0, strict_same_ms: bool = True,
-                 out: Callable[[str], None] = print) -> None:
+                 out: Callable[[str], None] = print, extra: tuple[str, ...] = ()) -> None:
         self.seed = seed
         self.minutes = minutes
         self.duration = minutes * 60.0
@@ -139,11 +141,15 @@ class ChaosRun:
         self.id = f"{seed % 100000}-{uuid.uuid4().hex[:6]}"
         self.games, self.mortal = game_names(n_games)
         self.all_games = self.games + self.mortal
+        self.extra = tuple(extra)
         self.plan_jobs: list[PlannedJob] = plan_workload(seed, self.duration, self.games, self.mortal)
         self.plan_faults: list[PlannedFault] = plan_faults(seed, self.duration, n_games,
-                                                           dockerd_restart=dockerd_restart)
+                                                           dockerd_restart=dockerd_restart, extra=self.extra)
+        if "backlog" in self.extra:  # its entries go with the rest, in time order (a stable sort)
+            self.plan_jobs = sorted(self.plan_jobs + plan_backlogs(seed, self.plan_faults, self.games, self.mortal),
+                                    key=lambda j: j.at)
         self.history = History(seed=seed, minutes=minutes, games=self.games, mortal=self.mortal,
-                               never_healthy=list(NEVER_HEALTHY))
+                               never_healthy=list(NEVER_HEALTHY), extra=list(self.extra))
         self.records: dict[str, JobRecord] = {}
         for p in self.plan_jobs:
             rec = JobRecord(tag=p.tag, via=p.via, kind=p.kind, game=p.game, image=p.image, reason=p.reason,
@@ -216,6 +222,8 @@ class ChaosRun:
         self.dockerd.start()
         _ensure_stub_images()
         self.dockerd.load_images(*IMAGES_TO_LOAD)
+        if "stubborn_engines" in self.extra:
+            self._build_stubborn()
         self.proxy = DockerSocketProxy(self.dockerd.socket, self.dockerd.run_dir / "proxy.sock").start()
         self.say(f"services up: postgres :{self.pg.port}, redis :{self.redis.port}, private dockerd "
                  f"{self.dockerd.host} (pool {self.dockerd.pool}), proxy {self.proxy.host}")
@@ -258,6 +266,8 @@ class ChaosRun:
             "RTMANAGER_LOG_FORMAT": "text",
             "RTMANAGER_LOG_LEVEL": "INFO",
         }
+        if "hostile_engine" in self.extra:  # the health round asks every engine's admin status
+            self.env["RTMANAGER_ENGINE_ADMIN_PATH"] = "/cgi-bin/admin/v1"
         self.clean_env = {k: v for k, v in os.environ.items()
                           if not k.startswith(("RTMANAGER_", "DOCKER_", "RTM_", "PG"))}
         out = subprocess.run([sys.executable, "-m", "controller.cli", "migrate"], env={**self.clean_env, **self.env},
@@ -369,7 +379,7 @@ class ChaosRun:
     # ------------------------------------------------------------ workload
     def _stream_sender(self) -> None:
         r = redis.Redis.from_url(self.redis.url, socket_timeout=3, socket_connect_timeout=2)
-        jobs = [p for p in self.plan_jobs if p.via == "stream"]
+        jobs = [p for p in self.plan_jobs if p.via == "stream" and p.burst is None]  # bursts: their fault's
         done: set[str] = set()
         by_tag = {p.tag: p for p in jobs}
         try:
@@ -566,8 +576,22 @@ class ChaosRun:
         if not f.params.get("enabled", True):
             return "SKIPPED (dockerd restarts disabled for this run)"
         t = time.monotonic()
+        watch = "stubborn_engines" in self.extra
+        if watch:
+            rec = self.history.faults[self._index(f)]
+            rec.observed["before_wall"] = time.time()
+            rec.observed["before"] = self._records_now()
+            client = self.docker()
+            try:
+                rec.observed["running_ids"] = {c.id: c.name[len("galaxy-game-"):] for c in client.containers.list(
+                    ignore_removed=True) if c.name.startswith("galaxy-game-")}
+            finally:
+                client.close()
         self.dockerd.restart()
-        return f"private dockerd restarted in {time.monotonic() - t:.1f}s (SIGTERM, containerd too, started again)"
+        took = time.monotonic() - t
+        if watch:
+            self._observe_daemon_restart(rec, t)
+        return f"private dockerd restarted in {took:.1f}s (SIGTERM, containerd too, started again)"
 
     def _fault_events_cut(self, f: PlannedFault) -> str:
         n = self.proxy.cut_events()
@@ -582,6 +606,251 @@ class ChaosRun:
     def _fault_container_remove(self, f: PlannedFault) -> str:
         return self._outside(f.params.get("game", 0), remove=True)
 
+    # ------------------------------------------------- opt-in faults (--faults)
+    def _index(self, f: PlannedFault) -> int:
+        return next(i for i, x in enumerate(self.plan_faults) if x is f)
+
+    def _fault_backlog(self, f: PlannedFault) -> str:
+        """XADD the burst in one pipeline (more than one read per stream), then cut the round. A table
+        lock is taken first and held past the statement timeout: the round meets it mid-way."""
+        burst = [p for p in self.plan_jobs if p.burst == f"B{self._index(f)}"]
+        cut, hold = f.params.get("cut"), f.params.get("hold", 1.0)
+        locker = None
+        if cut == "table_lock":
+            taken = threading.Event()
+            locker = threading.Thread(target=lambda: asyncio.run(self._lock_table("runtime_operations", hold, taken)),
+                                      daemon=True)
+            locker.start()
+            taken.wait(10)
+        r = redis.Redis.from_url(self.redis.url, socket_timeout=10, socket_connect_timeout=2)
+        sent_at, wall = self.now(), time.time()
+        try:
+            pipe = r.pipeline(transaction=False)
+            for q in burst:
+                pipe.xadd(self.streams[q.stream], q.fields)
+            ids, error = pipe.execute(raise_on_error=False), None
+        except redis.RedisError as exc:
+            ids, error = [None] * len(burst), f"{exc.__class__.__name__}: {exc}"
+        finally:
+            r.close()
+        for q, entry_id in zip(burst, ids, strict=True):
+            rec = self.records[q.tag]
+            rec.sent_at, rec.sent_wall = sent_at, wall
+            if isinstance(entry_id, Exception):
+                rec.send_error = f"{entry_id.__class__.__name__}: {entry_id}"
+            else:
+                rec.entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                rec.send_error = error
+        counts = {k: sum(1 for q in burst if q.stream == k) for k in ("start", "stop")}
+        time.sleep(f.params.get("cut_after", 0.2))
+        leader = self.leader() or "a"
+        slot = self.slots[leader]
+        if cut == "kill9":
+            slot.kill9()
+            time.sleep(hold)
+            slot.start(self.clean_env)
+            how = f"kill -9 of leader {leader}, back after {hold}s"
+        elif cut == "sigterm":
+            code = slot.stop()
+            if code not in (0, None):
+                self._exit(leader, code, "graceful stop (SIGTERM) during a backlog", expected=False)
+            time.sleep(hold)
+            slot.start(self.clean_env)
+            how = f"SIGTERM of leader {leader} (exit {code}), back after {hold}s"
+        elif cut == "sigstop":
+            slot.pause()
+            time.sleep(hold)
+            slot.cont()
+            how = f"SIGSTOP of leader {leader} for {hold}s"
+        elif locker is not None:
+            locker.join(hold + 60)
+            how = f"LOCK TABLE runtime_operations IN ACCESS EXCLUSIVE MODE taken before it, held {hold}s"
+        else:
+            self.redis.kill()
+            self.redis_up = False
+            time.sleep(hold)
+            self.redis.start()
+            self.redis_up = True
+            how = f"redis killed for {hold}s"
+        time.sleep(1.0)
+        return (f"burst of {len(burst)} entries ({counts['start']} start, {counts['stop']} stop"
+                f"{', send error ' + error if error else ''}); after {f.params.get('cut_after')}s: {how}")
+
+    async def _lock_table(self, table: str, hold: float, taken: threading.Event) -> None:
+        conn = await asyncpg.connect(self.env["RTMANAGER_DATABASE_URL"], timeout=10)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE", timeout=hold + 30)
+                taken.set()
+                await asyncio.sleep(hold)
+        finally:
+            await conn.close()
+
+    def _redis_writes(self, allowed: bool) -> None:
+        r = redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        try:
+            r.config_set("min-replicas-to-write", 0 if allowed else 1)
+        finally:
+            r.close()
+
+    def _fault_redis_readonly(self, f: PlannedFault) -> str:
+        self._redis_writes(False)
+        try:
+            time.sleep(f.duration)
+        finally:
+            self._redis_writes(True)
+        return f"redis refused writes (min-replicas-to-write 1) for {f.duration:.1f}s"
+
+    def _fault_hostile_engine(self, f: PlannedFault) -> str:
+        """A running game's engine answers its admin status with a hostile document (its status.json,
+        which the stub serves verbatim), with a 1 s turn clock so that the turn path reads it too;
+        then the document it had is put back and the clock turned off."""
+        client = self.docker()
+        try:
+            running = {c.name[len("galaxy-game-"):] for c in client.containers.list(ignore_removed=True)
+                       if c.name.startswith("galaxy-game-")}
+        finally:
+            client.close()
+        index = f.params.get("game", 0) % len(self.all_games)
+        order = [g for g in self.all_games[index:] + self.all_games[:index] if g in running]
+        if not order:
+            return "skipped: no game runs"
+        now = self.now()  # the game the workload leaves alone longest, so that it stays up meanwhile
+        game = min(order, key=lambda g: sum(1 for j in self.plan_jobs
+                                            if j.game == g and now - 1 <= j.at <= now + f.duration + 5))
+        path = self.games_root / game / "engine" / "status.json"
+        try:
+            before = path.read_bytes()
+        except OSError as exc:
+            return f"skipped: {game} has no engine status ({exc.__class__.__name__})"
+        what = f.params.get("status", "turn 2147483647")
+        _write_as_engine(path, hostile_status(what))
+        f.params.setdefault("chosen", game)
+        try:
+            schedule = self._schedule(game, 1)
+            time.sleep(f.duration)
+        finally:
+            _write_as_engine(path, before)
+        unschedule = self._schedule(game, 0)
+        for _ in range(20):  # a clock left on would generate turns until the end of the run: insist
+            if unschedule in ("HTTP 200", "HTTP 404") or self.abort.is_set():
+                break
+            time.sleep(1.0)
+            unschedule = self._schedule(game, 0)
+        return (f"engine of {game} answered its status with {what} for {f.duration:.1f}s (turn clock 1 s: "
+                f"{schedule}; off again: {unschedule}); its own status put back")
+
+    def _schedule(self, game: str, interval: int) -> str:
+        name = self.leader() or "a"
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.slots[name].port}/api/v1/runtimes/{game}/schedule",
+            data=json.dumps({"turn_interval": interval}).encode(), method="PUT",
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            return f"HTTP {exc.code}"
+        except OSError as exc:
+            return f"no answer ({exc.__class__.__name__})"
+
+    def _fault_db_restore(self, f: PlannedFault) -> str:
+        """pg_dump -Fc now; ``age`` seconds later stop the replicas, drop and create the database,
+        pg_restore the dump, start them again. What ran before the restore is recorded for the
+        checker (the ``restore`` invariant)."""
+        rec = self.history.faults[self._index(f)]
+        dump = self.work / f"backup-{self._index(f)}.dump"
+        pg = ["-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "postgres"]
+        out = subprocess.run([f"{self.pg.bin}/pg_dump", *pg, "-Fc", "-f", str(dump), "rtmanager"],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            return f"skipped: pg_dump failed: {out.stderr[-300:]}"
+        rec.observed["dump_wall"] = time.time()
+        rec.observed["containers_at_dump"] = [c[0] for c in self._docker_snapshot()]
+        time.sleep(f.params.get("age", 5.0))
+        rec.observed["restore_wall"] = time.time()
+        client = self.docker()
+        try:
+            rec.observed["running"] = {c.id: c.name[len("galaxy-game-"):] for c in client.containers.list(
+                ignore_removed=True) if c.name.startswith("galaxy-game-")}
+        finally:
+            client.close()
+        up = self._running_slots()
+        for name in up:
+            code = self.slots[name].stop()
+            if code not in (0, None):
+                self._exit(name, code, "graceful stop (SIGTERM) for a database restore", expected=False)
+        asyncio.run(self._admin("DROP DATABASE rtmanager WITH (FORCE)"))
+        asyncio.run(self._admin("CREATE DATABASE rtmanager"))
+        out = subprocess.run([f"{self.pg.bin}/pg_restore", *pg, "-d", "rtmanager", str(dump)],
+                             capture_output=True, text=True, timeout=120)
+        rec.observed["restored_wall"] = time.time()
+        for name in up or ["a"]:
+            self.slots[name].start(self.clean_env)
+        restored = "restored" if out.returncode == 0 else f"pg_restore exited {out.returncode}: {out.stderr[-300:]}"
+        return (f"database dumped, {f.params.get('age')}s later replicas {up} stopped, database dropped and "
+                f"{restored} ({len(rec.observed['running'])} containers running then); replicas started again")
+
+    def _build_stubborn(self) -> None:
+        """galaxy/engine-stub:1.1 in the private daemon becomes an engine whose PID 1 ignores SIGTERM
+        (a signal ignored on entry stays ignored in sh): stops and daemon restarts SIGKILL it."""
+        ctx = Path(tempfile.mkdtemp(prefix="stubborn-", dir=self.work))
+        (ctx / "Dockerfile").write_text(
+            f"FROM {V11}\n"
+            'ENTRYPOINT ["/bin/sh", "-c", "trap \'\' TERM; exec /bin/sh /entrypoint.sh"]\n'
+            "LABEL com.galaxy.stub-variant=stubborn\n")
+        client = self.docker()
+        try:
+            client.images.build(path=str(ctx), tag=V11, rm=True, pull=False)
+        finally:
+            client.close()
+        self.say(f"{V11} in the private daemon is now an engine that ignores SIGTERM")
+
+    def _observe_daemon_restart(self, rec: FaultRecord, t_start: float) -> None:
+        """Around a dockerd restart with stubborn engines: every game's record before, the exit codes
+        of the containers it stopped, and the records once the games that ran are up again."""
+        running_ids = rec.observed["running_ids"]
+        client = self.docker()
+        try:
+            codes = {}
+            for cid, game in running_ids.items():
+                with contextlib.suppress(docker.errors.APIError):
+                    st = client.api.inspect_container(cid)["State"]
+                    codes[game] = st.get("ExitCode") if not st.get("Running") or st.get("Restarting") else None
+            rec.observed["exit_codes"] = codes
+        finally:
+            client.close()
+
+        def back() -> bool:
+            """Every game that ran is no longer wanted running, or runs again in a container started after
+            the restart and its record says so (rtmanager has seen the exit and counted it, or not)."""
+            rows = self._records_now()
+            client = self.docker()
+            try:
+                started = {c["Names"][0].lstrip("/"): c["Id"] for c in client.api.containers(all=True)}
+                again = set()
+                for game in running_ids.values():
+                    cid = started.get(f"galaxy-game-{game}")
+                    if cid is None:
+                        continue
+                    with contextlib.suppress(docker.errors.APIError):
+                        st = client.api.inspect_container(cid)["State"]
+                        if st.get("Running") and _epoch(st.get("StartedAt", "")) > rec.observed["before_wall"]:
+                            again.add(game)
+            finally:
+                client.close()
+            return all(rows.get(g, {}).get("desired_status") != "running"
+                       or (g in again and rows[g].get("status") == "running") for g in running_ids.values())
+
+        with contextlib.suppress(AssertionError, Exception):
+            self._wait(back, 40, "the games to run again after a daemon restart", interval=1.0)
+        rec.observed["after"] = self._records_now()
+        rec.observed["after_wall"] = time.time()
+
+    def _records_now(self) -> dict:
+        return {r["game_id"]: {**r} for r in self.fetch(
+            "SELECT game_id, status, desired_status, crash_count, generation, last_error_code FROM runtime_records")}
+
     def _outside(self, index: int, remove: bool) -> str:
         client = self.docker()
         try:
@@ -593,6 +862,7 @@ class ChaosRun:
                     continue
                 try:
                     if remove:
+                        self.history.harness_removed.append(c.id)
                         c.remove(force=True)
                         return f"removed the container of {game} from outside (docker rm -f, was {c.status})"
                     c.kill()
@@ -613,12 +883,15 @@ class ChaosRun:
             try:
                 client = self.dockerd.client(timeout=None)
                 self._events_client = client
-                for ev in client.events(decode=True, since=since, filters={"type": "container", "event": "create"}):
+                for ev in client.events(decode=True, since=since,
+                                        filters={"type": "container", "event": ["create", "destroy"]}):
                     if self.abort.is_set():
                         return
                     attrs = (ev.get("Actor") or {}).get("Attributes") or {}
                     cid = (ev.get("Actor") or {}).get("ID") or ev.get("id")
-                    if cid and attrs.get("image"):
+                    if cid and ev.get("Action", ev.get("status")) == "destroy":
+                        self.history.destroyed.setdefault(cid, ev.get("timeNano", 0) / 1e9)
+                    elif cid and attrs.get("image"):
                         self.history.container_images[cid] = attrs["image"]
                     since = max(since, ev.get("timeNano", 0) / 1e9 - 1)
             except Exception:  # noqa: BLE001 - the daemon restarted or the run ends: look again
@@ -707,6 +980,8 @@ class ChaosRun:
             self.redis_up = True
         if self.dockerd is not None and not self.dockerd.running:
             self.dockerd.start()
+        if self.redis is not None and self.redis.running and "redis_readonly" in self.extra:
+            self._redis_writes(True)
 
     def _heal(self) -> None:
         for slot in self.slots.values():
@@ -739,7 +1014,9 @@ class ChaosRun:
             pending = {k: r.xpending(self.streams[k], "rtmanager")["pending"] for k in ("start", "stop")}
         finally:
             r.close()
-        missing = [j.tag for j in self.history.jobs if j.entry_id and (j.stream, j.entry_id) not in answered]
+        lost = restore_windows(self.history)  # entries a restore made the database forget may stay unanswered
+        missing = [j.tag for j in self.history.jobs if j.entry_id and (j.stream, j.entry_id) not in answered
+                   and not in_windows(j, lost)]
         if missing:
             reasons.append(f"{len(missing)} entries unanswered: {missing[:10]}")
         for k, n in pending.items():
@@ -894,7 +1171,8 @@ class ChaosRun:
             lines.append("all invariants hold")
         else:
             lines.append(f"VIOLATED: {report.by_invariant()}")
-            lines.append(f"replay: python -m tests.chaos --seed {self.seed} --minutes {self.minutes:g}")
+            lines.append(f"replay: python -m tests.chaos --seed {self.seed} --minutes {self.minutes:g}"
+                         + (f" --faults {','.join(self.extra)}" if self.extra else ""))
             lines.append(self.schedule_text())
             lines.append("first violated invariant:")
             lines.append(report.first.render())
@@ -943,6 +1221,47 @@ def _show(state) -> str:
     if state is None:
         return "?"
     return state[0] if len(state) == 1 else f"running {state[1]}"
+
+
+def hostile_status(what: str) -> bytes:
+    """The admin status document of a hostile engine (plan.HOSTILE_STATUSES)."""
+    idle = '"phase":"idle","last_generation":null'
+    docs = {
+        "turn 2147483647": '{"turn":2147483647,' + idle + '}',
+        "turn 2147483648": '{"turn":2147483648,' + idle + '}',
+        "turn 2**64": '{"turn":18446744073709551616,' + idle + '}',
+        "turn 1e400": '{"turn":1e400,' + idle + '}',
+        "last_generation turn 2**63": '{"turn":4,"phase":"idle","last_generation":{"turn":9223372036854775808,'
+                                      '"ok":true,"error":""}}',
+        "phase with NUL and a lone surrogate": '{"turn":4,"phase":"idle\\u0000\\ud800","last_generation":null}',
+        "a JSON list": '[1,2,3]',
+        "nested 100000 deep": '{"turn":' + "[" * 100000 + "]" * 100000 + '}',
+        "1 MB error text": '{"turn":4,"phase":"idle","last_generation":{"turn":4,"ok":false,"error":"'
+                           + "x" * 1_000_000 + '"}}',
+    }
+    if what == "not JSON":
+        return b"\xff\xfe<html>{{{ not json\n"
+    return (docs.get(what) or docs["turn 2147483647"]).encode() + b"\n"
+
+
+def _write_as_engine(path: Path, data: bytes) -> None:
+    """Replace the file whole (as the engine does), owned by the engine's user."""
+    tmp = path.with_name(path.name + ".chaos")
+    tmp.write_bytes(data)
+    os.chown(tmp, 10000, 10000)
+    os.replace(tmp, path)
+
+
+def _epoch(docker_time: str) -> float:
+    """A Docker timestamp (RFC 3339, nanoseconds) as seconds since the epoch; 0 when unreadable."""
+    import datetime
+    import re
+
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?", docker_time or "")
+    if not m:
+        return 0.0
+    base = datetime.datetime.fromisoformat(m.group(1)).replace(tzinfo=datetime.UTC).timestamp()
+    return base + float(m.group(2) or 0)
 
 
 def _lines(path: Path) -> int:

@@ -10,8 +10,23 @@ import os
 import pytest
 
 from tests.chaos.checker import ABSENT, STOPPED, check, resolve
-from tests.chaos.history import History, JobRecord
-from tests.chaos.plan import FAULT_KINDS, MUTE, V10, V11, game_names, plan_faults, plan_workload
+from tests.chaos.history import FaultRecord, History, JobRecord
+from tests.chaos.plan import (
+    EXTRA_FAULT_KINDS,
+    EXTRA_OPTIONS,
+    FAULT_KINDS,
+    HOSTILE_STATUSES,
+    MUTE,
+    READ_COUNT,
+    STATEMENT_TIMEOUT,
+    V10,
+    V11,
+    game_names,
+    parse_extra,
+    plan_backlogs,
+    plan_faults,
+    plan_workload,
+)
 
 CI_SEED = 25
 CI_MINUTES = 0.9  # 54 s of workload and faults; every fault kind is in this seed's schedule
@@ -116,6 +131,20 @@ def test_a_result_published_twice_with_one_result_id_is_information_only():
     r = b.check()
     assert r.ok
     assert any("published 2 times" in i for i in r.info)
+
+
+def test_a_turn_of_the_clock_may_be_answered_with_an_engine_error():
+    b = H()
+    s = b.entry("start", "g1", V10)
+    b.answer(s)
+    b.running("g1", V10)
+    for code in ("engine_unreachable", "generation_failed", "engine_unsupported"):
+        b.h.results.append([f"{len(b.h.results) + 1}-0", {
+            "game_id": "g1", "outcome": "failure", "container_id": "", "engine_endpoint": "", "error_code": code,
+            "error_message": "engine status: turn must be a non-negative integer", "job": "turn",
+            "job_entry_id": "", "result_id": f"turn-{code}"}])
+    r = b.check()
+    assert "results_well_formed" not in invariants(r), [v.render() for v in r.violations]
 
 
 # ------------------------------------------------------------------ violations
@@ -428,6 +457,155 @@ def test_plans_are_a_function_of_the_seed():
     cleanups = [j for j in plan_workload(7, 600, games, mortal) if j.kind == "cleanup"]
     assert cleanups and all(j.game in mortal for j in cleanups)
     assert STOPPED == ("stopped",)
+
+
+def test_opt_in_faults_leave_a_seed_without_them_as_it_was():
+    assert plan_faults(CI_SEED, CI_MINUTES * 60, 8) == plan_faults(CI_SEED, CI_MINUTES * 60, 8, extra=())
+    assert not {f.kind for f in plan_faults(CI_SEED, 600, 8)} & set(EXTRA_FAULT_KINDS)
+    assert parse_extra("") == () and parse_extra("all") == EXTRA_OPTIONS
+    assert parse_extra("db_restore,backlog") == ("backlog", "db_restore")
+    with pytest.raises(ValueError):
+        parse_extra("backlog,meteor")
+
+
+def test_every_opt_in_kind_is_planned_with_what_it_needs():
+    for seed in range(20):
+        faults = plan_faults(seed, 600, 8, extra=EXTRA_OPTIONS)
+        assert set(EXTRA_FAULT_KINDS) <= {f.kind for f in faults}
+        for f in faults:
+            if f.kind == "backlog":
+                assert 150 <= f.params["entries"] <= 400
+                if f.params["cut"] == "table_lock":
+                    assert f.params["hold"] > STATEMENT_TIMEOUT  # past the controller's statement timeout
+            elif f.kind == "hostile_engine":
+                assert f.params["status"] in HOSTILE_STATUSES
+            elif f.kind == "db_restore":
+                assert f.params["age"] > 0 and f.duration > f.params["age"]
+        assert [f.at for f in faults] == sorted(f.at for f in faults)
+
+
+def test_a_backlog_is_more_than_one_read_with_a_stop_applied_after_a_far_start():
+    games, mortal = game_names(8)
+    for seed in range(20):
+        faults = plan_faults(seed, 600, 8, extra=("backlog",))
+        jobs = plan_backlogs(seed, faults, games, mortal)
+        assert [j.to_json() for j in jobs] == [j.to_json() for j in plan_backlogs(seed, faults, games, mortal)]
+        bursts = {j.burst for j in jobs}
+        assert bursts == {f"B{i}" for i, f in enumerate(faults) if f.kind == "backlog"}
+        for burst in bursts:
+            order = [j for j in jobs if j.burst == burst]
+            assert len({j.tag for j in order}) == len(order)
+            assert all(j.fields.get("chaos_tag") == j.tag for j in order)
+            starts = [j for j in order if j.stream == "start"]
+            stops = [j for j in order if j.stream == "stop"]
+            assert len(starts) > READ_COUNT and 150 <= len(order)
+            pairs = [(a, b) for a in starts[READ_COUNT:] for b in stops[:READ_COUNT // 2]
+                     if a.shape == b.shape == "ok" and a.game == b.game and order.index(a) < order.index(b)]
+            assert pairs, f"seed {seed} {burst}: no far start with an early stop of its game after it"
+
+
+def test_plans_with_opt_in_faults_are_a_function_of_the_seed():
+    a = [f.to_json() for f in plan_faults(3, 120, 8, extra=EXTRA_OPTIONS)]
+    assert a == [f.to_json() for f in plan_faults(3, 120, 8, extra=EXTRA_OPTIONS)]
+    assert a != [f.to_json() for f in plan_faults(4, 120, 8, extra=EXTRA_OPTIONS)]
+
+
+def test_hostile_statuses_are_what_they_say():
+    import json
+
+    from tests.chaos.runner import hostile_status
+
+    docs = {what: hostile_status(what) for what in HOSTILE_STATUSES}
+    assert len(set(docs.values())) == len(docs)
+    assert json.loads(docs["turn 2147483647"])["turn"] == 2**31 - 1
+    assert json.loads(docs["turn 2147483648"])["turn"] == 2**31
+    assert len(docs["1 MB error text"]) > 1_000_000
+    with pytest.raises(ValueError):
+        json.loads(docs["not JSON"])
+
+
+def test_docker_times_are_read_to_the_microsecond():
+    from tests.chaos.runner import _epoch
+
+    assert _epoch("1970-01-01T00:00:10.5Z") == 10.5
+    assert abs(_epoch("2026-12-03T18:56:24.123456789Z") - 1796324184.123456789) < 1e-5
+    assert _epoch("") == 0.0 and _epoch("0001-01-01T00:00:00Z") < 0
+
+
+def _watched_restart(b: H, before: dict, after: dict, game: str = "g1") -> None:
+    b.h.faults.append(FaultRecord(at=5, kind="dockerd_restart", duration=0, params={}, started=5, ended=9, observed={
+        "before_wall": 100.0, "after_wall": 120.0, "running_ids": {"c" * 64: game}, "exit_codes": {game: 137},
+        "before": {game: before}, "after": {game: after}}))
+
+
+def test_a_daemon_restart_must_not_count_a_crash_or_give_a_game_up():
+    up = {"status": "running", "desired_status": "running", "crash_count": 0, "generation": 3}
+    b = H()
+    s = b.entry("start", "g1", V10)
+    b.answer(s)
+    b.running("g1", V10)
+    _watched_restart(b, up, {**up})
+    assert b.check().ok
+    b.h.faults.clear()
+    _watched_restart(b, up, {**up, "crash_count": 1})
+    r = b.check()
+    assert invariants(r) == {"daemon_restarts"} and "counted as a crash" in r.first.message
+    assert r.first.evidence["exit_code"] == 137
+    b.h.faults.clear()
+    _watched_restart(b, up, {**up, "desired_status": "stopped", "last_error_code": "container_start_failed"})
+    assert "given up" in b.check().first.message
+    s.sent_wall = 110.0  # a job of the game during the restart: it may have stopped the game ...
+    assert b.check().ok
+    b.h.faults.clear()
+    _watched_restart(b, up, {**up, "crash_count": 1})
+    assert invariants(b.check()) == {"daemon_restarts"}  # ... but jobs never count a crash
+
+
+def _restore(b: H, running: dict, at_dump: list, dump: float = 100.0, restore: float = 110.0) -> None:
+    b.h.faults.append(FaultRecord(at=5, kind="db_restore", duration=15, params={"age": 10}, started=5, ended=20,
+                                  observed={"dump_wall": dump, "restore_wall": restore, "restored_wall": restore + 3,
+                                            "running": running, "containers_at_dump": at_dump}))
+
+
+def test_no_running_game_is_removed_by_a_restore():
+    b = H()
+    s = b.entry("start", "g1", V10)
+    s.sent_wall = 50.0
+    b.answer(s)
+    cid = "a" * 64
+    b.running("g1", V10)
+    b.h.containers[0]["id"] = cid
+    b.h.records["g1"]["current_container_id"] = cid
+    _restore(b, {cid: "g1"}, [cid])
+    assert b.check().ok
+    b.h.destroyed[cid] = 125.0  # removed after the restore, no job asked
+    r = b.check()
+    assert invariants(r) == {"restore"} and r.first.game == "g1"
+    stop = b.rest("stop", "g1")
+    stop.sent_wall = 115.0  # a stop keeps the container: no excuse
+    b.answer(stop)
+    b.h.records["g1"]["desired_status"] = "stopped"
+    assert "restore" in invariants(b.check())
+    late = b.rest("restart", "g1")
+    late.sent_wall = 120.0  # a restart sent after the restore may replace it
+    b.answer(late, "superseded")
+    assert "restore" not in invariants(b.check())
+
+
+def test_a_restore_may_forget_what_it_did_not_hold():
+    b = H()
+    s = b.entry("start", "g1", V10)
+    s.sent_wall = 50.0
+    b.answer(s)
+    lost = b.entry("stop", "g1")  # sent after the dump: the restored database has no trace of it
+    lost.sent_wall, lost.op_id = 105.0, None
+    b.running("g1", V10)
+    _restore(b, {}, [])
+    r = b.check()
+    assert r.ok, [v.render() for v in r.violations]
+    assert any("restore" in i for i in r.info)
+    lost.sent_wall = 130.0  # the same, well after the restore: must be answered
+    assert "answered" in invariants(b.check())
 
 
 # ---------------------------------------------------------------- the real run
