@@ -82,8 +82,6 @@ def _five_restarts(daemon: PrivateDockerd, rtm_env, tmp_path, unique) -> None:
         reader.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21: only exits 0 and 143 are taken as the daemon's stop; "
-                   "the SIGKILL of a stopping dockerd (137) counts as a crash")
 def test_five_daemon_restarts_with_engines_deaf_to_sigterm_give_no_game_up(rtm_env, stub_images, tmp_path,
                                                                            unique):
     """Engines whose PID 1 does not exit on SIGTERM (galaxy/engine-stub:termdeaf): a stopping dockerd
