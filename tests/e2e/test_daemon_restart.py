@@ -165,3 +165,41 @@ def _five_deaf_restarts(daemon: PrivateDockerd, rtm_env, tmp_path, unique) -> No
         assert ctl.stop() == 0, ctl.log()[-3000:]
         r.close()
         reader.close()
+
+
+def test_with_live_restore_a_daemon_restart_leaves_the_engines_running(rtm_env, stub_images, tmp_path, unique):
+    """What the README asks of a game host: with "live-restore" a dockerd restart stops nothing, and
+    rtmanager finds the engine as it was: the same container, one boot, no crash, no restart."""
+    daemon = PrivateDockerd()
+    (daemon.run_dir / "daemon.json").write_text('{"live-restore": true}\n')
+    daemon.start()
+    daemon.load_images("galaxy/engine-stub:termdeaf")
+    env = {**rtm_env, "RTMANAGER_RESYNC_INTERVAL": "1", "DOCKER_HOST": daemon.host}
+    game = f"lr-{unique}"
+    r = redis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
+    reader = ResultReader(env["RTMANAGER_REDIS_URL"], env["RTMANAGER_RESULTS_STREAM"])
+    ctl = None
+    try:
+        migrate(env)
+        ctl = ControllerProcess(env, tmp_path / "rtmanager.log").start()
+        entry = r.xadd(env["RTMANAGER_START_STREAM"], {"game_id": game, "image_ref": "galaxy/engine-stub:termdeaf"})
+        first = reader.for_entry(entry, timeout=60)
+        assert first["outcome"] == "success"
+        daemon.restart()
+        entry = r.xadd(env["RTMANAGER_CONTROL_STREAM"], {"game_id": game, "op": "reconcile"})
+        again = reader.for_entry(entry, timeout=60)
+        assert again["outcome"] == "success" and again["container_id"] == first["container_id"], again
+        client = daemon.client(timeout=10)
+        try:
+            assert client.containers.get(first["container_id"]).status == "running"
+        finally:
+            client.close()
+        boots = (Path(env["RTMANAGER_STATE_ROOT"]) / game / "boots").read_text().splitlines()
+        assert len(boots) == 1, boots
+        assert "engine crashed" not in ctl.log() and "stopped by a restart" not in ctl.log()
+    finally:
+        if ctl is not None:
+            assert ctl.stop() == 0, ctl.log()[-3000:]
+        r.close()
+        reader.close()
+        daemon.remove()
