@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 # Before a gap: a daemon stops its containers for up to its shutdown timeout (15 s by default, at
-# least the longest stop timeout + 5 s) before its streams end; generous, and it covers clock skew
-# between the daemon's host and this one.
+# least the longest stop timeout + 5 s) before its streams end; generous, and it covers a clock of
+# the daemon's host that is off from ours.
 STOP_MARGIN = timedelta(seconds=60)
-# After a gap: exits the daemon records while it restores its containers, and clock skew.
+# After a gap: a restarted daemon stops what survived it before it answers, so an exit it caused
+# is never later than its first answer; only how far off the clocks may be. Without the clocks'
+# difference measured, LATE_MARGIN.
+LATE_SLACK = timedelta(seconds=0.5)
 LATE_MARGIN = timedelta(seconds=5)
 # The event stream must have been connected this long before an exit to vouch for the daemon
-# (with the clocks' difference measured; the uncertainty of that measure comes on top).
+# (the uncertainty of the measured clocks' difference comes on top).
 CLOCK_SLACK = timedelta(seconds=0.1)
 
 
@@ -44,24 +47,26 @@ class Gap:
     back: datetime | None = None
 
 
-def in_gap(finished_at: datetime, gaps: Iterable[Gap], now: datetime) -> bool:
-    """The exit falls in the stretch of a gap a daemon restart stops its containers in."""
-    return any(g.gone - STOP_MARGIN <= finished_at <= (g.back or now) + LATE_MARGIN for g in gaps)
+def in_gap(exited: datetime, gaps: Iterable[Gap], now: datetime, late: timedelta = LATE_MARGIN) -> bool:
+    """The exit (on this process' clock) falls in the stretch of a gap a daemon restart stops its
+    containers in."""
+    return any(g.gone - STOP_MARGIN <= exited <= (g.back or now) + late for g in gaps)
 
 
 def stopped_by_daemon(finished_at: datetime | None, *, gaps: Iterable[Gap], now: datetime, accepting: bool,
-                      stream_since: datetime | None, started_before: bool | None = None,
+                      stream_since: datetime | None, clock: timedelta | None, started_before: bool | None = None,
                       clock_slack: timedelta = CLOCK_SLACK) -> bool | None:
     """True: the engine was stopped by a restart of its daemon (not a crash). False: it exited on its
     own or was killed by someone else (a crash). None: ask again with ``started_before``.
 
+    * ``finished_at``: the exit, on the daemon's clock; ``clock``: the daemon's clock minus ours
+      (None: not known), measured to within ``clock_slack``;
     * ``gaps``: the daemon's absences this process saw;
-    * ``accepting``: the daemon accepted a new connection just now (a stopping daemon does not, from
-      the moment it begins to stop its containers);
-    * ``stream_since``: since when the event stream has been connected without a break, on the
-      daemon's clock (None: it is not, or the clocks' difference is not known): a stream that
-      outlived the exit proves the daemon did not go away since (``clock_slack``: how far off that
-      time may be);
+    * ``accepting``: the daemon accepted a new connection after the exit (a stopping daemon does
+      not, from the moment it begins to stop its containers);
+    * ``stream_since``: since when the event stream has been connected without a break (None: it is
+      not): a stream that outlived the exit proves the daemon did not go away since; it vouches
+      only with the clocks' difference known;
     * ``started_before``: whether an engine that still runs was started before this exit (None: not
       looked yet). Without live-restore no container survives a daemon restart, so one that did
       proves the daemon has run since before the exit: the look for a restart nobody saw (this
@@ -70,13 +75,17 @@ def stopped_by_daemon(finished_at: datetime | None, *, gaps: Iterable[Gap], now:
     An exit without a time cannot be placed against anything: it is the engine's, as before."""
     if finished_at is None:
         return False
+    if clock is None:
+        exited, late = finished_at, LATE_MARGIN
+    else:
+        exited, late = finished_at - clock, LATE_SLACK + clock_slack
     if not accepting:
         gaps = [*gaps, Gap(now)]  # the daemon is stopping (or gone) now
-    if in_gap(finished_at, gaps, now):
+    if in_gap(exited, gaps, now, late):
         return True
     if not accepting:
         return False  # an exit long before the daemon began to stop
-    if stream_since is not None and stream_since <= finished_at - clock_slack:
+    if clock is not None and stream_since is not None and stream_since <= exited - clock_slack:
         return False
     if started_before is None:
         return None

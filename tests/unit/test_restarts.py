@@ -18,9 +18,9 @@ CONNECTED = T - 3600 * S  # an event stream connected an hour before
 
 
 def decide(finished_at, *, gaps=(), now=T + 60 * S, accepting=True, stream_since=None, started_before=None,
-           clock_slack=timedelta(seconds=0.1)):
+           clock=timedelta(), clock_slack=timedelta(seconds=0.1)):
     return stopped_by_daemon(finished_at, gaps=list(gaps), now=now, accepting=accepting, stream_since=stream_since,
-                             started_before=started_before, clock_slack=clock_slack)
+                             clock=clock, started_before=started_before, clock_slack=clock_slack)
 
 
 @pytest.mark.parametrize("before_the_end", [0.05, 10, 15, 59])
@@ -33,7 +33,11 @@ def test_an_exit_while_the_daemon_was_stopping_is_the_daemons(before_the_end):
 
 def test_an_exit_while_the_daemon_was_away_or_restoring_is_the_daemons():
     assert decide(T + S, gaps=[Gap(T, BACK)], stream_since=BACK) is True
-    assert decide(BACK + 4 * S, gaps=[Gap(T, BACK)], stream_since=BACK) is True  # killed on restore
+    # A restarted daemon stops what survived it before it answers: before BACK, on our clock.
+    assert decide(BACK - S / 5, gaps=[Gap(T, BACK)], stream_since=BACK) is True
+    # Seconds after it answered again is a crash; with the clocks' difference unknown, 5 s are allowed.
+    assert decide(BACK + 2 * S, gaps=[Gap(T, BACK)], stream_since=BACK) is False
+    assert decide(BACK + 4 * S, gaps=[Gap(T, BACK)], stream_since=BACK, clock=None) is True
     assert decide(T + 50 * S, gaps=[Gap(T)], now=T + 50 * S, accepting=False, stream_since=None) is True
 
 
@@ -52,6 +56,9 @@ def test_a_daemon_refusing_new_connections_is_stopping_now():
 
 def test_an_exit_with_the_stream_connected_since_before_and_the_daemon_accepting_is_a_crash():
     assert decide(T, stream_since=CONNECTED) is False
+    assert decide(T, stream_since=CONNECTED, clock=None) is None  # its start cannot be put on the daemon's clock
+    assert decide(T + 30 * S, stream_since=T + 10 * S, clock=30 * S) is None  # the daemon's clock 30 s ahead
+    assert decide(T + 30 * S, stream_since=T + 10 * S, clock=-30 * S) is False
     assert decide(T, stream_since=T - S / 2) is False
     assert decide(T, stream_since=T - S / 20) is None  # too close to tell apart
     assert decide(T, stream_since=T - S / 2, clock_slack=S) is None  # the clocks known only to a second
@@ -85,7 +92,13 @@ def container(cid: str, state: str, *, exit_code=None, finished_at=None, started
 def backend(accepting: bool, others: list[ObservedContainer] = (),
             clock: tuple[timedelta, timedelta] | None = (timedelta(), timedelta())) -> DockerBackend:
     b = DockerBackend(instance="default", network="unused")  # no daemon contacted
-    b._accepts_connections = lambda: accepting  # type: ignore[method-assign]
+    b.probes = 0  # type: ignore[attr-defined]
+
+    def accepts() -> bool:
+        b.probes += 1  # type: ignore[attr-defined]
+        return accepting
+
+    b._accepts_connections = accepts  # type: ignore[method-assign]
 
     async def clock_difference():
         return clock
@@ -156,3 +169,34 @@ async def test_the_stream_vouches_on_the_daemons_clock():
     b = backend(True, [exited], clock=None)  # the difference not known: the stream does not vouch
     b._stream_since = now - 600 * S
     assert await b.stopped_by_daemon(exited) is True
+
+
+async def test_one_accepted_connection_after_the_exits_serves_them_all():
+    """After a daemon restart every engine exited before the first probe: one probe, not one each;
+    an exit after that probe is probed again (the daemon may have begun to stop since)."""
+    now = datetime.now(UTC)
+    b = backend(True)
+    b._stream_since = now - 600 * S
+    for n in range(3):
+        assert await b.stopped_by_daemon(container(f"x{n}", "exited", exit_code=137, finished_at=now - 30 * S)) is False
+    assert b.probes == 1  # type: ignore[attr-defined]
+    assert await b.stopped_by_daemon(container("y", "exited", exit_code=3, finished_at=now + 5 * S)) is False
+    assert b.probes == 2  # type: ignore[attr-defined]
+
+
+async def test_nothing_is_started_while_the_daemon_refuses_new_connections():
+    """A stopping dockerd still starts a container on a connection it had, and the half-started
+    container cannot be started after the restart ("task already exists"): once a probe was
+    refused, starts and creates wait for a new connection to be accepted."""
+    from observed.errors import BackendUnavailable
+
+    now = datetime.now(UTC)
+    b = backend(False)
+    b._stream_since = now - 600 * S
+    assert await b.stopped_by_daemon(container("a", "exited", exit_code=137, finished_at=now - S)) is True
+    with pytest.raises(BackendUnavailable, match="stopping"):
+        await b.start("a")
+    with pytest.raises(BackendUnavailable, match="stopping"):
+        await b.create(None)  # type: ignore[arg-type]  # refused before the spec is looked at
+    b._stream_connected()  # the restarted daemon accepted the event stream's new connection
+    assert b._stopping_since is None
