@@ -203,3 +203,75 @@ def test_with_live_restore_a_daemon_restart_leaves_the_engines_running(rtm_env, 
         r.close()
         reader.close()
         daemon.remove()
+
+
+def test_a_daemon_restart_while_rtmanager_was_down_is_not_a_crash_and_a_crash_then_is(rtm_env, stub_images,
+                                                                                     tmp_path, unique):
+    """A restart nobody saw: rtmanager is stopped, dockerd restarted, rtmanager started again. No
+    gap was seen, and the event stream came after the exits; no engine outlived them (none survives
+    a restart without live-restore), so they are the daemon's: no crash. Then, rtmanager down again,
+    one engine exits 3 by itself while the other runs on: the older engine that outlived the exit
+    proves the daemon stayed, and the exit counts as a crash."""
+    daemon = PrivateDockerd()
+    daemon.start()
+    daemon.load_images("galaxy/engine-stub:1.0")
+    env = {**rtm_env, "RTMANAGER_RESYNC_INTERVAL": "1", "DOCKER_HOST": daemon.host}
+    games = [f"nb-{unique}-{i}" for i in range(2)]
+    r = redis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
+    reader = ResultReader(env["RTMANAGER_REDIS_URL"], env["RTMANAGER_RESULTS_STREAM"])
+    ctl = None
+
+    async def records():
+        conn = await asyncpg.connect(env["RTMANAGER_DATABASE_URL"])
+        try:
+            return {r["game_id"]: dict(r) for r in await conn.fetch(
+                "SELECT game_id, status, crash_count, current_container_id FROM runtime_records")}
+        finally:
+            await conn.close()
+
+    def state(game: str) -> str:
+        client = daemon.client(timeout=10)
+        try:
+            return client.containers.get(f"galaxy-game-{game}").status
+        finally:
+            client.close()
+
+    def detail() -> str:
+        return f"records: {asyncio.run(records())}\nlog: {ctl.log()[-3000:] if ctl else ''}"
+
+    def all_running() -> bool:
+        recs = asyncio.run(records())
+        return all(state(g) == "running" and recs[g]["status"] == "running" for g in games)
+
+    try:
+        migrate(env)
+        ctl = ControllerProcess(env, tmp_path / "rtmanager-1.log").start()
+        for g in games:
+            entry = r.xadd(env["RTMANAGER_START_STREAM"], {"game_id": g, "image_ref": "galaxy/engine-stub:1.0"})
+            assert reader.for_entry(entry, timeout=60)["outcome"] == "success"
+        assert ctl.stop() == 0, ctl.log()[-3000:]
+        daemon.restart()
+        assert all(state(g) == "exited" for g in games)
+        ctl = ControllerProcess(env, tmp_path / "rtmanager-2.log").start()
+        wait_for("every game running again", all_running, timeout=60, detail=detail)
+        assert all(rec["crash_count"] == 0 for rec in asyncio.run(records()).values()), detail()
+        assert "stopped by a restart of the container daemon" in ctl.log()
+
+        assert ctl.stop() == 0, ctl.log()[-3000:]
+        control = Path(env["RTMANAGER_STATE_ROOT"]) / games[0] / "stub-control"
+        control.mkdir(exist_ok=True)
+        (control / "exit").write_text("3")
+        wait_for("the engine exited by itself", lambda: state(games[0]) == "exited", timeout=30)
+        (control / "exit").unlink()
+        assert state(games[1]) == "running"
+        ctl = ControllerProcess(env, tmp_path / "rtmanager-3.log").start()
+        wait_for("the exit counted as a crash", lambda: asyncio.run(records())[games[0]]["crash_count"] == 1,
+                 timeout=30, detail=detail)
+        wait_for("every game running again after the crash", all_running, timeout=60, detail=detail)
+        assert asyncio.run(records())[games[1]]["crash_count"] == 0
+    finally:
+        if ctl is not None:
+            assert ctl.stop() == 0, ctl.log()[-3000:]
+        r.close()
+        reader.close()
+        daemon.remove()
