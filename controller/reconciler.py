@@ -24,7 +24,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from controller.config import Settings
 from controller.metrics import Metrics
@@ -67,7 +66,6 @@ log = logging.getLogger("rtmanager.reconciler")
 
 MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
-DAEMON_SETTLE = 5.0  # seconds an engine that exited as if asked to is watched for a daemon going away
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 WAITING = object()  # an action that will look again later by itself
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
@@ -623,14 +621,7 @@ class Reconciler:
                 detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
                        "restarted"))
             return
-        if (not self.backend.stopped_by_daemon(seen) and seen.exit_code in (0, 143) and seen.finished_at is not None
-                and (age := (datetime.now(UTC) - seen.finished_at).total_seconds()) < DAEMON_SETTLE):
-            # An engine that exited as if asked to (SIGTERM) just now: a daemon that is being
-            # stopped stops its containers while it still answers, and goes away only after.
-            # Look again in a moment, when a daemon restart would show.
-            self.queue.add_after(record.game_id, DAEMON_SETTLE - age)
-            return WAITING
-        if self.backend.stopped_by_daemon(seen):
+        if await self.backend.stopped_by_daemon(seen):
             log.warning("engine stopped by a restart of the container daemon; starting it again (not a crash)",
                         extra={"game_id": record.game_id, "exit_code": seen.exit_code})
             self.metrics.daemon_restarts.inc()

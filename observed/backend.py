@@ -59,8 +59,9 @@ class RuntimeBackend(Protocol):
 
     async def logs_tail(self, unit_id: str, lines: int = 20) -> str: ...
 
-    def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
-        """The unit exited because the engine behind the backend (the daemon) went away, not on its own."""
+    async def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
+        """The unit exited because the engine behind the backend (the daemon) went away, not on its own;
+        when that cannot be told, True (observed/restarts.py)."""
 
     def events(self, on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> EventSource: ...
 

@@ -26,7 +26,9 @@ from datetime import UTC, datetime, timedelta
 import docker
 import docker.errors
 import docker.types
+import requests.exceptions
 
+from observed import restarts
 from observed.daemon import DaemonClient, short_error
 from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.events import EventWatcher
@@ -36,16 +38,18 @@ from observed.model import (
     MANAGED_BY,
     ContainerSpec,
     ObservedContainer,
+    _parse_time,
     from_inspect,
     from_list_entry,
 )
+from observed.restarts import Gap
 from observed.text import safe_text
 
 log = logging.getLogger("rtmanager.docker")
 
-# A daemon that is asked to stop first stops its containers (up to their stop timeout), then
-# goes away: an engine that exited this long before the gap was still stopped by it.
-DAEMON_STOP_MARGIN = timedelta(seconds=30)
+ACCEPT_TIMEOUT = 5  # seconds a new connection to the daemon may take to be answered
+RUNNING_LOOKS = 3  # running engines inspected for one that outlived an exit
+CLOCK_TTL = timedelta(seconds=60)  # how long a measured difference of the daemon's clock from ours is used
 NAME_RACE_LOOKS = 30  # 0.1 s apart: how long a lost name race waits to see the winner
 
 
@@ -63,7 +67,11 @@ class DockerBackend(DaemonClient):
         self.network = network
         self.disk_quota: bool | None = None  # whether the storage driver takes a writable-layer size limit
         self._unreachable_since: datetime | None = None
-        self.daemon_gaps: collections.deque[tuple[datetime, datetime]] = collections.deque(maxlen=32)
+        self.daemon_gaps: collections.deque[Gap] = collections.deque(maxlen=32)
+        self._stream_since: datetime | None = None  # the event stream connected without a break since
+        self._accepted_at: datetime | None = None  # when a probe last found the daemon accepting connections
+        self._stopping_since: datetime | None = None  # a probe found it refusing them (stopping, or away)
+        self._clock: tuple[datetime, tuple[timedelta, timedelta]] | None = None  # when measured, difference
 
     # ------------------------------------------------------------------ reads
     async def ping(self) -> None:
@@ -102,11 +110,11 @@ class DockerBackend(DaemonClient):
 
     def events(self, on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> EventWatcher:
         def connected() -> None:
-            self._reachable()
+            self._stream_connected()
             on_connect()
 
         return EventWatcher(instance=self.instance, loop=asyncio.get_running_loop(), on_event=on_event,
-                            on_connect=connected, on_lost=self._unreachable)
+                            on_connect=connected, on_lost=self._stream_lost)
 
     # ------------------------------------------------------- daemon restarts
     def _unreachable(self) -> None:
@@ -115,20 +123,109 @@ class DockerBackend(DaemonClient):
 
     def _reachable(self) -> None:
         if self._unreachable_since is not None:
-            self.daemon_gaps.append((self._unreachable_since, datetime.now(UTC)))
+            self.daemon_gaps.append(Gap(self._unreachable_since, datetime.now(UTC)))
             self._unreachable_since = None
 
-    def stopped_by_daemon(self, container: ObservedContainer) -> bool:
-        """The engine exited while the daemon went away (a dockerd restart stops every container when
-        live-restore is off): that is not a crash of the engine. Known from the gaps this process
-        saw in the daemon's answers and event stream."""
-        when = container.finished_at
-        if when is None or container.exit_code not in (0, 143):
-            return False  # a daemon stops its containers with SIGTERM; a SIGKILL from outside is a crash
-        gaps = list(self.daemon_gaps)
-        if self._unreachable_since is not None:
-            gaps.append((self._unreachable_since, datetime.now(UTC)))
-        return any(start - DAEMON_STOP_MARGIN <= when <= end for start, end in gaps)
+    def _stream_connected(self) -> None:
+        self._stream_since = datetime.now(UTC)
+        self._stopping_since = None  # a new connection was accepted
+        self._reachable()
+
+    def _stream_lost(self) -> None:
+        self._stream_since = None
+        self._unreachable()
+
+    def _accepts_connections(self) -> bool:
+        """The daemon accepts a new connection now: a daemon that is stopping closes its socket
+        first, while it goes on answering on the connections it had (the pooled client's)."""
+        client = None
+        try:
+            client = self._new_client(ACCEPT_TIMEOUT)  # asks the daemon for its API version
+            return bool(client.ping())
+        except (docker.errors.DockerException, requests.exceptions.RequestException, OSError):
+            return False
+        finally:
+            if client is not None:
+                client.close()
+
+    async def _probe(self) -> bool:
+        """Whether the daemon accepts a new connection now; a refusal opens a gap, and until a new
+        connection is accepted again nothing is created or started (a stopping daemon still starts
+        a container on a connection it had, and leaves it half there)."""
+        probed = datetime.now(UTC)
+        if await asyncio.get_running_loop().run_in_executor(self._executor, self._accepts_connections):
+            self._accepted_at, self._stopping_since = probed, None
+            return True
+        self._stopping_since = self._stopping_since or probed
+        self._unreachable()
+        return False
+
+    async def _not_while_stopping(self, op: str) -> None:
+        if self._stopping_since is not None and not await self._probe():
+            raise BackendUnavailable(f"docker {op}: the daemon is stopping or away (it refuses new connections)")
+
+    async def stopped_by_daemon(self, container: ObservedContainer) -> bool:
+        """The engine was stopped by a restart of the daemon (without live-restore every container
+        stops with it), not by a crash: decided from the daemon's lifecycle, whatever the exit code
+        (observed/restarts.py)."""
+        # Without the clocks' difference nothing of ours can be put on the daemon's clock.
+        clock = await self._clock_difference()
+        accepting = self._accepted_after(container.finished_at, clock) or await self._probe()
+
+        def decide(started_before: bool | None = None) -> bool | None:
+            now = datetime.now(UTC)
+            gaps = list(self.daemon_gaps)
+            if self._unreachable_since is not None:
+                gaps.append(Gap(self._unreachable_since))
+            return restarts.stopped_by_daemon(
+                container.finished_at, gaps=gaps, now=now, accepting=accepting, stream_since=self._stream_since,
+                clock=clock[0] if clock else None, started_before=started_before,
+                clock_slack=restarts.CLOCK_SLACK + (clock[1] if clock else timedelta()))
+
+        verdict = decide()
+        if verdict is None:
+            try:
+                verdict = decide(await self._engine_runs_since(container.finished_at))
+            except BackendUnavailable:
+                verdict = decide()  # the daemon went away meanwhile: the gap that opened decides
+        return bool(verdict)
+
+    def _accepted_after(self, when: datetime | None, clock: tuple[timedelta, timedelta] | None) -> bool:
+        """A new connection was accepted after ``when`` (the daemon's clock): the daemon was not
+        stopping then. One probe after a daemon restart serves every engine it stopped."""
+        if when is None or clock is None or self._accepted_at is None:
+            return False
+        return when - clock[0] + clock[1] + restarts.CLOCK_SLACK < self._accepted_at
+
+    async def _clock_difference(self) -> tuple[timedelta, timedelta] | None:
+        """The daemon's clock minus ours (its SystemTime against the middle of the call), and how far
+        off that may be; None when the daemon does not say. Asked again after CLOCK_TTL."""
+        if self._clock is not None and datetime.now(UTC) - self._clock[0] < CLOCK_TTL:
+            return self._clock[1]
+        before = datetime.now(UTC)
+        try:
+            info = await self._call("info", lambda: self._docker().api.info())
+        except (BackendUnavailable, docker.errors.APIError):
+            return None
+        after = datetime.now(UTC)
+        theirs = _parse_time(info.get("SystemTime")) if isinstance(info, dict) else None
+        if theirs is None:
+            return None
+        clock = theirs - (before + (after - before) / 2), (after - before) / 2
+        self._clock = after, clock
+        return clock
+
+    async def _engine_runs_since(self, when: datetime | None) -> bool:
+        """An engine of this instance that still runs was started before ``when``."""
+        if when is None:
+            return False
+        older = sorted((c for c in await self.list_managed() if c.running and c.created_at and c.created_at < when),
+                       key=lambda c: c.created_at or when)
+        for c in older[:RUNNING_LOOKS]:
+            seen = await self.inspect(c.id)
+            if seen is not None and seen.running and seen.started_at is not None and seen.started_at < when:
+                return True
+        return False
 
     # ---------------------------------------------------------------- actions
     async def prepare(self) -> None:
@@ -148,6 +245,7 @@ class DockerBackend(DaemonClient):
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the container for ``spec``; if the name is taken, return what holds it."""
+        await self._not_while_stopping("create")
         host_config = dict(
             network_mode=spec.network,
             mounts=[docker.types.Mount(target=spec.state_target, source=spec.state_path, type="bind",
@@ -219,6 +317,7 @@ class DockerBackend(DaemonClient):
         return None
 
     async def start(self, container_id: str) -> None:
+        await self._not_while_stopping("start")
         try:
             await self._call("start", lambda: self._docker().api.start(container_id))
         except docker.errors.NotFound as exc:

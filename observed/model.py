@@ -96,6 +96,7 @@ class ObservedContainer:
     oom_killed: bool = False
     ip_address: str | None = None
     finished_at: datetime | None = None
+    started_at: datetime | None = None  # from inspect only
     # How the controller reaches the engine ("host" or "host:port"), as the backend's probe mode
     # says: the container's IP, its hostname on the game network, or a published port on its node.
     address: str | None = None
@@ -198,5 +199,6 @@ def from_inspect(attrs: Mapping[str, Any], network: str | None = None) -> Observ
         oom_killed=bool(st.get("OOMKilled")),
         ip_address=_first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network),
         finished_at=_parse_time(st.get("FinishedAt")),
+        started_at=_parse_time(st.get("StartedAt")),
         mounts=tuple((m.get("Source", ""), m.get("Destination", "")) for m in attrs.get("Mounts") or []),
     )

@@ -256,7 +256,7 @@ class SwarmBackend(DaemonClient):
             text = (text + "\n" if text else "") + f"swarm: {safe_text(err, 500)}"
         return text
 
-    def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
+    async def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
         """Not known on Swarm: a task that ended because its node's dockerd restarted looks like a crash
         (README, Swarm backend)."""
         return False

@@ -149,7 +149,8 @@ def docker_client() -> docker.DockerClient:
 @pytest.fixture(scope="session")
 def stub_images(docker_client: docker.DockerClient) -> str:
     """The stub engine images, built by the project's own script when missing."""
-    tags = ("1.0", "1.1", "plain", "slowgen", "genfail", "finish3", "crash", "nulcrash", "mute", "flaky")
+    tags = ("1.0", "1.1", "plain", "slowgen", "genfail", "finish3", "crash", "nulcrash", "mute", "flaky",
+            "termdeaf")
     wanted = [f"{STUB_REPO}:{t}" for t in tags]
     missing = [t for t in wanted if not docker_client.images.list(name=t)]
     if missing:

@@ -358,7 +358,7 @@ class FakeBackend:
         c = self.containers.get(unit_id)
         return c.logs if c else ""
 
-    def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
+    async def stopped_by_daemon(self, unit: ObservedContainer) -> bool:
         return unit.id in self.daemon_stopped
 
     def restart_daemon(self) -> None:

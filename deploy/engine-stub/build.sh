@@ -10,6 +10,7 @@
 #   galaxy/engine-stub:nulcrash prints "boom" NUL "tail" and invalid UTF-8 to stderr, exits 3 at once
 #   galaxy/engine-stub:mute     runs but never answers its health path (nothing listens)
 #   galaxy/engine-stub:flaky    healthy on its first boot, exits 4 on every restart
+#   galaxy/engine-stub:termdeaf the 1.0 engine under a PID 1 that ignores SIGTERM (termdeaf/)
 #
 # Admin API (admin.sh): GET status -> {"turn", "phase", "last_generation"};
 # POST turns {"expected_turn": N} -> 202 (turn N+1 generating), 200 (a repeat), 409, 400.
@@ -54,3 +55,6 @@ build crash crash
 build nulcrash nulcrash
 build mute mute
 build flaky flaky
+DOCKER_BUILDKIT=0 docker build -q --build-arg BASE="$repo:1.0" -t "$repo:termdeaf" "$here/termdeaf" >/dev/null \
+  2>"$ctx/build.log" || { cat "$ctx/build.log" >&2; exit 1; }
+echo "built $repo:termdeaf"

@@ -883,6 +883,26 @@ def left_by_restore(history: History) -> set[str]:
     return games
 
 
+def check_crashes(history: History, info: list[str]) -> list[Violation]:
+    """Crashes are the engines' own or an outside kill's; a dockerd restart stops every engine and
+    is never one (whatever the exit code: a stopping dockerd SIGKILLs an engine that outlasts its
+    stop timeout), nor is a SIGKILL that fell into a restart necessarily one (it may be counted or
+    not: the cheaper mistake). The stub engines never crash by themselves, so a game with more
+    crashes counted than kills and removals from outside aimed at it is worth a look; information
+    only (a failed restart counts as a crash too)."""
+    outside: dict[str, int] = defaultdict(int)
+    for f in history.faults:
+        for game in history.games + history.mortal:
+            for verb in ("killed", "removed"):
+                outside[game] += f.note.count(f"{verb} the container of {game} from outside")
+    for game, rec in sorted(history.records.items()):
+        counted = rec.get("crash_count") or 0
+        if counted > outside[game]:
+            info.append(f"game {game}: {counted} crash(es) counted, {outside[game]} kill(s) or removal(s) from "
+                        "outside aimed at it")
+    return []
+
+
 def check_quiesced(history: History) -> list[Violation]:
     if history.quiet:
         return []
@@ -923,6 +943,7 @@ def check(history: History, *, strict_same_ms: bool = True) -> Report:
         v.remove(x)
         info.append(f"{x.game}: runs a container created after a dump the database was restored from, left for "
                     f"an operator (not checked: {x.invariant}: {x.message})")
+    v += check_crashes(history, info)
     v += check_quiesced(history)
     rank = {name: i for i, name in enumerate(INVARIANTS)}
     report.violations = sorted(v, key=lambda x: rank.get(x.invariant, len(rank)))

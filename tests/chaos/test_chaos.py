@@ -426,6 +426,27 @@ def test_a_controller_that_exits_on_its_own_is_a_violation_unless_documented():
     assert b.check().ok
 
 
+def test_crashes_beyond_the_kills_from_outside_are_information_never_a_violation():
+    """A dockerd restart stops every engine and is never a crash, whatever the exit code (the rule
+    that a SIGKILL during a daemon gap must count as a crash is gone: a stopping dockerd SIGKILLs an
+    engine that outlasts its stop timeout itself)."""
+    from tests.chaos.history import FaultRecord
+
+    b = H()
+    s = b.entry("start", "g1", V10)
+    b.answer(s)
+    b.running("g1", V10)
+    b.h.records["g1"]["crash_count"] = 2
+    b.h.faults = [FaultRecord(at=1, kind="dockerd_restart", duration=0, params={}, note="private dockerd restarted"),
+                  FaultRecord(at=2, kind="container_kill", duration=0, params={},
+                              note="killed the container of g1 from outside (SIGKILL)")]
+    r = b.check()
+    assert r.ok
+    assert any("game g1: 2 crash(es) counted, 1 kill(s)" in line for line in r.info)
+    b.h.records["g1"]["crash_count"] = 1
+    assert not any("crash(es) counted" in line for line in b.check().info)
+
+
 def test_the_first_violation_is_the_most_fundamental_one():
     b = H()
     b.entry("start", "g1", V10)  # unanswered
