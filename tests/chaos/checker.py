@@ -158,6 +158,14 @@ def in_windows(job: JobRecord, windows: list[tuple[float, float]]) -> bool:
     return job.sent_wall is not None and any(a <= job.sent_wall <= b for a, b in windows)
 
 
+def created_after_restore(job: JobRecord, op: dict, windows: list[tuple[float, float]]) -> bool:
+    """Whether the operation was written after the end of a restore that began after the job was sent:
+    then it is not the job's (the restored log forgot that one and handed its id out again)."""
+    created = op.get("created_epoch")
+    return (created is not None and job.sent_wall is not None
+            and any(a <= job.sent_wall <= b < created for a, b in windows))
+
+
 def restore_phase(job: JobRecord, windows: list[tuple[float, float]]) -> int:
     """How many restores ended before the job was sent (2 per restore, 1 within its window): operation
     ids order jobs only within one phase."""
@@ -198,8 +206,10 @@ def resolve(history: History, start_stream: str, stop_stream: str) -> list[str]:
             job.op_id = body["operation_id"]
             job.op_source = "answer"
             op = ops_by_id.get(job.op_id)
-            if in_windows(job, windows) and (op is None or op["game_id"] != job.game or op["op"] != job.kind):
-                # a restore forgot it, and its id may belong to another operation now
+            if in_windows(job, windows) and (op is None or op["game_id"] != job.game or op["op"] != job.kind
+                                             or created_after_restore(job, op, windows)):
+                # a restore forgot it, and its id may belong to another operation now (of the same game
+                # and kind, too: an operation written after the restore ended is not the job's)
                 notes.append(f"{job.tag}: operation {job.op_id} of its answer is not in the restored log")
                 job.op_id, job.op_source = None, "restored"
                 job.result = ({k: v for k, v in body.items() if k in CONTRACT_FIELDS}
@@ -844,8 +854,11 @@ def check_daemon_restarts(history: History) -> list[Violation]:
 
 def check_restore(history: History) -> list[Violation]:
     """A database restored from an older dump: no container that ran just before the restore is removed
-    after it, unless the harness removed it or a job of its game sent after the restore began may
-    have: a cleanup, patch or restart, or a start of another image (a stop keeps the container)."""
+    after it, unless the harness removed it or a job of its game sent since the restore's window began
+    (a little before the dump: a job sent then may still be converging when the replicas are stopped
+    for the restore) may have: a cleanup, patch or restart, or a start of another image (a stop keeps
+    the container), or any start when the container was created after the dump (the restored record
+    does not know its spec revision, e.g. of a forgotten restart: a start recreates it)."""
     out = []
     for f in history.faults:
         obs = f.observed or {}
@@ -856,9 +869,12 @@ def check_restore(history: History) -> list[Violation]:
             if gone is None or gone < obs["restore_wall"] or cid in history.harness_removed:
                 continue
             image = history.container_images.get(cid)
+            unknown_spec = cid not in (obs.get("containers_at_dump") or [])
+            since = obs["dump_wall"] - RESTORE_MARGIN if obs.get("dump_wall") is not None else obs["restore_wall"]
             if any(j.valid and accepted(j) is not False and (j.kind in ("cleanup", "patch", "restart")
-                                                             or (j.kind == "start" and j.image != image))
-                   for j in _jobs_of(history, game, obs["restore_wall"], gone)):
+                                                             or (j.kind == "start" and (j.image != image
+                                                                                        or unknown_spec)))
+                   for j in _jobs_of(history, game, since, gone)):
                 continue
             out.append(Violation("restore", f"its container {cid[:12]}, running when the database was restored, "
                                  f"was removed {gone - obs['restore_wall']:.1f}s after the restore began with no job "

@@ -613,6 +613,45 @@ def test_no_running_game_is_removed_by_a_restore():
     assert "restore" not in invariants(b.check())
 
 
+def test_a_restore_excuses_what_jobs_around_it_asked():
+    b = H()
+    s = b.entry("start", "g1", V10)
+    s.sent_wall = 50.0
+    b.answer(s)
+    cid = "a" * 64
+    b.running("g1", V10)
+    b.h.containers[0]["id"] = cid
+    b.h.records["g1"]["current_container_id"] = cid
+    b.h.container_images[cid] = V10
+    _restore(b, {cid: "g1"}, [cid])
+    b.h.destroyed[cid] = 111.0
+    late = b.entry("start", "g1", V11)
+    late.sent_wall = 109.8  # just before the restore began: converged while the replicas were stopped
+    b.answer(late)
+    assert "restore" not in invariants(b.check())
+    late.image = V10  # the same image, on a container the restored record names: kept
+    assert "restore" in invariants(b.check())
+    _restore(b, {cid: "g1"}, [])  # created after the dump: its spec revision is unknown, a start recreates it
+    b.h.faults.pop(0)
+    assert "restore" not in invariants(b.check())
+
+
+def test_an_operation_id_handed_out_again_after_a_restore_is_not_the_forgotten_call_s():
+    b = H()
+    _restore(b, {}, [])  # window 90 .. 113
+    early = b.rest("restart", "g1")
+    early.sent_wall, early.http_body = 105.0, {"operation_id": 9, "result_id": "r-early", "game_id": "g1",
+                                                "job": "restart", "outcome": "success", "error_code": ""}
+    late = b.rest("restart", "g1")
+    late.sent_wall, late.http_body = 120.0, {"operation_id": 9, "result_id": "r-late"}
+    b.h.ops = [{"id": 9, "game_id": "g1", "op": "restart", "source": "admin", "status": "succeeded",
+                "stream": None, "entry_id": None, "created_epoch": 120.1}]
+    b.h.op_results = {"9": {"game_id": "g1", "job": "restart", "result_id": "r-late"}}
+    resolve(b.h, "s", "t")
+    assert early.op_id is None and early.op_source == "restored" and early.result["result_id"] == "r-early"
+    assert late.op_id == 9 and late.result["result_id"] == "r-late"
+
+
 def test_a_restore_may_forget_what_it_did_not_hold():
     b = H()
     s = b.entry("start", "g1", V10)
