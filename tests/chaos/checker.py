@@ -852,29 +852,53 @@ def check_daemon_restarts(history: History) -> list[Violation]:
     return out
 
 
+def _seen_by_restored(job: JobRecord, obs: dict, ops_by_id: dict) -> bool:
+    """Whether the restored database may hold the job: sent before the dump (it may be in it, not yet
+    converged), or after the restore began, or admitted (its operation in the final log) once the
+    restored database was in use. A job sent between the dump and the restore and taken in before
+    it (acknowledged in Redis) is forgotten."""
+    sent = job.sent_wall
+    if sent is None or sent <= obs["dump_wall"] or sent >= obs["restore_wall"]:
+        return True
+    op = ops_by_id.get(job.op_id) if job.op_id is not None else None
+    return op is not None and (op.get("created_epoch") or 0) >= obs["restored_wall"]
+
+
+def _asks_removal(job: JobRecord, image: str | None, unknown_spec: bool) -> bool:
+    """Whether the job may remove the game's container: a cleanup, patch or restart, a start of
+    another image (a stop keeps the container), or any start when the container's spec is unknown."""
+    if not job.valid or accepted(job) is False:
+        return False
+    return job.kind in ("cleanup", "patch", "restart") or (job.kind == "start" and (job.image != image
+                                                                                     or unknown_spec))
+
+
 def check_restore(history: History) -> list[Violation]:
     """A database restored from an older dump: no container that ran just before the restore is removed
     after it, unless the harness removed it or a job of its game sent since the restore's window began
-    (a little before the dump: a job sent then may still be converging when the replicas are stopped
-    for the restore) may have: a cleanup, patch or restart, or a start of another image (a stop keeps
-    the container), or any start when the container was created after the dump (the restored record
-    does not know its spec revision, e.g. of a forgotten restart: a start recreates it)."""
+    may have (``_asks_removal``). Before the restored database is in use, that is any such job (the
+    old replicas converge it while they are being stopped); after, only one the restored database may
+    hold (``_seen_by_restored``): one it forgot is no excuse. A start of the same image is one only
+    on the restored database and when the container was created after the dump: the restored record
+    does not know its spec revision (e.g. of a forgotten restart), so a start recreates it."""
     out = []
+    ops_by_id = {op["id"]: op for op in history.ops}
     for f in history.faults:
         obs = f.observed or {}
         if f.kind != "db_restore" or "running" not in obs or obs.get("restore_wall") is None:
+            continue
+        if obs.get("dump_wall") is None or obs.get("restored_wall") is None:
             continue
         for cid, game in sorted(obs["running"].items(), key=lambda x: x[1]):
             gone = history.destroyed.get(cid)
             if gone is None or gone < obs["restore_wall"] or cid in history.harness_removed:
                 continue
             image = history.container_images.get(cid)
-            unknown_spec = cid not in (obs.get("containers_at_dump") or [])
-            since = obs["dump_wall"] - RESTORE_MARGIN if obs.get("dump_wall") is not None else obs["restore_wall"]
-            if any(j.valid and accepted(j) is not False and (j.kind in ("cleanup", "patch", "restart")
-                                                             or (j.kind == "start" and (j.image != image
-                                                                                        or unknown_spec)))
-                   for j in _jobs_of(history, game, since, gone)):
+            restored = gone >= obs["restored_wall"]
+            unknown_spec = restored and cid not in (obs.get("containers_at_dump") or [])
+            jobs = _jobs_of(history, game, obs["dump_wall"] - RESTORE_MARGIN, gone)
+            if any(_asks_removal(j, image, unknown_spec) and (not restored or _seen_by_restored(j, obs, ops_by_id))
+                   for j in jobs):
                 continue
             out.append(Violation("restore", f"its container {cid[:12]}, running when the database was restored, "
                                  f"was removed {gone - obs['restore_wall']:.1f}s after the restore began with no job "

@@ -633,6 +633,13 @@ def test_a_restore_excuses_what_jobs_around_it_asked():
     assert "restore" in invariants(b.check())
     _restore(b, {cid: "g1"}, [])  # created after the dump: its spec revision is unknown, a start recreates it
     b.h.faults.pop(0)
+    assert "restore" in invariants(b.check())  # ... but only on the restored database (from 113)
+    b.h.destroyed[cid] = 114.0
+    late.sent_wall = 110.5
+    assert "restore" not in invariants(b.check())
+    late.image, late.sent_wall = V11, 105.0  # another image, sent after the dump and forgotten by the restore:
+    assert "restore" in invariants(b.check())  # no excuse once the restored database is in use
+    late.sent_wall = 99.0  # sent before the dump: the restored database may hold it, not yet converged
     assert "restore" not in invariants(b.check())
 
 
