@@ -17,6 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client, tmp_path, unique):
     rtm_env = {**rtm_env, "RTMANAGER_LEASE_TTL": "1"}  # a killed leader's lease lapses after 1 s
     migrate(rtm_env)
+    print(f"random seed: {unique!r} (replay with random.Random of that string)")
     rng = random.Random(unique)
     r = redis.Redis.from_url(rtm_env["RTMANAGER_REDIS_URL"], decode_responses=True)
     results = ResultReader(rtm_env["RTMANAGER_REDIS_URL"], rtm_env["RTMANAGER_RESULTS_STREAM"])

@@ -8,7 +8,9 @@ private one of the test's own: the machine's main daemon is never touched."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -22,14 +24,21 @@ from tests.waits import wait_for
 pytestmark = pytest.mark.e2e
 
 
-def test_five_daemon_restarts_in_a_row_give_no_game_up(rtm_env, stub_images, tmp_path, unique):
+@contextlib.contextmanager
+def private_daemon(image: str) -> Iterator[PrivateDockerd]:
+    """A private dockerd with ``image`` loaded, removed afterwards."""
     daemon = PrivateDockerd()
     daemon.start()
-    daemon.load_images("galaxy/engine-stub:1.0")
     try:
-        _five_restarts(daemon, rtm_env, tmp_path, unique)
+        daemon.load_images(image)
+        yield daemon
     finally:
         daemon.remove()
+
+
+def test_five_daemon_restarts_in_a_row_give_no_game_up(rtm_env, stub_images, tmp_path, unique):
+    with private_daemon("galaxy/engine-stub:1.0") as daemon:
+        _five_restarts(daemon, rtm_env, tmp_path, unique)
 
 
 def _five_restarts(daemon: PrivateDockerd, rtm_env, tmp_path, unique) -> None:
@@ -92,13 +101,8 @@ def test_five_daemon_restarts_with_engines_deaf_to_sigterm_give_no_game_up(rtm_e
 
     dockerd gives each container its own stop timeout (10 s; rtmanager sets none) before the SIGKILL,
     whatever daemon.json's shutdown-timeout says, so each restart here takes about 11 s."""
-    daemon = PrivateDockerd()
-    daemon.start()
-    daemon.load_images("galaxy/engine-stub:termdeaf")
-    try:
+    with private_daemon("galaxy/engine-stub:termdeaf") as daemon:
         _five_deaf_restarts(daemon, rtm_env, tmp_path, unique)
-    finally:
-        daemon.remove()
 
 
 def _five_deaf_restarts(daemon: PrivateDockerd, rtm_env, tmp_path, unique) -> None:
