@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -363,6 +363,16 @@ async def test_an_image_banned_after_it_was_accepted_is_not_started_again(h, poo
     await h.stop_all()
     h.env = {**rtm_env, "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:1.1"}
     ctl = await h.start()
+    # Until its event stream has been up for a moment (longer than the clock uncertainty), a
+    # controller cannot tell a kill from a daemon restart and takes the cheaper mistake (no crash
+    # counted): kill once it can tell.
+    backend = ctl.backend
+
+    def stream_vouches() -> bool:
+        since = backend._stream_since
+        return since is not None and datetime.now(UTC) - since > timedelta(seconds=1)
+
+    await eventually(stream_vouches, timeout=15, what="event stream up for a second")
     [c] = h.containers("ban-1")
     c.kill()  # the crash recovery would start the banned image again
     rec = await eventually(lambda: _given_up(store, "ban-1"), timeout=15, what="refused restart")
