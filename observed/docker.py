@@ -131,9 +131,12 @@ class DockerBackend(DaemonClient):
         self._stopping_since = None  # a new connection was accepted
         self._reachable()
 
-    def _stream_lost(self) -> None:
+    def _stream_lost(self, daemon: bool) -> None:
+        """The event stream ended: from now on it vouches for nothing; a gap opens if the daemon
+        ended it (not when this process dropped it itself)."""
         self._stream_since = None
-        self._unreachable()
+        if daemon:
+            self._unreachable()
 
     def _accepts_connections(self) -> bool:
         """The daemon accepts a new connection now: a daemon that is stopping closes its socket

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 import docker
@@ -28,13 +27,16 @@ WATCHED = ("start", "die", "oom", "destroy", "stop", "kill")
 class EventWatcher:
     def __init__(self, *, instance: str, loop: asyncio.AbstractEventLoop,
                  on_event: Callable[[str, str], None], on_connect: Callable[[], None],
-                 on_lost: Callable[[], None] = lambda: None) -> None:
+                 on_lost: Callable[[bool], None] = lambda daemon: None) -> None:
         self.instance = instance
         self._loop = loop
         self._on_event = on_event
         self._on_connect = on_connect
-        self._on_lost = on_lost  # the daemon ended the stream or did not answer (not our own reconnect)
+        # the stream is gone: on_lost(True) when the daemon ended it or did not answer, on_lost(False)
+        # when we dropped it ourselves (it vouches for nothing from then on either way)
+        self._on_lost = on_lost
         self._deliberate = False
+        self._next_delay: float | None = None
         self._stopping = threading.Event()
         self._stream = None
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
@@ -48,8 +50,11 @@ class EventWatcher:
         self._stopping.set()
         self.reconnect()
 
-    def reconnect(self) -> None:
-        """Drop the current stream, as a dockerd restart would; the reader reconnects and relists."""
+    def reconnect(self, delay: float | None = None) -> None:
+        """Drop the current stream, as a dockerd restart would; the reader reconnects (after ``delay``
+        seconds if given) and relists."""
+        if delay is not None:
+            self._next_delay = delay
         self._deliberate = True
         stream = self._stream
         if stream is not None:
@@ -59,10 +64,8 @@ class EventWatcher:
                 pass
 
     def _lost(self) -> None:
-        if self._deliberate:
-            self._deliberate = False
-            return
-        self._loop.call_soon_threadsafe(self._on_lost)
+        deliberate, self._deliberate = self._deliberate, False
+        self._loop.call_soon_threadsafe(self._on_lost, not deliberate)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -106,5 +109,6 @@ class EventWatcher:
                     except Exception:  # noqa: BLE001
                         pass
             if not self._stopping.is_set():
-                time.sleep(delay)
+                wait, self._next_delay = (self._next_delay or delay), None
+                self._stopping.wait(wait)
                 delay = min(delay * 2, 10.0)

@@ -82,11 +82,26 @@ class ControllerProcess:
         exe = Path(sys.executable).with_name("rtmanager")
         cmd = [str(exe), "run"] if exe.exists() else [sys.executable, "-m", "controller.cli", "run"]
         self._log = open(self.log_path, "ab")
+        self._log_from = self._log.tell()  # several processes may share one log: this one's part
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Until this process has logged its first line: from then on a SIGTERM is its to handle (one
+        before the interpreter has run any of our code kills it with -15, as for any program)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_from)
+                if b"rtmanager: starting" in f.read():
+                    return
+            assert self.proc.poll() is None, f"rtmanager exited {self.proc.returncode}: {self.log()[-2000:]}"
+            time.sleep(0.05)
+        raise AssertionError(f"rtmanager did not log its start within {timeout}s")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None

@@ -38,6 +38,7 @@ def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client
             containers = docker_client.containers.list(all=True, filters={"label": f"com.galaxy.game-id={g}"})
             assert [c.id for c in containers] == [res["container_id"]]
             assert containers[0].status == "running"
+        ctl.wait_started()  # the results may all be the killed rounds' work: this one may be young
         assert ctl.stop() == 0  # flushed and gone: nothing more can be published
         by_entry: dict[str, set[str]] = {}
         for _, f in r.xrange(rtm_env["RTMANAGER_RESULTS_STREAM"]):  # the whole stream, read again

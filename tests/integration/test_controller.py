@@ -384,19 +384,53 @@ async def test_an_image_banned_after_it_was_accepted_is_not_started_again(h, poo
 
 async def test_events_missed_while_the_stream_was_down_are_caught_by_the_relist(h, pool):
     """The event stream ends (as on a dockerd restart) and says nothing of what happened meanwhile:
-    the reconnect relists before trusting events again."""
+    the reconnect relists before trusting events again. Another engine, running since before the
+    kill, proves the daemon did not restart meanwhile: the exit is a crash."""
     store = Store(pool)
     ctl = await h.start(resync_interval="300")  # no periodic resync within the test
+    await h.result(await h.submit_start("relist-witness"))
     await h.result(await h.submit_start("relist-1"))
     await eventually(lambda: ctl.events.connected, what="event stream connected")
     connects = ctl.events.connects
-    ctl.events.reconnect()
+    ctl.events.reconnect(delay=3.0)  # reconnects only after the kill below
     await eventually(lambda: not ctl.events.connected, timeout=5, what="stream dropped")
     [c] = h.containers("relist-1")
     c.kill()  # while no stream is connected: this event is lost
+    assert ctl.events.connects == connects and not ctl.events.connected  # the kill fell in the gap
     await eventually(lambda: ctl.events.connects > connects, timeout=10, what="reconnected")
     rec = await eventually(lambda: _crashed_and_back(store, "relist-1"), timeout=10, what="noticed by the relist")
     assert rec.last_exit_code == 137
+
+
+async def test_a_kill_nothing_can_tell_from_a_daemon_restart_is_not_counted_as_a_crash(h, pool):
+    """The same kill in a gap of the event stream with no other engine to vouch for the daemon:
+    where the evidence cannot tell, the exit is put down to the daemon (a crash put down to the
+    daemon costs one restart not counted; the reverse gives games up). The game is back all the
+    same, its crash count untouched."""
+    store = Store(pool)
+    ctl = await h.start(resync_interval="300")
+    await h.result(await h.submit_start("relist-alone"))
+    await eventually(lambda: ctl.events.connected, what="event stream connected")
+    connects = ctl.events.connects
+    ctl.events.reconnect(delay=3.0)
+    await eventually(lambda: not ctl.events.connected, timeout=5, what="stream dropped")
+    [c] = h.containers("relist-alone")
+    started = c.attrs["State"]["StartedAt"]
+    c.kill()
+    assert ctl.events.connects == connects and not ctl.events.connected
+
+    async def back_running():
+        c.reload()
+        return c.status == "running" and c.attrs["State"]["StartedAt"] != started
+
+    await eventually(back_running, timeout=15, what="the engine started again")
+
+    async def recorded_running():
+        rec = await store.get("relist-alone")
+        return rec if rec.status is Status.RUNNING and rec.current_container_id == c.id else None
+
+    rec = await eventually(recorded_running, timeout=10, what="recorded running again")
+    assert rec.crash_count == 0
 
 
 async def test_removals_nobody_asked_for_are_rationed_per_resync(h, pool):
