@@ -309,7 +309,14 @@ class Reconciler:
         elif kind is ActionKind.STOP:
             assert container is not None
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
-            await self.store.mark_stopped(record, container_id=container.id)
+            try:
+                await self.store.mark_stopped(record, container_id=container.id)
+            except Conflict:
+                # A job came while the engine stopped (a start after the stop, say): the stop was
+                # ours all the same, so record that nothing runs before planning for that job;
+                # otherwise the exit reads as the running game's crash.
+                await self.store.note_stopped(record.game_id, container_id=container.id)
+                raise
             self._results_written()
         elif kind is ActionKind.MARK_STOPPED:
             await self.store.mark_stopped(record, container_id=container.id if container else None)

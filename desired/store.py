@@ -483,6 +483,21 @@ class Store:
         return await self._transition(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id),
                                       finish=Outcome.SUCCESS)
 
+    async def note_stopped(self, game_id: str, *, container_id: str) -> RuntimeRecord | None:
+        """This process stopped ``container_id`` but a newer generation overtook the stop's: record
+        only that the unit no longer runs (so the newer generation starts it again, and the exit is
+        never taken for a crash), answering nobody. None when the record no longer names that unit
+        as up (whatever changed it decides)."""
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(_SELECT_FOR_UPDATE, game_id)
+            if row is None:
+                raise NotFound(game_id)
+            cur = record_from_row(row)
+            if not cur.status.is_up or cur.current_container_id != container_id:
+                return None
+            return await self._write(conn, cur, transitions.stopped(cur, now, container_id=container_id,
+                                                                    converged=False), now, None)
+
     async def mark_removed(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.removed, finish=Outcome.SUCCESS)
 

@@ -60,13 +60,18 @@ def recorded(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
                        rolling_back=False, last_op_at=_touch(cur, now))
 
 
-def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None) -> RuntimeRecord:
-    """Nothing runs (stopped by us, or found so): the generation has converged."""
+def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
+            converged: bool = True) -> RuntimeRecord:
+    """Nothing runs (stopped by us, or found so): the generation has converged -- unless
+    ``converged`` is False: a stop of ours that a newer generation overtook is only a fact about the
+    unit (that generation, a start say, still has its own work to do)."""
     when = cur.stopped_at if (cur.status is Status.STOPPED and cur.stopped_at) else _at_least(
         now, cur.started_at, cur.created_at)
     return cur.replace(status=Status.STOPPED, current_container_id=container_id,
                        current_image_ref=cur.current_image_ref or cur.desired_image_ref, stopped_at=when,
-                       health=Health.UNKNOWN, observed_generation=cur.generation, restart_not_before=None,
+                       health=Health.UNKNOWN,
+                       observed_generation=cur.generation if converged else cur.observed_generation,
+                       restart_not_before=None,
                        rollback_image_ref=None, rolling_back=False, last_op_at=_touch(cur, now))
 
 

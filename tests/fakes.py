@@ -276,6 +276,7 @@ class FakeBackend:
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.graceful: list[str] = []  # ids stopped with SIGTERM first
         self.daemon_stopped: set[str] = set()
+        self.while_stopping = None  # an async callable run while a stop is in progress (a job arriving)
         self._ids = itertools.count(1)
 
     def _check(self, op: str, *args) -> None:
@@ -346,6 +347,9 @@ class FakeBackend:
         self._check("stop", unit_id, grace)
         c = self.containers.get(unit_id)
         if c is not None and c.state == "running":
+            if self.while_stopping is not None:
+                hook, self.while_stopping = self.while_stopping, None
+                await hook()
             self.graceful.append(unit_id)
             c.state, c.exit_code = "exited", 0
 
@@ -610,6 +614,14 @@ class FakeStore:
 
     async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
         return await self._finishing(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id))
+
+    async def note_stopped(self, game_id: str, *, container_id: str) -> RuntimeRecord | None:
+        self._check()
+        cur = self.records[game_id]
+        if not cur.status.is_up or cur.current_container_id != container_id:
+            return None
+        return self._swap(cur, transitions.stopped(cur, self.clock.now(), container_id=container_id,
+                                                   converged=False))
 
     async def mark_removed(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._finishing(rec, transitions.removed)

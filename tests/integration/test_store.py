@@ -143,6 +143,24 @@ async def test_a_newer_job_supersedes_a_pending_one(pool):
     assert [o.entry_id for o in await store.pending_operations("g1")] == ["2-0"]
 
 
+async def test_a_stop_a_newer_start_overtook_is_recorded_without_answering_anyone(pool):
+    """rtmanager stopped the engine, but a start came meanwhile: nothing runs (no crash to find),
+    the start still has its work to do, and no job is answered by the note."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await converge_running(store, "g1")
+    await store.submit(stop("g1", "2-0"), DEFAULTS)
+    await store.submit(start("g1", "3-0"), DEFAULTS)
+    answered = len(await results(pool))
+    assert await store.note_stopped("g1", container_id="d" * 64) is None  # not the unit the record names
+    rec = await store.note_stopped("g1", container_id="c" * 64)
+    assert rec is not None and rec.status is Status.STOPPED and rec.current_container_id == "c" * 64
+    assert not rec.converged and rec.desired_status is DesiredStatus.RUNNING and rec.generation == 3
+    assert len(await results(pool)) == answered
+    assert [o.entry_id for o in await store.pending_operations("g1")] == ["3-0"]
+    assert await store.note_stopped("g1", container_id="c" * 64) is None  # already recorded: no-op
+
+
 async def test_a_stop_that_supersedes_a_forced_turn_stops_asking_for_it(pool):
     """Else the turn nobody waits for any more is generated after the next start."""
     store = Store(pool)

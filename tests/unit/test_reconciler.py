@@ -718,3 +718,21 @@ async def test_a_turn_forced_before_a_pause_is_still_generated(w):
     rec = await w.sync("g1")
     assert rec.turn == 1 and rec.paused and rec.converged
     assert w.results("g1")[-2:] == [("force_next_turn", "success", ""), ("pause", "success", "")]
+
+
+async def test_a_start_admitted_while_our_own_stop_runs_is_not_counted_as_a_crash(w):
+    """The stop rtmanager itself carries out is no crash, even when a new start is admitted while
+    the engine is being stopped: the engine is started again, its crash count untouched."""
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    await w.job(JobKind.STOP, "g1")
+
+    async def restart_requested():
+        await w.job(JobKind.START, "g1", IMG)
+
+    w.backend.while_stopping = restart_requested
+    rec = await w.sync("g1")
+    assert rec.crash_count == 0 and rec.last_exit_code is None
+    assert rec.status is Status.RUNNING and rec.converged and len(w.running("g1")) == 1
+    assert w.results("g1") == [("start", "success", ""), ("stop", "failure", "superseded"), ("start", "success", "")]
+    assert len(w.backend.ops("stop")) == 1 and not w.backend.ops("remove")  # stopped once, started in place
