@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
-from controller.openapi import REST_JOBS, openapi_document
+from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
@@ -180,6 +180,11 @@ class HttpServer:
             if isinstance(interval, bool) or not isinstance(interval, int):
                 return _invalid(game_id, kind, "field turn_interval must be whole seconds")
             fields["turn_interval"] = str(interval)
+        force = fields.pop("force", False)
+        if not isinstance(force, bool):
+            return _invalid(game_id, kind, "field force must be a boolean")
+        if force and kind not in FORCEABLE:
+            return _invalid(game_id, kind, f"field force does not apply to {kind.value}")
         if kind is JobKind.STOP and "reason" not in fields:
             fields["reason"] = "admin_request"
         try:
@@ -189,6 +194,8 @@ class HttpServer:
                 job = parse_job(kind, fields, self.c.settings.image_allowlist, source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
+        if force:
+            job = dataclasses.replace(job, force=True)
         if not self.c.is_leader():
             return _error(503, "this replica is a standby; send jobs to the leader", retry_after=True)
         try:

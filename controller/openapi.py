@@ -31,6 +31,10 @@ REST_JOBS: dict[str, JobKind] = {
     "cleanup": JobKind.CLEANUP, "pause": JobKind.PAUSE, "resume": JobKind.RESUME,
     "force-next-turn": JobKind.FORCE_NEXT_TURN, "reconcile": JobKind.RECONCILE,
 }
+# The jobs that take ``force``: their disruption of the engine does not wait for a turn generation.
+FORCEABLE = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)
+_FORCE = {"type": "boolean", "description": "true: stop or replace the engine at once, even while it generates "
+                                           "a turn (no wait of RTMANAGER_DISRUPTION_WAIT)"}
 _NULLABLE_STR = {"type": "string", "nullable": True}
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 
@@ -54,7 +58,8 @@ def openapi_document() -> dict[str, Any]:
     }
     image_body = {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["image_ref"],
-        "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF}}}}}}
+        "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
+                       "force": _FORCE}}}}}
     interval = {"type": "integer", "minimum": 0, "maximum": MAX_TURN_INTERVAL,
                 "description": "seconds between scheduled turns (0: no schedule)"}
     start_body = {"required": True, "content": {"application/json": {"schema": {
@@ -62,9 +67,11 @@ def openapi_document() -> dict[str, Any]:
         "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
                        "turn_interval": interval}}}}}
     stop_body = {"required": False, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"reason": _enum(StopReason)}}}}}
+        "type": "object", "properties": {"reason": _enum(StopReason), "force": _FORCE}}}}}
     empty_body = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
-    bodies = {kind: empty_body for kind in REST_JOBS.values()}
+    force_body = {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"force": _FORCE}}}}}
+    bodies = {kind: force_body if kind in FORCEABLE else empty_body for kind in REST_JOBS.values()}
     bodies.update({JobKind.START: start_body, JobKind.PATCH: image_body, JobKind.STOP: stop_body})
 
     paths: dict[str, Any] = {
@@ -246,7 +253,8 @@ def openapi_document() -> dict[str, Any]:
                                 "turn_interval": {"type": "integer"},
                                 "desired_turn": {"type": "integer", "nullable": True},
                                 "clock_from": _NULLABLE_TIME, "engine_version": {"type": "string"},
-                                "node_id": _NULLABLE_STR}},
+                                "node_id": _NULLABLE_STR, "disruption_wait_since": _NULLABLE_TIME,
+                                "force_generation": {"type": "integer", "nullable": True}}},
                 "EngineVersion": {"type": "object",
                                   "required": ["version", "image_ref", "status", "notes", "created_at", "updated_at",
                                                "image_present"],

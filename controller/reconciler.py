@@ -179,7 +179,8 @@ class Reconciler:
                       instance=self.settings.instance, now=self.clock.now(),
                       orphan_grace=self.settings.orphan_grace, cleanup_ttl=self.settings.cleanup_ttl,
                       database=self.database, epoch=self.epoch,
-                      unreachable_restart_after=self.settings.unreachable_restart_after)
+                      unreachable_restart_after=self.settings.unreachable_restart_after,
+                      disruption_wait=self.settings.disruption_wait)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -234,6 +235,15 @@ class Reconciler:
                 assert container is not None
                 self.note_unowned(container, action.reason)
                 return
+            if action.check_engine and not self.settings.dry_run:
+                # A planned disruption: the record's last probe may be stale, ask the engine now.
+                assert record is not None and container is not None
+                looked = await self._engine_generating(record, container)
+                if looked == "generating" and action.kind is ActionKind.WAIT:
+                    self.queue.add_after(game_id, max(action.delay, 0.05))
+                    return
+                if looked != "go" or action.kind is ActionKind.WAIT:
+                    continue  # what the engine said changed the record (or ended the wait): plan again
             if action.kind is ActionKind.WAIT:
                 self.queue.add_after(game_id, max(action.delay, 0.05))
                 return
@@ -258,6 +268,8 @@ class Reconciler:
             log.info("%s: %s", action.kind.value, action.reason, extra={
                 "game_id": game_id, "action": action.kind.value, "operation_ids": ",".join(map(str, op_ids)),
                 "generation": record.generation if record else None})
+            if action.overdue is not None and record is not None:
+                await self._note_overdue(record, action)
             started = asyncio.get_running_loop().time()
             result = "ok"
             try:
@@ -511,6 +523,39 @@ class Reconciler:
             self._results_written()  # generation_started
         self.queue.add_after(record.game_id, TURN_POLL)
         return WAITING
+
+    async def _engine_generating(self, record: RuntimeRecord, container: ObservedContainer) -> str:
+        """Right before a planned disruption: is the engine generating a turn? Its answer is recorded,
+        with when the wait began (so that a restart of the controller does not reset the limit).
+        ``generating``; ``changed``: the record changed, plan again; ``go``: disrupt it now. No answer,
+        a garbage answer or no admin API is not generating: the disruption goes ahead."""
+        if not container.running or not container.address:
+            return "go"
+        probe = await self.probe(record, container.address)
+        s = self.settings
+        try:
+            if probe.healthy and probe.phase == "generating":
+                log.info("the engine is generating turn %s: the disruption waits for it", (probe.turn or 0) + 1,
+                         extra={"game_id": record.game_id})
+                await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
+                                                    generation_timeout=s.generation_timeout, disruption_waits=True)
+                self._results_written()  # a snapshot, when the status changed
+                return "generating"
+            if probe.healthy and await self._record_probe(record, probe) is not record:
+                return "changed"
+        except Conflict:
+            return "changed"  # the record moved on meanwhile: plan again before disrupting anything
+        return "go"
+
+    async def _note_overdue(self, record: RuntimeRecord, action: Action) -> None:
+        """The disruption waited RTMANAGER_DISRUPTION_WAIT for a generation and goes ahead anyway: the
+        operation log says so, and so do the results of the jobs it answers."""
+        waited = action.overdue or 0.0
+        note = (f"the engine was still generating a turn after {waited:.0f}s "
+                f"(RTMANAGER_DISRUPTION_WAIT {self.settings.disruption_wait:g}s); {action.kind.value} went ahead "
+                "and may have cut the turn")
+        log.warning("%s", note, extra={"game_id": record.game_id, "action": action.kind.value})
+        await self.store.note_disruption_overdue(record, action.kind.value, waited, note)
 
     async def _record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
         s = self.settings

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import uuid
@@ -75,11 +76,11 @@ _RECORD_COLUMNS = (
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
-    "desired_turn", "clock_from", "engine_version", "node_id",
+    "desired_turn", "clock_from", "engine_version", "node_id", "disruption_wait_since", "force_generation",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
-                              "clock_from"})
+                              "clock_from", "force_generation"})
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
 
@@ -155,7 +156,11 @@ def decided(op: Operation, outcome: Outcome, code: ErrorCode | None, message: st
             endpoint: str) -> tuple[Outcome, ErrorCode | None, str, str, str]:
     """The answer of a pending operation whose failure was already decided (``fail_generation``,
     recorded until its engine is stopped): that failure, whatever converged; an answer given before
-    the engine was stopped (overdue, superseded) says so."""
+    the engine was stopped (overdue, superseded) says so. A success that went ahead while the engine
+    still generated a turn (its wait ran out) says that."""
+    note = op.params.get("disruption_note") if isinstance(op.params, dict) else None
+    if note and outcome is Outcome.SUCCESS and not message:
+        message = str(note)
     if op.error_code is None or op.status.is_final:
         return outcome, code, message, container_id, endpoint
     decided_message = op.error_message or ""
@@ -457,7 +462,7 @@ class Store:
             " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
             " AND status = 'running' AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
             f" AND (turn IS NULL OR turn < {MAX_TURN})"  # at the largest turn there is no next one
-            " AND observed_generation = generation ORDER BY due_in LIMIT $1", limit)
+            " AND observed_generation = generation AND disruption_wait_since IS NULL ORDER BY due_in LIMIT $1", limit)
         due = [r["game_id"] for r in rows if r["due_in"] <= 0]
         later = [r["due_in"] for r in rows if r["due_in"] > 0]
         return due, (min(later) if later else None)
@@ -487,10 +492,28 @@ class Store:
         return await self._transition(rec, transitions.removed, finish=Outcome.SUCCESS)
 
     async def record_observation(self, rec: RuntimeRecord, probe: transitions.Probe, *, unreachable_after: int,
-                                 generation_timeout: float) -> RuntimeRecord:
-        """What a probe of a running engine changed (desired/transitions.py ``observed``)."""
-        return await self._transition(rec, lambda cur, now: transitions.observed(
-            cur, now, probe, unreachable_after=unreachable_after, generation_timeout=generation_timeout))
+                                 generation_timeout: float, disruption_waits: bool = False) -> RuntimeRecord:
+        """What a probe of a running engine changed (desired/transitions.py ``observed``); with
+        ``disruption_waits``, a planned disruption waits for the turn it generates."""
+        def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+            new = transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
+                                       generation_timeout=generation_timeout)
+            return transitions.disruption_waiting(new, now) if disruption_waits else new
+        return await self._transition(rec, change)
+
+    async def note_disruption_overdue(self, rec: RuntimeRecord, action: str, waited: float, note: str) -> None:
+        """A planned disruption waited its limit for a generation and goes ahead: the operation log
+        says so on the pending operations it answers (their results carry the note), or on an
+        operation of its own when none waits (a drift of the spec)."""
+        params = {"disruption": action, "disruption_waited_seconds": round(waited, 1), "disruption_note": note}
+        async with self._tx() as (conn, now):
+            n = await conn.fetchval(
+                "WITH u AS (UPDATE runtime_operations SET params = params || $3::jsonb WHERE game_id = $1"
+                " AND status IN ('queued', 'running') AND generation <= $2 RETURNING 1) SELECT count(*) FROM u",
+                rec.game_id, rec.generation, json.dumps(params))
+            if not n:
+                await self._insert_note(conn, rec, ReconcilerNote(op=OpKind.RECONCILE, params=params, message=note),
+                                        now)
 
     async def record_crash(self, rec: RuntimeRecord, crash: Crash,
                            policy: CrashPolicy) -> tuple[RuntimeRecord, CrashVerdict]:
@@ -604,7 +627,15 @@ class Store:
             if decision.action == "skip":
                 return SubmitOutcome(operation_id=0, decision=decision)
             params = {k: v for k, v in (("image_ref", job.image_ref),
-                                        ("reason", job.reason.value if job.reason else None)) if v}
+                                        ("reason", job.reason.value if job.reason else None),
+                                        ("force", job.force)) if v}
+            if job.force and decision.action in ("change", "join") and decision.record is not None:
+                # An operator's force: this generation's disruption does not wait for a generation.
+                forced = decision.record.replace(force_generation=decision.record.generation)
+                if decision.action == "join" and current is not None and forced != current:
+                    await self._write_desired(conn, current, forced, now)
+                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job.game_id)
+                decision = dataclasses.replace(decision, record=forced)
             if decision.action == "change":
                 assert decision.record is not None
                 await self._write_desired(conn, current, decision.record, now)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailable, entry_key
@@ -615,11 +615,23 @@ class FakeStore:
         return await self._finishing(rec, transitions.removed)
 
     async def record_observation(self, rec: RuntimeRecord, probe, *, unreachable_after: int,
-                                 generation_timeout: float) -> RuntimeRecord:
+                                 generation_timeout: float, disruption_waits: bool = False) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
-        return self._swap(cur, transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
-                                                    generation_timeout=generation_timeout))
+        new = transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
+                                   generation_timeout=generation_timeout)
+        return self._swap(cur, transitions.disruption_waiting(new, now) if disruption_waits else new)
+
+    async def note_disruption_overdue(self, rec: RuntimeRecord, action: str, waited: float, note: str) -> None:
+        self._check()
+        params = {"disruption": action, "disruption_waited_seconds": round(waited, 1), "disruption_note": note}
+        pending = [o for o in self.ops if o.game_id == rec.game_id and o.generation <= rec.generation
+                   and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
+        for o in pending:
+            self.ops[self.ops.index(o)] = Operation(**{**o.__dict__, "params": {**o.params, **params}})
+        if not pending:
+            self._op(rec.game_id, OpKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, rec.generation,
+                     params, None)
 
     async def list_up(self) -> list[RuntimeRecord]:
         return [r for r in await self.list() if r.status.is_up]
@@ -683,6 +695,11 @@ class FakeStore:
         decision = decide(current, job, now, defaults)
         if decision.action == "skip":
             return SubmitOutcome(operation_id=0, decision=decision)
+        if job.force and decision.action in ("change", "join") and decision.record is not None:
+            decision = replace(decision, record=decision.record.replace(
+                force_generation=decision.record.generation))
+            if decision.action == "join":
+                self.records[job.game_id] = decision.record
         if decision.action == "change":
             assert decision.record is not None
             decision.record.validate()
@@ -695,7 +712,8 @@ class FakeStore:
         status = OpStatus.QUEUED if decision.action in ("change", "join") else (
             OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
         op = self._op(job.game_id, OpKind(job.kind.value), job.source, status, decision.op_generation,
-                      {}, decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id)
+                      {"force": True} if job.force else {},
+                      decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id)
         if decision.action in ("replay", "reject"):
             self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=job.game_id,
                                        outcome=Outcome.SUCCESS if decision.action == "replay" else Outcome.FAILURE,
