@@ -23,7 +23,7 @@ from desired.model import (
     Status,
     StopReason,
 )
-from desired.versions import MAX_NOTES, VERSION_PATTERN, VersionStatus
+from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
 # The jobs the REST API takes, by their path (``turn`` is the turn clock's own).
 REST_JOBS: dict[str, JobKind] = {
@@ -35,6 +35,9 @@ REST_JOBS: dict[str, JobKind] = {
 FORCEABLE = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)
 _FORCE = {"type": "boolean", "description": "true: stop or replace the engine at once, even while it generates "
                                            "a turn (no wait of RTMANAGER_DISRUPTION_WAIT)"}
+_STOP_GRACE = {"type": "integer", "minimum": 0, "maximum": MAX_STOP_GRACE, "nullable": True,
+               "description": "seconds between SIGTERM and SIGKILL when an engine of this version is stopped "
+                              "(null: RTMANAGER_STOP_GRACE)"}
 _NULLABLE_STR = {"type": "string", "nullable": True}
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 
@@ -149,7 +152,8 @@ def openapi_document() -> dict[str, Any]:
                      "type": "object", "required": ["version", "image_ref"], "additionalProperties": False,
                      "properties": {"version": {"type": "string", "pattern": VERSION_PATTERN.pattern},
                                     "image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
-                                    "status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES}}}}}},
+                                    "status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES},
+                                    "stop_grace": _STOP_GRACE}}}}},
                  "responses": {"201": {"description": "registered", "content": {"application/json": {
                      "schema": v_ref}}}, "400": bad, "401": auth, "409": conflict, "503": busy}},
     }
@@ -158,11 +162,13 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [version],
                 "responses": {"200": {"description": "the entry", "content": {"application/json": {
                     "schema": v_ref}}}, "400": bad, "401": auth, "404": missing, "503": busy}},
-        "patch": {"operationId": "updateEngineVersion", "summary": "Change status or notes (image_ref is immutable)",
+        "patch": {"operationId": "updateEngineVersion",
+                  "summary": "Change status, notes or stop_grace (image_ref is immutable)",
                   "parameters": [version],
                   "requestBody": {"required": True, "content": {"application/json": {"schema": {
                       "type": "object", "additionalProperties": False,
-                      "properties": {"status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES}}}}}},
+                      "properties": {"status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES},
+                                     "stop_grace": _STOP_GRACE}}}}},
                   "responses": {"200": {"description": "the entry", "content": {"application/json": {
                       "schema": v_ref}}}, "400": bad, "401": auth, "404": missing, "503": busy}},
         "delete": {"operationId": "deleteEngineVersion",
@@ -264,6 +270,7 @@ def openapi_document() -> dict[str, Any]:
                                       "created_at": {"type": "string", "format": "date-time"},
                                       "updated_at": {"type": "string", "format": "date-time"},
                                       "image_present": {"type": "boolean", "nullable": True},
+                                      "stop_grace": _STOP_GRACE,
                                       "live_games": {"type": "integer"}}},
                 "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
                               "properties": {

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -310,8 +311,8 @@ class Reconciler:
                    spec: ContainerSpec | None) -> object:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
-        grace = self.settings.stop_grace
         assert record is not None
+        grace = await self._stop_grace(record, container) if container is not None else self.settings.stop_grace
         if kind is ActionKind.BLOCKED:
             raise ContainerStartFailed(f"the name {container_name(record.game_id)} is held by a container "
                                        "rtmanager does not manage")
@@ -375,9 +376,12 @@ class Reconciler:
                         and not record.rolling_back else None)
             record = await self.store.mark_starting(record, rollback_image=rollback)
         if kind is ActionKind.RECREATE and container is not None:
-            await self.backend.remove(container.id, self.settings.stop_grace)  # SIGTERM first
+            await self.backend.remove(container.id, await self._stop_grace(record, container))  # SIGTERM first
             container = None
         if container is None:
+            entry = await self.store.engine_version_of(spec.image)
+            if entry is not None and entry.stop_grace is not None:  # a Swarm service keeps it from its creation
+                spec = dataclasses.replace(spec, stop_grace=float(entry.stop_grace))
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
             await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
@@ -524,6 +528,14 @@ class Reconciler:
         self.queue.add_after(record.game_id, TURN_POLL)
         return WAITING
 
+    async def _stop_grace(self, record: RuntimeRecord, container: ObservedContainer) -> float:
+        """Seconds between SIGTERM and SIGKILL for the engine this unit runs: its registered version's
+        ``stop_grace`` (whatever RTMANAGER_VERSION_POLICY), else RTMANAGER_STOP_GRACE."""
+        image = record.current_image_ref if record.current_container_id == container.id else None
+        image = image or container.image
+        entry = await self.store.engine_version_of(image) if image else None
+        return versions.stop_grace(entry, self.settings.stop_grace)
+
     async def _engine_generating(self, record: RuntimeRecord, container: ObservedContainer) -> str:
         """Right before a planned disruption: is the engine generating a turn? Its answer is recorded,
         with when the wait began (so that a restart of the controller does not reset the limit).
@@ -660,7 +672,7 @@ class Reconciler:
         not count toward the crash limit (five daemon restarts must not give every game up)."""
         seen = await self.backend.inspect(container.id) or container
         if seen.running:  # not an exit: an engine that stopped answering for too long
-            await self.backend.stop(seen.id, self.settings.stop_grace)
+            await self.backend.stop(seen.id, await self._stop_grace(record, seen))
             await self._count_crash(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "

@@ -268,7 +268,8 @@ class VersionInUse(RuntimeError):
 def _version_from_row(row: asyncpg.Record) -> versions.EngineVersion:
     return versions.EngineVersion(version=row["version"], image_ref=row["image_ref"],
                                   status=versions.VersionStatus(row["status"]), notes=row["notes"],
-                                  created_at=row["created_at"], updated_at=row["updated_at"])
+                                  created_at=row["created_at"], updated_at=row["updated_at"],
+                                  stop_grace=row["stop_grace"])
 
 
 class WrongInstance(RuntimeError):
@@ -934,24 +935,26 @@ class Store:
         return _version_from_row(row), int(row["live_games"])
 
     async def create_version(self, version: str, image_ref: str, status: versions.VersionStatus,
-                             notes: str) -> versions.EngineVersion:
+                             notes: str, stop_grace: int | None = None) -> versions.EngineVersion:
         """UniqueViolation (naming engine_versions_version_key or engine_versions_image_ref_key) when
         either exists: the database decides, so two racing creates give one entry and one conflict."""
         async with self._tx() as (conn, _):
             row = await conn.fetchrow(
-                "INSERT INTO engine_versions (version, image_ref, status, notes) VALUES ($1, $2, $3, $4)"
-                " RETURNING *", version, image_ref, status.value, notes)
+                "INSERT INTO engine_versions (version, image_ref, status, notes, stop_grace) VALUES ($1, $2, $3, $4,"
+                " $5) RETURNING *", version, image_ref, status.value, notes, stop_grace)
             await conn.execute("UPDATE runtime_records SET engine_version = $1 WHERE"
                                " coalesce(desired_image_ref, current_image_ref) = $2", version, image_ref)
             return _version_from_row(row)
 
     async def update_version(self, version: str, *, status: versions.VersionStatus | None,
-                             notes: str | None) -> versions.EngineVersion:
+                             notes: str | None, stop_grace: Any = _KEEP) -> versions.EngineVersion:
+        """``stop_grace``: seconds, None (back to RTMANAGER_STOP_GRACE), or left as it is."""
         async with self._tx() as (conn, _):
             row = await conn.fetchrow(
                 "UPDATE engine_versions SET status = coalesce($2, status), notes = coalesce($3, notes),"
+                " stop_grace = CASE WHEN $4 THEN $5::integer ELSE stop_grace END,"
                 " updated_at = now() WHERE version = $1 RETURNING *", version, status.value if status else None,
-                notes)
+                notes, stop_grace is not _KEEP, None if stop_grace is _KEEP else stop_grace)
             if row is None:
                 raise NotFound(version)
             return _version_from_row(row)

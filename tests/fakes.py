@@ -276,6 +276,7 @@ class FakeBackend:
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.graceful: list[str] = []  # ids stopped with SIGTERM first
         self.daemon_stopped: set[str] = set()
+        self.specs: list[ContainerSpec] = []  # every spec create was given
         self._ids = itertools.count(1)
 
     def _check(self, op: str, *args) -> None:
@@ -324,6 +325,7 @@ class FakeBackend:
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         self._check("create", spec.name)
+        self.specs.append(spec)
         existing = self.by_name(spec.name)
         if existing is not None:
             return self._observe(existing)
@@ -490,6 +492,7 @@ class FakeStore:
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.fail_submit: Exception | None = None
         self.batches = 0
+        self.versions: dict = {}  # image_ref -> desired.versions.EngineVersion
         self._seq = itertools.count(1)
         self._op_ids = itertools.count(1)
 
@@ -635,6 +638,10 @@ class FakeStore:
 
     async def list_up(self) -> list[RuntimeRecord]:
         return [r for r in await self.list() if r.status.is_up]
+
+    async def engine_version_of(self, image_ref: str):
+        self._check()
+        return self.versions.get(image_ref)
 
     async def record_crash(self, rec: RuntimeRecord, crash: Crash, policy: CrashPolicy):
         now = self._check()

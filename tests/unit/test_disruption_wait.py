@@ -254,3 +254,39 @@ async def test_a_start_while_a_stop_waits_withdraws_the_stop(w):
     rec = await w.sync("g1")
     assert stops(w) == [] and rec.converged and rec.status is Status.GENERATION_IN_PROGRESS
     assert [r[:2] for r in w.results("g1")][-2:] == [("stop", "failure"), ("start", "success")]
+
+
+# ------------------------------------------------------------------ a version's stop grace
+def version(image: str, grace: int | None):
+    from datetime import UTC, datetime
+
+    from desired.versions import EngineVersion, VersionStatus
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    return EngineVersion(version=image.rsplit(":", 1)[1], image_ref=image, status=VersionStatus.ACTIVE, notes="",
+                         created_at=t, updated_at=t, stop_grace=grace)
+
+
+async def test_the_stop_of_an_engine_takes_the_grace_of_the_version_it_runs(tmp_path):
+    from desired.model import JobKind
+    from tests.unit.test_reconciler import World, started
+    w = World(tmp_path)  # RTMANAGER_VERSION_POLICY is allowlist: the registry still gives the grace
+    w.store.versions["galaxy/engine-stub:1.0"] = version("galaxy/engine-stub:1.0", 45)
+    w.store.versions["galaxy/engine-stub:1.1"] = version("galaxy/engine-stub:1.1", None)
+    await started(w)
+    assert w.backend.specs[-1].stop_grace == 45.0  # a Swarm service is created with it
+    await job(w, JobKind.PATCH, "galaxy/engine-stub:1.1")
+    await w.sync("g1")  # the engine it runs is 1.0: 45 s, not the new image's (none: the global 10 s)
+    assert [c[2] for c in w.backend.ops("stop")] == [45.0]
+    assert w.backend.specs[-1].stop_grace is None and w.backend.specs[-1].spec_hash
+    await job(w, JobKind.STOP)
+    await w.sync("g1")
+    assert [c[2] for c in w.backend.ops("stop")] == [45.0, w.settings.stop_grace]
+
+
+def test_a_grace_is_not_part_of_the_spec_hash(tmp_path):
+    import dataclasses
+
+    from controller.reconciler import build_spec
+    from tests.unit.test_reconciler import World
+    spec = build_spec(World(tmp_path).settings, record(Status.RUNNING, R))
+    assert dataclasses.replace(spec, stop_grace=300.0).spec_hash == spec.spec_hash  # no recreate for a new grace
