@@ -66,6 +66,7 @@ class Action:
     # (for a WAIT: look again, the wait may be over).
     check_engine: bool = False
     overdue: float | None = None  # the disruption waited this long for a generation and goes ahead anyway
+    then: ActionKind | None = None  # for a WAIT with check_engine: the disruption it holds back
 
     @property
     def is_noop(self) -> bool:
@@ -96,7 +97,7 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
             nxt = f"turn {record.turn + 1}" if record.turn is not None else "a turn"
             return Action(ActionKind.WAIT, f"{action.kind.value} waits: the engine is generating {nxt} "
                                            f"({left:.0f}s of RTMANAGER_DISRUPTION_WAIT left)",
-                          delay=min(DISRUPTION_POLL, left), check_engine=True)
+                          delay=min(DISRUPTION_POLL, left), check_engine=True, then=action.kind)
         return Action(action.kind, f"{action.reason}; the engine still generates a turn after {waited:.0f}s "
                                    f"(RTMANAGER_DISRUPTION_WAIT {disruption_wait:g}s): going ahead anyway",
                       overdue=waited)

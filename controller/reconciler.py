@@ -243,8 +243,12 @@ class Reconciler:
                 if looked == "generating" and action.kind is ActionKind.WAIT:
                     self.queue.add_after(game_id, max(action.delay, 0.05))
                     return
-                if looked != "go" or action.kind is ActionKind.WAIT:
-                    continue  # what the engine said changed the record (or ended the wait): plan again
+                if looked != "go":
+                    continue  # what the engine said changed the record: plan again
+                if action.kind is ActionKind.WAIT and action.then is not None:
+                    # The record still says generating, but the engine does not (it does not answer, or
+                    # answers garbage): that is not generating, the disruption goes ahead.
+                    action = Action(action.then, "the engine does not say it generates a turn")
             if action.kind is ActionKind.WAIT:
                 self.queue.add_after(game_id, max(action.delay, 0.05))
                 return

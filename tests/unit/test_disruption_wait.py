@@ -290,3 +290,18 @@ def test_a_grace_is_not_part_of_the_spec_hash(tmp_path):
     from tests.unit.test_reconciler import World
     spec = build_spec(World(tmp_path).settings, record(Status.RUNNING, R))
     assert dataclasses.replace(spec, stop_grace=300.0).spec_hash == spec.spec_hash  # no recreate for a new grace
+
+
+@pytest.mark.parametrize("failure", ["unreachable", "garbage"])
+async def test_an_engine_that_stops_answering_while_a_stop_waits_is_stopped(w, failure):
+    from desired.model import JobKind
+    from observed.errors import EngineError, EngineUnreachable
+    await generating(w)
+    await job(w, JobKind.STOP)
+    rec = await w.sync("g1")
+    assert stops(w) == [] and rec.status is Status.GENERATION_IN_PROGRESS and rec.disruption_wait_since
+    w.engine.fail[NAME] = {"unreachable": EngineUnreachable("no answer"),
+                           "garbage": EngineError("turn is not an integer from 0 to 2147483647")}[failure]
+    w.store.clock.advance(2)
+    rec = await w.sync("g1")  # the record still says generating (a busy engine may not answer): not a reason
+    assert len(stops(w)) == 1 and rec.status is Status.STOPPED
