@@ -118,3 +118,35 @@ async def test_a_wait_limit_shorter_than_the_generation_goes_ahead_after_it_and_
     (stop,) = [o for o in ops if o["op"] == "stop"]
     assert stop["params"]["disruption"] == "stop" and stop["params"]["disruption_waited_seconds"] >= 2.5, stop
     assert "RTMANAGER_DISRUPTION_WAIT" in stop["params"]["disruption_note"], stop
+
+
+async def test_a_restart_of_the_controller_does_not_reset_the_wait_limit(api):
+    """The wait began before the controller stopped; its successor counts from the same moment."""
+    await api.start(disruption_wait="8", **FAST)
+    game = "dw-failover"
+    await start_generating(api, game)
+    t0 = time.monotonic()
+    status, res = await api.job(game, "stop", wait=0)
+    assert status == 202, res
+    await eventually(lambda: _waiting(api, game), 10, "the stop waiting for the generation")
+    await eventually(lambda: time.monotonic() - t0 >= 5, 10, "five seconds of waiting")
+    await api.stop_all()
+    api.port = 0  # the next controller serves the API on a port of its own
+    await api.start(disruption_wait="8", **FAST)
+    await eventually(lambda: _status_is(api, game, "stopped"), 30, "the stop after the limit")
+    took = time.monotonic() - t0
+    assert took < 12.5, took  # a limit counted again from the restart would stop it after 13 s or more
+    assert cut(api, game), (events(api, game), engine_status(api, game))
+    ops = (await api.get(f"/api/v1/runtimes/{game}/operations"))[1]["operations"]
+    (stop,) = [o for o in ops if o["op"] == "stop"]
+    assert stop["status"] == "succeeded" and stop["params"]["disruption_waited_seconds"] >= 7.5, stop
+
+
+async def _waiting(api, game: str) -> bool:
+    _, body = await api.get(f"/api/v1/runtimes/{game}")
+    return body.get("disruption_wait_since") is not None
+
+
+async def _status_is(api, game: str, status: str) -> bool:
+    _, body = await api.get(f"/api/v1/runtimes/{game}")
+    return body.get("status") == status
