@@ -305,3 +305,15 @@ async def test_an_engine_that_stops_answering_while_a_stop_waits_is_stopped(w, f
     w.store.clock.advance(2)
     rec = await w.sync("g1")  # the record still says generating (a busy engine may not answer): not a reason
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED
+
+
+@pytest.mark.parametrize("grace,expected", [(45.0, 45), (None, 7)])
+def test_a_swarm_service_is_created_with_its_versions_grace(tmp_path, grace, expected):
+    import dataclasses
+
+    from controller.reconciler import build_spec
+    from observed.swarm import SwarmBackend
+    from tests.unit.test_reconciler import World
+    spec = dataclasses.replace(build_spec(World(tmp_path).settings, record(Status.RUNNING, R)), stop_grace=grace)
+    body = SwarmBackend(instance="default", network="galaxy-games", stop_grace=7.0)._service_spec(spec)
+    assert body["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] == expected * 10**9
