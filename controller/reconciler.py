@@ -316,7 +316,9 @@ class Reconciler:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
         assert record is not None
-        grace = await self._stop_grace(record, container) if container is not None else self.settings.stop_grace
+        if kind in (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP):
+            assert container is not None
+            grace = await self._stop_grace(record, container)  # the engine's version's, or the global one
         if kind is ActionKind.BLOCKED:
             raise ContainerStartFailed(f"the name {container_name(record.game_id)} is held by a container "
                                        "rtmanager does not manage")
