@@ -70,6 +70,7 @@ REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tr
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 WAITING = object()  # an action that will look again later by itself
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
+_DISRUPTING_OPS = (OpKind.STOP, OpKind.RESTART, OpKind.PATCH, OpKind.CLEANUP)  # may wait for a generation first
 
 # The one table from the backend's errors to the results' error codes.
 BACKEND_ERRORS: dict[type[ObservedError], type[RtmError]] = {
@@ -732,6 +733,9 @@ class Reconciler:
             record = await self.store.find(game_id)
             if record is None or record.converged:
                 return
+            if (age < timeout + self.settings.disruption_wait and record.admin_api is not False
+                    and any(op.op in _DISRUPTING_OPS for op in await self.store.pending_operations(game_id))):
+                return  # a stop or replacement may have waited for a turn first: that wait is not the job's delay
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
             await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
         except (StoreUnavailable, Conflict):

@@ -317,3 +317,20 @@ def test_a_swarm_service_is_created_with_its_versions_grace(tmp_path, grace, exp
     spec = dataclasses.replace(build_spec(World(tmp_path).settings, record(Status.RUNNING, R)), stop_grace=grace)
     body = SwarmBackend(instance="default", network="galaxy-games", stop_grace=7.0)._service_spec(spec)
     assert body["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] == expected * 10**9
+
+
+async def test_the_time_a_stop_waited_for_a_generation_does_not_count_against_the_job_timeout(tmp_path):
+    from desired.model import ErrorCode, JobKind
+    from tests.unit.test_reconciler import World
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="600", RTMANAGER_JOB_TIMEOUT="60")
+    await generating(w)
+    await job(w, JobKind.STOP)
+    await w.sync("g1")
+    w.store.clock.advance(400)  # waited for the generation, within RTMANAGER_DISRUPTION_WAIT
+    w.engine.finish_generation(NAME)
+    w.backend.down = True  # then Docker is away for a moment when the stop is due
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.job_timeout)
+    assert [r for r in w.results("g1") if r[0] == "stop"] == []
+    w.store.clock.advance(w.settings.disruption_wait)  # past the wait and the job timeout together: answered
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.job_timeout)
+    assert [r for r in w.results("g1") if r[0] == "stop"] == [("stop", "failure", "docker_unavailable")]
