@@ -9,7 +9,8 @@
     rtmanager adopt GAME...|--all      hand unowned containers back to rtmanager
     rtmanager dispose GAME...          stop (gracefully) and remove unowned containers
     rtmanager versions list [--status S]           the engine-version registry
-    rtmanager versions add VERSION IMAGE [--pull]  register an engine version
+    rtmanager versions add VERSION IMAGE [--pull] [--stop-grace S]  register an engine version
+    rtmanager versions stop-grace VERSION S|default  its SIGTERM-to-SIGKILL seconds (default: RTMANAGER_STOP_GRACE)
     rtmanager versions deprecate|disable|activate VERSION
     rtmanager versions remove VERSION
     rtmanager doctor                   check every dependency, say what is wrong
@@ -194,14 +195,15 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
     from desired.errors import NotFound, UniqueViolation
     from desired.jobs import IMAGE_REF_PATTERN
     from desired.store import VersionInUse
-    from desired.versions import VERSION_PATTERN, VersionStatus
+    from desired.versions import MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
     async with _store(settings) as store:
         if args.action == "list":
             entries = await store.list_versions(VersionStatus(args.status) if args.status else None)
-            rows = [("VERSION", "STATUS", "IMAGE", "NOTES")] + [
-                (e.version, e.status.value, e.image_ref, e.notes.splitlines()[0] if e.notes else "") for e in entries]
-            widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            rows = [("VERSION", "STATUS", "IMAGE", "STOP_GRACE", "NOTES")] + [
+                (e.version, e.status.value, e.image_ref, "default" if e.stop_grace is None else str(e.stop_grace),
+                 e.notes.splitlines()[0] if e.notes else "") for e in entries]
+            widths = [max(len(r[i]) for r in rows) for i in range(5)]
             for r in rows:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
             return 0
@@ -209,6 +211,14 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
         if not VERSION_PATTERN.fullmatch(version):
             print("rtmanager versions: VERSION must be 1-64 characters of A-Z a-z 0-9 . _ -", file=sys.stderr)
             return 2
+        grace: int | None = None
+        raw_grace = getattr(args, "stop_grace", None)
+        if raw_grace is not None and raw_grace != "default":
+            if not raw_grace.isdigit() or int(raw_grace) > MAX_STOP_GRACE:
+                print(f"rtmanager versions: stop grace must be whole seconds from 0 to {MAX_STOP_GRACE}, or default",
+                      file=sys.stderr)
+                return 2
+            grace = int(raw_grace)
         try:
             if args.action == "add":
                 image = args.image_ref
@@ -219,8 +229,12 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
                 if args.pull:
                     async with _backend(settings) as backend:
                         await backend.ensure_image(image)
-                entry = await store.create_version(version, image, VersionStatus.ACTIVE, args.notes or "")
+                entry = await store.create_version(version, image, VersionStatus.ACTIVE, args.notes or "", grace)
                 print(f"{entry.version}: {entry.image_ref} ({entry.status.value})")
+            elif args.action == "stop-grace":
+                entry = await store.update_version(version, status=None, notes=None, stop_grace=grace)
+                shown = "RTMANAGER_STOP_GRACE" if entry.stop_grace is None else f"{entry.stop_grace}s"
+                print(f"{entry.version}: stop grace {shown}")
             elif args.action == "remove":
                 await store.delete_version(version)
                 print(f"{version}: removed")
@@ -386,6 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     va.add_argument("image_ref")
     va.add_argument("--notes", default="")
     va.add_argument("--pull", action="store_true", help="pull the image first")
+    va.add_argument("--stop-grace", metavar="SECONDS",
+                    help="seconds between SIGTERM and SIGKILL for its engines (default: RTMANAGER_STOP_GRACE)")
+    vg = vsub.add_parser("stop-grace", help="set a version's seconds between SIGTERM and SIGKILL")
+    vg.add_argument("version")
+    vg.add_argument("stop_grace", metavar="SECONDS|default")
     for action in ("deprecate", "disable", "activate", "remove"):
         vsub.add_parser(action).add_argument("version")
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")

@@ -68,6 +68,8 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_DEAD_LETTER_MAXLEN", "10000", "approximate MAXLEN of the dead-letter stream (0: no trimming)"),
     Var("RTMANAGER_RESULTS_MAXLEN", "100000", "approximate MAXLEN of the results stream (0: no trimming)"),
     Var("RTMANAGER_STOP_GRACE", "10", "seconds between SIGTERM and SIGKILL when stopping an engine"),
+    Var("RTMANAGER_DISRUPTION_WAIT", "600", "seconds a planned stop, removal or recreate of an engine waits while "
+        "it generates a turn (0: no wait)"),
     Var("RTMANAGER_JOB_TIMEOUT", "300", "seconds a job may wait for Docker before it fails with docker_unavailable"),
     Var("RTMANAGER_ENGINE_MEMORY", "512m", "engine memory limit (bytes, or with k/m/g)"),
     Var("RTMANAGER_ENGINE_CPUS", "1.0", "engine CPU limit in CPUs"),
@@ -144,6 +146,7 @@ class Settings:
     dead_letter_maxlen: int
     results_maxlen: int
     stop_grace: float
+    disruption_wait: float
     job_timeout: float
     engine_memory: int
     engine_nano_cpus: int
@@ -311,6 +314,7 @@ class Settings:
                                      "must be an integer, 0 or more"),
             results_maxlen=parse("RTMANAGER_RESULTS_MAXLEN", number(0, 10**9, int), "must be an integer, 0 or more"),
             stop_grace=parse("RTMANAGER_STOP_GRACE", number(0, 3600), "must be seconds in 0..3600"),
+            disruption_wait=parse("RTMANAGER_DISRUPTION_WAIT", number(0, 86400), "must be seconds in 0..86400"),
             job_timeout=parse("RTMANAGER_JOB_TIMEOUT", number(1, 86400), "must be seconds in 1..86400"),
             engine_memory=parse("RTMANAGER_ENGINE_MEMORY", size, "must be a size such as 512m"),
             engine_nano_cpus=int(parse("RTMANAGER_ENGINE_CPUS", number(0.01, 1024), "must be CPUs, e.g. 1.5")

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
-from controller.openapi import REST_JOBS, openapi_document
+from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
@@ -37,7 +37,7 @@ from desired.jobs import (
 from desired.leader import Fenced
 from desired.model import CONTROL_OPS, GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
 from desired.store import Store, VersionInUse
-from desired.versions import MAX_NOTES, VERSION_PATTERN, VersionStatus
+from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus, valid_stop_grace
 
 log = logging.getLogger("rtmanager.http")
 
@@ -180,6 +180,11 @@ class HttpServer:
             if isinstance(interval, bool) or not isinstance(interval, int):
                 return _invalid(game_id, kind, "field turn_interval must be whole seconds")
             fields["turn_interval"] = str(interval)
+        force = fields.pop("force", False)
+        if not isinstance(force, bool):
+            return _invalid(game_id, kind, "field force must be a boolean")
+        if force and kind not in FORCEABLE:
+            return _invalid(game_id, kind, f"field force does not apply to {kind.value}")
         if kind is JobKind.STOP and "reason" not in fields:
             fields["reason"] = "admin_request"
         try:
@@ -189,6 +194,8 @@ class HttpServer:
                 job = parse_job(kind, fields, self.c.settings.image_allowlist, source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
+        if force:
+            job = dataclasses.replace(job, force=True)
         if not self.c.is_leader():
             return _error(503, "this replica is a standby; send jobs to the leader", retry_after=True)
         try:
@@ -290,10 +297,13 @@ class HttpServer:
             return _error(400, f"field notes is longer than {MAX_NOTES} characters")
         if any((ch < " " and ch not in "\n\t") or "\ud800" <= ch <= "\udfff" for ch in notes):
             return _error(400, "field notes must be text without control characters")
+        if "stop_grace" in body and not valid_stop_grace(body["stop_grace"]):
+            return _error(400, f"field stop_grace must be whole seconds from 0 to {MAX_STOP_GRACE}, or null "
+                               "(RTMANAGER_STOP_GRACE)")
         return body
 
     async def create_version(self, request: web.Request) -> web.Response:
-        body = await self._version_body(request, {"version", "image_ref", "status", "notes"})
+        body = await self._version_body(request, {"version", "image_ref", "status", "notes", "stop_grace"})
         if isinstance(body, web.Response):
             return body
         pull = request.query.get("pull", "0")
@@ -315,7 +325,7 @@ class HttpServer:
                 return _error(409, f"field image_ref: the image could not be pulled: {exc.message}")
         try:
             entry = await self.c.store.create_version(version, image, VersionStatus(body.get("status", "active")),
-                                                       body.get("notes", ""))
+                                                       body.get("notes", ""), body.get("stop_grace"))
         except UniqueViolation as exc:
             field = {"engine_versions_version_key": "version",
                      "engine_versions_image_ref_key": "image_ref"}.get(exc.constraint, exc.constraint)
@@ -326,14 +336,15 @@ class HttpServer:
         version = request.match_info["version"]
         if not VERSION_PATTERN.fullmatch(version):
             return _error(400, "version must be 1-64 characters of A-Z a-z 0-9 . _ -")
-        body = await self._version_body(request, {"status", "notes"})
+        body = await self._version_body(request, {"status", "notes", "stop_grace"})
         if isinstance(body, web.Response):
             return body
         if not self.c.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
         try:
             entry = await self.c.store.update_version(
-                version, status=VersionStatus(body["status"]) if "status" in body else None, notes=body.get("notes"))
+                version, status=VersionStatus(body["status"]) if "status" in body else None, notes=body.get("notes"),
+                **({"stop_grace": body["stop_grace"]} if "stop_grace" in body else {}))
         except NotFound:
             return _error(404, f"no engine version {version}")
         return web.json_response(await self._version_json(entry))

@@ -23,7 +23,7 @@ from desired.model import (
     Status,
     StopReason,
 )
-from desired.versions import MAX_NOTES, VERSION_PATTERN, VersionStatus
+from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
 # The jobs the REST API takes, by their path (``turn`` is the turn clock's own).
 REST_JOBS: dict[str, JobKind] = {
@@ -31,6 +31,13 @@ REST_JOBS: dict[str, JobKind] = {
     "cleanup": JobKind.CLEANUP, "pause": JobKind.PAUSE, "resume": JobKind.RESUME,
     "force-next-turn": JobKind.FORCE_NEXT_TURN, "reconcile": JobKind.RECONCILE,
 }
+# The jobs that take ``force``: their disruption of the engine does not wait for a turn generation.
+FORCEABLE = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)
+_FORCE = {"type": "boolean", "description": "true: stop or replace the engine at once, even while it generates "
+                                           "a turn (no wait of RTMANAGER_DISRUPTION_WAIT)"}
+_STOP_GRACE = {"type": "integer", "minimum": 0, "maximum": MAX_STOP_GRACE, "nullable": True,
+               "description": "seconds between SIGTERM and SIGKILL when an engine of this version is stopped "
+                              "(null: RTMANAGER_STOP_GRACE)"}
 _NULLABLE_STR = {"type": "string", "nullable": True}
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 
@@ -54,7 +61,8 @@ def openapi_document() -> dict[str, Any]:
     }
     image_body = {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["image_ref"],
-        "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF}}}}}}
+        "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
+                       "force": _FORCE}}}}}
     interval = {"type": "integer", "minimum": 0, "maximum": MAX_TURN_INTERVAL,
                 "description": "seconds between scheduled turns (0: no schedule)"}
     start_body = {"required": True, "content": {"application/json": {"schema": {
@@ -62,9 +70,11 @@ def openapi_document() -> dict[str, Any]:
         "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
                        "turn_interval": interval}}}}}
     stop_body = {"required": False, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"reason": _enum(StopReason)}}}}}
+        "type": "object", "properties": {"reason": _enum(StopReason), "force": _FORCE}}}}}
     empty_body = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
-    bodies = {kind: empty_body for kind in REST_JOBS.values()}
+    force_body = {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"force": _FORCE}}}}}
+    bodies = {kind: force_body if kind in FORCEABLE else empty_body for kind in REST_JOBS.values()}
     bodies.update({JobKind.START: start_body, JobKind.PATCH: image_body, JobKind.STOP: stop_body})
 
     paths: dict[str, Any] = {
@@ -142,7 +152,8 @@ def openapi_document() -> dict[str, Any]:
                      "type": "object", "required": ["version", "image_ref"], "additionalProperties": False,
                      "properties": {"version": {"type": "string", "pattern": VERSION_PATTERN.pattern},
                                     "image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
-                                    "status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES}}}}}},
+                                    "status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES},
+                                    "stop_grace": _STOP_GRACE}}}}},
                  "responses": {"201": {"description": "registered", "content": {"application/json": {
                      "schema": v_ref}}}, "400": bad, "401": auth, "409": conflict, "503": busy}},
     }
@@ -151,11 +162,13 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [version],
                 "responses": {"200": {"description": "the entry", "content": {"application/json": {
                     "schema": v_ref}}}, "400": bad, "401": auth, "404": missing, "503": busy}},
-        "patch": {"operationId": "updateEngineVersion", "summary": "Change status or notes (image_ref is immutable)",
+        "patch": {"operationId": "updateEngineVersion",
+                  "summary": "Change status, notes or stop_grace (image_ref is immutable)",
                   "parameters": [version],
                   "requestBody": {"required": True, "content": {"application/json": {"schema": {
                       "type": "object", "additionalProperties": False,
-                      "properties": {"status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES}}}}}},
+                      "properties": {"status": v_status, "notes": {"type": "string", "maxLength": MAX_NOTES},
+                                     "stop_grace": _STOP_GRACE}}}}},
                   "responses": {"200": {"description": "the entry", "content": {"application/json": {
                       "schema": v_ref}}}, "400": bad, "401": auth, "404": missing, "503": busy}},
         "delete": {"operationId": "deleteEngineVersion",
@@ -246,7 +259,8 @@ def openapi_document() -> dict[str, Any]:
                                 "turn_interval": {"type": "integer"},
                                 "desired_turn": {"type": "integer", "nullable": True},
                                 "clock_from": _NULLABLE_TIME, "engine_version": {"type": "string"},
-                                "node_id": _NULLABLE_STR}},
+                                "node_id": _NULLABLE_STR, "disruption_wait_since": _NULLABLE_TIME,
+                                "force_generation": {"type": "integer", "nullable": True}}},
                 "EngineVersion": {"type": "object",
                                   "required": ["version", "image_ref", "status", "notes", "created_at", "updated_at",
                                                "image_present"],
@@ -256,6 +270,7 @@ def openapi_document() -> dict[str, Any]:
                                       "created_at": {"type": "string", "format": "date-time"},
                                       "updated_at": {"type": "string", "format": "date-time"},
                                       "image_present": {"type": "boolean", "nullable": True},
+                                      "stop_grace": _STOP_GRACE,
                                       "live_games": {"type": "integer"}}},
                 "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
                               "properties": {

@@ -16,6 +16,16 @@ operator may adopt or dispose of it.
 
 ``want_hash`` is the spec hash the container should carry (``None`` when the
 record does not ask for a running container).
+
+A *planned* disruption of a running engine (STOP, REMOVE, CLEANUP, a RECREATE of the running
+engine: restart, patch, drift, another image) never cuts a turn in half: while the engine is known
+to be generating (its last observed status), the plan is a WAIT that looks at the engine again
+(``check_engine``), for at most ``disruption_wait`` seconds from ``disruption_wait_since``; after
+that the action goes ahead with ``overdue`` set, and says so. When the record does not know the
+engine to be generating, the action carries ``check_engine``: the reconciler asks the engine right
+before disrupting it (a generation may have started since the last probe). No wait for an engine
+without the admin API, for a forced generation (``force_generation``), for crashes (RECOVER) or when
+``disruption_wait`` is 0.
 """
 
 from __future__ import annotations
@@ -52,6 +62,11 @@ class Action:
     kind: ActionKind
     reason: str = ""
     delay: float = 0.0  # for WAIT: seconds until it is worth looking again
+    # A planned disruption of a running engine: ask the engine whether it generates a turn first
+    # (for a WAIT: look again, the wait may be over).
+    check_engine: bool = False
+    overdue: float | None = None  # the disruption waited this long for a generation and goes ahead anyway
+    then: ActionKind | None = None  # for a WAIT with check_engine: the disruption it holds back
 
     @property
     def is_noop(self) -> bool:
@@ -60,6 +75,33 @@ class Action:
 
 NOOP = Action(ActionKind.NOOP)
 _TRANSIENT_STATES = ("removing",)
+DISRUPTION_POLL = 1.0  # seconds between looks at an engine a disruption waits for
+_DISRUPTIONS = (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP, ActionKind.RECREATE)
+
+
+def planned_disruption(action: Action, record: RuntimeRecord, container: ObservedContainer | None, *,
+                       now: datetime, disruption_wait: float) -> Action:
+    """``action`` as it may be carried out now, or a WAIT while the engine generates a turn."""
+    if action.kind not in _DISRUPTIONS or container is None or not container.running:
+        return action  # nothing runs that a disruption could cut
+    if action.kind is ActionKind.RECREATE and not (record.status.is_up
+                                                   and record.current_container_id == container.id):
+        return action  # not the game's running engine (a start that failed half-way, a leftover)
+    if disruption_wait <= 0 or record.admin_api is False or record.force_generation == record.generation:
+        return action
+    if record.status is Status.GENERATION_IN_PROGRESS:
+        since = record.disruption_wait_since or now
+        waited = max(0.0, (now - since).total_seconds())
+        left = disruption_wait - waited
+        if left > 0:
+            nxt = f"turn {record.turn + 1}" if record.turn is not None else "a turn"
+            return Action(ActionKind.WAIT, f"{action.kind.value} waits: the engine is generating {nxt} "
+                                           f"({left:.0f}s of RTMANAGER_DISRUPTION_WAIT left)",
+                          delay=min(DISRUPTION_POLL, left), check_engine=True, then=action.kind)
+        return Action(action.kind, f"{action.reason}; the engine still generates a turn after {waited:.0f}s "
+                                   f"(RTMANAGER_DISRUPTION_WAIT {disruption_wait:g}s): going ahead anyway",
+                      overdue=waited)
+    return Action(action.kind, action.reason, check_engine=True)
 
 
 def plan(
@@ -74,9 +116,32 @@ def plan(
     database: str = "",
     epoch: int = 0,
     unreachable_restart_after: float = 0.0,
+    disruption_wait: float = 0.0,
 ) -> Action:
     """``database`` and ``epoch``: the identity uid of this database and the current leadership
     term; they only say how an unowned unit is reported (it is never disposed of here)."""
+    action = _plan(record, container, want_hash=want_hash, instance=instance, now=now, orphan_grace=orphan_grace,
+                   cleanup_ttl=cleanup_ttl, database=database, epoch=epoch,
+                   unreachable_restart_after=unreachable_restart_after)
+    if record is None or action.kind not in _DISRUPTIONS:
+        return action
+    ours = container if container is not None and container.managed_by(instance) else None
+    return planned_disruption(action, record, ours, now=now, disruption_wait=disruption_wait)
+
+
+def _plan(
+    record: RuntimeRecord | None,
+    container: ObservedContainer | None,
+    *,
+    want_hash: str | None,
+    instance: str,
+    now: datetime,
+    orphan_grace: float,
+    cleanup_ttl: float,
+    database: str,
+    epoch: int,
+    unreachable_restart_after: float,
+) -> Action:
     ours = container is not None and container.managed_by(instance)
 
     if record is None or (record.status is Status.REMOVED and record.desired_status is DesiredStatus.REMOVED

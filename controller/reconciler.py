@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -69,6 +70,7 @@ REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tr
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 WAITING = object()  # an action that will look again later by itself
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
+_DISRUPTING_OPS = (OpKind.STOP, OpKind.RESTART, OpKind.PATCH, OpKind.CLEANUP)  # may wait for a generation first
 
 # The one table from the backend's errors to the results' error codes.
 BACKEND_ERRORS: dict[type[ObservedError], type[RtmError]] = {
@@ -179,7 +181,8 @@ class Reconciler:
                       instance=self.settings.instance, now=self.clock.now(),
                       orphan_grace=self.settings.orphan_grace, cleanup_ttl=self.settings.cleanup_ttl,
                       database=self.database, epoch=self.epoch,
-                      unreachable_restart_after=self.settings.unreachable_restart_after)
+                      unreachable_restart_after=self.settings.unreachable_restart_after,
+                      disruption_wait=self.settings.disruption_wait)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -234,6 +237,19 @@ class Reconciler:
                 assert container is not None
                 self.note_unowned(container, action.reason)
                 return
+            if action.check_engine and not self.settings.dry_run:
+                # A planned disruption: the record's last probe may be stale, ask the engine now.
+                assert record is not None and container is not None
+                looked = await self._engine_generating(record, container)
+                if looked == "generating" and action.kind is ActionKind.WAIT:
+                    self.queue.add_after(game_id, max(action.delay, 0.05))
+                    return
+                if looked != "go":
+                    continue  # what the engine said changed the record: plan again
+                if action.kind is ActionKind.WAIT and action.then is not None:
+                    # The record still says generating, but the engine does not (it does not answer, or
+                    # answers garbage): that is not generating, the disruption goes ahead.
+                    action = Action(action.then, "the engine does not say it generates a turn")
             if action.kind is ActionKind.WAIT:
                 self.queue.add_after(game_id, max(action.delay, 0.05))
                 return
@@ -258,6 +274,8 @@ class Reconciler:
             log.info("%s: %s", action.kind.value, action.reason, extra={
                 "game_id": game_id, "action": action.kind.value, "operation_ids": ",".join(map(str, op_ids)),
                 "generation": record.generation if record else None})
+            if action.overdue is not None and record is not None:
+                await self._note_overdue(record, action)
             started = asyncio.get_running_loop().time()
             result = "ok"
             try:
@@ -298,8 +316,10 @@ class Reconciler:
                    spec: ContainerSpec | None) -> object:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
-        grace = self.settings.stop_grace
         assert record is not None
+        if kind in (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP):
+            assert container is not None
+            grace = await self._stop_grace(record, container)  # the engine's version's, or the global one
         if kind is ActionKind.BLOCKED:
             raise ContainerStartFailed(f"the name {container_name(record.game_id)} is held by a container "
                                        "rtmanager does not manage")
@@ -370,9 +390,12 @@ class Reconciler:
                         and not record.rolling_back else None)
             record = await self.store.mark_starting(record, rollback_image=rollback)
         if kind is ActionKind.RECREATE and container is not None:
-            await self.backend.remove(container.id, self.settings.stop_grace)  # SIGTERM first
+            await self.backend.remove(container.id, await self._stop_grace(record, container))  # SIGTERM first
             container = None
         if container is None:
+            entry = await self.store.engine_version_of(spec.image)
+            if entry is not None and entry.stop_grace is not None:  # a Swarm service keeps it from its creation
+                spec = dataclasses.replace(spec, stop_grace=float(entry.stop_grace))
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
             await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
@@ -519,6 +542,47 @@ class Reconciler:
         self.queue.add_after(record.game_id, TURN_POLL)
         return WAITING
 
+    async def _stop_grace(self, record: RuntimeRecord, container: ObservedContainer) -> float:
+        """Seconds between SIGTERM and SIGKILL for the engine this unit runs: its registered version's
+        ``stop_grace`` (whatever RTMANAGER_VERSION_POLICY), else RTMANAGER_STOP_GRACE."""
+        image = record.current_image_ref if record.current_container_id == container.id else None
+        image = image or container.image
+        entry = await self.store.engine_version_of(image) if image else None
+        return versions.stop_grace(entry, self.settings.stop_grace)
+
+    async def _engine_generating(self, record: RuntimeRecord, container: ObservedContainer) -> str:
+        """Right before a planned disruption: is the engine generating a turn? Its answer is recorded,
+        with when the wait began (so that a restart of the controller does not reset the limit).
+        ``generating``; ``changed``: the record changed, plan again; ``go``: disrupt it now. No answer,
+        a garbage answer or no admin API is not generating: the disruption goes ahead."""
+        if not container.running or not container.address:
+            return "go"
+        probe = await self.probe(record, container.address)
+        s = self.settings
+        try:
+            if probe.healthy and probe.phase == "generating":
+                log.info("the engine is generating turn %s: the disruption waits for it", (probe.turn or 0) + 1,
+                         extra={"game_id": record.game_id})
+                await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
+                                                    generation_timeout=s.generation_timeout, disruption_waits=True)
+                self._results_written()  # a snapshot, when the status changed
+                return "generating"
+            if probe.healthy and await self._record_probe(record, probe) is not record:
+                return "changed"
+        except Conflict:
+            return "changed"  # the record moved on meanwhile: plan again before disrupting anything
+        return "go"
+
+    async def _note_overdue(self, record: RuntimeRecord, action: Action) -> None:
+        """The disruption waited RTMANAGER_DISRUPTION_WAIT for a generation and goes ahead anyway: the
+        operation log says so, and so do the results of the jobs it answers."""
+        waited = action.overdue or 0.0
+        note = (f"the engine was still generating a turn after {waited:.0f}s "
+                f"(RTMANAGER_DISRUPTION_WAIT {self.settings.disruption_wait:g}s); {action.kind.value} went ahead "
+                "and may have cut the turn")
+        log.warning("%s", note, extra={"game_id": record.game_id, "action": action.kind.value})
+        await self.store.note_disruption_overdue(record, action.kind.value, waited, note)
+
     async def _record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
         s = self.settings
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
@@ -622,7 +686,7 @@ class Reconciler:
         not count toward the crash limit (five daemon restarts must not give every game up)."""
         seen = await self.backend.inspect(container.id) or container
         if seen.running:  # not an exit: an engine that stopped answering for too long
-            await self.backend.stop(seen.id, self.settings.stop_grace)
+            await self.backend.stop(seen.id, await self._stop_grace(record, seen))
             await self._count_crash(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
@@ -676,6 +740,9 @@ class Reconciler:
             record = await self.store.find(game_id)
             if record is None or record.converged:
                 return
+            if (age < timeout + self.settings.disruption_wait and record.admin_api is not False
+                    and any(op.op in _DISRUPTING_OPS for op in await self.store.pending_operations(game_id))):
+                return  # a stop or replacement may have waited for a turn first: that wait is not the job's delay
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
             await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
         except (StoreUnavailable, Conflict):

@@ -71,6 +71,7 @@ class Job:
     image_ref: str | None = None
     reason: StopReason | None = None
     turn_interval: int | None = None  # start jobs may set the turn clock
+    force: bool = False  # an operator's (REST, CLI): the disruption does not wait for a turn generation
     stream: str = ""
     entry_id: str = ""
 
@@ -399,11 +400,13 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
 
 def turn_due(record: RuntimeRecord, now: datetime) -> bool:
     """The turn clock's condition (``Store.due_turns``), decided again under the record's lock when
-    its ``turn`` job is submitted: running, unpaused, converged, with an admin API, no turn already
+    its ``turn`` job is submitted: running, unpaused, converged (no stop, restart or patch pending), no
+    disruption waiting for the engine (a spec drift), with an admin API, no turn already
     asked for, a next turn that fits its column, and the interval passed since the later of the last
     turn and the start or resume."""
     if (record.turn_interval <= 0 or record.paused or record.desired_status is not DesiredStatus.RUNNING
-            or record.status is not Status.RUNNING or record.admin_api is not True or not record.converged):
+            or record.status is not Status.RUNNING or record.admin_api is not True or not record.converged
+            or record.disruption_wait_since is not None):  # a disruption waits for the engine: no new turn
         return False
     if record.desired_turn is not None and (record.turn is None or record.desired_turn > record.turn):
         return False

@@ -240,6 +240,11 @@ class RuntimeRecord:
     clock_from: datetime | None = None  # the clock counts from here too (start, resume)
     engine_version: str = ""           # the registered version of the game's image (empty: unregistered)
     node_id: str | None = None         # the node that first ran it, where its state lives (Swarm)
+    # A planned disruption (stop, removal, recreate of the running engine) waits while the engine
+    # generates a turn: when that wait began (observed), and the generation an operator forced,
+    # whose disruption does not wait (desired).
+    disruption_wait_since: datetime | None = None
+    force_generation: int | None = None
 
     @property
     def converged(self) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import uuid
@@ -75,11 +76,11 @@ _RECORD_COLUMNS = (
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
-    "desired_turn", "clock_from", "engine_version", "node_id",
+    "desired_turn", "clock_from", "engine_version", "node_id", "disruption_wait_since", "force_generation",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
-                              "clock_from"})
+                              "clock_from", "force_generation"})
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
 
@@ -155,7 +156,11 @@ def decided(op: Operation, outcome: Outcome, code: ErrorCode | None, message: st
             endpoint: str) -> tuple[Outcome, ErrorCode | None, str, str, str]:
     """The answer of a pending operation whose failure was already decided (``fail_generation``,
     recorded until its engine is stopped): that failure, whatever converged; an answer given before
-    the engine was stopped (overdue, superseded) says so."""
+    the engine was stopped (overdue, superseded) says so. A success that went ahead while the engine
+    still generated a turn (its wait ran out) says that."""
+    note = op.params.get("disruption_note") if isinstance(op.params, dict) else None
+    if note and outcome is Outcome.SUCCESS and not message:
+        message = str(note)
     if op.error_code is None or op.status.is_final:
         return outcome, code, message, container_id, endpoint
     decided_message = op.error_message or ""
@@ -263,7 +268,8 @@ class VersionInUse(RuntimeError):
 def _version_from_row(row: asyncpg.Record) -> versions.EngineVersion:
     return versions.EngineVersion(version=row["version"], image_ref=row["image_ref"],
                                   status=versions.VersionStatus(row["status"]), notes=row["notes"],
-                                  created_at=row["created_at"], updated_at=row["updated_at"])
+                                  created_at=row["created_at"], updated_at=row["updated_at"],
+                                  stop_grace=row["stop_grace"])
 
 
 class WrongInstance(RuntimeError):
@@ -457,7 +463,7 @@ class Store:
             " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
             " AND status = 'running' AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
             f" AND (turn IS NULL OR turn < {MAX_TURN})"  # at the largest turn there is no next one
-            " AND observed_generation = generation ORDER BY due_in LIMIT $1", limit)
+            " AND observed_generation = generation AND disruption_wait_since IS NULL ORDER BY due_in LIMIT $1", limit)
         due = [r["game_id"] for r in rows if r["due_in"] <= 0]
         later = [r["due_in"] for r in rows if r["due_in"] > 0]
         return due, (min(later) if later else None)
@@ -502,10 +508,28 @@ class Store:
         return await self._transition(rec, transitions.removed, finish=Outcome.SUCCESS)
 
     async def record_observation(self, rec: RuntimeRecord, probe: transitions.Probe, *, unreachable_after: int,
-                                 generation_timeout: float) -> RuntimeRecord:
-        """What a probe of a running engine changed (desired/transitions.py ``observed``)."""
-        return await self._transition(rec, lambda cur, now: transitions.observed(
-            cur, now, probe, unreachable_after=unreachable_after, generation_timeout=generation_timeout))
+                                 generation_timeout: float, disruption_waits: bool = False) -> RuntimeRecord:
+        """What a probe of a running engine changed (desired/transitions.py ``observed``); with
+        ``disruption_waits``, a planned disruption waits for the turn it generates."""
+        def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+            new = transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
+                                       generation_timeout=generation_timeout)
+            return transitions.disruption_waiting(new, now) if disruption_waits else new
+        return await self._transition(rec, change)
+
+    async def note_disruption_overdue(self, rec: RuntimeRecord, action: str, waited: float, note: str) -> None:
+        """A planned disruption waited its limit for a generation and goes ahead: the operation log
+        says so on the pending operations it answers (their results carry the note), or on an
+        operation of its own when none waits (a drift of the spec)."""
+        params = {"disruption": action, "disruption_waited_seconds": round(waited, 1), "disruption_note": note}
+        async with self._tx() as (conn, now):
+            n = await conn.fetchval(
+                "WITH u AS (UPDATE runtime_operations SET params = params || $3::jsonb WHERE game_id = $1"
+                " AND status IN ('queued', 'running') AND generation <= $2 RETURNING 1) SELECT count(*) FROM u",
+                rec.game_id, rec.generation, json.dumps(params))
+            if not n:
+                await self._insert_note(conn, rec, ReconcilerNote(op=OpKind.RECONCILE, params=params, message=note),
+                                        now)
 
     async def record_crash(self, rec: RuntimeRecord, crash: Crash,
                            policy: CrashPolicy) -> tuple[RuntimeRecord, CrashVerdict]:
@@ -619,7 +643,15 @@ class Store:
             if decision.action == "skip":
                 return SubmitOutcome(operation_id=0, decision=decision)
             params = {k: v for k, v in (("image_ref", job.image_ref),
-                                        ("reason", job.reason.value if job.reason else None)) if v}
+                                        ("reason", job.reason.value if job.reason else None),
+                                        ("force", job.force)) if v}
+            if job.force and decision.action in ("change", "join") and decision.record is not None:
+                # An operator's force: this generation's disruption does not wait for a generation.
+                forced = decision.record.replace(force_generation=decision.record.generation)
+                if decision.action == "join" and current is not None and forced != current:
+                    await self._write_desired(conn, current, forced, now)
+                    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job.game_id)
+                decision = dataclasses.replace(decision, record=forced)
             if decision.action == "change":
                 assert decision.record is not None
                 await self._write_desired(conn, current, decision.record, now)
@@ -918,24 +950,26 @@ class Store:
         return _version_from_row(row), int(row["live_games"])
 
     async def create_version(self, version: str, image_ref: str, status: versions.VersionStatus,
-                             notes: str) -> versions.EngineVersion:
+                             notes: str, stop_grace: int | None = None) -> versions.EngineVersion:
         """UniqueViolation (naming engine_versions_version_key or engine_versions_image_ref_key) when
         either exists: the database decides, so two racing creates give one entry and one conflict."""
         async with self._tx() as (conn, _):
             row = await conn.fetchrow(
-                "INSERT INTO engine_versions (version, image_ref, status, notes) VALUES ($1, $2, $3, $4)"
-                " RETURNING *", version, image_ref, status.value, notes)
+                "INSERT INTO engine_versions (version, image_ref, status, notes, stop_grace) VALUES ($1, $2, $3, $4,"
+                " $5) RETURNING *", version, image_ref, status.value, notes, stop_grace)
             await conn.execute("UPDATE runtime_records SET engine_version = $1 WHERE"
                                " coalesce(desired_image_ref, current_image_ref) = $2", version, image_ref)
             return _version_from_row(row)
 
     async def update_version(self, version: str, *, status: versions.VersionStatus | None,
-                             notes: str | None) -> versions.EngineVersion:
+                             notes: str | None, stop_grace: Any = _KEEP) -> versions.EngineVersion:
+        """``stop_grace``: seconds, None (back to RTMANAGER_STOP_GRACE), or left as it is."""
         async with self._tx() as (conn, _):
             row = await conn.fetchrow(
                 "UPDATE engine_versions SET status = coalesce($2, status), notes = coalesce($3, notes),"
+                " stop_grace = CASE WHEN $4 THEN $5::integer ELSE stop_grace END,"
                 " updated_at = now() WHERE version = $1 RETURNING *", version, status.value if status else None,
-                notes)
+                notes, stop_grace is not _KEEP, None if stop_grace is _KEEP else stop_grace)
             if row is None:
                 raise NotFound(version)
             return _version_from_row(row)

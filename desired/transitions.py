@@ -34,6 +34,7 @@ def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -
     """About to create or start the engine (a job's change, or a restart after a crash)."""
     return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now), admin_api=None,
                        probe_failures=0, unreachable_since=None, generation_started_at=None,
+                       disruption_wait_since=None,
                        rollback_image_ref=rollback_image if cur.status is not Status.STARTING
                        else cur.rollback_image_ref)
 
@@ -50,7 +51,8 @@ def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
                        started_at=started, stopped_at=None, health=Health.HEALTHY, health_checked_at=now,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
                        rolling_back=False, probe_failures=0, unreachable_since=None, last_op_at=_touch(cur, now),
-                       node_id=cur.node_id or node)
+                       node_id=cur.node_id or node,
+                       disruption_wait_since=cur.disruption_wait_since if up else None)
 
 
 def recorded(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
@@ -72,7 +74,8 @@ def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
                        health=Health.UNKNOWN,
                        observed_generation=cur.generation if converged else cur.observed_generation,
                        restart_not_before=None,
-                       rollback_image_ref=None, rolling_back=False, last_op_at=_touch(cur, now))
+                       rollback_image_ref=None, rolling_back=False, last_op_at=_touch(cur, now),
+                       disruption_wait_since=None)
 
 
 def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
@@ -80,7 +83,7 @@ def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
     return cur.replace(status=Status.REMOVED, current_container_id=None,
                        removed_at=cur.removed_at or _at_least(now, cur.created_at), health=Health.UNKNOWN,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
-                       rolling_back=False, last_op_at=_touch(cur, now))
+                       rolling_back=False, last_op_at=_touch(cur, now), disruption_wait_since=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +148,8 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
         else:
             status = Status.RUNNING
             changes["generation_started_at"] = None
+        if probe.phase != "generating":
+            changes["disruption_wait_since"] = None  # the generation a disruption waited for is over
         if probe.turn is not None and cur.turn is not None and probe.turn > cur.turn:
             changes["last_turn_at"] = now
         elif cur.turn is None and probe.turn is not None:
@@ -162,7 +167,7 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
     if verdict.give_up:
         detail = f"crash loop: {verdict.count} crashes within {window:g}s; last: {detail}"
     crash = dict(crash_count=verdict.count, last_crash_at=now, last_error_code=code, last_error_message=detail,
-                 last_op_at=_touch(cur, now))
+                 last_op_at=_touch(cur, now), disruption_wait_since=None)
     if exit_code is not None:
         crash.update(last_exit_code=exit_code, last_oom_killed=oom_killed)
     if verdict.give_up:
@@ -203,6 +208,12 @@ def turn_unasked(record: RuntimeRecord) -> RuntimeRecord:
     were answered (superseded, failed, given up), and a turn nobody waits for must not be generated
     later, nor a later force_next_turn join it."""
     return record if turn_reached(record) else record.replace(desired_turn=record.turn)
+
+
+def disruption_waiting(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+    """A planned disruption found the engine generating a turn: it waits, counted from the first
+    time it found so (kept across restarts and failovers of the controller)."""
+    return cur.replace(disruption_wait_since=cur.disruption_wait_since or now)
 
 
 def turn_requested(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:

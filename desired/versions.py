@@ -21,6 +21,7 @@ from datetime import datetime
 
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MAX_NOTES = 4000
+MAX_STOP_GRACE = 3600  # seconds; as RTMANAGER_STOP_GRACE
 
 
 class VersionStatus(str, enum.Enum):
@@ -42,6 +43,7 @@ class EngineVersion:
     notes: str
     created_at: datetime
     updated_at: datetime
+    stop_grace: int | None = None  # seconds between SIGTERM and SIGKILL (None: RTMANAGER_STOP_GRACE)
 
 
 def refuse_new(entry: EngineVersion | None, image_ref: str) -> str | None:
@@ -51,6 +53,16 @@ def refuse_new(entry: EngineVersion | None, image_ref: str) -> str | None:
     if entry.status is not VersionStatus.ACTIVE:
         return f"engine version {entry.version} ({image_ref}) is {entry.status.value} and takes no new starts"
     return None
+
+
+def valid_stop_grace(value: object) -> bool:
+    """A version's ``stop_grace``: whole seconds from 0 to MAX_STOP_GRACE, or None (the global one)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STOP_GRACE)
+
+
+def stop_grace(entry: EngineVersion | None, default: float) -> float:
+    """The grace period of an engine running ``entry``'s image (the global one when it has none)."""
+    return float(entry.stop_grace) if entry is not None and entry.stop_grace is not None else default
 
 
 def refuse_run(entry: EngineVersion | None, image_ref: str) -> str | None:

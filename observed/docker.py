@@ -278,7 +278,7 @@ class DockerBackend(DaemonClient):
                     created = api.create_container(
                         image=spec.image, name=spec.name, hostname=spec.name, labels=spec.all_labels(),
                         environment=dict(spec.env), host_config=hc, networking_config=nc, user=spec.user,
-                        detach=True,
+                        detach=True, stop_timeout=None if spec.stop_grace is None else int(spec.stop_grace),
                     )
                     if disk:
                         self.disk_quota = True

@@ -56,6 +56,10 @@ class ContainerSpec:
     database: str = ""
     epoch: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
+    # Seconds between SIGTERM and SIGKILL for this engine (its version's, else RTMANAGER_STOP_GRACE;
+    # None: the backend's own). Not part of the hash: a new grace must not replace a running engine;
+    # a Swarm service keeps the one it was created with.
+    stop_grace: float | None = None
 
     @property
     def spec_hash(self) -> str:

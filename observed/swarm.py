@@ -305,7 +305,7 @@ class SwarmBackend(DaemonClient):
             "Mounts": mounts,
             "ReadOnly": spec.read_only,
             "StopSignal": "SIGTERM",
-            "StopGracePeriod": int(max(0.0, self.stop_grace) * 1e9),
+            "StopGracePeriod": int(max(0.0, self.stop_grace if spec.stop_grace is None else spec.stop_grace) * 1e9),
             "CapabilityDrop": ["ALL"],
             "Init": False,
         }

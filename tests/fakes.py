@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailable, entry_key
@@ -277,6 +277,7 @@ class FakeBackend:
         self.graceful: list[str] = []  # ids stopped with SIGTERM first
         self.daemon_stopped: set[str] = set()
         self.while_stopping = None  # an async callable run while a stop is in progress (a job arriving)
+        self.specs: list[ContainerSpec] = []  # every spec create was given
         self._ids = itertools.count(1)
 
     def _check(self, op: str, *args) -> None:
@@ -325,6 +326,7 @@ class FakeBackend:
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         self._check("create", spec.name)
+        self.specs.append(spec)
         existing = self.by_name(spec.name)
         if existing is not None:
             return self._observe(existing)
@@ -494,6 +496,7 @@ class FakeStore:
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.fail_submit: Exception | None = None
         self.batches = 0
+        self.versions: dict = {}  # image_ref -> desired.versions.EngineVersion
         self._seq = itertools.count(1)
         self._op_ids = itertools.count(1)
 
@@ -627,14 +630,30 @@ class FakeStore:
         return await self._finishing(rec, transitions.removed)
 
     async def record_observation(self, rec: RuntimeRecord, probe, *, unreachable_after: int,
-                                 generation_timeout: float) -> RuntimeRecord:
+                                 generation_timeout: float, disruption_waits: bool = False) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
-        return self._swap(cur, transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
-                                                    generation_timeout=generation_timeout))
+        new = transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
+                                   generation_timeout=generation_timeout)
+        return self._swap(cur, transitions.disruption_waiting(new, now) if disruption_waits else new)
+
+    async def note_disruption_overdue(self, rec: RuntimeRecord, action: str, waited: float, note: str) -> None:
+        self._check()
+        params = {"disruption": action, "disruption_waited_seconds": round(waited, 1), "disruption_note": note}
+        pending = [o for o in self.ops if o.game_id == rec.game_id and o.generation <= rec.generation
+                   and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
+        for o in pending:
+            self.ops[self.ops.index(o)] = Operation(**{**o.__dict__, "params": {**o.params, **params}})
+        if not pending:
+            self._op(rec.game_id, OpKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, rec.generation,
+                     params, None)
 
     async def list_up(self) -> list[RuntimeRecord]:
         return [r for r in await self.list() if r.status.is_up]
+
+    async def engine_version_of(self, image_ref: str):
+        self._check()
+        return self.versions.get(image_ref)
 
     async def record_crash(self, rec: RuntimeRecord, crash: Crash, policy: CrashPolicy):
         now = self._check()
@@ -695,6 +714,11 @@ class FakeStore:
         decision = decide(current, job, now, defaults)
         if decision.action == "skip":
             return SubmitOutcome(operation_id=0, decision=decision)
+        if job.force and decision.action in ("change", "join") and decision.record is not None:
+            decision = replace(decision, record=decision.record.replace(
+                force_generation=decision.record.generation))
+            if decision.action == "join":
+                self.records[job.game_id] = decision.record
         if decision.action == "change":
             assert decision.record is not None
             decision.record.validate()
@@ -707,7 +731,8 @@ class FakeStore:
         status = OpStatus.QUEUED if decision.action in ("change", "join") else (
             OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
         op = self._op(job.game_id, OpKind(job.kind.value), job.source, status, decision.op_generation,
-                      {}, decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id)
+                      {"force": True} if job.force else {},
+                      decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id)
         if decision.action in ("replay", "reject"):
             self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=job.game_id,
                                        outcome=Outcome.SUCCESS if decision.action == "replay" else Outcome.FAILURE,

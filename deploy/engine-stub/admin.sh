@@ -27,6 +27,8 @@
 # Usage: admin.sh cgi status|turns     (from the CGI scripts)
 #        admin.sh generate N           (started detached by a POST that won)
 #        admin.sh recover              (at boot, from the entrypoint)
+#        admin.sh interrupt            (on SIGTERM, from the entrypoint: a generation under way is
+#                                      cut, "interrupted N+1" appended to $ENGINE_STATE_DIR/events)
 root=${ENGINE_STATE_DIR:-/tmp/engine-stub}
 dir=$root/engine
 control=$root/stub-control
@@ -81,6 +83,7 @@ ensure_state() {
 recover() {
   mkdir -p "$dir" || { log "cannot create $dir"; return 1; }
   rm -rf "$lockdir" # left by a CGI process the last stop cut short
+  rm -f "$dir/cut"
   rm -f "$state".* 2>/dev/null
   [ -f "$state" ] || write_state 0 idle null
   if ! read_state; then
@@ -119,6 +122,11 @@ generate() { # N: generate turn N+1
     case "$v" in '' | *[!0-9]*) ;; *) finish=$v ;; esac
   fi
   lock 30 || { log "generation of turn $next: state lock not free, giving up"; return 1; }
+  if [ -f "$dir/cut" ]; then
+    unlock
+    log "generation of turn $next abandoned: the engine is stopping (SIGTERM)"
+    return 1
+  fi
   if ! read_state || [ "$phase" != generating ] || [ "$turn" != "$n" ]; then
     unlock
     log "generation of turn $next abandoned: the state moved on (turn ${turn:-?}, phase ${phase:-?})"
@@ -132,6 +140,17 @@ generate() { # N: generate turn N+1
     if [ -n "$finish" ] && [ "$next" -ge "$finish" ]; then phase=finished; fi
     write_state "$next" "$phase" "{\"turn\":$next,\"ok\":true,\"error\":\"\"}"
     log "generated turn $next (phase $phase)"
+  fi
+  unlock
+}
+
+interrupt() { # SIGTERM: a generation under way is cut, never finished (the next boot recovers it)
+  [ -f "$state" ] || return 0
+  lock 1
+  : > "$dir/cut"
+  if read_state && [ "$phase" = generating ]; then
+    echo "interrupted $((turn + 1)) $(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$root/events"
+    log "stopping while generating turn $((turn + 1)): the generation is cut"
   fi
   unlock
 }
@@ -208,5 +227,6 @@ case "$1" in
     esac ;;
   generate) generate "$2" ;;
   recover) recover ;;
-  *) echo "usage: admin.sh cgi status|turns | generate N | recover" >&2; exit 2 ;;
+  interrupt) interrupt ;;
+  *) echo "usage: admin.sh cgi status|turns | generate N | recover | interrupt" >&2; exit 2 ;;
 esac

@@ -26,7 +26,8 @@
 #   fail_generation     present: generations fail, with its content (if any) as the error
 #   finish_after        integer K: finished once the turn reaches K
 # and writes $ENGINE_STATE_DIR/boots (a line per start) and $ENGINE_STATE_DIR/events
-# ("boot <date>" per start, "sigterm <date>" when stopped by SIGTERM, then exit 0).
+# ("boot <date>" per start, "sigterm <date>" when stopped by SIGTERM, then exit 0, and
+# "interrupted <turn> <date>" when that SIGTERM cut the generation of <turn>).
 # Usage: deploy/engine-stub/build.sh [repository]   (default galaxy/engine-stub)
 set -euo pipefail
 repo=${1:-galaxy/engine-stub}
@@ -42,7 +43,7 @@ cp "$here/Dockerfile" "$here/entrypoint.sh" "$here/admin.sh" "$ctx/"
 cp -r "$here/www" "$ctx/www"
 cp -L "$busybox" "$ctx/busybox"
 build() { # tag variant
-  DOCKER_BUILDKIT=0 docker build -q --build-arg STUB_VARIANT="$2" -t "$repo:$1" "$ctx" >/dev/null 2>"$ctx/build.log" || { cat "$ctx/build.log" >&2; exit 1; }
+  DOCKER_BUILDKIT=0 docker build -q --network none --build-arg STUB_VARIANT="$2" -t "$repo:$1" "$ctx" >/dev/null 2>"$ctx/build.log" || { cat "$ctx/build.log" >&2; exit 1; }
   echo "built $repo:$1"
 }
 build 1.0 ok
@@ -55,6 +56,6 @@ build crash crash
 build nulcrash nulcrash
 build mute mute
 build flaky flaky
-DOCKER_BUILDKIT=0 docker build -q --build-arg BASE="$repo:1.0" -t "$repo:termdeaf" "$here/termdeaf" >/dev/null \
+DOCKER_BUILDKIT=0 docker build -q --network none --build-arg BASE="$repo:1.0" -t "$repo:termdeaf" "$here/termdeaf" >/dev/null \
   2>"$ctx/build.log" || { cat "$ctx/build.log" >&2; exit 1; }
 echo "built $repo:termdeaf"

@@ -17,7 +17,9 @@
 # Files in the state directory $ENGINE_STATE_DIR (a per-game bind mount, kept across restarts):
 #   boots              one date line appended at every start (flaky counts them)
 #   events             "boot <date>" at every start, "sigterm <date>" when stopped by SIGTERM/SIGINT
-#                      (then the engine exits 0), "exit <code> <date>" when stub-control/exit fires
+#                      (then the engine exits 0), "interrupted <turn> <date>" after it when the
+#                      SIGTERM came while turn <turn> was generated (that generation is cut, never
+#                      finished), "exit <code> <date>" when stub-control/exit fires
 #   engine/            the admin API's state (turn, phase, last generation), see admin.sh
 #   stub-control/      switches a test drops in, checked at boot and then every ~0.3 s:
 #     mute             present: httpd is SIGSTOPped, so health and admin requests hang;
@@ -43,6 +45,7 @@ event() { echo "$* $(stamp)" >> "$root/events" 2>/dev/null; }
 # As PID 1 the shell gets no default SIGTERM action: stop the server on TERM, as a real engine would.
 on_term() {
   event sigterm
+  [ -d /www/cgi-bin ] && sh /engine/admin.sh interrupt
   echo "engine-stub: stopping"
   if [ -n "$child" ]; then
     kill -CONT "$child" 2>/dev/null

@@ -46,6 +46,11 @@ async def test_two_racing_creates_give_one_201_and_one_409_naming_the_constraint
     ({"version": "1.0", "image_ref": STUB_10, "status": "retired"}, "status"),
     ({"version": "1.0", "image_ref": STUB_10, "colour": "blue"}, "colour"),
     ({"version": "1.0", "image_ref": STUB_10, "notes": "a\x00b"}, "notes"),
+    ({"version": "1.0", "image_ref": STUB_10, "stop_grace": -1}, "stop_grace"),
+    ({"version": "1.0", "image_ref": STUB_10, "stop_grace": 3601}, "stop_grace"),
+    ({"version": "1.0", "image_ref": STUB_10, "stop_grace": 1.5}, "stop_grace"),
+    ({"version": "1.0", "image_ref": STUB_10, "stop_grace": "30"}, "stop_grace"),
+    ({"version": "1.0", "image_ref": STUB_10, "stop_grace": True}, "stop_grace"),
 ])
 async def test_bad_fields_get_400_naming_the_field(api, body, field):
     await api.start()
@@ -72,6 +77,17 @@ async def test_crud_with_live_games_pull_and_immutable_image(api):
     assert status == 200 and body["status"] == "deprecated" and body["notes"] == "second"
     status, body = await api.get(V, params={"status": "deprecated"})
     assert [e["version"] for e in body["engine_versions"]] == ["1.0"]
+    assert body["engine_versions"][0]["stop_grace"] is None  # RTMANAGER_STOP_GRACE
+    status, body, _ = await api.request("PATCH", f"{V}/1.0", json={"stop_grace": 3601})
+    assert status == 400 and "stop_grace" in body["error"], body
+    status, body, _ = await api.request("PATCH", f"{V}/1.0", json={"stop_grace": 120})
+    assert status == 200 and body["stop_grace"] == 120 and body["notes"] == "second", body
+    status, body, _ = await api.request("PATCH", f"{V}/1.0", json={"notes": "third"})
+    assert status == 200 and body["stop_grace"] == 120, body  # kept when not named
+    status, body = await api.get(f"{V}/1.0")
+    assert body["stop_grace"] == 120
+    status, body, _ = await api.request("PATCH", f"{V}/1.0", json={"stop_grace": None})
+    assert status == 200 and body["stop_grace"] is None, body
     status, body, _ = await api.request("DELETE", f"{V}/1.0")
     assert status == 409 and "v1" in body["error"], body  # a live game uses it
     for kind, payload in (("stop", None), ("cleanup", None)):
@@ -144,8 +160,13 @@ def test_the_versions_cli(rtm_env, database_url):
         return subprocess.run([sys.executable, "-m", "controller.cli", "versions", *args], env=env,
                               capture_output=True, text=True, timeout=60)
 
-    out = cli("add", "2.0", STUB_11, "--notes", "from the CLI")
+    assert cli("add", "2.0", STUB_11, "--stop-grace", "3601").returncode == 2
+    out = cli("add", "2.0", STUB_11, "--notes", "from the CLI", "--stop-grace", "30")
     assert out.returncode == 0, out.stderr
+    assert "30" in cli("list").stdout.splitlines()[1]
+    assert cli("stop-grace", "2.0", "x").returncode == 2
+    out = cli("stop-grace", "2.0", "default")
+    assert out.returncode == 0 and "RTMANAGER_STOP_GRACE" in out.stdout, out
     assert cli("add", "2.0", STUB_10).returncode == 1  # exists
     assert cli("deprecate", "2.0").returncode == 0
     listing = cli("list", "--status", "deprecated")
@@ -154,3 +175,20 @@ def test_the_versions_cli(rtm_env, database_url):
     assert cli("remove", "2.0").returncode == 0
     assert cli("remove", "2.0").returncode == 1
     assert "2.0" not in cli("list").stdout
+
+
+async def test_an_engine_is_stopped_with_the_grace_of_its_version(api):
+    """An engine that ignores SIGTERM is SIGKILLed after its version's stop_grace (1 s), not after
+    RTMANAGER_STOP_GRACE (20 s here), whatever RTMANAGER_VERSION_POLICY."""
+    import time
+    await api.start(stop_grace="20")
+    image = "galaxy/engine-stub:termdeaf"
+    status, body = await create(api, "deaf", image, stop_grace=1)
+    assert status == 201 and body["stop_grace"] == 1, body
+    status, res = await api.job("grace1", "start", {"image_ref": image})
+    assert res["outcome"] == "success", res
+    t0 = time.monotonic()
+    status, res = await api.job("grace1", "stop", wait=60)
+    took = time.monotonic() - t0
+    assert res["outcome"] == "success", res
+    assert took < 10, took
