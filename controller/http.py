@@ -35,7 +35,17 @@ from desired.jobs import (
     parse_turn_interval,
 )
 from desired.leader import Fenced
-from desired.model import CONTROL_OPS, GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
+from desired.model import (
+    CONTROL_OPS,
+    GAME_ID_PATTERN,
+    SECRET_FIELDS,
+    ErrorCode,
+    JobKind,
+    JobResult,
+    OpSource,
+    Outcome,
+    Status,
+)
 from desired.store import Store, VersionInUse
 from desired.versions import MAX_NOTES, VERSION_PATTERN, VersionStatus
 
@@ -55,7 +65,7 @@ def _json_value(v: Any) -> Any:
 
 
 def record_json(record) -> dict[str, Any]:
-    return {k: _json_value(v) for k, v in dataclasses.asdict(record).items()}
+    return {k: _json_value(v) for k, v in dataclasses.asdict(record).items() if k not in SECRET_FIELDS}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -75,7 +75,7 @@ _RECORD_COLUMNS = (
     "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
-    "desired_turn", "clock_from", "engine_version", "node_id",
+    "desired_turn", "clock_from", "engine_version", "node_id", "admin_token",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
@@ -420,6 +420,10 @@ class Store:
     async def mark_converged(self, rec: RuntimeRecord) -> RuntimeRecord:
         """The running unit already is what the generation asks for: its jobs are answered ``success``."""
         return await self._transition(rec, transitions.recorded, finish=Outcome.SUCCESS)
+
+    async def set_admin_token(self, rec: RuntimeRecord, token: str) -> RuntimeRecord:
+        """Record the admin token of the unit about to be created (or of one adopted as it is)."""
+        return await self._transition(rec, lambda cur, now: cur.replace(admin_token=token))
 
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.turn_requested)

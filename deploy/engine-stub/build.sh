@@ -42,7 +42,7 @@ cp "$here/Dockerfile" "$here/entrypoint.sh" "$here/admin.sh" "$ctx/"
 cp -r "$here/www" "$ctx/www"
 cp -L "$busybox" "$ctx/busybox"
 build() { # tag variant
-  DOCKER_BUILDKIT=0 docker build -q --build-arg STUB_VARIANT="$2" -t "$repo:$1" "$ctx" >/dev/null 2>"$ctx/build.log" || { cat "$ctx/build.log" >&2; exit 1; }
+  DOCKER_BUILDKIT=0 docker build -q --network none --build-arg STUB_VARIANT="$2" -t "$repo:$1" "$ctx" >/dev/null 2>"$ctx/build.log" || { cat "$ctx/build.log" >&2; exit 1; }
   echo "built $repo:$1"
 }
 build 1.0 ok
@@ -55,6 +55,6 @@ build crash crash
 build nulcrash nulcrash
 build mute mute
 build flaky flaky
-DOCKER_BUILDKIT=0 docker build -q --build-arg BASE="$repo:1.0" -t "$repo:termdeaf" "$here/termdeaf" >/dev/null \
+DOCKER_BUILDKIT=0 docker build -q --network none --build-arg BASE="$repo:1.0" -t "$repo:termdeaf" "$here/termdeaf" >/dev/null \
   2>"$ctx/build.log" || { cat "$ctx/build.log" >&2; exit 1; }
 echo "built $repo:termdeaf"
