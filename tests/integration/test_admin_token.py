@@ -47,11 +47,13 @@ def _admin_from(container, ip: str, what: str, token: str | None) -> tuple[int, 
 async def test_a_neighbour_engine_cannot_drive_another_game_but_rtmanager_can(api, caplog):
     caplog.set_level(logging.DEBUG)
     await api.start(**FAST)
-    for game in ("tok-a", "tok-b"):
+    # Container names are the host's: names of this test's own, so that runs beside it cannot collide.
+    ga, gb = f"tok-a-{api.env['RTMANAGER_INSTANCE'][-8:]}", f"tok-b-{api.env['RTMANAGER_INSTANCE'][-8:]}"
+    for game in (ga, gb):
         _, res = await api.job(game, "start", {"image_ref": STUB_10})
         assert res["outcome"] == "success", res
-    await eventually(lambda: _known_turn(api, "tok-b"), what="the engine's turn known")
-    [a], [b] = api.containers("tok-a"), api.containers("tok-b")
+    await eventually(lambda: _known_turn(api, gb), what="the engine's turn known")
+    [a], [b] = api.containers(ga), api.containers(gb)
     ip_b = _ip(api, b)
 
     # From inside game A's engine: B's admin API, without a token and with A's own token.
@@ -59,33 +61,33 @@ async def test_a_neighbour_engine_cannot_drive_another_game_but_rtmanager_can(ap
         for what in ("turns", "status"):
             code, out = _admin_from(a, ip_b, what, token)
             assert code == 401, (what, token is None, code, out)
-    assert engine_turn(api, "tok-b") == 0  # the refused turn request changed nothing
+    assert engine_turn(api, gb) == 0  # the refused turn request changed nothing
 
     # rtmanager's own turn goes through, also after a controller restart (the token is recorded).
-    _, res = await api.job("tok-b", "force-next-turn")
+    _, res = await api.job(gb, "force-next-turn")
     assert res["outcome"] == "success", res
-    assert engine_turn(api, "tok-b") == 1
+    assert engine_turn(api, gb) == 1
     await api.stop_all()
     api.port = 0  # the next controller serves on a port of its own
     await api.start(**FAST)
-    _, res = await api.job("tok-b", "force-next-turn")
+    _, res = await api.job(gb, "force-next-turn")
     assert res["outcome"] == "success", res
-    assert engine_turn(api, "tok-b") == 2
+    assert engine_turn(api, gb) == 2
 
     # A new unit, a new token.
     token_b = _env_token(b)
-    _, res = await api.job("tok-b", "restart")
+    _, res = await api.job(gb, "restart")
     assert res["outcome"] == "success", res
-    [b2] = api.containers("tok-b")
+    [b2] = api.containers(gb)
     tokens = {_env_token(a), token_b, _env_token(b2)}
     assert len(tokens) == 3 and all(len(t) >= 32 for t in tokens), "each unit has a token of its own"
-    _, res = await api.job("tok-b", "force-next-turn")
+    _, res = await api.job(gb, "force-next-turn")
     assert res["outcome"] == "success", res
 
     # Nowhere to be seen.
     shown: list[str] = []
-    for path in ("/api/v1/runtimes", "/api/v1/runtimes/tok-b", "/api/v1/runtimes/tok-b/operations",
-                 "/api/v1/runtimes/tok-a/operations", "/metrics"):
+    for path in ("/api/v1/runtimes", f"/api/v1/runtimes/{gb}", f"/api/v1/runtimes/{gb}/operations",
+                 f"/api/v1/runtimes/{ga}/operations", "/metrics"):
         status, body = await api.get(path)
         assert status == 200, (path, body)
         shown.append(json.dumps(body))
@@ -110,7 +112,7 @@ async def test_a_neighbour_engine_cannot_drive_another_game_but_rtmanager_can(ap
 async def test_an_engine_refusing_the_recorded_token_is_engine_refused_not_a_crash(api):
     """A database restored from an older backup may record another token than the unit has."""
     await api.start(**FAST)
-    game = "tok-old"
+    game = f"tok-old-{api.env['RTMANAGER_INSTANCE'][-8:]}"
     _, res = await api.job(game, "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
     await eventually(lambda: _known_turn(api, game), what="the engine's turn known")

@@ -197,3 +197,12 @@ def _record(w):
                          docker_network="galaxy-net", started_at=None, stopped_at=None, removed_at=None,
                          last_op_at=T0, created_at=T0, desired_status=DesiredStatus.RUNNING, desired_image_ref=IMG,
                          generation=1, observed_generation=0)
+
+
+def test_off_game_network_binds_every_local_address_but_those_on_the_game_network():
+    from controller.http import addresses_off, local_ipv4_addresses
+    local = local_ipv4_addresses()
+    assert "127.0.0.1" in local
+    assert set(addresses_off([])) == set(local)
+    off = addresses_off(["127.0.0.0/8", "fd00::/8"])
+    assert "127.0.0.1" not in off and set(off) == {a for a in local if not a.startswith("127.")}
