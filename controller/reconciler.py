@@ -383,12 +383,12 @@ class Reconciler:
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
             if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.instance):
                 return  # adopted a container from an older attempt: plan again from what it is
-            if container.admin_token is not None and container.admin_token != token:
-                # Adopted a unit an older attempt created (the name was taken): it carries the token it
-                # was created with, which is the one to record.
-                log.info("adopted a unit created by an earlier attempt; recording the admin token it carries",
-                         extra={"game_id": record.game_id, "container_id": container.id})
-                record = await self.store.set_admin_token(record, container.admin_token)
+        if container.admin_token is not None and container.admin_token != record.admin_token:
+            # A unit that existed already (the create found one an earlier attempt made, or the record
+            # does not know it: a restored database) runs with the token it was created with: record it.
+            log.info("recording the admin token the unit %s was created with", container.id[:12],
+                     extra={"game_id": record.game_id, "container_id": container.id})
+            record = await self.store.set_admin_token(record, container.admin_token)
         if not container.running:
             await self.backend.start(container.id)
         await self._confirm(record, container.id, spec)

@@ -206,3 +206,22 @@ def test_off_game_network_binds_every_local_address_but_those_on_the_game_networ
     assert set(addresses_off([])) == set(local)
     off = addresses_off(["127.0.0.0/8", "fd00::/8"])
     assert "127.0.0.1" not in off and set(off) == {a for a in local if not a.startswith("127.")}
+
+
+async def test_a_unit_started_again_runs_with_the_token_it_carries_even_when_the_record_forgot_it(w):
+    """A stopped unit is started again as it is: when the record does not hold its token (a database
+    restored from an older backup), the token is read back from the unit before it runs."""
+    rec = await _started(w)
+    unit = w.backend.containers[rec.current_container_id]
+    await w.job(JobKind.STOP, GAME)
+    rec = await w.sync(GAME)
+    assert rec.status is Status.STOPPED and unit.state == "exited"
+    w.store.records[GAME] = rec.replace(admin_token="older-token")
+    await w.job(JobKind.START, GAME, IMG)
+    rec = await w.sync(GAME)
+    assert rec.status is Status.RUNNING and rec.current_container_id == unit.id  # the same unit, started
+    assert rec.admin_token == unit.admin_token and rec.last_error_code is not ErrorCode.ENGINE_REFUSED
+    await w.job(JobKind.FORCE_NEXT_TURN, GAME)
+    await w.sync(GAME)
+    await w.sync(GAME)
+    assert w.results(GAME)[-1] == ("force_next_turn", "success", "")
