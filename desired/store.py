@@ -422,8 +422,10 @@ class Store:
         return await self._transition(rec, transitions.recorded, finish=Outcome.SUCCESS)
 
     async def set_admin_token(self, rec: RuntimeRecord, token: str) -> RuntimeRecord:
-        """Record the admin token of the unit about to be created (or of one adopted as it is)."""
-        return await self._transition(rec, lambda cur, now: cur.replace(admin_token=token))
+        """Record the admin token of the unit about to be created (or of one adopted as it is). Guarded on
+        the generation, as ``mark_starting``: the unit is ``rec``'s; a job accepted meanwhile is planned
+        for first (Conflict)."""
+        return await self._transition(rec, lambda cur, now: cur.replace(admin_token=token), guard_generation=True)
 
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.turn_requested)

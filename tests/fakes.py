@@ -565,7 +565,7 @@ class FakeStore:
 
     async def set_admin_token(self, rec: RuntimeRecord, token: str) -> RuntimeRecord:
         self._check()
-        cur = self._guard(rec, False)
+        cur = self._guard(rec, True)
         return self._swap(cur, cur.replace(admin_token=token))
 
     async def mark_starting(self, rec: RuntimeRecord, *, rollback_image: str | None) -> RuntimeRecord:

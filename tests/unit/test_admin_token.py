@@ -225,3 +225,28 @@ async def test_a_unit_started_again_runs_with_the_token_it_carries_even_when_the
     await w.sync(GAME)
     await w.sync(GAME)
     assert w.results(GAME)[-1] == ("force_next_turn", "success", "")
+
+
+async def test_a_change_accepted_while_the_token_is_recorded_is_not_converged_by_the_older_spec(w):
+    """Recording the token re-reads the record: a newer generation accepted just before must make the
+    sync plan again, not let the unit built for the older one answer the newer jobs."""
+    await w.job(JobKind.START, GAME, IMG)
+    real = w.store.set_admin_token
+    changed: list[bool] = []
+
+    async def a_new_image_lands_first(rec, token):
+        if not changed:
+            changed.append(True)
+            await w.job(JobKind.START, GAME, IMG2)
+        return await real(rec, token)
+
+    w.store.set_admin_token = a_new_image_lands_first  # type: ignore[method-assign]
+    for _ in range(3):
+        rec = await w.sync(GAME)
+    assert changed
+    [up] = w.running(GAME)
+    assert up.image == IMG2 and rec.current_image_ref == IMG2 and rec.converged
+    res = w.store.results_for(GAME)
+    assert [(r["job"], r["outcome"], r["error_code"]) for r in res] == [
+        ("start", "failure", "superseded"), ("start", "success", "")]
+    assert res[-1]["container_id"] == up.id and rec.admin_token == up.admin_token
