@@ -344,7 +344,7 @@ class SimEngine:
     async def wait_healthy(self, host: str, timeout: float, still_worth_it=None) -> tuple[bool, str]:
         return await self.check(host)
 
-    async def status(self, host: str) -> EngineStatus:
+    async def status(self, host: str, *, token: str = "") -> EngineStatus:
         self.statuses += 1
         await asyncio.sleep(0)
         c = self.api.by_ip.get(host)
@@ -352,7 +352,7 @@ class SimEngine:
             raise EngineUnreachable(f"engine at {host} does not answer")
         return EngineStatus(turn=0, phase="idle", last_generation=None)
 
-    async def request_turn(self, host: str, expected_turn: int) -> bool:
+    async def request_turn(self, host: str, expected_turn: int, *, token: str = "") -> bool:
         raise EngineUnreachable("turns are not simulated")
 
     async def close(self) -> None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine
 
 from controller.admission import Admission
 from controller.config import Settings
-from controller.http import HttpDeps, HttpServer
+from controller.http import OFF_GAME_NETWORK, HttpDeps, HttpServer
 from controller.intake import Intake
 from controller.leadership import Leadership
 from controller.logs import redact_url
@@ -172,7 +172,9 @@ class Controller:
             image_present=self._image_present,
             pull_image=self._pull_image))
         if s.http_port:
-            await self.http.start()
+            # Off the engines' network: an engine must not reach the API (docs/architecture.md).
+            subnets = await self.backend.network_subnets() if s.http_host == OFF_GAME_NETWORK else None
+            await self.http.start(subnets)
         self._spawn("leadership", lambda: self.leadership.run(self.stopping))
 
     # ------------------------------------------------------------ leadership

@@ -48,7 +48,8 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_RESYNC_INTERVAL", "30", "seconds between full resyncs of Docker against Postgres"),
     Var("RTMANAGER_CONCURRENCY", "4", "reconcile workers (about the knee of a 2-core machine)"),
     Var("RTMANAGER_HTTP_PORT", "8090", "port of /healthz, /readyz, /metrics and the REST API (0: off)"),
-    Var("RTMANAGER_HTTP_HOST", "127.0.0.1", "address the HTTP server binds"),
+    Var("RTMANAGER_HTTP_HOST", "127.0.0.1", "address the HTTP server binds; off-game-network: every address of "
+        "this host or container except those on RTMANAGER_DOCKER_NETWORK"),
     Var("RTMANAGER_API_TOKEN", "", "bearer token of the REST API; empty disables the REST API"),
     Var("RTMANAGER_START_STREAM", "runtime:start_jobs", "stream of start jobs"),
     Var("RTMANAGER_STOP_STREAM", "runtime:stop_jobs", "stream of stop jobs"),

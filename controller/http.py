@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import hmac
+import ipaddress
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +39,17 @@ from desired.jobs import (
     parse_turn_interval,
 )
 from desired.leader import Fenced
-from desired.model import CONTROL_OPS, GAME_ID_PATTERN, ErrorCode, JobKind, JobResult, OpSource, Outcome, Status
+from desired.model import (
+    CONTROL_OPS,
+    GAME_ID_PATTERN,
+    SECRET_FIELDS,
+    ErrorCode,
+    JobKind,
+    JobResult,
+    OpSource,
+    Outcome,
+    Status,
+)
 from desired.store import Store, VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus, valid_stop_grace
 
@@ -54,8 +68,31 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+OFF_GAME_NETWORK = "off-game-network"  # RTMANAGER_HTTP_HOST: every address but the engines' network
+
+
+def local_ipv4_addresses() -> list[str]:
+    """The IPv4 address of each network interface of this host or container (Linux)."""
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue  # an interface without an IPv4 address
+            found.append(socket.inet_ntoa(packed[20:24]))
+    return found
+
+
+def addresses_off(subnets: list[str]) -> list[str]:
+    """The local IPv4 addresses outside ``subnets`` (loopback included)."""
+    nets = [ipaddress.ip_network(n, strict=False) for n in subnets]
+    return sorted({a for a in local_ipv4_addresses()
+                   if not any(ipaddress.ip_address(a) in n for n in nets if n.version == 4)})
+
+
 def record_json(record) -> dict[str, Any]:
-    return {k: _json_value(v) for k, v in dataclasses.asdict(record).items()}
+    return {k: _json_value(v) for k, v in dataclasses.asdict(record).items() if k not in SECRET_FIELDS}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,13 +137,16 @@ class HttpServer:
         app.router.add_delete(versions_path + "/{version}", self.delete_version)
         self.app = app
 
-    async def start(self) -> None:
+    async def start(self, game_subnets: list[str] | None = None) -> None:
+        """Serve on RTMANAGER_HTTP_HOST; with ``off-game-network``, on every IPv4 address of this host
+        (or container) outside ``game_subnets``, so that no engine reaches the API."""
         s = self.c.settings
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.http_host, s.http_port)
-        await site.start()
-        log.info("http listening on %s:%d", s.http_host, s.http_port)
+        hosts = [s.http_host] if s.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
+        for host in hosts:
+            await web.TCPSite(self._runner, host, s.http_port).start()
+        log.info("http listening on %s port %d", ", ".join(hosts), s.http_port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable
 
@@ -56,6 +57,7 @@ from observed.errors import (
     BackendUnavailable,
     EngineConflict,
     EngineError,
+    EngineRefused,
     EngineUnsupported,
     ImageMissing,
     ObservedError,
@@ -400,11 +402,22 @@ class Reconciler:
             await self.backend.prepare()
             await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
                                     *_ids(self.settings.engine_user))
+            # A new secret for each unit, recorded before the unit exists: a kill between the create
+            # and the next write must not leave a unit whose token nobody knows.
+            token = secrets.token_urlsafe(32)
+            record = await self.store.set_admin_token(record, token)
+            spec = dataclasses.replace(spec, admin_token=token)
             t0 = asyncio.get_running_loop().time()
             container = await self.backend.create(spec)
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
             if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.instance):
                 return  # adopted a container from an older attempt: plan again from what it is
+        if container.admin_token is not None and container.admin_token != record.admin_token:
+            # A unit that existed already (the create found one an earlier attempt made, or the record
+            # does not know it: a restored database) runs with the token it was created with: record it.
+            log.info("recording the admin token the unit %s was created with", container.id[:12],
+                     extra={"game_id": record.game_id, "container_id": container.id})
+            record = await self.store.set_admin_token(record, container.admin_token)
         if not container.running:
             await self.backend.start(container.id)
         await self._confirm(record, container.id, spec)
@@ -465,10 +478,14 @@ class Reconciler:
         host = self._probe_host(record.game_id, container.address)
         target = record.desired_turn or 0
         try:
-            st = await self.engine.status(host)
+            st = await self.engine.status(host, token=record.admin_token)
         except EngineUnsupported as exc:
             self.metrics.engine_calls.labels("status", "unsupported").inc()
             await self._fail_turn(record, ErrorCode.ENGINE_UNSUPPORTED, exc.message)
+            return None
+        except EngineRefused as exc:
+            self.metrics.engine_calls.labels("status", "refused").inc()
+            await self._fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
             return None
         except EngineError as exc:
             self.metrics.engine_calls.labels("status", "error").inc()
@@ -526,10 +543,14 @@ class Reconciler:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a turn request")
         try:
-            started = await self.engine.request_turn(host, st.turn)
+            started = await self.engine.request_turn(host, st.turn, token=record.admin_token)
         except EngineConflict:
             self.queue.add_after(record.game_id, TURN_POLL)  # busy, or its turn moved: look again
             return WAITING
+        except EngineRefused as exc:
+            self.metrics.engine_calls.labels("turns", "refused").inc()
+            await self._fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
+            return None
         except EngineError as exc:
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
             self.queue.add_after(record.game_id, TURN_POLL)
@@ -640,10 +661,17 @@ class Reconciler:
             if not ok or record.admin_api is False:
                 return Probe(healthy=ok)
         try:
-            st = await self.engine.status(host)
+            st = await self.engine.status(host, token=record.admin_token)
         except EngineUnsupported:
             self.metrics.engine_calls.labels("status", "unsupported").inc()
             return Probe(healthy=True, admin_api=False)
+        except EngineRefused as exc:
+            # It answers, so it is up; but not to us: a distinct error, neither a crash nor "no admin API".
+            self.metrics.engine_calls.labels("status", "refused").inc()
+            if record.last_error_code is not ErrorCode.ENGINE_REFUSED:
+                log.error("engine refused rtmanager: %s", exc.message,
+                          extra={"game_id": record.game_id, "error_code": ErrorCode.ENGINE_REFUSED.value})
+            return Probe(healthy=True, refused=exc.message)
         except EngineError as exc:
             self.metrics.engine_calls.labels("status", "error").inc()
             log.info("engine status: %s", exc.message, extra={"game_id": record.game_id})

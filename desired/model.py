@@ -31,7 +31,7 @@ import dataclasses
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -170,6 +170,7 @@ class ErrorCode(str, enum.Enum):
     GENERATION_FAILED = "generation_failed"
     ENGINE_UNREACHABLE = "engine_unreachable"
     ENGINE_UNSUPPORTED = "engine_unsupported"
+    ENGINE_REFUSED = "engine_refused"
 
 
 class Health(str, enum.Enum):
@@ -188,6 +189,10 @@ def engine_endpoint(game_id: str, port: int) -> str:
 
 class InvalidRecord(ValueError):
     """A runtime record that breaks an invariant."""
+
+
+# Fields of a runtime record that no answer, snapshot or log may show.
+SECRET_FIELDS = frozenset({"admin_token"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -245,6 +250,9 @@ class RuntimeRecord:
     # whose disruption does not wait (desired).
     disruption_wait_since: datetime | None = None
     force_generation: int | None = None
+    # The secret of the unit (ENGINE_ADMIN_TOKEN), sent with every admin call; recorded before the unit
+    # is created. Never shown: not in repr, REST answers (SECRET_FIELDS), snapshots or logs.
+    admin_token: str = field(default="", repr=False)
 
     @property
     def converged(self) -> bool:

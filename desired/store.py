@@ -77,6 +77,7 @@ _RECORD_COLUMNS = (
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
     "desired_turn", "clock_from", "engine_version", "node_id", "disruption_wait_since", "force_generation",
+    "admin_token",
 )
 _DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
@@ -426,6 +427,12 @@ class Store:
     async def mark_converged(self, rec: RuntimeRecord) -> RuntimeRecord:
         """The running unit already is what the generation asks for: its jobs are answered ``success``."""
         return await self._transition(rec, transitions.recorded, finish=Outcome.SUCCESS)
+
+    async def set_admin_token(self, rec: RuntimeRecord, token: str) -> RuntimeRecord:
+        """Record the admin token of the unit about to be created (or of one adopted as it is). Guarded on
+        the generation, as ``mark_starting``: the unit is ``rec``'s; a job accepted meanwhile is planned
+        for first (Conflict)."""
+        return await self._transition(rec, lambda cur, now: cur.replace(admin_token=token), guard_generation=True)
 
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.turn_requested)

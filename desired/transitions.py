@@ -96,6 +96,7 @@ class Probe:
     phase: str | None = None        # idle | generating | finished
     failed_turn: int | None = None  # last_generation.turn when last_generation.ok is false
     failed_error: str = ""          # and its error
+    refused: str = ""               # the admin API refused rtmanager (401: not the token it was given)
 
 
 def busy_generating(cur: RuntimeRecord, now: datetime, generation_timeout: float) -> bool:
@@ -131,6 +132,8 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
     status = Status.RUNNING if cur.status is Status.ENGINE_UNREACHABLE else cur.status
     if probe.admin_api is not None:
         changes["admin_api"] = probe.admin_api
+    if probe.refused and cur.last_error_code is not ErrorCode.ENGINE_REFUSED:
+        changes.update(last_error_code=ErrorCode.ENGINE_REFUSED, last_error_message=probe.refused)
     if probe.phase is not None:
         changes.update(turn=probe.turn, phase=probe.phase)
         if probe.phase == "finished":

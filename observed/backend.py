@@ -47,6 +47,9 @@ class RuntimeBackend(Protocol):
     async def prepare(self) -> None:
         """What every unit needs before the first create (the network)."""
 
+    async def network_subnets(self) -> list[str]:
+        """The subnets of the game network (the HTTP server keeps off them: RTMANAGER_HTTP_HOST)."""
+
     async def create(self, spec: ContainerSpec) -> ObservedContainer: ...
 
     async def start(self, unit_id: str) -> None: ...

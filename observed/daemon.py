@@ -25,7 +25,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from observed.errors import BackendUnavailable, ImageMissing
+from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.text import safe_text
 
 T = TypeVar("T")
@@ -51,6 +51,7 @@ class DaemonClient:
     """
 
     name = "docker"
+    network: str  # the game network, set by the subclass
 
     def __init__(self, *, pool_size: int, timeout: float, observer: Callable[[str, float, bool], None] | None,
                  guard: Callable[[], None] | None, base_url: str | None = None) -> None:
@@ -124,6 +125,18 @@ class DaemonClient:
 
     def _ensure_network_sync(self) -> None:
         raise NotImplementedError
+
+    async def network_subnets(self) -> list[str]:
+        """The subnets of the game network, e.g. ``["172.20.0.0/16"]``; Refused when it does not exist
+        (read at start, before this replica may make it: the deployment declares it)."""
+        try:
+            attrs = await self._call("inspect", lambda: self._docker().api.inspect_network(self.network))
+        except docker.errors.NotFound as exc:
+            raise Refused(f"the game network {self.network} does not exist yet") from exc
+        subnets = [str(c["Subnet"]) for c in ((attrs.get("IPAM") or {}).get("Config") or []) if c.get("Subnet")]
+        if not subnets:
+            raise Refused(f"the game network {self.network} has no subnet to keep off")
+        return subnets
 
     # ---------------------------------------------------------------- images
     async def image_present(self, image: str) -> bool:

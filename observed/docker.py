@@ -277,7 +277,7 @@ class DockerBackend(DaemonClient):
                 try:
                     created = api.create_container(
                         image=spec.image, name=spec.name, hostname=spec.name, labels=spec.all_labels(),
-                        environment=dict(spec.env), host_config=hc, networking_config=nc, user=spec.user,
+                        environment=spec.engine_env(), host_config=hc, networking_config=nc, user=spec.user,
                         detach=True, stop_timeout=None if spec.stop_grace is None else int(spec.stop_grace),
                     )
                     if disk:

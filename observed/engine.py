@@ -5,7 +5,12 @@ streaming an endless body must not grow the controller), every request has a
 timeout, and the answer is validated before it is believed. Errors come out
 translated once (``observed.errors``): no answer or a garbled one is
 ``EngineUnreachable``, 404 on the status path is ``EngineUnsupported`` (an engine
-without the admin API), 409 on a turn is ``EngineConflict``.
+without the admin API), 409 on a turn is ``EngineConflict``, 401 or 403 is ``EngineRefused``
+(the engine does not take our admin token).
+
+Every admin call carries ``Authorization: Bearer <token>``, the token rtmanager gave the unit in
+``ENGINE_ADMIN_TOKEN`` (none when the unit has no token). The token is a secret: it is never
+part of an error message, a log line or a repr.
 
 Admin API (paths under the configured admin path, default ``/admin/v1``)::
 
@@ -33,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from observed.errors import EngineConflict, EngineUnreachable, EngineUnsupported
+from observed.errors import EngineConflict, EngineRefused, EngineUnreachable, EngineUnsupported
 from observed.text import safe_text
 
 HEALTH_BODY_LIMIT = 4096      # bytes of a health answer ever read
@@ -109,10 +114,12 @@ class EngineClient:
             delay = min(delay * 2, 0.5)
 
     # --------------------------------------------------------------- admin API
-    async def _admin(self, method: str, host: str, what: str, body: dict | None = None) -> tuple[int, Any]:
+    async def _admin(self, method: str, host: str, what: str, body: dict | None = None, *,
+                     token: str = "") -> tuple[int, Any]:
         url = f"http://{self._netloc(host)}{self.admin_path}/{what}"
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            async with self._http().request(method, url, json=body, allow_redirects=False,
+            async with self._http().request(method, url, json=body, allow_redirects=False, headers=headers,
                                             timeout=self._admin_timeout) as resp:
                 raw = await resp.content.read(ADMIN_BODY_LIMIT + 1)
                 status = resp.status
@@ -122,22 +129,25 @@ class EngineClient:
             raise EngineUnreachable(f"engine {what}: answer larger than {ADMIN_BODY_LIMIT} bytes")
         if status == 404:
             raise EngineUnsupported(f"the engine has no admin API (404 on {self.admin_path}/{what})")
+        if status in (401, 403):
+            raise EngineRefused(f"the engine refused rtmanager's admin {what} call (HTTP {status}): it does not take "
+                                f"the admin token recorded for it ({'one was sent' if token else 'none was sent'})")
         try:
             data = json.loads(raw) if raw.strip() else None
         except ValueError:
             data = None
         return status, data
 
-    async def status(self, host: str) -> EngineStatus:
-        status, data = await self._admin("GET", host, "status")
+    async def status(self, host: str, *, token: str = "") -> EngineStatus:
+        status, data = await self._admin("GET", host, "status", token=token)
         if status != 200:
             raise EngineUnreachable(f"engine status: HTTP {status}")
         return parse_status(data)
 
-    async def request_turn(self, host: str, expected_turn: int) -> bool:
+    async def request_turn(self, host: str, expected_turn: int, *, token: str = "") -> bool:
         """Ask for turn ``expected_turn + 1``: True when generation started, False when the engine
         was already past it (a repeat). EngineConflict when it is not at that turn or is busy."""
-        status, data = await self._admin("POST", host, "turns", {"expected_turn": expected_turn})
+        status, data = await self._admin("POST", host, "turns", {"expected_turn": expected_turn}, token=token)
         if status == 202:
             return True
         if status == 200:

@@ -7,7 +7,9 @@
     └── EngineError           the engine's admin API (see observed/engine.py)
         ├── EngineUnreachable     no answer (connection refused, timeout, garbage)
         ├── EngineUnsupported     the engine has no admin API (404 on its status path)
-        └── EngineConflict        the engine refused a turn (409: not at that turn, or busy)
+        ├── EngineConflict        the engine refused a turn (409: not at that turn, or busy)
+        └── EngineRefused         the engine refused rtmanager itself (401/403: not the admin token
+                                  it was created with, e.g. after a restore of an older database)
 
 Driver errors (docker-py, requests, aiohttp) are translated into these once, in
 the adapter that owns the driver, with ``raise ... from exc``. The reconciler maps
@@ -51,4 +53,8 @@ class EngineUnsupported(EngineError):
 
 
 class EngineConflict(EngineError):
+    pass
+
+
+class EngineRefused(EngineError):
     pass

@@ -25,6 +25,8 @@ LABEL_GENERATION = "com.galaxy.generation"
 LABEL_DATABASE = "com.galaxy.database"
 LABEL_EPOCH = "com.galaxy.epoch"
 MANAGED_BY = "rtmanager"
+# The unit's admin secret travels only in its environment: never in a label, never in the spec hash.
+ADMIN_TOKEN_ENV = "ENGINE_ADMIN_TOKEN"
 
 _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
 
@@ -60,6 +62,16 @@ class ContainerSpec:
     # None: the backend's own). Not part of the hash: a new grace must not replace a running engine;
     # a Swarm service keeps the one it was created with.
     stop_grace: float | None = None
+    # New with each unit (recorded before the create); not part of the hash, or every restart of
+    # rtmanager would recreate every engine.
+    admin_token: str = field(default="", repr=False)
+
+    def engine_env(self) -> dict[str, str]:
+        """The unit's environment: ``env`` and, when there is one, the admin token."""
+        env = {k: v for k, v in self.env.items() if k != ADMIN_TOKEN_ENV}
+        if self.admin_token:
+            env[ADMIN_TOKEN_ENV] = self.admin_token
+        return env
 
     @property
     def spec_hash(self) -> str:
@@ -106,6 +118,8 @@ class ObservedContainer:
     address: str | None = None
     node: str | None = None  # the node it runs on (a Swarm backend)
     mounts: tuple[tuple[str, str], ...] = ()  # (source, destination); from inspect only
+    # The admin token in the unit's environment ("" none); from inspect only (None: not read).
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def running(self) -> bool:
@@ -165,6 +179,15 @@ def _first_ip(networks: Mapping[str, Any] | None, prefer: str | None) -> str | N
     return None
 
 
+def admin_token_of(env: Any) -> str:
+    """The admin token in a unit's environment (``["K=V", ...]``), "" when it has none."""
+    prefix = ADMIN_TOKEN_ENV + "="
+    for item in env or ():
+        if isinstance(item, str) and item.startswith(prefix):
+            return item[len(prefix):]
+    return ""
+
+
 def from_list_entry(attrs: Mapping[str, Any], network: str | None = None) -> ObservedContainer:
     """One entry of ``GET /containers/json`` (docker-py ``list(sparse=True)``)."""
     names = attrs.get("Names") or []
@@ -205,4 +228,5 @@ def from_inspect(attrs: Mapping[str, Any], network: str | None = None) -> Observ
         finished_at=_parse_time(st.get("FinishedAt")),
         started_at=_parse_time(st.get("StartedAt")),
         mounts=tuple((m.get("Source", ""), m.get("Destination", "")) for m in attrs.get("Mounts") or []),
+        admin_token=admin_token_of(config.get("Env")),
     )

@@ -64,6 +64,7 @@ from observed.model import (
     MANAGED_BY,
     ContainerSpec,
     ObservedContainer,
+    admin_token_of,
 )
 from observed.text import safe_text
 
@@ -215,6 +216,7 @@ class SwarmBackend(DaemonClient):
             created_at=_when(service.get("CreatedAt")),
             exit_code=exit_code,
             ip_address=ip,
+            admin_token=admin_token_of(cspec.get("Env")),
             finished_at=finished_at,
             address=address,
             node=(task or {}).get("NodeID") or None,
@@ -300,7 +302,7 @@ class SwarmBackend(DaemonClient):
         container: dict[str, Any] = {
             "Image": spec.image,
             "Hostname": spec.name,
-            "Env": [f"{k}={v}" for k, v in spec.env.items()],
+            "Env": [f"{k}={v}" for k, v in spec.engine_env().items()],
             "Labels": labels,
             "Mounts": mounts,
             "ReadOnly": spec.read_only,

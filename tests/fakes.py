@@ -45,6 +45,7 @@ from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
     EngineConflict,
+    EngineRefused,
     EngineUnreachable,
     EngineUnsupported,
     ImageMissing,
@@ -257,6 +258,7 @@ class FakeContainer:
     exit_code: int | None = None
     created_at: datetime = T0
     logs: str = ""
+    admin_token: str = ""  # ENGINE_ADMIN_TOKEN in its environment
 
 
 class FakeBackend:
@@ -294,7 +296,8 @@ class FakeBackend:
         return ObservedContainer(id=c.id, name=c.name, image=c.image, state=c.state, labels=dict(c.labels),
                                  created_at=c.created_at, exit_code=c.exit_code,
                                  ip_address=self.ip_of(c) if c.state == "running" else None,
-                                 address=self.ip_of(c) if c.state == "running" else None)
+                                 address=self.ip_of(c) if c.state == "running" else None,
+                                 admin_token=c.admin_token)
 
     def ip_of(self, c: FakeContainer) -> str:
         n = list(self.containers).index(c.id) if c.id in self.containers else 0
@@ -330,7 +333,8 @@ class FakeBackend:
         existing = self.by_name(spec.name)
         if existing is not None:
             return self._observe(existing)
-        c = FakeContainer(id=f"c{next(self._ids):063d}", name=spec.name, image=spec.image, labels=spec.all_labels())
+        c = FakeContainer(id=f"c{next(self._ids):063d}", name=spec.name, image=spec.image, labels=spec.all_labels(),
+                          admin_token=spec.engine_env().get("ENGINE_ADMIN_TOKEN", ""))
         self.containers[c.id] = c
         return self._observe(c)
 
@@ -419,6 +423,7 @@ class FakeEngine:
         self.games: dict[str, FakeGame] = {}  # by container name: the state directory survives a recreate
         self.requests: list[tuple[str, int]] = []
         self.fail: dict[str, Exception] = {}  # by container name: the admin API raises this
+        self.tokens: list[str] = []  # the token each admin call carried
 
     def _container(self, host: str) -> FakeContainer | None:
         return next((c for c in self.backend.containers.values()
@@ -431,10 +436,13 @@ class FakeEngine:
     def game(self, name: str) -> FakeGame:
         return self.games.setdefault(name, FakeGame())
 
-    def _admin(self, host: str) -> tuple[FakeContainer, FakeGame, str]:
+    def _admin(self, host: str, token: str) -> tuple[FakeContainer, FakeGame, str]:
         c = self._container(host)
         if c is None or not self._healthy(host):
             raise EngineUnreachable(f"engine at {host} does not answer")
+        self.tokens.append(token)
+        if c.admin_token and token != c.admin_token:
+            raise EngineRefused("the engine refused rtmanager's admin call (HTTP 401)")
         if c.name in self.fail:
             raise self.fail[c.name]
         mode = self.admin.get(c.image, "ok")
@@ -442,13 +450,13 @@ class FakeEngine:
             raise EngineUnsupported("the engine has no admin API (404)")
         return c, self.game(c.name), mode
 
-    async def status(self, host: str) -> EngineStatus:
-        _, g, _ = self._admin(host)
+    async def status(self, host: str, *, token: str = "") -> EngineStatus:
+        _, g, _ = self._admin(host, token)
         last = LastGeneration(turn=g.last[0], ok=g.last[1], error=g.last[2]) if g.last else None
         return EngineStatus(turn=g.turn, phase=g.phase, last_generation=last)
 
-    async def request_turn(self, host: str, expected_turn: int) -> bool:
-        c, g, mode = self._admin(host)
+    async def request_turn(self, host: str, expected_turn: int, *, token: str = "") -> bool:
+        c, g, mode = self._admin(host, token)
         self.requests.append((c.name, expected_turn))
         if g.turn > expected_turn:
             return False
@@ -561,6 +569,11 @@ class FakeStore:
                 generation and cur.generation != rec.generation):
             raise Conflict(f"{rec.game_id}: changed")
         return cur
+
+    async def set_admin_token(self, rec: RuntimeRecord, token: str) -> RuntimeRecord:
+        self._check()
+        cur = self._guard(rec, True)
+        return self._swap(cur, cur.replace(admin_token=token))
 
     async def mark_starting(self, rec: RuntimeRecord, *, rollback_image: str | None) -> RuntimeRecord:
         now = self._check()

@@ -11,6 +11,8 @@
 #                    200 status                 a repeat: the engine is already at turn N+1 or later
 #                    409 {"error": ..., ...}    generating, finished, or at a turn lower than N
 #                    400 {"error": ...}         missing or bad body
+#   Either           401 {"error": ...}         ENGINE_ADMIN_TOKEN is set and the request does not
+#                                               carry "Authorization: Bearer <that token>"
 #
 # State: $ENGINE_STATE_DIR/engine/status.json holds the status document itself, always replaced
 # whole (write a temporary file, then rename), so a reader never sees half of it. Changes are made
@@ -218,8 +220,18 @@ cgi_turns() {
   respond 202 Accepted "{\"turn\":$n,\"phase\":\"generating\"}"
 }
 
+# The contract: an engine given ENGINE_ADMIN_TOKEN takes admin calls only with that bearer token.
+# Compared as SHA-256 digests, so how long the comparison takes says nothing about the token.
+authorize() {
+  [ -n "${ENGINE_ADMIN_TOKEN:-}" ] || return 0
+  want=$(printf 'Bearer %s' "$ENGINE_ADMIN_TOKEN" | sha256sum)
+  got=$(printf '%s' "${HTTP_AUTHORIZATION:-}" | sha256sum)
+  [ "$want" = "$got" ] || error 401 Unauthorized "admin calls need the engine's admin token"
+}
+
 case "$1" in
   cgi)
+    authorize
     case "$2" in
       status) cgi_status ;;
       turns) cgi_turns ;;

@@ -60,6 +60,12 @@ def http_get(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[
         return exc.code, exc.read().decode(errors="replace")
 
 
+def reachable_from(container, host: str, port: int) -> bool:
+    """A TCP connection from inside ``container`` (busybox nc) to ``host:port`` succeeds."""
+    code, _ = container.exec_run(["sh", "-c", 'nc -w 2 "$1" "$2" </dev/null >/dev/null 2>&1', "sh", host, str(port)])
+    return code == 0
+
+
 class Stack:
     def __init__(self) -> None:
         self.name = f"rtm-deploy-{secrets.token_hex(4)}"
@@ -238,6 +244,17 @@ def test_start_job_through_the_compose_stack(stack: Stack) -> None:
     st = (stack.state_root / game).stat()
     assert (st.st_uid, st.st_mode & 0o777) == (RTM_UID, 0o700)
     assert engine.attrs["Config"]["User"] == f"{RTM_UID}:{RTM_UID}"
+
+    # From inside the engine, Postgres, Redis, Prometheus and rtmanager's API are out of reach, by name and
+    # at every address they have, and so is the API's published port on the game network's gateway (the
+    # host); the engine's own port answers, so the probe itself works.
+    assert reachable_from(engine, "127.0.0.1", 8080)
+    for service, port in (("postgres", 5432), ("redis", 6379), ("rtmanager", 8090), ("prometheus", 9090)):
+        networks = stack.container(service).attrs["NetworkSettings"]["Networks"]
+        for host in (service, *[n["IPAddress"] for n in networks.values() if n.get("IPAddress")]):
+            assert not reachable_from(engine, host, port), f"the engine reaches {service} at {host}:{port}"
+    gateway = stack.client.networks.get(stack.env["RTMANAGER_DOCKER_NETWORK"]).attrs["IPAM"]["Config"][0]["Gateway"]
+    assert not reachable_from(engine, gateway, stack.http_port)
 
     # The REST API answers on the published loopback port, with the token only.
     assert http_get(f"{base}/api/v1/runtimes/{game}")[0] == 401

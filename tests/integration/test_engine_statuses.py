@@ -100,9 +100,11 @@ async def test_a_finishing_engine_publishes_finished_and_refuses_a_restart(api, 
     control(api, game, "generation_seconds", "0.1")
     [c] = api.containers(game)
     ip = c.attrs["NetworkSettings"]["Networks"][api.env["RTMANAGER_DOCKER_NETWORK"]]["IPAddress"]
+    # The engine takes admin calls only with its token (it is in its environment).
+    token = next(e.split("=", 1)[1] for e in c.attrs["Config"]["Env"] if e.startswith("ENGINE_ADMIN_TOKEN="))
     for turn in range(3):  # the turns Lobby's scheduler would ask for (straight to the engine here)
-        await asyncio.to_thread(_post_turn, ip, turn)
-        await eventually(lambda turn=turn: _engine_turn(ip, turn + 1), 10, f"turn {turn + 1}")
+        await asyncio.to_thread(_post_turn, ip, turn, token)
+        await eventually(lambda turn=turn: _engine_turn(ip, turn + 1, token), 10, f"turn {turn + 1}")
     await eventually(lambda: _status_is(api, game, "finished"), what="finished")
     snaps = await snapshots(api, game)
     finished = [s for s in snaps if s["reason"] == "finished"]
@@ -117,16 +119,18 @@ async def _status_is(api, game: str, status: str) -> bool:
     return await status_of(api, game) == status
 
 
-def _post_turn(ip: str, expected: int) -> None:
+def _post_turn(ip: str, expected: int, token: str) -> None:
     req = urllib.request.Request(f"http://{ip}:8080{ADMIN}/turns", data=json.dumps(
-        {"expected_turn": expected}).encode(), method="POST", headers={"Content-Type": "application/json"})
+        {"expected_turn": expected}).encode(), method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.status == 202
 
 
-async def _engine_turn(ip: str, turn: int) -> bool:
+async def _engine_turn(ip: str, turn: int, token: str) -> bool:
     def get():
-        with urllib.request.urlopen(f"http://{ip}:8080{ADMIN}/status", timeout=5) as resp:
+        req = urllib.request.Request(f"http://{ip}:8080{ADMIN}/status", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
             body = json.load(resp)
         return body["turn"] >= turn and body["phase"] != "generating"
     return await asyncio.to_thread(get)

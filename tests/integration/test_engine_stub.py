@@ -56,8 +56,9 @@ class Engine:
         assert ip, f"{self.container.name} has no address on {self.network}"
         return f"http://{ip}:{PORT}"
 
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 3.0) -> Reply:
-        req = urllib.request.Request(self.base + path, data=body, method=method)
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 3.0,
+                headers: dict[str, str] | None = None) -> Reply:
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
         if body is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -123,14 +124,15 @@ def engines(docker_client: docker.DockerClient, stub_images, unique: str, tmp_pa
     network = docker_client.networks.create(name, driver="bridge", labels={"com.galaxy.test": unique})
     made: list = []
 
-    def run(tag: str, state: Path | None = None, wait: bool = True) -> Engine:
+    def run(tag: str, state: Path | None = None, wait: bool = True, env: dict[str, str] | None = None) -> Engine:
         if state is None:
             state = tmp_path / f"state-{len(made)}"
         state.mkdir(exist_ok=True)
         state.chmod(0o777)  # the engine runs as ENGINE_USER
         container = docker_client.containers.run(
             f"{STUB_REPO}:{tag}", detach=True, name=f"{name}-{len(made)}", network=name,
-            environment={"GAME_ID": f"g{len(made)}", "ENGINE_PORT": str(PORT), "ENGINE_STATE_DIR": STATE_TARGET},
+            environment={"GAME_ID": f"g{len(made)}", "ENGINE_PORT": str(PORT), "ENGINE_STATE_DIR": STATE_TARGET,
+                         **(env or {})},
             mounts=[docker.types.Mount(target=STATE_TARGET, source=str(state), type="bind")],
             cap_drop=["ALL"], security_opt=["no-new-privileges:true"], user=ENGINE_USER, pids_limit=256,
             labels={"com.galaxy.test": unique},
@@ -151,6 +153,24 @@ def engines(docker_client: docker.DockerClient, stub_images, unique: str, tmp_pa
             except docker.errors.NotFound:
                 pass
         network.remove()
+
+
+def test_an_engine_given_an_admin_token_takes_admin_calls_only_with_it(engines):
+    """The contract: with ENGINE_ADMIN_TOKEN set, an admin call without that bearer token is 401."""
+    token = "t0ken-" + "x" * 37
+    e = engines("1.0", env={"ENGINE_ADMIN_TOKEN": token})
+    turns = (f"{ADMIN}/turns", b'{"expected_turn": 0}')
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": token},
+                    {"Authorization": f"Bearer {token}x"}, {"Authorization": f"Basic {token}"},
+                    {"Authorization": f"Bearer {token[:-1]}"}):
+        for method, (path, body) in (("GET", (f"{ADMIN}/status", None)), ("POST", turns)):
+            reply = e.request(method, path, body, headers=headers)
+            assert reply.status == 401 and reply.json()["error"], (method, headers, reply)
+    right = {"Authorization": f"Bearer {token}"}
+    assert e.request("GET", f"{ADMIN}/status", headers=right).json() == NEW_STATUS
+    assert e.request("POST", *turns, headers=right).status == 202
+    assert e.health() == 200  # the health path needs no token
+    assert token.encode() not in e.stdout() + e.stderr()
 
 
 def test_a_new_engine_is_idle_at_turn_0_and_logs_each_admin_request(engines):

@@ -5,7 +5,7 @@ the images of deploy/images/build.sh are built (cached) on the machine's dockerd
 the node, deploy/swarm/prepare.sh prepares the node (label, state root, the engines' overlay), and
 the stack (Postgres, Redis, rtmanager) is deployed under a name of its own. rtmanager reaches the
 engines by hostname over the overlay (RTMANAGER_PROBE_ADDRESS=hostname); the test reaches
-rtmanager's API at the port it publishes on the node's address, and Redis through `docker exec`.
+rtmanager's API (which the stack does not publish) and Redis through `docker exec`.
 
 Scenarios: the walking skeleton (two starts, the services as they should be, one stop), drift (a
 task killed from outside is restarted), crash loops (an engine that exits at once; a running
@@ -21,8 +21,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import docker
@@ -37,8 +35,23 @@ STACK_FILE = ROOT / "deploy" / "swarm" / "stack.yaml"
 PREPARE = ROOT / "deploy" / "swarm" / "prepare.sh"
 BUILD = ROOT / "deploy" / "images" / "build.sh"
 IMAGES = ("rtmanager:0.1.0", "rtmanager-postgres:15", "rtmanager-redis:7")
-HTTP_PORT = 18090
 CRASH_LIMIT = 3
+
+
+_HTTP_SCRIPT = """
+import sys, urllib.error, urllib.request
+path, token, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
+headers = {"Authorization": "Bearer " + token} if token else {}
+req = urllib.request.Request("http://127.0.0.1:8090" + path, headers=headers)
+try:
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        code, body = resp.status, resp.read()
+except urllib.error.HTTPError as exc:
+    code, body = exc.code, exc.read()
+except OSError:
+    code, body = 0, b""
+sys.stdout.write(str(code) + "\\n" + body.decode(errors="replace"))
+"""
 
 
 class Stack:
@@ -59,12 +72,11 @@ class Stack:
             "RTMANAGER_INSTANCE": self.name,
             "RTMANAGER_API_TOKEN": self.token,
             "POSTGRES_PASSWORD": secrets.token_hex(12),
-            "RTMANAGER_HTTP_PUBLISHED": str(HTTP_PORT),
             "RTMANAGER_STOP_GRACE": "3",
             "RTMANAGER_CRASH_LIMIT": str(CRASH_LIMIT),
+            "RTMANAGER_ENGINE_ADMIN_PATH": "/cgi-bin/admin/v1",  # where the stub engine serves it
             "RTMANAGER_LOG_LEVEL": "DEBUG",
         }
-        self.base = f"http://{self.node.address}:{HTTP_PORT}"
 
     # ------------------------------------------------------------------ plumbing
     def run(self, *cmd: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
@@ -94,14 +106,18 @@ class Stack:
         return task["Status"]["ContainerStatus"]["ContainerID"]
 
     def http(self, path: str, token: bool = False, timeout: float = 5) -> tuple[int, str]:
-        assert self.base.startswith(f"http://{self.node.address}:")  # the node's address, in our namespace
-        req = urllib.request.Request(self.base + path,
-                                     headers={"Authorization": f"Bearer {self.token}"} if token else {})
+        """A request to rtmanager's API from inside its own container (the stack publishes no port):
+        (status, body), (0, "") when it does not answer or no task runs."""
+        task = self.running_task(f"{self.name}_rtmanager")
+        if task is None:
+            return 0, ""
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
+            _, out = self.client.containers.get(task["Status"]["ContainerStatus"]["ContainerID"]).exec_run(
+                ["python3", "-c", _HTTP_SCRIPT, path, self.token if token else "", str(timeout)])
+        except docker.errors.APIError:
+            return 0, ""
+        status, _, body = out.decode(errors="replace").partition("\n")
+        return (int(status) if status.isdigit() else 0), body
 
     def ready(self) -> dict | None:
         status, body = self.http("/readyz")
@@ -410,3 +426,56 @@ def test_kill_9_of_rtmanager(stack: Stack):
     assert stack.running_task(res["container_id"])["ID"] == engine_task["ID"]
     assert stack.events(before) == ["boot"]
     assert new_task["Spec"]["ContainerSpec"]["Hostname"] == "rtmanager"
+
+
+def _reachable_from(container, host: str, port: int) -> bool:
+    """A TCP connection from inside ``container`` (busybox nc) to ``host:port`` succeeds."""
+    code, _ = container.exec_run(["sh", "-c", 'nc -w 2 "$1" "$2" </dev/null >/dev/null 2>&1', "sh", host, str(port)])
+    return code == 0
+
+
+def _admin_from(container, ip: str, what: str, token: str | None) -> int:
+    """The HTTP status of an admin call from inside ``container`` (busybox nc) to the engine at ``ip``."""
+    method, body = ("POST", '{"expected_turn":0}') if what == "turns" else ("GET", "")
+    auth = f"Authorization: Bearer {token}\\r\\n" if token is not None else ""
+    request = (f"{method} /cgi-bin/admin/v1/{what} HTTP/1.0\\r\\nHost: engine\\r\\n{auth}"
+               f"Content-Type: application/json\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n{body}")
+    _, out = container.exec_run(["sh", "-c", 'printf "%b" "$1" | nc -w 5 "$2" 8080', "sh", request, ip])
+    first = out.decode(errors="replace").split("\r\n", 1)[0].split()
+    return int(first[1]) if len(first) > 1 and first[1].isdigit() else 0
+
+
+def test_only_rtmanager_drives_an_engine_and_engines_reach_nothing_else(stack: Stack):
+    """From inside one engine: a neighbour's admin API refuses it (its own token, or none), Postgres,
+    Redis and rtmanager's API are out of reach; rtmanager's own turn still goes through."""
+    a, b = f"tk-a-{stack.name}", f"tk-b-{stack.name}"
+    res = {g: stack.result_for(stack.start_job(g)) for g in (a, b)}
+    assert all(r["outcome"] == "success" for r in res.values()), res
+    engine_a = stack.client.containers.get(stack.container(res[a]["container_id"]))
+    engine_b = stack.client.containers.get(stack.container(res[b]["container_id"]))
+    env_a = {k: v for k, _, v in (e.partition("=") for e in engine_a.attrs["Config"]["Env"])}
+    env_b = {k: v for k, _, v in (e.partition("=") for e in engine_b.attrs["Config"]["Env"])}
+    assert env_a.get("ENGINE_ADMIN_TOKEN") and env_b.get("ENGINE_ADMIN_TOKEN")
+    assert env_a["ENGINE_ADMIN_TOKEN"] != env_b["ENGINE_ADMIN_TOKEN"]
+    labels = stack.client.api.inspect_service(res[b]["container_id"])["Spec"]["Labels"]
+    assert env_b["ENGINE_ADMIN_TOKEN"] not in json.dumps(labels)
+    ip_b = engine_b.attrs["NetworkSettings"]["Networks"][stack.network]["IPAddress"]
+    for token in (None, env_a["ENGINE_ADMIN_TOKEN"]):
+        for what in ("turns", "status"):
+            assert _admin_from(engine_a, ip_b, what, token) == 401, (what, token is None)
+    turn = json.loads((stack.state_root / b / "engine" / "status.json").read_text())["turn"]
+    assert turn == 0
+
+    entry = stack.redis_cli("XADD", "runtime:control_jobs", "*", "game_id", b, "op", "force_next_turn")
+    done = stack.result_for(entry)
+    assert done["outcome"] == "success" and done["job"] == "force_next_turn", (done, stack.logs())
+    assert json.loads((stack.state_root / b / "engine" / "status.json").read_text())["turn"] == 1
+    assert env_b["ENGINE_ADMIN_TOKEN"] not in json.dumps(stack.results() + [stack.record(b)]) + stack.logs()
+
+    assert _reachable_from(engine_a, "127.0.0.1", 8080)  # nc itself works
+    for short, port in (("postgres", 5432), ("redis", 6379), ("rtmanager", 8090)):
+        c = stack.client.api.inspect_container(stack.container(f"{stack.name}_{short}"))
+        for host in (short, *[n["IPAddress"] for n in c["NetworkSettings"]["Networks"].values() if n.get("IPAddress")]):
+            assert not _reachable_from(engine_a, host, port), f"an engine reaches {short} at {host}:{port}"
+    # Nor the API's port on the engine's own node (the stack publishes none).
+    assert not _reachable_from(engine_a, stack.node.address, 8090)

@@ -533,7 +533,7 @@ async def test_a_slow_status_of_a_generating_engine_is_not_unreachable(w):
     assert rec.status is Status.GENERATION_IN_PROGRESS
     real = w.engine.status
 
-    async def too_busy(host):
+    async def too_busy(host, **_):
         raise EngineUnreachable("status: timed out")
 
     w.engine.status = too_busy  # type: ignore[method-assign]
@@ -559,7 +559,7 @@ async def test_a_status_that_never_answers_past_the_generation_timeout_is_unreac
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     await w.sync("g1")
 
-    async def too_busy(host):
+    async def too_busy(host, **_):
         raise EngineUnreachable("status: timed out")
 
     w.engine.status = too_busy  # type: ignore[method-assign]
