@@ -28,8 +28,9 @@ from collections.abc import Callable
 from controller.config import Settings
 from controller.metrics import Metrics
 from controller.planner import Action, ActionKind, plan
+from controller.storage import StateKeeper
 from controller.workqueue import ShutDown, WorkQueue
-from desired import transitions, versions
+from desired import storage, transitions, versions
 from desired.clock import Clock
 from desired.errors import (
     Conflict,
@@ -40,6 +41,7 @@ from desired.errors import (
     ImageUnavailable,
     PermanentError,
     RtmError,
+    StorageFull,
     StoreUnavailable,
     TemporaryError,
 )
@@ -61,6 +63,7 @@ from observed.errors import (
     Refused,
 )
 from observed.model import ContainerSpec, ObservedContainer
+from observed.statedir import NoSpace
 
 log = logging.getLogger("rtmanager.reconciler")
 
@@ -73,6 +76,7 @@ _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKi
 # The one table from the backend's errors to the results' error codes.
 BACKEND_ERRORS: dict[type[ObservedError], type[RtmError]] = {
     BackendUnavailable: DockerUnavailable,
+    NoSpace: StorageFull,
     ImageMissing: ImageUnavailable,
     Refused: ContainerStartFailed,
 }
@@ -142,6 +146,7 @@ class Reconciler:
         self.dispose_budget = settings.max_removals  # refilled by the resync, once per interval
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
+        self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
         self._hashes: dict[tuple, str] = {}
 
     @property
@@ -366,6 +371,14 @@ class Reconciler:
             await self.backend.remove(container.id, self.settings.stop_grace)  # SIGTERM first
             container = None
         if container is None:
+            if record.rolling_back:
+                # The job's engine failed: the old image starts on the state the old engine left.
+                await self.states.restore(record)
+            elif storage.needs_backup(record, spec.image):
+                # Another image replaces the running engine (stopped by now): keep what it left.
+                await self.states.backup(record)
+            else:
+                await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
             await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
@@ -426,6 +439,12 @@ class Reconciler:
                                       unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout,
                                       node=seen.node)
         self._results_written()
+        if storage.replacing(record):
+            try:
+                await self.states.drop(record.game_id)  # healthy: the copy of the replaced state is not needed
+            except ObservedError as exc:  # converged all the same; the storage round deletes it later
+                log.warning("could not delete the copy of the state directory: %s", exc.message,
+                            extra={"game_id": record.game_id})
 
     # ------------------------------------------------------------------ turns
     async def _turn(self, record: RuntimeRecord, container: ObservedContainer) -> object:

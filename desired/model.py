@@ -170,6 +170,7 @@ class ErrorCode(str, enum.Enum):
     GENERATION_FAILED = "generation_failed"
     ENGINE_UNREACHABLE = "engine_unreachable"
     ENGINE_UNSUPPORTED = "engine_unsupported"
+    STORAGE_FULL = "storage_full"
 
 
 class Health(str, enum.Enum):

@@ -362,6 +362,33 @@ class Store:
                                      game_ids)
         return {r["game_id"] for r in rows}
 
+    # ------------------------------------------------------------ state directories
+    async def record_state_size(self, game_id: str, size: int) -> None:
+        """The storage round measured the game's state directory (outside the record's compare-and-swap:
+        nothing decides on it)."""
+        await self.pool.execute("UPDATE runtime_records SET state_bytes = $2, state_measured_at = now()"
+                                " WHERE game_id = $1 AND state_disposed_at IS NULL", game_id, size)
+
+    async def state_usage(self, game_id: str) -> tuple[int | None, datetime | None]:
+        """(bytes, when measured) of the game's state directory; (None, None) when never measured or gone."""
+        row = await self.pool.fetchrow(
+            "SELECT state_bytes, state_measured_at FROM runtime_records WHERE game_id = $1", game_id)
+        return (row["state_bytes"], row["state_measured_at"]) if row is not None else (None, None)
+
+    async def removed_with_state(self, retention: float, limit: int = 100) -> list[RuntimeRecord]:
+        """Removed games whose state directory is still there, removed at least ``retention`` seconds
+        ago (the database clock), oldest first."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM runtime_records WHERE status = 'removed' AND state_disposed_at IS NULL"
+            " AND removed_at <= now() - make_interval(secs => $1) ORDER BY removed_at LIMIT $2",
+            float(retention), limit)
+        return [record_from_row(r) for r in rows]
+
+    async def mark_state_disposed(self, game_id: str) -> None:
+        async with self._tx() as (conn, _):
+            await conn.execute("UPDATE runtime_records SET state_disposed_at = now(), state_bytes = NULL,"
+                               " state_measured_at = NULL WHERE game_id = $1 AND status = 'removed'", game_id)
+
     async def upsert(self, record: RuntimeRecord) -> None:
         record.validate()
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RECORD_COLUMNS if c != "game_id")

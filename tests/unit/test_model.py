@@ -218,5 +218,5 @@ def test_error_codes_are_the_contract() -> None:
     assert {c.value for c in ErrorCode} == {
         "replay_no_op", "invalid_request", "image_rejected", "image_unavailable",
         "container_start_failed", "engine_unhealthy", "superseded", "docker_unavailable",
-        "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported",
+        "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported", "storage_full",
     }
