@@ -139,6 +139,7 @@ class StorageRound:
     async def measure(self, records: list[RuntimeRecord]) -> None:
         total = largest = 0
         root = self.settings.state_root
+        sizes: dict[str, int] = {}
         for rec in records:
             if rec.status is Status.REMOVED:
                 continue
@@ -156,7 +157,8 @@ class StorageRound:
             total += size
             largest = max(largest, size)
             self.metrics.state_dir_bytes.observe(size)
-            await self.store.record_state_size(rec.game_id, size)
+            sizes[rec.game_id] = size
+        await self.store.record_state_sizes(sizes)
         self.metrics.state_bytes_total.set(total)
         self.metrics.state_largest.set(largest)
 
@@ -165,19 +167,31 @@ class StorageRound:
         copy's deletion, a rollback that failed too): the copy of a replacement under way stays."""
         found = await asyncio.to_thread(statedir.backups, self.settings.state_root)
         for game, names in found.items():
-            async with self.keeper.locked(game):
-                record = await self.store.find(game)
-                for name in names:
-                    tag = name.removesuffix(".tmp")
-                    if name in ("restoring", "replaced") and record is not None and storage.replacing(record):
-                        continue  # a restore under way (or cut short: done again from the copy)
-                    if storage.keep_backup(record, tag):
-                        continue
-                    if record is None:
-                        continue  # not provably ours to delete (a database restored from an older dump?)
-                    await asyncio.to_thread(statedir.drop_backup, self.settings.state_root, game, name)
-                    self.metrics.state_copies.labels("dropped").inc()
-                    log.info("deleted a leftover copy of the state directory", extra={"game_id": game, "copy": name})
+            try:
+                await self._drop_leftovers_of(game, names)
+            except Refused as exc:  # this game's odd directory fails this game, not the round
+                log.warning("leftover copies not looked at: %s", exc.message, extra={"game_id": game})
+
+    async def _drop_leftovers_of(self, game: str, names: list[str]) -> None:
+        async with self.keeper.locked(game):
+            record = await self.store.find(game)
+            if record is not None and record.status is not Status.REMOVED and not await asyncio.to_thread(
+                    statedir.exists, self.settings.state_root, record.state_path):
+                # A restore cut between its two renames (no atomic exchange here) left no state
+                # directory: what it replaced, and the copy, stay for the restore or an operator.
+                log.error("state directory missing while copies of it exist; keeping them", extra={"game_id": game})
+                return
+            for name in names:
+                tag = name.removesuffix(".tmp")
+                if name in ("restoring", "replaced") and record is not None and storage.replacing(record):
+                    continue  # a restore under way (or cut short: done again from the copy)
+                if storage.keep_backup(record, tag):
+                    continue
+                if record is None:
+                    continue  # not provably ours to delete (a database restored from an older dump?)
+                await asyncio.to_thread(statedir.drop_backup, self.settings.state_root, game, name)
+                self.metrics.state_copies.labels("dropped").inc()
+                log.info("deleted a leftover copy of the state directory", extra={"game_id": game, "copy": name})
 
     async def dispose_removed(self) -> None:
         s = self.settings

@@ -363,11 +363,15 @@ class Store:
         return {r["game_id"] for r in rows}
 
     # ------------------------------------------------------------ state directories
-    async def record_state_size(self, game_id: str, size: int) -> None:
-        """The storage round measured the game's state directory (outside the record's compare-and-swap:
-        nothing decides on it)."""
-        await self.pool.execute("UPDATE runtime_records SET state_bytes = $2, state_measured_at = now()"
-                                " WHERE game_id = $1 AND state_disposed_at IS NULL", game_id, size)
+    async def record_state_sizes(self, sizes: dict[str, int]) -> None:
+        """The storage round measured these games' state directories (one statement, outside the
+        record's compare-and-swap: nothing decides on it)."""
+        if not sizes:
+            return
+        await self.pool.execute(
+            "UPDATE runtime_records r SET state_bytes = m.size, state_measured_at = now()"
+            " FROM unnest($1::text[], $2::bigint[]) AS m(game_id, size)"
+            " WHERE r.game_id = m.game_id AND r.state_disposed_at IS NULL", list(sizes), list(sizes.values()))
 
     async def state_usage(self, game_id: str) -> tuple[int | None, datetime | None]:
         """(bytes, when measured) of the game's state directory; (None, None) when never measured or gone."""

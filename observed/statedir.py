@@ -12,8 +12,9 @@ Layout under the state root ``R`` (no game_id starts with a dot):
     R/GAME                       the state directory, bind-mounted into the engine
     R/.backups/GAME/TAG          the copy taken before a replacement (TAG: the old container)
     R/.backups/GAME/TAG.tmp      a copy being made (renamed to TAG once complete)
-    R/.backups/GAME/restoring    a restore being made (renamed to R/GAME once complete)
-    R/.backups/GAME/replaced     the directory a restore replaced (deleted next)
+    R/.backups/GAME/restoring    a restore being made (exchanged atomically with R/GAME once
+                                 complete, then deleted)
+    R/.backups/GAME/replaced     where a filesystem without an atomic exchange moves R/GAME first
 
 OSError is translated here: no space left -> ``NoSpace``; anything else -> ``Refused``.
 """
@@ -21,6 +22,7 @@ OSError is translated here: no space left -> ``NoSpace``; anything else -> ``Ref
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -177,6 +179,24 @@ def _copy_tree(source: str, target: str) -> None:
         os.close(s)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the kernel, the C library or
+    the filesystem cannot."""
+    fn = getattr(_libc, "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
 def _backup_dir(root: str, game: str) -> str:
     """R/.backups/GAME, made 0700 (never through a symlink)."""
     real_root = os.path.realpath(root)
@@ -228,9 +248,12 @@ def restore(root: str, path: str, tag: str) -> bool:
         work, replaced = os.path.join(where, "restoring"), os.path.join(where, "replaced")
         _remove(work)
         _copy_tree(copy, work)
-        if os.path.lexists(path):
-            _remove(replaced)
-            os.rename(path, replaced)
+        _remove(replaced)
+        if os.path.lexists(path) and _exchange(work, path):
+            _remove(work)  # what the restore replaced: the state directory is never missing
+            return True
+        if os.path.lexists(path):  # no atomic exchange here: a kill between the renames leaves no
+            os.rename(path, replaced)  # directory, and the restore done again puts the copy there
         os.rename(work, path)
         _remove(replaced)
         return True

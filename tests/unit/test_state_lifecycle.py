@@ -217,3 +217,14 @@ def test_archiving_moves_the_directory(world, tmp_path):
     assert (archive / "g1-20260101T000000Z" / "marker").read_text() == "old"
     assert not state.exists()
     untouched(outside)
+
+
+def test_a_restore_without_an_atomic_exchange_renames_twice(world, monkeypatch):
+    root, state, outside = world
+    statedir.backup(str(root), str(state), "c1")
+    (state / "marker").write_text("new")
+    monkeypatch.setattr(statedir, "_exchange", lambda a, b: False)
+    assert statedir.restore(str(root), str(state), "c1")
+    assert (state / "marker").read_text() == "old"
+    assert sorted(os.listdir(root / ".backups" / "g1")) == ["c1"]
+    untouched(outside)
