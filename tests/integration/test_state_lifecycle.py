@@ -144,3 +144,43 @@ async def test_new_starts_are_refused_when_the_state_filesystem_is_nearly_full(a
 
     status, res = await api.job("st4", "restart", {}, wait=60)
     assert res["outcome"] == "success", res
+
+
+async def test_a_controller_gone_mid_patch_still_restores_the_copy_and_drops_leftovers(api, tmp_path):
+    """The controller stops while the new engine (the mute variant: it boots, writes its boot, never
+    answers) is waited for; the next controller rolls back from the copy the first one took. A
+    leftover copy of an older replacement is never restored, and the storage round deletes it."""
+    await api.start(start_timeout="60")
+    game = "st6"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10})
+    assert res["outcome"] == "success", res
+    state = Path(api.env["RTMANAGER_STATE_ROOT"]) / game
+    (state / "marker").write_text("old engine")
+    boots_before = (state / "boots").read_text()
+    leftover = Path(api.env["RTMANAGER_STATE_ROOT"]) / ".backups" / game / "0000deadbeef"
+    leftover.mkdir(parents=True)
+    (leftover / "marker").write_text("an older state")
+
+    status, accepted = await api.job(game, "patch", {"image_ref": "galaxy/engine-stub:mute"}, wait=0)
+    assert status == 202, accepted
+
+    def new_engine_booted():
+        return len((state / "boots").read_text().splitlines()) == len(boots_before.splitlines()) + 1
+
+    await eventually(new_engine_booted, 30, "the new engine booted on the state directory")
+    assert len(backups(api, game)) == 2  # the leftover, and the copy of this replacement
+    await api.stop_all()
+    api.port = 0
+
+    await api.start(start_timeout="2", state_scan_interval="0.5")
+
+    async def rolled_back():
+        rec = await record(api, game)
+        return rec if (rec["status"] == "running" and rec["current_image_ref"] == STUB_10
+                       and rec["observed_generation"] == rec["generation"]) else None
+
+    await eventually(rolled_back, 60, "the game rolled back to its old image")
+    assert (state / "marker").read_text() == "old engine"
+    boots = (state / "boots").read_text()
+    assert boots.startswith(boots_before) and len(boots.splitlines()) == len(boots_before.splitlines()) + 1, boots
+    await eventually(lambda: backups(api, game) == [], 20, "every copy deleted")
