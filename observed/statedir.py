@@ -100,9 +100,26 @@ def _remove(path: str) -> None:
         return
     if stat.S_ISDIR(st.st_mode):
         assert shutil.rmtree.avoids_symlink_attacks
-        shutil.rmtree(path)
+        shutil.rmtree(path, onerror=_writable_and_again)
     else:
         os.unlink(path)
+
+
+def _writable_and_again(func, path: str, exc_info) -> None:  # noqa: ANN001 - shutil's callback
+    """An engine may leave a directory without write permission (0500): when rtmanager is not root
+    its entries cannot be deleted until the directory is made writable for its owner again."""
+    exc = exc_info[1]
+    if not isinstance(exc, PermissionError) or func not in (os.unlink, os.rmdir, os.open, os.scandir, os.lstat):
+        raise exc
+    parent = path if func in (os.open, os.scandir) else os.path.dirname(path)
+    st = os.lstat(parent)
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o700 == 0o700:
+        raise exc  # not a permission of the owner's that can be given back
+    os.chmod(parent, 0o700)
+    if func in (os.unlink, os.rmdir):
+        func(path)
+    else:
+        shutil.rmtree(path, onerror=_writable_and_again)
 
 
 def _own(path_or_fd: int | str, st: os.stat_result, *, dir_fd: int | None = None, link: bool = False) -> None:

@@ -228,3 +228,14 @@ def test_a_restore_without_an_atomic_exchange_renames_twice(world, monkeypatch):
     assert (state / "marker").read_text() == "old"
     assert sorted(os.listdir(root / ".backups" / "g1")) == ["c1"]
     untouched(outside)
+
+
+def test_directories_left_without_write_permission_are_deleted_too(world):
+    root, state, outside = world
+    (state / "locked" / "inner").mkdir(parents=True)
+    (state / "locked" / "inner" / "f").write_text("x")
+    os.chmod(state / "locked" / "inner", 0o500)
+    os.chmod(state / "locked", 0o500)
+    assert statedir.dispose(str(root), str(state), None, "g1-x") == "deleted"
+    assert not state.exists()
+    untouched(outside)
