@@ -107,6 +107,9 @@ async def test_a_removed_games_state_is_deleted_after_the_retention_never_while_
     status, res = await api.job(game, "cleanup", {}, wait=60)
     assert res["outcome"] == "success", res
     assert (await record(api, game))["status"] == "removed"
+    # Removal is final: the game_id cannot be started again, so no start can meet a pending disposal.
+    status, res = await api.job(game, "start", {"image_ref": STUB_10}, wait=60)
+    assert res["outcome"] == "failure" and res["error_code"] == "invalid_request", res
     # A unit holding the game's name exists (not rtmanager's: it is never touched): the directory
     # stays, whatever the record says.
     squatter = api.docker.containers.create(STUB_10, name=f"galaxy-game-{game}",

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from controller.config import Settings
+from controller.metrics import Metrics
+from controller.storage import StateKeeper
+from controller.triggers import Readiness
+from desired.errors import StorageFull
 from desired.model import DesiredStatus
 from desired.storage import MinFree, backup_tag, disposable, keep_backup, nearly_full, needs_backup, replacing
 from observed import statedir
@@ -239,3 +244,22 @@ def test_directories_left_without_write_permission_are_deleted_too(world):
     assert statedir.dispose(str(root), str(state), None, "g1-x") == "deleted"
     assert not state.exists()
     untouched(outside)
+
+
+# ------------------------------------------------------------------ room, on /readyz and before a new game
+async def test_a_nearly_full_filesystem_refuses_new_games_not_existing_ones_and_readyz_says_why(tmp_path):
+    root = tmp_path / "games"
+    (root / "g1").mkdir(parents=True)
+    settings = Settings.from_env({"RTMANAGER_STATE_ROOT": str(root), "RTMANAGER_STATE_MIN_FREE": "100%"})
+    metrics = Metrics()
+    keeper = StateKeeper(settings, metrics)
+    with pytest.raises(StorageFull, match="RTMANAGER_STATE_MIN_FREE"):
+        await keeper.check_room(rec(S.STARTING, game_id="g2", state_path=str(root / "g2")))
+    await keeper.check_room(rec(S.STARTING, game_id="g1", state_path=str(root / "g1")))  # exists: no room needed
+    checks = await Readiness({"state_storage": keeper.readiness}, metrics, ttl=0).check()
+    assert checks["state_storage"].startswith("error: StorageFull: the state root's filesystem is nearly full")
+    assert metrics.state_full._value.get() == 1
+
+    ok = StateKeeper(Settings.from_env({"RTMANAGER_STATE_ROOT": str(root), "RTMANAGER_STATE_MIN_FREE": "0"}), metrics)
+    await ok.check_room(rec(S.STARTING, game_id="g2", state_path=str(root / "g2")))
+    assert (await Readiness({"state_storage": ok.readiness}, metrics, ttl=0).check())["state_storage"] == "ok"
