@@ -371,13 +371,13 @@ class Reconciler:
             await self.backend.remove(container.id, self.settings.stop_grace)  # SIGTERM first
             container = None
         if container is None:
-            if record.rolling_back:
-                # The job's engine failed: the old image starts on the state the old engine left.
-                await self.states.restore(record)
-            elif storage.needs_backup(record, spec.image):
+            # A rollback: the old image starts on the state the old engine left (and a restore a
+            # kill cut short is finished first, whatever is asked now).
+            await self.states.restore(record)
+            if storage.needs_backup(record, spec.image):
                 # Another image replaces the running engine (stopped by now): keep what it left.
                 await self.states.backup(record)
-            else:
+            elif not record.rolling_back:
                 await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()

@@ -76,11 +76,15 @@ class StateKeeper:
                          extra={"game_id": record.game_id, "copy": tag})
 
     async def restore(self, record: RuntimeRecord) -> None:
-        """A rollback: the state directory as the replaced engine left it (when a copy was taken)."""
-        tag = storage.backup_tag(record)
-        if tag is None:
-            return
+        """Before a game's engine is created: a restore a kill cut short is finished first, whatever
+        the game is asked for now; a rollback gets the state directory as the replaced engine left it
+        (when a copy was taken)."""
         async with self.locked(record.game_id):
+            tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
+            if tag is None and record.rolling_back:
+                tag = storage.backup_tag(record)
+            if tag is None:
+                return
             if await asyncio.to_thread(statedir.restore, self.root, record.state_path, tag):
                 self.metrics.state_copies.labels("restored").inc()
                 log.warning("restored the state directory the replaced engine left",
@@ -177,14 +181,14 @@ class StorageRound:
             record = await self.store.find(game)
             if record is not None and record.status is not Status.REMOVED and not await asyncio.to_thread(
                     statedir.exists, self.settings.state_root, record.state_path):
-                # A restore cut between its two renames (no atomic exchange here) left no state
-                # directory: what it replaced, and the copy, stay for the restore or an operator.
+                # Somebody deleted the state directory: its copies may be all that is left of it.
                 log.error("state directory missing while copies of it exist; keeping them", extra={"game_id": game})
                 return
+            pending = {n.removesuffix(statedir.RESTORING) for n in names if n.endswith(statedir.RESTORING)}
             for name in names:
                 tag = name.removesuffix(".tmp")
-                if name in ("restoring", "replaced") and record is not None and storage.replacing(record):
-                    continue  # a restore under way (or cut short: done again from the copy)
+                if pending and (name in pending or name.endswith(statedir.RESTORING) or name == "replaced"):
+                    continue  # a restore a kill cut short: done again, from the copy, before the next engine
                 if storage.keep_backup(record, tag):
                     continue
                 if record is None:

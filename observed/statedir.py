@@ -12,9 +12,9 @@ Layout under the state root ``R`` (no game_id starts with a dot):
     R/GAME                       the state directory, bind-mounted into the engine
     R/.backups/GAME/TAG          the copy taken before a replacement (TAG: the old container)
     R/.backups/GAME/TAG.tmp      a copy being made (renamed to TAG once complete)
-    R/.backups/GAME/restoring    a restore being made (exchanged atomically with R/GAME once
-                                 complete, then deleted)
-    R/.backups/GAME/replaced     where a filesystem without an atomic exchange moves R/GAME first
+    R/.backups/GAME/TAG.restoring  a restore from TAG under way (R/GAME is emptied, then filled
+                                   from the copy; the marker goes once it is whole)
+    R/.backups/GAME/replaced     what a restore moved out of R/GAME (deleted next)
 
 OSError is translated here: no space left -> ``NoSpace``; anything else -> ``Refused``.
 """
@@ -22,7 +22,6 @@ OSError is translated here: no space left -> ``NoSpace``; anything else -> ``Ref
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -196,24 +195,6 @@ def _copy_tree(source: str, target: str) -> None:
         os.close(s)
 
 
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the kernel, the C library or
-    the filesystem cannot."""
-    fn = getattr(_libc, "renameat2", None)
-    if fn is None:
-        return False
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), a)
-
-
 def _backup_dir(root: str, game: str) -> str:
     """R/.backups/GAME, made 0700 (never through a symlink)."""
     real_root = os.path.realpath(root)
@@ -253,26 +234,60 @@ def has_backup(root: str, game: str, tag: str) -> bool:
     return _real_dir(os.path.join(os.path.realpath(root), BACKUPS, game, tag))
 
 
+RESTORING = ".restoring"  # R/.backups/GAME/TAG.restoring: a restore from TAG begun and not finished
+
+
+def pending_restore(root: str, game: str) -> str | None:
+    """The copy a restore was begun from and not finished (a kill), or None."""
+    where = os.path.join(os.path.realpath(root), BACKUPS, game)
+    with _translated(f"look at the copies of {game}"):
+        if not _real_dir(where):
+            return None
+        for name in sorted(os.listdir(where)):
+            if name.endswith(RESTORING) and _real_dir(os.path.join(where, name.removesuffix(RESTORING))):
+                return name.removesuffix(RESTORING)
+    return None
+
+
 def restore(root: str, path: str, tag: str) -> bool:
-    """Put the copy R/.backups/GAME/TAG back as the state directory (the copy stays, so a restore
-    cut short is simply done again). False when there is no such copy."""
+    """Put the content of the copy R/.backups/GAME/TAG back into the state directory, in place (the
+    directory keeps its inode: whatever holds it, a bind mount, a quota, keeps working). A marker
+    (TAG.restoring) says a restore is under way: one cut short is done again, from the copy, before
+    the game's next engine is created, whatever the game is asked for meanwhile. The copy stays.
+    False when there is no such copy."""
     with _translated(f"restore of {path}"):
         path = checked(root, path)
         where = os.path.join(os.path.realpath(root), BACKUPS, os.path.basename(path))
         copy = os.path.join(where, tag)
         if not _real_dir(copy):
             return False
-        work, replaced = os.path.join(where, "restoring"), os.path.join(where, "replaced")
-        _remove(work)
-        _copy_tree(copy, work)
-        _remove(replaced)
-        if os.path.lexists(path) and _exchange(work, path):
-            _remove(work)  # what the restore replaced: the state directory is never missing
-            return True
-        if os.path.lexists(path):  # no atomic exchange here: a kill between the renames leaves no
-            os.rename(path, replaced)  # directory, and the restore done again puts the copy there
-        os.rename(work, path)
-        _remove(replaced)
+        marker = os.path.join(where, tag + RESTORING)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        trash = os.path.join(where, "replaced")
+        _remove(trash)
+        os.mkdir(trash, 0o700)
+        top = os.open(path, _DIR)  # O_NOFOLLOW: checked() refused a symlink; one planted since fails here
+        try:
+            t = os.open(trash, _DIR)
+            try:
+                with os.scandir(top) as it:
+                    names = [e.name for e in it]
+                for name in names:  # out of the way first: a rename never follows a symlink
+                    os.rename(name, name, src_dir_fd=top, dst_dir_fd=t)
+            finally:
+                os.close(t)
+            src = os.open(copy, _DIR)
+            try:
+                _copy_dir(src, top, 0)
+                _own(top, os.fstat(src))
+            finally:
+                os.close(src)
+        finally:
+            os.close(top)
+        os.unlink(marker)
+        _remove(trash)
         return True
 
 

@@ -149,6 +149,7 @@ def untouched(outside: Path) -> None:
 
 def test_backup_and_restore_keep_metadata_and_never_follow_a_symlink(world):
     root, state, outside = world
+    inode = os.stat(state).st_ino
     assert statedir.backup(str(root), str(state), "c1")
     assert not statedir.backup(str(root), str(state), "c1")            # once per replacement
     copy = root / ".backups" / "g1" / "c1"
@@ -165,20 +166,34 @@ def test_backup_and_restore_keep_metadata_and_never_follow_a_symlink(world):
     assert (state / "marker").read_text() == "old" and not (state / "new-file").exists()
     assert os.readlink(state / "to-file") == str(outside / "passwd")
     assert os.stat(state / "marker").st_uid == 65534
+    assert os.stat(state).st_ino == inode                               # restored in place
     assert sorted(os.listdir(root / ".backups" / "g1")) == ["c1"]      # the copy stays until dropped
     untouched(outside)
     assert not statedir.restore(str(root), str(state), "other")       # no such copy: nothing done
 
 
-def test_a_restore_cut_short_is_done_again(world):
+def test_a_restore_cut_short_is_done_again_in_place(world, monkeypatch):
     root, state, outside = world
+    inode = os.stat(state).st_ino
     statedir.backup(str(root), str(state), "c1")
     (state / "marker").write_text("new")
+    (state / "new-file").write_text("x")
     where = root / ".backups" / "g1"
-    os.rename(state, where / "replaced")                               # killed between the two renames
-    (where / "restoring").mkdir()
+    calls = []
+
+    def killed(*args, **kw):  # the kill lands while the copy is put back
+        calls.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(statedir, "_copy_dir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        statedir.restore(str(root), str(state), "c1")
+    monkeypatch.undo()
+    assert calls and statedir.pending_restore(str(root), "g1") == "c1"
     assert statedir.restore(str(root), str(state), "c1")
-    assert (state / "marker").read_text() == "old"
+    assert statedir.pending_restore(str(root), "g1") is None
+    assert (state / "marker").read_text() == "old" and not (state / "new-file").exists()
+    assert os.stat(state).st_ino == inode                               # the same directory, refilled
     assert sorted(os.listdir(where)) == ["c1"]
     untouched(outside)
 
@@ -221,17 +236,6 @@ def test_archiving_moves_the_directory(world, tmp_path):
     assert statedir.dispose(str(root), str(state), str(archive), "g1-20260101T000000Z") == "archived"
     assert (archive / "g1-20260101T000000Z" / "marker").read_text() == "old"
     assert not state.exists()
-    untouched(outside)
-
-
-def test_a_restore_without_an_atomic_exchange_renames_twice(world, monkeypatch):
-    root, state, outside = world
-    statedir.backup(str(root), str(state), "c1")
-    (state / "marker").write_text("new")
-    monkeypatch.setattr(statedir, "_exchange", lambda a, b: False)
-    assert statedir.restore(str(root), str(state), "c1")
-    assert (state / "marker").read_text() == "old"
-    assert sorted(os.listdir(root / ".backups" / "g1")) == ["c1"]
     untouched(outside)
 
 
