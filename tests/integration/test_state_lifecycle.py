@@ -41,11 +41,11 @@ def untouched(outside: Path) -> None:
     assert sorted(os.listdir(outside)) == ["secret"]
 
 
-async def test_a_failed_patch_restores_the_old_state_under_the_old_image(api, tmp_path):
+async def test_a_failed_patch_restores_the_old_state_under_the_old_image(api, tmp_path, unique):
     """The new engine (the stub's crash variant) writes its boot into the state directory, then
     exits: the rollback starts the old image on the state the old engine left, not on that."""
     await api.start(start_timeout="3")
-    game = "st1"
+    game = f"st1-{unique}"
     status, res = await api.job(game, "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
     state = Path(api.env["RTMANAGER_STATE_ROOT"]) / game
@@ -71,9 +71,9 @@ async def test_a_failed_patch_restores_the_old_state_under_the_old_image(api, tm
     await eventually(lambda: backups(api, game) == [], 10, "the copy dropped once the old engine is back")
 
 
-async def test_a_successful_patch_drops_its_copy(api, tmp_path):
+async def test_a_successful_patch_drops_its_copy(api, tmp_path, unique):
     await api.start()
-    game = "st2"
+    game = f"st2-{unique}"
     status, res = await api.job(game, "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
     state = Path(api.env["RTMANAGER_STATE_ROOT"]) / game
@@ -86,9 +86,9 @@ async def test_a_successful_patch_drops_its_copy(api, tmp_path):
     untouched(outside)
 
 
-async def test_a_removed_games_state_is_deleted_after_the_retention_never_while_a_unit_exists(api, tmp_path):
+async def test_a_removed_games_state_is_deleted_after_the_retention_never_while_a_unit_exists(api, tmp_path, unique):
     await api.start(state_retention="1", state_scan_interval="0.5", cleanup_ttl="0")
-    game = "st3"
+    game = f"st3-{unique}"
     status, res = await api.job(game, "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
     state = Path(api.env["RTMANAGER_STATE_ROOT"]) / game
@@ -127,34 +127,34 @@ async def test_a_removed_games_state_is_deleted_after_the_retention_never_while_
     assert rec["state_bytes"] is None
 
 
-async def test_new_starts_are_refused_when_the_state_filesystem_is_nearly_full(api):
+async def test_new_starts_are_refused_when_the_state_filesystem_is_nearly_full(api, unique):
     """The threshold set above the filesystem's size: every new start is refused with storage_full
     and /readyz says why; a restart of an existing game is not refused."""
     await api.start(state_min_free="0")
-    status, res = await api.job("st4", "start", {"image_ref": STUB_10})
+    status, res = await api.job(f"st4-{unique}", "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
     await api.stop_all()
     api.port = 0  # the next controller's
 
     await api.start(state_min_free="100%")
-    status, res = await api.job("st5", "start", {"image_ref": STUB_10}, wait=60)
+    status, res = await api.job(f"st5-{unique}", "start", {"image_ref": STUB_10}, wait=60)
     assert res["outcome"] == "failure" and res["error_code"] == "storage_full", res
     assert "RTMANAGER_STATE_MIN_FREE" in res["error_message"], res
-    assert not (Path(api.env["RTMANAGER_STATE_ROOT"]) / "st5").exists()
+    assert not (Path(api.env["RTMANAGER_STATE_ROOT"]) / f"st5-{unique}").exists()
     status, body = await api.get("/readyz", auth=False)
     assert status == 503 and body["checks"]["state_storage"].startswith("error: "), body
     assert "RTMANAGER_STATE_MIN_FREE" in body["checks"]["state_storage"], body
 
-    status, res = await api.job("st4", "restart", {}, wait=60)
+    status, res = await api.job(f"st4-{unique}", "restart", {}, wait=60)
     assert res["outcome"] == "success", res
 
 
-async def test_a_controller_gone_mid_patch_still_restores_the_copy_and_drops_leftovers(api, tmp_path):
+async def test_a_controller_gone_mid_patch_still_restores_the_copy_and_drops_leftovers(api, tmp_path, unique):
     """The controller stops while the new engine (the mute variant: it boots, writes its boot, never
     answers) is waited for; the next controller rolls back from the copy the first one took. A
     leftover copy of an older replacement is never restored, and the storage round deletes it."""
     await api.start(start_timeout="60")
-    game = "st6"
+    game = f"st6-{unique}"
     status, res = await api.job(game, "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
     state = Path(api.env["RTMANAGER_STATE_ROOT"]) / game
