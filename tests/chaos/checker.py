@@ -32,7 +32,8 @@ CONTRACT_FIELDS = frozenset({"game_id", "outcome", "container_id", "engine_endpo
                              "error_message", "job", "job_entry_id", "result_id"})
 ERROR_CODES = frozenset({"replay_no_op", "invalid_request", "image_rejected", "image_unavailable",
                          "container_start_failed", "engine_unhealthy", "superseded", "docker_unavailable",
-                         "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported"})
+                         "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported",
+                         "storage_full"})
 JOB_KINDS = frozenset({"start", "stop", "restart", "patch", "cleanup",  # and the turns of the clock (docs/contract.md)
                        "pause", "resume", "force_next_turn", "reconcile", "turn"})
 REJECTIONS = frozenset({"invalid_request", "image_rejected"})
