@@ -5,11 +5,13 @@ refused new starts when the state root's filesystem is nearly full. Never throug
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_http import STUB_10, STUB_11
+from tests.conftest import cleanup_docker
+from tests.integration.test_http import STUB_10, STUB_11, Api
 from tests.waits import eventually
 
 pytestmark = pytest.mark.integration
@@ -187,3 +189,47 @@ async def test_a_controller_gone_mid_patch_still_restores_the_copy_and_drops_lef
     boots = (state / "boots").read_text()
     assert boots.startswith(boots_before) and len(boots.splitlines()) == len(boots_before.splitlines()) + 1, boots
     await eventually(lambda: backups(api, game) == [], 20, "every copy deleted")
+
+
+@pytest.fixture
+def small_state_fs(tmp_path):
+    """An 8 MiB tmpfs of the test's own (lazily unmounted afterwards)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0711", "tmpfs", str(small)], check=True)
+    yield small
+    subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def test_a_copy_that_runs_out_of_space_fails_the_patch_with_storage_full_and_keeps_the_game(
+        rtm_env, docker_client, small_state_fs, unique):
+    """The state root on a small tmpfs of the test's own: the copy before a patch does not fit. The
+    patch fails with storage_full, the game goes back to its old image on its untouched state, and
+    no half-made copy stays."""
+    small = small_state_fs
+    env = {**rtm_env, "RTMANAGER_STATE_ROOT": str(small / "games")}
+    api = Api(env, docker_client)
+    try:
+        await api.start(state_min_free="0")
+        game = f"st7-{unique}"
+        status, res = await api.job(game, "start", {"image_ref": STUB_10})
+        assert res["outcome"] == "success", res
+        state = small / "games" / game
+        (state / "big").write_bytes(b"x" * (5 << 20))
+        status, res = await api.job(game, "patch", {"image_ref": STUB_11}, wait=60)
+        assert res["outcome"] == "failure" and res["error_code"] == "storage_full", res
+
+        async def back_on_old_image():
+            rec = await record(api, game)
+            return rec if (rec["status"] == "running" and rec["current_image_ref"] == STUB_10
+                           and rec["observed_generation"] == rec["generation"]) else None
+
+        await eventually(back_on_old_image, 30, "the game running again on its old image")
+        assert (state / "big").stat().st_size == 5 << 20
+        assert [n for n in backups(api, game) if n.endswith(".tmp")] == []
+    finally:
+        try:
+            await api.stop_all()
+            await api.close()
+        finally:
+            cleanup_docker(docker_client, env["RTMANAGER_INSTANCE"], env["RTMANAGER_DOCKER_NETWORK"])
