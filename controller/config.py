@@ -234,6 +234,16 @@ class Settings:
                 raise ValueError("")
             return os.path.normpath(raw)
 
+        def archive_dir(raw: str) -> str | None:
+            """Never where a game's state directory could be: a game_id never starts with a dot."""
+            if not raw:
+                return None
+            path = abspath(raw)
+            rel = os.path.relpath(path, os.path.normpath(get("RTMANAGER_STATE_ROOT") or "/"))
+            if rel == "." or not rel.startswith("."):
+                raise ValueError("")
+            return path
+
         def allowlist(raw: str) -> ImageAllowlist:
             al = ImageAllowlist(raw)
             if not al.patterns:
@@ -295,8 +305,9 @@ class Settings:
             state_root=parse("RTMANAGER_STATE_ROOT", abspath, "must be an absolute path"),
             engine_state_dir=parse("RTMANAGER_ENGINE_STATE_DIR", abspath, "must be an absolute path"),
             state_retention=parse("RTMANAGER_STATE_RETENTION", number(0, 10**9), "must be seconds, 0 or more"),
-            state_archive_dir=parse("RTMANAGER_STATE_ARCHIVE_DIR", lambda raw: abspath(raw) if raw else None,
-                                    "must be empty or an absolute path"),
+            state_archive_dir=parse("RTMANAGER_STATE_ARCHIVE_DIR", archive_dir,
+                                    "must be empty or an absolute path outside RTMANAGER_STATE_ROOT (or a "
+                                    "directory in it whose name starts with a dot)"),
             state_min_free=parse("RTMANAGER_STATE_MIN_FREE", MinFree.parse,
                                  "must be bytes (such as 10g) or a percentage (such as 5%)"),
             state_scan_interval=parse("RTMANAGER_STATE_SCAN_INTERVAL", number(0.5, 86400),

@@ -267,3 +267,16 @@ async def test_a_nearly_full_filesystem_refuses_new_games_not_existing_ones_and_
     ok = StateKeeper(Settings.from_env({"RTMANAGER_STATE_ROOT": str(root), "RTMANAGER_STATE_MIN_FREE": "0"}), metrics)
     await ok.check_room(rec(S.STARTING, game_id="g2", state_path=str(root / "g2")))
     assert (await Readiness({"state_storage": ok.readiness}, metrics, ttl=0).check())["state_storage"] == "ok"
+
+
+@pytest.mark.parametrize("archive, ok", [
+    ("", True), ("/srv/archive", True), ("/srv/games/.archive", True), ("/srv/gamesx", True),
+    ("/srv/games/archive", False), ("/srv/games", False), ("/srv/games/", False), ("relative", False),
+])
+def test_the_archive_is_never_where_a_games_directory_could_be(archive, ok):
+    env = {"RTMANAGER_STATE_ROOT": "/srv/games", "RTMANAGER_STATE_ARCHIVE_DIR": archive}
+    if ok:
+        assert Settings.from_env(env).state_archive_dir == (os.path.normpath(archive) if archive else None)
+    else:
+        with pytest.raises(ValueError, match="RTMANAGER_STATE_ARCHIVE_DIR"):
+            Settings.from_env(env)
