@@ -35,6 +35,7 @@ from controller.logs import redact_url
 from controller.metrics import Metrics
 from controller.reconciler import Reconciler, backend_errors
 from controller.relay import Relay
+from controller.storage import StorageRound
 from controller.streams import RedisStreams
 from controller.triggers import HealthRound, Readiness, Resync, TurnClock
 from controller.workqueue import WorkQueue
@@ -153,7 +154,10 @@ class Controller:
                                      results_written=self._results_written, fence=self.fence, clock=self.clock,
                                      database=self.identity.uid)
         self.readiness = Readiness({"postgres": self.store.ping, "redis": self.streams.ping,
-                                    "docker": self.backend.ping, "relay": self._relay_check}, self.metrics)
+                                    "docker": self.backend.ping, "relay": self._relay_check,
+                                    "state_storage": self.reconciler.states.readiness}, self.metrics)
+        self.storage = StorageRound(settings=s, store=self.store, backend=self.backend, reconciler=self.reconciler,
+                                    keeper=self.reconciler.states, metrics=self.metrics)
         self.resync = Resync(store=self.store, backend=self.backend, reconciler=self.reconciler, queue=self.queue,
                              metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,
                              ready_check=self.readiness.ok)
@@ -196,6 +200,7 @@ class Controller:
         if s.health_interval > 0:
             self._spawn("health", lambda: self.health.run(term), leader=True)
         self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
+        self._spawn("storage", lambda: self.storage.run(term), leader=True)
         self.events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
         self.events.start()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from desired.jobs import ImageAllowlist, RecordDefaults
+from desired.storage import MinFree
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,14 @@ VARIABLES: tuple[Var, ...] = (
     Var("RTMANAGER_DOCKER_NETWORK", "galaxy-games", "user-defined network for engine containers, created if missing"),
     Var("RTMANAGER_STATE_ROOT", "/var/lib/rtmanager/games", "host directory holding one state directory per game"),
     Var("RTMANAGER_ENGINE_STATE_DIR", "/var/lib/galaxy-engine", "where the state directory is mounted in the engine"),
+    Var("RTMANAGER_STATE_RETENTION", "604800", "seconds after a game's removal before its state directory is "
+        "deleted or archived (0: kept for ever)"),
+    Var("RTMANAGER_STATE_ARCHIVE_DIR", "", "absolute path: a removed game's state directory is moved there "
+        "instead of deleted (empty: deleted)"),
+    Var("RTMANAGER_STATE_MIN_FREE", "2%", "bytes (10g) or percent (5%) the state root's filesystem must keep "
+        "free; below it new starts fail with storage_full (0: no check)"),
+    Var("RTMANAGER_STATE_SCAN_INTERVAL", "300", "seconds between storage rounds: sizes, free space, disposal of "
+        "removed games' directories, leftover copies"),
     Var("RTMANAGER_IMAGE_ALLOWLIST", "galaxy/engine:*,galaxy/engine-stub:*",
         "comma-separated shell patterns; only matching image refs may run"),
     Var("RTMANAGER_INSTANCE", "default", "instance name, written on container labels; replicas share it"),
@@ -120,6 +129,10 @@ class Settings:
     docker_network: str
     state_root: str
     engine_state_dir: str
+    state_retention: float = 604800.0
+    state_archive_dir: str | None = None
+    state_min_free: MinFree = MinFree(percent=2.0)
+    state_scan_interval: float = 300.0
     image_allowlist: ImageAllowlist
     version_policy: str
     instance: str
@@ -225,6 +238,16 @@ class Settings:
                 raise ValueError("")
             return os.path.normpath(raw)
 
+        def archive_dir(raw: str) -> str | None:
+            """Never where a game's state directory could be: a game_id never starts with a dot."""
+            if not raw:
+                return None
+            path = abspath(raw)
+            rel = os.path.relpath(path, os.path.normpath(get("RTMANAGER_STATE_ROOT") or "/"))
+            if rel == "." or not rel.startswith("."):
+                raise ValueError("")
+            return path
+
         def allowlist(raw: str) -> ImageAllowlist:
             al = ImageAllowlist(raw)
             if not al.patterns:
@@ -285,6 +308,14 @@ class Settings:
             docker_network=parse("RTMANAGER_DOCKER_NETWORK", pattern(_NAME), "must be a Docker network name"),
             state_root=parse("RTMANAGER_STATE_ROOT", abspath, "must be an absolute path"),
             engine_state_dir=parse("RTMANAGER_ENGINE_STATE_DIR", abspath, "must be an absolute path"),
+            state_retention=parse("RTMANAGER_STATE_RETENTION", number(0, 10**9), "must be seconds, 0 or more"),
+            state_archive_dir=parse("RTMANAGER_STATE_ARCHIVE_DIR", archive_dir,
+                                    "must be empty or an absolute path outside RTMANAGER_STATE_ROOT (or a "
+                                    "directory in it whose name starts with a dot)"),
+            state_min_free=parse("RTMANAGER_STATE_MIN_FREE", MinFree.parse,
+                                 "must be bytes (such as 10g) or a percentage (such as 5%)"),
+            state_scan_interval=parse("RTMANAGER_STATE_SCAN_INTERVAL", number(0.5, 86400),
+                                      "must be seconds in 0.5..86400"),
             image_allowlist=parse("RTMANAGER_IMAGE_ALLOWLIST", allowlist, "must list image patterns"),
             version_policy=parse("RTMANAGER_VERSION_POLICY", choice("allowlist", "registry"),
                                  "must be allowlist or registry"),

@@ -439,7 +439,9 @@ class HttpServer:
             record = await self.c.store.get(game_id)
         except NotFound:
             return _error(404, f"no runtime for game {game_id}")
-        return web.json_response(record_json(record))
+        size, measured = await self.c.store.state_usage(game_id)
+        return web.json_response({**record_json(record), "state_bytes": size,
+                                  "state_measured_at": _json_value(measured)})
 
     async def get_operations(self, request: web.Request) -> web.Response:
         game_id = request.match_info["game_id"]

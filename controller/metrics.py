@@ -80,6 +80,25 @@ class Metrics:
         self.reconcile_errors = Counter("rtmanager_reconcile_errors_total",
                                         "Reconciles that failed with an error that is neither an outage nor a "
                                         "conflict (a bug or bad data; see the log)", registry=r)
+        # State directories: totals and a distribution, not a series per game (games come and go by
+        # the thousand; the per-game size is on GET /api/v1/runtimes/{id}).
+        self.state_bytes_total = Gauge("rtmanager_state_bytes",
+                                       "Bytes the state directories of live games use, as last measured", registry=r)
+        self.state_largest = Gauge("rtmanager_state_dir_largest_bytes",
+                                   "The largest state directory of a live game, as last measured", registry=r)
+        self.state_dir_bytes = Histogram("rtmanager_state_dir_bytes", "Sizes of state directories, one per game "
+                                         "and storage round", buckets=tuple(float(1 << n) for n in range(10, 41, 3)),
+                                         registry=r)
+        self.state_free = Gauge("rtmanager_state_free_bytes",
+                                "Bytes free on the state root's filesystem (for an unprivileged writer)", registry=r)
+        self.state_full = Gauge("rtmanager_state_storage_full",
+                                "1 while the state root's filesystem has less free than RTMANAGER_STATE_MIN_FREE "
+                                "(new starts fail with storage_full)", registry=r)
+        self.state_disposed = Counter("rtmanager_state_dirs_disposed_total",
+                                      "State directories of removed games deleted or archived", ["how"], registry=r)
+        self.state_copies = Counter("rtmanager_state_copies_total",
+                                    "Copies of state directories around a replacement: taken, restored, dropped",
+                                    ["event"], registry=r)
 
         self.loop_errors = Counter("rtmanager_loop_errors_total",
                                    "Iterations of a loop that failed (an outage, or an error nobody classified: "

@@ -249,6 +249,10 @@ def openapi_document() -> dict[str, Any]:
                                 "last_oom_killed": {"type": "boolean"}, "last_crash_at": _NULLABLE_TIME,
                                 "restart_not_before": _NULLABLE_TIME, "health_checked_at": _NULLABLE_TIME,
                                 "rollback_image_ref": _NULLABLE_STR, "rolling_back": {"type": "boolean"},
+                                "state_bytes": {"type": "integer", "nullable": True,
+                                                "description": "bytes the state directory uses on disk, as "
+                                                "last measured (GET /api/v1/runtimes/{game_id} only)"},
+                                "state_measured_at": _NULLABLE_TIME,
                                 "turn": {"type": "integer", "nullable": True},
                                 "phase": {"type": "string", "enum": ["idle", "generating", "finished"],
                                           "nullable": True},

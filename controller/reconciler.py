@@ -30,8 +30,9 @@ from collections.abc import Callable
 from controller.config import Settings
 from controller.metrics import Metrics
 from controller.planner import Action, ActionKind, plan
+from controller.storage import StateKeeper
 from controller.workqueue import ShutDown, WorkQueue
-from desired import transitions, versions
+from desired import storage, transitions, versions
 from desired.clock import Clock
 from desired.errors import (
     Conflict,
@@ -42,6 +43,7 @@ from desired.errors import (
     ImageUnavailable,
     PermanentError,
     RtmError,
+    StorageFull,
     StoreUnavailable,
     TemporaryError,
 )
@@ -64,6 +66,7 @@ from observed.errors import (
     Refused,
 )
 from observed.model import ContainerSpec, ObservedContainer
+from observed.statedir import NoSpace
 
 log = logging.getLogger("rtmanager.reconciler")
 
@@ -77,6 +80,7 @@ _DISRUPTING_OPS = (OpKind.STOP, OpKind.RESTART, OpKind.PATCH, OpKind.CLEANUP)  #
 # The one table from the backend's errors to the results' error codes.
 BACKEND_ERRORS: dict[type[ObservedError], type[RtmError]] = {
     BackendUnavailable: DockerUnavailable,
+    NoSpace: StorageFull,
     ImageMissing: ImageUnavailable,
     Refused: ContainerStartFailed,
 }
@@ -146,6 +150,7 @@ class Reconciler:
         self.dispose_budget = settings.max_removals  # refilled by the resync, once per interval
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
+        self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
         self._hashes: dict[tuple, str] = {}
 
     @property
@@ -398,6 +403,14 @@ class Reconciler:
             entry = await self.store.engine_version_of(spec.image)
             if entry is not None and entry.stop_grace is not None:  # a Swarm service keeps it from its creation
                 spec = dataclasses.replace(spec, stop_grace=float(entry.stop_grace))
+            # A rollback: the old image starts on the state the old engine left (and a restore a
+            # kill cut short is finished first, whatever is asked now).
+            await self.states.restore(record)
+            if storage.needs_backup(record, spec.image):
+                # Another image replaces the running engine (stopped by now): keep what it left.
+                await self.states.backup(record)
+            elif not record.rolling_back:
+                await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
             await asyncio.to_thread(ensure_state_dir, self.settings.state_root, record.state_path,
@@ -469,6 +482,12 @@ class Reconciler:
                                       unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout,
                                       node=seen.node)
         self._results_written()
+        if storage.replacing(record):
+            try:
+                await self.states.drop(record.game_id)  # healthy: the copy of the replaced state is not needed
+            except ObservedError as exc:  # converged all the same; the storage round deletes it later
+                log.warning("could not delete the copy of the state directory: %s", exc.message,
+                            extra={"game_id": record.game_id})
 
     # ------------------------------------------------------------------ turns
     async def _turn(self, record: RuntimeRecord, container: ObservedContainer) -> object:

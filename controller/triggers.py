@@ -26,7 +26,7 @@ from controller.metrics import Metrics
 from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
 from controller.workqueue import WorkQueue
-from desired.errors import Conflict, StoreUnavailable, TemporaryError
+from desired.errors import Conflict, StorageFull, StoreUnavailable, TemporaryError
 from desired.jobs import Job
 from desired.leader import Fenced
 from desired.model import JobKind, OpSource, container_name
@@ -295,6 +295,8 @@ class Readiness:
             try:
                 await asyncio.wait_for(fn(), self.timeout)
                 results[name] = "ok"
+            except StorageFull as exc:  # says why: which threshold, how much is free
+                results[name] = f"error: {exc.__class__.__name__}: {exc.message}"
             except Exception as exc:  # noqa: BLE001 - any failure means not ready
                 results[name] = f"error: {exc.__class__.__name__}"
 

@@ -8,7 +8,8 @@
         ├── ImageRejected         the image is not (any more) allowed
         ├── ImageUnavailable      the image is not present and cannot be pulled
         ├── ContainerStartFailed  create or start was refused, or the engine exited
-        └── EngineUnhealthy       no 2xx on the health path within the start timeout
+        ├── EngineUnhealthy       no 2xx on the health path within the start timeout
+        └── StorageFull           the state root's filesystem has no room for a new game
     StoreError                a query failed for a reason that is not an outage (a bug, bad data)
     └── UniqueViolation           names the unique constraint that was violated
     NotFound, Conflict        store outcomes (compare-and-swap), not failures of a job
@@ -62,6 +63,10 @@ class ImageUnavailable(PermanentError):
 
 class ContainerStartFailed(PermanentError):
     code = ErrorCode.CONTAINER_START_FAILED
+
+
+class StorageFull(PermanentError):
+    code = ErrorCode.STORAGE_FULL
 
 
 class EngineUnhealthy(PermanentError):

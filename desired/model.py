@@ -171,6 +171,7 @@ class ErrorCode(str, enum.Enum):
     ENGINE_UNREACHABLE = "engine_unreachable"
     ENGINE_UNSUPPORTED = "engine_unsupported"
     ENGINE_REFUSED = "engine_refused"
+    STORAGE_FULL = "storage_full"
 
 
 class Health(str, enum.Enum):

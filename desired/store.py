@@ -369,6 +369,37 @@ class Store:
                                      game_ids)
         return {r["game_id"] for r in rows}
 
+    # ------------------------------------------------------------ state directories
+    async def record_state_sizes(self, sizes: dict[str, int]) -> None:
+        """The storage round measured these games' state directories (one statement, outside the
+        record's compare-and-swap: nothing decides on it)."""
+        if not sizes:
+            return
+        await self.pool.execute(
+            "UPDATE runtime_records r SET state_bytes = m.size, state_measured_at = now()"
+            " FROM unnest($1::text[], $2::bigint[]) AS m(game_id, size)"
+            " WHERE r.game_id = m.game_id AND r.state_disposed_at IS NULL", list(sizes), list(sizes.values()))
+
+    async def state_usage(self, game_id: str) -> tuple[int | None, datetime | None]:
+        """(bytes, when measured) of the game's state directory; (None, None) when never measured or gone."""
+        row = await self.pool.fetchrow(
+            "SELECT state_bytes, state_measured_at FROM runtime_records WHERE game_id = $1", game_id)
+        return (row["state_bytes"], row["state_measured_at"]) if row is not None else (None, None)
+
+    async def removed_with_state(self, retention: float, limit: int = 100) -> list[RuntimeRecord]:
+        """Removed games whose state directory is still there, removed at least ``retention`` seconds
+        ago (the database clock), oldest first."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM runtime_records WHERE status = 'removed' AND state_disposed_at IS NULL"
+            " AND removed_at <= now() - make_interval(secs => $1) ORDER BY removed_at LIMIT $2",
+            float(retention), limit)
+        return [record_from_row(r) for r in rows]
+
+    async def mark_state_disposed(self, game_id: str) -> None:
+        async with self._tx() as (conn, _):
+            await conn.execute("UPDATE runtime_records SET state_disposed_at = now(), state_bytes = NULL,"
+                               " state_measured_at = NULL WHERE game_id = $1 AND status = 'removed'", game_id)
+
     async def upsert(self, record: RuntimeRecord) -> None:
         record.validate()
         updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RECORD_COLUMNS if c != "game_id")

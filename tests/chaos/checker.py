@@ -33,7 +33,7 @@ CONTRACT_FIELDS = frozenset({"game_id", "outcome", "container_id", "engine_endpo
 ERROR_CODES = frozenset({"replay_no_op", "invalid_request", "image_rejected", "image_unavailable",
                          "container_start_failed", "engine_unhealthy", "superseded", "docker_unavailable",
                          "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported",
-                         "engine_refused"})
+                         "engine_refused", "storage_full"})
 JOB_KINDS = frozenset({"start", "stop", "restart", "patch", "cleanup",  # and the turns of the clock (docs/contract.md)
                        "pause", "resume", "force_next_turn", "reconcile", "turn"})
 REJECTIONS = frozenset({"invalid_request", "image_rejected"})
@@ -782,7 +782,12 @@ def check_records(history: History, observed: dict[str, State]) -> list[Violatio
 
 
 def check_state_dirs(history: History, observed: dict[str, State]) -> list[Violation]:
+    """Every state directory stays the same directory, owned and moded as the contract says, with
+    the marker planted in it and a boots file that never shrinks; except that a rollback puts the
+    copy taken before the failed replacement back (docs/contract.md): its boots file may then be
+    shorter, and a marker planted after that copy was taken gone (never changed)."""
     out = []
+    rolled_back = {op["game_id"] for op in history.ops if op.get("event") == "rollback"}
     for game, sd in sorted(history.state_dirs.items()):
         final = sd.get("final") or {}
         problems = []
@@ -798,9 +803,11 @@ def check_state_dirs(history: History, observed: dict[str, State]) -> list[Viola
                     problems.append(f"owned by {final.get('uid')}:{final.get('gid')}")
                 if final.get("mode") != 0o700:
                     problems.append(f"mode {oct(final.get('mode') or 0)}")
-                if sd.get("marker") is not None and final.get("marker") != sd["marker"]:
+                restored = game in rolled_back
+                if sd.get("marker") is not None and final.get("marker") != sd["marker"] and not (
+                        restored and final.get("marker") is None):
                     problems.append("the marker file planted in it is gone or changed")
-                if (final.get("boots") or 0) < (sd.get("boots_max") or 0):
+                if (final.get("boots") or 0) < (sd.get("boots_max") or 0) and not restored:
                     problems.append(f"its boots file shrank ({sd.get('boots_max')} -> {final.get('boots')} lines)")
         if observed.get(game, ABSENT)[0] == "running" and not final.get("exists"):
             problems.append("the game runs but its state directory does not exist")

@@ -1081,6 +1081,7 @@ class ChaosRun:
             r.close()
             rb.close()
         h.ops = self.fetch("SELECT id, game_id, op, source, status, generation, stream, entry_id, error_code, "
+                           "params->>'event' AS event, "
                            "extract(epoch FROM created_at)::float8 AS created_epoch FROM runtime_operations"
                            " ORDER BY id")
         h.op_results = {str(row["operation_id"]): _fields(row["fields"]) for row in self.fetch(

@@ -381,6 +381,22 @@ def test_a_state_directory_replaced_or_emptied_is_a_violation():
     assert invariants(b.check()) == {"state_dirs"}
 
 
+def test_a_rollback_may_give_a_state_directory_its_older_content_back_in_place():
+    b = H()
+    s = b.entry("start", "g1", V10)
+    b.answer(s)
+    b.running("g1", V10)
+    good = {"exists": True, "is_dir": True, "is_symlink": False, "inode": 5, "uid": 10000, "gid": 10000,
+            "mode": 0o700, "marker": "m", "boots": 3}
+    b.h.state_dirs["g1"] = {"first_inode": 5, "marker": "m", "boots_max": 4, "final": good}
+    assert invariants(b.check()) == {"state_dirs"}  # the boots file shrank
+    b.h.ops.append({"id": 10**6, "game_id": "g1", "op": "patch", "source": "reconciler", "status": "succeeded",
+                    "generation": 3, "stream": None, "entry_id": None, "error_code": None, "event": "rollback"})
+    assert b.check().ok  # a rollback restored the copy taken before the failed replacement
+    b.h.state_dirs["g1"]["final"] = {**good, "inode": 6}
+    assert invariants(b.check()) == {"state_dirs"}  # but in place: never another directory
+
+
 def test_a_dead_lettered_valid_entry_is_a_violation():
     b = H()
     s = b.entry("stop", "g1")

@@ -203,7 +203,8 @@ def test_start_job_through_the_compose_stack(stack: Stack) -> None:
     ready = wait_for("rtmanager /readyz", lambda: (lambda r: r[0] == 200 and json.loads(r[1]))(http_get(
         f"{base}/readyz")), timeout=180, detail=stack.logs)
     assert ready["ready"] is True and ready["checks"] == {"docker": "ok", "redis": "ok", "postgres": "ok",
-                                                          "relay": "ok", "loops": "ok"}, ready
+                                                          "relay": "ok", "state_storage": "ok",
+                                                          "loops": "ok"}, ready
 
     # rtmanager runs as uid 10001 with the socket's group, no capabilities, read-only root.
     rtm = stack.container("rtmanager")

@@ -134,7 +134,8 @@ async def test_healthz_readyz_and_metrics(api):
     status, body = await api.get("/readyz", auth=False)
     assert status == 200, body
     assert body["ready"] is True and body["leader"] is True
-    assert body["checks"] == {"postgres": "ok", "redis": "ok", "docker": "ok", "relay": "ok", "loops": "ok"}
+    assert body["checks"] == {"postgres": "ok", "redis": "ok", "docker": "ok", "relay": "ok", "state_storage": "ok",
+                              "loops": "ok"}
 
     status, text, resp = await api.request("GET", "/metrics", auth=False)
     assert status == 200

@@ -220,7 +220,8 @@ def stack(swarm1):
         ready = wait_for("rtmanager ready and leading, on the node",
                          lambda: (lambda r: r if r and r["leader"] else None)(s.ready()), 180, detail=s.logs)
         assert ready["ready"] is True and ready["leader"] is True, ready
-        assert ready["checks"] == {"docker": "ok", "redis": "ok", "postgres": "ok", "relay": "ok", "loops": "ok"}, ready
+        assert ready["checks"] == {"docker": "ok", "redis": "ok", "postgres": "ok", "relay": "ok",
+                                   "state_storage": "ok", "loops": "ok"}, ready
         yield s
     finally:
         problems = s.teardown()

@@ -1,0 +1,258 @@
+"""The lifecycle of the games' state directories, on the leader.
+
+* ``StateKeeper``: what the reconciler does to a state directory around an engine's start: the
+  copy taken before a job replaces a running engine with another image (after the old engine
+  stopped, before the new one is created), its restore when that job rolls back, its deletion once
+  an engine of the game is healthy again, and the room check before a new game's directory is
+  made. The file operations (observed/statedir.py) run in threads, one at a time per game.
+* ``StorageRound``: every RTMANAGER_STATE_SCAN_INTERVAL, the free space of the state root's
+  filesystem (/readyz, metrics), the size of every live game's directory (a bounded walk, in a
+  thread), leftover copies of finished replacements, and the directories of games removed more
+  than RTMANAGER_STATE_RETENTION ago (deleted or archived; rationed by the removal budget, never
+  while a unit of the game exists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from controller.config import Settings
+from controller.metrics import Metrics
+from desired import storage
+from desired.errors import DockerUnavailable, StorageFull, TemporaryError
+from desired.leader import Fenced
+from desired.model import RuntimeRecord, Status, container_name
+from desired.store import Store
+from observed import statedir
+from observed.backend import RuntimeBackend
+from observed.errors import BackendUnavailable, Refused
+
+if TYPE_CHECKING:
+    from controller.reconciler import Reconciler
+
+log = logging.getLogger("rtmanager.storage")
+
+DISPOSE_BATCH = 100  # removed games looked at per round
+
+
+class StateKeeper:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def locked(self, game_id: str) -> AsyncIterator[None]:
+        """One file operation at a time on a game's directory and copies (reconciler and round)."""
+        lock, users = self._locks.get(game_id) or (asyncio.Lock(), 0)
+        self._locks[game_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[game_id]
+            if users <= 1:
+                del self._locks[game_id]
+            else:
+                self._locks[game_id] = (lock, users - 1)
+
+    @property
+    def root(self) -> str:
+        return self.settings.state_root
+
+    async def backup(self, record: RuntimeRecord) -> None:
+        """The copy of the state the engine being replaced left (once per replacement)."""
+        tag = storage.backup_tag(record)
+        if tag is None:
+            return
+        async with self.locked(record.game_id):
+            if await asyncio.to_thread(statedir.backup, self.root, record.state_path, tag):
+                self.metrics.state_copies.labels("taken").inc()
+                log.info("copied the state directory before replacing its engine",
+                         extra={"game_id": record.game_id, "copy": tag})
+
+    async def restore(self, record: RuntimeRecord) -> None:
+        """Before a game's engine is created: a restore a kill cut short is finished first, whatever
+        the game is asked for now; a rollback gets the state directory as the replaced engine left it
+        (when a copy was taken)."""
+        async with self.locked(record.game_id):
+            tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
+            if tag is None and record.rolling_back:
+                tag = storage.backup_tag(record)
+            if tag is None:
+                return
+            if await asyncio.to_thread(statedir.restore, self.root, record.state_path, tag):
+                self.metrics.state_copies.labels("restored").inc()
+                log.warning("restored the state directory the replaced engine left",
+                            extra={"game_id": record.game_id, "copy": tag})
+
+    async def drop(self, game_id: str) -> None:
+        """An engine of the game is healthy again: its copies are no longer needed."""
+        async with self.locked(game_id):
+            found = (await asyncio.to_thread(statedir.backups, self.root)).get(game_id)
+            if found:
+                await asyncio.to_thread(statedir.drop_backup, self.root, game_id)
+                self.metrics.state_copies.labels("dropped").inc()
+
+    async def check_room(self, record: RuntimeRecord) -> None:
+        """StorageFull when the game's directory is still to be made (a new game) and the filesystem
+        is nearly full. A game whose directory exists (a restart, a patch) needs no new room."""
+        if await asyncio.to_thread(statedir.exists, self.root, record.state_path):
+            return
+        reason = await self.full_reason()
+        if reason:
+            raise StorageFull(reason)
+
+    async def full_reason(self) -> str | None:
+        free, total = await asyncio.to_thread(statedir.free_space, self.root)
+        self.metrics.state_free.set(free)
+        reason = storage.nearly_full(free, total, self.settings.state_min_free)
+        self.metrics.state_full.set(1 if reason else 0)
+        return reason
+
+    async def readiness(self) -> None:
+        """/readyz: raises StorageFull (its message says why) when new starts would be refused."""
+        reason = await self.full_reason()
+        if reason:
+            raise StorageFull(reason)
+
+
+class StorageRound:
+    def __init__(self, *, settings: Settings, store: Store, backend: RuntimeBackend, reconciler: Reconciler,
+                 keeper: StateKeeper, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.backend = backend
+        self.reconciler = reconciler
+        self.keeper = keeper
+        self.metrics = metrics
+        self.rounds = 0  # finished rounds (tests wait on it)
+
+    async def once(self) -> None:
+        await self.keeper.full_reason()
+        records = await self.store.list_live()
+        await self.measure(records)
+        await self.drop_leftovers()
+        await self.dispose_removed()
+        self.rounds += 1
+
+    async def measure(self, records: list[RuntimeRecord]) -> None:
+        total = largest = 0
+        root = self.settings.state_root
+        sizes: dict[str, int] = {}
+        for rec in records:
+            if rec.status is Status.REMOVED:
+                continue
+            try:
+                measured = await asyncio.to_thread(statedir.measure, root, rec.state_path)
+            except Refused as exc:  # this game's directory is odd: this game's size is unknown
+                log.warning("state directory not measured: %s", exc.message, extra={"game_id": rec.game_id})
+                continue
+            if measured is None:
+                continue
+            size, complete = measured
+            if not complete:
+                log.warning("state directory has more than %d entries or levels; its size is a lower bound",
+                            statedir.MEASURE_MAX_ENTRIES, extra={"game_id": rec.game_id})
+            total += size
+            largest = max(largest, size)
+            self.metrics.state_dir_bytes.observe(size)
+            sizes[rec.game_id] = size
+        await self.store.record_state_sizes(sizes)
+        self.metrics.state_bytes_total.set(total)
+        self.metrics.state_largest.set(largest)
+
+    async def drop_leftovers(self) -> None:
+        """Copies of replacements that are over (a crash between the new engine's health and the
+        copy's deletion, a rollback that failed too): the copy of a replacement under way stays."""
+        found = await asyncio.to_thread(statedir.backups, self.settings.state_root)
+        for game, names in found.items():
+            try:
+                await self._drop_leftovers_of(game, names)
+            except Refused as exc:  # this game's odd directory fails this game, not the round
+                log.warning("leftover copies not looked at: %s", exc.message, extra={"game_id": game})
+
+    async def _drop_leftovers_of(self, game: str, names: list[str]) -> None:
+        async with self.keeper.locked(game):
+            record = await self.store.find(game)
+            if record is not None and record.status is not Status.REMOVED and not await asyncio.to_thread(
+                    statedir.exists, self.settings.state_root, record.state_path):
+                # Somebody deleted the state directory: its copies may be all that is left of it.
+                log.error("state directory missing while copies of it exist; keeping them", extra={"game_id": game})
+                return
+            pending = {n.removesuffix(statedir.RESTORING) for n in names if n.endswith(statedir.RESTORING)}
+            for name in names:
+                tag = name.removesuffix(".tmp")
+                if pending and (name in pending or name.endswith(statedir.RESTORING) or name == "replaced"):
+                    continue  # a restore a kill cut short: done again, from the copy, before the next engine
+                if storage.keep_backup(record, tag):
+                    continue
+                if record is None:
+                    continue  # not provably ours to delete (a database restored from an older dump?)
+                await asyncio.to_thread(statedir.drop_backup, self.settings.state_root, game, name)
+                self.metrics.state_copies.labels("dropped").inc()
+                log.info("deleted a leftover copy of the state directory", extra={"game_id": game, "copy": name})
+
+    async def dispose_removed(self) -> None:
+        s = self.settings
+        if s.state_retention <= 0:
+            return
+        candidates = await self.store.removed_with_state(s.state_retention, DISPOSE_BATCH)
+        if not candidates:
+            return
+        try:
+            units = {c.game_id for c in await self.backend.list_managed()}
+        except BackendUnavailable as exc:
+            raise DockerUnavailable(exc.message) from exc
+        for rec in candidates:
+            if self.reconciler.dispose_budget <= 0:
+                log.warning("not deleting removed games' state directories: the removal budget of this resync "
+                            "interval is spent")
+                return
+            fence = self.reconciler.fence
+            if fence is not None and not fence.valid_locally:
+                raise Fenced("the leadership term lapsed before a state directory's disposal")
+            async with self.keeper.locked(rec.game_id):
+                current = await self.store.find(rec.game_id)  # the decision on what holds now
+                try:
+                    unit = rec.game_id in units or await self.backend.inspect(container_name(rec.game_id)) is not None
+                except BackendUnavailable as exc:
+                    raise DockerUnavailable(exc.message) from exc
+                if not storage.disposable(current, now=self.reconciler.clock.now(), retention=s.state_retention,
+                                          unit_exists=unit):
+                    continue
+                assert current is not None and current.removed_at is not None
+                self.reconciler.dispose_budget -= 1
+                name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"
+                try:
+                    done = await asyncio.to_thread(statedir.dispose, s.state_root, current.state_path,
+                                                   s.state_archive_dir, name)
+                except Refused as exc:
+                    log.error("cannot dispose of a removed game's state directory: %s", exc.message,
+                              extra={"game_id": rec.game_id})
+                    continue
+                await self.store.mark_state_disposed(rec.game_id)
+                if done != "absent":
+                    self.metrics.state_disposed.labels(done).inc()
+                log.info("state directory of a game removed at %s %s", current.removed_at.isoformat(), done,
+                         extra={"game_id": rec.game_id})
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await self.once()
+                self.metrics.loop_ok("storage")
+            except Fenced:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Postgres or the backend away, or a bug: next interval
+                self.metrics.loop_failed("storage", exc)
+                if isinstance(exc, TemporaryError):
+                    log.warning("storage round failed: %s", exc)
+                else:
+                    log.exception("storage round failed unexpectedly; trying again next interval")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stopping.wait(), self.settings.state_scan_interval)

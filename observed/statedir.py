@@ -1,0 +1,413 @@
+"""State directories on the host's filesystem: copy, restore, delete, archive and measure them.
+
+Blocking calls (run them in a thread). Every path is checked to be a game's directory directly
+under the state root (resolved, and not a symlink), and every walk goes from directory file
+descriptors opened with O_NOFOLLOW: an engine can write anything into its state directory,
+symlinks to /etc included, and nothing here follows one or touches anything outside the root.
+Symlinks are copied as symlinks; ownership, mode and times are kept (the engine runs as a
+configured uid). Devices, sockets and fifos are not copied.
+
+Layout under the state root ``R`` (no game_id starts with a dot):
+
+    R/GAME                       the state directory, bind-mounted into the engine
+    R/.backups/GAME/TAG          the copy taken before a replacement (TAG: the old container)
+    R/.backups/GAME/TAG.tmp      a copy being made (renamed to TAG once complete)
+    R/.backups/GAME/TAG.restoring  a restore from TAG under way (R/GAME is emptied, then filled
+                                   from the copy; the marker goes once it is whole)
+    R/.backups/GAME/replaced     what a restore moved out of R/GAME (deleted next)
+
+OSError is translated here: no space left -> ``NoSpace``; anything else -> ``Refused``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+
+from observed.errors import Refused
+
+log = logging.getLogger("rtmanager.statedir")
+
+BACKUPS = ".backups"
+MAX_DEPTH = 128             # directories deeper than this are refused (copy) or not counted (size)
+MEASURE_MAX_ENTRIES = 200_000  # entries one measure looks at, at most: the size is then a lower bound
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class NoSpace(Refused):
+    """The filesystem of the state root is full."""
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Refused:
+        raise
+    except RecursionError as exc:
+        raise Refused(f"{what}: too deep") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"{what}: no space left on the state root's filesystem") from exc
+        raise Refused(f"{what}: {exc.strerror or exc}") from exc
+
+
+def state_name_ok(root: str, path: str) -> bool:
+    """``path`` is ``root``/NAME (both absolute, normalised): no deeper, no ``..``, and NAME is not one
+    of the root's own directories (``.backups``; no game_id starts with a dot)."""
+    if not os.path.isabs(root) or not os.path.isabs(path):
+        return False
+    root, path = os.path.normpath(root), os.path.normpath(path)
+    parent, name = os.path.split(path)
+    return parent == root and bool(name) and not name.startswith(".")
+
+
+def checked(root: str, path: str) -> str:
+    """``path`` as a game's directory directly under the (resolved) state root; Refused otherwise.
+    The path itself may not exist; if it does, it must not be a symlink."""
+    real_root = os.path.realpath(root)
+    path = os.path.abspath(path)
+    if not state_name_ok(os.path.abspath(root), path):
+        raise Refused(f"state path {path} is not a game's directory directly under {root}")
+    inside = os.path.join(real_root, os.path.basename(path))
+    if os.path.realpath(os.path.dirname(path)) != real_root:
+        raise Refused(f"state path {path} resolves outside {real_root}")
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISLNK(os.lstat(inside).st_mode):
+            raise Refused(f"state path {path} is a symlink")
+    return inside
+
+
+def _real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _remove(path: str) -> None:
+    """Delete a tree without following a symlink in it (shutil.rmtree is fd-based on Linux); a
+    symlink or file at ``path`` itself is unlinked, not followed."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        assert shutil.rmtree.avoids_symlink_attacks
+        shutil.rmtree(path, onerror=_writable_and_again)
+    else:
+        os.unlink(path)
+
+
+def _writable_and_again(func, path: str, exc_info) -> None:  # noqa: ANN001 - shutil's callback
+    """An engine may leave a directory without write permission (0500): when rtmanager is not root
+    its entries cannot be deleted until the directory is made writable for its owner again."""
+    exc = exc_info[1]
+    if not isinstance(exc, PermissionError) or func not in (os.unlink, os.rmdir, os.open, os.scandir, os.lstat):
+        raise exc
+    parent = path if func in (os.open, os.scandir) else os.path.dirname(path)
+    st = os.lstat(parent)
+    if not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o700 == 0o700:
+        raise exc  # not a permission of the owner's that can be given back
+    os.chmod(parent, 0o700)
+    if func in (os.unlink, os.rmdir):
+        func(path)
+    else:
+        shutil.rmtree(path, onerror=_writable_and_again)
+
+
+def _own(path_or_fd: int | str, st: os.stat_result, *, dir_fd: int | None = None, link: bool = False) -> None:
+    """Ownership, then mode and times, as ``st`` says (chown first: it clears setuid bits)."""
+    try:
+        if link:
+            os.chown(path_or_fd, st.st_uid, st.st_gid, dir_fd=dir_fd, follow_symlinks=False)
+        else:
+            os.chown(path_or_fd, st.st_uid, st.st_gid)
+    except PermissionError:
+        if st.st_uid != os.getuid():
+            raise
+    if link:
+        with contextlib.suppress(NotImplementedError, OSError):
+            os.utime(path_or_fd, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        return
+    os.chmod(path_or_fd, stat.S_IMODE(st.st_mode))
+    os.utime(path_or_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_dir(src: int, dst: int, depth: int) -> None:
+    """Copy the entries of directory ``src`` into the empty directory ``dst`` (both fds)."""
+    if depth > MAX_DEPTH:
+        raise Refused(f"the state directory is more than {MAX_DEPTH} directories deep")
+    with os.scandir(src) as it:
+        names = [e.name for e in it]
+    for name in names:
+        st = os.stat(name, dir_fd=src, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o700, dir_fd=dst)
+            s = os.open(name, _DIR, dir_fd=src)
+            try:
+                d = os.open(name, _DIR, dir_fd=dst)
+                try:
+                    _copy_dir(s, d, depth + 1)
+                    _own(d, st)
+                finally:
+                    os.close(d)
+            finally:
+                os.close(s)
+        elif stat.S_ISREG(st.st_mode):
+            s = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src)
+            try:
+                d = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                            dir_fd=dst)
+                try:
+                    while os.sendfile(d, s, None, 1 << 24):
+                        pass
+                    _own(d, st)
+                finally:
+                    os.close(d)
+            finally:
+                os.close(s)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
+            _own(name, st, dir_fd=dst, link=True)
+        else:
+            log.warning("state directory: not copying %s (neither a file, a directory nor a symlink)", name)
+
+
+def _copy_tree(source: str, target: str) -> None:
+    """``source`` (a real directory) to the new directory ``target``, with its metadata."""
+    s = os.open(source, _DIR)
+    try:
+        st = os.fstat(s)
+        os.mkdir(target, 0o700)
+        d = os.open(target, _DIR)
+        try:
+            _copy_dir(s, d, 0)
+            _own(d, st)
+        finally:
+            os.close(d)
+    finally:
+        os.close(s)
+
+
+def _backup_dir(root: str, game: str) -> str:
+    """R/.backups/GAME, made 0700 (never through a symlink)."""
+    real_root = os.path.realpath(root)
+    backups = os.path.join(real_root, BACKUPS)
+    where = os.path.join(backups, game)
+    for d in (backups, where):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+        if not _real_dir(d):
+            raise Refused(f"{d} is not a directory")
+    return where
+
+
+def backup(root: str, path: str, tag: str) -> bool:
+    """Copy the state directory to R/.backups/GAME/TAG (via TAG.tmp, renamed once complete).
+    False when that copy exists already (a repeated call after a crash keeps the first copy)."""
+    with _translated(f"copy of {path}"):
+        path = checked(root, path)
+        where = _backup_dir(root, os.path.basename(path))
+        final, tmp = os.path.join(where, tag), os.path.join(where, tag + ".tmp")
+        if _real_dir(final):
+            return False
+        _remove(tmp)  # a copy a crash cut short
+        if not _real_dir(path):
+            return False  # nothing to keep
+        try:
+            _copy_tree(path, tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _remove(tmp)
+            raise
+        return True
+
+
+def has_backup(root: str, game: str, tag: str) -> bool:
+    return _real_dir(os.path.join(os.path.realpath(root), BACKUPS, game, tag))
+
+
+RESTORING = ".restoring"  # R/.backups/GAME/TAG.restoring: a restore from TAG begun and not finished
+
+
+def pending_restore(root: str, game: str) -> str | None:
+    """The copy a restore was begun from and not finished (a kill), or None."""
+    where = os.path.join(os.path.realpath(root), BACKUPS, game)
+    with _translated(f"look at the copies of {game}"):
+        if not _real_dir(where):
+            return None
+        for name in sorted(os.listdir(where)):
+            if name.endswith(RESTORING) and _real_dir(os.path.join(where, name.removesuffix(RESTORING))):
+                return name.removesuffix(RESTORING)
+    return None
+
+
+def restore(root: str, path: str, tag: str) -> bool:
+    """Put the content of the copy R/.backups/GAME/TAG back into the state directory, in place (the
+    directory keeps its inode: whatever holds it, a bind mount, a quota, keeps working). A marker
+    (TAG.restoring) says a restore is under way: one cut short is done again, from the copy, before
+    the game's next engine is created, whatever the game is asked for meanwhile. The copy stays.
+    False when there is no such copy."""
+    with _translated(f"restore of {path}"):
+        path = checked(root, path)
+        where = os.path.join(os.path.realpath(root), BACKUPS, os.path.basename(path))
+        copy = os.path.join(where, tag)
+        if not _real_dir(copy):
+            return False
+        marker = os.path.join(where, tag + RESTORING)
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        trash = os.path.join(where, "replaced")
+        _remove(trash)
+        os.mkdir(trash, 0o700)
+        top = os.open(path, _DIR)  # O_NOFOLLOW: checked() refused a symlink; one planted since fails here
+        try:
+            t = os.open(trash, _DIR)
+            try:
+                with os.scandir(top) as it:
+                    names = [e.name for e in it]
+                for name in names:  # out of the way first: a rename never follows a symlink
+                    os.rename(name, name, src_dir_fd=top, dst_dir_fd=t)
+            finally:
+                os.close(t)
+            src = os.open(copy, _DIR)
+            try:
+                _copy_dir(src, top, 0)
+                _own(top, os.fstat(src))
+            finally:
+                os.close(src)
+        finally:
+            os.close(top)
+        os.unlink(marker)
+        _remove(trash)
+        return True
+
+
+def backups(root: str) -> dict[str, list[str]]:
+    """GAME -> the names under R/.backups/GAME."""
+    found: dict[str, list[str]] = {}
+    base = os.path.join(os.path.realpath(root), BACKUPS)
+    with _translated("list of the copies"):
+        if not _real_dir(base):
+            return found
+        for game in os.listdir(base):
+            if _real_dir(os.path.join(base, game)):
+                found[game] = sorted(os.listdir(os.path.join(base, game)))
+    return found
+
+
+def drop_backup(root: str, game: str, name: str | None = None) -> None:
+    """Delete R/.backups/GAME/NAME (every copy of the game when NAME is None)."""
+    if not state_name_ok(os.path.abspath(root), os.path.join(os.path.abspath(root), game)):
+        raise Refused(f"not a game: {game}")
+    if name is not None and (os.sep in name or name in ("", ".", "..")):
+        raise Refused(f"not a copy: {name}")
+    with _translated(f"deletion of the copy of {game}"):
+        where = os.path.join(os.path.realpath(root), BACKUPS, game)
+        _remove(where if name is None else os.path.join(where, name))
+
+
+def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) -> str:
+    """Delete a removed game's state directory, or move it to ``archive_dir``/``archive_name``.
+    Returns what was done: deleted, archived or absent."""
+    with _translated(f"disposal of {path}"):
+        path = checked(root, path)
+        game = os.path.basename(path)
+        if not os.path.lexists(path):
+            drop_backup(root, game)
+            return "absent"
+        if archive_dir:
+            os.makedirs(archive_dir, 0o700, exist_ok=True)
+            target = os.path.join(os.path.realpath(archive_dir), archive_name)
+            if os.path.dirname(target) != os.path.realpath(archive_dir) or os.path.lexists(target):
+                raise Refused(f"cannot archive {path} as {target}")
+            try:
+                os.rename(path, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                tmp = target + ".tmp"
+                _remove(tmp)
+                _copy_tree(path, tmp)
+                os.rename(tmp, target)
+                _remove(path)
+            done = "archived"
+        else:
+            _remove(path)
+            done = "deleted"
+        drop_backup(root, game)
+        return done
+
+
+def measure(root: str, path: str, max_entries: int = MEASURE_MAX_ENTRIES) -> tuple[int, bool] | None:
+    """(bytes the state directory uses on disk, whether every entry was counted), or None when it
+    does not exist. Each inode counts once; symlinks count as themselves, never their targets."""
+    with _translated(f"size of {path}"):
+        path = checked(root, path)
+        try:
+            top = os.open(path, _DIR)
+        except FileNotFoundError:
+            return None
+        seen: set[tuple[int, int]] = set()
+        total, entries, complete = 0, 0, True
+        stack: list[tuple[int, int]] = [(top, 0)]
+        try:
+            st = os.fstat(top)
+            total += st.st_blocks * 512
+            while stack:
+                fd, depth = stack.pop()
+                try:
+                    with os.scandir(fd) as it:
+                        names = [e.name for e in it]
+                    for name in names:
+                        entries += 1
+                        if entries > max_entries:
+                            complete = False
+                            break
+                        try:
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # the engine deleted it meanwhile
+                        if (st.st_dev, st.st_ino) not in seen:
+                            seen.add((st.st_dev, st.st_ino))
+                            total += st.st_blocks * 512
+                        if stat.S_ISDIR(st.st_mode):
+                            if depth >= MAX_DEPTH:
+                                complete = False
+                                continue
+                            try:
+                                stack.append((os.open(name, _DIR, dir_fd=fd), depth + 1))
+                            except (FileNotFoundError, NotADirectoryError, OSError):
+                                continue  # replaced by a symlink or removed meanwhile: not followed
+                finally:
+                    os.close(fd)
+                if not complete and entries > max_entries:
+                    break
+        finally:
+            for fd, _ in stack:
+                os.close(fd)
+        return total, complete
+
+
+def free_space(root: str) -> tuple[int, int]:
+    """(bytes an unprivileged writer may still use, the filesystem's size) of the state root's
+    filesystem (the root itself, or its nearest existing parent)."""
+    with _translated(f"free space of {root}"):
+        where = os.path.abspath(root)
+        while not os.path.exists(where) and os.path.dirname(where) != where:
+            where = os.path.dirname(where)
+        st = os.statvfs(where)
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def exists(root: str, path: str) -> bool:
+    with _translated(f"look at {path}"):
+        return _real_dir(checked(root, path))
