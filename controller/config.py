@@ -246,6 +246,8 @@ class Settings:
             rel = os.path.relpath(path, os.path.normpath(get("RTMANAGER_STATE_ROOT") or "/"))
             if rel == "." or not rel.startswith("."):
                 raise ValueError("")
+            if rel.split(os.sep, 1)[0] == ".backups":  # the copies' tree: dropping a copy would take it
+                raise ValueError("")
             return path
 
         def allowlist(raw: str) -> ImageAllowlist:
@@ -311,7 +313,7 @@ class Settings:
             state_retention=parse("RTMANAGER_STATE_RETENTION", number(0, 10**9), "must be seconds, 0 or more"),
             state_archive_dir=parse("RTMANAGER_STATE_ARCHIVE_DIR", archive_dir,
                                     "must be empty or an absolute path outside RTMANAGER_STATE_ROOT (or a "
-                                    "directory in it whose name starts with a dot)"),
+                                    "directory in it whose name starts with a dot, other than .backups)"),
             state_min_free=parse("RTMANAGER_STATE_MIN_FREE", MinFree.parse,
                                  "must be bytes (such as 10g) or a percentage (such as 5%)"),
             state_scan_interval=parse("RTMANAGER_STATE_SCAN_INTERVAL", number(0.5, 86400),

@@ -248,14 +248,14 @@ class Reconciler:
                 # A planned disruption: the record's last probe may be stale, ask the engine now.
                 assert record is not None and container is not None
                 looked = await self._engine_generating(record, container)
-                if looked == "generating" and action.kind is ActionKind.WAIT:
+                if looked in ("generating", "unknown") and action.kind is ActionKind.WAIT:
                     self.queue.add_after(game_id, max(action.delay, 0.05))
                     return
-                if looked != "go":
+                if looked not in ("go", "unknown"):
                     continue  # what the engine said changed the record: plan again
                 if action.kind is ActionKind.WAIT and action.then is not None:
-                    # The record still says generating, but the engine does not (it does not answer, or
-                    # answers garbage): that is not generating, the disruption goes ahead.
+                    # The record still says generating, but the engine does not (or it no longer
+                    # answers at all): that is not generating, the disruption goes ahead.
                     action = Action(action.then, "the engine does not say it generates a turn")
             if action.kind is ActionKind.WAIT:
                 self.queue.add_after(game_id, max(action.delay, 0.05))
@@ -597,7 +597,12 @@ class Reconciler:
         a garbage answer or no admin API is not generating: the disruption goes ahead."""
         if not container.running or not container.address:
             return "go"
-        probe = await self.probe(record, container.address)
+        asking = record
+        if container.admin_token and container.admin_token != record.admin_token:
+            # The unit carries another token than the record (a restored database): ask with the
+            # unit's own, or a refusal would read as "not generating" and cut the turn.
+            asking = record.replace(admin_token=container.admin_token)
+        probe = await self.probe(asking, container.address)
         s = self.settings
         try:
             if probe.healthy and probe.phase == "generating":
@@ -611,6 +616,10 @@ class Reconciler:
                 return "changed"
         except Conflict:
             return "changed"  # the record moved on meanwhile: plan again before disrupting anything
+        if probe.healthy and probe.phase is None:
+            # It answers its health path but not its status (busy, slow, refusing us, garbage): it
+            # may be generating. Where the record says it was, the wait goes on (bounded).
+            return "unknown"
         return "go"
 
     async def _note_overdue(self, record: RuntimeRecord, action: Action) -> None:

@@ -45,10 +45,17 @@ def translate(exc: BaseException) -> BaseException | None:
     if isinstance(exc, PG_UNAVAILABLE):
         return StoreUnavailable(f"postgres: {exc.__class__.__name__}: {exc}")
     if isinstance(exc, asyncpg.exceptions.UniqueViolationError):
-        return UniqueViolation(f"postgres: {exc}", getattr(exc, "constraint_name", "") or "")
+        return UniqueViolation(f"postgres: {_headline(exc)}", getattr(exc, "constraint_name", "") or "")
     if isinstance(exc, asyncpg.exceptions.PostgresError):
-        return StoreError(f"postgres {getattr(exc, 'sqlstate', '')}: {exc}")
+        return StoreError(f"postgres {getattr(exc, 'sqlstate', '')}: {_headline(exc)}")
     return None
+
+
+def _headline(exc: BaseException) -> str:
+    """The server's message without its DETAIL: a "Failing row contains (...)" lists the row's
+    values, secrets included (an engine's admin token), and these messages reach logs and results."""
+    message = getattr(exc, "message", None)
+    return message if isinstance(message, str) and message else str(exc).split("\n", 1)[0]
 
 
 translating = errors_translating(translate)

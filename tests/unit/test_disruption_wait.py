@@ -294,6 +294,8 @@ def test_a_grace_is_not_part_of_the_spec_hash(tmp_path):
 
 @pytest.mark.parametrize("failure", ["unreachable", "garbage"])
 async def test_an_engine_that_stops_answering_while_a_stop_waits_is_stopped(w, failure):
+    """A status that fails while the health path answers may be a busy engine: the wait goes on.
+    Once the engine answers nothing at all, it is not generating: the stop goes ahead."""
     from desired.model import JobKind
     from observed.errors import EngineError, EngineUnreachable
     await generating(w)
@@ -303,8 +305,24 @@ async def test_an_engine_that_stops_answering_while_a_stop_waits_is_stopped(w, f
     w.engine.fail[NAME] = {"unreachable": EngineUnreachable("no answer"),
                            "garbage": EngineError("turn is not an integer from 0 to 2147483647")}[failure]
     w.store.clock.advance(2)
-    rec = await w.sync("g1")  # the record still says generating (a busy engine may not answer): not a reason
+    rec = await w.sync("g1")  # the health path still answers: maybe busy generating, not a reason
+    assert stops(w) == [] and rec.status is Status.GENERATION_IN_PROGRESS
+    [c] = w.running("g1")
+    w.backend.behaviour[c.image] = "mute"  # now it answers nothing at all
+    w.store.clock.advance(2)
+    rec = await w.sync("g1")
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED
+
+
+async def test_a_stale_recorded_token_does_not_cut_a_generation(w):
+    """A restored database recorded another token than the unit's: the wait asks with the unit's."""
+    from desired.model import JobKind
+    await generating(w)
+    rec = w.store.records["g1"]
+    w.store.records["g1"] = rec.replace(admin_token="older-token")
+    await job(w, JobKind.STOP)
+    await w.sync("g1")
+    assert stops(w) == []
 
 
 @pytest.mark.parametrize("grace,expected", [(45.0, 45), (None, 7)])

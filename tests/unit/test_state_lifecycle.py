@@ -272,6 +272,7 @@ async def test_a_nearly_full_filesystem_refuses_new_games_not_existing_ones_and_
 @pytest.mark.parametrize("archive, ok", [
     ("", True), ("/srv/archive", True), ("/srv/games/.archive", True), ("/srv/gamesx", True),
     ("/srv/games/archive", False), ("/srv/games", False), ("/srv/games/", False), ("relative", False),
+    ("/srv/games/.backups", False), ("/srv/games/.backups/archive", False),  # where copies are dropped
 ])
 def test_the_archive_is_never_where_a_games_directory_could_be(archive, ok):
     env = {"RTMANAGER_STATE_ROOT": "/srv/games", "RTMANAGER_STATE_ARCHIVE_DIR": archive}
