@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from controller.config import Settings
 from controller.metrics import Metrics
-from controller.planner import Action, ActionKind, plan
+from controller.planner import DISRUPTION_POLL, Action, ActionKind, plan
 from controller.storage import StateKeeper
 from controller.workqueue import ShutDown, WorkQueue
 from desired import storage, transitions, versions
@@ -251,6 +251,14 @@ class Reconciler:
                 if looked in ("generating", "unknown") and action.kind is ActionKind.WAIT:
                     self.queue.add_after(game_id, max(action.delay, 0.05))
                     return
+                if looked == "generating" and not record.status.is_up:
+                    # The record does not know the engine as up (a replacement cut half-way), so no
+                    # wait began on it to bound this one: the oldest pending job's age bounds it.
+                    age = await self.store.oldest_pending_age(game_id) or 0.0
+                    if age < self.settings.disruption_wait:
+                        self.queue.add_after(game_id, DISRUPTION_POLL)
+                        return
+                    looked = "go"
                 if looked not in ("go", "unknown"):
                     continue  # what the engine said changed the record: plan again
                 if action.kind is ActionKind.WAIT and action.then is not None:

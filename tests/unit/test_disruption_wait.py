@@ -352,3 +352,18 @@ async def test_the_time_a_stop_waited_for_a_generation_does_not_count_against_th
     w.store.clock.advance(w.settings.disruption_wait)  # past the wait and the job timeout together: answered
     await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.job_timeout)
     assert [r for r in w.results("g1") if r[0] == "stop"] == [("stop", "failure", "docker_unavailable")]
+
+
+async def test_a_disruption_of_an_engine_the_record_does_not_know_as_up_is_bounded_too(w):
+    """A replacement cut half-way left the record `starting` while the old engine runs and says it
+    generates: a stop waits for it (no cut), but not for ever: once the job is older than the
+    limit, it goes ahead and is answered."""
+    from desired.model import JobKind
+    await generating(w)
+    w.store.records["g1"] = w.store.records["g1"].replace(status=Status.STARTING)
+    await job(w, JobKind.STOP)
+    await w.sync("g1")
+    assert stops(w) == []  # the engine generates: no cut yet
+    w.store.clock.advance(w.settings.disruption_wait + 1)
+    rec = await w.sync("g1")
+    assert len(stops(w)) == 1 and rec.status is Status.STOPPED
