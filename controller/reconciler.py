@@ -804,9 +804,11 @@ class Reconciler:
             record = await self.store.find(game_id)
             if record is None or record.converged:
                 return
-            if (age < timeout + self.settings.disruption_wait and record.admin_api is not False
+            if (age < timeout + self.settings.disruption_wait and record.status.is_up and record.admin_api is not False
                     and any(op.op in _DISRUPTING_OPS for op in await self.store.pending_operations(game_id))):
-                return  # a stop or replacement may have waited for a turn first: that wait is not the job's delay
+                # A stop or replacement of a running engine may have waited for a turn first: that
+                # wait is not the job's delay. (Nothing generates in a game that is not up.)
+                return
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
             await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
         except (StoreUnavailable, Conflict):
