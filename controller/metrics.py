@@ -7,7 +7,13 @@ naturally.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from desired.errors import TemporaryError
+from desired.leader import Fenced
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -122,3 +128,19 @@ class Metrics:
     def docker_observer(self, op: str, seconds: float, ok: bool) -> None:
         self.docker_calls.labels(op, "ok" if ok else "error").inc()
         self.docker_seconds.labels(op).observe(seconds)
+
+
+async def one_round(loop: str, once: Callable[[], Awaitable[None]], metrics: Metrics, log: logging.Logger) -> None:
+    """One round of a periodic loop: a failure (Postgres or the backend away, or a bug) is counted
+    and logged, and the loop tries again next interval; only a lost leadership term ends it."""
+    try:
+        await once()
+        metrics.loop_ok(loop)
+    except Fenced:
+        raise
+    except Exception as exc:  # noqa: BLE001 - next interval
+        metrics.loop_failed(loop, exc)
+        if isinstance(exc, TemporaryError):
+            log.warning("%s round failed: %s", loop, exc)
+        else:
+            log.exception("%s round failed unexpectedly; trying again next interval", loop)

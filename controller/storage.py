@@ -21,9 +21,9 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from controller.config import Settings
-from controller.metrics import Metrics
+from controller.metrics import Metrics, one_round
 from desired import storage
-from desired.errors import DockerUnavailable, StorageFull, TemporaryError
+from desired.errors import DockerUnavailable, StorageFull
 from desired.leader import Fenced
 from desired.model import RuntimeRecord, Status, container_name
 from desired.store import Store
@@ -243,16 +243,6 @@ class StorageRound:
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
-            try:
-                await self.once()
-                self.metrics.loop_ok("storage")
-            except Fenced:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Postgres or the backend away, or a bug: next interval
-                self.metrics.loop_failed("storage", exc)
-                if isinstance(exc, TemporaryError):
-                    log.warning("storage round failed: %s", exc)
-                else:
-                    log.exception("storage round failed unexpectedly; trying again next interval")
+            await one_round("storage", self.once, self.metrics, log)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.settings.state_scan_interval)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from controller.metrics import Metrics
+from controller.metrics import Metrics, one_round
 from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
 from controller.workqueue import WorkQueue
@@ -164,24 +164,17 @@ class HealthRound:
 
         await asyncio.gather(*(probe(r) for r in records))
 
+    async def _timed_once(self) -> None:
+        t0 = asyncio.get_running_loop().time()
+        await self.once()
+        self.metrics.health_round_seconds.observe(asyncio.get_running_loop().time() - t0)
+
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await wait_any(stopping, timeout=self.interval)
             if stopping.is_set():
                 return
-            try:
-                t0 = asyncio.get_running_loop().time()
-                await self.once()
-                self.metrics.health_round_seconds.observe(asyncio.get_running_loop().time() - t0)
-                self.metrics.loop_ok("health")
-            except Fenced:
-                raise
-            except Exception as exc:  # noqa: BLE001 - Postgres or the backend away, or a bug: next interval
-                self.metrics.loop_failed("health", exc)
-                if isinstance(exc, TemporaryError):
-                    log.warning("health round failed: %s", exc)
-                else:
-                    log.exception("health round failed unexpectedly; trying again next interval")
+            await one_round("health", self._timed_once, self.metrics, log)
 
 
 class TurnClock:
