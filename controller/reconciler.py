@@ -48,7 +48,7 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import DesiredStatus, ErrorCode, OpKind, RuntimeRecord, Status, container_name
+from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
 from desired.store import Crash, Store
 from desired.transitions import Probe
@@ -75,7 +75,7 @@ REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tr
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 WAITING = object()  # an action that will look again later by itself
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
-_DISRUPTING_OPS = (OpKind.STOP, OpKind.RESTART, OpKind.PATCH, OpKind.CLEANUP)  # may wait for a generation first
+_DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
 
 # The one table from the backend's errors to the results' error codes.
 BACKEND_ERRORS: dict[type[ObservedError], type[RtmError]] = {
@@ -554,7 +554,7 @@ class Reconciler:
             await self._fail_turn(record, ErrorCode.GENERATION_FAILED,
                                   f"the engine failed to generate turn {failed_turn}: {last.error if last else ''}")
             return None
-        if record.paused and not any(op.op is OpKind.FORCE_NEXT_TURN
+        if record.paused and not any(op.op is JobKind.FORCE_NEXT_TURN
                                      for op in await self.store.pending_operations(record.game_id)):
             # A pause accepted before the engine was asked: only a forced turn is generated paused
             # or not; a scheduled one is withdrawn (its job answered superseded, the pause success).

@@ -154,7 +154,3 @@ class Lease:
                 " WHERE instance = $1 AND holder = $2 AND epoch = $3",
                 self.fence.instance, self.fence.holder, self.fence.epoch))
         self.fence.epoch = 0
-
-    def step_down(self) -> None:
-        """Forget the term locally (it lapsed): no write or Docker action passes the fence any more."""
-        self.fence.deadline = 0.0

@@ -51,7 +51,6 @@ from desired.model import (
     Health,
     JobKind,
     JobResult,
-    OpKind,
     OpSource,
     OpStatus,
     Outcome,
@@ -131,7 +130,7 @@ RECENTLY_PUBLISHED_SQL = (
 class Operation:
     id: int
     game_id: str
-    op: OpKind
+    op: JobKind
     source: OpSource
     status: OpStatus
     generation: int
@@ -146,7 +145,7 @@ class Operation:
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Operation:
         params = row["params"]
-        return cls(id=row["id"], game_id=row["game_id"], op=OpKind(row["op"]), source=OpSource(row["source"]),
+        return cls(id=row["id"], game_id=row["game_id"], op=JobKind(row["op"]), source=OpSource(row["source"]),
                    status=OpStatus(row["status"]), generation=row["generation"], stream=row["stream"],
                    entry_id=row["entry_id"], params=json.loads(params) if isinstance(params, str) else params,
                    error_code=row["error_code"], error_message=row["error_message"],
@@ -190,7 +189,7 @@ _INSERT_OP_WITH_ID = (
 _INSERT_RESULT = "INSERT INTO job_results (result_id, operation_id, game_id, fields) VALUES ($1, $2, $3, $4::jsonb)"
 
 
-def _op_row(op_id: int, game_id: str, op: OpKind, source: OpSource, status: OpStatus, generation: int,
+def _op_row(op_id: int, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,
             stream: str | None, entry_id: str | None, params: dict, now: datetime, code: ErrorCode | None,
             message: str | None) -> tuple:
     return (op_id, game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
@@ -225,7 +224,7 @@ class PendingResult:
 class ReconcilerNote:
     """An operation-log row for something the controller did on its own (no result is published)."""
 
-    op: OpKind
+    op: JobKind
     params: dict
     error_code: ErrorCode | None = None
     message: str = ""
@@ -400,12 +399,6 @@ class Store:
             await conn.execute("UPDATE runtime_records SET state_disposed_at = now(), state_bytes = NULL,"
                                " state_measured_at = NULL WHERE game_id = $1 AND status = 'removed'", game_id)
 
-    async def upsert(self, record: RuntimeRecord) -> None:
-        record.validate()
-        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in _RECORD_COLUMNS if c != "game_id")
-        async with self._tx() as (conn, _):
-            await _insert_record(conn, record, f" ON CONFLICT (game_id) DO UPDATE SET {updates}")
-
     # ------------------------------------------------- observed transitions
     async def _transition(self, rec: RuntimeRecord, change: Callable[[RuntimeRecord, datetime], RuntimeRecord], *,
                           finish: Outcome | None = None, guard_generation: bool = False,
@@ -480,7 +473,7 @@ class Store:
             new = await self._write(conn, cur, transitions.turn_failed(cur, now, code=code, message=message), now)
             # The turn's jobs fail; the others of the generation (the game is up) converged.
             for op in await self._pending_ops(conn, cur.game_id, cur.generation):
-                if op.op in (OpKind.FORCE_NEXT_TURN, OpKind.TURN):
+                if op.op in (JobKind.FORCE_NEXT_TURN, JobKind.TURN):
                     await self._end_op(conn, op, Outcome.FAILURE, code, message, "", "", now)
                 else:
                     await self._end_op(conn, op, Outcome.SUCCESS, None, "", new.current_container_id or "",
@@ -518,7 +511,7 @@ class Store:
                 raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} was removed", game_id)
             new = await self._write_desired(conn, cur, cur.replace(turn_interval=turn_interval,
                                                                    last_op_at=max(now, cur.last_op_at)), now)
-            await self._insert_op(conn, game_id, OpKind.RECONCILE, source, OpStatus.SUCCEEDED, cur.generation,
+            await self._insert_op(conn, game_id, JobKind.RECONCILE, source, OpStatus.SUCCEEDED, cur.generation,
                                   None, None, {"turn_interval": turn_interval}, now, None, None)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
             return new
@@ -566,7 +559,7 @@ class Store:
                 " AND status IN ('queued', 'running') AND generation <= $2 RETURNING 1) SELECT count(*) FROM u",
                 rec.game_id, rec.generation, json.dumps(params))
             if not n:
-                await self._insert_note(conn, rec, ReconcilerNote(op=OpKind.RECONCILE, params=params, message=note),
+                await self._insert_note(conn, rec, ReconcilerNote(op=JobKind.RECONCILE, params=params, message=note),
                                         now)
 
     async def record_crash(self, rec: RuntimeRecord, crash: Crash,
@@ -596,7 +589,7 @@ class Store:
             new = await self._write(conn, cur, new, now, "crash_loop" if v.give_up else "crashed")
             params.update(crash_count=v.count, **({"gave_up": True} if v.give_up else {"restart_in": v.delay}))
             await self._insert_note(conn, new, ReconcilerNote(
-                op=OpKind.RESTART, params=params, error_code=crash.code if v.give_up else None,
+                op=JobKind.RESTART, params=params, error_code=crash.code if v.give_up else None,
                 message=new.last_error_message or "" if v.give_up else ""), now)
             if v.give_up:  # a job that joined the crashed generation hears why
                 await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=Outcome.FAILURE,
@@ -637,7 +630,7 @@ class Store:
             await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
                                                          error_code=code, message=answer), now)
             if target:
-                op = jobs[0].op if jobs else OpKind.RECONCILE
+                op = jobs[0].op if jobs else JobKind.RECONCILE
                 await self._insert_note(conn, new, ReconcilerNote(
                     op=op, params={"event": "rollback", "from": cur.desired_image_ref, "to": target,
                                    "failed_generation": generation, "error_code": code.value}), now)
@@ -653,7 +646,7 @@ class Store:
             if cur.generation != generation or cur.status is not Status.STOPPED:
                 return None
             new = await self._write(conn, cur, transitions.cleaned_up(cur, now), now)
-            await self._insert_op(conn, game_id, OpKind.CLEANUP, OpSource.RECONCILER, OpStatus.SUCCEEDED,
+            await self._insert_op(conn, game_id, JobKind.CLEANUP, OpSource.RECONCILER, OpStatus.SUCCEEDED,
                                   new.generation, None, None, {"reason": "cleanup_ttl"}, now, None, None)
             return new
 
@@ -698,7 +691,7 @@ class Store:
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, job.game_id)
             status = OpStatus.QUEUED if decision.action in ("change", "join") else (
                 OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
-            op_id = await self._insert_op(conn, job.game_id, OpKind(job.kind.value), job.source, status,
+            op_id = await self._insert_op(conn, job.game_id, job.kind, job.source, status,
                                           decision.op_generation, job.stream or None, job.entry_id or None,
                                           params, now, decision.error_code if status is OpStatus.FAILED else None,
                                           decision.message or None)
@@ -760,7 +753,7 @@ class Store:
                                                   decision=None, duplicate=True))
                     continue
                 if isinstance(item, Rejection):
-                    ops.append(_op_row(op_id, item.game_id, OpKind(item.kind.value), item.source, OpStatus.FAILED,
+                    ops.append(_op_row(op_id, item.game_id, item.kind, item.source, OpStatus.FAILED,
                                        0, item.stream, item.entry_id, {}, now, item.code, item.message))
                     results.append(_result_row(op_id, JobResult(
                         result_id=str(uuid.uuid4()), game_id=item.game_id, outcome=Outcome.FAILURE, job=item.kind,
@@ -784,7 +777,7 @@ class Store:
                     if current is not None and replaces(current, decision.record):
                         await self._supersede_older(conn, decision.record, now)
                     notify.append(job.game_id)
-                ops.append(_op_row(op_id, job.game_id, OpKind(job.kind.value), job.source, status,
+                ops.append(_op_row(op_id, job.game_id, job.kind, job.source, status,
                                    decision.op_generation, job.stream or None, job.entry_id or None, params, now,
                                    decision.error_code if status is OpStatus.FAILED else None,
                                    decision.message or None))
@@ -823,7 +816,7 @@ class Store:
                 "SELECT id FROM runtime_operations WHERE stream = $1 AND entry_id = $2", stream, entry_id)
             if existing is not None:
                 return SubmitOutcome(operation_id=existing, decision=None, duplicate=True)
-            op_id = await self._insert_op(conn, game_id, OpKind(kind.value), source, OpStatus.FAILED, 0,
+            op_id = await self._insert_op(conn, game_id, kind, source, OpStatus.FAILED, 0,
                                           stream, entry_id, {}, now, code, message)
             await self._insert_result(conn, op_id, JobResult(
                 result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
@@ -844,7 +837,7 @@ class Store:
                 last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=image_ref,
                 generation=1, observed_generation=0)
             record = await self._write(conn, None, record, now)
-            await self._insert_op(conn, game_id, OpKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
+            await self._insert_op(conn, game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
                                   None, {"event": "adopt", "image_ref": image_ref}, now, None, None)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
             return record
@@ -1141,11 +1134,11 @@ class Store:
             "UPDATE runtime_operations SET status = $2, error_code = $3, error_message = $4, finished_at = $5"
             " WHERE id = $1", op.id, status.value, code.value if code else None, message or None, now)
         await self._insert_result(conn, op.id, JobResult(
-            result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome, job=JobKind(op.op.value),
+            result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome, job=op.op,
             job_entry_id=op.entry_id or "", container_id=container_id, engine_endpoint=endpoint,
             error_code=code, error_message=message))
 
-    async def _insert_op(self, conn: asyncpg.Connection, game_id: str, op: OpKind, source: OpSource,
+    async def _insert_op(self, conn: asyncpg.Connection, game_id: str, op: JobKind, source: OpSource,
                          status: OpStatus, generation: int, stream: str | None, entry_id: str | None,
                          params: dict, now: datetime, code: ErrorCode | None, message: str | None) -> int:
         return await conn.fetchval(

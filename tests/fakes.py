@@ -31,7 +31,6 @@ from desired.model import (
     ErrorCode,
     JobKind,
     JobResult,
-    OpKind,
     OpSource,
     OpStatus,
     Outcome,
@@ -622,7 +621,7 @@ class FakeStore:
         for o in list(self.ops):
             if o.game_id == rec.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
                     and o.generation <= cur.generation:
-                if o.op in (OpKind.FORCE_NEXT_TURN, OpKind.TURN):
+                if o.op in (JobKind.FORCE_NEXT_TURN, JobKind.TURN):
                     self._end(o, Outcome.FAILURE, code, message, "", "", now)
                 else:
                     self._end(o, Outcome.SUCCESS, None, "", new.current_container_id or "", new.engine_endpoint, now)
@@ -658,7 +657,7 @@ class FakeStore:
         for o in pending:
             self.ops[self.ops.index(o)] = Operation(**{**o.__dict__, "params": {**o.params, **params}})
         if not pending:
-            self._op(rec.game_id, OpKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, rec.generation,
+            self._op(rec.game_id, JobKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, rec.generation,
                      params, None)
 
     async def list_up(self) -> list[RuntimeRecord]:
@@ -677,7 +676,7 @@ class FakeStore:
         new = self._swap(cur, transitions.crashed(cur, now, verdict=verdict, code=crash.code, detail=crash.detail,
                                                   exit_code=crash.exit_code, oom_killed=crash.oom_killed,
                                                   window=policy.window))
-        self._op(new.game_id, OpKind.RESTART, OpSource.RECONCILER,
+        self._op(new.game_id, JobKind.RESTART, OpSource.RECONCILER,
                  OpStatus.FAILED if verdict.give_up else OpStatus.SUCCEEDED, new.generation,
                  {"event": "crash", "crash_count": verdict.count}, crash.code if verdict.give_up else None)
         if verdict.give_up:
@@ -703,7 +702,7 @@ class FakeStore:
         self._finish(new, generation, Outcome.FAILURE, code,
                      f"{message}; rolled back to {target}" if target else message, now)
         if target:
-            self._op(game_id, jobs[0].op if jobs else OpKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED,
+            self._op(game_id, jobs[0].op if jobs else JobKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED,
                      new.generation, {"event": "rollback", "to": target}, None)
         return new
 
@@ -743,7 +742,7 @@ class FakeStore:
                     self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED, "replaced by a newer job", "", "", now)
         status = OpStatus.QUEUED if decision.action in ("change", "join") else (
             OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
-        op = self._op(job.game_id, OpKind(job.kind.value), job.source, status, decision.op_generation,
+        op = self._op(job.game_id, job.kind, job.source, status, decision.op_generation,
                       {"force": True} if job.force else {},
                       decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id)
         if decision.action in ("replay", "reject"):
@@ -778,7 +777,7 @@ class FakeStore:
         dup = next((o for o in self.ops if o.stream == stream and o.entry_id == entry_id), None)
         if dup is not None:
             return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
-        op = self._op(game_id, OpKind(kind.value), source, OpStatus.FAILED, 0, {}, code, stream, entry_id)
+        op = self._op(game_id, kind, source, OpStatus.FAILED, 0, {}, code, stream, entry_id)
         self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
                                    job_entry_id=entry_id, error_code=code, error_message=message))
         return SubmitOutcome(operation_id=op.id, decision=None)
@@ -799,7 +798,7 @@ class FakeStore:
                                    else OpStatus.FAILED, "error_code": code.value if code else None,
                                    "error_message": message or None, "finished_at": now})
         self._result(self.ops[i], JobResult(result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome,
-                                            job=JobKind(op.op.value), job_entry_id=op.entry_id or "",
+                                            job=op.op, job_entry_id=op.entry_id or "",
                                             container_id=container_id, engine_endpoint=endpoint, error_code=code,
                                             error_message=message))
 
