@@ -3,7 +3,7 @@
 Every source of jobs (the stream intake of the start, stop and control streams,
 the REST API, and the turn clock) calls ``submit`` or ``reject``; nothing else writes
 desired state. ``submit`` commits the desired-state change and the operation
-row in one transaction (desired/store.py), then wakes the reconciler for the
+row in one transaction (desired/db/submissions.py), then wakes the reconciler for the
 game and the relay for the results that already exist (replays, rejections,
 superseded jobs).
 """
@@ -15,13 +15,14 @@ from collections.abc import Callable
 
 from desired.jobs import Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource
-from desired.store import Rejection, Store, SubmitOutcome
+from desired.ports import AdmissionStore
+from desired.values import Rejection, SubmitOutcome
 
 log = logging.getLogger("rtmanager.admission")
 
 
 class Admission:
-    def __init__(self, store: Store, defaults: RecordDefaults, *, wake: Callable[[str], None],
+    def __init__(self, store: AdmissionStore, defaults: RecordDefaults, *, wake: Callable[[str], None],
                  results_written: Callable[[], None], registry: bool = False) -> None:
         self.store = store
         self.defaults = defaults

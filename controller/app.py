@@ -40,11 +40,14 @@ from controller.streams import RedisStreams
 from controller.triggers import HealthRound, Readiness, Resync, TurnClock
 from controller.workqueue import WorkQueue
 from desired.clock import Clock
+from desired.db.lease import Lease
+from desired.db.migrate import migrate
+from desired.db.notifications import Notifications
+from desired.db.pool import connect, create_pool
+from desired.db.store import Store
 from desired.errors import StoreError, StoreUnavailable
-from desired.leader import Fence, Fenced, Lease
-from desired.migrate import migrate
-from desired.pg import connect, create_pool
-from desired.store import Identity, Notifications, Store, WrongInstance
+from desired.leader import Fence, Fenced
+from desired.values import Identity, WrongInstance
 from observed.backend import RuntimeBackend
 from observed.docker import DockerBackend
 from observed.engine import EngineClient

@@ -61,8 +61,8 @@ def _settings() -> Settings:
 
 @contextlib.asynccontextmanager
 async def _store(settings: Settings) -> AsyncIterator:
-    from desired.pg import create_pool
-    from desired.store import Store
+    from desired.db.pool import create_pool
+    from desired.db.store import Store
 
     pool = await create_pool(settings.database_url, max_size=2, lease_ttl=settings.lease_ttl)
     try:
@@ -94,8 +94,8 @@ async def _streams(settings: Settings) -> AsyncIterator:
 
 
 async def _migrate(settings: Settings) -> int:
-    from desired.migrate import migrate
-    from desired.pg import connect
+    from desired.db.migrate import migrate
+    from desired.db.pool import connect
 
     conn = await connect(settings.database_url)
     try:
@@ -194,7 +194,7 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
     """The engine-version registry, straight in the database (the controller reads it at every start)."""
     from desired.errors import NotFound, UniqueViolation
     from desired.jobs import IMAGE_REF_PATTERN
-    from desired.store import VersionInUse
+    from desired.values import VersionInUse
     from desired.versions import MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
     async with _store(settings) as store:
@@ -307,7 +307,7 @@ def _format_result(f: dict[str, str]) -> str:
 
 
 async def _doctor(settings: Settings) -> int:
-    from desired.migrate import load_migrations
+    from desired.db.migrate import load_migrations
 
     problems = 0
 

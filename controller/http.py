@@ -50,7 +50,8 @@ from desired.model import (
     Outcome,
     Status,
 )
-from desired.store import Store, VersionInUse
+from desired.ports import SurfaceStore
+from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus, valid_stop_grace
 
 log = logging.getLogger("rtmanager.http")
@@ -100,7 +101,7 @@ class HttpDeps:
     """What the HTTP surface needs from the controller, and nothing more."""
 
     settings: Settings
-    store: Store
+    store: SurfaceStore
     admission: Admission
     metrics: Metrics
     is_leader: Callable[[], bool]

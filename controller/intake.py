@@ -59,7 +59,8 @@ from desired.errors import StoreUnavailable
 from desired.jobs import InvalidJob, Job, parse_control, parse_job, shown_game_id
 from desired.leader import Fence, Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
-from desired.store import Rejection, Store
+from desired.ports import IntakeStore
+from desired.values import Rejection
 
 log = logging.getLogger("rtmanager.intake")
 
@@ -79,7 +80,7 @@ def previous_id(entry_id: str) -> tuple[int, int]:
 
 
 class Intake:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, admission: Admission,
+    def __init__(self, settings: Settings, streams: RedisStreams, store: IntakeStore, admission: Admission,
                  metrics: Metrics, fence: Fence | None = None) -> None:
         self.settings = settings
         self.redis = streams

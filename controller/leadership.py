@@ -27,8 +27,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from controller.metrics import Metrics
+from desired.db.lease import Lease
 from desired.errors import StoreUnavailable
-from desired.leader import Fence, Lease
+from desired.leader import Fence
 
 log = logging.getLogger("rtmanager.leadership")
 

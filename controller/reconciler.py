@@ -50,8 +50,9 @@ from desired.errors import (
 from desired.leader import Fence, Fenced
 from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
-from desired.store import Crash, Store
+from desired.ports import ReconcilerStore
 from desired.transitions import Probe
+from desired.values import Crash
 from observed.backend import RuntimeBackend
 from observed.docker import ensure_state_dir
 from observed.engine import EngineClient
@@ -132,7 +133,7 @@ def build_spec(settings: Settings, record: RuntimeRecord, *, database: str = "",
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: Store, backend: RuntimeBackend, engine: EngineClient,
+    def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, engine: EngineClient,
                  metrics: Metrics, queue: WorkQueue, *, results_written: Callable[[], None],
                  fence: Fence | None = None, clock: Clock | None = None, database: str = "") -> None:
         self.settings = settings

@@ -40,7 +40,7 @@ from controller.metrics import Metrics
 from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
 from desired.leader import Fenced
-from desired.store import Store
+from desired.ports import RelayStore
 
 log = logging.getLogger("rtmanager.relay")
 
@@ -58,7 +58,7 @@ class RelayStalled(Exception):
 
 
 class Relay:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, streams: RedisStreams, store: RelayStore, metrics: Metrics) -> None:
         self.settings = settings
         self.redis = streams
         self.store = store

@@ -26,7 +26,7 @@ from desired import storage
 from desired.errors import DockerUnavailable, StorageFull
 from desired.leader import Fenced
 from desired.model import RuntimeRecord, Status, container_name
-from desired.store import Store
+from desired.ports import StorageStore
 from observed import statedir
 from observed.backend import RuntimeBackend
 from observed.errors import BackendUnavailable, Refused
@@ -122,7 +122,7 @@ class StateKeeper:
 
 
 class StorageRound:
-    def __init__(self, *, settings: Settings, store: Store, backend: RuntimeBackend, reconciler: Reconciler,
+    def __init__(self, *, settings: Settings, store: StorageStore, backend: RuntimeBackend, reconciler: Reconciler,
                  keeper: StateKeeper, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store

@@ -39,7 +39,7 @@ from desired.model import (
     check_transition,
 )
 from desired.policy import CrashPolicy, next_crash
-from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome, decided
+from desired.values import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome, decided
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,

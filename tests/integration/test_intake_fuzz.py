@@ -17,7 +17,7 @@ from controller.intake import Intake
 from controller.metrics import Metrics
 from controller.relay import Relay
 from controller.streams import RedisStreams
-from desired.store import Store
+from desired.db.store import Store
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from desired.store import RECENTLY_PUBLISHED_SQL, Store
+from desired.db.rows import RECENTLY_PUBLISHED_SQL
+from desired.db.store import Store
 from tests.waits import eventually
 
 pytestmark = pytest.mark.integration

@@ -1,7 +1,7 @@
 """Property, against the real store: random sequences of jobs and observations keep every stored
 record valid, and every job ends with exactly one result.
 
-The observations are what the reconciler writes (desired/store.py's named transitions and
+The observations are what the reconciler writes (desired/db/transitions.py's named transitions and
 fail_generation): converging a game to its desired status, or failing a generation (which rolls a
 running game back, or stops it, or keeps removing it).
 """
@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from desired.db.rows import record_from_row
+from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
-from desired.store import Store, record_from_row
 from desired.transitions import Probe
 
 pytestmark = pytest.mark.integration

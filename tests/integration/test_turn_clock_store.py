@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import JobKind, OpSource, OpStatus
-from desired.store import Store
 from desired.transitions import Probe
 
 pytestmark = pytest.mark.integration

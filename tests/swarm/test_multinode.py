@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 
-from desired.store import Store
+from desired.db.store import Store
 from tests.integration.harness import Harness
 from tests.swarm.nodes import STUBS, Cluster
 from tests.waits import eventually
