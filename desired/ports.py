@@ -23,7 +23,8 @@ from desired.values import Crash, Operation, PendingResult, Rejection, SubmitOut
 class ReconcilerStore(Protocol):
     """The reconciler: one record and its pending jobs, and the named transitions it records."""
 
-    clock: Clock
+    @property
+    def clock(self) -> Clock: ...  # the database clock's reading of now (desired/clock.py)
 
     async def find(self, game_id: str) -> RuntimeRecord | None: ...
     async def pending_operations(self, game_id: str) -> list[Operation]: ...

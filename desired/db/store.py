@@ -21,6 +21,8 @@ see it through the narrower ports of desired/ports.py.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from desired.db.identity import Identities
 from desired.db.marks import Marks
 from desired.db.outbox import Outbox
@@ -29,6 +31,27 @@ from desired.db.registry import Registry
 from desired.db.submissions import Submissions
 from desired.db.transitions import Transitions
 
+if TYPE_CHECKING:
+    from desired.ports import (
+        AdmissionStore,
+        HealthStore,
+        IntakeStore,
+        ReconcilerStore,
+        RelayStore,
+        ResyncStore,
+        StorageStore,
+        SurfaceStore,
+        TurnClockStore,
+    )
+
 
 class Store(Records, Transitions, Submissions, Outbox, Registry, Marks, Identities):
     """Every part of the store over one pool (and, for the leader, one fence and clock)."""
+
+
+if TYPE_CHECKING:  # mypy holds the store to every port of desired/ports.py
+    def _ports(store: Store) -> None:
+        ports: tuple[ReconcilerStore, RelayStore, AdmissionStore, IntakeStore, SurfaceStore, TurnClockStore,
+                     ResyncStore, HealthStore, StorageStore] = (store, store, store, store, store, store, store,
+                                                                store, store)
+        del ports
