@@ -20,7 +20,6 @@ from desired.db.pool import translating
 from desired.db.rows import (
     DESIRED_COLUMNS,
     INSERT_RESULT,
-    RECORD_COLUMNS,
     changed,
     insert_record,
     operation_from_row,
@@ -40,8 +39,6 @@ from desired.model import (
     check_transition,
 )
 from desired.values import Finish, Operation, ReconcilerNote, decided
-
-__all__ = ["RECORD_COLUMNS", "StoreBase"]
 
 
 @translating

@@ -24,10 +24,6 @@ class Identities(StoreBase):
             raise WrongInstance(f"the database belongs to instance {identity.instance!r}, not {instance!r}")
         return identity
 
-    async def identity(self) -> Identity | None:
-        row = await self.pool.fetchrow("SELECT instance, uid, claimed_at FROM controller_identity")
-        return Identity(instance=row["instance"], uid=str(row["uid"]), claimed_at=row["claimed_at"]) if row else None
-
     async def lease_info(self, instance: str) -> dict | None:
         row = await self.pool.fetchrow(
             "SELECT holder, epoch, expires_at > now() AS live FROM leader_leases WHERE instance = $1", instance)
