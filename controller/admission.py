@@ -1,8 +1,10 @@
 """Admission: the one path by which a job becomes desired state.
 
 Every source of jobs (the stream intake of the start, stop and control streams,
-the REST API, and the turn clock) calls ``submit`` or ``reject``; nothing else writes
-desired state. ``submit`` commits the desired-state change and the operation
+the REST API, and the turn clock) calls ``submit`` or ``reject``. Desired state has a few other
+writers, none of them a job: ``PUT /schedule`` (the turn clock's interval) and ``rtmanager adopt``
+write it through the store directly, and the reconciler's named transitions change it where a
+generation cannot converge (desired/transitions.py). ``submit`` commits the desired-state change and the operation
 row in one transaction (desired/db/submissions.py), then wakes the reconciler for the
 game and the relay for the results that already exist (replays, rejections,
 superseded jobs).

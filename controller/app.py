@@ -4,7 +4,8 @@ the triggers controller/triggers.py, admission controller/admission.py.
 
 Tasks. Always: the leadership loop and the HTTP server. While this replica
 leads: the intake, the outbox relay, N reconcile workers, the resync, the
-NOTIFY listener, the health round and the backend's event reader. Each loop
+NOTIFY listener, the health round, the turn clock, the storage round and the
+backend's event reader. Each loop
 survives what goes wrong in it: per-game work fails or retries that game, and a
 failed iteration is logged, counted (``rtmanager_loop_errors_total``), shown on
 ``/readyz`` and retried with a capped backoff. A leader task that dies of a

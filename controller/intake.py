@@ -83,7 +83,7 @@ class Intake:
     def __init__(self, settings: Settings, streams: RedisStreams, store: IntakeStore, admission: Admission,
                  metrics: Metrics, fence: Fence | None = None) -> None:
         self.settings = settings
-        self.redis = streams
+        self.redis_streams = streams
         self.store = store
         self.admission = admission
         self.metrics = metrics
@@ -102,7 +102,7 @@ class Intake:
 
 
     @property
-    def streams(self) -> list[str]:
+    def stream_names(self) -> list[str]:
         return list(self.kinds)
 
     def order(self, entry: Entry) -> tuple[int, int, int]:
@@ -161,10 +161,10 @@ class Intake:
     async def ensure_groups(self) -> None:
         """Create missing groups from the stored mark (id 0 when there is none)."""
         self.marks = await self.store.stream_marks()
-        for stream in self.streams:
+        for stream in self.stream_names:
             mark = self.marks.get(stream)
             start = f"{mark[0]}-{mark[1]}" if mark else "0"
-            if await self.redis.ensure_group(stream, start):
+            if await self.redis_streams.ensure_group(stream, start):
                 log.info("created consumer group %s on %s from %s", self.settings.consumer_group, stream, start)
 
     # ------------------------------------------------------------------ reads
@@ -188,9 +188,9 @@ class Intake:
         applies anything newer, even when nothing new came (its late read may have taken the last
         entry there was)."""
         block = self._may_read(block_ms)
-        got = await self.redis.read_new(names, READ_COUNT, block)
+        got = await self.redis_streams.read_new(names, READ_COUNT, block)
         self._may_read()
-        taken = await self.redis.claim_others(self.streams, READ_COUNT)
+        taken = await self.redis_streams.claim_others(self.stream_names, READ_COUNT)
         if not got and not taken and first and block_ms and not block:
             await self._sleep(0.05)  # the term ends within READ_MARGIN unless renewed: do not spin
         return got, taken
@@ -198,7 +198,7 @@ class Intake:
     async def read_round(self, block_ms: int | None = BLOCK_MS) -> int:
         """Wait (bounded) for new entries, then handle every entry that has come, merged across
         streams in entry-id order (``_merge``). Returns how many were looked at."""
-        names = list(self.streams)
+        names = list(self.stream_names)
         sent = asyncio.get_running_loop().time()
         got, taken = await self._read(names, block_ms, first=True)
         if not got and not taken:
@@ -220,7 +220,7 @@ class Intake:
         (a round cut by an outage or a crash, a predecessor's) go through the same merge: a stop
         delivered early never goes before a start not yet read."""
         loop = asyncio.get_running_loop()
-        names = list(self.streams)
+        names = list(self.stream_names)
         buffers: dict[str, list[tuple[float, Entry, bool]]] = {s: [] for s in names}
         known: set[tuple[str, str]] = set()
 
@@ -293,12 +293,12 @@ class Intake:
         later ones again."""
         min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
         entries: dict[tuple[str, str], Entry] = {}
-        for stream in self.streams:
+        for stream in self.stream_names:
             self._may_read()
-            for e in await self.redis.read_own_pending(stream, READ_COUNT):
+            for e in await self.redis_streams.read_own_pending(stream, READ_COUNT):
                 entries[(e.stream, e.id)] = e
             self._may_read()
-            claimed = await self.redis.claim_idle(stream, min_idle, READ_COUNT)
+            claimed = await self.redis_streams.claim_idle(stream, min_idle, READ_COUNT)
             if claimed:
                 log.warning("claimed %d entries left pending by other consumers", len(claimed),
                             extra={"stream": stream})
@@ -319,7 +319,7 @@ class Intake:
         kept: list[Entry] = []
         for entry in batch:
             if entry.fields is None or self._below_mark(entry):
-                await self.redis.ack(entry.stream, entry.id)
+                await self.redis_streams.ack(entry.stream, entry.id)
                 continue
             items.append(self._parse(entry))
             kept.append(entry)
@@ -346,7 +346,7 @@ class Intake:
         for entry in kept:
             by_stream.setdefault(entry.stream, []).append(entry.id)
         for stream, ids in by_stream.items():
-            await self.redis.ack(stream, *ids)
+            await self.redis_streams.ack(stream, *ids)
 
     def _below_mark(self, entry: Entry) -> bool:
         mark = self.marks.get(entry.stream)
@@ -390,10 +390,10 @@ class Intake:
         tried again by a pending pass, until it is dead-lettered."""
         stream, entry_id = entry.stream, entry.id
         if entry.fields is None:  # deleted from the stream while pending: nothing to carry out
-            await self.redis.ack(stream, entry_id)
+            await self.redis_streams.ack(stream, entry_id)
             return True
         if self._below_mark(entry):
-            await self.redis.ack(stream, entry_id)
+            await self.redis_streams.ack(stream, entry_id)
             return True
         attempts = 0
         if reread:
@@ -401,7 +401,7 @@ class Intake:
             attempts = await self.store.count_attempt(stream, entry_id)
             if attempts > self.settings.max_deliveries:
                 await self.dead_letter(entry, attempts - 1)
-                await self.redis.ack(stream, entry_id)
+                await self.redis_streams.ack(stream, entry_id)
                 return True
         try:
             await self.handle(entry)
@@ -419,7 +419,7 @@ class Intake:
             log.exception("could not handle entry (attempt %d of at most %d); it stays pending",
                           attempts, self.settings.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
             return False
-        await self.redis.ack(stream, entry_id)
+        await self.redis_streams.ack(stream, entry_id)
         if attempts:
             try:
                 await self.store.forget_attempts(stream, entry_id)
@@ -460,8 +460,8 @@ class Intake:
             return  # it had been carried out; only the XACK was missing
         copy = {**(entry.fields or {}), "rtm_source_stream": entry.stream, "rtm_entry_id": entry.id,
                 "rtm_attempts": str(attempts), "rtm_error": message}
-        await self.redis.add(self.settings.dead_letter_stream, copy,
-                             maxlen=self.settings.dead_letter_maxlen or None)
+        await self.redis_streams.add(self.settings.dead_letter_stream, copy,
+                                     maxlen=self.settings.dead_letter_maxlen or None)
         self.metrics.jobs.labels(entry.stream, "dead_letter").inc()
         log.error("dead-lettered entry", extra={"stream": entry.stream, "entry_id": entry.id, "game_id": game_id,
                                                 "attempts": attempts})
@@ -470,8 +470,8 @@ class Intake:
     async def maintain(self) -> None:
         """Store each stream's handled mark, then trim what lies below it (and outside the keep window)."""
         keep_floor = (int((time.time() - self.settings.stream_keep) * 1000), 0)
-        for stream in self.streams:
-            info = await self.redis.group_info(stream)
+        for stream in self.stream_names:
+            info = await self.redis_streams.group_info(stream)
             if info is None:
                 continue
             if info.oldest_pending:
@@ -484,6 +484,6 @@ class Intake:
             if self.settings.stream_keep >= 0:
                 below = min(self.marks[stream], keep_floor)
                 if below > (0, 0):
-                    trimmed = await self.redis.trim_below(stream, f"{below[0]}-{below[1]}")
+                    trimmed = await self.redis_streams.trim_below(stream, f"{below[0]}-{below[1]}")
                     if trimmed:
                         log.info("trimmed %d handled entries", trimmed, extra={"stream": stream})

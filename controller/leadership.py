@@ -45,7 +45,6 @@ class Leadership:
         self._lost = asyncio.Event()
         self._released = asyncio.Event()
         self.leading = False
-        self.terms = 0
 
     @property
     def ttl(self) -> float:
@@ -71,7 +70,6 @@ class Leadership:
             first = False
             announced = False
             self.leading = True
-            self.terms += 1
             self._lost.clear()
             self.metrics.leader.set(1)
             self.metrics.leadership.labels("elected").inc()

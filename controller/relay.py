@@ -24,7 +24,7 @@ finishes nor makes progress for ``stall_limit`` seconds, whether it keeps failin
 (a statement timeout is retried like an outage) or hangs, makes ``/readyz`` answer
 503 naming the relay, and ``rtmanager_relay_stalled_seconds`` says for how long.
 
-Only the results stream is trimmed here (approximate MAXLEN); job streams are
+The results and snapshot streams are trimmed here (approximate MAXLEN); job streams are
 trimmed by the intake, below what it has handled.
 """
 

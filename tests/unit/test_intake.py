@@ -428,7 +428,7 @@ async def test_a_process_killed_after_its_first_read_does_not_apply_the_stop_bef
     s, p = backlog_with_a_late_stop(streams)
     await streams.read_new([START, CONTROL, STOP], READ_COUNT, None)  # then the process died
     intake, *_ = make()
-    intake.redis, intake.store = streams, store
+    intake.redis_streams, intake.store = streams, store
     intake.admission = Admission(store, defaults(), wake=lambda g: None, results_written=lambda: None)
     await run_once(intake)
     assert ops_of(store, "target") == [("start", s), ("stop", p)]
