@@ -11,7 +11,7 @@ Two writers share ``runtime_records`` and never step on each other's columns:
   when it answers jobs), computed by the pure functions of desired/transitions.py.
 
 Every operation ends in the same transaction that writes its result into
-``job_results``; the relay publishes from there. Either the whole step is
+``job_results``; the relay publishes from there (woken by the commit: desired/wakeup.py). Either the whole step is
 committed, or none of it is: a crash at any point loses nothing.
 
 Every timestamp written comes from the database clock (``now()`` of the
@@ -62,6 +62,7 @@ from desired.model import (
 )
 from desired.pg import translating
 from desired.policy import CrashPolicy, CrashVerdict, next_crash
+from desired.wakeup import OUTBOX_CHANNEL, Signal
 
 log = logging.getLogger("rtmanager.store")
 
@@ -285,21 +286,34 @@ class Store:
     """Reads go straight to the pool; every write runs in ``_tx``, which reads the database clock
     and checks the leadership fence (when there is one) in its first statement."""
 
-    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None, clock: Clock | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None, clock: Clock | None = None,
+                 outbox: Signal | None = None) -> None:
         self.pool = pool
         self.fence = fence
         self.clock = clock or Clock()
+        self.outbox = outbox or Signal()  # raised by every committed transaction that wrote the outbox
+        self._outbox_written: set[asyncpg.Connection] = set()  # connections whose open transaction did
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            before = datetime.now(UTC)
-            if self.fence is not None:
-                now = await self.fence.check(conn)
-            else:
-                now = await conn.fetchval("SELECT now()")
-            self.clock.observe_db(now, before, datetime.now(UTC))
-            yield conn, now
+        wrote = False
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    before = datetime.now(UTC)
+                    if self.fence is not None:
+                        now = await self.fence.check(conn)
+                    else:
+                        now = await conn.fetchval("SELECT now()")
+                    self.clock.observe_db(now, before, datetime.now(UTC))
+                    yield conn, now
+                    wrote = conn in self._outbox_written
+                    if wrote:  # other replicas hear it at COMMIT (Postgres delivers NOTIFY then, or never)
+                        await conn.execute("SELECT pg_notify($1, $2)", OUTBOX_CHANNEL, self.outbox.origin)
+            finally:
+                self._outbox_written.discard(conn)
+        if wrote:
+            self.outbox.fire()  # after COMMIT: a reader woken before it would not see the rows
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
@@ -749,6 +763,7 @@ class Store:
                     await conn.executemany(_INSERT_OP_WITH_ID, ops)
                     ops.clear()
                 if results:
+                    self._outbox_written.add(conn)
                     await conn.executemany(_INSERT_RESULT, results)
                     results.clear()
 
@@ -1087,6 +1102,7 @@ class Store:
 
     async def _insert_snapshot(self, conn: asyncpg.Connection, record: RuntimeRecord, previous: Status | None,
                                reason: str, now: datetime) -> None:
+        self._outbox_written.add(conn)
         snapshot_id = str(uuid.uuid4())
         body = snapshots.fields(record, previous=previous, reason=reason, snapshot_id=snapshot_id, now=now)
         await conn.execute(
@@ -1162,19 +1178,22 @@ class Store:
                               None, None, note.params, now, note.error_code, note.message or None)
 
     async def _insert_result(self, conn: asyncpg.Connection, op_id: int | None, result: JobResult) -> None:
+        self._outbox_written.add(conn)
         await conn.execute(_INSERT_RESULT, *_result_row(op_id, result))
 
 
 # ------------------------------------------------------------- notifications
 class Notifications:
-    """NOTIFY from other processes (REST on another replica, operators' tools) on a connection of its own.
+    """NOTIFY from other processes (REST on another replica, operators' tools) on a connection of its own:
+    the games to look at, and (with ``outbox``) the outbox written elsewhere, which raises ``outbox``.
 
     Best effort: asyncpg does not notice a dead listener by itself, so the connection is pinged,
-    and reconnected with backoff; the periodic resync is the fallback for what is missed."""
+    and reconnected with backoff; the periodic resync (and the relay's poll) is the fallback for what is missed."""
 
-    def __init__(self, database_url: str, on_notify: Callable[[str], None]) -> None:
+    def __init__(self, database_url: str, on_notify: Callable[[str], None], outbox: Signal | None = None) -> None:
         self.database_url = database_url
         self.on_notify = on_notify
+        self.outbox = outbox
 
     async def run(self, stopping: asyncio.Event) -> None:
         delay = 0.5
@@ -1183,6 +1202,8 @@ class Notifications:
             try:
                 conn = await asyncpg.connect(self.database_url, timeout=5)
                 await conn.add_listener(NOTIFY_CHANNEL, lambda *args: self.on_notify(args[3]))
+                if self.outbox is not None:
+                    await conn.add_listener(OUTBOX_CHANNEL, lambda *args: self.outbox.heard(args[3]))
                 delay = 0.5
                 while not stopping.is_set() and not conn.is_closed():
                     await conn.execute("SELECT 1", timeout=5)
