@@ -106,8 +106,7 @@ class HttpDeps:
     metrics: Metrics
     is_leader: Callable[[], bool]
     readiness: Callable[[], Awaitable[dict[str, str]]]
-    results_changed: Callable[[], asyncio.Event]  # the event set when the next results are written
-    results_written: Callable[[], None]           # wake the relay
+    results_changed: Callable[[], asyncio.Event]  # the event set when the next results are committed
     schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
     unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
     image_present: Callable[[str], Awaitable[bool]] = lambda image: _unknown()
@@ -414,7 +413,6 @@ class HttpServer:
         count = await self.deps.store.snapshot_resync(game_id)
         if game_id is not None and count == 0:
             return _error(404, f"no runtime for game {game_id}")
-        self.deps.results_written()
         return web.json_response({"snapshots": count})
 
     async def metrics(self, request: web.Request) -> web.Response:

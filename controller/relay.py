@@ -45,7 +45,7 @@ from desired.ports import RelayStore
 log = logging.getLogger("rtmanager.relay")
 
 BATCH = 200
-IDLE_POLL = 5.0  # a fallback only: results written in this process wake the relay at once
+IDLE_POLL = 5.0  # a fallback only: a commit that writes the outbox wakes the relay at once (desired/wakeup.py)
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
 STALL_LIMIT = 60.0  # seconds a pass may go without finishing or progress before /readyz says so

@@ -39,6 +39,7 @@ from desired.model import (
     check_transition,
 )
 from desired.values import Finish, Operation, ReconcilerNote, decided
+from desired.wakeup import OUTBOX_CHANNEL, Signal
 
 
 @translating
@@ -46,21 +47,34 @@ class StoreBase:
     """Reads go straight to the pool; every write runs in ``_tx``, which reads the database clock
     and checks the leadership fence (when there is one) in its first statement."""
 
-    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None, clock: Clock | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None, clock: Clock | None = None,
+                 outbox: Signal | None = None) -> None:
         self.pool = pool
         self.fence = fence
         self.clock = clock or Clock()
+        self.outbox = outbox or Signal()  # raised by every committed transaction that wrote the outbox
+        self._outbox_written: set[asyncpg.Connection] = set()  # connections whose open transaction did
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
-        async with self.pool.acquire() as conn, conn.transaction():
-            before = datetime.now(UTC)
-            if self.fence is not None:
-                now = await check_fence(self.fence, conn)
-            else:
-                now = await conn.fetchval("SELECT now()")
-            self.clock.observe_db(now, before, datetime.now(UTC))
-            yield conn, now
+        wrote = False
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    before = datetime.now(UTC)
+                    if self.fence is not None:
+                        now = await check_fence(self.fence, conn)
+                    else:
+                        now = await conn.fetchval("SELECT now()")
+                    self.clock.observe_db(now, before, datetime.now(UTC))
+                    yield conn, now
+                    wrote = conn in self._outbox_written
+                    if wrote:  # other replicas hear it at COMMIT (Postgres delivers NOTIFY then, or never)
+                        await conn.execute("SELECT pg_notify($1, $2)", OUTBOX_CHANNEL, self.outbox.origin)
+            finally:
+                self._outbox_written.discard(conn)
+        if wrote:
+            self.outbox.fire()  # after COMMIT: a reader woken before it would not see the rows
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
@@ -89,6 +103,7 @@ class StoreBase:
 
     async def _insert_snapshot(self, conn: asyncpg.Connection, record: RuntimeRecord, previous: Status | None,
                                reason: str, now: datetime) -> None:
+        self._outbox_written.add(conn)
         snapshot_id = str(uuid.uuid4())
         body = snapshots.fields(record, previous=previous, reason=reason, snapshot_id=snapshot_id, now=now)
         await conn.execute(
@@ -164,4 +179,5 @@ class StoreBase:
                               None, None, note.params, now, note.error_code, note.message or None)
 
     async def _insert_result(self, conn: asyncpg.Connection, op_id: int | None, result: JobResult) -> None:
+        self._outbox_written.add(conn)
         await conn.execute(INSERT_RESULT, *result_row(op_id, result))

@@ -93,6 +93,7 @@ class Submissions(StoreBase):
                     await conn.executemany(INSERT_OP_WITH_ID, ops)
                     ops.clear()
                 if results:
+                    self._outbox_written.add(conn)
                     await conn.executemany(INSERT_RESULT, results)
                     results.clear()
 

@@ -53,7 +53,7 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
     streams = RedisStreams(redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
     try:
         store = Store(pool)
-        admission = Admission(store, settings.record_defaults, wake=lambda g: None, results_written=lambda: None)
+        admission = Admission(store, settings.record_defaults, wake=lambda g: None)
         intake = Intake(settings, streams, store, admission, Metrics())
         await intake.ensure_groups()
         added = []

@@ -35,7 +35,7 @@ async def wired(settings, pool, redis_client, unique):
     store = Store(pool)
     changed: list[str] = []
     streams = RedisStreams(settings.redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
-    admission = Admission(store, settings.record_defaults, wake=changed.append, results_written=lambda: None)
+    admission = Admission(store, settings.record_defaults, wake=changed.append)
     intake = Intake(settings, streams, store, admission, Metrics())
     relay = Relay(settings, streams, store, Metrics())
     yield intake, relay, store, changed

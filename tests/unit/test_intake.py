@@ -25,7 +25,7 @@ IMG = "galaxy/engine-stub:1.0"
 def make(**env: str) -> tuple[Intake, FakeStreams, FakeStore, list[str]]:
     settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*", **env})
     streams, store, woken = FakeStreams(), FakeStore(), []
-    admission = Admission(store, defaults(), wake=woken.append, results_written=lambda: None)
+    admission = Admission(store, defaults(), wake=woken.append)
     return Intake(settings, streams, store, admission, Metrics()), streams, store, woken
 
 
@@ -429,7 +429,7 @@ async def test_a_process_killed_after_its_first_read_does_not_apply_the_stop_bef
     await streams.read_new([START, CONTROL, STOP], READ_COUNT, None)  # then the process died
     intake, *_ = make()
     intake.redis_streams, intake.store = streams, store
-    intake.admission = Admission(store, defaults(), wake=lambda g: None, results_written=lambda: None)
+    intake.admission = Admission(store, defaults(), wake=lambda g: None)
     await run_once(intake)
     assert ops_of(store, "target") == [("start", s), ("stop", p)]
 

@@ -57,8 +57,7 @@ class BlockingStreams(FakeStreams):
 async def test_the_intake_survives_an_unknown_error_and_admits_the_entry_after(adapter):
     settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*"})
     streams, store, metrics = BlockingStreams(), FakeStore(), Metrics()
-    intake = Intake(settings, streams, store, Admission(store, defaults(), wake=lambda g: None,
-                                                        results_written=lambda: None), metrics)
+    intake = Intake(settings, streams, store, Admission(store, defaults(), wake=lambda g: None), metrics)
     broken = streams if adapter == "streams" else store
     broken.fail = Boom("nobody knows this one")
     task = asyncio.create_task(intake.run())
