@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from desired.db.notifications import Notifications
+from desired.db.store import Store
 from desired.model import ErrorCode, JobKind
-from desired.store import Notifications, Store
 from desired.wakeup import Signal
 from tests.integration.harness import Harness
 from tests.waits import eventually
