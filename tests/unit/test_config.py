@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from controller.config import VARIABLES, ConfigError, Settings
+from controller.config import (
+    VARIABLES,
+    Backend,
+    ConfigError,
+    LogFormat,
+    LogLevel,
+    ProbeAddress,
+    Settings,
+    VersionPolicy,
+)
 from desired.jobs import RecordDefaults
 
 
@@ -162,6 +173,8 @@ BAD = [
     ("RTMANAGER_AUTO_MIGRATE", "2"),
     ("RTMANAGER_LOG_FORMAT", "xml"),
     ("RTMANAGER_LOG_LEVEL", "TRACE"),
+    ("RTMANAGER_BACKEND", "kubernetes"),
+    ("RTMANAGER_VERSION_POLICY", "any"),
 ]
 
 
@@ -211,3 +224,44 @@ def test_secrets_never_shown(name: str, value: str, secret: str) -> None:
     assert msg.startswith(name + ":")
     assert secret not in msg
     assert exc.value.__cause__ is None and exc.value.__suppress_context__
+
+
+CHOICES = [
+    ("RTMANAGER_BACKEND", "backend", Backend, "must be docker or swarm"),
+    ("RTMANAGER_VERSION_POLICY", "version_policy", VersionPolicy, "must be allowlist or registry"),
+    ("RTMANAGER_PROBE_ADDRESS", "probe_address", ProbeAddress, "must be ip, hostname or published"),
+    ("RTMANAGER_LOG_FORMAT", "log_format", LogFormat, "must be json or text"),
+    ("RTMANAGER_LOG_LEVEL", "log_level", LogLevel, "must be DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+@pytest.mark.parametrize(("name", "attr", "kind", "rule"), CHOICES, ids=[c[0] for c in CHOICES])
+def test_a_choice_is_its_enum_in_any_case_and_a_bad_one_lists_the_values(name, attr, kind, rule) -> None:
+    for member in kind:
+        for raw in (member.value.lower(), member.value.upper()):
+            value = getattr(Settings.from_env({name: raw}), attr)
+            assert value is member and value == member.value  # a str too: compared with plain strings
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({name: "neither"})
+    assert str(exc.value) == f"{name}: {rule}, got 'neither'"
+
+
+def test_defaults_of_the_choices() -> None:
+    s = Settings.from_env({})
+    assert (s.runtime.backend, s.images.version_policy, s.runtime.probe_address) == (
+        Backend.DOCKER, VersionPolicy.ALLOWLIST, ProbeAddress.IP)
+    assert (s.logging.log_format, s.logging.log_level) == (LogFormat.JSON, LogLevel.INFO)
+
+
+def test_every_setting_is_in_one_group_and_read_by_its_variable() -> None:
+    s = Settings.from_env({"RTMANAGER_CONSUMER_NAME": "c1"})
+    seen = []
+    for group in dataclasses.fields(s):
+        for f in dataclasses.fields(getattr(s, group.name)):
+            var = f.metadata["var"]
+            seen.append(var.name)
+            assert getattr(s, f.name) == getattr(getattr(s, group.name), f.name)  # the flat name still answers
+    assert seen == [v.name for v in VARIABLES]
+    assert s.streams.consumer_name == "c1" and s.streams.start_stream == "runtime:start_jobs"
+    with pytest.raises(AttributeError):
+        s.no_such_setting  # noqa: B018
