@@ -100,7 +100,8 @@ def markdown() -> str:
     """The README's settings table: one table per group, in the table's order."""
     out = []
     for group, kind in GROUPS.items():
-        out += ["", f"**{group}**: {kind.__doc__}", "", "| variable | default | meaning |", "|---|---|---|"]
+        out += ["", f"**{group.capitalize()}.** {kind.__doc__}", "", "| variable | default | meaning |",
+                "|---|---|---|"]
         for f in dataclasses.fields(kind):
             v: Var = f.metadata["var"]
             default = f"`{v.shown or v.default}`" if (v.shown or v.default) else "empty"
