@@ -52,11 +52,11 @@ import logging
 import time
 
 from controller.admission import Admission
-from controller.config import Settings
+from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
-from desired.jobs import InvalidJob, Job, parse_control, parse_job, shown_game_id
+from desired.jobs import ImageAllowlist, InvalidJob, Job, parse_control, parse_job, shown_game_id
 from desired.leader import Fence, Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
 from desired.store import Rejection, Store
@@ -79,9 +79,10 @@ def previous_id(entry_id: str) -> tuple[int, int]:
 
 
 class Intake:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, admission: Admission,
-                 metrics: Metrics, fence: Fence | None = None) -> None:
+    def __init__(self, settings: StreamSettings, streams: RedisStreams, store: Store, admission: Admission,
+                 metrics: Metrics, fence: Fence | None = None, *, allowlist: ImageAllowlist) -> None:
         self.settings = settings
+        self.allowlist = allowlist  # RTMANAGER_IMAGE_ALLOWLIST
         self.redis = streams
         self.store = store
         self.admission = admission
@@ -363,7 +364,7 @@ class Intake:
         try:
             if entry.stream == self.settings.control_stream:
                 return parse_control(entry.fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
-            return parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
+            return parse_job(kind, entry.fields, self.allowlist, source=OpSource.LOBBY,
                              stream=entry.stream, entry_id=entry.id)
         except InvalidJob as bad:
             return Rejection(kind=kind, game_id=bad.game_id, stream=entry.stream, entry_id=entry.id,

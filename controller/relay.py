@@ -35,7 +35,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from controller.config import Settings
+from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
@@ -58,7 +58,7 @@ class RelayStalled(Exception):
 
 
 class Relay:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, metrics: Metrics) -> None:
+    def __init__(self, settings: StreamSettings, streams: RedisStreams, store: Store, metrics: Metrics) -> None:
         self.settings = settings
         self.redis = streams
         self.store = store

@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from controller.config import Settings
+from controller.config import Settings, StorageSettings
 from controller.metrics import Metrics, one_round
 from desired import storage
 from desired.errors import DockerUnavailable, StorageFull
@@ -122,7 +122,7 @@ class StateKeeper:
 
 
 class StorageRound:
-    def __init__(self, *, settings: Settings, store: Store, backend: RuntimeBackend, reconciler: Reconciler,
+    def __init__(self, *, settings: StorageSettings, store: Store, backend: RuntimeBackend, reconciler: Reconciler,
                  keeper: StateKeeper, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store
