@@ -51,7 +51,7 @@ class Settings:
     leadership: LeadershipSettings
     streams: StreamSettings
     images: ImageSettings
-    engine: EngineSettings  # before runtime: the first bad variable reported follows this order
+    engine: EngineSettings
     runtime: RuntimeSettings
     storage: StorageSettings
     http: HttpSettings

@@ -69,7 +69,7 @@ class Var:
     name: str
     default: str
     help: str
-    parser: Parser = field(repr=False, default=TEXT)
+    parser: Parser = field(repr=False)
     secret: bool = False
     shown: str | None = None  # the default as the README shows it, when "" does not mean empty
 
