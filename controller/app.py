@@ -157,7 +157,7 @@ class Controller:
         self.readiness = Readiness({"postgres": self.store.ping, "redis": self.streams.ping,
                                     "docker": self.backend.ping, "relay": self._relay_check,
                                     "state_storage": self.reconciler.states.readiness}, self.metrics)
-        self.storage = StorageRound(settings=s.storage, store=self.store, backend=self.backend,
+        self.storage = StorageRound(config=s.storage, store=self.store, backend=self.backend,
                                     reconciler=self.reconciler, keeper=self.reconciler.states, metrics=self.metrics)
         self.resync = Resync(store=self.store, backend=self.backend, reconciler=self.reconciler, queue=self.queue,
                              metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,

@@ -86,8 +86,8 @@ async def _backend(settings: Settings) -> AsyncIterator:
 async def _streams(settings: Settings) -> AsyncIterator:
     from controller.streams import RedisStreams
 
-    s = settings.streams
-    streams = RedisStreams(s.redis_url, group=s.consumer_group, consumer=s.consumer_name)
+    group = settings.streams
+    streams = RedisStreams(group.redis_url, group=group.consumer_group, consumer=group.consumer_name)
     try:
         yield streams
     finally:

@@ -142,13 +142,13 @@ class HttpServer:
     async def start(self, game_subnets: list[str] | None = None) -> None:
         """Serve on RTMANAGER_HTTP_HOST; with ``off-game-network``, on every IPv4 address of this host
         (or container) outside ``game_subnets``, so that no engine reaches the API."""
-        s = self.c.http
+        h = self.c.http
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        hosts = [s.http_host] if s.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
+        hosts = [h.http_host] if h.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
         for host in hosts:
-            await web.TCPSite(self._runner, host, s.http_port).start()
-        log.info("http listening on %s port %d", ", ".join(hosts), s.http_port)
+            await web.TCPSite(self._runner, host, h.http_port).start()
+        log.info("http listening on %s port %d", ", ".join(hosts), h.http_port)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -64,7 +64,7 @@ def patch_submit(monkeypatch, store: Store, submit) -> None:
 
 
 def with_settings(intake: Intake, settings: Settings) -> Settings:
-    intake.settings = settings.streams
+    intake.config = settings.streams
     return settings
 
 

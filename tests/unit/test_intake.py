@@ -549,7 +549,7 @@ def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, 
             except _Killed:
                 if failover:
                     streams.consumer = next(consumers)
-                fresh = Intake(intake.settings, streams, store, intake.admission, intake.metrics,
+                fresh = Intake(intake.config, streams, store, intake.admission, intake.metrics,
                                allowlist=intake.allowlist)
                 intake = fresh
         for game, want in sent.items():
