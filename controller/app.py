@@ -146,16 +146,17 @@ class Controller:
         self.streams = RedisStreams(s.redis_url, group=s.consumer_group, consumer=s.consumer_name)
         self.admission = Admission(self.store, s.record_defaults, wake=self.queue.add,
                                    registry=s.version_policy == "registry")
-        self.relay = Relay(s, self.streams, self.store, self.metrics)
-        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics, fence=self.fence)
+        self.relay = Relay(s.streams, self.streams, self.store, self.metrics)
+        self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
+                             allowlist=s.images.image_allowlist)
         self.reconciler = Reconciler(s, self.store, self.backend, self.engine, self.metrics, self.queue,
                                      results_written=lambda: None, fence=self.fence, clock=self.clock,
                                      database=self.identity.uid)
         self.readiness = Readiness({"postgres": self.store.ping, "redis": self.streams.ping,
                                     "docker": self.backend.ping, "relay": self._relay_check,
                                     "state_storage": self.reconciler.states.readiness}, self.metrics)
-        self.storage = StorageRound(settings=s, store=self.store, backend=self.backend, reconciler=self.reconciler,
-                                    keeper=self.reconciler.states, metrics=self.metrics)
+        self.storage = StorageRound(config=s.storage, store=self.store, backend=self.backend,
+                                    reconciler=self.reconciler, keeper=self.reconciler.states, metrics=self.metrics)
         self.resync = Resync(store=self.store, backend=self.backend, reconciler=self.reconciler, queue=self.queue,
                              metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,
                              ready_check=self.readiness.ok)
@@ -169,7 +170,8 @@ class Controller:
         self.leadership = Leadership(self.lease, self.fence, self.metrics, on_elected=self._lead,
                                      on_deposed=self._step_down)
         self.http = HttpServer(HttpDeps(
-            settings=s, store=self.store, admission=self.admission, metrics=self.metrics,
+            http=s.http, allowlist=s.images.image_allowlist, store=self.store, admission=self.admission,
+            metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
             results_changed=self.outbox.next,
             schedule_changed=self.turn_clock.wake.set, unowned=lambda: self.resync.unowned,
@@ -187,7 +189,8 @@ class Controller:
         self.term_stopping = asyncio.Event()
         self.queue.reset()
         # Claims everything once; reads only while this term is valid.
-        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics, fence=self.fence)
+        self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
+                             allowlist=s.images.image_allowlist)
         self.relay.reset()
         term = self.term_stopping
         listener = Notifications(s.database_url, self.queue.add, outbox=self.outbox)  # another replica's commits

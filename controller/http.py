@@ -26,13 +26,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.admission import Admission
-from controller.config import Settings
+from controller.config import HttpSettings
 from controller.metrics import Metrics
 from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
     MAX_IMAGE_REF,
+    ImageAllowlist,
     InvalidJob,
     parse_control,
     parse_job,
@@ -100,7 +101,8 @@ def record_json(record) -> dict[str, Any]:
 class HttpDeps:
     """What the HTTP surface needs from the controller, and nothing more."""
 
-    settings: Settings
+    http: HttpSettings
+    allowlist: ImageAllowlist  # RTMANAGER_IMAGE_ALLOWLIST
     store: SurfaceStore
     admission: Admission
     metrics: Metrics
@@ -140,13 +142,13 @@ class HttpServer:
     async def start(self, game_subnets: list[str] | None = None) -> None:
         """Serve on RTMANAGER_HTTP_HOST; with ``off-game-network``, on every IPv4 address of this host
         (or container) outside ``game_subnets``, so that no engine reaches the API."""
-        s = self.deps.settings
+        h = self.deps.http
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        hosts = [s.http_host] if s.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
+        hosts = [h.http_host] if h.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
         for host in hosts:
-            await web.TCPSite(self._runner, host, s.http_port).start()
-        log.info("http listening on %s port %d", ", ".join(hosts), s.http_port)
+            await web.TCPSite(self._runner, host, h.http_port).start()
+        log.info("http listening on %s port %d", ", ".join(hosts), h.http_port)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -165,7 +167,7 @@ class HttpServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if request.path.startswith("/api/"):
-            token = self.deps.settings.api_token
+            token = self.deps.http.api_token
             if not token:
                 return _error(503, "the REST API is disabled: set RTMANAGER_API_TOKEN")
             given = request.headers.get("Authorization", "")
@@ -231,7 +233,7 @@ class HttpServer:
             if kind in CONTROL_OPS:
                 job = parse_control({"game_id": game_id, "op": kind.value}, source=OpSource.ADMIN)
             else:
-                job = parse_job(kind, fields, self.deps.settings.image_allowlist, source=OpSource.ADMIN)
+                job = parse_job(kind, fields, self.deps.allowlist, source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
         if force:
@@ -354,7 +356,7 @@ class HttpServer:
             return _error(400, "field version must be 1-64 characters of A-Z a-z 0-9 . _ -")
         if not image or len(image) > MAX_IMAGE_REF or not IMAGE_REF_PATTERN.fullmatch(image):
             return _error(400, "field image_ref is not a valid image reference")
-        if not self.deps.settings.image_allowlist.allows(image):
+        if not self.deps.allowlist.allows(image):
             return _error(400, f"field image_ref: {image!r} is not allowed by RTMANAGER_IMAGE_ALLOWLIST")
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)

@@ -52,11 +52,11 @@ import logging
 import time
 
 from controller.admission import Admission
-from controller.config import Settings
+from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
-from desired.jobs import InvalidJob, Job, parse_control, parse_job, shown_game_id
+from desired.jobs import ImageAllowlist, InvalidJob, Job, parse_control, parse_job, shown_game_id
 from desired.leader import Fence, Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
 from desired.ports import IntakeStore
@@ -80,19 +80,20 @@ def previous_id(entry_id: str) -> tuple[int, int]:
 
 
 class Intake:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: IntakeStore, admission: Admission,
-                 metrics: Metrics, fence: Fence | None = None) -> None:
-        self.settings = settings
+    def __init__(self, config: StreamSettings, streams: RedisStreams, store: IntakeStore, admission: Admission,
+                 metrics: Metrics, fence: Fence | None = None, *, allowlist: ImageAllowlist) -> None:
+        self.config = config
+        self.allowlist = allowlist  # RTMANAGER_IMAGE_ALLOWLIST
         self.redis_streams = streams
         self.store = store
         self.admission = admission
         self.metrics = metrics
         self.fence = fence  # no read without a valid term (None: no leadership, as in the unit tests)
         # The control stream's entries name their op; JobKind.RECONCILE answers one that names none.
-        self.kinds: dict[str, JobKind] = {settings.start_stream: JobKind.START,
-                                          settings.control_stream: JobKind.RECONCILE,
-                                          settings.stop_stream: JobKind.STOP}
-        self._rank = {settings.start_stream: 0, settings.control_stream: 1, settings.stop_stream: 2}
+        self.kinds: dict[str, JobKind] = {config.start_stream: JobKind.START,
+                                          config.control_stream: JobKind.RECONCILE,
+                                          config.stop_stream: JobKind.STOP}
+        self._rank = {config.start_stream: 0, config.control_stream: 1, config.stop_stream: 2}
         self._stopping = asyncio.Event()
         self.healthy = False
         self.claim_everything_once = True  # a new leader takes over what the old one left pending
@@ -118,7 +119,7 @@ class Intake:
 
     @property
     def pending_interval(self) -> float:
-        return max(1.0, min(self.settings.claim_idle / 2, 15.0))
+        return max(1.0, min(self.config.claim_idle / 2, 15.0))
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -165,7 +166,7 @@ class Intake:
             mark = self.marks.get(stream)
             start = f"{mark[0]}-{mark[1]}" if mark else "0"
             if await self.redis_streams.ensure_group(stream, start):
-                log.info("created consumer group %s on %s from %s", self.settings.consumer_group, stream, start)
+                log.info("created consumer group %s on %s from %s", self.config.consumer_group, stream, start)
 
     # ------------------------------------------------------------------ reads
     def _may_read(self, block_ms: int | None = None) -> int | None:
@@ -291,7 +292,7 @@ class Intake:
         RTMANAGER_CLAIM_IDLE in dead consumers' lists, of all streams together, merged in entry-id
         order with the entries not read yet (``_merge``), each game's failed entry holding its
         later ones again."""
-        min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
+        min_idle = 0 if self.claim_everything_once else int(self.config.claim_idle * 1000)
         entries: dict[tuple[str, str], Entry] = {}
         for stream in self.stream_names:
             self._may_read()
@@ -362,9 +363,9 @@ class Intake:
     def _parse(self, entry: Entry) -> Job | Rejection:
         kind = self.kind_of(entry)
         try:
-            if entry.stream == self.settings.control_stream:
+            if entry.stream == self.config.control_stream:
                 return parse_control(entry.fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
-            return parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
+            return parse_job(kind, entry.fields, self.allowlist, source=OpSource.LOBBY,
                              stream=entry.stream, entry_id=entry.id)
         except InvalidJob as bad:
             return Rejection(kind=kind, game_id=bad.game_id, stream=entry.stream, entry_id=entry.id,
@@ -399,7 +400,7 @@ class Intake:
         if reread:
             # Counted before it runs, so that an entry that kills the process counts too.
             attempts = await self.store.count_attempt(stream, entry_id)
-            if attempts > self.settings.max_deliveries:
+            if attempts > self.config.max_deliveries:
                 await self.dead_letter(entry, attempts - 1)
                 await self.redis_streams.ack(stream, entry_id)
                 return True
@@ -417,7 +418,7 @@ class Intake:
                 attempts = await self.store.count_attempt(stream, entry_id, f"{exc.__class__.__name__}: {exc}")
             self.metrics.jobs.labels(stream, "error").inc()
             log.exception("could not handle entry (attempt %d of at most %d); it stays pending",
-                          attempts, self.settings.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
+                          attempts, self.config.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
             return False
         await self.redis_streams.ack(stream, entry_id)
         if attempts:
@@ -428,7 +429,7 @@ class Intake:
         return True
 
     def kind_of(self, entry: Entry) -> JobKind:
-        if entry.stream == self.settings.control_stream:
+        if entry.stream == self.config.control_stream:
             raw = entry.field("op")
             op = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             return next((k for k in CONTROL_OPS if k.value == op), JobKind.RECONCILE)
@@ -460,8 +461,8 @@ class Intake:
             return  # it had been carried out; only the XACK was missing
         copy = {**(entry.fields or {}), "rtm_source_stream": entry.stream, "rtm_entry_id": entry.id,
                 "rtm_attempts": str(attempts), "rtm_error": message}
-        await self.redis_streams.add(self.settings.dead_letter_stream, copy,
-                                     maxlen=self.settings.dead_letter_maxlen or None)
+        await self.redis_streams.add(self.config.dead_letter_stream, copy,
+                                     maxlen=self.config.dead_letter_maxlen or None)
         self.metrics.jobs.labels(entry.stream, "dead_letter").inc()
         log.error("dead-lettered entry", extra={"stream": entry.stream, "entry_id": entry.id, "game_id": game_id,
                                                 "attempts": attempts})
@@ -469,7 +470,7 @@ class Intake:
     # ------------------------------------------------------------ maintenance
     async def maintain(self) -> None:
         """Store each stream's handled mark, then trim what lies below it (and outside the keep window)."""
-        keep_floor = (int((time.time() - self.settings.stream_keep) * 1000), 0)
+        keep_floor = (int((time.time() - self.config.stream_keep) * 1000), 0)
         for stream in self.stream_names:
             info = await self.redis_streams.group_info(stream)
             if info is None:
@@ -481,7 +482,7 @@ class Intake:
             if mark <= (0, 0):
                 continue
             self.marks[stream] = await self.store.advance_mark(stream, mark)
-            if self.settings.stream_keep >= 0:
+            if self.config.stream_keep >= 0:
                 below = min(self.marks[stream], keep_floor)
                 if below > (0, 0):
                     trimmed = await self.redis_streams.trim_below(stream, f"{below[0]}-{below[1]}")

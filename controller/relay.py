@@ -35,7 +35,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from controller.config import Settings
+from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
@@ -58,8 +58,8 @@ class RelayStalled(Exception):
 
 
 class Relay:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: RelayStore, metrics: Metrics) -> None:
-        self.settings = settings
+    def __init__(self, config: StreamSettings, streams: RedisStreams, store: RelayStore, metrics: Metrics) -> None:
+        self.config = config
         self.redis = streams
         self.store = store
         self.metrics = metrics
@@ -165,7 +165,7 @@ class Relay:
                     # One round trip to Redis for the batch, in order, then one statement marking it:
                     # a crash in between publishes them again with the same ids (the tail check).
                     ids = await self.redis.add_many([(self.stream_of(i.kind), i.fields) for i in batch],
-                                                    maxlen=self.settings.results_maxlen or None)
+                                                    maxlen=self.config.results_maxlen or None)
                     for item in batch:  # counted once on the stream: a retry finds them in its tail
                         self._observe(item)
                     await self.store.mark_published_many([(i.seq, e) for i, e in zip(batch, ids, strict=True)])
@@ -175,7 +175,7 @@ class Relay:
                     return total
 
     def stream_of(self, kind: str) -> str:
-        return self.settings.snapshot_stream if kind == "snapshot" else self.settings.results_stream
+        return self.config.snapshot_stream if kind == "snapshot" else self.config.results_stream
 
     def _observe(self, item) -> None:
         if item.kind == "snapshot":

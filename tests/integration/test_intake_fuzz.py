@@ -54,7 +54,8 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
     try:
         store = Store(pool)
         admission = Admission(store, settings.record_defaults, wake=lambda g: None)
-        intake = Intake(settings, streams, store, admission, Metrics())
+        intake = Intake(settings.streams, streams, store, admission, Metrics(),
+                        allowlist=settings.images.image_allowlist)
         await intake.ensure_groups()
         added = []
         for kind, fields in batch:
@@ -62,7 +63,7 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
             added.append((kind, (await client.xadd(stream, fields)).decode()))
         await intake.pending_pass()
         await intake.read_round(block_ms=None)
-        await Relay(settings, streams, store, Metrics()).flush()
+        await Relay(settings.streams, streams, store, Metrics()).flush()
         for stream in (settings.start_stream, settings.stop_stream):
             assert (await client.xpending(stream, settings.consumer_group))["pending"] == 0
         # Every entry has an operation; those answered at once have exactly one result each.

@@ -36,8 +36,8 @@ async def wired(settings, pool, redis_client, unique):
     changed: list[str] = []
     streams = RedisStreams(settings.redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
     admission = Admission(store, settings.record_defaults, wake=changed.append)
-    intake = Intake(settings, streams, store, admission, Metrics())
-    relay = Relay(settings, streams, store, Metrics())
+    intake = Intake(settings.streams, streams, store, admission, Metrics(), allowlist=settings.images.image_allowlist)
+    relay = Relay(settings.streams, streams, store, Metrics())
     yield intake, relay, store, changed
     await streams.close()
     keys = [k async for k in redis_client.scan_iter(match=f"t{unique}:*")]
@@ -76,7 +76,7 @@ def patch_submit(monkeypatch, store: Store, submit) -> None:
 
 
 def with_settings(intake: Intake, settings: Settings) -> Settings:
-    intake.settings = settings
+    intake.config = settings.streams
     return settings
 
 

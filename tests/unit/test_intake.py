@@ -26,7 +26,8 @@ def make(**env: str) -> tuple[Intake, FakeStreams, FakeStore, list[str]]:
     settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*", **env})
     streams, store, woken = FakeStreams(), FakeStore(), []
     admission = Admission(store, defaults(), wake=woken.append)
-    return Intake(settings, streams, store, admission, Metrics()), streams, store, woken
+    return (Intake(settings.streams, streams, store, admission, Metrics(), allowlist=settings.images.image_allowlist),
+            streams, store, woken)
 
 
 async def run_once(intake: Intake) -> None:
@@ -548,7 +549,8 @@ def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, 
             except _Killed:
                 if failover:
                     streams.consumer = next(consumers)
-                fresh = Intake(intake.settings, streams, store, intake.admission, intake.metrics)
+                fresh = Intake(intake.config, streams, store, intake.admission, intake.metrics,
+                               allowlist=intake.allowlist)
                 intake = fresh
         for game, want in sent.items():
             assert ops_of(store, game) == [(kind, eid) for _, kind, eid in sorted(want)], game

@@ -26,7 +26,7 @@ RESULTS = "runtime:job_results"
 def relay_world() -> tuple[Relay, FakeStreams, FakeStore]:
     settings = Settings.from_env({})
     streams, store = FakeStreams(), FakeStore()
-    return Relay(settings, streams, store, Metrics()), streams, store
+    return Relay(settings.streams, streams, store, Metrics()), streams, store
 
 
 async def answered(store: FakeStore, n: int) -> None:
