@@ -193,7 +193,7 @@ class Controller:
                              allowlist=s.images.image_allowlist)
         self.relay.reset()
         term = self.term_stopping
-        listener = Notifications(s.database_url, self.queue.add, outbox=self.outbox)  # another replica's commits
+        listener = Notifications(s.database_url, self.queue.add, outbox=self.outbox)  # an operator tool's commits
         self._spawn("relay", self.relay.run, leader=True)
         self._spawn("intake", self.intake.run, leader=True)
         for n in range(s.concurrency):

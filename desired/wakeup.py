@@ -2,9 +2,11 @@
 for those who wait on them (the relay, the turn clock, REST callers waiting for their job's answer).
 
 The store raises it in this process after COMMIT (a reader woken before it would not see the
-rows) and, in the same transaction, NOTIFYs ``OUTBOX_CHANNEL`` with this signal's ``origin``: the
-listener of another replica raises that replica's signal when the NOTIFY arrives (Postgres
-delivers it at commit, or never), and a process does not hear its own writes twice. No I/O here.
+rows). A store that does not lead (an operator's tool: no fence) also NOTIFYs ``OUTBOX_CHANNEL``
+with this signal's ``origin`` in the same transaction, and the leader's listener raises the
+leader's signal when it arrives (Postgres delivers it at commit, or never); a process does not
+hear its own writes twice. The leader's own writes send no NOTIFY: its relay is in-process, and
+every commit that sends one queues on one cluster-wide lock. No I/O here.
 """
 
 from __future__ import annotations

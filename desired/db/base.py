@@ -69,7 +69,11 @@ class StoreBase:
                     self.clock.observe_db(now, before, datetime.now(UTC))
                     yield conn, now
                     wrote = conn in self._outbox_written
-                    if wrote:  # other replicas hear it at COMMIT (Postgres delivers NOTIFY then, or never)
+                    if wrote and self.fence is None:
+                        # A process that does not lead (an operator's tool) tells the leader, whose relay
+                        # publishes: Postgres delivers NOTIFY at COMMIT, or never. The leader's own writes
+                        # (fenced) notify nobody: every commit that sends one queues on one cluster-wide
+                        # lock, and the leader's relay is woken in-process below.
                         await conn.execute("SELECT pg_notify($1, $2)", OUTBOX_CHANNEL, self.outbox.origin)
             finally:
                 self._outbox_written.discard(conn)

@@ -130,3 +130,32 @@ async def test_another_process_hears_the_outbox_written(pool, database_url):
     finally:
         stopping.set()
         await listener
+
+
+async def test_the_leaders_own_outbox_writes_send_no_notify(pool, database_url):
+    """NOTIFY makes every committing transaction that sent one queue on one cluster-wide lock; the
+    relay runs only in the leader, so the leader's writes wake it in-process and notify nobody. A
+    process that leads nothing (an operator's tool) still notifies, so the leader hears its writes."""
+    import asyncpg
+
+    from desired.db.lease import Lease
+    from desired.leader import Fence
+
+    fence = Fence(instance="w", holder="leader", ttl=30)
+    lease = Lease(database_url, fence)
+    assert await lease.acquire() == 1
+    leader, tool = Store(pool, fence=fence), Store(pool)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.add_listener("rtmanager_outbox", lambda *args: heard.put_nowait(args[3]))
+        await rejected(leader)
+        await rejected(tool)
+        # Notifications of commits made one after another arrive in commit order: the first one
+        # heard is the tool's when the leader sent none.
+        assert await asyncio.wait_for(heard.get(), 10) == tool.outbox.origin
+        assert leader.outbox.raised == 1  # woken in-process all the same
+    finally:
+        await conn.close()
+        await lease.release()
+        await lease.close()
