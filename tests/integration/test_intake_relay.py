@@ -15,8 +15,6 @@ from controller.streams import Entry, RedisStreams
 from desired.errors import StoreUnavailable
 from desired.store import Rejection, Store
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 def settings(database_url, redis_url, unique, tmp_path):

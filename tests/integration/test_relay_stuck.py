@@ -5,12 +5,9 @@ metric instead of retrying forever behind a green /readyz."""
 from __future__ import annotations
 
 import asyncpg
-import pytest
 
 from desired.store import RECENTLY_PUBLISHED_SQL, Store
 from tests.waits import eventually
-
-pytestmark = pytest.mark.integration
 
 ROWS = 200_000
 
