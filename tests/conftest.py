@@ -202,3 +202,25 @@ def cleanup_docker(client: docker.DockerClient, instance: str, network: str) -> 
     for n in client.networks.list(names=[network]):
         if n.name == network:
             n.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiers: each folder under tests/ is a tier, and its tests carry the tier's marker (`-m unit`,
+# `-m "not chaos"`). The per-test timeout (pytest-timeout) is pyproject's default except where a
+# tier needs another: the unit tier is milliseconds, the swarm and deploy tiers may build images.
+TIERS = ("unit", "integration", "e2e", "chaos", "swarm", "deploy")
+TIER_TIMEOUTS = {"unit": 60, "swarm": 3600, "deploy": 3600}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            tier = item.path.resolve().relative_to(tests_dir).parts[0]
+        except ValueError:
+            continue
+        if tier not in TIERS:
+            continue
+        item.add_marker(tier)
+        if tier in TIER_TIMEOUTS and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS[tier]))

@@ -692,7 +692,6 @@ def test_a_restore_may_forget_what_it_did_not_hold():
 
 
 # ---------------------------------------------------------------- the real run
-@pytest.mark.chaos
 def test_a_fixed_seed_chaos_run_keeps_every_invariant(tmp_path, docker_client, stub_images):
     """About 80 s: its own Postgres, Redis and dockerd; every kind of fault once or more."""
     if os.geteuid() != 0:

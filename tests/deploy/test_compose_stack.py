@@ -31,8 +31,6 @@ import pytest
 from tests.support import ROOT, free_port
 from tests.waits import wait_for
 
-pytestmark = pytest.mark.e2e
-
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
 BUILD_SCRIPT = ROOT / "deploy" / "images" / "build.sh"
 STUB_IMAGE = "galaxy/engine-stub:1.0"

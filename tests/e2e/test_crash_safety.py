@@ -5,13 +5,10 @@ from __future__ import annotations
 import random
 import time
 
-import pytest
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
-
-pytestmark = pytest.mark.e2e
 
 
 def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client, tmp_path, unique):

@@ -14,14 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, PrivateDockerd, ResultReader
 from tests.waits import wait_for
-
-pytestmark = pytest.mark.e2e
 
 
 @contextlib.contextmanager

@@ -9,14 +9,11 @@ import socket
 import time
 import urllib.request
 
-import pytest
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
 from tests.waits import eventually_sync
-
-pytestmark = pytest.mark.e2e
 
 TTL = 2.0
 

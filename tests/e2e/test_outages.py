@@ -7,13 +7,10 @@ import time
 import uuid
 
 import asyncpg
-import pytest
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, PostgresCluster, RedisServer, ResultReader
-
-pytestmark = pytest.mark.e2e
 
 
 def test_a_result_left_in_the_outbox_is_published_once(rtm_env, tmp_path):

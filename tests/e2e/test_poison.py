@@ -18,8 +18,6 @@ import redis
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, RedisServer, ResultReader, free_port
 
-pytestmark = pytest.mark.e2e
-
 MAX_TURN = 2**31 - 1
 IMAGE = "galaxy/engine-stub:1.0"
 

@@ -15,8 +15,6 @@ import redis
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
 
-pytestmark = pytest.mark.e2e
-
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "controller.cli", *args], env={**os.environ, **(env or {})},

@@ -21,8 +21,6 @@ from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, PostgresCluster, ResultReader, free_port
 from tests.waits import eventually_sync
 
-pytestmark = pytest.mark.e2e
-
 STUB = "galaxy/engine-stub:1.0"
 
 

@@ -24,8 +24,6 @@ from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
 from tests.waits import eventually_sync
 
-pytestmark = pytest.mark.e2e
-
 PROMETHEUS_WAIT = 240.0  # the binary may still be being installed when the suite starts
 
 

@@ -9,15 +9,11 @@ import shutil
 import time
 
 import asyncpg
-import pytest
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, RedisServer, ResultReader
 from tests.waits import eventually_sync
-
-pytestmark = pytest.mark.e2e
-
 
 wait_until = functools.partial(eventually_sync, interval=0.2)
 

@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-import pytest
 import redis
 
 from tests.conftest import admin_sql
@@ -21,8 +20,6 @@ from tests.e2e.test_production_events import cli, running
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader, free_port
 from tests.waits import eventually_sync
-
-pytestmark = pytest.mark.e2e
 
 STUB = "galaxy/engine-stub:1.0"
 wait_until = functools.partial(eventually_sync, interval=0.2)

@@ -7,14 +7,11 @@ import random
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
 from tests.waits import eventually_sync
-
-pytestmark = pytest.mark.e2e
 
 
 def test_kill_9_during_failing_replacements_restores_every_games_old_state(rtm_env, docker_client, tmp_path, unique):

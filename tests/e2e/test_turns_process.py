@@ -12,8 +12,6 @@ import redis
 from tests.e2e.test_walking_skeleton import migrate
 from tests.support import ControllerProcess, ResultReader
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.mark.parametrize("kill_when", ["asked", "generating"])
 def test_a_kill_9_right_after_a_forced_turn_never_advances_the_game_twice(rtm_env, tmp_path, unique, kill_when):

@@ -11,12 +11,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import redis
 
 from tests.support import ControllerProcess, ResultReader
-
-pytestmark = pytest.mark.e2e
 
 
 def migrate(env: dict[str, str]) -> None:

@@ -9,13 +9,10 @@ import json
 import logging
 
 import asyncpg
-import pytest
 
 from tests.integration.test_http import STUB_10
 from tests.integration.test_turns import FAST, engine_turn, runtime
 from tests.waits import eventually
-
-pytestmark = pytest.mark.integration
 
 
 def _env_token(container) -> str:

@@ -17,8 +17,6 @@ from observed.docker import DockerBackend, ensure_state_dir
 from tests.integration.harness import Harness
 from tests.waits import eventually
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 async def h(rtm_env, docker_client):

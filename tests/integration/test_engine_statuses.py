@@ -8,12 +8,8 @@ import json
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from tests.integration.test_http import STUB_10
 from tests.waits import eventually
-
-pytestmark = pytest.mark.integration
 
 ADMIN = "/cgi-bin/admin/v1"
 FAST = dict(engine_admin_path=ADMIN, health_interval="0.3", unreachable_after="2", resync_interval="1")

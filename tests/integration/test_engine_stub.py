@@ -22,8 +22,6 @@ import pytest
 from tests.conftest import STUB_REPO
 from tests.waits import eventually_sync as eventually
 
-pytestmark = pytest.mark.integration
-
 ADMIN = "/cgi-bin/admin/v1"
 STATE_TARGET = "/var/lib/galaxy-engine"
 PORT = 8080

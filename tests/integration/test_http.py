@@ -16,14 +16,11 @@ from typing import Any
 
 import aiohttp
 import docker
-import pytest
 import yarl
 
 from controller.app import Controller
 from tests.integration.harness import Harness
 from tests.waits import eventually
-
-pytestmark = pytest.mark.integration
 
 STUB_10 = "galaxy/engine-stub:1.0"
 STUB_11 = "galaxy/engine-stub:1.1"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -18,8 +17,6 @@ from controller.metrics import Metrics
 from controller.relay import Relay
 from controller.streams import RedisStreams
 from desired.db.store import Store
-
-pytestmark = pytest.mark.integration
 
 NAMES = st.sampled_from([b"game_id", b"image_ref", b"reason", b"extra", b"GAME_ID", b""])
 VALUES = st.one_of(

@@ -16,8 +16,6 @@ from desired.db.store import Store
 from desired.errors import StoreUnavailable
 from desired.values import Rejection
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 def settings(database_url, redis_url, unique, tmp_path):

@@ -17,7 +17,6 @@ import asyncio
 import collections
 import time
 
-import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -34,8 +33,6 @@ from schemathesis.specs.openapi.checks import (
 
 from controller.openapi import openapi_document
 from tests.integration.test_http import STUB_10, STUB_11
-
-pytestmark = pytest.mark.integration
 
 CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
                response_schema_conformance, ignored_auth]

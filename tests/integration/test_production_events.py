@@ -22,8 +22,6 @@ from observed.engine import EngineClient
 from tests.integration.test_http import STUB_10, STUB_11
 from tests.waits import eventually
 
-pytestmark = pytest.mark.integration
-
 
 async def record(api, game: str) -> dict:
     status, body = await api.get(f"/api/v1/runtimes/{game}")

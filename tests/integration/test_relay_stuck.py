@@ -5,13 +5,10 @@ metric instead of retrying forever behind a green /readyz."""
 from __future__ import annotations
 
 import asyncpg
-import pytest
 
 from desired.db.rows import RECENTLY_PUBLISHED_SQL
 from desired.db.store import Store
 from tests.waits import eventually
-
-pytestmark = pytest.mark.integration
 
 ROWS = 200_000
 

@@ -14,8 +14,6 @@ from tests.conftest import cleanup_docker
 from tests.integration.test_http import STUB_10, STUB_11, Api
 from tests.waits import eventually
 
-pytestmark = pytest.mark.integration
-
 
 async def record(api, game: str) -> dict:
     status, body = await api.get(f"/api/v1/runtimes/{game}")

@@ -22,8 +22,6 @@ from desired.model import (
     StopReason,
 )
 
-pytestmark = pytest.mark.integration
-
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
 IMG = "galaxy/engine-stub:1.0"
 

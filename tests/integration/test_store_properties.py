@@ -12,7 +12,6 @@ import asyncio
 import uuid
 
 import asyncpg
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,8 +20,6 @@ from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
 from desired.transitions import Probe
-
-pytestmark = pytest.mark.integration
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
 IMAGES = ["galaxy/engine:1", "galaxy/engine:2", "other/engine:1"]

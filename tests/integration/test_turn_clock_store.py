@@ -12,14 +12,11 @@ turn operation was ever answered, and neither was a start job that changed the g
 from __future__ import annotations
 
 import asyncpg
-import pytest
 
 from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import JobKind, OpSource, OpStatus
 from desired.transitions import Probe
-
-pytestmark = pytest.mark.integration
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
 IMAGE = "galaxy/engine-stub:1.0"

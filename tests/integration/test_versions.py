@@ -12,8 +12,6 @@ import pytest
 
 from tests.integration.test_http import STUB_10, STUB_11
 
-pytestmark = pytest.mark.integration
-
 V = "/api/v1/admin/engine-versions"
 
 

@@ -31,8 +31,6 @@ from observed.swarm import SwarmBackend
 from tests.conftest import cleanup_docker
 from tests.waits import eventually
 
-pytestmark = [pytest.mark.integration]
-
 STATE_TARGET = "/var/lib/galaxy-engine"
 ENGINE_USER = (10000, 10000)
 GRACE = 5.0

@@ -25,8 +25,6 @@ from tests.integration.harness import Harness
 from tests.swarm.nodes import STUBS, Cluster
 from tests.waits import eventually
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture
 def cluster2(docker_client, stub_images):

@@ -29,8 +29,6 @@ import pytest
 from tests.support import ROOT
 from tests.waits import wait_for
 
-pytestmark = pytest.mark.e2e
-
 STACK_FILE = ROOT / "deploy" / "swarm" / "stack.yaml"
 PREPARE = ROOT / "deploy" / "swarm" / "prepare.sh"
 BUILD = ROOT / "deploy" / "images" / "build.sh"
