@@ -50,7 +50,7 @@ from desired.errors import StoreError, StoreUnavailable
 from desired.leader import Fence, Fenced
 from desired.values import Identity, WrongInstance
 from desired.wakeup import Signal
-from observed.backend import RuntimeBackend
+from observed.backend import EventSource, RuntimeBackend
 from observed.docker import DockerBackend
 from observed.engine import EngineClient
 from observed.errors import ObservedError
@@ -90,7 +90,7 @@ class Controller:
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
         self.outbox = Signal()  # raised by every commit that writes results or snapshots
-        self.events = None
+        self.events: EventSource | None = None
         self._restart_delay: dict[str, float] = {}
 
     # ---------------------------------------------------------------- wiring
@@ -204,8 +204,8 @@ class Controller:
             self._spawn("health", lambda: self.health.run(term), leader=True)
         self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
         self._spawn("storage", lambda: self.storage.run(term), leader=True)
-        self.events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
-        self.events.start()
+        self.events = events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
+        events.start()
 
     async def _step_down(self, reason: str) -> None:
         """The term is over: stop every leader task at once (the fence already refuses them)."""

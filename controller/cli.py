@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": lambda: _migrate(settings),
         "status": lambda: _status(settings),
         "submit": lambda: _submit(settings, args.kind, args.game_id,
-                                  getattr(args, "image_ref", None) or getattr(args, "reason", "")),
+                                  getattr(args, "image_ref", "") or getattr(args, "reason", "")),
         "results": lambda: _results(settings, args.follow, args.count, args.wait_for, args.timeout),
         "adopt": lambda: _adopt(settings, args.games, args.all),
         "dispose": lambda: _dispose(settings, args.games),

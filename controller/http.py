@@ -111,7 +111,7 @@ class HttpDeps:
     results_changed: Callable[[], asyncio.Event]  # the event set when the next results are committed
     schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
     unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
-    image_present: Callable[[str], Awaitable[bool]] = lambda image: _unknown()
+    image_present: Callable[[str], Awaitable[bool | None]] = lambda image: _unknown()
     pull_image: Callable[[str], Awaitable[None]] = lambda image: _unknown()
 
 
@@ -233,7 +233,9 @@ class HttpServer:
             if kind in CONTROL_OPS:
                 job = parse_control({"game_id": game_id, "op": kind.value}, source=OpSource.ADMIN)
             else:
-                job = parse_job(kind, fields, self.deps.allowlist, source=OpSource.ADMIN)
+                # the fields it reads are strings by now; any other field is ignored
+                job = parse_job(kind, {k: v for k, v in fields.items() if isinstance(v, str)}, self.deps.allowlist,
+                                source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
         if force:

@@ -362,10 +362,13 @@ class Intake:
 
     def _parse(self, entry: Entry) -> Job | Rejection:
         kind = self.kind_of(entry)
+        fields = entry.fields
+        if fields is None:  # the callers acknowledge an entry deleted while pending without parsing it
+            raise ValueError(f"entry {entry.id} of {entry.stream} has no fields")
         try:
             if entry.stream == self.config.control_stream:
-                return parse_control(entry.fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
-            return parse_job(kind, entry.fields, self.allowlist, source=OpSource.LOBBY,
+                return parse_control(fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
+            return parse_job(kind, fields, self.allowlist, source=OpSource.LOBBY,
                              stream=entry.stream, entry_id=entry.id)
         except InvalidJob as bad:
             return Rejection(kind=kind, game_id=bad.game_id, stream=entry.stream, entry_id=entry.id,

@@ -34,7 +34,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 
@@ -183,7 +183,7 @@ def parse_status(data: Any) -> EngineStatus:
     return EngineStatus(turn=turn, phase=phase, last_generation=last_gen)
 
 
-def _is_turn(value: Any) -> bool:
+def _is_turn(value: Any) -> TypeGuard[int]:
     """A turn number a record can hold (a 32-bit signed integer, not negative): anything else,
     floats and booleans included, is a garbage answer."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TURN

@@ -584,15 +584,16 @@ def _force_update(spec: dict) -> None:
     template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
 
 
-def _latest(tasks: Iterable[Mapping[str, Any]]) -> dict | None:
+def _latest(tasks: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The task that tells the state: the newest of those meant to run, else the newest."""
-    tasks = list(tasks)
-    wanted = [t for t in tasks if t.get("DesiredState") in _WANTED]
-    pool = wanted or tasks
+    every = list(tasks)
+    wanted = [t for t in every if t.get("DesiredState") in _WANTED]
+    pool = wanted or every
     if not pool:
         return None
-    return dict(max(pool, key=lambda t: (_when(t.get("CreatedAt")) or datetime.min.replace(tzinfo=UTC),
-                                         (t.get("Version") or {}).get("Index", 0))))
+    newest = max(pool, key=lambda t: (_when(t.get("CreatedAt")) or datetime.min.replace(tzinfo=UTC),
+                                      (t.get("Version") or {}).get("Index", 0)))
+    return dict(newest)
 
 
 def _state(service: Mapping[str, Any], tasks: list[dict]) -> tuple[str, dict | None]:
