@@ -114,7 +114,7 @@ class EngineClient:
             delay = min(delay * 2, 0.5)
 
     # --------------------------------------------------------------- admin API
-    async def _admin(self, method: str, host: str, what: str, body: dict | None = None, *,
+    async def _admin(self, method: str, host: str, what: str, body: dict[str, Any] | None = None, *,
                      token: str = "") -> tuple[int, Any]:
         url = f"http://{self._netloc(host)}{self.admin_path}/{what}"
         headers = {"Authorization": f"Bearer {token}"} if token else None
