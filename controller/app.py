@@ -25,7 +25,8 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from controller.admission import Admission
 from controller.config import Settings
@@ -50,7 +51,7 @@ from desired.errors import StoreError, StoreUnavailable
 from desired.leader import Fence, Fenced
 from desired.values import Identity, WrongInstance
 from desired.wakeup import Signal
-from observed.backend import RuntimeBackend
+from observed.backend import EventSource, RuntimeBackend
 from observed.docker import DockerBackend
 from observed.engine import EngineClient
 from observed.errors import ObservedError
@@ -68,15 +69,15 @@ class Controller:
     """Everything that runs in ``rtmanager run``, wired together."""
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None, clock: Clock | None = None,
-                 identity: Identity | None = None, *, backend_factory=None,
+                 identity: Identity | None = None, *, backend_factory: Callable[..., RuntimeBackend] | None = None,
                  engine: EngineClient | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.clock = clock or Clock()
         self.identity = identity
         self.stopping = asyncio.Event()
-        self.tasks: list[asyncio.Task] = []        # for the life of the process
-        self.leader_tasks: list[asyncio.Task] = []  # for one leadership term
+        self.tasks: list[asyncio.Task[Any]] = []         # for the life of the process
+        self.leader_tasks: list[asyncio.Task[Any]] = []  # for one leadership term
         self.term_stopping = asyncio.Event()
         self.exit_code = 0
         self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
@@ -90,7 +91,7 @@ class Controller:
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
         self.outbox = Signal()  # raised by every commit that writes results or snapshots
-        self.events = None
+        self.events: EventSource | None = None
         self._restart_delay: dict[str, float] = {}
 
     # ---------------------------------------------------------------- wiring
@@ -204,8 +205,8 @@ class Controller:
             self._spawn("health", lambda: self.health.run(term), leader=True)
         self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
         self._spawn("storage", lambda: self.storage.run(term), leader=True)
-        self.events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
-        self.events.start()
+        self.events = events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
+        events.start()
 
     async def _step_down(self, reason: str) -> None:
         """The term is over: stop every leader task at once (the fence already refuses them)."""
@@ -232,7 +233,7 @@ class Controller:
             self.events = None
 
     # ----------------------------------------------------------- supervision
-    def _spawn(self, name: str, factory: Callable[[], Coroutine], leader: bool = False) -> None:
+    def _spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, object]], leader: bool = False) -> None:
         """Run ``factory()`` as a task; ``factory`` starts it again if it ends unexpectedly."""
         task = asyncio.create_task(factory(), name=name)
         (self.leader_tasks if leader else self.tasks).append(task)
@@ -240,7 +241,7 @@ class Controller:
         started = asyncio.get_running_loop().time()
         task.add_done_callback(lambda t: self._task_ended(t, factory, term, started))
 
-    def _task_ended(self, task: asyncio.Task, factory: Callable[[], Coroutine] | None = None,
+    def _task_ended(self, task: asyncio.Task[Any], factory: Callable[[], Coroutine[Any, Any, object]] | None = None,
                     term: asyncio.Event | None = None, started: float = 0.0) -> None:
         """Supervision: a fenced leader task steps this replica down; a task that ends any other way
         (an error, or returning while nobody asked it to stop) is started again after a backoff
@@ -271,7 +272,8 @@ class Controller:
         if factory is not None:
             loop.call_later(delay, self._restart, name, factory, term)
 
-    def _restart(self, name: str, factory: Callable[[], Coroutine], term: asyncio.Event | None) -> None:
+    def _restart(self, name: str, factory: Callable[[], Coroutine[Any, Any, object]],
+                 term: asyncio.Event | None) -> None:
         if self.stopping.is_set() or (term is not None and (term.is_set() or term is not self.term_stopping)):
             return  # stopping, or the term it served is over (a new term starts its own)
         log.warning("starting task %s again", name)
@@ -331,7 +333,10 @@ class Controller:
         log.info("stopped", extra={"exit_code": self.exit_code})
 
 
-def make_backend(settings: Settings, **hooks) -> RuntimeBackend:
+_T = TypeVar("_T")
+
+
+def make_backend(settings: Settings, **hooks: Any) -> RuntimeBackend:
     """The runtime backend of RTMANAGER_BACKEND: one Docker host, or a Docker Swarm."""
     common = dict(instance=settings.instance, network=settings.docker_network,
                   pool_size=max(4, settings.concurrency + 2), probe_address=settings.probe_address, **hooks)
@@ -410,7 +415,7 @@ class SchemaMissing(RuntimeError):
     pass
 
 
-async def _until(stopping: asyncio.Event, coro):
+async def _until(stopping: asyncio.Event, coro: Awaitable[_T]) -> _T | None:
     """Run ``coro`` unless ``stopping`` is set first (then None)."""
     task = asyncio.ensure_future(coro)
     stop = asyncio.ensure_future(stopping.wait())

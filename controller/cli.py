@@ -29,7 +29,7 @@ import sys
 _signalled: list[int] = []
 
 
-def _note_signal(signum, frame) -> None:
+def _note_signal(signum: int, frame: FrameType | None) -> None:
     _signalled.append(signum)
 
 
@@ -46,9 +46,17 @@ import asyncio  # noqa: E402
 import contextlib  # noqa: E402
 import os  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
+from types import FrameType  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from controller.config import VARIABLES, ConfigError, Settings  # noqa: E402
 from controller.logs import redact_url, setup_logging  # noqa: E402
+
+if TYPE_CHECKING:  # imported where they are used, after start-up
+    from controller.streams import RedisStreams
+    from desired.db.store import Store
+    from observed.backend import RuntimeBackend
+    from observed.model import ObservedContainer
 
 
 def _settings() -> Settings:
@@ -60,7 +68,7 @@ def _settings() -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def _store(settings: Settings) -> AsyncIterator:
+async def _store(settings: Settings) -> AsyncIterator[Store]:
     from desired.db.pool import create_pool
     from desired.db.store import Store
 
@@ -72,7 +80,7 @@ async def _store(settings: Settings) -> AsyncIterator:
 
 
 @contextlib.asynccontextmanager
-async def _backend(settings: Settings) -> AsyncIterator:
+async def _backend(settings: Settings) -> AsyncIterator[RuntimeBackend]:
     from controller.app import make_backend
 
     backend = make_backend(settings)  # RTMANAGER_BACKEND: docker or swarm
@@ -83,7 +91,7 @@ async def _backend(settings: Settings) -> AsyncIterator:
 
 
 @contextlib.asynccontextmanager
-async def _streams(settings: Settings) -> AsyncIterator:
+async def _streams(settings: Settings) -> AsyncIterator[RedisStreams]:
     from controller.streams import RedisStreams
 
     group = settings.streams
@@ -107,12 +115,14 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
-async def _unowned(settings: Settings, store, backend) -> list:
-    """Containers of this instance that have no record, whoever created them (the controller never
-    disposes of them: after a restored backup they may be games created under this very database)."""
-    managed = [c for c in await backend.list_managed() if c.game_id]
-    known = await store.game_ids([c.game_id for c in managed])
-    return [c for c in managed if c.game_id not in known]
+async def _unowned(settings: Settings, store: Store,
+                   backend: RuntimeBackend) -> list[tuple[str, ObservedContainer]]:
+    """Containers of this instance that have no record, with their game ids, whoever created them (the
+    controller never disposes of them: after a restored backup they may be games created under this
+    very database)."""
+    managed = [(c.game_id, c) for c in await backend.list_managed() if c.game_id]
+    known = await store.game_ids([game for game, _ in managed])
+    return [(game, c) for game, c in managed if game not in known]
 
 
 async def _status(settings: Settings) -> int:
@@ -131,8 +141,8 @@ async def _status(settings: Settings) -> int:
                      r.phase or ("none" if r.admin_api is False else "-"),
                      r.current_image_ref or r.desired_image_ref or "-", (r.current_container_id or "-")[:12],
                      (r.last_error_code.value if r.last_error_code else "-")))
-    for c in unowned:
-        rows.append((c.game_id or c.name, "unowned", "-", "-", "-", "-", "-", c.image or "-", c.id[:12],
+    for game, c in unowned:
+        rows.append((game, "unowned", "-", "-", "-", "-", "-", c.image or "-", c.id[:12],
                      "no record: rtmanager adopt / dispose"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -146,7 +156,7 @@ async def _adopt(settings: Settings, games: list[str], everything: bool) -> int:
 
     failures = 0
     async with _store(settings) as store, _backend(settings) as backend:
-        unowned = {c.game_id: c for c in await _unowned(settings, store, backend)}
+        unowned = dict(await _unowned(settings, store, backend))
         wanted = sorted(unowned) if everything else games
         if not wanted:
             print("nothing to adopt: no unowned containers")
@@ -160,7 +170,7 @@ async def _adopt(settings: Settings, games: list[str], everything: bool) -> int:
             seen = await backend.inspect(c.id)
             expected = settings.record_defaults.state_path(game)
             sources = {src for src, dst in (seen.mounts if seen else ()) if dst == settings.engine.engine_state_dir}
-            if sources != {expected}:
+            if seen is None or sources != {expected}:
                 print(f"{game}: its state directory is {sorted(sources) or 'not mounted'}, not {expected}; "
                       "not adopted (a recreate would start it on another directory)", file=sys.stderr)
                 failures += 1
@@ -179,7 +189,7 @@ async def _dispose(settings: Settings, games: list[str]) -> int:
     """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record."""
     failures = 0
     async with _store(settings) as store, _backend(settings) as backend:
-        unowned = {c.game_id: c for c in await _unowned(settings, store, backend)}
+        unowned = dict(await _unowned(settings, store, backend))
         for game in games:
             c = unowned.get(game)
             if c is None:
@@ -433,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         "migrate": lambda: _migrate(settings),
         "status": lambda: _status(settings),
         "submit": lambda: _submit(settings, args.kind, args.game_id,
-                                  getattr(args, "image_ref", None) or getattr(args, "reason", "")),
+                                  getattr(args, "image_ref", "") or getattr(args, "reason", "")),
         "results": lambda: _results(settings, args.follow, args.count, args.wait_for, args.timeout),
         "adopt": lambda: _adopt(settings, args.games, args.all),
         "dispose": lambda: _dispose(settings, args.games),

@@ -23,6 +23,7 @@ from enum import Enum
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.admission import Admission
@@ -49,11 +50,12 @@ from desired.model import (
     JobResult,
     OpSource,
     Outcome,
+    RuntimeRecord,
     Status,
 )
 from desired.ports import SurfaceStore
 from desired.values import VersionInUse
-from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus, valid_stop_grace
+from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, EngineVersion, VersionStatus, valid_stop_grace
 
 log = logging.getLogger("rtmanager.http")
 
@@ -93,7 +95,7 @@ def addresses_off(subnets: list[str]) -> list[str]:
                    if not any(ipaddress.ip_address(a) in n for n in nets if n.version == 4)})
 
 
-def record_json(record) -> dict[str, Any]:
+def record_json(record: RuntimeRecord) -> dict[str, Any]:
     return {k: _json_value(v) for k, v in dataclasses.asdict(record).items() if k not in SECRET_FIELDS}
 
 
@@ -111,7 +113,7 @@ class HttpDeps:
     results_changed: Callable[[], asyncio.Event]  # the event set when the next results are committed
     schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
     unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
-    image_present: Callable[[str], Awaitable[bool]] = lambda image: _unknown()
+    image_present: Callable[[str], Awaitable[bool | None]] = lambda image: _unknown()
     pull_image: Callable[[str], Awaitable[None]] = lambda image: _unknown()
 
 
@@ -155,7 +157,7 @@ class HttpServer:
             await self._runner.cleanup()
 
     @web.middleware
-    async def _outages(self, request: web.Request, handler):
+    async def _outages(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Postgres away is 503 (retry later), not a 500."""
         try:
             return await handler(request)
@@ -165,7 +167,7 @@ class HttpServer:
             return _error(503, "this replica just lost its leadership; send this to the leader", retry_after=True)
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler):
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/api/"):
             token = self.deps.http.api_token
             if not token:
@@ -189,7 +191,7 @@ class HttpServer:
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
 
-    def _job_handler(self, kind: JobKind):
+    def _job_handler(self, kind: JobKind) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
             return await self.submit_job(request, kind)
         handler.__name__ = f"post_{kind.value}"
@@ -233,7 +235,9 @@ class HttpServer:
             if kind in CONTROL_OPS:
                 job = parse_control({"game_id": game_id, "op": kind.value}, source=OpSource.ADMIN)
             else:
-                job = parse_job(kind, fields, self.deps.allowlist, source=OpSource.ADMIN)
+                # the fields it reads are strings by now; any other field is ignored
+                job = parse_job(kind, {k: v for k, v in fields.items() if isinstance(v, str)}, self.deps.allowlist,
+                                source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
         if force:
@@ -292,7 +296,7 @@ class HttpServer:
         return web.json_response(record_json(record))
 
     # ------------------------------------------------------- engine versions
-    async def _version_json(self, entry, live_games: int | None = None) -> dict[str, Any]:
+    async def _version_json(self, entry: EngineVersion, live_games: int | None = None) -> dict[str, Any]:
         body = {k: _json_value(v) for k, v in dataclasses.asdict(entry).items()}
         body["image_present"] = await self.deps.image_present(entry.image_ref)
         if live_games is not None:
@@ -453,7 +457,7 @@ class HttpServer:
             {k: _json_value(v) for k, v in dataclasses.asdict(op).items()} for op in ops]})
 
 
-async def _unknown():
+async def _unknown() -> None:
     return None
 
 

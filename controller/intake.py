@@ -60,7 +60,7 @@ from desired.jobs import ImageAllowlist, InvalidJob, Job, parse_control, parse_j
 from desired.leader import Fence, Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
 from desired.ports import IntakeStore
-from desired.values import Rejection
+from desired.values import Rejection, SubmitOutcome
 
 log = logging.getLogger("rtmanager.intake")
 
@@ -97,7 +97,7 @@ class Intake:
         self._stopping = asyncio.Event()
         self.healthy = False
         self.claim_everything_once = True  # a new leader takes over what the old one left pending
-        self.held: set = set()              # games with an entry left pending: later ones wait
+        self.held: set[bytes | str] = set()            # games with an entry left pending: later ones wait
         self.marks: dict[str, tuple[int, int]] = {}
         self.skipped_below_mark = 0
 
@@ -332,7 +332,7 @@ class Intake:
             raise
         except Exception:  # noqa: BLE001 - isolate the entry that fails, one by one
             log.exception("a batch of %d entries failed; handling them one by one", len(kept))
-            held: set = set()
+            held: set[bytes | str] = set()
             for entry in kept:
                 game = entry.field("game_id")
                 if game is not None and (game in held or game in self.held):
@@ -362,16 +362,19 @@ class Intake:
 
     def _parse(self, entry: Entry) -> Job | Rejection:
         kind = self.kind_of(entry)
+        fields = entry.fields
+        if fields is None:  # the callers acknowledge an entry deleted while pending without parsing it
+            raise ValueError(f"entry {entry.id} of {entry.stream} has no fields")
         try:
             if entry.stream == self.config.control_stream:
-                return parse_control(entry.fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
-            return parse_job(kind, entry.fields, self.allowlist, source=OpSource.LOBBY,
+                return parse_control(fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
+            return parse_job(kind, fields, self.allowlist, source=OpSource.LOBBY,
                              stream=entry.stream, entry_id=entry.id)
         except InvalidJob as bad:
             return Rejection(kind=kind, game_id=bad.game_id, stream=entry.stream, entry_id=entry.id,
                              code=bad.code, message=bad.message)
 
-    def _account(self, item: Job | Rejection, outcome) -> None:
+    def _account(self, item: Job | Rejection, outcome: SubmitOutcome) -> None:
         stream = item.stream
         if outcome.duplicate:
             self.metrics.jobs.labels(stream, "duplicate").inc()
@@ -381,6 +384,7 @@ class Intake:
                 "stream": stream, "entry_id": item.entry_id, "error_code": item.code.value, "game_id": item.game_id})
         else:
             decision = outcome.decision
+            assert decision is not None  # None only for a duplicate
             self.metrics.jobs.labels(stream, decision.action).inc()
             log.info("%s job: %s", item.kind.value, decision.action,
                      extra={"game_id": item.game_id, "operation_id": outcome.operation_id, "entry_id": item.entry_id,

@@ -74,6 +74,7 @@ class Leadership:
             self.metrics.leader.set(1)
             self.metrics.leadership.labels("elected").inc()
             log.info("elected leader", extra={"epoch": self.fence.epoch})
+            reason: str | None
             try:
                 await self._on_elected()
             except Exception as exc:  # noqa: BLE001 - the term cannot be served: step down, campaign again

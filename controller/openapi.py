@@ -7,6 +7,8 @@ against it (tests/integration/test_http.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import Enum
 from typing import Any
 
 from desired.jobs import MAX_IMAGE_REF, MAX_TURN_INTERVAL
@@ -41,7 +43,7 @@ _NULLABLE_STR = {"type": "string", "nullable": True}
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 
 
-def _enum(values) -> dict[str, Any]:
+def _enum(values: Iterable[Enum]) -> dict[str, Any]:
     return {"type": "string", "enum": [v.value for v in values]}
 
 

@@ -41,6 +41,7 @@ from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, e
 from desired.errors import StoreUnavailable
 from desired.leader import Fenced
 from desired.ports import RelayStore
+from desired.values import PendingResult
 
 log = logging.getLogger("rtmanager.relay")
 
@@ -177,7 +178,7 @@ class Relay:
     def stream_of(self, kind: str) -> str:
         return self.config.snapshot_stream if kind == "snapshot" else self.config.results_stream
 
-    def _observe(self, item) -> None:
+    def _observe(self, item: PendingResult) -> None:
         if item.kind == "snapshot":
             self.metrics.snapshots.labels(item.fields.get("reason", "")).inc()
             log.info("published snapshot", extra={"game_id": item.game_id, "reason": item.fields.get("reason"),
@@ -194,13 +195,13 @@ class Relay:
                                             "outcome": item.fields.get("outcome"),
                                             "error_code": item.fields.get("error_code")})
 
-    async def _skip_already_published(self, batch):
+    async def _skip_already_published(self, batch: list[PendingResult]) -> list[PendingResult]:
         """Mark entries found in their stream's recent tail as published instead of adding them again."""
         found: dict[str, str] = {}
         for kind in {item.kind for item in batch}:
             found |= {f.get(ID_FIELD[kind], ""): eid for eid, f in await self.redis.recent(self.stream_of(kind),
                                                                                          TAIL_SCAN)}
-        rest = []
+        rest: list[PendingResult] = []
         for item in batch:
             if item.result_id in found:
                 log.info("result already on the stream; marking it published",

@@ -62,7 +62,7 @@ class StateKeeper:
 
     @property
     def root(self) -> str:
-        return self.settings.state_root
+        return self.settings.storage.state_root
 
     async def backup(self, record: RuntimeRecord) -> None:
         """The copy of the state the engine being replaced left (once per replacement)."""
@@ -110,7 +110,7 @@ class StateKeeper:
     async def full_reason(self) -> str | None:
         free, total = await asyncio.to_thread(statedir.free_space, self.root)
         self.metrics.state_free.set(free)
-        reason = storage.nearly_full(free, total, self.settings.state_min_free)
+        reason = storage.nearly_full(free, total, self.settings.storage.state_min_free)
         self.metrics.state_full.set(1 if reason else 0)
         return reason
 

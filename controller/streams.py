@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -67,7 +68,7 @@ def _error_code(exc: BaseException) -> str:
     message = str(exc)
     found = _PIPELINE_ERROR.findall(message)  # the last one: the command's text comes before it
     if found:
-        return found[-1]
+        return str(found[-1])
     return message.split(" ", 1)[0]
 
 
@@ -86,6 +87,20 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _text_fields(fields: Fields | None) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in (fields or {}).items()}
+
+
+# The shapes of the replies this adapter reads. redis-py types each reply as the union of its RESP2
+# and RESP3 shapes (and of what a pipeline queues); this client speaks RESP2, redis-py's default, so
+# each reply is cast, where it arrives, to the RESP2 shape named here.
+Fields: TypeAlias = dict[bytes | str, bytes | str]
+RawEntry: TypeAlias = tuple[bytes | str, Fields | None]  # no fields: deleted while pending
+StreamReply: TypeAlias = list[tuple[bytes | str, list[RawEntry]]]  # XREAD, XREADGROUP
+WriteFields: TypeAlias = dict[Any, Any]  # what XADD writes: str or bytes names, str/bytes/int values
+Row: TypeAlias = dict[str, Any]  # XPENDING range
+
+
 def entry_key(entry_id: str) -> tuple[int, int]:
     """Order of entry ids (``ms-seq``); ids of different streams compare by their millisecond."""
     ms, _, seq = entry_id.partition("-")
@@ -96,9 +111,9 @@ def entry_key(entry_id: str) -> tuple[int, int]:
 class Entry:
     stream: str
     id: str
-    fields: dict | None  # None: deleted from the stream while pending
+    fields: Fields | None  # None: deleted from the stream while pending
 
-    def field(self, name: str):
+    def field(self, name: str) -> bytes | str | None:
         if self.fields is None:
             return None
         return self.fields.get(name.encode(), self.fields.get(name))
@@ -161,8 +176,8 @@ class RedisStreams:
 
     async def read_new(self, streams: list[str], count: int, block_ms: int | None) -> list[Entry]:
         """Entries never delivered to the group, up to ``count`` of *each* stream."""
-        reply = await self.client.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
-                                             count=count, block=block_ms)
+        reply = cast(StreamReply, await self.client.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
+                                                               count=count, block=block_ms))
         return [Entry(stream=_text(stream), id=_text(eid), fields=fields)
                 for stream, items in reply or [] for eid, fields in items]
 
@@ -171,7 +186,8 @@ class RedisStreams:
         out: list[Entry] = []
         last = "0"
         while True:
-            reply = await self.client.xreadgroup(self.group, self.consumer, {stream: last}, count=count)
+            reply = cast(StreamReply, await self.client.xreadgroup(self.group, self.consumer, {stream: last},
+                                                                   count=count))
             batch = reply[0][1] if reply else []
             if not batch:
                 return out
@@ -183,9 +199,9 @@ class RedisStreams:
         out: list[Entry] = []
         cursor = "0-0"
         while True:
-            cursor, claimed, *_ = await self.client.xautoclaim(stream, self.group, self.consumer,
-                                                               min_idle_time=min_idle_ms, start_id=cursor,
-                                                               count=count)
+            reply = await self.client.xautoclaim(stream, self.group, self.consumer,  # [cursor, entries, deleted]
+                                                 min_idle_time=min_idle_ms, start_id=cursor, count=count)
+            cursor, claimed = _text(reply[0]), cast(list[RawEntry], reply[1])
             out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in claimed]
             if _text(cursor) == "0-0":
                 return out
@@ -206,13 +222,13 @@ class RedisStreams:
                     continue
                 low = "-"
                 while True:
-                    rows = await self.client.xpending_range(stream, self.group, min=low, max="+", count=count,
-                                                            consumername=name)
+                    rows = cast(list[Row], await self.client.xpending_range(stream, self.group, min=low, max="+",
+                                                                            count=count, consumername=name))
                     if not rows:
                         break
                     ids = [_text(r["message_id"]) for r in rows]
-                    claimed = await self.client.xclaim(stream, self.group, self.consumer, min_idle_time=0,
-                                                       message_ids=ids)
+                    claimed = cast(list[RawEntry], await self.client.xclaim(stream, self.group, self.consumer,
+                                                                            min_idle_time=0, message_ids=list(ids)))
                     # An entry deleted from the stream comes back without fields (or not at all).
                     out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in claimed]
                     if len(rows) < count:
@@ -229,34 +245,35 @@ class RedisStreams:
         return int(await self.client.xtrim(stream, minid=min_id, approximate=True))
 
     # ------------------------------------------------------------------ writes
-    async def add(self, stream: str, fields: dict, maxlen: int | None = None) -> str:
-        kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}
-        return _text(await self.client.xadd(stream, fields, **kwargs))
+    async def add(self, stream: str, fields: WriteFields, maxlen: int | None = None) -> str:
+        return _text(await self.client.xadd(stream, fields, maxlen=maxlen or None, approximate=True))
 
-    async def add_many(self, items: list[tuple[str, dict]], maxlen: int | None = None) -> list[str]:
+    async def add_many(self, items: list[tuple[str, WriteFields]], maxlen: int | None = None) -> list[str]:
         """XADD each (stream, fields) in order, in one round trip (a pipeline, not a transaction)."""
-        kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}
         async with self.client.pipeline(transaction=False) as pipe:
             for stream, fields in items:
-                pipe.xadd(stream, fields, **kwargs)
+                pipe.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
             ids = await pipe.execute()
         return [_text(i) for i in ids]
 
-    async def recent(self, stream: str, count: int) -> list[tuple[str, dict]]:
+    async def recent(self, stream: str, count: int) -> list[tuple[str, dict[str, str]]]:
         """The newest ``count`` entries, newest first, with str fields."""
-        return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()})
-                for eid, fields in await self.client.xrevrange(stream, count=count)]
+        return [(_text(eid), _text_fields(fields))
+                for eid, fields in cast(list[RawEntry], await self.client.xrevrange(stream, count=count))]
 
-    async def range(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict]]:
-        return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()})
-                for eid, fields in await self.client.xrange(stream, min=start, max=end, count=count)]
+    async def range(self, stream: str, start: str, end: str = "+",
+                    count: int = 1000) -> list[tuple[str, dict[str, str]]]:
+        return [(_text(eid), _text_fields(fields))
+                for eid, fields in cast(list[RawEntry], await self.client.xrange(stream, min=start, max=end,
+                                                                                  count=count))]
 
-    async def read_after(self, stream: str, last_id: str, count: int, block_ms: int | None) -> list[tuple[str, dict]]:
+    async def read_after(self, stream: str, last_id: str, count: int,
+                         block_ms: int | None) -> list[tuple[str, dict[str, str]]]:
         """Plain reads (no group), as Lobby reads results: entries after ``last_id``, str fields."""
-        reply = await self.client.xread({stream: last_id}, count=count, block=block_ms)
-        return [(_text(eid), {_text(k): _text(v) for k, v in fields.items()})
+        reply = cast(StreamReply, await self.client.xread({stream: last_id}, count=count, block=block_ms))
+        return [(_text(eid), _text_fields(fields))
                 for _, items in reply or [] for eid, fields in items]
 
     async def stream_first_id(self, stream: str) -> str | None:
-        got = await self.client.xrange(stream, count=1)
+        got = cast(list[RawEntry], await self.client.xrange(stream, count=1))
         return _text(got[0][0]) if got else None

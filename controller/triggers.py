@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from controller.admission import Admission
 from controller.metrics import Metrics, one_round
 from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
@@ -29,7 +30,7 @@ from controller.workqueue import WorkQueue
 from desired.errors import Conflict, StorageFull, StoreUnavailable, TemporaryError
 from desired.jobs import Job
 from desired.leader import Fenced
-from desired.model import JobKind, OpSource, container_name
+from desired.model import JobKind, OpSource, RuntimeRecord, container_name
 from desired.ports import HealthStore, ResyncStore, TurnClockStore
 from observed.backend import RuntimeBackend
 
@@ -152,7 +153,7 @@ class HealthRound:
             addresses = {c.id: c.address for c in await self.backend.list_managed() if c.running}
         sem = asyncio.Semaphore(HEALTH_CONCURRENCY)
 
-        async def probe(rec) -> None:
+        async def probe(rec: RuntimeRecord) -> None:
             async with sem:
                 try:
                     await self.reconciler.observe(rec, addresses.get(rec.current_container_id or ""))
@@ -185,7 +186,7 @@ class TurnClock:
     (at most a resync interval, and woken when a schedule changes in this process). A game asks for
     one turn at a time, so ticks missed during an outage give one turn when it ends, not a burst."""
 
-    def __init__(self, *, store: TurnClockStore, admission, metrics: Metrics, max_sleep: float) -> None:
+    def __init__(self, *, store: TurnClockStore, admission: Admission, metrics: Metrics, max_sleep: float) -> None:
         self.store = store
         self.admission = admission
         self.metrics = metrics
@@ -267,7 +268,7 @@ class Readiness:
         self.timeout = timeout
         self.probes = 0  # how many times the dependencies were really asked
         self._cached: tuple[float, dict[str, str]] | None = None
-        self._inflight: asyncio.Task | None = None
+        self._inflight: asyncio.Task[dict[str, str]] | None = None
 
     async def check(self) -> dict[str, str]:
         now = time.monotonic()
@@ -284,7 +285,7 @@ class Readiness:
         self.probes += 1
         results: dict[str, str] = {}
 
-        async def one(name: str, fn) -> None:
+        async def one(name: str, fn: Callable[[], Awaitable[None]]) -> None:
             try:
                 await asyncio.wait_for(fn(), self.timeout)
                 results[name] = "ok"

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from desired.model import ErrorCode
 
@@ -91,12 +92,15 @@ class Conflict(RuntimeError):
     """A compare-and-swap guard did not hold: someone else changed the record."""
 
 
-def translating(translate: Callable[[BaseException], BaseException | None]):
+_Class = TypeVar("_Class", bound=type)
+
+
+def translating(translate: Callable[[BaseException], BaseException | None]) -> Callable[[_Class], _Class]:
     """Class decorator for an adapter: every public coroutine method raises ``translate(exc)`` from
     the driver's ``exc`` (when it gives one), so the driver's errors never leave the adapter."""
-    def wrap(fn):
+    def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(fn)
-        async def wrapper(*args, **kwargs):
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return await fn(*args, **kwargs)
             except BaseException as exc:
@@ -106,7 +110,7 @@ def translating(translate: Callable[[BaseException], BaseException | None]):
                 raise ours from exc
         return wrapper
 
-    def decorate(cls):
+    def decorate(cls: _Class) -> _Class:
         for name, member in list(vars(cls).items()):
             if not name.startswith("_") and inspect.iscoroutinefunction(member):
                 setattr(cls, name, wrap(member))

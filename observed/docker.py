@@ -22,6 +22,7 @@ import os
 import stat
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import docker
 import docker.errors
@@ -81,7 +82,7 @@ class DockerBackend(DaemonClient):
         """Every container of this instance, running or not, in one API call."""
         filters = {"label": [f"{LABEL_MANAGED_BY}={MANAGED_BY}", f"{LABEL_INSTANCE}={self.instance}"]}
 
-        def list_raw() -> list[dict]:
+        def list_raw() -> list[dict[str, Any]]:
             return self._docker().api.containers(all=True, filters=filters)
 
         raw = await self._call("list", list_raw)

@@ -34,7 +34,7 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 
@@ -114,7 +114,7 @@ class EngineClient:
             delay = min(delay * 2, 0.5)
 
     # --------------------------------------------------------------- admin API
-    async def _admin(self, method: str, host: str, what: str, body: dict | None = None, *,
+    async def _admin(self, method: str, host: str, what: str, body: dict[str, Any] | None = None, *,
                      token: str = "") -> tuple[int, Any]:
         url = f"http://{self._netloc(host)}{self.admin_path}/{what}"
         headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -183,7 +183,7 @@ def parse_status(data: Any) -> EngineStatus:
     return EngineStatus(turn=turn, phase=phase, last_generation=last_gen)
 
 
-def _is_turn(value: Any) -> bool:
+def _is_turn(value: Any) -> TypeGuard[int]:
     """A turn number a record can hold (a 32-bit signed integer, not negative): anything else,
     floats and booleans included, is a garbage answer."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TURN

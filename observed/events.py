@@ -78,12 +78,12 @@ class EventWatcher:
             client = None
             try:
                 client = docker.from_env(timeout=None)
-                self._stream = client.events(decode=True, filters=filters)
+                self._stream = stream = client.events(decode=True, filters=filters)
                 self.connected = True
                 self.connects += 1
                 delay = 0.5
                 self._loop.call_soon_threadsafe(self._on_connect)
-                for event in self._stream:
+                for event in stream:
                     if self._stopping.is_set():
                         break
                     attrs = (event.get("Actor") or {}).get("Attributes") or {}

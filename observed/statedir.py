@@ -27,7 +27,8 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from types import TracebackType
 
 from observed.errors import Refused
 
@@ -104,7 +105,8 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _writable_and_again(func, path: str, exc_info) -> None:  # noqa: ANN001 - shutil's callback
+def _writable_and_again(func: Callable[..., object], path: str,
+                        exc_info: tuple[type[BaseException], BaseException, TracebackType]) -> None:
     """An engine may leave a directory without write permission (0500): when rtmanager is not root
     its entries cannot be deleted until the directory is made writable for its owner again."""
     exc = exc_info[1]

@@ -124,7 +124,7 @@ class SwarmBackend(DaemonClient):
         services = await self._call("list", lambda: self._docker().api.services(filters=filters))
         tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters=filters)) if services else []
         await self._know_nodes(tasks)
-        by_service: dict[str, list[dict]] = {}
+        by_service: dict[str, list[dict[str, Any]]] = {}
         for t in self._settle(tasks):
             by_service.setdefault(t.get("ServiceID", ""), []).append(t)
         return [self._observe(s, by_service.get(s["ID"], [])) for s in services]
@@ -136,7 +136,7 @@ class SwarmBackend(DaemonClient):
         service, tasks = found
         return self._observe(service, tasks)
 
-    async def _read(self, name_or_id: str) -> tuple[dict, list[dict]] | None:
+    async def _read(self, name_or_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         """The service (by id or exact name) and all its tasks; None when there is no such service."""
         try:
             service = await self._call("inspect", lambda: self._docker().api.inspect_service(name_or_id))
@@ -151,13 +151,13 @@ class SwarmBackend(DaemonClient):
             return None  # removed in between
         return service, tasks
 
-    async def _service_tasks(self, service_id: str) -> list[dict]:
+    async def _service_tasks(self, service_id: str) -> list[dict[str, Any]]:
         """The service's tasks, those on a node that is down marked lost."""
         tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters={"service": service_id}))
         await self._know_nodes(tasks)
         return self._settle(tasks)
 
-    def _settle(self, tasks: list[dict]) -> list[dict]:
+    def _settle(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Swarm goes on calling a task on a node that is down running (with desired state shutdown): it
         is ``lost`` here, an end without an exit code. Its node's dockerd stops it if it comes back."""
         out = []
@@ -185,7 +185,7 @@ class SwarmBackend(DaemonClient):
         self._nodes = {n["ID"]: _node_info(n) for n in nodes}
         self._nodes_read_at = time.monotonic()
 
-    def _observe(self, service: Mapping[str, Any], tasks: list[dict]) -> ObservedContainer:
+    def _observe(self, service: Mapping[str, Any], tasks: list[dict[str, Any]]) -> ObservedContainer:
         spec = service.get("Spec") or {}
         template = spec.get("TaskTemplate") or {}
         cspec = template.get("ContainerSpec") or {}
@@ -365,7 +365,7 @@ class SwarmBackend(DaemonClient):
         return found
 
     # --------------------------------------------------------------- actions
-    async def _update(self, service_id: str, change: Callable[[dict], None]) -> None:
+    async def _update(self, service_id: str, change: Callable[[dict[str, Any]], None]) -> None:
         """Read the spec, change it, write it back at that version (again when another writer came first)."""
         for attempt in range(5):
             try:
@@ -376,7 +376,7 @@ class SwarmBackend(DaemonClient):
             change(spec)
             version = service["Version"]["Index"]
 
-            def update_raw(spec=spec, version=version) -> None:
+            def update_raw(spec: dict[str, Any] = spec, version: int = version) -> None:
                 api = self._docker().api
                 res = api._post_json(api._url("/services/{0}/update", service_id), data=spec,
                                      params={"version": version})
@@ -414,7 +414,7 @@ class SwarmBackend(DaemonClient):
         loop = asyncio.get_running_loop()
         started = loop.time()
         kicked = False
-        last: dict | None = None
+        last: dict[str, Any] | None = None
         while True:
             try:
                 tasks = await self._service_tasks(unit_id)
@@ -448,7 +448,7 @@ class SwarmBackend(DaemonClient):
         if not node or any(c.replace(" ", "").startswith("node.id==") for c in placement.get("Constraints") or []):
             return
 
-        def add(spec: dict) -> None:
+        def add(spec: dict[str, Any]) -> None:
             place = spec.setdefault("TaskTemplate", {}).setdefault("Placement", {})
             constraints = [c for c in place.get("Constraints") or [] if not c.replace(" ", "").startswith("node.id==")]
             place["Constraints"] = [*constraints, f"node.id=={node}"]
@@ -575,27 +575,28 @@ def _replicas(service: Mapping[str, Any]) -> int:
     return int(((mode.get("Replicated") or {}).get("Replicas")) or 0)
 
 
-def _set_replicas(spec: dict, n: int) -> None:
+def _set_replicas(spec: dict[str, Any], n: int) -> None:
     spec["Mode"] = {"Replicated": {"Replicas": n}}
 
 
-def _force_update(spec: dict) -> None:
+def _force_update(spec: dict[str, Any]) -> None:
     template = spec.setdefault("TaskTemplate", {})
     template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
 
 
-def _latest(tasks: Iterable[Mapping[str, Any]]) -> dict | None:
+def _latest(tasks: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The task that tells the state: the newest of those meant to run, else the newest."""
-    tasks = list(tasks)
-    wanted = [t for t in tasks if t.get("DesiredState") in _WANTED]
-    pool = wanted or tasks
+    every = list(tasks)
+    wanted = [t for t in every if t.get("DesiredState") in _WANTED]
+    pool = wanted or every
     if not pool:
         return None
-    return dict(max(pool, key=lambda t: (_when(t.get("CreatedAt")) or datetime.min.replace(tzinfo=UTC),
-                                         (t.get("Version") or {}).get("Index", 0))))
+    newest = max(pool, key=lambda t: (_when(t.get("CreatedAt")) or datetime.min.replace(tzinfo=UTC),
+                                      (t.get("Version") or {}).get("Index", 0)))
+    return dict(newest)
 
 
-def _state(service: Mapping[str, Any], tasks: list[dict]) -> tuple[str, dict | None]:
+def _state(service: Mapping[str, Any], tasks: list[dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
     running = [t for t in tasks if _task_state(t) == "running"]
     if running:
         return "running", _latest(running)
@@ -678,8 +679,8 @@ class TaskPoller:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def _snapshot(self, tasks: list[dict]) -> dict[str, tuple[str, str, str]]:
-        per_service: dict[str, list[dict]] = {}
+    def _snapshot(self, tasks: list[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
+        per_service: dict[str, list[dict[str, Any]]] = {}
         for t in tasks:
             per_service.setdefault(t.get("ServiceID", ""), []).append(t)
         out: dict[str, tuple[str, str, str]] = {}

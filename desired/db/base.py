@@ -10,6 +10,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
@@ -168,7 +169,7 @@ class StoreBase:
 
     async def _insert_op(self, conn: asyncpg.Connection, game_id: str, op: JobKind, source: OpSource,
                          status: OpStatus, generation: int, stream: str | None, entry_id: str | None,
-                         params: dict, now: datetime, code: ErrorCode | None, message: str | None) -> int:
+                         params: dict[str, Any], now: datetime, code: ErrorCode | None, message: str | None) -> int:
         return await conn.fetchval(
             "INSERT INTO runtime_operations (game_id, op, source, status, generation, stream, entry_id, params,"
             " error_code, error_message, created_at, finished_at)"

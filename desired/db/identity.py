@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from desired.db.base import StoreBase
 from desired.db.pool import translating
 from desired.values import Identity, WrongInstance
@@ -24,7 +26,7 @@ class Identities(StoreBase):
             raise WrongInstance(f"the database belongs to instance {identity.instance!r}, not {instance!r}")
         return identity
 
-    async def lease_info(self, instance: str) -> dict | None:
+    async def lease_info(self, instance: str) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(
             "SELECT holder, epoch, expires_at > now() AS live FROM leader_leases WHERE instance = $1", instance)
         return dict(row) if row is not None else None

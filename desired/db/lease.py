@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import TypeVar
 
 import asyncpg
 
@@ -25,6 +27,9 @@ async def check_fence(fence: Fence, conn: asyncpg.Connection) -> datetime:
     return now
 
 
+_T = TypeVar("_T")
+
+
 class Lease:
     """Campaign, renew and release on a connection of its own: a flood of requests or a burst of
     work that takes every pooled connection must never cost the leader its lease. Errors come
@@ -42,7 +47,7 @@ class Lease:
             self._conn = await asyncpg.connect(self.database_url, timeout=self._timeout)
         return self._conn
 
-    async def _run(self, fn):
+    async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
         try:
             return await fn(await self._connection())
         except BaseException as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins  # the class defines list(): its annotations spell the builtin type in full
 from datetime import datetime
 
 from desired.db.base import StoreBase
@@ -31,25 +32,25 @@ class Records(StoreBase):
         rows = await self.pool.fetch("SELECT * FROM runtime_records ORDER BY game_id")
         return [record_from_row(r) for r in rows]
 
-    async def list_up(self) -> list[RuntimeRecord]:
+    async def list_up(self) -> builtins.list[RuntimeRecord]:
         """Games whose engine's container should be running (every UP status)."""
         rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = ANY($1::text[]) ORDER BY game_id",
                                      [s.value for s in UP])
         return [record_from_row(r) for r in rows]
 
-    async def list_by_status(self, status: Status) -> list[RuntimeRecord]:
+    async def list_by_status(self, status: Status) -> builtins.list[RuntimeRecord]:
         rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = $1 ORDER BY game_id",
                                      status.value)
         return [record_from_row(r) for r in rows]
 
-    async def list_live(self) -> list[RuntimeRecord]:
+    async def list_live(self) -> builtins.list[RuntimeRecord]:
         """Every record the controller may still have to act on (one query, for resync)."""
         rows = await self.pool.fetch(
             "SELECT * FROM runtime_records WHERE status <> 'removed' OR desired_status <> 'removed'"
             " OR observed_generation <> generation")
         return [record_from_row(r) for r in rows]
 
-    async def game_ids(self, game_ids: list[str]) -> set[str]:
+    async def game_ids(self, game_ids: builtins.list[str]) -> set[str]:
         """Which of these games have a record (removed ones included)."""
         rows = await self.pool.fetch("SELECT game_id FROM runtime_records WHERE game_id = ANY($1::text[])",
                                      game_ids)
@@ -77,7 +78,7 @@ class Records(StoreBase):
             "SELECT state_bytes, state_measured_at FROM runtime_records WHERE game_id = $1", game_id)
         return (row["state_bytes"], row["state_measured_at"]) if row is not None else (None, None)
 
-    async def removed_with_state(self, retention: float, limit: int = 100) -> list[RuntimeRecord]:
+    async def removed_with_state(self, retention: float, limit: int = 100) -> builtins.list[RuntimeRecord]:
         """Removed games whose state directory is still there, removed at least ``retention`` seconds
         ago (the database clock), oldest first."""
         rows = await self.pool.fetch(
@@ -91,7 +92,7 @@ class Records(StoreBase):
             await conn.execute("UPDATE runtime_records SET state_disposed_at = now(), state_bytes = NULL,"
                                " state_measured_at = NULL WHERE game_id = $1 AND status = 'removed'", game_id)
 
-    async def operations(self, game_id: str, limit: int = 100) -> list[Operation]:
+    async def operations(self, game_id: str, limit: int = 100) -> builtins.list[Operation]:
         rows = await self.pool.fetch(
             "SELECT * FROM runtime_operations WHERE game_id = $1 ORDER BY id DESC LIMIT $2", game_id, limit)
         return [operation_from_row(r) for r in rows]
@@ -102,7 +103,7 @@ class Records(StoreBase):
             raise NotFound(str(op_id))
         return operation_from_row(row)
 
-    async def pending_operations(self, game_id: str) -> list[Operation]:
+    async def pending_operations(self, game_id: str) -> builtins.list[Operation]:
         rows = await self.pool.fetch(
             "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running') ORDER BY id",
             game_id)

@@ -103,13 +103,13 @@ INSERT_RESULT = "INSERT INTO job_results (result_id, operation_id, game_id, fiel
 
 
 def op_row(op_id: int, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,
-            stream: str | None, entry_id: str | None, params: dict, now: datetime, code: ErrorCode | None,
-            message: str | None) -> tuple:
+            stream: str | None, entry_id: str | None, params: dict[str, Any], now: datetime, code: ErrorCode | None,
+            message: str | None) -> tuple[Any, ...]:
     return (op_id, game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
             code.value if code else None, message, now, now if status.is_final else None)
 
 
-def result_row(op_id: int | None, result: JobResult) -> tuple:
+def result_row(op_id: int | None, result: JobResult) -> tuple[Any, ...]:
     return (uuid.UUID(result.result_id), op_id, result.game_id, json.dumps(result.fields()))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -85,8 +86,8 @@ class Submissions(StoreBase):
             ids = [r[0] for r in await conn.fetch(
                 "SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id')) FROM generate_series(1, $1)",
                 len(items))]
-            ops: list[tuple] = []
-            results: list[tuple] = []
+            ops: list[tuple[Any, ...]] = []
+            results: list[tuple[Any, ...]] = []
 
             async def flush() -> None:
                 if ops:

@@ -246,9 +246,9 @@ class Transitions(StoreBase):
             await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
                                                          error_code=code, message=answer), now)
             if target:
-                op = jobs[0].op if jobs else JobKind.RECONCILE
+                note_op = jobs[0].op if jobs else JobKind.RECONCILE
                 await self._insert_note(conn, new, ReconcilerNote(
-                    op=op, params={"event": "rollback", "from": cur.desired_image_ref, "to": target,
+                    op=note_op, params={"event": "rollback", "from": cur.desired_image_ref, "to": target,
                                    "failed_generation": generation, "error_code": code.value}), now)
             return new
 
