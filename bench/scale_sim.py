@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 from controller.app import Controller  # noqa: E402
 from controller.config import Settings  # noqa: E402
 from controller.logs import setup_logging  # noqa: E402
-from controller.reconciler import build_spec  # noqa: E402
+from controller.spec import build_spec  # noqa: E402
 from desired.migrate import migrate  # noqa: E402
 from desired.model import DesiredStatus, Health, RuntimeRecord, Status, engine_endpoint  # noqa: E402
 from desired.pg import create_pool  # noqa: E402

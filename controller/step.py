@@ -4,7 +4,8 @@ Every handler of the reconciler returns a ``Step``; only ``Reconciler.sync`` tal
 the work queue. ``DONE``: nothing more to do until something changes (an event, a job,
 the resync). ``AGAIN``: look again now, in the same sync (the action changed the world:
 plan again from what is). ``requeue(after, reason)``: come back after ``after`` seconds
-(a poll while the engine generates, a crash backoff, a refused stop); the sync ends.
+(a poll while the engine generates, a crash backoff, a refused stop); the sync ends unless the step
+says ``again`` too. The steps of one sync are merged: the earliest requeue wins.
 
 Errors are not steps: the worker requeues a failed sync with its rate limiter.
 """
@@ -19,7 +20,7 @@ MIN_REQUEUE = 0.05  # seconds: a requeue is never a busy loop
 @dataclass(frozen=True)
 class Step:
     again: bool = False          # plan again now, in this sync
-    after: float | None = None   # come back after this many seconds (None: only when something changes)
+    after: float | None = None   # come back after this many seconds at the latest (None: when something changes)
     reason: str = ""
 
     @property
@@ -35,17 +36,18 @@ DONE = Step()
 AGAIN = Step(again=True)
 
 
-def requeue(after: float, reason: str) -> Step:
-    """Come back after ``after`` seconds (at least ``MIN_REQUEUE``)."""
-    return Step(after=max(after, MIN_REQUEUE), reason=reason)
+def requeue(after: float, reason: str, *, again: bool = False) -> Step:
+    """Come back after ``after`` seconds (at least ``MIN_REQUEUE``); with ``again``, plan again now as
+    well (a crash recorded with its backoff: what the plan says now may be more than a wait)."""
+    return Step(again=again, after=max(after, MIN_REQUEUE), reason=reason)
 
 
 def merge(*steps: Step) -> Step:
-    """One step for several: again now wins over any requeue, the earliest requeue over a later one,
-    and a requeue over done (a wake-up planned is never lost)."""
-    if any(s.again for s in steps):
-        return next(s for s in steps if s.again)
+    """One step for several (the steps of one sync): again when any says again, and the earliest
+    requeue wins (a wake-up planned is never lost, and never put off by a later one)."""
+    again = any(s.again for s in steps)
     timed = [s for s in steps if s.after is not None]
     if not timed:
-        return DONE
-    return min(timed, key=lambda s: s.after if s.after is not None else 0.0)
+        return AGAIN if again else DONE
+    first = min(timed, key=lambda s: s.after if s.after is not None else 0.0)
+    return Step(again=again, after=first.after, reason=first.reason)

@@ -41,6 +41,7 @@ from desired.model import (
 )
 from desired.policy import CrashPolicy, next_crash
 from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome, decided
+from observed.docker import ensure_state_dir, user_ids
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
@@ -326,6 +327,9 @@ class FakeBackend:
 
     async def prepare(self) -> None:
         self._check("prepare")
+
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+        ensure_state_dir(state_root, spec.state_path, *user_ids(spec.user))  # on disk, as the Docker backend
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         self._check("create", spec.name)

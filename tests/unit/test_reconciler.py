@@ -30,13 +30,9 @@ class World:
         self.backend = FakeBackend()
         self.engine = FakeEngine(self.backend)
         self.queue = WorkQueue()
-        self.written = 0
         self.reconciler = Reconciler(self.settings, self.store, self.backend, self.engine, Metrics(), self.queue,
-                                     results_written=self._written, clock=self.store.clock, database="db-1")
+                                     clock=self.store.clock, database="db-1")
         self.defaults = defaults(str(tmp_path / "games"))
-
-    def _written(self) -> None:
-        self.written += 1
 
     async def job(self, kind: JobKind, game: str, image: str | None = None) -> None:
         await self.store.submit(Job(kind=kind, game_id=game, source=OpSource.LOBBY, image_ref=image,

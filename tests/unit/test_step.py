@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.step import AGAIN, DONE, MIN_REQUEUE, Step, merge, requeue
+from controller.step import AGAIN, DONE, MIN_REQUEUE, merge, requeue
 
 
 def test_done_again_and_requeue_say_what_they_are():
@@ -30,6 +30,11 @@ def test_a_requeue_wins_over_done_and_done_alone_is_done():
     assert merge(DONE, DONE) == DONE
 
 
-def test_again_now_wins_over_any_requeue():
-    assert merge(requeue(0.05, "soon"), AGAIN, DONE) == AGAIN
-    assert merge(Step(again=True, reason="changed"), AGAIN).reason == "changed"
+def test_again_now_keeps_the_earliest_requeue_of_the_same_sync():
+    """A crash recorded with its backoff plans again at once, and its wake-up is not lost: one requeue
+    (the earliest) for the whole sync, where there were two."""
+    crash = requeue(4, "restart backoff", again=True)
+    assert crash.again and crash.requeues and not crash.done
+    merged = merge(crash, AGAIN, requeue(10, "wait"))
+    assert merged.again and merged.after == 4 and merged.reason == "restart backoff"
+    assert merge(AGAIN, DONE) == AGAIN
