@@ -9,7 +9,8 @@ puts the game back on the work queue. Results are written, with the final
 status, in one transaction (desired/store.py); the relay publishes them.
 
 Composed here: the unit's spec and its hash (controller/spec.py), the health
-probe (controller/health.py), the turn protocol (controller/turns.py).
+probe (controller/health.py), the turn protocol (controller/turns.py), the
+start of an engine (controller/start.py).
 
 A failure that a job must hear about (``PermanentError``) ends its generation
 (``Store.fail_generation``): the job is answered, and a new generation asks for
@@ -26,27 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import secrets
 import time
+from collections.abc import Callable
 
 from controller.config import Settings
 from controller.health import Health
 from controller.metrics import Metrics
 from controller.planner import DISRUPTION_POLL, Action, ActionKind, plan
 from controller.spec import Specs
+from controller.start import Starts
 from controller.step import AGAIN, DONE, Step, merge, requeue
 from controller.storage import StateKeeper
-from controller.turns import Look, Turns, probe_host
+from controller.turns import Look, Turns
 from controller.workqueue import ShutDown, WorkQueue
-from desired import storage, transitions, versions
+from desired import transitions
 from desired.clock import Clock
 from desired.errors import (
     Conflict,
     ContainerStartFailed,
     DockerUnavailable,
-    EngineUnhealthy,
     ImageRejected,
     ImageUnavailable,
     PermanentError,
@@ -56,7 +56,7 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import DesiredStatus, ErrorCode, OpKind, RuntimeRecord, Status, container_name
+from desired.model import DesiredStatus, ErrorCode, OpKind, RuntimeRecord, container_name
 from desired.policy import CrashPolicy
 from desired.store import Crash, Store
 from observed.backend import RuntimeBackend
@@ -103,14 +103,15 @@ def backend_errors():
 
 class Reconciler:
     def __init__(self, settings: Settings, store: Store, backend: RuntimeBackend, engine: EngineClient,
-                 metrics: Metrics, queue: WorkQueue, *, fence: Fence | None = None, clock: Clock | None = None,
-                 database: str = "") -> None:
+                 metrics: Metrics, queue: WorkQueue, *, results_written: Callable[[], None],
+                 fence: Fence | None = None, clock: Clock | None = None, database: str = "") -> None:
         self.settings = settings
         self.store = store
         self.backend = backend
         self.engine = engine
         self.metrics = metrics
         self.queue = queue
+        self._results_written = results_written
         self.fence = fence
         self.clock = clock or store.clock
         self.specs = Specs(settings, database)
@@ -122,6 +123,7 @@ class Reconciler:
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
         self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
+        self.starts = Starts(settings, store, backend, engine, metrics, self.health, self.states)
 
     @property
     def epoch(self) -> int:
@@ -130,6 +132,7 @@ class Reconciler:
     async def observe(self, record: RuntimeRecord, address: str | None) -> None:
         """The health round's look at one running engine (controller/health.py)."""
         await self.health.observe(record, address)
+        self._results_written()  # a snapshot, when the status changed
 
     def refill_dispose_budget(self) -> None:
         """At most once per resync interval, however many resyncs run (events reconnecting force some)."""
@@ -193,6 +196,7 @@ class Reconciler:
         steps: list[Step] = []
         for _ in range(MAX_STEPS):
             steps.append(await self._step(game_id))
+            self._results_written()  # whatever the step wrote into the outbox
             if not steps[-1].again:
                 break
         else:
@@ -309,13 +313,13 @@ class Reconciler:
         assert record is not None
         if kind in (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP):
             assert container is not None
-            grace = await self._stop_grace(record, container)  # the engine's version's, or the global one
+            grace = await self.starts.stop_grace(record, container)  # the engine's version's, or the global one
         if kind is ActionKind.BLOCKED:
             raise ContainerStartFailed(f"the name {container_name(record.game_id)} is held by a container "
                                        "rtmanager does not manage")
         if kind in _RESTORING:
             assert spec is not None
-            await self._run(kind, record, container, spec)
+            await self.starts.run(kind, record, container, spec)
         elif kind is ActionKind.STOP:
             assert container is not None
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
@@ -354,125 +358,6 @@ class Reconciler:
             return await self.turns.turn(record, container)
         return AGAIN
 
-    async def _run(self, kind: ActionKind, record: RuntimeRecord, container: ObservedContainer | None,
-                   spec: ContainerSpec) -> None:
-        # The allowlist holds at every start, not only when a job is accepted: restarts, crash
-        # recoveries and spec changes reuse a stored image the operator may have banned since.
-        if kind is not ActionKind.CONFIRM:
-            if not self.settings.image_allowlist.allows(spec.image):
-                raise ImageRejected(f"image {spec.image} is no longer allowed by RTMANAGER_IMAGE_ALLOWLIST")
-            if self.settings.version_policy == "registry":
-                refusal = versions.refuse_run(await self.store.engine_version_of(spec.image), spec.image)
-                if refusal is not None:
-                    raise ImageRejected(refusal)
-        if kind is ActionKind.RECREATE:
-            await self.backend.ensure_image(spec.image)  # pull before taking the running game down
-        confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
-            and record.current_container_id == container.id
-        if record.status is not Status.STARTING and not confirming_up:
-            # A job replacing a running engine: remember what it ran, to start it again on failure.
-            rollback = (record.current_image_ref if record.status.is_up and not record.converged
-                        and not record.rolling_back else None)
-            record = await self.store.mark_starting(record, rollback_image=rollback)
-        if kind is ActionKind.RECREATE and container is not None:
-            await self.backend.remove(container.id, await self._stop_grace(record, container))  # SIGTERM first
-            container = None
-        if container is None:
-            entry = await self.store.engine_version_of(spec.image)
-            if entry is not None and entry.stop_grace is not None:  # a Swarm service keeps it from its creation
-                spec = dataclasses.replace(spec, stop_grace=float(entry.stop_grace))
-            # A rollback: the old image starts on the state the old engine left (and a restore a
-            # kill cut short is finished first, whatever is asked now).
-            await self.states.restore(record)
-            if storage.needs_backup(record, spec.image):
-                # Another image replaces the running engine (stopped by now): keep what it left.
-                await self.states.backup(record)
-            elif not record.rolling_back:
-                await self.states.check_room(record)  # a new game's directory needs room
-            await self.backend.ensure_image(spec.image)
-            await self.backend.prepare()
-            await self.backend.make_state_dir(self.settings.state_root, spec)
-            # A new secret for each unit, recorded before the unit exists: a kill between the create
-            # and the next write must not leave a unit whose token nobody knows.
-            token = secrets.token_urlsafe(32)
-            record = await self.store.set_admin_token(record, token)
-            spec = dataclasses.replace(spec, admin_token=token)
-            t0 = asyncio.get_running_loop().time()
-            container = await self.backend.create(spec)
-            self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
-            if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.instance):
-                return  # adopted a container from an older attempt: plan again from what it is
-        if container.admin_token is not None and container.admin_token != record.admin_token:
-            # A unit that existed already (the create found one an earlier attempt made, or the record
-            # does not know it: a restored database) runs with the token it was created with: record it.
-            log.info("recording the admin token the unit %s was created with", container.id[:12],
-                     extra={"game_id": record.game_id, "container_id": container.id})
-            record = await self.store.set_admin_token(record, container.admin_token)
-        if not container.running:
-            await self.backend.start(container.id)
-        await self._confirm(record, container.id, spec)
-
-    async def _confirm(self, record: RuntimeRecord, container_id: str, spec: ContainerSpec) -> None:
-        """Wait for the engine's health path, then record the game as running."""
-        loop = asyncio.get_running_loop()
-        last_look = [loop.time()]
-        exited: list[ObservedContainer] = []
-
-        async def still_running() -> bool:
-            if loop.time() - last_look[0] < 0.5:
-                return True
-            last_look[0] = loop.time()
-            seen = await self.backend.inspect(container_id)
-            if seen is None or not seen.running:
-                if seen is not None:
-                    exited.append(seen)
-                return False
-            return True
-
-        seen = await self.backend.inspect(container_id)
-        if seen is None:
-            raise ContainerStartFailed("the container disappeared right after start")
-        if not seen.running:
-            await self.health.raise_exited(seen)
-        host = probe_host(record.game_id, seen.address)
-        t0 = loop.time()
-        ok, detail = await self.engine.wait_healthy(host, self.settings.start_timeout, still_running)
-        self.metrics.probes.labels("healthy" if ok else "unhealthy").inc()
-        if ok:
-            # The answer came from the address this unit had: make sure it is still this unit's (a
-            # daemon may hand a dead container's IP to the next one at once).
-            again = await self.backend.inspect(container_id)
-            if again is None or not again.running or again.address != seen.address:
-                if again is not None and not again.running:
-                    await self.health.raise_exited(again)
-                raise ContainerStartFailed("the engine's container stopped or moved while it was probed")
-        if not ok:
-            if exited:
-                await self.health.raise_exited(exited[-1])
-            raise EngineUnhealthy(f"engine did not answer GET {self.settings.health_path} with 2xx within "
-                                  f"{self.settings.start_timeout:g}s (last: {detail})")
-        self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
-        probe = await self.health.probe(record, seen.address) if record.admin_api is not False else None
-        s = self.settings
-        await self.store.mark_running(record, container_id=container_id, image=spec.image,
-                                      probe=probe if probe is not None and probe.healthy else None,
-                                      unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout,
-                                      node=seen.node)
-        if storage.replacing(record):
-            try:
-                await self.states.drop(record.game_id)  # healthy: the copy of the replaced state is not needed
-            except ObservedError as exc:  # converged all the same; the storage round deletes it later
-                log.warning("could not delete the copy of the state directory: %s", exc.message,
-                            extra={"game_id": record.game_id})
-
-    async def _stop_grace(self, record: RuntimeRecord, container: ObservedContainer) -> float:
-        """Seconds between SIGTERM and SIGKILL for the engine this unit runs: its registered version's
-        ``stop_grace`` (whatever RTMANAGER_VERSION_POLICY), else RTMANAGER_STOP_GRACE."""
-        image = record.current_image_ref if record.current_container_id == container.id else None
-        image = image or container.image
-        entry = await self.store.engine_version_of(image) if image else None
-        return versions.stop_grace(entry, self.settings.stop_grace)
-
     async def _note_overdue(self, record: RuntimeRecord, action: Action) -> None:
         """The disruption waited RTMANAGER_DISRUPTION_WAIT for a generation and goes ahead anyway: the
         operation log says so, and so do the results of the jobs it answers."""
@@ -491,7 +376,7 @@ class Reconciler:
         not count toward the crash limit (five daemon restarts must not give every game up)."""
         seen = await self.backend.inspect(container.id) or container
         if seen.running:  # not an exit: an engine that stopped answering for too long
-            await self.backend.stop(seen.id, await self._stop_grace(record, seen))
+            await self.backend.stop(seen.id, await self.starts.stop_grace(record, seen))
             return await self._count_crash(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
