@@ -131,8 +131,8 @@ class Reconciler:
 
     async def observe(self, record: RuntimeRecord, address: str | None) -> None:
         """The health round's look at one running engine (controller/health.py)."""
-        await self.health.observe(record, address)
-        self._results_written()  # a snapshot, when the status changed
+        if await self.health.observe(record, address):
+            self._results_written()  # a snapshot, when the status changed
 
     def refill_dispose_budget(self) -> None:
         """At most once per resync interval, however many resyncs run (events reconnecting force some)."""
@@ -196,7 +196,6 @@ class Reconciler:
         steps: list[Step] = []
         for _ in range(MAX_STEPS):
             steps.append(await self._step(game_id))
-            self._results_written()  # whatever the step wrote into the outbox
             if not steps[-1].again:
                 break
         else:
@@ -223,6 +222,7 @@ class Reconciler:
             # A planned disruption: the record's last probe may be stale, ask the engine now.
             assert record is not None and container is not None
             checked = await self._check_engine(record, container, action)
+            self._results_written()  # a snapshot, when what the engine said changed the status
             if not isinstance(checked, Action):
                 return checked
             action = checked
@@ -279,6 +279,7 @@ class Reconciler:
             result = "error"
             raise
         finally:
+            self._results_written()  # whatever the action wrote into the outbox
             self.metrics.reconciles.labels(action.kind.value, result).inc()
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
@@ -434,6 +435,7 @@ class Reconciler:
                 return
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
             await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
+            self._results_written()
         except (StoreUnavailable, Conflict):
             pass
         except Exception:  # noqa: BLE001 - logged; the next failure tries again
