@@ -76,9 +76,9 @@ class Health:
         return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase,
                      failed_turn=last.turn if failed else None, failed_error=last.error if failed else "")
 
-    async def observe(self, record: RuntimeRecord, address: str | None) -> bool:
-        """One periodic look at a running engine; the record is written only when something changed
-        (True). An engine that does not run at all is a trigger, like an event: the reconciler is woken."""
+    async def observe(self, record: RuntimeRecord, address: str | None) -> None:
+        """One periodic look at a running engine; the record is written only when something changed.
+        An engine that does not run at all is a trigger, like an event: the reconciler is woken."""
         probe = await self.probe(record, address)
         s = self.settings
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
@@ -94,7 +94,6 @@ class Health:
                 pass  # the record moved on meanwhile; the next round looks again
         if not address:
             self._wake(record.game_id)  # not running at all: let the reconciler look
-        return new != record
 
     async def record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
         """A probe taken while reconciling, written when it changes the record (which is returned)."""

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 
 from controller.config import Settings
 from controller.health import Health
@@ -103,15 +102,14 @@ def backend_errors():
 
 class Reconciler:
     def __init__(self, settings: Settings, store: Store, backend: RuntimeBackend, engine: EngineClient,
-                 metrics: Metrics, queue: WorkQueue, *, results_written: Callable[[], None],
-                 fence: Fence | None = None, clock: Clock | None = None, database: str = "") -> None:
+                 metrics: Metrics, queue: WorkQueue, *, fence: Fence | None = None, clock: Clock | None = None,
+                 database: str = "") -> None:
         self.settings = settings
         self.store = store
         self.backend = backend
         self.engine = engine
         self.metrics = metrics
         self.queue = queue
-        self._results_written = results_written
         self.fence = fence
         self.clock = clock or store.clock
         self.specs = Specs(settings, database)
@@ -131,8 +129,7 @@ class Reconciler:
 
     async def observe(self, record: RuntimeRecord, address: str | None) -> None:
         """The health round's look at one running engine (controller/health.py)."""
-        if await self.health.observe(record, address):
-            self._results_written()  # a snapshot, when the status changed
+        await self.health.observe(record, address)
 
     def refill_dispose_budget(self) -> None:
         """At most once per resync interval, however many resyncs run (events reconnecting force some)."""
@@ -222,7 +219,6 @@ class Reconciler:
             # A planned disruption: the record's last probe may be stale, ask the engine now.
             assert record is not None and container is not None
             checked = await self._check_engine(record, container, action)
-            self._results_written()  # a snapshot, when what the engine said changed the status
             if not isinstance(checked, Action):
                 return checked
             action = checked
@@ -279,7 +275,6 @@ class Reconciler:
             result = "error"
             raise
         finally:
-            self._results_written()  # whatever the action wrote into the outbox
             self.metrics.reconciles.labels(action.kind.value, result).inc()
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
@@ -435,7 +430,6 @@ class Reconciler:
                 return
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
             await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
-            self._results_written()
         except (StoreUnavailable, Conflict):
             pass
         except Exception:  # noqa: BLE001 - logged; the next failure tries again

@@ -31,7 +31,7 @@ class World:
         self.engine = FakeEngine(self.backend)
         self.queue = WorkQueue()
         self.reconciler = Reconciler(self.settings, self.store, self.backend, self.engine, Metrics(), self.queue,
-                                     results_written=lambda: None, clock=self.store.clock, database="db-1")
+                                     clock=self.store.clock, database="db-1")
         self.defaults = defaults(str(tmp_path / "games"))
 
     async def job(self, kind: JobKind, game: str, image: str | None = None) -> None:
