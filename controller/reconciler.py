@@ -10,7 +10,7 @@ status, in one transaction (desired/store.py); the relay publishes them.
 
 Composed here: the unit's spec and its hash (controller/spec.py), the health
 probe (controller/health.py), the turn protocol (controller/turns.py), the
-start of an engine (controller/start.py).
+start of an engine (controller/start.py), crashes (controller/crashes.py).
 
 A failure that a job must hear about (``PermanentError``) ends its generation
 (``Store.fail_generation``): the job is answered, and a new generation asks for
@@ -31,6 +31,7 @@ import logging
 import time
 
 from controller.config import Settings
+from controller.crashes import Crashes
 from controller.health import Health
 from controller.metrics import Metrics
 from controller.planner import DISRUPTION_POLL, Action, ActionKind, plan
@@ -56,7 +57,6 @@ from desired.errors import (
 )
 from desired.leader import Fence, Fenced
 from desired.model import DesiredStatus, ErrorCode, OpKind, RuntimeRecord, container_name
-from desired.policy import CrashPolicy
 from desired.store import Crash, Store
 from observed.backend import RuntimeBackend
 from observed.engine import EngineClient
@@ -115,13 +115,12 @@ class Reconciler:
         self.specs = Specs(settings, database)
         self.health = Health(settings, store, backend, engine, metrics, self.clock, wake=queue.add)
         self.turns = Turns(settings, store, engine, metrics, self.clock, self.health, fence)
-        self.crash_policy = CrashPolicy(limit=settings.crash_limit, window=settings.crash_window,
-                                        backoff_max=settings.crash_backoff_max)
         self.dispose_budget = settings.max_removals  # refilled by the resync, once per interval
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
         self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
         self.starts = Starts(settings, store, backend, engine, metrics, self.health, self.states)
+        self.crashes = Crashes(settings, store, backend, metrics, self.health, self.starts)
 
     @property
     def epoch(self) -> int:
@@ -260,7 +259,7 @@ class Reconciler:
             if record.converged and action.kind in _RESTORING and not isinstance(exc, ImageRejected):
                 # Nobody asked for this start: the controller was bringing back a game that
                 # crashed or vanished. It counts as one more crash, with backoff and a limit.
-                return await self._count_crash(record, Crash(code=exc.code, detail=exc.message, container_id=None))
+                return await self.crashes.count(record, Crash(code=exc.code, detail=exc.message, container_id=None))
             await self._fail(record, exc.code, exc.message)
             if record.desired_status is not DesiredStatus.RUNNING:
                 # A stop or removal the daemon refuses: answered; try again later, not in
@@ -336,7 +335,7 @@ class Reconciler:
             await self.store.mark_converged(record)
         elif kind is ActionKind.RECOVER:
             assert container is not None
-            return await self._recover(record, container)
+            return await self.crashes.recover(record, container)
         elif kind in (ActionKind.REMOVE, ActionKind.CLEANUP):
             assert container is not None
             if kind is ActionKind.CLEANUP:
@@ -364,45 +363,7 @@ class Reconciler:
         log.warning("%s", note, extra={"game_id": record.game_id, "action": action.kind.value})
         await self.store.note_disruption_overdue(record, action.kind.value, waited, note)
 
-    # ---------------------------------------------------------------- crashes and failures
-    async def _recover(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
-        """The engine of a running game exited on its own: record why, restart after a backoff.
-
-        An engine stopped by a daemon restart did not crash: it starts again at once and does
-        not count toward the crash limit (five daemon restarts must not give every game up)."""
-        seen = await self.backend.inspect(container.id) or container
-        if seen.running:  # not an exit: an engine that stopped answering for too long
-            await self.backend.stop(seen.id, await self.starts.stop_grace(record, seen))
-            return await self._count_crash(record, Crash(
-                code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
-                detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
-                       "restarted"))
-        if await self.backend.stopped_by_daemon(seen):
-            log.warning("engine stopped by a restart of the container daemon; starting it again (not a crash)",
-                        extra={"game_id": record.game_id, "exit_code": seen.exit_code})
-            self.metrics.daemon_restarts.inc()
-            await self.store.mark_starting(record, rollback_image=None)
-            return AGAIN
-        detail, tail = await self.health.exit_detail(seen, "exited unexpectedly", 10)
-        return await self._count_crash(record, Crash(code=ErrorCode.CONTAINER_START_FAILED, detail=detail,
-                                                     container_id=container.id, exit_code=seen.exit_code,
-                                                     oom_killed=seen.oom_killed, log_tail=tail))
-
-    async def _count_crash(self, record: RuntimeRecord, crash: Crash) -> Step:
-        """One more crash of a game nobody asked to change; the store applies the crash policy."""
-        current = await self.store.find(record.game_id)  # the action may have moved its status
-        if current is None or current.generation != record.generation:
-            return AGAIN  # a job changed the desired state meanwhile: plan again instead
-        new, verdict = await self.store.record_crash(current, crash, self.crash_policy)
-        if verdict.give_up:
-            log.error("giving up after %d crashes", verdict.count,
-                      extra={"game_id": record.game_id, "exit_code": crash.exit_code})
-            return AGAIN
-        log.warning("engine crashed (%d in the window); restarting in %.1fs: %s", verdict.count, verdict.delay,
-                    crash.detail, extra={"game_id": record.game_id, "exit_code": crash.exit_code,
-                                         "oom_killed": crash.oom_killed})
-        return requeue(verdict.delay, "restart backoff after a crash", again=True)
-
+    # ---------------------------------------------------------------- failures
     async def _fail(self, record: RuntimeRecord, code: ErrorCode, message: str, *, answer_now: bool = False) -> None:
         new = await self.store.fail_generation(record.game_id, record.generation, code, message,
                                                answer_now=answer_now)
