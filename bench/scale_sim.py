@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 from controller.app import Controller  # noqa: E402
 from controller.config import Settings  # noqa: E402
 from controller.logs import setup_logging  # noqa: E402
-from controller.reconciler import build_spec  # noqa: E402
+from controller.spec import build_spec  # noqa: E402
 from desired.db.migrate import migrate  # noqa: E402
 from desired.db.pool import create_pool  # noqa: E402
 from desired.db.rows import RECORD_COLUMNS  # noqa: E402

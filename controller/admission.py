@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from desired.jobs import Job, RecordDefaults
+from desired.jobs import DecisionAction, Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource
 from desired.ports import AdmissionStore
 from desired.values import Rejection, SubmitOutcome
@@ -39,9 +39,9 @@ class Admission:
             return outcome
         decision = outcome.decision
         assert decision is not None
-        if decision.action == "skip":
+        if decision.action is DecisionAction.SKIP:
             return outcome  # nothing was recorded
-        if decision.action in ("change", "join"):
+        if decision.waits:
             self._wake(job.game_id)
         return outcome
 
@@ -49,7 +49,7 @@ class Admission:
         """``submit`` / ``reject`` of each item, in order, in one transaction (the intake's batches)."""
         outcomes = await self.store.submit_many(items, self.defaults, registry=self.registry)
         for item, outcome in zip(items, outcomes, strict=True):
-            if outcome.decision is not None and outcome.decision.action in ("change", "join"):
+            if outcome.decision is not None and outcome.decision.waits:
                 self._wake(item.game_id)
         return outcomes
 

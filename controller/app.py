@@ -151,7 +151,7 @@ class Controller:
         self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
                              allowlist=s.images.image_allowlist)
         self.reconciler = Reconciler(s, self.store, self.backend, self.engine, self.metrics, self.queue,
-                                     results_written=lambda: None, fence=self.fence, clock=self.clock,
+                                     fence=self.fence, clock=self.clock,
                                      database=self.identity.uid)
         self.readiness = Readiness({"postgres": self.store.ping, "redis": self.streams.ping,
                                     "docker": self.backend.ping, "relay": self._relay_check,

@@ -28,7 +28,7 @@ from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
 from controller.workqueue import WorkQueue
 from desired.errors import Conflict, StorageFull, StoreUnavailable, TemporaryError
-from desired.jobs import Job
+from desired.jobs import DecisionAction, Job
 from desired.leader import Fenced
 from desired.model import JobKind, OpSource, RuntimeRecord, container_name
 from desired.ports import HealthStore, ResyncStore, TurnClockStore
@@ -225,7 +225,7 @@ class TurnClock:
                 continue
             self.held.pop(game_id, None)
             decision = getattr(outcome, "decision", None)
-            asked += decision is None or decision.action != "skip"
+            asked += decision is None or decision.action is not DecisionAction.SKIP
         if asked:
             log.info("turn clock: asked for %d turns", asked)
         delay = self.max_sleep if next_in is None else min(next_in, self.max_sleep)

@@ -18,6 +18,7 @@ and a job and says what the intake must write in one transaction:
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 import os
 import re
@@ -229,14 +230,28 @@ class RecordDefaults:
         return path
 
 
+class DecisionAction(enum.StrEnum):
+    """What a job does to desired state."""
+    REPLAY = "replay"  # already done: answered at once
+    JOIN = "join"      # nothing changes: it joins the current generation, answered when that converges
+    CHANGE = "change"  # a new generation
+    REJECT = "reject"  # cannot be done: answered with a failure
+    SKIP = "skip"      # a scheduled turn no longer due: nothing
+
+
 @dataclass(frozen=True, kw_only=True)
 class Decision:
-    action: str  # "replay" | "join" | "change" | "reject" | "skip" (a scheduled turn no longer due: nothing)
+    action: DecisionAction
     record: RuntimeRecord | None = None
     error_code: ErrorCode | None = None
     message: str = ""
     container_id: str = ""
     engine_endpoint: str = ""
+
+    @property
+    def waits(self) -> bool:
+        """The job is answered when a generation converges (a change, or a join), not at once."""
+        return self.action in (DecisionAction.CHANGE, DecisionAction.JOIN)
 
     @property
     def op_generation(self) -> int:
@@ -245,21 +260,21 @@ class Decision:
 
 def _replay(record: RuntimeRecord | None, with_container: bool) -> Decision:
     if record is not None and with_container and record.current_container_id:
-        return Decision(action="replay", record=record, error_code=ErrorCode.REPLAY_NO_OP,
+        return Decision(action=DecisionAction.REPLAY, record=record, error_code=ErrorCode.REPLAY_NO_OP,
                         container_id=record.current_container_id, engine_endpoint=record.engine_endpoint)
-    return Decision(action="replay", record=record, error_code=ErrorCode.REPLAY_NO_OP)
+    return Decision(action=DecisionAction.REPLAY, record=record, error_code=ErrorCode.REPLAY_NO_OP)
 
 
 def _reject(record: RuntimeRecord | None, message: str) -> Decision:
-    return Decision(action="reject", record=record, error_code=ErrorCode.INVALID_REQUEST, message=message)
+    return Decision(action=DecisionAction.REJECT, record=record, error_code=ErrorCode.INVALID_REQUEST, message=message)
 
 
 def _want(record: RuntimeRecord, now: datetime, **desired: object) -> Decision:
     """Join the current generation when nothing changes, else bump it."""
     changed = any(getattr(record, k) != v for k, v in desired.items())
     if not changed:
-        return Decision(action="join", record=record)
-    return Decision(action="change", record=record.replace(
+        return Decision(action=DecisionAction.JOIN, record=record)
+    return Decision(action=DecisionAction.CHANGE, record=record.replace(
         generation=record.generation + 1, last_op_at=max(now, record.last_op_at), **desired))
 
 
@@ -274,11 +289,11 @@ def replaces(current: RuntimeRecord, new: RuntimeRecord) -> bool:
 
 def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: RecordDefaults) -> Decision:
     d = _decide(record, job, now, defaults)
-    if d.action == "change" and record is not None and d.record is not None and replaces(record, d.record):
+    if d.action is DecisionAction.CHANGE and record is not None and d.record is not None and replaces(record, d.record):
         # The jobs that asked for an unreached turn are answered superseded now: desired state
         # must stop asking for it too, or the turn is generated later for nobody (after a stop
         # and a start, say), and a later force_next_turn would join a turn nobody asks for.
-        d = Decision(action="change", record=transitions.turn_unasked(d.record))
+        d = Decision(action=DecisionAction.CHANGE, record=transitions.turn_unasked(d.record))
     return d
 
 
@@ -290,7 +305,7 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
         if kind in (JobKind.STOP, JobKind.CLEANUP):
             if record.converged:
                 return _replay(record, with_container=False)
-            return Decision(action="join", record=record)
+            return Decision(action=DecisionAction.JOIN, record=record)
         return _reject(record, f"game {job.game_id} was removed or is being removed; "
                                "its game_id cannot be used again")
     # A finished game is over: it may be stopped or cleaned up, not started, restarted or patched.
@@ -309,7 +324,7 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
                 desired_status=DesiredStatus.RUNNING, desired_image_ref=job.image_ref,
                 generation=1, observed_generation=0, turn_interval=job.turn_interval or 0, clock_from=now,
             )
-            return Decision(action="change", record=new)
+            return Decision(action=DecisionAction.CHANGE, record=new)
         interval = record.turn_interval if job.turn_interval is None else job.turn_interval
         if (record.converged and record.status.is_up
                 and record.desired_status is DesiredStatus.RUNNING
@@ -325,7 +340,7 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
         if record.desired_status is not DesiredStatus.RUNNING and record.converged:
             return _replay(record, with_container=False)
         if record.desired_status is not DesiredStatus.RUNNING:
-            return Decision(action="join", record=record)  # already on its way down, whatever the reason
+            return Decision(action=DecisionAction.JOIN, record=record)  # already on its way down, whatever the reason
         return _want(record, now, desired_status=DesiredStatus.STOPPED, stop_reason=job.reason)
 
     if record is None:
@@ -337,7 +352,7 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
         image = record.desired_image_ref or record.current_image_ref
         if not image:
             return _reject(record, f"game {job.game_id} has no image to restart")
-        return Decision(action="change", record=record.replace(
+        return Decision(action=DecisionAction.CHANGE, record=record.replace(
             desired_status=DesiredStatus.RUNNING, desired_image_ref=image, stop_reason=None,
             spec_revision=record.spec_revision + 1, generation=record.generation + 1,
             last_op_at=max(now, record.last_op_at)))
@@ -365,7 +380,7 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
     if kind is JobKind.TURN and not turn_due(record, now):
         # The turn clock read the record before this transaction: a pause, a forced turn, a stop or
         # a new schedule since then took the turn away. Nothing is recorded, nobody is answered.
-        return Decision(action="skip", record=record)
+        return Decision(action=DecisionAction.SKIP, record=record)
 
     # Turn operations need a game that is (or is about to be) up and not over.
     if record.desired_status is not DesiredStatus.RUNNING:
@@ -388,11 +403,11 @@ def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Rec
         # turn during a generation ask for the same turn: never two turns for one request.
         target = next_turn(record)
         if target > MAX_TURN:  # no column holds the next turn: this game's turns are over
-            return Decision(action="reject", record=record, error_code=ErrorCode.GENERATION_FAILED,
+            return Decision(action=DecisionAction.REJECT, record=record, error_code=ErrorCode.GENERATION_FAILED,
                             message=f"game {job.game_id} is at turn {record.turn}, the largest turn a game can "
                                     "have; there is no next turn")
         if record.desired_turn is not None and record.desired_turn >= target:
-            return Decision(action="join", record=record)
+            return Decision(action=DecisionAction.JOIN, record=record)
         return _bump(record, now, desired_turn=target)
 
     raise AssertionError(f"unhandled job kind {kind}")
@@ -423,5 +438,5 @@ def next_turn(record: RuntimeRecord) -> int:
 
 def _bump(record: RuntimeRecord, now: datetime, **desired: object) -> Decision:
     """A new generation (converged once the reconciler has looked), with these desired changes."""
-    return Decision(action="change", record=record.replace(
+    return Decision(action=DecisionAction.CHANGE, record=record.replace(
         generation=record.generation + 1, last_op_at=max(now, record.last_op_at), **desired))

@@ -50,6 +50,11 @@ class RuntimeBackend(Protocol):
     async def network_subnets(self) -> list[str]:
         """The subnets of the game network (the HTTP server keeps off them: RTMANAGER_HTTP_HOST)."""
 
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+        """Make the unit's state directory ``spec.state_path`` (directly under ``state_root``, mode 0700,
+        given to ``spec.user``) where the unit will run, before ``create``; idempotent. ``Refused`` for a
+        path outside the root or anything there but a real directory (never through a symlink)."""
+
     async def create(self, spec: ContainerSpec) -> ObservedContainer: ...
 
     async def start(self, unit_id: str) -> None: ...

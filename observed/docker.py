@@ -247,6 +247,10 @@ class DockerBackend(DaemonClient):
             if exc.status_code != 409:
                 raise
 
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+        """On this host, where every engine runs."""
+        await asyncio.to_thread(ensure_state_dir, state_root, spec.state_path, *user_ids(spec.user))
+
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the container for ``spec``; if the name is taken, return what holds it."""
         await self._not_while_stopping("create")
@@ -362,6 +366,14 @@ class DockerBackend(DaemonClient):
             if exc.status_code == 409 and "already in progress" in str(exc):
                 return
             raise BackendUnavailable(f"remove {container_id[:12]}: {short_error(exc)}") from exc
+
+
+def user_ids(user: str | None) -> tuple[int | None, int | None]:
+    """(uid, gid) of an engine user ``uid[:gid]`` (RTMANAGER_ENGINE_USER), None where the image decides."""
+    if not user:
+        return None, None
+    uid, _, gid = user.partition(":")
+    return int(uid), int(gid) if gid else None
 
 
 def ensure_state_dir(state_root: str, path: str, uid: int | None = None, gid: int | None = None) -> None:

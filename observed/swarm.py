@@ -56,6 +56,7 @@ import docker
 import docker.errors
 
 from observed.daemon import DaemonClient, short_error
+from observed.docker import ensure_state_dir, user_ids
 from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.model import (
     LABEL_GAME_ID,
@@ -336,6 +337,16 @@ class SwarmBackend(DaemonClient):
             "UpdateConfig": {"Parallelism": 1, "Order": "stop-first", "FailureAction": "continue"},
             "EndpointSpec": endpoint,
         }
+
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+        """Made where rtmanager runs, as on one Docker host: Swarm bind-mounts the same path on the node
+        that runs the task, so this is right only when rtmanager runs on that node or the state root is
+        storage shared by every node at the same path (README, Swarm backend).
+
+        TODO: make it on the game's node instead (``spec.node``, or the node Swarm picks for a new game:
+        a one-off task constrained to it, say), together with the rest of the state directory's
+        lifecycle (controller/storage.py), which works on the state root where rtmanager runs too."""
+        await asyncio.to_thread(ensure_state_dir, state_root, spec.state_path, *user_ids(spec.user))
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the service with 0 replicas; if the name is taken (however Swarm says it), return what holds it."""

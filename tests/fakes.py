@@ -28,7 +28,7 @@ from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailabl
 from desired import snapshots, transitions, versions
 from desired.clock import ManualClock
 from desired.errors import Conflict, NotFound, StoreUnavailable, UniqueViolation
-from desired.jobs import Decision, Job, RecordDefaults, decide, replaces
+from desired.jobs import Decision, DecisionAction, Job, RecordDefaults, decide, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -62,6 +62,7 @@ from desired.values import (
     VersionInUse,
     decided,
 )
+from observed.docker import ensure_state_dir, user_ids
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
@@ -348,6 +349,9 @@ class FakeBackend:
 
     async def prepare(self) -> None:
         self._check("prepare")
+
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+        ensure_state_dir(state_root, spec.state_path, *user_ids(spec.user))  # on disk, as the Docker backend
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         self._check("create", spec.name)
@@ -766,14 +770,14 @@ class FakeStore:
                 return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
         current = self.records.get(job.game_id)
         decision = self._decide(current, job, now, defaults, registry)
-        if decision.action == "skip":
+        if decision.action is DecisionAction.SKIP:
             return SubmitOutcome(operation_id=0, decision=decision)
-        if job.force and decision.action in ("change", "join") and decision.record is not None:
+        if job.force and decision.waits and decision.record is not None:
             forced = decision.record.replace(force_generation=decision.record.generation)
-            if decision.action == "join" and current is not None and forced != current:
+            if decision.action is DecisionAction.JOIN and current is not None and forced != current:
                 self._write(current, forced, now)
             decision = replace(decision, record=forced)
-        if decision.action == "change":
+        if decision.action is DecisionAction.CHANGE:
             assert decision.record is not None
             self._write(current, decision.record, now)
             for o in list(self.ops):
@@ -783,16 +787,17 @@ class FakeStore:
                     self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED,
                               f"replaced by a newer job (generation {decision.record.generation}) before it converged",
                               "", "", now)
-        status = OpStatus.QUEUED if decision.action in ("change", "join") else (
-            OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
+        status = OpStatus.QUEUED if decision.waits else (
+            OpStatus.SUCCEEDED if decision.action is DecisionAction.REPLAY else OpStatus.FAILED)
         params = {k: v for k, v in (("image_ref", job.image_ref),
                                     ("reason", job.reason.value if job.reason else None), ("force", job.force)) if v}
         op = self._op(job.game_id, job.kind, job.source, status, decision.op_generation, params,
                       decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id,
                       decision.message or None)
-        if decision.action in ("replay", "reject"):
+        if decision.action in (DecisionAction.REPLAY, DecisionAction.REJECT):
             self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=job.game_id,
-                                       outcome=Outcome.SUCCESS if decision.action == "replay" else Outcome.FAILURE,
+                                       outcome=(Outcome.SUCCESS if decision.action is DecisionAction.REPLAY
+                                                else Outcome.FAILURE),
                                        job=job.kind, job_entry_id=job.entry_id, container_id=decision.container_id,
                                        engine_endpoint=decision.engine_endpoint, error_code=decision.error_code,
                                        error_message=decision.message))
@@ -835,10 +840,11 @@ class FakeStore:
         active version."""
         decision = decide(current, job, now, defaults)
         if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
-                and decision.action in ("change", "join")):
+                and decision.waits):
             refusal = versions.refuse_new(self.versions.get(job.image_ref), job.image_ref)
             if refusal is not None:
-                return Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED, message=refusal)
+                return Decision(action=DecisionAction.REJECT, record=current, error_code=ErrorCode.IMAGE_REJECTED,
+                                message=refusal)
         return decision
 
     def _op(self, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,

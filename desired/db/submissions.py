@@ -27,7 +27,7 @@ from desired.db.rows import (
     version_from_row,
 )
 from desired.errors import NotFound
-from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide, replaces
+from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, decide, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -116,23 +116,23 @@ class Submissions(StoreBase):
                 job = item
                 current = records.get(job.game_id)
                 decision = await self._decide(conn, current, job, now, defaults, registry)
-                if decision.action == "skip":  # its operation id stays unused
+                if decision.action is DecisionAction.SKIP:  # its operation id stays unused
                     outcomes.append(SubmitOutcome(operation_id=0, decision=decision))
                     continue
                 params = {k: v for k, v in (("image_ref", job.image_ref),
                                             ("reason", job.reason.value if job.reason else None),
                                             ("force", job.force)) if v}
-                if job.force and decision.action in ("change", "join") and decision.record is not None:
+                if job.force and decision.waits and decision.record is not None:
                     # An operator's force: this generation's disruption does not wait for a generation.
                     forced = decision.record.replace(force_generation=decision.record.generation)
-                    if decision.action == "join" and current is not None and forced != current:
+                    if decision.action is DecisionAction.JOIN and current is not None and forced != current:
                         await flush()
                         records[job.game_id] = await self._write_desired(conn, current, forced, now)
                         notify.append(job.game_id)
                     decision = dataclasses.replace(decision, record=forced)
-                status = OpStatus.QUEUED if decision.action in ("change", "join") else (
-                    OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
-                if decision.action == "change":
+                status = OpStatus.QUEUED if decision.waits else (
+                    OpStatus.SUCCEEDED if decision.action is DecisionAction.REPLAY else OpStatus.FAILED)
+                if decision.action is DecisionAction.CHANGE:
                     assert decision.record is not None
                     await flush()
                     records[job.game_id] = await self._write_desired(conn, current, decision.record, now)
@@ -143,10 +143,11 @@ class Submissions(StoreBase):
                                    decision.op_generation, job.stream or None, job.entry_id or None, params, now,
                                    decision.error_code if status is OpStatus.FAILED else None,
                                    decision.message or None))
-                if decision.action in ("replay", "reject"):
+                if decision.action in (DecisionAction.REPLAY, DecisionAction.REJECT):
                     results.append(result_row(op_id, JobResult(
                         result_id=str(uuid.uuid4()), game_id=job.game_id,
-                        outcome=Outcome.SUCCESS if decision.action == "replay" else Outcome.FAILURE, job=job.kind,
+                        outcome=Outcome.SUCCESS if decision.action is DecisionAction.REPLAY else Outcome.FAILURE,
+                        job=job.kind,
                         job_entry_id=job.entry_id, container_id=decision.container_id,
                         engine_endpoint=decision.engine_endpoint, error_code=decision.error_code,
                         error_message=decision.message)))
@@ -163,11 +164,12 @@ class Submissions(StoreBase):
         concurrent disable or delete of the version waits for this job."""
         decision = decide(current, job, now, defaults)
         if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
-                and decision.action in ("change", "join")):
+                and decision.waits):
             row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE", job.image_ref)
             refusal = versions.refuse_new(version_from_row(row) if row else None, job.image_ref)
             if refusal is not None:
-                return Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED, message=refusal)
+                return Decision(action=DecisionAction.REJECT, record=current, error_code=ErrorCode.IMAGE_REJECTED,
+                                message=refusal)
         return decision
 
     async def reject_entry(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str,

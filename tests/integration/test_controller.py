@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.reconciler import build_spec
+from controller.spec import build_spec
 from desired.db.store import Store
 from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason

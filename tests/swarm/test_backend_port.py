@@ -14,7 +14,10 @@ state directory), events, images. Nothing is sent anywhere but to the engines th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
+import os
+import stat
 import time
 import urllib.request
 import uuid
@@ -188,6 +191,22 @@ def _ok(port: Port, unit: ObservedContainer) -> bool:
         return port.healthz(unit).strip() == b"ok"
     except OSError:
         return False
+
+
+async def test_the_state_directory_is_made_through_the_port_and_never_through_a_symlink(port: Port):
+    game = f"dir-{uuid.uuid4().hex[:6]}"
+    spec = dataclasses.replace(port.spec(game), state_path=str(port.state_root / f"{game}-new"))
+    await port.backend.make_state_dir(str(port.state_root), spec)
+    await port.backend.make_state_dir(str(port.state_root), spec)  # idempotent
+    st = os.lstat(spec.state_path)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    assert (st.st_uid, st.st_gid) == ENGINE_USER
+    planted = port.state_root / f"{game}-link"
+    planted.symlink_to("/etc")
+    with pytest.raises(Refused):
+        await port.backend.make_state_dir(str(port.state_root), dataclasses.replace(spec, state_path=str(planted)))
+    with pytest.raises(Refused):
+        await port.backend.make_state_dir(str(port.state_root), dataclasses.replace(spec, state_path="/tmp/elsewhere"))
 
 
 async def test_stop_sends_sigterm_first_and_start_runs_the_same_unit_again(port: Port):

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from controller.http import record_json
-from controller.reconciler import build_spec
+from controller.spec import build_spec
 from desired import snapshots
 from desired.model import ErrorCode, JobKind, Status
 from observed.engine import EngineClient

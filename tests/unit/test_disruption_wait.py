@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from controller.planner import ActionKind, plan
+from controller.spec import Specs
 from desired import transitions
 from desired.jobs import turn_due
 from desired.model import DesiredStatus, Status
@@ -224,7 +225,7 @@ async def test_a_drift_recreate_waits_too_and_the_operation_log_says_when_it_ran
 
     drifted = dataclasses.replace(w.settings.engine, engine_pids=999)  # the spec drifts
     w.reconciler.settings = dataclasses.replace(w.settings, engine=drifted)
-    w.reconciler._hashes.clear()
+    w.reconciler.specs = Specs(w.reconciler.settings, w.reconciler.specs.database)
     rec = await w.sync("g1")
     assert stops(w) == [] and rec.disruption_wait_since is not None
     assert not turn_due(rec.replace(status=Status.RUNNING, turn_interval=1), NOW + timedelta(days=9))
@@ -289,7 +290,7 @@ async def test_the_stop_of_an_engine_takes_the_grace_of_the_version_it_runs(tmp_
 def test_a_grace_is_not_part_of_the_spec_hash(tmp_path):
     import dataclasses
 
-    from controller.reconciler import build_spec
+    from controller.spec import build_spec
     from tests.unit.test_reconciler import World
     spec = build_spec(World(tmp_path).settings, record(Status.RUNNING, R))
     assert dataclasses.replace(spec, stop_grace=300.0).spec_hash == spec.spec_hash  # no recreate for a new grace
@@ -332,7 +333,7 @@ async def test_a_stale_recorded_token_does_not_cut_a_generation(w):
 def test_a_swarm_service_is_created_with_its_versions_grace(tmp_path, grace, expected):
     import dataclasses
 
-    from controller.reconciler import build_spec
+    from controller.spec import build_spec
     from observed.swarm import SwarmBackend
     from tests.unit.test_reconciler import World
     spec = dataclasses.replace(build_spec(World(tmp_path).settings, record(Status.RUNNING, R)), stop_grace=grace)

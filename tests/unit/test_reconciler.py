@@ -30,13 +30,9 @@ class World:
         self.backend = FakeBackend()
         self.engine = FakeEngine(self.backend)
         self.queue = WorkQueue()
-        self.written = 0
         self.reconciler = Reconciler(self.settings, self.store, self.backend, self.engine, Metrics(), self.queue,
-                                     results_written=self._written, clock=self.store.clock, database="db-1")
+                                     clock=self.store.clock, database="db-1")
         self.defaults = defaults(str(tmp_path / "games"))
-
-    def _written(self) -> None:
-        self.written += 1
 
     async def job(self, kind: JobKind, game: str, image: str | None = None) -> None:
         await self.store.submit(Job(kind=kind, game_id=game, source=OpSource.LOBBY, image_ref=image,
@@ -243,8 +239,8 @@ async def test_an_image_banned_since_it_was_accepted_is_not_started_again(tmp_pa
     w = World(tmp_path)
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
-    w.reconciler.settings = Settings.from_env({**{"RTMANAGER_IMAGE_ALLOWLIST": IMG2,
-                                                  "RTMANAGER_STATE_ROOT": w.settings.state_root}})
+    w.reconciler.settings = w.reconciler.starts.settings = Settings.from_env({
+        "RTMANAGER_IMAGE_ALLOWLIST": IMG2, "RTMANAGER_STATE_ROOT": w.settings.state_root})
     w.backend.crash("g1")
     rec = await w.sync("g1")
     w.store.clock.advance(60)

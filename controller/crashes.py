@@ -1,0 +1,74 @@
+"""Crashes of a running game nobody asked to change: an engine that exited on its own, or stopped
+answering for too long (RECOVER), or a start the controller made by itself that failed. Each is
+recorded, and the store applies the crash policy (desired/policy.py): a restart after a backoff, or,
+past the limit, the game given up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from controller.config import Settings
+from controller.health import Health
+from controller.metrics import Metrics
+from controller.start import Starts
+from controller.step import AGAIN, Step, requeue
+from desired.model import ErrorCode, RuntimeRecord
+from desired.policy import CrashPolicy
+from desired.ports import ReconcilerStore
+from desired.values import Crash
+from observed.backend import RuntimeBackend
+from observed.model import ObservedContainer
+
+log = logging.getLogger("rtmanager.reconciler")
+
+
+class Crashes:
+    def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, metrics: Metrics,
+                 health: Health, starts: Starts) -> None:
+        self.settings = settings
+        self.store = store
+        self.backend = backend
+        self.metrics = metrics
+        self.health = health
+        self.starts = starts
+        self.policy = CrashPolicy(limit=settings.crash_limit, window=settings.crash_window,
+                                  backoff_max=settings.crash_backoff_max)
+
+    async def recover(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
+        """The engine of a running game exited on its own: record why, restart after a backoff.
+
+        An engine stopped by a daemon restart did not crash: it starts again at once and does
+        not count toward the crash limit (five daemon restarts must not give every game up)."""
+        seen = await self.backend.inspect(container.id) or container
+        if seen.running:  # not an exit: an engine that stopped answering for too long
+            await self.backend.stop(seen.id, await self.starts.stop_grace(record, seen))
+            return await self.count(record, Crash(
+                code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
+                detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
+                       "restarted"))
+        if await self.backend.stopped_by_daemon(seen):
+            log.warning("engine stopped by a restart of the container daemon; starting it again (not a crash)",
+                        extra={"game_id": record.game_id, "exit_code": seen.exit_code})
+            self.metrics.daemon_restarts.inc()
+            await self.store.mark_starting(record, rollback_image=None)
+            return AGAIN
+        detail, tail = await self.health.exit_detail(seen, "exited unexpectedly", 10)
+        return await self.count(record, Crash(code=ErrorCode.CONTAINER_START_FAILED, detail=detail,
+                                              container_id=container.id, exit_code=seen.exit_code,
+                                              oom_killed=seen.oom_killed, log_tail=tail))
+
+    async def count(self, record: RuntimeRecord, crash: Crash) -> Step:
+        """One more crash of a game nobody asked to change; the store applies the crash policy."""
+        current = await self.store.find(record.game_id)  # the action may have moved its status
+        if current is None or current.generation != record.generation:
+            return AGAIN  # a job changed the desired state meanwhile: plan again instead
+        new, verdict = await self.store.record_crash(current, crash, self.policy)
+        if verdict.give_up:
+            log.error("giving up after %d crashes", verdict.count,
+                      extra={"game_id": record.game_id, "exit_code": crash.exit_code})
+            return AGAIN
+        log.warning("engine crashed (%d in the window); restarting in %.1fs: %s", verdict.count, verdict.delay,
+                    crash.detail, extra={"game_id": record.game_id, "exit_code": crash.exit_code,
+                                         "oom_killed": crash.oom_killed})
+        return requeue(verdict.delay, "restart backoff after a crash", again=True)

@@ -1,0 +1,131 @@
+"""The health round's look at an engine: ``probe`` asks a running engine how it is (its health path,
+then its admin status), ``observe`` writes what changed into the record (the periodic round,
+controller/triggers.py), ``record_probe`` does the same for a probe taken while reconciling.
+
+Never hold a pooled Postgres connection across a probe: every store call acquires its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from controller.config import Settings
+from controller.metrics import Metrics
+from desired import transitions
+from desired.clock import Clock
+from desired.errors import Conflict, ContainerStartFailed
+from desired.model import ErrorCode, RuntimeRecord, Status
+from desired.ports import ReconcilerStore
+from desired.transitions import Probe
+from observed.backend import RuntimeBackend
+from observed.engine import EngineClient
+from observed.errors import EngineError, EngineRefused, EngineUnsupported
+from observed.model import ObservedContainer
+
+log = logging.getLogger("rtmanager.reconciler")
+
+
+class Health:
+    def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, engine: EngineClient,
+                 metrics: Metrics, clock: Clock, *, wake: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.store = store
+        self.backend = backend
+        self.engine = engine
+        self.metrics = metrics
+        self.clock = clock
+        self._wake = wake  # let the reconciler look at a game (the work queue's add)
+
+    async def probe(self, record: RuntimeRecord, address: str | None) -> Probe:
+        """Ask a running engine how it is: its health path, then (when it has one) its admin status.
+        ``address`` is the backend's (None: the unit does not run)."""
+        if not address:
+            return Probe(healthy=False)
+        host = address
+        if record.admin_api is not True:  # an engine known to have an admin API answers both at once
+            ok, _ = await self.engine.check(host)
+            self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
+            if not ok or record.admin_api is False:
+                return Probe(healthy=ok)
+        try:
+            st = await self.engine.status(host, token=record.admin_token)
+        except EngineUnsupported:
+            self.metrics.engine_calls.labels("status", "unsupported").inc()
+            return Probe(healthy=True, admin_api=False)
+        except EngineRefused as exc:
+            # It answers, so it is up; but not to us: a distinct error, neither a crash nor "no admin API".
+            self.metrics.engine_calls.labels("status", "refused").inc()
+            if record.last_error_code is not ErrorCode.ENGINE_REFUSED:
+                log.error("engine refused rtmanager: %s", exc.message,
+                          extra={"game_id": record.game_id, "error_code": ErrorCode.ENGINE_REFUSED.value})
+            return Probe(healthy=True, refused=exc.message)
+        except EngineError as exc:
+            self.metrics.engine_calls.labels("status", "error").inc()
+            log.info("engine status: %s", exc.message, extra={"game_id": record.game_id})
+            if record.admin_api is True:  # the status did not answer: does the engine answer at all?
+                ok, _ = await self.engine.check(host)
+                self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
+                return Probe(healthy=ok)
+            return Probe(healthy=True)
+        if record.admin_api is True:
+            self.metrics.probes.labels("healthy").inc()
+        self.metrics.engine_calls.labels("status", "ok").inc()
+        last = st.last_generation
+        if last is None or last.ok:
+            return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase)
+        return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase,
+                     failed_turn=last.turn, failed_error=last.error)
+
+    async def observe(self, record: RuntimeRecord, address: str | None) -> None:
+        """One periodic look at a running engine; the record is written only when something changed.
+        An engine that does not run at all is a trigger, like an event: the reconciler is woken."""
+        probe = await self.probe(record, address)
+        s = self.settings
+        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
+                                   generation_timeout=s.generation_timeout)
+        if new != record:
+            if new.status is not record.status:
+                log.warning("engine: %s -> %s", record.status.value, new.status.value,
+                            extra={"game_id": record.game_id})
+            try:
+                await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
+                                                    generation_timeout=s.generation_timeout)
+            except Conflict:
+                pass  # the record moved on meanwhile; the next round looks again
+        if not address:
+            self._wake(record.game_id)  # not running at all: let the reconciler look
+
+    async def record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
+        """A probe taken while reconciling, written when it changes the record (which is returned)."""
+        s = self.settings
+        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
+                                   generation_timeout=s.generation_timeout)
+        if new == record:
+            return record
+        self.note_generated(record, probe)
+        return await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
+                                                   generation_timeout=s.generation_timeout)
+
+    def note_generated(self, record: RuntimeRecord, probe: Probe) -> None:
+        """The metrics of a turn the engine has generated since the record said it was generating."""
+        if record.status is Status.GENERATION_IN_PROGRESS and probe.phase == "idle" and probe.turn is not None \
+                and record.turn is not None and probe.turn > record.turn:
+            self.metrics.turns.labels("generated").inc()
+            if record.generation_started_at is not None:
+                self.metrics.generation_seconds.observe((self.clock.now() - record.generation_started_at)
+                                                        .total_seconds())
+
+    async def exit_detail(self, seen: ObservedContainer, what: str, lines: int) -> tuple[str, str]:
+        """Why an engine's unit ended, for a result or the operation log: its exit code, and its last lines."""
+        tail = await self.backend.logs_tail(seen.id, lines)
+        detail = f"engine {what} with code {seen.exit_code}"
+        if seen.oom_killed:
+            detail += " (OOM-killed)"
+        if tail:
+            detail += f"; last log lines: {tail[-600:]}"
+        return detail, tail
+
+    async def raise_exited(self, seen: ObservedContainer) -> None:
+        detail, _ = await self.exit_detail(seen, "exited", 5)
+        raise ContainerStartFailed(detail)

@@ -1,0 +1,165 @@
+"""Starting a game's engine: the checks every start makes (the allowlist, the version registry), the
+state directory around a replacement, a new unit with a new admin token, then the wait for its health
+path before the record says it runs (``Starts.run``, for CREATE, START, RECREATE and CONFIRM); and
+the stop grace of an engine (``Starts.stop_grace``), which every stop and removal uses.
+
+Never hold a pooled Postgres connection across a backend call or a probe: every store call acquires
+its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+
+from controller.config import Settings
+from controller.health import Health
+from controller.metrics import Metrics
+from controller.planner import ActionKind
+from controller.storage import StateKeeper
+from controller.turns import probe_host
+from desired import storage, versions
+from desired.errors import ContainerStartFailed, EngineUnhealthy, ImageRejected
+from desired.model import RuntimeRecord, Status
+from desired.ports import ReconcilerStore
+from observed.backend import RuntimeBackend
+from observed.engine import EngineClient
+from observed.errors import ObservedError
+from observed.model import ContainerSpec, ObservedContainer
+
+log = logging.getLogger("rtmanager.reconciler")
+
+
+class Starts:
+    def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, engine: EngineClient,
+                 metrics: Metrics, health: Health, states: StateKeeper) -> None:
+        self.settings = settings
+        self.store = store
+        self.backend = backend
+        self.engine = engine
+        self.metrics = metrics
+        self.health = health
+        self.states = states
+
+    async def run(self, kind: ActionKind, record: RuntimeRecord, container: ObservedContainer | None,
+                  spec: ContainerSpec) -> None:
+        """CREATE, START, RECREATE or CONFIRM: the unit ``spec`` describes runs and answers its health path,
+        and the record says so; a unit adopted from an older attempt returns early (plan again)."""
+        # The allowlist holds at every start, not only when a job is accepted: restarts, crash
+        # recoveries and spec changes reuse a stored image the operator may have banned since.
+        if kind is not ActionKind.CONFIRM:
+            if not self.settings.image_allowlist.allows(spec.image):
+                raise ImageRejected(f"image {spec.image} is no longer allowed by RTMANAGER_IMAGE_ALLOWLIST")
+            if self.settings.version_policy == "registry":
+                refusal = versions.refuse_run(await self.store.engine_version_of(spec.image), spec.image)
+                if refusal is not None:
+                    raise ImageRejected(refusal)
+        if kind is ActionKind.RECREATE:
+            await self.backend.ensure_image(spec.image)  # pull before taking the running game down
+        confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
+            and record.current_container_id == container.id
+        if record.status is not Status.STARTING and not confirming_up:
+            # A job replacing a running engine: remember what it ran, to start it again on failure.
+            rollback = (record.current_image_ref if record.status.is_up and not record.converged
+                        and not record.rolling_back else None)
+            record = await self.store.mark_starting(record, rollback_image=rollback)
+        if kind is ActionKind.RECREATE and container is not None:
+            await self.backend.remove(container.id, await self.stop_grace(record, container))  # SIGTERM first
+            container = None
+        if container is None:
+            entry = await self.store.engine_version_of(spec.image)
+            if entry is not None and entry.stop_grace is not None:  # a Swarm service keeps it from its creation
+                spec = dataclasses.replace(spec, stop_grace=float(entry.stop_grace))
+            # A rollback: the old image starts on the state the old engine left (and a restore a
+            # kill cut short is finished first, whatever is asked now).
+            await self.states.restore(record)
+            if storage.needs_backup(record, spec.image):
+                # Another image replaces the running engine (stopped by now): keep what it left.
+                await self.states.backup(record)
+            elif not record.rolling_back:
+                await self.states.check_room(record)  # a new game's directory needs room
+            await self.backend.ensure_image(spec.image)
+            await self.backend.prepare()
+            await self.backend.make_state_dir(self.settings.state_root, spec)
+            # A new secret for each unit, recorded before the unit exists: a kill between the create
+            # and the next write must not leave a unit whose token nobody knows.
+            token = secrets.token_urlsafe(32)
+            record = await self.store.set_admin_token(record, token)
+            spec = dataclasses.replace(spec, admin_token=token)
+            t0 = asyncio.get_running_loop().time()
+            container = await self.backend.create(spec)
+            self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
+            if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.instance):
+                return  # adopted a container from an older attempt: plan again from what it is
+        if container.admin_token is not None and container.admin_token != record.admin_token:
+            # A unit that existed already (the create found one an earlier attempt made, or the record
+            # does not know it: a restored database) runs with the token it was created with: record it.
+            log.info("recording the admin token the unit %s was created with", container.id[:12],
+                     extra={"game_id": record.game_id, "container_id": container.id})
+            record = await self.store.set_admin_token(record, container.admin_token)
+        if not container.running:
+            await self.backend.start(container.id)
+        await self.confirm(record, container.id, spec)
+
+    async def confirm(self, record: RuntimeRecord, container_id: str, spec: ContainerSpec) -> None:
+        """Wait for the engine's health path, then record the game as running."""
+        loop = asyncio.get_running_loop()
+        last_look = [loop.time()]
+        exited: list[ObservedContainer] = []
+
+        async def still_running() -> bool:
+            if loop.time() - last_look[0] < 0.5:
+                return True
+            last_look[0] = loop.time()
+            seen = await self.backend.inspect(container_id)
+            if seen is None or not seen.running:
+                if seen is not None:
+                    exited.append(seen)
+                return False
+            return True
+
+        seen = await self.backend.inspect(container_id)
+        if seen is None:
+            raise ContainerStartFailed("the container disappeared right after start")
+        if not seen.running:
+            await self.health.raise_exited(seen)
+        host = probe_host(record.game_id, seen.address)
+        t0 = loop.time()
+        ok, detail = await self.engine.wait_healthy(host, self.settings.start_timeout, still_running)
+        self.metrics.probes.labels("healthy" if ok else "unhealthy").inc()
+        if ok:
+            # The answer came from the address this unit had: make sure it is still this unit's (a
+            # daemon may hand a dead container's IP to the next one at once).
+            again = await self.backend.inspect(container_id)
+            if again is None or not again.running or again.address != seen.address:
+                if again is not None and not again.running:
+                    await self.health.raise_exited(again)
+                raise ContainerStartFailed("the engine's container stopped or moved while it was probed")
+        if not ok:
+            if exited:
+                await self.health.raise_exited(exited[-1])
+            raise EngineUnhealthy(f"engine did not answer GET {self.settings.health_path} with 2xx within "
+                                  f"{self.settings.start_timeout:g}s (last: {detail})")
+        self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
+        probe = await self.health.probe(record, seen.address) if record.admin_api is not False else None
+        s = self.settings
+        await self.store.mark_running(record, container_id=container_id, image=spec.image,
+                                      probe=probe if probe is not None and probe.healthy else None,
+                                      unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout,
+                                      node=seen.node)
+        if storage.replacing(record):
+            try:
+                await self.states.drop(record.game_id)  # healthy: the copy of the replaced state is not needed
+            except ObservedError as exc:  # converged all the same; the storage round deletes it later
+                log.warning("could not delete the copy of the state directory: %s", exc.message,
+                            extra={"game_id": record.game_id})
+
+    async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer) -> float:
+        """Seconds between SIGTERM and SIGKILL for the engine this unit runs: its registered version's
+        ``stop_grace`` (whatever RTMANAGER_VERSION_POLICY), else RTMANAGER_STOP_GRACE."""
+        image = record.current_image_ref if record.current_container_id == container.id else None
+        image = image or container.image
+        entry = await self.store.engine_version_of(image) if image else None
+        return versions.stop_grace(entry, self.settings.stop_grace)

@@ -1,0 +1,170 @@
+"""The turn protocol with a running engine: ask for the turn desired state wants, poll while it is
+generated, record it or fail it (``Turns.turn``); and, right before a planned disruption, ask the
+engine whether it is generating one (``Turns.engine_generating``).
+
+Level-triggered like the rest: the engine is looked at first, and turn N+1 is asked for only when it
+is idle at N (its compare-and-swap on ``expected_turn`` makes a repeated request harmless).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+from controller.config import Settings
+from controller.health import Health
+from controller.metrics import Metrics
+from controller.step import AGAIN, Step, requeue
+from desired import transitions
+from desired.clock import Clock
+from desired.errors import Conflict
+from desired.leader import Fence, Fenced
+from desired.model import ErrorCode, JobKind, RuntimeRecord, Status, container_name
+from desired.ports import ReconcilerStore
+from desired.transitions import Probe
+from observed.engine import EngineClient
+from observed.errors import EngineConflict, EngineError, EngineRefused, EngineUnsupported
+from observed.model import ObservedContainer
+
+log = logging.getLogger("rtmanager.reconciler")
+
+TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
+
+
+class Look(str, enum.Enum):
+    """What the engine said right before a planned disruption."""
+    GENERATING = "generating"  # it generates a turn: the disruption waits
+    CHANGED = "changed"        # its answer changed the record: plan again
+    UNKNOWN = "unknown"        # it answers its health path but not its status: it may be generating
+    GO = "go"                  # not generating (or no answer at all): disrupt it now
+
+
+def probe_host(game_id: str, address: str | None) -> str:
+    return address or container_name(game_id)
+
+
+class Turns:
+    def __init__(self, settings: Settings, store: ReconcilerStore, engine: EngineClient, metrics: Metrics, clock: Clock,
+                 health: Health, fence: Fence | None) -> None:
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.metrics = metrics
+        self.clock = clock
+        self.health = health
+        self.fence = fence
+
+    async def turn(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
+        """Ask the engine for the turn desired state wants; poll while it generates."""
+        host = probe_host(record.game_id, container.address)
+        target = record.desired_turn or 0
+        polling = requeue(TURN_POLL, "the engine generates the turn, or may")
+        try:
+            st = await self.engine.status(host, token=record.admin_token)
+        except EngineUnsupported as exc:
+            self.metrics.engine_calls.labels("status", "unsupported").inc()
+            return await self.fail_turn(record, ErrorCode.ENGINE_UNSUPPORTED, exc.message)
+        except EngineRefused as exc:
+            self.metrics.engine_calls.labels("status", "refused").inc()
+            return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
+        except EngineError as exc:
+            self.metrics.engine_calls.labels("status", "error").inc()
+            if transitions.busy_generating(record, self.clock.now(), self.settings.generation_timeout):
+                # A slow or timed-out poll of an engine generating the turn is not unreachable:
+                # the health round and the generation timeout decide that (transitions.observed).
+                return polling
+            age = await self.store.oldest_pending_age(record.game_id) or 0
+            if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.start_timeout:
+                return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)
+            return polling
+        self.metrics.engine_calls.labels("status", "ok").inc()
+        last = st.last_generation
+        failed_turn = last.turn if last is not None and not last.ok else None
+        asked_before = record.generation_started_at is not None
+        probe = Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase, failed_turn=failed_turn,
+                      failed_error=last.error if failed_turn is not None and last is not None else "")
+        if st.turn >= target:
+            # Reached: the engine just answered, so the generation converges here, with its jobs.
+            s = self.settings
+            await self.store.mark_running(record, container_id=container.id, image=record.current_image_ref or "",
+                                          probe=probe, unreachable_after=s.unreachable_after,
+                                          generation_timeout=s.generation_timeout)
+            self.health.note_generated(record, probe)
+            return AGAIN
+        record = await self.health.record_probe(record, probe)
+        if st.phase == "generating":
+            return polling
+        if st.phase == "finished":
+            return await self.fail_turn(record, ErrorCode.INVALID_REQUEST, f"the game finished at turn {st.turn}")
+        if asked_before and failed_turn == st.turn + 1:
+            self.metrics.turns.labels("failed").inc()
+            error = last.error if last else ""
+            return await self.fail_turn(record, ErrorCode.GENERATION_FAILED,
+                                        f"the engine failed to generate turn {failed_turn}: {error}")
+        if record.paused and not any(op.op is JobKind.FORCE_NEXT_TURN
+                                     for op in await self.store.pending_operations(record.game_id)):
+            # A pause accepted before the engine was asked: only a forced turn is generated paused
+            # or not; a scheduled one is withdrawn (its job answered superseded, the pause success).
+            log.info("paused before the engine was asked for turn %d: the scheduled turn is withdrawn", target,
+                     extra={"game_id": record.game_id})
+            try:
+                await self.store.fail_turn(record, ErrorCode.SUPERSEDED,
+                                           "the game was paused before the engine was asked for the turn")
+            except Conflict:
+                pass  # a newer job took over: plan again
+            return AGAIN
+        if self.fence is not None and not self.fence.valid_locally:
+            raise Fenced("the leadership term lapsed before a turn request")
+        try:
+            started = await self.engine.request_turn(host, st.turn, token=record.admin_token)
+        except EngineConflict:
+            return polling  # busy, or its turn moved: look again
+        except EngineRefused as exc:
+            self.metrics.engine_calls.labels("turns", "refused").inc()
+            return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
+        except EngineError as exc:
+            log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
+            return polling
+        self.metrics.engine_calls.labels("turns", "ok").inc()
+        log.info("asked the engine for turn %d", st.turn + 1, extra={"game_id": record.game_id})
+        if started:
+            await self.store.turn_requested(record)
+        return polling
+
+    async def fail_turn(self, record: RuntimeRecord, code: ErrorCode, message: str) -> Step:
+        log.warning("turn failed: %s", message, extra={"game_id": record.game_id, "error_code": code.value})
+        try:
+            await self.store.fail_turn(record, code, message)
+        except Conflict:
+            pass  # a newer job took over: it decides
+        return AGAIN
+
+    async def engine_generating(self, record: RuntimeRecord, container: ObservedContainer) -> Look:
+        """Right before a planned disruption: is the engine generating a turn? Its answer is recorded,
+        with when the wait began (so that a restart of the controller does not reset the limit).
+        No answer, a garbage answer or no admin API is not generating: the disruption goes ahead."""
+        if not container.running or not container.address:
+            return Look.GO
+        asking = record
+        if container.admin_token and container.admin_token != record.admin_token:
+            # The unit carries another token than the record (a restored database): ask with the
+            # unit's own, or a refusal would read as "not generating" and cut the turn.
+            asking = record.replace(admin_token=container.admin_token)
+        probe = await self.health.probe(asking, container.address)
+        s = self.settings
+        try:
+            if probe.healthy and probe.phase == "generating":
+                log.info("the engine is generating turn %s: the disruption waits for it", (probe.turn or 0) + 1,
+                         extra={"game_id": record.game_id})
+                await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
+                                                    generation_timeout=s.generation_timeout, disruption_waits=True)
+                return Look.GENERATING
+            if probe.healthy and await self.health.record_probe(record, probe) is not record:
+                return Look.CHANGED
+        except Conflict:
+            return Look.CHANGED  # the record moved on meanwhile: plan again before disrupting anything
+        if probe.healthy and probe.phase is None:
+            # It answers its health path but not its status (busy, slow, refusing us, garbage): it
+            # may be generating. Where the record says it was, the wait goes on (bounded).
+            return Look.UNKNOWN
+        return Look.GO
