@@ -382,7 +382,7 @@ class Sim:
             "RTMANAGER_LOG_FORMAT": "text",
         }
         self.settings = Settings.from_env(self.env)
-        self.api = FakeDockerAPI(self.settings.docker_network)
+        self.api = FakeDockerAPI(self.settings.runtime.docker_network)
         self.games: list[tuple[str, str]] = []  # (game_id, container id)
         self.resync_times: list[tuple[float, float, int]] = []  # (wall s, cpu s, queued)
         self.list_times: list[float] = []
@@ -406,7 +406,7 @@ class Sim:
             await conn.close()
         pool = await create_pool(self.dsn, max_size=1, lease_ttl=5)
         try:
-            return await Store(pool).claim_identity(self.settings.instance)
+            return await Store(pool).claim_identity(self.settings.leadership.instance)
         finally:
             await pool.close()
 
@@ -434,8 +434,8 @@ class Sim:
             cid = secrets.token_hex(32)
             rec = RuntimeRecord(
                 game_id=gid, status=Status.RUNNING, current_container_id=cid, current_image_ref=IMAGE,
-                engine_endpoint=engine_endpoint(gid, s.engine_port), state_path=defaults.state_path(gid),
-                docker_network=s.docker_network, started_at=now, stopped_at=None, removed_at=None,
+                engine_endpoint=engine_endpoint(gid, s.engine.engine_port), state_path=defaults.state_path(gid),
+                docker_network=s.runtime.docker_network, started_at=now, stopped_at=None, removed_at=None,
                 last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=IMAGE,
                 generation=1, observed_generation=1, health=Health.HEALTHY, health_checked_at=now,
                 admin_api=True, turn=0, phase="idle", last_turn_at=now, clock_from=now, snapshot_revision=1)

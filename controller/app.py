@@ -80,14 +80,14 @@ class Controller:
         self.leader_tasks: list[asyncio.Task[Any]] = []  # for one leadership term
         self.term_stopping = asyncio.Event()
         self.exit_code = 0
-        self.fence = Fence(instance=settings.instance, ttl=settings.lease_ttl,
-                           holder=settings.consumer_name)  # one name per replica, stable across restarts
+        self.fence = Fence(instance=settings.leadership.instance, ttl=settings.leadership.lease_ttl,
+                           holder=settings.streams.consumer_name)  # one name per replica, stable across restarts
         # backend_factory and engine: the benchmark's simulated daemon and engines (make_backend's
         # signature); production uses the defaults.
         self.backend = (backend_factory or make_backend)(settings, observer=self.metrics.docker_observer,
                                                          guard=self._may_act)
-        self.engine = engine or EngineClient(port=settings.engine_port, path=settings.health_path,
-                                             admin_path=settings.admin_path)
+        self.engine = engine or EngineClient(port=settings.engine.engine_port, path=settings.engine.health_path,
+                                             admin_path=settings.engine.admin_path)
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
         self.outbox = Signal()  # raised by every commit that writes results or snapshots
@@ -136,17 +136,19 @@ class Controller:
     async def start(self) -> None:
         """Connect, serve HTTP, and campaign for leadership; the leader's loops start once elected."""
         s = self.settings
-        log.info("starting", extra={"instance": s.instance, "database": redact_url(s.database_url),
-                                    "redis": redact_url(s.redis_url), "network": s.docker_network,
-                                    "concurrency": s.concurrency, "holder": self.fence.holder})
+        log.info("starting", extra={"instance": s.leadership.instance, "database": redact_url(s.database.database_url),
+                                    "redis": redact_url(s.streams.redis_url), "network": s.runtime.docker_network,
+                                    "concurrency": s.runtime.concurrency, "holder": self.fence.holder})
         # Reconcile workers, and the intake, relay, resync, health round, turn clock, HTTP.
-        self.pool = await create_pool(s.database_url, max_size=s.concurrency + 6, lease_ttl=s.lease_ttl)
+        self.pool = await create_pool(s.database.database_url, max_size=s.runtime.concurrency + 6,
+                                      lease_ttl=s.leadership.lease_ttl)
         self.store = Store(self.pool, fence=self.fence, clock=self.clock, outbox=self.outbox)
         if self.identity is None:
-            self.identity = await Store(self.pool, clock=self.clock).claim_identity(s.instance)
-        self.streams = RedisStreams(s.redis_url, group=s.consumer_group, consumer=s.consumer_name)
+            self.identity = await Store(self.pool, clock=self.clock).claim_identity(s.leadership.instance)
+        self.streams = RedisStreams(s.streams.redis_url, group=s.streams.consumer_group,
+                                    consumer=s.streams.consumer_name)
         self.admission = Admission(self.store, s.record_defaults, wake=self.queue.add,
-                                   registry=s.version_policy == "registry")
+                                   registry=s.images.version_policy == "registry")
         self.relay = Relay(s.streams, self.streams, self.store, self.metrics)
         self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
                              allowlist=s.images.image_allowlist)
@@ -159,15 +161,16 @@ class Controller:
         self.storage = StorageRound(config=s.storage, store=self.store, backend=self.backend,
                                     reconciler=self.reconciler, keeper=self.reconciler.states, metrics=self.metrics)
         self.resync = Resync(store=self.store, backend=self.backend, reconciler=self.reconciler, queue=self.queue,
-                             metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,
+                             metrics=self.metrics, interval=s.runtime.resync_interval,
+                             retention_days=s.database.retention_days,
                              ready_check=self.readiness.ok)
         self.health = HealthRound(store=self.store, backend=self.backend, reconciler=self.reconciler,
-                                  interval=s.health_interval, metrics=self.metrics)
+                                  interval=s.engine.health_interval, metrics=self.metrics)
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
-                                    max_sleep=s.resync_interval)
+                                    max_sleep=s.runtime.resync_interval)
         self.outbox.subscribe(self.relay.poke)
         self.outbox.subscribe(self.turn_clock.wake.set)  # a new game, a generated turn, a resume: a new due time
-        self.lease = Lease(s.database_url, self.fence)
+        self.lease = Lease(s.database.database_url, self.fence)
         self.leadership = Leadership(self.lease, self.fence, self.metrics, on_elected=self._lead,
                                      on_deposed=self._step_down)
         self.http = HttpServer(HttpDeps(
@@ -178,9 +181,9 @@ class Controller:
             schedule_changed=self.turn_clock.wake.set, unowned=lambda: self.resync.unowned,
             image_present=self._image_present,
             pull_image=self._pull_image))
-        if s.http_port:
+        if s.http.http_port:
             # Off the engines' network: an engine must not reach the API (docs/architecture.md).
-            subnets = await self.backend.network_subnets() if s.http_host == OFF_GAME_NETWORK else None
+            subnets = await self.backend.network_subnets() if s.http.http_host == OFF_GAME_NETWORK else None
             await self.http.start(subnets)
         self._spawn("leadership", lambda: self.leadership.run(self.stopping))
 
@@ -194,14 +197,15 @@ class Controller:
                              allowlist=s.images.image_allowlist)
         self.relay.reset()
         term = self.term_stopping
-        listener = Notifications(s.database_url, self.queue.add, outbox=self.outbox)  # an operator tool's commits
+        listener = Notifications(s.database.database_url, self.queue.add,
+                                 outbox=self.outbox)  # an operator tool's commits
         self._spawn("relay", self.relay.run, leader=True)
         self._spawn("intake", self.intake.run, leader=True)
-        for n in range(s.concurrency):
+        for n in range(s.runtime.concurrency):
             self._spawn(f"worker-{n}", functools.partial(self.reconciler.worker, n), leader=True)
         self._spawn("resync", lambda: self.resync.run(term), leader=True)
         self._spawn("listener", lambda: listener.run(term), leader=True)
-        if s.health_interval > 0:
+        if s.engine.health_interval > 0:
             self._spawn("health", lambda: self.health.run(term), leader=True)
         self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
         self._spawn("storage", lambda: self.storage.run(term), leader=True)
@@ -338,12 +342,14 @@ _T = TypeVar("_T")
 
 def make_backend(settings: Settings, **hooks: Any) -> RuntimeBackend:
     """The runtime backend of RTMANAGER_BACKEND: one Docker host, or a Docker Swarm."""
-    common = dict(instance=settings.instance, network=settings.docker_network,
-                  pool_size=max(4, settings.concurrency + 2), probe_address=settings.probe_address, **hooks)
-    if settings.backend == "swarm":
+    common = dict(instance=settings.leadership.instance, network=settings.runtime.docker_network,
+                  pool_size=max(4,
+                                settings.runtime.concurrency + 2), probe_address=settings.runtime.probe_address,
+                                **hooks)
+    if settings.runtime.backend == "swarm":
         from observed.swarm import SwarmBackend
 
-        return SwarmBackend(port=settings.engine_port, stop_grace=settings.stop_grace, **common)
+        return SwarmBackend(port=settings.engine.engine_port, stop_grace=settings.runtime.stop_grace, **common)
     return DockerBackend(**common)
 
 
@@ -354,7 +360,7 @@ async def prepare_database(settings: Settings) -> Identity:
     delay = 0.2
     while True:
         try:
-            conn = await connect(settings.database_url)
+            conn = await connect(settings.database.database_url)
             break
         except StoreUnavailable as exc:
             if loop.time() > deadline:
@@ -363,15 +369,15 @@ async def prepare_database(settings: Settings) -> Identity:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5)
     try:
-        if settings.auto_migrate:
+        if settings.database.auto_migrate:
             applied = await migrate(conn)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
     finally:
         await conn.close()
-    pool = await create_pool(settings.database_url, max_size=1, lease_ttl=settings.lease_ttl)
+    pool = await create_pool(settings.database.database_url, max_size=1, lease_ttl=settings.leadership.lease_ttl)
     try:
-        return await Store(pool).claim_identity(settings.instance)
+        return await Store(pool).claim_identity(settings.leadership.instance)
     except StoreError as exc:
         raise SchemaMissing("the database has no rtmanager schema: run `rtmanager migrate` "
                             f"(or set RTMANAGER_AUTO_MIGRATE=1): {exc}") from exc
@@ -391,10 +397,10 @@ async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -
     try:
         identity = await _until(stopping, prepare_database(settings))
     except WrongInstance as exc:
-        log.error("RTMANAGER_INSTANCE: the database at %s: %s", redact_url(settings.database_url), exc)
+        log.error("RTMANAGER_INSTANCE: the database at %s: %s", redact_url(settings.database.database_url), exc)
         return 2
     except StoreUnavailable as exc:
-        log.error("cannot reach Postgres at %s: %s", redact_url(settings.database_url), exc)
+        log.error("cannot reach Postgres at %s: %s", redact_url(settings.database.database_url), exc)
         return 1
     except SchemaMissing as exc:
         log.error("%s", exc)
@@ -406,7 +412,7 @@ async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -
     try:
         await controller.start()
     except StoreUnavailable as exc:
-        log.error("cannot reach Postgres at %s: %s", redact_url(settings.database_url), exc)
+        log.error("cannot reach Postgres at %s: %s", redact_url(settings.database.database_url), exc)
         return 1
     return await controller.run_until_stopped(handle_signals=False)
 

@@ -62,13 +62,6 @@ class Settings:
         return RecordDefaults(docker_network=self.runtime.docker_network, state_root=self.storage.state_root,
                               engine_port=self.engine.engine_port)
 
-    def __getattr__(self, name: str) -> Any:
-        """``settings.foo`` for ``settings.<group>.foo``, for code not yet given its group (the reconciler)."""
-        group = GROUP_OF.get(name)
-        if group is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(getattr(self, group), name)
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

@@ -32,8 +32,8 @@ class Crashes:
         self.metrics = metrics
         self.health = health
         self.starts = starts
-        self.policy = CrashPolicy(limit=settings.crash_limit, window=settings.crash_window,
-                                  backoff_max=settings.crash_backoff_max)
+        self.policy = CrashPolicy(limit=settings.engine.crash_limit, window=settings.engine.crash_window,
+                                  backoff_max=settings.engine.crash_backoff_max)
 
     async def recover(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
         """The engine of a running game exited on its own: record why, restart after a backoff.
@@ -45,7 +45,7 @@ class Crashes:
             await self.backend.stop(seen.id, await self.starts.stop_grace(record, seen))
             return await self.count(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
-                detail=f"engine did not answer for more than {self.settings.unreachable_restart_after:g}s; "
+                detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "
                        "restarted"))
         if await self.backend.stopped_by_daemon(seen):
             log.warning("engine stopped by a restart of the container daemon; starting it again (not a crash)",

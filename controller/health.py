@@ -82,15 +82,15 @@ class Health:
         An engine that does not run at all is a trigger, like an event: the reconciler is woken."""
         probe = await self.probe(record, address)
         s = self.settings
-        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
-                                   generation_timeout=s.generation_timeout)
+        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
+                                   generation_timeout=s.engine.generation_timeout)
         if new != record:
             if new.status is not record.status:
                 log.warning("engine: %s -> %s", record.status.value, new.status.value,
                             extra={"game_id": record.game_id})
             try:
-                await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
-                                                    generation_timeout=s.generation_timeout)
+                await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
+                                                    generation_timeout=s.engine.generation_timeout)
             except Conflict:
                 pass  # the record moved on meanwhile; the next round looks again
         if not address:
@@ -99,13 +99,13 @@ class Health:
     async def record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
         """A probe taken while reconciling, written when it changes the record (which is returned)."""
         s = self.settings
-        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.unreachable_after,
-                                   generation_timeout=s.generation_timeout)
+        new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
+                                   generation_timeout=s.engine.generation_timeout)
         if new == record:
             return record
         self.note_generated(record, probe)
-        return await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
-                                                   generation_timeout=s.generation_timeout)
+        return await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
+                                                   generation_timeout=s.engine.generation_timeout)
 
     def note_generated(self, record: RuntimeRecord, probe: Probe) -> None:
         """The metrics of a turn the engine has generated since the record said it was generating."""

@@ -117,7 +117,7 @@ class Reconciler:
         self.specs = Specs(settings, database)
         self.health = Health(settings, store, backend, engine, metrics, self.clock, wake=queue.add)
         self.turns = Turns(settings, store, engine, metrics, self.clock, self.health, fence)
-        self.dispose_budget = settings.max_removals  # refilled by the resync, once per interval
+        self.dispose_budget = settings.runtime.max_removals  # refilled by the resync, once per interval
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
         self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
@@ -135,17 +135,17 @@ class Reconciler:
     def refill_dispose_budget(self) -> None:
         """At most once per resync interval, however many resyncs run (events reconnecting force some)."""
         now = time.monotonic()
-        if now - self._budget_refilled_at >= self.settings.resync_interval:
-            self.dispose_budget = self.settings.max_removals
+        if now - self._budget_refilled_at >= self.settings.runtime.resync_interval:
+            self.dispose_budget = self.settings.runtime.max_removals
             self._budget_refilled_at = now
 
     def plan_only(self, record: RuntimeRecord | None, container: ObservedContainer | None) -> Action:
         return plan(record, container, want_hash=self.specs.want_hash(record) if record else None,
-                    instance=self.settings.instance, now=self.clock.now(),
-                    orphan_grace=self.settings.orphan_grace, cleanup_ttl=self.settings.cleanup_ttl,
+                    instance=self.settings.leadership.instance, now=self.clock.now(),
+                    orphan_grace=self.settings.runtime.orphan_grace, cleanup_ttl=self.settings.runtime.cleanup_ttl,
                     database=self.specs.database, epoch=self.epoch,
-                    unreachable_restart_after=self.settings.unreachable_restart_after,
-                    disruption_wait=self.settings.disruption_wait)
+                    unreachable_restart_after=self.settings.engine.unreachable_restart_after,
+                    disruption_wait=self.settings.runtime.disruption_wait)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -175,7 +175,7 @@ class Reconciler:
                 log.warning("temporary failure, retrying in %.1fs: %s", delay, exc.message,
                             extra={"game_id": key, "error_code": exc.code.value})
                 code = ErrorCode.DOCKER_UNAVAILABLE if isinstance(exc, DockerUnavailable) else ErrorCode.INTERNAL_ERROR
-                await self.fail_if_overdue(str(key), code, exc.message, self.settings.job_timeout)
+                await self.fail_if_overdue(str(key), code, exc.message, self.settings.runtime.job_timeout)
             except Exception as exc:  # noqa: BLE001 - never leave a game stuck silently
                 delay = self.queue.add_rate_limited(key)
                 self.metrics.queue_retries.inc()
@@ -184,7 +184,7 @@ class Reconciler:
                 # Neither an outage nor a conflict: a waiting job is answered once its start timeout
                 # has passed, instead of waiting for the job timeout.
                 await self.fail_if_overdue(str(key), ErrorCode.CONTAINER_START_FAILED,
-                                           f"{exc.__class__.__name__}: {exc}", self.settings.start_timeout)
+                                           f"{exc.__class__.__name__}: {exc}", self.settings.engine.start_timeout)
             finally:
                 self.queue.done(key)
 
@@ -216,7 +216,7 @@ class Reconciler:
             assert container is not None
             self.note_unowned(container, action.reason)
             return DONE
-        if action.check_engine and not self.settings.dry_run:
+        if action.check_engine and not self.settings.runtime.dry_run:
             # A planned disruption: the record's last probe may be stale, ask the engine now.
             assert record is not None and container is not None
             checked = await self._check_engine(record, container, action)
@@ -225,7 +225,7 @@ class Reconciler:
             action = checked
         if action.kind is ActionKind.WAIT:
             return requeue(action.delay, action.reason)
-        if self.settings.dry_run:
+        if self.settings.runtime.dry_run:
             log.info("dry run: would %s: %s", action.kind.value, action.reason,
                      extra={"game_id": game_id, "action": action.kind.value, "dry_run": True})
             return DONE
@@ -235,7 +235,7 @@ class Reconciler:
             if self.dispose_budget <= 0:
                 log.warning("not removing %s: the removal budget of this resync interval is spent",
                             container_name(game_id), extra={"game_id": game_id})
-                return requeue(self.settings.resync_interval, "the removal budget is spent")
+                return requeue(self.settings.runtime.resync_interval, "the removal budget is spent")
             self.dispose_budget -= 1
         op_ids: list[int] = []
         if record is not None and not record.converged:
@@ -251,7 +251,8 @@ class Reconciler:
         result = "ok"
         try:
             # A container that is not ours only ever blocks the name: act as if there were none.
-            ours = container if container is not None and container.managed_by(self.settings.instance) else None
+            instance = self.settings.leadership.instance
+            ours = container if container is not None and container.managed_by(instance) else None
             with backend_errors():
                 return await self._act(action.kind, record, ours, self.specs.build(record, self.epoch)
                                        if record else None)
@@ -291,7 +292,7 @@ class Reconciler:
             # The record does not know the engine as up (a replacement cut half-way), so no
             # wait began on it to bound this one: the oldest pending job's age bounds it.
             age = await self.store.oldest_pending_age(record.game_id) or 0.0
-            if age < self.settings.disruption_wait:
+            if age < self.settings.runtime.disruption_wait:
                 return requeue(DISRUPTION_POLL, "the engine generates a turn; the disruption waits")
             looked = Look.GO
         if looked not in (Look.GO, Look.UNKNOWN):
@@ -360,8 +361,8 @@ class Reconciler:
         operation log says so, and so do the results of the jobs it answers."""
         waited = action.overdue or 0.0
         note = (f"the engine was still generating a turn after {waited:.0f}s "
-                f"(RTMANAGER_DISRUPTION_WAIT {self.settings.disruption_wait:g}s); {action.kind.value} went ahead "
-                "and may have cut the turn")
+                f"(RTMANAGER_DISRUPTION_WAIT {self.settings.runtime.disruption_wait:g}s); "
+                f"{action.kind.value} went ahead and may have cut the turn")
         log.warning("%s", note, extra={"game_id": record.game_id, "action": action.kind.value})
         await self.store.note_disruption_overdue(record, action.kind.value, waited, note)
 
@@ -386,7 +387,8 @@ class Reconciler:
             record = await self.store.find(game_id)
             if record is None or record.converged:
                 return
-            if (age < timeout + self.settings.disruption_wait and record.status.is_up and record.admin_api is not False
+            if (age < timeout + self.settings.runtime.disruption_wait and record.status.is_up
+                    and record.admin_api is not False
                     and any(op.op in _DISRUPTING_OPS for op in await self.store.pending_operations(game_id))):
                 # A stop or replacement of a running engine may have waited for a turn first: that
                 # wait is not the job's delay. (Nothing generates in a game that is not up.)

@@ -50,9 +50,9 @@ class Starts:
         # The allowlist holds at every start, not only when a job is accepted: restarts, crash
         # recoveries and spec changes reuse a stored image the operator may have banned since.
         if kind is not ActionKind.CONFIRM:
-            if not self.settings.image_allowlist.allows(spec.image):
+            if not self.settings.images.image_allowlist.allows(spec.image):
                 raise ImageRejected(f"image {spec.image} is no longer allowed by RTMANAGER_IMAGE_ALLOWLIST")
-            if self.settings.version_policy == "registry":
+            if self.settings.images.version_policy == "registry":
                 refusal = versions.refuse_run(await self.store.engine_version_of(spec.image), spec.image)
                 if refusal is not None:
                     raise ImageRejected(refusal)
@@ -82,7 +82,7 @@ class Starts:
                 await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
-            await self.backend.make_state_dir(self.settings.state_root, spec)
+            await self.backend.make_state_dir(self.settings.storage.state_root, spec)
             # A new secret for each unit, recorded before the unit exists: a kill between the create
             # and the next write must not leave a unit whose token nobody knows.
             token = secrets.token_urlsafe(32)
@@ -91,7 +91,7 @@ class Starts:
             t0 = asyncio.get_running_loop().time()
             container = await self.backend.create(spec)
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
-            if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.instance):
+            if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.leadership.instance):
                 return  # adopted a container from an older attempt: plan again from what it is
         if container.admin_token is not None and container.admin_token != record.admin_token:
             # A unit that existed already (the create found one an earlier attempt made, or the record
@@ -127,7 +127,7 @@ class Starts:
             await self.health.raise_exited(seen)
         host = probe_host(record.game_id, seen.address)
         t0 = loop.time()
-        ok, detail = await self.engine.wait_healthy(host, self.settings.start_timeout, still_running)
+        ok, detail = await self.engine.wait_healthy(host, self.settings.engine.start_timeout, still_running)
         self.metrics.probes.labels("healthy" if ok else "unhealthy").inc()
         if ok:
             # The answer came from the address this unit had: make sure it is still this unit's (a
@@ -140,14 +140,15 @@ class Starts:
         if not ok:
             if exited:
                 await self.health.raise_exited(exited[-1])
-            raise EngineUnhealthy(f"engine did not answer GET {self.settings.health_path} with 2xx within "
-                                  f"{self.settings.start_timeout:g}s (last: {detail})")
+            raise EngineUnhealthy(f"engine did not answer GET {self.settings.engine.health_path} with 2xx within "
+                                  f"{self.settings.engine.start_timeout:g}s (last: {detail})")
         self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
         probe = await self.health.probe(record, seen.address) if record.admin_api is not False else None
         s = self.settings
         await self.store.mark_running(record, container_id=container_id, image=spec.image,
                                       probe=probe if probe is not None and probe.healthy else None,
-                                      unreachable_after=s.unreachable_after, generation_timeout=s.generation_timeout,
+                                      unreachable_after=s.engine.unreachable_after,
+                                      generation_timeout=s.engine.generation_timeout,
                                       node=seen.node)
         if storage.replacing(record):
             try:
@@ -162,4 +163,4 @@ class Starts:
         image = record.current_image_ref if record.current_container_id == container.id else None
         image = image or container.image
         entry = await self.store.engine_version_of(image) if image else None
-        return versions.stop_grace(entry, self.settings.stop_grace)
+        return versions.stop_grace(entry, self.settings.runtime.stop_grace)

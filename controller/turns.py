@@ -69,12 +69,12 @@ class Turns:
             return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
         except EngineError as exc:
             self.metrics.engine_calls.labels("status", "error").inc()
-            if transitions.busy_generating(record, self.clock.now(), self.settings.generation_timeout):
+            if transitions.busy_generating(record, self.clock.now(), self.settings.engine.generation_timeout):
                 # A slow or timed-out poll of an engine generating the turn is not unreachable:
                 # the health round and the generation timeout decide that (transitions.observed).
                 return polling
             age = await self.store.oldest_pending_age(record.game_id) or 0
-            if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.start_timeout:
+            if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.engine.start_timeout:
                 return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)
             return polling
         self.metrics.engine_calls.labels("status", "ok").inc()
@@ -87,8 +87,8 @@ class Turns:
             # Reached: the engine just answered, so the generation converges here, with its jobs.
             s = self.settings
             await self.store.mark_running(record, container_id=container.id, image=record.current_image_ref or "",
-                                          probe=probe, unreachable_after=s.unreachable_after,
-                                          generation_timeout=s.generation_timeout)
+                                          probe=probe, unreachable_after=s.engine.unreachable_after,
+                                          generation_timeout=s.engine.generation_timeout)
             self.health.note_generated(record, probe)
             return AGAIN
         record = await self.health.record_probe(record, probe)
@@ -156,8 +156,9 @@ class Turns:
             if probe.healthy and probe.phase == "generating":
                 log.info("the engine is generating turn %s: the disruption waits for it", (probe.turn or 0) + 1,
                          extra={"game_id": record.game_id})
-                await self.store.record_observation(record, probe, unreachable_after=s.unreachable_after,
-                                                    generation_timeout=s.generation_timeout, disruption_waits=True)
+                await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
+                                                    generation_timeout=s.engine.generation_timeout,
+                                                    disruption_waits=True)
                 return Look.GENERATING
             if probe.healthy and await self.health.record_probe(record, probe) is not record:
                 return Look.CHANGED

@@ -31,7 +31,7 @@ async def recorded_start(store, settings, game_id):
     await store.submit(Job(kind=JobKind.START, game_id=game_id, source=OpSource.LOBBY,
                            image_ref="galaxy/engine-stub:1.0"), settings.record_defaults)
     record = await store.get(game_id)
-    ensure_state_dir(settings.state_root, record.state_path)
+    ensure_state_dir(settings.storage.state_root, record.state_path)
     return record
 
 
@@ -40,7 +40,7 @@ async def test_concurrent_creates_of_one_name_give_one_container(h, pool):
     before the winner's container can be inspected by name."""
     settings = h.settings()
     record = await recorded_start(Store(pool), settings, "twice-1")
-    adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
+    adapter = DockerBackend(instance=settings.leadership.instance, network=settings.runtime.docker_network)
     try:
         await adapter.ensure_network()
         units = await asyncio.gather(*(adapter.create(build_spec(settings, record)) for _ in range(4)))
@@ -55,7 +55,7 @@ async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
     store = Store(pool)
     settings = h.settings()
     record = await recorded_start(store, settings, "adopt-1")
-    adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
+    adapter = DockerBackend(instance=settings.leadership.instance, network=settings.runtime.docker_network)
     try:
         await adapter.ensure_network()
         created = await adapter.create(build_spec(settings, record))
@@ -82,7 +82,7 @@ async def test_a_created_but_never_started_container_is_started_not_duplicated(h
     c.remove()
     await pool.execute("UPDATE runtime_records SET status = 'starting', observed_generation = 0,"
                        " current_container_id = NULL WHERE game_id = 'half-1'")
-    adapter = DockerBackend(instance=settings.instance, network=settings.docker_network)
+    adapter = DockerBackend(instance=settings.leadership.instance, network=settings.runtime.docker_network)
     try:
         created = await adapter.create(build_spec(settings, await store.get("half-1")))
     finally:
@@ -104,9 +104,9 @@ async def test_never_disposes_of_a_unit_without_a_record_whatever_its_labels(h, 
     ctl = await h.start(orphan_grace="1", resync_interval="0.5")
     await eventually(lambda: ctl.is_leader, what="leadership")
     uid = str(await pool.fetchval("SELECT uid FROM controller_identity"))
-    docker_client.networks.create(settings.docker_network, driver="bridge")
-    common = dict(image="galaxy/engine-stub:1.0", detach=True, network=settings.docker_network)
-    ours = {"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance}
+    docker_client.networks.create(settings.runtime.docker_network, driver="bridge")
+    common = dict(image="galaxy/engine-stub:1.0", detach=True, network=settings.runtime.docker_network)
+    ours = {"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.leadership.instance}
     after_backup = docker_client.containers.run(name=f"galaxy-game-orphan-{unique}", labels={
         **ours, "com.galaxy.game-id": f"orphan-{unique}", "com.galaxy.database": uid,
         "com.galaxy.epoch": str(ctl.fence.epoch)}, **common)
@@ -141,10 +141,11 @@ async def test_dry_run_takes_no_action(h, docker_client, unique, pool, caplog):
     caplog.set_level("INFO", logger="rtmanager.reconciler")
     ctl = await h.start(dry_run="1", orphan_grace="0", resync_interval="0.5")
     await eventually(lambda: ctl.is_leader, what="leadership")
-    docker_client.networks.create(settings.docker_network, driver="bridge")
+    docker_client.networks.create(settings.runtime.docker_network, driver="bridge")
     orphan = docker_client.containers.run(
-        "galaxy/engine-stub:1.0", detach=True, name=f"galaxy-game-dry-{unique}", network=settings.docker_network,
-        labels={"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.instance,
+        "galaxy/engine-stub:1.0", detach=True, name=f"galaxy-game-dry-{unique}",
+        network=settings.runtime.docker_network,
+        labels={"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.leadership.instance,
                 "com.galaxy.game-id": f"dry-{unique}", "com.galaxy.epoch": str(ctl.fence.epoch),
                 "com.galaxy.database": str(await pool.fetchval("SELECT uid FROM controller_identity"))})
     await h.submit_start("dry-2")
@@ -321,9 +322,9 @@ async def test_a_foreign_container_holding_the_name_is_never_recorded_as_ours(h,
     """Desired stopped while somebody else's container holds the name: converge without touching it."""
     store = Store(pool)
     settings = h.settings()
-    docker_client.networks.create(settings.docker_network, driver="bridge")
+    docker_client.networks.create(settings.runtime.docker_network, driver="bridge")
     foreign = docker_client.containers.run("galaxy/engine-stub:1.0", detach=True, name="galaxy-game-held-1",
-                                           network=settings.docker_network)
+                                           network=settings.runtime.docker_network)
     try:
         await h.start()
         res = await h.result(await h.submit_start("held-1"))

@@ -203,7 +203,7 @@ async def test_a_standby_refuses_jobs_with_503_and_retry_after(api, caplog):
     caplog.set_level("INFO", logger="rtmanager.leadership")
     await api.start()
     standby = await api.start(leader=False)
-    standby_port = standby.settings.http_port
+    standby_port = standby.settings.http.http_port
     for _ in range(200):  # it has campaigned and lost, and says so
         if "standing by" in caplog.text:
             break

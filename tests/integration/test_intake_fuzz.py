@@ -47,7 +47,7 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
         "RTMANAGER_CONSUMER_NAME": "fuzz"})
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     client = aioredis.Redis.from_url(redis_url)
-    streams = RedisStreams(redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
+    streams = RedisStreams(redis_url, group=settings.streams.consumer_group, consumer=settings.streams.consumer_name)
     try:
         store = Store(pool)
         admission = Admission(store, settings.record_defaults, wake=lambda g: None)
@@ -56,23 +56,23 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
         await intake.ensure_groups()
         added = []
         for kind, fields in batch:
-            stream = settings.start_stream if kind == "start" else settings.stop_stream
+            stream = settings.streams.start_stream if kind == "start" else settings.streams.stop_stream
             added.append((kind, (await client.xadd(stream, fields)).decode()))
         await intake.pending_pass()
         await intake.read_round(block_ms=None)
         await Relay(settings.streams, streams, store, Metrics()).flush()
-        for stream in (settings.start_stream, settings.stop_stream):
-            assert (await client.xpending(stream, settings.consumer_group))["pending"] == 0
+        for stream in (settings.streams.start_stream, settings.streams.stop_stream):
+            assert (await client.xpending(stream, settings.streams.consumer_group))["pending"] == 0
         # Every entry has an operation; those answered at once have exactly one result each.
         for kind, entry in added:
-            stream = settings.start_stream if kind == "start" else settings.stop_stream
+            stream = settings.streams.start_stream if kind == "start" else settings.streams.stop_stream
             op_ids = await pool.fetch("SELECT id, status FROM runtime_operations WHERE stream = $1 AND entry_id = $2",
                                       stream, entry)
             assert len(op_ids) == 1
             n_results = await pool.fetchval("SELECT count(*) FROM job_results WHERE operation_id = $1",
                                             op_ids[0]["id"])
             assert n_results == (0 if op_ids[0]["status"] in ("queued", "running") else 1)
-        published = await client.xrange(settings.results_stream)
+        published = await client.xrange(settings.streams.results_stream)
         keys = [(f[b"job"], f[b"job_entry_id"]) for _, f in published]
         assert len(keys) == len(set(keys))
         assert all(set(f) == {b"game_id", b"outcome", b"container_id", b"engine_endpoint", b"error_code",

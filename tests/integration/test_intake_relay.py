@@ -32,7 +32,8 @@ def settings(database_url, redis_url, unique, tmp_path):
 async def wired(settings, pool, redis_client, unique):
     store = Store(pool)
     changed: list[str] = []
-    streams = RedisStreams(settings.redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
+    streams = RedisStreams(settings.streams.redis_url, group=settings.streams.consumer_group,
+                           consumer=settings.streams.consumer_name)
     admission = Admission(store, settings.record_defaults, wake=changed.append)
     intake = Intake(settings.streams, streams, store, admission, Metrics(), allowlist=settings.images.image_allowlist)
     relay = Relay(settings.streams, streams, store, Metrics())
@@ -109,14 +110,16 @@ async def test_bad_entries_get_failure_results_and_are_acknowledged(wired, redis
     await intake.ensure_groups()
     ids = []
     for kind, fields, _, _ in BAD_ENTRIES:
-        stream = settings.start_stream if kind == "start" else settings.stop_stream
+        stream = settings.streams.start_stream if kind == "start" else settings.streams.stop_stream
         ids.append((await redis_client.xadd(stream, fields)).decode())
-    good = (await redis_client.xadd(settings.start_stream, {"game_id": "ok-1", "image_ref": "galaxy/engine-stub:1.0",
+    good = (await redis_client.xadd(settings.streams.start_stream, {"game_id": "ok-1",
+                                                                    "image_ref": "galaxy/engine-stub:1.0",
                                                             "extra": "ignored"})).decode()
     await drain(intake)
     assert await relay.flush() == len(BAD_ENTRIES) + 1  # and the snapshot of the game the good entry starts
     # Entry ids are unique per stream only: key results by (job, entry id).
-    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
+    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client,
+                                                                            settings.streams.results_stream)}
     for entry_id, (kind, _, message, shown_id) in zip(ids, BAD_ENTRIES, strict=True):
         res = results[(kind, entry_id)]
         expected_code = "image_rejected" if message == "not allowed" else "invalid_request"
@@ -125,23 +128,24 @@ async def test_bad_entries_get_failure_results_and_are_acknowledged(wired, redis
         assert res["game_id"] == shown_id
         assert res["container_id"] == "" and res["engine_endpoint"] == ""
     assert ("start", good) not in results and changed == ["ok-1"]
-    for stream in (settings.start_stream, settings.stop_stream):
-        pending = await redis_client.xpending(stream, settings.consumer_group)
+    for stream in (settings.streams.start_stream, settings.streams.stop_stream):
+        pending = await redis_client.xpending(stream, settings.streams.consumer_group)
         assert pending["pending"] == 0
 
 
 async def test_redelivered_entry_is_one_operation(wired, redis_client, settings, pool):
     intake, relay, store, changed = wired
     await intake.ensure_groups()
-    entry = (await redis_client.xadd(settings.start_stream,
+    entry = (await redis_client.xadd(settings.streams.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
     # Read without acknowledging, as a controller killed before XACK would.
-    await redis_client.xreadgroup(settings.consumer_group, settings.consumer_name, {settings.start_stream: ">"})
-    await intake.handle(Entry(stream=settings.start_stream, id=entry,
+    await redis_client.xreadgroup(settings.streams.consumer_group, settings.streams.consumer_name,
+                                  {settings.streams.start_stream: ">"})
+    await intake.handle(Entry(stream=settings.streams.start_stream, id=entry,
                               fields={b"game_id": b"g1", b"image_ref": b"galaxy/engine-stub:1.0"}))
     await drain(intake)  # the pending entry is delivered again, from id 0
     assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 1
-    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
+    assert (await redis_client.xpending(settings.streams.start_stream, settings.streams.consumer_group))["pending"] == 0
 
 
 async def test_start_then_stop_in_one_read_are_applied_in_sent_order(wired, redis_client, settings, pool):
@@ -152,13 +156,14 @@ async def test_start_then_stop_in_one_read_are_applied_in_sent_order(wired, redi
         await asyncio.sleep(0.003)
         return (await redis_client.xadd(stream, fields)).decode()
 
-    stop_first = await add(settings.stop_stream, {"game_id": "g2", "reason": "cancelled"})
-    await add(settings.start_stream, {"game_id": "g2", "image_ref": "galaxy/engine-stub:1.0"})
-    start = await add(settings.start_stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})
-    stop = await add(settings.stop_stream, {"game_id": "g1", "reason": "cancelled"})
+    stop_first = await add(settings.streams.stop_stream, {"game_id": "g2", "reason": "cancelled"})
+    await add(settings.streams.start_stream, {"game_id": "g2", "image_ref": "galaxy/engine-stub:1.0"})
+    start = await add(settings.streams.start_stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})
+    stop = await add(settings.streams.stop_stream, {"game_id": "g1", "reason": "cancelled"})
     await drain(intake)
     await relay.flush()
-    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
+    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client,
+                                                                            settings.streams.results_stream)}
     assert results[("stop", stop_first)]["error_code"] == "replay_no_op"  # stop of an unknown game
     assert results[("start", start)]["error_code"] == "superseded"        # the later stop replaced it
     assert ("stop", stop) not in results                                  # waits for convergence
@@ -169,7 +174,7 @@ async def test_start_then_stop_in_one_read_are_applied_in_sent_order(wired, redi
 async def test_relay_resumes_after_redis_errors(wired, redis_client, settings, pool, monkeypatch):
     intake, relay, store, changed = wired
     await intake.ensure_groups()
-    await redis_client.xadd(settings.stop_stream, {"game_id": "g9", "reason": "nope"})
+    await redis_client.xadd(settings.streams.stop_stream, {"game_id": "g9", "reason": "nope"})
     await drain(intake)
     real_add = relay.redis.add_many
     calls = {"n": 0}
@@ -193,7 +198,7 @@ async def test_relay_resumes_after_redis_errors(wired, redis_client, settings, p
         relay.stop()
         await asyncio.wait_for(task, 5)
     assert calls["n"] == 3
-    assert len(await read_results(redis_client, settings.results_stream)) == 1
+    assert len(await read_results(redis_client, settings.streams.results_stream)) == 1
 
 
 async def test_entries_of_a_dead_consumer_are_claimed_once(wired, redis_client, settings, pool, unique):
@@ -201,18 +206,19 @@ async def test_entries_of_a_dead_consumer_are_claimed_once(wired, redis_client, 
     settings = with_settings(intake, Settings.from_env({**_env(settings, unique), "RTMANAGER_CLAIM_IDLE": "1"}))
     intake.claim_everything_once = False  # a running leader, not a new one
     await intake.ensure_groups()
-    entry = (await redis_client.xadd(settings.start_stream,
+    entry = (await redis_client.xadd(settings.streams.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
     # Another consumer reads it and dies (or is deposed) without acknowledging. Only the leader
     # reads, so the leader takes it over at once, however briefly idle: it may be older than
     # entries the leader is about to apply.
-    await redis_client.xreadgroup(settings.consumer_group, "dead-consumer", {settings.start_stream: ">"})
+    await redis_client.xreadgroup(settings.streams.consumer_group, "dead-consumer",
+                                  {settings.streams.start_stream: ">"})
     await intake.pending_pass()
     await intake.pending_pass()
     await intake.read_round(block_ms=None)
     ops = await store.operations("g1")
     assert [o.entry_id for o in ops] == [entry]
-    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
+    assert (await redis_client.xpending(settings.streams.start_stream, settings.streams.consumer_group))["pending"] == 0
 
 
 async def test_an_entry_that_keeps_failing_is_dead_lettered_not_dropped(wired, redis_client, settings, pool,
@@ -226,31 +232,34 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_not_dropped(wired, r
         raise RuntimeError("simulated bug")
 
     patch_submit(monkeypatch, store, broken_submit)
-    entry = (await redis_client.xadd(settings.start_stream,
+    entry = (await redis_client.xadd(settings.streams.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
-    other = (await redis_client.xadd(settings.stop_stream, {"game_id": "g2", "reason": "bogus"})).decode()
+    other = (await redis_client.xadd(settings.streams.stop_stream, {"game_id": "g2", "reason": "bogus"})).decode()
     await intake.read_round(block_ms=None)  # attempt 1: fails, stays pending; the next entry is still handled
-    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 1
+    assert (await redis_client.xpending(settings.streams.start_stream, settings.streams.consumer_group))["pending"] == 1
     await intake.pending_pass()  # attempt 2: fails again
     await intake.pending_pass()  # a third attempt would exceed 2: dead-lettered
-    assert (await redis_client.xpending(settings.start_stream, settings.consumer_group))["pending"] == 0
+    assert (await redis_client.xpending(settings.streams.start_stream, settings.streams.consumer_group))["pending"] == 0
     await relay.flush()
-    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client, settings.results_stream)}
+    results = {(r["job"], r["job_entry_id"]): r for r in await read_results(redis_client,
+                                                                            settings.streams.results_stream)}
     assert results[("stop", other)]["error_code"] == "invalid_request"
     dead = results[("start", entry)]
     assert (dead["outcome"], dead["error_code"], dead["game_id"]) == ("failure", "internal_error", "g1")
-    [(_, copy)] = await redis_client.xrange(settings.dead_letter_stream)
+    [(_, copy)] = await redis_client.xrange(settings.streams.dead_letter_stream)
     assert copy[b"rtm_entry_id"].decode() == entry and copy[b"image_ref"] == b"galaxy/engine-stub:1.0"
-    await redis_client.delete(settings.dead_letter_stream)
+    await redis_client.delete(settings.streams.dead_letter_stream)
 
 
 def _env(settings: Settings, unique: str) -> dict[str, str]:
     return {
-        "RTMANAGER_DATABASE_URL": settings.database_url, "RTMANAGER_REDIS_URL": settings.redis_url,
-        "RTMANAGER_STATE_ROOT": settings.state_root, "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
-        "RTMANAGER_START_STREAM": settings.start_stream, "RTMANAGER_STOP_STREAM": settings.stop_stream,
-        "RTMANAGER_CONTROL_STREAM": settings.control_stream, "RTMANAGER_SNAPSHOT_STREAM": settings.snapshot_stream,
-        "RTMANAGER_RESULTS_STREAM": settings.results_stream, "RTMANAGER_CONSUMER_NAME": settings.consumer_name,
+        "RTMANAGER_DATABASE_URL": settings.database.database_url, "RTMANAGER_REDIS_URL": settings.streams.redis_url,
+        "RTMANAGER_STATE_ROOT": settings.storage.state_root, "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
+        "RTMANAGER_START_STREAM": settings.streams.start_stream, "RTMANAGER_STOP_STREAM": settings.streams.stop_stream,
+        "RTMANAGER_CONTROL_STREAM": settings.streams.control_stream,
+        "RTMANAGER_SNAPSHOT_STREAM": settings.streams.snapshot_stream,
+        "RTMANAGER_RESULTS_STREAM": settings.streams.results_stream,
+        "RTMANAGER_CONSUMER_NAME": settings.streams.consumer_name,
         "RTMANAGER_DEAD_LETTER_STREAM": f"t{unique}:dead",
     }
 
@@ -259,15 +268,15 @@ async def test_a_result_already_on_the_stream_is_marked_not_added_again(wired, r
     """XADD went through but the outbox row was not marked (crash or outage in between)."""
     intake, relay, store, changed = wired
     await intake.ensure_groups()
-    await redis_client.xadd(settings.stop_stream, {"game_id": "g1", "reason": "nope"})
+    await redis_client.xadd(settings.streams.stop_stream, {"game_id": "g1", "reason": "nope"})
     await drain(intake)
     [pending] = await store.unpublished()
-    entry_id = (await redis_client.xadd(settings.results_stream, pending.fields)).decode()
+    entry_id = (await redis_client.xadd(settings.streams.results_stream, pending.fields)).decode()
     assert relay._suspect  # a fresh relay does not trust the outbox alone
     assert await relay.flush() == 0
     assert await store.unpublished_count() == 0
     assert await pool.fetchval("SELECT stream_entry_id FROM job_results") == entry_id
-    assert len(await read_results(redis_client, settings.results_stream)) == 1
+    assert len(await read_results(redis_client, settings.streams.results_stream)) == 1
 
 
 async def test_an_outage_never_pushes_a_good_entry_to_the_dead_letters(wired, redis_client, settings, pool, unique,
@@ -284,7 +293,7 @@ async def test_an_outage_never_pushes_a_good_entry_to_the_dead_letters(wired, re
         return await real_submit(*args, **kwargs)
 
     patch_submit(monkeypatch, store, read_only_then_fine)
-    entry = (await redis_client.xadd(settings.start_stream,
+    entry = (await redis_client.xadd(settings.streams.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
     with pytest.raises(StoreUnavailable):
         await intake.read_round(block_ms=None)
@@ -294,7 +303,7 @@ async def test_an_outage_never_pushes_a_good_entry_to_the_dead_letters(wired, re
     await intake.pending_pass()  # the outage is over
     assert [o.entry_id for o in await store.operations("g1")] == [entry]
     assert (await store.get("g1")).desired_status.value == "running"
-    assert await redis_client.xlen(settings.dead_letter_stream) == 0
+    assert await redis_client.xlen(settings.streams.dead_letter_stream) == 0
 
 
 async def test_after_a_failed_entry_later_entries_of_that_game_wait(wired, redis_client, settings, pool, monkeypatch):
@@ -309,10 +318,10 @@ async def test_after_a_failed_entry_later_entries_of_that_game_wait(wired, redis
         return await real_submit(job, *args, **kwargs)
 
     patch_submit(monkeypatch, store, fail_first_start)
-    await redis_client.xadd(settings.start_stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})
+    await redis_client.xadd(settings.streams.start_stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})
     await asyncio.sleep(0.003)
-    await redis_client.xadd(settings.stop_stream, {"game_id": "g1", "reason": "cancelled"})
-    await redis_client.xadd(settings.stop_stream, {"game_id": "other", "reason": "cancelled"})
+    await redis_client.xadd(settings.streams.stop_stream, {"game_id": "g1", "reason": "cancelled"})
+    await redis_client.xadd(settings.streams.stop_stream, {"game_id": "other", "reason": "cancelled"})
     await intake.read_round(block_ms=None)
     assert [o.game_id for o in await store.operations("g1")] == []  # the stop waits behind the failed start
     assert len(await store.operations("other")) == 1                 # other games carry on
@@ -329,12 +338,12 @@ async def test_a_start_a_deposed_leader_read_late_is_applied_before_a_later_stop
     intake, relay, store, changed = wired
     await intake.ensure_groups()
     await intake.pending_pass()  # the election: nothing to claim yet
-    start = (await redis_client.xadd(settings.start_stream,
+    start = (await redis_client.xadd(settings.streams.start_stream,
                                      {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
-    await redis_client.xreadgroup(settings.consumer_group, "deposed", {settings.start_stream: ">"})
-    stop = (await redis_client.xadd(settings.stop_stream, {"game_id": "g1", "reason": "cancelled"})).decode()
+    await redis_client.xreadgroup(settings.streams.consumer_group, "deposed", {settings.streams.start_stream: ">"})
+    stop = (await redis_client.xadd(settings.streams.stop_stream, {"game_id": "g1", "reason": "cancelled"})).decode()
     await intake.read_round(block_ms=None)
     ops = sorted(await store.operations("g1"), key=lambda o: o.id)  # in the order admitted
     assert [(o.op.value, o.entry_id) for o in ops] == [("start", start), ("stop", stop)]
-    for stream in (settings.start_stream, settings.stop_stream):
-        assert (await redis_client.xpending(stream, settings.consumer_group))["pending"] == 0
+    for stream in (settings.streams.start_stream, settings.streams.stop_stream):
+        assert (await redis_client.xpending(stream, settings.streams.consumer_group))["pending"] == 0

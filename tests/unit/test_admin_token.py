@@ -193,7 +193,8 @@ def _record(w):
     from desired.model import DesiredStatus, RuntimeRecord
     from tests.fakes import T0
     return RuntimeRecord(game_id=GAME, status=Status.STARTING, current_container_id=None, current_image_ref=None,
-                         engine_endpoint="http://galaxy-game-g1:8080", state_path=str(w.settings.state_root) + "/g1",
+                         engine_endpoint="http://galaxy-game-g1:8080",
+                         state_path=str(w.settings.storage.state_root) + "/g1",
                          docker_network="galaxy-net", started_at=None, stopped_at=None, removed_at=None,
                          last_op_at=T0, created_at=T0, desired_status=DesiredStatus.RUNNING, desired_image_ref=IMG,
                          generation=1, observed_generation=0)

@@ -284,7 +284,7 @@ async def test_the_stop_of_an_engine_takes_the_grace_of_the_version_it_runs(tmp_
     assert w.backend.specs[-1].stop_grace is None and w.backend.specs[-1].spec_hash
     await job(w, JobKind.STOP)
     await w.sync("g1")
-    assert [c[2] for c in w.backend.ops("stop")] == [45.0, w.settings.stop_grace]
+    assert [c[2] for c in w.backend.ops("stop")] == [45.0, w.settings.runtime.stop_grace]
 
 
 def test_a_grace_is_not_part_of_the_spec_hash(tmp_path):
@@ -351,10 +351,10 @@ async def test_the_time_a_stop_waited_for_a_generation_does_not_count_against_th
     w.store.clock.advance(400)  # waited for the generation, within RTMANAGER_DISRUPTION_WAIT
     w.engine.finish_generation(NAME)
     w.backend.down = True  # then Docker is away for a moment when the stop is due
-    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.job_timeout)
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.runtime.job_timeout)
     assert [r for r in w.results("g1") if r[0] == "stop"] == []
-    w.store.clock.advance(w.settings.disruption_wait)  # past the wait and the job timeout together: answered
-    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.job_timeout)
+    w.store.clock.advance(w.settings.runtime.disruption_wait)  # past the wait and the job timeout together: answered
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.runtime.job_timeout)
     assert [r for r in w.results("g1") if r[0] == "stop"] == [("stop", "failure", "docker_unavailable")]
 
 
@@ -368,6 +368,6 @@ async def test_a_disruption_of_an_engine_the_record_does_not_know_as_up_is_bound
     await job(w, JobKind.STOP)
     await w.sync("g1")
     assert stops(w) == []  # the engine generates: no cut yet
-    w.store.clock.advance(w.settings.disruption_wait + 1)
+    w.store.clock.advance(w.settings.runtime.disruption_wait + 1)
     rec = await w.sync("g1")
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED

@@ -187,7 +187,7 @@ async def test_every_path_that_takes_an_engine_down_stops_it_gracefully_first(w)
     await w.sync("g1")
     assert w.backend.graceful == [first, second, third]
     removes = [c for c in w.backend.calls if c[0] == "remove"]
-    assert all(c[2] == w.settings.stop_grace for c in removes)
+    assert all(c[2] == w.settings.runtime.stop_grace for c in removes)
 
 
 async def test_a_crash_restarts_after_a_backoff_and_the_limit_gives_up(tmp_path):
@@ -240,7 +240,7 @@ async def test_an_image_banned_since_it_was_accepted_is_not_started_again(tmp_pa
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
     w.reconciler.settings = w.reconciler.starts.settings = Settings.from_env({
-        "RTMANAGER_IMAGE_ALLOWLIST": IMG2, "RTMANAGER_STATE_ROOT": w.settings.state_root})
+        "RTMANAGER_IMAGE_ALLOWLIST": IMG2, "RTMANAGER_STATE_ROOT": w.settings.storage.state_root})
     w.backend.crash("g1")
     rec = await w.sync("g1")
     w.store.clock.advance(60)
@@ -479,7 +479,7 @@ async def unreachable(w: World, game: str = "g1"):
     """The engine of a running game stops answering; the health rounds record it unreachable."""
     [c] = w.running(game)
     w.backend.behaviour[c.image] = "mute"
-    for _ in range(w.settings.unreachable_after):
+    for _ in range(w.settings.engine.unreachable_after):
         await w.reconciler.observe(w.store.records[game], w.backend.ip_of(c))
     rec = w.store.records[game]
     assert rec.status is Status.ENGINE_UNREACHABLE
@@ -533,8 +533,8 @@ async def test_a_slow_status_of_a_generating_engine_is_not_unreachable(w):
         raise EngineUnreachable("status: timed out")
 
     w.engine.status = too_busy  # type: ignore[method-assign]
-    w.store.clock.advance(w.settings.start_timeout + 1)  # the job waits longer than a start may take
-    for _ in range(w.settings.unreachable_after + 1):  # health rounds and turn polls see nothing
+    w.store.clock.advance(w.settings.engine.start_timeout + 1)  # the job waits longer than a start may take
+    for _ in range(w.settings.engine.unreachable_after + 1):  # health rounds and turn polls see nothing
         await w.reconciler.observe(w.store.records["g1"], w.backend.ip_of(w.running("g1")[0]))
         rec = await w.sync("g1")
     assert rec.status is Status.GENERATION_IN_PROGRESS and not rec.converged
