@@ -12,13 +12,14 @@ class _Wait:
     """One wait's deadline and last answer; ``check`` may raise one of ``retry_on`` for "not yet"."""
 
     def __init__(self, timeout: float, what: str, retry_on: tuple[type[BaseException], ...],
-                 detail: Callable[[], str] | None) -> None:
-        self.deadline = time.monotonic() + timeout
+                 detail: Callable[[], str] | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.deadline = clock() + timeout
         self.timeout, self.what, self.retry_on, self.detail = timeout, what, retry_on, detail
         self.last: object = None
 
     def over(self) -> bool:
-        if time.monotonic() < self.deadline:
+        if self.clock() < self.deadline:
             return False
         extra = f"\n{self.detail()}" if self.detail else ""
         raise AssertionError(f"{self.what} not reached within {self.timeout:g}s (last: {self.last!r}){extra}")
@@ -29,8 +30,9 @@ async def eventually(check, timeout: float = 30.0, what: str = "condition", inte
                      detail: Callable[[], str] | None = None):
     """Call ``check`` (plain or async) until it gives something truthy, and return that. An
     exception of ``retry_on`` (by default AssertionError) from ``check`` counts as "not yet"; the
-    last answer, and ``detail()`` when given, are in the failure."""
-    wait = _Wait(timeout, what, retry_on, detail)
+    last answer, and ``detail()`` when given, are in the failure. The timeout is on the event loop's
+    clock: the same as time.monotonic(), or virtual time in a test run with looptime."""
+    wait = _Wait(timeout, what, retry_on, detail, asyncio.get_running_loop().time)
     while True:
         try:
             wait.last = check()
