@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 
 import pytest
 
-import controller.http as http
-import controller.intake as intake
 from controller.config import Settings
 from controller.leadership import Leadership
 from controller.metrics import Metrics
@@ -222,10 +219,3 @@ async def test_renewals_that_fail_briefly_keep_the_term(leading):
     lease.down = False
     await asyncio.sleep(fence.ttl)
     assert events == ["elected 1"] and leadership.leading
-
-
-def test_admission_is_the_only_writer_of_desired_state():
-    """REST and the stream intake share one path (controller/admission.py)."""
-    for module in (http, intake):
-        source = inspect.getsource(module)
-        assert "store.submit(" not in source and "admission.submit(" in source, module.__name__
