@@ -17,8 +17,7 @@ import asyncpg
 import redis
 
 from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, PrivateDockerd, ResultReader
-from tests.waits import wait_for
+from tests.support import ControllerProcess, PrivateDockerd, ResultReader, wait_for
 
 
 @contextlib.contextmanager

@@ -18,8 +18,7 @@ import redis
 
 from tests.conftest import admin_sql, dsn_for
 from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, PostgresCluster, ResultReader, free_port
-from tests.waits import eventually_sync
+from tests.support import ControllerProcess, PostgresCluster, ResultReader, eventually_sync, free_port
 
 STUB = "galaxy/engine-stub:1.0"
 

@@ -12,7 +12,7 @@ import asyncpg
 
 from tests.integration.test_http import STUB_10
 from tests.integration.test_turns import FAST, engine_turn, runtime
-from tests.waits import eventually
+from tests.support import eventually
 
 
 def _env_token(container) -> str:

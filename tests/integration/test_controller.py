@@ -14,8 +14,7 @@ from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
 from desired.store import Store
 from observed.docker import DockerBackend, ensure_state_dir
-from tests.integration.harness import Harness
-from tests.waits import eventually
+from tests.support import Harness, eventually
 
 
 @pytest.fixture

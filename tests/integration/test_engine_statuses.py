@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.integration.test_http import STUB_10
-from tests.waits import eventually
+from tests.support import eventually
 
 ADMIN = "/cgi-bin/admin/v1"
 FAST = dict(engine_admin_path=ADMIN, health_interval="0.3", unreachable_after="2", resync_interval="1")

@@ -20,7 +20,7 @@ import docker
 import pytest
 
 from tests.conftest import STUB_REPO
-from tests.waits import eventually_sync as eventually
+from tests.support import eventually_sync as eventually
 
 ADMIN = "/cgi-bin/admin/v1"
 STATE_TARGET = "/var/lib/galaxy-engine"

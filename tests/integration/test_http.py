@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import socket
 import time
 from typing import Any
 
@@ -19,19 +18,12 @@ import docker
 import yarl
 
 from controller.app import Controller
-from tests.integration.harness import Harness
-from tests.waits import eventually
+from tests.support import Harness, eventually, free_port
 
 STUB_10 = "galaxy/engine-stub:1.0"
 STUB_11 = "galaxy/engine-stub:1.1"
 RESULT_FIELDS = {"game_id", "outcome", "container_id", "engine_endpoint", "error_code", "error_message", "job",
                  "job_entry_id", "result_id"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Api(Harness):

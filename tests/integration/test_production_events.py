@@ -20,7 +20,7 @@ from aiohttp import web
 
 from observed.engine import EngineClient
 from tests.integration.test_http import STUB_10, STUB_11
-from tests.waits import eventually
+from tests.support import eventually
 
 
 async def record(api, game: str) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncpg
 
 from desired.store import RECENTLY_PUBLISHED_SQL, Store
-from tests.waits import eventually
+from tests.support import eventually
 
 ROWS = 200_000
 

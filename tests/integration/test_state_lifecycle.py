@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import cleanup_docker
 from tests.integration.test_http import STUB_10, STUB_11, Api
-from tests.waits import eventually
+from tests.support import eventually
 
 
 async def record(api, game: str) -> dict:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tests.integration.test_http import STUB_10
-from tests.waits import eventually
+from tests.support import eventually
 
 FAST = dict(engine_admin_path="/cgi-bin/admin/v1", health_interval="0.3", resync_interval="1")
 

@@ -29,7 +29,7 @@ from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.model import ContainerSpec, ObservedContainer
 from observed.swarm import SwarmBackend
 from tests.conftest import cleanup_docker
-from tests.waits import eventually
+from tests.support import eventually
 
 STATE_TARGET = "/var/lib/galaxy-engine"
 ENGINE_USER = (10000, 10000)

@@ -15,7 +15,7 @@ from desired.errors import StoreUnavailable
 from desired.leader import Fence
 from desired.model import ErrorCode, JobKind
 from tests.fakes import FakeStore, FakeStreams
-from tests.waits import eventually
+from tests.support import eventually
 
 RESULTS = "runtime:job_results"
 
