@@ -10,8 +10,7 @@ import urllib.request
 
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port
+from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port, migrate
 
 TTL = 2.0
 

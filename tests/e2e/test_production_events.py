@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,8 +15,16 @@ import pytest
 import redis
 
 from tests.conftest import admin_sql, dsn_for
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, PostgresCluster, ResultReader, eventually_sync, free_port
+from tests.support import (
+    ControllerProcess,
+    PostgresCluster,
+    ResultReader,
+    cli,
+    eventually_sync,
+    free_port,
+    migrate,
+    running,
+)
 
 STUB = "galaxy/engine-stub:1.0"
 
@@ -34,15 +40,6 @@ def http_status(url: str, timeout: float = 3.0) -> int | None:
         return exc.code
     except OSError:
         return None
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
-
-
-def running(docker_client, game: str) -> list[str]:
-    return [c.id for c in docker_client.containers.list(filters={"label": f"com.galaxy.game-id={game}"})]
 
 
 # --------------------------------------------------------------- defect 5: an empty database

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port
+from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port, migrate
 
 PROMETHEUS_WAIT = 240.0  # the binary may still be being installed when the suite starts
 

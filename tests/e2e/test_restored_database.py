@@ -16,9 +16,7 @@ from urllib.parse import urlsplit
 import redis
 
 from tests.conftest import admin_sql
-from tests.e2e.test_production_events import cli, running
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port
+from tests.support import ControllerProcess, ResultReader, cli, eventually_sync, free_port, migrate, running
 
 STUB = "galaxy/engine-stub:1.0"
 wait_until = functools.partial(eventually_sync, interval=0.2)

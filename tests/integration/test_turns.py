@@ -8,23 +8,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.integration.test_http import STUB_10
 from tests.support import eventually
-
-FAST = dict(engine_admin_path="/cgi-bin/admin/v1", health_interval="0.3", resync_interval="1")
-
-
-async def runtime(api, game: str) -> dict:
-    status, body = await api.get(f"/api/v1/runtimes/{game}")
-    assert status == 200, body
-    return body
-
-
-def engine_turn(api, game: str) -> int:
-    """The turn the engine itself keeps in its state directory."""
-    import json
-    raw = (Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "engine" / "status.json").read_text()
-    return json.loads(raw)["turn"]
+from tests.support.api import FAST, STUB_10, engine_turn, runtime
 
 
 def slow(api, game: str, seconds: str) -> None:
@@ -146,7 +131,7 @@ async def test_schedule_is_set_through_rest_and_validated(api):
 async def test_a_long_generation_whose_engine_does_not_answer_is_not_engine_unreachable(api):
     """Issue 21 #9: one status timeout during a long generation failed the forced turn
     engine_unreachable, then the engine published the turn; a retry in between must not ask for two."""
-    from tests.integration.test_engine_statuses import control, snapshots
+    from tests.support.api import control, snapshots
 
     ctl = await api.start(**FAST, start_timeout="1", unreachable_after="2")
     game = "slowst1"

@@ -7,12 +7,21 @@ Import from here (``from tests.support import eventually, free_port``) or from t
 from tests.support.harness import Harness
 from tests.support.net import free_port
 from tests.support.results import ResultReader, read_results, xrange_json_results
-from tests.support.services import ROOT, ControllerProcess, PostgresCluster, PrivateDockerd, RedisServer
+from tests.support.services import (
+    ROOT,
+    ControllerProcess,
+    PostgresCluster,
+    PrivateDockerd,
+    RedisServer,
+    cli,
+    migrate,
+    running,
+)
 from tests.support.tiers import separate_tier
 from tests.support.waits import eventually, eventually_sync, wait_for
 
 __all__ = [
     "ROOT", "ControllerProcess", "Harness", "PostgresCluster", "PrivateDockerd", "RedisServer", "ResultReader",
-    "eventually", "eventually_sync", "free_port", "read_results", "separate_tier", "wait_for",
-    "xrange_json_results",
+    "cli", "eventually", "eventually_sync", "free_port", "migrate", "read_results", "running", "separate_tier",
+    "wait_for", "xrange_json_results",
 ]

@@ -17,6 +17,23 @@ from tests.support.net import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``rtmanager <args>`` with ``env`` over this process's environment, its output captured."""
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def migrate(env: dict[str, str]) -> None:
+    """``rtmanager migrate`` on the database of ``env``; fails the test when it fails."""
+    out = cli(env, "migrate")
+    assert out.returncode == 0, out.stderr
+
+
+def running(docker_client, game: str) -> list[str]:
+    """The ids of the running containers of ``game``."""
+    return [c.id for c in docker_client.containers.list(filters={"label": f"com.galaxy.game-id={game}"})]
+
+
 class ControllerProcess:
     """``rtmanager run`` as a subprocess, with its log kept for failure messages."""
 
