@@ -8,7 +8,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.support import eventually
+from tests.support import eventually, settled
 from tests.support.api import FAST, STUB_10, engine_turn, runtime
 
 
@@ -47,7 +47,7 @@ async def _turn_at_least(api, game: str, turn: int) -> bool:
 
 
 async def test_force_next_turn_advances_exactly_one_turn_even_sent_twice_at_once(api):
-    await api.start(**FAST)
+    ctl = await api.start(**FAST)
     game = "force1"
     status, res = await api.job(game, "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
@@ -56,7 +56,7 @@ async def test_force_next_turn_advances_exactly_one_turn_even_sent_twice_at_once
     answers = await asyncio.gather(api.job(game, "force-next-turn"), api.job(game, "force-next-turn"))
     assert [a[1]["outcome"] for a in answers] == ["success", "success"], answers
     assert engine_turn(api, game) == 1 and (await runtime(api, game))["turn"] == 1
-    await asyncio.sleep(1.5)  # nothing asks for another
+    await settled(ctl, horizon=5)  # nothing asks for another: no turn poll or retry planned
     assert engine_turn(api, game) == 1
 
 

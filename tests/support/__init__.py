@@ -4,7 +4,7 @@
 
 Import from here (``from tests.support import eventually, free_port``) or from the module."""
 
-from tests.support.harness import Harness
+from tests.support.harness import Harness, settled
 from tests.support.net import free_port
 from tests.support.results import ResultReader, read_results, xrange_json_results
 from tests.support.services import (
@@ -23,5 +23,5 @@ from tests.support.waits import eventually, eventually_sync, wait_for
 __all__ = [
     "ROOT", "ControllerProcess", "Harness", "PostgresCluster", "PrivateDockerd", "RedisServer", "ResultReader",
     "cli", "eventually", "eventually_sync", "free_port", "migrate", "read_results", "running", "separate_tier",
-    "wait_for", "xrange_json_results",
+    "settled", "wait_for", "xrange_json_results",
 ]

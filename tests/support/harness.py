@@ -1,4 +1,5 @@
-"""In-process controllers on one isolated test environment, and a reader of its results stream."""
+"""In-process controllers on one isolated test environment, a reader of its results stream, and a
+wait until a controller has nothing left to do (``settled``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import redis.asyncio as aioredis
 
 from controller.app import Controller
 from controller.config import Settings
+from tests.support.waits import eventually
 
 
 class Harness:
@@ -69,3 +71,20 @@ class Harness:
 
     def containers(self, game: str) -> list[docker.models.containers.Container]:
         return self.docker.containers.list(all=True, filters={"label": f"com.galaxy.game-id={game}"})
+
+
+async def settled(ctl: Controller, *, horizon: float, timeout: float = 30.0) -> None:
+    """Until ``ctl``'s reconciler has nothing left to do within ``horizon`` seconds: no key queued,
+    none being worked on, no retry or poll timer due sooner. Until a new trigger (a job, an event,
+    a resync, a health round), nothing changes by the controller's own doing, so a test can assert
+    at once that something did not happen, instead of sleeping and hoping it would have by then."""
+    queue = ctl.queue
+    loop = asyncio.get_running_loop()
+
+    def idle() -> bool:
+        soon = [t for t in queue._timers.values() if t.when() - loop.time() < horizon]
+        return len(queue) == 0 and queue.processing == 0 and not soon
+
+    await eventually(idle, timeout, f"the reconciler idle for {horizon:g}s",
+                     detail=lambda: f"queued {len(queue)}, processing {queue.processing}, "
+                                    f"timers {sorted(t.when() - loop.time() for t in queue._timers.values())}")
