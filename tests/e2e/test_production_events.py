@@ -25,6 +25,7 @@ from tests.support import (
     migrate,
     running,
 )
+from tests.support.http import resyncs
 
 STUB = "galaxy/engine-stub:1.0"
 
@@ -63,12 +64,16 @@ def test_a_controller_on_an_empty_database_never_disposes_of_running_games(rtm_e
     # The database is lost (a new volume, `compose down -v`): same instance, empty schema.
     fresh = f"rtm_test_{os.getpid()}_fresh_{unique}"
     admin_sql(f'CREATE DATABASE "{fresh}"')
-    env2 = {**env, "RTMANAGER_DATABASE_URL": dsn_for(fresh)}  # Redis and its consumer group are kept
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env2 = {**env, "RTMANAGER_DATABASE_URL": dsn_for(fresh),  # Redis and its consumer group are kept
+            "RTMANAGER_HTTP_PORT": str(port)}
     migrate(env2)
     ctl = ControllerProcess(env2, tmp_path / "second.log").start()
     try:
         wait_until(lambda: "unowned" in ctl.log(), 30, "the unowned containers reported")
-        time.sleep(3)  # six resync intervals: plenty of chances to dispose of them
+        seen = resyncs(base)
+        wait_until(lambda: resyncs(base) >= seen + 6, 30, "six more resyncs: plenty of chances to dispose of them")
         assert {g: running(docker_client, g) for g in games} == before, ctl.log()[-3000:]
         status = cli(env2, "status")
         assert status.returncode == 0, status.stderr
