@@ -23,8 +23,7 @@ from desired.leader import Fence
 from desired.model import JobKind, OpSource, Status
 from tests.fakes import FakeStore, FakeStreams, defaults
 from tests.support import eventually
-from tests.unit.test_reconciler import IMG, World
-from tests.unit.test_relay_and_leadership import FakeLease, answered
+from tests.support.world import IMG, FakeLease, World, answered
 
 # Virtual time (looptime): the loops' backoffs and polls are asyncio sleeps, so the event loop's
 # clock jumps over them when nothing else is ready. A test whose code also reads time.monotonic
