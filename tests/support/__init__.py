@@ -1,8 +1,17 @@
-"""What the tests share: waits on conditions (``waits``), services and processes of a test's own
-(``services``), the results stream (``results``), in-process controllers (``harness``), free ports
-(``net``) and the separate tiers (``tiers``). In-memory fakes of the adapters stay in tests/fakes.py.
+"""What the tests share, a module each; no test module imports another.
 
-Import from here (``from tests.support import eventually, free_port``) or from the module."""
+* ``waits``: waiting on a condition (``eventually``, ``eventually_sync``, ``wait_for``);
+* ``services``: ``rtmanager`` as a process and its CLI, services of a test's own (Redis, Postgres,
+  a private dockerd);
+* ``results``: the results stream as Lobby reads it; ``net``: ``free_port``; ``tiers``: the tiers
+  run as steps of their own; ``http``: an ``rtmanager run`` process's /metrics;
+* ``harness``: in-process controllers (``Harness``) and ``settled``; ``api``: their REST API
+  (``Api``) and the stub images;
+* the unit tier's: ``world`` (a ``Reconciler`` over the fakes, ``FakeLease``), ``planning``,
+  ``job_records``, ``transition_records`` (record and container factories).
+
+The in-memory fakes of the adapters stay in tests/fakes.py. The names below can be imported from
+``tests.support`` itself."""
 
 from tests.support.harness import Harness, settled
 from tests.support.net import free_port

@@ -11,7 +11,7 @@ from controller.planner import ActionKind, plan
 from desired import transitions
 from desired.jobs import turn_due
 from desired.model import DesiredStatus, Status
-from tests.unit.test_planner import HASH, KW, NOW, OLD_HASH, RM, ST, T0, R, ours, record
+from tests.support.planning import HASH, KW, NOW, OLD_HASH, RM, ST, T0, R, ours, record
 
 A = ActionKind
 LIMIT = 600.0
