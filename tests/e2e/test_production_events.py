@@ -14,7 +14,6 @@ import asyncpg
 import pytest
 import redis
 
-from tests.conftest import admin_sql, dsn_for
 from tests.support import (
     ControllerProcess,
     PostgresCluster,
@@ -26,6 +25,7 @@ from tests.support import (
     running,
 )
 from tests.support.http import resyncs
+from tests.support.local import admin_sql, dsn_for
 
 STUB = "galaxy/engine-stub:1.0"
 

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 
 import redis
 
-from tests.conftest import admin_sql
 from tests.support import ControllerProcess, ResultReader, cli, eventually_sync, free_port, migrate, running
 from tests.support.http import get, resyncs
+from tests.support.local import admin_sql
 
 STUB = "galaxy/engine-stub:1.0"
 wait_until = functools.partial(eventually_sync, interval=0.2)

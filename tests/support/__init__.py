@@ -3,6 +3,7 @@
 * ``waits``: waiting on a condition (``eventually``, ``eventually_sync``, ``wait_for``);
 * ``services``: ``rtmanager`` as a process and its CLI, services of a test's own (Redis, Postgres,
   a private dockerd);
+* ``local``: the shared services' addresses, admin SQL, a test's Docker objects removed;
 * ``results``: the results stream as Lobby reads it; ``net``: ``free_port``; ``tiers``: the tiers
   run as steps of their own; ``http``: an ``rtmanager run`` process's /metrics;
 * ``harness``: in-process controllers (``Harness``) and ``settled``; ``api``: their REST API
