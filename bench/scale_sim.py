@@ -60,10 +60,11 @@ from controller.app import Controller  # noqa: E402
 from controller.config import Settings  # noqa: E402
 from controller.logs import setup_logging  # noqa: E402
 from controller.reconciler import build_spec  # noqa: E402
-from desired.migrate import migrate  # noqa: E402
+from desired.db.migrate import migrate  # noqa: E402
+from desired.db.pool import create_pool  # noqa: E402
+from desired.db.rows import RECORD_COLUMNS  # noqa: E402
+from desired.db.store import Store  # noqa: E402
 from desired.model import DesiredStatus, Health, RuntimeRecord, Status, engine_endpoint  # noqa: E402
-from desired.pg import create_pool  # noqa: E402
-from desired.store import _RECORD_COLUMNS, Store  # noqa: E402
 from observed.engine import EngineStatus  # noqa: E402
 from observed.errors import EngineUnreachable  # noqa: E402
 from observed.model import LABEL_DATABASE, LABEL_EPOCH  # noqa: E402
@@ -446,7 +447,7 @@ class Sim:
             labels[LABEL_DATABASE], labels[LABEL_EPOCH] = "", "0"
             self.api.add_running(cid, spec.name, labels, spec.state_path, spec.state_target)
             rows.append(tuple(getattr(rec, c).value if hasattr(getattr(rec, c), "value") else getattr(rec, c)
-                              for c in _RECORD_COLUMNS))
+                              for c in RECORD_COLUMNS))
             self.games.append((gid, cid))
         built = time.perf_counter() - t0
         conn = await asyncpg.connect(self.dsn)
@@ -454,7 +455,7 @@ class Sim:
             t0 = time.perf_counter()
             for k in range(0, len(rows), 20000):
                 await conn.copy_records_to_table("runtime_records", records=rows[k:k + 20000],
-                                                 columns=list(_RECORD_COLUMNS))
+                                                 columns=list(RECORD_COLUMNS))
             await conn.execute(MARK + "ANALYZE runtime_records")
             copied = time.perf_counter() - t0
         finally:

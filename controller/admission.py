@@ -1,11 +1,14 @@
 """Admission: the one path by which a job becomes desired state.
 
 Every source of jobs (the stream intake of the start, stop and control streams,
-the REST API, and the turn clock) calls ``submit`` or ``reject``; nothing else writes
-desired state. ``submit`` commits the desired-state change and the operation
-row in one transaction (desired/store.py), then wakes the reconciler for the
-game and the relay for the results that already exist (replays, rejections,
-superseded jobs).
+the REST API, and the turn clock) calls ``submit`` or ``reject``. Desired state has a few other
+writers, none of them a job: ``PUT /schedule`` (the turn clock's interval) and ``rtmanager adopt``
+write it through the store directly, and the reconciler's named transitions change it where a
+generation cannot converge (desired/transitions.py). ``submit`` commits the desired-state change and the operation
+row in one transaction (desired/db/submissions.py), then wakes the reconciler for the
+game. The results it writes at once (replays, rejections, superseded jobs) wake
+the relay by themselves: the transaction that writes the outbox raises its
+signal (desired/wakeup.py).
 """
 
 from __future__ import annotations
@@ -15,19 +18,19 @@ from collections.abc import Callable
 
 from desired.jobs import Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource
-from desired.store import Rejection, Store, SubmitOutcome
+from desired.ports import AdmissionStore
+from desired.values import Rejection, SubmitOutcome
 
 log = logging.getLogger("rtmanager.admission")
 
 
 class Admission:
-    def __init__(self, store: Store, defaults: RecordDefaults, *, wake: Callable[[str], None],
-                 results_written: Callable[[], None], registry: bool = False) -> None:
+    def __init__(self, store: AdmissionStore, defaults: RecordDefaults, *, wake: Callable[[str], None],
+                 registry: bool = False) -> None:
         self.store = store
         self.defaults = defaults
         self.registry = registry  # RTMANAGER_VERSION_POLICY=registry
         self._wake = wake
-        self._results_written = results_written
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Desired state and an operation row (InvalidJob when the game_id cannot make a state path)."""
@@ -40,7 +43,6 @@ class Admission:
             return outcome  # nothing was recorded
         if decision.action in ("change", "join"):
             self._wake(job.game_id)
-        self._results_written()
         return outcome
 
     async def submit_many(self, items: list[Job | Rejection]) -> list[SubmitOutcome]:
@@ -49,15 +51,10 @@ class Admission:
         for item, outcome in zip(items, outcomes, strict=True):
             if outcome.decision is not None and outcome.decision.action in ("change", "join"):
                 self._wake(item.game_id)
-        if any(not o.duplicate and o.operation_id for o in outcomes):
-            self._results_written()
         return outcomes
 
     async def reject(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str, code: ErrorCode,
                      message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:
         """A job that cannot be carried out: a failed operation and its result."""
-        outcome = await self.store.reject_entry(kind=kind, game_id=game_id, stream=stream, entry_id=entry_id,
-                                                code=code, message=message, source=source)
-        if not outcome.duplicate:
-            self._results_written()
-        return outcome
+        return await self.store.reject_entry(kind=kind, game_id=game_id, stream=stream, entry_id=entry_id,
+                                             code=code, message=message, source=source)

@@ -4,7 +4,8 @@ the triggers controller/triggers.py, admission controller/admission.py.
 
 Tasks. Always: the leadership loop and the HTTP server. While this replica
 leads: the intake, the outbox relay, N reconcile workers, the resync, the
-NOTIFY listener, the health round and the backend's event reader. Each loop
+NOTIFY listener, the health round, the turn clock, the storage round and the
+backend's event reader. Each loop
 survives what goes wrong in it: per-game work fails or retries that game, and a
 failed iteration is logged, counted (``rtmanager_loop_errors_total``), shown on
 ``/readyz`` and retried with a capped backoff. A leader task that dies of a
@@ -40,11 +41,15 @@ from controller.streams import RedisStreams
 from controller.triggers import HealthRound, Readiness, Resync, TurnClock
 from controller.workqueue import WorkQueue
 from desired.clock import Clock
+from desired.db.lease import Lease
+from desired.db.migrate import migrate
+from desired.db.notifications import Notifications
+from desired.db.pool import connect, create_pool
+from desired.db.store import Store
 from desired.errors import StoreError, StoreUnavailable
-from desired.leader import Fence, Fenced, Lease
-from desired.migrate import migrate
-from desired.pg import connect, create_pool
-from desired.store import Identity, Notifications, Store, WrongInstance
+from desired.leader import Fence, Fenced
+from desired.values import Identity, WrongInstance
+from desired.wakeup import Signal
 from observed.backend import RuntimeBackend
 from observed.docker import DockerBackend
 from observed.engine import EngineClient
@@ -84,7 +89,7 @@ class Controller:
                                              admin_path=settings.admin_path)
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
-        self.results_changed = asyncio.Event()
+        self.outbox = Signal()  # raised by every commit that writes results or snapshots
         self.events = None
         self._restart_delay: dict[str, float] = {}
 
@@ -103,13 +108,6 @@ class Controller:
         lapsed (a stall, a partition from Postgres) stops mid-action, not after it."""
         if not self.fence.valid_locally:
             raise Fenced(f"leadership term {self.fence.epoch} has lapsed; no more backend actions")
-
-    def _results_written(self) -> None:
-        self.relay.poke()
-        self.turn_clock.wake.set()  # a new game, a generated turn, a resume: the next due time moved
-        # Wake every REST caller waiting for its job; later waiters take the fresh event.
-        changed, self.results_changed = self.results_changed, asyncio.Event()
-        changed.set()
 
     async def _image_present(self, image: str) -> bool | None:
         try:
@@ -142,22 +140,23 @@ class Controller:
                                     "concurrency": s.concurrency, "holder": self.fence.holder})
         # Reconcile workers, and the intake, relay, resync, health round, turn clock, HTTP.
         self.pool = await create_pool(s.database_url, max_size=s.concurrency + 6, lease_ttl=s.lease_ttl)
-        self.store = Store(self.pool, fence=self.fence, clock=self.clock)
+        self.store = Store(self.pool, fence=self.fence, clock=self.clock, outbox=self.outbox)
         if self.identity is None:
             self.identity = await Store(self.pool, clock=self.clock).claim_identity(s.instance)
         self.streams = RedisStreams(s.redis_url, group=s.consumer_group, consumer=s.consumer_name)
         self.admission = Admission(self.store, s.record_defaults, wake=self.queue.add,
-                                   results_written=self._results_written, registry=s.version_policy == "registry")
-        self.relay = Relay(s, self.streams, self.store, self.metrics)
-        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics, fence=self.fence)
+                                   registry=s.version_policy == "registry")
+        self.relay = Relay(s.streams, self.streams, self.store, self.metrics)
+        self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
+                             allowlist=s.images.image_allowlist)
         self.reconciler = Reconciler(s, self.store, self.backend, self.engine, self.metrics, self.queue,
-                                     results_written=self._results_written, fence=self.fence, clock=self.clock,
+                                     results_written=lambda: None, fence=self.fence, clock=self.clock,
                                      database=self.identity.uid)
         self.readiness = Readiness({"postgres": self.store.ping, "redis": self.streams.ping,
                                     "docker": self.backend.ping, "relay": self._relay_check,
                                     "state_storage": self.reconciler.states.readiness}, self.metrics)
-        self.storage = StorageRound(settings=s, store=self.store, backend=self.backend, reconciler=self.reconciler,
-                                    keeper=self.reconciler.states, metrics=self.metrics)
+        self.storage = StorageRound(config=s.storage, store=self.store, backend=self.backend,
+                                    reconciler=self.reconciler, keeper=self.reconciler.states, metrics=self.metrics)
         self.resync = Resync(store=self.store, backend=self.backend, reconciler=self.reconciler, queue=self.queue,
                              metrics=self.metrics, interval=s.resync_interval, retention_days=s.retention_days,
                              ready_check=self.readiness.ok)
@@ -165,13 +164,16 @@ class Controller:
                                   interval=s.health_interval, metrics=self.metrics)
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
                                     max_sleep=s.resync_interval)
+        self.outbox.subscribe(self.relay.poke)
+        self.outbox.subscribe(self.turn_clock.wake.set)  # a new game, a generated turn, a resume: a new due time
         self.lease = Lease(s.database_url, self.fence)
         self.leadership = Leadership(self.lease, self.fence, self.metrics, on_elected=self._lead,
                                      on_deposed=self._step_down)
         self.http = HttpServer(HttpDeps(
-            settings=s, store=self.store, admission=self.admission, metrics=self.metrics,
+            http=s.http, allowlist=s.images.image_allowlist, store=self.store, admission=self.admission,
+            metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
-            results_changed=lambda: self.results_changed, results_written=self._results_written,
+            results_changed=self.outbox.next,
             schedule_changed=self.turn_clock.wake.set, unowned=lambda: self.resync.unowned,
             image_present=self._image_present,
             pull_image=self._pull_image))
@@ -187,10 +189,11 @@ class Controller:
         self.term_stopping = asyncio.Event()
         self.queue.reset()
         # Claims everything once; reads only while this term is valid.
-        self.intake = Intake(s, self.streams, self.store, self.admission, self.metrics, fence=self.fence)
+        self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
+                             allowlist=s.images.image_allowlist)
         self.relay.reset()
         term = self.term_stopping
-        listener = Notifications(s.database_url, self.queue.add)
+        listener = Notifications(s.database_url, self.queue.add, outbox=self.outbox)  # another replica's commits
         self._spawn("relay", self.relay.run, leader=True)
         self._spawn("intake", self.intake.run, leader=True)
         for n in range(s.concurrency):

@@ -61,10 +61,10 @@ def _settings() -> Settings:
 
 @contextlib.asynccontextmanager
 async def _store(settings: Settings) -> AsyncIterator:
-    from desired.pg import create_pool
-    from desired.store import Store
+    from desired.db.pool import create_pool
+    from desired.db.store import Store
 
-    pool = await create_pool(settings.database_url, max_size=2, lease_ttl=settings.lease_ttl)
+    pool = await create_pool(settings.database.database_url, max_size=2, lease_ttl=settings.leadership.lease_ttl)
     try:
         yield Store(pool)
     finally:
@@ -86,7 +86,8 @@ async def _backend(settings: Settings) -> AsyncIterator:
 async def _streams(settings: Settings) -> AsyncIterator:
     from controller.streams import RedisStreams
 
-    streams = RedisStreams(settings.redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
+    group = settings.streams
+    streams = RedisStreams(group.redis_url, group=group.consumer_group, consumer=group.consumer_name)
     try:
         yield streams
     finally:
@@ -94,10 +95,10 @@ async def _streams(settings: Settings) -> AsyncIterator:
 
 
 async def _migrate(settings: Settings) -> int:
-    from desired.migrate import migrate
-    from desired.pg import connect
+    from desired.db.migrate import migrate
+    from desired.db.pool import connect
 
-    conn = await connect(settings.database_url)
+    conn = await connect(settings.database.database_url)
     try:
         applied = await migrate(conn)
     finally:
@@ -152,12 +153,13 @@ async def _adopt(settings: Settings, games: list[str], everything: bool) -> int:
         for game in wanted:
             c = unowned.get(game)
             if c is None:
-                print(f"{game}: no unowned container of instance {settings.instance} for this game", file=sys.stderr)
+                print(f"{game}: no unowned container of instance {settings.leadership.instance} for this game",
+                      file=sys.stderr)
                 failures += 1
                 continue
             seen = await backend.inspect(c.id)
             expected = settings.record_defaults.state_path(game)
-            sources = {src for src, dst in (seen.mounts if seen else ()) if dst == settings.engine_state_dir}
+            sources = {src for src, dst in (seen.mounts if seen else ()) if dst == settings.engine.engine_state_dir}
             if sources != {expected}:
                 print(f"{game}: its state directory is {sorted(sources) or 'not mounted'}, not {expected}; "
                       "not adopted (a recreate would start it on another directory)", file=sys.stderr)
@@ -181,11 +183,11 @@ async def _dispose(settings: Settings, games: list[str]) -> int:
         for game in games:
             c = unowned.get(game)
             if c is None:
-                print(f"{game}: no unowned container of instance {settings.instance} for this game "
+                print(f"{game}: no unowned container of instance {settings.leadership.instance} for this game "
                       "(a managed game is stopped with a stop job and removed with cleanup)", file=sys.stderr)
                 failures += 1
                 continue
-            await backend.remove(c.id, settings.stop_grace)
+            await backend.remove(c.id, settings.runtime.stop_grace)
             print(f"{game}: container {c.id[:12]} stopped and removed")
     return 1 if failures else 0
 
@@ -194,7 +196,7 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
     """The engine-version registry, straight in the database (the controller reads it at every start)."""
     from desired.errors import NotFound, UniqueViolation
     from desired.jobs import IMAGE_REF_PATTERN
-    from desired.store import VersionInUse
+    from desired.values import VersionInUse
     from desired.versions import MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
     async with _store(settings) as store:
@@ -222,7 +224,7 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
         try:
             if args.action == "add":
                 image = args.image_ref
-                if not IMAGE_REF_PATTERN.fullmatch(image) or not settings.image_allowlist.allows(image):
+                if not IMAGE_REF_PATTERN.fullmatch(image) or not settings.images.image_allowlist.allows(image):
                     print(f"rtmanager versions: {image!r} is not a valid image allowed by RTMANAGER_IMAGE_ALLOWLIST",
                           file=sys.stderr)
                     return 2
@@ -258,9 +260,9 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
 async def _submit(settings: Settings, kind: str, game_id: str, value: str) -> int:
     async with _streams(settings) as streams:
         if kind == "start":
-            entry = await streams.add(settings.start_stream, {"game_id": game_id, "image_ref": value})
+            entry = await streams.add(settings.streams.start_stream, {"game_id": game_id, "image_ref": value})
         else:
-            entry = await streams.add(settings.stop_stream, {"game_id": game_id, "reason": value})
+            entry = await streams.add(settings.streams.stop_stream, {"game_id": game_id, "reason": value})
     print(entry)
     return 0
 
@@ -275,7 +277,7 @@ async def _results(settings: Settings, follow: bool, count: int, wait_for: list[
     async with _streams(settings) as streams:
         while True:
             block = 500 if (follow or waiting) else None
-            entries = await streams.read_after(settings.results_stream, last, count, block)
+            entries = await streams.read_after(settings.streams.results_stream, last, count, block)
             for entry_id, fields in entries:
                 last = entry_id
                 if wait_for and fields.get("job_entry_id") not in waiting:
@@ -307,7 +309,7 @@ def _format_result(f: dict[str, str]) -> str:
 
 
 async def _doctor(settings: Settings) -> int:
-    from desired.migrate import load_migrations
+    from desired.db.migrate import load_migrations
 
     problems = 0
 
@@ -316,7 +318,7 @@ async def _doctor(settings: Settings) -> int:
         problems += 0 if ok else 1
         print(f"{'ok  ' if ok else 'FAIL'} {what}{(': ' + detail) if detail else ''}")
 
-    where = f"postgres at {redact_url(settings.database_url)}"
+    where = f"postgres at {redact_url(settings.database.database_url)}"
     try:
         async with _store(settings) as store:
             say(True, where)
@@ -327,30 +329,30 @@ async def _doctor(settings: Settings) -> int:
             pending = [m.name for m in load_migrations() if m.version not in applied]
             say(not pending, "schema", f"pending migrations {pending}: run `rtmanager migrate`" if pending
                 else f"up to date ({len(applied)} migrations)")
-            lease = None if pending else await store.lease_info(settings.instance)
+            lease = None if pending else await store.lease_info(settings.leadership.instance)
             if lease is not None:
-                print(f"info leader of instance {settings.instance}: {lease['holder']} (term {lease['epoch']}, "
-                      f"{'live' if lease['live'] else 'expired'})")
+                print(f"info leader of instance {settings.leadership.instance}: {lease['holder']} "
+                      f"(term {lease['epoch']}, {'live' if lease['live'] else 'expired'})")
     except Exception as exc:  # noqa: BLE001 - reported, the other checks still run
         say(False, where, str(exc))
     try:
         async with _streams(settings) as streams:
             await streams.ping()
-        say(True, f"redis at {redact_url(settings.redis_url)}")
+        say(True, f"redis at {redact_url(settings.streams.redis_url)}")
     except Exception as exc:  # noqa: BLE001
-        say(False, f"redis at {redact_url(settings.redis_url)}", str(exc))
+        say(False, f"redis at {redact_url(settings.streams.redis_url)}", str(exc))
     try:
         async with _backend(settings) as backend:
             await backend.ping()
             say(True, "docker daemon")
             managed = await backend.list_managed()
-            print(f"info {len(managed)} containers of instance {settings.instance}, "
+            print(f"info {len(managed)} containers of instance {settings.leadership.instance}, "
                   f"{sum(1 for c in managed if c.running)} running")
     except Exception as exc:  # noqa: BLE001
         say(False, "docker daemon", str(exc))
-    writable, exists = _state_root(settings.state_root)
-    say(writable, f"state root {settings.state_root}", "" if exists else "missing; it will be created")
-    if not settings.api_token:
+    writable, exists = _state_root(settings.storage.state_root)
+    say(writable, f"state root {settings.storage.state_root}", "" if exists else "missing; it will be created")
+    if not settings.http.api_token:
         print("info RTMANAGER_API_TOKEN is empty: the REST API answers 503")
     return 1 if problems else 0
 
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("adopt needs GAME... or --all")
     settings = _settings()
     if args.command == "run":
-        setup_logging(args.log_format or settings.log_format, settings.log_level)
+        setup_logging(args.log_format or settings.logging.log_format, settings.logging.log_level)
         from controller.app import run
         if _signalled:  # a SIGTERM or SIGINT during the imports: nothing has started yet
             raise SystemExit(0)

@@ -26,13 +26,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.admission import Admission
-from controller.config import Settings
+from controller.config import HttpSettings
 from controller.metrics import Metrics
 from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
     MAX_IMAGE_REF,
+    ImageAllowlist,
     InvalidJob,
     parse_control,
     parse_job,
@@ -50,7 +51,8 @@ from desired.model import (
     Outcome,
     Status,
 )
-from desired.store import Store, VersionInUse
+from desired.ports import SurfaceStore
+from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus, valid_stop_grace
 
 log = logging.getLogger("rtmanager.http")
@@ -99,14 +101,14 @@ def record_json(record) -> dict[str, Any]:
 class HttpDeps:
     """What the HTTP surface needs from the controller, and nothing more."""
 
-    settings: Settings
-    store: Store
+    http: HttpSettings
+    allowlist: ImageAllowlist  # RTMANAGER_IMAGE_ALLOWLIST
+    store: SurfaceStore
     admission: Admission
     metrics: Metrics
     is_leader: Callable[[], bool]
     readiness: Callable[[], Awaitable[dict[str, str]]]
-    results_changed: Callable[[], asyncio.Event]  # the event set when the next results are written
-    results_written: Callable[[], None]           # wake the relay
+    results_changed: Callable[[], asyncio.Event]  # the event set when the next results are committed
     schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
     unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
     image_present: Callable[[str], Awaitable[bool]] = lambda image: _unknown()
@@ -115,7 +117,7 @@ class HttpDeps:
 
 class HttpServer:
     def __init__(self, deps: HttpDeps) -> None:
-        self.c = deps
+        self.deps = deps
         self._runner: web.AppRunner | None = None
         app = web.Application(middlewares=[self._outages, self._auth])
         app.router.add_get("/healthz", self.healthz)
@@ -140,13 +142,13 @@ class HttpServer:
     async def start(self, game_subnets: list[str] | None = None) -> None:
         """Serve on RTMANAGER_HTTP_HOST; with ``off-game-network``, on every IPv4 address of this host
         (or container) outside ``game_subnets``, so that no engine reaches the API."""
-        s = self.c.settings
+        h = self.deps.http
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        hosts = [s.http_host] if s.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
+        hosts = [h.http_host] if h.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
         for host in hosts:
-            await web.TCPSite(self._runner, host, s.http_port).start()
-        log.info("http listening on %s port %d", ", ".join(hosts), s.http_port)
+            await web.TCPSite(self._runner, host, h.http_port).start()
+        log.info("http listening on %s port %d", ", ".join(hosts), h.http_port)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -165,7 +167,7 @@ class HttpServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if request.path.startswith("/api/"):
-            token = self.c.settings.api_token
+            token = self.deps.http.api_token
             if not token:
                 return _error(503, "the REST API is disabled: set RTMANAGER_API_TOKEN")
             given = request.headers.get("Authorization", "")
@@ -179,10 +181,10 @@ class HttpServer:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        checks = await self.c.readiness()
+        checks = await self.deps.readiness()
         ok = all(v == "ok" for v in checks.values())
-        return web.json_response({"ready": ok, "leader": self.c.is_leader(), "checks": checks,
-                                  "unowned": self.c.unowned()}, status=200 if ok else 503)
+        return web.json_response({"ready": ok, "leader": self.deps.is_leader(), "checks": checks,
+                                  "unowned": self.deps.unowned()}, status=200 if ok else 503)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
@@ -231,28 +233,28 @@ class HttpServer:
             if kind in CONTROL_OPS:
                 job = parse_control({"game_id": game_id, "op": kind.value}, source=OpSource.ADMIN)
             else:
-                job = parse_job(kind, fields, self.c.settings.image_allowlist, source=OpSource.ADMIN)
+                job = parse_job(kind, fields, self.deps.allowlist, source=OpSource.ADMIN)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
         if force:
             job = dataclasses.replace(job, force=True)
-        if not self.c.is_leader():
+        if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send jobs to the leader", retry_after=True)
         try:
-            outcome = await self.c.admission.submit(job)
+            outcome = await self.deps.admission.submit(job)
         except InvalidJob as exc:
             return _invalid(game_id, kind, exc.message, exc.code)
         op_id = outcome.operation_id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            changed = self.c.results_changed()
-            result = await self.c.store.result_for(op_id)
+            changed = self.deps.results_changed()
+            result = await self.deps.store.result_for(op_id)
             if result is not None:
                 return web.json_response({**result, "operation_id": op_id})
             left = deadline - loop.time()
             if left <= 0:
-                op = await self.c.store.operation(op_id)
+                op = await self.deps.store.operation(op_id)
                 return web.json_response({"operation_id": op_id, "status": op.status.value,
                                           "game_id": job.game_id, "job": kind.value}, status=202)
             try:
@@ -278,21 +280,21 @@ class HttpServer:
             interval = parse_turn_interval(raw, game_id)
         except InvalidJob as exc:
             return _error(400, exc.message)
-        if not self.c.is_leader():
+        if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
         try:
-            record = await self.c.store.set_schedule(game_id, interval, OpSource.ADMIN)
+            record = await self.deps.store.set_schedule(game_id, interval, OpSource.ADMIN)
         except NotFound:
             return _error(404, f"no runtime for game {game_id}")
         except InvalidJob as exc:
             return _error(409, exc.message)
-        self.c.schedule_changed()
+        self.deps.schedule_changed()
         return web.json_response(record_json(record))
 
     # ------------------------------------------------------- engine versions
     async def _version_json(self, entry, live_games: int | None = None) -> dict[str, Any]:
         body = {k: _json_value(v) for k, v in dataclasses.asdict(entry).items()}
-        body["image_present"] = await self.c.image_present(entry.image_ref)
+        body["image_present"] = await self.deps.image_present(entry.image_ref)
         if live_games is not None:
             body["live_games"] = live_games
         return body
@@ -303,7 +305,7 @@ class HttpServer:
             status = VersionStatus(raw) if raw is not None else None
         except ValueError:
             return _error(400, f"status must be one of {', '.join(s.value for s in VersionStatus)}")
-        entries = await self.c.store.list_versions(status)
+        entries = await self.deps.store.list_versions(status)
         return web.json_response({"engine_versions": [await self._version_json(e) for e in entries]})
 
     async def get_version(self, request: web.Request) -> web.Response:
@@ -311,7 +313,7 @@ class HttpServer:
         if not VERSION_PATTERN.fullmatch(version):
             return _error(400, "version must be 1-64 characters of A-Z a-z 0-9 . _ -")
         try:
-            entry, live = await self.c.store.get_version(version)
+            entry, live = await self.deps.store.get_version(version)
         except NotFound:
             return _error(404, f"no engine version {version}")
         return web.json_response(await self._version_json(entry, live))
@@ -354,17 +356,17 @@ class HttpServer:
             return _error(400, "field version must be 1-64 characters of A-Z a-z 0-9 . _ -")
         if not image or len(image) > MAX_IMAGE_REF or not IMAGE_REF_PATTERN.fullmatch(image):
             return _error(400, "field image_ref is not a valid image reference")
-        if not self.c.settings.image_allowlist.allows(image):
+        if not self.deps.allowlist.allows(image):
             return _error(400, f"field image_ref: {image!r} is not allowed by RTMANAGER_IMAGE_ALLOWLIST")
-        if not self.c.is_leader():
+        if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
         if pull == "1":
             try:
-                await self.c.pull_image(image)
+                await self.deps.pull_image(image)
             except RtmError as exc:
                 return _error(409, f"field image_ref: the image could not be pulled: {exc.message}")
         try:
-            entry = await self.c.store.create_version(version, image, VersionStatus(body.get("status", "active")),
+            entry = await self.deps.store.create_version(version, image, VersionStatus(body.get("status", "active")),
                                                        body.get("notes", ""), body.get("stop_grace"))
         except UniqueViolation as exc:
             field = {"engine_versions_version_key": "version",
@@ -379,10 +381,10 @@ class HttpServer:
         body = await self._version_body(request, {"status", "notes", "stop_grace"})
         if isinstance(body, web.Response):
             return body
-        if not self.c.is_leader():
+        if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
         try:
-            entry = await self.c.store.update_version(
+            entry = await self.deps.store.update_version(
                 version, status=VersionStatus(body["status"]) if "status" in body else None, notes=body.get("notes"),
                 **({"stop_grace": body["stop_grace"]} if "stop_grace" in body else {}))
         except NotFound:
@@ -393,10 +395,10 @@ class HttpServer:
         version = request.match_info["version"]
         if not VERSION_PATTERN.fullmatch(version):
             return _error(400, "version must be 1-64 characters of A-Z a-z 0-9 . _ -")
-        if not self.c.is_leader():
+        if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
         try:
-            await self.c.store.delete_version(version)
+            await self.deps.store.delete_version(version)
         except NotFound:
             return _error(404, f"no engine version {version}")
         except VersionInUse as exc:
@@ -408,27 +410,26 @@ class HttpServer:
         game_id = request.query.get("game_id")
         if game_id is not None and not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
-        if not self.c.is_leader():
+        if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
-        count = await self.c.store.snapshot_resync(game_id)
+        count = await self.deps.store.snapshot_resync(game_id)
         if game_id is not None and count == 0:
             return _error(404, f"no runtime for game {game_id}")
-        self.c.results_written()
         return web.json_response({"snapshots": count})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.c.metrics.registry)
+        body = generate_latest(self.deps.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def list_runtimes(self, request: web.Request) -> web.Response:
         status = request.query.get("status")
         if status is not None:
             try:
-                records = await self.c.store.list_by_status(Status(status))
+                records = await self.deps.store.list_by_status(Status(status))
             except ValueError:
                 return _error(400, f"status must be one of {', '.join(s.value for s in Status)}")
         else:
-            records = await self.c.store.list()
+            records = await self.deps.store.list()
         return web.json_response({"runtimes": [record_json(r) for r in records]})
 
     async def get_runtime(self, request: web.Request) -> web.Response:
@@ -436,10 +437,10 @@ class HttpServer:
         if not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
         try:
-            record = await self.c.store.get(game_id)
+            record = await self.deps.store.get(game_id)
         except NotFound:
             return _error(404, f"no runtime for game {game_id}")
-        size, measured = await self.c.store.state_usage(game_id)
+        size, measured = await self.deps.store.state_usage(game_id)
         return web.json_response({**record_json(record), "state_bytes": size,
                                   "state_measured_at": _json_value(measured)})
 
@@ -447,7 +448,7 @@ class HttpServer:
         game_id = request.match_info["game_id"]
         if not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
-        ops = await self.c.store.operations(game_id)
+        ops = await self.deps.store.operations(game_id)
         return web.json_response({"operations": [
             {k: _json_value(v) for k, v in dataclasses.asdict(op).items()} for op in ops]})
 

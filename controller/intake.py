@@ -52,14 +52,15 @@ import logging
 import time
 
 from controller.admission import Admission
-from controller.config import Settings
+from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
-from desired.jobs import InvalidJob, Job, parse_control, parse_job, shown_game_id
+from desired.jobs import ImageAllowlist, InvalidJob, Job, parse_control, parse_job, shown_game_id
 from desired.leader import Fence, Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
-from desired.store import Rejection, Store
+from desired.ports import IntakeStore
+from desired.values import Rejection
 
 log = logging.getLogger("rtmanager.intake")
 
@@ -79,19 +80,20 @@ def previous_id(entry_id: str) -> tuple[int, int]:
 
 
 class Intake:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, admission: Admission,
-                 metrics: Metrics, fence: Fence | None = None) -> None:
-        self.settings = settings
-        self.redis = streams
+    def __init__(self, config: StreamSettings, streams: RedisStreams, store: IntakeStore, admission: Admission,
+                 metrics: Metrics, fence: Fence | None = None, *, allowlist: ImageAllowlist) -> None:
+        self.config = config
+        self.allowlist = allowlist  # RTMANAGER_IMAGE_ALLOWLIST
+        self.redis_streams = streams
         self.store = store
         self.admission = admission
         self.metrics = metrics
         self.fence = fence  # no read without a valid term (None: no leadership, as in the unit tests)
         # The control stream's entries name their op; JobKind.RECONCILE answers one that names none.
-        self.kinds: dict[str, JobKind] = {settings.start_stream: JobKind.START,
-                                          settings.control_stream: JobKind.RECONCILE,
-                                          settings.stop_stream: JobKind.STOP}
-        self._rank = {settings.start_stream: 0, settings.control_stream: 1, settings.stop_stream: 2}
+        self.kinds: dict[str, JobKind] = {config.start_stream: JobKind.START,
+                                          config.control_stream: JobKind.RECONCILE,
+                                          config.stop_stream: JobKind.STOP}
+        self._rank = {config.start_stream: 0, config.control_stream: 1, config.stop_stream: 2}
         self._stopping = asyncio.Event()
         self.healthy = False
         self.claim_everything_once = True  # a new leader takes over what the old one left pending
@@ -101,7 +103,7 @@ class Intake:
 
 
     @property
-    def streams(self) -> list[str]:
+    def stream_names(self) -> list[str]:
         return list(self.kinds)
 
     def order(self, entry: Entry) -> tuple[int, int, int]:
@@ -117,7 +119,7 @@ class Intake:
 
     @property
     def pending_interval(self) -> float:
-        return max(1.0, min(self.settings.claim_idle / 2, 15.0))
+        return max(1.0, min(self.config.claim_idle / 2, 15.0))
 
     # ------------------------------------------------------------------ loop
     async def run(self) -> None:
@@ -160,11 +162,11 @@ class Intake:
     async def ensure_groups(self) -> None:
         """Create missing groups from the stored mark (id 0 when there is none)."""
         self.marks = await self.store.stream_marks()
-        for stream in self.streams:
+        for stream in self.stream_names:
             mark = self.marks.get(stream)
             start = f"{mark[0]}-{mark[1]}" if mark else "0"
-            if await self.redis.ensure_group(stream, start):
-                log.info("created consumer group %s on %s from %s", self.settings.consumer_group, stream, start)
+            if await self.redis_streams.ensure_group(stream, start):
+                log.info("created consumer group %s on %s from %s", self.config.consumer_group, stream, start)
 
     # ------------------------------------------------------------------ reads
     def _may_read(self, block_ms: int | None = None) -> int | None:
@@ -187,9 +189,9 @@ class Intake:
         applies anything newer, even when nothing new came (its late read may have taken the last
         entry there was)."""
         block = self._may_read(block_ms)
-        got = await self.redis.read_new(names, READ_COUNT, block)
+        got = await self.redis_streams.read_new(names, READ_COUNT, block)
         self._may_read()
-        taken = await self.redis.claim_others(self.streams, READ_COUNT)
+        taken = await self.redis_streams.claim_others(self.stream_names, READ_COUNT)
         if not got and not taken and first and block_ms and not block:
             await self._sleep(0.05)  # the term ends within READ_MARGIN unless renewed: do not spin
         return got, taken
@@ -197,7 +199,7 @@ class Intake:
     async def read_round(self, block_ms: int | None = BLOCK_MS) -> int:
         """Wait (bounded) for new entries, then handle every entry that has come, merged across
         streams in entry-id order (``_merge``). Returns how many were looked at."""
-        names = list(self.streams)
+        names = list(self.stream_names)
         sent = asyncio.get_running_loop().time()
         got, taken = await self._read(names, block_ms, first=True)
         if not got and not taken:
@@ -219,7 +221,7 @@ class Intake:
         (a round cut by an outage or a crash, a predecessor's) go through the same merge: a stop
         delivered early never goes before a start not yet read."""
         loop = asyncio.get_running_loop()
-        names = list(self.streams)
+        names = list(self.stream_names)
         buffers: dict[str, list[tuple[float, Entry, bool]]] = {s: [] for s in names}
         known: set[tuple[str, str]] = set()
 
@@ -290,14 +292,14 @@ class Intake:
         RTMANAGER_CLAIM_IDLE in dead consumers' lists, of all streams together, merged in entry-id
         order with the entries not read yet (``_merge``), each game's failed entry holding its
         later ones again."""
-        min_idle = 0 if self.claim_everything_once else int(self.settings.claim_idle * 1000)
+        min_idle = 0 if self.claim_everything_once else int(self.config.claim_idle * 1000)
         entries: dict[tuple[str, str], Entry] = {}
-        for stream in self.streams:
+        for stream in self.stream_names:
             self._may_read()
-            for e in await self.redis.read_own_pending(stream, READ_COUNT):
+            for e in await self.redis_streams.read_own_pending(stream, READ_COUNT):
                 entries[(e.stream, e.id)] = e
             self._may_read()
-            claimed = await self.redis.claim_idle(stream, min_idle, READ_COUNT)
+            claimed = await self.redis_streams.claim_idle(stream, min_idle, READ_COUNT)
             if claimed:
                 log.warning("claimed %d entries left pending by other consumers", len(claimed),
                             extra={"stream": stream})
@@ -318,7 +320,7 @@ class Intake:
         kept: list[Entry] = []
         for entry in batch:
             if entry.fields is None or self._below_mark(entry):
-                await self.redis.ack(entry.stream, entry.id)
+                await self.redis_streams.ack(entry.stream, entry.id)
                 continue
             items.append(self._parse(entry))
             kept.append(entry)
@@ -345,7 +347,7 @@ class Intake:
         for entry in kept:
             by_stream.setdefault(entry.stream, []).append(entry.id)
         for stream, ids in by_stream.items():
-            await self.redis.ack(stream, *ids)
+            await self.redis_streams.ack(stream, *ids)
 
     def _below_mark(self, entry: Entry) -> bool:
         mark = self.marks.get(entry.stream)
@@ -361,9 +363,9 @@ class Intake:
     def _parse(self, entry: Entry) -> Job | Rejection:
         kind = self.kind_of(entry)
         try:
-            if entry.stream == self.settings.control_stream:
+            if entry.stream == self.config.control_stream:
                 return parse_control(entry.fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
-            return parse_job(kind, entry.fields, self.settings.image_allowlist, source=OpSource.LOBBY,
+            return parse_job(kind, entry.fields, self.allowlist, source=OpSource.LOBBY,
                              stream=entry.stream, entry_id=entry.id)
         except InvalidJob as bad:
             return Rejection(kind=kind, game_id=bad.game_id, stream=entry.stream, entry_id=entry.id,
@@ -389,18 +391,18 @@ class Intake:
         tried again by a pending pass, until it is dead-lettered."""
         stream, entry_id = entry.stream, entry.id
         if entry.fields is None:  # deleted from the stream while pending: nothing to carry out
-            await self.redis.ack(stream, entry_id)
+            await self.redis_streams.ack(stream, entry_id)
             return True
         if self._below_mark(entry):
-            await self.redis.ack(stream, entry_id)
+            await self.redis_streams.ack(stream, entry_id)
             return True
         attempts = 0
         if reread:
             # Counted before it runs, so that an entry that kills the process counts too.
             attempts = await self.store.count_attempt(stream, entry_id)
-            if attempts > self.settings.max_deliveries:
+            if attempts > self.config.max_deliveries:
                 await self.dead_letter(entry, attempts - 1)
-                await self.redis.ack(stream, entry_id)
+                await self.redis_streams.ack(stream, entry_id)
                 return True
         try:
             await self.handle(entry)
@@ -416,9 +418,9 @@ class Intake:
                 attempts = await self.store.count_attempt(stream, entry_id, f"{exc.__class__.__name__}: {exc}")
             self.metrics.jobs.labels(stream, "error").inc()
             log.exception("could not handle entry (attempt %d of at most %d); it stays pending",
-                          attempts, self.settings.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
+                          attempts, self.config.max_deliveries, extra={"stream": stream, "entry_id": entry_id})
             return False
-        await self.redis.ack(stream, entry_id)
+        await self.redis_streams.ack(stream, entry_id)
         if attempts:
             try:
                 await self.store.forget_attempts(stream, entry_id)
@@ -427,7 +429,7 @@ class Intake:
         return True
 
     def kind_of(self, entry: Entry) -> JobKind:
-        if entry.stream == self.settings.control_stream:
+        if entry.stream == self.config.control_stream:
             raw = entry.field("op")
             op = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
             return next((k for k in CONTROL_OPS if k.value == op), JobKind.RECONCILE)
@@ -459,8 +461,8 @@ class Intake:
             return  # it had been carried out; only the XACK was missing
         copy = {**(entry.fields or {}), "rtm_source_stream": entry.stream, "rtm_entry_id": entry.id,
                 "rtm_attempts": str(attempts), "rtm_error": message}
-        await self.redis.add(self.settings.dead_letter_stream, copy,
-                             maxlen=self.settings.dead_letter_maxlen or None)
+        await self.redis_streams.add(self.config.dead_letter_stream, copy,
+                                     maxlen=self.config.dead_letter_maxlen or None)
         self.metrics.jobs.labels(entry.stream, "dead_letter").inc()
         log.error("dead-lettered entry", extra={"stream": entry.stream, "entry_id": entry.id, "game_id": game_id,
                                                 "attempts": attempts})
@@ -468,9 +470,9 @@ class Intake:
     # ------------------------------------------------------------ maintenance
     async def maintain(self) -> None:
         """Store each stream's handled mark, then trim what lies below it (and outside the keep window)."""
-        keep_floor = (int((time.time() - self.settings.stream_keep) * 1000), 0)
-        for stream in self.streams:
-            info = await self.redis.group_info(stream)
+        keep_floor = (int((time.time() - self.config.stream_keep) * 1000), 0)
+        for stream in self.stream_names:
+            info = await self.redis_streams.group_info(stream)
             if info is None:
                 continue
             if info.oldest_pending:
@@ -480,9 +482,9 @@ class Intake:
             if mark <= (0, 0):
                 continue
             self.marks[stream] = await self.store.advance_mark(stream, mark)
-            if self.settings.stream_keep >= 0:
+            if self.config.stream_keep >= 0:
                 below = min(self.marks[stream], keep_floor)
                 if below > (0, 0):
-                    trimmed = await self.redis.trim_below(stream, f"{below[0]}-{below[1]}")
+                    trimmed = await self.redis_streams.trim_below(stream, f"{below[0]}-{below[1]}")
                     if trimmed:
                         log.info("trimmed %d handled entries", trimmed, extra={"stream": stream})

@@ -27,8 +27,9 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from controller.metrics import Metrics
+from desired.db.lease import Lease
 from desired.errors import StoreUnavailable
-from desired.leader import Fence, Lease
+from desired.leader import Fence
 
 log = logging.getLogger("rtmanager.leadership")
 
@@ -44,7 +45,6 @@ class Leadership:
         self._lost = asyncio.Event()
         self._released = asyncio.Event()
         self.leading = False
-        self.terms = 0
 
     @property
     def ttl(self) -> float:
@@ -70,7 +70,6 @@ class Leadership:
             first = False
             announced = False
             self.leading = True
-            self.terms += 1
             self._lost.clear()
             self.metrics.leader.set(1)
             self.metrics.leadership.labels("elected").inc()

@@ -16,7 +16,6 @@ from desired.model import (
     ErrorCode,
     Health,
     JobKind,
-    OpKind,
     OpSource,
     OpStatus,
     Outcome,
@@ -278,7 +277,7 @@ def openapi_document() -> dict[str, Any]:
                                       "live_games": {"type": "integer"}}},
                 "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
                               "properties": {
-                                  "id": {"type": "integer"}, "game_id": {"type": "string"}, "op": _enum(OpKind),
+                                  "id": {"type": "integer"}, "game_id": {"type": "string"}, "op": _enum(JobKind),
                                   "source": _enum(OpSource), "status": _enum(OpStatus),
                                   "generation": {"type": "integer"}, "stream": _NULLABLE_STR,
                                   "entry_id": _NULLABLE_STR, "params": {"type": "object"},

@@ -48,10 +48,11 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import DesiredStatus, ErrorCode, OpKind, RuntimeRecord, Status, container_name
+from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, Status, container_name
 from desired.policy import CrashPolicy
-from desired.store import Crash, Store
+from desired.ports import ReconcilerStore
 from desired.transitions import Probe
+from desired.values import Crash
 from observed.backend import RuntimeBackend
 from observed.docker import ensure_state_dir
 from observed.engine import EngineClient
@@ -75,7 +76,7 @@ REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tr
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 WAITING = object()  # an action that will look again later by itself
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
-_DISRUPTING_OPS = (OpKind.STOP, OpKind.RESTART, OpKind.PATCH, OpKind.CLEANUP)  # may wait for a generation first
+_DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
 
 # The one table from the backend's errors to the results' error codes.
 BACKEND_ERRORS: dict[type[ObservedError], type[RtmError]] = {
@@ -132,7 +133,7 @@ def build_spec(settings: Settings, record: RuntimeRecord, *, database: str = "",
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: Store, backend: RuntimeBackend, engine: EngineClient,
+    def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, engine: EngineClient,
                  metrics: Metrics, queue: WorkQueue, *, results_written: Callable[[], None],
                  fence: Fence | None = None, clock: Clock | None = None, database: str = "") -> None:
         self.settings = settings
@@ -554,7 +555,7 @@ class Reconciler:
             await self._fail_turn(record, ErrorCode.GENERATION_FAILED,
                                   f"the engine failed to generate turn {failed_turn}: {last.error if last else ''}")
             return None
-        if record.paused and not any(op.op is OpKind.FORCE_NEXT_TURN
+        if record.paused and not any(op.op is JobKind.FORCE_NEXT_TURN
                                      for op in await self.store.pending_operations(record.game_id)):
             # A pause accepted before the engine was asked: only a forced turn is generated paused
             # or not; a scheduled one is withdrawn (its job answered superseded, the pause success).

@@ -24,7 +24,7 @@ finishes nor makes progress for ``stall_limit`` seconds, whether it keeps failin
 (a statement timeout is retried like an outage) or hangs, makes ``/readyz`` answer
 503 naming the relay, and ``rtmanager_relay_stalled_seconds`` says for how long.
 
-Only the results stream is trimmed here (approximate MAXLEN); job streams are
+The results and snapshot streams are trimmed here (approximate MAXLEN); job streams are
 trimmed by the intake, below what it has handled.
 """
 
@@ -35,17 +35,17 @@ import logging
 import time
 from datetime import UTC, datetime
 
-from controller.config import Settings
+from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
 from desired.leader import Fenced
-from desired.store import Store
+from desired.ports import RelayStore
 
 log = logging.getLogger("rtmanager.relay")
 
 BATCH = 200
-IDLE_POLL = 5.0  # a fallback only: results written in this process wake the relay at once
+IDLE_POLL = 5.0  # a fallback only: a commit that writes the outbox wakes the relay at once (desired/wakeup.py)
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
 STALL_LIMIT = 60.0  # seconds a pass may go without finishing or progress before /readyz says so
@@ -58,8 +58,8 @@ class RelayStalled(Exception):
 
 
 class Relay:
-    def __init__(self, settings: Settings, streams: RedisStreams, store: Store, metrics: Metrics) -> None:
-        self.settings = settings
+    def __init__(self, config: StreamSettings, streams: RedisStreams, store: RelayStore, metrics: Metrics) -> None:
+        self.config = config
         self.redis = streams
         self.store = store
         self.metrics = metrics
@@ -165,7 +165,7 @@ class Relay:
                     # One round trip to Redis for the batch, in order, then one statement marking it:
                     # a crash in between publishes them again with the same ids (the tail check).
                     ids = await self.redis.add_many([(self.stream_of(i.kind), i.fields) for i in batch],
-                                                    maxlen=self.settings.results_maxlen or None)
+                                                    maxlen=self.config.results_maxlen or None)
                     for item in batch:  # counted once on the stream: a retry finds them in its tail
                         self._observe(item)
                     await self.store.mark_published_many([(i.seq, e) for i, e in zip(batch, ids, strict=True)])
@@ -175,7 +175,7 @@ class Relay:
                     return total
 
     def stream_of(self, kind: str) -> str:
-        return self.settings.snapshot_stream if kind == "snapshot" else self.settings.results_stream
+        return self.config.snapshot_stream if kind == "snapshot" else self.config.results_stream
 
     def _observe(self, item) -> None:
         if item.kind == "snapshot":

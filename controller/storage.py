@@ -20,13 +20,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from controller.config import Settings
+from controller.config import Settings, StorageSettings
 from controller.metrics import Metrics, one_round
 from desired import storage
 from desired.errors import DockerUnavailable, StorageFull
 from desired.leader import Fenced
 from desired.model import RuntimeRecord, Status, container_name
-from desired.store import Store
+from desired.ports import StorageStore
 from observed import statedir
 from observed.backend import RuntimeBackend
 from observed.errors import BackendUnavailable, Refused
@@ -122,9 +122,9 @@ class StateKeeper:
 
 
 class StorageRound:
-    def __init__(self, *, settings: Settings, store: Store, backend: RuntimeBackend, reconciler: Reconciler,
+    def __init__(self, *, config: StorageSettings, store: StorageStore, backend: RuntimeBackend, reconciler: Reconciler,
                  keeper: StateKeeper, metrics: Metrics) -> None:
-        self.settings = settings
+        self.config = config
         self.store = store
         self.backend = backend
         self.reconciler = reconciler
@@ -142,7 +142,7 @@ class StorageRound:
 
     async def measure(self, records: list[RuntimeRecord]) -> None:
         total = largest = 0
-        root = self.settings.state_root
+        root = self.config.state_root
         sizes: dict[str, int] = {}
         for rec in records:
             if rec.status is Status.REMOVED:
@@ -169,7 +169,7 @@ class StorageRound:
     async def drop_leftovers(self) -> None:
         """Copies of replacements that are over (a crash between the new engine's health and the
         copy's deletion, a rollback that failed too): the copy of a replacement under way stays."""
-        found = await asyncio.to_thread(statedir.backups, self.settings.state_root)
+        found = await asyncio.to_thread(statedir.backups, self.config.state_root)
         for game, names in found.items():
             try:
                 await self._drop_leftovers_of(game, names)
@@ -180,7 +180,7 @@ class StorageRound:
         async with self.keeper.locked(game):
             record = await self.store.find(game)
             if record is not None and record.status is not Status.REMOVED and not await asyncio.to_thread(
-                    statedir.exists, self.settings.state_root, record.state_path):
+                    statedir.exists, self.config.state_root, record.state_path):
                 # Somebody deleted the state directory: its copies may be all that is left of it.
                 log.error("state directory missing while copies of it exist; keeping them", extra={"game_id": game})
                 return
@@ -193,15 +193,15 @@ class StorageRound:
                     continue
                 if record is None:
                     continue  # not provably ours to delete (a database restored from an older dump?)
-                await asyncio.to_thread(statedir.drop_backup, self.settings.state_root, game, name)
+                await asyncio.to_thread(statedir.drop_backup, self.config.state_root, game, name)
                 self.metrics.state_copies.labels("dropped").inc()
                 log.info("deleted a leftover copy of the state directory", extra={"game_id": game, "copy": name})
 
     async def dispose_removed(self) -> None:
-        s = self.settings
-        if s.state_retention <= 0:
+        cfg = self.config
+        if cfg.state_retention <= 0:
             return
-        candidates = await self.store.removed_with_state(s.state_retention, DISPOSE_BATCH)
+        candidates = await self.store.removed_with_state(cfg.state_retention, DISPOSE_BATCH)
         if not candidates:
             return
         try:
@@ -222,15 +222,15 @@ class StorageRound:
                     unit = rec.game_id in units or await self.backend.inspect(container_name(rec.game_id)) is not None
                 except BackendUnavailable as exc:
                     raise DockerUnavailable(exc.message) from exc
-                if not storage.disposable(current, now=self.reconciler.clock.now(), retention=s.state_retention,
+                if not storage.disposable(current, now=self.reconciler.clock.now(), retention=cfg.state_retention,
                                           unit_exists=unit):
                     continue
                 assert current is not None and current.removed_at is not None
                 self.reconciler.dispose_budget -= 1
                 name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"
                 try:
-                    done = await asyncio.to_thread(statedir.dispose, s.state_root, current.state_path,
-                                                   s.state_archive_dir, name)
+                    done = await asyncio.to_thread(statedir.dispose, cfg.state_root, current.state_path,
+                                                   cfg.state_archive_dir, name)
                 except Refused as exc:
                     log.error("cannot dispose of a removed game's state directory: %s", exc.message,
                               extra={"game_id": rec.game_id})
@@ -245,4 +245,4 @@ class StorageRound:
         while not stopping.is_set():
             await one_round("storage", self.once, self.metrics, log)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.settings.state_scan_interval)
+                await asyncio.wait_for(stopping.wait(), self.config.state_scan_interval)

@@ -228,9 +228,6 @@ class RedisStreams:
         """Delete entries older than ``min_id`` (approximately: whole nodes only, cheap)."""
         return int(await self.client.xtrim(stream, minid=min_id, approximate=True))
 
-    async def trim_to_length(self, stream: str, maxlen: int) -> int:
-        return int(await self.client.xtrim(stream, maxlen=maxlen, approximate=True))
-
     # ------------------------------------------------------------------ writes
     async def add(self, stream: str, fields: dict, maxlen: int | None = None) -> str:
         kwargs = {"maxlen": maxlen, "approximate": True} if maxlen else {}

@@ -7,7 +7,7 @@ trigger is a loop the composition root runs while this replica leads:
 * ``Resync``: one backend list call and one records query per interval; queue
   every game whose plan is not NOOP (and report unowned units);
 * ``HealthRound``: probe running engines every RTMANAGER_HEALTH_INTERVAL;
-* NOTIFY (``desired.store.Notifications``) and backend events
+* NOTIFY (``desired.db.notifications.Notifications``) and backend events
   (``RuntimeBackend.events``), wired in the composition root.
 
 ``Readiness`` answers /readyz from a result cached for about a second, computed
@@ -30,7 +30,7 @@ from desired.errors import Conflict, StorageFull, StoreUnavailable, TemporaryErr
 from desired.jobs import Job
 from desired.leader import Fenced
 from desired.model import JobKind, OpSource, container_name
-from desired.store import Store
+from desired.ports import HealthStore, ResyncStore, TurnClockStore
 from observed.backend import RuntimeBackend
 
 log = logging.getLogger("rtmanager.triggers")
@@ -52,7 +52,7 @@ async def wait_any(*events: asyncio.Event, timeout: float | None) -> None:
 
 
 class Resync:
-    def __init__(self, *, store: Store, backend: RuntimeBackend, reconciler: Reconciler, queue: WorkQueue,
+    def __init__(self, *, store: ResyncStore, backend: RuntimeBackend, reconciler: Reconciler, queue: WorkQueue,
                  metrics: Metrics, interval: float, retention_days: float,
                  ready_check: Callable[[], Awaitable[bool]]) -> None:
         self.store = store
@@ -136,7 +136,7 @@ class Resync:
 class HealthRound:
     """Probe running engines; the reconciler writes the health field only when it changes."""
 
-    def __init__(self, *, store: Store, backend: RuntimeBackend, reconciler: Reconciler, interval: float,
+    def __init__(self, *, store: HealthStore, backend: RuntimeBackend, reconciler: Reconciler, interval: float,
                  metrics: Metrics) -> None:
         self.metrics = metrics
         self.store = store
@@ -185,7 +185,7 @@ class TurnClock:
     (at most a resync interval, and woken when a schedule changes in this process). A game asks for
     one turn at a time, so ticks missed during an outage give one turn when it ends, not a burst."""
 
-    def __init__(self, *, store: Store, admission, metrics: Metrics, max_sleep: float) -> None:
+    def __init__(self, *, store: TurnClockStore, admission, metrics: Metrics, max_sleep: float) -> None:
         self.store = store
         self.admission = admission
         self.metrics = metrics

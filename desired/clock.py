@@ -10,7 +10,6 @@ corrected by the offset measured at the last transaction. Tests inject a
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 
@@ -20,9 +19,6 @@ class Clock:
 
     def now(self) -> datetime:
         return datetime.now(UTC) + self.offset
-
-    def monotonic(self) -> float:
-        return time.monotonic()
 
     def observe_db(self, db_now: datetime, local_before: datetime, local_after: datetime) -> None:
         """``db_now`` was read between the two local readings: keep the offset to the midpoint."""

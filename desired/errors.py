@@ -15,7 +15,7 @@
     NotFound, Conflict        store outcomes (compare-and-swap), not failures of a job
 
 Driver errors are translated once, in the adapter that owns the driver, with
-``raise ... from exc``: asyncpg's in ``desired/store.py``; the runtime backend's
+``raise ... from exc``: asyncpg's in ``desired/db/``; the runtime backend's
 and the engine's in ``observed/`` (``observed.errors``), which the reconciler maps
 to these codes in one table.
 """

@@ -100,7 +100,7 @@ class StopReason(str, enum.Enum):
 
 
 class JobKind(str, enum.Enum):
-    """What a result answers (its ``job`` field): the job kinds, and the control and turn ops."""
+    """What a job asks for: a result's ``job`` field and the operation log's ``op`` (the same values)."""
 
     START = "start"
     STOP = "stop"
@@ -115,21 +115,6 @@ class JobKind(str, enum.Enum):
 
 
 CONTROL_OPS = (JobKind.PAUSE, JobKind.RESUME, JobKind.FORCE_NEXT_TURN, JobKind.RECONCILE)  # the control stream's
-
-
-class OpKind(str, enum.Enum):
-    """Operation-log ``op`` values."""
-
-    START = "start"
-    STOP = "stop"
-    RESTART = "restart"
-    PATCH = "patch"
-    CLEANUP = "cleanup"
-    RECONCILE = "reconcile"
-    PAUSE = "pause"
-    RESUME = "resume"
-    FORCE_NEXT_TURN = "force_next_turn"
-    TURN = "turn"
 
 
 class OpSource(str, enum.Enum):

@@ -30,11 +30,6 @@ class VersionStatus(str, enum.Enum):
     DISABLED = "disabled"
 
 
-class VersionPolicy(str, enum.Enum):
-    ALLOWLIST = "allowlist"
-    REGISTRY = "registry"
-
-
 @dataclass(frozen=True, kw_only=True)
 class EngineVersion:
     version: str

@@ -41,7 +41,6 @@ class EventWatcher:
         self._stream = None
         self._thread = threading.Thread(target=self._run, name="docker-events", daemon=True)
         self.connected = False
-        self.events_seen = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -90,7 +89,6 @@ class EventWatcher:
                     attrs = (event.get("Actor") or {}).get("Attributes") or {}
                     game_id = attrs.get(LABEL_GAME_ID)
                     if game_id:
-                        self.events_seen += 1
                         self._loop.call_soon_threadsafe(self._on_event, game_id, event.get("Action", ""))
                 if not self._stopping.is_set():
                     log.warning("docker event stream ended (daemon restart?); reconnecting")

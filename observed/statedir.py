@@ -230,10 +230,6 @@ def backup(root: str, path: str, tag: str) -> bool:
         return True
 
 
-def has_backup(root: str, game: str, tag: str) -> bool:
-    return _real_dir(os.path.join(os.path.realpath(root), BACKUPS, game, tag))
-
-
 RESTORING = ".restoring"  # R/.backups/GAME/TAG.restoring: a restore from TAG begun and not finished
 
 

@@ -663,7 +663,6 @@ class TaskPoller:
         self._thread = threading.Thread(target=self._run, name="swarm-tasks", daemon=True)
         self.connected = False
         self.connects = 0
-        self.events_seen = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -711,7 +710,6 @@ class TaskPoller:
                 else:
                     for game in set(last) | set(snapshot):
                         if last.get(game) != snapshot.get(game):
-                            self.events_seen += 1
                             state = snapshot[game][1] if game in snapshot else "gone"
                             self._loop.call_soon_threadsafe(self._on_event, game, state)
                 last = snapshot

@@ -53,7 +53,7 @@ def template_db() -> str:
     name = f"rtm_template_{os.getpid()}"
 
     async def migrate_it() -> None:
-        from desired.migrate import migrate
+        from desired.db.migrate import migrate
 
         conn = await asyncpg.connect(dsn_for(name))
         try:

@@ -16,22 +16,24 @@ real services.
 
 from __future__ import annotations
 
+import builtins
 import itertools
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailable, entry_key
-from desired import transitions
+from desired import snapshots, transitions, versions
 from desired.clock import ManualClock
-from desired.errors import Conflict, NotFound, StoreUnavailable
-from desired.jobs import Job, RecordDefaults, decide, replaces
+from desired.errors import Conflict, NotFound, StoreUnavailable, UniqueViolation
+from desired.jobs import Decision, Job, RecordDefaults, decide, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
     JobKind,
     JobResult,
-    OpKind,
     OpSource,
     OpStatus,
     Outcome,
@@ -39,8 +41,27 @@ from desired.model import (
     Status,
     check_transition,
 )
-from desired.policy import CrashPolicy, next_crash
-from desired.store import Crash, Identity, Operation, PendingResult, Rejection, SubmitOutcome, decided
+from desired.policy import CrashPolicy, CrashVerdict, next_crash
+from desired.ports import (
+    AdmissionStore,
+    HealthStore,
+    IntakeStore,
+    ReconcilerStore,
+    RegistryStore,
+    RelayStore,
+    ResyncStore,
+)
+from desired.values import (
+    KEEP,
+    Crash,
+    Identity,
+    Operation,
+    PendingResult,
+    Rejection,
+    SubmitOutcome,
+    VersionInUse,
+    decided,
+)
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
@@ -66,7 +87,7 @@ class _Pending:
 
 @dataclass
 class _Stream:
-    entries: list[tuple[str, dict]] = field(default_factory=list)
+    entries: list[tuple[str, dict[Any, Any]]] = field(default_factory=list)
     last_delivered: str = "0-0"
     pending: dict[str, _Pending] = field(default_factory=dict)
     has_group: bool = False
@@ -83,21 +104,21 @@ class FakeStreams:
         self.clock = clock or ManualClock()
         self.down = False
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
-        self.calls: list[tuple] = []
+        self.calls: list[tuple[Any, ...]] = []
         self._ms = itertools.count(1000)
         self.run_id = "run-1"
 
     def _s(self, stream: str) -> _Stream:
         return self.streams.setdefault(stream, _Stream())
 
-    def _check(self, op: str, *args) -> None:
+    def _check(self, op: str, *args: Any) -> None:
         self.calls.append((op, *args))
         if self.down:
             raise StreamsUnavailable(f"redis: {op}: fake outage")
         if self.fail is not None:
             raise self.fail
 
-    def xadd(self, stream: str, fields: dict, entry_id: str | None = None) -> str:
+    def xadd(self, stream: str, fields: dict[Any, Any], entry_id: str | None = None) -> str:
         """What Lobby does (not through the adapter): append an entry."""
         s = self._s(stream)
         eid = entry_id or f"{next(self._ms)}-0"
@@ -217,10 +238,10 @@ class FakeStreams:
         s.entries = s.entries[cut:]
         return cut
 
-    async def add_many(self, items: list[tuple[str, dict]], maxlen: int | None = None) -> list[str]:
+    async def add_many(self, items: list[tuple[str, dict[Any, Any]]], maxlen: int | None = None) -> list[str]:
         return [await self.add(stream, fields, maxlen) for stream, fields in items]
 
-    async def add(self, stream: str, fields: dict, maxlen: int | None = None) -> str:
+    async def add(self, stream: str, fields: dict[Any, Any], maxlen: int | None = None) -> str:
         self._check("add", stream)
         eid = self.xadd(stream, fields)
         if maxlen:
@@ -231,15 +252,16 @@ class FakeStreams:
         return [{(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
                  for k, v in f.items()} for _, f in self._s(stream).entries]
 
-    async def recent(self, stream: str, count: int) -> list[tuple[str, dict]]:
+    async def recent(self, stream: str, count: int) -> list[tuple[str, dict[Any, Any]]]:
         self._check("recent", stream)
         return self._pairs(stream)[::-1][:count]
 
-    async def range(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[tuple[str, dict]]:
+    async def range(self, stream: str, start: str, end: str = "+",
+                    count: int = 1000) -> list[tuple[str, dict[Any, Any]]]:
         self._check("range", stream)
         return [(eid, f) for eid, f in self._pairs(stream) if entry_key(eid) >= entry_key(start)][:count]
 
-    def _pairs(self, stream: str) -> list[tuple[str, dict]]:
+    def _pairs(self, stream: str) -> list[tuple[str, dict[Any, Any]]]:
         return list(zip([eid for eid, _ in self._s(stream).entries], self.fields_of(stream), strict=True))
 
     async def stream_first_id(self, stream: str) -> str | None:
@@ -253,7 +275,7 @@ class FakeContainer:
     id: str
     name: str
     image: str
-    labels: dict
+    labels: dict[str, str]
     state: str = "created"
     exit_code: int | None = None
     created_at: datetime = T0
@@ -273,7 +295,7 @@ class FakeBackend:
                                                          "galaxy/engine-stub:mute", "galaxy/engine-stub:crash"}
         self.behaviour = {"galaxy/engine-stub:mute": "mute", "galaxy/engine-stub:crash": "crash"}
         self.containers: dict[str, FakeContainer] = {}
-        self.calls: list[tuple] = []
+        self.calls: list[tuple[Any, ...]] = []
         self.down = False
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.graceful: list[str] = []  # ids stopped with SIGTERM first
@@ -282,14 +304,14 @@ class FakeBackend:
         self.specs: list[ContainerSpec] = []  # every spec create was given
         self._ids = itertools.count(1)
 
-    def _check(self, op: str, *args) -> None:
+    def _check(self, op: str, *args: Any) -> None:
         self.calls.append((op, *args))
         if self.down:
             raise BackendUnavailable(f"docker {op}: fake outage")
         if self.fail is not None:
             raise self.fail
 
-    def ops(self, *names: str) -> list[tuple]:
+    def ops(self, *names: str) -> list[tuple[Any, ...]]:
         return [c for c in self.calls if not names or c[0] in names]
 
     def _observe(self, c: FakeContainer) -> ObservedContainer:
@@ -378,7 +400,7 @@ class FakeBackend:
                 c.state, c.exit_code = "exited", 0
                 self.daemon_stopped.add(c.id)
 
-    def events(self, on_event, on_connect):
+    def events(self, on_event: Callable[[str, str], None], on_connect: Callable[[], None]) -> _NoEvents:
         return _NoEvents()
 
     def close(self) -> None:
@@ -479,7 +501,8 @@ class FakeEngine:
         ok = self._healthy(host)
         return ok, "HTTP 200" if ok else "no answer"
 
-    async def wait_healthy(self, host: str, timeout: float, still_worth_it=None) -> tuple[bool, str]:
+    async def wait_healthy(self, host: str, timeout: float,
+                           still_worth_it: Callable[[], Awaitable[bool]] | None = None) -> tuple[bool, str]:
         ok, detail = await self.check(host)
         if not ok and still_worth_it is not None:
             await still_worth_it()
@@ -491,20 +514,23 @@ class FakeEngine:
 
 # --------------------------------------------------------------------- store
 class FakeStore:
-    """The store's interface in memory, on the same pure functions and guards as desired/store.py."""
+    """The store's ports in memory (desired/ports.py: the reconciler's, the relay's, admission's, the
+    intake's, the resync's and the health round's, and the version registry), on the same pure
+    functions and guards as desired/db/; tests/contract/store.py holds both to one contract."""
 
     def __init__(self, clock: ManualClock | None = None) -> None:
         self.clock = clock or ManualClock(T0)
         self.records: dict[str, RuntimeRecord] = {}
-        self.ops: list[Operation] = []
-        self.results: list[dict] = []  # {"seq", "result_id", "game_id", "fields", "operation_id", "published"}
+        self.ops: builtins.list[Operation] = []
+        # {"seq", "result_id", "game_id", "fields", "operation_id", "published", "kind", "written_at"}
+        self.results: builtins.list[dict[str, Any]] = []
         self.marks: dict[str, tuple[int, int]] = {}
         self.attempts: dict[tuple[str, str], int] = {}
         self.down = False
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.fail_submit: Exception | None = None
         self.batches = 0
-        self.versions: dict = {}  # image_ref -> desired.versions.EngineVersion
+        self.versions: dict[str, versions.EngineVersion] = {}  # by image_ref
         self._seq = itertools.count(1)
         self._op_ids = itertools.count(1)
 
@@ -529,14 +555,14 @@ class FakeStore:
         self._check()
         return self.records.get(game_id)
 
-    async def list(self) -> list[RuntimeRecord]:
+    async def list(self) -> builtins.list[RuntimeRecord]:
         self._check()
         return sorted(self.records.values(), key=lambda r: r.game_id)
 
-    async def list_by_status(self, status: Status) -> list[RuntimeRecord]:
+    async def list_by_status(self, status: Status) -> builtins.list[RuntimeRecord]:
         return [r for r in await self.list() if r.status is status]
 
-    async def list_live(self) -> list[RuntimeRecord]:
+    async def list_live(self) -> builtins.list[RuntimeRecord]:
         return [r for r in await self.list() if r.status is not Status.REMOVED
                 or r.desired_status is not DesiredStatus.REMOVED or not r.converged]
 
@@ -553,12 +579,28 @@ class FakeStore:
         return Identity(instance=instance, uid="fake-database", claimed_at=T0)
 
     # transitions
-    def _swap(self, rec: RuntimeRecord, new: RuntimeRecord) -> RuntimeRecord:
-        cur = self.records[rec.game_id]
-        if new.status is not cur.status:
+    def _swap(self, rec: RuntimeRecord, new: RuntimeRecord, reason: str | None = None) -> RuntimeRecord:
+        return self._write(self.records[rec.game_id], new, self.clock.now(), reason)
+
+    def _write(self, cur: RuntimeRecord | None, new: RuntimeRecord, now: datetime,
+               forced_reason: str | None = None) -> RuntimeRecord:
+        """As desired/db/base.py ``_write``: the status machine, the engine version of a new image,
+        the invariants, and the snapshot Lobby is owed."""
+        if cur is not None and new.status is not cur.status:
             check_transition(cur.status, new.status)
+        image = new.desired_image_ref or new.current_image_ref
+        if cur is None or image != (cur.desired_image_ref or cur.current_image_ref):
+            version = self.versions.get(image) if image else None
+            new = new.replace(engine_version=version.version if version else "")
+        reason = snapshots.reason_for(cur, new, forced_reason)
+        if reason is not None:
+            new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else 0) + 1)
         new.validate()
-        self.records[rec.game_id] = new
+        self.records[new.game_id] = new
+        if reason is not None:
+            snapshot_id = str(uuid.uuid4())
+            self._outbox(snapshot_id, new.game_id, None, "snapshot", snapshots.fields(
+                new, previous=cur.status if cur else None, reason=reason, snapshot_id=snapshot_id, now=now))
         return new
 
     def _guard(self, rec: RuntimeRecord, generation: bool) -> RuntimeRecord:
@@ -580,17 +622,19 @@ class FakeStore:
         cur = self._guard(rec, True)
         return self._swap(cur, transitions.starting(cur, now, rollback_image=rollback_image))
 
-    async def _finishing(self, rec: RuntimeRecord, change) -> RuntimeRecord:
+    async def _finishing(self, rec: RuntimeRecord,
+                         change: Callable[[RuntimeRecord, datetime], RuntimeRecord]) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, True)
         new = self._swap(cur, change(cur, now))
         self._finish(new, cur.generation, Outcome.SUCCESS, None, "", now)
         return new
 
-    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str, probe=None,
+    async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str,
+                           probe: transitions.Probe | None = None,
                            unreachable_after: int = 3, generation_timeout: float = 600,
                            node: str | None = None) -> RuntimeRecord:
-        def change(cur, now):
+        def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
             new = transitions.running(cur, now, container_id=container_id, image=image, node=node)
             if probe is not None:
                 new = transitions.observed(new, now, probe, unreachable_after=unreachable_after,
@@ -622,7 +666,7 @@ class FakeStore:
         for o in list(self.ops):
             if o.game_id == rec.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
                     and o.generation <= cur.generation:
-                if o.op in (OpKind.FORCE_NEXT_TURN, OpKind.TURN):
+                if o.op in (JobKind.FORCE_NEXT_TURN, JobKind.TURN):
                     self._end(o, Outcome.FAILURE, code, message, "", "", now)
                 else:
                     self._end(o, Outcome.SUCCESS, None, "", new.current_container_id or "", new.engine_endpoint, now)
@@ -642,7 +686,7 @@ class FakeStore:
     async def mark_removed(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._finishing(rec, transitions.removed)
 
-    async def record_observation(self, rec: RuntimeRecord, probe, *, unreachable_after: int,
+    async def record_observation(self, rec: RuntimeRecord, probe: transitions.Probe, *, unreachable_after: int,
                                  generation_timeout: float, disruption_waits: bool = False) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
@@ -658,17 +702,14 @@ class FakeStore:
         for o in pending:
             self.ops[self.ops.index(o)] = Operation(**{**o.__dict__, "params": {**o.params, **params}})
         if not pending:
-            self._op(rec.game_id, OpKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, rec.generation,
+            self._op(rec.game_id, JobKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, rec.generation,
                      params, None)
 
-    async def list_up(self) -> list[RuntimeRecord]:
+    async def list_up(self) -> builtins.list[RuntimeRecord]:
         return [r for r in await self.list() if r.status.is_up]
 
-    async def engine_version_of(self, image_ref: str):
-        self._check()
-        return self.versions.get(image_ref)
-
-    async def record_crash(self, rec: RuntimeRecord, crash: Crash, policy: CrashPolicy):
+    async def record_crash(self, rec: RuntimeRecord, crash: Crash,
+                           policy: CrashPolicy) -> tuple[RuntimeRecord, CrashVerdict]:
         now = self._check()
         cur = self.records[rec.game_id]
         if cur.generation != rec.generation or cur.status is not rec.status:
@@ -676,8 +717,8 @@ class FakeStore:
         verdict = next_crash(cur, now, policy)
         new = self._swap(cur, transitions.crashed(cur, now, verdict=verdict, code=crash.code, detail=crash.detail,
                                                   exit_code=crash.exit_code, oom_killed=crash.oom_killed,
-                                                  window=policy.window))
-        self._op(new.game_id, OpKind.RESTART, OpSource.RECONCILER,
+                                                  window=policy.window), "crash_loop" if verdict.give_up else "crashed")
+        self._op(new.game_id, JobKind.RESTART, OpSource.RECONCILER,
                  OpStatus.FAILED if verdict.give_up else OpStatus.SUCCEEDED, new.generation,
                  {"event": "crash", "crash_count": verdict.count}, crash.code if verdict.give_up else None)
         if verdict.give_up:
@@ -685,7 +726,7 @@ class FakeStore:
         return new, verdict
 
     async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str, *,
-                              answer_now: bool = False):
+                              answer_now: bool = False) -> RuntimeRecord | None:
         now = self._check()
         cur = self.records.get(game_id)
         if cur is None or cur.generation != generation:
@@ -703,11 +744,11 @@ class FakeStore:
         self._finish(new, generation, Outcome.FAILURE, code,
                      f"{message}; rolled back to {target}" if target else message, now)
         if target:
-            self._op(game_id, jobs[0].op if jobs else OpKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED,
+            self._op(game_id, jobs[0].op if jobs else JobKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED,
                      new.generation, {"event": "rollback", "to": target}, None)
         return new
 
-    async def cleaned_up(self, game_id: str, generation: int):
+    async def cleaned_up(self, game_id: str, generation: int) -> RuntimeRecord | None:
         now = self._check()
         cur = self.records.get(game_id)
         if cur is None or cur.generation != generation or cur.status is not Status.STOPPED:
@@ -724,28 +765,31 @@ class FakeStore:
             if dup is not None:
                 return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
         current = self.records.get(job.game_id)
-        decision = decide(current, job, now, defaults)
+        decision = self._decide(current, job, now, defaults, registry)
         if decision.action == "skip":
             return SubmitOutcome(operation_id=0, decision=decision)
         if job.force and decision.action in ("change", "join") and decision.record is not None:
-            decision = replace(decision, record=decision.record.replace(
-                force_generation=decision.record.generation))
-            if decision.action == "join":
-                self.records[job.game_id] = decision.record
+            forced = decision.record.replace(force_generation=decision.record.generation)
+            if decision.action == "join" and current is not None and forced != current:
+                self._write(current, forced, now)
+            decision = replace(decision, record=forced)
         if decision.action == "change":
             assert decision.record is not None
-            decision.record.validate()
-            self.records[job.game_id] = decision.record
+            self._write(current, decision.record, now)
             for o in list(self.ops):
                 if current is not None and replaces(current, decision.record) and o.game_id == job.game_id \
                         and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
                         and o.generation < decision.record.generation:
-                    self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED, "replaced by a newer job", "", "", now)
+                    self._end(o, Outcome.FAILURE, ErrorCode.SUPERSEDED,
+                              f"replaced by a newer job (generation {decision.record.generation}) before it converged",
+                              "", "", now)
         status = OpStatus.QUEUED if decision.action in ("change", "join") else (
             OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
-        op = self._op(job.game_id, OpKind(job.kind.value), job.source, status, decision.op_generation,
-                      {"force": True} if job.force else {},
-                      decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id)
+        params = {k: v for k, v in (("image_ref", job.image_ref),
+                                    ("reason", job.reason.value if job.reason else None), ("force", job.force)) if v}
+        op = self._op(job.game_id, job.kind, job.source, status, decision.op_generation, params,
+                      decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id,
+                      decision.message or None)
         if decision.action in ("replay", "reject"):
             self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=job.game_id,
                                        outcome=Outcome.SUCCESS if decision.action == "replay" else Outcome.FAILURE,
@@ -754,7 +798,8 @@ class FakeStore:
                                        error_message=decision.message))
         return SubmitOutcome(operation_id=op.id, decision=decision)
 
-    async def submit_many(self, items, defaults: RecordDefaults, *, registry: bool = False) -> list[SubmitOutcome]:
+    async def submit_many(self, items: builtins.list[Job | Rejection], defaults: RecordDefaults, *,
+                          registry: bool = False) -> builtins.list[SubmitOutcome]:
         """One transaction: all or nothing."""
         self._check()
         self.batches += 1
@@ -778,32 +823,48 @@ class FakeStore:
         dup = next((o for o in self.ops if o.stream == stream and o.entry_id == entry_id), None)
         if dup is not None:
             return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
-        op = self._op(game_id, OpKind(kind.value), source, OpStatus.FAILED, 0, {}, code, stream, entry_id)
+        op = self._op(game_id, kind, source, OpStatus.FAILED, 0, {}, code, stream, entry_id, message)
         self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
                                    job_entry_id=entry_id, error_code=code, error_message=message))
         return SubmitOutcome(operation_id=op.id, decision=None)
 
     # operations
-    def _op(self, game_id, op, source, status, generation, params, code, stream=None, entry_id=None) -> Operation:
+    def _decide(self, current: RuntimeRecord | None, job: Job, now: datetime, defaults: RecordDefaults,
+                registry: bool) -> Decision:
+        """As desired/db/submissions.py ``_decide``: under the registry policy, a new image needs an
+        active version."""
+        decision = decide(current, job, now, defaults)
+        if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
+                and decision.action in ("change", "join")):
+            refusal = versions.refuse_new(self.versions.get(job.image_ref), job.image_ref)
+            if refusal is not None:
+                return Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED, message=refusal)
+        return decision
+
+    def _op(self, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,
+            params: dict[str, Any], code: ErrorCode | None, stream: str | None = None, entry_id: str | None = None,
+            message: str | None = None) -> Operation:
         o = Operation(id=next(self._op_ids), game_id=game_id, op=op, source=source, status=status,
                       generation=generation, stream=stream or None, entry_id=entry_id or None, params=params,
-                      error_code=code.value if code else None, error_message=None, created_at=self.clock.now(),
+                      error_code=code.value if code else None, error_message=message, created_at=self.clock.now(),
                       finished_at=self.clock.now() if status.is_final else None)
         self.ops.append(o)
         return o
 
-    def _end(self, op: Operation, outcome: Outcome, code, message: str, container_id: str, endpoint: str, now):
+    def _end(self, op: Operation, outcome: Outcome, code: ErrorCode | None, message: str, container_id: str,
+             endpoint: str, now: datetime) -> None:
         outcome, code, message, container_id, endpoint = decided(op, outcome, code, message, container_id, endpoint)
         i = self.ops.index(op)
         self.ops[i] = Operation(**{**op.__dict__, "status": OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS
                                    else OpStatus.FAILED, "error_code": code.value if code else None,
                                    "error_message": message or None, "finished_at": now})
         self._result(self.ops[i], JobResult(result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome,
-                                            job=JobKind(op.op.value), job_entry_id=op.entry_id or "",
+                                            job=op.op, job_entry_id=op.entry_id or "",
                                             container_id=container_id, engine_endpoint=endpoint, error_code=code,
                                             error_message=message))
 
-    def _finish(self, record: RuntimeRecord, generation: int, outcome: Outcome, code, message: str, now) -> None:
+    def _finish(self, record: RuntimeRecord, generation: int, outcome: Outcome, code: ErrorCode | None,
+                message: str, now: datetime) -> None:
         for o in list(self.ops):
             if o.game_id != record.game_id or o.status not in (OpStatus.QUEUED, OpStatus.RUNNING) \
                     or o.generation > generation:
@@ -815,10 +876,15 @@ class FakeStore:
                 self._end(o, outcome, code, message, "", "", now)
 
     def _result(self, op: Operation, result: JobResult) -> None:
-        self.results.append({"seq": next(self._seq), "result_id": result.result_id, "game_id": result.game_id,
-                             "fields": result.fields(), "operation_id": op.id, "published": None})
+        self._outbox(result.result_id, result.game_id, op, "result", result.fields())
 
-    async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
+    def _outbox(self, result_id: str, game_id: str, op: Operation | None, kind: str, fields: dict[str, str]) -> None:
+        """As desired/db/base.py ``_insert_result`` and ``_insert_snapshot``: one outbox row."""
+        self.results.append({"seq": next(self._seq), "result_id": result_id, "game_id": game_id, "fields": fields,
+                             "operation_id": op.id if op else None, "published": None, "kind": kind,
+                             "written_at": self.clock.now(), "accepted_at": op.created_at if op else None})
+
+    async def claim(self, game_id: str, generation: int) -> builtins.list[tuple[int, datetime]]:
         self._check()
         out = []
         for i, o in enumerate(self.ops):
@@ -827,26 +893,29 @@ class FakeStore:
                 out.append((o.id, o.created_at))
         return out
 
-    async def operations(self, game_id: str, limit: int = 100) -> list[Operation]:
+    async def operations(self, game_id: str, limit: int = 100) -> builtins.list[Operation]:
         return [o for o in reversed(self.ops) if o.game_id == game_id][:limit]
 
-    async def pending_operations(self, game_id: str) -> list[Operation]:
+    async def pending_operations(self, game_id: str) -> builtins.list[Operation]:
         return [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
 
     async def oldest_pending_age(self, game_id: str) -> float | None:
         pending = await self.pending_operations(game_id)
         return (self.clock.now() - pending[0].created_at).total_seconds() if pending else None
 
-    def results_for(self, game_id: str | None = None) -> list[dict[str, str]]:
-        return [r["fields"] for r in self.results if game_id is None or r["game_id"] == game_id]
+    def results_for(self, game_id: str | None = None) -> builtins.list[dict[str, str]]:
+        """The job results written (snapshots left out), oldest first."""
+        return [r["fields"] for r in self.results
+                if r["kind"] == "result" and (game_id is None or r["game_id"] == game_id)]
 
     # outbox
-    async def unpublished(self, limit: int = 100) -> list[PendingResult]:
+    async def unpublished(self, limit: int = 100) -> builtins.list[PendingResult]:
         self._check()
-        return [PendingResult(seq=r["seq"], result_id=r["result_id"], game_id=r["game_id"], fields=r["fields"])
+        return [PendingResult(seq=r["seq"], result_id=r["result_id"], game_id=r["game_id"], fields=r["fields"],
+                              kind=r["kind"], written_at=r["written_at"], accepted_at=r["accepted_at"])
                 for r in self.results if not r["published"]][:limit]
 
-    async def mark_published_many(self, marks: list[tuple[int, str]]) -> None:
+    async def mark_published_many(self, marks: builtins.list[tuple[int, str]]) -> None:
         for seq, entry_id in marks:
             await self.mark_published(seq, entry_id)
 
@@ -856,12 +925,13 @@ class FakeStore:
             if r["seq"] == seq:
                 r["published"] = stream_entry_id
 
-    async def recently_published(self, kind: str, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
+    async def recently_published(self, kind: str, seconds: float,
+                                 limit: int = 20000) -> builtins.list[tuple[int, str, str]]:
         self._check()
         return [(r["seq"], r["published"], r["result_id"]) for r in self.results
-                if r["published"] and r.get("kind", "result") == kind][-limit:]
+                if r["published"] and r["kind"] == kind][-limit:]
 
-    async def mark_unpublished(self, seqs: list[int]) -> None:
+    async def mark_unpublished(self, seqs: builtins.list[int]) -> None:
         for r in self.results:
             if r["seq"] in seqs:
                 r["published"] = None
@@ -892,6 +962,76 @@ class FakeStore:
     async def prune(self, older_than_days: float, batch: int = 1000) -> tuple[int, int]:
         return 0, 0
 
+    # engine versions (desired/db/registry.py)
+    def _version(self, version: str) -> versions.EngineVersion:
+        found = next((v for v in self.versions.values() if v.version == version), None)
+        if found is None:
+            raise NotFound(version)
+        return found
+
+    async def engine_version_of(self, image_ref: str) -> versions.EngineVersion | None:
+        self._check()
+        return self.versions.get(image_ref)
+
+    async def list_versions(self, status: versions.VersionStatus | None = None
+                            ) -> builtins.list[versions.EngineVersion]:
+        self._check()
+        return sorted((v for v in self.versions.values() if status is None or v.status is status),
+                      key=lambda v: v.version)
+
+    async def get_version(self, version: str) -> tuple[versions.EngineVersion, int]:
+        self._check()
+        entry = self._version(version)
+        live = sum(1 for r in self.records.values() if r.status is not Status.REMOVED
+                   and (r.desired_image_ref or r.current_image_ref) == entry.image_ref)
+        return entry, live
+
+    async def create_version(self, version: str, image_ref: str, status: versions.VersionStatus,
+                             notes: str, stop_grace: int | None = None) -> versions.EngineVersion:
+        now = self._check()
+        if any(v.version == version for v in self.versions.values()):
+            raise UniqueViolation(f"fake: version {version} exists", "engine_versions_version_key")
+        if image_ref in self.versions:
+            raise UniqueViolation(f"fake: image {image_ref} exists", "engine_versions_image_ref_key")
+        entry = versions.EngineVersion(version=version, image_ref=image_ref, status=status, notes=notes,
+                                       created_at=now, updated_at=now, stop_grace=stop_grace)
+        self.versions[image_ref] = entry
+        for r in list(self.records.values()):
+            if (r.desired_image_ref or r.current_image_ref) == image_ref:
+                self.records[r.game_id] = r.replace(engine_version=version)
+        return entry
+
+    async def update_version(self, version: str, *, status: versions.VersionStatus | None,
+                             notes: str | None, stop_grace: Any = KEEP) -> versions.EngineVersion:
+        now = self._check()
+        entry = self._version(version)
+        entry = replace(entry, status=status if status is not None else entry.status,
+                        notes=notes if notes is not None else entry.notes, updated_at=now,
+                        stop_grace=entry.stop_grace if stop_grace is KEEP else stop_grace)
+        self.versions[entry.image_ref] = entry
+        return entry
+
+    async def delete_version(self, version: str) -> None:
+        self._check()
+        entry = self._version(version)
+        users = sorted(r.game_id for r in self.records.values() if r.status is not Status.REMOVED
+                       and entry.image_ref in (r.desired_image_ref, r.current_image_ref))[:5]
+        if users:
+            raise VersionInUse(f"engine version {version} is used by games that are not removed: " + ", ".join(users))
+        del self.versions[entry.image_ref]
+
 
 def defaults(state_root: str = "/srv/games") -> RecordDefaults:
     return RecordDefaults(docker_network="galaxy-games", state_root=state_root, engine_port=8080)
+
+
+if TYPE_CHECKING:  # mypy holds the fake to the ports it stands in for (desired/ports.py)
+    def _ports(store: FakeStore) -> None:
+        reconciler: ReconcilerStore = store
+        relay: RelayStore = store
+        admission: AdmissionStore = store
+        intake: IntakeStore = store
+        resync: ResyncStore = store
+        health: HealthStore = store
+        registry: RegistryStore = store
+        del reconciler, relay, admission, intake, resync, health, registry

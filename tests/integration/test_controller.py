@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from controller.reconciler import build_spec
+from desired.db.store import Store
 from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
-from desired.store import Store
 from observed.docker import DockerBackend, ensure_state_dir
 from tests.support import Harness, eventually, settled
 

@@ -16,7 +16,7 @@ from controller.intake import Intake
 from controller.metrics import Metrics
 from controller.relay import Relay
 from controller.streams import RedisStreams
-from desired.store import Store
+from desired.db.store import Store
 
 NAMES = st.sampled_from([b"game_id", b"image_ref", b"reason", b"extra", b"GAME_ID", b""])
 VALUES = st.one_of(
@@ -50,8 +50,9 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
     streams = RedisStreams(redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
     try:
         store = Store(pool)
-        admission = Admission(store, settings.record_defaults, wake=lambda g: None, results_written=lambda: None)
-        intake = Intake(settings, streams, store, admission, Metrics())
+        admission = Admission(store, settings.record_defaults, wake=lambda g: None)
+        intake = Intake(settings.streams, streams, store, admission, Metrics(),
+                        allowlist=settings.images.image_allowlist)
         await intake.ensure_groups()
         added = []
         for kind, fields in batch:
@@ -59,7 +60,7 @@ async def _run(batch, database_url: str, redis_url: str, state_root: str) -> Non
             added.append((kind, (await client.xadd(stream, fields)).decode()))
         await intake.pending_pass()
         await intake.read_round(block_ms=None)
-        await Relay(settings, streams, store, Metrics()).flush()
+        await Relay(settings.streams, streams, store, Metrics()).flush()
         for stream in (settings.start_stream, settings.stop_stream):
             assert (await client.xpending(stream, settings.consumer_group))["pending"] == 0
         # Every entry has an operation; those answered at once have exactly one result each.

@@ -12,8 +12,9 @@ from controller.intake import Intake
 from controller.metrics import Metrics
 from controller.relay import Relay
 from controller.streams import Entry, RedisStreams
+from desired.db.store import Store
 from desired.errors import StoreUnavailable
-from desired.store import Rejection, Store
+from desired.values import Rejection
 from tests.support import read_results
 
 
@@ -33,14 +34,25 @@ async def wired(settings, pool, redis_client, unique):
     store = Store(pool)
     changed: list[str] = []
     streams = RedisStreams(settings.redis_url, group=settings.consumer_group, consumer=settings.consumer_name)
-    admission = Admission(store, settings.record_defaults, wake=changed.append, results_written=lambda: None)
-    intake = Intake(settings, streams, store, admission, Metrics())
-    relay = Relay(settings, streams, store, Metrics())
+    admission = Admission(store, settings.record_defaults, wake=changed.append)
+    intake = Intake(settings.streams, streams, store, admission, Metrics(), allowlist=settings.images.image_allowlist)
+    relay = Relay(settings.streams, streams, store, Metrics())
     yield intake, relay, store, changed
     await streams.close()
     keys = [k async for k in redis_client.scan_iter(match=f"t{unique}:*")]
     if keys:
         await redis_client.delete(*keys)
+
+
+def unpatched_submit(store: Store):
+    """The store's own submit, taken before patch_submit replaces its batches: Store.submit is the
+    one-item case of submit_many, which patch_submit routes back through the patched submit."""
+    real_many = store.submit_many
+
+    async def submit(job, defaults, *, registry=False):
+        return (await real_many([job], defaults, registry=registry))[0]
+
+    return submit
 
 
 def patch_submit(monkeypatch, store: Store, submit) -> None:
@@ -63,7 +75,7 @@ def patch_submit(monkeypatch, store: Store, submit) -> None:
 
 
 def with_settings(intake: Intake, settings: Settings) -> Settings:
-    intake.settings = settings
+    intake.config = settings.streams
     return settings
 
 
@@ -259,7 +271,7 @@ async def test_an_outage_never_pushes_a_good_entry_to_the_dead_letters(wired, re
     intake, relay, store, changed = wired
     settings = with_settings(intake, Settings.from_env({**_env(settings, unique), "RTMANAGER_MAX_DELIVERIES": "2"}))
     await intake.ensure_groups()
-    real_submit, calls = store.submit, {"n": 0}
+    real_submit, calls = unpatched_submit(store), {"n": 0}
 
     async def read_only_then_fine(*args, **kwargs):
         calls["n"] += 1
@@ -284,7 +296,7 @@ async def test_an_outage_never_pushes_a_good_entry_to_the_dead_letters(wired, re
 async def test_after_a_failed_entry_later_entries_of_that_game_wait(wired, redis_client, settings, pool, monkeypatch):
     intake, relay, store, changed = wired
     await intake.ensure_groups()
-    real_submit, failed = store.submit, []
+    real_submit, failed = unpatched_submit(store), []
 
     async def fail_first_start(job, *args, **kwargs):
         if job.kind.value == "start" and len(failed) < 2:  # in its batch, then on its own

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncpg
 
-from desired.store import RECENTLY_PUBLISHED_SQL, Store
+from desired.db.rows import RECENTLY_PUBLISHED_SQL
+from desired.db.store import Store
 from tests.support import eventually
 
 ROWS = 200_000

@@ -8,9 +8,10 @@ import json
 import asyncpg
 import pytest
 
+from desired.db.migrate import load_migrations, migrate
+from desired.db.store import Store
 from desired.errors import Conflict, NotFound
 from desired.jobs import Job, RecordDefaults
-from desired.migrate import load_migrations, migrate
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -20,7 +21,6 @@ from desired.model import (
     Status,
     StopReason,
 )
-from desired.store import Store
 from tests.support import eventually
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
@@ -331,7 +331,8 @@ async def test_outbox_is_read_in_commit_order_and_marked(pool):
 
 
 async def test_a_deposed_leader_cannot_write(pool, database_url):
-    from desired.leader import Fence, Fenced, Lease
+    from desired.db.lease import Lease
+    from desired.leader import Fence, Fenced
 
     old_fence, new_fence = Fence(instance="i", holder="old", ttl=5), Fence(instance="i", holder="new", ttl=5)
     old, new = Lease(database_url, old_fence), Lease(database_url, new_fence)
@@ -375,7 +376,8 @@ async def test_retention_prunes_only_old_published_results_and_finished_operatio
 
 
 async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(pool, database_url):
-    from desired.leader import Fence, Lease
+    from desired.db.lease import Lease, check_fence
+    from desired.leader import Fence
 
     fence = Fence(instance="j", holder="a", ttl=5)
     lease = Lease(database_url, fence)
@@ -385,7 +387,7 @@ async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(p
     tx = conn.transaction()
     await tx.start()
     try:
-        await fence.check(conn)  # a long write transaction of the leader, in flight
+        await check_fence(fence, conn)  # a long write transaction of the leader, in flight
         assert await asyncio.wait_for(lease.renew(), 1.0)  # the holder's renewal does not wait for it
         await pool.execute("UPDATE leader_leases SET expires_at = now()")  # the term lapses meanwhile
         take_over = asyncio.create_task(other.acquire())
@@ -405,7 +407,8 @@ async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(p
 
 
 async def test_a_restarted_replica_takes_back_its_own_lease_at_once(database_url):
-    from desired.leader import Fence, Lease
+    from desired.db.lease import Lease
+    from desired.leader import Fence
 
     before = Lease(database_url, Fence(instance="k", holder="replica-1", ttl=30))
     assert await before.acquire() == 1

@@ -1,7 +1,7 @@
 """Property, against the real store: random sequences of jobs and observations keep every stored
 record valid, and every job ends with exactly one result.
 
-The observations are what the reconciler writes (desired/store.py's named transitions and
+The observations are what the reconciler writes (desired/db/transitions.py's named transitions and
 fail_generation): converging a game to its desired status, or failing a generation (which rolls a
 running game back, or stops it, or keeps removing it).
 """
@@ -15,9 +15,10 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from desired.db.rows import record_from_row
+from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
-from desired.store import Store, record_from_row
 from desired.transitions import Probe
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)

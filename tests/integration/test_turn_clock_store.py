@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncpg
 
+from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import JobKind, OpSource, OpStatus
-from desired.store import Store
 from desired.transitions import Probe
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)

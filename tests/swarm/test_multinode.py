@@ -13,14 +13,14 @@ a node that dies leaves its games unreachable (they cannot move: their state is 
 stop of such a game still completes.
 
 Both nodes share this machine's filesystem, so every state directory exists on both: this is
-the "state root on shared storage" case of the README, not a test of node-local disks.
+the "state root on shared storage" case of docs/swarm.md, not a test of node-local disks.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from desired.store import Store
+from desired.db.store import Store
 from tests.support import Harness, eventually
 from tests.swarm.nodes import STUBS, Cluster
 

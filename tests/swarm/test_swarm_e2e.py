@@ -250,7 +250,7 @@ def test_walking_skeleton(stack: Stack):
         assert spec["Mode"] == {"Replicated": {"Replicas": 1}} and spec["EndpointSpec"]["Mode"] == "dnsrr"
         assert task["RestartPolicy"]["Condition"] == "none" and spec["UpdateConfig"]["Order"] == "stop-first"
         assert task["Placement"]["Constraints"] == [f"node.id=={node_id}"]  # pinned where it first ran
-        # Hardening, as far as a service can ask for it (README: the gaps).
+        # Hardening, as far as a service can ask for it (docs/swarm.md: the gaps).
         assert cs["CapabilityDrop"] == ["ALL"] and cs["ReadOnly"] is True and cs["User"] == f"10001:{gid}"
         assert task["Resources"]["Limits"] == {"NanoCPUs": 1_000_000_000, "MemoryBytes": 512 * 1024**2, "Pids": 256}
         mounts = {m["Target"]: m for m in cs["Mounts"]}

@@ -2,57 +2,71 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from controller.config import VARIABLES, ConfigError, Settings
+from controller.config import (
+    VARIABLES,
+    Backend,
+    ConfigError,
+    LogFormat,
+    LogLevel,
+    ProbeAddress,
+    Settings,
+    VersionPolicy,
+    markdown,
+)
 from desired.jobs import RecordDefaults
 
 
 def test_defaults_parse() -> None:
     s = Settings.from_env({})
-    assert s.database_url == "postgresql://postgres@127.0.0.1:55432/rtmanager"
-    assert s.redis_url == "redis://127.0.0.1:56379/0"
-    assert s.docker_network == "galaxy-games"
-    assert s.state_root == "/var/lib/rtmanager/games"
-    assert s.engine_state_dir == "/var/lib/galaxy-engine"
-    assert s.image_allowlist.patterns == ("galaxy/engine:*", "galaxy/engine-stub:*")
-    assert s.instance == "default"
-    assert s.engine_port == 8080 and isinstance(s.engine_port, int)
-    assert s.health_path == "/healthz"
-    assert s.start_timeout == 30.0
-    assert s.cleanup_ttl == 86400.0
-    assert s.resync_interval == 30.0
-    assert s.concurrency == 4
-    assert s.http_port == 8090
-    assert s.http_host == "127.0.0.1"
-    assert s.api_token == ""
-    assert (s.start_stream, s.stop_stream, s.results_stream) == (
+    assert s.database.database_url == "postgresql://postgres@127.0.0.1:55432/rtmanager"
+    assert s.streams.redis_url == "redis://127.0.0.1:56379/0"
+    assert s.runtime.docker_network == "galaxy-games"
+    assert s.storage.state_root == "/var/lib/rtmanager/games"
+    assert s.engine.engine_state_dir == "/var/lib/galaxy-engine"
+    assert s.images.image_allowlist.patterns == ("galaxy/engine:*", "galaxy/engine-stub:*")
+    assert s.leadership.instance == "default"
+    assert s.engine.engine_port == 8080 and isinstance(s.engine.engine_port, int)
+    assert s.engine.health_path == "/healthz"
+    assert s.engine.start_timeout == 30.0
+    assert s.runtime.cleanup_ttl == 86400.0
+    assert s.runtime.resync_interval == 30.0
+    assert s.runtime.concurrency == 4
+    assert s.http.http_port == 8090
+    assert s.http.http_host == "127.0.0.1"
+    assert s.http.api_token == ""
+    assert (s.streams.start_stream, s.streams.stop_stream, s.streams.results_stream) == (
         "runtime:start_jobs", "runtime:stop_jobs", "runtime:job_results")
-    assert s.consumer_group == "rtmanager"
-    assert s.consumer_name.startswith("default-")
-    assert s.results_maxlen == 100000
-    assert s.stop_grace == 10.0
-    assert s.job_timeout == 300.0
-    assert s.engine_memory == 512 * 1024 ** 2
-    assert s.engine_nano_cpus == 1_000_000_000
-    assert s.engine_pids == 256
-    assert s.engine_user == "10000:10000"  # engines run as a non-root user by default
-    assert s.engine_read_only is True and s.engine_tmpfs == 64 * 1024 ** 2 and s.engine_disk == 1024 ** 3
-    assert Settings.from_env({"RTMANAGER_ENGINE_USER": "image"}).engine_user is None
+    assert s.streams.consumer_group == "rtmanager"
+    assert s.streams.consumer_name.startswith("default-")
+    assert s.streams.results_maxlen == 100000
+    assert s.runtime.stop_grace == 10.0
+    assert s.runtime.job_timeout == 300.0
+    assert s.engine.engine_memory == 512 * 1024 ** 2
+    assert s.engine.engine_nano_cpus == 1_000_000_000
+    assert s.engine.engine_pids == 256
+    assert s.engine.engine_user == "10000:10000"  # engines run as a non-root user by default
+    assert s.engine.engine_read_only is True
+    assert s.engine.engine_tmpfs == 64 * 1024 ** 2 and s.engine.engine_disk == 1024 ** 3
+    assert Settings.from_env({"RTMANAGER_ENGINE_USER": "image"}).engine.engine_user is None
     off = Settings.from_env({"RTMANAGER_ENGINE_READ_ONLY": "0", "RTMANAGER_ENGINE_TMPFS": "0",
                              "RTMANAGER_ENGINE_DISK": "0"})
-    assert (off.engine_read_only, off.engine_tmpfs, off.engine_disk) == (False, 0, 0)
-    assert s.probe_address == "ip"
-    assert s.orphan_grace == 10.0
-    assert s.max_removals == 10
-    assert s.dry_run is False
-    assert s.crash_limit == 5
-    assert s.crash_window == 600.0
-    assert s.crash_backoff_max == 30.0
-    assert s.health_interval == 15.0
-    assert s.auto_migrate is True
-    assert s.log_format == "json"
-    assert s.log_level == "INFO"
+    assert (off.engine.engine_read_only, off.engine.engine_tmpfs, off.engine.engine_disk) == (False, 0, 0)
+    assert s.runtime.probe_address == "ip"
+    assert s.runtime.orphan_grace == 10.0
+    assert s.runtime.max_removals == 10
+    assert s.runtime.dry_run is False
+    assert s.engine.crash_limit == 5
+    assert s.engine.crash_window == 600.0
+    assert s.engine.crash_backoff_max == 30.0
+    assert s.engine.health_interval == 15.0
+    assert s.database.auto_migrate is True
+    assert s.logging.log_format == "json"
+    assert s.logging.log_level == "INFO"
     assert s.record_defaults == RecordDefaults(docker_network="galaxy-games",
                                                state_root="/var/lib/rtmanager/games", engine_port=8080)
 
@@ -86,16 +100,16 @@ def test_overrides_parse() -> None:
         "RTMANAGER_DATABASE_URL": "postgres://u:pw@db:5432/rtm",
         "RTMANAGER_REDIS_URL": "rediss://:pw@redis:6380/1",
     })
-    assert s.engine_port == 9000
-    assert s.engine_memory == 1024 ** 3
-    assert s.engine_nano_cpus == 1_500_000_000
-    assert s.engine_user == "1000:1000"
-    assert s.log_level == "DEBUG"
-    assert s.log_format == "text"
-    assert s.api_token == "x" * 16
-    assert s.state_root == "/srv/rtm"
-    assert s.cleanup_ttl == 0 and s.http_port == 0
-    assert s.consumer_name == "c1"
+    assert s.engine.engine_port == 9000
+    assert s.engine.engine_memory == 1024 ** 3
+    assert s.engine.engine_nano_cpus == 1_500_000_000
+    assert s.engine.engine_user == "1000:1000"
+    assert s.logging.log_level == "DEBUG"
+    assert s.logging.log_format == "text"
+    assert s.http.api_token == "x" * 16
+    assert s.storage.state_root == "/srv/rtm"
+    assert s.runtime.cleanup_ttl == 0 and s.http.http_port == 0
+    assert s.streams.consumer_name == "c1"
     # secrets are kept out of repr (settings may end up in a log line)
     assert "x" * 16 not in repr(s)
     assert "pw" not in repr(s)
@@ -106,13 +120,13 @@ def test_overrides_parse() -> None:
 ])
 def test_flags(raw: str, value: bool) -> None:
     s = Settings.from_env({"RTMANAGER_DRY_RUN": raw, "RTMANAGER_AUTO_MIGRATE": raw})
-    assert s.dry_run is value and s.auto_migrate is value
+    assert s.runtime.dry_run is value and s.database.auto_migrate is value
 
 
 def test_redis_unix_socket_url_is_accepted() -> None:
     # "unix" is one of the accepted schemes; a socket URL has a path and no host.
     s = Settings.from_env({"RTMANAGER_REDIS_URL": "unix:///run/redis/redis.sock?db=0"})
-    assert s.redis_url == "unix:///run/redis/redis.sock?db=0"
+    assert s.streams.redis_url == "unix:///run/redis/redis.sock?db=0"
 
 
 BAD = [
@@ -162,6 +176,8 @@ BAD = [
     ("RTMANAGER_AUTO_MIGRATE", "2"),
     ("RTMANAGER_LOG_FORMAT", "xml"),
     ("RTMANAGER_LOG_LEVEL", "TRACE"),
+    ("RTMANAGER_BACKEND", "kubernetes"),
+    ("RTMANAGER_VERSION_POLICY", "any"),
 ]
 
 
@@ -211,3 +227,54 @@ def test_secrets_never_shown(name: str, value: str, secret: str) -> None:
     assert msg.startswith(name + ":")
     assert secret not in msg
     assert exc.value.__cause__ is None and exc.value.__suppress_context__
+
+
+CHOICES = [
+    ("RTMANAGER_BACKEND", "runtime.backend", Backend, "must be docker or swarm"),
+    ("RTMANAGER_VERSION_POLICY", "images.version_policy", VersionPolicy, "must be allowlist or registry"),
+    ("RTMANAGER_PROBE_ADDRESS", "runtime.probe_address", ProbeAddress, "must be ip, hostname or published"),
+    ("RTMANAGER_LOG_FORMAT", "logging.log_format", LogFormat, "must be json or text"),
+    ("RTMANAGER_LOG_LEVEL", "logging.log_level", LogLevel, "must be DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+@pytest.mark.parametrize(("name", "attr", "kind", "rule"), CHOICES, ids=[c[0] for c in CHOICES])
+def test_a_choice_is_its_enum_in_any_case_and_a_bad_one_lists_the_values(name, attr, kind, rule) -> None:
+    for member in kind:
+        for raw in (member.value.lower(), member.value.upper()):
+            group, field = attr.split(".")
+            value = getattr(getattr(Settings.from_env({name: raw}), group), field)
+            assert value is member and value == member.value  # a str too: compared with plain strings
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({name: "neither"})
+    assert str(exc.value) == f"{name}: {rule}, got 'neither'"
+
+
+def test_defaults_of_the_choices() -> None:
+    s = Settings.from_env({})
+    assert (s.runtime.backend, s.images.version_policy, s.runtime.probe_address) == (
+        Backend.DOCKER, VersionPolicy.ALLOWLIST, ProbeAddress.IP)
+    assert (s.logging.log_format, s.logging.log_level) == (LogFormat.JSON, LogLevel.INFO)
+
+
+def test_every_setting_is_in_one_group_and_read_by_its_variable() -> None:
+    s = Settings.from_env({"RTMANAGER_CONSUMER_NAME": "c1"})
+    seen = []
+    for group in dataclasses.fields(s):
+        for f in dataclasses.fields(getattr(s, group.name)):
+            var = f.metadata["var"]
+            seen.append(var.name)
+            assert getattr(s, f.name) == getattr(getattr(s, group.name), f.name)  # the flat name still answers
+    assert seen == [v.name for v in VARIABLES]
+    assert s.streams.consumer_name == "c1" and s.streams.start_stream == "runtime:start_jobs"
+    with pytest.raises(AttributeError):
+        s.no_such_setting  # noqa: B018
+
+
+def test_the_readme_settings_table_is_the_generated_one() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    begin = "<!-- generated by `python -m controller.config --markdown`"
+    end = "<!-- end of the generated settings table -->"
+    assert readme.count(begin) == 1 and readme.count(end) == 1
+    table = readme.split(begin, 1)[1].split("\n", 1)[1].split(end, 1)[0]
+    assert table == markdown(), "the README's settings table is stale: paste `python -m controller.config --markdown`"

@@ -220,7 +220,10 @@ async def test_after_the_limit_the_disruption_goes_ahead_and_says_so(w):
 
 async def test_a_drift_recreate_waits_too_and_the_operation_log_says_when_it_ran_out(w):
     await generating(w)
-    w.reconciler.settings = w.settings.__class__(**{**w.settings.__dict__, "engine_pids": 999})  # the spec drifts
+    import dataclasses
+
+    drifted = dataclasses.replace(w.settings.engine, engine_pids=999)  # the spec drifts
+    w.reconciler.settings = dataclasses.replace(w.settings, engine=drifted)
     w.reconciler._hashes.clear()
     rec = await w.sync("g1")
     assert stops(w) == [] and rec.disruption_wait_since is not None

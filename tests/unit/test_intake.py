@@ -25,8 +25,9 @@ IMG = "galaxy/engine-stub:1.0"
 def make(**env: str) -> tuple[Intake, FakeStreams, FakeStore, list[str]]:
     settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*", **env})
     streams, store, woken = FakeStreams(), FakeStore(), []
-    admission = Admission(store, defaults(), wake=woken.append, results_written=lambda: None)
-    return Intake(settings, streams, store, admission, Metrics()), streams, store, woken
+    admission = Admission(store, defaults(), wake=woken.append)
+    return (Intake(settings.streams, streams, store, admission, Metrics(), allowlist=settings.images.image_allowlist),
+            streams, store, woken)
 
 
 async def run_once(intake: Intake) -> None:
@@ -428,8 +429,8 @@ async def test_a_process_killed_after_its_first_read_does_not_apply_the_stop_bef
     s, p = backlog_with_a_late_stop(streams)
     await streams.read_new([START, CONTROL, STOP], READ_COUNT, None)  # then the process died
     intake, *_ = make()
-    intake.redis, intake.store = streams, store
-    intake.admission = Admission(store, defaults(), wake=lambda g: None, results_written=lambda: None)
+    intake.redis_streams, intake.store = streams, store
+    intake.admission = Admission(store, defaults(), wake=lambda g: None)
     await run_once(intake)
     assert ops_of(store, "target") == [("start", s), ("stop", p)]
 
@@ -548,7 +549,8 @@ def test_rounds_cut_at_any_point_keep_each_games_order(entries, count, outages, 
             except _Killed:
                 if failover:
                     streams.consumer = next(consumers)
-                fresh = Intake(intake.settings, streams, store, intake.admission, intake.metrics)
+                fresh = Intake(intake.config, streams, store, intake.admission, intake.metrics,
+                               allowlist=intake.allowlist)
                 intake = fresh
         for game, want in sent.items():
             assert ops_of(store, game) == [(kind, eid) for _, kind, eid in sorted(want)], game

@@ -2,7 +2,7 @@
 keeps every record valid, never moves generations back, and answers every job exactly once.
 
 The "controller" here is a tiny simulation of what the reconciler and the store do
-(desired/store.py update_status): it walks the status machine to the desired status,
+(desired/db/transitions.py): it walks the status machine to the desired status,
 sets the timestamps of the destination, and copies generation to observed_generation.
 It can also crash a running engine (RECOVER: running -> starting at the same generation)
 and give a crashed game up (store.give_up: desired stopped at a new, converged generation,

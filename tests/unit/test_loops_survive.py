@@ -61,8 +61,8 @@ class BlockingStreams(FakeStreams):
 async def test_the_intake_survives_an_unknown_error_and_admits_the_entry_after(adapter):
     settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*"})
     streams, store, metrics = BlockingStreams(), FakeStore(), Metrics()
-    intake = Intake(settings, streams, store, Admission(store, defaults(), wake=lambda g: None,
-                                                        results_written=lambda: None), metrics)
+    intake = Intake(settings.streams, streams, store, Admission(store, defaults(), wake=lambda g: None), metrics,
+                    allowlist=settings.images.image_allowlist)
     broken = streams if adapter == "streams" else store
     broken.fail = Boom("nobody knows this one")
     task = asyncio.create_task(intake.run())
@@ -83,7 +83,7 @@ async def test_the_intake_survives_an_unknown_error_and_admits_the_entry_after(a
 async def test_the_relay_survives_an_unknown_error_and_publishes_after(adapter):
     settings = Settings.from_env({})
     streams, store, metrics = FakeStreams(), FakeStore(), Metrics()
-    relay = Relay(settings, streams, store, metrics)
+    relay = Relay(settings.streams, streams, store, metrics)
     await answered(store, 2)
     broken = streams if adapter == "streams" else store
     broken.fail = Boom("nobody knows this one")

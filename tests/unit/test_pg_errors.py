@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from desired.db.pool import translate
 from desired.errors import StoreError, UniqueViolation
-from desired.pg import translate
 
 
 def _error(cls, message: str, detail: str):

@@ -621,7 +621,7 @@ class ReadThenRace:
 
 
 def turn_clock(w: World, race) -> TurnClock:
-    admission = Admission(w.store, w.defaults, wake=w.queue.add, results_written=lambda: None)
+    admission = Admission(w.store, w.defaults, wake=w.queue.add)
     return TurnClock(store=ReadThenRace(w, race), admission=admission, metrics=Metrics(), max_sleep=60.0)
 
 

@@ -21,7 +21,7 @@ RESULTS = "runtime:job_results"
 def relay_world() -> tuple[Relay, FakeStreams, FakeStore]:
     settings = Settings.from_env({})
     streams, store = FakeStreams(), FakeStore()
-    return Relay(settings, streams, store, Metrics()), streams, store
+    return Relay(settings.streams, streams, store, Metrics()), streams, store
 
 
 async def test_results_are_published_in_commit_order_and_marked():

@@ -277,7 +277,7 @@ async def test_a_nearly_full_filesystem_refuses_new_games_not_existing_ones_and_
 def test_the_archive_is_never_where_a_games_directory_could_be(archive, ok):
     env = {"RTMANAGER_STATE_ROOT": "/srv/games", "RTMANAGER_STATE_ARCHIVE_DIR": archive}
     if ok:
-        assert Settings.from_env(env).state_archive_dir == (os.path.normpath(archive) if archive else None)
+        assert Settings.from_env(env).storage.state_archive_dir == (os.path.normpath(archive) if archive else None)
     else:
         with pytest.raises(ValueError, match="RTMANAGER_STATE_ARCHIVE_DIR"):
             Settings.from_env(env)

@@ -1,7 +1,6 @@
 """asyncpg at the edge of ``desired/``: connections, and the translation of its errors.
 
-Only the store modules (desired/store.py, desired/leader.py, desired/migrate.py)
-talk to Postgres, and asyncpg's errors never leave them: an outage becomes
+Only desired/db/ talks to Postgres, and asyncpg's errors never leave it: an outage becomes
 ``StoreUnavailable`` (retry with backoff), a unique violation ``UniqueViolation``
 naming its constraint, anything else ``StoreError``.
 """

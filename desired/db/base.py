@@ -1,0 +1,183 @@
+"""What every part of the store shares: the pool, the one place a write transaction is opened
+(``_tx``: the database clock and the leadership fence in its first statement), the record write
+with its snapshot, the operation log's rows and the outbox inserts (``_insert_snapshot``,
+``_insert_result``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+
+from desired import snapshots
+from desired.clock import Clock
+from desired.db.lease import check_fence
+from desired.db.pool import translating
+from desired.db.rows import (
+    DESIRED_COLUMNS,
+    INSERT_RESULT,
+    changed,
+    insert_record,
+    operation_from_row,
+    result_row,
+    set_columns,
+)
+from desired.leader import Fence
+from desired.model import (
+    ErrorCode,
+    JobKind,
+    JobResult,
+    OpSource,
+    OpStatus,
+    Outcome,
+    RuntimeRecord,
+    Status,
+    check_transition,
+)
+from desired.values import Finish, Operation, ReconcilerNote, decided
+from desired.wakeup import OUTBOX_CHANNEL, Signal
+
+
+@translating
+class StoreBase:
+    """Reads go straight to the pool; every write runs in ``_tx``, which reads the database clock
+    and checks the leadership fence (when there is one) in its first statement."""
+
+    def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None, clock: Clock | None = None,
+                 outbox: Signal | None = None) -> None:
+        self.pool = pool
+        self.fence = fence
+        self.clock = clock or Clock()
+        self.outbox = outbox or Signal()  # raised by every committed transaction that wrote the outbox
+        self._outbox_written: set[asyncpg.Connection] = set()  # connections whose open transaction did
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
+        wrote = False
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    before = datetime.now(UTC)
+                    if self.fence is not None:
+                        now = await check_fence(self.fence, conn)
+                    else:
+                        now = await conn.fetchval("SELECT now()")
+                    self.clock.observe_db(now, before, datetime.now(UTC))
+                    yield conn, now
+                    wrote = conn in self._outbox_written
+                    if wrote:  # other replicas hear it at COMMIT (Postgres delivers NOTIFY then, or never)
+                        await conn.execute("SELECT pg_notify($1, $2)", OUTBOX_CHANNEL, self.outbox.origin)
+            finally:
+                self._outbox_written.discard(conn)
+        if wrote:
+            self.outbox.fire()  # after COMMIT: a reader woken before it would not see the rows
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    async def _write(self, conn: asyncpg.Connection, cur: RuntimeRecord | None, new: RuntimeRecord,
+                     now: datetime, forced_reason: str | None = None) -> RuntimeRecord:
+        """Write ``new`` over ``cur`` (insert when None): the status machine, the invariants, the
+        changed columns only, and the snapshot Lobby is owed when status, turn or paused changed."""
+        if cur is not None and new.status is not cur.status:
+            check_transition(cur.status, new.status)
+        image = new.desired_image_ref or new.current_image_ref
+        if cur is None or image != (cur.desired_image_ref or cur.current_image_ref):
+            version = await conn.fetchval("SELECT version FROM engine_versions WHERE image_ref = $1", image)
+            new = new.replace(engine_version=version or "")
+        reason = snapshots.reason_for(cur, new, forced_reason)
+        if reason is not None:
+            new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else 0) + 1)
+        new.validate()
+        if cur is None:
+            await insert_record(conn, new)
+        else:
+            await set_columns(conn, new.game_id, changed(cur, new))
+        if reason is not None:
+            await self._insert_snapshot(conn, new, cur.status if cur else None, reason, now)
+        return new
+
+    async def _insert_snapshot(self, conn: asyncpg.Connection, record: RuntimeRecord, previous: Status | None,
+                               reason: str, now: datetime) -> None:
+        self._outbox_written.add(conn)
+        snapshot_id = str(uuid.uuid4())
+        body = snapshots.fields(record, previous=previous, reason=reason, snapshot_id=snapshot_id, now=now)
+        await conn.execute(
+            "INSERT INTO job_results (result_id, operation_id, game_id, fields, kind)"
+            " VALUES ($1, NULL, $2, $3::jsonb, 'snapshot')", uuid.UUID(snapshot_id), record.game_id, json.dumps(body))
+
+    async def _write_desired(self, conn: asyncpg.Connection, current: RuntimeRecord | None,
+                             new: RuntimeRecord, now: datetime) -> RuntimeRecord:
+        if current is not None:
+            bad = set(changed(current, new)) - DESIRED_COLUMNS
+            if bad:
+                raise AssertionError(f"admission may not write observed columns {sorted(bad)}")
+        return await self._write(conn, current, new, now)
+
+    async def _supersede_older(self, conn: asyncpg.Connection, record: RuntimeRecord, now: datetime) -> None:
+        rows = await conn.fetch(
+            "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
+            " AND generation < $2 ORDER BY id FOR UPDATE", record.game_id, record.generation)
+        for row in rows:
+            op = operation_from_row(row)
+            await self._end_op(conn, op, Outcome.FAILURE, ErrorCode.SUPERSEDED,
+                               f"replaced by a newer job (generation {record.generation}) before it converged",
+                               "", "", now)
+
+    async def _pending_ops(self, conn: asyncpg.Connection, game_id: str, generation: int) -> list[Operation]:
+        rows = await conn.fetch(
+            "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
+            " AND generation <= $2 ORDER BY id FOR UPDATE", game_id, generation)
+        return [operation_from_row(r) for r in rows]
+
+    async def _finish_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: Finish,
+                              now: datetime) -> int:
+        # Older generations still pending were not replaced (a pause, a forced turn, a reconcile
+        # came after them): they converge with this one and hear the same answer.
+        ops = await self._pending_ops(conn, record.game_id, finish.generation)
+        for op in ops:
+            container_id, endpoint = "", ""
+            if finish.outcome is Outcome.SUCCESS:
+                container_id = record.current_container_id or ""
+                endpoint = record.engine_endpoint if container_id else ""
+            await self._end_op(conn, op, finish.outcome, finish.error_code, finish.message,
+                               container_id, endpoint, now)
+        return len(ops)
+
+    async def _end_op(self, conn: asyncpg.Connection, op: Operation, outcome: Outcome,
+                      code: ErrorCode | None, message: str, container_id: str, endpoint: str,
+                      now: datetime) -> None:
+        outcome, code, message, container_id, endpoint = decided(op, outcome, code, message, container_id,
+                                                                 endpoint)
+        status = OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS else OpStatus.FAILED
+        await conn.execute(
+            "UPDATE runtime_operations SET status = $2, error_code = $3, error_message = $4, finished_at = $5"
+            " WHERE id = $1", op.id, status.value, code.value if code else None, message or None, now)
+        await self._insert_result(conn, op.id, JobResult(
+            result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome, job=op.op,
+            job_entry_id=op.entry_id or "", container_id=container_id, engine_endpoint=endpoint,
+            error_code=code, error_message=message))
+
+    async def _insert_op(self, conn: asyncpg.Connection, game_id: str, op: JobKind, source: OpSource,
+                         status: OpStatus, generation: int, stream: str | None, entry_id: str | None,
+                         params: dict, now: datetime, code: ErrorCode | None, message: str | None) -> int:
+        return await conn.fetchval(
+            "INSERT INTO runtime_operations (game_id, op, source, status, generation, stream, entry_id, params,"
+            " error_code, error_message, created_at, finished_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12) RETURNING id",
+            game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
+            code.value if code else None, message, now, now if status.is_final else None)
+
+    async def _insert_note(self, conn: asyncpg.Connection, record: RuntimeRecord, note: ReconcilerNote,
+                           now: datetime) -> None:
+        await self._insert_op(conn, record.game_id, note.op, OpSource.RECONCILER,
+                              OpStatus.FAILED if note.error_code else OpStatus.SUCCEEDED, record.generation,
+                              None, None, note.params, now, note.error_code, note.message or None)
+
+    async def _insert_result(self, conn: asyncpg.Connection, op_id: int | None, result: JobResult) -> None:
+        self._outbox_written.add(conn)
+        await conn.execute(INSERT_RESULT, *result_row(op_id, result))

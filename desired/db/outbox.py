@@ -1,0 +1,95 @@
+"""The results outbox: what the relay publishes, marks and re-publishes, snapshots on demand, and
+retention."""
+
+from __future__ import annotations
+
+import json
+
+from desired.db.base import StoreBase
+from desired.db.pool import translating
+from desired.db.rows import RECENTLY_PUBLISHED_SQL, record_from_row
+from desired.values import PendingResult
+
+
+@translating
+class Outbox(StoreBase):
+    """The job_results table as the relay, the status surfaces and retention see it."""
+
+    async def snapshot_resync(self, game_id: str | None = None) -> int:
+        """A snapshot with reason resync (and a new revision) of every live game, or of one."""
+        async with self._tx() as (conn, now):
+            rows = await conn.fetch(
+                "SELECT * FROM runtime_records WHERE ($1::text IS NULL OR game_id = $1)"
+                " AND (status <> 'removed' OR $1::text IS NOT NULL) ORDER BY game_id FOR UPDATE", game_id)
+            for row in rows:
+                cur = record_from_row(row)
+                await self._write(conn, cur, cur, now, "resync")
+            return len(rows)
+
+    async def result_for(self, op_id: int) -> dict[str, str] | None:
+        raw = await self.pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op_id)
+        return json.loads(raw) if isinstance(raw, str) else raw
+
+    async def unpublished(self, limit: int = 100) -> list[PendingResult]:
+        rows = await self.pool.fetch(
+            "SELECT r.seq, r.result_id, r.game_id, r.fields, r.kind, r.created_at, o.created_at AS accepted_at"
+            " FROM job_results r LEFT JOIN runtime_operations o ON o.id = r.operation_id"
+            " WHERE r.published_at IS NULL ORDER BY r.seq LIMIT $1", limit)
+        return [PendingResult(seq=r["seq"], result_id=str(r["result_id"]), game_id=r["game_id"],
+                              fields=json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"],
+                              kind=r["kind"], written_at=r["created_at"], accepted_at=r["accepted_at"])
+                for r in rows]
+
+    async def unpublished_count(self) -> int:
+        return await self.pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL")
+
+    async def mark_published_many(self, marks: list[tuple[int, str]]) -> None:
+        """(seq, stream entry id) of each entry published, in one statement."""
+        async with self._tx() as (conn, _):
+            await conn.execute(
+                "UPDATE job_results r SET published_at = now(), stream_entry_id = m.entry_id"
+                " FROM unnest($1::bigint[], $2::text[]) AS m(seq, entry_id) WHERE r.seq = m.seq",
+                [s for s, _ in marks], [e for _, e in marks])
+
+    async def mark_published(self, seq: int, stream_entry_id: str) -> None:
+        async with self._tx() as (conn, _):
+            await conn.execute("UPDATE job_results SET published_at = now(), stream_entry_id = $2 WHERE seq = $1",
+                               seq, stream_entry_id)
+
+    async def recently_published(self, kind: str, seconds: float, limit: int = 20000) -> list[tuple[int, str, str]]:
+        """(seq, stream entry id, result_id) of the entries of ``kind`` published in the last ``seconds``."""
+        rows = await self.pool.fetch(RECENTLY_PUBLISHED_SQL, seconds, limit, kind)
+        return [(r["seq"], r["stream_entry_id"], str(r["result_id"])) for r in rows]
+
+    async def mark_unpublished(self, seqs: list[int]) -> None:
+        """Results the stream lost: the relay publishes them again (same result_id)."""
+        async with self._tx() as (conn, _):
+            await conn.execute("UPDATE job_results SET published_at = NULL, stream_entry_id = NULL"
+                               " WHERE seq = ANY($1::bigint[])", seqs)
+
+    async def prune(self, older_than_days: float, batch: int = 1000) -> tuple[int, int]:
+        """Retention: published results and finished operations older than the horizon.
+
+        Small batches, each its own short transaction and not fenced (old history is
+        nobody's to contend for), so that a large backlog never holds locks for long.
+        A redelivered stream entry is recognised by its operation row, so the horizon
+        must be far longer than any entry can stay pending (days against seconds).
+        """
+        seconds = older_than_days * 86400
+        totals = [0, 0, 0]
+        statements = (
+            "DELETE FROM job_results WHERE seq IN (SELECT seq FROM job_results"
+            " WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+            "DELETE FROM runtime_operations WHERE id IN (SELECT o.id FROM runtime_operations o"
+            " WHERE o.finished_at < now() - make_interval(secs => $1)"
+            " AND NOT EXISTS (SELECT 1 FROM job_results r WHERE r.operation_id = o.id) LIMIT $2)",
+            "DELETE FROM entry_attempts WHERE (stream, entry_id) IN (SELECT stream, entry_id FROM entry_attempts"
+            " WHERE updated_at < now() - make_interval(secs => $1) LIMIT $2)",
+        )
+        for i, sql in enumerate(statements):
+            while True:
+                done = int((await self.pool.execute(sql, seconds, batch)).split()[-1])
+                totals[i] += done
+                if done < batch:
+                    break
+        return totals[0], totals[1]

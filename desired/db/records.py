@@ -1,0 +1,115 @@
+"""Reads of the runtime records and the operation log, and the state directories' columns."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from desired.db.base import StoreBase
+from desired.db.pool import translating
+from desired.db.rows import operation_from_row, record_from_row
+from desired.errors import NotFound
+from desired.model import UP, RuntimeRecord, Status
+from desired.values import Operation
+
+
+@translating
+class Records(StoreBase):
+    """Records and operations as they are: reads on the pool (the state directories' sizes are
+    written outside the record's compare-and-swap)."""
+
+    async def get(self, game_id: str) -> RuntimeRecord:
+        row = await self.pool.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1", game_id)
+        if row is None:
+            raise NotFound(game_id)
+        return record_from_row(row)
+
+    async def find(self, game_id: str) -> RuntimeRecord | None:
+        row = await self.pool.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1", game_id)
+        return record_from_row(row) if row is not None else None
+
+    async def list(self) -> list[RuntimeRecord]:
+        rows = await self.pool.fetch("SELECT * FROM runtime_records ORDER BY game_id")
+        return [record_from_row(r) for r in rows]
+
+    async def list_up(self) -> list[RuntimeRecord]:
+        """Games whose engine's container should be running (every UP status)."""
+        rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = ANY($1::text[]) ORDER BY game_id",
+                                     [s.value for s in UP])
+        return [record_from_row(r) for r in rows]
+
+    async def list_by_status(self, status: Status) -> list[RuntimeRecord]:
+        rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = $1 ORDER BY game_id",
+                                     status.value)
+        return [record_from_row(r) for r in rows]
+
+    async def list_live(self) -> list[RuntimeRecord]:
+        """Every record the controller may still have to act on (one query, for resync)."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM runtime_records WHERE status <> 'removed' OR desired_status <> 'removed'"
+            " OR observed_generation <> generation")
+        return [record_from_row(r) for r in rows]
+
+    async def game_ids(self, game_ids: list[str]) -> set[str]:
+        """Which of these games have a record (removed ones included)."""
+        rows = await self.pool.fetch("SELECT game_id FROM runtime_records WHERE game_id = ANY($1::text[])",
+                                     game_ids)
+        return {r["game_id"] for r in rows}
+
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self.pool.fetch("SELECT status, count(*) AS n FROM runtime_records GROUP BY status")
+        counts = {s.value: 0 for s in Status}
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
+    async def record_state_sizes(self, sizes: dict[str, int]) -> None:
+        """The storage round measured these games' state directories (one statement, outside the
+        record's compare-and-swap: nothing decides on it)."""
+        if not sizes:
+            return
+        await self.pool.execute(
+            "UPDATE runtime_records r SET state_bytes = m.size, state_measured_at = now()"
+            " FROM unnest($1::text[], $2::bigint[]) AS m(game_id, size)"
+            " WHERE r.game_id = m.game_id AND r.state_disposed_at IS NULL", list(sizes), list(sizes.values()))
+
+    async def state_usage(self, game_id: str) -> tuple[int | None, datetime | None]:
+        """(bytes, when measured) of the game's state directory; (None, None) when never measured or gone."""
+        row = await self.pool.fetchrow(
+            "SELECT state_bytes, state_measured_at FROM runtime_records WHERE game_id = $1", game_id)
+        return (row["state_bytes"], row["state_measured_at"]) if row is not None else (None, None)
+
+    async def removed_with_state(self, retention: float, limit: int = 100) -> list[RuntimeRecord]:
+        """Removed games whose state directory is still there, removed at least ``retention`` seconds
+        ago (the database clock), oldest first."""
+        rows = await self.pool.fetch(
+            "SELECT * FROM runtime_records WHERE status = 'removed' AND state_disposed_at IS NULL"
+            " AND removed_at <= now() - make_interval(secs => $1) ORDER BY removed_at LIMIT $2",
+            float(retention), limit)
+        return [record_from_row(r) for r in rows]
+
+    async def mark_state_disposed(self, game_id: str) -> None:
+        async with self._tx() as (conn, _):
+            await conn.execute("UPDATE runtime_records SET state_disposed_at = now(), state_bytes = NULL,"
+                               " state_measured_at = NULL WHERE game_id = $1 AND status = 'removed'", game_id)
+
+    async def operations(self, game_id: str, limit: int = 100) -> list[Operation]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM runtime_operations WHERE game_id = $1 ORDER BY id DESC LIMIT $2", game_id, limit)
+        return [operation_from_row(r) for r in rows]
+
+    async def operation(self, op_id: int) -> Operation:
+        row = await self.pool.fetchrow("SELECT * FROM runtime_operations WHERE id = $1", op_id)
+        if row is None:
+            raise NotFound(str(op_id))
+        return operation_from_row(row)
+
+    async def pending_operations(self, game_id: str) -> list[Operation]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running') ORDER BY id",
+            game_id)
+        return [operation_from_row(r) for r in rows]
+
+    async def oldest_pending_age(self, game_id: str) -> float | None:
+        """Seconds (database clock) since the oldest unanswered job of the game was accepted."""
+        return await self.pool.fetchval(
+            "SELECT extract(epoch FROM now() - min(created_at))::float8 FROM runtime_operations"
+            " WHERE game_id = $1 AND status IN ('queued', 'running')", game_id)

@@ -1,0 +1,120 @@
+"""Rows of the store's tables to and from the model's values, and the SQL that several parts share."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from desired import versions
+from desired.model import (
+    DesiredStatus,
+    ErrorCode,
+    Health,
+    JobKind,
+    JobResult,
+    OpSource,
+    OpStatus,
+    RuntimeRecord,
+    Status,
+    StopReason,
+)
+from desired.values import Operation
+
+GAME_LOCK_SPACE = 0x72746D67  # "rtmg": advisory locks keyed by game
+
+RECORD_COLUMNS = (
+    "game_id", "status", "current_container_id", "current_image_ref", "engine_endpoint",
+    "state_path", "docker_network", "started_at", "stopped_at", "removed_at", "last_op_at",
+    "created_at", "desired_status", "desired_image_ref", "generation", "observed_generation",
+    "spec_revision", "stop_reason", "health", "last_error_code", "last_error_message",
+    "crash_count", "last_exit_code", "last_oom_killed", "last_crash_at", "restart_not_before",
+    "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
+    "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
+    "desired_turn", "clock_from", "engine_version", "node_id", "disruption_wait_since", "force_generation",
+    "admin_token",
+)
+DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
+                              "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
+                              "clock_from", "force_generation"})
+_ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
+          "health": Health, "last_error_code": ErrorCode}
+
+
+def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
+    values: dict[str, Any] = {}
+    for col in RECORD_COLUMNS:
+        v = row[col]
+        enum_type = _ENUMS.get(col)
+        values[col] = enum_type(v) if (enum_type and v is not None) else v
+    return RuntimeRecord(**values)
+
+
+def _db_value(v: Any) -> Any:
+    return v.value if hasattr(v, "value") else v
+
+
+_INSERT_RECORD = (f"INSERT INTO runtime_records ({', '.join(RECORD_COLUMNS)})"
+                  f" VALUES ({', '.join(f'${i}' for i in range(1, len(RECORD_COLUMNS) + 1))})")
+SELECT_FOR_UPDATE = "SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE"
+
+
+async def insert_record(conn: asyncpg.Connection, record: RuntimeRecord) -> None:
+    await conn.execute(_INSERT_RECORD, *[_db_value(getattr(record, c)) for c in RECORD_COLUMNS])
+
+
+def changed(old: RuntimeRecord, new: RuntimeRecord) -> dict[str, Any]:
+    return {c: getattr(new, c) for c in RECORD_COLUMNS if getattr(old, c) != getattr(new, c)}
+
+
+async def set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str, Any]) -> None:
+    """UPDATE the given columns of one record (the names come from code, never from input)."""
+    if not changes:
+        return
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=2))
+    await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
+                       game_id, *[_db_value(v) for v in changes.values()])
+
+
+# The relay's check of what Redis may have lost, at every start, new term and outage: it reads the
+# recent window by job_results_published_idx, never the whole table (which grows with retention).
+RECENTLY_PUBLISHED_SQL = (
+    "SELECT seq, stream_entry_id, result_id FROM job_results WHERE kind = $3 AND published_at > now() -"
+    " make_interval(secs => $1) AND stream_entry_id IS NOT NULL ORDER BY seq DESC LIMIT $2")
+
+
+def operation_from_row(row: asyncpg.Record) -> Operation:
+    params = row["params"]
+    return Operation(id=row["id"], game_id=row["game_id"], op=JobKind(row["op"]), source=OpSource(row["source"]),
+                     status=OpStatus(row["status"]), generation=row["generation"], stream=row["stream"],
+                     entry_id=row["entry_id"], params=json.loads(params) if isinstance(params, str) else params,
+                     error_code=row["error_code"], error_message=row["error_message"],
+                     created_at=row["created_at"], finished_at=row["finished_at"])
+
+
+INSERT_OP_WITH_ID = (
+    "INSERT INTO runtime_operations (id, game_id, op, source, status, generation, stream, entry_id, params,"
+    " error_code, error_message, created_at, finished_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13)")
+INSERT_RESULT = "INSERT INTO job_results (result_id, operation_id, game_id, fields) VALUES ($1, $2, $3, $4::jsonb)"
+
+
+def op_row(op_id: int, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,
+            stream: str | None, entry_id: str | None, params: dict, now: datetime, code: ErrorCode | None,
+            message: str | None) -> tuple:
+    return (op_id, game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
+            code.value if code else None, message, now, now if status.is_final else None)
+
+
+def result_row(op_id: int | None, result: JobResult) -> tuple:
+    return (uuid.UUID(result.result_id), op_id, result.game_id, json.dumps(result.fields()))
+
+
+def version_from_row(row: asyncpg.Record) -> versions.EngineVersion:
+    return versions.EngineVersion(version=row["version"], image_ref=row["image_ref"],
+                                  status=versions.VersionStatus(row["status"]), notes=row["notes"],
+                                  created_at=row["created_at"], updated_at=row["updated_at"],
+                                  stop_grace=row["stop_grace"])

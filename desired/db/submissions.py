@@ -1,0 +1,221 @@
+"""Admission: jobs recorded as desired state plus an operation, in one transaction.
+
+Admission writes only the *desired* columns and ``generation``, under ``SELECT ... FOR UPDATE``
+plus a per-game advisory lock (a record that does not exist yet cannot be locked)."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime
+
+import asyncpg
+
+from desired import versions
+from desired.db.base import StoreBase
+from desired.db.notifications import NOTIFY_CHANNEL
+from desired.db.pool import translating
+from desired.db.rows import (
+    GAME_LOCK_SPACE,
+    INSERT_OP_WITH_ID,
+    INSERT_RESULT,
+    SELECT_FOR_UPDATE,
+    op_row,
+    record_from_row,
+    result_row,
+    version_from_row,
+)
+from desired.errors import NotFound
+from desired.jobs import Decision, InvalidJob, Job, RecordDefaults, decide, replaces
+from desired.model import (
+    DesiredStatus,
+    ErrorCode,
+    JobKind,
+    JobResult,
+    OpSource,
+    OpStatus,
+    Outcome,
+    RuntimeRecord,
+    Status,
+)
+from desired.values import Rejection, SubmitOutcome
+
+
+@translating
+class Submissions(StoreBase):
+    """Jobs, rejected entries, adoptions and schedules."""
+
+    async def submit(self, job: Job, defaults: RecordDefaults, *, registry: bool = False) -> SubmitOutcome:
+        """Record one job as a desired-state change plus an operation, in one transaction: the
+        one-item case of ``submit_many``.
+
+        A stream entry already submitted (redelivery after a crash before XACK)
+        is recognised by its (stream, entry_id) and changes nothing. With ``registry`` (the
+        version policy), a start or patch that would run a new image needs an active version.
+        """
+        return (await self.submit_many([job], defaults, registry=registry))[0]
+
+    async def submit_many(self, items: list[Job | Rejection], defaults: RecordDefaults, *,
+                          registry: bool = False) -> list[SubmitOutcome]:
+        """``submit`` (or, for a Rejection, ``reject_entry``) of each item, in order, in ONE transaction.
+
+        A flood of replays and malformed entries costs a handful of statements per batch instead of
+        about eight round trips per entry: one fence check, one duplicate query, the games' locks
+        and records at once, then the operation rows and results of the batch in two executemany
+        calls. Operation ids are taken from the sequence in entry order first, and rows written at
+        once (desired-state changes, supersedes) flush what is buffered before them, so ids and
+        results keep the entries' order."""
+        async with self._tx() as (conn, now):
+            keyed = [(i.stream, i.entry_id) for i in items if i.stream]
+            existing: dict[tuple[str, str], int] = {}
+            if keyed:
+                rows = await conn.fetch(
+                    "SELECT o.stream, o.entry_id, o.id FROM runtime_operations o JOIN unnest($1::text[], $2::text[])"
+                    " AS k(stream, entry_id) ON o.stream = k.stream AND o.entry_id = k.entry_id",
+                    [k[0] for k in keyed], [k[1] for k in keyed])
+                existing = {(r["stream"], r["entry_id"]): r["id"] for r in rows}
+            games = sorted({i.game_id for i in items if isinstance(i, Job)})
+            records: dict[str, RuntimeRecord] = {}
+            if games:
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext(g)) FROM unnest($2::text[]) AS g"
+                                   " ORDER BY g", GAME_LOCK_SPACE, games)
+                rows = await conn.fetch("SELECT * FROM runtime_records WHERE game_id = ANY($1::text[]) FOR UPDATE",
+                                        games)
+                records = {r["game_id"]: record_from_row(r) for r in rows}
+            ids = [r[0] for r in await conn.fetch(
+                "SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id')) FROM generate_series(1, $1)",
+                len(items))]
+            ops: list[tuple] = []
+            results: list[tuple] = []
+
+            async def flush() -> None:
+                if ops:
+                    await conn.executemany(INSERT_OP_WITH_ID, ops)
+                    ops.clear()
+                if results:
+                    self._outbox_written.add(conn)
+                    await conn.executemany(INSERT_RESULT, results)
+                    results.clear()
+
+            outcomes: list[SubmitOutcome] = []
+            notify: list[str] = []
+            for item, op_id in zip(items, ids, strict=True):
+                if item.stream and (item.stream, item.entry_id) in existing:
+                    outcomes.append(SubmitOutcome(operation_id=existing[(item.stream, item.entry_id)],
+                                                  decision=None, duplicate=True))
+                    continue
+                if isinstance(item, Rejection):
+                    ops.append(op_row(op_id, item.game_id, item.kind, item.source, OpStatus.FAILED,
+                                       0, item.stream, item.entry_id, {}, now, item.code, item.message))
+                    results.append(result_row(op_id, JobResult(
+                        result_id=str(uuid.uuid4()), game_id=item.game_id, outcome=Outcome.FAILURE, job=item.kind,
+                        job_entry_id=item.entry_id, error_code=item.code, error_message=item.message)))
+                    outcomes.append(SubmitOutcome(operation_id=op_id, decision=None))
+                    continue
+                job = item
+                current = records.get(job.game_id)
+                decision = await self._decide(conn, current, job, now, defaults, registry)
+                if decision.action == "skip":  # its operation id stays unused
+                    outcomes.append(SubmitOutcome(operation_id=0, decision=decision))
+                    continue
+                params = {k: v for k, v in (("image_ref", job.image_ref),
+                                            ("reason", job.reason.value if job.reason else None),
+                                            ("force", job.force)) if v}
+                if job.force and decision.action in ("change", "join") and decision.record is not None:
+                    # An operator's force: this generation's disruption does not wait for a generation.
+                    forced = decision.record.replace(force_generation=decision.record.generation)
+                    if decision.action == "join" and current is not None and forced != current:
+                        await flush()
+                        records[job.game_id] = await self._write_desired(conn, current, forced, now)
+                        notify.append(job.game_id)
+                    decision = dataclasses.replace(decision, record=forced)
+                status = OpStatus.QUEUED if decision.action in ("change", "join") else (
+                    OpStatus.SUCCEEDED if decision.action == "replay" else OpStatus.FAILED)
+                if decision.action == "change":
+                    assert decision.record is not None
+                    await flush()
+                    records[job.game_id] = await self._write_desired(conn, current, decision.record, now)
+                    if current is not None and replaces(current, decision.record):
+                        await self._supersede_older(conn, decision.record, now)
+                    notify.append(job.game_id)
+                ops.append(op_row(op_id, job.game_id, job.kind, job.source, status,
+                                   decision.op_generation, job.stream or None, job.entry_id or None, params, now,
+                                   decision.error_code if status is OpStatus.FAILED else None,
+                                   decision.message or None))
+                if decision.action in ("replay", "reject"):
+                    results.append(result_row(op_id, JobResult(
+                        result_id=str(uuid.uuid4()), game_id=job.game_id,
+                        outcome=Outcome.SUCCESS if decision.action == "replay" else Outcome.FAILURE, job=job.kind,
+                        job_entry_id=job.entry_id, container_id=decision.container_id,
+                        engine_endpoint=decision.engine_endpoint, error_code=decision.error_code,
+                        error_message=decision.message)))
+                outcomes.append(SubmitOutcome(operation_id=op_id, decision=decision))
+            await flush()
+            if notify:
+                await conn.execute("SELECT pg_notify($1, g) FROM unnest($2::text[]) AS g", NOTIFY_CHANNEL,
+                                   sorted(set(notify)))
+            return outcomes
+
+    async def _decide(self, conn: asyncpg.Connection, current: RuntimeRecord | None, job: Job, now: datetime,
+                      defaults: RecordDefaults, registry: bool) -> Decision:
+        """``decide``, then, under the registry policy, the version of a new image: read FOR SHARE, so a
+        concurrent disable or delete of the version waits for this job."""
+        decision = decide(current, job, now, defaults)
+        if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
+                and decision.action in ("change", "join")):
+            row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE", job.image_ref)
+            refusal = versions.refuse_new(version_from_row(row) if row else None, job.image_ref)
+            if refusal is not None:
+                return Decision(action="reject", record=current, error_code=ErrorCode.IMAGE_REJECTED, message=refusal)
+        return decision
+
+    async def reject_entry(self, *, kind: JobKind, game_id: str, stream: str, entry_id: str,
+                           code: ErrorCode, message: str, source: OpSource = OpSource.LOBBY) -> SubmitOutcome:
+        """An entry that could not be parsed: a failed operation and its failure result."""
+        async with self._tx() as (conn, now):
+            existing = await conn.fetchval(
+                "SELECT id FROM runtime_operations WHERE stream = $1 AND entry_id = $2", stream, entry_id)
+            if existing is not None:
+                return SubmitOutcome(operation_id=existing, decision=None, duplicate=True)
+            op_id = await self._insert_op(conn, game_id, kind, source, OpStatus.FAILED, 0,
+                                          stream, entry_id, {}, now, code, message)
+            await self._insert_result(conn, op_id, JobResult(
+                result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
+                job_entry_id=entry_id, error_code=code, error_message=message))
+            return SubmitOutcome(operation_id=op_id, decision=None)
+
+    async def adopt(self, game_id: str, image_ref: str, defaults: RecordDefaults) -> RuntimeRecord:
+        """An operator hands an unowned unit back to rtmanager: a record that wants it running on its
+        own image and state directory. InvalidJob when the game already has a record."""
+        async with self._tx() as (conn, now):
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, game_id)
+            if await conn.fetchval("SELECT 1 FROM runtime_records WHERE game_id = $1", game_id):
+                raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} already has a runtime record", game_id)
+            record = RuntimeRecord(
+                game_id=game_id, status=Status.STARTING, current_container_id=None, current_image_ref=None,
+                engine_endpoint=defaults.endpoint(game_id), state_path=defaults.state_path(game_id),
+                docker_network=defaults.docker_network, started_at=None, stopped_at=None, removed_at=None,
+                last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=image_ref,
+                generation=1, observed_generation=0)
+            record = await self._write(conn, None, record, now)
+            await self._insert_op(conn, game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
+                                  None, {"event": "adopt", "image_ref": image_ref}, now, None, None)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
+            return record
+
+    async def set_schedule(self, game_id: str, turn_interval: int, source: OpSource) -> RuntimeRecord:
+        """The turn clock's interval (desired state; nothing to converge, so no generation)."""
+        async with self._tx() as (conn, now):
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, game_id)
+            row = await conn.fetchrow(SELECT_FOR_UPDATE, game_id)
+            if row is None:
+                raise NotFound(game_id)
+            cur = record_from_row(row)
+            if cur.desired_status is DesiredStatus.REMOVED:
+                raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} was removed", game_id)
+            new = await self._write_desired(conn, cur, cur.replace(turn_interval=turn_interval,
+                                                                   last_op_at=max(now, cur.last_op_at)), now)
+            await self._insert_op(conn, game_id, JobKind.RECONCILE, source, OpStatus.SUCCEEDED, cur.generation,
+                                  None, None, {"turn_interval": turn_interval}, now, None, None)
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
+            return new

@@ -1,0 +1,158 @@
+"""The store contract: what the consumers of the store rely on, as one suite run twice.
+
+tests/unit/test_store_contract.py runs it on the in-memory fake (no services), and
+tests/integration/test_store_contract.py on the real store over the test Postgres (it fails,
+never skips, without it). Both import the ``test_*`` functions below and give them a ``store``
+fixture: a store with no fence, holding nothing yet. When the fake drifts from the real store,
+one half fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from desired.errors import NotFound, UniqueViolation
+from desired.jobs import Job, RecordDefaults
+from desired.model import ErrorCode, JobKind, OpSource, OpStatus, Outcome, Status, StopReason
+from desired.values import VersionInUse
+from desired.versions import VersionStatus
+
+DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
+IMG = "galaxy/engine-stub:1.0"
+
+
+def start(game: str, entry: str, image: str = IMG) -> Job:
+    return Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=image, stream="s:start",
+               entry_id=entry)
+
+
+def stop(game: str, entry: str) -> Job:
+    return Job(kind=JobKind.STOP, game_id=game, source=OpSource.LOBBY, reason=StopReason.FINISHED,
+               stream="s:stop", entry_id=entry)
+
+
+async def outbox(store: Any, kind: str) -> list[dict[str, str]]:
+    return [p.fields for p in await store.unpublished(1000) if p.kind == kind]
+
+
+async def test_a_submitted_job_is_claimed_once_by_its_generation(store):
+    out = await store.submit(start("g1", "1-0"), DEFAULTS)
+    assert out.decision is not None and out.decision.action == "change" and not out.duplicate
+    again = await store.submit(start("g1", "1-0"), DEFAULTS)
+    assert again.duplicate and again.operation_id == out.operation_id
+    record = await store.find("g1")
+    assert record is not None and record.generation == 1 and record.status is Status.STARTING
+    [pending] = await store.pending_operations("g1")
+    assert (pending.id, pending.op, pending.status) == (out.operation_id, JobKind.START, OpStatus.QUEUED)
+    claimed = await store.claim("g1", record.generation)
+    assert [op_id for op_id, _ in claimed] == [out.operation_id]
+    assert await store.claim("g1", record.generation) == []
+    assert [o.status for o in await store.pending_operations("g1")] == [OpStatus.RUNNING]
+
+
+async def test_a_transition_writes_a_snapshot_to_the_outbox_and_answers_the_generation(store):
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    assert [(s["status"], s["reason"], s["revision"]) for s in await outbox(store, "snapshot")] == [
+        ("starting", "started", "1")]
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=None)
+    rec = await store.mark_running(rec, container_id="c1", image=IMG)
+    assert rec.status is Status.RUNNING and rec.observed_generation == rec.generation
+    snapshots = await outbox(store, "snapshot")
+    assert [(s["status"], s["previous_status"], s["reason"], s["revision"]) for s in snapshots] == [
+        ("starting", "", "started", "1"), ("running", "starting", "started", "2")]
+    assert snapshots[-1]["container_id"] == "c1"
+    [result] = await outbox(store, "result")
+    assert (result["game_id"], result["job"], result["outcome"], result["container_id"]) == (
+        "g1", "start", "success", "c1")
+    assert await store.pending_operations("g1") == []
+
+
+async def test_the_outbox_is_published_in_order_and_can_be_published_again(store):
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await store.submit(start("g2", "2-0"), DEFAULTS)
+    await store.submit(Job(kind=JobKind.STOP, game_id="nobody", source=OpSource.LOBBY,
+                           reason=StopReason.FINISHED, stream="s:stop", entry_id="3-0"), DEFAULTS)
+    pending = await store.unpublished(1000)
+    seqs = [p.seq for p in pending]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert [(p.kind, p.game_id) for p in pending] == [("snapshot", "g1"), ("snapshot", "g2"), ("result", "nobody")]
+    assert await store.unpublished_count() == 3
+    assert [p.seq for p in await store.unpublished(2)] == seqs[:2]
+    first, *rest = pending
+    await store.mark_published(first.seq, "100-0")
+    await store.mark_published_many([(p.seq, f"{101 + i}-0") for i, p in enumerate(rest)])
+    assert await store.unpublished(1000) == [] and await store.unpublished_count() == 0
+    recent = await store.recently_published("snapshot", 600)
+    assert sorted(recent) == [(first.seq, "100-0", first.result_id), (rest[0].seq, "101-0", rest[0].result_id)]
+    assert await store.recently_published("result", 600) == [(rest[1].seq, "102-0", rest[1].result_id)]
+    await store.mark_unpublished([first.seq])
+    [again] = await store.unpublished(1000)
+    assert (again.seq, again.result_id, again.fields) == (first.seq, first.result_id, first.fields)
+
+
+async def test_a_newer_job_supersedes_the_pending_job_of_a_stale_generation(store):
+    first = await store.submit(start("g1", "1-0"), DEFAULTS)
+    await store.claim("g1", 1)
+    out = await store.submit(stop("g1", "2-0"), DEFAULTS)
+    assert out.decision is not None and out.decision.action == "change"
+    record = await store.get("g1")
+    assert record.generation == 2
+    [superseded] = [r for r in await outbox(store, "result")]
+    assert (superseded["job"], superseded["outcome"], superseded["error_code"]) == (
+        "start", Outcome.FAILURE.value, ErrorCode.SUPERSEDED.value)
+    assert superseded["error_message"] == "replaced by a newer job (generation 2) before it converged"
+    ops = {o.id: o for o in await store.operations("g1")}
+    assert ops[first.operation_id].status is OpStatus.FAILED
+    assert ops[out.operation_id].status is OpStatus.QUEUED
+    # The reconciler's view of the old generation no longer holds: it cannot answer it.
+    assert await store.fail_generation("g1", 1, ErrorCode.CONTAINER_START_FAILED, "late") is None
+
+
+async def test_the_version_registry_creates_updates_and_refuses_to_delete_a_version_in_use(store):
+    created = await store.create_version("1.0", IMG, VersionStatus.ACTIVE, "first")
+    assert (created.version, created.image_ref, created.status, created.notes) == (
+        "1.0", IMG, VersionStatus.ACTIVE, "first")
+    with pytest.raises(UniqueViolation) as same_version:
+        await store.create_version("1.0", "galaxy/engine-stub:other", VersionStatus.ACTIVE, "")
+    assert same_version.value.constraint == "engine_versions_version_key"
+    with pytest.raises(UniqueViolation) as same_image:
+        await store.create_version("1.0b", IMG, VersionStatus.ACTIVE, "")
+    assert same_image.value.constraint == "engine_versions_image_ref_key"
+    updated = await store.update_version("1.0", status=VersionStatus.DISABLED, notes=None, stop_grace=30)
+    assert (updated.status, updated.notes, updated.stop_grace) == (VersionStatus.DISABLED, "first", 30)
+    kept = await store.update_version("1.0", status=None, notes="kept")
+    assert (kept.status, kept.notes, kept.stop_grace) == (VersionStatus.DISABLED, "kept", 30)
+    with pytest.raises(NotFound):
+        await store.update_version("9.9", status=None, notes="x")
+    assert [v.version for v in await store.list_versions()] == ["1.0"]
+    assert await store.list_versions(VersionStatus.ACTIVE) == []
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    entry, live = await store.get_version("1.0")
+    assert (entry.version, live) == ("1.0", 1)
+    assert (await store.engine_version_of(IMG)) == entry
+    with pytest.raises(VersionInUse):
+        await store.delete_version("1.0")
+    with pytest.raises(NotFound):
+        await store.delete_version("9.9")
+    await store.create_version("2.0", "galaxy/engine-stub:2.0", VersionStatus.ACTIVE, "")
+    await store.delete_version("2.0")
+    with pytest.raises(NotFound):
+        await store.get_version("2.0")
+
+
+async def test_stream_marks_only_advance(store):
+    assert await store.stream_marks() == {}
+    assert await store.advance_mark("s:start", (5, 1)) == (5, 1)
+    assert await store.advance_mark("s:start", (5, 0)) == (5, 1)  # never lowered
+    assert await store.advance_mark("s:start", (4, 9)) == (5, 1)
+    assert await store.advance_mark("s:start", (6, 0)) == (6, 0)
+    assert await store.advance_mark("s:stop", (1, 0)) == (1, 0)
+    assert await store.stream_marks() == {"s:start": (6, 0), "s:stop": (1, 0)}
+    assert await store.count_attempt("s:start", "1-0", "boom") == 1
+    assert await store.count_attempt("s:start", "1-0") == 2
+    await store.uncount_attempt("s:start", "1-0")
+    assert await store.count_attempt("s:start", "1-0") == 2
+    await store.forget_attempts("s:start", "1-0")
+    assert await store.count_attempt("s:start", "1-0") == 1
