@@ -17,7 +17,6 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import docker
@@ -25,6 +24,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from hypothesis import settings as hypothesis_settings
+
+from tests.support.local import ADMIN_DSN, REDIS_URL, STUB_IMAGE, STUB_REPO, admin_sql, cleanup_docker, dsn_for
 
 # Property tests. The default profile ("ci") is derandomized: the same examples on every run and
 # machine, so a suite is never green or red by luck, and no example database is kept between runs.
@@ -36,16 +37,7 @@ hypothesis_settings.register_profile("explore", derandomize=False, print_blob=Tr
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMIN_DSN = os.environ.get("RTMANAGER_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:55432/postgres")
-REDIS_URL = os.environ.get("RTMANAGER_TEST_REDIS_URL", "redis://127.0.0.1:56379/0")
-STUB_REPO = "galaxy/engine-stub"
-STUB_IMAGE = f"{STUB_REPO}:1.0"
 HOW_TO = "start the local services with `deploy/local/services.sh up` (as root)"
-
-
-def dsn_for(dbname: str) -> str:
-    parts = urlsplit(ADMIN_DSN)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
 
 
 def _need(what: str, fn):
@@ -53,19 +45,6 @@ def _need(what: str, fn):
         return fn()
     except Exception as exc:  # noqa: BLE001 - any failure means "not available"
         pytest.fail(f"{what} is not reachable ({exc.__class__.__name__}: {exc}); {HOW_TO}", pytrace=False)
-
-
-def admin_sql(*statements: str) -> None:
-    """Run statements on the admin connection (CREATE / DROP DATABASE cannot run in a transaction)."""
-    async def run() -> None:
-        admin = await asyncpg.connect(ADMIN_DSN, timeout=5)
-        try:
-            for sql in statements:
-                await admin.execute(sql)
-        finally:
-            await admin.close()
-
-    asyncio.run(run())
 
 
 @pytest.fixture(scope="session")
@@ -194,14 +173,6 @@ def rtm_env(database_url: str, redis_url: str, docker_client, stub_images, tmp_p
     for key in r.scan_iter(match=f"t{unique}:*"):
         r.delete(key)
     r.close()
-
-
-def cleanup_docker(client: docker.DockerClient, instance: str, network: str) -> None:
-    for c in client.containers.list(all=True, filters={"label": f"com.galaxy.instance={instance}"}):
-        c.remove(force=True)
-    for n in client.networks.list(names=[network]):
-        if n.name == network:
-            n.remove()
 
 
 # ---------------------------------------------------------------------------------------------

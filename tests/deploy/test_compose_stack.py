@@ -28,8 +28,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.support import ROOT, free_port
-from tests.waits import wait_for
+from tests.support import ROOT, free_port, wait_for, xrange_json_results
 
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
 BUILD_SCRIPT = ROOT / "deploy" / "images" / "build.sh"
@@ -112,8 +111,7 @@ class Stack:
 
     def results(self) -> list[dict[str, str]]:
         """The whole results stream, read through the stack's Redis."""
-        entries = json.loads(self.redis_cli("--json", "XRANGE", "runtime:job_results", "-", "+") or "[]")
-        return [dict(zip(fields[::2], fields[1::2], strict=True)) for _, fields in entries or []]
+        return xrange_json_results(self.redis_cli("--json", "XRANGE", "runtime:job_results", "-", "+"))
 
     def result_for(self, entry_id: str, timeout: float) -> dict[str, str]:
         return wait_for(f"result of job entry {entry_id}",

@@ -7,8 +7,7 @@ import time
 
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
+from tests.support import ControllerProcess, ResultReader, migrate
 
 
 def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client, tmp_path, unique):

@@ -16,9 +16,7 @@ from pathlib import Path
 import asyncpg
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, PrivateDockerd, ResultReader
-from tests.waits import wait_for
+from tests.support import ControllerProcess, PrivateDockerd, ResultReader, migrate, wait_for
 
 
 @contextlib.contextmanager

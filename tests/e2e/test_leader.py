@@ -5,23 +5,14 @@ from __future__ import annotations
 import functools
 import json
 import signal
-import socket
 import time
 import urllib.request
 
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
-from tests.waits import eventually_sync
+from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port, migrate
 
 TTL = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def leads(port: int) -> bool | None:

@@ -9,8 +9,7 @@ import uuid
 import asyncpg
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, PostgresCluster, RedisServer, ResultReader
+from tests.support import ControllerProcess, PostgresCluster, RedisServer, ResultReader, migrate
 
 
 def test_a_result_left_in_the_outbox_is_published_once(rtm_env, tmp_path):

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, RedisServer, ResultReader, free_port
+from tests.support import ControllerProcess, RedisServer, ResultReader, free_port, migrate
 
 MAX_TURN = 2**31 - 1
 IMAGE = "galaxy/engine-stub:1.0"

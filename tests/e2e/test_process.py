@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
+from tests.support import ControllerProcess, ResultReader, migrate
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

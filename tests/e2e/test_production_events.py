@@ -6,8 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,10 +14,18 @@ import asyncpg
 import pytest
 import redis
 
-from tests.conftest import admin_sql, dsn_for
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, PostgresCluster, ResultReader, free_port
-from tests.waits import eventually_sync
+from tests.support import (
+    ControllerProcess,
+    PostgresCluster,
+    ResultReader,
+    cli,
+    eventually_sync,
+    free_port,
+    migrate,
+    running,
+)
+from tests.support.http import resyncs
+from tests.support.local import admin_sql, dsn_for
 
 STUB = "galaxy/engine-stub:1.0"
 
@@ -35,15 +41,6 @@ def http_status(url: str, timeout: float = 3.0) -> int | None:
         return exc.code
     except OSError:
         return None
-
-
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
-
-
-def running(docker_client, game: str) -> list[str]:
-    return [c.id for c in docker_client.containers.list(filters={"label": f"com.galaxy.game-id={game}"})]
 
 
 # --------------------------------------------------------------- defect 5: an empty database
@@ -67,12 +64,16 @@ def test_a_controller_on_an_empty_database_never_disposes_of_running_games(rtm_e
     # The database is lost (a new volume, `compose down -v`): same instance, empty schema.
     fresh = f"rtm_test_{os.getpid()}_fresh_{unique}"
     admin_sql(f'CREATE DATABASE "{fresh}"')
-    env2 = {**env, "RTMANAGER_DATABASE_URL": dsn_for(fresh)}  # Redis and its consumer group are kept
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env2 = {**env, "RTMANAGER_DATABASE_URL": dsn_for(fresh),  # Redis and its consumer group are kept
+            "RTMANAGER_HTTP_PORT": str(port)}
     migrate(env2)
     ctl = ControllerProcess(env2, tmp_path / "second.log").start()
     try:
         wait_until(lambda: "unowned" in ctl.log(), 30, "the unowned containers reported")
-        time.sleep(3)  # six resync intervals: plenty of chances to dispose of them
+        seen = resyncs(base)
+        wait_until(lambda: resyncs(base) >= seen + 6, 30, "six more resyncs: plenty of chances to dispose of them")
         assert {g: running(docker_client, g) for g in games} == before, ctl.log()[-3000:]
         status = cli(env2, "status")
         assert status.returncode == 0, status.stderr

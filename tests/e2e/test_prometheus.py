@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -20,17 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
-from tests.waits import eventually_sync
+from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port, migrate
 
 PROMETHEUS_WAIT = 240.0  # the binary may still be being installed when the suite starts
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prometheus_binary() -> str:

@@ -11,9 +11,7 @@ import time
 import asyncpg
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, RedisServer, ResultReader
-from tests.waits import eventually_sync
+from tests.support import ControllerProcess, RedisServer, ResultReader, eventually_sync, migrate
 
 wait_until = functools.partial(eventually_sync, interval=0.2)
 

@@ -7,38 +7,17 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import subprocess
-import urllib.error
-import urllib.request
 from urllib.parse import urlsplit
 
 import redis
 
-from tests.conftest import admin_sql
-from tests.e2e.test_production_events import cli, running
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader, free_port
-from tests.waits import eventually_sync
+from tests.support import ControllerProcess, ResultReader, cli, eventually_sync, free_port, migrate, running
+from tests.support.http import get, resyncs
+from tests.support.local import admin_sql
 
 STUB = "galaxy/engine-stub:1.0"
 wait_until = functools.partial(eventually_sync, interval=0.2)
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""  # not listening yet
-
-
-def resyncs(base: str) -> float:
-    _, text = get(f"{base}/metrics")
-    m = re.search(r'^rtmanager_resync_total\{result="ok"\} (\S+)$', text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def test_a_restored_backup_keeps_the_games_started_after_it(rtm_env, docker_client, tmp_path, unique):

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
-from tests.waits import eventually_sync
+from tests.support import ControllerProcess, ResultReader, eventually_sync, migrate
 
 
 def test_kill_9_during_failing_replacements_restores_every_games_old_state(rtm_env, docker_client, tmp_path, unique):

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.test_walking_skeleton import migrate
-from tests.support import ControllerProcess, ResultReader
+from tests.support import ControllerProcess, ResultReader, migrate
 
 
 @pytest.mark.parametrize("kill_when", ["asked", "generating"])

@@ -8,19 +8,10 @@ mount; a stop job stops one of them and is answered.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import redis
 
-from tests.support import ControllerProcess, ResultReader
-
-
-def migrate(env: dict[str, str]) -> None:
-    import os
-    out = subprocess.run([sys.executable, "-m", "controller.cli", "migrate"], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+from tests.support import ControllerProcess, ResultReader, migrate
 
 
 def test_start_two_games_then_stop_one(rtm_env, docker_client, tmp_path, unique):

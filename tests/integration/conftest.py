@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_http import Api
+from tests.support.api import Api
 
 
 @pytest.fixture

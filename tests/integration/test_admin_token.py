@@ -10,9 +10,8 @@ import logging
 
 import asyncpg
 
-from tests.integration.test_http import STUB_10
-from tests.integration.test_turns import FAST, engine_turn, runtime
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.api import FAST, STUB_10, engine_turn, runtime
 
 
 def _env_token(container) -> str:

@@ -14,8 +14,7 @@ from desired.db.store import Store
 from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
 from observed.docker import DockerBackend, ensure_state_dir
-from tests.integration.harness import Harness
-from tests.waits import eventually
+from tests.support import Harness, eventually, settled
 
 
 @pytest.fixture
@@ -326,12 +325,12 @@ async def test_a_foreign_container_holding_the_name_is_never_recorded_as_ours(h,
     foreign = docker_client.containers.run("galaxy/engine-stub:1.0", detach=True, name="galaxy-game-held-1",
                                            network=settings.runtime.docker_network)
     try:
-        await h.start()
+        ctl = await h.start()
         res = await h.result(await h.submit_start("held-1"))
         assert res["error_code"] == "container_start_failed" and "does not manage" in res["error_message"]
         rec = await eventually(lambda: _status(store, "held-1", Status.STOPPED), what="recorded stopped")
         assert rec.converged and rec.current_container_id is None
-        await asyncio.sleep(1.5)  # nothing keeps working on it
+        await settled(ctl, horizon=60)  # nothing keeps working on it: no retry planned
         assert (await store.get("held-1")).generation == rec.generation
         foreign.reload()
         assert foreign.status == "running"
@@ -445,6 +444,6 @@ async def test_removals_nobody_asked_for_are_rationed_per_resync(h, pool):
         return [g for g in ("ration-1", "ration-2") if (await store.get(g)).status is Status.REMOVED]
 
     await eventually(one_removed, timeout=10, what="one cleanup")
-    await asyncio.sleep(1.5)
+    await settled(ctl, horizon=60)  # the resync is 300 s away: nothing else removes before it
     assert len(await one_removed()) == 1  # the second waits for the next resync interval's budget
     del ctl

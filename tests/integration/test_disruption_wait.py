@@ -10,8 +10,8 @@ import json
 import time
 from pathlib import Path
 
-from tests.integration.test_http import STUB_10, STUB_11
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.api import STUB_10, STUB_11
 
 FAST = dict(engine_admin_path="/cgi-bin/admin/v1", health_interval="0.3", resync_interval="1")
 GENERATION = 15  # seconds a generation takes

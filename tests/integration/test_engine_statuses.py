@@ -6,31 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from pathlib import Path
 
-from tests.integration.test_http import STUB_10
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.api import STUB_10, control, snapshots
 
 ADMIN = "/cgi-bin/admin/v1"
 FAST = dict(engine_admin_path=ADMIN, health_interval="0.3", unreachable_after="2", resync_interval="1")
 
 
-async def snapshots(api, game: str) -> list[dict[str, str]]:
-    stream = api.env["RTMANAGER_SNAPSHOT_STREAM"]
-    return [f for _, f in await api.redis.xrange(stream) if f["game_id"] == game]
-
-
 async def status_of(api, game: str) -> str:
     _, body = await api.get(f"/api/v1/runtimes/{game}")
     return body.get("status", "")
-
-
-def control(api, game: str, name: str, content: str = "") -> Path:
-    d = Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "stub-control"
-    d.mkdir(exist_ok=True)
-    d.chmod(0o755)
-    (d / name).write_text(content)
-    return d / name
 
 
 def assert_revisions_increase(snaps: list[dict[str, str]]) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.conftest import STUB_REPO
-from tests.waits import eventually_sync as eventually
+from tests.support import eventually_sync as eventually
+from tests.support.local import STUB_REPO
 
 ADMIN = "/cgi-bin/admin/v1"
 STATE_TARGET = "/var/lib/galaxy-engine"

@@ -8,94 +8,16 @@ to it with aiohttp, as an operator's tool would.
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
-import socket
 import time
 from typing import Any
 
-import aiohttp
-import docker
 import yarl
 
-from controller.app import Controller
-from tests.integration.harness import Harness
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.api import STUB_10, STUB_11
 
-STUB_10 = "galaxy/engine-stub:1.0"
-STUB_11 = "galaxy/engine-stub:1.1"
 RESULT_FIELDS = {"game_id", "outcome", "container_id", "engine_endpoint", "error_code", "error_message", "job",
                  "job_entry_id", "result_id"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Api(Harness):
-    """In-process controllers of one isolated environment, and an HTTP client for them."""
-
-    def __init__(self, env: dict[str, str], docker_client: docker.DockerClient) -> None:
-        self.token = secrets.token_hex(16)  # 32 characters
-        assert len(self.token) == 32
-        super().__init__({**env, "RTMANAGER_HTTP_HOST": "127.0.0.1", "RTMANAGER_API_TOKEN": self.token,
-                          "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*,galaxy/engine:*"}, docker_client)
-        self.port = 0
-        self.session: aiohttp.ClientSession | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    async def start(self, leader: bool = True, **overrides: str) -> Controller:
-        """A controller on a fresh free port; with ``leader`` wait until it leads."""
-        port = free_port()
-        ctl = await super().start(http_port=str(port), **overrides)
-        task = self.running[-1][1]
-        if not self.port:
-            self.port = port
-        if self.session is None:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
-        if leader:
-            deadline = time.monotonic() + 15
-            while not ctl.is_leader:
-                assert time.monotonic() < deadline, "the controller did not become leader within 15s"
-                assert not task.done(), f"the controller stopped: {task.result()}"
-                await asyncio.sleep(0.05)
-        return ctl
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-        await self.redis.aclose()
-
-    async def request(self, method: str, path: str, *, port: int | None = None, auth: bool = True,
-                      headers: dict[str, str] | None = None, **kwargs) -> tuple[int, Any, aiohttp.ClientResponse]:
-        hdrs = {**(self.auth if auth else {}), **(headers or {})}
-        url = f"http://127.0.0.1:{port or self.port}{path}"
-        async with self.session.request(method, url, headers=hdrs, **kwargs) as resp:
-            raw = await resp.read()
-            body: Any = raw.decode()
-            if resp.content_type == "application/json":
-                body = json.loads(raw)
-            return resp.status, body, resp
-
-    async def get(self, path: str, **kwargs) -> tuple[int, Any]:
-        status, body, _ = await self.request("GET", path, **kwargs)
-        return status, body
-
-    async def job(self, game: str, kind: str, body: Any = None, *, wait: float | None = None,
-                  **kwargs) -> tuple[int, Any]:
-        params = {"wait": str(wait)} if wait is not None else None
-        status, resp_body, _ = await self.request("POST", f"/api/v1/runtimes/{game}/{kind}", json=body,
-                                                  params=params, **kwargs)
-        return status, resp_body
 
 
 def assert_result_shape(body: dict[str, Any], *, with_operation: bool = True) -> None:

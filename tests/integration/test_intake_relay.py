@@ -15,6 +15,7 @@ from controller.streams import Entry, RedisStreams
 from desired.db.store import Store
 from desired.errors import StoreUnavailable
 from desired.values import Rejection
+from tests.support import read_results
 
 
 @pytest.fixture
@@ -83,11 +84,6 @@ async def drain(intake: Intake) -> None:
     await intake.ensure_groups()
     await intake.pending_pass()
     await intake.read_round(block_ms=None)
-
-
-async def read_results(redis_client, stream: str) -> list[dict[str, str]]:
-    entries = await redis_client.xrange(stream)
-    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
 
 
 BAD_ENTRIES = [

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from controller.openapi import openapi_document
-from tests.integration.test_http import STUB_10, STUB_11
+from tests.support.api import STUB_10, STUB_11
 
 CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
                response_schema_conformance, ignored_auth]

@@ -18,10 +18,7 @@ from desired.db.notifications import Notifications
 from desired.db.store import Store
 from desired.model import ErrorCode, JobKind
 from desired.wakeup import Signal
-from tests.integration.harness import Harness
-from tests.waits import eventually
-
-pytestmark = pytest.mark.integration
+from tests.support import Harness, eventually
 
 PROMPT = 5.0  # seconds a snapshot may take from the change to the stream; the poll is 30 s
 QUIET = dict(health_interval="0", crash_limit="100")  # no health round; a crash loop that is not given up

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 
 from observed.engine import EngineClient
-from tests.integration.test_http import STUB_10, STUB_11
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.api import STUB_10, STUB_11
 
 
 async def record(api, game: str) -> dict:

@@ -8,7 +8,7 @@ import asyncpg
 
 from desired.db.rows import RECENTLY_PUBLISHED_SQL
 from desired.db.store import Store
-from tests.waits import eventually
+from tests.support import eventually
 
 ROWS = 200_000
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cleanup_docker
-from tests.integration.test_http import STUB_10, STUB_11, Api
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.api import STUB_10, STUB_11, Api
+from tests.support.local import cleanup_docker
 
 
 async def record(api, game: str) -> dict:

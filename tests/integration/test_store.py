@@ -21,6 +21,7 @@ from desired.model import (
     Status,
     StopReason,
 )
+from tests.support import eventually
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
 IMG = "galaxy/engine-stub:1.0"
@@ -390,7 +391,12 @@ async def test_renewal_does_not_wait_for_writes_in_flight_but_a_take_over_does(p
         assert await asyncio.wait_for(lease.renew(), 1.0)  # the holder's renewal does not wait for it
         await pool.execute("UPDATE leader_leases SET expires_at = now()")  # the term lapses meanwhile
         take_over = asyncio.create_task(other.acquire())
-        await asyncio.sleep(0.5)
+
+        async def waiting_on_a_lock() -> int:
+            return await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                       " AND wait_event_type = 'Lock'")
+
+        await eventually(waiting_on_a_lock, 10, "the take-over waiting on a lock", interval=0.02)
         assert not take_over.done()  # waits for the old term's write to end
     finally:
         await tx.rollback()

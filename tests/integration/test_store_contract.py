@@ -7,8 +7,6 @@ import pytest
 from desired.db.store import Store
 from tests.contract.store import *  # noqa: F403 - the contract's tests, collected here
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 def store(pool) -> Store:

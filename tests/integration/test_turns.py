@@ -8,23 +8,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from tests.integration.test_http import STUB_10
-from tests.waits import eventually
-
-FAST = dict(engine_admin_path="/cgi-bin/admin/v1", health_interval="0.3", resync_interval="1")
-
-
-async def runtime(api, game: str) -> dict:
-    status, body = await api.get(f"/api/v1/runtimes/{game}")
-    assert status == 200, body
-    return body
-
-
-def engine_turn(api, game: str) -> int:
-    """The turn the engine itself keeps in its state directory."""
-    import json
-    raw = (Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "engine" / "status.json").read_text()
-    return json.loads(raw)["turn"]
+from tests.support import eventually, settled
+from tests.support.api import FAST, STUB_10, engine_turn, runtime
 
 
 def slow(api, game: str, seconds: str) -> None:
@@ -62,7 +47,7 @@ async def _turn_at_least(api, game: str, turn: int) -> bool:
 
 
 async def test_force_next_turn_advances_exactly_one_turn_even_sent_twice_at_once(api):
-    await api.start(**FAST)
+    ctl = await api.start(**FAST)
     game = "force1"
     status, res = await api.job(game, "start", {"image_ref": STUB_10})
     assert res["outcome"] == "success", res
@@ -71,7 +56,7 @@ async def test_force_next_turn_advances_exactly_one_turn_even_sent_twice_at_once
     answers = await asyncio.gather(api.job(game, "force-next-turn"), api.job(game, "force-next-turn"))
     assert [a[1]["outcome"] for a in answers] == ["success", "success"], answers
     assert engine_turn(api, game) == 1 and (await runtime(api, game))["turn"] == 1
-    await asyncio.sleep(1.5)  # nothing asks for another
+    await settled(ctl, horizon=5)  # nothing asks for another: no turn poll or retry planned
     assert engine_turn(api, game) == 1
 
 
@@ -146,7 +131,7 @@ async def test_schedule_is_set_through_rest_and_validated(api):
 async def test_a_long_generation_whose_engine_does_not_answer_is_not_engine_unreachable(api):
     """Issue 21 #9: one status timeout during a long generation failed the forced turn
     engine_unreachable, then the engine published the turn; a retry in between must not ask for two."""
-    from tests.integration.test_engine_statuses import control, snapshots
+    from tests.support.api import control, snapshots
 
     ctl = await api.start(**FAST, start_timeout="1", unreachable_after="2")
     game = "slowst1"

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.integration.test_http import STUB_10, STUB_11
+from tests.support.api import STUB_10, STUB_11
 
 V = "/api/v1/admin/engine-versions"
 

@@ -31,8 +31,8 @@ from observed.docker import DockerBackend, ensure_state_dir
 from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.model import ContainerSpec, ObservedContainer
 from observed.swarm import SwarmBackend
-from tests.conftest import cleanup_docker
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.local import cleanup_docker
 
 STATE_TARGET = "/var/lib/galaxy-engine"
 ENGINE_USER = (10000, 10000)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import pytest
 
 from desired.db.store import Store
-from tests.integration.harness import Harness
+from tests.support import Harness, eventually
 from tests.swarm.nodes import STUBS, Cluster
-from tests.waits import eventually
 
 
 @pytest.fixture

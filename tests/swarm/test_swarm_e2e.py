@@ -26,8 +26,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from tests.support import ROOT
-from tests.waits import wait_for
+from tests.support import ROOT, wait_for, xrange_json_results
 
 STACK_FILE = ROOT / "deploy" / "swarm" / "stack.yaml"
 PREPARE = ROOT / "deploy" / "swarm" / "prepare.sh"
@@ -138,8 +137,7 @@ class Stack:
         return self.redis_cli("XADD", "runtime:stop_jobs", "*", "game_id", game, "reason", "finished")
 
     def results(self) -> list[dict[str, str]]:
-        entries = json.loads(self.redis_cli("--json", "XRANGE", "runtime:job_results", "-", "+") or "[]")
-        return [dict(zip(fields[::2], fields[1::2], strict=True)) for _, fields in entries or []]
+        return xrange_json_results(self.redis_cli("--json", "XRANGE", "runtime:job_results", "-", "+"))
 
     def result_for(self, entry_id: str, timeout: float = 90) -> dict[str, str]:
         return wait_for(f"result of job entry {entry_id}",

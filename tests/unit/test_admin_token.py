@@ -17,7 +17,7 @@ from observed.engine import EngineClient
 from observed.errors import EngineRefused
 from observed.model import ADMIN_TOKEN_ENV, from_inspect
 from tests.fakes import FakeContainer
-from tests.unit.test_reconciler import IMG, IMG2, World
+from tests.support.world import IMG, IMG2, World
 
 GAME = "g1"
 

@@ -12,7 +12,7 @@ from controller.spec import Specs
 from desired import transitions
 from desired.jobs import turn_due
 from desired.model import DesiredStatus, Status
-from tests.unit.test_planner import HASH, KW, NOW, OLD_HASH, RM, ST, T0, R, ours, record
+from tests.support.planning import HASH, KW, NOW, OLD_HASH, RM, ST, T0, R, ours, record
 
 A = ActionKind
 LIMIT = 600.0
@@ -133,13 +133,13 @@ NAME = "galaxy-game-g1"
 
 @pytest.fixture
 def w(tmp_path):
-    from tests.unit.test_reconciler import World
+    from tests.support.world import World
     return World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60")
 
 
 async def generating(w):
     """g1 runs; its engine generates turn 1 while the record still says idle (a stale probe)."""
-    from tests.unit.test_reconciler import started
+    from tests.support.world import started
     w.engine.admin["galaxy/engine-stub:1.0"] = "slow"
     rec = await started(w)
     assert rec.status is Status.RUNNING and rec.admin_api is True
@@ -272,7 +272,7 @@ def version(image: str, grace: int | None):
 
 async def test_the_stop_of_an_engine_takes_the_grace_of_the_version_it_runs(tmp_path):
     from desired.model import JobKind
-    from tests.unit.test_reconciler import World, started
+    from tests.support.world import World, started
     w = World(tmp_path)  # RTMANAGER_VERSION_POLICY is allowlist: the registry still gives the grace
     w.store.versions["galaxy/engine-stub:1.0"] = version("galaxy/engine-stub:1.0", 45)
     w.store.versions["galaxy/engine-stub:1.1"] = version("galaxy/engine-stub:1.1", None)
@@ -291,7 +291,7 @@ def test_a_grace_is_not_part_of_the_spec_hash(tmp_path):
     import dataclasses
 
     from controller.spec import build_spec
-    from tests.unit.test_reconciler import World
+    from tests.support.world import World
     spec = build_spec(World(tmp_path).settings, record(Status.RUNNING, R))
     assert dataclasses.replace(spec, stop_grace=300.0).spec_hash == spec.spec_hash  # no recreate for a new grace
 
@@ -335,7 +335,7 @@ def test_a_swarm_service_is_created_with_its_versions_grace(tmp_path, grace, exp
 
     from controller.spec import build_spec
     from observed.swarm import SwarmBackend
-    from tests.unit.test_reconciler import World
+    from tests.support.world import World
     spec = dataclasses.replace(build_spec(World(tmp_path).settings, record(Status.RUNNING, R)), stop_grace=grace)
     body = SwarmBackend(instance="default", network="galaxy-games", stop_grace=7.0)._service_spec(spec)
     assert body["TaskTemplate"]["ContainerSpec"]["StopGracePeriod"] == expected * 10**9
@@ -343,7 +343,7 @@ def test_a_swarm_service_is_created_with_its_versions_grace(tmp_path, grace, exp
 
 async def test_the_time_a_stop_waited_for_a_generation_does_not_count_against_the_job_timeout(tmp_path):
     from desired.model import ErrorCode, JobKind
-    from tests.unit.test_reconciler import World
+    from tests.support.world import World
     w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="600", RTMANAGER_JOB_TIMEOUT="60")
     await generating(w)
     await job(w, JobKind.STOP)

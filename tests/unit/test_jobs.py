@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
@@ -27,11 +27,9 @@ from desired.model import (
     Status,
     StopReason,
 )
+from tests.support.job_records import DEFAULTS, ENDPOINT, IMG1, NOW, rec
 
 ALLOW = ImageAllowlist("galaxy/engine:*, galaxy/engine-stub:*,localhost:5000/galaxy/engine:*")
-DEFAULTS = RecordDefaults(docker_network="galaxy-games", state_root="/var/lib/rtmanager/games", engine_port=8080)
-T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
-NOW = T0 + timedelta(hours=1)
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -272,32 +270,8 @@ def test_state_path_stays_one_level_under_root(game_id: str) -> None:
 
 # -------------------------------------------------------------------- decide()
 
-IMG1 = "galaxy/engine:1"
 IMG2 = "galaxy/engine:2"
 OTHER = "galaxy/engine-stub:1"
-ENDPOINT = "http://galaxy-game-g1:8080"
-
-
-def rec(status: Status, desired: DesiredStatus, *, gen: int, obs: int, **kw) -> RuntimeRecord:
-    base = dict(
-        game_id="g1", status=status, current_container_id=None, current_image_ref=None,
-        engine_endpoint=ENDPOINT, state_path="/var/lib/rtmanager/games/g1", docker_network="galaxy-games",
-        started_at=None, stopped_at=None, removed_at=None, last_op_at=T0 + timedelta(minutes=5),
-        created_at=T0, desired_status=desired, desired_image_ref=IMG1, generation=gen,
-        observed_generation=obs,
-    )
-    run = dict(current_container_id="c1", current_image_ref=IMG1, started_at=T0 + timedelta(seconds=1))
-    stop = dict(run, stopped_at=T0 + timedelta(minutes=2))
-    if status is Status.RUNNING:
-        base.update(run)
-    elif status is Status.STOPPED:
-        base.update(stop)
-    elif status is Status.REMOVED:
-        base.update(stop, current_container_id=None, removed_at=T0 + timedelta(minutes=3))
-    base.update(kw)
-    r = RuntimeRecord(**base)
-    r.validate()
-    return r
 
 
 R, ST, RM = DesiredStatus.RUNNING, DesiredStatus.STOPPED, DesiredStatus.REMOVED

@@ -22,9 +22,13 @@ from desired.jobs import Job
 from desired.leader import Fence
 from desired.model import JobKind, OpSource, Status
 from tests.fakes import FakeStore, FakeStreams, defaults
-from tests.unit.test_reconciler import IMG, World
-from tests.unit.test_relay_and_leadership import FakeLease, answered
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.world import IMG, FakeLease, World, answered
+
+# Virtual time (looptime): the loops' backoffs and polls are asyncio sleeps, so the event loop's
+# clock jumps over them when nothing else is ready. A test whose code also reads time.monotonic
+# (a leadership term, a game's hold-back) runs on real time: it says so with looptime(False).
+pytestmark = pytest.mark.looptime
 
 START, RESULTS = "runtime:start_jobs", "runtime:job_results"
 
@@ -140,6 +144,7 @@ async def test_the_turn_clock_survives_an_unknown_store_error_and_asks_after():
         await asyncio.wait_for(task, 5)
 
 
+@pytest.mark.looptime(False)  # the turn clock holds a game back by time.monotonic()
 async def test_one_games_poison_fails_that_game_with_backoff_and_the_others_get_turns():
     store, admission, metrics = DueStore(["bad", "good"]), Asked(), Metrics()
     admission.poison.add("bad")
@@ -254,6 +259,7 @@ async def test_a_reconcile_worker_survives_an_unknown_error_and_converges_after(
 
 
 # --------------------------------------------------------------- leadership
+@pytest.mark.looptime(False)  # the fence's term ends by time.monotonic()
 async def test_leadership_survives_an_unknown_error_campaigning_and_renewing():
     fence = Fence(instance="i", holder="me", ttl=0.6)
     lease, metrics = FakeLease(fence), Metrics()
@@ -358,7 +364,7 @@ async def test_a_loop_that_dies_is_started_again_with_backoff_and_the_process_go
     runs: list[float] = []
 
     async def loop() -> None:
-        runs.append(time.monotonic())
+        runs.append(asyncio.get_running_loop().time())
         if len(runs) <= 3:
             raise Boom("a poison value")
         await asyncio.Event().wait()

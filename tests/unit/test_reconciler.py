@@ -8,46 +8,14 @@ import pytest
 from controller.admission import Admission
 from controller.config import Settings
 from controller.metrics import Metrics
-from controller.reconciler import Reconciler
 from controller.triggers import TurnClock
-from controller.workqueue import WorkQueue
 from desired.errors import DockerUnavailable
 from desired.jobs import Job
-from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status, StopReason
+from desired.model import DesiredStatus, ErrorCode, JobKind, OpSource, Status
 from observed.errors import BackendUnavailable, EngineUnreachable, Refused
 from observed.model import LABEL_DATABASE, LABEL_EPOCH, LABEL_GAME_ID, LABEL_INSTANCE, LABEL_MANAGED_BY
-from tests.fakes import FakeBackend, FakeContainer, FakeEngine, FakeStore, defaults
-
-IMG, IMG2 = "galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1"
-
-
-class World:
-    def __init__(self, tmp_path, **env: str) -> None:
-        self.settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
-                                           "RTMANAGER_STATE_ROOT": str(tmp_path / "games"),
-                                           "RTMANAGER_ORPHAN_GRACE": "0", **env})
-        self.store = FakeStore()
-        self.backend = FakeBackend()
-        self.engine = FakeEngine(self.backend)
-        self.queue = WorkQueue()
-        self.reconciler = Reconciler(self.settings, self.store, self.backend, self.engine, Metrics(), self.queue,
-                                     clock=self.store.clock, database="db-1")
-        self.defaults = defaults(str(tmp_path / "games"))
-
-    async def job(self, kind: JobKind, game: str, image: str | None = None) -> None:
-        await self.store.submit(Job(kind=kind, game_id=game, source=OpSource.LOBBY, image_ref=image,
-                                    reason=StopReason.CANCELLED if kind is JobKind.STOP else None,
-                                    stream="s", entry_id=f"{len(self.store.ops) + 1}-0"), self.defaults)
-
-    async def sync(self, game: str):
-        await self.reconciler.sync(game)
-        return self.store.records.get(game)
-
-    def results(self, game: str) -> list[tuple[str, str, str]]:
-        return [(r["job"], r["outcome"], r["error_code"]) for r in self.store.results_for(game)]
-
-    def running(self, game: str) -> list:
-        return [c for c in self.backend.containers.values() if c.name == f"galaxy-game-{game}" and c.state == "running"]
+from tests.fakes import FakeContainer
+from tests.support.world import IMG, IMG2, World, started
 
 
 @pytest.fixture
@@ -336,11 +304,6 @@ async def test_daemon_restarts_are_not_crashes(tmp_path):
 
 
 # ----------------------------------------------------------------------- turns
-async def started(w: World, game: str = "g1", image: str = IMG):
-    await w.job(JobKind.START, game, image)
-    return await w.sync(game)
-
-
 async def test_a_forced_turn_asks_the_engine_once_and_answers_when_it_is_generated(w):
     rec = await started(w)
     assert rec.turn == 0 and rec.admin_api is True  # asked at confirm time

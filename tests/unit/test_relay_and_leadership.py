@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
-import time
 
 import pytest
 
-import controller.http as http
-import controller.intake as intake
 from controller.config import Settings
 from controller.leadership import Leadership
 from controller.metrics import Metrics
 from controller.relay import Relay, RelayStalled
-from desired.errors import StoreUnavailable
 from desired.leader import Fence
-from desired.model import ErrorCode, JobKind
 from tests.fakes import FakeStore, FakeStreams
-from tests.waits import eventually
+from tests.support import eventually
+from tests.support.world import FakeLease, answered
 
 RESULTS = "runtime:job_results"
 
@@ -27,12 +22,6 @@ def relay_world() -> tuple[Relay, FakeStreams, FakeStore]:
     settings = Settings.from_env({})
     streams, store = FakeStreams(), FakeStore()
     return Relay(settings.streams, streams, store, Metrics()), streams, store
-
-
-async def answered(store: FakeStore, n: int) -> None:
-    for i in range(n):
-        await store.reject_entry(kind=JobKind.STOP, game_id=f"g{i % 3}", stream="s", entry_id=f"{i + 1}-0",
-                                 code=ErrorCode.INVALID_REQUEST, message="bad")
 
 
 async def test_results_are_published_in_commit_order_and_marked():
@@ -139,38 +128,6 @@ async def test_an_idle_relay_is_never_stalled():
 
 
 # ------------------------------------------------------------------ leadership
-class FakeLease:
-    """A lease whose answers the test decides: ``free`` (acquire), ``renews`` (renew), ``down`` (outage)."""
-
-    def __init__(self, fence: Fence) -> None:
-        self.fence = fence
-        self.free = True
-        self.renews = True
-        self.down = False
-        self.epoch = 0
-
-    reclaimed = False
-
-    async def acquire(self, reclaim: bool = False):
-        if self.down:
-            raise StoreUnavailable("postgres: fake outage")
-        if not self.free:
-            return None
-        self.epoch += 1
-        self.fence.epoch = self.epoch
-        self.fence.deadline = time.monotonic() + self.fence.ttl
-        self.free = False
-        return self.epoch
-
-    async def renew(self):
-        if self.down:
-            raise StoreUnavailable("postgres: fake outage")
-        if not self.fence.valid_locally or not self.renews:
-            return False
-        self.fence.deadline = time.monotonic() + self.fence.ttl
-        return True
-
-
 @pytest.fixture
 async def leading():
     fence = Fence(instance="i", holder="me", ttl=0.3)
@@ -222,10 +179,3 @@ async def test_renewals_that_fail_briefly_keep_the_term(leading):
     lease.down = False
     await asyncio.sleep(fence.ttl)
     assert events == ["elected 1"] and leadership.leading
-
-
-def test_admission_is_the_only_writer_of_desired_state():
-    """REST and the stream intake share one path (controller/admission.py)."""
-    for module in (http, intake):
-        source = inspect.getsource(module)
-        assert "store.submit(" not in source and "admission.submit(" in source, module.__name__

@@ -18,7 +18,7 @@ from desired.model import DesiredStatus
 from desired.storage import MinFree, backup_tag, disposable, keep_backup, nearly_full, needs_backup, replacing
 from observed import statedir
 from observed.errors import Refused
-from tests.unit.test_transitions import T0, S, rec
+from tests.support.transition_records import T0, S, rec
 
 GiB = 1024**3
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from controller.metrics import Metrics
 from controller.triggers import MIN_TICK, TurnClock
-from tests.waits import eventually
+from tests.support import eventually
+
+pytestmark = pytest.mark.looptime  # virtual time: the clock's waits are the event loop's
 
 
 class DueTimes:

@@ -16,7 +16,7 @@ from desired.model import MAX_TURN, DesiredStatus, ErrorCode, InvalidRecord, Job
 from observed.engine import MAX_TURN as ENGINE_MAX_TURN
 from observed.engine import parse_status
 from observed.errors import EngineUnreachable
-from tests.unit.test_jobs import DEFAULTS, NOW, rec
+from tests.support.job_records import DEFAULTS, NOW, rec
 
 
 def test_the_largest_turn_is_the_largest_32_bit_signed_integer():

@@ -1,4 +1,5 @@
-"""Helpers shared by the integration and end-to-end tests."""
+"""Processes and services of a test's own: ``rtmanager run`` as a subprocess, a throwaway Redis,
+a throwaway Postgres cluster, a private dockerd."""
 
 from __future__ import annotations
 
@@ -11,63 +12,26 @@ from pathlib import Path
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.net import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def separate_tier(folder: Path, env_var: str):
-    """A ``pytest_ignore_collect`` hook for a tier that runs as a step of its own.
-
-    A run over the whole of tests/ leaves ``folder`` out; naming the folder or a file in
-    it on the command line, or ``env_var=1``, runs it.
-    """
-
-    def asked_for(config) -> bool:
-        if os.environ.get(env_var) == "1":
-            return True
-        base = config.invocation_params.dir
-        for arg in config.args:
-            path = (base / arg.split("::", 1)[0]).resolve()
-            if path == folder or folder in path.parents:
-                return True
-        return False
-
-    def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
-        if collection_path.name == "conftest.py" or collection_path == folder:
-            return None
-        return None if asked_for(config) else True
-
-    return pytest_ignore_collect
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``rtmanager <args>`` with ``env`` over this process's environment, its output captured."""
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
 
 
-class ResultReader:
-    """Reads the results stream from the start, as Lobby would."""
+def migrate(env: dict[str, str]) -> None:
+    """``rtmanager migrate`` on the database of ``env``; fails the test when it fails."""
+    out = cli(env, "migrate")
+    assert out.returncode == 0, out.stderr
 
-    def __init__(self, redis_url: str, stream: str) -> None:
-        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.stream = stream
-        self.last = "0-0"
-        self.seen: list[dict[str, str]] = []
 
-    def wait_for(self, predicate, timeout: float = 30.0, what: str = "result") -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        for fields in self.seen:
-            if predicate(fields):
-                return fields
-        while time.monotonic() < deadline:
-            reply = self.r.xread({self.stream: self.last}, count=100, block=200)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    self.last = entry_id
-                    self.seen.append(fields)
-                    if predicate(fields):
-                        return fields
-        raise AssertionError(f"no {what} within {timeout}s; results so far: {self.seen}")
-
-    def for_entry(self, entry_id: str, timeout: float = 30.0) -> dict[str, str]:
-        return self.wait_for(lambda f: f.get("job_entry_id") == entry_id, timeout, f"result for {entry_id}")
-
-    def close(self) -> None:
-        self.r.close()
+def running(docker_client, game: str) -> list[str]:
+    """The ids of the running containers of ``game``."""
+    return [c.id for c in docker_client.containers.list(filters={"label": f"com.galaxy.game-id={game}"})]
 
 
 class ControllerProcess:
@@ -123,14 +87,6 @@ class ControllerProcess:
 # Services of a test's own, so that a test may stop, kill or restart them: a throwaway Redis, a
 # throwaway Postgres cluster and a private dockerd. Nothing here touches the machine's shared
 # services (deploy/local/services.sh).
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class RedisServer:
     """A throwaway redis-server of the test's own, so that it can be stopped.
