@@ -192,16 +192,21 @@ class Reconciler:
         """Converge one game: look, plan one action, carry it out, until a step says to stop. The only
         place that puts a game back on the work queue: once, at the earliest requeue of its steps."""
         steps: list[Step] = []
-        for _ in range(MAX_STEPS):
-            steps.append(await self._step(game_id))
-            if not steps[-1].again:
-                break
-        else:
-            log.warning("did not converge within %d steps; will look again", MAX_STEPS, extra={"game_id": game_id})
-            steps.append(requeue(1.0, "did not converge"))
-        step = merge(*steps)
-        if step.after is not None:
-            self.queue.add_after(game_id, step.after)
+        try:
+            for _ in range(MAX_STEPS):
+                steps.append(await self._step(game_id))
+                if not steps[-1].again:
+                    break
+            else:
+                log.warning("did not converge within %d steps; will look again", MAX_STEPS,
+                            extra={"game_id": game_id})
+                steps.append(requeue(1.0, "did not converge"))
+        finally:
+            # Also when a later step raises: a requeue an earlier step asked for (a crash's
+            # backoff) still holds, and the worker's retry after the error can only come sooner.
+            step = merge(*steps)
+            if step.after is not None:
+                self.queue.add_after(game_id, step.after)
         return step
 
     async def _step(self, game_id: str) -> Step:

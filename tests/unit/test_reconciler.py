@@ -3,6 +3,8 @@ seed the world, run one sync, assert the actions taken and the record and result
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from controller.admission import Admission
@@ -174,6 +176,29 @@ async def test_a_crash_restarts_after_a_backoff_and_the_limit_gives_up(tmp_path)
     rec = await w.sync("g1")
     assert rec.crash_count == 3 and rec.desired_status is DesiredStatus.STOPPED and rec.status is Status.STOPPED
     assert "crash loop" in rec.last_error_message
+
+
+async def test_a_crash_backoff_is_kept_when_a_later_step_of_the_same_sync_fails(w):
+    """A counted crash asks for the game again after its backoff; Docker failing at the next look of
+    the same sync must not drop that: the rate limiter's delay after an error (up to a minute for a
+    game whose Docker calls flapped before) would hold the restart instead of the crash backoff."""
+    await started(w)
+    w.backend.crash("g1", code=5)
+    record_crash = w.store.record_crash
+
+    async def then_docker_goes(*a, **k):
+        out = await record_crash(*a, **k)
+        w.backend.down = True  # the next step's look fails
+        return out
+    w.store.record_crash = then_docker_goes
+    with pytest.raises(DockerUnavailable):
+        await w.reconciler.sync("g1")
+    rec = w.store.records["g1"]
+    assert rec.crash_count == 1
+    backoff = (rec.restart_not_before - w.store.clock.now()).total_seconds()
+    timer = w.queue._timers.get("g1")
+    assert timer is not None, "the crash backoff's requeue was lost with the failing step"
+    assert timer.when() - asyncio.get_running_loop().time() <= backoff + 0.5
 
 
 async def test_a_crash_seen_for_an_older_generation_is_not_counted_against_a_newer_one(w):
