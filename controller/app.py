@@ -169,7 +169,7 @@ class Controller:
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
                                     max_sleep=s.runtime.resync_interval)
         self.outbox.subscribe(self.relay.poke)
-        self.outbox.subscribe(self.turn_clock.wake.set)  # a new game, a generated turn, a resume: a new due time
+        self.store.schedule.subscribe(self.turn_clock.wake.set)  # a new game, a generated turn, a resume, ...
         self.lease = Lease(s.database.database_url, self.fence)
         self.leadership = Leadership(self.lease, self.fence, self.metrics, on_elected=self._lead,
                                      on_deposed=self._step_down)
@@ -178,7 +178,7 @@ class Controller:
             metrics=self.metrics,
             is_leader=lambda: self.is_leader, readiness=self.readiness.check,
             results_changed=self.outbox.next,
-            schedule_changed=self.turn_clock.wake.set, unowned=lambda: self.resync.unowned,
+            unowned=lambda: self.resync.unowned,
             image_present=self._image_present,
             pull_image=self._pull_image))
         if s.http.http_port:
@@ -197,8 +197,8 @@ class Controller:
                              allowlist=s.images.image_allowlist)
         self.relay.reset()
         term = self.term_stopping
-        listener = Notifications(s.database.database_url, self.queue.add,
-                                 outbox=self.outbox)  # an operator tool's commits
+        listener = Notifications(s.database.database_url, self.queue.add,  # an operator tool's commits
+                                 outbox=self.outbox, schedule=self.store.schedule)
         self._spawn("relay", self.relay.run, leader=True)
         self._spawn("intake", self.intake.run, leader=True)
         for n in range(s.runtime.concurrency):

@@ -111,7 +111,6 @@ class HttpDeps:
     is_leader: Callable[[], bool]
     readiness: Callable[[], Awaitable[dict[str, str]]]
     results_changed: Callable[[], asyncio.Event]  # the event set when the next results are committed
-    schedule_changed: Callable[[], None] = lambda: None  # wake the turn clock
     unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
     image_present: Callable[[str], Awaitable[bool | None]] = lambda image: _unknown()
     pull_image: Callable[[str], Awaitable[None]] = lambda image: _unknown()
@@ -292,8 +291,7 @@ class HttpServer:
             return _error(404, f"no runtime for game {game_id}")
         except InvalidJob as exc:
             return _error(409, exc.message)
-        self.deps.schedule_changed()
-        return web.json_response(record_json(record))
+        return web.json_response(record_json(record))  # the store woke the turn clock at commit
 
     # ------------------------------------------------------- engine versions
     async def _version_json(self, entry: EngineVersion, live_games: int | None = None) -> dict[str, Any]:

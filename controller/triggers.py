@@ -183,8 +183,9 @@ class TurnClock:
     has passed since its last turn (or since it was started or resumed).
 
     One due-time query per tick, not a timer per game; the tick sleeps until the next game is due
-    (at most a resync interval, and woken when a schedule changes in this process). A game asks for
-    one turn at a time, so ticks missed during an outage give one turn when it ends, not a burst."""
+    (at most a resync interval, and woken by the store's ``schedule`` signal when a due time may
+    have moved). A game asks for one turn at a time, so ticks missed during an outage give one turn
+    when it ends, not a burst."""
 
     def __init__(self, *, store: TurnClockStore, admission: Admission, metrics: Metrics, max_sleep: float) -> None:
         self.store = store
@@ -250,8 +251,8 @@ class TurnClock:
                 else:
                     log.exception("turn clock failed unexpectedly; retrying in %.1fs", backoff)
                 delay, backoff = backoff, min(backoff * 2, TICK_RETRY_MAX)
-            # Every result written wakes the clock (a new game, a generated turn): at most a few
-            # due-time queries a second, however many results are written.
+            # Every commit that moves a due time wakes the clock (a new game, a generated turn): at most
+            # a few due-time queries a second, however many such commits there are.
             await wait_any(stopping, timeout=min(MIN_TICK, delay))
             if not self.wake.is_set():
                 await wait_any(stopping, self.wake, timeout=max(0.0, delay - MIN_TICK))

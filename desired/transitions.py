@@ -206,6 +206,18 @@ def turn_reached(record: RuntimeRecord) -> bool:
     return record.desired_turn is None or (record.turn is not None and record.turn >= record.desired_turn)
 
 
+# What the turn clock's due query reads of a record (desired/db/transitions.py ``due_turns``).
+CLOCK_INPUTS = ("turn_interval", "paused", "desired_status", "status", "admin_api", "desired_turn", "turn",
+                "generation", "observed_generation", "disruption_wait_since", "last_turn_at", "clock_from")
+
+
+def moves_the_clock(cur: RuntimeRecord | None, new: RuntimeRecord) -> bool:
+    """Whether writing ``new`` over ``cur`` can change when (or whether) the game's next turn is due:
+    the store raises the turn clock's signal after such a commit, and only then (a probe that
+    changed nothing the clock reads, the most frequent write, does not wake it)."""
+    return cur is None or any(getattr(cur, f) != getattr(new, f) for f in CLOCK_INPUTS)
+
+
 def turn_unasked(record: RuntimeRecord) -> RuntimeRecord:
     """Desired state stops asking for a turn the engine has not reached: the jobs that asked for it
     were answered (superseded, failed, given up), and a turn nobody waits for must not be generated

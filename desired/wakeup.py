@@ -1,5 +1,7 @@
-"""The outbox's signal: raised once a transaction that wrote results or snapshots has committed,
-for those who wait on them (the relay, the turn clock, REST callers waiting for their job's answer).
+"""The store's signals, raised once a transaction has committed: ``outbox`` when it wrote results or
+snapshots, for those who wait on them (the relay, REST callers waiting for their job's answer), and
+``schedule`` when it changed what decides when a game's next turn is due (a new game, a converged
+generation, a generated turn, a pause, a new interval), for the turn clock.
 
 The store raises it in this process after COMMIT (a reader woken before it would not see the
 rows). A store that does not lead (an operator's tool: no fence) also NOTIFYs ``OUTBOX_CHANNEL``
@@ -22,7 +24,7 @@ class Signal:
     """Every raise wakes every subscriber, and every waiter that took ``next()`` before it."""
 
     def __init__(self) -> None:
-        self.origin = uuid.uuid4().hex  # the NOTIFY payload of this process's writes
+        self.origin = uuid.uuid4().hex  # the NOTIFY payload of this process's outbox writes
         self.raised = 0
         self._next = asyncio.Event()
         self._subscribers: list[Callable[[], None]] = []
@@ -36,7 +38,7 @@ class Signal:
         return self._next
 
     def fire(self) -> None:
-        """The outbox has new rows, committed."""
+        """What this signal stands for was committed."""
         self.raised += 1
         woken, self._next = self._next, asyncio.Event()  # later waiters take the fresh event
         woken.set()

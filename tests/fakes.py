@@ -28,7 +28,7 @@ from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailabl
 from desired import snapshots, transitions, versions
 from desired.clock import ManualClock
 from desired.errors import Conflict, NotFound, StoreUnavailable, UniqueViolation
-from desired.jobs import Decision, DecisionAction, Job, RecordDefaults, decide, replaces
+from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, decide, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -62,6 +62,7 @@ from desired.values import (
     VersionInUse,
     decided,
 )
+from desired.wakeup import Signal
 from observed.docker import ensure_state_dir, user_ids
 from observed.engine import EngineStatus, LastGeneration
 from observed.errors import (
@@ -537,6 +538,8 @@ class FakeStore:
         self.versions: dict[str, versions.EngineVersion] = {}  # by image_ref
         self._seq = itertools.count(1)
         self._op_ids = itertools.count(1)
+        self.outbox = Signal()  # as the store's: raised by every write of an outbox row
+        self.schedule = Signal()  # as the store's: raised by every write that moves the turn clock
 
     def _check(self) -> datetime:
         if self.down:
@@ -600,7 +603,10 @@ class FakeStore:
         if reason is not None:
             new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else 0) + 1)
         new.validate()
+        moved = transitions.moves_the_clock(cur, new)
         self.records[new.game_id] = new
+        if moved:
+            self.schedule.fire()
         if reason is not None:
             snapshot_id = str(uuid.uuid4())
             self._outbox(snapshot_id, new.game_id, None, "snapshot", snapshots.fields(
@@ -847,6 +853,19 @@ class FakeStore:
                                 message=refusal)
         return decision
 
+    async def set_schedule(self, game_id: str, turn_interval: int, source: OpSource) -> RuntimeRecord:
+        """As desired/db/submissions.py: the turn clock's interval, desired state with no generation."""
+        now = self._check()
+        cur = self.records.get(game_id)
+        if cur is None:
+            raise NotFound(game_id)
+        if cur.desired_status is DesiredStatus.REMOVED:
+            raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} was removed", game_id)
+        new = self._write(cur, cur.replace(turn_interval=turn_interval, last_op_at=max(now, cur.last_op_at)), now)
+        self._op(game_id, JobKind.RECONCILE, source, OpStatus.SUCCEEDED, cur.generation,
+                 {"turn_interval": turn_interval}, None)
+        return new
+
     def _op(self, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,
             params: dict[str, Any], code: ErrorCode | None, stream: str | None = None, entry_id: str | None = None,
             message: str | None = None) -> Operation:
@@ -889,6 +908,7 @@ class FakeStore:
         self.results.append({"seq": next(self._seq), "result_id": result_id, "game_id": game_id, "fields": fields,
                              "operation_id": op.id if op else None, "published": None, "kind": kind,
                              "written_at": self.clock.now(), "accepted_at": op.created_at if op else None})
+        self.outbox.fire()
 
     async def claim(self, game_id: str, generation: int) -> builtins.list[tuple[int, datetime]]:
         self._check()

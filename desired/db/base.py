@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from desired import snapshots
+from desired import snapshots, transitions
 from desired.clock import Clock
 from desired.db.lease import check_fence
 from desired.db.pool import translating
@@ -49,16 +49,19 @@ class StoreBase:
     and checks the leadership fence (when there is one) in its first statement."""
 
     def __init__(self, pool: asyncpg.Pool, fence: Fence | None = None, clock: Clock | None = None,
-                 outbox: Signal | None = None) -> None:
+                 outbox: Signal | None = None, schedule: Signal | None = None) -> None:
         self.pool = pool
         self.fence = fence
         self.clock = clock or Clock()
         self.outbox = outbox or Signal()  # raised by every committed transaction that wrote the outbox
         self._outbox_written: set[asyncpg.Connection] = set()  # connections whose open transaction did
+        # raised by every committed transaction that changed what the turn clock's due query reads
+        self.schedule = schedule or Signal()
+        self._clock_moved: set[asyncpg.Connection] = set()  # connections whose open transaction did
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
-        wrote = False
+        wrote = moved = False
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
@@ -69,17 +72,22 @@ class StoreBase:
                         now = await conn.fetchval("SELECT now()")
                     self.clock.observe_db(now, before, datetime.now(UTC))
                     yield conn, now
-                    wrote = conn in self._outbox_written
+                    wrote, moved = conn in self._outbox_written, conn in self._clock_moved
                     if wrote and self.fence is None:
                         # A process that does not lead (an operator's tool) tells the leader, whose relay
                         # publishes: Postgres delivers NOTIFY at COMMIT, or never. The leader's own writes
                         # (fenced) notify nobody: every commit that sends one queues on one cluster-wide
-                        # lock, and the leader's relay is woken in-process below.
+                        # lock, and the leader's relay is woken in-process below. (A tool's change of
+                        # desired state reaches the leader's turn clock by the desired-state NOTIFY.)
                         await conn.execute("SELECT pg_notify($1, $2)", OUTBOX_CHANNEL, self.outbox.origin)
             finally:
                 self._outbox_written.discard(conn)
+                self._clock_moved.discard(conn)
+        # After COMMIT: a reader woken before it would not see the rows.
         if wrote:
-            self.outbox.fire()  # after COMMIT: a reader woken before it would not see the rows
+            self.outbox.fire()
+        if moved:
+            self.schedule.fire()
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
@@ -98,6 +106,8 @@ class StoreBase:
         if reason is not None:
             new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else 0) + 1)
         new.validate()
+        if transitions.moves_the_clock(cur, new):
+            self._clock_moved.add(conn)
         if cur is None:
             await insert_record(conn, new)
         else:

@@ -16,6 +16,7 @@ import pytest
 from desired.errors import NotFound, UniqueViolation
 from desired.jobs import Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource, OpStatus, Outcome, Status, StopReason
+from desired.transitions import Probe
 from desired.values import VersionInUse
 from desired.versions import VersionStatus
 
@@ -156,3 +157,24 @@ async def test_stream_marks_only_advance(store):
     assert await store.count_attempt("s:start", "1-0") == 2
     await store.forget_attempts("s:start", "1-0")
     assert await store.count_attempt("s:start", "1-0") == 1
+
+
+async def test_a_commit_that_moves_the_turn_clock_raises_its_signal_and_a_plain_probe_does_not(store):
+    """The turn clock sleeps until the next due game; the store wakes it after every commit that can
+    change a due time, whether or not the commit wrote the outbox (an interval set by an operator
+    writes no outbox row), and not after a probe that changed nothing the clock reads."""
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    assert store.schedule.raised == 1  # a new game
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=None)
+    rec = await store.mark_running(rec, container_id="c1", image=IMG)
+    probe = Probe(healthy=True, admin_api=True, turn=3, phase="idle")
+    rec = await store.record_observation(rec, probe, unreachable_after=3, generation_timeout=600)
+    raised, written = store.schedule.raised, store.outbox.raised
+    rec = await store.record_observation(rec, probe, unreachable_after=3, generation_timeout=600)
+    assert store.schedule.raised == raised  # the same engine, seen again
+    await store.set_schedule("g1", 60, OpSource.ADMIN)
+    assert store.schedule.raised == raised + 1 and store.outbox.raised == written
+    rec = await store.record_observation(await store.get("g1"), Probe(healthy=True, admin_api=True, turn=4,
+                                                                     phase="idle"),
+                                         unreachable_after=3, generation_timeout=600)
+    assert store.schedule.raised == raised + 2  # a generated turn: the next one counts from it

@@ -156,3 +156,30 @@ async def test_the_leaders_own_outbox_writes_send_no_notify(pool, database_url):
         await conn.close()
         await lease.release()
         await lease.close()
+
+
+async def test_a_schedule_set_by_another_process_wakes_the_leaders_turn_clock(pool, database_url):
+    """An interval set by an operator's tool writes no outbox row; the leader's turn clock hears it
+    through the desired-state NOTIFY that every change of desired state sends."""
+    from desired.jobs import Job, RecordDefaults
+    from desired.model import OpSource
+
+    tool = Store(pool)
+    await tool.submit(Job(kind=JobKind.START, game_id="sched", source=OpSource.LOBBY,
+                          image_ref="galaxy/engine-stub:1.0", stream="s:start", entry_id="9-0"),
+                      RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080))
+    schedule, games = Signal(), []
+    stopping = asyncio.Event()
+    listener = asyncio.create_task(Notifications(database_url, games.append, schedule=schedule).run(stopping))
+    try:
+        async def heard():
+            before = tool.outbox.raised
+            await tool.set_schedule("sched", 30, OpSource.ADMIN)  # again until the listener is connected
+            assert tool.outbox.raised == before  # no outbox row: the outbox signal cannot carry this
+            return schedule.raised and "sched" in games
+
+        await eventually(heard, timeout=10, what="a tool's schedule change heard by the leader's turn clock")
+        assert tool.schedule.raised >= 2  # and in the tool's own process at each commit
+    finally:
+        stopping.set()
+        await listener

@@ -136,6 +136,24 @@ async def test_a_failed_patch_rolls_back_to_the_image_that_ran(w, image, code, t
     assert any(o.params.get("event") == "rollback" for o in w.store.ops) is touched or code == "image_unavailable"
 
 
+@pytest.mark.parametrize("image", ["galaxy/engine-stub:missing", "galaxy/engine-stub:banned-since"])
+async def test_the_turn_clock_is_woken_when_a_failed_patch_has_converged_back(w, image):
+    """A game is due for turns only once its generation converged. A refused patch answers its job
+    (an outbox row) while the rollback generation is still open; the commit that converges the
+    rollback later writes no outbox row and changes no status. It must still wake the turn clock,
+    or the game's next turn waits up to a resync interval (the clock's longest sleep)."""
+    await started(w)
+    woken: list[bool] = []
+    w.store.schedule.subscribe(lambda: woken.append(w.store.records["g1"].converged))
+    await w.job(JobKind.PATCH, "g1", image)
+    if image.endswith("banned-since"):
+        w.settings.images.image_allowlist.patterns = (IMG,)  # banned after the job was accepted
+    rec = await w.sync("g1")
+    assert rec.converged and rec.desired_image_ref == IMG and rec.status is Status.RUNNING
+    assert w.results("g1")[-1][:2] == ("patch", "failure")
+    assert woken and woken[-1], "the clock was last woken before the game became due again"
+
+
 async def test_the_rollback_generation_failing_too_stops_the_game(w):
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
