@@ -3,6 +3,7 @@ lease whose answers the test decides (``FakeLease``), and answered jobs in a fak
 
 from __future__ import annotations
 
+import os
 import time
 
 from controller.config import Settings
@@ -23,8 +24,11 @@ class World:
     reconcile of a game and returns its record."""
 
     def __init__(self, tmp_path, **env: str) -> None:
+        # The engine user is whoever runs the tests: the unit tier needs no root to give a game's
+        # state directory to its engine (the product's default, 10000, does).
         self.settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
                                            "RTMANAGER_STATE_ROOT": str(tmp_path / "games"),
+                                           "RTMANAGER_ENGINE_USER": f"{os.getuid()}:{os.getgid()}",
                                            "RTMANAGER_ORPHAN_GRACE": "0", **env})
         self.store = FakeStore()
         self.backend = FakeBackend()
