@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from controller.admission import Admission
 from controller.config import Settings
+from controller.drains import Drainer
 from controller.http import OFF_GAME_NETWORK, HttpDeps, HttpServer
 from controller.intake import Intake
 from controller.leadership import Leadership
@@ -61,7 +62,7 @@ log = logging.getLogger("rtmanager")
 SHUTDOWN_DRAIN = 5.0  # seconds workers may finish the action in hand; the next leader redoes the rest
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # seconds before a task that ended unexpectedly starts again, doubling
 RESTART_RESET = 60.0  # a task that ran this long before it ended starts again after RESTART_FIRST
-SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock"}  # call Metrics.loop_ok
+SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock", "drains"}  # call Metrics.loop_ok
 STARTUP_WAIT = 60.0
 
 
@@ -168,6 +169,10 @@ class Controller:
                                   interval=s.engine.health_interval, metrics=self.metrics)
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
                                     max_sleep=s.runtime.resync_interval)
+        self.drainer = Drainer(store=self.store, admission=self.admission, metrics=self.metrics, clock=self.clock,
+                               wake=self.queue.add)
+        self.reconciler.hold = self.drainer.hold  # no crash restart on a drained host or node
+        self.reconciler.starts.avoid = self.drainer.avoided_nodes  # no new unit on a drained node
         self.outbox.subscribe(self.relay.poke)
         self.store.schedule.subscribe(self.turn_clock.wake.set)  # a new game, a generated turn, a resume, ...
         self.lease = Lease(s.database.database_url, self.fence)
@@ -180,7 +185,9 @@ class Controller:
             results_changed=self.outbox.next,
             unowned=lambda: self.resync.unowned,
             image_present=self._image_present,
-            pull_image=self._pull_image))
+            pull_image=self._pull_image,
+            drains=self.store, backend=s.runtime.backend.value, state_shared=s.storage.state_shared,
+            drains_changed=self.drainer.wake.set))
         if s.http.http_port:
             # Off the engines' network: an engine must not reach the API (docs/architecture.md).
             subnets = await self.backend.network_subnets() if s.http.http_host == OFF_GAME_NETWORK else None
@@ -209,6 +216,7 @@ class Controller:
             self._spawn("health", lambda: self.health.run(term), leader=True)
         self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
         self._spawn("storage", lambda: self.storage.run(term), leader=True)
+        self._spawn("drains", lambda: self.drainer.run(term), leader=True)
         self.events = events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
         events.start()
 
