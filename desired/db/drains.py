@@ -25,7 +25,7 @@ from desired.drains import (
     GameState,
     Targets,
 )
-from desired.errors import NotFound, UniqueViolation
+from desired.errors import NotFound
 from desired.model import JobKind, OpSource, OpStatus, RuntimeRecord
 
 
@@ -67,17 +67,17 @@ class Drains(StoreBase):
     async def create_drain(self, request: DrainRequest, source: OpSource) -> Drain:
         """DrainExists when the target has an active drain (the unique index decides, so two racing
         requests give one drain)."""
-        async with self._tx() as (conn, now):
-            try:
+        try:
+            async with self._tx() as (conn, now):
                 row = await conn.fetchrow(
                     "INSERT INTO drains (node, max_parallel, deadline_at, on_deadline, local_state, state_shared,"
                     " status, source, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'draining', $7, $8) RETURNING *",
                     request.node, request.max_parallel, drains.deadline_of(request, now), request.on_deadline.value,
                     request.local_state.value if request.local_state else None, request.state_shared,
                     source.value, now)
-            except UniqueViolation:
-                raise DrainExists("the host" if request.node is None else f"node {request.node}") from None
-            return drain_from_row(row)
+        except asyncpg.exceptions.UniqueViolationError:
+            raise DrainExists("the host" if request.node is None else f"node {request.node}") from None
+        return drain_from_row(row)
 
     async def list_drains(self, limit: int = 100) -> builtins.list[Drain]:
         rows = await self.pool.fetch("SELECT * FROM drains ORDER BY id DESC LIMIT $1", limit)
