@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from desired import drains
+from desired import drains, transitions
 from desired.db.base import StoreBase
 from desired.db.notifications import NOTIFY_CHANNEL
 from desired.db.pool import translating
@@ -151,9 +151,12 @@ class Drains(StoreBase):
             cur = record_from_row(row)
             if cur.generation != record.generation or cur.node_id != drain.node:
                 return None
-            new = cur.replace(node_id=None, spec_revision=cur.spec_revision + 1, generation=cur.generation + 1,
-                              last_op_at=max(now, cur.last_op_at),
-                              force_generation=cur.generation + 1 if forced else cur.force_generation)
+            # Like a restart: older pending jobs are answered superseded, and a turn they asked for is no
+            # longer asked (desired/jobs.py). Before its deadline a drain moves only converged games.
+            new = transitions.turn_unasked(cur.replace(
+                node_id=None, spec_revision=cur.spec_revision + 1, generation=cur.generation + 1,
+                last_op_at=max(now, cur.last_op_at),
+                force_generation=cur.generation + 1 if forced else cur.force_generation))
             new = await self._write(conn, cur, new, now)
             await self._supersede_older(conn, new, now)
             await conn.execute(_INSERT_GAME, drain.id, cur.game_id, DrainAction.MOVE.value, forced,

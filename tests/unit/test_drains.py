@@ -114,7 +114,7 @@ def test_a_host_drain_takes_max_parallel_games_idle_and_stopped_engines_first() 
 
 
 def test_in_flight_games_use_the_slots_and_finished_ones_free_them() -> None:
-    a, b, c = up("a"), up("b"), up("c")
+    a, c = up("a"), up("c")
     a_stopping = a.replace(desired_status=DesiredStatus.STOPPED, generation=3)  # its stop waits for the turn
     b_done = stopped("b")
     records = {"a": a_stopping, "b": b_done, "c": c}
