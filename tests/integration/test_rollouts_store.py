@@ -181,3 +181,23 @@ async def test_steer_settle_pause_and_finish(store, pool):
     assert await pool.fetchval("SELECT count(*) FROM rollout_games WHERE active") == 0
     by_rollout, by_game = await store.rollout_gauges()
     assert by_rollout == {"aborted": 1} and by_game == {}
+
+
+async def test_rest_refusals_are_4xx_naming_the_problem(api):
+    await api.start()
+    assert (await api.request("POST", "/api/v1/rollouts", auth=False, json={}))[0] == 401
+    status, body, _ = await api.request("POST", "/api/v1/rollouts", data=b"not json")
+    assert status == 400 and "JSON object" in body["error"]
+    status, body, _ = await api.request("POST", "/api/v1/rollouts", json={"target_version": "1.1",
+                                                                          "source_version": "1.0", "canary": -1})
+    assert status == 400 and "field canary" in body["error"], body
+    status, body, _ = await api.request("POST", "/api/v1/rollouts", json={"target_version": "9.9",
+                                                                          "source_version": "1.0"})
+    assert status == 400 and "no engine version 9.9" in body["error"], body
+    for path, code in (("/api/v1/rollouts/abc", 400), ("/api/v1/rollouts/0", 400), ("/api/v1/rollouts/77", 404),
+                       ("/api/v1/rollouts?state=done", 400)):
+        assert (await api.get(path))[0] == code, path
+    for action in ("pause", "resume", "abort"):
+        assert (await api.request("POST", f"/api/v1/rollouts/77/{action}"))[0] == 404
+    status, body = await api.get("/api/v1/rollouts")
+    assert status == 200 and body == {"rollouts": []}
