@@ -13,6 +13,9 @@
     rtmanager versions stop-grace VERSION S|default  its SIGTERM-to-SIGKILL seconds (default: RTMANAGER_STOP_GRACE)
     rtmanager versions deprecate|disable|activate VERSION
     rtmanager versions remove VERSION
+    rtmanager rollout start --to V (--from V | GAME...) [--max-parallel N] [--canary N] ...  a rolling rollout
+    rtmanager rollout status [ID] [--json]      rollouts, or one with every game's state and why
+    rtmanager rollout pause|resume|abort ID
     rtmanager doctor                   check every dependency, say what is wrong
     rtmanager env                      the configuration variables and their defaults
 """
@@ -267,6 +270,14 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _rollout(settings: Settings, args: argparse.Namespace) -> int:
+    """Rollouts, straight in the database: the leader's rollout loop reads the rows."""
+    from controller.rollouts_cli import rollout_command
+
+    async with _store(settings) as store:
+        return await rollout_command(store, settings, args)
+
+
 async def _submit(settings: Settings, kind: str, game_id: str, value: str) -> int:
     async with _streams(settings) as streams:
         if kind == "start":
@@ -419,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
     vg.add_argument("stop_grace", metavar="SECONDS|default")
     for action in ("deprecate", "disable", "activate", "remove"):
         vsub.add_parser(action).add_argument("version")
+    from controller.rollouts_cli import add_rollout_parser
+    add_rollout_parser(sub)
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")
     sub.add_parser("env", help="list the configuration variables and their defaults")
     args = parser.parse_args(argv)
@@ -449,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
         "dispose": lambda: _dispose(settings, args.games),
         "versions": lambda: _versions(settings, args),
         "doctor": lambda: _doctor(settings),
+        "rollout": lambda: _rollout(settings, args),
     }
     try:
         raise SystemExit(asyncio.run(handlers[args.command]()))

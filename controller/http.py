@@ -30,6 +30,7 @@ from controller.admission import Admission
 from controller.config import HttpSettings
 from controller.metrics import Metrics
 from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
+from controller.rollouts_http import RolloutRoutes
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
@@ -53,7 +54,7 @@ from desired.model import (
     RuntimeRecord,
     Status,
 )
-from desired.ports import SurfaceStore
+from desired.ports import RolloutAdminStore, SurfaceStore
 from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, EngineVersion, VersionStatus, valid_stop_grace
 
@@ -114,6 +115,9 @@ class HttpDeps:
     unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
     image_present: Callable[[str], Awaitable[bool | None]] = lambda image: _unknown()
     pull_image: Callable[[str], Awaitable[None]] = lambda image: _unknown()
+    rollouts: RolloutAdminStore | None = None  # /api/v1/rollouts (controller/rollouts_http.py)
+    rollout_wake: Callable[[], None] = lambda: None  # the leader's rollout loop looks at once
+    version_registry: bool = False  # RTMANAGER_VERSION_POLICY=registry
 
 
 class HttpServer:
@@ -138,6 +142,7 @@ class HttpServer:
         app.router.add_get(versions_path + "/{version}", self.get_version)
         app.router.add_patch(versions_path + "/{version}", self.update_version)
         app.router.add_delete(versions_path + "/{version}", self.delete_version)
+        RolloutRoutes(deps).add(app.router)
         self.app = app
 
     async def start(self, game_subnets: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
+from controller.rollouts_openapi import rollout_paths, rollout_schemas
 from desired.jobs import MAX_IMAGE_REF, MAX_TURN_INTERVAL
 from desired.model import (
     GAME_ID_PATTERN,
@@ -191,6 +192,8 @@ def openapi_document() -> dict[str, Any]:
                     "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
                 **errors}}}
 
+    paths.update(rollout_paths())
+
     result_props = {
         "game_id": {"type": "string"}, "outcome": _enum(Outcome), "container_id": {"type": "string"},
         "engine_endpoint": {"type": "string"},
@@ -286,6 +289,7 @@ def openapi_document() -> dict[str, Any]:
                                   "error_code": _NULLABLE_STR, "error_message": _NULLABLE_STR,
                                   "created_at": {"type": "string", "format": "date-time"},
                                   "finished_at": _NULLABLE_TIME}},
+                **rollout_schemas(),
             },
         },
     }
