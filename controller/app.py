@@ -4,7 +4,7 @@ the triggers controller/triggers.py, admission controller/admission.py.
 
 Tasks. Always: the leadership loop and the HTTP server. While this replica
 leads: the intake, the outbox relay, N reconcile workers, the resync, the
-NOTIFY listener, the health round, the turn clock, the storage round and the
+NOTIFY listener, the health round, the turn clock, the rollout loop, the drain loop, the storage round and the
 backend's event reader. Each loop
 survives what goes wrong in it: per-game work fails or retries that game, and a
 failed iteration is logged, counted (``rtmanager_loop_errors_total``), shown on
@@ -38,6 +38,7 @@ from controller.logs import redact_url
 from controller.metrics import Metrics
 from controller.reconciler import Reconciler, backend_errors
 from controller.relay import Relay
+from controller.rollouts import RolloutLoop
 from controller.storage import StorageRound
 from controller.streams import RedisStreams
 from controller.triggers import HealthRound, Readiness, Resync, TurnClock
@@ -62,7 +63,8 @@ log = logging.getLogger("rtmanager")
 SHUTDOWN_DRAIN = 5.0  # seconds workers may finish the action in hand; the next leader redoes the rest
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # seconds before a task that ended unexpectedly starts again, doubling
 RESTART_RESET = 60.0  # a task that ran this long before it ended starts again after RESTART_FIRST
-SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock", "drains"}  # call Metrics.loop_ok
+SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock", "rollouts",
+                  "drains"}  # call Metrics.loop_ok
 STARTUP_WAIT = 60.0
 
 
@@ -173,7 +175,10 @@ class Controller:
                                wake=self.queue.add)
         self.reconciler.hold = self.drainer.hold  # no crash restart on a drained host or node
         self.reconciler.starts.avoid = self.drainer.avoided_nodes  # no new unit on a drained node
+        self.rollouts = RolloutLoop(store=self.store, admission=self.admission, metrics=self.metrics,
+                                    interval=s.runtime.rollout_interval)
         self.outbox.subscribe(self.relay.poke)
+        self.outbox.subscribe(self.rollouts.wake.set)  # a patch answered: its rollout may go on
         self.store.schedule.subscribe(self.turn_clock.wake.set)  # a new game, a generated turn, a resume, ...
         self.lease = Lease(s.database.database_url, self.fence)
         self.leadership = Leadership(self.lease, self.fence, self.metrics, on_elected=self._lead,
@@ -187,7 +192,9 @@ class Controller:
             image_present=self._image_present,
             pull_image=self._pull_image,
             drains=self.store, backend=s.runtime.backend.value, state_shared=s.storage.state_shared,
-            drains_changed=self.drainer.wake.set))
+            drains_changed=self.drainer.wake.set,
+            rollouts=self.store, rollout_wake=self.rollouts.wake.set,
+            version_registry=s.images.version_policy == "registry"))
         if s.http.http_port:
             # Off the engines' network: an engine must not reach the API (docs/architecture.md).
             subnets = await self.backend.network_subnets() if s.http.http_host == OFF_GAME_NETWORK else None
@@ -215,6 +222,7 @@ class Controller:
         if s.engine.health_interval > 0:
             self._spawn("health", lambda: self.health.run(term), leader=True)
         self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
+        self._spawn("rollouts", lambda: self.rollouts.run(term), leader=True)
         self._spawn("storage", lambda: self.storage.run(term), leader=True)
         self._spawn("drains", lambda: self.drainer.run(term), leader=True)
         self.events = events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)

@@ -17,6 +17,9 @@
                     [--local-state stop|move_without_state]   take a Swarm node or the Docker host out of use
     rtmanager undrain ID|NODE|--host   end a drain: in use again, the games it stopped start again
     rtmanager drains [ID] [--json]     the drains (one with its games)
+    rtmanager rollout start --to V (--from V | GAME...) [--max-parallel N] [--canary N] ...  a rolling rollout
+    rtmanager rollout status [ID] [--json]      rollouts, or one with every game's state and why
+    rtmanager rollout pause|resume|abort ID
     rtmanager doctor                   check every dependency, say what is wrong
     rtmanager env                      the configuration variables and their defaults
 """
@@ -341,6 +344,12 @@ async def _drains(settings: Settings, args: argparse.Namespace) -> int:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return 0
+async def _rollout(settings: Settings, args: argparse.Namespace) -> int:
+    """Rollouts, straight in the database: the leader's rollout loop reads the rows."""
+    from controller.rollouts_cli import rollout_command
+
+    async with _store(settings) as store:
+        return await rollout_command(store, settings, args)
 
 
 async def _submit(settings: Settings, kind: str, game_id: str, value: str) -> int:
@@ -511,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
     dsp = sub.add_parser("drains", help="list the drains, or show one with its games")
     dsp.add_argument("id", nargs="?", type=int, metavar="ID")
     dsp.add_argument("--json", action="store_true")
+    from controller.rollouts_cli import add_rollout_parser
+    add_rollout_parser(sub)
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")
     sub.add_parser("env", help="list the configuration variables and their defaults")
     args = parser.parse_args(argv)
@@ -547,6 +558,7 @@ def main(argv: list[str] | None = None) -> None:
         "drain": lambda: _drains(settings, args),
         "undrain": lambda: _drains(settings, args),
         "drains": lambda: _drains(settings, args),
+        "rollout": lambda: _rollout(settings, args),
     }
     try:
         raise SystemExit(asyncio.run(handlers[args.command]()))

@@ -221,6 +221,9 @@ class RuntimeSettings:
                                      "removal or recreate (restart, patch, spec drift) of an engine waits while it "
                                      "generates a turn; after it, it goes ahead and says so (0: no wait); the stop's "
                                      "or replacement's job timeout is extended by it")
+    rollout_interval: float = setting("RTMANAGER_ROLLOUT_INTERVAL", "2", number(0.1, 3600), "seconds between two "
+                                      "steps of the leader's rollout loop at most (it is also woken by every answered "
+                                      "job); a canary's hold is checked at this pace")
     cleanup_ttl: float = setting("RTMANAGER_CLEANUP_TTL", "86400", SECONDS, "seconds after which a stopped game's "
                                  "container is removed and the game becomes removed, for good (0: never)")
     orphan_grace: float = setting("RTMANAGER_ORPHAN_GRACE", "10", number(0, 86400), "seconds before a unit with our "

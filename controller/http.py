@@ -31,6 +31,7 @@ from controller.config import HttpSettings
 from controller.drains_api import DrainApi
 from controller.metrics import Metrics
 from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
+from controller.rollouts_http import RolloutRoutes
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
@@ -54,7 +55,7 @@ from desired.model import (
     RuntimeRecord,
     Status,
 )
-from desired.ports import DrainStore, SurfaceStore
+from desired.ports import DrainStore, RolloutAdminStore, SurfaceStore
 from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, EngineVersion, VersionStatus, valid_stop_grace
 
@@ -119,6 +120,9 @@ class HttpDeps:
     backend: str = "docker"           # RTMANAGER_BACKEND: a host drain or node drains
     state_shared: bool = False        # RTMANAGER_STATE_SHARED
     drains_changed: Callable[[], None] = lambda: None  # wakes the leader's drain loop
+    rollouts: RolloutAdminStore | None = None  # /api/v1/rollouts (controller/rollouts_http.py)
+    rollout_wake: Callable[[], None] = lambda: None  # the leader's rollout loop looks at once
+    version_registry: bool = False  # RTMANAGER_VERSION_POLICY=registry
 
 
 class HttpServer:
@@ -149,6 +153,7 @@ class HttpServer:
         app.router.add_post("/api/v1/drains/{drain_id}/undrain", self.undrain)
         self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
                                wake=deps.drains_changed) if deps.drains is not None else None
+        RolloutRoutes(deps).add(app.router)
         self.app = app
 
     async def start(self, game_subnets: list[str] | None = None) -> None:

@@ -105,6 +105,10 @@ class Metrics:
         self.state_copies = Counter("rtmanager_state_copies_total",
                                     "Copies of state directories around a replacement: taken, restored, dropped",
                                     ["event"], registry=r)
+        self.rollouts = Gauge("rtmanager_rollouts", "Engine-version rollouts by state", ["state"], registry=r)
+        self.rollout_games = Gauge("rtmanager_rollout_games",
+                                   "Games of the rollouts not finished, by their state in the rollout", ["state"],
+                                   registry=r)
 
         self.loop_errors = Counter("rtmanager_loop_errors_total",
                                    "Iterations of a loop that failed (an outage, or an error nobody classified: "

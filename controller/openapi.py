@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 from controller.drains_api import openapi_parts
+from controller.rollouts_openapi import rollout_paths, rollout_schemas
 from desired.jobs import MAX_IMAGE_REF, MAX_TURN_INTERVAL
 from desired.model import (
     GAME_ID_PATTERN,
@@ -194,6 +195,7 @@ def openapi_document() -> dict[str, Any]:
 
     drain_paths, drain_schemas = openapi_parts()
     paths.update(drain_paths)
+    paths.update(rollout_paths())
 
     result_props = {
         "game_id": {"type": "string"}, "outcome": _enum(Outcome), "container_id": {"type": "string"},
@@ -291,6 +293,7 @@ def openapi_document() -> dict[str, Any]:
                                   "error_code": _NULLABLE_STR, "error_message": _NULLABLE_STR,
                                   "created_at": {"type": "string", "format": "date-time"},
                                   "finished_at": _NULLABLE_TIME}},
+                **rollout_schemas(),
             },
         },
     }

@@ -41,4 +41,4 @@ step "tools" tools
 step "stub engine images" stubs
 step "venv" bash deploy/local/venv.sh
 step "images (deploy/images)" bash deploy/images/build.sh rtmanager postgres redis
-step "swarm tests" .venv/bin/python -m pytest -p no:cacheprovider tests/swarm "$@"
+step "swarm tests" .venv/bin/python -m pytest -p no:cacheprovider --durations=10 tests/swarm "$@"

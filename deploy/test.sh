@@ -34,4 +34,5 @@ step "tools" tools
 step "stub engine images" bash -c 'bash deploy/engine-stub/build.sh >/dev/null'
 step "venv" bash deploy/local/venv.sh
 step "ruff, import layers, mypy" checks
-step "pytest" .venv/bin/python -m pytest -p no:cacheprovider "${@:-tests}"
+# The slowest tests are listed at the end: the whole CI must stay under 20 minutes.
+step "pytest" .venv/bin/python -m pytest -p no:cacheprovider --durations=15 "${@:-tests}"

@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from desired import transitions
 from desired.model import (
@@ -40,6 +41,9 @@ from desired.model import (
     StopReason,
     engine_endpoint,
 )
+
+if TYPE_CHECKING:
+    from desired.rollouts import RolloutStep
 
 MAX_IMAGE_REF = 255
 MAX_FIELD = 1024
@@ -75,6 +79,7 @@ class Job:
     force: bool = False  # an operator's (REST, CLI): the disruption does not wait for a turn generation
     stream: str = ""
     entry_id: str = ""
+    rollout: RolloutStep | None = None  # a rollout's job: its game's row changes in the job's transaction
 
 
 def image_repository(image_ref: str) -> str:

@@ -29,6 +29,7 @@ from desired.db.marks import Marks
 from desired.db.outbox import Outbox
 from desired.db.records import Records
 from desired.db.registry import Registry
+from desired.db.rollouts import Rollouts
 from desired.db.submissions import Submissions
 from desired.db.transitions import Transitions
 
@@ -41,19 +42,21 @@ if TYPE_CHECKING:
         ReconcilerStore,
         RelayStore,
         ResyncStore,
+        RolloutAdminStore,
+        RolloutStore,
         StorageStore,
         SurfaceStore,
         TurnClockStore,
     )
 
 
-class Store(Records, Transitions, Submissions, Outbox, Registry, Marks, Identities, Drains):
+class Store(Records, Transitions, Submissions, Outbox, Registry, Marks, Identities, Rollouts, Drains):
     """Every part of the store over one pool (and, for the leader, one fence and clock)."""
 
 
 if TYPE_CHECKING:  # mypy holds the store to every port of desired/ports.py
     def _ports(store: Store) -> None:
         ports: tuple[ReconcilerStore, RelayStore, AdmissionStore, IntakeStore, SurfaceStore, TurnClockStore,
-                     ResyncStore, HealthStore, StorageStore, DrainStore] = (store, store, store, store, store, store,
-                                                                            store, store, store, store)
+                     ResyncStore, HealthStore, StorageStore, RolloutStore, RolloutAdminStore, DrainStore] = (
+            store, store, store, store, store, store, store, store, store, store, store, store)
         del ports

@@ -17,6 +17,7 @@ from desired.db.base import StoreBase
 from desired.db.drains import refusing_targets
 from desired.db.notifications import NOTIFY_CHANNEL
 from desired.db.pool import translating
+from desired.db.rollouts import record_step
 from desired.db.rows import (
     GAME_LOCK_SPACE,
     INSERT_OP_WITH_ID,
@@ -140,6 +141,8 @@ class Submissions(StoreBase):
                     if current is not None and replaces(current, decision.record):
                         await self._supersede_older(conn, decision.record, now)
                     notify.append(job.game_id)
+                if job.rollout is not None:  # a rollout's job: its game's row, in this transaction
+                    await record_step(conn, job, current, decision, op_id, now)
                 ops.append(op_row(op_id, job.game_id, job.kind, job.source, status,
                                    decision.op_generation, job.stream or None, job.entry_id or None, params, now,
                                    decision.error_code if status is OpStatus.FAILED else None,

@@ -1,0 +1,168 @@
+"""The rollout loop: runs in the leader only, beside the turn clock, and moves every rollout that is
+not finished one step per tick.
+
+Level-triggered: each tick reads the rollouts' rows, their patches' operations and their games'
+runtime records again (never what an earlier tick or an earlier leader remembered), asks
+desired/rollouts.py what follows, and writes it. A game is moved by a ``patch`` job through
+admission (controller/admission.py, source ``admin``): it waits for the turn boundary and its state
+directory is copied first, exactly as any patch; the game's row takes the step in the patch's own
+transaction, so a kill -9 between the two cannot happen. A patch the rollout began before a
+failover is followed by the next leader from its operation id.
+
+The tick sleeps ``RTMANAGER_ROLLOUT_INTERVAL`` (the canary hold is counted in it), and is woken
+early by every commit that writes a result (a patch answered) and by a rollout created or steered
+through this replica's REST API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+from controller.admission import Admission
+from controller.metrics import Metrics
+from desired import rollouts
+from desired.errors import Conflict, StoreUnavailable, TemporaryError
+from desired.jobs import Job
+from desired.leader import Fenced
+from desired.model import JobKind, OpSource, StopReason
+from desired.ports import RolloutStore
+from desired.rollouts import GameState, Rollout, RolloutGame, RolloutState, RolloutStep
+
+log = logging.getLogger("rtmanager.rollouts")
+
+RETRY, RETRY_MAX = 2.0, 30.0  # seconds between failed ticks, doubling
+MAX_ROUNDS = 50  # starts re-planned within one tick after skips (a skip frees a slot at once)
+
+
+class RolloutLoop:
+    def __init__(self, *, store: RolloutStore, admission: Admission, metrics: Metrics, interval: float) -> None:
+        self.store = store
+        self.admission = admission
+        self.metrics = metrics
+        self.interval = interval
+        self.wake = asyncio.Event()
+
+    async def tick(self) -> None:
+        for rollout, games in await self.store.unfinished_rollouts():
+            try:
+                await self.step(rollout, games)
+            except (TemporaryError, Fenced):
+                raise  # not this rollout's doing: the tick fails
+            except Exception:  # noqa: BLE001 - one rollout's bad data must not stop the others
+                self.metrics.loop_errors.labels("rollouts").inc()
+                log.exception("rollout %d: this step failed; trying again next tick", rollout.id)
+        by_rollout, by_game = await self.store.rollout_gauges()
+        for s in RolloutState:
+            self.metrics.rollouts.labels(s.value).set(by_rollout.get(s.value, 0))
+        for g in GameState:
+            self.metrics.rollout_games.labels(g.value).set(by_game.get(g.value, 0))
+
+    async def step(self, rollout: Rollout, games: list[RolloutGame]) -> None:
+        """Follow the patches in flight, then pause, finish, or start the next games."""
+        now = self.store.clock.now()
+        in_flight = [g for g in games if g.state is GameState.IN_PROGRESS]
+        if in_flight:
+            ops = await self.store.rollout_operations([g.operation_id for g in in_flight if g.operation_id])
+            settled: dict[str, RolloutGame] = {}
+            for g in in_flight:
+                record = await self.store.find(g.game_id)
+                op = ops.get(g.operation_id) if g.operation_id else None
+                verdict = rollouts.follow(rollout, g, op, record, now)
+                if verdict.state is GameState.IN_PROGRESS:
+                    if verdict.reason != g.reason:
+                        await self.store.settle_rollout_game(rollout.id, g.game_id, g.state, g.state, verdict.reason)
+                    continue
+                if verdict.then is None:
+                    ok = await self.store.settle_rollout_game(rollout.id, g.game_id, GameState.IN_PROGRESS,
+                                                              verdict.state, verdict.reason)
+                else:
+                    ok = await self._submit(rollout, g.game_id, verdict.then, verdict.image_ref, RolloutStep(
+                        rollout_id=rollout.id, expect=GameState.IN_PROGRESS, state=verdict.state,
+                        reason=verdict.reason))
+                if ok:
+                    log.info("rollout %d: game %s %s: %s", rollout.id, g.game_id, verdict.state.value,
+                             verdict.reason, extra={"game_id": g.game_id})
+                    settled[g.game_id] = dataclasses.replace(g, state=verdict.state, reason=verdict.reason,
+                                                             finished_at=now)
+            games = [settled.get(g.game_id, g) for g in games]
+        for _ in range(MAX_ROUNDS):
+            plan = rollouts.plan(rollout, games)
+            if plan.pause is not None:
+                if await self.store.pause_rollout(rollout.id, plan.pause):
+                    log.warning("rollout %d paused itself: %s", rollout.id, plan.pause)
+                return
+            if plan.complete or (rollout.state is RolloutState.ABORTED
+                                 and not any(g.state is GameState.IN_PROGRESS for g in games)):
+                if await self.store.finish_rollout(rollout.id):
+                    log.info("rollout %d %s: %s", rollout.id,
+                             "completed" if rollout.state is RolloutState.RUNNING else "finished (aborted)",
+                             rollouts.counts(games))
+                return
+            if not plan.start:
+                return
+            skipped = False
+            started: dict[str, RolloutGame] = {}
+            for game_id, canary in plan.start:
+                record = await self.store.find(game_id)
+                why = rollouts.skip_reason(record, rollout.target_image_ref)
+                if why is not None:
+                    await self.store.settle_rollout_game(rollout.id, game_id, GameState.WAITING, GameState.SKIPPED,
+                                                         why)
+                    log.info("rollout %d: game %s skipped: %s", rollout.id, game_id, why, extra={"game_id": game_id})
+                    state, skipped = GameState.SKIPPED, True
+                else:
+                    reason = f"patching to {rollout.target_version}" + (" (canary)" if canary else "")
+                    ok = await self._submit(rollout, game_id, JobKind.PATCH, rollout.target_image_ref, RolloutStep(
+                        rollout_id=rollout.id, expect=GameState.WAITING, state=GameState.IN_PROGRESS, reason=reason,
+                        canary=canary))
+                    if not ok:
+                        return  # paused or aborted meanwhile: the next tick reads it again
+                    state = GameState.IN_PROGRESS
+                old = next(g for g in games if g.game_id == game_id)
+                started[game_id] = dataclasses.replace(old, state=state, canary=canary and state is not
+                                                       GameState.SKIPPED, finished_at=now)
+            games = [started.get(g.game_id, g) for g in games]
+            if not skipped:
+                return
+
+    async def _submit(self, rollout: Rollout, game_id: str, kind: JobKind, image_ref: str | None,
+                      step: RolloutStep) -> bool:
+        """A job through admission that records ``step`` on the game's row in its transaction; False
+        when the row or the rollout moved meanwhile (nothing was recorded)."""
+        job = Job(kind=kind, game_id=game_id, source=OpSource.ADMIN, image_ref=image_ref if kind is JobKind.PATCH
+                  else None, reason=StopReason.ADMIN_REQUEST if kind is JobKind.STOP else None, force=rollout.force,
+                  rollout=step)
+        try:
+            await self.admission.submit(job)
+        except Conflict as exc:
+            log.info("rollout %d: %s", rollout.id, exc, extra={"game_id": game_id})
+            return False
+        return True
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        backoff = RETRY
+        while not stopping.is_set():
+            self.wake.clear()
+            delay = self.interval
+            try:
+                await self.tick()
+                backoff = RETRY
+                self.metrics.loop_ok("rollouts")
+            except Fenced:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Postgres away, or a bug: back off, never die
+                self.metrics.loop_failed("rollouts", exc)
+                if isinstance(exc, StoreUnavailable):
+                    log.warning("rollouts: %s; retrying in %.1fs", exc, backoff)
+                else:
+                    log.exception("rollouts: the tick failed; retrying in %.1fs", backoff)
+                delay, backoff = backoff, min(backoff * 2, RETRY_MAX)
+            waiters = [asyncio.create_task(stopping.wait()), asyncio.create_task(self.wake.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+            await asyncio.sleep(0.05)  # a burst of wakes (results of many games) makes one tick

@@ -1,0 +1,134 @@
+"""``rtmanager rollout``: start, show and steer rollouts from the command line.
+
+The CLI writes the rollout's rows straight in the database, as the REST API does; the leader's
+rollout loop picks them up within RTMANAGER_ROLLOUT_INTERVAL. The request is checked by the same
+function as the REST body (desired/rollouts.py ``parse_request``).
+
+    rtmanager rollout start --to 1.1 --from 1.0 --max-parallel 3 --canary 1 --canary-hold 60
+    rtmanager rollout start --to 1.1 game-a game-b --on-failure stop
+    rtmanager rollout status [ID] [--json] [--state S]
+    rtmanager rollout pause|resume|abort ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from controller.config import Settings
+from desired.errors import NotFound
+from desired.ports import RolloutAdminStore
+from desired.rollouts import (
+    Action,
+    GameState,
+    InvalidRollout,
+    Rollout,
+    RolloutConflict,
+    RolloutGame,
+    RolloutState,
+    counts,
+    parse_request,
+)
+
+
+def add_rollout_parser(sub: Any) -> None:
+    rp = sub.add_parser("rollout", help="rolling engine-version rollouts")
+    rsub = rp.add_subparsers(dest="action", required=True)
+    st = rsub.add_parser("start", help="move games to an engine version, a few at a time")
+    st.add_argument("games", nargs="*", metavar="GAME", help="these games (or --from)")
+    st.add_argument("--to", dest="target_version", required=True, metavar="VERSION", help="the target version")
+    st.add_argument("--from", dest="source_version", metavar="VERSION", help="every live game on this version")
+    st.add_argument("--max-parallel", type=int, default=1)
+    st.add_argument("--canary", type=int, default=0, help="games patched first, which must stay healthy")
+    st.add_argument("--canary-hold", type=float, default=60.0, metavar="SECONDS")
+    st.add_argument("--failure-budget", type=int, default=1, help="failures after which the rollout pauses")
+    st.add_argument("--on-failure", choices=("rollback", "stop"), default="rollback")
+    st.add_argument("--force", action="store_true", help="do not wait for a turn generation to end")
+    st.add_argument("--json", action="store_true")
+    ss = rsub.add_parser("status", help="rollouts, or one rollout's games")
+    ss.add_argument("rollout_id", nargs="?", type=int, metavar="ID")
+    ss.add_argument("--state", choices=[s.value for s in RolloutState])
+    ss.add_argument("--json", action="store_true")
+    for action in Action:
+        ap = rsub.add_parser(action.value)
+        ap.add_argument("rollout_id", type=int, metavar="ID")
+        ap.add_argument("--json", action="store_true")
+
+
+def _json(rollout: Rollout, by_state: dict[str, int], games: list[RolloutGame] | None = None) -> str:
+    from controller.rollouts_http import rollout_json
+    return json.dumps(rollout_json(rollout, by_state, games), indent=2)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _summary(by_state: dict[str, int]) -> str:
+    return " ".join(f"{s.value}={by_state.get(s.value, 0)}" for s in GameState)
+
+
+def _show(rollout: Rollout, games: list[RolloutGame], as_json: bool) -> None:
+    by_state = counts(games)
+    if as_json:
+        print(_json(rollout, by_state, games))
+        return
+    source = f"from {rollout.source_version} " if rollout.source_version else ""
+    print(f"rollout {rollout.id}: {source}to {rollout.target_version} ({rollout.target_image_ref}) "
+          f"{rollout.state.value}{': ' + rollout.state_reason if rollout.state_reason else ''}")
+    print(f"  max_parallel={rollout.max_parallel} canary={rollout.canary} canary_hold={rollout.canary_hold:g}s "
+          f"failure_budget={rollout.failure_budget} on_failure={rollout.on_failure.value}")
+    print(f"  {_summary(by_state)}")
+    _table([("GAME", "STATE", "CANARY", "WHY")] + [
+        (g.game_id, g.state.value, "yes" if g.canary else "", g.reason) for g in games])
+
+
+async def rollout_command(store: RolloutAdminStore, settings: Settings, args: argparse.Namespace) -> int:
+    as_json = getattr(args, "json", False)
+    try:
+        if args.action == "start":
+            body: dict[str, Any] = {
+                "target_version": args.target_version, "max_parallel": args.max_parallel, "canary": args.canary,
+                "canary_hold": args.canary_hold, "failure_budget": args.failure_budget,
+                "on_failure": args.on_failure, "force": args.force}
+            if args.source_version is not None:
+                body["source_version"] = args.source_version
+            if args.games:
+                body["game_ids"] = args.games
+            req = parse_request(body)
+            rollout, games = await store.create_rollout(req, settings.images.image_allowlist,
+                                                        settings.images.version_policy == "registry")
+            _show(rollout, games, as_json)
+            return 0
+        if args.action == "status":
+            if args.rollout_id is not None:
+                rollout, games = await store.get_rollout(args.rollout_id)
+                _show(rollout, games, as_json)
+                return 0
+            found = await store.list_rollouts(RolloutState(args.state) if args.state else None)
+            if as_json:
+                from controller.rollouts_http import rollout_json
+                print(json.dumps({"rollouts": [rollout_json(r, c) for r, c in found]}, indent=2))
+                return 0
+            _table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
+                (str(r.id), r.state.value, r.target_version, r.source_version or "-", _summary(c), r.state_reason)
+                for r, c in found])
+            return 0
+        await store.steer_rollout(args.rollout_id, Action(args.action))
+        rollout, games = await store.get_rollout(args.rollout_id)
+        _show(rollout, games, as_json)
+        return 0
+    except InvalidRollout as exc:
+        print(f"rtmanager rollout: {exc}", file=sys.stderr)
+        return 2
+    except RolloutConflict as exc:
+        print(f"rtmanager rollout: {exc}", file=sys.stderr)
+        return 1
+    except NotFound:
+        print(f"rtmanager rollout: no rollout {args.rollout_id}", file=sys.stderr)
+        return 1

@@ -1,0 +1,244 @@
+"""The pure decisions of rollouts (desired/rollouts.py), as tables: the request, which games start
+next, whether the canary held, whether the budget is spent, what became of a patch."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+
+import pytest
+
+from desired.model import DesiredStatus, ErrorCode, JobKind, OpStatus, Status
+from desired.rollouts import (
+    Action,
+    GameState,
+    InvalidRollout,
+    OnFailure,
+    OpView,
+    Rollout,
+    RolloutGame,
+    RolloutState,
+    allowed,
+    counts,
+    follow,
+    parse_request,
+    plan,
+    skip_reason,
+)
+from tests.support.job_records import NOW, T0, rec
+
+OLD, NEW = "galaxy/engine:1", "galaxy/engine:2"
+W, P, D, F, R, S = (GameState.WAITING, GameState.IN_PROGRESS, GameState.DONE, GameState.FAILED,
+                    GameState.ROLLED_BACK, GameState.SKIPPED)
+
+
+def rollout(**kw) -> Rollout:
+    base = dict(id=1, target_version="2", target_image_ref=NEW, source_version="1", state=RolloutState.RUNNING,
+                max_parallel=3, canary=1, canary_hold=30.0, failure_budget=2, on_failure=OnFailure.ROLLBACK,
+                force=False, state_reason="", created_at=T0, updated_at=T0)
+    base.update(kw)
+    return Rollout(**base)
+
+
+def games(*states: GameState | tuple[GameState, bool], finished=NOW) -> list[RolloutGame]:
+    out = []
+    for n, s in enumerate(states):
+        state, canary = s if isinstance(s, tuple) else (s, False)
+        out.append(RolloutGame(rollout_id=1, game_id=f"g{n}", position=n, state=state, canary=canary,
+                               from_image_ref=OLD, finished_at=finished if state.is_final else None))
+    return out
+
+
+def started(p) -> list[tuple[str, bool]]:
+    return p.start
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@pytest.mark.parametrize("states, kw, want", [
+    # canary first: one game, as a canary, whatever max_parallel
+    ((W, W, W, W), {}, [("g0", True)]),
+    # the canary is in flight (or holding): the rest wait
+    (((P, True), W, W, W), {}, []),
+    # the canary held: max_parallel of the rest
+    (((D, True), W, W, W, W), {}, [("g1", False), ("g2", False), ("g3", False)]),
+    # slots: two in flight leave one
+    (((D, True), P, P, W, W), {}, [("g3", False)]),
+    (((D, True), P, P, P, W), {}, []),
+    # no canary: max_parallel at once
+    ((W, W, W, W), {"canary": 0}, [("g0", False), ("g1", False), ("g2", False)]),
+    # a canary skipped (not running) does not count: the next game is the canary
+    ((S, W, W), {}, [("g1", True)]),
+    # two canaries, max_parallel 1: one at a time
+    (((D, True), W, W), {"canary": 2, "max_parallel": 1}, [("g1", True)]),
+    # a rollout that is not running starts nothing
+    ((W, W), {"state": RolloutState.PAUSED}, []),
+    ((W, W), {"state": RolloutState.ABORTED}, []),
+])
+def test_plan_starts(states, kw, want):
+    p = plan(rollout(**kw), games(*states))
+    assert p.pause is None and not p.complete
+    assert started(p) == want
+
+
+@pytest.mark.parametrize("states, kw, pause", [
+    # a canary failed or was rolled back: pause, whatever the budget
+    (((R, True), W, W), {"failure_budget": 5}, "canary g0 rolled_back"),
+    (((F, True), W, W), {"failure_budget": 5}, "canary g0 failed"),
+    # the budget: two failures of two
+    (((D, True), F, R, P, W), {}, "failure budget spent: 2 of 2"),
+    # one failure of two: go on
+    (((D, True), F, D, W), {}, None),
+    # a skip is not a failure
+    (((D, True), S, S, S, W), {"failure_budget": 1}, None),
+])
+def test_plan_pauses(states, kw, pause):
+    p = plan(rollout(**kw), games(*states))
+    if pause is None:
+        assert p.pause is None
+    else:
+        assert p.pause is not None and p.pause.startswith(pause), p.pause
+
+
+def test_failures_before_a_resume_do_not_count():
+    gs = games((R, True), F, W, W, finished=NOW)
+    r = rollout(resumed_at=NOW + timedelta(seconds=1))
+    p = plan(r, gs)
+    assert p.pause is None and p.start == [("g2", False), ("g3", False)]
+    later = [dataclasses.replace(g, finished_at=NOW + timedelta(seconds=5)) if g.game_id == "g1" else g for g in gs]
+    later = [dataclasses.replace(g, state=F, finished_at=NOW + timedelta(seconds=5)) if g.game_id == "g2" else g
+             for g in later]
+    assert plan(r, later).pause is not None  # two failures after the resume
+
+
+@pytest.mark.parametrize("states, complete", [
+    (((D, True), D, F, S, R), True),
+    (((D, True), D, P), False),
+    (((D, True), W), False),
+])
+def test_plan_completes(states, complete):
+    assert plan(rollout(failure_budget=5), games(*states)).complete is complete
+
+
+def test_counts_name_every_state():
+    assert counts(games(W, P, D, D, S)) == {"waiting": 1, "in_progress": 1, "done": 2, "failed": 0,
+                                            "rolled_back": 0, "skipped": 1}
+
+
+# ---------------------------------------------------------------------------------------- skip_reason
+def _running(**kw):
+    r = rec(Status.RUNNING, DesiredStatus.RUNNING, gen=1, obs=1)
+    return r.replace(**kw)
+
+
+@pytest.mark.parametrize("record, reason", [
+    (None, "no runtime record"),
+    (rec(Status.STOPPED, DesiredStatus.STOPPED, gen=2, obs=2), "not running (desired stopped, status stopped)"),
+    (rec(Status.STOPPED, DesiredStatus.STOPPED, gen=2, obs=2, last_error_message="crash loop: 5 crashes"),
+     "not running: given up after a crash loop"),
+    (rec(Status.REMOVED, DesiredStatus.REMOVED, gen=3, obs=3), "not running (desired removed, status removed)"),
+    (_running(status=Status.FINISHED), "the game is finished"),
+    (_running(status=Status.ENGINE_UNREACHABLE), "not running (status engine_unreachable)"),
+    (rec(Status.STARTING, DesiredStatus.RUNNING, gen=2, obs=1), "not running (status starting)"),
+    (_running(desired_image_ref="other/engine:1", current_image_ref="other/engine:1"), "runs other/engine:1"),
+    (_running(), None),
+    (_running(status=Status.GENERATION_IN_PROGRESS), None),  # the patch waits for the turn boundary
+    (_running(status=Status.GENERATION_FAILED), None),
+])
+def test_skip_reason(record, reason):
+    got = skip_reason(record, NEW)
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and got.startswith(reason), got
+
+
+# -------------------------------------------------------------------------------------------- follow
+def _op(status: OpStatus, code: ErrorCode | None = None, message: str = "", at=NOW) -> OpView:
+    return OpView(status=status, error_code=code, error_message=message, finished_at=at if status.is_final else None)
+
+
+ON_NEW = dict(current_image_ref=NEW, desired_image_ref=NEW)
+BACK = dict(current_image_ref=OLD, desired_image_ref=OLD)
+
+
+@pytest.mark.parametrize("name, r, canary, op, record, now, state, then", [
+    ("still going", {}, False, _op(OpStatus.RUNNING), _running(), NOW, P, None),
+    ("done", {}, False, _op(OpStatus.SUCCEEDED), _running(**ON_NEW), NOW, D, None),
+    ("moved off by another job", {}, False, _op(OpStatus.SUCCEEDED), _running(**BACK), NOW, S, None),
+    ("superseded", {}, False, _op(OpStatus.FAILED, ErrorCode.SUPERSEDED, "replaced"), _running(), NOW, S, None),
+    ("rolled back", {}, False, _op(OpStatus.FAILED, ErrorCode.ENGINE_UNHEALTHY, "no answer"),
+     rec(Status.STARTING, DesiredStatus.RUNNING, gen=3, obs=2, rolling_back=True), NOW, R, None),
+    ("rolled back, on_failure stop: stopped", {"on_failure": OnFailure.STOP}, False,
+     _op(OpStatus.FAILED, ErrorCode.ENGINE_UNHEALTHY, "no answer"),
+     rec(Status.STARTING, DesiredStatus.RUNNING, gen=3, obs=2, rolling_back=True), NOW, F, JobKind.STOP),
+    ("failed and stopped (no rollback possible)", {}, False, _op(OpStatus.FAILED, ErrorCode.ENGINE_UNHEALTHY),
+     rec(Status.STOPPED, DesiredStatus.STOPPED, gen=3, obs=3), NOW, F, None),
+    ("canary holding", {}, True, _op(OpStatus.SUCCEEDED), _running(**ON_NEW), NOW + timedelta(seconds=10), P, None),
+    ("canary held", {}, True, _op(OpStatus.SUCCEEDED), _running(**ON_NEW), NOW + timedelta(seconds=30), D, None),
+    ("canary generating is healthy", {}, True, _op(OpStatus.SUCCEEDED),
+     _running(status=Status.GENERATION_IN_PROGRESS, **ON_NEW), NOW + timedelta(seconds=10), P, None),
+    ("canary unreachable: patched back", {}, True, _op(OpStatus.SUCCEEDED),
+     _running(status=Status.ENGINE_UNREACHABLE, **ON_NEW), NOW + timedelta(seconds=10), R, JobKind.PATCH),
+    ("canary crashed: patched back", {}, True, _op(OpStatus.SUCCEEDED),
+     _running(last_crash_at=NOW + timedelta(seconds=2), **ON_NEW), NOW + timedelta(seconds=10), R, JobKind.PATCH),
+    ("canary crashed before its patch: healthy", {}, True, _op(OpStatus.SUCCEEDED),
+     _running(last_crash_at=NOW - timedelta(seconds=2), **ON_NEW), NOW + timedelta(seconds=10), P, None),
+    ("canary unhealthy, on_failure stop", {"on_failure": OnFailure.STOP}, True, _op(OpStatus.SUCCEEDED),
+     _running(status=Status.ENGINE_UNREACHABLE, **ON_NEW), NOW + timedelta(seconds=10), F, JobKind.STOP),
+    ("no canary hold: done at once", {"canary_hold": 0.0}, True, _op(OpStatus.SUCCEEDED), _running(**ON_NEW),
+     NOW, D, None),
+])
+def test_follow(name, r, canary, op, record, now, state, then):
+    g = RolloutGame(rollout_id=1, game_id="g1", position=0, state=P, canary=canary, from_image_ref=OLD,
+                    operation_id=7)
+    v = follow(rollout(**r), g, op, record, now)
+    assert (v.state, v.then) == (state, then), (name, v)
+    if then is JobKind.PATCH:
+        assert v.image_ref == OLD
+
+
+# --------------------------------------------------------------------------------------------- request
+def test_parse_request_defaults():
+    req = parse_request({"target_version": "2", "source_version": "1"})
+    assert (req.max_parallel, req.canary, req.canary_hold, req.failure_budget, req.on_failure, req.force) == (
+        1, 0, 60.0, 1, OnFailure.ROLLBACK, False)
+
+
+@pytest.mark.parametrize("body, message", [
+    ([], "the body must be a JSON object"),
+    ({"source_version": "1"}, "field target_version"),
+    ({"target_version": "2"}, "give exactly one"),
+    ({"target_version": "2", "source_version": "1", "game_ids": ["a"]}, "give exactly one"),
+    ({"target_version": "2", "source_version": "2"}, "field source_version must differ"),
+    ({"target_version": "2", "game_ids": []}, "field game_ids"),
+    ({"target_version": "2", "game_ids": ["../x"]}, "field game_ids"),
+    ({"target_version": "2", "game_ids": ["a", "a"]}, "field game_ids names a game twice"),
+    ({"target_version": "2", "source_version": "1", "max_parallel": 0}, "field max_parallel"),
+    ({"target_version": "2", "source_version": "1", "max_parallel": True}, "field max_parallel"),
+    ({"target_version": "2", "source_version": "1", "max_parallel": 101}, "field max_parallel"),
+    ({"target_version": "2", "source_version": "1", "canary": -1}, "field canary"),
+    ({"target_version": "2", "source_version": "1", "canary_hold": "x"}, "field canary_hold"),
+    ({"target_version": "2", "source_version": "1", "failure_budget": 0}, "field failure_budget"),
+    ({"target_version": "2", "source_version": "1", "on_failure": "explode"}, "field on_failure"),
+    ({"target_version": "2", "source_version": "1", "force": "yes"}, "field force"),
+    ({"target_version": "2", "source_version": "1", "extra": 1}, "field extra is not a field"),
+])
+def test_parse_request_refuses(body, message):
+    with pytest.raises(InvalidRollout, match=message):
+        parse_request(body)
+
+
+@pytest.mark.parametrize("state, action, want", [
+    (RolloutState.RUNNING, Action.PAUSE, RolloutState.PAUSED),
+    (RolloutState.PAUSED, Action.PAUSE, RolloutState.PAUSED),
+    (RolloutState.PAUSED, Action.RESUME, RolloutState.RUNNING),
+    (RolloutState.RUNNING, Action.ABORT, RolloutState.ABORTED),
+    (RolloutState.PAUSED, Action.ABORT, RolloutState.ABORTED),
+    (RolloutState.ABORTED, Action.ABORT, RolloutState.ABORTED),
+    (RolloutState.COMPLETED, Action.ABORT, None),
+    (RolloutState.COMPLETED, Action.RESUME, None),
+    (RolloutState.ABORTED, Action.RESUME, None),
+    (RolloutState.ABORTED, Action.PAUSE, None),
+])
+def test_allowed_actions(state, action, want):
+    assert allowed(state, action) is want
