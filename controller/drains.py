@@ -96,15 +96,23 @@ class Drainer:
             await wait_any(stopping, self.wake, timeout=delay)
 
     async def tick(self) -> None:
-        for drain in await self.store.active_drains():
+        active = await self.store.active_drains()
+        waiting = in_progress = 0
+        for drain in active:
             if drain.status is DrainStatus.UNDRAINING:
                 await self.undrain(drain)
             elif drain.status is DrainStatus.DRAINING:
-                await self.drain(drain)
+                w, p = await self.drain(drain)
+                waiting, in_progress = waiting + w, in_progress + p
             # drained: nothing to do until undrain (starts are refused, restarts held, new units kept off)
+        for status in (DrainStatus.DRAINING, DrainStatus.DRAINED, DrainStatus.UNDRAINING):
+            self.metrics.drains.labels(status.value).set(sum(d.status is status for d in active))
+        self.metrics.drain_games.labels("waiting").set(waiting)
+        self.metrics.drain_games.labels("in_progress").set(in_progress)
 
     # ------------------------------------------------------------------ draining
-    async def drain(self, drain: Drain) -> None:
+    async def drain(self, drain: Drain) -> tuple[int, int]:
+        """One step of a draining drain; returns how many games wait to be taken and how many are in flight."""
         records, games = await self.store.drain_scope(drain)
         step = drains.plan(drain, records, games, self.clock.now())
         if step.finish:
@@ -133,10 +141,14 @@ class Drainer:
                 await self._stop(drain, t.record, t.forced)
             else:
                 moved = await self.store.take_move(drain, t.record, t.forced)
-                if moved is not None:
-                    self.wake_game(moved.game_id)
+                if moved is None:
+                    continue  # the record changed since it was read: the next tick looks again
+                self.wake_game(moved.game_id)
+            self.metrics.drain_actions.labels(t.action.value, str(t.forced).lower()).inc()
         if step.complete and await self.store.set_drain_status(drain.id, DrainStatus.DRAINING, DrainStatus.DRAINED):
             log.info("drain %d: %s is drained", drain.id, drain.target, extra={"drain_id": drain.id})
+        in_flight = sum(g.state is GameState.IN_PROGRESS for g in games.values()) - len(step.finish) + len(step.take)
+        return step.waiting, in_flight
 
     async def _stop(self, drain: Drain, record: RuntimeRecord, forced: bool) -> None:
         job = Job(kind=JobKind.STOP, game_id=record.game_id, source=OpSource.ADMIN, reason=StopReason.ADMIN_REQUEST,

@@ -95,6 +95,13 @@ async def test_a_host_drain_stops_every_game_at_a_turn_boundary_and_undrain_brin
         st = json.loads((Path(api.env["RTMANAGER_STATE_ROOT"]) / g / "engine" / "status.json").read_text())
         assert st["phase"] == "idle", (g, st)
 
+    async def metrics() -> str | None:
+        _, text = await api.get("/metrics")
+        return text if 'rtmanager_drains{status="drained"} 1.0' in text else None
+
+    text = await eventually(metrics, 10, "the drained drain in the metrics")
+    assert 'rtmanager_drain_actions_total{action="stop",forced="false"}' in text, text
+
     # Another job stops dr-c after the drain did: undrain does not bring it back.
     status, res = await api.job("dr-c", "stop", {"reason": "cancelled"}, wait=30)
     assert res["outcome"] == "success", res
