@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("adopt needs GAME... or --all")
     if args.command in ("drain", "undrain") and bool(getattr(args, "host", False)) == (
             (args.node if args.command == "drain" else args.target) is not None):
-        parser.error(f"{args.command} needs exactly one of {'NODE' if args.command == 'drain' else 'ID|NODE'} and --host")
+        what = "NODE" if args.command == "drain" else "ID|NODE"
+        parser.error(f"{args.command} needs exactly one of {what} and --host")
     settings = _settings()
     if args.command == "run":
         setup_logging(args.log_format or settings.logging.log_format, settings.logging.log_level)
