@@ -163,6 +163,10 @@ class Drainer:
     async def undrain(self, drain: Drain) -> None:
         records, games = await self.store.drain_scope(drain)
         stopped = await self.store.stopped_since(drain.id)
+        # A move under way goes on (its pin is cleared, its spec revised); the drain stops following it.
+        await self.store.finish_games(drain.id, [
+            (g.game_id, None, "undrained while moving: the move goes on") for g in games.values()
+            if g.action is DrainAction.MOVE and g.state is GameState.IN_PROGRESS])
         for step in drains.restore_plan(games, records, stopped):
             g = step.game
             if step.verdict is Restore.START:
