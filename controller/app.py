@@ -4,7 +4,7 @@ the triggers controller/triggers.py, admission controller/admission.py.
 
 Tasks. Always: the leadership loop and the HTTP server. While this replica
 leads: the intake, the outbox relay, N reconcile workers, the resync, the
-NOTIFY listener, the health round, the turn clock, the rollout loop, the storage round and the
+NOTIFY listener, the health round, the turn clock, the rollout loop, the drain loop, the storage round and the
 backend's event reader. Each loop
 survives what goes wrong in it: per-game work fails or retries that game, and a
 failed iteration is logged, counted (``rtmanager_loop_errors_total``), shown on
@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from controller.admission import Admission
 from controller.config import Settings
+from controller.drains import Drainer
 from controller.http import OFF_GAME_NETWORK, HttpDeps, HttpServer
 from controller.intake import Intake
 from controller.leadership import Leadership
@@ -62,7 +63,8 @@ log = logging.getLogger("rtmanager")
 SHUTDOWN_DRAIN = 5.0  # seconds workers may finish the action in hand; the next leader redoes the rest
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # seconds before a task that ended unexpectedly starts again, doubling
 RESTART_RESET = 60.0  # a task that ran this long before it ended starts again after RESTART_FIRST
-SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock", "rollouts"}  # call Metrics.loop_ok
+SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock", "rollouts",
+                  "drains"}  # call Metrics.loop_ok
 STARTUP_WAIT = 60.0
 
 
@@ -169,6 +171,10 @@ class Controller:
                                   interval=s.engine.health_interval, metrics=self.metrics)
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
                                     max_sleep=s.runtime.resync_interval)
+        self.drainer = Drainer(store=self.store, admission=self.admission, metrics=self.metrics, clock=self.clock,
+                               wake=self.queue.add)
+        self.reconciler.hold = self.drainer.hold  # no crash restart on a drained host or node
+        self.reconciler.starts.avoid = self.drainer.avoided_nodes  # no new unit on a drained node
         self.rollouts = RolloutLoop(store=self.store, admission=self.admission, metrics=self.metrics,
                                     interval=s.runtime.rollout_interval)
         self.outbox.subscribe(self.relay.poke)
@@ -185,6 +191,8 @@ class Controller:
             unowned=lambda: self.resync.unowned,
             image_present=self._image_present,
             pull_image=self._pull_image,
+            drains=self.store, backend=s.runtime.backend.value, state_shared=s.storage.state_shared,
+            drains_changed=self.drainer.wake.set,
             rollouts=self.store, rollout_wake=self.rollouts.wake.set,
             version_registry=s.images.version_policy == "registry"))
         if s.http.http_port:
@@ -216,6 +224,7 @@ class Controller:
         self._spawn("turn-clock", lambda: self.turn_clock.run(term), leader=True)
         self._spawn("rollouts", lambda: self.rollouts.run(term), leader=True)
         self._spawn("storage", lambda: self.storage.run(term), leader=True)
+        self._spawn("drains", lambda: self.drainer.run(term), leader=True)
         self.events = events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
         events.start()
 

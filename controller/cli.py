@@ -13,6 +13,10 @@
     rtmanager versions stop-grace VERSION S|default  its SIGTERM-to-SIGKILL seconds (default: RTMANAGER_STOP_GRACE)
     rtmanager versions deprecate|disable|activate VERSION
     rtmanager versions remove VERSION
+    rtmanager drain NODE|--host [--max-parallel N] [--deadline S] [--on-deadline move|stop]
+                    [--local-state stop|move_without_state]   take a Swarm node or the Docker host out of use
+    rtmanager undrain ID|NODE|--host   end a drain: in use again, the games it stopped start again
+    rtmanager drains [ID] [--json]     the drains (one with its games)
     rtmanager rollout start --to V (--from V | GAME...) [--max-parallel N] [--canary N] ...  a rolling rollout
     rtmanager rollout status [ID] [--json]      rollouts, or one with every game's state and why
     rtmanager rollout pause|resume|abort ID
@@ -270,6 +274,76 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _drains(settings: Settings, args: argparse.Namespace) -> int:
+    """Drains, straight in the database: the leader's drain loop carries them out (controller/drains.py)."""
+    import json
+
+    from controller.drains import drain_json
+    from desired import drains
+    from desired.errors import NotFound
+    from desired.model import OpSource
+
+    async with _store(settings) as store:
+        if args.command == "drain":
+            body: dict[str, object] = {"host": True} if args.host else {"node": args.node}
+            for name in ("max_parallel", "deadline", "on_deadline", "local_state"):
+                if getattr(args, name) is not None:
+                    body[name] = getattr(args, name)
+            try:
+                req = drains.parse_request(body, backend=settings.runtime.backend.value,
+                                           state_shared=settings.storage.state_shared)
+                drain = await store.create_drain(req, OpSource.ADMIN)
+            except (drains.InvalidDrain, drains.DrainExists) as exc:
+                print(f"rtmanager drain: {exc}", file=sys.stderr)
+                return 2 if isinstance(exc, drains.InvalidDrain) else 1
+            print(f"drain {drain.id}: {drain.target} draining, {drain.max_parallel} at a time, deadline "
+                  f"{drain.deadline_at.isoformat(timespec='seconds')}")
+            return 0
+        if args.command == "undrain":
+            target = args.target
+            if args.host or (target is not None and not target.isdigit()):
+                found = await store.active_drain(None if args.host else target)
+                if found is None:
+                    print(f"rtmanager undrain: {'the host' if args.host else 'node ' + target} has no active drain",
+                          file=sys.stderr)
+                    return 1
+                drain_id = found.id
+            else:
+                drain_id = int(target)
+            try:
+                drain = await store.request_undrain(drain_id)
+            except NotFound:
+                print(f"rtmanager undrain: no drain {drain_id}", file=sys.stderr)
+                return 1
+            print(f"drain {drain.id}: {drain.target} {drain.status.value}")
+            return 0
+        if args.id is not None:
+            try:
+                drain, games = await store.get_drain(args.id)
+            except NotFound:
+                print(f"rtmanager drains: no drain {args.id}", file=sys.stderr)
+                return 1
+            body = drain_json(drain, games, await store.drain_counts(drain))
+            if args.json:
+                print(json.dumps(body, indent=2))
+                return 0
+            print(f"drain {drain.id}: {drain.target} {drain.status.value}; counts {body['counts']}")
+            rows = [("GAME", "ACTION", "STATE", "FROM", "TO", "NOTE")] + [
+                (g.game_id, g.action.value, g.state.value, g.from_node or "-", g.to_node or "-", g.note or "")
+                for g in games]
+        else:
+            found_drains = await store.list_drains()
+            if args.json:
+                print(json.dumps({"drains": [drain_json(d) for d in found_drains]}, indent=2))
+                return 0
+            rows = [("ID", "TARGET", "STATUS", "PARALLEL", "DEADLINE", "CREATED")] + [
+                (str(d.id), "host" if d.node is None else d.node, d.status.value, str(d.max_parallel),
+                 d.deadline_at.isoformat(timespec="seconds"), d.created_at.isoformat(timespec="seconds"))
+                for d in found_drains]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
 async def _rollout(settings: Settings, args: argparse.Namespace) -> int:
     """Rollouts, straight in the database: the leader's rollout loop reads the rows."""
     from controller.rollouts_cli import rollout_command
@@ -430,6 +504,22 @@ def main(argv: list[str] | None = None) -> None:
     vg.add_argument("stop_grace", metavar="SECONDS|default")
     for action in ("deprecate", "disable", "activate", "remove"):
         vsub.add_parser(action).add_argument("version")
+    drp = sub.add_parser("drain", help="take a Swarm node (NODE) or the Docker host (--host) out of use")
+    drp.add_argument("node", nargs="?", metavar="NODE", help="the Swarm node id")
+    drp.add_argument("--host", action="store_true", help="the Docker host (Docker backend)")
+    drp.add_argument("--max-parallel", type=int, help="games stopped or moved at a time (default 1)")
+    drp.add_argument("--deadline", type=int, metavar="SECONDS",
+                     help="after this, the rest go without waiting for a turn boundary (default 3600)")
+    drp.add_argument("--on-deadline", choices=("move", "stop"), help="Swarm: past the deadline, move or stop")
+    drp.add_argument("--local-state", choices=("stop", "move_without_state"),
+                     help="Swarm with node-local state (RTMANAGER_STATE_SHARED=0): stop the games (their state "
+                          "stays on the node) or move them without it")
+    unp = sub.add_parser("undrain", help="end a drain (by id, node, or --host)")
+    unp.add_argument("target", nargs="?", metavar="ID|NODE")
+    unp.add_argument("--host", action="store_true")
+    dsp = sub.add_parser("drains", help="list the drains, or show one with its games")
+    dsp.add_argument("id", nargs="?", type=int, metavar="ID")
+    dsp.add_argument("--json", action="store_true")
     from controller.rollouts_cli import add_rollout_parser
     add_rollout_parser(sub)
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")
@@ -442,6 +532,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.command == "adopt" and not (args.games or args.all):
         parser.error("adopt needs GAME... or --all")
+    if args.command in ("drain", "undrain") and bool(getattr(args, "host", False)) == (
+            (args.node if args.command == "drain" else args.target) is not None):
+        what = "NODE" if args.command == "drain" else "ID|NODE"
+        parser.error(f"{args.command} needs exactly one of {what} and --host")
     settings = _settings()
     if args.command == "run":
         setup_logging(args.log_format or settings.logging.log_format, settings.logging.log_level)
@@ -462,6 +556,9 @@ def main(argv: list[str] | None = None) -> None:
         "dispose": lambda: _dispose(settings, args.games),
         "versions": lambda: _versions(settings, args),
         "doctor": lambda: _doctor(settings),
+        "drain": lambda: _drains(settings, args),
+        "undrain": lambda: _drains(settings, args),
+        "drains": lambda: _drains(settings, args),
         "rollout": lambda: _rollout(settings, args),
     }
     try:

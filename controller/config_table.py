@@ -240,6 +240,10 @@ class StorageSettings:
 
     state_root: str = setting("RTMANAGER_STATE_ROOT", "/var/lib/rtmanager/games", ABSPATH,
                               "host directory of the per-game state directories")
+    state_shared: bool = setting("RTMANAGER_STATE_SHARED", "0", FLAG, "`1`: the state root is storage shared by "
+                                 "every Swarm node at the same path, so a game's state follows it when it is moved "
+                                 "to another node (a drain); `0`: node-local, a game is never moved without its "
+                                 "state unless the operator says so")
     state_retention: float = setting("RTMANAGER_STATE_RETENTION", "604800", number(0, 10**9), "seconds after a "
                                      "game's removal before its state directory is deleted (or archived) by the "
                                      "leader's storage round (0: kept for ever)")

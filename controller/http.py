@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.admission import Admission
 from controller.config import HttpSettings
+from controller.drains_api import DrainApi
 from controller.metrics import Metrics
 from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
@@ -54,7 +55,7 @@ from desired.model import (
     RuntimeRecord,
     Status,
 )
-from desired.ports import RolloutAdminStore, SurfaceStore
+from desired.ports import DrainStore, RolloutAdminStore, SurfaceStore
 from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, EngineVersion, VersionStatus, valid_stop_grace
 
@@ -115,6 +116,10 @@ class HttpDeps:
     unowned: Callable[[], int] = lambda: 0  # units of this instance with no record (left for an operator)
     image_present: Callable[[str], Awaitable[bool | None]] = lambda image: _unknown()
     pull_image: Callable[[str], Awaitable[None]] = lambda image: _unknown()
+    drains: DrainStore | None = None  # drains (controller/drains_http.py)
+    backend: str = "docker"           # RTMANAGER_BACKEND: a host drain or node drains
+    state_shared: bool = False        # RTMANAGER_STATE_SHARED
+    drains_changed: Callable[[], None] = lambda: None  # wakes the leader's drain loop
     rollouts: RolloutAdminStore | None = None  # /api/v1/rollouts (controller/rollouts_http.py)
     rollout_wake: Callable[[], None] = lambda: None  # the leader's rollout loop looks at once
     version_registry: bool = False  # RTMANAGER_VERSION_POLICY=registry
@@ -142,6 +147,12 @@ class HttpServer:
         app.router.add_get(versions_path + "/{version}", self.get_version)
         app.router.add_patch(versions_path + "/{version}", self.update_version)
         app.router.add_delete(versions_path + "/{version}", self.delete_version)
+        app.router.add_get("/api/v1/drains", self.list_drains)
+        app.router.add_post("/api/v1/drains", self.create_drain)
+        app.router.add_get("/api/v1/drains/{drain_id}", self.get_drain)
+        app.router.add_post("/api/v1/drains/{drain_id}/undrain", self.undrain)
+        self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
+                               wake=deps.drains_changed) if deps.drains is not None else None
         RolloutRoutes(deps).add(app.router)
         self.app = app
 
@@ -412,6 +423,38 @@ class HttpServer:
             return _error(409, str(exc))
         return web.Response(status=204)
 
+    # ------------------------------------------------------------------ drains
+    async def list_drains(self, request: web.Request) -> web.Response:
+        if self.drains is None:
+            return _error(503, "drains are not available on this server")
+        return _answer(await self.drains.list())
+
+    async def get_drain(self, request: web.Request) -> web.Response:
+        if self.drains is None:
+            return _error(503, "drains are not available on this server")
+        return _answer(await self.drains.get(request.match_info["drain_id"]))
+
+    async def create_drain(self, request: web.Request) -> web.Response:
+        if self.drains is None:
+            return _error(503, "drains are not available on this server")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the body must be a JSON object")
+        req = self.drains.parse(body)
+        if isinstance(req, tuple):
+            return _answer(req)
+        if not self.deps.is_leader():
+            return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
+        return _answer(await self.drains.create(req))
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        if self.drains is None:
+            return _error(503, "drains are not available on this server")
+        if not self.deps.is_leader():
+            return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
+        return _answer(await self.drains.undrain(request.match_info["drain_id"]))
+
     async def resync_snapshots(self, request: web.Request) -> web.Response:
         """A snapshot of every live game (or of ``?game_id=``), for a Lobby that lost track."""
         game_id = request.query.get("game_id")
@@ -462,6 +505,10 @@ class HttpServer:
 
 async def _unknown() -> None:
     return None
+
+
+def _answer(answer: tuple[int, dict[str, Any]]) -> web.Response:
+    return web.json_response(answer[1], status=answer[0])
 
 
 def _error(status: int, message: str, retry_after: bool = False) -> web.Response:

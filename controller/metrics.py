@@ -109,6 +109,12 @@ class Metrics:
         self.rollout_games = Gauge("rtmanager_rollout_games",
                                    "Games of the rollouts not finished, by their state in the rollout", ["state"],
                                    registry=r)
+        self.drains = Gauge("rtmanager_drains", "Drains not undrained yet, by status", ["status"], registry=r)
+        self.drain_games = Gauge("rtmanager_drain_games", "Games of the draining drains: waiting to be taken, or "
+                                 "in progress (being stopped or moved)", ["state"], registry=r)
+        self.drain_actions = Counter("rtmanager_drain_actions_total", "Games a drain took, by what it does with "
+                                     "them (stop, move) and whether past its deadline (forced)",
+                                     ["action", "forced"], registry=r)
 
         self.loop_errors = Counter("rtmanager_loop_errors_total",
                                    "Iterations of a loop that failed (an outage, or an error nobody classified: "

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
+from controller.drains_api import openapi_parts
 from controller.rollouts_openapi import rollout_paths, rollout_schemas
 from desired.jobs import MAX_IMAGE_REF, MAX_TURN_INTERVAL
 from desired.model import (
@@ -192,6 +193,8 @@ def openapi_document() -> dict[str, Any]:
                     "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
                 **errors}}}
 
+    drain_paths, drain_schemas = openapi_parts()
+    paths.update(drain_paths)
     paths.update(rollout_paths())
 
     result_props = {
@@ -280,6 +283,7 @@ def openapi_document() -> dict[str, Any]:
                                       "image_present": {"type": "boolean", "nullable": True},
                                       "stop_grace": _STOP_GRACE,
                                       "live_games": {"type": "integer"}}},
+                **drain_schemas,
                 "Operation": {"type": "object", "required": ["id", "game_id", "op", "source", "status"],
                               "properties": {
                                   "id": {"type": "integer"}, "game_id": {"type": "string"}, "op": _enum(JobKind),

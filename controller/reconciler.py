@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from controller.config import Settings
 from controller.crashes import Crashes
@@ -75,6 +75,7 @@ log = logging.getLogger("rtmanager.reconciler")
 
 MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
+HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
 
@@ -123,6 +124,10 @@ class Reconciler:
         self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
         self.starts = Starts(settings, store, backend, engine, metrics, self.health, self.states)
         self.crashes = Crashes(settings, store, backend, metrics, self.health, self.starts)
+        # Why a restart nobody asked for (a crash's, a vanished unit's) must not happen now (a drain of the
+        # host or of the game's node: the drain stops or moves the game instead), or None. Set by the
+        # composition root; read from the database at each such restart, never remembered.
+        self.hold: Callable[[RuntimeRecord], Awaitable[str | None]] | None = None
 
     @property
     def epoch(self) -> int:
@@ -221,6 +226,12 @@ class Reconciler:
             assert container is not None
             self.note_unowned(container, action.reason)
             return DONE
+        if (self.hold is not None and action.kind in (ActionKind.CREATE, ActionKind.START) and record is not None
+                and record.converged and record.desired_status is DesiredStatus.RUNNING):
+            held = await self.hold(record)
+            if held is not None:
+                log.info("not restarting: %s", held, extra={"game_id": game_id})
+                return requeue(HOLD_RETRY, held)
         if action.check_engine and not self.settings.runtime.dry_run:
             # A planned disruption: the record's last probe may be stale, ask the engine now.
             assert record is not None and container is not None

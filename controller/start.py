@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 
 from controller.config import Settings
 from controller.health import Health
@@ -42,6 +43,8 @@ class Starts:
         self.metrics = metrics
         self.health = health
         self.states = states
+        # The nodes no new unit may land on (drained Swarm nodes): set by the composition root.
+        self.avoid: Callable[[], Awaitable[frozenset[str]]] | None = None
 
     async def run(self, kind: ActionKind, record: RuntimeRecord, container: ObservedContainer | None,
                   spec: ContainerSpec) -> None:
@@ -88,6 +91,10 @@ class Starts:
             token = secrets.token_urlsafe(32)
             record = await self.store.set_admin_token(record, token)
             spec = dataclasses.replace(spec, admin_token=token)
+            if self.avoid is not None:
+                avoided = await self.avoid()
+                if avoided:
+                    spec = dataclasses.replace(spec, avoid_nodes=tuple(sorted(set(spec.avoid_nodes) | avoided)))
             t0 = asyncio.get_running_loop().time()
             container = await self.backend.create(spec)
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)

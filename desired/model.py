@@ -157,6 +157,7 @@ class ErrorCode(str, enum.Enum):
     ENGINE_UNSUPPORTED = "engine_unsupported"
     ENGINE_REFUSED = "engine_refused"
     STORAGE_FULL = "storage_full"
+    HOST_DRAINED = "host_drained"
 
 
 class Health(str, enum.Enum):

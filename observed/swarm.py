@@ -323,8 +323,11 @@ class SwarmBackend(DaemonClient):
             "Networks": [{"Target": spec.network}],
             "ForceUpdate": 0,
         }
-        if spec.node:
-            template["Placement"] = {"Constraints": [f"node.id=={spec.node}"]}
+        # Pinned where its state is; kept off drained nodes (a pin wins over an avoidance: the state is there).
+        constraints = [f"node.id=={spec.node}"] if spec.node else []
+        constraints += [f"node.id!={n}" for n in sorted(set(spec.avoid_nodes)) if n and n != spec.node]
+        if constraints:
+            template["Placement"] = {"Constraints": constraints}
         endpoint: dict[str, Any] = {"Mode": "dnsrr"}
         if self.probe_address == "published":
             endpoint["Ports"] = [{"Protocol": "tcp", "TargetPort": self.port, "PublishMode": "host"}]

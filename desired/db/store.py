@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from desired.db.drains import Drains
 from desired.db.identity import Identities
 from desired.db.marks import Marks
 from desired.db.outbox import Outbox
@@ -35,6 +36,7 @@ from desired.db.transitions import Transitions
 if TYPE_CHECKING:
     from desired.ports import (
         AdmissionStore,
+        DrainStore,
         HealthStore,
         IntakeStore,
         ReconcilerStore,
@@ -48,13 +50,13 @@ if TYPE_CHECKING:
     )
 
 
-class Store(Records, Transitions, Submissions, Outbox, Registry, Marks, Identities, Rollouts):
+class Store(Records, Transitions, Submissions, Outbox, Registry, Marks, Identities, Rollouts, Drains):
     """Every part of the store over one pool (and, for the leader, one fence and clock)."""
 
 
 if TYPE_CHECKING:  # mypy holds the store to every port of desired/ports.py
     def _ports(store: Store) -> None:
         ports: tuple[ReconcilerStore, RelayStore, AdmissionStore, IntakeStore, SurfaceStore, TurnClockStore,
-                     ResyncStore, HealthStore, StorageStore, RolloutStore, RolloutAdminStore] = (
-            store, store, store, store, store, store, store, store, store, store, store)
+                     ResyncStore, HealthStore, StorageStore, RolloutStore, RolloutAdminStore, DrainStore] = (
+            store, store, store, store, store, store, store, store, store, store, store, store)
         del ports

@@ -12,8 +12,9 @@ from typing import Any
 
 import asyncpg
 
-from desired import versions
+from desired import drains, versions
 from desired.db.base import StoreBase
+from desired.db.drains import refusing_targets
 from desired.db.notifications import NOTIFY_CHANNEL
 from desired.db.pool import translating
 from desired.db.rollouts import record_step
@@ -166,6 +167,11 @@ class Submissions(StoreBase):
         """``decide``, then, under the registry policy, the version of a new image: read FOR SHARE, so a
         concurrent disable or delete of the version waits for this job."""
         decision = decide(current, job, now, defaults)
+        if decision.action is DecisionAction.CHANGE and job.kind in (JobKind.START, JobKind.RESTART):
+            refusal = drains.refusal(current, job.kind, await refusing_targets(conn))  # a drain keeps it off
+            if refusal is not None:
+                return Decision(action=DecisionAction.REJECT, record=current, error_code=ErrorCode.HOST_DRAINED,
+                                message=refusal)
         if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
                 and decision.waits):
             row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE", job.image_ref)

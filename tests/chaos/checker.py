@@ -33,10 +33,10 @@ CONTRACT_FIELDS = frozenset({"game_id", "outcome", "container_id", "engine_endpo
 ERROR_CODES = frozenset({"replay_no_op", "invalid_request", "image_rejected", "image_unavailable",
                          "container_start_failed", "engine_unhealthy", "superseded", "docker_unavailable",
                          "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported",
-                         "engine_refused", "storage_full"})
+                         "engine_refused", "storage_full", "host_drained"})
 JOB_KINDS = frozenset({"start", "stop", "restart", "patch", "cleanup",  # and the turns of the clock (docs/contract.md)
                        "pause", "resume", "force_next_turn", "reconcile", "turn"})
-REJECTIONS = frozenset({"invalid_request", "image_rejected"})
+REJECTIONS = frozenset({"invalid_request", "image_rejected", "host_drained"})
 AT_ONCE = REJECTIONS | {"replay_no_op"}  # answered in the admitting transaction, not after convergence
 ENGINE_UID = 10000
 

@@ -219,5 +219,5 @@ def test_error_codes_are_the_contract() -> None:
         "replay_no_op", "invalid_request", "image_rejected", "image_unavailable",
         "container_start_failed", "engine_unhealthy", "superseded", "docker_unavailable",
         "internal_error", "generation_failed", "engine_unreachable", "engine_unsupported",
-        "engine_refused", "storage_full",
+        "engine_refused", "storage_full", "host_drained",
     }

@@ -1,0 +1,347 @@
+"""Drains, as pure values and decisions: no I/O, tested as tables.
+
+A *drain* takes the Docker host (``node`` None) or one Swarm node out of use. It is desired state
+(a row of ``drains``), converged by the leader's drain loop (controller/drains.py) from that row,
+the rows of the games it took (``drain_games``) and the runtime records: never from memory, so a
+kill -9 or a failover resumes it where the rows say.
+
+* ``parse_request``: an operator's request (REST body or CLI flags), each refusal naming the field;
+* ``action_of`` / ``deadline_action``: what a drain does with a game (stop it, or move it to
+  another node), before and after its deadline;
+* ``plan``: one look at a draining drain: which games are done, which to take next
+  (``max_parallel`` at a time, games that run nothing first, idle engines before generating ones),
+  which to force once the deadline has passed, and whether the drain is complete;
+* ``restore_plan``: what undrain does with each game the drain stopped: start it again as it was,
+  or leave it (Lobby or an operator stopped or removed it meanwhile);
+* ``refusal``: the start a drain refuses (``host_drained``).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from desired.model import DesiredStatus, JobKind, RuntimeRecord, Status
+
+NODE_PATTERN = re.compile(r"^[a-z0-9]{1,64}$")  # a Swarm node id
+MAX_PARALLEL = 1000
+MAX_DEADLINE = 7 * 86400
+DEFAULT_PARALLEL = 1
+DEFAULT_DEADLINE = 3600
+
+
+class DrainStatus(enum.StrEnum):
+    DRAINING = "draining"      # taking games
+    DRAINED = "drained"        # every game it had to take is stopped or moved; new starts still refused
+    UNDRAINING = "undraining"  # undrain asked: the games it stopped are being started again
+    UNDRAINED = "undrained"    # over
+
+    @property
+    def refusing(self) -> bool:
+        """New games are kept off the target (and starts refused on the host)."""
+        return self in (DrainStatus.DRAINING, DrainStatus.DRAINED)
+
+
+class DrainAction(enum.StrEnum):
+    STOP = "stop"  # stop at a turn boundary; undrain starts it again as it was
+    MOVE = "move"  # recreate on another node at a turn boundary (Swarm)
+
+
+class GameState(enum.StrEnum):
+    IN_PROGRESS = "in_progress"
+    DONE = "done"
+    RESTORED = "restored"  # undrain started it again
+    SKIPPED = "skipped"    # undrain left it (somebody else stopped or removed it meanwhile)
+
+
+class LocalState(enum.StrEnum):
+    """What a Swarm node drain does with games whose state is on the node (RTMANAGER_STATE_SHARED=0)."""
+
+    STOP = "stop"                              # stop them, their state stays on the node
+    MOVE_WITHOUT_STATE = "move_without_state"  # start them fresh on another node
+
+
+class OnDeadline(enum.StrEnum):
+    MOVE = "move"  # past the deadline the rest are moved anyway (without waiting for a turn boundary)
+    STOP = "stop"  # past the deadline the rest are stopped
+
+
+class InvalidDrain(ValueError):
+    """A drain request that cannot be carried out; ``field`` names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"field {field}: {message}" if field else message)
+        self.field = field
+        self.message = str(self)
+
+
+class DrainExists(Exception):
+    """The target has an active drain already."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"{target} has an active drain already")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrainRequest:
+    node: str | None            # None: the host (Docker backend)
+    max_parallel: int = DEFAULT_PARALLEL
+    deadline: int = DEFAULT_DEADLINE  # seconds from now
+    on_deadline: OnDeadline = OnDeadline.MOVE
+    local_state: LocalState | None = None
+    state_shared: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Drain:
+    id: int
+    node: str | None
+    max_parallel: int
+    deadline_at: datetime
+    on_deadline: OnDeadline
+    local_state: LocalState | None
+    state_shared: bool
+    status: DrainStatus
+    source: str
+    created_at: datetime
+    drained_at: datetime | None = None
+    undrain_at: datetime | None = None
+    undrained_at: datetime | None = None
+
+    @property
+    def target(self) -> str:
+        return "the host" if self.node is None else f"node {self.node}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrainGame:
+    drain_id: int
+    game_id: str
+    action: DrainAction
+    state: GameState
+    generation: int               # the record's generation once the drain had changed it
+    taken_at: datetime
+    forced: bool = False
+    image_ref: str | None = None  # what the game ran (a stop): undrain starts it again on this image
+    paused: bool = False
+    turn_interval: int = 0
+    from_node: str | None = None
+    to_node: str | None = None
+    op_id: int | None = None      # the drain's latest stop operation of the game
+    note: str | None = None
+    done_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Targets:
+    """What the refusing drains (draining or drained) keep out of use."""
+
+    host: bool = False
+    nodes: frozenset[str] = field(default_factory=frozenset)
+
+
+# ------------------------------------------------------------------------------ requests
+def parse_request(body: Mapping[str, Any], *, backend: str, state_shared: bool) -> DrainRequest:
+    """A drain request: ``{"host": true}`` (Docker backend) or ``{"node": ID}`` (Swarm), with
+    ``max_parallel``, ``deadline`` (seconds), ``on_deadline`` and ``local_state``."""
+    known = {"host", "node", "max_parallel", "deadline", "on_deadline", "local_state"}
+    for name in body:
+        if name not in known:
+            raise InvalidDrain(str(name)[:64], "is not a field of a drain request")
+    host, node = body.get("host", False), body.get("node")
+    if not isinstance(host, bool):
+        raise InvalidDrain("host", "must be a boolean")
+    if node is not None and (not isinstance(node, str) or not NODE_PATTERN.fullmatch(node)):
+        raise InvalidDrain("node", "must be a Swarm node id (1-64 characters of a-z 0-9)")
+    if host == (node is not None):
+        raise InvalidDrain("node", "give exactly one of node (a Swarm node) and host: true (the Docker host)")
+    if backend == "swarm" and host:
+        raise InvalidDrain("host", "the Swarm backend drains one node at a time: give node")
+    if backend != "swarm" and node is not None:
+        raise InvalidDrain("node", "the Docker backend has one host: give host: true")
+    max_parallel = _int(body, "max_parallel", DEFAULT_PARALLEL, 1, MAX_PARALLEL)
+    deadline = _int(body, "deadline", DEFAULT_DEADLINE, 0, MAX_DEADLINE)
+    on_deadline = _choice(body, "on_deadline", OnDeadline) or OnDeadline.MOVE
+    local_state = _choice(body, "local_state", LocalState)
+    if node is None:
+        if "on_deadline" in body or local_state is not None:
+            raise InvalidDrain("on_deadline" if "on_deadline" in body else "local_state",
+                               "applies to a Swarm node drain; a host drain stops its games")
+        return DrainRequest(node=None, max_parallel=max_parallel, deadline=deadline, on_deadline=OnDeadline.STOP,
+                            state_shared=state_shared)
+    if not state_shared and local_state is None:
+        raise InvalidDrain("local_state", "the state root is node-local (RTMANAGER_STATE_SHARED=0), so a game's "
+                                          "state cannot follow it: say stop (keep it on the node) or "
+                                          "move_without_state (start fresh elsewhere)")
+    return DrainRequest(node=node, max_parallel=max_parallel, deadline=deadline, on_deadline=on_deadline,
+                        local_state=local_state, state_shared=state_shared)
+
+
+def _int(body: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    raw = body.get(name, default)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not low <= raw <= high:
+        raise InvalidDrain(name, f"must be a whole number from {low} to {high}")
+    return raw
+
+
+def _choice(body: Mapping[str, Any], name: str, kind: type[enum.StrEnum]) -> Any:
+    raw = body.get(name)
+    if raw is None:
+        return None
+    allowed = [k.value for k in kind]
+    if raw not in allowed:
+        raise InvalidDrain(name, "must be one of " + ", ".join(allowed))
+    return kind(raw)
+
+
+# ------------------------------------------------------------------------------ decisions
+def action_of(drain: Drain) -> DrainAction:
+    """Before the deadline: a host drain stops; a node drain moves, unless the state is node-local and
+    the operator said to stop."""
+    if drain.node is None:
+        return DrainAction.STOP
+    if not drain.state_shared and drain.local_state is LocalState.STOP:
+        return DrainAction.STOP
+    return DrainAction.MOVE
+
+
+def deadline_action(drain: Drain) -> DrainAction:
+    """Past the deadline: what ``on_deadline`` says (a host drain can only stop)."""
+    if drain.node is None or drain.on_deadline is OnDeadline.STOP:
+        return DrainAction.STOP
+    return action_of(drain)
+
+
+def in_scope(drain: Drain, record: RuntimeRecord) -> bool:
+    """A game the drain has to take: wanted running, on the drained host or pinned to the drained node."""
+    if record.desired_status is not DesiredStatus.RUNNING or record.status is Status.REMOVED:
+        return False
+    return drain.node is None or record.node_id == drain.node
+
+
+def finished(drain: Drain, game: DrainGame, record: RuntimeRecord | None) -> bool:
+    """The game no longer needs the drain: stopped (or removed, or given up), or running elsewhere."""
+    if record is None or record.desired_status is DesiredStatus.REMOVED:
+        return True
+    if record.desired_status is DesiredStatus.STOPPED:
+        return record.converged  # stopped by the drain, by Lobby, or a failed move gave up
+    if game.action is DrainAction.STOP:
+        return False  # still wanted running: the drain's stop is to come (again)
+    return (record.converged and record.status.is_up and record.node_id is not None
+            and record.node_id != drain.node)
+
+
+def _order(record: RuntimeRecord) -> tuple[int, int, str]:
+    """Games that run nothing first (nothing to cut), idle engines before generating ones, converged
+    games before games with a job in flight."""
+    busy = 2 if record.status is Status.GENERATION_IN_PROGRESS else (0 if not record.status.is_up else 1)
+    return (busy, 0 if record.converged else 1, record.game_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Take:
+    record: RuntimeRecord
+    action: DrainAction
+    forced: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrainPlan:
+    finish: list[DrainGame]     # done: mark them so
+    take: list[Take]            # to take now
+    resubmit: list[DrainGame]   # a stop taken but not (or no longer) asked for: ask again
+    force: list[DrainGame]      # past the deadline: in flight, not forced yet
+    waiting: int                # games in scope not taken yet (after this plan)
+    complete: bool              # nothing left: the drain is drained
+
+
+def plan(drain: Drain, records: Mapping[str, RuntimeRecord], games: Mapping[str, DrainGame],
+         now: datetime) -> DrainPlan:
+    """One look at a draining drain."""
+    finish: list[DrainGame] = []
+    in_flight: list[DrainGame] = []
+    for g in games.values():
+        if g.state is not GameState.IN_PROGRESS:
+            continue
+        (finish if finished(drain, g, records.get(g.game_id)) else in_flight).append(g)
+    resubmit = [g for g in in_flight if g.action is DrainAction.STOP
+                and records[g.game_id].desired_status is DesiredStatus.RUNNING]
+    past = now >= drain.deadline_at
+    force = [g for g in in_flight if past and not g.forced]
+    candidates = sorted((r for r in records.values() if in_scope(drain, r) and r.game_id not in games), key=_order)
+    take: list[Take] = []
+    if past:
+        take = [Take(record=r, action=deadline_action(drain), forced=True) for r in candidates]
+    else:
+        action = action_of(drain)
+        slots = max(0, drain.max_parallel - len(in_flight))
+        # A move changes desired state like a restart: a game with a job in flight waits for it (until
+        # the deadline), so that the job is not answered superseded by a drain.
+        eligible = [r for r in candidates if action is DrainAction.STOP or r.converged]
+        take = [Take(record=r, action=action, forced=False) for r in eligible[:slots]]
+    waiting = len(candidates) - len(take)
+    return DrainPlan(finish=finish, take=take, resubmit=resubmit, force=force, waiting=waiting,
+                     complete=not in_flight and not candidates)
+
+
+class Restore(enum.StrEnum):
+    START = "start"      # start it again, as it was
+    RESTORED = "restored"  # already wanted running again (an earlier undrain pass started it)
+    SKIP = "skip"        # leave it stopped
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestoreStep:
+    game: DrainGame
+    verdict: Restore
+    note: str = ""
+
+
+def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRecord],
+                 stopped_since: set[str]) -> list[RestoreStep]:
+    """Undrain: for each game the drain stopped (or was stopping), whether to start it again.
+    ``stopped_since``: games with a stop or cleanup after the drain's own (Lobby's, an operator's)."""
+    steps = []
+    for g in sorted(games.values(), key=lambda g: g.game_id):
+        if g.action is not DrainAction.STOP or g.state not in (GameState.IN_PROGRESS, GameState.DONE):
+            continue
+        rec = records.get(g.game_id)
+        if rec is None or rec.desired_status is DesiredStatus.REMOVED or rec.status is Status.REMOVED:
+            steps.append(RestoreStep(game=g, verdict=Restore.SKIP, note="removed meanwhile: not brought back"))
+        elif g.game_id in stopped_since:
+            steps.append(RestoreStep(game=g, verdict=Restore.SKIP,
+                                     note="stopped by another job after the drain's: not brought back"))
+        elif rec.desired_status is DesiredStatus.RUNNING:
+            steps.append(RestoreStep(game=g, verdict=Restore.RESTORED, note="wanted running again"))
+        elif not (g.image_ref or rec.desired_image_ref or rec.current_image_ref):
+            steps.append(RestoreStep(game=g, verdict=Restore.SKIP, note="no image recorded"))
+        else:
+            steps.append(RestoreStep(game=g, verdict=Restore.START))
+    return steps
+
+
+def restore_image(game: DrainGame, record: RuntimeRecord) -> str:
+    image = game.image_ref or record.desired_image_ref or record.current_image_ref
+    assert image
+    return image
+
+
+def refusal(record: RuntimeRecord | None, kind: JobKind, targets: Targets) -> str | None:
+    """Why a start (or restart) that would change desired state is refused under a drain, or None: any on a
+    drained host; on Swarm, one of a game pinned to a drained node (its state is there)."""
+    if kind not in (JobKind.START, JobKind.RESTART):
+        return None
+    if targets.host:
+        return "the host is drained (rtmanager undrain to use it again); no game starts on it"
+    if record is not None and record.node_id is not None and record.node_id in targets.nodes:
+        return (f"the game's node {record.node_id} is drained and its state is there "
+                "(rtmanager undrain to use the node again)")
+    return None
+
+
+def deadline_of(request: DrainRequest, now: datetime) -> datetime:
+    return now + timedelta(seconds=request.deadline)
