@@ -82,7 +82,11 @@ class Starts:
                 await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
-            await self.backend.make_state_dir(self.settings.storage.state_root, spec)
+            # Made where the unit will run: on a Swarm, the game's node, or the node chosen for a new
+            # game (the unit is pinned there, so the engine finds the directory it was given).
+            node = await self.backend.make_state_dir(self.settings.storage.state_root, spec)
+            if node and not spec.node:
+                spec = dataclasses.replace(spec, node=node)
             # A new secret for each unit, recorded before the unit exists: a kill between the create
             # and the next write must not leave a unit whose token nobody knows.
             token = secrets.token_urlsafe(32)

@@ -52,6 +52,9 @@ class ContainerSpec:
     # Pinned to this node (a Swarm backend keeps a game where its state is). Not part of the hash:
     # the pin is learnt after the first start and applies to the units created after it.
     node: str | None = None
+    # Nodes the unit must not run on (``node.id!=<id>`` placement constraints on a Swarm): where the
+    # game was lost, or a node being drained. Part of the hash (when not empty): a change moves the game.
+    avoid_nodes: tuple[str, ...] = ()
     read_only: bool = False
     tmpfs_bytes: int = 0
     disk_bytes: int = 0
@@ -84,6 +87,7 @@ class ContainerSpec:
             "rev": self.spec_revision, "user": self.user,
             **({"isolation": [self.read_only, self.tmpfs_bytes, self.disk_bytes]}
                if (self.read_only or self.tmpfs_bytes or self.disk_bytes) else {}),
+            **({"avoid": sorted(self.avoid_nodes)} if self.avoid_nodes else {}),
         }, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
@@ -117,6 +121,9 @@ class ObservedContainer:
     # says: the container's IP, its hostname on the game network, or a published port on its node.
     address: str | None = None
     node: str | None = None  # the node it runs on (a Swarm backend)
+    # Its node is down, unreachable to the manager or drained (a Swarm backend): the unit does not run
+    # as far as can be seen, and its engine's fate is unknown -- not a crash.
+    node_lost: bool = False
     mounts: tuple[tuple[str, str], ...] = ()  # (source, destination); from inspect only
     # The admin token in the unit's environment ("" none); from inspect only (None: not read).
     admin_token: str | None = field(default=None, repr=False)
