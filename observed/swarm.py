@@ -184,11 +184,15 @@ class SwarmBackend(DaemonClient):
     async def _know_nodes(self, tasks: Iterable[Mapping[str, Any]], force: bool = False) -> None:
         """Node states (a task on a node that is down is lost) and addresses (the published probe mode):
         one node-list call, again after NODE_REFRESH seconds, or sooner (but not more often than every
-        NODE_REREAD seconds) when a task names a node not seen yet."""
+        NODE_REREAD seconds) when a task names a node not seen yet or is still running though no longer
+        wanted (what Swarm shows of a task on a node that went down)."""
         age = time.monotonic() - self._nodes_read_at
         if not force and self._nodes_read_at and age < NODE_REFRESH:
+            tasks = list(tasks)
             unknown = any(t.get("NodeID") and t["NodeID"] not in self._nodes for t in tasks)
-            if not unknown or age < NODE_REREAD:
+            # A task Swarm no longer wants yet still calls running: its node may have gone down.
+            hint = any(_task_state(t) == "running" and t.get("DesiredState") not in _WANTED for t in tasks)
+            if not (unknown or hint) or age < NODE_REREAD:
                 return
         nodes = await self._call("nodes", lambda: self._docker().api.nodes())
         self._nodes = {n["ID"]: _node_info(n) for n in nodes}
