@@ -114,6 +114,10 @@ def _node_lost(record: RuntimeRecord, container: ObservedContainer, now: datetim
     """A unit out of sight on a lost node: never a crash, never a start there (it would wait for the node,
     holding a worker); after the grace period, what RTMANAGER_NODE_LOSS says."""
     node = container.node or record.node_id or ""
+    if record.status is Status.STOPPED:
+        # Asked to run again while its node is lost: the start records it as starting, finds the node lost
+        # (refused at once, tried again later) and the next look records it node_lost.
+        return Action(ActionKind.START, f"container is {container.state}; its node {node[:12]} is lost")
     if record.status is not Status.NODE_LOST:
         return Action(ActionKind.NODE_LOST, f"the engine's node {node[:12]} is lost (not a crash)", node=node)
     step = node_loss_step(record, now, policy)

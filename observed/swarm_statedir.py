@@ -38,7 +38,7 @@ import docker.errors
 
 from observed.daemon import short_error
 from observed.docker import user_ids
-from observed.errors import BackendUnavailable, Refused
+from observed.errors import BackendUnavailable, NodeLost, Refused
 from observed.model import LABEL_GAME_ID, LABEL_MANAGED_BY, MANAGED_BY, ContainerSpec
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ async def pick_node(backend: SwarmBackend, spec: ContainerSpec) -> str:
     candidates = [n for n, info in backend._nodes.items() if node_usable(info) and n not in spec.avoid_nodes]
     if not candidates:
         avoided = f" (avoiding {', '.join(a[:12] for a in spec.avoid_nodes)})" if spec.avoid_nodes else ""
-        raise Refused(f"no Swarm node is ready and active to run {spec.name}{avoided}")
+        raise NodeLost(f"no Swarm node is ready and active to run {spec.name}{avoided}")
     return min(candidates, key=lambda n: (load.get(n, 0), n))
 
 

@@ -171,6 +171,7 @@ TABLE = [
     ("node-back-engine-exited", record(Status.NODE_LOST, R), ours("exited", node="n2"), {}, A.START),
     ("node-back-engine-still-runs", record(Status.NODE_LOST, R), ours(node="n2"), {}, A.CONFIRM),
     ("node-lost-desired-stopped", record(Status.NODE_LOST, ST, converged=False), LOST, {}, A.MARK_STOPPED),
+    ("node-lost-stopped-game-asked-to-run", record(Status.STOPPED, R, converged=False), LOST, {}, A.START),
     ("node-lost-desired-removed", record(Status.NODE_LOST, RM, converged=False), LOST, {}, A.REMOVE),
 ]
 
