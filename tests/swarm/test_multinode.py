@@ -24,6 +24,7 @@ comes back nothing of them runs there: one engine per game.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
@@ -250,10 +251,27 @@ async def test_reschedule_moves_a_lost_workers_games_with_their_state(shared2, h
         other = await store.get(on_manager)
         assert other.status is Status.RUNNING and other.current_container_id == untouched
 
-        # The worker comes back: the moved game's old service is gone, so its agent runs nothing of it.
+        # The worker comes back: the moved game's old service is gone, so its agent runs nothing of it. Looked
+        # at all the while it rejoins: never two engines of one game.
         cluster.nodes[1].start()
-        await eventually(lambda: all(n["Status"]["State"] == "ready" for n in client.api.nodes()), timeout=60,
-                         what="the worker back")
+
+        def at_most_one_engine_each() -> None:
+            for g in games:
+                try:
+                    on_worker_now = len(running_containers(cluster.nodes[1], g))
+                except Exception:  # noqa: BLE001 - its dockerd not answering yet: it runs no container either
+                    on_worker_now = 0
+                n = on_worker_now + len(running_containers(cluster.manager, g))
+                assert n <= 1, f"{n} engines of {g} run"
+
+        def rejoined() -> bool:
+            at_most_one_engine_each()
+            return all(n["Status"]["State"] == "ready" for n in client.api.nodes())
+
+        await eventually(rejoined, timeout=60, what="the worker back", retry_on=())
+        for _ in range(10):  # and a few seconds after it rejoined, while its agent catches up
+            at_most_one_engine_each()
+            await asyncio.sleep(0.3)
         for g in games:
             await eventually(lambda g=g: len(running_tasks(client, g)) == 1, timeout=30, what=f"one task of {g}")
             assert running_containers(cluster.nodes[1], g) == [], g
