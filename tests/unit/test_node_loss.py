@@ -185,3 +185,20 @@ async def test_games_on_a_dead_node_hold_no_worker(tmp_path):
         for t in workers:
             t.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+
+
+
+async def test_a_job_for_a_game_waiting_for_its_node_waits_with_it(tmp_path):
+    """Under wait, a start of a node_lost game waits with the game (no start is tried on the dead node) and is
+    answered when the game runs again on its node."""
+    w = world(tmp_path, "wait")
+    await on_node(w, "g1", "n2")
+    w.backend.lose_node("n2")
+    await w.sync("g1")
+    await w.job(JobKind.START, "g1", IMG)
+    w.store.clock.advance(3600)
+    rec = await w.sync("g1")
+    assert rec.status is Status.NODE_LOST and len(w.results("g1")) == 1 and len(w.backend.ops("start")) == 1
+    w.backend.lost.discard("n2")
+    rec = await w.sync("g1")
+    assert rec.status is Status.RUNNING and w.results("g1") == [("start", "success", "")] * 2
