@@ -180,6 +180,8 @@ async def make_on_node(backend: SwarmBackend, state_root: str, spec: ContainerSp
                 logs = await _task_logs(backend, str(task.get("ID")))
                 raise Refused(f"state directory {spec.state_path} on node {node[:12]}: "
                               f"{logs or detail}"[:500])
+            if node in await backend.lost_nodes():  # lost meanwhile: its task would wait for it
+                raise NodeLost(f"state directory {spec.state_path}: node {node[:12]} is down or unreachable")
             if loop.time() > deadline:
                 raise Refused(f"state directory {spec.state_path} on node {node[:12]}: the helper task did not "
                               f"end within {HELPER_WAIT:g}s")
