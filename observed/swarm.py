@@ -370,11 +370,11 @@ class SwarmBackend(DaemonClient):
         """Made on the node that will run the game (observed/swarm_statedir.py): its pin, or for a new game
         the node chosen for it here (returned: the caller pins the unit there). Once per directory and node
         in this process; a lost pinned node is refused at once (no helper waits for it)."""
+        if spec.node and spec.node in await self.lost_nodes():
+            raise NodeLost(f"the node {spec.node[:12]} of {spec.name} is down or unreachable; its state is there")
         node = spec.node or await pick_node(self, spec)
         if (spec.state_path, node) in self._dirs_made:
             return node
-        if spec.node and spec.node in await self.lost_nodes():
-            raise NodeLost(f"the node {spec.node[:12]} of {spec.name} is down or unreachable; its state is there")
         await make_on_node(self, state_root, spec, node, self.state_helper_image or spec.image)
         self._dirs_made.add((spec.state_path, node))
         return node
