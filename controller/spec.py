@@ -47,7 +47,7 @@ class Specs:
     def __init__(self, settings: Settings, database: str = "") -> None:
         self.settings = settings
         self.database = database  # the identity uid of the database, on every unit's labels
-        self._hashes: dict[tuple[str, str, str, int, tuple[str, ...]], str] = {}
+        self._hashes: dict[tuple[str, str, str, int], str] = {}
 
     def build(self, record: RuntimeRecord, epoch: int) -> ContainerSpec | None:
         """The spec of the unit the record asks for, or None when it asks for none."""
@@ -57,10 +57,10 @@ class Specs:
 
     def want_hash(self, record: RuntimeRecord) -> str | None:
         """The spec hash a record's container should carry; cached, since a resync asks for every game
-        and the spec changes only with the image, the state path, the spec revision or the nodes it avoids."""
+        and the spec changes only with the image, the state path or the spec revision."""
         if not record.desired_image_ref:
             return None
-        key = (record.game_id, record.desired_image_ref, record.state_path, record.spec_revision, record.avoid_nodes)
+        key = (record.game_id, record.desired_image_ref, record.state_path, record.spec_revision)
         found = self._hashes.get(key)
         if found is None:
             if len(self._hashes) > _CACHE_LIMIT:

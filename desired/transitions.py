@@ -267,9 +267,11 @@ def node_lost(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
 
 
 def moved_off(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
-    """The game leaves its lost node: the pin is cleared and its unit must avoid that node, so the unit's
-    spec changes and the planner recreates it elsewhere (recorded where it then runs)."""
-    return cur.replace(node_id=None, avoid_nodes=(node,), last_op_at=_touch(cur, now))
+    """The game leaves its lost node: the pin is cleared, its next units avoid that node, and the spec
+    revision changes, so the planner recreates the unit elsewhere (the node recorded where it then runs).
+    No new generation: like a crash's restart, nobody asked for it."""
+    return cur.replace(node_id=None, avoid_nodes=(node,), spec_revision=cur.spec_revision + 1,
+                       last_op_at=_touch(cur, now))
 
 
 def stopped_for_node_loss(cur: RuntimeRecord, now: datetime, *, message: str) -> RuntimeRecord:

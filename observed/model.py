@@ -52,8 +52,10 @@ class ContainerSpec:
     # Pinned to this node (a Swarm backend keeps a game where its state is). Not part of the hash:
     # the pin is learnt after the first start and applies to the units created after it.
     node: str | None = None
-    # Nodes the unit must not run on (``node.id!=<id>`` placement constraints on a Swarm): where the
-    # game was lost, or a node being drained. Part of the hash (when not empty): a change moves the game.
+    # Nodes the unit must not be placed on (a Swarm backend makes each a ``node.id!=`` constraint; the
+    # Docker backend has one host and ignores it): the node a game was moved off, drained nodes.
+    # Not part of the hash, like ``node``: it applies to the units created after it changed (a move
+    # changes the spec revision, which is).
     avoid_nodes: tuple[str, ...] = ()
     read_only: bool = False
     tmpfs_bytes: int = 0
@@ -87,7 +89,6 @@ class ContainerSpec:
             "rev": self.spec_revision, "user": self.user,
             **({"isolation": [self.read_only, self.tmpfs_bytes, self.disk_bytes]}
                if (self.read_only or self.tmpfs_bytes or self.disk_bytes) else {}),
-            **({"avoid": sorted(self.avoid_nodes)} if self.avoid_nodes else {}),
         }, sort_keys=True)
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 

@@ -193,6 +193,7 @@ async def test_a_lost_node_is_recorded_without_a_crash_then_the_game_moves_or_st
     assert "n2" in snap["error_message"]
     moved = await store.record_node_loss(lost, "move", node="n2")
     assert moved.node_id is None and moved.avoid_nodes == ("n2",) and moved.status is Status.NODE_LOST
+    assert moved.spec_revision == lost.spec_revision + 1 and moved.generation == lost.generation  # no job
     assert (await store.get("g1")).avoid_nodes == ("n2",)
     rec = await store.mark_starting(moved, rollback_image=None)
     assert rec.node_lost_since is None

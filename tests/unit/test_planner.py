@@ -165,7 +165,7 @@ TABLE = [
      A.LOST_STOP),
     ("node-lost-wait", record(Status.NODE_LOST, R), LOST, {"node_loss": NodeLossPolicy(mode=NodeLoss.WAIT, grace=0)},
      A.WAIT),
-    ("node-lost-moved-is-recreated", record(Status.NODE_LOST, R, node_id=None, avoid_nodes=("n2",)),
+    ("node-lost-moved-is-recreated", record(Status.NODE_LOST, R, node_id=None, avoid_nodes=("n2",), spec_revision=1),
      ours("exited", spec_hash=OLD_HASH, node="n2", node_lost=True),
      {"node_loss": NodeLossPolicy(mode=NodeLoss.RESCHEDULE, grace=20, state_shared=True)}, A.RECREATE),
     ("node-back-engine-exited", record(Status.NODE_LOST, R), ours("exited", node="n2"), {}, A.START),

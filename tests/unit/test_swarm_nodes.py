@@ -60,11 +60,12 @@ def test_node_states() -> None:
     assert node_lost({"state": "ready", "availability": "drain"}) and not node_lost(None)
 
 
-def test_a_spec_that_avoids_nodes_is_placed_off_them_and_hashed_apart(backend) -> None:
+def test_a_spec_that_avoids_nodes_is_placed_off_them_and_its_hash_ignores_them(backend) -> None:
     body = backend._service_spec(spec(node="up", avoid_nodes=("dead",)))
     assert body["TaskTemplate"]["Placement"]["Constraints"] == ["node.id==up", "node.id!=dead"]
     assert "Placement" not in backend._service_spec(spec())["TaskTemplate"]
-    assert spec(avoid_nodes=("dead",)).spec_hash != spec().spec_hash == spec(node="up").spec_hash
+    assert spec(avoid_nodes=("dead",)).spec_hash == spec().spec_hash == spec(node="up").spec_hash
+    assert spec(spec_revision=1).spec_hash != spec().spec_hash  # what a move changes
 
 
 def test_the_state_directory_helper_mounts_only_the_root_and_refuses_other_paths() -> None:
