@@ -245,8 +245,10 @@ class StorageSettings:
 
     state_root: str = setting("RTMANAGER_STATE_ROOT", "/var/lib/rtmanager/games", ABSPATH,
                               "host directory of the per-game state directories")
-    state_shared: bool = setting("RTMANAGER_STATE_SHARED", "0", FLAG, "`1`: the state root is storage every "
-                                 "Swarm node sees at the same path (a game moved off a lost node keeps its state)")
+    state_shared: bool = setting("RTMANAGER_STATE_SHARED", "0", FLAG, "`1`: the state root is storage shared by "
+                                 "every Swarm node at the same path, so a game's state follows it when it is moved "
+                                 "to another node (a drain); `0`: node-local, a game is never moved without its "
+                                 "state unless the operator says so")
     state_helper_image: str = setting("RTMANAGER_STATE_HELPER_IMAGE", "", TEXT, "image of the one-shot task that "
                                       "makes a game's state directory on its Swarm node (needs `/bin/sh`, `mkdir`, "
                                       "`chown`; empty: the game's engine image)")

@@ -53,7 +53,7 @@ class ContainerSpec:
     # the pin is learnt after the first start and applies to the units created after it.
     node: str | None = None
     # Nodes the unit must not be placed on (a Swarm backend makes each a ``node.id!=`` constraint; the
-    # Docker backend has one host and ignores it): the node a game was moved off, drained nodes.
+    # Docker backend has one host and ignores it): drained nodes, and the node a game is moved off.
     # Not part of the hash, like ``node``: it applies to the units created after it changed (a move
     # changes the spec revision, which is).
     avoid_nodes: tuple[str, ...] = ()

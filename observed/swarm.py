@@ -349,8 +349,9 @@ class SwarmBackend(DaemonClient):
             "Networks": [{"Target": spec.network}],
             "ForceUpdate": 0,
         }
+        # Pinned where its state is; kept off drained nodes (a pin wins over an avoidance: the state is there).
         constraints = [f"node.id=={spec.node}"] if spec.node else []
-        constraints += [f"node.id!={n}" for n in spec.avoid_nodes if n != spec.node]
+        constraints += [f"node.id!={n}" for n in sorted(set(spec.avoid_nodes)) if n and n != spec.node]
         if constraints:
             template["Placement"] = {"Constraints": constraints}
         endpoint: dict[str, Any] = {"Mode": "dnsrr"}
