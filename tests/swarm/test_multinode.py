@@ -77,8 +77,6 @@ async def h(cluster2, rtm_env, docker_client, monkeypatch):
 
 @pytest.fixture
 async def hs(shared2, rtm_env, docker_client, monkeypatch):
-    # The state root exists on every node (here: the host's, which every node sees): Swarm does not make bind sources.
-    Path(rtm_env["RTMANAGER_STATE_ROOT"]).mkdir(parents=True, exist_ok=True)
     harness_ = harness(shared2, rtm_env, docker_client, monkeypatch, RTMANAGER_NODE_LOSS="reschedule",
                        RTMANAGER_NODE_LOSS_GRACE="3", RTMANAGER_STATE_SHARED="1",
                        RTMANAGER_ENGINE_ADMIN_PATH="/cgi-bin/admin/v1")
