@@ -201,6 +201,11 @@ async def test_games_on_two_nodes_stay_where_they_first_ran(cluster2, h, pool):
         assert rec.node_id == worker and rec.crash_count == 0 and task_node(client, moved) == worker
         assert len(running_tasks(client, moved)) == 1 and len(running_containers(cluster2.nodes[1], moved)) == 1
         assert running_containers(cluster2.manager, moved) == []
+        # On its own state: every boot of it (first start, restart, new image, after the node came back) is
+        # in the one directory on the worker; the manager never had one.
+        boots = (cluster2.state_dirs[1] / moved / "boots").read_text().splitlines()
+        assert len(boots) >= 4, boots
+        assert not (cluster2.state_dirs[0] / moved).exists()
         await eventually(lambda: not [t for t in client.api.tasks(filters={"service": service})
                                       if t["Status"]["State"] not in ("shutdown", "complete", "failed")],
                          timeout=60, what="the lost task shut down")
