@@ -365,7 +365,8 @@ def make_backend(settings: Settings, **hooks: Any) -> RuntimeBackend:
     if settings.runtime.backend == "swarm":
         from observed.swarm import SwarmBackend
 
-        return SwarmBackend(port=settings.engine.engine_port, stop_grace=settings.runtime.stop_grace, **common)
+        return SwarmBackend(port=settings.engine.engine_port, stop_grace=settings.runtime.stop_grace,
+                            state_helper_image=settings.storage.state_helper_image, **common)
     return DockerBackend(**common)
 
 

@@ -33,6 +33,7 @@ from controller.config_values import (
     url,
 )
 from desired.jobs import ImageAllowlist
+from desired.policy import NodeLoss
 from desired.storage import MinFree
 
 
@@ -230,6 +231,13 @@ class RuntimeSettings:
                                   "labels but no record is reported as unowned (it is never removed by the controller)")
     max_removals: int = setting("RTMANAGER_MAX_REMOVALS", "10", integer(0, 10**6), "units removed on the "
                                 "controller's own initiative (cleanup TTL) at most per resync interval")
+    node_loss: NodeLoss = setting("RTMANAGER_NODE_LOSS", "wait", choice(NodeLoss), "what becomes of a game whose "
+                                  "Swarm node is down, unreachable or drained (status `node_lost`, never a crash), "
+                                  "after `RTMANAGER_NODE_LOSS_GRACE`: `wait` for the node; `reschedule` on another "
+                                  "node with its state when `RTMANAGER_STATE_SHARED=1` (else wait); "
+                                  "`reschedule_without_state` on another node whatever its state; `stop` it")
+    node_loss_grace: float = setting("RTMANAGER_NODE_LOSS_GRACE", "120", number(0, 10**7), "seconds a game waits "
+                                     "for its lost node before `RTMANAGER_NODE_LOSS` applies")
     dry_run: bool = setting("RTMANAGER_DRY_RUN", "0", FLAG, "`1`: log every container action the controller would "
                             "take, and take none")
 
@@ -244,6 +252,9 @@ class StorageSettings:
                                  "every Swarm node at the same path, so a game's state follows it when it is moved "
                                  "to another node (a drain); `0`: node-local, a game is never moved without its "
                                  "state unless the operator says so")
+    state_helper_image: str = setting("RTMANAGER_STATE_HELPER_IMAGE", "", TEXT, "image of the one-shot task that "
+                                      "makes a game's state directory on its Swarm node (needs `/bin/sh`, `mkdir`, "
+                                      "`chown`; empty: the game's engine image)")
     state_retention: float = setting("RTMANAGER_STATE_RETENTION", "604800", number(0, 10**9), "seconds after a "
                                      "game's removal before its state directory is deleted (or archived) by the "
                                      "leader's storage round (0: kept for ever)")

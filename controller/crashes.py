@@ -41,6 +41,8 @@ class Crashes:
         An engine stopped by a daemon restart did not crash: it starts again at once and does
         not count toward the crash limit (five daemon restarts must not give every game up)."""
         seen = await self.backend.inspect(container.id) or container
+        if seen.node and seen.node in await self.backend.lost_nodes():
+            return AGAIN  # not a crash: its node is lost (the next look sees the unit so and says node_lost)
         if seen.running:  # not an exit: an engine that stopped answering for too long
             await self.backend.stop(seen.id, await self.starts.stop_grace(record, seen))
             return await self.count(record, Crash(

@@ -83,6 +83,9 @@ class Metrics:
         self.daemon_restarts = Counter("rtmanager_engines_stopped_by_daemon_total",
                                        "Engines found stopped by a restart of the container daemon and started "
                                        "again without counting a crash", registry=r)
+        self.node_lost = Counter("rtmanager_engines_node_lost_total",
+                                 "Engines found out of reach on a lost Swarm node (status node_lost; not counted "
+                                 "as crashes)", registry=r)
         self.reconcile_errors = Counter("rtmanager_reconcile_errors_total",
                                         "Reconciles that failed with an error that is neither an outage nor a "
                                         "conflict (a bug or bad data; see the log)", registry=r)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from desired.model import DesiredStatus, RuntimeRecord, Status
+from desired.policy import NodeLossPolicy, node_loss_step
 from observed.model import ObservedContainer
 
 
@@ -55,6 +56,9 @@ class ActionKind(str, enum.Enum):
     UNOWNED = "unowned"            # our labels, no record: left running for an operator (adopt / dispose)
     WAIT = "wait"                  # come back after ``delay`` (grace period, restart backoff, transition)
     BLOCKED = "blocked"            # the name is held by a container that is not ours
+    NODE_LOST = "node_lost"        # the unit's node is lost: record it (not a crash)
+    MOVE = "move"                  # lost for longer than the grace: unpin the game, avoid the node (recreated)
+    LOST_STOP = "lost_stop"        # lost for longer than the grace under RTMANAGER_NODE_LOSS=stop: desired stopped
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class Action:
     check_engine: bool = False
     overdue: float | None = None  # the disruption waited this long for a generation and goes ahead anyway
     then: ActionKind | None = None  # for a WAIT with check_engine: the disruption it holds back
+    node: str = ""  # for NODE_LOST, MOVE and LOST_STOP: the lost node
 
     @property
     def is_noop(self) -> bool:
@@ -104,6 +109,25 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
     return Action(action.kind, action.reason, check_engine=True)
 
 
+def _node_lost(record: RuntimeRecord, container: ObservedContainer, now: datetime,
+               policy: NodeLossPolicy) -> Action:
+    """A unit out of sight on a lost node: never a crash, never a start there (it would wait for the node,
+    holding a worker); after the grace period, what RTMANAGER_NODE_LOSS says."""
+    node = container.node or record.node_id or ""
+    if record.status is Status.STOPPED:
+        # Asked to run again while its node is lost: the start records it as starting, finds the node lost
+        # (refused at once, tried again later) and the next look records it node_lost.
+        return Action(ActionKind.START, f"container is {container.state}; its node {node[:12]} is lost")
+    if record.status is not Status.NODE_LOST:
+        return Action(ActionKind.NODE_LOST, f"the engine's node {node[:12]} is lost (not a crash)", node=node)
+    step = node_loss_step(record, now, policy)
+    if step.kind == "move":
+        return Action(ActionKind.MOVE, step.why, node=node)
+    if step.kind == "stop":
+        return Action(ActionKind.LOST_STOP, step.why, node=node)
+    return Action(ActionKind.WAIT, step.why, delay=step.delay)
+
+
 def plan(
     record: RuntimeRecord | None,
     container: ObservedContainer | None,
@@ -117,12 +141,13 @@ def plan(
     epoch: int = 0,
     unreachable_restart_after: float = 0.0,
     disruption_wait: float = 0.0,
+    node_loss: NodeLossPolicy = NodeLossPolicy(),
 ) -> Action:
     """``database`` and ``epoch``: the identity uid of this database and the current leadership
     term; they only say how an unowned unit is reported (it is never disposed of here)."""
     action = _plan(record, container, want_hash=want_hash, instance=instance, now=now, orphan_grace=orphan_grace,
                    cleanup_ttl=cleanup_ttl, database=database, epoch=epoch,
-                   unreachable_restart_after=unreachable_restart_after)
+                   unreachable_restart_after=unreachable_restart_after, node_loss=node_loss)
     if record is None or action.kind not in _DISRUPTIONS:
         return action
     ours = container if container is not None and container.managed_by(instance) else None
@@ -141,6 +166,7 @@ def _plan(
     database: str,
     epoch: int,
     unreachable_restart_after: float,
+    node_loss: NodeLossPolicy,
 ) -> Action:
     ours = container is not None and container.managed_by(instance)
 
@@ -180,6 +206,8 @@ def _plan(
             return Action(ActionKind.RECREATE, f"spec hash {container.spec_hash} != {want_hash}")
         if container.state == "paused":
             return Action(ActionKind.RECREATE, "container was paused from outside")
+        if container.node_lost and not container.running:
+            return _node_lost(record, container, now, node_loss)
         if not container.running:
             if record.status.is_up and record.current_container_id == container.id:
                 return Action(ActionKind.RECOVER, f"container exited on its own (exit code {container.exit_code})")

@@ -58,6 +58,7 @@ from desired.errors import (
 )
 from desired.leader import Fence, Fenced
 from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, container_name
+from desired.policy import NodeLossPolicy
 from desired.ports import ReconcilerStore
 from desired.values import Crash
 from observed.backend import RuntimeBackend
@@ -128,6 +129,8 @@ class Reconciler:
         # host or of the game's node: the drain stops or moves the game instead), or None. Set by the
         # composition root; read from the database at each such restart, never remembered.
         self.hold: Callable[[RuntimeRecord], Awaitable[str | None]] | None = None
+        self.node_loss = NodeLossPolicy(mode=settings.runtime.node_loss, grace=settings.runtime.node_loss_grace,
+                                        state_shared=settings.storage.state_shared)
 
     @property
     def epoch(self) -> int:
@@ -150,7 +153,7 @@ class Reconciler:
                     orphan_grace=self.settings.runtime.orphan_grace, cleanup_ttl=self.settings.runtime.cleanup_ttl,
                     database=self.specs.database, epoch=self.epoch,
                     unreachable_restart_after=self.settings.engine.unreachable_restart_after,
-                    disruption_wait=self.settings.runtime.disruption_wait)
+                    disruption_wait=self.settings.runtime.disruption_wait, node_loss=self.node_loss)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -271,7 +274,7 @@ class Reconciler:
             ours = container if container is not None and container.managed_by(instance) else None
             with backend_errors():
                 return await self._act(action.kind, record, ours, self.specs.build(record, self.epoch)
-                                       if record else None)
+                                       if record else None, action.node)
         except PermanentError as exc:
             result = "failed"
             assert record is not None
@@ -321,7 +324,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- actions
     async def _act(self, kind: ActionKind, record: RuntimeRecord | None, container: ObservedContainer | None,
-                   spec: ContainerSpec | None) -> Step:
+                   spec: ContainerSpec | None, node: str = "") -> Step:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
         assert record is not None
@@ -367,9 +370,29 @@ class Reconciler:
                 await self.store.mark_removed(record)
         elif kind is ActionKind.MARK_REMOVED:
             await self.store.mark_removed(record)
+        elif kind in (ActionKind.NODE_LOST, ActionKind.MOVE, ActionKind.LOST_STOP):
+            return await self._node_loss(kind, record, node)
         elif kind is ActionKind.TURN:
             assert container is not None
             return await self.turns.turn(record, container)
+        return AGAIN
+
+    async def _node_loss(self, kind: ActionKind, record: RuntimeRecord, node: str) -> Step:
+        """The game's node is lost: record it (no crash is counted), or, after the grace period, move the
+        game off it or stop it, as RTMANAGER_NODE_LOSS says (desired/policy.py)."""
+        if kind is ActionKind.NODE_LOST:
+            log.warning("the node %s of the engine is lost: not a crash; RTMANAGER_NODE_LOSS=%s after %gs",
+                        node[:12], self.node_loss.mode.value, self.node_loss.grace, extra={"game_id": record.game_id})
+            self.metrics.node_lost.inc()
+            await self.store.record_node_loss(record, "lost", node=node)
+        elif kind is ActionKind.MOVE:
+            log.warning("moving the game off its lost node %s", node[:12], extra={"game_id": record.game_id})
+            await self.store.record_node_loss(record, "move", node=node)
+        else:
+            message = (f"stopped: its node {node[:12]} was lost for more than {self.node_loss.grace:g}s "
+                       "(RTMANAGER_NODE_LOSS=stop)")
+            log.warning("%s", message, extra={"game_id": record.game_id})
+            await self.store.record_node_loss(record, "stop", node=node, message=message)
         return AGAIN
 
     async def _note_overdue(self, record: RuntimeRecord, action: Action) -> None:

@@ -85,16 +85,22 @@ class Starts:
                 await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
-            await self.backend.make_state_dir(self.settings.storage.state_root, spec)
+            # The nodes being drained are avoided before a node is chosen below: a new game must
+            # not be placed on (and pinned to) a node on its way out.
+            if self.avoid is not None:
+                avoided = await self.avoid()
+                if avoided:
+                    spec = dataclasses.replace(spec, avoid_nodes=tuple(sorted(set(spec.avoid_nodes) | avoided)))
+            # Made where the unit will run: on a Swarm, the game's node, or the node chosen for a new
+            # game (the unit is pinned there, so the engine finds the directory it was given).
+            node = await self.backend.make_state_dir(self.settings.storage.state_root, spec)
+            if node and not spec.node:
+                spec = dataclasses.replace(spec, node=node)
             # A new secret for each unit, recorded before the unit exists: a kill between the create
             # and the next write must not leave a unit whose token nobody knows.
             token = secrets.token_urlsafe(32)
             record = await self.store.set_admin_token(record, token)
             spec = dataclasses.replace(spec, admin_token=token)
-            if self.avoid is not None:
-                avoided = await self.avoid()
-                if avoided:
-                    spec = dataclasses.replace(spec, avoid_nodes=tuple(sorted(set(spec.avoid_nodes) | avoided)))
             t0 = asyncio.get_running_loop().time()
             container = await self.backend.create(spec)
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)

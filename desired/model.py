@@ -15,11 +15,16 @@ what the engine says of itself: ``running`` (idle, answering),
 container runs but the engine has not answered RTMANAGER_UNREACHABLE_AFTER
 probes in a row), ``finished`` (the engine says the game is over)::
 
-    starting --> any UP status | stopped | removed
-    UP       --> any other UP status | starting | stopped | removed
-                 (starting = being recreated, or restarted after a crash)
-    stopped  --> starting | removed
-    removed  --> (nothing: the record stays for audit)
+    starting  --> any UP status | node_lost | stopped | removed
+    UP        --> any other UP status | node_lost | starting | stopped | removed
+                  (starting = being recreated, or restarted after a crash)
+    node_lost --> any UP status | starting | stopped | removed
+    stopped   --> starting | removed
+    removed   --> (nothing: the record stays for audit)
+
+``node_lost`` (a Swarm backend): the node that runs the game's engine is down, unreachable or
+drained; the engine's fate is unknown. Not a crash (none is counted); RTMANAGER_NODE_LOSS decides
+what follows (desired/policy.py ``node_loss_step``).
 
 The same rules are enforced by CHECK constraints in ``migrations/`` so that a
 bug cannot store a record this module would refuse.
@@ -51,6 +56,7 @@ class Status(str, enum.Enum):
     GENERATION_FAILED = "generation_failed"
     ENGINE_UNREACHABLE = "engine_unreachable"
     FINISHED = "finished"
+    NODE_LOST = "node_lost"
     STOPPED = "stopped"
     REMOVED = "removed"
 
@@ -75,8 +81,9 @@ class DesiredStatus(str, enum.Enum):
 
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
-    Status.STARTING: UP | {Status.STOPPED, Status.REMOVED},
-    **{up: (UP - {up}) | {Status.STARTING, Status.STOPPED, Status.REMOVED} for up in UP},
+    Status.STARTING: UP | {Status.NODE_LOST, Status.STOPPED, Status.REMOVED},
+    **{up: (UP - {up}) | {Status.NODE_LOST, Status.STARTING, Status.STOPPED, Status.REMOVED} for up in UP},
+    Status.NODE_LOST: UP | {Status.STARTING, Status.STOPPED, Status.REMOVED},
     Status.STOPPED: frozenset({Status.STARTING, Status.REMOVED}),
     Status.REMOVED: frozenset(),
 }
@@ -232,6 +239,9 @@ class RuntimeRecord:
     clock_from: datetime | None = None  # the clock counts from here too (start, resume)
     engine_version: str = ""           # the registered version of the game's image (empty: unregistered)
     node_id: str | None = None         # the node that first ran it, where its state lives (Swarm)
+    node_lost_since: datetime | None = None  # observed: when its node was seen lost (status node_lost)
+    # Desired: nodes its unit must avoid (a move off a lost node); part of the unit's spec hash.
+    avoid_nodes: tuple[str, ...] = ()
     # A planned disruption (stop, removal, recreate of the running engine) waits while the engine
     # generates a turn: when that wait began (observed), and the generation an operator forced,
     # whose disruption does not wait (desired).
@@ -287,6 +297,7 @@ class RuntimeRecord:
         need(self.last_exit_code is None or -2**31 <= self.last_exit_code <= MAX_TURN,
              "last_exit_code must be a 32-bit integer")
         need(self.snapshot_revision >= 0, "snapshot_revision must not be negative")
+        need(self.node_lost_since is None or st is Status.NODE_LOST, "only node_lost keeps node_lost_since")
 
     def replace(self, **changes: Any) -> RuntimeRecord:
         return dataclasses.replace(self, **changes)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -54,3 +55,53 @@ def rollback_target(record: RuntimeRecord) -> str | None:
     elif record.status is Status.STARTING:
         target = record.rollback_image_ref
     return target if target != record.desired_image_ref else None
+
+
+class NodeLoss(enum.StrEnum):
+    """RTMANAGER_NODE_LOSS: what becomes of a game whose node is lost, once the grace period has passed."""
+
+    WAIT = "wait"                # for the node to come back (its state is there)
+    RESCHEDULE = "reschedule"    # elsewhere, when the state root is shared storage; otherwise wait
+    RESCHEDULE_WITHOUT_STATE = "reschedule_without_state"  # elsewhere, on the state found there (or a new one)
+    STOP = "stop"                # desired stopped (a new generation); a later start waits for the node
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeLossPolicy:
+    mode: NodeLoss = NodeLoss.WAIT
+    grace: float = 120.0        # seconds from when the node was seen lost
+    state_shared: bool = False  # RTMANAGER_STATE_SHARED: every node sees the state root's contents
+
+
+NODE_LOSS_POLL = 10.0  # seconds between looks at a game that waits for its node
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeLossStep:
+    """``wait`` (look again after ``delay``), ``move`` (off the lost node) or ``stop``; ``why`` says it."""
+
+    kind: str
+    delay: float = 0.0
+    why: str = ""
+
+
+def node_loss_step(record: RuntimeRecord, now: datetime, policy: NodeLossPolicy) -> NodeLossStep:
+    """What a game in ``node_lost`` does now: wait out the grace period, then what the policy says. A game
+    is moved without its state only when the policy says so explicitly (``reschedule_without_state``)."""
+    since = record.node_lost_since or now
+    left = policy.grace - max(0.0, (now - since).total_seconds())
+    node = (record.node_id or "?")[:12]
+    if left > 0:
+        return NodeLossStep(kind="wait", delay=min(left, NODE_LOSS_POLL),
+                            why=f"node {node} lost; {left:.0f}s of RTMANAGER_NODE_LOSS_GRACE left")
+    if policy.mode is NodeLoss.STOP:
+        return NodeLossStep(kind="stop", why=f"node {node} lost for more than {policy.grace:g}s "
+                                             "(RTMANAGER_NODE_LOSS=stop)")
+    if policy.mode is NodeLoss.RESCHEDULE_WITHOUT_STATE or (policy.mode is NodeLoss.RESCHEDULE and policy.state_shared):
+        with_state = "with its state (shared storage)" if policy.state_shared else "without its state"
+        return NodeLossStep(kind="move", why=f"node {node} lost for more than {policy.grace:g}s: moving the game "
+                                             f"elsewhere {with_state} (RTMANAGER_NODE_LOSS={policy.mode.value})")
+    why = (f"node {node} lost; waiting for it (RTMANAGER_NODE_LOSS=reschedule, but the state root is not shared: "
+           "RTMANAGER_STATE_SHARED=0)" if policy.mode is NodeLoss.RESCHEDULE
+           else f"node {node} lost; waiting for it (RTMANAGER_NODE_LOSS=wait)")
+    return NodeLossStep(kind="wait", delay=NODE_LOSS_POLL, why=why)

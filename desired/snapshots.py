@@ -16,7 +16,7 @@ from datetime import datetime
 from desired.model import RuntimeRecord, Status
 
 REASONS = ("started", "stopped", "crashed", "crash_loop", "engine_unreachable", "recovered", "generation_started",
-           "turn_generated", "generation_failed", "finished", "paused", "resumed", "removed", "resync")
+           "turn_generated", "generation_failed", "finished", "paused", "resumed", "removed", "resync", "node_lost")
 _FAILURES = ("crashed", "crash_loop", "engine_unreachable", "generation_failed")
 
 FIELDS = ("snapshot_id", "game_id", "revision", "status", "previous_status", "reason", "desired_status",
@@ -45,12 +45,14 @@ def reason_for(old: RuntimeRecord | None, new: RuntimeRecord, forced: str | None
         return "finished"
     if to is Status.ENGINE_UNREACHABLE:
         return "engine_unreachable"
+    if to is Status.NODE_LOST:
+        return "node_lost"
     if to is Status.GENERATION_IN_PROGRESS:
         return "generation_started"
     if to is Status.GENERATION_FAILED:
         return "generation_failed"
     if to is Status.RUNNING:
-        if frm is Status.ENGINE_UNREACHABLE:
+        if frm in (Status.ENGINE_UNREACHABLE, Status.NODE_LOST):
             return "recovered"
         if frm in (Status.GENERATION_IN_PROGRESS, Status.GENERATION_FAILED):
             return "turn_generated" if new.turn != old.turn else "recovered"
@@ -62,6 +64,7 @@ def fields(new: RuntimeRecord, *, previous: Status | None, reason: str, snapshot
            now: datetime) -> dict[str, str]:
     # A game stopped by rtmanager (a failed start, a crash loop, a disabled version) says why.
     failure = reason in _FAILURES or (reason == "stopped" and new.stop_reason is None)
+    lost = reason == "node_lost"  # not a failure of the engine: why, without an error code
     return {
         "snapshot_id": snapshot_id,
         "game_id": new.game_id,
@@ -79,6 +82,6 @@ def fields(new: RuntimeRecord, *, previous: Status | None, reason: str, snapshot
         "exit_code": "" if reason not in ("crashed", "crash_loop") or new.last_exit_code is None
         else str(new.last_exit_code),
         "error_code": new.last_error_code.value if failure and new.last_error_code else "",
-        "error_message": (new.last_error_message or "") if failure else "",
+        "error_message": (new.last_error_message or "") if failure or lost else "",
         "observed_at": now.isoformat(),
     }

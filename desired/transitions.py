@@ -33,6 +33,7 @@ def _touch(cur: RuntimeRecord, now: datetime) -> datetime:
 def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -> RuntimeRecord:
     """About to create or start the engine (a job's change, or a restart after a crash)."""
     return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now), admin_api=None,
+                       node_lost_since=None,
                        probe_failures=0, unreachable_since=None, generation_started_at=None,
                        disruption_wait_since=None,
                        rollback_image_ref=rollback_image if cur.status is not Status.STARTING
@@ -51,7 +52,7 @@ def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
                        started_at=started, stopped_at=None, health=Health.HEALTHY, health_checked_at=now,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
                        rolling_back=False, probe_failures=0, unreachable_since=None, last_op_at=_touch(cur, now),
-                       node_id=cur.node_id or node,
+                       node_id=cur.node_id or node, node_lost_since=None,
                        disruption_wait_since=cur.disruption_wait_since if up else None)
 
 
@@ -75,7 +76,7 @@ def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
                        observed_generation=cur.generation if converged else cur.observed_generation,
                        restart_not_before=None,
                        rollback_image_ref=None, rolling_back=False, last_op_at=_touch(cur, now),
-                       disruption_wait_since=None)
+                       disruption_wait_since=None, node_lost_since=None)
 
 
 def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
@@ -83,7 +84,8 @@ def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
     return cur.replace(status=Status.REMOVED, current_container_id=None,
                        removed_at=cur.removed_at or _at_least(now, cur.created_at), health=Health.UNKNOWN,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
-                       rolling_back=False, last_op_at=_touch(cur, now), disruption_wait_since=None)
+                       rolling_back=False, last_op_at=_touch(cur, now), disruption_wait_since=None,
+                       node_lost_since=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +179,7 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
         return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
                                         health=Health.UNKNOWN, restart_not_before=None, rolling_back=False,
                                         **crash))
-    return cur.replace(status=Status.STARTING, health=Health.UNREACHABLE,
+    return cur.replace(status=Status.STARTING, health=Health.UNREACHABLE, node_lost_since=None,
                        restart_not_before=now + timedelta(seconds=verdict.delay), **crash)
 
 
@@ -252,3 +254,28 @@ def turn_failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: 
 def cleaned_up(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
     """The cleanup TTL removed a stopped unit: the record becomes removed, for audit."""
     return removed(cur.replace(desired_status=DesiredStatus.REMOVED, generation=cur.generation + 1), now)
+
+
+def node_lost(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
+    """The node of the game's engine is lost: its engine's fate is unknown. Not a crash: no crash is
+    counted and no restart is due; the node-loss policy decides after its grace period. The record
+    keeps its unit and its pin (the state is on that node)."""
+    return cur.replace(status=Status.NODE_LOST, node_lost_since=cur.node_lost_since or now, health=Health.UNKNOWN,
+                       probe_failures=0, unreachable_since=None, generation_started_at=None,
+                       restart_not_before=None, disruption_wait_since=None, last_op_at=_touch(cur, now),
+                       last_error_message=f"node {node[:12]} is down or unreachable; the engine's fate is unknown")
+
+
+def moved_off(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
+    """The game leaves its lost node: the pin is cleared, its next units avoid that node, and the spec
+    revision changes, so the planner recreates the unit elsewhere (the node recorded where it then runs).
+    No new generation: like a crash's restart, nobody asked for it."""
+    return cur.replace(node_id=None, avoid_nodes=(node,), spec_revision=cur.spec_revision + 1,
+                       last_op_at=_touch(cur, now))
+
+
+def stopped_for_node_loss(cur: RuntimeRecord, now: datetime, *, message: str) -> RuntimeRecord:
+    """The node-loss policy stops the game: desired stopped, a new generation (as a crash loop's)."""
+    return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
+                                    rolling_back=False, restart_not_before=None, last_error_message=message,
+                                    last_op_at=_touch(cur, now)))

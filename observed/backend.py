@@ -50,10 +50,17 @@ class RuntimeBackend(Protocol):
     async def network_subnets(self) -> list[str]:
         """The subnets of the game network (the HTTP server keeps off them: RTMANAGER_HTTP_HOST)."""
 
-    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> str | None:
         """Make the unit's state directory ``spec.state_path`` (directly under ``state_root``, mode 0700,
         given to ``spec.user``) where the unit will run, before ``create``; idempotent. ``Refused`` for a
-        path outside the root or anything there but a real directory (never through a symlink)."""
+        path outside the root or anything there but a real directory (never through a symlink).
+
+        Returns the node it was made on when the backend has nodes (a Swarm: the game's pin, or the node
+        chosen for a new game, not one of ``spec.avoid_nodes``; the caller pins the unit there), else None."""
+
+    async def lost_nodes(self) -> frozenset[str]:
+        """Nodes that are down, unreachable or drained (a Swarm); nothing is started on one. Empty on
+        one host."""
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer: ...
 

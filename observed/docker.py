@@ -247,9 +247,13 @@ class DockerBackend(DaemonClient):
             if exc.status_code != 409:
                 raise
 
-    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> str | None:
         """On this host, where every engine runs."""
         await asyncio.to_thread(ensure_state_dir, state_root, spec.state_path, *user_ids(spec.user))
+        return None
+
+    async def lost_nodes(self) -> frozenset[str]:
+        return frozenset()  # one host, no nodes
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the container for ``spec``; if the name is taken, return what holds it."""

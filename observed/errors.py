@@ -32,6 +32,11 @@ class BackendUnavailable(ObservedError):
     pass
 
 
+class NodeLost(BackendUnavailable):
+    """The unit's node is down, unreachable or drained (a Swarm): nothing is started there now. Temporary:
+    looked at again later (the node may come back), never counted as the engine's crash."""
+
+
 class ImageMissing(ObservedError):
     pass
 

@@ -36,6 +36,10 @@ The state of a service, as ``ObservedContainer.state``:
   ``exit_code`` and ``finished_at`` are the last task's, ``node`` the node it
   ran on.
 
+``node_lost``: the unit does not run as far as the manager can tell, and the node of its last task
+(or, with no task, the node it is pinned to) is down, unknown, disconnected or drained
+(observed/swarm_statedir.py ``node_lost``): the engine's fate is unknown, which is not a crash.
+
 Errors are translated as for the Docker backend (observed/daemon.py): no answer, timeouts and 5xx ->
 ``BackendUnavailable``; a refused create or a task the nodes reject ->
 ``Refused``; an image no node has -> ``ImageMissing``.
@@ -56,8 +60,7 @@ import docker
 import docker.errors
 
 from observed.daemon import DaemonClient, short_error
-from observed.docker import ensure_state_dir, user_ids
-from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.errors import BackendUnavailable, ImageMissing, NodeLost, Refused
 from observed.model import (
     LABEL_GAME_ID,
     LABEL_INSTANCE,
@@ -67,6 +70,7 @@ from observed.model import (
     ObservedContainer,
     admin_token_of,
 )
+from observed.swarm_statedir import make_on_node, node_lost, pick_node
 from observed.text import safe_text
 
 log = logging.getLogger("rtmanager.swarm")
@@ -77,6 +81,7 @@ _ON_ITS_WAY = frozenset({"new", "allocated", "pending", "assigned", "accepted", 
 # "lost" is ours: a task on a node that is down (Swarm goes on calling it running).
 _ENDED = frozenset({"complete", "shutdown", "failed", "rejected", "orphaned", "remove", "lost"})
 _WANTED = frozenset({"running", "ready"})  # desired states of a task that should run
+_NODE_GONE = frozenset({"down", "disconnected"})  # node states whose tasks are lost (not "unknown": a new manager)
 _GENERIC_EXIT = re.compile(r"^task: non-zero exit \(-?\d+\)$")
 
 POLL = 0.2          # seconds between looks at the tasks while an action converges
@@ -96,7 +101,8 @@ class SwarmBackend(DaemonClient):
     def __init__(self, *, instance: str, network: str, port: int = 8080, pool_size: int = 8,
                  timeout: float = 30.0, observer: Callable[[str, float, bool], None] | None = None,
                  guard: Callable[[], None] | None = None, probe_address: str = "hostname",
-                 stop_grace: float = 10.0, start_wait: float = START_WAIT, base_url: str | None = None) -> None:
+                 stop_grace: float = 10.0, start_wait: float = START_WAIT, base_url: str | None = None,
+                 state_helper_image: str = "") -> None:
         if probe_address not in ("ip", "hostname", "published"):
             raise ValueError(f"probe_address must be ip, hostname or published, not {probe_address!r}")
         super().__init__(pool_size=pool_size, timeout=timeout, observer=observer, guard=guard, base_url=base_url)
@@ -106,6 +112,8 @@ class SwarmBackend(DaemonClient):
         self.probe_address = probe_address
         self.stop_grace = stop_grace
         self.start_wait = start_wait
+        self.state_helper_image = state_helper_image  # "": the game's engine image
+        self._dirs_made: set[tuple[str, str]] = set()  # (state path, node) made by this process
         self._nodes: dict[str, dict[str, str]] = {}  # node id -> {"addr", "state", "availability"}
         self._nodes_read_at = 0.0
         self._down_check = 0.0
@@ -164,9 +172,9 @@ class SwarmBackend(DaemonClient):
         out = []
         for t in tasks:
             node = self._nodes.get(t.get("NodeID") or "")
-            if node is not None and node["state"] == "down" and _task_state(t) not in _ENDED:
+            if node is not None and node["state"] in _NODE_GONE and _task_state(t) not in _ENDED:
                 status = dict(t.get("Status") or {})
-                status.update(State="lost", Err=f"node {t['NodeID'][:12]} is down", Timestamp=None,
+                status.update(State="lost", Err=f"node {t['NodeID'][:12]} is {node['state']}", Timestamp=None,
                               ContainerStatus={k: v for k, v in (status.get("ContainerStatus") or {}).items()
                                                if k != "ExitCode"})
                 t = {**t, "Status": status, "Lost": True}
@@ -176,11 +184,15 @@ class SwarmBackend(DaemonClient):
     async def _know_nodes(self, tasks: Iterable[Mapping[str, Any]], force: bool = False) -> None:
         """Node states (a task on a node that is down is lost) and addresses (the published probe mode):
         one node-list call, again after NODE_REFRESH seconds, or sooner (but not more often than every
-        NODE_REREAD seconds) when a task names a node not seen yet."""
+        NODE_REREAD seconds) when a task names a node not seen yet or is still running though no longer
+        wanted (what Swarm shows of a task on a node that went down)."""
         age = time.monotonic() - self._nodes_read_at
         if not force and self._nodes_read_at and age < NODE_REFRESH:
+            tasks = list(tasks)
             unknown = any(t.get("NodeID") and t["NodeID"] not in self._nodes for t in tasks)
-            if not unknown or age < NODE_REREAD:
+            # A task Swarm no longer wants yet still calls running: its node may have gone down.
+            hint = any(_task_state(t) == "running" and t.get("DesiredState") not in _WANTED for t in tasks)
+            if not (unknown or hint) or age < NODE_REREAD:
                 return
         nodes = await self._call("nodes", lambda: self._docker().api.nodes())
         self._nodes = {n["ID"]: _node_info(n) for n in nodes}
@@ -221,8 +233,22 @@ class SwarmBackend(DaemonClient):
             finished_at=finished_at,
             address=address,
             node=(task or {}).get("NodeID") or None,
+            node_lost=state not in ("running", "restarting") and self._unit_node_lost(template, task),
             mounts=tuple((m.get("Source", ""), m.get("Target", "")) for m in cspec.get("Mounts") or []),
         )
+
+    def _unit_node_lost(self, template: Mapping[str, Any], task: Mapping[str, Any] | None) -> bool:
+        """The node of the unit's last task, or (no task, or a task never placed) the node it is pinned to,
+        is lost."""
+        node = str((task or {}).get("NodeID") or "") or _pinned(template)
+        return bool(node) and node_lost(self._nodes.get(node))
+
+    async def lost_nodes(self) -> frozenset[str]:
+        """The nodes that are down, unreachable or drained (the node list, read again when older than
+        NODE_REREAD seconds)."""
+        if time.monotonic() - self._nodes_read_at > NODE_REREAD:
+            await self._know_nodes((), force=True)
+        return frozenset(n for n, info in self._nodes.items() if node_lost(info))
 
     def _published(self, task: Mapping[str, Any]) -> str | None:
         node = self._nodes.get(task.get("NodeID") or "")
@@ -341,15 +367,18 @@ class SwarmBackend(DaemonClient):
             "EndpointSpec": endpoint,
         }
 
-    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
-        """Made where rtmanager runs, as on one Docker host: Swarm bind-mounts the same path on the node
-        that runs the task, so this is right only when rtmanager runs on that node or the state root is
-        storage shared by every node at the same path (README, Swarm backend).
-
-        TODO: make it on the game's node instead (``spec.node``, or the node Swarm picks for a new game:
-        a one-off task constrained to it, say), together with the rest of the state directory's
-        lifecycle (controller/storage.py), which works on the state root where rtmanager runs too."""
-        await asyncio.to_thread(ensure_state_dir, state_root, spec.state_path, *user_ids(spec.user))
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> str | None:
+        """Made on the node that will run the game (observed/swarm_statedir.py): its pin, or for a new game
+        the node chosen for it here (returned: the caller pins the unit there). Once per directory and node
+        in this process; a lost pinned node is refused at once (no helper waits for it)."""
+        if spec.node and spec.node in await self.lost_nodes():
+            raise NodeLost(f"the node {spec.node[:12]} of {spec.name} is down or unreachable; its state is there")
+        node = spec.node or await pick_node(self, spec)
+        if (spec.state_path, node) in self._dirs_made:
+            return node
+        await make_on_node(self, state_root, spec, node, self.state_helper_image or spec.image)
+        self._dirs_made.add((spec.state_path, node))
+        return node
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the service with 0 replicas; if the name is taken (however Swarm says it), return what holds it."""
@@ -414,6 +443,10 @@ class SwarmBackend(DaemonClient):
         if found is None:
             raise Refused(f"start: service {unit_id[:12]} is gone")
         service, tasks = found
+        pinned = _pinned(service["Spec"].get("TaskTemplate") or {})
+        if pinned and pinned in await self.lost_nodes():
+            # Its task could only wait for the node (START_WAIT, holding a reconcile worker): refused now.
+            raise NodeLost(f"start {_name(service)}: its node {pinned[:12]} is down or unreachable")
         if any(_leaving(t) for t in tasks):
             # A task still being stopped or removed: a new one must not run next to it (they share the state
             # directory), and Swarm makes no new task for a slot whose old task it has not forgotten yet.
@@ -578,6 +611,15 @@ def _refusal(task: Mapping[str, Any], service: Mapping[str, Any]) -> Exception:
         image = ((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {}).get("Image", "")
         return ImageMissing(f"image {image} is missing on node {str(task.get('NodeID', ''))[:12]}: {message}")
     return Refused(f"start {_name(service)}: task {_task_state(task)}: {message}")
+
+
+def _pinned(template: Mapping[str, Any]) -> str:
+    """The node a task template is pinned to (``node.id==``), or ""."""
+    for c in (template.get("Placement") or {}).get("Constraints") or []:
+        c = str(c).replace(" ", "")
+        if c.startswith("node.id=="):
+            return c[len("node.id=="):]
+    return ""
 
 
 def _name(service: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ real services.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import itertools
 import uuid
@@ -72,6 +73,7 @@ from observed.errors import (
     EngineUnreachable,
     EngineUnsupported,
     ImageMissing,
+    NodeLost,
     Refused,
 )
 from observed.model import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY, ContainerSpec, ObservedContainer
@@ -283,6 +285,7 @@ class FakeContainer:
     created_at: datetime = T0
     logs: str = ""
     admin_token: str = ""  # ENGINE_ADMIN_TOKEN in its environment
+    node: str | None = None  # the node it runs on (a Swarm's)
 
 
 class FakeBackend:
@@ -304,6 +307,8 @@ class FakeBackend:
         self.daemon_stopped: set[str] = set()
         self.while_stopping = None  # an async callable run while a stop is in progress (a job arriving)
         self.specs: list[ContainerSpec] = []  # every spec create was given
+        self.lost: set[str] = set()  # nodes that are down (a Swarm's)
+        self.nodes: list[str] = []  # a Swarm's nodes, in the order new games are placed on them (none: one host)
         self._ids = itertools.count(1)
 
     def _check(self, op: str, *args: Any) -> None:
@@ -321,7 +326,8 @@ class FakeBackend:
                                  created_at=c.created_at, exit_code=c.exit_code,
                                  ip_address=self.ip_of(c) if c.state == "running" else None,
                                  address=self.ip_of(c) if c.state == "running" else None,
-                                 admin_token=c.admin_token)
+                                 admin_token=c.admin_token, node=c.node,
+                                 node_lost=c.node in self.lost and c.state != "running")
 
     def ip_of(self, c: FakeContainer) -> str:
         n = list(self.containers).index(c.id) if c.id in self.containers else 0
@@ -351,8 +357,21 @@ class FakeBackend:
     async def prepare(self) -> None:
         self._check("prepare")
 
-    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> None:
+    def _place(self, spec: ContainerSpec) -> str | None:
+        """With ``nodes`` (a Swarm's): the pin, else the first node neither lost nor avoided."""
+        if spec.node or not self.nodes:
+            return spec.node
+        return next((n for n in self.nodes if n not in self.lost and n not in spec.avoid_nodes), None)
+
+    async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> str | None:
+        self._check("make_state_dir", spec.name, spec.node)
+        if spec.node in self.lost:
+            raise NodeLost(f"the node {spec.node} of {spec.name} is down")
         ensure_state_dir(state_root, spec.state_path, *user_ids(spec.user))  # on disk, as the Docker backend
+        return self._place(spec)
+
+    async def lost_nodes(self) -> frozenset[str]:
+        return frozenset(self.lost)
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         self._check("create", spec.name)
@@ -361,7 +380,7 @@ class FakeBackend:
         if existing is not None:
             return self._observe(existing)
         c = FakeContainer(id=f"c{next(self._ids):063d}", name=spec.name, image=spec.image, labels=spec.all_labels(),
-                          admin_token=spec.engine_env().get("ENGINE_ADMIN_TOKEN", ""))
+                          admin_token=spec.engine_env().get("ENGINE_ADMIN_TOKEN", ""), node=self._place(spec))
         self.containers[c.id] = c
         return self._observe(c)
 
@@ -370,6 +389,10 @@ class FakeBackend:
         c = self.containers.get(unit_id)
         if c is None:
             raise Refused(f"start: container {unit_id[:12]} is gone")
+        if c.node in self.lost:
+            # What a Swarm does with a task pinned to a dead node: it waits (START_WAIT). The backend refuses
+            # such a start at once; a caller that gets here anyway hangs, which a test sees.
+            await asyncio.Event().wait()
         self.daemon_stopped.discard(unit_id)  # a later exit is its own
         if self.behaviour.get(c.image) == "crash":
             c.state, c.exit_code, c.logs = "exited", 3, "engine-stub: crashing as asked"
@@ -410,6 +433,13 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+    def lose_node(self, node: str) -> None:
+        """A node goes down: its engines are out of reach (their fate unknown: no exit code)."""
+        self.lost.add(node)
+        for c in self.containers.values():
+            if c.node == node and c.state == "running":
+                c.state, c.exit_code = "exited", None
 
     def crash(self, game_id: str, code: int = 1) -> None:
         """The engine of a game exits on its own."""
@@ -734,6 +764,22 @@ class FakeStore:
         if verdict.give_up:
             self._finish(new, cur.generation, Outcome.FAILURE, crash.code, new.last_error_message or "", now)
         return new, verdict
+
+    async def record_node_loss(self, rec: RuntimeRecord, step: str, *, node: str, message: str = "") -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, True)
+        if step == "lost":
+            new = transitions.node_lost(cur, now, node=node)
+        elif step == "move":
+            new = transitions.moved_off(cur, now, node=node)
+        else:
+            new = transitions.stopped_for_node_loss(cur, now, message=message)
+        new = self._swap(cur, new)
+        self._op(new.game_id, JobKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, new.generation,
+                 {"event": "node_lost" if step == "lost" else f"node_lost_{step}", "node": node}, None)
+        if step == "stop":
+            self._finish(new, cur.generation, Outcome.FAILURE, ErrorCode.CONTAINER_START_FAILED, message, now)
+        return new
 
     async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str, *,
                               answer_now: bool = False) -> RuntimeRecord | None:

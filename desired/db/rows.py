@@ -35,7 +35,7 @@ RECORD_COLUMNS = (
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
     "desired_turn", "clock_from", "engine_version", "node_id", "disruption_wait_since", "force_generation",
-    "admin_token",
+    "admin_token", "node_lost_since", "avoid_nodes",
 )
 DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
@@ -50,6 +50,7 @@ def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
         v = row[col]
         enum_type = _ENUMS.get(col)
         values[col] = enum_type(v) if (enum_type and v is not None) else v
+    values["avoid_nodes"] = tuple(values["avoid_nodes"] or ())
     return RuntimeRecord(**values)
 
 

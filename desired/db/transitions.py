@@ -213,6 +213,37 @@ class Transitions(StoreBase):
                                                              message=new.last_error_message or ""), now)
             return new, v
 
+    async def record_node_loss(self, rec: RuntimeRecord, step: str, *, node: str, message: str = "") -> RuntimeRecord:
+        """A game whose node is lost (desired/transitions.py): ``lost`` records it (no crash counted),
+        ``move`` clears its pin and avoids the node (its unit is recreated elsewhere), ``stop`` gives it
+        up as desired stopped (a job of its generation hears why). Compare-and-swap on the status, the
+        unit and the generation; the operation log says what was done."""
+        def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+            if step == "lost":
+                return transitions.node_lost(cur, now, node=node)
+            if step == "move":
+                return transitions.moved_off(cur, now, node=node)
+            return transitions.stopped_for_node_loss(cur, now, message=message)
+
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(SELECT_FOR_UPDATE, rec.game_id)
+            if row is None:
+                raise NotFound(rec.game_id)
+            cur = record_from_row(row)
+            if (cur.status is not rec.status or cur.current_container_id != rec.current_container_id
+                    or cur.generation != rec.generation):
+                raise Conflict(f"{rec.game_id}: changed since its node was seen lost")
+            new = await self._write(conn, cur, change(cur, now), now)
+            await self._insert_note(conn, new, ReconcilerNote(
+                op=JobKind.RECONCILE, params={"event": f"node_lost_{step}" if step != "lost" else "node_lost",
+                                              "node": node},
+                message=message or new.last_error_message or ""), now)
+            if step == "stop":
+                await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=Outcome.FAILURE,
+                                                             error_code=ErrorCode.CONTAINER_START_FAILED,
+                                                             message=message), now)
+            return new
+
     async def fail_generation(self, game_id: str, generation: int, code: ErrorCode,
                               message: str, *, answer_now: bool = False) -> RuntimeRecord | None:
         """``generation`` cannot converge: answer its jobs with this failure, and ask for what is safe

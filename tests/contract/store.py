@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from desired.errors import NotFound, UniqueViolation
+from desired.errors import Conflict, NotFound, UniqueViolation
 from desired.jobs import Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource, OpStatus, Outcome, Status, StopReason
 from desired.transitions import Probe
@@ -178,3 +178,33 @@ async def test_a_commit_that_moves_the_turn_clock_raises_its_signal_and_a_plain_
                                                                      phase="idle"),
                                          unreachable_after=3, generation_timeout=600)
     assert store.schedule.raised == raised + 2  # a generated turn: the next one counts from it
+
+
+async def test_a_lost_node_is_recorded_without_a_crash_then_the_game_moves_or_stops(store):
+    for game, entry in (("g1", "1-0"), ("g2", "2-0")):
+        await store.submit(start(game, entry), DEFAULTS)
+        rec = await store.mark_starting(await store.get(game), rollback_image=None)
+        await store.mark_running(rec, container_id=f"c-{game}", image=IMG, node="n2")
+    lost = await store.record_node_loss(await store.get("g1"), "lost", node="n2")
+    assert lost.status is Status.NODE_LOST and lost.node_lost_since is not None and lost.crash_count == 0
+    assert lost.current_container_id == "c-g1" and lost.node_id == "n2" and lost.converged
+    [snap] = [s for s in await outbox(store, "snapshot") if s["game_id"] == "g1" and s["reason"] == "node_lost"]
+    assert (snap["status"], snap["previous_status"], snap["error_code"]) == ("node_lost", "running", "")
+    assert "n2" in snap["error_message"]
+    moved = await store.record_node_loss(lost, "move", node="n2")
+    assert moved.node_id is None and moved.avoid_nodes == ("n2",) and moved.status is Status.NODE_LOST
+    assert moved.spec_revision == lost.spec_revision + 1 and moved.generation == lost.generation  # no job
+    assert (await store.get("g1")).avoid_nodes == ("n2",)
+    rec = await store.mark_starting(moved, rollback_image=None)
+    assert rec.node_lost_since is None
+    rec = await store.mark_running(rec, container_id="c-g1b", image=IMG, node="n1")
+    assert rec.node_id == "n1" and rec.avoid_nodes == ("n2",) and rec.status is Status.RUNNING
+
+    lost = await store.record_node_loss(await store.get("g2"), "lost", node="n2")
+    with pytest.raises(Conflict):  # compare-and-swap: a stale record is refused
+        await store.record_node_loss(lost.replace(generation=lost.generation - 1), "stop", node="n2")
+    stopped = await store.record_node_loss(lost, "stop", node="n2", message="stopped: node lost")
+    assert stopped.desired_status.value == "stopped" and stopped.generation == lost.generation + 1
+    assert stopped.crash_count == 0 and stopped.last_error_message == "stopped: node lost"
+    rec = await store.mark_stopped(stopped, container_id="c-g2")
+    assert rec.status is Status.STOPPED and rec.node_lost_since is None

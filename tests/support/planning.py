@@ -30,14 +30,15 @@ TTL = 3600.0
 
 
 def ours(state: str = "running", *, spec_hash: str = HASH, cid: str = "c1", age: float | None = 600.0,
-         instance: str = INSTANCE, database: str | None = DATABASE, epoch: int = 2) -> ObservedContainer:
+         instance: str = INSTANCE, database: str | None = DATABASE, epoch: int = 2, node: str | None = None,
+         node_lost: bool = False) -> ObservedContainer:
     provenance = {LABEL_DATABASE: database, LABEL_EPOCH: str(epoch)} if database is not None else {}
     return ObservedContainer(
         id=cid, name="galaxy-game-g1", image="galaxy/engine:1", state=state,
         labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: instance, LABEL_GAME_ID: "g1",
                 LABEL_SPEC_HASH: spec_hash, LABEL_GENERATION: "1", **provenance},
         created_at=None if age is None else NOW - timedelta(seconds=age),
-        exit_code=0 if state == "exited" else None,
+        exit_code=0 if state == "exited" and not node_lost else None, node=node, node_lost=node_lost,
     )
 
 
@@ -63,6 +64,9 @@ def record(status: Status, desired: DesiredStatus, *, converged: bool = True, ci
                   stopped_at=NOW - timedelta(seconds=stopped_ago))
     elif status is Status.REMOVED:
         kw.update(removed_at=T0 + timedelta(seconds=1))
+    elif status is Status.NODE_LOST:
+        kw.update(current_container_id=cid, current_image_ref="galaxy/engine:1", started_at=T0, node_id="n2",
+                  node_lost_since=NOW - timedelta(seconds=30))
     kw.update(extra)
     r = RuntimeRecord(**kw)
     r.validate()

@@ -21,6 +21,14 @@ from tests.swarm.nodes import STUBS, Cluster
 pytest_ignore_collect = separate_tier(Path(__file__).resolve().parent, "RTM_SWARM_TESTS")
 
 
+@pytest.fixture
+def rtm_env(rtm_env):
+    """The tests' environment, with its state root made: an operator makes it on every node (Swarm does
+    not make a bind source, so a game's state directory cannot be made in a root that does not exist)."""
+    Path(rtm_env["RTMANAGER_STATE_ROOT"]).mkdir(parents=True, exist_ok=True)
+    return rtm_env
+
+
 @pytest.fixture(scope="session")
 def swarm1(docker_client, stub_images):
     """A one-node swarm (its manager in a namespace of its own) with the stub engines, for the session."""

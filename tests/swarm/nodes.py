@@ -63,23 +63,41 @@ def need_tools() -> None:
 
 
 class SwarmNode(PrivateDockerd):
-    """A private dockerd (and its containerd) in the network namespace ``netns``."""
+    """A private dockerd (and its containerd) in the network namespace ``netns``.
 
-    def __init__(self, netns: str, name: str, address: str) -> None:
+    With ``state_dir`` (a host directory) and ``state_root`` (a path), the node has a disk of its own
+    for the games' state: containerd starts in a mount namespace of its own (``unshare --mount``, private
+    propagation) in which ``state_dir`` is bind-mounted at ``state_root``, and dockerd joins that mount
+    namespace. So a bind mount of ``state_root/<game>`` in an engine on this node is this node's
+    ``state_dir/<game>``: another node, and the host (where the controller runs), see other directories at
+    that path. The namespace dies with the node's processes (stop, restart: a new one, the same mount)."""
+
+    def __init__(self, netns: str, name: str, address: str, state_dir: Path | None = None,
+                 state_root: str | None = None) -> None:
         super().__init__(name=name)
         self.netns = netns
         self.address = address
+        self.state_dir = state_dir
         (self.run_dir / "daemon.json").write_text(json.dumps({"no-new-privileges": True}) + "\n")
         # containerd in the namespace too (host-network containers would otherwise share the host's).
         wrapper = self.run_dir / "bin" / "rtm-containerd-netns"
-        wrapper.write_text(f'#!/bin/sh\nexec nsenter --net=/run/netns/{netns} -- {self._containerd_bin} "$@"\n')
+        run = f'nsenter --net=/run/netns/{netns} -- {self._containerd_bin} "$@"'
+        if state_dir is not None and state_root is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            run = (f"unshare --mount --propagation private -- /bin/sh -c 'mkdir -p {state_root} && "
+                   f"mount --bind {state_dir} {state_root} && exec {run}' sh \"$@\"")
+        wrapper.write_text(f"#!/bin/sh\nexec {run}\n")
         wrapper.chmod(0o755)
         self._containerd_bin = str(wrapper)
 
     def _dockerd_args(self) -> list[str]:
         args = super()._dockerd_args()
         assert "--userland-proxy=false" in args, args  # PrivateDockerd changed: published ports need the proxy
-        return ["nsenter", f"--net=/run/netns/{self.netns}", "--",
+        mount = []
+        if self.state_dir is not None:
+            assert self.containerd is not None and self.containerd.poll() is None
+            mount = [f"--mount=/proc/{self.containerd.pid}/ns/mnt"]  # containerd's: its bind mount of the state
+        return ["nsenter", f"--net=/run/netns/{self.netns}", *mount, "--",
                 *[a for a in args if a != "--userland-proxy=false"]]
 
     @property
@@ -96,8 +114,13 @@ STUBS = ("galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1", "galaxy/engine-stub
 
 
 class Cluster:
-    def __init__(self, nodes: int = 1) -> None:
+    """``state_root``: each node gets a state disk of its own mounted there (``state_dirs[i]`` on the
+    host, see ``SwarmNode``); without it every node sees the host's filesystem (shared storage)."""
+
+    def __init__(self, nodes: int = 1, state_root: str | None = None, heartbeat: float | None = None) -> None:
         self.n = nodes
+        self.state_root = state_root
+        self.heartbeat = heartbeat  # seconds between a node's heartbeats (Swarm: 5; a node is down after ~3)
         self.id = uuid.uuid4().hex[:6]
         self.dir = RUN / f"rtm-swarm-{self.id}"
         self.nodes: list[SwarmNode] = []
@@ -107,6 +130,7 @@ class Cluster:
         self.overlay_pool = ""
         self.addresses: list[str] = []
         self.host_addresses: list[str] = []
+        self.state_dirs: list[Path] = [self.dir / f"state-{i}" for i in range(nodes)] if state_root else []
 
     # ----------------------------------------------------------------- set-up
     def _record(self) -> None:
@@ -176,7 +200,8 @@ class Cluster:
                    "src", self.addresses[j])
                 k += 1
         for i, ns in enumerate(self.netns):
-            node = SwarmNode(ns, f"sw{self.id}{i}", self.addresses[i])
+            node = SwarmNode(ns, f"sw{self.id}{i}", self.addresses[i],
+                             self.state_dirs[i] if self.state_dirs else None, self.state_root)
             self.nodes.append(node)
             self._record()
             node.start(timeout)
@@ -185,8 +210,9 @@ class Cluster:
         self.overlay_pool = random.choice([p for p in PrivateDockerd.POOLS if p not in pools])
         manager = self.manager_client()
         try:
+            beat = {"dispatcher_heartbeat_period": int(self.heartbeat * 1e9)} if self.heartbeat else {}
             manager.swarm.init(advertise_addr=self.addresses[0], listen_addr=f"{self.addresses[0]}:2377",
-                               default_addr_pool=[self.overlay_pool], subnet_size=24)
+                               default_addr_pool=[self.overlay_pool], subnet_size=24, **beat)
             token = manager.swarm.attrs["JoinTokens"]["Worker"]
             for i in range(1, self.n):
                 c = self.nodes[i].client()

@@ -27,18 +27,19 @@ T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 # Written out by hand (not derived from TRANSITIONS): Y = allowed. Columns in the order of the rows.
 _MATRIX = """
-                        starting running gen_in_progress gen_failed unreachable finished stopped removed
-starting                .        Y       Y               Y          Y           Y        Y       Y
-running                 Y        .       Y               Y          Y           Y        Y       Y
-generation_in_progress  Y        Y       .               Y          Y           Y        Y       Y
-generation_failed       Y        Y       Y               .          Y           Y        Y       Y
-engine_unreachable      Y        Y       Y               Y          .           Y        Y       Y
-finished                Y        Y       Y               Y          Y           .        Y       Y
-stopped                 Y        .       .               .          .           .        .       Y
-removed                 .        .       .               .          .           .        .       .
+                        starting running gen_in_progress gen_failed unreachable finished node_lost stopped removed
+starting                .        Y       Y               Y          Y           Y        Y         Y       Y
+running                 Y        .       Y               Y          Y           Y        Y         Y       Y
+generation_in_progress  Y        Y       .               Y          Y           Y        Y         Y       Y
+generation_failed       Y        Y       Y               .          Y           Y        Y         Y       Y
+engine_unreachable      Y        Y       Y               Y          .           Y        Y         Y       Y
+finished                Y        Y       Y               Y          Y           .        Y         Y       Y
+node_lost               Y        Y       Y               Y          Y           Y        .         Y       Y
+stopped                 Y        .       .               .          .           .        .         .       Y
+removed                 .        .       .               .          .           .        .         .       .
 """
 _ORDER = [S.STARTING, S.RUNNING, S.GENERATION_IN_PROGRESS, S.GENERATION_FAILED, S.ENGINE_UNREACHABLE, S.FINISHED,
-          S.STOPPED, S.REMOVED]
+          S.NODE_LOST, S.STOPPED, S.REMOVED]
 TRANSITION_TABLE: dict[tuple[Status, Status], bool] = {
     (S(row.split()[0]), to): cell == "Y"
     for row in _MATRIX.strip().splitlines()[1:]

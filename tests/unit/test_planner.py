@@ -8,6 +8,7 @@ import pytest
 
 from controller.planner import NOOP, Action, ActionKind, plan
 from desired.model import Status
+from desired.policy import NodeLoss, NodeLossPolicy
 from observed.model import (
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -32,6 +33,7 @@ from tests.support.planning import (
 )
 
 A = ActionKind
+LOST = ours("exited", node="n2", node_lost=True)
 
 
 # (id, record, container, extra plan kwargs, expected kind)
@@ -147,6 +149,30 @@ TABLE = [
     ("removing-desired-removed", record(Status.STOPPED, RM, converged=False), ours("removing"), {}, A.WAIT),
     ("paused-desired-running", record(Status.RUNNING, R), ours("paused"), {}, A.RECREATE),
     ("paused-desired-stopped", record(Status.RUNNING, ST), ours("paused"), {}, A.STOP),
+    # a unit out of sight on a lost node (Swarm): never a crash, never a start there; the policy after the grace
+    ("node-lost-running-game", record(Status.RUNNING, R), LOST, {}, A.NODE_LOST),
+    ("node-lost-restarting-game", record(Status.STARTING, R, current_container_id="c1"), LOST, {}, A.NODE_LOST),
+    ("node-lost-unreachable-game", record(Status.ENGINE_UNREACHABLE, R), LOST, {}, A.NODE_LOST),
+    ("node-lost-within-grace", record(Status.NODE_LOST, R), LOST,
+     {"node_loss": NodeLossPolicy(mode=NodeLoss.RESCHEDULE, grace=60, state_shared=True)}, A.WAIT),
+    ("node-lost-reschedule-shared", record(Status.NODE_LOST, R), LOST,
+     {"node_loss": NodeLossPolicy(mode=NodeLoss.RESCHEDULE, grace=20, state_shared=True)}, A.MOVE),
+    ("node-lost-reschedule-node-local-state-waits", record(Status.NODE_LOST, R), LOST,
+     {"node_loss": NodeLossPolicy(mode=NodeLoss.RESCHEDULE, grace=20, state_shared=False)}, A.WAIT),
+    ("node-lost-reschedule-without-state", record(Status.NODE_LOST, R), LOST,
+     {"node_loss": NodeLossPolicy(mode=NodeLoss.RESCHEDULE_WITHOUT_STATE, grace=20)}, A.MOVE),
+    ("node-lost-stop", record(Status.NODE_LOST, R), LOST, {"node_loss": NodeLossPolicy(mode=NodeLoss.STOP, grace=20)},
+     A.LOST_STOP),
+    ("node-lost-wait", record(Status.NODE_LOST, R), LOST, {"node_loss": NodeLossPolicy(mode=NodeLoss.WAIT, grace=0)},
+     A.WAIT),
+    ("node-lost-moved-is-recreated", record(Status.NODE_LOST, R, node_id=None, avoid_nodes=("n2",), spec_revision=1),
+     ours("exited", spec_hash=OLD_HASH, node="n2", node_lost=True),
+     {"node_loss": NodeLossPolicy(mode=NodeLoss.RESCHEDULE, grace=20, state_shared=True)}, A.RECREATE),
+    ("node-back-engine-exited", record(Status.NODE_LOST, R), ours("exited", node="n2"), {}, A.START),
+    ("node-back-engine-still-runs", record(Status.NODE_LOST, R), ours(node="n2"), {}, A.CONFIRM),
+    ("node-lost-desired-stopped", record(Status.NODE_LOST, ST, converged=False), LOST, {}, A.MARK_STOPPED),
+    ("node-lost-stopped-game-asked-to-run", record(Status.STOPPED, R, converged=False), LOST, {}, A.START),
+    ("node-lost-desired-removed", record(Status.NODE_LOST, RM, converged=False), LOST, {}, A.REMOVE),
 ]
 
 

@@ -1,0 +1,81 @@
+"""The Swarm backend's reading of nodes (no daemon): a unit on a lost node, the placement constraints of
+a spec that avoids nodes, and the state directory helper's service."""
+
+from __future__ import annotations
+
+import pytest
+
+from observed.errors import Refused
+from observed.model import ContainerSpec
+from observed.swarm import SwarmBackend
+from observed.swarm_statedir import helper_spec, node_lost, relative_name
+
+LABELS = {"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": "i", "com.galaxy.game-id": "g1"}
+
+
+def spec(**kw) -> ContainerSpec:
+    base = dict(name="galaxy-game-g1", image="galaxy/engine-stub:1.0", game_id="g1", instance="i", network="net",
+                state_path="/srv/games/g1", state_target="/state", env={}, memory_bytes=64 << 20,
+                nano_cpus=10**9, pids_limit=64, generation=1, spec_revision=0, user="10000:10000")
+    return ContainerSpec(**{**base, **kw})
+
+
+def service(constraints=(), replicas=1) -> dict:
+    return {"ID": "s1", "Spec": {"Name": "galaxy-game-g1", "Labels": LABELS, "Mode": {"Replicated": {"Replicas":
+            replicas}}, "TaskTemplate": {"ContainerSpec": {"Image": "x"},
+                                         "Placement": {"Constraints": list(constraints)}}}}
+
+
+def task(node: str, state: str = "running", desired: str = "running") -> dict:
+    return {"ID": "t1", "ServiceID": "s1", "NodeID": node, "DesiredState": desired, "CreatedAt": "2026-01-01T00:00:00Z",
+            "Status": {"State": state, "ContainerStatus": {"ContainerID": "c1", "ExitCode": 0}}}
+
+
+@pytest.fixture
+def backend() -> SwarmBackend:
+    b = SwarmBackend(instance="i", network="net")
+    b._nodes = {"up": {"state": "ready", "availability": "active", "addr": ""},
+                "dead": {"state": "down", "availability": "active", "addr": ""},
+                "drained": {"state": "ready", "availability": "drain", "addr": ""}}
+    return b
+
+
+def test_a_running_task_on_a_dead_node_is_a_unit_on_a_lost_node_without_an_exit_code(backend) -> None:
+    seen = backend._observe(service(["node.id==dead"]), backend._settle([task("dead", desired="shutdown")]))
+    assert seen.state == "exited" and seen.node_lost and seen.exit_code is None and seen.node == "dead"
+    ok = backend._observe(service(["node.id==up"]), backend._settle([task("up")]))
+    assert ok.state == "running" and not ok.node_lost
+
+
+def test_a_unit_with_no_task_pinned_to_a_lost_or_drained_node_is_on_a_lost_node(backend) -> None:
+    assert backend._observe(service(["node.id==drained"], replicas=0), []).node_lost
+    assert backend._observe(service(["node.id==dead"], replicas=0), []).node_lost
+    assert not backend._observe(service(["node.id==up"], replicas=0), []).node_lost
+    assert not backend._observe(service([], replicas=0), []).node_lost
+
+
+def test_node_states() -> None:
+    assert [node_lost({"state": s, "availability": "active"}) for s in ("ready", "down", "unknown", "disconnected")] \
+        == [False, True, True, True]
+    assert node_lost({"state": "ready", "availability": "drain"}) and not node_lost(None)
+
+
+def test_a_spec_that_avoids_nodes_is_placed_off_them_and_its_hash_ignores_them(backend) -> None:
+    body = backend._service_spec(spec(node="up", avoid_nodes=("dead",)))
+    assert body["TaskTemplate"]["Placement"]["Constraints"] == ["node.id==up", "node.id!=dead"]
+    assert "Placement" not in backend._service_spec(spec())["TaskTemplate"]
+    assert spec(avoid_nodes=("dead",)).spec_hash == spec().spec_hash == spec(node="up").spec_hash
+    assert spec(spec_revision=1).spec_hash != spec().spec_hash  # what a move changes
+
+
+def test_the_state_directory_helper_mounts_only_the_root_and_refuses_other_paths() -> None:
+    body = helper_spec("/srv/games", spec(), "n1", "busybox", "i")
+    cs = body["TaskTemplate"]["ContainerSpec"]
+    assert cs["Mounts"] == [{"Type": "bind", "Source": "/srv/games", "Target": "/rtm-state-root", "ReadOnly": False}]
+    assert cs["Command"][-2:] == ["g1", "10000:10000"] and cs["CapabilityDrop"] == ["ALL"] and cs["ReadOnly"]
+    assert body["TaskTemplate"]["Placement"]["Constraints"] == ["node.id==n1"]
+    assert "com.galaxy.instance" not in body["Labels"]  # never listed as a game
+    for bad in ("/srv/other/g1", "/srv/games", "/srv/games/a/b", "/srv/games/.."):
+        with pytest.raises(Refused):
+            relative_name("/srv/games", bad)
+    assert relative_name("/srv/games/", "/srv/games/g1") == "g1"
