@@ -64,31 +64,35 @@ class RolloutLoop:
         now = self.store.clock.now()
         in_flight = [g for g in games if g.state is GameState.IN_PROGRESS]
         if in_flight:
-            ops = await self.store.rollout_operations([g.operation_id for g in in_flight if g.operation_id])
+            ops = await self.store.rollout_operations(
+                [i for g in in_flight for i in (g.operation_id, g.back_operation_id) if i])
             settled: dict[str, RolloutGame] = {}
             for g in in_flight:
                 record = await self.store.find(g.game_id)
                 op = ops.get(g.operation_id) if g.operation_id else None
-                verdict = rollouts.follow(rollout, g, op, record, now)
-                if verdict.state is GameState.IN_PROGRESS:
+                back = ops.get(g.back_operation_id) if g.back_operation_id else None
+                verdict = rollouts.follow(rollout, g, op, record, now, back)
+                if verdict.then is None and verdict.state is GameState.IN_PROGRESS:
                     if verdict.reason != g.reason:
                         await self.store.settle_rollout_game(rollout.id, g.game_id, g.state, g.state, verdict.reason)
                     continue
                 if verdict.then is None:
                     ok = await self.store.settle_rollout_game(rollout.id, g.game_id, GameState.IN_PROGRESS,
                                                               verdict.state, verdict.reason)
+                    state: GameState | None = verdict.state if ok else None
                 else:
-                    ok = await self._submit(rollout, g.game_id, verdict.then, verdict.image_ref, RolloutStep(
+                    state = await self._submit(rollout, g.game_id, verdict.then, verdict.image_ref, RolloutStep(
                         rollout_id=rollout.id, expect=GameState.IN_PROGRESS, state=verdict.state,
-                        reason=verdict.reason))
-                if ok:
-                    log.info("rollout %d: game %s %s: %s", rollout.id, g.game_id, verdict.state.value,
+                        reason=verdict.reason, back=verdict.then is JobKind.PATCH))
+                if state is not None:
+                    log.info("rollout %d: game %s %s: %s", rollout.id, g.game_id, state.value,
                              verdict.reason, extra={"game_id": g.game_id})
-                    settled[g.game_id] = dataclasses.replace(g, state=verdict.state, reason=verdict.reason,
-                                                             finished_at=now)
+                    settled[g.game_id] = dataclasses.replace(g, state=state, reason=verdict.reason,
+                                                             finished_at=now if state.is_final else None)
             games = [settled.get(g.game_id, g) for g in games]
+        not_ready: set[str] = set()  # waiting games briefly not up: passed over this tick, tried next tick
         for _ in range(MAX_ROUNDS):
-            plan = rollouts.plan(rollout, games)
+            plan = rollouts.plan(rollout, games, frozenset(not_ready))
             if plan.pause is not None:
                 if await self.store.pause_rollout(rollout.id, plan.pause):
                     log.warning("rollout %d paused itself: %s", rollout.id, plan.pause)
@@ -102,44 +106,59 @@ class RolloutLoop:
                 return
             if not plan.start:
                 return
-            skipped = False
+            again = False  # a game settled at once or was passed over: its slot is free for the next
             started: dict[str, RolloutGame] = {}
             for game_id, canary in plan.start:
+                old = next(g for g in games if g.game_id == game_id)
                 record = await self.store.find(game_id)
-                why = rollouts.skip_reason(record, rollout.target_image_ref)
+                why = rollouts.skip_reason(record, rollout.target_image_ref, old.from_image_ref)
+                wait = rollouts.not_ready(record) if record is not None and why is None else None
                 if why is not None:
                     await self.store.settle_rollout_game(rollout.id, game_id, GameState.WAITING, GameState.SKIPPED,
                                                          why)
                     log.info("rollout %d: game %s skipped: %s", rollout.id, game_id, why, extra={"game_id": game_id})
-                    state, skipped = GameState.SKIPPED, True
+                    now_state = GameState.SKIPPED
+                elif wait is not None:
+                    not_ready.add(game_id)
+                    if wait != old.reason:
+                        await self.store.settle_rollout_game(rollout.id, game_id, GameState.WAITING,
+                                                             GameState.WAITING, wait)
+                    again = True
+                    continue
                 else:
                     reason = f"patching to {rollout.target_version}" + (" (canary)" if canary else "")
-                    ok = await self._submit(rollout, game_id, JobKind.PATCH, rollout.target_image_ref, RolloutStep(
-                        rollout_id=rollout.id, expect=GameState.WAITING, state=GameState.IN_PROGRESS, reason=reason,
-                        canary=canary))
-                    if not ok:
-                        return  # paused or aborted meanwhile: the next tick reads it again
-                    state = GameState.IN_PROGRESS
-                old = next(g for g in games if g.game_id == game_id)
-                started[game_id] = dataclasses.replace(old, state=state, canary=canary and state is not
-                                                       GameState.SKIPPED, finished_at=now)
+                    recorded = await self._submit(rollout, game_id, JobKind.PATCH, rollout.target_image_ref,
+                                                  RolloutStep(rollout_id=rollout.id, expect=GameState.WAITING,
+                                                              state=GameState.IN_PROGRESS, reason=reason,
+                                                              canary=canary))
+                    if recorded is None:
+                        return  # paused or aborted meanwhile, or the game moved: the next tick reads it again
+                    now_state = recorded
+                again = again or now_state.is_final
+                started[game_id] = dataclasses.replace(old, state=now_state, canary=canary and now_state is
+                                                       GameState.IN_PROGRESS,
+                                                       finished_at=now if now_state.is_final else None)
             games = [started.get(g.game_id, g) for g in games]
-            if not skipped:
+            if not again:
                 return
 
     async def _submit(self, rollout: Rollout, game_id: str, kind: JobKind, image_ref: str | None,
-                      step: RolloutStep) -> bool:
-        """A job through admission that records ``step`` on the game's row in its transaction; False
-        when the row or the rollout moved meanwhile (nothing was recorded)."""
+                      step: RolloutStep) -> GameState | None:
+        """A job through admission that records ``step`` on the game's row in its transaction: the
+        state the row took (a refused patch fails at once, a patch already done is done), or None when
+        the row, the rollout or the game moved meanwhile (nothing was recorded)."""
         job = Job(kind=kind, game_id=game_id, source=OpSource.ADMIN, image_ref=image_ref if kind is JobKind.PATCH
                   else None, reason=StopReason.ADMIN_REQUEST if kind is JobKind.STOP else None, force=rollout.force,
                   rollout=step)
         try:
-            await self.admission.submit(job)
+            outcome = await self.admission.submit(job)
         except Conflict as exc:
             log.info("rollout %d: %s", rollout.id, exc, extra={"game_id": game_id})
-            return False
-        return True
+            return None
+        d = outcome.decision
+        if d is None:
+            return step.state
+        return rollouts.step_outcome(step, d.action, d.error_code, d.message)[0]
 
     async def run(self, stopping: asyncio.Event) -> None:
         backoff = RETRY

@@ -72,7 +72,8 @@ def rollout_schemas() -> dict[str, Any]:
     game = {"type": "object", "required": ["game_id", "state", "reason"], "properties": {
         "game_id": {"type": "string"}, "position": {"type": "integer"}, "state": _enum(GameState),
         "canary": {"type": "boolean"}, "from_image_ref": {"type": "string", "nullable": True},
-        "operation_id": {"type": "integer", "nullable": True}, "reason": {"type": "string"},
+        "operation_id": {"type": "integer", "nullable": True},
+        "back_operation_id": {"type": "integer", "nullable": True}, "reason": {"type": "string"},
         "started_at": _NULL_TIME, "finished_at": _NULL_TIME}}
     request = {"type": "object", "required": ["target_version"], "additionalProperties": False, "properties": {
         "target_version": _VERSION,

@@ -9,13 +9,20 @@ every tick, so a kill -9 or a failover resumes it from the rows and the runtime 
 The decisions, each a function here:
 
 * ``parse_request``: the body of ``POST /api/v1/rollouts`` (and the CLI's arguments), checked;
-* ``skip_reason``: a game that does not run (stopped, finished, removed, given up after a crash
-  loop, being restarted) is skipped with a reason, never patched and never counted as failed;
-* ``follow``: what became of a game whose patch is in flight: still going, done, failed, rolled
-  back, skipped (superseded by another job), or, for a canary, held healthy long enough;
-* ``plan``: which games start next (canaries first, then the rest once every canary is settled and
-  held), whether the failure budget is spent or a canary failed (the rollout pauses itself), and
-  whether the rollout is complete.
+* ``skip_reason``: a game that will not run again on its own (stopped, finished, removed, given up
+  after a crash loop, of another repository, moved to another image by another job since the
+  rollout began) is skipped with a reason, never patched and never counted as failed;
+* ``not_ready``: a game that runs but is briefly not up (restarting after a crash, unreachable)
+  stays waiting: the rollout moves on to the others and comes back to it;
+* ``step_outcome``: the row's state a job submitted for the rollout records, from admission's
+  decision (a refused patch fails, a patch already done is done);
+* ``follow``: what became of a game whose patch is in flight: still going, done, skipped
+  (superseded or moved by another job), or, for a canary, held healthy long enough; a failed patch
+  (or a canary patched back) stays in flight until its rollback has converged, then reads
+  ``rolled_back``, or ``failed`` when the game ended stopped;
+* ``plan``: which games start next (canaries first, then the rest once the canaries have held),
+  whether the failure budget is spent or a canary failed (the rollout pauses itself), and whether
+  the rollout is complete.
 
 Game states: ``waiting`` -> ``in_progress`` -> ``done`` | ``failed`` | ``rolled_back`` |
 ``skipped`` (a waiting game may be skipped at once). Rollout states: ``running`` <-> ``paused``,
@@ -30,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from desired.jobs import DecisionAction
 from desired.model import GAME_ID_PATTERN, DesiredStatus, ErrorCode, JobKind, OpStatus, RuntimeRecord, Status
 from desired.versions import VERSION_PATTERN
 
@@ -135,8 +143,9 @@ class RolloutGame:
     position: int
     state: GameState
     canary: bool = False
-    from_image_ref: str | None = None
+    from_image_ref: str | None = None  # the game's image when the rollout began (what a rollback returns to)
     operation_id: int | None = None
+    back_operation_id: int | None = None  # a canary's patch back to from_image_ref, after it failed its hold
     reason: str = ""
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -152,6 +161,9 @@ class RolloutStep:
     state: GameState
     reason: str
     canary: bool = False
+    # A patch back to the game's own previous image (the row's from_image_ref): the version policy
+    # treats it as a run of an image the game ran, not a new start (a deprecated source may be it).
+    back: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -239,8 +251,12 @@ def _repository(image_ref: str) -> str:
     return ref[:colon] if colon > slash else ref
 
 
-def skip_reason(record: RuntimeRecord | None, target_image: str) -> str | None:
-    """Why a game is left out when its turn comes (None: patch it)."""
+def skip_reason(record: RuntimeRecord | None, target_image: str, from_image: str | None = None) -> str | None:
+    """Why a game is left out for good when its turn comes (None: patch it, or wait: ``not_ready``).
+
+    Only what will not change on its own skips a game: the game is not wanted running, is finished,
+    runs another repository, or another job moved it off ``from_image`` (its image when the rollout
+    began) to something else than the target: the rollout never undoes a patch it did not make."""
     if record is None:
         return "no runtime record"
     if record.desired_status is not DesiredStatus.RUNNING or record.status is Status.REMOVED:
@@ -249,56 +265,149 @@ def skip_reason(record: RuntimeRecord | None, target_image: str) -> str | None:
         return f"not running (desired {record.desired_status.value}, status {record.status.value})"
     if record.status is Status.FINISHED:
         return "the game is finished"
-    if record.status not in PATCHABLE:
-        return f"not running (status {record.status.value})"
     image = record.desired_image_ref or record.current_image_ref or ""
     if _repository(image) != _repository(target_image):
         return f"runs {image}, of another repository than {target_image} (a patch keeps the repository)"
+    if from_image is not None and image not in (from_image, target_image):
+        return f"moved by another job: wants {image}, not {from_image} as when the rollout began"
     return None
 
 
+def not_ready(record: RuntimeRecord) -> str | None:
+    """Why a game that is wanted running cannot be patched right now (None: it can). Such a game is
+    not skipped: it stays waiting, the rollout starts the next ones and tries it again later."""
+    if record.status not in PATCHABLE:
+        return f"waiting: not up now (status {record.status.value}); tried again later"
+    return None
+
+
+def step_outcome(step: RolloutStep, action: DecisionAction, error_code: ErrorCode | None,
+                 message: str) -> tuple[GameState, str]:
+    """The state and reason a rollout's job records on its game's row, given admission's decision.
+
+    A first patch that is refused fails (its game is not moved); one that finds the game already on
+    the target is done. A patch back that is refused leaves the canary where it is: failed, never
+    the success state; one that finds the game already back is rolled back."""
+    why = f"{(error_code or ErrorCode.INVALID_REQUEST).value}: {message}"
+    if step.expect is GameState.WAITING:
+        if action is DecisionAction.REPLAY:
+            return GameState.DONE, "already on the target version"
+        if action is DecisionAction.REJECT:
+            return GameState.FAILED, why
+    elif step.back:
+        base = step.reason.split(BACK, 1)[0]
+        if action is DecisionAction.REJECT:
+            return GameState.FAILED, f"{base}; the patch back was refused ({why})"
+        if action is DecisionAction.REPLAY:
+            return GameState.ROLLED_BACK, f"{base}; back on its previous image"
+    return step.state, step.reason
+
+
+BACK = "; patching back to "  # the reason of a canary being patched back, up to the image
+
+
 def follow(rollout: Rollout, game: RolloutGame, op: OpView | None, record: RuntimeRecord | None,
-           now: datetime) -> Verdict:
-    """What became of ``game``, whose patch (operation ``op``) is in flight or done."""
+           now: datetime, back: OpView | None = None) -> Verdict:
+    """What became of ``game``, whose patch (operation ``op``) is in flight or done; ``back`` is the
+    operation of its patch back (a canary that failed its hold), when it has one.
+
+    An operation that is no longer recorded (retention) is read from the runtime record instead."""
     keep = Verdict(state=GameState.IN_PROGRESS, reason=game.reason)
+    if game.back_operation_id is not None:
+        if back is not None and not back.status.is_final:
+            return keep
+        return _settle(game, record, game.reason.split(BACK, 1)[0], back=True) or keep
+    if op is None and game.operation_id is not None:
+        op = _vanished(rollout, game, record)
     if op is None or not op.status.is_final:
         return keep
     target = rollout.target_image_ref
     if op.status is OpStatus.SUCCEEDED:
-        if record is None or (record.desired_image_ref or record.current_image_ref) != target:
-            return Verdict(state=GameState.SKIPPED, reason="moved off the target by another job after its patch")
+        if record is None:
+            return Verdict(state=GameState.SKIPPED, reason="its runtime record is gone")
         if not game.canary or rollout.canary_hold <= 0:
+            if (record.desired_image_ref or record.current_image_ref) != target:
+                return Verdict(state=GameState.SKIPPED, reason="moved off the target by another job after its patch")
             return Verdict(state=GameState.DONE, reason=f"on {rollout.target_version}")
-        since = op.finished_at or now
-        crashed = record.last_crash_at is not None and record.last_crash_at >= since
-        if record.status not in HEALTHY or crashed or record.desired_status is not DesiredStatus.RUNNING:
-            why = "crashed" if crashed else f"status {record.status.value}"
-            return _canary_failed(rollout, game, f"canary unhealthy within its hold ({why})")
-        held = (now - since).total_seconds()
-        if held >= rollout.canary_hold:
-            return Verdict(state=GameState.DONE, reason=f"on {rollout.target_version}; canary held healthy "
-                                                        f"{rollout.canary_hold:g}s")
-        until = since + timedelta(seconds=rollout.canary_hold)
-        return Verdict(state=GameState.IN_PROGRESS, reason=f"canary: patched; must stay healthy until "
-                                                           f"{until.isoformat(timespec='seconds')}")
+        return _hold(rollout, game, record, op.finished_at or game.started_at or now, now)
     code = op.error_code.value if op.error_code else "failed"
     why = f"{code}: {op.error_message}" if op.error_message else code
     if op.error_code is ErrorCode.SUPERSEDED:
         return Verdict(state=GameState.SKIPPED, reason=f"another job replaced the patch ({why})")
-    rolled_back = (record is not None and record.desired_status is DesiredStatus.RUNNING
-                   and game.from_image_ref is not None and record.desired_image_ref == game.from_image_ref)
-    if rolled_back and rollout.on_failure is OnFailure.ROLLBACK:
-        return Verdict(state=GameState.ROLLED_BACK, reason=why)
-    if rolled_back:  # on_failure stop: the rollback the patch began is stopped
+    if (rollout.on_failure is OnFailure.STOP and record is not None
+            and record.desired_status is DesiredStatus.RUNNING and game.from_image_ref is not None
+            and record.desired_image_ref == game.from_image_ref):
+        # on_failure stop: the rollback the patch began is stopped at once
         return Verdict(state=GameState.FAILED, reason=f"{why}; stopped (on_failure stop)", then=JobKind.STOP)
-    return Verdict(state=GameState.FAILED, reason=why)
+    return _settle(game, record, why, back=False) or Verdict(
+        state=GameState.IN_PROGRESS, reason=f"{why}; rolling back to {game.from_image_ref}")
 
 
-def _canary_failed(rollout: Rollout, game: RolloutGame, why: str) -> Verdict:
+def _hold(rollout: Rollout, game: RolloutGame, record: RuntimeRecord, since: datetime, now: datetime) -> Verdict:
+    """A canary whose patch succeeded at ``since``: only the engine's own evidence fails it (a crash
+    since then, unreachable, a failed generation); what other jobs do to the game is not its fault."""
+    crashed = record.last_crash_at is not None and record.last_crash_at >= since
+    if crashed or record.status in (Status.ENGINE_UNREACHABLE, Status.GENERATION_FAILED):
+        why = "crashed" if crashed else f"status {record.status.value}"
+        return _canary_failed(rollout, game, record, f"canary unhealthy within its hold ({why})")
+    if record.desired_image_ref != rollout.target_image_ref:
+        return Verdict(state=GameState.SKIPPED, reason="moved off the target by another job during its canary hold")
+    if record.desired_status is not DesiredStatus.RUNNING:
+        return Verdict(state=GameState.SKIPPED, reason=f"stopped by another job during its canary hold (desired "
+                                                       f"{record.desired_status.value}); not counted as a canary")
+    if record.status is Status.FINISHED:
+        return Verdict(state=GameState.SKIPPED, reason="the game finished during its canary hold; not counted as "
+                                                       "a canary")
+    if record.status not in HEALTHY:  # a restart another job asked for: wait for the engine to be up again
+        return Verdict(state=GameState.IN_PROGRESS, reason=f"canary: waiting for the game to be up again "
+                                                           f"(status {record.status.value})")
+    if (now - since).total_seconds() >= rollout.canary_hold:
+        return Verdict(state=GameState.DONE, reason=f"on {rollout.target_version}; canary held healthy "
+                                                    f"{rollout.canary_hold:g}s")
+    until = since + timedelta(seconds=rollout.canary_hold)
+    return Verdict(state=GameState.IN_PROGRESS, reason=f"canary: patched; must stay healthy until "
+                                                       f"{until.isoformat(timespec='seconds')}")
+
+
+def _canary_failed(rollout: Rollout, game: RolloutGame, record: RuntimeRecord, why: str) -> Verdict:
+    if record.desired_status is not DesiredStatus.RUNNING:  # given up after a crash loop: already stopped
+        return Verdict(state=GameState.FAILED, reason=f"{why}; the game is stopped")
     if rollout.on_failure is OnFailure.ROLLBACK and game.from_image_ref:
-        return Verdict(state=GameState.ROLLED_BACK, reason=f"{why}; patched back to {game.from_image_ref}",
+        return Verdict(state=GameState.IN_PROGRESS, reason=f"{why}{BACK}{game.from_image_ref}",
                        then=JobKind.PATCH, image_ref=game.from_image_ref)
     return Verdict(state=GameState.FAILED, reason=f"{why}; stopped (on_failure stop)", then=JobKind.STOP)
+
+
+def _settle(game: RolloutGame, record: RuntimeRecord | None, why: str, *, back: bool) -> Verdict | None:
+    """Where a failed patch (or a canary's patch back) left the game, once its last generation has
+    converged (None: not yet, the game stays in flight and holds its slot): on its old image again
+    (``rolled_back``), or not (``failed``: stopped, or moved elsewhere)."""
+    if record is None:
+        return Verdict(state=GameState.FAILED, reason=f"{why}; its runtime record is gone")
+    if not record.converged:
+        return None
+    home = game.from_image_ref
+    if record.desired_status is DesiredStatus.RUNNING and home is not None and record.desired_image_ref == home:
+        return Verdict(state=GameState.ROLLED_BACK, reason=f"{why}; patched back to {home}" if back else why)
+    if record.desired_status is not DesiredStatus.RUNNING:
+        return Verdict(state=GameState.FAILED, reason=f"{why}; {'patch back' if back else 'rollback'} failed; "
+                                                      f"{record.desired_status.value}")
+    return Verdict(state=GameState.FAILED, reason=f"{why}; now on {record.desired_image_ref}")
+
+
+def _vanished(rollout: Rollout, game: RolloutGame, record: RuntimeRecord | None) -> OpView | None:
+    """The patch's operation row is gone (operation retention shorter than the rollout): what the
+    runtime record says of it (None: not converged yet, keep waiting)."""
+    if record is None:
+        return OpView(status=OpStatus.FAILED, error_code=None, error_message="its operation is no longer recorded",
+                      finished_at=None)
+    if not record.converged:
+        return None
+    if record.desired_status is DesiredStatus.RUNNING and record.desired_image_ref == rollout.target_image_ref:
+        return OpView(status=OpStatus.SUCCEEDED, error_code=None, error_message="",
+                      finished_at=record.started_at or game.started_at)
+    return OpView(status=OpStatus.FAILED, error_code=None, error_message="its operation is no longer recorded",
+                  finished_at=None)
 
 
 def failures(rollout: Rollout, games: Sequence[RolloutGame]) -> list[RolloutGame]:
@@ -307,8 +416,12 @@ def failures(rollout: Rollout, games: Sequence[RolloutGame]) -> list[RolloutGame
             and (rollout.resumed_at is None or g.finished_at is None or g.finished_at > rollout.resumed_at)]
 
 
-def plan(rollout: Rollout, games: Sequence[RolloutGame]) -> Plan:
-    """What a running rollout does next."""
+def plan(rollout: Rollout, games: Sequence[RolloutGame], not_ready: frozenset[str] = frozenset()) -> Plan:
+    """What a running rollout does next; ``not_ready``: waiting games to pass over this time.
+
+    A canary counts only while in flight or once it held (``done``): one skipped (another job took
+    the game, it finished) or one that failed before a resume is replaced by the next waiting game,
+    so the rest never proceed without ``canary`` games that held."""
     if rollout.state is not RolloutState.RUNNING:
         return Plan()
     counted = failures(rollout, games)
@@ -323,15 +436,16 @@ def plan(rollout: Rollout, games: Sequence[RolloutGame]) -> Plan:
     if not waiting and not in_flight:
         return Plan(complete=True)
     free = rollout.max_parallel - in_flight
-    if free <= 0 or not waiting:
+    ready = [g for g in waiting if g.game_id not in not_ready]
+    if free <= 0 or not ready:
         return Plan()
-    canaries = [g for g in games if g.canary]
+    canaries = [g for g in games if g.canary and g.state in (GameState.IN_PROGRESS, GameState.DONE)]
     if len(canaries) < rollout.canary:
         n = min(free, rollout.canary - len(canaries))
-        return Plan(start=[(g.game_id, True) for g in waiting[:n]])
-    if any(not g.state.is_final for g in canaries):
+        return Plan(start=[(g.game_id, True) for g in ready[:n]])
+    if any(g.state is GameState.IN_PROGRESS for g in canaries):
         return Plan()  # the rest wait for every canary to hold
-    return Plan(start=[(g.game_id, False) for g in waiting[:free]])
+    return Plan(start=[(g.game_id, False) for g in ready[:free]])
 
 
 def counts(games: Sequence[RolloutGame]) -> dict[str, int]:

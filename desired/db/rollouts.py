@@ -18,7 +18,7 @@ import asyncpg
 from desired.db.base import StoreBase
 from desired.db.pool import translating
 from desired.errors import Conflict, NotFound
-from desired.jobs import Decision, DecisionAction, ImageAllowlist, Job
+from desired.jobs import Decision, ImageAllowlist, Job
 from desired.model import ErrorCode, JobKind, OpStatus, RuntimeRecord
 from desired.rollouts import (
     Action,
@@ -32,6 +32,8 @@ from desired.rollouts import (
     RolloutRequest,
     RolloutState,
     allowed,
+    skip_reason,
+    step_outcome,
 )
 from desired.versions import VersionStatus
 
@@ -53,39 +55,49 @@ def game_from_row(row: asyncpg.Record) -> RolloutGame:
     return RolloutGame(
         rollout_id=row["rollout_id"], game_id=row["game_id"], position=row["position"], state=GameState(row["state"]),
         canary=row["canary"], from_image_ref=row["from_image_ref"], operation_id=row["operation_id"],
-        reason=row["reason"], started_at=row["started_at"], finished_at=row["finished_at"])
+        back_operation_id=row["back_operation_id"], reason=row["reason"], started_at=row["started_at"],
+        finished_at=row["finished_at"])
 
 
 async def record_step(conn: asyncpg.Connection, job: Job, current: RuntimeRecord | None, decision: Decision,
                       op_id: int, now: Any) -> None:
-    """The row of ``job.rollout``'s game takes the job's step, in the job's transaction. Conflict (the
-    whole transaction is rolled back: no job, no step) when the row is no longer in the state the
-    step expects, or a first patch finds its rollout no longer running (paused or aborted since)."""
+    """The row of ``job.rollout``'s game takes the job's step, in the job's transaction (which holds
+    the game's lock). Conflict (the whole transaction is rolled back: no job, no step) when the row is
+    no longer in the state the step expects, a first patch finds its rollout no longer running
+    (paused or aborted since) or its game no longer one to patch (another job moved or stopped it
+    since the loop looked: the next tick skips it), or a patch back is not to the row's own
+    ``from_image_ref``.
+
+    Locks the rollout's row before the game's row, as every other writer of both does (steer,
+    finish), so two of them never wait on each other."""
     step = job.rollout
     assert step is not None
-    row = await conn.fetchrow(
-        "SELECT g.state, r.state AS rollout_state FROM rollout_games g JOIN rollouts r ON r.id = g.rollout_id"
-        " WHERE g.rollout_id = $1 AND g.game_id = $2 FOR UPDATE OF g, r", step.rollout_id, job.game_id)
-    if row is None or row["state"] != step.expect.value:
+    rollout = await conn.fetchrow("SELECT state, target_image_ref FROM rollouts WHERE id = $1 FOR UPDATE",
+                                  step.rollout_id)
+    row = await conn.fetchrow("SELECT state, from_image_ref FROM rollout_games WHERE rollout_id = $1 AND game_id = $2"
+                              " FOR UPDATE", step.rollout_id, job.game_id)
+    if rollout is None or row is None or row["state"] != step.expect.value:
         raise Conflict(f"rollout {step.rollout_id}: game {job.game_id} is no longer {step.expect.value}")
     first = step.expect is GameState.WAITING
-    if first and row["rollout_state"] != RolloutState.RUNNING.value:
-        raise Conflict(f"rollout {step.rollout_id} is {row['rollout_state']}: no new patch")
-    state, reason = step.state, step.reason
-    if first and decision.action is DecisionAction.REPLAY:
-        state, reason = GameState.DONE, "already on the target version"
-    elif first and decision.action is DecisionAction.REJECT:
-        state, reason = GameState.FAILED, f"{(decision.error_code or ErrorCode.INVALID_REQUEST).value}: " \
-                                          f"{decision.message}"
+    if first and rollout["state"] != RolloutState.RUNNING.value:
+        raise Conflict(f"rollout {step.rollout_id} is {rollout['state']}: no new patch")
+    if first and (why := skip_reason(current, rollout["target_image_ref"], row["from_image_ref"])) is not None:
+        raise Conflict(f"rollout {step.rollout_id}: game {job.game_id}: {why}")
+    if step.back and (job.kind is not JobKind.PATCH or job.image_ref != row["from_image_ref"]):
+        raise Conflict(f"rollout {step.rollout_id}: game {job.game_id}: a patch back must be to "
+                       f"{row['from_image_ref']}")
+    state, reason = step_outcome(step, decision.action, decision.error_code, decision.message)
     canary = step.canary and first and decision.waits
-    source = (current.current_image_ref or current.desired_image_ref) if current is not None else None
+    source = (current.desired_image_ref or current.current_image_ref) if current is not None else None
     await conn.execute(
         "UPDATE rollout_games SET state = $3, reason = $4, canary = canary OR $5,"
         " operation_id = CASE WHEN $6 THEN $7 ELSE operation_id END,"
-        " from_image_ref = CASE WHEN $6 THEN $8 ELSE from_image_ref END,"
+        " from_image_ref = CASE WHEN $6 THEN coalesce(from_image_ref, $8) ELSE from_image_ref END,"
+        " back_operation_id = CASE WHEN $11 THEN $7 ELSE back_operation_id END,"
         " started_at = coalesce(started_at, $9), finished_at = CASE WHEN $10 THEN $9 ELSE NULL END"
         " WHERE rollout_id = $1 AND game_id = $2",
-        step.rollout_id, job.game_id, state.value, reason[:2000], canary, first, op_id, source, now, state.is_final)
+        step.rollout_id, job.game_id, state.value, reason[:2000], canary, first, op_id, source, now, state.is_final,
+        step.back and decision.waits)
     if job.kind is JobKind.PATCH and first:
         await conn.execute("UPDATE rollouts SET updated_at = $2 WHERE id = $1", step.rollout_id, now)
 
@@ -143,9 +155,13 @@ class Rollouts(StoreBase):
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING *",
                 req.target_version, image, req.source_version, req.max_parallel, req.canary, req.canary_hold,
                 req.failure_budget, req.on_failure.value, req.force, now)
+            # Each game's image now (desired, else current): what a rollback returns to, and how a game
+            # another job moves meanwhile is told from one still to patch (desired/rollouts.py skip_reason).
             await conn.execute(
-                "INSERT INTO rollout_games (rollout_id, game_id, position)"
-                " SELECT $1, g, n FROM unnest($2::text[]) WITH ORDINALITY AS u(g, n)", row["id"], games)
+                "INSERT INTO rollout_games (rollout_id, game_id, position, from_image_ref)"
+                " SELECT $1, g, n, (SELECT coalesce(r.desired_image_ref, r.current_image_ref) FROM runtime_records r"
+                "   WHERE r.game_id = u.g)"
+                " FROM unnest($2::text[]) WITH ORDINALITY AS u(g, n)", row["id"], games)
             return rollout_from_row(row), await self._games(conn, row["id"])
 
     async def _games(self, conn: asyncpg.Connection | asyncpg.Pool, rollout_id: int) -> list[RolloutGame]:
@@ -221,7 +237,7 @@ class Rollouts(StoreBase):
             done = await conn.fetchval(
                 "UPDATE rollout_games g SET state = $4, reason = $5,"
                 " finished_at = CASE WHEN $6 THEN $7 ELSE g.finished_at END,"
-                " started_at = coalesce(g.started_at, $7),"
+                " started_at = CASE WHEN $4 = 'waiting' THEN g.started_at ELSE coalesce(g.started_at, $7) END,"
                 " active = g.active AND NOT ($6 AND (SELECT r.state IN ('completed', 'aborted') FROM rollouts r"
                 "   WHERE r.id = g.rollout_id))"
                 " WHERE g.rollout_id = $1 AND g.game_id = $2 AND g.state = $3 RETURNING 1",

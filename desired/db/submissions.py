@@ -165,7 +165,9 @@ class Submissions(StoreBase):
     async def _decide(self, conn: asyncpg.Connection, current: RuntimeRecord | None, job: Job, now: datetime,
                       defaults: RecordDefaults, registry: bool) -> Decision:
         """``decide``, then, under the registry policy, the version of a new image: read FOR SHARE, so a
-        concurrent disable or delete of the version waits for this job."""
+        concurrent disable or delete of the version waits for this job. A rollout's patch back to the
+        game's own previous image is no new start: only a disabled version refuses it (a rollout's
+        source may be deprecated; record_step checks the image is the game's previous one)."""
         decision = decide(current, job, now, defaults)
         if decision.action is DecisionAction.CHANGE and job.kind in (JobKind.START, JobKind.RESTART):
             refusal = drains.refusal(current, job.kind, await refusing_targets(conn))  # a drain keeps it off
@@ -175,7 +177,8 @@ class Submissions(StoreBase):
         if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
                 and decision.waits):
             row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE", job.image_ref)
-            refusal = versions.refuse_new(version_from_row(row) if row else None, job.image_ref)
+            refuse = versions.refuse_run if job.rollout is not None and job.rollout.back else versions.refuse_new
+            refusal = refuse(version_from_row(row) if row else None, job.image_ref)
             if refusal is not None:
                 return Decision(action=DecisionAction.REJECT, record=current, error_code=ErrorCode.IMAGE_REJECTED,
                                 message=refusal)

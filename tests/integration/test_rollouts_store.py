@@ -136,15 +136,20 @@ async def test_the_patch_and_the_step_commit_together_or_not_at_all(store, pool)
 async def test_a_patch_that_is_a_replay_or_a_rejection_is_settled_at_once(store):
     await running_game(store, "g1", NEW)   # already on the target
     await running_game(store, "g2", OLD)
-    rollout, _ = await store.create_rollout(req(game_ids=["g1", "g2"]), ALLOW, False)
-    await store.submit(patch("g1", rollout.id, canary=True), DEFAULTS)
-    await store.submit(Job(kind=JobKind.STOP, game_id="g2", source=OpSource.LOBBY,
+    await running_game(store, "g3", OLD)
+    rollout, _ = await store.create_rollout(req(game_ids=["g1", "g2", "g3"]), ALLOW, True)
+    await store.submit(patch("g1", rollout.id, canary=True), DEFAULTS, registry=True)
+    await store.update_version("1.1", status=VersionStatus.DEPRECATED, notes=None)
+    await store.submit(patch("g2", rollout.id), DEFAULTS, registry=True)  # the version policy refuses it
+    await store.submit(Job(kind=JobKind.STOP, game_id="g3", source=OpSource.LOBBY,
                            reason=StopReason.FINISHED), DEFAULTS)
-    await store.submit(patch("g2", rollout.id), DEFAULTS)  # not running any more: the patch is rejected
+    with pytest.raises(Conflict, match="not running"):  # stopped since: nothing recorded, the loop skips it
+        await store.submit(patch("g3", rollout.id), DEFAULTS)
     _, games = await store.get_rollout(rollout.id)
     assert (games[0].state, games[0].canary, games[0].reason) == (GameState.DONE, False,
                                                                   "already on the target version")
-    assert games[1].state is GameState.FAILED and "not running" in games[1].reason
+    assert games[1].state is GameState.FAILED and "deprecated" in games[1].reason, games[1]
+    assert games[2].state is GameState.WAITING and games[2].operation_id is None
 
 
 async def test_steer_settle_pause_and_finish(store, pool):

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from desired.jobs import DecisionAction
 from desired.model import DesiredStatus, ErrorCode, JobKind, OpStatus, Status
 from desired.rollouts import (
     Action,
@@ -18,12 +19,15 @@ from desired.rollouts import (
     Rollout,
     RolloutGame,
     RolloutState,
+    RolloutStep,
     allowed,
     counts,
     follow,
+    not_ready,
     parse_request,
     plan,
     skip_reason,
+    step_outcome,
 )
 from tests.support.job_records import NOW, T0, rec
 
@@ -68,6 +72,12 @@ def started(p) -> list[tuple[str, bool]]:
     ((W, W, W, W), {"canary": 0}, [("g0", False), ("g1", False), ("g2", False)]),
     # a canary skipped (not running) does not count: the next game is the canary
     ((S, W, W), {}, [("g1", True)]),
+    # ... nor one skipped after it began (another job took the game, it finished): the next is the canary
+    (((S, True), W, W), {}, [("g1", True)]),
+    (((S, True), (D, True), W, W), {"canary": 2}, [("g2", True)]),
+    # a canary that held counts, one in flight (or being patched back) holds the rest
+    (((S, True), (D, True), W, W), {}, [("g2", False), ("g3", False)]),
+    (((S, True), (P, True), W, W), {}, []),
     # two canaries, max_parallel 1: one at a time
     (((D, True), W, W), {"canary": 2, "max_parallel": 1}, [("g1", True)]),
     # a rollout that is not running starts nothing
@@ -78,6 +88,19 @@ def test_plan_starts(states, kw, want):
     p = plan(rollout(**kw), games(*states))
     assert p.pause is None and not p.complete
     assert started(p) == want
+
+
+@pytest.mark.parametrize("states, kw, passed, want", [
+    # a game briefly not up is passed over: the next one starts in its place
+    (((D, True), W, W, W), {}, {"g1"}, [("g2", False), ("g3", False)]),
+    # ... as a canary too
+    ((W, W), {}, {"g0"}, [("g1", True)]),
+    # every waiting game passed over: nothing starts, and the rollout is not complete
+    (((D, True), W), {}, {"g1"}, []),
+])
+def test_plan_passes_over_games_not_ready(states, kw, passed, want):
+    p = plan(rollout(**kw), games(*states), frozenset(passed))
+    assert p.pause is None and not p.complete and started(p) == want
 
 
 @pytest.mark.parametrize("states, kw, pause", [
@@ -103,7 +126,9 @@ def test_failures_before_a_resume_do_not_count():
     gs = games((R, True), F, W, W, finished=NOW)
     r = rollout(resumed_at=NOW + timedelta(seconds=1))
     p = plan(r, gs)
-    assert p.pause is None and p.start == [("g2", False), ("g3", False)]
+    # the canary that failed before the resume no longer counts, as a failure nor as a canary: the
+    # rollout goes on with a new canary, which must hold before the rest proceed
+    assert p.pause is None and p.start == [("g2", True)]
     later = [dataclasses.replace(g, finished_at=NOW + timedelta(seconds=5)) if g.game_id == "g1" else g for g in gs]
     later = [dataclasses.replace(g, state=F, finished_at=NOW + timedelta(seconds=5)) if g.game_id == "g2" else g
              for g in later]
@@ -137,19 +162,57 @@ def _running(**kw):
      "not running: given up after a crash loop"),
     (rec(Status.REMOVED, DesiredStatus.REMOVED, gen=3, obs=3), "not running (desired removed, status removed)"),
     (_running(status=Status.FINISHED), "the game is finished"),
-    (_running(status=Status.ENGINE_UNREACHABLE), "not running (status engine_unreachable)"),
-    (rec(Status.STARTING, DesiredStatus.RUNNING, gen=2, obs=1), "not running (status starting)"),
     (_running(desired_image_ref="other/engine:1", current_image_ref="other/engine:1"), "runs other/engine:1"),
-    (_running(), None),
-    (_running(status=Status.GENERATION_IN_PROGRESS), None),  # the patch waits for the turn boundary
-    (_running(status=Status.GENERATION_FAILED), None),
+    # another job moved the game off its image of when the rollout began: never patched over
+    (_running(desired_image_ref="galaxy/engine:3", current_image_ref=OLD), "moved by another job"),
+    # ... unless to the target itself (the patch joins or replays it)
+    (_running(desired_image_ref=NEW, current_image_ref=OLD), None),
+    (_running(desired_image_ref=OLD, current_image_ref=OLD), None),
+    # briefly not up: not a reason to skip (not_ready makes it wait)
+    (_running(status=Status.ENGINE_UNREACHABLE, desired_image_ref=OLD), None),
+    (rec(Status.STARTING, DesiredStatus.RUNNING, gen=2, obs=1).replace(desired_image_ref=OLD), None),
 ])
 def test_skip_reason(record, reason):
-    got = skip_reason(record, NEW)
+    got = skip_reason(record, NEW, OLD)
     if reason is None:
         assert got is None
     else:
         assert got is not None and got.startswith(reason), got
+
+
+@pytest.mark.parametrize("record, waits", [
+    (_running(), False),
+    (_running(status=Status.GENERATION_IN_PROGRESS), False),  # the patch waits for the turn boundary
+    (_running(status=Status.GENERATION_FAILED), False),
+    (_running(status=Status.ENGINE_UNREACHABLE), True),
+    (rec(Status.STARTING, DesiredStatus.RUNNING, gen=2, obs=1), True),  # restarting after a crash
+    (rec(Status.STOPPED, DesiredStatus.RUNNING, gen=2, obs=1), True),   # being started again
+])
+def test_not_ready(record, waits):
+    got = not_ready(record)
+    assert (got is not None) is waits, got
+    if waits:
+        assert got.startswith("waiting: not up now")
+
+
+@pytest.mark.parametrize("expect, back, action, state, reason", [
+    (W, False, DecisionAction.CHANGE, P, "step"),
+    (W, False, DecisionAction.JOIN, P, "step"),
+    (W, False, DecisionAction.REPLAY, D, "already on the target version"),
+    (W, False, DecisionAction.REJECT, F, "image_rejected: no"),
+    # a patch back: in flight while it runs, never the success state when refused
+    (P, True, DecisionAction.CHANGE, P, "canary unhealthy; patching back to galaxy/engine:1"),
+    (P, True, DecisionAction.REJECT, F, "canary unhealthy; the patch back was refused (image_rejected: no)"),
+    (P, True, DecisionAction.REPLAY, R, "canary unhealthy; back on its previous image"),
+    # a stop (on_failure stop) records its step whatever admission made of it
+    (P, False, DecisionAction.REPLAY, F, "step"),
+])
+def test_step_outcome(expect, back, action, state, reason):
+    step_reason = "canary unhealthy; patching back to galaxy/engine:1" if back else "step"
+    step = RolloutStep(rollout_id=1, expect=expect, state=P if (expect is W or back) else F, reason=step_reason,
+                       back=back)
+    got = step_outcome(step, action, ErrorCode.IMAGE_REJECTED if action is DecisionAction.REJECT else None, "no")
+    assert got == (state, reason)
 
 
 # -------------------------------------------------------------------------------------------- follow
@@ -161,40 +224,97 @@ ON_NEW = dict(current_image_ref=NEW, desired_image_ref=NEW)
 BACK = dict(current_image_ref=OLD, desired_image_ref=OLD)
 
 
+FAIL = _op(OpStatus.FAILED, ErrorCode.ENGINE_UNHEALTHY, "no answer")
+ROLLING_BACK = rec(Status.STARTING, DesiredStatus.RUNNING, gen=3, obs=2, rolling_back=True)  # old engine not up yet
+LATER = NOW + timedelta(seconds=10)
+
+
 @pytest.mark.parametrize("name, r, canary, op, record, now, state, then", [
     ("still going", {}, False, _op(OpStatus.RUNNING), _running(), NOW, P, None),
     ("done", {}, False, _op(OpStatus.SUCCEEDED), _running(**ON_NEW), NOW, D, None),
     ("moved off by another job", {}, False, _op(OpStatus.SUCCEEDED), _running(**BACK), NOW, S, None),
     ("superseded", {}, False, _op(OpStatus.FAILED, ErrorCode.SUPERSEDED, "replaced"), _running(), NOW, S, None),
-    ("rolled back", {}, False, _op(OpStatus.FAILED, ErrorCode.ENGINE_UNHEALTHY, "no answer"),
-     rec(Status.STARTING, DesiredStatus.RUNNING, gen=3, obs=2, rolling_back=True), NOW, R, None),
-    ("rolled back, on_failure stop: stopped", {"on_failure": OnFailure.STOP}, False,
-     _op(OpStatus.FAILED, ErrorCode.ENGINE_UNHEALTHY, "no answer"),
-     rec(Status.STARTING, DesiredStatus.RUNNING, gen=3, obs=2, rolling_back=True), NOW, F, JobKind.STOP),
+    # a failed patch stays in flight (holding its slot) until its rollback has converged
+    ("failed, rolling back", {}, False, FAIL, ROLLING_BACK, NOW, P, None),
+    ("failed, rolled back", {}, False, FAIL, _running(**BACK), NOW, R, None),
+    ("failed, rollback failed: stopped", {}, False, FAIL, rec(Status.STOPPED, DesiredStatus.STOPPED, gen=4, obs=4),
+     NOW, F, None),
+    ("failed, going down", {}, False, FAIL, rec(Status.RUNNING, DesiredStatus.STOPPED, gen=4, obs=3), NOW, P, None),
+    ("failed, then moved by another job", {}, False, FAIL,
+     _running(desired_image_ref="galaxy/engine:3", current_image_ref="galaxy/engine:3"), NOW, F, None),
+    ("rolled back, on_failure stop: stopped at once", {"on_failure": OnFailure.STOP}, False, FAIL, ROLLING_BACK,
+     NOW, F, JobKind.STOP),
     ("failed and stopped (no rollback possible)", {}, False, _op(OpStatus.FAILED, ErrorCode.ENGINE_UNHEALTHY),
      rec(Status.STOPPED, DesiredStatus.STOPPED, gen=3, obs=3), NOW, F, None),
-    ("canary holding", {}, True, _op(OpStatus.SUCCEEDED), _running(**ON_NEW), NOW + timedelta(seconds=10), P, None),
+    # the canary's hold
+    ("canary holding", {}, True, _op(OpStatus.SUCCEEDED), _running(**ON_NEW), LATER, P, None),
     ("canary held", {}, True, _op(OpStatus.SUCCEEDED), _running(**ON_NEW), NOW + timedelta(seconds=30), D, None),
     ("canary generating is healthy", {}, True, _op(OpStatus.SUCCEEDED),
-     _running(status=Status.GENERATION_IN_PROGRESS, **ON_NEW), NOW + timedelta(seconds=10), P, None),
+     _running(status=Status.GENERATION_IN_PROGRESS, **ON_NEW), LATER, P, None),
+    # engine evidence: patched back (the row stays in flight until the patch back has converged)
     ("canary unreachable: patched back", {}, True, _op(OpStatus.SUCCEEDED),
-     _running(status=Status.ENGINE_UNREACHABLE, **ON_NEW), NOW + timedelta(seconds=10), R, JobKind.PATCH),
+     _running(status=Status.ENGINE_UNREACHABLE, **ON_NEW), LATER, P, JobKind.PATCH),
+    ("canary generation failed: patched back", {}, True, _op(OpStatus.SUCCEEDED),
+     _running(status=Status.GENERATION_FAILED, **ON_NEW), LATER, P, JobKind.PATCH),
     ("canary crashed: patched back", {}, True, _op(OpStatus.SUCCEEDED),
-     _running(last_crash_at=NOW + timedelta(seconds=2), **ON_NEW), NOW + timedelta(seconds=10), R, JobKind.PATCH),
+     _running(last_crash_at=NOW + timedelta(seconds=2), **ON_NEW), LATER, P, JobKind.PATCH),
+    ("canary restarting after a crash: patched back", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.STARTING, DesiredStatus.RUNNING, gen=1, obs=1, last_crash_at=NOW + timedelta(seconds=2), **ON_NEW),
+     LATER, P, JobKind.PATCH),
+    ("canary given up after a crash loop: failed, already stopped", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.RUNNING, DesiredStatus.STOPPED, gen=2, obs=1, last_crash_at=NOW + timedelta(seconds=2), **ON_NEW),
+     LATER, F, None),
     ("canary crashed before its patch: healthy", {}, True, _op(OpStatus.SUCCEEDED),
-     _running(last_crash_at=NOW - timedelta(seconds=2), **ON_NEW), NOW + timedelta(seconds=10), P, None),
+     _running(last_crash_at=NOW - timedelta(seconds=2), **ON_NEW), LATER, P, None),
     ("canary unhealthy, on_failure stop", {"on_failure": OnFailure.STOP}, True, _op(OpStatus.SUCCEEDED),
-     _running(status=Status.ENGINE_UNREACHABLE, **ON_NEW), NOW + timedelta(seconds=10), F, JobKind.STOP),
+     _running(status=Status.ENGINE_UNREACHABLE, **ON_NEW), LATER, F, JobKind.STOP),
+    # other jobs during the hold: no engine failure
+    ("canary restarted by Lobby: waits for it", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.STARTING, DesiredStatus.RUNNING, gen=2, obs=1, **ON_NEW), NOW + timedelta(seconds=60), P, None),
+    ("canary's game finished: skipped", {}, True, _op(OpStatus.SUCCEEDED),
+     _running(status=Status.FINISHED, **ON_NEW), LATER, S, None),
+    ("canary stopped by Lobby: skipped", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.RUNNING, DesiredStatus.STOPPED, gen=2, obs=1, **ON_NEW), LATER, S, None),
+    ("canary patched back by Lobby: skipped", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.RUNNING, DesiredStatus.RUNNING, gen=2, obs=1, current_image_ref=NEW, desired_image_ref=OLD), LATER,
+     S, None),
     ("no canary hold: done at once", {"canary_hold": 0.0}, True, _op(OpStatus.SUCCEEDED), _running(**ON_NEW),
      NOW, D, None),
+    # the operation row is gone (retention): read from the record
+    ("operation gone, on the target", {}, False, None, _running(**ON_NEW), NOW, D, None),
+    ("operation gone, not converged", {}, False, None, ROLLING_BACK, NOW, P, None),
+    ("operation gone, back on the old image", {}, False, None, _running(**BACK), NOW, R, None),
+    ("operation gone, no record", {}, False, None, None, NOW, F, None),
 ])
 def test_follow(name, r, canary, op, record, now, state, then):
     g = RolloutGame(rollout_id=1, game_id="g1", position=0, state=P, canary=canary, from_image_ref=OLD,
-                    operation_id=7)
+                    operation_id=7, started_at=NOW)
     v = follow(rollout(**r), g, op, record, now)
     assert (v.state, v.then) == (state, then), (name, v)
     if then is JobKind.PATCH:
         assert v.image_ref == OLD
+
+
+PATCHING_BACK = f"canary unhealthy within its hold (crashed); patching back to {OLD}"
+
+
+@pytest.mark.parametrize("name, back, record, state, reason", [
+    ("patch back in flight", _op(OpStatus.QUEUED), ROLLING_BACK, P, PATCHING_BACK),
+    ("patch back done, old engine not up yet", _op(OpStatus.SUCCEEDED), ROLLING_BACK, P, PATCHING_BACK),
+    ("patch back converged", _op(OpStatus.SUCCEEDED), _running(**BACK), R,
+     f"canary unhealthy within its hold (crashed); patched back to {OLD}"),
+    ("patch back failed: stopped", FAIL, rec(Status.STOPPED, DesiredStatus.STOPPED, gen=4, obs=4), F,
+     "canary unhealthy within its hold (crashed); patch back failed; stopped"),
+    ("patch back failed: rolled back to the target", FAIL, _running(**ON_NEW), F,
+     f"canary unhealthy within its hold (crashed); now on {NEW}"),
+    ("patch back's operation gone", None, _running(**BACK), R,
+     f"canary unhealthy within its hold (crashed); patched back to {OLD}"),
+])
+def test_follow_a_canary_patched_back(name, back, record, state, reason):
+    g = RolloutGame(rollout_id=1, game_id="g1", position=0, state=P, canary=True, from_image_ref=OLD,
+                    operation_id=7, back_operation_id=8, reason=PATCHING_BACK)
+    v = follow(rollout(), g, _op(OpStatus.SUCCEEDED), record, LATER, back)
+    assert (v.state, v.reason, v.then) == (state, reason, None), name
 
 
 # --------------------------------------------------------------------------------------------- request
