@@ -18,6 +18,8 @@ import pytest
 from tests.support import separate_tier
 from tests.swarm.nodes import STUBS, Cluster
 
+HEARTBEAT = 2.0  # seconds: a dead node is down to the manager after about three
+
 pytest_ignore_collect = separate_tier(Path(__file__).resolve().parent, "RTM_SWARM_TESTS")
 
 
@@ -33,5 +35,21 @@ def rtm_env(rtm_env):
 def swarm1(docker_client, stub_images):
     """A one-node swarm (its manager in a namespace of its own) with the stub engines, for the session."""
     with Cluster(1) as cluster:
+        cluster.load_images(*STUBS)
+        yield cluster
+
+
+@pytest.fixture
+def cluster2(docker_client, stub_images, rtm_env):
+    """Two nodes, each with a state disk of its own at the state root."""
+    with Cluster(2, state_root=rtm_env["RTMANAGER_STATE_ROOT"], heartbeat=HEARTBEAT) as cluster:
+        cluster.load_images(*STUBS)
+        yield cluster
+
+
+@pytest.fixture
+def shared2(docker_client, stub_images):
+    """Two nodes that see the host's state root: shared storage."""
+    with Cluster(2, heartbeat=HEARTBEAT) as cluster:
         cluster.load_images(*STUBS)
         yield cluster

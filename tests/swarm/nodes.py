@@ -352,3 +352,10 @@ def sweep() -> None:
         for link in info.get("links", []):
             sh("ip", "link", "del", link, check=False)
         shutil.rmtree(state.parent, ignore_errors=True)
+
+
+def task_node(client, game: str) -> str | None:
+    """The node of the one running task of a game's service (None: none, or more than one)."""
+    tasks = [t for t in client.api.tasks(filters={"service": f"galaxy-game-{game}"})
+             if t["Status"]["State"] == "running"]
+    return tasks[0]["NodeID"] if len(tasks) == 1 else None

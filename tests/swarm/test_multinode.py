@@ -34,25 +34,7 @@ import pytest
 from desired.db.store import Store
 from desired.model import DesiredStatus, Status
 from tests.support import Harness, eventually
-from tests.swarm.nodes import STUBS, Cluster
-
-HEARTBEAT = 2.0  # seconds: a dead node is down to the manager after about three
-
-
-@pytest.fixture
-def cluster2(docker_client, stub_images, rtm_env):
-    """Two nodes, each with a state disk of its own at the state root."""
-    with Cluster(2, state_root=rtm_env["RTMANAGER_STATE_ROOT"], heartbeat=HEARTBEAT) as cluster:
-        cluster.load_images(*STUBS)
-        yield cluster
-
-
-@pytest.fixture
-def shared2(docker_client, stub_images):
-    """Two nodes that see the host's state root: shared storage."""
-    with Cluster(2, heartbeat=HEARTBEAT) as cluster:
-        cluster.load_images(*STUBS)
-        yield cluster
+from tests.swarm.nodes import task_node
 
 
 def harness(cluster, rtm_env, docker_client, monkeypatch, **extra: str):
@@ -102,15 +84,13 @@ def running_tasks(client, game: str) -> list:
             if t["Status"]["State"] in ("running", "starting", "preparing", "assigned", "accepted", "pending")]
 
 
+async def _has(reasons, reason: str) -> bool:
+    return reason in await reasons
+
+
 async def snapshot_reasons(h: Harness, game: str) -> list[str]:
     entries = await h.redis.xrange(h.env["RTMANAGER_SNAPSHOT_STREAM"])
     return [f["reason"] for _, f in entries if f["game_id"] == game]
-
-
-def task_node(client, game: str) -> str | None:
-    tasks = [t for t in client.api.tasks(filters={"service": f"galaxy-game-{game}"})
-             if t["Status"]["State"] == "running"]
-    return tasks[0]["NodeID"] if len(tasks) == 1 else None
 
 
 async def test_games_on_two_nodes_stay_where_they_first_ran(cluster2, h, pool):
@@ -177,7 +157,9 @@ async def test_games_on_two_nodes_stay_where_they_first_ran(cluster2, h, pool):
         for g in (lost, moved):
             rec = await eventually(lambda g=g: noticed(g), timeout=60, what=f"{g}'s node noticed lost")
             assert rec.crash_count == 0 and rec.last_exit_code is None and rec.node_id == worker
-            assert "node_lost" in await snapshot_reasons(h, g)
+            # The snapshot is published by the relay after the commit that recorded it: wait for it.
+            await eventually(lambda g=g: _has(snapshot_reasons(h, g), "node_lost"), timeout=10,
+                             what=f"{g}'s node_lost snapshot published")
         # A stop of such a game completes at once (nothing to wait for on a dead node).
         res = await h.result(await h.submit_stop(lost), job="stop", timeout=30)
         assert res["outcome"] == "success", res
