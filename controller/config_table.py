@@ -235,7 +235,8 @@ class RuntimeSettings:
                                   "Swarm node is down, unreachable or drained (status `node_lost`, never a crash), "
                                   "after `RTMANAGER_NODE_LOSS_GRACE`: `wait` for the node; `reschedule` on another "
                                   "node with its state when `RTMANAGER_STATE_SHARED=1` (else wait); "
-                                  "`reschedule_without_state` on another node whatever its state; `stop` it")
+                                  "`reschedule_without_state` on another node whatever its state; `stop` it (a node "
+                                  "drained by its operator: the game waits, or moves with shared state)")
     node_loss_grace: float = setting("RTMANAGER_NODE_LOSS_GRACE", "120", number(0, 10**7), "seconds a game waits "
                                      "for its lost node before `RTMANAGER_NODE_LOSS` applies")
     dry_run: bool = setting("RTMANAGER_DRY_RUN", "0", FLAG, "`1`: log every container action the controller would "
@@ -252,9 +253,11 @@ class StorageSettings:
                                  "every Swarm node at the same path, so a game's state follows it when it is moved "
                                  "to another node (a drain); `0`: node-local, a game is never moved without its "
                                  "state unless the operator says so")
-    state_helper_image: str = setting("RTMANAGER_STATE_HELPER_IMAGE", "", TEXT, "image of the one-shot task that "
-                                      "makes a game's state directory on its Swarm node (needs `/bin/sh`, `mkdir`, "
-                                      "`chown`; empty: the game's engine image)")
+    state_helper_image: str = setting("RTMANAGER_STATE_HELPER_IMAGE", "galaxy/statedir-helper:1", TEXT, "image of "
+                                      "the one-shot task that makes a game's state directory on its Swarm node, as "
+                                      "root (deploy/statedir-helper: a static busybox; load it on "
+                                      "every node, pin it by digest when it comes from a registry); `engine`: the "
+                                      "game's own engine image (weaker: see docs/security.md)")
     state_retention: float = setting("RTMANAGER_STATE_RETENTION", "604800", number(0, 10**9), "seconds after a "
                                      "game's removal before its state directory is deleted (or archived) by the "
                                      "leader's storage round (0: kept for ever)")

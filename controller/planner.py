@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from desired.model import DesiredStatus, RuntimeRecord, Status
-from desired.policy import NodeLossPolicy, node_loss_step
+from desired.policy import NODE_LOSS_POLL, NodeLossPolicy, node_loss_step
 from observed.model import ObservedContainer
 
 
@@ -109,18 +109,21 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
     return Action(action.kind, action.reason, check_engine=True)
 
 
-def _node_lost(record: RuntimeRecord, container: ObservedContainer, now: datetime,
-               policy: NodeLossPolicy) -> Action:
-    """A unit out of sight on a lost node: never a crash, never a start there (it would wait for the node,
-    holding a worker); after the grace period, what RTMANAGER_NODE_LOSS says."""
-    node = container.node or record.node_id or ""
+def _node_lost(record: RuntimeRecord, container: ObservedContainer | None, node: str, now: datetime,
+               policy: NodeLossPolicy, *, lost: bool = True) -> Action:
+    """A unit out of sight on a lost node (or no unit, and the node the game is pinned to is lost): never a
+    crash, never a start there (it would wait for the node, holding a worker); after the grace period, what
+    RTMANAGER_NODE_LOSS says. ``lost`` False: the node is up but drained by its operator (Swarm shut the
+    engine down): the state there is intact, so the game waits for it, or moves only with shared state."""
     if record.status is Status.STOPPED:
         # Asked to run again while its node is lost: the start records it as starting, finds the node lost
         # (refused at once, tried again later) and the next look records it node_lost.
-        return Action(ActionKind.START, f"container is {container.state}; its node {node[:12]} is lost")
+        kind = ActionKind.START if container is not None else ActionKind.CREATE
+        state = container.state if container is not None else "gone"
+        return Action(kind, f"container is {state}; its node {node[:12]} is lost")
     if record.status is not Status.NODE_LOST:
         return Action(ActionKind.NODE_LOST, f"the engine's node {node[:12]} is lost (not a crash)", node=node)
-    step = node_loss_step(record, now, policy)
+    step = node_loss_step(record, now, policy, drained=not lost)
     if step.kind == "move":
         return Action(ActionKind.MOVE, step.why, node=node)
     if step.kind == "stop":
@@ -142,12 +145,15 @@ def plan(
     unreachable_restart_after: float = 0.0,
     disruption_wait: float = 0.0,
     node_loss: NodeLossPolicy = NodeLossPolicy(),
+    lost_nodes: frozenset[str] = frozenset(),
 ) -> Action:
     """``database`` and ``epoch``: the identity uid of this database and the current leadership
-    term; they only say how an unowned unit is reported (it is never disposed of here)."""
+    term; they only say how an unowned unit is reported (it is never disposed of here).
+    ``lost_nodes``: the backend's nodes that are down or unreachable now (a Swarm's; empty on one host)."""
     action = _plan(record, container, want_hash=want_hash, instance=instance, now=now, orphan_grace=orphan_grace,
                    cleanup_ttl=cleanup_ttl, database=database, epoch=epoch,
-                   unreachable_restart_after=unreachable_restart_after, node_loss=node_loss)
+                   unreachable_restart_after=unreachable_restart_after, node_loss=node_loss,
+                   lost_nodes=lost_nodes)
     if record is None or action.kind not in _DISRUPTIONS:
         return action
     ours = container if container is not None and container.managed_by(instance) else None
@@ -167,6 +173,7 @@ def _plan(
     epoch: int,
     unreachable_restart_after: float,
     node_loss: NodeLossPolicy,
+    lost_nodes: frozenset[str] = frozenset(),
 ) -> Action:
     ours = container is not None and container.managed_by(instance)
 
@@ -201,13 +208,24 @@ def _plan(
         if container is None:
             if backoff > 0:  # the crashed container vanished: the backoff still holds
                 return Action(ActionKind.WAIT, "restart backoff after a crash", delay=backoff)
+            if record.node_id and record.node_id in lost_nodes:
+                # No unit (a start or a move removed it, a kill came between): the game is still pinned to
+                # its lost node, where its state is: node loss, its grace and its policy, not a start there.
+                return _node_lost(record, None, record.node_id, now, node_loss)
             return Action(ActionKind.CREATE, "no container")
+        if not container.running:
+            # Node loss is decided before any replacement: a job or a drift that wants a new unit must not
+            # remove the only unit of a game whose node is lost (and start nowhere): only the policy's
+            # move, which unpins the game, lets the unit be recreated elsewhere.
+            node = container.node or record.node_id or ""
+            lost = container.node_lost or (bool(node) and node in lost_nodes)
+            moved_off = bool(node) and node in record.avoid_nodes and record.node_id != node
+            if (lost or container.node_drained) and not moved_off:
+                return _node_lost(record, container, node, now, node_loss, lost=lost)
         if container.spec_hash != want_hash:
             return Action(ActionKind.RECREATE, f"spec hash {container.spec_hash} != {want_hash}")
         if container.state == "paused":
             return Action(ActionKind.RECREATE, "container was paused from outside")
-        if container.node_lost and not container.running:
-            return _node_lost(record, container, now, node_loss)
         if not container.running:
             if record.status.is_up and record.current_container_id == container.id:
                 return Action(ActionKind.RECOVER, f"container exited on its own (exit code {container.exit_code})")
@@ -218,6 +236,11 @@ def _plan(
                 and record.unreachable_since is not None and record.current_container_id == container.id):
             left = unreachable_restart_after - (now - record.unreachable_since).total_seconds()
             if left <= 0:
+                if container.node and container.node in lost_nodes:
+                    # Swarm still calls its task running, but the node is out of reach: a restart could only
+                    # wait for the node; it is looked at again as a game that waits for its node.
+                    return Action(ActionKind.WAIT, f"engine unreachable on its lost node {container.node[:12]}; "
+                                                   "not restarted there", delay=NODE_LOSS_POLL)
                 return Action(ActionKind.RECOVER, f"engine unreachable for more than {unreachable_restart_after:g}s")
         if (record.status.is_up and record.current_container_id == container.id and record.desired_turn is not None
                 and (record.turn is None or record.turn < record.desired_turn)

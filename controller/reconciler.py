@@ -50,6 +50,7 @@ from desired.errors import (
     DockerUnavailable,
     ImageRejected,
     ImageUnavailable,
+    NodeUnavailable,
     PermanentError,
     RtmError,
     StorageFull,
@@ -57,8 +58,8 @@ from desired.errors import (
     TemporaryError,
 )
 from desired.leader import Fence, Fenced
-from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, container_name
-from desired.policy import NodeLossPolicy
+from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, Status, container_name
+from desired.policy import NODE_LOSS_POLL, NodeLossPolicy
 from desired.ports import ReconcilerStore
 from desired.values import Crash
 from observed.backend import RuntimeBackend
@@ -66,6 +67,7 @@ from observed.engine import EngineClient
 from observed.errors import (
     BackendUnavailable,
     ImageMissing,
+    NodeLost,
     ObservedError,
     Refused,
 )
@@ -82,6 +84,7 @@ _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP
 
 # The one table from the backend's errors to the results' error codes.
 BACKEND_ERRORS: dict[type[ObservedError], type[RtmError]] = {
+    NodeLost: NodeUnavailable,
     BackendUnavailable: DockerUnavailable,
     NoSpace: StorageFull,
     ImageMissing: ImageUnavailable,
@@ -147,13 +150,15 @@ class Reconciler:
             self.dispose_budget = self.settings.runtime.max_removals
             self._budget_refilled_at = now
 
-    def plan_only(self, record: RuntimeRecord | None, container: ObservedContainer | None) -> Action:
+    def plan_only(self, record: RuntimeRecord | None, container: ObservedContainer | None,
+                  lost_nodes: frozenset[str] = frozenset()) -> Action:
         return plan(record, container, want_hash=self.specs.want_hash(record) if record else None,
                     instance=self.settings.leadership.instance, now=self.clock.now(),
                     orphan_grace=self.settings.runtime.orphan_grace, cleanup_ttl=self.settings.runtime.cleanup_ttl,
                     database=self.specs.database, epoch=self.epoch,
                     unreachable_restart_after=self.settings.engine.unreachable_restart_after,
-                    disruption_wait=self.settings.runtime.disruption_wait, node_loss=self.node_loss)
+                    disruption_wait=self.settings.runtime.disruption_wait, node_loss=self.node_loss,
+                    lost_nodes=lost_nodes)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -183,7 +188,10 @@ class Reconciler:
                 log.warning("temporary failure, retrying in %.1fs: %s", delay, exc.message,
                             extra={"game_id": key, "error_code": exc.code.value})
                 code = ErrorCode.DOCKER_UNAVAILABLE if isinstance(exc, DockerUnavailable) else ErrorCode.INTERNAL_ERROR
-                await self.fail_if_overdue(str(key), code, exc.message, self.settings.runtime.job_timeout)
+                # A node that is lost is the node-loss policy's business: the overdue job is answered, the
+                # game's desired state stays (it runs again when its node is back, or as the policy says).
+                await self.fail_if_overdue(str(key), code, exc.message, self.settings.runtime.job_timeout,
+                                           answer_only=isinstance(exc, NodeUnavailable))
             except Exception as exc:  # noqa: BLE001 - never leave a game stuck silently
                 delay = self.queue.add_rate_limited(key)
                 self.metrics.queue_retries.inc()
@@ -222,7 +230,8 @@ class Reconciler:
         record = await self.store.find(game_id)
         with backend_errors():
             container = await self.backend.inspect(container_name(game_id))
-        action = self.plan_only(record, container)
+            lost = await self.backend.lost_nodes()
+        action = self.plan_only(record, container, lost)
         if action.kind is ActionKind.NOOP:
             return DONE
         if action.kind is ActionKind.UNOWNED:
@@ -243,6 +252,11 @@ class Reconciler:
                 return checked
             action = checked
         if action.kind is ActionKind.WAIT:
+            if record is not None and record.status is Status.NODE_LOST and not record.converged:
+                # A job waits for a node that may never come back: answered after RTMANAGER_JOB_TIMEOUT
+                # (docker_unavailable), the game left to the node-loss policy.
+                await self.fail_if_overdue(game_id, ErrorCode.DOCKER_UNAVAILABLE, action.reason,
+                                           self.settings.runtime.job_timeout, answer_only=True)
             return requeue(action.delay, action.reason)
         if self.settings.runtime.dry_run:
             log.info("dry run: would %s: %s", action.kind.value, action.reason,
@@ -386,6 +400,13 @@ class Reconciler:
             self.metrics.node_lost.inc()
             await self.store.record_node_loss(record, "lost", node=node)
         elif kind is ActionKind.MOVE:
+            avoid = frozenset({node}) | (await self.starts.avoid() if self.starts.avoid is not None else frozenset())
+            if not await self.backend.placeable(avoid):
+                # Moving would remove the only unit and then find nowhere to start it: the game keeps its
+                # unit and its pin, and waits (for its node, or for another node to be usable).
+                log.warning("not moving the game off its lost node %s: no other node is usable", node[:12],
+                            extra={"game_id": record.game_id})
+                return requeue(NODE_LOSS_POLL, "no usable node to move the game to")
             log.warning("moving the game off its lost node %s", node[:12], extra={"game_id": record.game_id})
             await self.store.record_node_loss(record, "move", node=node)
         else:
@@ -417,8 +438,10 @@ class Reconciler:
                     "; answered once the engine is stopped" if stopping else "",
                     extra={"game_id": record.game_id, "error_code": code.value})
 
-    async def fail_if_overdue(self, game_id: str, code: ErrorCode, message: str, timeout: float) -> None:
-        """A job must not wait forever for a failure that keeps coming back."""
+    async def fail_if_overdue(self, game_id: str, code: ErrorCode, message: str, timeout: float, *,
+                              answer_only: bool = False) -> None:
+        """A job must not wait forever for a failure that keeps coming back. ``answer_only`` (the game's node
+        is lost): its jobs are answered with the failure, and desired state stays what they asked for."""
         try:
             age = await self.store.oldest_pending_age(game_id)
             if age is None or age < timeout:
@@ -433,6 +456,10 @@ class Reconciler:
                 # wait is not the job's delay. (Nothing generates in a game that is not up.)
                 return
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
+            if answer_only:
+                await self.store.answer_overdue(record.game_id, record.generation, code,
+                                                f"gave up waiting after {age:.0f}s: {message}")
+                return
             await self._fail(record, code, f"gave up after {age:.0f}s: {message}", answer_now=True)
         except (StoreUnavailable, Conflict):
             pass

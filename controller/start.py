@@ -27,7 +27,7 @@ from desired.model import RuntimeRecord, Status
 from desired.ports import ReconcilerStore
 from observed.backend import RuntimeBackend
 from observed.engine import EngineClient
-from observed.errors import ObservedError
+from observed.errors import NodeLost, ObservedError
 from observed.model import ContainerSpec, ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
@@ -85,6 +85,11 @@ class Starts:
                 await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.ensure_image(spec.image)
             await self.backend.prepare()
+            # A node the game left when it was lost is avoided only while it is still lost: once it is
+            # back (or nowhere else could take the game), it is a node like any other.
+            if spec.avoid_nodes:
+                lost = await self.backend.lost_nodes()
+                spec = dataclasses.replace(spec, avoid_nodes=tuple(n for n in spec.avoid_nodes if n in lost))
             # The nodes being drained are avoided before a node is chosen below: a new game must
             # not be placed on (and pinned to) a node on its way out.
             if self.avoid is not None:
@@ -137,7 +142,8 @@ class Starts:
         if seen is None:
             raise ContainerStartFailed("the container disappeared right after start")
         if not seen.running:
-            await self.health.raise_exited(seen)
+            await self._raise_exited(seen)
+        await self._raise_if_node_lost(seen)  # a task the manager still calls running on a lost node
         host = probe_host(record.game_id, seen.address)
         t0 = loop.time()
         ok, detail = await self.engine.wait_healthy(host, self.settings.engine.start_timeout, still_running)
@@ -148,11 +154,12 @@ class Starts:
             again = await self.backend.inspect(container_id)
             if again is None or not again.running or again.address != seen.address:
                 if again is not None and not again.running:
-                    await self.health.raise_exited(again)
+                    await self._raise_exited(again)
                 raise ContainerStartFailed("the engine's container stopped or moved while it was probed")
         if not ok:
             if exited:
-                await self.health.raise_exited(exited[-1])
+                await self._raise_exited(exited[-1])
+            await self._raise_if_node_lost(seen)
             raise EngineUnhealthy(f"engine did not answer GET {self.settings.engine.health_path} with 2xx within "
                                   f"{self.settings.engine.start_timeout:g}s (last: {detail})")
         self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
@@ -169,6 +176,17 @@ class Starts:
             except ObservedError as exc:  # converged all the same; the storage round deletes it later
                 log.warning("could not delete the copy of the state directory: %s", exc.message,
                             extra={"game_id": record.game_id})
+
+    async def _raise_if_node_lost(self, seen: ObservedContainer) -> None:
+        """The unit's node is lost (or drained): ``NodeLost``, a temporary failure, never the engine's crash
+        nor a failed start; the next look records the game node_lost."""
+        if seen.node_lost or seen.node_drained or (seen.node and seen.node in await self.backend.lost_nodes()):
+            raise NodeLost(f"the node {(seen.node or '?')[:12]} of {seen.name} was lost while the engine started")
+
+    async def _raise_exited(self, seen: ObservedContainer) -> None:
+        """The unit ended while it started: its node was lost (temporary), or the engine exited (it failed)."""
+        await self._raise_if_node_lost(seen)
+        await self.health.raise_exited(seen)
 
     async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer) -> float:
         """Seconds between SIGTERM and SIGKILL for the engine this unit runs: its registered version's

@@ -32,8 +32,9 @@ tools() {
 stubs() {
   local t
   for t in 1.0 1.1 crash mute; do
-    docker image inspect "galaxy/engine-stub:$t" >/dev/null 2>&1 || { bash deploy/engine-stub/build.sh >/dev/null; return; }
+    docker image inspect "galaxy/engine-stub:$t" >/dev/null 2>&1 || { bash deploy/engine-stub/build.sh >/dev/null; break; }
   done
+  docker image inspect galaxy/statedir-helper:1 >/dev/null 2>&1 || bash deploy/statedir-helper/build.sh >/dev/null
 }
 
 step "local services (dockerd)" local_services

@@ -46,6 +46,11 @@ class DockerUnavailable(TemporaryError):
     code = ErrorCode.DOCKER_UNAVAILABLE
 
 
+class NodeUnavailable(DockerUnavailable):
+    """The game's node is lost (a Swarm): retried, never a crash; an overdue job is answered with
+    docker_unavailable and the game left to the node-loss policy."""
+
+
 class StoreUnavailable(TemporaryError):
     code = ErrorCode.INTERNAL_ERROR
 

@@ -85,15 +85,26 @@ class NodeLossStep:
     why: str = ""
 
 
-def node_loss_step(record: RuntimeRecord, now: datetime, policy: NodeLossPolicy) -> NodeLossStep:
+def node_loss_step(record: RuntimeRecord, now: datetime, policy: NodeLossPolicy, *,
+                   drained: bool = False) -> NodeLossStep:
     """What a game in ``node_lost`` does now: wait out the grace period, then what the policy says. A game
-    is moved without its state only when the policy says so explicitly (``reschedule_without_state``)."""
+    is moved without its state only when the policy says so explicitly (``reschedule_without_state``).
+
+    ``drained``: the node is up, drained by its operator (maintenance): the game's state there is intact,
+    so it is neither stopped nor moved without its state; it waits for the node, or (RTMANAGER_NODE_LOSS
+    reschedule or reschedule_without_state, the state root shared) moves with its state."""
     since = record.node_lost_since or now
     left = policy.grace - max(0.0, (now - since).total_seconds())
     node = (record.node_id or "?")[:12]
     if left > 0:
         return NodeLossStep(kind="wait", delay=min(left, NODE_LOSS_POLL),
                             why=f"node {node} lost; {left:.0f}s of RTMANAGER_NODE_LOSS_GRACE left")
+    if drained:
+        if policy.mode in (NodeLoss.RESCHEDULE, NodeLoss.RESCHEDULE_WITHOUT_STATE) and policy.state_shared:
+            return NodeLossStep(kind="move", why=f"node {node} drained for more than {policy.grace:g}s: moving "
+                                                 "the game elsewhere with its state (shared storage)")
+        return NodeLossStep(kind="wait", delay=NODE_LOSS_POLL,
+                            why=f"node {node} drained by its operator; waiting for it (its state is there)")
     if policy.mode is NodeLoss.STOP:
         return NodeLossStep(kind="stop", why=f"node {node} lost for more than {policy.grace:g}s "
                                              "(RTMANAGER_NODE_LOSS=stop)")

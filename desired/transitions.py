@@ -266,11 +266,19 @@ def node_lost(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
                        last_error_message=f"node {node[:12]} is down or unreachable; the engine's fate is unknown")
 
 
+def answered_unconverged(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) -> RuntimeRecord:
+    """The jobs of a generation that cannot converge now (the game's node is lost) were answered with a
+    failure after the job timeout; desired state stays what they asked for (the node-loss policy decides
+    the game's fate), but no longer asks for a turn nobody waits for."""
+    return turn_unasked(cur).replace(last_error_code=code, last_error_message=message,
+                                     last_op_at=_touch(cur, now))
+
+
 def moved_off(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
     """The game leaves its lost node: the pin is cleared, its next units avoid that node, and the spec
     revision changes, so the planner recreates the unit elsewhere (the node recorded where it then runs).
     No new generation: like a crash's restart, nobody asked for it."""
-    return cur.replace(node_id=None, avoid_nodes=(node,), spec_revision=cur.spec_revision + 1,
+    return cur.replace(node_id=None, avoid_nodes=(node,) if node else (), spec_revision=cur.spec_revision + 1,
                        last_op_at=_touch(cur, now))
 
 

@@ -59,8 +59,13 @@ class RuntimeBackend(Protocol):
         chosen for a new game, not one of ``spec.avoid_nodes``; the caller pins the unit there), else None."""
 
     async def lost_nodes(self) -> frozenset[str]:
-        """Nodes that are down, unreachable or drained (a Swarm); nothing is started on one. Empty on
-        one host."""
+        """Nodes that are down or unreachable (a Swarm): their engines' fate is unknown, nothing is started
+        on one. Not a node its operator drained (it is up; its engines are shut down, their state intact).
+        Empty on one host."""
+
+    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
+        """Whether a new unit that must avoid ``avoid_nodes`` could be placed now (a Swarm: some node is
+        ready, active and not avoided). Always True on one host."""
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer: ...
 

@@ -255,6 +255,9 @@ class DockerBackend(DaemonClient):
     async def lost_nodes(self) -> frozenset[str]:
         return frozenset()  # one host, no nodes
 
+    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
+        return True  # one host: every unit runs here
+
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the container for ``spec``; if the name is taken, return what holds it."""
         await self._not_while_stopping("create")

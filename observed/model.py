@@ -122,9 +122,12 @@ class ObservedContainer:
     # says: the container's IP, its hostname on the game network, or a published port on its node.
     address: str | None = None
     node: str | None = None  # the node it runs on (a Swarm backend)
-    # Its node is down, unreachable to the manager or drained (a Swarm backend): the unit does not run
-    # as far as can be seen, and its engine's fate is unknown -- not a crash.
+    # Its node is down or unreachable to the manager (a Swarm backend): the unit does not run as far as
+    # can be seen, and its engine's fate is unknown -- not a crash.
     node_lost: bool = False
+    # Its node is up but drained by its operator (Swarm availability drain), which shut the unit down: not
+    # a crash, and not a lost node either (the state there is intact).
+    node_drained: bool = False
     mounts: tuple[tuple[str, str], ...] = ()  # (source, destination); from inspect only
     # The admin token in the unit's environment ("" none); from inspect only (None: not read).
     admin_token: str | None = field(default=None, repr=False)

@@ -37,8 +37,10 @@ The state of a service, as ``ObservedContainer.state``:
   ran on.
 
 ``node_lost``: the unit does not run as far as the manager can tell, and the node of its last task
-(or, with no task, the node it is pinned to) is down, unknown, disconnected or drained
-(observed/swarm_statedir.py ``node_lost``): the engine's fate is unknown, which is not a crash.
+(or, with no task, the node it is pinned to: ``node`` is then that one) is down, unknown or
+disconnected (observed/swarm_statedir.py ``node_lost``): the engine's fate is unknown, which is not a
+crash. ``node_drained`` instead when that node is up but its operator drained it (Swarm shut the
+task down): not a crash, not lost either; nothing is started there until it is active again.
 
 Errors are translated as for the Docker backend (observed/daemon.py): no answer, timeouts and 5xx ->
 ``BackendUnavailable``; a refused create or a task the nodes reject ->
@@ -70,7 +72,15 @@ from observed.model import (
     ObservedContainer,
     admin_token_of,
 )
-from observed.swarm_statedir import make_on_node, node_lost, pick_node
+from observed.swarm_statedir import (
+    DEFAULT_HELPER_IMAGE,
+    ENGINE_AS_HELPER,
+    make_on_node,
+    node_drained,
+    node_lost,
+    node_usable,
+    pick_node,
+)
 from observed.text import safe_text
 
 log = logging.getLogger("rtmanager.swarm")
@@ -112,7 +122,9 @@ class SwarmBackend(DaemonClient):
         self.probe_address = probe_address
         self.stop_grace = stop_grace
         self.start_wait = start_wait
-        self.state_helper_image = state_helper_image  # "": the game's engine image
+        # The helper image of the state directories (observed/swarm_statedir.py): "" the default one,
+        # "engine" the game's own engine image (the operator's explicit choice).
+        self.state_helper_image = state_helper_image or DEFAULT_HELPER_IMAGE
         self._dirs_made: set[tuple[str, str]] = set()  # (state path, node) made by this process
         self._nodes: dict[str, dict[str, str]] = {}  # node id -> {"addr", "state", "availability"}
         self._nodes_read_at = 0.0
@@ -203,6 +215,8 @@ class SwarmBackend(DaemonClient):
         template = spec.get("TaskTemplate") or {}
         cspec = template.get("ContainerSpec") or {}
         state, task = _state(service, tasks)
+        # The node of the unit's last task, or (no task, or a task never placed) the node it is pinned to.
+        unit_node = str((task or {}).get("NodeID") or "") or _pinned(template)
         status = (task or {}).get("Status") or {}
         cstatus = status.get("ContainerStatus") or {}
         exit_code = None
@@ -232,23 +246,38 @@ class SwarmBackend(DaemonClient):
             admin_token=admin_token_of(cspec.get("Env")),
             finished_at=finished_at,
             address=address,
-            node=(task or {}).get("NodeID") or None,
-            node_lost=state not in ("running", "restarting") and self._unit_node_lost(template, task),
+            node=unit_node or None,
+            node_lost=state not in ("running", "restarting") and node_lost(self._nodes.get(unit_node)),
+            node_drained=state not in ("running", "restarting") and node_drained(self._nodes.get(unit_node)),
             mounts=tuple((m.get("Source", ""), m.get("Target", "")) for m in cspec.get("Mounts") or []),
         )
 
-    def _unit_node_lost(self, template: Mapping[str, Any], task: Mapping[str, Any] | None) -> bool:
-        """The node of the unit's last task, or (no task, or a task never placed) the node it is pinned to,
-        is lost."""
-        node = str((task or {}).get("NodeID") or "") or _pinned(template)
-        return bool(node) and node_lost(self._nodes.get(node))
-
     async def lost_nodes(self) -> frozenset[str]:
-        """The nodes that are down, unreachable or drained (the node list, read again when older than
-        NODE_REREAD seconds)."""
+        """The nodes that are down or unreachable (the node list, read again when older than NODE_REREAD
+        seconds). Not the drained ones (``unavailable_nodes``)."""
         if time.monotonic() - self._nodes_read_at > NODE_REREAD:
             await self._know_nodes((), force=True)
-        return frozenset(n for n, info in self._nodes.items() if node_lost(info))
+        lost = frozenset(n for n, info in self._nodes.items() if node_lost(info))
+        for n in lost:
+            self._forget_dirs(n)  # it may come back with another disk: its directories are made again
+        return lost
+
+    def _forget_dirs(self, node: str) -> None:
+        """The directories made on ``node`` by this process are no longer known to be there (the node was
+        lost, or a task there was rejected: a directory deleted behind our back); the next start makes them."""
+        if any(n == node for _, n in self._dirs_made):
+            self._dirs_made = {(p, n) for p, n in self._dirs_made if n != node}
+
+    async def unavailable_nodes(self) -> frozenset[str]:
+        """The nodes nothing can be started on now: lost, or drained by their operator."""
+        lost = await self.lost_nodes()
+        return lost | frozenset(n for n, info in self._nodes.items() if node_drained(info))
+
+    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
+        """Some node is ready, active and not avoided (the node list, read again when older than NODE_REREAD
+        seconds)."""
+        await self.lost_nodes()
+        return any(node_usable(info) and n not in avoid_nodes for n, info in self._nodes.items())
 
     def _published(self, task: Mapping[str, Any]) -> str | None:
         node = self._nodes.get(task.get("NodeID") or "")
@@ -371,12 +400,14 @@ class SwarmBackend(DaemonClient):
         """Made on the node that will run the game (observed/swarm_statedir.py): its pin, or for a new game
         the node chosen for it here (returned: the caller pins the unit there). Once per directory and node
         in this process; a lost pinned node is refused at once (no helper waits for it)."""
-        if spec.node and spec.node in await self.lost_nodes():
-            raise NodeLost(f"the node {spec.node[:12]} of {spec.name} is down or unreachable; its state is there")
+        if spec.node and spec.node in await self.unavailable_nodes():
+            raise NodeLost(f"the node {spec.node[:12]} of {spec.name} is down, unreachable or drained; "
+                           "its state is there")
         node = spec.node or await pick_node(self, spec)
         if (spec.state_path, node) in self._dirs_made:
             return node
-        await make_on_node(self, state_root, spec, node, self.state_helper_image or spec.image)
+        helper = spec.image if self.state_helper_image == ENGINE_AS_HELPER else self.state_helper_image
+        await make_on_node(self, state_root, spec, node, helper)
         self._dirs_made.add((spec.state_path, node))
         return node
 
@@ -444,7 +475,7 @@ class SwarmBackend(DaemonClient):
             raise Refused(f"start: service {unit_id[:12]} is gone")
         service, tasks = found
         pinned = _pinned(service["Spec"].get("TaskTemplate") or {})
-        if pinned and pinned in await self.lost_nodes():
+        if pinned and pinned in await self.unavailable_nodes():
             # Its task could only wait for the node (START_WAIT, holding a reconcile worker): refused now.
             raise NodeLost(f"start {_name(service)}: its node {pinned[:12]} is down or unreachable")
         if any(_leaving(t) for t in tasks):
@@ -477,6 +508,9 @@ class SwarmBackend(DaemonClient):
                     await self._pin(service, str(task.get("NodeID") or ""))
                     return
                 if st in _ENDED:
+                    # Rejected (a bind source gone from the node, say): the game's directory is made again
+                    # by the next start, not taken for granted.
+                    self._forget_dirs(str(task.get("NodeID") or ""))
                     raise _refusal(task, service)
             elif not kicked and loop.time() - started > KICK_AFTER:
                 # Scaled up, and still no task: Swarm sometimes misses a scale-up; a forced update makes the task.

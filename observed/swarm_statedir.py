@@ -3,16 +3,25 @@
 The controller talks to one manager; a node's filesystem is reachable only through a task on
 that node. So the directory is made by a one-shot *helper service*: one replica, restart
 condition ``none``, constrained with ``node.id==<node>``, running as root with every capability
-dropped but CHOWN, FOWNER and DAC_OVERRIDE, a read-only root filesystem, no network, and nothing
+dropped but CHOWN and DAC_OVERRIDE (``chown`` needs CHOWN; DAC_OVERRIDE because the state root is
+rtmanager's, uid 10001 mode 0711 (deploy/swarm/prepare.sh), where root is "other" and could not
+create a directory without it; never FOWNER: the directory is created with its mode, as root, and
+only then given away), a read-only root filesystem, no network, and nothing
 mounted but the state root (at ``/rtm-state-root``). Its script makes ``<root>/<name>`` with mode
 0700 and gives it to the engine user, and refuses what the Docker backend refuses: a name that is
 not one path component directly under the root, a symbolic link, anything there but a directory.
 A state root missing on the node is a rejected task (Swarm does not create bind sources): the
 start fails with that message, never an engine on an empty state.
 
-The helper runs the game's own engine image (present on the node: the engine needs it too), or
-RTMANAGER_STATE_HELPER_IMAGE; the image needs ``/bin/sh`` with ``mkdir``, ``chown`` and ``chmod``
-(busybox has them).
+The helper runs RTMANAGER_STATE_HELPER_IMAGE: by default ``galaxy/statedir-helper:1``, a static
+busybox and nothing else (deploy/statedir-helper/build.sh), loaded on the nodes as the engine images
+are; never a game's engine image unless the operator says so (``engine``): the helper runs as root
+with DAC_OVERRIDE and the whole state root mounted, where an engine image is otherwise confined to its own
+directory (docs/security.md). The image needs ``/bin/sh`` with ``mkdir`` and ``chown``.
+
+A helper task that has not ended when HELPER_WAIT is over (its image still being pulled, a node
+slow to take it) is a temporary failure, tried again; only a task the node rejected or that failed
+(a script refusal) is a permanent one.
 
 Which node: the game's pin (``spec.node``) when it has one; otherwise rtmanager places the new
 game itself, before Swarm does: a node that is ready, active, not lost and not in
@@ -49,7 +58,9 @@ log = logging.getLogger("rtmanager.swarm")
 LABEL_HELPER = "com.galaxy.helper"
 HELPER_PREFIX = "galaxy-statedir-"
 MOUNT = "/rtm-state-root"
-HELPER_WAIT = 30.0  # seconds for the helper's task to end (a node that cannot run it: refused)
+HELPER_WAIT = 30.0  # seconds for the helper's task to end (then tried again later: not a refusal)
+DEFAULT_HELPER_IMAGE = "galaxy/statedir-helper:1"
+ENGINE_AS_HELPER = "engine"  # RTMANAGER_STATE_HELPER_IMAGE: the game's own engine image (the operator's choice)
 POLL = 0.2
 # $1: the directory's name under the root; $2: uid[:gid] to give it to, or "".
 SCRIPT = r"""set -eu
@@ -70,11 +81,18 @@ def node_usable(info: Mapping[str, str]) -> bool:
 
 
 def node_lost(info: Mapping[str, str] | None) -> bool:
-    """A node whose engines are out of reach: down, unknown or disconnected to the manager, or drained
-    (Swarm shuts its tasks down). A node never seen is not lost (the next read of the list tells)."""
+    """A node whose engines are out of reach: down, unknown or disconnected to the manager. Not a node
+    its operator drained (``node_drained``): that one is up and its engines' state intact. A node never
+    seen is not lost (the next read of the list tells)."""
     if info is None:
         return False
-    return info.get("state") in _LOST_STATES or info.get("availability") == "drain"
+    return info.get("state") in _LOST_STATES
+
+
+def node_drained(info: Mapping[str, str] | None) -> bool:
+    """A node that is up but drained (Swarm availability ``drain``): Swarm shuts its tasks down and
+    places none there, so nothing is started on it; its engines did not crash and are not lost."""
+    return info is not None and not node_lost(info) and info.get("availability") == "drain"
 
 
 def relative_name(state_root: str, path: str) -> str:
@@ -108,7 +126,7 @@ def helper_spec(state_root: str, spec: ContainerSpec, node: str, image: str, ins
                             "ReadOnly": False}],
                 "ReadOnly": True,
                 "CapabilityDrop": ["ALL"],
-                "CapabilityAdd": ["CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE"],
+                "CapabilityAdd": ["CAP_CHOWN", "CAP_DAC_OVERRIDE"],
                 "Init": False,
             },
             "Resources": {"Limits": {"MemoryBytes": 32 * 1024 * 1024, "Pids": 32}},
@@ -178,13 +196,18 @@ async def make_on_node(backend: SwarmBackend, state_root: str, spec: ContainerSp
                     return
                 detail = str(status.get("Err") or status.get("Message") or status.get("State"))
                 logs = await _task_logs(backend, str(task.get("ID")))
-                raise Refused(f"state directory {spec.state_path} on node {node[:12]}: "
-                              f"{logs or detail}"[:500])
-            if node in await backend.lost_nodes():  # lost meanwhile: its task would wait for it
-                raise NodeLost(f"state directory {spec.state_path}: node {node[:12]} is down or unreachable")
+                message = f"state directory {spec.state_path} on node {node[:12]}: {logs or detail}"[:500]
+                if status.get("State") in ("shutdown", "orphaned"):
+                    raise BackendUnavailable(message)  # shut down by Swarm (a drain, a lost node): not an answer
+                raise Refused(message)
+            if node in await backend.unavailable_nodes():  # lost or drained meanwhile: its task would wait
+                raise NodeLost(f"state directory {spec.state_path}: node {node[:12]} is down, unreachable or "
+                               "drained")
             if loop.time() > deadline:
-                raise Refused(f"state directory {spec.state_path} on node {node[:12]}: the helper task did not "
-                              f"end within {HELPER_WAIT:g}s")
+                # Still pending or preparing (its image being pulled, say): temporary, tried again later.
+                state = ", ".join(sorted({str((t.get("Status") or {}).get("State")) for t in tasks})) or "no task"
+                raise BackendUnavailable(f"state directory {spec.state_path} on node {node[:12]}: the helper task "
+                                         f"did not end within {HELPER_WAIT:g}s ({state}); tried again later")
             await asyncio.sleep(POLL)
     finally:
         try:

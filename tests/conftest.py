@@ -134,6 +134,8 @@ def stub_images(docker_client: docker.DockerClient) -> str:
     missing = [t for t in wanted if not docker_client.images.list(name=t)]
     if missing:
         subprocess.run(["bash", str(ROOT / "deploy/engine-stub/build.sh")], check=True)
+    if not docker_client.images.list(name="galaxy/statedir-helper:1"):  # the Swarm tier's state directory helper
+        subprocess.run(["bash", str(ROOT / "deploy/statedir-helper/build.sh")], check=True)
     return STUB_IMAGE
 
 

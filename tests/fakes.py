@@ -308,6 +308,7 @@ class FakeBackend:
         self.while_stopping = None  # an async callable run while a stop is in progress (a job arriving)
         self.specs: list[ContainerSpec] = []  # every spec create was given
         self.lost: set[str] = set()  # nodes that are down (a Swarm's)
+        self.drained: set[str] = set()  # of those, the ones up but drained by their operator (not lost)
         self.nodes: list[str] = []  # a Swarm's nodes, in the order new games are placed on them (none: one host)
         self._ids = itertools.count(1)
 
@@ -327,7 +328,8 @@ class FakeBackend:
                                  ip_address=self.ip_of(c) if c.state == "running" else None,
                                  address=self.ip_of(c) if c.state == "running" else None,
                                  admin_token=c.admin_token, node=c.node,
-                                 node_lost=c.node in self.lost and c.state != "running")
+                                 node_lost=c.node in self.lost - self.drained and c.state != "running",
+                                 node_drained=c.node in self.drained and c.state != "running")
 
     def ip_of(self, c: FakeContainer) -> str:
         n = list(self.containers).index(c.id) if c.id in self.containers else 0
@@ -371,7 +373,10 @@ class FakeBackend:
         return self._place(spec)
 
     async def lost_nodes(self) -> frozenset[str]:
-        return frozenset(self.lost)
+        return frozenset(self.lost - self.drained)
+
+    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
+        return not self.nodes or any(n not in self.lost and n not in avoid_nodes for n in self.nodes)
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         self._check("create", spec.name)
@@ -440,6 +445,12 @@ class FakeBackend:
         for c in self.containers.values():
             if c.node == node and c.state == "running":
                 c.state, c.exit_code = "exited", None
+
+    def drain_node(self, node: str) -> None:
+        """Its operator drains a node (Swarm availability drain): it is up, but Swarm shuts its engines
+        down (an exit without a crash) and places nothing there."""
+        self.lose_node(node)
+        self.drained.add(node)
 
     def crash(self, game_id: str, code: int = 1) -> None:
         """The engine of a game exits on its own."""
@@ -803,6 +814,16 @@ class FakeStore:
             self._op(game_id, jobs[0].op if jobs else JobKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED,
                      new.generation, {"event": "rollback", "to": target}, None)
         return new
+
+    async def answer_overdue(self, game_id: str, generation: int, code: ErrorCode, message: str) -> int:
+        now = self._check()
+        cur = self.records.get(game_id)
+        if cur is None or cur.generation != generation:
+            return 0
+        new = self._swap(cur, transitions.answered_unconverged(cur, now, code=code, message=message))
+        before = len(self.results)
+        self._finish(new, generation, Outcome.FAILURE, code, message, now)
+        return len(self.results) - before
 
     async def cleaned_up(self, game_id: str, generation: int) -> RuntimeRecord | None:
         now = self._check()

@@ -44,6 +44,9 @@ for image in rtmanager:0.1.0 rtmanager-postgres:15 rtmanager-redis:7; do
   docker image inspect "$image" >/dev/null 2>&1 || missing+=("$image")
 done
 [ ${#missing[@]} = 0 ] || die "missing images: ${missing[*]} (bash deploy/images/build.sh, then load them here)"
+# The state directory helper runs on the engines' nodes: load it there as the engine images are.
+docker image inspect galaxy/statedir-helper:1 >/dev/null 2>&1 \
+  || log "warning: galaxy/statedir-helper:1 is missing (bash deploy/statedir-helper/build.sh; load it on every node that runs engines)"
 
 node=$(docker info -f '{{.Swarm.NodeID}}')
 docker node update --label-add rtmanager.home=true "$node" >/dev/null

@@ -244,6 +244,22 @@ class Transitions(StoreBase):
                                                              message=message), now)
             return new
 
+    async def answer_overdue(self, game_id: str, generation: int, code: ErrorCode, message: str) -> int:
+        """The jobs of ``generation`` (and older ones still pending) waited too long for a game whose node
+        is lost: answered with this failure; desired state stays (desired/transitions.py
+        ``answered_unconverged``). Returns how many were answered (0: a newer generation took over)."""
+        async with self._tx() as (conn, now):
+            row = await conn.fetchrow(SELECT_FOR_UPDATE, game_id)
+            if row is None:
+                return 0
+            cur = record_from_row(row)
+            if cur.generation != generation:
+                return 0
+            new = await self._write(conn, cur, transitions.answered_unconverged(cur, now, code=code,
+                                                                                message=message), now)
+            return await self._finish_pending(conn, new, Finish(generation=generation, outcome=Outcome.FAILURE,
+                                                                error_code=code, message=message), now)
+
     async def fail_generation(self, game_id: str, generation: int, code: ErrorCode,
                               message: str, *, answer_now: bool = False) -> RuntimeRecord | None:
         """``generation`` cannot converge: answer its jobs with this failure, and ask for what is safe

@@ -208,3 +208,24 @@ async def test_a_lost_node_is_recorded_without_a_crash_then_the_game_moves_or_st
     assert stopped.crash_count == 0 and stopped.last_error_message == "stopped: node lost"
     rec = await store.mark_stopped(stopped, container_id="c-g2")
     assert rec.status is Status.STOPPED and rec.node_lost_since is None
+
+
+async def test_an_overdue_job_of_a_node_lost_game_is_answered_and_desired_state_stays(store):
+    """answer_overdue (a job waited too long for a lost node): the jobs of that generation get the failure;
+    desired state stays what they asked for (the node-loss policy decides the game's fate)."""
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=None)
+    await store.mark_running(rec, container_id="c-g1", image=IMG, node="n2")
+    lost = await store.record_node_loss(await store.get("g1"), "lost", node="n2")
+    await store.submit(Job(kind=JobKind.RESTART, game_id="g1", source=OpSource.LOBBY, stream="s:control",
+                           entry_id="2-0"), DEFAULTS)
+    wanted = await store.get("g1")
+    assert wanted.generation == lost.generation + 1 and not wanted.converged
+    assert await store.answer_overdue("g1", wanted.generation - 1, ErrorCode.DOCKER_UNAVAILABLE, "late") == 0
+    assert await store.answer_overdue("g1", wanted.generation, ErrorCode.DOCKER_UNAVAILABLE, "node n2 lost") == 1
+    assert await store.pending_operations("g1") == []
+    rec = await store.get("g1")
+    assert (rec.desired_status.value, rec.generation, rec.status) == ("running", wanted.generation, Status.NODE_LOST)
+    assert rec.last_error_code is ErrorCode.DOCKER_UNAVAILABLE
+    [res] = [r for r in await outbox(store, "result") if r.get("job") == "restart"]
+    assert (res["outcome"], res["error_code"]) == ("failure", "docker_unavailable")

@@ -109,8 +109,10 @@ class SwarmNode(PrivateDockerd):
             c.close()
 
 
-# The stub engine images every test swarm's nodes get (deploy/engine-stub/build.sh builds them).
-STUBS = ("galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1", "galaxy/engine-stub:crash", "galaxy/engine-stub:mute")
+# The stub engine images every test swarm's nodes get (deploy/engine-stub/build.sh builds them), and the
+# state directory helper (deploy/statedir-helper/build.sh), loaded on the nodes as an operator does.
+STUBS = ("galaxy/engine-stub:1.0", "galaxy/engine-stub:1.1", "galaxy/engine-stub:crash", "galaxy/engine-stub:mute",
+         "galaxy/statedir-helper:1")
 
 
 class Cluster:

@@ -8,7 +8,7 @@ import pytest
 from observed.errors import Refused
 from observed.model import ContainerSpec
 from observed.swarm import SwarmBackend
-from observed.swarm_statedir import helper_spec, node_lost, relative_name
+from observed.swarm_statedir import helper_spec, node_drained, node_lost, relative_name
 
 LABELS = {"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": "i", "com.galaxy.game-id": "g1"}
 
@@ -47,9 +47,11 @@ def test_a_running_task_on_a_dead_node_is_a_unit_on_a_lost_node_without_an_exit_
     assert ok.state == "running" and not ok.node_lost
 
 
-def test_a_unit_with_no_task_pinned_to_a_lost_or_drained_node_is_on_a_lost_node(backend) -> None:
-    assert backend._observe(service(["node.id==drained"], replicas=0), []).node_lost
-    assert backend._observe(service(["node.id==dead"], replicas=0), []).node_lost
+def test_a_unit_with_no_task_pinned_to_a_lost_node_is_on_a_lost_node_and_a_drained_one_is_not_lost(backend) -> None:
+    drained = backend._observe(service(["node.id==drained"], replicas=0), [])
+    assert drained.node_drained and not drained.node_lost and drained.node == "drained"
+    dead = backend._observe(service(["node.id==dead"], replicas=0), [])
+    assert dead.node_lost and not dead.node_drained and dead.node == "dead"  # the pin names the node
     assert not backend._observe(service(["node.id==up"], replicas=0), []).node_lost
     assert not backend._observe(service([], replicas=0), []).node_lost
 
@@ -57,7 +59,10 @@ def test_a_unit_with_no_task_pinned_to_a_lost_or_drained_node_is_on_a_lost_node(
 def test_node_states() -> None:
     assert [node_lost({"state": s, "availability": "active"}) for s in ("ready", "down", "unknown", "disconnected")] \
         == [False, True, True, True]
-    assert node_lost({"state": "ready", "availability": "drain"}) and not node_lost(None)
+    # An operator's drain (maintenance) is not a lost node: the node is up, the state there intact.
+    assert not node_lost({"state": "ready", "availability": "drain"}) and not node_lost(None)
+    assert node_drained({"state": "ready", "availability": "drain"})
+    assert not node_drained({"state": "down", "availability": "drain"}) and not node_drained(None)
 
 
 def test_a_spec_that_avoids_nodes_is_placed_off_them_and_its_hash_ignores_them(backend) -> None:
