@@ -320,7 +320,9 @@ def plan(drain: Drain, records: Mapping[str, RuntimeRecord], games: Mapping[str,
         slots = max(0, drain.max_parallel - len(in_flight))
         # A move changes desired state like a restart: a game with a job in flight waits for it (until
         # the deadline), so that the job is not answered superseded by a drain.
-        eligible = [r for r in candidates if action is DrainAction.STOP or r.converged]
+        # An engine that is not up (crashed mid-turn: its restart is held on the drained node) has no turn
+        # to cut and its job cannot converge there: it is moved at once.
+        eligible = [r for r in candidates if action is DrainAction.STOP or r.converged or not r.status.is_up]
         take = [Take(record=r, action=action, forced=False) for r in eligible[:slots]]
     waiting = len(candidates) - len(take)
     return DrainPlan(finish=finish, take=take, resubmit=resubmit, force=force, waiting=waiting,

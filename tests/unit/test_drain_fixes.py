@@ -159,3 +159,16 @@ def test_a_stop_taken_on_a_node_is_done_once_a_restart_moved_the_game_off_it() -
     still = moved.replace(node_id="nodeb")
     step = drains.plan(d, {"g1": still}, {"g1": g}, NOW)
     assert step.finish == [] and [x.game_id for x in step.resubmit] == ["g1"]
+
+
+def test_a_game_crashed_mid_turn_on_a_drained_node_is_moved_before_the_deadline() -> None:
+    """Defect 2's other side: its restart is held on the drained node, so the drain must not wait for its
+    turn's job to converge (it cannot there) until the deadline: it has nothing to cut, it moves now."""
+    from tests.unit.test_drains import drain as a_drain
+    crashed = rec(Status.STARTING, DesiredStatus.RUNNING, gen=3, obs=2, game_id="g1", state_path="/srv/g1",
+                  node_id="nodeb")
+    busy = rec(Status.GENERATION_IN_PROGRESS, DesiredStatus.RUNNING, gen=3, obs=2, game_id="g2",
+               state_path="/srv/g2", node_id="nodeb", current_container_id="c2", current_image_ref=IMG,
+               started_at=NOW - timedelta(hours=1))
+    step = drains.plan(a_drain("nodeb", parallel=5), {"g1": crashed, "g2": busy}, {}, NOW)
+    assert [t.record.game_id for t in step.take] == ["g1"] and step.waiting == 1
