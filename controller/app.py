@@ -171,8 +171,9 @@ class Controller:
                                   interval=s.engine.health_interval, metrics=self.metrics)
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
                                     max_sleep=s.runtime.resync_interval)
+        swarm_nodes = getattr(self.backend, "node_names", None)  # Swarm: a drain's node must be one of them
         self.drainer = Drainer(store=self.store, admission=self.admission, metrics=self.metrics, clock=self.clock,
-                               wake=self.queue.add)
+                               wake=self.queue.add, nodes=swarm_nodes)
         self.reconciler.hold = self.drainer.hold  # no crash restart on a drained host or node
         self.reconciler.starts.avoid = self.drainer.avoided_nodes  # no new unit on a drained node
         self.rollouts = RolloutLoop(store=self.store, admission=self.admission, metrics=self.metrics,
@@ -192,7 +193,7 @@ class Controller:
             image_present=self._image_present,
             pull_image=self._pull_image,
             drains=self.store, backend=s.runtime.backend.value, state_shared=s.storage.state_shared,
-            drains_changed=self.drainer.wake.set,
+            drains_changed=self.drainer.wake.set, drain_nodes=swarm_nodes,
             rollouts=self.store, rollout_wake=self.rollouts.wake.set,
             version_registry=s.images.version_policy == "registry"))
         if s.http.http_port:

@@ -6,9 +6,11 @@ A *draining* drain takes games, ``max_parallel`` in flight at a time:
 
 * a stop (a host drain; a node drain with node-local state and ``local_state: stop``; past the
   deadline with ``on_deadline: stop``) is a ``stop`` job through admission, source ``admin``: a
-  planned disruption, so it waits for the engine's turn boundary (RTMANAGER_DISRUPTION_WAIT);
-  past the drain's deadline the job is ``force``: no wait. The game's image, pause and schedule are
-  recorded first, for undrain;
+  planned disruption, so it waits for the engine's turn boundary, until the drain's deadline (the
+  generation's own, when later than RTMANAGER_DISRUPTION_WAIT); past the deadline the job is
+  ``force``: no wait. The job carries the drain (``Job.drain``): it is tagged with the drain's id,
+  and the game's row (its image, pause and schedule, for undrain) is written in the job's own
+  transaction only when the record is as the plan saw it and the stop changes it;
 * a move (Swarm) clears the game's pin and revises its spec in one transaction (``take_move``): the
   reconciler replaces the unit -- a planned disruption too -- by one that avoids the drained node,
   and records the node Swarm placed it on.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from controller.admission import Admission
@@ -36,9 +38,9 @@ from controller.metrics import Metrics
 from controller.triggers import wait_any
 from desired import drains
 from desired.clock import Clock
-from desired.drains import Drain, DrainAction, DrainGame, DrainStatus, GameState, Restore
+from desired.drains import Drain, DrainAction, DrainGame, DrainStatus, DrainStep, GameState, Restore, StepKind
 from desired.errors import Conflict, StoreUnavailable, TemporaryError
-from desired.jobs import Job
+from desired.jobs import DecisionAction, Job
 from desired.leader import Fenced
 from desired.model import DesiredStatus, JobKind, OpSource, RuntimeRecord, StopReason
 from desired.ports import DrainStore
@@ -51,8 +53,10 @@ TICK_RETRY_MAX = 30.0
 
 class Drainer:
     def __init__(self, *, store: DrainStore, admission: Admission, metrics: Metrics, clock: Clock,
-                 wake: Callable[[str], None], interval: float = TICK) -> None:
+                 wake: Callable[[str], None], interval: float = TICK,
+                 nodes: Callable[[], Awaitable[Mapping[str, str]]] | None = None) -> None:
         self.store = store
+        self.nodes = nodes  # Swarm: the nodes (id -> hostname); a drain of another node fails
         self.admission = admission
         self.wake_game = wake  # the reconciler's work queue
         self.metrics = metrics
@@ -114,6 +118,15 @@ class Drainer:
     async def drain(self, drain: Drain) -> tuple[int, int]:
         """One step of a draining drain; returns how many games wait to be taken and how many are in flight."""
         records, games = await self.store.drain_scope(drain)
+        if drain.node is not None and self.nodes is not None and not games:
+            # A drain written straight to the database (the CLI) is checked here, before it takes anything:
+            # a node the Swarm does not know (a typo, a hostname) fails visibly instead of "drained".
+            known = await self.nodes()
+            if drain.node not in known:
+                why = drains.unknown_node(drain.node, known)
+                if await self.store.fail_drain(drain.id, why):
+                    log.error("drain %d failed: %s", drain.id, why, extra={"drain_id": drain.id})
+                return 0, 0
         step = drains.plan(drain, records, games, self.clock.now())
         if step.finish:
             await self.store.finish_games(drain.id, [(g.game_id, *_outcome(g, records.get(g.game_id)))
@@ -121,14 +134,15 @@ class Drainer:
             for g in step.finish:
                 log.info("drain %d: %s of %s done", drain.id, g.action.value, g.game_id,
                          extra={"game_id": g.game_id, "drain_id": drain.id})
+        forcing = {g.game_id for g in step.force}
         for g in step.resubmit:
-            await self._stop(drain, records[g.game_id], g.forced)
+            if g.game_id not in forcing:
+                await self._stop(drain, records[g.game_id], StepKind.AGAIN, g.forced)
         for g in step.force:
             log.warning("drain %d: deadline passed; %s of %s goes ahead without waiting for a turn boundary",
                         drain.id, g.action.value, g.game_id, extra={"game_id": g.game_id, "drain_id": drain.id})
             if g.action is DrainAction.STOP:
-                await self.store.take_stop(drain, records[g.game_id], True)
-                await self._stop(drain, records[g.game_id], True)
+                await self._stop(drain, records[g.game_id], StepKind.AGAIN, True)
             else:
                 await self.store.force_move(drain, g)
                 self.wake_game(g.game_id)
@@ -137,8 +151,8 @@ class Drainer:
                      " (deadline passed: at once)" if t.forced else " at a turn boundary",
                      extra={"game_id": t.record.game_id, "drain_id": drain.id})
             if t.action is DrainAction.STOP:
-                await self.store.take_stop(drain, t.record, t.forced)
-                await self._stop(drain, t.record, t.forced)
+                if not await self._stop(drain, t.record, StepKind.TAKE, t.forced):
+                    continue  # the record changed since it was read: the next tick looks again
             else:
                 moved = await self.store.take_move(drain, t.record, t.forced)
                 if moved is None:
@@ -150,14 +164,20 @@ class Drainer:
         in_flight = sum(g.state is GameState.IN_PROGRESS for g in games.values()) - len(step.finish) + len(step.take)
         return step.waiting, in_flight
 
-    async def _stop(self, drain: Drain, record: RuntimeRecord, forced: bool) -> None:
+    async def _stop(self, drain: Drain, record: RuntimeRecord, kind: StepKind, forced: bool) -> bool:
+        """The drain's stop, tagged with the drain; a take writes the game's row in the stop's own
+        transaction, under the game's lock, only if the record is still what the plan saw and the stop
+        changes it (desired/db/drains.py ``record_drain_step``). Before the deadline the stop waits for a
+        turn boundary until the drain's deadline. False when the store refused the step (Conflict)."""
         job = Job(kind=JobKind.STOP, game_id=record.game_id, source=OpSource.ADMIN, reason=StopReason.ADMIN_REQUEST,
-                  force=forced)
-        outcome = await self.admission.submit(job)
-        d = outcome.decision
-        generation = d.record.generation if d is not None and d.record is not None else record.generation
-        if outcome.operation_id:
-            await self.store.note_stop(drain.id, record.game_id, outcome.operation_id, generation)
+                  force=forced, drain=DrainStep(drain_id=drain.id, kind=kind, generation=record.generation,
+                                                wait_until=drain.deadline_at, forced=forced))
+        try:
+            await self.admission.submit(job)
+        except Conflict as exc:
+            log.info("drain %d: %s", drain.id, exc, extra={"game_id": record.game_id, "drain_id": drain.id})
+            return False
+        return True
 
     # ------------------------------------------------------------------ undraining
     async def undrain(self, drain: Drain) -> None:
@@ -167,31 +187,48 @@ class Drainer:
         await self.store.finish_games(drain.id, [
             (g.game_id, None, "undrained while moving: the move goes on") for g in games.values()
             if g.action is DrainAction.MOVE and g.state is GameState.IN_PROGRESS])
+        settled = True
         for step in drains.restore_plan(games, records, stopped):
             g = step.game
             if step.verdict is Restore.START:
-                await self._restore(g, records[g.game_id])
-                await self.store.game_restored(drain.id, g.game_id, GameState.RESTORED, "started again")
-                log.info("undrain %d: %s started again", drain.id, g.game_id,
-                         extra={"game_id": g.game_id, "drain_id": drain.id})
+                settled = await self._restore(drain, g, records[g.game_id]) and settled
             else:
                 state = GameState.RESTORED if step.verdict is Restore.RESTORED else GameState.SKIPPED
                 await self.store.game_restored(drain.id, g.game_id, state, step.note)
                 log.info("undrain %d: %s: %s", drain.id, g.game_id, step.note,
                          extra={"game_id": g.game_id, "drain_id": drain.id})
+        if not settled:
+            return  # a restore the store refused (somebody else's stop meanwhile): the next tick looks again
         if await self.store.set_drain_status(drain.id, DrainStatus.UNDRAINING, DrainStatus.UNDRAINED):
             log.info("drain %d: %s is in use again", drain.id, drain.target, extra={"drain_id": drain.id})
 
-    async def _restore(self, game: DrainGame, record: RuntimeRecord) -> None:
-        """Start it again as it was: its image and schedule, and its pause (which a stop keeps)."""
+    async def _restore(self, drain: Drain, game: DrainGame, record: RuntimeRecord) -> bool:
+        """Start it again as it was: its image and schedule, and its pause (which a stop keeps); a game a
+        failed move stopped, pinned back to its node. Judged as a rollout's patch back is (the image the
+        game ran: only a disabled version refuses it); the row settles in the start's own transaction:
+        restored, or skipped with the refusal. False when the store refused the step (Conflict)."""
         image = drains.restore_image(game, record)
-        outcome = await self.admission.submit(Job(kind=JobKind.START, game_id=game.game_id, source=OpSource.ADMIN,
-                                                  image_ref=image, turn_interval=game.turn_interval))
+        pin = game.from_node if game.action is DrainAction.MOVE else None
+        try:
+            outcome = await self.admission.submit(Job(
+                kind=JobKind.START, game_id=game.game_id, source=OpSource.ADMIN, image_ref=image,
+                turn_interval=game.turn_interval,
+                drain=DrainStep(drain_id=drain.id, kind=StepKind.RESTORE, pin=pin)))
+        except Conflict as exc:
+            log.info("undrain %d: %s", drain.id, exc, extra={"game_id": game.game_id, "drain_id": drain.id})
+            return False
         d = outcome.decision
+        if d is not None and d.action is DecisionAction.REJECT:
+            log.warning("undrain %d: %s is not started again: %s", drain.id, game.game_id, d.message,
+                        extra={"game_id": game.game_id, "drain_id": drain.id})
+            return True
+        log.info("undrain %d: %s started again%s", drain.id, game.game_id, f" on node {pin}" if pin else "",
+                 extra={"game_id": game.game_id, "drain_id": drain.id})
         after = d.record if d is not None and d.record is not None else record
         if after.desired_status is DesiredStatus.RUNNING and after.paused != game.paused:
             kind = JobKind.PAUSE if game.paused else JobKind.RESUME
             await self.admission.submit(Job(kind=kind, game_id=game.game_id, source=OpSource.ADMIN))
+        return True
 
 
 def _outcome(game: DrainGame, record: RuntimeRecord | None) -> tuple[str | None, str | None]:
@@ -203,6 +240,8 @@ def _outcome(game: DrainGame, record: RuntimeRecord | None) -> tuple[str | None,
             return record.node_id, f"moved to node {record.node_id}"
         why = f" ({record.last_error_code.value}: {record.last_error_message})" if record.last_error_code else ""
         return record.node_id, "stopped instead of moved" + why
+    if record.desired_status is DesiredStatus.RUNNING:
+        return record.node_id, "moved off the node by another job (a start or restart)"
     return record.node_id, "stopped"
 
 

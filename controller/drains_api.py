@@ -14,7 +14,8 @@ The leader's drain loop (controller/drains.py) carries a drain out; these only w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from controller.drains import drain_json
@@ -39,8 +40,10 @@ def parse_id(raw: str) -> int | None:
 
 class DrainApi:
     def __init__(self, store: DrainStore, *, backend: str, state_shared: bool,
-                 wake: Callable[[], None] = lambda: None) -> None:
+                 wake: Callable[[], None] = lambda: None,
+                 nodes: Callable[[], Awaitable[Mapping[str, str]]] | None = None) -> None:
         self.store = store
+        self.nodes = nodes  # Swarm: the nodes (id -> hostname), read on the leader
         self.backend = backend
         self.state_shared = state_shared
         self.wake = wake  # the leader's drain loop looks at once
@@ -67,6 +70,16 @@ class DrainApi:
             return _error(400, exc.message)
 
     async def create(self, req: drains.DrainRequest) -> Answer:
+        if req.node is not None and self.nodes is not None:
+            # The node's id or its hostname (as docker node update takes either); the id is stored.
+            try:
+                known = await self.nodes()
+            except Exception as exc:  # noqa: BLE001 - the Swarm API away: try again later, never a 5xx body of ours
+                return _error(503, f"could not read the Swarm's nodes ({exc.__class__.__name__}); try again")
+            node = drains.resolve_node(req.node, known)
+            if node is None:
+                return _error(400, drains.unknown_node(req.node, known))
+            req = dataclasses.replace(req, node=node)
         try:
             drain = await self.store.create_drain(req, OpSource.ADMIN)
         except drains.DrainExists:
@@ -99,7 +112,8 @@ def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
     request = {"type": "object", "additionalProperties": False, "properties": {
         "host": {"type": "boolean", "description": "true: drain the Docker host (Docker backend)"},
         "node": {"type": "string", "pattern": drains.NODE_PATTERN.pattern,
-                 "description": "the Swarm node id to drain (Swarm backend)"},
+                 "description": "the Swarm node id to drain, or its hostname (Swarm backend); a node the "
+                                "Swarm does not know is 400"},
         "max_parallel": {"type": "integer", "minimum": 1, "maximum": drains.MAX_PARALLEL,
                          "description": f"games stopped or moved at a time (default {drains.DEFAULT_PARALLEL})"},
         "deadline": {"type": "integer", "minimum": 0, "maximum": drains.MAX_DEADLINE,
@@ -130,6 +144,7 @@ def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
         "status": {"type": "string", "enum": [s.value for s in drains.DrainStatus]},
         "source": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
         "drained_at": nullable_time, "undrain_at": nullable_time, "undrained_at": nullable_time,
+        "note": {"type": "string", "nullable": True, "description": "why a failed drain failed"},
         "games": {"type": "array", "items": game, "description": "GET /api/v1/drains/{drain_id} only"},
         "counts": {"type": "object", "additionalProperties": {"type": "integer"},
                    "description": "games per state, and waiting: games in scope not taken yet"}}}

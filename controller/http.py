@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -120,6 +120,7 @@ class HttpDeps:
     backend: str = "docker"           # RTMANAGER_BACKEND: a host drain or node drains
     state_shared: bool = False        # RTMANAGER_STATE_SHARED
     drains_changed: Callable[[], None] = lambda: None  # wakes the leader's drain loop
+    drain_nodes: Callable[[], Awaitable[Mapping[str, str]]] | None = None  # Swarm: its nodes, id -> hostname
     rollouts: RolloutAdminStore | None = None  # /api/v1/rollouts (controller/rollouts_http.py)
     rollout_wake: Callable[[], None] = lambda: None  # the leader's rollout loop looks at once
     version_registry: bool = False  # RTMANAGER_VERSION_POLICY=registry
@@ -152,7 +153,7 @@ class HttpServer:
         app.router.add_get("/api/v1/drains/{drain_id}", self.get_drain)
         app.router.add_post("/api/v1/drains/{drain_id}/undrain", self.undrain)
         self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
-                               wake=deps.drains_changed) if deps.drains is not None else None
+                               wake=deps.drains_changed, nodes=deps.drain_nodes) if deps.drains is not None else None
         RolloutRoutes(deps).add(app.router)
         self.app = app
 

@@ -272,6 +272,8 @@ def openapi_document() -> dict[str, Any]:
                                 "clock_from": _NULLABLE_TIME, "engine_version": {"type": "string"},
                                 "node_id": _NULLABLE_STR, "disruption_wait_since": _NULLABLE_TIME,
                                 "force_generation": {"type": "integer", "nullable": True},
+                                "disruption_until": _NULLABLE_TIME,
+                                "disruption_generation": {"type": "integer", "nullable": True},
                                 "node_lost_since": _NULLABLE_TIME,
                                 "avoid_nodes": {"type": "array", "items": {"type": "string"}}}},
                 "EngineVersion": {"type": "object",

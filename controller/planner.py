@@ -84,6 +84,13 @@ DISRUPTION_POLL = 1.0  # seconds between looks at an engine a disruption waits f
 _DISRUPTIONS = (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP, ActionKind.RECREATE)
 
 
+def disruption_deadline(record: RuntimeRecord) -> datetime | None:
+    """The turn-boundary deadline of the record's generation's own (a drain's: its deadline), or None."""
+    if record.disruption_until is not None and record.disruption_generation == record.generation:
+        return record.disruption_until
+    return None
+
+
 def planned_disruption(action: Action, record: RuntimeRecord, container: ObservedContainer | None, *,
                        now: datetime, disruption_wait: float) -> Action:
     """``action`` as it may be carried out now, or a WAIT while the engine generates a turn."""
@@ -98,11 +105,14 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
         since = record.disruption_wait_since or now
         waited = max(0.0, (now - since).total_seconds())
         left = disruption_wait - waited
-        if left > 0:
+        until = disruption_deadline(record)
+        own = (until - now).total_seconds() if until is not None else 0.0
+        if left > 0 or own > 0:
             nxt = f"turn {record.turn + 1}" if record.turn is not None else "a turn"
-            return Action(ActionKind.WAIT, f"{action.kind.value} waits: the engine is generating {nxt} "
-                                           f"({left:.0f}s of RTMANAGER_DISRUPTION_WAIT left)",
-                          delay=min(DISRUPTION_POLL, left), check_engine=True, then=action.kind)
+            why = (f"{own:.0f}s left until this generation's own deadline" if own > left
+                   else f"{left:.0f}s of RTMANAGER_DISRUPTION_WAIT left")
+            return Action(ActionKind.WAIT, f"{action.kind.value} waits: the engine is generating {nxt} ({why})",
+                          delay=min(DISRUPTION_POLL, max(left, own)), check_engine=True, then=action.kind)
         return Action(action.kind, f"{action.reason}; the engine still generates a turn after {waited:.0f}s "
                                    f"(RTMANAGER_DISRUPTION_WAIT {disruption_wait:g}s): going ahead anyway",
                       overdue=waited)

@@ -35,7 +35,7 @@ from controller.config import Settings
 from controller.crashes import Crashes
 from controller.health import Health
 from controller.metrics import Metrics
-from controller.planner import DISRUPTION_POLL, Action, ActionKind, plan
+from controller.planner import DISRUPTION_POLL, Action, ActionKind, disruption_deadline, plan
 from controller.spec import Specs
 from controller.start import Starts
 from controller.step import AGAIN, DONE, Step, merge, requeue
@@ -238,8 +238,10 @@ class Reconciler:
             assert container is not None
             self.note_unowned(container, action.reason)
             return DONE
+        # Whatever the convergence: an engine that crashes mid-turn (a turn's generation is not converged)
+        # on a drained target must not be restarted there either.
         if (self.hold is not None and action.kind in (ActionKind.CREATE, ActionKind.START) and record is not None
-                and record.converged and record.desired_status is DesiredStatus.RUNNING):
+                and record.desired_status is DesiredStatus.RUNNING):
             held = await self.hold(record)
             if held is not None:
                 log.info("not restarting: %s", held, extra={"game_id": game_id})
@@ -449,7 +451,9 @@ class Reconciler:
             record = await self.store.find(game_id)
             if record is None or record.converged:
                 return
-            if (age < timeout + self.settings.runtime.disruption_wait and record.status.is_up
+            until = disruption_deadline(record)  # a drain's stop or move waits until the drain's deadline
+            if ((age < timeout + self.settings.runtime.disruption_wait
+                 or (until is not None and self.clock.now() < until)) and record.status.is_up
                     and record.admin_api is not False
                     and any(op.op in _DISRUPTING_OPS for op in await self.store.pending_operations(game_id))):
                 # A stop or replacement of a running engine may have waited for a turn first: that

@@ -39,6 +39,7 @@ class DrainStatus(enum.StrEnum):
     DRAINED = "drained"        # every game it had to take is stopped or moved; new starts still refused
     UNDRAINING = "undraining"  # undrain asked: the games it stopped are being started again
     UNDRAINED = "undrained"    # over
+    FAILED = "failed"          # could not be carried out (its node is not a node of the Swarm): see its note
 
     @property
     def refusing(self) -> bool:
@@ -111,6 +112,7 @@ class Drain:
     drained_at: datetime | None = None
     undrain_at: datetime | None = None
     undrained_at: datetime | None = None
+    note: str | None = None  # why it failed
 
     @property
     def target(self) -> str:
@@ -131,17 +133,52 @@ class DrainGame:
     turn_interval: int = 0
     from_node: str | None = None
     to_node: str | None = None
-    op_id: int | None = None      # the drain's latest stop operation of the game
+    # The operation that took the game (the drain's stop that changed desired state, or the move's record
+    # change); never raised. Any stop or cleanup of the game after it that is not the drain's own
+    # (tagged with its id) is somebody else's.
+    op_id: int | None = None
     note: str | None = None
     done_at: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class Targets:
-    """What the refusing drains (draining or drained) keep out of use."""
+    """What the refusing drains (draining or drained) keep out of use. ``shared``: the drained nodes
+    whose drain has a shared state root (a game pinned there can run elsewhere)."""
 
     host: bool = False
     nodes: frozenset[str] = field(default_factory=frozenset)
+    shared: frozenset[str] = field(default_factory=frozenset)
+
+
+class StepKind(enum.StrEnum):
+    TAKE = "take"        # the drain takes a game with this stop (its row is written in the job's transaction)
+    AGAIN = "again"      # the drain asks its stop again (forced at the deadline, or wanted running again)
+    RESTORE = "restore"  # undrain starts the game again (its row settles in the job's transaction)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrainStep:
+    """What a drain's own job carries: its drain (the operation is tagged with it, so that the drain's
+    stops are told from anybody else's), and what the job's transaction checks and records on the
+    game's row (desired/db/drains.py ``record_drain_step``)."""
+
+    drain_id: int
+    kind: StepKind
+    generation: int | None = None      # take: the record's generation the plan saw (a compare-and-swap)
+    wait_until: datetime | None = None  # the disruption waits for a turn boundary until then (the deadline)
+    pin: str | None = None             # restore of a failed move: back on its original node
+    forced: bool = False
+
+
+def with_step(record: RuntimeRecord, step: DrainStep) -> RuntimeRecord:
+    """A drain's job's desired record (a changed one): its own turn-boundary deadline; a restore of a
+    failed move pinned back to its node (a new spec revision, so its unit is made there again)."""
+    if step.wait_until is not None and not step.forced:
+        record = record.replace(disruption_until=step.wait_until, disruption_generation=record.generation)
+    if step.pin is not None and record.node_id != step.pin:
+        record = record.replace(node_id=step.pin, spec_revision=record.spec_revision + 1)
+    return record
 
 
 # ------------------------------------------------------------------------------ requests
@@ -230,7 +267,9 @@ def finished(drain: Drain, game: DrainGame, record: RuntimeRecord | None) -> boo
     if record.desired_status is DesiredStatus.STOPPED:
         return record.converged  # stopped by the drain, by Lobby, or a failed move gave up
     if game.action is DrainAction.STOP:
-        return False  # still wanted running: the drain's stop is to come (again)
+        # Still wanted running: the drain's stop is to come (again) -- unless it is off the drained node
+        # now (a start or restart admitted as a move with shared state): not the drain's any more.
+        return drain.node is not None and not in_scope(drain, record)
     return (record.converged and record.status.is_up and record.node_id is not None
             and record.node_id != drain.node)
 
@@ -281,7 +320,9 @@ def plan(drain: Drain, records: Mapping[str, RuntimeRecord], games: Mapping[str,
         slots = max(0, drain.max_parallel - len(in_flight))
         # A move changes desired state like a restart: a game with a job in flight waits for it (until
         # the deadline), so that the job is not answered superseded by a drain.
-        eligible = [r for r in candidates if action is DrainAction.STOP or r.converged]
+        # An engine that is not up (crashed mid-turn: its restart is held on the drained node) has no turn
+        # to cut and its job cannot converge there: it is moved at once.
+        eligible = [r for r in candidates if action is DrainAction.STOP or r.converged or not r.status.is_up]
         take = [Take(record=r, action=action, forced=False) for r in eligible[:slots]]
     waiting = len(candidates) - len(take)
     return DrainPlan(finish=finish, take=take, resubmit=resubmit, force=force, waiting=waiting,
@@ -307,9 +348,18 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
     ``stopped_since``: games with a stop or cleanup after the drain's own (Lobby's, an operator's)."""
     steps = []
     for g in sorted(games.values(), key=lambda g: g.game_id):
-        if g.action is not DrainAction.STOP or g.state not in (GameState.IN_PROGRESS, GameState.DONE):
+        if g.state not in (GameState.IN_PROGRESS, GameState.DONE):
             continue
         rec = records.get(g.game_id)
+        if g.action is DrainAction.MOVE:
+            # A move that failed stopped the game (no other node could run it, say): undrain brings it
+            # back on its node, unless somebody else stopped or removed it since. A move under way, or one
+            # that succeeded, is not the drain's to undo.
+            if (g.state is not GameState.DONE or rec is None or rec.desired_status is not DesiredStatus.STOPPED
+                    or g.game_id in stopped_since or not (g.image_ref or rec.desired_image_ref)):
+                continue
+            steps.append(RestoreStep(game=g, verdict=Restore.START, note="its move failed: back on its node"))
+            continue
         if rec is None or rec.desired_status is DesiredStatus.REMOVED or rec.status is Status.REMOVED:
             steps.append(RestoreStep(game=g, verdict=Restore.SKIP, note="removed meanwhile: not brought back"))
         elif g.game_id in stopped_since:
@@ -332,15 +382,42 @@ def restore_image(game: DrainGame, record: RuntimeRecord) -> str:
 
 def refusal(record: RuntimeRecord | None, kind: JobKind, targets: Targets) -> str | None:
     """Why a start (or restart) that would change desired state is refused under a drain, or None: any on a
-    drained host; on Swarm, one of a game pinned to a drained node (its state is there)."""
+    drained host; on Swarm, one of a game pinned to a drained node whose state is node-local (its state
+    is there). With a shared state root such a game is admitted as a move instead (``unpinned``)."""
     if kind not in (JobKind.START, JobKind.RESTART):
         return None
     if targets.host:
         return "the host is drained (rtmanager undrain to use it again); no game starts on it"
-    if record is not None and record.node_id is not None and record.node_id in targets.nodes:
+    if (record is not None and record.node_id is not None and record.node_id in targets.nodes
+            and record.node_id not in targets.shared):
         return (f"the game's node {record.node_id} is drained and its state is there "
                 "(rtmanager undrain to use the node again)")
     return None
+
+
+def unpinned(current: RuntimeRecord | None, new: RuntimeRecord, kind: JobKind, targets: Targets) -> RuntimeRecord:
+    """A start, restart or patch admitted for a game pinned to a drained node with a shared state root: a
+    move, as the drain's own (its pin cleared, a new spec revision), so that its unit is made elsewhere
+    instead of on the drained node."""
+    if (kind in (JobKind.START, JobKind.RESTART, JobKind.PATCH) and new.node_id is not None
+            and new.node_id in targets.shared and new.desired_status is DesiredStatus.RUNNING):
+        return new.replace(node_id=None, spec_revision=max(new.spec_revision,
+                                                           (current.spec_revision if current else 0) + 1))
+    return new
+
+
+def resolve_node(node: str, known: Mapping[str, str]) -> str | None:
+    """The id of the Swarm node an operator named by its id or its hostname (``known``: id -> hostname),
+    or None when the Swarm has no such node (or two of that hostname)."""
+    if node in known:
+        return node
+    ids = [i for i, host in known.items() if host == node]
+    return ids[0] if len(ids) == 1 else None
+
+
+def unknown_node(node: str, known: Mapping[str, str]) -> str:
+    named = sorted(f"{i} ({h})" if h else i for i, h in known.items())[:10]
+    return f"no Swarm node {node}; the nodes are: " + (", ".join(named) or "none")
 
 
 def deadline_of(request: DrainRequest, now: datetime) -> datetime:

@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from desired import transitions
+from desired.drains import DrainStep, with_step
 from desired.model import (
     CONTROL_OPS,
     GAME_ID_PATTERN,
@@ -80,6 +81,7 @@ class Job:
     stream: str = ""
     entry_id: str = ""
     rollout: RolloutStep | None = None  # a rollout's job: its game's row changes in the job's transaction
+    drain: DrainStep | None = None  # a drain's job: tagged with it; its game's row changes in the job's transaction
 
 
 def image_repository(image_ref: str) -> str:
@@ -299,6 +301,8 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
         # must stop asking for it too, or the turn is generated later for nobody (after a stop
         # and a start, say), and a later force_next_turn would join a turn nobody asks for.
         d = Decision(action=DecisionAction.CHANGE, record=transitions.turn_unasked(d.record))
+    if d.action is DecisionAction.CHANGE and d.record is not None and job.drain is not None:
+        d = Decision(action=DecisionAction.CHANGE, record=with_step(d.record, job.drain))
     return d
 
 

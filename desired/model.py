@@ -247,6 +247,10 @@ class RuntimeRecord:
     # whose disruption does not wait (desired).
     disruption_wait_since: datetime | None = None
     force_generation: int | None = None
+    # A turn-boundary deadline of generation ``disruption_generation``'s own (a drain's stop or move
+    # waits until the drain's deadline, not only RTMANAGER_DISRUPTION_WAIT) (desired).
+    disruption_until: datetime | None = None
+    disruption_generation: int | None = None
     # The secret of the unit (ENGINE_ADMIN_TOKEN), sent with every admin call; recorded before the unit
     # is created. Never shown: not in repr, REST answers (SECRET_FIELDS), snapshots or logs.
     admin_token: str = field(default="", repr=False)

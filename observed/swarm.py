@@ -279,6 +279,11 @@ class SwarmBackend(DaemonClient):
         await self.lost_nodes()
         return any(node_usable(info) and n not in avoid_nodes for n, info in self._nodes.items())
 
+    async def node_names(self) -> dict[str, str]:
+        """The nodes of the Swarm, id -> hostname, read now (a drain names one)."""
+        await self._know_nodes((), force=True)
+        return {n: info.get("hostname", "") for n, info in self._nodes.items()}
+
     def _published(self, task: Mapping[str, Any]) -> str | None:
         node = self._nodes.get(task.get("NodeID") or "")
         if node is None or not node.get("addr"):
@@ -719,7 +724,8 @@ def _node_info(node: Mapping[str, Any]) -> dict[str, str]:
     if addr in ("", "0.0.0.0"):  # a manager may report 0.0.0.0 here; its manager address is right
         addr = str((node.get("ManagerStatus") or {}).get("Addr") or "").rsplit(":", 1)[0]
     return {"addr": addr, "state": str(status.get("State") or ""),
-            "availability": str((node.get("Spec") or {}).get("Availability") or "")}
+            "availability": str((node.get("Spec") or {}).get("Availability") or ""),
+            "hostname": str((node.get("Description") or {}).get("Hostname") or "")}
 
 
 def _when(value: Any) -> datetime | None:

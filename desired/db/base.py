@@ -126,9 +126,10 @@ class StoreBase:
             " VALUES ($1, NULL, $2, $3::jsonb, 'snapshot')", uuid.UUID(snapshot_id), record.game_id, json.dumps(body))
 
     async def _write_desired(self, conn: asyncpg.Connection, current: RuntimeRecord | None,
-                             new: RuntimeRecord, now: datetime) -> RuntimeRecord:
+                             new: RuntimeRecord, now: datetime, *, moves: bool = False) -> RuntimeRecord:
+        """``moves``: the change moves the game (a drain's: its pin cleared, or set back to its node)."""
         if current is not None:
-            bad = set(changed(current, new)) - DESIRED_COLUMNS
+            bad = set(changed(current, new)) - DESIRED_COLUMNS - ({"node_id"} if moves else set())
             if bad:
                 raise AssertionError(f"admission may not write observed columns {sorted(bad)}")
         return await self._write(conn, current, new, now)

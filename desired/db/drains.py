@@ -23,10 +23,12 @@ from desired.drains import (
     DrainRequest,
     DrainStatus,
     GameState,
+    StepKind,
     Targets,
 )
-from desired.errors import NotFound
-from desired.model import JobKind, OpSource, OpStatus, RuntimeRecord
+from desired.errors import Conflict, NotFound
+from desired.jobs import Decision, DecisionAction, Job
+from desired.model import DesiredStatus, JobKind, OpSource, OpStatus, RuntimeRecord, Status
 
 
 def drain_from_row(row: asyncpg.Record) -> Drain:
@@ -35,7 +37,7 @@ def drain_from_row(row: asyncpg.Record) -> Drain:
                  local_state=drains.LocalState(row["local_state"]) if row["local_state"] else None,
                  state_shared=row["state_shared"], status=DrainStatus(row["status"]), source=row["source"],
                  created_at=row["created_at"], drained_at=row["drained_at"], undrain_at=row["undrain_at"],
-                 undrained_at=row["undrained_at"])
+                 undrained_at=row["undrained_at"], note=row["note"])
 
 
 def game_from_row(row: asyncpg.Record) -> DrainGame:
@@ -48,9 +50,79 @@ def game_from_row(row: asyncpg.Record) -> DrainGame:
 
 async def refusing_targets(conn: asyncpg.Connection) -> Targets:
     """What the refusing drains keep out of use, read in the caller's transaction (admission)."""
-    rows = await conn.fetch("SELECT node FROM drains WHERE status IN ('draining', 'drained')")
+    rows = await conn.fetch("SELECT node, state_shared FROM drains WHERE status IN ('draining', 'drained')")
     return Targets(host=any(r["node"] is None for r in rows),
-                   nodes=frozenset(r["node"] for r in rows if r["node"] is not None))
+                   nodes=frozenset(r["node"] for r in rows if r["node"] is not None),
+                   shared=frozenset(r["node"] for r in rows if r["node"] is not None and r["state_shared"]))
+
+
+# Somebody else's stop: a stop or cleanup of the game after the operation that took it, not tagged with
+# this drain's id (a row without op_id, written before it was recorded so, counts from when it was taken).
+_SOMEBODY_ELSES = (
+    " o.game_id = g.game_id AND o.op IN ('stop', 'cleanup')"
+    " AND (o.id > g.op_id OR (g.op_id IS NULL AND o.created_at >= g.taken_at))"
+    " AND (o.params ->> 'drain_id') IS DISTINCT FROM g.drain_id::text")
+
+
+async def record_drain_step(conn: asyncpg.Connection, job: Job, current: RuntimeRecord | None, decision: Decision,
+                            op_id: int, now: Any) -> None:
+    """The row of ``job.drain``'s game takes the job's step, in the job's transaction (which holds the
+    game's lock). Conflict (the whole transaction is rolled back: no job, no row change) when:
+
+    * a take finds the drain no longer draining, the game's row already there, or the record no longer
+      what the plan saw (another generation, no longer wanted running, or off the drained target) -- or
+      its stop would change nothing (another stop came first): the next tick looks again;
+    * a stop asked again finds no row in progress;
+    * a restore finds the row settled, or somebody else's stop since the take (the next tick skips it).
+
+    Only the take records the operation (``op_id``); a stop asked again never moves it."""
+    step = job.drain
+    assert step is not None
+    drain = await conn.fetchrow("SELECT node, status FROM drains WHERE id = $1 FOR SHARE", step.drain_id)
+    row = await conn.fetchrow("SELECT * FROM drain_games WHERE drain_id = $1 AND game_id = $2 FOR UPDATE",
+                              step.drain_id, job.game_id)
+    if drain is None:
+        raise Conflict(f"no drain {step.drain_id}")
+    if step.kind is StepKind.TAKE:
+        if drain["status"] != DrainStatus.DRAINING.value or row is not None:
+            raise Conflict(f"drain {step.drain_id}: {job.game_id} is taken already, or the drain no longer drains")
+        if (current is None or current.generation != step.generation
+                or current.desired_status is not DesiredStatus.RUNNING or current.status is Status.REMOVED
+                or (drain["node"] is not None and current.node_id != drain["node"])):
+            raise Conflict(f"drain {step.drain_id}: {job.game_id} changed since the drain looked")
+        if decision.action is not DecisionAction.CHANGE or decision.record is None:
+            raise Conflict(f"drain {step.drain_id}: the stop of {job.game_id} would change nothing")
+        await conn.execute(_INSERT_GAME, step.drain_id, job.game_id, DrainAction.STOP.value,
+                           step.forced, current.desired_image_ref or current.current_image_ref, current.paused,
+                           current.turn_interval, current.node_id, decision.record.generation, now)
+        await conn.execute("UPDATE drain_games SET op_id = $3 WHERE drain_id = $1 AND game_id = $2",
+                           step.drain_id, job.game_id, op_id)
+        return
+    if row is None:
+        raise Conflict(f"drain {step.drain_id}: {job.game_id} was never taken")
+    if step.kind is StepKind.AGAIN:
+        if row["state"] != GameState.IN_PROGRESS.value:
+            raise Conflict(f"drain {step.drain_id}: {job.game_id} is {row['state']}")
+        changed = decision.action is DecisionAction.CHANGE and decision.record is not None
+        await conn.execute(
+            "UPDATE drain_games SET forced = forced OR $3, generation = CASE WHEN $4 THEN $5 ELSE generation END"
+            " WHERE drain_id = $1 AND game_id = $2", step.drain_id, job.game_id, step.forced, changed,
+            decision.record.generation if changed and decision.record else 0)
+        return
+    # a restore
+    if row["state"] not in (GameState.IN_PROGRESS.value, GameState.DONE.value):
+        raise Conflict(f"drain {step.drain_id}: {job.game_id} is {row['state']} already")
+    if await conn.fetchval("SELECT 1 FROM drain_games g JOIN runtime_operations o ON" + _SOMEBODY_ELSES
+                           + " WHERE g.drain_id = $1 AND g.game_id = $2 LIMIT 1", step.drain_id, job.game_id):
+        raise Conflict(f"drain {step.drain_id}: {job.game_id} was stopped by another job since")
+    if decision.action is DecisionAction.REJECT:
+        state, note = GameState.SKIPPED, f"not started again: {decision.message}"
+    elif decision.action is DecisionAction.CHANGE:
+        state, note = GameState.RESTORED, "started again" + (f" on node {step.pin}" if step.pin else "")
+    else:
+        state, note = GameState.RESTORED, "wanted running again"
+    await conn.execute("UPDATE drain_games SET state = $3, note = $4 WHERE drain_id = $1 AND game_id = $2",
+                       step.drain_id, job.game_id, state.value, note[:2000])
 
 
 _INSERT_GAME = (
@@ -92,7 +164,7 @@ class Drains(StoreBase):
 
     async def active_drain(self, node: str | None) -> Drain | None:
         row = await self.pool.fetchrow("SELECT * FROM drains WHERE coalesce(node, '') = coalesce($1, '')"
-                                       " AND status <> 'undrained'", node)
+                                       " AND status NOT IN ('undrained', 'failed')", node)
         return drain_from_row(row) if row else None
 
     async def request_undrain(self, drain_id: int) -> Drain:
@@ -109,7 +181,7 @@ class Drains(StoreBase):
 
     # ----------------------------------------------------------------- the loop
     async def active_drains(self) -> builtins.list[Drain]:
-        rows = await self.pool.fetch("SELECT * FROM drains WHERE status <> 'undrained' ORDER BY id")
+        rows = await self.pool.fetch("SELECT * FROM drains WHERE status NOT IN ('undrained', 'failed') ORDER BY id")
         return [drain_from_row(r) for r in rows]
 
     async def drained_targets(self) -> Targets:
@@ -125,19 +197,6 @@ class Drains(StoreBase):
             " AND ($1::text IS NULL OR node_id = $1)) OR game_id = ANY($2::text[])", drain.node, list(games))
         return {r["game_id"]: record_from_row(r) for r in rows}, games
 
-    async def take_stop(self, drain: Drain, record: RuntimeRecord, forced: bool) -> None:
-        """The drain takes a game to stop it: what it is (image, pause, schedule) for undrain. The stop
-        itself goes through admission next; a kill in between leaves a row whose stop is asked again."""
-        async with self._tx() as (conn, now):
-            await conn.execute(_INSERT_GAME, drain.id, record.game_id, DrainAction.STOP.value, forced,
-                               record.desired_image_ref or record.current_image_ref, record.paused,
-                               record.turn_interval, record.node_id, record.generation, now)
-
-    async def note_stop(self, drain_id: int, game_id: str, op_id: int, generation: int) -> None:
-        async with self._tx() as (conn, _):
-            await conn.execute("UPDATE drain_games SET op_id = greatest(coalesce(op_id, 0), $3), generation = $4"
-                               " WHERE drain_id = $1 AND game_id = $2", drain_id, game_id, op_id, generation)
-
     async def take_move(self, drain: Drain, record: RuntimeRecord, forced: bool) -> RuntimeRecord | None:
         """Move a game off the drained node, in one transaction: its row, and the record's pin cleared with
         a new spec revision (a new generation), so the reconciler replaces its unit (a planned disruption:
@@ -146,26 +205,32 @@ class Drains(StoreBase):
         async with self._tx() as (conn, now):
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, record.game_id)
             row = await conn.fetchrow(SELECT_FOR_UPDATE, record.game_id)
-            if row is None:
-                return None
+            status = await conn.fetchval("SELECT status FROM drains WHERE id = $1 FOR SHARE", drain.id)
+            if row is None or status != DrainStatus.DRAINING.value:
+                return None  # (an undrain asked meanwhile takes no more games)
             cur = record_from_row(row)
             if cur.generation != record.generation or cur.node_id != drain.node:
                 return None
             # Like a restart: older pending jobs are answered superseded, and a turn they asked for is no
             # longer asked (desired/jobs.py). Before its deadline a drain moves only converged games.
+            # Before its deadline the move waits for a turn boundary until the drain's deadline (its own).
             new = transitions.turn_unasked(cur.replace(
                 node_id=None, spec_revision=cur.spec_revision + 1, generation=cur.generation + 1,
                 last_op_at=max(now, cur.last_op_at),
-                force_generation=cur.generation + 1 if forced else cur.force_generation))
+                force_generation=cur.generation + 1 if forced else cur.force_generation,
+                disruption_until=None if forced else drain.deadline_at,
+                disruption_generation=None if forced else cur.generation + 1))
             new = await self._write(conn, cur, new, now)
             await self._supersede_older(conn, new, now)
             await conn.execute(_INSERT_GAME, drain.id, cur.game_id, DrainAction.MOVE.value, forced,
                                cur.desired_image_ref, cur.paused, cur.turn_interval, cur.node_id,
                                new.generation, now)
-            await self._insert_op(conn, cur.game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED,
-                                  new.generation, None, None,
-                                  {"event": "drain_move", "drain_id": drain.id, "from_node": drain.node,
-                                   "forced": forced}, now, None, None)
+            op_id = await self._insert_op(conn, cur.game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED,
+                                          new.generation, None, None,
+                                          {"event": "drain_move", "drain_id": drain.id, "from_node": drain.node,
+                                           "forced": forced}, now, None, None)
+            await conn.execute("UPDATE drain_games SET op_id = $3 WHERE drain_id = $1 AND game_id = $2",
+                               drain.id, cur.game_id, op_id)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, cur.game_id)
             return new
 
@@ -203,15 +268,19 @@ class Drains(StoreBase):
             return done is not None
 
     async def stopped_since(self, drain_id: int) -> set[str]:
-        """Games of the drain with a stop or cleanup after the drain's own last stop (somebody else's). A
-        row whose stop was not noted (a kill right after it) takes the first admin stop after it as the drain's."""
+        """Games of the drain with somebody else's stop or cleanup (Lobby's, an operator's) since the drain
+        took them: any after the operation that took it, not tagged with the drain's id."""
         rows = await self.pool.fetch(
-            "SELECT DISTINCT g.game_id FROM drain_games g JOIN runtime_operations o ON o.game_id = g.game_id"
-            " WHERE g.drain_id = $1 AND g.action = 'stop' AND o.op IN ('stop', 'cleanup')"
-            " AND o.created_at >= g.taken_at AND o.id > coalesce(g.op_id, (SELECT min(s.id) FROM runtime_operations s"
-            " WHERE s.game_id = g.game_id AND s.op = 'stop' AND s.source = 'admin' AND s.created_at >= g.taken_at))",
-            drain_id)
+            "SELECT DISTINCT g.game_id FROM drain_games g JOIN runtime_operations o ON" + _SOMEBODY_ELSES
+            + " WHERE g.drain_id = $1", drain_id)
         return {r["game_id"] for r in rows}
+
+    async def fail_drain(self, drain_id: int, note: str) -> bool:
+        """A draining drain that cannot be carried out (its node is unknown): failed, with why."""
+        async with self._tx() as (conn, _):
+            done = await conn.fetchval("UPDATE drains SET status = 'failed', note = $2 WHERE id = $1"
+                                       " AND status = 'draining' RETURNING id", drain_id, note[:2000])
+            return done is not None
 
     async def game_restored(self, drain_id: int, game_id: str, state: GameState, note: str) -> None:
         async with self._tx() as (conn, _):

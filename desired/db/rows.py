@@ -35,11 +35,12 @@ RECORD_COLUMNS = (
     "health_checked_at", "rollback_image_ref", "rolling_back", "turn", "phase", "admin_api", "probe_failures",
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
     "desired_turn", "clock_from", "engine_version", "node_id", "disruption_wait_since", "force_generation",
-    "admin_token", "node_lost_since", "avoid_nodes",
+    "admin_token", "node_lost_since", "avoid_nodes", "disruption_until", "disruption_generation",
 )
 DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",
-                              "clock_from", "force_generation"})
+                              "clock_from", "force_generation", "disruption_until",
+                              "disruption_generation"})
 _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": StopReason,
           "health": Health, "last_error_code": ErrorCode}
 

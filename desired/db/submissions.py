@@ -14,7 +14,7 @@ import asyncpg
 
 from desired import drains, versions
 from desired.db.base import StoreBase
-from desired.db.drains import refusing_targets
+from desired.db.drains import record_drain_step, refusing_targets
 from desired.db.notifications import NOTIFY_CHANNEL
 from desired.db.pool import translating
 from desired.db.rollouts import record_step
@@ -123,7 +123,8 @@ class Submissions(StoreBase):
                     continue
                 params = {k: v for k, v in (("image_ref", job.image_ref),
                                             ("reason", job.reason.value if job.reason else None),
-                                            ("force", job.force)) if v}
+                                            ("force", job.force),
+                                            ("drain_id", job.drain.drain_id if job.drain else None)) if v}
                 if job.force and decision.waits and decision.record is not None:
                     # An operator's force: this generation's disruption does not wait for a generation.
                     forced = decision.record.replace(force_generation=decision.record.generation)
@@ -137,12 +138,17 @@ class Submissions(StoreBase):
                 if decision.action is DecisionAction.CHANGE:
                     assert decision.record is not None
                     await flush()
-                    records[job.game_id] = await self._write_desired(conn, current, decision.record, now)
+                    # A drain's move: a restore pinned back to its node, or a pin to a drained node cleared.
+                    moves = current is not None and decision.record.node_id != current.node_id and (
+                        job.drain is not None or decision.record.node_id is None)
+                    records[job.game_id] = await self._write_desired(conn, current, decision.record, now, moves=moves)
                     if current is not None and replaces(current, decision.record):
                         await self._supersede_older(conn, decision.record, now)
                     notify.append(job.game_id)
                 if job.rollout is not None:  # a rollout's job: its game's row, in this transaction
                     await record_step(conn, job, current, decision, op_id, now)
+                if job.drain is not None:  # a drain's job: its game's row, in this transaction
+                    await record_drain_step(conn, job, current, decision, op_id, now)
                 ops.append(op_row(op_id, job.game_id, job.kind, job.source, status,
                                    decision.op_generation, job.stream or None, job.entry_id or None, params, now,
                                    decision.error_code if status is OpStatus.FAILED else None,
@@ -169,15 +175,22 @@ class Submissions(StoreBase):
         game's own previous image is no new start: only a disabled version refuses it (a rollout's
         source may be deprecated; record_step checks the image is the game's previous one)."""
         decision = decide(current, job, now, defaults)
-        if decision.action is DecisionAction.CHANGE and job.kind in (JobKind.START, JobKind.RESTART):
-            refusal = drains.refusal(current, job.kind, await refusing_targets(conn))  # a drain keeps it off
+        if decision.action is DecisionAction.CHANGE and job.kind in (JobKind.START, JobKind.RESTART, JobKind.PATCH):
+            targets = await refusing_targets(conn)
+            refusal = drains.refusal(current, job.kind, targets)  # a drain keeps it off
             if refusal is not None:
                 return Decision(action=DecisionAction.REJECT, record=current, error_code=ErrorCode.HOST_DRAINED,
                                 message=refusal)
+            if decision.record is not None:  # pinned to a drained node, state shared: a move
+                decision = dataclasses.replace(decision, record=drains.unpinned(current, decision.record, job.kind,
+                                                                                targets))
         if (registry and job.image_ref and job.kind in (JobKind.START, JobKind.PATCH)
                 and decision.waits):
             row = await conn.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1 FOR SHARE", job.image_ref)
-            refuse = versions.refuse_run if job.rollout is not None and job.rollout.back else versions.refuse_new
+            # An undrain's restore brings back what ran, as a rollout's patch back does.
+            back = (job.rollout is not None and job.rollout.back) or (
+                job.drain is not None and job.drain.kind is drains.StepKind.RESTORE)
+            refuse = versions.refuse_run if back else versions.refuse_new
             refusal = refuse(version_from_row(row) if row else None, job.image_ref)
             if refusal is not None:
                 return Decision(action=DecisionAction.REJECT, record=current, error_code=ErrorCode.IMAGE_REJECTED,
@@ -206,6 +219,9 @@ class Submissions(StoreBase):
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, game_id)
             if await conn.fetchval("SELECT 1 FROM runtime_records WHERE game_id = $1", game_id):
                 raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} already has a runtime record", game_id)
+            refusal = drains.refusal(None, JobKind.START, await refusing_targets(conn))  # a drained host
+            if refusal is not None:
+                raise InvalidJob(ErrorCode.HOST_DRAINED, refusal, game_id)
             record = RuntimeRecord(
                 game_id=game_id, status=Status.STARTING, current_container_id=None, current_image_ref=None,
                 engine_endpoint=defaults.endpoint(game_id), state_path=defaults.state_path(game_id),

@@ -9,7 +9,16 @@ import asyncio
 import pytest
 
 from desired.db.store import Store
-from desired.drains import DrainAction, DrainExists, DrainRequest, DrainStatus, GameState, LocalState
+from desired.drains import (
+    DrainAction,
+    DrainExists,
+    DrainRequest,
+    DrainStatus,
+    DrainStep,
+    GameState,
+    LocalState,
+    StepKind,
+)
 from desired.errors import NotFound
 from desired.jobs import DecisionAction, Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource, StopReason
@@ -107,12 +116,12 @@ async def test_undrain_does_not_bring_back_a_game_stopped_by_another_job_after_t
     store = Store(pool)
     recs = {g: await running(store, g) for g in ("g1", "g2", "g3")}
     drain = await store.create_drain(HOST, OpSource.ADMIN)
-    for g, rec in recs.items():
-        await store.take_stop(drain, rec, forced=False)
+    for g, rec in recs.items():  # the drain's take: its stop and its row in one transaction
         out = await store.submit(Job(kind=JobKind.STOP, game_id=g, source=OpSource.ADMIN,
-                                     reason=StopReason.ADMIN_REQUEST), DEFAULTS)
-        if g != "g3":  # g3: a kill before the drain noted its stop
-            await store.note_stop(drain.id, g, out.operation_id, out.decision.record.generation)
+                                     reason=StopReason.ADMIN_REQUEST,
+                                     drain=DrainStep(drain_id=drain.id, kind=StepKind.TAKE,
+                                                     generation=rec.generation)), DEFAULTS)
+        assert out.decision.action is DecisionAction.CHANGE
     assert await store.stopped_since(drain.id) == set()
     await store.submit(stop("g2"), DEFAULTS)  # Lobby stops g2 too, after the drain did
     assert await store.stopped_since(drain.id) == {"g2"}

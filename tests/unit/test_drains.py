@@ -183,12 +183,17 @@ def test_undrain_brings_back_what_the_drain_stopped_and_only_that() -> None:
     removed = rec(Status.REMOVED, DesiredStatus.REMOVED, gen=4, obs=4, game_id="b",
                   state_path="/var/lib/rtmanager/games/b")
     again = up("d", gen=5, obs=5)
-    records = {"a": s, "b": removed, "c": stopped("c"), "d": again, "e": stopped("e")}
+    moved = up("f", gen=5, obs=5)
+    records = {"a": s, "b": removed, "c": stopped("c"), "d": again, "e": stopped("e"), "f": moved,
+               "g": stopped("g")}
     games = {"a": game(s, state=GameState.DONE), "b": game(removed, state=GameState.DONE),
              "c": game(records["c"], state=GameState.DONE), "d": game(again, state=GameState.DONE),
-             "e": game(records["e"], DrainAction.MOVE, state=GameState.DONE)}
-    steps = {s.game.game_id: s.verdict for s in drains.restore_plan(games, records, stopped_since={"c"})}
-    assert steps == {"a": Restore.START, "b": Restore.SKIP, "c": Restore.SKIP, "d": Restore.RESTORED}
+             "e": game(records["e"], DrainAction.MOVE, state=GameState.DONE),   # its move failed: back
+             "f": game(moved, DrainAction.MOVE, state=GameState.DONE),          # moved: nothing to undo
+             "g": game(records["g"], DrainAction.MOVE, state=GameState.DONE)}   # Lobby stopped it since
+    steps = {s.game.game_id: s.verdict for s in drains.restore_plan(games, records, stopped_since={"c", "g"})}
+    assert steps == {"a": Restore.START, "b": Restore.SKIP, "c": Restore.SKIP, "d": Restore.RESTORED,
+                     "e": Restore.START}
 
 
 # ------------------------------------------------------------------------------ refusals
