@@ -10,20 +10,9 @@ import json
 from pathlib import Path
 
 from tests.support import eventually
-from tests.support.api import FAST, STUB_10, control
+from tests.support.api import FAST, STUB_10, control, events, runtime
 
 GENERATION = 3  # seconds each generation takes: the drain's stops have to wait for them
-
-
-def events(api, game: str) -> list[str]:
-    path = Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "events"
-    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
-
-
-async def runtime(api, game: str) -> dict:
-    status, body = await api.get(f"/api/v1/runtimes/{game}")
-    assert status == 200, body
-    return body
 
 
 async def drain_of(api, drain_id: int) -> dict:

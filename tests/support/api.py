@@ -93,6 +93,13 @@ async def runtime(api: Api, game: str) -> dict:
     return body
 
 
+def events(api: Api, game: str) -> list[str]:
+    """What the stub engine recorded of its life in its state directory (boot, generated, interrupted, ...),
+    the first word of each line."""
+    path = Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "events"
+    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def engine_turn(api: Api, game: str) -> int:
     """The turn the engine itself keeps in its state directory."""
     raw = (Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "engine" / "status.json").read_text()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import eventually
-from tests.support.api import FAST, STUB_10, Api, control
+from tests.support.api import FAST, STUB_10, Api, control, events, runtime
 from tests.swarm.nodes import task_node
 
 GENERATION = 1  # seconds a generation takes
@@ -37,17 +37,6 @@ async def api(shared2, rtm_env, docker_client, monkeypatch):
 
 def engine_state(api, game: str) -> dict:
     return json.loads((Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "engine" / "status.json").read_text())
-
-
-def events(api, game: str) -> list[str]:
-    path = Path(api.env["RTMANAGER_STATE_ROOT"]) / game / "events"
-    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
-
-
-async def runtime(api, game: str) -> dict:
-    status, body = await api.get(f"/api/v1/runtimes/{game}")
-    assert status == 200, body
-    return body
 
 
 async def test_a_drained_node_moves_its_games_between_turns_and_undrain_puts_it_back_in_use(shared2, api):
