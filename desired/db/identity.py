@@ -16,11 +16,17 @@ class Identities(StoreBase):
     async def claim_identity(self, instance: str) -> Identity:
         """The database's identity, claimed for ``instance`` when it has none; WrongInstance when it
         belongs to another instance."""
-        row = await self.pool.fetchrow(
-            "WITH claimed AS (INSERT INTO controller_identity (instance) VALUES ($1)"
-            " ON CONFLICT (singleton) DO NOTHING RETURNING instance, uid, claimed_at)"
-            " SELECT * FROM claimed UNION ALL SELECT instance, uid, claimed_at FROM controller_identity LIMIT 1",
-            instance)
+        # Two statements, not one: a statement's snapshot is taken before its insert waits on a
+        # replica inserting at the same moment, so a single "insert or select" sees no row when it
+        # loses that race. The second statement's snapshot includes the winner's commit.
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO controller_identity (instance) VALUES ($1)"
+                " ON CONFLICT (singleton) DO NOTHING RETURNING instance, uid, claimed_at", instance)
+            if row is None:
+                row = await conn.fetchrow("SELECT instance, uid, claimed_at FROM controller_identity")
+        if row is None:  # claimed and removed between the two statements: only an operator does that
+            raise WrongInstance("the database's identity vanished while it was claimed; start again")
         identity = Identity(instance=row["instance"], uid=str(row["uid"]), claimed_at=row["claimed_at"])
         if identity.instance != instance:
             raise WrongInstance(f"the database belongs to instance {identity.instance!r}, not {instance!r}")

@@ -422,3 +422,14 @@ async def test_a_restarted_replica_takes_back_its_own_lease_at_once(database_url
     finally:
         for lease in (before, after, other):
             await lease.close()
+
+
+async def test_replicas_claiming_an_empty_databases_identity_at_once_all_get_the_one_identity(pool):
+    """Two replicas started together on an empty database: the one whose insert lost the race must
+    read the winner's row, not crash start-up (seen in CI: one of two replicas died at start)."""
+    store = Store(pool)
+    for _ in range(20):
+        await pool.execute("DELETE FROM controller_identity")
+        claimed = await asyncio.gather(*(store.claim_identity("inst") for _ in range(6)))
+        assert len({i.uid for i in claimed}) == 1, claimed
+        assert {i.instance for i in claimed} == {"inst"}
