@@ -27,6 +27,13 @@ resync (pg_stat_statements of this database), one health round (``HealthRound.on
 probes cost nothing here, see the report for the real per-probe cost), and at the largest size a
 drift of ``--drift`` of the games at once (their containers exit, 'die' events): time until every
 game is running and converged again, and the queue on the way.
+
+With ``--starts K`` only starts are measured instead: at each of ``--start-sizes`` (games already
+running), K new games through the start stream at once, and this process's CPU per start (the
+controller's, plus the fake daemon's small constant share). ``--start-latency`` makes the fake
+daemon take that long per container start, so that the starts take the wall time they take on a
+real dockerd and the background loops (``--health``, ``--resync``) run meanwhile, as they do in the
+``start`` section of bench/scale.py; without it the start path alone is measured.
 """
 
 from __future__ import annotations
@@ -129,6 +136,7 @@ class FakeDockerAPI(docker.APIClient):
         self._ips = 0
         self._list_json: bytes | None = None
         self.calls: dict[str, int] = {}
+        self.start_latency = 0.0
 
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -256,6 +264,8 @@ class FakeDockerAPI(docker.APIClient):
 
     def start(self, container, *args, **kwargs):
         self._count("start")
+        if self.start_latency:
+            time.sleep(self.start_latency)  # dockerd's own time (in the backend's thread, as a real call)
         with self.lock:
             c = self._find(container)
             if c.state != "running":
@@ -376,13 +386,14 @@ class Sim:
             "RTMANAGER_CONTROL_STREAM": f"{p}:sim:control", "RTMANAGER_RESULTS_STREAM": f"{p}:sim:results",
             "RTMANAGER_SNAPSHOT_STREAM": f"{p}:sim:snapshots", "RTMANAGER_DEAD_LETTER_STREAM": f"{p}:sim:dead",
             "RTMANAGER_CONSUMER_NAME": f"{p}-sim", "RTMANAGER_HTTP_PORT": "0",
-            "RTMANAGER_RESYNC_INTERVAL": str(args.resync), "RTMANAGER_HEALTH_INTERVAL": "0",
+            "RTMANAGER_RESYNC_INTERVAL": str(args.resync), "RTMANAGER_HEALTH_INTERVAL": str(args.health),
             "RTMANAGER_ENGINE_ADMIN_PATH": "/cgi-bin/admin/v1", "RTMANAGER_CLEANUP_TTL": "0",
             "RTMANAGER_CONCURRENCY": str(args.concurrency), "RTMANAGER_LOG_LEVEL": "WARNING",
             "RTMANAGER_LOG_FORMAT": "text",
         }
         self.settings = Settings.from_env(self.env)
         self.api = FakeDockerAPI(self.settings.runtime.docker_network)
+        self.api.start_latency = args.start_latency
         self.games: list[tuple[str, str]] = []  # (game_id, container id)
         self.resync_times: list[tuple[float, float, int]] = []  # (wall s, cpu s, queued)
         self.list_times: list[float] = []
@@ -638,8 +649,48 @@ class Sim:
             "queue_samples": samples[:: max(1, len(samples) // 40)],
         }
 
+    async def measure_starts(self, k: int, timeout: float = 600) -> dict:
+        """``k`` new games started through the start stream at once (XADD in one round trip), with
+        ``self.games`` already running: wall time to the last result, and this process's CPU per start
+        (the controller's, plus the fake daemon's and engines' constant work per start)."""
+        import redis.asyncio as aioredis
+        s = self.settings.streams
+        r = aioredis.from_url(self.args.redis_url)
+        try:
+            base = len(self.games) + self._started
+            games = [f"{self.args.prefix}-s{base + i}" for i in range(k)]
+            self._started += k
+            last = (await r.xrevrange(s.results_stream, count=1) or [(b"0-0", {})])[0][0]
+            gc_before = sum(st["collections"] for st in gc.get_stats())
+            t0, c0 = time.perf_counter(), time.process_time()
+            pipe = r.pipeline(transaction=False)
+            for g in games:
+                pipe.xadd(s.start_stream, {"game_id": g, "image_ref": IMAGE})
+            ids = {eid.decode() if isinstance(eid, bytes) else eid for eid in await pipe.execute()}
+            outcomes: dict[str, int] = {}
+            deadline = time.monotonic() + timeout
+            while ids and time.monotonic() < deadline:
+                reply = await r.xread({s.results_stream: last}, count=5000, block=200)
+                for _, items in reply or []:
+                    for eid, fields in items:
+                        last = eid
+                        je = fields.get(b"job_entry_id", b"").decode()
+                        if fields.get(b"job", b"").decode() == "start" and je in ids:
+                            ids.discard(je)
+                            o = fields.get(b"outcome", b"").decode()
+                            outcomes[o] = outcomes.get(o, 0) + 1
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            await r.aclose()
+        gcs = sum(st["collections"] for st in gc.get_stats()) - gc_before
+        out = {"running_before": base, "starts": k, "answered": k - len(ids), "outcomes": outcomes, "wall_s": wall,
+               "cpu_ms_per_start": 1000 * cpu / k, "gc_collections": gcs}
+        log(f"{base:,} running: {k} starts in {wall:.2f}s, {out['cpu_ms_per_start']:.1f} ms CPU each {outcomes}")
+        return out
+
     async def run(self) -> dict:
         args = self.args
+        self._started = 0
         identity = await self.prepare_database()
         sizes = sorted({max(1, args.games // 10), max(1, args.games // 2), args.games})
         base_rss, _ = rss_mib()
@@ -662,6 +713,16 @@ class Sim:
         result: dict = {"sizes": [], "base_rss_mib": base_rss, "settings": {
             "resync_interval": args.resync, "concurrency": args.concurrency, "resyncs_per_size": args.resyncs}}
         try:
+            if args.starts:
+                start_sizes = [int(x) for x in args.start_sizes.split(",")] if args.start_sizes else sizes
+                result["starts"] = []
+                for n in start_sizes:
+                    if n > len(self.games):
+                        await self.grow(n, identity.uid)
+                    await asyncio.sleep(0.5)
+                    for _ in range(args.start_rounds):
+                        result["starts"].append(await self.measure_starts(args.starts))
+                return result
             for n in sizes:
                 if n > len(self.games):
                     before, _ = rss_mib()
@@ -699,6 +760,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=int(os.environ.get("RTMANAGER_CONCURRENCY", "4")))
     ap.add_argument("--drift", type=float, default=0.10)
     ap.add_argument("--drift-timeout", type=float, default=1800)
+    ap.add_argument("--health", type=float, default=0, help="RTMANAGER_HEALTH_INTERVAL (0: no health round)")
+    ap.add_argument("--starts", type=int, default=0, help="measure only starts: this many at once per size")
+    ap.add_argument("--start-sizes", default="", help="games running before the starts, e.g. 200,1000,3000")
+    ap.add_argument("--start-rounds", type=int, default=2)
+    ap.add_argument("--start-latency", type=float, default=0.0,
+                    help="seconds the fake daemon takes per container start (dockerd's pace: about 0.5 s at "
+                         "concurrency 4 on this machine), so that the background loops run while games start")
     ap.add_argument("--out", required=True)
     ap.add_argument("--log", default="/dev/null", help="the controller's log (JSON lines, WARNING and up)")
     ap.add_argument("--state-root", default="", help="RTMANAGER_STATE_ROOT (default: a new temporary directory)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
 import os
 import stat
@@ -86,19 +85,14 @@ class DockerBackend(DaemonClient):
             return self._docker().api.containers(all=True, filters=filters)
 
         raw = await self._call("list", list_raw)
-        return [self._addressed(from_list_entry(attrs, self.network)) for attrs in raw]
-
-    def _addressed(self, c: ObservedContainer) -> ObservedContainer:
-        if not c.running:
-            return c
-        return dataclasses.replace(c, address=c.ip_address if self.probe_address == "ip" else c.name)
+        return [from_list_entry(attrs, self.network, probe_address=self.probe_address) for attrs in raw]
 
     async def inspect(self, name_or_id: str) -> ObservedContainer | None:
         try:
             attrs = await self._call("inspect", lambda: self._docker().api.inspect_container(name_or_id))
         except docker.errors.NotFound:
             return None
-        return self._addressed(from_inspect(attrs, self.network))
+        return from_inspect(attrs, self.network, probe_address=self.probe_address)
 
     async def logs_tail(self, name_or_id: str, lines: int = 20) -> str:
         """The engine's last lines, as safe text (engines print anything, NUL included)."""

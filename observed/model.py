@@ -29,6 +29,7 @@ MANAGED_BY = "rtmanager"
 ADMIN_TOKEN_ENV = "ENGINE_ADMIN_TOKEN"
 
 _EXITED_STATUS = re.compile(r"Exited \((-?\d+)\)")
+_RUNNING_STATES = ("running", "restarting", "paused")  # a live process (a paused one too)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +136,7 @@ class ObservedContainer:
     @property
     def running(self) -> bool:
         """Holds a live process (a paused one too: it has to be stopped or removed)."""
-        return self.state in ("running", "restarting", "paused")
+        return self.state in _RUNNING_STATES
 
     @property
     def game_id(self) -> str | None:
@@ -199,8 +200,18 @@ def admin_token_of(env: Any) -> str:
     return ""
 
 
-def from_list_entry(attrs: Mapping[str, Any], network: str | None = None) -> ObservedContainer:
-    """One entry of ``GET /containers/json`` (docker-py ``list(sparse=True)``)."""
+def _probe_address(state: str, ip: str | None, name: str, probe_address: str | None) -> str | None:
+    """How a running unit's engine is reached: its IP (``ip``) or its name on the network (any other
+    mode); None for a unit that does not run, or when no probe mode is given."""
+    if probe_address is None or state not in _RUNNING_STATES:
+        return None
+    return ip if probe_address == "ip" else name
+
+
+def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,
+                    probe_address: str | None = None) -> ObservedContainer:
+    """One entry of ``GET /containers/json`` (docker-py ``list(sparse=True)``). Built once, its probe
+    address included: every resync and health round reads one such entry per unit."""
     names = attrs.get("Names") or []
     state = attrs.get("State") or ""
     if isinstance(state, dict):  # some API versions nest it
@@ -209,33 +220,41 @@ def from_list_entry(attrs: Mapping[str, Any], network: str | None = None) -> Obs
     m = _EXITED_STATUS.search(attrs.get("Status") or "")
     if m:
         exit_code = int(m.group(1))
+    name = names[0].lstrip("/") if names else ""
+    ip = _first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network)
     return ObservedContainer(
         id=attrs["Id"],
-        name=(names[0].lstrip("/") if names else ""),
+        name=name,
         image=attrs.get("Image", ""),
         state=state,
         labels=dict(attrs.get("Labels") or {}),
         created_at=_parse_time(attrs.get("Created")),
         exit_code=exit_code,
-        ip_address=_first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network),
+        ip_address=ip,
+        address=_probe_address(state, ip, name, probe_address),
     )
 
 
-def from_inspect(attrs: Mapping[str, Any], network: str | None = None) -> ObservedContainer:
+def from_inspect(attrs: Mapping[str, Any], network: str | None = None, *,
+                 probe_address: str | None = None) -> ObservedContainer:
     """The answer of ``GET /containers/{id}/json``."""
     st = attrs.get("State") or {}
     config = attrs.get("Config") or {}
     exit_code = st.get("ExitCode") if st.get("Status") in ("exited", "dead") else None
+    name = (attrs.get("Name") or "").lstrip("/")
+    state = st.get("Status", "")
+    ip = _first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network)
     return ObservedContainer(
         id=attrs["Id"],
-        name=(attrs.get("Name") or "").lstrip("/"),
+        name=name,
         image=config.get("Image", ""),
-        state=st.get("Status", ""),
+        state=state,
         labels=dict(config.get("Labels") or {}),
         created_at=_parse_time(attrs.get("Created")),
         exit_code=exit_code,
         oom_killed=bool(st.get("OOMKilled")),
-        ip_address=_first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network),
+        ip_address=ip,
+        address=_probe_address(state, ip, name, probe_address),
         finished_at=_parse_time(st.get("FinishedAt")),
         started_at=_parse_time(st.get("StartedAt")),
         mounts=tuple((m.get("Source", ""), m.get("Destination", "")) for m in attrs.get("Mounts") or []),

@@ -286,3 +286,17 @@ def test_labels_round_trip_through_observed() -> None:
     assert c.spec_hash == s.spec_hash
     assert c.game_id == "g1"
 
+
+
+@pytest.mark.parametrize("probe", ["ip", "hostname"])
+def test_the_probe_address_is_set_as_the_unit_is_read(list_entry_running, list_entry_exited, inspect_running,
+                                                     inspect_oom, probe: str) -> None:
+    """A list of every unit is read every resync and every health round: each entry is built once,
+    with its address, not built and then copied to add it."""
+    c = from_list_entry(list_entry_running, network="galaxy-games", probe_address=probe)
+    assert c.address == ("172.18.0.5" if probe == "ip" else "galaxy-game-g1")
+    assert from_list_entry(list_entry_exited, network="galaxy-games", probe_address=probe).address is None
+    i = from_inspect(inspect_running, network="galaxy-games", probe_address=probe)
+    assert i.address == (i.ip_address if probe == "ip" else i.name) and i.address
+    assert from_inspect(inspect_oom, network="galaxy-games", probe_address=probe).address is None
+    assert from_list_entry(list_entry_running).address is None  # no probe mode: no address, as before
