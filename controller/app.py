@@ -90,7 +90,9 @@ class Controller:
         self.backend = (backend_factory or make_backend)(settings, observer=self.metrics.docker_observer,
                                                          guard=self._may_act)
         self.engine = engine or EngineClient(port=settings.engine.engine_port, path=settings.engine.health_path,
-                                             admin_path=settings.engine.admin_path)
+                                             admin_path=settings.engine.admin_path,
+                                             # an idle probe connection must outlive the interval to be reused
+                                             keepalive_timeout=max(60.0, 2 * settings.engine.health_interval))
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
         self.outbox = Signal()  # raised by every commit that writes results or snapshots

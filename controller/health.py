@@ -84,7 +84,7 @@ class Health:
         s = self.settings
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
                                    generation_timeout=s.engine.generation_timeout)
-        if new != record:
+        if new is not record and new != record:
             if new.status is not record.status:
                 log.warning("engine: %s -> %s", record.status.value, new.status.value,
                             extra={"game_id": record.game_id})
@@ -101,7 +101,7 @@ class Health:
         s = self.settings
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
                                    generation_timeout=s.engine.generation_timeout)
-        if new == record:
+        if new is record or new == record:
             return record
         self.note_generated(record, probe)
         return await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,

@@ -159,10 +159,10 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
             changes["last_turn_at"] = now
         elif cur.turn is None and probe.turn is not None:
             changes["last_turn_at"] = cur.last_turn_at or now
-    new = cur.replace(status=status, **changes)
-    if new != cur:
-        new = new.replace(health_checked_at=now, last_op_at=_touch(cur, now))
-    return new
+    changes["status"] = status
+    if all(getattr(cur, k) == v for k, v in changes.items()):
+        return cur  # the usual probe: nothing changed, and no copy of the record is made
+    return cur.replace(**changes, health_checked_at=now, last_op_at=_touch(cur, now))
 
 
 def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: ErrorCode, detail: str,

@@ -26,6 +26,24 @@ from advancing a game twice.
 The probe goes to the container's IP on the game network when it has one (the
 controller may run outside that network, where the hostname does not resolve);
 the endpoint reported to Lobby stays the hostname form.
+
+Connections: the GETs (health and status, the health round's probes) reuse a kept-alive connection
+per engine, so a round costs about one HTTP round-trip per engine instead of a TCP handshake, a
+socket and a teardown each. Why that is safe:
+
+* an engine replaced at the same address (or one that closed its idle end, half-closed): a closed
+  connection is dropped from the pool when its EOF arrives; a request that still meets a dead
+  connection (reset, or closed before the answer) is retried once on a new connection by aiohttp
+  (only for idempotent methods, RFC 9112 section 9.3.1), so a probe fails only when a fresh
+  connection fails too, as before;
+* a probe that times out closes its connection (aiohttp never returns an unfinished one to the pool);
+* per engine: probes of one engine are sequential, so it holds one idle connection from us;
+* bounded for thousands of engines: at most ``max_idle`` engines keep an idle connection (the
+  rest get a fresh one per probe, the old behaviour), and an idle connection is closed after
+  ``keepalive_timeout`` (longer than the health interval, or it would never be reused).
+
+The POST (a turn) always goes on a fresh connection: it is not retried, and a reused connection
+that the engine closes at the wrong moment must not turn a started turn into an error.
 """
 
 from __future__ import annotations
@@ -61,23 +79,52 @@ class EngineStatus:
     last_generation: LastGeneration | None = None
 
 
+class BoundedIdleConnector(aiohttp.TCPConnector):
+    """A TCPConnector whose idle pool holds connections to at most ``max_idle_hosts`` engines.
+
+    aiohttp's ``limit`` bounds connections in use, not idle ones: with thousands of engines every one
+    would keep a socket. Overrides aiohttp's private ``_release`` (checked by
+    tests/unit/test_engine_keepalive.py, which fails if an aiohttp upgrade changes it)."""
+
+    def __init__(self, *, max_idle_hosts: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_idle_hosts = max_idle_hosts
+
+    def _release(self, key: Any, protocol: Any, *, should_close: bool = False) -> None:
+        if key not in self._conns and len(self._conns) >= self.max_idle_hosts:
+            should_close = True
+        super()._release(key, protocol, should_close=should_close)
+
+
 class EngineClient:
     def __init__(self, *, port: int, path: str, admin_path: str = "/admin/v1", attempt_timeout: float = 2.0,
-                 admin_timeout: float = 5.0) -> None:
+                 admin_timeout: float = 5.0, probe_keepalive: bool = True, max_idle: int = 1024,
+                 keepalive_timeout: float = 60.0) -> None:
         self.port = port
         self.path = path
         self.admin_path = admin_path.rstrip("/")
         self._attempt_timeout = aiohttp.ClientTimeout(total=attempt_timeout)
         self._admin_timeout = aiohttp.ClientTimeout(total=admin_timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._keepalive = probe_keepalive
+        self._max_idle = max_idle
+        self._keepalive_timeout = keepalive_timeout
+        self._session: aiohttp.ClientSession | None = None   # GETs: kept-alive connections (see above)
+        self._fresh: aiohttp.ClientSession | None = None     # the POST: a fresh connection each time
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # No keep-alive: each probe is a fresh connection, as a new client would make.
-            self._session = aiohttp.ClientSession(
-                timeout=self._attempt_timeout, read_bufsize=HEALTH_BODY_LIMIT,
-                connector=aiohttp.TCPConnector(force_close=True, limit=64))
+            connector = (BoundedIdleConnector(max_idle_hosts=self._max_idle, limit=64,
+                                              keepalive_timeout=self._keepalive_timeout)
+                         if self._keepalive else aiohttp.TCPConnector(force_close=True, limit=64))
+            self._session = aiohttp.ClientSession(timeout=self._attempt_timeout, read_bufsize=HEALTH_BODY_LIMIT,
+                                                  connector=connector)
         return self._session
+
+    def _http_fresh(self) -> aiohttp.ClientSession:
+        if self._fresh is None or self._fresh.closed:
+            self._fresh = aiohttp.ClientSession(timeout=self._attempt_timeout, read_bufsize=HEALTH_BODY_LIMIT,
+                                                connector=aiohttp.TCPConnector(force_close=True, limit=64))
+        return self._fresh
 
     def _netloc(self, address: str) -> str:
         """``host`` (the engine port) or ``host:port`` (a port published on a node)."""
@@ -119,7 +166,8 @@ class EngineClient:
         url = f"http://{self._netloc(host)}{self.admin_path}/{what}"
         headers = {"Authorization": f"Bearer {token}"} if token else None
         try:
-            async with self._http().request(method, url, json=body, allow_redirects=False, headers=headers,
+            http = self._http() if method == "GET" else self._http_fresh()
+            async with http.request(method, url, json=body, allow_redirects=False, headers=headers,
                                             timeout=self._admin_timeout) as resp:
                 raw = await resp.content.read(ADMIN_BODY_LIMIT + 1)
                 status = resp.status
@@ -158,8 +206,9 @@ class EngineClient:
         raise EngineUnreachable(f"engine turns: HTTP {status}")
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
 
 
 def parse_status(data: Any) -> EngineStatus:

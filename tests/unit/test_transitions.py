@@ -62,6 +62,8 @@ def test_an_unchanged_observation_changes_nothing() -> None:
     """The health round writes only when something changed: nothing per probe."""
     r = rec(health=Health.HEALTHY, admin_api=True)
     assert transitions.observed(r, NOW, Probe(healthy=True, admin_api=True, turn=4, phase="idle"), **OBS) == r
+    # and the record itself comes back, no copy: the health round makes this call per engine per round
+    assert transitions.observed(r, NOW, Probe(healthy=True, admin_api=True, turn=4, phase="idle"), **OBS) is r
 
 
 def test_a_new_turn_restarts_the_clock() -> None:
