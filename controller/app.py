@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from controller.admission import Admission
 from controller.config import Settings
+from controller.config_table import Backend
 from controller.drains import Drainer
 from controller.http import OFF_GAME_NETWORK, HttpDeps, HttpServer
 from controller.intake import Intake
@@ -229,6 +230,8 @@ class Controller:
         self._spawn("storage", lambda: self.storage.run(term), leader=True)
         self._spawn("drains", lambda: self.drainer.run(term), leader=True)
         self.events = events = self.backend.events(on_event=self._on_backend_event, on_connect=self.resync.now.set)
+        if s.runtime.backend is Backend.DOCKER:  # Swarm's task poller is late by its interval: no cache there
+            self.reconciler.units.stream = self._event_stream
         events.start()
 
     async def _step_down(self, reason: str) -> None:
@@ -248,9 +251,19 @@ class Controller:
 
     def _on_backend_event(self, game_id: str, action: str) -> None:
         log.debug("backend event %s", action, extra={"game_id": game_id})
+        self.reconciler.units.touch(game_id)
         self.queue.add(game_id)
 
+    def _event_stream(self) -> int | None:
+        """The Docker event stream's connection number while it is connected (the reconciler trusts a
+        unit it inspected only while the same connection lasts), None otherwise."""
+        events = self.events
+        if events is None or not getattr(events, "connected", False):
+            return None
+        return getattr(events, "connects", None)
+
     def _stop_events(self) -> None:
+        self.reconciler.units.clear()  # a next term's stream numbers its connections anew
         if self.events is not None:
             self.events.stop()
             self.events = None

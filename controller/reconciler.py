@@ -107,6 +107,56 @@ def backend_errors() -> Iterator[None]:
         raise domain_error(exc) from exc
 
 
+class UnitCache:
+    """The unit each game's sync last inspected, used instead of a new inspect only while the backend's
+    event stream vouches that nothing happened to it since: the stream connected without a break since
+    the inspect, no event named the game since (``touch``), no action of ours changed the unit, and the
+    record says the game is up on exactly that unit. So a turn of an up game costs no inspect; a crash
+    mid-turn (a ``die``), a reconnect, a resync that finds the game diverged all make the next look a real
+    one. Off (``stream`` says None) where no such stream exists (the fake backend, Swarm's task poller)."""
+
+    def __init__(self) -> None:
+        self.stream: Callable[[], int | None] = lambda: None  # the event stream's connection number, if connected
+        self._units: dict[str, tuple[int, ObservedContainer]] = {}
+        self._touched: dict[str, int] = {}
+
+    def token(self, game_id: str) -> tuple[int | None, int]:
+        """Taken before an inspect: the answer is kept only if nothing happened while it ran."""
+        return self.stream(), self._touched.get(game_id, 0)
+
+    def put(self, game_id: str, token: tuple[int | None, int], container: ObservedContainer | None) -> None:
+        stream, touched = token
+        if (stream is None or container is None or not container.running or self.stream() != stream
+                or self._touched.get(game_id, 0) != touched):
+            self._units.pop(game_id, None)
+            return
+        self._units[game_id] = (stream, container)
+
+    def get(self, record: RuntimeRecord | None) -> ObservedContainer | None:
+        if record is None:
+            return None
+        found = self._units.get(record.game_id)
+        if found is None:
+            return None
+        stream, container = found
+        if (stream != self.stream() or not record.status.is_up or record.current_container_id != container.id
+                or record.desired_status is not DesiredStatus.RUNNING):
+            del self._units[record.game_id]
+            return None
+        return container
+
+    def clear(self) -> None:
+        self._units.clear()
+
+    def touch(self, game_id: str) -> None:
+        """Something happened to the game's unit (an event, a resync's finding, an action of ours)."""
+        self._touched[game_id] = self._touched.get(game_id, 0) + 1
+        self._units.pop(game_id, None)
+
+
+_KEEPS_UNIT = (ActionKind.TURN, ActionKind.RECORD)  # actions that leave the unit as it was inspected
+
+
 class Reconciler:
     def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, engine: EngineClient,
                  metrics: Metrics, queue: WorkQueue, *, fence: Fence | None = None, clock: Clock | None = None,
@@ -125,6 +175,7 @@ class Reconciler:
         self.dispose_budget = settings.runtime.max_removals  # refilled by the resync, once per interval
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
+        self.units = UnitCache()  # the composition root turns it on with the backend's event stream
         self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
         self.starts = Starts(settings, store, backend, engine, metrics, self.health, self.states)
         self.crashes = Crashes(settings, store, backend, metrics, self.health, self.starts)
@@ -228,8 +279,12 @@ class Reconciler:
     async def _step(self, game_id: str) -> Step:
         """Look once, plan one action, carry it out: what comes next."""
         record = await self.store.find(game_id)
+        container = self.units.get(record)
         with backend_errors():
-            container = await self.backend.inspect(container_name(game_id))
+            if container is None:
+                token = self.units.token(game_id)
+                container = await self.backend.inspect(container_name(game_id))
+                self.units.put(game_id, token, container)
             lost = await self.backend.lost_nodes()
         action = self.plan_only(record, container, lost)
         if action.kind is ActionKind.NOOP:
@@ -272,6 +327,8 @@ class Reconciler:
                             container_name(game_id), extra={"game_id": game_id})
                 return requeue(self.settings.runtime.resync_interval, "the removal budget is spent")
             self.dispose_budget -= 1
+        if action.kind not in _KEEPS_UNIT:
+            self.units.touch(game_id)
         op_ids: list[int] = []
         if record is not None and not record.converged:
             for op_id, accepted in await self.store.claim(game_id, record.generation):

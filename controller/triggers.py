@@ -84,6 +84,7 @@ class Resync:
         for rec in records:
             action = self.reconciler.plan_only(rec, by_game.pop(rec.game_id, None))
             if action.kind is not ActionKind.NOOP:
+                self.reconciler.units.touch(rec.game_id)  # its next look is a real one (a missed event)
                 self.queue.add(rec.game_id)
                 queued += 1
         for game_id, c in by_game.items():  # units without a live record: orphans, unowned, or removed records

@@ -43,6 +43,17 @@ def probe_host(game_id: str, address: str | None) -> str:
     return address or container_name(game_id)
 
 
+def asks_at_once(record: RuntimeRecord) -> bool:
+    """Whether a turn may be asked for with no status request first: the engine was last seen idle at
+    the turn the record knows, with an admin API, nothing was asked of it in this generation yet (so no
+    failed generation of ours to read), and the game is not paused (a pause before the engine was asked
+    withdraws a scheduled turn: the full path reads the pending jobs). The engine's compare-and-swap on
+    ``expected_turn`` refuses the request if the record is stale."""
+    return (record.admin_api is True and record.phase == "idle" and record.turn is not None
+            and record.generation_started_at is None and not record.paused
+            and record.desired_turn is not None and record.turn < record.desired_turn)
+
+
 class Turns:
     def __init__(self, settings: Settings, store: ReconcilerStore, engine: EngineClient, metrics: Metrics, clock: Clock,
                  health: Health, fence: Fence | None) -> None:
@@ -59,6 +70,11 @@ class Turns:
         host = probe_host(record.game_id, container.address)
         target = record.desired_turn or 0
         polling = requeue(TURN_POLL, "the engine generates the turn, or may")
+        if asks_at_once(record):
+            asked = await self._ask(record, host, record.turn or 0)
+            if asked is not None:
+                return asked
+            # The engine is not where the record says (it moved, or it is busy): look at it first.
         try:
             st = await self.engine.status(host, token=record.admin_token)
         except EngineUnsupported as exc:
@@ -130,6 +146,29 @@ class Turns:
         if started:
             await self.store.turn_requested(record)
         return polling
+
+    async def _ask(self, record: RuntimeRecord, host: str, at: int) -> Step | None:
+        """The short path: the compare-and-swap POST of turn ``at + 1`` with no status request first, as
+        the record knows the engine idle at ``at``. None when the engine is not there (a conflict, or it
+        is already past it): the full path looks at it and decides."""
+        if self.fence is not None and not self.fence.valid_locally:
+            raise Fenced("the leadership term lapsed before a turn request")
+        try:
+            started = await self.engine.request_turn(host, at, token=record.admin_token)
+        except EngineConflict:
+            return None
+        except EngineRefused as exc:
+            self.metrics.engine_calls.labels("turns", "refused").inc()
+            return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
+        except EngineError as exc:
+            log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
+            return None
+        self.metrics.engine_calls.labels("turns", "ok").inc()
+        if not started:
+            return None
+        log.info("asked the engine for turn %d", at + 1, extra={"game_id": record.game_id})
+        await self.store.turn_requested(record)
+        return requeue(TURN_POLL, "the engine generates the turn")
 
     async def fail_turn(self, record: RuntimeRecord, code: ErrorCode, message: str) -> Step:
         log.warning("turn failed: %s", message, extra={"game_id": record.game_id, "error_code": code.value})

@@ -365,7 +365,10 @@ async def test_a_turn_already_generated_before_a_crash_is_not_asked_again(w):
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     w.engine.game("galaxy-game-g1").turn = 1  # asked, generated; the controller died before recording it
     rec = await w.sync("g1")
-    assert w.engine.requests == [] and rec.turn == 1 and rec.converged
+    # The short path may send its compare-and-swap for the turn the record knows (0): the engine, past it,
+    # generates nothing; no request for turn 2 is ever made.
+    assert set(w.engine.requests) <= {("galaxy-game-g1", 0)} and rec.turn == 1 and rec.converged
+    assert w.engine.game("galaxy-game-g1").turn == 1
 
 
 async def test_a_forced_turn_during_a_generation_waits_for_it(w):

@@ -1,0 +1,106 @@
+"""What one turn of an up, converged game costs the controller: SQL statements, Docker inspects,
+engine admin calls and CPU per forced turn, for a few running stub engines (issue 25).
+
+Run it alone to read the figures (``-s`` prints them):
+    pytest tests/integration/test_turn_cost.py -s
+The health round and the resync are set far apart so that what is counted is the turn path
+(intake, admission, reconciler, relay); the turn is seen by the turn path's own status poll."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import time
+
+import asyncpg
+
+from tests.support import eventually
+from tests.support.api import STUB_10, runtime
+
+GAMES = 3
+TURNS = int(os.environ.get("TURN_COST_TURNS", "5"))  # forced turns per game
+
+
+class Counter:
+    """Every statement an asyncpg connection of this process sends (BEGIN and COMMIT included)."""
+
+    METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
+
+    def __init__(self) -> None:
+        self.queries: collections.Counter[str] = collections.Counter()
+        self.saved = {}
+
+    def __enter__(self) -> Counter:
+        for name in self.METHODS:
+            orig = getattr(asyncpg.connection.Connection, name)
+            self.saved[name] = orig
+
+            def wrap(orig=orig):
+                async def counted(conn, query, *args, **kwargs):
+                    self.queries[" ".join(str(query).split())[:90]] += 1
+                    return await orig(conn, query, *args, **kwargs)
+                return counted
+            setattr(asyncpg.connection.Connection, name, wrap())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, orig in self.saved.items():
+            setattr(asyncpg.connection.Connection, name, orig)
+
+    def reset(self) -> None:
+        self.queries.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(self.queries.values())
+
+
+def metric(ctl, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in ctl.metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+async def test_the_cost_of_a_turn_of_an_up_converged_game(api):
+    ctl = await api.start(engine_admin_path="/cgi-bin/admin/v1", health_interval="60", resync_interval="120")
+    games = [f"cost{i}" for i in range(GAMES)]
+    answers = await asyncio.gather(*(api.job(g, "start", {"image_ref": STUB_10}) for g in games))
+    assert all(a[1]["outcome"] == "success" for a in answers), answers
+    for g in games:
+        await eventually(lambda g=g: _turn_known(api, g), what="the engine's turn known")
+    await asyncio.sleep(1.0)  # let the starts' own work settle
+    stream = api.env["RTMANAGER_CONTROL_STREAM"]
+    with Counter() as sql:
+        sql.reset()
+        i0 = metric(ctl, "rtmanager_docker_api_calls_total", operation="inspect")
+        e0 = {op: metric(ctl, "rtmanager_engine_status_calls_total", call=op) for op in ("status", "turns")}
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(TURNS):
+            entries = [await api.redis.xadd(stream, {"game_id": g, "op": "force_next_turn"}) for g in games]
+            got = [await api.result(e, "force_next_turn", timeout=30) for e in entries]
+            assert all(r["outcome"] == "success" for r in got), got
+        c1, t1 = time.process_time(), time.perf_counter()
+        inspects = metric(ctl, "rtmanager_docker_api_calls_total", operation="inspect") - i0
+        engine = {op: metric(ctl, "rtmanager_engine_status_calls_total", call=op) - e0[op] for op in e0}
+        turns = TURNS * GAMES
+        stmts = sql.total
+        tx = sum(c for q, c in sql.queries.items()
+                 if q.split()[0].rstrip(";").upper() in ("BEGIN", "COMMIT", "ROLLBACK"))
+        print(f"\nturn cost over {turns} forced turns of {GAMES} games ({t1 - t0:.1f}s):")
+        print(f"  SQL statements / turn     {stmts / turns:.1f} ({(stmts - tx) / turns:.1f} without BEGIN/COMMIT)")
+        print(f"  Docker inspects / turn    {inspects / turns:.1f}")
+        print("  engine calls / turn       " + ", ".join(f"{k} {v / turns:.1f}" for k, v in engine.items()))
+        print(f"  process CPU ms / turn     {1000 * (c1 - c0) / turns:.1f} (controller and test client)")
+        for q, c in sql.queries.most_common(40):
+            print(f"    {c / turns:5.2f}  {q}")
+    for g in games:
+        assert (await runtime(api, g))["turn"] == TURNS
+
+
+async def _turn_known(api, game: str) -> bool:
+    body = await runtime(api, game)
+    return body["turn"] is not None and body["status"] == "running"
