@@ -351,6 +351,13 @@ class Reconciler:
         except PermanentError as exc:
             result = "failed"
             assert record is not None
+            if record.status is Status.NODE_LOST and action.kind in _RESTORING:
+                # The first start after its node came back: what fails is the engine the node's dockerd
+                # stopped when the node went down (Swarm shows its task running until the node's agent
+                # reports the exit). Not a crash; the next look starts it (and counts a failure then).
+                log.warning("the engine did not survive the loss of its node: starting it again (not a crash): %s",
+                            exc.message, extra={"game_id": game_id})
+                return AGAIN
             if record.converged and action.kind in _RESTORING and not isinstance(exc, ImageRejected):
                 # Nobody asked for this start: the controller was bringing back a game that
                 # crashed or vanished. It counts as one more crash, with backoff and a limit.

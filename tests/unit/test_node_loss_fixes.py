@@ -420,3 +420,38 @@ async def test_the_directories_made_on_a_node_are_made_again_after_it_was_lost()
     b._dirs_made = {("/srv/games/g1", "n1"), ("/srv/games/g2", "n2")}
     assert await b.lost_nodes() == frozenset({"n1"})
     assert b._dirs_made == {("/srv/games/g2", "n2")}
+
+
+async def test_a_stale_running_task_on_a_node_that_came_back_is_not_a_crash_when_its_exit_arrives(tmp_path):
+    """Swarm keeps a lost node's task at its last state ("running") while the node is down, and for a
+    moment after it comes back, until the node's agent reports that its dockerd stopped the engine
+    (exit code 0). The controller confirms that stale task, sees the exit arrive during the health wait,
+    and must not count it as a crash (seen on a loaded CI machine): the game is started again, crash 0."""
+    w = world(tmp_path, "wait")
+    await on_node(w, "g1", "n2")
+    w.backend.lose_node("n2")
+    rec = await w.sync("g1")
+    assert rec.status is Status.NODE_LOST and rec.crash_count == 0, rec
+    w.backend.lost.discard("n2")
+    [unit] = [c for c in w.backend.containers.values() if c.node == "n2"]
+    unit.state = "running"  # back; its task reads "running" again until the node's agent reports the exit
+    real = w.engine.wait_healthy
+
+    async def the_agent_reports_the_exit(host, timeout, still_worth_it=None):
+        w.engine.wait_healthy = real  # once: the next start's engine is healthy
+        unit.state, unit.exit_code = "exited", 0
+        await asyncio.sleep(0.6)  # Starts.confirm looks at most every 0.5 s
+        if still_worth_it is not None:
+            await still_worth_it()
+        return False, "connection refused"
+
+    w.engine.wait_healthy = the_agent_reports_the_exit
+    try:
+        await sync_quiet(w, "g1")
+    finally:
+        w.engine.wait_healthy = real
+    rec = w.store.records["g1"]
+    assert rec.crash_count == 0 and rec.desired_status is DesiredStatus.RUNNING, rec
+    rec = await sync_quiet(w, "g1")
+    assert rec.status is Status.RUNNING and rec.crash_count == 0 and rec.node_id == "n2", rec
+    assert len(w.running("g1")) == 1
