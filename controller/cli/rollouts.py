@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
+from controller.cli.common import open_store, table
 from controller.config import Settings
 from desired.errors import NotFound
 from desired.ports import RolloutAdminStore
@@ -63,12 +63,6 @@ def _json(rollout: Rollout, by_state: dict[str, int], games: list[RolloutGame] |
     return json.dumps(rollout_json(rollout, by_state, games), indent=2)
 
 
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-
-
 def _summary(by_state: dict[str, int]) -> str:
     return " ".join(f"{s.value}={by_state.get(s.value, 0)}" for s in GameState)
 
@@ -84,7 +78,7 @@ def _show(rollout: Rollout, games: list[RolloutGame], as_json: bool) -> None:
     print(f"  max_parallel={rollout.max_parallel} canary={rollout.canary} canary_hold={rollout.canary_hold:g}s "
           f"failure_budget={rollout.failure_budget} on_failure={rollout.on_failure.value}")
     print(f"  {_summary(by_state)}")
-    _table([("GAME", "STATE", "CANARY", "WHY")] + [
+    table([("GAME", "STATE", "CANARY", "WHY")] + [
         (g.game_id, g.state.value, "yes" if g.canary else "", g.reason) for g in games])
 
 
@@ -115,7 +109,7 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
                 from controller.rollouts_http import rollout_json
                 print(json.dumps({"rollouts": [rollout_json(r, c) for r, c in found]}, indent=2))
                 return 0
-            _table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
+            table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
                 (str(r.id), r.state.value, r.target_version, r.source_version or "-", _summary(c), r.state_reason)
                 for r, c in found])
             return 0
@@ -132,3 +126,9 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
     except NotFound:
         print(f"rtmanager rollout: no rollout {args.rollout_id}", file=sys.stderr)
         return 1
+
+
+async def rollout(settings: Settings, args: argparse.Namespace) -> int:
+    """Rollouts, straight in the database: the leader's rollout loop reads the rows."""
+    async with open_store(settings) as store:
+        return await rollout_command(store, settings, args)
