@@ -16,6 +16,7 @@ Local commands, on the database, Redis and the container daemon directly (the co
     rtmanager versions list|add|stop-grace|deprecate|disable|activate|remove ...          (registry.py)
     rtmanager drain NODE|--host ... / undrain ID|NODE|--host / drains [ID] [--json]       (drains.py)
     rtmanager rollout start|status|pause|resume|abort ...                                 (rollouts.py)
+    (versions, drain, undrain, drains and rollout take --api: through the REST API, admin_rest.py)
 
 REST commands, through the controller's REST API (``RTMANAGER_API_URL``, ``RTMANAGER_API_TOKEN``;
 api.py, runtimes.py):

@@ -44,6 +44,15 @@ def add_api_options(parser: argparse.ArgumentParser) -> None:
                                                              "(default: RTMANAGER_API_TOKEN)")
 
 
+def api_switch() -> argparse.ArgumentParser:
+    """A parent parser: ``--api`` (through the REST API, not the database) and where the API is."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--api", action="store_true", help="through the REST API instead of the database "
+                                                            "(RTMANAGER_API_URL, RTMANAGER_API_TOKEN)")
+    add_api_options(parent)
+    return parent
+
+
 def target(args: argparse.Namespace, environ: dict[str, str] | None = None) -> tuple[str, str]:
     """(base URL, token); ValueError with the reason when there is no token."""
     env = dict(os.environ) if environ is None else environ

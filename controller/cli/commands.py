@@ -9,6 +9,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
 from controller.cli import catch_signals_early, drains, local, registry, signalled, streams
+from controller.cli.admin_rest import admin_command
+from controller.cli.api import api_switch
 from controller.cli.common import load_settings
 from controller.cli.rollouts import add_rollout_parser, rollout
 from controller.cli.runtimes import REST_COMMANDS, rest_command
@@ -43,23 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--all", action="store_true", help="every unowned container")
     dp = sub.add_parser("dispose", help="stop gracefully and remove unowned containers")
     dp.add_argument("games", nargs="+", metavar="GAME")
+    api = api_switch()  # --api: through the REST API
     vp = sub.add_parser("versions", help="the engine-version registry")
     vsub = vp.add_subparsers(dest="action", required=True)
-    vl = vsub.add_parser("list")
+    vl = vsub.add_parser("list", parents=[api])
     vl.add_argument("--status", choices=("active", "deprecated", "disabled"))
-    va = vsub.add_parser("add")
+    vl.add_argument("--json", action="store_true")
+    va = vsub.add_parser("add", parents=[api])
     va.add_argument("version")
     va.add_argument("image_ref")
     va.add_argument("--notes", default="")
     va.add_argument("--pull", action="store_true", help="pull the image first")
     va.add_argument("--stop-grace", metavar="SECONDS",
                     help="seconds between SIGTERM and SIGKILL for its engines (default: RTMANAGER_STOP_GRACE)")
-    vg = vsub.add_parser("stop-grace", help="set a version's seconds between SIGTERM and SIGKILL")
+    vg = vsub.add_parser("stop-grace", parents=[api], help="set a version's seconds between SIGTERM and SIGKILL")
     vg.add_argument("version")
     vg.add_argument("stop_grace", metavar="SECONDS|default")
     for action in ("deprecate", "disable", "activate", "remove"):
-        vsub.add_parser(action).add_argument("version")
-    drp = sub.add_parser("drain", help="take a Swarm node (NODE) or the Docker host (--host) out of use")
+        vsub.add_parser(action, parents=[api]).add_argument("version")
+    drp = sub.add_parser("drain", parents=[api], help="take a Swarm node (NODE) or the Docker host (--host) out of use")
     drp.add_argument("node", nargs="?", metavar="NODE", help="the Swarm node id")
     drp.add_argument("--host", action="store_true", help="the Docker host (Docker backend)")
     drp.add_argument("--max-parallel", type=int, help="games stopped or moved at a time (default 1)")
@@ -69,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     drp.add_argument("--local-state", choices=("stop", "move_without_state"),
                      help="Swarm with node-local state (RTMANAGER_STATE_SHARED=0): stop the games (their state "
                           "stays on the node) or move them without it")
-    unp = sub.add_parser("undrain", help="end a drain (by id, node, or --host)")
+    unp = sub.add_parser("undrain", parents=[api], help="end a drain (by id, node, or --host)")
     unp.add_argument("target", nargs="?", metavar="ID|NODE")
     unp.add_argument("--host", action="store_true")
-    dsp = sub.add_parser("drains", help="list the drains, or show one with its games")
+    dsp = sub.add_parser("drains", parents=[api], help="list the drains, or show one with its games")
     dsp.add_argument("id", nargs="?", type=int, metavar="ID")
     dsp.add_argument("--json", action="store_true")
-    add_rollout_parser(sub)
+    add_rollout_parser(sub, api)
     add_rest_parsers(sub)
     sub.add_parser("doctor", help="check Postgres, Redis and Docker")
     sub.add_parser("env", help="list the configuration variables and their defaults")
@@ -99,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in REST_COMMANDS:  # the REST API's, not the controller's configuration
         setup_logging("text", "WARNING")
         _finish(args.command, rest_command(args))
+    if getattr(args, "api", False):  # versions, drains, rollouts through the REST API
+        setup_logging("text", "WARNING")
+        _finish(args.command, admin_command(args))
     settings = load_settings()
     if args.command == "run":
         setup_logging(args.log_format or settings.logging.log_format, settings.logging.log_level)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from datetime import datetime
 
-from controller.cli.common import open_backend, open_store
+from controller.cli.common import open_backend, open_store, print_json, table
 from controller.config import Settings
 
 
@@ -19,12 +21,15 @@ async def versions(settings: Settings, args: argparse.Namespace) -> int:
     async with open_store(settings) as store:
         if args.action == "list":
             entries = await store.list_versions(VersionStatus(args.status) if args.status else None)
+            if args.json:  # the REST answer's fields, but image_present (the daemon is not asked)
+                print_json({"engine_versions": [
+                    {k: getattr(v, "value", v) if not isinstance(v, datetime) else v.isoformat()
+                     for k, v in dataclasses.asdict(e).items()} for e in entries]})
+                return 0
             rows = [("VERSION", "STATUS", "IMAGE", "STOP_GRACE", "NOTES")] + [
                 (e.version, e.status.value, e.image_ref, "default" if e.stop_grace is None else str(e.stop_grace),
                  e.notes.splitlines()[0] if e.notes else "") for e in entries]
-            widths = [max(len(r[i]) for r in rows) for i in range(5)]
-            for r in rows:
-                print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            table(rows)
             return 0
         version = args.version
         if not VERSION_PATTERN.fullmatch(version):

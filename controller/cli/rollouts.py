@@ -34,10 +34,11 @@ from desired.rollouts import (
 )
 
 
-def add_rollout_parser(sub: Any) -> None:
+def add_rollout_parser(sub: Any, api: argparse.ArgumentParser) -> None:
+    """``api``: the parent parser of ``--api`` (controller/cli/admin_rest.py)."""
     rp = sub.add_parser("rollout", help="rolling engine-version rollouts")
     rsub = rp.add_subparsers(dest="action", required=True)
-    st = rsub.add_parser("start", help="move games to an engine version, a few at a time")
+    st = rsub.add_parser("start", parents=[api], help="move games to an engine version, a few at a time")
     st.add_argument("games", nargs="*", metavar="GAME", help="these games (or --from)")
     st.add_argument("--to", dest="target_version", required=True, metavar="VERSION", help="the target version")
     st.add_argument("--from", dest="source_version", metavar="VERSION", help="every live game on this version")
@@ -48,12 +49,12 @@ def add_rollout_parser(sub: Any) -> None:
     st.add_argument("--on-failure", choices=("rollback", "stop"), default="rollback")
     st.add_argument("--force", action="store_true", help="do not wait for a turn generation to end")
     st.add_argument("--json", action="store_true")
-    ss = rsub.add_parser("status", help="rollouts, or one rollout's games")
+    ss = rsub.add_parser("status", parents=[api], help="rollouts, or one rollout's games")
     ss.add_argument("rollout_id", nargs="?", type=int, metavar="ID")
     ss.add_argument("--state", choices=[s.value for s in RolloutState])
     ss.add_argument("--json", action="store_true")
     for action in Action:
-        ap = rsub.add_parser(action.value)
+        ap = rsub.add_parser(action.value, parents=[api])
         ap.add_argument("rollout_id", type=int, metavar="ID")
         ap.add_argument("--json", action="store_true")
 

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from controller.admission import Admission
+from controller.cli.admin_rest import admin_command
 from controller.cli.commands import build_parser
 from controller.cli.runtimes import PENDING, rest_command
 from controller.config import HttpSettings
@@ -79,7 +80,10 @@ class Canned:
         body = await request.json() if request.can_read_body else None
         self.seen.append({"method": request.method, "path": request.path, "query": dict(request.query),
                           "body": body, "auth": request.headers.get("Authorization")})
-        status, answer = self.answers.get(request.path, (404, {"error": "no such game"}))
+        status, answer = self.answers.get(f"{request.method} {request.path}",
+                                          self.answers.get(request.path, (404, {"error": "no such game"})))
+        if status == 204:
+            return web.Response(status=204)
         return web.json_response(answer, status=status)
 
 
@@ -265,3 +269,101 @@ async def test_schedule_and_resync(canned, capsys):
     fake.answers["/api/v1/runtimes/g1/schedule"] = (409, {"error": "game g1 is removed"})
     code, out, err = await cli(capsys, url, "schedule", "g1", "90")
     assert code == 1 and err == "rtmanager schedule: game g1 is removed (HTTP 409)\n"
+
+
+# ------------------------------------------------------------------ --api: versions, drains, rollouts
+async def admin(capsys, url: str, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    args = build_parser().parse_args([*argv, "--api", "--url", url])
+    code = await admin_command(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+VERSION = {"id": 1, "version": "1.1", "image_ref": "galaxy/engine:1.1", "status": "active", "notes": "new\nmore",
+           "stop_grace": None, "created_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T00:00:00+00:00",
+           "image_present": True}
+
+
+async def test_versions_through_the_api(canned, capsys):
+    url, fake = canned
+    path = "/api/v1/admin/engine-versions"
+    fake.answers[f"GET {path}"] = (200, {"engine_versions": [VERSION]})
+    code, out, err = await admin(capsys, url, "versions", "list", "--status", "active")
+    assert code == 0 and out.split("\n")[1].split() == ["1.1", "active", "galaxy/engine:1.1", "default", "yes", "new"]
+    assert fake.seen[-1]["query"] == {"status": "active"} and fake.seen[-1]["auth"] == f"Bearer {TOKEN}"
+    code, out, _ = await admin(capsys, url, "versions", "list", "--json")
+    assert json.loads(out) == {"engine_versions": [VERSION]}
+    fake.answers[f"POST {path}"] = (201, VERSION)
+    code, out, err = await admin(capsys, url, "versions", "add", "1.1", "galaxy/engine:1.1", "--pull",
+                                 "--stop-grace", "30", "--notes", "new")
+    assert code == 0 and out == "1.1: galaxy/engine:1.1 (active)\n"
+    assert fake.seen[-1]["query"] == {"pull": "1"} and fake.seen[-1]["body"] == {
+        "version": "1.1", "image_ref": "galaxy/engine:1.1", "notes": "new", "stop_grace": 30}
+    fake.answers[f"PATCH {path}/1.1"] = (200, {**VERSION, "status": "deprecated"})
+    code, out, _ = await admin(capsys, url, "versions", "deprecate", "1.1")
+    assert (code, out, fake.seen[-1]["body"]) == (0, "1.1: deprecated\n", {"status": "deprecated"})
+    fake.answers[f"PATCH {path}/1.1"] = (200, VERSION)
+    code, out, _ = await admin(capsys, url, "versions", "stop-grace", "1.1", "default")
+    assert (code, out, fake.seen[-1]["body"]) == (0, "1.1: stop grace RTMANAGER_STOP_GRACE\n", {"stop_grace": None})
+    fake.answers[f"DELETE {path}/1.1"] = (204, None)
+    code, out, _ = await admin(capsys, url, "versions", "remove", "1.1")
+    assert (code, out, fake.seen[-1]["method"]) == (0, "1.1: removed\n", "DELETE")
+    fake.answers[f"DELETE {path}/1.1"] = (409, {"error": "games use it: g1"})
+    code, _, err = await admin(capsys, url, "versions", "remove", "1.1")
+    assert code == 1 and err == "rtmanager versions: games use it: g1 (HTTP 409)\n"
+    fake.answers[f"PATCH {path}/1.1"] = (400, {"error": "field stop_grace must be whole seconds"})
+    code, _, err = await admin(capsys, url, "versions", "stop-grace", "1.1", "-1")
+    assert code == 2 and "stop_grace" in err
+
+
+DRAIN = {"id": 5, "node": None, "target": "host", "status": "draining", "max_parallel": 2,
+         "deadline_at": "2026-01-01T01:00:00+00:00", "created_at": "2026-01-01T00:00:00+00:00"}
+
+
+async def test_drains_through_the_api(canned, capsys):
+    url, fake = canned
+    fake.answers["POST /api/v1/drains"] = (201, DRAIN)
+    code, out, err = await admin(capsys, url, "drain", "--host", "--max-parallel", "2")
+    assert code == 0 and out.startswith("drain 5: host draining, 2 at a time") and fake.seen[-1]["body"] == {
+        "host": True, "max_parallel": 2}
+    fake.answers["GET /api/v1/drains"] = (200, {"drains": [{**DRAIN, "id": 4, "status": "undrained"}, DRAIN]})
+    fake.answers["POST /api/v1/drains/5/undrain"] = (200, {**DRAIN, "status": "undraining"})
+    code, out, err = await admin(capsys, url, "undrain", "--host")
+    assert code == 0 and out == "drain 5: host undraining\n" and fake.seen[-1]["path"] == "/api/v1/drains/5/undrain"
+    code, out, err = await admin(capsys, url, "undrain", "node-7")
+    assert code == 1 and err == "rtmanager undrain: node node-7 has no active drain\n"
+    code, out, _ = await admin(capsys, url, "drains", "--json")
+    assert [d["id"] for d in json.loads(out)["drains"]] == [4, 5]
+    fake.answers["GET /api/v1/drains/5"] = (200, {**DRAIN, "counts": {"waiting": 1}, "games": [
+        {"game_id": "g1", "action": "stop", "state": "waiting", "from_node": None, "to_node": None, "note": ""}]})
+    code, out, _ = await admin(capsys, url, "drains", "5")
+    assert code == 0 and out.splitlines()[2].split() == ["g1", "stop", "waiting", "-", "-"]
+
+
+ROLLOUT = {"id": 3, "source_version": "1.0", "target_version": "1.1", "target_image_ref": "galaxy/engine:1.1",
+           "state": "running", "state_reason": "", "max_parallel": 2, "canary": 1, "canary_hold": 60.0,
+           "failure_budget": 1, "on_failure": "rollback", "games_by_state": {"pending": 1, "done": 1},
+           "games": [{"game_id": "g1", "state": "done", "canary": True, "reason": ""},
+                     {"game_id": "g2", "state": "pending", "canary": False, "reason": ""}]}
+
+
+async def test_rollouts_through_the_api(canned, capsys):
+    url, fake = canned
+    fake.answers["POST /api/v1/rollouts"] = (201, ROLLOUT)
+    code, out, err = await admin(capsys, url, "rollout", "start", "--to", "1.1", "--from", "1.0", "--canary", "1",
+                                 "--max-parallel", "2")
+    assert code == 0, err
+    assert out.startswith("rollout 3: from 1.0 to 1.1 (galaxy/engine:1.1) running") and "g2" in out
+    assert fake.seen[-1]["body"] == {"target_version": "1.1", "source_version": "1.0", "max_parallel": 2,
+                                     "canary": 1, "canary_hold": 60.0, "failure_budget": 1, "on_failure": "rollback",
+                                     "force": False}
+    fake.answers["GET /api/v1/rollouts"] = (200, {"rollouts": [ROLLOUT]})
+    code, out, _ = await admin(capsys, url, "rollout", "status", "--state", "running")
+    assert code == 0 and out.splitlines()[1].split()[:4] == ["3", "running", "1.1", "1.0"]
+    fake.answers["POST /api/v1/rollouts/3/pause"] = (200, {**ROLLOUT, "state": "paused"})
+    code, out, _ = await admin(capsys, url, "rollout", "pause", "3", "--json")
+    assert code == 0 and json.loads(out)["state"] == "paused"
+    fake.answers["POST /api/v1/rollouts/3/resume"] = (409, {"error": "rollout 3 is running"})
+    code, _, err = await admin(capsys, url, "rollout", "resume", "3")
+    assert code == 1 and err == "rtmanager rollout: rollout 3 is running (HTTP 409)\n"
