@@ -367,3 +367,15 @@ async def test_rollouts_through_the_api(canned, capsys):
     fake.answers["POST /api/v1/rollouts/3/resume"] = (409, {"error": "rollout 3 is running"})
     code, _, err = await admin(capsys, url, "rollout", "resume", "3")
     assert code == 1 and err == "rtmanager rollout: rollout 3 is running (HTTP 409)\n"
+
+
+@pytest.mark.parametrize("argv", [["restart", "g1"], ["runtimes"], ["versions", "list", "--api"],
+                                  ["rollout", "status", "--api"], ["drains", "--api"]])
+def test_the_rest_commands_read_no_controller_configuration(argv, monkeypatch, capsys):
+    """Through the real entry point: a configuration the controller would refuse (exit 2) is not read."""
+    from controller.cli import main
+    monkeypatch.setenv("RTMANAGER_HTTP_PORT", "not-a-port")
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.startswith(f"rtmanager {argv[0]}: cannot reach http://127.0.0.1:9"), err
