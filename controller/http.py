@@ -53,8 +53,8 @@ from desired.model import (
     OpSource,
     Outcome,
     RuntimeRecord,
-    Status,
 )
+from desired.paging import InvalidPage, encode_cursor, parse_page
 from desired.ports import DrainStore, RolloutAdminStore, SurfaceStore
 from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, EngineVersion, VersionStatus, valid_stop_grace
@@ -473,15 +473,14 @@ class HttpServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def list_runtimes(self, request: web.Request) -> web.Response:
-        status = request.query.get("status")
-        if status is not None:
-            try:
-                records = await self.deps.store.list_by_status(Status(status))
-            except ValueError:
-                return _error(400, f"status must be one of {', '.join(s.value for s in Status)}")
-        else:
-            records = await self.deps.store.list()
-        return web.json_response({"runtimes": [record_json(r) for r in records]})
+        """A page of records by game_id (desired/paging.py): ``next`` continues it, null on the last page."""
+        try:
+            page = parse_page(dict(request.query))
+        except InvalidPage as exc:
+            return _error(400, str(exc))
+        records, more = await self.deps.store.page(page)
+        return web.json_response({"runtimes": [record_json(r) for r in records],
+                                  "next": encode_cursor(records[-1].game_id) if more else None})
 
     async def get_runtime(self, request: web.Request) -> web.Response:
         game_id = request.match_info["game_id"]

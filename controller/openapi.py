@@ -26,6 +26,7 @@ from desired.model import (
     Status,
     StopReason,
 )
+from desired.paging import MAX_PAGE
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
 # The jobs the REST API takes, by their path (``turn`` is the turn clock's own).
@@ -82,11 +83,27 @@ def openapi_document() -> dict[str, Any]:
 
     paths: dict[str, Any] = {
         "/api/v1/runtimes": {"get": {
-            "operationId": "listRuntimes", "summary": "List runtime records",
-            "parameters": [{"name": "status", "in": "query", "required": False, "schema": _enum(Status)}],
-            "responses": {"200": {"description": "runtime records", "content": {"application/json": {"schema": {
-                "type": "object", "required": ["runtimes"], "properties": {
-                    "runtimes": {"type": "array", "items": {"$ref": "#/components/schemas/Runtime"}}}}}}},
+            "operationId": "listRuntimes",
+            "summary": "List runtime records by game_id, a page at a time (pass next back as cursor)",
+            "parameters": [
+                {"name": "status", "in": "query", "required": False, "schema": _enum(Status)},
+                {"name": "engine_version", "in": "query", "required": False,
+                 "description": "only games on this registered engine version",
+                 "schema": {"type": "string", "pattern": VERSION_PATTERN.pattern}},
+                {"name": "node", "in": "query", "required": False,
+                 "description": "only games whose state lives on this Swarm node (its id)",
+                 "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+                {"name": "limit", "in": "query", "required": False,
+                 "description": f"records per page (default and maximum {MAX_PAGE})",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+                {"name": "cursor", "in": "query", "required": False,
+                 "description": "the next of the previous page (opaque); absent: the first page",
+                 "schema": {"type": "string", "minLength": 1}}],
+            "responses": {"200": {"description": "a page of runtime records", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["runtimes", "next"], "properties": {
+                    "runtimes": {"type": "array", "items": {"$ref": "#/components/schemas/Runtime"}},
+                    "next": {"type": "string", "nullable": True,
+                             "description": "the cursor of the next page; null on the last page"}}}}}},
                 "400": {"$ref": "#/components/responses/BadRequest"},
                 "401": {"$ref": "#/components/responses/Unauthorized"},
                 "503": {"$ref": "#/components/responses/Unavailable"}}}},

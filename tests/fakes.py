@@ -42,6 +42,7 @@ from desired.model import (
     Status,
     check_transition,
 )
+from desired.paging import PageRequest
 from desired.policy import CrashPolicy, CrashVerdict, next_crash
 from desired.ports import (
     AdmissionStore,
@@ -609,6 +610,14 @@ class FakeStore:
 
     async def list_by_status(self, status: Status) -> builtins.list[RuntimeRecord]:
         return [r for r in await self.list() if r.status is status]
+
+    async def page(self, request: PageRequest) -> tuple[builtins.list[RuntimeRecord], bool]:
+        f = request.filter
+        found = [r for r in await self.list() if (request.after is None or r.game_id > request.after)
+                 and (f.status is None or r.status is f.status)
+                 and (f.engine_version is None or r.engine_version == f.engine_version)
+                 and (f.node is None or r.node_id == f.node)]
+        return found[:request.limit], len(found) > request.limit
 
     async def list_live(self) -> builtins.list[RuntimeRecord]:
         return [r for r in await self.list() if r.status is not Status.REMOVED

@@ -10,6 +10,7 @@ from desired.db.pool import translating
 from desired.db.rows import operation_from_row, record_from_row
 from desired.errors import NotFound
 from desired.model import UP, RuntimeRecord, Status
+from desired.paging import PageRequest
 from desired.values import Operation
 
 
@@ -31,6 +32,17 @@ class Records(StoreBase):
     async def list(self) -> list[RuntimeRecord]:
         rows = await self.pool.fetch("SELECT * FROM runtime_records ORDER BY game_id")
         return [record_from_row(r) for r in rows]
+
+    async def page(self, request: PageRequest) -> tuple[builtins.list[RuntimeRecord], bool]:
+        """Up to ``request.limit`` records after the keyset, by game_id, and whether more follow (the
+        primary key's index serves the order and the keyset)."""
+        f = request.filter
+        rows = await self.pool.fetch(
+            "SELECT * FROM runtime_records WHERE ($1::text IS NULL OR game_id > $1)"
+            " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR engine_version = $3)"
+            " AND ($4::text IS NULL OR node_id = $4) ORDER BY game_id LIMIT $5",
+            request.after, f.status.value if f.status else None, f.engine_version, f.node, request.limit + 1)
+        return [record_from_row(r) for r in rows[:request.limit]], len(rows) > request.limit
 
     async def list_up(self) -> builtins.list[RuntimeRecord]:
         """Games whose engine's container should be running (every UP status)."""

@@ -4,6 +4,7 @@ admission and at every container start, and the CLI."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -169,6 +170,9 @@ def test_the_versions_cli(rtm_env, database_url):
     assert cli("deprecate", "2.0").returncode == 0
     listing = cli("list", "--status", "deprecated")
     assert "2.0" in listing.stdout and "from the CLI" in listing.stdout
+    listing = cli("list", "--status", "deprecated", "--json")
+    assert [(e["version"], e["status"], e["stop_grace"]) for e in json.loads(listing.stdout)["engine_versions"]] == [
+        ("2.0", "deprecated", None)], listing
     assert cli("disable", "2.0").returncode == 0
     assert cli("remove", "2.0").returncode == 0
     assert cli("remove", "2.0").returncode == 1

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
+from controller.cli.common import open_store, table
 from controller.config import Settings
 from desired.errors import NotFound
 from desired.ports import RolloutAdminStore
@@ -34,10 +34,11 @@ from desired.rollouts import (
 )
 
 
-def add_rollout_parser(sub: Any) -> None:
+def add_rollout_parser(sub: Any, api: argparse.ArgumentParser) -> None:
+    """``api``: the parent parser of ``--api`` (controller/cli/admin_rest.py)."""
     rp = sub.add_parser("rollout", help="rolling engine-version rollouts")
     rsub = rp.add_subparsers(dest="action", required=True)
-    st = rsub.add_parser("start", help="move games to an engine version, a few at a time")
+    st = rsub.add_parser("start", parents=[api], help="move games to an engine version, a few at a time")
     st.add_argument("games", nargs="*", metavar="GAME", help="these games (or --from)")
     st.add_argument("--to", dest="target_version", required=True, metavar="VERSION", help="the target version")
     st.add_argument("--from", dest="source_version", metavar="VERSION", help="every live game on this version")
@@ -48,12 +49,12 @@ def add_rollout_parser(sub: Any) -> None:
     st.add_argument("--on-failure", choices=("rollback", "stop"), default="rollback")
     st.add_argument("--force", action="store_true", help="do not wait for a turn generation to end")
     st.add_argument("--json", action="store_true")
-    ss = rsub.add_parser("status", help="rollouts, or one rollout's games")
+    ss = rsub.add_parser("status", parents=[api], help="rollouts, or one rollout's games")
     ss.add_argument("rollout_id", nargs="?", type=int, metavar="ID")
     ss.add_argument("--state", choices=[s.value for s in RolloutState])
     ss.add_argument("--json", action="store_true")
     for action in Action:
-        ap = rsub.add_parser(action.value)
+        ap = rsub.add_parser(action.value, parents=[api])
         ap.add_argument("rollout_id", type=int, metavar="ID")
         ap.add_argument("--json", action="store_true")
 
@@ -61,12 +62,6 @@ def add_rollout_parser(sub: Any) -> None:
 def _json(rollout: Rollout, by_state: dict[str, int], games: list[RolloutGame] | None = None) -> str:
     from controller.rollouts_http import rollout_json
     return json.dumps(rollout_json(rollout, by_state, games), indent=2)
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _summary(by_state: dict[str, int]) -> str:
@@ -84,7 +79,7 @@ def _show(rollout: Rollout, games: list[RolloutGame], as_json: bool) -> None:
     print(f"  max_parallel={rollout.max_parallel} canary={rollout.canary} canary_hold={rollout.canary_hold:g}s "
           f"failure_budget={rollout.failure_budget} on_failure={rollout.on_failure.value}")
     print(f"  {_summary(by_state)}")
-    _table([("GAME", "STATE", "CANARY", "WHY")] + [
+    table([("GAME", "STATE", "CANARY", "WHY")] + [
         (g.game_id, g.state.value, "yes" if g.canary else "", g.reason) for g in games])
 
 
@@ -115,7 +110,7 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
                 from controller.rollouts_http import rollout_json
                 print(json.dumps({"rollouts": [rollout_json(r, c) for r, c in found]}, indent=2))
                 return 0
-            _table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
+            table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
                 (str(r.id), r.state.value, r.target_version, r.source_version or "-", _summary(c), r.state_reason)
                 for r, c in found])
             return 0
@@ -132,3 +127,9 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
     except NotFound:
         print(f"rtmanager rollout: no rollout {args.rollout_id}", file=sys.stderr)
         return 1
+
+
+async def rollout(settings: Settings, args: argparse.Namespace) -> int:
+    """Rollouts, straight in the database: the leader's rollout loop reads the rows."""
+    async with open_store(settings) as store:
+        return await rollout_command(store, settings, args)

@@ -1,0 +1,204 @@
+"""``--api``: the registry, drain and rollout commands through the REST API instead of the database.
+
+``rtmanager versions|drain|undrain|drains|rollout ... --api`` sends what the command would write to
+the REST API (``RTMANAGER_API_URL``, ``RTMANAGER_API_TOKEN``; controller/cli/api.py), so that it runs
+from a host with no database access and is checked, and recorded, as any admin request is. The output
+is the local command's (the same lines, tables and ``--json``); the exit status is that of the REST
+commands (controller/cli/runtimes.py): 0 done, 1 refused, 2 a bad request.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from controller.cli.api import Answer, ApiClient, ApiError, target
+from controller.cli.common import fail, print_json, table
+
+VERSIONS = "/api/v1/admin/engine-versions"
+
+
+async def admin_command(args: argparse.Namespace) -> int:
+    command = args.command
+    try:
+        url, token = target(args)
+    except (ValueError, OSError) as exc:
+        return fail(command, str(exc), 2)
+    try:
+        async with ApiClient(url, token) as client:
+            if command == "versions":
+                return await _versions(client, args)
+            if command == "rollout":
+                return await _rollout(client, args)
+            return await _drains(client, args)
+    except ApiError as exc:
+        return fail(command, str(exc))
+
+
+def _refused(command: str, answer: Answer) -> int:
+    return fail(command, answer.error, 2 if answer.status == 400 else 1)
+
+
+# ------------------------------------------------------------------ versions
+async def _versions(client: ApiClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        answer = await client.call("GET", VERSIONS, query={"status": args.status} if args.status else None)
+        if answer.status != 200:
+            return _refused("versions", answer)
+        if args.json:
+            print_json(answer.body)
+            return 0
+        table([("VERSION", "STATUS", "IMAGE", "STOP_GRACE", "IMAGE_PRESENT", "NOTES")] + [
+            (e["version"], e["status"], e["image_ref"],
+             "default" if e.get("stop_grace") is None else str(e["stop_grace"]),
+             {True: "yes", False: "no"}.get(e.get("image_present"), "?"),
+             e["notes"].splitlines()[0] if e.get("notes") else "") for e in answer.body["engine_versions"]])
+        return 0
+    version = args.version
+    path = f"{VERSIONS}/{version}"
+    if args.action == "add":
+        body: dict[str, Any] = {"version": version, "image_ref": args.image_ref, "notes": args.notes or ""}
+        if args.stop_grace is not None and args.stop_grace != "default":
+            body["stop_grace"] = int(args.stop_grace) if args.stop_grace.isdigit() else args.stop_grace
+        answer = await client.call("POST", VERSIONS, query={"pull": "1" if args.pull else "0"}, body=body,
+                                   timeout=600.0 if args.pull else 30.0)
+        ok = 201
+    elif args.action == "remove":
+        answer = await client.call("DELETE", path)
+        if answer.status == 204:
+            print(f"{version}: removed")
+            return 0
+        return _refused("versions", answer)
+    elif args.action == "stop-grace":
+        raw = args.stop_grace
+        answer = await client.call("PATCH", path, body={"stop_grace": None if raw == "default" else (
+            int(raw) if raw.isdigit() else raw)})
+        ok = 200
+    else:
+        status = {"deprecate": "deprecated", "disable": "disabled", "activate": "active"}[args.action]
+        answer = await client.call("PATCH", path, body={"status": status})
+        ok = 200
+    if answer.status != ok:
+        return _refused("versions", answer)
+    e = answer.body
+    if args.action == "stop-grace":
+        shown = "RTMANAGER_STOP_GRACE" if e.get("stop_grace") is None else f"{e['stop_grace']}s"
+        print(f"{e['version']}: stop grace {shown}")
+    elif args.action == "add":
+        print(f"{e['version']}: {e['image_ref']} ({e['status']})")
+    else:
+        print(f"{e['version']}: {e['status']}")
+    return 0
+
+
+# ------------------------------------------------------------------ drains
+async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
+    command = args.command
+    if command == "drain":
+        body: dict[str, Any] = {"host": True} if args.host else {"node": args.node}
+        for name in ("max_parallel", "deadline", "on_deadline", "local_state"):
+            if getattr(args, name) is not None:
+                body[name] = getattr(args, name)
+        answer = await client.call("POST", "/api/v1/drains", body=body)
+        if answer.status != 201:
+            return _refused(command, answer)
+        d = answer.body
+        print(f"drain {d['id']}: {d['target']} draining, {d['max_parallel']} at a time, deadline {d['deadline_at']}")
+        return 0
+    if command == "undrain":
+        target_ = args.target
+        if args.host or (target_ is not None and not target_.isdigit()):
+            listed = await client.call("GET", "/api/v1/drains")
+            if listed.status != 200:
+                return _refused(command, listed)
+            want = "host" if args.host else target_
+            active = [d for d in listed.body["drains"] if d["target"] == want
+                      and d["status"] not in ("undrained", "failed")]
+            if not active:
+                return fail(command, f"{'the host' if args.host else 'node ' + target_} has no active drain")
+            drain_id = str(active[0]["id"])
+        else:
+            drain_id = target_
+        answer = await client.call("POST", f"/api/v1/drains/{drain_id}/undrain")
+        if answer.status != 200:
+            return _refused(command, answer)
+        print(f"drain {answer.body['id']}: {answer.body['target']} {answer.body['status']}")
+        return 0
+    if args.id is not None:
+        answer = await client.call("GET", f"/api/v1/drains/{args.id}")
+        if answer.status != 200:
+            return _refused(command, answer)
+        d = answer.body
+        if args.json:
+            print_json(d)
+            return 0
+        print(f"drain {d['id']}: {d['target']} {d['status']}; counts {d['counts']}")
+        table([("GAME", "ACTION", "STATE", "FROM", "TO", "NOTE")] + [
+            (g["game_id"], g["action"], g["state"], g.get("from_node") or "-", g.get("to_node") or "-",
+             g.get("note") or "") for g in d["games"]])
+        return 0
+    answer = await client.call("GET", "/api/v1/drains")
+    if answer.status != 200:
+        return _refused(command, answer)
+    if args.json:
+        print_json(answer.body)
+        return 0
+    table([("ID", "TARGET", "STATUS", "PARALLEL", "DEADLINE", "CREATED")] + [
+        (str(d["id"]), d["target"], d["status"], str(d["max_parallel"]), d["deadline_at"], d["created_at"])
+        for d in answer.body["drains"]])
+    return 0
+
+
+# ------------------------------------------------------------------ rollouts
+def _summary(by_state: dict[str, int]) -> str:
+    return " ".join(f"{state}={n}" for state, n in by_state.items())
+
+
+def _show_rollout(r: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(r)
+        return
+    source = f"from {r['source_version']} " if r.get("source_version") else ""
+    why = f": {r['state_reason']}" if r.get("state_reason") else ""
+    print(f"rollout {r['id']}: {source}to {r['target_version']} ({r['target_image_ref']}) {r['state']}{why}")
+    print(f"  max_parallel={r['max_parallel']} canary={r['canary']} canary_hold={r['canary_hold']:g}s "
+          f"failure_budget={r['failure_budget']} on_failure={r['on_failure']}")
+    print(f"  {_summary(r['games_by_state'])}")
+    table([("GAME", "STATE", "CANARY", "WHY")] + [
+        (g["game_id"], g["state"], "yes" if g.get("canary") else "", g.get("reason") or "") for g in r["games"]])
+
+
+async def _rollout(client: ApiClient, args: argparse.Namespace) -> int:
+    as_json = getattr(args, "json", False)
+    if args.action == "start":
+        body: dict[str, Any] = {
+            "target_version": args.target_version, "max_parallel": args.max_parallel, "canary": args.canary,
+            "canary_hold": args.canary_hold, "failure_budget": args.failure_budget, "on_failure": args.on_failure,
+            "force": args.force}
+        if args.source_version is not None:
+            body["source_version"] = args.source_version
+        if args.games:
+            body["game_ids"] = args.games
+        answer = await client.call("POST", "/api/v1/rollouts", body=body)
+        ok = 201
+    elif args.action == "status" and args.rollout_id is None:
+        answer = await client.call("GET", "/api/v1/rollouts", query={"state": args.state} if args.state else None)
+        if answer.status != 200:
+            return _refused("rollout", answer)
+        if as_json:
+            print_json(answer.body)
+            return 0
+        table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
+            (str(r["id"]), r["state"], r["target_version"], r.get("source_version") or "-",
+             _summary(r["games_by_state"]), r.get("state_reason") or "") for r in answer.body["rollouts"]])
+        return 0
+    elif args.action == "status":
+        answer = await client.call("GET", f"/api/v1/rollouts/{args.rollout_id}")
+        ok = 200
+    else:
+        answer = await client.call("POST", f"/api/v1/rollouts/{args.rollout_id}/{args.action}")
+        ok = 200
+    if answer.status != ok:
+        return _refused("rollout", answer)
+    _show_rollout(answer.body, as_json)
+    return 0

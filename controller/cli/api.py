@@ -1,0 +1,99 @@
+"""The REST API as the CLI's REST commands call it: where, with which token, and its errors in one line.
+
+``RTMANAGER_API_URL`` (default ``http://127.0.0.1:$RTMANAGER_HTTP_PORT``, or ``--url``) and the bearer
+token of ``RTMANAGER_API_TOKEN`` (or ``--token-file``). Nothing of the controller's configuration is
+read, so that the commands run from any host that reaches the API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+SLACK = 30.0  # seconds a request may take beyond the job's own ?wait=
+
+
+class ApiError(Exception):
+    """The call did not get an answer (the server is unreachable, or answered something that is not JSON)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: Any
+
+    @property
+    def error(self) -> str:
+        """The server's one-line explanation of a refusal."""
+        if isinstance(self.body, dict):
+            message = self.body.get("error") or self.body.get("error_message")
+            if message:
+                return f"{message} (HTTP {self.status})"
+        return f"HTTP {self.status}"
+
+
+def add_api_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the REST API (default: RTMANAGER_API_URL, else http://127.0.0.1:"
+                                      "$RTMANAGER_HTTP_PORT)")
+    parser.add_argument("--token-file", metavar="FILE", help="read the bearer token from FILE "
+                                                             "(default: RTMANAGER_API_TOKEN)")
+
+
+def api_switch() -> argparse.ArgumentParser:
+    """A parent parser: ``--api`` (through the REST API, not the database) and where the API is."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--api", action="store_true", help="through the REST API instead of the database "
+                                                            "(RTMANAGER_API_URL, RTMANAGER_API_TOKEN)")
+    add_api_options(parent)
+    return parent
+
+
+def target(args: argparse.Namespace, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """(base URL, token); ValueError with the reason when there is no token."""
+    env = dict(os.environ) if environ is None else environ
+    url = args.url or env.get("RTMANAGER_API_URL") or f"http://127.0.0.1:{env.get('RTMANAGER_HTTP_PORT', '8090')}"
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    else:
+        token = env.get("RTMANAGER_API_TOKEN", "").strip()
+    if not token:
+        raise ValueError("no token: set RTMANAGER_API_TOKEN or pass --token-file")
+    return url.rstrip("/"), token
+
+
+class ApiClient:
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ApiClient:
+        self._session = aiohttp.ClientSession(headers=self._headers)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, method: str, path: str, *, query: dict[str, str] | None = None,
+                   body: dict[str, Any] | None = None, timeout: float = SLACK) -> Answer:
+        assert self._session is not None, "use the client as an async context manager"
+        try:
+            async with self._session.request(method, self.url + path, params=query, json=body,
+                                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ApiError(f"cannot reach {self.url}: {exc.__class__.__name__}: {exc}".rstrip(": ")) from None
+        if not text:
+            return Answer(resp.status, None)
+        try:
+            return Answer(resp.status, json.loads(text))
+        except ValueError:
+            raise ApiError(f"{method} {path}: HTTP {resp.status} with a body that is not JSON: "
+                           f"{text[:200]!r}") from None

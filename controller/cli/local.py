@@ -1,0 +1,174 @@
+"""Commands on the database, the container daemon and the schema: migrate, status, adopt, dispose, doctor."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from controller.cli.common import open_backend, open_store, open_streams
+from controller.config import Settings
+from controller.logs import redact_url
+
+if TYPE_CHECKING:
+    from desired.db.store import Store
+    from observed.backend import RuntimeBackend
+    from observed.model import ObservedContainer
+
+
+async def migrate(settings: Settings) -> int:
+    from desired.db.migrate import migrate
+    from desired.db.pool import connect
+
+    conn = await connect(settings.database.database_url)
+    try:
+        applied = await migrate(conn)
+    finally:
+        await conn.close()
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+async def unowned_containers(settings: Settings, store: Store,
+                   backend: RuntimeBackend) -> list[tuple[str, ObservedContainer]]:
+    """Containers of this instance that have no record, with their game ids, whoever created them (the
+    controller never disposes of them: after a restored backup they may be games created under this
+    very database)."""
+    managed = [(c.game_id, c) for c in await backend.list_managed() if c.game_id]
+    known = await store.game_ids([game for game, _ in managed])
+    return [(game, c) for game, c in managed if game not in known]
+
+
+async def status(settings: Settings) -> int:
+    async with open_store(settings) as store, open_backend(settings) as backend:
+        records = await store.list()
+        try:
+            unowned = await unowned_containers(settings, store, backend)
+        except Exception as exc:  # noqa: BLE001 - the records are still worth printing
+            unowned = []
+            print(f"rtmanager status: could not list containers: {exc}", file=sys.stderr)
+    rows = [("GAME", "STATUS", "DESIRED", "GEN", "HEALTH", "TURN", "PHASE", "IMAGE", "CONTAINER", "LAST ERROR")]
+    for r in records:
+        turn = "-" if r.turn is None else str(r.turn) + (" (paused)" if r.paused else "")
+        rows.append((r.game_id, r.status.value, r.desired_status.value,
+                     f"{r.observed_generation}/{r.generation}", r.health.value, turn,
+                     r.phase or ("none" if r.admin_api is False else "-"),
+                     r.current_image_ref or r.desired_image_ref or "-", (r.current_container_id or "-")[:12],
+                     (r.last_error_code.value if r.last_error_code else "-")))
+    for game, c in unowned:
+        rows.append((game, "unowned", "-", "-", "-", "-", "-", c.image or "-", c.id[:12],
+                     "no record: rtmanager adopt / dispose"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
+    """Records that want the unowned containers running, on their own image and state directory."""
+    from desired.jobs import InvalidJob
+
+    failures = 0
+    async with open_store(settings) as store, open_backend(settings) as backend:
+        unowned = dict(await unowned_containers(settings, store, backend))
+        wanted = sorted(unowned) if everything else games
+        if not wanted:
+            print("nothing to adopt: no unowned containers")
+        for game in wanted:
+            c = unowned.get(game)
+            if c is None:
+                print(f"{game}: no unowned container of instance {settings.leadership.instance} for this game",
+                      file=sys.stderr)
+                failures += 1
+                continue
+            seen = await backend.inspect(c.id)
+            expected = settings.record_defaults.state_path(game)
+            sources = {src for src, dst in (seen.mounts if seen else ()) if dst == settings.engine.engine_state_dir}
+            if seen is None or sources != {expected}:
+                print(f"{game}: its state directory is {sorted(sources) or 'not mounted'}, not {expected}; "
+                      "not adopted (a recreate would start it on another directory)", file=sys.stderr)
+                failures += 1
+                continue
+            try:
+                await store.adopt(game, seen.image or c.image, settings.record_defaults)
+            except InvalidJob as exc:
+                print(f"{game}: {exc.message}", file=sys.stderr)
+                failures += 1
+                continue
+            print(f"{game}: adopted (desired running on {seen.image or c.image}, state {expected})")
+    return 1 if failures else 0
+
+
+async def dispose(settings: Settings, games: list[str]) -> int:
+    """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record."""
+    failures = 0
+    async with open_store(settings) as store, open_backend(settings) as backend:
+        unowned = dict(await unowned_containers(settings, store, backend))
+        for game in games:
+            c = unowned.get(game)
+            if c is None:
+                print(f"{game}: no unowned container of instance {settings.leadership.instance} for this game "
+                      "(a managed game is stopped with a stop job and removed with cleanup)", file=sys.stderr)
+                failures += 1
+                continue
+            await backend.remove(c.id, settings.runtime.stop_grace)
+            print(f"{game}: container {c.id[:12]} stopped and removed")
+    return 1 if failures else 0
+
+
+
+async def doctor(settings: Settings) -> int:
+    from desired.db.migrate import load_migrations
+
+    problems = 0
+
+    def say(ok: bool, what: str, detail: str = "") -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"{'ok  ' if ok else 'FAIL'} {what}{(': ' + detail) if detail else ''}")
+
+    where = f"postgres at {redact_url(settings.database.database_url)}"
+    try:
+        async with open_store(settings) as store:
+            say(True, where)
+            try:
+                applied = await store.applied_migrations()
+            except Exception:  # noqa: BLE001 - no schema_migrations table yet
+                applied = set()
+            pending = [m.name for m in load_migrations() if m.version not in applied]
+            say(not pending, "schema", f"pending migrations {pending}: run `rtmanager migrate`" if pending
+                else f"up to date ({len(applied)} migrations)")
+            lease = None if pending else await store.lease_info(settings.leadership.instance)
+            if lease is not None:
+                print(f"info leader of instance {settings.leadership.instance}: {lease['holder']} "
+                      f"(term {lease['epoch']}, {'live' if lease['live'] else 'expired'})")
+    except Exception as exc:  # noqa: BLE001 - reported, the other checks still run
+        say(False, where, str(exc))
+    try:
+        async with open_streams(settings) as streams:
+            await streams.ping()
+        say(True, f"redis at {redact_url(settings.streams.redis_url)}")
+    except Exception as exc:  # noqa: BLE001
+        say(False, f"redis at {redact_url(settings.streams.redis_url)}", str(exc))
+    try:
+        async with open_backend(settings) as backend:
+            await backend.ping()
+            say(True, "docker daemon")
+            managed = await backend.list_managed()
+            print(f"info {len(managed)} containers of instance {settings.leadership.instance}, "
+                  f"{sum(1 for c in managed if c.running)} running")
+    except Exception as exc:  # noqa: BLE001
+        say(False, "docker daemon", str(exc))
+    writable, exists = _state_root(settings.storage.state_root)
+    say(writable, f"state root {settings.storage.state_root}", "" if exists else "missing; it will be created")
+    if not settings.http.api_token:
+        print("info RTMANAGER_API_TOKEN is empty: the REST API answers 503")
+    return 1 if problems else 0
+
+
+def _state_root(root: str) -> tuple[bool, bool]:
+    """(writable, exists): the nearest existing ancestor decides whether it can be made."""
+    probe_dir = root
+    while not os.path.isdir(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    return os.access(probe_dir, os.W_OK), os.path.isdir(root)

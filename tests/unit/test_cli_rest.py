@@ -1,0 +1,381 @@
+"""The REST commands of the CLI (controller/cli/runtimes.py) against servers on 127.0.0.1.
+
+Reads go to the real HTTP surface (controller/http.py) over the in-memory store, so the pages and
+filters are the server's own; jobs go to a fake server that records what it was asked and answers
+what each case needs (success, failure, 202, 400, 503). No services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from controller.admission import Admission
+from controller.cli.admin_rest import admin_command
+from controller.cli.commands import build_parser
+from controller.cli.runtimes import PENDING, rest_command
+from controller.config import HttpSettings
+from controller.http import HttpDeps, HttpServer
+from controller.metrics import Metrics
+from desired.jobs import ImageAllowlist, RecordDefaults
+from desired.model import DesiredStatus, Status
+from desired.paging import MAX_PAGE, InvalidPage, decode_cursor, encode_cursor, parse_page
+from tests.fakes import FakeStore
+from tests.support.planning import record
+
+TOKEN = "t" * 32
+
+
+async def _ready() -> dict[str, str]:
+    return {}
+
+
+class SurfaceFake(FakeStore):
+    async def state_usage(self, game_id: str) -> tuple[None, None]:
+        return None, None
+
+
+def _store(n: int) -> FakeStore:
+    store = SurfaceFake()
+    for i in range(n):
+        game = f"g{i:03d}"
+        status = Status.RUNNING if i % 3 else Status.STOPPED
+        desired = DesiredStatus.RUNNING if i % 3 else DesiredStatus.STOPPED
+        store.records[game] = dataclasses.replace(
+            record(status, desired), game_id=game, state_path=f"/var/lib/rtmanager/games/{game}",
+            engine_version="1.1" if i % 2 else "1.0", node_id="n1" if i < n // 2 else "n2")
+    return store
+
+
+@pytest.fixture
+async def reads():
+    store = _store(25)
+    deps = HttpDeps(http=HttpSettings(http_port=0, http_host="127.0.0.1", api_token=TOKEN),
+                    allowlist=ImageAllowlist("galaxy/*"), store=store,
+                    admission=Admission(store, RecordDefaults(docker_network="n", state_root="/s", engine_port=8080),
+                                        wake=lambda game: None),
+                    metrics=Metrics(), is_leader=lambda: True, readiness=_ready, results_changed=asyncio.Event)
+    server = TestServer(HttpServer(deps).app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), store
+    finally:
+        await server.close()
+
+
+class Canned:
+    """A fake REST API: records each request, answers ``(status, body)`` from ``answers`` by path."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.answers: dict[str, tuple[int, Any]] = {}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else None
+        self.seen.append({"method": request.method, "path": request.path, "query": dict(request.query),
+                          "body": body, "auth": request.headers.get("Authorization")})
+        status, answer = self.answers.get(f"{request.method} {request.path}",
+                                          self.answers.get(request.path, (404, {"error": "no such game"})))
+        if status == 204:
+            return web.Response(status=204)
+        return web.json_response(answer, status=status)
+
+
+@pytest.fixture
+async def canned():
+    fake = Canned()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/"), fake
+    finally:
+        await server.close()
+
+
+async def cli(capsys, url: str, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    args = build_parser().parse_args([argv[0], "--url", url, *argv[1:]])
+    code = await rest_command(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def token(monkeypatch):
+    monkeypatch.setenv("RTMANAGER_API_TOKEN", TOKEN)
+
+
+# ------------------------------------------------------------------ pages: the pure part
+def test_a_cursor_round_trips_and_only_this_servers_cursors_are_taken():
+    assert decode_cursor(encode_cursor("game-7")) == "game-7"
+    for bad in ("", "!!!", encode_cursor("game-7")[:-2] + "zz", "Zzox", "Z2FtZS03"):  # the last: no prefix
+        with pytest.raises(InvalidPage, match="cursor"):
+            decode_cursor(bad)
+
+
+def test_the_page_parameters_are_checked_and_default_to_the_largest_page():
+    assert parse_page({}).limit == MAX_PAGE and parse_page({}).after is None
+    page = parse_page({"status": "running", "engine_version": "1.1", "node": "n1", "limit": "5",
+                       "cursor": encode_cursor("g1")})
+    assert (page.filter.status, page.filter.engine_version, page.filter.node, page.limit, page.after) == (
+        Status.RUNNING, "1.1", "n1", 5, "g1")
+    for query, name in (({"limit": "0"}, "limit"), ({"limit": str(MAX_PAGE + 1)}, "limit"), ({"limit": "x"}, "limit"),
+                        ({"limit": "٣"}, "limit"), ({"status": "bogus"}, "status"), ({"engine_version": "a b"},
+                        "engine_version"), ({"node": ""}, "node"), ({"node": "x" * 129}, "node")):
+        with pytest.raises(InvalidPage, match=name):
+            parse_page(query)
+
+
+# ------------------------------------------------------------------ reads through the real surface
+async def test_runtimes_walks_every_page_and_prints_a_table(reads, capsys):
+    url, store = reads
+    code, out, err = await cli(capsys, url, "runtimes", "--page-size", "4")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["GAME", "STATUS", "DESIRED"]
+    assert [line.split()[0] for line in lines[1:]] == sorted(store.records)
+
+
+async def test_runtimes_json_keeps_the_answers_shape_and_says_where_to_continue(reads, capsys):
+    url, store = reads
+    code, out, err = await cli(capsys, url, "runtimes", "--limit", "7", "--page-size", "3", "--json")
+    assert code == 0, err
+    body = json.loads(out)
+    assert [r["game_id"] for r in body["runtimes"]] == sorted(store.records)[:7]
+    assert decode_cursor(body["next"]) == sorted(store.records)[6]
+    code, out, err = await cli(capsys, url, "runtimes", "--cursor", body["next"], "--json")
+    assert [r["game_id"] for r in json.loads(out)["runtimes"]] == sorted(store.records)[7:]
+    assert json.loads(out)["next"] is None
+    code, out, err = await cli(capsys, url, "runtimes", "--limit", "2")
+    assert code == 0 and len(out.splitlines()) == 3 and "rtmanager runtimes --cursor " in err
+
+
+async def test_runtimes_filters_by_status_engine_version_and_node(reads, capsys):
+    url, store = reads
+    code, out, err = await cli(capsys, url, "runtimes", "--status", "running", "--engine-version", "1.1",
+                               "--node", "n2", "--page-size", "2", "--json")
+    assert code == 0, err
+    want = sorted(g for g, r in store.records.items()
+                  if r.status is Status.RUNNING and r.engine_version == "1.1" and r.node_id == "n2")
+    assert want and [r["game_id"] for r in json.loads(out)["runtimes"]] == want
+
+
+async def test_bad_list_parameters_exit_2_with_one_line(reads, capsys):
+    url, _ = reads
+    for argv in (("runtimes", "--status", "bogus"), ("runtimes", "--cursor", "nonsense"),
+                 ("runtimes", "--page-size", "0")):
+        code, out, err = await cli(capsys, url, *argv)
+        assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("rtmanager runtimes: "), err
+
+
+async def test_runtime_and_operations_show_one_game_and_an_unknown_one_exits_1(reads, capsys):
+    url, _ = reads
+    code, out, err = await cli(capsys, url, "runtime", "g001")
+    assert code == 0 and out.splitlines()[0] == "g001" and "  status: running" in out
+    code, out, _ = await cli(capsys, url, "runtime", "g001", "--json")
+    assert json.loads(out)["game_id"] == "g001"
+    code, out, err = await cli(capsys, url, "runtime", "nope")
+    assert code == 1 and err == "rtmanager runtime: no runtime for game nope (HTTP 404)\n"
+    code, out, err = await cli(capsys, url, "operations", "g001", "--json")
+    assert code == 0 and json.loads(out) == {"operations": []}
+    code, out, err = await cli(capsys, url, "operations", "g001")
+    assert code == 0 and out.split()[:3] == ["ID", "OP", "SOURCE"]
+
+
+async def test_a_wrong_token_or_no_server_is_one_line_and_exit_1(reads, capsys, monkeypatch, tmp_path):
+    url, _ = reads
+    monkeypatch.setenv("RTMANAGER_API_TOKEN", "w" * 32)
+    code, _, err = await cli(capsys, url, "runtimes")
+    assert code == 1 and err == "rtmanager runtimes: missing or wrong bearer token (HTTP 401)\n"
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    code, _, err = await cli(capsys, url, "runtimes", "--token-file", str(tmp_path / "token"))
+    assert code == 0, err
+    monkeypatch.delenv("RTMANAGER_API_TOKEN")
+    code, _, err = await cli(capsys, url, "runtimes")
+    assert code == 2 and "RTMANAGER_API_TOKEN" in err
+    monkeypatch.setenv("RTMANAGER_API_TOKEN", TOKEN)
+    code, _, err = await cli(capsys, "http://127.0.0.1:9", "restart", "g1")
+    assert code == 1 and err.startswith("rtmanager restart: cannot reach http://127.0.0.1:9") and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ jobs and writes against a fake
+SUCCESS = {"result_id": "r1", "game_id": "g1", "outcome": "success", "job": "restart", "container_id": "c" * 64,
+           "engine_endpoint": "http://galaxy-game-g1:8080", "error_code": "", "error_message": "", "operation_id": 7}
+
+
+@pytest.mark.parametrize(("argv", "path", "body"), [
+    (("start", "g1", "galaxy/engine:1", "--turn-interval", "60"), "start",
+     {"image_ref": "galaxy/engine:1", "turn_interval": 60}),
+    (("stop", "g1", "--reason", "cancelled", "--force"), "stop", {"reason": "cancelled", "force": True}),
+    (("restart", "g1"), "restart", {}),
+    (("patch", "g1", "galaxy/engine:2", "--force"), "patch", {"image_ref": "galaxy/engine:2", "force": True}),
+    (("cleanup", "g1"), "cleanup", {}),
+    (("pause", "g1"), "pause", {}),
+    (("resume", "g1"), "resume", {}),
+    (("force-next-turn", "g1"), "force-next-turn", {}),
+    (("reconcile", "g1"), "reconcile", {}),
+])
+async def test_every_job_posts_its_body_with_the_token_and_prints_the_result(canned, capsys, argv, path, body):
+    url, fake = canned
+    fake.answers[f"/api/v1/runtimes/g1/{path}"] = (200, {**SUCCESS, "job": path})
+    code, out, err = await cli(capsys, url, *argv, "--wait", "5")
+    assert code == 0, err
+    assert fake.seen == [{"method": "POST", "path": f"/api/v1/runtimes/g1/{path}", "query": {"wait": "5"},
+                          "body": body, "auth": f"Bearer {TOKEN}"}]
+    assert out == f"g1 {path}: success  container={'c' * 12}  endpoint=http://galaxy-game-g1:8080  operation=7\n"
+
+
+async def test_job_answers_map_to_exit_codes(canned, capsys):
+    url, fake = canned
+    path = "/api/v1/runtimes/g1/restart"
+    fake.answers[path] = (200, {**SUCCESS, "outcome": "failure", "error_code": "engine_unreachable",
+                                "error_message": "no answer"})
+    code, out, err = await cli(capsys, url, "restart", "g1")
+    assert code == 1 and out == "" and "error_code=engine_unreachable" in err and err.count("\n") == 1
+    fake.answers[path] = (202, {"operation_id": 8, "status": "pending", "game_id": "g1", "job": "restart"})
+    code, out, err = await cli(capsys, url, "restart", "g1", "--wait", "0")
+    assert code == PENDING and "operation 8" in out and "results stream" in out
+    fake.answers[path] = (400, {**SUCCESS, "outcome": "failure", "error_code": "invalid_request",
+                                "error_message": "field force must be a boolean", "result_id": ""})
+    code, out, err = await cli(capsys, url, "restart", "g1")
+    assert code == 2 and err == "rtmanager restart: g1: field force must be a boolean (HTTP 400)\n"
+    fake.answers[path] = (503, {"error": "this replica is a standby; send jobs to the leader"})
+    code, out, err = await cli(capsys, url, "restart", "g1", "--json")
+    assert code == 1 and json.loads(out)["error"].startswith("this replica") and "standby" in err
+    fake.answers[path] = (200, SUCCESS)
+    code, out, _ = await cli(capsys, url, "restart", "g1", "--json")
+    assert code == 0 and json.loads(out) == SUCCESS
+
+
+async def test_schedule_and_resync(canned, capsys):
+    url, fake = canned
+    fake.answers["/api/v1/runtimes/g1/schedule"] = (200, {"game_id": "g1", "turn_interval": 90})
+    code, out, err = await cli(capsys, url, "schedule", "g1", "90")
+    assert code == 0 and out == "g1: turn interval 90s\n"
+    assert fake.seen[-1]["method"] == "PUT" and fake.seen[-1]["body"] == {"turn_interval": 90}
+    fake.answers["/api/v1/snapshots/resync"] = (200, {"snapshots": 3})
+    code, out, err = await cli(capsys, url, "resync", "g1")
+    assert code == 0 and out == "3 snapshots published\n" and fake.seen[-1]["query"] == {"game_id": "g1"}
+    code, out, err = await cli(capsys, url, "resync", "--json")
+    assert json.loads(out) == {"snapshots": 3} and fake.seen[-1]["query"] == {}
+    fake.answers["/api/v1/runtimes/g1/schedule"] = (409, {"error": "game g1 is removed"})
+    code, out, err = await cli(capsys, url, "schedule", "g1", "90")
+    assert code == 1 and err == "rtmanager schedule: game g1 is removed (HTTP 409)\n"
+
+
+# ------------------------------------------------------------------ --api: versions, drains, rollouts
+async def admin(capsys, url: str, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    args = build_parser().parse_args([*argv, "--api", "--url", url])
+    code = await admin_command(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+VERSION = {"id": 1, "version": "1.1", "image_ref": "galaxy/engine:1.1", "status": "active", "notes": "new\nmore",
+           "stop_grace": None, "created_at": "2026-01-01T00:00:00+00:00", "updated_at": "2026-01-01T00:00:00+00:00",
+           "image_present": True}
+
+
+async def test_versions_through_the_api(canned, capsys):
+    url, fake = canned
+    path = "/api/v1/admin/engine-versions"
+    fake.answers[f"GET {path}"] = (200, {"engine_versions": [VERSION]})
+    code, out, err = await admin(capsys, url, "versions", "list", "--status", "active")
+    assert code == 0 and out.split("\n")[1].split() == ["1.1", "active", "galaxy/engine:1.1", "default", "yes", "new"]
+    assert fake.seen[-1]["query"] == {"status": "active"} and fake.seen[-1]["auth"] == f"Bearer {TOKEN}"
+    code, out, _ = await admin(capsys, url, "versions", "list", "--json")
+    assert json.loads(out) == {"engine_versions": [VERSION]}
+    fake.answers[f"POST {path}"] = (201, VERSION)
+    code, out, err = await admin(capsys, url, "versions", "add", "1.1", "galaxy/engine:1.1", "--pull",
+                                 "--stop-grace", "30", "--notes", "new")
+    assert code == 0 and out == "1.1: galaxy/engine:1.1 (active)\n"
+    assert fake.seen[-1]["query"] == {"pull": "1"} and fake.seen[-1]["body"] == {
+        "version": "1.1", "image_ref": "galaxy/engine:1.1", "notes": "new", "stop_grace": 30}
+    fake.answers[f"PATCH {path}/1.1"] = (200, {**VERSION, "status": "deprecated"})
+    code, out, _ = await admin(capsys, url, "versions", "deprecate", "1.1")
+    assert (code, out, fake.seen[-1]["body"]) == (0, "1.1: deprecated\n", {"status": "deprecated"})
+    fake.answers[f"PATCH {path}/1.1"] = (200, VERSION)
+    code, out, _ = await admin(capsys, url, "versions", "stop-grace", "1.1", "default")
+    assert (code, out, fake.seen[-1]["body"]) == (0, "1.1: stop grace RTMANAGER_STOP_GRACE\n", {"stop_grace": None})
+    fake.answers[f"DELETE {path}/1.1"] = (204, None)
+    code, out, _ = await admin(capsys, url, "versions", "remove", "1.1")
+    assert (code, out, fake.seen[-1]["method"]) == (0, "1.1: removed\n", "DELETE")
+    fake.answers[f"DELETE {path}/1.1"] = (409, {"error": "games use it: g1"})
+    code, _, err = await admin(capsys, url, "versions", "remove", "1.1")
+    assert code == 1 and err == "rtmanager versions: games use it: g1 (HTTP 409)\n"
+    fake.answers[f"PATCH {path}/1.1"] = (400, {"error": "field stop_grace must be whole seconds"})
+    code, _, err = await admin(capsys, url, "versions", "stop-grace", "1.1", "-1")
+    assert code == 2 and "stop_grace" in err
+
+
+DRAIN = {"id": 5, "node": None, "target": "host", "status": "draining", "max_parallel": 2,
+         "deadline_at": "2026-01-01T01:00:00+00:00", "created_at": "2026-01-01T00:00:00+00:00"}
+
+
+async def test_drains_through_the_api(canned, capsys):
+    url, fake = canned
+    fake.answers["POST /api/v1/drains"] = (201, DRAIN)
+    code, out, err = await admin(capsys, url, "drain", "--host", "--max-parallel", "2")
+    assert code == 0 and out.startswith("drain 5: host draining, 2 at a time") and fake.seen[-1]["body"] == {
+        "host": True, "max_parallel": 2}
+    fake.answers["GET /api/v1/drains"] = (200, {"drains": [{**DRAIN, "id": 4, "status": "undrained"}, DRAIN]})
+    fake.answers["POST /api/v1/drains/5/undrain"] = (200, {**DRAIN, "status": "undraining"})
+    code, out, err = await admin(capsys, url, "undrain", "--host")
+    assert code == 0 and out == "drain 5: host undraining\n" and fake.seen[-1]["path"] == "/api/v1/drains/5/undrain"
+    code, out, err = await admin(capsys, url, "undrain", "node-7")
+    assert code == 1 and err == "rtmanager undrain: node node-7 has no active drain\n"
+    code, out, _ = await admin(capsys, url, "drains", "--json")
+    assert [d["id"] for d in json.loads(out)["drains"]] == [4, 5]
+    fake.answers["GET /api/v1/drains/5"] = (200, {**DRAIN, "counts": {"waiting": 1}, "games": [
+        {"game_id": "g1", "action": "stop", "state": "waiting", "from_node": None, "to_node": None, "note": ""}]})
+    code, out, _ = await admin(capsys, url, "drains", "5")
+    assert code == 0 and out.splitlines()[2].split() == ["g1", "stop", "waiting", "-", "-"]
+
+
+ROLLOUT = {"id": 3, "source_version": "1.0", "target_version": "1.1", "target_image_ref": "galaxy/engine:1.1",
+           "state": "running", "state_reason": "", "max_parallel": 2, "canary": 1, "canary_hold": 60.0,
+           "failure_budget": 1, "on_failure": "rollback", "games_by_state": {"pending": 1, "done": 1},
+           "games": [{"game_id": "g1", "state": "done", "canary": True, "reason": ""},
+                     {"game_id": "g2", "state": "pending", "canary": False, "reason": ""}]}
+
+
+async def test_rollouts_through_the_api(canned, capsys):
+    url, fake = canned
+    fake.answers["POST /api/v1/rollouts"] = (201, ROLLOUT)
+    code, out, err = await admin(capsys, url, "rollout", "start", "--to", "1.1", "--from", "1.0", "--canary", "1",
+                                 "--max-parallel", "2")
+    assert code == 0, err
+    assert out.startswith("rollout 3: from 1.0 to 1.1 (galaxy/engine:1.1) running") and "g2" in out
+    assert fake.seen[-1]["body"] == {"target_version": "1.1", "source_version": "1.0", "max_parallel": 2,
+                                     "canary": 1, "canary_hold": 60.0, "failure_budget": 1, "on_failure": "rollback",
+                                     "force": False}
+    fake.answers["GET /api/v1/rollouts"] = (200, {"rollouts": [ROLLOUT]})
+    code, out, _ = await admin(capsys, url, "rollout", "status", "--state", "running")
+    assert code == 0 and out.splitlines()[1].split()[:4] == ["3", "running", "1.1", "1.0"]
+    fake.answers["POST /api/v1/rollouts/3/pause"] = (200, {**ROLLOUT, "state": "paused"})
+    code, out, _ = await admin(capsys, url, "rollout", "pause", "3", "--json")
+    assert code == 0 and json.loads(out)["state"] == "paused"
+    fake.answers["POST /api/v1/rollouts/3/resume"] = (409, {"error": "rollout 3 is running"})
+    code, _, err = await admin(capsys, url, "rollout", "resume", "3")
+    assert code == 1 and err == "rtmanager rollout: rollout 3 is running (HTTP 409)\n"
+
+
+@pytest.mark.parametrize("argv", [["restart", "g1"], ["runtimes"], ["versions", "list", "--api"],
+                                  ["rollout", "status", "--api"], ["drains", "--api"]])
+def test_the_rest_commands_read_no_controller_configuration(argv, monkeypatch, capsys):
+    """Through the real entry point: a configuration the controller would refuse (exit 2) is not read."""
+    from controller.cli import main
+    monkeypatch.setenv("RTMANAGER_HTTP_PORT", "not-a-port")
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.startswith(f"rtmanager {argv[0]}: cannot reach http://127.0.0.1:9"), err
