@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from controller.metrics import Metrics
+from controller.watch_openapi import MAX_FILTER
 from desired.model import GAME_ID_PATTERN, Status
 from desired.ports import WatchStore
 from desired.watch import MAX_POSITION, WatchFilter, sse
@@ -45,7 +46,6 @@ from desired.watch import MAX_POSITION, WatchFilter, sse
 log = logging.getLogger("rtmanager.watch")
 
 MAX_CLIENTS = 64
-MAX_FILTER = 100  # game_id or status values in one filter
 PAGE = 200
 POLL = 1.0
 HEARTBEAT = 15.0
@@ -186,7 +186,9 @@ class _CutOff(Exception):
 
 
 def _parse(request: web.Request) -> tuple[int | None, WatchFilter, bool] | web.Response:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("since")
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.query.get("since")
     since: int | None = None
     if raw is not None:
         if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_POSITION:
