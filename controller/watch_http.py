@@ -39,6 +39,7 @@ from aiohttp import web
 
 from controller.metrics import Metrics
 from controller.watch_openapi import MAX_FILTER
+from desired.errors import StoreUnavailable
 from desired.model import GAME_ID_PATTERN, Status
 from desired.ports import WatchStore
 from desired.watch import MAX_POSITION, WatchFilter, sse
@@ -154,6 +155,8 @@ class WatchRoutes:
             pass
         except (ConnectionResetError, ConnectionError):
             pass  # the reader left
+        except StoreUnavailable as exc:  # the headers are sent: end the stream; the reader resumes later
+            log.warning("watch stream ended, Postgres is away: %s", exc)
         with contextlib.suppress(ConnectionError, RuntimeError):
             await resp.write_eof()
         return resp

@@ -278,3 +278,53 @@ async def test_a_reader_that_never_reads_is_cut_off_and_its_buffer_stays_small(r
         assert watch.peak_buffered < 256 * 1024 < total, watch.peak_buffered
     finally:
         sock.close()
+
+
+async def test_stopping_the_server_ends_every_stream_at_once(replicas):
+    a = await replicas()
+    a.server.watch.poll = a.server.watch.heartbeat = 60.0  # nothing but the shutdown ends the wait
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as s, s.get(f"{a.base}/api/v1/events", headers=AUTH) as live:
+        await read_events(live, until=lambda ev: len(ev) >= 1)
+        t0 = loop.time()
+        await asyncio.wait_for(a.down(), 5)
+        assert await asyncio.wait_for(read_events(live), 5) == []  # the stream ended
+        assert loop.time() - t0 < 3
+
+
+async def test_concurrent_writers_and_a_reader_hopping_between_replicas_miss_nothing(replicas):
+    a, b = await replicas(), await replicas()
+    games = [f"c{n}" for n in range(6)]
+    for game in games:
+        await a.store.submit(start(game), DEFAULTS)
+    done = asyncio.Event()
+
+    async def writer(store: Store, game: str) -> None:
+        for _ in range(15):
+            await store.snapshot_resync(game)
+
+    async def write_all() -> None:
+        await asyncio.gather(*(writer(a.store if n % 2 else b.store, g) for n, g in enumerate(games)))
+        done.set()
+
+    seen: list[Event] = []
+    last = 0
+    hops = 0
+    task = asyncio.ensure_future(write_all())
+    while True:  # each read on the other replica, resuming with the last id
+        finished = done.is_set()
+        replica = (a, b)[hops % 2]
+        events = await fetch(replica.base, "", {"Last-Event-ID": str(last)})
+        assert events[0].event == "ready" and events[0].id == last
+        seen += snapshots(events)
+        last = seen[-1].id if seen else last
+        hops += 1
+        if finished:
+            break
+    await task
+    ids = [e.data["snapshot_id"] for e in seen]
+    assert len(set(ids)) == len(ids) and sorted(ids) == sorted(await all_snapshot_ids(a.pool))
+    for game in games:
+        revs = [int(e.data["revision"]) for e in seen if e.data["game_id"] == game]
+        assert revs == list(range(1, 17)), (game, revs)
+    assert hops > 2
