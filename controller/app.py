@@ -197,7 +197,7 @@ class Controller:
             pull_image=self._pull_image,
             drains=self.store, backend=s.runtime.backend.value, state_shared=s.storage.state_shared,
             drains_changed=self.drainer.wake.set, drain_nodes=swarm_nodes,
-            rollouts=self.store, rollout_wake=self.rollouts.wake.set,
+            rollouts=self.store, rollout_wake=self.rollouts.wake.set, watch=self.store,
             version_registry=s.images.version_policy == "registry"))
         if s.http.http_port:
             # Off the engines' network: an engine must not reach the API (docs/architecture.md).

@@ -32,6 +32,7 @@ from controller.drains_api import DrainApi
 from controller.metrics import Metrics
 from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
+from controller.watch_http import WatchRoutes
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
@@ -55,7 +56,7 @@ from desired.model import (
     RuntimeRecord,
 )
 from desired.paging import InvalidPage, encode_cursor, parse_page
-from desired.ports import DrainStore, RolloutAdminStore, SurfaceStore
+from desired.ports import DrainStore, RolloutAdminStore, SurfaceStore, WatchStore
 from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, EngineVersion, VersionStatus, valid_stop_grace
 
@@ -124,6 +125,7 @@ class HttpDeps:
     rollouts: RolloutAdminStore | None = None  # /api/v1/rollouts (controller/rollouts_http.py)
     rollout_wake: Callable[[], None] = lambda: None  # the leader's rollout loop looks at once
     version_registry: bool = False  # RTMANAGER_VERSION_POLICY=registry
+    watch: WatchStore | None = None  # GET /api/v1/events (controller/watch_http.py), on every replica
 
 
 class HttpServer:
@@ -155,6 +157,8 @@ class HttpServer:
         self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
                                wake=deps.drains_changed, nodes=deps.drain_nodes) if deps.drains is not None else None
         RolloutRoutes(deps).add(app.router)
+        self.watch = WatchRoutes(deps.watch, deps.results_changed, deps.metrics)
+        self.watch.add(app)
         self.app = app
 
     async def start(self, game_subnets: list[str] | None = None) -> None:

@@ -118,6 +118,11 @@ class Metrics:
         self.drain_actions = Counter("rtmanager_drain_actions_total", "Games a drain took, by what it does with "
                                      "them (stop, move) and whether past its deadline (forced)",
                                      ["action", "forced"], registry=r)
+        self.watch_clients = Gauge("rtmanager_watch_clients", "Readers of GET /api/v1/events connected to this "
+                                   "replica", registry=r)
+        self.watch_closed = Counter("rtmanager_watch_refused_total", "Watch readers cut off or turned away, by "
+                                    "why (slow: the reader did not read; full: too many readers)", ["reason"],
+                                    registry=r)
 
         self.loop_errors = Counter("rtmanager_loop_errors_total",
                                    "Iterations of a loop that failed (an outage, or an error nobody classified: "

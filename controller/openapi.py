@@ -13,6 +13,7 @@ from typing import Any
 
 from controller.drains_api import openapi_parts
 from controller.rollouts_openapi import rollout_paths, rollout_schemas
+from controller.watch_openapi import watch_paths
 from desired.jobs import MAX_IMAGE_REF, MAX_TURN_INTERVAL
 from desired.model import (
     GAME_ID_PATTERN,
@@ -213,6 +214,7 @@ def openapi_document() -> dict[str, Any]:
     drain_paths, drain_schemas = openapi_parts()
     paths.update(drain_paths)
     paths.update(rollout_paths())
+    paths.update(watch_paths())
 
     result_props = {
         "game_id": {"type": "string"}, "outcome": _enum(Outcome), "container_id": {"type": "string"},

@@ -20,6 +20,7 @@ from desired.model import ErrorCode, JobKind, OpSource, RuntimeRecord, Status
 from desired.paging import PageRequest
 from desired.policy import CrashPolicy, CrashVerdict
 from desired.values import Crash, Operation, PendingResult, Rejection, SubmitOutcome
+from desired.watch import WatchFilter, WatchPage
 
 
 class ReconcilerStore(Protocol):
@@ -139,6 +140,15 @@ class ResyncStore(Protocol):
     async def count_by_status(self) -> dict[str, int]: ...
     async def unpublished_count(self) -> int: ...
     async def prune(self, older_than_days: float, batch: int = 1000) -> tuple[int, int]: ...
+
+
+class WatchStore(Protocol):
+    """The watch API (controller/watch_http.py): snapshots by position, on any replica, unfenced."""
+
+    async def sequence(self, batch: int = 5000, wait: bool = True) -> int: ...
+    async def unsequenced(self) -> bool: ...
+    async def watch_head(self) -> tuple[int, int]: ...
+    async def watch_read(self, after: int, flt: WatchFilter, limit: int = 200) -> WatchPage: ...
 
 
 class StorageStore(Protocol):

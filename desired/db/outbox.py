@@ -8,6 +8,7 @@ import json
 from desired.db.base import StoreBase
 from desired.db.pool import translating
 from desired.db.rows import RECENTLY_PUBLISHED_SQL, record_from_row
+from desired.db.watch import sequence_snapshots
 from desired.values import PendingResult
 
 
@@ -77,9 +78,17 @@ class Outbox(StoreBase):
         """
         seconds = older_than_days * 86400
         totals = [0, 0, 0]
+        # The watch API (desired/db/watch.py): every snapshot has its position before any goes, and
+        # watch_state.pruned_through remembers the highest one removed, so that a reader resuming
+        # from below it is told to reset instead of missing what was removed.
+        await sequence_snapshots(self.pool)
         statements = (
-            "DELETE FROM job_results WHERE seq IN (SELECT seq FROM job_results"
-            " WHERE published_at < now() - make_interval(secs => $1) LIMIT $2)",
+            "WITH gone AS (DELETE FROM job_results WHERE seq IN (SELECT seq FROM job_results"
+            " WHERE published_at < now() - make_interval(secs => $1)"
+            " AND (kind <> 'snapshot' OR position IS NOT NULL) LIMIT $2) RETURNING position),"
+            " horizon AS (UPDATE watch_state SET pruned_through = GREATEST(pruned_through,"
+            " (SELECT max(position) FROM gone)) WHERE (SELECT max(position) FROM gone) IS NOT NULL)"
+            " SELECT 'DELETE ' || count(*) FROM gone",
             "DELETE FROM runtime_operations WHERE id IN (SELECT o.id FROM runtime_operations o"
             " WHERE o.finished_at < now() - make_interval(secs => $1)"
             " AND NOT EXISTS (SELECT 1 FROM job_results r WHERE r.operation_id = o.id) LIMIT $2)",
@@ -88,7 +97,9 @@ class Outbox(StoreBase):
         )
         for i, sql in enumerate(statements):
             while True:
-                done = int((await self.pool.execute(sql, seconds, batch)).split()[-1])
+                status = await (self.pool.fetchval(sql, seconds, batch) if i == 0
+                                else self.pool.execute(sql, seconds, batch))
+                done = int(status.split()[-1])
                 totals[i] += done
                 if done < batch:
                     break

@@ -32,6 +32,7 @@ from desired.db.registry import Registry
 from desired.db.rollouts import Rollouts
 from desired.db.submissions import Submissions
 from desired.db.transitions import Transitions
+from desired.db.watch import Watch
 
 if TYPE_CHECKING:
     from desired.ports import (
@@ -47,16 +48,18 @@ if TYPE_CHECKING:
         StorageStore,
         SurfaceStore,
         TurnClockStore,
+        WatchStore,
     )
 
 
-class Store(Records, Transitions, Submissions, Outbox, Registry, Marks, Identities, Rollouts, Drains):
+class Store(Records, Transitions, Submissions, Outbox, Registry, Marks, Identities, Rollouts, Drains, Watch):
     """Every part of the store over one pool (and, for the leader, one fence and clock)."""
 
 
 if TYPE_CHECKING:  # mypy holds the store to every port of desired/ports.py
     def _ports(store: Store) -> None:
         ports: tuple[ReconcilerStore, RelayStore, AdmissionStore, IntakeStore, SurfaceStore, TurnClockStore,
-                     ResyncStore, HealthStore, StorageStore, RolloutStore, RolloutAdminStore, DrainStore] = (
-            store, store, store, store, store, store, store, store, store, store, store, store)
+                     ResyncStore, HealthStore, StorageStore, RolloutStore, RolloutAdminStore, DrainStore,
+                     WatchStore] = (
+            store, store, store, store, store, store, store, store, store, store, store, store, store)
         del ports
