@@ -89,26 +89,27 @@ class StoreBase:
         if moved:
             self.schedule.fire()
 
-    async def _fenced(self, sql: str, *args: Any) -> int:
+    async def _fenced(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         """One write statement on its own (no BEGIN, no COMMIT: Postgres commits it by itself) under the
-        leadership fence: ``sql`` is an UPDATE whose WHERE may name ``fence_ok`` (a CTE that holds the
-        lease's row when this term is still the current one, FOR KEY SHARE as ``check_fence`` takes it),
-        returning the rows it changed. A write whose only statement is this costs one round trip
-        instead of four. Returns the number of rows changed; raises Fenced when the term is over."""
+        leadership fence: ``sql`` is an UPDATE whose WHERE names ``fence_ok`` (``EXISTS (SELECT 1 FROM
+        fence_ok)``: a CTE that holds the lease's row, FOR KEY SHARE as ``check_fence`` takes it, when this
+        term is still the current one) and that ends in a RETURNING clause. A write whose only statement is
+        this costs one round trip instead of four (BEGIN, the fence, the write, COMMIT). Returns the rows
+        it returned; raises Fenced when the term is over."""
         if self.fence is None:
-            return int((await self.pool.execute(f"WITH fence_ok AS (SELECT 1) {sql}", *args)).split()[-1])
+            return list(await self.pool.fetch(f"WITH fence_ok AS (SELECT 1) {sql}", *args))
         fence = self.fence
         if not fence.valid_locally:
             raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
         n = len(args)
-        row = await self.pool.fetchrow(
+        rows = await self.pool.fetch(
             f"WITH fence_ok AS (SELECT 1 FROM leader_leases WHERE instance = ${n + 1} AND holder = ${n + 2}"
-            f" AND epoch = ${n + 3} AND expires_at > now() FOR KEY SHARE), changed AS ({sql} RETURNING 1)"
-            " SELECT EXISTS (SELECT 1 FROM fence_ok) AS valid, (SELECT count(*) FROM changed) AS n",
-            *args, fence.instance, fence.holder, fence.epoch)
-        if not row["valid"]:
+            f" AND epoch = ${n + 3} AND expires_at > now() FOR KEY SHARE), changed AS ({sql})"
+            " SELECT v.fence_valid, c.* FROM (SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid) v"
+            " LEFT JOIN changed c ON true", *args, fence.instance, fence.holder, fence.epoch)
+        if not rows or not rows[0]["fence_valid"]:
             raise Fenced(f"leadership term {fence.epoch} of {fence.holder} is over")
-        return int(row["n"])
+        return [r for r in rows if r[1] is not None]  # the row of a write that changed nothing: all NULL
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")

@@ -48,7 +48,7 @@ class Outbox(StoreBase):
         await self._fenced(
             "UPDATE job_results r SET published_at = now(), stream_entry_id = m.entry_id"
             " FROM unnest($1::bigint[], $2::text[]) AS m(seq, entry_id)"
-            " WHERE r.seq = m.seq AND EXISTS (SELECT 1 FROM fence_ok)",
+            " WHERE r.seq = m.seq AND EXISTS (SELECT 1 FROM fence_ok) RETURNING r.seq",
             [s for s, _ in marks], [e for _, e in marks])
 
     async def mark_published(self, seq: int, stream_entry_id: str) -> None:

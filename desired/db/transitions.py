@@ -315,8 +315,7 @@ class Transitions(StoreBase):
 
     async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
         """Mark the queued operations of ``generation`` as running; return (id, accepted at) of each."""
-        async with self._tx() as (conn, _):
-            rows = await conn.fetch(
-                "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
-                " AND status = 'queued' RETURNING id, created_at", game_id, generation)
+        rows = await self._fenced(
+            "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
+            " AND status = 'queued' AND EXISTS (SELECT 1 FROM fence_ok) RETURNING id, created_at", game_id, generation)
         return [(r["id"], r["created_at"]) for r in rows]
