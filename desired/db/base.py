@@ -16,7 +16,7 @@ import asyncpg
 
 from desired import snapshots, transitions
 from desired.clock import Clock
-from desired.db.lease import check_fence
+from desired.db.lease import check_fence, lock_record
 from desired.db.pool import translating
 from desired.db.rows import (
     DESIRED_COLUMNS,
@@ -61,17 +61,35 @@ class StoreBase:
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
+        async with self._tx_first(None) as (conn, now, _):
+            yield conn, now
+
+    @contextlib.asynccontextmanager
+    async def _tx_locking(self, game_id: str) -> AsyncIterator[tuple[asyncpg.Connection, datetime,
+                                                                     asyncpg.Record | None]]:
+        """``_tx`` whose first statement also locks the game's record (``SELECT_FOR_UPDATE``), after the
+        fence as before: one round trip fewer for every compare-and-swap of a record. Yields the row, or
+        None when the game has no record."""
+        async with self._tx_first(game_id) as found:
+            yield found
+
+    @contextlib.asynccontextmanager
+    async def _tx_first(self, game_id: str | None) -> AsyncIterator[tuple[asyncpg.Connection, datetime,
+                                                                          asyncpg.Record | None]]:
         wrote = moved = False
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
                     before = datetime.now(UTC)
-                    if self.fence is not None:
+                    row = None
+                    if game_id is not None:
+                        now, row = await lock_record(self.fence, conn, game_id)
+                    elif self.fence is not None:
                         now = await check_fence(self.fence, conn)
                     else:
                         now = await conn.fetchval("SELECT now()")
                     self.clock.observe_db(now, before, datetime.now(UTC))
-                    yield conn, now
+                    yield conn, now, row
                     wrote, moved = conn in self._outbox_written, conn in self._clock_moved
                     if wrote and self.fence is None:
                         # A process that does not lead (an operator's tool) tells the leader, whose relay

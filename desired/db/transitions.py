@@ -39,8 +39,7 @@ class Transitions(StoreBase):
                           container_id: Any = KEEP) -> RuntimeRecord:
         """Compare-and-swap from ``rec`` (status, container id, and generation when asked) to
         ``change(current, now)``; with ``finish``, answer the pending jobs of its generation."""
-        async with self._tx() as (conn, now):
-            row = await conn.fetchrow(SELECT_FOR_UPDATE, rec.game_id)
+        async with self._tx_locking(rec.game_id) as (conn, now, row):
             if row is None:
                 raise NotFound(rec.game_id)
             cur = record_from_row(row)
