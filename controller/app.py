@@ -182,7 +182,7 @@ class Controller:
         self.rollouts = RolloutLoop(store=self.store, admission=self.admission, metrics=self.metrics,
                                     interval=s.runtime.rollout_interval)
         self.outbox.subscribe(self.relay.poke)
-        self.outbox.subscribe(self.rollouts.wake.set)  # a patch answered: its rollout may go on
+        self.outbox.subscribe(self.rollouts.result_committed)  # a patch answered: its rollout may go on
         self.store.schedule.subscribe(self.turn_clock.wake.set)  # a new game, a generated turn, a resume, ...
         self.lease = Lease(s.database.database_url, self.fence)
         self.leadership = Leadership(self.lease, self.fence, self.metrics, on_elected=self._lead,

@@ -138,7 +138,9 @@ class Relay:
                 await self._sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if published == 0:
+            if published == 0 or not self.wake.is_set():
+                # ``flush`` read until a batch came back short: what was committed after that read raised
+                # ``wake`` (after its COMMIT), so an unraised wake means there is nothing more to read now.
                 await self._sleep(IDLE_POLL, wake=True)
 
     async def _sleep(self, seconds: float, wake: bool = False) -> None:

@@ -43,9 +43,20 @@ class RolloutLoop:
         self.metrics = metrics
         self.interval = interval
         self.wake = asyncio.Event()
+        # Whether the last tick found a rollout unfinished: only then can a committed result move one
+        # (``result_committed``). A rollout begun here wakes the loop itself (rollouts_http.py); one begun by
+        # another process is found by the interval's tick, as before.
+        self.busy = True
+
+    def result_committed(self) -> None:
+        """The outbox's signal: a patch answered may let its rollout go on (nothing to do with none unfinished)."""
+        if self.busy:
+            self.wake.set()
 
     async def tick(self) -> None:
-        for rollout, games in await self.store.unfinished_rollouts():
+        unfinished = await self.store.unfinished_rollouts()
+        self.busy = bool(unfinished)
+        for rollout, games in unfinished:
             try:
                 await self.step(rollout, games)
             except (TemporaryError, Fenced):

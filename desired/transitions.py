@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from desired.model import DesiredStatus, ErrorCode, Health, RuntimeRecord, Status
+from desired.model import MAX_TURN, DesiredStatus, ErrorCode, Health, RuntimeRecord, Status
 from desired.policy import CrashVerdict, rollback_target
 
 
@@ -208,16 +208,27 @@ def turn_reached(record: RuntimeRecord) -> bool:
     return record.desired_turn is None or (record.turn is not None and record.turn >= record.desired_turn)
 
 
-# What the turn clock's due query reads of a record (desired/db/transitions.py ``due_turns``).
-CLOCK_INPUTS = ("turn_interval", "paused", "desired_status", "status", "admin_api", "desired_turn", "turn",
-                "generation", "observed_generation", "disruption_wait_since", "last_turn_at", "clock_from")
+def clock_due_at(record: RuntimeRecord) -> tuple[datetime, int] | None:
+    """When the turn clock's due query (desired/db/transitions.py ``due_turns``, whose filter this repeats)
+    counts the game's next turn from, and its interval; None when the query does not return the game."""
+    if not (record.turn_interval > 0 and not record.paused and record.desired_status is DesiredStatus.RUNNING
+            and record.status is Status.RUNNING and record.admin_api is True
+            and (record.desired_turn is None or (record.turn is not None and record.desired_turn <= record.turn))
+            and (record.turn is None or record.turn < MAX_TURN)
+            and record.observed_generation == record.generation and record.disruption_wait_since is None):
+        return None
+    since = record.clock_from or record.created_at
+    return max(record.last_turn_at or since, since), record.turn_interval
 
 
 def moves_the_clock(cur: RuntimeRecord | None, new: RuntimeRecord) -> bool:
-    """Whether writing ``new`` over ``cur`` can change when (or whether) the game's next turn is due:
-    the store raises the turn clock's signal after such a commit, and only then (a probe that
-    changed nothing the clock reads, the most frequent write, does not wake it)."""
-    return cur is None or any(getattr(cur, f) != getattr(new, f) for f in CLOCK_INPUTS)
+    """Whether writing ``new`` over ``cur`` makes the game due at a time it was not due at before (it
+    became due-able, or its due time or interval moved): the store raises the turn clock's signal after
+    such a commit, and only then. A game that stops being due (a turn asked, a pause, a stop) wakes
+    nothing: the clock's next look, at the latest when it would have been due, finds it gone. So neither
+    a probe that changed nothing the clock reads nor a forced turn of a game with no schedule wakes it."""
+    due = clock_due_at(new)
+    return due is not None and (cur is None or clock_due_at(cur) != due)
 
 
 def turn_unasked(record: RuntimeRecord) -> RuntimeRecord:

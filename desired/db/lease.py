@@ -27,6 +27,31 @@ async def check_fence(fence: Fence, conn: asyncpg.Connection) -> datetime:
     return now
 
 
+async def lock_record(fence: Fence | None, conn: asyncpg.Connection,
+                      game_id: str) -> tuple[datetime, asyncpg.Record | None]:
+    """``check_fence`` and then ``SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE``, in one
+    statement (the record is locked only when the term is still the current one, after the lease's
+    row, in the order of the two statements it replaces). Returns the database's ``now()`` and the
+    record's row (None when the game has no record)."""
+    if fence is None:
+        row = await conn.fetchrow(
+            "WITH r AS (SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE)"
+            " SELECT now() AS fence_now, r.* FROM (SELECT 1) AS one LEFT JOIN r ON true", game_id)
+    else:
+        if not fence.valid_locally:
+            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
+        row = await conn.fetchrow(
+            "WITH f AS (SELECT now() AS now FROM leader_leases WHERE instance = $2 AND holder = $3 AND epoch = $4"
+            " AND expires_at > now() FOR KEY SHARE),"
+            " r AS (SELECT * FROM runtime_records WHERE game_id = $1 AND EXISTS (SELECT 1 FROM f) FOR UPDATE)"
+            " SELECT (SELECT now FROM f) AS fence_now, r.* FROM (SELECT 1) AS one LEFT JOIN r ON true",
+            game_id, fence.instance, fence.holder, fence.epoch)
+        if row is None or row["fence_now"] is None:
+            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} is over")
+    assert row is not None
+    return row["fence_now"], row if row["game_id"] is not None else None
+
+
 _T = TypeVar("_T")
 
 

@@ -46,11 +46,11 @@ class Outbox(StoreBase):
 
     async def mark_published_many(self, marks: list[tuple[int, str]]) -> None:
         """(seq, stream entry id) of each entry published, in one statement."""
-        async with self._tx() as (conn, _):
-            await conn.execute(
-                "UPDATE job_results r SET published_at = now(), stream_entry_id = m.entry_id"
-                " FROM unnest($1::bigint[], $2::text[]) AS m(seq, entry_id) WHERE r.seq = m.seq",
-                [s for s, _ in marks], [e for _, e in marks])
+        await self._fenced(
+            "UPDATE job_results r SET published_at = now(), stream_entry_id = m.entry_id"
+            " FROM unnest($1::bigint[], $2::text[]) AS m(seq, entry_id)"
+            " WHERE r.seq = m.seq AND EXISTS (SELECT 1 FROM fence_ok) RETURNING r.seq",
+            [s for s, _ in marks], [e for _, e in marks])
 
     async def mark_published(self, seq: int, stream_entry_id: str) -> None:
         async with self._tx() as (conn, _):

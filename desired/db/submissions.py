@@ -163,7 +163,10 @@ class Submissions(StoreBase):
                         error_message=decision.message)))
                 outcomes.append(SubmitOutcome(operation_id=op_id, decision=decision))
             await flush()
-            if notify:
+            if notify and self.fence is None:
+                # Only a process that does not lead (an operator's tool) tells the leader; the leader's own
+                # admission wakes its work queue and turn clock in process (controller/admission.py, _tx),
+                # and its NOTIFY would only come back to its own listener: a second look at the game.
                 await conn.execute("SELECT pg_notify($1, g) FROM unnest($2::text[]) AS g", NOTIFY_CHANNEL,
                                    sorted(set(notify)))
             return outcomes

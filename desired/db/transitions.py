@@ -39,8 +39,7 @@ class Transitions(StoreBase):
                           container_id: Any = KEEP) -> RuntimeRecord:
         """Compare-and-swap from ``rec`` (status, container id, and generation when asked) to
         ``change(current, now)``; with ``finish``, answer the pending jobs of its generation."""
-        async with self._tx() as (conn, now):
-            row = await conn.fetchrow(SELECT_FOR_UPDATE, rec.game_id)
+        async with self._tx_locking(rec.game_id) as (conn, now, row):
             if row is None:
                 raise NotFound(rec.game_id)
             cur = record_from_row(row)
@@ -315,8 +314,7 @@ class Transitions(StoreBase):
 
     async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
         """Mark the queued operations of ``generation`` as running; return (id, accepted at) of each."""
-        async with self._tx() as (conn, _):
-            rows = await conn.fetch(
-                "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
-                " AND status = 'queued' RETURNING id, created_at", game_id, generation)
+        rows = await self._fenced(
+            "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
+            " AND status = 'queued' AND EXISTS (SELECT 1 FROM fence_ok) RETURNING id, created_at", game_id, generation)
         return [(r["id"], r["created_at"]) for r in rows]

@@ -179,7 +179,9 @@ async def test_a_schedule_set_by_another_process_wakes_the_leaders_turn_clock(po
             return schedule.raised and "sched" in games
 
         await eventually(heard, timeout=10, what="a tool's schedule change heard by the leader's turn clock")
-        assert tool.schedule.raised >= 2  # and in the tool's own process at each commit
+        # Not in the tool's own process: the game does not run yet, so no interval makes it due there
+        # (desired/transitions.py moves_the_clock); the leader's listener wakes its clock all the same.
+        assert tool.schedule.raised == 0
     finally:
         stopping.set()
         await listener

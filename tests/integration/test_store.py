@@ -347,6 +347,14 @@ async def test_a_deposed_leader_cannot_write(pool, database_url):
         await old_store.submit(start("g2", "2-0"), DEFAULTS)
     with pytest.raises(Fenced):
         await old_store.mark_published(1, "1-1")
+    # The writes that are one statement on their own (no transaction) are fenced in that statement.
+    with pytest.raises(Fenced):
+        await old_store.mark_published_many([(1, "1-1")])
+    with pytest.raises(Fenced):
+        await old_store.claim("g1", 1)
+    with pytest.raises(Fenced):  # the fence and the record's lock are one statement
+        await old_store.mark_stopped(await Store(pool).get("g1"), container_id=None)
+    assert (await Store(pool).pending_operations("g1"))[0].status.value == "queued"
     assert await Store(pool).find("g2") is None
     await Store(pool, fence=new_fence).submit(start("g2", "2-0"), DEFAULTS)
     await new.release()

@@ -143,6 +143,7 @@ async def test_the_turn_clock_is_woken_when_a_failed_patch_has_converged_back(w,
     rollback later writes no outbox row and changes no status. It must still wake the turn clock,
     or the game's next turn waits up to a resync interval (the clock's longest sleep)."""
     await started(w)
+    await w.store.set_schedule("g1", 60, OpSource.ADMIN)  # a game with no schedule is never due: no wake
     woken: list[bool] = []
     w.store.schedule.subscribe(lambda: woken.append(w.store.records["g1"].converged))
     await w.job(JobKind.PATCH, "g1", image)

@@ -151,3 +151,29 @@ def test_timestamps_never_break_an_invariant_when_the_clock_steps_back(step_back
                                   container_id="c2", image="img:1")
     started.validate()
     assert started.started_at >= started.created_at
+
+
+_SCHEDULED = dict(admin_api=True, turn_interval=60, last_turn_at=T0 + timedelta(seconds=5))
+
+
+@pytest.mark.parametrize(("old", "new", "moves"), [
+    (None, rec(S.STARTING, current_container_id=None, started_at=None), False),  # a new game: due once running
+    (rec(S.STARTING, **_SCHEDULED), rec(**_SCHEDULED), True),                   # converged: due from now on
+    (rec(admin_api=True), rec(admin_api=True, turn=5, last_turn_at=T0), False),  # no schedule: never due
+    (rec(admin_api=True), rec(admin_api=True, desired_turn=5, generation=4), False),  # a forced turn, unscheduled
+    (rec(**_SCHEDULED), rec(**_SCHEDULED, desired_turn=5, generation=4), False),  # a turn asked: not due meanwhile
+    (rec(**_SCHEDULED, turn=5, desired_turn=5, generation=4, observed_generation=3),
+     rec(**_SCHEDULED | {"last_turn_at": T0 + timedelta(seconds=9)}, turn=5, desired_turn=5, generation=4,
+         observed_generation=4), True),  # the turn generated: due again later
+    (rec(**_SCHEDULED), rec(**_SCHEDULED | {"turn_interval": 30}), True),       # a new interval
+    (rec(admin_api=True), rec(**_SCHEDULED), True),                             # a schedule set
+    (rec(**_SCHEDULED, paused=True), rec(**_SCHEDULED), True),                  # resumed
+    (rec(**_SCHEDULED), rec(**_SCHEDULED, paused=True), False),                 # paused: the clock finds it gone
+    (rec(**_SCHEDULED), rec(**_SCHEDULED, probe_failures=1), False),           # nothing the clock reads
+])
+def test_what_moves_the_turn_clock(old, new, moves) -> None:
+    """The clock is woken when a commit makes a game due at a time it was not due at before (it became
+    due-able, or its due time moved); a game that stops being due needs no wake: the clock's next look
+    finds it gone. So a forced turn of a game with no schedule, the most frequent write of a turn, wakes
+    nothing (issue 25)."""
+    assert transitions.moves_the_clock(old, new) is moves
