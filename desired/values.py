@@ -27,6 +27,8 @@ class Operation:
     error_message: str | None
     created_at: datetime
     finished_at: datetime | None
+    actor: str | None = None  # who asked: "token:NAME" (REST), "stream:STREAM" (a job entry), None (rtmanager)
+    requested_by: str | None = None  # on whose behalf, as the entry or request said
 
 
 
