@@ -71,6 +71,7 @@ DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
 TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
 MAX_LOG_PAGE = 500
+TOKEN_NAME = web.RequestKey("token_name", str)  # the name of the request's API token (the auth middleware's)
 
 
 
@@ -137,7 +138,7 @@ class HttpDeps:
 
 def actor(request: web.Request) -> str:
     """Who asks: ``token:NAME`` of the request's API token (set by the auth middleware)."""
-    return f"token:{request['token_name']}"
+    return f"token:{request[TOKEN_NAME]}"
 
 
 class HttpServer:
@@ -230,7 +231,7 @@ class HttpServer:
             token = tokens.find(secret.encode("utf-8", "surrogateescape"))
             if token is None or not hmac.compare_digest(scheme.encode("utf-8", "surrogateescape"), b"Bearer"):
                 return _error(401, "missing or wrong bearer token")
-            request["token_name"] = token.name
+            request[TOKEN_NAME] = token.name
             if request.match_info.http_exception is None:  # a route of ours (else its 404 or 405 follows)
                 canonical = request.match_info.route.resource.canonical if request.match_info.route.resource \
                     else request.path
