@@ -49,6 +49,13 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
 }
 
 
+def markdown() -> str:
+    """The table of docs/security.md (tests/unit/test_tokens.py keeps it the same as ROUTE_ROLES)."""
+    rows = ["| call | role |", "|---|---|"]
+    rows += [f"| `{method} {path}` | `{role.label}` |" for (method, path), role in ROUTE_ROLES.items()]
+    return "\n".join(rows) + "\n"
+
+
 def required_role(method: str, path: str) -> Role | None:
     """The role a route needs (HEAD as GET), or None: a route nobody may call."""
     return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, path))

@@ -34,7 +34,7 @@ from controller.admission import Admission
 from controller.config import ConfigError, HttpSettings
 from controller.drains_api import DrainApi
 from controller.metrics import Metrics
-from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
+from controller.openapi import FORCEABLE, LOG_OPS, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
 from controller.tokens import InvalidTokens, TokenSource
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
@@ -71,6 +71,7 @@ DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
 TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
 MAX_LOG_PAGE = 500
+MAX_ACTOR = 200  # runtime_operations.actor (migration 0020)
 TOKEN_NAME = web.RequestKey("token_name", str)  # the name of the request's API token (the auth middleware's)
 
 
@@ -566,18 +567,15 @@ class HttpServer:
         game_id, who, op = q.get("game_id"), q.get("actor"), q.get("op")
         if game_id is not None and not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
-        if who is not None and not (0 < len(who) <= 200 and who.isprintable()):
-            return _error(400, "actor must be 1-200 printable characters")
-        if op is not None and op not in OPS:
-            return _error(400, f"op must be one of {', '.join(OPS)}")
+        if who is not None and not 0 < len(who) <= MAX_ACTOR:
+            return _error(400, f"actor must be 1-{MAX_ACTOR} characters")
+        if op is not None and op not in LOG_OPS:
+            return _error(400, f"op must be one of {', '.join(LOG_OPS)}")
         entries = await self.deps.store.operation_log(before=before, limit=limit, game_id=game_id, actor=who,
                                                       op=op)
         body: dict[str, Any] = {"operations": [{k: _json_value(v) for k, v in e.items()} for e in entries]}
         body["next"] = entries[-1]["id"] if len(entries) == limit else None
         return web.json_response(body)
-
-
-OPS = [k.value for k in JobKind] + ["version_create", "version_update", "version_delete"]
 
 
 async def _unknown() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from controller.access import ROUTE_ROLES
+from controller.access import ROUTE_ROLES, markdown
 from controller.admission import Admission
 from controller.config import ConfigError, HttpSettings, Settings
 from controller.http import HttpDeps, HttpServer
@@ -281,3 +281,11 @@ def test_requested_by_on_a_job_entry_is_validated() -> None:
     for bad in (b"", b"x" * 129, b"tab\there", "\u200bzero-width".encode()):
         with pytest.raises(InvalidJob, match="requested_by"):
             parse_job(JobKind.STOP, {b"game_id": b"g1", b"reason": b"finished", b"requested_by": bad}, allow)
+
+
+def test_the_security_docs_role_table_is_the_generated_one() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    begin = "<!-- generated from controller/access.py (controller.access.markdown) -->\n"
+    end = "<!-- end of the generated role table -->"
+    table = doc.split(begin, 1)[1].split(end, 1)[0]
+    assert table.strip() == markdown().strip(), "docs/security.md's role table is stale"
