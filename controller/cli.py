@@ -51,6 +51,7 @@ if sys.argv[1:2] == ["run"] and sys.argv[0].rsplit("/", 1)[-1] in ("rtmanager", 
 import argparse  # noqa: E402 - after the signal handlers, on purpose
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import getpass  # noqa: E402
 import os  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from types import FrameType  # noqa: E402
@@ -192,6 +193,15 @@ async def _adopt(settings: Settings, games: list[str], everything: bool) -> int:
     return 1 if failures else 0
 
 
+def cli_actor() -> str:
+    """The operation log's actor of a change made with this command: ``cli:USER`` (the local user)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"cli:{''.join(c if c.isprintable() else '?' for c in user)[:64]}"
+
+
 async def _dispose(settings: Settings, games: list[str]) -> int:
     """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record."""
     failures = 0
@@ -205,6 +215,7 @@ async def _dispose(settings: Settings, games: list[str]) -> int:
                 failures += 1
                 continue
             await backend.remove(c.id, settings.runtime.stop_grace)
+            await store.log_disposal(game, c.id, cli_actor())
             print(f"{game}: container {c.id[:12]} stopped and removed")
     return 1 if failures else 0
 
@@ -248,19 +259,21 @@ async def _versions(settings: Settings, args: argparse.Namespace) -> int:
                 if args.pull:
                     async with _backend(settings) as backend:
                         await backend.ensure_image(image)
-                entry = await store.create_version(version, image, VersionStatus.ACTIVE, args.notes or "", grace)
+                entry = await store.create_version(version, image, VersionStatus.ACTIVE, args.notes or "", grace,
+                                                   actor=cli_actor())
                 print(f"{entry.version}: {entry.image_ref} ({entry.status.value})")
             elif args.action == "stop-grace":
-                entry = await store.update_version(version, status=None, notes=None, stop_grace=grace)
+                entry = await store.update_version(version, status=None, notes=None, stop_grace=grace,
+                                                   actor=cli_actor())
                 shown = "RTMANAGER_STOP_GRACE" if entry.stop_grace is None else f"{entry.stop_grace}s"
                 print(f"{entry.version}: stop grace {shown}")
             elif args.action == "remove":
-                await store.delete_version(version)
+                await store.delete_version(version, actor=cli_actor())
                 print(f"{version}: removed")
             else:
                 status = {"deprecate": VersionStatus.DEPRECATED, "disable": VersionStatus.DISABLED,
                           "activate": VersionStatus.ACTIVE}[args.action]
-                entry = await store.update_version(version, status=status, notes=None)
+                entry = await store.update_version(version, status=status, notes=None, actor=cli_actor())
                 print(f"{entry.version}: {entry.status.value}")
         except NotFound:
             print(f"rtmanager versions: no engine version {version}", file=sys.stderr)

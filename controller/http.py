@@ -34,7 +34,7 @@ from controller.admission import Admission
 from controller.config import ConfigError, HttpSettings
 from controller.drains_api import DrainApi
 from controller.metrics import Metrics
-from controller.openapi import FORCEABLE, LOG_OPS, REST_JOBS, openapi_document
+from controller.openapi import ACTOR_PATTERN, FORCEABLE, LOG_OPS, MAX_ACTOR, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
 from controller.tokens import InvalidTokens, TokenSource
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
@@ -71,7 +71,6 @@ DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
 TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
 MAX_LOG_PAGE = 500
-MAX_ACTOR = 200  # runtime_operations.actor (migration 0020)
 TOKEN_NAME = web.RequestKey("token_name", str)  # the name of the request's API token (the auth middleware's)
 
 
@@ -567,8 +566,8 @@ class HttpServer:
         game_id, who, op = q.get("game_id"), q.get("actor"), q.get("op")
         if game_id is not None and not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
-        if who is not None and not 0 < len(who) <= MAX_ACTOR:
-            return _error(400, f"actor must be 1-{MAX_ACTOR} characters")
+        if who is not None and not ACTOR_PATTERN.fullmatch(who):
+            return _error(400, f"actor must be 1-{MAX_ACTOR} printable ASCII characters without spaces")
         if op is not None and op not in LOG_OPS:
             return _error(400, f"op must be one of {', '.join(LOG_OPS)}")
         entries = await self.deps.store.operation_log(before=before, limit=limit, game_id=game_id, actor=who,

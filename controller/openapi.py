@@ -7,6 +7,7 @@ against it (tests/integration/test_http.py).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from enum import Enum
 from typing import Any
@@ -45,6 +46,8 @@ _STOP_GRACE = {"type": "integer", "minimum": 0, "maximum": MAX_STOP_GRACE, "null
 _NULLABLE_STR = {"type": "string", "nullable": True}
 # the operation log's ops: a job's, and the engine-version registry's changes (no game)
 LOG_OPS = [k.value for k in JobKind] + ["version_create", "version_update", "version_delete"]
+MAX_ACTOR = 200  # runtime_operations.actor (migration 0020)
+ACTOR_PATTERN = re.compile(f"[!-~]{{1,{MAX_ACTOR}}}")  # token:NAME, stream:STREAM, cli:USER
 _REQUESTED_BY = {"type": "string", "minLength": 1, "maxLength": MAX_REQUESTED_BY,
                  "description": "on whose behalf (a user, a service): printable text written to the operation "
                                 "log with the token's name; it grants nothing"}
@@ -132,7 +135,7 @@ def openapi_document() -> dict[str, Any]:
             {"name": "game_id", "in": "query", "required": False,
              "schema": {"type": "string", "pattern": GAME_ID_PATTERN.pattern, "maxLength": 51}},
             {"name": "actor", "in": "query", "required": False, "description": "token:NAME or stream:STREAM",
-             "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+             "schema": {"type": "string", "pattern": f"^{ACTOR_PATTERN.pattern}$"}},
             {"name": "op", "in": "query", "required": False, "schema": {"type": "string", "enum": LOG_OPS}}],
         "responses": {"200": {"description": "operations", "content": {"application/json": {"schema": {
             "type": "object", "required": ["operations", "next"], "properties": {

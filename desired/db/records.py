@@ -116,6 +116,14 @@ class Records(StoreBase):
             out.append(entry)
         return out
 
+    async def log_disposal(self, game_id: str, container_id: str, actor: str) -> None:
+        """``rtmanager dispose`` of an unowned container (a game without a record) in the operation log."""
+        async with self._tx() as (conn, now):
+            await conn.execute(
+                "INSERT INTO runtime_operations (game_id, op, source, status, params, actor, created_at, finished_at)"
+                " VALUES ($1, 'cleanup', 'admin', 'succeeded', $2::jsonb, $3, $4, $4)",
+                game_id, json.dumps({"event": "dispose", "container_id": container_id}), actor, now)
+
     async def operation(self, op_id: int) -> Operation:
         row = await self.pool.fetchrow("SELECT * FROM runtime_operations WHERE id = $1", op_id)
         if row is None:

@@ -220,7 +220,7 @@ async def test_an_operation_names_its_actor_and_on_whose_behalf(api: Api) -> Non
     status, body = await api.call("POST", "/api/v1/runtimes/g1/resume?wait=0", OPERATOR,
                                   {"requested_by": "bad\nname"})
     assert status == 400 and "requested_by" in body["error_message"], body
-    for query in ("limit=0", "limit=x", "before=-1", "op=dance", "game_id=Bad!"):
+    for query in ("limit=0", "limit=x", "before=-1", "op=dance", "game_id=Bad!", "actor=a%00b", "actor=a%20b"):
         assert (await api.call("GET", f"/api/v1/operations?{query}", READER))[0] == 400, query
 
 
