@@ -8,6 +8,9 @@ tests/unit/test_tokens.py checks that every route the server registers is here.
 
 from __future__ import annotations
 
+import getpass
+import os
+
 from controller.tokens import Role
 
 READ, OPERATE, ADMIN = Role.READ, Role.OPERATE, Role.ADMIN
@@ -59,3 +62,12 @@ def markdown() -> str:
 def required_role(method: str, path: str) -> Role | None:
     """The role a route needs (HEAD as GET), or None: a route nobody may call."""
     return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, path))
+
+
+def cli_actor() -> str:
+    """The operation log's actor of a change made with the ``rtmanager`` command: ``cli:USER``."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return "cli:" + "".join(c if c.isascii() and c.isprintable() and c != " " else "?" for c in user)[:64]

@@ -51,12 +51,12 @@ if sys.argv[1:2] == ["run"] and sys.argv[0].rsplit("/", 1)[-1] in ("rtmanager", 
 import argparse  # noqa: E402 - after the signal handlers, on purpose
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
-import getpass  # noqa: E402
 import os  # noqa: E402
 from collections.abc import AsyncIterator  # noqa: E402
 from types import FrameType  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
+from controller.access import cli_actor  # noqa: E402
 from controller.config import VARIABLES, ConfigError, Settings  # noqa: E402
 from controller.logs import redact_url, setup_logging  # noqa: E402
 
@@ -193,15 +193,6 @@ async def _adopt(settings: Settings, games: list[str], everything: bool) -> int:
     return 1 if failures else 0
 
 
-def cli_actor() -> str:
-    """The operation log's actor of a change made with this command: ``cli:USER`` (the local user)."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = f"uid{os.getuid()}"
-    return f"cli:{''.join(c if c.isprintable() else '?' for c in user)[:64]}"
-
-
 async def _dispose(settings: Settings, games: list[str]) -> int:
     """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record."""
     failures = 0
@@ -305,7 +296,7 @@ async def _drains(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 req = drains.parse_request(body, backend=settings.runtime.backend.value,
                                            state_shared=settings.storage.state_shared)
-                drain = await store.create_drain(req, OpSource.ADMIN)
+                drain = await store.create_drain(req, OpSource.ADMIN, actor=cli_actor())
             except (drains.InvalidDrain, drains.DrainExists) as exc:
                 print(f"rtmanager drain: {exc}", file=sys.stderr)
                 return 2 if isinstance(exc, drains.InvalidDrain) else 1
@@ -324,7 +315,7 @@ async def _drains(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 drain_id = int(target)
             try:
-                drain = await store.request_undrain(drain_id)
+                drain = await store.request_undrain(drain_id, actor=cli_actor())
             except NotFound:
                 print(f"rtmanager undrain: no drain {drain_id}", file=sys.stderr)
                 return 1

@@ -175,7 +175,7 @@ class HttpServer:
         app.router.add_post("/api/v1/drains/{drain_id}/undrain", self.undrain)
         self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
                                wake=deps.drains_changed, nodes=deps.drain_nodes) if deps.drains is not None else None
-        RolloutRoutes(deps).add(app.router)
+        RolloutRoutes(deps, actor).add(app.router)
         self.app = app
 
     async def start(self, game_subnets: list[str] | None = None) -> None:
@@ -495,14 +495,14 @@ class HttpServer:
             return _answer(req)
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
-        return _answer(await self.drains.create(req))
+        return _answer(await self.drains.create(req, actor=actor(request)))
 
     async def undrain(self, request: web.Request) -> web.Response:
         if self.drains is None:
             return _error(503, "drains are not available on this server")
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
-        return _answer(await self.drains.undrain(request.match_info["drain_id"]))
+        return _answer(await self.drains.undrain(request.match_info["drain_id"], actor=actor(request)))
 
     async def resync_snapshots(self, request: web.Request) -> web.Response:
         """A snapshot of every live game (or of ``?game_id=``), for a Lobby that lost track."""

@@ -28,6 +28,7 @@ from desired.model import (
     Status,
     StopReason,
 )
+from desired.values import FLEET_OPS
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
 # The jobs the REST API takes, by their path (``turn`` is the turn clock's own).
@@ -45,7 +46,7 @@ _STOP_GRACE = {"type": "integer", "minimum": 0, "maximum": MAX_STOP_GRACE, "null
                               "(null: RTMANAGER_STOP_GRACE)"}
 _NULLABLE_STR = {"type": "string", "nullable": True}
 # the operation log's ops: a job's, and the engine-version registry's changes (no game)
-LOG_OPS = [k.value for k in JobKind] + ["version_create", "version_update", "version_delete"]
+LOG_OPS = [k.value for k in JobKind] + list(FLEET_OPS)
 MAX_ACTOR = 200  # runtime_operations.actor (migration 0020)
 ACTOR_PATTERN = re.compile(f"[!-~]{{1,{MAX_ACTOR}}}")  # token:NAME, stream:STREAM, cli:USER
 _REQUESTED_BY = {"type": "string", "minLength": 1, "maxLength": MAX_REQUESTED_BY,
@@ -348,7 +349,8 @@ def openapi_document() -> dict[str, Any]:
                              "properties": {
                                  "id": {"type": "integer"},
                                  "game_id": {"type": "string", "nullable": True,
-                                             "description": "null for a change of the version registry"},
+                                             "description": "null for a change of the version registry, "
+                                                            "a drain or a rollout"},
                                  "op": {"type": "string", "enum": LOG_OPS},
                                  "source": _enum(OpSource), "status": _enum(OpStatus),
                                  "generation": {"type": "integer"}, "stream": _NULLABLE_STR,

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from controller.access import cli_actor
 from controller.config import Settings
 from desired.errors import NotFound
 from desired.ports import RolloutAdminStore
@@ -102,7 +103,8 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
                 body["game_ids"] = args.games
             req = parse_request(body)
             rollout, games = await store.create_rollout(req, settings.images.image_allowlist,
-                                                        settings.images.version_policy == "registry")
+                                                        settings.images.version_policy == "registry",
+                                                        actor=cli_actor())
             _show(rollout, games, as_json)
             return 0
         if args.action == "status":
@@ -119,7 +121,7 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
                 (str(r.id), r.state.value, r.target_version, r.source_version or "-", _summary(c), r.state_reason)
                 for r, c in found])
             return 0
-        await store.steer_rollout(args.rollout_id, Action(args.action))
+        await store.steer_rollout(args.rollout_id, Action(args.action), actor=cli_actor())
         rollout, games = await store.get_rollout(args.rollout_id)
         _show(rollout, games, as_json)
         return 0

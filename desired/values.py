@@ -132,3 +132,9 @@ class WrongInstance(RuntimeError):
 
 
 KEEP = object()  # an argument left as it is (None means something)
+
+
+# The operation log's entries that concern no one game (game_id null): changes of the engine-version
+# registry, drains and rollouts, each with who asked (migration 0020 lists the same).
+FLEET_OPS = ("version_create", "version_update", "version_delete", "drain_create", "drain_undrain",
+             "rollout_create", "rollout_pause", "rollout_resume", "rollout_abort")

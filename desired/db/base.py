@@ -39,8 +39,18 @@ from desired.model import (
     Status,
     check_transition,
 )
-from desired.values import Finish, Operation, ReconcilerNote, decided
+from desired.values import FLEET_OPS, Finish, Operation, ReconcilerNote, decided
 from desired.wakeup import OUTBOX_CHANNEL, Signal
+
+
+async def log_fleet_change(conn: asyncpg.Connection, op: str, params: dict[str, Any], actor: str | None) -> None:
+    """A change of the registry, a drain or a rollout in the operation log (no game; source admin), in the
+    change's transaction."""
+    if op not in FLEET_OPS:
+        raise ValueError(f"not an operation of the fleet: {op}")
+    await conn.execute(
+        "INSERT INTO runtime_operations (game_id, op, source, status, params, actor, finished_at)"
+        " VALUES (NULL, $1, 'admin', 'succeeded', $2::jsonb, $3, now())", op, json.dumps(params), actor)
 
 
 @translating

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import asyncpg
 
 from desired import versions
-from desired.db.base import StoreBase
+from desired.db.base import StoreBase, log_fleet_change
 from desired.db.pool import translating
 from desired.db.rows import version_from_row
 from desired.errors import NotFound
@@ -17,11 +16,7 @@ from desired.values import KEEP, VersionInUse
 
 async def log_registry_change(conn: asyncpg.Connection, op: str, version: str, params: dict[str, Any],
                               actor: str | None) -> None:
-    """A change of the registry in the operation log (no game; source admin), in the change's transaction."""
-    await conn.execute(
-        "INSERT INTO runtime_operations (game_id, op, source, status, params, actor, finished_at)"
-        " VALUES (NULL, $1, 'admin', 'succeeded', $2::jsonb, $3, now())",
-        op, json.dumps({"version": version, **params}), actor)
+    await log_fleet_change(conn, op, {"version": version, **params}, actor)
 
 
 @translating

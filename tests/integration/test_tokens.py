@@ -39,6 +39,16 @@ async def test_roles_rotation_and_actors(api, tmp_path: Path):
     assert status == 201, body
     status, _, _ = await api.request("DELETE", f"{V}/t-1.0", auth=False, headers=bearer(ADMIN))
     assert status == 204
+    # drains are admin's, and in the log too
+    status, body, _ = await api.request("POST", "/api/v1/drains", auth=False, headers=bearer(OPERATOR),
+                                        json={"host": True})
+    assert status == 403, body
+    status, drain, _ = await api.request("POST", "/api/v1/drains", auth=False, headers=bearer(ADMIN),
+                                         json={"host": True})
+    assert status == 201, drain
+    status, body, _ = await api.request("POST", f"/api/v1/drains/{drain['id']}/undrain", auth=False,
+                                        headers=bearer(ADMIN))
+    assert status == 200, body
     # an operate token's job on a game that does not exist: answered at once, logged under its name
     status, body = await api.job("t1", "pause", {"requested_by": "gm:alice"}, wait=5, auth=False,
                                  headers=bearer(OPERATOR))
@@ -56,6 +66,8 @@ async def test_roles_rotation_and_actors(api, tmp_path: Path):
 
     seen = await eventually(logged, 15, "the stream entry in the operation log")
     assert seen[1:] == [("pause", "t1", "token:ops", "gm:alice"),
+                        ("drain_undrain", None, "token:boss", None),
+                        ("drain_create", None, "token:boss", None),
                         ("version_delete", None, "token:boss", None),
                         ("version_create", None, "token:boss", None)]
     status, body = await api.get("/api/v1/operations?op=version_create", auth=False, headers=bearer(READER))

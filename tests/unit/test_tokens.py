@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from controller.admission import Admission
 from controller.config import ConfigError, HttpSettings, Settings
 from controller.http import HttpDeps, HttpServer
 from controller.metrics import Metrics
+from controller.openapi import LOG_OPS
 from controller.tokens import InvalidTokens, Role, TokenSource, load, parse_file
 from desired.errors import NotFound
 from desired.jobs import ImageAllowlist, InvalidJob, parse_job
 from desired.model import JobKind
-from desired.values import Operation
+from desired.values import FLEET_OPS, Operation
 from tests.fakes import FakeStore, defaults
 
 READER = "r" * 16 + "-reader-secret"
@@ -289,3 +291,10 @@ def test_the_security_docs_role_table_is_the_generated_one() -> None:
     end = "<!-- end of the generated role table -->"
     table = doc.split(begin, 1)[1].split(end, 1)[0]
     assert table.strip() == markdown().strip(), "docs/security.md's role table is stale"
+
+
+def test_the_migration_allows_exactly_the_fleet_ops() -> None:
+    sql = (Path(__file__).resolve().parents[2] / "migrations" / "0020_operation_actors.sql").read_text()
+    check = sql.split("runtime_operations_game_chk", 1)[1].split(";", 1)[0]
+    assert set(re.findall(r"'([a-z_]+)'", check)) == set(FLEET_OPS)
+    assert set(FLEET_OPS) <= set(LOG_OPS)
