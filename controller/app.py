@@ -84,6 +84,7 @@ class Controller:
         self.leader_tasks: list[asyncio.Task[Any]] = []  # for one leadership term
         self.term_stopping = asyncio.Event()
         self.exit_code = 0
+        self._sighup = False  # a SIGHUP handler of ours (RTMANAGER_API_TOKENS_FILE) is installed
         self.fence = Fence(instance=settings.leadership.instance, ttl=settings.leadership.lease_ttl,
                            holder=settings.streams.consumer_name)  # one name per replica, stable across restarts
         # backend_factory and engine: the benchmark's simulated daemon and engines (make_backend's
@@ -199,6 +200,9 @@ class Controller:
             drains_changed=self.drainer.wake.set, drain_nodes=swarm_nodes,
             rollouts=self.store, rollout_wake=self.rollouts.wake.set, watch=self.store,
             version_registry=s.images.version_policy == "registry"))
+        if s.http.api_tokens_file:  # SIGHUP: read RTMANAGER_API_TOKENS_FILE again now (it is polled too)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.http.tokens.reload)
+            self._sighup = True
         if s.http.http_port:
             # Off the engines' network: an engine must not reach the API (docs/architecture.md).
             subnets = await self.backend.network_subnets() if s.http.http_host == OFF_GAME_NETWORK else None
@@ -330,6 +334,8 @@ class Controller:
         """Stop reading jobs, let workers finish the action in hand (bounded), flush the outbox once,
         hand the lease over, close everything."""
         log.info("shutting down")
+        if self._sighup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         self._stop_events()
         self.term_stopping.set()
         self.intake.stop()

@@ -16,6 +16,7 @@ from controller.config_values import (
     MIN_FREE,
     NAME,
     NANO_CPUS,
+    OPTIONAL_ABSPATH,
     STREAM_NAME,
     TEXT,
     TOKEN,
@@ -32,6 +33,7 @@ from controller.config_values import (
     size,
     url,
 )
+from controller.tokens import InvalidTokens, load
 from desired.jobs import ImageAllowlist
 from desired.policy import NodeLoss
 from desired.storage import MinFree
@@ -288,7 +290,18 @@ class HttpSettings:
                              "`off-game-network`: every address of this host or container except those on "
                              "`RTMANAGER_DOCKER_NETWORK` (no engine reaches the API)")
     api_token: str = setting("RTMANAGER_API_TOKEN", "", TOKEN, "bearer token of the REST API, at least 16 "
-                             "characters; empty disables the REST API (503)", secret=True)
+                             "characters, with the `admin` role and the name `default`; with "
+                             "`RTMANAGER_API_TOKENS_FILE` empty too, the REST API is disabled (503)", secret=True)
+    api_tokens_file: str | None = setting("RTMANAGER_API_TOKENS_FILE", "", OPTIONAL_ABSPATH, "file of named API "
+                                          "tokens, one `NAME ROLE TOKEN` (or `NAME ROLE sha256:HEX`) a line, role "
+                                          "`read`, `operate` or `admin` (docs/security.md); read again on SIGHUP "
+                                          "and when it changes")
+
+    def __post_init__(self) -> None:
+        try:
+            load(self.api_tokens_file, self.api_token)
+        except InvalidTokens as exc:
+            raise ConfigError(f"RTMANAGER_API_TOKENS_FILE: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True)

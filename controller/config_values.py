@@ -80,6 +80,7 @@ def _abspath(raw: str) -> str:
 
 
 ABSPATH = Parser(_abspath, "must be an absolute path")
+OPTIONAL_ABSPATH = Parser(lambda raw: _abspath(raw) if raw else None, "must be empty or an absolute path")
 ARCHIVE_DIR = Parser(lambda raw: _abspath(raw) if raw else None,
                      "must be empty or an absolute path outside RTMANAGER_STATE_ROOT (or a directory in it whose "
                      "name starts with a dot, other than .backups)")

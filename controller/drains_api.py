@@ -69,7 +69,7 @@ class DrainApi:
         except drains.InvalidDrain as exc:
             return _error(400, exc.message)
 
-    async def create(self, req: drains.DrainRequest) -> Answer:
+    async def create(self, req: drains.DrainRequest, *, actor: str | None = None) -> Answer:
         if req.node is not None and self.nodes is not None:
             # The node's id or its hostname (as docker node update takes either); the id is stored.
             try:
@@ -81,7 +81,7 @@ class DrainApi:
                 return _error(400, drains.unknown_node(req.node, known))
             req = dataclasses.replace(req, node=node)
         try:
-            drain = await self.store.create_drain(req, OpSource.ADMIN)
+            drain = await self.store.create_drain(req, OpSource.ADMIN, actor=actor)
         except drains.DrainExists:
             active = await self.store.active_drain(req.node)
             which = f" (drain {active.id}, {active.status.value})" if active is not None else ""
@@ -90,12 +90,12 @@ class DrainApi:
         self.wake()
         return 201, drain_json(drain, [], {"waiting": 0})
 
-    async def undrain(self, raw_id: str) -> Answer:
+    async def undrain(self, raw_id: str, *, actor: str | None = None) -> Answer:
         drain_id = parse_id(raw_id)
         if drain_id is None:
             return _error(400, "the drain id must be a positive whole number")
         try:
-            drain = await self.store.request_undrain(drain_id)
+            drain = await self.store.request_undrain(drain_id, actor=actor)
         except NotFound:
             return _error(404, f"no drain {drain_id}")
         self.wake()

@@ -2,13 +2,16 @@
 
 ``/healthz`` says the process is alive; ``/readyz`` that Postgres, Redis and
 Docker answer; ``/metrics`` is the Prometheus text format. Everything under
-``/api/v1/`` needs ``Authorization: Bearer <RTMANAGER_API_TOKEN>`` (compared in
-constant time); with no token configured the REST API answers 503.
+``/api/v1/`` needs ``Authorization: Bearer <token>``, one of the named tokens of
+controller/tokens.py (compared in constant time; 401 without one), whose role the
+route allows (controller/access.py; 403 otherwise); with no token configured the
+REST API answers 503. What a token does is logged under its name ("token:NAME").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import hmac
@@ -26,12 +29,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controller.access import required_role
 from controller.admission import Admission
-from controller.config import HttpSettings
+from controller.config import ConfigError, HttpSettings
 from controller.drains_api import DrainApi
 from controller.metrics import Metrics
-from controller.openapi import FORCEABLE, REST_JOBS, openapi_document
+from controller.openapi import ACTOR_PATTERN, FORCEABLE, LOG_OPS, MAX_ACTOR, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
+from controller.tokens import InvalidTokens, TokenSource
 from controller.watch_http import WatchRoutes
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
@@ -41,6 +46,7 @@ from desired.jobs import (
     InvalidJob,
     parse_control,
     parse_job,
+    parse_requested_by,
     parse_turn_interval,
 )
 from desired.leader import Fenced
@@ -64,6 +70,9 @@ log = logging.getLogger("rtmanager.http")
 
 DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
+TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
+MAX_LOG_PAGE = 500
+TOKEN_NAME = web.RequestKey("token_name", str)  # the name of the request's API token (the auth middleware's)
 
 
 
@@ -126,12 +135,23 @@ class HttpDeps:
     rollout_wake: Callable[[], None] = lambda: None  # the leader's rollout loop looks at once
     version_registry: bool = False  # RTMANAGER_VERSION_POLICY=registry
     watch: WatchStore | None = None  # GET /api/v1/events (controller/watch_http.py), on every replica
+    tokens: TokenSource | None = None  # None: read from RTMANAGER_API_TOKENS_FILE and RTMANAGER_API_TOKEN
+
+
+def actor(request: web.Request) -> str:
+    """Who asks: ``token:NAME`` of the request's API token (set by the auth middleware)."""
+    return f"token:{request[TOKEN_NAME]}"
 
 
 class HttpServer:
     def __init__(self, deps: HttpDeps) -> None:
         self.deps = deps
         self._runner: web.AppRunner | None = None
+        self._poller: asyncio.Task[None] | None = None
+        try:
+            self.tokens = deps.tokens or TokenSource(deps.http.api_tokens_file, deps.http.api_token)
+        except InvalidTokens as exc:
+            raise ConfigError(f"RTMANAGER_API_TOKENS_FILE: {exc}") from None
         app = web.Application(middlewares=[self._outages, self._auth])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -139,6 +159,7 @@ class HttpServer:
         app.router.add_get("/api/v1/runtimes", self.list_runtimes)
         app.router.add_get("/api/v1/runtimes/{game_id}", self.get_runtime)
         app.router.add_get("/api/v1/runtimes/{game_id}/operations", self.get_operations)
+        app.router.add_get("/api/v1/operations", self.operation_log)
         app.router.add_get("/api/v1/openapi.json", self.openapi)
         app.router.add_post("/api/v1/snapshots/resync", self.resync_snapshots)
         for path, kind in REST_JOBS.items():
@@ -156,9 +177,9 @@ class HttpServer:
         app.router.add_post("/api/v1/drains/{drain_id}/undrain", self.undrain)
         self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
                                wake=deps.drains_changed, nodes=deps.drain_nodes) if deps.drains is not None else None
-        RolloutRoutes(deps).add(app.router)
         self.watch = WatchRoutes(deps.watch, deps.results_changed, deps.metrics)
         self.watch.add(app)
+        RolloutRoutes(deps, actor).add(app.router)
         self.app = app
 
     async def start(self, game_subnets: list[str] | None = None) -> None:
@@ -171,8 +192,23 @@ class HttpServer:
         for host in hosts:
             await web.TCPSite(self._runner, host, h.http_port).start()
         log.info("http listening on %s port %d", ", ".join(hosts), h.http_port)
+        if self.tokens.path is not None:
+            self._poller = asyncio.create_task(self._poll_tokens(), name="api-tokens")
+
+    async def _poll_tokens(self) -> None:
+        """RTMANAGER_API_TOKENS_FILE read again when it changes (SIGHUP reads it at once: controller/app.py)."""
+        while True:
+            await asyncio.sleep(TOKENS_POLL)
+            try:
+                self.tokens.poll()
+            except Exception:  # noqa: BLE001 - never end the poll; the tokens in force stay
+                log.exception("RTMANAGER_API_TOKENS_FILE: the look at the file failed")
 
     async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -189,14 +225,25 @@ class HttpServer:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/api/"):
-            token = self.deps.http.api_token
-            if not token:
-                return _error(503, "the REST API is disabled: set RTMANAGER_API_TOKEN")
+            tokens = self.tokens.current
+            if not tokens:
+                return _error(503, "the REST API is disabled: set RTMANAGER_API_TOKEN or RTMANAGER_API_TOKENS_FILE")
             given = request.headers.get("Authorization", "")
-            expected = f"Bearer {token}"
-            # Header bytes that are not UTF-8 arrive as surrogates: compare bytes, never fail.
-            if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
+            scheme, _, secret = given.partition(" ")
+            # Header bytes that are not UTF-8 arrive as surrogates: compare bytes, never fail. Every token is
+            # compared whatever the scheme, so the time says nothing of the secret.
+            token = tokens.find(secret.encode("utf-8", "surrogateescape"))
+            if token is None or not hmac.compare_digest(scheme.encode("utf-8", "surrogateescape"), b"Bearer"):
                 return _error(401, "missing or wrong bearer token")
+            request[TOKEN_NAME] = token.name
+            if request.match_info.http_exception is None:  # a route of ours (else its 404 or 405 follows)
+                canonical = request.match_info.route.resource.canonical if request.match_info.route.resource \
+                    else request.path
+                needed = required_role(request.method, canonical)
+                if needed is None or token.role < needed:
+                    what = needed.label if needed is not None else "a role no token has"
+                    return _error(403, f"token {token.name} has the role {token.role.label}; "
+                                       f"{request.method} {canonical} needs {what}")
         return await handler(request)
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -236,7 +283,7 @@ class HttpServer:
                 return _error(400, "the body must be a JSON object")
         # The path names the game; a game_id in the body must not redirect the job.
         fields = {**{k: v for k, v in body.items() if isinstance(k, str)}, "game_id": game_id}
-        bad = [k for k in ("image_ref", "reason") if k in fields and not isinstance(fields[k], str)]
+        bad = [k for k in ("image_ref", "reason", "requested_by") if k in fields and not isinstance(fields[k], str)]
         if bad:
             return _invalid(game_id, kind, f"field {bad[0]} must be a string")
         if "turn_interval" in fields:
@@ -258,10 +305,10 @@ class HttpServer:
                 # the fields it reads are strings by now; any other field is ignored
                 job = parse_job(kind, {k: v for k, v in fields.items() if isinstance(v, str)}, self.deps.allowlist,
                                 source=OpSource.ADMIN)
+            requested_by = parse_requested_by({k: v for k, v in fields.items() if k == "requested_by"}, game_id)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
-        if force:
-            job = dataclasses.replace(job, force=True)
+        job = dataclasses.replace(job, force=force, actor=actor(request), requested_by=requested_by)
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send jobs to the leader", retry_after=True)
         try:
@@ -307,7 +354,7 @@ class HttpServer:
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
         try:
-            record = await self.deps.store.set_schedule(game_id, interval, OpSource.ADMIN)
+            record = await self.deps.store.set_schedule(game_id, interval, OpSource.ADMIN, actor=actor(request))
         except NotFound:
             return _error(404, f"no runtime for game {game_id}")
         except InvalidJob as exc:
@@ -390,7 +437,8 @@ class HttpServer:
                 return _error(409, f"field image_ref: the image could not be pulled: {exc.message}")
         try:
             entry = await self.deps.store.create_version(version, image, VersionStatus(body.get("status", "active")),
-                                                       body.get("notes", ""), body.get("stop_grace"))
+                                                       body.get("notes", ""), body.get("stop_grace"),
+                                                       actor=actor(request))
         except UniqueViolation as exc:
             field = {"engine_versions_version_key": "version",
                      "engine_versions_image_ref_key": "image_ref"}.get(exc.constraint, exc.constraint)
@@ -409,7 +457,7 @@ class HttpServer:
         try:
             entry = await self.deps.store.update_version(
                 version, status=VersionStatus(body["status"]) if "status" in body else None, notes=body.get("notes"),
-                **({"stop_grace": body["stop_grace"]} if "stop_grace" in body else {}))
+                **({"stop_grace": body["stop_grace"]} if "stop_grace" in body else {}), actor=actor(request))
         except NotFound:
             return _error(404, f"no engine version {version}")
         return web.json_response(await self._version_json(entry))
@@ -421,7 +469,7 @@ class HttpServer:
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
         try:
-            await self.deps.store.delete_version(version)
+            await self.deps.store.delete_version(version, actor=actor(request))
         except NotFound:
             return _error(404, f"no engine version {version}")
         except VersionInUse as exc:
@@ -451,14 +499,14 @@ class HttpServer:
             return _answer(req)
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
-        return _answer(await self.drains.create(req))
+        return _answer(await self.drains.create(req, actor=actor(request)))
 
     async def undrain(self, request: web.Request) -> web.Response:
         if self.drains is None:
             return _error(503, "drains are not available on this server")
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send this to the leader", retry_after=True)
-        return _answer(await self.drains.undrain(request.match_info["drain_id"]))
+        return _answer(await self.drains.undrain(request.match_info["drain_id"], actor=actor(request)))
 
     async def resync_snapshots(self, request: web.Request) -> web.Response:
         """A snapshot of every live game (or of ``?game_id=``), for a Lobby that lost track."""
@@ -505,6 +553,31 @@ class HttpServer:
         ops = await self.deps.store.operations(game_id)
         return web.json_response({"operations": [
             {k: _json_value(v) for k, v in dataclasses.asdict(op).items()} for op in ops]})
+
+    async def operation_log(self, request: web.Request) -> web.Response:
+        """The operation log of every game and of the version registry, newest first, with who asked:
+        ``?before=ID`` pages on (``next`` is the value for the next page), ``game_id``, ``actor``, ``op``
+        filter, ``limit`` (1-500, 100)."""
+        q = request.query
+        try:
+            limit = int(q.get("limit", "100"))
+            before = int(q["before"]) if "before" in q else None
+        except ValueError:
+            return _error(400, "limit and before must be whole numbers")
+        if not 1 <= limit <= MAX_LOG_PAGE or (before is not None and not 0 < before < 2**63):
+            return _error(400, f"limit must be 1-{MAX_LOG_PAGE} and before a positive operation id")
+        game_id, who, op = q.get("game_id"), q.get("actor"), q.get("op")
+        if game_id is not None and not GAME_ID_PATTERN.fullmatch(game_id):
+            return _error(400, "game_id does not match the pattern")
+        if who is not None and not ACTOR_PATTERN.fullmatch(who):
+            return _error(400, f"actor must be 1-{MAX_ACTOR} printable ASCII characters without spaces")
+        if op is not None and op not in LOG_OPS:
+            return _error(400, f"op must be one of {', '.join(LOG_OPS)}")
+        entries = await self.deps.store.operation_log(before=before, limit=limit, game_id=game_id, actor=who,
+                                                      op=op)
+        body: dict[str, Any] = {"operations": [{k: _json_value(v) for k, v in e.items()} for e in entries]}
+        body["next"] = entries[-1]["id"] if len(entries) == limit else None
+        return web.json_response(body)
 
 
 async def _unknown() -> None:

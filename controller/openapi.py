@@ -7,14 +7,16 @@ against it (tests/integration/test_http.py).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
+from controller.access import required_role
 from controller.drains_api import openapi_parts
 from controller.rollouts_openapi import rollout_paths, rollout_schemas
 from controller.watch_openapi import watch_paths
-from desired.jobs import MAX_IMAGE_REF, MAX_TURN_INTERVAL
+from desired.jobs import MAX_IMAGE_REF, MAX_REQUESTED_BY, MAX_TURN_INTERVAL
 from desired.model import (
     GAME_ID_PATTERN,
     DesiredStatus,
@@ -28,6 +30,7 @@ from desired.model import (
     StopReason,
 )
 from desired.paging import MAX_PAGE
+from desired.values import FLEET_OPS
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, VersionStatus
 
 # The jobs the REST API takes, by their path (``turn`` is the turn clock's own).
@@ -44,6 +47,16 @@ _STOP_GRACE = {"type": "integer", "minimum": 0, "maximum": MAX_STOP_GRACE, "null
                "description": "seconds between SIGTERM and SIGKILL when an engine of this version is stopped "
                               "(null: RTMANAGER_STOP_GRACE)"}
 _NULLABLE_STR = {"type": "string", "nullable": True}
+# the operation log's ops: a job's, and the engine-version registry's changes (no game)
+LOG_OPS = [k.value for k in JobKind] + list(FLEET_OPS)
+MAX_ACTOR = 200  # runtime_operations.actor (migration 0020)
+ACTOR_PATTERN = re.compile(f"[!-~]{{1,{MAX_ACTOR}}}")  # token:NAME, stream:STREAM, cli:USER
+_REQUESTED_BY = {"type": "string", "minLength": 1, "maxLength": MAX_REQUESTED_BY,
+                 "description": "on whose behalf (a user, a service): printable text written to the operation "
+                                "log with the token's name; it grants nothing"}
+_ACTOR = {"type": "string", "nullable": True,
+          "description": "who asked: token:NAME (a REST call, the API token's name), stream:STREAM (a job entry), "
+                         "null (rtmanager on its own: see source)"}
 _NULLABLE_TIME = {"type": "string", "format": "date-time", "nullable": True}
 
 
@@ -67,18 +80,20 @@ def openapi_document() -> dict[str, Any]:
     image_body = {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["image_ref"],
         "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
-                       "force": _FORCE}}}}}
+                       "force": _FORCE, "requested_by": _REQUESTED_BY}}}}}
     interval = {"type": "integer", "minimum": 0, "maximum": MAX_TURN_INTERVAL,
                 "description": "seconds between scheduled turns (0: no schedule)"}
     start_body = {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["image_ref"],
         "properties": {"image_ref": {"type": "string", "minLength": 1, "maxLength": MAX_IMAGE_REF},
-                       "turn_interval": interval}}}}}
+                       "turn_interval": interval, "requested_by": _REQUESTED_BY}}}}}
     stop_body = {"required": False, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"reason": _enum(StopReason), "force": _FORCE}}}}}
-    empty_body = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
+        "type": "object", "properties": {"reason": _enum(StopReason), "force": _FORCE,
+                                         "requested_by": _REQUESTED_BY}}}}}
+    empty_body = {"required": False, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"requested_by": _REQUESTED_BY}}}}}
     force_body = {"required": False, "content": {"application/json": {"schema": {
-        "type": "object", "properties": {"force": _FORCE}}}}}
+        "type": "object", "properties": {"force": _FORCE, "requested_by": _REQUESTED_BY}}}}}
     bodies = {kind: force_body if kind in FORCEABLE else empty_body for kind in REST_JOBS.values()}
     bodies.update({JobKind.START: start_body, JobKind.PATCH: image_body, JobKind.STOP: stop_body})
 
@@ -127,6 +142,28 @@ def openapi_document() -> dict[str, Any]:
                 "401": {"$ref": "#/components/responses/Unauthorized"},
                 "503": {"$ref": "#/components/responses/Unavailable"}}}},
     }
+    paths["/api/v1/operations"] = {"get": {
+        "operationId": "operationLog",
+        "summary": "The operation log of every game and of the engine-version registry, newest first, with who "
+                   "asked",
+        "parameters": [
+            {"name": "before", "in": "query", "required": False, "description": "ids below this (the answer's next)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}},
+            {"name": "limit", "in": "query", "required": False, "description": "at most this many (default 100)",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+            {"name": "game_id", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": GAME_ID_PATTERN.pattern, "maxLength": 51}},
+            {"name": "actor", "in": "query", "required": False, "description": "token:NAME or stream:STREAM",
+             "schema": {"type": "string", "pattern": f"^{ACTOR_PATTERN.pattern}$"}},
+            {"name": "op", "in": "query", "required": False, "schema": {"type": "string", "enum": LOG_OPS}}],
+        "responses": {"200": {"description": "operations", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["operations", "next"], "properties": {
+                "operations": {"type": "array", "items": {"$ref": "#/components/schemas/LogEntry"}},
+                "next": {"type": "integer", "nullable": True,
+                         "description": "before= of the next page; null: this is the last"}}}}}},
+            "400": {"$ref": "#/components/responses/BadRequest"},
+            "401": {"$ref": "#/components/responses/Unauthorized"},
+            "503": {"$ref": "#/components/responses/Unavailable"}}}}
     paths["/api/v1/snapshots/resync"] = {"post": {
         "operationId": "resyncSnapshots",
         "summary": "Publish a snapshot (reason resync, a new revision) of every live game, or of one",
@@ -223,11 +260,19 @@ def openapi_document() -> dict[str, Any]:
         "error_message": {"type": "string"}, "job": _enum(JobKind), "job_entry_id": {"type": "string"},
         "result_id": {"type": "string"},
     }
+    for path, methods in paths.items():  # every route: its role, and 403 for a token without it
+        for method, operation in methods.items():
+            role = required_role(method.upper(), path)
+            needs = f"Needs a token with the role {role.label} or above." if role else "No token may call this."
+            operation["description"] = f"{operation['description']} {needs}" if "description" in operation else needs
+            operation["responses"].setdefault("403", {"$ref": "#/components/responses/Forbidden"})
     return {
         "openapi": "3.0.3",
         "info": {"title": "rtmanager internal API", "version": "1",
                  "description": "Runtime Manager of the Galaxy platform. Every /api/v1 call needs "
-                                "`Authorization: Bearer <RTMANAGER_API_TOKEN>`."},
+                                "`Authorization: Bearer <token>`: RTMANAGER_API_TOKEN (admin) or a named token of "
+                                "RTMANAGER_API_TOKENS_FILE whose role (read, operate, admin) the route allows "
+                                "(403 otherwise). Each route's role is in its description."},
         "paths": paths,
         "security": [{"bearer": []}],
         "components": {
@@ -237,6 +282,8 @@ def openapi_document() -> dict[str, Any]:
                     "schema": {"$ref": "#/components/schemas/Error"}}}},
                 "Unauthorized": {"description": "missing or wrong bearer token", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Error"}}}},
+                "Forbidden": {"description": "the token's role does not allow this route", "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
                 "NotFound": {"description": "no such runtime", "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Error"}}}},
                 "Conflict": {"description": "conflicts with what exists", "content": {"application/json": {
@@ -315,7 +362,24 @@ def openapi_document() -> dict[str, Any]:
                                   "entry_id": _NULLABLE_STR, "params": {"type": "object"},
                                   "error_code": _NULLABLE_STR, "error_message": _NULLABLE_STR,
                                   "created_at": {"type": "string", "format": "date-time"},
-                                  "finished_at": _NULLABLE_TIME}},
+                                  "finished_at": _NULLABLE_TIME, "actor": _ACTOR,
+                                  "requested_by": _NULLABLE_STR}},
+                "LogEntry": {"type": "object", "required": ["id", "game_id", "op", "source", "status", "actor"],
+                             "properties": {
+                                 "id": {"type": "integer"},
+                                 "game_id": {"type": "string", "nullable": True,
+                                             "description": "null for a change of the version registry, "
+                                                            "a drain or a rollout"},
+                                 "op": {"type": "string", "enum": LOG_OPS},
+                                 "source": _enum(OpSource), "status": _enum(OpStatus),
+                                 "generation": {"type": "integer"}, "stream": _NULLABLE_STR,
+                                 "entry_id": _NULLABLE_STR,
+                                 "params": {"type": "object", "description": "a registry change: its version, and "
+                                            "what changed"},
+                                 "error_code": _NULLABLE_STR, "error_message": _NULLABLE_STR,
+                                 "created_at": {"type": "string", "format": "date-time"},
+                                 "finished_at": _NULLABLE_TIME, "actor": _ACTOR,
+                                 "requested_by": _NULLABLE_STR}},
                 **rollout_schemas(),
             },
         },

@@ -69,8 +69,9 @@ def _rollout_id(request: web.Request) -> int | None:
 
 
 class RolloutRoutes:
-    def __init__(self, deps: HttpDeps) -> None:
+    def __init__(self, deps: HttpDeps, actor: Callable[[web.Request], str] = lambda request: "") -> None:
         self.deps = deps
+        self.actor = actor  # who asks: the request's token (controller/http.py), for the operation log
 
     def add(self, router: web.UrlDispatcher) -> None:
         router.add_get("/api/v1/rollouts", self.list)
@@ -124,7 +125,8 @@ class RolloutRoutes:
         assert self.deps.rollouts is not None
         try:
             rollout, games = await self.deps.rollouts.create_rollout(req, self.deps.allowlist,
-                                                                    self.deps.version_registry)
+                                                                    self.deps.version_registry,
+                                                                    actor=self.actor(request) or None)
         except InvalidRollout as exc:
             return _error(400, str(exc))
         except RolloutConflict as exc:
@@ -142,7 +144,7 @@ class RolloutRoutes:
                 return refused
             assert self.deps.rollouts is not None
             try:
-                await self.deps.rollouts.steer_rollout(rollout_id, action)
+                await self.deps.rollouts.steer_rollout(rollout_id, action, actor=self.actor(request) or None)
                 rollout, games = await self.deps.rollouts.get_rollout(rollout_id)
             except NotFound:
                 return _error(404, f"no rollout {rollout_id}")

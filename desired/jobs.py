@@ -82,6 +82,16 @@ class Job:
     entry_id: str = ""
     rollout: RolloutStep | None = None  # a rollout's job: its game's row changes in the job's transaction
     drain: DrainStep | None = None  # a drain's job: tagged with it; its game's row changes in the job's transaction
+    actor: str = ""  # who asked: "token:NAME" (REST) or "stream:STREAM" (the operation log's actor)
+    requested_by: str = ""  # a job entry's (or REST body's) optional requested_by: on whose behalf
+
+
+MAX_REQUESTED_BY = 128
+
+
+def actor_of(job: Job) -> str | None:
+    """The operation log's actor of a job: its REST token, else its stream."""
+    return job.actor or (f"stream:{job.stream}" if job.stream else None)
 
 
 def image_repository(image_ref: str) -> str:
@@ -183,7 +193,8 @@ def parse_job(
                 ErrorCode.INVALID_REQUEST, f"field reason must be one of {allowed}", game_id
             ) from None
     return Job(kind=kind, game_id=game_id, source=source, image_ref=image_ref, reason=reason,
-               turn_interval=turn_interval, stream=stream, entry_id=entry_id)
+               turn_interval=turn_interval, stream=stream, entry_id=entry_id,
+               requested_by=parse_requested_by(fields, game_id))
 
 
 def parse_control(fields: Mapping[bytes | str, bytes | str], *, source: OpSource = OpSource.LOBBY,
@@ -198,7 +209,20 @@ def parse_control(fields: Mapping[bytes | str, bytes | str], *, source: OpSource
     ops = {k.value: k for k in CONTROL_OPS}
     if raw not in ops:
         raise InvalidJob(ErrorCode.INVALID_REQUEST, f"field op must be one of {', '.join(ops)}", game_id)
-    return Job(kind=ops[raw], game_id=game_id, source=source, stream=stream, entry_id=entry_id)
+    return Job(kind=ops[raw], game_id=game_id, source=source, stream=stream, entry_id=entry_id,
+               requested_by=parse_requested_by(fields, game_id))
+
+
+def parse_requested_by(fields: Mapping[bytes | str, bytes | str], game_id: str) -> str:
+    """The optional ``requested_by`` of an entry: who the sender acts for (Game Master, an admin service,
+    a user id), 1-128 printable characters; it is written to the operation log, never trusted for access."""
+    if not _present(fields, "requested_by"):
+        return ""
+    raw = _text(fields, "requested_by", game_id)
+    if len(raw) > MAX_REQUESTED_BY or not raw.isprintable() or any("\ud800" <= ch <= "\udfff" for ch in raw):
+        raise InvalidJob(ErrorCode.INVALID_REQUEST,
+                         f"field requested_by must be 1-{MAX_REQUESTED_BY} printable characters", game_id)
+    return raw
 
 
 def parse_turn_interval(raw: object, game_id: str = "") -> int:

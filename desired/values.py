@@ -27,6 +27,8 @@ class Operation:
     error_message: str | None
     created_at: datetime
     finished_at: datetime | None
+    actor: str | None = None  # who asked: "token:NAME" (REST), "stream:STREAM" (a job entry), None (rtmanager)
+    requested_by: str | None = None  # on whose behalf, as the entry or request said
 
 
 
@@ -130,3 +132,9 @@ class WrongInstance(RuntimeError):
 
 
 KEEP = object()  # an argument left as it is (None means something)
+
+
+# The operation log's entries that concern no one game (game_id null): changes of the engine-version
+# registry, drains and rollouts, each with who asked (migration 0020 lists the same).
+FLEET_OPS = ("version_create", "version_update", "version_delete", "drain_create", "drain_undrain",
+             "rollout_create", "rollout_pause", "rollout_resume", "rollout_abort")

@@ -29,7 +29,7 @@ from controller.streams import Entry, GroupInfo, GroupMissing, StreamsUnavailabl
 from desired import snapshots, transitions, versions
 from desired.clock import ManualClock
 from desired.errors import Conflict, NotFound, StoreUnavailable, UniqueViolation
-from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, decide, replaces
+from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, actor_of, decide, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -875,7 +875,7 @@ class FakeStore:
                                     ("reason", job.reason.value if job.reason else None), ("force", job.force)) if v}
         op = self._op(job.game_id, job.kind, job.source, status, decision.op_generation, params,
                       decision.error_code if status is OpStatus.FAILED else None, job.stream, job.entry_id,
-                      decision.message or None)
+                      decision.message or None, actor_of(job), job.requested_by)
         if decision.action in (DecisionAction.REPLAY, DecisionAction.REJECT):
             self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=job.game_id,
                                        outcome=(Outcome.SUCCESS if decision.action is DecisionAction.REPLAY
@@ -910,7 +910,8 @@ class FakeStore:
         dup = next((o for o in self.ops if o.stream == stream and o.entry_id == entry_id), None)
         if dup is not None:
             return SubmitOutcome(operation_id=dup.id, decision=None, duplicate=True)
-        op = self._op(game_id, kind, source, OpStatus.FAILED, 0, {}, code, stream, entry_id, message)
+        op = self._op(game_id, kind, source, OpStatus.FAILED, 0, {}, code, stream, entry_id, message,
+                      f"stream:{stream}")
         self._result(op, JobResult(result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
                                    job_entry_id=entry_id, error_code=code, error_message=message))
         return SubmitOutcome(operation_id=op.id, decision=None)
@@ -929,7 +930,8 @@ class FakeStore:
                                 message=refusal)
         return decision
 
-    async def set_schedule(self, game_id: str, turn_interval: int, source: OpSource) -> RuntimeRecord:
+    async def set_schedule(self, game_id: str, turn_interval: int, source: OpSource, *,
+                           actor: str | None = None) -> RuntimeRecord:
         """As desired/db/submissions.py: the turn clock's interval, desired state with no generation."""
         now = self._check()
         cur = self.records.get(game_id)
@@ -939,16 +941,17 @@ class FakeStore:
             raise InvalidJob(ErrorCode.INVALID_REQUEST, f"game {game_id} was removed", game_id)
         new = self._write(cur, cur.replace(turn_interval=turn_interval, last_op_at=max(now, cur.last_op_at)), now)
         self._op(game_id, JobKind.RECONCILE, source, OpStatus.SUCCEEDED, cur.generation,
-                 {"turn_interval": turn_interval}, None)
+                 {"turn_interval": turn_interval}, None, actor=actor)
         return new
 
     def _op(self, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,
             params: dict[str, Any], code: ErrorCode | None, stream: str | None = None, entry_id: str | None = None,
-            message: str | None = None) -> Operation:
+            message: str | None = None, actor: str | None = None, requested_by: str | None = None) -> Operation:
         o = Operation(id=next(self._op_ids), game_id=game_id, op=op, source=source, status=status,
                       generation=generation, stream=stream or None, entry_id=entry_id or None, params=params,
                       error_code=code.value if code else None, error_message=message, created_at=self.clock.now(),
-                      finished_at=self.clock.now() if status.is_final else None)
+                      finished_at=self.clock.now() if status.is_final else None, actor=actor,
+                      requested_by=requested_by or None)
         self.ops.append(o)
         return o
 
@@ -997,6 +1000,17 @@ class FakeStore:
 
     async def operations(self, game_id: str, limit: int = 100) -> builtins.list[Operation]:
         return [o for o in reversed(self.ops) if o.game_id == game_id][:limit]
+
+    async def operation_log(self, *, before: int | None = None, limit: int = 100, game_id: str | None = None,
+                            actor: str | None = None, op: str | None = None) -> builtins.list[dict[str, Any]]:
+        """As desired/db/records.py (registry changes are not kept by the fake)."""
+        out = []
+        for o in reversed(self.ops):
+            entry = {**o.__dict__, "op": o.op.value, "source": o.source.value, "status": o.status.value}
+            if ((before is None or o.id < before) and (game_id is None or o.game_id == game_id)
+                    and (actor is None or o.actor == actor) and (op is None or entry["op"] == op)):
+                out.append(entry)
+        return out[:limit]
 
     async def pending_operations(self, game_id: str) -> builtins.list[Operation]:
         return [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
@@ -1089,7 +1103,8 @@ class FakeStore:
         return entry, live
 
     async def create_version(self, version: str, image_ref: str, status: versions.VersionStatus,
-                             notes: str, stop_grace: int | None = None) -> versions.EngineVersion:
+                             notes: str, stop_grace: int | None = None, *,
+                             actor: str | None = None) -> versions.EngineVersion:
         now = self._check()
         if any(v.version == version for v in self.versions.values()):
             raise UniqueViolation(f"fake: version {version} exists", "engine_versions_version_key")
@@ -1104,7 +1119,8 @@ class FakeStore:
         return entry
 
     async def update_version(self, version: str, *, status: versions.VersionStatus | None,
-                             notes: str | None, stop_grace: Any = KEEP) -> versions.EngineVersion:
+                             notes: str | None, stop_grace: Any = KEEP,
+                             actor: str | None = None) -> versions.EngineVersion:
         now = self._check()
         entry = self._version(version)
         entry = replace(entry, status=status if status is not None else entry.status,
@@ -1113,7 +1129,7 @@ class FakeStore:
         self.versions[entry.image_ref] = entry
         return entry
 
-    async def delete_version(self, version: str) -> None:
+    async def delete_version(self, version: str, *, actor: str | None = None) -> None:
         self._check()
         entry = self._version(version)
         users = sorted(r.game_id for r in self.records.values() if r.status is not Status.REMOVED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from controller.access import cli_actor
 from controller.cli.common import open_store
 from controller.config import Settings
 
@@ -27,7 +28,7 @@ async def drains(settings: Settings, args: argparse.Namespace) -> int:
             try:
                 req = drains.parse_request(body, backend=settings.runtime.backend.value,
                                            state_shared=settings.storage.state_shared)
-                drain = await store.create_drain(req, OpSource.ADMIN)
+                drain = await store.create_drain(req, OpSource.ADMIN, actor=cli_actor())
             except (drains.InvalidDrain, drains.DrainExists) as exc:
                 print(f"rtmanager drain: {exc}", file=sys.stderr)
                 return 2 if isinstance(exc, drains.InvalidDrain) else 1
@@ -46,7 +47,7 @@ async def drains(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 drain_id = int(target)
             try:
-                drain = await store.request_undrain(drain_id)
+                drain = await store.request_undrain(drain_id, actor=cli_actor())
             except NotFound:
                 print(f"rtmanager undrain: no drain {drain_id}", file=sys.stderr)
                 return 1

@@ -6,6 +6,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from controller.access import cli_actor
 from controller.cli.common import open_backend, open_store, open_streams
 from controller.config import Settings
 from controller.logs import redact_url
@@ -112,6 +113,7 @@ async def dispose(settings: Settings, games: list[str]) -> int:
                 failures += 1
                 continue
             await backend.remove(c.id, settings.runtime.stop_grace)
+            await store.log_disposal(game, c.id, cli_actor())
             print(f"{game}: container {c.id[:12]} stopped and removed")
     return 1 if failures else 0
 

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from datetime import datetime
 
+from controller.access import cli_actor
 from controller.cli.common import open_backend, open_store, print_json, table
 from controller.config import Settings
 
@@ -53,19 +54,21 @@ async def versions(settings: Settings, args: argparse.Namespace) -> int:
                 if args.pull:
                     async with open_backend(settings) as backend:
                         await backend.ensure_image(image)
-                entry = await store.create_version(version, image, VersionStatus.ACTIVE, args.notes or "", grace)
+                entry = await store.create_version(version, image, VersionStatus.ACTIVE, args.notes or "", grace,
+                                                   actor=cli_actor())
                 print(f"{entry.version}: {entry.image_ref} ({entry.status.value})")
             elif args.action == "stop-grace":
-                entry = await store.update_version(version, status=None, notes=None, stop_grace=grace)
+                entry = await store.update_version(version, status=None, notes=None, stop_grace=grace,
+                                                   actor=cli_actor())
                 shown = "RTMANAGER_STOP_GRACE" if entry.stop_grace is None else f"{entry.stop_grace}s"
                 print(f"{entry.version}: stop grace {shown}")
             elif args.action == "remove":
-                await store.delete_version(version)
+                await store.delete_version(version, actor=cli_actor())
                 print(f"{version}: removed")
             else:
                 status = {"deprecate": VersionStatus.DEPRECATED, "disable": VersionStatus.DISABLED,
                           "activate": VersionStatus.ACTIVE}[args.action]
-                entry = await store.update_version(version, status=status, notes=None)
+                entry = await store.update_version(version, status=status, notes=None, actor=cli_actor())
                 print(f"{entry.version}: {entry.status.value}")
         except NotFound:
             print(f"rtmanager versions: no engine version {version}", file=sys.stderr)

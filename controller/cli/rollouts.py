@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any
 
+from controller.access import cli_actor
 from controller.cli.common import open_store, table
 from controller.config import Settings
 from desired.errors import NotFound
@@ -97,7 +98,8 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
                 body["game_ids"] = args.games
             req = parse_request(body)
             rollout, games = await store.create_rollout(req, settings.images.image_allowlist,
-                                                        settings.images.version_policy == "registry")
+                                                        settings.images.version_policy == "registry",
+                                                        actor=cli_actor())
             _show(rollout, games, as_json)
             return 0
         if args.action == "status":
@@ -114,7 +116,7 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
                 (str(r.id), r.state.value, r.target_version, r.source_version or "-", _summary(c), r.state_reason)
                 for r, c in found])
             return 0
-        await store.steer_rollout(args.rollout_id, Action(args.action))
+        await store.steer_rollout(args.rollout_id, Action(args.action), actor=cli_actor())
         rollout, games = await store.get_rollout(args.rollout_id)
         _show(rollout, games, as_json)
         return 0

@@ -39,8 +39,18 @@ from desired.model import (
     Status,
     check_transition,
 )
-from desired.values import Finish, Operation, ReconcilerNote, decided
+from desired.values import FLEET_OPS, Finish, Operation, ReconcilerNote, decided
 from desired.wakeup import OUTBOX_CHANNEL, Signal
+
+
+async def log_fleet_change(conn: asyncpg.Connection, op: str, params: dict[str, Any], actor: str | None) -> None:
+    """A change of the registry, a drain or a rollout in the operation log (no game; source admin), in the
+    change's transaction."""
+    if op not in FLEET_OPS:
+        raise ValueError(f"not an operation of the fleet: {op}")
+    await conn.execute(
+        "INSERT INTO runtime_operations (game_id, op, source, status, params, actor, finished_at)"
+        " VALUES (NULL, $1, 'admin', 'succeeded', $2::jsonb, $3, now())", op, json.dumps(params), actor)
 
 
 @translating
@@ -220,13 +230,14 @@ class StoreBase:
 
     async def _insert_op(self, conn: asyncpg.Connection, game_id: str, op: JobKind, source: OpSource,
                          status: OpStatus, generation: int, stream: str | None, entry_id: str | None,
-                         params: dict[str, Any], now: datetime, code: ErrorCode | None, message: str | None) -> int:
+                         params: dict[str, Any], now: datetime, code: ErrorCode | None, message: str | None,
+                         actor: str | None = None) -> int:
         return await conn.fetchval(
             "INSERT INTO runtime_operations (game_id, op, source, status, generation, stream, entry_id, params,"
-            " error_code, error_message, created_at, finished_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12) RETURNING id",
+            " error_code, error_message, created_at, finished_at, actor)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13) RETURNING id",
             game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
-            code.value if code else None, message, now, now if status.is_final else None)
+            code.value if code else None, message, now, now if status.is_final else None, actor)
 
     async def _insert_note(self, conn: asyncpg.Connection, record: RuntimeRecord, note: ReconcilerNote,
                            now: datetime) -> None:

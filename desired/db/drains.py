@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 
 from desired import drains, transitions
-from desired.db.base import StoreBase
+from desired.db.base import StoreBase, log_fleet_change
 from desired.db.notifications import NOTIFY_CHANNEL
 from desired.db.pool import translating
 from desired.db.rows import GAME_LOCK_SPACE, SELECT_FOR_UPDATE, record_from_row
@@ -136,7 +136,7 @@ class Drains(StoreBase):
     """Drain rows, and the record change of a move."""
 
     # ----------------------------------------------------------------- operators
-    async def create_drain(self, request: DrainRequest, source: OpSource) -> Drain:
+    async def create_drain(self, request: DrainRequest, source: OpSource, *, actor: str | None = None) -> Drain:
         """DrainExists when the target has an active drain (the unique index decides, so two racing
         requests give one drain)."""
         try:
@@ -147,6 +147,8 @@ class Drains(StoreBase):
                     request.node, request.max_parallel, drains.deadline_of(request, now), request.on_deadline.value,
                     request.local_state.value if request.local_state else None, request.state_shared,
                     source.value, now)
+                await log_fleet_change(conn, "drain_create", {"drain_id": row["id"], "target": row["node"] or "host"},
+                                       actor)
         except asyncpg.exceptions.UniqueViolationError:
             raise DrainExists("the host" if request.node is None else f"node {request.node}") from None
         return drain_from_row(row)
@@ -167,12 +169,14 @@ class Drains(StoreBase):
                                        " AND status NOT IN ('undrained', 'failed')", node)
         return drain_from_row(row) if row else None
 
-    async def request_undrain(self, drain_id: int) -> Drain:
+    async def request_undrain(self, drain_id: int, *, actor: str | None = None) -> Drain:
         """Undrain asked (idempotent: a drain undraining or undrained stays so). NotFound."""
         async with self._tx() as (conn, now):
             row = await conn.fetchrow(
                 "UPDATE drains SET status = 'undraining', undrain_at = $2 WHERE id = $1"
                 " AND status IN ('draining', 'drained') RETURNING *", drain_id, now)
+            if row is not None:
+                await log_fleet_change(conn, "drain_undrain", {"drain_id": drain_id}, actor)
             if row is None:
                 row = await conn.fetchrow("SELECT * FROM drains WHERE id = $1", drain_id)
                 if row is None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins  # the class defines list(): its annotations spell the builtin type in full
+import json
 from datetime import datetime
+from typing import Any
 
 from desired.db.base import StoreBase
 from desired.db.pool import translating
@@ -108,6 +110,31 @@ class Records(StoreBase):
         rows = await self.pool.fetch(
             "SELECT * FROM runtime_operations WHERE game_id = $1 ORDER BY id DESC LIMIT $2", game_id, limit)
         return [operation_from_row(r) for r in rows]
+
+    async def operation_log(self, *, before: int | None = None, limit: int = 100, game_id: str | None = None,
+                            actor: str | None = None, op: str | None = None) -> builtins.list[dict[str, Any]]:
+        """The operation log of every game and of the version registry, newest first: ids below ``before``."""
+        rows = await self.pool.fetch(
+            "SELECT id, game_id, op, source, status, generation, stream, entry_id, params, error_code,"
+            " error_message, created_at, finished_at, actor, requested_by FROM runtime_operations"
+            " WHERE ($1::bigint IS NULL OR id < $1) AND ($2::text IS NULL OR game_id = $2)"
+            " AND ($3::text IS NULL OR actor = $3) AND ($4::text IS NULL OR op = $4)"
+            " ORDER BY id DESC LIMIT $5", before, game_id, actor, op, limit)
+        out = []
+        for r in rows:
+            entry = dict(r)
+            if isinstance(entry["params"], str):
+                entry["params"] = json.loads(entry["params"])
+            out.append(entry)
+        return out
+
+    async def log_disposal(self, game_id: str, container_id: str, actor: str) -> None:
+        """``rtmanager dispose`` of an unowned container (a game without a record) in the operation log."""
+        async with self._tx() as (conn, now):
+            await conn.execute(
+                "INSERT INTO runtime_operations (game_id, op, source, status, params, actor, created_at, finished_at)"
+                " VALUES ($1, 'cleanup', 'admin', 'succeeded', $2::jsonb, $3, $4, $4)",
+                game_id, json.dumps({"event": "dispose", "container_id": container_id}), actor, now)
 
     async def operation(self, op_id: int) -> Operation:
         row = await self.pool.fetchrow("SELECT * FROM runtime_operations WHERE id = $1", op_id)

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
+
 from desired import versions
-from desired.db.base import StoreBase
+from desired.db.base import StoreBase, log_fleet_change
 from desired.db.pool import translating
 from desired.db.rows import version_from_row
 from desired.errors import NotFound
 from desired.values import KEEP, VersionInUse
 
 
+async def log_registry_change(conn: asyncpg.Connection, op: str, version: str, params: dict[str, Any],
+                              actor: str | None) -> None:
+    await log_fleet_change(conn, op, {"version": version, **params}, actor)
+
+
 @translating
 class Registry(StoreBase):
-    """Create, read, update and delete engine versions."""
+    """Create, read, update and delete engine versions; each change is in the operation log."""
 
     async def engine_version_of(self, image_ref: str) -> versions.EngineVersion | None:
         row = await self.pool.fetchrow("SELECT * FROM engine_versions WHERE image_ref = $1", image_ref)
@@ -36,7 +43,8 @@ class Registry(StoreBase):
         return version_from_row(row), int(row["live_games"])
 
     async def create_version(self, version: str, image_ref: str, status: versions.VersionStatus,
-                             notes: str, stop_grace: int | None = None) -> versions.EngineVersion:
+                             notes: str, stop_grace: int | None = None, *,
+                             actor: str | None = None) -> versions.EngineVersion:
         """UniqueViolation (naming engine_versions_version_key or engine_versions_image_ref_key) when
         either exists: the database decides, so two racing creates give one entry and one conflict."""
         async with self._tx() as (conn, _):
@@ -45,10 +53,13 @@ class Registry(StoreBase):
                 " $5) RETURNING *", version, image_ref, status.value, notes, stop_grace)
             await conn.execute("UPDATE runtime_records SET engine_version = $1 WHERE"
                                " coalesce(desired_image_ref, current_image_ref) = $2", version, image_ref)
+            await log_registry_change(conn, "version_create", version, {
+                "image_ref": image_ref, "status": status.value, "stop_grace": stop_grace}, actor)
             return version_from_row(row)
 
     async def update_version(self, version: str, *, status: versions.VersionStatus | None,
-                             notes: str | None, stop_grace: Any = KEEP) -> versions.EngineVersion:
+                             notes: str | None, stop_grace: Any = KEEP,
+                             actor: str | None = None) -> versions.EngineVersion:
         """``stop_grace``: seconds, None (back to RTMANAGER_STOP_GRACE), or left as it is."""
         async with self._tx() as (conn, _):
             row = await conn.fetchrow(
@@ -58,9 +69,15 @@ class Registry(StoreBase):
                 notes, stop_grace is not KEEP, None if stop_grace is KEEP else stop_grace)
             if row is None:
                 raise NotFound(version)
+            changed: dict[str, Any] = {"status": status.value} if status is not None else {}
+            if notes is not None:
+                changed["notes"] = True  # changed; the text is in the registry
+            if stop_grace is not KEEP:
+                changed["stop_grace"] = stop_grace
+            await log_registry_change(conn, "version_update", version, changed, actor)
             return version_from_row(row)
 
-    async def delete_version(self, version: str) -> None:
+    async def delete_version(self, version: str, *, actor: str | None = None) -> None:
         """NotFound, or VersionInUse while a game that is not removed runs or wants its image."""
         async with self._tx() as (conn, _):
             row = await conn.fetchrow("SELECT * FROM engine_versions WHERE version = $1 FOR UPDATE", version)
@@ -73,3 +90,4 @@ class Registry(StoreBase):
                 raise VersionInUse(f"engine version {version} is used by games that are not removed: "
                                    + ", ".join(r["game_id"] for r in users))
             await conn.execute("DELETE FROM engine_versions WHERE id = $1", row["id"])
+            await log_registry_change(conn, "version_delete", version, {"image_ref": row["image_ref"]}, actor)

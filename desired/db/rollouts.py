@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from desired.db.base import StoreBase
+from desired.db.base import StoreBase, log_fleet_change
 from desired.db.pool import translating
 from desired.errors import Conflict, NotFound
 from desired.jobs import Decision, ImageAllowlist, Job
@@ -107,7 +107,7 @@ class Rollouts(StoreBase):
     """Create, read and steer rollouts; the loop's reads and writes."""
 
     async def create_rollout(self, req: RolloutRequest, allowlist: ImageAllowlist,
-                             registry: bool) -> tuple[Rollout, list[RolloutGame]]:
+                             registry: bool, *, actor: str | None = None) -> tuple[Rollout, list[RolloutGame]]:
         """InvalidRollout (a bad version, an unknown game, no game to move) or RolloutConflict (a game
         another active rollout holds, named)."""
         async with self._tx() as (conn, now):
@@ -162,6 +162,8 @@ class Rollouts(StoreBase):
                 " SELECT $1, g, n, (SELECT coalesce(r.desired_image_ref, r.current_image_ref) FROM runtime_records r"
                 "   WHERE r.game_id = u.g)"
                 " FROM unnest($2::text[]) WITH ORDINALITY AS u(g, n)", row["id"], games)
+            await log_fleet_change(conn, "rollout_create", {"rollout_id": row["id"], "target_version":
+                                                            req.target_version, "games": len(games)}, actor)
             return rollout_from_row(row), await self._games(conn, row["id"])
 
     async def _games(self, conn: asyncpg.Connection | asyncpg.Pool, rollout_id: int) -> list[RolloutGame]:
@@ -189,7 +191,7 @@ class Rollouts(StoreBase):
             out.append((rollout_from_row(r), {s.value: int(found.get(s.value, 0)) for s in GameState}))
         return out
 
-    async def steer_rollout(self, rollout_id: int, action: Action) -> Rollout:
+    async def steer_rollout(self, rollout_id: int, action: Action, *, actor: str | None = None) -> Rollout:
         """pause, resume or abort. NotFound; RolloutConflict when the state refuses the action (a
         finished rollout cannot be resumed or paused). Abort skips the games not yet started; the
         patches in flight finish and are recorded by the loop."""
@@ -209,6 +211,7 @@ class Rollouts(StoreBase):
                 "UPDATE rollouts SET state = $2, state_reason = $3, updated_at = $4,"
                 " resumed_at = CASE WHEN $5 THEN $4 ELSE resumed_at END WHERE id = $1 RETURNING *",
                 rollout_id, new.value, reason, now, action is Action.RESUME)
+            await log_fleet_change(conn, f"rollout_{action.value}", {"rollout_id": rollout_id}, actor)
             if action is Action.ABORT:
                 await conn.execute(
                     "UPDATE rollout_games SET state = 'skipped', reason = 'the rollout was aborted before its turn',"

@@ -29,7 +29,7 @@ from desired.db.rows import (
     version_from_row,
 )
 from desired.errors import NotFound
-from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, decide, replaces
+from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, actor_of, decide, replaces
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -109,7 +109,8 @@ class Submissions(StoreBase):
                     continue
                 if isinstance(item, Rejection):
                     ops.append(op_row(op_id, item.game_id, item.kind, item.source, OpStatus.FAILED,
-                                       0, item.stream, item.entry_id, {}, now, item.code, item.message))
+                                       0, item.stream, item.entry_id, {}, now, item.code, item.message,
+                                       f"stream:{item.stream}" if item.stream else None))
                     results.append(result_row(op_id, JobResult(
                         result_id=str(uuid.uuid4()), game_id=item.game_id, outcome=Outcome.FAILURE, job=item.kind,
                         job_entry_id=item.entry_id, error_code=item.code, error_message=item.message)))
@@ -152,7 +153,7 @@ class Submissions(StoreBase):
                 ops.append(op_row(op_id, job.game_id, job.kind, job.source, status,
                                    decision.op_generation, job.stream or None, job.entry_id or None, params, now,
                                    decision.error_code if status is OpStatus.FAILED else None,
-                                   decision.message or None))
+                                   decision.message or None, actor_of(job), job.requested_by))
                 if decision.action in (DecisionAction.REPLAY, DecisionAction.REJECT):
                     results.append(result_row(op_id, JobResult(
                         result_id=str(uuid.uuid4()), game_id=job.game_id,
@@ -209,7 +210,7 @@ class Submissions(StoreBase):
             if existing is not None:
                 return SubmitOutcome(operation_id=existing, decision=None, duplicate=True)
             op_id = await self._insert_op(conn, game_id, kind, source, OpStatus.FAILED, 0,
-                                          stream, entry_id, {}, now, code, message)
+                                          stream, entry_id, {}, now, code, message, actor=f"stream:{stream}")
             await self._insert_result(conn, op_id, JobResult(
                 result_id=str(uuid.uuid4()), game_id=game_id, outcome=Outcome.FAILURE, job=kind,
                 job_entry_id=entry_id, error_code=code, error_message=message))
@@ -237,7 +238,8 @@ class Submissions(StoreBase):
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
             return record
 
-    async def set_schedule(self, game_id: str, turn_interval: int, source: OpSource) -> RuntimeRecord:
+    async def set_schedule(self, game_id: str, turn_interval: int, source: OpSource, *,
+                           actor: str | None = None) -> RuntimeRecord:
         """The turn clock's interval (desired state; nothing to converge, so no generation)."""
         async with self._tx() as (conn, now):
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, game_id)
@@ -250,6 +252,6 @@ class Submissions(StoreBase):
             new = await self._write_desired(conn, cur, cur.replace(turn_interval=turn_interval,
                                                                    last_op_at=max(now, cur.last_op_at)), now)
             await self._insert_op(conn, game_id, JobKind.RECONCILE, source, OpStatus.SUCCEEDED, cur.generation,
-                                  None, None, {"turn_interval": turn_interval}, now, None, None)
+                                  None, None, {"turn_interval": turn_interval}, now, None, None, actor=actor)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
             return new

@@ -206,3 +206,16 @@ async def test_rest_refusals_are_4xx_naming_the_problem(api):
         assert (await api.request("POST", f"/api/v1/rollouts/77/{action}"))[0] == 404
     status, body = await api.get("/api/v1/rollouts")
     assert status == 200 and body == {"rollouts": []}
+
+
+async def test_a_rollout_and_its_steering_are_in_the_operation_log_with_who_asked(store):
+    for g in ("g1", "g2"):
+        await running_game(store, g)
+    rollout, _ = await store.create_rollout(req(game_ids=["g1", "g2"]), ALLOW, False, actor="token:boss")
+    await store.steer_rollout(rollout.id, Action.PAUSE, actor="cli:alice")
+    await store.steer_rollout(rollout.id, Action.PAUSE, actor="cli:alice")  # already paused: no change, no entry
+    await store.steer_rollout(rollout.id, Action.ABORT)
+    log = await store.operation_log(game_id=None)
+    fleet = [(e["op"], e["actor"], e["params"].get("rollout_id")) for e in log if e["op"].startswith("rollout_")]
+    assert fleet == [("rollout_abort", None, rollout.id), ("rollout_pause", "cli:alice", rollout.id),
+                     ("rollout_create", "token:boss", rollout.id)]

@@ -38,7 +38,7 @@ async def test_a_walk_sees_every_game_once_while_games_are_inserted(pool):
     store = Store(pool)
     initial = [f"g{i:04d}" for i in range(0, 600, 2)]  # gaps where games are inserted during the walk
     await store.submit_many([start(g) for g in initial], DEFAULTS)
-    deps = HttpDeps(http=HttpSettings(http_port=0, http_host="127.0.0.1", api_token=TOKEN),
+    deps = HttpDeps(http=HttpSettings(http_port=0, http_host="127.0.0.1", api_token=TOKEN, api_tokens_file=""),
                     allowlist=ImageAllowlist("galaxy/*"), store=store,
                     admission=Admission(store, DEFAULTS, wake=lambda game: None), metrics=Metrics(),
                     is_leader=lambda: True, readiness=_ready, results_changed=asyncio.Event)

@@ -177,6 +177,23 @@ def test_the_versions_cli(rtm_env, database_url):
     assert cli("remove", "2.0").returncode == 0
     assert cli("remove", "2.0").returncode == 1
     assert "2.0" not in cli("list").stdout
+    # each change is in the operation log, with the local user as its actor
+    import asyncio
+    import getpass
+
+    import asyncpg
+
+    async def logged() -> list[tuple[str, str]]:
+        conn = await asyncpg.connect(rtm_env["RTMANAGER_DATABASE_URL"])
+        try:
+            rows = await conn.fetch("SELECT op, actor FROM runtime_operations WHERE game_id IS NULL ORDER BY id")
+        finally:
+            await conn.close()
+        return [(r["op"], r["actor"]) for r in rows]
+
+    me = f"cli:{getpass.getuser()}"
+    assert asyncio.run(logged()) == [("version_create", me)] + [("version_update", me)] * 3 + [
+        ("version_delete", me)]
 
 
 async def test_an_engine_is_stopped_with_the_grace_of_its_version(api):

@@ -53,7 +53,7 @@ class Replica:
         store = Store(pool)
         port = free_port()
         server = HttpServer(HttpDeps(
-            http=HttpSettings(http_port=port, http_host="127.0.0.1", api_token=TOKEN),
+            http=HttpSettings(http_port=port, http_host="127.0.0.1", api_token=TOKEN, api_tokens_file=""),
             allowlist=ImageAllowlist("galaxy/*"), store=store, admission=None,  # type: ignore[arg-type]
             metrics=Metrics(), is_leader=lambda: True, readiness=_ready, results_changed=store.outbox.next,
             watch=store))

@@ -56,7 +56,7 @@ def _store(n: int) -> FakeStore:
 @pytest.fixture
 async def reads():
     store = _store(25)
-    deps = HttpDeps(http=HttpSettings(http_port=0, http_host="127.0.0.1", api_token=TOKEN),
+    deps = HttpDeps(http=HttpSettings(http_port=0, http_host="127.0.0.1", api_token=TOKEN, api_tokens_file=""),
                     allowlist=ImageAllowlist("galaxy/*"), store=store,
                     admission=Admission(store, RecordDefaults(docker_network="n", state_root="/s", engine_port=8080),
                                         wake=lambda game: None),
