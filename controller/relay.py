@@ -45,7 +45,7 @@ from desired.values import PendingResult
 
 log = logging.getLogger("rtmanager.relay")
 
-BATCH = 200
+BATCH = 1000  # results per pass: one SELECT, one pipelined XADD round trip, one UPDATE
 IDLE_POLL = 5.0  # a fallback only: a commit that writes the outbox wakes the relay at once (desired/wakeup.py)
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
