@@ -155,7 +155,7 @@ class RedisStreams:
                                               health_check_interval=15)
         self.group = group
         self.consumer = consumer
-        self._scripts = True  # False once the server refused IDS_IN_RANGE
+        self._scripts = True  # False once the server refused a script (IDS_IN_RANGE, NEWEST_IDS_WITH_FIELD)
 
     async def close(self) -> None:
         await self.client.aclose()
