@@ -12,7 +12,7 @@ streams, whatever the backlog:
 * Entry ids order entries across streams, except within one millisecond, where
   the start stream's entries come first and the stop stream's last (``order``).
 * New entries are merged across streams. XREADGROUP's COUNT applies to each
-  stream separately, so one read can return the 100 oldest starts and a much
+  stream separately, so one read can return the 500 oldest starts and a much
   later stop; an entry is therefore handled only once every other stream is
   either *exhausted* (its last read returned less than COUNT: nothing older is
   waiting there) or has a buffered entry at least as new. A stream whose buffer
@@ -64,9 +64,13 @@ from desired.values import Rejection, SubmitOutcome
 
 log = logging.getLogger("rtmanager.intake")
 
-READ_COUNT = 100
+# A backlog costs a fixed number of round trips per read (XREADGROUP, the XPENDING of claim_others,
+# the same-millisecond re-read) and per batch (BEGIN, fence, duplicates, locks, records, ids, two
+# executemany, COMMIT, XACK): on a loaded host each round trip is milliseconds of scheduling, so
+# these sizes, not Postgres, bounded a flood (200 a transaction: about 1,000-1,300 entries/s here).
+READ_COUNT = 500        # entries read per stream per XREADGROUP
 BLOCK_MS = 1000
-BATCH = 200             # new entries admitted in one transaction
+BATCH = 1000            # new entries admitted in one transaction
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
 SAME_MS_SETTLE = 0.002   # past one millisecond of Redis' clock: see _merge

@@ -4,7 +4,10 @@ One replica of an instance leads (reads jobs, reconciles, publishes); the
 others stand by. The lease and its fencing live in desired/leader.py; this loop
 decides *when* to lead:
 
-* **Campaign** every ``ttl / 3`` until the lease is free, then call
+* **Campaign** every ``ttl / 3`` (at most a second) until the lease is free, and
+  again the moment a held lease expires (the database says when: ``campaign_wait``),
+  so a standby takes over a killed leader's lease at its expiry, not up to a poll
+  later; then call
   ``on_elected`` (the composition root starts the leader's tasks). A process's
   first campaign takes back at once a lease held under its own replica name
   (it held it before a crash), instead of waiting a TTL for it to expire.
@@ -32,6 +35,17 @@ from desired.errors import StoreUnavailable
 from desired.leader import Fence
 
 log = logging.getLogger("rtmanager.leadership")
+
+EXPIRY_SLACK = 0.01  # campaign this long after the held lease's expiry (the round trip covers the rest)
+
+
+def campaign_wait(ttl: float, held_for: float | None) -> float:
+    """Seconds until the next campaign: the poll (a third of the TTL, at most a second), or sooner
+    when the lease another replica holds expires before that."""
+    poll = min(1.0, ttl / 3)
+    if held_for is None:
+        return poll
+    return min(poll, max(held_for, 0.0) + EXPIRY_SLACK)
 
 
 class Leadership:
@@ -114,7 +128,7 @@ class Leadership:
                 else:
                     log.exception("leader election failed unexpectedly")
             try:
-                await asyncio.wait_for(stopping.wait(), min(1.0, self.ttl / 3))
+                await asyncio.wait_for(stopping.wait(), campaign_wait(self.ttl, self.lease.held_for))
             except TimeoutError:
                 pass
         return False

@@ -13,8 +13,9 @@ relay backs off and resumes by itself.
 ``everysec`` or an asynchronous replica, a Redis that crashes loses the last
 acknowledged entries. Whenever Redis comes back (a reconnect after an error, or
 a new server ``run_id``), the relay compares what it marked published recently
-with what the stream really holds and publishes again, with the same
-``result_id``, whatever is missing.
+with what the stream really holds (the entry ids XADD answered, read without
+the entries' fields) and publishes again, with the same ``result_id``, whatever
+is missing.
 
 **One publisher at a time.** ``flush`` holds a lock: the shutdown's last flush
 and the loop never publish the same batch twice.
@@ -45,7 +46,7 @@ from desired.values import PendingResult
 
 log = logging.getLogger("rtmanager.relay")
 
-BATCH = 200
+BATCH = 1000  # results per pass: one SELECT, one pipelined XADD round trip, one UPDATE
 IDLE_POLL = 5.0  # a fallback only: a commit that writes the outbox wakes the relay at once (desired/wakeup.py)
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
@@ -201,8 +202,8 @@ class Relay:
         """Mark entries found in their stream's recent tail as published instead of adding them again."""
         found: dict[str, str] = {}
         for kind in {item.kind for item in batch}:
-            found |= {f.get(ID_FIELD[kind], ""): eid for eid, f in await self.redis.recent(self.stream_of(kind),
-                                                                                         TAIL_SCAN)}
+            found |= {value: eid for eid, value in await self.redis.recent_field(self.stream_of(kind), TAIL_SCAN,
+                                                                                  ID_FIELD[kind])}
         rest: list[PendingResult] = []
         for item in batch:
             if item.result_id in found:
@@ -236,19 +237,21 @@ class Relay:
             return
         first = await self.redis.stream_first_id(stream)
         oldest = min(recent, key=lambda r: entry_key(r[1]))[1]
-        on_stream = set()
+        # Which of the entry ids the relay recorded (XADD's answers) the stream still holds: ids only,
+        # the fields stay in Redis. A new entry never takes a lost one's id (ids grow with the clock).
+        on_stream: set[str] = set()
         start = oldest if first is None or entry_key(oldest) > entry_key(first) else first
         while True:
-            page = await self.redis.range(stream, start, "+", 1000)
-            on_stream |= {f.get(ID_FIELD[kind]) for _, f in page}
+            page = await self.redis.range_ids(stream, start, "+", 1000)
+            on_stream.update(page)
             if len(page) < 1000:
                 break
-            ms, seq = entry_key(page[-1][0])
+            ms, seq = entry_key(page[-1])
             start = f"{ms}-{seq + 1}"
         # Entries older than the stream's first entry were trimmed (MAXLEN), not lost.
         floor = entry_key(first) if first else None
-        lost = [seq for seq, entry_id, result_id in ((r[0], r[1], r[2]) for r in recent)
-                if result_id not in on_stream and (floor is None or entry_key(entry_id) >= floor)]
+        lost = [seq for seq, entry_id, _ in recent
+                if entry_id not in on_stream and (floor is None or entry_key(entry_id) >= floor)]
         if lost:
             log.warning("%d published results are missing from %s (Redis lost them); publishing them again "
                         "with the same result_id", len(lost), stream)

@@ -21,6 +21,7 @@ trimmed below what has been handled (controller/intake.py).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
@@ -107,6 +108,26 @@ def entry_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+log = logging.getLogger("rtmanager.streams")
+
+# The ids of an XRANGE page, without the entries' fields.
+IDS_IN_RANGE = """local page = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
+local ids = {}
+for i, e in ipairs(page) do ids[i] = e[1] end
+return ids"""
+# The newest entries' ids, each with one field's value (ARGV[2]), without the other fields.
+NEWEST_IDS_WITH_FIELD = """local page = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[1])
+local out = {}
+for i, e in ipairs(page) do
+  local value = ''
+  for j = 1, #e[2], 2 do
+    if e[2][j] == ARGV[2] then value = e[2][j + 1] break end
+  end
+  out[i] = {e[1], value}
+end
+return out"""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Entry:
     stream: str
@@ -134,6 +155,7 @@ class RedisStreams:
                                               health_check_interval=15)
         self.group = group
         self.consumer = consumer
+        self._scripts = True  # False once the server refused a script (IDS_IN_RANGE, NEWEST_IDS_WITH_FIELD)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -273,6 +295,35 @@ class RedisStreams:
         reply = cast(StreamReply, await self.client.xread({stream: last_id}, count=count, block=block_ms))
         return [(_text(eid), _text_fields(fields))
                 for _, items in reply or [] for eid, fields in items]
+
+    async def recent_field(self, stream: str, count: int, name: str) -> list[tuple[str, str]]:
+        """(id, the value of field ``name`` or "") of the newest ``count`` entries, newest first: what
+        ``recent`` tells of them, the other fields left in Redis (a script; XREVRANGE when refused)."""
+        if self._scripts:
+            try:
+                return [(_text(eid), _text(value)) for eid, value in cast(list[list[bytes]], await self.client.eval(
+                    NEWEST_IDS_WITH_FIELD, 1, stream, count, name))]
+            except redis.exceptions.ReadOnlyError:
+                raise
+            except redis.exceptions.ResponseError as exc:
+                log.warning("redis refused a script (%s); reading whole entries to check a stream's ids", exc)
+                self._scripts = False
+        return [(eid, fields.get(name, "")) for eid, fields in await self.recent(stream, count)]
+
+    async def range_ids(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[str]:
+        """The ids of ``range``: a script leaves the entries' fields in Redis, so that checking which
+        ids a stream holds costs a fraction of reading them (the relay checks thousands at once,
+        on the path to a new leader's first answer). A server that refuses scripts gets XRANGE."""
+        if self._scripts:
+            try:
+                return [_text(i) for i in cast(list[bytes], await self.client.eval(
+                    IDS_IN_RANGE, 1, stream, start, end, count))]
+            except redis.exceptions.ReadOnlyError:
+                raise  # a read-only replica: an outage like any other
+            except redis.exceptions.ResponseError as exc:  # NOPERM, scripting disabled: read the entries
+                log.warning("redis refused a script (%s); reading whole entries to check a stream's ids", exc)
+                self._scripts = False
+        return [eid for eid, _ in await self.range(stream, start, end, count)]
 
     async def stream_first_id(self, stream: str) -> str | None:
         got = cast(list[RawEntry], await self.client.xrange(stream, count=1))

@@ -266,6 +266,12 @@ class FakeStreams:
         self._check("range", stream)
         return [(eid, f) for eid, f in self._pairs(stream) if entry_key(eid) >= entry_key(start)][:count]
 
+    async def recent_field(self, stream: str, count: int, name: str) -> list[tuple[str, str]]:
+        return [(eid, f.get(name, "")) for eid, f in await self.recent(stream, count)]
+
+    async def range_ids(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[str]:
+        return [eid for eid, _ in await self.range(stream, start, end, count)]
+
     def _pairs(self, stream: str) -> list[tuple[str, dict[Any, Any]]]:
         return list(zip([eid for eid, _ in self._s(stream).entries], self.fields_of(stream), strict=True))
 

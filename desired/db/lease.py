@@ -66,6 +66,9 @@ class Lease:
         self._timeout = connect_timeout
         self._conn: asyncpg.Connection | None = None
         self.reclaimed = False  # the last acquire took a live lease held under this replica's name
+        # Seconds the live lease another replica holds has left, by the database's clock, as the last
+        # acquire that failed saw it (None: no such answer yet): a standby campaigns again right then.
+        self.held_for: float | None = None
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -97,6 +100,7 @@ class Lease:
         with the same name (a misconfiguration) takes it over once; the one it deposes never
         reclaims again, so the two cannot take turns."""
         started = time.monotonic()
+        self.held_for = None
         epoch = await self._run(lambda conn: self._acquire(conn, reclaim))
         if epoch is not None:
             self.fence.epoch = epoch
@@ -107,10 +111,12 @@ class Lease:
         async with conn.transaction():
             # FOR UPDATE conflicts with the FOR KEY SHARE of the old term's writes: a take-over
             # waits until they are committed or rolled back, and later ones see the new epoch.
-            row = await conn.fetchrow("SELECT expires_at > now() AS live, holder FROM leader_leases"
-                                      " WHERE instance = $1 FOR UPDATE", self.fence.instance)
+            row = await conn.fetchrow("SELECT expires_at > now() AS live, holder,"
+                                      " extract(epoch FROM expires_at - now())::float8 AS left_s"
+                                      " FROM leader_leases WHERE instance = $1 FOR UPDATE", self.fence.instance)
             own = row is not None and reclaim and row["holder"] == self.fence.holder
             if row is not None and row["live"] and not own:
+                self.held_for = row["left_s"]
                 return None
             epoch = await conn.fetchval(
                 """INSERT INTO leader_leases AS l (instance, holder, epoch, acquired_at, renewed_at, expires_at)

@@ -23,7 +23,7 @@ FAULT_KINDS = ("kill9", "leader_change", "pause_leader", "postgres_down", "redis
 EXTRA_FAULT_KINDS = ("backlog", "redis_readonly", "hostile_engine", "db_restore")
 EXTRA_OPTIONS = EXTRA_FAULT_KINDS + ("stubborn_engines",)
 BACKLOG_CUTS = ("kill9", "sigterm", "sigstop", "table_lock", "redis_blip")
-READ_COUNT = 100                # the intake reads up to this many entries per stream per read
+READ_COUNT = 500                # the intake reads up to this many entries per stream per read (intake.py)
 STATEMENT_TIMEOUT = 30.0        # the controller's command timeout (desired/db/pool.py): a lock held longer
 HOSTILE_STATUSES = (            # what a hostile engine's admin status says (its status.json, served verbatim)
     "turn 2147483647", "turn 2147483648", "turn 2**64", "turn 1e400", "last_generation turn 2**63",

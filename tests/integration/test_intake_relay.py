@@ -343,3 +343,24 @@ async def test_a_start_a_deposed_leader_read_late_is_applied_before_a_later_stop
     assert [(o.op.value, o.entry_id) for o in ops] == [("start", start), ("stop", stop)]
     for stream in (settings.streams.start_stream, settings.streams.stop_stream):
         assert (await redis_client.xpending(stream, settings.streams.consumer_group))["pending"] == 0
+
+
+async def test_the_ids_of_a_range_are_the_entries_ids_without_their_fields(redis_url, redis_client, unique):
+    """The relay's check of a stream after a Redis restart reads ids only (a script); the same ids as
+    XRANGE, page by page, and XRANGE's when the server refuses scripts."""
+    streams = RedisStreams(redis_url, group="g", consumer="c")
+    stream = f"{unique}:ids"
+    try:
+        added = await streams.add_many([(stream, {"result_id": str(i), "game_id": "g"}) for i in range(25)])
+        assert await streams.range_ids(stream, "-", "+", 1000) == added
+        assert await streams.range_ids(stream, added[10], "+", 5) == added[10:15]
+        assert await streams.range_ids(f"{unique}:none", "-") == []
+        newest = [(eid, str(i)) for i, eid in enumerate(added)][::-1]
+        assert await streams.recent_field(stream, 4, "result_id") == newest[:4]
+        assert await streams.recent_field(stream, 2, "nothing") == [(eid, "") for eid, _ in newest[:2]]
+        streams._scripts = False  # as after a refused script
+        assert await streams.range_ids(stream, added[3], added[6]) == added[3:7]
+        assert await streams.recent_field(stream, 4, "result_id") == newest[:4]
+    finally:
+        await redis_client.delete(stream)
+        await streams.close()

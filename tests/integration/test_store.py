@@ -441,3 +441,40 @@ async def test_replicas_claiming_an_empty_databases_identity_at_once_all_get_the
         claimed = await asyncio.gather(*(store.claim_identity("inst") for _ in range(6)))
         assert len({i.uid for i in claimed}) == 1, claimed
         assert {i.instance for i in claimed} == {"inst"}
+
+
+async def test_a_standby_takes_over_as_soon_as_the_lease_expires_not_at_its_next_poll(database_url):
+    """A kill -9'd leader cannot release its lease: the standby's first answer waits for the lease to
+    expire, and then for the standby's next campaign. That campaign is due at the expiry the database
+    named, not at the next poll (up to a second later, or a third of the TTL)."""
+    from controller.leadership import Leadership
+    from controller.metrics import Metrics
+    from desired.db.lease import Lease
+    from desired.leader import Fence
+
+    dead = Lease(database_url, Fence(instance="f", holder="dead", ttl=3))
+    assert await dead.acquire() == 1
+    expires = asyncio.get_running_loop().time() + 3
+    await dead.close()  # killed: never renews, never releases
+    fence = Fence(instance="f", holder="standby", ttl=3)
+    standby = Lease(database_url, fence)
+    elected: list[float] = []
+
+    async def on_elected():
+        elected.append(asyncio.get_running_loop().time())
+
+    async def on_deposed(reason):
+        pass
+
+    leadership = Leadership(standby, fence, Metrics(), on_elected=on_elected, on_deposed=on_deposed)
+    stopping = asyncio.Event()
+    await asyncio.sleep(0.5)  # campaigns at 0.5 s, then every second: 3.5 s without the expiry's own due time
+    task = asyncio.create_task(leadership.run(stopping))
+    try:
+        await eventually(lambda: elected, 6.0, what="elected", interval=0.01)
+        assert elected[0] - expires < 0.25, f"took over {elected[0] - expires:.2f}s after the lease expired"
+    finally:
+        stopping.set()
+        leadership.release()
+        await asyncio.wait_for(task, 5)
+        await standby.close()

@@ -70,6 +70,7 @@ class FakeLease:
         self.epoch = 0
 
     reclaimed = False
+    held_for = None  # how long a held lease has left: unknown, so the standby polls
 
     async def acquire(self, reclaim: bool = False):
         if self.down:

@@ -393,12 +393,13 @@ CONTROL = "runtime:control_jobs"
 
 
 def backlog_with_a_late_stop(streams: FakeStreams) -> tuple[str, str]:
-    """The recipe: 250 starts of other games, a start of target, 49 more, then a stop of target.
-    The first read of a round takes 100 starts and the stop, far behind its start."""
-    for i in range(250):
+    """The recipe: 2.5 reads (READ_COUNT) of starts of other games, a start of target, half a read
+    less one more, then a stop of target. The first read of a round takes READ_COUNT starts and the
+    stop, far behind its start."""
+    for i in range(5 * READ_COUNT // 2):
         start(streams, f"filler{i}")
     s = start(streams, "target")
-    for i in range(49):
+    for i in range(READ_COUNT // 2 - 1):
         start(streams, f"late{i}")
     return s, stop(streams, "target")
 

@@ -179,3 +179,12 @@ async def test_renewals_that_fail_briefly_keep_the_term(leading):
     lease.down = False
     await asyncio.sleep(fence.ttl)
     assert events == ["elected 1"] and leadership.leading
+
+
+def test_a_standby_campaigns_again_when_the_held_lease_expires_or_at_its_poll():
+    from controller.leadership import EXPIRY_SLACK, campaign_wait
+
+    assert campaign_wait(5, None) == 1.0 and campaign_wait(0.3, None) == pytest.approx(0.1)
+    assert campaign_wait(5, 0.4) == pytest.approx(0.4 + EXPIRY_SLACK)  # expires before the next poll
+    assert campaign_wait(5, 4.0) == 1.0                                # a renewal may come meanwhile: poll
+    assert campaign_wait(5, -0.2) == EXPIRY_SLACK                      # expired as the answer came
