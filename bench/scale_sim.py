@@ -399,6 +399,16 @@ class Sim:
         self.list_times: list[float] = []
         self.live_times: list[float] = []
         self.ctl: Controller | None = None
+        self.stall = 0.0  # the longest the event loop was held since the last reset (see watch_loop)
+
+    async def watch_loop(self, tick: float = 0.05) -> None:
+        """How long the event loop is held at a time: a sleep of ``tick`` that wakes late by more was
+        held up by work that did not yield (a lease renewal waits as long; its TTL is 5 s)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(tick)
+            self.stall = max(self.stall, loop.time() - t0 - tick)
 
     # ------------------------------------------------------------- postgres
     async def sql(self, query: str, *args):
@@ -543,7 +553,9 @@ class Sim:
         q0 = await self.pgss()
         d0 = self.docker_calls()
         l0, v0 = len(self.list_times), len(self.live_times)
+        self.stall = 0.0
         runs = await self.resyncs(self.args.resyncs)
+        resync_stall = self.stall
         q1 = await self.pgss()
         d1 = self.docker_calls()
         per_query = {q: c - q0.get(q, (0, 0))[0] for q, (c, _) in q1.items()}
@@ -551,9 +563,12 @@ class Sim:
         live_ms = [(t - q0.get(q, (0, 0))[1]) / max(1, c - q0.get(q, (0, 0))[0])
                    for q, (c, t) in q1.items() if "observed_generation <> generation" in q]
         rss, hwm = rss_mib()
+        gc_cpu = self.gc_cpu
+        self.stall = 0.0
         t0, c0 = time.perf_counter(), time.process_time()
         await ctl.health.once()
         health_s, health_cpu = time.perf_counter() - t0, time.process_time() - c0
+        health_gc, health_stall = self.gc_cpu - gc_cpu, self.stall
         walls = [w for w, _, _ in runs]
         out = {
             "games": n, "resyncs": len(runs),
@@ -569,10 +584,13 @@ class Sim:
             "resync_sql_per_resync": resync_sql / len(runs),
             "all_sql_per_resync": sum(per_query.values()) / len(runs),
             "rss_mib": rss, "hwm_mib": hwm, "fake_list_json_mib": self.api.list_json_bytes() / 2**20,
-            "health_round_s": health_s, "health_round_cpu_s": health_cpu,
+            "health_round_s": health_s, "health_round_cpu_s": health_cpu, "health_round_gc_cpu_s": health_gc,
+            "resync_loop_stall_s": resync_stall, "health_round_loop_stall_s": health_stall,
         }
         log(f"{n:,} games: resync {out['resync_s_median']:.3f}s (list {out['list_s_median'] or 0:.3f}s, records "
-            f"{out['list_live_s_median'] or 0:.3f}s), health round {health_s:.2f}s, RSS {rss:.0f} MiB")
+            f"{out['list_live_s_median'] or 0:.3f}s, CPU {out['resync_cpu_s_median']:.2f}s, loop held up to "
+            f"{resync_stall:.2f}s), health round {health_s:.2f}s (CPU {health_cpu:.2f}s, GC {health_gc:.2f}s, loop "
+            f"held up to {health_stall:.2f}s), RSS {rss:.0f} MiB")
         return out
 
     async def without_gc(self) -> dict:
@@ -621,6 +639,8 @@ class Sim:
             events.on_event(gid, "die")
         max_depth = 0
         samples = []
+        not_leader = 0  # samples (every 0.25 s) taken while this controller was not the leader
+        self.stall = 0.0
         deadline = time.monotonic() + timeout
         converged_at = None
         while time.monotonic() < deadline:
@@ -629,6 +649,7 @@ class Sim:
             max_depth = max(max_depth, depth)
             running = self.api.running_count()
             samples.append((round(time.perf_counter() - t0, 2), depth, running))
+            not_leader += not ctl.is_leader
             if running == n and depth == 0 and await self.converged_count() == n:
                 converged_at = time.perf_counter() - t0
                 break
@@ -646,6 +667,7 @@ class Sim:
             "docker_calls": {k: d1.get(k, 0) - d0.get(k, 0) for k in d1 if d1.get(k, 0) - d0.get(k, 0)},
             "sql_statements": sum(c for c, _ in q.values()),
             "sql_per_game": sum(c for c, _ in q.values()) / len(victims),
+            "samples": len(samples), "not_leader_samples": not_leader, "loop_stall_s": self.stall,
             "queue_samples": samples[:: max(1, len(samples) // 40)],
         }
 
@@ -688,9 +710,18 @@ class Sim:
         log(f"{base:,} running: {k} starts in {wall:.2f}s, {out['cpu_ms_per_start']:.1f} ms CPU each {outcomes}")
         return out
 
+    def _gc_callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.process_time()
+        else:
+            self.gc_cpu += time.process_time() - self._gc_t0
+
     async def run(self) -> dict:
         args = self.args
         self._started = 0
+        self.gc_cpu, self._gc_t0 = 0.0, 0.0  # the cyclic GC's CPU in this process, so far
+        gc.callbacks.append(self._gc_callback)
+        watcher = asyncio.create_task(self.watch_loop())
         identity = await self.prepare_database()
         sizes = sorted({max(1, args.games // 10), max(1, args.games // 2), args.games})
         base_rss, _ = rss_mib()
@@ -740,8 +771,11 @@ class Sim:
                 result["drift"] = await self.drift(args.drift, args.drift_timeout)
                 d = result["drift"]
                 log(f"drift: {d['drifted']:,} games converged again in {d['seconds'] or float('nan'):.1f}s"
-                    f" (max queue {d['max_queue']:,})")
+                    f" (max queue {d['max_queue']:,}; running {self.api.running_count():,} of {len(self.games):,};"
+                    f" not the leader in {d['not_leader_samples']} of {d['samples']} samples; loop held"
+                    f" up to {d['loop_stall_s']:.2f}s)")
         finally:
+            watcher.cancel()
             ctl.stopping.set()
             await ctl.shutdown()
         return result
