@@ -30,7 +30,7 @@ from controller.workqueue import WorkQueue
 from desired.errors import Conflict, StorageFull, StoreUnavailable, TemporaryError
 from desired.jobs import DecisionAction, Job
 from desired.leader import Fenced
-from desired.model import JobKind, OpSource, RuntimeRecord, container_name
+from desired.model import JobKind, OpSource, container_name
 from desired.ports import HealthStore, ResyncStore, TurnClockStore
 from observed.backend import RuntimeBackend
 
@@ -39,6 +39,7 @@ log = logging.getLogger("rtmanager.triggers")
 PRUNE_EVERY = 3600.0
 MIN_TICK = 0.25  # seconds between two ticks of the turn clock, at least
 HEALTH_CONCURRENCY = 16
+PLAN_SLICE = 2000  # records the resync plans between two yields to the event loop
 TICK_RETRY, TICK_RETRY_MAX = 2.0, 30.0   # seconds between failed ticks of the turn clock, doubling
 GAME_RETRY, GAME_RETRY_MAX = 1.0, 60.0   # seconds before a game whose turn job failed is asked again
 
@@ -81,7 +82,9 @@ class Resync:
                 self.queue.add(c.game_id or c.name)  # odd container: let sync look at it
         self.reconciler.refill_dispose_budget()
         queued = 0
-        for rec in records:
+        for i, rec in enumerate(records):
+            if i and not i % PLAN_SLICE:
+                await asyncio.sleep(0)  # let the loop go (a lease renewal waits as long as it is held)
             action = self.reconciler.plan_only(rec, by_game.pop(rec.game_id, None))
             if action.kind is not ActionKind.NOOP:
                 self.reconciler.units.touch(rec.game_id)  # its next look is a real one (a missed event)
