@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
@@ -66,6 +67,21 @@ def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
     rec = object.__new__(RuntimeRecord)
     rec.__dict__.update(values)
     return rec
+
+
+DECODE_SLICE = 2000  # records decoded between two yields to the event loop (about 10 ms)
+
+
+async def records_from_rows(rows: list[asyncpg.Record]) -> list[RuntimeRecord]:
+    """Every row of a large read (the resync's, the health round's), decoded a slice at a time with
+    the event loop let go in between: at 100,000 records one decode held it for seconds, and a
+    lease renewal waits as long as the loop is held."""
+    out: list[RuntimeRecord] = []
+    for k in range(0, len(rows), DECODE_SLICE):
+        if k:
+            await asyncio.sleep(0)
+        out.extend(record_from_row(r) for r in rows[k:k + DECODE_SLICE])
+    return out
 
 
 def _db_value(v: Any) -> Any:
