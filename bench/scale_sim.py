@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -135,8 +136,13 @@ class FakeDockerAPI(docker.APIClient):
         self.by_ip: dict[str, SimContainer] = {}
         self._ips = 0
         self._list_json: bytes | None = None
+        self._version = 0  # bumped by every change of a container (under the lock)
         self.calls: dict[str, int] = {}
         self.start_latency = 0.0
+
+    def _changed(self) -> None:
+        self._list_json = None
+        self._version += 1
 
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -157,7 +163,7 @@ class FakeDockerAPI(docker.APIClient):
             self.by_id[cid] = c
             self.by_name[name] = cid
             self.by_ip[c.ip] = c
-            self._list_json = None
+            self._changed()
         return c
 
     def exit(self, cid: str, code: int) -> None:
@@ -165,11 +171,13 @@ class FakeDockerAPI(docker.APIClient):
             c = self.by_id[cid]
             c.state, c.exit_code, c.finished_at = "exited", code, _iso(time.time())
             self.by_ip.pop(c.ip, None)
-            self._list_json = None
+            self._changed()
 
     def running_count(self) -> int:
-        with self.lock:
-            return sum(1 for c in self.by_id.values() if c.state == "running")
+        """Without the lock: the drift's sampler runs on the event loop, and waiting there for a list
+        call's lock held the controller's loop (its lease renewal) for seconds. by_ip holds exactly
+        the running containers; len() of a dict is atomic."""
+        return len(self.by_ip)
 
     def list_json_bytes(self) -> int:
         return len(self._list_json or b"")
@@ -195,10 +203,14 @@ class FakeDockerAPI(docker.APIClient):
                    size=False, filters=None, **kwargs):
         self._count("list")
         with self.lock:
-            if self._list_json is None:
-                self._list_json = json.dumps([self._list_entry(c) for c in self.by_id.values()
-                                              if all or c.state == "running"]).encode()
-            raw = self._list_json
+            raw, version = self._list_json, self._version
+            if raw is None:  # the entries under the lock, their JSON (dockerd's work, not ours) outside it
+                entries = [self._list_entry(c) for c in self.by_id.values() if all or c.state == "running"]
+        if raw is None:
+            raw = json.dumps(entries).encode()
+            with self.lock:
+                if self._version == version:  # nothing changed meanwhile: keep it for the next list
+                    self._list_json = raw
         return json.loads(raw)  # what requests' .json() does with dockerd's answer, in this thread
 
     def _find(self, name_or_id: str) -> SimContainer:
@@ -259,7 +271,7 @@ class FakeDockerAPI(docker.APIClient):
                              [f"{k}={v}" for k, v in (environment or {}).items()])
             self.by_id[cid] = c
             self.by_name[name] = cid
-            self._list_json = None
+            self._changed()
         return {"Id": cid, "Warnings": []}
 
     def start(self, container, *args, **kwargs):
@@ -272,7 +284,7 @@ class FakeDockerAPI(docker.APIClient):
                 c.state, c.exit_code, c.started_at = "running", 0, _iso(time.time())
                 c.ip = self._next_ip()
                 self.by_ip[c.ip] = c
-                self._list_json = None
+                self._changed()
 
     def stop(self, container, timeout=None):
         self._count("stop")
@@ -281,7 +293,7 @@ class FakeDockerAPI(docker.APIClient):
             if c.state == "running":
                 c.state, c.exit_code, c.finished_at = "exited", 0, _iso(time.time())
                 self.by_ip.pop(c.ip, None)
-                self._list_json = None
+                self._changed()
 
     def unpause(self, container):
         self._count("unpause")
@@ -293,7 +305,7 @@ class FakeDockerAPI(docker.APIClient):
             self.by_id.pop(c.id, None)
             self.by_name.pop(c.name, None)
             self.by_ip.pop(c.ip, None)
-            self._list_json = None
+            self._changed()
 
     def ping(self):
         self._count("ping")
@@ -400,6 +412,26 @@ class Sim:
         self.live_times: list[float] = []
         self.ctl: Controller | None = None
         self.stall = 0.0  # the longest the event loop was held since the last reset (see watch_loop)
+        self._beat: list[float] | None = None
+
+    def stall_stacks(self, path: str, held: float = 1.0) -> None:
+        """A thread that, while the event loop is held longer than ``held`` seconds, writes where the
+        loop's thread is (its stack, once a second): where a stall that costs the lease comes from."""
+        main = threading.main_thread().ident
+        beat = [time.monotonic()]
+        self._beat = beat
+
+        def watch() -> None:
+            with open(path, "a") as out:
+                while True:
+                    time.sleep(held)
+                    late = time.monotonic() - beat[0]
+                    if late > held:
+                        frame = sys._current_frames().get(main)
+                        out.write(f"--- loop held {late:.1f}s\n" + "".join(traceback.format_stack(frame)[-14:]))
+                        out.flush()
+
+        threading.Thread(target=watch, daemon=True).start()
 
     async def watch_loop(self, tick: float = 0.05) -> None:
         """How long the event loop is held at a time: a sleep of ``tick`` that wakes late by more was
@@ -409,6 +441,8 @@ class Sim:
             t0 = loop.time()
             await asyncio.sleep(tick)
             self.stall = max(self.stall, loop.time() - t0 - tick)
+            if self._beat is not None:
+                self._beat[0] = time.monotonic()
 
     # ------------------------------------------------------------- postgres
     async def sql(self, query: str, *args):
@@ -451,6 +485,8 @@ class Sim:
         rows = []
         t0 = time.perf_counter()
         for i in range(start, upto):
+            if i % 1000 == 0:
+                await asyncio.sleep(0)  # the controller runs on this loop: its lease renewals too
             gid = f"{self.args.prefix}-{i}"
             cid = secrets.token_hex(32)
             rec = RuntimeRecord(
@@ -721,6 +757,8 @@ class Sim:
         self._started = 0
         self.gc_cpu, self._gc_t0 = 0.0, 0.0  # the cyclic GC's CPU in this process, so far
         gc.callbacks.append(self._gc_callback)
+        if args.stall_stacks:
+            self.stall_stacks(args.stall_stacks)
         watcher = asyncio.create_task(self.watch_loop())
         identity = await self.prepare_database()
         sizes = sorted({max(1, args.games // 10), max(1, args.games // 2), args.games})
@@ -801,6 +839,8 @@ def main() -> None:
     ap.add_argument("--start-latency", type=float, default=0.0,
                     help="seconds the fake daemon takes per container start (dockerd's pace: about 0.5 s at "
                          "concurrency 4 on this machine), so that the background loops run while games start")
+    ap.add_argument("--stall-stacks", default="", help="write the loop thread's stack here whenever the loop is "
+                    "held over a second")
     ap.add_argument("--out", required=True)
     ap.add_argument("--log", default="/dev/null", help="the controller's log (JSON lines, WARNING and up)")
     ap.add_argument("--state-root", default="", help="RTMANAGER_STATE_ROOT (default: a new temporary directory)")
