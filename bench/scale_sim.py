@@ -64,7 +64,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.app import Controller  # noqa: E402
+from controller.app import Controller, tune_gc  # noqa: E402
 from controller.config import Settings  # noqa: E402
 from controller.logs import setup_logging  # noqa: E402
 from controller.spec import build_spec  # noqa: E402
@@ -779,6 +779,9 @@ class Sim:
                 raise RuntimeError("the simulated controller did not become leader")
             await asyncio.sleep(0.05)
         self.instrument(ctl)
+        tune_gc()  # what `rtmanager run` does once started
+        if args.gc_threshold0:
+            gc.set_threshold(args.gc_threshold0, *gc.get_threshold()[1:])
         result: dict = {"sizes": [], "base_rss_mib": base_rss, "settings": {
             "resync_interval": args.resync, "concurrency": args.concurrency, "resyncs_per_size": args.resyncs}}
         try:
@@ -841,6 +844,8 @@ def main() -> None:
                          "concurrency 4 on this machine), so that the background loops run while games start")
     ap.add_argument("--stall-stacks", default="", help="write the loop thread's stack here whenever the loop is "
                     "held over a second")
+    ap.add_argument("--gc-threshold0", type=int, default=0, help="gc.set_threshold's first value once started "
+                    "(0: what rtmanager run sets, controller/app.py GC_THRESHOLD0; 700 is Python's default)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--log", default="/dev/null", help="the controller's log (JSON lines, WARNING and up)")
     ap.add_argument("--state-root", default="", help="RTMANAGER_STATE_ROOT (default: a new temporary directory)")
