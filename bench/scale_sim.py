@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -63,7 +64,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.app import Controller  # noqa: E402
+from controller.app import Controller, tune_gc  # noqa: E402
 from controller.config import Settings  # noqa: E402
 from controller.logs import setup_logging  # noqa: E402
 from controller.spec import build_spec  # noqa: E402
@@ -135,8 +136,13 @@ class FakeDockerAPI(docker.APIClient):
         self.by_ip: dict[str, SimContainer] = {}
         self._ips = 0
         self._list_json: bytes | None = None
+        self._version = 0  # bumped by every change of a container (under the lock)
         self.calls: dict[str, int] = {}
         self.start_latency = 0.0
+
+    def _changed(self) -> None:
+        self._list_json = None
+        self._version += 1
 
     def _count(self, op: str) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -157,7 +163,7 @@ class FakeDockerAPI(docker.APIClient):
             self.by_id[cid] = c
             self.by_name[name] = cid
             self.by_ip[c.ip] = c
-            self._list_json = None
+            self._changed()
         return c
 
     def exit(self, cid: str, code: int) -> None:
@@ -165,11 +171,13 @@ class FakeDockerAPI(docker.APIClient):
             c = self.by_id[cid]
             c.state, c.exit_code, c.finished_at = "exited", code, _iso(time.time())
             self.by_ip.pop(c.ip, None)
-            self._list_json = None
+            self._changed()
 
     def running_count(self) -> int:
-        with self.lock:
-            return sum(1 for c in self.by_id.values() if c.state == "running")
+        """Without the lock: the drift's sampler runs on the event loop, and waiting there for a list
+        call's lock held the controller's loop (its lease renewal) for seconds. by_ip holds exactly
+        the running containers; len() of a dict is atomic."""
+        return len(self.by_ip)
 
     def list_json_bytes(self) -> int:
         return len(self._list_json or b"")
@@ -195,10 +203,14 @@ class FakeDockerAPI(docker.APIClient):
                    size=False, filters=None, **kwargs):
         self._count("list")
         with self.lock:
-            if self._list_json is None:
-                self._list_json = json.dumps([self._list_entry(c) for c in self.by_id.values()
-                                              if all or c.state == "running"]).encode()
-            raw = self._list_json
+            raw, version = self._list_json, self._version
+            if raw is None:  # the entries under the lock, their JSON (dockerd's work, not ours) outside it
+                entries = [self._list_entry(c) for c in self.by_id.values() if all or c.state == "running"]
+        if raw is None:
+            raw = json.dumps(entries).encode()
+            with self.lock:
+                if self._version == version:  # nothing changed meanwhile: keep it for the next list
+                    self._list_json = raw
         return json.loads(raw)  # what requests' .json() does with dockerd's answer, in this thread
 
     def _find(self, name_or_id: str) -> SimContainer:
@@ -259,7 +271,7 @@ class FakeDockerAPI(docker.APIClient):
                              [f"{k}={v}" for k, v in (environment or {}).items()])
             self.by_id[cid] = c
             self.by_name[name] = cid
-            self._list_json = None
+            self._changed()
         return {"Id": cid, "Warnings": []}
 
     def start(self, container, *args, **kwargs):
@@ -272,7 +284,7 @@ class FakeDockerAPI(docker.APIClient):
                 c.state, c.exit_code, c.started_at = "running", 0, _iso(time.time())
                 c.ip = self._next_ip()
                 self.by_ip[c.ip] = c
-                self._list_json = None
+                self._changed()
 
     def stop(self, container, timeout=None):
         self._count("stop")
@@ -281,7 +293,7 @@ class FakeDockerAPI(docker.APIClient):
             if c.state == "running":
                 c.state, c.exit_code, c.finished_at = "exited", 0, _iso(time.time())
                 self.by_ip.pop(c.ip, None)
-                self._list_json = None
+                self._changed()
 
     def unpause(self, container):
         self._count("unpause")
@@ -293,7 +305,7 @@ class FakeDockerAPI(docker.APIClient):
             self.by_id.pop(c.id, None)
             self.by_name.pop(c.name, None)
             self.by_ip.pop(c.ip, None)
-            self._list_json = None
+            self._changed()
 
     def ping(self):
         self._count("ping")
@@ -399,6 +411,38 @@ class Sim:
         self.list_times: list[float] = []
         self.live_times: list[float] = []
         self.ctl: Controller | None = None
+        self.stall = 0.0  # the longest the event loop was held since the last reset (see watch_loop)
+        self._beat: list[float] | None = None
+
+    def stall_stacks(self, path: str, held: float = 1.0) -> None:
+        """A thread that, while the event loop is held longer than ``held`` seconds, writes where the
+        loop's thread is (its stack, once a second): where a stall that costs the lease comes from."""
+        main = threading.main_thread().ident
+        beat = [time.monotonic()]
+        self._beat = beat
+
+        def watch() -> None:
+            with open(path, "a") as out:
+                while True:
+                    time.sleep(held)
+                    late = time.monotonic() - beat[0]
+                    if late > held:
+                        frame = sys._current_frames().get(main)
+                        out.write(f"--- loop held {late:.1f}s\n" + "".join(traceback.format_stack(frame)[-14:]))
+                        out.flush()
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    async def watch_loop(self, tick: float = 0.05) -> None:
+        """How long the event loop is held at a time: a sleep of ``tick`` that wakes late by more was
+        held up by work that did not yield (a lease renewal waits as long; its TTL is 5 s)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(tick)
+            self.stall = max(self.stall, loop.time() - t0 - tick)
+            if self._beat is not None:
+                self._beat[0] = time.monotonic()
 
     # ------------------------------------------------------------- postgres
     async def sql(self, query: str, *args):
@@ -441,6 +485,8 @@ class Sim:
         rows = []
         t0 = time.perf_counter()
         for i in range(start, upto):
+            if i % 1000 == 0:
+                await asyncio.sleep(0)  # the controller runs on this loop: its lease renewals too
             gid = f"{self.args.prefix}-{i}"
             cid = secrets.token_hex(32)
             rec = RuntimeRecord(
@@ -543,7 +589,9 @@ class Sim:
         q0 = await self.pgss()
         d0 = self.docker_calls()
         l0, v0 = len(self.list_times), len(self.live_times)
+        self.stall = 0.0
         runs = await self.resyncs(self.args.resyncs)
+        resync_stall = self.stall
         q1 = await self.pgss()
         d1 = self.docker_calls()
         per_query = {q: c - q0.get(q, (0, 0))[0] for q, (c, _) in q1.items()}
@@ -551,9 +599,12 @@ class Sim:
         live_ms = [(t - q0.get(q, (0, 0))[1]) / max(1, c - q0.get(q, (0, 0))[0])
                    for q, (c, t) in q1.items() if "observed_generation <> generation" in q]
         rss, hwm = rss_mib()
+        gc_cpu = self.gc_cpu
+        self.stall = 0.0
         t0, c0 = time.perf_counter(), time.process_time()
         await ctl.health.once()
         health_s, health_cpu = time.perf_counter() - t0, time.process_time() - c0
+        health_gc, health_stall = self.gc_cpu - gc_cpu, self.stall
         walls = [w for w, _, _ in runs]
         out = {
             "games": n, "resyncs": len(runs),
@@ -569,10 +620,13 @@ class Sim:
             "resync_sql_per_resync": resync_sql / len(runs),
             "all_sql_per_resync": sum(per_query.values()) / len(runs),
             "rss_mib": rss, "hwm_mib": hwm, "fake_list_json_mib": self.api.list_json_bytes() / 2**20,
-            "health_round_s": health_s, "health_round_cpu_s": health_cpu,
+            "health_round_s": health_s, "health_round_cpu_s": health_cpu, "health_round_gc_cpu_s": health_gc,
+            "resync_loop_stall_s": resync_stall, "health_round_loop_stall_s": health_stall,
         }
         log(f"{n:,} games: resync {out['resync_s_median']:.3f}s (list {out['list_s_median'] or 0:.3f}s, records "
-            f"{out['list_live_s_median'] or 0:.3f}s), health round {health_s:.2f}s, RSS {rss:.0f} MiB")
+            f"{out['list_live_s_median'] or 0:.3f}s, CPU {out['resync_cpu_s_median']:.2f}s, loop held up to "
+            f"{resync_stall:.2f}s), health round {health_s:.2f}s (CPU {health_cpu:.2f}s, GC {health_gc:.2f}s, loop "
+            f"held up to {health_stall:.2f}s), RSS {rss:.0f} MiB")
         return out
 
     async def without_gc(self) -> dict:
@@ -621,6 +675,8 @@ class Sim:
             events.on_event(gid, "die")
         max_depth = 0
         samples = []
+        not_leader = 0  # samples (every 0.25 s) taken while this controller was not the leader
+        self.stall = 0.0
         deadline = time.monotonic() + timeout
         converged_at = None
         while time.monotonic() < deadline:
@@ -629,6 +685,7 @@ class Sim:
             max_depth = max(max_depth, depth)
             running = self.api.running_count()
             samples.append((round(time.perf_counter() - t0, 2), depth, running))
+            not_leader += not ctl.is_leader
             if running == n and depth == 0 and await self.converged_count() == n:
                 converged_at = time.perf_counter() - t0
                 break
@@ -646,6 +703,7 @@ class Sim:
             "docker_calls": {k: d1.get(k, 0) - d0.get(k, 0) for k in d1 if d1.get(k, 0) - d0.get(k, 0)},
             "sql_statements": sum(c for c, _ in q.values()),
             "sql_per_game": sum(c for c, _ in q.values()) / len(victims),
+            "samples": len(samples), "not_leader_samples": not_leader, "loop_stall_s": self.stall,
             "queue_samples": samples[:: max(1, len(samples) // 40)],
         }
 
@@ -688,9 +746,20 @@ class Sim:
         log(f"{base:,} running: {k} starts in {wall:.2f}s, {out['cpu_ms_per_start']:.1f} ms CPU each {outcomes}")
         return out
 
+    def _gc_callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.process_time()
+        else:
+            self.gc_cpu += time.process_time() - self._gc_t0
+
     async def run(self) -> dict:
         args = self.args
         self._started = 0
+        self.gc_cpu, self._gc_t0 = 0.0, 0.0  # the cyclic GC's CPU in this process, so far
+        gc.callbacks.append(self._gc_callback)
+        if args.stall_stacks:
+            self.stall_stacks(args.stall_stacks)
+        watcher = asyncio.create_task(self.watch_loop())
         identity = await self.prepare_database()
         sizes = sorted({max(1, args.games // 10), max(1, args.games // 2), args.games})
         base_rss, _ = rss_mib()
@@ -710,6 +779,9 @@ class Sim:
                 raise RuntimeError("the simulated controller did not become leader")
             await asyncio.sleep(0.05)
         self.instrument(ctl)
+        tune_gc()  # what `rtmanager run` does once started
+        if args.gc_threshold0:
+            gc.set_threshold(args.gc_threshold0, *gc.get_threshold()[1:])
         result: dict = {"sizes": [], "base_rss_mib": base_rss, "settings": {
             "resync_interval": args.resync, "concurrency": args.concurrency, "resyncs_per_size": args.resyncs}}
         try:
@@ -740,8 +812,11 @@ class Sim:
                 result["drift"] = await self.drift(args.drift, args.drift_timeout)
                 d = result["drift"]
                 log(f"drift: {d['drifted']:,} games converged again in {d['seconds'] or float('nan'):.1f}s"
-                    f" (max queue {d['max_queue']:,})")
+                    f" (max queue {d['max_queue']:,}; running {self.api.running_count():,} of {len(self.games):,};"
+                    f" not the leader in {d['not_leader_samples']} of {d['samples']} samples; loop held"
+                    f" up to {d['loop_stall_s']:.2f}s)")
         finally:
+            watcher.cancel()
             ctl.stopping.set()
             await ctl.shutdown()
         return result
@@ -767,6 +842,10 @@ def main() -> None:
     ap.add_argument("--start-latency", type=float, default=0.0,
                     help="seconds the fake daemon takes per container start (dockerd's pace: about 0.5 s at "
                          "concurrency 4 on this machine), so that the background loops run while games start")
+    ap.add_argument("--stall-stacks", default="", help="write the loop thread's stack here whenever the loop is "
+                    "held over a second")
+    ap.add_argument("--gc-threshold0", type=int, default=0, help="gc.set_threshold's first value once started "
+                    "(0: what rtmanager run sets, controller/app.py GC_THRESHOLD0; 700 is Python's default)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--log", default="/dev/null", help="the controller's log (JSON lines, WARNING and up)")
     ap.add_argument("--state-root", default="", help="RTMANAGER_STATE_ROOT (default: a new temporary directory)")

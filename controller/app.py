@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
@@ -453,7 +454,24 @@ async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -
     except StoreUnavailable as exc:
         log.error("cannot reach Postgres at %s: %s", redact_url(settings.database.database_url), exc)
         return 1
+    tune_gc()
     return await controller.run_until_stopped(handle_signals=False)
+
+
+GC_THRESHOLD0 = 50_000  # allocations between two young collections (Python's default: 700)
+
+
+def tune_gc() -> None:
+    """Once started. What start-up built (modules, classes, settings, pools, the HTTP app) lives as
+    long as the process: frozen, it leaves the cyclic collector's generations, so a full collection
+    walks only what the rounds allocate. And a young collection every 50,000 allocations instead of
+    700: a resync or a health round at 100,000 games allocates about a million objects that stay
+    alive until it ends, and every young collection walked them again (bench/README.md: 1.5 -> 0.4 s
+    of GC in a 50,000-game round). Cyclic garbage waits a little longer; what refcounting frees is
+    freed at once as before."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
 
 
 class SchemaMissing(RuntimeError):

@@ -30,7 +30,7 @@ from controller.workqueue import WorkQueue
 from desired.errors import Conflict, StorageFull, StoreUnavailable, TemporaryError
 from desired.jobs import DecisionAction, Job
 from desired.leader import Fenced
-from desired.model import JobKind, OpSource, RuntimeRecord, container_name
+from desired.model import JobKind, OpSource, container_name
 from desired.ports import HealthStore, ResyncStore, TurnClockStore
 from observed.backend import RuntimeBackend
 
@@ -39,6 +39,7 @@ log = logging.getLogger("rtmanager.triggers")
 PRUNE_EVERY = 3600.0
 MIN_TICK = 0.25  # seconds between two ticks of the turn clock, at least
 HEALTH_CONCURRENCY = 16
+PLAN_SLICE = 2000  # records the resync plans between two yields to the event loop
 TICK_RETRY, TICK_RETRY_MAX = 2.0, 30.0   # seconds between failed ticks of the turn clock, doubling
 GAME_RETRY, GAME_RETRY_MAX = 1.0, 60.0   # seconds before a game whose turn job failed is asked again
 
@@ -81,7 +82,9 @@ class Resync:
                 self.queue.add(c.game_id or c.name)  # odd container: let sync look at it
         self.reconciler.refill_dispose_budget()
         queued = 0
-        for rec in records:
+        for i, rec in enumerate(records):
+            if i and not i % PLAN_SLICE:
+                await asyncio.sleep(0)  # let the loop go (a lease renewal waits as long as it is held)
             action = self.reconciler.plan_only(rec, by_game.pop(rec.game_id, None))
             if action.kind is not ActionKind.NOOP:
                 self.reconciler.units.touch(rec.game_id)  # its next look is a real one (a missed event)
@@ -152,10 +155,14 @@ class HealthRound:
             return
         with backend_errors():
             addresses = {c.id: c.address for c in await self.backend.list_managed() if c.running}
-        sem = asyncio.Semaphore(HEALTH_CONCURRENCY)
+        # A fixed number of workers take the records in turn: one task per game would make, at 100,000
+        # games, 100,000 tasks with their frames alive at once (what the garbage collector walked). A
+        # record is let go once taken, so the heap shrinks as the round goes.
+        records.reverse()
 
-        async def probe(rec: RuntimeRecord) -> None:
-            async with sem:
+        async def worker() -> None:
+            while records:
+                rec = records.pop()
                 try:
                     await self.reconciler.observe(rec, addresses.get(rec.current_container_id or ""))
                 except (TemporaryError, Fenced):
@@ -164,7 +171,13 @@ class HealthRound:
                     self.metrics.reconcile_errors.inc()
                     log.exception("health probe failed", extra={"game_id": rec.game_id})
 
-        await asyncio.gather(*(probe(r) for r in records))
+        workers = [asyncio.create_task(worker()) for _ in range(HEALTH_CONCURRENCY)]
+        try:
+            await asyncio.gather(*workers)
+        finally:  # the round failed (or was cancelled): its other probes stop with it
+            for t in workers:
+                t.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def _timed_once(self) -> None:
         t0 = asyncio.get_running_loop().time()

@@ -9,7 +9,7 @@ from typing import Any
 
 from desired.db.base import StoreBase
 from desired.db.pool import translating
-from desired.db.rows import operation_from_row, record_from_row
+from desired.db.rows import operation_from_row, record_from_row, records_from_rows
 from desired.errors import NotFound
 from desired.model import UP, RuntimeRecord, Status
 from desired.paging import PageRequest
@@ -50,7 +50,7 @@ class Records(StoreBase):
         """Games whose engine's container should be running (every UP status)."""
         rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = ANY($1::text[]) ORDER BY game_id",
                                      [s.value for s in UP])
-        return [record_from_row(r) for r in rows]
+        return await records_from_rows(rows)
 
     async def list_by_status(self, status: Status) -> builtins.list[RuntimeRecord]:
         rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = $1 ORDER BY game_id",
@@ -62,7 +62,7 @@ class Records(StoreBase):
         rows = await self.pool.fetch(
             "SELECT * FROM runtime_records WHERE status <> 'removed' OR desired_status <> 'removed'"
             " OR observed_generation <> generation")
-        return [record_from_row(r) for r in rows]
+        return await records_from_rows(rows)
 
     async def game_ids(self, game_ids: builtins.list[str]) -> set[str]:
         """Which of these games have a record (removed ones included)."""
