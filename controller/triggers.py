@@ -32,6 +32,7 @@ from desired.jobs import DecisionAction, Job
 from desired.leader import Fenced
 from desired.model import JobKind, OpSource, container_name
 from desired.ports import HealthStore, ResyncStore, TurnClockStore
+from desired.transitions import DUE_PAGE
 from observed.backend import RuntimeBackend
 
 log = logging.getLogger("rtmanager.triggers")
@@ -208,6 +209,7 @@ class TurnClock:
         self.max_sleep = max_sleep
         self.wake = asyncio.Event()
         self.held: dict[str, tuple[float, float]] = {}  # game -> (not before, backoff): its turn job failed
+        self.page = DUE_PAGE  # the most games one due query returns (the store's page)
 
     async def tick(self) -> float:
         """Ask for the turns that are due; return the seconds until the next one.
@@ -244,6 +246,10 @@ class TurnClock:
         if asked:
             log.info("turn clock: asked for %d turns", asked)
         delay = self.max_sleep if next_in is None else min(next_in, self.max_sleep)
+        if asked and len(due) >= self.page:
+            # A full page of games due now: more may be due behind it. A turn asked is no wake (the game is no
+            # longer due: desired/transitions.py moves_the_clock), so look again now, not at max_sleep.
+            delay = 0.0
         if self.held:
             delay = min(delay, max(0.0, min(h[0] for h in self.held.values()) - now))
         return delay

@@ -208,6 +208,11 @@ def turn_reached(record: RuntimeRecord) -> bool:
     return record.desired_turn is None or (record.turn is not None and record.turn >= record.desired_turn)
 
 
+# The games the turn clock's due query returns at most, the earliest due first (a page): a page
+# full of games due now may leave more due games behind it (controller/triggers.py looks again).
+DUE_PAGE = 200
+
+
 def clock_due_at(record: RuntimeRecord) -> tuple[datetime, int] | None:
     """When the turn clock's due query (desired/db/transitions.py ``due_turns``, whose filter this repeats)
     counts the game's next turn from, and its interval; None when the query does not return the game."""

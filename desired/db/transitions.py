@@ -112,7 +112,7 @@ class Transitions(StoreBase):
                                        new.engine_endpoint if new.current_container_id else "", now)
             return new
 
-    async def due_turns(self, limit: int = 200) -> tuple[list[str], float | None]:
+    async def due_turns(self, limit: int = transitions.DUE_PAGE) -> tuple[list[str], float | None]:
         """The turn clock, in one query: games whose interval has passed since their last turn (or
         since they were started or resumed), and the seconds until the next one is due.
 

@@ -27,7 +27,11 @@ async def test_the_turn_clock_advances_a_game_and_pause_stops_it(api):
     t0 = time.monotonic()
     await eventually(lambda: _turn_at_least(api, game, 2), 15, "two scheduled turns")
     elapsed = time.monotonic() - t0
-    assert 2.0 <= elapsed <= 9.0, elapsed  # about one turn per 2 s
+    # About one turn per 2 s: not two turns in 2 s (a clock ticking too fast); at most what two turns
+    # cost on a loaded machine. Each turn lands its latency after it is due (the clock's tick, the
+    # request, the engine's generation, seeing it): 0.3-0.5 s idle, 1.1-1.4 s with the 2 cores busy
+    # (issue 25 review), so 9 s (2.5 s a turn) failed once under a parallel CI run; the wait above is 15 s.
+    assert 2.0 <= elapsed <= 13.0, elapsed
     status, res = await api.job(game, "pause")
     assert res["outcome"] == "success" and res["job"] == "pause", res
     paused_at = (await runtime(api, game))["turn"]

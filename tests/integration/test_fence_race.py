@@ -1,0 +1,111 @@
+"""The one-statement fenced writes (issue 25: ``StoreBase._fenced`` for the claim and the relay's marks,
+``lock_record`` for every record compare-and-swap) against a take-over that races them, on a real
+Postgres.
+
+The sequential case (the new term committed before the old leader writes) is in test_store.py. Here
+the new leader's take-over holds the lease row (``SELECT ... FOR UPDATE``, then the new epoch) and
+has not committed when the old leader's statement starts: the statement's snapshot is older than the
+new term. Its ``FOR KEY SHARE`` on the lease row waits for the take-over, and once that commits the
+row it locks is re-read (read committed's recheck of a row updated meanwhile), finds another holder
+and epoch, and the write is refused (Fenced) and changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from desired.db.lease import Lease
+from desired.db.store import Store
+from desired.jobs import Job, RecordDefaults
+from desired.leader import Fence, Fenced
+from desired.model import JobKind, OpSource
+
+DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
+IMG = "galaxy/engine-stub:1.0"
+
+
+async def _take_over_uncommitted(database_url: str) -> tuple[asyncpg.Connection, asyncpg.transaction.Transaction]:
+    """The new leader's ``Lease._acquire`` (reclaim of a live lease: its row locked FOR UPDATE, a new holder
+    and epoch), left uncommitted."""
+    conn = await asyncpg.connect(database_url)
+    tx = conn.transaction()
+    await tx.start()
+    await conn.fetchrow("SELECT holder FROM leader_leases WHERE instance = 'i' FOR UPDATE")
+    await conn.execute("UPDATE leader_leases SET holder = 'new', epoch = epoch + 1, acquired_at = now(),"
+                       " renewed_at = now(), expires_at = now() + interval '30 seconds' WHERE instance = 'i'")
+    return conn, tx
+
+
+async def _blocked(task: asyncio.Task) -> bool:
+    done, _ = await asyncio.wait({task}, timeout=0.5)
+    return not done
+
+
+@pytest.fixture
+async def old_leader(pool, database_url):
+    fence = Fence(instance="i", holder="old", ttl=30)
+    lease = Lease(database_url, fence)
+    assert await lease.acquire() == 1
+    store = Store(pool, fence=fence)
+    await store.submit(Job(kind=JobKind.START, game_id="g1", source=OpSource.LOBBY, image_ref=IMG,
+                           stream="s:start", entry_id="1-0"), DEFAULTS)
+    yield store
+    await lease.close()
+
+
+@pytest.mark.parametrize("write", ["claim", "mark_published_many", "mark_stopped"])
+async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_leader, pool, database_url, write):
+    record = await Store(pool).get("g1")
+    before_ops = [(o.id, o.status) for o in await Store(pool).operations("g1")]
+    conn, tx = await _take_over_uncommitted(database_url)
+    committed = False
+    try:
+        call = {"claim": lambda: old_leader.claim("g1", record.generation),
+                "mark_published_many": lambda: old_leader.mark_published_many([(1, "1-1")]),
+                "mark_stopped": lambda: old_leader.mark_stopped(record, container_id=None)}[write]
+        task = asyncio.create_task(call())
+        assert await _blocked(task), "the old leader's statement did not wait for the take-over"
+        await tx.commit()
+        committed = True
+        with pytest.raises(Fenced):
+            await asyncio.wait_for(task, 5)
+    finally:
+        if not committed:  # a failed assertion above: let the take-over go
+            await tx.rollback()
+        await conn.close()
+    assert [(o.id, o.status) for o in await Store(pool).operations("g1")] == before_ops
+    assert await Store(pool).get("g1") == record
+    assert await pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NOT NULL") == 0
+
+
+async def test_a_take_over_waits_for_a_compare_and_swap_in_flight(old_leader, pool, database_url):
+    """The other order: the old leader's transaction locked the lease row (KEY SHARE) and the record in
+    its first statement; the take-over's FOR UPDATE waits for it to commit, so the old term's last
+    write is committed before the new term begins, never after."""
+    record = await Store(pool).get("g1")
+    gate = asyncio.Event()
+    inside = asyncio.Event()
+    original = old_leader._write  # noqa: SLF001
+
+    async def slow_write(*args, **kwargs):
+        inside.set()
+        await gate.wait()
+        return await original(*args, **kwargs)
+
+    old_leader._write = slow_write  # noqa: SLF001
+    cas = asyncio.create_task(old_leader.mark_stopped(record, container_id=None))
+    await asyncio.wait_for(inside.wait(), 5)
+    conn = await asyncpg.connect(database_url)
+    try:
+        take_over = asyncio.create_task(conn.fetchrow(
+            "SELECT holder FROM leader_leases WHERE instance = 'i' FOR UPDATE"))
+        assert await _blocked(take_over), "the take-over did not wait for the old term's write in flight"
+        gate.set()
+        await asyncio.wait_for(cas, 5)
+        await asyncio.wait_for(take_over, 5)
+    finally:
+        gate.set()
+        await conn.close()
+    assert (await Store(pool).get("g1")).generation == record.generation
