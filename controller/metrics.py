@@ -44,6 +44,13 @@ class Metrics:
                                             "From asking an engine for a turn to the turn generated",
                                             buckets=_LATENCY_BUCKETS + (600,), registry=r)
         self.paused = Gauge("rtmanager_games_paused", "Games whose turn clock is paused", registry=r)
+        self.turn_lateness = Gauge("rtmanager_turn_lateness_intervals",
+                                   "How many turn intervals the most overdue game (running, not paused, on a "
+                                   "schedule) is past its turn's due time, as of the last resync; 0 when none is",
+                                   registry=r)
+        self.turns_late = Gauge("rtmanager_turns_late_games",
+                                "Games whose scheduled turn is at least one whole interval past due, as of the "
+                                "last resync", registry=r)
         self.outbox_pending = Gauge("rtmanager_outbox_pending",
                                     "Outbox entries (results and snapshots) waiting to be published", registry=r)
         self.docker_calls = Counter("rtmanager_docker_api_calls_total", "Docker API calls by operation and result",
@@ -132,6 +139,18 @@ class Metrics:
         self.loop_restarts = Counter("rtmanager_loop_restarts_total",
                                      "Loops that ended unexpectedly and were started again after a backoff",
                                      ["loop"], registry=r)
+        # The intake's consumer group, per stream, measured by its maintenance pass (every few seconds).
+        self.stream_lag = Gauge("rtmanager_stream_lag", "Entries of a job stream not yet read by the consumer "
+                                "group (Redis's lag; not updated while Redis cannot tell it)", ["stream"], registry=r)
+        self.stream_pending = Gauge("rtmanager_stream_pending",
+                                    "Entries of a job stream read and not yet acknowledged", ["stream"], registry=r)
+        self.stream_oldest_seconds = Gauge("rtmanager_stream_oldest_unhandled_seconds",
+                                           "Age of the oldest entry of a job stream not handled yet (pending, or "
+                                           "not read yet); 0 when every entry is handled", ["stream"], registry=r)
+        self.crashes = Counter("rtmanager_engine_crashes_total",
+                               "Crashes of engines nobody asked to change (an exit, too long unreachable, a "
+                               "failed restart), by whether the crash policy gave the game up", ["given_up"],
+                               registry=r)
         self.failing_loops: dict[str, str] = {}  # loop -> its last error, while failing (/readyz)
 
     def loop_failed(self, loop: str, exc: BaseException) -> None:
