@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from desired.errors import TemporaryError
 from desired.leader import Fenced
@@ -23,6 +23,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_* (start time, CPU, memory, open files): a start time that keeps changing is rtmanager
+        # itself in a crash loop (deploy/prometheus/alerts.yml). Read from /proc at each scrape.
+        ProcessCollector(registry=r)
         self.reconciles = Counter("rtmanager_reconcile_total", "Reconciles by action and result",
                                   ["action", "result"], registry=r)
         self.reconcile_seconds = Histogram("rtmanager_reconcile_duration_seconds", "Time of one reconcile",
@@ -151,6 +154,8 @@ class Metrics:
                                "Crashes of engines nobody asked to change (an exit, too long unreachable, a "
                                "failed restart), by whether the crash policy gave the game up", ["given_up"],
                                registry=r)
+        for given_up in ("true", "false"):  # both exported from the start: increase() sees the first crash
+            self.crashes.labels(given_up)
         self.failing_loops: dict[str, str] = {}  # loop -> its last error, while failing (/readyz)
 
     def loop_failed(self, loop: str, exc: BaseException) -> None:
