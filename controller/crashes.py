@@ -66,6 +66,7 @@ class Crashes:
         if current is None or current.generation != record.generation:
             return AGAIN  # a job changed the desired state meanwhile: plan again instead
         new, verdict = await self.store.record_crash(current, crash, self.policy)
+        self.metrics.crashes.labels("true" if verdict.give_up else "false").inc()
         if verdict.give_up:
             log.error("giving up after %d crashes", verdict.count,
                       extra={"game_id": record.game_id, "exit_code": crash.exit_code})

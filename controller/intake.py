@@ -54,7 +54,7 @@ import time
 from controller.admission import Admission
 from controller.config import StreamSettings
 from controller.metrics import Metrics
-from controller.streams import Entry, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
+from controller.streams import Entry, GroupInfo, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
 from desired.jobs import ImageAllowlist, InvalidJob, Job, parse_control, parse_job, shown_game_id
 from desired.leader import Fence, Fenced
@@ -476,6 +476,16 @@ class Intake:
                                                 "attempts": attempts})
 
     # ------------------------------------------------------------ maintenance
+    def _measure(self, stream: str, info: GroupInfo) -> None:
+        """How far behind the intake is on ``stream``: entries not read, read and not acknowledged, and
+        the age of the oldest of them (from its id, the milliseconds Redis gave it when it was added)."""
+        if info.lag is not None:
+            self.metrics.stream_lag.labels(stream).set(info.lag)
+        self.metrics.stream_pending.labels(stream).set(info.pending)
+        oldest = [entry_key(e)[0] for e in (info.oldest_pending, info.oldest_unread) if e]
+        age = max(0.0, time.time() - min(oldest) / 1000) if oldest else 0.0
+        self.metrics.stream_oldest_seconds.labels(stream).set(age)
+
     async def maintain(self) -> None:
         """Store each stream's handled mark, then trim what lies below it (and outside the keep window)."""
         keep_floor = (int((time.time() - self.config.stream_keep) * 1000), 0)
@@ -483,6 +493,7 @@ class Intake:
             info = await self.redis_streams.group_info(stream)
             if info is None:
                 continue
+            self._measure(stream, info)
             if info.oldest_pending:
                 mark = previous_id(info.oldest_pending)
             else:

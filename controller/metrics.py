@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from desired.errors import TemporaryError
 from desired.leader import Fenced
@@ -23,6 +23,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_* (start time, CPU, memory, open files): a start time that keeps changing is rtmanager
+        # itself in a crash loop (deploy/prometheus/alerts.yml). Read from /proc at each scrape.
+        ProcessCollector(registry=r)
         self.reconciles = Counter("rtmanager_reconcile_total", "Reconciles by action and result",
                                   ["action", "result"], registry=r)
         self.reconcile_seconds = Histogram("rtmanager_reconcile_duration_seconds", "Time of one reconcile",
@@ -44,6 +47,13 @@ class Metrics:
                                             "From asking an engine for a turn to the turn generated",
                                             buckets=_LATENCY_BUCKETS + (600,), registry=r)
         self.paused = Gauge("rtmanager_games_paused", "Games whose turn clock is paused", registry=r)
+        self.turn_lateness = Gauge("rtmanager_turn_lateness_intervals",
+                                   "How many turn intervals the most overdue game (running, not paused, on a "
+                                   "schedule) is past its turn's due time, as of the last resync; 0 when none is",
+                                   registry=r)
+        self.turns_late = Gauge("rtmanager_turns_late_games",
+                                "Games whose scheduled turn is at least one whole interval past due, as of the "
+                                "last resync", registry=r)
         self.outbox_pending = Gauge("rtmanager_outbox_pending",
                                     "Outbox entries (results and snapshots) waiting to be published", registry=r)
         self.docker_calls = Counter("rtmanager_docker_api_calls_total", "Docker API calls by operation and result",
@@ -132,6 +142,20 @@ class Metrics:
         self.loop_restarts = Counter("rtmanager_loop_restarts_total",
                                      "Loops that ended unexpectedly and were started again after a backoff",
                                      ["loop"], registry=r)
+        # The intake's consumer group, per stream, measured by its maintenance pass (every few seconds).
+        self.stream_lag = Gauge("rtmanager_stream_lag", "Entries of a job stream not yet read by the consumer "
+                                "group (Redis's lag; not updated while Redis cannot tell it)", ["stream"], registry=r)
+        self.stream_pending = Gauge("rtmanager_stream_pending",
+                                    "Entries of a job stream read and not yet acknowledged", ["stream"], registry=r)
+        self.stream_oldest_seconds = Gauge("rtmanager_stream_oldest_unhandled_seconds",
+                                           "Age of the oldest entry of a job stream not handled yet (pending, or "
+                                           "not read yet); 0 when every entry is handled", ["stream"], registry=r)
+        self.crashes = Counter("rtmanager_engine_crashes_total",
+                               "Crashes of engines nobody asked to change (an exit, too long unreachable, a "
+                               "failed restart), by whether the crash policy gave the game up", ["given_up"],
+                               registry=r)
+        for given_up in ("true", "false"):  # both exported from the start: increase() sees the first crash
+            self.crashes.labels(given_up)
         self.failing_loops: dict[str, str] = {}  # loop -> its last error, while failing (/readyz)
 
     def loop_failed(self, loop: str, exc: BaseException) -> None:

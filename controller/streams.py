@@ -146,6 +146,8 @@ class GroupInfo:
     pending: int
     oldest_pending: str | None = None
     consumers: dict[str, int] = field(default_factory=dict)
+    lag: int | None = None  # entries not read by the group yet; None when Redis cannot tell (after deletions)
+    oldest_unread: str | None = None  # the id of the first entry not read yet, when there is one
 
 
 @translating(_translate)
@@ -188,7 +190,13 @@ class RedisStreams:
             raise
         for g in groups:
             if _text(g["name"]) == self.group:
-                info = GroupInfo(last_delivered=_text(g["last-delivered-id"]), pending=int(g["pending"]))
+                lag = g.get("lag")
+                info = GroupInfo(last_delivered=_text(g["last-delivered-id"]), pending=int(g["pending"]),
+                                 lag=None if lag is None else int(lag))
+                if info.lag is None or info.lag > 0:
+                    first = await self.client.xrange(stream, f"({info.last_delivered}", "+", count=1)
+                    first_id = first[0][0] if first else None
+                    info.oldest_unread = _text(first_id) if first_id is not None else None
                 if info.pending:
                     summary = await self.client.xpending(stream, self.group)
                     info.oldest_pending = _text(summary["min"]) if summary.get("min") else None

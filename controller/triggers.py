@@ -103,6 +103,9 @@ class Resync:
             self.metrics.records.labels(status).set(count)
         self.metrics.paused.set(sum(1 for r in records if r.paused and r.status.is_up))
         self.metrics.outbox_pending.set(await self.store.unpublished_count())
+        worst, late = await self.store.turn_lateness()
+        self.metrics.turn_lateness.set(worst)
+        self.metrics.turns_late.set(late)
         return queued
 
     async def run(self, stopping: asyncio.Event) -> None:

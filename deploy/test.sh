@@ -14,7 +14,8 @@ STEPS_NAME=test
 
 tools() {
   local pkgs=()
-  # The metrics test scrapes rtmanager with a real Prometheus server (Debian's package).
+  # The metrics test scrapes rtmanager with a real Prometheus server (Debian's package), whose
+  # promtool tests the alert rules (tests/integration/test_alert_rules.py).
   command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
   # libfaketime runs a replica whose wall clock is behind (tests/e2e/test_production_events.py).
   ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || pkgs+=(faketime)

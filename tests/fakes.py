@@ -31,6 +31,7 @@ from desired.clock import ManualClock
 from desired.errors import Conflict, NotFound, StoreUnavailable, UniqueViolation
 from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, actor_of, decide, replaces
 from desired.model import (
+    MAX_TURN,
     DesiredStatus,
     ErrorCode,
     JobKind,
@@ -228,7 +229,9 @@ class FakeStreams:
         if s is None or not s.has_group:
             return None
         oldest = min(s.pending, key=entry_key) if s.pending else None
-        return GroupInfo(last_delivered=s.last_delivered, pending=len(s.pending), oldest_pending=oldest)
+        unread = [eid for eid, _ in s.entries if entry_key(eid) > entry_key(s.last_delivered)]
+        return GroupInfo(last_delivered=s.last_delivered, pending=len(s.pending), oldest_pending=oldest,
+                         lag=len(unread), oldest_unread=min(unread, key=entry_key) if unread else None)
 
     async def trim_below(self, stream: str, min_id: str) -> int:
         self._check("trim_below", stream, min_id)
@@ -637,6 +640,19 @@ class FakeStore:
 
     async def unpublished_count(self) -> int:
         return sum(1 for r in self.results if not r["published"])
+
+    async def turn_lateness(self) -> tuple[float, int]:
+        """As desired/db/transitions.py: intervals past the due time of the games that should turn."""
+        now = self.clock.now()
+        lates = []
+        for r in self.records.values():
+            if (r.turn_interval <= 0 or r.paused or r.desired_status is not DesiredStatus.RUNNING
+                    or r.status not in (Status.RUNNING, Status.GENERATION_IN_PROGRESS) or r.admin_api is not True
+                    or (r.turn is not None and r.turn >= MAX_TURN)):
+                continue
+            since = max(r.last_turn_at or r.clock_from or r.created_at, r.clock_from or r.created_at)
+            lates.append(((now - since).total_seconds() - r.turn_interval) / r.turn_interval)
+        return max([0.0, *lates]), sum(1 for late in lates if late >= 1)
 
     async def claim_identity(self, instance: str) -> Identity:
         return Identity(instance=instance, uid="fake-database", claimed_at=T0)

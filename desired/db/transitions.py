@@ -28,6 +28,11 @@ from desired.model import (
 from desired.policy import CrashPolicy, CrashVerdict, next_crash
 from desired.values import KEEP, Crash, Finish, ReconcilerNote
 
+# When a game's next scheduled turn is due: its interval after its last turn, or after it was started
+# or resumed (clock_from) when that is later. The due-turns query and turn_lateness share it.
+TURN_DUE_AT = ("(greatest(coalesce(last_turn_at, clock_from, created_at), coalesce(clock_from, created_at))"
+               " + make_interval(secs => turn_interval))")
+
 
 @translating
 class Transitions(StoreBase):
@@ -121,8 +126,7 @@ class Transitions(StoreBase):
         yet, and asking for the next one then would move the generation on before its jobs are
         answered, on every turn of a loaded controller (observed at 1,000 games)."""
         rows = await self.pool.fetch(
-            "SELECT game_id, extract(epoch FROM greatest(coalesce(last_turn_at, clock_from, created_at),"
-            " coalesce(clock_from, created_at)) + make_interval(secs => turn_interval) - now())::float8 AS due_in"
+            f"SELECT game_id, extract(epoch FROM {TURN_DUE_AT} - now())::float8 AS due_in"
             " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
             " AND status = 'running' AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
             f" AND (turn IS NULL OR turn < {MAX_TURN})"  # at the largest turn there is no next one
@@ -130,6 +134,21 @@ class Transitions(StoreBase):
         due = [r["game_id"] for r in rows if r["due_in"] <= 0]
         later = [r["due_in"] for r in rows if r["due_in"] > 0]
         return due, (min(later) if later else None)
+
+    async def turn_lateness(self) -> tuple[float, int]:
+        """How late the turns of the games that should be turning are, in one aggregate query (for
+        ``rtmanager_turn_lateness_intervals``): the largest lateness in whole turn intervals past the
+        due time of the due-turns query (0 when no game is late), and how many games are at least
+        one interval late. Unlike the due-turns query it counts a game whose turn was asked and is
+        not generated yet (a queue behind, a generation that hangs): those are late too."""
+        row = await self.pool.fetchrow(
+            "SELECT coalesce(max(late), 0)::float8 AS worst, count(*) FILTER (WHERE late >= 1) AS late"
+            f" FROM (SELECT extract(epoch FROM now() - {TURN_DUE_AT}) / turn_interval AS late"
+            " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
+            " AND status IN ('running', 'generation_in_progress') AND admin_api IS TRUE"
+            f" AND (turn IS NULL OR turn < {MAX_TURN})) AS games")
+        assert row is not None
+        return max(0.0, float(row["worst"])), int(row["late"])
 
     async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
         return await self._transition(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id),

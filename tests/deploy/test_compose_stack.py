@@ -263,6 +263,14 @@ def test_start_job_through_the_compose_stack(stack: Stack) -> None:
              lambda: stack.prom_value('up{job="rtmanager"}') == "1", timeout=90, interval=1)
     wait_for("rtmanager_leader scraped by Prometheus",
              lambda: stack.prom_value('rtmanager_leader{job="rtmanager"}') == "1", timeout=60, interval=1)
+    # It loaded the alert rules (deploy/prometheus/alerts.yml) and evaluates every one of them.
+    def alert_rules() -> list[dict]:
+        status, body = http_get(f"http://127.0.0.1:{stack.prom_port}/api/v1/rules?type=alert")
+        return [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]] if status == 200 else []
+
+    wait_for("the alert rules loaded and evaluated",
+             lambda: (lambda rules: "RtmanagerNoLeader" in {r["name"] for r in rules}
+                      and all(r["health"] == "ok" for r in rules))(alert_rules()), timeout=60, interval=1)
 
     # A stop job stops the engine and is answered.
     stop = stack.redis_cli("XADD", "runtime:stop_jobs", "*", "game_id", game, "reason", "finished")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import ControllerProcess, ResultReader, eventually_sync, free_port, migrate
+from tests.support import ROOT, ControllerProcess, ResultReader, eventually_sync, free_port, migrate
 
 PROMETHEUS_WAIT = 240.0  # the binary may still be being installed when the suite starts
 
@@ -86,6 +86,7 @@ def test_prometheus_scrapes_rtmanager_metrics(rtm_env, tmp_path: Path, unique):
             "global:\n"
             "  scrape_interval: 1s\n"
             "  evaluation_interval: 1s\n"
+            f"rule_files: ['{ROOT / 'deploy' / 'prometheus' / 'alerts.yml'}']\n"
             "scrape_configs:\n"
             "  - job_name: rtmanager\n"
             "    scrape_interval: 1s\n"
@@ -127,6 +128,17 @@ def test_prometheus_scrapes_rtmanager_metrics(rtm_env, tmp_path: Path, unique):
         assert up["value"][1] == "1", up
         published = query(prom, 'sum(rtmanager_results_published_total{outcome="success"})')
         assert published and float(published[0]["value"][1]) >= 1, published
+
+        # The alert rules (deploy/prometheus/alerts.yml) evaluate against the real series, and none
+        # fires on this healthy controller.
+        def rules_evaluated():
+            groups = get_json(f"{prom}/api/v1/rules?type=alert")["data"]["groups"]
+            rules = [rule for g in groups for rule in g["rules"]]
+            return rules if rules and all(rule["health"] == "ok" for rule in rules) else None
+
+        rules = wait_until(rules_evaluated, 10, "the alert rules evaluated", prom_details)
+        assert "RtmanagerTurnsLate" in {rule["name"] for rule in rules}
+        assert [rule["name"] for rule in rules if rule["state"] == "firing"] == [], rules
     finally:
         if prom_proc is not None and prom_proc.poll() is None:
             prom_proc.terminate()
