@@ -13,7 +13,7 @@ import os
 
 from controller.tokens import Role
 
-READ, OPERATE, ADMIN = Role.READ, Role.OPERATE, Role.ADMIN
+READ, OPERATE, ADMIN, GATEWAY = Role.READ, Role.OPERATE, Role.ADMIN, Role.GATEWAY
 _GAME = "/api/v1/runtimes/{game_id}"
 _VERSIONS = "/api/v1/admin/engine-versions"
 
@@ -50,6 +50,10 @@ ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("POST", "/api/v1/rollouts/{rollout_id}/pause"): ADMIN,
     ("POST", "/api/v1/rollouts/{rollout_id}/resume"): ADMIN,
     ("POST", "/api/v1/rollouts/{rollout_id}/abort"): ADMIN,
+    # The engine proxy (controller/engine_proxy.py). Its status is a read: it changes nothing, and says
+    # what the record's turn and phase say, only fresher; the admin token it is asked with stays inside.
+    ("GET", _GAME + "/engine/status"): READ,
+    **{(method, _GAME + "/engine/proxy/{path}"): GATEWAY for method in ("GET", "POST", "PUT", "PATCH", "DELETE")},
 }
 
 
@@ -58,6 +62,14 @@ def markdown() -> str:
     rows = ["| call | role |", "|---|---|"]
     rows += [f"| `{method} {path}` | `{role.label}` |" for (method, path), role in ROUTE_ROLES.items()]
     return "\n".join(rows) + "\n"
+
+
+def allows(role: Role, needed: Role) -> bool:
+    """Whether a token of ``role`` may call a route that needs ``needed``: the gateway role and its
+    routes only go together; otherwise a role may do what the ones below it may."""
+    if role is GATEWAY or needed is GATEWAY:
+        return role is needed
+    return role >= needed
 
 
 def required_role(method: str, path: str) -> Role | None:

@@ -33,6 +33,7 @@ from controller.admission import Admission
 from controller.config import Settings
 from controller.config_table import Backend
 from controller.drains import Drainer
+from controller.engine_proxy import ProxySettings
 from controller.http import OFF_GAME_NETWORK, HttpDeps, HttpServer
 from controller.intake import Intake
 from controller.leadership import Leadership
@@ -44,6 +45,7 @@ from controller.rollouts import RolloutLoop
 from controller.storage import StorageRound
 from controller.streams import RedisStreams
 from controller.triggers import HealthRound, Readiness, Resync, TurnClock
+from controller.turns import probe_host
 from controller.workqueue import WorkQueue
 from desired.clock import Clock
 from desired.db.lease import Lease
@@ -53,6 +55,7 @@ from desired.db.pool import connect, create_pool
 from desired.db.store import Store
 from desired.errors import StoreError, StoreUnavailable
 from desired.leader import Fence, Fenced
+from desired.model import RuntimeRecord
 from desired.values import Identity, WrongInstance
 from desired.wakeup import Signal
 from observed.backend import EventSource, RuntimeBackend
@@ -68,6 +71,7 @@ RESTART_RESET = 60.0  # a task that ran this long before it ended starts again a
 SELF_REPORTING = {"leadership", "intake", "relay", "resync", "health", "turn-clock", "rollouts",
                   "drains"}  # call Metrics.loop_ok
 STARTUP_WAIT = 60.0
+ENGINE_ADDRESS_TTL = 2.0  # seconds the engine proxy trusts a unit's address it looked up
 
 
 class Controller:
@@ -101,6 +105,7 @@ class Controller:
         self.outbox = Signal()  # raised by every commit that writes results or snapshots
         self.events: EventSource | None = None
         self._restart_delay: dict[str, float] = {}
+        self._engine_addresses: dict[str, tuple[float, str | None]] = {}  # unit id -> (when seen, address)
 
     # ---------------------------------------------------------------- wiring
     def _queue_changed(self, q: WorkQueue) -> None:
@@ -127,6 +132,27 @@ class Controller:
     async def _pull_image(self, image: str) -> None:
         with backend_errors():
             await self.backend.ensure_image(image)
+
+    async def _locate_engine(self, record: RuntimeRecord) -> str | None:
+        """Where the engine proxy reaches a game's engine: its unit's address as the health probe takes it
+        (None: the unit does not run). Remembered for ENGINE_ADDRESS_TTL per unit, so that a gateway's
+        traffic is not one daemon call per request; a replaced unit has another id."""
+        unit = record.current_container_id
+        if not unit:
+            return None
+        now = asyncio.get_running_loop().time()
+        cached = self._engine_addresses.get(unit)
+        if cached is not None and now - cached[0] < ENGINE_ADDRESS_TTL:
+            return cached[1]
+        try:
+            seen = await self.backend.inspect(unit)
+        except ObservedError:
+            return None
+        host = probe_host(record.game_id, seen.address) if seen is not None and seen.running else None
+        if len(self._engine_addresses) >= 4096:
+            self._engine_addresses.clear()
+        self._engine_addresses[unit] = (now, host)
+        return host
 
     async def _relay_check(self) -> None:
         """/readyz: the leader's relay finishes its passes (a standby runs none)."""
@@ -200,7 +226,10 @@ class Controller:
             drains=self.store, backend=s.runtime.backend.value, state_shared=s.storage.state_shared,
             drains_changed=self.drainer.wake.set, drain_nodes=swarm_nodes,
             rollouts=self.store, rollout_wake=self.rollouts.wake.set, watch=self.store,
-            version_registry=s.images.version_policy == "registry"))
+            version_registry=s.images.version_policy == "registry",
+            engine=self.engine, locate_engine=self._locate_engine,
+            engine_proxy=ProxySettings(admin_path=s.engine.admin_path, max_body=s.engine.proxy_max_body,
+                                       timeout=s.engine.proxy_timeout)))
         if s.http.api_tokens_file:  # SIGHUP: read RTMANAGER_API_TOKENS_FILE again now (it is polled too)
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.http.tokens.reload)
             self._sighup = True

@@ -164,6 +164,11 @@ class EngineSettings:
     health_path: str = setting("RTMANAGER_ENGINE_HEALTH_PATH", "/healthz", URL_PATH, "the engine's health path")
     admin_path: str = setting("RTMANAGER_ENGINE_ADMIN_PATH", "/admin/v1", URL_PATH, "path prefix of the engine's "
                               "admin API (status, turns); the stub engine serves it at `/cgi-bin/admin/v1`")
+    proxy_max_body: int = setting("RTMANAGER_ENGINE_PROXY_MAX_BODY", "1m", size(1, "must be a size such as 1m"),
+                                  "largest request body, and largest answer, of the engine pass-through "
+                                  "(`/api/v1/runtimes/{game_id}/engine/proxy/...`)")
+    proxy_timeout: float = setting("RTMANAGER_ENGINE_PROXY_TIMEOUT", "10", number(0.1, 3600), "seconds one "
+                                   "exchange of the engine pass-through may take, its answer streamed included")
     engine_state_dir: str = setting("RTMANAGER_ENGINE_STATE_DIR", "/var/lib/galaxy-engine", ABSPATH,
                                     "mount point of the state directory in the engine")
     start_timeout: float = setting("RTMANAGER_START_TIMEOUT", "30", number(0.1, 3600), "seconds for a started "

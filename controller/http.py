@@ -29,10 +29,11 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller.access import required_role
+from controller.access import allows, required_role
 from controller.admission import Admission
 from controller.config import ConfigError, HttpSettings
 from controller.drains_api import DrainApi
+from controller.engine_proxy import EngineRoutes, ProxySettings
 from controller.metrics import Metrics
 from controller.openapi import ACTOR_PATTERN, FORCEABLE, LOG_OPS, MAX_ACTOR, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
@@ -65,6 +66,7 @@ from desired.paging import InvalidPage, encode_cursor, parse_page
 from desired.ports import DrainStore, RolloutAdminStore, SurfaceStore, WatchStore
 from desired.values import VersionInUse
 from desired.versions import MAX_NOTES, MAX_STOP_GRACE, VERSION_PATTERN, EngineVersion, VersionStatus, valid_stop_grace
+from observed.engine import EngineClient
 
 log = logging.getLogger("rtmanager.http")
 
@@ -136,6 +138,11 @@ class HttpDeps:
     version_registry: bool = False  # RTMANAGER_VERSION_POLICY=registry
     watch: WatchStore | None = None  # GET /api/v1/events (controller/watch_http.py), on every replica
     tokens: TokenSource | None = None  # None: read from RTMANAGER_API_TOKENS_FILE and RTMANAGER_API_TOKEN
+    # The engine proxy (controller/engine_proxy.py): the engine client, its limits, and where a game's
+    # engine answers (None: its unit does not run). Without them the engine routes answer 503.
+    engine: EngineClient | None = None
+    engine_proxy: ProxySettings | None = None
+    locate_engine: Callable[[RuntimeRecord], Awaitable[str | None]] | None = None
 
 
 def actor(request: web.Request) -> str:
@@ -180,6 +187,7 @@ class HttpServer:
         self.watch = WatchRoutes(deps.watch, deps.results_changed, deps.metrics)
         self.watch.add(app)
         RolloutRoutes(deps, actor).add(app.router)
+        EngineRoutes(deps.store, deps.engine, deps.engine_proxy, deps.locate_engine).add(app)
         self.app = app
 
     async def start(self, game_subnets: list[str] | None = None) -> None:
@@ -240,7 +248,7 @@ class HttpServer:
                 canonical = request.match_info.route.resource.canonical if request.match_info.route.resource \
                     else request.path
                 needed = required_role(request.method, canonical)
-                if needed is None or token.role < needed:
+                if needed is None or not allows(token.role, needed):
                     what = needed.label if needed is not None else "a role no token has"
                     return _error(403, f"token {token.name} has the role {token.role.label}; "
                                        f"{request.method} {canonical} needs {what}")

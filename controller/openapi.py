@@ -14,7 +14,9 @@ from typing import Any
 
 from controller.access import required_role
 from controller.drains_api import openapi_parts
+from controller.engine_openapi import engine_paths
 from controller.rollouts_openapi import rollout_paths, rollout_schemas
+from controller.tokens import Role
 from controller.watch_openapi import watch_paths
 from desired.jobs import MAX_IMAGE_REF, MAX_REQUESTED_BY, MAX_TURN_INTERVAL
 from desired.model import (
@@ -252,6 +254,7 @@ def openapi_document() -> dict[str, Any]:
     paths.update(drain_paths)
     paths.update(rollout_paths())
     paths.update(watch_paths())
+    paths.update(engine_paths())
 
     result_props = {
         "game_id": {"type": "string"}, "outcome": _enum(Outcome), "container_id": {"type": "string"},
@@ -263,7 +266,9 @@ def openapi_document() -> dict[str, Any]:
     for path, methods in paths.items():  # every route: its role, and 403 for a token without it
         for method, operation in methods.items():
             role = required_role(method.upper(), path)
-            needs = f"Needs a token with the role {role.label} or above." if role else "No token may call this."
+            needs = ("No token may call this." if role is None else
+                     f"Only a token with the role {role.label} may call this." if role is Role.GATEWAY else
+                     f"Needs a token with the role {role.label} or above.")
             operation["description"] = f"{operation['description']} {needs}" if "description" in operation else needs
             operation["responses"].setdefault("403", {"$ref": "#/components/responses/Forbidden"})
     return {
@@ -271,7 +276,8 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "rtmanager internal API", "version": "1",
                  "description": "Runtime Manager of the Galaxy platform. Every /api/v1 call needs "
                                 "`Authorization: Bearer <token>`: RTMANAGER_API_TOKEN (admin) or a named token of "
-                                "RTMANAGER_API_TOKENS_FILE whose role (read, operate, admin) the route allows "
+                                "RTMANAGER_API_TOKENS_FILE whose role (read, operate, admin; gateway for the engine "
+                                "pass-through only) the route allows "
                                 "(403 otherwise). Each route's role is in its description."},
         "paths": paths,
         "security": [{"bearer": []}],

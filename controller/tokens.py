@@ -2,6 +2,8 @@
 
 A token is ``name role secret``: ``read`` reads, ``operate`` also submits jobs to games, ``admin``
 also changes the engine-version registry, rollouts and drains, and removes games (cleanup).
+``gateway`` stands apart: it reaches the engine pass-through (controller/engine_proxy.py) and nothing
+else, and no other role reaches the pass-through (controller/access.py, ``allows``).
 They come from
 
 * ``RTMANAGER_API_TOKENS_FILE``: one token a line, ``NAME ROLE TOKEN`` or ``NAME ROLE sha256:HEX``
@@ -39,8 +41,10 @@ DEFAULT_NAME = "default"  # RTMANAGER_API_TOKEN's name
 
 
 class Role(enum.IntEnum):
-    """Ordered: each role may do what the ones below it may."""
+    """Ordered from READ up: each of those may do what the ones below it may. GATEWAY is outside
+    the order (``controller.access.allows``): it is below READ only so that ``<`` never lets it in."""
 
+    GATEWAY = 0
     READ = 1
     OPERATE = 2
     ADMIN = 3
@@ -54,7 +58,7 @@ class Role(enum.IntEnum):
         for role in cls:
             if raw == role.label:
                 return role
-        raise InvalidTokens(f"role {raw[:20]!r} is not one of read, operate, admin")
+        raise InvalidTokens(f"role {raw[:20]!r} is not one of read, operate, admin, gateway")
 
 
 class InvalidTokens(ValueError):
@@ -93,7 +97,7 @@ def _entry(name: Any, role: Any, token: Any, hashed: Any) -> Token:
         raise InvalidTokens("a token name must be 1-64 characters of A-Z a-z 0-9 . _ @ : - (a letter or digit "
                             "first)")
     if not isinstance(role, str):
-        raise InvalidTokens(f"token {name}: the role must be read, operate or admin")
+        raise InvalidTokens(f"token {name}: the role must be read, operate, admin or gateway")
     return Token(name, Role.parse(role), _secret_digest(name, token, hashed))
 
 

@@ -130,6 +130,10 @@ class EngineClient:
         """``host`` (the engine port) or ``host:port`` (a port published on a node)."""
         return address if ":" in address else f"{address}:{self.port}"
 
+    def netloc(self, address: str) -> str:
+        """Where an engine at ``address`` (a probe address) answers: ``host:port`` (the engine proxy's)."""
+        return self._netloc(address)
+
     # ------------------------------------------------------------------ health
     async def check(self, host: str) -> tuple[bool, str]:
         """One health attempt: (healthy, detail). The body is never read past a few KiB."""

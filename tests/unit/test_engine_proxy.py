@@ -1,0 +1,280 @@
+"""The engine proxy (controller/engine_proxy.py) in process: the path normalisation table, the role
+table of the gateway, and the pass-through against a small engine of aiohttp's on 127.0.0.1 (headers,
+streamed bodies, the body limits, the time limit, a game that is not running)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from controller.access import ROUTE_ROLES, allows
+from controller.admission import Admission
+from controller.config import HttpSettings
+from controller.engine_proxy import PROXY_ROUTE, STATUS_ROUTE, PathRefused, ProxySettings, engine_path
+from controller.http import HttpDeps, HttpServer
+from controller.metrics import Metrics
+from controller.tokens import Role
+from desired.jobs import ImageAllowlist
+from desired.model import RuntimeRecord, Status
+from observed.engine import EngineClient
+from tests.fakes import FakeStore, defaults
+from tests.unit.test_model import make_record
+
+ADMIN_PATH = "/admin/v1"
+GATEWAY = "g" * 16 + "-gateway-secret"
+READER = "r" * 16 + "-reader-secret"
+ADMIN = "a" * 16 + "-admin-secret"
+ENGINE_TOKEN = "e" * 32
+LIMIT = 100_000
+
+
+# ------------------------------------------------------------------ the path table
+
+@pytest.mark.parametrize(("tail", "forwarded"), [
+    ("", "/"),
+    ("games/1/map", "/games/1/map"),
+    ("a//b/./c/", "/a/b/c"),
+    ("a%20b", None),                       # a space: refused below
+    ("caf%C3%A9", "/caf%C3%A9"),
+    ("x;v=1", "/x;v=1"),
+    ("admin", "/admin"),                   # not the admin path: a sibling
+    ("admin/v10", "/admin/v10"),
+    ("administrator/v1", "/administrator/v1"),
+])
+def test_a_plain_path_goes_through_as_checked(tail: str, forwarded: str | None) -> None:
+    if forwarded is None:
+        with pytest.raises(PathRefused):
+            engine_path(tail, ADMIN_PATH)
+    else:
+        assert engine_path(tail, ADMIN_PATH) == forwarded
+
+
+ESCAPES = [
+    ("admin/v1/status", 403), ("admin/v1", 403), ("admin/v1/", 403), ("ADMIN/V1/turns", 403),
+    ("Admin/v1/status", 403), ("/admin/v1/status", 403), ("admin//v1/status", 403), ("./admin/v1/status", 403),
+    ("admin/./v1/status", 403), ("%61dmin/v1/status", 403), ("admin%2Fv1/status", 400), ("admin%2fv1/status", 400),
+    ("admin%5Cv1/status", 400), ("admin\\v1/status", 400), ("x/../admin/v1/status", 400), ("x/%2E%2E/admin/v1", 400),
+    ("%2e%2e/admin/v1", 400), ("x/..;/admin/v1", 400), ("admin;x=1/v1/status", 403), ("admin/v1;x/status", 403),
+    ("%2561dmin/v1/status", 400), ("admin%252Fv1/status", 400), ("admin%00/v1/status", 400), ("..", 400),
+    ("admin/v1%09/status", 400), ("admin/v1%20/status", 400), ("...", 400),
+]
+
+
+@pytest.mark.parametrize(("tail", "status"), ESCAPES)
+def test_no_path_reaches_the_admin_api(tail: str, status: int) -> None:
+    with pytest.raises(PathRefused) as refused:
+        engine_path(tail, ADMIN_PATH)
+    assert refused.value.status == status
+
+
+def test_a_nested_admin_path_is_compared_by_segments() -> None:
+    with pytest.raises(PathRefused):
+        engine_path("CGI-BIN/admin/v1/turns", "/cgi-bin/admin/v1")
+    assert engine_path("cgi-bin/admin/v2/turns", "/cgi-bin/admin/v1") == "/cgi-bin/admin/v2/turns"
+
+
+# ------------------------------------------------------------------ the roles
+
+def test_the_gateway_reaches_the_pass_through_and_nothing_else() -> None:
+    for (method, path), needed in ROUTE_ROLES.items():
+        through = path == PROXY_ROUTE.replace("{game_id}", "{game_id}")
+        assert allows(Role.GATEWAY, needed) is through, (method, path)
+        for role in (Role.READ, Role.OPERATE, Role.ADMIN):
+            assert allows(role, needed) is (not through and role >= needed), (role, method, path)
+    assert ROUTE_ROLES[("GET", STATUS_ROUTE)] is Role.READ
+
+
+# ------------------------------------------------------------------ in process
+
+def engine_app(seen: list[dict[str, Any]]) -> web.Application:
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append({"method": request.method, "path": request.raw_path, "headers": dict(request.headers),
+                     "body": body})
+        return web.json_response({"method": request.method, "path": request.raw_path, "length": len(body)},
+                                 headers={"Connection": "close, X-Hop", "X-Hop": "1", "X-Engine": "yes",
+                                          "Keep-Alive": "timeout=5"})
+
+    async def status(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {ENGINE_TOKEN}":
+            return web.json_response({"error": "no"}, status=401)
+        return web.json_response({"turn": 4, "phase": "idle", "last_generation": {"turn": 4, "ok": True,
+                                                                                   "error": ""}})
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse()
+        await out.prepare(request)
+        for _ in range(LIMIT // 10_000 + 5):
+            await out.write(b"x" * 10_000)
+        await out.write_eof()
+        return out
+
+    async def announced(request: web.Request) -> web.Response:
+        return web.Response(body=b"y" * (LIMIT + 1))
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        out = web.StreamResponse()
+        await out.prepare(request)
+        await out.write(b"begun")
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    app = web.Application()
+    app.router.add_get(ADMIN_PATH + "/status", status)
+    app.router.add_get("/big", big)
+    app.router.add_get("/announced", announced)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/stalls", stalls)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+class Proxy:
+    def __init__(self, tmp_path: Path, engine_port: int) -> None:
+        tokens = tmp_path / "tokens"
+        tokens.write_text(f"gw gateway {GATEWAY}\nreader read {READER}\nboss admin {ADMIN}\n")
+        self.store = FakeStore()
+        self.engine_port = engine_port
+        self.engine = EngineClient(port=engine_port, path="/healthz", admin_path=ADMIN_PATH, admin_timeout=1.0)
+        http = HttpSettings(http_port=0, http_host="127.0.0.1", api_token="", api_tokens_file=str(tokens))
+
+        async def ready() -> dict[str, str]:
+            return {}
+
+        self.server = HttpServer(HttpDeps(
+            http=http, allowlist=ImageAllowlist("galaxy/engine:*"), store=self.store,  # type: ignore[arg-type]
+            admission=Admission(self.store, defaults(), wake=lambda g: None), metrics=Metrics(),
+            is_leader=lambda: True, readiness=ready, results_changed=asyncio.Event, engine=self.engine,
+            engine_proxy=ProxySettings(admin_path=ADMIN_PATH, max_body=LIMIT, timeout=0.5),
+            locate_engine=self.locate))
+        self.client = TestClient(TestServer(self.server.app))
+
+    async def locate(self, record: RuntimeRecord) -> str | None:
+        return f"127.0.0.1:{self.engine_port}" if record.current_container_id else None
+
+    def game(self, game_id: str, status: Status) -> None:
+        self.store.records[game_id] = dataclasses.replace(make_record(status), game_id=game_id,
+                                                          admin_token=ENGINE_TOKEN)
+
+    async def raw(self, target: str, token: str = GATEWAY) -> int:
+        """The status of a GET of this request target sent byte for byte (no client normalises it)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.client.port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        line = await reader.readline()
+        writer.close()
+        return int(line.split()[1])
+
+    async def call(self, method: str, path: str, token: str = GATEWAY, **kw: Any) -> tuple[int, bytes, Any]:
+        headers = {"Authorization": f"Bearer {token}", **kw.pop("headers", {})}
+        async with self.client.request(method, path, headers=headers, skip_auto_headers=["Accept-Encoding"],
+                                       **kw) as resp:
+            return resp.status, await resp.read(), resp.headers
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path) -> Any:
+    seen: list[dict[str, Any]] = []
+    engine = TestServer(engine_app(seen), host="127.0.0.1")
+    await engine.start_server()
+    p = Proxy(tmp_path, engine.port or 0)
+    p.seen = seen  # type: ignore[attr-defined]
+    p.game("g1", Status.RUNNING)
+    await p.client.start_server()
+    yield p
+    await p.client.close()
+    await p.engine.close()
+    await engine.close()
+
+
+async def test_a_get_and_a_post_reach_the_engine_without_the_callers_token(proxy: Proxy) -> None:
+    status, body, headers = await proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/games/1//map?x=1&y=a%26b",
+                                             headers={"Connection": "X-Secret", "X-Secret": "s", "X-Keep": "k",
+                                                      "Proxy-Authorization": "p", "TE": "trailers"})
+    assert status == 200, body
+    assert json.loads(body) == {"method": "GET", "path": "/games/1/map?x=1&y=a%26b", "length": 0}
+    assert headers["X-Engine"] == "yes" and "X-Hop" not in headers and "Keep-Alive" not in headers
+    sent = proxy.seen[-1]["headers"]  # type: ignore[attr-defined]
+    assert sent["X-Keep"] == "k"
+    for gone in ("Authorization", "X-Secret", "Proxy-Authorization", "TE"):
+        assert gone not in sent, gone
+    payload = b"z" * (LIMIT - 1)
+    status, body, _ = await proxy.call("POST", "/api/v1/runtimes/g1/engine/proxy/orders", data=payload,
+                                       headers={"Content-Type": "application/octet-stream"})
+    assert status == 200 and json.loads(body) == {"method": "POST", "path": "/orders", "length": LIMIT - 1}
+    assert proxy.seen[-1]["body"] == payload  # type: ignore[attr-defined]
+
+
+async def test_the_status_is_the_engines_asked_with_the_games_token(proxy: Proxy) -> None:
+    status, body, _ = await proxy.call("GET", "/api/v1/runtimes/g1/engine/status", token=READER)
+    assert status == 200, body
+    assert json.loads(body) == {"game_id": "g1", "turn": 4, "phase": "idle",
+                                "last_generation": {"turn": 4, "ok": True, "error": ""}}
+    assert ENGINE_TOKEN.encode() not in body
+
+
+async def test_the_admin_path_is_refused_before_the_engine_is_asked(proxy: Proxy) -> None:
+    for tail, want in ESCAPES:
+        assert await proxy.raw(f"/api/v1/runtimes/g1/engine/proxy/{tail}") == want, tail
+    # climbing out of the pass-through: refused, or another route, which the gateway may not call
+    assert await proxy.raw("/api/v1/runtimes/g1/engine/proxy/../status") in (400, 403)
+    assert await proxy.raw("/api/v1/runtimes/g1/engine/proxy/%2E%2E/status") in (400, 403)
+    assert not proxy.seen  # type: ignore[attr-defined]
+
+
+async def test_bodies_over_the_limit_are_refused_or_cut(proxy: Proxy) -> None:
+    status, _, _ = await proxy.call("POST", "/api/v1/runtimes/g1/engine/proxy/orders", data=b"z" * (LIMIT + 1))
+    assert status == 413
+
+    async def chunks():  # no Content-Length: counted while it streams
+        for _ in range(LIMIT // 10_000 + 2):
+            yield b"z" * 10_000
+
+    status, _, _ = await proxy.call("POST", "/api/v1/runtimes/g1/engine/proxy/orders", data=chunks())
+    assert status == 413
+    status, _, _ = await proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/announced")
+    assert status == 502
+    with pytest.raises(aiohttp.ClientPayloadError):  # cut off: never a complete-looking answer
+        await proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/big")
+
+
+async def test_a_slow_engine_is_a_504_and_a_stalled_answer_is_cut(proxy: Proxy) -> None:
+    status, _, _ = await proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/slow")
+    assert status == 504
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/stalls")
+
+
+async def test_only_a_running_game_is_reached(proxy: Proxy) -> None:
+    assert (await proxy.call("GET", "/api/v1/runtimes/nope/engine/proxy/x"))[0] == 404
+    assert (await proxy.call("GET", "/api/v1/runtimes/nope/engine/status", token=READER))[0] == 404
+    for st in (Status.STOPPED, Status.STARTING, Status.ENGINE_UNREACHABLE):
+        proxy.game("g2", st)
+        status, body, _ = await proxy.call("GET", "/api/v1/runtimes/g2/engine/proxy/x")
+        assert status == 409 and json.loads(body)["status"] == st.value, body
+    proxy.game("g3", Status.STOPPED)
+    status, body, _ = await proxy.call("GET", "/api/v1/runtimes/g3/engine/status", token=READER)
+    assert status == 409 and json.loads(body)["status"] == "stopped"
+
+
+async def test_the_roles_are_enforced_on_the_wire(proxy: Proxy) -> None:
+    for token in (READER, ADMIN):
+        assert (await proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/x", token=token))[0] == 403
+        assert (await proxy.call("POST", "/api/v1/runtimes/g1/engine/proxy/x", token=token))[0] == 403
+    for method, path in (("GET", "/api/v1/runtimes"), ("GET", "/api/v1/runtimes/g1"),
+                         ("GET", "/api/v1/runtimes/g1/engine/status"), ("POST", "/api/v1/runtimes/g1/stop"),
+                         ("GET", "/api/v1/events"), ("GET", "/api/v1/openapi.json")):
+        assert (await proxy.call(method, path))[0] == 403, (method, path)
+    assert not proxy.seen  # type: ignore[attr-defined]
