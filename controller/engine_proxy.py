@@ -130,7 +130,7 @@ class EngineRoutes:
 
     def add(self, app: web.Application) -> None:
         app.router.add_get(STATUS_ROUTE, self.status, allow_head=False)
-        route = PROXY_PREFIX + "{path:.*}"
+        route = PROXY_PREFIX + r"{path:[\s\S]*}"  # any path, a newline in it too (refused below)
         app.router.add_get(route, self.pass_through)  # and HEAD
         for method in PROXY_METHODS:
             if method not in ("GET", "HEAD"):

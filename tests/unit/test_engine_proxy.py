@@ -5,8 +5,8 @@ streamed bodies, the body limits, the time limit, a game that is not running).""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,9 @@ from controller.http import HttpDeps, HttpServer
 from controller.metrics import Metrics
 from controller.tokens import Role
 from desired.jobs import ImageAllowlist
-from desired.model import RuntimeRecord, Status
+from desired.model import DesiredStatus, RuntimeRecord, Status
 from observed.engine import EngineClient
 from tests.fakes import FakeStore, defaults
-from tests.unit.test_model import make_record
 
 ADMIN_PATH = "/admin/v1"
 GATEWAY = "g" * 16 + "-gateway-secret"
@@ -165,8 +164,13 @@ class Proxy:
         return f"127.0.0.1:{self.engine_port}" if record.current_container_id else None
 
     def game(self, game_id: str, status: Status) -> None:
-        self.store.records[game_id] = dataclasses.replace(make_record(status), game_id=game_id,
-                                                          admin_token=ENGINE_TOKEN)
+        now = datetime.now(UTC)
+        self.store.records[game_id] = RuntimeRecord(
+            game_id=game_id, status=status, current_container_id="c1" if status.is_up else None,
+            current_image_ref="galaxy/engine:1", engine_endpoint=f"http://galaxy-game-{game_id}:8080",
+            state_path=f"/srv/games/{game_id}", docker_network="galaxy-games", started_at=now, stopped_at=None,
+            removed_at=None, last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING,
+            desired_image_ref="galaxy/engine:1", generation=1, observed_generation=1, admin_token=ENGINE_TOKEN)
 
     async def raw(self, target: str, token: str = GATEWAY) -> int:
         """The status of a GET of this request target sent byte for byte (no client normalises it)."""
@@ -278,3 +282,9 @@ async def test_the_roles_are_enforced_on_the_wire(proxy: Proxy) -> None:
                          ("GET", "/api/v1/events"), ("GET", "/api/v1/openapi.json")):
         assert (await proxy.call(method, path))[0] == 403, (method, path)
     assert not proxy.seen  # type: ignore[attr-defined]
+
+
+async def test_a_control_character_anywhere_is_refused_not_unrouted(proxy: Proxy) -> None:
+    for tail in ("%0A", "a%0Ab", "%0D%0Aadmin/v1/status", "x%7F"):
+        status, body, headers = await proxy.call("GET", f"/api/v1/runtimes/g1/engine/proxy/{tail}")
+        assert status == 400 and headers["Content-Type"].startswith("application/json"), (tail, status, body)
