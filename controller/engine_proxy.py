@@ -194,16 +194,13 @@ class EngineRoutes:
 
     # ------------------------------------------------------------ pass-through
     async def pass_through(self, request: web.Request) -> web.StreamResponse:
-        found = await self._running(request, PROXIED)
-        if isinstance(found, web.Response):
-            return found
-        _, host = found
-        assert self.engine is not None and self.settings is not None
         s = self.settings
-        raw_target = request.raw_path
-        raw_path, _, query = raw_target.partition("?")
+        if s is None:
+            return _error(503, "the engine proxy is not available on this server")
+        # The path and the declared size first: a refusal costs neither a database read nor the engine.
+        raw_path, _, query = request.raw_path.partition("?")
         marker = "/engine/proxy/"
-        at = raw_path.find(marker)  # the game id matches GAME_ID_PATTERN: the first one is ours
+        at = raw_path.find(marker)  # a game id holds no slash: the first one is ours
         try:
             path = engine_path(raw_path[at + len(marker):] if at >= 0 else "", s.admin_path)
         except PathRefused as exc:
@@ -211,6 +208,11 @@ class EngineRoutes:
         size = request.content_length
         if size is not None and size > s.max_body:
             return _error(413, f"the body is larger than {s.max_body} bytes")
+        found = await self._running(request, PROXIED)
+        if isinstance(found, web.Response):
+            return found
+        _, host = found
+        assert self.engine is not None
         headers = _forwarded(request.headers)
         if size is not None:
             headers["Content-Length"] = str(size)

@@ -130,7 +130,11 @@ def engine_app(seen: list[dict[str, Any]]) -> web.Application:
         await asyncio.Event().wait()
         raise AssertionError
 
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={"X-Engine": "yes"})
+
     app = web.Application()
+    app.router.add_route("DELETE", "/empty", empty)
     app.router.add_get(ADMIN_PATH + "/status", status)
     app.router.add_get("/big", big)
     app.router.add_get("/announced", announced)
@@ -288,3 +292,11 @@ async def test_a_control_character_anywhere_is_refused_not_unrouted(proxy: Proxy
     for tail in ("%0A", "a%0Ab", "%0D%0Aadmin/v1/status", "x%7F"):
         status, body, headers = await proxy.call("GET", f"/api/v1/runtimes/g1/engine/proxy/{tail}")
         assert status == 400 and headers["Content-Type"].startswith("application/json"), (tail, status, body)
+
+
+async def test_a_head_and_an_empty_answer_go_through(proxy: Proxy) -> None:
+    status, body, headers = await proxy.call("HEAD", "/api/v1/runtimes/g1/engine/proxy/games/1")
+    assert status == 200 and body == b"" and headers["X-Engine"] == "yes", (status, body)
+    assert proxy.seen[-1]["method"] == "HEAD"  # type: ignore[attr-defined]
+    status, body, headers = await proxy.call("DELETE", "/api/v1/runtimes/g1/engine/proxy/empty")
+    assert status == 204 and body == b"" and headers["X-Engine"] == "yes", (status, body)
