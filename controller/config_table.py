@@ -299,8 +299,8 @@ class HttpSettings:
                              "`RTMANAGER_API_TOKENS_FILE` empty too, the REST API is disabled (503)", secret=True)
     api_tokens_file: str | None = setting("RTMANAGER_API_TOKENS_FILE", "", OPTIONAL_ABSPATH, "file of named API "
                                           "tokens, one `NAME ROLE TOKEN` (or `NAME ROLE sha256:HEX`) a line, role "
-                                          "`read`, `operate` or `admin` (docs/security.md); read again on SIGHUP "
-                                          "and when it changes")
+                                          "`read`, `operate`, `admin` or `gateway` (docs/security.md); read again on "
+                                          "SIGHUP and when it changes")
 
     def __post_init__(self) -> None:
         try:
