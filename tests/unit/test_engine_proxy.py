@@ -5,6 +5,7 @@ streamed bodies, the body limits, the time limit, a game that is not running).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ READER = "r" * 16 + "-reader-secret"
 ADMIN = "a" * 16 + "-admin-secret"
 ENGINE_TOKEN = "e" * 32
 LIMIT = 100_000
+MODE = web.AppKey("mode", dict)
 
 
 # ------------------------------------------------------------------ the path table
@@ -105,6 +107,13 @@ def engine_app(seen: list[dict[str, Any]]) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != f"Bearer {ENGINE_TOKEN}":
             return web.json_response({"error": "no"}, status=401)
+        mode = request.app[MODE]["status"]
+        if mode == "hang":
+            await asyncio.Event().wait()
+        if mode == "garbage":
+            return web.json_response({"turn": -1, "phase": "idle"})
+        if mode == "none":
+            return web.json_response({"error": "no admin API"}, status=404)
         return web.json_response({"turn": 4, "phase": "idle", "last_generation": {"turn": 4, "ok": True,
                                                                                    "error": ""}})
 
@@ -134,6 +143,7 @@ def engine_app(seen: list[dict[str, Any]]) -> web.Application:
         return web.Response(status=204, headers={"X-Engine": "yes"})
 
     app = web.Application()
+    app[MODE] = {"status": "ok"}
     app.router.add_route("DELETE", "/empty", empty)
     app.router.add_get(ADMIN_PATH + "/status", status)
     app.router.add_get("/big", big)
@@ -199,6 +209,7 @@ async def proxy(tmp_path: Path) -> Any:
     await engine.start_server()
     p = Proxy(tmp_path, engine.port or 0)
     p.seen = seen  # type: ignore[attr-defined]
+    p.mode = engine.app[MODE]  # type: ignore[attr-defined]
     p.game("g1", Status.RUNNING)
     await p.client.start_server()
     yield p
@@ -300,3 +311,15 @@ async def test_a_head_and_an_empty_answer_go_through(proxy: Proxy) -> None:
     assert proxy.seen[-1]["method"] == "HEAD"  # type: ignore[attr-defined]
     status, body, headers = await proxy.call("DELETE", "/api/v1/runtimes/g1/engine/proxy/empty")
     assert status == 204 and body == b"" and headers["X-Engine"] == "yes", (status, body)
+
+
+async def test_what_the_status_says_of_an_engine_that_does_not_answer_well(proxy: Proxy) -> None:
+    for mode, want in (("none", 501), ("garbage", 502), ("hang", 504)):
+        proxy.mode["status"] = mode  # type: ignore[attr-defined]
+        status, body, _ = await proxy.call("GET", "/api/v1/runtimes/g1/engine/status", token=READER)
+        assert status == want and "error" in json.loads(body), (mode, status, body)
+    proxy.game("g4", Status.RUNNING)
+    proxy.store.records["g4"] = dataclasses.replace(proxy.store.records["g4"], admin_token="wrong" * 4)
+    proxy.mode["status"] = "ok"  # type: ignore[attr-defined]
+    status, body, _ = await proxy.call("GET", "/api/v1/runtimes/g4/engine/status", token=READER)
+    assert status == 502 and "refused" in json.loads(body)["error"], body
