@@ -137,11 +137,19 @@ async def test_an_engine_without_admin_api_starts_stops_and_reports_as_before(ap
 
 
 async def test_a_snapshot_resync_publishes_every_live_game_with_a_new_revision(api):
-    await api.start(**FAST)
+    ctl = await api.start(**FAST)
     for game in ("rs1", "rs2"):
         status, res = await api.job(game, "start", {"image_ref": STUB_10})
         assert res["outcome"] == "success", res
-    before = {g: max(int(s["revision"]) for s in await snapshots(api, g)) for g in ("rs1", "rs2")}
+
+    async def published() -> dict[str, int] | None:
+        # Every committed snapshot is on the stream (a result can be answered before the relay has
+        # published a snapshot committed with it): the revisions the resync must follow.
+        got = {g: max((int(s["revision"]) for s in await snapshots(api, g)), default=0) for g in ("rs1", "rs2")}
+        committed = {g: (await ctl.store.get(g)).snapshot_revision for g in got}
+        return got if got == committed else None
+
+    before = await eventually(published, what="every committed snapshot published")
     status, body, _ = await api.request("POST", "/api/v1/snapshots/resync")
     assert status == 200 and body["snapshots"] == 2
 
