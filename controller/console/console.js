@@ -163,6 +163,7 @@ function applySnapshot(s) {
   if (s.reason === "crashed" || s.reason === "crash_loop") {
     r.crash_count = (r.crash_count || 0) + 1;
     r.last_crash_at = s.observed_at;
+    r.last_exit_code = s.exit_code === "" ? null : Number(s.exit_code);
   }
   if (s.status === "removed") state.games.delete(id); else state.games.set(id, r);
   state.refetch.add(id);
@@ -284,12 +285,14 @@ function since(iso) {
   return Math.round(s / 3600) + " h ago";
 }
 
+function plural(n, one, many) { return `${n} ${n === 1 ? one : many}`; }
+
 // Why a game needs a look, or null: the order is the order of the trouble list.
 function trouble(r) {
   if (r.status === "removed") return null;
   if (r.last_reason === "crash_loop" || (r.crash_count >= 3 && age(r.last_crash_at) !== null &&
       age(r.last_crash_at) < RECENT_CRASH)) {
-    return { rank: 0, why: `crash loop (${r.crash_count} crashes, exit ${r.last_exit_code ?? "?"})`,
+    return { rank: 0, why: `crash loop (${plural(r.crash_count, "crash", "crashes")}, exit ${r.last_exit_code ?? "?"})`,
              at: r.last_crash_at };
   }
   if (r.status === "engine_unreachable") return { rank: 1, why: "engine unreachable", at: r.unreachable_since };

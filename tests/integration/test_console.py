@@ -34,10 +34,12 @@ from desired.db.store import Store
 from desired.jobs import ImageAllowlist, Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource
 from desired.paging import PageRequest, RuntimeFilter
+from desired.drains import DrainRequest
 from desired.policy import CrashPolicy
 from desired.transitions import Probe
 from desired.values import Crash
-from tests.support.api import FAST, STUB_10, engine_turn
+from desired.versions import VersionStatus
+from tests.support.api import FAST, STUB_10, STUB_11, engine_turn
 from tests.support.net import free_port
 from tests.support.waits import eventually
 
@@ -89,7 +91,9 @@ def shown_counts(driver: webdriver.Chrome) -> dict[str, dict[str, int]]:
              for c in driver.find_elements(By.CSS_SELECTOR, "#by-status .card")}
     nodes = {r.get_attribute("data-key"): int(r.find_element(By.CLASS_NAME, "n").text)
              for r in driver.find_elements(By.CSS_SELECTOR, "#by-node tr")}
-    return {"status": cards, "node": nodes}
+    versions = {r.get_attribute("data-key"): int(r.find_element(By.CLASS_NAME, "n").text)
+                for r in driver.find_elements(By.CSS_SELECTOR, "#by-version tr")}
+    return {"status": cards, "node": nodes, "version": versions}
 
 
 async def _ready() -> dict[str, str]:
@@ -99,12 +103,16 @@ async def _ready() -> dict[str, str]:
 async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot_act(pool, browser, tmp_path: Path):
     store = Store(pool)
     games = [f"fleet-{i:03d}" for i in range(GAMES)]
-    await store.submit_many([Job(kind=JobKind.START, game_id=g, source=OpSource.LOBBY,
-                                 image_ref="galaxy/engine-stub:1.0") for g in games], DEFAULTS)
+    image = {g: STUB_11 if i % 4 == 0 else STUB_10 for i, g in enumerate(games)}
+    await store.create_version("1.0", STUB_10, VersionStatus.ACTIVE, "")
+    await store.create_version("1.1", STUB_11, VersionStatus.ACTIVE, "")
+    await store.submit_many([Job(kind=JobKind.START, game_id=g, source=OpSource.LOBBY, image_ref=image[g])
+                             for g in games], DEFAULTS)
     for i, g in enumerate(games[:150]):  # 150 running on two nodes, the rest still starting
         rec = await store.mark_starting(await store.get(g), rollback_image=None)
-        rec = await store.mark_running(rec, container_id=f"{i:064d}", image="galaxy/engine-stub:1.0",
-                                       node="node-a" if i % 3 else "node-b")
+        rec = await store.mark_running(rec, container_id=f"{i:064d}", image=image[g],
+                                       node="node1" if i % 3 else "node2")
+    drain = await store.create_drain(DrainRequest(node="node2", max_parallel=2, deadline=600), OpSource.ADMIN)
     unreachable = games[:4]
     for g in unreachable:
         await store.record_observation(await store.get(g), Probe(healthy=False), unreachable_after=1,
@@ -112,7 +120,8 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
     records, _ = await store.page(PageRequest(filter=RuntimeFilter(), after=None, limit=1000))
     assert len(records) == GAMES
     expected = {"status": dict(collections.Counter(r.status.value for r in records)),
-                "node": dict(collections.Counter(r.node_id or "(this host)" for r in records))}
+                "node": dict(collections.Counter(r.node_id or "(this host)" for r in records)),
+                "version": dict(collections.Counter(r.engine_version or "(unregistered)" for r in records))}
     assert expected["status"].get("engine_unreachable") == 4, expected
 
     tokens = tmp_path / "tokens"
@@ -122,7 +131,7 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         http=HttpSettings(http_port=port, http_host="127.0.0.1", api_token="", api_tokens_file=str(tokens)),
         allowlist=ImageAllowlist("galaxy/*"), store=store, admission=Admission(store, DEFAULTS, wake=lambda g: None),
         metrics=Metrics(), is_leader=lambda: False, readiness=_ready, results_changed=store.outbox.next,
-        watch=store))
+        watch=store, drains=store, rollouts=store))
     await server.start()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -134,6 +143,7 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         trouble = {r.get_attribute("data-game") for r in browser.find_elements(By.CSS_SELECTOR, "#trouble tr.bad")}
         assert trouble == set(unreachable)
         assert browser.find_element(By.ID, "who").text == "viewer (read)"
+        assert "node2" in browser.find_element(By.CSS_SELECTOR, f'[data-drain="{drain.id}"]').text
         await run(until, browser, lambda d: d.find_element(By.ID, "live").text == "live")
 
         # A crash loop committed now is on the page within a second.
