@@ -423,6 +423,7 @@ async function showGame(id, redraw) {
     fill($("record").tBodies[0], []);
     fill($("operations").tBodies[0], []);
     fill($("snapshots").tBodies[0], []);
+    $("log-tail").textContent = "";
     loadGame(id);
     return;
   }
@@ -441,10 +442,15 @@ async function loadGame(id) {
     $("game-status").textContent = rec.data.status;
     fill($("record").tBodies[0], RECORD_FIELDS.filter((k) => k in rec.data).map((k) =>
       el("tr", {}, el("th", {}, k), el("td", { "data-field": k }, String(rec.data[k] ?? "")))));
-    fill($("operations").tBodies[0], ((ops.data && ops.data.operations) || []).slice(0, 20).map((o) =>
-      el("tr", {}, el("td", {}, o.finished_at || o.started_at || o.created_at || ""), el("td", {}, o.op),
-        el("td", {}, o.outcome || ""), el("td", {}, o.actor || o.source || ""),
+    const operations = (ops.data && ops.data.operations) || [];
+    fill($("operations").tBodies[0], operations.slice(0, 20).map((o) =>
+      el("tr", {}, el("td", {}, o.finished_at || o.created_at || ""), el("td", {}, o.op),
+        el("td", {}, o.status || ""), el("td", {}, o.actor || o.source || ""),
         el("td", {}, o.error_message || o.error_code || ""))));
+    // The last lines of output rtmanager kept: those of the newest crash in the operation log.
+    const crash = operations.find((o) => o.params && o.params.log_tail);
+    $("log-tail").textContent = crash ? crash.params.log_tail : "(none kept)";
+    $("log-when").textContent = crash ? `(the crash of ${crash.created_at})` : "";
     await loadSnapshots(id);
   } catch (e) {
     if (e instanceof Unauthorized) signedOut("the token was refused"); else showError(String(e.message || e));

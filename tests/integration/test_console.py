@@ -31,10 +31,10 @@ from controller.config import HttpSettings
 from controller.http import HttpDeps, HttpServer
 from controller.metrics import Metrics
 from desired.db.store import Store
+from desired.drains import DrainRequest
 from desired.jobs import ImageAllowlist, Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource
 from desired.paging import PageRequest, RuntimeFilter
-from desired.drains import DrainRequest
 from desired.policy import CrashPolicy
 from desired.transitions import Probe
 from desired.values import Crash
@@ -151,7 +151,8 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         rec = await store.get(victim)
         committed = time.monotonic()
         await store.record_crash(rec, Crash(code=ErrorCode.ENGINE_UNHEALTHY, detail="exit 3", container_id=None,
-                                            exit_code=3), CrashPolicy(limit=1, window=60, backoff_max=1))
+                                            exit_code=3, log_tail="turn 7: loading\npanic: no such planet\n"),
+                                 CrashPolicy(limit=1, window=60, backoff_max=1))
         row = f'#trouble tr[data-game="{victim}"]'
         await run(until, browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), 5)
         seen = time.monotonic() - committed
@@ -162,8 +163,12 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
             browser.save_screenshot(shot)
 
         # A read token: no action buttons on a game's page, and a POST from the page is refused.
-        await run(browser.get, f"{base}/ui#game/{games[10]}")
+        await run(browser.find_element(By.CSS_SELECTOR, f'{row} a').click)
         await run(until, browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#record td[data-field="status"]'))
+        assert browser.find_element(By.CSS_SELECTOR, '#record td[data-field="crash_count"]').text == "1"
+        assert "panic: no such planet" in browser.find_element(By.ID, "log-tail").text
+        first = browser.find_elements(By.CSS_SELECTOR, "#operations tbody tr")[0].find_elements(By.TAG_NAME, "td")
+        assert first[1].text == "restart", "the crash's note leads the operation log"
         assert browser.find_elements(By.CSS_SELECTOR, "#actions button") == []
         status = await run(browser.execute_async_script, """
             const done = arguments[arguments.length - 1];
