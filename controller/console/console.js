@@ -372,7 +372,7 @@ function drawChanges() {
   const blocks = [];
   for (const r of state.changes.rollouts) {
     blocks.push(el("div", { class: "change", "data-rollout": r.id },
-      el("strong", {}, `rollout ${r.id}`), ` ${r.state}: ${r.from_version || ""} → ${r.to_version || ""} `,
+      el("strong", {}, `rollout ${r.id}`), ` ${r.state}: ${r.source_version || "any version"} → ${r.target_version} `,
       el("span", { class: "quiet" }, Object.entries(r.games_by_state || {}).map(([k, n]) => `${k} ${n}`).join(", ")),
       perGame(r.games)));
   }
@@ -387,11 +387,19 @@ function drawChanges() {
   $("no-changes").hidden = blocks.length > 0;
 }
 
+const SETTLED = new Set(["done", "skipped", "restored", "rolled_back"]);
+const PER_CHANGE = 12;  // games drawn per rollout or drain: the ones moving first
+
 function perGame(games) {
   if (!Array.isArray(games) || games.length === 0) return null;
-  return el("table", {}, el("tbody", {}, games.slice(0, 100).map((g) => el("tr", {},
-    el("td", {}, gameLink(g.game_id)), el("td", {}, g.state || g.status || g.phase || ""),
-    el("td", { class: "quiet" }, g.error || g.note || g.last_error || "")))));
+  const rank = (g) => (SETTLED.has(g.state) ? 2 : g.state === "waiting" ? 1 : 0);
+  const shown = [...games].sort((a, b) => rank(a) - rank(b)).slice(0, PER_CHANGE);
+  const more = games.length - shown.length;
+  return el("table", {}, el("tbody", {}, shown.map((g) => el("tr", {},
+    el("td", {}, gameLink(g.game_id)), el("td", { "data-state": g.state || "" }, g.state || ""),
+    el("td", {}, [g.canary ? "canary" : "", g.action || ""].filter(Boolean).join(" ")),
+    el("td", { class: "quiet" }, g.reason || ""))),
+    more > 0 ? el("tr", {}, el("td", { colspan: 4, class: "quiet" }, `and ${more} more`)) : null));
 }
 
 function drawList() {

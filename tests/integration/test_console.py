@@ -36,6 +36,7 @@ from desired.jobs import ImageAllowlist, Job, RecordDefaults
 from desired.model import ErrorCode, JobKind, OpSource
 from desired.paging import PageRequest, RuntimeFilter
 from desired.policy import CrashPolicy
+from desired.rollouts import RolloutRequest
 from desired.transitions import Probe
 from desired.values import Crash
 from desired.versions import VersionStatus
@@ -112,6 +113,12 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         rec = await store.mark_starting(await store.get(g), rollback_image=None)
         rec = await store.mark_running(rec, container_id=f"{i:064d}", image=image[g],
                                        node="node1" if i % 3 else "node2")
+    rollout, moving = await store.create_rollout(RolloutRequest(target_version="1.1", source_version="1.0",
+                                                           game_ids=(games[5], games[6], games[7])),
+                                            ImageAllowlist("galaxy/*"), False)
+    late = games[9]  # a schedule of a minute, the last turn ten minutes ago
+    await pool.execute("UPDATE runtime_records SET turn_interval = 60, last_turn_at = now() - interval '10 min',"
+                       " clock_from = now() - interval '10 min' WHERE game_id = $1", late)
     drain = await store.create_drain(DrainRequest(node="node2", max_parallel=2, deadline=600), OpSource.ADMIN)
     unreachable = games[:4]
     for g in unreachable:
@@ -141,7 +148,11 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         loaded = time.monotonic() - t0
         assert await run(shown_counts, browser) == expected
         trouble = {r.get_attribute("data-game") for r in browser.find_elements(By.CSS_SELECTOR, "#trouble tr.bad")}
-        assert trouble == set(unreachable)
+        assert trouble == {*unreachable, late}
+        assert "turn late by" in browser.find_element(By.CSS_SELECTOR, f'#trouble tr[data-game="{late}"]').text
+        cells = browser.find_elements(By.CSS_SELECTOR, f'[data-rollout="{rollout.id}"] td[data-state]')
+        states = [c.text for c in cells]
+        assert len(states) == min(len(moving), 12) and all(states), states
         assert browser.find_element(By.ID, "who").text == "viewer (read)"
         assert "node2" in browser.find_element(By.CSS_SELECTOR, f'[data-drain="{drain.id}"]').text
         await run(until, browser, lambda d: d.find_element(By.ID, "live").text == "live")
@@ -161,6 +172,12 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         shot = os.environ.get("RTMANAGER_CONSOLE_SCREENSHOT")
         if shot:
             browser.save_screenshot(shot)
+
+        # The games list, filtered.
+        await run(browser.find_element(By.CSS_SELECTOR, 'nav a[href="#games"]').click)
+        await run(browser.find_element(By.ID, "filter").send_keys, "unreachable")
+        await run(until, browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#game-list tbody tr")) == 4)
+        await run(browser.find_element(By.CSS_SELECTOR, 'nav a[href="#fleet"]').click)
 
         # A read token: no action buttons on a game's page, and a POST from the page is refused.
         await run(browser.find_element(By.CSS_SELECTOR, f'{row} a').click)
