@@ -285,6 +285,9 @@ function since(iso) {
   return Math.round(s / 3600) + " h ago";
 }
 
+// An ISO time as "2026-12-04 13:31:48" (UTC, as the API gives it; the full value is the cell's title).
+function when(iso) { return iso ? String(iso).slice(0, 19).replace("T", " ") : ""; }
+
 function plural(n, one, many) { return `${n} ${n === 1 ? one : many}`; }
 
 // Why a game needs a look, or null: the order is the order of the trouble list.
@@ -452,7 +455,8 @@ async function loadGame(id) {
       el("tr", {}, el("th", {}, k), el("td", { "data-field": k }, String(rec.data[k] ?? "")))));
     const operations = (ops.data && ops.data.operations) || [];
     fill($("operations").tBodies[0], operations.slice(0, 20).map((o) =>
-      el("tr", {}, el("td", {}, o.finished_at || o.created_at || ""), el("td", {}, o.op),
+      el("tr", {}, el("td", { title: o.finished_at || o.created_at || "" }, when(o.finished_at || o.created_at)),
+        el("td", {}, o.op),
         el("td", {}, o.status || ""), el("td", {}, o.actor || o.source || ""),
         el("td", {}, o.error_message || o.error_code || ""))));
     // The last lines of output rtmanager kept: those of the newest crash in the operation log.
@@ -489,7 +493,7 @@ async function loadSnapshots(id) {
 
 function drawSnapshots(id) {
   fill($("snapshots").tBodies[0], (state.snapshots.get(id) || []).slice(0, 10).map((s) => el("tr", {},
-    el("td", {}, s.revision), el("td", {}, s.observed_at), el("td", {}, s.status), el("td", {}, s.reason),
+    el("td", {}, s.revision), el("td", { title: s.observed_at }, when(s.observed_at)), el("td", {}, s.status), el("td", {}, s.reason),
     el("td", {}, s.turn))));
 }
 

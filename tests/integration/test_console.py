@@ -6,7 +6,8 @@ controller would make: running on two nodes, a few unreachable), and served by t
 alone over that store, as a standby replica serves it: 200 engines would take minutes, and the page
 reads only the REST and watch APIs. The action goes to one real game of a real controller.
 
-``RTMANAGER_CONSOLE_SCREENSHOT=docs/console.png`` keeps the fleet view's screenshot.
+``RTMANAGER_CONSOLE_SCREENSHOT=docs/console.png`` keeps the fleet view's screenshot,
+``RTMANAGER_CONSOLE_GAME_SCREENSHOT=docs/console-game.png`` a game's page after the action.
 """
 
 from __future__ import annotations
@@ -267,5 +268,9 @@ async def test_an_action_pressed_on_the_page_reaches_the_engine(api, browser) ->
     assert browser.find_element(By.ID, "action-result").text.startswith("force a turn: 200 success"), \
         browser.find_element(By.ID, "action-result").text
     assert engine_turn(api, game) == before + 1
+    await run(until, browser, lambda d: "force_next_turn" in d.find_element(By.ID, "operations").text)
+    shot = os.environ.get("RTMANAGER_CONSOLE_GAME_SCREENSHOT")
+    if shot:
+        browser.save_screenshot(shot)
     _, ops = await api.get(f"/api/v1/operations?game_id={game}&op=force_next_turn")
     assert ops["operations"][0]["actor"] == "token:default"
