@@ -469,9 +469,12 @@ async function loadGame(id) {
   }
 }
 
-// The snapshots retention kept for one game: one follow=0 read of the watch API.
+// One game's snapshots among the fleet's last HISTORY: one follow=0 read of the watch API, bounded so
+// that a game page never makes the server scan all that retention kept.
+const HISTORY = 20000;
 async function loadSnapshots(id) {
-  const resp = await fetch(`/api/v1/events?since=0&follow=0&game_id=${encodeURIComponent(id)}`,
+  const since = Math.max(0, (state.position || 0) - HISTORY);
+  const resp = await fetch(`/api/v1/events?since=${since}&follow=0&game_id=${encodeURIComponent(id)}`,
     { headers: { Authorization: "Bearer " + state.token }, cache: "no-store" });
   if (resp.status !== 200) return;
   const text = await resp.text();

@@ -23,7 +23,11 @@ from typing import Any
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -74,7 +78,20 @@ async def run(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def until(driver: webdriver.Chrome, cond: Callable[[webdriver.Chrome], Any], timeout: float = 10) -> Any:
-    return WebDriverWait(driver, timeout, poll_frequency=0.02).until(cond)
+    """Wait for ``cond``; an element the page redrew meanwhile (it redraws on every change) is looked up
+    again."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.02,
+                         ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)).until(cond)
+
+
+def read(driver: webdriver.Chrome, what: Callable[[webdriver.Chrome], Any]) -> Any:
+    """What ``what`` reads from the page, read again when the page redrew in the middle of it."""
+    for _ in range(20):
+        try:
+            return what(driver)
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError("the page never held still")
 
 
 def sign_in(driver: webdriver.Chrome, base: str, token: str, where: str = "") -> None:
@@ -147,15 +164,18 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         await run(sign_in, browser, base, VIEWER)
         await run(until, browser, lambda d: d.find_element(By.ID, "total").get_attribute("data-total") == str(GAMES))
         loaded = time.monotonic() - t0
-        assert await run(shown_counts, browser) == expected
-        trouble = {r.get_attribute("data-game") for r in browser.find_elements(By.CSS_SELECTOR, "#trouble tr.bad")}
+        assert await run(read, browser, shown_counts) == expected
+        trouble = await run(read, browser, lambda d: {
+            r.get_attribute("data-game") for r in d.find_elements(By.CSS_SELECTOR, "#trouble tr.bad")})
         assert trouble == {*unreachable, late}
-        assert "turn late by" in browser.find_element(By.CSS_SELECTOR, f'#trouble tr[data-game="{late}"]').text
-        cells = browser.find_elements(By.CSS_SELECTOR, f'[data-rollout="{rollout.id}"] td[data-state]')
-        states = [c.text for c in cells]
+        assert "turn late by" in await run(read, browser, lambda d: d.find_element(
+            By.CSS_SELECTOR, f'#trouble tr[data-game="{late}"]').text)
+        states = await run(read, browser, lambda d: [c.text for c in d.find_elements(
+            By.CSS_SELECTOR, f'[data-rollout="{rollout.id}"] td[data-state]')])
         assert len(states) == min(len(moving), 12) and all(states), states
         assert browser.find_element(By.ID, "who").text == "viewer (read)"
-        assert "node2" in browser.find_element(By.CSS_SELECTOR, f'[data-drain="{drain.id}"]').text
+        assert "node2" in await run(read, browser, lambda d: d.find_element(
+            By.CSS_SELECTOR, f'[data-drain="{drain.id}"]').text)
         await run(until, browser, lambda d: d.find_element(By.ID, "live").text == "live")
 
         # A crash loop committed now is on the page within a second.
@@ -169,7 +189,7 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         await run(until, browser, lambda d: d.find_elements(By.CSS_SELECTOR, row), 5)
         seen = time.monotonic() - committed
         assert seen < 1.0, f"the crash loop took {seen:.2f}s to show"
-        assert "crash loop" in browser.find_element(By.CSS_SELECTOR, row).text
+        assert "crash loop" in await run(read, browser, lambda d: d.find_element(By.CSS_SELECTOR, row).text)
         shot = os.environ.get("RTMANAGER_CONSOLE_SCREENSHOT")
         if shot:
             browser.save_screenshot(shot)
@@ -178,15 +198,15 @@ async def test_the_fleet_view_of_200_games_is_right_live_and_a_read_token_cannot
         await run(browser.find_element(By.CSS_SELECTOR, 'nav a[href="#games"]').click)
         await run(browser.find_element(By.ID, "filter").send_keys, "unreachable")
         await run(until, browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#game-list tbody tr")) == 4)
-        await run(browser.find_element(By.CSS_SELECTOR, 'nav a[href="#fleet"]').click)
 
         # A read token: no action buttons on a game's page, and a POST from the page is refused.
-        await run(browser.find_element(By.CSS_SELECTOR, f'{row} a').click)
-        await run(until, browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#record td[data-field="status"]'))
-        assert browser.find_element(By.CSS_SELECTOR, '#record td[data-field="crash_count"]').text == "1"
+        await run(browser.execute_script, "location.hash = arguments[0]", f"#game/{victim}")
+        await run(until, browser, lambda d: d.find_element(
+            By.CSS_SELECTOR, '#record td[data-field="crash_count"]').text == "1")
         assert "panic: no such planet" in browser.find_element(By.ID, "log-tail").text
-        first = browser.find_elements(By.CSS_SELECTOR, "#operations tbody tr")[0].find_elements(By.TAG_NAME, "td")
-        assert first[1].text == "restart", "the crash's note leads the operation log"
+        first = await run(read, browser, lambda d: [c.text for c in d.find_elements(
+            By.CSS_SELECTOR, "#operations tbody tr")[0].find_elements(By.TAG_NAME, "td")])
+        assert first[1] == "restart", "the crash's note leads the operation log"
         assert browser.find_elements(By.CSS_SELECTOR, "#actions button") == []
         status = await run(browser.execute_async_script, """
             const done = arguments[arguments.length - 1];
