@@ -19,6 +19,7 @@ _VERSIONS = "/api/v1/admin/engine-versions"
 
 ROUTE_ROLES: dict[tuple[str, str], Role] = {
     ("GET", "/api/v1/openapi.json"): READ,
+    ("GET", "/api/v1/whoami"): READ,  # the token's name and role (the console)
     ("GET", "/api/v1/runtimes"): READ,
     ("GET", _GAME): READ,
     ("GET", _GAME + "/operations"): READ,

@@ -29,15 +29,16 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller.access import allows, required_role
+from controller.access import ROUTE_ROLES, allows, required_role
 from controller.admission import Admission
 from controller.config import ConfigError, HttpSettings
+from controller.console_http import ConsoleRoutes
 from controller.drains_api import DrainApi
 from controller.engine_proxy import EngineRoutes, ProxySettings
 from controller.metrics import Metrics
 from controller.openapi import ACTOR_PATTERN, FORCEABLE, LOG_OPS, MAX_ACTOR, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
-from controller.tokens import InvalidTokens, TokenSource
+from controller.tokens import InvalidTokens, Role, TokenSource
 from controller.watch_http import WatchRoutes
 from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
 from desired.jobs import (
@@ -75,6 +76,7 @@ MAX_WAIT = 300.0
 TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
 MAX_LOG_PAGE = 500
 TOKEN_NAME = web.RequestKey("token_name", str)  # the name of the request's API token (the auth middleware's)
+TOKEN_ROLE = web.RequestKey("token_role", Role)  # its role
 
 
 
@@ -102,10 +104,10 @@ def local_ipv4_addresses() -> list[str]:
     return found
 
 
-def addresses_off(subnets: list[str]) -> list[str]:
-    """The local IPv4 addresses outside ``subnets`` (loopback included)."""
+def addresses_off(subnets: list[str], local: list[str] | None = None) -> list[str]:
+    """The local IPv4 addresses (``local``, else this host's now) outside ``subnets`` (loopback included)."""
     nets = [ipaddress.ip_network(n, strict=False) for n in subnets]
-    return sorted({a for a in local_ipv4_addresses()
+    return sorted({a for a in (local_ipv4_addresses() if local is None else local)
                    if not any(ipaddress.ip_address(a) in n for n in nets if n.version == 4)})
 
 
@@ -168,6 +170,7 @@ class HttpServer:
         app.router.add_get("/api/v1/runtimes/{game_id}/operations", self.get_operations)
         app.router.add_get("/api/v1/operations", self.operation_log)
         app.router.add_get("/api/v1/openapi.json", self.openapi)
+        app.router.add_get("/api/v1/whoami", self.whoami)
         app.router.add_post("/api/v1/snapshots/resync", self.resync_snapshots)
         for path, kind in REST_JOBS.items():
             app.router.add_post(f"/api/v1/runtimes/{{game_id}}/{path}", self._job_handler(kind))
@@ -188,6 +191,7 @@ class HttpServer:
         self.watch.add(app)
         RolloutRoutes(deps, actor).add(app.router)
         EngineRoutes(deps.store, deps.engine, deps.engine_proxy, deps.locate_engine).add(app)
+        ConsoleRoutes().add(app)  # /ui: public static files; the data comes from /api/ with a token
         self.app = app
 
     async def start(self, game_subnets: list[str] | None = None) -> None:
@@ -244,6 +248,7 @@ class HttpServer:
             if token is None or not hmac.compare_digest(scheme.encode("utf-8", "surrogateescape"), b"Bearer"):
                 return _error(401, "missing or wrong bearer token")
             request[TOKEN_NAME] = token.name
+            request[TOKEN_ROLE] = token.role
             if request.match_info.http_exception is None:  # a route of ours (else its 404 or 405 follows)
                 canonical = request.match_info.route.resource.canonical if request.match_info.route.resource \
                     else request.path
@@ -262,6 +267,15 @@ class HttpServer:
         ok = all(v == "ok" for v in checks.values())
         return web.json_response({"ready": ok, "leader": self.deps.is_leader(), "checks": checks,
                                   "unowned": self.deps.unowned()}, status=200 if ok else 503)
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        """The request's token: its name and role, and which calls that role may make (the console shows
+        an action only to a token allowed to take it; the server checks every call anyway)."""
+        role = request[TOKEN_ROLE]
+        allowed = [{"method": method, "path": path} for (method, path), needed in ROUTE_ROLES.items()
+                   if allows(role, needed)]
+        return web.json_response({"name": request[TOKEN_NAME], "role": role.label,
+                                  "operate": role >= Role.OPERATE, "admin": role >= Role.ADMIN, "allowed": allowed})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())

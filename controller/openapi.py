@@ -166,6 +166,21 @@ def openapi_document() -> dict[str, Any]:
             "400": {"$ref": "#/components/responses/BadRequest"},
             "401": {"$ref": "#/components/responses/Unauthorized"},
             "503": {"$ref": "#/components/responses/Unavailable"}}}}
+    paths["/api/v1/whoami"] = {"get": {
+        "operationId": "whoami",
+        "summary": "The request's token: its name, its role and the calls that role may make (the console "
+                   "shows an action only to a token allowed to take it)",
+        "responses": {"200": {"description": "the token", "content": {"application/json": {"schema": {
+            "type": "object", "required": ["name", "role", "operate", "admin", "allowed"], "properties": {
+                "name": {"type": "string"},
+                "role": {"type": "string", "enum": ["read", "operate", "admin"]},
+                "operate": {"type": "boolean", "description": "the role may act on games (jobs, schedules)"},
+                "admin": {"type": "boolean", "description": "the role may change versions, rollouts, drains"},
+                "allowed": {"type": "array", "items": {"type": "object", "required": ["method", "path"],
+                                                       "properties": {"method": {"type": "string"},
+                                                                      "path": {"type": "string"}}}}}}}}},
+            "401": {"$ref": "#/components/responses/Unauthorized"},
+            "503": {"$ref": "#/components/responses/Unavailable"}}}}
     paths["/api/v1/snapshots/resync"] = {"post": {
         "operationId": "resyncSnapshots",
         "summary": "Publish a snapshot (reason resync, a new revision) of every live game, or of one",

@@ -19,6 +19,10 @@ tools() {
   command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
   # libfaketime runs a replica whose wall clock is behind (tests/e2e/test_production_events.py).
   ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || pkgs+=(faketime)
+  # The console's test drives a headless Chromium (tests/integration/test_console.py): about 25 s to
+  # install on a fresh machine, nothing once installed.
+  command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || pkgs+=(chromium-driver)
   [ ${#pkgs[@]} = 0 ] || apt_install "${pkgs[@]}"
 }
 
