@@ -177,6 +177,30 @@ def rtm_env(database_url: str, redis_url: str, docker_client, stub_images, tmp_p
     r.close()
 
 
+
+@pytest.fixture
+def other_env(rtm_env, template_db, redis_url, docker_client, tmp_path: Path):
+    """A second instance next to ``rtm_env``'s: its own database, streams, state root and instance name;
+    the same Docker host (or swarm) and the same engine network. Its units are removed after the test;
+    the network is ``rtm_env``'s to remove."""
+    tag = uuid.uuid4().hex[:8]
+    name = f"rtm_test_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    admin_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    env = {**rtm_env, "RTMANAGER_DATABASE_URL": dsn_for(name), "RTMANAGER_INSTANCE": f"other-{tag}",
+           "RTMANAGER_STATE_ROOT": str(tmp_path / "other-games")}
+    for key, value in rtm_env.items():
+        if key.endswith("_STREAM"):
+            env[key] = value.replace(value.split(":")[0], f"o{tag}", 1)
+    yield env
+    mine = {"label": f"com.galaxy.instance={env['RTMANAGER_INSTANCE']}"}
+    for c in docker_client.containers.list(all=True, filters=mine):
+        c.remove(force=True)
+    r = redis.Redis.from_url(redis_url)
+    for key in r.scan_iter(match=f"o{tag}:*"):
+        r.delete(key)
+    r.close()
+    admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
 # ---------------------------------------------------------------------------------------------
 # Tiers: each folder under tests/ is a tier, and its tests carry the tier's marker (`-m unit`,
 # `-m "not chaos"`). The per-test timeout (pytest-timeout) is pyproject's default except where a
