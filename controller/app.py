@@ -58,6 +58,7 @@ from desired.leader import Fence, Fenced
 from desired.model import RuntimeRecord
 from desired.values import Identity, WrongInstance
 from desired.wakeup import Signal
+from observed import statedir
 from observed.backend import EventSource, RuntimeBackend
 from observed.docker import DockerBackend
 from observed.engine import EngineClient
@@ -167,9 +168,20 @@ class Controller:
     def readiness_probes(self) -> int:
         return self.readiness.probes
 
+    async def _claim_state_root(self) -> None:
+        """The state root is this instance's (on this host, where a Docker backend's engines run): another
+        instance's games would share its directories. WrongInstance if another instance claimed it."""
+        s = self.settings
+        owner = await asyncio.to_thread(statedir.claim_root, s.storage.state_root, s.leadership.instance)
+        if owner is not None and owner != s.leadership.instance:
+            raise WrongInstance(f"the state root {s.storage.state_root} belongs to instance {owner} (its "
+                                f"{statedir.OWNER}); give each instance a state root of its own")
+
     async def start(self) -> None:
         """Connect, serve HTTP, and campaign for leadership; the leader's loops start once elected."""
         s = self.settings
+        if s.runtime.backend is Backend.DOCKER:
+            await self._claim_state_root()
         log.info("starting", extra={"instance": s.leadership.instance, "database": redact_url(s.database.database_url),
                                     "redis": redact_url(s.streams.redis_url), "network": s.runtime.docker_network,
                                     "concurrency": s.runtime.concurrency, "holder": self.fence.holder})
@@ -480,6 +492,9 @@ async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -
     controller.stopping = stopping
     try:
         await controller.start()
+    except WrongInstance as exc:
+        log.error("RTMANAGER_INSTANCE: %s", exc)
+        return 2
     except StoreUnavailable as exc:
         log.error("cannot reach Postgres at %s: %s", redact_url(settings.database.database_url), exc)
         return 1

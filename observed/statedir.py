@@ -15,6 +15,7 @@ Layout under the state root ``R`` (no game_id starts with a dot):
     R/.backups/GAME/TAG.restoring  a restore from TAG under way (R/GAME is emptied, then filled
                                    from the copy; the marker goes once it is whole)
     R/.backups/GAME/replaced     what a restore moved out of R/GAME (deleted next)
+    R/.rtmanager-instance        the instance the root belongs to (``claim_root``)
 
 OSError is translated here: no space left -> ``NoSpace``; anything else -> ``Refused``.
 """
@@ -35,6 +36,7 @@ from observed.errors import Refused
 log = logging.getLogger("rtmanager.statedir")
 
 BACKUPS = ".backups"
+OWNER = ".rtmanager-instance"
 MAX_DEPTH = 128             # directories deeper than this are refused (copy) or not counted (size)
 MEASURE_MAX_ENTRIES = 200_000  # entries one measure looks at, at most: the size is then a lower bound
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -287,6 +289,36 @@ def restore(root: str, path: str, tag: str) -> bool:
         os.unlink(marker)
         _remove(trash)
         return True
+
+
+def claim_root(root: str, instance: str) -> str | None:
+    """The instance the state root belongs to, claimed for ``instance`` when it has none yet (the root
+    made, 0711, when missing); None when the claim can be neither read nor written (a root this
+    process may not write: the start goes on, as before there were claims). Two instances on one
+    root would give their games of one id one directory."""
+    path = os.path.join(os.path.abspath(root), OWNER)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                return os.read(fd, 256).decode(errors="replace").strip() or None
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("cannot read %s (%s): the state root's instance is not checked", path, exc)
+            return None
+    except OSError as exc:
+        log.warning("cannot write %s (%s): the state root is not claimed for instance %s", path, exc, instance)
+        return None
+    try:
+        os.write(fd, f"{instance}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return instance
 
 
 def backups(root: str) -> dict[str, list[str]]:
