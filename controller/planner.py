@@ -170,6 +170,17 @@ def plan(
     return planned_disruption(action, record, ours, now=now, disruption_wait=disruption_wait)
 
 
+def held(container: ObservedContainer) -> str:
+    """Why a game cannot have its unit's name: whose unit holds it. The name is the contract's
+    (``galaxy-game-{game_id}``, no instance in it) and Lobby gives each game id to one instance, so
+    another instance's unit there is a game of that instance, never this one's to take over."""
+    owner = container.owner
+    if owner is None:
+        return f"the name {container.name} is held by a container rtmanager does not manage"
+    return (f"the name {container.name} is held by the unit of rtmanager instance {owner}: game "
+            f"{container.game_id or container.name} runs under that instance (a game id belongs to one instance)")
+
+
 def _plan(
     record: RuntimeRecord | None,
     container: ObservedContainer | None,
@@ -206,7 +217,7 @@ def _plan(
 
     if container is not None and not ours:
         if record.desired_status is DesiredStatus.RUNNING:
-            return Action(ActionKind.BLOCKED, f"name {container.name} is held by a container rtmanager does not manage")
+            return Action(ActionKind.BLOCKED, held(container))
         container = None  # somebody else's; for stop and remove it is as if there were none
 
     if container is not None and container.state in _TRANSIENT_STATES:

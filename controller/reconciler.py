@@ -347,7 +347,7 @@ class Reconciler:
             ours = container if container is not None and container.managed_by(instance) else None
             with backend_errors():
                 return await self._act(action.kind, record, ours, self.specs.build(record, self.epoch)
-                                       if record else None, action.node)
+                                       if record else None, action.node, reason=action.reason)
         except PermanentError as exc:
             result = "failed"
             assert record is not None
@@ -404,7 +404,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- actions
     async def _act(self, kind: ActionKind, record: RuntimeRecord | None, container: ObservedContainer | None,
-                   spec: ContainerSpec | None, node: str = "") -> Step:
+                   spec: ContainerSpec | None, node: str = "", *, reason: str = "") -> Step:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
         assert record is not None
@@ -412,8 +412,7 @@ class Reconciler:
             assert container is not None
             grace = await self.starts.stop_grace(record, container)  # the engine's version's, or the global one
         if kind is ActionKind.BLOCKED:
-            raise ContainerStartFailed(f"the name {container_name(record.game_id)} is held by a container "
-                                       "rtmanager does not manage")
+            raise ContainerStartFailed(reason)  # whose unit holds the name (planner.held), before any side effect
         if kind in _RESTORING:
             assert spec is not None
             await self.starts.run(kind, record, container, spec)

@@ -166,6 +166,13 @@ class ObservedContainer:
         return (self.labels.get(LABEL_MANAGED_BY) == MANAGED_BY
                 and self.labels.get(LABEL_INSTANCE) == instance)
 
+    @property
+    def owner(self) -> str | None:
+        """The rtmanager instance whose unit this is (its labels), or None: not rtmanager's."""
+        if self.labels.get(LABEL_MANAGED_BY) != MANAGED_BY:
+            return None
+        return self.labels.get(LABEL_INSTANCE) or None
+
 
 def _parse_time(value: Any) -> datetime | None:
     if value is None or value == "" or str(value).startswith("0001-01-01"):

@@ -189,6 +189,17 @@ def test_plan(rec, container, kwargs, expected: ActionKind) -> None:
         assert action.reason  # every action says why, for logs
 
 
+def test_a_name_held_by_another_instance_says_whose_unit_it_is() -> None:
+    """Lobby gives a game id to one instance: a start of an id another instance runs is refused
+    naming that instance (its labels), and an unlabelled container is said to be nobody's."""
+    starting = record(Status.STARTING, R, converged=False)
+    other = plan(starting, ours(instance="blue"), **KW)
+    assert other.kind is A.BLOCKED
+    assert "galaxy-game-g1 is held by the unit of rtmanager instance blue" in other.reason
+    nobody = plan(starting, foreign(), **KW)
+    assert nobody.kind is A.BLOCKED and "rtmanager does not manage" in nobody.reason
+
+
 def test_table_covers_every_action_kind() -> None:
     assert {row[-1] for row in TABLE} == set(ActionKind)
 
