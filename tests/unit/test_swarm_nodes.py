@@ -3,6 +3,8 @@ a spec that avoids nodes, and the state directory helper's service."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from observed.errors import Refused
@@ -84,3 +86,20 @@ def test_the_state_directory_helper_mounts_only_the_root_and_refuses_other_paths
         with pytest.raises(Refused):
             relative_name("/srv/games", bad)
     assert relative_name("/srv/games/", "/srv/games/g1") == "g1"
+
+
+def test_the_state_directory_helpers_of_two_instances_never_share_a_name() -> None:
+    """An attempt first removes a leftover helper of its name: two instances (or, by mistake, two
+    instances asked for one game id at once) must never name theirs alike, or one would remove the
+    other's mid-run. Every name is a service name: at most 63 characters, also for a 51-character id."""
+    def name(instance: str, game: str) -> str:
+        s = spec(name=f"galaxy-game-{game}", game_id=game, instance=instance, state_path=f"/srv/games/{game}")
+        return str(helper_spec("/srv/games", s, "n1", "busybox", instance)["Name"])
+
+    longest = "g" * 50 + "1"
+    names = {name(i, g) for i in ("blue", "green", "default") for g in ("g1", "g2", longest, "g" * 50 + "2")}
+    assert len(names) == 12
+    for n in names:
+        assert len(n) <= 63 and re.fullmatch(r"galaxy-statedir-[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", n), n
+    assert name("blue", "g1").startswith("galaxy-statedir-g1-")  # an operator still sees whose it is
+    assert name("blue", "g1") == name("blue", "g1")  # a leftover of a killed attempt is found again
