@@ -31,13 +31,15 @@ the directory and the engine are on the same node by construction, and the pin i
 the engine runs (as before).
 
 The helper's service is labelled as rtmanager's helper (not with the instance label, so no
-resync or task poll ever sees it as a game), named ``galaxy-statedir-<game_id>``, removed once its
-task ended; one left behind by a kill is removed by the next attempt.
+resync or task poll ever sees it as a game), named ``galaxy-statedir-<game_id>-<digest>`` (the digest
+of the instance and the game: instances sharing a swarm never share a helper; ``helper_name``),
+removed once its task ended; one left behind by a kill is removed by the next attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import posixpath
 from collections.abc import Mapping
@@ -57,6 +59,8 @@ log = logging.getLogger("rtmanager.swarm")
 
 LABEL_HELPER = "com.galaxy.helper"
 HELPER_PREFIX = "galaxy-statedir-"
+MAX_SERVICE_NAME = 63  # Swarm's limit on a service's name (a DNS label)
+DIGEST = 12  # hex characters of the instance-and-game digest in a helper's name
 MOUNT = "/rtm-state-root"
 HELPER_WAIT = 30.0  # seconds for the helper's task to end (then tried again later: not a refusal)
 DEFAULT_HELPER_IMAGE = "galaxy/statedir-helper:1"
@@ -111,10 +115,21 @@ def _owner(user: str | None) -> str:
     return f"{uid}:{gid}" if gid is not None else str(uid)
 
 
+def helper_name(instance: str, game_id: str) -> str:
+    """The helper's service name: ``galaxy-statedir-{game_id}-{digest}``, the game id cut to fit 63
+    characters and the digest of the instance and the game id. An attempt removes a leftover helper of
+    its name first, so two instances (sharing a swarm) must never name theirs alike; the helper is
+    internal, not part of the contract. The same instance and game give the same name again (a
+    killed attempt's leftover is found)."""
+    digest = hashlib.sha256(f"{instance}\0{game_id}".encode()).hexdigest()[:DIGEST]
+    room = MAX_SERVICE_NAME - len(HELPER_PREFIX) - 1 - DIGEST
+    return f"{HELPER_PREFIX}{game_id[:room].rstrip('-')}-{digest}"
+
+
 def helper_spec(state_root: str, spec: ContainerSpec, node: str, image: str, instance: str) -> dict[str, Any]:
     name = relative_name(state_root, spec.state_path)
     return {
-        "Name": HELPER_PREFIX + spec.game_id,
+        "Name": helper_name(instance, spec.game_id),
         "Labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_HELPER: f"statedir:{instance}", LABEL_GAME_ID: spec.game_id},
         "TaskTemplate": {
             "ContainerSpec": {
