@@ -106,7 +106,7 @@ class LeadershipSettings:
 
     instance: str = setting("RTMANAGER_INSTANCE", "default", pattern(NAME, "must be 1-63 letters, digits, _ . -"),
                             "instance name, on every unit's labels; replicas of one instance elect a leader; a "
-                            "database belongs to one instance")
+                            "database and a state root belong to one instance")
     lease_ttl: float = setting("RTMANAGER_LEASE_TTL", "5", number(1, 600), "seconds of a leadership lease; a "
                                "standby takes over within about this after the leader dies")
 
