@@ -114,6 +114,22 @@ def test_a_database_of_another_instance_is_refused(rtm_env, tmp_path):
     assert "RTMANAGER_INSTANCE" in out.stderr
 
 
+
+def test_a_state_root_of_another_instance_is_refused(rtm_env):
+    """A state root claimed by another instance (its .rtmanager-instance): exit 2, one line naming the
+    variable and the owner; the claim is left as it was."""
+    migrate(rtm_env)
+    root = Path(rtm_env["RTMANAGER_STATE_ROOT"])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / ".rtmanager-instance").write_text("someone-else\n")
+    out = subprocess.run([sys.executable, "-m", "controller.cli", "run"],
+                         env={**os.environ, **rtm_env, "RTMANAGER_LOG_FORMAT": "text"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    [line] = [x for x in out.stderr.splitlines() if "belongs to instance someone-else" in x]
+    assert "RTMANAGER_INSTANCE" in line
+    assert (root / ".rtmanager-instance").read_text() == "someone-else\n"
+
 # Issue 21, defect 11: a SIGTERM that came before the handler was installed killed the process
 # (exit status -15). The handlers are the first thing the process installs, before the heavy
 # imports and the event loop; a signal that comes meanwhile is honoured once start-up can stop.
