@@ -16,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import redis
 
-from tests.support import ControllerProcess, PrivateDockerd, ResultReader, migrate, wait_for
+from tests.support import ControllerProcess, PrivateDockerd, ResultReader, cli, migrate, wait_for
 
 
 @contextlib.contextmanager
@@ -95,7 +95,9 @@ def test_five_daemon_restarts_with_engines_deaf_to_sigterm_give_no_game_up(rtm_e
     (the engine exits 3 by itself) and a kill -9 from outside, with no daemon restart, still count.
 
     dockerd gives each container its own stop timeout (10 s; rtmanager sets none) before the SIGKILL,
-    whatever daemon.json's shutdown-timeout says, so each restart here takes about 11 s."""
+    whatever daemon.json's shutdown-timeout says. rtmanager sets it from the engine version's
+    stop_grace: the termdeaf image is registered with 3 s, so each SIGKILL still comes late in the
+    daemon's shutdown, and a restart takes about 4 s instead of 11 (the default 10 s)."""
     with private_daemon("galaxy/engine-stub:termdeaf") as daemon:
         _five_deaf_restarts(daemon, rtm_env, tmp_path, unique)
 
@@ -105,6 +107,8 @@ def _five_deaf_restarts(daemon: PrivateDockerd, rtm_env, tmp_path, unique) -> No
     env = {**rtm_env, "RTMANAGER_RESYNC_INTERVAL": "1", "DOCKER_HOST": daemon.host}
     env.pop("RTMANAGER_CRASH_LIMIT", None)  # the default limit: five counted restarts give a game up
     migrate(env)
+    out = cli(env, "versions", "add", "deaf", image, "--stop-grace", "3")  # the containers' stop timeout
+    assert out.returncode == 0, out.stderr
     games = [f"dd-{unique}-{i}" for i in range(3)]
     r = redis.Redis.from_url(env["RTMANAGER_REDIS_URL"], decode_responses=True)
     reader = ResultReader(env["RTMANAGER_REDIS_URL"], env["RTMANAGER_RESULTS_STREAM"])
@@ -137,6 +141,7 @@ def _five_deaf_restarts(daemon: PrivateDockerd, rtm_env, tmp_path, unique) -> No
         for g in games:
             entry = r.xadd(env["RTMANAGER_START_STREAM"], {"game_id": g, "image_ref": image})
             assert reader.for_entry(entry, timeout=60)["outcome"] == "success"
+            assert [c.attrs["Config"].get("StopTimeout") for c in containers(g)] == [3]
         for n in range(5):
             daemon.restart()
             wait_for(f"restart {n + 1}: every game running again", all_running, timeout=60, detail=detail)

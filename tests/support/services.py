@@ -221,6 +221,11 @@ class PrivateDockerd:
         self.run_dir = Path(f"/run/rtm-dockerd-{self.id}")
         self.run_dir.mkdir(parents=True, exist_ok=False)
         self.data_dir = Path(tempfile.mkdtemp(prefix=f"rtm-dockerd-{self.id}-", dir="/var/tmp"))
+        # The data root is a tmpfs of its own: removing a daemon that was loaded with the stack's images
+        # (about 1 GB of layer files) took 30 s of `rm -rf` on this disk (ext4 with online discard), a
+        # second or so here. overlay2 works on tmpfs; the memory goes with the mount in remove().
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0711", f"rtm-dockerd-{self.id}", str(self.data_dir)],
+                       check=True, capture_output=True)
         self.pool = address_pool or self._free_pool()
         (self.run_dir / "pool").write_text(self.pool)
         self.pool_size = pool_size
@@ -464,11 +469,12 @@ def _alive(pid: int) -> bool:
 
 
 def _mounts_under(root: str) -> list[str]:
-    root = root.rstrip("/") + "/"
+    """The mounts at ``root`` (a daemon's tmpfs data root) and under it, outermost first."""
+    root = root.rstrip("/")
     out = []
     with open("/proc/mounts") as f:
         for line in f:
             target = line.split()[1].encode().decode("unicode_escape")
-            if target.startswith(root):
+            if target == root or target.startswith(root + "/"):
                 out.append(target)
     return out

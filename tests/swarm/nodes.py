@@ -344,8 +344,10 @@ def sweep() -> None:
                     pass
             time.sleep(0.5)
             for root in (data_dir, run_dir):
-                with open("/proc/mounts") as f:
-                    mounts = [line.split()[1] for line in f if line.split()[1].startswith(root.rstrip("/") + "/")]
+                top = root.rstrip("/")
+                with open("/proc/mounts") as f:  # the data root itself is a mount (a tmpfs of its own)
+                    mounts = [line.split()[1] for line in f
+                              if line.split()[1] == top or line.split()[1].startswith(top + "/")]
                 for m in reversed(mounts):
                     sh("umount", "-l", m, check=False)
                 sh("rm", "-rf", "--one-file-system", root, check=False)
