@@ -261,7 +261,7 @@ class Reconciler:
         steps: list[Step] = []
         try:
             for _ in range(MAX_STEPS):
-                steps.append(await self._step(game_id))
+                steps.append(await self._step(game_id, steps[-1].record if steps else None))
                 if not steps[-1].again:
                     break
             else:
@@ -276,9 +276,10 @@ class Reconciler:
                 self.queue.add_after(game_id, step.after)
         return step
 
-    async def _step(self, game_id: str) -> Step:
-        """Look once, plan one action, carry it out: what comes next."""
-        record = await self.store.find(game_id)
+    async def _step(self, game_id: str, written: RuntimeRecord | None = None) -> Step:
+        """Look once, plan one action, carry it out: what comes next. ``written``: the record the previous
+        step's transition committed (controller/step.py ``again_on``), planned on as it is."""
+        record = written if written is not None else await self.store.find(game_id)
         container = self.units.get(record)
         with backend_errors():
             if container is None:
