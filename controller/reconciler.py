@@ -183,6 +183,9 @@ class Reconciler:
         # host or of the game's node: the drain stops or moves the game instead), or None. Set by the
         # composition root; read from the database at each such restart, never remembered.
         self.hold: Callable[[RuntimeRecord], Awaitable[str | None]] | None = None
+        # (game, (term, generation)) whose queued operations this process claimed, until a job of the game
+        # may have been admitted since (``job_admitted``): a turn's poll of the engine claims nothing new.
+        self._claimed: dict[str, tuple[int, int]] = {}
         self.node_loss = NodeLossPolicy(mode=settings.runtime.node_loss, grace=settings.runtime.node_loss_grace,
                                         state_shared=settings.storage.state_shared)
 
@@ -210,6 +213,12 @@ class Reconciler:
                     unreachable_restart_after=self.settings.engine.unreachable_restart_after,
                     disruption_wait=self.settings.runtime.disruption_wait, node_loss=self.node_loss,
                     lost_nodes=lost_nodes)
+
+    def job_admitted(self, game_id: str) -> None:
+        """Admission (or an operator tool's NOTIFY) may have queued an operation of the game: its next sync
+        claims again, then it is worked on."""
+        self._claimed.pop(game_id, None)
+        self.queue.add(game_id)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -280,6 +289,8 @@ class Reconciler:
         """Look once, plan one action, carry it out: what comes next. ``written``: the record the previous
         step's transition committed (controller/step.py ``again_on``), planned on as it is."""
         record = written if written is not None else await self.store.find(game_id)
+        if record is None or record.converged:
+            self._claimed.pop(game_id, None)
         container = self.units.get(record)
         with backend_errors():
             if container is None:
@@ -331,10 +342,14 @@ class Reconciler:
         if action.kind not in _KEEPS_UNIT:
             self.units.touch(game_id)
         op_ids: list[int] = []
-        if record is not None and not record.converged:
+        if record is not None and not record.converged and self._claimed.get(game_id) != (self.epoch,
+                                                                                           record.generation):
+            # Claimed once per generation, and again after every admission of a job of the game (it may have
+            # joined the generation): a poll of the same generation in between has nothing to claim.
             for op_id, accepted in await self.store.claim(game_id, record.generation):
                 op_ids.append(op_id)
                 self.metrics.phase.labels("queued").observe((self.clock.now() - accepted).total_seconds())
+            self._claimed[game_id] = (self.epoch, record.generation)
         log.info("%s: %s", action.kind.value, action.reason, extra={
             "game_id": game_id, "action": action.kind.value, "operation_ids": ",".join(map(str, op_ids)),
             "generation": record.generation if record else None})

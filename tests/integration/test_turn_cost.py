@@ -30,9 +30,9 @@ PERIODIC = ("UPDATE leader_leases SET renewed_at", "SELECT * FROM drains WHERE")
 # generation_started snapshot), the poll (a read, a status call), the generated turn and its jobs' answers
 # (one transaction), the relay's reads and marks, the turn clock's look. A poll more (the engine slower),
 # or an intake that reads the entries one by one, costs a few statements: the bound leaves room for them.
-MAX_STATEMENTS_PER_TURN = 34
+MAX_STATEMENTS_PER_TURN = 28
 # A scheduled turn (the turn clock's): no stream entry to admit from, no result to publish.
-MAX_STATEMENTS_PER_SCHEDULED_TURN = 45
+MAX_STATEMENTS_PER_SCHEDULED_TURN = 33
 SCHEDULED_WINDOW = 6.0  # seconds of scheduled turns counted (one a second per game)
 
 
