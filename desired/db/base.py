@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +16,7 @@ import asyncpg
 
 from desired import snapshots, transitions
 from desired.clock import Clock
-from desired.db.lease import check_fence, lock_record
+from desired.db.lease import check_fence, fence_and_read, lock_record
 from desired.db.pool import translating
 from desired.db.rows import (
     DESIRED_COLUMNS,
@@ -40,9 +40,6 @@ from desired.model import (
 )
 from desired.values import FLEET_OPS, Finish, Operation, ReconcilerNote, decided
 from desired.wakeup import OUTBOX_CHANNEL, Signal
-
-SNAPSHOT_INSERT = ("INSERT INTO job_results (result_id, operation_id, game_id, fields, kind)"
-                   " VALUES ($1, NULL, $2, $3::jsonb, 'snapshot')")
 
 
 async def log_fleet_change(conn: asyncpg.Connection, op: str, params: dict[str, Any], actor: str | None) -> None:
@@ -86,8 +83,17 @@ class StoreBase:
             yield found
 
     @contextlib.asynccontextmanager
-    async def _tx_first(self, game_id: str | None) -> AsyncIterator[tuple[asyncpg.Connection, datetime,
-                                                                          asyncpg.Record | None]]:
+    async def _tx_reading(self, columns: str, *args: Any) -> AsyncIterator[tuple[asyncpg.Connection, datetime,
+                                                                                 asyncpg.Record]]:
+        """``_tx`` whose first statement also reads ``columns`` (desired/db/lease.py ``fence_and_read``):
+        one round trip fewer for a transaction that starts with reads of its own. Yields their row."""
+        async with self._tx_first(None, (columns, args)) as (conn, now, row):
+            assert row is not None
+            yield conn, now, row
+
+    @contextlib.asynccontextmanager
+    async def _tx_first(self, game_id: str | None, reading: tuple[str, tuple[Any, ...]] | None = None
+                        ) -> AsyncIterator[tuple[asyncpg.Connection, datetime, asyncpg.Record | None]]:
         wrote = moved = False
         async with self.pool.acquire() as conn:
             try:
@@ -96,6 +102,8 @@ class StoreBase:
                     row = None
                     if game_id is not None:
                         now, row = await lock_record(self.fence, conn, game_id)
+                    elif reading is not None:
+                        now, row = await fence_and_read(self.fence, conn, *reading)
                     elif self.fence is not None:
                         now = await check_fence(self.fence, conn)
                     else:
@@ -145,9 +153,13 @@ class StoreBase:
         await self.pool.fetchval("SELECT 1")
 
     async def _write(self, conn: asyncpg.Connection, cur: RuntimeRecord | None, new: RuntimeRecord,
-                     now: datetime, forced_reason: str | None = None) -> RuntimeRecord:
+                     now: datetime, forced_reason: str | None = None, *,
+                     answers: Callable[[RuntimeRecord], Awaitable[list[tuple[Any, ...]]]] | None = None
+                     ) -> RuntimeRecord:
         """Write ``new`` over ``cur`` (insert when None): the status machine, the invariants, the
-        changed columns only, and the snapshot Lobby is owed when status, turn or paused changed."""
+        changed columns only, and the snapshot Lobby is owed when status, turn or paused changed.
+        ``answers``: given the record as it is written, the results of the jobs it answers (``result_row``s,
+        their operations already updated), inserted in the same statement after the snapshot."""
         if cur is not None and new.status is not cur.status:
             check_transition(cur.status, new.status)
         image = new.desired_image_ref or new.current_image_ref
@@ -160,21 +172,31 @@ class StoreBase:
         new.validate()
         if transitions.moves_the_clock(cur, new):
             self._clock_moved.add(conn)
-        write = record_write(cur, new, first=4 if reason is not None else 1)
-        if reason is None:
+        outbox: list[tuple[Any, ...]] = []
+        if reason is not None:
+            snapshot_id, game_id, body = self._snapshot_row(conn, new, cur.status if cur else None, reason, now)
+            outbox.append((snapshot_id, None, game_id, body, "snapshot"))
+        if answers is not None:
+            outbox.extend((*row, "result") for row in await answers(new))
+        write = record_write(cur, new, first=5 * len(outbox) + 1)
+        if not outbox:
             if write is not None:
                 await conn.execute(write[0], *write[1])
             return new
-        # The record and the snapshot it owes Lobby in one statement (one round trip): the write as a CTE
-        # of the outbox's INSERT (Postgres runs a data-modifying CTE whether it is read or not).
-        snapshot = self._snapshot_row(conn, new, cur.status if cur else None, reason, now)
-        sql = SNAPSHOT_INSERT if write is None else f"WITH w AS ({write[0]}) {SNAPSHOT_INSERT}"
-        await conn.execute(sql, *snapshot, *(write[1] if write is not None else ()))
+        # The record, the snapshot it owes Lobby and the results of the jobs it answers in one statement (one
+        # round trip): the write as a CTE of the outbox's INSERT (Postgres runs a data-modifying CTE whether
+        # it is read or not); the outbox's rows in this order (their seq).
+        self._outbox_written.add(conn)
+        values = ", ".join(f"(${5 * i + 1}, ${5 * i + 2}::bigint, ${5 * i + 3}, ${5 * i + 4}::jsonb, ${5 * i + 5})"
+                           for i in range(len(outbox)))
+        insert = f"INSERT INTO job_results (result_id, operation_id, game_id, fields, kind) VALUES {values}"
+        sql = insert if write is None else f"WITH w AS ({write[0]}) {insert}"
+        await conn.execute(sql, *(v for row in outbox for v in row), *(write[1] if write is not None else ()))
         return new
 
     def _snapshot_row(self, conn: asyncpg.Connection, record: RuntimeRecord, previous: Status | None,
                       reason: str, now: datetime) -> tuple[Any, ...]:
-        """The arguments of ``SNAPSHOT_INSERT`` (the connection's transaction now writes the outbox)."""
+        """The snapshot's id, game and body (the connection's transaction now writes the outbox)."""
         self._outbox_written.add(conn)
         snapshot_id = str(uuid.uuid4())
         body = snapshots.fields(record, previous=previous, reason=reason, snapshot_id=snapshot_id, now=now)
@@ -207,6 +229,15 @@ class StoreBase:
 
     async def _finish_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: Finish,
                               now: datetime) -> int:
+        results = await self._answer_pending(conn, record, finish, now)
+        if results:
+            self._outbox_written.add(conn)
+            await conn.executemany(INSERT_RESULT, results)
+        return len(results)
+
+    async def _answer_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: Finish,
+                              now: datetime) -> list[tuple[Any, ...]]:
+        """``_finish_pending`` but the results' insert: their ``result_row``s, for the caller to write."""
         # Older generations still pending were not replaced (a pause, a forced turn, a reconcile
         # came after them): they converge with this one and hear the same answer.
         # One UPDATE ... RETURNING answers them all as ``finish`` says (the rows locked in id order, as
@@ -238,10 +269,7 @@ class StoreBase:
                 result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome, job=op.op,
                 job_entry_id=op.entry_id or "", container_id=op_container, engine_endpoint=op_endpoint,
                 error_code=op_code, error_message=message)))
-        if results:
-            self._outbox_written.add(conn)
-            await conn.executemany(INSERT_RESULT, results)
-        return len(ops)
+        return results
 
     async def _end_op(self, conn: asyncpg.Connection, op: Operation, outcome: Outcome,
                       code: ErrorCode | None, message: str, container_id: str, endpoint: str,

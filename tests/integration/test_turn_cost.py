@@ -32,8 +32,8 @@ PERIODIC = ("UPDATE leader_leases SET renewed_at", "SELECT * FROM drains WHERE")
 # or an intake that reads the entries one by one, costs a few statements: the bound leaves room for them.
 MAX_STATEMENTS_PER_TURN = 28
 # A scheduled turn (the turn clock's): no stream entry to admit from, no result to publish.
-MAX_STATEMENTS_PER_SCHEDULED_TURN = 33
-SCHEDULED_WINDOW = 6.0  # seconds of scheduled turns counted (one a second per game)
+MAX_STATEMENTS_PER_SCHEDULED_TURN = 36
+SCHEDULED_WINDOW = 9.0  # seconds of scheduled turns counted (one a second per game)
 
 
 class Counter:
@@ -116,7 +116,7 @@ async def test_the_cost_of_a_scheduled_turn_of_an_up_converged_game(api):
     """The turn clock's turn: no stream entry, no admission from the intake and no result to relay; the
     clock's due query, the clock's own admission, the reconciler's request and convergence."""
     ctl = await api.start(engine_admin_path="/cgi-bin/admin/v1", health_interval="60", resync_interval="120")
-    games = [f"sched{i}" for i in range(GAMES)]
+    games = [f"costsched{i}" for i in range(GAMES)]
     answers = await asyncio.gather(*(api.job(g, "start", {"image_ref": STUB_10}) for g in games))
     assert all(a[1]["outcome"] == "success" for a in answers), answers
     for g in games:
