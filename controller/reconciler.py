@@ -220,6 +220,11 @@ class Reconciler:
         self._claimed.pop(game_id, None)
         self.queue.add(game_id)
 
+    def forget_claims(self) -> None:
+        """Every game's next sync claims again: the resync's fallback for a wake that never came (a lost
+        NOTIFY, a listener reconnecting), as it is for every other change."""
+        self._claimed.clear()
+
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
         if container.id not in self.unowned:
@@ -346,10 +351,17 @@ class Reconciler:
                                                                                            record.generation):
             # Claimed once per generation, and again after every admission of a job of the game (it may have
             # joined the generation): a poll of the same generation in between has nothing to claim.
-            for op_id, accepted in await self.store.claim(game_id, record.generation):
+            # The memo before the claim: an admission's wake handled while the claim is in flight (its commit
+            # after the claim's snapshot) clears it, so the next sync claims what that admission queued.
+            self._claimed[game_id] = (self.epoch, record.generation)
+            try:
+                claimed = await self.store.claim(game_id, record.generation)
+            except BaseException:
+                self._claimed.pop(game_id, None)
+                raise
+            for op_id, accepted in claimed:
                 op_ids.append(op_id)
                 self.metrics.phase.labels("queued").observe((self.clock.now() - accepted).total_seconds())
-            self._claimed[game_id] = (self.epoch, record.generation)
         log.info("%s: %s", action.kind.value, action.reason, extra={
             "game_id": game_id, "action": action.kind.value, "operation_ids": ",".join(map(str, op_ids)),
             "generation": record.generation if record else None})

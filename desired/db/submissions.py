@@ -167,6 +167,10 @@ class Submissions(StoreBase):
                         job_entry_id=job.entry_id, container_id=decision.container_id,
                         engine_endpoint=decision.engine_endpoint, error_code=decision.error_code,
                         error_message=decision.message)))
+                if decision.action is DecisionAction.JOIN:
+                    # Desired state unchanged, but an operation joined the generation: the leader claims it
+                    # at its next sync only if woken (controller/reconciler.py ``job_admitted``).
+                    notify.append(job.game_id)
                 outcomes.append(SubmitOutcome(operation_id=op_id, decision=decision))
             await flush()
             if notify and self.fence is None:
