@@ -82,10 +82,15 @@ class Submissions(StoreBase):
                                    " ORDER BY g", GAME_LOCK_SPACE, games)
                 # The records and the batch's operation ids in one statement, both after the games' locks (so
                 # a game's operations are numbered in the order their admissions commit).
+                # The ids after the records' locks are granted, not before (nextval is not transactional: an id
+                # taken while this waits for a transition's lock would be smaller than the operation that
+                # transition writes and commits first): the series' bound reads the locked rows (an InitPlan,
+                # run before the series), so the rows are locked before any nextval.
                 rows = await conn.fetch(
-                    "SELECT ids.ids, r.* FROM (SELECT ARRAY(SELECT nextval(pg_get_serial_sequence("
-                    "'runtime_operations', 'id')) FROM generate_series(1, $2)) AS ids) AS ids LEFT JOIN"
-                    " (SELECT * FROM runtime_records WHERE game_id = ANY($1::text[]) FOR UPDATE) AS r ON true",
+                    "WITH r AS MATERIALIZED (SELECT * FROM runtime_records WHERE game_id = ANY($1::text[]) FOR UPDATE),"
+                    " ids AS (SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id'))"
+                    " FROM generate_series(1, $2::int + 0 * (SELECT count(*) FROM r)::int)) AS ids)"
+                    " SELECT ids.ids, r.* FROM ids LEFT JOIN r ON true",
                     games, len(items))
                 ids = list(rows[0]["ids"])
                 records = {r["game_id"]: record_from_row(r) for r in rows if r["game_id"] is not None}

@@ -33,3 +33,28 @@ async def test_a_replicas_join_notifies_the_leader(pool, database_url):
         assert await asyncio.wait_for(heard.get(), 5) == "g1"
     finally:
         await conn.close()
+
+
+async def test_a_games_operations_are_numbered_in_commit_order(pool, database_url):
+    """Admission takes its operation ids in the statement that locks the records (g25-turn3): when a transition
+    holds the record's lock (lock_record) and writes an operation of its own (a reconciler's note,
+    base.py ``_insert_note``), the admission's ids must still come after it, as it commits after it."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await converge_running(store, "g1")
+    conn = await asyncpg.connect(database_url)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT * FROM runtime_records WHERE game_id = 'g1' FOR UPDATE")  # a transition's lock
+        admission = asyncio.ensure_future(store.submit(turn("2-0"), DEFAULTS))
+        await asyncio.sleep(0.5)  # the admission waits for the record
+        assert not admission.done()
+        note = await conn.fetchval(
+            "INSERT INTO runtime_operations (game_id, op, source, status, generation, params, created_at, finished_at)"
+            " VALUES ('g1', 'reconcile', 'reconciler', 'succeeded', 1, '{}'::jsonb, now(), now()) RETURNING id")
+        await tx.commit()
+        outcome = await asyncio.wait_for(admission, 10)
+        assert outcome.operation_id > note, (outcome.operation_id, note)
+    finally:
+        await conn.close()
