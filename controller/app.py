@@ -177,6 +177,14 @@ class Controller:
             raise WrongInstance(f"the state root {s.storage.state_root} belongs to instance {owner} (its "
                                 f"{statedir.OWNER}); give each instance a state root of its own")
 
+    def _job_admitted(self, game_id: str) -> None:
+        """A job of the game may have been admitted: its next sync claims its operations (Reconciler.claimed)."""
+        reconciler = getattr(self, "reconciler", None)  # made in start(), after the admission
+        if reconciler is not None:
+            reconciler.job_admitted(game_id)
+        else:
+            self.queue.add(game_id)
+
     async def start(self) -> None:
         """Connect, serve HTTP, and campaign for leadership; the leader's loops start once elected."""
         s = self.settings
@@ -193,7 +201,7 @@ class Controller:
             self.identity = await Store(self.pool, clock=self.clock).claim_identity(s.leadership.instance)
         self.streams = RedisStreams(s.streams.redis_url, group=s.streams.consumer_group,
                                     consumer=s.streams.consumer_name)
-        self.admission = Admission(self.store, s.record_defaults, wake=self.queue.add,
+        self.admission = Admission(self.store, s.record_defaults, wake=self._job_admitted,
                                    registry=s.images.version_policy == "registry")
         self.relay = Relay(s.streams, self.streams, self.store, self.metrics)
         self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
@@ -261,7 +269,7 @@ class Controller:
                              allowlist=s.images.image_allowlist)
         self.relay.reset()
         term = self.term_stopping
-        listener = Notifications(s.database.database_url, self.queue.add,  # an operator tool's commits
+        listener = Notifications(s.database.database_url, self._job_admitted,  # an operator tool's commits
                                  outbox=self.outbox, schedule=self.store.schedule)
         self._spawn("relay", self.relay.run, leader=True)
         self._spawn("intake", self.intake.run, leader=True)

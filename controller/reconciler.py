@@ -183,6 +183,9 @@ class Reconciler:
         # host or of the game's node: the drain stops or moves the game instead), or None. Set by the
         # composition root; read from the database at each such restart, never remembered.
         self.hold: Callable[[RuntimeRecord], Awaitable[str | None]] | None = None
+        # (game, (term, generation)) whose queued operations this process claimed, until a job of the game
+        # may have been admitted since (``job_admitted``): a turn's poll of the engine claims nothing new.
+        self._claimed: dict[str, tuple[int, int]] = {}
         self.node_loss = NodeLossPolicy(mode=settings.runtime.node_loss, grace=settings.runtime.node_loss_grace,
                                         state_shared=settings.storage.state_shared)
 
@@ -210,6 +213,17 @@ class Reconciler:
                     unreachable_restart_after=self.settings.engine.unreachable_restart_after,
                     disruption_wait=self.settings.runtime.disruption_wait, node_loss=self.node_loss,
                     lost_nodes=lost_nodes)
+
+    def job_admitted(self, game_id: str) -> None:
+        """Admission (or an operator tool's NOTIFY) may have queued an operation of the game: its next sync
+        claims again, then it is worked on."""
+        self._claimed.pop(game_id, None)
+        self.queue.add(game_id)
+
+    def forget_claims(self) -> None:
+        """Every game's next sync claims again: the resync's fallback for a wake that never came (a lost
+        NOTIFY, a listener reconnecting), as it is for every other change."""
+        self._claimed.clear()
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -261,7 +275,7 @@ class Reconciler:
         steps: list[Step] = []
         try:
             for _ in range(MAX_STEPS):
-                steps.append(await self._step(game_id))
+                steps.append(await self._step(game_id, steps[-1].record if steps else None))
                 if not steps[-1].again:
                     break
             else:
@@ -276,9 +290,12 @@ class Reconciler:
                 self.queue.add_after(game_id, step.after)
         return step
 
-    async def _step(self, game_id: str) -> Step:
-        """Look once, plan one action, carry it out: what comes next."""
-        record = await self.store.find(game_id)
+    async def _step(self, game_id: str, written: RuntimeRecord | None = None) -> Step:
+        """Look once, plan one action, carry it out: what comes next. ``written``: the record the previous
+        step's transition committed (controller/step.py ``again_on``), planned on as it is."""
+        record = written if written is not None else await self.store.find(game_id)
+        if record is None or record.converged:
+            self._claimed.pop(game_id, None)
         container = self.units.get(record)
         with backend_errors():
             if container is None:
@@ -330,8 +347,19 @@ class Reconciler:
         if action.kind not in _KEEPS_UNIT:
             self.units.touch(game_id)
         op_ids: list[int] = []
-        if record is not None and not record.converged:
-            for op_id, accepted in await self.store.claim(game_id, record.generation):
+        if record is not None and not record.converged and self._claimed.get(game_id) != (self.epoch,
+                                                                                           record.generation):
+            # Claimed once per generation, and again after every admission of a job of the game (it may have
+            # joined the generation): a poll of the same generation in between has nothing to claim.
+            # The memo before the claim: an admission's wake handled while the claim is in flight (its commit
+            # after the claim's snapshot) clears it, so the next sync claims what that admission queued.
+            self._claimed[game_id] = (self.epoch, record.generation)
+            try:
+                claimed = await self.store.claim(game_id, record.generation)
+            except BaseException:
+                self._claimed.pop(game_id, None)
+                raise
+            for op_id, accepted in claimed:
                 op_ids.append(op_id)
                 self.metrics.phase.labels("queued").observe((self.clock.now() - accepted).total_seconds())
         log.info("%s: %s", action.kind.value, action.reason, extra={

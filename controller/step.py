@@ -12,7 +12,9 @@ Errors are not steps: the worker requeues a failed sync with its rate limiter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from desired.model import RuntimeRecord
 
 MIN_REQUEUE = 0.05  # seconds: a requeue is never a busy loop
 
@@ -22,6 +24,10 @@ class Step:
     again: bool = False          # plan again now, in this sync
     after: float | None = None   # come back after this many seconds at the latest (None: when something changes)
     reason: str = ""
+    # With ``again``: the record the step's transition just committed (RETURNING what it wrote, under the
+    # record's lock), which the next step plans on instead of reading it again. A change committed after it
+    # wakes the game as it would after any read (every writer of a record wakes its game).
+    record: RuntimeRecord | None = field(default=None, compare=False, repr=False)
 
     @property
     def done(self) -> bool:
@@ -34,6 +40,11 @@ class Step:
 
 DONE = Step()
 AGAIN = Step(again=True)
+
+
+def again_on(record: RuntimeRecord) -> Step:
+    """Plan again now, on ``record`` (just written by this step's transition)."""
+    return Step(again=True, record=record)
 
 
 def requeue(after: float, reason: str, *, again: bool = False) -> Step:

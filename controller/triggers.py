@@ -71,6 +71,8 @@ class Resync:
 
     async def once(self) -> int:
         """List the backend (one call) and live records (one query); queue every game not converged."""
+        # A job that joined a generation whose wake was lost (a replica's NOTIFY): claimed at the next sync.
+        self.reconciler.forget_claims()
         with backend_errors():
             containers = await self.backend.list_managed()
         records = await self.store.list_live()

@@ -14,7 +14,7 @@ import logging
 from controller.config import Settings
 from controller.health import Health
 from controller.metrics import Metrics
-from controller.step import AGAIN, Step, requeue
+from controller.step import AGAIN, Step, again_on, requeue
 from desired import transitions
 from desired.clock import Clock
 from desired.errors import Conflict
@@ -102,11 +102,12 @@ class Turns:
         if st.turn >= target:
             # Reached: the engine just answered, so the generation converges here, with its jobs.
             s = self.settings
-            await self.store.mark_running(record, container_id=container.id, image=record.current_image_ref or "",
-                                          probe=probe, unreachable_after=s.engine.unreachable_after,
-                                          generation_timeout=s.engine.generation_timeout)
+            new = await self.store.mark_running(record, container_id=container.id,
+                                                image=record.current_image_ref or "", probe=probe,
+                                                unreachable_after=s.engine.unreachable_after,
+                                                generation_timeout=s.engine.generation_timeout)
             self.health.note_generated(record, probe)
-            return AGAIN
+            return again_on(new)  # planned on as written: no read of the record to find it converged
         record = await self.health.record_probe(record, probe)
         if st.phase == "generating":
             return polling

@@ -1,6 +1,6 @@
 """What every part of the store shares: the pool, the one place a write transaction is opened
 (``_tx``: the database clock and the leadership fence in its first statement), the record write
-with its snapshot, the operation log's rows and the outbox inserts (``_insert_snapshot``,
+with its snapshot (one statement), the operation log's rows and the outbox inserts (``_snapshot_row``,
 ``_insert_result``)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,16 +16,15 @@ import asyncpg
 
 from desired import snapshots, transitions
 from desired.clock import Clock
-from desired.db.lease import check_fence, lock_record
+from desired.db.lease import check_fence, fence_and_read, lock_record
 from desired.db.pool import translating
 from desired.db.rows import (
     DESIRED_COLUMNS,
     INSERT_RESULT,
     changed,
-    insert_record,
     operation_from_row,
+    record_write,
     result_row,
-    set_columns,
 )
 from desired.leader import Fence, Fenced
 from desired.model import (
@@ -84,8 +83,17 @@ class StoreBase:
             yield found
 
     @contextlib.asynccontextmanager
-    async def _tx_first(self, game_id: str | None) -> AsyncIterator[tuple[asyncpg.Connection, datetime,
-                                                                          asyncpg.Record | None]]:
+    async def _tx_reading(self, columns: str, *args: Any) -> AsyncIterator[tuple[asyncpg.Connection, datetime,
+                                                                                 asyncpg.Record]]:
+        """``_tx`` whose first statement also reads ``columns`` (desired/db/lease.py ``fence_and_read``):
+        one round trip fewer for a transaction that starts with reads of its own. Yields their row."""
+        async with self._tx_first(None, (columns, args)) as (conn, now, row):
+            assert row is not None
+            yield conn, now, row
+
+    @contextlib.asynccontextmanager
+    async def _tx_first(self, game_id: str | None, reading: tuple[str, tuple[Any, ...]] | None = None
+                        ) -> AsyncIterator[tuple[asyncpg.Connection, datetime, asyncpg.Record | None]]:
         wrote = moved = False
         async with self.pool.acquire() as conn:
             try:
@@ -94,6 +102,8 @@ class StoreBase:
                     row = None
                     if game_id is not None:
                         now, row = await lock_record(self.fence, conn, game_id)
+                    elif reading is not None:
+                        now, row = await fence_and_read(self.fence, conn, *reading)
                     elif self.fence is not None:
                         now = await check_fence(self.fence, conn)
                     else:
@@ -143,9 +153,13 @@ class StoreBase:
         await self.pool.fetchval("SELECT 1")
 
     async def _write(self, conn: asyncpg.Connection, cur: RuntimeRecord | None, new: RuntimeRecord,
-                     now: datetime, forced_reason: str | None = None) -> RuntimeRecord:
+                     now: datetime, forced_reason: str | None = None, *,
+                     answers: Callable[[RuntimeRecord], Awaitable[list[tuple[Any, ...]]]] | None = None
+                     ) -> RuntimeRecord:
         """Write ``new`` over ``cur`` (insert when None): the status machine, the invariants, the
-        changed columns only, and the snapshot Lobby is owed when status, turn or paused changed."""
+        changed columns only, and the snapshot Lobby is owed when status, turn or paused changed.
+        ``answers``: given the record as it is written, the results of the jobs it answers (``result_row``s,
+        their operations already updated), inserted in the same statement after the snapshot."""
         if cur is not None and new.status is not cur.status:
             check_transition(cur.status, new.status)
         image = new.desired_image_ref or new.current_image_ref
@@ -158,22 +172,35 @@ class StoreBase:
         new.validate()
         if transitions.moves_the_clock(cur, new):
             self._clock_moved.add(conn)
-        if cur is None:
-            await insert_record(conn, new)
-        else:
-            await set_columns(conn, new.game_id, changed(cur, new))
+        outbox: list[tuple[Any, ...]] = []
         if reason is not None:
-            await self._insert_snapshot(conn, new, cur.status if cur else None, reason, now)
+            snapshot_id, game_id, body = self._snapshot_row(conn, new, cur.status if cur else None, reason, now)
+            outbox.append((snapshot_id, None, game_id, body, "snapshot"))
+        if answers is not None:
+            outbox.extend((*row, "result") for row in await answers(new))
+        write = record_write(cur, new, first=5 * len(outbox) + 1)
+        if not outbox:
+            if write is not None:
+                await conn.execute(write[0], *write[1])
+            return new
+        # The record, the snapshot it owes Lobby and the results of the jobs it answers in one statement (one
+        # round trip): the write as a CTE of the outbox's INSERT (Postgres runs a data-modifying CTE whether
+        # it is read or not); the outbox's rows in this order (their seq).
+        self._outbox_written.add(conn)
+        values = ", ".join(f"(${5 * i + 1}, ${5 * i + 2}::bigint, ${5 * i + 3}, ${5 * i + 4}::jsonb, ${5 * i + 5})"
+                           for i in range(len(outbox)))
+        insert = f"INSERT INTO job_results (result_id, operation_id, game_id, fields, kind) VALUES {values}"
+        sql = insert if write is None else f"WITH w AS ({write[0]}) {insert}"
+        await conn.execute(sql, *(v for row in outbox for v in row), *(write[1] if write is not None else ()))
         return new
 
-    async def _insert_snapshot(self, conn: asyncpg.Connection, record: RuntimeRecord, previous: Status | None,
-                               reason: str, now: datetime) -> None:
+    def _snapshot_row(self, conn: asyncpg.Connection, record: RuntimeRecord, previous: Status | None,
+                      reason: str, now: datetime) -> tuple[Any, ...]:
+        """The snapshot's id, game and body (the connection's transaction now writes the outbox)."""
         self._outbox_written.add(conn)
         snapshot_id = str(uuid.uuid4())
         body = snapshots.fields(record, previous=previous, reason=reason, snapshot_id=snapshot_id, now=now)
-        await conn.execute(
-            "INSERT INTO job_results (result_id, operation_id, game_id, fields, kind)"
-            " VALUES ($1, NULL, $2, $3::jsonb, 'snapshot')", uuid.UUID(snapshot_id), record.game_id, json.dumps(body))
+        return uuid.UUID(snapshot_id), record.game_id, json.dumps(body)
 
     async def _write_desired(self, conn: asyncpg.Connection, current: RuntimeRecord | None,
                              new: RuntimeRecord, now: datetime, *, moves: bool = False) -> RuntimeRecord:
@@ -202,17 +229,47 @@ class StoreBase:
 
     async def _finish_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: Finish,
                               now: datetime) -> int:
+        results = await self._answer_pending(conn, record, finish, now)
+        if results:
+            self._outbox_written.add(conn)
+            await conn.executemany(INSERT_RESULT, results)
+        return len(results)
+
+    async def _answer_pending(self, conn: asyncpg.Connection, record: RuntimeRecord, finish: Finish,
+                              now: datetime) -> list[tuple[Any, ...]]:
+        """``_finish_pending`` but the results' insert: their ``result_row``s, for the caller to write."""
         # Older generations still pending were not replaced (a pause, a forced turn, a reconcile
         # came after them): they converge with this one and hear the same answer.
-        ops = await self._pending_ops(conn, record.game_id, finish.generation)
+        # One UPDATE ... RETURNING answers them all as ``finish`` says (the rows locked in id order, as
+        # ``_pending_ops``; RETURNING the rows as they were), then one INSERT of their results: two round
+        # trips whatever their number, instead of 1 + 2 per operation. An operation whose answer was decided
+        # before (``decided``) is written again with it (rare: a failed generation, a disruption's note).
+        container_id, endpoint = "", ""
+        if finish.outcome is Outcome.SUCCESS:
+            container_id = record.current_container_id or ""
+            endpoint = record.engine_endpoint if container_id else ""
+        status = OpStatus.SUCCEEDED if finish.outcome is Outcome.SUCCESS else OpStatus.FAILED
+        code = finish.error_code.value if finish.error_code else None
+        rows = await conn.fetch(
+            "WITH p AS (SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
+            " AND generation <= $2 ORDER BY id FOR UPDATE) UPDATE runtime_operations o SET status = $3,"
+            " error_code = $4, error_message = $5, finished_at = $6 FROM p WHERE o.id = p.id RETURNING p.*",
+            record.game_id, finish.generation, status.value, code, finish.message or None, now)
+        ops = sorted((operation_from_row(r) for r in rows), key=lambda op: op.id)
+        results: list[tuple[Any, ...]] = []
         for op in ops:
-            container_id, endpoint = "", ""
-            if finish.outcome is Outcome.SUCCESS:
-                container_id = record.current_container_id or ""
-                endpoint = record.engine_endpoint if container_id else ""
-            await self._end_op(conn, op, finish.outcome, finish.error_code, finish.message,
-                               container_id, endpoint, now)
-        return len(ops)
+            outcome, op_code, message, op_container, op_endpoint = decided(
+                op, finish.outcome, finish.error_code, finish.message, container_id, endpoint)
+            if (outcome, op_code, message) != (finish.outcome, finish.error_code, finish.message):
+                await conn.execute(
+                    "UPDATE runtime_operations SET status = $2, error_code = $3, error_message = $4 WHERE id = $1",
+                    op.id, (OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS else OpStatus.FAILED).value,
+                    op_code.value if op_code else None, message or None)
+            results.append(result_row(op.id, JobResult(
+                result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome, job=op.op,
+                job_entry_id=op.entry_id or "", container_id=op_container, engine_endpoint=op_endpoint,
+                error_code=op_code, error_message=message)))
+        return results
 
     async def _end_op(self, conn: asyncpg.Connection, op: Operation, outcome: Outcome,
                       code: ErrorCode | None, message: str, container_id: str, endpoint: str,

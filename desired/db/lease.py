@@ -52,6 +52,27 @@ async def lock_record(fence: Fence | None, conn: asyncpg.Connection,
     return row["fence_now"], row if row["game_id"] is not None else None
 
 
+async def fence_and_read(fence: Fence | None, conn: asyncpg.Connection, columns: str,
+                         args: tuple[object, ...]) -> tuple[datetime, asyncpg.Record]:
+    """``check_fence`` and, in the same statement, the expressions ``columns`` (scalar sub-selects whose
+    parameters are numbered from $1, no write but a sequence's ``nextval``): one round trip for the fence
+    and what a transaction reads first. Returns the database's ``now()`` and the row of ``columns``."""
+    n = len(args)
+    if fence is None:
+        row = await conn.fetchrow(f"SELECT now() AS fence_now, {columns}", *args)
+    else:
+        if not fence.valid_locally:
+            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
+        row = await conn.fetchrow(
+            f"WITH f AS (SELECT now() AS now FROM leader_leases WHERE instance = ${n + 1} AND holder = ${n + 2}"
+            f" AND epoch = ${n + 3} AND expires_at > now() FOR KEY SHARE)"
+            f" SELECT (SELECT now FROM f) AS fence_now, {columns}", *args, fence.instance, fence.holder, fence.epoch)
+        if row is None or row["fence_now"] is None:
+            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} is over")
+    assert row is not None
+    return row["fence_now"], row
+
+
 _T = TypeVar("_T")
 
 

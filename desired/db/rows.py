@@ -88,26 +88,27 @@ def _db_value(v: Any) -> Any:
     return v.value if hasattr(v, "value") else v
 
 
-_INSERT_RECORD = (f"INSERT INTO runtime_records ({', '.join(RECORD_COLUMNS)})"
-                  f" VALUES ({', '.join(f'${i}' for i in range(1, len(RECORD_COLUMNS) + 1))})")
 SELECT_FOR_UPDATE = "SELECT * FROM runtime_records WHERE game_id = $1 FOR UPDATE"
-
-
-async def insert_record(conn: asyncpg.Connection, record: RuntimeRecord) -> None:
-    await conn.execute(_INSERT_RECORD, *[_db_value(getattr(record, c)) for c in RECORD_COLUMNS])
 
 
 def changed(old: RuntimeRecord, new: RuntimeRecord) -> dict[str, Any]:
     return {c: getattr(new, c) for c in RECORD_COLUMNS if getattr(old, c) != getattr(new, c)}
 
 
-async def set_columns(conn: asyncpg.Connection, game_id: str, changes: dict[str, Any]) -> None:
-    """UPDATE the given columns of one record (the names come from code, never from input)."""
+def record_write(cur: RuntimeRecord | None, new: RuntimeRecord, first: int = 1) -> tuple[str, list[Any]] | None:
+    """The statement that writes ``new`` over ``cur`` (an INSERT when None; an UPDATE of the changed columns
+    only, the names from code, never from input) and its arguments, numbered from ``$first``; None when
+    nothing changed."""
+    if cur is None:
+        cols = ", ".join(f"${i}" for i in range(first, first + len(RECORD_COLUMNS)))
+        return (f"INSERT INTO runtime_records ({', '.join(RECORD_COLUMNS)}) VALUES ({cols})",
+                [_db_value(getattr(new, c)) for c in RECORD_COLUMNS])
+    changes = changed(cur, new)
     if not changes:
-        return
-    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=2))
-    await conn.execute(f"UPDATE runtime_records SET {sets} WHERE game_id = $1",
-                       game_id, *[_db_value(v) for v in changes.values()])
+        return None
+    sets = ", ".join(f"{c} = ${i}" for i, c in enumerate(changes, start=first + 1))
+    return (f"UPDATE runtime_records SET {sets} WHERE game_id = ${first}",
+            [new.game_id, *[_db_value(v) for v in changes.values()]])
 
 
 # The relay's check of what Redis may have lost, at every start, new term and outage: it reads the

@@ -68,26 +68,36 @@ class Submissions(StoreBase):
         calls. Operation ids are taken from the sequence in entry order first, and rows written at
         once (desired-state changes, supersedes) flush what is buffered before them, so ids and
         results keep the entries' order."""
-        async with self._tx() as (conn, now):
-            keyed = [(i.stream, i.entry_id) for i in items if i.stream]
-            existing: dict[tuple[str, str], int] = {}
-            if keyed:
-                rows = await conn.fetch(
-                    "SELECT o.stream, o.entry_id, o.id FROM runtime_operations o JOIN unnest($1::text[], $2::text[])"
-                    " AS k(stream, entry_id) ON o.stream = k.stream AND o.entry_id = k.entry_id",
-                    [k[0] for k in keyed], [k[1] for k in keyed])
-                existing = {(r["stream"], r["entry_id"]): r["id"] for r in rows}
+        keyed = [(i.stream, i.entry_id) for i in items if i.stream]
+        # The fence and the duplicates in the transaction's first statement.
+        async with self._tx_reading(
+                "ARRAY(SELECT (o.stream, o.entry_id, o.id) FROM runtime_operations o JOIN unnest($1::text[],"
+                " $2::text[]) AS k(stream, entry_id) ON o.stream = k.stream AND o.entry_id = k.entry_id) AS existing",
+                [k[0] for k in keyed], [k[1] for k in keyed]) as (conn, now, first):
+            existing: dict[tuple[str, str], int] = {(r[0], r[1]): r[2] for r in first["existing"]}
             games = sorted({i.game_id for i in items if isinstance(i, Job)})
             records: dict[str, RuntimeRecord] = {}
             if games:
                 await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext(g)) FROM unnest($2::text[]) AS g"
                                    " ORDER BY g", GAME_LOCK_SPACE, games)
-                rows = await conn.fetch("SELECT * FROM runtime_records WHERE game_id = ANY($1::text[]) FOR UPDATE",
-                                        games)
-                records = {r["game_id"]: record_from_row(r) for r in rows}
-            ids = [r[0] for r in await conn.fetch(
-                "SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id')) FROM generate_series(1, $1)",
-                len(items))]
+                # The records and the batch's operation ids in one statement, both after the games' locks (so
+                # a game's operations are numbered in the order their admissions commit).
+                # The ids after the records' locks are granted, not before (nextval is not transactional: an id
+                # taken while this waits for a transition's lock would be smaller than the operation that
+                # transition writes and commits first): the series' bound reads the locked rows (an InitPlan,
+                # run before the series), so the rows are locked before any nextval.
+                rows = await conn.fetch(
+                    "WITH r AS MATERIALIZED (SELECT * FROM runtime_records WHERE game_id = ANY($1::text[]) FOR UPDATE),"
+                    " ids AS (SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id'))"
+                    " FROM generate_series(1, $2::int + 0 * (SELECT count(*) FROM r)::int)) AS ids)"
+                    " SELECT ids.ids, r.* FROM ids LEFT JOIN r ON true",
+                    games, len(items))
+                ids = list(rows[0]["ids"])
+                records = {r["game_id"]: record_from_row(r) for r in rows if r["game_id"] is not None}
+            else:
+                ids = [r[0] for r in await conn.fetch(
+                    "SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id')) FROM generate_series(1, $1)",
+                    len(items))]
             ops: list[tuple[Any, ...]] = []
             results: list[tuple[Any, ...]] = []
 
@@ -162,6 +172,10 @@ class Submissions(StoreBase):
                         job_entry_id=job.entry_id, container_id=decision.container_id,
                         engine_endpoint=decision.engine_endpoint, error_code=decision.error_code,
                         error_message=decision.message)))
+                if decision.action is DecisionAction.JOIN:
+                    # Desired state unchanged, but an operation joined the generation: the leader claims it
+                    # at its next sync only if woken (controller/reconciler.py ``job_admitted``).
+                    notify.append(job.game_id)
                 outcomes.append(SubmitOutcome(operation_id=op_id, decision=decision))
             await flush()
             if notify and self.fence is None:

@@ -5,7 +5,7 @@ and the turn clock: each a compare-and-swap on ``(status, current_container_id)`
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -55,9 +55,12 @@ class Transitions(StoreBase):
                     f"{rec.game_id}: expected status {rec.status.value}, container {expected_container}, "
                     f"generation {rec.generation}; found {cur.status.value}, {cur.current_container_id}, "
                     f"{cur.generation}")
-            new = await self._write(conn, cur, change(cur, now), now, reason)
+            answers = None
             if finish is not None:
-                await self._finish_pending(conn, new, Finish(generation=cur.generation, outcome=finish), now)
+                # Its jobs answered in the record's own write (base.py ``_write``): the operations first.
+                def answers(new: RuntimeRecord) -> Awaitable[list[tuple[Any, ...]]]:
+                    return self._answer_pending(conn, new, Finish(generation=cur.generation, outcome=finish), now)
+            new = await self._write(conn, cur, change(cur, now), now, reason, answers=answers)
             if note is not None:
                 await self._insert_note(conn, new, note, now)
             return new

@@ -1,0 +1,67 @@
+"""The claim memo (controller/reconciler.py ``_claimed``, branch g25-turn3): a generation's queued operations
+are claimed once per (term, generation) and again after every admission of a job of the game. Review of
+g25-turn3: an operation that joins the generation must still be claimed (status ``running``) at a later sync."""
+
+from __future__ import annotations
+
+import asyncio
+
+from controller.triggers import Resync
+from desired.model import JobKind, OpStatus
+from tests.support.world import IMG, World, started
+
+
+def turns(w: World, game: str) -> list[OpStatus]:
+    return [o.status for o in w.store.ops if o.game_id == game and o.op is JobKind.FORCE_NEXT_TURN]
+
+
+async def _pending_turn(w: World) -> None:
+    w.engine.admin[IMG] = "slow"  # the turn stays generating: the generation stays pending
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert turns(w, "g1") == [OpStatus.RUNNING]
+    assert not w.store.records["g1"].converged
+
+
+async def test_a_job_admitted_while_the_claim_is_in_flight_is_claimed_at_the_next_sync(tmp_path):
+    """The admission commits after the claim's statement took its snapshot and its wake
+    (``job_admitted``) runs before the claim's answer is handled: the memo is set after the wake
+    cleared it, so no later sync of the generation claims the new operation."""
+    w = World(tmp_path)
+    await _pending_turn(w)
+    w.reconciler._claimed.clear()  # a new look at the generation (say, a failover): the claim runs
+    claim = w.store.claim
+
+    async def racing(game_id: str, generation: int):
+        out = await claim(game_id, generation)  # the statement's snapshot: before the admission's commit
+        await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # joins the generation (the same turn, still generating)
+        w.reconciler.job_admitted("g1")  # admission's wake, handled before the claim's answer
+        return out
+
+    w.store.claim = racing
+    await asyncio.wait_for(w.sync("g1"), 30)
+    w.store.claim = claim
+    assert len(turns(w, "g1")) == 2 and turns(w, "g1")[1] is OpStatus.QUEUED
+    await asyncio.wait_for(w.sync("g1"), 30)  # the sync the wake queued
+    assert turns(w, "g1") == [OpStatus.RUNNING, OpStatus.RUNNING]
+
+
+async def test_a_job_that_joins_the_generation_without_a_wake_is_claimed_at_the_next_sync(tmp_path):
+    """A replica (CLI, operator tool, standby REST) admits a job that JOINs the generation: desired state
+    does not change, so desired/db/submissions.py sends no NOTIFY (only CHANGEs are notified), and a lost
+    NOTIFY has the same effect: only the resync's (or the poll's) sync looks at the game again, and it
+    skips the claim (memo unchanged). Before the branch every sync claimed."""
+    w = World(tmp_path)
+    await _pending_turn(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # no job_admitted: nothing woke the leader's memo
+    assert turns(w, "g1") == [OpStatus.RUNNING, OpStatus.QUEUED]
+    resync = Resync(store=w.store, backend=w.backend, reconciler=w.reconciler, queue=w.queue,
+                    metrics=w.reconciler.metrics, interval=30, retention_days=7, ready_check=_ready)
+    await resync.once()  # the fallback for every missed wake
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert turns(w, "g1") == [OpStatus.RUNNING, OpStatus.RUNNING]
+
+
+async def _ready() -> bool:
+    return True
