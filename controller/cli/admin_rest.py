@@ -12,31 +12,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from controller.cli.api import Answer, ApiClient, ApiError, target
+from controller.cli.api import ApiClient, refused, with_api
 from controller.cli.common import fail, print_json, table
 
 VERSIONS = "/api/v1/admin/engine-versions"
 
 
 async def admin_command(args: argparse.Namespace) -> int:
-    command = args.command
-    try:
-        url, token = target(args)
-    except (ValueError, OSError) as exc:
-        return fail(command, str(exc), 2)
-    try:
-        async with ApiClient(url, token) as client:
-            if command == "versions":
-                return await _versions(client, args)
-            if command == "rollout":
-                return await _rollout(client, args)
-            return await _drains(client, args)
-    except ApiError as exc:
-        return fail(command, str(exc))
-
-
-def _refused(command: str, answer: Answer) -> int:
-    return fail(command, answer.error, 2 if answer.status == 400 else 1)
+    run = {"versions": _versions, "rollout": _rollout}.get(args.command, _drains)
+    return await with_api(args, lambda client: run(client, args))
 
 
 # ------------------------------------------------------------------ versions
@@ -44,7 +28,7 @@ async def _versions(client: ApiClient, args: argparse.Namespace) -> int:
     if args.action == "list":
         answer = await client.call("GET", VERSIONS, query={"status": args.status} if args.status else None)
         if answer.status != 200:
-            return _refused("versions", answer)
+            return refused("versions", answer)
         if args.json:
             print_json(answer.body)
             return 0
@@ -68,7 +52,7 @@ async def _versions(client: ApiClient, args: argparse.Namespace) -> int:
         if answer.status == 204:
             print(f"{version}: removed")
             return 0
-        return _refused("versions", answer)
+        return refused("versions", answer)
     elif args.action == "stop-grace":
         raw = args.stop_grace
         answer = await client.call("PATCH", path, body={"stop_grace": None if raw == "default" else (
@@ -79,7 +63,7 @@ async def _versions(client: ApiClient, args: argparse.Namespace) -> int:
         answer = await client.call("PATCH", path, body={"status": status})
         ok = 200
     if answer.status != ok:
-        return _refused("versions", answer)
+        return refused("versions", answer)
     e = answer.body
     if args.action == "stop-grace":
         shown = "RTMANAGER_STOP_GRACE" if e.get("stop_grace") is None else f"{e['stop_grace']}s"
@@ -101,7 +85,7 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
                 body[name] = getattr(args, name)
         answer = await client.call("POST", "/api/v1/drains", body=body)
         if answer.status != 201:
-            return _refused(command, answer)
+            return refused(command, answer)
         d = answer.body
         print(f"drain {d['id']}: {d['target']} draining, {d['max_parallel']} at a time, deadline {d['deadline_at']}")
         return 0
@@ -110,7 +94,7 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
         if args.host or (target_ is not None and not target_.isdigit()):
             listed = await client.call("GET", "/api/v1/drains")
             if listed.status != 200:
-                return _refused(command, listed)
+                return refused(command, listed)
             want = "host" if args.host else target_
             active = [d for d in listed.body["drains"] if d["target"] == want
                       and d["status"] not in ("undrained", "failed")]
@@ -121,13 +105,13 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
             drain_id = target_
         answer = await client.call("POST", f"/api/v1/drains/{drain_id}/undrain")
         if answer.status != 200:
-            return _refused(command, answer)
+            return refused(command, answer)
         print(f"drain {answer.body['id']}: {answer.body['target']} {answer.body['status']}")
         return 0
     if args.id is not None:
         answer = await client.call("GET", f"/api/v1/drains/{args.id}")
         if answer.status != 200:
-            return _refused(command, answer)
+            return refused(command, answer)
         d = answer.body
         if args.json:
             print_json(d)
@@ -139,7 +123,7 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
         return 0
     answer = await client.call("GET", "/api/v1/drains")
     if answer.status != 200:
-        return _refused(command, answer)
+        return refused(command, answer)
     if args.json:
         print_json(answer.body)
         return 0
@@ -184,7 +168,7 @@ async def _rollout(client: ApiClient, args: argparse.Namespace) -> int:
     elif args.action == "status" and args.rollout_id is None:
         answer = await client.call("GET", "/api/v1/rollouts", query={"state": args.state} if args.state else None)
         if answer.status != 200:
-            return _refused("rollout", answer)
+            return refused("rollout", answer)
         if as_json:
             print_json(answer.body)
             return 0
@@ -199,6 +183,6 @@ async def _rollout(client: ApiClient, args: argparse.Namespace) -> int:
         answer = await client.call("POST", f"/api/v1/rollouts/{args.rollout_id}/{args.action}")
         ok = 200
     if answer.status != ok:
-        return _refused("rollout", answer)
+        return refused("rollout", answer)
     _show_rollout(answer.body, as_json)
     return 0

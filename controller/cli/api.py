@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+
+from controller.cli.common import fail
 
 SLACK = 30.0  # seconds a request may take beyond the job's own ?wait=
 
@@ -97,3 +100,22 @@ class ApiClient:
         except ValueError:
             raise ApiError(f"{method} {path}: HTTP {resp.status} with a body that is not JSON: "
                            f"{text[:200]!r}") from None
+
+
+async def with_api(args: argparse.Namespace, command: Callable[[ApiClient], Awaitable[int]]) -> int:
+    """Run one REST command with a client for ``args``' API. Exit status 2 when there is no token, 1 (and
+    the reason in one line) when the API gives no answer; otherwise the command's own."""
+    try:
+        url, token = target(args)
+    except (ValueError, OSError) as exc:
+        return fail(args.command, str(exc), 2)
+    try:
+        async with ApiClient(url, token) as client:
+            return await command(client)
+    except ApiError as exc:
+        return fail(args.command, str(exc))
+
+
+def refused(command: str, answer: Answer, prefix: str = "") -> int:
+    """A refusal in one line: exit status 2 for a bad request (HTTP 400), 1 for anything else."""
+    return fail(command, prefix + answer.error, 2 if answer.status == 400 else 1)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Any
 
-from controller.cli.api import Answer, ApiClient, ApiError, add_api_options, target
+from controller.cli.api import Answer, ApiClient, add_api_options, refused, with_api
 from controller.cli.common import fail, print_json, table
 
 # the job commands: CLI name -> the REST path under /api/v1/runtimes/{game_id}/
@@ -68,43 +68,35 @@ def add_parsers(sub: Any) -> None:
 
 
 async def rest_command(args: argparse.Namespace) -> int:
+    return await with_api(args, lambda client: _rest(client, args))
+
+
+async def _rest(client: ApiClient, args: argparse.Namespace) -> int:
     command = args.command
-    try:
-        url, token = target(args)
-    except (ValueError, OSError) as exc:
-        return fail(command, str(exc), 2)
-    try:
-        async with ApiClient(url, token) as client:
-            if command == "runtimes":
-                return await _runtimes(client, args)
-            if command == "runtime":
-                return _shown(command, await client.call("GET", f"/api/v1/runtimes/{args.game_id}"), args.json,
-                              _record_lines)
-            if command == "operations":
-                return _shown(command, await client.call("GET", f"/api/v1/runtimes/{args.game_id}/operations"),
-                              args.json, _operation_lines)
-            if command == "schedule":
-                answer = await client.call("PUT", f"/api/v1/runtimes/{args.game_id}/schedule",
-                                           body={"turn_interval": args.turn_interval})
-                return _shown(command, answer, args.json, lambda b: [
-                    f"{b['game_id']}: turn interval {b['turn_interval']}s" if b["turn_interval"]
-                    else f"{b['game_id']}: no schedule"])
-            if command == "resync":
-                answer = await client.call("POST", "/api/v1/snapshots/resync",
-                                           query={"game_id": args.game_id} if args.game_id else None)
-                return _shown(command, answer, args.json, lambda b: [f"{b['snapshots']} snapshots published"])
-            return await _job(client, args)
-    except ApiError as exc:
-        return fail(command, str(exc))
-
-
-def _exit_of(answer: Answer) -> int:
-    return 2 if answer.status == 400 else 1
+    if command == "runtimes":
+        return await _runtimes(client, args)
+    if command == "runtime":
+        return _shown(command, await client.call("GET", f"/api/v1/runtimes/{args.game_id}"), args.json,
+                      _record_lines)
+    if command == "operations":
+        return _shown(command, await client.call("GET", f"/api/v1/runtimes/{args.game_id}/operations"),
+                      args.json, _operation_lines)
+    if command == "schedule":
+        answer = await client.call("PUT", f"/api/v1/runtimes/{args.game_id}/schedule",
+                                   body={"turn_interval": args.turn_interval})
+        return _shown(command, answer, args.json, lambda b: [
+            f"{b['game_id']}: turn interval {b['turn_interval']}s" if b["turn_interval"]
+            else f"{b['game_id']}: no schedule"])
+    if command == "resync":
+        answer = await client.call("POST", "/api/v1/snapshots/resync",
+                                   query={"game_id": args.game_id} if args.game_id else None)
+        return _shown(command, answer, args.json, lambda b: [f"{b['snapshots']} snapshots published"])
+    return await _job(client, args)
 
 
 def _shown(command: str, answer: Answer, as_json: bool, lines: Any) -> int:
     if answer.status != 200:
-        return fail(command, answer.error, _exit_of(answer))
+        return refused(command, answer)
     if as_json:
         print_json(answer.body)
     else:
@@ -126,7 +118,7 @@ async def _runtimes(client: ApiClient, args: argparse.Namespace) -> int:
         page = {**query, "limit": str(want), **({"cursor": cursor} if cursor else {})}
         answer = await client.call("GET", "/api/v1/runtimes", query=page)
         if answer.status != 200:
-            return fail("runtimes", answer.error, _exit_of(answer))
+            return refused("runtimes", answer)
         found += answer.body["runtimes"]
         cursor = answer.body.get("next")
         if cursor is None or (args.limit is not None and len(found) >= args.limit):
@@ -180,7 +172,7 @@ async def _job(client: ApiClient, args: argparse.Namespace) -> int:
     if answer.status not in (200, 202):
         if args.json and isinstance(answer.body, dict):
             print_json(answer.body)
-        return fail(command, f"{args.game_id}: {answer.error}", _exit_of(answer))
+        return refused(command, answer, f"{args.game_id}: ")
     b = answer.body
     if args.json:
         print_json(b)
