@@ -12,10 +12,7 @@ Writes are the leader's (a standby answers 503, as for every write): the rollout
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from datetime import datetime
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -24,36 +21,17 @@ from desired.errors import NotFound
 from desired.rollouts import (
     Action,
     InvalidRollout,
-    Rollout,
     RolloutConflict,
-    RolloutGame,
     RolloutState,
     counts,
     parse_request,
+    rollout_json,
 )
 
 if TYPE_CHECKING:
     from controller.http import HttpDeps
 
 MAX_ID = 2**63 - 1
-
-
-def _value(v: Any) -> Any:
-    if isinstance(v, Enum):
-        return v.value
-    if isinstance(v, datetime):
-        return v.isoformat()
-    return v
-
-
-def rollout_json(rollout: Rollout, games_by_state: dict[str, int],
-                 games: list[RolloutGame] | None = None) -> dict[str, Any]:
-    body = {k: _value(v) for k, v in dataclasses.asdict(rollout).items()}
-    body["games_by_state"] = games_by_state
-    if games is not None:
-        body["games"] = [{k: _value(v) for k, v in dataclasses.asdict(g).items() if k != "rollout_id"}
-                         for g in games]
-    return body
 
 
 def _error(status: int, message: str, retry_after: bool = False) -> web.Response:

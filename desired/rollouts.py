@@ -32,6 +32,7 @@ patch; the patches in flight finish and are recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -446,6 +447,26 @@ def plan(rollout: Rollout, games: Sequence[RolloutGame], not_ready: frozenset[st
     if any(g.state is GameState.IN_PROGRESS for g in canaries):
         return Plan()  # the rest wait for every canary to hold
     return Plan(start=[(g.game_id, False) for g in ready[:free]])
+
+
+def _json_value(v: object) -> object:
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, datetime):
+        return v.isoformat()
+    return v
+
+
+def rollout_json(rollout: Rollout, games_by_state: dict[str, int],
+                 games: Sequence[RolloutGame] | None = None) -> dict[str, object]:
+    """A rollout as the REST API answers it (and the CLI prints it): its fields, its games per state, and
+    its games when given."""
+    body: dict[str, object] = {k: _json_value(v) for k, v in dataclasses.asdict(rollout).items()}
+    body["games_by_state"] = games_by_state
+    if games is not None:
+        body["games"] = [{k: _json_value(v) for k, v in dataclasses.asdict(g).items() if k != "rollout_id"}
+                         for g in games]
+    return body
 
 
 def counts(games: Sequence[RolloutGame]) -> dict[str, int]:

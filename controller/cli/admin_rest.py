@@ -14,6 +14,7 @@ from typing import Any
 
 from controller.cli.api import ApiClient, refused, with_api
 from controller.cli.common import fail, print_json, table
+from controller.cli.rollouts import show_rollout, show_rollouts, start_body
 
 VERSIONS = "/api/v1/admin/engine-versions"
 
@@ -134,47 +135,16 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ rollouts
-def _summary(by_state: dict[str, int]) -> str:
-    return " ".join(f"{state}={n}" for state, n in by_state.items())
-
-
-def _show_rollout(r: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print_json(r)
-        return
-    source = f"from {r['source_version']} " if r.get("source_version") else ""
-    why = f": {r['state_reason']}" if r.get("state_reason") else ""
-    print(f"rollout {r['id']}: {source}to {r['target_version']} ({r['target_image_ref']}) {r['state']}{why}")
-    print(f"  max_parallel={r['max_parallel']} canary={r['canary']} canary_hold={r['canary_hold']:g}s "
-          f"failure_budget={r['failure_budget']} on_failure={r['on_failure']}")
-    print(f"  {_summary(r['games_by_state'])}")
-    table([("GAME", "STATE", "CANARY", "WHY")] + [
-        (g["game_id"], g["state"], "yes" if g.get("canary") else "", g.get("reason") or "") for g in r["games"]])
-
-
 async def _rollout(client: ApiClient, args: argparse.Namespace) -> int:
     as_json = getattr(args, "json", False)
     if args.action == "start":
-        body: dict[str, Any] = {
-            "target_version": args.target_version, "max_parallel": args.max_parallel, "canary": args.canary,
-            "canary_hold": args.canary_hold, "failure_budget": args.failure_budget, "on_failure": args.on_failure,
-            "force": args.force}
-        if args.source_version is not None:
-            body["source_version"] = args.source_version
-        if args.games:
-            body["game_ids"] = args.games
-        answer = await client.call("POST", "/api/v1/rollouts", body=body)
+        answer = await client.call("POST", "/api/v1/rollouts", body=start_body(args))
         ok = 201
     elif args.action == "status" and args.rollout_id is None:
         answer = await client.call("GET", "/api/v1/rollouts", query={"state": args.state} if args.state else None)
         if answer.status != 200:
             return refused("rollout", answer)
-        if as_json:
-            print_json(answer.body)
-            return 0
-        table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
-            (str(r["id"]), r["state"], r["target_version"], r.get("source_version") or "-",
-             _summary(r["games_by_state"]), r.get("state_reason") or "") for r in answer.body["rollouts"]])
+        show_rollouts(answer.body, as_json)
         return 0
     elif args.action == "status":
         answer = await client.call("GET", f"/api/v1/rollouts/{args.rollout_id}")
@@ -184,5 +154,5 @@ async def _rollout(client: ApiClient, args: argparse.Namespace) -> int:
         ok = 200
     if answer.status != ok:
         return refused("rollout", answer)
-    _show_rollout(answer.body, as_json)
+    show_rollout(answer.body, as_json)
     return 0

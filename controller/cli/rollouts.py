@@ -13,18 +13,16 @@ function as the REST body (desired/rollouts.py ``parse_request``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 from controller.access import cli_actor
-from controller.cli.common import open_store, table
+from controller.cli.common import open_store, print_json, table
 from controller.config import Settings
 from desired.errors import NotFound
 from desired.ports import RolloutAdminStore
 from desired.rollouts import (
     Action,
-    GameState,
     InvalidRollout,
     Rollout,
     RolloutConflict,
@@ -32,6 +30,7 @@ from desired.rollouts import (
     RolloutState,
     counts,
     parse_request,
+    rollout_json,
 )
 
 
@@ -60,43 +59,57 @@ def add_rollout_parser(sub: Any, api: argparse.ArgumentParser) -> None:
         ap.add_argument("--json", action="store_true")
 
 
-def _json(rollout: Rollout, by_state: dict[str, int], games: list[RolloutGame] | None = None) -> str:
-    from controller.rollouts_http import rollout_json
-    return json.dumps(rollout_json(rollout, by_state, games), indent=2)
+def start_body(args: argparse.Namespace) -> dict[str, Any]:
+    """``rollout start``'s request, as the REST API takes it (checked by ``parse_request``)."""
+    body: dict[str, Any] = {
+        "target_version": args.target_version, "max_parallel": args.max_parallel, "canary": args.canary,
+        "canary_hold": args.canary_hold, "failure_budget": args.failure_budget, "on_failure": args.on_failure,
+        "force": args.force}
+    if args.source_version is not None:
+        body["source_version"] = args.source_version
+    if args.games:
+        body["game_ids"] = args.games
+    return body
 
 
 def _summary(by_state: dict[str, int]) -> str:
-    return " ".join(f"{s.value}={by_state.get(s.value, 0)}" for s in GameState)
+    return " ".join(f"{state}={n}" for state, n in by_state.items())
+
+
+def show_rollout(r: dict[str, Any], as_json: bool) -> None:
+    """One rollout as the REST API answers it (``rollout_json``), with its games."""
+    if as_json:
+        print_json(r)
+        return
+    source = f"from {r['source_version']} " if r.get("source_version") else ""
+    why = f": {r['state_reason']}" if r.get("state_reason") else ""
+    print(f"rollout {r['id']}: {source}to {r['target_version']} ({r['target_image_ref']}) {r['state']}{why}")
+    print(f"  max_parallel={r['max_parallel']} canary={r['canary']} canary_hold={r['canary_hold']:g}s "
+          f"failure_budget={r['failure_budget']} on_failure={r['on_failure']}")
+    print(f"  {_summary(r['games_by_state'])}")
+    table([("GAME", "STATE", "CANARY", "WHY")] + [
+        (g["game_id"], g["state"], "yes" if g.get("canary") else "", g.get("reason") or "") for g in r["games"]])
+
+
+def show_rollouts(body: dict[str, Any], as_json: bool) -> None:
+    """The rollouts as ``GET /api/v1/rollouts`` answers them."""
+    if as_json:
+        print_json(body)
+        return
+    table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
+        (str(r["id"]), r["state"], r["target_version"], r.get("source_version") or "-",
+         _summary(r["games_by_state"]), r.get("state_reason") or "") for r in body["rollouts"]])
 
 
 def _show(rollout: Rollout, games: list[RolloutGame], as_json: bool) -> None:
-    by_state = counts(games)
-    if as_json:
-        print(_json(rollout, by_state, games))
-        return
-    source = f"from {rollout.source_version} " if rollout.source_version else ""
-    print(f"rollout {rollout.id}: {source}to {rollout.target_version} ({rollout.target_image_ref}) "
-          f"{rollout.state.value}{': ' + rollout.state_reason if rollout.state_reason else ''}")
-    print(f"  max_parallel={rollout.max_parallel} canary={rollout.canary} canary_hold={rollout.canary_hold:g}s "
-          f"failure_budget={rollout.failure_budget} on_failure={rollout.on_failure.value}")
-    print(f"  {_summary(by_state)}")
-    table([("GAME", "STATE", "CANARY", "WHY")] + [
-        (g.game_id, g.state.value, "yes" if g.canary else "", g.reason) for g in games])
+    show_rollout(rollout_json(rollout, counts(games), games), as_json)
 
 
 async def rollout_command(store: RolloutAdminStore, settings: Settings, args: argparse.Namespace) -> int:
     as_json = getattr(args, "json", False)
     try:
         if args.action == "start":
-            body: dict[str, Any] = {
-                "target_version": args.target_version, "max_parallel": args.max_parallel, "canary": args.canary,
-                "canary_hold": args.canary_hold, "failure_budget": args.failure_budget,
-                "on_failure": args.on_failure, "force": args.force}
-            if args.source_version is not None:
-                body["source_version"] = args.source_version
-            if args.games:
-                body["game_ids"] = args.games
-            req = parse_request(body)
+            req = parse_request(start_body(args))
             rollout, games = await store.create_rollout(req, settings.images.image_allowlist,
                                                         settings.images.version_policy == "registry",
                                                         actor=cli_actor())
@@ -108,13 +121,7 @@ async def rollout_command(store: RolloutAdminStore, settings: Settings, args: ar
                 _show(rollout, games, as_json)
                 return 0
             found = await store.list_rollouts(RolloutState(args.state) if args.state else None)
-            if as_json:
-                from controller.rollouts_http import rollout_json
-                print(json.dumps({"rollouts": [rollout_json(r, c) for r, c in found]}, indent=2))
-                return 0
-            table([("ID", "STATE", "TARGET", "SOURCE", "GAMES", "WHY")] + [
-                (str(r.id), r.state.value, r.target_version, r.source_version or "-", _summary(c), r.state_reason)
-                for r, c in found])
+            show_rollouts({"rollouts": [rollout_json(r, c) for r, c in found]}, as_json)
             return 0
         await store.steer_rollout(args.rollout_id, Action(args.action), actor=cli_actor())
         rollout, games = await store.get_rollout(args.rollout_id)
