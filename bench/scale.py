@@ -1130,6 +1130,7 @@ def section_sim(run: Run) -> dict:
     out_file = run.work / "sim.json"
     cmd = [sys.executable, str(ROOT / "bench" / "scale_sim.py"), "--games", str(a.sim_games), "--db", run.sim_db,
            "--prefix", run.prefix, "--out", str(out_file), "--drift", str(a.sim_drift),
+           "--drift-timeout", str(a.sim_drift_timeout),
            "--resync", str(a.sim_resync), "--log", str(run.work / "sim-controller.log"),
            "--state-root", str(run.work / "sim-games"),
            "--concurrency", str(CONCURRENCY)]
@@ -1383,6 +1384,8 @@ def main() -> None:
     ap.add_argument("--turn-seconds", type=float, default=180)
     ap.add_argument("--sim-drift", type=float, default=0.10)
     ap.add_argument("--sim-resync", type=float, default=30)
+    ap.add_argument("--sim-drift-timeout", type=float, default=600,
+                    help="seconds the simulated drift may take to converge before it is reported as not converged")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain docker-py comparison")
     ap.add_argument("--quiet-engines", action="store_true",
                     help="run a per-run build of the stub 1.0 whose keep-alive loop forks every 5 s instead of "

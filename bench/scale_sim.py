@@ -63,8 +63,11 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if os.environ.get("BENCH_CODE"):  # bench/run.sh --before: the controller's code of another revision
+    sys.path.insert(0, os.environ["BENCH_CODE"])
 
-from controller.app import Controller, tune_gc  # noqa: E402
+import controller.app  # noqa: E402
+from controller.app import Controller  # noqa: E402
 from controller.config import Settings  # noqa: E402
 from controller.logs import setup_logging  # noqa: E402
 from controller.spec import build_spec  # noqa: E402
@@ -779,7 +782,9 @@ class Sim:
                 raise RuntimeError("the simulated controller did not become leader")
             await asyncio.sleep(0.05)
         self.instrument(ctl)
-        tune_gc()  # what `rtmanager run` does once started
+        tune_gc = getattr(controller.app, "tune_gc", None)  # older revisions have none
+        if tune_gc is not None:
+            tune_gc()  # what `rtmanager run` does once started
         if args.gc_threshold0:
             gc.set_threshold(args.gc_threshold0, *gc.get_threshold()[1:])
         result: dict = {"sizes": [], "base_rss_mib": base_rss, "settings": {
