@@ -23,9 +23,11 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
+import docker.utils
 import requests.exceptions
 
 from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.jsonarray import decode_array
 from observed.text import safe_text
 
 T = TypeVar("T")
@@ -40,6 +42,19 @@ def short_error(exc: BaseException) -> str:
     text = getattr(exc, "explanation", None) or str(exc)
     text = safe_text(str(text)).strip()
     return text.splitlines()[0][:300] if text else exc.__class__.__name__
+
+
+def get_list(api: docker.APIClient, path: str, filters: dict[str, Any] | None = None,
+             **params: Any) -> list[Any]:
+    """A list the daemon answers (``/containers/json``, ``/services``, ``/tasks``), fetched as docker-py
+    would and decoded one element at a time (observed/jsonarray.py) instead of one ``json.loads`` of
+    the whole answer: at 100,000 units that one call held the GIL, and so the event loop, for seconds.
+    Errors as docker-py's own list calls raise them."""
+    if filters:
+        params["filters"] = docker.utils.convert_filters(filters)
+    res = api._get(api._url(path), params=params)
+    api._raise_for_status(res)
+    return decode_array(res.content)
 
 
 class DaemonClient:

@@ -28,7 +28,7 @@ import docker.types
 import requests.exceptions
 
 from observed import restarts
-from observed.daemon import DaemonClient, short_error
+from observed.daemon import DaemonClient, get_list, short_error
 from observed.errors import BackendUnavailable, ImageMissing, Refused
 from observed.events import EventWatcher
 from observed.model import (
@@ -85,7 +85,7 @@ class DockerBackend(DaemonClient):
         def list_parsed() -> list[ObservedContainer]:
             # Parsed in the call's thread, not on the event loop: at 100,000 units the parse alone held
             # the loop for seconds (a lease renewal waits as long).
-            raw = self._docker().api.containers(all=True, filters=filters)
+            raw = get_list(self._docker().api, "/containers/json", filters, all=1)
             return [from_list_entry(attrs, network, probe_address=probe_address) for attrs in raw]
 
         return await self._call("list", list_parsed)

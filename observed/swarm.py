@@ -61,7 +61,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from observed.daemon import DaemonClient, short_error
+from observed.daemon import DaemonClient, get_list, short_error
 from observed.errors import BackendUnavailable, ImageMissing, NodeLost, Refused
 from observed.model import (
     LABEL_GAME_ID,
@@ -142,8 +142,8 @@ class SwarmBackend(DaemonClient):
     async def list_managed(self) -> list[ObservedContainer]:
         """Every service of this instance, from one service-list and one task-list call."""
         filters = self._labels_filter()
-        services = await self._call("list", lambda: self._docker().api.services(filters=filters))
-        tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters=filters)) if services else []
+        services = await self._call("list", lambda: get_list(self._docker().api, "/services", filters))
+        tasks = await self._call("tasks", lambda: get_list(self._docker().api, "/tasks", filters)) if services else []
         await self._know_nodes(tasks)
         by_service: dict[str, list[dict[str, Any]]] = {}
         for t in self._settle(tasks):
@@ -798,7 +798,7 @@ class TaskPoller:
             try:
                 if client is None:
                     client = self._factory()
-                snapshot = self._snapshot(client.api.tasks(filters=self._filters))
+                snapshot = self._snapshot(get_list(client.api, "/tasks", self._filters))
                 if self._fresh or not self.connected:
                     self._fresh = False
                     self.connected = True
