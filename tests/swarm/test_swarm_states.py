@@ -4,6 +4,8 @@ the state, which state, exit code, address, lost tasks, and the task poller's ev
 from __future__ import annotations
 
 import asyncio
+import json
+import types
 
 from observed.swarm import SwarmBackend, TaskPoller, _latest, _state
 
@@ -89,11 +91,21 @@ async def test_poller_reports_changes_and_connects():
                RuntimeError("daemon away"), [task("a", "failed", desired="shutdown")]]
 
     class Api:
-        def tasks(self, filters):
+        """docker-py's low-level client as the poller uses it (observed/daemon.get_list): the GET of
+        /tasks, answered with the JSON bytes dockerd would send."""
+
+        def _url(self, path):
+            return path
+
+        def _get(self, url, params=None):
+            assert url == "/tasks"
             answer = answers.pop(0) if len(answers) > 1 else answers[0]
             if isinstance(answer, Exception):
                 raise answer
-            return answer
+            return types.SimpleNamespace(content=json.dumps(answer).encode())
+
+        def _raise_for_status(self, res):
+            pass
 
     class Client:
         api = Api()
