@@ -79,13 +79,19 @@ def metric(ctl, name: str, **labels: str) -> float:
     return total
 
 
-async def test_the_cost_of_a_turn_of_an_up_converged_game(api):
+async def _up_games(api, prefix: str):
+    """A controller (slow periodic loops) with GAMES stub engines up and their turns known."""
     ctl = await api.start(engine_admin_path="/cgi-bin/admin/v1", health_interval="60", resync_interval="120")
-    games = [f"cost{i}" for i in range(GAMES)]
+    games = [f"{prefix}{i}" for i in range(GAMES)]
     answers = await asyncio.gather(*(api.job(g, "start", {"image_ref": STUB_10}) for g in games))
     assert all(a[1]["outcome"] == "success" for a in answers), answers
     for g in games:
         await eventually(lambda g=g: _turn_known(api, g), what="the engine's turn known")
+    return ctl, games
+
+
+async def test_the_cost_of_a_turn_of_an_up_converged_game(api):
+    ctl, games = await _up_games(api, "cost")
     await asyncio.sleep(1.0)  # let the starts' own work settle
     stream = api.env["RTMANAGER_CONTROL_STREAM"]
     with Counter() as sql:
@@ -115,12 +121,8 @@ async def test_the_cost_of_a_turn_of_an_up_converged_game(api):
 async def test_the_cost_of_a_scheduled_turn_of_an_up_converged_game(api):
     """The turn clock's turn: no stream entry, no admission from the intake and no result to relay; the
     clock's due query, the clock's own admission, the reconciler's request and convergence."""
-    ctl = await api.start(engine_admin_path="/cgi-bin/admin/v1", health_interval="60", resync_interval="120")
-    games = [f"costsched{i}" for i in range(GAMES)]
-    answers = await asyncio.gather(*(api.job(g, "start", {"image_ref": STUB_10}) for g in games))
-    assert all(a[1]["outcome"] == "success" for a in answers), answers
+    ctl, games = await _up_games(api, "costsched")
     for g in games:
-        await eventually(lambda g=g: _turn_known(api, g), what="the engine's turn known")
         status, body, _ = await api.request("PUT", f"/api/v1/runtimes/{g}/schedule", json={"turn_interval": 1})
         assert status == 200, body
     await eventually(lambda: _all_turned(api, games, 1), 15, "a first scheduled turn of every game")
