@@ -219,7 +219,8 @@ class Controller:
                              retention_days=s.database.retention_days,
                              ready_check=self.readiness.ok)
         self.health = HealthRound(store=self.store, backend=self.backend, reconciler=self.reconciler,
-                                  interval=s.engine.health_interval, metrics=self.metrics)
+                                  interval=s.engine.health_interval, metrics=self.metrics,
+                                  steady_every=s.engine.health_steady_every)
         self.turn_clock = TurnClock(store=self.store, admission=self.admission, metrics=self.metrics,
                                     max_sleep=s.runtime.resync_interval)
         swarm_nodes = getattr(self.backend, "node_names", None)  # Swarm: a drain's node must be one of them

@@ -195,6 +195,10 @@ class EngineSettings:
                                        "delay after a crash (from 0.1 s, doubling)")
     health_interval: float = setting("RTMANAGER_HEALTH_INTERVAL", "15", number(0, 86400), "seconds between health "
                                      "probes of running engines (0: off)")
+    health_steady_every: int = setting("RTMANAGER_HEALTH_STEADY_EVERY", "4", integer(1, 1000), "a steady engine (up, "
+                                       "healthy, nothing asked of it, its last probes found nothing new, no event "
+                                       "since) is probed every Nth health round; every other engine every round "
+                                       "(1: every engine every round)")
     unreachable_after: int = setting("RTMANAGER_UNREACHABLE_AFTER", "3", integer(1, 1000), "failed probes in a row "
                                      "after which an engine is `engine_unreachable`")
     unreachable_restart_after: float = setting("RTMANAGER_UNREACHABLE_RESTART_AFTER", "0", number(0, 10**7),

@@ -77,9 +77,10 @@ class Health:
         return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase,
                      failed_turn=last.turn, failed_error=last.error)
 
-    async def observe(self, record: RuntimeRecord, address: str | None) -> None:
+    async def observe(self, record: RuntimeRecord, address: str | None) -> bool:
         """One periodic look at a running engine; the record is written only when something changed.
-        An engine that does not run at all is a trigger, like an event: the reconciler is woken."""
+        An engine that does not run at all is a trigger, like an event: the reconciler is woken.
+        True when the engine answered and nothing changed (controller/pacing.py: it may be steady)."""
         probe = await self.probe(record, address)
         s = self.settings
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
@@ -93,8 +94,11 @@ class Health:
                                                     generation_timeout=s.engine.generation_timeout)
             except Conflict:
                 pass  # the record moved on meanwhile; the next round looks again
+            return False
         if not address:
             self._wake(record.game_id)  # not running at all: let the reconciler look
+            return False
+        return probe.healthy
 
     async def record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
         """A probe taken while reconciling, written when it changes the record (which is returned)."""

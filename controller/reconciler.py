@@ -148,6 +148,10 @@ class UnitCache:
     def clear(self) -> None:
         self._units.clear()
 
+    def touches(self, game_id: str) -> int:
+        """How many times something happened to the game's unit (``touch``) in this process."""
+        return self._touched.get(game_id, 0)
+
     def touch(self, game_id: str) -> None:
         """Something happened to the game's unit (an event, a resync's finding, an action of ours)."""
         self._touched[game_id] = self._touched.get(game_id, 0) + 1
@@ -193,9 +197,10 @@ class Reconciler:
     def epoch(self) -> int:
         return self.fence.epoch if self.fence is not None else 1
 
-    async def observe(self, record: RuntimeRecord, address: str | None) -> None:
-        """The health round's look at one running engine (controller/health.py)."""
-        await self.health.observe(record, address)
+    async def observe(self, record: RuntimeRecord, address: str | None) -> bool:
+        """The health round's look at one running engine (controller/health.py): True when it answered
+        and nothing changed."""
+        return await self.health.observe(record, address)
 
     def refill_dispose_budget(self) -> None:
         """At most once per resync interval, however many resyncs run (events reconnecting force some)."""

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 from controller.admission import Admission
 from controller.metrics import Metrics, one_round
+from controller.pacing import ProbePacing
 from controller.planner import ActionKind
 from controller.reconciler import Reconciler, backend_errors
 from controller.workqueue import WorkQueue
@@ -148,29 +149,42 @@ class HealthRound:
     """Probe running engines; the reconciler writes the health field only when it changes."""
 
     def __init__(self, *, store: HealthStore, backend: RuntimeBackend, reconciler: Reconciler, interval: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, steady_every: int = 1) -> None:
         self.metrics = metrics
         self.store = store
         self.backend = backend
         self.reconciler = reconciler
         self.interval = interval
+        self.pacing = ProbePacing(steady_every)  # which engines a round probes (controller/pacing.py)
 
     async def once(self) -> None:
         records = await self.store.list_up()
+        self.pacing.start_round(r.game_id for r in records)
         if not records:
             return
         with backend_errors():
             addresses = {c.id: c.address for c in await self.backend.list_managed() if c.running}
+        units = self.reconciler.units
+        todo = []
+        for rec in records:
+            address = addresses.get(rec.current_container_id or "")
+            if address is None or self.pacing.due(rec, units.touches(rec.game_id)):
+                todo.append((rec, address))  # a unit not running is always looked at (no probe: a wake)
+        if len(todo) < len(records):
+            self.metrics.probes_deferred.inc(len(records) - len(todo))
+        del records
         # A fixed number of workers take the records in turn: one task per game would make, at 100,000
         # games, 100,000 tasks with their frames alive at once (what the garbage collector walked). A
         # record is let go once taken, so the heap shrinks as the round goes.
-        records.reverse()
+        todo.reverse()
 
         async def worker() -> None:
-            while records:
-                rec = records.pop()
+            while todo:
+                rec, address = todo.pop()
+                touches = units.touches(rec.game_id)
                 try:
-                    await self.reconciler.observe(rec, addresses.get(rec.current_container_id or ""))
+                    steady = await self.reconciler.observe(rec, address)
+                    self.pacing.probed(rec, touches, steady)
                 except (TemporaryError, Fenced):
                     raise  # not this game's doing: the round fails
                 except Exception:  # noqa: BLE001 - this game's bad data fails this game's probe, not the round
@@ -191,6 +205,7 @@ class HealthRound:
         self.metrics.health_round_seconds.observe(asyncio.get_running_loop().time() - t0)
 
     async def run(self, stopping: asyncio.Event) -> None:
+        self.pacing = ProbePacing(self.pacing.every)  # a new term knows nothing of the engines yet
         while not stopping.is_set():
             await wait_any(stopping, timeout=self.interval)
             if stopping.is_set():
