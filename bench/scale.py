@@ -490,6 +490,7 @@ class Run:
             "RTMANAGER_LEASE_TTL": str(a.lease_ttl), "RTMANAGER_CONCURRENCY": str(CONCURRENCY),
             "RTMANAGER_ENGINE_ADMIN_PATH": ADMIN_PATH, "RTMANAGER_CLEANUP_TTL": "0",
             "RTMANAGER_LOG_LEVEL": "WARNING", "RTMANAGER_AUTO_MIGRATE": "1",
+            **dict(kv.split("=", 1) for kv in a.env),
         }
 
     # ------------------------------------------------------------------ setup
@@ -679,34 +680,14 @@ def settle(run: Run, ctl: Ctl) -> dict[str, float]:
     return m
 
 
-def health_rounds(ctl: Ctl, n_up: int, seconds: float) -> dict:
-    """Sample engine_probes_total at 10 Hz: a round is a burst of about n_up probes. Duration: from
-    the last sample before its first probe to the first sample with all its probes (resolution 0.1 s)."""
-    samples = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        m = ctl.metrics()
-        samples.append((time.perf_counter(), msum(m, "rtmanager_engine_probes_total")))
-        time.sleep(0.1)
-    rounds, starts = [], []
-    i = 1
-    while i < len(samples):
-        if samples[i][1] > samples[i - 1][1]:
-            t_start, base_count = samples[i - 1]
-            j = i
-            while j < len(samples) and samples[j][1] < base_count + 0.95 * n_up:  # a game may be mid-change
-                j += 1
-            if j == len(samples):
-                break  # the window ended inside the round
-            rounds.append(samples[j][0] - t_start)
-            starts.append(t_start)
-            i = j + 1
-        else:
-            i += 1
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    return {"rounds": len(rounds), "duration_s": statistics.median(rounds) if rounds else None,
-            "duration_max_s": max(rounds) if rounds else None,
-            "interval_s": statistics.median(gaps) if gaps else None, "samples": len(samples)}
+def health_rounds(m0: dict, m1: dict, seconds: float) -> dict:
+    """The health rounds that ended in a window, from the controller's own histogram: how many, their
+    mean time and the mean time between them. (A round no longer probes every engine: steady ones
+    every RTMANAGER_HEALTH_STEADY_EVERY-th round, so rounds are not told apart by the probe count.)"""
+    name = "rtmanager_health_round_duration_seconds"
+    n = msum(m1, name + "_count") - msum(m0, name + "_count")
+    total = msum(m1, name + "_sum") - msum(m0, name + "_sum")
+    return {"rounds": n, "duration_s": total / n if n else None, "interval_s": seconds / n if n else None}
 
 
 def at_rest(run: Run, ctl: Ctl, n_up: int) -> dict:
@@ -720,7 +701,8 @@ def at_rest(run: Run, ctl: Ctl, n_up: int) -> dict:
     resyncs = msum(m1, "rtmanager_resync_total", result="ok") - msum(m0, "rtmanager_resync_total", result="ok")
     calls = delta(m0, m1, "rtmanager_docker_api_calls_total", "operation")
     probes = msum(m1, "rtmanager_engine_probes_total") - msum(m0, "rtmanager_engine_probes_total")
-    rounds = probes / n_up if n_up else 0.0
+    rounds = probes / n_up if n_up else 0.0  # probes per game (a steady engine is not probed every round)
+    health = health_rounds(m0, m1, secs)
     status_calls = msum(m1, "rtmanager_engine_status_calls_total") - msum(m0, "rtmanager_engine_status_calls_total")
     per_query = pgss_delta(q0, q1)
     resync_q = {q: v for q, v in per_query.items() if any(mk in q for mk in RESYNC_MARKERS)}
@@ -744,7 +726,7 @@ def at_rest(run: Run, ctl: Ctl, n_up: int) -> dict:
         "cpu_s_per_min": (c1 - c0) * 60 / secs, "cpu_pct": 100 * (c1 - c0) / secs,
         "rss_mib": ctl.rss(), "hwm_mib": proc_hwm(ctl.pid),
         "docker_calls": calls,
-        "list_per_resync": (calls.get("list", 0) - round(rounds)) / resyncs if resyncs else None,
+        "list_per_resync": (calls.get("list", 0) - health["rounds"]) / resyncs if resyncs else None,
         "inspect_per_resync": calls.get("inspect", 0) / resyncs if resyncs else None,
         "docker_calls_per_resync": sum(calls.values()) / resyncs if resyncs else None,
         "list_ms": 1000 * list_s / list_n if list_n else None,
@@ -757,7 +739,7 @@ def at_rest(run: Run, ctl: Ctl, n_up: int) -> dict:
     }
     if out["list_ms"] is not None and out["resync_sql_ms"] is not None:
         out["resync_io_ms"] = out["list_ms"] + out["resync_sql_ms"]
-    out["health"] = health_rounds(ctl, n_up, run.args.probe_window or (2 * run.args.health_interval + 2))
+    out["health"] = health
     return out
 
 
@@ -1224,7 +1206,7 @@ def print_start(r: dict) -> None:
         row("  resync I/O ms (list + its SQL)", lambda s: rest(s).get("resync_io_ms"), ".1f"),
         row("  all SQL statements / min", lambda s: rest(s)["sql_per_min"], ".0f"),
         row("  health rounds (probes / games)", lambda s: rest(s)["health_rounds"], ".1f", False),
-        row("  health round s (median)", lambda s: rest(s)["health"]["duration_s"]),
+        row("  health round s (mean)", lambda s: rest(s)["health"]["duration_s"]),
         row("  health round interval s", lambda s: rest(s)["health"]["interval_s"], ".1f", False),
         row("  reconciles at rest", lambda s: rest(s)["reconciles"], ".0f", False),
         row("host: dockerd RSS MiB", lambda s: rest(s)["host"].get("dockerd_rss"), ".0f"),
@@ -1374,7 +1356,6 @@ def main() -> None:
     ap.add_argument("--sim-games", type=int, default=100_000, help="simulated games (default 100000)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="start,restart,failover,flood,turns,sim or 1-6")
     ap.add_argument("--rest-seconds", type=float, default=60, help="quiet window at each size (default 60)")
-    ap.add_argument("--probe-window", type=float, default=0, help="health-round sampling window (2 intervals)")
     ap.add_argument("--resync", type=float, default=10, help="RTMANAGER_RESYNC_INTERVAL of the real runs")
     ap.add_argument("--health-interval", type=float, default=15, help="RTMANAGER_HEALTH_INTERVAL")
     ap.add_argument("--lease-ttl", type=float, default=5, help="RTMANAGER_LEASE_TTL")
@@ -1387,12 +1368,17 @@ def main() -> None:
     ap.add_argument("--sim-drift-timeout", type=float, default=600,
                     help="seconds the simulated drift may take to converge before it is reported as not converged")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain docker-py comparison")
+    ap.add_argument("--env", action="append", default=[], metavar="RTMANAGER_X=V",
+                    help="a setting more for the real controllers (repeatable), e.g. RTMANAGER_HEALTH_STEADY_EVERY=1")
     ap.add_argument("--quiet-engines", action="store_true",
                     help="run a per-run build of the stub 1.0 whose keep-alive loop forks every 5 s instead of "
                          "every 0.3 s (an idle stub 1.0 costs about 0.4 %% of a core: 1,000 of them need ~4 cores)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the work directory (controller logs)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/scale-latest.json"))
     args = ap.parse_args()
+    for kv in args.env:
+        if "=" not in kv or not kv.startswith("RTMANAGER_"):
+            ap.error(f"--env {kv!r}: must be RTMANAGER_NAME=VALUE")
     names = {str(i + 1): s for i, s in enumerate(SECTIONS)}
     wanted = [names.get(s.strip(), s.strip()) for s in args.sections.split(",") if s.strip()]
     bad = [s for s in wanted if s not in SECTIONS]

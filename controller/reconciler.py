@@ -158,7 +158,8 @@ class UnitCache:
         self._units.pop(game_id, None)
 
 
-_KEEPS_UNIT = (ActionKind.TURN, ActionKind.RECORD)  # actions that leave the unit as it was inspected
+# Actions that leave the unit as it was inspected; planned only when the unit runs and is the record's.
+KEEPS_UNIT = (ActionKind.TURN, ActionKind.RECORD)
 
 
 class Reconciler:
@@ -349,7 +350,7 @@ class Reconciler:
                             container_name(game_id), extra={"game_id": game_id})
                 return requeue(self.settings.runtime.resync_interval, "the removal budget is spent")
             self.dispose_budget -= 1
-        if action.kind not in _KEEPS_UNIT:
+        if action.kind not in KEEPS_UNIT:
             self.units.touch(game_id)
         op_ids: list[int] = []
         if record is not None and not record.converged and self._claimed.get(game_id) != (self.epoch,

@@ -26,7 +26,7 @@ from controller.admission import Admission
 from controller.metrics import Metrics, one_round
 from controller.pacing import ProbePacing
 from controller.planner import ActionKind
-from controller.reconciler import Reconciler, backend_errors
+from controller.reconciler import KEEPS_UNIT, Reconciler, backend_errors
 from controller.workqueue import WorkQueue
 from desired.errors import Conflict, StorageFull, StoreUnavailable, TemporaryError
 from desired.jobs import DecisionAction, Job
@@ -91,7 +91,11 @@ class Resync:
                 await asyncio.sleep(0)  # let the loop go (a lease renewal waits as long as it is held)
             action = self.reconciler.plan_only(rec, by_game.pop(rec.game_id, None))
             if action.kind is not ActionKind.NOOP:
-                self.reconciler.units.touch(rec.game_id)  # its next look is a real one (a missed event)
+                if action.kind not in KEEPS_UNIT:
+                    # The list shows the unit otherwise than the record says: its next look is a real
+                    # one (a missed event). A turn or a record to write is no such finding (the unit runs
+                    # and is the record's), and must not cost every game with a turn in flight an inspect.
+                    self.reconciler.units.touch(rec.game_id)
                 self.queue.add(rec.game_id)
                 queued += 1
         for game_id, c in by_game.items():  # units without a live record: orphans, unowned, or removed records

@@ -74,3 +74,38 @@ def test_a_unit_is_kept_only_while_the_same_event_stream_vouches_for_it():
     stream["n"] = None  # no stream: nothing is kept
     cache.put("g1", cache.token("g1"), unit())
     assert cache.get(record()) is None
+
+
+async def test_a_resync_that_finds_a_turn_pending_does_not_make_its_next_look_an_inspect(tmp_path):
+    """At 1,000 games a generated turn cost 2 inspects: every resync found the games with a turn in
+    flight not converged (a TURN plan) and touched them, so each one's next poll inspected its unit
+    again though the list had just shown it running as the record says. A TURN (or RECORD) plan keeps
+    the unit; only a finding that the unit is not as the record says distrusts it."""
+    import asyncio
+
+    from controller.triggers import Resync
+    from desired.model import JobKind
+    from tests.support.world import IMG, World, started
+
+    async def ready() -> bool:
+        return True
+
+    w = World(tmp_path)
+    w.reconciler.units.stream = lambda: 1  # an event stream connected without a break
+    w.engine.admin[IMG] = "slow"  # the turn stays generating
+    await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await asyncio.wait_for(w.sync("g1"), 30)
+    await asyncio.wait_for(w.sync("g1"), 30)  # a poll: the unit is cached by now
+    inspects = len(w.backend.ops("inspect"))
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert len(w.backend.ops("inspect")) == inspects  # polls of a cached unit inspect nothing
+    resync = Resync(store=w.store, backend=w.backend, reconciler=w.reconciler, queue=w.queue,
+                    metrics=w.reconciler.metrics, interval=30, retention_days=7, ready_check=ready)
+    assert await resync.once() == 1  # the game is queued: its turn is not generated yet
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert len(w.backend.ops("inspect")) == inspects
+    # A unit the list shows otherwise than the record says is a finding: the next look inspects it.
+    w.backend.containers[w.store.records["g1"].current_container_id].state = "exited"
+    await resync.once()
+    assert w.reconciler.units.get(w.store.records["g1"]) is None
