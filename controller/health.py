@@ -85,7 +85,8 @@ class Health:
         s = self.settings
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
                                    generation_timeout=s.engine.generation_timeout)
-        if new is not record and new != record:
+        changed = new is not record and new != record
+        if changed:
             if new.status is not record.status:
                 log.warning("engine: %s -> %s", record.status.value, new.status.value,
                             extra={"game_id": record.game_id})
@@ -94,11 +95,10 @@ class Health:
                                                     generation_timeout=s.engine.generation_timeout)
             except Conflict:
                 pass  # the record moved on meanwhile; the next round looks again
-            return False
         if not address:
             self._wake(record.game_id)  # not running at all: let the reconciler look
             return False
-        return probe.healthy
+        return probe.healthy and not changed
 
     async def record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
         """A probe taken while reconciling, written when it changes the record (which is returned)."""

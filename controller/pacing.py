@@ -54,7 +54,8 @@ class ProbePacing:
     def __init__(self, every: int) -> None:
         self.every = max(1, every)
         self.round = 0
-        self._seen: dict[str, tuple[int, int, int]] = {}  # game -> (fingerprint, unit touches, quiet probes in a row)
+        # game -> (fingerprint, unit touches, quiet probes in a row, round of its last probe done)
+        self._seen: dict[str, tuple[int, int, int, int]] = {}
 
     def start_round(self, up: Iterable[str]) -> None:
         """A new round over these up games; what is known of the others is forgotten."""
@@ -64,14 +65,18 @@ class ProbePacing:
             self._seen = {g: s for g, s in self._seen.items() if g in up}
 
     def due(self, record: RuntimeRecord, touches: int) -> bool:
-        """Probe this engine in this round? ``touches``: the unit cache's count for the game now."""
+        """Probe this engine in this round? ``touches``: the unit cache's count for the game now.
+
+        A steady engine is due ``every`` rounds after its last probe that was done: a round that failed
+        (an outage cancels its probes) or a probe that raised does not count, so the engine is due
+        again at the next round, not ``every`` rounds later."""
         if self.every == 1:
             return True
         seen = self._seen.get(record.game_id)
         if (seen is None or seen[2] < STEADY_AFTER or seen[1] != touches or not quiet(record)
                 or seen[0] != fingerprint(record)):
             return True
-        return (self.round + zlib.crc32(record.game_id.encode())) % self.every == 0
+        return self.round - seen[3] >= self.every
 
     def probed(self, record: RuntimeRecord, touches: int, steady: bool) -> None:
         """The probe of ``record`` (taken with the unit's count ``touches`` before it) is done: ``steady``
@@ -84,4 +89,14 @@ class ProbePacing:
         fp = fingerprint(record)
         seen = self._seen.get(record.game_id)
         streak = seen[2] + 1 if seen is not None and seen[0] == fp and seen[1] == touches else 1
-        self._seen[record.game_id] = (fp, touches, streak)
+        last = self.round
+        if streak == STEADY_AFTER:
+            # Steady from now on: its first deferred probe is placed by a hash of the game id, so that
+            # engines that became steady together (a start of many, a new term) share the rounds.
+            last -= zlib.crc32(record.game_id.encode()) % self.every
+        self._seen[record.game_id] = (fp, touches, streak, last)
+
+    def forget(self, game_id: str) -> None:
+        """The game's probe failed for a reason of its own (it raised): it is due at every round until
+        a probe of it is done."""
+        self._seen.pop(game_id, None)

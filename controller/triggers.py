@@ -190,8 +190,9 @@ class HealthRound:
                     steady = await self.reconciler.observe(rec, address)
                     self.pacing.probed(rec, touches, steady)
                 except (TemporaryError, Fenced):
-                    raise  # not this game's doing: the round fails
+                    raise  # not this game's doing: the round fails (its engines stay due)
                 except Exception:  # noqa: BLE001 - this game's bad data fails this game's probe, not the round
+                    self.pacing.forget(rec.game_id)
                     self.metrics.reconcile_errors.inc()
                     log.exception("health probe failed", extra={"game_id": rec.game_id})
 

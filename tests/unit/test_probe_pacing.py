@@ -85,18 +85,24 @@ async def test_an_event_or_a_change_of_the_record_makes_the_next_round_probe_it(
     for g in ("a", "b"):
         await up(w, g)
     probed = counting(w)
-    health = round_of(w, every=1000)  # a steady engine would not be probed again in this test
+    health = round_of(w, every=10**6)  # a steady engine would not be probed again in this test
     for _ in range(STEADY_AFTER + 1):
         await health.once()
     assert probed == {"a": STEADY_AFTER, "b": STEADY_AFTER}
     w.reconciler.units.touch("a")  # an event named a's unit
     await health.once()
     assert probed == {"a": STEADY_AFTER + 1, "b": STEADY_AFTER}
-    # A desired change (a job admitted: the record's generation moves) makes b's next round probe it.
+    # A record that changed while still quiet (another replica recorded a turn) makes b's next round probe it.
+    rec = w.store.records["b"]
+    w.store.records["b"] = rec.replace(turn=(rec.turn or 0) + 1)
+    await health.once()
+    assert probed["b"] == STEADY_AFTER + 1
+    # A desired change (a job admitted: the record's generation moves) too, and every round until converged.
     rec = w.store.records["b"]
     w.store.records["b"] = rec.replace(generation=rec.generation + 1)
     await health.once()
-    assert probed["b"] == STEADY_AFTER + 1
+    await health.once()
+    assert probed["b"] == STEADY_AFTER + 3
 
 
 async def test_an_idle_engine_that_hangs_is_unreachable_within_n_plus_the_limit_rounds(tmp_path):
@@ -126,10 +132,12 @@ async def test_an_engine_in_flight_is_probed_every_round(tmp_path):
         assert pacing.due(rec, touches=0)
         pacing.probed(rec, touches=0, steady=True)
     due = []
-    for _ in range(EVERY):
+    for _ in range(2 * EVERY):
         pacing.start_round(["g"])
         due.append(pacing.due(rec, touches=0))
-    assert due.count(True) == 1
+        if due[-1]:
+            pacing.probed(rec, touches=0, steady=True)
+    assert due.count(True) == 2, due
     for other in (rec.replace(status=Status.GENERATION_IN_PROGRESS),
                   rec.replace(status=Status.ENGINE_UNREACHABLE, probe_failures=3),
                   rec.replace(observed_generation=rec.generation - 1)):
@@ -140,6 +148,47 @@ async def test_an_engine_in_flight_is_probed_every_round(tmp_path):
 
 def test_a_game_no_longer_up_is_forgotten():
     pacing = ProbePacing(every=EVERY)
-    pacing._seen["gone"] = (1, 0, STEADY_AFTER)
+    pacing._seen["gone"] = (1, 0, STEADY_AFTER, 0)
     pacing.start_round(["kept"])
     assert "gone" not in pacing._seen
+
+
+async def test_a_game_whose_unit_does_not_run_wakes_the_reconciler_every_round(tmp_path):
+    """Its record written (a failed probe counted) or not, a game up on a unit that is not running is
+    the reconciler's to look at: the round wakes it (review of the pacing change: the write's branch
+    returned before the wake)."""
+    w = World(tmp_path)
+    rec = await up(w, "g")
+    woken: list[str] = []
+    w.reconciler.health._wake = woken.append
+    steady = await w.reconciler.observe(rec, None)
+    assert not steady
+    assert woken == ["g"]
+    assert w.store.records["g"].probe_failures == 1  # and the failure was counted
+
+
+async def test_a_steady_engine_whose_round_failed_is_probed_at_the_next_round(tmp_path):
+    """A round that fails (an outage) or a probe that raises leaves its engines due: they are not
+    deferred for another N rounds because their turn fell in a failed round."""
+    w = World(tmp_path)
+    games = [f"g{i}" for i in range(12)]
+    for g in games:
+        await up(w, g)
+    probed = counting(w)
+    health = round_of(w)
+    for _ in range(STEADY_AFTER + EVERY):
+        await health.once()
+    observe = w.reconciler.observe
+    failed: list[str] = []
+
+    async def broken(record, address):
+        failed.append(record.game_id)
+        raise RuntimeError("this game's bad data")
+
+    w.reconciler.observe = broken
+    await health.once()  # every due probe raises: none of them is done
+    assert failed
+    w.reconciler.observe = observe
+    before = dict(probed)
+    await health.once()
+    assert all(probed[g] == before[g] + 1 for g in failed), (failed, before, probed)
