@@ -189,7 +189,7 @@ class InvalidRecord(ValueError):
 SECRET_FIELDS = frozenset({"admin_token"})
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RuntimeRecord:
     game_id: str
     status: Status
