@@ -19,7 +19,8 @@ steadiness. The rounds share the steady engines (by a hash of the game id), so e
 The cost, said in the README: an idle engine that hangs (its process alive, answering nothing) is first
 probed within ``every`` rounds instead of one; from that failed probe on it is probed every round, so
 it is ``engine_unreachable`` within ``every + RTMANAGER_UNREACHABLE_AFTER - 1`` rounds. An engine that
-exits or vanishes is seen by the backend's events and the resync, not by this round, as before.
+exits or vanishes is seen as before: by the backend's events, the resync, and the round's own list (a
+game whose unit does not run is looked at every round, steady or not).
 
 Memory: one small tuple per steady engine, forgotten when the game is no longer up. A new term (or a
 restart) starts with nothing known: its first rounds probe every engine.
