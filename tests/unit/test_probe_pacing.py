@@ -47,13 +47,17 @@ def round_of(w: World, every: int = EVERY) -> HealthRound:
                        steady_every=every)
 
 
-async def test_a_steady_engine_is_probed_every_nth_round_and_the_rounds_share_them(tmp_path):
+async def games_up(tmp_path, games: list[str], every: int = EVERY):
+    """A world with these games up, its probes counted, and a health round over it."""
     w = World(tmp_path)
-    games = [f"g{i}" for i in range(40)]
     for g in games:
         await up(w, g)
-    probed = counting(w)
-    health = round_of(w)
+    return w, counting(w), round_of(w, every)
+
+
+async def test_a_steady_engine_is_probed_every_nth_round_and_the_rounds_share_them(tmp_path):
+    games = [f"g{i}" for i in range(40)]
+    w, probed, health = await games_up(tmp_path, games)
     per_round = []
     for _ in range(STEADY_AFTER + 4 * EVERY):
         before = sum(probed.values())
@@ -70,22 +74,15 @@ async def test_a_steady_engine_is_probed_every_nth_round_and_the_rounds_share_th
 
 
 async def test_every_one_probes_every_engine_every_round(tmp_path):
-    w = World(tmp_path)
-    for g in ("a", "b", "c"):
-        await up(w, g)
-    probed = counting(w)
-    health = round_of(w, every=1)
+    _, probed, health = await games_up(tmp_path, ["a", "b", "c"], every=1)
     for _ in range(6):
         await health.once()
     assert probed == {"a": 6, "b": 6, "c": 6}
 
 
 async def test_an_event_or_a_change_of_the_record_makes_the_next_round_probe_it(tmp_path):
-    w = World(tmp_path)
-    for g in ("a", "b"):
-        await up(w, g)
-    probed = counting(w)
-    health = round_of(w, every=10**6)  # a steady engine would not be probed again in this test
+    # every=10**6: a steady engine would not be probed again in this test
+    w, probed, health = await games_up(tmp_path, ["a", "b"], every=10**6)
     for _ in range(STEADY_AFTER + 1):
         await health.once()
     assert probed == {"a": STEADY_AFTER, "b": STEADY_AFTER}
@@ -170,12 +167,7 @@ async def test_a_game_whose_unit_does_not_run_wakes_the_reconciler_every_round(t
 async def test_a_steady_engine_whose_round_failed_is_probed_at_the_next_round(tmp_path):
     """A round that fails (an outage) or a probe that raises leaves its engines due: they are not
     deferred for another N rounds because their turn fell in a failed round."""
-    w = World(tmp_path)
-    games = [f"g{i}" for i in range(12)]
-    for g in games:
-        await up(w, g)
-    probed = counting(w)
-    health = round_of(w)
+    w, probed, health = await games_up(tmp_path, [f"g{i}" for i in range(12)])
     for _ in range(STEADY_AFTER + EVERY):
         await health.once()
     observe = w.reconciler.observe
@@ -192,3 +184,18 @@ async def test_a_steady_engine_whose_round_failed_is_probed_at_the_next_round(tm
     before = dict(probed)
     await health.once()
     assert all(probed[g] == before[g] + 1 for g in failed), (failed, before, probed)
+
+
+async def test_a_steady_game_whose_unit_stopped_running_is_looked_at_the_next_round(tmp_path):
+    """No event said so (a missed one): the round's own list shows the unit not running, and the game is
+    looked at (a wake, no probe) whatever its steadiness."""
+    w, probed, health = await games_up(tmp_path, ["g"], every=10**6)
+    for _ in range(STEADY_AFTER + 1):
+        await health.once()
+    assert probed["g"] == STEADY_AFTER
+    woken: list[str] = []
+    w.reconciler.health._wake = woken.append
+    w.backend.containers[w.store.records["g"].current_container_id].state = "exited"
+    await health.once()
+    assert probed["g"] == STEADY_AFTER + 1
+    assert woken == ["g"]
