@@ -50,10 +50,12 @@ _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": Stop
 _RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RuntimeRecord))
 assert _RECORD_FIELDS == set(RECORD_COLUMNS), "RECORD_COLUMNS and RuntimeRecord's fields differ"
 assert "__post_init__" not in vars(RuntimeRecord), "record_from_row would skip RuntimeRecord.__post_init__"
-_ENUM_COLUMNS = tuple(_ENUMS.items())
-# RuntimeRecord has slots (no per-record dict: about 0.44 KiB a record instead of 1.6): their setters.
-_SLOT_SETTERS = tuple((col, getattr(RuntimeRecord, col).__set__) for col in RECORD_COLUMNS)
-_setattr = object.__setattr__
+# RuntimeRecord has slots (no per-record dict: about 0.44 KiB a record instead of 1.6): their setters,
+# the columns stored as they come apart from the enums and avoid_nodes, which are converted first.
+_SETTER = {col: getattr(RuntimeRecord, col).__set__ for col in RECORD_COLUMNS}
+_PLAIN_SETTERS = tuple((col, put) for col, put in _SETTER.items() if col not in _ENUMS and col != "avoid_nodes")
+_ENUM_SETTERS = tuple((col, enum_type, _SETTER[col]) for col, enum_type in _ENUMS.items())
+_set_avoid_nodes = _SETTER["avoid_nodes"]
 
 
 def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
@@ -63,13 +65,12 @@ def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
     straight into its slot (the asserts above keep the columns and the fields one list); a row may
     carry more columns (state_bytes, a join's), which are not read."""
     rec = object.__new__(RuntimeRecord)
-    for col, put in _SLOT_SETTERS:
+    for col, put in _PLAIN_SETTERS:
         put(rec, row[col])
-    for col, enum_type in _ENUM_COLUMNS:
+    for col, enum_type, put in _ENUM_SETTERS:
         v = row[col]
-        if v is not None:
-            _setattr(rec, col, enum_type(v))
-    _setattr(rec, "avoid_nodes", tuple(row["avoid_nodes"] or ()))
+        put(rec, None if v is None else enum_type(v))
+    _set_avoid_nodes(rec, tuple(row["avoid_nodes"] or ()))
     return rec
 
 
