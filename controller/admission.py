@@ -32,6 +32,11 @@ class Admission:
         self.registry = registry  # RTMANAGER_VERSION_POLICY=registry
         self._wake = wake
 
+    def wake(self, game_id: str) -> None:
+        """Wake the reconciler for a game whose desired state a job changed outside ``submit`` (the turn
+        clock's statement, desired/db/transitions.py ``ask_due_turns``)."""
+        self._wake(game_id)
+
     async def submit(self, job: Job) -> SubmitOutcome:
         """Desired state and an operation row (InvalidJob when the game_id cannot make a state path)."""
         outcome = await self.store.submit(job, self.defaults, registry=self.registry)

@@ -239,9 +239,29 @@ class TurnClock:
     async def tick(self) -> float:
         """Ask for the turns that are due; return the seconds until the next one.
 
-        A game whose turn job fails for a reason that is not an outage (its record's bad data, a
-        bug) is that game's failure: it is logged and tried again after a backoff of its own
-        (GAME_RETRY, doubling up to GAME_RETRY_MAX); the other games get their turns."""
+        The games due are asked for together, in one statement of the store (``ask_due_turns``: the
+        due query, the games' locks, their new generations and their ``turn`` operations), and each
+        game asked wakes the reconciler. Should that statement fail for a reason that is not an outage
+        (one record's bad data fails it for the whole page), the tick asks game by game
+        (``_tick_one_by_one``), where a game whose turn job fails is that game's failure: it is logged
+        and held back (GAME_RETRY, doubling up to GAME_RETRY_MAX), and left out of the statement while
+        held, so that the other games get their turns."""
+        now = time.monotonic()
+        skip = sorted(g for g, h in self.held.items() if h[0] > now)
+        try:
+            asked, next_in, full = await self.store.ask_due_turns(self.page, skip)
+        except (TemporaryError, Fenced):
+            raise  # not a game's doing: the tick fails
+        except Exception:  # noqa: BLE001 - a record the statement cannot take: game by game
+            log.exception("turn clock: the due games could not be asked for at once; asking one by one")
+            return await self._tick_one_by_one()
+        # Holds that ran out were tried in the statement: asked, or not due any more.
+        self.held = {g: h for g, h in self.held.items() if h[0] > now}
+        for game_id in asked:
+            self.admission.wake(game_id)
+        return self._next_delay(len(asked), next_in, full, now)
+
+    async def _tick_one_by_one(self) -> float:
         due, next_in = await self.store.due_turns()
         now = time.monotonic()
         self.held = {g: h for g, h in self.held.items() if g in due}
@@ -268,10 +288,13 @@ class TurnClock:
             self.held.pop(game_id, None)
             decision = getattr(outcome, "decision", None)
             asked += decision is None or decision.action is not DecisionAction.SKIP
+        return self._next_delay(asked, next_in, len(due) >= self.page, now)
+
+    def _next_delay(self, asked: int, next_in: float | None, full: bool, now: float) -> float:
         if asked:
             log.info("turn clock: asked for %d turns", asked)
         delay = self.max_sleep if next_in is None else min(next_in, self.max_sleep)
-        if asked and len(due) >= self.page:
+        if asked and full:
             # A full page of games due now: more may be due behind it. A turn asked is no wake (the game is no
             # longer due: desired/transitions.py moves_the_clock), so look again now, not at max_sleep.
             delay = 0.0

@@ -9,6 +9,7 @@ implementation is held to the same signatures. Pure: no driver, no I/O.
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -131,6 +132,8 @@ class TurnClockStore(Protocol):
     """The turn clock: which games are due, and when the next one is."""
 
     async def due_turns(self, limit: int = 200) -> tuple[list[str], float | None]: ...
+    async def ask_due_turns(self, limit: int = 200,
+                            skip: Sequence[str] = ()) -> tuple[list[str], float | None, bool]: ...
 
 
 class HealthStore(Protocol):

@@ -5,7 +5,7 @@ and the turn clock: each a compare-and-swap on ``(status, current_container_id)`
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from desired.db.base import StoreBase
 from desired.db.pool import translating
 from desired.db.rows import SELECT_FOR_UPDATE, record_from_row
 from desired.errors import Conflict, NotFound
+from desired.leader import Fenced
 from desired.model import (
     MAX_TURN,
     DesiredStatus,
@@ -32,6 +33,13 @@ from desired.values import KEEP, Crash, Finish, ReconcilerNote
 # or resumed (clock_from) when that is later. The due-turns query and turn_lateness share it.
 TURN_DUE_AT = ("(greatest(coalesce(last_turn_at, clock_from, created_at), coalesce(clock_from, created_at))"
                " + make_interval(secs => turn_interval))")
+# Which records the turn clock asks turns of, once due (desired/jobs.py ``turn_due``, in SQL): running and
+# meant to, on a clock, unpaused, converged (the previous request answered), with an admin API, no
+# disruption waiting for the engine, and a next turn that fits its column.
+TURN_WANTED = ("turn_interval > 0 AND NOT paused AND desired_status = 'running' AND status = 'running'"
+               " AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
+               f" AND (turn IS NULL OR turn < {MAX_TURN})"
+               " AND observed_generation = generation AND disruption_wait_since IS NULL")
 
 
 @translating
@@ -130,13 +138,58 @@ class Transitions(StoreBase):
         answered, on every turn of a loaded controller (observed at 1,000 games)."""
         rows = await self.pool.fetch(
             f"SELECT game_id, extract(epoch FROM {TURN_DUE_AT} - now())::float8 AS due_in"
-            " FROM runtime_records WHERE turn_interval > 0 AND NOT paused AND desired_status = 'running'"
-            " AND status = 'running' AND admin_api IS TRUE AND (desired_turn IS NULL OR desired_turn <= turn)"
-            f" AND (turn IS NULL OR turn < {MAX_TURN})"  # at the largest turn there is no next one
-            " AND observed_generation = generation AND disruption_wait_since IS NULL ORDER BY due_in LIMIT $1", limit)
+            f" FROM runtime_records WHERE {TURN_WANTED} ORDER BY due_in LIMIT $1", limit)
         due = [r["game_id"] for r in rows if r["due_in"] <= 0]
         later = [r["due_in"] for r in rows if r["due_in"] > 0]
         return due, (min(later) if later else None)
+
+    async def ask_due_turns(self, limit: int = transitions.DUE_PAGE,
+                            skip: Sequence[str] = ()) -> tuple[list[str], float | None, bool]:
+        """The turn clock's tick in ONE statement (no BEGIN, no COMMIT): the due-turns query's page,
+        and for each game of it that is due now (but ``skip``'s) the ``turn`` job the clock would submit
+        (desired/jobs.py: a new generation asking for the turn after the engine's, and a queued
+        operation of source scheduler), under the game's lock and the leadership fence. Returns the
+        games asked, the seconds until the next game of the page is due, and whether every game of the
+        page was due (more may be, behind it).
+
+        What ``submit`` decides for such a job is decided here in SQL: the due filter is evaluated again
+        on each record as it is once locked (Postgres re-reads a row a concurrent transaction changed
+        before locking it), so a pause, a forced turn, a stop or a new schedule since the page was read
+        leaves the game out, as ``submit`` would skip it. The locks are taken in game order (as the
+        intake's batches take theirs), the operation ids after the locks. A turn asked writes no
+        snapshot (the status, the turn and the pause are unchanged) and answers nobody.
+
+        One bad record fails the statement for every game of the page (a generation at the top of its
+        column, say): the clock then asks game by game (``due_turns`` and ``submit``), where that game's
+        failure is its own."""
+        fence = self.fence
+        if fence is not None and not fence.valid_locally:
+            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
+        fence_ok = ("SELECT 1 FROM leader_leases WHERE instance = $3 AND holder = $4 AND epoch = $5"
+                    " AND expires_at > now() FOR KEY SHARE") if fence is not None else "SELECT 1"
+        fence_args = (fence.instance, fence.holder, fence.epoch) if fence is not None else ()
+        row = await self.pool.fetchrow(
+            f"WITH fence_ok AS ({fence_ok}),"
+            f" page AS (SELECT game_id, extract(epoch FROM {TURN_DUE_AT} - now())::float8 AS due_in"
+            f" FROM runtime_records WHERE {TURN_WANTED} ORDER BY due_in LIMIT $1),"
+            " locked AS MATERIALIZED (SELECT game_id, generation, turn, last_op_at FROM runtime_records"
+            " WHERE game_id IN (SELECT game_id FROM page WHERE due_in <= 0) AND game_id <> ALL($2::text[])"
+            f" AND {TURN_WANTED} AND {TURN_DUE_AT} <= now() AND EXISTS (SELECT 1 FROM fence_ok)"
+            " ORDER BY game_id FOR UPDATE),"
+            " asked AS (UPDATE runtime_records r SET generation = l.generation + 1,"
+            " desired_turn = coalesce(l.turn, 0) + 1, last_op_at = greatest(now(), l.last_op_at)"
+            " FROM locked l WHERE r.game_id = l.game_id RETURNING r.game_id, r.generation),"
+            " ops AS (INSERT INTO runtime_operations (game_id, op, source, status, generation, params, created_at)"
+            " SELECT game_id, 'turn', 'scheduler', 'queued', generation, '{}'::jsonb, now() FROM asked"
+            " ORDER BY game_id RETURNING game_id)"
+            " SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid, ARRAY(SELECT game_id FROM ops) AS asked,"
+            " (SELECT min(due_in) FROM page WHERE due_in > 0) AS next_in,"
+            " (SELECT count(*) FROM page WHERE due_in <= 0) >= $1 AS full",
+            limit, list(skip), *fence_args)
+        assert row is not None
+        if not row["fence_valid"]:
+            raise Fenced(f"leadership term {fence.epoch if fence else 0} is over")
+        return sorted(row["asked"]), row["next_in"], bool(row["full"])
 
     async def turn_lateness(self) -> tuple[float, int]:
         """How late the turns of the games that should be turning are, in one aggregate query (for

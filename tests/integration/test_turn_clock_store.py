@@ -11,12 +11,18 @@ turn operation was ever answered, and neither was a start job that changed the g
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
+from controller.admission import Admission
+from controller.metrics import Metrics
+from controller.triggers import TurnClock
 from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import JobKind, OpSource, OpStatus
 from desired.transitions import Probe
+from tests.support import eventually
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
 IMAGE = "galaxy/engine-stub:1.0"
@@ -149,3 +155,72 @@ async def test_a_game_at_the_largest_turn_is_never_due_and_a_forced_turn_fails_f
     # The other game's turns go on.
     await store.submit(Job(kind=JobKind.TURN, game_id="clock-other", source=OpSource.SCHEDULER), DEFAULTS)
     assert (await store.get("clock-other")).desired_turn == 8
+
+
+# ----------------------------------------------- the clock's one statement (issue 25: the turn's cost)
+async def test_one_statement_asks_the_due_games_turns_and_says_when_the_next_is_due(pool):
+    store = Store(pool)
+    for game in ("tick-due", "tick-held", "tick-later", "tick-paused"):
+        await running_on_a_clock(store, pool, game)
+    await pool.execute("UPDATE runtime_records SET last_turn_at = now(), clock_from = now()"
+                       " WHERE game_id = 'tick-later'")
+    await pool.execute("UPDATE runtime_records SET paused = true WHERE game_id = 'tick-paused'")
+    before = {g: await store.get(g) for g in ("tick-due", "tick-held", "tick-later")}
+
+    asked, next_in, full = await store.ask_due_turns(200, ["tick-held"])
+
+    assert asked == ["tick-due"] and not full
+    assert next_in is not None and 9 < next_in <= 10  # tick-later's turn, its interval from now
+    rec = await store.get("tick-due")
+    assert rec.desired_turn == 1 and rec.generation == before["tick-due"].generation + 1 and not rec.converged
+    (op,) = [o for o in await store.operations("tick-due") if o.op is JobKind.TURN]
+    assert op.source is OpSource.SCHEDULER and op.status is OpStatus.QUEUED and op.generation == rec.generation
+    for g in ("tick-held", "tick-later"):
+        assert await store.get(g) == before[g] and await pending(store, g) == []
+    # Asked: no longer due, so a second tick asks nothing (a game asks for one turn at a time).
+    assert (await store.ask_due_turns(200, []))[0] == ["tick-held"]
+
+
+async def test_the_statement_decides_under_the_lock_a_pause_committed_while_it_waits_leaves_the_game_out(pool):
+    """The clock's statement reads its page, then locks the due games: a pause that held the record's lock
+    meanwhile and commits is seen (the record as it is once locked), not the page's stale copy."""
+    store = Store(pool)
+    await running_on_a_clock(store, pool, "tick-race")
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("SELECT 1 FROM runtime_records WHERE game_id = 'tick-race' FOR UPDATE")
+        ask = asyncio.create_task(store.ask_due_turns(200, []))
+
+        async def waits_for_the_lock() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%page AS%'"))
+        await eventually(waits_for_the_lock, 10.0, "the clock's statement waiting for the record's lock")
+        await conn.execute("UPDATE runtime_records SET paused = true WHERE game_id = 'tick-race'")
+        await tx.commit()
+    asked, _, _ = await asyncio.wait_for(ask, 10)
+    assert asked == []
+    rec = await store.get("tick-race")
+    assert rec.desired_turn is None and rec.converged and await pending(store, "tick-race") == []
+
+
+async def test_a_record_the_statement_cannot_take_fails_that_game_alone(pool):
+    """Hostile data (a restored or hand-edited database): a generation at the top of its column makes
+    the clock's statement fail for the whole page. The clock asks game by game then: the other game
+    gets its turn, the bad one is held back and left out of the next statements."""
+    store = Store(pool)
+    for game in ("tick-top", "tick-fine"):
+        await running_on_a_clock(store, pool, game)
+    await pool.execute("UPDATE runtime_records SET generation = 9223372036854775807,"
+                       " observed_generation = 9223372036854775807 WHERE game_id = 'tick-top'")
+    woken: list[str] = []
+    clock = TurnClock(store=store, admission=Admission(store, DEFAULTS, wake=woken.append), metrics=Metrics(),
+                      max_sleep=30.0)
+    await clock.tick()
+    assert (await store.get("tick-fine")).desired_turn == 1 and woken == ["tick-fine"]
+    assert "tick-top" in clock.held and (await store.get("tick-top")).desired_turn is None
+    await overdue(pool, "tick-fine")
+    await pool.execute("UPDATE runtime_records SET observed_generation = generation, turn = 1"
+                       " WHERE game_id = 'tick-fine'")  # turn 1 generated and answered
+    await clock.tick()  # the statement again, without the held game
+    assert (await store.get("tick-fine")).desired_turn == 2 and woken == ["tick-fine", "tick-fine"]

@@ -100,19 +100,6 @@ async def test_the_relay_survives_an_unknown_error_and_publishes_after(adapter):
 
 
 # -------------------------------------------------------------- turn clock
-class DueStore:
-    """The turn clock's one query: these games are due now."""
-
-    def __init__(self, due: list[str]) -> None:
-        self.due = due
-        self.fail: Exception | None = None
-
-    async def due_turns(self):
-        if self.fail is not None:
-            raise self.fail
-        return list(self.due), None
-
-
 class Asked:
     """Admission: records the turn jobs; ``poison`` games raise an unknown error."""
 
@@ -125,9 +112,38 @@ class Asked:
             raise Boom(f"{job.game_id}: a value no column holds")
         self.asked.append(job.game_id)
 
+    def wake(self, game_id: str) -> None:
+        self.asked.append(game_id)
+
+
+class DueStore:
+    """The turn clock's store: these games are due now. Its one statement (``ask_due_turns``) fails as a
+    whole on a poisoned game, as the real one fails on one record a column cannot hold."""
+
+    def __init__(self, due: list[str], admission: Asked) -> None:
+        self.due = due
+        self.admission = admission
+        self.fail: Exception | None = None
+        self.statements = 0
+
+    async def due_turns(self):
+        if self.fail is not None:
+            raise self.fail
+        return list(self.due), None
+
+    async def ask_due_turns(self, limit, skip=()):
+        self.statements += 1
+        if self.fail is not None:
+            raise self.fail
+        asked = [g for g in self.due if g not in skip]
+        if self.admission.poison & set(asked):
+            raise Boom("a value no column holds")
+        return asked, None, False
+
 
 async def test_the_turn_clock_survives_an_unknown_store_error_and_asks_after():
-    store, admission, metrics = DueStore(["g1"]), Asked(), Metrics()
+    admission, metrics = Asked(), Metrics()
+    store = DueStore(["g1"], admission)
     store.fail = Boom("nobody knows this one")
     clock = TurnClock(store=store, admission=admission, metrics=metrics, max_sleep=0.2)
     stopping = asyncio.Event()
@@ -146,7 +162,8 @@ async def test_the_turn_clock_survives_an_unknown_store_error_and_asks_after():
 
 @pytest.mark.looptime(False)  # the turn clock holds a game back by time.monotonic()
 async def test_one_games_poison_fails_that_game_with_backoff_and_the_others_get_turns():
-    store, admission, metrics = DueStore(["bad", "good"]), Asked(), Metrics()
+    admission, metrics = Asked(), Metrics()
+    store = DueStore(["bad", "good"], admission)
     admission.poison.add("bad")
     clock = TurnClock(store=store, admission=admission, metrics=metrics, max_sleep=0.05)
     stopping = asyncio.Event()
@@ -157,6 +174,10 @@ async def test_one_games_poison_fails_that_game_with_backoff_and_the_others_get_
         assert "turn-clock" not in metrics.failing_loops  # one game's failure, not the clock's
         held_until = clock.held["bad"][0]
         assert held_until > time.monotonic()  # backing off that game, not asking it on every tick
+        # While it is held, the others are asked for together again (the statement leaves it out).
+        n, good = store.statements, admission.asked.count("good")
+        await eventually(lambda: store.statements >= n + 2 and admission.asked.count("good") >= good + 2, 10.0,
+                         interval=0.01)
         admission.poison.clear()
         await eventually(lambda: "bad" in admission.asked, 10.0, interval=0.02)
         assert "bad" not in clock.held

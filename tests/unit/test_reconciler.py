@@ -655,7 +655,8 @@ async def scheduled(w: World, game: str = "g1", interval: int = 10):
 
 
 class ReadThenRace:
-    """The turn clock's due-time query, with something admitted between the read and the submit."""
+    """The turn clock's due-time query, with something admitted between the read and the submit (the clock's
+    game-by-game path: its one statement decides under the games' locks, tests/integration/test_turn_clock_store.py)."""
 
     def __init__(self, w: World, race) -> None:
         self.w = w
@@ -681,7 +682,7 @@ async def test_a_scheduled_turn_read_before_a_pause_is_not_generated_after_the_p
         await w.sync("g1")
         assert w.results("g1")[-1] == ("pause", "success", "")  # the pause is answered
 
-    await turn_clock(w, pause).tick()  # the clock read the record unpaused, then submits
+    await turn_clock(w, pause)._tick_one_by_one()  # the clock read the record unpaused, then submits
     rec = await w.sync("g1")
     assert w.engine.requests == [] and rec.turn == 0 and rec.paused
     assert [r for r in w.results("g1") if r[0] == "turn"] == []  # nothing asked, nothing answered
@@ -697,7 +698,7 @@ async def test_a_scheduled_turn_read_before_a_force_gives_no_second_turn(w):
         await w.sync("g1")  # sees the turn generated
         assert w.results("g1")[-1] == ("force_next_turn", "success", "")
 
-    await turn_clock(w, force).tick()
+    await turn_clock(w, force)._tick_one_by_one()
     rec = await w.sync("g1")
     assert rec.turn == 1 and w.engine.requests == [("galaxy-game-g1", 0)]  # the forced turn only
 

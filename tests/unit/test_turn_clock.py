@@ -22,12 +22,12 @@ class DueTimes:
         self.hold: asyncio.Event | None = None
         self.entered = asyncio.Event()
 
-    async def due_turns(self):
+    async def ask_due_turns(self, limit, skip=()):
         self.calls += 1
         self.entered.set()
         if self.hold is not None:
             await self.hold.wait()
-        return [], None
+        return [], None, False
 
 
 async def running(store: DueTimes):
