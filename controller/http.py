@@ -53,6 +53,7 @@ from desired.jobs import (
 )
 from desired.leader import Fenced
 from desired.model import (
+    BOOKKEEPING_FIELDS,
     CONTROL_OPS,
     GAME_ID_PATTERN,
     SECRET_FIELDS,
@@ -112,7 +113,8 @@ def addresses_off(subnets: list[str], local: list[str] | None = None) -> list[st
 
 
 def record_json(record: RuntimeRecord) -> dict[str, Any]:
-    return {k: _json_value(v) for k, v in dataclasses.asdict(record).items() if k not in SECRET_FIELDS}
+    return {k: _json_value(v) for k, v in dataclasses.asdict(record).items()
+            if k not in SECRET_FIELDS and k not in BOOKKEEPING_FIELDS}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -187,6 +187,8 @@ class InvalidRecord(ValueError):
 
 # Fields of a runtime record that no answer, snapshot or log may show.
 SECRET_FIELDS = frozenset({"admin_token"})
+# Fields of a runtime record that are the store's bookkeeping, not the game's: in no answer either.
+BOOKKEEPING_FIELDS = frozenset({"row_version"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -254,6 +256,10 @@ class RuntimeRecord:
     # The secret of the unit (ENGINE_ADMIN_TOKEN), sent with every admin call; recorded before the unit
     # is created. Never shown: not in repr, REST answers (SECRET_FIELDS), snapshots or logs.
     admin_token: str = field(default="", repr=False)
+    # Not a column: which version of the row this record was read as (Postgres' ``xmin``), when it was read
+    # with it. A compare-and-swap from a record whose row has not moved since is one statement
+    # (desired/db/base.py ``_swap``). A record made by ``replace`` is no row's: it has none.
+    row_version: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def converged(self) -> bool:
@@ -304,7 +310,7 @@ class RuntimeRecord:
         need(self.node_lost_since is None or st is Status.NODE_LOST, "only node_lost keeps node_lost_since")
 
     def replace(self, **changes: Any) -> RuntimeRecord:
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{"row_version": None, **changes})
 
 
 @dataclass(frozen=True, kw_only=True)

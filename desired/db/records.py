@@ -9,7 +9,7 @@ from typing import Any
 
 from desired.db.base import StoreBase
 from desired.db.pool import translating
-from desired.db.rows import operation_from_row, record_from_row, records_from_rows
+from desired.db.rows import SELECT_WITH_VERSION, operation_from_row, record_from_row, records_from_rows
 from desired.errors import NotFound
 from desired.model import UP, RuntimeRecord, Status
 from desired.paging import PageRequest
@@ -22,13 +22,13 @@ class Records(StoreBase):
     written outside the record's compare-and-swap)."""
 
     async def get(self, game_id: str) -> RuntimeRecord:
-        row = await self.pool.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1", game_id)
+        row = await self.pool.fetchrow(f"{SELECT_WITH_VERSION} WHERE game_id = $1", game_id)
         if row is None:
             raise NotFound(game_id)
         return record_from_row(row)
 
     async def find(self, game_id: str) -> RuntimeRecord | None:
-        row = await self.pool.fetchrow("SELECT * FROM runtime_records WHERE game_id = $1", game_id)
+        row = await self.pool.fetchrow(f"{SELECT_WITH_VERSION} WHERE game_id = $1", game_id)
         return record_from_row(row) if row is not None else None
 
     async def list(self) -> list[RuntimeRecord]:
@@ -48,7 +48,7 @@ class Records(StoreBase):
 
     async def list_up(self) -> builtins.list[RuntimeRecord]:
         """Games whose engine's container should be running (every UP status)."""
-        rows = await self.pool.fetch("SELECT * FROM runtime_records WHERE status = ANY($1::text[]) ORDER BY game_id",
+        rows = await self.pool.fetch(f"{SELECT_WITH_VERSION} WHERE status = ANY($1::text[]) ORDER BY game_id",
                                      [s.value for s in UP])
         return await records_from_rows(rows)
 

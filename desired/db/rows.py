@@ -13,6 +13,7 @@ import asyncpg
 
 from desired import versions
 from desired.model import (
+    BOOKKEEPING_FIELDS,
     DesiredStatus,
     ErrorCode,
     Health,
@@ -47,7 +48,7 @@ _ENUMS = {"status": Status, "desired_status": DesiredStatus, "stop_reason": Stop
           "health": Health, "last_error_code": ErrorCode}
 
 
-_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RuntimeRecord))
+_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(RuntimeRecord)) - BOOKKEEPING_FIELDS
 assert _RECORD_FIELDS == set(RECORD_COLUMNS), "RECORD_COLUMNS and RuntimeRecord's fields differ"
 assert "__post_init__" not in vars(RuntimeRecord), "record_from_row would skip RuntimeRecord.__post_init__"
 # RuntimeRecord has slots (no per-record dict: about 0.44 KiB a record instead of 1.6): their setters,
@@ -56,6 +57,11 @@ _SETTER = {col: getattr(RuntimeRecord, col).__set__ for col in RECORD_COLUMNS}
 _PLAIN_SETTERS = tuple((col, put) for col, put in _SETTER.items() if col not in _ENUMS and col != "avoid_nodes")
 _ENUM_SETTERS = tuple((col, enum_type, _SETTER[col]) for col, enum_type in _ENUMS.items())
 _set_avoid_nodes = _SETTER["avoid_nodes"]
+_set_row_version = vars(RuntimeRecord)["row_version"].__set__
+
+# A record read with its row's version (``RuntimeRecord.row_version``): what a compare-and-swap that
+# skips the lock needs (desired/db/base.py ``_swap``).
+SELECT_WITH_VERSION = "SELECT xmin AS row_version, * FROM runtime_records"
 
 
 def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
@@ -71,6 +77,7 @@ def record_from_row(row: asyncpg.Record) -> RuntimeRecord:
         v = row[col]
         put(rec, None if v is None else enum_type(v))
     _set_avoid_nodes(rec, tuple(row["avoid_nodes"] or ()))
+    _set_row_version(rec, row.get("row_version"))
     return rec
 
 

@@ -51,7 +51,14 @@ class Transitions(StoreBase):
                           note: ReconcilerNote | None = None, reason: str | None = None,
                           container_id: Any = KEEP) -> RuntimeRecord:
         """Compare-and-swap from ``rec`` (status, container id, and generation when asked) to
-        ``change(current, now)``; with ``finish``, answer the pending jobs of its generation."""
+        ``change(current, now)``; with ``finish``, answer the pending jobs of its generation.
+
+        A change that answers nobody and notes nothing, from a record whose row has not moved since it
+        was read, is one statement (``_swap``); any other takes the record's lock first."""
+        if finish is None and note is None and container_id is KEEP:
+            swapped = await self._swap(rec, change, reason)
+            if swapped is not None:
+                return swapped
         async with self._tx_locking(rec.game_id) as (conn, now, row):
             if row is None:
                 raise NotFound(rec.game_id)

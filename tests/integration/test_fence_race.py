@@ -55,7 +55,7 @@ async def old_leader(pool, database_url):
     await lease.close()
 
 
-@pytest.mark.parametrize("write", ["claim", "mark_published_many", "mark_stopped"])
+@pytest.mark.parametrize("write", ["claim", "mark_published_many", "mark_stopped", "set_admin_token"])
 async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_leader, pool, database_url, write):
     record = await Store(pool).get("g1")
     before_ops = [(o.id, o.status) for o in await Store(pool).operations("g1")]
@@ -64,7 +64,9 @@ async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_lead
     try:
         call = {"claim": lambda: old_leader.claim("g1", record.generation),
                 "mark_published_many": lambda: old_leader.mark_published_many([(1, "1-1")]),
-                "mark_stopped": lambda: old_leader.mark_stopped(record, container_id=None)}[write]
+                "mark_stopped": lambda: old_leader.mark_stopped(record, container_id=None),
+                # A record read with its row's version: one statement (StoreBase._swap), fenced in it.
+                "set_admin_token": lambda: old_leader.set_admin_token(record, "t" * 32)}[write]
         task = asyncio.create_task(call())
         assert await _blocked(task), "the old leader's statement did not wait for the take-over"
         await tx.commit()

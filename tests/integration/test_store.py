@@ -354,6 +354,9 @@ async def test_a_deposed_leader_cannot_write(pool, database_url):
         await old_store.claim("g1", 1)
     with pytest.raises(Fenced):  # the fence and the record's lock are one statement
         await old_store.mark_stopped(await Store(pool).get("g1"), container_id=None)
+    with pytest.raises(Fenced):  # a compare-and-swap on the row's version: the fence in its one statement
+        await old_store.set_admin_token(await Store(pool).get("g1"), "t" * 32)
+    assert (await Store(pool).get("g1")).admin_token == ""
     assert (await Store(pool).pending_operations("g1"))[0].status.value == "queued"
     assert await Store(pool).find("g2") is None
     await Store(pool, fence=new_fence).submit(start("g2", "2-0"), DEFAULTS)

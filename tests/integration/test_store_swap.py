@@ -1,0 +1,144 @@
+"""A compare-and-swap of a record read with its row's version is one statement (issue 25: the turn's
+cost), and never decides otherwise than the locking path would.
+
+``StoreBase._swap`` writes ``change(rec)`` over ``rec`` only if the row is still the version ``rec`` was
+read as (Postgres' ``xmin``) and the leadership term is current; anything else (the row moved, the
+clocks are apart, a record made by ``replace``) goes the locking path, which reads the row under its
+lock and decides on it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from desired.clock import Clock
+from desired.db.store import Store
+from desired.errors import Conflict
+from desired.jobs import Job, RecordDefaults
+from desired.model import JobKind, OpSource, Status
+from desired.transitions import Probe
+from desired.wakeup import OUTBOX_CHANNEL
+from tests.support.statements import Counter
+
+DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
+IMAGE = "galaxy/engine-stub:1.0"
+
+
+async def turn_asked(store: Store, game: str):
+    """A running game at turn 0 whose desired state asks for turn 1, read with its row's version."""
+    await store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMAGE), DEFAULTS)
+    rec = await store.mark_starting(await store.get(game), rollback_image=None)
+    await store.mark_running(rec, container_id=f"c-{game}", image=IMAGE,
+                             probe=Probe(healthy=True, admin_api=True, turn=0, phase="idle"))
+    await store.submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id=game, source=OpSource.LOBBY), DEFAULTS)
+    rec = await store.get(game)
+    assert rec.row_version is not None and rec.desired_turn == 1 and rec.status is Status.RUNNING
+    return rec
+
+
+async def snapshots(pool: asyncpg.Pool, game: str) -> list[dict]:
+    rows = await pool.fetch("SELECT fields FROM job_results WHERE game_id = $1 AND kind = 'snapshot' ORDER BY seq",
+                            game)
+    return [json.loads(r["fields"]) for r in rows]
+
+
+async def test_a_record_read_with_its_version_changes_in_one_statement_with_its_snapshot(pool):
+    store = Store(pool)
+    rec = await turn_asked(store, "swap-one")
+    outbox = []
+    store.outbox.subscribe(lambda: outbox.append(1))
+    before = len(await snapshots(pool, "swap-one"))
+    with Counter() as sql:
+        new = await store.turn_requested(rec)
+    assert sql.total == 1, sql.queries
+    assert new.status is Status.GENERATION_IN_PROGRESS and new.row_version not in (None, rec.row_version)
+    assert await store.get("swap-one") == new and (await store.get("swap-one")).row_version == new.row_version
+    snaps = await snapshots(pool, "swap-one")
+    assert len(snaps) == before + 1 and outbox == [1]
+    assert snaps[-1]["status"] == "generation_in_progress"
+    assert int(snaps[-1]["revision"]) == new.snapshot_revision == rec.snapshot_revision + 1
+    assert snaps[-1]["reason"] == "generation_started" and snaps[-1]["previous_status"] == "running"
+    # The timestamps are the database's clock (within the skew bound).
+    db_now = await pool.fetchval("SELECT now()")
+    assert abs((db_now - new.generation_started_at).total_seconds()) < 1.0
+    # The record it returns carries the row's new version: the next change from it is one statement too,
+    # and so is a change of nothing (a read of the row's version).
+    with Counter() as sql:
+        same = await store.record_observation(new, Probe(healthy=True, admin_api=True, turn=0, phase="generating"),
+                                              unreachable_after=3, generation_timeout=600)
+    assert sql.total == 1 and same is new, sql.queries
+    with Counter() as sql:
+        reached = await store.record_observation(new, Probe(healthy=True, admin_api=True, turn=1, phase="idle"),
+                                                 unreachable_after=3, generation_timeout=600)
+    assert sql.total == 1 and reached.turn == 1, sql.queries
+    assert await store.get("swap-one") == reached
+
+
+async def test_a_row_that_moved_since_it_was_read_takes_the_lock_and_is_decided_on_as_it_is(pool):
+    store = Store(pool)
+    rec = await turn_asked(store, "swap-moved")
+    # Another writer changed a column the compare-and-swap does not look at (as a schedule does).
+    await pool.execute("UPDATE runtime_records SET turn_interval = 99 WHERE game_id = 'swap-moved'")
+    with Counter() as sql:
+        new = await store.turn_requested(rec)
+    assert sql.total > 1  # the one statement found the row moved: the locking path
+    assert new.status is Status.GENERATION_IN_PROGRESS and new.turn_interval == 99  # the row as it is
+    assert await store.get("swap-moved") == new
+    # A change of what it does look at is a conflict, as before.
+    stale = await store.get("swap-moved")
+    await store.record_observation(stale, Probe(healthy=True, admin_api=True, turn=1, phase="idle"),
+                                   unreachable_after=3, generation_timeout=600)
+    with pytest.raises(Conflict):
+        await store.turn_requested(stale)
+
+
+async def test_a_replaced_record_is_no_rows_and_takes_the_lock(pool):
+    store = Store(pool)
+    rec = await turn_asked(store, "swap-replaced")
+    local = rec.replace(paused=True)  # a copy changed here: not the row
+    assert local.row_version is None and local == rec.replace(paused=True)
+    with Counter() as sql:
+        new = await store.turn_requested(local)
+    assert sql.total > 1
+    assert not new.paused  # decided on the row, not on the local copy
+
+
+class Ahead(Clock):
+    """A process whose reading of the database clock is a minute ahead (and stays so)."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + timedelta(seconds=60)
+
+    def observe_db(self, db_now, local_before, local_after) -> None:
+        pass
+
+
+async def test_a_clock_far_from_the_databases_takes_the_lock_and_its_time(pool):
+    store = Store(pool, clock=Ahead())
+    rec = await turn_asked(Store(pool), "swap-clock")
+    with Counter() as sql:
+        new = await store.turn_requested(rec)
+    assert sql.total > 1
+    db_now = await pool.fetchval("SELECT now()")
+    assert abs((db_now - new.generation_started_at).total_seconds()) < 5.0  # the database's time
+
+
+async def test_a_tool_without_a_fence_tells_the_leaders_relay(pool, database_url):
+    """An operator's tool writes with no fence: its snapshot must reach the leader's relay by NOTIFY,
+    as the locking path's does."""
+    rec = await turn_asked(Store(pool), "swap-tool")
+    tool = Store(pool)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.add_listener(OUTBOX_CHANNEL, lambda *a: heard.put_nowait(a[3]))
+        with Counter() as sql:
+            await tool.turn_requested(rec)
+        assert sql.total == 1
+        assert await asyncio.wait_for(heard.get(), 5) == tool.outbox.origin
+    finally:
+        await conn.close()
