@@ -6,6 +6,7 @@ with its snapshot (one statement), the operation log's rows and the outbox inser
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -55,6 +56,38 @@ async def log_fleet_change(conn: asyncpg.Connection, op: str, params: dict[str, 
     await conn.execute(
         "INSERT INTO runtime_operations (game_id, op, source, status, params, actor, finished_at)"
         " VALUES (NULL, $1, 'admin', 'succeeded', $2::jsonb, $3, now())", op, json.dumps(params), actor)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Answer:
+    """What a pending operation is answered: its row's new status, code and message, and its result."""
+    op_id: int
+    status: str
+    code: str | None
+    message: str | None
+    differs: bool  # from what ``finish`` says (an answer decided before: desired/values.py ``decided``)
+    result: tuple[Any, ...]  # its ``result_row``
+
+
+def answers_of(record: RuntimeRecord, finish: Finish, ops: list[Operation]) -> list[Answer]:
+    """The answers of the pending operations ``ops`` of ``record``'s generation as ``finish`` says, in id order."""
+    container_id, endpoint = "", ""
+    if finish.outcome is Outcome.SUCCESS:
+        container_id = record.current_container_id or ""
+        endpoint = record.engine_endpoint if container_id else ""
+    out = []
+    for op in sorted(ops, key=lambda o: o.id):
+        outcome, code, message, op_container, op_endpoint = decided(
+            op, finish.outcome, finish.error_code, finish.message, container_id, endpoint)
+        out.append(Answer(
+            op_id=op.id, status=(OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS else OpStatus.FAILED).value,
+            code=code.value if code else None, message=message or None,
+            differs=(outcome, code, message) != (finish.outcome, finish.error_code, finish.message),
+            result=result_row(op.id, JobResult(
+                result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome, job=op.op,
+                job_entry_id=op.entry_id or "", container_id=op_container, engine_endpoint=op_endpoint,
+                error_code=code, error_message=message))))
+    return out
 
 
 @translating
@@ -155,21 +188,28 @@ class StoreBase:
         return [r for r in rows if r[1] is not None]  # the row of a write that changed nothing: all NULL
 
     async def _swap(self, rec: RuntimeRecord, change: Callable[[RuntimeRecord, datetime], RuntimeRecord],
-                    forced_reason: str | None = None) -> RuntimeRecord | None:
-        """A compare-and-swap of a record on the row's version, in ONE statement (no BEGIN, no lock, no
-        COMMIT): ``change(rec, now)`` written over ``rec``, with the snapshot it owes, only if the row is
+                    forced_reason: str | None = None, finish: Outcome | None = None) -> RuntimeRecord | None:
+        """A compare-and-swap of a record on the row's version, in ONE write statement (no BEGIN, no lock,
+        no COMMIT): ``change(rec, now)`` written over ``rec``, with the snapshot it owes, only if the row is
         still the version ``rec`` was read as (``row_version``, Postgres' ``xmin``: any write of the row
         makes a new one) and the leadership term is current. ``rec`` is then the row as it is, so the
         change is what the locking path (``_tx_locking``: lock, read, check, write) would write, in one
         round trip instead of four.
 
+        With ``finish``, the pending operations of the record's generation are answered in the same
+        statement (their rows and results), read just before it (one more statement): an operation is
+        only ever pending on a record its admission wrote in the same transaction (a job that joins a
+        generation writes the record too: desired/db/submissions.py), so one that joined after the
+        read makes a new row version and the write does not happen. One answered meanwhile by another
+        path is neither answered again nor given a second result.
+
         A change of nothing is one read: whether the row is still that version (then ``rec`` is returned).
         None when it does not apply, and the caller takes the locking path, which decides as before: a
         record read without its version, a row that moved since (another write, a job's, a probe's), a
-        change of image (its version is read under the lock), a change the
-        record's invariants refuse at this process's reading of the database clock, or that reading
-        ``MAX_CLOCK_SKEW`` or more away from the database's own (its timestamps are the database's
-        ``now()``, within that bound; the locking path reads it in its first statement)."""
+        change of image (its version is read under the lock), a change the record's invariants refuse
+        at this process's reading of the database clock, or that reading ``MAX_CLOCK_SKEW`` or more
+        away from the database's own (its timestamps are the database's ``now()``, within that bound;
+        the locking path reads it in its first statement)."""
         if rec.row_version is None:
             return None
         fence = self.fence
@@ -189,33 +229,61 @@ class StoreBase:
         except InvalidRecord:
             return None
         write = record_write(rec, new)
-        if write is None:  # nothing to write: only whether the row is still the one read
+        if write is None and finish is None:  # nothing to write: only whether the row is still the one read
             same = await self.pool.fetchval("SELECT xmin::text = $2 FROM runtime_records WHERE game_id = $1",
                                             rec.game_id, str(rec.row_version))
             return rec if same else None
-        update, args = write
-        n = len(args)
-        args += [str(rec.row_version), now]
-        guard = (f" AND xmin = ${n + 1}::text::xid AND abs(extract(epoch FROM now() - ${n + 2}::timestamptz)) < "
-                 f"{MAX_CLOCK_SKEW} AND EXISTS (SELECT 1 FROM fence_ok) RETURNING xmin::text::bigint AS row_version")
+        answers: list[Answer] = []
+        if finish is not None:
+            rows = await self.pool.fetch(
+                "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
+                " AND generation <= $2 ORDER BY id", rec.game_id, rec.generation)
+            answers = answers_of(new, Finish(generation=rec.generation, outcome=finish),
+                                 [operation_from_row(r) for r in rows])
+        # The row's own write, or (answers and nothing else changed) a write of its version only.
+        update, args = write or ("UPDATE runtime_records SET last_op_at = last_op_at WHERE game_id = $1", [rec.game_id])
+        args = list(args)
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        guard = (f" AND xmin = {arg(str(rec.row_version))}::text::xid AND abs(extract(epoch FROM now() -"
+                 f" {arg(now)}::timestamptz)) < {MAX_CLOCK_SKEW} AND EXISTS (SELECT 1 FROM fence_ok)"
+                 " RETURNING xmin::text::bigint AS row_version")
         if fence is not None:
-            fence_ok = (f"SELECT 1 FROM leader_leases WHERE instance = ${n + 3} AND holder = ${n + 4}"
-                        f" AND epoch = ${n + 5} AND expires_at > now() FOR KEY SHARE")
-            args += [fence.instance, fence.holder, fence.epoch]
+            fence_ok = (f"SELECT 1 FROM leader_leases WHERE instance = {arg(fence.instance)} AND holder ="
+                        f" {arg(fence.holder)} AND epoch = {arg(fence.epoch)} AND expires_at > now() FOR KEY SHARE")
         else:
             fence_ok = "SELECT 1"
         sql = f"WITH fence_ok AS ({fence_ok}), w AS ({update}{guard})"
-        tail = ""
+        if answers:
+            sql += (", o AS (UPDATE runtime_operations o SET status = a.status, error_code = a.code,"
+                    f" error_message = a.message, finished_at = {arg(now)}::timestamptz FROM unnest("
+                    f"{arg([a.op_id for a in answers])}::bigint[], {arg([a.status for a in answers])}::text[],"
+                    f" {arg([a.code for a in answers])}::text[], {arg([a.message for a in answers])}::text[])"
+                    " AS a(id, status, code, message) WHERE o.id = a.id AND o.status IN ('queued', 'running')"
+                    " AND EXISTS (SELECT 1 FROM w) RETURNING o.id)")
+        outbox: list[tuple[Any, ...]] = []
         if reason is not None:
-            k = len(args)
             snapshot_id = str(uuid.uuid4())
             body = snapshots.fields(new, previous=rec.status, reason=reason, snapshot_id=snapshot_id, now=now)
-            args += [uuid.UUID(snapshot_id), new.game_id, json.dumps(body)]
+            outbox.append((uuid.UUID(snapshot_id), None, new.game_id, json.dumps(body), "snapshot"))
+        outbox.extend((*a.result, "result") for a in answers)
+        tail = ""
+        if outbox:
+            # The snapshot first, then the results in operation order (their seq); a result only for an
+            # operation this statement answered.
+            cols = list(zip(*outbox, strict=True))
             sql += (", s AS (INSERT INTO job_results (result_id, operation_id, game_id, fields, kind)"
-                    f" SELECT ${k + 1}, NULL, ${k + 2}, ${k + 3}::jsonb, 'snapshot' FROM w)")
+                    " SELECT x.result_id, x.operation_id, x.game_id, x.fields::jsonb, x.kind FROM unnest("
+                    f"{arg(list(cols[0]))}::uuid[], {arg(list(cols[1]))}::bigint[], {arg(list(cols[2]))}::text[],"
+                    f" {arg(list(cols[3]))}::text[], {arg(list(cols[4]))}::text[]) WITH ORDINALITY"
+                    " AS x(result_id, operation_id, game_id, fields, kind, n) WHERE EXISTS (SELECT 1 FROM w)"
+                    + (" AND (x.operation_id IS NULL OR x.operation_id IN (SELECT id FROM o))" if answers else "")
+                    + " ORDER BY x.n)")
             if fence is None:  # an operator's tool: the leader's relay hears of it (``_tx_first``)
-                args += [OUTBOX_CHANNEL, self.outbox.origin]
-                tail = f", (SELECT pg_notify(${k + 4}, ${k + 5}) FROM w) AS notified"
+                tail = f", (SELECT pg_notify({arg(OUTBOX_CHANNEL)}, {arg(self.outbox.origin)}) FROM w) AS notified"
         before = datetime.now(UTC)
         row = await self.pool.fetchrow(
             f"{sql} SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid,"
@@ -226,7 +294,7 @@ class StoreBase:
             raise Fenced(f"leadership term {fence.epoch if fence else 0} is over")
         if row["row_version"] is None:
             return None  # the row moved (or the clocks are apart): the locking path decides
-        if reason is not None:
+        if outbox:
             self.outbox.fire()
         if transitions.moves_the_clock(rec, new):
             self.schedule.fire()
@@ -327,10 +395,6 @@ class StoreBase:
         # ``_pending_ops``; RETURNING the rows as they were), then one INSERT of their results: two round
         # trips whatever their number, instead of 1 + 2 per operation. An operation whose answer was decided
         # before (``decided``) is written again with it (rare: a failed generation, a disruption's note).
-        container_id, endpoint = "", ""
-        if finish.outcome is Outcome.SUCCESS:
-            container_id = record.current_container_id or ""
-            endpoint = record.engine_endpoint if container_id else ""
         status = OpStatus.SUCCEEDED if finish.outcome is Outcome.SUCCESS else OpStatus.FAILED
         code = finish.error_code.value if finish.error_code else None
         rows = await conn.fetch(
@@ -338,20 +402,13 @@ class StoreBase:
             " AND generation <= $2 ORDER BY id FOR UPDATE) UPDATE runtime_operations o SET status = $3,"
             " error_code = $4, error_message = $5, finished_at = $6 FROM p WHERE o.id = p.id RETURNING p.*",
             record.game_id, finish.generation, status.value, code, finish.message or None, now)
-        ops = sorted((operation_from_row(r) for r in rows), key=lambda op: op.id)
         results: list[tuple[Any, ...]] = []
-        for op in ops:
-            outcome, op_code, message, op_container, op_endpoint = decided(
-                op, finish.outcome, finish.error_code, finish.message, container_id, endpoint)
-            if (outcome, op_code, message) != (finish.outcome, finish.error_code, finish.message):
+        for answer in answers_of(record, finish, [operation_from_row(r) for r in rows]):
+            if answer.differs:
                 await conn.execute(
                     "UPDATE runtime_operations SET status = $2, error_code = $3, error_message = $4 WHERE id = $1",
-                    op.id, (OpStatus.SUCCEEDED if outcome is Outcome.SUCCESS else OpStatus.FAILED).value,
-                    op_code.value if op_code else None, message or None)
-            results.append(result_row(op.id, JobResult(
-                result_id=str(uuid.uuid4()), game_id=op.game_id, outcome=outcome, job=op.op,
-                job_entry_id=op.entry_id or "", container_id=op_container, engine_endpoint=op_endpoint,
-                error_code=op_code, error_message=message)))
+                    answer.op_id, answer.status, answer.code, answer.message)
+            results.append(answer.result)
         return results
 
     async def _end_op(self, conn: asyncpg.Connection, op: Operation, outcome: Outcome,

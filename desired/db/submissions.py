@@ -112,6 +112,7 @@ class Submissions(StoreBase):
 
             outcomes: list[SubmitOutcome] = []
             notify: list[str] = []
+            joined: set[str] = set()
             for item, op_id in zip(items, ids, strict=True):
                 if item.stream and (item.stream, item.entry_id) in existing:
                     outcomes.append(SubmitOutcome(operation_id=existing[(item.stream, item.entry_id)],
@@ -176,8 +177,16 @@ class Submissions(StoreBase):
                     # Desired state unchanged, but an operation joined the generation: the leader claims it
                     # at its next sync only if woken (controller/reconciler.py ``job_admitted``).
                     notify.append(job.game_id)
+                    joined.add(job.game_id)
                 outcomes.append(SubmitOutcome(operation_id=op_id, decision=decision))
             await flush()
+            if joined:
+                # An operation never waits on a record its admission did not write: a job that joined a
+                # generation writes the record too (its last operation's time, and so a new row version),
+                # so that a compare-and-swap on the row's version that answers the generation's jobs
+                # (base.py ``_swap``) cannot miss one that joined after its read.
+                await conn.execute("UPDATE runtime_records SET last_op_at = greatest(last_op_at, $2)"
+                                   " WHERE game_id = ANY($1::text[])", sorted(joined), now)
             if notify and self.fence is None:
                 # Only a process that does not lead (an operator's tool) tells the leader; the leader's own
                 # admission wakes its work queue and turn clock in process (controller/admission.py, _tx),

@@ -53,10 +53,11 @@ class Transitions(StoreBase):
         """Compare-and-swap from ``rec`` (status, container id, and generation when asked) to
         ``change(current, now)``; with ``finish``, answer the pending jobs of its generation.
 
-        A change that answers nobody and notes nothing, from a record whose row has not moved since it
-        was read, is one statement (``_swap``); any other takes the record's lock first."""
-        if finish is None and note is None and container_id is KEEP:
-            swapped = await self._swap(rec, change, reason)
+        A change that notes nothing, from a record whose row has not moved since it was read, is one
+        write statement (``_swap``; with ``finish``, a read of the pending jobs before it); any other
+        takes the record's lock first."""
+        if note is None and container_id is KEEP:
+            swapped = await self._swap(rec, change, reason, finish)
             if swapped is not None:
                 return swapped
         async with self._tx_locking(rec.game_id) as (conn, now, row):

@@ -142,3 +142,96 @@ async def test_a_tool_without_a_fence_tells_the_leaders_relay(pool, database_url
         assert await asyncio.wait_for(heard.get(), 5) == tool.outbox.origin
     finally:
         await conn.close()
+
+
+# ----------------------------------------- answering the generation's jobs without the record's lock
+async def generating(store: Store, game: str):
+    rec = await turn_asked(store, game)
+    return await store.turn_requested(rec)
+
+
+async def results_of(pool: asyncpg.Pool, game: str, ops: list[int]) -> dict[int, int]:
+    """How many results each of the operations ``ops`` has."""
+    rows = await pool.fetch("SELECT operation_id, count(*) AS n FROM job_results WHERE game_id = $1 AND kind = 'result'"
+                            " AND operation_id = ANY($2::bigint[]) GROUP BY operation_id", game, ops)
+    return {r["operation_id"]: r["n"] for r in rows}
+
+
+class AfterTheRead:
+    """The pool, with ``then`` run once right after the swap's read of the pending operations."""
+
+    def __init__(self, pool: asyncpg.Pool, then) -> None:
+        self._pool, self._then, self.fired = pool, then, False
+
+    def __getattr__(self, name):
+        return getattr(self._pool, name)
+
+    async def fetch(self, query, *args):
+        rows = await self._pool.fetch(query, *args)
+        if not self.fired and query.startswith("SELECT * FROM runtime_operations WHERE game_id"):
+            self.fired = True
+            await self._then()
+        return rows
+
+
+async def test_a_generated_turn_answers_its_jobs_in_a_read_and_one_write(pool):
+    store = Store(pool)
+    rec = await generating(store, "swap-done")
+    (op,) = await store.pending_operations("swap-done")
+    before = await snapshots(pool, "swap-done")
+    with Counter() as sql:
+        new = await store.mark_running(rec, container_id="c-swap-done", image=IMAGE,
+                                       probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+    assert sql.total == 2, sql.queries
+    assert new.converged and new.turn == 1 and new.status is Status.RUNNING
+    assert await store.get("swap-done") == new
+    assert await store.pending_operations("swap-done") == []
+    done = {o.id: o for o in await store.operations("swap-done")}[op.id]
+    assert done.status.value == "succeeded" and done.finished_at is not None
+    assert await results_of(pool, "swap-done", [op.id]) == {op.id: 1}
+    snaps = await snapshots(pool, "swap-done")
+    assert len(snaps) == len(before) + 1 and snaps[-1]["reason"] == "turn_generated"
+    # The snapshot comes before the result it goes with (the outbox's order is the streams').
+    kinds = [r["kind"] for r in await pool.fetch(
+        "SELECT kind FROM job_results WHERE game_id = 'swap-done' ORDER BY seq DESC LIMIT 2")]
+    assert kinds == ["result", "snapshot"]
+
+
+async def test_a_job_that_joins_after_the_read_is_answered_not_lost(pool):
+    """The interleaving that would lose a job: the swap reads the generation's pending jobs, a forced
+    turn joins the generation (same turn: no new generation), then the swap writes. The joined job's
+    admission wrote the record, so the swap's write does not happen and the locking path answers both."""
+    store = Store(pool)
+    rec = await generating(store, "swap-join")
+
+    async def join() -> None:
+        out = await Store(pool).submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id="swap-join",
+                                           source=OpSource.LOBBY, stream="s:control", entry_id="9-0"), DEFAULTS)
+        assert out.decision is not None and out.decision.action == "join"
+
+    store.pool = AfterTheRead(pool, join)
+    new = await store.mark_running(rec, container_id="c-swap-join", image=IMAGE,
+                                   probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+    assert store.pool.fired
+    assert new.converged and await Store(pool).pending_operations("swap-join") == []
+    ops = [o for o in await Store(pool).operations("swap-join") if o.op is JobKind.FORCE_NEXT_TURN]
+    assert len(ops) == 2 and all(o.status.value == "succeeded" for o in ops)
+    assert await results_of(pool, "swap-join", [o.id for o in ops]) == {o.id: 1 for o in ops}
+
+
+async def test_a_job_answered_meanwhile_by_another_path_gets_no_second_answer(pool):
+    store = Store(pool)
+    rec = await generating(store, "swap-other")
+    (op,) = await store.pending_operations("swap-other")
+
+    async def answered_elsewhere() -> None:
+        await pool.execute("UPDATE runtime_operations SET status = 'failed', error_code = 'internal_error',"
+                           " finished_at = now() WHERE id = $1", op.id)
+
+    store.pool = AfterTheRead(pool, answered_elsewhere)
+    new = await store.mark_running(rec, container_id="c-swap-other", image=IMAGE,
+                                   probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+    assert store.pool.fired and new.converged
+    done = {o.id: o for o in await Store(pool).operations("swap-other")}[op.id]
+    assert done.status.value == "failed"  # its answer stands
+    assert await results_of(pool, "swap-other", [op.id]) == {}  # and the swap wrote it no result
