@@ -48,6 +48,9 @@ log = logging.getLogger("rtmanager.relay")
 
 BATCH = 1000  # results per pass: one SELECT, one pipelined XADD round trip, one UPDATE
 IDLE_POLL = 5.0  # a fallback only: a commit that writes the outbox wakes the relay at once (desired/wakeup.py)
+# Seconds the loop keeps the marks of what it published for the next read (one statement marks them and
+# reads what follows) before it writes them alone: a steady flow of results costs a statement a pass.
+MARK_DELAY = 0.1
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
 STALL_LIMIT = 60.0  # seconds a pass may go without finishing or progress before /readyz says so
@@ -77,6 +80,9 @@ class Relay:
         self.republished = 0
         self.stall_limit = STALL_LIMIT
         self._busy_since: float | None = None  # monotonic start of the pass (or series of failed ones) under way
+        # (seq, stream entry id) of what the loop published and has not marked yet: marked by the next read's
+        # statement, or alone after MARK_DELAY; before any check of the stream against what was marked.
+        self._unmarked: list[tuple[int, str]] = []
         self.last_error = ""
         metrics.relay_stalled.set_function(self.stalled_for)
 
@@ -103,6 +109,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._suspect = self._verify = True
         self._busy_since = None
+        self._unmarked = []  # a previous term's: the tail check finds them on the stream
 
     def stop(self) -> None:
         self._stopping.set()
@@ -119,7 +126,12 @@ class Relay:
                 if loop.time() - last_check >= IDLE_POLL:
                     await self.check_server()
                     last_check = loop.time()
-                published = await self.flush()
+                published = await self.flush(defer_marks=True)
+                if self._unmarked and not self.wake.is_set():
+                    # Nothing more to read now: wait a little for more, whose read marks these; else mark them.
+                    if not await self._woken(MARK_DELAY):
+                        async with self._lock:
+                            await self._write_marks()
                 self.healthy = True
                 self._busy_since = None
                 self.last_error = ""
@@ -144,6 +156,19 @@ class Relay:
                 # ``wake`` (after its COMMIT), so an unraised wake means there is nothing more to read now.
                 await self._sleep(IDLE_POLL, wake=True)
 
+    async def _woken(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a wake (left raised for the next read); whether one came."""
+        try:
+            await asyncio.wait_for(self.wake.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _write_marks(self) -> None:
+        if self._unmarked:
+            await self.store.mark_published_many(self._unmarked)
+            self._unmarked = []
+
     async def _sleep(self, seconds: float, wake: bool = False) -> None:
         event = self.wake if wake else self._stopping
         try:
@@ -153,29 +178,41 @@ class Relay:
         if wake:
             self.wake.clear()
 
-    async def flush(self) -> int:
-        """Publish what is pending; return how many were published."""
+    async def flush(self, *, defer_marks: bool = False) -> int:
+        """Publish what is pending; return how many were published. With ``defer_marks`` (the loop), the
+        marks of the last batch are kept for the next read's statement (``_unmarked``); without, nothing
+        published is left unmarked."""
         async with self._lock:
             if self._verify:
+                # What was published but not marked yet is checked against the stream too.
+                await self._write_marks()
                 await self._verify_stream()
             total = 0
             while True:
                 self.wake.clear()
-                batch = await self.store.unpublished(BATCH)
+                # One statement marks what the previous batch published and reads what follows.
+                marks, self._unmarked = self._unmarked, []
+                try:
+                    batch = await self.store.mark_and_read_unpublished(marks, BATCH)
+                except BaseException:
+                    self._unmarked = marks  # not written: kept for the next statement
+                    raise
                 if self._suspect and batch:
                     batch = await self._skip_already_published(batch)
                 self._suspect = False
                 if batch:
-                    # One round trip to Redis for the batch, in order, then one statement marking it:
-                    # a crash in between publishes them again with the same ids (the tail check).
+                    # One round trip to Redis for the batch, in order; its marks go with the next read: a
+                    # crash in between publishes them again with the same ids (the tail check).
                     ids = await self.redis.add_many([(self.stream_of(i.kind), i.fields) for i in batch],
                                                     maxlen=self.config.results_maxlen or None)
                     for item in batch:  # counted once on the stream: a retry finds them in its tail
                         self._observe(item)
-                    await self.store.mark_published_many([(i.seq, e) for i, e in zip(batch, ids, strict=True)])
+                    self._unmarked = [(i.seq, e) for i, e in zip(batch, ids, strict=True)]
                     self._progress()  # a long backlog is not a stall
                 total += len(batch)
                 if len(batch) < BATCH:
+                    if not defer_marks:
+                        await self._write_marks()
                     return total
 
     def stream_of(self, kind: str) -> str:

@@ -1057,6 +1057,13 @@ class FakeStore:
         for seq, entry_id in marks:
             await self.mark_published(seq, entry_id)
 
+    async def mark_and_read_unpublished(self, marks: builtins.list[tuple[int, str]],
+                                        limit: int = 100) -> builtins.list[PendingResult]:
+        self._check()
+        for seq, entry_id in marks:
+            await self.mark_published(seq, entry_id)
+        return await self.unpublished(limit)
+
     async def mark_published(self, seq: int, stream_entry_id: str) -> None:
         self._check()
         for r in self.results:

@@ -300,6 +300,25 @@ class StoreBase:
             self.schedule.fire()
         return new.replace(row_version=row["row_version"])
 
+    async def _fenced_read(self, write: str, read: str, *args: Any) -> list[asyncpg.Record]:
+        """``_fenced(write)`` and a read in one statement: the rows of ``read`` (a SELECT over ``args``, on
+        the statement's snapshot: it does not see what ``write`` changes). Raises Fenced when the term is
+        over (then nothing is written)."""
+        if self.fence is None:
+            return list(await self.pool.fetch(f"WITH fence_ok AS (SELECT 1), changed AS ({write}) {read}", *args))
+        fence = self.fence
+        if not fence.valid_locally:
+            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
+        n = len(args)
+        rows = await self.pool.fetch(
+            f"WITH fence_ok AS (SELECT 1 FROM leader_leases WHERE instance = ${n + 1} AND holder = ${n + 2}"
+            f" AND epoch = ${n + 3} AND expires_at > now() FOR KEY SHARE), changed AS ({write}),"
+            f" got AS ({read}) SELECT v.fence_valid, g.* FROM (SELECT EXISTS (SELECT 1 FROM fence_ok) AS"
+            " fence_valid) v LEFT JOIN got g ON true", *args, fence.instance, fence.holder, fence.epoch)
+        if not rows or not rows[0]["fence_valid"]:
+            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} is over")
+        return [r for r in rows if r[1] is not None]  # no row read: one row of NULLs
+
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
 

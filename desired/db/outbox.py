@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import json
 
+import asyncpg
+
 from desired.db.base import StoreBase
 from desired.db.pool import translating
 from desired.db.rows import RECENTLY_PUBLISHED_SQL, record_from_row
 from desired.db.watch import sequence_snapshots
 from desired.values import PendingResult
+
+UNPUBLISHED = ("SELECT r.seq, r.result_id, r.game_id, r.fields, r.kind, r.created_at, o.created_at AS accepted_at"
+               " FROM job_results r LEFT JOIN runtime_operations o ON o.id = r.operation_id"
+               " WHERE r.published_at IS NULL")
+
+
+def _pending(rows: list[asyncpg.Record]) -> list[PendingResult]:
+    return [PendingResult(seq=r["seq"], result_id=str(r["result_id"]), game_id=r["game_id"],
+                          fields=json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"],
+                          kind=r["kind"], written_at=r["created_at"], accepted_at=r["accepted_at"])
+            for r in rows]
 
 
 @translating
@@ -32,14 +45,21 @@ class Outbox(StoreBase):
         return json.loads(raw) if isinstance(raw, str) else raw
 
     async def unpublished(self, limit: int = 100) -> list[PendingResult]:
-        rows = await self.pool.fetch(
-            "SELECT r.seq, r.result_id, r.game_id, r.fields, r.kind, r.created_at, o.created_at AS accepted_at"
-            " FROM job_results r LEFT JOIN runtime_operations o ON o.id = r.operation_id"
-            " WHERE r.published_at IS NULL ORDER BY r.seq LIMIT $1", limit)
-        return [PendingResult(seq=r["seq"], result_id=str(r["result_id"]), game_id=r["game_id"],
-                              fields=json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"],
-                              kind=r["kind"], written_at=r["created_at"], accepted_at=r["accepted_at"])
-                for r in rows]
+        return _pending(await self.pool.fetch(f"{UNPUBLISHED} ORDER BY r.seq LIMIT $1", limit))
+
+    async def mark_and_read_unpublished(self, marks: list[tuple[int, str]], limit: int = 100) -> list[PendingResult]:
+        """``mark_published_many(marks)`` and then ``unpublished(limit)``, in one statement (the relay's loop:
+        the marks of one batch go with the read of the next). The read is the statement's snapshot, from
+        before the marks: what they mark is left out of it by its seq."""
+        if not marks:
+            return await self.unpublished(limit)
+        rows = await self._fenced_read(
+            "UPDATE job_results r SET published_at = now(), stream_entry_id = m.entry_id"
+            " FROM unnest($1::bigint[], $2::text[]) AS m(seq, entry_id)"
+            " WHERE r.seq = m.seq AND EXISTS (SELECT 1 FROM fence_ok) RETURNING r.seq",
+            f"{UNPUBLISHED} AND r.seq <> ALL($1::bigint[]) ORDER BY r.seq LIMIT $3",
+            [s for s, _ in marks], [e for _, e in marks], limit)
+        return _pending(rows)
 
     async def unpublished_count(self) -> int:
         return await self.pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL")

@@ -55,7 +55,8 @@ async def old_leader(pool, database_url):
     await lease.close()
 
 
-@pytest.mark.parametrize("write", ["claim", "mark_published_many", "mark_stopped", "set_admin_token"])
+@pytest.mark.parametrize("write", ["claim", "mark_published_many", "mark_and_read_unpublished", "mark_stopped",
+                                   "set_admin_token"])
 async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_leader, pool, database_url, write):
     record = await Store(pool).get("g1")
     before_ops = [(o.id, o.status) for o in await Store(pool).operations("g1")]
@@ -64,6 +65,7 @@ async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_lead
     try:
         call = {"claim": lambda: old_leader.claim("g1", record.generation),
                 "mark_published_many": lambda: old_leader.mark_published_many([(1, "1-1")]),
+                "mark_and_read_unpublished": lambda: old_leader.mark_and_read_unpublished([(1, "1-1")]),
                 "mark_stopped": lambda: old_leader.mark_stopped(record, container_id=None),
                 # A record read with its row's version: one statement (StoreBase._swap), fenced in it.
                 "set_admin_token": lambda: old_leader.set_admin_token(record, "t" * 32)}[write]
@@ -97,7 +99,9 @@ async def test_a_take_over_waits_for_a_compare_and_swap_in_flight(old_leader, po
         return await original(*args, **kwargs)
 
     old_leader._write = slow_write  # noqa: SLF001
-    cas = asyncio.create_task(old_leader.mark_stopped(record, container_id=None))
+    # The locking path: a record without its row's version (a swap on the version is one statement, the
+    # fence in it: there is no "in between" for a take-over to fall into).
+    cas = asyncio.create_task(old_leader.mark_stopped(record.replace(), container_id=None))
     await asyncio.wait_for(inside.wait(), 5)
     conn = await asyncpg.connect(database_url)
     try:

@@ -326,6 +326,13 @@ async def test_outbox_is_read_in_commit_order_and_marked(pool):
     await store.mark_published(pending[0].seq, "9-0")
     assert [p.game_id for p in await store.unpublished()] == ["g1", "g2"]
     assert await store.unpublished_count() == 2
+    # The relay's loop: one statement marks a batch and reads what follows (not what it marks).
+    nxt = await store.mark_and_read_unpublished([(pending[1].seq, "9-1")], limit=10)
+    assert [p.game_id for p in nxt] == ["g2"]
+    assert await store.unpublished_count() == 1
+    assert await pool.fetchval("SELECT stream_entry_id FROM job_results WHERE seq = $1", pending[1].seq) == "9-1"
+    assert await store.mark_and_read_unpublished([(pending[2].seq, "9-2")], limit=10) == []
+    assert await store.unpublished_count() == 0
 
 
 
@@ -350,6 +357,8 @@ async def test_a_deposed_leader_cannot_write(pool, database_url):
     # The writes that are one statement on their own (no transaction) are fenced in that statement.
     with pytest.raises(Fenced):
         await old_store.mark_published_many([(1, "1-1")])
+    with pytest.raises(Fenced):
+        await old_store.mark_and_read_unpublished([(1, "1-1")])
     with pytest.raises(Fenced):
         await old_store.claim("g1", 1)
     with pytest.raises(Fenced):  # the fence and the record's lock are one statement

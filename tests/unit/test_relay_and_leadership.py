@@ -11,6 +11,7 @@ from controller.leadership import Leadership
 from controller.metrics import Metrics
 from controller.relay import Relay, RelayStalled
 from desired.leader import Fence
+from desired.model import ErrorCode, JobKind
 from tests.fakes import FakeStore, FakeStreams
 from tests.support import eventually
 from tests.support.world import FakeLease, answered
@@ -125,6 +126,76 @@ async def test_an_idle_relay_is_never_stalled():
     finally:
         relay.stop()
         await asyncio.wait_for(task, 5)
+
+
+class Calls:
+    """Which of the store's outbox calls the relay makes, and with how many marks."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.log: list[tuple[str, int]] = []
+        read, alone = store.mark_and_read_unpublished, store.mark_published_many
+
+        async def mark_and_read(marks, limit=100):
+            self.log.append(("mark_and_read", len(marks)))
+            return await read(marks, limit)
+
+        async def mark_alone(marks):
+            self.log.append(("mark_alone", len(marks)))
+            return await alone(marks)
+
+        store.mark_and_read_unpublished, store.mark_published_many = mark_and_read, mark_alone
+
+
+async def test_a_flow_of_results_is_marked_by_the_next_read_and_an_idle_relay_marks_alone():
+    """Issue 25: a statement a pass, not two. Results that keep coming (a commit every few ms) are
+    marked by the statement that reads the next ones; once nothing comes for MARK_DELAY, the relay
+    writes the last marks alone, and nothing published stays unmarked."""
+    relay, streams, store = relay_world()
+    calls = Calls(store)
+    task = asyncio.create_task(relay.run())
+    try:
+        await eventually(lambda: relay.healthy, 5, what="a first pass")
+        for i in range(20):
+            await store.reject_entry(kind=JobKind.STOP, game_id="g", stream="s", entry_id=f"{i + 1}-0",
+                                     code=ErrorCode.INVALID_REQUEST, message="bad")
+            relay.wake.set()
+            await eventually(lambda i=i: len(streams.fields_of(RESULTS)) == i + 1, 5, interval=0.001)
+        await eventually(lambda: not relay._unmarked, 5, what="the last marks written")  # noqa: SLF001
+        assert await store.unpublished_count() == 0
+        assert len(streams.fields_of(RESULTS)) == 20
+        marked_by_reads = sum(n for kind, n in calls.log if kind == "mark_and_read")
+        alone = [n for kind, n in calls.log if kind == "mark_alone"]
+        assert marked_by_reads + sum(alone) == 20
+        assert marked_by_reads >= 15, calls.log  # the flow's marks went with the next read
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+async def test_marks_kept_for_the_next_read_are_checked_against_a_restarted_redis():
+    """Published, its mark kept for the next read, then Redis restarts and loses it: the check of the
+    stream against what was marked must see it (the kept marks are written first) and publish it again."""
+    relay, streams, store = relay_world()
+    await answered(store, 3)
+    assert await relay.flush(defer_marks=True) == 3
+    assert len(relay._unmarked) == 3 and await store.unpublished_count() == 3  # noqa: SLF001
+    lost = [f["result_id"] for f in streams.fields_of(RESULTS)]
+    streams.streams[RESULTS].entries = []  # AOF everysec: all three acknowledged entries are gone
+    streams.run_id = "run-2"
+    await relay.check_server()
+    await relay.flush()
+    ids = [f["result_id"] for f in streams.fields_of(RESULTS)]
+    assert ids == lost and relay.republished == 3 and await store.unpublished_count() == 0
+
+
+async def test_the_shutdowns_flush_leaves_nothing_unmarked():
+    relay, streams, store = relay_world()
+    await answered(store, 2)
+    await relay.flush(defer_marks=True)
+    await store.reject_entry(kind=JobKind.STOP, game_id="g", stream="s", entry_id="9-0",
+                             code=ErrorCode.INVALID_REQUEST, message="bad")
+    assert await relay.flush() == 1
+    assert not relay._unmarked and await store.unpublished_count() == 0  # noqa: SLF001
 
 
 # ------------------------------------------------------------------ leadership
