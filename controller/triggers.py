@@ -249,7 +249,7 @@ class TurnClock:
         now = time.monotonic()
         skip = sorted(g for g, h in self.held.items() if h[0] > now)
         try:
-            asked, next_in, full = await self.store.ask_due_turns(self.page, skip)
+            asked, next_in, again = await self.store.ask_due_turns(self.page, skip)
         except (TemporaryError, Fenced):
             raise  # not a game's doing: the tick fails
         except Exception:  # noqa: BLE001 - a record the statement cannot take: game by game
@@ -259,7 +259,11 @@ class TurnClock:
         self.held = {g: h for g, h in self.held.items() if h[0] > now}
         for game_id in asked:
             self.admission.wake(game_id)
-        return self._next_delay(len(asked), next_in, full, now)
+        delay = self._next_delay(len(asked), next_in, again, now)
+        if again and not asked:
+            # A due game passed over (another transaction held its record): not at max_sleep, nor at once.
+            delay = min(delay, MIN_TICK)
+        return delay
 
     async def _tick_one_by_one(self) -> float:
         due, next_in = await self.store.due_turns()

@@ -212,6 +212,13 @@ class StoreBase:
         the locking path reads it in its first statement)."""
         if rec.row_version is None:
             return None
+        async with self.pool.acquire() as conn:
+            # The connection first: the clock is read, and the statement sent, with no wait for one between.
+            return await self._swap_on(conn, rec, change, forced_reason, finish)
+
+    async def _swap_on(self, conn: asyncpg.Connection, rec: RuntimeRecord,
+                       change: Callable[[RuntimeRecord, datetime], RuntimeRecord], forced_reason: str | None,
+                       finish: Outcome | None) -> RuntimeRecord | None:
         fence = self.fence
         if fence is not None and not fence.valid_locally:
             raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
@@ -229,13 +236,21 @@ class StoreBase:
         except InvalidRecord:
             return None
         write = record_write(rec, new)
-        if write is None and finish is None:  # nothing to write: only whether the row is still the one read
-            same = await self.pool.fetchval("SELECT xmin::text = $2 FROM runtime_records WHERE game_id = $1",
-                                            rec.game_id, str(rec.row_version))
-            return rec if same else None
+        if write is None and finish is None:
+            # Nothing to write: whether the row is still the one read, and the term current (as the lock's is).
+            fenced = ("EXISTS (SELECT 1 FROM leader_leases WHERE instance = $3 AND holder = $4 AND epoch = $5"
+                      " AND expires_at > now())") if fence is not None else "true"
+            found = await conn.fetchrow(
+                f"SELECT {fenced} AS fence_valid, (SELECT xmin::text = $2 FROM runtime_records WHERE game_id = $1)"
+                " AS same", rec.game_id, str(rec.row_version),
+                *((fence.instance, fence.holder, fence.epoch) if fence is not None else ()))
+            assert found is not None
+            if not found["fence_valid"]:
+                raise Fenced(f"leadership term {fence.epoch if fence else 0} is over")
+            return rec if found["same"] else None
         answers: list[Answer] = []
         if finish is not None:
-            rows = await self.pool.fetch(
+            rows = await conn.fetch(
                 "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
                 " AND generation <= $2 ORDER BY id", rec.game_id, rec.generation)
             answers = answers_of(new, Finish(generation=rec.generation, outcome=finish),
@@ -285,7 +300,7 @@ class StoreBase:
             if fence is None:  # an operator's tool: the leader's relay hears of it (``_tx_first``)
                 tail = f", (SELECT pg_notify({arg(OUTBOX_CHANNEL)}, {arg(self.outbox.origin)}) FROM w) AS notified"
         before = datetime.now(UTC)
-        row = await self.pool.fetchrow(
+        row = await conn.fetchrow(
             f"{sql} SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid,"
             f" (SELECT row_version FROM w) AS row_version, now() AS db_now{tail}", *args)
         assert row is not None

@@ -81,13 +81,16 @@ class Submissions(StoreBase):
                 await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext(g)) FROM unnest($2::text[]) AS g"
                                    " ORDER BY g", GAME_LOCK_SPACE, games)
                 # The records and the batch's operation ids in one statement, both after the games' locks (so
-                # a game's operations are numbered in the order their admissions commit).
+                # a game's operations are numbered in the order their admissions commit). The rows are locked
+                # in game order, as every statement that locks several records does (the turn clock's takes
+                # no advisory lock: in the table's order, the two could deadlock).
                 # The ids after the records' locks are granted, not before (nextval is not transactional: an id
                 # taken while this waits for a transition's lock would be smaller than the operation that
                 # transition writes and commits first): the series' bound reads the locked rows (an InitPlan,
                 # run before the series), so the rows are locked before any nextval.
                 rows = await conn.fetch(
-                    "WITH r AS MATERIALIZED (SELECT * FROM runtime_records WHERE game_id = ANY($1::text[]) FOR UPDATE),"
+                    "WITH r AS MATERIALIZED (SELECT * FROM runtime_records WHERE game_id = ANY($1::text[])"
+                    " ORDER BY game_id FOR UPDATE),"
                     " ids AS (SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id'))"
                     " FROM generate_series(1, $2::int + 0 * (SELECT count(*) FROM r)::int)) AS ids)"
                     " SELECT ids.ids, r.* FROM ids LEFT JOIN r ON true",

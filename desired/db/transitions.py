@@ -157,15 +157,18 @@ class Transitions(StoreBase):
         and for each game of it that is due now (but ``skip``'s) the ``turn`` job the clock would submit
         (desired/jobs.py: a new generation asking for the turn after the engine's, and a queued
         operation of source scheduler), under the game's lock and the leadership fence. Returns the
-        games asked, the seconds until the next game of the page is due, and whether every game of the
-        page was due (more may be, behind it).
+        games asked, the seconds until the next game of the page is due, and whether the clock should
+        look again soon: every game of the page was due (more may be, behind it), or a due game was
+        passed over (locked, or no longer due once locked).
 
         What ``submit`` decides for such a job is decided here in SQL: the due filter is evaluated again
         on each record as it is once locked (Postgres re-reads a row a concurrent transaction changed
         before locking it), so a pause, a forced turn, a stop or a new schedule since the page was read
         leaves the game out, as ``submit`` would skip it. The locks are taken in game order (as the
-        intake's batches take theirs), the operation ids after the locks. A turn asked writes no
-        snapshot (the status, the turn and the pause are unchanged) and answers nobody.
+        intake's batches take theirs), the operation ids after the locks; a record another transaction
+        holds locked is passed over (SKIP LOCKED), not waited for with the others' locks held: its game
+        is asked at the next tick. A turn asked writes no snapshot (the status, the turn and the pause
+        are unchanged) and answers nobody.
 
         One bad record fails the statement for every game of the page (a generation at the top of its
         column, say): the clock then asks game by game (``due_turns`` and ``submit``), where that game's
@@ -183,7 +186,7 @@ class Transitions(StoreBase):
             " locked AS MATERIALIZED (SELECT game_id, generation, turn, last_op_at FROM runtime_records"
             " WHERE game_id IN (SELECT game_id FROM page WHERE due_in <= 0) AND game_id <> ALL($2::text[])"
             f" AND {TURN_WANTED} AND {TURN_DUE_AT} <= now() AND EXISTS (SELECT 1 FROM fence_ok)"
-            " ORDER BY game_id FOR UPDATE),"
+            " ORDER BY game_id FOR UPDATE SKIP LOCKED),"
             " asked AS (UPDATE runtime_records r SET generation = l.generation + 1,"
             " desired_turn = coalesce(l.turn, 0) + 1, last_op_at = greatest(now(), l.last_op_at)"
             " FROM locked l WHERE r.game_id = l.game_id RETURNING r.game_id, r.generation),"
@@ -192,12 +195,14 @@ class Transitions(StoreBase):
             " ORDER BY game_id RETURNING game_id)"
             " SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid, ARRAY(SELECT game_id FROM ops) AS asked,"
             " (SELECT min(due_in) FROM page WHERE due_in > 0) AS next_in,"
-            " (SELECT count(*) FROM page WHERE due_in <= 0) >= $1 AS full",
+            " (SELECT count(*) FROM page WHERE due_in <= 0) >= $1 AS full,"
+            " (SELECT count(*) FROM page WHERE due_in <= 0 AND game_id <> ALL($2::text[]))"
+            " > (SELECT count(*) FROM locked) AS passed_over",
             limit, list(skip), *fence_args)
         assert row is not None
         if not row["fence_valid"]:
             raise Fenced(f"leadership term {fence.epoch if fence else 0} is over")
-        return sorted(row["asked"]), row["next_in"], bool(row["full"])
+        return sorted(row["asked"]), row["next_in"], bool(row["full"] or row["passed_over"])
 
     async def turn_lateness(self) -> tuple[float, int]:
         """How late the turns of the games that should be turning are, in one aggregate query (for

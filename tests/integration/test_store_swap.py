@@ -9,6 +9,7 @@ lock and decides on it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -158,7 +159,7 @@ async def results_of(pool: asyncpg.Pool, game: str, ops: list[int]) -> dict[int,
 
 
 class AfterTheRead:
-    """The pool, with ``then`` run once right after the swap's read of the pending operations."""
+    """The pool, whose connections run ``then`` once right after the swap's read of the pending operations."""
 
     def __init__(self, pool: asyncpg.Pool, then) -> None:
         self._pool, self._then, self.fired = pool, then, False
@@ -166,11 +167,24 @@ class AfterTheRead:
     def __getattr__(self, name):
         return getattr(self._pool, name)
 
+    @contextlib.asynccontextmanager
+    async def acquire(self):
+        async with self._pool.acquire() as conn:
+            yield _Hooked(conn, self)
+
+
+class _Hooked:
+    def __init__(self, conn: asyncpg.Connection, hook: AfterTheRead) -> None:
+        self._conn, self._hook = conn, hook
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
     async def fetch(self, query, *args):
-        rows = await self._pool.fetch(query, *args)
-        if not self.fired and query.startswith("SELECT * FROM runtime_operations WHERE game_id"):
-            self.fired = True
-            await self._then()
+        rows = await self._conn.fetch(query, *args)
+        if not self._hook.fired and query.startswith("SELECT * FROM runtime_operations WHERE game_id"):
+            self._hook.fired = True
+            await self._hook._then()  # noqa: SLF001
         return rows
 
 
@@ -235,3 +249,66 @@ async def test_a_job_answered_meanwhile_by_another_path_gets_no_second_answer(po
     done = {o.id: o for o in await Store(pool).operations("swap-other")}[op.id]
     assert done.status.value == "failed"  # its answer stands
     assert await results_of(pool, "swap-other", [op.id]) == {}  # and the swap wrote it no result
+
+
+# ------------------------------------------------------------- found by review (issue 25)
+async def test_a_swap_waiting_on_an_uncommitted_write_does_not_overwrite_it(pool):
+    """The version is checked again once the row's lock is granted: a write committed while the swap
+    waited for it makes the swap fall back, and the locking path decides on the row as it is."""
+    store = Store(pool)
+    rec = await turn_asked(store, "swap-epq")
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("UPDATE runtime_records SET paused = true WHERE game_id = 'swap-epq'")
+        task = asyncio.create_task(store.turn_requested(rec))
+        done, _ = await asyncio.wait({task}, timeout=0.7)
+        assert not done, "the swap did not wait for the row's lock"
+        await tx.commit()
+    new = await asyncio.wait_for(task, 10)
+    assert new.paused and (await store.get("swap-epq")).paused, "the concurrent write was lost"
+    assert new.status is Status.GENERATION_IN_PROGRESS
+
+
+async def test_a_swap_that_changes_nothing_is_fenced(pool, database_url):
+    from desired.db.lease import Lease
+    from desired.leader import Fence, Fenced
+
+    old_fence, new_fence = Fence(instance="i", holder="old", ttl=5), Fence(instance="i", holder="new", ttl=5)
+    old, new = Lease(database_url, old_fence), Lease(database_url, new_fence)
+    try:
+        assert await old.acquire() == 1
+        old_store = Store(pool, fence=old_fence)
+        await old_store.submit(Job(kind=JobKind.START, game_id="noop", source=OpSource.LOBBY, image_ref=IMAGE),
+                               DEFAULTS)
+        await old_store.set_admin_token(await Store(pool).get("noop"), "t" * 32)
+        await pool.execute("UPDATE leader_leases SET expires_at = now()")  # the term lapses in the database
+        assert await new.acquire() == 2
+        assert old_fence.valid_locally  # the old leader does not know yet
+        with pytest.raises(Fenced):  # as the locking path raised for a write of nothing
+            await old_store.set_admin_token(await Store(pool).get("noop"), "t" * 32)
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_a_swap_that_waits_for_a_connection_reads_the_clock_after_the_wait(pool):
+    """Found by review: the swap read the clock, then waited for a pooled connection: a wait of 0.5 s
+    failed the skew guard (the locking path, under load, when it matters) and moved the clock's offset
+    by half the wait."""
+    store = Store(pool)
+    rec = await turn_asked(store, "swap-pool")
+    await store.ping()
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+
+    async def give_back() -> None:
+        await asyncio.sleep(0.8)
+        for c in held:
+            await pool.release(c)
+
+    releaser = asyncio.create_task(give_back())
+    with Counter() as sql:
+        await store.turn_requested(rec)
+    await releaser
+    assert sql.total == 1, sql.queries
+    assert abs(store.clock.offset.total_seconds()) < 0.2

@@ -22,7 +22,6 @@ from desired.db.store import Store
 from desired.jobs import Job, RecordDefaults
 from desired.model import JobKind, OpSource, OpStatus
 from desired.transitions import Probe
-from tests.support import eventually
 
 DEFAULTS = RecordDefaults(docker_network="net", state_root="/srv/games", engine_port=8080)
 IMAGE = "galaxy/engine-stub:1.0"
@@ -181,25 +180,20 @@ async def test_one_statement_asks_the_due_games_turns_and_says_when_the_next_is_
     assert (await store.ask_due_turns(200, []))[0] == ["tick-held"]
 
 
-async def test_the_statement_decides_under_the_lock_a_pause_committed_while_it_waits_leaves_the_game_out(pool):
-    """The clock's statement reads its page, then locks the due games: a pause that held the record's lock
-    meanwhile and commits is seen (the record as it is once locked), not the page's stale copy."""
+async def test_a_pause_in_flight_passes_the_game_over_and_once_committed_leaves_it_out(pool):
+    """The clock's statement reads its page, then locks the due games: a pause holding the record's lock
+    makes the statement pass the game over (and look again soon), and once committed the game is not due."""
     store = Store(pool)
     await running_on_a_clock(store, pool, "tick-race")
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
-        await conn.execute("SELECT 1 FROM runtime_records WHERE game_id = 'tick-race' FOR UPDATE")
-        ask = asyncio.create_task(store.ask_due_turns(200, []))
-
-        async def waits_for_the_lock() -> bool:
-            return bool(await pool.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%page AS%'"))
-        await eventually(waits_for_the_lock, 10.0, "the clock's statement waiting for the record's lock")
         await conn.execute("UPDATE runtime_records SET paused = true WHERE game_id = 'tick-race'")
+        asked, _, again = await asyncio.wait_for(store.ask_due_turns(200, []), 5)
+        assert asked == [] and again
         await tx.commit()
-    asked, _, _ = await asyncio.wait_for(ask, 10)
-    assert asked == []
+    asked, _, again = await store.ask_due_turns(200, [])
+    assert asked == [] and not again
     rec = await store.get("tick-race")
     assert rec.desired_turn is None and rec.converged and await pending(store, "tick-race") == []
 
@@ -224,3 +218,63 @@ async def test_a_record_the_statement_cannot_take_fails_that_game_alone(pool):
                        " WHERE game_id = 'tick-fine'")  # turn 1 generated and answered
     await clock.tick()  # the statement again, without the held game
     assert (await store.get("tick-fine")).desired_turn == 2 and woken == ["tick-fine", "tick-fine"]
+
+
+async def _blocked(task: asyncio.Task) -> bool:
+    done, _ = await asyncio.wait({task}, timeout=0.7)
+    return not done
+
+
+async def test_the_clocks_statement_and_an_intake_batch_lock_in_one_order_and_never_deadlock(pool):
+    """Found by review: the intake's batch took the advisory locks in game order but the rows in the
+    table's order; the clock's statement takes rows in game order and no advisory lock. A transition
+    holding the first game's row lined them up: the clock waited on a, the intake locked b then waited on
+    a, and Postgres broke the deadlock by failing one of them (a second of backoff, a failing loop)."""
+    from desired.errors import StoreUnavailable
+
+    store = Store(pool)
+    for g in ("dl-a", "dl-b"):
+        await running_on_a_clock(store, pool, g)
+    # dl-a's live row after dl-b's in the table (an update moves it): the table's order is b, a.
+    await pool.execute("UPDATE runtime_records SET last_op_at = last_op_at WHERE game_id = 'dl-a'")
+    gate = await pool.acquire()
+    tx = gate.transaction()
+    await tx.start()
+    try:
+        await gate.execute("SELECT 1 FROM runtime_records WHERE game_id = 'dl-a' FOR UPDATE")
+        clock = asyncio.create_task(store.ask_due_turns(200, []))
+        await asyncio.wait({clock}, timeout=0.7)  # it waited for dl-a (before the fix) or passed it over
+        intake = asyncio.create_task(store.submit_many(
+            [Job(kind=JobKind.PAUSE, game_id="dl-a", source=OpSource.LOBBY, stream="s", entry_id="1-0"),
+             Job(kind=JobKind.PAUSE, game_id="dl-b", source=OpSource.LOBBY, stream="s", entry_id="1-1")], DEFAULTS))
+        assert await _blocked(intake)
+    finally:
+        await tx.commit()
+        await pool.release(gate)
+    results = await asyncio.gather(clock, intake, return_exceptions=True)
+    assert not any(isinstance(r, (StoreUnavailable, asyncpg.DeadlockDetectedError)) for r in results), results
+
+
+async def test_a_locked_record_is_passed_over_and_holds_no_other_game(pool):
+    """Found by review: the clock's statement waited for a record another transaction held, with the
+    locks of the games before it held meanwhile (their probes' writes waited, and no game got its turn).
+    It passes over a locked record, asks the others, and says to look again soon."""
+    store = Store(pool)
+    for g in ("st-a", "st-b"):
+        await running_on_a_clock(store, pool, g)
+    gate = await pool.acquire()
+    tx = gate.transaction()
+    await tx.start()
+    try:
+        await gate.execute("SELECT 1 FROM runtime_records WHERE game_id = 'st-b' FOR UPDATE")
+        asked, _, again = await asyncio.wait_for(store.ask_due_turns(200, []), 5)
+        assert asked == ["st-a"] and again
+        # st-a's lock is not held by the clock any more: its probe's write goes through at once.
+        rec_a = await store.get("st-a")
+        await asyncio.wait_for(store.record_observation(rec_a, at(0, "generating"), unreachable_after=3,
+                                                        generation_timeout=600), 5)
+    finally:
+        await tx.commit()
+        await pool.release(gate)
+    asked, _, again = await store.ask_due_turns(200, [])
+    assert asked == ["st-b"] and not again
