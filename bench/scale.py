@@ -1100,7 +1100,7 @@ def section_turns(run: Run) -> dict:
         "sql_per_turn": all_sql / turns if turns else None,
         "turn_results": delta(m0, m1, "rtmanager_turns_total", "result"),
         "top_sql": [{"calls": c, "ms": t, "query": short(q, 160)}
-                    for q, (c, t) in sorted(per_query.items(), key=lambda kv: -kv[1][1])[:8]],
+                    for q, (c, t) in sorted(per_query.items(), key=lambda kv: -kv[1][1])[:30]],
     }
     return out
 
