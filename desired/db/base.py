@@ -199,9 +199,10 @@ class StoreBase:
         With ``finish``, the pending operations of the record's generation are answered in the same
         statement (their rows and results), read just before it (one more statement): an operation is
         only ever pending on a record its admission wrote in the same transaction (a job that joins a
-        generation writes the record too: desired/db/submissions.py), so one that joined after the
-        read makes a new row version and the write does not happen. One answered meanwhile by another
-        path is neither answered again nor given a second result.
+        generation writes the record too: desired/db/submissions.py), and any other change of a pending
+        operation but its claim writes the record too (``note_disruption_overdue``), so one that joined
+        or changed after the read makes a new row version and the write does not happen. One answered
+        meanwhile by another path is neither answered again nor given a second result.
 
         A change of nothing is one read: whether the row is still that version (then ``rec`` is returned).
         None when it does not apply, and the caller takes the locking path, which decides as before: a

@@ -257,6 +257,10 @@ class Transitions(StoreBase):
         operation of its own when none waits (a drift of the spec)."""
         params = {"disruption": action, "disruption_waited_seconds": round(waited, 1), "disruption_note": note}
         async with self._tx() as (conn, now):
+            # What a pending job will be answered changes: the record is written too (a new row version), so
+            # that a swap that read the jobs before this does not answer them without the note (base.py).
+            await conn.execute("UPDATE runtime_records SET last_op_at = greatest(last_op_at, $2) WHERE game_id = $1",
+                               rec.game_id, now)
             n = await conn.fetchval(
                 "WITH u AS (UPDATE runtime_operations SET params = params || $3::jsonb WHERE game_id = $1"
                 " AND status IN ('queued', 'running') AND generation <= $2 RETURNING 1) SELECT count(*) FROM u",

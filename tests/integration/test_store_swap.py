@@ -312,3 +312,22 @@ async def test_a_swap_that_waits_for_a_connection_reads_the_clock_after_the_wait
     await releaser
     assert sql.total == 1, sql.queries
     assert abs(store.clock.offset.total_seconds()) < 0.2
+
+
+async def test_a_note_on_a_job_between_the_read_and_the_write_is_in_its_answer(pool):
+    """Found by review: a disruption's note (``note_disruption_overdue``) on a pending job between the
+    swap's read of the jobs and its write: the note changes the job's answer, so it writes the record too
+    and the swap falls back to the locking path, which answers with it."""
+    store = Store(pool)
+    rec = await generating(store, "swap-note")
+    (op,) = await store.pending_operations("swap-note")
+
+    async def note() -> None:
+        await Store(pool).note_disruption_overdue(rec, "restart", 42.0, "NOTE-XYZ")
+
+    store.pool = AfterTheRead(pool, note)
+    new = await store.mark_running(rec, container_id="c-swap-note", image=IMAGE,
+                                   probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+    assert store.pool.fired and new.converged
+    fields = json.loads(await pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op.id))
+    assert "NOTE-XYZ" in json.dumps(fields), fields
