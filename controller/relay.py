@@ -205,9 +205,9 @@ class Relay:
                     # crash in between publishes them again with the same ids (the tail check).
                     ids = await self.redis.add_many([(self.stream_of(i.kind), i.fields) for i in batch],
                                                     maxlen=self.config.results_maxlen or None)
+                    self._unmarked = [(i.seq, e) for i, e in zip(batch, ids, strict=True)]
                     for item in batch:  # counted once on the stream: a retry finds them in its tail
                         self._observe(item)
-                    self._unmarked = [(i.seq, e) for i, e in zip(batch, ids, strict=True)]
                     self._progress()  # a long backlog is not a stall
                 total += len(batch)
                 if len(batch) < BATCH:
@@ -285,10 +285,18 @@ class Relay:
                 break
             ms, seq = entry_key(page[-1])
             start = f"{ms}-{seq + 1}"
-        # Entries older than the stream's first entry were trimmed (MAXLEN), not lost.
-        floor = entry_key(first) if first else None
-        lost = [seq for seq, entry_id, _ in recent
-                if entry_id not in on_stream and (floor is None or entry_key(entry_id) >= floor)]
+        # What trimming (MAXLEN) removed is not lost: the ids up to the last one the server says it deleted.
+        # A server that does not say (Redis 6): the entries older than the stream's first entry -- which
+        # takes for trimmed what a Redis that restarted empty lost, when an entry was added before this
+        # check (found by review).
+        trimmed = await self.redis.stream_trimmed_through(stream)
+        if trimmed is not None:
+            through = entry_key(trimmed)
+            lost = [seq for seq, entry_id, _ in recent if entry_id not in on_stream and entry_key(entry_id) > through]
+        else:
+            floor = entry_key(first) if first else None
+            lost = [seq for seq, entry_id, _ in recent
+                    if entry_id not in on_stream and (floor is None or entry_key(entry_id) >= floor)]
         if lost:
             log.warning("%d published results are missing from %s (Redis lost them); publishing them again "
                         "with the same result_id", len(lost), stream)

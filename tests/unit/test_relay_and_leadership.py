@@ -188,6 +188,38 @@ async def test_marks_kept_for_the_next_read_are_checked_against_a_restarted_redi
     assert ids == lost and relay.republished == 3 and await store.unpublished_count() == 0
 
 
+async def test_results_a_redis_that_restarted_empty_lost_are_published_again_after_a_new_entry():
+    """Found by review: Redis restarts with the stream gone and takes a new entry (on a reconnected
+    connection) before the relay notices the restart. The lost entries are older than the stream's new
+    first entry: taken for trimmed by MAXLEN, they were never published again. The server says what
+    trimming removed (Redis 7's max-deleted-entry-id), so only that is taken for trimmed."""
+    relay, streams, store = relay_world()
+    await relay.check_server()
+    await answered(store, 3)
+    assert await relay.flush() == 3
+    lost = [f["result_id"] for f in streams.fields_of(RESULTS)]
+    del streams.streams[RESULTS]   # restarted empty (no persistence, or the AOF lost it)
+    streams.run_id = "run-2"       # not looked at yet (check_server every IDLE_POLL)
+    await store.reject_entry(kind=JobKind.STOP, game_id="g", stream="s", entry_id="9-0",
+                             code=ErrorCode.INVALID_REQUEST, message="bad")
+    assert await relay.flush() == 1  # the restarted server's first entry
+    await relay.check_server()
+    await relay.flush()
+    ids = [f["result_id"] for f in streams.fields_of(RESULTS)]
+    assert all(i in ids for i in lost) and relay.republished == 3
+
+
+async def test_entries_trimmed_by_maxlen_are_not_taken_for_lost():
+    relay, streams, store = relay_world()
+    await answered(store, 4)
+    assert await relay.flush() == 4
+    await streams.trim_to_length(RESULTS, 2)  # MAXLEN trimmed the two oldest
+    streams.run_id = "run-2"
+    await relay.check_server()
+    await relay.flush()
+    assert relay.republished == 0 and len(streams.fields_of(RESULTS)) == 2
+
+
 async def test_the_shutdowns_flush_leaves_nothing_unmarked():
     relay, streams, store = relay_world()
     await answered(store, 2)
