@@ -254,6 +254,9 @@ def compose_file(n: int, state_root: Path, prefix: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPOSE_TIMEOUT = 600.0  # seconds an `up` may take before its figure is given up
+
+
 def compose_cmd() -> list[str] | None:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
@@ -268,17 +271,29 @@ def compose_up(n: int, work: Path) -> tuple[float, float] | None:
     d.mkdir(exist_ok=True)
     (d / "docker-compose.yml").write_text(compose_file(n, work / "compose-games", f"cb{n}"))
     base = cmd + ["-f", str(d / "docker-compose.yml"), "-p", f"rtmbench{n}"]
+    # docker-compose 1.x runs a service's create inside the project's parallel pool: with more services
+    # than its limit (64), every slot holds a service waiting for a create that gets no slot, and `up`
+    # never returns (seen here at 100). A limit above the services' count avoids that; a timeout leaves
+    # the column empty instead of the whole run hanging.
+    env = {**os.environ, "COMPOSE_PARALLEL_LIMIT": str(max(64, 2 * n))}
     t0 = time.perf_counter()
-    subprocess.run(base + ["up", "-d"], check=True, capture_output=True)
+    try:
+        subprocess.run(base + ["up", "-d"], check=True, capture_output=True, env=env, timeout=COMPOSE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        print(f"docker-compose up of {n} services did not return in {COMPOSE_TIMEOUT:.0f}s: no compose figure",
+              file=sys.stderr)
+        subprocess.run(base + ["down", "-t", "1"], check=False, capture_output=True, env=env)
+        remove_by_label("compose-bench")
+        return None
     api = docker.from_env().api
     for i in range(n):
         ip = api.inspect_container(f"cb{n}-{i}")["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
         wait_healthy(ip)
     up = time.perf_counter() - t0
     t0 = time.perf_counter()
-    subprocess.run(base + ["stop", "-t", "10"], check=True, capture_output=True)
+    subprocess.run(base + ["stop", "-t", "10"], check=True, capture_output=True, env=env)
     stop = time.perf_counter() - t0
-    subprocess.run(base + ["down"], check=False, capture_output=True)
+    subprocess.run(base + ["down"], check=False, capture_output=True, env=env)
     remove_by_label("compose-bench")
     return up, stop
 
