@@ -29,10 +29,11 @@ PERIODIC = ("UPDATE leader_leases SET renewed_at", "SELECT * FROM drains WHERE")
 # status call), the generated turn (a read of its jobs and one statement: the record, their answers, the
 # snapshot and their results), the relay's reads and marks. A poll more (the engine slower), or an
 # intake that reads the entries one by one, costs a few statements: the bound leaves room for them.
-# Measured: 16.1 (22.3 before the one-statement swaps).
+# Measured: 15.1-16.1 (22.3 before the one-statement swaps).
 MAX_STATEMENTS_PER_TURN = 18
 # A scheduled turn (the turn clock's): no stream entry to admit from. The clock's tick is one statement
-# (its due query and the games' turn jobs); no transaction is opened. Measured: 14.1 (28.6 before).
+# (its due query and the games' turn jobs); no transaction is opened. Measured: 12.9-14.1 (27.4-28.6
+# before).
 MAX_STATEMENTS_PER_SCHEDULED_TURN = 16
 SCHEDULED_WINDOW = 9.0  # seconds of scheduled turns counted (one a second per game)
 
