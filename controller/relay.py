@@ -285,18 +285,18 @@ class Relay:
                 break
             ms, seq = entry_key(page[-1])
             start = f"{ms}-{seq + 1}"
-        # What trimming (MAXLEN) removed is not lost: the ids up to the last one the server says it deleted.
-        # A server that does not say (Redis 6): the entries older than the stream's first entry -- which
-        # takes for trimmed what a Redis that restarted empty lost, when an entry was added before this
-        # check (found by review).
-        trimmed = await self.redis.stream_trimmed_through(stream)
-        if trimmed is not None:
-            through = entry_key(trimmed)
-            lost = [seq for seq, entry_id, _ in recent if entry_id not in on_stream and entry_key(entry_id) > through]
-        else:
-            floor = entry_key(first) if first else None
-            lost = [seq for seq, entry_id, _ in recent
-                    if entry_id not in on_stream and (floor is None or entry_key(entry_id) >= floor)]
+        # What trimming (MAXLEN) removed is not lost. Only the relay adds to this stream, and an approximate
+        # MAXLEN keeps at least the newest ``results_maxlen`` entries: an entry with fewer newer entries
+        # published after it was not trimmed, so if it is missing, Redis lost it. Older ones are taken for
+        # trimmed when they are older than the stream's first entry. (Found by review: the first entry
+        # alone took for trimmed everything a Redis that restarted empty lost, once a new entry was added
+        # before this check. Redis 7's max-deleted-entry-id does not say either: MAXLEN does not move it.)
+        maxlen = self.config.results_maxlen
+        floor = entry_key(first) if first else None
+        newest_first = sorted(recent, key=lambda r: entry_key(r[1]), reverse=True)
+        lost = [seq for rank, (seq, entry_id, _) in enumerate(newest_first)
+                if entry_id not in on_stream and (not maxlen or rank < maxlen or floor is None
+                                                  or entry_key(entry_id) >= floor)]
         if lost:
             log.warning("%d published results are missing from %s (Redis lost them); publishing them again "
                         "with the same result_id", len(lost), stream)

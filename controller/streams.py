@@ -336,17 +336,3 @@ class RedisStreams:
     async def stream_first_id(self, stream: str) -> str | None:
         got = cast(list[RawEntry], await self.client.xrange(stream, count=1))
         return _text(got[0][0]) if got else None
-
-    async def stream_trimmed_through(self, stream: str) -> str | None:
-        """The last entry id trimming (or XDEL) removed from the stream, as the server keeps it (Redis 7's
-        ``XINFO STREAM`` ``max-deleted-entry-id``; 0-0 when none was): an entry above it that the stream
-        does not hold was lost, not trimmed. None when the server does not say (Redis 6) or has no such
-        stream: then the stream's first entry is all there is to go by."""
-        try:
-            info = cast(dict[Any, Any], await self.client.xinfo_stream(stream))
-        except redis.exceptions.ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return None
-            raise
-        value = info.get("max-deleted-entry-id", info.get(b"max-deleted-entry-id"))
-        return _text(value) if value is not None else None

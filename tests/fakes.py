@@ -95,7 +95,6 @@ class _Pending:
 class _Stream:
     entries: list[tuple[str, dict[Any, Any]]] = field(default_factory=list)
     last_delivered: str = "0-0"
-    trimmed_through: str = "0-0"  # the last id a trim removed (Redis 7's max-deleted-entry-id)
     pending: dict[str, _Pending] = field(default_factory=dict)
     has_group: bool = False
     seq: int = 0
@@ -238,15 +237,12 @@ class FakeStreams:
         self._check("trim_below", stream, min_id)
         s = self._s(stream)
         before = len(s.entries)
-        gone = [eid for eid, _ in s.entries if entry_key(eid) < entry_key(min_id)]
         s.entries = [(eid, f) for eid, f in s.entries if entry_key(eid) >= entry_key(min_id)]
-        s.trimmed_through = max([s.trimmed_through, *gone], key=entry_key)
         return before - len(s.entries)
 
     async def trim_to_length(self, stream: str, maxlen: int) -> int:
         s = self._s(stream)
         cut = max(0, len(s.entries) - maxlen)
-        s.trimmed_through = max([s.trimmed_through, *(eid for eid, _ in s.entries[:cut])], key=entry_key)
         s.entries = s.entries[cut:]
         return cut
 
@@ -285,12 +281,6 @@ class FakeStreams:
     async def stream_first_id(self, stream: str) -> str | None:
         entries = self._s(stream).entries
         return entries[0][0] if entries else None
-
-    async def stream_trimmed_through(self, stream: str) -> str | None:
-        """As Redis 7: the last id trimming removed (``trimmed_through``, set by ``trim``), 0-0 if none."""
-        if stream not in self.streams:
-            return None
-        return self._s(stream).trimmed_through
 
 
 # ------------------------------------------------------------------- backend

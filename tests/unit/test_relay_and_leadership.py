@@ -191,8 +191,8 @@ async def test_marks_kept_for_the_next_read_are_checked_against_a_restarted_redi
 async def test_results_a_redis_that_restarted_empty_lost_are_published_again_after_a_new_entry():
     """Found by review: Redis restarts with the stream gone and takes a new entry (on a reconnected
     connection) before the relay notices the restart. The lost entries are older than the stream's new
-    first entry: taken for trimmed by MAXLEN, they were never published again. The server says what
-    trimming removed (Redis 7's max-deleted-entry-id), so only that is taken for trimmed."""
+    first entry: taken for trimmed by MAXLEN, they were never published again. Fewer than MAXLEN entries
+    were published after them, so no trimming removed them."""
     relay, streams, store = relay_world()
     await relay.check_server()
     await answered(store, 3)
@@ -210,14 +210,22 @@ async def test_results_a_redis_that_restarted_empty_lost_are_published_again_aft
 
 
 async def test_entries_trimmed_by_maxlen_are_not_taken_for_lost():
-    relay, streams, store = relay_world()
+    settings = Settings.from_env({"RTMANAGER_RESULTS_MAXLEN": "2"})
+    streams, store = FakeStreams(), FakeStore()
+    relay = Relay(settings.streams, streams, store, Metrics())
     await answered(store, 4)
-    assert await relay.flush() == 4
-    await streams.trim_to_length(RESULTS, 2)  # MAXLEN trimmed the two oldest
+    assert await relay.flush() == 4  # MAXLEN 2: the two oldest are trimmed as the newest are added
+    assert len(streams.fields_of(RESULTS)) == 2
     streams.run_id = "run-2"
     await relay.check_server()
     await relay.flush()
     assert relay.republished == 0 and len(streams.fields_of(RESULTS)) == 2
+    # One of the two newest lost with a restart: it was not trimmed (fewer than MAXLEN after it).
+    streams.streams[RESULTS].entries = streams.streams[RESULTS].entries[:1]
+    streams.run_id = "run-3"
+    await relay.check_server()
+    await relay.flush()
+    assert relay.republished == 1
 
 
 async def test_the_shutdowns_flush_leaves_nothing_unmarked():
