@@ -172,20 +172,7 @@ class StoreBase:
         term is still the current one) and that ends in a RETURNING clause. A write whose only statement is
         this costs one round trip instead of four (BEGIN, the fence, the write, COMMIT). Returns the rows
         it returned; raises Fenced when the term is over."""
-        if self.fence is None:
-            return list(await self.pool.fetch(f"WITH fence_ok AS (SELECT 1) {sql}", *args))
-        fence = self.fence
-        if not fence.valid_locally:
-            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
-        n = len(args)
-        rows = await self.pool.fetch(
-            f"WITH fence_ok AS (SELECT 1 FROM leader_leases WHERE instance = ${n + 1} AND holder = ${n + 2}"
-            f" AND epoch = ${n + 3} AND expires_at > now() FOR KEY SHARE), changed AS ({sql})"
-            " SELECT v.fence_valid, c.* FROM (SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid) v"
-            " LEFT JOIN changed c ON true", *args, fence.instance, fence.holder, fence.epoch)
-        if not rows or not rows[0]["fence_valid"]:
-            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} is over")
-        return [r for r in rows if r[1] is not None]  # the row of a write that changed nothing: all NULL
+        return await self._fenced_read(sql, "SELECT * FROM changed", *args)
 
     async def _swap(self, rec: RuntimeRecord, change: Callable[[RuntimeRecord, datetime], RuntimeRecord],
                     forced_reason: str | None = None, finish: Outcome | None = None) -> RuntimeRecord | None:
@@ -247,7 +234,7 @@ class StoreBase:
                 *((fence.instance, fence.holder, fence.epoch) if fence is not None else ()))
             assert found is not None
             if not found["fence_valid"]:
-                raise Fenced(f"leadership term {fence.epoch if fence else 0} is over")
+                raise self._over()
             return rec if found["same"] else None
         answers: list[Answer] = []
         if finish is not None:
@@ -267,11 +254,8 @@ class StoreBase:
         guard = (f" AND xmin = {arg(str(rec.row_version))}::text::xid AND abs(extract(epoch FROM now() -"
                  f" {arg(now)}::timestamptz)) < {MAX_CLOCK_SKEW} AND EXISTS (SELECT 1 FROM fence_ok)"
                  " RETURNING xmin::text::bigint AS row_version")
-        if fence is not None:
-            fence_ok = (f"SELECT 1 FROM leader_leases WHERE instance = {arg(fence.instance)} AND holder ="
-                        f" {arg(fence.holder)} AND epoch = {arg(fence.epoch)} AND expires_at > now() FOR KEY SHARE")
-        else:
-            fence_ok = "SELECT 1"
+        fence_ok, fence_args = self._fence_ok(len(args) + 1)
+        args.extend(fence_args)
         sql = f"WITH fence_ok AS ({fence_ok}), w AS ({update}{guard})"
         if answers:
             sql += (", o AS (UPDATE runtime_operations o SET status = a.status, error_code = a.code,"
@@ -307,7 +291,7 @@ class StoreBase:
         assert row is not None
         self.clock.observe_db(row["db_now"], before, datetime.now(UTC))
         if not row["fence_valid"]:
-            raise Fenced(f"leadership term {fence.epoch if fence else 0} is over")
+            raise self._over()
         if row["row_version"] is None:
             return None  # the row moved (or the clocks are apart): the locking path decides
         if outbox:
@@ -322,18 +306,32 @@ class StoreBase:
         over (then nothing is written)."""
         if self.fence is None:
             return list(await self.pool.fetch(f"WITH fence_ok AS (SELECT 1), changed AS ({write}) {read}", *args))
+        fence_ok, fence_args = self._fence_ok(len(args) + 1)
+        rows = await self.pool.fetch(
+            f"WITH fence_ok AS ({fence_ok}), changed AS ({write}), got AS ({read}) SELECT v.fence_valid, g.*"
+            " FROM (SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid) v LEFT JOIN got g ON true",
+            *args, *fence_args)
+        if not rows or not rows[0]["fence_valid"]:
+            raise self._over()
+        return [r for r in rows if r[1] is not None]  # no row read: one row of NULLs
+
+    def _fence_ok(self, first: int) -> tuple[str, tuple[Any, ...]]:
+        """The ``fence_ok`` CTE's query (the lease's row, FOR KEY SHARE as ``check_fence`` takes it, while
+        this term is the current one) with its parameters numbered from ``$first``, and their values; a
+        store without a fence (an operator's tool): ``SELECT 1``. Raises Fenced when the term has lapsed
+        locally."""
         fence = self.fence
+        if fence is None:
+            return "SELECT 1", ()
         if not fence.valid_locally:
             raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
-        n = len(args)
-        rows = await self.pool.fetch(
-            f"WITH fence_ok AS (SELECT 1 FROM leader_leases WHERE instance = ${n + 1} AND holder = ${n + 2}"
-            f" AND epoch = ${n + 3} AND expires_at > now() FOR KEY SHARE), changed AS ({write}),"
-            f" got AS ({read}) SELECT v.fence_valid, g.* FROM (SELECT EXISTS (SELECT 1 FROM fence_ok) AS"
-            " fence_valid) v LEFT JOIN got g ON true", *args, fence.instance, fence.holder, fence.epoch)
-        if not rows or not rows[0]["fence_valid"]:
-            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} is over")
-        return [r for r in rows if r[1] is not None]  # no row read: one row of NULLs
+        return (f"SELECT 1 FROM leader_leases WHERE instance = ${first} AND holder = ${first + 1}"
+                f" AND epoch = ${first + 2} AND expires_at > now() FOR KEY SHARE",
+                (fence.instance, fence.holder, fence.epoch))
+
+    def _over(self) -> Fenced:
+        fence = self.fence
+        return Fenced(f"leadership term {fence.epoch if fence else 0} of {fence.holder if fence else ''} is over")
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")

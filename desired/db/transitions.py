@@ -14,7 +14,6 @@ from desired.db.base import StoreBase
 from desired.db.pool import translating
 from desired.db.rows import SELECT_FOR_UPDATE, record_from_row
 from desired.errors import Conflict, NotFound
-from desired.leader import Fenced
 from desired.model import (
     MAX_TURN,
     DesiredStatus,
@@ -173,12 +172,7 @@ class Transitions(StoreBase):
         One bad record fails the statement for every game of the page (a generation at the top of its
         column, say): the clock then asks game by game (``due_turns`` and ``submit``), where that game's
         failure is its own."""
-        fence = self.fence
-        if fence is not None and not fence.valid_locally:
-            raise Fenced(f"leadership term {fence.epoch} of {fence.holder} has lapsed")
-        fence_ok = ("SELECT 1 FROM leader_leases WHERE instance = $3 AND holder = $4 AND epoch = $5"
-                    " AND expires_at > now() FOR KEY SHARE") if fence is not None else "SELECT 1"
-        fence_args = (fence.instance, fence.holder, fence.epoch) if fence is not None else ()
+        fence_ok, fence_args = self._fence_ok(3)
         row = await self.pool.fetchrow(
             f"WITH fence_ok AS ({fence_ok}),"
             f" page AS (SELECT game_id, extract(epoch FROM {TURN_DUE_AT} - now())::float8 AS due_in"
@@ -201,7 +195,7 @@ class Transitions(StoreBase):
             limit, list(skip), *fence_args)
         assert row is not None
         if not row["fence_valid"]:
-            raise Fenced(f"leadership term {fence.epoch if fence else 0} is over")
+            raise self._over()
         return sorted(row["asked"]), row["next_in"], bool(row["full"] or row["passed_over"])
 
     async def turn_lateness(self) -> tuple[float, int]:
