@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 from controller.config import Settings
 from controller.crashes import Crashes
@@ -226,10 +226,11 @@ class Reconciler:
         self._claimed.pop(game_id, None)
         self.queue.add(game_id)
 
-    def forget_claims(self) -> None:
-        """Every game's next sync claims again: the resync's fallback for a wake that never came (a lost
-        NOTIFY, a listener reconnecting), as it is for every other change."""
-        self._claimed.clear()
+    def forget_claims(self, game_ids: Iterable[str]) -> None:
+        """These games' next sync claims again: the resync's fallback for a wake that never came (a lost
+        NOTIFY, a listener reconnecting), for the games with a queued operation."""
+        for game_id in game_ids:
+            self._claimed.pop(game_id, None)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""

@@ -71,9 +71,12 @@ class Resync:
         self.unowned = 0  # units of this instance without a record, at the last resync (/readyz)
 
     async def once(self) -> int:
-        """List the backend (one call) and live records (one query); queue every game not converged."""
+        """List the backend (one call) and live records (one query); queue every game not converged whose
+        next look is not already due within the interval (a turn's poll, a retry): at 1,000 games with
+        turns in flight, queueing those again cost each a record read and an engine request for nothing."""
         # A job that joined a generation whose wake was lost (a replica's NOTIFY): claimed at the next sync.
-        self.reconciler.forget_claims()
+        # Only games with a queued operation: forgetting every claim made every turn in flight claim again.
+        self.reconciler.forget_claims(await self.store.games_with_queued_operations())
         with backend_errors():
             containers = await self.backend.list_managed()
         records = await self.store.list_live()
@@ -96,6 +99,8 @@ class Resync:
                     # one (a missed event). A turn or a record to write is no such finding (the unit runs
                     # and is the record's), and must not cost every game with a turn in flight an inspect.
                     self.reconciler.units.touch(rec.game_id)
+                if self.queue.due_within(rec.game_id, self.interval):
+                    continue  # looked at soon anyway, as the list shows it now (a touch above holds)
                 self.queue.add(rec.game_id)
                 queued += 1
         for game_id, c in by_game.items():  # units without a live record: orphans, unowned, or removed records

@@ -84,6 +84,17 @@ class WorkQueue:
             old.cancel()
         self._timers[key] = timers.call_at(when, self._fire, key)
 
+    def due_within(self, key: Hashable, seconds: float) -> bool:
+        """Whether ``key`` will be handed to a worker within ``seconds`` without another ``add``: it waits in
+        the queue (or to go back in after the work under way), or a delayed add fires by then."""
+        if key in self._dirty:
+            return True
+        timer = self._timers.get(key)
+        if timer is None:
+            return False
+        timers = self._timer_source or asyncio.get_running_loop()
+        return timer.when() <= timers.time() + seconds
+
     def _fire(self, key: Hashable) -> None:
         self._timers.pop(key, None)
         self.add(key)

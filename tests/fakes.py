@@ -1011,6 +1011,10 @@ class FakeStore:
                              "written_at": self.clock.now(), "accepted_at": op.created_at if op else None})
         self.outbox.fire()
 
+    async def games_with_queued_operations(self) -> set[str]:
+        self._check()
+        return {o.game_id for o in self.ops if o.status is OpStatus.QUEUED}
+
     async def claim(self, game_id: str, generation: int) -> builtins.list[tuple[int, datetime]]:
         self._check()
         out = []

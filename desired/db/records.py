@@ -64,6 +64,12 @@ class Records(StoreBase):
             " OR observed_generation <> generation")
         return await records_from_rows(rows)
 
+    async def games_with_queued_operations(self) -> set[str]:
+        """The games with an operation no reconcile has claimed yet (one query over the pending index)."""
+        rows = await self.pool.fetch("SELECT DISTINCT game_id FROM runtime_operations"
+                                     " WHERE status = 'queued'")
+        return {r["game_id"] for r in rows}
+
     async def game_ids(self, game_ids: builtins.list[str]) -> set[str]:
         """Which of these games have a record (removed ones included)."""
         rows = await self.pool.fetch("SELECT game_id FROM runtime_records WHERE game_id = ANY($1::text[])",

@@ -54,6 +54,16 @@ async def test_a_submitted_job_is_claimed_once_by_its_generation(store):
     assert [o.status for o in await store.pending_operations("g1")] == [OpStatus.RUNNING]
 
 
+async def test_the_games_with_a_queued_operation_are_those_with_one_not_claimed_yet(store):
+    """The resync forgets the claim memo of these games only (controller/triggers.py)."""
+    assert await store.games_with_queued_operations() == set()
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await store.submit(start("g2", "2-0"), DEFAULTS)
+    assert await store.games_with_queued_operations() == {"g1", "g2"}
+    await store.claim("g1", (await store.find("g1")).generation)
+    assert await store.games_with_queued_operations() == {"g2"}
+
+
 async def test_a_transition_writes_a_snapshot_to_the_outbox_and_answers_the_generation(store):
     await store.submit(start("g1", "1-0"), DEFAULTS)
     assert [(s["status"], s["reason"], s["revision"]) for s in await outbox(store, "snapshot")] == [

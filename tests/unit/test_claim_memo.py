@@ -65,3 +65,32 @@ async def test_a_job_that_joins_the_generation_without_a_wake_is_claimed_at_the_
 
 async def _ready() -> bool:
     return True
+
+
+async def test_a_resync_forgets_only_the_claims_of_games_with_a_queued_operation(tmp_path):
+    """Issue 25: at 1,000 games a generated turn cost two claims, as every resync forgot every game's
+    claim and each game with a turn in flight claimed again at its next poll (a statement each, with
+    nothing to claim). The resync's fallback for a lost wake asks the store which games have a queued
+    operation (one statement) and forgets those claims only."""
+    w = World(tmp_path)
+    w.engine.admin[IMG] = "slow"
+    for game in ("g1", "g2", "g3"):
+        await started(w, game)
+        await w.job(JobKind.FORCE_NEXT_TURN, game)
+        await asyncio.wait_for(w.sync(game), 30)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # joins g1's generation; its wake is lost
+    claims: list[str] = []
+    claim = w.store.claim
+
+    async def counted(game_id: str, generation: int):
+        claims.append(game_id)
+        return await claim(game_id, generation)
+
+    w.store.claim = counted
+    resync = Resync(store=w.store, backend=w.backend, reconciler=w.reconciler, queue=w.queue,
+                    metrics=w.reconciler.metrics, interval=30, retention_days=7, ready_check=_ready)
+    await resync.once()
+    for game in ("g1", "g2", "g3"):
+        await asyncio.wait_for(w.sync(game), 30)  # each one's poll
+    assert claims == ["g1"]
+    assert turns(w, "g1") == [OpStatus.RUNNING, OpStatus.RUNNING]

@@ -102,7 +102,7 @@ async def test_a_resync_that_finds_a_turn_pending_does_not_make_its_next_look_an
     assert len(w.backend.ops("inspect")) == inspects  # polls of a cached unit inspect nothing
     resync = Resync(store=w.store, backend=w.backend, reconciler=w.reconciler, queue=w.queue,
                     metrics=w.reconciler.metrics, interval=30, retention_days=7, ready_check=ready)
-    assert await resync.once() == 1  # the game is queued: its turn is not generated yet
+    assert await resync.once() == 0  # its poll is already due: the resync does not queue it again
     await asyncio.wait_for(w.sync("g1"), 30)
     assert len(w.backend.ops("inspect")) == inspects
     # A unit the list shows otherwise than the record says is a finding: the next look inspects it.
