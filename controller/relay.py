@@ -51,11 +51,21 @@ IDLE_POLL = 5.0  # a fallback only: a commit that writes the outbox wakes the re
 # Seconds the loop keeps the marks of what it published for the next read (one statement marks them and
 # reads what follows) before it writes them alone: a steady flow of results costs a statement a pass.
 MARK_DELAY = 0.1
+# While results flow (the previous read found some), the next read waits until this long after it: every
+# commit that writes the outbox wakes the relay, and at 1,000 games with turns that was a read (and a
+# statement) for every one or two rows. An idle relay reads at once, so a lone result is not delayed.
+GATHER = 0.05
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
 STALL_LIMIT = 60.0  # seconds a pass may go without finishing or progress before /readyz says so
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 ID_FIELD = {"result": "result_id", "snapshot": "snapshot_id"}  # what consumers dedupe on, per outbox kind
+
+
+def gather_delay(*, now: float, last_read: float, found: int) -> float:
+    """Seconds to wait before the next read: none after a read that found nothing, else what is left of
+    GATHER since that read."""
+    return max(0.0, last_read + GATHER - now) if found else 0.0
 
 
 class RelayStalled(Exception):
@@ -119,6 +129,7 @@ class Relay:
         delay = 0.2
         loop = asyncio.get_running_loop()
         last_check = 0.0
+        last_read, found = 0.0, 0
         while not self._stopping.is_set():
             if self._busy_since is None:
                 self._busy_since = time.monotonic()
@@ -126,7 +137,11 @@ class Relay:
                 if loop.time() - last_check >= IDLE_POLL:
                     await self.check_server()
                     last_check = loop.time()
-                published = await self.flush(defer_marks=True)
+                wait = gather_delay(now=loop.time(), last_read=last_read, found=found)
+                if wait:
+                    await self._sleep(wait)  # more commits come in the meantime: one read for them all
+                last_read = loop.time()
+                published = found = await self.flush(defer_marks=True)
                 if self._unmarked and not self.wake.is_set():
                     # Nothing more to read now: wait a little for more, whose read marks these; else mark them.
                     if not await self._woken(MARK_DELAY):

@@ -299,3 +299,39 @@ def test_a_standby_campaigns_again_when_the_held_lease_expires_or_at_its_poll():
     assert campaign_wait(5, 0.4) == pytest.approx(0.4 + EXPIRY_SLACK)  # expires before the next poll
     assert campaign_wait(5, 4.0) == 1.0                                # a renewal may come meanwhile: poll
     assert campaign_wait(5, -0.2) == EXPIRY_SLACK                      # expired as the answer came
+
+
+async def test_a_flow_of_results_is_read_at_most_once_a_gather_interval():
+    """Issue 25: at 1,000 games the relay read (and marked) 1.9 times a generated turn: every commit
+    that wrote the outbox woke it, and each wake was a statement. While results flow (the previous read
+    found some), the next read waits for GATHER after it, so many commits go in one statement."""
+    from controller.relay import GATHER
+
+    relay, streams, store = relay_world()
+    calls = Calls(store)
+    task = asyncio.create_task(relay.run())
+    loop = asyncio.get_running_loop()
+    try:
+        await eventually(lambda: relay.healthy, 5, what="a first pass")
+        calls.log.clear()
+        began = loop.time()
+        for i in range(200):
+            await store.reject_entry(kind=JobKind.STOP, game_id="g", stream="s", entry_id=f"{i + 1}-0",
+                                     code=ErrorCode.INVALID_REQUEST, message="bad")
+            relay.wake.set()
+            await asyncio.sleep(0.002)
+        await eventually(lambda: len(streams.fields_of(RESULTS)) == 200, 5, interval=0.001)
+        elapsed = loop.time() - began
+        reads = sum(1 for kind, _ in calls.log if kind == "mark_and_read")
+        assert reads <= elapsed / GATHER + 3, (reads, elapsed)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 5)
+
+
+def test_an_idle_relay_reads_at_once_and_a_flowing_one_gathers():
+    from controller.relay import GATHER, gather_delay
+
+    assert gather_delay(now=10.0, last_read=9.99, found=0) == 0.0  # nothing flowed: at once
+    assert gather_delay(now=10.0, last_read=10.0 - GATHER - 0.01, found=5) == 0.0  # long enough ago
+    assert gather_delay(now=10.0, last_read=9.99, found=5) == pytest.approx(GATHER - 0.01)
