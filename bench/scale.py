@@ -1099,7 +1099,7 @@ def section_turns(run: Run) -> dict:
         "docker_calls": calls, "inspect_per_turn": calls.get("inspect", 0) / turns if turns else None,
         "sql_per_turn": all_sql / turns if turns else None,
         "turn_results": delta(m0, m1, "rtmanager_turns_total", "result"),
-        "top_sql": [{"calls": c, "ms": t, "query": short(q, 160)}
+        "top_sql": [{"calls": c, "ms": t, "query": short(q, 600)}
                     for q, (c, t) in sorted(per_query.items(), key=lambda kv: -kv[1][1])[:30]],
     }
     return out

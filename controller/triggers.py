@@ -328,9 +328,10 @@ class TurnClock:
                 else:
                     log.exception("turn clock failed unexpectedly; retrying in %.1fs", backoff)
                 delay, backoff = backoff, min(backoff * 2, TICK_RETRY_MAX)
-            # Every commit that moves a due time wakes the clock (a new game, a generated turn): at most
-            # a few due-time queries a second, however many such commits there are.
-            await wait_any(stopping, timeout=min(MIN_TICK, delay))
+            # Every commit that moves a due time wakes the clock (a new game, a generated turn), and with
+            # many games one is due every few ms: at most a few due-time queries a second, however many
+            # commits or due times there are (a due game waits at most MIN_TICK). A full page goes on now.
+            await wait_any(stopping, timeout=MIN_TICK if delay > 0 else 0.0)
             if not self.wake.is_set():
                 await wait_any(stopping, self.wake, timeout=max(0.0, delay - MIN_TICK))
 

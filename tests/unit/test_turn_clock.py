@@ -72,3 +72,30 @@ async def test_a_burst_of_wakes_costs_a_few_queries_not_one_each():
     await task
     assert wakes > 50
     assert store.calls <= 1.0 / MIN_TICK + 2
+
+
+class DenseDueTimes(DueTimes):
+    """1,000 games on a 10 s interval: one is due every 10 ms, one asked a tick."""
+
+    async def ask_due_turns(self, limit, skip=()):
+        self.calls += 1
+        return ["g"], 0.01, False
+
+
+async def test_dense_due_times_cost_a_few_queries_a_second_not_one_each():
+    """Issue 25: at 1,000 games the clock ticked 18 times a second, each tick asking for the one or two
+    games due since the last, as it slept only until the next due time (10 ms away). Ticks are
+    MIN_TICK apart unless a full page is due; a due game waits at most that long."""
+
+    class Woken:
+        def wake(self, game_id: str) -> None:
+            pass
+
+    store = DenseDueTimes()
+    clock = TurnClock(store=store, admission=Woken(), metrics=Metrics(), max_sleep=60.0)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(clock.run(stopping))
+    await asyncio.sleep(1.0)
+    stopping.set()
+    await task
+    assert 1.0 / MIN_TICK - 1 <= store.calls <= 1.0 / MIN_TICK + 2
