@@ -30,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import datetime
 
 from controller.config import Settings
 from controller.crashes import Crashes
@@ -300,7 +301,26 @@ class Reconciler:
     async def _step(self, game_id: str, written: RuntimeRecord | None = None) -> Step:
         """Look once, plan one action, carry it out: what comes next. ``written``: the record the previous
         step's transition committed (controller/step.py ``again_on``), planned on as it is."""
-        record = written if written is not None else await self.store.find(game_id)
+        claimed: list[tuple[int, datetime]] | None = None  # what this look claimed, when it did
+        record: RuntimeRecord | None
+        if written is not None:
+            record = written
+        elif self.settings.runtime.dry_run or self._claimed.get(game_id, (None,))[0] == self.epoch:
+            # Claimed in this term and no job of the game admitted since: a poll reads only.
+            record = await self.store.find(game_id)
+        else:
+            # A woken game: its look claims its generation's queued operations in the same statement. The
+            # memo before the statement, as below: a wake while it runs clears it, and the next sync claims.
+            pending = (self.epoch, -1)
+            self._claimed[game_id] = pending
+            try:
+                record, claimed = await self.store.find_and_claim(game_id)
+            except BaseException:
+                self._claimed.pop(game_id, None)
+                raise
+            if record is not None and self._claimed.get(game_id) == pending:
+                self._claimed[game_id] = (self.epoch, record.generation)
+            self._observe_claimed(claimed)
         if record is None or record.converged:
             self._claimed.pop(game_id, None)
         container = self.units.get(record)
@@ -353,7 +373,6 @@ class Reconciler:
             self.dispose_budget -= 1
         if action.kind not in KEEPS_UNIT:
             self.units.touch(game_id)
-        op_ids: list[int] = []
         if record is not None and not record.converged and self._claimed.get(game_id) != (self.epoch,
                                                                                            record.generation):
             # Claimed once per generation, and again after every admission of a job of the game (it may have
@@ -362,13 +381,13 @@ class Reconciler:
             # after the claim's snapshot) clears it, so the next sync claims what that admission queued.
             self._claimed[game_id] = (self.epoch, record.generation)
             try:
-                claimed = await self.store.claim(game_id, record.generation)
+                more = await self.store.claim(game_id, record.generation)
             except BaseException:
                 self._claimed.pop(game_id, None)
                 raise
-            for op_id, accepted in claimed:
-                op_ids.append(op_id)
-                self.metrics.phase.labels("queued").observe((self.clock.now() - accepted).total_seconds())
+            self._observe_claimed(more)
+            claimed = (claimed or []) + more
+        op_ids = [op_id for op_id, _ in claimed or ()]
         log.info("%s: %s", action.kind.value, action.reason, extra={
             "game_id": game_id, "action": action.kind.value, "operation_ids": ",".join(map(str, op_ids)),
             "generation": record.generation if record else None})
@@ -414,6 +433,11 @@ class Reconciler:
             self.metrics.reconciles.labels(action.kind.value, result).inc()
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
+
+    def _observe_claimed(self, claimed: list[tuple[int, datetime]]) -> None:
+        now = self.clock.now()
+        for _, accepted in claimed:
+            self.metrics.phase.labels("queued").observe((now - accepted).total_seconds())
 
     async def _check_engine(self, record: RuntimeRecord, container: ObservedContainer,
                             action: Action) -> Action | Step:

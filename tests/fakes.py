@@ -1011,12 +1011,21 @@ class FakeStore:
                              "written_at": self.clock.now(), "accepted_at": op.created_at if op else None})
         self.outbox.fire()
 
+    async def find_and_claim(self, game_id: str) -> tuple[RuntimeRecord | None,
+                                                           builtins.list[tuple[int, datetime]]]:
+        self._check()
+        record = self.records.get(game_id)
+        return record, (self._claim(game_id, record.generation) if record is not None else [])
+
     async def games_with_queued_operations(self) -> set[str]:
         self._check()
         return {o.game_id for o in self.ops if o.status is OpStatus.QUEUED}
 
     async def claim(self, game_id: str, generation: int) -> builtins.list[tuple[int, datetime]]:
         self._check()
+        return self._claim(game_id, generation)
+
+    def _claim(self, game_id: str, generation: int) -> builtins.list[tuple[int, datetime]]:
         out = []
         for i, o in enumerate(self.ops):
             if o.game_id == game_id and o.generation == generation and o.status is OpStatus.QUEUED:

@@ -398,6 +398,22 @@ class Transitions(StoreBase):
                                   new.generation, None, None, {"reason": "cleanup_ttl"}, now, None, None)
             return new
 
+    async def find_and_claim(self, game_id: str) -> tuple[RuntimeRecord | None, list[tuple[int, datetime]]]:
+        """``find`` and ``claim`` of the record's generation in one statement: the record (with its row's
+        version) as it was before the claim, which does not write it, and (id, accepted at) of each queued
+        operation of its generation, marked running now. Raises Fenced when the term is over."""
+        rows = await self._fenced_read(
+            "UPDATE runtime_operations o SET status = 'running' FROM runtime_records r WHERE r.game_id = $1"
+            " AND o.game_id = $1 AND o.generation = r.generation AND o.status = 'queued'"
+            " AND EXISTS (SELECT 1 FROM fence_ok) RETURNING o.id, o.created_at",
+            "SELECT xmin AS row_version, r.*, (SELECT array_agg(id ORDER BY id) FROM changed) AS claimed_ids,"
+            " (SELECT array_agg(created_at ORDER BY id) FROM changed) AS claimed_at"
+            " FROM runtime_records r WHERE r.game_id = $1", game_id)
+        if not rows:
+            return None, []
+        row = rows[0]
+        return record_from_row(row), list(zip(row["claimed_ids"] or (), row["claimed_at"] or (), strict=True))
+
     async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
         """Mark the queued operations of ``generation`` as running; return (id, accepted at) of each."""
         rows = await self._fenced(

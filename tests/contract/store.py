@@ -54,6 +54,18 @@ async def test_a_submitted_job_is_claimed_once_by_its_generation(store):
     assert [o.status for o in await store.pending_operations("g1")] == [OpStatus.RUNNING]
 
 
+async def test_a_look_that_claims_reads_the_record_and_claims_its_generations_queued_operations(store):
+    """The reconciler's first look at a woken game (controller/reconciler.py): one statement."""
+    assert await store.find_and_claim("nope") == (None, [])
+    out = await store.submit(start("g1", "1-0"), DEFAULTS)
+    record, claimed = await store.find_and_claim("g1")
+    assert record == await store.find("g1") and record.row_version == (await store.find("g1")).row_version
+    assert [op_id for op_id, _ in claimed] == [out.operation_id]
+    assert [o.status for o in await store.pending_operations("g1")] == [OpStatus.RUNNING]
+    again, claimed = await store.find_and_claim("g1")
+    assert again == record and claimed == []
+
+
 async def test_the_games_with_a_queued_operation_are_those_with_one_not_claimed_yet(store):
     """The resync forgets the claim memo of these games only (controller/triggers.py)."""
     assert await store.games_with_queued_operations() == set()

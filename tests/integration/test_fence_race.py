@@ -55,7 +55,7 @@ async def old_leader(pool, database_url):
     await lease.close()
 
 
-@pytest.mark.parametrize("write", ["claim", "mark_published_many", "mark_and_read_unpublished", "mark_stopped",
+@pytest.mark.parametrize("write", ["claim", "find_and_claim", "mark_published_many", "mark_and_read_unpublished", "mark_stopped",
                                    "set_admin_token"])
 async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_leader, pool, database_url, write):
     record = await Store(pool).get("g1")
@@ -64,6 +64,7 @@ async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_lead
     committed = False
     try:
         call = {"claim": lambda: old_leader.claim("g1", record.generation),
+                "find_and_claim": lambda: old_leader.find_and_claim("g1"),
                 "mark_published_many": lambda: old_leader.mark_published_many([(1, "1-1")]),
                 "mark_and_read_unpublished": lambda: old_leader.mark_and_read_unpublished([(1, "1-1")]),
                 "mark_stopped": lambda: old_leader.mark_stopped(record, container_id=None),

@@ -31,19 +31,18 @@ async def test_a_job_admitted_while_the_claim_is_in_flight_is_claimed_at_the_nex
     w = World(tmp_path)
     await _pending_turn(w)
     w.reconciler._claimed.clear()  # a new look at the generation (say, a failover): the claim runs
-    claim = w.store.claim
+    look = w.store.find_and_claim  # a woken game's look claims (the memo is gone)
 
-    async def racing(game_id: str, generation: int):
-        out = await claim(game_id, generation)  # the statement's snapshot: before the admission's commit
+    async def racing(game_id: str):
+        out = await look(game_id)  # the statement's snapshot: before the admission's commit
         await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # joins the generation (the same turn, still generating)
         w.reconciler.job_admitted("g1")  # admission's wake, handled before the claim's answer
         return out
 
-    w.store.claim = racing
+    w.store.find_and_claim = racing
     await asyncio.wait_for(w.sync("g1"), 30)
-    w.store.claim = claim
-    assert len(turns(w, "g1")) == 2 and turns(w, "g1")[1] is OpStatus.QUEUED
-    await asyncio.wait_for(w.sync("g1"), 30)  # the sync the wake queued
+    w.store.find_and_claim = look
+    # The memo the look set was cleared by the wake: the same sync's step claims again.
     assert turns(w, "g1") == [OpStatus.RUNNING, OpStatus.RUNNING]
 
 
@@ -80,13 +79,17 @@ async def test_a_resync_forgets_only_the_claims_of_games_with_a_queued_operation
         await asyncio.wait_for(w.sync(game), 30)
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # joins g1's generation; its wake is lost
     claims: list[str] = []
-    claim = w.store.claim
+    claim, look = w.store.claim, w.store.find_and_claim
 
     async def counted(game_id: str, generation: int):
         claims.append(game_id)
         return await claim(game_id, generation)
 
-    w.store.claim = counted
+    async def counted_look(game_id: str):
+        claims.append(game_id)
+        return await look(game_id)
+
+    w.store.claim, w.store.find_and_claim = counted, counted_look
     resync = Resync(store=w.store, backend=w.backend, reconciler=w.reconciler, queue=w.queue,
                     metrics=w.reconciler.metrics, interval=30, retention_days=7, ready_check=_ready)
     await resync.once()
@@ -94,3 +97,28 @@ async def test_a_resync_forgets_only_the_claims_of_games_with_a_queued_operation
         await asyncio.wait_for(w.sync(game), 30)  # each one's poll
     assert claims == ["g1"]
     assert turns(w, "g1") == [OpStatus.RUNNING, OpStatus.RUNNING]
+
+
+async def test_the_first_look_at_a_woken_game_reads_and_claims_in_one_call(tmp_path):
+    """Issue 25: a woken game's sync read its record, then claimed its generation's queued operations: two
+    statements a turn (and a start) where one does both. A poll of the same generation only reads."""
+    w = World(tmp_path)
+    w.engine.admin[IMG] = "slow"
+    await started(w)
+    calls: list[str] = []
+    for name in ("find", "claim", "find_and_claim"):
+        real = getattr(w.store, name)
+
+        async def counted(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return await _real(*args, **kw)
+
+        setattr(w.store, name, counted)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    w.reconciler.job_admitted("g1")
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert calls == ["find_and_claim"]
+    assert turns(w, "g1") == [OpStatus.RUNNING]
+    calls.clear()
+    await asyncio.wait_for(w.sync("g1"), 30)  # a poll
+    assert calls == ["find"]

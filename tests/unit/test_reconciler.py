@@ -227,7 +227,7 @@ async def test_a_crash_seen_for_an_older_generation_is_not_counted_against_a_new
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
     w.backend.crash("g1", code=5)
-    real, finds = w.store.find, []
+    real, real_look, finds = w.store.find, w.store.find_and_claim, []
 
     async def a_stop_lands_meanwhile(game_id):
         finds.append(game_id)
@@ -235,12 +235,16 @@ async def test_a_crash_seen_for_an_older_generation_is_not_counted_against_a_new
             await w.job(JobKind.STOP, "g1")
         return await real(game_id)
 
-    w.store.find = a_stop_lands_meanwhile
+    async def look(game_id):  # the sync's first look (it claims)
+        finds.append(game_id)
+        return await real_look(game_id)
+
+    w.store.find, w.store.find_and_claim = a_stop_lands_meanwhile, look
     starts = len(w.backend.ops("start"))
     rec = await w.sync("g1")
     assert len(finds) >= 2, "the crash path no longer looks at the record again: rewrite this test"
     assert rec.crash_count == 0 and rec.last_exit_code != 5, rec
-    w.store.find = real
+    w.store.find, w.store.find_and_claim = real, real_look
     rec = await w.sync("g1")
     assert rec.status is Status.STOPPED and rec.desired_status is DesiredStatus.STOPPED and rec.crash_count == 0
     assert w.results("g1")[-1] == ("stop", "success", "")
