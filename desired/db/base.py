@@ -46,6 +46,7 @@ from desired.wakeup import OUTBOX_CHANNEL, Signal
 # How far this process's reading of the database clock may be from the database's own for a write
 # that skips the lock to take its timestamps from it (``StoreBase._swap``), in seconds.
 MAX_CLOCK_SKEW = 0.5
+PENDING_KEPT = 10_000  # games whose pending jobs a store keeps from their look (StoreBase._pending_at)
 
 
 async def log_fleet_change(conn: asyncpg.Connection, op: str, params: dict[str, Any], actor: str | None) -> None:
@@ -105,6 +106,10 @@ class StoreBase:
         # raised by every committed transaction that changed what the turn clock's due query reads
         self.schedule = schedule or Signal()
         self._clock_moved: set[asyncpg.Connection] = set()  # connections whose open transaction did
+        # game -> (row version, its pending operations at that version): what a look that claims read with
+        # the record (``find_and_claim``), carried through this store's own compare-and-swaps, so that the
+        # answer of the generation needs no read of them (``_swap`` with ``finish``).
+        self._pending_at: dict[str, tuple[int, list[Operation]]] = {}
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
@@ -237,12 +242,19 @@ class StoreBase:
                 raise self._over()
             return rec if found["same"] else None
         answers: list[Answer] = []
+        known = self._pending_at.get(rec.game_id)
+        if known is not None and known[0] != rec.row_version:
+            known = None  # read at another version of the row: not this one's
+            self._pending_at.pop(rec.game_id, None)
         if finish is not None:
-            rows = await conn.fetch(
-                "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
-                " AND generation <= $2 ORDER BY id", rec.game_id, rec.generation)
-            answers = answers_of(new, Finish(generation=rec.generation, outcome=finish),
-                                 [operation_from_row(r) for r in rows])
+            if known is not None:
+                pending = [op for op in known[1] if op.generation <= rec.generation]
+            else:
+                rows = await conn.fetch(
+                    "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
+                    " AND generation <= $2 ORDER BY id", rec.game_id, rec.generation)
+                pending = [operation_from_row(r) for r in rows]
+            answers = answers_of(new, Finish(generation=rec.generation, outcome=finish), pending)
         # The row's own write, or (answers and nothing else changed) a write of its version only.
         update, args = write or ("UPDATE runtime_records SET last_op_at = last_op_at WHERE game_id = $1", [rec.game_id])
         args = list(args)
@@ -292,13 +304,24 @@ class StoreBase:
         self.clock.observe_db(row["db_now"], before, datetime.now(UTC))
         if not row["fence_valid"]:
             raise self._over()
+        if known is not None:
+            self._pending_at.pop(rec.game_id, None)
         if row["row_version"] is None:
             return None  # the row moved (or the clocks are apart): the locking path decides
         if outbox:
             self.outbox.fire()
         if transitions.moves_the_clock(rec, new):
             self.schedule.fire()
+        if known is not None and finish is None and new.generation == rec.generation:
+            # This write added no job and changed none, and it happened only over the version the jobs were
+            # read at (a job's admission, or a note on a job, writes the row): they are the new version's too.
+            self.remember_pending(rec.game_id, row["row_version"], known[1])
         return new.replace(row_version=row["row_version"])
+
+    def remember_pending(self, game_id: str, row_version: int, ops: list[Operation]) -> None:
+        if len(self._pending_at) >= PENDING_KEPT:
+            self._pending_at.clear()  # games whose generation never finished here: read again when one does
+        self._pending_at[game_id] = (row_version, ops)
 
     async def _fenced_read(self, write: str, read: str, *args: Any) -> list[asyncpg.Record]:
         """``_fenced(write)`` and a read in one statement: the rows of ``read`` (a SELECT over ``args``, on

@@ -4,6 +4,7 @@ and the turn clock: each a compare-and-swap on ``(status, current_container_id)`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -12,7 +13,7 @@ from typing import Any
 from desired import transitions
 from desired.db.base import StoreBase
 from desired.db.pool import translating
-from desired.db.rows import SELECT_FOR_UPDATE, record_from_row
+from desired.db.rows import SELECT_FOR_UPDATE, operation_from_row, record_from_row
 from desired.errors import Conflict, NotFound
 from desired.model import (
     MAX_TURN,
@@ -407,12 +408,23 @@ class Transitions(StoreBase):
             " AND o.game_id = $1 AND o.generation = r.generation AND o.status = 'queued'"
             " AND EXISTS (SELECT 1 FROM fence_ok) RETURNING o.id, o.created_at",
             "SELECT xmin AS row_version, r.*, (SELECT array_agg(id ORDER BY id) FROM changed) AS claimed_ids,"
-            " (SELECT array_agg(created_at ORDER BY id) FROM changed) AS claimed_at"
+            " (SELECT array_agg(created_at ORDER BY id) FROM changed) AS claimed_at,"
+            " (SELECT array_agg(p ORDER BY p.id) FROM runtime_operations p WHERE p.game_id = $1"
+            " AND p.status IN ('queued', 'running') AND p.generation <= r.generation) AS pending"
             " FROM runtime_records r WHERE r.game_id = $1", game_id)
         if not rows:
             return None, []
         row = rows[0]
-        return record_from_row(row), list(zip(row["claimed_ids"] or (), row["claimed_at"] or (), strict=True))
+        record = record_from_row(row)
+        claimed = list(zip(row["claimed_ids"] or (), row["claimed_at"] or (), strict=True))
+        if record.row_version is not None:
+            # The generation's pending jobs at this version of the row, as the claim leaves them: its answer
+            # needs no read of them while this store's own writes are the row's only ones (``_swap``).
+            ids = {op_id for op_id, _ in claimed}
+            pending = [operation_from_row(p) for p in row["pending"] or ()]
+            self.remember_pending(game_id, record.row_version, [
+                dataclasses.replace(op, status=OpStatus.RUNNING) if op.id in ids else op for op in pending])
+        return record, claimed
 
     async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
         """Mark the queued operations of ``generation`` as running; return (id, accepted at) of each."""

@@ -55,8 +55,8 @@ async def old_leader(pool, database_url):
     await lease.close()
 
 
-@pytest.mark.parametrize("write", ["claim", "find_and_claim", "mark_published_many", "mark_and_read_unpublished", "mark_stopped",
-                                   "set_admin_token"])
+@pytest.mark.parametrize("write", ["claim", "find_and_claim", "mark_published_many", "mark_and_read_unpublished",
+                                   "mark_stopped", "set_admin_token"])
 async def test_a_write_racing_the_take_over_waits_for_it_and_is_refused(old_leader, pool, database_url, write):
     record = await Store(pool).get("g1")
     before_ops = [(o.id, o.status) for o in await Store(pool).operations("g1")]

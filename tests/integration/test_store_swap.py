@@ -331,3 +331,81 @@ async def test_a_note_on_a_job_between_the_read_and_the_write_is_in_its_answer(p
     assert store.pool.fired and new.converged
     fields = json.loads(await pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op.id))
     assert "NOTE-XYZ" in json.dumps(fields), fields
+
+
+# ------------------------------------------------ the jobs a look read, carried to the answer (issue 25)
+async def looked_and_asked(store: Store, game: str):
+    """A woken game's look (it claims, and reads the pending jobs with the record), then the turn request."""
+    await turn_asked(store, game)
+    rec, claimed = await store.find_and_claim(game)
+    assert len(claimed) == 1
+    return await store.turn_requested(rec)
+
+
+async def answered(store: Store, pool: asyncpg.Pool, game: str, rec):
+    new = await store.mark_running(rec, container_id=f"c-{game}", image=IMAGE,
+                                   probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+    assert new.converged and await Store(pool).pending_operations(game) == []
+    ops = [o for o in await Store(pool).operations(game) if o.op is JobKind.FORCE_NEXT_TURN]
+    assert all(o.status.value == "succeeded" for o in ops), ops
+    assert await results_of(pool, game, [o.id for o in ops]) == {o.id: 1 for o in ops}
+    return ops
+
+
+async def test_a_turn_whose_look_read_its_jobs_answers_them_in_one_statement(pool):
+    """The look read the generation's pending jobs with the record; the record's own writes since (the
+    request, a probe) were this store's compare-and-swaps, which add no job: the answer needs no read."""
+    store = Store(pool)
+    rec = await looked_and_asked(store, "carry-one")
+    rec = await store.record_observation(rec, Probe(healthy=True, admin_api=True, turn=0, phase="generating",
+                                                    refused="slow"), unreachable_after=3, generation_timeout=600)
+    assert rec.last_error_code is not None  # a probe that changed the record: a swap of this store
+    with Counter() as sql:
+        new = await store.mark_running(rec, container_id="c-carry-one", image=IMAGE,
+                                       probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+    assert sql.total == 1, sql.queries
+    assert new.converged
+    assert len(await answered(store, pool, "carry-one", new)) == 1
+
+
+async def test_the_first_change_after_the_look_needs_no_read_either(pool):
+    store = Store(pool)
+    await turn_asked(store, "carry-first")
+    rec, _ = await store.find_and_claim("carry-first")
+    with Counter() as sql:
+        await store.mark_running(rec, container_id="c-carry-first", image=IMAGE,
+                                 probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+    assert sql.total == 1, sql.queries
+
+
+async def test_a_job_that_joins_after_the_look_is_answered_too(pool):
+    """A forced turn joins the generation after the look: its admission wrote the record, so what the look
+    read is not that version's; the answer reads the jobs again (or the swap falls back)."""
+    store = Store(pool)
+    rec = await looked_and_asked(store, "carry-join")
+    out = await Store(pool).submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id="carry-join", source=OpSource.LOBBY,
+                                       stream="s:control", entry_id="9-0"), DEFAULTS)
+    assert out.decision is not None and out.decision.action == "join"
+    rec = await store.find("carry-join")  # the poll's read: the version the join wrote
+    assert len(await answered(store, pool, "carry-join", rec)) == 2
+
+
+async def test_a_job_that_joins_before_the_request_is_answered_too(pool):
+    store = Store(pool)
+    await turn_asked(store, "carry-early")
+    rec, _ = await store.find_and_claim("carry-early")
+    await Store(pool).submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id="carry-early", source=OpSource.LOBBY,
+                                 stream="s:control", entry_id="9-1"), DEFAULTS)
+    rec = await store.turn_requested(rec)  # from the look's version: the locking path
+    assert len(await answered(store, pool, "carry-early", rec)) == 2
+
+
+async def test_a_note_on_a_job_after_the_look_is_in_its_answer(pool):
+    store = Store(pool)
+    rec = await looked_and_asked(store, "carry-note")
+    (op,) = await store.pending_operations("carry-note")
+    await Store(pool).note_disruption_overdue(rec, "restart", 42.0, "NOTE-CARRY")
+    rec = await store.find("carry-note")
+    await answered(store, pool, "carry-note", rec)
+    fields = json.loads(await pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op.id))
+    assert "NOTE-CARRY" in json.dumps(fields), fields
