@@ -192,6 +192,8 @@ class Reconciler:
         # (game, (term, generation)) whose queued operations this process claimed, until a job of the game
         # may have been admitted since (``job_admitted``): a turn's poll of the engine claims nothing new.
         self._claimed: dict[str, tuple[int, int]] = {}
+        # Games a job (or the resync's fallback) woke since their last look: that look claims as it reads.
+        self._woken: set[str] = set()
         self.node_loss = NodeLossPolicy(mode=settings.runtime.node_loss, grace=settings.runtime.node_loss_grace,
                                         state_shared=settings.storage.state_shared)
 
@@ -225,6 +227,7 @@ class Reconciler:
         """Admission (or an operator tool's NOTIFY) may have queued an operation of the game: its next sync
         claims again, then it is worked on."""
         self._claimed.pop(game_id, None)
+        self._woken.add(game_id)
         self.queue.add(game_id)
 
     def forget_claims(self, game_ids: Iterable[str]) -> None:
@@ -232,6 +235,7 @@ class Reconciler:
         NOTIFY, a listener reconnecting), for the games with a queued operation."""
         for game_id in game_ids:
             self._claimed.pop(game_id, None)
+            self._woken.add(game_id)
 
     def note_unowned(self, container: ObservedContainer, reason: str) -> None:
         """Loudly, once per unit: a game nobody accounts for is running (never touched here)."""
@@ -305,20 +309,20 @@ class Reconciler:
         record: RuntimeRecord | None
         if written is not None:
             record = written
-        elif self.settings.runtime.dry_run or self._claimed.get(game_id, (None,))[0] == self.epoch:
-            # Claimed in this term and no job of the game admitted since: a poll reads only.
+        elif game_id not in self._woken or self.settings.runtime.dry_run:
+            # No job woke it since its last look (a poll, an event of its unit): a read; what it may still
+            # have to claim (a generation that moved without a wake) is claimed below, once planned.
             record = await self.store.find(game_id)
         else:
-            # A woken game: its look claims its generation's queued operations in the same statement. The
-            # memo before the statement, as below: a wake while it runs clears it, and the next sync claims.
-            pending = (self.epoch, -1)
-            self._claimed[game_id] = pending
+            # A job woke it: its look claims its generation's queued operations in the same statement. A wake
+            # while the statement runs marks it woken again: then the memo is not set, and the step claims.
+            self._woken.discard(game_id)
             try:
                 record, claimed = await self.store.find_and_claim(game_id)
             except BaseException:
-                self._claimed.pop(game_id, None)
+                self._woken.add(game_id)
                 raise
-            if record is not None and self._claimed.get(game_id) == pending:
+            if record is not None and game_id not in self._woken:
                 self._claimed[game_id] = (self.epoch, record.generation)
             self._observe_claimed(claimed)
         if record is None or record.converged:

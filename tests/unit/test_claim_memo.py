@@ -30,8 +30,8 @@ async def test_a_job_admitted_while_the_claim_is_in_flight_is_claimed_at_the_nex
     cleared it, so no later sync of the generation claims the new operation."""
     w = World(tmp_path)
     await _pending_turn(w)
-    w.reconciler._claimed.clear()  # a new look at the generation (say, a failover): the claim runs
-    look = w.store.find_and_claim  # a woken game's look claims (the memo is gone)
+    w.reconciler.forget_claims(["g1"])  # as the resync's fallback does: the next look claims
+    look = w.store.find_and_claim
 
     async def racing(game_id: str):
         out = await look(game_id)  # the statement's snapshot: before the admission's commit
@@ -121,4 +121,23 @@ async def test_the_first_look_at_a_woken_game_reads_and_claims_in_one_call(tmp_p
     assert turns(w, "g1") == [OpStatus.RUNNING]
     calls.clear()
     await asyncio.wait_for(w.sync("g1"), 30)  # a poll
+    assert calls == ["find"]
+
+
+async def test_a_look_at_a_game_no_job_woke_only_reads(tmp_path):
+    """Review: a converged game looked at for another reason (an event of its unit, the health round)
+    has nothing to claim: its look is a plain read, not a fenced write."""
+    w = World(tmp_path)
+    await started(w)
+    assert w.store.records["g1"].converged
+    calls: list[str] = []
+    for name in ("find", "claim", "find_and_claim"):
+        real = getattr(w.store, name)
+
+        async def counted(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return await _real(*args, **kw)
+
+        setattr(w.store, name, counted)
+    await asyncio.wait_for(w.sync("g1"), 30)
     assert calls == ["find"]
