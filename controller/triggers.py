@@ -71,9 +71,10 @@ class Resync:
         self.unowned = 0  # units of this instance without a record, at the last resync (/readyz)
 
     async def once(self) -> int:
-        """List the backend (one call) and live records (one query); queue every game not converged whose
-        next look is not already due within the interval (a turn's poll, a retry): at 1,000 games with
-        turns in flight, queueing those again cost each a record read and an engine request for nothing."""
+        """List the backend (one call) and live records (one query); queue every game not converged, but a
+        turn in flight or a record to write whose next look is already due within the interval: at 1,000
+        games with turns in flight, queueing those again cost each a record read and an engine request for
+        nothing. A unit the list shows otherwise than the record says is queued at once."""
         # A job that joined a generation whose wake was lost (a replica's NOTIFY): claimed at the next sync.
         # Only games with a queued operation: forgetting every claim made every turn in flight claim again.
         self.reconciler.forget_claims(await self.store.games_with_queued_operations())
@@ -96,11 +97,11 @@ class Resync:
             if action.kind is not ActionKind.NOOP:
                 if action.kind not in KEEPS_UNIT:
                     # The list shows the unit otherwise than the record says: its next look is a real
-                    # one (a missed event). A turn or a record to write is no such finding (the unit runs
-                    # and is the record's), and must not cost every game with a turn in flight an inspect.
+                    # one (a missed event), now. A turn or a record to write is no such finding (the unit
+                    # runs and is the record's), and must not cost every game with a turn in flight an inspect.
                     self.reconciler.units.touch(rec.game_id)
-                if self.queue.due_within(rec.game_id, self.interval):
-                    continue  # looked at soon anyway, as the list shows it now (a touch above holds)
+                elif self.queue.due_within(rec.game_id, self.interval):
+                    continue  # its poll (or retry) is due within the interval anyway: not queued again
                 self.queue.add(rec.game_id)
                 queued += 1
         for game_id, c in by_game.items():  # units without a live record: orphans, unowned, or removed records

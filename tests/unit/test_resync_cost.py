@@ -62,3 +62,12 @@ async def test_a_game_being_worked_on_is_marked_to_be_worked_on_again(tmp_path):
     assert await resync.once() == 1
     w.queue.done("g1")
     assert len(w.queue) == 1
+
+
+async def test_a_unit_the_list_shows_otherwise_is_queued_at_once_even_with_a_look_due(tmp_path):
+    """Review: a finding (a missed event: the engine exited) is looked at now, not at the poll's time."""
+    w, resync = await _in_flight(tmp_path)
+    assert w.queue.due_within("g1", 30)
+    w.backend.containers[w.store.records["g1"].current_container_id].state = "exited"
+    assert await resync.once() == 1
+    assert len(w.queue) == 1
