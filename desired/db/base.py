@@ -106,10 +106,10 @@ class StoreBase:
         # raised by every committed transaction that changed what the turn clock's due query reads
         self.schedule = schedule or Signal()
         self._clock_moved: set[asyncpg.Connection] = set()  # connections whose open transaction did
-        # game -> (row version, its pending operations at that version): what a look that claims read with
-        # the record (``find_and_claim``), carried through this store's own compare-and-swaps, so that the
-        # answer of the generation needs no read of them (``_swap`` with ``finish``).
-        self._pending_at: dict[str, tuple[int, list[Operation]]] = {}
+        # game -> (leadership term, row version, its pending operations at that version): what a look that
+        # claims read with the record (``find_and_claim``), carried through this store's own compare-and-swaps
+        # in that term, so that the answer of the generation needs no read of them (``_swap`` with ``finish``).
+        self._pending_at: dict[str, tuple[int, int, list[Operation]]] = {}
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
@@ -189,12 +189,15 @@ class StoreBase:
         round trip instead of four.
 
         With ``finish``, the pending operations of the record's generation are answered in the same
-        statement (their rows and results), read just before it (one more statement): an operation is
-        only ever pending on a record its admission wrote in the same transaction (a job that joins a
+        statement (their rows and results), read just before it (one more statement) unless this store
+        knows them at that row version (``_pending_at``: read by ``find_and_claim`` with the record, and
+        carried through this store's own swaps, which add and change no operation). An operation is only
+        ever pending on a record its admission wrote in the same transaction (a job that joins a
         generation writes the record too: desired/db/submissions.py), and any other change of a pending
-        operation but its claim writes the record too (``note_disruption_overdue``), so one that joined
-        or changed after the read makes a new row version and the write does not happen. One answered
-        meanwhile by another path is neither answered again nor given a second result.
+        operation but its claim writes the record too (``note_disruption_overdue``, ``fail_generation``),
+        so one that joined or changed after the read makes a new row version and the write does not
+        happen. One answered meanwhile by another path is neither answered again nor given a second
+        result.
 
         A change of nothing is one read: whether the row is still that version (then ``rec`` is returned).
         None when it does not apply, and the caller takes the locking path, which decides as before: a
@@ -243,12 +246,12 @@ class StoreBase:
             return rec if found["same"] else None
         answers: list[Answer] = []
         known = self._pending_at.get(rec.game_id)
-        if known is not None and known[0] != rec.row_version:
-            known = None  # read at another version of the row: not this one's
+        if known is not None and known[:2] != (self._term(), rec.row_version):
+            known = None  # read at another version of the row (or in another term): not this one's
             self._pending_at.pop(rec.game_id, None)
         if finish is not None:
             if known is not None:
-                pending = [op for op in known[1] if op.generation <= rec.generation]
+                pending = [op for op in known[2] if op.generation <= rec.generation]
             else:
                 rows = await conn.fetch(
                     "SELECT * FROM runtime_operations WHERE game_id = $1 AND status IN ('queued', 'running')"
@@ -315,13 +318,18 @@ class StoreBase:
         if known is not None and finish is None and new.generation == rec.generation:
             # This write added no job and changed none, and it happened only over the version the jobs were
             # read at (a job's admission, or a note on a job, writes the row): they are the new version's too.
-            self.remember_pending(rec.game_id, row["row_version"], known[1])
+            self.remember_pending(rec.game_id, row["row_version"], known[2])
         return new.replace(row_version=row["row_version"])
 
     def remember_pending(self, game_id: str, row_version: int, ops: list[Operation]) -> None:
         if len(self._pending_at) >= PENDING_KEPT:
             self._pending_at.clear()  # games whose generation never finished here: read again when one does
-        self._pending_at[game_id] = (row_version, ops)
+        self._pending_at[game_id] = (self._term(), row_version, ops)
+
+    def _term(self) -> int:
+        """The leadership term this store writes in (0 without a fence): what it carried from an older term
+        is not used (a failover to a replica that lost transactions may give a row version again)."""
+        return self.fence.epoch if self.fence is not None else 0
 
     async def _fenced_read(self, write: str, read: str, *args: Any) -> list[asyncpg.Record]:
         """``_fenced(write)`` and a read in one statement: the rows of ``read`` (a SELECT over ``args``, on

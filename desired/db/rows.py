@@ -140,6 +140,14 @@ def operation_from_row(row: asyncpg.Record) -> Operation:
                      actor=row.get("actor"), requested_by=row.get("requested_by"))
 
 
+def operation_from_json(obj: dict[str, Any]) -> Operation:
+    """An operation from its row as ``to_jsonb`` writes it (the timestamps as ISO 8601 text)."""
+    for col in ("created_at", "finished_at"):
+        if obj.get(col) is not None:
+            obj[col] = datetime.fromisoformat(obj[col])
+    return operation_from_row(obj)  # a mapping with the same keys as the row
+
+
 INSERT_OP_WITH_ID = (
     "INSERT INTO runtime_operations (id, game_id, op, source, status, generation, stream, entry_id, params,"
     " error_code, error_message, created_at, finished_at, actor, requested_by)"

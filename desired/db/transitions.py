@@ -13,7 +13,7 @@ from typing import Any
 from desired import transitions
 from desired.db.base import StoreBase
 from desired.db.pool import translating
-from desired.db.rows import SELECT_FOR_UPDATE, operation_from_row, record_from_row
+from desired.db.rows import SELECT_FOR_UPDATE, operation_from_json, record_from_row
 from desired.errors import Conflict, NotFound
 from desired.model import (
     MAX_TURN,
@@ -409,7 +409,7 @@ class Transitions(StoreBase):
             " AND EXISTS (SELECT 1 FROM fence_ok) RETURNING o.id, o.created_at",
             "SELECT xmin AS row_version, r.*, (SELECT array_agg(id ORDER BY id) FROM changed) AS claimed_ids,"
             " (SELECT array_agg(created_at ORDER BY id) FROM changed) AS claimed_at,"
-            " (SELECT array_agg(p ORDER BY p.id) FROM runtime_operations p WHERE p.game_id = $1"
+            " (SELECT jsonb_agg(to_jsonb(p) ORDER BY p.id) FROM runtime_operations p WHERE p.game_id = $1"
             " AND p.status IN ('queued', 'running') AND p.generation <= r.generation) AS pending"
             " FROM runtime_records r WHERE r.game_id = $1", game_id)
         if not rows:
@@ -421,7 +421,9 @@ class Transitions(StoreBase):
             # The generation's pending jobs at this version of the row, as the claim leaves them: its answer
             # needs no read of them while this store's own writes are the row's only ones (``_swap``).
             ids = {op_id for op_id, _ in claimed}
-            pending = [operation_from_row(p) for p in row["pending"] or ()]
+            # As JSON, not as the table's row type: asyncpg caches a row type per connection, and a column
+            # added by a migration while this process runs would fail the statement after it claimed.
+            pending = [operation_from_json(p) for p in json.loads(row["pending"] or "[]")]
             self.remember_pending(game_id, record.row_version, [
                 dataclasses.replace(op, status=OpStatus.RUNNING) if op.id in ids else op for op in pending])
         return record, claimed

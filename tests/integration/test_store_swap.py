@@ -409,3 +409,43 @@ async def test_a_note_on_a_job_after_the_look_is_in_its_answer(pool):
     await answered(store, pool, "carry-note", rec)
     fields = json.loads(await pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op.id))
     assert "NOTE-CARRY" in json.dumps(fields), fields
+
+
+async def test_a_column_added_while_running_does_not_fail_the_claiming_look(pool):
+    """Review: the look read the pending jobs as the table's row type, which asyncpg caches per connection:
+    a migration adding a column while the controller ran failed its next look after it had claimed."""
+    store = Store(pool)
+    await turn_asked(store, "carry-ddl")
+    await store.find_and_claim("carry-ddl")
+    await pool.execute("ALTER TABLE runtime_operations ADD COLUMN added_later integer")
+    out = await Store(pool).submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id="carry-ddl", source=OpSource.LOBBY,
+                                       stream="s:control", entry_id="9-2"), DEFAULTS)
+    for _ in range(2):  # on every pooled connection
+        rec, claimed = await store.find_and_claim("carry-ddl")
+        assert rec is not None
+    assert [o.status.value for o in await store.pending_operations("carry-ddl")] == ["running", "running"]
+    assert out.operation_id in {o.id for o in await store.pending_operations("carry-ddl")}
+
+
+async def test_jobs_carried_from_another_term_are_read_again(pool, database_url):
+    """Review: a failover to a replica that lost transactions may give a row version again; what a store
+    carried is used only in the term it was read in."""
+    from desired.db.lease import Lease
+    from desired.leader import Fence
+
+    fence = Fence(instance="carry", holder="me", ttl=5)
+    lease = Lease(database_url, fence)
+    try:
+        assert await lease.acquire() == 1
+        store = Store(pool, fence=fence)
+        await turn_asked(store, "carry-term")
+        rec, _ = await store.find_and_claim("carry-term")
+        assert await lease.acquire(reclaim=True) == 2  # this replica again, in a new term
+        with Counter() as sql:
+            await store.mark_running(
+                rec, container_id="c-carry-term", image=IMAGE,
+                probe=Probe(healthy=True, admin_api=True, turn=1, phase="idle"))
+        assert sql.total == 2, sql.queries  # the jobs were read again
+        await answered(store, pool, "carry-term", await store.get("carry-term"))
+    finally:
+        await lease.close()
