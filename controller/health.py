@@ -26,6 +26,13 @@ from observed.model import ObservedContainer
 log = logging.getLogger("rtmanager.reconciler")
 
 
+def turn_reached(record: RuntimeRecord, probe: Probe) -> bool:
+    """The engine is idle at (or past) the turn a generation in flight asked it for."""
+    return (record.status is Status.GENERATION_IN_PROGRESS and not record.converged
+            and record.desired_turn is not None and probe.healthy and probe.phase == "idle"
+            and probe.turn is not None and probe.turn >= record.desired_turn)
+
+
 class Health:
     def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, engine: EngineClient,
                  metrics: Metrics, clock: Clock, *, wake: Callable[[str], None]) -> None:
@@ -86,6 +93,11 @@ class Health:
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
                                    generation_timeout=s.engine.generation_timeout)
         changed = new is not record and new != record
+        if changed and turn_reached(record, probe):
+            # The turn the reconciler asked for is generated: its poll records it with the jobs' answers in
+            # one write (a write here would make that two, and its poll would wait for its time). Wake it.
+            self._wake(record.game_id)
+            return False
         if changed:
             if new.status is not record.status:
                 log.warning("engine: %s -> %s", record.status.value, new.status.value,
