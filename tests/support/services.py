@@ -316,10 +316,17 @@ class PrivateDockerd:
             time.sleep(0.05)
 
     def _pid(self) -> int | None:
+        """This daemon's dockerd: the pid its pidfile names, if that process is still this dockerd. A daemon
+        killed with SIGKILL leaves its pidfile, and with pids numbered up to 32,768 a busy run gives that
+        number to another process: a stop signalled it (a controller of the chaos test ran in parallel
+        got a SIGTERM from nowhere)."""
         try:
-            return int(self.pidfile.read_text().strip())
+            pid = pid_running(int(self.pidfile.read_text().strip()), str(self.pidfile))
         except (OSError, ValueError):
-            return self.dockerd.pid if self.dockerd is not None and self.dockerd.poll() is None else None
+            pid = None
+        if pid is None and self.dockerd is not None and self.dockerd.poll() is None:
+            pid = self.dockerd.pid
+        return pid
 
     # --------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 60.0) -> None:
@@ -453,6 +460,15 @@ class PrivateDockerd:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def pid_running(pid: int, needle: str) -> int | None:
+    """``pid`` if it runs a command line with ``needle`` in it (a pid from a file may be another process's)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if needle.encode() in cmdline else None
 
 
 def _alive(pid: int) -> bool:
