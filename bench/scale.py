@@ -68,7 +68,8 @@ REDIS_URL = base.REDIS_URL
 CONCURRENCY = base.CONCURRENCY
 SECTIONS = ("start", "restart", "failover", "flood", "turns", "sim")
 MARK = "/* rtm-scale-bench */ "  # our own statements, left out of every count
-RESYNC_MARKERS = ("observed_generation <> generation", "GROUP BY status", "count(*) FROM job_results")
+RESYNC_MARKERS = ("observed_generation <> generation", "GROUP BY status", "count(*) FROM job_results",
+                  "DISTINCT game_id FROM runtime_operations")
 BRIDGE_PORTS = 1024  # a Linux bridge holds at most this many ports (BR_MAX_PORTS)
 # Each engine the host talks to costs two ARP entries: the host's for the engine, the engine's (in
 # its own namespace) for its gateway; the kernel's limit (gc_thresh3) counts every namespace.

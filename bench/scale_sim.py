@@ -82,7 +82,8 @@ from observed.model import LABEL_DATABASE, LABEL_EPOCH  # noqa: E402
 
 IMAGE = "galaxy/engine-stub:1.0"
 MARK = "/* rtm-scale-bench */ "  # our own statements, left out of the counts
-RESYNC_MARKERS = ("observed_generation <> generation", "GROUP BY status", "count(*) FROM job_results")
+RESYNC_MARKERS = ("observed_generation <> generation", "GROUP BY status", "count(*) FROM job_results",
+                  "DISTINCT game_id FROM runtime_operations")
 
 
 def log(msg: str) -> None:
