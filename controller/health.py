@@ -15,7 +15,7 @@ from controller.metrics import Metrics
 from desired import transitions
 from desired.clock import Clock
 from desired.errors import Conflict, ContainerStartFailed
-from desired.model import ErrorCode, RuntimeRecord, Status
+from desired.model import DesiredStatus, ErrorCode, RuntimeRecord, Status
 from desired.ports import ReconcilerStore
 from desired.transitions import Probe
 from observed.backend import RuntimeBackend
@@ -26,10 +26,16 @@ from observed.model import ObservedContainer
 log = logging.getLogger("rtmanager.reconciler")
 
 
+DEFERRALS_KEPT = 10_000  # games whose generated turn a health round left to the reconciler, remembered
+
+
 def turn_reached(record: RuntimeRecord, probe: Probe) -> bool:
-    """The engine is idle at (or past) the turn a generation in flight asked it for."""
+    """The engine is idle at (or past) the turn a generation in flight asked it for, and did not fail it:
+    a turn the reconciler's poll records with the jobs' answers."""
     return (record.status is Status.GENERATION_IN_PROGRESS and not record.converged
-            and record.desired_turn is not None and probe.healthy and probe.phase == "idle"
+            and record.desired_status is DesiredStatus.RUNNING and record.desired_turn is not None
+            and record.desired_turn > (record.turn if record.turn is not None else -1)
+            and probe.healthy and probe.phase == "idle" and probe.failed_turn is None
             and probe.turn is not None and probe.turn >= record.desired_turn)
 
 
@@ -43,6 +49,9 @@ class Health:
         self.metrics = metrics
         self.clock = clock
         self._wake = wake  # let the reconciler look at a game (the work queue's add)
+        # game -> the record (its row version, generation, last write) whose generated turn a round left to
+        # the reconciler: the next round that finds the record unchanged writes it itself.
+        self._deferred: dict[str, tuple[object, ...]] = {}
 
     async def probe(self, record: RuntimeRecord, address: str | None) -> Probe:
         """Ask a running engine how it is: its health path, then (when it has one) its admin status.
@@ -93,7 +102,7 @@ class Health:
         new = transitions.observed(record, self.clock.now(), probe, unreachable_after=s.engine.unreachable_after,
                                    generation_timeout=s.engine.generation_timeout)
         changed = new is not record and new != record
-        if changed and turn_reached(record, probe):
+        if changed and self._leave_to_reconciler(record, probe):
             # The turn the reconciler asked for is generated: its poll records it with the jobs' answers in
             # one write (a write here would make that two, and its poll would wait for its time). Wake it.
             self._wake(record.game_id)
@@ -111,6 +120,20 @@ class Health:
             self._wake(record.game_id)  # not running at all: let the reconciler look
             return False
         return probe.healthy and not changed
+
+    def _leave_to_reconciler(self, record: RuntimeRecord, probe: Probe) -> bool:
+        """Whether this round leaves a generated turn to the reconciler: once per state of the record. If
+        the next round finds the record as it was (the reconciler did not record the turn: it fails on
+        this game, or runs dry), the round writes it, as it writes every other observation."""
+        key = (record.row_version, record.generation, record.last_op_at)
+        if self.settings.runtime.dry_run or not turn_reached(record, probe) \
+                or self._deferred.get(record.game_id) == key:
+            self._deferred.pop(record.game_id, None)
+            return False
+        if len(self._deferred) >= DEFERRALS_KEPT:
+            self._deferred.clear()
+        self._deferred[record.game_id] = key
+        return True
 
     async def record_probe(self, record: RuntimeRecord, probe: Probe) -> RuntimeRecord:
         """A probe taken while reconciling, written when it changes the record (which is returned)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from controller.config import Settings
 from desired.model import JobKind, OpStatus, Status
 from tests.support.world import IMG, World, started
 
@@ -51,3 +52,38 @@ async def test_a_failed_probe_of_a_game_with_a_turn_in_flight_is_still_the_round
     address = w.backend.ip_of(w.running("g1")[0])
     await w.reconciler.observe(rec, address)
     assert w.store.records["g1"].status is Status.FINISHED
+
+
+async def test_a_turn_the_reconciler_did_not_record_by_the_next_round_is_written_by_the_round(tmp_path):
+    """Review: a reconciler that fails on this game (or runs dry) would leave the record generating for
+    ever, and its job answered with a failure that stops a healthy game. The round leaves a turn to the
+    reconciler once per state of the record; finding it unchanged, it writes it as before."""
+    w = await _generated_meanwhile(tmp_path)
+    rec = w.store.records["g1"]
+    address = w.backend.ip_of(w.running("g1")[0])
+    await w.reconciler.observe(rec, address)
+    assert w.store.records["g1"] == rec  # left to the reconciler, which does not come
+    await w.reconciler.observe(rec, address)  # the next round: the same record
+    written = w.store.records["g1"]
+    assert written.turn == 1 and written.status is Status.RUNNING
+
+
+async def test_in_dry_run_the_round_writes_a_generated_turn_itself(tmp_path):
+    w = await _generated_meanwhile(tmp_path)
+    w.reconciler.health.settings = Settings.from_env({"RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:*",
+                                                      "RTMANAGER_STATE_ROOT": w.settings.storage.state_root,
+                                                      "RTMANAGER_DRY_RUN": "1"})
+    assert w.reconciler.health.settings.runtime.dry_run
+    rec = w.store.records["g1"]
+    await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+    assert w.store.records["g1"].turn == 1
+
+
+async def test_a_failed_generation_is_the_rounds_to_write(tmp_path):
+    """Review: the engine idle at the old turn with its last generation failed is no turn generated."""
+    w = await _generated_meanwhile(tmp_path)
+    g = w.engine.game("galaxy-game-g1")
+    g.turn, g.phase, g.last = 0, "idle", (1, False, "the galaxy collapsed")
+    rec = w.store.records["g1"]
+    await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+    assert w.store.records["g1"].status is Status.GENERATION_FAILED
