@@ -88,7 +88,12 @@ async def test_a_finishing_engine_publishes_finished_and_refuses_a_restart(api, 
         await asyncio.to_thread(_post_turn, ip, turn, token)
         await eventually(lambda turn=turn: _engine_turn(ip, turn + 1, token), 10, f"turn {turn + 1}")
     await eventually(lambda: _status_is(api, game, "finished"), what="finished")
-    snaps = await snapshots(api, game)
+
+    async def finished_published():  # the relay publishes after the commit the status is read from
+        snaps = await snapshots(api, game)
+        return snaps if any(s["reason"] == "finished" for s in snaps) else None
+
+    snaps = await eventually(finished_published, what="the finished snapshot published")
     finished = [s for s in snaps if s["reason"] == "finished"]
     assert len(finished) == 1 and finished[0]["turn"] == "3"
     status, res = await api.job(game, "restart")
@@ -132,8 +137,13 @@ async def test_an_engine_without_admin_api_starts_stops_and_reports_as_before(ap
     assert body["status"] == "running" and body["turn"] is None
     status, res = await api.job(game, "stop")
     assert res["outcome"] == "success", res
-    reasons = [s["reason"] for s in await snapshots(api, game)]
-    assert reasons[-1] == "stopped" and "started" in reasons
+
+    async def stopped_published():  # the REST answer is read from the database; the relay publishes after
+        reasons = [s["reason"] for s in await snapshots(api, game)]
+        return reasons if reasons and reasons[-1] == "stopped" else None
+
+    reasons = await eventually(stopped_published, what="the stopped snapshot published")
+    assert "started" in reasons
 
 
 async def test_a_snapshot_resync_publishes_every_live_game_with_a_new_revision(api):
