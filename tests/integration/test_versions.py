@@ -123,12 +123,17 @@ async def test_the_registry_policy_refuses_what_the_allowlist_alone_would_run(ap
         _, body = await api.get("/api/v1/runtimes/r1")
         return body if body["status"] == "stopped" and body["desired_status"] == "stopped" else None
 
+    async def stopped_published():  # the record says stopped; the relay publishes its snapshot after
+        snaps = [f for _, f in await api.redis.xrange(api.env["RTMANAGER_SNAPSHOT_STREAM"]) if f["game_id"] == "r1"]
+        return snaps if snaps and snaps[-1]["reason"] == "stopped" else None
+
     for _ in range(100):
-        if await stopped():
+        if await stopped() and await stopped_published():
             break
         await asyncio.sleep(0.1)
     assert await stopped()
-    snaps = [f for _, f in await api.redis.xrange(api.env["RTMANAGER_SNAPSHOT_STREAM"]) if f["game_id"] == "r1"]
+    snaps = await stopped_published()
+    assert snaps, "the stopped snapshot was not published"
     last = snaps[-1]
     assert last["reason"] == "stopped" and last["error_code"] == "image_rejected" and "disabled" in \
         last["error_message"] and last["engine_version"] == "1.0", last
