@@ -62,6 +62,20 @@ async def test_a_job_that_joins_the_generation_without_a_wake_is_claimed_at_the_
     assert turns(w, "g1") == [OpStatus.RUNNING, OpStatus.RUNNING]
 
 
+def looks_counted(w: World) -> list[str]:
+    """The store's reads and claims of a game, by name, in the order the reconciler calls them."""
+    calls: list[str] = []
+    for name in ("find", "claim", "find_and_claim"):
+        real = getattr(w.store, name)
+
+        async def counted(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return await _real(*args, **kw)
+
+        setattr(w.store, name, counted)
+    return calls
+
+
 async def _ready() -> bool:
     return True
 
@@ -105,15 +119,7 @@ async def test_the_first_look_at_a_woken_game_reads_and_claims_in_one_call(tmp_p
     w = World(tmp_path)
     w.engine.admin[IMG] = "slow"
     await started(w)
-    calls: list[str] = []
-    for name in ("find", "claim", "find_and_claim"):
-        real = getattr(w.store, name)
-
-        async def counted(*args, _real=real, _name=name, **kw):
-            calls.append(_name)
-            return await _real(*args, **kw)
-
-        setattr(w.store, name, counted)
+    calls = looks_counted(w)
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     w.reconciler.job_admitted("g1")
     await asyncio.wait_for(w.sync("g1"), 30)
@@ -130,14 +136,6 @@ async def test_a_look_at_a_game_no_job_woke_only_reads(tmp_path):
     w = World(tmp_path)
     await started(w)
     assert w.store.records["g1"].converged
-    calls: list[str] = []
-    for name in ("find", "claim", "find_and_claim"):
-        real = getattr(w.store, name)
-
-        async def counted(*args, _real=real, _name=name, **kw):
-            calls.append(_name)
-            return await _real(*args, **kw)
-
-        setattr(w.store, name, counted)
+    calls = looks_counted(w)
     await asyncio.wait_for(w.sync("g1"), 30)
     assert calls == ["find"]
