@@ -53,15 +53,18 @@ class Health:
         # the reconciler: the next round that finds the record unchanged writes it itself.
         self._deferred: dict[str, tuple[object, ...]] = {}
 
-    async def probe(self, record: RuntimeRecord, address: str | None) -> Probe:
+    async def probe(self, record: RuntimeRecord, address: str | None, *, answered: bool = False) -> Probe:
         """Ask a running engine how it is: its health path, then (when it has one) its admin status.
-        ``address`` is the backend's (None: the unit does not run)."""
+        ``address`` is the backend's (None: the unit does not run); ``answered``: its health path has just
+        answered (a start's wait), so only the status is asked."""
         if not address:
             return Probe(healthy=False)
         host = address
         if record.admin_api is not True:  # an engine known to have an admin API answers both at once
-            ok, _ = await self.engine.check(host)
-            self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
+            ok = answered
+            if not answered:
+                ok, _ = await self.engine.check(host)
+                self.metrics.probes.labels("healthy" if ok else "unreachable").inc()
             if not ok or record.admin_api is False:
                 return Probe(healthy=ok)
         try:

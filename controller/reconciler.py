@@ -42,6 +42,7 @@ from controller.start import Starts
 from controller.step import AGAIN, DONE, Step, merge, requeue
 from controller.storage import StateKeeper
 from controller.turns import Look, Turns
+from controller.units import UnitCache
 from controller.workqueue import ShutDown, WorkQueue
 from desired import transitions
 from desired.clock import Clock
@@ -108,57 +109,6 @@ def backend_errors() -> Iterator[None]:
         raise domain_error(exc) from exc
 
 
-class UnitCache:
-    """The unit each game's sync last inspected, used instead of a new inspect only while the backend's
-    event stream vouches that nothing happened to it since: the stream connected without a break since
-    the inspect, no event named the game since (``touch``), no action of ours changed the unit, and the
-    record says the game is up on exactly that unit. So a turn of an up game costs no inspect; a crash
-    mid-turn (a ``die``), a reconnect, a resync that finds the game diverged all make the next look a real
-    one. Off (``stream`` says None) where no such stream exists (the fake backend, Swarm's task poller)."""
-
-    def __init__(self) -> None:
-        self.stream: Callable[[], int | None] = lambda: None  # the event stream's connection number, if connected
-        self._units: dict[str, tuple[int, ObservedContainer]] = {}
-        self._touched: dict[str, int] = {}
-
-    def token(self, game_id: str) -> tuple[int | None, int]:
-        """Taken before an inspect: the answer is kept only if nothing happened while it ran."""
-        return self.stream(), self._touched.get(game_id, 0)
-
-    def put(self, game_id: str, token: tuple[int | None, int], container: ObservedContainer | None) -> None:
-        stream, touched = token
-        if (stream is None or container is None or not container.running or self.stream() != stream
-                or self._touched.get(game_id, 0) != touched):
-            self._units.pop(game_id, None)
-            return
-        self._units[game_id] = (stream, container)
-
-    def get(self, record: RuntimeRecord | None) -> ObservedContainer | None:
-        if record is None:
-            return None
-        found = self._units.get(record.game_id)
-        if found is None:
-            return None
-        stream, container = found
-        if (stream != self.stream() or not record.status.is_up or record.current_container_id != container.id
-                or record.desired_status is not DesiredStatus.RUNNING):
-            del self._units[record.game_id]
-            return None
-        return container
-
-    def clear(self) -> None:
-        self._units.clear()
-
-    def touches(self, game_id: str) -> int:
-        """How many times something happened to the game's unit (``touch``) in this process."""
-        return self._touched.get(game_id, 0)
-
-    def touch(self, game_id: str) -> None:
-        """Something happened to the game's unit (an event, a resync's finding, an action of ours)."""
-        self._touched[game_id] = self._touched.get(game_id, 0) + 1
-        self._units.pop(game_id, None)
-
-
 # Actions that leave the unit as it was inspected; planned only when the unit runs and is the record's.
 KEEPS_UNIT = (ActionKind.TURN, ActionKind.RECORD)
 
@@ -183,7 +133,7 @@ class Reconciler:
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
         self.units = UnitCache()  # the composition root turns it on with the backend's event stream
         self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
-        self.starts = Starts(settings, store, backend, engine, metrics, self.health, self.states)
+        self.starts = Starts(settings, store, backend, engine, metrics, self.health, self.states, self.units)
         self.crashes = Crashes(settings, store, backend, metrics, self.health, self.starts)
         # Why a restart nobody asked for (a crash's, a vanished unit's) must not happen now (a drain of the
         # host or of the game's node: the drain stops or moves the game instead), or None. Set by the

@@ -21,6 +21,7 @@ from controller.metrics import Metrics
 from controller.planner import ActionKind
 from controller.storage import StateKeeper
 from controller.turns import probe_host
+from controller.units import UnitCache
 from desired import storage, versions
 from desired.errors import ContainerStartFailed, EngineUnhealthy, ImageRejected
 from desired.model import RuntimeRecord, Status
@@ -35,7 +36,7 @@ log = logging.getLogger("rtmanager.reconciler")
 
 class Starts:
     def __init__(self, settings: Settings, store: ReconcilerStore, backend: RuntimeBackend, engine: EngineClient,
-                 metrics: Metrics, health: Health, states: StateKeeper) -> None:
+                 metrics: Metrics, health: Health, states: StateKeeper, units: UnitCache | None = None) -> None:
         self.settings = settings
         self.store = store
         self.backend = backend
@@ -43,6 +44,7 @@ class Starts:
         self.metrics = metrics
         self.health = health
         self.states = states
+        self.units = units or UnitCache()  # what the event stream vouches for: the reconciler's
         # The nodes no new unit may land on (drained Swarm nodes): set by the composition root.
         self.avoid: Callable[[], Awaitable[frozenset[str]]] | None = None
 
@@ -83,8 +85,7 @@ class Starts:
                 await self.states.backup(record)
             elif not record.rolling_back:
                 await self.states.check_room(record)  # a new game's directory needs room
-            await self.backend.ensure_image(spec.image)
-            await self.backend.prepare()
+            await self.backend.prepare()  # the image: the create pulls it when it is missing
             # A node the game left when it was lost is avoided only while it is still lost: once it is
             # back (or nowhere else could take the game), it is a node like any other.
             if spec.avoid_nodes:
@@ -126,11 +127,16 @@ class Starts:
         loop = asyncio.get_running_loop()
         last_look = [loop.time()]
         exited: list[ObservedContainer] = []
+        game = record.game_id
+        token = [self.units.token(game)]  # before the inspect: what happens after it touches the game
 
         async def still_running() -> bool:
-            if loop.time() - last_look[0] < 0.5:
+            # While the event stream vouches that nothing happened to the unit (an exit is an event), it
+            # runs; otherwise it is inspected, at most every 0.5 s.
+            if self.units.vouches(game, token[0]) or loop.time() - last_look[0] < 0.5:
                 return True
             last_look[0] = loop.time()
+            token[0] = self.units.token(game)
             seen = await self.backend.inspect(container_id)
             if seen is None or not seen.running:
                 if seen is not None:
@@ -151,11 +157,13 @@ class Starts:
         if ok:
             # The answer came from the address this unit had: make sure it is still this unit's (a
             # daemon may hand a dead container's IP to the next one at once).
+            token[0] = self.units.token(game)
             again = await self.backend.inspect(container_id)
             if again is None or not again.running or again.address != seen.address:
                 if again is not None and not again.running:
                     await self._raise_exited(again)
                 raise ContainerStartFailed("the engine's container stopped or moved while it was probed")
+            self.units.put(game, token[0], again)  # the next look goes by it while nothing happens to it
         if not ok:
             if exited:
                 await self._raise_exited(exited[-1])
@@ -163,7 +171,8 @@ class Starts:
             raise EngineUnhealthy(f"engine did not answer GET {self.settings.engine.health_path} with 2xx within "
                                   f"{self.settings.engine.start_timeout:g}s (last: {detail})")
         self.metrics.phase.labels("engine_healthy").observe(loop.time() - t0)
-        probe = await self.health.probe(record, seen.address) if record.admin_api is not False else None
+        probe = (await self.health.probe(record, seen.address, answered=True) if record.admin_api is not False
+                 else None)
         s = self.settings
         await self.store.mark_running(record, container_id=container_id, image=spec.image,
                                       probe=probe if probe is not None and probe.healthy else None,

@@ -67,7 +67,10 @@ class RuntimeBackend(Protocol):
         """Whether a new unit that must avoid ``avoid_nodes`` could be placed now (a Swarm: some node is
         ready, active and not avoided). Always True on one host."""
 
-    async def create(self, spec: ContainerSpec) -> ObservedContainer: ...
+    async def create(self, spec: ContainerSpec) -> ObservedContainer:
+        """The unit ``spec`` describes, created and not started; an image that is not present is pulled
+        once (``ImageMissing`` when it cannot be). When the name is taken, what holds it (ours or not, of this
+        spec or not: the caller decides)."""
 
     async def start(self, unit_id: str) -> None: ...
 

@@ -38,6 +38,7 @@ from observed.model import (
     ContainerSpec,
     ObservedContainer,
     _parse_time,
+    created,
     from_inspect,
     from_list_entry,
 )
@@ -300,23 +301,30 @@ class DockerBackend(DaemonClient):
                                 "without that limit", short_error(exc))
                     self.disk_quota, disk = False, None
 
-        try:
-            container_id = await self._call("create", create_raw)
-        except docker.errors.APIError as exc:
-            if exc.status_code == 409:
-                existing = await self._holder_of(spec.name)
-                if existing is not None:
-                    return existing
-            if exc.status_code == 404 and "network" in str(exc).lower():
-                self._network_ready = False  # deleted behind our back: create it again next time
-                raise BackendUnavailable(f"create {spec.name}: {short_error(exc)}") from exc
-            if exc.status_code == 404:
-                raise ImageMissing(f"image {spec.image}: {short_error(exc)}") from exc
-            raise Refused(f"create {spec.name}: {short_error(exc)}") from exc
-        found = await self.inspect(container_id)
-        if found is None:
-            raise Refused(f"container {spec.name} vanished right after create")
-        return found
+        pulled = False
+        while True:
+            try:
+                container_id = await self._call("create", create_raw)
+                break
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    existing = await self._holder_of(spec.name)
+                    if existing is not None:
+                        return existing
+                if exc.status_code == 404 and "network" in str(exc).lower():
+                    self._network_ready = False  # deleted behind our back: create it again next time
+                    raise BackendUnavailable(f"create {spec.name}: {short_error(exc)}") from exc
+                if exc.status_code == 404 and not pulled:
+                    # No such image: pulled once (ImageMissing when it cannot be), then created again. As
+                    # `docker run` does: a start of a present image asks nothing about it first.
+                    await self.ensure_image(spec.image)
+                    pulled = True
+                    continue
+                if exc.status_code == 404:
+                    raise ImageMissing(f"image {spec.image}: {short_error(exc)}") from exc
+                raise Refused(f"create {spec.name}: {short_error(exc)}") from exc
+        # What the create made is what the spec says: no inspect (the start's caller inspects it then).
+        return created(container_id, spec)
 
     async def _holder_of(self, name: str) -> ObservedContainer | None:
         """The container holding ``name`` after a create lost the name to another: Docker reserves a

@@ -242,6 +242,15 @@ def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,
     )
 
 
+def created(container_id: str, spec: ContainerSpec) -> ObservedContainer:
+    """The container a create of ``spec`` just made, as an inspect of it would show it before its start
+    (its address and times come with the inspect after the start; its labels are the spec's, to which an
+    inspect adds the image's own)."""
+    return ObservedContainer(id=container_id, name=spec.name, image=spec.image, state="created",
+                             labels=spec.all_labels(), mounts=((spec.state_path, spec.state_target),),
+                             admin_token=spec.admin_token)
+
+
 def from_inspect(attrs: Mapping[str, Any], network: str | None = None, *,
                  probe_address: str | None = None) -> ObservedContainer:
     """The answer of ``GET /containers/{id}/json``."""

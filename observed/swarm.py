@@ -417,7 +417,10 @@ class SwarmBackend(DaemonClient):
         return node
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
-        """Create the service with 0 replicas; if the name is taken (however Swarm says it), return what holds it."""
+        """Create the service with 0 replicas; if the name is taken (however Swarm says it), return what holds it.
+        The image is pulled first when the manager does not have it (a service takes any name, and fails
+        only when its task cannot get the image)."""
+        await self.ensure_image(spec.image)
         body = self._service_spec(spec)
 
         def create_raw() -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -67,7 +68,7 @@ from desired.values import (
 )
 from desired.wakeup import Signal
 from observed.docker import ensure_state_dir, user_ids
-from observed.engine import EngineStatus, LastGeneration
+from observed.engine import EngineClient, EngineStatus, LastGeneration
 from observed.errors import (
     BackendUnavailable,
     EngineConflict,
@@ -296,6 +297,7 @@ class FakeContainer:
     logs: str = ""
     admin_token: str = ""  # ENGINE_ADMIN_TOKEN in its environment
     node: str | None = None  # the node it runs on (a Swarm's)
+    started: float = 0.0  # time.monotonic() of its last start
 
 
 class FakeBackend:
@@ -394,6 +396,8 @@ class FakeBackend:
         existing = self.by_name(spec.name)
         if existing is not None:
             return self._observe(existing)
+        if spec.image not in self.images:  # the create pulls a missing image once, as the Docker backend's
+            raise ImageMissing(f"image {spec.image} is not present and could not be pulled")
         c = FakeContainer(id=f"c{next(self._ids):063d}", name=spec.name, image=spec.image, labels=spec.all_labels(),
                           admin_token=spec.engine_env().get("ENGINE_ADMIN_TOKEN", ""), node=self._place(spec))
         self.containers[c.id] = c
@@ -409,6 +413,7 @@ class FakeBackend:
             # such a start at once; a caller that gets here anyway hangs, which a test sees.
             await asyncio.Event().wait()
         self.daemon_stopped.discard(unit_id)  # a later exit is its own
+        c.started = time.monotonic()
         if self.behaviour.get(c.image) == "crash":
             c.state, c.exit_code, c.logs = "exited", 3, "engine-stub: crashing as asked"
         else:
@@ -502,6 +507,9 @@ class FakeEngine:
         self.requests: list[tuple[str, int]] = []
         self.fail: dict[str, Exception] = {}  # by container name: the admin API raises this
         self.tokens: list[str] = []  # the token each admin call carried
+        # by image: seconds after its start before an engine's health path answers; the wait for it is then
+        # the real client's poll (EngineClient.wait_healthy), with its schedule and its look at the unit
+        self.healthy_after: dict[str, float] = {}
 
     def _container(self, host: str) -> FakeContainer | None:
         return next((c for c in self.backend.containers.values()
@@ -509,7 +517,8 @@ class FakeEngine:
 
     def _healthy(self, host: str) -> bool:
         c = self._container(host)
-        return c is not None and self.backend.behaviour.get(c.image, "ok") == "ok"
+        return (c is not None and self.backend.behaviour.get(c.image, "ok") == "ok"
+                and time.monotonic() - c.started >= self.healthy_after.get(c.image, 0.0))
 
     def game(self, name: str) -> FakeGame:
         return self.games.setdefault(name, FakeGame())
@@ -559,6 +568,9 @@ class FakeEngine:
 
     async def wait_healthy(self, host: str, timeout: float,
                            still_worth_it: Callable[[], Awaitable[bool]] | None = None) -> tuple[bool, str]:
+        c = self._container(host)
+        if c is not None and c.image in self.healthy_after:
+            return await EngineClient.wait_healthy(self, host, timeout, still_worth_it)  # type: ignore[arg-type]
         ok, detail = await self.check(host)
         if not ok and still_worth_it is not None:
             await still_worth_it()

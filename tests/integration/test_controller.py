@@ -49,6 +49,42 @@ async def test_concurrent_creates_of_one_name_give_one_container(h, pool):
     assert [c.id for c in h.containers("twice-1")] == [units[0].id]
 
 
+async def test_a_create_asks_the_daemon_once_and_says_what_an_inspect_would(h, pool):
+    """Issue 25 (CPU per start): a create made three daemon calls (an image check, the create, an inspect);
+    now one. What it returns must be what an inspect shows of the new container, field for field where the
+    start goes by it; a missing image is still pulled once, then ``ImageMissing``."""
+    import dataclasses
+
+    from observed.errors import ImageMissing
+
+    settings = h.settings()
+    record = await recorded_start(Store(pool), settings, "once-1")
+    calls: list[str] = []
+    adapter = DockerBackend(instance=settings.leadership.instance, network=settings.runtime.docker_network,
+                            observer=lambda op, seconds, ok: calls.append(op))
+    try:
+        await adapter.ensure_network()
+        spec = dataclasses.replace(build_spec(settings, record), admin_token="t0ken")
+        calls.clear()
+        made = await adapter.create(spec)
+        assert calls == ["create"]
+        seen = await adapter.inspect(made.id)
+        assert seen is not None
+        for name in ("id", "name", "image", "state", "admin_token", "mounts", "running", "spec_hash"):
+            assert getattr(made, name) == getattr(seen, name), name
+        assert made.labels.items() <= seen.labels.items()  # an inspect adds the image's own labels
+        assert made.managed_by(settings.leadership.instance)
+        assert adapter._docker().api.trust_env is False  # a local socket: requests reads no proxy settings
+        absent = dataclasses.replace(build_spec(settings, await recorded_start(Store(pool), settings, "once-2")),
+                                     image="galaxy/engine-stub:not-here")
+        calls.clear()
+        with pytest.raises(ImageMissing):
+            await adapter.create(absent)
+        assert calls == ["create", "image_inspect", "pull"]
+    finally:
+        adapter.close()
+
+
 async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
     """A start job recorded and a container created by a controller that then died: adopted, not duplicated."""
     store = Store(pool)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from controller.reconciler import UnitCache
 from controller.turns import asks_at_once
+from controller.units import UnitCache
 from desired.model import DesiredStatus, RuntimeRecord, Status
 from observed.model import ObservedContainer
 

@@ -1,0 +1,84 @@
+"""What one start costs in backend and engine calls (issue 25: CPU per start, one game's overhead). The plain
+docker-py loop the benchmark compares with makes three daemon calls a start (create, start, inspect); a start
+of rtmanager made eight (a look, an image check, the create and an inspect after it, the start, an inspect for
+the address, one after the health answer, and the next look's), then one more look for the echo of its own
+start on the event stream, and asked the engine's health path again right after it had answered."""
+
+from __future__ import annotations
+
+import asyncio
+
+from desired.model import JobKind, Status
+from tests.support.waits import eventually
+from tests.support.world import IMG, World, started
+
+
+def names(calls: list[tuple]) -> list[str]:
+    return [c[0] for c in calls]
+
+
+async def test_a_start_costs_a_create_a_start_and_two_inspects_and_its_next_look_none(tmp_path):
+    w = World(tmp_path)
+    w.reconciler.units.stream = lambda: 1  # an event stream connected without a break
+    record = await started(w)
+    assert record.status is Status.RUNNING
+    calls = names(w.backend.calls)
+    # The look before it (a new game: nothing to go by yet), then the start itself: no image check (a create
+    # of a missing image fails and pulls), the address after the start, and the unit once more after the
+    # health answer (the address may have been handed on).
+    assert calls == ["inspect", "prepare", "make_state_dir", "create", "start", "inspect", "inspect"], calls
+    n = len(w.backend.calls)
+    await w.sync("g1")  # the unit inspected after the health answer vouches for the next looks
+    assert names(w.backend.calls[n:]) == []
+
+
+async def test_without_an_event_stream_the_look_after_a_start_inspects(tmp_path):
+    w = World(tmp_path)  # no event stream: nothing vouches for a unit between looks
+    await started(w)
+    n = len(w.backend.calls)
+    await w.sync("g1")
+    assert names(w.backend.calls[n:]) == ["inspect"]
+
+
+async def test_a_missing_image_still_fails_the_start_with_image_unavailable(tmp_path):
+    w = World(tmp_path)
+    await w.job(JobKind.START, "g1", "galaxy/engine-stub:absent")
+    record = await w.sync("g1")
+    assert ("start", "failure", "image_unavailable") in w.results("g1")
+    assert record.status is not Status.RUNNING
+    assert not w.backend.containers
+
+
+async def test_the_health_path_is_not_asked_again_right_after_it_answered(tmp_path):
+    w = World(tmp_path)
+    await started(w)
+    assert w.engine.probes == 1  # the answer that ended the wait, not a second one before the status
+
+
+async def test_while_the_event_stream_vouches_a_slow_start_is_not_inspected_every_half_second(tmp_path):
+    """A start waits for the health path up to RTMANAGER_ENGINE_START_TIMEOUT; the unit was inspected every
+    0.5 s meanwhile to see it had not exited. With an event stream connected, an exit is an event that
+    touches the game: only then is it inspected."""
+    w = World(tmp_path)
+    w.reconciler.units.stream = lambda: 1
+    w.engine.healthy_after[IMG] = 1.3  # seconds after its start before the health path answers
+    await started(w)
+    assert names(w.backend.calls).count("inspect") == 3
+
+
+async def test_an_exit_during_a_slow_start_is_seen_through_the_event_stream(tmp_path):
+    w = World(tmp_path)
+    w.reconciler.units.stream = lambda: 1
+    w.engine.healthy_after[IMG] = 30.0
+
+    async def crash_soon() -> None:
+        await eventually(lambda: bool(w.running("g1")), 5, "the engine started", interval=0.01)
+        await asyncio.sleep(0.2)  # the start is waiting for the health path by now
+        w.backend.crash("g1", code=7)
+        w.reconciler.units.touch("g1")  # what the event stream's ``die`` does
+
+    await w.job(JobKind.START, "g1", IMG)
+    crash = asyncio.create_task(crash_soon())
+    await asyncio.wait_for(w.sync("g1"), 10)  # not the 30 s the health path would take
+    await crash
+    assert ("start", "failure", "container_start_failed") in w.results("g1")
