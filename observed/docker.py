@@ -30,7 +30,7 @@ import requests.exceptions
 from observed import restarts
 from observed.daemon import DaemonClient, get_list, short_error
 from observed.errors import BackendUnavailable, ImageMissing, Refused
-from observed.events import EventWatcher
+from observed.events import REMOVING, STARTING, STOPPING, Echoes, EventWatcher
 from observed.model import (
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -72,6 +72,7 @@ class DockerBackend(DaemonClient):
         self._accepted_at: datetime | None = None  # when a probe last found the daemon accepting connections
         self._stopping_since: datetime | None = None  # a probe found it refusing them (stopping, or away)
         self._clock: tuple[datetime, tuple[timedelta, timedelta]] | None = None  # when measured, difference
+        self.echoes = Echoes()  # the events our own starts, stops and removals cause
 
     # ------------------------------------------------------------------ reads
     async def ping(self) -> None:
@@ -113,7 +114,7 @@ class DockerBackend(DaemonClient):
             on_connect()
 
         return EventWatcher(instance=self.instance, loop=asyncio.get_running_loop(), on_event=on_event,
-                            on_connect=connected, on_lost=self._stream_lost)
+                            on_connect=connected, on_lost=self._stream_lost, echoes=self.echoes)
 
     # ------------------------------------------------------- daemon restarts
     def _unreachable(self) -> None:
@@ -339,7 +340,8 @@ class DockerBackend(DaemonClient):
     async def start(self, container_id: str) -> None:
         await self._not_while_stopping("start")
         try:
-            await self._call("start", lambda: self._docker().api.start(container_id))
+            with self.echoes.expect(container_id, STARTING):
+                await self._call("start", lambda: self._docker().api.start(container_id))
         except docker.errors.NotFound as exc:
             raise Refused(f"start: container {container_id[:12]} is gone") from exc
         except docker.errors.APIError as exc:
@@ -359,7 +361,8 @@ class DockerBackend(DaemonClient):
                     raise
 
         try:
-            await self._call("stop", stop_raw)
+            with self.echoes.expect(container_id, STOPPING):
+                await self._call("stop", stop_raw)
         except docker.errors.NotFound:
             return
         except docker.errors.APIError as exc:
@@ -369,15 +372,16 @@ class DockerBackend(DaemonClient):
 
     async def remove(self, container_id: str, grace: float) -> None:
         """Stop gracefully first (a forced remove would SIGKILL a running engine), then remove."""
-        await self.stop(container_id, grace)
-        try:
-            await self._call("remove", lambda: self._docker().api.remove_container(container_id, force=True))
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError as exc:
-            if exc.status_code == 409 and "already in progress" in str(exc):
+        with self.echoes.expect(container_id, REMOVING):
+            await self.stop(container_id, grace)
+            try:
+                await self._call("remove", lambda: self._docker().api.remove_container(container_id, force=True))
+            except docker.errors.NotFound:
                 return
-            raise BackendUnavailable(f"remove {container_id[:12]}: {short_error(exc)}") from exc
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409 and "already in progress" in str(exc):
+                    return
+                raise BackendUnavailable(f"remove {container_id[:12]}: {short_error(exc)}") from exc
 
 
 def user_ids(user: str | None) -> tuple[int | None, int | None]:

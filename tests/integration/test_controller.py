@@ -85,6 +85,31 @@ async def test_a_create_asks_the_daemon_once_and_says_what_an_inspect_would(h, p
         adapter.close()
 
 
+async def test_the_event_stream_hands_on_what_others_do_and_not_the_echo_of_our_own_start(h, pool, docker_client):
+    """Issue 25 (CPU per start): the ``start`` event of a container rtmanager had just started woke one more
+    look of the game. Events come in order: once the ``kill`` somebody else sent after our start has come,
+    our start's event would have come before it."""
+    settings = h.settings()
+    record = await recorded_start(Store(pool), settings, "echo-1")
+    seen: list[str] = []
+    connected = asyncio.Event()
+    adapter = DockerBackend(instance=settings.leadership.instance, network=settings.runtime.docker_network)
+    watcher = adapter.events(on_event=lambda game, action: seen.append(action + ":" + game), on_connect=connected.set)
+    watcher.start()
+    try:
+        await asyncio.wait_for(connected.wait(), 10)
+        await adapter.ensure_network()
+        made = await adapter.create(build_spec(settings, record))
+        await adapter.start(made.id)
+        await asyncio.to_thread(docker_client.containers.get(made.id).kill)  # not ours: news
+        await eventually(lambda: "die:echo-1" in seen, 10, "the kill's events", interval=0.05)
+        assert "start:echo-1" not in seen and seen.index("kill:echo-1") < seen.index("die:echo-1"), seen
+        await adapter.remove(made.id, 1)
+    finally:
+        watcher.stop()
+        adapter.close()
+
+
 async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
     """A start job recorded and a container created by a controller that then died: adopted, not duplicated."""
     store = Store(pool)
