@@ -37,7 +37,8 @@ class Echoes:
     (``start``; ``kill``, ``die``, ``stop``; ``destroy``); such an event, of the unit acted on, while the
     action runs or within ECHO_WINDOW after it, tells the reconciler nothing it will not see in its own
     next look, and woke a second look of every game started or stopped. Any other event of that unit
-    (a ``die`` during a start, an ``oom``), and every event after the window, is news.
+    (a ``die`` during a start, an ``oom``), and every event after the window, is news. A new action of
+    the unit replaces what the last one expected; one inside another (a removal's stop) adds to it.
 
     Used on the event loop's thread only (the actions run there; the stream's events are handed to it)."""
 
@@ -53,7 +54,9 @@ class Echoes:
             while len(self._live) >= ECHOES_KEPT:  # all still live: the oldest goes (its echoes become news)
                 del self._live[next(iter(self._live))]
         kept, running, until = self._live.get(unit_id, (frozenset(), 0, 0.0))
-        if not running and until < now:
+        if not running:
+            # A new action of ours: its own kinds only. A late echo of the one before it is news (one more
+            # look); kept, that one's kinds would hide what happens now (a stop's ``die`` in a start's wait).
             kept = frozenset()
         self._live[unit_id] = (kept | actions, running + 1, until)
         try:

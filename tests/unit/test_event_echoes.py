@@ -79,3 +79,17 @@ def test_what_is_remembered_is_bounded(monkeypatch):
     assert len(echoes._live) <= 10
     assert echoes.is_echo("new24", "start")
     assert not echoes.is_echo("old0", "start")
+
+
+def test_a_die_during_a_start_soon_after_our_stop_is_news():
+    """Review of the first version: a start of the unit within the window of our stop kept the stop's kinds,
+    so the engine's exit during the start's health wait was dropped as an echo, and the start waited out its
+    whole timeout (or the unit cache kept a unit that had exited)."""
+    clock = Clock()
+    echoes = Echoes(clock)
+    with echoes.expect("u1", STOPPING):
+        pass
+    clock.now += 0.5
+    with echoes.expect("u1", STARTING):
+        assert not echoes.is_echo("u1", "die")
+        assert echoes.is_echo("u1", "start")
