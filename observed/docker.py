@@ -312,10 +312,12 @@ class DockerBackend(DaemonClient):
                     existing = await self._holder_of(spec.name)
                     if existing is not None:
                         return existing
-                if exc.status_code == 404 and "network" in str(exc).lower():
+                # The daemon's own words decide (str(exc) carries the request's URL, and so the game's name).
+                missing_image = isinstance(exc, docker.errors.ImageNotFound)
+                if exc.status_code == 404 and not missing_image and "network" in str(exc.explanation).lower():
                     self._network_ready = False  # deleted behind our back: create it again next time
                     raise BackendUnavailable(f"create {spec.name}: {short_error(exc)}") from exc
-                if exc.status_code == 404 and not pulled:
+                if missing_image and not pulled:
                     # No such image: pulled once (ImageMissing when it cannot be), then created again. As
                     # `docker run` does: a start of a present image asks nothing about it first.
                     await self.ensure_image(spec.image)
@@ -339,13 +341,23 @@ class DockerBackend(DaemonClient):
 
     async def start(self, container_id: str) -> None:
         await self._not_while_stopping("start")
-        try:
-            with self.echoes.expect(container_id, STARTING):
-                await self._call("start", lambda: self._docker().api.start(container_id))
-        except docker.errors.NotFound as exc:
-            raise Refused(f"start: container {container_id[:12]} is gone") from exc
-        except docker.errors.APIError as exc:
-            raise Refused(f"start {container_id[:12]}: {short_error(exc)}") from exc
+        for attempt in (1, 2):
+            try:
+                with self.echoes.expect(container_id, STARTING):
+                    await self._call("start", lambda: self._docker().api.start(container_id))
+                return
+            except docker.errors.NotFound as exc:
+                if "network" not in str(exc.explanation).lower():
+                    raise Refused(f"start: container {container_id[:12]} is gone") from exc
+                # The game network was deleted behind our back (a create on it still succeeds): made again,
+                # and the start tried once more (a container finds a network of its name made since).
+                self._network_ready = False
+                if attempt == 2:
+                    raise BackendUnavailable(f"start {container_id[:12]}: {short_error(exc)}") from exc
+                log.warning("the game network %s is gone; making it again", self.network)
+                await self.ensure_network()
+            except docker.errors.APIError as exc:
+                raise Refused(f"start {container_id[:12]}: {short_error(exc)}") from exc
 
     async def stop(self, container_id: str, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds (docker's own stop)."""

@@ -75,12 +75,33 @@ async def test_a_create_asks_the_daemon_once_and_says_what_an_inspect_would(h, p
         assert made.labels.items() <= seen.labels.items()  # an inspect adds the image's own labels
         assert made.managed_by(settings.leadership.instance)
         assert adapter._docker().api.trust_env is False  # a local socket: requests reads no proxy settings
-        absent = dataclasses.replace(build_spec(settings, await recorded_start(Store(pool), settings, "once-2")),
+        # A game whose name says "network" (the create's URL carries it): still a missing image, pulled once
+        # (review: the first version took any 404 naming "network" for a deleted network, and never pulled).
+        absent = dataclasses.replace(build_spec(settings, await recorded_start(Store(pool), settings, "network-2")),
                                      image="galaxy/engine-stub:not-here")
         calls.clear()
         with pytest.raises(ImageMissing):
             await adapter.create(absent)
         assert calls == ["create", "image_inspect", "pull"]
+    finally:
+        adapter.close()
+
+
+async def test_a_network_deleted_behind_our_back_is_made_again_when_a_start_finds_it_gone(h, pool, docker_client):
+    """A game network deleted from outside: this dockerd creates a container on it all the same and refuses
+    its start with a 404 naming the network. That start was taken for a container gone (a failed start, and
+    every later start failed too, the network being made once per process); now the network is made again
+    and the start goes on."""
+    settings = h.settings()
+    record = await recorded_start(Store(pool), settings, "nonet-1")
+    adapter = DockerBackend(instance=settings.leadership.instance, network=settings.runtime.docker_network)
+    try:
+        await adapter.prepare()
+        made = await adapter.create(build_spec(settings, record))
+        await asyncio.to_thread(docker_client.networks.get(settings.runtime.docker_network).remove)
+        await adapter.start(made.id)
+        seen = await adapter.inspect(made.id)
+        assert seen is not None and seen.running and seen.address, seen
     finally:
         adapter.close()
 
