@@ -23,10 +23,10 @@ async def test_a_start_costs_a_create_a_start_and_two_inspects_and_its_next_look
     record = await started(w)
     assert record.status is Status.RUNNING
     calls = names(w.backend.calls)
-    # The look before it (a new game: nothing to go by yet), then the start itself: no image check (a create
-    # of a missing image fails and pulls), the address after the start, and the unit once more after the
-    # health answer (the address may have been handed on).
-    assert calls == ["inspect", "prepare", "make_state_dir", "create", "start", "inspect", "inspect"], calls
+    # No look before it (a record that never reached a create: the create is idempotent by name), no image
+    # check (a create of a missing image fails and pulls), the address after the start, and the unit once
+    # more after the health answer (the address may have been handed on).
+    assert calls == ["prepare", "make_state_dir", "create", "start", "inspect", "inspect"], calls
     n = len(w.backend.calls)
     await w.sync("g1")  # the unit inspected after the health answer vouches for the next looks
     assert names(w.backend.calls[n:]) == []
@@ -63,7 +63,7 @@ async def test_while_the_event_stream_vouches_a_slow_start_is_not_inspected_ever
     w.reconciler.units.stream = lambda: 1
     w.engine.healthy_after[IMG] = 1.3  # seconds after its start before the health path answers
     await started(w)
-    assert names(w.backend.calls).count("inspect") == 3
+    assert names(w.backend.calls).count("inspect") == 2  # the address, and after the health answer
 
 
 async def test_an_exit_during_a_slow_start_is_seen_through_the_event_stream(tmp_path):
@@ -82,3 +82,50 @@ async def test_an_exit_during_a_slow_start_is_seen_through_the_event_stream(tmp_
     await asyncio.wait_for(w.sync("g1"), 10)  # not the 30 s the health path would take
     await crash
     assert ("start", "failure", "container_start_failed") in w.results("g1")
+
+
+async def test_a_unit_that_exists_though_the_record_never_created_one_is_adopted_not_duplicated(tmp_path):
+    """A database restored from before the unit was made: the record is a new game's, the unit runs. The
+    start's create finds the name taken and goes on with the unit that holds it."""
+    w = World(tmp_path)
+    await started(w)
+    [unit] = w.running("g1")
+    w.store.records.pop("g1")  # the record as a backup from before the start has it: none, then the job
+    await w.job(JobKind.START, "g1", IMG)
+    assert w.store.records["g1"].admin_token == "" and w.store.records["g1"].current_container_id is None
+    record = await w.sync("g1")
+    assert record.status is Status.RUNNING and record.current_container_id == unit.id
+    assert [c.id for c in w.backend.containers.values()] == [unit.id]
+    assert w.results("g1")[-1][:2] == ("start", "success")
+
+
+async def test_a_name_held_by_a_container_not_ours_still_fails_the_start_and_is_left_alone(tmp_path):
+    from tests.fakes import FakeContainer
+
+    w = World(tmp_path)
+    w.backend.containers["x1"] = FakeContainer(id="x1", name="galaxy-game-g1", image="other/app:1", labels={},
+                                               state="running")
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    assert ("start", "failure", "container_start_failed") in w.results("g1")
+    assert list(w.backend.containers) == ["x1"] and w.backend.containers["x1"].state == "running"
+    assert not [c for c in w.backend.calls if c[0] in ("stop", "remove", "start")]
+
+
+async def test_a_stop_admitted_before_the_first_look_is_looked_at_not_assumed(tmp_path):
+    """A start then a stop before any look, and a unit of ours running (a restored database): the plan without
+    a unit is not a create, so the look inspects, and the unit is stopped."""
+    w = World(tmp_path)
+    await started(w)
+    w.store.records.pop("g1")
+    await w.job(JobKind.START, "g1", IMG)
+    await w.job(JobKind.STOP, "g1")
+    await w.sync("g1")
+    assert w.running("g1") == []
+
+
+async def test_a_dry_run_looks_before_it_says_what_it_would_do(tmp_path):
+    w = World(tmp_path, RTMANAGER_DRY_RUN="true")
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    assert names(w.backend.calls) == ["inspect"]
