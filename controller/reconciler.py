@@ -280,7 +280,7 @@ class Reconciler:
         container = self.units.get(record)
         with backend_errors():
             lost = await self.backend.lost_nodes()
-            if container is None and not (self._never_created(record)
+            if container is None and not (claimed and self._never_created(record)
                                           and self.plan_only(record, None, lost).kind is ActionKind.CREATE):
                 token = self.units.token(game_id)
                 container = await self.backend.inspect(container_name(game_id))
@@ -391,11 +391,12 @@ class Reconciler:
 
     def _never_created(self, record: RuntimeRecord | None) -> bool:
         """The record never reached a create: starting, with no unit recorded and no admin token (a start
-        writes the token before it creates the unit). Its look needs no inspect when its plan without a
-        unit is a create: a create is idempotent by the unit's name, and a unit that exists all the same (a
-        database restored from before it was made, a unit made by hand) is what the create returns, to be
-        adopted, or planned for again with a real look (the token is written by then). Not in a dry run,
-        which says what it would do from what it sees."""
+        writes the token before it creates the unit). A look that claimed a job of such a game (a start
+        job, not an operator's adoption of a running unit, which queues none) needs no inspect when its
+        plan without a unit is a create: a create is idempotent by the unit's name, and a unit that
+        exists all the same (a database restored from before it was made, a unit made by hand) is what
+        the create returns, and is planned for again from a real look (``Starts.run``). Not in a dry
+        run, which says what it would do from what it sees."""
         return (record is not None and record.status is Status.STARTING and record.current_container_id is None
                 and not record.admin_token and not self.settings.runtime.dry_run)
 

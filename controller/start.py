@@ -110,8 +110,11 @@ class Starts:
             t0 = asyncio.get_running_loop().time()
             container = await self.backend.create(spec)
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
-            if container.spec_hash != spec.spec_hash or not container.managed_by(self.settings.leadership.instance):
-                return  # adopted a container from an older attempt: plan again from what it is
+            if container.admin_token != token:
+                # The name was taken: a unit this create did not make (an earlier attempt's, one a restored
+                # database does not know, somebody else's, one being removed). Planned for from a real look,
+                # as any unit found (the look before a new game's create may have asked nothing).
+                return
         if container.admin_token is not None and container.admin_token != record.admin_token:
             # A unit that existed already (the create found one an earlier attempt made, or the record
             # does not know it: a restored database) runs with the token it was created with: record it.

@@ -350,10 +350,12 @@ class DockerBackend(DaemonClient):
                 if "network" not in str(exc.explanation).lower():
                     raise Refused(f"start: container {container_id[:12]} is gone") from exc
                 # The game network was deleted behind our back (a create on it still succeeds): made again,
-                # and the start tried once more (a container finds a network of its name made since).
+                # and the start tried once more (a container that never ran finds a network of its name
+                # made since; one that ran before keeps the old network's id, and is refused again).
                 self._network_ready = False
                 if attempt == 2:
-                    raise BackendUnavailable(f"start {container_id[:12]}: {short_error(exc)}") from exc
+                    raise Refused(f"start {container_id[:12]}: {short_error(exc)} (its game network was made "
+                                  "again since it last ran)") from exc
                 log.warning("the game network %s is gone; making it again", self.network)
                 await self.ensure_network()
             except docker.errors.APIError as exc:

@@ -102,6 +102,14 @@ async def test_a_network_deleted_behind_our_back_is_made_again_when_a_start_find
         await adapter.start(made.id)
         seen = await adapter.inspect(made.id)
         assert seen is not None and seen.running and seen.address, seen
+        # One that ran before keeps the deleted network's id: refused (a failed start, as before), not a
+        # temporary failure retried for ever (review of 4af39db).
+        from observed.errors import Refused
+
+        await adapter.stop(made.id, 1)
+        await asyncio.to_thread(docker_client.networks.get(settings.runtime.docker_network).remove)
+        with pytest.raises(Refused, match="network"):
+            await adapter.start(made.id)
     finally:
         adapter.close()
 

@@ -17,10 +17,17 @@ def names(calls: list[tuple]) -> list[str]:
     return [c[0] for c in calls]
 
 
+async def admitted(w: World, game: str = "g1", image: str = IMG):
+    """A start job admitted as the intake or the REST API admits it: recorded, and the game woken."""
+    await w.job(JobKind.START, game, image)
+    w.reconciler.job_admitted(game)
+    return await w.sync(game)
+
+
 async def test_a_start_costs_a_create_a_start_and_two_inspects_and_its_next_look_none(tmp_path):
     w = World(tmp_path)
     w.reconciler.units.stream = lambda: 1  # an event stream connected without a break
-    record = await started(w)
+    record = await admitted(w)
     assert record.status is Status.RUNNING
     calls = names(w.backend.calls)
     # No look before it (a record that never reached a create: the create is idempotent by name), no image
@@ -62,7 +69,7 @@ async def test_while_the_event_stream_vouches_a_slow_start_is_not_inspected_ever
     w = World(tmp_path)
     w.reconciler.units.stream = lambda: 1
     w.engine.healthy_after[IMG] = 1.3  # seconds after its start before the health path answers
-    await started(w)
+    await admitted(w)
     assert names(w.backend.calls).count("inspect") == 2  # the address, and after the health answer
 
 
@@ -129,3 +136,47 @@ async def test_a_dry_run_looks_before_it_says_what_it_would_do(tmp_path):
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
     assert names(w.backend.calls) == ["inspect"]
+
+
+async def test_an_adopted_unit_is_confirmed_as_it_runs_not_created_again(tmp_path):
+    """Review of 3b7746a: ``rtmanager adopt`` writes a record that looks new (starting, no unit, no token),
+    and its NOTIFY woke a look that went straight to a create: a create checks the allowlist, so a unit
+    running an image no longer allowed was stopped by its own adoption. Only a look that claimed a job
+    of the game goes without an inspect; an adoption queues none."""
+    from controller.config import Settings
+    from desired.model import DesiredStatus
+
+    w = World(tmp_path)
+    await started(w)
+    [unit] = w.running("g1")
+    rec = w.store.records["g1"]
+    # What the adoption writes: a record that wants the unit running, on its image, knowing nothing else.
+    w.store.records["g1"] = rec.replace(status=Status.STARTING, current_container_id=None, current_image_ref=None,
+                                        admin_token="", generation=rec.generation + 1,
+                                        observed_generation=rec.generation, desired_status=DesiredStatus.RUNNING)
+    w.reconciler.starts.settings = Settings.from_env({
+        "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:9.*", "RTMANAGER_STATE_ROOT": str(tmp_path / "games"),
+        "RTMANAGER_ORPHAN_GRACE": "0"})  # its image is no longer allowed for new starts
+    w.reconciler.job_admitted("g1")  # the adoption's NOTIFY
+    record = await w.sync("g1")
+    assert record.status is Status.RUNNING and record.current_container_id == unit.id
+    assert record.desired_status is DesiredStatus.RUNNING
+    assert unit.state == "running"
+
+
+async def test_a_name_held_by_a_unit_being_removed_is_waited_for_not_started(tmp_path):
+    """Review of 3b7746a: with no look before the create, a holder of the name in state ``removing`` (an
+    operator's removal still running) was started, which the daemon refuses: a failed start. A unit the
+    create did not make is planned for from a real look (which waits for a removal)."""
+    from tests.fakes import FakeContainer
+
+    w = World(tmp_path)
+    await w.job(JobKind.START, "g1", IMG)
+    w.reconciler.job_admitted("g1")
+    spec = w.reconciler.specs.build(w.store.records["g1"], w.reconciler.epoch)
+    w.backend.containers["x1"] = FakeContainer(id="x1", name="galaxy-game-g1", image=IMG, labels=spec.all_labels(),
+                                               state="removing")
+    await w.sync("g1")
+    assert ("start", "x1") not in w.backend.calls
+    assert not [r for r in w.results("g1") if r[1] == "failure"]
+    assert ("inspect", "galaxy-game-g1") in w.backend.calls  # planned from a real look after the create
