@@ -280,8 +280,7 @@ class Reconciler:
         container = self.units.get(record)
         with backend_errors():
             lost = await self.backend.lost_nodes()
-            if container is None and not (claimed and self._never_created(record)
-                                          and self.plan_only(record, None, lost).kind is ActionKind.CREATE):
+            if container is None:
                 token = self.units.token(game_id)
                 container = await self.backend.inspect(container_name(game_id))
                 self.units.put(game_id, token, container)
@@ -388,17 +387,6 @@ class Reconciler:
             self.metrics.reconciles.labels(action.kind.value, result).inc()
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
-
-    def _never_created(self, record: RuntimeRecord | None) -> bool:
-        """The record never reached a create: starting, with no unit recorded and no admin token (a start
-        writes the token before it creates the unit). A look that claimed a job of such a game (a start
-        job, not an operator's adoption of a running unit, which queues none) needs no inspect when its
-        plan without a unit is a create: a create is idempotent by the unit's name, and a unit that
-        exists all the same (a database restored from before it was made, a unit made by hand) is what
-        the create returns, and is planned for again from a real look (``Starts.run``). Not in a dry
-        run, which says what it would do from what it sees."""
-        return (record is not None and record.status is Status.STARTING and record.current_container_id is None
-                and not record.admin_token and not self.settings.runtime.dry_run)
 
     def _observe_claimed(self, claimed: list[tuple[int, datetime]]) -> None:
         now = self.clock.now()

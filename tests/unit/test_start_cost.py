@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from desired.model import JobKind, Status
 from tests.support.waits import eventually
 from tests.support.world import IMG, World, started
@@ -30,10 +32,9 @@ async def test_a_start_costs_a_create_a_start_and_two_inspects_and_its_next_look
     record = await admitted(w)
     assert record.status is Status.RUNNING
     calls = names(w.backend.calls)
-    # No look before it (a record that never reached a create: the create is idempotent by name), no image
-    # check (a create of a missing image fails and pulls), the address after the start, and the unit once
-    # more after the health answer (the address may have been handed on).
-    assert calls == ["prepare", "make_state_dir", "create", "start", "inspect", "inspect"], calls
+    # The look before it, then no image check (a create of a missing image fails and pulls), the address
+    # after the start, and the unit once more after the health answer (the address may have been handed on).
+    assert calls == ["inspect", "prepare", "make_state_dir", "create", "start", "inspect", "inspect"], calls
     n = len(w.backend.calls)
     await w.sync("g1")  # the unit inspected after the health answer vouches for the next looks
     assert names(w.backend.calls[n:]) == []
@@ -70,7 +71,7 @@ async def test_while_the_event_stream_vouches_a_slow_start_is_not_inspected_ever
     w.reconciler.units.stream = lambda: 1
     w.engine.healthy_after[IMG] = 1.3  # seconds after its start before the health path answers
     await admitted(w)
-    assert names(w.backend.calls).count("inspect") == 2  # the address, and after the health answer
+    assert names(w.backend.calls).count("inspect") == 3  # the look, the address, after the health answer
 
 
 async def test_an_exit_during_a_slow_start_is_seen_through_the_event_stream(tmp_path):
@@ -138,11 +139,13 @@ async def test_a_dry_run_looks_before_it_says_what_it_would_do(tmp_path):
     assert names(w.backend.calls) == ["inspect"]
 
 
-async def test_an_adopted_unit_is_confirmed_as_it_runs_not_created_again(tmp_path):
-    """Review of 3b7746a: ``rtmanager adopt`` writes a record that looks new (starting, no unit, no token),
-    and its NOTIFY woke a look that went straight to a create: a create checks the allowlist, so a unit
-    running an image no longer allowed was stopped by its own adoption. Only a look that claimed a job
-    of the game goes without an inspect; an adoption queues none."""
+@pytest.mark.parametrize("job_before_the_look", [False, True])
+async def test_an_adopted_unit_is_confirmed_as_it_runs_not_created_again(tmp_path, job_before_the_look):
+    """``rtmanager adopt`` writes a record that looks new (starting, no unit, no token). 3b7746a let a look
+    that claimed a job of such a record go straight to a create, without an inspect; a create checks the
+    allowlist, so a unit running an image no longer allowed was stopped by its own adoption (two reviews:
+    the adoption's own wake, then any job queued before the first look). Reverted: every look at a game
+    with no unit in the cache inspects, and an adopted unit is confirmed as it runs."""
     from controller.config import Settings
     from desired.model import DesiredStatus
 
@@ -157,7 +160,9 @@ async def test_an_adopted_unit_is_confirmed_as_it_runs_not_created_again(tmp_pat
     w.reconciler.starts.settings = Settings.from_env({
         "RTMANAGER_IMAGE_ALLOWLIST": "galaxy/engine-stub:9.*", "RTMANAGER_STATE_ROOT": str(tmp_path / "games"),
         "RTMANAGER_ORPHAN_GRACE": "0"})  # its image is no longer allowed for new starts
-    w.reconciler.job_admitted("g1")  # the adoption's NOTIFY
+    if job_before_the_look:
+        await w.job(JobKind.RECONCILE, "g1")
+    w.reconciler.job_admitted("g1")  # the adoption's NOTIFY (or the job's wake)
     record = await w.sync("g1")
     assert record.status is Status.RUNNING and record.current_container_id == unit.id
     assert record.desired_status is DesiredStatus.RUNNING
@@ -165,9 +170,9 @@ async def test_an_adopted_unit_is_confirmed_as_it_runs_not_created_again(tmp_pat
 
 
 async def test_a_name_held_by_a_unit_being_removed_is_waited_for_not_started(tmp_path):
-    """Review of 3b7746a: with no look before the create, a holder of the name in state ``removing`` (an
-    operator's removal still running) was started, which the daemon refuses: a failed start. A unit the
-    create did not make is planned for from a real look (which waits for a removal)."""
+    """A holder of the name in state ``removing`` (an operator's removal still running) is waited for; with no
+    look before the create (3b7746a, reverted) it was started, which the daemon refuses: a failed start. A
+    unit a create returns that it did not make is planned for from a real look too (39a164e)."""
     from tests.fakes import FakeContainer
 
     w = World(tmp_path)
