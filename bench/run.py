@@ -318,14 +318,13 @@ def bench_single(rtm: Rtm, plain: Plain, games: int) -> dict:
 def bench_burst(rtm: Rtm, plain: Plain, n: int, work: Path) -> dict:
     out: dict = {"n": n}
     games = [f"burst{n}-{i}" for i in range(n)]
-    t0 = time.perf_counter()
-    entries = {rtm.submit("start", g) for g in games}
-    got = rtm.wait_results(entries)
-    out["rtm_start"] = max(t for t, _ in got.values()) - t0
-    t0 = time.perf_counter()
-    entries = {rtm.submit("stop", g) for g in games}
-    got = rtm.wait_results(entries)
-    out["rtm_stop"] = max(t for t, _ in got.values()) - t0
+    for what in ("start", "stop"):
+        # The controller's CPU over the burst, up to its last result: its cost per job, at rest work included.
+        t0, c0 = time.perf_counter(), rtm.cpu_seconds()
+        entries = {rtm.submit(what, g) for g in games}
+        got = rtm.wait_results(entries)
+        out[f"rtm_{what}"] = max(t for t, _ in got.values()) - t0
+        out[f"rtm_cpu_ms_per_{what}"] = (rtm.cpu_seconds() - c0) * 1000 / n
     remove_by_label(INSTANCE)
 
     t0 = time.perf_counter()
@@ -483,7 +482,7 @@ def print_table(r: dict) -> None:
     print(f"ratio of medians {s['ratio_median']:.2f}x; rtmanager overhead {s['overhead_median_ms']:.0f} ms a game")
     print("\n== bursts — seconds to the last result / container")
     head = f"{'N':>5}{'':3}{'rtmanager':>11}{'plain seq':>11}{'plain x' + str(r['concurrency']):>11}" \
-           f"{'compose':>11}{'rtm/par':>9}"
+           f"{'compose':>11}{'rtm/par':>9}{'rtm CPU/job':>12}"
     for what in ("start", "stop"):
         print(f"-- {what}")
         print(head)
@@ -491,7 +490,8 @@ def print_table(r: dict) -> None:
             comp = b[f"compose_{what}"]
             print(f"{b['n']:>5}{'':3}{b[f'rtm_{what}']:>11.2f}{b[f'plain_seq_{what}']:>11.2f}"
                   f"{b[f'plain_par_{what}']:>11.2f}{(f'{comp:.2f}' if comp is not None else 'n/a'):>11}"
-                  f"{b[f'rtm_{what}'] / b[f'plain_par_{what}']:>8.2f}x")
+                  f"{b[f'rtm_{what}'] / b[f'plain_par_{what}']:>8.2f}x"
+                  f"{b[f'rtm_cpu_ms_per_{what}']:>9.1f} ms")
     if "steady" in r:
         st = r["steady"]
         print(f"\n== steady state: {st['games']} running games, {st['seconds']:g}s idle, {st['resyncs']:g} resyncs")
