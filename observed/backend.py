@@ -68,9 +68,10 @@ class RuntimeBackend(Protocol):
         ready, active and not avoided). Always True on one host."""
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
-        """The unit ``spec`` describes, created and not started; an image that is not present is pulled
-        once (``ImageMissing`` when it cannot be). When the name is taken, what holds it (ours or not, of this
-        spec or not: the caller decides)."""
+        """The unit ``spec`` describes, created and not started. An image that is not present is pulled
+        once: by the create on one Docker host (``ImageMissing`` when it cannot be), by the node that runs
+        the task on a Swarm (``ImageMissing`` from ``start``). When the name is taken, what holds it (ours or
+        not, of this spec or not: the caller decides)."""
 
     async def start(self, unit_id: str) -> None: ...
 

@@ -418,9 +418,8 @@ class SwarmBackend(DaemonClient):
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """Create the service with 0 replicas; if the name is taken (however Swarm says it), return what holds it.
-        The image is pulled first when the manager does not have it (a service takes any name, and fails
-        only when its task cannot get the image)."""
-        await self.ensure_image(spec.image)
+        No pull here: the node that runs the task pulls the image itself, and a task that cannot get it
+        ends the start with ImageMissing (``start``); the manager's own images say nothing of a node's."""
         body = self._service_spec(spec)
 
         def create_raw() -> str:
