@@ -279,11 +279,11 @@ class Reconciler:
             self._claimed.pop(game_id, None)
         container = self.units.get(record)
         with backend_errors():
-            lost = await self.backend.lost_nodes()
             if container is None:
                 token = self.units.token(game_id)
                 container = await self.backend.inspect(container_name(game_id))
                 self.units.put(game_id, token, container)
+            lost = await self.backend.lost_nodes()
         action = self.plan_only(record, container, lost)
         if action.kind is ActionKind.NOOP:
             return DONE

@@ -112,8 +112,8 @@ class Starts:
             self.metrics.phase.labels("container_created").observe(asyncio.get_running_loop().time() - t0)
             if container.admin_token != token:
                 # The name was taken: a unit this create did not make (an earlier attempt's, one a restored
-                # database does not know, somebody else's, one being removed). Planned for from a real look,
-                # as any unit found (the look before a new game's create may have asked nothing).
+                # database does not know, somebody else's, one being removed). Planned for from a new look,
+                # as any unit found, not started or adopted here.
                 return
         if container.admin_token is not None and container.admin_token != record.admin_token:
             # A unit that existed already (the create found one an earlier attempt made, or the record

@@ -19,17 +19,10 @@ def names(calls: list[tuple]) -> list[str]:
     return [c[0] for c in calls]
 
 
-async def admitted(w: World, game: str = "g1", image: str = IMG):
-    """A start job admitted as the intake or the REST API admits it: recorded, and the game woken."""
-    await w.job(JobKind.START, game, image)
-    w.reconciler.job_admitted(game)
-    return await w.sync(game)
-
-
 async def test_a_start_costs_a_create_a_start_and_two_inspects_and_its_next_look_none(tmp_path):
     w = World(tmp_path)
     w.reconciler.units.stream = lambda: 1  # an event stream connected without a break
-    record = await admitted(w)
+    record = await started(w)
     assert record.status is Status.RUNNING
     calls = names(w.backend.calls)
     # The look before it, then no image check (a create of a missing image fails and pulls), the address
@@ -70,7 +63,7 @@ async def test_while_the_event_stream_vouches_a_slow_start_is_not_inspected_ever
     w = World(tmp_path)
     w.reconciler.units.stream = lambda: 1
     w.engine.healthy_after[IMG] = 1.3  # seconds after its start before the health path answers
-    await admitted(w)
+    await started(w)
     assert names(w.backend.calls).count("inspect") == 3  # the look, the address, after the health answer
 
 
