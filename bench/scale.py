@@ -1084,6 +1084,8 @@ def section_turns(run: Run) -> dict:
     due_ms = sum(t for _, (_, t) in due)
     due_max = max((q1[q][2] for q, _ in due), default=None)
     calls = delta(m0, m1, "rtmanager_docker_api_calls_total", "operation")
+    engine_calls = delta(m0, m1, "rtmanager_engine_status_calls_total", "call")  # the admin API: status, turns
+    probes = msum(m1, "rtmanager_engine_probes_total") - msum(m0, "rtmanager_engine_probes_total")
     all_sql = sum(c for c, _ in per_query.values())
     out = {
         "games": len(games), "interval_s": a.turn_interval, "window_s": secs, "set_interval_s": t_set,
@@ -1099,6 +1101,8 @@ def section_turns(run: Run) -> dict:
         "cpu_pct": 100 * (c1 - c0) / secs, "cpu_ms_per_turn": 1000 * (c1 - c0) / turns if turns else None,
         "docker_calls": calls, "inspect_per_turn": calls.get("inspect", 0) / turns if turns else None,
         "sql_per_turn": all_sql / turns if turns else None,
+        "engine_calls": engine_calls, "probes": probes,
+        "status_per_turn": engine_calls.get("status", 0) / turns if turns else None,
         "turn_results": delta(m0, m1, "rtmanager_turns_total", "result"),
         "top_sql": [{"calls": c, "ms": t, "query": short(q, 600)}
                     for q, (c, t) in sorted(per_query.items(), key=lambda kv: -kv[1][1])[:30]],
