@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from controller.config import Settings
 from controller.metrics import Metrics
-from desired import transitions
+from desired import model, transitions
 from desired.clock import Clock
 from desired.errors import Conflict, ContainerStartFailed
 from desired.model import DesiredStatus, ErrorCode, RuntimeRecord, Status
@@ -52,6 +52,9 @@ class Health:
         # game -> the record (its row version, generation, last write) whose generated turn a round left to
         # the reconciler: the next round that finds the record unchanged writes it itself.
         self._deferred: dict[str, tuple[object, ...]] = {}
+        # game -> when (the clock's monotonic seconds) the engine of which unit last answered the turn path
+        # (controller/turns.py)
+        self._answered: dict[str, tuple[float, str | None]] = {}
 
     async def probe(self, record: RuntimeRecord, address: str | None, *, answered: bool = False) -> Probe:
         """Ask a running engine how it is: its health path, then (when it has one) its admin status.
@@ -95,6 +98,27 @@ class Health:
             return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase)
         return Probe(healthy=True, admin_api=True, turn=st.turn, phase=st.phase,
                      failed_turn=last.turn, failed_error=last.error)
+
+    def answered(self, record: RuntimeRecord) -> None:
+        """The engine of the record's unit just answered the turn path over its admin API (a status, or a
+        turn request it took or refused as not at that turn): for the health round, as good as a probe of it
+        now."""
+        self._answered[record.game_id] = (self.clock.monotonic(), record.current_container_id)
+
+    def answered_within(self, record: RuntimeRecord, seconds: float) -> bool:
+        """The round may leave this engine unprobed: the engine of the record's unit (not one it replaced)
+        answered the turn path within ``seconds``, and the record says it is well (no failed probe to clear,
+        which only a probe of the round writes)."""
+        at, unit = self._answered.get(record.game_id, (None, None))
+        return (at is not None and self.clock.monotonic() - at < seconds and unit == record.current_container_id
+                and record.health is model.Health.HEALTHY and record.probe_failures == 0)
+
+    def forget_answers(self, older_than: float) -> None:
+        """Let go of the answers older than ``older_than`` seconds (each round: the map holds at most
+        the engines that answered within an interval)."""
+        now = self.clock.monotonic()
+        if any(now - at >= older_than for at, _ in self._answered.values()):
+            self._answered = {g: a for g, a in self._answered.items() if now - a[0] < older_than}
 
     async def observe(self, record: RuntimeRecord, address: str | None) -> bool:
         """One periodic look at a running engine; the record is written only when something changed.

@@ -174,12 +174,16 @@ class HealthRound:
             return
         with backend_errors():
             addresses = {c.id: c.address for c in await self.backend.list_managed() if c.running}
-        units = self.reconciler.units
+        units, health = self.reconciler.units, self.reconciler.health
+        health.forget_answers(self.interval)
         todo = []
         for rec in records:
             address = addresses.get(rec.current_container_id or "")
-            if address is None or self.pacing.due(rec, units.touches(rec.game_id)):
-                todo.append((rec, address))  # a unit not running is always looked at (no probe: a wake)
+            if address is None or (self.pacing.due(rec, units.touches(rec.game_id))
+                                   and not health.answered_within(rec, self.interval)):
+                # A unit not running is always looked at (no probe: a wake). An engine that answered the turn
+                # path within the interval is not probed: that answer is as fresh as this probe would be.
+                todo.append((rec, address))
         if len(todo) < len(records):
             self.metrics.probes_deferred.inc(len(records) - len(todo))
         del records

@@ -94,6 +94,7 @@ class Turns:
                 return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)
             return polling
         self.metrics.engine_calls.labels("status", "ok").inc()
+        self.health.answered(record)
         last = st.last_generation
         failed_turn = last.turn if last is not None and not last.ok else None
         asked_before = record.generation_started_at is not None
@@ -135,6 +136,7 @@ class Turns:
         try:
             started = await self.engine.request_turn(host, st.turn, token=record.admin_token)
         except EngineConflict:
+            self.health.answered(record)
             return polling  # busy, or its turn moved: look again
         except EngineRefused as exc:
             self.metrics.engine_calls.labels("turns", "refused").inc()
@@ -143,6 +145,7 @@ class Turns:
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
             return polling
         self.metrics.engine_calls.labels("turns", "ok").inc()
+        self.health.answered(record)
         log.info("asked the engine for turn %d", st.turn + 1, extra={"game_id": record.game_id})
         if started:
             await self.store.turn_requested(record)
@@ -157,6 +160,7 @@ class Turns:
         try:
             started = await self.engine.request_turn(host, at, token=record.admin_token)
         except EngineConflict:
+            self.health.answered(record)
             return None
         except EngineRefused as exc:
             self.metrics.engine_calls.labels("turns", "refused").inc()
@@ -165,6 +169,7 @@ class Turns:
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
             return None
         self.metrics.engine_calls.labels("turns", "ok").inc()
+        self.health.answered(record)
         if not started:
             return None
         log.info("asked the engine for turn %d", at + 1, extra={"game_id": record.game_id})

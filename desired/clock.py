@@ -10,6 +10,7 @@ corrected by the offset measured at the last transaction. Tests inject a
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 # A reading of the database clock whose round trip took longer than this (a wait for a lock or a
@@ -26,6 +27,10 @@ class Clock:
 
     def now(self) -> datetime:
         return datetime.now(UTC) + self.offset
+
+    def monotonic(self) -> float:
+        """Seconds that only go forward, for how long ago something happened in this process."""
+        return time.monotonic()
 
     def observe_db(self, db_now: datetime, local_before: datetime, local_after: datetime) -> None:
         """``db_now`` was read between the two local readings: keep the offset to the midpoint. The
