@@ -590,19 +590,29 @@ class Run:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             return dict(pool.map(one, ids))
 
-    def remove_containers(self, instance: str) -> int:
+    def remove_containers(self, instance: str, passes: int = 5) -> int:
+        """Remove the instance's containers; a removal that fails (dockerd answers a forced removal of
+        1,000 engines slowly, past the client's timeout) is tried again in the next pass, so that no run
+        leaves engines running to load the next one."""
         ids = [c["Id"] for c in self.our_containers(instance)]
+        total = len(ids)
 
         def rm(cid: str) -> None:
             try:
                 self.docker.api.remove_container(cid, force=True)
             except docker.errors.NotFound:
                 pass
-            except docker.errors.APIError as exc:
-                print(f"   could not remove {cid[:12]}: {exc}", file=sys.stderr)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(rm, ids))
-        return len(ids)
+            except Exception as exc:  # noqa: BLE001 - a timeout too: the next pass tries again
+                print(f"   could not remove {cid[:12]}: {exc.__class__.__name__}: {str(exc)[:120]}", file=sys.stderr)
+        for _ in range(passes):
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                list(pool.map(rm, ids))
+            ids = [c["Id"] for c in self.our_containers(instance)]
+            if not ids:
+                break
+        if ids:
+            print(f"   {len(ids)} containers of {instance} are left: remove them by hand", file=sys.stderr)
+        return total
 
     # ---------------------------------------------------------------- cleanup
     def cleanup(self) -> None:
