@@ -63,8 +63,9 @@ class Metrics:
         self.probes = Counter("rtmanager_engine_probes_total", "Engine health probes by result", ["result"],
                               registry=r)
         self.probes_deferred = Counter("rtmanager_engine_probes_deferred_total",
-                                       "Probes of steady engines a health round left to a later round "
-                                       "(RTMANAGER_HEALTH_STEADY_EVERY)", registry=r)
+                                       "Probes a health round left out: of steady engines (to a later round, "
+                                       "RTMANAGER_HEALTH_STEADY_EVERY) and of engines that answered the turn path "
+                                       "within the interval", registry=r)
         self.records = Gauge("rtmanager_runtime_records", "Runtime records by status", ["status"], registry=r)
         self.resync_seconds = Histogram("rtmanager_resync_duration_seconds",
                                         "One full resync: the backend's list, the live records, the planning",
