@@ -100,10 +100,17 @@ class Health:
                      failed_turn=last.turn, failed_error=last.error)
 
     def answered(self, record: RuntimeRecord) -> None:
-        """The engine of the record's unit just answered the turn path over its admin API (a status, or a
-        turn request it took or refused as not at that turn): for the health round, as good as a probe of it
-        now."""
-        self._answered[record.game_id] = (self.clock.monotonic(), record.current_container_id)
+        """The engine of the record's unit just answered the turn path's status request (the answer is
+        written into the record as a probe's would be): for the health round, as good as a probe of it now.
+        Kept only while a round runs to read it (no round: nothing to spare, and nothing kept). At most one
+        small entry per engine that answered within an interval (``forget_answers``)."""
+        if self.settings.engine.health_interval > 0:
+            self._answered[record.game_id] = (self.clock.monotonic(), record.current_container_id)
+
+    def unanswered(self, record: RuntimeRecord) -> None:
+        """The turn path's request to the engine failed (no answer, a refusal, garbage): whatever it answered
+        before, the next health round probes it."""
+        self._answered.pop(record.game_id, None)
 
     def answered_within(self, record: RuntimeRecord, seconds: float) -> bool:
         """The round may leave this engine unprobed: the engine of the record's unit (not one it replaced)

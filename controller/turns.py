@@ -77,22 +77,10 @@ class Turns:
             # The engine is not where the record says (it moved, or it is busy): look at it first.
         try:
             st = await self.engine.status(host, token=record.admin_token)
-        except EngineUnsupported as exc:
-            self.metrics.engine_calls.labels("status", "unsupported").inc()
-            return await self.fail_turn(record, ErrorCode.ENGINE_UNSUPPORTED, exc.message)
-        except EngineRefused as exc:
-            self.metrics.engine_calls.labels("status", "refused").inc()
-            return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
         except EngineError as exc:
-            self.metrics.engine_calls.labels("status", "error").inc()
-            if transitions.busy_generating(record, self.clock.now(), self.settings.engine.generation_timeout):
-                # A slow or timed-out poll of an engine generating the turn is not unreachable:
-                # the health round and the generation timeout decide that (transitions.observed).
-                return polling
-            age = await self.store.oldest_pending_age(record.game_id) or 0
-            if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.engine.start_timeout:
-                return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)
-            return polling
+            # No status: the health round probes this engine, whatever it answered before.
+            self.health.unanswered(record)
+            return await self._status_failed(record, exc, polling)
         self.metrics.engine_calls.labels("status", "ok").inc()
         self.health.answered(record)
         last = st.last_generation
@@ -136,16 +124,16 @@ class Turns:
         try:
             started = await self.engine.request_turn(host, st.turn, token=record.admin_token)
         except EngineConflict:
-            self.health.answered(record)
             return polling  # busy, or its turn moved: look again
         except EngineRefused as exc:
+            self.health.unanswered(record)
             self.metrics.engine_calls.labels("turns", "refused").inc()
             return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
         except EngineError as exc:
+            self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
             return polling
         self.metrics.engine_calls.labels("turns", "ok").inc()
-        self.health.answered(record)
         log.info("asked the engine for turn %d", st.turn + 1, extra={"game_id": record.game_id})
         if started:
             await self.store.turn_requested(record)
@@ -160,21 +148,39 @@ class Turns:
         try:
             started = await self.engine.request_turn(host, at, token=record.admin_token)
         except EngineConflict:
-            self.health.answered(record)
             return None
         except EngineRefused as exc:
+            self.health.unanswered(record)
             self.metrics.engine_calls.labels("turns", "refused").inc()
             return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
         except EngineError as exc:
+            self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
             return None
         self.metrics.engine_calls.labels("turns", "ok").inc()
-        self.health.answered(record)
         if not started:
             return None
         log.info("asked the engine for turn %d", at + 1, extra={"game_id": record.game_id})
         await self.store.turn_requested(record)
         return requeue(TURN_POLL, "the engine generates the turn")
+
+    async def _status_failed(self, record: RuntimeRecord, exc: EngineError, polling: Step) -> Step:
+        """The engine's status did not come: what that means for the turn."""
+        if isinstance(exc, EngineUnsupported):
+            self.metrics.engine_calls.labels("status", "unsupported").inc()
+            return await self.fail_turn(record, ErrorCode.ENGINE_UNSUPPORTED, exc.message)
+        if isinstance(exc, EngineRefused):
+            self.metrics.engine_calls.labels("status", "refused").inc()
+            return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
+        self.metrics.engine_calls.labels("status", "error").inc()
+        if transitions.busy_generating(record, self.clock.now(), self.settings.engine.generation_timeout):
+            # A slow or timed-out poll of an engine generating the turn is not unreachable:
+            # the health round and the generation timeout decide that (transitions.observed).
+            return polling
+        age = await self.store.oldest_pending_age(record.game_id) or 0
+        if record.status is Status.ENGINE_UNREACHABLE or age > self.settings.engine.start_timeout:
+            return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, exc.message)
+        return polling
 
     async def fail_turn(self, record: RuntimeRecord, code: ErrorCode, message: str) -> Step:
         log.warning("turn failed: %s", message, extra={"game_id": record.game_id, "error_code": code.value})

@@ -3,10 +3,11 @@ health round. At 1,000 games on a turn clock every engine had a turn in flight a
 engine was ever steady (controller/pacing.py) and the round probed all of them: 1.75 probes per turn on top
 of the turn's own POST and status poll, most of the round's cost and about a quarter of the CPU per turn.
 
-An answer of the turn path is as fresh as the round's probe would be: the engine answered over the same
-admin API, within the same interval, and a status it answered was written into the record. What the round
-still probes: an engine that did not answer the turn path (a refusal, a timeout, no answer at all), one
-whose last answer is older than the interval, and one whose record says a probe failed."""
+A status the turn path got is as fresh as the round's probe would be: the engine answered over the same
+admin API, within the same interval, and the answer was written into the record as a probe's is. What the
+round still probes: an engine whose last status request failed (a refusal, a timeout, garbage) or whose
+turn request did, one whose last status is older than the interval, one whose record is not known healthy,
+and a new unit of the game."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 
 from controller.metrics import Metrics
 from controller.triggers import HealthRound
-from desired.model import JobKind, Status
-from observed.errors import EngineUnreachable
+from desired.model import ErrorCode, Health, JobKind, Status
+from observed.errors import EngineConflict, EngineUnreachable
 from tests.support.world import IMG, World
 
 pytestmark = pytest.mark.looptime
@@ -127,3 +128,61 @@ async def test_an_answer_of_the_engine_a_restart_replaced_does_not_count_for_the
     asked = statuses(w)
     await health_round(w).once()
     assert asked == ["g1"]
+
+
+async def test_an_engine_that_refuses_turns_as_busy_and_answers_no_status_is_probed(tmp_path):
+    """Found by review: the engine answers a turn request 409 (busy in a generation the record does not
+    know of) but its status times out. A 409 is no status: the round probes it, and after
+    RTMANAGER_UNREACHABLE_AFTER such rounds the game is engine_unreachable."""
+    w = World(tmp_path)
+    await up(w, "g1")
+    await turned(w, "g1")  # an answer that counts, from before the engine wedged
+
+    async def busy(host: str, expected_turn: int, *, token: str = "") -> bool:
+        raise EngineConflict("generating")
+
+    async def silent(host: str, *, token: str = ""):
+        raise EngineUnreachable("engine status: timed out")
+
+    async def unhealthy(host: str) -> tuple[bool, str]:
+        return False, "timed out"
+
+    w.engine.request_turn, w.engine.status, w.engine.check = busy, silent, unhealthy
+    health = health_round(w)
+    for _ in range(w.settings.engine.unreachable_after):
+        await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+        await w.sync("g1")  # the 409, then the status that does not come
+        await health.once()
+    assert w.store.records["g1"].status is Status.ENGINE_UNREACHABLE
+
+
+async def test_an_engine_that_refuses_our_token_is_probed_and_the_refusal_written(tmp_path):
+    w = World(tmp_path)
+    await up(w, "g1")
+    await turned(w, "g1")
+    unit = w.backend.by_name("galaxy-game-g1")
+    unit.admin_token = "the token of a restored database's unit"  # the engine refuses the record's token
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.sync("g1")
+    asked = statuses(w)
+    await health_round(w).once()
+    assert asked == ["g1"]
+    assert w.store.records["g1"].last_error_code is ErrorCode.ENGINE_REFUSED
+
+
+async def test_a_record_not_known_healthy_is_probed_whatever_the_turn_path_heard(tmp_path):
+    w = World(tmp_path)
+    await up(w, "g1")
+    await turned(w, "g1")
+    w.store.records["g1"] = w.store.records["g1"].replace(health=Health.UNKNOWN)
+    asked = statuses(w)
+    await health_round(w).once()
+    assert asked == ["g1"]
+
+
+async def test_with_no_health_round_no_answer_is_kept(tmp_path):
+    """RTMANAGER_HEALTH_INTERVAL=0 runs no round, which is what prunes the answers: none is kept."""
+    w = World(tmp_path, RTMANAGER_HEALTH_INTERVAL="0")
+    await up(w, "g1")
+    await turned(w, "g1")
+    assert not w.reconciler.health.answered_within(w.store.records["g1"], 3600)
