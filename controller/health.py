@@ -52,8 +52,8 @@ class Health:
         # game -> the record (its row version, generation, last write) whose generated turn a round left to
         # the reconciler: the next round that finds the record unchanged writes it itself.
         self._deferred: dict[str, tuple[object, ...]] = {}
-        # game -> when (the clock's monotonic seconds) the engine of which unit last answered the turn path
-        # (controller/turns.py)
+        # game -> when (the clock's monotonic seconds) the engine of which unit last answered the turn path's
+        # status request (controller/turns.py)
         self._answered: dict[str, tuple[float, str | None]] = {}
 
     async def probe(self, record: RuntimeRecord, address: str | None, *, answered: bool = False) -> Probe:
@@ -114,8 +114,8 @@ class Health:
 
     def answered_within(self, record: RuntimeRecord, seconds: float) -> bool:
         """The round may leave this engine unprobed: the engine of the record's unit (not one it replaced)
-        answered the turn path within ``seconds``, and the record says it is well (no failed probe to clear,
-        which only a probe of the round writes)."""
+        answered the turn path's status request within ``seconds``, and the record says it is well (no
+        failed probe to clear, which only a probe of the round writes)."""
         at, unit = self._answered.get(record.game_id, (None, None))
         return (at is not None and self.clock.monotonic() - at < seconds and unit == record.current_container_id
                 and record.health is model.Health.HEALTHY and record.probe_failures == 0)

@@ -64,7 +64,7 @@ class Metrics:
                               registry=r)
         self.probes_deferred = Counter("rtmanager_engine_probes_deferred_total",
                                        "Probes a health round left out: of steady engines (to a later round, "
-                                       "RTMANAGER_HEALTH_STEADY_EVERY) and of engines that answered the turn path "
+                                       "RTMANAGER_HEALTH_STEADY_EVERY) and of engines whose status the turn path got "
                                        "within the interval", registry=r)
         self.records = Gauge("rtmanager_runtime_records", "Runtime records by status", ["status"], registry=r)
         self.resync_seconds = Histogram("rtmanager_resync_duration_seconds",

@@ -181,8 +181,8 @@ class HealthRound:
             address = addresses.get(rec.current_container_id or "")
             if address is None or (self.pacing.due(rec, units.touches(rec.game_id))
                                    and not health.answered_within(rec, self.interval)):
-                # A unit not running is always looked at (no probe: a wake). An engine that answered the turn
-                # path within the interval is not probed: that answer is as fresh as this probe would be.
+                # A unit not running is always looked at (no probe: a wake). An engine whose status the turn
+                # path got within the interval is not probed: that answer is as fresh as this probe would be.
                 todo.append((rec, address))
         if len(todo) < len(records):
             self.metrics.probes_deferred.inc(len(records) - len(todo))
