@@ -44,6 +44,13 @@ def statuses(w: World) -> list[str]:
     return asked
 
 
+async def probed_in_a_round(w: World) -> list[str]:
+    """The games whose engine one health round asked its status, in order."""
+    asked = statuses(w)
+    await health_round(w).once()
+    return asked
+
+
 def health_round(w: World) -> HealthRound:
     return HealthRound(store=w.store, backend=w.backend, reconciler=w.reconciler, interval=INTERVAL,
                        metrics=Metrics())
@@ -62,9 +69,7 @@ async def test_an_engine_the_turn_path_talked_to_within_the_interval_is_not_prob
     await up(w, "g1", "g2")
     w.store.clock.advance(INTERVAL + 1)  # the starts' own answers are old
     await turned(w, "g1")
-    asked = statuses(w)
-    await health_round(w).once()
-    assert asked == ["g2"]
+    assert await probed_in_a_round(w) == ["g2"]
 
 
 async def test_an_answer_older_than_the_interval_does_not_count(tmp_path):
@@ -72,9 +77,7 @@ async def test_an_answer_older_than_the_interval_does_not_count(tmp_path):
     await up(w, "g1")
     await turned(w, "g1")
     w.store.clock.advance(INTERVAL + 0.5)
-    asked = statuses(w)
-    await health_round(w).once()
-    assert asked == ["g1"]
+    assert await probed_in_a_round(w) == ["g1"]
 
 
 async def test_a_turn_path_that_got_no_answer_leaves_the_engine_to_the_round(tmp_path):
@@ -85,9 +88,7 @@ async def test_a_turn_path_that_got_no_answer_leaves_the_engine_to_the_round(tmp
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     await w.sync("g1")
     del w.engine.fail["galaxy-game-g1"]
-    asked = statuses(w)
-    await health_round(w).once()
-    assert asked == ["g1"]
+    assert await probed_in_a_round(w) == ["g1"]
 
 
 async def test_a_record_with_a_failed_probe_is_probed_whatever_the_turn_path_heard(tmp_path):
@@ -97,9 +98,7 @@ async def test_a_record_with_a_failed_probe_is_probed_whatever_the_turn_path_hea
     await turned(w, "g1")
     rec = w.store.records["g1"]
     w.store.records["g1"] = rec.replace(probe_failures=1)
-    asked = statuses(w)
-    await health_round(w).once()
-    assert asked == ["g1"]
+    assert await probed_in_a_round(w) == ["g1"]
 
 
 async def test_a_unit_that_no_longer_runs_is_looked_at_whatever_its_engine_answered(tmp_path):
@@ -125,9 +124,7 @@ async def test_an_answer_of_the_engine_a_restart_replaced_does_not_count_for_the
         if rec.converged:
             break
     assert rec.status is Status.RUNNING and rec.current_container_id != before
-    asked = statuses(w)
-    await health_round(w).once()
-    assert asked == ["g1"]
+    assert await probed_in_a_round(w) == ["g1"]
 
 
 async def test_an_engine_that_refuses_turns_as_busy_and_answers_no_status_is_probed(tmp_path):
@@ -164,9 +161,7 @@ async def test_an_engine_that_refuses_our_token_is_probed_and_the_refusal_writte
     unit.admin_token = "the token of a restored database's unit"  # the engine refuses the record's token
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     await w.sync("g1")
-    asked = statuses(w)
-    await health_round(w).once()
-    assert asked == ["g1"]
+    assert await probed_in_a_round(w) == ["g1"]
     assert w.store.records["g1"].last_error_code is ErrorCode.ENGINE_REFUSED
 
 
@@ -175,9 +170,7 @@ async def test_a_record_not_known_healthy_is_probed_whatever_the_turn_path_heard
     await up(w, "g1")
     await turned(w, "g1")
     w.store.records["g1"] = w.store.records["g1"].replace(health=Health.UNKNOWN)
-    asked = statuses(w)
-    await health_round(w).once()
-    assert asked == ["g1"]
+    assert await probed_in_a_round(w) == ["g1"]
 
 
 async def test_with_no_health_round_no_answer_is_kept(tmp_path):
