@@ -27,7 +27,7 @@ import docker.utils
 import requests.exceptions
 
 from observed.errors import BackendUnavailable, ImageMissing, Refused
-from observed.jsonarray import decode_array
+from observed.jsonarray import iter_array
 from observed.text import safe_text
 
 T = TypeVar("T")
@@ -44,17 +44,22 @@ def short_error(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
-def get_list(api: docker.APIClient, path: str, filters: dict[str, Any] | None = None,
-             **params: Any) -> list[Any]:
+def get_list(api: docker.APIClient, path: str, filters: dict[str, Any] | None = None, *,
+             each: Callable[[Any], T] | None = None, **params: Any) -> list[Any]:
     """A list the daemon answers (``/containers/json``, ``/services``, ``/tasks``), fetched as docker-py
     would and decoded one element at a time (observed/jsonarray.py) instead of one ``json.loads`` of
     the whole answer: at 100,000 units that one call held the GIL, and so the event loop, for seconds.
-    Errors as docker-py's own list calls raise them."""
+    ``each`` turns every element into what is kept as soon as it is decoded, so the decoded elements
+    are never all alive at once. Errors as docker-py's own list calls raise them."""
     if filters:
         params["filters"] = docker.utils.convert_filters(filters)
     res = api._get(api._url(path), params=params)
     api._raise_for_status(res)
-    return decode_array(res.content)
+    text = res.content.decode("utf-8")  # UnicodeDecodeError is a ValueError, as json.loads would raise
+    del res  # its bytes: the text is what is read from here on
+    if each is None:
+        return list(iter_array(text))
+    return [each(element) for element in iter_array(text)]
 
 
 class DaemonClient:

@@ -87,8 +87,8 @@ class DockerBackend(DaemonClient):
         def list_parsed() -> list[ObservedContainer]:
             # Parsed in the call's thread, not on the event loop: at 100,000 units the parse alone held
             # the loop for seconds (a lease renewal waits as long).
-            raw = get_list(self._docker().api, "/containers/json", filters, all=1)
-            return [from_list_entry(attrs, network, probe_address=probe_address) for attrs in raw]
+            return get_list(self._docker().api, "/containers/json", filters, all=1,
+                            each=lambda attrs: from_list_entry(attrs, network, probe_address=probe_address))
 
         return await self._call("list", list_parsed)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -106,7 +107,7 @@ class ContainerSpec:
         }
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)  # slots: a resync holds one per unit (100,000 and more)
 class ObservedContainer:
     id: str
     name: str
@@ -215,6 +216,23 @@ def _probe_address(state: str, ip: str | None, name: str, probe_address: str | N
     return ip if probe_address == "ip" else name
 
 
+# Labels whose values many units have in common; a game's own (its id) stays the unit's.
+_COMMON_VALUES = frozenset({LABEL_MANAGED_BY, LABEL_INSTANCE, LABEL_SPEC_HASH, LABEL_GENERATION, LABEL_DATABASE,
+                            LABEL_EPOCH})
+
+
+def _shared(text: Any) -> Any:
+    """One string for all the units that carry it: a list answer decodes every entry's strings anew,
+    and a resync at 100,000 units would keep as many copies of the same image name and label names."""
+    return sys.intern(text) if type(text) is str else text
+
+
+def _shared_labels(labels: Any) -> dict[str, str]:
+    if not isinstance(labels, Mapping):
+        return {}
+    return {_shared(k): _shared(v) if k in _COMMON_VALUES else v for k, v in labels.items()}
+
+
 def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,
                     probe_address: str | None = None) -> ObservedContainer:
     """One entry of ``GET /containers/json`` (docker-py ``list(sparse=True)``). Built once, its probe
@@ -232,9 +250,9 @@ def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,
     return ObservedContainer(
         id=attrs["Id"],
         name=name,
-        image=attrs.get("Image", ""),
-        state=state,
-        labels=dict(attrs.get("Labels") or {}),
+        image=_shared(attrs.get("Image", "")),
+        state=_shared(state),
+        labels=_shared_labels(attrs.get("Labels")),
         created_at=_parse_time(attrs.get("Created")),
         exit_code=exit_code,
         ip_address=ip,
