@@ -31,7 +31,6 @@ def iter_array(raw: bytes | str) -> Iterator[Any]:
     """The array's elements in order; a malformed array raises ``ValueError`` when the iteration
     reaches the fault (elements before it may have been handed over already)."""
     text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # UnicodeDecodeError is a ValueError
-    del raw  # the text is all that is needed: the caller may drop the bytes meanwhile
     end = len(text)
 
     def skip(i: int) -> int:

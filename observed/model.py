@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -219,18 +218,29 @@ def _probe_address(state: str, ip: str | None, name: str, probe_address: str | N
 # Labels whose values many units have in common; a game's own (its id) stays the unit's.
 _COMMON_VALUES = frozenset({LABEL_MANAGED_BY, LABEL_INSTANCE, LABEL_SPEC_HASH, LABEL_GENERATION, LABEL_DATABASE,
                             LABEL_EPOCH})
+_SHARED_MAX = 4096  # a daemon that sends ever new label names fills it once, and no further
+_SHARED: dict[str, str] = {s: s for s in (LABEL_MANAGED_BY, LABEL_INSTANCE, LABEL_GAME_ID, LABEL_SPEC_HASH,
+                                          LABEL_GENERATION, LABEL_DATABASE, LABEL_EPOCH, MANAGED_BY)}
 
 
 def _shared(text: Any) -> Any:
     """One string for all the units that carry it: a list answer decodes every entry's strings anew,
-    and a resync at 100,000 units would keep as many copies of the same image name and label names."""
-    return sys.intern(text) if type(text) is str else text
+    and a resync at 100,000 units would keep as many copies of the same image name and label names.
+    A table of our own rather than ``sys.intern``, so that it stays bounded whatever names the daemon
+    sends."""
+    if type(text) is not str:
+        return text
+    found = _SHARED.get(text)
+    if found is not None:
+        return found
+    if len(_SHARED) < _SHARED_MAX:
+        _SHARED[text] = text
+    return text
 
 
 def _shared_labels(labels: Any) -> dict[str, str]:
-    if not isinstance(labels, Mapping):
-        return {}
-    return {_shared(k): _shared(v) if k in _COMMON_VALUES else v for k, v in labels.items()}
+    # dict() as ever: an answer whose labels are no object fails the list, it does not strip the unit
+    return {_shared(k): _shared(v) if k in _COMMON_VALUES else v for k, v in dict(labels or {}).items()}
 
 
 def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,

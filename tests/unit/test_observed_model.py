@@ -130,6 +130,28 @@ def test_from_list_entry_labels_are_a_copy(list_entry_exited) -> None:
     assert "x" not in c.labels
 
 
+@pytest.mark.parametrize("labels", ["x", 5, True, ["ab", "c"]])
+def test_labels_that_are_no_object_fail_the_entry(list_entry_exited, labels) -> None:
+    """Not a unit without labels (a game whose unit the resync would then not see): the list fails."""
+    list_entry_exited["Labels"] = labels
+    with pytest.raises((TypeError, ValueError)):
+        from_list_entry(list_entry_exited)
+
+
+def test_shared_strings_are_bounded(monkeypatch) -> None:
+    """Label names are one string for all units, up to a bound: a daemon sending ever new names grows
+    the table no further, and its units keep their labels all the same. Ours are in it from the start."""
+    from observed import model
+    monkeypatch.setattr(model, "_SHARED", dict(model._SHARED))  # the process's own table stays as it was
+    for i in range(model._SHARED_MAX + 100):
+        c = from_list_entry({"Id": "x", "Labels": {f"junk.{i}": "v"}})
+        assert c.labels == {f"junk.{i}": "v"}
+    assert len(model._SHARED) <= model._SHARED_MAX
+    a = from_list_entry({"Id": "a", "Labels": {"com.galaxy." + "game-id": "g1"}})
+    b = from_list_entry({"Id": "b", "Labels": {"com.galaxy." + "game-id": "g2"}})
+    assert next(iter(a.labels)) is next(iter(b.labels)) is LABEL_GAME_ID
+
+
 @pytest.mark.parametrize(("status", "code"), [
     ("Exited (0) 5 minutes ago", 0),
     ("Exited (137) About an hour ago", 137),
