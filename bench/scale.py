@@ -1348,8 +1348,8 @@ def print_sim(r: dict) -> None:
             f"{fmt(s.get('resync_cpu_s_gc_on'))} / {fmt(s.get('resync_cpu_s_gc_off'))}" for s in sz],
         ["  CPU s of one health round, GC on / off"] + [
             f"{fmt(s.get('health_round_cpu_s_gc_on'))} / {fmt(s.get('health_round_cpu_s_gc_off'))}" for s in sz],
-        ["RSS MiB (peak) of the process"] + [f"{s['rss_mib']:.0f} ({s['hwm_mib']:.0f})" for s in sz],
-        ["  of which the controller, est."] + get(lambda s: s["controller_rss_mib_est"], ".0f"),
+        ["RSS MiB (peak) of the process, the fakes' included"] + [
+            f"{s['rss_mib']:.0f} ({s['hwm_mib']:.0f})" for s in sz],
     ]
     table("6. simulated games (real Postgres and rtmanager; in-memory Docker daemon and engines)", head, rows)
     d = r.get("drift")
