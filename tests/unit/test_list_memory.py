@@ -23,17 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from observed import model as m
 from observed.docker import DockerBackend
-from observed.model import (
-    LABEL_DATABASE,
-    LABEL_EPOCH,
-    LABEL_GAME_ID,
-    LABEL_GENERATION,
-    LABEL_INSTANCE,
-    LABEL_MANAGED_BY,
-    LABEL_SPEC_HASH,
-    MANAGED_BY,
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 NETWORK = "galaxy-games"
@@ -43,9 +34,9 @@ N = 3000
 def entry(i: int) -> dict:
     """One ``GET /containers/json`` entry of a running engine, as dockerd 20.10 writes it."""
     cid = secrets.token_hex(32)
-    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: "prod", LABEL_GAME_ID: f"game-{i}",
-              LABEL_SPEC_HASH: "3f9a0c1b2d4e5f60", LABEL_GENERATION: "1", LABEL_DATABASE: "1d0c6e3a-7b2f",
-              LABEL_EPOCH: "1", "org.opencontainers.image.title": "galaxy engine"}
+    labels = {m.LABEL_MANAGED_BY: m.MANAGED_BY, m.LABEL_INSTANCE: "prod", m.LABEL_GAME_ID: f"game-{i}",
+              m.LABEL_SPEC_HASH: "3f9a0c1b2d4e5f60", m.LABEL_GENERATION: "1", m.LABEL_DATABASE: "1d0c6e3a-7b2f",
+              m.LABEL_EPOCH: "1", "org.opencontainers.image.title": "galaxy engine"}
     return {
         "Id": cid, "Names": [f"/galaxy-game-game-{i}"], "Image": "galaxy/engine:1.4.2",
         "ImageID": "sha256:" + "0" * 64, "Command": "/bin/engine", "Created": 1796460979, "Ports": [],
@@ -124,7 +115,7 @@ def report() -> dict:
         "game_7": units[7].game_id, "address_7": units[7].address,
         "shared": sorted(k for k in a.labels if next(k2 for k2 in b.labels if k2 == k) is k),
         "labels": sorted(a.labels), "image_shared": a.image is b.image, "state_shared": a.state is b.state,
-        "instance_shared": a.labels[LABEL_INSTANCE] is b.labels[LABEL_INSTANCE],
+        "instance_shared": a.labels[m.LABEL_INSTANCE] is b.labels[m.LABEL_INSTANCE],
         "has_dict": hasattr(a, "__dict__"),
     }
 
