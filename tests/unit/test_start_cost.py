@@ -11,6 +11,7 @@ import asyncio
 import pytest
 
 from desired.model import JobKind, Status
+from observed.model import LABEL_INSTANCE, LABEL_MANAGED_BY, MANAGED_BY
 from tests.support.waits import eventually
 from tests.support.world import IMG, World, started
 
@@ -178,3 +179,31 @@ async def test_a_name_held_by_a_unit_being_removed_is_waited_for_not_started(tmp
     assert ("start", "x1") not in w.backend.calls
     assert not [r for r in w.results("g1") if r[1] == "failure"]
     assert ("inspect", "galaxy-game-g1") in w.backend.calls  # planned from a real look after the create
+
+
+@pytest.mark.parametrize("holder", ["not ours", "another instance's"])
+async def test_after_a_full_list_a_name_held_by_a_unit_not_listed_is_refused_before_any_side_effect(tmp_path,
+                                                                                                   holder):
+    """The resync's list shows this instance's units only, and the event stream only their events: a game the
+    list showed no unit of may still have its name held, by a container of nobody's or by another instance's
+    unit. Its start must be refused from a real look, before a state directory or a token is made (a look
+    skipped on the strength of the list made both, then failed at the create)."""
+    from controller.triggers import Resync
+    from tests.fakes import FakeContainer
+
+    async def ready() -> bool:
+        return True
+
+    w = World(tmp_path)
+    w.reconciler.units.stream = lambda: 1  # an event stream connected without a break
+    labels = {} if holder == "not ours" else {LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: "other"}
+    w.backend.containers["x1"] = FakeContainer(id="x1", name="galaxy-game-g1", image=IMG, labels=labels,
+                                               state="running")
+    await Resync(store=w.store, backend=w.backend, reconciler=w.reconciler, queue=w.queue,
+                 metrics=w.reconciler.metrics, interval=30, retention_days=7, ready_check=ready).once()
+    await w.job(JobKind.START, "g1", IMG)
+    record = await w.sync("g1")
+    assert ("start", "failure", "container_start_failed") in w.results("g1")
+    assert not (tmp_path / "games" / "g1").exists() and not record.admin_token
+    assert [c[0] for c in w.backend.calls if c[0] in ("prepare", "make_state_dir", "create")] == []
+    assert w.backend.containers["x1"].state == "running"
