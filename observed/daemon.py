@@ -64,17 +64,29 @@ def get_list(api: docker.APIClient, path: str, filters: dict[str, Any] | None = 
 
 
 class OnePoolAdapter(docker.transport.UnixHTTPAdapter):  # type: ignore[misc]  # docker-py has no types
-    """docker-py's adapter for the daemon's socket, with one connection pool for every request.
+    """docker-py's adapter for the daemon's socket, with one connection pool for every read.
 
     docker-py keys its pools by the request's whole URL, so each container's own paths
-    (``/containers/<id>/json``, ``.../start``, a create's ``?name=``) got a pool of their own, with a new
-    connection to the daemon, and past 25 paths every new one closed the oldest pool's: each call about
-    a game not touched lately paid a connect and a close (0.1-0.2 ms of our CPU, about 0.05 of the
-    daemon's, 0.15-0.3 ms of wall time here; four such calls a start). Every request goes to the one
-    socket, so one pool of ``max_pool_size`` connections, as many as the calling threads, holds them all."""
+    (``/containers/<id>/json``, a create's ``?name=``) got a pool of their own, with a new connection to
+    the daemon, and past 25 paths every new one closed the oldest pool's: each read about a game not
+    touched lately paid a connect and a close (0.1-0.2 ms of our CPU, about 0.05 of the daemon's,
+    0.15-0.3 ms of wall time here). Reads (GET, HEAD) now share one pool of ``max_pool_size``
+    connections, as many as the calling threads.
 
-    def get_connection(self, url: str, proxies: Any = None) -> Any:
-        return super().get_connection("http+docker://localhost", proxies)
+    A call that changes something (a create, a start, a stop, a removal) keeps docker-py's keying, as
+    before: it goes out on its own path's connection, a new one unless the same path was called lately
+    (a create's path names the game, a start's the container). A stopping dockerd refuses new
+    connections but still carries out what comes on the ones it has (observed/restarts.py), and a
+    container created or started then is half made and cannot be started after the restart: with one
+    pool for everything, creates and starts went out on kept-alive connections and landed."""
+
+    READS = frozenset({"GET", "HEAD"})
+    READ_POOL = "rtmanager:reads"  # a key no request URL can be
+
+    def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None,
+                                        cert: Any = None) -> Any:
+        key = self.READ_POOL if request.method in self.READS else request.url
+        return self.get_connection(key, proxies)
 
 
 class DaemonClient:

@@ -1,13 +1,16 @@
-"""The daemon's socket is reached through one pool of kept-alive connections, whatever the path.
+"""Reads reach the daemon's socket through one pool of kept-alive connections, whatever the path; a call
+that changes something goes out on a connection of its own.
 
 docker-py keys its connection pools by the whole request URL: every container has paths of its own,
 so each first call about a container opened a new connection, and past 25 paths the oldest pool's
-was closed. A small HTTP server on a Unix socket counts the connections it accepts.
+was closed. A small HTTP server on a Unix socket counts the connections it accepts, and can stop
+listening while it still answers the connections it has, as a stopping dockerd does.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socketserver
 import threading
 from collections.abc import Iterator
@@ -17,11 +20,22 @@ from pathlib import Path
 import pytest
 
 from observed.daemon import DaemonClient
+from observed.errors import BackendUnavailable
 
 
 class _Daemon(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     connections = 0
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.posts: list[str] = []
+
+    def stop_listening(self) -> None:
+        """As a stopping dockerd: no new connection, the accepted ones still answered."""
+        self.shutdown()
+        self.socket.close()
+        os.unlink(self.server_address)  # type: ignore[arg-type]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -43,6 +57,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.server.posts.append(self.path)  # type: ignore[attr-defined]
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -59,8 +82,9 @@ def daemon(tmp_path: Path) -> Iterator[tuple[_Daemon, str]]:
     try:
         yield server, f"unix://{path}"
     finally:
-        server.shutdown()
-        server.server_close()
+        if path.exists():
+            server.shutdown()
+            server.server_close()
 
 
 def test_calls_about_many_containers_share_the_pooled_connections(daemon: tuple[_Daemon, str]) -> None:
@@ -85,3 +109,28 @@ def test_closing_the_client_closes_the_pool(daemon: tuple[_Daemon, str]) -> None
     assert adapter.pools, "the call went through the adapter's pool"
     client.close()
     assert not adapter.pools, "the client's close empties the pool it used"
+
+
+async def test_a_stopping_daemon_is_sent_no_create_or_start_on_a_connection_it_had(daemon: tuple[_Daemon, str]) -> None:
+    """A stopping dockerd refuses new connections and still carries out requests on those it has: a create
+    or a start sent on a kept-alive connection would make a half-started container that cannot be started
+    after the restart. Reads may ride the pool; a call that changes something needs a new connection."""
+    import docker.errors
+
+    server, url = daemon
+    client = DaemonClient(pool_size=4, timeout=5, observer=None, guard=None, base_url=url)
+    api = client._docker().api
+    for i in range(3):
+        with pytest.raises(docker.errors.NotFound):
+            await client._call("inspect", api.inspect_container, f"rtm-game-{i}")
+    await client._call("start", api.start, "c1")
+    assert server.posts == ["/v1.41/containers/c1/start"]
+    server.stop_listening()
+    with pytest.raises(docker.errors.NotFound):  # a read still answered on the pooled connection
+        await client._call("inspect", api.inspect_container, "rtm-game-x")
+    with pytest.raises(BackendUnavailable):
+        await client._call("start", api.start, "c2")
+    with pytest.raises(BackendUnavailable):
+        await client._call("create", api.create_container, "galaxy/engine-stub:1.0", name="galaxy-game-g2")
+    assert server.posts == ["/v1.41/containers/c1/start"]
+    client.close()
