@@ -64,7 +64,8 @@ def get_list(api: docker.APIClient, path: str, filters: dict[str, Any] | None = 
 
 
 class OnePoolAdapter(docker.transport.UnixHTTPAdapter):  # type: ignore[misc]  # docker-py has no types
-    """docker-py's adapter for the daemon's socket, with one connection pool for every read.
+    """docker-py's adapter for the daemon's socket: reads share kept-alive connections, and every call that
+    changes something goes out on a new connection.
 
     docker-py keys its pools by the request's whole URL, so each container's own paths
     (``/containers/<id>/json``, a create's ``?name=``) got a pool of their own, with a new connection to
@@ -73,20 +74,24 @@ class OnePoolAdapter(docker.transport.UnixHTTPAdapter):  # type: ignore[misc]  #
     0.15-0.3 ms of wall time here). Reads (GET, HEAD) now share one pool of ``max_pool_size``
     connections, as many as the calling threads.
 
-    A call that changes something (a create, a start, a stop, a removal) keeps docker-py's keying, as
-    before: it goes out on its own path's connection, a new one unless the same path was called lately
-    (a create's path names the game, a start's the container). A stopping dockerd refuses new
-    connections but still carries out what comes on the ones it has (observed/restarts.py), and a
-    container created or started then is half made and cannot be started after the restart: with one
-    pool for everything, creates and starts went out on kept-alive connections and landed."""
+    A call that changes something (a create, a start, a stop, a removal, a pull) asks for its connection
+    to be closed after it (``Connection: close``), so the next one opens a new connection. A stopping
+    dockerd refuses new connections but still carries out what comes on the ones it has
+    (observed/restarts.py): a container created or started then is half made and cannot be started after
+    the restart. docker-py's keying gave such calls a new connection only by the chance of a path not
+    called lately (a second start of the same container, a Swarm's ``/services/create``, rode a kept one)."""
 
     READS = frozenset({"GET", "HEAD"})
-    READ_POOL = "rtmanager:reads"  # a key no request URL can be
+    READ_POOL, CHANGE_POOL = "rtmanager:reads", "rtmanager:changes"  # keys no request URL can be
 
     def get_connection_with_tls_context(self, request: Any, verify: Any, proxies: Any = None,
                                         cert: Any = None) -> Any:
-        key = self.READ_POOL if request.method in self.READS else request.url
-        return self.get_connection(key, proxies)
+        return self.get_connection(self.READ_POOL if request.method in self.READS else self.CHANGE_POOL, proxies)
+
+    def send(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if request.method not in self.READS:
+            request.headers["Connection"] = "close"
+        return super().send(request, *args, **kwargs)
 
 
 class DaemonClient:

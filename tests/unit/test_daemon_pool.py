@@ -62,9 +62,13 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         self.server.posts.append(self.path)  # type: ignore[attr-defined]
-        self.send_response(204)
-        self.send_header("Content-Length", "0")
+        body = json.dumps({"Id": "c" * 64, "Warnings": []}).encode() if "/containers/create" in self.path else b""
+        self.send_response(201 if body else 204)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:  # asked for (Connection: close): said back and done, as Go's server does
+            self.send_header("Connection", "close")
         self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
@@ -111,26 +115,31 @@ def test_closing_the_client_closes_the_pool(daemon: tuple[_Daemon, str]) -> None
     assert not adapter.pools, "the client's close empties the pool it used"
 
 
-async def test_a_stopping_daemon_is_sent_no_create_or_start_on_a_connection_it_had(daemon: tuple[_Daemon, str]) -> None:
+@pytest.mark.parametrize("again", [False, True], ids=["new paths", "paths called before"])
+async def test_a_stopping_daemon_is_sent_no_create_or_start_on_a_connection_it_had(daemon: tuple[_Daemon, str],
+                                                                                  again: bool) -> None:
     """A stopping dockerd refuses new connections and still carries out requests on those it has: a create
     or a start sent on a kept-alive connection would make a half-started container that cannot be started
-    after the restart. Reads may ride the pool; a call that changes something needs a new connection."""
+    after the restart. Reads may ride the pool; a call that changes something opens a new connection, also
+    on a path it called before (a second start of the same container)."""
     import docker.errors
 
     server, url = daemon
     client = DaemonClient(pool_size=4, timeout=5, observer=None, guard=None, base_url=url)
     api = client._docker().api
-    for i in range(3):
+    await client._call("start", api.start, "c1")
+    await client._call("create", api.create_container, "galaxy/engine-stub:1.0", name="galaxy-game-g1")
+    for i in range(30):  # reads about other containers in between
         with pytest.raises(docker.errors.NotFound):
             await client._call("inspect", api.inspect_container, f"rtm-game-{i}")
-    await client._call("start", api.start, "c1")
-    assert server.posts == ["/v1.41/containers/c1/start"]
+    posted = list(server.posts)
     server.stop_listening()
     with pytest.raises(docker.errors.NotFound):  # a read still answered on the pooled connection
         await client._call("inspect", api.inspect_container, "rtm-game-x")
+    container, game = ("c1", "galaxy-game-g1") if again else ("c2", "galaxy-game-g2")
     with pytest.raises(BackendUnavailable):
-        await client._call("start", api.start, "c2")
+        await client._call("start", api.start, container)
     with pytest.raises(BackendUnavailable):
-        await client._call("create", api.create_container, "galaxy/engine-stub:1.0", name="galaxy-game-g2")
-    assert server.posts == ["/v1.41/containers/c1/start"]
+        await client._call("create", api.create_container, "galaxy/engine-stub:1.0", name=game)
+    assert server.posts == posted  # nothing that changes something reached the stopping daemon
     client.close()
