@@ -13,8 +13,9 @@ from tests.support import ControllerProcess, ResultReader, migrate
 def test_kill_9_during_starts_never_duplicates_containers(rtm_env, docker_client, tmp_path, unique):
     rtm_env = {**rtm_env, "RTMANAGER_LEASE_TTL": "1"}  # a killed leader's lease lapses after 1 s
     migrate(rtm_env)
-    print(f"random seed: {unique!r} (replay with random.Random of that string)")
-    rng = random.Random(unique)
+    seed = unique  # this run's own: printed, and pytest shows it when the test fails
+    print(f"random seed: {seed!r} (replay with random.Random of that string)")
+    rng = random.Random(seed)
     r = redis.Redis.from_url(rtm_env["RTMANAGER_REDIS_URL"], decode_responses=True)
     results = ResultReader(rtm_env["RTMANAGER_REDIS_URL"], rtm_env["RTMANAGER_RESULTS_STREAM"])
     games = [f"k9-{unique}-{i}" for i in range(6)]

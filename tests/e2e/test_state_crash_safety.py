@@ -16,8 +16,9 @@ def test_kill_9_during_failing_replacements_restores_every_games_old_state(rtm_e
     rtm_env = {**rtm_env, "RTMANAGER_LEASE_TTL": "1", "RTMANAGER_START_TIMEOUT": "5",
                "RTMANAGER_STATE_SCAN_INTERVAL": "1"}
     migrate(rtm_env)
-    print(f"random seed: {unique!r} (replay with random.Random of that string)")
-    rng = random.Random(unique)
+    seed = unique  # this run's own: printed, and pytest shows it when the test fails
+    print(f"random seed: {seed!r} (replay with random.Random of that string)")
+    rng = random.Random(seed)
     r = redis.Redis.from_url(rtm_env["RTMANAGER_REDIS_URL"], decode_responses=True)
     results = ResultReader(rtm_env["RTMANAGER_REDIS_URL"], rtm_env["RTMANAGER_RESULTS_STREAM"])
     root = Path(rtm_env["RTMANAGER_STATE_ROOT"])
