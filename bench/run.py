@@ -315,16 +315,29 @@ def bench_single(rtm: Rtm, plain: Plain, games: int) -> dict:
             "overhead_median_ms": (statistics.median(r_times) - statistics.median(p_times)) * 1000}
 
 
+def docker_calls(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """The controller's Docker API calls between two scrapes, per job, by operation."""
+    out: dict[str, float] = {}
+    for name, value in after.items():
+        if name.startswith("rtmanager_docker_api_calls_total{"):
+            op = name.split('operation="', 1)[1].split('"', 1)[0] if 'operation="' in name else name
+            calls = (value - before.get(name, 0.0)) / n
+            if calls:
+                out[op] = out.get(op, 0.0) + calls
+    return out
+
+
 def bench_burst(rtm: Rtm, plain: Plain, n: int, work: Path) -> dict:
     out: dict = {"n": n}
     games = [f"burst{n}-{i}" for i in range(n)]
     for what in ("start", "stop"):
         # The controller's CPU over the burst, up to its last result: its cost per job, at rest work included.
-        t0, c0 = time.perf_counter(), rtm.cpu_seconds()
+        t0, c0, m0 = time.perf_counter(), rtm.cpu_seconds(), rtm.metrics()
         entries = {rtm.submit(what, g) for g in games}
         got = rtm.wait_results(entries)
         out[f"rtm_{what}"] = max(t for t, _ in got.values()) - t0
         out[f"rtm_cpu_ms_per_{what}"] = (rtm.cpu_seconds() - c0) * 1000 / n
+        out[f"rtm_docker_calls_per_{what}"] = docker_calls(m0, rtm.metrics(), n)
     remove_by_label(INSTANCE)
 
     t0 = time.perf_counter()
@@ -382,12 +395,8 @@ def bench_steady(rtm: Rtm, n: int, seconds: float, resync: float) -> dict:
         return {k: m1[k] - m0.get(k, 0.0) for k in m1 if k.startswith(prefix) and m1[k] - m0.get(k, 0.0)}
 
     resyncs = delta('rtmanager_resync_total{result="ok"}').get('rtmanager_resync_total{result="ok"}', 0)
-    docker_calls = delta("rtmanager_docker_api_calls_total")
+    by_op = docker_calls(m0, m1, 1)
     reconciles = sum(delta("rtmanager_reconcile_total").values())
-    by_op: dict[str, float] = {}
-    for k, v in docker_calls.items():
-        op = k.split('operation="')[1].split('"')[0]
-        by_op[op] = by_op.get(op, 0) + v
     return {"games": n, "seconds": seconds, "resyncs": resyncs, "cpu_seconds": cpu1 - cpu0,
             "cpu_percent": 100 * (cpu1 - cpu0) / seconds, "rss_mib": rtm.rss_mib(),
             "docker_calls": by_op,
@@ -492,6 +501,10 @@ def print_table(r: dict) -> None:
                   f"{b[f'plain_par_{what}']:>11.2f}{(f'{comp:.2f}' if comp is not None else 'n/a'):>11}"
                   f"{b[f'rtm_{what}'] / b[f'plain_par_{what}']:>8.2f}x"
                   f"{b[f'rtm_cpu_ms_per_{what}']:>9.1f} ms")
+        for b in r["bursts"]:
+            calls = b.get(f"rtm_docker_calls_per_{what}") or {}
+            print(f"{'':8}{b['n']} {what}s, rtmanager's Docker calls per job: "
+                  + (", ".join(f"{op} {v:.2g}" for op, v in sorted(calls.items())) or "n/a"))
     if "steady" in r:
         st = r["steady"]
         print(f"\n== steady state: {st['games']} running games, {st['seconds']:g}s idle, {st['resyncs']:g} resyncs")
