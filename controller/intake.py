@@ -323,7 +323,7 @@ class Intake:
         items: list[Job | Rejection] = []
         kept: list[Entry] = []
         for entry in batch:
-            if entry.fields is None or self._below_mark(entry):
+            if self._deleted(entry) or self._below_mark(entry):
                 await self.redis_streams.ack(entry.stream, entry.id)
                 continue
             items.append(self._parse(entry))
@@ -352,6 +352,16 @@ class Intake:
             by_stream.setdefault(entry.stream, []).append(entry.id)
         for stream, ids in by_stream.items():
             await self.redis_streams.ack(stream, *ids)
+
+    def _deleted(self, entry: Entry) -> bool:
+        """Deleted from its stream while pending (XDEL, or its producer's MAXLEN trim): nothing is left to
+        carry out, and nothing to answer. Said loudly: a job nobody will ever run."""
+        if entry.fields is not None:
+            return False
+        self.metrics.jobs.labels(entry.stream, "deleted").inc()
+        log.warning("entry deleted from its stream before it was handled: acknowledged, not carried out",
+                    extra={"stream": entry.stream, "entry_id": entry.id})
+        return True
 
     def _below_mark(self, entry: Entry) -> bool:
         mark = self.marks.get(entry.stream)
@@ -398,7 +408,7 @@ class Intake:
         """Handle one entry, then acknowledge it. A failing entry stays pending (False) and is
         tried again by a pending pass, until it is dead-lettered."""
         stream, entry_id = entry.stream, entry.id
-        if entry.fields is None:  # deleted from the stream while pending: nothing to carry out
+        if self._deleted(entry):
             await self.redis_streams.ack(stream, entry_id)
             return True
         if self._below_mark(entry):

@@ -93,10 +93,14 @@ def _text_fields(fields: Fields | None) -> dict[str, str]:
 
 
 # The shapes of the replies this adapter reads. redis-py types each reply as the union of its RESP2
-# and RESP3 shapes (and of what a pipeline queues); this client speaks RESP2, redis-py's default, so
-# each reply is cast, where it arrives, to the RESP2 shape named here.
+# and RESP3 shapes (and of what a pipeline queues); whichever protocol the connection speaks, redis-py's
+# response callbacks for these commands return the RESP2 shapes, so each reply is cast, where it
+# arrives, to the shape named here.
 Fields: TypeAlias = dict[bytes | str, bytes | str]
-RawEntry: TypeAlias = tuple[bytes | str, Fields | None]  # no fields: deleted while pending
+# An entry deleted from its stream while pending comes back as an id without fields: Redis sends a nil,
+# which redis-py's stream parsing turns into an empty map. XADD never writes an entry without a field,
+# so an empty map can only mean deleted; ``Entry`` says so with ``fields=None``.
+RawEntry: TypeAlias = tuple[bytes | str, Fields | None]
 StreamReply: TypeAlias = list[tuple[bytes | str, list[RawEntry]]]  # XREAD, XREADGROUP
 WriteFields: TypeAlias = dict[Any, Any]  # what XADD writes: str or bytes names, str/bytes/int values
 Row: TypeAlias = dict[str, Any]  # XPENDING range
@@ -208,7 +212,7 @@ class RedisStreams:
         """Entries never delivered to the group, up to ``count`` of *each* stream."""
         reply = cast(StreamReply, await self.client.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
                                                                count=count, block=block_ms))
-        return [Entry(stream=_text(stream), id=_text(eid), fields=fields)
+        return [Entry(stream=_text(stream), id=_text(eid), fields=fields or None)
                 for stream, items in reply or [] for eid, fields in items]
 
     async def read_own_pending(self, stream: str, count: int) -> list[Entry]:
@@ -221,7 +225,7 @@ class RedisStreams:
             batch = reply[0][1] if reply else []
             if not batch:
                 return out
-            out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in batch]
+            out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in batch]
             last = _text(batch[-1][0])
 
     async def claim_idle(self, stream: str, min_idle_ms: int, count: int) -> list[Entry]:
@@ -232,7 +236,7 @@ class RedisStreams:
             reply = await self.client.xautoclaim(stream, self.group, self.consumer,  # [cursor, entries, deleted]
                                                  min_idle_time=min_idle_ms, start_id=cursor, count=count)
             cursor, claimed = _text(reply[0]), cast(list[RawEntry], reply[1])
-            out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in claimed]
+            out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in claimed]
             if _text(cursor) == "0-0":
                 return out
 
@@ -260,7 +264,7 @@ class RedisStreams:
                     claimed = cast(list[RawEntry], await self.client.xclaim(stream, self.group, self.consumer,
                                                                             min_idle_time=0, message_ids=list(ids)))
                     # An entry deleted from the stream comes back without fields (or not at all).
-                    out += [Entry(stream=stream, id=_text(eid), fields=fields) for eid, fields in claimed]
+                    out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in claimed]
                     if len(rows) < count:
                         break
                     low = f"({ids[-1]}"
@@ -307,31 +311,35 @@ class RedisStreams:
     async def recent_field(self, stream: str, count: int, name: str) -> list[tuple[str, str]]:
         """(id, the value of field ``name`` or "") of the newest ``count`` entries, newest first: what
         ``recent`` tells of them, the other fields left in Redis (a script; XREVRANGE when refused)."""
-        if self._scripts:
-            try:
-                return [(_text(eid), _text(value)) for eid, value in cast(list[list[bytes]], await self.client.eval(
-                    NEWEST_IDS_WITH_FIELD, 1, stream, count, name))]
-            except redis.exceptions.ReadOnlyError:
-                raise
-            except redis.exceptions.ResponseError as exc:
-                log.warning("redis refused a script (%s); reading whole entries to check a stream's ids", exc)
-                self._scripts = False
+        got = await self._script(NEWEST_IDS_WITH_FIELD, stream, count, name)
+        if got is not None:
+            return [(_text(eid), _text(value)) for eid, value in cast(list[list[bytes]], got)]
         return [(eid, fields.get(name, "")) for eid, fields in await self.recent(stream, count)]
 
     async def range_ids(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[str]:
         """The ids of ``range``: a script leaves the entries' fields in Redis, so that checking which
         ids a stream holds costs a fraction of reading them (the relay checks thousands at once,
         on the path to a new leader's first answer). A server that refuses scripts gets XRANGE."""
-        if self._scripts:
-            try:
-                return [_text(i) for i in cast(list[bytes], await self.client.eval(
-                    IDS_IN_RANGE, 1, stream, start, end, count))]
-            except redis.exceptions.ReadOnlyError:
-                raise  # a read-only replica: an outage like any other
-            except redis.exceptions.ResponseError as exc:  # NOPERM, scripting disabled: read the entries
-                log.warning("redis refused a script (%s); reading whole entries to check a stream's ids", exc)
-                self._scripts = False
+        got = await self._script(IDS_IN_RANGE, stream, start, end, count)
+        if got is not None:
+            return [_text(i) for i in cast(list[bytes], got)]
         return [eid for eid, _ in await self.range(stream, start, end, count)]
+
+    async def _script(self, script: str, key: str, *args: Any) -> Any | None:
+        """A script's answer, or None once the server has refused scripts (NOPERM, scripting disabled): the
+        callers then read whole entries, for the rest of the process. A Redis refusing for a while (a
+        read-only replica, a failed save, too few replicas, busy, out of memory: all refuse EVAL, which may
+        write) is an outage like any other, not a refusal of scripts."""
+        if not self._scripts:
+            return None
+        try:
+            return await self.client.eval(script, 1, key, *args)
+        except redis.exceptions.ResponseError as exc:
+            if isinstance(_translate(exc), StreamsUnavailable):
+                raise
+            log.warning("redis refused a script (%s); reading whole entries to check a stream's ids", exc)
+            self._scripts = False
+            return None
 
     async def stream_first_id(self, stream: str) -> str | None:
         got = cast(list[RawEntry], await self.client.xrange(stream, count=1))

@@ -364,3 +364,25 @@ async def test_the_ids_of_a_range_are_the_entries_ids_without_their_fields(redis
     finally:
         await redis_client.delete(stream)
         await streams.close()
+
+
+async def test_an_entry_deleted_while_pending_is_acknowledged_without_an_answer(wired, redis_client, settings, pool):
+    """An entry read and then deleted from its stream (XDEL, or a MAXLEN trim by its producer) before it
+    was acknowledged comes back from Redis without its fields: there is nothing to carry out, and, as the
+    contract says, no result (not an ``invalid_request`` failure for an entry nobody wrote badly). redis-py
+    hands such an entry over with an empty field map, never None: found by a review, 2026-12-05."""
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    stream, group = settings.streams.start_stream, settings.streams.consumer_group
+    mine = (await redis_client.xadd(stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    await redis_client.xreadgroup(group, settings.streams.consumer_name, {stream: ">"})  # read, then killed
+    theirs = (await redis_client.xadd(stream, {"game_id": "g2", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    await redis_client.xreadgroup(group, "deposed-leader", {stream: ">"})  # another consumer's, taken over
+    assert await redis_client.xdel(stream, mine, theirs) == 2
+    await drain(intake)
+    await intake.read_round(block_ms=None)
+    assert await relay.flush() == 0
+    assert await read_results(redis_client, settings.streams.results_stream) == []
+    assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 0
+    assert (await redis_client.xpending(stream, group))["pending"] == 0
+    assert changed == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import redis.exceptions
 
-from controller.streams import GroupMissing, StreamsError, StreamsUnavailable, _translate
+from controller.streams import GroupMissing, RedisStreams, StreamsError, StreamsUnavailable, _translate
 
 REFUSALS = [
     "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.",
@@ -45,3 +45,39 @@ def test_a_field_value_that_looks_like_a_code_does_not_make_an_outage():
     exc = redis.exceptions.ResponseError("ERR bad")
     exc.args = (f"Command # 1 (XADD s * reason NOREPLICAS) of pipeline caused error: {exc.args}",)
     assert isinstance(_translate(exc), StreamsError)
+
+
+class ScriptRefusingClient:
+    """A redis-py client whose EVAL answers with ``error``; XRANGE answers with two entries."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+        self.evals = 0
+
+    async def eval(self, *args):
+        self.evals += 1
+        raise redis.exceptions.ResponseError(self.error)
+
+    async def xrange(self, stream, min="-", max="+", count=None):
+        return [(b"1-0", {b"a": b"1"}), (b"2-0", {b"a": b"2"})]
+
+
+@pytest.mark.parametrize("message", REFUSALS)
+async def test_a_redis_refusing_for_a_while_is_an_outage_not_a_refusal_of_scripts(message):
+    """EVAL may write, so a Redis refusing writes for a while refuses it too: that is an outage (retry),
+    and the scripts are used again once it is over, not given up for the rest of the process."""
+    streams = RedisStreams("redis://127.0.0.1:1/0", group="g", consumer="c")
+    streams.client = ScriptRefusingClient(message)
+    with pytest.raises(StreamsUnavailable):
+        await streams.range_ids("s", "-")
+    with pytest.raises(StreamsUnavailable):
+        await streams.recent_field("s", 10, "result_id")
+    assert streams._scripts and streams.client.evals == 2
+
+
+async def test_a_server_that_refuses_scripts_gets_plain_reads_from_then_on():
+    streams = RedisStreams("redis://127.0.0.1:1/0", group="g", consumer="c")
+    streams.client = ScriptRefusingClient("NOPERM this user has no permissions to run the 'eval' command")
+    assert await streams.range_ids("s", "-") == ["1-0", "2-0"]
+    assert await streams.range_ids("s", "-") == ["1-0", "2-0"]
+    assert streams.client.evals == 1  # refused once: not asked again
