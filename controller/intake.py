@@ -73,6 +73,8 @@ BLOCK_MS = 1000
 BATCH = 1000            # new entries admitted in one transaction
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
+DELETED = ("the entry was deleted from its stream (XDEL, or a MAXLEN trim) before rtmanager handled it: "
+           "nothing was carried out")
 SAME_MS_SETTLE = 0.002   # past one millisecond of Redis' clock: see _merge
 READ_MARGIN = 0.5        # a blocking read ends this long before the leadership term could lapse
 
@@ -323,7 +325,7 @@ class Intake:
         items: list[Job | Rejection] = []
         kept: list[Entry] = []
         for entry in batch:
-            if self._deleted(entry) or self._below_mark(entry):
+            if self._below_mark(entry):
                 await self.redis_streams.ack(entry.stream, entry.id)
                 continue
             items.append(self._parse(entry))
@@ -353,16 +355,6 @@ class Intake:
         for stream, ids in by_stream.items():
             await self.redis_streams.ack(stream, *ids)
 
-    def _deleted(self, entry: Entry) -> bool:
-        """Deleted from its stream while pending (XDEL, or its producer's MAXLEN trim): nothing is left to
-        carry out, and nothing to answer. Said loudly: a job nobody will ever run."""
-        if entry.fields is not None:
-            return False
-        self.metrics.jobs.labels(entry.stream, "deleted").inc()
-        log.warning("entry deleted from its stream before it was handled: acknowledged, not carried out",
-                    extra={"stream": entry.stream, "entry_id": entry.id})
-        return True
-
     def _below_mark(self, entry: Entry) -> bool:
         mark = self.marks.get(entry.stream)
         if mark is None or entry_key(entry.id) > mark:
@@ -377,8 +369,11 @@ class Intake:
     def _parse(self, entry: Entry) -> Job | Rejection:
         kind = self.kind_of(entry)
         fields = entry.fields
-        if fields is None:  # the callers acknowledge an entry deleted while pending without parsing it
-            raise ValueError(f"entry {entry.id} of {entry.stream} has no fields")
+        if fields is None:
+            # Deleted from its stream while pending (XDEL, or its producer's MAXLEN trim): nothing is left to
+            # carry out, but its sender waits for an answer: a failure, with the entry id and no game.
+            return Rejection(kind=kind, game_id="", stream=entry.stream, entry_id=entry.id,
+                             code=ErrorCode.INVALID_REQUEST, message=DELETED)
         try:
             if entry.stream == self.config.control_stream:
                 return parse_control(fields, source=OpSource.LOBBY, stream=entry.stream, entry_id=entry.id)
@@ -393,7 +388,8 @@ class Intake:
         if outcome.duplicate:
             self.metrics.jobs.labels(stream, "duplicate").inc()
         elif isinstance(item, Rejection):
-            self.metrics.jobs.labels(stream, "rejected").inc()
+            # An entry deleted while pending is answered as a rejection, and counted apart (``_parse``).
+            self.metrics.jobs.labels(stream, "deleted" if item.message is DELETED else "rejected").inc()
             log.warning("rejected job: %s", item.message, extra={
                 "stream": stream, "entry_id": item.entry_id, "error_code": item.code.value, "game_id": item.game_id})
         else:
@@ -408,9 +404,6 @@ class Intake:
         """Handle one entry, then acknowledge it. A failing entry stays pending (False) and is
         tried again by a pending pass, until it is dead-lettered."""
         stream, entry_id = entry.stream, entry.id
-        if self._deleted(entry):
-            await self.redis_streams.ack(stream, entry_id)
-            return True
         if self._below_mark(entry):
             await self.redis_streams.ack(stream, entry_id)
             return True

@@ -98,8 +98,9 @@ def _text_fields(fields: Fields | None) -> dict[str, str]:
 # arrives, to the shape named here.
 Fields: TypeAlias = dict[bytes | str, bytes | str]
 # An entry deleted from its stream while pending comes back as an id without fields: Redis sends a nil,
-# which redis-py's stream parsing turns into an empty map. XADD never writes an entry without a field,
-# so an empty map can only mean deleted; ``Entry`` says so with ``fields=None``.
+# which redis-py's stream parsing turns into an empty map (or, claimed, it is named apart or left out).
+# XADD never writes an entry without a field, so an empty map can only mean deleted; ``Entry`` says so
+# with ``fields=None``.
 RawEntry: TypeAlias = tuple[bytes | str, Fields | None]
 StreamReply: TypeAlias = list[tuple[bytes | str, list[RawEntry]]]  # XREAD, XREADGROUP
 WriteFields: TypeAlias = dict[Any, Any]  # what XADD writes: str or bytes names, str/bytes/int values
@@ -237,6 +238,8 @@ class RedisStreams:
                                                  min_idle_time=min_idle_ms, start_id=cursor, count=count)
             cursor, claimed = _text(reply[0]), cast(list[RawEntry], reply[1])
             out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in claimed]
+            # Redis 7 drops entries deleted from the stream from the pending list itself and names them here.
+            out += [Entry(stream=stream, id=_text(eid), fields=None) for eid in (reply[2] if len(reply) > 2 else [])]
             if _text(cursor) == "0-0":
                 return out
 
@@ -263,8 +266,11 @@ class RedisStreams:
                     ids = [_text(r["message_id"]) for r in rows]
                     claimed = cast(list[RawEntry], await self.client.xclaim(stream, self.group, self.consumer,
                                                                             min_idle_time=0, message_ids=list(ids)))
-                    # An entry deleted from the stream comes back without fields (or not at all).
-                    out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in claimed]
+                    # An entry deleted from the stream comes back without fields, or (Redis 7) not at all:
+                    # Redis drops it from the pending list itself. Either way it is handed over as deleted.
+                    # (An id the other consumer acknowledged meanwhile was admitted first: it is a duplicate.)
+                    back = {_text(eid): fields for eid, fields in claimed}
+                    out += [Entry(stream=stream, id=i, fields=back.get(i) or None) for i in ids]
                     if len(rows) < count:
                         break
                     low = f"({ids[-1]}"
@@ -327,9 +333,10 @@ class RedisStreams:
 
     async def _script(self, script: str, key: str, *args: Any) -> Any | None:
         """A script's answer, or None once the server has refused scripts (NOPERM, scripting disabled): the
-        callers then read whole entries, for the rest of the process. A Redis refusing for a while (a
-        read-only replica, a failed save, too few replicas, busy, out of memory: all refuse EVAL, which may
-        write) is an outage like any other, not a refusal of scripts."""
+        callers then read whole entries, for the rest of the process. A Redis refusing for a while (busy with
+        another script, loading its data, a replica cut off from its master; under a configuration that
+        flags scripts as writing, a failed save, too few replicas, out of memory) is an outage like any
+        other, not a refusal of scripts."""
         if not self._scripts:
             return None
         try:

@@ -366,23 +366,35 @@ async def test_the_ids_of_a_range_are_the_entries_ids_without_their_fields(redis
         await streams.close()
 
 
-async def test_an_entry_deleted_while_pending_is_acknowledged_without_an_answer(wired, redis_client, settings, pool):
+async def test_an_entry_deleted_while_pending_is_answered_with_a_failure_and_acknowledged(wired, redis_client,
+                                                                                          settings, pool):
     """An entry read and then deleted from its stream (XDEL, or a MAXLEN trim by its producer) before it
-    was acknowledged comes back from Redis without its fields: there is nothing to carry out, and, as the
-    contract says, no result (not an ``invalid_request`` failure for an entry nobody wrote badly). redis-py
-    hands such an entry over with an empty field map, never None: found by a review, 2026-12-05."""
+    was acknowledged has nothing left to carry out, but its sender waits for an answer: a failure naming
+    its entry id, whichever way it comes back. Read again from this consumer's list, Redis gives it
+    without fields (redis-py: an empty map, never None); claimed from another consumer's list, Redis 7
+    drops it from the list itself and XAUTOCLAIM names it apart, XCLAIM leaves it out. Before: the first
+    was answered as a start with no game_id, the other two never (found by reviews, 2026-12-05)."""
     intake, relay, store, changed = wired
     await intake.ensure_groups()
     stream, group = settings.streams.start_stream, settings.streams.consumer_group
-    mine = (await redis_client.xadd(stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    job = {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"}
+    mine = (await redis_client.xadd(stream, job)).decode()
     await redis_client.xreadgroup(group, settings.streams.consumer_name, {stream: ">"})  # read, then killed
-    theirs = (await redis_client.xadd(stream, {"game_id": "g2", "image_ref": "galaxy/engine-stub:1.0"})).decode()
-    await redis_client.xreadgroup(group, "deposed-leader", {stream: ">"})  # another consumer's, taken over
-    assert await redis_client.xdel(stream, mine, theirs) == 2
-    await drain(intake)
+    dead = (await redis_client.xadd(stream, job)).decode()
+    await redis_client.xreadgroup(group, "dead-consumer", {stream: ">"})  # a dead leader's: XAUTOCLAIM
+    assert await redis_client.xdel(stream, mine, dead) == 2
+    await intake.pending_pass()
+    deposed = (await redis_client.xadd(stream, job)).decode()
+    await redis_client.xreadgroup(group, "deposed-leader", {stream: ">"})  # taken over at the next read: XCLAIM
+    assert await redis_client.xdel(stream, deposed) == 1
     await intake.read_round(block_ms=None)
-    assert await relay.flush() == 0
-    assert await read_results(redis_client, settings.streams.results_stream) == []
-    assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 0
+    assert await relay.flush() == 3
+    results = await read_results(redis_client, settings.streams.results_stream)
+    assert sorted(r["job_entry_id"] for r in results) == sorted([mine, dead, deposed])
+    for r in results:
+        assert (r["outcome"], r["error_code"], r["job"], r["game_id"]) == ("failure", "invalid_request", "start", "")
+        assert "deleted from its stream" in r["error_message"]
+    assert intake.metrics.jobs.labels(stream, "deleted")._value.get() == 3
+    assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 3
     assert (await redis_client.xpending(stream, group))["pending"] == 0
     assert changed == []

@@ -64,8 +64,10 @@ class ScriptRefusingClient:
 
 @pytest.mark.parametrize("message", REFUSALS)
 async def test_a_redis_refusing_for_a_while_is_an_outage_not_a_refusal_of_scripts(message):
-    """EVAL may write, so a Redis refusing writes for a while refuses it too: that is an outage (retry),
-    and the scripts are used again once it is over, not given up for the rest of the process."""
+    """A Redis that refuses commands for a while (BUSY with another script, LOADING, MASTERDOWN; the
+    write refusals where scripts count as writes) refuses EVAL too: that is an outage (retry), and the
+    scripts are used again once it is over, not given up for the rest of the process. Before, every
+    refusal but a ReadOnlyError (which redis-py raises for READONLY) gave them up."""
     streams = RedisStreams("redis://127.0.0.1:1/0", group="g", consumer="c")
     streams.client = ScriptRefusingClient(message)
     with pytest.raises(StreamsUnavailable):
