@@ -268,9 +268,12 @@ class RedisStreams:
                                                                             min_idle_time=0, message_ids=list(ids)))
                     # An entry deleted from the stream comes back without fields, or (Redis 7) not at all:
                     # Redis drops it from the pending list itself. Either way it is handed over as deleted.
-                    # (An id the other consumer acknowledged meanwhile was admitted first: it is a duplicate.)
+                    # An id left out that the stream still holds is not deleted: the other consumer
+                    # acknowledged it meanwhile (after admitting it), or an operator removed that consumer.
                     back = {_text(eid): fields for eid, fields in claimed}
-                    out += [Entry(stream=stream, id=i, fields=back.get(i) or None) for i in ids]
+                    for i in ids:
+                        if i in back or not await self.range_ids(stream, i, i, 1):
+                            out.append(Entry(stream=stream, id=i, fields=back.get(i) or None))
                     if len(rows) < count:
                         break
                     low = f"({ids[-1]}"

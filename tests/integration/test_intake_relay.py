@@ -398,3 +398,18 @@ async def test_an_entry_deleted_while_pending_is_answered_with_a_failure_and_ack
     assert await pool.fetchval("SELECT count(*) FROM runtime_operations") == 3
     assert (await redis_client.xpending(stream, group))["pending"] == 0
     assert changed == []
+
+
+async def test_the_adapter_hands_over_an_own_pending_entry_deleted_from_its_stream_without_fields(
+        wired, redis_client, settings):
+    """The adapter's own word, apart from the intake (whose pending pass also learns it from XAUTOCLAIM):
+    Redis answers a re-read of a deleted pending entry with a nil, which redis-py makes an empty map."""
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    stream, group = settings.streams.start_stream, settings.streams.consumer_group
+    gone = (await redis_client.xadd(stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    kept = (await redis_client.xadd(stream, {"game_id": "g2", "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    await redis_client.xreadgroup(group, settings.streams.consumer_name, {stream: ">"})
+    await redis_client.xdel(stream, gone)
+    entries = await intake.redis_streams.read_own_pending(stream, 10)
+    assert [(e.id, e.fields is None) for e in entries] == [(gone, True), (kept, False)]
