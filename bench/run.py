@@ -57,6 +57,10 @@ ADMIN_DSN = os.environ.get("RTMANAGER_TEST_DATABASE_URL", "postgresql://postgres
 REDIS_URL = os.environ.get("RTMANAGER_REDIS_URL", "redis://127.0.0.1:56379/0")
 CONCURRENCY = int(os.environ.get("RTMANAGER_CONCURRENCY", "4"))
 MEMORY, NANO_CPUS, PIDS = 512 * 1024**2, 10**9, 256
+# rtmanager's defaults for what an engine runs as and writes to (RTMANAGER_ENGINE_USER, _READ_ONLY, _TMPFS):
+# dockerd's work for them (a tmpfs mount, a read-only root) is the plain loop's too, or the ratio charges
+# it to the controller.
+ENGINE_UID, TMPFS = 10000, {"/tmp": "rw,nosuid,nodev,noexec,size=64m"}
 
 
 def free_port() -> int:
@@ -76,23 +80,32 @@ def pct(values: list[float], p: float) -> float:
 class Plain:
     """What one would write without a controller: create, start, poll health."""
 
-    def __init__(self, state_root: Path) -> None:
+    def __init__(self, state_root: Path, *, as_rtmanager: bool = True) -> None:
         self.client = docker.from_env(timeout=60, max_pool_size=16)
         self.api = self.client.api
         self.state_root = state_root
+        # False: without the engine user, the read-only root and the tmpfs (what this loop did before
+        # 2026-12-05, and what ``--hardening-cost`` compares with).
+        self.as_rtmanager = as_rtmanager
 
     def start_one(self, name: str) -> float:
         t0 = time.perf_counter()
         state = self.state_root / name
         state.mkdir(mode=0o700, exist_ok=True)
+        extra: dict = {}
+        if self.as_rtmanager:
+            os.chown(state, ENGINE_UID, ENGINE_UID)
+            extra = {"read_only": True, "tmpfs": TMPFS}
         hc = self.api.create_host_config(
             network_mode=NETWORK, mounts=[docker.types.Mount(target="/var/lib/galaxy-engine", source=str(state),
                                                              type="bind")],
             cap_drop=["ALL"], security_opt=["no-new-privileges:true"], privileged=False, pids_limit=PIDS,
             mem_limit=MEMORY, memswap_limit=MEMORY, nano_cpus=NANO_CPUS, restart_policy={"Name": "no"},
-            log_config=docker.types.LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}))
+            log_config=docker.types.LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+            **extra)
         nc = self.api.create_networking_config({NETWORK: self.api.create_endpoint_config(aliases=[name])})
         cid = self.api.create_container(IMAGE, name=name, hostname=name, host_config=hc, networking_config=nc,
+                                        user=f"{ENGINE_UID}:{ENGINE_UID}" if self.as_rtmanager else None,
                                         labels={LABEL_MANAGED_BY: "bench", LABEL_INSTANCE: PLAIN_INSTANCE,
                                                 LABEL_GAME_ID: name},
                                         environment={"GAME_ID": name, "ENGINE_PORT": "8080",
@@ -242,8 +255,11 @@ def compose_file(n: int, state_root: Path, prefix: str) -> str:
     for i in range(n):
         name = f"{prefix}-{i}"
         (state_root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(state_root / name, ENGINE_UID, ENGINE_UID)
         lines += [
             f"  {name}:", f"    image: {IMAGE}", f"    container_name: {name}", f"    hostname: {name}",
+            f"    user: '{ENGINE_UID}:{ENGINE_UID}'", "    read_only: true",
+            f"    tmpfs: ['/tmp:{TMPFS['/tmp']}']",
             "    cap_drop: [ALL]", "    security_opt: ['no-new-privileges:true']", f"    pids_limit: {PIDS}",
             "    mem_limit: 512m", "    memswap_limit: 512m", "    cpus: 1.0", "    restart: 'no'",
             "    environment: {GAME_ID: x, ENGINE_PORT: '8080', ENGINE_STATE_DIR: /var/lib/galaxy-engine}",
@@ -313,6 +329,24 @@ def bench_single(rtm: Rtm, plain: Plain, games: int) -> dict:
             "plain_median": statistics.median(p_times), "plain_p95": pct(p_times, 0.95),
             "ratio_median": statistics.median(r_times) / statistics.median(p_times),
             "overhead_median_ms": (statistics.median(r_times) - statistics.median(p_times)) * 1000}
+
+
+def bench_hardening(work: Path, pairs: int) -> dict:
+    """What rtmanager's engine defaults cost dockerd, not the controller: the plain loop's sequential
+    start (create, start, health) with the engine user, the read-only root and the tmpfs, and without
+    them, alternated so that the machine's drift falls on both."""
+    full, base = Plain(work / "plain-games"), Plain(work / "plain-games", as_rtmanager=False)
+    times: dict[str, list[float]] = {"as_rtmanager": [], "without": []}
+    try:
+        for i in range(pairs):
+            for key, plain in (("as_rtmanager", full), ("without", base)) if i % 2 == 0 else \
+                    (("without", base), ("as_rtmanager", full)):
+                times[key].append(plain.start_one(f"plain-hard-{key}-{i}"))
+    finally:
+        full.cleanup()
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {"pairs": pairs, "median_s": medians, "p95_s": {k: pct(v, 0.95) for k, v in times.items()},
+            "extra_ms": (medians["as_rtmanager"] - medians["without"]) * 1000}
 
 
 def docker_calls(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
@@ -447,6 +481,9 @@ def main() -> None:
     ap.add_argument("--steady-seconds", type=float, default=60)
     ap.add_argument("--resync", type=float, default=5)
     ap.add_argument("--planner-pairs", type=int, default=100_000)
+    ap.add_argument("--hardening-cost", type=int, default=0, metavar="PAIRS",
+                    help="also time the plain loop's start with and without rtmanager's engine user, read-only "
+                         "root and tmpfs, PAIRS starts each (alternated)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/latest.json"))
     args = ap.parse_args()
 
@@ -470,6 +507,9 @@ def main() -> None:
         if args.steady_games:
             print(f"steady state: {args.steady_games} games for {args.steady_seconds:g}s ...", flush=True)
             results["steady"] = bench_steady(rtm, args.steady_games, args.steady_seconds, args.resync)
+        if args.hardening_cost:
+            print(f"the engine defaults' cost to dockerd: {args.hardening_cost} pairs ...", flush=True)
+            results["hardening"] = bench_hardening(work, args.hardening_cost)
     finally:
         rtm.teardown()
         plain.cleanup()
@@ -505,6 +545,12 @@ def print_table(r: dict) -> None:
             calls = b.get(f"rtm_docker_calls_per_{what}") or {}
             print(f"{'':8}{b['n']} {what}s, rtmanager's Docker calls per job: "
                   + (", ".join(f"{op} {v:.2g}" for op, v in sorted(calls.items())) or "n/a"))
+    if "hardening" in r:
+        h = r["hardening"]
+        print(f"\n== the plain loop's start, sequential, median / p95 of {h['pairs']} each")
+        for key, label in (("as_rtmanager", "as rtmanager runs engines"), ("without", "without user, ro root, tmpfs")):
+            print(f"{label:32}{h['median_s'][key]:>10.3f}{h['p95_s'][key]:>10.3f}")
+        print(f"dockerd's extra time for rtmanager's engine defaults: {h['extra_ms']:.0f} ms a start")
     if "steady" in r:
         st = r["steady"]
         print(f"\n== steady state: {st['games']} running games, {st['seconds']:g}s idle, {st['resyncs']:g} resyncs")
