@@ -237,7 +237,8 @@ class RedisStreams:
             reply = await self.client.xautoclaim(stream, self.group, self.consumer,  # [cursor, entries, deleted]
                                                  min_idle_time=min_idle_ms, start_id=cursor, count=count)
             cursor, claimed = _text(reply[0]), cast(list[RawEntry], reply[1])
-            out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in claimed]
+            out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in claimed
+                    if eid is not None]  # Redis 6.2 answers a deleted entry with a nil: no id to go by
             # Redis 7 drops entries deleted from the stream from the pending list itself and names them here.
             out += [Entry(stream=stream, id=_text(eid), fields=None) for eid in (reply[2] if len(reply) > 2 else [])]
             if _text(cursor) == "0-0":
@@ -270,14 +271,23 @@ class RedisStreams:
                     # Redis drops it from the pending list itself. Either way it is handed over as deleted.
                     # An id left out that the stream still holds is not deleted: the other consumer
                     # acknowledged it meanwhile (after admitting it), or an operator removed that consumer.
-                    back = {_text(eid): fields for eid, fields in claimed}
-                    for i in ids:
-                        if i in back or not await self.range_ids(stream, i, i, 1):
-                            out.append(Entry(stream=stream, id=i, fields=back.get(i) or None))
+                    back = {_text(eid): fields for eid, fields in claimed if eid is not None}
+                    held = await self._still_held(stream, [i for i in ids if i not in back])
+                    out += [Entry(stream=stream, id=i, fields=back.get(i) or None) for i in ids if i not in held]
                     if len(rows) < count:
                         break
                     low = f"({ids[-1]}"
         return out
+
+    async def _still_held(self, stream: str, ids: list[str]) -> set[str]:
+        """Which of ``ids`` the stream still holds: one pipelined XRANGE of each, in one round trip."""
+        if not ids:
+            return set()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.xrange(stream, min=i, max=i, count=1)
+            found = await pipe.execute()
+        return {i for i, got in zip(ids, found, strict=True) if got}
 
     async def ack(self, stream: str, *entry_ids: str) -> None:
         if entry_ids:

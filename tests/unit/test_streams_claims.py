@@ -9,7 +9,7 @@ from controller.streams import RedisStreams
 class Pipeline:
     def __init__(self, client: OneDeposedConsumer) -> None:
         self.client = client
-        self.calls = 0
+        self.queued: list[tuple[str, str | None]] = []
 
     async def __aenter__(self) -> Pipeline:
         return self
@@ -18,11 +18,18 @@ class Pipeline:
         return None
 
     def xpending(self, stream, group):
-        self.calls += 1
+        self.queued.append(("xpending", None))
+
+    def xrange(self, stream, min, max, count):
+        self.queued.append(("xrange", min))
 
     async def execute(self):
         n = len(self.client.pending)
-        return [{"pending": n, "consumers": [{"name": b"deposed", "pending": n}]} for _ in range(self.calls)]
+        out = [{"pending": n, "consumers": [{"name": b"deposed", "pending": n}]} if op == "xpending"
+               else ([(arg.encode(), {b"game_id": b"g"})] if arg in self.client.stored else [])
+               for op, arg in self.queued]
+        self.client.round_trips += 1
+        return out
 
 
 class OneDeposedConsumer:
@@ -31,6 +38,7 @@ class OneDeposedConsumer:
 
     def __init__(self, pending: list[str], stored: set[str], claimable: set[str]) -> None:
         self.pending, self.stored, self.claimable = pending, stored, claimable
+        self.round_trips = 0
 
     def pipeline(self, transaction: bool = False) -> Pipeline:
         return Pipeline(self)
@@ -41,14 +49,13 @@ class OneDeposedConsumer:
     async def xclaim(self, stream, group, consumer, min_idle_time, message_ids):
         return [(i.encode(), {b"game_id": b"g"}) for i in message_ids if i in self.claimable]
 
-    async def eval(self, script, numkeys, key, start, end, count):  # IDS_IN_RANGE
-        return [start.encode()] if start in self.stored else []
-
 
 async def test_an_id_xclaim_leaves_out_is_deleted_only_when_the_stream_no_longer_holds_it():
     streams = RedisStreams("redis://127.0.0.1:1/0", group="g", consumer="leader")
     # 1-0 claimed; 2-0 deleted from the stream (Redis 7 drops it and leaves it out); 3-0 still in the
     # stream but no longer pending (the deposed consumer acknowledged it after admitting it).
-    streams.client = OneDeposedConsumer(["1-0", "2-0", "3-0"], stored={"1-0", "3-0"}, claimable={"1-0"})
+    streams.client = OneDeposedConsumer(["1-0", "2-0", "3-0", "4-0"], stored={"1-0", "3-0"}, claimable={"1-0"})
     got = await streams.claim_others(["s"], 100)
-    assert [(e.id, e.fields is None) for e in got] == [("1-0", False), ("2-0", True)]
+    assert [(e.id, e.fields is None) for e in got] == [("1-0", False), ("2-0", True), ("4-0", True)]
+    # The XPENDING of every stream, then one round trip for all the ids XCLAIM left out.
+    assert streams.client.round_trips == 2
