@@ -389,7 +389,7 @@ class Intake:
             self.metrics.jobs.labels(stream, "duplicate").inc()
         elif isinstance(item, Rejection):
             # An entry deleted while pending is answered as a rejection, and counted apart (``_parse``).
-            self.metrics.jobs.labels(stream, "deleted" if item.message is DELETED else "rejected").inc()
+            self.metrics.jobs.labels(stream, "deleted" if item.message == DELETED else "rejected").inc()
             log.warning("rejected job: %s", item.message, extra={
                 "stream": stream, "entry_id": item.entry_id, "error_code": item.code.value, "game_id": item.game_id})
         else:
