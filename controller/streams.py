@@ -232,17 +232,17 @@ class RedisStreams:
     async def claim_idle(self, stream: str, min_idle_ms: int, count: int) -> list[Entry]:
         """Take over entries idle longer than ``min_idle_ms`` in other consumers' lists."""
         out: list[Entry] = []
-        cursor = "0-0"
+        low = "-"
         while True:
-            reply = await self.client.xautoclaim(stream, self.group, self.consumer,  # [cursor, entries, deleted]
-                                                 min_idle_time=min_idle_ms, start_id=cursor, count=count)
-            cursor, claimed = _text(reply[0]), cast(list[RawEntry], reply[1])
-            out += [Entry(stream=stream, id=_text(eid), fields=fields or None) for eid, fields in claimed
-                    if eid is not None]  # Redis 6.2 answers a deleted entry with a nil: no id to go by
-            # Redis 7 drops entries deleted from the stream from the pending list itself and names them here.
-            out += [Entry(stream=stream, id=_text(eid), fields=None) for eid in (reply[2] if len(reply) > 2 else [])]
-            if _text(cursor) == "0-0":
+            rows = cast(list[Row], await self.client.xpending_range(stream, self.group, min=low, max="+",
+                                                                    count=count, idle=min_idle_ms))
+            if not rows:
                 return out
+            out += await self._take_over(stream, [_text(r["message_id"]) for r in rows
+                                                  if _text(r["consumer"]) != self.consumer], min_idle_ms)
+            if len(rows) < count:
+                return out
+            low = f"({_text(rows[-1]['message_id'])}"
 
     async def claim_others(self, streams: list[str], count: int) -> list[Entry]:
         """Take over at once every entry pending in another consumer's list, however briefly idle
@@ -265,19 +265,35 @@ class RedisStreams:
                     if not rows:
                         break
                     ids = [_text(r["message_id"]) for r in rows]
-                    claimed = cast(list[RawEntry], await self.client.xclaim(stream, self.group, self.consumer,
-                                                                            min_idle_time=0, message_ids=list(ids)))
-                    # An entry deleted from the stream comes back without fields, or (Redis 7) not at all:
-                    # Redis drops it from the pending list itself. Either way it is handed over as deleted.
-                    # An id left out that the stream still holds is not deleted: the other consumer
-                    # acknowledged it meanwhile (after admitting it), or an operator removed that consumer.
-                    back = {_text(eid): fields for eid, fields in claimed if eid is not None}
-                    held = await self._still_held(stream, [i for i in ids if i not in back])
-                    out += [Entry(stream=stream, id=i, fields=back.get(i) or None) for i in ids if i not in held]
+                    out += await self._take_over(stream, ids, 0)
                     if len(rows) < count:
                         break
                     low = f"({ids[-1]}"
         return out
+
+    async def _take_over(self, stream: str, ids: list[str], min_idle_ms: int) -> list[Entry]:
+        """Entries pending in other consumers' lists (``ids``, in order), handed over to this one.
+
+        An entry deleted from the stream is handed over as deleted (``fields=None``) and not claimed:
+        Redis 7 drops a deleted entry from the pending list when XCLAIM or XAUTOCLAIM meets it, so a
+        crash, an outage or a lost term before its answer was committed would lose the answer. Left in
+        the other consumer's list, it comes back at the next take-over until the intake's XACK, after
+        the answer, removes it (XACK does not ask whose list an entry is in)."""
+        if not ids:
+            return []
+        held = await self._still_held(stream, ids)
+        keep = [i for i in ids if i in held]
+        back: dict[str, Fields | None] = {}
+        if keep:
+            claimed = cast(list[RawEntry], await self.client.xclaim(stream, self.group, self.consumer,
+                                                                    min_idle_time=min_idle_ms, message_ids=list(keep)))
+            back = {_text(eid): fields for eid, fields in claimed if eid is not None}  # Redis 6.2: a nil if deleted
+        # An id the claim left out was deleted in the moment since the look (Redis dropped it: handed over as
+        # deleted, the only window left), or it is still held: the other consumer acknowledged it meanwhile
+        # (after admitting it), an operator removed that consumer, or (min_idle_ms) it was read again.
+        left = await self._still_held(stream, [i for i in keep if i not in back])
+        return [Entry(stream=stream, id=i, fields=back.get(i) or None) for i in ids
+                if i in back or (i not in left)]
 
     async def _still_held(self, stream: str, ids: list[str]) -> set[str]:
         """Which of ``ids`` the stream still holds: one pipelined XRANGE of each, in one round trip."""

@@ -191,7 +191,8 @@ class FakeStreams:
         for eid in sorted(s.pending, key=entry_key):
             p = s.pending[eid]
             if p.consumer != self.consumer and (now - p.delivered_at) * 1000 >= min_idle_ms:
-                s.pending[eid] = _Pending(self.consumer, p.deliveries + 1, now)
+                if eid in by_id:  # a deleted entry is handed over unclaimed, as the adapter does
+                    s.pending[eid] = _Pending(self.consumer, p.deliveries + 1, now)
                 out.append(Entry(stream=stream, id=eid, fields=dict(by_id[eid]) if eid in by_id else None))
         return out
 
@@ -205,7 +206,8 @@ class FakeStreams:
             for eid in sorted(s.pending, key=entry_key):
                 p = s.pending[eid]
                 if p.consumer != self.consumer:
-                    s.pending[eid] = _Pending(self.consumer, p.deliveries + 1, self.clock.monotonic())
+                    if eid in by_id:
+                        s.pending[eid] = _Pending(self.consumer, p.deliveries + 1, self.clock.monotonic())
                     out.append(Entry(stream=name, id=eid, fields=dict(by_id[eid]) if eid in by_id else None))
         return out
 

@@ -371,9 +371,9 @@ async def test_an_entry_deleted_while_pending_is_answered_with_a_failure_and_ack
     """An entry read and then deleted from its stream (XDEL, or a MAXLEN trim by its producer) before it
     was acknowledged has nothing left to carry out, but its sender waits for an answer: a failure naming
     its entry id, whichever way it comes back. Read again from this consumer's list, Redis gives it
-    without fields (redis-py: an empty map, never None); claimed from another consumer's list, Redis 7
-    drops it from the list itself and XAUTOCLAIM names it apart, XCLAIM leaves it out. Before: the first
-    was answered as a start with no game_id, the other two never (found by reviews, 2026-12-05)."""
+    without fields (redis-py: an empty map, never None); in another consumer's list, a claim would drop
+    it (Redis 7), so it is answered unclaimed and acknowledged there. Before: the first was answered as
+    a start with no game_id, the other two never (found by reviews, 2026-12-05)."""
     intake, relay, store, changed = wired
     await intake.ensure_groups()
     stream, group = settings.streams.start_stream, settings.streams.consumer_group
@@ -413,3 +413,49 @@ async def test_the_adapter_hands_over_an_own_pending_entry_deleted_from_its_stre
     await redis_client.xdel(stream, gone)
     entries = await intake.redis_streams.read_own_pending(stream, 10)
     assert [(e.id, e.fields is None) for e in entries] == [(gone, True), (kept, False)]
+
+
+async def test_a_deleted_entry_taken_over_is_still_answered_after_an_outage_cut_the_take_over(
+        wired, redis_client, settings, monkeypatch):
+    """A dead or deposed consumer's entry that was deleted from its stream: the take-over must not drop
+    it from the pending list before its answer is committed. Before, XAUTOCLAIM and XCLAIM dropped it
+    there themselves (Redis 7), so a database outage (or a crash, or a lost term) between the claim and
+    the commit lost the answer for good (the loss window the contract named, 2026-12-05)."""
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    stream, group = settings.streams.start_stream, settings.streams.consumer_group
+    job = {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"}
+    real_reject, refused = intake.admission.reject, []
+
+    async def down(**kwargs):
+        refused.append(kwargs["entry_id"])
+        raise StoreUnavailable("postgres: connection refused")
+
+    async def pending() -> int:
+        return (await redis_client.xpending(stream, group))["pending"]
+
+    async def deleted_in(consumer: str) -> str:
+        entry = (await redis_client.xadd(stream, job)).decode()
+        await redis_client.xreadgroup(group, consumer, {stream: ">"})
+        assert await redis_client.xdel(stream, entry) == 1
+        return entry
+
+    dead = await deleted_in("dead-consumer")  # the pending pass takes it over (XAUTOCLAIM before)
+    deposed = None
+    for step, take_over in enumerate((intake.pending_pass, lambda: intake.read_round(block_ms=None))):
+        if step:
+            deposed = await deleted_in("deposed-leader")  # a read takes it over at once (XCLAIM before)
+        monkeypatch.setattr(intake.admission, "reject", down)
+        with pytest.raises(StoreUnavailable):
+            await take_over()
+        assert refused[-1] == (deposed or dead)
+        assert await pending() == 1  # not dropped from the pending list
+        monkeypatch.setattr(intake.admission, "reject", real_reject)  # the database is back
+        await take_over()
+        assert await pending() == 0
+    assert await relay.flush() == 2
+    results = await read_results(redis_client, settings.streams.results_stream)
+    assert [r["job_entry_id"] for r in results] == [dead, deposed]
+    assert {(r["outcome"], r["error_code"], r["game_id"]) for r in results} == {("failure", "invalid_request", "")}
+    assert await pending() == 0
+    assert changed == []

@@ -1,5 +1,7 @@
-"""Taking over another consumer's pending entries (``RedisStreams.claim_others``): which ids XCLAIM
-leaves out are deleted entries, to be answered as such, and which are not."""
+"""Taking over another consumer's pending entries (``RedisStreams.claim_others``, ``claim_idle``): a
+deleted entry is handed over as deleted and never claimed (a claim drops it from the pending list
+before its answer is committed), and an id XCLAIM leaves out is deleted only when the stream no longer
+holds it."""
 
 from __future__ import annotations
 
@@ -34,28 +36,60 @@ class Pipeline:
 
 class OneDeposedConsumer:
     """A Redis whose stream ``s`` holds ``stored`` and whose consumer "deposed" has ``pending`` pending;
-    XCLAIM returns only ``claimable`` (an id acknowledged or deleted meanwhile is left out)."""
+    XCLAIM returns only ``claimable`` (an id acknowledged or deleted meanwhile is left out), and deletes
+    ``deleted_at_claim`` from the stream just before it runs."""
 
-    def __init__(self, pending: list[str], stored: set[str], claimable: set[str]) -> None:
+    def __init__(self, pending: list[str], stored: set[str], claimable: set[str],
+                 deleted_at_claim: frozenset[str] = frozenset()) -> None:
         self.pending, self.stored, self.claimable = pending, stored, claimable
+        self.deleted_at_claim = deleted_at_claim
         self.round_trips = 0
+        self.claimed: list[str] = []
 
     def pipeline(self, transaction: bool = False) -> Pipeline:
         return Pipeline(self)
 
-    async def xpending_range(self, stream, group, min, max, count, consumername):
-        return [{"message_id": i.encode()} for i in self.pending] if min == "-" else []
+    async def xpending_range(self, stream, group, min, max, count, consumername=None, idle=None):
+        self.round_trips += 1
+        return [{"message_id": i.encode(), "consumer": b"deposed"} for i in self.pending] if min == "-" else []
 
     async def xclaim(self, stream, group, consumer, min_idle_time, message_ids):
-        return [(i.encode(), {b"game_id": b"g"}) for i in message_ids if i in self.claimable]
+        self.round_trips += 1
+        self.claimed += message_ids
+        self.stored -= self.deleted_at_claim
+        return [(i.encode(), {b"game_id": b"g"}) for i in message_ids
+                if i in self.claimable and i not in self.deleted_at_claim]
 
 
-async def test_an_id_xclaim_leaves_out_is_deleted_only_when_the_stream_no_longer_holds_it():
+def deposed(**kw) -> RedisStreams:
     streams = RedisStreams("redis://127.0.0.1:1/0", group="g", consumer="leader")
-    # 1-0 claimed; 2-0 deleted from the stream (Redis 7 drops it and leaves it out); 3-0 still in the
-    # stream but no longer pending (the deposed consumer acknowledged it after admitting it).
-    streams.client = OneDeposedConsumer(["1-0", "2-0", "3-0", "4-0"], stored={"1-0", "3-0"}, claimable={"1-0"})
+    streams.client = OneDeposedConsumer(**kw)
+    return streams
+
+
+async def test_a_deleted_entry_is_handed_over_unclaimed_and_a_left_out_id_is_deleted_only_when_gone():
+    # 1-0 claimed; 2-0 and 4-0 deleted from the stream (handed over as deleted, not claimed: the claim
+    # would drop them from the pending list); 3-0 still in the stream but no longer pending (the deposed
+    # consumer acknowledged it after admitting it): XCLAIM leaves it out, and it is not deleted.
+    for take_over, trips in ((lambda s: s.claim_others(["s"], 100), 5), (lambda s: s.claim_idle("s", 30_000, 100), 4)):
+        streams = deposed(pending=["1-0", "2-0", "3-0", "4-0"], stored={"1-0", "3-0"}, claimable={"1-0"})
+        got = await take_over(streams)
+        assert [(e.id, e.fields is None) for e in got] == [("1-0", False), ("2-0", True), ("4-0", True)]
+        assert streams.client.claimed == ["1-0", "3-0"]
+        # (For claim_others, the XPENDING summary of every stream,) the pending range, the look at the
+        # stream, the claim, and one look for the ids the claim left out.
+        assert streams.client.round_trips == trips
+
+
+async def test_an_entry_deleted_between_the_look_and_the_claim_is_handed_over_as_deleted():
+    streams = deposed(pending=["1-0", "2-0"], stored={"1-0", "2-0"}, claimable={"1-0", "2-0"},
+                      deleted_at_claim=frozenset({"2-0"}))
     got = await streams.claim_others(["s"], 100)
-    assert [(e.id, e.fields is None) for e in got] == [("1-0", False), ("2-0", True), ("4-0", True)]
-    # The XPENDING of every stream, then one round trip for all the ids XCLAIM left out.
-    assert streams.client.round_trips == 2
+    assert [(e.id, e.fields is None) for e in got] == [("1-0", False), ("2-0", True)]
+
+
+async def test_nothing_to_take_over_costs_no_look():
+    streams = deposed(pending=["1-0"], stored={"1-0"}, claimable={"1-0"})
+    streams.client.pending = []
+    assert await streams.claim_idle("s", 0, 100) == []
+    assert streams.client.round_trips == 1
