@@ -22,8 +22,9 @@ streams, whatever the backlog:
   handled the first one or dead-lettered it.
 * A pending pass (at start, after an outage, on election, and every few
   seconds) re-reads this consumer's pending entries and claims entries idle in
-  dead consumers' lists (XAUTOCLAIM, looped until its cursor is 0-0; a new
-  leader claims everything its predecessor left at once), and handles them in
+  dead consumers' lists (XPENDING then XCLAIM; an entry deleted from its stream
+  is answered without being claimed; a new leader claims everything its
+  predecessor left at once), and handles them in
   the same merge as new entries: a stop delivered early (a round cut by an
   outage, a crash, a fail-over) waits until the streams are read past it.
 * Only the leader reads, and only while its term is valid (``fence``); after

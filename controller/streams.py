@@ -12,8 +12,10 @@ Entry fields stay bytes: a job entry may carry anything, and the job parser is
 the place that says which bytes are a valid field.
 
 Redis facts this relies on: XREADGROUP's COUNT applies to each stream
-separately; XAUTOCLAIM must be looped until its cursor comes back as 0-0;
-reading one's own pending entries again (id 0) and claiming raise their delivery
+separately; XPENDING's range must be paged by exclusive ids; XCLAIM and
+XAUTOCLAIM drop an entry deleted from the stream from the pending list (Redis 7),
+so a deleted entry is never claimed; reading one's own pending entries again
+(id 0) and claiming raise their delivery
 count, so that count is *not* a count of handling attempts; trimming a stream
 deletes entries whether or not they are pending, so job streams are only ever
 trimmed below what has been handled (controller/intake.py).
@@ -22,7 +24,9 @@ trimmed below what has been handled (controller/intake.py).
 from __future__ import annotations
 
 import logging
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, cast
 
@@ -48,6 +52,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 # plain ResponseError (inside a pipeline, with its message rewritten: see _error_code).
 _REFUSING = frozenset({"MISCONF", "NOREPLICAS", "READONLY", "LOADING", "BUSY", "OOM", "MASTERDOWN", "TRYAGAIN",
                        "CLUSTERDOWN"})
+DELETED_MEMO = 10_000  # deleted entries claim_others remembers having handed over
+DELETED_RETRY = 5.0  # seconds before a read hands over again a deleted entry whose answer failed
 _PIPELINE_ERROR = re.compile(r"of pipeline caused error: \(?['\"]?([A-Z]+)\b")
 
 
@@ -163,6 +169,7 @@ class RedisStreams:
         self.group = group
         self.consumer = consumer
         self._scripts = True  # False once the server refused a script (IDS_IN_RANGE, NEWEST_IDS_WITH_FIELD)
+        self._deleted: dict[tuple[str, str], float] = {}  # deleted entries a read handed over, and when
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -232,14 +239,14 @@ class RedisStreams:
     async def claim_idle(self, stream: str, min_idle_ms: int, count: int) -> list[Entry]:
         """Take over entries idle longer than ``min_idle_ms`` in other consumers' lists."""
         out: list[Entry] = []
-        low = "-"
+        low, mine = "-", self.consumer.encode()
         while True:
             rows = cast(list[Row], await self.client.xpending_range(stream, self.group, min=low, max="+",
                                                                     count=count, idle=min_idle_ms))
             if not rows:
                 return out
             out += await self._take_over(stream, [_text(r["message_id"]) for r in rows
-                                                  if _text(r["consumer"]) != self.consumer], min_idle_ms)
+                                                  if r["consumer"] not in (self.consumer, mine)], min_idle_ms)
             if len(rows) < count:
                 return out
             low = f"({_text(rows[-1]['message_id'])}"
@@ -255,8 +262,8 @@ class RedisStreams:
         out: list[Entry] = []
         for stream, summary in zip(streams, summaries, strict=True):
             for c in summary.get("consumers") or []:
-                name = _text(c["name"])
-                if name == self.consumer or not int(c["pending"]):
+                name = c["name"]  # as Redis gave it: a name need not be UTF-8
+                if name in (self.consumer, self.consumer.encode()) or not int(c["pending"]):
                     continue
                 low = "-"
                 while True:
@@ -265,11 +272,28 @@ class RedisStreams:
                     if not rows:
                         break
                     ids = [_text(r["message_id"]) for r in rows]
-                    out += await self._take_over(stream, ids, 0)
+                    # A deleted entry stays in the other consumer's list until its answer is acknowledged: one
+                    # a read handed over whose answer failed is handed over again DELETED_RETRY later, not
+                    # looked up, counted as an attempt and tried at every read.
+                    now = time.monotonic()
+                    got = await self._take_over(stream, [i for i in ids if now - self._deleted.get((stream, i),
+                                                                                               -math.inf)
+                                                         >= DELETED_RETRY], 0)
+                    for e in got:
+                        if e.fields is None:
+                            self._remember_deleted(stream, e.id, now)
+                    out += got
                     if len(rows) < count:
                         break
                     low = f"({ids[-1]}"
         return out
+
+    def _remember_deleted(self, stream: str, entry_id: str, now: float) -> None:
+        """When a read last handed a deleted entry over; the longest ago let go past a bound."""
+        self._deleted.pop((stream, entry_id), None)
+        self._deleted[(stream, entry_id)] = now
+        if len(self._deleted) > DELETED_MEMO:
+            del self._deleted[next(iter(self._deleted))]
 
     async def _take_over(self, stream: str, ids: list[str], min_idle_ms: int) -> list[Entry]:
         """Entries pending in other consumers' lists (``ids``, in order), handed over to this one.

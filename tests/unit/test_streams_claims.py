@@ -5,6 +5,7 @@ holds it."""
 
 from __future__ import annotations
 
+import controller.streams as streams_module
 from controller.streams import RedisStreams
 
 
@@ -93,3 +94,22 @@ async def test_nothing_to_take_over_costs_no_look():
     streams.client.pending = []
     assert await streams.claim_idle("s", 0, 100) == []
     assert streams.client.round_trips == 1
+
+
+async def test_a_read_hands_a_deleted_entry_over_again_only_after_a_while(monkeypatch):
+    """Left in the other consumer's list until its answer is acknowledged, a deleted entry whose answer
+    failed would come back at every read (each counted as an attempt, each looked up again): a read hands
+    it over again DELETED_RETRY later; the pending pass whenever it is idle long enough."""
+    now = [1000.0]
+    monkeypatch.setattr(streams_module.time, "monotonic", lambda: now[0])
+    streams = deposed(pending=["1-0", "2-0"], stored={"1-0"}, claimable={"1-0"})
+    first = await streams.claim_others(["s"], 100)
+    assert [(e.id, e.fields is None) for e in first] == [("1-0", False), ("2-0", True)]
+    streams.client.pending = ["2-0"]  # 1-0 is this consumer's now; 2-0's answer failed
+    trips = streams.client.round_trips
+    now[0] += streams_module.DELETED_RETRY - 0.1
+    assert await streams.claim_others(["s"], 100) == []
+    assert streams.client.round_trips == trips + 2  # the summary and the range: no look, no claim
+    assert [e.id for e in await streams.claim_idle("s", 30_000, 100)] == ["2-0"]
+    now[0] += 0.1
+    assert [(e.id, e.fields is None) for e in await streams.claim_others(["s"], 100)] == [("2-0", True)]
