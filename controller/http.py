@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from controller.access import ROUTE_ROLES, allows, required_role
 from controller.admission import Admission
+from controller.bodies import json_body
 from controller.config import ConfigError, HttpSettings
 from controller.console_http import ConsoleRoutes
 from controller.drains_api import DrainApi
@@ -300,7 +301,7 @@ class HttpServer:
         body: dict[str, Any] = {}
         if request.can_read_body:
             try:
-                body = await request.json()
+                body = await json_body(request)
             except (ValueError, UnicodeDecodeError):
                 return _error(400, "the body must be a JSON object")
             if not isinstance(body, dict):
@@ -363,7 +364,7 @@ class HttpServer:
         if not GAME_ID_PATTERN.fullmatch(game_id):
             return _error(400, "game_id does not match the pattern")
         try:
-            body = await request.json()
+            body = await json_body(request)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "the body must be a JSON object")
         if not isinstance(body, dict) or "turn_interval" not in body:
@@ -414,7 +415,7 @@ class HttpServer:
 
     async def _version_body(self, request: web.Request, allowed: set[str]) -> dict[str, Any] | web.Response:
         try:
-            body = await request.json()
+            body = await json_body(request)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "the body must be a JSON object")
         if not isinstance(body, dict):
@@ -515,7 +516,7 @@ class HttpServer:
         if self.drains is None:
             return _error(503, "drains are not available on this server")
         try:
-            body = await request.json()
+            body = await json_body(request)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "the body must be a JSON object")
         req = self.drains.parse(body)

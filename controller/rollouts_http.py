@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from controller.bodies import json_body
 from desired.errors import NotFound
 from desired.rollouts import (
     Action,
@@ -90,7 +91,7 @@ class RolloutRoutes:
 
     async def create(self, request: web.Request) -> web.Response:
         try:
-            body = await request.json()
+            body = await json_body(request)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "the body must be a JSON object")
         try:

@@ -107,7 +107,7 @@ def parse_file(text: str) -> list[Token]:
     if stripped.startswith("["):
         try:
             items = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the decoder's depth
             raise InvalidTokens(f"not valid JSON (line {getattr(exc, 'lineno', '?')})") from None
         out = []
         for i, item in enumerate(items, 1):

@@ -186,7 +186,7 @@ class EngineClient:
                                 f"the admin token recorded for it ({'one was sent' if token else 'none was sent'})")
         try:
             data = json.loads(raw) if raw.strip() else None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the decoder's depth: a bad answer
             data = None
         return status, data
 

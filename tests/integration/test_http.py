@@ -335,6 +335,20 @@ async def test_bad_input_is_refused_before_it_reaches_desired_state(api):
     assert api.containers("bad-1") == []
 
 
+async def test_a_json_body_nested_past_the_decoders_depth_is_a_400_on_every_route_that_reads_one(api):
+    """Python's JSON decoder raises RecursionError, not ValueError, on an array nested a few thousand deep:
+    200 KB, well under the body limit. Before, every route that reads a body answered it with a 500."""
+    await api.start()
+    nested = b'{"image_ref": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for method, path in (("POST", "/api/v1/runtimes/bad-1/start"), ("PUT", "/api/v1/runtimes/bad-1/schedule"),
+                         ("POST", "/api/v1/admin/engine-versions"), ("PATCH", "/api/v1/admin/engine-versions/1.0"),
+                         ("POST", "/api/v1/drains"), ("POST", "/api/v1/rollouts")):
+        status, res, _ = await api.request(method, path, data=nested, headers={"Content-Type": "application/json"})
+        assert status == 400, (method, path, status, res)
+    status, body = await api.get("/api/v1/runtimes")
+    assert status == 200 and body["runtimes"] == []
+
+
 async def test_the_path_game_id_cannot_be_overridden_by_the_body(api):
     """POST /runtimes/A/start with {"game_id": "B"} must act on A (or be refused), never start B."""
     await api.start()

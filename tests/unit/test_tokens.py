@@ -66,6 +66,7 @@ def test_lines_and_json_and_hashes_give_the_same_tokens() -> None:
     (f"x read {READER}\ny admin {READER}", "token y has the same secret"),
     ("[{\"name\": \"x\", \"role\": \"read\"}]", "either the token or sha256"),
     ("[{", "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),  # nested past the decoder's depth
 ])
 def test_a_bad_file_says_why_and_never_shows_a_secret(text: str, says: str) -> None:
     with pytest.raises(InvalidTokens) as err:
