@@ -15,11 +15,14 @@ invariant.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from desired.model import MAX_TURN, DesiredStatus, ErrorCode, Health, RuntimeRecord, Status
+from desired.model import MAX_TURN, DesiredStatus, ErrorCode, Health, JobKind, RuntimeRecord, Status
 from desired.policy import CrashVerdict, rollback_target
+
+TURN_ASKS = frozenset({JobKind.TURN, JobKind.FORCE_NEXT_TURN})  # the jobs that ask an engine for a turn
 
 
 def _at_least(now: datetime, *floors: datetime | None) -> datetime:
@@ -183,15 +186,22 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
                        restart_not_before=now + timedelta(seconds=verdict.delay), **crash)
 
 
-def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) -> tuple[RuntimeRecord, str | None]:
-    """The current generation cannot converge: its jobs get this failure, and a new generation asks
-    for what is safe now. Returns the new record and the image rolled back to (or None).
+def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
+           asked: Collection[JobKind] = ()) -> tuple[RuntimeRecord, str | None]:
+    """The current generation cannot converge: its jobs (of the kinds ``asked``) get this failure, and
+    a new generation asks for what is safe now. Returns the new record and the image rolled back to
+    (or None).
 
     * a game being removed stays on its way to removal (removal is final once asked for);
+    * a game whose pending jobs only asked for a turn fails as a turn does (``turn_failed``): a turn
+      that cannot be had, a Docker outage longer than the job timeout included, says nothing against
+      running the game, which no job asked to change;
     * a game a job was replacing while it ran goes back to the image it ran (once);
     * anything else is no longer wanted running: Lobby was told the job failed, so the
       controller must not later run a game Lobby believes dead.
     """
+    if asked and set(asked) <= TURN_ASKS and cur.desired_status is DesiredStatus.RUNNING:
+        return turn_failed(cur, now, code=code, message=message), None
     common = dict(generation=cur.generation + 1, last_error_code=code, last_error_message=message,
                   restart_not_before=None, last_op_at=_touch(cur, now))
     cur = turn_unasked(cur)  # the jobs that asked for a turn are answered with this failure

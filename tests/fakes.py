@@ -843,8 +843,9 @@ class FakeStore:
         cur = self.records.get(game_id)
         if cur is None or cur.generation != generation:
             return None
-        new, target = transitions.failed(cur, now, code=code, message=message)
-        jobs = [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)]
+        jobs = [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)
+                and o.generation <= generation]
+        new, target = transitions.failed(cur, now, code=code, message=message, asked={o.op for o in jobs})
         self._swap(cur, new)
         if (new.desired_status is DesiredStatus.STOPPED and cur.desired_status is DesiredStatus.RUNNING
                 and not answer_now):

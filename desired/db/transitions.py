@@ -129,7 +129,7 @@ class Transitions(StoreBase):
             new = await self._write(conn, cur, transitions.turn_failed(cur, now, code=code, message=message), now)
             # The turn's jobs fail; the others of the generation (the game is up) converged.
             for op in await self._pending_ops(conn, cur.game_id, cur.generation):
-                if op.op in (JobKind.FORCE_NEXT_TURN, JobKind.TURN):
+                if op.op in transitions.TURN_ASKS:
                     await self._end_op(conn, op, Outcome.FAILURE, code, message, "", "", now)
                 else:
                     await self._end_op(conn, op, Outcome.SUCCESS, None, "", new.current_container_id or "",
@@ -364,9 +364,9 @@ class Transitions(StoreBase):
             cur = record_from_row(row)
             if cur.generation != generation:
                 return None
-            new, target = transitions.failed(cur, now, code=code, message=message)
-            new = await self._write(conn, cur, new, now)
             jobs = await self._pending_ops(conn, game_id, generation)
+            new, target = transitions.failed(cur, now, code=code, message=message, asked={op.op for op in jobs})
+            new = await self._write(conn, cur, new, now)
             answer = f"{message}; rolled back to {target}" if target else message
             # Held only when the failed generation wanted the game running (a start whose engine
             # never became healthy): a failed stop is answered now, or it would never be.

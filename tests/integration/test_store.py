@@ -271,6 +271,26 @@ async def test_a_failed_start_answers_failure_and_stops_wanting_the_game(pool):
     assert await store.fail_generation("g1", 1, ErrorCode.ENGINE_UNHEALTHY, "again") is None
 
 
+@pytest.mark.parametrize("answer_now", [False, True])
+async def test_a_generation_that_only_asked_for_a_turn_fails_the_turn_and_keeps_the_game(pool, answer_now):
+    """A Docker outage past the job timeout (answer_now), or an error past the start timeout, fails a
+    generation a turn asked for: the turn's jobs get the failure, and the game stays wanted running
+    (before: stopped, like a failed start, its engine healthy; found by a red-team reading)."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await converge_running(store, "g1")
+    await store.submit(Job(kind=JobKind.FORCE_NEXT_TURN, game_id="g1", source=OpSource.LOBBY,
+                           stream="s:control", entry_id="2-0"), DEFAULTS)
+    rec = await store.get("g1")
+    new = await store.fail_generation("g1", rec.generation, ErrorCode.DOCKER_UNAVAILABLE, "gave up after 301s",
+                                      answer_now=answer_now)
+    assert new.desired_status is DesiredStatus.RUNNING and new.converged and new.desired_turn == new.turn
+    assert new.last_error_code is ErrorCode.DOCKER_UNAVAILABLE
+    [res] = [r for r in await results(pool) if r["job_entry_id"] == "2-0"]
+    assert (res["job"], res["outcome"], res["error_code"]) == ("force_next_turn", "failure", "docker_unavailable")
+    assert await store.pending_operations("g1") == []
+
+
 async def test_a_failed_start_whose_engine_is_not_stopped_is_answered_when_overdue_and_says_so(pool):
     store = Store(pool)
     await store.submit(start("g1", "1-0"), DEFAULTS)

@@ -1,0 +1,51 @@
+"""A turn that cannot be had, for whatever reason, says nothing against running the game.
+
+Found by a red-team reading: a Docker outage longer than RTMANAGER_JOB_TIMEOUT failed the generation of
+every game with a turn pending (the turn clock keeps asking while only Postgres is needed), and the
+general failure (desired/transitions.py ``failed``) stops a game that was wanted running: when Docker
+came back, every game that had a turn due during the outage was stopped, its engine healthy all along
+(and removed for good by the cleanup TTL a day later)."""
+
+from __future__ import annotations
+
+import pytest
+
+from desired.errors import DockerUnavailable
+from desired.model import DesiredStatus, ErrorCode, JobKind
+from tests.support.world import World, started
+
+
+@pytest.mark.parametrize("code,timeout", [(ErrorCode.DOCKER_UNAVAILABLE, "job_timeout"),
+                                          (ErrorCode.CONTAINER_START_FAILED, "start_timeout")])
+async def test_an_overdue_turn_fails_the_turn_and_the_game_keeps_running(tmp_path, code, timeout):
+    w = World(tmp_path)
+    rec = await started(w)
+    unit = rec.current_container_id
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    w.backend.down = True  # Docker away: the turn's step cannot look at the unit
+    with pytest.raises(DockerUnavailable):
+        await w.sync("g1")
+    w.store.clock.advance(getattr(w.settings.runtime if timeout == "job_timeout" else w.settings.engine, timeout) + 1)
+    await w.reconciler.fail_if_overdue("g1", code, "away", getattr(
+        w.settings.runtime if timeout == "job_timeout" else w.settings.engine, timeout))
+    assert w.results("g1")[-1] == ("force_next_turn", "failure", code.value)
+    rec = w.store.records["g1"]
+    assert rec.desired_status is DesiredStatus.RUNNING and rec.converged
+    w.backend.down = False  # Docker is back: nothing to do, the engine still runs
+    calls = len(w.backend.calls)
+    await w.sync("g1")
+    assert [c[0] for c in w.backend.calls[calls:]] == ["inspect"]
+    assert [c.id for c in w.running("g1")] == [unit]
+
+
+async def test_a_start_that_cannot_converge_is_still_given_up_with_the_game_stopped(tmp_path):
+    """The general rule stands for jobs that asked the game to run: Lobby was told they failed."""
+    w = World(tmp_path)
+    await w.job(JobKind.START, "g1", "galaxy/engine-stub:1.0")
+    w.backend.down = True
+    with pytest.raises(DockerUnavailable):
+        await w.sync("g1")
+    w.store.clock.advance(w.settings.runtime.job_timeout + 1)
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.runtime.job_timeout)
+    assert w.results("g1")[-1] == ("start", "failure", "docker_unavailable")
+    assert w.store.records["g1"].desired_status is DesiredStatus.STOPPED
