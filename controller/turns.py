@@ -217,6 +217,12 @@ class Turns:
             return Look.CHANGED  # the record moved on meanwhile: plan again before disrupting anything
         if probe.healthy and probe.phase is None:
             # It answers its health path but not its status (busy, slow, refusing us, garbage): it
-            # may be generating. Where the record says it was, the wait goes on (bounded).
+            # may be generating. Where the record says it was, the wait goes on, bounded from the
+            # first such look as from the first "generating" (or no limit would ever run out).
+            if record.status is Status.GENERATION_IN_PROGRESS and record.disruption_wait_since is None:
+                try:
+                    await self.store.note_disruption_wait(record)
+                except Conflict:
+                    return Look.CHANGED
             return Look.UNKNOWN
         return Look.GO

@@ -790,6 +790,11 @@ class FakeStore:
                                    generation_timeout=generation_timeout)
         return self._swap(cur, transitions.disruption_waiting(new, now) if disruption_waits else new)
 
+    async def note_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, False)
+        return self._swap(cur, transitions.disruption_waiting(cur, now))
+
     async def note_disruption_overdue(self, rec: RuntimeRecord, action: str, waited: float, note: str) -> None:
         self._check()
         params = {"disruption": action, "disruption_waited_seconds": round(waited, 1), "disruption_note": note}

@@ -246,6 +246,11 @@ class Transitions(StoreBase):
             return transitions.disruption_waiting(new, now) if disruption_waits else new
         return await self._transition(rec, change)
 
+    async def note_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
+        """A planned disruption waits for a turn the record says is generated, the engine not saying
+        otherwise: the wait's limit counts from now (if no earlier look began it)."""
+        return await self._transition(rec, transitions.disruption_waiting)
+
     async def note_disruption_overdue(self, rec: RuntimeRecord, action: str, waited: float, note: str) -> None:
         """A planned disruption waited its limit for a generation and goes ahead: the operation log
         says so on the pending operations it answers (their results carry the note), or on an

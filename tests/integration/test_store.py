@@ -510,3 +510,17 @@ async def test_a_standby_takes_over_as_soon_as_the_lease_expires_not_at_its_next
         leadership.release()
         await asyncio.wait_for(task, 5)
         await standby.close()
+
+
+async def test_a_disruption_wait_begins_once_from_the_database_clock(pool):
+    """The wait on an engine that answers its health path but not its status is bounded from the first
+    look (controller/turns.py): the store writes when it began, once."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await store.turn_requested(await converge_running(store, "g1"))
+    first = await store.note_disruption_wait(rec)
+    assert first.disruption_wait_since is not None
+    assert first.disruption_wait_since == await pool.fetchval(
+        "SELECT disruption_wait_since FROM runtime_records WHERE game_id = 'g1'")
+    again = await store.note_disruption_wait(first)
+    assert again.disruption_wait_since == first.disruption_wait_since

@@ -371,3 +371,27 @@ async def test_a_disruption_of_an_engine_the_record_does_not_know_as_up_is_bound
     w.store.clock.advance(w.settings.runtime.disruption_wait + 1)
     rec = await w.sync("g1")
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED
+
+
+async def test_a_wait_on_an_engine_that_only_answers_its_health_path_is_bounded_too(w):
+    """The record says a turn is generated (the engine took the request), but the engine answers its
+    health path and not its status (busy on a lock, a phase it does not know, garbage): the stop waits,
+    bounded by RTMANAGER_DISRUPTION_WAIT from the first look. Before, the wait's start was written only
+    when the engine said it generated, so the limit was counted from now at every look and the stop
+    waited for ever, its job never answered (found by a red-team reading)."""
+    from desired.model import JobKind
+    from observed.errors import EngineError
+    from tests.support.world import started
+    rec = await started(w)
+    w.store.records["g1"] = rec.replace(status=Status.GENERATION_IN_PROGRESS, phase="generating",
+                                        generation_started_at=w.store.clock.now())
+    w.engine.fail[NAME] = EngineError("phase is not one of idle, generating")
+    await job(w, JobKind.STOP)
+    for _ in range(3):
+        rec = await w.sync("g1")
+        assert stops(w) == [] and rec.disruption_wait_since is not None
+        w.store.clock.advance(w.settings.runtime.disruption_wait / 3 - 1)
+    w.store.clock.advance(4)
+    rec = await w.sync("g1")
+    assert len(stops(w)) == 1 and rec.status is Status.STOPPED
+    assert w.results("g1")[-1] == ("stop", "success", "")
