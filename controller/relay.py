@@ -94,6 +94,11 @@ class Relay:
         # statement, or alone after MARK_DELAY; before any check of the stream against what was marked.
         self._unmarked: list[tuple[int, str]] = []
         self.last_error = ""
+        # When a flush last went through (monotonic; None: not yet in this process). The check of the streams
+        # after Redis comes back covers VERIFY_WINDOW plus the time since: what was published right before a
+        # long outage is checked too, not only what the last VERIFY_WINDOW before the check published.
+        self._contact: float | None = None
+        self.monotonic = time.monotonic
         metrics.relay_stalled.set_function(self.stalled_for)
 
     def stalled_for(self) -> float:
@@ -228,6 +233,7 @@ class Relay:
                 if len(batch) < BATCH:
                     if not defer_marks:
                         await self._write_marks()
+                    self._contact = self.monotonic()
                     return total
 
     def stream_of(self, kind: str) -> str:
@@ -284,7 +290,8 @@ class Relay:
 
     async def _verify_kind(self, kind: str) -> None:
         stream = self.stream_of(kind)
-        recent = await self.store.recently_published(kind, VERIFY_WINDOW)
+        window = VERIFY_WINDOW + (max(0.0, self.monotonic() - self._contact) if self._contact is not None else 0.0)
+        recent = await self.store.recently_published(kind, window)
         if not recent:
             return
         first = await self.redis.stream_first_id(stream)

@@ -342,8 +342,13 @@ class RedisStreams:
         return _text(await self.client.xadd(stream, fields, maxlen=maxlen or None, approximate=True))
 
     async def add_many(self, items: list[tuple[str, WriteFields]], maxlen: int | None = None) -> list[str]:
-        """XADD each (stream, fields) in order, in one round trip (a pipeline, not a transaction)."""
-        async with self.client.pipeline(transaction=False) as pipe:
+        """XADD each (stream, fields) in order, in one round trip, all or none: a transaction (MULTI/EXEC).
+
+        Not a bare pipeline: Redis would carry out the XADDs it takes and refuse the others, and a refusal
+        that clears while a long pipeline is read (MISCONF after a good save, OOM after memory was freed,
+        READONLY after a promotion, an ACL changed) would publish later entries before earlier ones. A
+        command refused while queued (those, NOPERM) fails the whole transaction."""
+        async with self.client.pipeline(transaction=True) as pipe:
             for stream, fields in items:
                 pipe.xadd(stream, fields, maxlen=maxlen or None, approximate=True)
             ids = await pipe.execute()

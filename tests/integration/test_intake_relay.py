@@ -12,7 +12,7 @@ from controller.config import Settings
 from controller.intake import Intake
 from controller.metrics import Metrics
 from controller.relay import Relay
-from controller.streams import Entry, RedisStreams
+from controller.streams import Entry, RedisStreams, StreamsError, StreamsUnavailable
 from desired.db.store import Store
 from desired.errors import StoreUnavailable
 from desired.values import Rejection
@@ -468,3 +468,80 @@ async def test_a_deleted_entry_taken_over_is_still_answered_after_an_outage_cut_
     assert {(r["outcome"], r["error_code"], r["game_id"]) for r in results} == {("failure", "invalid_request", "")}
     assert await pending() == 0
     assert changed == []
+
+
+async def test_a_batch_redis_refuses_in_part_is_published_whole_or_not_at_all(wired, redis_client, settings, pool,
+                                                                            unique, redis_url):
+    """Results and snapshots go out in commit order. A batch Redis refuses in part (here an ACL that lets
+    the relay write results but not snapshots; in the field a write refusal that clears while a batch of
+    1,000 is being read: MISCONF after a good save, OOM after memory was freed, READONLY after a
+    promotion) must not publish its later entries before the earlier ones. Before, the relay's pipeline
+    was not a transaction: the results after the refused snapshot went out, and the snapshot after them
+    (found by a red-team reading)."""
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    stream = settings.streams.start_stream
+    bad1 = (await redis_client.xadd(stream, {"image_ref": "galaxy/engine-stub:1.0"})).decode()
+    await redis_client.xadd(stream, {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0"})  # its snapshot
+    bad2 = (await redis_client.xadd(stream, {"image_ref": "galaxy/engine-stub:1.0"})).decode()
+    await intake.read_round(block_ms=None)
+    user = f"relay{unique}"
+    results, snapshots = settings.streams.results_stream, settings.streams.snapshot_stream
+    await redis_client.execute_command("ACL", "SETUSER", user, "on", "nopass", "+@all", "resetkeys",
+                                       f"~{results}", f"%R~{snapshots}")
+    host = redis_url.split("://", 1)[1]
+    limited = RedisStreams(f"redis://{user}:x@{host}", group=settings.streams.consumer_group,
+                           consumer=settings.streams.consumer_name)
+    try:
+        relay.redis = limited
+        with pytest.raises(StreamsError):
+            await relay.flush()
+        assert await redis_client.xlen(results) == 0 and await redis_client.xlen(snapshots) == 0
+        await redis_client.execute_command("ACL", "SETUSER", user, f"~{snapshots}")  # the operator's fix
+        relay.reset()
+        assert await relay.flush() == 3
+    finally:
+        await limited.close()
+        await redis_client.execute_command("ACL", "DELUSER", user)
+    assert [r["job_entry_id"] for r in await read_results(redis_client, results)] == [bad1, bad2]
+    assert await redis_client.xlen(snapshots) == 1
+    assert await pool.fetchval("SELECT count(*) FROM job_results WHERE published_at IS NULL") == 0
+
+
+async def test_a_batch_refused_for_want_of_replicas_is_an_outage_and_writes_nothing(redis_client, redis_url,
+                                                                                      unique):
+    """A transaction's refused command (here NOREPLICAS, as MISCONF, OOM or READONLY would be) comes back
+    from redis-py as that command's error: still an outage to wait out, not a bug."""
+    streams = RedisStreams(redis_url, group="g", consumer="c")
+    key = f"t{unique}:refused"
+    await redis_client.config_set("min-replicas-to-write", 1)
+    try:
+        with pytest.raises(StreamsUnavailable):
+            await streams.add_many([(key, {"a": "1"}), (key, {"a": "2"})])
+    finally:
+        await redis_client.config_set("min-replicas-to-write", 0)
+        await streams.close()
+    assert await redis_client.exists(key) == 0
+
+
+async def test_results_redis_lost_right_before_a_long_outage_are_published_again(wired, redis_client, settings,
+                                                                                 pool):
+    """Redis acknowledged a result, lost it (append-only file ``everysec``, a power cut) and came back only
+    12 minutes later. The check of the streams covered the 10 minutes before the check, so that result was
+    never published again (found by a red-team reading). It covers those 10 minutes plus the time since
+    the relay last got through."""
+    intake, relay, store, changed = wired
+    await intake.ensure_groups()
+    await redis_client.xadd(settings.streams.start_stream, {"image_ref": "galaxy/engine-stub:1.0"})
+    await intake.read_round(block_ms=None)
+    assert await relay.flush() == 1
+    [(entry_id, fields)] = await redis_client.xrange(settings.streams.results_stream)
+    now = relay.monotonic()
+    relay.monotonic = lambda: now + 720  # 12 minutes without Redis
+    await pool.execute("UPDATE job_results SET published_at = published_at - interval '720 seconds'")
+    assert await redis_client.xdel(settings.streams.results_stream, entry_id) == 1  # what the crash lost
+    relay.reset()  # Redis is back: a reconnect, a new run_id
+    assert await relay.flush() == 1
+    assert relay.republished == 1
+    [(_, again)] = await redis_client.xrange(settings.streams.results_stream)
+    assert again[b"result_id"] == fields[b"result_id"]
