@@ -20,5 +20,9 @@ def _loads(text: str) -> Any:
 
 
 async def json_body(request: web.Request) -> Any:
-    """The body's JSON value; ValueError (UnicodeDecodeError included) when it is not one."""
-    return await request.json(loads=_loads)
+    """The body's JSON value; ValueError (UnicodeDecodeError included) when it is not one, or when its
+    Content-Type names a charset Python does not know."""
+    try:
+        return await request.json(loads=_loads)
+    except LookupError:
+        raise ValueError("the body's charset is not one Python knows") from None

@@ -125,6 +125,7 @@ class Relay:
         self._suspect = self._verify = True
         self._busy_since = None
         self._unmarked = []  # a previous term's: the tail check finds them on the stream
+        self._contact = None  # a new term checks the last VERIFY_WINDOW, not all the time it was not leading
 
     def stop(self) -> None:
         self._stopping.set()

@@ -54,7 +54,8 @@ _REFUSING = frozenset({"MISCONF", "NOREPLICAS", "READONLY", "LOADING", "BUSY", "
                        "CLUSTERDOWN"})
 DELETED_MEMO = 10_000  # deleted entries claim_others remembers having handed over
 DELETED_RETRY = 5.0  # seconds before a read hands over again a deleted entry whose answer failed
-_PIPELINE_ERROR = re.compile(r"of pipeline caused error: \(?['\"]?([A-Z]+)\b")
+# A pipeline's rewritten error, or a transaction Redis refused at EXEC (EXECABORT ... because of: CODE ...).
+_PIPELINE_ERROR = re.compile(r"(?:of pipeline caused error: \(?['\"]?|discarded because of: -?)([A-Z]+)\b")
 
 
 class StreamsUnavailable(TemporaryError):
@@ -71,7 +72,8 @@ class StreamsError(RtmError):
 
 def _error_code(exc: BaseException) -> str:
     """The code Redis put first in its error, also when a pipeline rewrote the message as
-    ``Command # N (...) of pipeline caused error: ('CODE ...',)``."""
+    ``Command # N (...) of pipeline caused error: ('CODE ...',)``, and the refusal behind a transaction
+    Redis discarded at EXEC (``EXECABORT Transaction discarded because of: CODE ...``)."""
     message = str(exc)
     found = _PIPELINE_ERROR.findall(message)  # the last one: the command's text comes before it
     if found:

@@ -23,6 +23,9 @@ from desired.model import MAX_TURN, DesiredStatus, ErrorCode, Health, JobKind, R
 from desired.policy import CrashVerdict, rollback_target
 
 TURN_ASKS = frozenset({JobKind.TURN, JobKind.FORCE_NEXT_TURN})  # the jobs that ask an engine for a turn
+# The jobs that change nothing about what runs (which image, whether at all): the turn asks, a pause or a
+# resume of the turn clock, a reconcile.
+KEEP_RUNNING = TURN_ASKS | {JobKind.PAUSE, JobKind.RESUME, JobKind.RECONCILE}
 
 
 def _at_least(now: datetime, *floors: datetime | None) -> datetime:
@@ -193,15 +196,18 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
     (or None).
 
     * a game being removed stays on its way to removal (removal is final once asked for);
-    * a game whose pending jobs only asked for a turn fails as a turn does (``turn_failed``): a turn
-      that cannot be had, a Docker outage longer than the job timeout included, says nothing against
-      running the game, which no job asked to change;
+    * a game whose pending jobs change nothing about what runs (a turn, a pause, a resume, a
+      reconcile: ``KEEP_RUNNING``) fails as a turn does (``turn_failed``): a failure of those, a
+      Docker outage longer than the job timeout included, says nothing against running the game,
+      which no job asked to change. A turn the engine may still be generating stays known as such
+      (``generation_started_at``): its probes are not failures while it is busy;
     * a game a job was replacing while it ran goes back to the image it ran (once);
     * anything else is no longer wanted running: Lobby was told the job failed, so the
       controller must not later run a game Lobby believes dead.
     """
-    if asked and set(asked) <= TURN_ASKS and cur.desired_status is DesiredStatus.RUNNING:
-        return turn_failed(cur, now, code=code, message=message), None
+    if asked and set(asked) <= KEEP_RUNNING and cur.desired_status is DesiredStatus.RUNNING:
+        return turn_failed(cur, now, code=code, message=message).replace(
+            generation_started_at=cur.generation_started_at), None
     common = dict(generation=cur.generation + 1, last_error_code=code, last_error_message=message,
                   restart_not_before=None, last_op_at=_touch(cur, now))
     cur = turn_unasked(cur)  # the jobs that asked for a turn are answered with this failure

@@ -34,6 +34,16 @@ def test_a_refusal_inside_a_pipeline_is_unavailable_too(message):
     assert isinstance(_translate(exc), StreamsUnavailable)
 
 
+@pytest.mark.parametrize("message", REFUSALS)
+def test_a_transaction_refused_at_exec_is_unavailable_too(message):
+    """The relay's batch is a MULTI/EXEC: a refusal that comes between the queueing and the EXEC is the
+    EXEC's ``EXECABORT Transaction discarded because of: CODE ...`` (what Redis 7 answers)."""
+    exc = redis.exceptions.ExecAbortError(f"Transaction discarded because of: {message}")
+    assert isinstance(_translate(exc), StreamsUnavailable)
+    assert isinstance(_translate(redis.exceptions.ExecAbortError("Transaction discarded because of previous "
+                                                                 "errors.")), StreamsError)
+
+
 def test_a_busygroup_or_an_unknown_error_is_not_an_outage():
     assert not isinstance(_translate(redis.exceptions.ResponseError("BUSYGROUP Consumer Group name already exists")),
                           StreamsUnavailable)

@@ -49,3 +49,25 @@ async def test_a_start_that_cannot_converge_is_still_given_up_with_the_game_stop
     await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.runtime.job_timeout)
     assert w.results("g1")[-1] == ("start", "failure", "docker_unavailable")
     assert w.store.records["g1"].desired_status is DesiredStatus.STOPPED
+
+
+@pytest.mark.parametrize("asked,stays", [
+    ({JobKind.TURN}, True), ({JobKind.FORCE_NEXT_TURN, JobKind.PAUSE}, True), ({JobKind.PAUSE}, True),
+    ({JobKind.RESUME}, True), ({JobKind.RECONCILE}, True), ({JobKind.TURN, JobKind.RESTART}, False),
+    ({JobKind.START}, False), ((), False),
+])
+def test_only_jobs_that_change_what_runs_can_stop_a_game_by_failing(asked, stays):
+    """A pause, a resume or a reconcile pending during a Docker outage changes nothing about what runs
+    either (found by review of the first fix, which kept only turn asks). A turn the engine may still
+    generate stays known as such, so that its probes do not count as failures while it is busy."""
+    from desired import transitions
+    from desired.model import Status
+    from tests.support.planning import NOW, record
+    cur = record(Status.GENERATION_IN_PROGRESS, DesiredStatus.RUNNING, converged=False, turn=4, desired_turn=5,
+                 generation_started_at=NOW)
+    now = NOW
+    new, target = transitions.failed(cur, now, code=ErrorCode.DOCKER_UNAVAILABLE, message="away", asked=asked)
+    assert (new.desired_status is DesiredStatus.RUNNING) is stays and target is None
+    if stays:
+        assert new.converged and new.desired_turn == 4 and new.generation_started_at == now
+        assert new.last_error_code is ErrorCode.DOCKER_UNAVAILABLE
