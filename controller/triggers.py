@@ -80,6 +80,7 @@ class Resync:
         self.reconciler.forget_claims(await self.store.games_with_queued_operations())
         with backend_errors():
             containers = await self.backend.list_managed()
+        self.reconciler.units.compare(containers)
         records = await self.store.list_live()
         by_game = {}
         unowned = 0
@@ -172,9 +173,12 @@ class HealthRound:
         self.pacing.start_round(r.game_id for r in records)
         if not records:
             return
-        with backend_errors():
-            addresses = {c.id: c.address for c in await self.backend.list_managed() if c.running}
         units, health = self.reconciler.units, self.reconciler.health
+        with backend_errors():
+            listed = await self.backend.list_managed()
+        units.compare(listed)
+        addresses = {c.id: c.address for c in listed if c.running}
+        del listed
         health.forget_answers(self.interval)
         todo = []
         for rec in records:

@@ -7,7 +7,7 @@ stream (the fake backend, Swarm's task poller), nothing is kept and every look i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from desired.model import DesiredStatus, RuntimeRecord
 from observed.model import ObservedContainer
@@ -54,6 +54,19 @@ class UnitCache:
             del self._units[record.game_id]
             return None
         return container
+
+    def compare(self, listed: Iterable[ObservedContainer]) -> None:
+        """A list of the units (the resync's, the health round's): a kept unit whose address the list shows
+        changed is let go. A network disconnect and connect gives a running unit a new address and no
+        container event; the turn path must not send the game's admin token to the old one."""
+        if not self._units:
+            return
+        for c in listed:
+            if not c.game_id or c.game_id not in self._units:
+                continue
+            kept = self._units[c.game_id][1]
+            if kept.id == c.id and c.running and kept.address != c.address:
+                self.touch(c.game_id)
 
     def clear(self) -> None:
         self._units.clear()

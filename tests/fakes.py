@@ -300,6 +300,7 @@ class FakeContainer:
     admin_token: str = ""  # ENGINE_ADMIN_TOKEN in its environment
     node: str | None = None  # the node it runs on (a Swarm's)
     started: float = 0.0  # time.monotonic() of its last start
+    ip: str | None = None  # its address on the game network when set (else one by its place)
 
 
 class FakeBackend:
@@ -346,6 +347,8 @@ class FakeBackend:
                                  node_drained=c.node in self.drained and c.state != "running")
 
     def ip_of(self, c: FakeContainer) -> str:
+        if c.ip:
+            return c.ip
         n = list(self.containers).index(c.id) if c.id in self.containers else 0
         return f"10.0.{n // 250}.{n % 250 + 2}"
 

@@ -109,3 +109,34 @@ async def test_a_resync_that_finds_a_turn_pending_does_not_make_its_next_look_an
     w.backend.containers[w.store.records["g1"].current_container_id].state = "exited"
     await resync.once()
     assert w.reconciler.units.get(w.store.records["g1"]) is None
+
+
+async def test_a_unit_whose_address_the_lists_show_changed_is_looked_at_again(tmp_path):
+    """A network disconnect and connect of a running engine gives it a new address and no container event
+    (the stream carries container events only). The cached unit kept the old address, and the turn path
+    sent the game's admin token to whatever container got that address next (found by a red-team
+    reading). The resync's and the health round's lists show every unit's address: one that changed makes
+    the next look an inspect."""
+    import asyncio
+
+    from controller.triggers import HealthRound
+    from desired.model import JobKind
+    from tests.support.world import IMG, World, started
+
+    w = World(tmp_path)
+    w.reconciler.units.stream = lambda: 1  # an event stream connected without a break
+    w.engine.admin[IMG] = "slow"  # the turn stays generating: its polls use the cached unit
+    rec = await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await asyncio.wait_for(w.sync("g1"), 30)
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert w.reconciler.units.get(w.store.records["g1"]) is not None
+    w.backend.containers[rec.current_container_id].ip = "10.9.9.9"  # reconnected to the network
+    await HealthRound(store=w.store, backend=w.backend, reconciler=w.reconciler, interval=15,
+                      metrics=w.reconciler.metrics).once()
+    unit = w.reconciler.units.get(w.store.records["g1"])
+    assert unit is None or unit.address == "10.9.9.9"
+    inspects = len(w.backend.ops("inspect"))
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert len(w.backend.ops("inspect")) == inspects + 1
+    assert w.reconciler.units.get(w.store.records["g1"]).address == "10.9.9.9"
