@@ -57,6 +57,9 @@ MARK_DELAY = 0.1
 GATHER = 0.05
 TAIL_SCAN = 2000  # results looked at for a possibly-published result after a failure
 VERIFY_WINDOW = 600.0  # seconds of published results checked against the stream after a Redis restart
+# At most this much more: the time since the relay last got through (an outage, or a term that began after
+# a long time as a standby). Bounded, so that a new leader's first check stays short.
+VERIFY_OUTAGE_MAX = 86_400.0
 STALL_LIMIT = 60.0  # seconds a pass may go without finishing or progress before /readyz says so
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 ID_FIELD = {"result": "result_id", "snapshot": "snapshot_id"}  # what consumers dedupe on, per outbox kind
@@ -125,7 +128,6 @@ class Relay:
         self._suspect = self._verify = True
         self._busy_since = None
         self._unmarked = []  # a previous term's: the tail check finds them on the stream
-        self._contact = None  # a new term checks the last VERIFY_WINDOW, not all the time it was not leading
 
     def stop(self) -> None:
         self._stopping.set()
@@ -291,7 +293,8 @@ class Relay:
 
     async def _verify_kind(self, kind: str) -> None:
         stream = self.stream_of(kind)
-        window = VERIFY_WINDOW + (max(0.0, self.monotonic() - self._contact) if self._contact is not None else 0.0)
+        since = max(0.0, self.monotonic() - self._contact) if self._contact is not None else 0.0
+        window = VERIFY_WINDOW + min(since, VERIFY_OUTAGE_MAX)
         recent = await self.store.recently_published(kind, window)
         if not recent:
             return

@@ -189,6 +189,14 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
                        restart_not_before=now + timedelta(seconds=verdict.delay), **crash)
 
 
+def keeps_running(cur: RuntimeRecord, asked: Collection[JobKind]) -> bool:
+    """Whether a failure of the current generation leaves the game wanted running (``failed``): its pending
+    jobs (of the kinds ``asked``) change nothing about what runs, and it is not a rollback (whose failure
+    stops the game, jobs joined to it or not)."""
+    return (bool(asked) and set(asked) <= KEEP_RUNNING and cur.desired_status is DesiredStatus.RUNNING
+            and not cur.rolling_back)
+
+
 def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
            asked: Collection[JobKind] = ()) -> tuple[RuntimeRecord, str | None]:
     """The current generation cannot converge: its jobs (of the kinds ``asked``) get this failure, and
@@ -196,18 +204,17 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
     (or None).
 
     * a game being removed stays on its way to removal (removal is final once asked for);
-    * a game whose pending jobs change nothing about what runs (a turn, a pause, a resume, a
-      reconcile: ``KEEP_RUNNING``) fails as a turn does (``turn_failed``): a failure of those, a
-      Docker outage longer than the job timeout included, says nothing against running the game,
-      which no job asked to change. A turn the engine may still be generating stays known as such
-      (``generation_started_at``): its probes are not failures while it is busy;
+    * a game whose pending jobs change nothing about what runs (``keeps_running``: a turn, a pause, a
+      resume, a reconcile) fails as a turn does (``turn_failed``): a failure of those, a Docker outage
+      longer than the job timeout included, says nothing against running the game, which no job asked
+      to change (the store answers the turn asks with the failure, the others as done: a pause or a
+      resume took effect when it was accepted);
     * a game a job was replacing while it ran goes back to the image it ran (once);
     * anything else is no longer wanted running: Lobby was told the job failed, so the
       controller must not later run a game Lobby believes dead.
     """
-    if asked and set(asked) <= KEEP_RUNNING and cur.desired_status is DesiredStatus.RUNNING:
-        return turn_failed(cur, now, code=code, message=message).replace(
-            generation_started_at=cur.generation_started_at), None
+    if keeps_running(cur, asked):
+        return turn_failed(cur, now, code=code, message=message), None
     common = dict(generation=cur.generation + 1, last_error_code=code, last_error_message=message,
                   restart_not_before=None, last_op_at=_touch(cur, now))
     cur = turn_unasked(cur)  # the jobs that asked for a turn are answered with this failure

@@ -762,14 +762,18 @@ class FakeStore:
         if cur.generation != rec.generation:
             raise Conflict("a newer generation took over")
         new = self._swap(cur, transitions.turn_failed(cur, now, code=code, message=message))
+        self._answer_turn_failed(new, cur.generation, code, message, now)
+        return new
+
+    def _answer_turn_failed(self, new: RuntimeRecord, generation: int, code: ErrorCode, message: str,
+                            now: datetime) -> None:
         for o in list(self.ops):
-            if o.game_id == rec.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
-                    and o.generation <= cur.generation:
-                if o.op in (JobKind.FORCE_NEXT_TURN, JobKind.TURN):
+            if o.game_id == new.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
+                    and o.generation <= generation:
+                if o.op in transitions.TURN_ASKS:
                     self._end(o, Outcome.FAILURE, code, message, "", "", now)
                 else:
                     self._end(o, Outcome.SUCCESS, None, "", new.current_container_id or "", new.engine_endpoint, now)
-        return new
 
     async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
         return await self._finishing(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id))
@@ -853,8 +857,12 @@ class FakeStore:
             return None
         jobs = [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)
                 and o.generation <= generation]
-        new, target = transitions.failed(cur, now, code=code, message=message, asked={o.op for o in jobs})
+        asked = {o.op for o in jobs}
+        new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
         self._swap(cur, new)
+        if transitions.keeps_running(cur, asked):
+            self._answer_turn_failed(new, generation, code, message, now)
+            return new
         if (new.desired_status is DesiredStatus.STOPPED and cur.desired_status is DesiredStatus.RUNNING
                 and not answer_now):
             for o in jobs:  # answered once stopped, like the store

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from desired import transitions
 from desired.db.base import StoreBase
 from desired.db.pool import translating
@@ -27,7 +29,7 @@ from desired.model import (
     Status,
 )
 from desired.policy import CrashPolicy, CrashVerdict, next_crash
-from desired.values import KEEP, Crash, Finish, ReconcilerNote
+from desired.values import KEEP, Crash, Finish, Operation, ReconcilerNote
 
 # When a game's next scheduled turn is due: its interval after its last turn, or after it was started
 # or resumed (clock_from) when that is later. The due-turns query and turn_lateness share it.
@@ -127,14 +129,20 @@ class Transitions(StoreBase):
             if cur.generation != rec.generation:
                 raise Conflict(f"{rec.game_id}: a newer generation took over")
             new = await self._write(conn, cur, transitions.turn_failed(cur, now, code=code, message=message), now)
-            # The turn's jobs fail; the others of the generation (the game is up) converged.
-            for op in await self._pending_ops(conn, cur.game_id, cur.generation):
-                if op.op in transitions.TURN_ASKS:
-                    await self._end_op(conn, op, Outcome.FAILURE, code, message, "", "", now)
-                else:
-                    await self._end_op(conn, op, Outcome.SUCCESS, None, "", new.current_container_id or "",
-                                       new.engine_endpoint if new.current_container_id else "", now)
+            await self._answer_turn_failed(conn, new, await self._pending_ops(conn, cur.game_id, cur.generation),
+                                           code, message, now)
             return new
+
+    async def _answer_turn_failed(self, conn: asyncpg.Connection, new: RuntimeRecord, jobs: list[Operation],
+                                  code: ErrorCode, message: str, now: datetime) -> None:
+        """The turn's jobs fail; the others of the generation (the game is up: a pause, a resume, a
+        reconcile, a start or stop that joined it) are done."""
+        for op in jobs:
+            if op.op in transitions.TURN_ASKS:
+                await self._end_op(conn, op, Outcome.FAILURE, code, message, "", "", now)
+            else:
+                await self._end_op(conn, op, Outcome.SUCCESS, None, "", new.current_container_id or "",
+                                   new.engine_endpoint if new.current_container_id else "", now)
 
     async def due_turns(self, limit: int = transitions.DUE_PAGE) -> tuple[list[str], float | None]:
         """The turn clock, in one query: games whose interval has passed since their last turn (or
@@ -370,8 +378,12 @@ class Transitions(StoreBase):
             if cur.generation != generation:
                 return None
             jobs = await self._pending_ops(conn, game_id, generation)
-            new, target = transitions.failed(cur, now, code=code, message=message, asked={op.op for op in jobs})
+            asked = {op.op for op in jobs}
+            new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
             new = await self._write(conn, cur, new, now)
+            if transitions.keeps_running(cur, asked):
+                await self._answer_turn_failed(conn, new, jobs, code, message, now)
+                return new
             answer = f"{message}; rolled back to {target}" if target else message
             # Held only when the failed generation wanted the game running (a start whose engine
             # never became healthy): a failed stop is answered now, or it would never be.

@@ -291,6 +291,22 @@ async def test_a_generation_that_only_asked_for_a_turn_fails_the_turn_and_keeps_
     assert await store.pending_operations("g1") == []
 
 
+async def test_a_pause_whose_generation_fails_is_answered_as_done_and_stays_in_effect(pool):
+    """A pause took effect when it was accepted: the failure of its generation (a Docker outage past the
+    job timeout) answers it as done, and the game stays wanted running and paused."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await converge_running(store, "g1")
+    await store.submit(Job(kind=JobKind.PAUSE, game_id="g1", source=OpSource.LOBBY, stream="s:control",
+                           entry_id="2-0"), DEFAULTS)
+    rec = await store.get("g1")
+    new = await store.fail_generation("g1", rec.generation, ErrorCode.DOCKER_UNAVAILABLE, "gave up after 301s",
+                                      answer_now=True)
+    assert new.desired_status is DesiredStatus.RUNNING and new.paused and new.converged
+    [res] = [r for r in await results(pool) if r["job_entry_id"] == "2-0"]
+    assert (res["job"], res["outcome"], res["error_code"]) == ("pause", "success", "")
+
+
 async def test_a_failed_start_whose_engine_is_not_stopped_is_answered_when_overdue_and_says_so(pool):
     store = Store(pool)
     await store.submit(start("g1", "1-0"), DEFAULTS)

@@ -58,8 +58,8 @@ async def test_a_start_that_cannot_converge_is_still_given_up_with_the_game_stop
 ])
 def test_only_jobs_that_change_what_runs_can_stop_a_game_by_failing(asked, stays):
     """A pause, a resume or a reconcile pending during a Docker outage changes nothing about what runs
-    either (found by review of the first fix, which kept only turn asks). A turn the engine may still
-    generate stays known as such, so that its probes do not count as failures while it is busy."""
+    either (found by review of the first fix, which kept only turn asks). A rollback's failure stops the
+    game whatever joined it."""
     from desired import transitions
     from desired.model import Status
     from tests.support.planning import NOW, record
@@ -69,5 +69,24 @@ def test_only_jobs_that_change_what_runs_can_stop_a_game_by_failing(asked, stays
     new, target = transitions.failed(cur, now, code=ErrorCode.DOCKER_UNAVAILABLE, message="away", asked=asked)
     assert (new.desired_status is DesiredStatus.RUNNING) is stays and target is None
     if stays:
-        assert new.converged and new.desired_turn == 4 and new.generation_started_at == now
+        assert new.converged and new.desired_turn == 4 and new.generation_started_at is None
         assert new.last_error_code is ErrorCode.DOCKER_UNAVAILABLE
+    rolling = cur.replace(rolling_back=True, desired_image_ref="galaxy/engine:0")
+    assert transitions.failed(rolling, now, code=ErrorCode.DOCKER_UNAVAILABLE, message="away",
+                              asked=asked)[0].desired_status is DesiredStatus.STOPPED
+
+
+async def test_a_pause_pending_in_an_outage_is_answered_as_done_and_stays_in_effect(tmp_path):
+    """A pause took effect when it was accepted (the turn clock skips the game): answered as a failure,
+    Lobby would believe the game unpaused while no turn comes (found by review)."""
+    w = World(tmp_path)
+    await started(w)
+    await w.job(JobKind.PAUSE, "g1")
+    w.backend.down = True
+    with pytest.raises(DockerUnavailable):
+        await w.sync("g1")
+    w.store.clock.advance(w.settings.runtime.job_timeout + 1)
+    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.runtime.job_timeout)
+    assert w.results("g1")[-1] == ("pause", "success", "")
+    rec = w.store.records["g1"]
+    assert rec.desired_status is DesiredStatus.RUNNING and rec.paused and rec.converged
