@@ -190,11 +190,9 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
 
 
 def keeps_running(cur: RuntimeRecord, asked: Collection[JobKind]) -> bool:
-    """Whether a failure of the current generation leaves the game wanted running (``failed``): its pending
-    jobs (of the kinds ``asked``) change nothing about what runs, and it is not a rollback (whose failure
-    stops the game, jobs joined to it or not)."""
-    return (bool(asked) and set(asked) <= KEEP_RUNNING and cur.desired_status is DesiredStatus.RUNNING
-            and not cur.rolling_back)
+    """Whether a failure of the current generation only answers its jobs (``failed``): they (of the kinds
+    ``asked``) change nothing about what runs, and the game is wanted running."""
+    return bool(asked) and set(asked) <= KEEP_RUNNING and cur.desired_status is DesiredStatus.RUNNING
 
 
 def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
@@ -205,16 +203,18 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
 
     * a game being removed stays on its way to removal (removal is final once asked for);
     * a game whose pending jobs change nothing about what runs (``keeps_running``: a turn, a pause, a
-      resume, a reconcile) fails as a turn does (``turn_failed``): a failure of those, a Docker outage
-      longer than the job timeout included, says nothing against running the game, which no job asked
-      to change (the store answers the turn asks with the failure, the others as done: a pause or a
-      resume took effect when it was accepted);
+      resume, a reconcile) only has them answered (``answered_unconverged``: the store answers the turn
+      asks and the reconcile with the failure, a pause or a resume as done, since it took effect when
+      it was accepted). A failure then, a Docker outage longer than the job timeout included, says
+      nothing against running the game, which no job asked to change; whatever the game was converging
+      to (a restart after a crash, a rollback) goes on, and its own failure, with no job, is judged
+      by the rules below;
     * a game a job was replacing while it ran goes back to the image it ran (once);
     * anything else is no longer wanted running: Lobby was told the job failed, so the
       controller must not later run a game Lobby believes dead.
     """
     if keeps_running(cur, asked):
-        return turn_failed(cur, now, code=code, message=message), None
+        return answered_unconverged(cur, now, code=code, message=message), None
     common = dict(generation=cur.generation + 1, last_error_code=code, last_error_message=message,
                   restart_not_before=None, last_op_at=_touch(cur, now))
     cur = turn_unasked(cur)  # the jobs that asked for a turn are answered with this failure
@@ -306,9 +306,10 @@ def node_lost(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
 
 
 def answered_unconverged(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str) -> RuntimeRecord:
-    """The jobs of a generation that cannot converge now (the game's node is lost) were answered with a
-    failure after the job timeout; desired state stays what they asked for (the node-loss policy decides
-    the game's fate), but no longer asks for a turn nobody waits for."""
+    """The jobs of a generation that cannot converge now (the game's node is lost, or Docker is away and
+    they changed nothing about what runs) were answered after the job timeout; desired state stays what
+    it was (the node-loss policy, the crash policy, a rollback decide the game's fate), but no longer asks
+    for a turn nobody waits for."""
     return turn_unasked(cur).replace(last_error_code=code, last_error_message=message,
                                      last_op_at=_touch(cur, now))
 

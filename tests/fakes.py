@@ -766,14 +766,16 @@ class FakeStore:
         return new
 
     def _answer_turn_failed(self, new: RuntimeRecord, generation: int, code: ErrorCode, message: str,
-                            now: datetime) -> None:
+                            now: datetime, failing: frozenset[JobKind] = transitions.TURN_ASKS) -> None:
+        up = new.status.is_up and new.current_container_id is not None
         for o in list(self.ops):
             if o.game_id == new.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING) \
                     and o.generation <= generation:
-                if o.op in transitions.TURN_ASKS:
+                if o.op in failing:
                     self._end(o, Outcome.FAILURE, code, message, "", "", now)
                 else:
-                    self._end(o, Outcome.SUCCESS, None, "", new.current_container_id or "", new.engine_endpoint, now)
+                    self._end(o, Outcome.SUCCESS, None, "", (new.current_container_id or "") if up else "",
+                              new.engine_endpoint if up else "", now)
 
     async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
         return await self._finishing(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id))
@@ -861,7 +863,8 @@ class FakeStore:
         new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
         self._swap(cur, new)
         if transitions.keeps_running(cur, asked):
-            self._answer_turn_failed(new, generation, code, message, now)
+            self._answer_turn_failed(new, generation, code, message, now,
+                                     failing=transitions.TURN_ASKS | {JobKind.RECONCILE})
             return new
         if (new.desired_status is DesiredStatus.STOPPED and cur.desired_status is DesiredStatus.RUNNING
                 and not answer_now):

@@ -31,6 +31,10 @@ from desired.model import (
 from desired.policy import CrashPolicy, CrashVerdict, next_crash
 from desired.values import KEEP, Crash, Finish, Operation, ReconcilerNote
 
+# What a failure that only answers a generation's jobs (transitions.keeps_running) answers as failed: the
+# turn asks and a reconcile (nobody could look); a pause or a resume took effect when it was accepted.
+FAILING_UNCONVERGED = transitions.TURN_ASKS | {JobKind.RECONCILE}
+
 # When a game's next scheduled turn is due: its interval after its last turn, or after it was started
 # or resumed (clock_from) when that is later. The due-turns query and turn_lateness share it.
 TURN_DUE_AT = ("(greatest(coalesce(last_turn_at, clock_from, created_at), coalesce(clock_from, created_at))"
@@ -134,15 +138,18 @@ class Transitions(StoreBase):
             return new
 
     async def _answer_turn_failed(self, conn: asyncpg.Connection, new: RuntimeRecord, jobs: list[Operation],
-                                  code: ErrorCode, message: str, now: datetime) -> None:
-        """The turn's jobs fail; the others of the generation (the game is up: a pause, a resume, a
-        reconcile, a start or stop that joined it) are done."""
+                                  code: ErrorCode, message: str, now: datetime, *,
+                                  failing: frozenset[JobKind] = transitions.TURN_ASKS) -> None:
+        """The jobs of the kinds ``failing`` fail; the others are done: after a turn's failure the game is up
+        and converged (a pause, a resume, a reconcile, a start that joined it); after a failure that only
+        answers (``FAILING_UNCONVERGED``), a pause or a resume took effect when it was accepted."""
+        up = new.status.is_up and new.current_container_id is not None
         for op in jobs:
-            if op.op in transitions.TURN_ASKS:
+            if op.op in failing:
                 await self._end_op(conn, op, Outcome.FAILURE, code, message, "", "", now)
             else:
-                await self._end_op(conn, op, Outcome.SUCCESS, None, "", new.current_container_id or "",
-                                   new.engine_endpoint if new.current_container_id else "", now)
+                await self._end_op(conn, op, Outcome.SUCCESS, None, "", (new.current_container_id or "") if up else "",
+                                   new.engine_endpoint if up else "", now)
 
     async def due_turns(self, limit: int = transitions.DUE_PAGE) -> tuple[list[str], float | None]:
         """The turn clock, in one query: games whose interval has passed since their last turn (or
@@ -382,7 +389,7 @@ class Transitions(StoreBase):
             new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
             new = await self._write(conn, cur, new, now)
             if transitions.keeps_running(cur, asked):
-                await self._answer_turn_failed(conn, new, jobs, code, message, now)
+                await self._answer_turn_failed(conn, new, jobs, code, message, now, failing=FAILING_UNCONVERGED)
                 return new
             answer = f"{message}; rolled back to {target}" if target else message
             # Held only when the failed generation wanted the game running (a start whose engine
