@@ -203,18 +203,21 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
 
     * a game being removed stays on its way to removal (removal is final once asked for);
     * a game whose pending jobs change nothing about what runs (``keeps_running``: a turn, a pause, a
-      resume, a reconcile) only has them answered (``answered_unconverged``: the store answers the turn
-      asks and the reconcile with the failure, a pause or a resume as done, since it took effect when
-      it was accepted). A failure then, a Docker outage longer than the job timeout included, says
-      nothing against running the game, which no job asked to change; whatever the game was converging
-      to (a restart after a crash, a rollback) goes on, and its own failure, with no job, is judged
-      by the rules below;
+      resume, a reconcile) has them answered (the store answers the turn asks and the reconcile with
+      the failure, a pause or a resume as done, since it took effect when it was accepted) and stays
+      wanted running: such a failure, a Docker outage longer than the job timeout included, says
+      nothing against running the game, which no job asked to change. Nothing else was unconverged,
+      so the generation ends as a failed turn's does (``turn_failed``), and a failed restart of a
+      crashed engine after it is a crash for the crash policy; but a rollback those jobs joined goes
+      on (``answered_unconverged``), and its own failure stops the game as below;
     * a game a job was replacing while it ran goes back to the image it ran (once);
     * anything else is no longer wanted running: Lobby was told the job failed, so the
       controller must not later run a game Lobby believes dead.
     """
     if keeps_running(cur, asked):
-        return answered_unconverged(cur, now, code=code, message=message), None
+        if cur.rolling_back:
+            return answered_unconverged(cur, now, code=code, message=message), None
+        return turn_failed(cur, now, code=code, message=message), None
     common = dict(generation=cur.generation + 1, last_error_code=code, last_error_message=message,
                   restart_not_before=None, last_op_at=_touch(cur, now))
     cur = turn_unasked(cur)  # the jobs that asked for a turn are answered with this failure

@@ -284,8 +284,8 @@ async def test_a_generation_that_only_asked_for_a_turn_fails_the_turn_and_keeps_
     rec = await store.get("g1")
     new = await store.fail_generation("g1", rec.generation, ErrorCode.DOCKER_UNAVAILABLE, "gave up after 301s",
                                       answer_now=answer_now)
-    assert new.desired_status is DesiredStatus.RUNNING and new.desired_turn == new.turn
-    assert new.generation == rec.generation and new.last_error_code is ErrorCode.DOCKER_UNAVAILABLE
+    assert new.desired_status is DesiredStatus.RUNNING and new.desired_turn == new.turn and new.converged
+    assert new.generation == rec.generation + 1 and new.last_error_code is ErrorCode.DOCKER_UNAVAILABLE
     [res] = [r for r in await results(pool) if r["job_entry_id"] == "2-0"]
     assert (res["job"], res["outcome"], res["error_code"]) == ("force_next_turn", "failure", "docker_unavailable")
     assert await store.pending_operations("g1") == []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from desired.errors import DockerUnavailable
-from desired.model import DesiredStatus, ErrorCode, JobKind
+from desired.model import DesiredStatus, ErrorCode, JobKind, Status
 from tests.support.world import World, started
 
 
@@ -68,14 +68,34 @@ def test_only_jobs_that_change_what_runs_can_stop_a_game_by_failing(asked, stays
     now = NOW
     new, target = transitions.failed(cur, now, code=ErrorCode.DOCKER_UNAVAILABLE, message="away", asked=asked)
     assert (new.desired_status is DesiredStatus.RUNNING) is stays and target is None
-    if stays:  # its jobs answered, nothing else changed: what the game converges to goes on
-        assert new.generation == cur.generation and new.desired_turn == 4
+    if stays:  # its jobs answered; nothing else was unconverged: the generation ends as a failed turn's
+        assert new.converged and new.generation == cur.generation + 1 and new.desired_turn == 4
         assert new.last_error_code is ErrorCode.DOCKER_UNAVAILABLE
-    # A rollback (or a restart after a crash) the jobs joined goes on too; without them its failure stops
-    # the game, as before.
+    # A rollback the jobs joined goes on (unconverged); without them its failure stops the game, as before.
     rolling = cur.replace(status=Status.STARTING, rolling_back=True, desired_image_ref="galaxy/engine:0")
     new, _ = transitions.failed(rolling, now, code=ErrorCode.DOCKER_UNAVAILABLE, message="away", asked=asked)
-    assert (new.desired_status is DesiredStatus.RUNNING and new.rolling_back) is stays
+    assert (new.desired_status is DesiredStatus.RUNNING and new.rolling_back and not new.converged) is stays
+
+
+async def test_a_crash_whose_restarts_fail_with_a_control_job_pending_is_left_to_the_crash_policy(tmp_path):
+    """A failed restart with a force_next_turn pending answered the job and left the generation open, so
+    the next failed restart was not counted as a crash: the game was stopped at the second attempt,
+    without the crash policy's backoff and limit (found by review of d8dba6c; a49099f stopped it at the
+    first)."""
+    w = World(tmp_path, RTMANAGER_CRASH_LIMIT="5")
+    rec = await started(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    w.backend.images.discard(rec.current_image_ref)  # every new unit now fails: the image is gone
+    del w.backend.containers[rec.current_container_id]  # and the engine's unit vanished
+    for _ in range(3):
+        w.store.clock.advance(600)  # past any backoff
+        try:
+            await w.sync("g1")
+        except Exception:  # noqa: BLE001 - a temporary failure is retried like the worker does
+            pass
+    rec = w.store.records["g1"]
+    assert rec.desired_status is DesiredStatus.RUNNING, rec
+    assert rec.crash_count >= 1 and rec.status is not Status.STOPPED
 
 
 async def test_a_pause_pending_in_an_outage_is_answered_as_done_and_stays_in_effect(tmp_path):
