@@ -208,15 +208,16 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
       wanted running: such a failure, a Docker outage longer than the job timeout included, says
       nothing against running the game, which no job asked to change. Nothing else was unconverged,
       so the generation ends as a failed turn's does (``turn_failed``), and a failed restart of a
-      crashed engine after it is a crash for the crash policy; but a rollback those jobs joined goes
-      on (``answered_unconverged``), and its own failure stops the game as below;
+      crashed engine after it is a crash for the crash policy; but a rollback still to carry out (the
+      engine is not on the image rolled back to) goes on (``answered_unconverged``), and its own
+      failure stops the game as below;
     * a game a job was replacing while it ran goes back to the image it ran (once);
     * anything else is no longer wanted running: Lobby was told the job failed, so the
       controller must not later run a game Lobby believes dead.
     """
     if keeps_running(cur, asked):
-        if cur.rolling_back:
-            return answered_unconverged(cur, now, code=code, message=message), None
+        if cur.rolling_back and cur.current_image_ref != cur.desired_image_ref:
+            return answered_unconverged(cur, now, code=code, message=message), None  # a rollback still to do
         return turn_failed(cur, now, code=code, message=message), None
     common = dict(generation=cur.generation + 1, last_error_code=code, last_error_message=message,
                   restart_not_before=None, last_op_at=_touch(cur, now))
@@ -288,9 +289,11 @@ def turn_failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: 
     status = Status.GENERATION_FAILED if code is ErrorCode.GENERATION_FAILED and cur.status.is_up else cur.status
     # A scheduled turn a pause withdrew (superseded) is nobody's error: the last error stays.
     error = {} if code is ErrorCode.SUPERSEDED else {"last_error_code": code, "last_error_message": message}
+    # The generation ends converged: a rollback flag left from before (a patch refused before the engine was
+    # touched rolls back to the image already running) is over, as when a look records the game.
     return cur.replace(status=status, desired_turn=cur.turn, generation=cur.generation + 1,
                        observed_generation=cur.generation + 1, generation_started_at=None,
-                       last_op_at=_touch(cur, now), **error)
+                       rolling_back=False, rollback_image_ref=None, last_op_at=_touch(cur, now), **error)
 
 
 def cleaned_up(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:

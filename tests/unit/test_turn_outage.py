@@ -114,3 +114,21 @@ async def test_a_pause_pending_in_an_outage_is_answered_as_done_and_stays_in_eff
     assert rec.desired_status is DesiredStatus.RUNNING and rec.paused
     w.backend.down = False
     assert (await w.sync("g1")).converged and w.running("g1")
+
+
+def test_a_rollback_flag_left_on_the_image_already_running_does_not_outlive_a_failed_turn():
+    """A patch refused before the engine was touched rolls back to the image that already runs; a turn
+    asked before the next look then failed (or its generation did) and left ``rolling_back`` set, so a
+    later failure took the rollback's way (a stop, or no rollback for the next refused patch; found by
+    review)."""
+    from desired import transitions
+    from tests.support.planning import NOW, record
+    cur = record(Status.STARTING, DesiredStatus.RUNNING, converged=False, turn=4, desired_turn=5,
+                 rolling_back=True, rollback_image_ref="galaxy/engine:1", current_image_ref="galaxy/engine:1",
+                 current_container_id="c1")
+    assert cur.current_image_ref == cur.desired_image_ref
+    for new in (transitions.failed(cur, NOW, code=ErrorCode.DOCKER_UNAVAILABLE, message="away",
+                                   asked={JobKind.FORCE_NEXT_TURN})[0],
+                transitions.turn_failed(cur, NOW, code=ErrorCode.ENGINE_UNREACHABLE, message="no answer")):
+        assert new.desired_status is DesiredStatus.RUNNING and new.converged
+        assert not new.rolling_back and new.rollback_image_ref is None
