@@ -762,10 +762,10 @@ class FakeStore:
         if cur.generation != rec.generation:
             raise Conflict("a newer generation took over")
         new = self._swap(cur, transitions.turn_failed(cur, now, code=code, message=message))
-        self._answer_turn_failed(new, cur.generation, code, message, now)
+        self._answer_failing(new, cur.generation, code, message, now)
         return new
 
-    def _answer_turn_failed(self, new: RuntimeRecord, generation: int, code: ErrorCode, message: str,
+    def _answer_failing(self, new: RuntimeRecord, generation: int, code: ErrorCode, message: str,
                             now: datetime, failing: frozenset[JobKind] = transitions.TURN_ASKS) -> None:
         up = new.status.is_up and new.current_container_id is not None
         for o in list(self.ops):
@@ -863,7 +863,7 @@ class FakeStore:
         new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
         self._swap(cur, new)
         if transitions.keeps_running(cur, asked):
-            self._answer_turn_failed(new, generation, code, message, now,
+            self._answer_failing(new, generation, code, message, now,
                                      failing=transitions.TURN_ASKS | {JobKind.RECONCILE})
             return new
         if (new.desired_status is DesiredStatus.STOPPED and cur.desired_status is DesiredStatus.RUNNING

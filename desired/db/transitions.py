@@ -133,11 +133,11 @@ class Transitions(StoreBase):
             if cur.generation != rec.generation:
                 raise Conflict(f"{rec.game_id}: a newer generation took over")
             new = await self._write(conn, cur, transitions.turn_failed(cur, now, code=code, message=message), now)
-            await self._answer_turn_failed(conn, new, await self._pending_ops(conn, cur.game_id, cur.generation),
+            await self._answer_failing(conn, new, await self._pending_ops(conn, cur.game_id, cur.generation),
                                            code, message, now)
             return new
 
-    async def _answer_turn_failed(self, conn: asyncpg.Connection, new: RuntimeRecord, jobs: list[Operation],
+    async def _answer_failing(self, conn: asyncpg.Connection, new: RuntimeRecord, jobs: list[Operation],
                                   code: ErrorCode, message: str, now: datetime, *,
                                   failing: frozenset[JobKind] = transitions.TURN_ASKS) -> None:
         """The jobs of the kinds ``failing`` fail; the others are done: after a turn's failure the game is up
@@ -389,7 +389,7 @@ class Transitions(StoreBase):
             new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
             new = await self._write(conn, cur, new, now)
             if transitions.keeps_running(cur, asked):
-                await self._answer_turn_failed(conn, new, jobs, code, message, now, failing=FAILING_UNCONVERGED)
+                await self._answer_failing(conn, new, jobs, code, message, now, failing=FAILING_UNCONVERGED)
                 return new
             answer = f"{message}; rolled back to {target}" if target else message
             # Held only when the failed generation wanted the game running (a start whose engine

@@ -15,6 +15,18 @@ from desired.model import DesiredStatus, ErrorCode, JobKind, Status
 from tests.support.world import World, started
 
 
+async def overdue_in_an_outage(w: World, code: ErrorCode = ErrorCode.DOCKER_UNAVAILABLE,
+                               timeout: float | None = None) -> None:
+    """Docker goes away; the game's look fails, and the job waits past ``timeout`` (the job timeout):
+    the worker's ``fail_if_overdue`` then gives it up with ``code``."""
+    timeout = w.settings.runtime.job_timeout if timeout is None else timeout
+    w.backend.down = True
+    with pytest.raises(DockerUnavailable):
+        await w.sync("g1")
+    w.store.clock.advance(timeout + 1)
+    await w.reconciler.fail_if_overdue("g1", code, "away", timeout)
+
+
 @pytest.mark.parametrize("code,timeout", [(ErrorCode.DOCKER_UNAVAILABLE, "job_timeout"),
                                           (ErrorCode.CONTAINER_START_FAILED, "start_timeout")])
 async def test_an_overdue_turn_fails_the_turn_and_the_game_keeps_running(tmp_path, code, timeout):
@@ -22,12 +34,9 @@ async def test_an_overdue_turn_fails_the_turn_and_the_game_keeps_running(tmp_pat
     rec = await started(w)
     unit = rec.current_container_id
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
-    w.backend.down = True  # Docker away: the turn's step cannot look at the unit
-    with pytest.raises(DockerUnavailable):
-        await w.sync("g1")
-    w.store.clock.advance(getattr(w.settings.runtime if timeout == "job_timeout" else w.settings.engine, timeout) + 1)
-    await w.reconciler.fail_if_overdue("g1", code, "away", getattr(
-        w.settings.runtime if timeout == "job_timeout" else w.settings.engine, timeout))
+    # Docker away: the turn's step cannot look at the unit
+    await overdue_in_an_outage(w, code, getattr(w.settings.runtime if timeout == "job_timeout" else w.settings.engine,
+                                                timeout))
     assert w.results("g1")[-1] == ("force_next_turn", "failure", code.value)
     rec = w.store.records["g1"]
     assert rec.desired_status is DesiredStatus.RUNNING and rec.desired_turn == rec.turn
@@ -43,11 +52,7 @@ async def test_a_start_that_cannot_converge_is_still_given_up_with_the_game_stop
     """The general rule stands for jobs that asked the game to run: Lobby was told they failed."""
     w = World(tmp_path)
     await w.job(JobKind.START, "g1", "galaxy/engine-stub:1.0")
-    w.backend.down = True
-    with pytest.raises(DockerUnavailable):
-        await w.sync("g1")
-    w.store.clock.advance(w.settings.runtime.job_timeout + 1)
-    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.runtime.job_timeout)
+    await overdue_in_an_outage(w)
     assert w.results("g1")[-1] == ("start", "failure", "docker_unavailable")
     assert w.store.records["g1"].desired_status is DesiredStatus.STOPPED
 
@@ -104,11 +109,7 @@ async def test_a_pause_pending_in_an_outage_is_answered_as_done_and_stays_in_eff
     w = World(tmp_path)
     await started(w)
     await w.job(JobKind.PAUSE, "g1")
-    w.backend.down = True
-    with pytest.raises(DockerUnavailable):
-        await w.sync("g1")
-    w.store.clock.advance(w.settings.runtime.job_timeout + 1)
-    await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, "away", w.settings.runtime.job_timeout)
+    await overdue_in_an_outage(w)
     assert w.results("g1")[-1] == ("pause", "success", "")
     rec = w.store.records["g1"]
     assert rec.desired_status is DesiredStatus.RUNNING and rec.paused
