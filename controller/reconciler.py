@@ -401,9 +401,13 @@ class Reconciler:
         if looked in (Look.GENERATING, Look.UNKNOWN) and action.kind is ActionKind.WAIT:
             return requeue(action.delay, action.reason)
         if looked is Look.GENERATING and not record.status.is_up:
-            # The record does not know the engine as up (a replacement cut half-way), so no
-            # wait began on it to bound this one: the oldest pending job's age bounds it.
+            # The record does not know the engine as up (a replacement cut half-way, a node that
+            # came back after its game was stopped): the wait is bounded by the oldest pending
+            # job's age, or, with no job (the controller's own stop), by the first look that found
+            # the engine generating (written by that look, kept across restarts).
             age = await self.store.oldest_pending_age(record.game_id) or 0.0
+            if record.disruption_wait_since is not None:
+                age = max(age, (self.clock.now() - record.disruption_wait_since).total_seconds())
             if age < self.settings.runtime.disruption_wait:
                 return requeue(DISRUPTION_POLL, "the engine generates a turn; the disruption waits")
             looked = Look.GO

@@ -395,3 +395,22 @@ async def test_a_wait_on_an_engine_that_only_answers_its_health_path_is_bounded_
     rec = await w.sync("g1")
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED
     assert w.results("g1")[-1] == ("stop", "success", "")
+
+
+async def test_a_stop_with_no_job_of_an_engine_the_record_does_not_know_as_up_is_bounded(w):
+    """The same, but no job waits to bound it: the game was stopped by the controller itself (a
+    node lost for longer than its grace under RTMANAGER_NODE_LOSS=stop, a crash loop given up) and
+    its engine is seen again, running and saying it generates, for ever. The stop waits for the
+    turn, bounded by RTMANAGER_DISRUPTION_WAIT from the first look. Before, with no pending job the
+    bound was zero and the stop waited for ever (found by a red-team reading)."""
+    await generating(w)
+    cur = w.store.records["g1"]
+    w.store.records["g1"] = cur.replace(status=Status.NODE_LOST, desired_status=DesiredStatus.STOPPED,
+                                        generation=cur.generation + 1)
+    for _ in range(3):
+        rec = await w.sync("g1")
+        assert stops(w) == [] and rec.disruption_wait_since is not None
+        w.store.clock.advance(w.settings.runtime.disruption_wait / 3 - 1)
+    w.store.clock.advance(4)
+    rec = await w.sync("g1")
+    assert len(stops(w)) == 1 and rec.status is Status.STOPPED and rec.converged
