@@ -142,6 +142,7 @@ class Health:
             self._wake(record.game_id)
             return False
         if changed:
+            warn_turn_back(record, probe)
             if new.status is not record.status:
                 log.warning("engine: %s -> %s", record.status.value, new.status.value,
                             extra={"game_id": record.game_id})
@@ -177,6 +178,7 @@ class Health:
         if new is record or new == record:
             return record
         self.note_generated(record, probe)
+        warn_turn_back(record, probe)
         return await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
                                                    generation_timeout=s.engine.generation_timeout)
 
@@ -202,3 +204,12 @@ class Health:
     async def raise_exited(self, seen: ObservedContainer) -> None:
         detail, _ = await self.exit_detail(seen, "exited", 5)
         raise ContainerStartFailed(detail)
+
+
+def warn_turn_back(record: RuntimeRecord, probe: Probe) -> None:
+    """An engine reports a lower turn than the record's: say so (desired/transitions.py
+    ``turn_gone_back``: the lost turns are not generated again)."""
+    if probe.turn is not None and record.turn is not None and probe.turn < record.turn:
+        log.warning("the engine reports turn %d, the record turn %d: it lost turns (a crash that lost saves, or "
+                    "its state restored from an older copy); they are not generated again", probe.turn, record.turn,
+                    extra={"game_id": record.game_id})

@@ -163,12 +163,23 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
             changes["disruption_wait_since"] = None  # the generation a disruption waited for is over
         if probe.turn is not None and cur.turn is not None and probe.turn > cur.turn:
             changes["last_turn_at"] = now
+        elif probe.turn is not None and cur.turn is not None and probe.turn < cur.turn:
+            changes.update(desired_turn=turn_gone_back(cur, probe.turn))
         elif cur.turn is None and probe.turn is not None:
             changes["last_turn_at"] = cur.last_turn_at or now
     changes["status"] = status
     if all(getattr(cur, k) == v for k, v in changes.items()):
         return cur  # the usual probe: nothing changed, and no copy of the record is made
     return cur.replace(**changes, health_checked_at=now, last_op_at=_touch(cur, now))
+
+
+def turn_gone_back(cur: RuntimeRecord, turn: int) -> int | None:
+    """The desired turn once the engine reports ``turn``, lower than the record's (it lost its last
+    saves, or its state was restored from an older copy): the lost turns are not generated again with
+    no job asking for them; a turn asked for and not yet generated is still one turn, past ``turn``."""
+    if cur.desired_turn is None or cur.turn is None:
+        return cur.desired_turn
+    return min(cur.desired_turn, turn + 1 if cur.desired_turn > cur.turn else turn)
 
 
 def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: ErrorCode, detail: str,

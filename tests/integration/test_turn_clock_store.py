@@ -278,3 +278,24 @@ async def test_a_locked_record_is_passed_over_and_holds_no_other_game(pool):
         await pool.release(gate)
     asked, _, again = await store.ask_due_turns(200, [])
     assert asked == ["st-b"] and not again
+
+
+async def test_an_engine_gone_back_is_asked_for_no_lost_turn_and_the_clock_still_runs(pool):
+    """An engine that lost its last saves reports a lower turn: the record takes it, desired state
+    stops asking for the lost turns (written by the probe's write), and the clock asks for the next
+    turn past the engine's at its time, as for any game."""
+    store = Store(pool)
+    game = "back-1"
+    rec = await running_on_a_clock(store, pool, game)
+    await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
+    rec = await store.turn_requested(await store.get(game))
+    rec = await store.mark_running(rec, container_id="c1", image=IMAGE, probe=at(1))
+    await pool.execute("UPDATE runtime_records SET turn = 5, desired_turn = 5 WHERE game_id = $1", game)
+    rec = await store.get(game)
+    assert rec.converged and rec.turn == 5 and await pending(store, game) == []
+    rec = await store.record_observation(rec, at(2), unreachable_after=3, generation_timeout=600)
+    stored = await store.get(game)
+    assert (stored.turn, stored.desired_turn) == (2, 2) and stored.converged
+    await overdue(pool, game)
+    await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
+    assert (await store.get(game)).desired_turn == 3

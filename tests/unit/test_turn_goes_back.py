@@ -1,0 +1,104 @@
+"""An engine that reports a lower turn than before (it crashed and lost its last saves, or its state
+was restored from an older copy) is taken at its word: the controller does not generate the lost
+turns again on its own. Before, desired state still asked for the old turn, so the planner asked the
+engine for every lost turn in a row, with no job and no player's orders: a burst of turns (found by
+a red-team reading). A turn that was asked for and not yet generated is still generated: one, past
+the engine's turn."""
+
+from __future__ import annotations
+
+import asyncio
+
+from desired import transitions
+from desired.model import JobKind, OpStatus, Status
+from tests.support.job_records import NOW, rec
+from tests.support.world import World, started
+
+NAME = "galaxy-game-g1"
+
+
+def probe(turn: int, phase: str = "idle") -> transitions.Probe:
+    return transitions.Probe(healthy=True, admin_api=True, turn=turn, phase=phase)
+
+
+def up(turn: int, desired_turn: int):
+    from desired.model import DesiredStatus
+    return rec(Status.RUNNING, DesiredStatus.RUNNING, gen=3, obs=3, turn=turn, phase="idle",
+               admin_api=True).replace(desired_turn=desired_turn)
+
+
+def test_a_lower_turn_withdraws_the_lost_turns_from_desired_state():
+    new = transitions.observed(up(10, 10), NOW, probe(7), unreachable_after=3, generation_timeout=60)
+    assert new.turn == 7 and new.desired_turn == 7
+
+
+def test_a_turn_asked_for_and_not_generated_stays_asked_once_past_the_engines_turn():
+    new = transitions.observed(up(10, 11), NOW, probe(7), unreachable_after=3, generation_timeout=60)
+    assert new.turn == 7 and new.desired_turn == 8
+
+
+def test_a_turn_that_moves_forward_leaves_desired_state_alone():
+    assert transitions.observed(up(7, 8), NOW, probe(8), unreachable_after=3,
+                                generation_timeout=60).desired_turn == 8
+    assert transitions.observed(up(7, 9), NOW, probe(7, "generating"), unreachable_after=3,
+                                generation_timeout=60).desired_turn == 9
+
+
+async def converged(w: World):
+    for _ in range(5):
+        rec = await asyncio.wait_for(w.sync("g1"), 30)
+        if rec.converged:
+            break
+    return rec
+
+
+async def _at_turn(w: World, turn: int):
+    await started(w)
+    for _ in range(turn):
+        await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+        rec = await converged(w)
+    assert rec.turn == turn and rec.desired_turn == turn and rec.converged
+    return rec
+
+
+async def test_the_controller_generates_no_lost_turn_after_the_engine_went_back(tmp_path):
+    w = World(tmp_path)
+    rec = await _at_turn(w, 4)
+    asked = len(w.engine.requests)
+    w.engine.game(NAME).turn = 1  # the engine lost its last three turns
+    address = w.backend.ip_of(w.running("g1")[0])
+    await w.reconciler.observe(rec, address)
+    rec = await asyncio.wait_for(w.sync("g1"), 30)
+    assert rec.turn == 1 and rec.desired_turn == 1 and rec.status is Status.RUNNING
+    assert len(w.engine.requests) == asked  # no turn asked of the engine
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # the next ask is one turn past the engine's
+    rec = await converged(w)
+    assert rec.turn == 2 and rec.converged and len(w.engine.requests) == asked + 1
+
+
+async def test_a_pending_turn_is_one_turn_after_the_engine_went_back(tmp_path):
+    w = World(tmp_path)
+    w.engine.admin["galaxy/engine-stub:1.0"] = "slow"
+    await _at_turn_slow(w)
+    w.engine.game(NAME).turn = 1  # lost turns 2 and 3 while the ask for turn 4 was not yet answered
+    w.engine.game(NAME).phase = "idle"
+    rec = await asyncio.wait_for(w.sync("g1"), 30)
+    for _ in range(5):
+        if rec.converged:
+            break
+        w.engine.finish_generation(NAME)
+        rec = await asyncio.wait_for(w.sync("g1"), 30)
+    assert rec.turn == 2 and rec.converged
+    assert [o.status for o in w.store.ops if o.op is JobKind.FORCE_NEXT_TURN][-1] is OpStatus.SUCCEEDED
+
+
+async def _at_turn_slow(w: World) -> None:
+    """g1 at turn 3 with a force_next_turn (turn 4) asked and the engine generating it."""
+    await started(w)
+    w.engine.game(NAME).turn = 3
+    address = w.backend.ip_of(w.running("g1")[0])
+    await w.reconciler.observe(w.store.records["g1"], address)
+    assert w.store.records["g1"].turn == 3
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    rec = await asyncio.wait_for(w.sync("g1"), 30)
+    assert rec.desired_turn == 4 and not rec.converged
