@@ -182,6 +182,15 @@ def turn_gone_back(cur: RuntimeRecord, turn: int) -> int | None:
     return min(cur.desired_turn, turn + 1 if cur.desired_turn > cur.turn else turn)
 
 
+def probe_predates(read: RuntimeRecord, cur: RuntimeRecord, probe: Probe) -> bool:
+    """Whether a probe that reports a lower turn than the record's (``cur``) may be older than the write
+    of that turn: the turn moved since the record the probe's taker read (``read``, before it probed).
+    Written, it would take the record, its snapshot and desired state back to a turn the engine has
+    left; refused, the next look decides. Unmoved, the lower turn came after it: it is the engine's."""
+    return (probe.turn is not None and cur.turn is not None and probe.turn < cur.turn
+            and read.turn != cur.turn)
+
+
 def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: ErrorCode, detail: str,
             exit_code: int | None, oom_killed: bool, window: float) -> RuntimeRecord:
     """The engine of a running game exited on its own (or its restart failed): count it; restart

@@ -795,6 +795,8 @@ class FakeStore:
                                  generation_timeout: float, disruption_waits: bool = False) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
+        if transitions.probe_predates(rec, cur, probe):
+            raise Conflict(f"{rec.game_id}: a probe older than the recorded turn")
         new = transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
                                    generation_timeout=generation_timeout)
         return self._swap(cur, transitions.disruption_waiting(new, now) if disruption_waits else new)

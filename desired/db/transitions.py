@@ -256,6 +256,8 @@ class Transitions(StoreBase):
         """What a probe of a running engine changed (desired/transitions.py ``observed``); with
         ``disruption_waits``, a planned disruption waits for the turn it generates."""
         def change(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+            if transitions.probe_predates(rec, cur, probe):
+                raise Conflict(f"{rec.game_id}: a probe of turn {probe.turn} older than the recorded turn {cur.turn}")
             new = transitions.observed(cur, now, probe, unreachable_after=unreachable_after,
                                        generation_timeout=generation_timeout)
             return transitions.disruption_waiting(new, now) if disruption_waits else new

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import pytest
 
 from controller.admission import Admission
 from controller.metrics import Metrics
@@ -299,3 +300,16 @@ async def test_an_engine_gone_back_is_asked_for_no_lost_turn_and_the_clock_still
     await overdue(pool, game)
     await store.submit(Job(kind=JobKind.TURN, game_id=game, source=OpSource.SCHEDULER), DEFAULTS)
     assert (await store.get(game)).desired_turn == 3
+
+
+async def test_a_probe_older_than_the_recorded_turn_is_refused(pool):
+    """A probe taken before the turn path recorded a newer turn, written late, takes nothing back."""
+    from desired.errors import Conflict
+    store = Store(pool)
+    game = "back-2"
+    read = await running_on_a_clock(store, pool, game)
+    newer = await store.record_observation(read, at(1), unreachable_after=3, generation_timeout=600)
+    assert newer.turn == 1
+    with pytest.raises(Conflict):
+        await store.record_observation(read, at(0), unreachable_after=3, generation_timeout=600)
+    assert (await store.get(game)).turn == 1

@@ -102,3 +102,22 @@ async def _at_turn_slow(w: World) -> None:
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     rec = await asyncio.wait_for(w.sync("g1"), 30)
     assert rec.desired_turn == 4 and not rec.converged
+
+
+async def test_a_probe_older_than_the_recorded_turn_is_not_a_turn_gone_back(tmp_path):
+    """A probe taken before another path recorded a newer turn (the health round's, written late) must
+    not take the record back, or lower what desired state asks for: its write is refused as stale
+    (the next round looks again). A lower turn written over the record it was read with is believed."""
+    import pytest
+
+    from desired.errors import Conflict
+    w = World(tmp_path)
+    rec = await _at_turn(w, 2)
+    w.engine.game(NAME).turn = 3  # the engine generated turn 3, and the turn path recorded it meanwhile
+    newer = await w.store.record_observation(rec, probe(3), unreachable_after=3, generation_timeout=60)
+    assert newer.turn == 3
+    with pytest.raises(Conflict):
+        await w.store.record_observation(rec, probe(2), unreachable_after=3, generation_timeout=60)
+    assert (w.store.records["g1"].turn, w.store.records["g1"].desired_turn) == (3, 2)
+    back = await w.store.record_observation(newer, probe(1), unreachable_after=3, generation_timeout=60)
+    assert (back.turn, back.desired_turn) == (1, 1)
