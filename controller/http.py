@@ -90,6 +90,10 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+# Seconds a connection may stay without a request in progress (from its opening: a head sent halfway
+# counts as none): aiohttp's own default holds such connections for an hour, before any token is looked
+# at, and each holds a file descriptor the controller's own sockets need.
+IDLE_TIMEOUT = 75.0
 OFF_GAME_NETWORK = "off-game-network"  # RTMANAGER_HTTP_HOST: every address but the engines' network
 
 
@@ -164,7 +168,7 @@ class HttpServer:
             self.tokens = deps.tokens or TokenSource(deps.http.api_tokens_file, deps.http.api_token)
         except InvalidTokens as exc:
             raise ConfigError(f"RTMANAGER_API_TOKENS_FILE: {exc}") from None
-        app = web.Application(middlewares=[self._outages, self._auth])
+        app = web.Application(middlewares=[_json_errors, self._outages, self._auth])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
@@ -201,7 +205,7 @@ class HttpServer:
         """Serve on RTMANAGER_HTTP_HOST; with ``off-game-network``, on every IPv4 address of this host
         (or container) outside ``game_subnets``, so that no engine reaches the API."""
         h = self.deps.http
-        self._runner = web.AppRunner(self.app, access_log=None)
+        self._runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=IDLE_TIMEOUT)
         await self._runner.setup()
         hosts = [h.http_host] if h.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
         for host in hosts:
@@ -248,7 +252,8 @@ class HttpServer:
             # Header bytes that are not UTF-8 arrive as surrogates: compare bytes, never fail. Every token is
             # compared whatever the scheme, so the time says nothing of the secret.
             token = tokens.find(secret.encode("utf-8", "surrogateescape"))
-            if token is None or not hmac.compare_digest(scheme.encode("utf-8", "surrogateescape"), b"Bearer"):
+            # The scheme is case-insensitive (RFC 9110, 11.1).
+            if token is None or not hmac.compare_digest(scheme.lower().encode("utf-8", "surrogateescape"), b"bearer"):
                 return _error(401, "missing or wrong bearer token")
             request[TOKEN_NAME] = token.name
             request[TOKEN_ROLE] = token.role
@@ -611,6 +616,20 @@ async def _unknown() -> None:
 
 def _answer(answer: tuple[int, dict[str, Any]]) -> web.Response:
     return web.json_response(answer[1], status=answer[0])
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The framework's own refusals under /api/ (no such route, a method not allowed, a body too large)
+    are JSON errors, as the API's are."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or not request.path.startswith("/api/"):
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        return web.json_response({"error": exc.reason.lower() if exc.reason else "refused"}, status=exc.status,
+                                 headers=headers)
 
 
 def _error(status: int, message: str, retry_after: bool = False) -> web.Response:

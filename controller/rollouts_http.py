@@ -42,7 +42,7 @@ def _error(status: int, message: str, retry_after: bool = False) -> web.Response
 
 def _rollout_id(request: web.Request) -> int | None:
     raw = request.match_info["rollout_id"]
-    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= MAX_ID:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 20 or not 0 < int(raw) <= MAX_ID:
         return None
     return int(raw)
 

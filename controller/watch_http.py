@@ -71,7 +71,7 @@ class WatchRoutes:
         metrics.watch_clients.set_function(lambda: self.clients)
 
     def add(self, app: web.Application) -> None:
-        app.router.add_get("/api/v1/events", self.events)
+        app.router.add_get("/api/v1/events", self.events, allow_head=False)  # a HEAD would get the stream's body
         app.on_shutdown.append(self._shutdown)  # before the server waits for its handlers to finish
 
     async def _shutdown(self, app: web.Application) -> None:
@@ -194,7 +194,7 @@ def _parse(request: web.Request) -> tuple[int | None, WatchFilter, bool] | web.R
         raw = request.query.get("since")
     since: int | None = None
     if raw is not None:
-        if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_POSITION:
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 20 or int(raw) > MAX_POSITION:
             return _error(400, "since (or Last-Event-ID) must be a position: a whole number from 0")
         since = int(raw)
     games = request.query.getall("game_id", [])

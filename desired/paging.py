@@ -70,7 +70,7 @@ def parse_page(query: dict[str, str]) -> PageRequest:
     if node is not None and not (0 < len(node) <= 128 and node.isascii() and node.isprintable()):
         raise InvalidPage("node must be 1-128 printable ASCII characters")
     raw_limit = query.get("limit", str(MAX_PAGE))
-    if not (raw_limit.isascii() and raw_limit.isdigit()) or not 1 <= int(raw_limit) <= MAX_PAGE:
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 9) or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise InvalidPage(f"limit must be a whole number from 1 to {MAX_PAGE}")
     after = decode_cursor(query["cursor"]) if "cursor" in query else None
     return PageRequest(filter=RuntimeFilter(status=status, engine_version=version, node=node), after=after,

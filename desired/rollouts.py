@@ -234,7 +234,7 @@ def parse_request(body: object) -> RolloutRequest:
     if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold <= MAX_HOLD:
         raise InvalidRollout(f"field canary_hold must be seconds from 0 to {MAX_HOLD:g}")
     on_failure = body.get("on_failure", DEFAULTS["on_failure"])
-    if on_failure not in {o.value for o in OnFailure}:
+    if not isinstance(on_failure, str) or on_failure not in {o.value for o in OnFailure}:
         raise InvalidRollout("field on_failure must be rollback or stop")
     force = body.get("force", False)
     if not isinstance(force, bool):

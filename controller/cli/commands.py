@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import resource
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
@@ -17,6 +19,8 @@ from controller.cli.runtimes import REST_COMMANDS, rest_command
 from controller.cli.runtimes import add_parsers as add_rest_parsers
 from controller.config import VARIABLES
 from controller.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         from controller.app import run
         if signalled():  # a SIGTERM or SIGINT during the imports: nothing has started yet
             raise SystemExit(0)
+        raise_open_files_limit()
         code = asyncio.run(run(settings, signalled=signalled))
         catch_signals_early()  # closing the event loop gave the signals back to their defaults
         raise SystemExit(code)
@@ -132,6 +137,20 @@ def main(argv: list[str] | None = None) -> None:
         "rollout": lambda: rollout(settings, args),
     }
     _finish(args.command, handlers[args.command]())
+
+
+def raise_open_files_limit() -> None:
+    """The controller holds a socket per engine it talks to, per database and Redis connection, per API
+    client: a soft limit of 1,024 open files (a common default) is reached at a few hundred games with API
+    clients. Raise it to the hard limit, as the Go runtime does for its programs."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open files: soft limit raised from %d to %d", soft, target)
+    except (ValueError, OSError) as exc:  # a limit the kernel refuses: keep the one we have
+        log.warning("open files: could not raise the soft limit: %s", exc)
 
 
 def _finish(command: str, work: Coroutine[Any, Any, int]) -> NoReturn:

@@ -1,0 +1,128 @@
+"""Odd requests a red-team reading sent the REST API: each gets a 4xx with a JSON error, never a 5xx,
+and an idle or half-sent connection is not held for an hour."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from controller import http as http_module
+from controller.admission import Admission
+from controller.config import HttpSettings
+from controller.http import HttpDeps, HttpServer
+from controller.metrics import Metrics
+from desired.jobs import ImageAllowlist
+from tests.fakes import FakeStore, defaults
+
+ADMIN, READER = "a" * 32, "r" * 32
+H = {"Authorization": f"Bearer {ADMIN}"}
+LONG = "0" * 4301 + "1"  # the number 1, in more digits than Python's int() takes from a string
+
+
+class NoWatch:
+    """A stand-in the handlers must not reach: the request is refused before."""
+
+
+async def _ready() -> dict[str, str]:
+    return {}
+
+
+def server(tmp_path: Path) -> HttpServer:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"boss admin {ADMIN}\nreader read {READER}\n")
+    store = FakeStore()
+    return HttpServer(HttpDeps(
+        http=HttpSettings(http_port=0, http_host="127.0.0.1", api_token="", api_tokens_file=str(tokens)),
+        allowlist=ImageAllowlist("galaxy/engine:*"), store=store,  # type: ignore[arg-type]
+        admission=Admission(store, defaults(), wake=lambda g: None), metrics=Metrics(),
+        is_leader=lambda: True, readiness=_ready, results_changed=asyncio.Event,
+        watch=NoWatch(), rollouts=NoWatch()))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def client(tmp_path: Path):
+    c = TestClient(TestServer(server(tmp_path).app))
+    await c.start_server()
+    yield c
+    await c.close()
+
+
+async def json_error(resp, status: int) -> str:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json", await resp.text()
+    return (await resp.json())["error"]
+
+
+async def test_a_number_in_more_digits_than_int_takes_is_a_bad_parameter(client):
+    assert "since" in await json_error(await client.get(f"/api/v1/events?since={LONG}", headers=H), 400)
+    assert "since" in await json_error(await client.get("/api/v1/events", headers={**H, "Last-Event-ID": LONG}), 400)
+    assert "limit" in await json_error(await client.get(f"/api/v1/runtimes?limit={LONG}", headers=H), 400)
+    assert await json_error(await client.get(f"/api/v1/rollouts/{LONG}", headers=H), 400)
+    assert await json_error(await client.post(f"/api/v1/rollouts/{LONG}/pause", headers=H), 400)
+
+
+@pytest.mark.parametrize("bad", [[], {}, ["rollback"], 1, None])
+async def test_a_rollouts_on_failure_of_the_wrong_type_is_named(client, bad):
+    resp = await client.post("/api/v1/rollouts", headers=H,
+                             json={"target_version": "v2", "source_version": "v1", "on_failure": bad})
+    assert "on_failure" in await json_error(resp, 400)
+
+
+async def test_the_bearer_scheme_is_case_insensitive(client):
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        resp = await client.get("/api/v1/whoami", headers={"Authorization": f"{scheme} {READER}"})
+        assert resp.status == 200, scheme
+    assert (await client.get("/api/v1/whoami", headers={"Authorization": f"Basic {READER}"})).status == 401
+
+
+async def test_the_frameworks_own_errors_are_json_too(client):
+    assert await json_error(await client.get("/api/v1/nothing", headers=H), 404)
+    assert await json_error(await client.delete("/api/v1/runtimes", headers=H), 405)
+    big = io.BytesIO(b"x" * (1024 * 1024 + 1))
+    assert await json_error(await client.post("/api/v1/rollouts", headers=H, data=big), 413)
+
+
+async def test_head_of_the_event_stream_is_not_served(client):
+    """A HEAD answered with the stream's body would be read by the client as its next response."""
+    resp = await client.head("/api/v1/events?since=0&follow=0", headers=H)
+    assert resp.status == 405
+    assert await resp.read() == b""
+
+
+async def test_an_idle_or_half_sent_connection_is_closed(tmp_path, monkeypatch):
+    """aiohttp's own default keeps a connection that never completes a request for an hour, before any
+    token is looked at: enough of them and the controller's own sockets fail for lack of descriptors."""
+    monkeypatch.setattr(http_module, "IDLE_TIMEOUT", 0.5)
+    s = server(tmp_path)
+    await s.start()
+    try:
+        port = s._runner.addresses[0][1]
+        idle = await asyncio.open_connection("127.0.0.1", port)
+        half = await asyncio.open_connection("127.0.0.1", port)
+        half[1].write(b"GET /api/v1/runtimes HTTP/1.1\r\nHost: x\r\n")  # the head never ends
+        for reader, _ in (idle, half):
+            await asyncio.wait_for(reader.read(), 10)  # returns at the server's close (TimeoutError: held)
+            assert reader.at_eof()
+        for _, writer in (idle, half):
+            writer.close()
+    finally:
+        await s.stop()
+
+
+def test_run_raises_the_soft_open_files_limit_to_the_hard_one():
+    import resource
+
+    from controller.cli.commands import raise_open_files_limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        raise_open_files_limit()
+        now, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        assert now == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
