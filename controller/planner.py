@@ -84,6 +84,14 @@ DISRUPTION_POLL = 1.0  # seconds between looks at an engine a disruption waits f
 _DISRUPTIONS = (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP, ActionKind.RECREATE)
 
 
+def disruption_wait_left(record: RuntimeRecord, now: datetime, *, disruption_wait: float, waited: float) -> float:
+    """Seconds a disruption that has waited ``waited`` may still wait for a turn boundary: what is left of
+    RTMANAGER_DISRUPTION_WAIT, or of the generation's own deadline (a drain's), whichever is later."""
+    until = disruption_deadline(record)
+    own = (until - now).total_seconds() if until is not None else 0.0
+    return max(disruption_wait - waited, own)
+
+
 def disruption_deadline(record: RuntimeRecord) -> datetime | None:
     """The turn-boundary deadline of the record's generation's own (a drain's: its deadline), or None."""
     if record.disruption_until is not None and record.disruption_generation == record.generation:
@@ -96,17 +104,17 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
     """``action`` as it may be carried out now, or a WAIT while the engine generates a turn."""
     if action.kind not in _DISRUPTIONS or container is None or not container.running:
         return action  # nothing runs that a disruption could cut
-    if action.kind is ActionKind.RECREATE and not (record.status.is_up
-                                                   and record.current_container_id == container.id):
-        return action  # not the game's running engine (a start that failed half-way, a leftover)
-    if disruption_wait <= 0 or record.admin_api is False or record.force_generation == record.generation:
+    if action.kind is ActionKind.RECREATE and record.current_container_id != container.id:
+        return action  # not the game's engine (a leftover); its engine is, up or not (node_lost, say)
+    until = disruption_deadline(record)
+    own = (until - now).total_seconds() if until is not None else 0.0
+    if (disruption_wait <= 0 and own <= 0) or record.admin_api is False \
+            or record.force_generation == record.generation:
         return action
     if record.status is Status.GENERATION_IN_PROGRESS:
         since = record.disruption_wait_since or now
         waited = max(0.0, (now - since).total_seconds())
         left = disruption_wait - waited
-        until = disruption_deadline(record)
-        own = (until - now).total_seconds() if until is not None else 0.0
         if left > 0 or own > 0:
             nxt = f"turn {record.turn + 1}" if record.turn is not None else "a turn"
             why = (f"{own:.0f}s left until this generation's own deadline" if own > left

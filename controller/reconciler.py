@@ -36,7 +36,7 @@ from controller.config import Settings
 from controller.crashes import Crashes
 from controller.health import Health
 from controller.metrics import Metrics
-from controller.planner import DISRUPTION_POLL, Action, ActionKind, disruption_deadline, plan
+from controller.planner import DISRUPTION_POLL, Action, ActionKind, disruption_deadline, disruption_wait_left, plan
 from controller.spec import Specs
 from controller.start import Starts
 from controller.step import AGAIN, DONE, Step, merge, requeue
@@ -405,10 +405,12 @@ class Reconciler:
             # came back after its game was stopped): the wait is bounded by the oldest pending
             # job's age, or, with no job (the controller's own stop), by the first look that found
             # the engine generating (written by that look, kept across restarts).
+            now = self.clock.now()
             age = await self.store.oldest_pending_age(record.game_id) or 0.0
             if record.disruption_wait_since is not None:
-                age = max(age, (self.clock.now() - record.disruption_wait_since).total_seconds())
-            if age < self.settings.runtime.disruption_wait:
+                age = max(age, (now - record.disruption_wait_since).total_seconds())
+            if disruption_wait_left(record, now, disruption_wait=self.settings.runtime.disruption_wait,
+                                    waited=age) > 0:
                 return requeue(DISRUPTION_POLL, "the engine generates a turn; the disruption waits")
             looked = Look.GO
         if looked not in (Look.GO, Look.UNKNOWN):

@@ -356,7 +356,8 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
             # back on its node, unless somebody else stopped or removed it since. A move under way, or one
             # that succeeded, is not the drain's to undo.
             if (g.state is not GameState.DONE or rec is None or rec.desired_status is not DesiredStatus.STOPPED
-                    or g.game_id in stopped_since or not (g.image_ref or rec.desired_image_ref)):
+                    or g.game_id in stopped_since
+                    or not (g.image_ref or rec.current_image_ref or rec.desired_image_ref)):
                 continue
             steps.append(RestoreStep(game=g, verdict=Restore.START, note="its move failed: back on its node"))
             continue
@@ -375,7 +376,8 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
 
 
 def restore_image(game: DrainGame, record: RuntimeRecord) -> str:
-    image = game.image_ref or record.desired_image_ref or record.current_image_ref
+    # What the game ran, not a patch that was waiting for it (the drain's stop superseded that).
+    image = game.image_ref or record.current_image_ref or record.desired_image_ref
     assert image
     return image
 

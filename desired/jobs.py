@@ -470,6 +470,11 @@ def next_turn(record: RuntimeRecord) -> int:
 
 
 def _bump(record: RuntimeRecord, now: datetime, **desired: object) -> Decision:
-    """A new generation (converged once the reconciler has looked), with these desired changes."""
+    """A new generation (converged once the reconciler has looked), with these desired changes. A drain's
+    turn-boundary deadline (its stop or move waits for the engine's turn until then) stays with the new
+    generation: a pause or a reconcile meanwhile does not withdraw the disruption, so it must not cut
+    the wait short either (a forced job still cuts it: ``force_generation``)."""
+    if record.disruption_generation == record.generation and "disruption_generation" not in desired:
+        desired["disruption_generation"] = record.generation + 1
     return Decision(action=DecisionAction.CHANGE, record=record.replace(
         generation=record.generation + 1, last_op_at=max(now, record.last_op_at), **desired))

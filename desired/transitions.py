@@ -348,6 +348,21 @@ def moved_off(cur: RuntimeRecord, now: datetime, *, node: str) -> RuntimeRecord:
                        last_op_at=_touch(cur, now))
 
 
+def drain_moved(cur: RuntimeRecord, now: datetime, *, node: str | None, forced: bool,
+                deadline: datetime | None) -> RuntimeRecord:
+    """A drain moves the game off ``node``: like a restart (a new generation; a turn older jobs asked for
+    is no longer asked), the pin cleared, the node avoided from now on (so that a unit there that is out of
+    reach is the move's to replace, not a node loss to wait for), and a new spec revision, so the planner
+    recreates the unit elsewhere. Unless ``forced``, the replacement waits for a turn boundary until the
+    drain's ``deadline`` (its own, carried by later jobs of the game: desired/jobs.py)."""
+    avoid = tuple(sorted(set(cur.avoid_nodes) | {node})) if node else cur.avoid_nodes
+    return turn_unasked(cur.replace(
+        node_id=None, avoid_nodes=avoid, spec_revision=cur.spec_revision + 1, generation=cur.generation + 1,
+        last_op_at=_touch(cur, now), force_generation=cur.generation + 1 if forced else cur.force_generation,
+        disruption_until=None if forced else deadline,
+        disruption_generation=None if forced else cur.generation + 1))
+
+
 def stopped_for_node_loss(cur: RuntimeRecord, now: datetime, *, message: str) -> RuntimeRecord:
     """The node-loss policy stops the game: desired stopped, a new generation (as a crash loop's)."""
     return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,

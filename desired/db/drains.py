@@ -93,7 +93,7 @@ async def record_drain_step(conn: asyncpg.Connection, job: Job, current: Runtime
         if decision.action is not DecisionAction.CHANGE or decision.record is None:
             raise Conflict(f"drain {step.drain_id}: the stop of {job.game_id} would change nothing")
         await conn.execute(_INSERT_GAME, step.drain_id, job.game_id, DrainAction.STOP.value,
-                           step.forced, current.desired_image_ref or current.current_image_ref, current.paused,
+                           step.forced, current.current_image_ref or current.desired_image_ref, current.paused,
                            current.turn_interval, current.node_id, decision.record.generation, now)
         await conn.execute("UPDATE drain_games SET op_id = $3 WHERE drain_id = $1 AND game_id = $2",
                            step.drain_id, job.game_id, op_id)
@@ -215,20 +215,14 @@ class Drains(StoreBase):
             cur = record_from_row(row)
             if cur.generation != record.generation or cur.node_id != drain.node:
                 return None
-            # Like a restart: older pending jobs are answered superseded, and a turn they asked for is no
-            # longer asked (desired/jobs.py). Before its deadline a drain moves only converged games.
-            # Before its deadline the move waits for a turn boundary until the drain's deadline (its own).
-            new = transitions.turn_unasked(cur.replace(
-                node_id=None, spec_revision=cur.spec_revision + 1, generation=cur.generation + 1,
-                last_op_at=max(now, cur.last_op_at),
-                force_generation=cur.generation + 1 if forced else cur.force_generation,
-                disruption_until=None if forced else drain.deadline_at,
-                disruption_generation=None if forced else cur.generation + 1))
+            # Older pending jobs are answered superseded (below). Before its deadline a drain moves only
+            # converged games.
+            new = transitions.drain_moved(cur, now, node=drain.node, forced=forced, deadline=drain.deadline_at)
             new = await self._write(conn, cur, new, now)
             await self._supersede_older(conn, new, now)
             await conn.execute(_INSERT_GAME, drain.id, cur.game_id, DrainAction.MOVE.value, forced,
-                               cur.desired_image_ref, cur.paused, cur.turn_interval, cur.node_id,
-                               new.generation, now)
+                               cur.current_image_ref or cur.desired_image_ref, cur.paused, cur.turn_interval,
+                               cur.node_id, new.generation, now)
             op_id = await self._insert_op(conn, cur.game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED,
                                           new.generation, None, None,
                                           {"event": "drain_move", "drain_id": drain.id, "from_node": drain.node,

@@ -5,9 +5,11 @@ spec revised, a new generation, compare-and-swap), what undrain must not bring b
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
+from desired import drains
 from desired.db.store import Store
 from desired.drains import (
     DrainAction,
@@ -128,3 +130,23 @@ async def test_undrain_does_not_bring_back_a_game_stopped_by_another_job_after_t
     _, rows = await store.get_drain(drain.id)
     assert {g.game_id: (g.image_ref, g.paused, g.turn_interval) for g in rows} == {
         g: (IMG, False, 0) for g in ("g1", "g2", "g3")}
+
+
+async def test_a_drain_records_the_image_the_game_runs_not_a_patch_that_waits(pool):
+    """Red-team finding: a patch waiting for the turn boundary when the drain took the game was recorded
+    as the game's image, and undrain started the game on an image it never ran (the patch superseded by
+    the drain's stop; no copy of its state, no rollback). The drain records what runs; undrain's image
+    falls back to what ran last, then to what was asked."""
+    store = Store(pool)
+    rec = await running(store, "p1")
+    patched = "galaxy/engine-stub:1.1"
+    await store.submit(Job(kind=JobKind.PATCH, game_id="p1", source=OpSource.LOBBY, image_ref=patched), DEFAULTS)
+    rec = await store.get("p1")
+    assert rec.desired_image_ref == patched and rec.current_image_ref == IMG
+    drain = await store.create_drain(HOST, OpSource.ADMIN)
+    await store.submit(Job(kind=JobKind.STOP, game_id="p1", source=OpSource.ADMIN, reason=StopReason.ADMIN_REQUEST,
+                           drain=DrainStep(drain_id=drain.id, kind=StepKind.TAKE, generation=rec.generation)),
+                       DEFAULTS)
+    _, rows = await store.get_drain(drain.id)
+    assert [g.image_ref for g in rows] == [IMG]
+    assert drains.restore_image(replace(rows[0], image_ref=None), await store.get("p1")) == IMG

@@ -1,0 +1,105 @@
+"""A drain's stops and moves wait for the engine's turn boundary until the drain's deadline, whatever
+else happens to the game meanwhile (red-team findings): RTMANAGER_DISRUPTION_WAIT=0 does not cancel
+the drain's own deadline; a pause or reconcile admitted during the wait does not drop it; an engine
+on a node that was lost and came back is asked before it is replaced; and a move of a game whose node
+is lost happens under the default RTMANAGER_NODE_LOSS=wait."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from controller.planner import ActionKind, plan
+from desired import transitions
+from desired.model import JobKind, Status
+from tests.support.planning import KW, NOW, ST, ours, record
+from tests.support.world import IMG, IMG2, World
+
+NAME = "galaxy-game-g1"
+
+
+def test_a_drains_deadline_holds_with_no_global_wait():
+    rec = record(Status.GENERATION_IN_PROGRESS, ST, converged=False, admin_api=True, turn=4, phase="generating",
+                 disruption_until=NOW + timedelta(hours=1), disruption_generation=5)
+    for wait in (0.0, 1.0):
+        assert plan(rec, ours(), **{**KW, "disruption_wait": wait}).kind is ActionKind.WAIT, wait
+    past = rec.replace(disruption_until=NOW - timedelta(seconds=1))
+    assert plan(past, ours(), **{**KW, "disruption_wait": 0.0}).kind is ActionKind.STOP
+
+
+def moving(w: World, deadline: timedelta = timedelta(hours=1), node: str | None = "n2"):
+    """What the drain of ``node`` writes when it takes g1 (its starts avoid the drained node)."""
+
+    async def avoid():
+        return frozenset({node} if node else ())
+
+    w.reconciler.starts.avoid = avoid
+    cur = w.store.records["g1"]
+    w.store.records["g1"] = transitions.drain_moved(cur, w.store.clock.now(), node=node, forced=False,
+                                                    deadline=w.store.clock.now() + deadline)
+
+
+async def test_a_pause_during_a_drains_move_keeps_the_drains_deadline(tmp_path):
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60", RTMANAGER_STATE_SHARED="1")
+    w.backend.nodes = ["n2", "n1"]
+    w.engine.admin[IMG] = "slow"
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    unit = w.backend.by_name(NAME)
+    w.engine.game(NAME).phase = "generating"
+    moving(w)
+    rec = await w.sync("g1")
+    assert rec.disruption_wait_since is not None and unit.id in w.backend.containers
+    w.store.clock.advance(61)
+    await w.sync("g1")
+    assert unit.id in w.backend.containers  # the drain's deadline holds past RTMANAGER_DISRUPTION_WAIT
+    await w.job(JobKind.PAUSE, "g1")
+    rec = await w.sync("g1")
+    assert rec.disruption_generation == rec.generation
+    assert unit.id in w.backend.containers, "cut mid-turn long before the drain's deadline"
+    w.engine.finish_generation(NAME)
+    rec = await w.sync("g1")
+    assert unit.id not in w.backend.containers and rec.node_id == "n1"
+
+
+@pytest.mark.parametrize("how", ["drain_move", "patch"])
+async def test_an_engine_on_a_node_that_came_back_is_asked_before_it_is_replaced(tmp_path, how):
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="600", RTMANAGER_NODE_LOSS="wait", RTMANAGER_STATE_SHARED="1")
+    w.backend.nodes = ["n2", "n1"]
+    w.engine.admin[IMG] = "slow"
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await w.sync("g1")
+    assert rec.node_id == "n2" and rec.admin_api is True
+    w.engine.game(NAME).phase = "generating"
+    unit = w.backend.by_name(NAME)
+    w.backend.lost.add("n2")
+    unit.state = "exited"  # as the manager sees a task on a node it cannot reach
+    assert (await w.sync("g1")).status is Status.NODE_LOST
+    if how == "drain_move":
+        moving(w)
+    else:
+        await w.job(JobKind.PATCH, "g1", IMG2)
+    w.backend.lost.discard("n2")
+    unit.state = "running"  # the partition heals: the engine ran on, and is mid-turn
+    await w.sync("g1")
+    assert unit.id in w.backend.containers, "replaced mid-turn without asking the engine"
+    w.engine.finish_generation(NAME)
+    for _ in range(3):
+        await w.sync("g1")
+    assert unit.id not in w.backend.containers
+
+
+async def test_a_drain_moves_a_game_whose_node_is_lost_under_the_wait_policy(tmp_path):
+    w = World(tmp_path, RTMANAGER_NODE_LOSS="wait", RTMANAGER_NODE_LOSS_GRACE="30", RTMANAGER_STATE_SHARED="1")
+    w.backend.nodes = ["n2", "n1"]
+    await w.job(JobKind.START, "g1", IMG)
+    assert (await w.sync("g1")).node_id == "n2"
+    w.backend.lose_node("n2")
+    assert (await w.sync("g1")).status is Status.NODE_LOST
+    moving(w)
+    for _ in range(5):
+        rec = await w.sync("g1")
+        if rec.converged:
+            break
+    assert rec.status is Status.RUNNING and rec.converged and rec.node_id == "n1"
