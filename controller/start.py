@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from controller.config import Settings
-from controller.health import Health
+from controller.health import Health, warn_turn_back
 from controller.metrics import Metrics
 from controller.planner import ActionKind
 from controller.storage import StateKeeper
@@ -177,6 +177,8 @@ class Starts:
         probe = (await self.health.probe(record, seen.address, answered=True) if record.admin_api is not False
                  else None)
         s = self.settings
+        if probe is not None and probe.healthy:
+            warn_turn_back(record, probe)  # a restart after a crash that lost saves, say
         await self.store.mark_running(record, container_id=container_id, image=spec.image,
                                       probe=probe if probe is not None and probe.healthy else None,
                                       unreachable_after=s.engine.unreachable_after,

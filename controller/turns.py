@@ -12,7 +12,7 @@ import enum
 import logging
 
 from controller.config import Settings
-from controller.health import Health
+from controller.health import Health, warn_turn_back
 from controller.metrics import Metrics
 from controller.step import AGAIN, Step, again_on, requeue
 from desired import transitions
@@ -111,11 +111,11 @@ class Turns:
                                      for op in await self.store.pending_operations(record.game_id)):
             # A pause accepted before the engine was asked: only a forced turn is generated paused
             # or not; a scheduled one is withdrawn (its job answered superseded, the pause success).
-            log.info("paused before the engine was asked for turn %d: the scheduled turn is withdrawn", target,
-                     extra={"game_id": record.game_id})
+            why = ("the game was paused, and the engine lost the turn it was generating" if asked_before
+                   else "the game was paused before the engine was asked for the turn")
+            log.info("turn %d: %s; the scheduled turn is withdrawn", target, why, extra={"game_id": record.game_id})
             try:
-                await self.store.fail_turn(record, ErrorCode.SUPERSEDED,
-                                           "the game was paused before the engine was asked for the turn")
+                await self.store.fail_turn(record, ErrorCode.SUPERSEDED, why)
             except Conflict:
                 pass  # a newer job took over: plan again
             return AGAIN
@@ -207,6 +207,7 @@ class Turns:
             if probe.healthy and probe.phase == "generating":
                 log.info("the engine is generating turn %s: the disruption waits for it", (probe.turn or 0) + 1,
                          extra={"game_id": record.game_id})
+                warn_turn_back(record, probe)
                 await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
                                                     generation_timeout=s.engine.generation_timeout,
                                                     disruption_waits=True)

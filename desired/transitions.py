@@ -164,7 +164,9 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
         if probe.turn is not None and cur.turn is not None and probe.turn > cur.turn:
             changes["last_turn_at"] = now
         elif probe.turn is not None and cur.turn is not None and probe.turn < cur.turn:
-            changes.update(desired_turn=turn_gone_back(cur, probe.turn))
+            # A generation under way now is not the one asked before the loss: its time counts from now.
+            changes.update(desired_turn=turn_gone_back(cur, probe.turn),
+                           generation_started_at=now if probe.phase == "generating" else None)
         elif cur.turn is None and probe.turn is not None:
             changes["last_turn_at"] = cur.last_turn_at or now
     changes["status"] = status
@@ -187,8 +189,10 @@ def probe_predates(read: RuntimeRecord, cur: RuntimeRecord, probe: Probe) -> boo
     of that turn: the turn moved since the record the probe's taker read (``read``, before it probed).
     Written, it would take the record, its snapshot and desired state back to a turn the engine has
     left; refused, the next look decides. Unmoved, the lower turn came after it: it is the engine's."""
+    # The turn and when it last went up: a turn that went back and up again meanwhile (the same number,
+    # a later time) moved too.
     return (probe.turn is not None and cur.turn is not None and probe.turn < cur.turn
-            and read.turn != cur.turn)
+            and (read.turn, read.last_turn_at) != (cur.turn, cur.last_turn_at))
 
 
 def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: ErrorCode, detail: str,

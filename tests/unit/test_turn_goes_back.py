@@ -121,3 +121,47 @@ async def test_a_probe_older_than_the_recorded_turn_is_not_a_turn_gone_back(tmp_
     assert (w.store.records["g1"].turn, w.store.records["g1"].desired_turn) == (3, 2)
     back = await w.store.record_observation(newer, probe(1), unreachable_after=3, generation_timeout=60)
     assert (back.turn, back.desired_turn) == (1, 1)
+
+
+async def test_a_turn_that_went_back_and_up_again_meanwhile_is_not_taken_back(tmp_path):
+    """Review: the prober read the record at turn 5; meanwhile the engine lost turn 5 (recorded: 4) and
+    generated it again (recorded: 5, later). The probe of 4 it took in between is as old as the first
+    loss, although the turn number is the one it read: written, it would lower desired state again and
+    a force_next_turn would be answered with no turn generated."""
+    import pytest
+
+    from desired.errors import Conflict
+    w = World(tmp_path)
+    read = await _at_turn(w, 5)
+    w.engine.game(NAME).turn = 4
+    await w.store.record_observation(read, probe(4), unreachable_after=3, generation_timeout=60)
+    w.store.clock.advance(1)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    again = await converged(w)
+    assert again.turn == 5 and w.engine.game(NAME).turn == 5
+    with pytest.raises(Conflict):
+        await w.store.record_observation(read, probe(4), unreachable_after=3, generation_timeout=60)
+    assert w.store.records["g1"].turn == 5
+
+
+def test_a_generation_seen_after_the_turn_went_back_is_timed_from_then():
+    from datetime import timedelta
+    cur = up(10, 11).replace(status=Status.GENERATION_IN_PROGRESS, phase="generating",
+                             generation_started_at=NOW - timedelta(hours=1))
+    new = transitions.observed(cur, NOW, probe(7, "generating"), unreachable_after=3, generation_timeout=60)
+    assert new.generation_started_at == NOW and new.desired_turn == 8
+
+
+async def test_a_restart_that_finds_the_engine_behind_says_so(tmp_path, caplog):
+    import logging
+    w = World(tmp_path)
+    await _at_turn(w, 3)
+    w.engine.game(NAME).turn = 1  # the engine's state lost its last saves
+    unit = w.backend.by_name(NAME)
+    unit.state, unit.exit_code = "exited", 1  # and it crashed
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            rec = await w.sync("g1")
+            w.store.clock.advance(60)
+    assert rec.turn == 1 and rec.desired_turn == 1
+    assert any("reports turn 1, the record turn 3" in r.getMessage() for r in caplog.records)
