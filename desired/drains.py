@@ -357,7 +357,7 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
             # that succeeded, is not the drain's to undo.
             if (g.state is not GameState.DONE or rec is None or rec.desired_status is not DesiredStatus.STOPPED
                     or g.game_id in stopped_since
-                    or not (g.image_ref or rec.current_image_ref or rec.desired_image_ref)):
+                    or not (g.image_ref or ran_image(rec))):
                 continue
             steps.append(RestoreStep(game=g, verdict=Restore.START, note="its move failed: back on its node"))
             continue
@@ -375,9 +375,18 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
     return steps
 
 
+def ran_image(record: RuntimeRecord) -> str | None:
+    """The image a drain records for the game it takes, for undrain to start it on again: the one that
+    runs, not a patch still waiting for a turn boundary (the drain's stop supersedes it); but once a
+    replacement is under way (the record ``starting``), the new image's engine may already have written
+    the state, so the new image."""
+    if record.status is Status.STARTING:
+        return record.desired_image_ref or record.current_image_ref
+    return record.current_image_ref or record.desired_image_ref
+
+
 def restore_image(game: DrainGame, record: RuntimeRecord) -> str:
-    # What the game ran, not a patch that was waiting for it (the drain's stop superseded that).
-    image = game.image_ref or record.current_image_ref or record.desired_image_ref
+    image = game.image_ref or ran_image(record)
     assert image
     return image
 
@@ -403,8 +412,10 @@ def unpinned(current: RuntimeRecord | None, new: RuntimeRecord, kind: JobKind, t
     instead of on the drained node."""
     if (kind in (JobKind.START, JobKind.RESTART, JobKind.PATCH) and new.node_id is not None
             and new.node_id in targets.shared and new.desired_status is DesiredStatus.RUNNING):
-        return new.replace(node_id=None, spec_revision=max(new.spec_revision,
-                                                           (current.spec_revision if current else 0) + 1))
+        # The node avoided too, as by the drain's own move: a unit there that is out of reach (the node
+        # lost meanwhile) is the move's to replace, not a node loss to wait for.
+        return new.replace(node_id=None, avoid_nodes=tuple(sorted(set(new.avoid_nodes) | {new.node_id})),
+                           spec_revision=max(new.spec_revision, (current.spec_revision if current else 0) + 1))
     return new
 
 

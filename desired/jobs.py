@@ -325,9 +325,23 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
         # must stop asking for it too, or the turn is generated later for nobody (after a stop
         # and a start, say), and a later force_next_turn would join a turn nobody asks for.
         d = Decision(action=DecisionAction.CHANGE, record=transitions.turn_unasked(d.record))
+    if d.action is DecisionAction.CHANGE and record is not None and d.record is not None:
+        d = Decision(action=DecisionAction.CHANGE, record=keeps_deadline(record, d.record))
     if d.action is DecisionAction.CHANGE and d.record is not None and job.drain is not None:
         d = Decision(action=DecisionAction.CHANGE, record=with_step(d.record, job.drain))
     return d
+
+
+def keeps_deadline(record: RuntimeRecord, new: RuntimeRecord) -> RuntimeRecord:
+    """A drain's turn-boundary deadline (its stop or move waits for the engine's turn until then, and goes
+    at once after it) stays with a new generation admitted while that disruption is still under way (not
+    converged): a pause, a reconcile or a patch meanwhile does not withdraw it, so it must neither cut the
+    wait short nor make it outlast the drain's deadline. Once the generation converged, it is over."""
+    if (record.disruption_generation is not None and record.disruption_generation == record.generation
+            and not record.converged and new.generation > record.generation
+            and new.disruption_generation == record.disruption_generation):
+        return new.replace(disruption_generation=new.generation)
+    return new
 
 
 def _decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: RecordDefaults) -> Decision:
@@ -470,11 +484,6 @@ def next_turn(record: RuntimeRecord) -> int:
 
 
 def _bump(record: RuntimeRecord, now: datetime, **desired: object) -> Decision:
-    """A new generation (converged once the reconciler has looked), with these desired changes. A drain's
-    turn-boundary deadline (its stop or move waits for the engine's turn until then) stays with the new
-    generation: a pause or a reconcile meanwhile does not withdraw the disruption, so it must not cut
-    the wait short either (a forced job still cuts it: ``force_generation``)."""
-    if record.disruption_generation == record.generation and "disruption_generation" not in desired:
-        desired["disruption_generation"] = record.generation + 1
+    """A new generation (converged once the reconciler has looked), with these desired changes."""
     return Decision(action=DecisionAction.CHANGE, record=record.replace(
         generation=record.generation + 1, last_op_at=max(now, record.last_op_at), **desired))

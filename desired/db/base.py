@@ -421,7 +421,7 @@ class StoreBase:
                              new: RuntimeRecord, now: datetime, *, moves: bool = False) -> RuntimeRecord:
         """``moves``: the change moves the game (a drain's: its pin cleared, or set back to its node)."""
         if current is not None:
-            bad = set(changed(current, new)) - DESIRED_COLUMNS - ({"node_id"} if moves else set())
+            bad = set(changed(current, new)) - DESIRED_COLUMNS - ({"node_id", "avoid_nodes"} if moves else set())
             if bad:
                 raise AssertionError(f"admission may not write observed columns {sorted(bad)}")
         return await self._write(conn, current, new, now)

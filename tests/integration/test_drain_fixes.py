@@ -263,7 +263,12 @@ async def test_a_drains_stop_and_move_carry_the_drains_deadline(pool):
     await d.tick()
     moved = await store.get("m1")
     assert moved.node_id is None and moved.disruption_until == node.deadline_at
-    assert moved.disruption_generation == moved.generation
+    assert moved.disruption_generation == moved.generation and moved.avoid_nodes == ("nodeb",)
+    # A job admitted while the move waits for the turn boundary keeps the drain's deadline.
+    out = await store.submit(Job(kind=JobKind.PAUSE, game_id="m1", source=OpSource.LOBBY), DEFAULTS)
+    assert out.decision.action is DecisionAction.CHANGE
+    paused = await store.get("m1")
+    assert paused.generation == moved.generation + 1 and paused.disruption_generation == paused.generation
 
 
 # ------------------------------------------------------------------------- (6) a failed move comes back
@@ -302,7 +307,7 @@ async def test_a_restart_on_a_shared_state_drained_node_is_admitted_as_a_move(po
     out = await store.submit(Job(kind=JobKind.RESTART, game_id="g1", source=OpSource.LOBBY), DEFAULTS)
     assert out.decision.action is DecisionAction.CHANGE
     rec = await store.get("g1")
-    assert rec.node_id is None and rec.desired_status is DesiredStatus.RUNNING
+    assert rec.node_id is None and rec.desired_status is DesiredStatus.RUNNING and rec.avoid_nodes == ("nodeb",)
     out = await store.submit(Job(kind=JobKind.RESTART, game_id="g2", source=OpSource.LOBBY), DEFAULTS)
     assert out.decision.action is DecisionAction.REJECT and out.decision.error_code is ErrorCode.HOST_DRAINED
     assert "its state is there" in out.decision.message

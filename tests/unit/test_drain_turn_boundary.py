@@ -103,3 +103,95 @@ async def test_a_drain_moves_a_game_whose_node_is_lost_under_the_wait_policy(tmp
         if rec.converged:
             break
     assert rec.status is Status.RUNNING and rec.converged and rec.node_id == "n1"
+
+
+async def _moving_mid_turn(tmp_path, wait: str, deadline: timedelta = timedelta(hours=1)):
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT=wait, RTMANAGER_STATE_SHARED="1")
+    w.backend.nodes = ["n2", "n1"]
+    w.engine.admin[IMG] = "slow"
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    w.engine.game(NAME).phase = "generating"
+    moving(w, deadline)
+    await w.sync("g1")
+    unit = w.backend.by_name(NAME)
+    assert unit.id in w.backend.containers
+    return w, unit
+
+
+@pytest.mark.parametrize("wait", ["60", "0"])
+async def test_a_patch_during_a_drains_move_keeps_the_drains_deadline(tmp_path, wait):
+    """Review: the deadline was carried by pauses and reconciles only; a patch (or a restart, a stop)
+    admitted while the move waited dropped it, and the turn was cut after the global wait, or at once."""
+    w, unit = await _moving_mid_turn(tmp_path, wait)
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    w.store.clock.advance(61)
+    await w.sync("g1")
+    assert unit.id in w.backend.containers
+
+
+async def test_past_the_drains_deadline_the_move_goes_at_once_whatever_came_since(tmp_path):
+    """Review: the drain's forcing writes the generation it took the game at; a pause since made the
+    move wait for the turn again past the deadline (for up to RTMANAGER_DISRUPTION_WAIT more)."""
+    w, unit = await _moving_mid_turn(tmp_path, "600", timedelta(seconds=30))
+    await w.job(JobKind.PAUSE, "g1")
+    w.store.clock.advance(31)
+    await w.sync("g1")
+    assert unit.id not in w.backend.containers
+
+
+async def test_once_the_move_converged_its_deadline_binds_no_later_job(tmp_path):
+    """The deadline goes with the disruption it bounds, not with the game: a patch after the move
+    converged waits for the turn as any patch does (RTMANAGER_DISRUPTION_WAIT), expired deadline or not."""
+    w, unit = await _moving_mid_turn(tmp_path, "600", timedelta(seconds=30))
+    w.engine.finish_generation(NAME)
+    rec = await w.sync("g1")
+    assert rec.converged and unit.id not in w.backend.containers
+    w.store.clock.advance(3600)
+    w.engine.game(NAME).phase = "generating"
+    moved = w.backend.by_name(NAME)
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    rec = await w.sync("g1")
+    assert rec.disruption_generation != rec.generation and moved.id in w.backend.containers
+
+
+async def test_a_restart_admitted_as_a_move_off_a_lost_drained_node_happens(tmp_path):
+    """Review: a start, restart or patch of a game pinned to a drained node (shared state) is admitted as
+    a move; it cleared the pin but did not avoid the node, so with the node lost the game waited for it
+    under RTMANAGER_NODE_LOSS=wait, and the drain (which takes games still pinned there) never did."""
+    from desired import drains
+    w = World(tmp_path, RTMANAGER_NODE_LOSS="wait", RTMANAGER_NODE_LOSS_GRACE="30", RTMANAGER_STATE_SHARED="1")
+    w.backend.nodes = ["n2", "n1"]
+    await w.job(JobKind.START, "g1", IMG)
+    assert (await w.sync("g1")).node_id == "n2"
+    w.backend.lose_node("n2")
+    assert (await w.sync("g1")).status is Status.NODE_LOST
+
+    async def avoid():
+        return frozenset({"n2"})
+
+    w.reconciler.starts.avoid = avoid
+    cur = w.store.records["g1"]
+    await w.job(JobKind.RESTART, "g1")
+    targets = drains.Targets(nodes=frozenset({"n2"}), shared=frozenset({"n2"}))
+    w.store.records["g1"] = drains.unpinned(cur, w.store.records["g1"], JobKind.RESTART, targets)
+    for _ in range(10):
+        w.store.clock.advance(60)
+        rec = await w.sync("g1")
+        if rec.converged:
+            break
+    assert rec.converged and rec.node_id == "n1" and rec.status is Status.RUNNING
+
+
+def test_the_image_a_drain_records_is_the_one_whose_engine_last_wrote_the_state():
+    """A patch still waiting for a turn boundary: what runs (the drain's stop supersedes the patch). A
+    replacement already under way (the record starting): the new image, whose engine may have migrated
+    the state already (review: the old image on the new image's state, its copy then dropped)."""
+    from desired.drains import ran_image
+    from desired.model import DesiredStatus
+    waiting = record(Status.RUNNING, DesiredStatus.RUNNING, converged=False).replace(
+        current_image_ref=IMG, desired_image_ref=IMG2)
+    assert ran_image(waiting) == IMG
+    assert ran_image(waiting.replace(status=Status.STARTING)) == IMG2
+    assert ran_image(waiting.replace(status=Status.STARTING, current_image_ref=None)) == IMG2
+    assert ran_image(waiting.replace(current_image_ref=None)) == IMG2
