@@ -111,10 +111,6 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
     if (disruption_wait <= 0 and own <= 0) or record.admin_api is False \
             or record.force_generation == record.generation:
         return action
-    if until is not None and own <= 0 and not record.converged:
-        # A drain's stop or move past the drain's deadline goes at once, whatever came since (its own
-        # forcing writes the generation it saw: a pause since would otherwise make it wait again).
-        return Action(action.kind, f"{action.reason}; past the drain's deadline: no wait for a turn boundary")
     if record.status is Status.GENERATION_IN_PROGRESS:
         since = record.disruption_wait_since or now
         waited = max(0.0, (now - since).total_seconds())

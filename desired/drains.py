@@ -298,6 +298,12 @@ class DrainPlan:
     complete: bool              # nothing left: the drain is drained
 
 
+def unforced(drain: Drain, record: RuntimeRecord | None) -> bool:
+    """Whether the game's generation still waits on this drain's deadline without being forced."""
+    return (record is not None and not record.converged and record.disruption_until == drain.deadline_at
+            and record.disruption_generation == record.generation and record.force_generation != record.generation)
+
+
 def plan(drain: Drain, records: Mapping[str, RuntimeRecord], games: Mapping[str, DrainGame],
          now: datetime) -> DrainPlan:
     """One look at a draining drain."""
@@ -310,7 +316,9 @@ def plan(drain: Drain, records: Mapping[str, RuntimeRecord], games: Mapping[str,
     resubmit = [g for g in in_flight if g.action is DrainAction.STOP
                 and records[g.game_id].desired_status is DesiredStatus.RUNNING]
     past = now >= drain.deadline_at
-    force = [g for g in in_flight if past and not g.forced]
+    # Forced once; again while a job admitted since made a new generation that carries the drain's
+    # deadline but not its force (desired/jobs.py ``keeps_deadline``): a pause must not make it wait anew.
+    force = [g for g in in_flight if past and (not g.forced or unforced(drain, records.get(g.game_id)))]
     candidates = sorted((r for r in records.values() if in_scope(drain, r) and r.game_id not in games), key=_order)
     take: list[Take] = []
     if past:
@@ -378,9 +386,10 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
 def ran_image(record: RuntimeRecord) -> str | None:
     """The image a drain records for the game it takes, for undrain to start it on again: the one that
     runs, not a patch still waiting for a turn boundary (the drain's stop supersedes it); but once a
-    replacement is under way (the record ``starting``), the new image's engine may already have written
-    the state, so the new image."""
-    if record.status is Status.STARTING:
+    replacement of the running engine is under way (the record ``starting`` with the image to roll back
+    to), the new image's engine may already have written the state, so the new image. (A restart after a
+    crash is ``starting`` too, with nothing to roll back to: what ran is what it restarts.)"""
+    if record.status is Status.STARTING and record.rollback_image_ref is not None:
         return record.desired_image_ref or record.current_image_ref
     return record.current_image_ref or record.desired_image_ref
 

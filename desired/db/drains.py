@@ -240,7 +240,7 @@ class Drains(StoreBase):
             moved = False
             if row is not None:
                 cur = record_from_row(row)
-                if cur.generation == game.generation and not cur.converged:
+                if (cur.generation == game.generation or drains.unforced(drain, cur)) and not cur.converged:
                     await self._write(conn, cur, cur.replace(force_generation=cur.generation), now)
                     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, cur.game_id)
                     moved = True

@@ -130,12 +130,33 @@ async def test_a_patch_during_a_drains_move_keeps_the_drains_deadline(tmp_path, 
     assert unit.id in w.backend.containers
 
 
-async def test_past_the_drains_deadline_the_move_goes_at_once_whatever_came_since(tmp_path):
-    """Review: the drain's forcing writes the generation it took the game at; a pause since made the
-    move wait for the turn again past the deadline (for up to RTMANAGER_DISRUPTION_WAIT more)."""
+async def test_past_the_drains_deadline_the_move_is_forced_again_after_a_job_since(tmp_path):
+    """Review: the drain forces a move once, at its deadline, on the generation it saw; a pause since made
+    a new generation that carried the deadline but not the force, and the move waited for the turn again
+    (up to RTMANAGER_DISRUPTION_WAIT more). The drain's plan forces it again; once forced, it goes."""
+    from desired.drains import Drain as DrainRow
+    from desired.drains import DrainAction, DrainGame, DrainStatus, GameState, LocalState, OnDeadline, unforced
+    from desired.drains import plan as drain_plan
     w, unit = await _moving_mid_turn(tmp_path, "600", timedelta(seconds=30))
+    deadline = w.store.records["g1"].disruption_until
+    took = w.store.records["g1"].generation
+    forced = w.store.records["g1"].replace(force_generation=took)  # the drain's force at its deadline
+    w.store.records["g1"] = forced
     await w.job(JobKind.PAUSE, "g1")
+    rec = w.store.records["g1"]
+    assert rec.generation == took + 1 and rec.disruption_generation == rec.generation
+    drain = DrainRow(id=1, node="n2", max_parallel=2, deadline_at=deadline, on_deadline=OnDeadline.MOVE,
+                     local_state=LocalState.STOP, state_shared=True, status=DrainStatus.DRAINING, source="admin",
+                     created_at=deadline - timedelta(seconds=30))
+    row = DrainGame(drain_id=1, game_id="g1", action=DrainAction.MOVE, state=GameState.IN_PROGRESS,
+                    generation=took, taken_at=drain.created_at, forced=True, from_node="n2")
     w.store.clock.advance(31)
+    assert unforced(drain, rec)
+    assert [g.game_id for g in drain_plan(drain, {"g1": rec}, {"g1": row}, w.store.clock.now()).force] == ["g1"]
+    await w.sync("g1")
+    assert unit.id in w.backend.containers  # not forced yet: the turn is waited for
+    w.store.records["g1"] = rec.replace(force_generation=rec.generation)  # what force_move now writes
+    assert not unforced(drain, w.store.records["g1"])
     await w.sync("g1")
     assert unit.id not in w.backend.containers
 
@@ -192,6 +213,10 @@ def test_the_image_a_drain_records_is_the_one_whose_engine_last_wrote_the_state(
     waiting = record(Status.RUNNING, DesiredStatus.RUNNING, converged=False).replace(
         current_image_ref=IMG, desired_image_ref=IMG2)
     assert ran_image(waiting) == IMG
-    assert ran_image(waiting.replace(status=Status.STARTING)) == IMG2
-    assert ran_image(waiting.replace(status=Status.STARTING, current_image_ref=None)) == IMG2
+    replacing = waiting.replace(status=Status.STARTING, rollback_image_ref=IMG)
+    assert ran_image(replacing) == IMG2
+    # A restart after a crash is `starting` too, with nothing to roll back to: a patch admitted during its
+    # backoff has not run (review), what ran is what it restarts.
+    assert ran_image(waiting.replace(status=Status.STARTING)) == IMG
+    assert ran_image(waiting.replace(status=Status.STARTING, current_image_ref=None)) == IMG2  # a first start
     assert ran_image(waiting.replace(current_image_ref=None)) == IMG2
