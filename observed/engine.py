@@ -96,6 +96,19 @@ class BoundedIdleConnector(aiohttp.TCPConnector):
         super()._release(key, protocol, should_close=should_close)
 
 
+async def read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes: ``read(n)`` returns what has arrived so far, not n bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class EngineClient:
     def __init__(self, *, port: int, path: str, admin_path: str = "/admin/v1", attempt_timeout: float = 2.0,
                  admin_timeout: float = 5.0, probe_keepalive: bool = True, max_idle: int = 1024,
@@ -173,7 +186,7 @@ class EngineClient:
             http = self._http() if method == "GET" else self._http_fresh()
             async with http.request(method, url, json=body, allow_redirects=False, headers=headers,
                                             timeout=self._admin_timeout) as resp:
-                raw = await resp.content.read(ADMIN_BODY_LIMIT + 1)
+                raw = await read_at_most(resp.content, ADMIN_BODY_LIMIT + 1)
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             raise EngineUnreachable(f"engine {what}: {exc.__class__.__name__}: {exc}") from exc
