@@ -226,11 +226,13 @@ def parse_requested_by(fields: Mapping[bytes | str, bytes | str], game_id: str) 
 
 
 def parse_turn_interval(raw: object, game_id: str = "") -> int:
-    """Seconds between scheduled turns: an integer from 0 (no schedule) to a week."""
-    try:
-        value = int(str(raw), 10) if not isinstance(raw, bool) else None
-    except ValueError:
-        value = None
+    """Seconds between scheduled turns: an integer from 0 (no schedule) to a week, written in ASCII digits
+    only (``int()`` alone takes signs, spaces, underscores and other scripts' digits)."""
+    value: int | None = None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 7:
+        value = int(raw)
     if value is None or not 0 <= value <= MAX_TURN_INTERVAL:
         raise InvalidJob(ErrorCode.INVALID_REQUEST,
                          f"field turn_interval must be whole seconds from 0 to {MAX_TURN_INTERVAL}", game_id)

@@ -494,3 +494,17 @@ def test_decide_restart_twice_bumps_spec_revision_each_time() -> None:
     two = decide(one, RESTART, NOW, DEFAULTS).record
     assert (one.spec_revision, two.spec_revision) == (1, 2)
     assert (one.generation, two.generation) == (2, 3)
+
+
+@pytest.mark.parametrize("raw", ["1_000", " +60\n", "+60", "\u0666\u0660", "0_0_7", "60.0", "-0", "", "1e3",
+                                 "0" * 4301 + "1", "604801"])
+def test_a_turn_interval_is_ascii_digits_only(raw: str) -> None:
+    """Red-team finding: int() took underscores, signs, spaces and other scripts' digits."""
+    fields = b({"game_id": "g1", "image_ref": "galaxy/engine:1.2", "turn_interval": raw})
+    assert "turn_interval" in invalid(JobKind.START, fields).message
+
+
+@pytest.mark.parametrize("raw,value", [("0", 0), ("60", 60), ("0060", 60), ("604800", 604800)])
+def test_a_turn_interval_in_digits_is_taken(raw: str, value: int) -> None:
+    fields = b({"game_id": "g1", "image_ref": "galaxy/engine:1.2", "turn_interval": raw})
+    assert parse_job(JobKind.START, fields, ALLOW).turn_interval == value
