@@ -71,6 +71,7 @@ log = logging.getLogger("rtmanager.intake")
 # these sizes, not Postgres, bounded a flood (200 a transaction: about 1,000-1,300 entries/s here).
 READ_COUNT = 500        # entries read per stream per XREADGROUP
 BLOCK_MS = 1000
+MAX_MARK_MS = 2**63 - 1  # a stream mark's millisecond is a bigint column (its sequence a 20-digit numeric)
 BATCH = 1000            # new entries admitted in one transaction
 OUTAGES = (StreamsUnavailable, StoreUnavailable, GroupMissing)
 MAX_SEQ = 2**64 - 1
@@ -106,6 +107,7 @@ class Intake:
         self.claim_everything_once = True  # a new leader takes over what the old one left pending
         self.held: set[bytes | str] = set()            # games with an entry left pending: later ones wait
         self.marks: dict[str, tuple[int, int]] = {}
+        self._mark_overflow: set[str] = set()  # streams whose ids outgrew the mark's columns (logged once)
         self.skipped_below_mark = 0
 
 
@@ -142,8 +144,10 @@ class Intake:
                     next_pending_pass = loop.time() + self.pending_interval
                 await self.read_round()
                 if loop.time() >= next_maintenance:
-                    await self.maintain()
+                    # Due again in an interval even when it fails: a maintenance that keeps failing must not
+                    # hold every read round in the loop's backoff.
                     next_maintenance = loop.time() + self.pending_interval
+                    await self.maintain()
                 self.healthy = True
                 self.metrics.loop_ok("intake")
                 delay = 0.2
@@ -504,6 +508,19 @@ class Intake:
                 mark = entry_key(info.last_delivered)
             if mark <= (0, 0):
                 continue
+            if mark[0] > MAX_MARK_MS:
+                # An entry id past what the mark's columns hold (Redis takes an explicit id of 2**63 ms,
+                # and every automatic id after it follows): the entries are handled as any; the mark stays
+                # where it is, which is safe (lower only means more re-reads deduplicated after a loss of
+                # the group), and the stream is no longer trimmed past it. An operator's matter.
+                if stream not in self._mark_overflow:
+                    self._mark_overflow.add(stream)
+                    log.error("stream %s holds entry ids past %d ms (%s): its handled mark stays at %s and the "
+                              "stream is no longer trimmed past it; recreate the stream to end this", stream,
+                              MAX_MARK_MS, f"{mark[0]}-{mark[1]}", self.marks.get(stream), extra={"stream": stream})
+                mark = self.marks.get(stream, (0, 0))
+                if mark <= (0, 0):
+                    continue
             self.marks[stream] = await self.store.advance_mark(stream, mark)
             if self.config.stream_keep >= 0:
                 below = min(self.marks[stream], keep_floor)

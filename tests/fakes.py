@@ -1137,6 +1137,8 @@ class FakeStore:
 
     async def advance_mark(self, stream: str, mark: tuple[int, int]) -> tuple[int, int]:
         self._check()
+        if mark[0] > 2**63 - 1:  # mark_ms is a bigint column, as the real store's
+            raise ValueError(f"value out of int64 range: {mark}")
         self.marks[stream] = max(self.marks.get(stream, (0, 0)), mark)
         return self.marks[stream]
 

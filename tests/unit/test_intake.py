@@ -634,3 +634,23 @@ async def test_the_last_entry_a_deposed_leader_read_late_is_taken_over_at_once()
     streams.deliver_to("old-leader", START)
     await intake.read_round(block_ms=None)
     assert ops_of(store, "target") == [("start", s)]
+
+
+async def test_an_entry_id_past_a_bigint_fails_nothing_but_the_mark():
+    """Red-team finding: Redis takes an explicit id of 2**63 ms, and every automatic id after it follows.
+    Storing that as the stream's handled mark (a bigint) failed every maintenance pass, and the intake
+    backed off up to 10 s each time for every game. The entries are handled; the mark stays where a
+    bigint can hold it (lower is safe: an entry above it is deduplicated if ever delivered again)."""
+    intake, streams, store, _ = make()
+    await run_once(intake)
+    await intake.maintain()
+    before = store.marks.get(START)
+    hostile = streams.xadd(START, {"game_id": "g1", "image_ref": IMG}, entry_id=f"{2**63}-0")
+    await run_once(intake)
+    await intake.maintain()  # no exception
+    assert store.marks.get(START) == before
+    assert ops_of(store, "g1") == [("start", hostile)]
+    later = stop(streams, "g2")
+    await run_once(intake)
+    await intake.maintain()
+    assert ops_of(store, "g2") == [("stop", later)]
