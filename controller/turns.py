@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from datetime import datetime
 
 from controller.config import Settings
 from controller.health import Health, warn_turn_back
@@ -29,6 +30,8 @@ from observed.model import ObservedContainer
 log = logging.getLogger("rtmanager.reconciler")
 
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
+REASK_POLL = 5.0  # seconds before asking again an engine that took a request and is idle short of the turn
+TURNS_KEPT = 10_000  # games whose turn's first look this process remembers (the map is cleared past it)
 
 
 class Look(str, enum.Enum):
@@ -64,6 +67,31 @@ class Turns:
         self.clock = clock
         self.health = health
         self.fence = fence
+        self._since: dict[str, tuple[int, datetime]] = {}  # game -> (generation, first look at its turn)
+
+    def _waited(self, record: RuntimeRecord) -> float:
+        """Seconds since this process first worked on the turn of the record's generation (a restart of
+        the controller starts it again: the bound is then later, never missing)."""
+        now = self.clock.now()
+        seen = self._since.get(record.game_id)
+        if seen is None or seen[0] != record.generation:
+            if len(self._since) >= TURNS_KEPT:
+                self._since.clear()
+            self._since[record.game_id] = (record.generation, now)
+            return 0.0
+        return max(0.0, (now - seen[1]).total_seconds())
+
+    async def _overdue(self, record: RuntimeRecord, turn: int, state: str) -> Step | None:
+        """The turn has been worked on for longer than RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT
+        and the engine is still short of it (it says it generates for ever, refuses the request, or takes
+        it and does not generate): the turn's jobs are answered engine_unreachable, the game stays up."""
+        e = self.settings.engine
+        limit = e.start_timeout + e.generation_timeout
+        if self._waited(record) < limit:
+            return None
+        self._since.pop(record.game_id, None)
+        return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE,
+                                    f"the engine has not generated turn {turn + 1} within {limit:g}s: {state}")
 
     async def turn(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
         """Ask the engine for the turn desired state wants; poll while it generates."""
@@ -90,6 +118,7 @@ class Turns:
                       failed_error=last.error if failed_turn is not None and last is not None else "")
         if st.turn >= target:
             # Reached: the engine just answered, so the generation converges here, with its jobs.
+            self._since.pop(record.game_id, None)
             s = self.settings
             new = await self.store.mark_running(record, container_id=container.id,
                                                 image=record.current_image_ref or "", probe=probe,
@@ -97,6 +126,9 @@ class Turns:
                                                 generation_timeout=s.engine.generation_timeout)
             self.health.note_generated(record, probe)
             return again_on(new)  # planned on as written: no read of the record to find it converged
+        overdue = await self._overdue(record, st.turn, f"it is {st.phase} at turn {st.turn}")
+        if overdue is not None:
+            return overdue
         record = await self.health.record_probe(record, probe)
         if st.phase == "generating":
             return polling
@@ -137,6 +169,10 @@ class Turns:
         log.info("asked the engine for turn %d", st.turn + 1, extra={"game_id": record.game_id})
         if started:
             await self.store.turn_requested(record)
+        if asked_before:
+            # It took a request of this generation's before and is idle short of the turn with no failure
+            # reported (it lost the request, or drops every one): not every half second.
+            return requeue(REASK_POLL, "the engine lost a turn request it had taken; asked again")
         return polling
 
     async def _ask(self, record: RuntimeRecord, host: str, at: int) -> Step | None:
