@@ -81,7 +81,7 @@ class Action:
 NOOP = Action(ActionKind.NOOP)
 _TRANSIENT_STATES = ("removing",)
 DISRUPTION_POLL = 1.0  # seconds between looks at an engine a disruption waits for
-_DISRUPTIONS = (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP, ActionKind.RECREATE)
+DISRUPTIONS = (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP, ActionKind.RECREATE)
 
 
 def disruption_wait_left(record: RuntimeRecord, now: datetime, *, disruption_wait: float, waited: float) -> float:
@@ -102,7 +102,7 @@ def disruption_deadline(record: RuntimeRecord) -> datetime | None:
 def planned_disruption(action: Action, record: RuntimeRecord, container: ObservedContainer | None, *,
                        now: datetime, disruption_wait: float) -> Action:
     """``action`` as it may be carried out now, or a WAIT while the engine generates a turn."""
-    if action.kind not in _DISRUPTIONS or container is None or not container.running:
+    if action.kind not in DISRUPTIONS or container is None or not container.running:
         return action  # nothing runs that a disruption could cut
     if action.kind is ActionKind.RECREATE and record.current_container_id != container.id:
         return action  # not the game's engine (a leftover); its engine is, up or not (node_lost, say)
@@ -172,7 +172,7 @@ def plan(
                    cleanup_ttl=cleanup_ttl, database=database, epoch=epoch,
                    unreachable_restart_after=unreachable_restart_after, node_loss=node_loss,
                    lost_nodes=lost_nodes)
-    if record is None or action.kind not in _DISRUPTIONS:
+    if record is None or action.kind not in DISRUPTIONS:
         return action
     ours = container if container is not None and container.managed_by(instance) else None
     return planned_disruption(action, record, ours, now=now, disruption_wait=disruption_wait)

@@ -36,7 +36,15 @@ from controller.config import Settings
 from controller.crashes import Crashes
 from controller.health import Health
 from controller.metrics import Metrics
-from controller.planner import DISRUPTION_POLL, Action, ActionKind, disruption_deadline, disruption_wait_left, plan
+from controller.planner import (
+    DISRUPTION_POLL,
+    DISRUPTIONS,
+    Action,
+    ActionKind,
+    disruption_deadline,
+    disruption_wait_left,
+    plan,
+)
 from controller.spec import Specs
 from controller.start import Starts
 from controller.step import AGAIN, DONE, Step, merge, requeue
@@ -302,7 +310,7 @@ class Reconciler:
         if action.check_engine and not self.settings.runtime.dry_run:
             # A planned disruption: the record's last probe may be stale, ask the engine now.
             assert record is not None and container is not None
-            checked = await self._check_engine(record, container, action)
+            checked, record = await self._check_engine(record, container, action, lost)
             if not isinstance(checked, Action):
                 return checked
             action = checked
@@ -393,11 +401,25 @@ class Reconciler:
         for _, accepted in claimed:
             self.metrics.phase.labels("queued").observe((now - accepted).total_seconds())
 
-    async def _check_engine(self, record: RuntimeRecord, container: ObservedContainer,
-                            action: Action) -> Action | Step:
-        """Right before a planned disruption: the action to carry out now, or the step that waits for
-        the engine's turn (or plans again, when what the engine said changed the record)."""
-        looked = await self.turns.engine_generating(record, container)
+    async def _check_engine(self, record: RuntimeRecord, container: ObservedContainer, action: Action,
+                            lost: frozenset[str]) -> tuple[Action | Step, RuntimeRecord]:
+        """Right before a planned disruption: the action to carry out now (with the record as it is now),
+        or the step that waits for the engine's turn (or plans again, when what the engine said changed
+        the record)."""
+        looked, seen = await self.turns.engine_generating(record, container)
+        if looked is Look.IDLE:
+            # It has just said it is not generating, and that answer was written: plan on the written record
+            # and carry out the disruption it still asks for without asking again. Asking again would let an
+            # engine whose status flips between generating and idle hold the disruption for ever, each
+            # "generating" starting the wait anew.
+            again = self.plan_only(seen, container, lost)
+            kind = again.then if again.kind is ActionKind.WAIT and again.then is not None else again.kind
+            if kind in DISRUPTIONS:
+                return Action(kind, f"{again.reason}; the engine says it is not generating"), seen
+            return AGAIN, seen
+        return await self._check_look(record, looked, action), record
+
+    async def _check_look(self, record: RuntimeRecord, looked: Look, action: Action) -> Action | Step:
         if looked in (Look.GENERATING, Look.UNKNOWN) and action.kind is ActionKind.WAIT:
             return requeue(action.delay, action.reason)
         if looked is Look.GENERATING and not record.status.is_up:

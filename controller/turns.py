@@ -38,6 +38,7 @@ class Look(str, enum.Enum):
     """What the engine said right before a planned disruption."""
     GENERATING = "generating"  # it generates a turn: the disruption waits
     CHANGED = "changed"        # its answer changed the record: plan again
+    IDLE = "idle"              # it says it is not generating, and that answer changed the record (written)
     UNKNOWN = "unknown"        # it answers its health path but not its status: it may be generating
     GO = "go"                  # not generating (or no answer at all): disrupt it now
 
@@ -226,12 +227,14 @@ class Turns:
             pass  # a newer job took over: it decides
         return AGAIN
 
-    async def engine_generating(self, record: RuntimeRecord, container: ObservedContainer) -> Look:
+    async def engine_generating(self, record: RuntimeRecord,
+                                container: ObservedContainer) -> tuple[Look, RuntimeRecord]:
         """Right before a planned disruption: is the engine generating a turn? Its answer is recorded,
-        with when the wait began (so that a restart of the controller does not reset the limit).
-        No answer, a garbage answer or no admin API is not generating: the disruption goes ahead."""
+        with when the wait began (so that a restart of the controller does not reset the limit), and
+        returned with the record as it is now. No answer, a garbage answer or no admin API is not
+        generating: the disruption goes ahead."""
         if not container.running or not container.address:
-            return Look.GO
+            return Look.GO, record
         asking = record
         if container.admin_token and container.admin_token != record.admin_token:
             # The unit carries another token than the record (a restored database): ask with the
@@ -247,11 +250,13 @@ class Turns:
                 await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
                                                     generation_timeout=s.engine.generation_timeout,
                                                     disruption_waits=True)
-                return Look.GENERATING
-            if probe.healthy and await self.health.record_probe(record, probe) is not record:
-                return Look.CHANGED
+                return Look.GENERATING, record
+            if probe.healthy:
+                seen = await self.health.record_probe(record, probe)
+                if seen is not record:
+                    return (Look.IDLE if probe.phase is not None else Look.CHANGED), seen
         except Conflict:
-            return Look.CHANGED  # the record moved on meanwhile: plan again before disrupting anything
+            return Look.CHANGED, record  # the record moved on meanwhile: plan again before disrupting anything
         if probe.healthy and probe.phase is None:
             # It answers its health path but not its status (busy, slow, refusing us, garbage): it
             # may be generating. Where the record says it was, the wait goes on, bounded from the
@@ -260,6 +265,6 @@ class Turns:
                 try:
                     await self.store.note_disruption_wait(record)
                 except Conflict:
-                    return Look.CHANGED
-            return Look.UNKNOWN
-        return Look.GO
+                    return Look.CHANGED, record
+            return Look.UNKNOWN, record
+        return Look.GO, record

@@ -414,3 +414,30 @@ async def test_a_stop_with_no_job_of_an_engine_the_record_does_not_know_as_up_is
     w.store.clock.advance(4)
     rec = await w.sync("g1")
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED and rec.converged
+
+
+async def test_an_engine_whose_status_flips_is_stopped_at_its_first_idle_answer(w):
+    """Red-team finding: an engine that says 'generating' and 'idle' in turn held a stop for ever. Each
+    idle answer changed the record, so the stop was planned again with a fresh look, which heard
+    'generating' and began the wait anew; the job was never answered. An idle answer now lets the
+    disruption go ahead at once, on the record that answer wrote."""
+    from desired.model import JobKind
+    from observed.engine import EngineStatus
+    from tests.support.world import started
+    rec = await started(w)
+    looks = {"n": 0}
+
+    async def status(host, *, token=""):
+        looks["n"] += 1
+        return EngineStatus(turn=5, phase="generating" if looks["n"] % 2 else "idle")
+
+    w.engine.status = status
+    await job(w, JobKind.STOP)
+    for _ in range(3):
+        rec = await w.sync("g1")
+        if stops(w):
+            break
+        w.store.clock.advance(1)
+    assert len(stops(w)) == 1 and rec.status is Status.STOPPED
+    assert ("stop", "success", "") in w.results("g1")
+    assert looks["n"] <= 4
