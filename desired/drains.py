@@ -365,7 +365,7 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
             # that succeeded, is not the drain's to undo.
             if (g.state is not GameState.DONE or rec is None or rec.desired_status is not DesiredStatus.STOPPED
                     or g.game_id in stopped_since
-                    or not (g.image_ref or ran_image(rec))):
+                    or not (g.image_ref or rec.ran_image)):
                 continue
             steps.append(RestoreStep(game=g, verdict=Restore.START, note="its move failed: back on its node"))
             continue
@@ -383,19 +383,8 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
     return steps
 
 
-def ran_image(record: RuntimeRecord) -> str | None:
-    """The image a drain records for the game it takes, for undrain to start it on again: the one that
-    runs, not a patch still waiting for a turn boundary (the drain's stop supersedes it); but once a
-    replacement of the running engine is under way (the record ``starting`` with the image to roll back
-    to), the new image's engine may already have written the state, so the new image. (A restart after a
-    crash is ``starting`` too, with nothing to roll back to: what ran is what it restarts.)"""
-    if record.status is Status.STARTING and record.rollback_image_ref is not None:
-        return record.desired_image_ref or record.current_image_ref
-    return record.current_image_ref or record.desired_image_ref
-
-
 def restore_image(game: DrainGame, record: RuntimeRecord) -> str:
-    image = game.image_ref or ran_image(record)
+    image = game.image_ref or record.ran_image
     assert image
     return image
 

@@ -17,6 +17,7 @@ import asyncpg
 
 from desired.db.base import StoreBase, log_fleet_change
 from desired.db.pool import translating
+from desired.db.rows import record_from_row
 from desired.errors import Conflict, NotFound
 from desired.jobs import Decision, ImageAllowlist, Job
 from desired.model import ErrorCode, JobKind, OpStatus, RuntimeRecord
@@ -88,7 +89,7 @@ async def record_step(conn: asyncpg.Connection, job: Job, current: RuntimeRecord
                        f"{row['from_image_ref']}")
     state, reason = step_outcome(step, decision.action, decision.error_code, decision.message)
     canary = step.canary and first and decision.waits
-    source = (current.desired_image_ref or current.current_image_ref) if current is not None else None
+    source = current.ran_image if current is not None else None
     await conn.execute(
         "UPDATE rollout_games SET state = $3, reason = $4, canary = canary OR $5,"
         " operation_id = CASE WHEN $6 THEN $7 ELSE operation_id END,"
@@ -155,13 +156,14 @@ class Rollouts(StoreBase):
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10) RETURNING *",
                 req.target_version, image, req.source_version, req.max_parallel, req.canary, req.canary_hold,
                 req.failure_budget, req.on_failure.value, req.force, now)
-            # Each game's image now (desired, else current): what a rollback returns to, and how a game
-            # another job moves meanwhile is told from one still to patch (desired/rollouts.py skip_reason).
-            await conn.execute(
-                "INSERT INTO rollout_games (rollout_id, game_id, position, from_image_ref)"
-                " SELECT $1, g, n, (SELECT coalesce(r.desired_image_ref, r.current_image_ref) FROM runtime_records r"
-                "   WHERE r.game_id = u.g)"
-                " FROM unnest($2::text[]) WITH ORDINALITY AS u(g, n)", row["id"], games)
+            # Each game's image now, the one that ran (RuntimeRecord.ran_image): what a rollback returns to, and
+            # how a game another job moves meanwhile (a patch still waiting for a turn boundary included) is
+            # told from one still to patch (desired/rollouts.py skip_reason): never a patch that has not run.
+            ran = {r["game_id"]: record_from_row(r).ran_image for r in await conn.fetch(
+                "SELECT * FROM runtime_records WHERE game_id = ANY($1::text[])", games)}
+            await conn.executemany(
+                "INSERT INTO rollout_games (rollout_id, game_id, position, from_image_ref) VALUES ($1, $2, $3, $4)",
+                [(row["id"], g, n, ran.get(g)) for n, g in enumerate(games, 1)])
             await log_fleet_change(conn, "rollout_create", {"rollout_id": row["id"], "target_version":
                                                             req.target_version, "games": len(games)}, actor)
             return rollout_from_row(row), await self._games(conn, row["id"])

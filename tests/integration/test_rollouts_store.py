@@ -219,3 +219,18 @@ async def test_a_rollout_and_its_steering_are_in_the_operation_log_with_who_aske
     fleet = [(e["op"], e["actor"], e["params"].get("rollout_id")) for e in log if e["op"].startswith("rollout_")]
     assert fleet == [("rollout_abort", None, rollout.id), ("rollout_pause", "cli:alice", rollout.id),
                      ("rollout_create", "token:boss", rollout.id)]
+
+
+async def test_a_patch_still_waiting_when_the_rollout_begins_is_not_its_image_to_return_to(store):
+    """Review: a game's image was taken as its desired one, so a Lobby patch still waiting for a turn
+    boundary became the image a failed rollout rolled the game back to (it never ran), and the rollout
+    patched over that Lobby patch. The image is the one that ran; the rollout leaves such a game to the
+    job that moved it."""
+    await running_game(store, "g-p")
+    other = "galaxy/engine-stub:1.0-hotfix"
+    await store.submit(Job(kind=JobKind.PATCH, game_id="g-p", source=OpSource.LOBBY, image_ref=other), DEFAULTS)
+    assert (await store.get("g-p")).desired_image_ref == other
+    rollout, games = await store.create_rollout(req(game_ids=["g-p"]), ALLOW, False)
+    assert [g.from_image_ref for g in games] == [OLD]
+    with pytest.raises(Conflict, match="moved by another job"):
+        await store.submit(patch("g-p", rollout.id), DEFAULTS)

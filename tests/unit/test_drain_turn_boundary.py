@@ -208,15 +208,14 @@ def test_the_image_a_drain_records_is_the_one_whose_engine_last_wrote_the_state(
     """A patch still waiting for a turn boundary: what runs (the drain's stop supersedes the patch). A
     replacement already under way (the record starting): the new image, whose engine may have migrated
     the state already (review: the old image on the new image's state, its copy then dropped)."""
-    from desired.drains import ran_image
     from desired.model import DesiredStatus
     waiting = record(Status.RUNNING, DesiredStatus.RUNNING, converged=False).replace(
         current_image_ref=IMG, desired_image_ref=IMG2)
-    assert ran_image(waiting) == IMG
+    assert waiting.ran_image == IMG
     replacing = waiting.replace(status=Status.STARTING, rollback_image_ref=IMG)
-    assert ran_image(replacing) == IMG2
+    assert replacing.ran_image == IMG2
     # A restart after a crash is `starting` too, with nothing to roll back to: a patch admitted during its
     # backoff has not run (review), what ran is what it restarts.
-    assert ran_image(waiting.replace(status=Status.STARTING)) == IMG
-    assert ran_image(waiting.replace(status=Status.STARTING, current_image_ref=None)) == IMG2  # a first start
-    assert ran_image(waiting.replace(current_image_ref=None)) == IMG2
+    assert waiting.replace(status=Status.STARTING).ran_image == IMG
+    assert waiting.replace(status=Status.STARTING, current_image_ref=None).ran_image == IMG2  # a first start
+    assert waiting.replace(current_image_ref=None).ran_image == IMG2
