@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from datetime import datetime
 
 from controller.config import Settings
 from controller.health import Health, warn_turn_back
@@ -68,31 +67,29 @@ class Turns:
         self.clock = clock
         self.health = health
         self.fence = fence
-        self._since: dict[str, tuple[int, datetime]] = {}  # game -> (generation, first look at its turn)
+        # game -> generation in which the engine, idle short of the turn, did not take a request (200, 409) or
+        # lost one it had taken: the next such answer of that generation may be the last (``_not_taken``).
+        self._refused: dict[str, int] = {}
 
-    def _waited(self, record: RuntimeRecord) -> float:
-        """Seconds since this process first worked on the turn of the record's generation (a restart of
-        the controller starts it again: the bound is then later, never missing)."""
-        now = self.clock.now()
-        seen = self._since.get(record.game_id)
-        if seen is None or seen[0] != record.generation:
-            if len(self._since) >= TURNS_KEPT:
-                self._since.clear()
-            self._since[record.game_id] = (record.generation, now)
-            return 0.0
-        return max(0.0, (now - seen[1]).total_seconds())
-
-    async def _overdue(self, record: RuntimeRecord, turn: int, state: str) -> Step | None:
-        """The turn has been worked on for longer than RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT
-        and the engine is still short of it (it says it generates for ever, refuses the request, or takes
-        it and does not generate): the turn's jobs are answered engine_unreachable, the game stays up."""
+    async def _not_taken(self, record: RuntimeRecord, turn: int, what: str) -> Step | None:
+        """The engine is idle short of the turn and did not take the request, or lost one it had taken. The
+        second time in a generation (in this process: a restart gives it one more try), once the oldest
+        pending job has waited RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT (the database's
+        count: neither a restart nor a pause resets it), the turn's jobs are answered engine_unreachable;
+        the game stays up. An engine that says it generates is never failed here."""
+        if self._refused.get(record.game_id) != record.generation:
+            if len(self._refused) >= TURNS_KEPT:
+                self._refused.clear()  # costs each game one more try, never its bound
+            self._refused[record.game_id] = record.generation
+            return None
         e = self.settings.engine
         limit = e.start_timeout + e.generation_timeout
-        if self._waited(record) < limit:
+        age = await self.store.oldest_pending_age(record.game_id) or 0.0
+        if age < limit:
             return None
-        self._since.pop(record.game_id, None)
+        self._refused.pop(record.game_id, None)
         return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE,
-                                    f"the engine has not generated turn {turn + 1} within {limit:g}s: {state}")
+                                    f"the engine has not taken the request for turn {turn + 1} in {age:.0f}s: {what}")
 
     async def turn(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
         """Ask the engine for the turn desired state wants; poll while it generates."""
@@ -119,7 +116,7 @@ class Turns:
                       failed_error=last.error if failed_turn is not None and last is not None else "")
         if st.turn >= target:
             # Reached: the engine just answered, so the generation converges here, with its jobs.
-            self._since.pop(record.game_id, None)
+            self._refused.pop(record.game_id, None)
             s = self.settings
             new = await self.store.mark_running(record, container_id=container.id,
                                                 image=record.current_image_ref or "", probe=probe,
@@ -127,9 +124,6 @@ class Turns:
                                                 generation_timeout=s.engine.generation_timeout)
             self.health.note_generated(record, probe)
             return again_on(new)  # planned on as written: no read of the record to find it converged
-        overdue = await self._overdue(record, st.turn, f"it is {st.phase} at turn {st.turn}")
-        if overdue is not None:
-            return overdue
         record = await self.health.record_probe(record, probe)
         if st.phase == "generating":
             return polling
@@ -156,8 +150,8 @@ class Turns:
             raise Fenced("the leadership term lapsed before a turn request")
         try:
             started = await self.engine.request_turn(host, st.turn, token=record.admin_token)
-        except EngineConflict:
-            return polling  # busy, or its turn moved: look again
+        except EngineConflict:  # busy, or its turn moved: look again
+            return await self._not_taken(record, st.turn, f"idle at turn {st.turn}, it answers 409") or polling
         except EngineRefused as exc:
             self.health.unanswered(record)
             self.metrics.engine_calls.labels("turns", "refused").inc()
@@ -168,12 +162,14 @@ class Turns:
             return polling
         self.metrics.engine_calls.labels("turns", "ok").inc()
         log.info("asked the engine for turn %d", st.turn + 1, extra={"game_id": record.game_id})
-        if started:
-            await self.store.turn_requested(record)
+        if not started:  # a 200: it says it is past that turn, while its status says it is at it
+            return await self._not_taken(record, st.turn, f"idle at turn {st.turn}, it answers 200") or polling
+        await self.store.turn_requested(record)
         if asked_before:
             # It took a request of this generation's before and is idle short of the turn with no failure
             # reported (it lost the request, or drops every one): not every half second.
-            return requeue(REASK_POLL, "the engine lost a turn request it had taken; asked again")
+            return (await self._not_taken(record, st.turn, "it takes the request and does not generate")
+                    or requeue(REASK_POLL, "the engine lost a turn request it had taken; asked again"))
         return polling
 
     async def _ask(self, record: RuntimeRecord, host: str, at: int) -> Step | None:

@@ -231,8 +231,8 @@ def parse_turn_interval(raw: object, game_id: str = "") -> int:
     value: int | None = None
     if isinstance(raw, int) and not isinstance(raw, bool):
         value = raw
-    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw) <= 7:
-        value = int(raw)
+    elif isinstance(raw, str) and raw.isascii() and raw.isdigit() and len(raw.lstrip("0")) <= 7:
+        value = int(raw)  # leading zeros taken (len() first: int() of a long digit string is slow, then refused)
     if value is None or not 0 <= value <= MAX_TURN_INTERVAL:
         raise InvalidJob(ErrorCode.INVALID_REQUEST,
                          f"field turn_interval must be whole seconds from 0 to {MAX_TURN_INTERVAL}", game_id)

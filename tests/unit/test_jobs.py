@@ -504,7 +504,8 @@ def test_a_turn_interval_is_ascii_digits_only(raw: str) -> None:
     assert "turn_interval" in invalid(JobKind.START, fields).message
 
 
-@pytest.mark.parametrize("raw,value", [("0", 0), ("60", 60), ("0060", 60), ("604800", 604800)])
+@pytest.mark.parametrize("raw,value", [("0", 0), ("60", 60), ("0060", 60), ("00000060", 60), ("0" * 40, 0),
+                                       ("604800", 604800)])
 def test_a_turn_interval_in_digits_is_taken(raw: str, value: int) -> None:
     fields = b({"game_id": "g1", "image_ref": "galaxy/engine:1.2", "turn_interval": raw})
     assert parse_job(JobKind.START, fields, ALLOW).turn_interval == value
