@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from datetime import datetime
 
 from controller.config import Settings
 from controller.health import Health, warn_turn_back
@@ -67,29 +68,36 @@ class Turns:
         self.clock = clock
         self.health = health
         self.fence = fence
-        # game -> generation in which the engine, idle short of the turn, did not take a request (200, 409) or
-        # lost one it had taken: the next such answer of that generation may be the last (``_not_taken``).
-        self._refused: dict[str, int] = {}
+        # game -> (generation, when) the engine, idle short of the turn, first did not take a request (200, 409)
+        # or lost one it had taken, in this process: ``_not_taken`` decides from it.
+        self._refused: dict[str, tuple[int, datetime]] = {}
 
     async def _not_taken(self, record: RuntimeRecord, turn: int, what: str) -> Step | None:
-        """The engine is idle short of the turn and did not take the request, or lost one it had taken. The
-        second time in a generation (in this process: a restart gives it one more try), once the oldest
-        pending job has waited RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT (the database's
-        count: neither a restart nor a pause resets it), the turn's jobs are answered engine_unreachable;
-        the game stays up. An engine that says it generates is never failed here."""
-        if self._refused.get(record.game_id) != record.generation:
+        """The engine is idle short of the turn and did not take the request, or lost one it had taken. Once
+        it has kept so for RTMANAGER_START_TIMEOUT (a blip of a starting or busy engine is not this) and
+        the game's oldest pending job has waited RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT
+        (the database's count: neither a restart of the controller nor a pause resets it), the turn's jobs
+        are answered engine_unreachable; the game stays up. An engine that says it generates is never
+        failed here: a long turn is a turn."""
+        now = self.clock.now()
+        first = self._refused.get(record.game_id)
+        if first is None or first[0] != record.generation:
             if len(self._refused) >= TURNS_KEPT:
-                self._refused.clear()  # costs each game one more try, never its bound
-            self._refused[record.game_id] = record.generation
+                self._refused.clear()  # costs each game one more span, never its bound
+            self._refused[record.game_id] = (record.generation, now)
             return None
         e = self.settings.engine
+        if (now - first[1]).total_seconds() < e.start_timeout:
+            return None
         limit = e.start_timeout + e.generation_timeout
         age = await self.store.oldest_pending_age(record.game_id) or 0.0
         if age < limit:
             return None
         self._refused.pop(record.game_id, None)
         return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE,
-                                    f"the engine has not taken the request for turn {turn + 1} in {age:.0f}s: {what}")
+                                    f"the engine has not taken the request for turn {turn + 1} for "
+                                    f"{(now - first[1]).total_seconds():.0f}s ({what}); the oldest job waited "
+                                    f"{age:.0f}s")
 
     async def turn(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
         """Ask the engine for the turn desired state wants; poll while it generates."""

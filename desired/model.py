@@ -267,14 +267,13 @@ class RuntimeRecord:
 
     @property
     def ran_image(self) -> str | None:
-        """The image whose engine last wrote the game's state, for a drain or a rollout to return the game
-        to: the one that runs, not a patch still waiting for a turn boundary (it has not run, and may never);
-        but once a replacement of the running engine is under way (``starting`` with an image to roll back
-        to), the new image, whose engine may already have written the state. (A restart after a crash is
-        ``starting`` too, with nothing to roll back to: what ran is what it restarts.)"""
-        if self.status is Status.STARTING and self.rollback_image_ref is not None:
-            return self.desired_image_ref or self.current_image_ref
-        return self.current_image_ref or self.desired_image_ref
+        """The image a drain or a rollout returns the game to. For an up game, the one that runs, not a patch
+        still waiting for a turn boundary (it has not run, and may never). Otherwise the one asked for: a
+        replacement, a start or a restart is under way or next, and its engine may already have written
+        the state."""
+        if self.status.is_up:
+            return self.current_image_ref or self.desired_image_ref
+        return self.desired_image_ref or self.current_image_ref
 
     def validate(self) -> None:
         """Raise InvalidRecord when an invariant of the record (observed and desired) fails."""

@@ -205,17 +205,19 @@ async def test_a_restart_admitted_as_a_move_off_a_lost_drained_node_happens(tmp_
 
 
 def test_the_image_a_drain_records_is_the_one_whose_engine_last_wrote_the_state():
-    """A patch still waiting for a turn boundary: what runs (the drain's stop supersedes the patch). A
-    replacement already under way (the record starting): the new image, whose engine may have migrated
-    the state already (review: the old image on the new image's state, its copy then dropped)."""
+    """A patch still waiting for a turn boundary: what runs (the drain's stop supersedes the patch). Not up
+    (a replacement under way, a restart after a crash with a patch admitted in its backoff, a start from
+    stopped on another image): the image asked for, whose engine may already have written the state
+    (reviews: the old image on the new image's state, its copy then dropped; a game a rollout selected
+    by the image it was starting on, then skipped as moved)."""
     from desired.model import DesiredStatus
     waiting = record(Status.RUNNING, DesiredStatus.RUNNING, converged=False).replace(
         current_image_ref=IMG, desired_image_ref=IMG2)
     assert waiting.ran_image == IMG
-    replacing = waiting.replace(status=Status.STARTING, rollback_image_ref=IMG)
-    assert replacing.ran_image == IMG2
-    # A restart after a crash is `starting` too, with nothing to roll back to: a patch admitted during its
-    # backoff has not run (review), what ran is what it restarts.
-    assert waiting.replace(status=Status.STARTING).ran_image == IMG
+    for status in (Status.GENERATION_IN_PROGRESS, Status.ENGINE_UNREACHABLE, Status.GENERATION_FAILED):
+        assert waiting.replace(status=status).ran_image == IMG
+    for status in (Status.STARTING, Status.STOPPED):
+        assert waiting.replace(status=status).ran_image == IMG2
+    assert waiting.replace(status=Status.STARTING, rollback_image_ref=IMG).ran_image == IMG2
     assert waiting.replace(status=Status.STARTING, current_image_ref=None).ran_image == IMG2  # a first start
-    assert waiting.replace(current_image_ref=None).ran_image == IMG2
+    assert waiting.replace(desired_image_ref=None).ran_image == IMG

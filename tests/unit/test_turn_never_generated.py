@@ -97,3 +97,33 @@ async def test_pauses_and_restarts_of_the_controller_do_not_reset_the_bound(tmp_
     _, waited = await run_for(w, 2 * limit, each=meanwhile)
     assert answered(w) == [("force_next_turn", "failure", "engine_unreachable")]
     assert waited <= limit + 60
+
+
+async def test_a_blip_of_refusals_does_not_fail_an_old_turn(tmp_path):
+    """Review: two refusals half a second apart (a restarted engine answering 409 while it loads) failed a
+    turn whose job was old for other reasons (it waited behind a long turn, or a disruption)."""
+    w = World(tmp_path)
+    await started(w)
+    refusals = {"left": 4}
+    turn = {"n": 0}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        if refusals["left"] > 0:
+            refusals["left"] -= 1
+            raise EngineConflict("loading")
+        turn["n"] = expected_turn + 1
+        return True
+
+    async def status(host, *, token=""):
+        return EngineStatus(turn=turn["n"], phase="idle")
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    w.store.clock.advance(w.settings.engine.start_timeout + w.settings.engine.generation_timeout + 60)
+    for _ in range(8):
+        await asyncio.wait_for(w.sync("g1"), 30)
+        w.store.clock.advance(0.5)
+        if answered(w):
+            break
+    assert answered(w) == [("force_next_turn", "success", "")]
