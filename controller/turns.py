@@ -68,23 +68,29 @@ class Turns:
         self.clock = clock
         self.health = health
         self.fence = fence
-        # game -> (generation, when) the engine, idle short of the turn, first did not take a request (200, 409)
-        # or lost one it had taken, in this process: ``_not_taken`` decides from it.
+        # game -> (turn asked for, when) the engine, idle short of it, first did not take a request (200, 409) or
+        # lost one it had taken, since it last took one or was seen generating (in this process): ``_not_taken``.
         self._refused: dict[str, tuple[int, datetime]] = {}
+
+    def _took(self, record: RuntimeRecord) -> None:
+        """The engine took a request, or is seen generating: whatever it refused before is over."""
+        self._refused.pop(record.game_id, None)
 
     async def _not_taken(self, record: RuntimeRecord, turn: int, what: str) -> Step | None:
         """The engine is idle short of the turn and did not take the request, or lost one it had taken. Once
-        it has kept so for RTMANAGER_START_TIMEOUT (a blip of a starting or busy engine is not this) and
-        the game's oldest pending job has waited RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT
-        (the database's count: neither a restart of the controller nor a pause resets it), the turn's jobs
-        are answered engine_unreachable; the game stays up. An engine that says it generates is never
-        failed here: a long turn is a turn."""
+        it has kept so for RTMANAGER_START_TIMEOUT (a blip of a restarted or busy engine is not this; taking
+        a request or generating in between starts it again) and the game's oldest pending job has waited
+        RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT (the database's count), the turn's jobs are
+        answered engine_unreachable; the game stays up. The span is kept per turn asked for, so a pause, a
+        resume or a reconcile meanwhile (a new generation) does not start it again; a restart of the
+        controller does, once. An engine that says it generates is never failed here: a long turn is a turn."""
         now = self.clock.now()
+        target = record.desired_turn if record.desired_turn is not None else turn + 1
         first = self._refused.get(record.game_id)
-        if first is None or first[0] != record.generation:
+        if first is None or first[0] != target:
             if len(self._refused) >= TURNS_KEPT:
-                self._refused.clear()  # costs each game one more span, never its bound
-            self._refused[record.game_id] = (record.generation, now)
+                self._refused.pop(next(iter(self._refused)))  # the oldest: one game gets one more span
+            self._refused[record.game_id] = (target, now)
             return None
         e = self.settings.engine
         if (now - first[1]).total_seconds() < e.start_timeout:
@@ -124,7 +130,7 @@ class Turns:
                       failed_error=last.error if failed_turn is not None and last is not None else "")
         if st.turn >= target:
             # Reached: the engine just answered, so the generation converges here, with its jobs.
-            self._refused.pop(record.game_id, None)
+            self._took(record)
             s = self.settings
             new = await self.store.mark_running(record, container_id=container.id,
                                                 image=record.current_image_ref or "", probe=probe,
@@ -134,6 +140,7 @@ class Turns:
             return again_on(new)  # planned on as written: no read of the record to find it converged
         record = await self.health.record_probe(record, probe)
         if st.phase == "generating":
+            self._took(record)
             return polling
         if st.phase == "finished":
             return await self.fail_turn(record, ErrorCode.INVALID_REQUEST, f"the game finished at turn {st.turn}")
@@ -173,6 +180,8 @@ class Turns:
         if not started:  # a 200: it says it is past that turn, while its status says it is at it
             return await self._not_taken(record, st.turn, f"idle at turn {st.turn}, it answers 200") or polling
         await self.store.turn_requested(record)
+        if not asked_before:
+            self._took(record)
         if asked_before:
             # It took a request of this generation's before and is idle short of the turn with no failure
             # reported (it lost the request, or drops every one): not every half second.
@@ -202,6 +211,7 @@ class Turns:
         if not started:
             return None
         log.info("asked the engine for turn %d", at + 1, extra={"game_id": record.game_id})
+        self._took(record)
         await self.store.turn_requested(record)
         return requeue(TURN_POLL, "the engine generates the turn")
 

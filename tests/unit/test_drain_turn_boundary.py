@@ -214,7 +214,8 @@ def test_the_image_a_drain_records_is_the_one_whose_engine_last_wrote_the_state(
     waiting = record(Status.RUNNING, DesiredStatus.RUNNING, converged=False).replace(
         current_image_ref=IMG, desired_image_ref=IMG2)
     assert waiting.ran_image == IMG
-    for status in (Status.GENERATION_IN_PROGRESS, Status.ENGINE_UNREACHABLE, Status.GENERATION_FAILED):
+    for status in (Status.GENERATION_IN_PROGRESS, Status.ENGINE_UNREACHABLE, Status.GENERATION_FAILED,
+                   Status.FINISHED, Status.NODE_LOST):  # node lost: a patch's recreate waits for the node
         assert waiting.replace(status=status).ran_image == IMG
     for status in (Status.STARTING, Status.STOPPED):
         assert waiting.replace(status=status).ran_image == IMG2

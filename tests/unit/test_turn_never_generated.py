@@ -76,6 +76,68 @@ async def test_an_engine_that_says_it_generates_is_not_failed_by_the_bound(tmp_p
     assert answered(w) == []
 
 
+@pytest.mark.parametrize("env,every,period", [({}, 10, 20), ({"RTMANAGER_START_TIMEOUT": "300"}, 30, 120)])
+async def test_frequent_jobs_of_the_game_do_not_reset_the_refusal_span(tmp_path, env, every, period):
+    """Review: the span of refusals was kept per generation, so a reconcile, pause or resume more often
+    than RTMANAGER_START_TIMEOUT started it again and the turn was never answered. It is kept per turn."""
+    w = World(tmp_path, **env)
+    await started(w)
+    engine_that(w, "409")
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    limit = w.settings.engine.start_timeout + w.settings.engine.generation_timeout
+    paused = {"p": False}
+
+    async def meanwhile(waited: float) -> None:
+        if waited % period == 0:
+            await w.job(JobKind.RECONCILE, "g1")
+            await w.job(JobKind.RESUME if paused["p"] else JobKind.PAUSE, "g1")
+            paused["p"] = not paused["p"]
+
+    _, waited = await run_for(w, 5 * limit, every=every, each=meanwhile)
+    assert answered(w) == [("force_next_turn", "failure", "engine_unreachable")]
+    assert waited <= limit + w.settings.engine.start_timeout + every
+
+
+async def test_a_restarted_engine_loading_after_a_long_turn_is_not_failed(tmp_path):
+    """Review: one refusal early in a generation armed the span for the whole generation; after a long turn
+    and a crash, the restarted engine's first 409 while it loaded failed the turn at once. Taking the
+    request, or generating, ends a span."""
+    w = World(tmp_path)
+    await started(w)
+    eng = {"turn": 0, "phase": "idle", "refuse": 2}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        if eng["refuse"] > 0:
+            eng["refuse"] -= 1
+            raise EngineConflict("loading")
+        eng["phase"] = "generating"
+        return True
+
+    async def status(host, *, token=""):
+        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.sync("g1")
+    w.store.clock.advance(0.5)
+    await w.sync("g1")
+    for _ in range(40):  # a long turn: 20 minutes generating
+        w.store.clock.advance(30)
+        await asyncio.wait_for(w.sync("g1"), 30)
+    assert answered(w) == []
+    w.backend.crash("g1")
+    eng.update(phase="idle", refuse=3)  # restarted mid-turn, it loads for a second or so
+    for _ in range(60):
+        await asyncio.wait_for(w.sync("g1"), 30)
+        if answered(w):
+            break
+        if eng["phase"] == "generating":
+            eng.update(turn=1, phase="idle")
+        w.store.clock.advance(1)
+    assert answered(w) == [("force_next_turn", "success", "")]
+
+
 async def test_pauses_and_restarts_of_the_controller_do_not_reset_the_bound(tmp_path):
     """Review: a bound kept in memory per generation started again at every pause, resume or reconcile
     (each makes a new generation) and at every restart of the controller: a stuck turn went unanswered."""
