@@ -31,7 +31,7 @@ log = logging.getLogger("rtmanager.reconciler")
 
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 REASK_POLL = 5.0  # seconds before asking again an engine that took a request and is idle short of the turn
-TURNS_KEPT = 10_000  # games whose turn's first look this process remembers (the map is cleared past it)
+TURNS_KEPT = 100_000  # games whose refusal span this process remembers (pruned past it)
 
 
 class Look(str, enum.Enum):
@@ -69,12 +69,21 @@ class Turns:
         self.health = health
         self.fence = fence
         # game -> (turn asked for, when) the engine, idle short of it, first did not take a request (200, 409) or
-        # lost one it had taken, since it last took one or was seen generating (in this process): ``_not_taken``.
+        # lost one it had taken, since it was last seen generating (in this process): ``_not_taken``. One entry
+        # a game at most; a game's turn answered another way leaves its entry until the map is pruned.
         self._refused: dict[str, tuple[int, datetime]] = {}
 
     def _took(self, record: RuntimeRecord) -> None:
-        """The engine took a request, or is seen generating: whatever it refused before is over."""
+        """The engine is seen generating, or at the turn: whatever it refused before is over. (A 202 alone is
+        not proof: an engine that takes every request and never generates answers 202.)"""
         self._refused.pop(record.game_id, None)
+
+    def _prune(self, now: datetime, older_than: float) -> None:
+        """Forget spans that began long ago (a game that refusing would have had answered by now, or one
+        answered another way); if none is that old, the oldest one (that game gets one more span)."""
+        old = [g for g, (_, at) in self._refused.items() if (now - at).total_seconds() > older_than]
+        for game in old or [next(iter(self._refused))]:
+            del self._refused[game]
 
     async def _not_taken(self, record: RuntimeRecord, turn: int, what: str) -> Step | None:
         """The engine is idle short of the turn and did not take the request, or lost one it had taken. Once
@@ -87,12 +96,12 @@ class Turns:
         now = self.clock.now()
         target = record.desired_turn if record.desired_turn is not None else turn + 1
         first = self._refused.get(record.game_id)
+        e = self.settings.engine
         if first is None or first[0] != target:
             if len(self._refused) >= TURNS_KEPT:
-                self._refused.pop(next(iter(self._refused)))  # the oldest: one game gets one more span
+                self._prune(now, 2 * (e.start_timeout + e.generation_timeout))
             self._refused[record.game_id] = (target, now)
             return None
-        e = self.settings.engine
         if (now - first[1]).total_seconds() < e.start_timeout:
             return None
         limit = e.start_timeout + e.generation_timeout
@@ -180,8 +189,6 @@ class Turns:
         if not started:  # a 200: it says it is past that turn, while its status says it is at it
             return await self._not_taken(record, st.turn, f"idle at turn {st.turn}, it answers 200") or polling
         await self.store.turn_requested(record)
-        if not asked_before:
-            self._took(record)
         if asked_before:
             # It took a request of this generation's before and is idle short of the turn with no failure
             # reported (it lost the request, or drops every one): not every half second.
@@ -211,7 +218,6 @@ class Turns:
         if not started:
             return None
         log.info("asked the engine for turn %d", at + 1, extra={"game_id": record.game_id})
-        self._took(record)
         await self.store.turn_requested(record)
         return requeue(TURN_POLL, "the engine generates the turn")
 

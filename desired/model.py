@@ -267,11 +267,12 @@ class RuntimeRecord:
 
     @property
     def ran_image(self) -> str | None:
-        """The image a drain or a rollout returns the game to. For an up game, or one whose node is lost (its
-        engine ran there, and a replacement waits for the node), the one that runs, not a patch still waiting
-        (it has not run, and may never). Otherwise the one asked for: a replacement, a start or a restart is
-        under way or next, and its engine may already have written the state."""
-        if self.status.is_up or self.status is Status.NODE_LOST:
+        """The image a drain or a rollout returns the game to. For an up game, or one whose node was lost while
+        it ran (a replacement waits for the node), the one that runs, not a patch still waiting (it has not
+        run, and may never). Otherwise the one asked for: a replacement (a node lost during one: it has an
+        image to roll back to), a start or a restart is under way or next, and its engine may already have
+        written the state."""
+        if self.status.is_up or (self.status is Status.NODE_LOST and self.rollback_image_ref is None):
             return self.current_image_ref or self.desired_image_ref
         return self.desired_image_ref or self.current_image_ref
 

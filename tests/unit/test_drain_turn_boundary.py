@@ -220,5 +220,7 @@ def test_the_image_a_drain_records_is_the_one_whose_engine_last_wrote_the_state(
     for status in (Status.STARTING, Status.STOPPED):
         assert waiting.replace(status=status).ran_image == IMG2
     assert waiting.replace(status=Status.STARTING, rollback_image_ref=IMG).ran_image == IMG2
+    # its node lost while the new image's unit started (review): that unit is the one that ran last
+    assert waiting.replace(status=Status.NODE_LOST, rollback_image_ref=IMG).ran_image == IMG2
     assert waiting.replace(status=Status.STARTING, current_image_ref=None).ran_image == IMG2  # a first start
     assert waiting.replace(desired_image_ref=None).ran_image == IMG

@@ -189,3 +189,31 @@ async def test_a_blip_of_refusals_does_not_fail_an_old_turn(tmp_path):
         if answered(w):
             break
     assert answered(w) == [("force_next_turn", "success", "")]
+
+
+@pytest.mark.parametrize("env,lag", [({"RTMANAGER_HEALTH_INTERVAL": "4"}, 0.0), ({}, 12.0)])
+async def test_a_202_then_idle_engine_probed_by_the_health_round_is_answered(tmp_path, env, lag):
+    """Review: the health round's idle write cleared the request time, so the short path asked again; its
+    202 counted as a taken request and ended the span, and the turn was never answered. Only a generating
+    engine (or the turn reached) ends a span. The reconciler follows its own requeue delays here (plus
+    ``lag``, a busy work queue), and the round skips engines answered within its interval."""
+    w = World(tmp_path, **env)
+    await started(w)
+    engine_that(w, "202")
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    e = w.settings.engine
+    health = w.reconciler.health
+    t, next_sync, next_round = 0.0, 0.0, e.health_interval
+    while not answered(w) and t <= 4 * (e.start_timeout + e.generation_timeout):
+        if t >= next_sync:
+            step = await asyncio.wait_for(w.reconciler.sync("g1"), 30)
+            next_sync = t + (step.after or 1.0) + lag
+        if t >= next_round:
+            rec = w.store.records["g1"]
+            if not health.answered_within(rec, e.health_interval):
+                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+            next_round = t + e.health_interval
+        w.store.clock.advance(0.5)
+        t += 0.5
+    assert answered(w) == [("force_next_turn", "failure", "engine_unreachable")]
+    assert t <= 2 * e.start_timeout + e.generation_timeout + 30
