@@ -31,6 +31,7 @@ log = logging.getLogger("rtmanager.reconciler")
 
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 REASK_POLL = 5.0  # seconds before asking again an engine that took a request and is idle short of the turn
+REFUSAL_GAP = 15.0  # seconds without a refusal that end a span of them (at least RTMANAGER_START_TIMEOUT)
 TURNS_KEPT = 100_000  # games whose refusal span this process remembers (pruned past it)
 
 
@@ -68,10 +69,11 @@ class Turns:
         self.clock = clock
         self.health = health
         self.fence = fence
-        # game -> (turn asked for, when) the engine, idle short of it, first did not take a request (200, 409) or
-        # lost one it had taken, since it was last seen generating (in this process): ``_not_taken``. One entry
-        # a game at most; a game's turn answered another way leaves its entry until the map is pruned.
-        self._refused: dict[str, tuple[int, datetime]] = {}
+        # game -> (turn asked for, first refusal, last refusal) of the engine's current span of refusals, idle
+        # short of the turn (in this process): ``_not_taken``. One entry a game at most; a span not refused
+        # again within REFUSAL_GAP is over, whatever ended it (the engine generated, the turn was reached or
+        # answered another way, the engine was busy or restarted).
+        self._refused: dict[str, tuple[int, datetime, datetime]] = {}
 
     def _took(self, record: RuntimeRecord) -> None:
         """The engine is seen generating, or at the turn: whatever it refused before is over. (A 202 alone is
@@ -79,30 +81,34 @@ class Turns:
         self._refused.pop(record.game_id, None)
 
     def _prune(self, now: datetime, older_than: float) -> None:
-        """Forget spans that began long ago (a game that refusing would have had answered by now, or one
-        answered another way); if none is that old, the oldest one (that game gets one more span)."""
-        old = [g for g, (_, at) in self._refused.items() if (now - at).total_seconds() > older_than]
+        """Forget spans that are over (no refusal for ``older_than``); if none is, the oldest one (that game
+        gets one more span)."""
+        old = [g for g, (_, _, last) in self._refused.items() if (now - last).total_seconds() > older_than]
         for game in old or [next(iter(self._refused))]:
             del self._refused[game]
 
     async def _not_taken(self, record: RuntimeRecord, turn: int, what: str) -> Step | None:
-        """The engine is idle short of the turn and did not take the request, or lost one it had taken. Once
-        it has kept so for RTMANAGER_START_TIMEOUT (a blip of a restarted or busy engine is not this; taking
-        a request or generating in between starts it again) and the game's oldest pending job has waited
-        RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT (the database's count), the turn's jobs are
-        answered engine_unreachable; the game stays up. The span is kept per turn asked for, so a pause, a
-        resume or a reconcile meanwhile (a new generation) does not start it again; a restart of the
-        controller does, once. An engine that says it generates is never failed here: a long turn is a turn."""
+        """The engine is idle short of the turn and did not take the request (200, 409, a failed request), or
+        lost one it had taken. Once it has kept so for RTMANAGER_START_TIMEOUT, refusal after refusal with no
+        gap over REFUSAL_GAP (a blip of a restarted or busy engine is not this; generating in between ends
+        the span), and the game's oldest pending job has waited RTMANAGER_START_TIMEOUT +
+        RTMANAGER_GENERATION_TIMEOUT (the database's count), the turn's jobs are answered
+        engine_unreachable; the game stays up. The span is kept per turn asked for, so a pause, a resume or
+        a reconcile meanwhile (a new generation) does not start it again; a restart of the controller does,
+        once. An engine that says it generates is never failed here: a long turn is a turn."""
         now = self.clock.now()
         target = record.desired_turn if record.desired_turn is not None else turn + 1
-        first = self._refused.get(record.game_id)
+        span = self._refused.get(record.game_id)
         e = self.settings.engine
-        if first is None or first[0] != target:
-            if len(self._refused) >= TURNS_KEPT:
-                self._prune(now, 2 * (e.start_timeout + e.generation_timeout))
-            self._refused[record.game_id] = (target, now)
+        gap = max(e.start_timeout, REFUSAL_GAP)
+        if span is None or span[0] != target or (now - span[2]).total_seconds() > gap:
+            if span is None and len(self._refused) >= TURNS_KEPT:
+                self._prune(now, gap)
+            self._refused[record.game_id] = (target, now, now)
             return None
-        if (now - first[1]).total_seconds() < e.start_timeout:
+        first = span[1]
+        self._refused[record.game_id] = (target, first, now)
+        if (now - first).total_seconds() < e.start_timeout:
             return None
         limit = e.start_timeout + e.generation_timeout
         age = await self.store.oldest_pending_age(record.game_id) or 0.0
@@ -111,7 +117,7 @@ class Turns:
         self._refused.pop(record.game_id, None)
         return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE,
                                     f"the engine has not taken the request for turn {turn + 1} for "
-                                    f"{(now - first[1]).total_seconds():.0f}s ({what}); the oldest job waited "
+                                    f"{(now - first).total_seconds():.0f}s ({what}); the oldest job waited "
                                     f"{age:.0f}s")
 
     async def turn(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
@@ -183,7 +189,7 @@ class Turns:
         except EngineError as exc:
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
-            return polling
+            return await self._not_taken(record, st.turn, f"its turn request fails: {exc.message}") or polling
         self.metrics.engine_calls.labels("turns", "ok").inc()
         log.info("asked the engine for turn %d", st.turn + 1, extra={"game_id": record.game_id})
         if not started:  # a 200: it says it is past that turn, while its status says it is at it

@@ -217,3 +217,68 @@ async def test_a_202_then_idle_engine_probed_by_the_health_round_is_answered(tmp
         t += 0.5
     assert answered(w) == [("force_next_turn", "failure", "engine_unreachable")]
     assert t <= 2 * e.start_timeout + e.generation_timeout + 30
+
+
+async def test_a_turn_request_that_fails_for_ever_is_answered(tmp_path):
+    """Review: a turn request answered 503, timing out or garbled (the engine's status idle at the turn
+    before) was polled for ever without counting as a refusal."""
+    from observed.errors import EngineUnreachable
+    w = World(tmp_path)
+    await started(w)
+
+    async def request_turn(host, expected_turn, *, token=""):
+        raise EngineUnreachable("engine turns: HTTP 503")
+
+    async def status(host, *, token=""):
+        return EngineStatus(turn=0, phase="idle")
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    limit = w.settings.engine.start_timeout + w.settings.engine.generation_timeout
+    _, waited = await run_for(w, 4 * limit)
+    assert answered(w) == [("force_next_turn", "failure", "engine_unreachable")]
+    assert waited <= limit + 60
+
+
+async def test_refusals_before_a_long_turn_the_status_could_not_see_are_not_counted_after_a_crash(tmp_path):
+    """Review: 25 s of 409s, then a turn taken and generated while the engine was too busy to answer its
+    status (so nobody saw it 'generating'), then a crash: the restarted engine's 25 s of 409s while it
+    loaded continued the first span and failed the turn it then generated. A span ends after a gap."""
+    from observed.errors import EngineUnreachable
+    w = World(tmp_path)
+    await started(w)
+    clock = w.store.clock
+    eng = {"turn": 0, "phase": "idle", "refuse_until": clock.now().timestamp() + 25}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        if clock.now().timestamp() < eng["refuse_until"]:
+            raise EngineConflict("loading")
+        eng["phase"] = "generating"
+        return True
+
+    async def status(host, *, token=""):
+        if eng["phase"] == "generating":
+            raise EngineUnreachable("status timed out: the engine is busy generating")
+        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    while eng["phase"] != "generating":
+        await asyncio.wait_for(w.sync("g1"), 30)
+        clock.advance(5)
+    for _ in range(58):
+        clock.advance(10)
+        await asyncio.wait_for(w.sync("g1"), 30)
+    assert answered(w) == []
+    w.backend.crash("g1")
+    eng.update(phase="idle", refuse_until=clock.now().timestamp() + 25)
+    for _ in range(120):
+        await asyncio.wait_for(w.sync("g1"), 30)
+        if answered(w):
+            break
+        if eng["phase"] == "generating":
+            eng.update(turn=1, phase="idle")
+        clock.advance(1)
+    assert answered(w) == [("force_next_turn", "success", "")]
