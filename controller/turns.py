@@ -31,7 +31,7 @@ log = logging.getLogger("rtmanager.reconciler")
 
 TURN_POLL = 0.5  # seconds between looks at an engine while a turn is generated
 REASK_POLL = 5.0  # seconds before asking again an engine that took a request and is idle short of the turn
-REFUSAL_GAP = 15.0  # seconds without a refusal that end a span of them (or RTMANAGER_START_TIMEOUT, if longer)
+REFUSAL_GAP = 60.0  # seconds without a refusal that end a span of them (or RTMANAGER_START_TIMEOUT, if longer)
 TURNS_KEPT = 100_000  # games whose refusal span this process remembers (pruned past it)
 
 
