@@ -21,6 +21,7 @@ from aiohttp import web
 from observed.engine import EngineClient
 from tests.support import eventually
 from tests.support.api import STUB_10, STUB_11
+from tests.support.http import serve_local
 
 
 async def record(api, game: str) -> dict:
@@ -275,13 +276,7 @@ async def test_the_health_probe_reads_a_bounded_answer():
             pass
         return resp
 
-    app = web.Application()
-    app.router.add_get("/healthz", endless)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve_local("/healthz", endless)
     probe = EngineClient(port=port, path="/healthz", attempt_timeout=5)
     try:
         t0 = time.monotonic()

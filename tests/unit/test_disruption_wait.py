@@ -158,6 +158,17 @@ def stops(w):
     return w.backend.ops("stop")  # a removal stops first
 
 
+async def waits_its_limit_then_stops(w):
+    """Three looks within RTMANAGER_DISRUPTION_WAIT, no stop and the wait's start recorded; then one past
+    it: the record after that look."""
+    for _ in range(3):
+        rec = await w.sync("g1")
+        assert stops(w) == [] and rec.disruption_wait_since is not None
+        w.store.clock.advance(w.settings.runtime.disruption_wait / 3 - 1)
+    w.store.clock.advance(4)
+    return await w.sync("g1")
+
+
 @pytest.mark.parametrize("kind,image", [("stop", None), ("restart", None), ("patch", "galaxy/engine-stub:1.1"),
                                         ("cleanup", None)])
 async def test_a_disruption_asks_the_engine_first_and_waits_for_its_generation(w, kind, image):
@@ -387,12 +398,7 @@ async def test_a_wait_on_an_engine_that_only_answers_its_health_path_is_bounded_
                                         generation_started_at=w.store.clock.now())
     w.engine.fail[NAME] = EngineError("phase is not one of idle, generating")
     await job(w, JobKind.STOP)
-    for _ in range(3):
-        rec = await w.sync("g1")
-        assert stops(w) == [] and rec.disruption_wait_since is not None
-        w.store.clock.advance(w.settings.runtime.disruption_wait / 3 - 1)
-    w.store.clock.advance(4)
-    rec = await w.sync("g1")
+    rec = await waits_its_limit_then_stops(w)
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED
     assert w.results("g1")[-1] == ("stop", "success", "")
 
@@ -407,12 +413,7 @@ async def test_a_stop_with_no_job_of_an_engine_the_record_does_not_know_as_up_is
     cur = w.store.records["g1"]
     w.store.records["g1"] = cur.replace(status=Status.NODE_LOST, desired_status=DesiredStatus.STOPPED,
                                         generation=cur.generation + 1)
-    for _ in range(3):
-        rec = await w.sync("g1")
-        assert stops(w) == [] and rec.disruption_wait_since is not None
-        w.store.clock.advance(w.settings.runtime.disruption_wait / 3 - 1)
-    w.store.clock.advance(4)
-    rec = await w.sync("g1")
+    rec = await waits_its_limit_then_stops(w)
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED and rec.converged
 
 

@@ -28,6 +28,17 @@ def test_a_drains_deadline_holds_with_no_global_wait():
     assert plan(past, ours(), **{**KW, "disruption_wait": 0.0}).kind is ActionKind.STOP
 
 
+async def lost_on_n2(tmp_path) -> World:
+    """g1 ran on n2 (shared state, RTMANAGER_NODE_LOSS=wait), and n2 is lost: the record says node_lost."""
+    w = World(tmp_path, RTMANAGER_NODE_LOSS="wait", RTMANAGER_NODE_LOSS_GRACE="30", RTMANAGER_STATE_SHARED="1")
+    w.backend.nodes = ["n2", "n1"]
+    await w.job(JobKind.START, "g1", IMG)
+    assert (await w.sync("g1")).node_id == "n2"
+    w.backend.lose_node("n2")
+    assert (await w.sync("g1")).status is Status.NODE_LOST
+    return w
+
+
 def moving(w: World, deadline: timedelta = timedelta(hours=1), node: str | None = "n2"):
     """What the drain of ``node`` writes when it takes g1 (its starts avoid the drained node)."""
 
@@ -91,12 +102,7 @@ async def test_an_engine_on_a_node_that_came_back_is_asked_before_it_is_replaced
 
 
 async def test_a_drain_moves_a_game_whose_node_is_lost_under_the_wait_policy(tmp_path):
-    w = World(tmp_path, RTMANAGER_NODE_LOSS="wait", RTMANAGER_NODE_LOSS_GRACE="30", RTMANAGER_STATE_SHARED="1")
-    w.backend.nodes = ["n2", "n1"]
-    await w.job(JobKind.START, "g1", IMG)
-    assert (await w.sync("g1")).node_id == "n2"
-    w.backend.lose_node("n2")
-    assert (await w.sync("g1")).status is Status.NODE_LOST
+    w = await lost_on_n2(tmp_path)
     moving(w)
     for _ in range(5):
         rec = await w.sync("g1")
@@ -181,12 +187,7 @@ async def test_a_restart_admitted_as_a_move_off_a_lost_drained_node_happens(tmp_
     a move; it cleared the pin but did not avoid the node, so with the node lost the game waited for it
     under RTMANAGER_NODE_LOSS=wait, and the drain (which takes games still pinned there) never did."""
     from desired import drains
-    w = World(tmp_path, RTMANAGER_NODE_LOSS="wait", RTMANAGER_NODE_LOSS_GRACE="30", RTMANAGER_STATE_SHARED="1")
-    w.backend.nodes = ["n2", "n1"]
-    await w.job(JobKind.START, "g1", IMG)
-    assert (await w.sync("g1")).node_id == "n2"
-    w.backend.lose_node("n2")
-    assert (await w.sync("g1")).status is Status.NODE_LOST
+    w = await lost_on_n2(tmp_path)
 
     async def avoid():
         return frozenset({"n2"})

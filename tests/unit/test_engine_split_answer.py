@@ -11,6 +11,7 @@ from aiohttp import web
 
 from observed.engine import ADMIN_BODY_LIMIT, EngineClient
 from observed.errors import EngineUnreachable
+from tests.support.http import serve_local
 
 
 async def serve(*pieces: bytes):
@@ -23,13 +24,7 @@ async def serve(*pieces: bytes):
         await resp.write_eof()
         return resp
 
-    app = web.Application()
-    app.router.add_get("/admin/v1/status", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return await serve_local("/admin/v1/status", handler)
 
 
 async def status_of(*pieces: bytes):

@@ -50,6 +50,19 @@ async def run_for(w: World, seconds: float, every: float = 30, each=None):
     return rec, waited
 
 
+async def generates_after_loading(w: World, eng: dict, seconds: int) -> None:
+    """Look once a second while the restarted engine loads; it generates turn 1 once it takes the request,
+    and the forced turn is answered success."""
+    for _ in range(seconds):
+        await asyncio.wait_for(w.sync("g1"), 30)
+        if answered(w):
+            break
+        if eng["phase"] == "generating":
+            eng.update(turn=1, phase="idle")
+        w.store.clock.advance(1)
+    assert answered(w) == [("force_next_turn", "success", "")]
+
+
 @pytest.mark.parametrize("answer", ["202", "200", "409"])
 async def test_a_turn_request_the_engine_never_takes_is_answered(tmp_path, answer):
     w = World(tmp_path)
@@ -128,14 +141,7 @@ async def test_a_restarted_engine_loading_after_a_long_turn_is_not_failed(tmp_pa
     assert answered(w) == []
     w.backend.crash("g1")
     eng.update(phase="idle", refuse=3)  # restarted mid-turn, it loads for a second or so
-    for _ in range(60):
-        await asyncio.wait_for(w.sync("g1"), 30)
-        if answered(w):
-            break
-        if eng["phase"] == "generating":
-            eng.update(turn=1, phase="idle")
-        w.store.clock.advance(1)
-    assert answered(w) == [("force_next_turn", "success", "")]
+    await generates_after_loading(w, eng, 60)
 
 
 async def test_pauses_and_restarts_of_the_controller_do_not_reset_the_bound(tmp_path):
@@ -274,11 +280,4 @@ async def test_refusals_before_a_long_turn_the_status_could_not_see_are_not_coun
     assert answered(w) == []
     w.backend.crash("g1")
     eng.update(phase="idle", refuse_until=clock.now().timestamp() + 25)
-    for _ in range(120):
-        await asyncio.wait_for(w.sync("g1"), 30)
-        if answered(w):
-            break
-        if eng["phase"] == "generating":
-            eng.update(turn=1, phase="idle")
-        clock.advance(1)
-    assert answered(w) == [("force_next_turn", "success", "")]
+    await generates_after_loading(w, eng, 120)
