@@ -84,12 +84,16 @@ DISRUPTION_POLL = 1.0  # seconds between looks at an engine a disruption waits f
 DISRUPTIONS = (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP, ActionKind.RECREATE)
 
 
+def own_deadline_left(record: RuntimeRecord, now: datetime) -> float:
+    """Seconds left until the generation's own turn-boundary deadline (a drain's); 0 without one."""
+    until = disruption_deadline(record)
+    return (until - now).total_seconds() if until is not None else 0.0
+
+
 def disruption_wait_left(record: RuntimeRecord, now: datetime, *, disruption_wait: float, waited: float) -> float:
     """Seconds a disruption that has waited ``waited`` may still wait for a turn boundary: what is left of
     RTMANAGER_DISRUPTION_WAIT, or of the generation's own deadline (a drain's), whichever is later."""
-    until = disruption_deadline(record)
-    own = (until - now).total_seconds() if until is not None else 0.0
-    return max(disruption_wait - waited, own)
+    return max(disruption_wait - waited, own_deadline_left(record, now))
 
 
 def disruption_deadline(record: RuntimeRecord) -> datetime | None:
@@ -106,8 +110,7 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
         return action  # nothing runs that a disruption could cut
     if action.kind is ActionKind.RECREATE and record.current_container_id != container.id:
         return action  # not the game's engine (a leftover); its engine is, up or not (node_lost, say)
-    until = disruption_deadline(record)
-    own = (until - now).total_seconds() if until is not None else 0.0
+    own = own_deadline_left(record, now)
     if (disruption_wait <= 0 and own <= 0) or record.admin_api is False \
             or record.force_generation == record.generation:
         return action

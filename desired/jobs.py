@@ -335,10 +335,10 @@ def decide(record: RuntimeRecord | None, job: Job, now: datetime, defaults: Reco
 
 
 def keeps_deadline(record: RuntimeRecord, new: RuntimeRecord) -> RuntimeRecord:
-    """A drain's turn-boundary deadline (its stop or move waits for the engine's turn until then, and goes
-    at once after it) stays with a new generation admitted while that disruption is still under way (not
-    converged): a pause, a reconcile or a patch meanwhile does not withdraw it, so it must neither cut the
-    wait short nor make it outlast the drain's deadline. Once the generation converged, it is over."""
+    """A drain's turn-boundary deadline (its stop or move waits for the engine's turn until then; past it
+    the drain forces it: desired/drains.py ``unforced``) stays with a new generation admitted while that
+    disruption is still under way (not converged): a pause, a reconcile or a patch meanwhile does not
+    withdraw it, so it must not cut the wait short. Once the generation converged, it is over."""
     if (record.disruption_generation is not None and record.disruption_generation == record.generation
             and not record.converged and new.generation > record.generation
             and new.disruption_generation == record.disruption_generation):
