@@ -30,7 +30,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from datetime import datetime
 
 from controller.config import Settings
 from controller.crashes import Crashes
@@ -71,7 +70,7 @@ from desired.leader import Fence, Fenced
 from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, Status, container_name
 from desired.policy import NODE_LOSS_POLL, NodeLossPolicy
 from desired.ports import ReconcilerStore
-from desired.values import Crash
+from desired.values import Claimed, Crash
 from observed.backend import RuntimeBackend
 from observed.engine import EngineClient
 from observed.errors import (
@@ -263,7 +262,7 @@ class Reconciler:
     async def _step(self, game_id: str, written: RuntimeRecord | None = None) -> Step:
         """Look once, plan one action, carry it out: what comes next. ``written``: the record the previous
         step's transition committed (controller/step.py ``again_on``), planned on as it is."""
-        claimed: list[tuple[int, datetime]] | None = None  # what this look claimed, when it did
+        claimed: list[Claimed] | None = None  # what this look claimed, when it did
         record: RuntimeRecord | None
         if written is not None:
             record = written
@@ -349,7 +348,7 @@ class Reconciler:
                 raise
             self._observe_claimed(more)
             claimed = (claimed or []) + more
-        op_ids = [op_id for op_id, _ in claimed or ()]
+        op_ids = [c.id for c in claimed or ()]
         log.info("%s: %s", action.kind.value, action.reason, extra={
             "game_id": game_id, "action": action.kind.value, "operation_ids": ",".join(map(str, op_ids)),
             "generation": record.generation if record else None})
@@ -361,6 +360,14 @@ class Reconciler:
             # A container that is not ours only ever blocks the name: act as if there were none.
             instance = self.settings.leadership.instance
             ours = container if container is not None and container.managed_by(instance) else None
+            if (action.kind is ActionKind.TURN and record is not None and claimed is not None
+                    and (not claimed or any(c.op in transitions.ANSWERED_DURING_TURN for c in claimed))):
+                # A pause, a resume or a reconcile joined the turn's generation: the unit is the one wanted and
+                # only the turn is to come, so they are answered now (unless a start joined it too); the turn's
+                # jobs wait for it (an engine may generate for long, or for ever). Looked for when this look
+                # claimed one of them, or claimed nothing (after a restart, what its predecessor claimed): not
+                # at every turn, whose own job's claim costs no statement more.
+                record = await self.store.answer_during_turn(record) or record
             with backend_errors():
                 return await self._act(action.kind, record, ours, self.specs.build(record, self.epoch)
                                        if record else None, action.node, reason=action.reason)
@@ -396,10 +403,10 @@ class Reconciler:
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
 
-    def _observe_claimed(self, claimed: list[tuple[int, datetime]]) -> None:
+    def _observe_claimed(self, claimed: list[Claimed]) -> None:
         now = self.clock.now()
-        for _, accepted in claimed:
-            self.metrics.phase.labels("queued").observe((now - accepted).total_seconds())
+        for c in claimed:
+            self.metrics.phase.labels("queued").observe((now - c.accepted_at).total_seconds())
 
     async def _check_engine(self, record: RuntimeRecord, container: ObservedContainer, action: Action,
                             lost: frozenset[str]) -> tuple[Action | Step, RuntimeRecord]:

@@ -26,6 +26,9 @@ TURN_ASKS = frozenset({JobKind.TURN, JobKind.FORCE_NEXT_TURN})  # the jobs that 
 # The jobs that change nothing about what runs (which image, whether at all): the turn asks, a pause or a
 # resume of the turn clock, a reconcile.
 KEEP_RUNNING = TURN_ASKS | {JobKind.PAUSE, JobKind.RESUME, JobKind.RECONCILE}
+# Those of them answered while the turn desired state asks for is still to come (they never touch the engine):
+# the turn's own jobs wait for it (desired/db/transitions.py ``answer_during_turn``).
+ANSWERED_DURING_TURN = KEEP_RUNNING - TURN_ASKS
 
 
 def _at_least(now: datetime, *floors: datetime | None) -> datetime:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from desired.jobs import Decision
 from desired.model import ErrorCode, JobKind, OpSource, OpStatus, Outcome
@@ -30,6 +30,12 @@ class Operation:
     actor: str | None = None  # who asked: "token:NAME" (REST), "stream:STREAM" (a job entry), None (rtmanager)
     requested_by: str | None = None  # on whose behalf, as the entry or request said
 
+
+class Claimed(NamedTuple):
+    """A queued operation a reconcile claimed (marked running): which, when it was accepted, what it asks."""
+    id: int
+    accepted_at: datetime
+    op: JobKind
 
 
 def decided(op: Operation, outcome: Outcome, code: ErrorCode | None, message: str, container_id: str,

@@ -57,6 +57,7 @@ from desired.ports import (
 )
 from desired.values import (
     KEEP,
+    Claimed,
     Crash,
     Identity,
     Operation,
@@ -765,6 +766,23 @@ class FakeStore:
         self._answer_failing(new, cur.generation, code, message, now)
         return new
 
+    async def answer_during_turn(self, rec: RuntimeRecord) -> RuntimeRecord | None:
+        now = self._check()
+        cur = self.records.get(rec.game_id)
+        if cur is None:
+            raise NotFound(rec.game_id)
+        if (cur.generation != rec.generation or not cur.status.is_up
+                or cur.current_container_id != rec.current_container_id):
+            raise Conflict("the record moved")
+        pending = [o for o in self.ops if o.game_id == cur.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)
+                   and o.generation <= cur.generation]
+        jobs = [o for o in pending if o.op in transitions.ANSWERED_DURING_TURN]
+        if any(o.op not in transitions.KEEP_RUNNING for o in pending):
+            return None
+        for o in jobs:
+            self._end(o, Outcome.SUCCESS, None, "", cur.current_container_id or "", cur.engine_endpoint, now)
+        return cur if jobs else None
+
     def _answer_failing(self, new: RuntimeRecord, generation: int, code: ErrorCode, message: str,
                             now: datetime, failing: frozenset[JobKind] = transitions.TURN_ASKS) -> None:
         up = new.status.is_up and new.current_container_id is not None
@@ -1047,8 +1065,7 @@ class FakeStore:
                              "written_at": self.clock.now(), "accepted_at": op.created_at if op else None})
         self.outbox.fire()
 
-    async def find_and_claim(self, game_id: str) -> tuple[RuntimeRecord | None,
-                                                           builtins.list[tuple[int, datetime]]]:
+    async def find_and_claim(self, game_id: str) -> tuple[RuntimeRecord | None, builtins.list[Claimed]]:
         self._check()
         record = self.records.get(game_id)
         return record, (self._claim(game_id, record.generation) if record is not None else [])
@@ -1057,16 +1074,16 @@ class FakeStore:
         self._check()
         return {o.game_id for o in self.ops if o.status is OpStatus.QUEUED}
 
-    async def claim(self, game_id: str, generation: int) -> builtins.list[tuple[int, datetime]]:
+    async def claim(self, game_id: str, generation: int) -> builtins.list[Claimed]:
         self._check()
         return self._claim(game_id, generation)
 
-    def _claim(self, game_id: str, generation: int) -> builtins.list[tuple[int, datetime]]:
+    def _claim(self, game_id: str, generation: int) -> builtins.list[Claimed]:
         out = []
         for i, o in enumerate(self.ops):
             if o.game_id == game_id and o.generation == generation and o.status is OpStatus.QUEUED:
                 self.ops[i] = Operation(**{**o.__dict__, "status": OpStatus.RUNNING})
-                out.append((o.id, o.created_at))
+                out.append(Claimed(o.id, o.created_at, o.op))
         return out
 
     async def operations(self, game_id: str, limit: int = 100) -> builtins.list[Operation]:

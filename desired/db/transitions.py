@@ -29,7 +29,7 @@ from desired.model import (
     Status,
 )
 from desired.policy import CrashPolicy, CrashVerdict, next_crash
-from desired.values import KEEP, Crash, Finish, Operation, ReconcilerNote
+from desired.values import KEEP, Claimed, Crash, Finish, Operation, ReconcilerNote
 
 # What a failure that only answers a generation's jobs (transitions.keeps_running) answers as failed: the
 # turn asks and a reconcile (nobody could look); a pause or a resume took effect when it was accepted.
@@ -122,6 +122,34 @@ class Transitions(StoreBase):
 
     async def turn_requested(self, rec: RuntimeRecord) -> RuntimeRecord:
         return await self._transition(rec, transitions.turn_requested)
+
+    async def answer_during_turn(self, rec: RuntimeRecord) -> RuntimeRecord | None:
+        """The unit of an up game is the one desired state wants, and only a turn is still to come: the
+        pending jobs that change nothing of the engine (``transitions.ANSWERED_DURING_TURN``: a pause, a
+        resume, a reconcile) are answered ``success`` now; the turn's jobs wait for it. While a job of
+        another kind waits with the turn (a start that joined it), they wait with it, as for any start.
+        The record's row is written too (a new version: its pending jobs changed, base.py ``_swap``).
+        Returns the record as written, None when there was nothing to answer; Conflict when the record
+        has moved to another generation or unit, or is no longer up."""
+        async with self._tx_locking(rec.game_id) as (conn, now, row):
+            if row is None:
+                raise NotFound(rec.game_id)
+            cur = record_from_row(row)
+            if (cur.generation != rec.generation or not cur.status.is_up
+                    or cur.current_container_id != rec.current_container_id):
+                raise Conflict(f"{rec.game_id}: expected generation {rec.generation} up on "
+                               f"{rec.current_container_id}; found {cur.generation}, {cur.status.value} on "
+                               f"{cur.current_container_id}")
+            pending = await self._pending_ops(conn, cur.game_id, cur.generation)
+            jobs = [op for op in pending if op.op in transitions.ANSWERED_DURING_TURN]
+            if not jobs or any(op.op not in transitions.KEEP_RUNNING for op in pending):
+                return None  # a start, a patch... still waits: the control jobs are answered with it
+            version = await conn.fetchval("UPDATE runtime_records SET last_op_at = last_op_at WHERE game_id = $1"
+                                          " RETURNING xmin::text::bigint", cur.game_id)
+            for op in jobs:
+                await self._end_op(conn, op, Outcome.SUCCESS, None, "", cur.current_container_id or "",
+                                   cur.engine_endpoint, now)
+            return cur.replace(row_version=version)
 
     async def fail_turn(self, rec: RuntimeRecord, code: ErrorCode, message: str) -> RuntimeRecord:
         """The turn of ``rec.generation`` cannot be had: answer its jobs; the game stays up."""
@@ -425,16 +453,17 @@ class Transitions(StoreBase):
                                   new.generation, None, None, {"reason": "cleanup_ttl"}, now, None, None)
             return new
 
-    async def find_and_claim(self, game_id: str) -> tuple[RuntimeRecord | None, list[tuple[int, datetime]]]:
+    async def find_and_claim(self, game_id: str) -> tuple[RuntimeRecord | None, list[Claimed]]:
         """``find`` and ``claim`` of the record's generation in one statement: the record (with its row's
-        version) as it was before the claim, which does not write it, and (id, accepted at) of each queued
+        version) as it was before the claim, which does not write it, and each queued
         operation of its generation, marked running now. Raises Fenced when the term is over."""
         rows = await self._fenced_read(
             "UPDATE runtime_operations o SET status = 'running' FROM runtime_records r WHERE r.game_id = $1"
             " AND o.game_id = $1 AND o.generation = r.generation AND o.status = 'queued'"
-            " AND EXISTS (SELECT 1 FROM fence_ok) RETURNING o.id, o.created_at",
+            " AND EXISTS (SELECT 1 FROM fence_ok) RETURNING o.id, o.created_at, o.op",
             "SELECT xmin AS row_version, r.*, (SELECT array_agg(id ORDER BY id) FROM changed) AS claimed_ids,"
             " (SELECT array_agg(created_at ORDER BY id) FROM changed) AS claimed_at,"
+            " (SELECT array_agg(op ORDER BY id) FROM changed) AS claimed_ops,"
             " (SELECT jsonb_agg(to_jsonb(p) ORDER BY p.id) FROM runtime_operations p WHERE p.game_id = $1"
             " AND p.status IN ('queued', 'running') AND p.generation <= r.generation) AS pending"
             " FROM runtime_records r WHERE r.game_id = $1", game_id)
@@ -442,11 +471,12 @@ class Transitions(StoreBase):
             return None, []
         row = rows[0]
         record = record_from_row(row)
-        claimed = list(zip(row["claimed_ids"] or (), row["claimed_at"] or (), strict=True))
+        claimed = [Claimed(op_id, at, JobKind(op)) for op_id, at, op in zip(
+            row["claimed_ids"] or (), row["claimed_at"] or (), row["claimed_ops"] or (), strict=True)]
         if record.row_version is not None:
             # The generation's pending jobs at this version of the row, as the claim leaves them: its answer
             # needs no read of them while this store's own writes are the row's only ones (``_swap``).
-            ids = {op_id for op_id, _ in claimed}
+            ids = {c.id for c in claimed}
             # As JSON, not as the table's row type: asyncpg caches a row type per connection, and a column
             # added by a migration while this process runs would fail the statement after it claimed.
             pending = [operation_from_json(p) for p in json.loads(row["pending"] or "[]")]
@@ -454,9 +484,10 @@ class Transitions(StoreBase):
                 dataclasses.replace(op, status=OpStatus.RUNNING) if op.id in ids else op for op in pending])
         return record, claimed
 
-    async def claim(self, game_id: str, generation: int) -> list[tuple[int, datetime]]:
-        """Mark the queued operations of ``generation`` as running; return (id, accepted at) of each."""
+    async def claim(self, game_id: str, generation: int) -> list[Claimed]:
+        """Mark the queued operations of ``generation`` as running; return each."""
         rows = await self._fenced(
             "UPDATE runtime_operations SET status = 'running' WHERE game_id = $1 AND generation = $2"
-            " AND status = 'queued' AND EXISTS (SELECT 1 FROM fence_ok) RETURNING id, created_at", game_id, generation)
-        return [(r["id"], r["created_at"]) for r in rows]
+            " AND status = 'queued' AND EXISTS (SELECT 1 FROM fence_ok) RETURNING id, created_at, op",
+            game_id, generation)
+        return [Claimed(r["id"], r["created_at"], JobKind(r["op"])) for r in rows]

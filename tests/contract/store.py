@@ -49,7 +49,7 @@ async def test_a_submitted_job_is_claimed_once_by_its_generation(store):
     [pending] = await store.pending_operations("g1")
     assert (pending.id, pending.op, pending.status) == (out.operation_id, JobKind.START, OpStatus.QUEUED)
     claimed = await store.claim("g1", record.generation)
-    assert [op_id for op_id, _ in claimed] == [out.operation_id]
+    assert [(c.id, c.op) for c in claimed] == [(out.operation_id, JobKind.START)]
     assert await store.claim("g1", record.generation) == []
     assert [o.status for o in await store.pending_operations("g1")] == [OpStatus.RUNNING]
 
@@ -60,7 +60,7 @@ async def test_a_look_that_claims_reads_the_record_and_claims_its_generations_qu
     out = await store.submit(start("g1", "1-0"), DEFAULTS)
     record, claimed = await store.find_and_claim("g1")
     assert record == await store.find("g1") and record.row_version == (await store.find("g1")).row_version
-    assert [op_id for op_id, _ in claimed] == [out.operation_id]
+    assert [(c.id, c.op) for c in claimed] == [(out.operation_id, JobKind.START)]
     assert [o.status for o in await store.pending_operations("g1")] == [OpStatus.RUNNING]
     again, claimed = await store.find_and_claim("g1")
     assert again == record and claimed == []
@@ -114,6 +114,39 @@ async def test_the_outbox_is_published_in_order_and_can_be_published_again(store
     await store.mark_unpublished([first.seq])
     [again] = await store.unpublished(1000)
     assert (again.seq, again.result_id, again.fields) == (first.seq, first.result_id, first.fields)
+
+
+def control(kind: JobKind, game: str, entry: str) -> Job:
+    return Job(kind=kind, game_id=game, source=OpSource.LOBBY, stream="s:control", entry_id=entry)
+
+
+async def test_the_control_jobs_of_a_turn_still_to_come_are_answered_before_it(store):
+    """The reconciler, when the unit is right and only the turn is to come (controller/reconciler.py): a pause,
+    a resume, a reconcile are answered now, the turn's jobs wait; a new version of the row. With a start
+    that joined the turn, they wait with it. Conflict once another generation took over."""
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await store.mark_running(await store.find("g1"), container_id="c1", image=IMG)
+    await store.submit(control(JobKind.FORCE_NEXT_TURN, "g1", "2-0"), DEFAULTS)
+    rec = await store.turn_requested(await store.find("g1"))
+    for i, kind in enumerate((JobKind.PAUSE, JobKind.RECONCILE, JobKind.RESUME)):
+        await store.submit(control(kind, "g1", f"{3 + i}-0"), DEFAULTS)
+    rec, _ = await store.find_and_claim("g1")
+    await store.mark_published_many([(p.seq, f"{100 + i}-0") for i, p in enumerate(await store.unpublished(1000))])
+    answered = await store.answer_during_turn(rec)
+    assert answered is not None and answered.generation == rec.generation and not answered.converged
+    assert rec.row_version is None or answered.row_version not in (None, rec.row_version)  # the fake keeps none
+    results = [(r["job"], r["outcome"], r["error_code"], r["container_id"]) for r in await outbox(store, "result")]
+    assert results == [(k, "success", "", "c1") for k in ("pause", "reconcile", "resume")]
+    assert [o.op.value for o in await store.pending_operations("g1")] == ["force_next_turn"]
+    assert await store.answer_during_turn(answered) is None  # nothing left to answer
+    await store.submit(start("g1", "6-0"), DEFAULTS)  # joins the turn's generation: the same image
+    await store.submit(control(JobKind.PAUSE, "g1", "7-0"), DEFAULTS)
+    rec = await store.find("g1")
+    assert await store.answer_during_turn(rec) is None  # the pause waits with the start, as for any start
+    assert sorted(o.op.value for o in await store.pending_operations("g1")) == ["force_next_turn", "pause", "start"]
+    await store.submit(stop("g1", "8-0"), DEFAULTS)
+    with pytest.raises(Conflict):
+        await store.answer_during_turn(answered)
 
 
 async def test_a_newer_job_supersedes_the_pending_job_of_a_stale_generation(store):

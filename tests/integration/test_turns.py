@@ -162,3 +162,26 @@ async def test_a_long_generation_whose_engine_does_not_answer_is_not_engine_unre
 
 async def _status(api, game: str, status: str) -> bool:
     return (await runtime(api, game))["status"] == status
+
+
+async def test_a_pause_and_a_reconcile_during_a_long_turn_are_answered_before_it(api):
+    """A pause, resume or reconcile never touches the engine: it was answered only when the turn in progress
+    was (after a long turn as long, never for an engine generating for ever). Now at once, the turn after."""
+    await api.start(**FAST)
+    game = "ctlturn1"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10})
+    assert res["outcome"] == "success", res
+    slow(api, game, "15")
+    await eventually(lambda: _turn_at_least(api, game, 0), what="the engine's turn known")
+    stream = api.env["RTMANAGER_CONTROL_STREAM"]
+    forced = await api.redis.xadd(stream, {"game_id": game, "op": "force_next_turn"})
+    await eventually(lambda: _status(api, game, "generation_in_progress"), what="generating")
+    entries = [await api.redis.xadd(stream, {"game_id": game, "op": op}) for op in ("pause", "reconcile")]
+    got = [await api.result(e, op, timeout=10) for e, op in zip(entries, ("pause", "reconcile"), strict=True)]
+    assert [(r["outcome"], r["error_code"]) for r in got] == [("success", "")] * 2, got
+    assert engine_turn(api, game) == 0  # answered while the engine still generates
+    body = await runtime(api, game)
+    assert body["paused"] is True and body["status"] == "generation_in_progress", body
+    turn = await api.result(forced, "force_next_turn", timeout=40)
+    assert (turn["outcome"], turn["error_code"]) == ("success", ""), turn
+    assert engine_turn(api, game) == 1 and (await runtime(api, game))["turn"] == 1
