@@ -171,13 +171,19 @@ class Intake:
             pass
 
     async def ensure_groups(self) -> None:
-        """Create missing groups from the stored mark (id 0 when there is none)."""
+        """Create missing groups from the stored mark (id 0 when there is none), and keep each stream
+        numbering its new entries above the mark: Redis numbers them from its clock, and a Redis that lost
+        its data, on a clock behind the mark, would give them ids the group never delivers."""
         self.marks = await self.store.stream_marks()
         for stream in self.stream_names:
             mark = self.marks.get(stream)
             start = f"{mark[0]}-{mark[1]}" if mark else "0"
             if await self.redis_streams.ensure_group(stream, start):
                 log.info("created consumer group %s on %s from %s", self.config.consumer_group, stream, start)
+            if mark and await self.redis_streams.raise_last_id(stream, start):
+                log.warning("stream %s numbered its entries below the handled mark %s (Redis lost its data, and "
+                            "its clock is behind): its next ids are now above it", stream, start,
+                            extra={"stream": stream})
 
     # ------------------------------------------------------------------ reads
     def _may_read(self, block_ms: int | None = None) -> int | None:

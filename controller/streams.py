@@ -171,6 +171,7 @@ class RedisStreams:
         self.group = group
         self.consumer = consumer
         self._scripts = True  # False once the server refused a script (IDS_IN_RANGE, NEWEST_IDS_WITH_FIELD)
+        self._setid = True  # False once the server refused XSETID (raise_last_id)
         self._deleted: dict[tuple[str, str], float] = {}  # deleted entries a read handed over, and when
 
     async def close(self) -> None:
@@ -194,6 +195,36 @@ class RedisStreams:
             if "BUSYGROUP" in str(exc):
                 return False
             raise
+
+    async def raise_last_id(self, stream: str, floor: str) -> bool:
+        """Make Redis give ``stream``'s new entries ids above ``floor`` (XSETID), when its last id is below
+        it: a Redis that lost the stream (restarted empty) numbers new entries from its clock again, and a
+        clock behind ``floor`` would give them ids at or below it. True when it was raised. False when it
+        did not need to be, the stream is gone, or a newer entry came meanwhile (XSETID refuses an id below
+        the stream's newest entry). A server that refuses XSETID (an ACL, Redis before 5) is logged once and
+        left as it is: a refusal must not stop the intake."""
+        if not self._setid:
+            return False
+        try:
+            info = cast(dict[Any, Any], await self.client.xinfo_stream(stream))
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return False
+            raise
+        if entry_key(_text(info["last-generated-id"])) >= entry_key(floor):
+            return False
+        try:
+            await self.client.execute_command("XSETID", stream, floor)  # type: ignore[no-untyped-call]
+        except redis.exceptions.ResponseError as exc:
+            if isinstance(_translate(exc), StreamsUnavailable):
+                raise
+            if "smaller than" in str(exc).lower() or "no such key" in str(exc).lower():
+                return False  # an entry past it came (or the stream went) meanwhile: nothing to raise
+            log.error("redis refused XSETID on %s (%s): entries it numbers at or below the handled mark %s "
+                      "(a Redis that lost its data, on a clock behind the mark) are not read", stream, exc, floor)
+            self._setid = False
+            return False
+        return True
 
     async def group_info(self, stream: str) -> GroupInfo | None:
         try:

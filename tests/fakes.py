@@ -100,6 +100,7 @@ class _Stream:
     pending: dict[str, _Pending] = field(default_factory=dict)
     has_group: bool = False
     seq: int = 0
+    last_id: tuple[int, int] = (0, 0)  # the newest id it gave (XSETID raises it): the next automatic one is above
 
 
 class FakeStreams:
@@ -130,6 +131,9 @@ class FakeStreams:
         """What Lobby does (not through the adapter): append an entry."""
         s = self._s(stream)
         eid = entry_id or f"{next(self._ms)}-0"
+        if entry_id is None and entry_key(eid) <= s.last_id:
+            eid = f"{s.last_id[0]}-{s.last_id[1] + 1}"
+        s.last_id = max(s.last_id, entry_key(eid))
         s.entries.append((eid, {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
                                 for k, v in fields.items()}))
         return eid
@@ -143,6 +147,14 @@ class FakeStreams:
     async def server_run_id(self) -> str:
         self._check("server_run_id")
         return self.run_id
+
+    async def raise_last_id(self, stream: str, floor: str) -> bool:
+        self._check("raise_last_id", stream, floor)
+        s = self.streams.get(stream)
+        if s is None or s.last_id >= entry_key(floor):
+            return False
+        s.last_id = entry_key(floor)
+        return True
 
     async def ensure_group(self, stream: str, start_id: str = "0") -> bool:
         self._check("ensure_group", stream, start_id)

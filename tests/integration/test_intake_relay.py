@@ -545,3 +545,32 @@ async def test_results_redis_lost_right_before_a_long_outage_are_published_again
     assert relay.republished == 1
     [(_, again)] = await redis_client.xrange(settings.streams.results_stream)
     assert again[b"result_id"] == fields[b"result_id"]
+
+
+async def test_a_redis_that_lost_its_streams_and_whose_clock_is_behind_the_mark_loses_no_job(wired, redis_client,
+                                                                                         settings, pool):
+    """Red-team finding: Redis restarted empty (no persistence, a lost disk) on a clock behind the handled
+    mark (a clock stepped back, another host's). Each stream's group was created again from the mark, and
+    every entry Lobby added got an automatic id at or below it: never delivered, never answered, until the
+    clock passed the mark. The stream's last id is now raised to the mark first, so Redis gives ids above it."""
+    intake, relay, store, changed = wired
+    start_stream = settings.streams.start_stream
+    await intake.ensure_groups()
+    ahead = int((await redis_client.time())[0]) * 1000 + 3_600_000  # the mark an hour ahead of this clock
+    for stream in intake.stream_names:
+        await store.advance_mark(stream, (ahead, 5))
+    await redis_client.delete(*intake.stream_names)  # Redis came back empty
+    await intake.ensure_groups()
+    entry = (await redis_client.xadd(start_stream, {"game_id": "after-loss",
+                                                    "image_ref": "galaxy/engine-stub:1.0"})).decode()
+    assert tuple(int(x) for x in entry.split("-")) > (ahead, 5)
+    await intake.pending_pass()
+    await intake.read_round(block_ms=None)
+    assert changed == ["after-loss"]
+    assert await pool.fetchval("SELECT count(*) FROM runtime_operations WHERE entry_id = $1", entry) == 1
+    # A stream whose newest entry is past the mark already is left as it is.
+    newer = f"{ahead + 10}-0"
+    await redis_client.xadd(settings.streams.stop_stream, {"game_id": "x", "reason": "finished"}, id=newer)
+    await intake.ensure_groups()
+    info = await redis_client.xinfo_stream(settings.streams.stop_stream)
+    assert info["last-generated-id"].decode() == newer

@@ -280,6 +280,24 @@ async def test_marks_recreate_a_lost_group_and_never_apply_an_entry_twice():
     assert [o.entry_id for o in store.ops] == [later] and intake.skipped_below_mark >= 1
 
 
+async def test_a_stream_redis_lost_numbers_its_new_entries_above_the_mark():
+    """A Redis that restarted empty, on a clock behind the mark, numbered new entries at or below it: the
+    group made again from the mark never delivered them (tests/integration/test_intake_relay.py has it
+    on a real Redis)."""
+    intake, streams, store, _ = make()
+    start(streams, "g1")
+    await run_once(intake)
+    ahead = (next(streams._ms) + 10**6, 3)
+    store.marks[START] = ahead
+    del streams.streams[START]  # Redis lost the stream and its group
+    await run_once(intake)
+    later = start(streams, "g2")
+    assert entry_key(later) > ahead
+    await run_once(intake)
+    assert [o.entry_id for o in store.ops if o.game_id == "g2"] == [later]
+    assert ("raise_last_id", START, f"{ahead[0]}-{ahead[1]}") in streams.calls
+
+
 async def test_job_streams_are_trimmed_only_below_what_was_handled():
     intake, streams, store, _ = make(RTMANAGER_STREAM_KEEP="0")
     await intake.ensure_groups()
