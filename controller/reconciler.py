@@ -151,6 +151,10 @@ class Reconciler:
         self._claimed: dict[str, tuple[int, int]] = {}
         # Games a job (or the resync's fallback) woke since their last look: that look claims as it reads.
         self._woken: set[str] = set()
+        # Games whose claim found a pause, a resume or a reconcile (or nothing: what a predecessor claimed),
+        # until the turn step has answered them (``Store.answer_during_turn``) or the generation converged:
+        # an attempt that fails (a database or Docker blip) is made again at the next poll.
+        self._control_due: set[str] = set()
         self.node_loss = NodeLossPolicy(mode=settings.runtime.node_loss, grace=settings.runtime.node_loss_grace,
                                         state_shared=settings.storage.state_shared)
 
@@ -282,8 +286,10 @@ class Reconciler:
             if record is not None and game_id not in self._woken:
                 self._claimed[game_id] = (self.epoch, record.generation)
             self._observe_claimed(claimed)
+            self._note_control(game_id, claimed)
         if record is None or record.converged:
             self._claimed.pop(game_id, None)
+            self._control_due.discard(game_id)
         container = self.units.get(record)
         with backend_errors():
             if container is None:
@@ -347,6 +353,7 @@ class Reconciler:
                 self._claimed.pop(game_id, None)
                 raise
             self._observe_claimed(more)
+            self._note_control(game_id, more)
             claimed = (claimed or []) + more
         op_ids = [c.id for c in claimed or ()]
         log.info("%s: %s", action.kind.value, action.reason, extra={
@@ -360,14 +367,14 @@ class Reconciler:
             # A container that is not ours only ever blocks the name: act as if there were none.
             instance = self.settings.leadership.instance
             ours = container if container is not None and container.managed_by(instance) else None
-            if (action.kind is ActionKind.TURN and record is not None and claimed is not None
-                    and (not claimed or any(c.op in transitions.ANSWERED_DURING_TURN for c in claimed))):
+            if action.kind is ActionKind.TURN and record is not None and game_id in self._control_due:
                 # A pause, a resume or a reconcile joined the turn's generation: the unit is the one wanted and
-                # only the turn is to come, so they are answered now (unless a start joined it too); the turn's
-                # jobs wait for it (an engine may generate for long, or for ever). Looked for when this look
-                # claimed one of them, or claimed nothing (after a restart, what its predecessor claimed): not
-                # at every turn, whose own job's claim costs no statement more.
+                # only the turn is to come, so they are answered now (unless a job that changes what runs
+                # joined it too); the turn's jobs wait for it (an engine may generate for long, or for ever).
+                # Looked for once a claim found one of them, or nothing (after a restart, what its predecessor
+                # claimed): not at every turn, whose own job's claim costs no statement more.
                 record = await self.store.answer_during_turn(record) or record
+                self._control_due.discard(game_id)
             with backend_errors():
                 return await self._act(action.kind, record, ours, self.specs.build(record, self.epoch)
                                        if record else None, action.node, reason=action.reason)
@@ -402,6 +409,12 @@ class Reconciler:
             self.metrics.reconciles.labels(action.kind.value, result).inc()
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
+
+    def _note_control(self, game_id: str, claimed: list[Claimed]) -> None:
+        """A claim found a pause, a resume or a reconcile, or nothing (what a predecessor claimed): the turn
+        step looks for them (``_control_due``), until it has answered them."""
+        if not claimed or any(c.op in transitions.ANSWERED_DURING_TURN for c in claimed):
+            self._control_due.add(game_id)
 
     def _observe_claimed(self, claimed: list[Claimed]) -> None:
         now = self.clock.now()

@@ -15,7 +15,7 @@ invariant.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -255,6 +255,20 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
     if target:
         return cur.replace(desired_image_ref=target, rolling_back=True, **common), target
     return cur.replace(desired_status=DesiredStatus.STOPPED, rolling_back=False, **common), None
+
+
+def answers_during_turn(record: RuntimeRecord, pending: Iterable[JobKind]) -> bool:
+    """Whether the pending pause, resume and reconcile jobs of an up game whose turn is still to come may
+    be answered before it (desired/db/transitions.py ``answer_during_turn``). Not while a job that changes
+    what runs waits with the turn (a start that joined it, a patch): they wait with it, as for any start.
+    Not while a pause is to withdraw a scheduled turn the engine was not asked for (controller/turns.py
+    asks the engine first): the withdrawal answers them in its own transaction, so that no resume sent on
+    seeing the pause answered can bring that turn back."""
+    kinds = set(pending)
+    if kinds - KEEP_RUNNING:
+        return False
+    return not (record.paused and record.generation_started_at is None
+                and JobKind.TURN in kinds and JobKind.FORCE_NEXT_TURN not in kinds)
 
 
 def turn_reached(record: RuntimeRecord) -> bool:

@@ -789,7 +789,7 @@ class FakeStore:
         pending = [o for o in self.ops if o.game_id == cur.game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)
                    and o.generation <= cur.generation]
         jobs = [o for o in pending if o.op in transitions.ANSWERED_DURING_TURN]
-        if any(o.op not in transitions.KEEP_RUNNING for o in pending):
+        if not transitions.answers_during_turn(cur, [o.op for o in pending]):
             return None
         for o in jobs:
             self._end(o, Outcome.SUCCESS, None, "", cur.current_container_id or "", cur.engine_endpoint, now)

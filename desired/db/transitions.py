@@ -126,8 +126,8 @@ class Transitions(StoreBase):
     async def answer_during_turn(self, rec: RuntimeRecord) -> RuntimeRecord | None:
         """The unit of an up game is the one desired state wants, and only a turn is still to come: the
         pending jobs that change nothing of the engine (``transitions.ANSWERED_DURING_TURN``: a pause, a
-        resume, a reconcile) are answered ``success`` now; the turn's jobs wait for it. While a job of
-        another kind waits with the turn (a start that joined it), they wait with it, as for any start.
+        resume, a reconcile) are answered ``success`` now; the turn's jobs wait for it. When that may not
+        be (``transitions.answers_during_turn``), they are answered with the turn, as before.
         The record's row is written too (a new version: its pending jobs changed, base.py ``_swap``).
         Returns the record as written, None when there was nothing to answer; Conflict when the record
         has moved to another generation or unit, or is no longer up."""
@@ -142,8 +142,8 @@ class Transitions(StoreBase):
                                f"{cur.current_container_id}")
             pending = await self._pending_ops(conn, cur.game_id, cur.generation)
             jobs = [op for op in pending if op.op in transitions.ANSWERED_DURING_TURN]
-            if not jobs or any(op.op not in transitions.KEEP_RUNNING for op in pending):
-                return None  # a start, a patch... still waits: the control jobs are answered with it
+            if not jobs or not transitions.answers_during_turn(cur, [op.op for op in pending]):
+                return None
             version = await conn.fetchval("UPDATE runtime_records SET last_op_at = last_op_at WHERE game_id = $1"
                                           " RETURNING xmin::text::bigint", cur.game_id)
             for op in jobs:

@@ -9,6 +9,7 @@ one half fails.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -147,6 +148,25 @@ async def test_the_control_jobs_of_a_turn_still_to_come_are_answered_before_it(s
     await store.submit(stop("g1", "8-0"), DEFAULTS)
     with pytest.raises(Conflict):
         await store.answer_during_turn(answered)
+
+
+async def test_a_pause_withdrawing_a_scheduled_turn_not_asked_yet_waits_for_the_withdrawal(store):
+    """controller/turns.py asks the engine, then answers the turn superseded and the pause in one transaction."""
+    await store.submit(Job(kind=JobKind.START, game_id="g1", source=OpSource.LOBBY, image_ref=IMG, turn_interval=1,
+                           stream="s:start", entry_id="1-0"), DEFAULTS)
+    rec = await store.mark_running(await store.find("g1"), container_id="c1", image=IMG,
+                                   probe=Probe(healthy=True, admin_api=True, turn=0, phase="idle"))
+    if isinstance(store.clock, ManualClock):
+        store.clock.advance(2)
+    else:
+        await asyncio.sleep(1.1)  # the real store's clock is the database's: the 1 s interval passes
+    out = await store.submit(Job(kind=JobKind.TURN, game_id="g1", source=OpSource.SCHEDULER), DEFAULTS)
+    assert out.decision is not None and out.decision.action == "change"
+    await store.submit(control(JobKind.PAUSE, "g1", "2-0"), DEFAULTS)
+    rec, _ = await store.find_and_claim("g1")
+    assert rec.paused and rec.generation_started_at is None
+    assert await store.answer_during_turn(rec) is None
+    assert sorted(o.op.value for o in await store.pending_operations("g1")) == ["pause", "turn"]
 
 
 async def test_a_newer_job_supersedes_the_pending_job_of_a_stale_generation(store):

@@ -10,9 +10,12 @@ import asyncio
 
 import pytest
 
-from desired.model import JobKind
+from desired.errors import DockerUnavailable, StoreUnavailable
+from desired.jobs import Job
+from desired.model import JobKind, OpSource
 from observed.engine import EngineStatus
-from tests.support.world import World, started
+from observed.errors import BackendUnavailable
+from tests.support.world import IMG, World, started
 
 
 def generating_engine(w: World) -> dict:
@@ -71,3 +74,64 @@ async def test_a_pause_of_an_engine_generating_for_ever_is_answered(tmp_path):
     assert not [r for r in w.results("g1") if r[0] == "force_next_turn"]  # a long turn is a turn
     assert rec.paused and not rec.converged
 
+
+
+async def test_a_resume_right_after_the_answered_pause_does_not_bring_back_the_withdrawn_turn(tmp_path):
+    """Review: answering the pause before the turn path withdrew the scheduled turn it cancels let Lobby's
+    resume, sent on seeing that answer, land first: the turn was then generated. A pause of a scheduled
+    turn the engine was not asked for is answered with its withdrawal, in one transaction, as before."""
+    w = World(tmp_path)
+    await w.store.submit(Job(kind=JobKind.START, game_id="g1", source=OpSource.LOBBY, image_ref=IMG,
+                             turn_interval=10, stream="s", entry_id="0-1"), w.defaults)
+    await asyncio.wait_for(w.sync("g1"), 30)
+    w.store.clock.advance(11)
+    await w.store.submit(Job(kind=JobKind.TURN, game_id="g1", source=OpSource.SCHEDULER), w.defaults)
+    await w.job(JobKind.PAUSE, "g1")
+    real, sent = w.engine.status, []
+
+    async def status(host, *, token=""):  # Lobby resumes once it sees the pause answered
+        if ("pause", "success", "") in w.results("g1") and not sent:
+            sent.append(1)
+            await w.job(JobKind.RESUME, "g1")
+        return await real(host, token=token)
+
+    w.engine.status = status
+    for _ in range(3):
+        await asyncio.wait_for(w.sync("g1"), 30)
+    assert w.engine.requests == []
+    assert ("turn", "failure", "superseded") in w.results("g1")
+
+
+@pytest.mark.parametrize("where", ["answer", "look"])
+async def test_a_pause_whose_early_answer_failed_once_is_answered_at_a_later_poll(tmp_path, where):
+    """Review: the early answer was tried only on the look that claimed the pause; a database blip in the
+    answer, or a Docker blip in the look after the claim, left it waiting for the turn (for ever, for an
+    engine that generates for ever)."""
+    w = World(tmp_path)
+    await generating(w)
+    await w.job(JobKind.PAUSE, "g1")
+    w.reconciler.job_admitted("g1")
+    if where == "answer":
+        real = w.store.answer_during_turn
+
+        async def once(rec):
+            w.store.answer_during_turn = real
+            raise StoreUnavailable("blip")
+
+        w.store.answer_during_turn = once
+    else:
+        real_lost = w.backend.lost_nodes
+
+        async def once_lost():
+            w.backend.lost_nodes = real_lost
+            raise BackendUnavailable("blip")
+
+        w.backend.lost_nodes = once_lost
+    for _ in range(5):
+        w.store.clock.advance(0.5)
+        try:
+            await asyncio.wait_for(w.sync("g1"), 30)
+        except (StoreUnavailable, DockerUnavailable):  # what the reconciler's worker backs off from
+            pass
+    assert ("pause", "success", "") in w.results("g1")
+    assert not [r for r in w.results("g1") if r[0] == "force_next_turn"]

@@ -714,8 +714,7 @@ async def test_a_pause_accepted_before_the_engine_is_asked_withdraws_a_scheduled
     await w.job(JobKind.PAUSE, "g1")  # before the reconciler asked the engine for the turn
     rec = await w.sync("g1")
     assert w.engine.requests == [] and rec.turn == 0 and rec.paused and rec.converged
-    # The pause is answered as soon as the look finds only the turn to come; the turn then withdrawn.
-    assert w.results("g1")[-2:] == [("pause", "success", ""), ("turn", "failure", "superseded")]
+    assert w.results("g1")[-2:] == [("turn", "failure", "superseded"), ("pause", "success", "")]
     assert rec.last_error_code is None
     w.store.clock.advance(60)
     await w.sync("g1")
