@@ -38,6 +38,9 @@ def build_spec(settings: Settings, record: RuntimeRecord, *, database: str = "",
         disk_bytes=settings.engine.engine_disk,
         database=database,
         epoch=epoch,
+        # The unit's own stop timeout (an engine version's replaces it at the create): what dockerd gives the
+        # engine when it stops it itself (its own shutdown without live-restore, a host's, a docker stop).
+        stop_grace=settings.runtime.stop_grace,
     )
 
 

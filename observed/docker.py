@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import stat
 from collections.abc import Callable
@@ -289,7 +290,7 @@ class DockerBackend(DaemonClient):
                     created = api.create_container(
                         image=spec.image, name=spec.name, hostname=spec.name, labels=spec.all_labels(),
                         environment=spec.engine_env(), host_config=hc, networking_config=nc, user=spec.user,
-                        detach=True, stop_timeout=None if spec.stop_grace is None else int(spec.stop_grace),
+                        detach=True, stop_timeout=None if spec.stop_grace is None else math.ceil(spec.stop_grace),
                     )
                     if disk:
                         self.disk_quota = True

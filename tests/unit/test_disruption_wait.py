@@ -292,7 +292,7 @@ async def test_the_stop_of_an_engine_takes_the_grace_of_the_version_it_runs(tmp_
     await job(w, JobKind.PATCH, "galaxy/engine-stub:1.1")
     await w.sync("g1")  # the engine it runs is 1.0: 45 s, not the new image's (none: the global 10 s)
     assert [c[2] for c in w.backend.ops("stop")] == [45.0]
-    assert w.backend.specs[-1].stop_grace is None and w.backend.specs[-1].spec_hash
+    assert w.backend.specs[-1].stop_grace == w.settings.runtime.stop_grace and w.backend.specs[-1].spec_hash
     await job(w, JobKind.STOP)
     await w.sync("g1")
     assert [c[2] for c in w.backend.ops("stop")] == [45.0, w.settings.runtime.stop_grace]
