@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -93,7 +94,12 @@ class Lease:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.database_url, timeout=self._timeout)
+            # A campaign that takes an expired lease locks its row: a replica frozen in the middle (a paused
+            # container, a VM freeze, a partition) is cut by the server after a TTL, and no statement of
+            # this connection waits for a lock longer than that.
+            limit = f"{max(1, math.ceil(self.fence.ttl * 1000))}ms"
+            self._conn = await asyncpg.connect(self.database_url, timeout=self._timeout, server_settings={
+                "idle_in_transaction_session_timeout": limit, "lock_timeout": limit})
         return self._conn
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
@@ -129,6 +135,16 @@ class Lease:
         return epoch
 
     async def _acquire(self, conn: asyncpg.Connection, reclaim: bool) -> int | None:
+        # Whether the lease is live, without a lock: a standby that locked the row on every campaign, and
+        # froze before its COMMIT, made the leader's renewals and fenced writes wait for it (they could
+        # not lead, nor could anyone else). The row is locked only to take it, and decided again then.
+        seen = await conn.fetchrow("SELECT expires_at > now() AS live, holder,"
+                                   " extract(epoch FROM expires_at - now())::float8 AS left_s"
+                                   " FROM leader_leases WHERE instance = $1", self.fence.instance)
+        if (seen is not None and seen["live"]
+                and not (reclaim and seen["holder"] == self.fence.holder)):
+            self.held_for = seen["left_s"]
+            return None
         async with conn.transaction():
             # FOR UPDATE conflicts with the FOR KEY SHARE of the old term's writes: a take-over
             # waits until they are committed or rolled back, and later ones see the new epoch.

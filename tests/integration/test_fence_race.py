@@ -116,3 +116,57 @@ async def test_a_take_over_waits_for_a_compare_and_swap_in_flight(old_leader, po
         gate.set()
         await conn.close()
     assert (await Store(pool).get("g1")).generation == record.generation
+
+
+async def test_a_standby_frozen_mid_campaign_holds_no_lock_the_leader_needs(pool, database_url):
+    """Red-team finding: a standby campaigned with SELECT ... FOR UPDATE on the lease row before it knew
+    whether the lease was live. Frozen between that statement and its COMMIT (a paused container, a VM
+    freeze, a partition), it held the row: the leader's renewals and its fenced writes (FOR KEY SHARE)
+    waited for it, the leader stepped down, and nobody could lead until the frozen session ended. A
+    standby now locks the row only to take a lease that has expired (or its own)."""
+    leader_fence = Fence(instance="i", holder="leader", ttl=4)
+    leader = Lease(database_url, leader_fence)
+    standby = Lease(database_url, Fence(instance="i", holder="standby", ttl=4))
+    frozen = asyncio.Event()
+    try:
+        assert await leader.acquire() == 1
+        conn = await standby._connection()
+
+        class Freezing:  # the standby stops right after each read, holding whatever it holds
+            def __getattr__(self, name):
+                return getattr(conn, name)
+
+            async def fetchrow(self, *args, **kwargs):
+                row = await conn.fetchrow(*args, **kwargs)
+                await frozen.wait()
+                return row
+
+        async def connection():
+            return Freezing()
+
+        standby._connection = connection
+        campaign = asyncio.create_task(standby.acquire())
+        await asyncio.sleep(0.2)
+        assert not campaign.done()
+        assert await asyncio.wait_for(leader.renew(), 2), "the renewal waited for the frozen standby"
+        store = Store(pool, fence=leader_fence)
+        await asyncio.wait_for(store.submit(Job(kind=JobKind.START, game_id="g9", source=OpSource.LOBBY,
+                                                image_ref=IMG, stream="s:start", entry_id="9-0"), DEFAULTS), 2)
+        frozen.set()
+        assert await campaign is None  # the lease is live: not taken
+    finally:
+        frozen.set()
+        await standby.close()
+        await leader.close()
+
+
+async def test_the_lease_connection_ends_a_transaction_left_open(database_url):
+    """A campaigner frozen while it takes an expired lease (its row locked) is cut by the server after
+    the lease's TTL, so the other replicas can campaign again."""
+    lease = Lease(database_url, Fence(instance="i", holder="x", ttl=4))
+    try:
+        conn = await lease._connection()
+        assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "4s"
+        assert await conn.fetchval("SHOW lock_timeout") == "4s"
+    finally:
+        await lease.close()
