@@ -477,14 +477,18 @@ class Intake:
         raw_game = entry.field("game_id") or b""
         game_id = shown_game_id(raw_game.decode("utf-8", "replace") if isinstance(raw_game, bytes) else raw_game)
         message = f"dead-lettered after {attempts} failed attempts: the entry could not be handled"
-        outcome = await self.admission.reject(kind=kind, game_id=game_id, stream=entry.stream, entry_id=entry.id,
-                                              code=ErrorCode.INTERNAL_ERROR, message=message)
-        if outcome.duplicate:
-            return  # it had been carried out; only the XACK was missing
+        # The copy first: answered first, a copy Redis then refused (MISCONF, OOM) was skipped at the next
+        # attempt, which found the answer there, and the entry's fields were nowhere any more. So a copy may
+        # be written twice (the answer's commit failed after it); an entry carried out whose XACK kept
+        # failing until its attempts ran out gets a copy it did not need, its answer standing as it was.
         copy = {**(entry.fields or {}), "rtm_source_stream": entry.stream, "rtm_entry_id": entry.id,
                 "rtm_attempts": str(attempts), "rtm_error": message}
         await self.redis_streams.add(self.config.dead_letter_stream, copy,
                                      maxlen=self.config.dead_letter_maxlen or None)
+        outcome = await self.admission.reject(kind=kind, game_id=game_id, stream=entry.stream, entry_id=entry.id,
+                                              code=ErrorCode.INTERNAL_ERROR, message=message)
+        if outcome.duplicate:
+            return  # answered before: by a dead-lettering whose copy Redis refused, or it had been carried out
         self.metrics.jobs.labels(entry.stream, "dead_letter").inc()
         log.error("dead-lettered entry", extra={"stream": entry.stream, "entry_id": entry.id, "game_id": game_id,
                                                 "attempts": attempts})

@@ -13,7 +13,7 @@ from controller.admission import Admission
 from controller.config import Settings
 from controller.intake import READ_COUNT, Intake
 from controller.metrics import Metrics
-from controller.streams import entry_key
+from controller.streams import StreamsUnavailable, entry_key
 from desired.errors import StoreUnavailable
 from desired.model import JobKind
 from tests.fakes import FakeStore, FakeStreams, defaults
@@ -235,6 +235,32 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_the_attempt_li
     assert copy["rtm_entry_id"] == s and copy["image_ref"] == IMG
     [res] = store.results_for("g1")
     assert (res["outcome"], res["error_code"], res["job_entry_id"]) == ("failure", "internal_error", s)
+    assert streams.streams[START].pending == {}
+
+
+async def test_a_dead_letter_copy_redis_refused_once_is_written_at_the_next_attempt():
+    """Red-team finding: the answer was committed first; when Redis then refused the copy (MISCONF, OOM),
+    the next attempt found the answer there, skipped the copy and acknowledged the entry: its fields were
+    nowhere any more. The copy now goes first (at least once)."""
+    intake, streams, store, _ = make(RTMANAGER_MAX_DELIVERIES="1")
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    store.fail_submit = RuntimeError("simulated bug")
+    s = start(streams, "g1")
+    await intake.read_round(block_ms=None)  # attempt 1
+    real = streams.add
+
+    async def refused_once(stream, fields, maxlen=None):
+        streams.add = real
+        raise StreamsUnavailable("redis: MISCONF")
+
+    streams.add = refused_once
+    with pytest.raises(StreamsUnavailable):
+        await intake.pending_pass()  # over the limit: the copy is refused
+    await intake.pending_pass()
+    copies = streams.fields_of(DEAD)
+    assert [c["rtm_entry_id"] for c in copies] == [s] and copies[0]["image_ref"] == IMG
+    assert [(r["outcome"], r["error_code"]) for r in store.results_for("g1")] == [("failure", "internal_error")]
     assert streams.streams[START].pending == {}
 
 
