@@ -79,7 +79,7 @@ class Starts:
                 spec = dataclasses.replace(spec, stop_grace=float(entry.stop_grace))
             # A rollback: the old image starts on the state the old engine left (and a restore a
             # kill cut short is finished first, whatever is asked now).
-            await self.states.restore(record)
+            await self.states.restore(record, spec.image)
             if storage.needs_backup(record, spec.image):
                 # Another image replaces the running engine (stopped by now): keep what it left.
                 await self.states.backup(record)

@@ -75,13 +75,14 @@ class StateKeeper:
                 log.info("copied the state directory before replacing its engine",
                          extra={"game_id": record.game_id, "copy": tag})
 
-    async def restore(self, record: RuntimeRecord) -> None:
-        """Before a game's engine is created: a restore a kill cut short is finished first, whatever
-        the game is asked for now; a rollback gets the state directory as the replaced engine left it
-        (when a copy was taken)."""
+    async def restore(self, record: RuntimeRecord, image: str) -> None:
+        """Before a game's engine of ``image`` is created: a restore a kill cut short is finished first,
+        whatever the game is asked for now; the replaced image, started again (a rollback, or a job that
+        asked for it during the replacement), gets the state directory as its engine left it (when a copy
+        was taken)."""
         async with self.locked(record.game_id):
             tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
-            if tag is None and record.rolling_back:
+            if tag is None and storage.restores(record, image):
                 tag = storage.backup_tag(record)
             if tag is None:
                 return

@@ -76,6 +76,14 @@ def replacing(record: RuntimeRecord) -> bool:
     return record.status is Status.STARTING and (bool(record.rollback_image_ref) or record.rolling_back)
 
 
+def restores(record: RuntimeRecord, image: str) -> bool:
+    """Before ``image``'s engine is created: the state directory gets the copy back. A rollback; and a job
+    that asked for the replaced image again while the replacement was under way (a start of it, the
+    patch superseded), as the new engine may have changed the state before it was healthy: the replaced
+    engine finds its state as it left it, whoever asked for it."""
+    return record.rolling_back or (replacing(record) and record.rollback_image_ref == image)
+
+
 def needs_backup(record: RuntimeRecord, image: str) -> bool:
     """Before the engine a job asked for is created: the game ran another image, which a rollback
     would start again on the state it left (taken after that engine stopped)."""

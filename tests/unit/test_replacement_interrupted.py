@@ -1,0 +1,42 @@
+"""A replacement interrupted by a job that asks for the image it replaced (red-team finding): a patch from
+A to B took a copy of A's state, B started and changed the state, and before B answered healthy Lobby
+asked for A again (a start with A, the patch answered superseded). A was started on the state B had
+changed, and once A was healthy the copy was deleted: A's state, as A left it, was gone. Starting the
+replaced image again is a rollback: the copy is put back first."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from desired.model import JobKind
+from tests.support.world import IMG, World, started
+
+MUTE = "galaxy/engine-stub:mute"  # runs, never answers healthy (tests/fakes.py)
+
+
+async def test_asking_for_the_replaced_image_during_a_replacement_gives_it_its_state_back(tmp_path):
+    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
+    rec = await started(w)
+    save = Path(rec.state_path) / "save"
+    save.write_text("A-format")
+    await w.job(JobKind.PATCH, "g1", MUTE)
+    real, asked = w.engine.check, []
+
+    async def check(host):  # B runs: it converts the state, and Lobby asks for A again meanwhile
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            await w.job(JobKind.START, "g1", IMG)
+        return await real(host)
+
+    w.engine.check = check
+    for _ in range(6):
+        rec = await asyncio.wait_for(w.sync("g1"), 60)
+        if rec.converged:
+            break
+    assert asked, "the scenario did not happen"
+    assert rec.converged and rec.current_image_ref == IMG and rec.status.value == "running"
+    assert ("patch", "failure", "superseded") in w.results("g1") and w.results("g1")[-1] == ("start", "success", "")
+    assert save.read_text() == "A-format"
