@@ -66,12 +66,13 @@ class Drainer:
 
     # ------------------------------------------------------------------ hooks
     async def hold(self, record: RuntimeRecord) -> str | None:
-        """The reconciler's question before a restart nobody asked for (see the module's doc)."""
+        """The reconciler's question before a restart nobody asked for (see the module's doc), and before a
+        removal nobody asked for (the cleanup TTL)."""
         targets = await self.store.drained_targets()
         if targets.host:
-            return "the host is drained: the drain stops this game instead of restarting it"
+            return "the host is drained (the drain stops its games, and undrain starts them again)"
         if record.node_id is not None and record.node_id in targets.nodes:
-            return f"node {record.node_id} is drained: the drain moves or stops this game instead of restarting it"
+            return f"node {record.node_id} is drained (the drain moves or stops its games)"
         return None
 
     async def avoided_nodes(self) -> frozenset[str]:

@@ -330,6 +330,13 @@ class Reconciler:
             log.info("dry run: would %s: %s", action.kind.value, action.reason,
                      extra={"game_id": game_id, "action": action.kind.value, "dry_run": True})
             return DONE
+        if action.kind is ActionKind.CLEANUP and self.hold is not None and record is not None:
+            # A removal nobody asked for is final (the game_id cannot be started again): none while a drain
+            # holds the game's host or node, which may have stopped it to start it again at undrain.
+            held = await self.hold(record)
+            if held is not None:
+                log.info("not removing after the cleanup TTL: %s", held, extra={"game_id": game_id})
+                return requeue(HOLD_RETRY, held)
         if action.kind is ActionKind.CLEANUP:
             # Removals nobody asked for (the cleanup TTL) are rationed: a wrong
             # database or clock must not empty the host in one go.

@@ -229,6 +229,32 @@ def test_avoid_nodes_become_constraints_and_a_pin_wins_and_the_hash_ignores_them
 
 
 # ------------------------------------------------------------------------------ the reconciler's hold
+async def test_a_game_stopped_on_a_drained_target_outlives_the_cleanup_ttl(tmp_path) -> None:
+    """Red-team finding: a drain longer than RTMANAGER_CLEANUP_TTL had every game it stopped removed for good
+    (removal is final: undrain then skips them as removed meanwhile). Nothing is removed nobody asked for
+    while a drain holds the game's host or node; once it is undrained, the TTL applies again."""
+    from tests.support.world import IMG, World
+
+    w = World(tmp_path, RTMANAGER_CLEANUP_TTL="60")
+    held: list[str] = []
+
+    async def hold(record):
+        return "the host is drained" if held else None
+
+    w.reconciler.hold = hold
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    held.append("host")
+    await w.job(JobKind.STOP, "g1")  # the drain's stop
+    assert (await w.sync("g1")).status is Status.STOPPED
+    w.store.clock.advance(3600)
+    rec = await w.sync("g1")
+    assert rec.status is Status.STOPPED and rec.desired_status.value == "stopped" and not w.backend.ops("remove")
+    held.clear()
+    rec = await w.sync("g1")
+    assert rec.status is Status.REMOVED and w.backend.ops("remove")
+
+
 async def test_a_crash_on_a_drained_target_is_not_restarted(tmp_path) -> None:
     from tests.support.world import IMG, World
 
