@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from controller.config import Settings, StorageSettings
 from controller.metrics import Metrics, one_round
@@ -35,6 +35,26 @@ if TYPE_CHECKING:
     from controller.reconciler import Reconciler
 
 log = logging.getLogger("rtmanager.storage")
+_T = TypeVar("_T")
+
+
+async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a thread, as ``asyncio.to_thread``; but a caller cancelled meanwhile (a step-down, a
+    shutdown) still waits for the thread to end before it raises: a thread cannot be stopped, and the
+    game's lock (``StateKeeper.locked``) must not let the next copy or restore of the game run beside it."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 DISPOSE_BATCH = 100  # removed games looked at per round
 
@@ -70,7 +90,7 @@ class StateKeeper:
         if tag is None:
             return
         async with self.locked(record.game_id):
-            if await asyncio.to_thread(statedir.backup, self.root, record.state_path, tag):
+            if await in_thread(statedir.backup, self.root, record.state_path, tag):
                 self.metrics.state_copies.labels("taken").inc()
                 log.info("copied the state directory before replacing its engine",
                          extra={"game_id": record.game_id, "copy": tag})
@@ -86,7 +106,7 @@ class StateKeeper:
                 tag = storage.backup_tag(record)
             if tag is None:
                 return
-            if await asyncio.to_thread(statedir.restore, self.root, record.state_path, tag):
+            if await in_thread(statedir.restore, self.root, record.state_path, tag):
                 self.metrics.state_copies.labels("restored").inc()
                 log.warning("restored the state directory the replaced engine left",
                             extra={"game_id": record.game_id, "copy": tag})
@@ -96,7 +116,7 @@ class StateKeeper:
         async with self.locked(game_id):
             found = (await asyncio.to_thread(statedir.backups, self.root)).get(game_id)
             if found:
-                await asyncio.to_thread(statedir.drop_backup, self.root, game_id)
+                await in_thread(statedir.drop_backup, self.root, game_id)
                 self.metrics.state_copies.labels("dropped").inc()
 
     async def check_room(self, record: RuntimeRecord) -> None:
@@ -194,7 +214,7 @@ class StorageRound:
                     continue
                 if record is None:
                     continue  # not provably ours to delete (a database restored from an older dump?)
-                await asyncio.to_thread(statedir.drop_backup, self.config.state_root, game, name)
+                await in_thread(statedir.drop_backup, self.config.state_root, game, name)
                 self.metrics.state_copies.labels("dropped").inc()
                 log.info("deleted a leftover copy of the state directory", extra={"game_id": game, "copy": name})
 
@@ -230,7 +250,7 @@ class StorageRound:
                 self.reconciler.dispose_budget -= 1
                 name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"
                 try:
-                    done = await asyncio.to_thread(statedir.dispose, cfg.state_root, current.state_path,
+                    done = await in_thread(statedir.dispose, cfg.state_root, current.state_path,
                                                    cfg.state_archive_dir, name)
                 except Refused as exc:
                     log.error("cannot dispose of a removed game's state directory: %s", exc.message,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -281,3 +282,43 @@ def test_the_archive_is_never_where_a_games_directory_could_be(archive, ok):
     else:
         with pytest.raises(ValueError, match="RTMANAGER_STATE_ARCHIVE_DIR"):
             Settings.from_env(env)
+
+
+async def test_a_copy_cancelled_mid_way_holds_its_game_until_its_thread_ends(tmp_path, monkeypatch):
+    """Red-team finding: a copy runs in a thread, which a step-down or a shutdown cannot stop; cancelling
+    the coroutine let the game's lock go while the thread still copied, and the next term's copy of the
+    same game ran beside it (each deletes the other's half-made copy). The lock is now held until the
+    thread ends."""
+    import threading
+
+    import observed.statedir as statedir_module
+
+    root = tmp_path / "games"
+    (root / "g1").mkdir(parents=True)
+    keeper = StateKeeper(Settings.from_env({"RTMANAGER_STATE_ROOT": str(root)}), Metrics())
+    release, started, running, most = threading.Event(), threading.Event(), [], []
+
+    def slow_backup(state_root, state_path, tag):
+        running.append(tag)
+        started.set()
+        most.append(len(running))
+        release.wait(10)
+        running.remove(tag)
+        return True
+
+    monkeypatch.setattr(statedir_module, "backup", slow_backup)
+    record = rec(S.STARTING, game_id="g1", state_path=str(root / "g1"), current_container_id="a" * 64,
+                 rollback_image_ref="galaxy/engine-stub:1.0")
+    first = asyncio.create_task(keeper.backup(record))
+    try:
+        assert await asyncio.to_thread(started.wait, 10)
+        first.cancel()  # the term ended
+        second = asyncio.create_task(keeper.backup(record))  # the next term's copy of the same game
+        await asyncio.sleep(0.2)
+        assert running == ["a" * 12] and not second.done()
+    finally:
+        release.set()
+    await asyncio.wait_for(second, 10)
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert max(most) == 1
