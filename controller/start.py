@@ -81,7 +81,9 @@ class Starts:
             # kill cut short is finished first, whatever is asked now).
             await self.states.restore(record, spec.image)
             if storage.needs_backup(record, spec.image):
-                # Another image replaces the running engine (stopped by now): keep what it left.
+                # Another image replaces the running engine (stopped by now): keep what it left, if there is
+                # room for it beside what the other engines need.
+                await self.states.check_copy_room(record)
                 await self.states.backup(record)
             elif not record.rolling_back:
                 await self.states.check_room(record)  # a new game's directory needs room

@@ -128,6 +128,15 @@ class StateKeeper:
         if reason:
             raise StorageFull(reason)
 
+    async def check_copy_room(self, record: RuntimeRecord) -> None:
+        """StorageFull when the copy of the game's state (``backup``) would leave the filesystem with less
+        than RTMANAGER_STATE_MIN_FREE: the other engines need that room to save theirs."""
+        measured = await asyncio.to_thread(statedir.measure, self.root, record.state_path)
+        free, total = await asyncio.to_thread(statedir.free_space, self.root)
+        reason = storage.copy_refused(free, total, measured[0] if measured else 0, self.settings.storage.state_min_free)
+        if reason:
+            raise StorageFull(reason)
+
     async def full_reason(self) -> str | None:
         free, total = await asyncio.to_thread(statedir.free_space, self.root)
         self.metrics.state_free.set(free)

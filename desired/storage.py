@@ -62,6 +62,16 @@ def nearly_full(free: int, total: int, min_free: MinFree) -> str | None:
             f"RTMANAGER_STATE_MIN_FREE asks for {min_free}")
 
 
+def copy_refused(free: int, total: int, size: int, min_free: MinFree) -> str | None:
+    """Why a copy of ``size`` bytes of a game's state may not be taken now, or None: it would leave the
+    filesystem with less than RTMANAGER_STATE_MIN_FREE, the room the running engines save their state in."""
+    needed = min_free.needed(total)
+    if needed <= 0 or free - size >= needed:
+        return None
+    return (f"the copy of the state directory (about {size} bytes) would leave {max(0, free - size)} bytes free "
+            f"of {total} on the state root's filesystem; RTMANAGER_STATE_MIN_FREE asks for {min_free}")
+
+
 def backup_tag(record: RuntimeRecord) -> str | None:
     """The name of the copy of this record's state: the container of the engine a job replaces."""
     cid = record.current_container_id
