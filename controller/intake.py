@@ -79,6 +79,7 @@ DELETED = ("the entry was deleted from its stream (XDEL, or a MAXLEN trim) befor
            "nothing was carried out")
 SAME_MS_SETTLE = 0.002   # past one millisecond of Redis' clock: see _merge
 READ_MARGIN = 0.5        # a blocking read ends this long before the leadership term could lapse
+COPIED_KEPT = 10_000     # dead letters copied and not answered yet that this process remembers
 
 
 def previous_id(entry_id: str) -> tuple[int, int]:
@@ -109,6 +110,9 @@ class Intake:
         self.marks: dict[str, tuple[int, int]] = {}
         self._mark_overflow: set[str] = set()  # streams whose ids outgrew the mark's columns (logged once)
         self.skipped_below_mark = 0
+        # (stream, entry id) of dead letters whose copy this process wrote and whose answer is not committed
+        # yet: a copy at every failing attempt would push other entries' copies out of the capped stream.
+        self._copied: set[tuple[str, str]] = set()
 
 
     @property
@@ -171,19 +175,39 @@ class Intake:
             pass
 
     async def ensure_groups(self) -> None:
-        """Create missing groups from the stored mark (id 0 when there is none), and keep each stream
-        numbering its new entries above the mark: Redis numbers them from its clock, and a Redis that lost
-        its data, on a clock behind the mark, would give them ids the group never delivers."""
+        """Create missing groups from the stored mark (id 0 when there is none); then, when a stream's last
+        id is below its mark, renumber the job streams (``_renumber``)."""
         self.marks = await self.store.stream_marks()
+        behind = False
         for stream in self.stream_names:
             mark = self.marks.get(stream)
             start = f"{mark[0]}-{mark[1]}" if mark else "0"
             if await self.redis_streams.ensure_group(stream, start):
                 log.info("created consumer group %s on %s from %s", self.config.consumer_group, stream, start)
-            if mark and await self.redis_streams.raise_last_id(stream, start):
-                log.warning("stream %s numbered its entries below the handled mark %s (Redis lost its data, and "
-                            "its clock is behind): its next ids are now above it", stream, start,
-                            extra={"stream": stream})
+            if mark:
+                last = await self.redis_streams.last_id(stream)
+                behind = behind or (last is not None and entry_key(last) < mark)
+        if behind:
+            await self._renumber()
+
+    async def _renumber(self) -> None:
+        """A stream numbers below what was handled: Redis lost its data, and its clock is behind (Redis numbers
+        entries from its clock). The group never delivers entries at or below the mark, and an id that an
+        entry handled before had is taken for that entry again. So every job stream is raised above one
+        floor: the highest of the marks and of the entry ids in the operation log, the same for the three
+        streams, so that one stream's entries do not all sort before another's (entry ids order them).
+        While Redis' clock is behind that floor it numbers every entry in the floor's millisecond, where
+        entries of two streams are ordered by stream rank, not by when they were sent: logged."""
+        floors = [*self.marks.values(), *(await self.store.highest_entries()).values()]
+        floor = max(floors)
+        shown = f"{floor[0]}-{floor[1]}"
+        for stream in self.stream_names:
+            last = await self.redis_streams.last_id(stream)
+            if last is not None and entry_key(last) < floor and await self.redis_streams.raise_last_id(stream, shown):
+                log.warning("stream %s numbered its entries below what was handled (%s; Redis lost its data and "
+                            "its clock is behind): its next ids are above it. Until Redis' clock passes it, entries "
+                            "of two job streams are ordered by stream, not by when they were sent",
+                            stream, shown, extra={"stream": stream})
 
     # ------------------------------------------------------------------ reads
     def _may_read(self, block_ms: int | None = None) -> int | None:
@@ -479,14 +503,21 @@ class Intake:
         message = f"dead-lettered after {attempts} failed attempts: the entry could not be handled"
         # The copy first: answered first, a copy Redis then refused (MISCONF, OOM) was skipped at the next
         # attempt, which found the answer there, and the entry's fields were nowhere any more. So a copy may
-        # be written twice (the answer's commit failed after it); an entry carried out whose XACK kept
+        # be written twice (the answer's commit failed after it, and the process ended before it was made;
+        # this process copies it once, ``_copied``); an entry carried out whose XACK kept
         # failing until its attempts ran out gets a copy it did not need, its answer standing as it was.
-        copy = {**(entry.fields or {}), "rtm_source_stream": entry.stream, "rtm_entry_id": entry.id,
-                "rtm_attempts": str(attempts), "rtm_error": message}
-        await self.redis_streams.add(self.config.dead_letter_stream, copy,
-                                     maxlen=self.config.dead_letter_maxlen or None)
+        key = (entry.stream, entry.id)
+        if key not in self._copied:
+            copy = {**(entry.fields or {}), "rtm_source_stream": entry.stream, "rtm_entry_id": entry.id,
+                    "rtm_attempts": str(attempts), "rtm_error": message}
+            await self.redis_streams.add(self.config.dead_letter_stream, copy,
+                                         maxlen=self.config.dead_letter_maxlen or None)
+            if len(self._copied) >= COPIED_KEPT:
+                self._copied.clear()  # a copy more for those, at worst
+            self._copied.add(key)
         outcome = await self.admission.reject(kind=kind, game_id=game_id, stream=entry.stream, entry_id=entry.id,
                                               code=ErrorCode.INTERNAL_ERROR, message=message)
+        self._copied.discard(key)
         if outcome.duplicate:
             return  # answered before: by a dead-lettering whose copy Redis refused, or it had been carried out
         self.metrics.jobs.labels(entry.stream, "dead_letter").inc()

@@ -196,22 +196,22 @@ class RedisStreams:
                 return False
             raise
 
-    async def raise_last_id(self, stream: str, floor: str) -> bool:
-        """Make Redis give ``stream``'s new entries ids above ``floor`` (XSETID), when its last id is below
-        it: a Redis that lost the stream (restarted empty) numbers new entries from its clock again, and a
-        clock behind ``floor`` would give them ids at or below it. True when it was raised. False when it
-        did not need to be, the stream is gone, or a newer entry came meanwhile (XSETID refuses an id below
-        the stream's newest entry). A server that refuses XSETID (an ACL, Redis before 5) is logged once and
-        left as it is: a refusal must not stop the intake."""
-        if not self._setid:
-            return False
+    async def last_id(self, stream: str) -> str | None:
+        """The last id Redis gave in ``stream`` (XINFO STREAM), None when there is no such stream."""
         try:
             info = cast(dict[Any, Any], await self.client.xinfo_stream(stream))
         except redis.exceptions.ResponseError as exc:
             if "no such key" in str(exc).lower():
-                return False
+                return None
             raise
-        if entry_key(_text(info["last-generated-id"])) >= entry_key(floor):
+        return _text(info["last-generated-id"])
+
+    async def raise_last_id(self, stream: str, floor: str) -> bool:
+        """Make Redis give ``stream``'s new entries ids above ``floor`` (XSETID). True when it was raised.
+        False when a newer entry came meanwhile (XSETID refuses an id below the stream's newest entry), the
+        stream is gone, or the server refuses XSETID (an ACL, Redis before 5: logged once, and left as it
+        is: a refusal must not stop the intake)."""
+        if not self._setid:
             return False
         try:
             await self.client.execute_command("XSETID", stream, floor)  # type: ignore[no-untyped-call]
@@ -220,8 +220,8 @@ class RedisStreams:
                 raise
             if "smaller than" in str(exc).lower() or "no such key" in str(exc).lower():
                 return False  # an entry past it came (or the stream went) meanwhile: nothing to raise
-            log.error("redis refused XSETID on %s (%s): entries it numbers at or below the handled mark %s "
-                      "(a Redis that lost its data, on a clock behind the mark) are not read", stream, exc, floor)
+            log.error("redis refused XSETID on %s (%s): entries it numbers at or below what was handled "
+                      "(a Redis that lost its data, on a clock behind) are not read", stream, exc)
             self._setid = False
             return False
         return True

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import itertools
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -147,6 +148,11 @@ class FakeStreams:
     async def server_run_id(self) -> str:
         self._check("server_run_id")
         return self.run_id
+
+    async def last_id(self, stream: str) -> str | None:
+        self._check("last_id", stream)
+        s = self.streams.get(stream)
+        return None if s is None else f"{s.last_id[0]}-{s.last_id[1]}"
 
     async def raise_last_id(self, stream: str, floor: str) -> bool:
         self._check("raise_last_id", stream, floor)
@@ -1163,6 +1169,14 @@ class FakeStore:
     async def stream_marks(self) -> dict[str, tuple[int, int]]:
         self._check()
         return dict(self.marks)
+
+    async def highest_entries(self) -> dict[str, tuple[int, int]]:
+        self._check()
+        out: dict[str, tuple[int, int]] = {}
+        for o in self.ops:
+            if o.stream and o.entry_id and re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", o.entry_id):
+                out[o.stream] = max(out.get(o.stream, (0, 0)), entry_key(o.entry_id))
+        return out
 
     async def advance_mark(self, stream: str, mark: tuple[int, int]) -> tuple[int, int]:
         self._check()

@@ -14,6 +14,15 @@ class Marks(StoreBase):
         rows = await self.pool.fetch("SELECT stream, mark_ms, mark_seq FROM stream_marks")
         return {r["stream"]: (int(r["mark_ms"]), int(r["mark_seq"])) for r in rows}
 
+    async def highest_entries(self) -> dict[str, tuple[int, int]]:
+        """Per stream, the highest entry id of an operation still in the log (one read of the whole log: only
+        when a Redis numbers a stream below what was handled, controller/intake.py ``ensure_groups``)."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT ON (stream) stream, split_part(entry_id, '-', 1)::numeric AS ms,"
+            " split_part(entry_id, '-', 2)::numeric AS seq FROM runtime_operations"
+            " WHERE stream IS NOT NULL AND entry_id ~ '^[0-9]{1,20}-[0-9]{1,20}$' ORDER BY stream, ms DESC, seq DESC")
+        return {r["stream"]: (int(r["ms"]), int(r["seq"])) for r in rows}
+
     async def advance_mark(self, stream: str, mark: tuple[int, int]) -> tuple[int, int]:
         """Raise the stream's mark to ``mark`` (never lower it); return the stored mark."""
         async with self._tx() as (conn, _):

@@ -559,14 +559,20 @@ async def test_a_redis_that_lost_its_streams_and_whose_clock_is_behind_the_mark_
     ahead = int((await redis_client.time())[0]) * 1000 + 3_600_000  # the mark an hour ahead of this clock
     for stream in intake.stream_names:
         await store.advance_mark(stream, (ahead, 5))
+    # An entry handled after the mark was stored: its id is in the operation log, above the mark.
+    handled = f"{ahead}-9"
+    await redis_client.xadd(start_stream, {"game_id": "before-loss", "image_ref": "galaxy/engine-stub:1.0"},
+                            id=handled)
+    await intake.read_round(block_ms=None)
+    assert changed == ["before-loss"]
     await redis_client.delete(*intake.stream_names)  # Redis came back empty
     await intake.ensure_groups()
     entry = (await redis_client.xadd(start_stream, {"game_id": "after-loss",
                                                     "image_ref": "galaxy/engine-stub:1.0"})).decode()
-    assert tuple(int(x) for x in entry.split("-")) > (ahead, 5)
+    assert tuple(int(x) for x in entry.split("-")) > (ahead, 9)
     await intake.pending_pass()
     await intake.read_round(block_ms=None)
-    assert changed == ["after-loss"]
+    assert changed == ["before-loss", "after-loss"]
     assert await pool.fetchval("SELECT count(*) FROM runtime_operations WHERE entry_id = $1", entry) == 1
     # A stream whose newest entry is past the mark already is left as it is.
     newer = f"{ahead + 10}-0"
