@@ -155,6 +155,7 @@ class Reconciler:
         # until the turn step has answered them (``Store.answer_during_turn``) or the generation converged:
         # an attempt that fails (a database or Docker blip) is made again at the next poll.
         self._control_due: set[str] = set()
+        self._renames_told: set[str] = set()  # units found renamed, logged once each
         self.node_loss = NodeLossPolicy(mode=settings.runtime.node_loss, grace=settings.runtime.node_loss_grace,
                                         state_shared=settings.storage.state_shared)
 
@@ -295,6 +296,8 @@ class Reconciler:
             if container is None:
                 token = self.units.token(game_id)
                 container = await self.backend.inspect(container_name(game_id))
+                if container is None and record is not None and record.current_container_id:
+                    container = await self._renamed(record)
                 self.units.put(game_id, token, container)
             lost = await self.backend.lost_nodes()
         action = self.plan_only(record, container, lost)
@@ -416,6 +419,23 @@ class Reconciler:
             self.metrics.reconciles.labels(action.kind.value, result).inc()
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
+
+    async def _renamed(self, record: RuntimeRecord) -> ObservedContainer | None:
+        """No unit has the game's name: the unit the record names, when it is still there under another name
+        (renamed from outside) and is this instance's unit of this game. It is the game's engine: creating
+        another would make two engines of one game, on one state directory and one network alias; stopping
+        or replacing it goes by its id."""
+        assert record.current_container_id
+        found = await self.backend.inspect(record.current_container_id)
+        if (found is None or found.game_id != record.game_id
+                or not found.managed_by(self.settings.leadership.instance)):
+            return None
+        if found.id not in self._renames_told:
+            self._renames_told.add(found.id)
+            log.warning("the game's unit was renamed to %s from outside; it is still the game's engine (rename it "
+                        "back to %s)", found.name, container_name(record.game_id),
+                        extra={"game_id": record.game_id, "container_id": found.id})
+        return found
 
     def _note_control(self, game_id: str, claimed: list[Claimed]) -> None:
         """A claim found a pause, a resume or a reconcile, or nothing (what a predecessor claimed): the turn
