@@ -507,6 +507,7 @@ class Reconciler:
         elif kind is ActionKind.STOP:
             assert container is not None
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
+            await self.states.restore_at_stop(record)
             try:
                 await self.store.mark_stopped(record, container_id=container.id)
             except Conflict:
@@ -516,6 +517,7 @@ class Reconciler:
                 await self.store.note_stopped(record.game_id, container_id=container.id)
                 raise
         elif kind is ActionKind.MARK_STOPPED:
+            await self.states.restore_at_stop(record)
             await self.store.mark_stopped(record, container_id=container.id if container else None)
         elif kind is ActionKind.RECORD:
             if not transitions.turn_reached(record):  # a turn asked for before the game finished

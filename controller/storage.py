@@ -29,7 +29,7 @@ from desired.model import RuntimeRecord, Status, container_name
 from desired.ports import StorageStore
 from observed import statedir
 from observed.backend import RuntimeBackend
-from observed.errors import BackendUnavailable, Refused
+from observed.errors import BackendUnavailable, ObservedError, Refused
 
 if TYPE_CHECKING:
     from controller.reconciler import Reconciler
@@ -110,6 +110,26 @@ class StateKeeper:
                 self.metrics.state_copies.labels("restored").inc()
                 log.warning("restored the state directory the replaced engine left",
                             extra={"game_id": record.game_id, "copy": tag})
+
+    async def restore_at_stop(self, record: RuntimeRecord) -> None:
+        """The game is stopped while a replacement is under way (``storage.restores_at_stop``): the state
+        directory gets the copy back, as the replaced engine left it."""
+        if not storage.restores_at_stop(record):
+            return
+        tag = storage.backup_tag(record)
+        assert tag is not None
+        async with self.locked(record.game_id):
+            try:
+                restored = await in_thread(statedir.restore, self.root, record.state_path, tag)
+            except ObservedError as exc:  # the stop goes on: the state stays as the new engine left it
+                log.error("the replacement was stopped before its engine answered, and the state directory could "
+                          "not be restored from the copy: %s", exc.message,
+                          extra={"game_id": record.game_id, "copy": tag})
+                return
+            if restored:
+                self.metrics.state_copies.labels("restored").inc()
+                log.warning("the replacement was stopped before its engine answered: restored the state directory "
+                            "the replaced engine left", extra={"game_id": record.game_id, "copy": tag})
 
     async def drop(self, game_id: str) -> None:
         """An engine of the game is healthy again: its copies are no longer needed."""

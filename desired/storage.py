@@ -94,6 +94,13 @@ def restores(record: RuntimeRecord, image: str) -> bool:
     return record.rolling_back or (replacing(record) and record.rollback_image_ref == image)
 
 
+def restores_at_stop(record: RuntimeRecord) -> bool:
+    """A game stopped while a replacement is under way (its new engine never answered healthy: a stop or a
+    drain superseded the patch) gets the copy back: the new engine may have changed the state, and the
+    replacement did not happen. Not during a rollback: its restore is done before the old engine starts."""
+    return replacing(record) and not record.rolling_back and backup_tag(record) is not None
+
+
 def needs_backup(record: RuntimeRecord, image: str) -> bool:
     """Before the engine a job asked for is created: the game ran another image, which a rollback
     would start again on the state it left (taken after that engine stopped)."""

@@ -40,3 +40,36 @@ async def test_asking_for_the_replaced_image_during_a_replacement_gives_it_its_s
     assert rec.converged and rec.current_image_ref == IMG and rec.status.value == "running"
     assert ("patch", "failure", "superseded") in w.results("g1") and w.results("g1")[-1] == ("start", "success", "")
     assert save.read_text() == "A-format"
+
+
+async def test_a_stop_during_a_replacement_leaves_the_state_as_the_replaced_engine_left_it(tmp_path):
+    """Review: a stop while the new engine had not answered healthy yet (the patch superseded) left the state
+    as the new engine had changed it, and the copy was deleted as a leftover: a later start of the old
+    image ran it on that. A replacement that did not complete leaves the state as the old engine left it."""
+    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
+    rec = await started(w)
+    save = Path(rec.state_path) / "save"
+    save.write_text("A-format")
+    await w.job(JobKind.PATCH, "g1", MUTE)
+    real, asked = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            await w.job(JobKind.STOP, "g1")
+        return await real(host)
+
+    w.engine.check = check
+    for _ in range(6):
+        rec = await asyncio.wait_for(w.sync("g1"), 60)
+        if rec.converged:
+            break
+    assert asked and rec.converged and rec.status.value == "stopped"
+    assert save.read_text() == "A-format"
+    await w.reconciler.states.drop(rec.game_id)  # the storage round may delete the copy now
+    w.engine.check = real
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await asyncio.wait_for(w.sync("g1"), 60)
+    assert rec.status.value == "running" and rec.current_image_ref == IMG and save.read_text() == "A-format"
