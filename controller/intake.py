@@ -113,6 +113,7 @@ class Intake:
         # (stream, entry id) of dead letters whose copy this process wrote and whose answer is not committed
         # yet: a copy at every failing attempt would push other entries' copies out of the capped stream.
         self._copied: set[tuple[str, str]] = set()
+        self._renumber_off = False  # set once no stream could be renumbered (XSETID refused): not tried again
 
 
     @property
@@ -187,7 +188,7 @@ class Intake:
             if mark:
                 last = await self.redis_streams.last_id(stream)
                 behind = behind or (last is not None and entry_key(last) < mark)
-        if behind:
+        if behind and not self._renumber_off:
             await self._renumber()
 
     async def _renumber(self) -> None:
@@ -201,13 +202,30 @@ class Intake:
         floors = [*self.marks.values(), *(await self.store.highest_entries()).values()]
         floor = max(floors)
         shown = f"{floor[0]}-{floor[1]}"
+        tried = raised = 0
         for stream in self.stream_names:
             last = await self.redis_streams.last_id(stream)
-            if last is not None and entry_key(last) < floor and await self.redis_streams.raise_last_id(stream, shown):
+            if last is None or entry_key(last) >= floor:
+                continue
+            tried += 1
+            if await self.redis_streams.raise_last_id(stream, shown):
+                raised += 1
                 log.warning("stream %s numbered its entries below what was handled (%s; Redis lost its data and "
                             "its clock is behind): its next ids are above it. Until Redis' clock passes it, entries "
                             "of two job streams are ordered by stream, not by when they were sent",
                             stream, shown, extra={"stream": stream})
+        if tried and not raised and await self._still_behind(floor):
+            # Nothing could be raised (the server refuses XSETID: logged by the adapter): reading the whole
+            # operation log at every pass would change nothing. Not tried again in this process.
+            self._renumber_off = True
+
+    async def _still_behind(self, floor: tuple[int, int]) -> bool:
+        """Whether a job stream still numbers below ``floor`` (an XSETID refused, not a newer entry come)."""
+        for stream in self.stream_names:
+            last = await self.redis_streams.last_id(stream)
+            if last is not None and entry_key(last) < floor:
+                return True
+        return False
 
     # ------------------------------------------------------------------ reads
     def _may_read(self, block_ms: int | None = None) -> int | None:

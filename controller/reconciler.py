@@ -339,7 +339,8 @@ class Reconciler:
             held = await self.hold(record)
             if held is not None:
                 log.info("not removing after the cleanup TTL: %s", held, extra={"game_id": game_id})
-                return requeue(HOLD_RETRY, held)
+                # At the resync's pace: a drain may hold many stopped games for long, and nothing is urgent.
+                return requeue(self.settings.runtime.resync_interval, held)
         if action.kind is ActionKind.CLEANUP:
             # Removals nobody asked for (the cleanup TTL) are rationed: a wrong
             # database or clock must not empty the host in one go.

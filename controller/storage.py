@@ -36,25 +36,37 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rtmanager.storage")
 _T = TypeVar("_T")
+CANCEL_WAIT = 60.0  # seconds a cancelled file operation is waited for (in_thread)
 
 
 async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
     """``fn(*args)`` in a thread, as ``asyncio.to_thread``; but a caller cancelled meanwhile (a step-down, a
-    shutdown) still waits for the thread to end before it raises: a thread cannot be stopped, and the
-    game's lock (``StateKeeper.locked``) must not let the next copy or restore of the game run beside it."""
+    shutdown) still waits for the thread to end, up to CANCEL_WAIT seconds, before it raises CancelledError
+    (whatever the thread did): a thread cannot be stopped, and the game's lock (``StateKeeper.locked``)
+    must not let the next copy or restore of the game run beside it. A thread hung longer than that (a
+    filesystem gone) is left behind, logged, rather than holding the step-down for ever."""
     task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if task.done() and task.cancelled():
+            raise
+    # Cancelled while the thread runs: wait for it (bounded), then let the cancellation through.
+    deadline = asyncio.get_running_loop().time() + CANCEL_WAIT
+    while not task.done():
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.error("a file operation of the state directories (%s) outlived its cancellation by %gs; left "
+                      "running in its thread", getattr(fn, "__name__", fn), CANCEL_WAIT)
             break
+        try:
+            await asyncio.wait({task}, timeout=left)
         except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
+            pass  # cancelled again: still waiting for the thread
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        raise asyncio.CancelledError from task.exception()
+    raise asyncio.CancelledError
+
 
 DISPOSE_BATCH = 100  # removed games looked at per round
 
@@ -151,9 +163,14 @@ class StateKeeper:
     async def check_copy_room(self, record: RuntimeRecord) -> None:
         """StorageFull when the copy of the game's state (``backup``) would leave the filesystem with less
         than RTMANAGER_STATE_MIN_FREE: the other engines need that room to save theirs."""
+        tag = storage.backup_tag(record)
+        if tag is not None and tag in (await asyncio.to_thread(statedir.backups, self.root)).get(record.game_id, ()):
+            return  # taken already (a retry after a temporary error, or a kill): it needs no more room
         measured = await asyncio.to_thread(statedir.measure, self.root, record.state_path)
+        if measured is None:
+            return  # not on this host (node-local state on a Swarm node): its own disk is not this one
         free, total = await asyncio.to_thread(statedir.free_space, self.root)
-        reason = storage.copy_refused(free, total, measured[0] if measured else 0, self.settings.storage.state_min_free)
+        reason = storage.copy_refused(free, total, measured[0], self.settings.storage.state_min_free)
         if reason:
             raise StorageFull(reason)
 

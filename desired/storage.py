@@ -96,9 +96,10 @@ def restores(record: RuntimeRecord, image: str) -> bool:
 
 def restores_at_stop(record: RuntimeRecord) -> bool:
     """A game stopped while a replacement is under way (its new engine never answered healthy: a stop or a
-    drain superseded the patch) gets the copy back: the new engine may have changed the state, and the
-    replacement did not happen. Not during a rollback: its restore is done before the old engine starts."""
-    return replacing(record) and not record.rolling_back and backup_tag(record) is not None
+    drain superseded the patch), or while it rolls back from one (the old engine may never start again, and
+    the copy is deleted once the game is stopped), gets the copy back: the new engine may have changed the
+    state, and the replacement did not happen."""
+    return replacing(record) and backup_tag(record) is not None
 
 
 def needs_backup(record: RuntimeRecord, image: str) -> bool:

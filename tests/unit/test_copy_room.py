@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import observed.statedir as statedir_module
+from desired.errors import DockerUnavailable
 from desired.model import JobKind
+from observed.errors import BackendUnavailable
 from tests.support.world import IMG, IMG2, World, started
 
 
@@ -39,3 +41,39 @@ async def test_a_patch_with_room_for_its_copy_goes_ahead(tmp_path, monkeypatch):
     await w.job(JobKind.PATCH, "g1", IMG2)
     rec = await w.sync("g1")
     assert w.results("g1")[-1] == ("patch", "success", "") and rec.current_image_ref == IMG2
+
+
+async def test_a_retried_patch_does_not_count_its_own_copy_twice(tmp_path, monkeypatch):
+    """Review: a patch retried after a temporary error (the create refused once) measured the room again
+    with its own finished copy already on the disk, and refused itself."""
+    w = World(tmp_path, RTMANAGER_STATE_MIN_FREE="1000000")
+    rec = await started(w)
+    (Path(rec.state_path) / "save").write_bytes(b"x" * 4_000_000)
+    free = {"bytes": 6_000_000}
+    monkeypatch.setattr(statedir_module, "free_space", lambda root: (free["bytes"], 10**10))
+    real_backup = statedir_module.backup
+
+    def backup(*args):
+        done = real_backup(*args)
+        free["bytes"] -= 4_000_000  # the copy took its room
+        return done
+
+    monkeypatch.setattr(statedir_module, "backup", backup)
+    real_prepare, failed = w.backend.prepare, []
+
+    async def prepare():
+        if not failed:
+            failed.append(1)
+            raise BackendUnavailable("a blip")
+        return await real_prepare()
+
+    w.backend.prepare = prepare
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    for _ in range(4):
+        try:
+            rec = await w.sync("g1")
+        except DockerUnavailable:
+            continue
+        if rec.converged:
+            break
+    assert failed and w.results("g1")[-1] == ("patch", "success", "") and rec.current_image_ref == IMG2

@@ -248,8 +248,11 @@ async def test_a_game_stopped_on_a_drained_target_outlives_the_cleanup_ttl(tmp_p
     await w.job(JobKind.STOP, "g1")  # the drain's stop
     assert (await w.sync("g1")).status is Status.STOPPED
     w.store.clock.advance(3600)
-    rec = await w.sync("g1")
+    step = await w.reconciler.sync("g1")
+    rec = w.store.records["g1"]
     assert rec.status is Status.STOPPED and rec.desired_status.value == "stopped" and not w.backend.ops("remove")
+    # Looked at again at the resync's pace, not every few seconds: a long drain holds many stopped games.
+    assert step.after == w.settings.runtime.resync_interval
     held.clear()
     rec = await w.sync("g1")
     assert rec.status is Status.REMOVED and w.backend.ops("remove")

@@ -381,6 +381,33 @@ async def test_after_the_loss_the_job_streams_share_one_floor():
     assert ops_of(store, "g1") == [("start", s), ("stop", p)]
 
 
+async def test_a_redis_refusing_xsetid_is_not_renumbered_at_every_pass():
+    """Review: with XSETID refused, a stream stayed below its mark, and every pending pass read the whole
+    operation log again for a floor it could not set."""
+    intake, streams, store, _ = make()
+    await run_once(intake)
+    store.marks[START] = (next(streams._ms) + 10**6, 0)
+    del streams.streams[START]
+    refused = []
+
+    async def raise_last_id(stream, floor):
+        refused.append(stream)
+        return False
+
+    streams.raise_last_id = raise_last_id
+    scans = []
+    real = store.highest_entries
+
+    async def highest_entries():
+        scans.append(1)
+        return await real()
+
+    store.highest_entries = highest_entries
+    for _ in range(5):
+        await intake.ensure_groups()
+    assert len(scans) == 1 and refused
+
+
 async def test_job_streams_are_trimmed_only_below_what_was_handled():
     intake, streams, store, _ = make(RTMANAGER_STREAM_KEEP="0")
     await intake.ensure_groups()

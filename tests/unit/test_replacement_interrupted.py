@@ -73,3 +73,36 @@ async def test_a_stop_during_a_replacement_leaves_the_state_as_the_replaced_engi
     await w.job(JobKind.START, "g1", IMG)
     rec = await asyncio.wait_for(w.sync("g1"), 60)
     assert rec.status.value == "running" and rec.current_image_ref == IMG and save.read_text() == "A-format"
+
+
+async def test_a_stop_during_the_rollback_before_its_restore_leaves_the_old_state(tmp_path):
+    """Review: a stop that came after the patch failed (rolling back) and before the rollback's restore was
+    skipped: the copy was then deleted as a leftover, and the state stayed as the new engine left it."""
+    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
+    rec = await started(w)
+    save = Path(rec.state_path) / "save"
+    save.write_text("A-format")
+    await w.job(JobKind.PATCH, "g1", MUTE)
+    real_check, real_fail = w.engine.check, w.store.fail_generation
+    stopped = []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE:
+            save.write_text("B-format (half converted)")
+        return await real_check(host)
+
+    async def fail_generation(*args, **kwargs):  # the patch fails; Lobby stops the game at once
+        out = await real_fail(*args, **kwargs)
+        if not stopped:
+            stopped.append(1)
+            await w.job(JobKind.STOP, "g1")
+        return out
+
+    w.engine.check, w.store.fail_generation = check, fail_generation
+    for _ in range(6):
+        rec = await asyncio.wait_for(w.sync("g1"), 60)
+        if rec.converged and rec.status.value == "stopped":
+            break
+    assert stopped and rec.status.value == "stopped"
+    assert save.read_text() == "A-format"

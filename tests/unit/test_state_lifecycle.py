@@ -322,3 +322,42 @@ async def test_a_copy_cancelled_mid_way_holds_its_game_until_its_thread_ends(tmp
     with pytest.raises(asyncio.CancelledError):
         await first
     assert max(most) == 1
+
+
+async def test_a_cancelled_file_operation_that_fails_is_still_a_cancellation():
+    """Review: a caller cancelled while its thread ran got the thread's error instead (a Refused, caught and
+    carried on with after its term had ended)."""
+    import threading
+
+    from controller.storage import in_thread
+
+    release = threading.Event()
+
+    def fails():
+        release.wait(10)
+        raise Refused("the directory went odd")
+
+    task = asyncio.create_task(in_thread(fails))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_cancelled_file_operation_waits_for_its_thread_only_so_long(monkeypatch):
+    """Review: a step-down or a shutdown waited for a hung file operation (an NFS mount gone) for ever."""
+    import threading
+
+    import controller.storage as storage_module
+
+    monkeypatch.setattr(storage_module, "CANCEL_WAIT", 0.2)
+    release = threading.Event()
+    task = asyncio.create_task(storage_module.in_thread(release.wait, 30))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    finally:
+        release.set()
