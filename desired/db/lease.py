@@ -95,11 +95,12 @@ class Lease:
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
             # A campaign that takes an expired lease locks its row: a replica frozen in the middle (a paused
-            # container, a VM freeze, a partition) is cut by the server after a TTL, and no statement of
-            # this connection waits for a lock longer than that.
+            # container, a VM freeze, a partition) is cut by the server after a TTL (the one setting the
+            # pool sets too: a PgBouncer in front need pass no other), and the take-over's statements wait
+            # for a lock at most a TTL (their own timeouts).
             limit = f"{max(1, math.ceil(self.fence.ttl * 1000))}ms"
             self._conn = await asyncpg.connect(self.database_url, timeout=self._timeout, server_settings={
-                "idle_in_transaction_session_timeout": limit, "lock_timeout": limit})
+                "idle_in_transaction_session_timeout": limit})
         return self._conn
 
     async def _run(self, fn: Callable[[asyncpg.Connection], Awaitable[_T]]) -> _T:
@@ -150,7 +151,8 @@ class Lease:
             # waits until they are committed or rolled back, and later ones see the new epoch.
             row = await conn.fetchrow("SELECT expires_at > now() AS live, holder,"
                                       " extract(epoch FROM expires_at - now())::float8 AS left_s"
-                                      " FROM leader_leases WHERE instance = $1 FOR UPDATE", self.fence.instance)
+                                      " FROM leader_leases WHERE instance = $1 FOR UPDATE", self.fence.instance,
+                                      timeout=self.fence.ttl)
             own = row is not None and reclaim and row["holder"] == self.fence.holder
             if row is not None and row["live"] and not own:
                 self.held_for = row["left_s"]
@@ -162,7 +164,8 @@ class Lease:
                       SET holder = EXCLUDED.holder, epoch = l.epoch + 1, acquired_at = now(),
                           renewed_at = now(), expires_at = EXCLUDED.expires_at
                     WHERE l.expires_at <= now() OR $4
-                   RETURNING epoch""", self.fence.instance, self.fence.holder, self.fence.ttl, own)
+                   RETURNING epoch""", self.fence.instance, self.fence.holder, self.fence.ttl, own,
+                timeout=self.fence.ttl)
             if own and row["live"]:
                 self.reclaimed = True
         return epoch
