@@ -214,18 +214,10 @@ class Intake:
                             "its clock is behind): its next ids are above it. Until Redis' clock passes it, entries "
                             "of two job streams are ordered by stream, not by when they were sent",
                             stream, shown, extra={"stream": stream})
-        if tried and not raised and await self._still_behind(floor):
-            # Nothing could be raised (the server refuses XSETID: logged by the adapter): reading the whole
-            # operation log at every pass would change nothing. Not tried again in this process.
+        if tried and not raised and not self.redis_streams.sets_ids:
+            # The server refuses XSETID (logged by the adapter): reading the whole operation log at every
+            # pass would change nothing. Not tried again in this process.
             self._renumber_off = True
-
-    async def _still_behind(self, floor: tuple[int, int]) -> bool:
-        """Whether a job stream still numbers below ``floor`` (an XSETID refused, not a newer entry come)."""
-        for stream in self.stream_names:
-            last = await self.redis_streams.last_id(stream)
-            if last is not None and entry_key(last) < floor:
-                return True
-        return False
 
     # ------------------------------------------------------------------ reads
     def _may_read(self, block_ms: int | None = None) -> int | None:

@@ -58,6 +58,7 @@ async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
         if left <= 0:
             log.error("a file operation of the state directories (%s) outlived its cancellation by %gs; left "
                       "running in its thread", getattr(fn, "__name__", fn), CANCEL_WAIT)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its end, whatever it is, is not news
             break
         try:
             await asyncio.wait({task}, timeout=left)

@@ -206,6 +206,11 @@ class RedisStreams:
             raise
         return _text(info["last-generated-id"])
 
+    @property
+    def sets_ids(self) -> bool:
+        """False once the server refused XSETID (``raise_last_id``)."""
+        return self._setid
+
     async def raise_last_id(self, stream: str, floor: str) -> bool:
         """Make Redis give ``stream``'s new entries ids above ``floor`` (XSETID). True when it was raised.
         False when a newer entry came meanwhile (XSETID refuses an id below the stream's newest entry), the

@@ -149,6 +149,8 @@ class FakeStreams:
         self._check("server_run_id")
         return self.run_id
 
+    sets_ids = True  # False: the server refuses XSETID (as the adapter says once it did)
+
     async def last_id(self, stream: str) -> str | None:
         self._check("last_id", stream)
         s = self.streams.get(stream)

@@ -395,6 +395,7 @@ async def test_a_redis_refusing_xsetid_is_not_renumbered_at_every_pass():
         return False
 
     streams.raise_last_id = raise_last_id
+    streams.sets_ids = False
     scans = []
     real = store.highest_entries
 
@@ -406,6 +407,27 @@ async def test_a_redis_refusing_xsetid_is_not_renumbered_at_every_pass():
     for _ in range(5):
         await intake.ensure_groups()
     assert len(scans) == 1 and refused
+
+
+async def test_a_stream_gone_during_the_renumbering_does_not_end_it_for_the_process():
+    """Review: a stream that vanished between its read and its XSETID (Redis flushed mid-pass) was taken
+    for a refusal of XSETID, and no later loss was renumbered. Only a real refusal ends it."""
+    intake, streams, store, _ = make()
+    await run_once(intake)
+    store.marks[START] = (next(streams._ms) + 10**6, 0)
+    del streams.streams[START]
+    real, gone = streams.raise_last_id, []
+
+    async def vanished(stream, floor):
+        gone.append(stream)
+        return False  # "no such key": the streams went meanwhile (Redis flushed mid-pass)
+
+    streams.raise_last_id = vanished
+    await intake.ensure_groups()
+    streams.raise_last_id = real
+    await intake.ensure_groups()
+    later = start(streams, "g2")
+    assert gone and entry_key(later) > store.marks[START]
 
 
 async def test_job_streams_are_trimmed_only_below_what_was_handled():
