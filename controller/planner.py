@@ -34,7 +34,7 @@ import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from desired.model import DesiredStatus, RuntimeRecord, Status
+from desired.model import DesiredStatus, RuntimeRecord, Status, container_name
 from desired.policy import NODE_LOSS_POLL, NodeLossPolicy, node_loss_step
 from observed.model import ObservedContainer
 
@@ -177,7 +177,7 @@ def plan(
                    lost_nodes=lost_nodes)
     if record is None or action.kind not in DISRUPTIONS:
         return action
-    ours = container if container is not None and container.managed_by(instance) else None
+    ours = container if container is not None and container.unit_of(instance, record.game_id) else None
     return planned_disruption(action, record, ours, now=now, disruption_wait=disruption_wait)
 
 
@@ -188,6 +188,9 @@ def held(container: ObservedContainer) -> str:
     owner = container.owner
     if owner is None:
         return f"the name {container.name} is held by a container rtmanager does not manage"
+    if container.game_id and container.name != container_name(container.game_id):
+        return (f"the name {container.name} is held by a unit of game {container.game_id} (renamed from outside?); "
+                "it is left as it is: rename it back")
     return (f"the name {container.name} is held by the unit of rtmanager instance {owner}: game "
             f"{container.game_id or container.name} runs under that instance (a game id belongs to one instance)")
 
@@ -207,7 +210,10 @@ def _plan(
     node_loss: NodeLossPolicy,
     lost_nodes: frozenset[str] = frozenset(),
 ) -> Action:
-    ours = container is not None and container.managed_by(instance)
+    # A unit of this instance under the game's name is the game's only if its labels name the game: one of
+    # another game there (renamed from outside) holds the name like a stranger's, never to be stopped.
+    ours = container is not None and (container.unit_of(instance, record.game_id) if record is not None
+                                      else container.managed_by(instance))
 
     if record is None or (record.status is Status.REMOVED and record.desired_status is DesiredStatus.REMOVED
                           and record.converged and not ours):

@@ -377,7 +377,8 @@ class Reconciler:
         try:
             # A container that is not ours only ever blocks the name: act as if there were none.
             instance = self.settings.leadership.instance
-            ours = container if container is not None and container.managed_by(instance) else None
+            ours = container if container is not None and record is not None and container.unit_of(
+                instance, record.game_id) else None
             if action.kind is ActionKind.TURN and record is not None and game_id in self._control_due:
                 # A pause, a resume or a reconcile joined the turn's generation: the unit is the one wanted and
                 # only the turn is to come, so they are answered now (unless a job that changes what runs
@@ -428,8 +429,7 @@ class Reconciler:
         or replacing it goes by its id."""
         assert record.current_container_id
         found = await self.backend.inspect(record.current_container_id)
-        if (found is None or found.game_id != record.game_id
-                or not found.managed_by(self.settings.leadership.instance)):
+        if found is None or not found.unit_of(self.settings.leadership.instance, record.game_id):
             return None
         if found.id not in self._renames_told:
             self._renames_told.add(found.id)

@@ -162,6 +162,12 @@ class ObservedContainer:
         than the database knows (a database restored from an older backup) is not."""
         return bool(self.database) and self.database == database and 0 < self.epoch <= epoch
 
+    def unit_of(self, instance: str, game_id: str) -> bool:
+        """This instance's unit of that game (a unit with no game label is taken by its name): whatever its
+        name, a unit labelled with another game (one renamed from outside to this game's name, say) is never
+        this game's to stop or replace."""
+        return self.managed_by(instance) and self.game_id in (None, game_id)
+
     def managed_by(self, instance: str) -> bool:
         return (self.labels.get(LABEL_MANAGED_BY) == MANAGED_BY
                 and self.labels.get(LABEL_INSTANCE) == instance)

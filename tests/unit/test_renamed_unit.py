@@ -6,7 +6,7 @@ unit of this instance with the game's labels under that id is the game's, whatev
 from __future__ import annotations
 
 from desired.model import JobKind
-from tests.support.world import World, started
+from tests.support.world import IMG, World, started
 
 
 async def test_a_renamed_engine_gets_no_twin(tmp_path):
@@ -34,3 +34,29 @@ async def test_a_stop_stops_the_renamed_engine(tmp_path):
     rec = await w.sync("g1")
     assert rec.status.value == "stopped" and unit.state != "running"
     assert not [c for c in w.backend.containers.values() if c.state == "running"]
+
+
+async def test_a_unit_of_another_game_under_this_games_name_is_never_touched(tmp_path):
+    """Red-team finding: a unit of this instance named galaxy-game-g2 whose game label is g1 (g1's engine
+    renamed from outside) was taken for g2's: g2's stop stopped g1's engine, and a start of g2 replaced it,
+    mid-turn. Only the unit of the game itself is the game's."""
+    w = World(tmp_path)
+    await started(w, "g1")
+    await started(w, "g2")
+    await w.job(JobKind.STOP, "g2")
+    await w.sync("g2")
+    g2 = w.backend.by_name("galaxy-game-g2")
+    del w.backend.containers[g2.id]
+    [g1] = w.running("g1")
+    g1.name = "galaxy-game-g2"
+    for game in ("g1", "g2"):
+        w.reconciler.units.touch(game)
+    await w.job(JobKind.RECONCILE, "g2")
+    await w.sync("g2")
+    await w.job(JobKind.START, "g2", IMG)
+    await w.sync("g2")
+    touched = [op for op in w.backend.ops("stop") + w.backend.ops("remove") if op[1] == g1.id]
+    assert touched == [] and g1.state == "running"
+    assert w.results("g2")[-1] == ("start", "failure", "container_start_failed")
+    rec = await w.sync("g1")  # g1 still finds its engine by id
+    assert rec.current_container_id == g1.id and rec.status.value == "running"
