@@ -207,7 +207,9 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
     crash = dict(crash_count=verdict.count, last_crash_at=now, last_error_code=code, last_error_message=detail,
                  last_op_at=_touch(cur, now), disruption_wait_since=None)
     if exit_code is not None:
-        crash.update(last_exit_code=exit_code, last_oom_killed=oom_killed)
+        # An exit code the record's column cannot hold (a daemon's odd answer) is unknown, not a crash unrecorded.
+        known = exit_code if exit_code is None or -2**31 <= exit_code <= 2**31 - 1 else None
+        crash.update(last_exit_code=known, last_oom_killed=oom_killed)
     if verdict.give_up:
         return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
                                         health=Health.UNKNOWN, restart_not_before=None, rolling_back=False,

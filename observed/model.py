@@ -153,7 +153,7 @@ class ObservedContainer:
     @property
     def epoch(self) -> int:
         raw = self.labels.get(LABEL_EPOCH, "")
-        return int(raw) if raw.isdigit() else 0
+        return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 19 else 0
 
     def created_under(self, database: str, epoch: int) -> bool:
         """Provably created by a controller of this database, in this term or an earlier one.
@@ -180,25 +180,42 @@ class ObservedContainer:
         return self.labels.get(LABEL_INSTANCE) or None
 
 
+# Times the daemon may give that are believed: an odd one (far future, no zone, garbage) is unknown.
+_TIME_MIN, _TIME_MAX = datetime(1970, 1, 1, tzinfo=UTC), datetime(3000, 1, 1, tzinfo=UTC)
+
+
 def _parse_time(value: Any) -> datetime | None:
-    if value is None or value == "" or str(value).startswith("0001-01-01"):
+    if value is None or value == "" or isinstance(value, bool) or str(value).startswith("0001-01-01"):
         return None
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, tz=UTC)
-    text = str(value).replace("Z", "+00:00")
-    # Docker prints nanoseconds; Python takes at most microseconds.
-    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
     try:
-        return datetime.fromisoformat(text)
-    except ValueError:
+        if isinstance(value, (int, float)):
+            when = datetime.fromtimestamp(value, tz=UTC)
+        else:
+            text = str(value).replace("Z", "+00:00")
+            # Docker prints nanoseconds; Python takes at most microseconds.
+            text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+            when = datetime.fromisoformat(text)
+    except (ValueError, OverflowError, OSError):
         return None
+    if when.tzinfo is None or not _TIME_MIN <= when <= _TIME_MAX:
+        return None
+    return when
 
 
-def _first_ip(networks: Mapping[str, Any] | None, prefer: str | None) -> str | None:
-    networks = networks or {}
-    if prefer and prefer in networks and networks[prefer].get("IPAddress"):
-        return str(networks[prefer]["IPAddress"])
-    for net in networks.values():
+def _exit_code(value: Any) -> int | None:
+    """An exit code, when the daemon gave one a process can have (32 bits); else unknown."""
+    if isinstance(value, int) and not isinstance(value, bool) and -2**31 <= value <= 2**31 - 1:
+        return value
+    return None
+
+
+def _first_ip(networks: Any, prefer: str | None) -> str | None:
+    if not isinstance(networks, Mapping):
+        return None
+    nets = {k: v for k, v in networks.items() if isinstance(v, Mapping)}
+    if prefer and prefer in nets and nets[prefer].get("IPAddress"):
+        return str(nets[prefer]["IPAddress"])
+    for net in nets.values():
         if net.get("IPAddress"):
             return str(net["IPAddress"])
     return None
@@ -257,12 +274,13 @@ def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,
     state = attrs.get("State") or ""
     if isinstance(state, dict):  # some API versions nest it
         state = state.get("Status", "")
-    exit_code = None
-    m = _EXITED_STATUS.search(attrs.get("Status") or "")
-    if m:
-        exit_code = int(m.group(1))
-    name = names[0].lstrip("/") if names else ""
-    ip = _first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network)
+    state = state if isinstance(state, str) else ""
+    status = attrs.get("Status")
+    m = _EXITED_STATUS.search(status) if isinstance(status, str) else None
+    exit_code = _exit_code(int(m.group(1))) if m else None
+    name = names[0].lstrip("/") if isinstance(names, list) and names and isinstance(names[0], str) else ""
+    settings = attrs.get("NetworkSettings")
+    ip = _first_ip(settings.get("Networks") if isinstance(settings, Mapping) else None, network)
     return ObservedContainer(
         id=attrs["Id"],
         name=name,
@@ -290,10 +308,11 @@ def from_inspect(attrs: Mapping[str, Any], network: str | None = None, *,
     """The answer of ``GET /containers/{id}/json``."""
     st = attrs.get("State") or {}
     config = attrs.get("Config") or {}
-    exit_code = st.get("ExitCode") if st.get("Status") in ("exited", "dead") else None
+    exit_code = _exit_code(st.get("ExitCode")) if st.get("Status") in ("exited", "dead") else None
     name = (attrs.get("Name") or "").lstrip("/")
     state = st.get("Status", "")
-    ip = _first_ip((attrs.get("NetworkSettings") or {}).get("Networks"), network)
+    settings = attrs.get("NetworkSettings")
+    ip = _first_ip(settings.get("Networks") if isinstance(settings, Mapping) else None, network)
     return ObservedContainer(
         id=attrs["Id"],
         name=name,
