@@ -296,8 +296,10 @@ class Reconciler:
             if container is None:
                 token = self.units.token(game_id)
                 container = await self.backend.inspect(container_name(game_id))
-                if container is None and record is not None and record.current_container_id:
-                    container = await self._renamed(record)
+                if (record is not None and record.current_container_id and (container is None or not container.unit_of(
+                        self.settings.leadership.instance, game_id))):
+                    # No unit of the game under its name (none, or another game's): the one the record names.
+                    container = await self._renamed(record) or container
                 self.units.put(game_id, token, container)
             lost = await self.backend.lost_nodes()
         action = self.plan_only(record, container, lost)
@@ -423,8 +425,8 @@ class Reconciler:
                 asyncio.get_running_loop().time() - started)
 
     async def _renamed(self, record: RuntimeRecord) -> ObservedContainer | None:
-        """No unit has the game's name: the unit the record names, when it is still there under another name
-        (renamed from outside) and is this instance's unit of this game. It is the game's engine: creating
+        """No unit of the game has its name: the unit the record names, when it is still there under another
+        name (renamed from outside) and is this instance's unit of this game. It is the game's engine: creating
         another would make two engines of one game, on one state directory and one network alias; stopping
         or replacing it goes by its id."""
         assert record.current_container_id

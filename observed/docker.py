@@ -38,10 +38,10 @@ from observed.model import (
     MANAGED_BY,
     ContainerSpec,
     ObservedContainer,
-    _parse_time,
     created,
     from_inspect,
     from_list_entry,
+    parse_time,
 )
 from observed.restarts import Gap
 from observed.text import safe_text
@@ -212,7 +212,7 @@ class DockerBackend(DaemonClient):
         except (BackendUnavailable, docker.errors.APIError):
             return None
         after = datetime.now(UTC)
-        theirs = _parse_time(info.get("SystemTime")) if isinstance(info, dict) else None
+        theirs = parse_time(info.get("SystemTime")) if isinstance(info, dict) else None
         if theirs is None:
             return None
         clock = theirs - (before + (after - before) / 2), (after - before) / 2

@@ -184,7 +184,7 @@ class ObservedContainer:
 _TIME_MIN, _TIME_MAX = datetime(1970, 1, 1, tzinfo=UTC), datetime(3000, 1, 1, tzinfo=UTC)
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
     if value is None or value == "" or isinstance(value, bool) or str(value).startswith("0001-01-01"):
         return None
     try:
@@ -202,7 +202,7 @@ def _parse_time(value: Any) -> datetime | None:
     return when
 
 
-def _exit_code(value: Any) -> int | None:
+def exit_code_of(value: Any) -> int | None:
     """An exit code, when the daemon gave one a process can have (32 bits); else unknown."""
     if isinstance(value, int) and not isinstance(value, bool) and -2**31 <= value <= 2**31 - 1:
         return value
@@ -277,7 +277,7 @@ def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,
     state = state if isinstance(state, str) else ""
     status = attrs.get("Status")
     m = _EXITED_STATUS.search(status) if isinstance(status, str) else None
-    exit_code = _exit_code(int(m.group(1))) if m else None
+    exit_code = exit_code_of(int(m.group(1))) if m else None
     name = names[0].lstrip("/") if isinstance(names, list) and names and isinstance(names[0], str) else ""
     settings = attrs.get("NetworkSettings")
     ip = _first_ip(settings.get("Networks") if isinstance(settings, Mapping) else None, network)
@@ -287,7 +287,7 @@ def from_list_entry(attrs: Mapping[str, Any], network: str | None = None, *,
         image=_shared(attrs.get("Image", "")),
         state=_shared(state),
         labels=_shared_labels(attrs.get("Labels")),
-        created_at=_parse_time(attrs.get("Created")),
+        created_at=parse_time(attrs.get("Created")),
         exit_code=exit_code,
         ip_address=ip,
         address=_probe_address(state, ip, name, probe_address),
@@ -308,7 +308,7 @@ def from_inspect(attrs: Mapping[str, Any], network: str | None = None, *,
     """The answer of ``GET /containers/{id}/json``."""
     st = attrs.get("State") or {}
     config = attrs.get("Config") or {}
-    exit_code = _exit_code(st.get("ExitCode")) if st.get("Status") in ("exited", "dead") else None
+    exit_code = exit_code_of(st.get("ExitCode")) if st.get("Status") in ("exited", "dead") else None
     name = (attrs.get("Name") or "").lstrip("/")
     state = st.get("Status", "")
     settings = attrs.get("NetworkSettings")
@@ -319,13 +319,13 @@ def from_inspect(attrs: Mapping[str, Any], network: str | None = None, *,
         image=config.get("Image", ""),
         state=state,
         labels=dict(config.get("Labels") or {}),
-        created_at=_parse_time(attrs.get("Created")),
+        created_at=parse_time(attrs.get("Created")),
         exit_code=exit_code,
         oom_killed=bool(st.get("OOMKilled")),
         ip_address=ip,
         address=_probe_address(state, ip, name, probe_address),
-        finished_at=_parse_time(st.get("FinishedAt")),
-        started_at=_parse_time(st.get("StartedAt")),
+        finished_at=parse_time(st.get("FinishedAt")),
+        started_at=parse_time(st.get("StartedAt")),
         mounts=tuple((m.get("Source", ""), m.get("Destination", "")) for m in attrs.get("Mounts") or []),
         admin_token=admin_token_of(config.get("Env")),
     )

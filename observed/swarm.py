@@ -71,6 +71,8 @@ from observed.model import (
     ContainerSpec,
     ObservedContainer,
     admin_token_of,
+    exit_code_of,
+    parse_time,
 )
 from observed.swarm_statedir import (
     DEFAULT_HELPER_IMAGE,
@@ -223,7 +225,7 @@ class SwarmBackend(DaemonClient):
         finished_at = None
         if state == "exited" and task is not None and status.get("State") in _ENDED:
             if cstatus.get("ContainerID") and not task.get("Lost"):
-                exit_code = cstatus.get("ExitCode")
+                exit_code = exit_code_of(cstatus.get("ExitCode"))
             finished_at = _when(status.get("Timestamp"))
         ip = _task_ip(task, spec.get("Name", ""), self.network) if task is not None else None
         address = None
@@ -731,13 +733,8 @@ def _node_info(node: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _when(value: Any) -> datetime | None:
-    if not value or str(value).startswith("0001-01-01"):
-        return None
-    text = re.sub(r"(\.\d{6})\d+", r"\1", str(value).replace("Z", "+00:00"))
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        return None
+    """A time of Swarm's: an odd one (no zone, far away, garbage) is unknown (observed/model.py)."""
+    return parse_time(value)
 
 
 # ------------------------------------------------------------------------- events

@@ -66,3 +66,14 @@ def test_an_epoch_label_is_ascii_digits_or_none(raw, epoch):
     from observed.model import LABEL_EPOCH
     seen = from_inspect({"Id": "c1", "Config": {"Labels": {LABEL_EPOCH: raw}}, "State": {"Status": "running"}})
     assert seen.epoch == epoch
+
+
+def test_swarm_tasks_with_times_without_a_zone_fail_nothing():
+    """Review: Swarm's own parser kept a time without a zone as a naive datetime: tasks with both kinds
+    raised in the sort that picks the newest, failing every resync and health round."""
+    from observed.swarm import _latest, _when
+
+    assert _when("2024-01-02T03:04:05") is None and _when("2024-01-02T03:04:05Z") is not None
+    tasks = [{"CreatedAt": "2024-01-02T03:04:05", "DesiredState": "running"},
+             {"CreatedAt": "2024-01-02T03:04:06Z", "DesiredState": "running"}]
+    assert _latest(tasks) == tasks[1]

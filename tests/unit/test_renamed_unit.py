@@ -60,3 +60,27 @@ async def test_a_unit_of_another_game_under_this_games_name_is_never_touched(tmp
     assert w.results("g2")[-1] == ("start", "failure", "container_start_failed")
     rec = await w.sync("g1")  # g1 still finds its engine by id
     assert rec.current_container_id == g1.id and rec.status.value == "running"
+
+
+async def test_a_game_whose_name_another_games_unit_took_finds_its_own_renamed_engine(tmp_path):
+    """Review: g2's engine renamed away and g1's renamed to g2's name: a poll of g2 found g1's unit there,
+    planned BLOCKED and recorded g2 stopped while its engine ran on as g2-debug; after the advised rename
+    back, a start of g2 made a second g2 engine. The unit the record names is looked for by id whenever
+    the unit under the name is not the game's."""
+    w = World(tmp_path)
+    await started(w, "g1")
+    rec2 = await started(w, "g2")
+    [g1], [g2] = w.running("g1"), w.running("g2")
+    g2.name, g1.name = "g2-debug", "galaxy-game-g2"
+    for game in ("g1", "g2"):
+        w.reconciler.units.touch(game)
+    rec = await w.sync("g2")
+    assert rec.status.value == "running" and rec.current_container_id == g2.id == rec2.current_container_id
+    assert not w.backend.ops("stop", "remove") and g1.state == g2.state == "running"
+    g1.name = "galaxy-game-g1"  # renamed back
+    w.reconciler.units.touch("g2")
+    await w.job(JobKind.START, "g2", IMG)
+    await w.sync("g2")
+    g2_units = [c for c in w.backend.containers.values() if c.labels.get("com.galaxy.game-id") == "g2"
+                and c.state == "running"]
+    assert [c.id for c in g2_units] == [g2.id]
