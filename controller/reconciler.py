@@ -139,7 +139,7 @@ class Reconciler:
         self._budget_refilled_at = time.monotonic()
         self.unowned: dict[str, str] = {}  # container id -> name, reported once each
         self.units = UnitCache()  # the composition root turns it on with the backend's event stream
-        self.states = StateKeeper(settings, metrics)  # state directories: copies, restores, room
+        self.states = StateKeeper(settings, metrics, note=store.note_state_restore)  # copies, restores, room
         self.starts = Starts(settings, store, backend, engine, metrics, self.health, self.states, self.units)
         self.crashes = Crashes(settings, store, backend, metrics, self.health, self.starts)
         # Why a restart nobody asked for (a crash's, a vanished unit's) must not happen now (a drain of the
@@ -510,7 +510,7 @@ class Reconciler:
         elif kind is ActionKind.STOP:
             assert container is not None
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
-            await self.states.restore_at_stop(record)
+            await self.states.restore_at_stop(record, container.image)
             try:
                 await self.store.mark_stopped(record, container_id=container.id)
             except Conflict:
@@ -520,7 +520,7 @@ class Reconciler:
                 await self.store.note_stopped(record.game_id, container_id=container.id)
                 raise
         elif kind is ActionKind.MARK_STOPPED:
-            await self.states.restore_at_stop(record)
+            await self.states.restore_at_stop(record, container.image if container else None)
             await self.store.mark_stopped(record, container_id=container.id if container else None)
         elif kind is ActionKind.RECORD:
             if not transitions.turn_reached(record):  # a turn asked for before the game finished

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from controller.config import Settings, StorageSettings
@@ -73,9 +73,13 @@ DISPOSE_BATCH = 100  # removed games looked at per round
 
 
 class StateKeeper:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics,
+                 note: Callable[[RuntimeRecord, str, str], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        # Writes a restore in the operation log before it is done (the store's note_state_restore), but for a
+        # rollback's, noted with the rollback.
+        self.note = note
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     @contextlib.asynccontextmanager
@@ -117,6 +121,8 @@ class StateKeeper:
             tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
             if tag is None and storage.restores(record, image):
                 tag = storage.backup_tag(record)
+                if tag is not None and not record.rolling_back:
+                    await self._noted(record, tag, f"{image}, the image the replacement replaced, was asked for again")
             if tag is None:
                 return
             if await in_thread(statedir.restore, self.root, record.state_path, tag):
@@ -124,14 +130,16 @@ class StateKeeper:
                 log.warning("restored the state directory the replaced engine left",
                             extra={"game_id": record.game_id, "copy": tag})
 
-    async def restore_at_stop(self, record: RuntimeRecord) -> None:
-        """The game is stopped while a replacement is under way (``storage.restores_at_stop``): the state
-        directory gets the copy back, as the replaced engine left it."""
-        if not storage.restores_at_stop(record):
+    async def restore_at_stop(self, record: RuntimeRecord, unit_image: str | None) -> None:
+        """The game is stopped while a replacement is under way (``storage.restores_at_stop``; ``unit_image``:
+        the image of the unit stopped, None when there was none): the state directory gets the copy back, as
+        the replaced engine left it."""
+        if not storage.restores_at_stop(record, unit_image):
             return
         tag = storage.backup_tag(record)
         assert tag is not None
         async with self.locked(record.game_id):
+            await self._noted(record, tag, "the game was stopped before the replacement's engine answered")
             try:
                 restored = await in_thread(statedir.restore, self.root, record.state_path, tag)
             except ObservedError as exc:  # the stop goes on: the state stays as the new engine left it
@@ -143,6 +151,13 @@ class StateKeeper:
                 self.metrics.state_copies.labels("restored").inc()
                 log.warning("the replacement was stopped before its engine answered: restored the state directory "
                             "the replaced engine left", extra={"game_id": record.game_id, "copy": tag})
+
+    async def _noted(self, record: RuntimeRecord, tag: str, why: str) -> None:
+        """The restore about to be done, in the operation log, when there is a copy to restore."""
+        if self.note is None:
+            return
+        if tag in (await asyncio.to_thread(statedir.backups, self.root)).get(record.game_id, ()):
+            await self.note(record, tag, why)
 
     async def drop(self, game_id: str) -> None:
         """An engine of the game is healthy again: its copies are no longer needed."""

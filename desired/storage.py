@@ -94,12 +94,20 @@ def restores(record: RuntimeRecord, image: str) -> bool:
     return record.rolling_back or (replacing(record) and record.rollback_image_ref == image)
 
 
-def restores_at_stop(record: RuntimeRecord) -> bool:
+def replaced_image(record: RuntimeRecord) -> str | None:
+    """The image a replacement under way replaces (the one its copy of the state belongs to)."""
+    return record.rollback_image_ref or (record.desired_image_ref if record.rolling_back else None)
+
+
+def restores_at_stop(record: RuntimeRecord, unit_image: str | None) -> bool:
     """A game stopped while a replacement is under way (its new engine never answered healthy: a stop or a
-    drain superseded the patch), or while it rolls back from one (the old engine may never start again, and
-    the copy is deleted once the game is stopped), gets the copy back: the new engine may have changed the
-    state, and the replacement did not happen."""
-    return replacing(record) and backup_tag(record) is not None
+    drain superseded the patch), or while it rolls back from one before the old engine started again (the
+    copy is deleted once the game is stopped), gets the copy back: the new engine may have changed the
+    state, and the replacement did not happen. Not when the unit stopped (``unit_image``; None: no unit)
+    is the replaced image's own: the state was put back before it started, and what it wrote since is
+    its state."""
+    return (replacing(record) and backup_tag(record) is not None
+            and (unit_image is None or unit_image != replaced_image(record)))
 
 
 def needs_backup(record: RuntimeRecord, image: str) -> bool:

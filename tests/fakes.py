@@ -920,6 +920,11 @@ class FakeStore:
                      new.generation, {"event": "rollback", "to": target}, None)
         return new
 
+    async def note_state_restore(self, rec: RuntimeRecord, copy: str, why: str) -> None:
+        self._check()
+        self._op(rec.game_id, JobKind.RECONCILE, OpSource.RECONCILER, OpStatus.SUCCEEDED, rec.generation,
+                 {"event": "state_restore", "copy": copy, "why": why}, None)
+
     async def answer_overdue(self, game_id: str, generation: int, code: ErrorCode, message: str) -> int:
         now = self._check()
         cur = self.records.get(game_id)

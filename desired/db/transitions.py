@@ -439,6 +439,15 @@ class Transitions(StoreBase):
                                    "failed_generation": generation, "error_code": code.value}), now)
             return new
 
+    async def note_state_restore(self, rec: RuntimeRecord, copy: str, why: str) -> None:
+        """In the operation log, before it is done: the game's state directory gets the copy ``copy`` back
+        (``why``). A rollback's restore is noted with the rollback; these are the others (a job that asked
+        for the replaced image again, a stop during a replacement)."""
+        async with self._tx() as (conn, now):
+            await self._insert_note(conn, rec, ReconcilerNote(
+                op=JobKind.RECONCILE, params={"event": "state_restore", "copy": copy, "why": why},
+                message=f"the state directory gets the copy {copy} back: {why}"), now)
+
     async def cleaned_up(self, game_id: str, generation: int) -> RuntimeRecord | None:
         """The cleanup TTL removed a stopped unit: the record becomes removed, for audit."""
         async with self._tx() as (conn, now):

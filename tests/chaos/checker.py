@@ -783,11 +783,12 @@ def check_records(history: History, observed: dict[str, State]) -> list[Violatio
 
 def check_state_dirs(history: History, observed: dict[str, State]) -> list[Violation]:
     """Every state directory stays the same directory, owned and moded as the contract says, with
-    the marker planted in it and a boots file that never shrinks; except that a rollback puts the
-    copy taken before the failed replacement back (docs/contract.md): its boots file may then be
-    shorter, and a marker planted after that copy was taken gone (never changed)."""
+    the marker planted in it and a boots file that never shrinks; except that a restore puts the
+    copy taken before a replacement back (docs/contract.md: a rollback, a job asking for the replaced
+    image again, a stop during the replacement; each is in the operation log): its boots file may then
+    be shorter, and a marker planted after that copy was taken gone (never changed)."""
     out = []
-    rolled_back = {op["game_id"] for op in history.ops if op.get("event") == "rollback"}
+    rolled_back = {op["game_id"] for op in history.ops if op.get("event") in ("rollback", "state_restore")}
     for game, sd in sorted(history.state_dirs.items()):
         final = sd.get("final") or {}
         problems = []

@@ -393,6 +393,8 @@ def test_a_rollback_may_give_a_state_directory_its_older_content_back_in_place()
     b.h.ops.append({"id": 10**6, "game_id": "g1", "op": "patch", "source": "reconciler", "status": "succeeded",
                     "generation": 3, "stream": None, "entry_id": None, "error_code": None, "event": "rollback"})
     assert b.check().ok  # a rollback restored the copy taken before the failed replacement
+    b.h.ops[-1] = {**b.h.ops[-1], "op": "reconcile", "event": "state_restore"}
+    assert b.check().ok  # so did a stop during a replacement, or a start of the replaced image
     b.h.state_dirs["g1"]["final"] = {**good, "inode": 6}
     assert invariants(b.check()) == {"state_dirs"}  # but in place: never another directory
 

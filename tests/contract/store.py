@@ -150,6 +150,17 @@ async def test_the_control_jobs_of_a_turn_still_to_come_are_answered_before_it(s
         await store.answer_during_turn(answered)
 
 
+async def test_a_restore_of_a_games_state_is_in_the_operation_log(store):
+    """controller/storage.py notes a restore that is not a rollback's before it is done."""
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await store.find("g1")
+    await store.note_state_restore(rec, "c0ffee000000", "the game was stopped before the replacement's engine answered")
+    [note] = [o for o in await store.operations("g1") if o.params.get("event") == "state_restore"]
+    assert (note.op, note.source.value, note.status, note.params["copy"]) == (
+        JobKind.RECONCILE, "reconciler", OpStatus.SUCCEEDED, "c0ffee000000")
+    assert [o.op for o in await store.pending_operations("g1")] == [JobKind.START]  # nothing answered or queued
+
+
 async def test_a_pause_withdrawing_a_scheduled_turn_not_asked_yet_waits_for_the_withdrawal(store):
     """controller/turns.py asks the engine, then answers the turn superseded and the pause in one transaction."""
     await store.submit(Job(kind=JobKind.START, game_id="g1", source=OpSource.LOBBY, image_ref=IMG, turn_interval=1,

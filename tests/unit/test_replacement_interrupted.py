@@ -48,6 +48,7 @@ async def test_a_stop_during_a_replacement_leaves_the_state_as_the_replaced_engi
     image ran it on that. A replacement that did not complete leaves the state as the old engine left it."""
     w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
     rec = await started(w)
+    replaced = rec.current_container_id
     save = Path(rec.state_path) / "save"
     save.write_text("A-format")
     await w.job(JobKind.PATCH, "g1", MUTE)
@@ -68,6 +69,8 @@ async def test_a_stop_during_a_replacement_leaves_the_state_as_the_replaced_engi
             break
     assert asked and rec.converged and rec.status.value == "stopped"
     assert save.read_text() == "A-format"
+    [note] = [o for o in w.store.ops if o.params.get("event") == "state_restore"]  # the operation log says so
+    assert note.source.value == "reconciler" and note.params["copy"] == replaced[:12]
     await w.reconciler.states.drop(rec.game_id)  # the storage round may delete the copy now
     w.engine.check = real
     await w.job(JobKind.START, "g1", IMG)
@@ -106,3 +109,33 @@ async def test_a_stop_during_the_rollback_before_its_restore_leaves_the_old_stat
             break
     assert stopped and rec.status.value == "stopped"
     assert save.read_text() == "A-format"
+
+
+async def test_a_stop_after_the_rollback_started_the_old_engine_keeps_what_it_wrote(tmp_path):
+    """CI's chaos run (seed 25): a stop during the rollback's health wait restored the copy again over what
+    the old engine, already started on it, had written (its boot): the state went back. Once the old
+    image runs on the restored state, what it writes is its state."""
+    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
+    rec = await started(w)
+    save = Path(rec.state_path) / "save"
+    save.write_text("A-format")
+    await w.job(JobKind.PATCH, "g1", MUTE)
+    real, stopped = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE:
+            save.write_text("B-format (half converted)")
+        elif c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not stopped:
+            save.write_text("A-format, booted again")  # the old engine, started on the restored state
+            stopped.append(1)
+            await w.job(JobKind.STOP, "g1")
+        return await real(host)
+
+    w.engine.check = check
+    for _ in range(8):
+        rec = await asyncio.wait_for(w.sync("g1"), 60)
+        if rec.converged and rec.status.value == "stopped":
+            break
+    assert stopped and rec.status.value == "stopped"
+    assert save.read_text() == "A-format, booted again"
