@@ -51,7 +51,7 @@ from controller.storage import StateKeeper
 from controller.turns import Look, Turns
 from controller.units import UnitCache
 from controller.workqueue import ShutDown, WorkQueue
-from desired import transitions
+from desired import storage, transitions
 from desired.clock import Clock
 from desired.errors import (
     Conflict,
@@ -440,6 +440,15 @@ class Reconciler:
                         extra={"game_id": record.game_id, "container_id": found.id})
         return found
 
+    def _runs_replaced(self, record: RuntimeRecord, unit: ObservedContainer | None) -> bool:
+        """Whether ``unit`` is an engine of the image a replacement under way replaces (started again by a
+        rollback, or by a job that asked for it), by its spec hash: the image a Swarm service shows has no
+        digest, and an image name alone may be another's with a digest."""
+        replaced = storage.replaced_image(record)
+        if unit is None or replaced is None or not record.desired_image_ref:
+            return False
+        return unit.spec_hash == self.specs.want_hash(record.replace(desired_image_ref=replaced))
+
     def _note_control(self, game_id: str, claimed: list[Claimed]) -> None:
         """A claim found a pause, a resume or a reconcile, or nothing (what a predecessor claimed): the turn
         step looks for them (``_control_due``), until it has answered them."""
@@ -510,7 +519,7 @@ class Reconciler:
         elif kind is ActionKind.STOP:
             assert container is not None
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
-            await self.states.restore_at_stop(record, container.image)
+            await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             try:
                 await self.store.mark_stopped(record, container_id=container.id)
             except Conflict:
@@ -520,7 +529,7 @@ class Reconciler:
                 await self.store.note_stopped(record.game_id, container_id=container.id)
                 raise
         elif kind is ActionKind.MARK_STOPPED:
-            await self.states.restore_at_stop(record, container.image if container else None)
+            await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             await self.store.mark_stopped(record, container_id=container.id if container else None)
         elif kind is ActionKind.RECORD:
             if not transitions.turn_reached(record):  # a turn asked for before the game finished

@@ -130,11 +130,11 @@ class StateKeeper:
                 log.warning("restored the state directory the replaced engine left",
                             extra={"game_id": record.game_id, "copy": tag})
 
-    async def restore_at_stop(self, record: RuntimeRecord, unit_image: str | None) -> None:
-        """The game is stopped while a replacement is under way (``storage.restores_at_stop``; ``unit_image``:
-        the image of the unit stopped, None when there was none): the state directory gets the copy back, as
-        the replaced engine left it."""
-        if not storage.restores_at_stop(record, unit_image):
+    async def restore_at_stop(self, record: RuntimeRecord, runs_replaced: bool) -> None:
+        """The game is stopped while a replacement is under way (``storage.restores_at_stop``; ``runs_replaced``:
+        the unit stopped is the replaced image's own): the state directory gets the copy back, as the replaced
+        engine left it."""
+        if not storage.restores_at_stop(record, runs_replaced):
             return
         tag = storage.backup_tag(record)
         assert tag is not None

@@ -99,15 +99,14 @@ def replaced_image(record: RuntimeRecord) -> str | None:
     return record.rollback_image_ref or (record.desired_image_ref if record.rolling_back else None)
 
 
-def restores_at_stop(record: RuntimeRecord, unit_image: str | None) -> bool:
+def restores_at_stop(record: RuntimeRecord, runs_replaced: bool) -> bool:
     """A game stopped while a replacement is under way (its new engine never answered healthy: a stop or a
     drain superseded the patch), or while it rolls back from one before the old engine started again (the
     copy is deleted once the game is stopped), gets the copy back: the new engine may have changed the
-    state, and the replacement did not happen. Not when the unit stopped (``unit_image``; None: no unit)
-    is the replaced image's own: the state was put back before it started, and what it wrote since is
-    its state."""
-    return (replacing(record) and backup_tag(record) is not None
-            and (unit_image is None or unit_image != replaced_image(record)))
+    state, and the replacement did not happen. Not when the unit stopped is the replaced image's own
+    (``runs_replaced``, told by its spec hash: a Swarm service shows its image without the digest): the
+    state was put back before it started, and what it wrote since is its state."""
+    return replacing(record) and backup_tag(record) is not None and not runs_replaced
 
 
 def needs_backup(record: RuntimeRecord, image: str) -> bool:

@@ -139,3 +139,31 @@ async def test_a_stop_after_the_rollback_started_the_old_engine_keeps_what_it_wr
             break
     assert stopped and rec.status.value == "stopped"
     assert save.read_text() == "A-format, booted again"
+
+
+async def test_the_unit_stopped_is_told_by_its_spec_hash_not_its_image_name(tmp_path):
+    """Review: compared by image name, a Swarm service (its image shown without the digest) of a patch to
+    the same tag pinned by digest looked like the replaced image's own engine: the restore was skipped
+    and the copy deleted, leaving the new engine's state."""
+    import dataclasses
+
+    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
+    await started(w)
+    await w.job(JobKind.PATCH, "g1", MUTE)
+    real, seen = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not seen:
+            seen.append((w.store.records["g1"], w.backend._observe(c)))
+        return await real(host)
+
+    w.engine.check = check
+    await asyncio.wait_for(w.sync("g1"), 60)
+    [(replacing, new)] = seen
+    assert replacing.rollback_image_ref == IMG
+    shown = dataclasses.replace(new, image=IMG)  # the new engine, shown under the old image's name
+    assert w.reconciler._runs_replaced(replacing, shown) is False
+    old_hash = w.reconciler.specs.want_hash(replacing.replace(desired_image_ref=IMG))
+    restarted = dataclasses.replace(new, labels={**new.labels, "com.galaxy.spec-hash": old_hash})
+    assert w.reconciler._runs_replaced(replacing, restarted) is True
