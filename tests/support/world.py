@@ -96,3 +96,26 @@ async def answered(store: FakeStore, n: int) -> None:
     for i in range(n):
         await store.reject_entry(kind=JobKind.STOP, game_id=f"g{i % 3}", stream="s", entry_id=f"{i + 1}-0",
                                  code=ErrorCode.INVALID_REQUEST, message="bad")
+
+
+def turn_engine(w: World, refuse: int = 0) -> dict:
+    """An engine whose turn and phase the test moves (``eng["turn"]``, ``eng["phase"]``): it answers its
+    status from them, refuses the first ``refuse`` turn requests with 409 (loading), then generates."""
+    from observed.engine import EngineStatus
+    from observed.errors import EngineConflict
+
+    eng = {"turn": 0, "phase": "idle", "refuse": refuse}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        if eng["refuse"] > 0:
+            eng["refuse"] -= 1
+            raise EngineConflict("loading")
+        eng["phase"] = "generating"
+        return True
+
+    async def status(host, *, token=""):
+        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    return eng

@@ -13,29 +13,13 @@ import pytest
 from desired.errors import DockerUnavailable, StoreUnavailable
 from desired.jobs import Job
 from desired.model import JobKind, OpSource
-from observed.engine import EngineStatus
 from observed.errors import BackendUnavailable
-from tests.support.world import IMG, World, started
-
-
-def generating_engine(w: World) -> dict:
-    eng = {"turn": 0, "phase": "idle"}
-
-    async def request_turn(host, expected_turn, *, token=""):
-        eng["phase"] = "generating"
-        return True
-
-    async def status(host, *, token=""):
-        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
-
-    w.engine.request_turn = request_turn
-    w.engine.status = status
-    return eng
+from tests.support.world import IMG, World, started, turn_engine
 
 
 async def generating(w: World) -> dict:
     await started(w)
-    eng = generating_engine(w)
+    eng = turn_engine(w)
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     await asyncio.wait_for(w.sync("g1"), 30)
     assert eng["phase"] == "generating"

@@ -238,16 +238,22 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_after_the_attempt_li
     assert streams.streams[START].pending == {}
 
 
-async def test_a_dead_letter_copy_redis_refused_once_is_written_at_the_next_attempt():
-    """Red-team finding: the answer was committed first; when Redis then refused the copy (MISCONF, OOM),
-    the next attempt found the answer there, skipped the copy and acknowledged the entry: its fields were
-    nowhere any more. The copy now goes first (at least once)."""
+async def failed_once():
+    """An entry whose first attempt failed (a bug), with one attempt allowed: the next pass dead-letters it."""
     intake, streams, store, _ = make(RTMANAGER_MAX_DELIVERIES="1")
     await intake.ensure_groups()
     await intake.pending_pass()
     store.fail_submit = RuntimeError("simulated bug")
     s = start(streams, "g1")
     await intake.read_round(block_ms=None)  # attempt 1
+    return intake, streams, store, s
+
+
+async def test_a_dead_letter_copy_redis_refused_once_is_written_at_the_next_attempt():
+    """Red-team finding: the answer was committed first; when Redis then refused the copy (MISCONF, OOM),
+    the next attempt found the answer there, skipped the copy and acknowledged the entry: its fields were
+    nowhere any more. The copy now goes first (at least once)."""
+    intake, streams, store, s = await failed_once()
     real = streams.add
 
     async def refused_once(stream, fields, maxlen=None):
@@ -267,12 +273,7 @@ async def test_a_dead_letter_copy_redis_refused_once_is_written_at_the_next_atte
 async def test_a_dead_letter_whose_answer_keeps_failing_is_copied_once():
     """Review: with the copy first, an answer that kept failing (a bug in its insert, Postgres flapping)
     added a copy at every pass, pushing other entries' copies out of the capped stream."""
-    intake, streams, store, _ = make(RTMANAGER_MAX_DELIVERIES="1")
-    await intake.ensure_groups()
-    await intake.pending_pass()
-    store.fail_submit = RuntimeError("simulated bug")
-    s = start(streams, "g1")
-    await intake.read_round(block_ms=None)  # attempt 1
+    intake, streams, store, s = await failed_once()
     real = store.reject_entry
 
     async def broken(**kwargs):

@@ -15,12 +15,27 @@ from tests.support.world import IMG, World, started
 MUTE = "galaxy/engine-stub:mute"  # runs, never answers healthy (tests/fakes.py)
 
 
-async def test_asking_for_the_replaced_image_during_a_replacement_gives_it_its_state_back(tmp_path):
+async def patching(tmp_path):
+    """A game running IMG whose state says "A-format", with a patch to MUTE admitted (not carried out yet)."""
     w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
     rec = await started(w)
     save = Path(rec.state_path) / "save"
     save.write_text("A-format")
     await w.job(JobKind.PATCH, "g1", MUTE)
+    return w, rec, save
+
+
+async def synced_until(w: World, done, rounds: int):
+    """Reconcile g1 until ``done(record)``, at most ``rounds`` times; the last record."""
+    for _ in range(rounds):
+        rec = await asyncio.wait_for(w.sync("g1"), 60)
+        if done(rec):
+            break
+    return rec
+
+
+async def test_asking_for_the_replaced_image_during_a_replacement_gives_it_its_state_back(tmp_path):
+    w, rec, save = await patching(tmp_path)
     real, asked = w.engine.check, []
 
     async def check(host):  # B runs: it converts the state, and Lobby asks for A again meanwhile
@@ -32,10 +47,7 @@ async def test_asking_for_the_replaced_image_during_a_replacement_gives_it_its_s
         return await real(host)
 
     w.engine.check = check
-    for _ in range(6):
-        rec = await asyncio.wait_for(w.sync("g1"), 60)
-        if rec.converged:
-            break
+    rec = await synced_until(w, lambda r: r.converged, 6)
     assert asked, "the scenario did not happen"
     assert rec.converged and rec.current_image_ref == IMG and rec.status.value == "running"
     assert ("patch", "failure", "superseded") in w.results("g1") and w.results("g1")[-1] == ("start", "success", "")
@@ -46,12 +58,8 @@ async def test_a_stop_during_a_replacement_leaves_the_state_as_the_replaced_engi
     """Review: a stop while the new engine had not answered healthy yet (the patch superseded) left the state
     as the new engine had changed it, and the copy was deleted as a leftover: a later start of the old
     image ran it on that. A replacement that did not complete leaves the state as the old engine left it."""
-    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
-    rec = await started(w)
+    w, rec, save = await patching(tmp_path)
     replaced = rec.current_container_id
-    save = Path(rec.state_path) / "save"
-    save.write_text("A-format")
-    await w.job(JobKind.PATCH, "g1", MUTE)
     real, asked = w.engine.check, []
 
     async def check(host):
@@ -63,10 +71,7 @@ async def test_a_stop_during_a_replacement_leaves_the_state_as_the_replaced_engi
         return await real(host)
 
     w.engine.check = check
-    for _ in range(6):
-        rec = await asyncio.wait_for(w.sync("g1"), 60)
-        if rec.converged:
-            break
+    rec = await synced_until(w, lambda r: r.converged, 6)
     assert asked and rec.converged and rec.status.value == "stopped"
     assert save.read_text() == "A-format"
     [note] = [o for o in w.store.ops if o.params.get("event") == "state_restore"]  # the operation log says so
@@ -81,11 +86,7 @@ async def test_a_stop_during_a_replacement_leaves_the_state_as_the_replaced_engi
 async def test_a_stop_during_the_rollback_before_its_restore_leaves_the_old_state(tmp_path):
     """Review: a stop that came after the patch failed (rolling back) and before the rollback's restore was
     skipped: the copy was then deleted as a leftover, and the state stayed as the new engine left it."""
-    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
-    rec = await started(w)
-    save = Path(rec.state_path) / "save"
-    save.write_text("A-format")
-    await w.job(JobKind.PATCH, "g1", MUTE)
+    w, rec, save = await patching(tmp_path)
     real_check, real_fail = w.engine.check, w.store.fail_generation
     stopped = []
 
@@ -103,10 +104,7 @@ async def test_a_stop_during_the_rollback_before_its_restore_leaves_the_old_stat
         return out
 
     w.engine.check, w.store.fail_generation = check, fail_generation
-    for _ in range(6):
-        rec = await asyncio.wait_for(w.sync("g1"), 60)
-        if rec.converged and rec.status.value == "stopped":
-            break
+    rec = await synced_until(w, lambda r: r.converged and r.status.value == "stopped", 6)
     assert stopped and rec.status.value == "stopped"
     assert save.read_text() == "A-format"
 
@@ -115,11 +113,7 @@ async def test_a_stop_after_the_rollback_started_the_old_engine_keeps_what_it_wr
     """CI's chaos run (seed 25): a stop during the rollback's health wait restored the copy again over what
     the old engine, already started on it, had written (its boot): the state went back. Once the old
     image runs on the restored state, what it writes is its state."""
-    w = World(tmp_path, RTMANAGER_START_TIMEOUT="5")
-    rec = await started(w)
-    save = Path(rec.state_path) / "save"
-    save.write_text("A-format")
-    await w.job(JobKind.PATCH, "g1", MUTE)
+    w, rec, save = await patching(tmp_path)
     real, stopped = w.engine.check, []
 
     async def check(host):
@@ -133,10 +127,7 @@ async def test_a_stop_after_the_rollback_started_the_old_engine_keeps_what_it_wr
         return await real(host)
 
     w.engine.check = check
-    for _ in range(8):
-        rec = await asyncio.wait_for(w.sync("g1"), 60)
-        if rec.converged and rec.status.value == "stopped":
-            break
+    rec = await synced_until(w, lambda r: r.converged and r.status.value == "stopped", 8)
     assert stopped and rec.status.value == "stopped"
     assert save.read_text() == "A-format, booted again"
 

@@ -14,7 +14,7 @@ import pytest
 from desired.model import JobKind
 from observed.engine import EngineStatus
 from observed.errors import EngineConflict
-from tests.support.world import World, started
+from tests.support.world import World, started, turn_engine
 
 
 def engine_that(w: World, answer: str) -> list[int]:
@@ -117,20 +117,7 @@ async def test_a_restarted_engine_loading_after_a_long_turn_is_not_failed(tmp_pa
     request, or generating, ends a span."""
     w = World(tmp_path)
     await started(w)
-    eng = {"turn": 0, "phase": "idle", "refuse": 2}
-
-    async def request_turn(host, expected_turn, *, token=""):
-        if eng["refuse"] > 0:
-            eng["refuse"] -= 1
-            raise EngineConflict("loading")
-        eng["phase"] = "generating"
-        return True
-
-    async def status(host, *, token=""):
-        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
-
-    w.engine.request_turn = request_turn
-    w.engine.status = status
+    eng = turn_engine(w, refuse=2)
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     await w.sync("g1")
     w.store.clock.advance(0.5)
