@@ -56,6 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import docker
@@ -145,11 +146,11 @@ class SwarmBackend(DaemonClient):
         """Every service of this instance, from one service-list and one task-list call."""
         filters = self._labels_filter()
         services = await self._call("list", lambda: get_list(self._docker().api, "/services", filters))
-        tasks = await self._call("tasks", lambda: get_list(self._docker().api, "/tasks", filters)) if services else []
+        tasks = await self._call("tasks", lambda: _tasks(self._docker().api, filters)) if services else []
         await self._know_nodes(tasks)
         by_service: dict[str, list[dict[str, Any]]] = {}
         for t in self._settle(tasks):
-            by_service.setdefault(t.get("ServiceID", ""), []).append(t)
+            by_service.setdefault(_str(t.get("ServiceID")), []).append(t)
         return [self._observe(s, by_service.get(s["ID"], [])) for s in services]
 
     async def inspect(self, name_or_id: str) -> ObservedContainer | None:
@@ -176,7 +177,7 @@ class SwarmBackend(DaemonClient):
 
     async def _service_tasks(self, service_id: str) -> list[dict[str, Any]]:
         """The service's tasks, those on a node that is down marked lost."""
-        tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters={"service": service_id}))
+        tasks = await self._call("tasks", lambda: _tasks(self._docker().api, {"service": [service_id]}))
         await self._know_nodes(tasks)
         return self._settle(tasks)
 
@@ -185,11 +186,11 @@ class SwarmBackend(DaemonClient):
         is ``lost`` here, an end without an exit code. Its node's dockerd stops it if it comes back."""
         out = []
         for t in tasks:
-            node = self._nodes.get(t.get("NodeID") or "")
+            node = self._nodes.get(_str(t.get("NodeID")))
             if node is not None and node["state"] in _NODE_GONE and _task_state(t) not in _ENDED:
-                status = dict(t.get("Status") or {})
+                status = dict(_obj(t.get("Status")))
                 status.update(State="lost", Err=f"node {t['NodeID'][:12]} is {node['state']}", Timestamp=None,
-                              ContainerStatus={k: v for k, v in (status.get("ContainerStatus") or {}).items()
+                              ContainerStatus={k: v for k, v in _obj(status.get("ContainerStatus")).items()
                                                if k != "ExitCode"})
                 t = {**t, "Status": status, "Lost": True}
             out.append(t)
@@ -203,9 +204,9 @@ class SwarmBackend(DaemonClient):
         age = time.monotonic() - self._nodes_read_at
         if not force and self._nodes_read_at and age < NODE_REFRESH:
             tasks = list(tasks)
-            unknown = any(t.get("NodeID") and t["NodeID"] not in self._nodes for t in tasks)
+            unknown = any(_str(t.get("NodeID")) and t["NodeID"] not in self._nodes for t in tasks)
             # A task Swarm no longer wants yet still calls running: its node may have gone down.
-            hint = any(_task_state(t) == "running" and t.get("DesiredState") not in _WANTED for t in tasks)
+            hint = any(_task_state(t) == "running" and _desired(t) not in _WANTED for t in tasks)
             if not (unknown or hint) or age < NODE_REREAD:
                 return
         nodes = await self._call("nodes", lambda: self._docker().api.nodes())
@@ -213,33 +214,33 @@ class SwarmBackend(DaemonClient):
         self._nodes_read_at = time.monotonic()
 
     def _observe(self, service: Mapping[str, Any], tasks: list[dict[str, Any]]) -> ObservedContainer:
-        spec = service.get("Spec") or {}
-        template = spec.get("TaskTemplate") or {}
-        cspec = template.get("ContainerSpec") or {}
+        spec = _obj(service.get("Spec"))
+        template = _obj(spec.get("TaskTemplate"))
+        cspec = _obj(template.get("ContainerSpec"))
         state, task = _state(service, tasks)
         # The node of the unit's last task, or (no task, or a task never placed) the node it is pinned to.
-        unit_node = str((task or {}).get("NodeID") or "") or _pinned(template)
-        status = (task or {}).get("Status") or {}
-        cstatus = status.get("ContainerStatus") or {}
+        unit_node = _str(_obj(task).get("NodeID")) or _pinned(template)
+        status = _obj(_obj(task).get("Status"))
+        cstatus = _obj(status.get("ContainerStatus"))
         exit_code = None
         finished_at = None
         if state == "exited" and task is not None and status.get("State") in _ENDED:
             if cstatus.get("ContainerID") and not task.get("Lost"):
                 exit_code = exit_code_of(cstatus.get("ExitCode"))
             finished_at = _when(status.get("Timestamp"))
-        ip = _task_ip(task, spec.get("Name", ""), self.network) if task is not None else None
+        ip = _task_ip(task, self.network) if task is not None else None
         address = None
         if state == "running" and task is not None:
             if self.probe_address == "hostname":
-                address = cspec.get("Hostname") or spec.get("Name")
+                address = _str(cspec.get("Hostname")) or _str(spec.get("Name"))
             elif self.probe_address == "ip":
                 address = ip
             else:
                 address = self._published(task)
         return ObservedContainer(
             id=service["ID"],
-            name=spec.get("Name", ""),
-            image=str(cspec.get("Image", "")).split("@", 1)[0],
+            name=_str(spec.get("Name")),
+            image=_str(cspec.get("Image")).split("@", 1)[0],
             state=state,
             labels=dict(spec.get("Labels") or {}),
             created_at=_when(service.get("CreatedAt")),
@@ -251,7 +252,7 @@ class SwarmBackend(DaemonClient):
             node=unit_node or None,
             node_lost=state not in ("running", "restarting") and node_lost(self._nodes.get(unit_node)),
             node_drained=state not in ("running", "restarting") and node_drained(self._nodes.get(unit_node)),
-            mounts=tuple((m.get("Source", ""), m.get("Target", "")) for m in cspec.get("Mounts") or []),
+            mounts=tuple((_str(m.get("Source")), _str(m.get("Target"))) for m in map(_obj, _seq(cspec.get("Mounts")))),
         )
 
     async def lost_nodes(self) -> frozenset[str]:
@@ -287,10 +288,10 @@ class SwarmBackend(DaemonClient):
         return {n: info.get("hostname", "") for n, info in self._nodes.items()}
 
     def _published(self, task: Mapping[str, Any]) -> str | None:
-        node = self._nodes.get(task.get("NodeID") or "")
+        node = self._nodes.get(_str(task.get("NodeID")))
         if node is None or not node.get("addr"):
             return None
-        for p in ((task.get("Status") or {}).get("PortStatus") or {}).get("Ports") or []:
+        for p in map(_obj, _seq(_obj(_obj(task.get("Status")).get("PortStatus")).get("Ports"))):
             if p.get("TargetPort") == self.port and p.get("PublishedPort") and p.get("PublishMode") == "host":
                 return f"{node['addr']}:{p['PublishedPort']}"
         return None
@@ -610,7 +611,7 @@ class SwarmBackend(DaemonClient):
         by_service = {"label": [f"com.docker.swarm.service.id={service['ID']}"]}
         deadline = asyncio.get_running_loop().time() + GONE_WAIT
         while True:
-            tasks = await self._call("tasks", lambda: self._docker().api.tasks(filters=filters))
+            tasks = await self._call("tasks", lambda: _tasks(self._docker().api, filters))
             await self._know_nodes(tasks)
             left = [t for t in self._settle(tasks) if t.get("ServiceID") == service["ID"] and not t.get("Lost")]
             if not left:
@@ -625,26 +626,58 @@ class SwarmBackend(DaemonClient):
 
 
 # ------------------------------------------------------------------------- tasks -> state
+# A manager's answers are read as the Docker backend reads dockerd's (observed/model.py): a field of another
+# type than the API's is unknown, so one odd task or service fails neither the list nor any other game's
+# round. Only a service's labels are taken as they are (``dict``): labels that are no object fail the call,
+# rather than strip a unit of the labels that say whose it is.
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _obj(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else _EMPTY
+
+
+def _seq(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0  # not a bool, a float or a string
+
+
+def _tasks(api: docker.APIClient, filters: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """The tasks the filters select, without the elements that are no object (nothing of them can be read)."""
+    return [t for t in get_list(api, "/tasks", filters) if isinstance(t, dict)]
+
+
 def _task_state(task: Mapping[str, Any]) -> str:
-    return str((task.get("Status") or {}).get("State") or "")
+    return _str(_obj(task.get("Status")).get("State"))
+
+
+def _desired(task: Mapping[str, Any]) -> str:
+    return _str(task.get("DesiredState"))
 
 
 def _not_done(task: Mapping[str, Any]) -> bool:
     """May still run, or is still to be removed (by a scale-down): not yet gone."""
-    return _task_state(task) not in _ENDED or task.get("DesiredState") == "remove"
+    return _task_state(task) not in _ENDED or _desired(task) == "remove"
 
 
 def _leaving(task: Mapping[str, Any]) -> bool:
     """Being stopped or removed, and not gone yet."""
-    return _not_done(task) and task.get("DesiredState") not in _WANTED
+    return _not_done(task) and _desired(task) not in _WANTED
 
 
 def _container_of(task: Mapping[str, Any]) -> str:
-    return str(((task.get("Status") or {}).get("ContainerStatus") or {}).get("ContainerID") or "")
+    return _str(_obj(_obj(task.get("Status")).get("ContainerStatus")).get("ContainerID"))
 
 
 def _task_message(task: Mapping[str, Any]) -> str:
-    status = task.get("Status") or {}
+    status = _obj(task.get("Status"))
     return safe_text(str(status.get("Err") or status.get("Message") or ""), 300)
 
 
@@ -658,20 +691,20 @@ def _refusal(task: Mapping[str, Any], service: Mapping[str, Any]) -> Exception:
 
 def _pinned(template: Mapping[str, Any]) -> str:
     """The node a task template is pinned to (``node.id==``), or ""."""
-    for c in (template.get("Placement") or {}).get("Constraints") or []:
-        c = str(c).replace(" ", "")
+    for c in _seq(_obj(template.get("Placement")).get("Constraints")):
+        c = _str(c).replace(" ", "")
         if c.startswith("node.id=="):
             return c[len("node.id=="):]
     return ""
 
 
 def _name(service: Mapping[str, Any]) -> str:
-    return str((service.get("Spec") or {}).get("Name") or service.get("ID", "")[:12])
+    return _str(_obj(service.get("Spec")).get("Name")) or _str(service.get("ID"))[:12]
 
 
 def _replicas(service: Mapping[str, Any]) -> int:
-    mode = (service.get("Spec") or {}).get("Mode") or {}
-    return int(((mode.get("Replicated") or {}).get("Replicas")) or 0)
+    """The replicas the service asks for; 0 when that is no count (the reconciler's next start scales it)."""
+    return _count(_obj(_obj(_obj(service.get("Spec")).get("Mode")).get("Replicated")).get("Replicas"))
 
 
 def _set_replicas(spec: dict[str, Any], n: int) -> None:
@@ -686,12 +719,12 @@ def _force_update(spec: dict[str, Any]) -> None:
 def _latest(tasks: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """The task that tells the state: the newest of those meant to run, else the newest."""
     every = list(tasks)
-    wanted = [t for t in every if t.get("DesiredState") in _WANTED]
+    wanted = [t for t in every if _desired(t) in _WANTED]
     pool = wanted or every
     if not pool:
         return None
     newest = max(pool, key=lambda t: (_when(t.get("CreatedAt")) or datetime.min.replace(tzinfo=UTC),
-                                      (t.get("Version") or {}).get("Index", 0)))
+                                      _count(_obj(t.get("Version")).get("Index"))))
     return dict(newest)
 
 
@@ -707,18 +740,17 @@ def _state(service: Mapping[str, Any], tasks: list[dict[str, Any]]) -> tuple[str
         # (the scale to 0) leaves a previous spec.
         return ("exited" if service.get("PreviousSpec") else "created"), None
     st = _task_state(latest)
-    if st in _ON_ITS_WAY and latest.get("DesiredState") in _WANTED:
+    if st in _ON_ITS_WAY and _desired(latest) in _WANTED:
         # Swarm will run it by itself as soon as a node can take it: it has to be stopped like a running one.
         return "restarting", latest
     return "exited", latest
 
 
-def _task_ip(task: Mapping[str, Any], name: str, network: str) -> str | None:
-    for att in task.get("NetworksAttachments") or []:
-        net = att.get("Network") or {}
-        if (net.get("Spec") or {}).get("Name") == network:
-            for addr in att.get("Addresses") or []:
-                return str(addr).split("/", 1)[0]
+def _task_ip(task: Mapping[str, Any], network: str) -> str | None:
+    for att in map(_obj, _seq(task.get("NetworksAttachments"))):
+        if _obj(_obj(att.get("Network")).get("Spec")).get("Name") == network:
+            for addr in _seq(att.get("Addresses")):
+                return _str(addr).split("/", 1)[0] or None
     return None
 
 
@@ -777,16 +809,16 @@ class TaskPoller:
     def _snapshot(self, tasks: list[dict[str, Any]]) -> dict[str, tuple[str, str, str]]:
         per_service: dict[str, list[dict[str, Any]]] = {}
         for t in tasks:
-            per_service.setdefault(t.get("ServiceID", ""), []).append(t)
+            if isinstance(t, dict):
+                per_service.setdefault(_str(t.get("ServiceID")), []).append(t)
         out: dict[str, tuple[str, str, str]] = {}
         for ts in per_service.values():
             latest = _latest(ts)
             if latest is None:
                 continue
-            labels = ((latest.get("Spec") or {}).get("ContainerSpec") or {}).get("Labels") or {}
-            game = labels.get(LABEL_GAME_ID)
+            game = _str(_obj(_obj(_obj(latest.get("Spec")).get("ContainerSpec")).get("Labels")).get(LABEL_GAME_ID))
             if game:
-                out[game] = (latest["ID"], _task_state(latest), str(latest.get("DesiredState") or ""))
+                out[game] = (_str(latest.get("ID")), _task_state(latest), _desired(latest))
         return out
 
     def _run(self) -> None:

@@ -91,7 +91,7 @@ async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
                 failures += 1
                 continue
             try:
-                await store.adopt(game, seen.image or c.image, settings.record_defaults)
+                await store.adopt(game, seen.image or c.image, settings.record_defaults, container_id=seen.id)
             except InvalidJob as exc:
                 print(f"{game}: {exc.message}", file=sys.stderr)
                 failures += 1

@@ -242,9 +242,12 @@ class Submissions(StoreBase):
                 job_entry_id=entry_id, error_code=code, error_message=message))
             return SubmitOutcome(operation_id=op_id, decision=None)
 
-    async def adopt(self, game_id: str, image_ref: str, defaults: RecordDefaults) -> RuntimeRecord:
+    async def adopt(self, game_id: str, image_ref: str, defaults: RecordDefaults,
+                    container_id: str | None = None) -> RuntimeRecord:
         """An operator hands an unowned unit back to rtmanager: a record that wants it running on its
-        own image and state directory. InvalidJob when the game already has a record."""
+        own image and state directory, naming the unit (``container_id``): a unit renamed from outside is
+        found by it, not only by its name, so no second engine is made beside it. InvalidJob when the
+        game already has a record."""
         async with self._tx() as (conn, now):
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, game_id)
             if await conn.fetchval("SELECT 1 FROM runtime_records WHERE game_id = $1", game_id):
@@ -253,14 +256,15 @@ class Submissions(StoreBase):
             if refusal is not None:
                 raise InvalidJob(ErrorCode.HOST_DRAINED, refusal, game_id)
             record = RuntimeRecord(
-                game_id=game_id, status=Status.STARTING, current_container_id=None, current_image_ref=None,
+                game_id=game_id, status=Status.STARTING, current_container_id=container_id, current_image_ref=None,
                 engine_endpoint=defaults.endpoint(game_id), state_path=defaults.state_path(game_id),
                 docker_network=defaults.docker_network, started_at=None, stopped_at=None, removed_at=None,
                 last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=image_ref,
                 generation=1, observed_generation=0)
             record = await self._write(conn, None, record, now)
             await self._insert_op(conn, game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
-                                  None, {"event": "adopt", "image_ref": image_ref}, now, None, None)
+                                  None, {"event": "adopt", "image_ref": image_ref, "container_id": container_id},
+                                  now, None, None)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
             return record
 

@@ -157,6 +157,31 @@ async def test_adopts_a_container_created_by_an_earlier_process(h, pool):
     assert [c.id for c in h.containers("adopt-1")] == [created.id]
 
 
+async def test_adopting_a_renamed_unit_makes_no_second_engine(h, pool):
+    """Stop 41's open finding: ``rtmanager adopt`` of a unit that runs under another name (renamed from
+    outside) made a record that named no unit. The game's next round found nothing under its name and
+    created a second engine on the same state directory. The record now names the unit it adopted."""
+    from controller.cli.local import adopt
+
+    store = Store(pool)
+    settings = h.settings()
+    entry = await h.submit_start("renamed-1")
+    await h.start()
+    first = await eventually(lambda: _converged(store, "renamed-1"), what="first convergence")
+    assert (await h.result(entry))["outcome"] == "success"
+    await h.stop_all()
+    # A database restored from a backup older than the game, and the unit renamed meanwhile.
+    await pool.execute("DELETE FROM runtime_records WHERE game_id = 'renamed-1'")
+    [unit] = h.containers("renamed-1")
+    unit.rename("galaxy-game-renamed-1-by-hand")
+    assert await adopt(settings, ["renamed-1"], False) == 0
+    assert (await store.get("renamed-1")).current_container_id == first.current_container_id
+    await h.start()
+    rec = await eventually(lambda: _converged(store, "renamed-1"), what="convergence after the adoption")
+    assert rec.current_container_id == first.current_container_id
+    assert [c.id for c in h.containers("renamed-1")] == [first.current_container_id]
+
+
 async def test_a_created_but_never_started_container_is_started_not_duplicated(h, pool):
     """The state a kill -9 between create and start leaves behind."""
     store = Store(pool)
