@@ -29,6 +29,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from controller import storage
 from controller.admission import Admission
 from controller.config import Settings
 from controller.config_table import Backend
@@ -399,6 +400,16 @@ class Controller:
             for t in pending:
                 t.cancel()
         relay_task = next((t for t in self.leader_tasks if t.get_name() == "relay"), None)
+        # Every other task of the term ends before the lease is handed over: a task cancelled inside a copy
+        # or restore of a state directory waits for its file thread (storage.in_thread), and the next leader
+        # must not copy or restore that game's directory beside it. The lease is renewed meanwhile.
+        others = [t for t in self.leader_tasks if t is not relay_task]
+        for t in others:
+            t.cancel()
+        if others:
+            _, left = await asyncio.wait(others, timeout=storage.CANCEL_WAIT + 5)
+            if left:
+                log.error("tasks still running at the hand-over: %s", ", ".join(sorted(t.get_name() for t in left)))
         self.relay.stop()
         if relay_task is not None:
             await asyncio.gather(relay_task, return_exceptions=True)  # one publisher at a time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -180,6 +181,46 @@ async def test_adopting_a_renamed_unit_makes_no_second_engine(h, pool):
     rec = await eventually(lambda: _converged(store, "renamed-1"), what="convergence after the adoption")
     assert rec.current_container_id == first.current_container_id
     assert [c.id for c in h.containers("renamed-1")] == [first.current_container_id]
+
+
+async def test_the_lease_is_handed_over_only_once_every_file_thread_of_the_term_has_ended(h, pool):
+    """Stop 41's open finding: a shutdown released the lease before its cancelled leader tasks ended. A task
+    cancelled inside a copy or restore of a state directory waits for its file thread (``storage.in_thread``),
+    and a standby that took the lease meanwhile could copy or restore the same game's directory beside it (the
+    game's lock is per process). The lease now outlives every such thread."""
+    import threading
+
+    from controller import storage
+
+    ctl = await h.start()
+    await eventually(lambda: ctl.is_leader, what="leadership")
+    started, go = threading.Event(), threading.Event()
+    ended_at: list[datetime] = []
+
+    def a_long_copy() -> None:
+        started.set()
+        go.wait(30)
+        ended_at.append(datetime.now(UTC))
+
+    ctl._spawn("state-copy", lambda: storage.in_thread(a_long_copy), leader=True)
+    await eventually(started.is_set, what="the file thread under way")
+
+    async def released() -> bool:
+        return bool(await pool.fetchval("SELECT expires_at <= now() FROM leader_leases WHERE instance = $1",
+                                        h.settings().leadership.instance))
+
+    [(_, task)] = h.running
+    h.running.clear()
+    ctl.stopping.set()
+    with contextlib.suppress(AssertionError):  # the old order released it at once; now it must not
+        await eventually(released, timeout=3, what="an early release")
+    assert not await released(), "the lease was released while a file thread of the term still ran"
+    go.set()
+    assert await asyncio.wait_for(task, 40) == 0
+    assert await released()
+    expires_at = await pool.fetchval("SELECT expires_at FROM leader_leases WHERE instance = $1",
+                                     h.settings().leadership.instance)
+    assert ended_at and expires_at >= ended_at[0]
 
 
 async def test_a_created_but_never_started_container_is_started_not_duplicated(h, pool):
