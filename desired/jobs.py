@@ -101,6 +101,9 @@ def image_repository(image_ref: str) -> str:
     return ref[:colon] if colon > slash else ref
 
 
+_ANY_TAG = "\x00"  # no tag has this character: only a pattern that allows every tag matches it
+
+
 class ImageAllowlist:
     """Comma-separated shell-style patterns (``galaxy/engine:*``) matched on the whole ref."""
 
@@ -109,7 +112,18 @@ class ImageAllowlist:
         self.patterns = tuple(p.strip() for p in items if p.strip())
 
     def allows(self, image_ref: str) -> bool:
-        return any(fnmatch.fnmatchcase(image_ref, p) for p in self.patterns)
+        """A pattern matches the whole reference. One with both a tag and a digest runs its digest, whatever
+        the tag says (Docker looks the digest up in the repository): its tag proves nothing, so it is allowed
+        only where the digest would be on its own (``repo@sha256:...``), or where a pattern allows every tag
+        of the repository (matches it with a tag no real tag can be)."""
+        if not any(fnmatch.fnmatchcase(image_ref, p) for p in self.patterns):
+            return False
+        name, _, digest = image_ref.partition("@")
+        repo = image_repository(image_ref)
+        if not digest or repo == name:
+            return True
+        return any(fnmatch.fnmatchcase(f"{repo}@{digest}", p) or fnmatch.fnmatchcase(f"{repo}:{_ANY_TAG}", p)
+                   for p in self.patterns)
 
 
 def validate_game_id(value: str) -> str:

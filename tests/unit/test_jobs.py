@@ -88,6 +88,23 @@ def test_parse_allowed_images(image_ref: str) -> None:
     assert parse_job(JobKind.PATCH, b({"game_id": "g1", "image_ref": image_ref}), ALLOW).image_ref == image_ref
 
 
+@pytest.mark.parametrize("patterns, image_ref, allowed", [
+    ("galaxy/engine:2.*", f"galaxy/engine:2.0@{DIGEST}", False),  # the digest runs, not the tag: any image
+    ("galaxy/engine:2.*", "galaxy/engine:2.0", True),
+    ("galaxy/engine:2.*", f"galaxy/engine@{DIGEST}", False),
+    (f"galaxy/engine:2.*,galaxy/engine@{DIGEST}", f"galaxy/engine:2.0@{DIGEST}", True),  # the digest itself
+    ("galaxy/engine:*", f"galaxy/engine:2.0@{DIGEST}", True),  # every tag of the repository: any digest
+    ("galaxy/*", f"galaxy/engine:2.0@{DIGEST}", True),
+    ("galaxy/engine@sha256:*", f"galaxy/engine:2.0@{DIGEST}", False),  # the whole reference must match too
+    ("galaxy/engine:2.0*", f"galaxy/engine:2.0@{DIGEST}", False),
+])
+def test_a_tag_with_a_digest_is_allowed_only_where_the_digest_would_be(patterns, image_ref, allowed) -> None:
+    """Red-team finding: Docker runs the digest of a reference that has both, whatever its tag says, so a
+    pattern that allows some tags only (``galaxy/engine:2.*``) let ``galaxy/engine:2.0@sha256:<an 1.x
+    image>`` run an image the list does not allow."""
+    assert ImageAllowlist(patterns).allows(image_ref) is allowed
+
+
 @pytest.mark.parametrize(("kind", "fields", "field"), [
     (JobKind.START, {"image_ref": "galaxy/engine:1"}, "game_id"),
     (JobKind.START, {"game_id": "g1"}, "image_ref"),
