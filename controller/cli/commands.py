@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--all", action="store_true", help="every unowned container")
     dp = sub.add_parser("dispose", help="stop gracefully and remove unowned containers")
     dp.add_argument("games", nargs="+", metavar="GAME")
+    dp.add_argument("--other-database", action="store_true",
+                    help="also a container another database created (that database is gone for good)")
     api = api_switch()  # --api: through the REST API
     vp = sub.add_parser("versions", help="the engine-version registry")
     vsub = vp.add_subparsers(dest="action", required=True)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                                               getattr(args, "image_ref", "") or getattr(args, "reason", "")),
         "results": lambda: streams.results(settings, args.follow, args.count, args.wait_for, args.timeout),
         "adopt": lambda: local.adopt(settings, args.games, args.all),
-        "dispose": lambda: local.dispose(settings, args.games),
+        "dispose": lambda: local.dispose(settings, args.games, args.other_database),
         "versions": lambda: registry.versions(settings, args),
         "doctor": lambda: local.doctor(settings),
         "drain": lambda: drains.drains(settings, args),

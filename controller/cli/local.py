@@ -30,6 +30,20 @@ async def migrate(settings: Settings) -> int:
     return 0
 
 
+async def database_of_this_instance(settings: Settings, store: Store) -> str | None:
+    """The database's uid, "" when no controller has claimed it yet; None, with a line on stderr, when it
+    belongs to another instance: every unit of this instance would look unowned against its records."""
+    identity = await store.identity()
+    if identity is None:
+        return ""
+    if identity.instance != settings.leadership.instance:
+        print(f"rtmanager: the database belongs to instance {identity.instance!r}, not "
+              f"{settings.leadership.instance!r} (RTMANAGER_INSTANCE or RTMANAGER_DATABASE_URL is wrong); "
+              "nothing done", file=sys.stderr)
+        return None
+    return identity.uid
+
+
 async def unowned_containers(settings: Settings, store: Store,
                    backend: RuntimeBackend) -> list[tuple[str, ObservedContainer]]:
     """Containers of this instance that have no record, with their game ids, whoever created them (the
@@ -42,6 +56,8 @@ async def unowned_containers(settings: Settings, store: Store,
 
 async def status(settings: Settings) -> int:
     async with open_store(settings) as store, open_backend(settings) as backend:
+        if await database_of_this_instance(settings, store) is None:
+            return 1
         records = await store.list()
         try:
             unowned = await unowned_containers(settings, store, backend)
@@ -66,16 +82,26 @@ async def status(settings: Settings) -> int:
 
 
 async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
-    """Records that want the unowned containers running, on their own image and state directory."""
-    from desired.jobs import InvalidJob
+    """Records that want the unowned containers running, on their own image and state directory: only of an
+    image allowed now (the controller would otherwise confirm it running as it is), each naming its unit."""
+    from desired import versions
+    from desired.jobs import InvalidJob, validate_game_id
 
     failures = 0
     async with open_store(settings) as store, open_backend(settings) as backend:
+        if await database_of_this_instance(settings, store) is None:
+            return 1
         unowned = dict(await unowned_containers(settings, store, backend))
         wanted = sorted(unowned) if everything else games
         if not wanted:
             print("nothing to adopt: no unowned containers")
         for game in wanted:
+            try:
+                validate_game_id(game)
+            except InvalidJob as exc:
+                print(f"{game!r}: {exc}; not adopted", file=sys.stderr)
+                failures += 1
+                continue
             c = unowned.get(game)
             if c is None:
                 print(f"{game}: no unowned container of instance {settings.leadership.instance} for this game",
@@ -90,26 +116,47 @@ async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
                       "not adopted (a recreate would start it on another directory)", file=sys.stderr)
                 failures += 1
                 continue
+            image = seen.image or c.image
+            refusal = None
+            if not settings.images.image_allowlist.allows(image):
+                refusal = f"image {image} is not allowed by RTMANAGER_IMAGE_ALLOWLIST"
+            elif settings.images.version_policy == "registry":
+                refusal = versions.refuse_run(await store.engine_version_of(image), image)
+            if refusal is not None:
+                print(f"{game}: {refusal}; not adopted (dispose of it, or allow the image first)", file=sys.stderr)
+                failures += 1
+                continue
             try:
-                await store.adopt(game, seen.image or c.image, settings.record_defaults, container_id=seen.id)
+                await store.adopt(game, image, settings.record_defaults, container_id=seen.id)
             except InvalidJob as exc:
                 print(f"{game}: {exc.message}", file=sys.stderr)
                 failures += 1
                 continue
-            print(f"{game}: adopted (desired running on {seen.image or c.image}, state {expected})")
+            print(f"{game}: adopted (desired running on {image}, state {expected})")
     return 1 if failures else 0
 
 
-async def dispose(settings: Settings, games: list[str]) -> int:
-    """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record."""
+async def dispose(settings: Settings, games: list[str], other_database: bool = False) -> int:
+    """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record, looked at
+    again right before each removal (a start or an adoption may have given it one meanwhile), nor one another
+    database created unless the operator says so (``other_database``)."""
     failures = 0
     async with open_store(settings) as store, open_backend(settings) as backend:
-        unowned = dict(await unowned_containers(settings, store, backend))
+        uid = await database_of_this_instance(settings, store)
+        if uid is None:
+            return 1
         for game in games:
-            c = unowned.get(game)
+            c = dict(await unowned_containers(settings, store, backend)).get(game)
             if c is None:
                 print(f"{game}: no unowned container of instance {settings.leadership.instance} for this game "
                       "(a managed game is stopped with a stop job and removed with cleanup)", file=sys.stderr)
+                failures += 1
+                continue
+            if c.database and c.database != uid and not other_database:
+                print(f"{game}: container {c.id[:12]} was created under another database ({c.database}), not "
+                      f"this one ({uid or 'not claimed yet'}); not disposed of (--other-database if that "
+                      "database is gone for good)",
+                      file=sys.stderr)
                 failures += 1
                 continue
             await backend.remove(c.id, settings.runtime.stop_grace)

@@ -32,6 +32,13 @@ class Identities(StoreBase):
             raise WrongInstance(f"the database belongs to instance {identity.instance!r}, not {instance!r}")
         return identity
 
+    async def identity(self) -> Identity | None:
+        """The database's identity as it is, without claiming it (None: no controller has claimed it yet)."""
+        row = await self.pool.fetchrow("SELECT instance, uid, claimed_at FROM controller_identity")
+        if row is None:
+            return None
+        return Identity(instance=row["instance"], uid=str(row["uid"]), claimed_at=row["claimed_at"])
+
     async def lease_info(self, instance: str) -> dict[str, Any] | None:
         row = await self.pool.fetchrow(
             "SELECT holder, epoch, expires_at > now() AS live FROM leader_leases WHERE instance = $1", instance)

@@ -1,0 +1,119 @@
+"""The local operator commands (``rtmanager adopt``, ``dispose``, ``status``) against real Postgres and
+Docker: red-team findings on what an operator's command may touch.
+
+* ``adopt`` of a container whose image is no longer allowed made a record the controller then confirmed
+  running as it was: an image nobody allows ran on.
+* ``adopt --all`` stopped at the first container labelled with an id that is no game id.
+* Pointed at another instance's database, ``dispose`` found every unit of this instance unowned and
+  removed live games; a unit another database created is not provably unowned either.
+* ``dispose`` of several games listed the unowned units once, then stopped them one after the other: a
+  game given a record meanwhile (a start, an adoption) was removed all the same."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from controller.cli.local import adopt, dispose, status
+from controller.config import Settings
+from desired.db.store import Store
+from tests.support import eventually
+
+STUB = "galaxy/engine-stub:1.0"
+
+
+def settings_of(env: dict[str, str], **over: str) -> Settings:
+    return Settings.from_env({**env, "RTMANAGER_ENGINE_USER": f"{os.getuid()}:{os.getgid()}",
+                              **{f"RTMANAGER_{k.upper()}": v for k, v in over.items()}})
+
+
+def unit(docker_client, settings: Settings, game: str, *, database: str = "", sleeper: bool = False):
+    """A container of this instance for ``game`` with no record, its state directory mounted as a
+    controller would mount it; ``sleeper``: PID 1 is ``sleep``, which SIGTERM does not end."""
+    state = settings.record_defaults.state_path(game)
+    os.makedirs(state, exist_ok=True)
+    labels = {"com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.leadership.instance,
+              "com.galaxy.game-id": game}
+    if database:
+        labels["com.galaxy.database"] = database
+    extra = {"entrypoint": ["/bin/sleep"], "command": ["60"]} if sleeper else {}
+    return docker_client.containers.run(STUB, name=f"galaxy-game-{game}", labels=labels, detach=True,
+                                        volumes={state: {"bind": settings.engine.engine_state_dir, "mode": "rw"}},
+                                        **extra)
+
+
+async def claimed(pool, settings: Settings) -> str:
+    return (await Store(pool).claim_identity(settings.leadership.instance)).uid
+
+
+async def test_adopt_refuses_a_unit_whose_image_is_no_longer_allowed(rtm_env, docker_client, pool, capsys):
+    settings = settings_of(rtm_env)
+    c = unit(docker_client, settings, "banned-1")
+    assert await adopt(settings_of(rtm_env, image_allowlist="galaxy/engine-stub:2.*"), ["banned-1"], False) == 1
+    assert "not allowed" in capsys.readouterr().err
+    assert await Store(pool).find("banned-1") is None
+    c.reload()
+    assert c.status == "running"
+
+
+async def test_adopt_all_goes_past_a_unit_labelled_with_no_game_id(rtm_env, docker_client, pool, capsys):
+    settings = settings_of(rtm_env)
+    await claimed(pool, settings)
+    unit(docker_client, settings, "good-1")
+    docker_client.containers.run(STUB, name=f"odd-{settings.leadership.instance}", detach=True, labels={
+        "com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.leadership.instance,
+        "com.galaxy.game-id": "Bad_Id"})
+    assert await adopt(settings, [], True) == 1
+    assert "'Bad_Id'" in capsys.readouterr().err
+    assert (await Store(pool).get("good-1")).desired_image_ref == STUB
+
+
+@pytest.mark.parametrize("command", ["status", "adopt", "dispose"])
+async def test_a_database_of_another_instance_is_refused(rtm_env, docker_client, pool, capsys, command):
+    settings = settings_of(rtm_env)
+    await Store(pool).claim_identity("somebody-else")
+    c = unit(docker_client, settings, "live-1")
+    run = {"status": lambda: status(settings), "adopt": lambda: adopt(settings, ["live-1"], False),
+           "dispose": lambda: dispose(settings, ["live-1"])}[command]
+    assert await run() == 1
+    assert "belongs to instance 'somebody-else'" in capsys.readouterr().err
+    c.reload()
+    assert c.status == "running"
+    assert await Store(pool).find("live-1") is None
+
+
+async def test_dispose_leaves_a_unit_another_database_created_unless_told(rtm_env, docker_client, pool, capsys):
+    settings = settings_of(rtm_env)
+    await claimed(pool, settings)
+    c = unit(docker_client, settings, "foreign-1", database="00000000-0000-0000-0000-000000000001")
+    assert await dispose(settings, ["foreign-1"]) == 1
+    assert "another database" in capsys.readouterr().err
+    c.reload()
+    assert c.status == "running"
+    assert await dispose(settings, ["foreign-1"], other_database=True) == 0
+    assert not docker_client.containers.list(all=True, filters={"id": c.id})
+
+
+async def test_dispose_looks_again_before_each_removal(rtm_env, docker_client, pool):
+    settings = settings_of(rtm_env)
+    uid = await claimed(pool, settings)
+    slow = unit(docker_client, settings, "slow-1", database=uid, sleeper=True)  # its stop takes the grace (2 s)
+    kept = unit(docker_client, settings, "kept-1", database=uid)
+    since = int(time.time()) - 1
+    task = asyncio.create_task(dispose(settings, ["slow-1", "kept-1"]))
+
+    def signalled() -> bool:  # the first removal under way: its SIGTERM sent, the grace running
+        return any(True for _ in docker_client.events(since=since, until=int(time.time()) + 1, decode=True,
+                                                      filters={"container": slow.id, "event": "kill"}))
+
+    await eventually(signalled, what="the first removal under way")
+    assert not task.done()
+    # Meanwhile the second game is given a record (an operator's adoption; a start job would do the same).
+    await Store(pool).adopt("kept-1", STUB, settings.record_defaults, container_id=kept.id)
+    assert await task == 1
+    assert not docker_client.containers.list(all=True, filters={"id": slow.id})
+    kept.reload()
+    assert kept.status == "running"
