@@ -518,10 +518,16 @@ class Reconciler:
             await self.starts.run(kind, record, container, spec)
         elif kind is ActionKind.STOP:
             assert container is not None
+            if record.status is Status.STOPPED and record.converged:
+                # Started by hand, or the record is older than what ran (a database restored from a backup).
+                log.warning("the engine runs although the record says stopped since %s; stopping it (after a "
+                            "restore of the database, Lobby may have to send its start again)",
+                            record.stopped_at.isoformat() if record.stopped_at else "?",
+                            extra={"game_id": record.game_id, "container_id": container.id})
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             try:
-                await self.store.mark_stopped(record, container_id=container.id)
+                await self.store.mark_stopped(record, container_id=container.id, stopped_now=True)
             except Conflict:
                 # A job came while the engine stopped (a start after the stop, say): the stop was
                 # ours all the same, so record that nothing runs before planning for that job;

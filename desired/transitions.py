@@ -73,11 +73,16 @@ def recorded(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
 
 
 def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
-            converged: bool = True) -> RuntimeRecord:
+            converged: bool = True, stopped_now: bool = False) -> RuntimeRecord:
     """Nothing runs (stopped by us, or found so): the generation has converged -- unless
     ``converged`` is False: a stop of ours that a newer generation overtook is only a fact about the
-    unit (that generation, a start say, still has its own work to do)."""
-    when = cur.stopped_at if (cur.status is Status.STOPPED and cur.stopped_at) else _at_least(
+    unit (that generation, a start say, still has its own work to do).
+
+    ``stopped_at`` is when the engine stopped: now when this process stopped a running one
+    (``stopped_now``), even under a record that already said stopped (an engine started by hand, or a
+    record older than what ran: a database restored from a backup), so that the cleanup TTL counts
+    from that stop, not from an older one; kept when a stopped record only finds it so."""
+    when = cur.stopped_at if (cur.status is Status.STOPPED and cur.stopped_at and not stopped_now) else _at_least(
         now, cur.started_at, cur.created_at)
     return cur.replace(status=Status.STOPPED, current_container_id=container_id,
                        current_image_ref=cur.current_image_ref or cur.desired_image_ref, stopped_at=when,

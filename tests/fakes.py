@@ -815,8 +815,10 @@ class FakeStore:
                     self._end(o, Outcome.SUCCESS, None, "", (new.current_container_id or "") if up else "",
                               new.engine_endpoint if up else "", now)
 
-    async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
-        return await self._finishing(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id))
+    async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None,
+                           stopped_now: bool = False) -> RuntimeRecord:
+        return await self._finishing(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id,
+                                                                               stopped_now=stopped_now))
 
     async def note_stopped(self, game_id: str, *, container_id: str) -> RuntimeRecord | None:
         self._check()

@@ -257,8 +257,10 @@ class Transitions(StoreBase):
         assert row is not None
         return max(0.0, float(row["worst"])), int(row["late"])
 
-    async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None) -> RuntimeRecord:
-        return await self._transition(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id),
+    async def mark_stopped(self, rec: RuntimeRecord, *, container_id: str | None,
+                           stopped_now: bool = False) -> RuntimeRecord:
+        return await self._transition(rec, lambda cur, now: transitions.stopped(cur, now, container_id=container_id,
+                                                                                stopped_now=stopped_now),
                                       finish=Outcome.SUCCESS)
 
     async def note_stopped(self, game_id: str, *, container_id: str) -> RuntimeRecord | None:

@@ -1,0 +1,46 @@
+"""A record older than what runs (red-team finding: PostgreSQL restored from an older backup). The game
+was stopped, the backup taken, then the game started again and ran for longer than the cleanup TTL.
+Restored, its record says stopped, converged, since before the backup: the controller stopped the
+engine, which is the record's wish, but kept the old ``stopped_at``, so the very next look removed the
+container for good (the cleanup TTL had long passed), and Lobby's start sent again was refused as a
+start of a removed game. The same happens to an engine started by hand beside a stopped record. A stop
+of a running engine is now dated when it happens: the TTL counts from there."""
+
+from __future__ import annotations
+
+from desired.model import JobKind, Status
+from tests.support.world import IMG, World
+
+
+async def test_an_engine_stopped_because_the_record_says_stopped_is_not_removed_at_once(tmp_path):
+    w = World(tmp_path, RTMANAGER_CLEANUP_TTL="3600")
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    await w.job(JobKind.STOP, "g1")
+    rec = await w.sync("g1")
+    assert rec.status is Status.STOPPED
+    w.store.clock.advance(2 * 3600)
+    # The engine runs again (started after the backup, or by hand); the record still says stopped.
+    [unit] = [c for c in w.backend.containers.values() if c.name == "galaxy-game-g1"]
+    unit.state = "running"
+    w.reconciler.units.touch("g1")
+    rec = await w.sync("g1")
+    assert rec.status is Status.STOPPED and w.backend.ops("stop")
+    assert rec.stopped_at == w.store.clock.now()
+    w.reconciler.units.touch("g1")
+    rec = await w.sync("g1")
+    assert rec.status is Status.STOPPED and not w.backend.ops("remove"), "removed right after its stop"
+    w.store.clock.advance(3600)
+    w.reconciler.units.touch("g1")
+    assert (await w.sync("g1")).status is Status.REMOVED  # the TTL counts from the stop
+
+
+async def test_an_engine_found_exited_keeps_the_time_it_stopped(tmp_path):
+    w = World(tmp_path)
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    await w.job(JobKind.STOP, "g1")
+    first = (await w.sync("g1")).stopped_at
+    w.store.clock.advance(60)
+    w.reconciler.units.touch("g1")
+    assert (await w.sync("g1")).stopped_at == first
