@@ -50,7 +50,7 @@ from controller.turns import probe_host
 from controller.workqueue import WorkQueue
 from desired.clock import Clock
 from desired.db.lease import Lease
-from desired.db.migrate import migrate
+from desired.db.migrate import migrate, schema_refusal
 from desired.db.notifications import Notifications
 from desired.db.pool import connect, create_pool
 from desired.db.store import Store
@@ -474,6 +474,9 @@ async def prepare_database(settings: Settings) -> Identity:
             applied = await migrate(conn)
             if applied:
                 log.info("applied migrations: %s", ", ".join(applied))
+        refusal = await schema_refusal(conn)
+        if refusal is not None:
+            raise SchemaMissing(refusal)
     finally:
         await conn.close()
     pool = await create_pool(settings.database.database_url, max_size=1, lease_ttl=settings.leadership.lease_ttl)

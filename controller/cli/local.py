@@ -184,10 +184,16 @@ async def doctor(settings: Settings) -> int:
                 applied = await store.applied_migrations()
             except Exception:  # noqa: BLE001 - no schema_migrations table yet
                 applied = set()
+            known = {m.version for m in load_migrations()}
             pending = [m.name for m in load_migrations() if m.version not in applied]
-            say(not pending, "schema", f"pending migrations {pending}: run `rtmanager migrate`" if pending
-                else f"up to date ({len(applied)} migrations)")
-            lease = None if pending else await store.lease_info(settings.leadership.instance)
+            unknown = sorted(applied - known)
+            if unknown:
+                say(False, "schema", f"newer than this rtmanager: migrations {unknown} are unknown to it; run the "
+                                     "rtmanager that applied them")
+            else:
+                say(not pending, "schema", f"pending migrations {pending}: run `rtmanager migrate`" if pending
+                    else f"up to date ({len(applied)} migrations)")
+            lease = None if pending or unknown else await store.lease_info(settings.leadership.instance)
             if lease is not None:
                 print(f"info leader of instance {settings.leadership.instance}: {lease['holder']} "
                       f"(term {lease['epoch']}, {'live' if lease['live'] else 'expired'})")

@@ -71,3 +71,25 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied
+
+
+async def schema_refusal(conn: asyncpg.Connection) -> str | None:
+    """Why this binary must not run on the database's schema, or None. A migration it does not know means
+    a newer rtmanager migrated it (a binary rolled back, an old replica of a rolling upgrade): rows may
+    hold values this binary cannot read, and one such row would fail the resync of every game. A missing
+    one means a column or a constraint this binary writes is not there."""
+    try:
+        rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    except asyncpg.UndefinedTableError:
+        return "the database has no rtmanager schema: run `rtmanager migrate` (or set RTMANAGER_AUTO_MIGRATE=1)"
+    known = {m.version for m in load_migrations()}
+    unknown = [r["name"] for r in rows if r["version"] not in known]
+    if unknown:
+        return (f"the database's schema is newer than this rtmanager: it knows no migration {', '.join(unknown)}; "
+                "run the rtmanager that applied them")
+    applied = {r["version"] for r in rows}
+    pending = [m.name for m in load_migrations() if m.version not in applied]
+    if pending:
+        return (f"the database lacks migrations {', '.join(pending)}: run `rtmanager migrate` "
+                "(or set RTMANAGER_AUTO_MIGRATE=1)")
+    return None

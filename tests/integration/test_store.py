@@ -73,6 +73,45 @@ async def test_concurrent_migrations_on_an_empty_database_apply_once(database_ur
             await c.close()
 
 
+@pytest.mark.parametrize("auto_migrate", ["0", "1"])
+async def test_a_schema_newer_than_the_binary_is_refused_at_start(database_url, auto_migrate):
+    """Red-team finding: a binary started against a database another, newer rtmanager migrated (a rollback
+    of the binary, an old replica during a rolling upgrade) ran, and one row with a value it does not know
+    (a newer status or error code) failed the resync of every game. It now refuses to start, naming the
+    migrations it does not know."""
+    from controller.app import SchemaMissing, prepare_database
+    from controller.config import Settings
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ('9999', "
+                           "'9999_from_the_future.sql', 'x')")
+    finally:
+        await conn.close()
+    settings = Settings.from_env({"RTMANAGER_DATABASE_URL": database_url, "RTMANAGER_IMAGE_ALLOWLIST": "x:*",
+                                  "RTMANAGER_AUTO_MIGRATE": auto_migrate})
+    with pytest.raises(SchemaMissing, match="9999_from_the_future.sql"):
+        await prepare_database(settings)
+
+
+async def test_a_schema_missing_migrations_is_refused_at_start_without_auto_migrate(database_url):
+    """The other way round: with RTMANAGER_AUTO_MIGRATE=0 a binary ran against a schema without its newest
+    migrations, and every admission failed on a missing column, counting an attempt against each job."""
+    from controller.app import SchemaMissing, prepare_database
+    from controller.config import Settings
+
+    newest = load_migrations()[-1]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("DELETE FROM schema_migrations WHERE version = $1", newest.version)
+    finally:
+        await conn.close()
+    settings = Settings.from_env({"RTMANAGER_DATABASE_URL": database_url, "RTMANAGER_IMAGE_ALLOWLIST": "x:*",
+                                  "RTMANAGER_AUTO_MIGRATE": "0"})
+    with pytest.raises(SchemaMissing, match=newest.name):
+        await prepare_database(settings)
+
+
 async def test_submit_creates_record_and_queued_operation(pool):
     store = Store(pool)
     out = await store.submit(start("g1", "1-0"), DEFAULTS)
