@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
@@ -14,6 +15,17 @@ if TYPE_CHECKING:  # imported where they are used, after start-up
     from controller.streams import RedisStreams
     from desired.db.store import Store
     from observed.backend import RuntimeBackend
+
+
+def game_id_arg(value: str) -> str:
+    """A GAME argument that goes into a URL path: a game id, or the command stops (exit 2) before any
+    request (``../rollouts/1/abort`` would otherwise reach another endpoint)."""
+    from desired.jobs import InvalidJob, validate_game_id
+
+    try:
+        return validate_game_id(value)
+    except InvalidJob as exc:
+        raise argparse.ArgumentTypeError(f"{value!r}: {exc}") from None
 
 
 def load_settings() -> Settings:

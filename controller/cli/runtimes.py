@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from controller.cli.api import Answer, ApiClient, add_api_options, refused, with_api
-from controller.cli.common import fail, print_json, table
+from controller.cli.common import fail, game_id_arg, print_json, table
 
 # the job commands: CLI name -> the REST path under /api/v1/runtimes/{game_id}/
 JOBS = ("start", "stop", "restart", "patch", "cleanup", "pause", "resume", "force-next-turn", "reconcile")
@@ -38,14 +38,14 @@ def add_parsers(sub: Any) -> None:
     rp.add_argument("--page-size", type=int, default=PAGE, metavar="N", help=f"records per request (default {PAGE})")
     rp.add_argument("--json", action="store_true")
     one = sub.add_parser("runtime", parents=[api], help="one runtime record (REST)")
-    one.add_argument("game_id", metavar="GAME")
+    one.add_argument("game_id", metavar="GAME", type=game_id_arg)
     one.add_argument("--json", action="store_true")
     op = sub.add_parser("operations", parents=[api], help="a game's operation log, newest first (REST)")
-    op.add_argument("game_id", metavar="GAME")
+    op.add_argument("game_id", metavar="GAME", type=game_id_arg)
     op.add_argument("--json", action="store_true")
     for name in JOBS:
         jp = sub.add_parser(name, parents=[api], help=f"a {name} job through the REST API, waiting for its result")
-        jp.add_argument("game_id", metavar="GAME")
+        jp.add_argument("game_id", metavar="GAME", type=game_id_arg)
         if name in ("start", "patch"):
             jp.add_argument("image_ref", metavar="IMAGE")
         if name == "start":
@@ -59,11 +59,11 @@ def add_parsers(sub: Any) -> None:
                         help="how long to wait for the result (0-300, default 30)")
         jp.add_argument("--json", action="store_true")
     sp = sub.add_parser("schedule", parents=[api], help="set a game's turn interval (0: no schedule) (REST)")
-    sp.add_argument("game_id", metavar="GAME")
+    sp.add_argument("game_id", metavar="GAME", type=game_id_arg)
     sp.add_argument("turn_interval", type=int, metavar="SECONDS")
     sp.add_argument("--json", action="store_true")
     rs = sub.add_parser("resync", parents=[api], help="publish a snapshot of every live game, or of one (REST)")
-    rs.add_argument("game_id", nargs="?", metavar="GAME")
+    rs.add_argument("game_id", nargs="?", metavar="GAME", type=game_id_arg)
     rs.add_argument("--json", action="store_true")
 
 

@@ -379,3 +379,20 @@ def test_the_rest_commands_read_no_controller_configuration(argv, monkeypatch, c
         main([*argv, "--url", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert exited.value.code == 1 and err.startswith(f"rtmanager {argv[0]}: cannot reach http://127.0.0.1:9"), err
+
+
+@pytest.mark.parametrize("argv", [
+    ["stop", "../rollouts/1/abort?"], ["runtime", "x/../../admin/engine-versions/v1"], ["operations", "G1"],
+    ["schedule", "a%2Fb", "10"], ["resync", "../x"], ["patch", "g1/..", "galaxy/engine:2"],
+])
+def test_a_game_argument_that_is_no_game_id_stops_the_command_before_any_request(argv, capsys):
+    """Red-team finding: the REST commands put GAME into the request's path as it was typed, so
+    ``rtmanager stop '../rollouts/1/abort?'`` reached ``POST /api/v1/rollouts/1/abort``."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "game_id must match" in capsys.readouterr().err
+
+
+def test_a_game_id_argument_is_taken_as_it_is():
+    assert build_parser().parse_args(["stop", "g-1"]).game_id == "g-1"
