@@ -182,6 +182,9 @@ class StateKeeper:
         tag = storage.backup_tag(record)
         if tag is not None and tag in (await asyncio.to_thread(statedir.backups, self.root)).get(record.game_id, ()):
             return  # taken already (a retry after a temporary error, or a kill): it needs no more room
+        if tag is not None and await in_thread(statedir.drop_partial_backup, self.root, record.state_path, tag):
+            log.info("deleted a copy of the state a kill cut short before measuring the room for a new one",
+                     extra={"game_id": record.game_id})
         measured = await asyncio.to_thread(statedir.measure, self.root, record.state_path)
         if measured is None:
             return  # not on this host (node-local state on a Swarm node): its own disk is not this one

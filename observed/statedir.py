@@ -234,6 +234,18 @@ def backup(root: str, path: str, tag: str) -> bool:
         return True
 
 
+def drop_partial_backup(root: str, path: str, tag: str) -> bool:
+    """Delete R/.backups/GAME/TAG.tmp, a copy a kill cut short (``backup`` deletes it first anyway): its
+    room is free again before the next copy's room is measured. True when there was one."""
+    with _translated(f"partial copy of {path}"):
+        path = checked(root, path)
+        tmp = os.path.join(os.path.realpath(root), BACKUPS, os.path.basename(path), tag + ".tmp")
+        if not os.path.lexists(tmp):
+            return False
+        _remove(tmp)
+        return True
+
+
 RESTORING = ".restoring"  # R/.backups/GAME/TAG.restoring: a restore from TAG begun and not finished
 
 

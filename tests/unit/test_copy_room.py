@@ -77,3 +77,25 @@ async def test_a_retried_patch_does_not_count_its_own_copy_twice(tmp_path, monke
         if rec.converged:
             break
     assert failed and w.results("g1")[-1] == ("patch", "success", "") and rec.current_image_ref == IMG2
+
+
+async def test_a_copy_a_kill_cut_short_is_not_counted_against_the_room_for_the_next(tmp_path, monkeypatch):
+    """Stop 41's open finding: a kill during the copy left ``TAG.tmp``. The retry measured the free space
+    with that partial copy still on the disk, and counted the whole copy against it again: a patch that
+    fits was refused storage_full. The partial copy, which the copy deletes first anyway, is deleted
+    before the room is measured."""
+    w = World(tmp_path, RTMANAGER_STATE_MIN_FREE="1000000")
+    rec = await started(w)
+    (Path(rec.state_path) / "save").write_bytes(b"x" * 4_000_000)
+    partial = tmp_path / "games" / ".backups" / "g1" / (rec.current_container_id[:12] + ".tmp")
+    partial.mkdir(parents=True)
+    (partial / "save").write_bytes(b"x" * 3_000_000)  # what the kill left
+
+    def free_space(root):
+        return (6_000_000 - (3_000_000 if partial.exists() else 0), 10**10)
+
+    monkeypatch.setattr(statedir_module, "free_space", free_space)
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    rec = await w.sync("g1")
+    assert w.results("g1")[-1] == ("patch", "success", "") and rec.current_image_ref == IMG2
+    assert not partial.exists()
