@@ -515,6 +515,12 @@ class Reconciler:
             raise ContainerStartFailed(reason)  # whose unit holds the name (planner.held), before any side effect
         if kind in _RESTORING:
             assert spec is not None
+            if (kind is ActionKind.RECREATE and record.rolling_back and container is not None
+                    and record.desired_image_ref != storage.replaced_image(record)
+                    and self._runs_replaced(record, container)):
+                # A job came during the rollback's health wait: the engine it replaces is the rollback's,
+                # on its restored state, and what it wrote since is the state a failure goes back to.
+                record = await self.store.mark_rollback_overtaken(record, container_id=container.id)
             await self.starts.run(kind, record, container, spec)
         elif kind is ActionKind.STOP:
             assert container is not None

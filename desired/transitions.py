@@ -49,6 +49,15 @@ def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -
                        else cur.rollback_image_ref)
 
 
+def rollback_overtaken(cur: RuntimeRecord, now: datetime, *, container_id: str) -> RuntimeRecord:
+    """A job asked for another image while the rollback's engine (the replaced image, started again on its
+    restored state) had not answered healthy yet. The rollback's restore is done and that engine wrote
+    since: its state is the one to keep now. It is the engine the job replaces: the record names it and no
+    longer rolls back, so its state is copied before the new image starts (a rollback goes back to that
+    copy), and the older copy is not put back over what it wrote."""
+    return cur.replace(current_container_id=container_id, rolling_back=False, last_op_at=_touch(cur, now))
+
+
 def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
             node: str | None = None) -> RuntimeRecord:
     """The engine answers its health path: the generation has converged. A game that was already up

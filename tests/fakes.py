@@ -424,7 +424,9 @@ class FakeBackend:
             return self._observe(existing)
         if spec.image not in self.images:  # the create pulls a missing image once, as the Docker backend's
             raise ImageMissing(f"image {spec.image} is not present and could not be pulled")
-        c = FakeContainer(id=f"c{next(self._ids):063d}", name=spec.name, image=spec.image, labels=spec.all_labels(),
+        # Distinct in their first 12 characters, as Docker's ids are (a copy of a game's state is named so).
+        c = FakeContainer(id=f"c{next(self._ids):011d}" + "0" * 52, name=spec.name, image=spec.image,
+                          labels=spec.all_labels(),
                           admin_token=spec.engine_env().get("ENGINE_ADMIN_TOKEN", ""), node=self._place(spec))
         self.containers[c.id] = c
         return self._observe(c)
@@ -741,6 +743,11 @@ class FakeStore:
         now = self._check()
         cur = self._guard(rec, True)
         return self._swap(cur, transitions.starting(cur, now, rollback_image=rollback_image))
+
+    async def mark_rollback_overtaken(self, rec: RuntimeRecord, *, container_id: str) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, True)
+        return self._swap(cur, transitions.rollback_overtaken(cur, now, container_id=container_id))
 
     async def _finishing(self, rec: RuntimeRecord,
                          change: Callable[[RuntimeRecord, datetime], RuntimeRecord]) -> RuntimeRecord:

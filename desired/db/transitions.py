@@ -93,6 +93,11 @@ class Transitions(StoreBase):
         return await self._transition(rec, lambda cur, now: transitions.starting(
             cur, now, rollback_image=rollback_image), guard_generation=True)
 
+    async def mark_rollback_overtaken(self, rec: RuntimeRecord, *, container_id: str) -> RuntimeRecord:
+        """desired/transitions.py ``rollback_overtaken``; guarded on the generation (the job's)."""
+        return await self._transition(rec, lambda cur, now: transitions.rollback_overtaken(
+            cur, now, container_id=container_id), guard_generation=True)
+
     async def mark_running(self, rec: RuntimeRecord, *, container_id: str, image: str,
                            probe: transitions.Probe | None = None, unreachable_after: int = 3,
                            generation_timeout: float = 600, node: str | None = None) -> RuntimeRecord:

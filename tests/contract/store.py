@@ -161,6 +161,28 @@ async def test_a_restore_of_a_games_state_is_in_the_operation_log(store):
     assert [o.op for o in await store.pending_operations("g1")] == [JobKind.START]  # nothing answered or queued
 
 
+async def test_a_rollback_overtaken_names_the_rollbacks_engine_and_no_longer_rolls_back(store):
+    """controller/reconciler.py, a job during a rollback's health wait: the record names the rollback's engine
+    (its state is the one a failure goes back to), guarded on the job's generation."""
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=None)
+    rec = await store.mark_running(rec, container_id="a" * 64, image=IMG)
+    await store.submit(Job(kind=JobKind.PATCH, game_id="g1", source=OpSource.LOBBY, image_ref=IMG + "-b",
+                           stream="s:control", entry_id="2-0"), DEFAULTS)
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=IMG)
+    rec = await store.fail_generation("g1", rec.generation, ErrorCode.ENGINE_UNHEALTHY, "no answer")
+    assert rec.rolling_back and rec.desired_image_ref == IMG
+    stale = rec
+    await store.submit(Job(kind=JobKind.PATCH, game_id="g1", source=OpSource.LOBBY, image_ref=IMG + "-c",
+                           stream="s:control", entry_id="3-0"), DEFAULTS)
+    with pytest.raises(Conflict):
+        await store.mark_rollback_overtaken(stale, container_id="b" * 64)  # the job's generation is newer
+    rec = await store.mark_rollback_overtaken(await store.get("g1"), container_id="b" * 64)
+    assert (rec.current_container_id, rec.rolling_back, rec.rollback_image_ref, rec.desired_image_ref) == (
+        "b" * 64, False, IMG, IMG + "-c")
+    assert (await store.get("g1")) == rec
+
+
 async def test_a_pause_withdrawing_a_scheduled_turn_not_asked_yet_waits_for_the_withdrawal(store):
     """controller/turns.py asks the engine, then answers the turn superseded and the pause in one transaction."""
     await store.submit(Job(kind=JobKind.START, game_id="g1", source=OpSource.LOBBY, image_ref=IMG, turn_interval=1,

@@ -158,3 +158,29 @@ async def test_the_unit_stopped_is_told_by_its_spec_hash_not_its_image_name(tmp_
     old_hash = w.reconciler.specs.want_hash(replacing.replace(desired_image_ref=IMG))
     restarted = dataclasses.replace(new, labels={**new.labels, "com.galaxy.spec-hash": old_hash})
     assert w.reconciler._runs_replaced(replacing, restarted) is True
+
+
+async def test_a_second_patch_during_the_rollback_copies_what_the_old_engine_wrote_since(tmp_path):
+    """Stop 41's open finding: a patch failed, the rollback started the old engine again on its restored state
+    and it wrote (its boot), and a second patch came before it answered healthy. That patch found the first
+    copy under the same name and took none, so when it failed too, its rollback put back the state from
+    before the first patch: what the old engine wrote in between was lost."""
+    w, rec, save = await patching(tmp_path)
+    real, patched = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE:
+            save.write_text("B-format (half converted)")
+        elif c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not patched:
+            save.write_text("A-format, booted again")  # the old engine, started on the restored state
+            patched.append(1)
+            await w.job(JobKind.PATCH, "g1", MUTE)  # the second patch, during the rollback's health wait
+        return await real(host)
+
+    w.engine.check = check
+    rec = await synced_until(w, lambda r: r.converged and len(w.results("g1")) >= 3, 12)
+    assert patched and w.results("g1") == [("start", "success", ""), ("patch", "failure", "engine_unhealthy"),
+                                           ("patch", "failure", "engine_unhealthy")]
+    assert rec.converged and rec.status.value == "running" and rec.current_image_ref == IMG  # rolled back again
+    assert save.read_text() == "A-format, booted again"
