@@ -83,7 +83,12 @@ def test_a_controller_on_an_empty_database_never_disposes_of_running_games(rtm_e
         # An operator hands one back to rtmanager and disposes of the other.
         adopt = cli(env2, "adopt", games[0])
         assert adopt.returncode == 0, adopt.stderr
+        # The empty database is another database than the one that created the games: a removal needs the
+        # operator's word that the first one is gone for good.
         dispose = cli(env2, "dispose", games[1])
+        assert dispose.returncode == 1 and "another database" in dispose.stderr, dispose.stderr
+        assert len(running(docker_client, games[1])) == 1
+        dispose = cli(env2, "dispose", "--other-database", games[1])
         assert dispose.returncode == 0, dispose.stderr
 
         def settled():
