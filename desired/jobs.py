@@ -113,17 +113,20 @@ class ImageAllowlist:
 
     def allows(self, image_ref: str) -> bool:
         """A pattern matches the whole reference. One with both a tag and a digest runs its digest, whatever
-        the tag says (Docker looks the digest up in the repository): its tag proves nothing, so it is allowed
-        only where the digest would be on its own (``repo@sha256:...``), or where a pattern allows every tag
-        of the repository (matches it with a tag no real tag can be)."""
-        if not any(fnmatch.fnmatchcase(image_ref, p) for p in self.patterns):
-            return False
+        the tag says (Docker looks the digest up in the repository): its tag proves nothing. So a pattern
+        that matches it must also say something of the digest: name it (another digest in its place would
+        not match), allow the digest on its own (``repo@sha256:...``), or allow it under any tag (match it
+        with a tag no real tag can be)."""
+        matching = [p for p in self.patterns if fnmatch.fnmatchcase(image_ref, p)]
         name, _, digest = image_ref.partition("@")
         repo = image_repository(image_ref)
-        if not digest or repo == name:
-            return True
-        return any(fnmatch.fnmatchcase(f"{repo}@{digest}", p) or fnmatch.fnmatchcase(f"{repo}:{_ANY_TAG}", p)
-                   for p in self.patterns)
+        if not matching or not digest or repo == name:
+            return bool(matching)
+        algo, _, hexpart = digest.partition(":")
+        other = f"{name}@{algo}:" + "".join("1" if c == "0" else "0" for c in hexpart)  # differs everywhere
+        alone, any_tag = f"{repo}@{digest}", f"{repo}:{_ANY_TAG}@{digest}"
+        return (any(not fnmatch.fnmatchcase(other, p) for p in matching)
+                or any(fnmatch.fnmatchcase(alone, p) or fnmatch.fnmatchcase(any_tag, p) for p in self.patterns))
 
 
 def validate_game_id(value: str) -> str:

@@ -97,6 +97,11 @@ def test_parse_allowed_images(image_ref: str) -> None:
     ("galaxy/*", f"galaxy/engine:2.0@{DIGEST}", True),
     ("galaxy/engine@sha256:*", f"galaxy/engine:2.0@{DIGEST}", False),  # the whole reference must match too
     ("galaxy/engine:2.0*", f"galaxy/engine:2.0@{DIGEST}", False),
+    (f"galaxy/engine:2.0@{DIGEST}", f"galaxy/engine:2.0@{DIGEST}", True),  # review: pinned exactly
+    (f"galaxy/engine:*@{DIGEST}", f"galaxy/engine:2.0@{DIGEST}", True),
+    ("galaxy/engine:2.*@sha256:*", f"galaxy/engine:2.0@{DIGEST}", False),  # a tag and any digest: any image
+    ("galaxy/engine:*@sha256:*", f"galaxy/engine:2.0@{DIGEST}", True),
+    ("galaxy/engine:2.0@sha256:" + "0" * 64, "galaxy/engine:2.0@sha256:" + "0" * 64, True),
 ])
 def test_a_tag_with_a_digest_is_allowed_only_where_the_digest_would_be(patterns, image_ref, allowed) -> None:
     """Red-team finding: Docker runs the digest of a reference that has both, whatever its tag says, so a
