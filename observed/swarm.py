@@ -495,7 +495,7 @@ class SwarmBackend(DaemonClient):
             tasks = await self._service_tasks(unit_id)
         before = {t["ID"] for t in tasks if _task_state(t) in _ENDED}
         latest = _latest(tasks)
-        if _replicas(service) == 0:
+        if _replicas(service) in (0, None):  # None: no count; it is made one
             await self._update(unit_id, lambda s: _set_replicas(s, 1))
         elif latest is not None and _task_state(latest) in _ENDED:
             await self._update(unit_id, _force_update)
@@ -702,9 +702,11 @@ def _name(service: Mapping[str, Any]) -> str:
     return _str(_obj(service.get("Spec")).get("Name")) or _str(service.get("ID"))[:12]
 
 
-def _replicas(service: Mapping[str, Any]) -> int:
-    """The replicas the service asks for; 0 when that is no count (the reconciler's next start scales it)."""
-    return _count(_obj(_obj(_obj(service.get("Spec")).get("Mode")).get("Replicated")).get("Replicas"))
+def _replicas(service: Mapping[str, Any]) -> int | None:
+    """The replicas the service asks for; None when that is no count: it may run (a stop scales it to 0,
+    a start to 1)."""
+    value = _obj(_obj(_obj(service.get("Spec")).get("Mode")).get("Replicated")).get("Replicas")
+    return value if type(value) is int and value >= 0 else None
 
 
 def _set_replicas(spec: dict[str, Any], n: int) -> None:
@@ -734,7 +736,7 @@ def _state(service: Mapping[str, Any], tasks: list[dict[str, Any]]) -> tuple[str
         return "running", _latest(running)
     latest = _latest(tasks)
     if latest is None:
-        if _replicas(service) > 0:
+        if _replicas(service) != 0:
             return "restarting", None  # scaled up, its task not made yet: Swarm makes and runs it by itself
         # Never ran (0 replicas since the create), or stopped and its tasks already forgotten: an update
         # (the scale to 0) leaves a previous spec.
