@@ -400,16 +400,9 @@ class Controller:
             for t in pending:
                 t.cancel()
         relay_task = next((t for t in self.leader_tasks if t.get_name() == "relay"), None)
-        # Every other task of the term ends before the lease is handed over: a task cancelled inside a copy
-        # or restore of a state directory waits for its file thread (storage.in_thread), and the next leader
-        # must not copy or restore that game's directory beside it. The lease is renewed meanwhile.
         others = [t for t in self.leader_tasks if t is not relay_task]
         for t in others:
             t.cancel()
-        if others:
-            _, left = await asyncio.wait(others, timeout=storage.CANCEL_WAIT + 5)
-            if left:
-                log.error("tasks still running at the hand-over: %s", ", ".join(sorted(t.get_name() for t in left)))
         self.relay.stop()
         if relay_task is not None:
             await asyncio.gather(relay_task, return_exceptions=True)  # one publisher at a time
@@ -418,6 +411,15 @@ class Controller:
                 await asyncio.wait_for(self.relay.flush(), 5)
             except Exception as exc:  # noqa: BLE001 - the outbox keeps them; the next leader publishes them
                 log.warning("results left in the outbox: %s", exc)
+        # Every other task of the term ends before the lease is handed over: a task cancelled inside a copy
+        # or restore of a state directory waits for its file thread (storage.in_thread), and the next leader
+        # must not copy or restore that game's directory beside it. The lease is renewed meanwhile; Lobby's
+        # answers were published above, so a supervisor's SIGKILL during this wait costs only the lease's
+        # expiry (and ends the thread with the process).
+        if others:
+            _, left = await asyncio.wait(others, timeout=storage.CANCEL_WAIT + 5)
+            if left:
+                log.error("tasks still running at the hand-over: %s", ", ".join(sorted(t.get_name() for t in left)))
         self.leadership.release()
         if self.fence.valid_locally:
             try:
