@@ -18,15 +18,22 @@ if TYPE_CHECKING:
 
 
 async def migrate(settings: Settings) -> int:
-    from desired.db.migrate import migrate
+    from desired.db.migrate import migrate, schema_refusal
     from desired.db.pool import connect
 
     conn = await connect(settings.database.database_url)
     try:
         applied = await migrate(conn)
+        refusal = await schema_refusal(conn)  # a newer rtmanager's migrations: this one cannot run on it
     finally:
         await conn.close()
-    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    if applied:
+        print("applied: " + ", ".join(applied))
+    if refusal is not None:
+        print(f"rtmanager migrate: {refusal}", file=sys.stderr)
+        return 1
+    if not applied:
+        print("schema is up to date")
     return 0
 
 
@@ -145,8 +152,11 @@ async def dispose(settings: Settings, games: list[str], other_database: bool = F
         uid = await database_of_this_instance(settings, store)
         if uid is None:
             return 1
+        unowned = dict(await unowned_containers(settings, store, backend))
         for game in games:
-            c = dict(await unowned_containers(settings, store, backend)).get(game)
+            c = unowned.get(game)
+            if c is not None and await store.game_ids([game]):  # given a record since the list (a start, adopt)
+                c = None
             if c is None:
                 print(f"{game}: no unowned container of instance {settings.leadership.instance} for this game "
                       "(a managed game is stopped with a stop job and removed with cleanup)", file=sys.stderr)

@@ -41,6 +41,7 @@ def unit(docker_client, settings: Settings, game: str, *, database: str = "", sl
         labels["com.galaxy.database"] = database
     extra = {"entrypoint": ["/bin/sleep"], "command": ["60"]} if sleeper else {}
     return docker_client.containers.run(STUB, name=f"galaxy-game-{game}", labels=labels, detach=True,
+                                        network_mode="none",
                                         volumes={state: {"bind": settings.engine.engine_state_dir, "mode": "rw"}},
                                         **extra)
 
@@ -63,7 +64,8 @@ async def test_adopt_all_goes_past_a_unit_labelled_with_no_game_id(rtm_env, dock
     settings = settings_of(rtm_env)
     await claimed(pool, settings)
     unit(docker_client, settings, "good-1")
-    docker_client.containers.run(STUB, name=f"odd-{settings.leadership.instance}", detach=True, labels={
+    docker_client.containers.run(STUB, name=f"odd-{settings.leadership.instance}", detach=True,
+                                 network_mode="none", labels={
         "com.galaxy.managed-by": "rtmanager", "com.galaxy.instance": settings.leadership.instance,
         "com.galaxy.game-id": "Bad_Id"})
     assert await adopt(settings, [], True) == 1
@@ -117,3 +119,15 @@ async def test_dispose_looks_again_before_each_removal(rtm_env, docker_client, p
     assert not docker_client.containers.list(all=True, filters={"id": slow.id})
     kept.reload()
     assert kept.status == "running"
+
+
+async def test_migrate_says_when_the_schema_is_newer_than_itself(rtm_env, pool, capsys):
+    """Review: ``rtmanager migrate`` against a schema a newer rtmanager migrated said "schema is up to date"
+    and exited 0, while ``rtmanager run`` refuses that schema."""
+    from controller.cli.local import migrate
+
+    await pool.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ('9999', "
+                       "'9999_from_the_future.sql', 'x')")
+    assert await migrate(settings_of(rtm_env)) == 1
+    err = capsys.readouterr().err
+    assert "newer than this rtmanager" in err and "9999_from_the_future.sql" in err

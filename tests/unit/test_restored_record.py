@@ -36,11 +36,22 @@ async def test_an_engine_stopped_because_the_record_says_stopped_is_not_removed_
 
 
 async def test_an_engine_found_exited_keeps_the_time_it_stopped(tmp_path):
+    """A stopped record that only finds its engine exited (MARK_STOPPED: here the unit was replaced from
+    outside by another exited one) keeps the time the engine stopped."""
+    from dataclasses import replace
+
     w = World(tmp_path)
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
     await w.job(JobKind.STOP, "g1")
     first = (await w.sync("g1")).stopped_at
     w.store.clock.advance(60)
+    [unit] = [c for c in w.backend.containers.values() if c.name == "galaxy-game-g1"]
+    del w.backend.containers[unit.id]
+    other = replace(unit, id="d" * 64)  # the same game's unit, another id: the record names no longer it
+    w.backend.containers[other.id] = other
     w.reconciler.units.touch("g1")
-    assert (await w.sync("g1")).stopped_at == first
+    rec = await w.sync("g1")
+    assert rec.current_container_id == other.id  # MARK_STOPPED ran: nothing was stopped
+    assert [op for op in w.backend.ops("stop") if op[1] == other.id] == []
+    assert rec.stopped_at == first
