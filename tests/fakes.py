@@ -291,7 +291,8 @@ class FakeStreams:
     async def range(self, stream: str, start: str, end: str = "+",
                     count: int = 1000) -> list[tuple[str, dict[Any, Any]]]:
         self._check("range", stream)
-        return [(eid, f) for eid, f in self._pairs(stream) if entry_key(eid) >= entry_key(start)][:count]
+        low = (0, 0) if start == "-" else entry_key(start)
+        return [(eid, f) for eid, f in self._pairs(stream) if entry_key(eid) >= low][:count]
 
     async def recent_field(self, stream: str, count: int, name: str) -> list[tuple[str, str]]:
         return [(eid, f.get(name, "")) for eid, f in await self.recent(stream, count)]
@@ -1147,6 +1148,25 @@ class FakeStore:
                 if r["kind"] == "result" and (game_id is None or r["game_id"] == game_id)]
 
     # outbox
+    async def snapshot_revisions(self, game_ids: builtins.list[str]) -> dict[str, int]:
+        self._check()
+        return {g: self.records[g].snapshot_revision for g in game_ids if g in self.records}
+
+    async def raise_snapshot_revisions(self, floors: dict[str, int]) -> int:
+        self._check()
+        raised = 0
+        for game, floor in sorted(floors.items()):
+            rec = self.records.get(game)
+            if rec is None or rec.snapshot_revision >= floor:
+                continue
+            raised += 1
+            pending = [r for r in self.results if r["game_id"] == game and r["kind"] == "snapshot"
+                       and not r["published"]]
+            for n, r in enumerate(pending, 1):
+                r["fields"] = {**r["fields"], "revision": str(floor + n)}
+            self.records[game] = rec.replace(snapshot_revision=floor + len(pending))
+        return raised
+
     async def unpublished(self, limit: int = 100) -> builtins.list[PendingResult]:
         self._check()
         return [PendingResult(seq=r["seq"], result_id=r["result_id"], game_id=r["game_id"], fields=r["fields"],

@@ -29,6 +29,39 @@ def _pending(rows: list[asyncpg.Record]) -> list[PendingResult]:
 class Outbox(StoreBase):
     """The job_results table as the relay, the status surfaces and retention see it."""
 
+    async def snapshot_revisions(self, game_ids: list[str]) -> dict[str, int]:
+        """The revision of the last snapshot of each of these games that has a record."""
+        rows = await self.pool.fetch("SELECT game_id, snapshot_revision FROM runtime_records"
+                                     " WHERE game_id = ANY($1::text[])", game_ids)
+        return {r["game_id"]: r["snapshot_revision"] for r in rows}
+
+    async def raise_snapshot_revisions(self, floors: dict[str, int]) -> int:
+        """Each game's revisions above ``floors[game]`` (the highest Lobby was sent, controller/snapshot_floor.py),
+        for the games whose record holds a lower one: its snapshots not published yet are numbered again
+        above the floor, in their order, and its next one comes after them. Returns how many games."""
+        if not floors:
+            return 0
+        games, revs = list(floors), [floors[g] for g in floors]
+        async with self._tx() as (conn, _):
+            rows = await conn.fetch(
+                "SELECT r.game_id, f.rev FROM runtime_records r"
+                " JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
+                " WHERE r.snapshot_revision < f.rev ORDER BY r.game_id FOR UPDATE OF r", games, revs)
+            if not rows:
+                return 0
+            games, revs = [r["game_id"] for r in rows], [r["rev"] for r in rows]
+            await conn.execute(
+                "UPDATE job_results j SET fields = jsonb_set(j.fields, '{revision}', to_jsonb((p.rev + p.n)::text))"
+                " FROM (SELECT q.seq, f.rev, row_number() OVER (PARTITION BY q.game_id ORDER BY q.seq) AS n"
+                "       FROM job_results q JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
+                "       WHERE q.kind = 'snapshot' AND q.published_at IS NULL) p"
+                " WHERE j.seq = p.seq", games, revs)
+            await conn.execute(
+                "UPDATE runtime_records r SET snapshot_revision = f.rev + (SELECT count(*) FROM job_results q"
+                " WHERE q.game_id = r.game_id AND q.kind = 'snapshot' AND q.published_at IS NULL)"
+                " FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev) WHERE r.game_id = f.game_id", games, revs)
+            return len(rows)
+
     async def snapshot_resync(self, game_id: str | None = None) -> int:
         """A snapshot with reason resync (and a new revision) of every live game, or of one."""
         async with self._tx() as (conn, now):

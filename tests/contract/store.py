@@ -183,6 +183,26 @@ async def test_a_rollback_overtaken_names_the_rollbacks_engine_and_no_longer_rol
     assert (await store.get("g1")) == rec
 
 
+async def test_snapshot_revisions_are_raised_above_a_floor_with_the_unpublished_ones_numbered_after_it(store):
+    """controller/snapshot_floor.py after a restore of the database: a game behind its floor gets its
+    unpublished snapshots numbered above it, in order, and its next snapshot after them; a game at or
+    above its floor, or without a record, is left as it is."""
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    await store.submit(start("g2", "2-0"), DEFAULTS)
+    g2 = (await store.snapshot_revisions(["g2"]))["g2"]
+    assert await store.raise_snapshot_revisions({"g1": 40, "g2": g2, "nobody": 7}) == 1
+    revs = await store.snapshot_revisions(["g1", "g2", "nobody"])
+    pending = [p.fields["revision"] for p in await store.unpublished(1000) if p.kind == "snapshot"
+               and p.game_id == "g1"]
+    assert pending and pending == [str(41 + i) for i in range(len(pending))]
+    assert revs == {"g1": 40 + len(pending), "g2": g2}
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=None)
+    await store.mark_running(rec, container_id="c" * 64, image=IMG)  # a status change: a snapshot
+    newest = [p.fields["revision"] for p in await store.unpublished(1000) if p.kind == "snapshot"
+              and p.game_id == "g1"][-1]
+    assert int(newest) == 41 + len(pending)
+
+
 async def test_a_pause_withdrawing_a_scheduled_turn_not_asked_yet_waits_for_the_withdrawal(store):
     """controller/turns.py asks the engine, then answers the turn superseded and the pause in one transaction."""
     await store.submit(Job(kind=JobKind.START, game_id="g1", source=OpSource.LOBBY, image_ref=IMG, turn_interval=1,

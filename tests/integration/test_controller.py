@@ -223,6 +223,34 @@ async def test_the_lease_is_handed_over_only_once_every_file_thread_of_the_term_
     assert ended_at and expires_at >= ended_at[0]
 
 
+async def test_after_a_restore_of_the_database_snapshot_revisions_go_on_above_what_lobby_was_sent(h, pool):
+    """Red-team finding: a database restored from an older backup numbered a game's next snapshots from its
+    record, below the revisions Lobby holds, so Lobby dropped them. A new term raises them first."""
+    async def revisions() -> list[int]:
+        entries = await h.redis.xrange(h.env["RTMANAGER_SNAPSHOT_STREAM"])
+        return [int(f["revision"]) for _, f in entries if f["game_id"] == "floor-1"]
+
+    store = Store(pool)
+    entry = await h.submit_start("floor-1")
+    await h.start()
+    await eventually(lambda: _converged(store, "floor-1"), what="convergence")
+    assert (await h.result(entry))["outcome"] == "success"
+    await h.stop_all()
+    sent = max(await revisions())
+    # The restore: the record as it was when the game had just been admitted.
+    await pool.execute("UPDATE runtime_records SET snapshot_revision = 1 WHERE game_id = 'floor-1'")
+    await h.start()
+    stop = await h.submit_stop("floor-1")
+    assert (await h.result(stop, "stop"))["outcome"] == "success"
+    after = await eventually(lambda: _after(revisions, sent), what="a snapshot after the restart")
+    assert min(after) > sent, (sent, after)
+
+
+async def _after(revisions, sent: int):
+    every = await revisions()
+    return every[every.index(sent) + 1:] or None
+
+
 async def test_a_created_but_never_started_container_is_started_not_duplicated(h, pool):
     """The state a kill -9 between create and start leaves behind."""
     store = Store(pool)

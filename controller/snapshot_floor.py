@@ -1,0 +1,84 @@
+"""Snapshot revisions that never go back, whatever the database went through.
+
+Lobby keeps the highest ``revision`` of each game's snapshots and drops the rest. A database restored
+from an older backup (or emptied, then given its games back with ``rtmanager adopt``) numbers a game's
+next snapshots from what it holds: below what Lobby was already sent, so Lobby would drop every change
+until the game's revision passed the old one, which for a quiet game may be never.
+
+At the start of each leadership term, before any of its tasks runs, the newest entry of the snapshot
+stream is compared with the database (one read of each): a revision there above the record's says the
+database is behind. Only then is the stream read whole (it is trimmed, so it is bounded), and every
+game's revision is raised above the highest one the stream holds of it (desired/db/outbox.py
+``raise_snapshot_revisions``). A game whose snapshots were all trimmed away cannot be told: its next
+revision may still be one Lobby holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+log = logging.getLogger("rtmanager.snapshots")
+
+BATCH = 5000          # entries read per call
+MAX_DIGITS = 18       # a revision the database's bigint holds
+
+
+class FloorStreams(Protocol):
+    async def recent(self, stream: str, count: int) -> list[tuple[str, dict[Any, Any]]]: ...
+    async def range(self, stream: str, start: str, end: str = "+",
+                    count: int = 1000) -> list[tuple[str, dict[Any, Any]]]: ...
+
+
+class FloorStore(Protocol):
+    async def snapshot_revisions(self, game_ids: list[str]) -> dict[str, int]: ...
+    async def raise_snapshot_revisions(self, floors: dict[str, int]) -> int: ...
+
+
+def revision_of(fields: dict[Any, Any]) -> tuple[str, int] | None:
+    """(game, revision) of a snapshot entry; None for an entry that is not one of ours (garbage)."""
+    game, rev = fields.get("game_id"), fields.get("revision")
+    if not isinstance(game, str) or not isinstance(rev, str) or not game:
+        return None
+    if not (rev.isascii() and rev.isdigit()) or len(rev) > MAX_DIGITS:
+        return None
+    return game, int(rev)
+
+
+def _after(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    return f"{ms}-{int(seq or 0) + 1}"
+
+
+async def behind(streams: FloorStreams, store: FloorStore, stream: str) -> bool:
+    """Whether the snapshot stream's newest entry has a revision the database does not know of its game."""
+    newest = await streams.recent(stream, 1)
+    found = revision_of(newest[0][1]) if newest else None
+    if found is None:
+        return False
+    game, revision = found
+    known = (await store.snapshot_revisions([game])).get(game)
+    return known is None or known < revision
+
+
+async def raise_floor(streams: FloorStreams, store: FloorStore, stream: str) -> int:
+    """The games whose revisions were raised above the snapshot stream's (0 when the database is not
+    behind it: the usual case costs two reads)."""
+    if not await behind(streams, store, stream):
+        return 0
+    floors: dict[str, int] = {}
+    start = "-"
+    while True:
+        batch = await streams.range(stream, start, "+", BATCH)
+        for _, fields in batch:
+            found = revision_of(fields)
+            if found is not None and found[1] > floors.get(found[0], -1):
+                floors[found[0]] = found[1]
+        if len(batch) < BATCH:
+            break
+        start = _after(batch[-1][0])
+    raised = await store.raise_snapshot_revisions(floors)
+    log.error("the database is behind the snapshot stream (restored from an older backup, or emptied): the "
+              "snapshot revisions of %d games were raised above the highest ones Lobby was sent; the games' "
+              "desired state is the backup's (README, restoring the database)", raised)
+    return raised

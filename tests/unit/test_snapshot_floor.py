@@ -1,0 +1,92 @@
+"""Snapshot revisions after a restore of the database (red-team finding): revisions are numbered from the
+record, so a database restored from an older backup numbered a game's next snapshots below those Lobby
+was sent, and Lobby, which keeps the highest revision per game, dropped them: it went on believing a game
+stopped that ran again. A new term raises every game's revision above the snapshot stream's first."""
+
+from __future__ import annotations
+
+import pytest
+
+from controller import snapshot_floor
+from controller.snapshot_floor import raise_floor, revision_of
+from desired.jobs import Job
+from desired.model import JobKind, OpSource
+from tests.fakes import FakeStore, FakeStreams, defaults
+
+STREAM = "snapshots"
+IMG = "galaxy/engine-stub:1.0"
+
+
+async def world(tmp_path, games=("g1", "g2")):
+    store, streams = FakeStore(), FakeStreams()
+    for n, game in enumerate(games):
+        await store.submit(Job(kind=JobKind.START, game_id=game, source=OpSource.LOBBY, image_ref=IMG,
+                               stream="s", entry_id=f"{n + 1}-0"), defaults(str(tmp_path)))
+    return store, streams
+
+
+def sent(streams: FakeStreams, game: str, revision: int) -> None:
+    streams.xadd(STREAM, {"game_id": game, "revision": str(revision), "status": "running"})
+
+
+async def test_a_database_behind_the_stream_has_every_games_revisions_raised_above_it(tmp_path):
+    store, streams = await world(tmp_path)
+    for rev in range(1, 8):
+        sent(streams, "g1", rev)
+    sent(streams, "g2", 4)
+    sent(streams, "g1", 9)  # the newest entry: above what the restored record holds
+    assert store.records["g1"].snapshot_revision < 9
+    assert await raise_floor(streams, store, STREAM) == 2
+    assert store.records["g1"].snapshot_revision >= 9 and store.records["g2"].snapshot_revision >= 4
+    # what was not published yet is numbered above the floor, in its order, and the next comes after it
+    pending = [r["fields"]["revision"] for r in store.results if r["game_id"] == "g1" and r["kind"] == "snapshot"
+               and not r["published"]]
+    assert pending and pending == [str(10 + i) for i in range(len(pending))]
+    assert store.records["g1"].snapshot_revision == 9 + len(pending)
+
+
+async def test_a_database_that_is_not_behind_costs_two_reads_and_changes_nothing(tmp_path):
+    store, streams = await world(tmp_path)
+    sent(streams, "g1", 1)
+    before = dict(store.records)
+    streams.calls.clear()
+    assert await raise_floor(streams, store, STREAM) == 0
+    assert [c[0] for c in streams.calls] == ["recent"] and store.records == before
+
+
+async def test_a_game_the_database_lost_counts_as_behind(tmp_path):
+    store, streams = await world(tmp_path, games=("g1",))
+    sent(streams, "g1", 3)
+    sent(streams, "gone", 5)  # newest: a game with no record (an emptied database, its games adopted later)
+    assert await raise_floor(streams, store, STREAM) == 1
+    assert store.records["g1"].snapshot_revision >= 3
+
+
+async def test_the_stream_is_read_whole_in_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(snapshot_floor, "BATCH", 3)
+    store, streams = await world(tmp_path)
+    sent(streams, "g2", 50)
+    for rev in range(1, 11):
+        sent(streams, "g1", rev)
+    sent(streams, "g1", 11)
+    assert await raise_floor(streams, store, STREAM) == 2
+    assert store.records["g2"].snapshot_revision >= 50 and store.records["g1"].snapshot_revision >= 11
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"game_id": "g1"}, {"game_id": "g1", "revision": "x"}, {"game_id": "g1", "revision": "-3"},
+    {"game_id": "g1", "revision": "٣"}, {"game_id": "g1", "revision": "9" * 19}, {"game_id": "", "revision": "1"},
+    {"game_id": b"g1", "revision": "1"},
+])
+def test_an_entry_that_is_not_one_of_our_snapshots_is_no_revision(fields):
+    assert revision_of(fields) is None
+
+
+async def test_garbage_on_the_stream_is_passed_over(tmp_path):
+    store, streams = await world(tmp_path)
+    sent(streams, "g1", 6)
+    streams.xadd(STREAM, {"game_id": "g1", "revision": "9" * 40})
+    streams.xadd(STREAM, {"hello": "world"})
+    sent(streams, "g2", 8)
+    assert await raise_floor(streams, store, STREAM) == 2
+    assert 6 <= store.records["g1"].snapshot_revision < 10**6
