@@ -88,6 +88,7 @@ log = logging.getLogger("rtmanager.reconciler")
 MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
+REVISIONS_BACK = 4  # spec revisions before the record's at which an engine may still be the replaced image's
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
 
@@ -443,11 +444,15 @@ class Reconciler:
     def _runs_replaced(self, record: RuntimeRecord, unit: ObservedContainer | None) -> bool:
         """Whether ``unit`` is an engine of the image a replacement under way replaces (started again by a
         rollback, or by a job that asked for it), by its spec hash: the image a Swarm service shows has no
-        digest, and an image name alone may be another's with a digest."""
+        digest, and an image name alone may be another's with a digest. At the record's spec revision or one
+        of the few before it: a restart or a drain's move since (a new revision) does not make that engine
+        another image's."""
         replaced = storage.replaced_image(record)
         if unit is None or replaced is None or not record.desired_image_ref:
             return False
-        return unit.spec_hash == self.specs.want_hash(record.replace(desired_image_ref=replaced))
+        base = record.replace(desired_image_ref=replaced)
+        return any(unit.spec_hash == self.specs.want_hash(base.replace(spec_revision=rev))
+                   for rev in range(record.spec_revision, max(-1, record.spec_revision - REVISIONS_BACK - 1), -1))
 
     def _note_control(self, game_id: str, claimed: list[Claimed]) -> None:
         """A claim found a pause, a resume or a reconcile, or nothing (what a predecessor claimed): the turn
@@ -516,10 +521,10 @@ class Reconciler:
         if kind in _RESTORING:
             assert spec is not None
             if (kind is ActionKind.RECREATE and record.rolling_back and container is not None
-                    and record.desired_image_ref != storage.replaced_image(record)
-                    and self._runs_replaced(record, container)):
-                # A job came during the rollback's health wait: the engine it replaces is the rollback's,
-                # on its restored state, and what it wrote since is the state a failure goes back to.
+                    and container.id != record.current_container_id and self._runs_replaced(record, container)):
+                # A job came during the rollback's health wait (a patch, a restart, a drain's move): the engine
+                # it replaces is the rollback's, on its restored state, and what it wrote since is the state a
+                # failure goes back to.
                 record = await self.store.mark_rollback_overtaken(record, container_id=container.id)
             await self.starts.run(kind, record, container, spec)
         elif kind is ActionKind.STOP:

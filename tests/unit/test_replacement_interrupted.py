@@ -184,3 +184,27 @@ async def test_a_second_patch_during_the_rollback_copies_what_the_old_engine_wro
                                            ("patch", "failure", "engine_unhealthy")]
     assert rec.converged and rec.status.value == "running" and rec.current_image_ref == IMG  # rolled back again
     assert save.read_text() == "A-format, booted again"
+
+
+async def test_a_restart_during_the_rollback_keeps_what_the_old_engine_wrote_since(tmp_path):
+    """Review of the test above's fix: a restart (a new spec revision, the same image) during the rollback's
+    health wait was not taken for a job replacing the rollback's engine (its spec hash was compared at the new
+    revision), and the first copy was put back over what that engine had written."""
+    w, rec, save = await patching(tmp_path)
+    real, restarted = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE:
+            save.write_text("B-format (half converted)")
+        elif c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not restarted:
+            save.write_text("A-format, booted again")
+            restarted.append(1)
+            await w.job(JobKind.RESTART, "g1")
+        return await real(host)
+
+    w.engine.check = check
+    rec = await synced_until(w, lambda r: r.converged and len(w.results("g1")) >= 3, 12)
+    assert restarted and w.results("g1")[-1] == ("restart", "success", "")
+    assert rec.converged and rec.status.value == "running" and rec.current_image_ref == IMG
+    assert save.read_text() == "A-format, booted again"
