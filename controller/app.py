@@ -29,7 +29,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from controller import snapshot_floor, storage
+from controller import storage
 from controller.admission import Admission
 from controller.config import Settings
 from controller.config_table import Backend
@@ -67,7 +67,6 @@ from observed.errors import ObservedError
 
 log = logging.getLogger("rtmanager")
 
-FLOOR_WAIT = 10.0  # seconds a new term spends at most on the snapshot floor (controller/snapshot_floor.py)
 SHUTDOWN_DRAIN = 5.0  # seconds workers may finish the action in hand; the next leader redoes the rest
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0  # seconds before a task that ended unexpectedly starts again, doubling
 RESTART_RESET = 60.0  # a task that ran this long before it ended starts again after RESTART_FIRST
@@ -271,7 +270,6 @@ class Controller:
         self.intake = Intake(s.streams, self.streams, self.store, self.admission, self.metrics, fence=self.fence,
                              allowlist=s.images.image_allowlist)
         self.relay.reset()
-        await self._snapshot_floor()  # before any task of the term numbers a snapshot
         term = self.term_stopping
         listener = Notifications(s.database.database_url, self._job_admitted,  # an operator tool's commits
                                  outbox=self.outbox, schedule=self.store.schedule)
@@ -291,18 +289,6 @@ class Controller:
         if s.runtime.backend is Backend.DOCKER:  # Swarm's task poller is late by its interval: no cache there
             self.reconciler.units.stream = self._event_stream
         events.start()
-
-    async def _snapshot_floor(self) -> None:
-        """Snapshot revisions above those Lobby was sent, after a restore of the database
-        (controller/snapshot_floor.py). Bounded, and never in the way of the term: a Redis away now is
-        logged, and the term goes on without it (its revisions may then be ones Lobby drops)."""
-        try:
-            await asyncio.wait_for(snapshot_floor.raise_floor(self.streams, self.store,
-                                                              self.settings.streams.snapshot_stream), FLOOR_WAIT)
-        except Fenced:
-            raise
-        except Exception as exc:  # noqa: BLE001 - an outage or a timeout: the term must start all the same
-            log.warning("could not compare the snapshot stream with the database: %s", exc)
 
     async def _step_down(self, reason: str) -> None:
         """The term is over: stop every leader task at once (the fence already refuses them)."""

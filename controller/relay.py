@@ -36,6 +36,7 @@ import logging
 import time
 from datetime import UTC, datetime
 
+from controller import snapshot_floor
 from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import GroupMissing, RedisStreams, StreamsUnavailable, entry_key
@@ -89,6 +90,7 @@ class Relay:
         # marked: look at the stream's tail before publishing again (fewer duplicates).
         self._suspect = True
         self._verify = True  # check the stream against what was marked published (start, reconnect)
+        self._floor_due = True  # the snapshot floor is checked before the term's first publication
         self._run_id: str | None = None
         self.republished = 0
         self.stall_limit = STALL_LIMIT
@@ -126,6 +128,7 @@ class Relay:
         """A new leadership term: run again, and trust nothing about the stream."""
         self._stopping = asyncio.Event()
         self._suspect = self._verify = True
+        self._floor_due = True
         self._busy_since = None
         self._unmarked = []  # a previous term's: the tail check finds them on the stream
 
@@ -206,6 +209,11 @@ class Relay:
         marks of the last batch are kept for the next read's statement (``_unmarked``); without, nothing
         published is left unmarked."""
         async with self._lock:
+            if self._floor_due:
+                # Before anything of this term is published: revisions above those Lobby was sent, after a
+                # restore of the database (controller/snapshot_floor.py). A failure is the relay's as any.
+                await snapshot_floor.raise_floor(self.redis, self.store, self.config.snapshot_stream)
+                self._floor_due = False
             if self._verify:
                 # What was published but not marked yet is checked against the stream too.
                 await self._write_marks()

@@ -5,12 +5,15 @@ from an older backup (or emptied, then given its games back with ``rtmanager ado
 next snapshots from what it holds: below what Lobby was already sent, so Lobby would drop every change
 until the game's revision passed the old one, which for a quiet game may be never.
 
-At the start of each leadership term, before any of its tasks runs, the newest entry of the snapshot
-stream is compared with the database (one read of each): a revision there above the record's says the
-database is behind. Only then is the stream read whole (it is trimmed, so it is bounded), and every
+In each leadership term the relay (controller/relay.py) does this before it publishes anything, and
+again after a failure until it went through: the newest entry of the snapshot stream is compared with
+the database (one read of each); a revision there above the record's, or a game without a record, says
+the database is behind. Only then is the stream read whole (it is trimmed, so it is bounded), and every
 game's revision is raised above the highest one the stream holds of it (desired/db/outbox.py
-``raise_snapshot_revisions``). A game whose snapshots were all trimmed away cannot be told: its next
-revision may still be one Lobby holds.
+``raise_snapshot_revisions``): its snapshots not published yet are numbered again above it, but for those
+already on the stream (published, not marked yet), which keep theirs. A game without a record keeps its
+floor (snapshot_floors) for when its record is made again. A game whose snapshots were all trimmed away
+cannot be told: its next revision may still be one Lobby holds.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class FloorStreams(Protocol):
 
 class FloorStore(Protocol):
     async def snapshot_revisions(self, game_ids: list[str]) -> dict[str, int]: ...
-    async def raise_snapshot_revisions(self, floors: dict[str, int]) -> int: ...
+    async def raise_snapshot_revisions(self, floors: dict[str, int],
+                                       on_stream: frozenset[str] = frozenset()) -> int: ...
 
 
 def revision_of(fields: dict[Any, Any]) -> tuple[str, int] | None:
@@ -67,6 +71,7 @@ async def raise_floor(streams: FloorStreams, store: FloorStore, stream: str) -> 
     if not await behind(streams, store, stream):
         return 0
     floors: dict[str, int] = {}
+    seen: set[str] = set()  # snapshot ids on the stream: published, marked or not, they keep their revision
     start = "-"
     while True:
         batch = await streams.range(stream, start, "+", BATCH)
@@ -74,10 +79,13 @@ async def raise_floor(streams: FloorStreams, store: FloorStore, stream: str) -> 
             found = revision_of(fields)
             if found is not None and found[1] > floors.get(found[0], -1):
                 floors[found[0]] = found[1]
+            snapshot_id = fields.get("snapshot_id")
+            if isinstance(snapshot_id, str):
+                seen.add(snapshot_id)
         if len(batch) < BATCH:
             break
         start = _after(batch[-1][0])
-    raised = await store.raise_snapshot_revisions(floors)
+    raised = await store.raise_snapshot_revisions(floors, frozenset(seen))
     log.error("the database is behind the snapshot stream (restored from an older backup, or emptied): the "
               "snapshot revisions of %d games were raised above the highest ones Lobby was sent; the games' "
               "desired state is the backup's (README, restoring the database)", raised)

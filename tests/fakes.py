@@ -621,6 +621,7 @@ class FakeStore:
         self.ops: builtins.list[Operation] = []
         # {"seq", "result_id", "game_id", "fields", "operation_id", "published", "kind", "written_at"}
         self.results: builtins.list[dict[str, Any]] = []
+        self.snapshot_floors: dict[str, int] = {}  # as the store's table: a lost game's floor
         self.marks: dict[str, tuple[int, int]] = {}
         self.attempts: dict[tuple[str, str], int] = {}
         self.down = False
@@ -714,7 +715,8 @@ class FakeStore:
             new = new.replace(engine_version=version.version if version else "")
         reason = snapshots.reason_for(cur, new, forced_reason)
         if reason is not None:
-            new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else 0) + 1)
+            base = cur.snapshot_revision if cur else self.snapshot_floors.pop(new.game_id, 0)
+            new = new.replace(snapshot_revision=base + 1)
         new.validate()
         moved = transitions.moves_the_clock(cur, new)
         self.records[new.game_id] = new
@@ -1152,16 +1154,20 @@ class FakeStore:
         self._check()
         return {g: self.records[g].snapshot_revision for g in game_ids if g in self.records}
 
-    async def raise_snapshot_revisions(self, floors: dict[str, int]) -> int:
+    async def raise_snapshot_revisions(self, floors: dict[str, int],
+                                       on_stream: frozenset[str] = frozenset()) -> int:
         self._check()
         raised = 0
         for game, floor in sorted(floors.items()):
             rec = self.records.get(game)
-            if rec is None or rec.snapshot_revision >= floor:
+            if rec is None:
+                self.snapshot_floors[game] = max(floor, self.snapshot_floors.get(game, 0))
+                continue
+            if rec.snapshot_revision >= floor:
                 continue
             raised += 1
             pending = [r for r in self.results if r["game_id"] == game and r["kind"] == "snapshot"
-                       and not r["published"]]
+                       and not r["published"] and r["result_id"] not in on_stream]
             for n, r in enumerate(pending, 1):
                 r["fields"] = {**r["fields"], "revision": str(floor + n)}
             self.records[game] = rec.replace(snapshot_revision=floor + len(pending))

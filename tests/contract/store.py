@@ -203,6 +203,24 @@ async def test_snapshot_revisions_are_raised_above_a_floor_with_the_unpublished_
     assert int(newest) == 41 + len(pending)
 
 
+async def test_a_floor_of_a_game_without_a_record_is_kept_for_its_record(store):
+    """A game the restored database lost: its record, made again later, numbers its snapshots above the floor."""
+    assert await store.raise_snapshot_revisions({"g9": 12}) == 0
+    await store.submit(start("g9", "9-0"), DEFAULTS)
+    assert (await store.snapshot_revisions(["g9"]))["g9"] == 13
+    await store.submit(start("g8", "8-0"), DEFAULTS)  # a game with no floor starts at 1
+    assert (await store.snapshot_revisions(["g8"]))["g8"] == 1
+
+
+async def test_a_snapshot_already_on_the_stream_is_not_numbered_again(store):
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    [first] = [p for p in await store.unpublished(1000) if p.kind == "snapshot" and p.game_id == "g1"]
+    assert await store.raise_snapshot_revisions({"g1": 30}, frozenset({first.fields["snapshot_id"]})) == 1
+    [again] = [p for p in await store.unpublished(1000) if p.kind == "snapshot" and p.game_id == "g1"]
+    assert again.fields["revision"] == first.fields["revision"]
+    assert (await store.snapshot_revisions(["g1"]))["g1"] == 30
+
+
 async def test_a_pause_withdrawing_a_scheduled_turn_not_asked_yet_waits_for_the_withdrawal(store):
     """controller/turns.py asks the engine, then answers the turn superseded and the pause in one transaction."""
     await store.submit(Job(kind=JobKind.START, game_id="g1", source=OpSource.LOBBY, image_ref=IMG, turn_interval=1,
