@@ -88,7 +88,7 @@ log = logging.getLogger("rtmanager.reconciler")
 MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
-REVISIONS_BACK = 4  # spec revisions before the record's at which an engine may still be the replaced image's
+REVISIONS_BACK = 32  # spec revisions before the record's at which an engine may still be the replaced image's
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
 

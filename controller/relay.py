@@ -182,6 +182,20 @@ class Relay:
                 # ``wake`` (after its COMMIT), so an unraised wake means there is nothing more to read now.
                 await self._sleep(IDLE_POLL, wake=True)
 
+    async def _snapshot_floor(self) -> None:
+        """Before anything of this term is published: revisions above those Lobby was sent, after a restore
+        of the database (controller/snapshot_floor.py). An outage is the relay's as any (nothing could be
+        published either: tried again with the rest); any other failure (an entry nobody can read, say) is
+        logged and the term publishes without it: results must never wait on a check of snapshots."""
+        try:
+            await snapshot_floor.raise_floor(self.redis, self.store, self.config.snapshot_stream)
+        except (Fenced, *OUTAGES):
+            raise
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("could not compare the snapshot stream with the database; publishing without it (after a "
+                          "restore of the database, Lobby may drop snapshots numbered below those it holds)")
+        self._floor_due = False
+
     async def _woken(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for a wake (left raised for the next read); whether one came."""
         try:
@@ -210,10 +224,7 @@ class Relay:
         published is left unmarked."""
         async with self._lock:
             if self._floor_due:
-                # Before anything of this term is published: revisions above those Lobby was sent, after a
-                # restore of the database (controller/snapshot_floor.py). A failure is the relay's as any.
-                await snapshot_floor.raise_floor(self.redis, self.store, self.config.snapshot_stream)
-                self._floor_due = False
+                await self._snapshot_floor()
             if self._verify:
                 # What was published but not marked yet is checked against the stream too.
                 await self._write_marks()

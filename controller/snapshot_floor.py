@@ -6,24 +6,27 @@ next snapshots from what it holds: below what Lobby was already sent, so Lobby w
 until the game's revision passed the old one, which for a quiet game may be never.
 
 In each leadership term the relay (controller/relay.py) does this before it publishes anything, and
-again after a failure until it went through: the newest entry of the snapshot stream is compared with
-the database (one read of each); a revision there above the record's, or a game without a record, says
-the database is behind. Only then is the stream read whole (it is trimmed, so it is bounded), and every
-game's revision is raised above the highest one the stream holds of it (desired/db/outbox.py
-``raise_snapshot_revisions``): its snapshots not published yet are numbered again above it, but for those
-already on the stream (published, not marked yet), which keep theirs. A game without a record keeps its
-floor (snapshot_floors) for when its record is made again. A game whose snapshots were all trimmed away
+again after an outage until it went through: the newest entry of the snapshot stream is looked for in
+the database's outbox (one read of each). A snapshot it does not know says the database is behind; its
+revision would not, as the term may already have numbered another snapshot of that game the same. Only
+then is the stream read whole (it is trimmed, so it is bounded), and every game's revision is raised
+above the highest one the stream holds of it (desired/db/outbox.py ``raise_snapshot_revisions``): its
+snapshots not published yet are numbered again above it, but for those already on the stream
+(published, not marked yet), which keep theirs. A game without a record keeps its floor
+(snapshot_floors) for when its record is made again. A game whose snapshots were all trimmed away
 cannot be told: its next revision may still be one Lobby holds.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Protocol
 
 log = logging.getLogger("rtmanager.snapshots")
 
 BATCH = 5000          # entries read per call
+GAME_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,49}[a-z0-9])?")  # what a game id is (desired/jobs.py)
 MAX_DIGITS = 18       # a revision the database's bigint holds
 
 
@@ -34,7 +37,7 @@ class FloorStreams(Protocol):
 
 
 class FloorStore(Protocol):
-    async def snapshot_revisions(self, game_ids: list[str]) -> dict[str, int]: ...
+    async def knows_snapshot(self, snapshot_id: str) -> bool: ...
     async def raise_snapshot_revisions(self, floors: dict[str, int],
                                        on_stream: frozenset[str] = frozenset()) -> int: ...
 
@@ -42,7 +45,7 @@ class FloorStore(Protocol):
 def revision_of(fields: dict[Any, Any]) -> tuple[str, int] | None:
     """(game, revision) of a snapshot entry; None for an entry that is not one of ours (garbage)."""
     game, rev = fields.get("game_id"), fields.get("revision")
-    if not isinstance(game, str) or not isinstance(rev, str) or not game:
+    if not isinstance(game, str) or not isinstance(rev, str) or not GAME_ID.fullmatch(game):
         return None
     if not (rev.isascii() and rev.isdigit()) or len(rev) > MAX_DIGITS:
         return None
@@ -55,14 +58,18 @@ def _after(entry_id: str) -> str:
 
 
 async def behind(streams: FloorStreams, store: FloorStore, stream: str) -> bool:
-    """Whether the snapshot stream's newest entry has a revision the database does not know of its game."""
+    """Whether the database does not know the snapshot stream's newest entry: it was written after the
+    database's backup (or the database was emptied). Asked before the term publishes anything, so that
+    entry is an earlier term's. By its snapshot id, not its revision: the term may already have numbered
+    a snapshot of that game again with the same revision. (An entry older than the retention, its row
+    pruned, reads as unknown too: then the stream is read for nothing, and nothing is raised.)"""
     newest = await streams.recent(stream, 1)
-    found = revision_of(newest[0][1]) if newest else None
-    if found is None:
+    if not newest:
         return False
-    game, revision = found
-    known = (await store.snapshot_revisions([game])).get(game)
-    return known is None or known < revision
+    snapshot_id = newest[0][1].get("snapshot_id")
+    if not isinstance(snapshot_id, str) or revision_of(newest[0][1]) is None:
+        return False  # not one of ours
+    return not await store.knows_snapshot(snapshot_id)
 
 
 async def raise_floor(streams: FloorStreams, store: FloorStore, stream: str) -> int:
@@ -86,6 +93,8 @@ async def raise_floor(streams: FloorStreams, store: FloorStore, stream: str) -> 
             break
         start = _after(batch[-1][0])
     raised = await store.raise_snapshot_revisions(floors, frozenset(seen))
+    if not raised:
+        return 0
     log.error("the database is behind the snapshot stream (restored from an older backup, or emptied): the "
               "snapshot revisions of %d games were raised above the highest ones Lobby was sent; the games' "
               "desired state is the backup's (README, restoring the database)", raised)

@@ -97,7 +97,13 @@ def _text(value: bytes | str) -> str:
 
 
 def _text_fields(fields: Fields | None) -> dict[str, str]:
-    return {_text(k): _text(v) for k, v in (fields or {}).items()}
+    """An entry's fields as text for the plain reads (results, snapshots): bytes that are no UTF-8 (an entry
+    someone else wrote) are replaced, so that one such entry fails no reader of the stream."""
+    return {_lenient(k): _lenient(v) for k, v in (fields or {}).items()}
+
+
+def _lenient(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 # The shapes of the replies this adapter reads. redis-py types each reply as the union of its RESP2

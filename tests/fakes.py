@@ -281,7 +281,8 @@ class FakeStreams:
         return eid
 
     def fields_of(self, stream: str) -> list[dict[str, str]]:
-        return [{(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        return [{(k.decode(errors="replace") if isinstance(k, bytes) else k):
+                 (v.decode(errors="replace") if isinstance(v, bytes) else v)
                  for k, v in f.items()} for _, f in self._s(stream).entries]
 
     async def recent(self, stream: str, count: int) -> list[tuple[str, dict[Any, Any]]]:
@@ -715,7 +716,7 @@ class FakeStore:
             new = new.replace(engine_version=version.version if version else "")
         reason = snapshots.reason_for(cur, new, forced_reason)
         if reason is not None:
-            base = cur.snapshot_revision if cur else self.snapshot_floors.pop(new.game_id, 0)
+            base = cur.snapshot_revision if cur else self.snapshot_floors.get(new.game_id, 0)
             new = new.replace(snapshot_revision=base + 1)
         new.validate()
         moved = transitions.moves_the_clock(cur, new)
@@ -1150,6 +1151,10 @@ class FakeStore:
                 if r["kind"] == "result" and (game_id is None or r["game_id"] == game_id)]
 
     # outbox
+    async def knows_snapshot(self, snapshot_id: str) -> bool:
+        self._check()
+        return any(r["result_id"] == snapshot_id for r in self.results)
+
     async def snapshot_revisions(self, game_ids: builtins.list[str]) -> dict[str, int]:
         self._check()
         return {g: self.records[g].snapshot_revision for g in game_ids if g in self.records}
@@ -1163,11 +1168,11 @@ class FakeStore:
             if rec is None:
                 self.snapshot_floors[game] = max(floor, self.snapshot_floors.get(game, 0))
                 continue
-            if rec.snapshot_revision >= floor:
-                continue
-            raised += 1
             pending = [r for r in self.results if r["game_id"] == game and r["kind"] == "snapshot"
                        and not r["published"] and r["result_id"] not in on_stream]
+            if rec.snapshot_revision >= floor and all(int(r["fields"]["revision"]) > floor for r in pending):
+                continue
+            raised += 1
             for n, r in enumerate(pending, 1):
                 r["fields"] = {**r["fields"], "revision": str(floor + n)}
             self.records[game] = rec.replace(snapshot_revision=floor + len(pending))

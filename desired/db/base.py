@@ -110,9 +110,6 @@ class StoreBase:
         # claims read with the record (``find_and_claim``), carried through this store's own compare-and-swaps
         # in that term, so that the answer of the generation needs no read of them (``_swap`` with ``finish``).
         self._pending_at: dict[str, tuple[int, int, list[Operation]]] = {}
-        # Whether snapshot_floors may hold rows (None: not looked yet): a new game's record looks there only
-        # then, so that the usual start costs no statement more (raise_snapshot_revisions sets it).
-        self.floors_may_exist: bool | None = None
 
     @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[tuple[asyncpg.Connection, datetime]]:
@@ -367,16 +364,6 @@ class StoreBase:
         fence = self.fence
         return Fenced(f"leadership term {fence.epoch if fence else 0} of {fence.holder if fence else ''} is over")
 
-    async def _snapshot_floor(self, conn: asyncpg.Connection, game_id: str) -> int:
-        """A new record's revisions start above the floor the snapshot stream left of its game after a
-        restore of the database (controller/snapshot_floor.py), which it takes; 0 when there is none."""
-        if self.floors_may_exist is None:
-            self.floors_may_exist = bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM snapshot_floors)"))
-        if not self.floors_may_exist:
-            return 0
-        floor = await conn.fetchval("DELETE FROM snapshot_floors WHERE game_id = $1 RETURNING revision", game_id)
-        return int(floor or 0)
-
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
 
@@ -391,13 +378,22 @@ class StoreBase:
         if cur is not None and new.status is not cur.status:
             check_transition(cur.status, new.status)
         image = new.desired_image_ref or new.current_image_ref
-        if cur is None or image != (cur.desired_image_ref or cur.current_image_ref):
+        floor = 0
+        if cur is None:
+            # A new record: its engine version, and (in the same round trip) the floor of its snapshot revisions
+            # when a restore of the database lost the game (controller/snapshot_floor.py).
+            row = await conn.fetchrow("SELECT (SELECT version FROM engine_versions WHERE image_ref = $1) AS version,"
+                                      " (SELECT revision FROM snapshot_floors WHERE game_id = $2) AS floor",
+                                      image, new.game_id)
+            assert row is not None
+            new = new.replace(engine_version=row["version"] or "")
+            floor = int(row["floor"] or 0)
+        elif image != (cur.desired_image_ref or cur.current_image_ref):
             version = await conn.fetchval("SELECT version FROM engine_versions WHERE image_ref = $1", image)
             new = new.replace(engine_version=version or "")
         reason = snapshots.reason_for(cur, new, forced_reason)
         if reason is not None:
-            base = cur.snapshot_revision if cur else await self._snapshot_floor(conn, new.game_id)
-            new = new.replace(snapshot_revision=base + 1)
+            new = new.replace(snapshot_revision=(cur.snapshot_revision if cur else floor) + 1)
         new.validate()
         if transitions.moves_the_clock(cur, new):
             self._clock_moved.add(conn)

@@ -4,6 +4,7 @@ retention."""
 from __future__ import annotations
 
 import json
+import uuid
 
 import asyncpg
 
@@ -35,44 +36,50 @@ class Outbox(StoreBase):
                                      " WHERE game_id = ANY($1::text[])", game_ids)
         return {r["game_id"]: r["snapshot_revision"] for r in rows}
 
+    async def knows_snapshot(self, snapshot_id: str) -> bool:
+        """Whether the outbox holds this snapshot (an id that is no UUID is none of ours: known)."""
+        try:
+            uid = uuid.UUID(snapshot_id)
+        except ValueError:
+            return True
+        return bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM job_results WHERE result_id = $1)", uid))
+
     async def raise_snapshot_revisions(self, floors: dict[str, int], on_stream: frozenset[str] = frozenset()) -> int:
         """Each game's revisions above ``floors[game]`` (the highest Lobby was sent, controller/snapshot_floor.py),
-        for the games whose record holds a lower one: its snapshots not published yet (and not on the stream
-        either, ``on_stream``: snapshot ids published but not marked, which keep their revision) are numbered
-        again above the floor, in their order, and its next one comes after them. A game without a record keeps
-        its floor for when it has one again (snapshot_floors). Returns how many games were raised."""
+        for the games whose record holds a lower one or that numbered a snapshot not published yet at or
+        below it: those snapshots (but for the ones already on the stream, ``on_stream``: published, not marked
+        yet, they keep their revision) are numbered again above the floor, in their order, and the game's next
+        one comes after them. A game without a record keeps its floor (snapshot_floors) for the record made
+        again later. Returns how many games were raised."""
         if not floors:
             return 0
-        games, revs = list(floors), [floors[g] for g in floors]
+        games, revs, seen = list(floors), [floors[g] for g in floors], list(on_stream)
+        pending = ("q.kind = 'snapshot' AND q.published_at IS NULL AND NOT (q.result_id::text = ANY($3::text[]))")
         async with self._tx() as (conn, _):
-            stored = await conn.fetchval(
-                "WITH f AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev)"
-                "           WHERE NOT EXISTS (SELECT 1 FROM runtime_records r WHERE r.game_id = f.game_id)),"
-                " ins AS (INSERT INTO snapshot_floors (game_id, revision) SELECT game_id, rev FROM f"
-                "         ON CONFLICT (game_id) DO UPDATE SET revision = greatest(snapshot_floors.revision,"
-                "         excluded.revision) RETURNING 1)"
-                " SELECT count(*) FROM ins", games, revs)
-            if stored:
-                self.floors_may_exist = True
+            await conn.execute(
+                "INSERT INTO snapshot_floors (game_id, revision)"
+                " SELECT f.game_id, f.rev FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev)"
+                " WHERE NOT EXISTS (SELECT 1 FROM runtime_records r WHERE r.game_id = f.game_id)"
+                " ON CONFLICT (game_id) DO UPDATE SET revision = greatest(snapshot_floors.revision, excluded.revision)",
+                games, revs)
             rows = await conn.fetch(
                 "SELECT r.game_id, f.rev FROM runtime_records r"
                 " JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
-                " WHERE r.snapshot_revision < f.rev ORDER BY r.game_id FOR UPDATE OF r", games, revs)
+                " WHERE r.snapshot_revision < f.rev OR EXISTS (SELECT 1 FROM job_results q WHERE q.game_id = r.game_id"
+                f" AND {pending} AND (q.fields->>'revision')::bigint <= f.rev)"
+                " ORDER BY r.game_id FOR UPDATE OF r", games, revs, seen)
             if not rows:
                 return 0
             games, revs = [r["game_id"] for r in rows], [r["rev"] for r in rows]
-            seen = list(on_stream)
             await conn.execute(
                 "UPDATE job_results j SET fields = jsonb_set(j.fields, '{revision}', to_jsonb((p.rev + p.n)::text))"
                 " FROM (SELECT q.seq, f.rev, row_number() OVER (PARTITION BY q.game_id ORDER BY q.seq) AS n"
                 "       FROM job_results q JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
-                "       WHERE q.kind = 'snapshot' AND q.published_at IS NULL"
-                "       AND NOT (q.result_id::text = ANY($3::text[]))) p"
+                f"       WHERE {pending}) p"
                 " WHERE j.seq = p.seq", games, revs, seen)
             await conn.execute(
                 "UPDATE runtime_records r SET snapshot_revision = f.rev + (SELECT count(*) FROM job_results q"
-                " WHERE q.game_id = r.game_id AND q.kind = 'snapshot' AND q.published_at IS NULL"
-                " AND NOT (q.result_id::text = ANY($3::text[])))"
+                f" WHERE q.game_id = r.game_id AND {pending})"
                 " FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev) WHERE r.game_id = f.game_id",
                 games, revs, seen)
             return len(rows)

@@ -190,7 +190,8 @@ async def test_snapshot_revisions_are_raised_above_a_floor_with_the_unpublished_
     await store.submit(start("g1", "1-0"), DEFAULTS)
     await store.submit(start("g2", "2-0"), DEFAULTS)
     g2 = (await store.snapshot_revisions(["g2"]))["g2"]
-    assert await store.raise_snapshot_revisions({"g1": 40, "g2": g2, "nobody": 7}) == 1
+    g2_ids = frozenset(p.fields["snapshot_id"] for p in await store.unpublished(1000) if p.game_id == "g2")
+    assert await store.raise_snapshot_revisions({"g1": 40, "g2": g2, "nobody": 7}, g2_ids) == 1  # g2: on the stream
     revs = await store.snapshot_revisions(["g1", "g2", "nobody"])
     pending = [p.fields["revision"] for p in await store.unpublished(1000) if p.kind == "snapshot"
                and p.game_id == "g1"]
@@ -201,6 +202,16 @@ async def test_snapshot_revisions_are_raised_above_a_floor_with_the_unpublished_
     newest = [p.fields["revision"] for p in await store.unpublished(1000) if p.kind == "snapshot"
               and p.game_id == "g1"][-1]
     assert int(newest) == 41 + len(pending)
+
+
+async def test_a_snapshot_numbered_again_at_the_floor_is_numbered_above_it(store):
+    """A term that numbered a snapshot before the floor was raised gave it a revision Lobby already holds
+    (the record said less): equal to the floor is below it."""
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    g1 = (await store.snapshot_revisions(["g1"]))["g1"]
+    assert await store.raise_snapshot_revisions({"g1": g1}) == 1
+    [pending] = [p for p in await store.unpublished(1000) if p.kind == "snapshot" and p.game_id == "g1"]
+    assert pending.fields["revision"] == str(g1 + 1) and (await store.snapshot_revisions(["g1"]))["g1"] == g1 + 1
 
 
 async def test_a_floor_of_a_game_without_a_record_is_kept_for_its_record(store):

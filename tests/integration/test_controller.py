@@ -237,8 +237,10 @@ async def test_after_a_restore_of_the_database_snapshot_revisions_go_on_above_wh
     assert (await h.result(entry))["outcome"] == "success"
     await h.stop_all()
     sent = max(await revisions())
-    # The restore: the record as it was when the game had just been admitted.
+    # The restore: the record and the outbox as they were when the game had just been admitted.
     await pool.execute("UPDATE runtime_records SET snapshot_revision = 1 WHERE game_id = 'floor-1'")
+    await pool.execute("DELETE FROM job_results WHERE game_id = 'floor-1' AND kind = 'snapshot'"
+                       " AND (fields->>'revision')::bigint > 1")
     await h.start()
     stop = await h.submit_stop("floor-1")
     assert (await h.result(stop, "stop"))["outcome"] == "success"
