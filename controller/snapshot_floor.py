@@ -61,8 +61,9 @@ async def behind(streams: FloorStreams, store: FloorStore, stream: str) -> bool:
     """Whether the database does not know the snapshot stream's newest entry: it was written after the
     database's backup (or the database was emptied). Asked before the term publishes anything, so that
     entry is an earlier term's. By its snapshot id, not its revision: the term may already have numbered
-    a snapshot of that game again with the same revision. (An entry older than the retention, its row
-    pruned, reads as unknown too: then the stream is read for nothing, and nothing is raised.)"""
+    a snapshot of that game again with the same revision. (An entry older than RTMANAGER_RETENTION_DAYS, its
+    row pruned, reads as unknown too: an instance that published no snapshot for that long reads the stream
+    once a term for nothing, and raises nothing.)"""
     newest = await streams.recent(stream, 1)
     if not newest:
         return False
@@ -77,6 +78,11 @@ async def raise_floor(streams: FloorStreams, store: FloorStore, stream: str) -> 
     behind it: the usual case costs two reads)."""
     if not await behind(streams, store, stream):
         return 0
+    return await raise_above_stream(streams, store, stream)
+
+
+async def raise_above_stream(streams: FloorStreams, store: FloorStore, stream: str) -> int:
+    """The database is behind: every game's revision above the highest the stream holds of it."""
     floors: dict[str, int] = {}
     seen: set[str] = set()  # snapshot ids on the stream: published, marked or not, they keep their revision
     start = "-"

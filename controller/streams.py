@@ -421,7 +421,7 @@ class RedisStreams:
         ``recent`` tells of them, the other fields left in Redis (a script; XREVRANGE when refused)."""
         got = await self._script(NEWEST_IDS_WITH_FIELD, stream, count, name)
         if got is not None:
-            return [(_text(eid), _text(value)) for eid, value in cast(list[list[bytes]], got)]
+            return [(_text(eid), _lenient(value)) for eid, value in cast(list[list[bytes]], got)]
         return [(eid, fields.get(name, "")) for eid, fields in await self.recent(stream, count)]
 
     async def range_ids(self, stream: str, start: str, end: str = "+", count: int = 1000) -> list[str]:

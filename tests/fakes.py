@@ -1153,6 +1153,10 @@ class FakeStore:
     # outbox
     async def knows_snapshot(self, snapshot_id: str) -> bool:
         self._check()
+        try:
+            uuid.UUID(snapshot_id)
+        except ValueError:
+            return True  # as the store's: no UUID, none of ours
         return any(r["result_id"] == snapshot_id for r in self.results)
 
     async def snapshot_revisions(self, game_ids: builtins.list[str]) -> dict[str, int]:

@@ -10,7 +10,7 @@ import asyncpg
 
 from desired.db.base import StoreBase
 from desired.db.pool import translating
-from desired.db.rows import RECENTLY_PUBLISHED_SQL, record_from_row
+from desired.db.rows import GAME_LOCK_SPACE, RECENTLY_PUBLISHED_SQL, record_from_row
 from desired.db.watch import sequence_snapshots
 from desired.values import PendingResult
 
@@ -24,6 +24,9 @@ def _pending(rows: list[asyncpg.Record]) -> list[PendingResult]:
                           fields=json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"],
                           kind=r["kind"], written_at=r["created_at"], accepted_at=r["accepted_at"])
             for r in rows]
+
+
+FLOOR_CHUNK = 500  # games' floors stored per transaction (each takes that many advisory locks)
 
 
 @translating
@@ -53,15 +56,23 @@ class Outbox(StoreBase):
         again later. Returns how many games were raised."""
         if not floors:
             return 0
+        ordered = sorted(floors)
+        for at in range(0, len(ordered), FLOOR_CHUNK):
+            # Under the games' locks, as admission (and adopt) takes them before it makes a record: a record
+            # made meanwhile is either seen here (and raised below) or made after, reading the floor.
+            chunk = ordered[at:at + FLOOR_CHUNK]
+            async with self._tx() as (conn, _):
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext(g)) FROM unnest($2::text[]) AS g"
+                                   " ORDER BY g", GAME_LOCK_SPACE, chunk)
+                await conn.execute(
+                    "INSERT INTO snapshot_floors (game_id, revision)"
+                    " SELECT f.game_id, f.rev FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev)"
+                    " WHERE NOT EXISTS (SELECT 1 FROM runtime_records r WHERE r.game_id = f.game_id)"
+                    " ON CONFLICT (game_id) DO UPDATE SET revision = greatest(snapshot_floors.revision,"
+                    " excluded.revision)", chunk, [floors[g] for g in chunk])
         games, revs, seen = list(floors), [floors[g] for g in floors], list(on_stream)
         pending = ("q.kind = 'snapshot' AND q.published_at IS NULL AND NOT (q.result_id::text = ANY($3::text[]))")
         async with self._tx() as (conn, _):
-            await conn.execute(
-                "INSERT INTO snapshot_floors (game_id, revision)"
-                " SELECT f.game_id, f.rev FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev)"
-                " WHERE NOT EXISTS (SELECT 1 FROM runtime_records r WHERE r.game_id = f.game_id)"
-                " ON CONFLICT (game_id) DO UPDATE SET revision = greatest(snapshot_floors.revision, excluded.revision)",
-                games, revs)
             rows = await conn.fetch(
                 "SELECT r.game_id, f.rev FROM runtime_records r"
                 " JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"

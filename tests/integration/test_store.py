@@ -112,6 +112,35 @@ async def test_a_schema_missing_migrations_is_refused_at_start_without_auto_migr
         await prepare_database(settings)
 
 
+async def test_a_lost_games_floor_is_stored_under_the_games_lock(pool, database_url):
+    """Review: the floor of a game without a record was stored without the game's lock, so an admission that
+    made its record at the same moment saw neither the floor nor was seen by the raise: it numbered from 1.
+    Admission takes the game's lock before it makes a record; so does the floor now."""
+    from desired.db.rows import GAME_LOCK_SPACE
+
+    store = Store(pool)
+    admission = await asyncpg.connect(database_url)
+    try:
+        tx = admission.transaction()
+        await tx.start()
+        await admission.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, "g9")
+        raising = asyncio.create_task(store.raise_snapshot_revisions({"g9": 12}))
+
+        async def waiting() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"))
+
+        await eventually(waiting, what="the floor waiting for the game's lock")
+        assert not raising.done()
+        await tx.commit()
+        await asyncio.wait_for(raising, 10)
+    finally:
+        await admission.close()
+    await store.submit(start("g9", "9-0"), DEFAULTS)
+    assert (await store.snapshot_revisions(["g9"]))["g9"] == 13
+
+
 async def test_submit_creates_record_and_queued_operation(pool):
     store = Store(pool)
     out = await store.submit(start("g1", "1-0"), DEFAULTS)

@@ -6,6 +6,7 @@ stopped that ran again. A new term raises every game's revision above the snapsh
 from __future__ import annotations
 
 import logging
+import uuid
 
 import pytest
 
@@ -30,7 +31,7 @@ async def world(tmp_path, games=("g1", "g2")):
 def sent(streams: FakeStreams, game: str, revision: int) -> None:
     """A snapshot the database does not know (published after its backup)."""
     streams.xadd(STREAM, {"game_id": game, "revision": str(revision), "status": "running",
-                          "snapshot_id": f"{game}-{revision}-after-the-backup"})
+                          "snapshot_id": str(uuid.uuid4())})
 
 
 async def test_a_database_behind_the_stream_has_every_games_revisions_raised_above_it(tmp_path):
@@ -121,7 +122,7 @@ async def test_the_relay_raises_the_floor_before_the_terms_first_publication(tmp
     publishes anything, and retries it after a failure as it retries anything."""
     store, streams = await world(tmp_path, games=("g1",))
     for rev in range(1, 10):
-        streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(rev), "snapshot_id": f"old-{rev}"})
+        streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(rev), "snapshot_id": str(uuid.uuid4())})
     relay = relay_over(store, streams)
     streams.down = True
     with pytest.raises(Exception):  # noqa: B017 - an outage, whatever the fake raises
@@ -148,7 +149,7 @@ async def test_a_snapshot_already_on_the_stream_keeps_its_revision(tmp_path):
     [pending] = [r for r in store.results if r["kind"] == "snapshot"]
     streams.xadd(SNAPSHOTS, {**pending["fields"]})  # on the stream, not marked
     for rev in range(2, 9):
-        streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(rev), "snapshot_id": f"later-{rev}"})
+        streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(rev), "snapshot_id": str(uuid.uuid4())})
     assert await raise_floor(streams, store, SNAPSHOTS) == 1
     assert pending["fields"]["revision"] == "1" and store.records["g1"].snapshot_revision == 8
 
@@ -158,7 +159,7 @@ async def test_a_game_the_database_lost_gets_its_floor_when_its_record_is_made_a
     again by Lobby (or adopted) later, numbered its snapshots from 1, below what Lobby held."""
     store, streams = await world(tmp_path, games=("g1",))
     for rev in range(1, 13):
-        streams.xadd(SNAPSHOTS, {"game_id": "g9", "revision": str(rev), "snapshot_id": f"g9-{rev}"})
+        streams.xadd(SNAPSHOTS, {"game_id": "g9", "revision": str(rev), "snapshot_id": str(uuid.uuid4())})
     await raise_floor(streams, store, SNAPSHOTS)
     await store.submit(Job(kind=JobKind.START, game_id="g9", source=OpSource.LOBBY, image_ref=IMG,
                            stream="s", entry_id="9-0"), defaults(str(tmp_path)))
@@ -189,7 +190,7 @@ async def test_a_floor_that_fails_otherwise_is_logged_and_the_term_publishes(tmp
         raise RuntimeError("a bug")
 
     store.knows_snapshot = broken
-    streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": "5", "snapshot_id": "sent-before-the-restore"})
+    streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": "5", "snapshot_id": str(uuid.uuid4())})
     with caplog.at_level(logging.ERROR):
         assert await relay.flush() > 0 and await store.unpublished_count() == 0
     assert "publishing without it" in caplog.text
@@ -202,7 +203,7 @@ async def test_a_snapshot_numbered_before_the_floor_with_a_revision_lobby_holds_
     store, streams = await world(tmp_path, games=("g1",))
     [pending] = [r for r in store.results if r["kind"] == "snapshot"]
     number = int(pending["fields"]["revision"])
-    streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(number), "snapshot_id": "sent-before-the-restore"})
+    streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(number), "snapshot_id": str(uuid.uuid4())})
     relay = relay_over(store, streams)
     await relay.flush()
     assert published(streams, "g1") == [number, number + 1]
@@ -211,3 +212,43 @@ async def test_a_snapshot_numbered_before_the_floor_with_a_revision_lobby_holds_
 @pytest.mark.parametrize("game", ["g\x001", "G1", "a" * 60, "-x"])
 def test_a_game_id_that_is_none_is_no_revision(game):
     assert revision_of({"game_id": game, "revision": "3"}) is None
+
+
+async def test_the_adapters_tail_read_replaces_bytes_that_are_no_utf8():
+    """Review: the relay's tail check reads the newest entries' ids through a script, whose answers were
+    decoded strictly: one such entry near the end of a stream stopped the relay for good."""
+    from controller.streams import RedisStreams
+
+    streams = RedisStreams("redis://127.0.0.1:1/0", group="g", consumer="c")
+
+    async def script(script, key, *args):
+        return [[b"5-0", b"\xfe"], [b"4-0", b"ok"]]
+
+    streams._script = script
+    assert await streams.recent_field("s", 2, "snapshot_id") == [("5-0", "\ufffd"), ("4-0", "ok")]
+    await streams.close()
+
+
+async def test_a_raise_that_failed_is_tried_again_though_the_term_published_meanwhile(tmp_path, monkeypatch):
+    """Review: a raise that failed (not an outage) was given up for good: once the term had published, the
+    stream's newest entry was its own, known, and the restore was never handled."""
+    from controller import relay as relay_module
+
+    store, streams = await world(tmp_path, games=("g1",))
+    for rev in range(1, 6):
+        streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(rev), "snapshot_id": str(uuid.uuid4())})
+    relay = relay_over(store, streams)
+    real, calls = store.raise_snapshot_revisions, []
+
+    async def fails_once(floors, on_stream=frozenset()):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return await real(floors, on_stream)
+
+    store.raise_snapshot_revisions = fails_once
+    monkeypatch.setattr(relay_module, "FLOOR_RETRY", 0.0)
+    await relay.flush()  # published without the floor
+    assert len(calls) == 1
+    await relay.flush()
+    assert len(calls) == 2 and store.records["g1"].snapshot_revision >= 5
