@@ -92,7 +92,6 @@ class Relay:
         self._suspect = True
         self._verify = True  # check the stream against what was marked published (start, reconnect)
         self._floor_due = True  # the snapshot floor is checked before the term's first publication
-        self._floor_behind = False  # the database was found behind the snapshot stream, the raise still to do
         self._floor_retry_at = 0.0
         self._run_id: str | None = None
         self.republished = 0
@@ -132,7 +131,6 @@ class Relay:
         self._stopping = asyncio.Event()
         self._suspect = self._verify = True
         self._floor_due = True
-        self._floor_behind = False
         self._floor_retry_at = 0.0
         self._busy_since = None
         self._unmarked = []  # a previous term's: the tail check finds them on the stream
@@ -191,29 +189,20 @@ class Relay:
         """Before anything of this term is published: revisions above those Lobby was sent, after a restore
         of the database (controller/snapshot_floor.py). An outage is the relay's as any (nothing could be
         published either: tried again with the rest). Any other failure is logged and the term publishes
-        without it (results must never wait on a check of snapshots); a raise that failed once the database
-        was found behind is tried again, FLOOR_RETRY seconds apart (once the term has published, the stream's
-        newest entry no longer tells)."""
-        if self._floor_behind and time.monotonic() < self._floor_retry_at:
+        without it (results must never wait on a check of snapshots), and it is tried again FLOOR_RETRY
+        seconds later: a raise found due is remembered in the database until it went through."""
+        if time.monotonic() < self._floor_retry_at:
             return
-        stream = self.config.snapshot_stream
         try:
-            if not self._floor_behind:
-                if not await snapshot_floor.behind(self.redis, self.store, stream):
-                    self._floor_due = False
-                    return
-                self._floor_behind = True
-            await snapshot_floor.raise_above_stream(self.redis, self.store, stream)
+            await snapshot_floor.raise_floor(self.redis, self.store, self.config.snapshot_stream)
         except (Fenced, *OUTAGES):
             raise
         except Exception:  # noqa: BLE001 - see above
             log.exception("could not raise the snapshot revisions above the snapshot stream's; publishing without it "
                           "(after a restore of the database, Lobby drops snapshots numbered below those it holds)")
-            if not self._floor_behind:
-                self._floor_due = False  # whether it is behind cannot be told
             self._floor_retry_at = time.monotonic() + FLOOR_RETRY
             return
-        self._floor_due = self._floor_behind = False
+        self._floor_due = False
 
     async def _woken(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for a wake (left raised for the next read); whether one came."""

@@ -21,23 +21,26 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from typing import Any, Protocol
 
 log = logging.getLogger("rtmanager.snapshots")
 
 BATCH = 5000          # entries read per call
+TAIL = 200            # newest entries looked for in the database
 GAME_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,49}[a-z0-9])?")  # what a game id is (desired/jobs.py)
 MAX_DIGITS = 18       # a revision the database's bigint holds
 
 
 class FloorStreams(Protocol):
-    async def recent(self, stream: str, count: int) -> list[tuple[str, dict[Any, Any]]]: ...
+    async def recent_field(self, stream: str, count: int, name: str) -> list[tuple[str, str]]: ...
     async def range(self, stream: str, start: str, end: str = "+",
                     count: int = 1000) -> list[tuple[str, dict[Any, Any]]]: ...
 
 
 class FloorStore(Protocol):
-    async def knows_snapshot(self, snapshot_id: str) -> bool: ...
+    async def floor_state(self, snapshot_ids: list[str]) -> tuple[set[str], bool]: ...
+    async def note_floor_due(self) -> None: ...
     async def raise_snapshot_revisions(self, floors: dict[str, int],
                                        on_stream: frozenset[str] = frozenset()) -> int: ...
 
@@ -58,19 +61,34 @@ def _after(entry_id: str) -> str:
 
 
 async def behind(streams: FloorStreams, store: FloorStore, stream: str) -> bool:
-    """Whether the database does not know the snapshot stream's newest entry: it was written after the
-    database's backup (or the database was emptied). Asked before the term publishes anything, so that
-    entry is an earlier term's. By its snapshot id, not its revision: the term may already have numbered
-    a snapshot of that game again with the same revision. (An entry older than RTMANAGER_RETENTION_DAYS, its
-    row pruned, reads as unknown too: an instance that published no snapshot for that long reads the stream
-    once a term for nothing, and raises nothing.)"""
-    newest = await streams.recent(stream, 1)
-    if not newest:
+    """Whether the database is behind the snapshot stream: the stream's newest snapshots, down to the
+    newest one the database knows (within TAIL), include one it does not (written after its backup, or it
+    was emptied); or a raise found due is still to do (remembered in the database, so that a term that
+    published meanwhile, or another process, still does it). By snapshot ids, not revisions: the term may
+    already have numbered another snapshot of a game the same. Older unknown entries are a restore handled
+    before. (Entries older than RTMANAGER_RETENTION_DAYS, their rows pruned, read as unknown too: an instance
+    that published no snapshot in that long reads the stream once a term for nothing, and raises nothing.)"""
+    ids = [snapshot_id for _, snapshot_id in await streams.recent_field(stream, TAIL, "snapshot_id") if snapshot_id]
+    known, due = await store.floor_state(ids)
+    unknown = False
+    for snapshot_id in ids:  # newest first
+        if snapshot_id in known:
+            break
+        if ours(snapshot_id):
+            unknown = True
+            break
+    if unknown and not due:
+        await store.note_floor_due()
+    return unknown or due
+
+
+def ours(snapshot_id: str) -> bool:
+    """An id the relay could have written: a UUID (anything else on the stream is somebody else's)."""
+    try:
+        uuid.UUID(snapshot_id)
+    except ValueError:
         return False
-    snapshot_id = newest[0][1].get("snapshot_id")
-    if not isinstance(snapshot_id, str) or revision_of(newest[0][1]) is None:
-        return False  # not one of ours
-    return not await store.knows_snapshot(snapshot_id)
+    return True
 
 
 async def raise_floor(streams: FloorStreams, store: FloorStore, stream: str) -> int:

@@ -1151,13 +1151,14 @@ class FakeStore:
                 if r["kind"] == "result" and (game_id is None or r["game_id"] == game_id)]
 
     # outbox
-    async def knows_snapshot(self, snapshot_id: str) -> bool:
+    async def floor_state(self, snapshot_ids: builtins.list[str]) -> tuple[set[str], bool]:
         self._check()
-        try:
-            uuid.UUID(snapshot_id)
-        except ValueError:
-            return True  # as the store's: no UUID, none of ours
-        return any(r["result_id"] == snapshot_id for r in self.results)
+        held = {r["result_id"] for r in self.results}
+        return {i for i in snapshot_ids if i in held}, "" in self.snapshot_floors
+
+    async def note_floor_due(self) -> None:
+        self._check()
+        self.snapshot_floors.setdefault("", 0)
 
     async def snapshot_revisions(self, game_ids: builtins.list[str]) -> dict[str, int]:
         self._check()
@@ -1179,7 +1180,13 @@ class FakeStore:
             raised += 1
             for n, r in enumerate(pending, 1):
                 r["fields"] = {**r["fields"], "revision": str(floor + n)}
-            self.records[game] = rec.replace(snapshot_revision=floor + len(pending))
+            if pending:
+                self.records[game] = rec.replace(snapshot_revision=floor + len(pending))
+            else:  # Lobby's view came from what the database lost: a resync snapshot above the floor
+                cur = rec.replace(snapshot_revision=floor)
+                self.records[game] = cur
+                self._write(cur, cur, self.clock.now(), "resync")
+        self.snapshot_floors.pop("", None)
         return raised
 
     async def unpublished(self, limit: int = 100) -> builtins.list[PendingResult]:

@@ -27,6 +27,7 @@ def _pending(rows: list[asyncpg.Record]) -> list[PendingResult]:
 
 
 FLOOR_CHUNK = 500  # games' floors stored per transaction (each takes that many advisory locks)
+FLOOR_DUE = ""  # the snapshot_floors row of a raise found due (no game id is empty)
 
 
 @translating
@@ -39,23 +40,36 @@ class Outbox(StoreBase):
                                      " WHERE game_id = ANY($1::text[])", game_ids)
         return {r["game_id"]: r["snapshot_revision"] for r in rows}
 
-    async def knows_snapshot(self, snapshot_id: str) -> bool:
-        """Whether the outbox holds this snapshot (an id that is no UUID is none of ours: known)."""
-        try:
-            uid = uuid.UUID(snapshot_id)
-        except ValueError:
-            return True
-        return bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM job_results WHERE result_id = $1)", uid))
+    async def floor_state(self, snapshot_ids: list[str]) -> tuple[set[str], bool]:
+        """(which of these snapshots the outbox holds, whether a raise found due is still to do): what
+        controller/snapshot_floor.py asks before a term publishes. An id that is no UUID is none of ours."""
+        ids = []
+        for snapshot_id in snapshot_ids:
+            try:
+                ids.append(uuid.UUID(snapshot_id))
+            except ValueError:
+                continue
+        row = await self.pool.fetchrow(
+            "SELECT ARRAY(SELECT result_id::text FROM job_results WHERE result_id = ANY($1::uuid[])) AS known,"
+            " EXISTS (SELECT 1 FROM snapshot_floors WHERE game_id = $2) AS due", ids, FLOOR_DUE)
+        assert row is not None
+        return set(row["known"]), bool(row["due"])
+
+    async def note_floor_due(self) -> None:
+        """The database was found behind the snapshot stream: remembered until the raise went through, by
+        whichever term or process (a row no game id can name)."""
+        async with self._tx() as (conn, _):
+            await conn.execute("INSERT INTO snapshot_floors (game_id, revision) VALUES ($1, 0)"
+                               " ON CONFLICT (game_id) DO NOTHING", FLOOR_DUE)
 
     async def raise_snapshot_revisions(self, floors: dict[str, int], on_stream: frozenset[str] = frozenset()) -> int:
         """Each game's revisions above ``floors[game]`` (the highest Lobby was sent, controller/snapshot_floor.py),
         for the games whose record holds a lower one or that numbered a snapshot not published yet at or
-        below it: those snapshots (but for the ones already on the stream, ``on_stream``: published, not marked
-        yet, they keep their revision) are numbered again above the floor, in their order, and the game's next
-        one comes after them. A game without a record keeps its floor (snapshot_floors) for the record made
-        again later. Returns how many games were raised."""
-        if not floors:
-            return 0
+        below it. Those snapshots (but for the ones already on the stream, ``on_stream``: published, not marked
+        yet, they keep their revision) are numbered again above the floor, in their order, and carry the game's
+        state to Lobby; a game with none gets a resync snapshot above the floor, as Lobby's view of it came
+        from what the database lost. A game without a record keeps its floor (snapshot_floors) for the record
+        made again later. The raise found due is done when this commits. Returns how many games were raised."""
         ordered = sorted(floors)
         for at in range(0, len(ordered), FLOOR_CHUNK):
             # Under the games' locks, as admission (and adopt) takes them before it makes a record: a record
@@ -71,28 +85,34 @@ class Outbox(StoreBase):
                     " ON CONFLICT (game_id) DO UPDATE SET revision = greatest(snapshot_floors.revision,"
                     " excluded.revision)", chunk, [floors[g] for g in chunk])
         games, revs, seen = list(floors), [floors[g] for g in floors], list(on_stream)
+        # One pass over the unpublished rows, grouped by game (not a count per game: quadratic at thousands).
         pending = ("q.kind = 'snapshot' AND q.published_at IS NULL AND NOT (q.result_id::text = ANY($3::text[]))")
-        async with self._tx() as (conn, _):
+        async with self._tx() as (conn, now):
             rows = await conn.fetch(
-                "SELECT r.game_id, f.rev FROM runtime_records r"
-                " JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
-                " WHERE r.snapshot_revision < f.rev OR EXISTS (SELECT 1 FROM job_results q WHERE q.game_id = r.game_id"
-                f" AND {pending} AND (q.fields->>'revision')::bigint <= f.rev)"
+                "WITH f AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev)),"
+                " p AS (SELECT q.game_id, count(*) AS n, min((q.fields->>'revision')::bigint) AS low"
+                f"       FROM job_results q JOIN f USING (game_id) WHERE {pending} GROUP BY q.game_id)"
+                " SELECT r.*, f.rev AS floor, coalesce(p.n, 0) AS n FROM runtime_records r JOIN f USING (game_id)"
+                " LEFT JOIN p USING (game_id) WHERE r.snapshot_revision < f.rev OR p.low <= f.rev"
                 " ORDER BY r.game_id FOR UPDATE OF r", games, revs, seen)
-            if not rows:
-                return 0
-            games, revs = [r["game_id"] for r in rows], [r["rev"] for r in rows]
-            await conn.execute(
-                "UPDATE job_results j SET fields = jsonb_set(j.fields, '{revision}', to_jsonb((p.rev + p.n)::text))"
-                " FROM (SELECT q.seq, f.rev, row_number() OVER (PARTITION BY q.game_id ORDER BY q.seq) AS n"
-                "       FROM job_results q JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
-                f"       WHERE {pending}) p"
-                " WHERE j.seq = p.seq", games, revs, seen)
-            await conn.execute(
-                "UPDATE runtime_records r SET snapshot_revision = f.rev + (SELECT count(*) FROM job_results q"
-                f" WHERE q.game_id = r.game_id AND {pending})"
-                " FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev) WHERE r.game_id = f.game_id",
-                games, revs, seen)
+            if rows:
+                await conn.execute(
+                    "UPDATE job_results j SET fields = jsonb_set(j.fields, '{revision}', to_jsonb((p.rev + p.n)::text))"
+                    " FROM (SELECT q.seq, f.rev, row_number() OVER (PARTITION BY q.game_id ORDER BY q.seq) AS n"
+                    "       FROM job_results q JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
+                    f"       WHERE {pending}) p"
+                    " WHERE j.seq = p.seq", [r["game_id"] for r in rows], [r["floor"] for r in rows], seen)
+                carried = [r for r in rows if r["n"]]
+                await conn.execute(
+                    "UPDATE runtime_records r SET snapshot_revision = v.rev + v.n"
+                    " FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(game_id, rev, n)"
+                    " WHERE r.game_id = v.game_id", [r["game_id"] for r in carried], [r["floor"] for r in carried],
+                    [r["n"] for r in carried])
+                for r in rows:
+                    if not r["n"]:
+                        cur = record_from_row(r).replace(snapshot_revision=r["floor"])
+                        await self._write(conn, cur, cur, now, "resync")
+            await conn.execute("DELETE FROM snapshot_floors WHERE game_id = $1", FLOOR_DUE)
             return len(rows)
 
     async def snapshot_resync(self, game_id: str | None = None) -> int:

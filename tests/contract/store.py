@@ -227,9 +227,11 @@ async def test_a_snapshot_already_on_the_stream_is_not_numbered_again(store):
     await store.submit(start("g1", "1-0"), DEFAULTS)
     [first] = [p for p in await store.unpublished(1000) if p.kind == "snapshot" and p.game_id == "g1"]
     assert await store.raise_snapshot_revisions({"g1": 30}, frozenset({first.fields["snapshot_id"]})) == 1
-    [again] = [p for p in await store.unpublished(1000) if p.kind == "snapshot" and p.game_id == "g1"]
+    [again, resync] = [p for p in await store.unpublished(1000) if p.kind == "snapshot" and p.game_id == "g1"]
     assert again.fields["revision"] == first.fields["revision"]
-    assert (await store.snapshot_revisions(["g1"]))["g1"] == 30
+    # nothing of g1 left to publish above the floor: a resync snapshot carries its state to Lobby
+    assert (resync.fields["reason"], resync.fields["revision"]) == ("resync", "31")
+    assert (await store.snapshot_revisions(["g1"]))["g1"] == 31
 
 
 async def test_a_pause_withdrawing_a_scheduled_turn_not_asked_yet_waits_for_the_withdrawal(store):
