@@ -32,6 +32,7 @@ trimmed by the intake, below what it has handled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -201,6 +202,10 @@ class Relay:
             log.exception("could not raise the snapshot revisions above the snapshot stream's; publishing without it "
                           "(after a restore of the database, Lobby drops snapshots numbered below those it holds)")
             self._floor_retry_at = time.monotonic() + FLOOR_RETRY
+            with contextlib.suppress(Exception):
+                # Once this term has published, the stream's newest entries no longer tell: the retry reads
+                # the whole stream (it raises nothing when the database was not behind).
+                await self.store.note_floor_due()
             return
         self._floor_due = False
 

@@ -33,7 +33,7 @@ MAX_DIGITS = 18       # a revision the database's bigint holds
 
 
 class FloorStreams(Protocol):
-    async def recent_field(self, stream: str, count: int, name: str) -> list[tuple[str, str]]: ...
+    async def recent(self, stream: str, count: int) -> list[tuple[str, dict[Any, Any]]]: ...
     async def range(self, stream: str, start: str, end: str = "+",
                     count: int = 1000) -> list[tuple[str, dict[Any, Any]]]: ...
 
@@ -68,15 +68,11 @@ async def behind(streams: FloorStreams, store: FloorStore, stream: str) -> bool:
     already have numbered another snapshot of a game the same. Older unknown entries are a restore handled
     before. (Entries older than RTMANAGER_RETENTION_DAYS, their rows pruned, read as unknown too: an instance
     that published no snapshot in that long reads the stream once a term for nothing, and raises nothing.)"""
-    ids = [snapshot_id for _, snapshot_id in await streams.recent_field(stream, TAIL, "snapshot_id") if snapshot_id]
+    # Our snapshots only (an id, a game and a revision as the relay writes them), newest first.
+    ids = [f["snapshot_id"] for _, f in await streams.recent(stream, TAIL)
+           if revision_of(f) is not None and isinstance(f.get("snapshot_id"), str) and ours(f["snapshot_id"])]
     known, due = await store.floor_state(ids)
-    unknown = False
-    for snapshot_id in ids:  # newest first
-        if snapshot_id in known:
-            break
-        if ours(snapshot_id):
-            unknown = True
-            break
+    unknown = bool(ids) and ids[0] not in known  # the newest of ours: unknown, or the database is up to date
     if unknown and not due:
         await store.note_floor_due()
     return unknown or due

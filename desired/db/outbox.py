@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 
 import asyncpg
 
@@ -85,33 +86,47 @@ class Outbox(StoreBase):
                     " ON CONFLICT (game_id) DO UPDATE SET revision = greatest(snapshot_floors.revision,"
                     " excluded.revision)", chunk, [floors[g] for g in chunk])
         games, revs, seen = list(floors), [floors[g] for g in floors], list(on_stream)
-        # One pass over the unpublished rows, grouped by game (not a count per game: quadratic at thousands).
         pending = ("q.kind = 'snapshot' AND q.published_at IS NULL AND NOT (q.result_id::text = ANY($3::text[]))")
         async with self._tx() as (conn, now):
+            # The games to raise, locked first (one grouped pass over the unpublished rows, not a count per
+            # game: quadratic at thousands). What they have pending is counted only once they are locked, by
+            # the statement that numbers it: a transition that committed while this waited is in both.
             rows = await conn.fetch(
                 "WITH f AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev)),"
-                " p AS (SELECT q.game_id, count(*) AS n, min((q.fields->>'revision')::bigint) AS low"
+                " p AS (SELECT q.game_id, min((q.fields->>'revision')::bigint) AS low"
                 f"       FROM job_results q JOIN f USING (game_id) WHERE {pending} GROUP BY q.game_id)"
-                " SELECT r.*, f.rev AS floor, coalesce(p.n, 0) AS n FROM runtime_records r JOIN f USING (game_id)"
+                " SELECT r.*, f.rev AS floor FROM runtime_records r JOIN f USING (game_id)"
                 " LEFT JOIN p USING (game_id) WHERE r.snapshot_revision < f.rev OR p.low <= f.rev"
                 " ORDER BY r.game_id FOR UPDATE OF r", games, revs, seen)
             if rows:
-                await conn.execute(
+                numbered = await conn.fetch(
                     "UPDATE job_results j SET fields = jsonb_set(j.fields, '{revision}', to_jsonb((p.rev + p.n)::text))"
                     " FROM (SELECT q.seq, f.rev, row_number() OVER (PARTITION BY q.game_id ORDER BY q.seq) AS n"
                     "       FROM job_results q JOIN unnest($1::text[], $2::bigint[]) AS f(game_id, rev) USING (game_id)"
                     f"       WHERE {pending}) p"
-                    " WHERE j.seq = p.seq", [r["game_id"] for r in rows], [r["floor"] for r in rows], seen)
-                carried = [r for r in rows if r["n"]]
+                    " WHERE j.seq = p.seq RETURNING j.game_id", [r["game_id"] for r in rows],
+                    [r["floor"] for r in rows], seen)
+                counts = Counter(n["game_id"] for n in numbered)
+                # A game with snapshots to publish: they carry its state, the next one comes after them. A game
+                # with none: Lobby's view of it came from what the database lost, so a resync snapshot of its
+                # state now, above the floor (all in one statement each, not a round trip per game).
+                carried = [r for r in rows if counts[r["game_id"]]]
+                # (the row as locked: a transition that committed meanwhile may have numbered past the floor)
+                resynced = [record_from_row(r) for r in rows
+                            if not counts[r["game_id"]] and r["snapshot_revision"] < r["floor"]]
+                floor_of = {r["game_id"]: r["floor"] for r in rows}
+                news = [cur.replace(snapshot_revision=floor_of[cur.game_id] + 1) for cur in resynced]
                 await conn.execute(
-                    "UPDATE runtime_records r SET snapshot_revision = v.rev + v.n"
-                    " FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS v(game_id, rev, n)"
-                    " WHERE r.game_id = v.game_id", [r["game_id"] for r in carried], [r["floor"] for r in carried],
-                    [r["n"] for r in carried])
-                for r in rows:
-                    if not r["n"]:
-                        cur = record_from_row(r).replace(snapshot_revision=r["floor"])
-                        await self._write(conn, cur, cur, now, "resync")
+                    "UPDATE runtime_records r SET snapshot_revision = v.rev"
+                    " FROM unnest($1::text[], $2::bigint[]) AS v(game_id, rev) WHERE r.game_id = v.game_id",
+                    [r["game_id"] for r in carried] + [n.game_id for n in news],
+                    [r["floor"] + counts[r["game_id"]] for r in carried] + [n.snapshot_revision for n in news])
+                if news:
+                    outbox = [self._snapshot_row(conn, new, cur.status, "resync", now)
+                              for cur, new in zip(resynced, news, strict=True)]
+                    await conn.executemany(
+                        "INSERT INTO job_results (result_id, game_id, fields, kind) VALUES ($1, $2, $3::jsonb,"
+                        " 'snapshot')", outbox)
             await conn.execute("DELETE FROM snapshot_floors WHERE game_id = $1", FLOOR_DUE)
             return len(rows)
 

@@ -141,6 +141,41 @@ async def test_a_lost_games_floor_is_stored_under_the_games_lock(pool, database_
     assert (await store.snapshot_revisions(["g9"]))["g9"] == 13
 
 
+async def test_a_snapshot_committed_while_the_floor_waits_for_its_record_is_numbered_once(pool, database_url):
+    """Review: the raise counted a game's pending snapshots before it held the game's record, and numbered
+    them in a later statement: a transition that committed while the raise waited for the record was
+    numbered but not counted, and the game's next snapshot (or a resync) took a revision already given."""
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    transition = await asyncpg.connect(database_url)
+    try:
+        tx = transition.transaction()
+        await tx.start()
+        await transition.execute("UPDATE runtime_records SET snapshot_revision = snapshot_revision + 1"
+                                 " WHERE game_id = 'g1'")
+        await transition.execute(
+            "INSERT INTO job_results (result_id, game_id, fields, kind) SELECT id, 'g1',"
+            " jsonb_build_object('snapshot_id', id::text, 'game_id', 'g1', 'revision', '2'), 'snapshot'"
+            " FROM (SELECT gen_random_uuid() AS id) AS n")
+        raising = asyncio.create_task(store.raise_snapshot_revisions({"g1": 10}))
+
+        async def waiting() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND (database IS NULL OR database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+                " AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())"))
+
+        await eventually(waiting, what="the raise waiting for the record")
+        await tx.commit()
+        await asyncio.wait_for(raising, 10)
+    finally:
+        await transition.close()
+    revisions = [int(p.fields["revision"]) for p in await store.unpublished(1000)
+                 if p.kind == "snapshot" and p.game_id == "g1"]
+    assert len(revisions) == len(set(revisions)) and min(revisions) > 10, revisions
+    assert (await store.snapshot_revisions(["g1"]))["g1"] == max(revisions)
+
+
 async def test_submit_creates_record_and_queued_operation(pool):
     store = Store(pool)
     out = await store.submit(start("g1", "1-0"), DEFAULTS)

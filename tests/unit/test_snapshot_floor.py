@@ -258,3 +258,48 @@ async def test_a_raise_that_failed_is_tried_again_though_the_term_published_mean
     assert len(calls) == 2
     # and Lobby is sent the game's state above what it holds (a resync snapshot), not only a higher counter
     assert max(published(streams, "g1")) > 5
+
+
+async def test_an_entry_that_only_looks_like_ours_makes_no_term_read_the_stream(tmp_path, monkeypatch):
+    """Review: any entry whose id parsed as a UUID counted as ours, so a foreign one at the stream's end made
+    every term write the marker and read the whole stream."""
+    store, streams = await world(tmp_path, games=("g1",))
+    [known] = [r for r in store.results if r["kind"] == "snapshot"]
+    streams.xadd(SNAPSHOTS, dict(known["fields"]))
+    streams.xadd(SNAPSHOTS, {"snapshot_id": str(uuid.uuid4()), "hello": "world"})
+    relay = relay_over(store, streams)
+    scans = []
+
+    async def scan(*args):
+        scans.append(args)
+        return 0
+
+    monkeypatch.setattr(snapshot_floor, "raise_above_stream", scan)
+    for _ in range(3):
+        relay.reset()
+        await relay.flush()
+    assert scans == [] and "" not in store.snapshot_floors
+
+
+async def test_a_check_that_failed_is_done_whole_on_the_retry(tmp_path, monkeypatch):
+    """Review: a check that failed before it could tell (not an outage) was retried against a stream whose
+    newest entries were by then the term's own: a restore in that window went unseen for good."""
+    from controller import relay as relay_module
+
+    store, streams = await world(tmp_path, games=("g1",))
+    for rev in range(1, 6):
+        streams.xadd(SNAPSHOTS, {"game_id": "g1", "revision": str(rev), "snapshot_id": str(uuid.uuid4())})
+    relay = relay_over(store, streams)
+    real, failed = store.floor_state, []
+
+    async def fails_once(ids):
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("a bug")
+        return await real(ids)
+
+    store.floor_state = fails_once
+    monkeypatch.setattr(relay_module, "FLOOR_RETRY", 0.0)
+    await relay.flush()  # published without the floor
+    await relay.flush()
+    assert failed and max(published(streams, "g1")) > 5
