@@ -5,16 +5,18 @@ from an older backup (or emptied, then given its games back with ``rtmanager ado
 next snapshots from what it holds: below what Lobby was already sent, so Lobby would drop every change
 until the game's revision passed the old one, which for a quiet game may be never.
 
-In each leadership term the relay (controller/relay.py) does this before it publishes anything, and
-again after an outage until it went through: the newest entry of the snapshot stream is looked for in
-the database's outbox (one read of each). A snapshot it does not know says the database is behind; its
-revision would not, as the term may already have numbered another snapshot of that game the same. Only
-then is the stream read whole (it is trimmed, so it is bounded), and every game's revision is raised
-above the highest one the stream holds of it (desired/db/outbox.py ``raise_snapshot_revisions``): its
-snapshots not published yet are numbered again above it, but for those already on the stream
-(published, not marked yet), which keep theirs. A game without a record keeps its floor
-(snapshot_floors) for when its record is made again. A game whose snapshots were all trimmed away
-cannot be told: its next revision may still be one Lobby holds.
+In each leadership term the relay (controller/relay.py) does this before it publishes anything: the
+newest of our snapshots on the stream is looked for in the database's outbox (one read of each). A
+snapshot it does not know says the database is behind; its revision would not, as the term may already
+have numbered another snapshot of that game the same. That finding is kept in the database
+(snapshot_floors) until the raise went through, so a failure (tried again every minute, while results
+are published) or another term or process still does it. Then the stream is read whole (it is trimmed,
+so it is bounded), and every game's revision is raised above the highest one the stream holds of it
+(desired/db/outbox.py ``raise_snapshot_revisions``): its snapshots not published yet are numbered again
+above it, but for those already on the stream (published, not marked yet), which keep theirs; a game with
+none gets a resync snapshot of its state, since Lobby's view of it came from what the database lost. A
+game without a record keeps its floor for when its record is made again. A game whose snapshots were
+all trimmed away cannot be told: its next revision may still be one Lobby holds.
 """
 
 from __future__ import annotations
@@ -61,13 +63,13 @@ def _after(entry_id: str) -> str:
 
 
 async def behind(streams: FloorStreams, store: FloorStore, stream: str) -> bool:
-    """Whether the database is behind the snapshot stream: the stream's newest snapshots, down to the
-    newest one the database knows (within TAIL), include one it does not (written after its backup, or it
-    was emptied); or a raise found due is still to do (remembered in the database, so that a term that
-    published meanwhile, or another process, still does it). By snapshot ids, not revisions: the term may
-    already have numbered another snapshot of a game the same. Older unknown entries are a restore handled
-    before. (Entries older than RTMANAGER_RETENTION_DAYS, their rows pruned, read as unknown too: an instance
-    that published no snapshot in that long reads the stream once a term for nothing, and raises nothing.)"""
+    """Whether the database is behind the snapshot stream: it does not know the newest of our snapshots
+    among the stream's newest TAIL entries (written after its backup, or it was emptied); or a raise found
+    due is still to do (remembered in the database, so that a term that published meanwhile, or another
+    process, still does it). By snapshot id, not revision: the term may already have numbered another
+    snapshot of that game the same. Older unknown entries are a restore handled before. (An entry older than
+    RTMANAGER_RETENTION_DAYS, its row pruned, reads as unknown too: an instance that published no snapshot
+    in that long reads the stream once a term for nothing, and raises nothing.)"""
     # Our snapshots only (an id, a game and a revision as the relay writes them), newest first.
     ids = [f["snapshot_id"] for _, f in await streams.recent(stream, TAIL)
            if revision_of(f) is not None and isinstance(f.get("snapshot_id"), str) and ours(f["snapshot_id"])]
