@@ -91,12 +91,16 @@ class Outbox(StoreBase):
             # The games to raise, locked first (one grouped pass over the unpublished rows, not a count per
             # game: quadratic at thousands). What they have pending is counted only once they are locked, by
             # the statement that numbers it: a transition that committed while this waited is in both.
+            # The candidates are chosen as of the statement's start (MATERIALIZED), then locked by their id
+            # alone: a lock's wait re-checks a changed row against the conditions on it, but not against the
+            # pending rows read before, so a game whose transition committed meanwhile would drop out.
             rows = await conn.fetch(
                 "WITH f AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS f(game_id, rev)),"
                 " p AS (SELECT q.game_id, min((q.fields->>'revision')::bigint) AS low"
-                f"       FROM job_results q JOIN f USING (game_id) WHERE {pending} GROUP BY q.game_id)"
-                " SELECT r.*, f.rev AS floor FROM runtime_records r JOIN f USING (game_id)"
-                " LEFT JOIN p USING (game_id) WHERE r.snapshot_revision < f.rev OR p.low <= f.rev"
+                f"       FROM job_results q JOIN f USING (game_id) WHERE {pending} GROUP BY q.game_id),"
+                " c AS MATERIALIZED (SELECT r.game_id, f.rev FROM runtime_records r JOIN f USING (game_id)"
+                "       LEFT JOIN p USING (game_id) WHERE r.snapshot_revision < f.rev OR p.low <= f.rev)"
+                " SELECT r.*, c.rev AS floor FROM runtime_records r JOIN c USING (game_id)"
                 " ORDER BY r.game_id FOR UPDATE OF r", games, revs, seen)
             if rows:
                 numbered = await conn.fetch(

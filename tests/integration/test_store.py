@@ -176,6 +176,45 @@ async def test_a_snapshot_committed_while_the_floor_waits_for_its_record_is_numb
     assert (await store.snapshot_revisions(["g1"]))["g1"] == max(revisions)
 
 
+async def test_a_game_whose_transition_commits_while_the_floor_waits_is_not_dropped(pool, database_url):
+    """Review: the games were chosen and locked in one statement; a lock's wait re-checked a game changed
+    meanwhile against its new record but not against its pending snapshots read before, so a game whose
+    transition reached the floor during the wait dropped out: its snapshot at the floor, which Lobby holds,
+    was published as it was."""
+    store = Store(pool)
+    await store.submit(start("a1", "1-0"), DEFAULTS)
+    await store.submit(start("g1", "2-0"), DEFAULTS)
+    await pool.execute("UPDATE job_results SET published_at = now(), stream_entry_id = '1-0'")
+    await pool.execute("UPDATE runtime_records SET snapshot_revision = 10")
+    holder = await asyncpg.connect(database_url)
+    try:
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT 1 FROM runtime_records WHERE game_id = 'a1' FOR UPDATE")
+        raising = asyncio.create_task(store.raise_snapshot_revisions({"a1": 11, "g1": 11}))
+
+        async def waiting() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                " AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())"))
+
+        await eventually(waiting, what="the raise waiting for a lock")
+        async with pool.acquire() as conn, conn.transaction():  # g1's transition, reaching the floor
+            await conn.execute("UPDATE runtime_records SET snapshot_revision = 11 WHERE game_id = 'g1'")
+            await conn.execute(
+                "INSERT INTO job_results (result_id, game_id, fields, kind) SELECT id, 'g1',"
+                " jsonb_build_object('snapshot_id', id::text, 'game_id', 'g1', 'revision', '11'), 'snapshot'"
+                " FROM (SELECT gen_random_uuid() AS id) AS n")
+        await held.commit()
+        await asyncio.wait_for(raising, 10)
+    finally:
+        await holder.close()
+    revisions = [int(p.fields["revision"]) for p in await store.unpublished(1000)
+                 if p.kind == "snapshot" and p.game_id == "g1"]
+    assert revisions and min(revisions) > 11, revisions
+    assert (await store.snapshot_revisions(["g1"]))["g1"] == max(revisions)
+
+
 async def test_submit_creates_record_and_queued_operation(pool):
     store = Store(pool)
     out = await store.submit(start("g1", "1-0"), DEFAULTS)
