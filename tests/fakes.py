@@ -1160,10 +1160,6 @@ class FakeStore:
         self._check()
         self.snapshot_floors.setdefault("", 0)
 
-    async def snapshot_revisions(self, game_ids: builtins.list[str]) -> dict[str, int]:
-        self._check()
-        return {g: self.records[g].snapshot_revision for g in game_ids if g in self.records}
-
     async def raise_snapshot_revisions(self, floors: dict[str, int],
                                        on_stream: frozenset[str] = frozenset()) -> int:
         self._check()

@@ -35,12 +35,6 @@ FLOOR_DUE = ""  # the snapshot_floors row of a raise found due (no game id is em
 class Outbox(StoreBase):
     """The job_results table as the relay, the status surfaces and retention see it."""
 
-    async def snapshot_revisions(self, game_ids: list[str]) -> dict[str, int]:
-        """The revision of the last snapshot of each of these games that has a record."""
-        rows = await self.pool.fetch("SELECT game_id, snapshot_revision FROM runtime_records"
-                                     " WHERE game_id = ANY($1::text[])", game_ids)
-        return {r["game_id"]: r["snapshot_revision"] for r in rows}
-
     async def floor_state(self, snapshot_ids: list[str]) -> tuple[set[str], bool]:
         """(which of these snapshots the outbox holds, whether a raise found due is still to do): what
         controller/snapshot_floor.py asks before a term publishes. An id that is no UUID is none of ours."""

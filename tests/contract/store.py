@@ -189,10 +189,10 @@ async def test_snapshot_revisions_are_raised_above_a_floor_with_the_unpublished_
     above its floor, or without a record, is left as it is."""
     await store.submit(start("g1", "1-0"), DEFAULTS)
     await store.submit(start("g2", "2-0"), DEFAULTS)
-    g2 = (await store.snapshot_revisions(["g2"]))["g2"]
+    g2 = (await store.get("g2")).snapshot_revision
     g2_ids = frozenset(p.fields["snapshot_id"] for p in await store.unpublished(1000) if p.game_id == "g2")
     assert await store.raise_snapshot_revisions({"g1": 40, "g2": g2, "nobody": 7}, g2_ids) == 1  # g2: on the stream
-    revs = await store.snapshot_revisions(["g1", "g2", "nobody"])
+    revs = {g: (await store.get(g)).snapshot_revision for g in ("g1", "g2")}
     pending = [p.fields["revision"] for p in await store.unpublished(1000) if p.kind == "snapshot"
                and p.game_id == "g1"]
     assert pending and pending == [str(41 + i) for i in range(len(pending))]
@@ -208,19 +208,19 @@ async def test_a_snapshot_numbered_again_at_the_floor_is_numbered_above_it(store
     """A term that numbered a snapshot before the floor was raised gave it a revision Lobby already holds
     (the record said less): equal to the floor is below it."""
     await store.submit(start("g1", "1-0"), DEFAULTS)
-    g1 = (await store.snapshot_revisions(["g1"]))["g1"]
+    g1 = (await store.get("g1")).snapshot_revision
     assert await store.raise_snapshot_revisions({"g1": g1}) == 1
     [pending] = [p for p in await store.unpublished(1000) if p.kind == "snapshot" and p.game_id == "g1"]
-    assert pending.fields["revision"] == str(g1 + 1) and (await store.snapshot_revisions(["g1"]))["g1"] == g1 + 1
+    assert pending.fields["revision"] == str(g1 + 1) and (await store.get("g1")).snapshot_revision == g1 + 1
 
 
 async def test_a_floor_of_a_game_without_a_record_is_kept_for_its_record(store):
     """A game the restored database lost: its record, made again later, numbers its snapshots above the floor."""
     assert await store.raise_snapshot_revisions({"g9": 12}) == 0
     await store.submit(start("g9", "9-0"), DEFAULTS)
-    assert (await store.snapshot_revisions(["g9"]))["g9"] == 13
+    assert (await store.get("g9")).snapshot_revision == 13
     await store.submit(start("g8", "8-0"), DEFAULTS)  # a game with no floor starts at 1
-    assert (await store.snapshot_revisions(["g8"]))["g8"] == 1
+    assert (await store.get("g8")).snapshot_revision == 1
 
 
 async def test_a_snapshot_already_on_the_stream_is_not_numbered_again(store):
@@ -231,7 +231,7 @@ async def test_a_snapshot_already_on_the_stream_is_not_numbered_again(store):
     assert again.fields["revision"] == first.fields["revision"]
     # nothing of g1 left to publish above the floor: a resync snapshot carries its state to Lobby
     assert (resync.fields["reason"], resync.fields["revision"]) == ("resync", "31")
-    assert (await store.snapshot_revisions(["g1"]))["g1"] == 31
+    assert (await store.get("g1")).snapshot_revision == 31
 
 
 async def test_a_pause_withdrawing_a_scheduled_turn_not_asked_yet_waits_for_the_withdrawal(store):

@@ -138,7 +138,7 @@ async def test_a_lost_games_floor_is_stored_under_the_games_lock(pool, database_
     finally:
         await admission.close()
     await store.submit(start("g9", "9-0"), DEFAULTS)
-    assert (await store.snapshot_revisions(["g9"]))["g9"] == 13
+    assert (await store.get("g9")).snapshot_revision == 13
 
 
 async def test_a_snapshot_committed_while_the_floor_waits_for_its_record_is_numbered_once(pool, database_url):
@@ -173,7 +173,7 @@ async def test_a_snapshot_committed_while_the_floor_waits_for_its_record_is_numb
     revisions = [int(p.fields["revision"]) for p in await store.unpublished(1000)
                  if p.kind == "snapshot" and p.game_id == "g1"]
     assert len(revisions) == len(set(revisions)) and min(revisions) > 10, revisions
-    assert (await store.snapshot_revisions(["g1"]))["g1"] == max(revisions)
+    assert (await store.get("g1")).snapshot_revision == max(revisions)
 
 
 async def test_a_game_whose_transition_commits_while_the_floor_waits_is_not_dropped(pool, database_url):
@@ -212,7 +212,7 @@ async def test_a_game_whose_transition_commits_while_the_floor_waits_is_not_drop
     revisions = [int(p.fields["revision"]) for p in await store.unpublished(1000)
                  if p.kind == "snapshot" and p.game_id == "g1"]
     assert revisions and min(revisions) > 11, revisions
-    assert (await store.snapshot_revisions(["g1"]))["g1"] == max(revisions)
+    assert (await store.get("g1")).snapshot_revision == max(revisions)
 
 
 async def test_submit_creates_record_and_queued_operation(pool):
