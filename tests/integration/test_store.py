@@ -112,6 +112,13 @@ async def test_a_schema_missing_migrations_is_refused_at_start_without_auto_migr
         await prepare_database(settings)
 
 
+async def a_lock_awaited(pool) -> bool:
+    """Some session of this test's database waits for a lock (the statement under test, blocked)."""
+    return bool(await pool.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted"
+        " AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())"))
+
+
 async def test_a_lost_games_floor_is_stored_under_the_games_lock(pool, database_url):
     """Review: the floor of a game without a record was stored without the game's lock, so an admission that
     made its record at the same moment saw neither the floor nor was seen by the raise: it numbered from 1.
@@ -126,12 +133,7 @@ async def test_a_lost_games_floor_is_stored_under_the_games_lock(pool, database_
         await admission.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, "g9")
         raising = asyncio.create_task(store.raise_snapshot_revisions({"g9": 12}))
 
-        async def waiting() -> bool:
-            return bool(await pool.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"))
-
-        await eventually(waiting, what="the floor waiting for the game's lock")
+        await eventually(lambda: a_lock_awaited(pool), what="the floor waiting for the game's lock")
         assert not raising.done()
         await tx.commit()
         await asyncio.wait_for(raising, 10)
@@ -159,13 +161,7 @@ async def test_a_snapshot_committed_while_the_floor_waits_for_its_record_is_numb
             " FROM (SELECT gen_random_uuid() AS id) AS n")
         raising = asyncio.create_task(store.raise_snapshot_revisions({"g1": 10}))
 
-        async def waiting() -> bool:
-            return bool(await pool.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                " AND (database IS NULL OR database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
-                " AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())"))
-
-        await eventually(waiting, what="the raise waiting for the record")
+        await eventually(lambda: a_lock_awaited(pool), what="the raise waiting for the record")
         await tx.commit()
         await asyncio.wait_for(raising, 10)
     finally:
@@ -193,12 +189,7 @@ async def test_a_game_whose_transition_commits_while_the_floor_waits_is_not_drop
         await holder.execute("SELECT 1 FROM runtime_records WHERE game_id = 'a1' FOR UPDATE")
         raising = asyncio.create_task(store.raise_snapshot_revisions({"a1": 11, "g1": 11}))
 
-        async def waiting() -> bool:
-            return bool(await pool.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                " AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())"))
-
-        await eventually(waiting, what="the raise waiting for a lock")
+        await eventually(lambda: a_lock_awaited(pool), what="the raise waiting for a lock")
         async with pool.acquire() as conn, conn.transaction():  # g1's transition, reaching the floor
             await conn.execute("UPDATE runtime_records SET snapshot_revision = 11 WHERE game_id = 'g1'")
             await conn.execute(

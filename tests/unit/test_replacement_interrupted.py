@@ -27,6 +27,25 @@ async def patching(tmp_path):
     return w, rec, save
 
 
+def during_the_rollback(w: World, save: Path, job) -> list:
+    """The patch's engine (MUTE) half converts the state; once the rollback's old engine runs on the restored
+    state it writes its boot, then ``job()`` is sent, once, during its health wait. The list fills when sent."""
+    real, sent = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE:
+            save.write_text("B-format (half converted)")
+        elif c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not sent:
+            save.write_text("A-format, booted again")  # the old engine, started on the restored state
+            sent.append(1)
+            await job()
+        return await real(host)
+
+    w.engine.check = check
+    return sent
+
+
 async def synced_until(w: World, done, rounds: int):
     """Reconcile g1 until ``done(record)``, at most ``rounds`` times; the last record."""
     for _ in range(rounds):
@@ -116,19 +135,7 @@ async def test_a_stop_after_the_rollback_started_the_old_engine_keeps_what_it_wr
     the old engine, already started on it, had written (its boot): the state went back. Once the old
     image runs on the restored state, what it writes is its state."""
     w, rec, save = await patching(tmp_path)
-    real, stopped = w.engine.check, []
-
-    async def check(host):
-        c = w.backend.by_name("galaxy-game-g1")
-        if c is not None and c.image == MUTE:
-            save.write_text("B-format (half converted)")
-        elif c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not stopped:
-            save.write_text("A-format, booted again")  # the old engine, started on the restored state
-            stopped.append(1)
-            await w.job(JobKind.STOP, "g1")
-        return await real(host)
-
-    w.engine.check = check
+    stopped = during_the_rollback(w, save, lambda: w.job(JobKind.STOP, "g1"))
     rec = await synced_until(w, lambda r: r.converged and r.status.value == "stopped", 8)
     assert stopped and rec.status.value == "stopped"
     assert save.read_text() == "A-format, booted again"
@@ -168,19 +175,7 @@ async def test_a_second_patch_during_the_rollback_copies_what_the_old_engine_wro
     copy under the same name and took none, so when it failed too, its rollback put back the state from
     before the first patch: what the old engine wrote in between was lost."""
     w, rec, save = await patching(tmp_path)
-    real, patched = w.engine.check, []
-
-    async def check(host):
-        c = w.backend.by_name("galaxy-game-g1")
-        if c is not None and c.image == MUTE:
-            save.write_text("B-format (half converted)")
-        elif c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not patched:
-            save.write_text("A-format, booted again")  # the old engine, started on the restored state
-            patched.append(1)
-            await w.job(JobKind.PATCH, "g1", MUTE)  # the second patch, during the rollback's health wait
-        return await real(host)
-
-    w.engine.check = check
+    patched = during_the_rollback(w, save, lambda: w.job(JobKind.PATCH, "g1", MUTE))  # the second patch
     rec = await synced_until(w, lambda r: r.converged and len(w.results("g1")) >= 3, 12)
     assert patched and w.results("g1") == [("start", "success", ""), ("patch", "failure", "engine_unhealthy"),
                                            ("patch", "failure", "engine_unhealthy")]
@@ -194,20 +189,12 @@ async def test_a_restart_during_the_rollback_keeps_what_the_old_engine_wrote_sin
     health wait was not taken for a job replacing the rollback's engine (its spec hash was compared at the new
     revision), and the first copy was put back over what that engine had written."""
     w, rec, save = await patching(tmp_path)
-    real, restarted = w.engine.check, []
 
-    async def check(host):
-        c = w.backend.by_name("galaxy-game-g1")
-        if c is not None and c.image == MUTE:
-            save.write_text("B-format (half converted)")
-        elif c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not restarted:
-            save.write_text("A-format, booted again")
-            restarted.append(1)
-            for _ in range(restarts):  # review: five spec revisions past the engine's took it for another image's
-                await w.job(JobKind.RESTART, "g1")
-        return await real(host)
+    async def restart():
+        for _ in range(restarts):  # review: five spec revisions past the engine's took it for another image's
+            await w.job(JobKind.RESTART, "g1")
 
-    w.engine.check = check
+    restarted = during_the_rollback(w, save, restart)
     rec = await synced_until(w, lambda r: r.converged and len(w.results("g1")) >= 3, 12)
     assert restarted and w.results("g1")[-1] == ("restart", "success", "")
     assert rec.converged and rec.status.value == "running" and rec.current_image_ref == IMG
