@@ -5,18 +5,20 @@ by it, ``rtmanager env`` lists it, the README's settings table is generated from
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from controller.config_values import (
     ABSPATH,
     ALLOWLIST,
     ARCHIVE_DIR,
+    BIND_HOST,
     FLAG,
     MIN_FREE,
     NAME,
     NANO_CPUS,
     OPTIONAL_ABSPATH,
+    ROOT,
     STREAM_NAME,
     TEXT,
     TOKEN,
@@ -115,7 +117,8 @@ class LeadershipSettings:
 class StreamSettings:
     """Redis: the job streams Lobby writes, the results and snapshot streams rtmanager writes."""
 
-    redis_url: str = setting("RTMANAGER_REDIS_URL", "redis://127.0.0.1:56379/0", url("redis", "rediss", "unix"),
+    redis_url: str = setting("RTMANAGER_REDIS_URL", "redis://127.0.0.1:56379/0",
+                             url("redis", "rediss", "unix", database_number=True),
                              "Redis URL (`rediss://` and `unix://` too)", secret=True)
     start_stream: str = setting("RTMANAGER_START_STREAM", "runtime:start_jobs", STREAM, "stream of start jobs")
     stop_stream: str = setting("RTMANAGER_STOP_STREAM", "runtime:stop_jobs", STREAM, "stream of stop jobs")
@@ -142,6 +145,18 @@ class StreamSettings:
                                       "approximate MAXLEN of the dead-letter stream (0: no trimming)")
     results_maxlen: int = setting("RTMANAGER_RESULTS_MAXLEN", "100000", integer(0, 10**9), "approximate MAXLEN of "
                                   "the results and snapshot streams (0: no trimming)")
+
+    def __post_init__(self) -> None:
+        """Six streams, six names: a results stream named as a job stream reads every answer back as a job
+        (and answers that, for ever), a stop stream named as the start stream reads every start as a stop."""
+        seen: dict[str, str] = {}
+        for f in fields(self):
+            if not f.name.endswith("_stream"):
+                continue
+            name, var = getattr(self, f.name), f.metadata["var"].name
+            if name in seen:
+                raise ConfigError(f"{var}: must differ from {seen[name]}, got {name!r} for both")
+            seen[name] = var
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,7 +273,7 @@ class RuntimeSettings:
 class StorageSettings:
     """The games' state directories on the host."""
 
-    state_root: str = setting("RTMANAGER_STATE_ROOT", "/var/lib/rtmanager/games", ABSPATH,
+    state_root: str = setting("RTMANAGER_STATE_ROOT", "/var/lib/rtmanager/games", ROOT,
                               "host directory of the per-game state directories")
     state_shared: bool = setting("RTMANAGER_STATE_SHARED", "0", FLAG, "`1`: the state root is storage shared by "
                                  "every Swarm node at the same path, so a game's state follows it when it is moved "
@@ -295,7 +310,7 @@ class HttpSettings:
 
     http_port: int = setting("RTMANAGER_HTTP_PORT", "8090", port(0), "port of `/healthz`, `/readyz`, `/metrics` "
                              "and the REST API (0: off)")
-    http_host: str = setting("RTMANAGER_HTTP_HOST", "127.0.0.1", TEXT, "address the HTTP server binds; "
+    http_host: str = setting("RTMANAGER_HTTP_HOST", "127.0.0.1", BIND_HOST, "address the HTTP server binds; "
                              "`off-game-network`: every address of this host or container except those on "
                              "`RTMANAGER_DOCKER_NETWORK` (no engine reaches the API)")
     api_token: str = setting("RTMANAGER_API_TOKEN", "", TOKEN, "bearer token of the REST API, at least 16 "

@@ -4,6 +4,7 @@ in one phrase, what it expects (the error line after the variable's name). Pure:
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import re
 from collections.abc import Callable
@@ -28,6 +29,8 @@ class Parser:
 STREAM_NAME = re.compile(r"^[A-Za-z0-9:_.-]{1,200}$")
 NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+MAX_SIZE = 2**63 - 1
+MAX_ID = 2**32 - 2  # a uid or gid: 2**32 - 1 is -1 to chown (no change), and past it is no id
 
 
 def number(lo: float, hi: float, unit: str = "seconds") -> Parser:
@@ -54,15 +57,49 @@ def port(lo: int) -> Parser:
     return integer(lo, 65535, f"must be a port {lo}-65535")
 
 
-def url(*schemes: str) -> Parser:
+def url(*schemes: str, database_number: bool = False) -> Parser:
+    """A URL of one of ``schemes`` with a host (or a unix socket path) and, if any, a port 1-65535;
+    with ``database_number``, its path is empty or a database number (Redis': ``/0``)."""
     def conv(raw: str) -> str:
         parts = urlsplit(raw)
         if parts.scheme not in schemes:
             raise ValueError(f"scheme must be one of {', '.join(schemes)}")
         if not (parts.hostname or (parts.scheme == "unix" and parts.path)):
             raise ValueError("a host (or, for unix://, a socket path) is needed")
+        try:
+            port = parts.port  # urllib raises for a port that is no number or past 65535
+        except ValueError:
+            raise ValueError("the port must be a number 1-65535") from None
+        if port == 0:
+            raise ValueError("the port must be a number 1-65535")
+        if database_number and parts.scheme != "unix" and not re.fullmatch(r"/?([0-9]{1,5})?", parts.path):
+            raise ValueError("the path must be a database number, such as /0")
         return raw
     return Parser(conv, f"must be a {schemes[0]}:// URL")
+
+
+OFF_GAME_NETWORK = "off-game-network"
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _bind_host(raw: str) -> str:
+    """An IP address, a host name (whose last label is not all digits: ``999.1.1.1`` is no address) or
+    ``off-game-network``. An empty value would bind every address, the engines' network's too."""
+    if raw.lower() == OFF_GAME_NETWORK:
+        return OFF_GAME_NETWORK
+    try:
+        ipaddress.ip_address(raw)
+        return raw
+    except ValueError:
+        pass
+    labels = raw.removesuffix(".").split(".")
+    if (len(raw) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels)
+            or labels[-1].isdigit()):
+        raise ValueError("")
+    return raw
+
+
+BIND_HOST = Parser(_bind_host, "must be an IP address, a host name or off-game-network")
 
 
 def pattern(regex: re.Pattern[str], rule: str) -> Parser:
@@ -79,7 +116,15 @@ def _abspath(raw: str) -> str:
     return os.path.normpath(raw)
 
 
+def _root(raw: str) -> str:
+    path = _abspath(raw)
+    if path == "/":  # a game called etc would have /etc for its state directory
+        raise ValueError("")
+    return path
+
+
 ABSPATH = Parser(_abspath, "must be an absolute path")
+ROOT = Parser(_root, "must be an absolute path other than /")
 OPTIONAL_ABSPATH = Parser(lambda raw: _abspath(raw) if raw else None, "must be empty or an absolute path")
 ARCHIVE_DIR = Parser(lambda raw: _abspath(raw) if raw else None,
                      "must be empty or an absolute path outside RTMANAGER_STATE_ROOT (or a directory in it whose "
@@ -116,12 +161,14 @@ MIN_FREE = Parser(MinFree.parse, "must be bytes (such as 10g) or a percentage (s
 
 def size(least: int, rule: str) -> Parser:
     def conv(raw: str) -> int:
-        m = re.fullmatch(r"(\d+)([kmgKMG]?)[bB]?", raw)
+        m = re.fullmatch(r"([0-9]{1,19})([kmgKMG]?)[bB]?", raw)  # ASCII digits: \d takes any script's
         if not m:
             raise ValueError("")
         v = int(m.group(1)) * _UNITS[m.group(2).lower()]
         if v < least:
             raise ValueError(f"at least {least // 1024**2}m")
+        if v > MAX_SIZE:  # Docker's sizes are signed 64-bit: a larger one fails every create
+            raise ValueError("larger than Docker takes")
         return v
     return Parser(conv, rule)
 
@@ -132,7 +179,7 @@ NANO_CPUS = Parser(lambda raw: int(number(0.01, 1024).conv(raw) * 1e9), "must be
 def _user(raw: str) -> str | None:
     if raw in ("", "image"):
         return None
-    if not re.fullmatch(r"\d{1,10}(:\d{1,10})?", raw):
+    if not re.fullmatch(r"[0-9]{1,10}(:[0-9]{1,10})?", raw) or any(int(i) > MAX_ID for i in raw.split(":")):
         raise ValueError("")
     return raw
 

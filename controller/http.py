@@ -33,6 +33,7 @@ from controller.access import ROUTE_ROLES, allows, required_role
 from controller.admission import Admission
 from controller.bodies import json_body
 from controller.config import ConfigError, HttpSettings
+from controller.config_values import OFF_GAME_NETWORK
 from controller.console_http import ConsoleRoutes
 from controller.drains_api import DrainApi
 from controller.engine_proxy import EngineRoutes, ProxySettings
@@ -94,7 +95,6 @@ def _json_value(v: Any) -> Any:
 # counts as none): aiohttp's own default holds such connections for an hour, before any token is looked
 # at, and each holds a file descriptor the controller's own sockets need.
 IDLE_TIMEOUT = 75.0
-OFF_GAME_NETWORK = "off-game-network"  # RTMANAGER_HTTP_HOST: every address but the engines' network
 
 
 def local_ipv4_addresses() -> list[str]:
@@ -209,7 +209,12 @@ class HttpServer:
         await self._runner.setup()
         hosts = [h.http_host] if h.http_host != OFF_GAME_NETWORK else addresses_off(game_subnets or [])
         for host in hosts:
-            await web.TCPSite(self._runner, host, h.http_port).start()
+            try:
+                await web.TCPSite(self._runner, host, h.http_port).start()
+            except OSError as exc:  # taken, no such address here, a name that does not resolve
+                await self._runner.cleanup()
+                raise ConfigError(f"RTMANAGER_HTTP_HOST, RTMANAGER_HTTP_PORT: cannot listen on {host} port "
+                                  f"{h.http_port}: {exc.strerror or exc}") from None
         log.info("http listening on %s port %d", ", ".join(hosts), h.http_port)
         if self.tokens.path is not None:
             self._poller = asyncio.create_task(self._poll_tokens(), name="api-tokens")

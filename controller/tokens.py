@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -179,8 +180,13 @@ def load(path: str | None, default_token: str) -> TokenSet:
 
 
 def _read(path: str) -> str:
+    """The file's text. Opened without blocking and read only if it is a regular file: a FIFO (or a
+    device) put there would otherwise block start-up, or the event loop on a reload, for ever."""
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InvalidTokens(f"{path} is not a regular file")
             raw = f.read(MAX_FILE + 1)
     except OSError as exc:
         raise InvalidTokens(f"cannot read {path}: {exc.strerror or exc.__class__.__name__}") from None

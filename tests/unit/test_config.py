@@ -178,6 +178,26 @@ BAD = [
     ("RTMANAGER_LOG_LEVEL", "TRACE"),
     ("RTMANAGER_BACKEND", "kubernetes"),
     ("RTMANAGER_VERSION_POLICY", "any"),
+    # Red-team, stop 43: values each parser let through, which failed later with a traceback, bound
+    # every interface, chowned the wrong user or made every start fail.
+    ("RTMANAGER_HTTP_HOST", ""),
+    ("RTMANAGER_HTTP_HOST", "not a host"),
+    ("RTMANAGER_HTTP_HOST", "999.1.1.1"),
+    ("RTMANAGER_DATABASE_URL", "postgresql://127.0.0.1:abc/x"),
+    ("RTMANAGER_DATABASE_URL", "postgresql://127.0.0.1:99999/x"),
+    ("RTMANAGER_REDIS_URL", "redis://h:abc/0"),
+    ("RTMANAGER_REDIS_URL", "redis://h:99999/0"),
+    ("RTMANAGER_REDIS_URL", "redis://h/abc"),
+    ("RTMANAGER_STATE_ROOT", "/"),
+    ("RTMANAGER_STATE_ROOT", "/.."),
+    ("RTMANAGER_ENGINE_USER", "4294967296"),
+    ("RTMANAGER_ENGINE_USER", "4294967295"),
+    ("RTMANAGER_ENGINE_USER", "1000:4294967295"),
+    ("RTMANAGER_ENGINE_USER", "\u0661\u0662"),
+    ("RTMANAGER_ENGINE_MEMORY", "9223372036854775808"),
+    ("RTMANAGER_ENGINE_MEMORY", "\u0661\u0662g"),
+    ("RTMANAGER_ENGINE_TMPFS", "10000000000000g"),
+    ("RTMANAGER_ENGINE_DISK", "10000000000000g"),
 ]
 
 
@@ -189,6 +209,55 @@ def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> Non
     assert msg.startswith(name + ":")
     assert "\n" not in msg and "\r" not in msg
     assert len(msg) < 300
+
+
+GOOD_HOSTS = ["127.0.0.1", "::1", "0.0.0.0", "::", "localhost", "rtmanager.internal", "off-game-network"]
+
+
+@pytest.mark.parametrize("host", GOOD_HOSTS)
+def test_an_address_or_a_host_name_is_a_bind_address(host: str) -> None:
+    assert Settings.from_env({"RTMANAGER_HTTP_HOST": host}).http.http_host == host
+    # the keyword in any case is the keyword, not a host name to look up
+    assert Settings.from_env({"RTMANAGER_HTTP_HOST": "Off-Game-Network"}).http.http_host == "off-game-network"
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h/", "redis://h", "rediss://u:p@h:1/15",
+                                 "unix:///run/redis.sock?db=2"])
+def test_a_redis_url_with_or_without_a_database_number(url: str) -> None:
+    assert Settings.from_env({"RTMANAGER_REDIS_URL": url}).streams.redis_url == url
+
+
+STREAM_VARS = ["RTMANAGER_START_STREAM", "RTMANAGER_STOP_STREAM", "RTMANAGER_CONTROL_STREAM",
+               "RTMANAGER_RESULTS_STREAM", "RTMANAGER_SNAPSHOT_STREAM", "RTMANAGER_DEAD_LETTER_STREAM"]
+
+
+@pytest.mark.parametrize(("first", "second"), [(a, b) for i, a in enumerate(STREAM_VARS) for b in STREAM_VARS[i + 1:]])
+def test_two_streams_of_the_same_name_are_refused(first: str, second: str) -> None:
+    """Red-team, stop 43: with the results stream named as the start stream, every failure answer was read
+    back as a malformed start, answered again, and so on for ever; with the stop stream named as the start
+    stream, every start was read as a stop and refused."""
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({first: "runtime:same", second: "runtime:same"})
+    msg = str(exc.value)
+    assert msg.startswith(second + ":") and first in msg and "\n" not in msg
+
+
+def test_a_tokens_file_that_is_no_regular_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    """Red-team, stop 43: a FIFO as the tokens file blocked start-up (and, read again on SIGHUP, the
+    event loop with the lease renewal) for ever."""
+    import os
+    import subprocess
+    import sys
+    fifo = tmp_path / "tokens"
+    os.mkfifo(fifo)
+    code = ("from controller.config import Settings, ConfigError\n"
+            "try:\n"
+            f"    Settings.from_env({{'RTMANAGER_API_TOKENS_FILE': {str(fifo)!r}}})\n"
+            "except ConfigError as exc:\n"
+            "    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=20,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.startswith("RTMANAGER_API_TOKENS_FILE:") and "regular file" in out.stdout, out
 
 
 def test_value_with_newline_still_gives_one_line() -> None:
