@@ -31,11 +31,12 @@ from typing import Any, TypeVar
 
 from controller import storage
 from controller.admission import Admission
-from controller.config import Settings
+from controller.config import ConfigError, Settings
 from controller.config_table import Backend
+from controller.config_values import OFF_GAME_NETWORK
 from controller.drains import Drainer
 from controller.engine_proxy import ProxySettings
-from controller.http import OFF_GAME_NETWORK, HttpDeps, HttpServer
+from controller.http import HttpDeps, HttpServer
 from controller.intake import Intake
 from controller.leadership import Leadership
 from controller.logs import redact_url
@@ -465,6 +466,8 @@ async def prepare_database(settings: Settings) -> Identity:
         try:
             conn = await connect(settings.database.database_url)
             break
+        except StoreError as exc:  # the driver refuses the URL's settings: no wait will change that
+            raise ConfigError(f"RTMANAGER_DATABASE_URL: {exc}") from None
         except StoreUnavailable as exc:
             if loop.time() > deadline:
                 raise
@@ -511,6 +514,9 @@ async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -
     except SchemaMissing as exc:
         log.error("%s", exc)
         return 1
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     if identity is None:
         return 0
     controller = Controller(settings, identity=identity)
@@ -519,6 +525,9 @@ async def run(settings: Settings, signalled: Callable[[], bool] | None = None) -
         await controller.start()
     except WrongInstance as exc:
         log.error("RTMANAGER_INSTANCE: %s", exc)
+        return 2
+    except ConfigError as exc:
+        log.error("%s", exc)
         return 2
     except StoreUnavailable as exc:
         log.error("cannot reach Postgres at %s: %s", redact_url(settings.database.database_url), exc)

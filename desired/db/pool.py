@@ -41,6 +41,10 @@ PG_UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 def translate(exc: BaseException) -> BaseException | None:
     """The store's own error for a driver error, or None when ``exc`` is not the driver's."""
+    if isinstance(exc, asyncpg.exceptions.InterfaceError) and isinstance(exc, ValueError):
+        # The driver refused a value before sending it (a connection setting such as sslmode=bogus, an
+        # argument it cannot encode): the same call fails again, Postgres is not away.
+        return StoreError(f"postgres client: {exc.__class__.__name__}: {_headline(exc)}")
     if isinstance(exc, PG_UNAVAILABLE):
         return StoreUnavailable(f"postgres: {exc.__class__.__name__}: {exc}")
     if isinstance(exc, asyncpg.exceptions.UniqueViolationError):

@@ -29,3 +29,16 @@ def test_a_unique_violation_keeps_its_constraint_but_not_the_key():
     err = translate(exc)
     assert isinstance(err, UniqueViolation) and err.constraint == "engine_versions_image_ref_key"
     assert "SECRET" not in str(err)
+
+
+def test_a_value_the_driver_refuses_before_sending_is_no_outage():
+    """Red-team, stop 43: asyncpg's client-side refusals (a connection setting such as ``sslmode=bogus``, a
+    value it cannot encode) are both InterfaceError and ValueError; taken for an outage, start-up waited
+    for Postgres and the intake would have retried the same entry for ever."""
+    from desired.errors import StoreUnavailable
+    for exc in (asyncpg.exceptions.ClientConfigurationError("sslmode is not a valid value"),
+                asyncpg.exceptions._base.DataError("value out of int64 range")):
+        err = translate(exc)
+        assert isinstance(err, StoreError) and not isinstance(err, StoreUnavailable), exc
+    # a connection that went away is still an outage
+    assert isinstance(translate(asyncpg.exceptions.ConnectionDoesNotExistError("gone")), StoreUnavailable)
