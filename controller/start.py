@@ -23,7 +23,7 @@ from controller.storage import StateKeeper
 from controller.turns import probe_host
 from controller.units import UnitCache
 from desired import storage, versions
-from desired.errors import ContainerStartFailed, EngineUnhealthy, ImageRejected
+from desired.errors import ContainerStartFailed, DockerUnavailable, EngineUnhealthy, ImageRejected
 from desired.model import RuntimeRecord, Status
 from desired.ports import ReconcilerStore
 from observed.backend import RuntimeBackend
@@ -170,6 +170,10 @@ class Starts:
                 raise ContainerStartFailed("the engine's container stopped or moved while it was probed")
             self.units.put(game, token[0], again)  # the next look goes by it while nothing happens to it
         if not ok:
+            if not exited:  # the last look may predate an exit (failure path only: one inspect more)
+                last = await self.backend.inspect(container_id)
+                if last is not None and not last.running:
+                    exited.append(last)
             if exited:
                 await self._raise_exited(exited[-1])
             await self._raise_if_node_lost(seen)
@@ -200,8 +204,13 @@ class Starts:
             raise NodeLost(f"the node {(seen.node or '?')[:12]} of {seen.name} was lost while the engine started")
 
     async def _raise_exited(self, seen: ObservedContainer) -> None:
-        """The unit ended while it started: its node was lost (temporary), or the engine exited (it failed)."""
+        """The unit ended while it started: its node was lost or the daemon stopped it in a restart of its
+        own (both temporary: the engine is started again), or the engine exited (the start failed)."""
         await self._raise_if_node_lost(seen)
+        if await self.backend.stopped_by_daemon(seen):
+            self.metrics.daemon_restarts.inc()
+            raise DockerUnavailable("the container daemon stopped the engine while it started (a restart of the "
+                                    "daemon): it is started again")
         await self.health.raise_exited(seen)
 
     async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer) -> float:
