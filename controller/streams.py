@@ -169,7 +169,25 @@ class GroupInfo:
     oldest_unread: str | None = None  # the id of the first entry not read yet, when there is one
 
 
-@translating(_translate)
+# Refusals that say the server is no primary now: after a fail-over that moved the name (a managed Redis'
+# endpoint, a hand-run REPLICAOF) the old primary lives on as a replica, and pooled connections to it
+# would be refused for ever (they are answers, not broken connections).
+_NOT_PRIMARY = frozenset({"READONLY", "MASTERDOWN"})
+
+
+async def _after_error(adapter: Any, exc: BaseException) -> None:
+    """A refusal of a server that is no primary drops every pooled connection, so that the next command
+    connects again, and resolves the server's name again."""
+    if isinstance(exc, redis.exceptions.ReadOnlyError | redis.exceptions.MasterDownError) or (
+            isinstance(exc, redis.exceptions.ResponseError) and _error_code(exc) in _NOT_PRIMARY):
+        log.warning("redis: %s: the server is no primary now; its connections are dropped", _error_code(exc))
+        try:
+            await adapter.client.connection_pool.disconnect(inuse_connections=True)
+        except Exception as drop:  # noqa: BLE001 - the refusal is what the caller hears of
+            log.warning("redis: dropping the connections failed: %s", drop)
+
+
+@translating(_translate, _after_error)
 class RedisStreams:
     def __init__(self, url: str, *, group: str, consumer: str) -> None:
         self.client = aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5,

@@ -100,9 +100,12 @@ class Conflict(RuntimeError):
 _Class = TypeVar("_Class", bound=type)
 
 
-def translating(translate: Callable[[BaseException], BaseException | None]) -> Callable[[_Class], _Class]:
+def translating(translate: Callable[[BaseException], BaseException | None],
+                after: Callable[[Any, BaseException], Awaitable[None]] | None = None) -> Callable[[_Class], _Class]:
     """Class decorator for an adapter: every public coroutine method raises ``translate(exc)`` from
-    the driver's ``exc`` (when it gives one), so the driver's errors never leave the adapter."""
+    the driver's ``exc`` (when it gives one), so the driver's errors never leave the adapter.
+    ``after(adapter, exc)``, if given, runs first for each error translated (to drop a connection the
+    error shows is no good, say)."""
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -112,6 +115,8 @@ def translating(translate: Callable[[BaseException], BaseException | None]) -> C
                 ours = translate(exc)
                 if ours is None:
                     raise
+                if after is not None and args:
+                    await after(args[0], exc)
                 raise ours from exc
         return wrapper
 

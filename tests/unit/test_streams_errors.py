@@ -93,3 +93,58 @@ async def test_a_server_that_refuses_scripts_gets_plain_reads_from_then_on():
     assert await streams.range_ids("s", "-") == ["1-0", "2-0"]
     assert await streams.range_ids("s", "-") == ["1-0", "2-0"]
     assert streams.client.evals == 1  # refused once: not asked again
+
+
+async def _refusing_redis(refuse_on_first: bytes):
+    """A RESP server on 127.0.0.1: the first connection answers ``refuse_on_first`` to every command but a
+    handshake's (a primary demoted to a replica behind the same name); later ones answer as a primary would
+    for a read of nothing. Returns the server and the list of connections it took."""
+    import asyncio
+    conns: list[int] = []
+
+    async def handle(reader, writer):
+        conns.append(1)
+        first = len(conns) == 1
+        while line := await reader.readline():
+            args = []
+            for _ in range(int(line[1:])):
+                size = int((await reader.readline())[1:])
+                args.append((await reader.readexactly(size + 2))[:-2])
+            cmd = args[0].upper()
+            if cmd == b"PING":
+                writer.write(b"+PONG\r\n")
+            elif cmd == b"HELLO":  # RESP3
+                writer.write(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+            elif cmd in (b"CLIENT", b"SELECT"):
+                writer.write(b"+OK\r\n")
+            elif first:
+                writer.write(refuse_on_first)
+            else:
+                writer.write(b"_\r\n")  # XREADGROUP: nothing new
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, conns
+
+
+@pytest.mark.parametrize("refusal", [b"-READONLY You can't write against a read only replica.\r\n",
+                                     b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is "
+                                     b"set to 'no'.\r\n"])
+async def test_a_demoted_primary_is_left_for_a_new_connection(refusal):
+    """Red-team, stop 43: after a fail-over that moves the Redis name to the new primary (a managed Redis,
+    a hand-run REPLICAOF), the old primary lives on as a replica. Its refusals are answers, not a broken
+    connection, so the client kept its pooled connections to it and every read, acknowledgment and
+    publication was refused until someone restarted the controller. A refusal that says the server is
+    no primary now drops the pooled connections, so the next command resolves the name again."""
+    server, conns = await _refusing_redis(refusal)
+    port = server.sockets[0].getsockname()[1]
+    streams = RedisStreams(f"redis://127.0.0.1:{port}/0", group="g", consumer="c")
+    try:
+        with pytest.raises(StreamsUnavailable):
+            await streams.read_new(["a"], 10, None)
+        assert await streams.read_new(["a"], 10, None) == []
+        assert len(conns) == 2
+    finally:
+        await streams.close()
+        server.close()
