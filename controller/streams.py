@@ -218,7 +218,21 @@ class RedisStreams:
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" in str(exc):
                 return False
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or _error_code(exc) == "OOM":
+                # A full Redis refuses XGROUP CREATE before it looks for the group (it may grow memory); the
+                # reads and acknowledgments of a group that is there still work, and must go on.
+                if await self._has_group(stream):
+                    return False
             raise
+
+    async def _has_group(self, stream: str) -> bool:
+        try:
+            groups = await self.client.xinfo_groups(stream)
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return False
+            raise
+        return any(_text(g["name"]) == self.group for g in groups)
 
     async def last_id(self, stream: str) -> str | None:
         """The last id Redis gave in ``stream`` (XINFO STREAM), None when there is no such stream."""
