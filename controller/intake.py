@@ -457,7 +457,16 @@ class Intake:
             # Counted before it runs, so that an entry that kills the process counts too.
             attempts = await self.store.count_attempt(stream, entry_id)
             if attempts > self.config.max_deliveries:
-                await self.dead_letter(entry, attempts - 1)
+                try:
+                    await self.dead_letter(entry, attempts - 1)
+                except (*OUTAGES, Fenced):
+                    raise
+                except Exception:  # noqa: BLE001 - its copy or answer refused for good (an ACL, a bug): this
+                    # entry stays pending and holds its game; raised, it stopped every pass, every game's entries
+                    self.metrics.jobs.labels(stream, "error").inc()
+                    log.exception("could not dead-letter the entry; it stays pending, and later entries of its "
+                                  "game wait", extra={"stream": stream, "entry_id": entry_id})
+                    return False
                 await self.redis_streams.ack(stream, entry_id)
                 return True
         try:

@@ -281,12 +281,43 @@ async def test_a_dead_letter_whose_answer_keeps_failing_is_copied_once():
 
     store.reject_entry = broken
     for _ in range(4):
-        with pytest.raises(RuntimeError):  # the intake's loop logs it and backs off
-            await intake.pending_pass()
+        await intake.pending_pass()  # logged; the entry stays pending and holds its game only
+        assert s in streams.streams[START].pending
     store.reject_entry = real
     await intake.pending_pass()
     assert [c["rtm_entry_id"] for c in streams.fields_of(DEAD)] == [s]
     assert [(r["outcome"], r["error_code"]) for r in store.results_for("g1")] == [("failure", "internal_error")]
+
+
+async def test_a_dead_letter_redis_refuses_for_good_holds_its_game_only():
+    """Red-team, stop 43: a dead-letter stream Redis refuses for good (an ACL without it, a key of another
+    type) raised out of the pending pass at the first entry past its attempts; every pass then stopped at
+    that entry and no entry after it, of any game, was admitted. The entry now stays pending (its game
+    held, as any failing entry's) and the others go on."""
+    from controller.streams import StreamsError
+    intake, streams, store, s = await failed_once()
+    store.fail_submit = None
+    real = streams.add
+
+    async def refused(stream, fields, maxlen=None):
+        if stream == DEAD:
+            raise StreamsError("redis: NOPERM this user has no permissions to access the key")
+        return await real(stream, fields, maxlen)
+
+    streams.add = refused
+    later_g1, other = stop(streams, "g1"), start(streams, "g2")
+    for _ in range(3):
+        await intake.pending_pass()
+        while await intake.read_round(block_ms=None):
+            pass
+    assert ops_of(store, "g2") == [("start", other)]
+    assert ops_of(store, "g1") == []  # held behind its first entry, in order
+    assert s in streams.streams[START].pending and later_g1 in streams.streams[STOP].pending
+    streams.add = real  # the operator fixes the ACL: the entry is dead-lettered and its game goes on
+    await run_once(intake)
+    assert [c["rtm_entry_id"] for c in streams.fields_of(DEAD)] == [s]
+    assert [o[0] for o in ops_of(store, "g1")] == ["start", "stop"]
+    assert [(r["outcome"], r["error_code"]) for r in store.results_for("g1")][0] == ("failure", "internal_error")
 
 
 async def test_an_entry_that_kills_the_process_counts_as_an_attempt():
