@@ -10,6 +10,7 @@ from controller.access import cli_actor
 from controller.cli.common import open_backend, open_store, open_streams
 from controller.config import Settings
 from controller.logs import redact_url
+from desired import versions
 
 if TYPE_CHECKING:
     from desired.db.store import Store
@@ -169,7 +170,10 @@ async def dispose(settings: Settings, games: list[str], other_database: bool = F
                       file=sys.stderr)
                 failures += 1
                 continue
-            await backend.remove(c.id, settings.runtime.stop_grace)
+            # The grace its engine version registered (the one the create gave the container), as a stop by
+            # the controller would give it: an engine that needs longer to save is not cut short.
+            entry = await store.engine_version_of(c.image) if c.image else None
+            await backend.remove(c.id, versions.stop_grace(entry, settings.runtime.stop_grace))
             await store.log_disposal(game, c.id, cli_actor())
             print(f"{game}: container {c.id[:12]} stopped and removed")
     return 1 if failures else 0

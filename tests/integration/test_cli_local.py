@@ -131,3 +131,18 @@ async def test_migrate_says_when_the_schema_is_newer_than_itself(rtm_env, pool, 
     assert await migrate(settings_of(rtm_env)) == 1
     err = capsys.readouterr().err
     assert "newer than this rtmanager" in err and "9999_from_the_future.sql" in err
+
+
+async def test_dispose_gives_the_engine_its_versions_grace(rtm_env, docker_client, pool):
+    """Red-team, stop 43: dispose stopped every unit with RTMANAGER_STOP_GRACE, overriding the grace its
+    engine version registered (the create sets it as the container's own). An engine that needs 120 s to
+    save was killed after 10, its state directory left half-written."""
+    from desired import versions
+    settings = settings_of(rtm_env)  # RTMANAGER_STOP_GRACE=2
+    uid = await claimed(pool, settings)
+    await Store(pool).create_version("1.0-slow-save", STUB, versions.VersionStatus.ACTIVE, "", stop_grace=6)
+    slow = unit(docker_client, settings, "saves-1", database=uid, sleeper=True)  # SIGTERM does not end it
+    t0 = time.monotonic()
+    assert await dispose(settings, ["saves-1"]) == 0
+    assert time.monotonic() - t0 >= 5.5  # the version's 6 s, not the global 2 s
+    assert not docker_client.containers.list(all=True, filters={"id": slow.id})
