@@ -254,6 +254,8 @@ class EngineRoutes:
                      deadline: float) -> web.StreamResponse:
         s = self.settings
         assert s is not None
+        if not 200 <= upstream.status <= 599:  # a 1xx (an upgrade, say) or a status no client knows
+            return _error(502, f"the engine answered with status {upstream.status}, not a final one")
         length = upstream.content_length
         if length is not None and length > s.max_body:
             return _error(502, f"the engine's answer is larger than {s.max_body} bytes")

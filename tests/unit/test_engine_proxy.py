@@ -5,6 +5,7 @@ streamed bodies, the body limits, the time limit, a game that is not running).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from datetime import UTC, datetime
@@ -323,3 +324,32 @@ async def test_what_the_status_says_of_an_engine_that_does_not_answer_well(proxy
     proxy.mode["status"] = "ok"  # type: ignore[attr-defined]
     status, body, _ = await proxy.call("GET", "/api/v1/runtimes/g4/engine/status", token=READER)
     assert status == 502 and "refused" in json.loads(body)["error"], body
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+    b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok",
+])
+async def test_an_engine_status_outside_the_final_ones_is_a_502(tmp_path: Path, answer: bytes) -> None:
+    """Red-team, stop 43: the pass-through relayed an engine's 101 (its Upgrade header dropped) and 999 to
+    the gateway; a gateway holding a kept-alive connection may take a 101 as an upgraded one. Only a final
+    status an HTTP client expects (200-599) goes through."""
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(engine, "127.0.0.1", 0)
+    p = Proxy(tmp_path, server.sockets[0].getsockname()[1])
+    p.game("g1", Status.RUNNING)
+    await p.client.start_server()
+    try:
+        status, body, _ = await p.call("GET", "/api/v1/runtimes/g1/engine/proxy/x")
+        assert status == 502 and "error" in json.loads(body), (status, body)
+    finally:
+        await p.client.close()
+        await p.engine.close()
+        server.close()
