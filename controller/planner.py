@@ -108,11 +108,15 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
     """``action`` as it may be carried out now, or a WAIT while the engine generates a turn."""
     if action.kind not in DISRUPTIONS or container is None or not container.running:
         return action  # nothing runs that a disruption could cut
-    if action.kind is ActionKind.RECREATE and record.current_container_id != container.id:
-        return action  # not the game's engine (a leftover); its engine is, up or not (node_lost, say)
     own = own_deadline_left(record, now)
-    if (disruption_wait <= 0 and own <= 0) or record.admin_api is False \
-            or record.force_generation == record.generation:
+    if (disruption_wait <= 0 and own <= 0) or record.force_generation == record.generation:
+        return action
+    if action.kind is ActionKind.RECREATE and record.current_container_id != container.id:
+        # A unit under the game's name that the record does not name (a record restored from an older
+        # backup, the engine of a rollback a job overtook): the game's engine all the same. It is asked
+        # whether it generates a turn, its answer not written on the record (controller/reconciler.py).
+        return Action(action.kind, action.reason, check_engine=True)
+    if record.admin_api is False:
         return action
     if record.status is Status.GENERATION_IN_PROGRESS:
         since = record.disruption_wait_since or now

@@ -470,6 +470,8 @@ class Reconciler:
         """Right before a planned disruption: the action to carry out now (with the record as it is now),
         or the step that waits for the engine's turn (or plans again, when what the engine said changed
         the record)."""
+        if container.id != record.current_container_id:
+            return await self._check_unnamed(record, container, action), record
         looked, seen = await self.turns.engine_generating(record, container)
         if looked is Look.IDLE:
             # It has just said it is not generating, and that answer was written: plan on the written record
@@ -482,6 +484,29 @@ class Reconciler:
                 return Action(kind, f"{again.reason}; the engine says it is not generating"), seen
             return AGAIN, seen
         return await self._check_look(record, looked, action), record
+
+    async def _check_unnamed(self, record: RuntimeRecord, container: ObservedContainer,
+                             action: Action) -> Action | Step:
+        """A replacement of a unit the record does not name (planner ``planned_disruption``): while its engine
+        says it generates a turn, it waits, up to RTMANAGER_DISRUPTION_WAIT (or the generation's own
+        deadline) from the first look that found it so (written on the record, kept across restarts)."""
+        if not await self.turns.unit_generating(record, container):
+            return action
+        now = self.clock.now()
+        if record.disruption_wait_since is None:
+            try:
+                record = await self.store.note_disruption_wait(record)
+            except Conflict:
+                return AGAIN
+        since = record.disruption_wait_since or now
+        waited = max(0.0, (now - since).total_seconds())
+        if disruption_wait_left(record, now, disruption_wait=self.settings.runtime.disruption_wait,
+                                waited=waited) > 0:
+            log.info("the engine of unit %s, which the record does not name, is generating a turn: its "
+                     "replacement waits", container.id[:12], extra={"game_id": record.game_id})
+            return requeue(DISRUPTION_POLL, "the engine generates a turn; its replacement waits")
+        return Action(action.kind, f"{action.reason}; the engine still generates a turn after {waited:.0f}s "
+                                   f"(RTMANAGER_DISRUPTION_WAIT): going ahead anyway", overdue=waited)
 
     async def _check_look(self, record: RuntimeRecord, looked: Look, action: Action) -> Action | Step:
         if looked in (Look.GENERATING, Look.UNKNOWN) and action.kind is ActionKind.WAIT:

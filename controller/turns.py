@@ -48,6 +48,14 @@ def probe_host(game_id: str, address: str | None) -> str:
     return address or container_name(game_id)
 
 
+def _asking(record: RuntimeRecord, container: ObservedContainer) -> RuntimeRecord:
+    """The record to ask a unit's engine with: with the unit's own admin token when it carries another
+    than the record (a restored database), or a refusal would read as "not generating" and cut a turn."""
+    if container.admin_token and container.admin_token != record.admin_token:
+        return record.replace(admin_token=container.admin_token)
+    return record
+
+
 def asks_at_once(record: RuntimeRecord) -> bool:
     """Whether a turn may be asked for with no status request first: the engine was last seen idle at
     the turn the record knows, with an admin API, nothing was asked of it in this generation yet (so no
@@ -253,6 +261,14 @@ class Turns:
             pass  # a newer job took over: it decides
         return AGAIN
 
+    async def unit_generating(self, record: RuntimeRecord, container: ObservedContainer) -> bool:
+        """Whether a unit the record does not name says it generates a turn (nothing is written: what it
+        says is not the record's engine's). No answer, or a garbage one, is not generating."""
+        if not container.running or not container.address:
+            return False
+        probe = await self.health.probe(_asking(record, container).replace(admin_api=None), container.address)
+        return probe.healthy and probe.phase == "generating"
+
     async def engine_generating(self, record: RuntimeRecord,
                                 container: ObservedContainer) -> tuple[Look, RuntimeRecord]:
         """Right before a planned disruption: is the engine generating a turn? Its answer is recorded,
@@ -261,12 +277,7 @@ class Turns:
         generating: the disruption goes ahead."""
         if not container.running or not container.address:
             return Look.GO, record
-        asking = record
-        if container.admin_token and container.admin_token != record.admin_token:
-            # The unit carries another token than the record (a restored database): ask with the
-            # unit's own, or a refusal would read as "not generating" and cut the turn.
-            asking = record.replace(admin_token=container.admin_token)
-        probe = await self.health.probe(asking, container.address)
+        probe = await self.health.probe(_asking(record, container), container.address)
         s = self.settings
         try:
             if probe.healthy and probe.phase == "generating":

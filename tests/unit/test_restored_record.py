@@ -55,3 +55,50 @@ async def test_an_engine_found_exited_keeps_the_time_it_stopped(tmp_path):
     assert rec.current_container_id == other.id  # MARK_STOPPED ran: nothing was stopped
     assert [op for op in w.backend.ops("stop") if op[1] == other.id] == []
     assert rec.stopped_at == first
+
+
+async def restored_while_generating(w):
+    """A game restarted after the backup (its unit at the next spec revision) generates a turn; the database
+    is then restored from the backup, whose record names the unit before the restart."""
+    from desired.model import JobKind
+    w.engine.admin[IMG] = "slow"
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    backup = w.store.records["g1"]
+    await w.job(JobKind.RESTART, "g1")
+    rec = await w.sync("g1")
+    assert rec.converged and rec.spec_revision == backup.spec_revision + 1
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
+    w.store.records["g1"] = backup.replace(row_version=w.store.records["g1"].row_version)
+    w.store.ops = [o for o in w.store.ops if o.game_id != "g1" or o.op is JobKind.START]
+    w.reconciler.units.touch("g1")
+
+
+async def test_the_unit_a_restored_record_does_not_name_is_not_cut_mid_turn(tmp_path):
+    """Red-team, stop 43: the record restored from an older backup names the unit before a restart; the
+    unit that runs (the restart's) does not match its spec and is recreated, which went ahead at once,
+    with no question to the engine: SIGTERM mid-turn. It now waits for the turn, as a disruption of the
+    record's own engine does."""
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="600")
+    await restored_while_generating(w)
+    stops = len(w.backend.ops("stop"))
+    for _ in range(3):
+        await w.sync("g1")
+        w.store.clock.advance(30)
+        w.reconciler.units.touch("g1")
+    assert len(w.backend.ops("stop")) == stops, "the engine was stopped while it generated a turn"
+    w.engine.finish_generation("galaxy-game-g1")  # the turn ends: the replacement goes ahead
+    await w.sync("g1")
+    assert len(w.backend.ops("stop")) == stops + 1
+
+
+async def test_the_wait_for_a_turn_of_a_unit_the_record_does_not_name_is_bounded(tmp_path):
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60")
+    await restored_while_generating(w)
+    stops = len(w.backend.ops("stop"))
+    for _ in range(4):
+        await w.sync("g1")
+        w.store.clock.advance(30)
+        w.reconciler.units.touch("g1")
+    assert len(w.backend.ops("stop")) == stops + 1  # RTMANAGER_DISRUPTION_WAIT passed: it goes ahead
