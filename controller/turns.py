@@ -24,7 +24,7 @@ from desired.model import ErrorCode, JobKind, RuntimeRecord, Status, container_n
 from desired.ports import ReconcilerStore
 from desired.transitions import Probe
 from observed.engine import EngineClient
-from observed.errors import EngineConflict, EngineError, EngineRefused, EngineUnsupported
+from observed.errors import EngineAnswerLost, EngineConflict, EngineError, EngineRefused, EngineUnsupported
 from observed.model import ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
@@ -194,6 +194,8 @@ class Turns:
             self.health.unanswered(record)
             self.metrics.engine_calls.labels("turns", "refused").inc()
             return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
+        except EngineAnswerLost as exc:
+            return await self._maybe_taken(record, exc)
         except EngineError as exc:
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
@@ -224,6 +226,8 @@ class Turns:
             self.health.unanswered(record)
             self.metrics.engine_calls.labels("turns", "refused").inc()
             return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
+        except EngineAnswerLost as exc:
+            return await self._maybe_taken(record, exc)
         except EngineError as exc:
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
@@ -234,6 +238,18 @@ class Turns:
         log.info("asked the engine for turn %d", at + 1, extra={"game_id": record.game_id})
         await self.store.turn_requested(record)
         return requeue(TURN_POLL, "the engine generates the turn")
+
+    async def _maybe_taken(self, record: RuntimeRecord, exc: EngineAnswerLost) -> Step:
+        """The request went out and its answer did not come: the engine may be generating the turn. It is
+        taken as asked for (a generation under way): status requests it is too busy to answer count only
+        after RTMANAGER_GENERATION_TIMEOUT, as for a request it answered 202; if it did not take it, its
+        status says so (idle short of the turn) and it is asked again (``expected_turn`` keeps a second
+        request from generating twice)."""
+        self.health.unanswered(record)
+        self.metrics.engine_calls.labels("turns", "error").inc()
+        log.warning("turn request: %s; taken as asked for", exc.message, extra={"game_id": record.game_id})
+        await self.store.turn_requested(record)
+        return requeue(TURN_POLL, "the engine may generate the turn: its answer to the request was lost")
 
     async def _status_failed(self, record: RuntimeRecord, exc: EngineError, polling: Step) -> Step:
         """The engine's status did not come: what that means for the turn."""

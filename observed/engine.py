@@ -56,7 +56,7 @@ from typing import Any, TypeGuard
 
 import aiohttp
 
-from observed.errors import EngineConflict, EngineRefused, EngineUnreachable, EngineUnsupported
+from observed.errors import EngineAnswerLost, EngineConflict, EngineRefused, EngineUnreachable, EngineUnsupported
 from observed.text import safe_text
 
 HEALTH_BODY_LIMIT = 4096      # bytes of a health answer ever read
@@ -117,7 +117,9 @@ class EngineClient:
         self.path = path
         self.admin_path = admin_path.rstrip("/")
         self._attempt_timeout = aiohttp.ClientTimeout(total=attempt_timeout)
-        self._admin_timeout = aiohttp.ClientTimeout(total=admin_timeout)
+        # A connect that times out is its own error (ConnectionTimeoutError): the request never left.
+        self._admin_timeout = aiohttp.ClientTimeout(total=admin_timeout, sock_connect=min(attempt_timeout,
+                                                                                          admin_timeout))
         self._keepalive = probe_keepalive
         self._max_idle = max_idle
         self._keepalive_timeout = keepalive_timeout
@@ -189,7 +191,10 @@ class EngineClient:
                 raw = await read_at_most(resp.content, ADMIN_BODY_LIMIT + 1)
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
-            raise EngineUnreachable(f"engine {what}: {exc.__class__.__name__}: {exc}") from exc
+            error = f"engine {what}: {exc.__class__.__name__}: {exc}"
+            if method != "GET" and _may_have_arrived(exc):
+                raise EngineAnswerLost(f"{error} (the engine may have taken the request)") from exc
+            raise EngineUnreachable(error) from exc
         if len(raw) > ADMIN_BODY_LIMIT:
             raise EngineUnreachable(f"engine {what}: answer larger than {ADMIN_BODY_LIMIT} bytes")
         if status == 404:
@@ -226,6 +231,14 @@ class EngineClient:
         for session in (self._session, self._fresh):
             if session is not None:
                 await session.close()
+
+
+def _may_have_arrived(exc: BaseException) -> bool:
+    """Whether a request that failed with ``exc`` may have reached the engine: anything but a connection
+    that was never made (refused, unreachable, its connect timed out) or a request that could not be
+    built."""
+    return not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+                          | aiohttp.InvalidURL | ValueError)
 
 
 def parse_status(data: Any) -> EngineStatus:

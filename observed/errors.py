@@ -53,6 +53,11 @@ class EngineUnreachable(EngineError):
     pass
 
 
+class EngineAnswerLost(EngineUnreachable):
+    """A request went out and its answer did not come back (a timeout after the connection was made, the
+    connection cut before the answer): the engine may have carried it out."""
+
+
 class EngineUnsupported(EngineError):
     pass
 

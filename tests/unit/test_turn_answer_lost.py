@@ -1,0 +1,113 @@
+"""A turn request whose answer was lost after the engine may have taken it (stop 40's open item, fixed in
+stop 43).
+
+The engine takes the POST and starts generating, but its 202 does not come back in time (an engine that
+starts the generation before it answers, a connection cut after the request went out). The controller
+then did not know the engine was generating: when its status requests timed out too (an engine too busy
+generating to answer), the turn was answered ``engine_unreachable`` once the job was
+RTMANAGER_START_TIMEOUT old, and the engine then reached the turn anyway: Lobby was told a turn failed
+that was generated (and a force_next_turn sent again would generate the next one). A request that may
+have been delivered now counts as taken: the engine gets the generation's time to answer, and the
+turn's compare-and-swap keeps a request asked again from generating twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from desired.model import JobKind, Status
+from observed.engine import EngineClient, EngineStatus
+from observed.errors import EngineAnswerLost, EngineUnreachable
+from tests.support.net import free_port
+from tests.support.world import World, started
+
+
+async def test_a_post_whose_answer_does_not_come_may_have_been_taken():
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.json_response({}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/admin/v1/turns", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = EngineClient(port=port, path="/healthz", admin_timeout=0.3)
+    try:
+        with pytest.raises(EngineAnswerLost):
+            await client.request_turn("127.0.0.1", 4)
+        # nothing listening: the request never left, it is not "may have been taken"
+        closed = EngineClient(port=free_port(), path="/healthz", admin_timeout=0.3)
+        with pytest.raises(EngineUnreachable) as exc:
+            await closed.request_turn("127.0.0.1", 4)
+        assert not isinstance(exc.value, EngineAnswerLost)
+        await closed.close()
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+async def test_a_turn_whose_request_lost_its_answer_is_not_failed_while_the_engine_generates(tmp_path):
+    w = World(tmp_path)
+    await started(w)
+    eng = {"turn": 0, "phase": "idle", "asked": 0}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        eng["asked"] += 1
+        if expected_turn == eng["turn"] and eng["phase"] == "idle":
+            eng["phase"] = "generating"
+            raise EngineAnswerLost("engine turns: TimeoutError (the request may have been taken)")
+        return eng["turn"] > expected_turn
+
+    async def status(host, *, token=""):
+        if eng["phase"] == "generating":
+            raise EngineUnreachable("engine status: TimeoutError")  # too busy generating to answer
+        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    for _ in range(12):  # two minutes of a long turn, well past RTMANAGER_START_TIMEOUT
+        await asyncio.wait_for(w.sync("g1"), 30)
+        w.store.clock.advance(10)
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == []
+    assert w.store.records["g1"].status is Status.GENERATION_IN_PROGRESS
+    eng.update(turn=1, phase="idle")  # the turn is generated
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [("force_next_turn", "success", "")]
+    assert eng["asked"] == 1 and w.store.records["g1"].turn == 1
+
+
+async def test_an_engine_that_lost_the_request_is_asked_again_and_generates_once(tmp_path):
+    """The other side: the request never reached the engine (its answer lost with it). The engine stays
+    idle at the turn before; it is asked again, and generates once."""
+    w = World(tmp_path)
+    await started(w)
+    eng = {"turn": 0, "phase": "idle", "asked": 0, "generated": 0}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        eng["asked"] += 1
+        if eng["asked"] == 1:
+            raise EngineAnswerLost("engine turns: ServerDisconnectedError")
+        if expected_turn == eng["turn"] and eng["phase"] == "idle":
+            eng.update(turn=eng["turn"] + 1, generated=eng["generated"] + 1)
+            return True
+        return eng["turn"] > expected_turn
+
+    async def status(host, *, token=""):
+        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    for _ in range(6):
+        await asyncio.wait_for(w.sync("g1"), 30)
+        if w.results("g1")[-1][0] == "force_next_turn":
+            break
+        w.store.clock.advance(5)
+    assert w.results("g1")[-1] == ("force_next_turn", "success", "")
+    assert eng["generated"] == 1 and w.store.records["g1"].turn == 1
