@@ -195,7 +195,15 @@ class Turns:
             self.metrics.engine_calls.labels("turns", "refused").inc()
             return await self.fail_turn(record, ErrorCode.ENGINE_REFUSED, exc.message)
         except EngineAnswerLost as exc:
-            return await self._maybe_taken(record, exc)
+            if not asked_before:
+                return await self._maybe_taken(record, exc)
+            # Taken as asked for before, and found idle short of the turn since: it did not take that one,
+            # and this one may share its fate. Counted as not taken, or every lost answer would start the
+            # turn's time again and the job would never be answered.
+            self.health.unanswered(record)
+            log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
+            return (await self._not_taken(record, st.turn, f"its turn requests lose their answers: {exc.message}")
+                    or requeue(REASK_POLL, "the engine's answers to turn requests are lost; asked again"))
         except EngineError as exc:
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})

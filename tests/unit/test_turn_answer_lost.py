@@ -111,3 +111,45 @@ async def test_an_engine_that_lost_the_request_is_asked_again_and_generates_once
         w.store.clock.advance(5)
     assert w.results("g1")[-1] == ("force_next_turn", "success", "")
     assert eng["generated"] == 1 and w.store.records["g1"].turn == 1
+
+
+async def test_an_engine_whose_every_turn_request_loses_its_answer_is_still_answered(tmp_path):
+    """Review: an engine idle at its turn whose every POST loses its answer (a handler that hangs, a sidecar
+    that drops the connection on POST) was taken as generating at every look, which started the turn's
+    time again: the job was never answered. The first such request counts as taken; an engine found idle
+    short of the turn after it is one that did not take it, and the bound of the requests not taken
+    answers the turn engine_unreachable, the game staying up."""
+    w = World(tmp_path)
+    await started(w)
+    posts = []
+
+    async def request_turn(host, expected_turn, *, token=""):
+        posts.append(expected_turn)
+        raise EngineAnswerLost("engine turns: TimeoutError (the engine may have taken the request)")
+
+    async def status(host, *, token=""):
+        return EngineStatus(turn=0, phase="idle")
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    e = w.settings.engine
+    limit = e.start_timeout + e.generation_timeout
+    health = w.reconciler.health
+    # The reconciler follows its own requeue delays, and the health round (which writes the engine's "idle",
+    # ending the generation the lost answer began) runs at its interval.
+    t, next_sync, next_round = 0.0, 0.0, e.health_interval
+    while not [r for r in w.results("g1") if r[0] == "force_next_turn"] and t <= 4 * limit:
+        if t >= next_sync:
+            step = await asyncio.wait_for(w.reconciler.sync("g1"), 30)
+            next_sync = t + (step.after or 1.0)
+        if t >= next_round:
+            rec = w.store.records["g1"]
+            if not health.answered_within(rec, e.health_interval):
+                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+            next_round = t + e.health_interval
+        w.store.clock.advance(0.5)
+        t += 0.5
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
+        ("force_next_turn", "failure", "engine_unreachable")]
+    assert t <= 2 * e.start_timeout + e.generation_timeout + 30 and w.store.records["g1"].status.is_up
