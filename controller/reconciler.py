@@ -470,7 +470,7 @@ class Reconciler:
         """Right before a planned disruption: the action to carry out now (with the record as it is now),
         or the step that waits for the engine's turn (or plans again, when what the engine said changed
         the record)."""
-        if container.id != record.current_container_id:
+        if action.kind is ActionKind.RECREATE and container.id != record.current_container_id:
             return await self._check_unnamed(record, container, action), record
         looked, seen = await self.turns.engine_generating(record, container)
         if looked is Look.IDLE:

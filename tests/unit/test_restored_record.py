@@ -102,3 +102,33 @@ async def test_the_wait_for_a_turn_of_a_unit_the_record_does_not_name_is_bounded
         w.store.clock.advance(30)
         w.reconciler.units.touch("g1")
     assert len(w.backend.ops("stop")) == stops + 1  # RTMANAGER_DISRUPTION_WAIT passed: it goes ahead
+
+
+async def test_a_stop_of_a_restored_game_whose_unit_the_record_does_not_name_is_not_held(tmp_path):
+    """Review: a backup taken mid-turn (its record says generation_in_progress), a restart after it, the
+    database restored, then a stop: the planner's wait for the turn went to the question for a unit the
+    record does not name, which wrote nothing when the unit said idle, so the wait never ran out and the
+    stop job was never answered. Only a replacement asks that question; a stop asks the engine as before."""
+    from desired.model import JobKind
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="600")
+    w.engine.admin[IMG] = "slow"
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await w.sync("g1")
+    backup = w.store.records["g1"]
+    assert backup.status is Status.GENERATION_IN_PROGRESS and backup.disruption_wait_since is None
+    w.engine.finish_generation("galaxy-game-g1")
+    await w.sync("g1")
+    await w.job(JobKind.RESTART, "g1")
+    assert (await w.sync("g1")).converged
+    w.store.records["g1"] = backup.replace(row_version=w.store.records["g1"].row_version)
+    w.store.ops = [o for o in w.store.ops if o.game_id != "g1" or o.op is JobKind.START]
+    await w.job(JobKind.STOP, "g1")
+    for _ in range(5):
+        w.reconciler.units.touch("g1")
+        rec = await w.sync("g1")
+        if rec.status is Status.STOPPED:
+            break
+        w.store.clock.advance(30)
+    assert rec.status is Status.STOPPED and ("stop", "success", "") in w.results("g1")
