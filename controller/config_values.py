@@ -72,14 +72,14 @@ def url(*schemes: str, database_number: bool = False) -> Parser:
             raise ValueError("the port must be a number 1-65535") from None
         if port == 0:
             raise ValueError("the port must be a number 1-65535")
-        if database_number and parts.scheme != "unix" and not re.fullmatch(r"/?([0-9]{1,5})?", parts.path):
+        if database_number and parts.scheme != "unix" and not re.fullmatch(r"/?([0-9]{1,5}/?)?", parts.path):
             raise ValueError("the path must be a database number, such as /0")
         return raw
     return Parser(conv, f"must be a {schemes[0]}:// URL")
 
 
 OFF_GAME_NETWORK = "off-game-network"
-_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")  # Docker's service names take _
 
 
 def _bind_host(raw: str) -> str:
@@ -118,7 +118,7 @@ def _abspath(raw: str) -> str:
 
 def _root(raw: str) -> str:
     path = _abspath(raw)
-    if path == "/":  # a game called etc would have /etc for its state directory
+    if not path.strip("/"):  # / (or //): a game called etc would have /etc for its state directory
         raise ValueError("")
     return path
 

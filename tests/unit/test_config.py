@@ -190,6 +190,7 @@ BAD = [
     ("RTMANAGER_REDIS_URL", "redis://h/abc"),
     ("RTMANAGER_STATE_ROOT", "/"),
     ("RTMANAGER_STATE_ROOT", "/.."),
+    ("RTMANAGER_STATE_ROOT", "//"),
     ("RTMANAGER_ENGINE_USER", "4294967296"),
     ("RTMANAGER_ENGINE_USER", "4294967295"),
     ("RTMANAGER_ENGINE_USER", "1000:4294967295"),
@@ -211,7 +212,8 @@ def test_bad_value_is_one_line_naming_the_variable(name: str, value: str) -> Non
     assert len(msg) < 300
 
 
-GOOD_HOSTS = ["127.0.0.1", "::1", "0.0.0.0", "::", "localhost", "rtmanager.internal", "off-game-network"]
+GOOD_HOSTS = ["127.0.0.1", "::1", "0.0.0.0", "::", "fe80::1%eth0", "localhost", "rtmanager.internal",
+              "rt_manager", "off-game-network"]  # a compose service's name may have an underscore
 
 
 @pytest.mark.parametrize("host", GOOD_HOSTS)
@@ -221,7 +223,8 @@ def test_an_address_or_a_host_name_is_a_bind_address(host: str) -> None:
     assert Settings.from_env({"RTMANAGER_HTTP_HOST": "Off-Game-Network"}).http.http_host == "off-game-network"
 
 
-@pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h/", "redis://h", "rediss://u:p@h:1/15",
+@pytest.mark.parametrize("url", ["redis://h:6379/0", "redis://h:6379/0/", "redis://h/", "redis://h",
+                                 "rediss://u:p@h:1/15",
                                  "unix:///run/redis.sock?db=2"])
 def test_a_redis_url_with_or_without_a_database_number(url: str) -> None:
     assert Settings.from_env({"RTMANAGER_REDIS_URL": url}).streams.redis_url == url
