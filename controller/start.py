@@ -73,6 +73,7 @@ class Starts:
         if kind is ActionKind.RECREATE and container is not None:
             await self.backend.remove(container.id, await self.stop_grace(record, container))  # SIGTERM first
             container = None
+        made = container is None
         if container is None:
             entry = await self.store.engine_version_of(spec.image)
             if entry is not None and entry.stop_grace is not None:  # a Swarm service keeps it from its creation
@@ -124,6 +125,11 @@ class Starts:
                      extra={"game_id": record.game_id, "container_id": container.id})
             record = await self.store.set_admin_token(record, container.admin_token)
         if not container.running:
+            if not made:
+                # A stopped unit starts again: a restore left pending first (a kill, or a disk full at a stop,
+                # cut it short): its engine must not run on a half-restored directory. (A unit just made had
+                # it finished before its create: ``restore`` above.)
+                await self.states.finish_restore(record)
             await self.backend.start(container.id)
         await self.confirm(record, container.id, spec)
 

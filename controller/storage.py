@@ -159,9 +159,25 @@ class StateKeeper:
         if tag in (await asyncio.to_thread(statedir.backups, self.root)).get(record.game_id, ()):
             await self.note(record, tag, why)
 
+    async def finish_restore(self, record: RuntimeRecord) -> None:
+        """Before a stopped unit of the game starts again: a restore begun and not finished (a kill, or one
+        that failed, the disk full) is finished first. Only a new unit's start did it before (``restore``),
+        so an engine started again on its unit ran on a half-restored directory."""
+        async with self.locked(record.game_id):
+            tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
+            if tag is not None and await in_thread(statedir.restore, self.root, record.state_path, tag):
+                self.metrics.state_copies.labels("restored").inc()
+                log.warning("finished a restore of the state directory that had not been finished",
+                            extra={"game_id": record.game_id, "copy": tag})
+
     async def drop(self, game_id: str) -> None:
-        """An engine of the game is healthy again: its copies are no longer needed."""
+        """An engine of the game is healthy again: its copies are no longer needed. Never while a restore
+        is pending: that copy is the state the game is owed."""
         async with self.locked(game_id):
+            if await asyncio.to_thread(statedir.pending_restore, self.root, game_id) is not None:
+                log.error("a restore of the state directory is pending: its copy is kept",
+                          extra={"game_id": game_id})
+                return
             found = (await asyncio.to_thread(statedir.backups, self.root)).get(game_id)
             if found:
                 await in_thread(statedir.drop_backup, self.root, game_id)

@@ -199,3 +199,62 @@ async def test_a_restart_during_the_rollback_keeps_what_the_old_engine_wrote_sin
     assert restarted and w.results("g1")[-1] == ("restart", "success", "")
     assert rec.converged and rec.status.value == "running" and rec.current_image_ref == IMG
     assert save.read_text() == "A-format, booted again"
+
+
+async def test_a_restore_at_stop_that_failed_is_finished_before_the_engine_starts_again(tmp_path, monkeypatch):
+    """Red-team, stop 43: a stop during a patch's health wait restores the copy of the replaced engine's state;
+    when that restore failed (the disk full: it needs room for the copy while the replaced content is kept
+    aside), the game was recorded stopped on a half-emptied directory, the restore left pending. A start that
+    reused the stopped unit skipped the pending restore (only a new unit finished it), the engine ran on what
+    was left, and once it answered healthy the copy and the pending restore were deleted: the state was gone
+    for good. A pending restore is now finished before any unit starts, and a copy whose restore is pending
+    is never deleted."""
+    import errno
+
+    from observed import statedir
+    w, rec, save = await patching(tmp_path)
+    real_copy, real_check, asked = statedir._copy_dir, w.engine.check, []
+
+    def full(src, dst, depth):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            monkeypatch.setattr(statedir, "_copy_dir", full)  # the stop's restore finds the disk full
+            await w.job(JobKind.STOP, "g1")
+        return await real_check(host)
+
+    w.engine.check = check
+    rec = await synced_until(w, lambda r: r.converged, 6)
+    assert asked and rec.status.value == "stopped"
+    assert statedir.pending_restore(w.settings.storage.state_root, "g1") is not None  # it failed: pending
+    monkeypatch.setattr(statedir, "_copy_dir", real_copy)  # room again
+    w.engine.check = real_check
+    w.backend.behaviour[MUTE] = "ok"
+    await w.job(JobKind.START, "g1", MUTE)  # Lobby starts the game again, on the patch's image
+    started_on = []
+    real_start = w.backend.start
+
+    async def start(unit_id):
+        started_on.append(save.read_text() if save.exists() else None)
+        return await real_start(unit_id)
+
+    w.backend.start = start
+    rec = await synced_until(w, lambda r: r.converged, 6)
+    assert rec.status.value == "running" and rec.current_image_ref == MUTE
+    assert started_on == ["A-format"]  # the restore was finished before the engine started
+    assert statedir.pending_restore(w.settings.storage.state_root, "g1") is None
+
+
+async def test_a_copy_whose_restore_is_pending_is_never_dropped(tmp_path):
+    from observed import statedir
+    w, rec, save = await patching(tmp_path)
+    root = w.settings.storage.state_root
+    statedir.backup(root, rec.state_path, "abc")
+    marker = Path(root) / ".backups" / "g1" / ("abc" + statedir.RESTORING)
+    marker.touch()  # a restore begun and not finished
+    await w.reconciler.states.drop("g1")
+    assert statedir.pending_restore(root, "g1") == "abc"
