@@ -56,7 +56,7 @@ from controller.admission import Admission
 from controller.config import StreamSettings
 from controller.metrics import Metrics
 from controller.streams import Entry, GroupInfo, GroupMissing, RedisStreams, StreamsUnavailable, entry_key
-from desired.errors import StoreUnavailable
+from desired.errors import StoreBusy, StoreUnavailable
 from desired.jobs import ImageAllowlist, InvalidJob, Job, parse_control, parse_job, shown_game_id
 from desired.leader import Fence, Fenced
 from desired.model import CONTROL_OPS, ErrorCode, JobKind, OpSource
@@ -379,18 +379,16 @@ class Intake:
             return
         try:
             outcomes = await self.admission.submit_many(items)
+        except StoreBusy as exc:  # a game of the batch is locked by another session: it alone waits
+            log.warning("a batch of %d entries waited too long for a game's lock; handling them one by one: %s",
+                        len(kept), exc)
+            await self._one_by_one(kept)
+            return
         except (*OUTAGES, Fenced):
             raise
         except Exception:  # noqa: BLE001 - isolate the entry that fails, one by one
             log.exception("a batch of %d entries failed; handling them one by one", len(kept))
-            held: set[bytes | str] = set()
-            for entry in kept:
-                game = entry.field("game_id")
-                if game is not None and (game in held or game in self.held):
-                    continue
-                if not await self._process(entry, reread=False) and game is not None:
-                    held.add(game)
-            self.held |= held
+            await self._one_by_one(kept)
             return
         for item, outcome in zip(items, outcomes, strict=True):
             self._account(item, outcome)
@@ -399,6 +397,18 @@ class Intake:
             by_stream.setdefault(entry.stream, []).append(entry.id)
         for stream, ids in by_stream.items():
             await self.redis_streams.ack(stream, *ids)
+
+    async def _one_by_one(self, kept: list[Entry]) -> None:
+        """A batch that failed, each entry on its own: only the failing one, and its game's later entries, stay
+        pending."""
+        held: set[bytes | str] = set()
+        for entry in kept:
+            game = entry.field("game_id")
+            if game is not None and (game in held or game in self.held):
+                continue
+            if not await self._process(entry, reread=False) and game is not None:
+                held.add(game)
+        self.held |= held
 
     def _below_mark(self, entry: Entry) -> bool:
         mark = self.marks.get(entry.stream)
@@ -471,6 +481,16 @@ class Intake:
                 return True
         try:
             await self.handle(entry)
+        except StoreBusy as exc:
+            # Its game's record is locked by another session: not this entry's fault, nor an outage of every
+            # game. It stays pending (its game's later entries behind it); a pending pass tries it again.
+            if reread:
+                try:
+                    await self.store.uncount_attempt(stream, entry_id)
+                except OUTAGES:
+                    pass
+            log.warning("entry left pending: %s", exc.message, extra={"stream": stream, "entry_id": entry_id})
+            return False
         except (*OUTAGES, Fenced):
             if reread:
                 try:

@@ -55,6 +55,11 @@ class StoreUnavailable(TemporaryError):
     code = ErrorCode.INTERNAL_ERROR
 
 
+class StoreBusy(StoreUnavailable):
+    """A lock another session holds was not granted in time (``lock_timeout``): the store is there, one
+    game's rows are not free. Temporary, and that game's alone."""
+
+
 class PermanentError(RtmError):
     pass
 

@@ -11,7 +11,7 @@ import asyncio
 
 import asyncpg
 
-from desired.errors import StoreError, StoreUnavailable, UniqueViolation
+from desired.errors import StoreBusy, StoreError, StoreUnavailable, UniqueViolation
 from desired.errors import translating as errors_translating
 
 # asyncpg errors that mean "Postgres is not reachable right now" (retry), as
@@ -45,6 +45,8 @@ def translate(exc: BaseException) -> BaseException | None:
         # The driver refused a value before sending it (a connection setting such as sslmode=bogus, an
         # argument it cannot encode): the same call fails again, Postgres is not away.
         return StoreError(f"postgres client: {exc.__class__.__name__}: {_headline(exc)}")
+    if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
+        return StoreBusy(f"postgres: {exc.__class__.__name__}: {_headline(exc)}")
     if isinstance(exc, PG_UNAVAILABLE):
         return StoreUnavailable(f"postgres: {exc.__class__.__name__}: {exc}")
     if isinstance(exc, asyncpg.exceptions.UniqueViolationError):

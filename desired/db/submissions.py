@@ -43,6 +43,10 @@ from desired.model import (
 )
 from desired.values import Rejection, SubmitOutcome
 
+# Seconds an admission waits for its games' locks (Postgres' lock_timeout, for its transaction only): past it,
+# StoreBusy (desired/db/pool.py), which the intake takes as that game's, holding its entries, not as an outage.
+LOCK_WAIT = 5.0
+
 
 @translating
 class Submissions(StoreBase):
@@ -69,10 +73,13 @@ class Submissions(StoreBase):
         once (desired-state changes, supersedes) flush what is buffered before them, so ids and
         results keep the entries' order."""
         keyed = [(i.stream, i.entry_id) for i in items if i.stream]
-        # The fence and the duplicates in the transaction's first statement.
+        # The fence and the duplicates in the transaction's first statement, and a bound on the wait for the
+        # games' locks (``LOCK_WAIT``): a record another session holds (an operator's transaction left open)
+        # is StoreBusy, that game's alone, not a wait that reads as Postgres being away.
         async with self._tx_reading(
                 "ARRAY(SELECT (o.stream, o.entry_id, o.id) FROM runtime_operations o JOIN unnest($1::text[],"
-                " $2::text[]) AS k(stream, entry_id) ON o.stream = k.stream AND o.entry_id = k.entry_id) AS existing",
+                " $2::text[]) AS k(stream, entry_id) ON o.stream = k.stream AND o.entry_id = k.entry_id) AS existing,"
+                f" set_config('lock_timeout', '{int(LOCK_WAIT * 1000)}', true) AS lock_wait",
                 [k[0] for k in keyed], [k[1] for k in keyed]) as (conn, now, first):
             existing: dict[tuple[str, str], int] = {(r[0], r[1]): r[2] for r in first["existing"]}
             games = sorted({i.game_id for i in items if isinstance(i, Job)})

@@ -219,6 +219,38 @@ async def test_submit_creates_record_and_queued_operation(pool):
     assert await results(pool) == []
 
 
+async def test_an_admission_waits_a_bounded_time_for_a_record_another_session_holds(pool, database_url):
+    """Red-team, stop 43: an operator's transaction left open on a record made an admission of that game
+    wait for the statement timeout (30 s), which read as Postgres being away, for every game of the batch.
+    The admission now waits LOCK_WAIT at most and says the game is busy; other games are admitted."""
+    import time
+
+    from desired.db.submissions import LOCK_WAIT
+    from desired.errors import StoreBusy
+    store = Store(pool)
+    await store.submit(start("held-1", "1-0"), DEFAULTS)
+    other = await asyncpg.connect(database_url)
+    try:
+        tx = other.transaction()
+        await tx.start()
+        await other.execute("SELECT 1 FROM runtime_records WHERE game_id = 'held-1' FOR UPDATE")
+        t0 = time.monotonic()
+        with pytest.raises(StoreBusy):  # within a bound (a test pool has no statement timeout: it would hang)
+            await asyncio.wait_for(store.submit_many([start("free-1", "2-0"), stop("held-1", "2-1")], DEFAULTS),
+                                   LOCK_WAIT + 5)
+        assert time.monotonic() - t0 < LOCK_WAIT + 3
+        out = await store.submit(start("free-1", "2-0"), DEFAULTS)  # a game nobody holds: at once
+        assert out.decision is not None and not out.duplicate
+        await tx.rollback()
+    finally:
+        await other.close()
+    out = await store.submit(stop("held-1", "2-1"), DEFAULTS)  # released: admitted
+    assert out.decision is not None and not out.duplicate
+    # the bound is the admission's own: the session's setting is back to the server's afterwards
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SHOW lock_timeout") == "0"
+
+
 async def test_the_same_entry_twice_is_one_operation(pool):
     store = Store(pool)
     first = await store.submit(start("g1", "1-0"), DEFAULTS)

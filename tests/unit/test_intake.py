@@ -320,6 +320,39 @@ async def test_a_dead_letter_redis_refuses_for_good_holds_its_game_only():
     assert [(r["outcome"], r["error_code"]) for r in store.results_for("g1")][0] == ("failure", "internal_error")
 
 
+async def test_a_game_whose_record_another_session_holds_locked_holds_only_that_game():
+    """Red-team, stop 43: an operator's transaction left open on one game's record (a manual fix in a SQL
+    client) made every admission that included that game wait for the statement timeout, which counted as
+    Postgres being away: the whole batch was read again and again, and no game was admitted until the lock
+    was released. A lock the store could not have in time (StoreBusy) is now that game's alone: its entries
+    stay pending, not counted as attempts, and the others are admitted."""
+    from desired.errors import StoreBusy
+    intake, streams, store, _ = make()
+    await intake.ensure_groups()
+    await intake.pending_pass()
+    real = store.submit
+
+    async def submit(job, defaults, *, registry=False):
+        if job.game_id == "locked":
+            raise StoreBusy("postgres: LockNotAvailableError: canceling statement due to lock timeout")
+        return await real(job, defaults, registry=registry)
+
+    store.submit = submit
+    first = start(streams, "g0")
+    held = [start(streams, "locked"), stop(streams, "locked")]
+    rest = [start(streams, "g1"), stop(streams, "g0")]
+    for _ in range(3):
+        await run_once(intake)
+    assert ops_of(store, "g0") == [("start", first), ("stop", rest[1])]
+    assert ops_of(store, "g1") == [("start", rest[0])]
+    assert ops_of(store, "locked") == []
+    assert held[0] in streams.streams[START].pending and held[1] in streams.streams[STOP].pending
+    assert not [a for a in store.attempts.values() if a]  # no attempt counted: it is not the entry's fault
+    store.submit = real  # the lock is released: the game's entries are admitted, in order
+    await run_once(intake)
+    assert ops_of(store, "locked") == [("start", held[0]), ("stop", held[1])]
+
+
 async def test_an_entry_that_kills_the_process_counts_as_an_attempt():
     """Re-read entries are counted before they run: a crash mid-handling still counts."""
     intake, streams, store, _ = make(RTMANAGER_MAX_DELIVERIES="1")
