@@ -95,6 +95,7 @@ class Relay:
         self._floor_due = True  # the snapshot floor is checked before the term's first publication
         self._floor_retry_at = 0.0
         self._run_id: str | None = None
+        self._added: dict[str, int] = {}  # entries ever added to each stream, at the last look (check_server)
         self.republished = 0
         self.stall_limit = STALL_LIMIT
         self._busy_since: float | None = None  # monotonic start of the pass (or series of failed ones) under way
@@ -263,6 +264,9 @@ class Relay:
                     self._unmarked = [(i.seq, e) for i, e in zip(batch, ids, strict=True)]
                     for item in batch:  # counted once on the stream: a retry finds them in its tail
                         self._observe(item)
+                        stream = self.stream_of(item.kind)
+                        if stream in self._added:  # what the stream counts at the next look, at least
+                            self._added[stream] += 1
                     self._progress()  # a long backlog is not a stall
                 total += len(batch)
                 if len(batch) < BATCH:
@@ -308,13 +312,26 @@ class Relay:
         return rest
 
     async def check_server(self) -> None:
-        """A new Redis ``run_id`` means a restarted server: verify before the next publish."""
+        """A new Redis ``run_id`` means a restarted server, and a stream that counts fewer entries ever added
+        than at the last look was deleted (DEL, FLUSHDB; a new one may have been made under its name): verify
+        before the next publish."""
         run_id = await self.redis.server_run_id()
         if self._run_id is not None and run_id != self._run_id:
             log.warning("redis restarted (run_id changed); checking recent results against the stream")
             self._verify = True
             self.wake.set()
         self._run_id = run_id
+        for kind in ID_FIELD:
+            stream = self.stream_of(kind)
+            added = await self.redis.entries_added(stream)
+            before = self._added.get(stream)  # at the last look, plus what this relay added since
+            if added is not None and before is not None and added < before:
+                log.warning("the stream %s was deleted (it counts %d entries ever added, at least %d expected); "
+                            "checking recent results against it", stream, added, before)
+                self._verify = True
+                self.wake.set()
+            if added is not None:
+                self._added[stream] = added
 
     async def _verify_stream(self) -> None:
         """Publish again what was marked published but is not on its stream (Redis lost it)."""

@@ -244,6 +244,18 @@ class RedisStreams:
             raise
         return _text(info["last-generated-id"])
 
+    async def entries_added(self, stream: str) -> int | None:
+        """How many entries ``stream`` was ever given (XINFO STREAM ``entries-added``: trims do not lower it,
+        a DEL or FLUSHDB does), 0 when there is no such stream, None when the server does not say (6.2)."""
+        try:
+            info = cast(dict[Any, Any], await self.client.xinfo_stream(stream))
+        except redis.exceptions.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return 0
+            raise
+        added = info.get("entries-added", info.get(b"entries-added"))
+        return None if added is None else int(added)
+
     @property
     def sets_ids(self) -> bool:
         """False once the server refused XSETID (``raise_last_id``)."""

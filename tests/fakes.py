@@ -102,6 +102,7 @@ class _Stream:
     has_group: bool = False
     seq: int = 0
     last_id: tuple[int, int] = (0, 0)  # the newest id it gave (XSETID raises it): the next automatic one is above
+    added: int = 0  # entries ever added (XINFO STREAM entries-added)
 
 
 class FakeStreams:
@@ -135,6 +136,7 @@ class FakeStreams:
         if entry_id is None and entry_key(eid) <= s.last_id:
             eid = f"{s.last_id[0]}-{s.last_id[1] + 1}"
         s.last_id = max(s.last_id, entry_key(eid))
+        s.added += 1
         s.entries.append((eid, {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
                                 for k, v in fields.items()}))
         return eid
@@ -155,6 +157,11 @@ class FakeStreams:
         self._check("last_id", stream)
         s = self.streams.get(stream)
         return None if s is None else f"{s.last_id[0]}-{s.last_id[1]}"
+
+    async def entries_added(self, stream: str) -> int | None:
+        self._check("entries_added", stream)
+        s = self.streams.get(stream)
+        return 0 if s is None else s.added
 
     async def raise_last_id(self, stream: str, floor: str) -> bool:
         self._check("raise_last_id", stream, floor)

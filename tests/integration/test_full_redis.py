@@ -42,3 +42,21 @@ async def test_a_full_redis_still_lets_the_intake_read_and_acknowledge_what_is_q
         client.config_set("maxmemory", 0)
         client.close()
         await streams.close()
+
+
+async def test_entries_added_survives_trims_and_not_a_delete(full_redis):
+    """What the relay's look for a deleted results stream reads (controller/relay.py ``check_server``)."""
+    streams = RedisStreams(full_redis.url, group="rtmanager", consumer="c1")
+    client = redis.Redis.from_url(full_redis.url)
+    try:
+        assert await streams.entries_added("results") == 0  # no such stream
+        for i in range(5):
+            client.xadd("results", {"i": str(i)})
+        client.xtrim("results", maxlen=1)
+        assert await streams.entries_added("results") == 5
+        client.delete("results")
+        client.xadd("results", {"i": "again"})
+        assert await streams.entries_added("results") == 1
+    finally:
+        client.close()
+        await streams.close()

@@ -58,6 +58,31 @@ async def test_results_a_restarted_redis_lost_are_published_again_with_the_same_
     assert relay.republished == 2
 
 
+@pytest.mark.parametrize("recreated", [False, True])
+async def test_results_a_deleted_stream_took_are_published_again(recreated):
+    """Red-team, stop 43: an operator's DEL of the results stream (or a FLUSHDB) leaves the server's run_id
+    as it was, so the relay never compared what it had published with the stream: every result Lobby had
+    not read yet was gone, and the next XADD made the stream again as if nothing had happened. The relay's
+    periodic look now also notices a stream that is gone, or that counts fewer entries added than before."""
+    relay, streams, store = relay_world()
+    await answered(store, 1)
+    await relay.flush()
+    await relay.check_server()  # the look that learns the stream as it is
+    for i in (2, 3):
+        await store.reject_entry(kind=JobKind.STOP, game_id="g1", stream="s", entry_id=f"{i}-0",
+                                 code=ErrorCode.INVALID_REQUEST, message="bad")
+    await relay.flush()  # published after that look: the next one expects them too
+    lost = [f["result_id"] for f in streams.fields_of(RESULTS)]
+    del streams.streams[RESULTS]
+    if recreated:  # something wrote to it since (fewer entries than it had): a new stream under the old name
+        streams.xadd(RESULTS, {"kind": "other"})
+        streams.xadd(RESULTS, {"kind": "other"})
+    await relay.check_server()
+    await relay.flush()
+    ids = [f.get("result_id") for f in streams.fields_of(RESULTS) if "result_id" in f]
+    assert ids == lost and relay.republished == 3
+
+
 async def test_two_flushes_at_once_never_publish_a_result_twice():
     """The shutdown's last flush and the relay loop: one publisher at a time."""
     relay, streams, store = relay_world()
