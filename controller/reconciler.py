@@ -590,6 +590,9 @@ class Reconciler:
             if kind is ActionKind.CLEANUP:
                 await self.store.cleaned_up(record.game_id, record.generation)
             else:
+                # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
+                # retention, the state the replaced engine left, as a stop does.
+                await self.states.restore_at_stop(record, self._runs_replaced(record, container))
                 await self.store.mark_removed(record)
         elif kind is ActionKind.MARK_REMOVED:
             await self.store.mark_removed(record)

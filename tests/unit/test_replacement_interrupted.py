@@ -258,3 +258,25 @@ async def test_a_copy_whose_restore_is_pending_is_never_dropped(tmp_path):
     marker.touch()  # a restore begun and not finished
     await w.reconciler.states.drop("g1")
     assert statedir.pending_restore(root, "g1") == "abc"
+
+
+async def test_a_removal_during_a_replacement_keeps_the_state_the_replaced_engine_left(tmp_path):
+    """Red-team, stop 43: Lobby's cancel (a stop, then a cleanup) during a patch's health wait removed the
+    unit without the restore a stop makes: the removed game's directory, kept for the retention, held the
+    new engine's half-converted state, and the next storage round deleted the copy of the good one."""
+    w, rec, save = await patching(tmp_path)
+    real, asked = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            await w.job(JobKind.STOP, "g1")
+            await w.job(JobKind.CLEANUP, "g1")
+        return await real(host)
+
+    w.engine.check = check
+    rec = await synced_until(w, lambda r: r.converged, 8)
+    assert asked and rec.status.value == "removed"
+    assert save.read_text() == "A-format"
