@@ -369,18 +369,34 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
         if archive_dir:
             os.makedirs(archive_dir, 0o700, exist_ok=True)
             target = os.path.join(os.path.realpath(archive_dir), archive_name)
-            if os.path.dirname(target) != os.path.realpath(archive_dir) or os.path.lexists(target):
+            if os.path.dirname(target) != os.path.realpath(archive_dir):
                 raise Refused(f"cannot archive {path} as {target}")
-            try:
-                os.rename(path, target)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                tmp = target + ".tmp"
-                _remove(tmp)
-                _copy_tree(path, tmp)
-                os.rename(tmp, target)
+            if os.path.lexists(target):
+                # The copy across filesystems is renamed to its name only once complete: a target of this
+                # game's removal (its name has the removal's time) with the directory still here is one whose
+                # deletion a kill cut. Anything else under that name is not ours to judge.
+                if not (_real_dir(target) and not os.path.lexists(target + ".tmp")):
+                    raise Refused(f"cannot archive {path} as {target}")
                 _remove(path)
+            else:
+                try:
+                    os.rename(path, target)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    tmp = target + ".tmp"
+                    _remove(tmp)
+                    try:
+                        _copy_tree(path, tmp)
+                    except OSError as copy_exc:  # the archive's filesystem (full, say): no partial copy left
+                        with contextlib.suppress(OSError):
+                            _remove(tmp)
+                        if copy_exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise NoSpace(f"archive of {path} in {archive_dir}: no space left on the archive's "
+                                          "filesystem") from copy_exc
+                        raise
+                    os.rename(tmp, target)
+                    _remove(path)
             done = "archived"
         else:
             _remove(path)

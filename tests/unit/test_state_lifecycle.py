@@ -361,3 +361,62 @@ async def test_a_cancelled_file_operation_waits_for_its_thread_only_so_long(monk
             await asyncio.wait_for(task, 5)
     finally:
         release.set()
+
+
+def _across_filesystems(monkeypatch, state: Path) -> None:
+    """os.rename of the game's directory fails with EXDEV, as into an archive on another filesystem."""
+    import errno
+    real = os.rename
+
+    def rename(src, dst, *args, **kwargs):
+        if os.fspath(src) == str(state):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(statedir.os, "rename", rename)
+
+
+def test_an_archive_filesystem_that_fills_up_keeps_no_partial_copy_and_says_which(world, tmp_path, monkeypatch):
+    """Red-team, stop 43: a copy into an archive on another filesystem that ran out of room left its partial
+    .tmp there (every storage round then filled that filesystem again), and the error blamed the state
+    root's filesystem."""
+    import errno
+
+    root, state, outside = world
+    archive = tmp_path / "archive"
+    _across_filesystems(monkeypatch, state)
+    real_copy = statedir._copy_tree
+
+    def full(src, dst):
+        real_copy(src, dst)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(statedir, "_copy_tree", full)
+    with pytest.raises(statedir.NoSpace, match="archive"):
+        statedir.dispose(str(root), str(state), str(archive), "g1-20260101T000000Z")
+    assert os.listdir(archive) == [] and (state / "marker").read_text() == "old"
+
+
+def test_an_archive_a_kill_cut_before_the_source_was_deleted_is_finished(world, tmp_path, monkeypatch):
+    """Red-team, stop 43: a kill after the complete copy was renamed into place and before the game's
+    directory was deleted made every later round refuse the disposal ("cannot archive"): the record was
+    never marked disposed and the half-deleted directory stayed."""
+    root, state, outside = world
+    archive = tmp_path / "archive"
+    _across_filesystems(monkeypatch, state)
+    real_remove = statedir._remove
+    cut = []
+
+    def killed(path):
+        if os.fspath(path) == str(state) and not cut:
+            cut.append(1)
+            (state / "marker").unlink()  # half deleted, then the kill
+            raise KeyboardInterrupt
+        return real_remove(path)
+
+    monkeypatch.setattr(statedir, "_remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        statedir.dispose(str(root), str(state), str(archive), "g1-20260101T000000Z")
+    assert statedir.dispose(str(root), str(state), str(archive), "g1-20260101T000000Z") == "archived"
+    assert not state.exists() and (archive / "g1-20260101T000000Z" / "marker").read_text() == "old"
+    untouched(outside)
