@@ -595,6 +595,9 @@ class Reconciler:
                 await self.states.restore_at_stop(record, self._runs_replaced(record, container))
                 await self.store.mark_removed(record)
         elif kind is ActionKind.MARK_REMOVED:
+            # No unit (a removal cut after the unit went, or one removed from outside): what a removal
+            # during a replacement owes the state directory is done here, as MARK_STOPPED does.
+            await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             await self.store.mark_removed(record)
         elif kind in (ActionKind.NODE_LOST, ActionKind.MOVE, ActionKind.LOST_STOP):
             return await self._node_loss(kind, record, node)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from controller.config import Settings, StorageSettings
@@ -72,6 +73,11 @@ async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
 DISPOSE_BATCH = 100  # removed games looked at per round
 
 
+# How much later than a restore's marker an engine's healthy start must be to make the restore stale (the
+# marker's time is this host's clock, the record's the database's: measured apart, usually well under this).
+STALE_RESTORE_SLACK = timedelta(seconds=10)
+
+
 class StateKeeper:
     def __init__(self, settings: Settings, metrics: Metrics,
                  note: Callable[[RuntimeRecord, str, str], Awaitable[None]] | None = None) -> None:
@@ -112,13 +118,32 @@ class StateKeeper:
                 log.info("copied the state directory before replacing its engine",
                          extra={"game_id": record.game_id, "copy": tag})
 
+    async def _pending(self, record: RuntimeRecord) -> str | None:
+        """The copy a restore of the game's directory was begun from and not finished, or None. None too when
+        an engine of the game answered healthy after that restore began (``started_at``: an engine started
+        outside rtmanager, or by a version that did not finish such restores): the directory holds what that
+        engine wrote since, newer than the copy, so the restore is given up (its marker deleted; the copy is
+        left to the usual rules), said as an error."""
+        tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
+        if tag is None or record.started_at is None:
+            return tag
+        begun = await asyncio.to_thread(statedir.restore_begun_at, self.root, record.game_id, tag)
+        if begun is None or record.started_at <= begun + STALE_RESTORE_SLACK:
+            return tag
+        log.error("a restore of the state directory from copy %s begun at %s was never finished, and an engine of "
+                  "the game has run healthy since (from %s): its state is newer than the copy; the restore is given "
+                  "up", tag, begun.isoformat(), record.started_at.isoformat(),
+                  extra={"game_id": record.game_id, "copy": tag})
+        await in_thread(statedir.give_up_restore, self.root, record.game_id, tag)
+        return None
+
     async def restore(self, record: RuntimeRecord, image: str) -> None:
         """Before a game's engine of ``image`` is created: a restore a kill cut short is finished first,
         whatever the game is asked for now; the replaced image, started again (a rollback, or a job that
         asked for it during the replacement), gets the state directory as its engine left it (when a copy
         was taken)."""
         async with self.locked(record.game_id):
-            tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
+            tag = await self._pending(record)
             if tag is None and storage.restores(record, image):
                 tag = storage.backup_tag(record)
                 if tag is not None and not record.rolling_back:
@@ -164,7 +189,7 @@ class StateKeeper:
         that failed, the disk full) is finished first. Only a new unit's start did it before (``restore``),
         so an engine started again on its unit ran on a half-restored directory."""
         async with self.locked(record.game_id):
-            tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
+            tag = await self._pending(record)
             if tag is not None and await in_thread(statedir.restore, self.root, record.state_path, tag):
                 self.metrics.state_copies.labels("restored").inc()
                 log.warning("finished a restore of the state directory that had not been finished",

@@ -29,6 +29,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from types import TracebackType
 
 from observed.errors import Refused
@@ -259,6 +260,25 @@ def pending_restore(root: str, game: str) -> str | None:
             if name.endswith(RESTORING) and _real_dir(os.path.join(where, name.removesuffix(RESTORING))):
                 return name.removesuffix(RESTORING)
     return None
+
+
+def restore_begun_at(root: str, game: str, tag: str) -> datetime | None:
+    """When the restore from TAG was begun (its marker's time), None when there is no marker."""
+    with _translated(f"look at the copies of {game}"):
+        marker = os.path.join(os.path.realpath(root), BACKUPS, game, tag + RESTORING)
+        try:
+            return datetime.fromtimestamp(os.lstat(marker).st_mtime, UTC)
+        except FileNotFoundError:
+            return None
+
+
+def give_up_restore(root: str, game: str, tag: str) -> None:
+    """Delete the marker of a restore begun from TAG: it is not to be finished (the copy stays)."""
+    if not state_name_ok(os.path.abspath(root), os.path.join(os.path.abspath(root), game)) or os.sep in tag:
+        raise Refused(f"not a copy: {game}/{tag}")
+    with _translated(f"the restore of {game}"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(os.path.realpath(root), BACKUPS, game, tag + RESTORING))
 
 
 def restore(root: str, path: str, tag: str) -> bool:

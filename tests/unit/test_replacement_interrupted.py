@@ -7,6 +7,7 @@ replaced image again is a rollback: the copy is put back first."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -279,4 +280,64 @@ async def test_a_removal_during_a_replacement_keeps_the_state_the_replaced_engin
     w.engine.check = check
     rec = await synced_until(w, lambda r: r.converged, 8)
     assert asked and rec.status.value == "removed"
+    assert save.read_text() == "A-format"
+
+
+async def test_a_restore_left_pending_before_the_game_ran_healthy_again_is_given_up(tmp_path, monkeypatch):
+    """Review: a restore left pending (a full disk at a stop) and a game that then ran healthy for weeks on
+    a path that did not finish it (an engine started outside rtmanager, or an older rtmanager): the next
+    plain stop and start finished the old restore, putting the copy of weeks ago over everything since.
+    An engine that answered healthy after the restore began makes the restore stale: it is given up."""
+    from datetime import timedelta
+
+    from observed import statedir
+    w, rec, save = await patching(tmp_path)
+    root = w.settings.storage.state_root
+    statedir.backup(root, rec.state_path, "abc")
+    marker = Path(root) / ".backups" / "g1" / ("abc" + statedir.RESTORING)
+    marker.touch()  # a restore begun and not finished...
+    old = (w.store.clock.now() - timedelta(days=21)).timestamp()
+    os.utime(marker, (old, old))  # ...three weeks ago; the record says its engine started since
+    save.write_text("B-format, 3 weeks of turns since")
+    await w.job(JobKind.STOP, "g1")  # the patch is superseded; a plain stop, then a start
+    await synced_until(w, lambda r: r.converged, 6)
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await synced_until(w, lambda r: r.converged, 6)
+    assert rec.status.value == "running" and save.read_text() == "B-format, 3 weeks of turns since"
+    assert statedir.pending_restore(root, "g1") is None
+
+
+async def test_a_removal_cut_after_the_unit_went_still_keeps_the_replaced_engines_state(tmp_path):
+    """Review: the restore of a removal came after the unit's removal; cut between the two (a kill, a blip
+    of Postgres), the next look found no unit and recorded the removal without it."""
+    from desired.errors import StoreUnavailable
+    w, rec, save = await patching(tmp_path)
+    real, asked = w.engine.check, []
+    real_restore, cut = w.reconciler.states.restore_at_stop, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            await w.job(JobKind.STOP, "g1")
+            await w.job(JobKind.CLEANUP, "g1")
+        return await real(host)
+
+    async def restore_at_stop(record, runs_replaced):
+        if not cut and not w.backend.by_name("galaxy-game-g1"):
+            cut.append(1)
+            raise StoreUnavailable("postgres: the connection was lost")  # right after the unit went
+        return await real_restore(record, runs_replaced)
+
+    w.engine.check = check
+    w.reconciler.states.restore_at_stop = restore_at_stop
+    for _ in range(8):
+        try:
+            rec = await asyncio.wait_for(w.sync("g1"), 60)
+        except StoreUnavailable:
+            continue
+        if rec.converged:
+            break
+    assert asked and cut and rec.status.value == "removed"
     assert save.read_text() == "A-format"
