@@ -198,12 +198,17 @@ class Turns:
             if not asked_before:
                 return await self._maybe_taken(record, exc)
             # Taken as asked for before, and found idle short of the turn since: it did not take that one,
-            # and this one may share its fate. Counted as not taken, or every lost answer would start the
-            # turn's time again and the job would never be answered.
+            # and this one may share its fate. Counted toward the bound of requests not taken (the span does
+            # not start again with a generation), or the job would never be answered; still taken as a
+            # generation that may be under way, so that an engine that did take it and is too busy to answer
+            # its status is not failed for that.
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
-            return (await self._not_taken(record, st.turn, f"its turn requests lose their answers: {exc.message}")
-                    or requeue(REASK_POLL, "the engine's answers to turn requests are lost; asked again"))
+            failed = await self._not_taken(record, st.turn, f"its turn requests lose their answers: {exc.message}")
+            if failed is not None:
+                return failed
+            await self.store.turn_requested(record)
+            return requeue(REASK_POLL, "the engine's answers to turn requests are lost; asked again")
         except EngineError as exc:
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})

@@ -153,3 +153,35 @@ async def test_an_engine_whose_every_turn_request_loses_its_answer_is_still_answ
     assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
         ("force_next_turn", "failure", "engine_unreachable")]
     assert t <= 2 * e.start_timeout + e.generation_timeout + 30 and w.store.records["g1"].status.is_up
+
+
+async def test_a_second_request_that_lost_its_answer_and_was_taken_is_not_failed(tmp_path):
+    """Review: the first request's answer lost (not taken: the engine says idle after it), the second's lost
+    too but taken: the engine generates, too busy to answer its status. Counted only as a request not
+    taken, the generation was not known and the status failures failed the turn after
+    RTMANAGER_START_TIMEOUT while the engine generated it."""
+    w = World(tmp_path)
+    await started(w)
+    eng = {"turn": 0, "phase": "idle", "asked": 0}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        eng["asked"] += 1
+        if eng["asked"] >= 2 and expected_turn == eng["turn"] and eng["phase"] == "idle":
+            eng["phase"] = "generating"  # taken this time
+        raise EngineAnswerLost("engine turns: TimeoutError (the engine may have taken the request)")
+
+    async def status(host, *, token=""):
+        if eng["phase"] == "generating":
+            raise EngineUnreachable("engine status: TimeoutError")
+        return EngineStatus(turn=eng["turn"], phase=eng["phase"])
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    for _ in range(14):
+        await asyncio.wait_for(w.sync("g1"), 30)
+        w.store.clock.advance(10)
+    assert eng["asked"] == 2 and [r for r in w.results("g1") if r[0] == "force_next_turn"] == []
+    eng.update(turn=1, phase="idle")
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [("force_next_turn", "success", "")]
