@@ -408,10 +408,10 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
                     _remove(tmp)
                     try:
                         _copy_tree(path, tmp)
-                    except OSError as copy_exc:  # the archive's filesystem (full, say): no partial copy left
-                        with contextlib.suppress(OSError):
+                    except Exception as copy_exc:  # the archive's filesystem full, a tree too deep: no partial copy
+                        with contextlib.suppress(OSError, RecursionError):
                             _remove(tmp)
-                        if copy_exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        if isinstance(copy_exc, OSError) and copy_exc.errno in (errno.ENOSPC, errno.EDQUOT):
                             raise NoSpace(f"archive of {path} in {archive_dir}: no space left on the archive's "
                                           "filesystem") from copy_exc
                         raise

@@ -397,6 +397,24 @@ def test_an_archive_filesystem_that_fills_up_keeps_no_partial_copy_and_says_whic
     assert os.listdir(archive) == [] and (state / "marker").read_text() == "old"
 
 
+def test_an_archive_of_a_tree_too_deep_keeps_no_partial_copy(world, tmp_path, monkeypatch):
+    """Review: only an OSError removed the partial copy; a tree deeper than the copy goes (an engine can make
+    one) left it, and every round copied it again."""
+    root, state, outside = world
+    archive = tmp_path / "archive"
+    _across_filesystems(monkeypatch, state)
+    real_copy = statedir._copy_tree
+
+    def too_deep(src, dst):
+        real_copy(src, dst)
+        raise Refused("too deep")
+
+    monkeypatch.setattr(statedir, "_copy_tree", too_deep)
+    with pytest.raises(Refused):
+        statedir.dispose(str(root), str(state), str(archive), "g1-20260101T000000Z")
+    assert os.listdir(archive) == [] and (state / "marker").read_text() == "old"
+
+
 def test_an_archive_a_kill_cut_before_the_source_was_deleted_is_finished(world, tmp_path, monkeypatch):
     """Red-team, stop 43: a kill after the complete copy was renamed into place and before the game's
     directory was deleted made every later round refuse the disposal ("cannot archive"): the record was
