@@ -78,6 +78,12 @@ DISPOSE_BATCH = 100  # removed games looked at per round
 STALE_RESTORE_SLACK = timedelta(seconds=10)
 
 
+def for_run(record: RuntimeRecord) -> str:
+    """What a restore's marker says of the engine run it is for: when the record's last engine answered
+    healthy. A later healthy start changes it, and a restore left pending from before it is stale."""
+    return f"started_at={record.started_at.isoformat() if record.started_at else 'none'}"
+
+
 class StateKeeper:
     def __init__(self, settings: Settings, metrics: Metrics,
                  note: Callable[[RuntimeRecord, str, str], Awaitable[None]] | None = None) -> None:
@@ -125,14 +131,21 @@ class StateKeeper:
         engine wrote since, newer than the copy, so the restore is given up (its marker deleted; the copy is
         left to the usual rules), said as an error."""
         tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
-        if tag is None or record.started_at is None:
+        if tag is None:
             return tag
-        begun = await asyncio.to_thread(statedir.restore_begun_at, self.root, record.game_id, tag)
-        if begun is None or record.started_at <= begun + STALE_RESTORE_SLACK:
+        marker = await asyncio.to_thread(statedir.restore_marker, self.root, record.game_id, tag)
+        if marker is None:
+            return tag
+        said, begun = marker
+        if said:  # the engine run the restore was for (the database's clock on both sides)
+            stale = said != for_run(record)
+        else:  # a marker of an earlier version: its time on this host against the database's
+            stale = record.started_at is not None and record.started_at > begun + STALE_RESTORE_SLACK
+        if not stale:
             return tag
         log.error("a restore of the state directory from copy %s begun at %s was never finished, and an engine of "
                   "the game has run healthy since (from %s): its state is newer than the copy; the restore is given "
-                  "up", tag, begun.isoformat(), record.started_at.isoformat(),
+                  "up", tag, begun.isoformat(), record.started_at.isoformat() if record.started_at else "?",
                   extra={"game_id": record.game_id, "copy": tag})
         await in_thread(statedir.give_up_restore, self.root, record.game_id, tag)
         return None
@@ -150,7 +163,7 @@ class StateKeeper:
                     await self._noted(record, tag, f"{image}, the image the replacement replaced, was asked for again")
             if tag is None:
                 return
-            if await in_thread(statedir.restore, self.root, record.state_path, tag):
+            if await in_thread(statedir.restore, self.root, record.state_path, tag, for_run(record)):
                 self.metrics.state_copies.labels("restored").inc()
                 log.warning("restored the state directory the replaced engine left",
                             extra={"game_id": record.game_id, "copy": tag})
@@ -166,10 +179,11 @@ class StateKeeper:
         async with self.locked(record.game_id):
             await self._noted(record, tag, "the game was stopped before the replacement's engine answered")
             try:
-                restored = await in_thread(statedir.restore, self.root, record.state_path, tag)
-            except ObservedError as exc:  # the stop goes on: the state stays as the new engine left it
+                restored = await in_thread(statedir.restore, self.root, record.state_path, tag, for_run(record))
+            except ObservedError as exc:  # the stop goes on; the restore stays pending (its marker, its copy)
                 log.error("the replacement was stopped before its engine answered, and the state directory could "
-                          "not be restored from the copy: %s", exc.message,
+                          "not be restored from the copy: %s; the restore is pending, finished before an engine "
+                          "of the game starts again (or before its directory is disposed of)", exc.message,
                           extra={"game_id": record.game_id, "copy": tag})
                 return
             if restored:
@@ -189,11 +203,16 @@ class StateKeeper:
         that failed, the disk full) is finished first. Only a new unit's start did it before (``restore``),
         so an engine started again on its unit ran on a half-restored directory."""
         async with self.locked(record.game_id):
-            tag = await self._pending(record)
-            if tag is not None and await in_thread(statedir.restore, self.root, record.state_path, tag):
-                self.metrics.state_copies.labels("restored").inc()
-                log.warning("finished a restore of the state directory that had not been finished",
-                            extra={"game_id": record.game_id, "copy": tag})
+            await self.finish_restore_locked(record)
+
+    async def finish_restore_locked(self, record: RuntimeRecord) -> None:
+        """``finish_restore`` with the game's lock already held (the storage round's disposal)."""
+        tag = await self._pending(record)
+        if tag is not None and await in_thread(statedir.restore, self.root, record.state_path, tag,
+                                               for_run(record)):
+            self.metrics.state_copies.labels("restored").inc()
+            log.warning("finished a restore of the state directory that had not been finished",
+                        extra={"game_id": record.game_id, "copy": tag})
 
     async def drop(self, game_id: str) -> None:
         """An engine of the game is healthy again: its copies are no longer needed. Never while a restore
@@ -356,6 +375,10 @@ class StorageRound:
                 self.reconciler.dispose_budget -= 1
                 name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"
                 try:
+                    # A restore left pending (a removal during a replacement whose restore failed): the state
+                    # the game is owed is the copy; disposing of the directory as it is, then of the copies,
+                    # would keep neither.
+                    await self.keeper.finish_restore_locked(current)
                     done = await in_thread(statedir.dispose, cfg.state_root, current.state_path,
                                                    cfg.state_archive_dir, name)
                 except Refused as exc:

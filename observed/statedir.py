@@ -262,14 +262,19 @@ def pending_restore(root: str, game: str) -> str | None:
     return None
 
 
-def restore_begun_at(root: str, game: str, tag: str) -> datetime | None:
-    """When the restore from TAG was begun (its marker's time), None when there is no marker."""
+def restore_marker(root: str, game: str, tag: str) -> tuple[str, datetime] | None:
+    """The marker of the restore from TAG: what the restore wrote in it (``for_run``; empty for a marker
+    an earlier version made) and when it was begun (its time on this host), None when there is none."""
     with _translated(f"look at the copies of {game}"):
         marker = os.path.join(os.path.realpath(root), BACKUPS, game, tag + RESTORING)
         try:
-            return datetime.fromtimestamp(os.lstat(marker).st_mtime, UTC)
+            fd = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        with open(fd, "rb") as f:
+            content = f.read(200).decode("utf-8", "replace").strip()
+            begun = datetime.fromtimestamp(os.fstat(f.fileno()).st_mtime, UTC)
+        return content, begun
 
 
 def give_up_restore(root: str, game: str, tag: str) -> None:
@@ -281,7 +286,7 @@ def give_up_restore(root: str, game: str, tag: str) -> None:
             os.unlink(os.path.join(os.path.realpath(root), BACKUPS, game, tag + RESTORING))
 
 
-def restore(root: str, path: str, tag: str) -> bool:
+def restore(root: str, path: str, tag: str, for_run: str = "") -> bool:
     """Put the content of the copy R/.backups/GAME/TAG back into the state directory, in place (the
     directory keeps its inode: whatever holds it, a bind mount, a quota, keeps working). A marker
     (TAG.restoring) says a restore is under way: one cut short is done again, from the copy, before
@@ -294,7 +299,16 @@ def restore(root: str, path: str, tag: str) -> bool:
         if not _real_dir(copy):
             return False
         marker = os.path.join(where, tag + RESTORING)
-        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        try:  # a restore done again keeps the marker (and what it says) of the first attempt
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            try:
+                os.write(fd, for_run.encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
         trash = os.path.join(where, "replaced")
@@ -383,6 +397,8 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
     with _translated(f"disposal of {path}"):
         path = checked(root, path)
         game = os.path.basename(path)
+        if pending_restore(root, game) is not None:  # the copy is the state owed: finished first (the caller)
+            raise Refused(f"a restore of {path} is pending: its copy is kept")
         if not os.path.lexists(path):
             drop_backup(root, game)
             return "absent"

@@ -632,6 +632,7 @@ class FakeStore:
         self.snapshot_floors: dict[str, int] = {}  # as the store's table: a lost game's floor
         self.marks: dict[str, tuple[int, int]] = {}
         self.attempts: dict[tuple[str, str], int] = {}
+        self.disposed: set[str] = set()  # removed games whose state directory was disposed of
         self.down = False
         self.fail: Exception | None = None  # raised by every call: an error nobody classified
         self.fail_submit: Exception | None = None
@@ -681,6 +682,16 @@ class FakeStore:
     async def list_live(self) -> builtins.list[RuntimeRecord]:
         return [r for r in await self.list() if r.status is not Status.REMOVED
                 or r.desired_status is not DesiredStatus.REMOVED or not r.converged]
+
+    async def removed_with_state(self, retention: float, limit: int = 100) -> builtins.list[RuntimeRecord]:
+        now = self._check()
+        found = [r for r in self.records.values() if r.status is Status.REMOVED and r.game_id not in self.disposed
+                 and r.removed_at is not None and (now - r.removed_at).total_seconds() >= retention]
+        return sorted(found, key=lambda r: r.removed_at or now)[:limit]
+
+    async def mark_state_disposed(self, game_id: str) -> None:
+        self._check()
+        self.disposed.add(game_id)
 
     async def count_by_status(self) -> dict[str, int]:
         counts = {s.value: 0 for s in Status}

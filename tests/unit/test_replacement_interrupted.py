@@ -211,6 +211,7 @@ async def test_a_restore_at_stop_that_failed_is_finished_before_the_engine_start
     for good. A pending restore is now finished before any unit starts, and a copy whose restore is pending
     is never deleted."""
     import errno
+    from datetime import timedelta
 
     from observed import statedir
     w, rec, save = await patching(tmp_path)
@@ -231,7 +232,14 @@ async def test_a_restore_at_stop_that_failed_is_finished_before_the_engine_start
     w.engine.check = check
     rec = await synced_until(w, lambda r: r.converged, 6)
     assert asked and rec.status.value == "stopped"
-    assert statedir.pending_restore(w.settings.storage.state_root, "g1") is not None  # it failed: pending
+    root = w.settings.storage.state_root
+    tag = statedir.pending_restore(root, "g1")
+    assert tag is not None  # it failed: pending
+    # This host's clock an hour behind the database's: the marker says which engine run it is for, so no
+    # comparison of the two clocks can give it up.
+    marker = Path(root) / ".backups" / "g1" / (tag + statedir.RESTORING)
+    old = (w.store.clock.now() - timedelta(hours=1)).timestamp()
+    os.utime(marker, (old, old))
     monkeypatch.setattr(statedir, "_copy_dir", real_copy)  # room again
     w.engine.check = real_check
     w.backend.behaviour[MUTE] = "ok"
@@ -341,3 +349,93 @@ async def test_a_removal_cut_after_the_unit_went_still_keeps_the_replaced_engine
             break
     assert asked and cut and rec.status.value == "removed"
     assert save.read_text() == "A-format"
+
+
+async def test_a_restore_marked_for_an_earlier_run_is_given_up(tmp_path, monkeypatch):
+    """The marker says which engine run the restore is for (the record's started_at when it began): once the
+    record says an engine answered healthy since, the restore is stale, whatever the two clocks say."""
+    import errno
+    from datetime import timedelta
+
+    from observed import statedir
+    w, rec, save = await patching(tmp_path)
+    real_copy, real_check, asked = statedir._copy_dir, w.engine.check, []
+
+    def full(src, dst, depth):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            monkeypatch.setattr(statedir, "_copy_dir", full)
+            await w.job(JobKind.STOP, "g1")
+        return await real_check(host)
+
+    w.engine.check = check
+    await synced_until(w, lambda r: r.converged, 6)
+    monkeypatch.setattr(statedir, "_copy_dir", real_copy)
+    w.engine.check = real_check
+    root = w.settings.storage.state_root
+    assert statedir.pending_restore(root, "g1") is not None
+    # An engine of the game ran healthy since, on a path that did not finish the restore (an engine started
+    # outside rtmanager, an older rtmanager): the record says so; it wrote weeks of turns.
+    cur = w.store.records["g1"]
+    w.store.records["g1"] = cur.replace(started_at=cur.started_at + timedelta(seconds=5),
+                                        stopped_at=cur.stopped_at + timedelta(seconds=10))
+    save.write_text("weeks of turns since")
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await synced_until(w, lambda r: r.converged, 6)
+    assert rec.status.value == "running" and save.read_text() == "weeks of turns since"
+    assert statedir.pending_restore(root, "g1") is None
+
+
+@pytest.mark.parametrize("room_again", [True, False])
+async def test_a_removed_game_whose_restore_is_pending_is_not_disposed_of_without_it(tmp_path, monkeypatch,
+                                                                                     room_again):
+    """Review: a removal during a replacement whose restore failed (a full disk) left the directory half
+    restored; past the retention, the disposal archived what was there and then deleted the copies (the
+    replaced engine's state and the new engine's files set aside): neither was kept. The round now finishes
+    the restore first; while it cannot, it disposes of nothing."""
+    import errno
+
+    from controller.metrics import Metrics
+    from controller.storage import StorageRound
+    from observed import statedir
+    archive = tmp_path / "archive"
+    w, rec, save = await patching(tmp_path)
+    real_copy, real_check, asked = statedir._copy_dir, w.engine.check, []
+
+    def full(src, dst, depth):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            monkeypatch.setattr(statedir, "_copy_dir", full)
+            await w.job(JobKind.STOP, "g1")
+            await w.job(JobKind.CLEANUP, "g1")
+        return await real_check(host)
+
+    w.engine.check = check
+    rec = await synced_until(w, lambda r: r.converged, 8)
+    root = w.settings.storage.state_root
+    assert rec.status.value == "removed" and statedir.pending_restore(root, "g1") is not None
+    if room_again:
+        monkeypatch.setattr(statedir, "_copy_dir", real_copy)
+    import dataclasses
+    config = dataclasses.replace(w.settings.storage, state_archive_dir=str(archive))
+    storage_round = StorageRound(config=config, store=w.store, backend=w.backend, reconciler=w.reconciler,
+                                 keeper=w.reconciler.states, metrics=Metrics())
+    w.store.clock.advance(config.state_retention + 60)
+    await storage_round.dispose_removed()
+    copies = Path(root) / ".backups" / "g1"
+    if room_again:  # restored, then archived: the state the replaced engine left
+        [kept] = os.listdir(archive)
+        assert (archive / kept / "save").read_text() == "A-format" and not copies.exists()
+    else:  # nothing disposed of: the copy and what was set aside stay
+        assert not archive.exists() or os.listdir(archive) == []
+        assert statedir.pending_restore(root, "g1") is not None and "g1" not in w.store.disposed
