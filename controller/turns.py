@@ -82,11 +82,15 @@ class Turns:
         # again within REFUSAL_GAP is over, whatever ended it (the engine generated, the turn was reached or
         # answered another way, the engine was busy or restarted).
         self._refused: dict[str, tuple[int, datetime, datetime]] = {}
+        # game -> (turn asked for, first lost answer) while the answers to its turn requests are lost
+        # (``_maybe_taken``): bounded from the first, whatever came between (in this process).
+        self._lost: dict[str, tuple[int, datetime]] = {}
 
     def _took(self, record: RuntimeRecord) -> None:
         """The engine is seen generating, or at the turn: whatever it refused before is over. (A 202 alone is
         not proof: an engine that takes every request and never generates answers 202.)"""
         self._refused.pop(record.game_id, None)
+        self._lost.pop(record.game_id, None)
 
     def _prune(self, now: datetime, older_than: float) -> None:
         """Forget spans that are over (no refusal for ``older_than``); if none is, the oldest one (that game
@@ -202,13 +206,12 @@ class Turns:
             # not start again with a generation), or the job would never be answered; still taken as a
             # generation that may be under way, so that an engine that did take it and is too busy to answer
             # its status is not failed for that.
-            self.health.unanswered(record)
-            log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
             failed = await self._not_taken(record, st.turn, f"its turn requests lose their answers: {exc.message}")
             if failed is not None:
                 return failed
-            await self.store.turn_requested(record)
-            return requeue(REASK_POLL, "the engine's answers to turn requests are lost; asked again")
+            step = await self._maybe_taken(record, exc)
+            return step if step is AGAIN else requeue(REASK_POLL, "the engine's answers to turn requests are "
+                                                                  "lost; asked again")
         except EngineError as exc:
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
@@ -260,6 +263,22 @@ class Turns:
         request from generating twice)."""
         self.health.unanswered(record)
         self.metrics.engine_calls.labels("turns", "error").inc()
+        now, e = self.clock.now(), self.settings.engine
+        target = record.desired_turn if record.desired_turn is not None else (record.turn or 0) + 1
+        first = self._lost.get(record.game_id)
+        if first is None or first[0] != target:
+            if first is None and len(self._lost) >= TURNS_KEPT:
+                self._lost.pop(next(iter(self._lost)))
+            self._lost[record.game_id] = (target, now)
+        elif (now - first[1]).total_seconds() >= e.start_timeout + e.generation_timeout:
+            # Answers lost for longer than a start and a generation, the engine never seen generating nor
+            # at the turn: the status timeouts each lost answer excused do not go on for ever.
+            self._lost.pop(record.game_id, None)
+            self._refused.pop(record.game_id, None)
+            return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE,
+                                        f"the answers to the requests for turn {target} have been lost for "
+                                        f"{(now - first[1]).total_seconds():.0f}s, and the engine was never seen "
+                                        f"generating it ({exc.message})")
         log.warning("turn request: %s; taken as asked for", exc.message, extra={"game_id": record.game_id})
         await self.store.turn_requested(record)
         return requeue(TURN_POLL, "the engine may generate the turn: its answer to the request was lost")

@@ -185,3 +185,48 @@ async def test_a_second_request_that_lost_its_answer_and_was_taken_is_not_failed
     eng.update(turn=1, phase="idle")
     await asyncio.wait_for(w.sync("g1"), 30)
     assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [("force_next_turn", "success", "")]
+
+
+@pytest.mark.parametrize("blocked", [30, 90, 300])
+async def test_an_engine_that_blocks_after_every_lost_answer_is_still_answered(tmp_path, blocked):
+    """Review: every POST loses its answer, and the engine's status then times out for ``blocked`` seconds
+    before it says idle at the old turn (it took the request and its generation died unrecorded, say).
+    Each lost answer was a generation that may be under way, which excused the status timeouts, and the
+    refusals came further apart than the gap that ends a span: the job was never answered. The lost
+    answers of one turn are now bounded by RTMANAGER_START_TIMEOUT + RTMANAGER_GENERATION_TIMEOUT from
+    the first, whatever came between."""
+    w = World(tmp_path)
+    await started(w)
+    clock = w.store.clock
+    eng = {"blocked_until": None}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        eng["blocked_until"] = clock.now().timestamp() + blocked
+        raise EngineAnswerLost("engine turns: TimeoutError (the engine may have taken the request)")
+
+    async def status(host, *, token=""):
+        if eng["blocked_until"] is not None and clock.now().timestamp() < eng["blocked_until"]:
+            raise EngineUnreachable("engine status: TimeoutError")
+        return EngineStatus(turn=0, phase="idle")
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    e = w.settings.engine
+    limit = e.start_timeout + e.generation_timeout
+    health = w.reconciler.health
+    t, next_sync, next_round = 0.0, 0.0, e.health_interval
+    while not [r for r in w.results("g1") if r[0] == "force_next_turn"] and t <= 6 * limit:
+        if t >= next_sync:
+            step = await asyncio.wait_for(w.reconciler.sync("g1"), 30)
+            next_sync = t + (step.after or 1.0)
+        if t >= next_round:
+            rec = w.store.records["g1"]
+            if not health.answered_within(rec, e.health_interval):
+                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+            next_round = t + e.health_interval
+        clock.advance(1)
+        t += 1
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
+        ("force_next_turn", "failure", "engine_unreachable")]
+    assert t <= limit + blocked + 60 and w.store.records["g1"].status.is_up
