@@ -183,6 +183,7 @@ class Turns:
             why = ("the game was paused, and the engine lost the turn it was generating" if asked_before
                    else "the game was paused before the engine was asked for the turn")
             log.info("turn %d: %s; the scheduled turn is withdrawn", target, why, extra={"game_id": record.game_id})
+            self._lost.pop(record.game_id, None)
             try:
                 await self.store.fail_turn(record, ErrorCode.SUPERSEDED, why)
             except Conflict:
@@ -270,7 +271,9 @@ class Turns:
             if first is None and len(self._lost) >= TURNS_KEPT:
                 self._lost.pop(next(iter(self._lost)))
             self._lost[record.game_id] = (target, now)
-        elif (now - first[1]).total_seconds() >= e.start_timeout + e.generation_timeout:
+        elif ((now - first[1]).total_seconds() >= e.start_timeout + e.generation_timeout
+              and (await self.store.oldest_pending_age(record.game_id) or 0.0) >= e.start_timeout
+              + e.generation_timeout):  # and the job waited as long: an earlier job's lost answers are not its
             # Answers lost for longer than a start and a generation, the engine never seen generating nor
             # at the turn: the status timeouts each lost answer excused do not go on for ever.
             self._lost.pop(record.game_id, None)
@@ -302,6 +305,7 @@ class Turns:
         return polling
 
     async def fail_turn(self, record: RuntimeRecord, code: ErrorCode, message: str) -> Step:
+        self._lost.pop(record.game_id, None)  # the turn is answered: its lost answers count for no later job
         log.warning("turn failed: %s", message, extra={"game_id": record.game_id, "error_code": code.value})
         try:
             await self.store.fail_turn(record, code, message)

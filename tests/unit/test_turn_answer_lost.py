@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from desired.model import JobKind, Status
-from observed.engine import EngineClient, EngineStatus
+from observed.engine import EngineClient, EngineStatus, LastGeneration
 from observed.errors import EngineAnswerLost, EngineUnreachable
 from tests.support.net import free_port
 from tests.support.world import World, started
@@ -230,3 +230,42 @@ async def test_an_engine_that_blocks_after_every_lost_answer_is_still_answered(t
     assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
         ("force_next_turn", "failure", "engine_unreachable")]
     assert t <= limit + blocked + 60 and w.store.records["g1"].status.is_up
+
+
+async def test_the_lost_answers_of_an_answered_turn_do_not_count_against_the_next_job(tmp_path):
+    """Review: the bound of lost answers outlived the job it was for. A turn whose answer was lost, then
+    reported failed by the engine, was answered generation_failed; a force_next_turn sent later asks for the
+    same turn again, and its first lost answer (the engine taking it) failed it on the spot while the engine
+    generated it."""
+    w = World(tmp_path)
+    await started(w)
+    clock = w.store.clock
+    eng = {"turn": 0, "phase": "idle", "last": None}
+
+    async def request_turn(host, expected_turn, *, token=""):
+        if expected_turn == eng["turn"] and eng["phase"] == "idle":
+            eng["phase"] = "generating"
+        raise EngineAnswerLost("engine turns: TimeoutError (the engine may have taken the request)")
+
+    async def status(host, *, token=""):
+        if eng["phase"] == "generating":
+            raise EngineUnreachable("engine status: TimeoutError")
+        last = LastGeneration(turn=1, ok=False, error="collapsed") if eng["last"] else None
+        return EngineStatus(turn=eng["turn"], phase=eng["phase"], last_generation=last)
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    await asyncio.wait_for(w.sync("g1"), 30)  # asked; its answer lost, the engine generates
+    clock.advance(20)
+    eng.update(phase="idle", last=True)  # the generation failed
+    await asyncio.wait_for(w.sync("g1"), 30)
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
+        ("force_next_turn", "failure", "generation_failed")]
+    e = w.settings.engine
+    clock.advance(e.start_timeout + e.generation_timeout + 10)
+    eng["last"] = None
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")  # the same turn, asked for again
+    await asyncio.wait_for(w.sync("g1"), 30)  # its answer lost too; the engine takes it this time
+    assert eng["phase"] == "generating"
+    assert len([r for r in w.results("g1") if r[0] == "force_next_turn"]) == 1, "failed while generating"
