@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from controller.config import Settings, StorageSettings
@@ -78,10 +78,17 @@ DISPOSE_BATCH = 100  # removed games looked at per round
 STALE_RESTORE_SLACK = timedelta(seconds=10)
 
 
-def for_run(record: RuntimeRecord) -> str:
-    """What a restore's marker says of the engine run it is for: when the record's last engine answered
-    healthy. A later healthy start changes it, and a restore left pending from before it is stale."""
-    return f"started_at={record.started_at.isoformat() if record.started_at else 'none'}"
+def marker_run(said: str) -> tuple[bool, datetime | None]:
+    """(whether the marker says it, the run it says) from a restore marker's text (``statedir.marker_text``)."""
+    if not said.startswith("started_at="):
+        return False, None
+    value = said.removeprefix("started_at=")
+    if value == "none":
+        return True, None
+    try:
+        return True, datetime.fromisoformat(value)
+    except ValueError:
+        return False, None
 
 
 class StateKeeper:
@@ -137,9 +144,12 @@ class StateKeeper:
         if marker is None:
             return tag
         said, begun = marker
-        if said:  # the engine run the restore was for (the database's clock on both sides)
-            stale = said != for_run(record)
-        else:  # a marker of an earlier version: its time on this host against the database's
+        known, run = marker_run(said)
+        if known:  # the engine run the restore was for (the database's clock on both sides)
+            # Only a LATER healthy start makes it stale: a database restored from an older backup says an
+            # earlier one, and no engine ran on the directory since.
+            stale = record.started_at is not None and (run is None or record.started_at > run)
+        else:  # no text (a full disk, an earlier version): its time, ours or, from an earlier version, the host's
             stale = record.started_at is not None and record.started_at > begun + STALE_RESTORE_SLACK
         if not stale:
             return tag
@@ -163,7 +173,7 @@ class StateKeeper:
                     await self._noted(record, tag, f"{image}, the image the replacement replaced, was asked for again")
             if tag is None:
                 return
-            if await in_thread(statedir.restore, self.root, record.state_path, tag, for_run(record)):
+            if await in_thread(statedir.restore, self.root, record.state_path, tag, record.started_at):
                 self.metrics.state_copies.labels("restored").inc()
                 log.warning("restored the state directory the replaced engine left",
                             extra={"game_id": record.game_id, "copy": tag})
@@ -179,7 +189,7 @@ class StateKeeper:
         async with self.locked(record.game_id):
             await self._noted(record, tag, "the game was stopped before the replacement's engine answered")
             try:
-                restored = await in_thread(statedir.restore, self.root, record.state_path, tag, for_run(record))
+                restored = await in_thread(statedir.restore, self.root, record.state_path, tag, record.started_at)
             except ObservedError as exc:  # the stop goes on; the restore stays pending (its marker, its copy)
                 log.error("the replacement was stopped before its engine answered, and the state directory could "
                           "not be restored from the copy: %s; the restore is pending, finished before an engine "
@@ -209,7 +219,7 @@ class StateKeeper:
         """``finish_restore`` with the game's lock already held (the storage round's disposal)."""
         tag = await self._pending(record)
         if tag is not None and await in_thread(statedir.restore, self.root, record.state_path, tag,
-                                               for_run(record)):
+                                               record.started_at):
             self.metrics.state_copies.labels("restored").inc()
             log.warning("finished a restore of the state directory that had not been finished",
                         extra={"game_id": record.game_id, "copy": tag})
@@ -372,13 +382,20 @@ class StorageRound:
                                           unit_exists=unit):
                     continue
                 assert current is not None and current.removed_at is not None
+                if cfg.state_archive_dir:
+                    # A restore left pending (a removal during a replacement whose restore failed): the state
+                    # the game is owed is the copy; archiving the directory as it is, then deleting the
+                    # copies, would keep neither. (Deleting needs no restore: everything goes.) One that
+                    # cannot be finished yet costs no removal.
+                    try:
+                        await self.keeper.finish_restore_locked(current)
+                    except Refused as exc:
+                        log.error("not archiving a removed game's state directory: its restore is pending and "
+                                  "cannot be finished: %s", exc.message, extra={"game_id": rec.game_id})
+                        continue
                 self.reconciler.dispose_budget -= 1
                 name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"
                 try:
-                    # A restore left pending (a removal during a replacement whose restore failed): the state
-                    # the game is owed is the copy; disposing of the directory as it is, then of the copies,
-                    # would keep neither.
-                    await self.keeper.finish_restore_locked(current)
                     done = await in_thread(statedir.dispose, cfg.state_root, current.state_path,
                                                    cfg.state_archive_dir, name)
                 except Refused as exc:

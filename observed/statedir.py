@@ -262,9 +262,14 @@ def pending_restore(root: str, game: str) -> str | None:
     return None
 
 
+def marker_text(run_started: datetime | None) -> str:
+    return f"started_at={run_started.isoformat() if run_started is not None else 'none'}"
+
+
 def restore_marker(root: str, game: str, tag: str) -> tuple[str, datetime] | None:
-    """The marker of the restore from TAG: what the restore wrote in it (``for_run``; empty for a marker
-    an earlier version made) and when it was begun (its time on this host), None when there is none."""
+    """The marker of the restore from TAG: what the restore wrote in it (``marker_text``; empty for a marker
+    an earlier version made, or one a full disk left empty) and its time (the run it is for, or for a
+    marker of an earlier version the time it was made, on this host's clock); None when there is none."""
     with _translated(f"look at the copies of {game}"):
         marker = os.path.join(os.path.realpath(root), BACKUPS, game, tag + RESTORING)
         try:
@@ -286,7 +291,7 @@ def give_up_restore(root: str, game: str, tag: str) -> None:
             os.unlink(os.path.join(os.path.realpath(root), BACKUPS, game, tag + RESTORING))
 
 
-def restore(root: str, path: str, tag: str, for_run: str = "") -> bool:
+def restore(root: str, path: str, tag: str, run_started: datetime | None = None) -> bool:
     """Put the content of the copy R/.backups/GAME/TAG back into the state directory, in place (the
     directory keeps its inode: whatever holds it, a bind mount, a quota, keeps working). A marker
     (TAG.restoring) says a restore is under way: one cut short is done again, from the copy, before
@@ -304,9 +309,15 @@ def restore(root: str, path: str, tag: str, for_run: str = "") -> bool:
         except FileExistsError:
             pass
         else:
+            # Which engine run the restore is for (``run_started``: when the record's last engine answered
+            # healthy, the database's clock): in the marker's time, which needs no room on a full disk, and
+            # in its content when there is room for it.
             try:
-                os.write(fd, for_run.encode())
-                os.fsync(fd)
+                with contextlib.suppress(OSError):
+                    os.write(fd, marker_text(run_started).encode())
+                    os.fsync(fd)
+                if run_started is not None:
+                    os.utime(fd, (run_started.timestamp(), run_started.timestamp()))
             finally:
                 os.close(fd)
         with contextlib.suppress(FileExistsError):
@@ -397,8 +408,8 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
     with _translated(f"disposal of {path}"):
         path = checked(root, path)
         game = os.path.basename(path)
-        if pending_restore(root, game) is not None:  # the copy is the state owed: finished first (the caller)
-            raise Refused(f"a restore of {path} is pending: its copy is kept")
+        if archive_dir and pending_restore(root, game) is not None:  # the copy is the state owed: the caller
+            raise Refused(f"a restore of {path} is pending: not archived, its copy is kept")  # finishes it first
         if not os.path.lexists(path):
             drop_backup(root, game)
             return "absent"

@@ -431,11 +431,65 @@ async def test_a_removed_game_whose_restore_is_pending_is_not_disposed_of_withou
     storage_round = StorageRound(config=config, store=w.store, backend=w.backend, reconciler=w.reconciler,
                                  keeper=w.reconciler.states, metrics=Metrics())
     w.store.clock.advance(config.state_retention + 60)
+    budget = w.reconciler.dispose_budget
     await storage_round.dispose_removed()
     copies = Path(root) / ".backups" / "g1"
     if room_again:  # restored, then archived: the state the replaced engine left
         [kept] = os.listdir(archive)
         assert (archive / kept / "save").read_text() == "A-format" and not copies.exists()
-    else:  # nothing disposed of: the copy and what was set aside stay
+    else:  # nothing disposed of: the copy and what was set aside stay, and no removal was spent on it
         assert not archive.exists() or os.listdir(archive) == []
         assert statedir.pending_restore(root, "g1") is not None and "g1" not in w.store.disposed
+        assert w.reconciler.dispose_budget == budget
+        # Without an archive everything goes anyway: no restore is needed first.
+        storage_round.config = dataclasses.replace(config, state_archive_dir=None)
+        await storage_round.dispose_removed()
+        assert "g1" in w.store.disposed and not copies.exists() and not save.exists()
+
+
+@pytest.mark.parametrize("case", ["an older database", "no room for the marker's text"])
+async def test_a_restore_that_must_be_finished_is_not_taken_for_stale(tmp_path, monkeypatch, case):
+    """Review: the marker's run compared for equality gave up a restore when a database restored from an
+    older backup said an earlier run (no engine had run on the directory since); and a full disk left the
+    marker without its text, to be judged by this host's clock. Only a later run makes it stale, and the
+    marker's time is the run's own (it needs no room)."""
+    import errno
+    from datetime import timedelta
+
+    from observed import statedir
+    w, rec, save = await patching(tmp_path)
+    real_copy, real_check, real_write, asked = statedir._copy_dir, w.engine.check, os.write, []
+
+    def full(src, dst, depth):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(fd, data):
+        if data.startswith(b"started_at="):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            monkeypatch.setattr(statedir, "_copy_dir", full)
+            if case == "no room for the marker's text":
+                monkeypatch.setattr(statedir.os, "write", write)
+            await w.job(JobKind.STOP, "g1")
+        return await real_check(host)
+
+    w.engine.check = check
+    await synced_until(w, lambda r: r.converged, 6)
+    monkeypatch.setattr(statedir, "_copy_dir", real_copy)
+    monkeypatch.setattr(statedir.os, "write", real_write)
+    w.engine.check = real_check
+    root = w.settings.storage.state_root
+    assert statedir.pending_restore(root, "g1") is not None
+    if case == "an older database":
+        cur = w.store.records["g1"]
+        w.store.records["g1"] = cur.replace(created_at=cur.created_at - timedelta(seconds=60),
+                                            started_at=cur.started_at - timedelta(seconds=30))
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await synced_until(w, lambda r: r.converged, 6)
+    assert rec.status.value == "running" and save.read_text() == "A-format"
