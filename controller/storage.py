@@ -215,9 +215,17 @@ class StateKeeper:
         async with self.locked(record.game_id):
             await self.finish_restore_locked(record)
 
-    async def finish_restore_locked(self, record: RuntimeRecord) -> None:
-        """``finish_restore`` with the game's lock already held (the storage round's disposal)."""
+    async def finish_restore_locked(self, record: RuntimeRecord, *, room: bool = False) -> None:
+        """``finish_restore`` with the game's lock already held (the storage round's disposal). ``room``: only
+        when putting the copy back leaves RTMANAGER_STATE_MIN_FREE (StorageFull otherwise): the engines of
+        running games need that room more than a removed game's archive needs its restore."""
         tag = await self._pending(record)
+        if tag is not None and room:
+            size = await in_thread(statedir.measure_copy, self.root, record.game_id, tag)
+            free, total = await asyncio.to_thread(statedir.free_space, self.root)
+            reason = storage.copy_refused(free, total, size or 0, self.settings.storage.state_min_free)
+            if reason:
+                raise StorageFull(reason)
         if tag is not None and await in_thread(statedir.restore, self.root, record.state_path, tag,
                                                record.started_at):
             self.metrics.state_copies.labels("restored").inc()
@@ -388,10 +396,10 @@ class StorageRound:
                     # copies, would keep neither. (Deleting needs no restore: everything goes.) One that
                     # cannot be finished yet costs no removal.
                     try:
-                        await self.keeper.finish_restore_locked(current)
-                    except Refused as exc:
+                        await self.keeper.finish_restore_locked(current, room=True)
+                    except (Refused, StorageFull) as exc:
                         log.error("not archiving a removed game's state directory: its restore is pending and "
-                                  "cannot be finished: %s", exc.message, extra={"game_id": rec.game_id})
+                                  "cannot be finished now: %s", exc.message, extra={"game_id": rec.game_id})
                         continue
                 self.reconciler.dispose_budget -= 1
                 name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"

@@ -456,50 +456,64 @@ def measure(root: str, path: str, max_entries: int = MEASURE_MAX_ENTRIES) -> tup
     """(bytes the state directory uses on disk, whether every entry was counted), or None when it
     does not exist. Each inode counts once; symlinks count as themselves, never their targets."""
     with _translated(f"size of {path}"):
-        path = checked(root, path)
-        try:
-            top = os.open(path, _DIR)
-        except FileNotFoundError:
-            return None
-        seen: set[tuple[int, int]] = set()
-        total, entries, complete = 0, 0, True
-        stack: list[tuple[int, int]] = [(top, 0)]
-        try:
-            st = os.fstat(top)
-            total += st.st_blocks * 512
-            while stack:
-                fd, depth = stack.pop()
-                try:
-                    with os.scandir(fd) as it:
-                        names = [e.name for e in it]
-                    for name in names:
-                        entries += 1
-                        if entries > max_entries:
+        return _size(checked(root, path), max_entries)
+
+
+def measure_copy(root: str, game: str, tag: str) -> int | None:
+    """Bytes the copy R/.backups/GAME/TAG uses on disk (what restoring it needs), None when there is none."""
+    if not state_name_ok(os.path.abspath(root), os.path.join(os.path.abspath(root), game)) or os.sep in tag \
+            or tag in ("", ".", ".."):
+        raise Refused(f"not a copy: {game}/{tag}")
+    with _translated(f"size of the copy {game}/{tag}"):
+        found = _size(os.path.join(os.path.realpath(root), BACKUPS, game, tag), MEASURE_MAX_ENTRIES)
+        return None if found is None else found[0]
+
+
+def _size(path: str, max_entries: int) -> tuple[int, bool] | None:
+    """(bytes the tree at ``path`` uses on disk, whether every entry was counted); None when it is not there."""
+    try:
+        top = os.open(path, _DIR)
+    except FileNotFoundError:
+        return None
+    seen: set[tuple[int, int]] = set()
+    total, entries, complete = 0, 0, True
+    stack: list[tuple[int, int]] = [(top, 0)]
+    try:
+        st = os.fstat(top)
+        total += st.st_blocks * 512
+        while stack:
+            fd, depth = stack.pop()
+            try:
+                with os.scandir(fd) as it:
+                    names = [e.name for e in it]
+                for name in names:
+                    entries += 1
+                    if entries > max_entries:
+                        complete = False
+                        break
+                    try:
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # the engine deleted it meanwhile
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        total += st.st_blocks * 512
+                    if stat.S_ISDIR(st.st_mode):
+                        if depth >= MAX_DEPTH:
                             complete = False
-                            break
+                            continue
                         try:
-                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue  # the engine deleted it meanwhile
-                        if (st.st_dev, st.st_ino) not in seen:
-                            seen.add((st.st_dev, st.st_ino))
-                            total += st.st_blocks * 512
-                        if stat.S_ISDIR(st.st_mode):
-                            if depth >= MAX_DEPTH:
-                                complete = False
-                                continue
-                            try:
-                                stack.append((os.open(name, _DIR, dir_fd=fd), depth + 1))
-                            except (FileNotFoundError, NotADirectoryError, OSError):
-                                continue  # replaced by a symlink or removed meanwhile: not followed
-                finally:
-                    os.close(fd)
-                if not complete and entries > max_entries:
-                    break
-        finally:
-            for fd, _ in stack:
+                            stack.append((os.open(name, _DIR, dir_fd=fd), depth + 1))
+                        except (FileNotFoundError, NotADirectoryError, OSError):
+                            continue  # replaced by a symlink or removed meanwhile: not followed
+            finally:
                 os.close(fd)
-        return total, complete
+            if not complete and entries > max_entries:
+                break
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    return total, complete
 
 
 def free_space(root: str) -> tuple[int, int]:

@@ -391,7 +391,7 @@ async def test_a_restore_marked_for_an_earlier_run_is_given_up(tmp_path, monkeyp
     assert statedir.pending_restore(root, "g1") is None
 
 
-@pytest.mark.parametrize("room_again", [True, False])
+@pytest.mark.parametrize("room_again", [True, False, "short of the minimum"])
 async def test_a_removed_game_whose_restore_is_pending_is_not_disposed_of_without_it(tmp_path, monkeypatch,
                                                                                      room_again):
     """Review: a removal during a replacement whose restore failed (a full disk) left the directory half
@@ -428,13 +428,25 @@ async def test_a_removed_game_whose_restore_is_pending_is_not_disposed_of_withou
         monkeypatch.setattr(statedir, "_copy_dir", real_copy)
     import dataclasses
     config = dataclasses.replace(w.settings.storage, state_archive_dir=str(archive))
+    attempts = []
+    if room_again == "short of the minimum":
+        # Review: the restore was tried at every round whatever the room, and each attempt filled the state
+        # root (the content set aside is not freed until it succeeds), where running engines save their
+        # turns. It is tried only when it leaves RTMANAGER_STATE_MIN_FREE.
+        free = statedir.free_space(root)[0]
+        monkeypatch.setattr(statedir, "measure_copy", lambda *a: free)
+        real_restore = statedir.restore
+        monkeypatch.setattr(statedir, "restore", lambda *a, **k: attempts.append(a) or real_restore(*a, **k))
     storage_round = StorageRound(config=config, store=w.store, backend=w.backend, reconciler=w.reconciler,
                                  keeper=w.reconciler.states, metrics=Metrics())
     w.store.clock.advance(config.state_retention + 60)
     budget = w.reconciler.dispose_budget
     await storage_round.dispose_removed()
     copies = Path(root) / ".backups" / "g1"
-    if room_again:  # restored, then archived: the state the replaced engine left
+    if room_again == "short of the minimum":  # not tried: nothing archived, no removal spent
+        assert attempts == [] and "g1" not in w.store.disposed and w.reconciler.dispose_budget == budget
+        assert statedir.pending_restore(root, "g1") is not None
+    elif room_again:  # restored, then archived: the state the replaced engine left
         [kept] = os.listdir(archive)
         assert (archive / kept / "save").read_text() == "A-format" and not copies.exists()
     else:  # nothing disposed of: the copy and what was set aside stay, and no removal was spent on it
