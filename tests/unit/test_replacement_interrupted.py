@@ -47,6 +47,39 @@ def during_the_rollback(w: World, save: Path, job) -> list:
     return sent
 
 
+def disk_full_at_the_stop(w: World, save: Path, monkeypatch, *jobs: JobKind, also=None):
+    """During the patch's health wait the new engine half converts the state and ``jobs`` are sent (a stop
+    first); the stop's restore then finds the disk full (``also()``, if given, breaks something more at that
+    moment). Returns the list that fills when it happened, and a function that gives the room back (and the
+    engine's health path as it was)."""
+    import errno
+
+    from observed import statedir
+    real_copy, real_check, asked = statedir._copy_dir, w.engine.check, []
+
+    def full(src, dst, depth):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == MUTE and not asked:
+            asked.append(1)
+            save.write_text("B-format (half converted)")
+            monkeypatch.setattr(statedir, "_copy_dir", full)  # the stop's restore finds the disk full
+            if also is not None:
+                also()
+            for job in jobs:
+                await w.job(job, "g1")
+        return await real_check(host)
+
+    def give_room_back() -> None:
+        monkeypatch.setattr(statedir, "_copy_dir", real_copy)
+        w.engine.check = real_check
+
+    w.engine.check = check
+    return asked, give_room_back
+
+
 async def synced_until(w: World, done, rounds: int):
     """Reconcile g1 until ``done(record)``, at most ``rounds`` times; the last record."""
     for _ in range(rounds):
@@ -210,26 +243,11 @@ async def test_a_restore_at_stop_that_failed_is_finished_before_the_engine_start
     was left, and once it answered healthy the copy and the pending restore were deleted: the state was gone
     for good. A pending restore is now finished before any unit starts, and a copy whose restore is pending
     is never deleted."""
-    import errno
     from datetime import timedelta
 
     from observed import statedir
     w, rec, save = await patching(tmp_path)
-    real_copy, real_check, asked = statedir._copy_dir, w.engine.check, []
-
-    def full(src, dst, depth):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    async def check(host):
-        c = w.backend.by_name("galaxy-game-g1")
-        if c is not None and c.image == MUTE and not asked:
-            asked.append(1)
-            save.write_text("B-format (half converted)")
-            monkeypatch.setattr(statedir, "_copy_dir", full)  # the stop's restore finds the disk full
-            await w.job(JobKind.STOP, "g1")
-        return await real_check(host)
-
-    w.engine.check = check
+    asked, give_room_back = disk_full_at_the_stop(w, save, monkeypatch, JobKind.STOP)
     rec = await synced_until(w, lambda r: r.converged, 6)
     assert asked and rec.status.value == "stopped"
     root = w.settings.storage.state_root
@@ -240,8 +258,7 @@ async def test_a_restore_at_stop_that_failed_is_finished_before_the_engine_start
     marker = Path(root) / ".backups" / "g1" / (tag + statedir.RESTORING)
     old = (w.store.clock.now() - timedelta(hours=1)).timestamp()
     os.utime(marker, (old, old))
-    monkeypatch.setattr(statedir, "_copy_dir", real_copy)  # room again
-    w.engine.check = real_check
+    give_room_back()
     w.backend.behaviour[MUTE] = "ok"
     await w.job(JobKind.START, "g1", MUTE)  # Lobby starts the game again, on the patch's image
     started_on = []
@@ -354,29 +371,13 @@ async def test_a_removal_cut_after_the_unit_went_still_keeps_the_replaced_engine
 async def test_a_restore_marked_for_an_earlier_run_is_given_up(tmp_path, monkeypatch):
     """The marker says which engine run the restore is for (the record's started_at when it began): once the
     record says an engine answered healthy since, the restore is stale, whatever the two clocks say."""
-    import errno
     from datetime import timedelta
 
     from observed import statedir
     w, rec, save = await patching(tmp_path)
-    real_copy, real_check, asked = statedir._copy_dir, w.engine.check, []
-
-    def full(src, dst, depth):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    async def check(host):
-        c = w.backend.by_name("galaxy-game-g1")
-        if c is not None and c.image == MUTE and not asked:
-            asked.append(1)
-            save.write_text("B-format (half converted)")
-            monkeypatch.setattr(statedir, "_copy_dir", full)
-            await w.job(JobKind.STOP, "g1")
-        return await real_check(host)
-
-    w.engine.check = check
+    _, give_room_back = disk_full_at_the_stop(w, save, monkeypatch, JobKind.STOP)
     await synced_until(w, lambda r: r.converged, 6)
-    monkeypatch.setattr(statedir, "_copy_dir", real_copy)
-    w.engine.check = real_check
+    give_room_back()
     root = w.settings.storage.state_root
     assert statedir.pending_restore(root, "g1") is not None
     # An engine of the game ran healthy since, on a path that did not finish the restore (an engine started
@@ -398,34 +399,18 @@ async def test_a_removed_game_whose_restore_is_pending_is_not_disposed_of_withou
     restored; past the retention, the disposal archived what was there and then deleted the copies (the
     replaced engine's state and the new engine's files set aside): neither was kept. The round now finishes
     the restore first; while it cannot, it disposes of nothing."""
-    import errno
 
     from controller.metrics import Metrics
     from controller.storage import StorageRound
     from observed import statedir
     archive = tmp_path / "archive"
     w, rec, save = await patching(tmp_path)
-    real_copy, real_check, asked = statedir._copy_dir, w.engine.check, []
-
-    def full(src, dst, depth):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    async def check(host):
-        c = w.backend.by_name("galaxy-game-g1")
-        if c is not None and c.image == MUTE and not asked:
-            asked.append(1)
-            save.write_text("B-format (half converted)")
-            monkeypatch.setattr(statedir, "_copy_dir", full)
-            await w.job(JobKind.STOP, "g1")
-            await w.job(JobKind.CLEANUP, "g1")
-        return await real_check(host)
-
-    w.engine.check = check
+    _, give_room_back = disk_full_at_the_stop(w, save, monkeypatch, JobKind.STOP, JobKind.CLEANUP)
     rec = await synced_until(w, lambda r: r.converged, 8)
     root = w.settings.storage.state_root
     assert rec.status.value == "removed" and statedir.pending_restore(root, "g1") is not None
     if room_again:
-        monkeypatch.setattr(statedir, "_copy_dir", real_copy)
+        give_room_back()
     import dataclasses
     config = dataclasses.replace(w.settings.storage, state_archive_dir=str(archive))
     attempts = []
@@ -470,32 +455,21 @@ async def test_a_restore_that_must_be_finished_is_not_taken_for_stale(tmp_path, 
 
     from observed import statedir
     w, rec, save = await patching(tmp_path)
-    real_copy, real_check, real_write, asked = statedir._copy_dir, w.engine.check, os.write, []
-
-    def full(src, dst, depth):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_write = os.write
 
     def write(fd, data):
         if data.startswith(b"started_at="):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    async def check(host):
-        c = w.backend.by_name("galaxy-game-g1")
-        if c is not None and c.image == MUTE and not asked:
-            asked.append(1)
-            save.write_text("B-format (half converted)")
-            monkeypatch.setattr(statedir, "_copy_dir", full)
-            if case == "no room for the marker's text":
-                monkeypatch.setattr(statedir.os, "write", write)
-            await w.job(JobKind.STOP, "g1")
-        return await real_check(host)
+    def no_room_for_text() -> None:
+        if case == "no room for the marker's text":
+            monkeypatch.setattr(statedir.os, "write", write)
 
-    w.engine.check = check
+    _, give_room_back = disk_full_at_the_stop(w, save, monkeypatch, JobKind.STOP, also=no_room_for_text)
     await synced_until(w, lambda r: r.converged, 6)
-    monkeypatch.setattr(statedir, "_copy_dir", real_copy)
+    give_room_back()
     monkeypatch.setattr(statedir.os, "write", real_write)
-    w.engine.check = real_check
     root = w.settings.storage.state_root
     assert statedir.pending_restore(root, "g1") is not None
     if case == "an older database":
