@@ -42,7 +42,7 @@ from controller.openapi import ACTOR_PATTERN, FORCEABLE, LOG_OPS, MAX_ACTOR, RES
 from controller.rollouts_http import RolloutRoutes
 from controller.tokens import InvalidTokens, Role, TokenSource
 from controller.watch_http import WatchRoutes
-from desired.errors import NotFound, RtmError, StoreUnavailable, UniqueViolation
+from desired.errors import NotFound, RtmError, StoreBusy, StoreUnavailable, UniqueViolation
 from desired.jobs import (
     IMAGE_REF_PATTERN,
     MAX_IMAGE_REF,
@@ -241,6 +241,10 @@ class HttpServer:
         """Postgres away is 503 (retry later), not a 500."""
         try:
             return await handler(request)
+        except StoreBusy:  # the database answered: another session holds this game's rows past the admission's wait
+            game = request.match_info.get("game_id")
+            which = f"game {game}'s record" if game else "a record this request needs"
+            return _error(503, f"{which} is locked by another database session; send it again", retry_after=True)
         except StoreUnavailable:
             return _error(503, "the database is not reachable right now", retry_after=True)
         except Fenced:

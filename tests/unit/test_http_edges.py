@@ -126,3 +126,22 @@ def test_run_raises_the_soft_open_files_limit_to_the_hard_one():
         assert now == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_game_locked_by_another_session_is_not_told_as_the_database_away(tmp_path):
+    """A job whose game another session holds locked past the admission's wait (StoreBusy) is that game's: the
+    answer says so, and that it may be sent again, instead of "the database is not reachable"."""
+    from desired.errors import StoreBusy
+
+    srv = server(tmp_path)
+    srv.deps.store.fail_submit = StoreBusy("postgres: LockNotAvailableError: canceling statement due to lock timeout")
+    c = TestClient(TestServer(srv.app))
+    await c.start_server()
+    try:
+        resp = await c.post("/api/v1/runtimes/g1/stop?wait=0", headers=H, json={})
+        error = await json_error(resp, 503)
+        assert resp.headers.get("Retry-After")
+        assert "not reachable" not in error
+        assert "g1" in error and "lock" in error
+    finally:
+        await c.close()
