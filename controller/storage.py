@@ -70,7 +70,7 @@ async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
     raise asyncio.CancelledError
 
 
-DISPOSE_BATCH = 100  # removed games looked at per round
+DISPOSE_BATCH = 100  # removed games looked at per round: a page of them, the next round the page after it
 
 
 # How much later than a restore's marker an engine's healthy start must be to make the restore stale (the
@@ -285,6 +285,11 @@ class StateKeeper:
             raise StorageFull(reason)
 
 
+def _key(rec: RuntimeRecord) -> tuple[datetime, str]:
+    assert rec.removed_at is not None
+    return rec.removed_at, rec.game_id
+
+
 class StorageRound:
     def __init__(self, *, config: StorageSettings, store: StorageStore, backend: RuntimeBackend, reconciler: Reconciler,
                  keeper: StateKeeper, metrics: Metrics) -> None:
@@ -295,6 +300,10 @@ class StorageRound:
         self.keeper = keeper
         self.metrics = metrics
         self.rounds = 0  # finished rounds (tests wait on it)
+        # The last removed game the disposal looked at, (removed_at, game_id): the next round goes on after it, so
+        # the candidates it cannot dispose of yet (a restore to finish, an archive refused) are looked at again
+        # once every pass over all of them instead of filling the oldest page for ever.
+        self._after: tuple[datetime, str] | None = None
 
     async def once(self) -> None:
         await self.keeper.full_reason()
@@ -365,9 +374,17 @@ class StorageRound:
         cfg = self.config
         if cfg.state_retention <= 0:
             return
-        candidates = await self.store.removed_with_state(cfg.state_retention, DISPOSE_BATCH)
+        candidates = await self.store.removed_with_state(cfg.state_retention, DISPOSE_BATCH, self._after)
+        if not candidates and self._after is not None:  # past the last one: the pass starts again
+            self._after = None
+            candidates = await self.store.removed_with_state(cfg.state_retention, DISPOSE_BATCH)
         if not candidates:
             return
+        await self._dispose(candidates)
+        if len(candidates) < DISPOSE_BATCH and self._after == _key(candidates[-1]):
+            self._after = None  # the pass got to the end
+
+    async def _dispose(self, candidates: list[RuntimeRecord]) -> None:
         try:
             units = {c.game_id for c in await self.backend.list_managed()}
         except BackendUnavailable as exc:
@@ -380,41 +397,46 @@ class StorageRound:
             fence = self.reconciler.fence
             if fence is not None and not fence.valid_locally:
                 raise Fenced("the leadership term lapsed before a state directory's disposal")
-            async with self.keeper.locked(rec.game_id):
-                current = await self.store.find(rec.game_id)  # the decision on what holds now
+            await self._dispose_one(rec, units)
+            self._after = _key(rec)  # looked at, whatever came of it (an outage above has it looked at again)
+
+    async def _dispose_one(self, rec: RuntimeRecord, units: set[str | None]) -> None:
+        cfg = self.config
+        async with self.keeper.locked(rec.game_id):
+            current = await self.store.find(rec.game_id)  # the decision on what holds now
+            try:
+                unit = rec.game_id in units or await self.backend.inspect(container_name(rec.game_id)) is not None
+            except BackendUnavailable as exc:
+                raise DockerUnavailable(exc.message) from exc
+            if not storage.disposable(current, now=self.reconciler.clock.now(), retention=cfg.state_retention,
+                                      unit_exists=unit):
+                return
+            assert current is not None and current.removed_at is not None
+            if cfg.state_archive_dir:
+                # A restore left pending (a removal during a replacement whose restore failed): the state
+                # the game is owed is the copy; archiving the directory as it is, then deleting the
+                # copies, would keep neither. (Deleting needs no restore: everything goes.) One that
+                # cannot be finished yet costs no removal.
                 try:
-                    unit = rec.game_id in units or await self.backend.inspect(container_name(rec.game_id)) is not None
-                except BackendUnavailable as exc:
-                    raise DockerUnavailable(exc.message) from exc
-                if not storage.disposable(current, now=self.reconciler.clock.now(), retention=cfg.state_retention,
-                                          unit_exists=unit):
-                    continue
-                assert current is not None and current.removed_at is not None
-                if cfg.state_archive_dir:
-                    # A restore left pending (a removal during a replacement whose restore failed): the state
-                    # the game is owed is the copy; archiving the directory as it is, then deleting the
-                    # copies, would keep neither. (Deleting needs no restore: everything goes.) One that
-                    # cannot be finished yet costs no removal.
-                    try:
-                        await self.keeper.finish_restore_locked(current, room=True)
-                    except (Refused, StorageFull) as exc:
-                        log.error("not archiving a removed game's state directory: its restore is pending and "
-                                  "cannot be finished now: %s", exc.message, extra={"game_id": rec.game_id})
-                        continue
-                self.reconciler.dispose_budget -= 1
-                name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"
-                try:
-                    done = await in_thread(statedir.dispose, cfg.state_root, current.state_path,
-                                                   cfg.state_archive_dir, name)
-                except Refused as exc:
-                    log.error("cannot dispose of a removed game's state directory: %s", exc.message,
-                              extra={"game_id": rec.game_id})
-                    continue
-                await self.store.mark_state_disposed(rec.game_id)
-                if done != "absent":
-                    self.metrics.state_disposed.labels(done).inc()
-                log.info("state directory of a game removed at %s %s", current.removed_at.isoformat(), done,
-                         extra={"game_id": rec.game_id})
+                    await self.keeper.finish_restore_locked(current, room=True)
+                except (Refused, StorageFull) as exc:
+                    log.error("not archiving a removed game's state directory: its restore is pending and "
+                              "cannot be finished now: %s", exc.message, extra={"game_id": rec.game_id})
+                    return
+            self.reconciler.dispose_budget -= 1
+            name = f"{current.game_id}-{current.removed_at:%Y%m%dT%H%M%SZ}"
+            try:
+                done = await in_thread(statedir.dispose, cfg.state_root, current.state_path,
+                                       cfg.state_archive_dir, name)
+            except Refused as exc:
+                log.error("cannot dispose of a removed game's state directory: %s", exc.message,
+                          extra={"game_id": rec.game_id})
+                return
+            await self.store.mark_state_disposed(rec.game_id)
+            if done != "absent":
+                self.metrics.state_disposed.labels(done).inc()
+            log.info("state directory of a game removed at %s %s", current.removed_at.isoformat(), done,
+                     extra={"game_id": rec.game_id})
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

@@ -683,11 +683,13 @@ class FakeStore:
         return [r for r in await self.list() if r.status is not Status.REMOVED
                 or r.desired_status is not DesiredStatus.REMOVED or not r.converged]
 
-    async def removed_with_state(self, retention: float, limit: int = 100) -> builtins.list[RuntimeRecord]:
+    async def removed_with_state(self, retention: float, limit: int = 100,
+                                 after: tuple[datetime, str] | None = None) -> builtins.list[RuntimeRecord]:
         now = self._check()
         found = [r for r in self.records.values() if r.status is Status.REMOVED and r.game_id not in self.disposed
-                 and r.removed_at is not None and (now - r.removed_at).total_seconds() >= retention]
-        return sorted(found, key=lambda r: r.removed_at or now)[:limit]
+                 and r.removed_at is not None and (now - r.removed_at).total_seconds() >= retention
+                 and (after is None or (r.removed_at, r.game_id) > after)]
+        return sorted(found, key=lambda r: (r.removed_at or now, r.game_id))[:limit]
 
     async def mark_state_disposed(self, game_id: str) -> None:
         self._check()

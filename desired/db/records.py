@@ -98,13 +98,16 @@ class Records(StoreBase):
             "SELECT state_bytes, state_measured_at FROM runtime_records WHERE game_id = $1", game_id)
         return (row["state_bytes"], row["state_measured_at"]) if row is not None else (None, None)
 
-    async def removed_with_state(self, retention: float, limit: int = 100) -> builtins.list[RuntimeRecord]:
+    async def removed_with_state(self, retention: float, limit: int = 100,
+                                 after: tuple[datetime, str] | None = None) -> builtins.list[RuntimeRecord]:
         """Removed games whose state directory is still there, removed at least ``retention`` seconds
-        ago (the database clock), oldest first."""
+        ago (the database clock), oldest first (then by game); ``after``: past this (removed_at, game_id)."""
         rows = await self.pool.fetch(
             "SELECT * FROM runtime_records WHERE status = 'removed' AND state_disposed_at IS NULL"
-            " AND removed_at <= now() - make_interval(secs => $1) ORDER BY removed_at LIMIT $2",
-            float(retention), limit)
+            " AND removed_at <= now() - make_interval(secs => $1)"
+            " AND ($3::timestamptz IS NULL OR (removed_at, game_id) > ($3::timestamptz, $4::text))"
+            " ORDER BY removed_at, game_id LIMIT $2",
+            float(retention), limit, after[0] if after else None, after[1] if after else None)
         return [record_from_row(r) for r in rows]
 
     async def mark_state_disposed(self, game_id: str) -> None:

@@ -702,3 +702,22 @@ async def test_a_disruption_wait_begins_once_from_the_database_clock(pool):
         "SELECT disruption_wait_since FROM runtime_records WHERE game_id = 'g1'")
     again = await store.note_disruption_wait(first)
     assert again.disruption_wait_since == first.disruption_wait_since
+
+
+async def test_removed_games_with_state_are_paged_by_removal_then_game(pool):
+    """The storage round's disposal goes on after the last removed game it looked at, in one order: removal
+    time, then game (two games removed in the same instant are neither skipped nor looked at twice)."""
+    store = Store(pool)
+    for game in ("g3", "g1", "g2", "g4"):
+        await store.submit(start(game, f"{game}-0"), DEFAULTS)
+        await store.mark_removed(await converge_running(store, game))
+    await pool.execute("UPDATE runtime_records SET removed_at = (SELECT max(removed_at) FROM runtime_records"
+                       " WHERE game_id <> 'g4') WHERE game_id <> 'g4'")  # g1-g3 in one instant, g4 later
+    first = await store.removed_with_state(0, 2)
+    assert [r.game_id for r in first] == ["g1", "g2"]
+    last = first[-1]
+    rest = await store.removed_with_state(0, 2, (last.removed_at, last.game_id))
+    assert [r.game_id for r in rest] == ["g3", "g4"]
+    assert await store.removed_with_state(0, 2, (rest[-1].removed_at, rest[-1].game_id)) == []
+    await store.mark_state_disposed("g1")
+    assert [r.game_id for r in await store.removed_with_state(0, 10)] == ["g2", "g3", "g4"]
