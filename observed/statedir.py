@@ -145,7 +145,9 @@ def _own(path_or_fd: int | str, st: os.stat_result, *, dir_fd: int | None = None
 
 
 def _copy_dir(src: int, dst: int, depth: int) -> None:
-    """Copy the entries of directory ``src`` into the empty directory ``dst`` (both fds)."""
+    """Copy the entries of directory ``src`` into the empty directory ``dst`` (both fds), each file and
+    directory flushed to disk (fsync) once written: a copy is given its name, or the state it copies is
+    deleted, only after (a host that loses power must not find a complete-looking copy of empty files)."""
     if depth > MAX_DEPTH:
         raise Refused(f"the state directory is more than {MAX_DEPTH} directories deep")
     with os.scandir(src) as it:
@@ -160,6 +162,7 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
                 try:
                     _copy_dir(s, d, depth + 1)
                     _own(d, st)
+                    os.fsync(d)
                 finally:
                     os.close(d)
             finally:
@@ -173,6 +176,7 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
                     while os.sendfile(d, s, None, 1 << 24):
                         pass
                     _own(d, st)
+                    os.fsync(d)
                 finally:
                     os.close(d)
             finally:
@@ -184,8 +188,17 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
             log.warning("state directory: not copying %s (neither a file, a directory nor a symlink)", name)
 
 
+def _sync_dir(path: str) -> None:
+    """The directory's entries (a name just given) on disk."""
+    fd = os.open(path, _DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _copy_tree(source: str, target: str) -> None:
-    """``source`` (a real directory) to the new directory ``target``, with its metadata."""
+    """``source`` (a real directory) to the new directory ``target``, with its metadata, on disk (``_copy_dir``)."""
     s = os.open(source, _DIR)
     try:
         st = os.fstat(s)
@@ -194,6 +207,7 @@ def _copy_tree(source: str, target: str) -> None:
         try:
             _copy_dir(s, d, 0)
             _own(d, st)
+            os.fsync(d)
         finally:
             os.close(d)
     finally:
@@ -228,6 +242,7 @@ def backup(root: str, path: str, tag: str) -> bool:
         try:
             _copy_tree(path, tmp)
             os.rename(tmp, final)
+            _sync_dir(where)
         except BaseException:
             with contextlib.suppress(OSError):
                 _remove(tmp)
@@ -339,6 +354,7 @@ def restore(root: str, path: str, tag: str, run_started: datetime | None = None)
             try:
                 _copy_dir(src, top, 0)
                 _own(top, os.fstat(src))
+                os.fsync(top)  # on disk before the marker goes: a host crash then finds the restore to do again
             finally:
                 os.close(src)
         finally:
@@ -443,6 +459,7 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
                                           "filesystem") from copy_exc
                         raise
                     os.rename(tmp, target)
+                    _sync_dir(os.path.dirname(target))  # the copy under its name on disk before the original goes
                     _remove(path)
             done = "archived"
         else:
