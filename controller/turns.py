@@ -81,7 +81,7 @@ class Turns:
         # short of the turn (in this process): ``_not_taken``. One entry a game at most; a span not refused
         # again within REFUSAL_GAP is over, whatever ended it (the engine generated, the turn was reached or
         # answered another way, the engine was busy or restarted).
-        self._refused: dict[str, tuple[int, datetime, datetime]] = {}
+        self._refused: dict[str, tuple[int, datetime, datetime, str]] = {}
         # game -> (turn asked for, first lost answer) while the answers to its turn requests are lost
         # (``_maybe_taken``): bounded from the first, whatever came between (in this process).
         self._lost: dict[str, tuple[int, datetime]] = {}
@@ -95,11 +95,11 @@ class Turns:
     def _prune(self, now: datetime, older_than: float) -> None:
         """Forget spans that are over (no refusal for ``older_than``); if none is, the oldest one (that game
         gets one more span)."""
-        old = [g for g, (_, _, last) in self._refused.items() if (now - last).total_seconds() > older_than]
+        old = [g for g, (_, _, last, _) in self._refused.items() if (now - last).total_seconds() > older_than]
         for game in old or [next(iter(self._refused))]:
             del self._refused[game]
 
-    async def _not_taken(self, record: RuntimeRecord, turn: int, what: str) -> Step | None:
+    async def _not_taken(self, record: RuntimeRecord, turn: int, what: str, *, decide: bool = True) -> Step | None:
         """The engine is idle short of the turn and did not take the request (200, 409, a failed request), or
         lost one it had taken. Once it has kept so for RTMANAGER_START_TIMEOUT, refusal after refusal with no
         gap over REFUSAL_GAP (a blip of a restarted or busy engine is not this; generating in between ends
@@ -107,7 +107,11 @@ class Turns:
         RTMANAGER_GENERATION_TIMEOUT (the database's count), the turn's jobs are answered
         engine_unreachable; the game stays up. The span is kept per turn asked for, so a pause, a resume or
         a reconcile meanwhile (a new generation) does not start it again; a restart of the controller does,
-        once. An engine that says it generates is never failed here: a long turn is a turn."""
+        once. An engine that says it generates is never failed here: a long turn is a turn.
+
+        ``decide``: False after a request the engine may have taken (its answer lost, or a 202): the refusal
+        is counted, and the bound is checked before the next request (``_bound_run_out``), never on the
+        look that sent one the engine could now be generating."""
         now = self.clock.now()
         target = record.desired_turn if record.desired_turn is not None else turn + 1
         span = self._refused.get(record.game_id)
@@ -116,21 +120,38 @@ class Turns:
         if span is None or span[0] != target or (now - span[2]).total_seconds() > gap:
             if span is None and len(self._refused) >= TURNS_KEPT:
                 self._prune(now, gap)
-            self._refused[record.game_id] = (target, now, now)
+            self._refused[record.game_id] = (target, now, now, what)
             return None
-        first = span[1]
-        self._refused[record.game_id] = (target, first, now)
-        if (now - first).total_seconds() < e.start_timeout:
-            return None
+        self._refused[record.game_id] = (target, span[1], now, what)
+        return await self._bound_run_out(record, turn) if decide else None
+
+    async def _bound_run_out(self, record: RuntimeRecord, turn: int) -> Step | None:
+        """Before a turn request: whether the turn's bounds ran out (``_not_taken``'s span of refusals, or
+        ``_maybe_taken``'s lost answers), its oldest job having waited as long; if so the turn is answered
+        engine_unreachable and no request is sent."""
+        now, e = self.clock.now(), self.settings.engine
+        target = record.desired_turn if record.desired_turn is not None else turn + 1
         limit = e.start_timeout + e.generation_timeout
+        why = None
+        span = self._refused.get(record.game_id)
+        if (span is not None and span[0] == target and (now - span[2]).total_seconds() <= max(e.start_timeout,
+                                                                                              REFUSAL_GAP)
+                and (now - span[1]).total_seconds() >= e.start_timeout):
+            why = f"the engine has not taken the request for turn {target} for " \
+                  f"{(now - span[1]).total_seconds():.0f}s ({span[3]})"
+        lost = self._lost.get(record.game_id)
+        if why is None and lost is not None and lost[0] == target and (now - lost[1]).total_seconds() >= limit:
+            # Answers lost for longer than a start and a generation, the engine never seen generating nor at
+            # the turn: the status timeouts each lost answer excused do not go on for ever.
+            why = (f"the answers to the requests for turn {target} have been lost for "
+                   f"{(now - lost[1]).total_seconds():.0f}s, and the engine was never seen generating it")
+        if why is None:
+            return None
         age = await self.store.oldest_pending_age(record.game_id) or 0.0
-        if age < limit:
+        if age < limit:  # an earlier job's refusals or lost answers are not this one's
             return None
         self._refused.pop(record.game_id, None)
-        return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE,
-                                    f"the engine has not taken the request for turn {turn + 1} for "
-                                    f"{(now - first).total_seconds():.0f}s ({what}); the oldest job waited "
-                                    f"{age:.0f}s")
+        return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE, f"{why}; the oldest job waited {age:.0f}s")
 
     async def turn(self, record: RuntimeRecord, container: ObservedContainer) -> Step:
         """Ask the engine for the turn desired state wants; poll while it generates."""
@@ -189,6 +210,9 @@ class Turns:
             except Conflict:
                 pass  # a newer job took over: plan again
             return AGAIN
+        overdue = await self._bound_run_out(record, st.turn)
+        if overdue is not None:
+            return overdue
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a turn request")
         try:
@@ -207,12 +231,10 @@ class Turns:
             # not start again with a generation), or the job would never be answered; still taken as a
             # generation that may be under way, so that an engine that did take it and is too busy to answer
             # its status is not failed for that.
-            failed = await self._not_taken(record, st.turn, f"its turn requests lose their answers: {exc.message}")
-            if failed is not None:
-                return failed
-            step = await self._maybe_taken(record, exc)
-            return step if step is AGAIN else requeue(REASK_POLL, "the engine's answers to turn requests are "
-                                                                  "lost; asked again")
+            await self._not_taken(record, st.turn, f"its turn requests lose their answers: {exc.message}",
+                                  decide=False)
+            await self._maybe_taken(record, exc)
+            return requeue(REASK_POLL, "the engine's answers to turn requests are lost; asked again")
         except EngineError as exc:
             self.health.unanswered(record)
             log.warning("turn request: %s", exc.message, extra={"game_id": record.game_id})
@@ -225,8 +247,8 @@ class Turns:
         if asked_before:
             # It took a request of this generation's before and is idle short of the turn with no failure
             # reported (it lost the request, or drops every one): not every half second.
-            return (await self._not_taken(record, st.turn, "it takes the request and does not generate")
-                    or requeue(REASK_POLL, "the engine lost a turn request it had taken; asked again"))
+            await self._not_taken(record, st.turn, "it takes the request and does not generate", decide=False)
+            return requeue(REASK_POLL, "the engine lost a turn request it had taken; asked again")
         return polling
 
     async def _ask(self, record: RuntimeRecord, host: str, at: int) -> Step | None:
@@ -264,24 +286,13 @@ class Turns:
         request from generating twice)."""
         self.health.unanswered(record)
         self.metrics.engine_calls.labels("turns", "error").inc()
-        now, e = self.clock.now(), self.settings.engine
+        now = self.clock.now()
         target = record.desired_turn if record.desired_turn is not None else (record.turn or 0) + 1
         first = self._lost.get(record.game_id)
-        if first is None or first[0] != target:
+        if first is None or first[0] != target:  # the bound from the first is checked before each request
             if first is None and len(self._lost) >= TURNS_KEPT:
                 self._lost.pop(next(iter(self._lost)))
             self._lost[record.game_id] = (target, now)
-        elif ((now - first[1]).total_seconds() >= e.start_timeout + e.generation_timeout
-              and (await self.store.oldest_pending_age(record.game_id) or 0.0) >= e.start_timeout
-              + e.generation_timeout):  # and the job waited as long: an earlier job's lost answers are not its
-            # Answers lost for longer than a start and a generation, the engine never seen generating nor
-            # at the turn: the status timeouts each lost answer excused do not go on for ever.
-            self._lost.pop(record.game_id, None)
-            self._refused.pop(record.game_id, None)
-            return await self.fail_turn(record, ErrorCode.ENGINE_UNREACHABLE,
-                                        f"the answers to the requests for turn {target} have been lost for "
-                                        f"{(now - first[1]).total_seconds():.0f}s, and the engine was never seen "
-                                        f"generating it ({exc.message})")
         log.warning("turn request: %s; taken as asked for", exc.message, extra={"game_id": record.game_id})
         await self.store.turn_requested(record)
         return requeue(TURN_POLL, "the engine may generate the turn: its answer to the request was lost")

@@ -269,3 +269,49 @@ async def test_the_lost_answers_of_an_answered_turn_do_not_count_against_the_nex
     await asyncio.wait_for(w.sync("g1"), 30)  # its answer lost too; the engine takes it this time
     assert eng["phase"] == "generating"
     assert len([r for r in w.results("g1") if r[0] == "force_next_turn"]) == 1, "failed while generating"
+
+
+@pytest.mark.parametrize("answer", ["lost", "202"])
+async def test_a_turn_is_not_failed_on_a_request_the_engine_may_have_just_taken(tmp_path, answer):
+    """Stop 43's open item: the bounds on a turn whose requests are not taken were checked after each
+    request. The look that found a bound run out had just sent a request the engine may have taken (its
+    answer lost, or a 202): the turn was answered failed, and the engine could then generate it. The bound
+    is now checked before the request: the look that fails the turn sends none."""
+    w = World(tmp_path)
+    await started(w)
+    posts = []
+
+    async def request_turn(host, expected_turn, *, token=""):
+        posts.append(expected_turn)
+        if answer == "lost":
+            raise EngineAnswerLost("engine turns: TimeoutError (the engine may have taken the request)")
+        return True  # a 202, and the engine stays idle (it drops what it takes)
+
+    async def status(host, *, token=""):
+        return EngineStatus(turn=0, phase="idle")
+
+    w.engine.request_turn = request_turn
+    w.engine.status = status
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    e = w.settings.engine
+    limit = e.start_timeout + e.generation_timeout
+    health = w.reconciler.health
+    t, next_sync, next_round = 0.0, 0.0, e.health_interval
+    failing_look_posted = None
+    while not [r for r in w.results("g1") if r[0] == "force_next_turn"] and t <= 4 * limit:
+        if t >= next_sync:
+            before = len(posts)
+            step = await asyncio.wait_for(w.reconciler.sync("g1"), 30)
+            next_sync = t + (step.after or 1.0)
+            if [r for r in w.results("g1") if r[0] == "force_next_turn"]:
+                failing_look_posted = len(posts) > before
+        if t >= next_round:
+            rec = w.store.records["g1"]
+            if not health.answered_within(rec, e.health_interval):
+                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+            next_round = t + e.health_interval
+        w.store.clock.advance(0.5)
+        t += 0.5
+    assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
+        ("force_next_turn", "failure", "engine_unreachable")]
+    assert len(posts) > 1 and failing_look_posted is False
