@@ -23,7 +23,7 @@ from controller.storage import StateKeeper
 from controller.turns import probe_host
 from controller.units import UnitCache
 from desired import storage, versions
-from desired.errors import ContainerStartFailed, DockerUnavailable, EngineUnhealthy, ImageRejected
+from desired.errors import ContainerStartFailed, DockerUnavailable, EngineUnhealthy, ImageRejected, NodeUnavailable
 from desired.model import RuntimeRecord, Status
 from desired.ports import ReconcilerStore
 from observed.backend import RuntimeBackend
@@ -63,6 +63,14 @@ class Starts:
                     raise ImageRejected(refusal)
         if kind is ActionKind.RECREATE:
             await self.backend.ensure_image(spec.image)  # pull before taking the running game down
+        if container is None or kind is ActionKind.RECREATE:
+            spec = await self._placed(spec)
+            if container is not None and not await self.backend.placeable(frozenset(spec.avoid_nodes), spec.node):
+                # Nowhere to start the new unit (its pinned node paused or drained, no other node usable for
+                # a move): the running one is kept, and the replacement waits for a node.
+                where = f"its node {spec.node[:12]} takes no new unit" if spec.node else "no node is usable"
+                raise NodeUnavailable(f"not replacing the unit of {record.game_id}: {where} (ready and active); "
+                                      "the running unit is kept")
         confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
             and record.current_container_id == container.id
         if record.status is not Status.STARTING and not confirming_up:
@@ -89,17 +97,6 @@ class Starts:
             elif not record.rolling_back:
                 await self.states.check_room(record)  # a new game's directory needs room
             await self.backend.prepare()  # the image: the create pulls it when it is missing
-            # A node the game left when it was lost is avoided only while it is still lost: once it is
-            # back (or nowhere else could take the game), it is a node like any other.
-            if spec.avoid_nodes:
-                lost = await self.backend.lost_nodes()
-                spec = dataclasses.replace(spec, avoid_nodes=tuple(n for n in spec.avoid_nodes if n in lost))
-            # The nodes being drained are avoided before a node is chosen below: a new game must
-            # not be placed on (and pinned to) a node on its way out.
-            if self.avoid is not None:
-                avoided = await self.avoid()
-                if avoided:
-                    spec = dataclasses.replace(spec, avoid_nodes=tuple(sorted(set(spec.avoid_nodes) | avoided)))
             # Made where the unit will run: on a Swarm, the game's node, or the node chosen for a new
             # game (the unit is pinned there, so the engine finds the directory it was given).
             node = await self.backend.make_state_dir(self.settings.storage.state_root, spec)
@@ -132,6 +129,21 @@ class Starts:
                 await self.states.finish_restore(record)
             await self.backend.start(container.id)
         await self.confirm(record, container.id, spec)
+
+    async def _placed(self, spec: ContainerSpec) -> ContainerSpec:
+        """The nodes a new unit of ``spec`` avoids, as of now."""
+        # A node the game left when it was lost is avoided only while it is still lost: once it is back (or
+        # nowhere else could take the game), it is a node like any other.
+        if spec.avoid_nodes:
+            lost = await self.backend.lost_nodes()
+            spec = dataclasses.replace(spec, avoid_nodes=tuple(n for n in spec.avoid_nodes if n in lost))
+        # The nodes being drained are avoided before a node is chosen: a new game must not be placed on (and
+        # pinned to) a node on its way out.
+        if self.avoid is not None:
+            avoided = await self.avoid()
+            if avoided:
+                spec = dataclasses.replace(spec, avoid_nodes=tuple(sorted(set(spec.avoid_nodes) | avoided)))
+        return spec
 
     async def confirm(self, record: RuntimeRecord, container_id: str, spec: ContainerSpec) -> None:
         """Wait for the engine's health path, then record the game as running."""

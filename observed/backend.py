@@ -63,9 +63,10 @@ class RuntimeBackend(Protocol):
         on one. Not a node its operator drained (it is up; its engines are shut down, their state intact).
         Empty on one host."""
 
-    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
-        """Whether a new unit that must avoid ``avoid_nodes`` could be placed now (a Swarm: some node is
-        ready, active and not avoided). Always True on one host."""
+    async def placeable(self, avoid_nodes: frozenset[str], node: str | None = None) -> bool:
+        """Whether a new unit could be placed now: pinned to ``node``, that node is ready and active (a
+        Swarm: not lost, drained or paused); else some node is, and not in ``avoid_nodes``. Always True on
+        one host."""
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         """The unit ``spec`` describes, created and not started. An image that is not present is pulled

@@ -255,7 +255,7 @@ class DockerBackend(DaemonClient):
     async def lost_nodes(self) -> frozenset[str]:
         return frozenset()  # one host, no nodes
 
-    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
+    async def placeable(self, avoid_nodes: frozenset[str], node: str | None = None) -> bool:
         return True  # one host: every unit runs here
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:

@@ -272,13 +272,17 @@ class SwarmBackend(DaemonClient):
             self._dirs_made = {(p, n) for p, n in self._dirs_made if n != node}
 
     async def unavailable_nodes(self) -> frozenset[str]:
-        """The nodes nothing can be started on now: lost, or drained by their operator."""
+        """The nodes nothing can be started on now: lost, or not ready and active (drained or paused by their
+        operator: a paused node keeps its tasks, but Swarm places no new one there). A node never seen is
+        not in it (the next read of the list tells)."""
         lost = await self.lost_nodes()
-        return lost | frozenset(n for n, info in self._nodes.items() if node_drained(info))
+        return lost | frozenset(n for n, info in self._nodes.items() if not node_usable(info))
 
-    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
-        """Some node is ready, active and not avoided (the node list, read again when older than NODE_REREAD
-        seconds)."""
+    async def placeable(self, avoid_nodes: frozenset[str], node: str | None = None) -> bool:
+        """Pinned to ``node``: that node is ready and active. Else some node is, and not avoided (the node list,
+        read again when older than NODE_REREAD seconds)."""
+        if node:
+            return node not in await self.unavailable_nodes()
         await self.lost_nodes()
         return any(node_usable(info) and n not in avoid_nodes for n, info in self._nodes.items())
 
@@ -409,8 +413,8 @@ class SwarmBackend(DaemonClient):
         the node chosen for it here (returned: the caller pins the unit there). Once per directory and node
         in this process; a lost pinned node is refused at once (no helper waits for it)."""
         if spec.node and spec.node in await self.unavailable_nodes():
-            raise NodeLost(f"the node {spec.node[:12]} of {spec.name} is down, unreachable or drained; "
-                           "its state is there")
+            raise NodeLost(f"the node {spec.node[:12]} of {spec.name} is down, unreachable, drained or "
+                           "paused; its state is there")
         node = spec.node or await pick_node(self, spec)
         if (spec.state_path, node) in self._dirs_made:
             return node
@@ -487,7 +491,8 @@ class SwarmBackend(DaemonClient):
         pinned = _pinned(service["Spec"].get("TaskTemplate") or {})
         if pinned and pinned in await self.unavailable_nodes():
             # Its task could only wait for the node (START_WAIT, holding a reconcile worker): refused now.
-            raise NodeLost(f"start {_name(service)}: its node {pinned[:12]} is down or unreachable")
+            raise NodeLost(f"start {_name(service)}: its node {pinned[:12]} is down, unreachable, drained or "
+                           "paused")
         if any(_leaving(t) for t in tasks):
             # A task still being stopped or removed: a new one must not run next to it (they share the state
             # directory), and Swarm makes no new task for a slot whose old task it has not forgotten yet.

@@ -354,6 +354,7 @@ class FakeBackend:
         self.specs: list[ContainerSpec] = []  # every spec create was given
         self.lost: set[str] = set()  # nodes that are down (a Swarm's)
         self.drained: set[str] = set()  # of those, the ones up but drained by their operator (not lost)
+        self.paused: set[str] = set()  # nodes up whose engines run, where nothing new is placed (availability pause)
         self.nodes: list[str] = []  # a Swarm's nodes, in the order new games are placed on them (none: one host)
         self._ids = itertools.count(1)
 
@@ -410,20 +411,27 @@ class FakeBackend:
         """With ``nodes`` (a Swarm's): the pin, else the first node neither lost nor avoided."""
         if spec.node or not self.nodes:
             return spec.node
-        return next((n for n in self.nodes if n not in self.lost and n not in spec.avoid_nodes), None)
+        return next((n for n in self.nodes if n not in self.lost and n not in self.paused
+                     and n not in spec.avoid_nodes), None)
 
     async def make_state_dir(self, state_root: str, spec: ContainerSpec) -> str | None:
         self._check("make_state_dir", spec.name, spec.node)
-        if spec.node in self.lost:
-            raise NodeLost(f"the node {spec.node} of {spec.name} is down")
+        if spec.node in self.lost or spec.node in self.paused:
+            raise NodeLost(f"the node {spec.node} of {spec.name} is down, drained or paused")
+        node = self._place(spec)
+        if self.nodes and node is None:  # as the Swarm backend's choice of a node (pick_node)
+            raise NodeLost(f"no node is ready and active to run {spec.name}")
         ensure_state_dir(state_root, spec.state_path, *user_ids(spec.user))  # on disk, as the Docker backend
-        return self._place(spec)
+        return node
 
     async def lost_nodes(self) -> frozenset[str]:
         return frozenset(self.lost - self.drained)
 
-    async def placeable(self, avoid_nodes: frozenset[str]) -> bool:
-        return not self.nodes or any(n not in self.lost and n not in avoid_nodes for n in self.nodes)
+    async def placeable(self, avoid_nodes: frozenset[str], node: str | None = None) -> bool:
+        if node:
+            return node not in self.lost and node not in self.paused
+        return not self.nodes or any(n not in self.lost and n not in self.paused and n not in avoid_nodes
+                                     for n in self.nodes)
 
     async def create(self, spec: ContainerSpec) -> ObservedContainer:
         self._check("create", spec.name)
@@ -445,9 +453,9 @@ class FakeBackend:
         c = self.containers.get(unit_id)
         if c is None:
             raise Refused(f"start: container {unit_id[:12]} is gone")
-        if c.node in self.lost:
-            # What a Swarm does with a task pinned to a dead node: it waits (START_WAIT). The backend refuses
-            # such a start at once; a caller that gets here anyway hangs, which a test sees.
+        if c.node in self.lost or c.node in self.paused:
+            # What a Swarm does with a task pinned to a dead (or paused) node: it waits (START_WAIT). The backend
+            # refuses such a start at once; a caller that gets here anyway hangs, which a test sees.
             await asyncio.Event().wait()
         self.daemon_stopped.discard(unit_id)  # a later exit is its own
         c.started = time.monotonic()

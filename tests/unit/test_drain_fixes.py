@@ -13,13 +13,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from controller.planner import Action, ActionKind, planned_disruption
 from desired import drains
 from desired.drains import DrainAction, DrainGame, DrainStep, GameState, Restore, StepKind, Targets
 from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
 from tests.support.job_records import NOW, rec
-from tests.support.world import IMG, World
+from tests.support.world import IMG, IMG2, World
 
 
 async def test_a_crash_mid_turn_on_a_drained_target_is_not_restarted_there(tmp_path) -> None:
@@ -172,3 +174,56 @@ def test_a_game_crashed_mid_turn_on_a_drained_node_is_moved_before_the_deadline(
                started_at=NOW - timedelta(hours=1))
     step = drains.plan(a_drain("nodeb", parallel=5), {"g1": crashed, "g2": busy}, {}, NOW)
     assert [t.record.game_id for t in step.take] == ["g1"] and step.waiting == 1
+
+
+async def drain_moved(w: World, node: str) -> None:
+    from desired import transitions
+
+    async def avoid():
+        return frozenset({node})
+
+    w.reconciler.starts.avoid = avoid
+    w.store.records["g1"] = transitions.drain_moved(w.store.records["g1"], w.store.clock.now(), node=node,
+                                                    forced=False, deadline=w.store.clock.now() + timedelta(hours=1))
+
+
+async def test_a_drains_move_with_nowhere_to_go_keeps_the_running_engine(tmp_path) -> None:
+    """Red-team, stop 44: a drain's move removed the running unit and only then looked for a node; with none
+    usable (the only other node down, paused or drained too) the game had no engine until a node came back,
+    and no job waited to say so. The move now waits with the engine running, as the node-loss move does."""
+    from desired.errors import NodeUnavailable
+
+    w = World(tmp_path, RTMANAGER_STATE_SHARED="1")
+    w.backend.nodes = ["n1", "n2"]
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await w.sync("g1")
+    assert rec.status is Status.RUNNING and rec.node_id == "n1"
+    running = w.running("g1")
+    w.backend.paused.add("n2")  # the only other node takes no new task
+    await drain_moved(w, "n1")
+    for _ in range(3):
+        try:
+            await w.sync("g1")
+        except NodeUnavailable:
+            pass  # the worker retries it later
+    assert w.running("g1") == running and w.store.records["g1"].status.is_up
+    w.backend.paused.discard("n2")  # a node to go to: the move goes on
+    await w.sync("g1")
+    [moved] = w.running("g1")
+    assert moved.node == "n2" and w.store.records["g1"].status is Status.RUNNING
+
+
+async def test_a_patch_of_a_game_pinned_to_a_paused_node_keeps_its_engine(tmp_path) -> None:
+    """The other half: a replacement pinned to a node that takes no new task (paused) is not begun."""
+    from desired.errors import NodeUnavailable
+
+    w = World(tmp_path)
+    w.backend.nodes = ["n1", "n2"]
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    running = w.running("g1")
+    w.backend.paused.add("n1")
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    with pytest.raises(NodeUnavailable):
+        await w.sync("g1")
+    assert w.running("g1") == running and w.store.records["g1"].status is Status.RUNNING

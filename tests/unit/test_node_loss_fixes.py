@@ -237,8 +237,8 @@ async def test_a_node_the_game_was_moved_off_is_not_avoided_once_it_is_back(tmp_
     w.store.clock.advance(GRACE + 1)
     real_place = w.backend.placeable
 
-    async def n1_dies_right_after_the_check(avoid):
-        ok = await real_place(avoid)
+    async def n1_dies_right_after_the_check(avoid, node=None):
+        ok = await real_place(avoid, node)
         w.backend.lose_node("n1")
         return ok
 

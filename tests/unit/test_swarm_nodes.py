@@ -103,3 +103,23 @@ def test_the_state_directory_helpers_of_two_instances_never_share_a_name() -> No
         assert len(n) <= 63 and re.fullmatch(r"galaxy-statedir-[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", n), n
     assert name("blue", "g1").startswith("galaxy-statedir-g1-")  # an operator still sees whose it is
     assert name("blue", "g1") == name("blue", "g1")  # a leftover of a killed attempt is found again
+
+
+async def test_a_paused_node_takes_no_new_unit_pinned_or_not(backend) -> None:
+    """Red-team, stop 44: a node its operator paused (availability pause, a first step of maintenance) keeps
+    its tasks but Swarm places none there. It was counted neither lost nor drained, so a patch or restart of
+    a game pinned there removed the running engine and then waited for a task Swarm would never place."""
+    import time
+
+    backend._nodes["paused"] = {"state": "ready", "availability": "pause", "addr": ""}
+    backend._nodes_read_at = time.monotonic()
+    assert "paused" in await backend.unavailable_nodes() and "drained" in await backend.unavailable_nodes()
+    assert "up" not in await backend.unavailable_nodes()
+    assert not await backend.placeable(frozenset(), node="paused")
+    assert not await backend.placeable(frozenset(), node="drained")
+    assert await backend.placeable(frozenset(), node="up")
+    assert not await backend.placeable(frozenset({"up"}))  # unpinned: only "up" is usable
+    assert await backend.placeable(frozenset())
+    from observed.errors import NodeLost
+    with pytest.raises(NodeLost):
+        await backend.make_state_dir("/srv/games", spec(node="paused"))
