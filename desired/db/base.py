@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -141,7 +142,7 @@ class StoreBase:
         async with self.pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    before = datetime.now(UTC)
+                    before = time.monotonic()
                     row = None
                     if game_id is not None:
                         now, row = await lock_record(self.fence, conn, game_id)
@@ -151,7 +152,7 @@ class StoreBase:
                         now = await check_fence(self.fence, conn)
                     else:
                         now = await conn.fetchval("SELECT now()")
-                    self.clock.observe_db(now, before, datetime.now(UTC))
+                    self.clock.observe_db(now, before, time.monotonic())
                     yield conn, now, row
                     wrote, moved = conn in self._outbox_written, conn in self._clock_moved
                     if wrote and self.fence is None:
@@ -299,12 +300,12 @@ class StoreBase:
                     + " ORDER BY x.n)")
             if fence is None:  # an operator's tool: the leader's relay hears of it (``_tx_first``)
                 tail = f", (SELECT pg_notify({arg(OUTBOX_CHANNEL)}, {arg(self.outbox.origin)}) FROM w) AS notified"
-        before = datetime.now(UTC)
+        before = time.monotonic()
         row = await conn.fetchrow(
             f"{sql} SELECT EXISTS (SELECT 1 FROM fence_ok) AS fence_valid,"
             f" (SELECT row_version FROM w) AS row_version, now() AS db_now{tail}", *args)
         assert row is not None
-        self.clock.observe_db(row["db_now"], before, datetime.now(UTC))
+        self.clock.observe_db(row["db_now"], before, time.monotonic())
         if not row["fence_valid"]:
             raise self._over()
         if known is not None:

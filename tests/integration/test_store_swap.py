@@ -114,7 +114,7 @@ class Ahead(Clock):
     def now(self) -> datetime:
         return datetime.now(UTC) + timedelta(seconds=60)
 
-    def observe_db(self, db_now, local_before, local_after) -> None:
+    def observe_db(self, db_now, before, after) -> None:
         pass
 
 
