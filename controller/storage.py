@@ -30,7 +30,7 @@ from desired.model import RuntimeRecord, Status, container_name
 from desired.ports import StorageStore
 from observed import statedir
 from observed.backend import RuntimeBackend
-from observed.errors import BackendUnavailable, ObservedError, Refused
+from observed.errors import BackendUnavailable, ObservedError, Refused, StateBusy
 
 if TYPE_CHECKING:
     from controller.reconciler import Reconciler
@@ -346,7 +346,7 @@ class StorageRound:
         for game, names in found.items():
             try:
                 await self._drop_leftovers_of(game, names)
-            except Refused as exc:  # this game's odd directory fails this game, not the round
+            except (Refused, StateBusy) as exc:  # this game's odd (or busy) directory fails this game, not the round
                 log.warning("leftover copies not looked at: %s", exc.message, extra={"game_id": game})
 
     async def _drop_leftovers_of(self, game: str, names: list[str]) -> None:
@@ -419,6 +419,10 @@ class StorageRound:
                 # cannot be finished yet costs no removal.
                 try:
                     await self.keeper.finish_restore_locked(current, room=True)
+                except StateBusy as exc:
+                    log.warning("not archiving a removed game's state directory now: %s", exc.message,
+                                extra={"game_id": rec.game_id})
+                    return
                 except (Refused, StorageFull) as exc:
                     log.error("not archiving a removed game's state directory: its restore is pending and "
                               "cannot be finished now: %s", exc.message, extra={"game_id": rec.game_id})
@@ -428,6 +432,11 @@ class StorageRound:
             try:
                 done = await in_thread(statedir.dispose, cfg.state_root, current.state_path,
                                        cfg.state_archive_dir, name)
+            except StateBusy as exc:  # looked at again at the next pass; no removal spent on it
+                self.reconciler.dispose_budget += 1
+                log.warning("not disposing of a removed game's state directory now: %s", exc.message,
+                            extra={"game_id": rec.game_id})
+                return
             except Refused as exc:
                 log.error("cannot dispose of a removed game's state directory: %s", exc.message,
                           extra={"game_id": rec.game_id})

@@ -32,6 +32,11 @@ class BackendUnavailable(ObservedError):
     pass
 
 
+class StateBusy(BackendUnavailable):
+    """Another process holds the game's state directory (its file operation under way: a leader that lost
+    its term and has not stopped yet). Temporary: looked at again later; nothing was touched."""
+
+
 class NodeLost(BackendUnavailable):
     """The unit's node is down, unreachable or drained (a Swarm): nothing is started there now. Temporary:
     looked at again later (the node may come back), never counted as the engine's crash."""

@@ -24,19 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from types import TracebackType
 
-from observed.errors import Refused
+from observed.errors import Refused, StateBusy
 
 log = logging.getLogger("rtmanager.statedir")
 
 BACKUPS = ".backups"
+LOCKS = ".locks"  # R/.locks/GAME: the file a game's file operations hold locked (``exclusive``)
 OWNER = ".rtmanager-instance"
 MAX_DEPTH = 128             # directories deeper than this are refused (copy) or not counted (size)
 MEASURE_MAX_ENTRIES = 200_000  # entries one measure looks at, at most: the size is then a lower bound
@@ -227,11 +230,51 @@ def _backup_dir(root: str, game: str) -> str:
     return where
 
 
+_held = threading.local()  # the games this thread holds (``exclusive``): an operation within another takes none
+
+
+@contextlib.contextmanager
+def exclusive(root: str, game: str) -> Iterator[None]:
+    """Hold ``game``'s state directory and copies against every other process on this state root (and every
+    other thread of this one) for the operation in the block: a flock on R/.locks/GAME, which the kernel
+    lets go of when the process dies. Held elsewhere: ``StateBusy`` at once, nothing touched. A leader that
+    lost its term without dying (a fail-over, a paused process) keeps its file threads running while the
+    next leader works: without it, both would archive, restore or copy one game at once."""
+    real_root = os.path.realpath(root)
+    if not state_name_ok(real_root, os.path.join(real_root, game)):
+        raise Refused(f"not a game: {game}")
+    games: set[str] = _held.__dict__.setdefault("games", set())
+    if game in games:  # this thread holds it already (an operation made of others)
+        yield
+        return
+    with _translated(f"lock of {game}'s state directory"):
+        locks = os.path.join(real_root, LOCKS)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(locks, 0o700)
+        if not _real_dir(locks):
+            raise Refused(f"{locks} is not a directory")
+        fd = os.open(os.path.join(locks, game), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateBusy(f"the state directory of {game} is busy: another process's file operation holds "
+                            "it (a replica that lost its leadership, still finishing)") from None
+        games.add(game)
+        try:
+            yield
+        finally:
+            games.discard(game)
+    finally:
+        os.close(fd)  # lets go of the lock
+
+
 def backup(root: str, path: str, tag: str) -> bool:
     """Copy the state directory to R/.backups/GAME/TAG (via TAG.tmp, renamed once complete).
     False when that copy exists already (a repeated call after a crash keeps the first copy)."""
     with _translated(f"copy of {path}"):
         path = checked(root, path)
+    with exclusive(root, os.path.basename(path)), _translated(f"copy of {path}"):
         where = _backup_dir(root, os.path.basename(path))
         final, tmp = os.path.join(where, tag), os.path.join(where, tag + ".tmp")
         if _real_dir(final):
@@ -255,6 +298,7 @@ def drop_partial_backup(root: str, path: str, tag: str) -> bool:
     room is free again before the next copy's room is measured. True when there was one."""
     with _translated(f"partial copy of {path}"):
         path = checked(root, path)
+    with exclusive(root, os.path.basename(path)), _translated(f"partial copy of {path}"):
         tmp = os.path.join(os.path.realpath(root), BACKUPS, os.path.basename(path), tag + ".tmp")
         if not os.path.lexists(tmp):
             return False
@@ -301,7 +345,7 @@ def give_up_restore(root: str, game: str, tag: str) -> None:
     """Delete the marker of a restore begun from TAG: it is not to be finished (the copy stays)."""
     if not state_name_ok(os.path.abspath(root), os.path.join(os.path.abspath(root), game)) or os.sep in tag:
         raise Refused(f"not a copy: {game}/{tag}")
-    with _translated(f"the restore of {game}"):
+    with exclusive(root, game), _translated(f"the restore of {game}"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(os.path.realpath(root), BACKUPS, game, tag + RESTORING))
 
@@ -314,6 +358,7 @@ def restore(root: str, path: str, tag: str, run_started: datetime | None = None)
     False when there is no such copy."""
     with _translated(f"restore of {path}"):
         path = checked(root, path)
+    with exclusive(root, os.path.basename(path)), _translated(f"restore of {path}"):
         where = os.path.join(os.path.realpath(root), BACKUPS, os.path.basename(path))
         copy = os.path.join(where, tag)
         if not _real_dir(copy):
@@ -413,7 +458,7 @@ def drop_backup(root: str, game: str, name: str | None = None) -> None:
         raise Refused(f"not a game: {game}")
     if name is not None and (os.sep in name or name in ("", ".", "..")):
         raise Refused(f"not a copy: {name}")
-    with _translated(f"deletion of the copy of {game}"):
+    with exclusive(root, game), _translated(f"deletion of the copy of {game}"):
         where = os.path.join(os.path.realpath(root), BACKUPS, game)
         _remove(where if name is None else os.path.join(where, name))
 
@@ -423,6 +468,7 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
     Returns what was done: deleted, archived or absent."""
     with _translated(f"disposal of {path}"):
         path = checked(root, path)
+    with exclusive(root, os.path.basename(path)), _translated(f"disposal of {path}"):
         game = os.path.basename(path)
         if archive_dir and pending_restore(root, game) is not None:  # the copy is the state owed: the caller
             raise Refused(f"a restore of {path} is pending: not archived, its copy is kept")  # finishes it first

@@ -67,3 +67,30 @@ async def test_a_spent_budget_does_not_skip_the_candidate_it_stopped_at(tmp_path
         w.reconciler.dispose_budget = 1
         await storage_round.dispose_removed()
         assert sorted(w.store.disposed) == done
+
+
+async def test_a_game_another_process_works_on_is_passed_over_for_now(tmp_path, monkeypatch):
+    """A removed game whose directory another process holds (a replica that lost its leadership, its
+    archive still running) is passed over without spending a removal, and the round goes on."""
+    from observed.errors import StateBusy
+
+    w = World(tmp_path)
+    await removed_games(w, ["g1", "g2"])
+    real_dispose = statedir.dispose
+    busy = {"g1"}
+
+    def dispose(root, state_path, archive, name):
+        if name.split("-")[0] in busy:
+            raise StateBusy("the state directory of g1 is busy")
+        return real_dispose(root, state_path, archive, name)
+
+    monkeypatch.setattr(statedir, "dispose", dispose)
+    storage_round = StorageRound(config=w.settings.storage, store=w.store, backend=w.backend,
+                                 reconciler=w.reconciler, keeper=w.reconciler.states, metrics=Metrics())
+    w.store.clock.advance(w.settings.storage.state_retention + 60)
+    w.reconciler.dispose_budget = 2
+    await storage_round.dispose_removed()
+    assert w.store.disposed == {"g2"} and w.reconciler.dispose_budget == 1
+    busy.clear()
+    await storage_round.dispose_removed()
+    assert w.store.disposed == {"g1", "g2"}
