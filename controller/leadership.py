@@ -26,7 +26,9 @@ decides *when* to lead:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from controller.metrics import Metrics
@@ -133,6 +135,27 @@ class Leadership:
                 pass
         return False
 
+    async def _renewed(self) -> bool | str:
+        """One renewal, raced against the term's local deadline and ``lost()``: a renewal that hangs (Postgres
+        not answering the lease's connection: its connect timeout and half a TTL) must not hold the step-down
+        past the deadline, nor a fenced write's. Its result, or why the term is over."""
+        renewal = asyncio.create_task(self.lease.renew())
+        lost = asyncio.create_task(self._lost.wait())
+        try:
+            left = max(0.0, self.fence.deadline - time.monotonic())
+            done, _ = await asyncio.wait({renewal, lost}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if renewal in done:
+            return renewal.result()
+        renewal.cancel()
+        with contextlib.suppress(BaseException):
+            await renewal
+        await self.lease.close()  # cut mid-statement: its connection is made again for the next campaign
+        if self._lost.is_set():
+            return "another replica took over"
+        return "the lease could not be renewed before the term's deadline (the renewal did not answer)"
+
     async def _hold(self, stopping: asyncio.Event) -> str | None:
         """Renew until released (None) or lost (the reason)."""
         while not self._released.is_set():
@@ -147,7 +170,10 @@ class Leadership:
             if self._lost.is_set():
                 return "another replica took over"
             try:
-                if await self.lease.renew():
+                renewed = await self._renewed()
+                if isinstance(renewed, str):
+                    return renewed
+                if renewed:
                     self.metrics.loop_ok("leadership")
                     continue
                 if not self.fence.valid_locally:

@@ -13,7 +13,7 @@ holder of an unexpired lease) reconciles, reads jobs and publishes results.
   term fails with Fenced, while the holder's own renewal never waits for them.
   A leader paused inside a transaction cannot block a take-over for long:
   the pool sets ``idle_in_transaction_session_timeout`` to the lease TTL.
-* Besides, the leader keeps a local deadline (last renewal + TTL, on the
+* Besides, the leader keeps a local deadline (last renewal + 0.8 TTL, on the
   monotonic clock) and takes no Docker action once it has passed: a process
   that was paused (SIGSTOP, a VM stall) wakes up knowing it may be deposed.
 

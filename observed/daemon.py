@@ -146,13 +146,20 @@ class DaemonClient:
         """A call could not reach the daemon."""
 
     async def _call(self, op: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if op in MUTATING and self._guard is not None:
-            self._guard()
+        call: Callable[[], T] = functools.partial(fn, *args, **kwargs)
+        guard = self._guard if op in MUTATING else None
+        if guard is not None:
+            guard()
+            made = call
+
+            def call() -> T:
+                guard()  # again when a thread takes it: a call queued behind busy threads may start past the term
+                return made()
         loop = asyncio.get_running_loop()
         started = loop.time()
         ok = False
         try:
-            result = await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+            result = await loop.run_in_executor(self._executor, call)
             ok = True
             self._reachable()
             return result

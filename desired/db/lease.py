@@ -76,6 +76,16 @@ async def fence_and_read(fence: Fence | None, conn: asyncpg.Connection, columns:
 
 _T = TypeVar("_T")
 
+# The share of the TTL by which the term's local deadline comes before the lease's expiry (client-go's renew
+# deadline short of its lease duration): a leader stops acting before any other replica can take over, even
+# with a call that passed its check a moment before the deadline. The renewals (every TTL/5) fit inside it.
+LOCAL_MARGIN = 0.2
+
+
+def local_deadline(started: float, ttl: float) -> float:
+    """The monotonic deadline of a term taken or renewed by a statement sent at ``started``."""
+    return started + ttl * (1 - LOCAL_MARGIN)
+
 
 class Lease:
     """Campaign, renew and release on a connection of its own: a flood of requests or a burst of
@@ -132,7 +142,7 @@ class Lease:
         epoch = await self._run(lambda conn: self._acquire(conn, reclaim))
         if epoch is not None:
             self.fence.epoch = epoch
-            self.fence.deadline = started + self.fence.ttl
+            self.fence.deadline = local_deadline(started, self.fence.ttl)
         return epoch
 
     async def _acquire(self, conn: asyncpg.Connection, reclaim: bool) -> int | None:
@@ -179,7 +189,7 @@ class Lease:
             " WHERE instance = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()",
             self.fence.instance, self.fence.holder, self.fence.epoch, self.fence.ttl, timeout=self.fence.ttl / 2))
         if status.endswith(" 1"):
-            self.fence.deadline = started + self.fence.ttl
+            self.fence.deadline = local_deadline(started, self.fence.ttl)
             return True
         return False
 

@@ -91,6 +91,9 @@ class FakeLease:
         self.fence.deadline = time.monotonic() + self.fence.ttl
         return True
 
+    async def close(self):
+        pass
+
 
 async def answered(store: FakeStore, n: int) -> None:
     for i in range(n):

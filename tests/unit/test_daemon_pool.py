@@ -9,6 +9,7 @@ listening while it still answers the connections it has, as a stopping dockerd d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socketserver
@@ -143,3 +144,37 @@ async def test_a_stopping_daemon_is_sent_no_create_or_start_on_a_connection_it_h
         await client._call("create", api.create_container, "galaxy/engine-stub:1.0", name=game)
     assert server.posts == posted  # nothing that changes something reached the stopping daemon
     client.close()
+
+
+async def test_a_mutating_call_that_waited_for_a_thread_past_the_term_is_not_made() -> None:
+    """Red-team, stop 44: the fence's guard ran when a call was handed to the daemon's threads, not when a
+    thread took it. A stop queued behind busy threads (stops in their grace, a pull) reached the daemon
+    after the term lapsed, while the next leader had answered the game's jobs. The guard runs again in the
+    thread, just before the call."""
+    import threading
+    import time
+
+    from desired.leader import Fence, Fenced
+    from observed.daemon import DaemonClient
+
+    fence = Fence(instance="i", holder="a", ttl=5.0, epoch=1, deadline=time.monotonic() + 5.0)
+
+    def guard() -> None:
+        if not fence.valid_locally:
+            raise Fenced("the term lapsed")
+
+    client = DaemonClient(pool_size=1, timeout=5, observer=None, guard=guard)
+    busy, ran = threading.Event(), []
+    try:
+        holding = asyncio.ensure_future(client._call("list", lambda: busy.wait(5)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(client._call("stop", lambda: ran.append("stop")))  # the term is valid
+        await asyncio.sleep(0.05)
+        fence.deadline = time.monotonic() - 0.01  # the term lapses while the stop waits for a thread
+        busy.set()
+        await holding
+        with pytest.raises(Fenced):
+            await queued
+        assert ran == []
+    finally:
+        client.close()

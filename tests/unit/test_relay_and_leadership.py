@@ -360,3 +360,77 @@ def test_an_idle_relay_reads_at_once_and_a_flowing_one_gathers():
     assert gather_delay(now=10.0, last_read=9.99, found=0) == 0.0  # nothing flowed: at once
     assert gather_delay(now=10.0, last_read=10.0 - GATHER - 0.01, found=5) == 0.0  # long enough ago
     assert gather_delay(now=10.0, last_read=9.99, found=5) == pytest.approx(GATHER - 0.01)
+
+
+class HangingLease(FakeLease):
+    """Postgres stops answering the lease's connection: a renewal hangs (the real one for up to its connect
+    timeout and half a TTL), until closed."""
+
+    hang = False
+    closed = 0
+
+    async def renew(self):
+        if self.hang:
+            await asyncio.Event().wait()
+        return await super().renew()
+
+    async def close(self):
+        self.closed += 1
+
+
+@pytest.mark.parametrize("how", ["the deadline", "a fenced write"])
+async def test_a_renewal_that_hangs_does_not_hold_the_step_down(how):
+    """Red-team, stop 44: the loop stepped down only when the renewal in flight returned (up to a connect
+    timeout and half a TTL after the deadline), and a fenced write's ``lost()`` was not looked at meanwhile:
+    the term's tasks went on while another replica could lead. The renewal now races the deadline and
+    ``lost()``; the one that hangs is given up and its connection closed."""
+    fence = Fence(instance="i", holder="me", ttl=0.3)
+    lease = HangingLease(fence)
+    events: list[str] = []
+
+    async def elected():
+        events.append("elected")
+
+    async def deposed(reason):
+        events.append(f"deposed: {reason}")
+
+    leadership = Leadership(lease, fence, Metrics(), on_elected=elected, on_deposed=deposed)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(leadership.run(stopping))
+    try:
+        await eventually(lambda: events == ["elected"], 5.0, interval=0.01)
+        lease.hang = True
+        if how == "a fenced write":
+            await asyncio.sleep(0.1)  # a renewal is in flight
+            leadership.lost("a write was fenced")
+        await eventually(lambda: len(events) == 2, 5.0, interval=0.01)
+        assert events[1].startswith("deposed") and not fence.valid_locally and lease.closed >= 1
+    finally:
+        stopping.set()
+        leadership.release()
+        lease.hang = False
+        await asyncio.wait_for(task, 5)
+
+
+async def test_the_terms_local_deadline_comes_before_the_leases_expiry(monkeypatch):
+    """Red-team, stop 44: the local deadline was the very moment the lease expired in the database (a
+    standby campaigns right then): an action that passed its check just before it reached the daemon as
+    the next leader began. It now comes a fifth of the TTL before, from the time the statement was sent."""
+    import time
+
+    from desired.db.lease import Lease
+
+    fence = Fence(instance="i", holder="me", ttl=5.0)
+    lease = Lease("postgresql://unused", fence)
+
+    async def answered(fn):
+        await asyncio.sleep(0.05)
+        return 7 if fence.epoch == 0 else "UPDATE 1"
+
+    monkeypatch.setattr(lease, "_run", answered)
+    before = time.monotonic()
+    assert await lease.acquire() == 7
+    assert before + 3.9 <= fence.deadline <= before + 4.1
+    before = time.monotonic()
+    assert await lease.renew()
+    assert before + 3.9 <= fence.deadline <= before + 4.1
