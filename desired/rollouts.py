@@ -353,6 +353,13 @@ def _hold(rollout: Rollout, game: RolloutGame, record: RuntimeRecord, since: dat
         return _canary_failed(rollout, game, record, f"canary unhealthy within its hold ({why})")
     if record.desired_image_ref != rollout.target_image_ref:
         return Verdict(state=GameState.SKIPPED, reason="moved off the target by another job during its canary hold")
+    if (record.desired_status is DesiredStatus.STOPPED and record.stop_reason is None
+            and record.last_error_code is not None and record.last_op_at >= since):
+        # Stopped by a failure, not by a job (a stop always gives its reason): the target's engine did not come
+        # back from a restart or a move during the hold.
+        return _canary_failed(rollout, game, record, f"canary's engine failed within its hold "
+                                                     f"({record.last_error_code.value}: "
+                                                     f"{record.last_error_message or 'no message'})")
     if record.desired_status is not DesiredStatus.RUNNING:
         return Verdict(state=GameState.SKIPPED, reason=f"stopped by another job during its canary hold (desired "
                                                        f"{record.desired_status.value}); not counted as a canary")

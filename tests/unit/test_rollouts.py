@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 
 from desired.jobs import DecisionAction
-from desired.model import DesiredStatus, ErrorCode, JobKind, OpStatus, Status
+from desired.model import DesiredStatus, ErrorCode, JobKind, OpStatus, Status, StopReason
 from desired.rollouts import (
     Action,
     GameState,
@@ -275,6 +275,17 @@ LATER = NOW + timedelta(seconds=10)
      _running(status=Status.FINISHED, **ON_NEW), LATER, S, None),
     ("canary stopped by Lobby: skipped", {}, True, _op(OpStatus.SUCCEEDED),
      rec(Status.RUNNING, DesiredStatus.STOPPED, gen=2, obs=1, **ON_NEW), LATER, S, None),
+    # red-team, stop 44: restarted (by Lobby, a drain's move) during its hold, the target's engine did not come
+    # back healthy, and the failure stopped the game: the engine's evidence, not another job's stop
+    ("canary restarted, its engine failed: failed, already stopped", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.STOPPED, DesiredStatus.STOPPED, gen=3, obs=3, last_error_code=ErrorCode.ENGINE_UNHEALTHY,
+         last_op_at=NOW + timedelta(seconds=5), **ON_NEW), LATER, F, None),
+    ("canary's restart failing: failed, going down", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.STARTING, DesiredStatus.STOPPED, gen=3, obs=2, last_error_code=ErrorCode.CONTAINER_START_FAILED,
+         last_op_at=NOW + timedelta(seconds=5), **ON_NEW), LATER, F, None),
+    ("canary failed before its patch, stopped by Lobby since: skipped", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.STOPPED, DesiredStatus.STOPPED, gen=3, obs=3, last_error_code=ErrorCode.ENGINE_UNHEALTHY,
+         stop_reason=StopReason.CANCELLED, last_op_at=NOW + timedelta(seconds=5), **ON_NEW), LATER, S, None),
     ("canary patched back by Lobby: skipped", {}, True, _op(OpStatus.SUCCEEDED),
      rec(Status.RUNNING, DesiredStatus.RUNNING, gen=2, obs=1, current_image_ref=NEW, desired_image_ref=OLD), LATER,
      S, None),
