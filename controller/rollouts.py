@@ -74,6 +74,7 @@ class RolloutLoop:
         """Follow the patches in flight, then pause, finish, or start the next games."""
         now = self.store.clock.now()
         in_flight = [g for g in games if g.state is GameState.IN_PROGRESS]
+        failing: set[str] = set()  # in flight, their patch failed: they count against the budget already
         if in_flight:
             ops = await self.store.rollout_operations(
                 [i for g in in_flight for i in (g.operation_id, g.back_operation_id) if i])
@@ -83,6 +84,8 @@ class RolloutLoop:
                 op = ops.get(g.operation_id) if g.operation_id else None
                 back = ops.get(g.back_operation_id) if g.back_operation_id else None
                 verdict = rollouts.follow(rollout, g, op, record, now, back)
+                if verdict.failing:
+                    failing.add(g.game_id)
                 if verdict.then is None and verdict.state is GameState.IN_PROGRESS:
                     if verdict.reason != g.reason:
                         await self.store.settle_rollout_game(rollout.id, g.game_id, g.state, g.state, verdict.reason)
@@ -103,7 +106,7 @@ class RolloutLoop:
             games = [settled.get(g.game_id, g) for g in games]
         not_ready: set[str] = set()  # waiting games briefly not up: passed over this tick, tried next tick
         for _ in range(MAX_ROUNDS):
-            plan = rollouts.plan(rollout, games, frozenset(not_ready))
+            plan = rollouts.plan(rollout, games, frozenset(not_ready), frozenset(failing))
             if plan.pause is not None:
                 if await self.store.pause_rollout(rollout.id, plan.pause):
                     log.warning("rollout %d paused itself: %s", rollout.id, plan.pause)

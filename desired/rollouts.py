@@ -184,6 +184,7 @@ class Verdict:
     reason: str
     then: JobKind | None = None
     image_ref: str | None = None
+    failing: bool = False  # in flight, its patch failed (its rollback under way): counted by ``plan`` already
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,7 +342,7 @@ def follow(rollout: Rollout, game: RolloutGame, op: OpView | None, record: Runti
         # on_failure stop: the rollback the patch began is stopped at once
         return Verdict(state=GameState.FAILED, reason=f"{why}; stopped (on_failure stop)", then=JobKind.STOP)
     return _settle(game, record, why, back=False) or Verdict(
-        state=GameState.IN_PROGRESS, reason=f"{why}; rolling back to {game.from_image_ref}")
+        state=GameState.IN_PROGRESS, reason=f"{why}; rolling back to {game.from_image_ref}", failing=True)
 
 
 def _hold(rollout: Rollout, game: RolloutGame, record: RuntimeRecord, since: datetime, now: datetime) -> Verdict:
@@ -424,8 +425,11 @@ def failures(rollout: Rollout, games: Sequence[RolloutGame]) -> list[RolloutGame
             and (rollout.resumed_at is None or g.finished_at is None or g.finished_at > rollout.resumed_at)]
 
 
-def plan(rollout: Rollout, games: Sequence[RolloutGame], not_ready: frozenset[str] = frozenset()) -> Plan:
-    """What a running rollout does next; ``not_ready``: waiting games to pass over this time.
+def plan(rollout: Rollout, games: Sequence[RolloutGame], not_ready: frozenset[str] = frozenset(),
+         failing: frozenset[str] = frozenset()) -> Plan:
+    """What a running rollout does next; ``not_ready``: waiting games to pass over this time; ``failing``:
+    games in flight whose patch failed (``Verdict.failing``), still rolling back: no new patch starts when
+    they would spend the failure budget (the pause comes once their rollback is over and they are counted).
 
     A canary counts only while in flight or once it held (``done``): one skipped (another job took
     the game, it finished) or one that failed before a resume is replaced by the next waiting game,
@@ -443,6 +447,9 @@ def plan(rollout: Rollout, games: Sequence[RolloutGame], not_ready: frozenset[st
     in_flight = sum(g.state is GameState.IN_PROGRESS for g in games)
     if not waiting and not in_flight:
         return Plan(complete=True)
+    if len(counted) + sum(g.state is GameState.IN_PROGRESS and g.game_id in failing for g in games) \
+            >= rollout.failure_budget:
+        return Plan()
     free = rollout.max_parallel - in_flight
     ready = [g for g in waiting if g.game_id not in not_ready]
     if free <= 0 or not ready:

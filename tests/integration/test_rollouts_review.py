@@ -312,3 +312,27 @@ async def test_a_patch_refused_at_once_counts_within_the_same_tick(store):
                                                                  GameState.WAITING), by
     r, _ = await store.get_rollout(rollout.id)
     assert r.state is RolloutState.PAUSED and r.state_reason.startswith("failure budget spent: 1 of 1")
+
+
+async def test_a_failed_patch_still_rolling_back_spends_the_budget_for_new_patches(store):
+    """Red-team, stop 44: max_parallel 2, failure_budget 1. g1's patch failed and rolls back; g2's succeeded,
+    freeing a slot. The failure counted only once g1's rollback converged, so the free slots started more
+    patches past a budget already spent. No new patch starts; the rollout pauses once g1 is rolled back."""
+    for g in ("g1", "g2", "g3", "g4", "g5"):
+        await running_game(store, g)
+    rollout_id = await start(store, max_parallel=2, failure_budget=1, canary=0)
+    loop = loop_over(store)
+    await loop.tick()
+    assert {g for g, r in (await rows(store, rollout_id)).items() if r.state is GameState.IN_PROGRESS} == {"g1", "g2"}
+    rec = await store.mark_starting(await store.get("g1"), rollback_image=OLD)
+    await store.fail_generation("g1", rec.generation, ErrorCode.ENGINE_UNREACHABLE, "never became healthy")
+    await converge(store, "g2", NEW)
+    await loop.tick()
+    by = await rows(store, rollout_id)
+    assert by["g2"].state is GameState.DONE and by["g1"].state is GameState.IN_PROGRESS
+    assert [(await store.get(g)).desired_image_ref for g in ("g3", "g4", "g5")] == [OLD] * 3, "patched past the budget"
+    await converge(store, "g1", OLD)
+    await loop.tick()
+    rollout, _ = await store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.PAUSED and "budget" in rollout.state_reason
+    assert [(await store.get(g)).desired_image_ref for g in ("g3", "g4", "g5")] == [OLD] * 3

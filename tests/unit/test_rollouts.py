@@ -135,6 +135,27 @@ def test_failures_before_a_resume_do_not_count():
     assert plan(r, later).pause is not None  # two failures after the resume
 
 
+def test_a_patch_that_failed_and_still_rolls_back_counts_against_the_budget_at_once():
+    """Red-team, stop 44: a failed patch counted only once its rollback had converged (a stop, a restore, the
+    old engine's health: tens of seconds). With room for several patches at once, the slots other games
+    freed meanwhile started more patches past a budget already spent. Such a game now keeps its slot and
+    counts as a failure for what the plan starts."""
+    r = rollout(canary=0, max_parallel=3, failure_budget=1)
+    gs = games(P, D, W, W, W)  # g0's patch failed, its rollback under way; g1 done
+    assert plan(r, gs).start  # not known as failing: room for two more
+    p = plan(r, gs, failing=frozenset({"g0"}))
+    assert p.start == [] and p.pause is None  # no new patch; paused once the rollback is over (counted then)
+    r2 = rollout(canary=0, max_parallel=3, failure_budget=2)
+    assert [g for g, _ in plan(r2, gs, failing=frozenset({"g0"})).start] == ["g2", "g3"]  # within the budget
+
+
+def test_follow_says_when_a_game_in_flight_has_failed():
+    g = RolloutGame(rollout_id=1, game_id="g1", position=0, state=P, from_image_ref=OLD, operation_id=7,
+                    started_at=NOW)
+    assert follow(rollout(), g, FAIL, ROLLING_BACK, NOW).failing
+    assert not follow(rollout(), g, _op(OpStatus.RUNNING), _running(), NOW).failing
+
+
 @pytest.mark.parametrize("states, complete", [
     (((D, True), D, F, S, R), True),
     (((D, True), D, P), False),
