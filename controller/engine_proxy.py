@@ -116,6 +116,11 @@ class ProxySettings:
     timeout: float       # RTMANAGER_ENGINE_PROXY_TIMEOUT: seconds of a whole exchange
 
 
+# Requests one game's engine is sent at once through the pass-through: more are answered 503 at once. One game's
+# players (or one hung engine) cannot hold the connections every other game's requests need (the total is 256).
+PER_GAME_IN_FLIGHT = 32
+
+
 class EngineRoutes:
     """The two engine routes. ``locate`` is the engine's address for a record (None: its unit is not
     running); without an engine client (a server built for tests of other routes) they answer 503."""
@@ -127,6 +132,7 @@ class EngineRoutes:
         self.settings = settings
         self.locate = locate
         self._session: aiohttp.ClientSession | None = None
+        self._in_flight: dict[str, int] = {}  # game -> pass-through requests under way (PER_GAME_IN_FLIGHT)
 
     def add(self, app: web.Application) -> None:
         app.router.add_get(STATUS_ROUTE, self.status, allow_head=False)
@@ -211,7 +217,22 @@ class EngineRoutes:
         found = await self._running(request, PROXIED)
         if isinstance(found, web.Response):
             return found
-        _, host = found
+        record, host = found
+        game = record.game_id
+        if self._in_flight.get(game, 0) >= PER_GAME_IN_FLIGHT:
+            return web.json_response({"error": f"game {game}: {PER_GAME_IN_FLIGHT} requests to its engine are under "
+                                               "way already; send this again later"}, status=503,
+                                     headers={"Retry-After": "1"})
+        self._in_flight[game] = self._in_flight.get(game, 0) + 1
+        try:
+            return await self._exchange(request, s, path, query, size, host)
+        finally:
+            left = self._in_flight.pop(game) - 1
+            if left:
+                self._in_flight[game] = left
+
+    async def _exchange(self, request: web.Request, s: ProxySettings, path: str, query: str, size: int | None,
+                        host: str) -> web.StreamResponse:
         assert self.engine is not None
         headers = _forwarded(request.headers)
         if size is not None:

@@ -197,7 +197,8 @@ class HttpServer:
         self.watch = WatchRoutes(deps.watch, deps.results_changed, deps.metrics)
         self.watch.add(app)
         RolloutRoutes(deps, actor).add(app.router)
-        EngineRoutes(deps.store, deps.engine, deps.engine_proxy, deps.locate_engine).add(app)
+        self.engine_routes = EngineRoutes(deps.store, deps.engine, deps.engine_proxy, deps.locate_engine)
+        self.engine_routes.add(app)
         ConsoleRoutes().add(app)  # /ui: public static files; the data comes from /api/ with a token
         self.app = app
 

@@ -353,3 +353,37 @@ async def test_an_engine_status_outside_the_final_ones_is_a_502(tmp_path: Path, 
         await p.client.close()
         await p.engine.close()
         server.close()
+
+
+async def test_one_games_requests_in_flight_do_not_starve_the_other_games(proxy: Proxy) -> None:
+    """Red-team, stop 44: the pass-through had one pool of 256 connections for every engine. One game's
+    players (or one hung engine) holding 256 requests on a slow endpoint made every other game's requests
+    queue until their deadline: a 504 for a 1 ms answer. A game has at most PER_GAME_IN_FLIGHT requests
+    in flight; more are answered 503 with Retry-After at once, and the other games are not held."""
+    from controller import engine_proxy
+
+    other = TestServer(engine_app([]), host="127.0.0.1")
+    await other.start_server()
+    real_locate = proxy.locate
+
+    async def locate(record: RuntimeRecord) -> str | None:  # each game's engine at its own address
+        return f"127.0.0.1:{other.port}" if record.game_id == "other" else await real_locate(record)
+
+    routes = proxy.server.engine_routes  # type: ignore[attr-defined]
+    routes.locate = locate
+    routes.settings = dataclasses.replace(routes.settings, timeout=5.0)
+    proxy.game("other", Status.RUNNING)
+    try:
+        flood = [asyncio.create_task(proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/slow")) for _ in range(300)]
+        await asyncio.sleep(0.3)  # every request of the flood is in flight or refused
+        status, body, _ = await asyncio.wait_for(proxy.call("GET", "/api/v1/runtimes/other/engine/proxy/games/1"), 2.0)
+        assert status == 200, body
+        refused = [t.result() for t in flood if t.done()]
+        assert len(refused) >= 300 - engine_proxy.PER_GAME_IN_FLIGHT
+        assert {s for s, _, _ in refused} == {503}
+        assert refused[0][2].get("Retry-After")
+        for t in flood:
+            t.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+    finally:
+        await other.close()
