@@ -104,6 +104,13 @@ class RolloutLoop:
                     settled[g.game_id] = dataclasses.replace(g, state=state, reason=verdict.reason,
                                                              finished_at=now if state.is_final else None)
             games = [settled.get(g.game_id, g) for g in games]
+        if rollout.state is RolloutState.RUNNING and any(g.state is GameState.WAITING for g in games):
+            refusal = rollouts.target_refusal(rollout, await self.store.engine_version_of(rollout.target_image_ref),
+                                              registry=self.admission.registry)
+            if refusal is not None:
+                if await self.store.pause_rollout(rollout.id, refusal):
+                    log.warning("rollout %d paused itself: %s", rollout.id, refusal)
+                return
         not_ready: set[str] = set()  # waiting games briefly not up: passed over this tick, tried next tick
         for _ in range(MAX_ROUNDS):
             plan = rollouts.plan(rollout, games, frozenset(not_ready), frozenset(failing))

@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 
 from desired.jobs import DecisionAction
 from desired.model import GAME_ID_PATTERN, DesiredStatus, ErrorCode, JobKind, OpStatus, RuntimeRecord, Status
-from desired.versions import VERSION_PATTERN
+from desired.versions import VERSION_PATTERN, EngineVersion, VersionStatus
 
 MAX_PARALLEL = 100
 MAX_GAMES = 10000
@@ -423,6 +423,23 @@ def failures(rollout: Rollout, games: Sequence[RolloutGame]) -> list[RolloutGame
     """Failed and rolled-back games that count against the budget: those since the last resume."""
     return [g for g in games if g.state.is_failure
             and (rollout.resumed_at is None or g.finished_at is None or g.finished_at > rollout.resumed_at)]
+
+
+def target_refusal(rollout: Rollout, entry: EngineVersion | None, *, registry: bool) -> str | None:
+    """Why the rollout may not patch another game onto its target now, from what the version registry says of
+    the target's image (``entry``; None: no entry has it), or None. Read before each step that starts
+    patches: an operator who disables the version (the runbook's way to stop a bad one), or deletes it and
+    registers the name again with another image, stops the rollout, not only new starts."""
+    name = f"target version {rollout.target_version} ({rollout.target_image_ref})"
+    if entry is None:
+        return f"{name}: its image is no longer registered"
+    if entry.version != rollout.target_version:
+        return f"{name}: the image is registered as version {entry.version} now"
+    if entry.status is VersionStatus.DISABLED:
+        return f"{name} was disabled in the version registry"
+    if registry and entry.status is not VersionStatus.ACTIVE:
+        return f"{name} is {entry.status.value} (RTMANAGER_VERSION_POLICY=registry starts only active versions)"
+    return None
 
 
 def plan(rollout: Rollout, games: Sequence[RolloutGame], not_ready: frozenset[str] = frozenset(),

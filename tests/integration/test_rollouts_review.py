@@ -305,8 +305,16 @@ async def test_a_patch_refused_at_once_counts_within_the_same_tick(store):
     rollout, _ = await store.create_rollout(parse_request(
         {"target_version": "1.1", "source_version": "1.0", "max_parallel": 2, "failure_budget": 1}), ALLOW, True)
     await lobby(store, JobKind.STOP, "g1")
+    loop = loop_over(store, registry=True)
+    entry = await store.engine_version_of(NEW)
+    real = store.engine_version_of
+
+    async def read_before_the_change(image):  # the target is deprecated just after the loop read it
+        return entry if image == NEW else await real(image)
+
+    store.engine_version_of = read_before_the_change  # type: ignore[method-assign]
     await store.update_version("1.1", status=VersionStatus.DEPRECATED, notes=None)
-    await loop_over(store, registry=True).tick()
+    await loop.tick()
     by = await rows(store, rollout.id)
     assert (by["g1"].state, by["g2"].state, by["g3"].state) == (GameState.SKIPPED, GameState.FAILED,
                                                                  GameState.WAITING), by
@@ -336,3 +344,29 @@ async def test_a_failed_patch_still_rolling_back_spends_the_budget_for_new_patch
     rollout, _ = await store.get_rollout(rollout_id)
     assert rollout.state is RolloutState.PAUSED and "budget" in rollout.state_reason
     assert [(await store.get(g)).desired_image_ref for g in ("g3", "g4", "g5")] == [OLD] * 3
+
+
+@pytest.mark.parametrize("edit", ["disable", "delete and register again"])
+async def test_a_target_version_disabled_or_replaced_mid_rollout_pauses_it(store, edit):
+    """Red-team, stop 44: the runbook says to disable a bad version; a rollout to it went on patching games
+    onto it (under the default allowlist policy), and one whose version was deleted and registered again
+    with another image went on with the old image. It pauses, saying why, before any further patch."""
+    for g in ("g1", "g2", "g3"):
+        await running_game(store, g)
+    rollout_id = await start(store, max_parallel=1, canary=1, canary_hold=0)
+    loop = loop_over(store)
+    await loop.tick()
+    assert (await store.get("g1")).desired_image_ref == NEW  # the canary's patch
+    if edit == "disable":
+        await store.update_version("1.1", status=VersionStatus.DISABLED, notes=None)
+    else:
+        await converge(store, "g1", NEW)
+        await lobby(store, JobKind.PATCH, "g1", OLD)  # the only game on it goes back: the entry may go
+        await converge(store, "g1", OLD)
+        await store.delete_version("1.1")
+        await store.create_version("1.1", "galaxy/engine-stub:1.3", VersionStatus.ACTIVE, "")
+    await converge(store, "g1", (await store.get("g1")).desired_image_ref)
+    await loop.tick()
+    rollout, _ = await store.get_rollout(rollout_id)
+    assert rollout.state is RolloutState.PAUSED and "1.1" in rollout.state_reason, rollout.state_reason
+    assert [(await store.get(g)).desired_image_ref for g in ("g2", "g3")] == [OLD, OLD]

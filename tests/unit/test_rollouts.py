@@ -394,3 +394,29 @@ def test_parse_request_refuses(body, message):
 ])
 def test_allowed_actions(state, action, want):
     assert allowed(state, action) is want
+
+
+@pytest.mark.parametrize("entry, registry, refused", [
+    (dict(version="2", image_ref=NEW, status="active"), False, None),
+    (dict(version="2", image_ref=NEW, status="deprecated"), False, None),
+    (dict(version="2", image_ref=NEW, status="deprecated"), True, "deprecated"),
+    (dict(version="2", image_ref=NEW, status="disabled"), False, "disabled"),
+    (None, False, "no longer registered"),  # deleted (and perhaps made again with another image)
+    (dict(version="3", image_ref=NEW, status="active"), False, "version 3"),  # the image moved to another version
+])
+def test_a_target_version_the_registry_no_longer_allows_stops_the_rollout(entry, registry, refused):
+    """Red-team, stop 44: the rollout never read its target version again. Disabling it (the runbook's way to
+    stop a bad version) or deleting it and registering the name again with another image left the rollout
+    patching games onto the old image. What the registry now says of the target is read before each step
+    that starts patches; a refusal pauses the rollout with the reason."""
+    from desired.rollouts import target_refusal
+    from desired.versions import EngineVersion, VersionStatus
+
+    found = None if entry is None else EngineVersion(version=entry["version"], image_ref=entry["image_ref"],
+                                                     status=VersionStatus(entry["status"]), notes="",
+                                                     created_at=T0, updated_at=T0)
+    got = target_refusal(rollout(), found, registry=registry)
+    if refused is None:
+        assert got is None
+    else:
+        assert got is not None and refused in got, got
