@@ -40,7 +40,7 @@ from controller.engine_proxy import EngineRoutes, ProxySettings
 from controller.metrics import Metrics
 from controller.openapi import ACTOR_PATTERN, FORCEABLE, LOG_OPS, MAX_ACTOR, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
-from controller.tokens import InvalidTokens, Role, TokenSource
+from controller.tokens import InvalidTokens, Role, Token, TokenSource
 from controller.watch_http import WatchRoutes
 from desired.errors import NotFound, RtmError, StoreBusy, StoreUnavailable, UniqueViolation
 from desired.jobs import (
@@ -80,6 +80,7 @@ TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
 MAX_LOG_PAGE = 500
 TOKEN_NAME = web.RequestKey("token_name", str)  # the name of the request's API token (the auth middleware's)
 TOKEN_ROLE = web.RequestKey("token_role", Role)  # its role
+TOKEN = web.RequestKey("token", Token)  # the token itself (name, role, digest): is it still in force?
 
 
 
@@ -194,7 +195,7 @@ class HttpServer:
         app.router.add_post("/api/v1/drains/{drain_id}/undrain", self.undrain)
         self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
                                wake=deps.drains_changed, nodes=deps.drain_nodes) if deps.drains is not None else None
-        self.watch = WatchRoutes(deps.watch, deps.results_changed, deps.metrics)
+        self.watch = WatchRoutes(deps.watch, deps.results_changed, deps.metrics, in_force=self._token_in_force)
         self.watch.add(app)
         RolloutRoutes(deps, actor).add(app.router)
         self.engine_routes = EngineRoutes(deps.store, deps.engine, deps.engine_proxy, deps.locate_engine)
@@ -251,6 +252,12 @@ class HttpServer:
         except Fenced:
             return _error(503, "this replica just lost its leadership; send this to the leader", retry_after=True)
 
+    def _token_in_force(self, request: web.Request) -> bool:
+        """The request's token is still in force as it was when the request came (a long stream's: the tokens
+        file may have been read again since, without it, or with another role for it)."""
+        token = request.get(TOKEN)
+        return token is None or token in self.tokens.current.tokens
+
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/api/"):
@@ -267,6 +274,7 @@ class HttpServer:
                 return _error(401, "missing or wrong bearer token")
             request[TOKEN_NAME] = token.name
             request[TOKEN_ROLE] = token.role
+            request[TOKEN] = token
             if request.match_info.http_exception is None:  # a route of ours (else its 404 or 405 follows)
                 canonical = request.match_info.route.resource.canonical if request.match_info.route.resource \
                     else request.path

@@ -55,8 +55,10 @@ BUFFER = 64 * 1024  # bytes: the transport's high-water mark and the socket's se
 
 
 class WatchRoutes:
-    def __init__(self, store: WatchStore | None, changed: Callable[[], asyncio.Event], metrics: Metrics) -> None:
+    def __init__(self, store: WatchStore | None, changed: Callable[[], asyncio.Event], metrics: Metrics, *,
+                 in_force: Callable[[web.Request], bool] = lambda request: True) -> None:
         self.store = store
+        self.in_force = in_force  # the token a stream was opened with is still in force (checked at every wake)
         self.changed = changed
         self.metrics = metrics
         self.max_clients = MAX_CLIENTS
@@ -125,6 +127,9 @@ class WatchRoutes:
             sent = after  # the last id the reader was given
             beat = loop.time() + self.heartbeat
             while True:
+                if not self.in_force(request):
+                    log.warning("watch stream ended: the token it was opened with is no longer in force")
+                    break
                 changed = self.changed()  # taken before reading: a commit after the read sets it
                 await self._sequence()
                 page = await self.store.watch_read(after, flt, PAGE)

@@ -145,3 +145,65 @@ async def test_a_game_locked_by_another_session_is_not_told_as_the_database_away
         assert "g1" in error and "lock" in error
     finally:
         await c.close()
+
+
+class GrowingWatch:
+    """The watch store: the snapshots the test appends."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    async def unsequenced(self) -> bool:
+        return False
+
+    async def sequence(self) -> int:
+        return 0
+
+    async def watch_head(self) -> tuple[int, int]:
+        return len(self.events), 0
+
+    async def watch_read(self, after, flt, limit=200):
+        from desired.watch import WatchPage
+        head = len(self.events)
+        return WatchPage(after=after, scanned=head, head=head,
+                         events=[e for e in self.events if e.position > after][:limit])
+
+
+@pytest.mark.parametrize("change", ["removed", "its role changed"])
+async def test_a_token_taken_out_of_the_file_ends_the_watch_stream_it_opened(tmp_path, change):
+    """Red-team, stop 44: a token removed from RTMANAGER_API_TOKENS_FILE was 401 for new requests, but a watch
+    stream it had opened went on receiving every snapshot for as long as it kept the connection. The stream
+    ends at its next wake once the token it was opened with is no longer in force as it was."""
+    import dataclasses as dc
+
+    from desired.watch import WatchEvent
+
+    srv = server(tmp_path)
+    watch = GrowingWatch()
+    srv.watch.store = watch
+    changed = asyncio.Event()
+    srv.watch.changed = lambda: changed
+    srv.watch.poll = 0.05
+    c = TestClient(TestServer(srv.app))
+    await c.start_server()
+    try:
+        resp = await c.get("/api/v1/events", headers={"Authorization": f"Bearer {READER}"})
+        assert resp.status == 200
+        assert b"event: ready" in await resp.content.readuntil(b"\n\n")
+        kept = f"boss admin {ADMIN}\n" + (f"reader admin {READER}\n" if change == "its role changed" else "")
+        (tmp_path / "tokens").write_text(kept)
+        assert srv.tokens.reload()
+        watch.events.append(WatchEvent(position=1, game_id="g1", fields={"game_id": "g1", "status": "running"}))
+        changed.set()
+        rest = await asyncio.wait_for(resp.content.read(), 3)  # the stream ends
+        assert b"snapshot" not in rest
+        resp.close()
+        # a stream of a token still in force is not ended
+        resp = await c.get("/api/v1/events", headers={"Authorization": f"Bearer {ADMIN}"})
+        assert b"event: ready" in await resp.content.readuntil(b"\n\n")
+        watch.events.append(dc.replace(watch.events[0], position=2))
+        changed.set()
+        assert b"snapshot" in await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 3)
+        resp.close()
+    finally:
+        await c.close()
