@@ -207,3 +207,49 @@ async def test_a_token_taken_out_of_the_file_ends_the_watch_stream_it_opened(tmp
         resp.close()
     finally:
         await c.close()
+
+
+async def test_a_large_page_of_runtimes_lets_the_loop_run_while_it_is_written(tmp_path, monkeypatch):
+    """Red-team, stop 44: a page of 10,000 records (the default for a client that does not page) was turned
+    into JSON in one go on the event loop: about a second each, and a few at once held the loop past the
+    lease's TTL (the leader stepped down). The page is written in slices, the loop running between them."""
+    from datetime import UTC, datetime
+
+    from desired.model import DesiredStatus, RuntimeRecord, Status
+
+    srv = server(tmp_path)
+    now = datetime.now(UTC)
+    for i in range(2000):
+        g = f"game-{i:05d}"
+        srv.deps.store.records[g] = RuntimeRecord(
+            game_id=g, status=Status.RUNNING, current_container_id="c" * 64, current_image_ref="galaxy/engine:1",
+            engine_endpoint=f"http://galaxy-game-{g}:8080", state_path=f"/srv/games/{g}", docker_network="net",
+            started_at=now, stopped_at=None, removed_at=None, last_op_at=now, created_at=now,
+            desired_status=DesiredStatus.RUNNING, desired_image_ref="galaxy/engine:1", generation=1,
+            observed_generation=1)
+    ticks, seen = [0], []
+    real = http_module.record_json
+
+    def counted(record):
+        seen.append(ticks[0])
+        return real(record)
+
+    monkeypatch.setattr(http_module, "record_json", counted)
+
+    async def ticker():
+        while True:
+            await asyncio.sleep(0)
+            ticks[0] += 1
+
+    c = TestClient(TestServer(srv.app))
+    await c.start_server()
+    t = asyncio.create_task(ticker())
+    try:
+        resp = await c.get("/api/v1/runtimes", headers=H)
+        body = await resp.json()
+        assert resp.status == 200 and len(body["runtimes"]) == 2000 and body["next"] is None
+        assert body["runtimes"][0]["game_id"] == "game-00000"
+        assert len(set(seen)) >= 2000 // http_module.JSON_SLICE  # the loop ran between the slices
+    finally:
+        t.cancel()
+        await c.close()
