@@ -63,7 +63,7 @@ from desired.wakeup import Signal
 from observed import statedir
 from observed.backend import EventSource, RuntimeBackend
 from observed.docker import DockerBackend
-from observed.engine import EngineClient
+from observed.engine import OPERATOR_LIMIT, EngineClient
 from observed.errors import ObservedError
 
 log = logging.getLogger("rtmanager")
@@ -103,6 +103,12 @@ class Controller:
                                              admin_path=settings.engine.admin_path,
                                              # an idle probe connection must outlive the interval to be reused
                                              keepalive_timeout=max(60.0, 2 * settings.engine.health_interval))
+        # The HTTP surface's questions to engines (an operator's engine status) on a client and pool of their own:
+        # calls to engines that do not answer must never hold the connections the health probes need.
+        self.operator_engine = engine or EngineClient(port=settings.engine.engine_port,
+                                                      path=settings.engine.health_path,
+                                                      admin_path=settings.engine.admin_path, probe_keepalive=False,
+                                                      limit=OPERATOR_LIMIT)
         self.queue = WorkQueue(on_change=self._queue_changed, on_timing=self._queue_timing)
         self._last_adds = 0
         self.outbox = Signal()  # raised by every commit that writes results or snapshots
@@ -250,7 +256,7 @@ class Controller:
             drains_changed=self.drainer.wake.set, drain_nodes=swarm_nodes,
             rollouts=self.store, rollout_wake=self.rollouts.wake.set, watch=self.store,
             version_registry=s.images.version_policy == "registry",
-            engine=self.engine, locate_engine=self._locate_engine,
+            engine=self.operator_engine, locate_engine=self._locate_engine,
             engine_proxy=ProxySettings(admin_path=s.engine.admin_path, max_body=s.engine.proxy_max_body,
                                        timeout=s.engine.proxy_timeout)))
         if s.http.api_tokens_file:  # SIGHUP: read RTMANAGER_API_TOKENS_FILE again now (it is polled too)
@@ -433,6 +439,8 @@ class Controller:
         await asyncio.gather(*self.leader_tasks, *self.tasks, return_exceptions=True)
         await self.http.stop()
         await self.engine.close()
+        if self.operator_engine is not self.engine:
+            await self.operator_engine.close()
         await self.lease.close()
         await self.streams.close()
         await self.pool.close()

@@ -109,11 +109,17 @@ async def read_at_most(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# Connections the HTTP surface's own engine client holds at once (an operator's engine status): a few, and never
+# the health probes' (controller/app.py gives the surface a client of its own).
+OPERATOR_LIMIT = 8
+
+
 class EngineClient:
     def __init__(self, *, port: int, path: str, admin_path: str = "/admin/v1", attempt_timeout: float = 2.0,
                  admin_timeout: float = 5.0, probe_keepalive: bool = True, max_idle: int = 1024,
-                 keepalive_timeout: float = 60.0) -> None:
+                 keepalive_timeout: float = 60.0, limit: int = 64) -> None:
         self.port = port
+        self._limit = limit  # connections at once, per session
         self.path = path
         self.admin_path = admin_path.rstrip("/")
         self._attempt_timeout = aiohttp.ClientTimeout(total=attempt_timeout)
@@ -128,9 +134,9 @@ class EngineClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = (BoundedIdleConnector(max_idle_hosts=self._max_idle, limit=64,
+            connector = (BoundedIdleConnector(max_idle_hosts=self._max_idle, limit=self._limit,
                                               keepalive_timeout=self._keepalive_timeout)
-                         if self._keepalive else aiohttp.TCPConnector(force_close=True, limit=64))
+                         if self._keepalive else aiohttp.TCPConnector(force_close=True, limit=self._limit))
             self._session = aiohttp.ClientSession(timeout=self._attempt_timeout, read_bufsize=HEALTH_BODY_LIMIT,
                                                   connector=connector)
         return self._session
@@ -138,7 +144,7 @@ class EngineClient:
     def _http_fresh(self) -> aiohttp.ClientSession:
         if self._fresh is None or self._fresh.closed:
             self._fresh = aiohttp.ClientSession(timeout=self._attempt_timeout, read_bufsize=HEALTH_BODY_LIMIT,
-                                                connector=aiohttp.TCPConnector(force_close=True, limit=64))
+                                                connector=aiohttp.TCPConnector(force_close=True, limit=self._limit))
         return self._fresh
 
     def _netloc(self, address: str) -> str:
