@@ -15,7 +15,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -38,6 +40,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("rtmanager.storage")
 _T = TypeVar("_T")
 CANCEL_WAIT = 60.0  # seconds a cancelled file operation is waited for (in_thread)
+# The threads of the file work on the state directories: a pool of their own, never asyncio's default one, which
+# also resolves host names (asyncpg's connects, the lease's after a blip; aiohttp's engines probed by name): a
+# burst of copies must not hold a reconnect until a copy ends.
+FILE_THREADS = 8
+_files = concurrent.futures.ThreadPoolExecutor(max_workers=FILE_THREADS, thread_name_prefix="statedir")
+
+
+async def on_files(fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` in a thread of the file pool."""
+    return await asyncio.get_running_loop().run_in_executor(_files, functools.partial(fn, *args))
 
 
 async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
@@ -46,7 +58,7 @@ async def in_thread(fn: Callable[..., _T], *args: Any) -> _T:
     (whatever the thread did): a thread cannot be stopped, and the game's lock (``StateKeeper.locked``)
     must not let the next copy or restore of the game run beside it. A thread hung longer than that (a
     filesystem gone) is left behind, logged, rather than holding the step-down for ever."""
-    task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    task = asyncio.ensure_future(on_files(fn, *args))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -137,10 +149,10 @@ class StateKeeper:
         outside rtmanager, or by a version that did not finish such restores): the directory holds what that
         engine wrote since, newer than the copy, so the restore is given up (its marker deleted; the copy is
         left to the usual rules), said as an error."""
-        tag = await asyncio.to_thread(statedir.pending_restore, self.root, record.game_id)
+        tag = await on_files(statedir.pending_restore, self.root, record.game_id)
         if tag is None:
             return tag
-        marker = await asyncio.to_thread(statedir.restore_marker, self.root, record.game_id, tag)
+        marker = await on_files(statedir.restore_marker, self.root, record.game_id, tag)
         if marker is None:
             return tag
         said, begun = marker
@@ -205,7 +217,7 @@ class StateKeeper:
         """The restore about to be done, in the operation log, when there is a copy to restore."""
         if self.note is None:
             return
-        if tag in (await asyncio.to_thread(statedir.backups, self.root)).get(record.game_id, ()):
+        if tag in (await on_files(statedir.backups, self.root)).get(record.game_id, ()):
             await self.note(record, tag, why)
 
     async def finish_restore(self, record: RuntimeRecord) -> None:
@@ -222,7 +234,7 @@ class StateKeeper:
         tag = await self._pending(record)
         if tag is not None and room:
             size = await in_thread(statedir.measure_copy, self.root, record.game_id, tag)
-            free, total = await asyncio.to_thread(statedir.free_space, self.root)
+            free, total = await on_files(statedir.free_space, self.root)
             reason = storage.copy_refused(free, total, size or 0, self.settings.storage.state_min_free)
             if reason:
                 raise StorageFull(reason)
@@ -236,11 +248,11 @@ class StateKeeper:
         """An engine of the game is healthy again: its copies are no longer needed. Never while a restore
         is pending: that copy is the state the game is owed."""
         async with self.locked(game_id):
-            if await asyncio.to_thread(statedir.pending_restore, self.root, game_id) is not None:
+            if await on_files(statedir.pending_restore, self.root, game_id) is not None:
                 log.error("a restore of the state directory is pending: its copy is kept",
                           extra={"game_id": game_id})
                 return
-            found = (await asyncio.to_thread(statedir.backups, self.root)).get(game_id)
+            found = (await on_files(statedir.backups, self.root)).get(game_id)
             if found:
                 await in_thread(statedir.drop_backup, self.root, game_id)
                 self.metrics.state_copies.labels("dropped").inc()
@@ -248,7 +260,7 @@ class StateKeeper:
     async def check_room(self, record: RuntimeRecord) -> None:
         """StorageFull when the game's directory is still to be made (a new game) and the filesystem
         is nearly full. A game whose directory exists (a restart, a patch) needs no new room."""
-        if await asyncio.to_thread(statedir.exists, self.root, record.state_path):
+        if await on_files(statedir.exists, self.root, record.state_path):
             return
         reason = await self.full_reason()
         if reason:
@@ -258,21 +270,21 @@ class StateKeeper:
         """StorageFull when the copy of the game's state (``backup``) would leave the filesystem with less
         than RTMANAGER_STATE_MIN_FREE: the other engines need that room to save theirs."""
         tag = storage.backup_tag(record)
-        if tag is not None and tag in (await asyncio.to_thread(statedir.backups, self.root)).get(record.game_id, ()):
+        if tag is not None and tag in (await on_files(statedir.backups, self.root)).get(record.game_id, ()):
             return  # taken already (a retry after a temporary error, or a kill): it needs no more room
         if tag is not None and await in_thread(statedir.drop_partial_backup, self.root, record.state_path, tag):
             log.info("deleted a copy of the state a kill cut short before measuring the room for a new one",
                      extra={"game_id": record.game_id})
-        measured = await asyncio.to_thread(statedir.measure, self.root, record.state_path)
+        measured = await on_files(statedir.measure, self.root, record.state_path)
         if measured is None:
             return  # not on this host (node-local state on a Swarm node): its own disk is not this one
-        free, total = await asyncio.to_thread(statedir.free_space, self.root)
+        free, total = await on_files(statedir.free_space, self.root)
         reason = storage.copy_refused(free, total, measured[0], self.settings.storage.state_min_free)
         if reason:
             raise StorageFull(reason)
 
     async def full_reason(self) -> str | None:
-        free, total = await asyncio.to_thread(statedir.free_space, self.root)
+        free, total = await on_files(statedir.free_space, self.root)
         self.metrics.state_free.set(free)
         reason = storage.nearly_full(free, total, self.settings.storage.state_min_free)
         self.metrics.state_full.set(1 if reason else 0)
@@ -321,7 +333,7 @@ class StorageRound:
             if rec.status is Status.REMOVED:
                 continue
             try:
-                measured = await asyncio.to_thread(statedir.measure, root, rec.state_path)
+                measured = await on_files(statedir.measure, root, rec.state_path)
             except Refused as exc:  # this game's directory is odd: this game's size is unknown
                 log.warning("state directory not measured: %s", exc.message, extra={"game_id": rec.game_id})
                 continue
@@ -342,7 +354,7 @@ class StorageRound:
     async def drop_leftovers(self) -> None:
         """Copies of replacements that are over (a crash between the new engine's health and the
         copy's deletion, a rollback that failed too): the copy of a replacement under way stays."""
-        found = await asyncio.to_thread(statedir.backups, self.config.state_root)
+        found = await on_files(statedir.backups, self.config.state_root)
         for game, names in found.items():
             try:
                 await self._drop_leftovers_of(game, names)
@@ -352,7 +364,7 @@ class StorageRound:
     async def _drop_leftovers_of(self, game: str, names: list[str]) -> None:
         async with self.keeper.locked(game):
             record = await self.store.find(game)
-            if record is not None and record.status is not Status.REMOVED and not await asyncio.to_thread(
+            if record is not None and record.status is not Status.REMOVED and not await on_files(
                     statedir.exists, self.config.state_root, record.state_path):
                 # Somebody deleted the state directory: its copies may be all that is left of it.
                 log.error("state directory missing while copies of it exist; keeping them", extra={"game_id": game})
