@@ -10,6 +10,7 @@ commands (controller/cli/runtimes.py): 0 done, 1 refused, 2 a bad request.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from controller.cli.api import ApiClient, refused, with_api
@@ -92,18 +93,23 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
         return 0
     if command == "undrain":
         target_ = args.target
-        if args.host or (target_ is not None and not target_.isdigit()):
-            listed = await client.call("GET", "/api/v1/drains")
-            if listed.status != 200:
-                return refused(command, listed)
-            want = "host" if args.host else target_
-            active = [d for d in listed.body["drains"] if d["target"] == want
-                      and d["status"] not in ("undrained", "failed")]
+        listed = await client.call("GET", "/api/v1/drains")
+        if listed.status != 200:
+            return refused(command, listed)
+        want = "host" if args.host else target_
+        active = [d for d in listed.body["drains"]
+                  if d["target"] == want and d["status"] not in ("undrained", "failed")]
+        by_id = target_ is not None and target_.isdigit() and not args.host and not args.node
+        if by_id and active and str(active[0]["id"]) != target_:
+            print(f"rtmanager undrain: {target_} is ambiguous: drain {target_}, or node {target_}'s drain "
+                  f"{active[0]['id']}; say `undrain --node {target_}` for the node", file=sys.stderr)
+            return 2
+        if by_id:
+            drain_id = target_
+        else:
             if not active:
                 return fail(command, f"{'the host' if args.host else 'node ' + target_} has no active drain")
             drain_id = str(active[0]["id"])
-        else:
-            drain_id = target_
         answer = await client.call("POST", f"/api/v1/drains/{drain_id}/undrain")
         if answer.status != 200:
             return refused(command, answer)

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     unp = sub.add_parser("undrain", parents=[api], help="end a drain (by id, node, or --host)")
     unp.add_argument("target", nargs="?", metavar="ID|NODE")
     unp.add_argument("--host", action="store_true")
+    unp.add_argument("--node", action="store_true", help="TARGET is a node's name (or id), even all digits")
     dsp = sub.add_parser("drains", parents=[api], help="list the drains, or show one with its games")
     dsp.add_argument("id", nargs="?", type=int, metavar="ID")
     dsp.add_argument("--json", action="store_true")

@@ -37,15 +37,20 @@ async def drains(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         if args.command == "undrain":
             target = args.target
-            if args.host or (target is not None and not target.isdigit()):
-                found = await store.active_drain(None if args.host else target)
+            found = await store.active_drain(None if args.host else target)
+            by_id = target is not None and target.isdigit() and not args.host and not args.node
+            if by_id and found is not None and found.id != int(target):
+                print(f"rtmanager undrain: {target} is ambiguous: drain {target}, or node {target}'s drain "
+                      f"{found.id}; say `undrain --node {target}` for the node", file=sys.stderr)
+                return 2
+            if by_id:
+                drain_id = int(target)
+            else:
                 if found is None:
                     print(f"rtmanager undrain: {'the host' if args.host else 'node ' + target} has no active drain",
                           file=sys.stderr)
                     return 1
                 drain_id = found.id
-            else:
-                drain_id = int(target)
             try:
                 drain = await store.request_undrain(drain_id, actor=cli_actor())
             except NotFound:

@@ -396,3 +396,22 @@ def test_a_game_argument_that_is_no_game_id_stops_the_command_before_any_request
 
 def test_a_game_id_argument_is_taken_as_it_is():
     assert build_parser().parse_args(["stop", "g-1"]).game_id == "g-1"
+
+
+async def test_undrain_of_a_number_that_is_also_a_drained_nodes_name_is_refused_as_ambiguous(canned, capsys):
+    """Red-team, stop 44: node names may be all digits; `rtmanager undrain 123` read any number as a drain id,
+    so the operator who meant node 123 ended drain 123 instead (its games started again, its node used
+    again). A number that is also an active drain's node is refused, naming both; --node says which."""
+    url, fake = canned
+    node_drain = {**DRAIN, "id": 7, "node": "123", "target": "123"}
+    fake.answers["GET /api/v1/drains"] = (200, {"drains": [node_drain, {**DRAIN, "id": 123}]})
+    code, out, err = await admin(capsys, url, "undrain", "123")
+    assert code == 2 and "ambiguous" in err and "--node" in err
+    assert not any(s["method"] == "POST" for s in fake.seen)
+    fake.answers["POST /api/v1/drains/7/undrain"] = (200, {**node_drain, "status": "undraining"})
+    code, out, err = await admin(capsys, url, "undrain", "--node", "123")
+    assert code == 0 and fake.seen[-1]["path"] == "/api/v1/drains/7/undrain"
+    fake.answers["GET /api/v1/drains"] = (200, {"drains": [{**DRAIN, "id": 123}]})
+    fake.answers["POST /api/v1/drains/123/undrain"] = (200, {**DRAIN, "id": 123, "status": "undraining"})
+    code, out, err = await admin(capsys, url, "undrain", "123")  # no node of that name: the id
+    assert code == 0 and fake.seen[-1]["path"] == "/api/v1/drains/123/undrain"
