@@ -135,7 +135,7 @@ async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
                 failures += 1
                 continue
             try:
-                await store.adopt(game, image, settings.record_defaults, container_id=seen.id)
+                await store.adopt(game, image, settings.record_defaults, container_id=seen.id, actor=cli_actor())
             except InvalidJob as exc:
                 print(f"{game}: {exc.message}", file=sys.stderr)
                 failures += 1

@@ -250,7 +250,7 @@ class Submissions(StoreBase):
             return SubmitOutcome(operation_id=op_id, decision=None)
 
     async def adopt(self, game_id: str, image_ref: str, defaults: RecordDefaults,
-                    container_id: str | None = None) -> RuntimeRecord:
+                    container_id: str | None = None, *, actor: str | None = None) -> RuntimeRecord:
         """An operator hands an unowned unit back to rtmanager: a record that wants it running on its
         own image and state directory, naming the unit (``container_id``): a unit renamed from outside is
         found by it, not only by its name, so no second engine is made beside it. InvalidJob when the
@@ -271,7 +271,7 @@ class Submissions(StoreBase):
             record = await self._write(conn, None, record, now)
             await self._insert_op(conn, game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
                                   None, {"event": "adopt", "image_ref": image_ref, "container_id": container_id},
-                                  now, None, None)
+                                  now, None, None, actor=actor)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
             return record
 

@@ -71,6 +71,10 @@ async def test_adopt_all_goes_past_a_unit_labelled_with_no_game_id(rtm_env, dock
     assert await adopt(settings, [], True) == 1
     assert "'Bad_Id'" in capsys.readouterr().err
     assert (await Store(pool).get("good-1")).desired_image_ref == STUB
+    # red-team, stop 44: the adoption's operation names the local user, as every change of the command does
+    from controller.access import cli_actor
+    [op] = await Store(pool).operations("good-1")
+    assert op.actor == cli_actor() and op.params.get("event") == "adopt"
 
 
 @pytest.mark.parametrize("command", ["status", "adopt", "dispose"])
