@@ -28,6 +28,7 @@ def _pending(rows: list[asyncpg.Record]) -> list[PendingResult]:
 
 
 FLOOR_CHUNK = 500  # games' floors stored per transaction (each takes that many advisory locks)
+RESYNC_BATCH = 200  # games a snapshot resync of the fleet holds (and writes) per transaction
 FLOOR_DUE = ""  # the snapshot_floors row of a raise found due (no game id is empty)
 
 
@@ -129,15 +130,24 @@ class Outbox(StoreBase):
             return len(rows)
 
     async def snapshot_resync(self, game_id: str | None = None) -> int:
-        """A snapshot with reason resync (and a new revision) of every live game, or of one."""
-        async with self._tx() as (conn, now):
-            rows = await conn.fetch(
-                "SELECT * FROM runtime_records WHERE ($1::text IS NULL OR game_id = $1)"
-                " AND (status <> 'removed' OR $1::text IS NOT NULL) ORDER BY game_id FOR UPDATE", game_id)
-            for row in rows:
-                cur = record_from_row(row)
-                await self._write(conn, cur, cur, now, "resync")
-            return len(rows)
+        """A snapshot with reason resync (and a new revision) of every live game, or of one. The fleet goes
+        RESYNC_BATCH games at a time, in game order, each batch its own transaction: the records it locks
+        are held for a batch, not for the whole fleet (every write, admission and turn-clock tick of a game
+        waits for its record's lock)."""
+        done, after = 0, ""
+        while True:
+            async with self._tx() as (conn, now):
+                rows = await conn.fetch(
+                    "SELECT * FROM runtime_records WHERE ($1::text IS NULL OR game_id = $1)"
+                    " AND (status <> 'removed' OR $1::text IS NOT NULL) AND game_id > $2"
+                    " ORDER BY game_id LIMIT $3 FOR UPDATE", game_id, after, RESYNC_BATCH)
+                for row in rows:
+                    cur = record_from_row(row)
+                    await self._write(conn, cur, cur, now, "resync")
+            done += len(rows)
+            if len(rows) < RESYNC_BATCH:
+                return done
+            after = rows[-1]["game_id"]
 
     async def result_for(self, op_id: int) -> dict[str, str] | None:
         raw = await self.pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op_id)

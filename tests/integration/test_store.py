@@ -721,3 +721,34 @@ async def test_removed_games_with_state_are_paged_by_removal_then_game(pool):
     assert await store.removed_with_state(0, 2, (rest[-1].removed_at, rest[-1].game_id)) == []
     await store.mark_state_disposed("g1")
     assert [r.game_id for r in await store.removed_with_state(0, 10)] == ["g2", "g3", "g4"]
+
+
+async def test_a_snapshot_resync_of_the_fleet_holds_a_batch_of_records_at_a_time(pool, monkeypatch):
+    """Red-team, stop 44: POST /api/v1/snapshots/resync locked every live record in one transaction, for one
+    statement per game: at 10,000 games every reconcile write, admission and turn-clock tick of the fleet
+    waited behind it (admissions past their lock wait were refused). It now goes a batch of games at a time,
+    each batch its own short transaction."""
+    from desired.db import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "RESYNC_BATCH", 20)
+    store = Store(pool)
+    games = [f"g{i:03d}" for i in range(60)]
+    for g in games:
+        await store.submit(start(g, f"{g}-0"), DEFAULTS)
+    real_write = store._write
+
+    async def slow_write(*a, **k):
+        await asyncio.sleep(0.02)
+        return await real_write(*a, **k)
+
+    monkeypatch.setattr(store, "_write", slow_write)
+    resync = asyncio.create_task(store.snapshot_resync())
+    await asyncio.sleep(0.2)  # the first batch is under way
+    assert not resync.done()
+    async with pool.acquire() as conn, conn.transaction():  # the last game is not held yet
+        await conn.execute("SET LOCAL lock_timeout = '100ms'")
+        assert await conn.fetchval("SELECT game_id FROM runtime_records WHERE game_id = $1 FOR UPDATE",
+                                   games[-1]) == games[-1]
+    assert await resync == len(games)
+    revisions = await pool.fetch("SELECT game_id, snapshot_revision FROM runtime_records ORDER BY game_id")
+    assert len({r["snapshot_revision"] for r in revisions}) == 1  # every game got one more, once
