@@ -25,6 +25,11 @@ class ApiError(Exception):
     """The call did not get an answer (the server is unreachable, or answered something that is not JSON)."""
 
 
+class AnswerLost(ApiError):
+    """A request that changes something was sent and its answer did not come (a timeout, a cut connection): it
+    may have been applied. Exit status 3, as a job whose result did not come in time."""
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int
@@ -85,14 +90,23 @@ class ApiClient:
             await self._session.close()
 
     async def call(self, method: str, path: str, *, query: dict[str, str] | None = None,
-                   body: dict[str, Any] | None = None, timeout: float = SLACK) -> Answer:
+                   body: dict[str, Any] | None = None, timeout: float | None = None) -> Answer:
+        """``timeout``: seconds for the whole call (SLACK by default)."""
         assert self._session is not None, "use the client as an async context manager"
         try:
             async with self._session.request(method, self.url + path, params=query, json=body,
-                                             timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                                             timeout=aiohttp.ClientTimeout(total=SLACK if timeout is None else timeout,
+                                                                           sock_connect=SLACK)) as resp:
                 text = await resp.text()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never sent
             raise ApiError(f"cannot reach {self.url}: {exc.__class__.__name__}: {exc}".rstrip(": ")) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if method in ("GET", "HEAD"):
+                raise ApiError(f"cannot reach {self.url}: {exc.__class__.__name__}: {exc}".rstrip(": ")) from None
+            game = path.split("/")[4] if path.startswith("/api/v1/runtimes/") and path.count("/") >= 5 else None
+            where = f"`rtmanager operations {game}`" if game else "GET /api/v1/operations"
+            raise AnswerLost(f"{method} {path} was sent and its answer was lost ({exc.__class__.__name__}): it may "
+                             f"have been applied; see {where} before sending it again") from None
         if not text:
             return Answer(resp.status, None)
         try:
@@ -112,6 +126,8 @@ async def with_api(args: argparse.Namespace, command: Callable[[ApiClient], Awai
     try:
         async with ApiClient(url, token) as client:
             return await command(client)
+    except AnswerLost as exc:
+        return fail(args.command, str(exc), 3)
     except ApiError as exc:
         return fail(args.command, str(exc))
 

@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import Any
 
+from controller.cli import api
 from controller.cli.api import Answer, ApiClient, add_api_options, refused, with_api
 from controller.cli.common import fail, game_id_arg, print_json, table
 
@@ -168,7 +169,7 @@ async def _job(client: ApiClient, args: argparse.Namespace) -> int:
     if getattr(args, "force", False):
         body["force"] = True
     answer = await client.call("POST", f"/api/v1/runtimes/{args.game_id}/{command}", query={"wait": f"{args.wait:g}"},
-                               body=body, timeout=args.wait + 30)
+                               body=body, timeout=args.wait + api.SLACK)
     if answer.status not in (200, 202):
         if args.json and isinstance(answer.body, dict):
             print_json(answer.body)

@@ -415,3 +415,47 @@ async def test_undrain_of_a_number_that_is_also_a_drained_nodes_name_is_refused_
     fake.answers["POST /api/v1/drains/123/undrain"] = (200, {**DRAIN, "id": 123, "status": "undraining"})
     code, out, err = await admin(capsys, url, "undrain", "123")  # no node of that name: the id
     assert code == 0 and fake.seen[-1]["path"] == "/api/v1/drains/123/undrain"
+
+
+async def test_a_job_whose_answer_is_lost_after_it_was_sent_is_not_told_as_unreached(capsys, monkeypatch):
+    """Red-team, stop 44: a REST job the server had received but whose answer did not come back (a proxy's
+    timeout, a stall) read "cannot reach" and exit 1: the operator ran it again, and a force-next-turn asked
+    for a second turn. A request that may have been applied exits 3 and says where to look; one that never
+    left (nothing listening) is still "cannot reach", exit 1."""
+    import argparse
+    import os
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from controller.cli import api as api_module
+    from controller.cli import runtimes
+    from controller.cli.api import with_api
+    from tests.support.net import free_port
+
+    got = []
+
+    async def job(request: web.Request) -> web.Response:
+        got.append(request.path)  # admitted here; the answer is late
+        await asyncio.sleep(5)
+        return web.json_response({"outcome": "success"})
+
+    app = web.Application()
+    app.router.add_post("/api/v1/runtimes/{g}/force-next-turn", job)
+    srv = TestServer(app, host="127.0.0.1")
+    await srv.start_server()
+    monkeypatch.setattr(api_module, "SLACK", 0.3)
+    monkeypatch.setitem(os.environ, "RTMANAGER_API_TOKEN", "t" * 32)
+    try:
+        for url, want in ((f"http://127.0.0.1:{srv.port}", 3), (f"http://127.0.0.1:{free_port()}", 1)):
+            args = argparse.Namespace(command="force-next-turn", game_id="g1", wait=0, json=False, url=url,
+                                      token_file=None)
+            code = await with_api(args, lambda c, a=args: runtimes._job(c, a))
+            err = capsys.readouterr().err
+            assert code == want, err
+            if want == 3:
+                assert "may have been" in err and "rtmanager operations g1" in err and got
+            else:
+                assert "cannot reach" in err
+    finally:
+        await srv.close()
