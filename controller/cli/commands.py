@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("games", nargs="+", metavar="GAME")
     dp.add_argument("--other-database", action="store_true",
                     help="also a container another database created (that database is gone for good)")
+    dp.add_argument("--after-restore", action="store_true",
+                    help="also a container made in a later leadership term than the database knows (it was "
+                         "restored from an older backup: rtmanager adopt keeps such a game)")
     api = api_switch()  # --api: through the REST API
     vp = sub.add_parser("versions", help="the engine-version registry")
     vsub = vp.add_subparsers(dest="action", required=True)
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                                               getattr(args, "image_ref", "") or getattr(args, "reason", "")),
         "results": lambda: streams.results(settings, args.follow, args.count, args.wait_for, args.timeout),
         "adopt": lambda: local.adopt(settings, args.games, args.all),
-        "dispose": lambda: local.dispose(settings, args.games, args.other_database),
+        "dispose": lambda: local.dispose(settings, args.games, args.other_database, args.after_restore),
         "versions": lambda: registry.versions(settings, args),
         "doctor": lambda: local.doctor(settings),
         "drain": lambda: drains.drains(settings, args),

@@ -144,10 +144,13 @@ async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
     return 1 if failures else 0
 
 
-async def dispose(settings: Settings, games: list[str], other_database: bool = False) -> int:
+async def dispose(settings: Settings, games: list[str], other_database: bool = False,
+                  after_restore: bool = False) -> int:
     """Stop (SIGTERM, the grace period) and remove unowned containers; never one with a record, looked at
     again right before each removal (a start or an adoption may have given it one meanwhile), nor one another
-    database created unless the operator says so (``other_database``)."""
+    database created unless the operator says so (``other_database``), nor one made in a later leadership
+    term than this database knows (restored from an older backup: a live game whose record it lost) unless
+    told (``after_restore``)."""
     failures = 0
     async with open_store(settings) as store, open_backend(settings) as backend:
         uid = await database_of_this_instance(settings, store)
@@ -168,6 +171,15 @@ async def dispose(settings: Settings, games: list[str], other_database: bool = F
                       f"this one ({uid or 'not claimed yet'}); not disposed of (--other-database if that "
                       "database is gone for good)",
                       file=sys.stderr)
+                failures += 1
+                continue
+            lease = await store.lease_info(settings.leadership.instance)
+            known = int(lease["epoch"]) if lease else 0
+            if c.database == uid and c.epoch > known and not after_restore:
+                print(f"{game}: container {c.id[:12]} was created in leadership term {c.epoch}, later than this "
+                      f"database knows ({known}): the database was restored from an older backup, and this is "
+                      f"likely a live game whose record it lost (`rtmanager adopt {game}` keeps it); not disposed "
+                      "of (--after-restore to dispose of it anyway)", file=sys.stderr)
                 failures += 1
                 continue
             # The grace its engine version registered (the one the create gave the container), as a stop by

@@ -30,7 +30,8 @@ def settings_of(env: dict[str, str], **over: str) -> Settings:
                               **{f"RTMANAGER_{k.upper()}": v for k, v in over.items()}})
 
 
-def unit(docker_client, settings: Settings, game: str, *, database: str = "", sleeper: bool = False):
+def unit(docker_client, settings: Settings, game: str, *, database: str = "", sleeper: bool = False,
+         epoch: int = 0):
     """A container of this instance for ``game`` with no record, its state directory mounted as a
     controller would mount it; ``sleeper``: PID 1 is ``sleep``, which SIGTERM does not end."""
     state = settings.record_defaults.state_path(game)
@@ -39,6 +40,8 @@ def unit(docker_client, settings: Settings, game: str, *, database: str = "", sl
               "com.galaxy.game-id": game}
     if database:
         labels["com.galaxy.database"] = database
+    if epoch:
+        labels["com.galaxy.epoch"] = str(epoch)
     extra = {"entrypoint": ["/bin/sleep"], "command": ["60"]} if sleeper else {}
     return docker_client.containers.run(STUB, name=f"galaxy-game-{game}", labels=labels, detach=True,
                                         network_mode="none",
@@ -150,3 +153,21 @@ async def test_dispose_gives_the_engine_its_versions_grace(rtm_env, docker_clien
     assert await dispose(settings, ["saves-1"]) == 0
     assert time.monotonic() - t0 >= 5.5  # the version's 6 s, not the global 2 s
     assert not docker_client.containers.list(all=True, filters={"id": slow.id})
+
+
+async def test_dispose_leaves_a_unit_of_a_later_term_than_the_database_knows_unless_told(rtm_env, docker_client,
+                                                                                        pool, capsys):
+    """Red-team, stop 44: a unit labelled with this database but a later leadership term than the database knows
+    was made after the backup the database was restored from: most likely a live game whose record the restore
+    lost (``adopt`` keeps it). ``dispose`` stopped it mid-game without a word. It is left, saying why, unless
+    --after-restore is given."""
+    settings = settings_of(rtm_env)
+    uid = await claimed(pool, settings)
+    c = unit(docker_client, settings, "later-1", database=uid, epoch=7)  # the database knows no term yet
+    assert await dispose(settings, ["later-1"]) == 1
+    err = capsys.readouterr().err
+    assert "later" in err and "adopt" in err and "--after-restore" in err
+    c.reload()
+    assert c.status == "running"
+    assert await dispose(settings, ["later-1"], after_restore=True) == 0
+    assert not docker_client.containers.list(all=True, filters={"id": c.id})
