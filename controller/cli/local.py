@@ -242,8 +242,8 @@ async def doctor(settings: Settings) -> int:
         say(False, "docker daemon", str(exc))
     writable, exists = _state_root(settings.storage.state_root)
     say(writable, f"state root {settings.storage.state_root}", "" if exists else "missing; it will be created")
-    if not settings.http.api_token:
-        print("info RTMANAGER_API_TOKEN is empty: the REST API answers 503")
+    if not settings.http.api_token and not settings.http.api_tokens_file:
+        print("info RTMANAGER_API_TOKEN and RTMANAGER_API_TOKENS_FILE are empty: the REST API answers 503")
     return 1 if problems else 0
 
 

@@ -459,3 +459,19 @@ async def test_a_job_whose_answer_is_lost_after_it_was_sent_is_not_told_as_unrea
                 assert "cannot reach" in err
     finally:
         await srv.close()
+
+
+async def test_doctor_does_not_say_the_api_is_disabled_when_a_tokens_file_is_set(monkeypatch, capsys, tmp_path):
+    """Red-team, stop 44: doctor looked at RTMANAGER_API_TOKEN alone and said the REST API answers 503 when
+    only RTMANAGER_API_TOKENS_FILE was set."""
+    from controller.cli import local
+    from controller.config import Settings
+
+    for name in ("open_store", "open_streams", "open_backend"):  # every service check fails at once: the note
+        monkeypatch.setattr(local, name, None)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("boss admin " + "a" * 32 + "\n")
+    for env, says in (({"RTMANAGER_API_TOKENS_FILE": str(tokens)}, False), ({}, True)):
+        await local.doctor(Settings.from_env({"RTMANAGER_STATE_ROOT": str(tmp_path / "games"), **env}))
+        out = capsys.readouterr().out
+        assert ("answers 503" in out) is says, out
