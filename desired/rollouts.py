@@ -306,6 +306,9 @@ def step_outcome(step: RolloutStep, action: DecisionAction, error_code: ErrorCod
 
 
 BACK = "; patching back to "  # the reason of a canary being patched back, up to the image
+# The error codes of a failure that is the engine's own (a canary's evidence), not Docker's, the disk's or a job's.
+ENGINE_EVIDENCE = frozenset({ErrorCode.ENGINE_UNHEALTHY, ErrorCode.CONTAINER_START_FAILED,
+                             ErrorCode.ENGINE_UNREACHABLE, ErrorCode.GENERATION_FAILED})
 
 
 def follow(rollout: Rollout, game: RolloutGame, op: OpView | None, record: RuntimeRecord | None,
@@ -355,9 +358,10 @@ def _hold(rollout: Rollout, game: RolloutGame, record: RuntimeRecord, since: dat
     if record.desired_image_ref != rollout.target_image_ref:
         return Verdict(state=GameState.SKIPPED, reason="moved off the target by another job during its canary hold")
     if (record.desired_status is DesiredStatus.STOPPED and record.stop_reason is None
-            and record.last_error_code is not None and record.last_op_at >= since):
-        # Stopped by a failure, not by a job (a stop always gives its reason): the target's engine did not come
-        # back from a restart or a move during the hold.
+            and record.last_error_code in ENGINE_EVIDENCE and record.last_op_at >= since):
+        # Stopped by a failure, not by a job (a stop always gives its reason) nor by the node-loss policy (no
+        # code) or an outage (its code): the target's engine did not come back from a restart or a move during
+        # the hold.
         return _canary_failed(rollout, game, record, f"canary's engine failed within its hold "
                                                      f"({record.last_error_code.value}: "
                                                      f"{record.last_error_message or 'no message'})")

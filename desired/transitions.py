@@ -401,7 +401,8 @@ def drain_moved(cur: RuntimeRecord, now: datetime, *, node: str | None, forced: 
 
 
 def stopped_for_node_loss(cur: RuntimeRecord, now: datetime, *, message: str) -> RuntimeRecord:
-    """The node-loss policy stops the game: desired stopped, a new generation (as a crash loop's)."""
+    """The node-loss policy stops the game: desired stopped, a new generation (as a crash loop's). No error code:
+    an earlier one left on the record is not why (a canary's rollout reads it as its engine's failure)."""
     return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
-                                    rolling_back=False, restart_not_before=None, last_error_message=message,
-                                    last_op_at=_touch(cur, now)))
+                                    rolling_back=False, restart_not_before=None, last_error_code=None,
+                                    last_error_message=message, last_op_at=_touch(cur, now)))

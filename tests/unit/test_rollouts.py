@@ -304,6 +304,10 @@ LATER = NOW + timedelta(seconds=10)
     ("canary's restart failing: failed, going down", {}, True, _op(OpStatus.SUCCEEDED),
      rec(Status.STARTING, DesiredStatus.STOPPED, gen=3, obs=2, last_error_code=ErrorCode.CONTAINER_START_FAILED,
          last_op_at=NOW + timedelta(seconds=5), **ON_NEW), LATER, F, None),
+    # review: a stop by the node-loss policy, or a restart answered after a Docker outage, is not the engine's
+    ("canary's restart given up on a Docker outage: skipped", {}, True, _op(OpStatus.SUCCEEDED),
+     rec(Status.RUNNING, DesiredStatus.STOPPED, gen=3, obs=2, last_error_code=ErrorCode.DOCKER_UNAVAILABLE,
+         last_op_at=NOW + timedelta(seconds=5), **ON_NEW), LATER, S, None),
     ("canary failed before its patch, stopped by Lobby since: skipped", {}, True, _op(OpStatus.SUCCEEDED),
      rec(Status.STOPPED, DesiredStatus.STOPPED, gen=3, obs=3, last_error_code=ErrorCode.ENGINE_UNHEALTHY,
          stop_reason=StopReason.CANCELLED, last_op_at=NOW + timedelta(seconds=5), **ON_NEW), LATER, S, None),
@@ -420,3 +424,19 @@ def test_a_target_version_the_registry_no_longer_allows_stops_the_rollout(entry,
         assert got is None
     else:
         assert got is not None and refused in got, got
+
+
+def test_a_canary_the_node_loss_policy_stops_is_not_a_failed_canary_whatever_error_it_had_before():
+    """Review, stop 44: the node-loss stop kept the record's last error code from long before (a turn answered
+    engine_unreachable weeks ago), so the canary stopped by it read as failed by its engine."""
+    from desired import transitions
+
+    g = RolloutGame(rollout_id=1, game_id="g1", position=0, state=P, canary=True, from_image_ref=OLD,
+                    operation_id=7, started_at=NOW)
+    running = rec(Status.RUNNING, DesiredStatus.RUNNING, gen=5, obs=5, last_error_code=ErrorCode.ENGINE_UNREACHABLE,
+                  last_error_message="old", **ON_NEW)
+    lost = transitions.node_lost(running, NOW + timedelta(seconds=2), node="n1")
+    stopped = transitions.stopped_for_node_loss(lost, NOW + timedelta(seconds=5),
+                                                message="stopped: its node n1 was lost for more than 60s")
+    assert stopped.last_error_code is None and "n1" in (stopped.last_error_message or "")
+    assert follow(rollout(), g, _op(OpStatus.SUCCEEDED), stopped, LATER).state is S
