@@ -26,7 +26,6 @@ decides *when* to lead:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +38,7 @@ from desired.leader import Fence
 log = logging.getLogger("rtmanager.leadership")
 
 EXPIRY_SLACK = 0.01  # campaign this long after the held lease's expiry (the round trip covers the rest)
+RETRY_SOON = 0.25  # seconds at most before a failed renewal is tried again
 
 
 def campaign_wait(ttl: float, held_for: float | None) -> float:
@@ -144,24 +144,32 @@ class Leadership:
         try:
             left = max(0.0, self.fence.deadline - time.monotonic())
             done, _ = await asyncio.wait({renewal, lost}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # this loop itself is cancelled (the process stops): so is the renewal
+            renewal.cancel()
+            lost.cancel()
+            raise
         finally:
             lost.cancel()
         if renewal in done:
             return renewal.result()
         renewal.cancel()
-        with contextlib.suppress(BaseException):
-            await renewal
+        await asyncio.wait({renewal})  # its end, whatever it is (a cancellation of this loop is not swallowed)
+        if not renewal.cancelled():
+            renewal.exception()  # retrieved: not logged as never retrieved
         await self.lease.close()  # cut mid-statement: its connection is made again for the next campaign
         if self._lost.is_set():
             return "another replica took over"
         return "the lease could not be renewed before the term's deadline (the renewal did not answer)"
 
     async def _hold(self, stopping: asyncio.Event) -> str | None:
-        """Renew until released (None) or lost (the reason)."""
+        """Renew until released (None) or lost (the reason). A renewal that failed is tried again soon (a
+        twentieth of the TTL, at most RETRY_SOON), not a fifth of it later: the term's deadline comes a fifth
+        of the TTL before the lease's expiry, and one statement timed out must leave room for another."""
+        wait = self.ttl / 5
         while not self._released.is_set():
             waiters = [asyncio.create_task(e.wait()) for e in (self._released, self._lost)]
             try:
-                await asyncio.wait(waiters, timeout=self.ttl / 5, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waiters:
                     w.cancel()
@@ -170,10 +178,12 @@ class Leadership:
             if self._lost.is_set():
                 return "another replica took over"
             try:
+                wait = min(self.ttl / 20, RETRY_SOON)  # until this renewal is known to have succeeded
                 renewed = await self._renewed()
                 if isinstance(renewed, str):
                     return renewed
                 if renewed:
+                    wait = self.ttl / 5
                     self.metrics.loop_ok("leadership")
                     continue
                 if not self.fence.valid_locally:

@@ -184,10 +184,12 @@ class Lease:
         started = time.monotonic()
         if not self.fence.valid_locally:
             return False  # too late: the lease may already belong to another replica
+        # The statement may take half a TTL, but never past the term's deadline: a second attempt must fit.
+        limit = max(0.05, min(self.fence.ttl / 2, self.fence.deadline - started))
         status = await self._run(lambda conn: conn.execute(
             "UPDATE leader_leases SET renewed_at = now(), expires_at = now() + make_interval(secs => $4)"
             " WHERE instance = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()",
-            self.fence.instance, self.fence.holder, self.fence.epoch, self.fence.ttl, timeout=self.fence.ttl / 2))
+            self.fence.instance, self.fence.holder, self.fence.epoch, self.fence.ttl, timeout=limit))
         if status.endswith(" 1"):
             self.fence.deadline = local_deadline(started, self.fence.ttl)
             return True

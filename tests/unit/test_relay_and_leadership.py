@@ -434,3 +434,55 @@ async def test_the_terms_local_deadline_comes_before_the_leases_expiry(monkeypat
     before = time.monotonic()
     assert await lease.renew()
     assert before + 3.9 <= fence.deadline <= before + 4.1
+
+
+async def test_one_renewal_that_times_out_does_not_cost_a_healthy_leader_its_term(monkeypatch):
+    """Review, stop 44: with the local deadline at 0.8 TTL, the loop's wait of TTL/5 after a failed renewal
+    left no room for a second attempt: one renewal that ran into its statement timeout deposed a leader whose
+    lease was still live in the database (and it could not take it back for a TTL). A failed renewal is tried
+    again at once, within the time left."""
+    import time
+
+    from desired.db.lease import Lease
+    from desired.errors import StoreUnavailable
+
+    ttl = 2.0
+    fence = Fence(instance="i", holder="me", ttl=ttl)
+    lease = Lease("postgresql://unused", fence)
+    expires = [0.0]  # the lease's expiry in the database, on the monotonic clock
+    renewals = [0]
+
+    async def run(fn):
+        sent = time.monotonic()
+        if fence.epoch == 0 or not fence.valid_locally:  # a campaign
+            if sent < expires[0]:
+                return None
+            expires[0] = sent + ttl
+            return fence.epoch + 1
+        renewals[0] += 1
+        if renewals[0] == 2:  # Postgres stalls: this renewal runs into its statement timeout
+            await asyncio.sleep(0.45 * ttl)
+            raise StoreUnavailable("postgres: QueryCanceledError: canceling statement due to statement timeout")
+        assert sent < expires[0]
+        expires[0] = sent + ttl
+        return "UPDATE 1"
+
+    monkeypatch.setattr(lease, "_run", run)
+    events: list[str] = []
+
+    async def elected():
+        events.append("elected")
+
+    async def deposed(reason):
+        events.append(f"deposed: {reason}")
+
+    leadership = Leadership(lease, fence, Metrics(), on_elected=elected, on_deposed=deposed)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(leadership.run(stopping))
+    try:
+        await eventually(lambda: renewals[0] >= 4, 10.0, interval=0.01)
+    finally:
+        stopping.set()
+        leadership.release()
+        await asyncio.wait_for(task, 5)
+    assert events == ["elected"]
