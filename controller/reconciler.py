@@ -65,10 +65,11 @@ from desired.errors import (
     StorageFull,
     StoreUnavailable,
     TemporaryError,
+    Unplaceable,
 )
 from desired.leader import Fence, Fenced
 from desired.model import DesiredStatus, ErrorCode, JobKind, RuntimeRecord, Status, container_name
-from desired.policy import NODE_LOSS_POLL, NodeLossPolicy
+from desired.policy import NODE_LOSS_POLL, NodeLossPolicy, rollback_target
 from desired.ports import ReconcilerStore
 from desired.values import Claimed, Crash
 from observed.backend import RuntimeBackend
@@ -231,7 +232,8 @@ class Reconciler:
                 # A node that is lost is the node-loss policy's business: the overdue job is answered, the
                 # game's desired state stays (it runs again when its node is back, or as the policy says).
                 await self.fail_if_overdue(str(key), code, exc.message, self.settings.runtime.job_timeout,
-                                           answer_only=isinstance(exc, NodeUnavailable))
+                                           answer_only=isinstance(exc, NodeUnavailable),
+                                           unplaced=isinstance(exc, Unplaceable))
             except Exception as exc:  # noqa: BLE001 - never leave a game stuck silently
                 delay = self.queue.add_rate_limited(key)
                 self.metrics.queue_retries.inc()
@@ -654,9 +656,11 @@ class Reconciler:
                     extra={"game_id": record.game_id, "error_code": code.value})
 
     async def fail_if_overdue(self, game_id: str, code: ErrorCode, message: str, timeout: float, *,
-                              answer_only: bool = False) -> None:
+                              answer_only: bool = False, unplaced: bool = False) -> None:
         """A job must not wait forever for a failure that keeps coming back. ``answer_only`` (the game's node
-        is lost): its jobs are answered with the failure, and desired state stays what they asked for."""
+        is lost): its jobs are answered with the failure, and desired state stays what they asked for. But a
+        replacement not begun for want of a node (``unplaced``) of a game still running the image it ran fails
+        as any failed replacement: back to that image (not carried out later, after Lobby heard it failed)."""
         try:
             age = await self.store.oldest_pending_age(game_id)
             if age is None or age < timeout:
@@ -673,7 +677,7 @@ class Reconciler:
                 # wait is not the job's delay. (Nothing generates in a game that is not up.)
                 return
             log.error("job waited %.0fs; failing it with %s", age, code.value, extra={"game_id": game_id})
-            if answer_only:
+            if answer_only and not (unplaced and rollback_target(record) is not None):
                 await self.store.answer_overdue(record.game_id, record.generation, code,
                                                 f"gave up waiting after {age:.0f}s: {message}")
                 return

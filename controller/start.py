@@ -23,7 +23,7 @@ from controller.storage import StateKeeper
 from controller.turns import probe_host
 from controller.units import UnitCache
 from desired import storage, versions
-from desired.errors import ContainerStartFailed, DockerUnavailable, EngineUnhealthy, ImageRejected, NodeUnavailable
+from desired.errors import ContainerStartFailed, DockerUnavailable, EngineUnhealthy, ImageRejected, Unplaceable
 from desired.model import RuntimeRecord, Status
 from desired.ports import ReconcilerStore
 from observed.backend import RuntimeBackend
@@ -69,8 +69,8 @@ class Starts:
                 # Nowhere to start the new unit (its pinned node paused or drained, no other node usable for
                 # a move): the running one is kept, and the replacement waits for a node.
                 where = f"its node {spec.node[:12]} takes no new unit" if spec.node else "no node is usable"
-                raise NodeUnavailable(f"not replacing the unit of {record.game_id}: {where} (ready and active); "
-                                      "the running unit is kept")
+                raise Unplaceable(f"not replacing the unit of {record.game_id}: {where} (ready and active); "
+                                  "the running unit is kept")
         confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
             and record.current_container_id == container.id
         if record.status is not Status.STARTING and not confirming_up:

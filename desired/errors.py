@@ -51,6 +51,12 @@ class NodeUnavailable(DockerUnavailable):
     docker_unavailable and the game left to the node-loss policy."""
 
 
+class Unplaceable(NodeUnavailable):
+    """A replacement not begun, nothing touched: no node takes its new unit now (its pinned node paused or
+    drained, none usable for a move). Retried; its job, once overdue, fails as a job that changed nothing
+    does (a patch of a running game goes back to the image that runs), not as a lost node's waits."""
+
+
 class StoreUnavailable(TemporaryError):
     code = ErrorCode.INTERNAL_ERROR
 

@@ -11,6 +11,7 @@ parts; the store's are tests/integration/test_drain_fixes.py):
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -20,6 +21,7 @@ from desired import drains
 from desired.drains import DrainAction, DrainGame, DrainStep, GameState, Restore, StepKind, Targets
 from desired.jobs import Job
 from desired.model import DesiredStatus, JobKind, OpSource, Status, StopReason
+from tests.support import eventually
 from tests.support.job_records import NOW, rec
 from tests.support.world import IMG, IMG2, World
 
@@ -227,3 +229,34 @@ async def test_a_patch_of_a_game_pinned_to_a_paused_node_keeps_its_engine(tmp_pa
     with pytest.raises(NodeUnavailable):
         await w.sync("g1")
     assert w.running("g1") == running and w.store.records["g1"].status is Status.RUNNING
+
+
+async def test_a_patch_answered_failed_because_its_node_takes_no_unit_is_not_carried_out_later(tmp_path) -> None:
+    """Review, stop 44: the replacement refused for want of a node (its pinned node paused) was answered
+    docker_unavailable once overdue, as a lost node's jobs are: desired state kept the new image, and the game
+    was patched days later, when the node was active again, with no result (Lobby had been told the patch
+    failed). Nothing was touched, so its failure now ends the generation as any failed patch of a running
+    game does: back to the image that runs."""
+    w = World(tmp_path)
+    w.backend.nodes = ["n1", "n2"]
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    running = w.running("g1")
+    w.backend.paused.add("n1")
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    s = w.settings.runtime
+    w.store.clock.advance(s.job_timeout + s.disruption_wait + 1)
+    worker = asyncio.create_task(w.reconciler.worker(0))
+    try:
+        w.reconciler.queue.add("g1")
+        await eventually(lambda: ("patch", "failure", "docker_unavailable") in w.results("g1"), 5.0, interval=0.01)
+    finally:
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+    for _ in range(3):
+        await w.sync("g1")
+    w.backend.paused.discard("n1")  # the node is active again
+    for _ in range(3):
+        rec = await w.sync("g1")
+    assert rec.status is Status.RUNNING and rec.desired_image_ref == IMG and rec.converged
+    assert w.running("g1") == running  # the engine was never replaced
