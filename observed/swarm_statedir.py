@@ -94,9 +94,11 @@ def node_lost(info: Mapping[str, str] | None) -> bool:
 
 
 def node_drained(info: Mapping[str, str] | None) -> bool:
-    """A node that is up but drained (Swarm availability ``drain``): Swarm shuts its tasks down and
-    places none there, so nothing is started on it; its engines did not crash and are not lost."""
-    return info is not None and not node_lost(info) and info.get("availability") == "drain"
+    """A node that is up but taken out of use by its operator: drained (Swarm availability ``drain``: Swarm
+    shuts its tasks down and places none there) or paused (``pause``: its tasks run on, but none is placed
+    there, so an engine that exited cannot start again there). Nothing is started on it; its engines did not
+    crash and are not lost."""
+    return info is not None and not node_lost(info) and info.get("availability") in ("drain", "pause")
 
 
 def relative_name(state_root: str, path: str) -> str:

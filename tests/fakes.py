@@ -375,7 +375,8 @@ class FakeBackend:
                                  address=self.ip_of(c) if c.state == "running" else None,
                                  admin_token=c.admin_token, node=c.node,
                                  node_lost=c.node in self.lost - self.drained and c.state != "running",
-                                 node_drained=c.node in self.drained and c.state != "running")
+                                 node_drained=(c.node in self.drained or c.node in self.paused)
+                                 and c.state != "running")
 
     def ip_of(self, c: FakeContainer) -> str:
         if c.ip:
@@ -453,9 +454,11 @@ class FakeBackend:
         c = self.containers.get(unit_id)
         if c is None:
             raise Refused(f"start: container {unit_id[:12]} is gone")
-        if c.node in self.lost or c.node in self.paused:
-            # What a Swarm does with a task pinned to a dead (or paused) node: it waits (START_WAIT). The backend
-            # refuses such a start at once; a caller that gets here anyway hangs, which a test sees.
+        if c.node in self.paused:  # as the Swarm backend: a node that takes no new task is refused at once
+            raise NodeLost(f"start: its node {c.node} is down, unreachable, drained or paused")
+        if c.node in self.lost:
+            # What a Swarm does with a task pinned to a dead node: it waits (START_WAIT). The backend refuses
+            # such a start at once; a caller that gets here anyway hangs, which a test sees.
             await asyncio.Event().wait()
         self.daemon_stopped.discard(unit_id)  # a later exit is its own
         c.started = time.monotonic()

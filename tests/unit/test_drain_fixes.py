@@ -260,3 +260,33 @@ async def test_a_patch_answered_failed_because_its_node_takes_no_unit_is_not_car
         rec = await w.sync("g1")
     assert rec.status is Status.RUNNING and rec.desired_image_ref == IMG and rec.converged
     assert w.running("g1") == running  # the engine was never replaced
+
+
+@pytest.mark.parametrize("shared", ["1", "0"])
+async def test_an_engine_that_exits_on_a_paused_node_is_treated_as_on_a_drained_one(tmp_path, shared) -> None:
+    """Review, stop 44: a paused node takes no new task, so the engine that exited there could not be started
+    again, and the planner knew lost and drained nodes only: the game stayed starting for ever, no policy
+    applied. A unit that is not running on a paused node is on a node its operator took out of use, as a
+    drained one: node_lost (no crash counted), moved with its state when the state root is shared."""
+    from desired.errors import NodeUnavailable
+
+    w = World(tmp_path, RTMANAGER_STATE_SHARED=shared, RTMANAGER_NODE_LOSS="reschedule",
+              RTMANAGER_NODE_LOSS_GRACE="1")
+    w.backend.nodes = ["n1", "n2"]
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await w.sync("g1")
+    assert rec.node_id == "n1"
+    w.backend.paused.add("n1")
+    w.backend.crash("g1")
+    for _ in range(6):
+        w.store.clock.advance(120)
+        try:
+            await w.sync("g1")
+        except NodeUnavailable:
+            pass
+    rec = w.store.records["g1"]
+    if shared == "1":
+        assert rec.status is Status.RUNNING and rec.node_id == "n2"
+    else:  # its state is on n1: it waits for the node, as for a drained one
+        assert rec.status is Status.NODE_LOST and rec.desired_status is DesiredStatus.RUNNING
+    assert rec.crash_count == 0

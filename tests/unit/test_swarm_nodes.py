@@ -65,6 +65,8 @@ def test_node_states() -> None:
     assert not node_lost({"state": "ready", "availability": "drain"}) and not node_lost(None)
     assert node_drained({"state": "ready", "availability": "drain"})
     assert not node_drained({"state": "down", "availability": "drain"}) and not node_drained(None)
+    assert node_drained({"state": "ready", "availability": "pause"})  # taken out of use too: nothing starts there
+    assert not node_drained({"state": "ready", "availability": "active"})
 
 
 def test_a_spec_that_avoids_nodes_is_placed_off_them_and_its_hash_ignores_them(backend) -> None:
