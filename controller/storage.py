@@ -202,6 +202,8 @@ class StateKeeper:
             await self._noted(record, tag, "the game was stopped before the replacement's engine answered")
             try:
                 restored = await in_thread(statedir.restore, self.root, record.state_path, tag, record.started_at)
+            except StateBusy:
+                raise  # nothing begun (no marker): the step is tried again, not left to a restore that is not pending
             except ObservedError as exc:  # the stop goes on; the restore stays pending (its marker, its copy)
                 log.error("the replacement was stopped before its engine answered, and the state directory could "
                           "not be restored from the copy: %s; the restore is pending, finished before an engine "

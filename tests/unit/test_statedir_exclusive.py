@@ -98,3 +98,36 @@ def test_the_lock_file_is_never_followed_through_a_symlink(game, tmp_path):
         with statedir.exclusive(str(root), "g1"):
             pass
     assert outside.read_text() == "x"
+
+
+async def test_a_restore_at_stop_another_process_holds_off_is_tried_again_not_taken_for_pending(tmp_path):
+    """Review, stop 44: the stop's restore took StateBusy for a restore begun and left pending, though nothing
+    was begun (no marker): the stop went on, the copy became a leftover the storage round deletes, and the
+    directory kept what the new engine half wrote. StateBusy now fails the step (temporary), to be tried
+    again; nothing is touched meanwhile."""
+    from controller.config import Settings
+    from controller.metrics import Metrics
+    from controller.storage import StateKeeper
+    from desired import storage
+    from tests.support.transition_records import S, rec
+
+    root = tmp_path / "games"
+    state = root / "g1"
+    state.mkdir(parents=True)
+    (state / "save").write_text("old engine's state")
+    keeper = StateKeeper(Settings.from_env({"RTMANAGER_STATE_ROOT": str(root)}), Metrics())
+    record = rec(S.STARTING, game_id="g1", state_path=str(state), current_container_id="a" * 64,
+                 rollback_image_ref="img:1", desired_image_ref="img:2")
+    assert storage.restores_at_stop(record, runs_replaced=False)
+    await keeper.backup(record)
+    (state / "save").write_text("new engine's half-written state")
+    other = held_by_another_process(root)
+    try:
+        with pytest.raises(StateBusy):
+            await keeper.restore_at_stop(record, runs_replaced=False)
+    finally:
+        assert other.stdin is not None
+        other.stdin.close()
+        other.wait(10)
+    await keeper.restore_at_stop(record, runs_replaced=False)  # tried again: done
+    assert (state / "save").read_text() == "old engine's state"
