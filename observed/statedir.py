@@ -23,6 +23,7 @@ OSError is translated here: no space left -> ``NoSpace``; anything else -> ``Ref
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -148,9 +149,9 @@ def _own(path_or_fd: int | str, st: os.stat_result, *, dir_fd: int | None = None
 
 
 def _copy_dir(src: int, dst: int, depth: int) -> None:
-    """Copy the entries of directory ``src`` into the empty directory ``dst`` (both fds), each file and
-    directory flushed to disk (fsync) once written: a copy is given its name, or the state it copies is
-    deleted, only after (a host that loses power must not find a complete-looking copy of empty files)."""
+    """Copy the entries of directory ``src`` into the empty directory ``dst`` (both fds). The caller flushes the
+    copy to disk (``_flush``) before it gives it its name or deletes the state it copies: a host that loses
+    power must not find a complete-looking copy of empty files."""
     if depth > MAX_DEPTH:
         raise Refused(f"the state directory is more than {MAX_DEPTH} directories deep")
     with os.scandir(src) as it:
@@ -165,7 +166,6 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
                 try:
                     _copy_dir(s, d, depth + 1)
                     _own(d, st)
-                    os.fsync(d)
                 finally:
                     os.close(d)
             finally:
@@ -179,7 +179,6 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
                     while os.sendfile(d, s, None, 1 << 24):
                         pass
                     _own(d, st)
-                    os.fsync(d)
                 finally:
                     os.close(d)
             finally:
@@ -189,6 +188,22 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
             _own(name, st, dir_fd=dst, link=True)
         else:
             log.warning("state directory: not copying %s (neither a file, a directory nor a symlink)", name)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _flush(fd: int) -> None:
+    """Everything written on the filesystem of ``fd`` on disk: one syncfs(2) for a whole copy (a copy's files
+    and directories, then its name or the deletion that gives it its meaning), where an fsync per file cost a
+    journal commit each (8 times the copy's time for 2,000 small files), while the game is down."""
+    syncfs = getattr(_libc, "syncfs", None)
+    if syncfs is None:  # not glibc: every filesystem
+        os.sync()
+        return
+    if syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _sync_dir(path: str) -> None:
@@ -210,7 +225,7 @@ def _copy_tree(source: str, target: str) -> None:
         try:
             _copy_dir(s, d, 0)
             _own(d, st)
-            os.fsync(d)
+            _flush(d)
         finally:
             os.close(d)
     finally:
@@ -399,7 +414,7 @@ def restore(root: str, path: str, tag: str, run_started: datetime | None = None)
             try:
                 _copy_dir(src, top, 0)
                 _own(top, os.fstat(src))
-                os.fsync(top)  # on disk before the marker goes: a host crash then finds the restore to do again
+                _flush(top)  # on disk before the marker goes: a host crash then finds the restore to do again
             finally:
                 os.close(src)
         finally:
