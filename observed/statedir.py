@@ -262,19 +262,33 @@ def exclusive(root: str, game: str) -> Iterator[None]:
     if game in games:  # this thread holds it already (an operation made of others)
         yield
         return
-    with _translated(f"lock of {game}'s state directory"):
-        locks = os.path.join(real_root, LOCKS)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(locks, 0o700)
-        if not _real_dir(locks):
-            raise Refused(f"{locks} is not a directory")
-        fd = os.open(os.path.join(locks, game), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
+    path = os.path.join(real_root, LOCKS, game)
+    for _ in range(3):
+        with _translated(f"lock of {game}'s state directory"):
+            locks = os.path.dirname(path)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(locks, 0o700)
+            if not _real_dir(locks):
+                raise Refused(f"{locks} is not a directory")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            named = os.lstat(path).st_ino == os.fstat(fd).st_ino
         except BlockingIOError:
+            os.close(fd)
             raise StateBusy(f"the state directory of {game} is busy: another process's file operation holds "
                             "it (a replica that lost its leadership, still finishing)") from None
+        except FileNotFoundError:
+            named = False
+        except OSError as exc:
+            os.close(fd)
+            raise Refused(f"lock of {game}'s state directory: {exc.strerror or exc}") from exc
+        if named:
+            break
+        os.close(fd)  # the file was deleted (``_drop_lock``) after it was opened here: lock the one named now
+    else:
+        raise StateBusy(f"the lock of {game}'s state directory keeps being replaced")
+    try:
         games.add(game)
         try:
             yield
@@ -282,6 +296,13 @@ def exclusive(root: str, game: str) -> Iterator[None]:
             games.discard(game)
     finally:
         os.close(fd)  # lets go of the lock
+
+
+def _drop_lock(root: str, game: str) -> None:
+    """Delete R/.locks/GAME, held by the caller (a disposal, the game's last file operation): a process that
+    opened it before locks a file no longer named, sees it (``exclusive``) and locks the one named then."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(os.path.realpath(root), LOCKS, game))
 
 
 def backup(root: str, path: str, tag: str) -> bool:
@@ -527,6 +548,7 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
             _remove(path)
             done = "deleted"
         drop_backup(root, game)
+        _drop_lock(root, game)
         return done
 
 

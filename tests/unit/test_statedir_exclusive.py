@@ -131,3 +131,41 @@ async def test_a_restore_at_stop_another_process_holds_off_is_tried_again_not_ta
         other.wait(10)
     await keeper.restore_at_stop(record, runs_replaced=False)  # tried again: done
     assert (state / "save").read_text() == "old engine's state"
+
+
+def test_a_disposed_games_lock_file_goes_and_a_lock_on_its_old_file_is_not_taken_for_the_game(game, tmp_path,
+                                                                                             monkeypatch):
+    """Review, stop 44: every game ever made left its lock file under .locks for good. The disposal (a game's
+    last file operation) deletes it while it holds it; a process that opened the file just before locks a
+    file no longer named, sees it, and locks the one named then."""
+    root, state = game
+    assert statedir.dispose(str(root), str(state), None, "g1-20260101T000000Z") == "deleted"
+    assert not os.path.exists(root / statedir.LOCKS / "g1")
+    (root / "g1").mkdir()
+    with statedir.exclusive(str(root), "g1"):
+        pass
+    real_flock, dropped = statedir.fcntl.flock, []
+
+    def flock(fd, op):  # the disposal of another process deletes the file right after this one opened it
+        if not dropped:
+            dropped.append(True)
+            os.unlink(root / statedir.LOCKS / "g1")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(statedir.fcntl, "flock", flock)
+    with statedir.exclusive(str(root), "g1"):
+        monkeypatch.setattr(statedir.fcntl, "flock", real_flock)
+        assert os.path.exists(root / statedir.LOCKS / "g1")  # the one named now is the one held
+        code = textwrap.dedent(f"""
+            import sys
+            from observed import statedir
+            from observed.errors import StateBusy
+            try:
+                with statedir.exclusive({str(root)!r}, "g1"):
+                    sys.exit(0)
+            except StateBusy:
+                sys.exit(3)
+        """)
+        other = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(
+            os.path.dirname(os.path.abspath(__file__)))), timeout=30)
+        assert other.returncode == 3
