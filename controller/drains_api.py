@@ -14,6 +14,7 @@ The leader's drain loop (controller/drains.py) carries a drain out; these only w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -49,7 +50,13 @@ class DrainApi:
         self.wake = wake  # the leader's drain loop looks at once
 
     async def list(self) -> Answer:
-        return 200, {"drains": [drain_json(d) for d in await self.store.list_drains()]}
+        found = await self.store.list_drains()
+        names: Mapping[str, str] = {}
+        if self.nodes is not None and any(d.node for d in found):
+            with contextlib.suppress(Exception):  # the Swarm API away: the list without the hostnames
+                names = await self.nodes()
+        return 200, {"drains": [{**drain_json(d), **({"node_name": names[d.node]} if d.node and d.node in names
+                                                     else {})} for d in found]}
 
     async def get(self, raw_id: str) -> Answer:
         drain_id = parse_id(raw_id)
@@ -145,6 +152,8 @@ def openapi_parts() -> tuple[dict[str, Any], dict[str, Any]]:
         "source": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
         "drained_at": nullable_time, "undrain_at": nullable_time, "undrained_at": nullable_time,
         "note": {"type": "string", "nullable": True, "description": "why a failed drain failed"},
+        "node_name": {"type": "string", "description": "GET /api/v1/drains only: the drained node's hostname "
+                                                       "(Swarm), when the Swarm answers"},
         "games": {"type": "array", "items": game, "description": "GET /api/v1/drains/{drain_id} only"},
         "counts": {"type": "object", "additionalProperties": {"type": "integer"},
                    "description": "games per state, and waiting: games in scope not taken yet"}}}

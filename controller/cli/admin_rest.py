@@ -97,8 +97,8 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
         if listed.status != 200:
             return refused(command, listed)
         want = "host" if args.host else target_
-        active = [d for d in listed.body["drains"]
-                  if d["target"] == want and d["status"] not in ("undrained", "failed")]
+        active = [d for d in listed.body["drains"] if want in (d["target"], d.get("node_name"))
+                  and d["status"] not in ("undrained", "failed")]
         by_id = target_ is not None and target_.isdigit() and not args.host and not args.node
         if by_id and active and str(active[0]["id"]) != target_:
             print(f"rtmanager undrain: {target_} is ambiguous: drain {target_}, or node {target_}'s drain "

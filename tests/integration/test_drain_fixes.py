@@ -227,6 +227,9 @@ async def test_a_drain_of_a_node_the_swarm_does_not_know_is_refused_on_rest(pool
     assert status == 400 and "no Swarm node worker9" in body["error"], body
     status, body = await api.create(api.parse({"node": "worker2"}))
     assert status == 201 and body["node"] == "nodeb", body
+    # the list names the hostname beside the id (the CLI's undrain finds a node by either)
+    status, listed = await api.list()
+    assert status == 200 and [(d["node"], d.get("node_name")) for d in listed["drains"]] == [("nodeb", "worker2")]
 
 
 async def test_a_drain_of_an_unknown_node_written_by_the_cli_fails_in_the_loop(pool):

@@ -403,7 +403,8 @@ async def test_undrain_of_a_number_that_is_also_a_drained_nodes_name_is_refused_
     so the operator who meant node 123 ended drain 123 instead (its games started again, its node used
     again). A number that is also an active drain's node is refused, naming both; --node says which."""
     url, fake = canned
-    node_drain = {**DRAIN, "id": 7, "node": "123", "target": "123"}
+    # the node's hostname is 123; the drain stores its id (the list names the hostname beside it)
+    node_drain = {**DRAIN, "id": 7, "node": "k3x9abc", "target": "k3x9abc", "node_name": "123"}
     fake.answers["GET /api/v1/drains"] = (200, {"drains": [node_drain, {**DRAIN, "id": 123}]})
     code, out, err = await admin(capsys, url, "undrain", "123")
     assert code == 2 and "ambiguous" in err and "--node" in err
@@ -475,3 +476,4 @@ async def test_doctor_does_not_say_the_api_is_disabled_when_a_tokens_file_is_set
         await local.doctor(Settings.from_env({"RTMANAGER_STATE_ROOT": str(tmp_path / "games"), **env}))
         out = capsys.readouterr().out
         assert ("answers 503" in out) is says, out
+
