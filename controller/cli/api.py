@@ -19,6 +19,7 @@ import aiohttp
 from controller.cli.common import fail
 
 SLACK = 30.0  # seconds a request may take beyond the job's own ?wait=
+CONNECT = 10.0  # seconds at most to look the API's name up and connect (within the call's own bound)
 
 
 class ApiError(Exception):
@@ -91,29 +92,41 @@ class ApiClient:
 
     async def call(self, method: str, path: str, *, query: dict[str, str] | None = None,
                    body: dict[str, Any] | None = None, timeout: float | None = None) -> Answer:
-        """``timeout``: seconds for the whole call (SLACK by default)."""
+        """``timeout``: seconds for the whole call (SLACK by default). A change (not a GET) whose answer did not
+        come once it was sent (a timeout, a cut connection, a proxy's 502 or 504 or another error page of a
+        proxy's) is ``AnswerLost``: it may have been applied. One that never left is ApiError "cannot reach"."""
         assert self._session is not None, "use the client as an async context manager"
+        total = SLACK if timeout is None else timeout
+        changes = method not in ("GET", "HEAD")
         try:
+            # connect (a name lookup, the connection) ends before the whole call can: a timeout there never left
             async with self._session.request(method, self.url + path, params=query, json=body,
-                                             timeout=aiohttp.ClientTimeout(total=SLACK if timeout is None else timeout,
-                                                                           sock_connect=SLACK)) as resp:
+                                             timeout=aiohttp.ClientTimeout(total=total,
+                                                                           connect=min(CONNECT, total / 2))) as resp:
                 text = await resp.text()
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # never sent
             raise ApiError(f"cannot reach {self.url}: {exc.__class__.__name__}: {exc}".rstrip(": ")) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            if method in ("GET", "HEAD"):
+            if not changes:
                 raise ApiError(f"cannot reach {self.url}: {exc.__class__.__name__}: {exc}".rstrip(": ")) from None
-            game = path.split("/")[4] if path.startswith("/api/v1/runtimes/") and path.count("/") >= 5 else None
-            where = f"`rtmanager operations {game}`" if game else "GET /api/v1/operations"
-            raise AnswerLost(f"{method} {path} was sent and its answer was lost ({exc.__class__.__name__}): it may "
-                             f"have been applied; see {where} before sending it again") from None
-        if not text:
-            return Answer(resp.status, None)
+            raise self._lost(method, path, exc.__class__.__name__) from None
         try:
-            return Answer(resp.status, json.loads(text))
+            parsed = json.loads(text) if text else None
         except ValueError:
+            parsed = ValueError
+        if changes and (resp.status in (502, 504) or (resp.status >= 500 and parsed is ValueError)):
+            raise self._lost(method, path, f"HTTP {resp.status} from what stands between (a proxy)")
+        if parsed is ValueError:
             raise ApiError(f"{method} {path}: HTTP {resp.status} with a body that is not JSON: "
                            f"{text[:200]!r}") from None
+        return Answer(resp.status, parsed)
+
+    @staticmethod
+    def _lost(method: str, path: str, why: str) -> AnswerLost:
+        game = path.split("/")[4] if path.startswith("/api/v1/runtimes/") and path.count("/") >= 5 else None
+        where = f"`rtmanager operations {game}`" if game else "GET /api/v1/operations"
+        return AnswerLost(f"{method} {path} was sent and its answer was lost ({why}): it may have been applied; "
+                          f"see {where} before sending it again")
 
 
 async def with_api(args: argparse.Namespace, command: Callable[[ApiClient], Awaitable[int]]) -> int:

@@ -477,3 +477,52 @@ async def test_doctor_does_not_say_the_api_is_disabled_when_a_tokens_file_is_set
         out = capsys.readouterr().out
         assert ("answers 503" in out) is says, out
 
+
+async def test_a_proxys_error_page_after_a_change_was_forwarded_exits_3_and_a_hung_lookup_is_unreached(
+        capsys, monkeypatch):
+    """Review, stop 44: a reverse proxy that times out after forwarding a job answers 504 (or 502) with its own
+    page: that read as a refusal, exit 1, and the operator sent the job again. And a name lookup that never
+    answered ran into the call's whole timeout, read as "sent and its answer lost". A change answered 502 or
+    504 (or an error page that is not the API's JSON) may have been applied: exit 3; a lookup or connect
+    that does not end is "cannot reach", exit 1."""
+    import argparse
+    import os
+
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from controller.cli import api as api_module
+    from controller.cli import runtimes
+    from controller.cli.api import with_api
+
+    seen = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        return web.Response(status=504, text="<html><h1>504 Gateway Time-out</h1></html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    srv = TestServer(app, host="127.0.0.1")
+    await srv.start_server()
+    monkeypatch.setitem(os.environ, "RTMANAGER_API_TOKEN", "t" * 32)
+
+    def job(url: str):
+        args = argparse.Namespace(command="force-next-turn", game_id="g1", wait=0, json=False, url=url,
+                                  token_file=None)
+        return with_api(args, lambda c: runtimes._job(c, args))
+
+    try:
+        assert await job(f"http://127.0.0.1:{srv.port}") == 3 and seen == ["POST"]
+        assert "may have been applied" in capsys.readouterr().err
+    finally:
+        await srv.close()
+
+    async def hang(self, *a, **k):
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(aiohttp.TCPConnector, "_resolve_host", hang)
+    monkeypatch.setattr(api_module, "SLACK", 0.5)
+    assert await job("http://rtmanager.example:8090") == 1
+    assert "cannot reach" in capsys.readouterr().err
