@@ -184,8 +184,9 @@ class Lease:
         started = time.monotonic()
         if not self.fence.valid_locally:
             return False  # too late: the lease may already belong to another replica
-        # The statement may take half a TTL, but never past the term's deadline: a second attempt must fit.
-        limit = max(0.05, min(self.fence.ttl / 2, self.fence.deadline - started))
+        # The statement may take half a TTL, and at most half the time the term has left: a second attempt of the
+        # same size (after a new connection, the failed one's being closed) must fit before the deadline.
+        limit = max(0.05, min(self.fence.ttl / 2, (self.fence.deadline - started) / 2))
         status = await self._run(lambda conn: conn.execute(
             "UPDATE leader_leases SET renewed_at = now(), expires_at = now() + make_interval(secs => $4)"
             " WHERE instance = $1 AND holder = $2 AND epoch = $3 AND expires_at > now()",

@@ -486,3 +486,78 @@ async def test_one_renewal_that_times_out_does_not_cost_a_healthy_leader_its_ter
         leadership.release()
         await asyncio.wait_for(task, 5)
     assert events == ["elected"]
+
+
+class StallingConnection:
+    """The lease's connection: the second renewal stalls past the statement timeout the client gives."""
+
+    def __init__(self, world: dict) -> None:
+        self.world = world
+        self.closed = False
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def terminate(self) -> None:
+        self.closed = True
+
+    async def execute(self, sql, *args, timeout=None):
+        import time
+        w = self.world
+        w["renewals"] += 1
+        if w["renewals"] == 2:
+            await asyncio.sleep(timeout)
+            raise TimeoutError()
+        await asyncio.sleep(0.005)
+        assert time.monotonic() < w["expires"], "renewed after the lease expired"
+        w["expires"] = time.monotonic() + w["ttl"]
+        return "UPDATE 1"
+
+
+async def test_a_renewal_timed_out_leaves_room_for_a_reconnect_and_a_second_attempt(monkeypatch):
+    """Review, stop 44: a renewal that ran into its real statement timeout (half a TTL) left its retry a
+    twentieth of the TTL, and the retry had to connect again first (the failed attempt closes the
+    connection): a 150 ms connect deposed a leader whose lease was live. A renewal's statement may take at
+    most half the time the term has left, so a second attempt of the same size fits."""
+    import time
+
+    from desired.db.lease import Lease
+
+    ttl = 2.0
+    fence = Fence(instance="i", holder="me", ttl=ttl)
+    lease = Lease("postgresql://unused", fence)
+    world = {"renewals": 0, "ttl": ttl, "expires": 0.0}
+
+    async def connection():
+        if lease._conn is None or lease._conn.is_closed():
+            await asyncio.sleep(0.15)  # TCP, TLS and SCRAM to a database across a network
+            lease._conn = StallingConnection(world)  # type: ignore[assignment]
+        return lease._conn
+
+    async def acquire(*, reclaim=False):
+        started = time.monotonic()
+        fence.epoch += 1
+        fence.deadline = started + ttl * 0.8
+        world["expires"] = started + ttl
+        return fence.epoch
+
+    monkeypatch.setattr(lease, "_connection", connection)
+    monkeypatch.setattr(lease, "acquire", acquire)
+    events: list[str] = []
+
+    async def elected():
+        events.append("elected")
+
+    async def deposed(reason):
+        events.append(f"deposed: {reason}")
+
+    leadership = Leadership(lease, fence, Metrics(), on_elected=elected, on_deposed=deposed)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(leadership.run(stopping))
+    try:
+        await eventually(lambda: world["renewals"] >= 5, 10.0, interval=0.01)
+    finally:
+        stopping.set()
+        leadership.release()
+        await asyncio.wait_for(task, 5)
+    assert events == ["elected"]
