@@ -401,8 +401,10 @@ def drain_moved(cur: RuntimeRecord, now: datetime, *, node: str | None, forced: 
 
 
 def stopped_for_node_loss(cur: RuntimeRecord, now: datetime, *, message: str) -> RuntimeRecord:
-    """The node-loss policy stops the game: desired stopped, a new generation (as a crash loop's). No error code:
-    an earlier one left on the record is not why (a canary's rollout reads it as its engine's failure)."""
+    """The node-loss policy stops the game: desired stopped, a new generation (as a crash loop's). Its error is
+    the stop's own, the code its jobs are answered with (container_start_failed), never one an earlier
+    failure left on the record (a canary's rollout would read that history as this stop's cause)."""
     return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
-                                    rolling_back=False, restart_not_before=None, last_error_code=None,
+                                    rolling_back=False, restart_not_before=None,
+                                    last_error_code=ErrorCode.CONTAINER_START_FAILED,
                                     last_error_message=message, last_op_at=_touch(cur, now)))

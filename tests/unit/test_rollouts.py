@@ -426,9 +426,11 @@ def test_a_target_version_the_registry_no_longer_allows_stops_the_rollout(entry,
         assert got is not None and refused in got, got
 
 
-def test_a_canary_the_node_loss_policy_stops_is_not_a_failed_canary_whatever_error_it_had_before():
+def test_a_canary_the_node_loss_policy_stops_is_judged_by_that_stop_not_by_an_earlier_error():
     """Review, stop 44: the node-loss stop kept the record's last error code from long before (a turn answered
-    engine_unreachable weeks ago), so the canary stopped by it read as failed by its engine."""
+    engine_unreachable weeks ago): whether the canary counted as failed depended on that history. The stop
+    now carries its own code (container_start_failed, what its jobs are answered): a canary whose game the
+    policy stopped pauses the rollout, saying its node was lost, whatever came before."""
     from desired import transitions
 
     g = RolloutGame(rollout_id=1, game_id="g1", position=0, state=P, canary=True, from_image_ref=OLD,
@@ -438,5 +440,10 @@ def test_a_canary_the_node_loss_policy_stops_is_not_a_failed_canary_whatever_err
     lost = transitions.node_lost(running, NOW + timedelta(seconds=2), node="n1")
     stopped = transitions.stopped_for_node_loss(lost, NOW + timedelta(seconds=5),
                                                 message="stopped: its node n1 was lost for more than 60s")
-    assert stopped.last_error_code is None and "n1" in (stopped.last_error_message or "")
-    assert follow(rollout(), g, _op(OpStatus.SUCCEEDED), stopped, LATER).state is S
+    assert stopped.last_error_code is ErrorCode.CONTAINER_START_FAILED
+    clean = transitions.stopped_for_node_loss(transitions.node_lost(running.replace(last_error_code=None),
+                                                                    NOW + timedelta(seconds=2), node="n1"),
+                                              NOW + timedelta(seconds=5), message="stopped: its node n1 was lost")
+    for rec_ in (stopped, clean):
+        v = follow(rollout(), g, _op(OpStatus.SUCCEEDED), rec_, LATER)
+        assert v.state is F and "node n1 was lost" in v.reason
