@@ -510,6 +510,7 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
             raise Refused(f"a restore of {path} is pending: not archived, its copy is kept")  # finishes it first
         if not os.path.lexists(path):
             drop_backup(root, game)
+            _drop_lock(root, game)
             return "absent"
         if archive_dir:
             os.makedirs(archive_dir, 0o700, exist_ok=True)

@@ -141,6 +141,9 @@ def test_a_disposed_games_lock_file_goes_and_a_lock_on_its_old_file_is_not_taken
     root, state = game
     assert statedir.dispose(str(root), str(state), None, "g1-20260101T000000Z") == "deleted"
     assert not os.path.exists(root / statedir.LOCKS / "g1")
+    # review: a directory already gone (Swarm with node-local state: every disposal on the controller's host)
+    assert statedir.dispose(str(root), str(state), None, "g1-20260101T000000Z") == "absent"
+    assert not os.path.exists(root / statedir.LOCKS / "g1")
     (root / "g1").mkdir()
     with statedir.exclusive(str(root), "g1"):
         pass
