@@ -148,10 +148,11 @@ def _own(path_or_fd: int | str, st: os.stat_result, *, dir_fd: int | None = None
     os.utime(path_or_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _copy_dir(src: int, dst: int, depth: int) -> None:
+def _copy_dir(src: int, dst: int, depth: int, each: bool = False) -> None:
     """Copy the entries of directory ``src`` into the empty directory ``dst`` (both fds). The caller flushes the
-    copy to disk (``_flush``) before it gives it its name or deletes the state it copies: a host that loses
-    power must not find a complete-looking copy of empty files."""
+    copy to disk (``_flush``; or ``each``: every file and directory fsynced as it is written) before it gives
+    it its name or deletes the state it copies: a host that loses power must not find a complete-looking copy
+    of empty files."""
     if depth > MAX_DEPTH:
         raise Refused(f"the state directory is more than {MAX_DEPTH} directories deep")
     with os.scandir(src) as it:
@@ -164,8 +165,10 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
             try:
                 d = os.open(name, _DIR, dir_fd=dst)
                 try:
-                    _copy_dir(s, d, depth + 1)
+                    _copy_dir(s, d, depth + 1, each)
                     _own(d, st)
+                    if each:
+                        os.fsync(d)
                 finally:
                     os.close(d)
             finally:
@@ -179,6 +182,8 @@ def _copy_dir(src: int, dst: int, depth: int) -> None:
                     while os.sendfile(d, s, None, 1 << 24):
                         pass
                     _own(d, st)
+                    if each:
+                        os.fsync(d)
                 finally:
                     os.close(d)
             finally:
@@ -215,7 +220,7 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _copy_tree(source: str, target: str) -> None:
+def _copy_tree(source: str, target: str, each: bool = False) -> None:
     """``source`` (a real directory) to the new directory ``target``, with its metadata, on disk (``_copy_dir``)."""
     s = os.open(source, _DIR)
     try:
@@ -223,9 +228,12 @@ def _copy_tree(source: str, target: str) -> None:
         os.mkdir(target, 0o700)
         d = os.open(target, _DIR)
         try:
-            _copy_dir(s, d, 0)
+            _copy_dir(s, d, 0, each)
             _own(d, st)
-            _flush(d)
+            if each:
+                os.fsync(d)
+            else:
+                _flush(d)
         finally:
             os.close(d)
     finally:
@@ -533,7 +541,9 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
                     tmp = target + ".tmp"
                     _remove(tmp)
                     try:
-                        _copy_tree(path, tmp)
+                        # Each file fsynced (its errors reported whatever the kernel; a FUSE archive told):
+                        # the original is deleted on its word, and an archive is not on a game's downtime.
+                        _copy_tree(path, tmp, each=True)
                     except Exception as copy_exc:  # the archive's filesystem full, a tree too deep: no partial copy
                         with contextlib.suppress(OSError, RecursionError):
                             _remove(tmp)

@@ -387,8 +387,8 @@ def test_an_archive_filesystem_that_fills_up_keeps_no_partial_copy_and_says_whic
     _across_filesystems(monkeypatch, state)
     real_copy = statedir._copy_tree
 
-    def full(src, dst):
-        real_copy(src, dst)
+    def full(src, dst, **kw):
+        real_copy(src, dst, **kw)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(statedir, "_copy_tree", full)
@@ -405,8 +405,8 @@ def test_an_archive_of_a_tree_too_deep_keeps_no_partial_copy(world, tmp_path, mo
     _across_filesystems(monkeypatch, state)
     real_copy = statedir._copy_tree
 
-    def too_deep(src, dst):
-        real_copy(src, dst)
+    def too_deep(src, dst, **kw):
+        real_copy(src, dst, **kw)
         raise Refused("too deep")
 
     monkeypatch.setattr(statedir, "_copy_tree", too_deep)
