@@ -119,6 +119,14 @@ class ProxySettings:
 # Requests one game's engine is sent at once through the pass-through: more are answered 503 at once. One game's
 # players (or one hung engine) cannot hold the connections every other game's requests need (the total is 256).
 PER_GAME_IN_FLIGHT = 32
+TOTAL_IN_FLIGHT = 256  # the pass-through's connections (its connector's limit)
+MIN_SHARE = 2  # requests a game may always have under way
+
+
+def game_share(games_busy: int) -> int:
+    """Requests one game may have under way while ``games_busy`` games (itself included) have some: a fair
+    share that always leaves one more share free for a game with none, at most PER_GAME_IN_FLIGHT."""
+    return max(MIN_SHARE, min(PER_GAME_IN_FLIGHT, TOTAL_IN_FLIGHT // (games_busy + 1)))
 
 
 class EngineRoutes:
@@ -151,7 +159,8 @@ class EngineRoutes:
         if self._session is None or self._session.closed:
             # A fresh connection per exchange: nothing is retried, and an engine replaced at the same
             # address never gets another's connection. auto_decompress off: the bytes go through as sent.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=256),
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True,
+                                                                                 limit=TOTAL_IN_FLIGHT),
                                                   auto_decompress=False, read_bufsize=CHUNK,
                                                   skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept",
                                                                      "Content-Type"))
@@ -219,9 +228,11 @@ class EngineRoutes:
             return found
         record, host = found
         game = record.game_id
-        if self._in_flight.get(game, 0) >= PER_GAME_IN_FLIGHT:
-            return web.json_response({"error": f"game {game}: {PER_GAME_IN_FLIGHT} requests to its engine are under "
-                                               "way already; send this again later"}, status=503,
+        mine = self._in_flight.get(game, 0)
+        share = game_share(len(self._in_flight) + (0 if mine else 1))
+        if mine >= share or sum(self._in_flight.values()) >= TOTAL_IN_FLIGHT:
+            return web.json_response({"error": f"game {game}: {mine} requests to its engine are under way already "
+                                               f"(its share now: {share}); send this again later"}, status=503,
                                      headers={"Retry-After": "1"})
         self._in_flight[game] = self._in_flight.get(game, 0) + 1
         try:

@@ -28,6 +28,7 @@ from desired.jobs import ImageAllowlist
 from desired.model import DesiredStatus, RuntimeRecord, Status
 from observed.engine import EngineClient
 from tests.fakes import FakeStore, defaults
+from tests.support import eventually
 
 ADMIN_PATH = "/admin/v1"
 GATEWAY = "g" * 16 + "-gateway-secret"
@@ -386,4 +387,44 @@ async def test_one_games_requests_in_flight_do_not_starve_the_other_games(proxy:
             t.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
     finally:
+        await other.close()
+
+
+async def test_a_few_slow_games_together_do_not_starve_the_other_games(proxy: Proxy) -> None:
+    """Review, stop 44: with a cap of 32 a game, eight slow games still took all 256 connections, and a ninth
+    game's 1 ms request waited until its deadline. A game's share shrinks with the number of games that have
+    requests under way, so some connections are always left for a game that has none."""
+    other = TestServer(engine_app([]), host="127.0.0.1")
+    await other.start_server()
+    real_locate = proxy.locate
+
+    async def locate(record: RuntimeRecord) -> str | None:
+        return f"127.0.0.1:{other.port}" if record.game_id == "other" else await real_locate(record)
+
+    routes = proxy.server.engine_routes  # type: ignore[attr-defined]
+    routes.locate = locate
+    routes.settings = dataclasses.replace(routes.settings, timeout=5.0)
+    from controller import engine_proxy
+
+    slow = [f"s{i}" for i in range(8)]
+    for g in [*slow, "other"]:
+        proxy.game(g, Status.RUNNING)
+    players = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))  # the players: no pool of their own
+
+    async def ask(game: str) -> int:
+        async with players.get(f"http://127.0.0.1:{proxy.client.port}/api/v1/runtimes/{game}/engine/proxy/slow",
+                               headers={"Authorization": f"Bearer {GATEWAY}"}) as resp:
+            return resp.status
+
+    try:
+        flood = [asyncio.create_task(ask(g)) for g in slow for _ in range(40)]
+        await eventually(lambda: sum(routes._in_flight.values()) >= 250, 10.0, interval=0.01)  # all under way
+        status, body, _ = await asyncio.wait_for(proxy.call("GET", "/api/v1/runtimes/other/engine/proxy/games/1"), 2.0)
+        assert status == 200, body
+        assert sum(routes._in_flight.values()) < engine_proxy.TOTAL_IN_FLIGHT
+        for t in flood:
+            t.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+    finally:
+        await players.close()
         await other.close()
