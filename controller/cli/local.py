@@ -10,6 +10,8 @@ from controller.access import cli_actor
 from controller.cli.common import open_backend, open_store, open_streams
 from controller.config import Settings
 from controller.logs import redact_url
+from controller.tokens import InvalidTokens
+from controller.tokens import load as load_tokens
 from desired import versions
 
 if TYPE_CHECKING:
@@ -242,8 +244,14 @@ async def doctor(settings: Settings) -> int:
         say(False, "docker daemon", str(exc))
     writable, exists = _state_root(settings.storage.state_root)
     say(writable, f"state root {settings.storage.state_root}", "" if exists else "missing; it will be created")
-    if not settings.http.api_token and not settings.http.api_tokens_file:
-        print("info RTMANAGER_API_TOKEN and RTMANAGER_API_TOKENS_FILE are empty: the REST API answers 503")
+    try:
+        tokens = load_tokens(settings.http.api_tokens_file or None, settings.http.api_token)
+    except (InvalidTokens, OSError) as exc:
+        say(False, "RTMANAGER_API_TOKENS_FILE", str(exc))
+    else:
+        if not tokens:
+            print("info no API token (RTMANAGER_API_TOKEN empty, RTMANAGER_API_TOKENS_FILE without one): the REST "
+                  "API answers 503")
     return 1 if problems else 0
 
 

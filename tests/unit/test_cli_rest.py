@@ -472,7 +472,9 @@ async def test_doctor_does_not_say_the_api_is_disabled_when_a_tokens_file_is_set
         monkeypatch.setattr(local, name, None)
     tokens = tmp_path / "tokens"
     tokens.write_text("boss admin " + "a" * 32 + "\n")
-    for env, says in (({"RTMANAGER_API_TOKENS_FILE": str(tokens)}, False), ({}, True)):
+    (tmp_path / "empty").write_text("# no token yet\n")
+    for env, says in (({"RTMANAGER_API_TOKENS_FILE": str(tokens)}, False), ({}, True),
+                      ({"RTMANAGER_API_TOKENS_FILE": str(tmp_path / "empty")}, True)):
         await local.doctor(Settings.from_env({"RTMANAGER_STATE_ROOT": str(tmp_path / "games"), **env}))
         out = capsys.readouterr().out
         assert ("answers 503" in out) is says, out
