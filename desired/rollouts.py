@@ -359,9 +359,9 @@ def _hold(rollout: Rollout, game: RolloutGame, record: RuntimeRecord, since: dat
         return Verdict(state=GameState.SKIPPED, reason="moved off the target by another job during its canary hold")
     if (record.desired_status is DesiredStatus.STOPPED and record.stop_reason is None
             and record.last_error_code in ENGINE_EVIDENCE and record.last_op_at >= since):
-        # Stopped by a failure, not by a job (a stop always gives its reason) nor by the node-loss policy (no
-        # code) or an outage (its code): the target's engine did not come back from a restart or a move during
-        # the hold.
+        # Stopped by a failure, not by a job (a stop always gives its reason) nor by the node-loss policy or an
+        # outage (their code, docker_unavailable): the target's engine did not come back from a restart or a
+        # move during the hold.
         return _canary_failed(rollout, game, record, f"canary's engine failed within its hold "
                                                      f"({record.last_error_code.value}: "
                                                      f"{record.last_error_message or 'no message'})")

@@ -402,9 +402,9 @@ def drain_moved(cur: RuntimeRecord, now: datetime, *, node: str | None, forced: 
 
 def stopped_for_node_loss(cur: RuntimeRecord, now: datetime, *, message: str) -> RuntimeRecord:
     """The node-loss policy stops the game: desired stopped, a new generation (as a crash loop's). Its error is
-    the stop's own, the code its jobs are answered with (container_start_failed), never one an earlier
-    failure left on the record (a canary's rollout would read that history as this stop's cause)."""
+    the stop's own, never one an earlier failure left on the record (a canary's rollout would read that
+    history as this stop's cause): docker_unavailable, the node out of reach, not the engine's failure."""
     return turn_unasked(cur.replace(desired_status=DesiredStatus.STOPPED, generation=cur.generation + 1,
                                     rolling_back=False, restart_not_before=None,
-                                    last_error_code=ErrorCode.CONTAINER_START_FAILED,
+                                    last_error_code=ErrorCode.DOCKER_UNAVAILABLE,
                                     last_error_message=message, last_op_at=_touch(cur, now)))
