@@ -553,6 +553,7 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
                         raise
                     os.rename(tmp, target)
                     _sync_dir(os.path.dirname(target))  # the copy under its name on disk before the original goes
+                    _sync_dir(os.path.dirname(os.path.dirname(target)))  # and the archive directory, made just now?
                     _remove(path)
             done = "archived"
         else:

@@ -112,4 +112,5 @@ def test_an_archive_on_another_filesystem_is_on_disk_before_the_directory_goes(g
     files = {os.path.join(dp, n).replace(str(target), tmp, 1) for dp, ds, fs in os.walk(target) for n in ds + fs}
     assert files | {tmp} <= journal.synced_before(removed)
     assert str(archive) in journal.synced_before(removed)  # the new name itself
+    assert str(tmp_path) in journal.synced_before(removed)  # and the archive directory's, made by this archive
     assert (target / "engine" / "turn-41.sav").read_bytes() == b"x" * 100_000
