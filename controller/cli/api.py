@@ -114,7 +114,7 @@ class ApiClient:
             parsed = json.loads(text) if text else None
         except ValueError:
             parsed = ValueError
-        if changes and (resp.status in (502, 504) or (resp.status >= 500 and parsed is ValueError)):
+        if changes and (resp.status in (502, 504) or (resp.status >= 500 and not isinstance(parsed, dict))):
             raise self._lost(method, path, f"HTTP {resp.status} from what stands between (a proxy)")
         if parsed is ValueError:
             raise ApiError(f"{method} {path}: HTTP {resp.status} with a body that is not JSON: "
