@@ -14,6 +14,7 @@ The leader's drain loop (controller/drains.py) carries a drain out; these only w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable, Mapping
@@ -39,6 +40,10 @@ def parse_id(raw: str) -> int | None:
     return int(raw)
 
 
+NAMES_WAIT = 2.0  # seconds the drains list waits for the Swarm's node names
+ACTIVE = frozenset({drains.DrainStatus.DRAINING, drains.DrainStatus.DRAINED, drains.DrainStatus.UNDRAINING})
+
+
 class DrainApi:
     def __init__(self, store: DrainStore, *, backend: str, state_shared: bool,
                  wake: Callable[[], None] = lambda: None,
@@ -52,11 +57,14 @@ class DrainApi:
     async def list(self) -> Answer:
         found = await self.store.list_drains()
         names: Mapping[str, str] = {}
-        if self.nodes is not None and any(d.node for d in found):
-            with contextlib.suppress(Exception):  # the Swarm API away: the list without the hostnames
-                names = await self.nodes()
+        if self.nodes is not None and any(d.node and d.status in ACTIVE for d in found):
+            # The hostnames of the nodes of active drains only, and never waited for long: the list answers
+            # without them when the Swarm API is slow or away.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(NAMES_WAIT):
+                    names = await self.nodes()
         return 200, {"drains": [{**drain_json(d), **({"node_name": names[d.node]} if d.node and d.node in names
-                                                     else {})} for d in found]}
+                                                     and d.status in ACTIVE else {})} for d in found]}
 
     async def get(self, raw_id: str) -> Answer:
         drain_id = parse_id(raw_id)

@@ -96,14 +96,22 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
         listed = await client.call("GET", "/api/v1/drains")
         if listed.status != 200:
             return refused(command, listed)
-        want = "host" if args.host else target_
-        active = [d for d in listed.body["drains"] if want in (d["target"], d.get("node_name"))
-                  and d["status"] not in ("undrained", "failed")]
+        live = [d for d in listed.body["drains"] if d["status"] not in ("undrained", "failed")]
+        if args.host:
+            active = [d for d in live if d["target"] == "host"]
+        else:
+            active = [d for d in live if d["target"] != "host" and target_ in (d["target"], d.get("node_name"))]
         by_id = target_ is not None and target_.isdigit() and not args.host and not args.node
-        if by_id and active and str(active[0]["id"]) != target_:
-            print(f"rtmanager undrain: {target_} is ambiguous: drain {target_}, or node {target_}'s drain "
-                  f"{active[0]['id']}; say `undrain --node {target_}` for the node", file=sys.stderr)
+        unnamed = [d for d in live if d["target"] != "host" and "node_name" not in d]
+        if by_id and not args.id and (active and str(active[0]["id"]) != target_ or unnamed):
+            # a number that is (or, the Swarm not naming its nodes now, may be) a drained node's hostname
+            which = f"node {target_}'s drain {active[0]['id']}" if active else "a drained node's hostname"
+            print(f"rtmanager undrain: {target_} is ambiguous: drain {target_}, or {which}; say `undrain --node "
+                  f"{target_}` for the node (or try again when the Swarm answers)", file=sys.stderr)
             return 2
+        if not by_id and len(active) > 1:
+            ids = ", ".join(str(d["id"]) for d in active)
+            return fail(command, f"node {target_} names more than one drained node (drains {ids}); undrain by id")
         if by_id:
             drain_id = target_
         else:

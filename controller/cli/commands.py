@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     unp.add_argument("target", nargs="?", metavar="ID|NODE")
     unp.add_argument("--host", action="store_true")
     unp.add_argument("--node", action="store_true", help="TARGET is a node's name (or id), even all digits")
+    unp.add_argument("--id", action="store_true", help="TARGET is a drain's id (an all-digit node name aside)")
     dsp = sub.add_parser("drains", parents=[api], help="list the drains, or show one with its games")
     dsp.add_argument("id", nargs="?", type=int, metavar="ID")
     dsp.add_argument("--json", action="store_true")

@@ -39,7 +39,7 @@ async def drains(settings: Settings, args: argparse.Namespace) -> int:
             target = args.target
             found = await store.active_drain(None if args.host else target)
             by_id = target is not None and target.isdigit() and not args.host and not args.node
-            if by_id and found is not None and found.id != int(target):
+            if by_id and not args.id and found is not None and found.id != int(target):
                 print(f"rtmanager undrain: {target} is ambiguous: drain {target}, or node {target}'s drain "
                       f"{found.id}; say `undrain --node {target}` for the node", file=sys.stderr)
                 return 2

@@ -280,3 +280,50 @@ async def test_a_crash_on_a_drained_target_is_not_restarted(tmp_path) -> None:
     held.clear()
     rec = await w.sync("g1")
     assert rec.status is Status.RUNNING and len(w.running("g1")) == 1  # no drain: restarted as before
+
+
+async def test_the_drains_list_names_active_nodes_without_waiting_long_for_the_swarm(monkeypatch):
+    """Review, stop 44: the drains list read the Swarm's node list for every node drain ever made, uncached
+    and unbounded: a slow Swarm held GET /api/v1/drains (and undrain, and the console's poll) for up to the
+    daemon's timeout. Only active drains are named, and the names are waited for NAMES_WAIT at most."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from controller import drains_api
+    from controller.drains_api import DrainApi
+    from desired.drains import Drain, DrainStatus, OnDeadline
+
+    now = datetime.now(UTC)
+
+    def drain(i: int, status: DrainStatus) -> Drain:
+        return Drain(id=i, node=f"node{i}", max_parallel=1, deadline_at=now, on_deadline=OnDeadline.MOVE,
+                     local_state=None, state_shared=True, status=status, source="admin", created_at=now)
+
+    class Store:
+        def __init__(self, found):
+            self.found = found
+
+        async def list_drains(self):
+            return self.found
+
+    asked = []
+
+    async def slow_nodes():
+        asked.append(1)
+        await asyncio.sleep(30)
+        return {}
+
+    async def nodes():
+        asked.append(1)
+        return {"node1": "worker1", "node2": "worker2"}
+
+    monkeypatch.setattr(drains_api, "NAMES_WAIT", 0.1)
+    over = DrainApi(Store([drain(1, DrainStatus.UNDRAINED)]), backend="swarm", state_shared=True, nodes=slow_nodes)
+    assert (await asyncio.wait_for(over.list(), 1))[0] == 200 and asked == []  # nothing active: not asked
+    live = DrainApi(Store([drain(1, DrainStatus.DRAINING)]), backend="swarm", state_shared=True, nodes=slow_nodes)
+    status, body = await asyncio.wait_for(live.list(), 1)  # the Swarm slow: the list without the names
+    assert status == 200 and "node_name" not in body["drains"][0]
+    named = DrainApi(Store([drain(1, DrainStatus.DRAINED), drain(2, DrainStatus.UNDRAINED)]), backend="swarm",
+                     state_shared=True, nodes=nodes)
+    status, body = await named.list()
+    assert [d.get("node_name") for d in body["drains"]] == ["worker1", None]
