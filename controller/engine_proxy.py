@@ -120,13 +120,23 @@ class ProxySettings:
 # players (or one hung engine) cannot hold the connections every other game's requests need (the total is 256).
 PER_GAME_IN_FLIGHT = 32
 TOTAL_IN_FLIGHT = 256  # the pass-through's connections (its connector's limit)
-MIN_SHARE = 2  # requests a game may always have under way
+RESERVE = 32  # the last connections: only for games with fewer than MIN_SHARE requests under way
+MIN_SHARE = 2
 
 
-def game_share(games_busy: int) -> int:
-    """Requests one game may have under way while ``games_busy`` games (itself included) have some: a fair
-    share that always leaves one more share free for a game with none, at most PER_GAME_IN_FLIGHT."""
-    return max(MIN_SHARE, min(PER_GAME_IN_FLIGHT, TOTAL_IN_FLIGHT // (games_busy + 1)))
+def refusal(mine: int, total: int) -> str | None:
+    """Why a game with ``mine`` requests under way, ``total`` in all, may not send another now (None: it may).
+    Bounded only under contention: while the pool has room a game may have PER_GAME_IN_FLIGHT; its last
+    RESERVE connections go to games with fewer than MIN_SHARE, so a few slow games (or hung engines) never
+    leave the others nothing."""
+    if total >= TOTAL_IN_FLIGHT:
+        return f"all {TOTAL_IN_FLIGHT} connections of the pass-through are in use"
+    if mine >= PER_GAME_IN_FLIGHT:
+        return f"{mine} requests to its engine are under way already"
+    if total >= TOTAL_IN_FLIGHT - RESERVE and mine >= MIN_SHARE:
+        return (f"{mine} requests to its engine are under way and the pass-through is nearly full "
+                f"({total} of {TOTAL_IN_FLIGHT})")
+    return None
 
 
 class EngineRoutes:
@@ -228,11 +238,9 @@ class EngineRoutes:
             return found
         record, host = found
         game = record.game_id
-        mine = self._in_flight.get(game, 0)
-        share = game_share(len(self._in_flight) + (0 if mine else 1))
-        if mine >= share or sum(self._in_flight.values()) >= TOTAL_IN_FLIGHT:
-            return web.json_response({"error": f"game {game}: {mine} requests to its engine are under way already "
-                                               f"(its share now: {share}); send this again later"}, status=503,
+        why = refusal(self._in_flight.get(game, 0), sum(self._in_flight.values()))
+        if why is not None:
+            return web.json_response({"error": f"game {game}: {why}; send this again later"}, status=503,
                                      headers={"Retry-After": "1"})
         self._in_flight[game] = self._in_flight.get(game, 0) + 1
         try:

@@ -430,3 +430,48 @@ async def test_a_few_slow_games_together_do_not_starve_the_other_games(proxy: Pr
     finally:
         await players.close()
         await other.close()
+
+
+@pytest.mark.parametrize("case", ["many games with one request each", "nine slow games one after another"])
+async def test_the_pass_throughs_bounds_hold_under_contention_only(proxy: Proxy, case: str) -> None:
+    """Review, stop 44: the share shrank with the number of busy games, not the connections in use: with 127
+    games at one request each (129 of 256 in use) a game's third request was refused; and nine slow games
+    reached one after another still took all 256, the tenth game refused at once. Each game may have 32
+    under way while the pool has room; the last RESERVE connections are for games with fewer than two."""
+    from controller import engine_proxy
+
+    routes = proxy.server.engine_routes  # type: ignore[attr-defined]
+    routes.settings = dataclasses.replace(routes.settings, timeout=30.0)
+    players = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def ask(game: str, path: str = "slow") -> int:
+        async with players.get(f"http://127.0.0.1:{proxy.client.port}/api/v1/runtimes/{game}/engine/proxy/{path}",
+                               headers={"Authorization": f"Bearer {GATEWAY}"}) as resp:
+            return resp.status
+
+    flood: list[asyncio.Task] = []
+    try:
+        if case == "many games with one request each":
+            for i in range(127):
+                proxy.game(f"b{i}", Status.RUNNING)
+                flood.append(asyncio.create_task(ask(f"b{i}")))
+            await eventually(lambda: sum(routes._in_flight.values()) >= 127, 10.0, interval=0.01)
+            proxy.game("hot", Status.RUNNING)
+            hot = [asyncio.create_task(ask("hot")) for _ in range(3)]
+            flood.extend(hot)
+            await eventually(lambda: routes._in_flight.get("hot", 0) == 3, 5.0, interval=0.01)  # none refused
+        else:
+            for i in range(9):
+                proxy.game(f"s{i}", Status.RUNNING)
+                batch = [asyncio.create_task(ask(f"s{i}")) for _ in range(40)]
+                flood.extend(batch)
+                await eventually(lambda b=batch, g=f"s{i}": routes._in_flight.get(g, 0) + sum(t.done() for t in b)
+                                 >= len(b), 10.0, interval=0.01)
+            assert sum(routes._in_flight.values()) <= engine_proxy.TOTAL_IN_FLIGHT - engine_proxy.MIN_SHARE
+            proxy.game("other", Status.RUNNING)
+            assert await asyncio.wait_for(ask("other", "games/1"), 5.0) == 200
+    finally:
+        for t in flood:
+            t.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+        await players.close()
