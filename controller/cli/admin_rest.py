@@ -106,8 +106,8 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
         if by_id and not args.id and (active and str(active[0]["id"]) != target_ or unnamed):
             # a number that is (or, the Swarm not naming its nodes now, may be) a drained node's hostname
             which = f"node {target_}'s drain {active[0]['id']}" if active else "a drained node's hostname"
-            print(f"rtmanager undrain: {target_} is ambiguous: drain {target_}, or {which}; say `undrain --node "
-                  f"{target_}` for the node (or try again when the Swarm answers)", file=sys.stderr)
+            print(f"rtmanager undrain: {target_} is ambiguous: drain {target_}, or {which}; say `undrain --id "
+                  f"{target_}` for the drain or `undrain --node {target_}` for the node", file=sys.stderr)
             return 2
         if not by_id and len(active) > 1:
             ids = ", ".join(str(d["id"]) for d in active)
@@ -115,6 +115,10 @@ async def _drains(client: ApiClient, args: argparse.Namespace) -> int:
         if by_id:
             drain_id = target_
         else:
+            if not active and unnamed and not args.host:
+                ids = ", ".join(str(d["id"]) for d in unnamed)
+                return fail(command, f"node {target_}: the Swarm does not name its drained nodes now (drains of "
+                                     f"unnamed nodes: {ids}); try again, or undrain by id: `undrain --id N`")
             if not active:
                 return fail(command, f"{'the host' if args.host else 'node ' + target_} has no active drain")
             drain_id = str(active[0]["id"])

@@ -39,9 +39,13 @@ async def drains(settings: Settings, args: argparse.Namespace) -> int:
             target = args.target
             found = await store.active_drain(None if args.host else target)
             by_id = target is not None and target.isdigit() and not args.host and not args.node
-            if by_id and not args.id and found is not None and found.id != int(target):
-                print(f"rtmanager undrain: {target} is ambiguous: drain {target}, or node {target}'s drain "
-                      f"{found.id}; say `undrain --node {target}` for the node", file=sys.stderr)
+            # This command does not know the nodes' hostnames: a number while any node is drained may be one.
+            node_drains = [d for d in await store.list_drains()
+                           if d.node and d.status not in (drains.DrainStatus.UNDRAINED, drains.DrainStatus.FAILED)]
+            if by_id and not args.id and (found is not None and found.id != int(target) or node_drains):
+                print(f"rtmanager undrain: {target} is ambiguous: drain {target}, or a drained node's hostname; say "
+                      f"`undrain --id {target}` for the drain or `undrain --node NODE_ID` for the node",
+                      file=sys.stderr)
                 return 2
             if by_id:
                 drain_id = int(target)

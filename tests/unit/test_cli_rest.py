@@ -424,6 +424,8 @@ async def test_undrain_of_a_number_that_is_also_a_drained_nodes_name_is_refused_
     assert code == 2 and "ambiguous" in err and len([s for s in fake.seen if s["method"] == "POST"]) == posts
     code, out, err = await admin(capsys, url, "undrain", "--id", "123")  # the operator says it is an id
     assert code == 0 and fake.seen[-1]["path"] == "/api/v1/drains/123/undrain"
+    code, out, err = await admin(capsys, url, "undrain", "worker1")  # a hostname the Swarm does not name now
+    assert code == 1 and "does not name" in err and "--id" in err and "7" in err
     # two drained nodes of one hostname: refused, not one of them at random
     twins = [{**node_drain, "id": 7}, {**node_drain, "id": 9, "target": "z9", "node": "z9"}]
     fake.answers["GET /api/v1/drains"] = (200, {"drains": twins})
