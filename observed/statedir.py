@@ -220,6 +220,14 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _archive_named(target: str) -> None:
+    """The archive ``target``'s name on disk: its directory's entries, and that directory's in its parent (the
+    first archive made it); the parent's only as far as this process may open it."""
+    _sync_dir(os.path.dirname(target))
+    with contextlib.suppress(PermissionError):
+        _sync_dir(os.path.dirname(os.path.dirname(target)))
+
+
 def _copy_tree(source: str, target: str, each: bool = False) -> None:
     """``source`` (a real directory) to the new directory ``target``, with its metadata, on disk (``_copy_dir``)."""
     s = os.open(source, _DIR)
@@ -531,6 +539,7 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
                 # deletion a kill cut. Anything else under that name is not ours to judge.
                 if not (_real_dir(target) and not os.path.lexists(target + ".tmp")):
                     raise Refused(f"cannot archive {path} as {target}")
+                _archive_named(target)  # its name on disk (a pass cut before that was told) before the original goes
                 _remove(path)
             else:
                 try:
@@ -552,8 +561,7 @@ def dispose(root: str, path: str, archive_dir: str | None, archive_name: str) ->
                                           "filesystem") from copy_exc
                         raise
                     os.rename(tmp, target)
-                    _sync_dir(os.path.dirname(target))  # the copy under its name on disk before the original goes
-                    _sync_dir(os.path.dirname(os.path.dirname(target)))  # and the archive directory, made just now?
+                    _archive_named(target)  # the copy under its name on disk before the original goes
                     _remove(path)
             done = "archived"
         else:

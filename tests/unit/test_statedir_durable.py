@@ -114,3 +114,20 @@ def test_an_archive_on_another_filesystem_is_on_disk_before_the_directory_goes(g
     assert str(archive) in journal.synced_before(removed)  # the new name itself
     assert str(tmp_path) in journal.synced_before(removed)  # and the archive directory's, made by this archive
     assert (target / "engine" / "turn-41.sav").read_bytes() == b"x" * 100_000
+
+
+def test_an_archive_resumed_after_a_cut_pass_puts_its_name_on_disk_before_the_original_goes(game, tmp_path,
+                                                                                             monkeypatch):
+    """Review, stop 44: a pass cut after the archive's rename but before its name was on disk (a kill, or the
+    parent directory's fsync refused) left the next pass to delete the original with nothing flushed."""
+    import shutil
+
+    root, state = game
+    archive = tmp_path / "archive"
+    target = archive / "g1-20260101T000000Z"
+    archive.mkdir()
+    shutil.copytree(state, target)  # the earlier pass: copied and renamed, the original not deleted yet
+    journal = Journal(monkeypatch)
+    assert statedir.dispose(str(root), str(state), str(archive), "g1-20260101T000000Z") == "archived"
+    removed = ("remove", str(state))
+    assert {str(archive), str(tmp_path)} <= journal.synced_before(removed)
