@@ -366,8 +366,11 @@ def _hold(rollout: Rollout, game: RolloutGame, record: RuntimeRecord, since: dat
                                                      f"({record.last_error_code.value}: "
                                                      f"{record.last_error_message or 'no message'})")
     if record.desired_status is not DesiredStatus.RUNNING:
-        return Verdict(state=GameState.SKIPPED, reason=f"stopped by another job during its canary hold (desired "
-                                                       f"{record.desired_status.value}); not counted as a canary")
+        why = (f"another job ({record.stop_reason.value})" if record.stop_reason is not None
+               else f"rtmanager ({record.last_error_message or 'no message'})")
+        return Verdict(state=GameState.SKIPPED, reason=f"stopped during its canary hold by {why}, not by its "
+                                                       f"engine (desired {record.desired_status.value}); not counted "
+                                                       "as a canary")
     if record.status is Status.FINISHED:
         return Verdict(state=GameState.SKIPPED, reason="the game finished during its canary hold; not counted as "
                                                        "a canary")
