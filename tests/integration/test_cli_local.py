@@ -171,3 +171,31 @@ async def test_dispose_leaves_a_unit_of_a_later_term_than_the_database_knows_unl
     assert c.status == "running"
     assert await dispose(settings, ["later-1"], after_restore=True) == 0
     assert not docker_client.containers.list(all=True, filters={"id": c.id})
+
+
+async def test_the_local_undrain_refuses_a_number_while_a_node_is_drained(rtm_env, pool, capsys):
+    """Review, stop 44: the local `rtmanager undrain`, which does not know the nodes' hostnames, took any number
+    for a drain id: with node 123 drained, `undrain 123` ended drain 123 (the host's, say). A number is
+    refused while any node is drained, unless --id or --node says which."""
+    import argparse
+
+    from controller.cli.drains import drains
+    from desired.drains import DrainRequest
+    from desired.model import OpSource
+
+    settings = settings_of(rtm_env)
+    store = Store(pool)
+    node = await store.create_drain(DrainRequest(node="k3x9abc", state_shared=True), OpSource.ADMIN)
+    host = await store.create_drain(DrainRequest(node=None), OpSource.ADMIN)
+
+    def undrain(target: str, **flags: bool) -> argparse.Namespace:
+        return argparse.Namespace(command="undrain", target=target, host=False, node=flags.get("node", False),
+                                  id=flags.get("id", False))
+
+    assert await drains(settings, undrain(str(host.id))) == 2
+    assert "ambiguous" in capsys.readouterr().err
+    assert (await store.get_drain(host.id))[0].status.value == "draining"
+    assert await drains(settings, undrain(str(host.id), id=True)) == 0
+    assert (await store.get_drain(host.id))[0].status.value != "draining"
+    assert await drains(settings, undrain("k3x9abc", node=True)) == 0
+    assert (await store.get_drain(node.id))[0].status.value != "draining"
