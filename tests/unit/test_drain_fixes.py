@@ -215,17 +215,23 @@ async def test_a_drains_move_with_nowhere_to_go_keeps_the_running_engine(tmp_pat
     assert moved.node == "n2" and w.store.records["g1"].status is Status.RUNNING
 
 
-async def test_a_patch_of_a_game_pinned_to_a_paused_node_keeps_its_engine(tmp_path) -> None:
-    """The other half: a replacement pinned to a node that takes no new task (paused) is not begun."""
-    from desired.errors import NodeUnavailable
-
-    w = World(tmp_path)
+async def patched_on_a_paused_node(w: World) -> list:
+    """g1 runs IMG on n1 (of n1, n2); n1 is paused; a patch to IMG2 is admitted. The units running before it."""
     w.backend.nodes = ["n1", "n2"]
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
     running = w.running("g1")
     w.backend.paused.add("n1")
     await w.job(JobKind.PATCH, "g1", IMG2)
+    return running
+
+
+async def test_a_patch_of_a_game_pinned_to_a_paused_node_keeps_its_engine(tmp_path) -> None:
+    """The other half: a replacement pinned to a node that takes no new task (paused) is not begun."""
+    from desired.errors import NodeUnavailable
+
+    w = World(tmp_path)
+    running = await patched_on_a_paused_node(w)
     with pytest.raises(NodeUnavailable):
         await w.sync("g1")
     assert w.running("g1") == running and w.store.records["g1"].status is Status.RUNNING
@@ -238,12 +244,7 @@ async def test_a_patch_answered_failed_because_its_node_takes_no_unit_is_not_car
     failed). Nothing was touched, so its failure now ends the generation as any failed patch of a running
     game does: back to the image that runs."""
     w = World(tmp_path)
-    w.backend.nodes = ["n1", "n2"]
-    await w.job(JobKind.START, "g1", IMG)
-    await w.sync("g1")
-    running = w.running("g1")
-    w.backend.paused.add("n1")
-    await w.job(JobKind.PATCH, "g1", IMG2)
+    running = await patched_on_a_paused_node(w)
     s = w.settings.runtime
     w.store.clock.advance(s.job_timeout + s.disruption_wait + 1)
     worker = asyncio.create_task(w.reconciler.worker(0))

@@ -436,6 +436,28 @@ async def test_the_terms_local_deadline_comes_before_the_leases_expiry(monkeypat
     assert before + 3.9 <= fence.deadline <= before + 4.1
 
 
+async def leading_until(lease, fence: Fence, done) -> list[str]:
+    """Leadership on ``lease`` until ``done()``: what happened to the term ("elected", "deposed: why")."""
+    events: list[str] = []
+
+    async def elected():
+        events.append("elected")
+
+    async def deposed(reason):
+        events.append(f"deposed: {reason}")
+
+    leadership = Leadership(lease, fence, Metrics(), on_elected=elected, on_deposed=deposed)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(leadership.run(stopping))
+    try:
+        await eventually(done, 10.0, interval=0.01)
+    finally:
+        stopping.set()
+        leadership.release()
+        await asyncio.wait_for(task, 5)
+    return events
+
+
 async def test_one_renewal_that_times_out_does_not_cost_a_healthy_leader_its_term(monkeypatch):
     """Review, stop 44: with the local deadline at 0.8 TTL, the loop's wait of TTL/5 after a failed renewal
     left no room for a second attempt: one renewal that ran into its statement timeout deposed a leader whose
@@ -468,24 +490,7 @@ async def test_one_renewal_that_times_out_does_not_cost_a_healthy_leader_its_ter
         return "UPDATE 1"
 
     monkeypatch.setattr(lease, "_run", run)
-    events: list[str] = []
-
-    async def elected():
-        events.append("elected")
-
-    async def deposed(reason):
-        events.append(f"deposed: {reason}")
-
-    leadership = Leadership(lease, fence, Metrics(), on_elected=elected, on_deposed=deposed)
-    stopping = asyncio.Event()
-    task = asyncio.create_task(leadership.run(stopping))
-    try:
-        await eventually(lambda: renewals[0] >= 4, 10.0, interval=0.01)
-    finally:
-        stopping.set()
-        leadership.release()
-        await asyncio.wait_for(task, 5)
-    assert events == ["elected"]
+    assert await leading_until(lease, fence, lambda: renewals[0] >= 4) == ["elected"]
 
 
 class StallingConnection:
@@ -543,21 +548,4 @@ async def test_a_renewal_timed_out_leaves_room_for_a_reconnect_and_a_second_atte
 
     monkeypatch.setattr(lease, "_connection", connection)
     monkeypatch.setattr(lease, "acquire", acquire)
-    events: list[str] = []
-
-    async def elected():
-        events.append("elected")
-
-    async def deposed(reason):
-        events.append(f"deposed: {reason}")
-
-    leadership = Leadership(lease, fence, Metrics(), on_elected=elected, on_deposed=deposed)
-    stopping = asyncio.Event()
-    task = asyncio.create_task(leadership.run(stopping))
-    try:
-        await eventually(lambda: world["renewals"] >= 5, 10.0, interval=0.01)
-    finally:
-        stopping.set()
-        leadership.release()
-        await asyncio.wait_for(task, 5)
-    assert events == ["elected"]
+    assert await leading_until(lease, fence, lambda: world["renewals"] >= 5) == ["elected"]

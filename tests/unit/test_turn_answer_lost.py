@@ -24,6 +24,31 @@ from tests.support.net import free_port
 from tests.support.world import World, started
 
 
+def answered(w: World) -> list:
+    return [r for r in w.results("g1") if r[0] == "force_next_turn"]
+
+
+async def until_answered(w: World, step: float, bound: float, look=None) -> float:
+    """The reconciler on its own requeue delays (``look``: one sync of g1) and the health round at its interval
+    (it writes the engine's "idle", ending a generation a lost answer began), the test's clock moved ``step``
+    seconds at a time, until g1's force_next_turn is answered or ``bound`` seconds passed: the seconds taken."""
+    e = w.settings.engine
+    health = w.reconciler.health
+    t, next_sync, next_round = 0.0, 0.0, e.health_interval
+    while not answered(w) and t <= bound:
+        if t >= next_sync:
+            done = await asyncio.wait_for(look() if look else w.reconciler.sync("g1"), 30)
+            next_sync = t + (done.after or 1.0)
+        if t >= next_round:
+            rec = w.store.records["g1"]
+            if not health.answered_within(rec, e.health_interval):
+                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+            next_round = t + e.health_interval
+        w.store.clock.advance(step)
+        t += step
+    return t
+
+
 async def test_a_post_whose_answer_does_not_come_may_have_been_taken():
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(2)
@@ -135,21 +160,7 @@ async def test_an_engine_whose_every_turn_request_loses_its_answer_is_still_answ
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     e = w.settings.engine
     limit = e.start_timeout + e.generation_timeout
-    health = w.reconciler.health
-    # The reconciler follows its own requeue delays, and the health round (which writes the engine's "idle",
-    # ending the generation the lost answer began) runs at its interval.
-    t, next_sync, next_round = 0.0, 0.0, e.health_interval
-    while not [r for r in w.results("g1") if r[0] == "force_next_turn"] and t <= 4 * limit:
-        if t >= next_sync:
-            step = await asyncio.wait_for(w.reconciler.sync("g1"), 30)
-            next_sync = t + (step.after or 1.0)
-        if t >= next_round:
-            rec = w.store.records["g1"]
-            if not health.answered_within(rec, e.health_interval):
-                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
-            next_round = t + e.health_interval
-        w.store.clock.advance(0.5)
-        t += 0.5
+    t = await until_answered(w, 0.5, 4 * limit)
     assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
         ("force_next_turn", "failure", "engine_unreachable")]
     assert t <= 2 * e.start_timeout + e.generation_timeout + 30 and w.store.records["g1"].status.is_up
@@ -214,19 +225,7 @@ async def test_an_engine_that_blocks_after_every_lost_answer_is_still_answered(t
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     e = w.settings.engine
     limit = e.start_timeout + e.generation_timeout
-    health = w.reconciler.health
-    t, next_sync, next_round = 0.0, 0.0, e.health_interval
-    while not [r for r in w.results("g1") if r[0] == "force_next_turn"] and t <= 6 * limit:
-        if t >= next_sync:
-            step = await asyncio.wait_for(w.reconciler.sync("g1"), 30)
-            next_sync = t + (step.after or 1.0)
-        if t >= next_round:
-            rec = w.store.records["g1"]
-            if not health.answered_within(rec, e.health_interval):
-                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
-            next_round = t + e.health_interval
-        clock.advance(1)
-        t += 1
+    t = await until_answered(w, 1.0, 6 * limit)
     assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
         ("force_next_turn", "failure", "engine_unreachable")]
     assert t <= limit + blocked + 60 and w.store.records["g1"].status.is_up
@@ -295,23 +294,17 @@ async def test_a_turn_is_not_failed_on_a_request_the_engine_may_have_just_taken(
     await w.job(JobKind.FORCE_NEXT_TURN, "g1")
     e = w.settings.engine
     limit = e.start_timeout + e.generation_timeout
-    health = w.reconciler.health
-    t, next_sync, next_round = 0.0, 0.0, e.health_interval
     failing_look_posted = None
-    while not [r for r in w.results("g1") if r[0] == "force_next_turn"] and t <= 4 * limit:
-        if t >= next_sync:
-            before = len(posts)
-            step = await asyncio.wait_for(w.reconciler.sync("g1"), 30)
-            next_sync = t + (step.after or 1.0)
-            if [r for r in w.results("g1") if r[0] == "force_next_turn"]:
-                failing_look_posted = len(posts) > before
-        if t >= next_round:
-            rec = w.store.records["g1"]
-            if not health.answered_within(rec, e.health_interval):
-                await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
-            next_round = t + e.health_interval
-        w.store.clock.advance(0.5)
-        t += 0.5
+
+    async def look():
+        nonlocal failing_look_posted
+        before = len(posts)
+        step = await w.reconciler.sync("g1")
+        if answered(w):
+            failing_look_posted = len(posts) > before
+        return step
+
+    await until_answered(w, 0.5, 4 * limit, look)
     assert [r for r in w.results("g1") if r[0] == "force_next_turn"] == [
         ("force_next_turn", "failure", "engine_unreachable")]
     assert len(posts) > 1 and failing_look_posted is False
