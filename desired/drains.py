@@ -128,7 +128,7 @@ class DrainGame:
     generation: int               # the record's generation once the drain had changed it
     taken_at: datetime
     forced: bool = False
-    image_ref: str | None = None  # what the game ran (a stop): undrain starts it again on this image
+    image_ref: str | None = None  # whose state its stop left (RuntimeRecord.stop_image): undrain starts it
     paused: bool = False
     turn_interval: int = 0
     from_node: str | None = None

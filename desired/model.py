@@ -267,14 +267,27 @@ class RuntimeRecord:
 
     @property
     def ran_image(self) -> str | None:
-        """The image a drain or a rollout returns the game to. For an up game, or one whose node was lost while
-        it ran (a replacement waits for the node), the one that runs, not a patch still waiting (it has not
-        run, and may never). Otherwise the one asked for: a replacement (a node lost during one: it has an
-        image to roll back to), a start or a restart is under way or next, and its engine may already have
-        written the state."""
+        """The image a rollout returns the game to (a drain's is ``stop_image``). For an up game, or one whose
+        node was lost while it ran (a replacement waits for the node), the one that runs, not a patch still
+        waiting (it has not run, and may never). Otherwise the one asked for: a replacement (a node lost
+        during one: it has an image to roll back to), a start or a restart is under way or next, and its
+        engine may already have written the state."""
         if self.status.is_up or (self.status is Status.NODE_LOST and self.rollback_image_ref is None):
             return self.current_image_ref or self.desired_image_ref
         return self.desired_image_ref or self.current_image_ref
+
+    @property
+    def stop_image(self) -> str | None:
+        """The image whose state the game's directory holds once the game is stopped now: what a drain
+        records for undrain to start again. A replacement under way (a patch whose new engine has not
+        answered healthy yet) does not survive a stop: the copy of the replaced engine's state is put
+        back, or the unit stopped is that engine itself (controller/storage.py ``restore_at_stop``), so it
+        is the replaced image, and undrain must not start the new one on that state with no copy and
+        nothing to roll back to. Otherwise ``ran_image``."""
+        if (self.status is Status.STARTING and self.rollback_image_ref and not self.rolling_back
+                and self.current_container_id):
+            return self.rollback_image_ref
+        return self.ran_image
 
     def validate(self) -> None:
         """Raise InvalidRecord when an invariant of the record (observed and desired) fails."""

@@ -93,7 +93,7 @@ async def record_drain_step(conn: asyncpg.Connection, job: Job, current: Runtime
         if decision.action is not DecisionAction.CHANGE or decision.record is None:
             raise Conflict(f"drain {step.drain_id}: the stop of {job.game_id} would change nothing")
         await conn.execute(_INSERT_GAME, step.drain_id, job.game_id, DrainAction.STOP.value,
-                           step.forced, current.ran_image, current.paused,
+                           step.forced, current.stop_image, current.paused,
                            current.turn_interval, current.node_id, decision.record.generation, now)
         await conn.execute("UPDATE drain_games SET op_id = $3 WHERE drain_id = $1 AND game_id = $2",
                            step.drain_id, job.game_id, op_id)
@@ -221,7 +221,7 @@ class Drains(StoreBase):
             new = await self._write(conn, cur, new, now)
             await self._supersede_older(conn, new, now)
             await conn.execute(_INSERT_GAME, drain.id, cur.game_id, DrainAction.MOVE.value, forced,
-                               cur.ran_image, cur.paused, cur.turn_interval,
+                               cur.stop_image, cur.paused, cur.turn_interval,
                                cur.node_id, new.generation, now)
             op_id = await self._insert_op(conn, cur.game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED,
                                           new.generation, None, None,

@@ -150,3 +150,26 @@ async def test_a_drain_records_the_image_the_game_runs_not_a_patch_that_waits(po
     _, rows = await store.get_drain(drain.id)
     assert [g.image_ref for g in rows] == [IMG]
     assert drains.restore_image(replace(rows[0], image_ref=None), await store.get("p1")) == IMG
+
+
+async def test_a_drain_that_takes_a_game_mid_patch_records_the_image_its_stop_puts_back(pool):
+    """A drain took a game whose patch had begun (the new engine created, not yet healthy) and recorded the
+    patch's image. The drain's stop undoes the patch (the replaced engine's copy of the state is put back,
+    or the unit stopped is the replaced engine itself), so undrain started the new image on the old
+    image's state with no copy and nothing to roll back to. The drain records the replaced image."""
+    store = Store(pool)
+    await running(store, "p1")
+    patched = "galaxy/engine-stub:1.1"
+    await store.submit(Job(kind=JobKind.PATCH, game_id="p1", source=OpSource.LOBBY, image_ref=patched), DEFAULTS)
+    rec = await store.mark_starting(await store.get("p1"), rollback_image=IMG)  # the patch under way
+    assert rec.desired_image_ref == patched and rec.rollback_image_ref == IMG
+    drain = await store.create_drain(HOST, OpSource.ADMIN)
+    out = await store.submit(Job(kind=JobKind.STOP, game_id="p1", source=OpSource.ADMIN,
+                                 reason=StopReason.ADMIN_REQUEST, force=True,
+                                 drain=DrainStep(drain_id=drain.id, kind=StepKind.TAKE, generation=rec.generation,
+                                                 forced=True)), DEFAULTS)
+    assert out.decision.action is DecisionAction.CHANGE
+    _, rows = await store.get_drain(drain.id)
+    assert [g.image_ref for g in rows] == [IMG]
+    stopped = await store.mark_stopped(await store.get("p1"), container_id="c" * 64, stopped_now=True)
+    assert drains.restore_image(rows[0], stopped) == IMG

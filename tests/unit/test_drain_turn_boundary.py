@@ -225,3 +225,22 @@ def test_the_image_a_drain_records_is_the_one_whose_engine_last_wrote_the_state(
     assert waiting.replace(status=Status.NODE_LOST, rollback_image_ref=IMG).ran_image == IMG2
     assert waiting.replace(status=Status.STARTING, current_image_ref=None).ran_image == IMG2  # a first start
     assert waiting.replace(desired_image_ref=None).ran_image == IMG
+
+
+def test_a_drain_of_a_replacement_under_way_records_the_replaced_image():
+    """What a drain records is the image whose state its stop leaves (``stop_image``). A replacement under way
+    does not survive the stop: the replaced engine's copy is put back (or the unit stopped is that engine),
+    so undrain starts the replaced image, not the new one on the old state with nothing to roll back to."""
+    from desired.model import DesiredStatus
+    replacing = record(Status.STARTING, DesiredStatus.RUNNING, converged=False).replace(
+        current_image_ref=IMG, desired_image_ref=IMG2, rollback_image_ref=IMG, current_container_id="c" * 64)
+    assert replacing.stop_image == IMG and replacing.ran_image == IMG2
+    # rolling back to the replaced image: that is what is asked for, and what the state is put back for
+    back = replacing.replace(rolling_back=True, rollback_image_ref=None, desired_image_ref=IMG)
+    assert back.stop_image == IMG
+    # a start from stopped on another image (nothing to roll back to): its engine may have written the state
+    assert replacing.replace(rollback_image_ref=None).stop_image == IMG2
+    # its node lost during the replacement: no stop restores anything there
+    assert replacing.replace(status=Status.NODE_LOST).stop_image == IMG2
+    for status in (Status.RUNNING, Status.GENERATION_IN_PROGRESS, Status.STOPPED):
+        assert replacing.replace(status=status).stop_image == replacing.replace(status=status).ran_image
