@@ -49,7 +49,9 @@ from desired.jobs import (
     MAX_IMAGE_REF,
     ImageAllowlist,
     InvalidJob,
+    KeyReused,
     parse_control,
+    parse_idempotency_key,
     parse_job,
     parse_requested_by,
     parse_turn_interval,
@@ -358,13 +360,22 @@ class HttpServer:
             requested_by = parse_requested_by({k: v for k, v in fields.items() if k == "requested_by"}, game_id)
         except InvalidJob as exc:
             return _invalid(exc.game_id or game_id, kind, exc.message, exc.code)
-        job = dataclasses.replace(job, force=force, actor=actor(request), requested_by=requested_by)
+        try:
+            key = parse_idempotency_key(request.headers.get("Idempotency-Key"))
+        except ValueError as exc:
+            return _invalid(game_id, kind, str(exc))
+        job = dataclasses.replace(job, force=force, actor=actor(request), requested_by=requested_by,
+                                  idempotency_key=key)
         if not self.deps.is_leader():
             return _error(503, "this replica is a standby; send jobs to the leader", retry_after=True)
         try:
             outcome = await self.deps.admission.submit(job)
         except InvalidJob as exc:
             return _invalid(game_id, kind, exc.message, exc.code)
+        except KeyReused as exc:
+            return _error(422, str(exc))
+        # The same key again (a retry after a lost answer): the first request's operation, its result or status.
+        replayed = {"Idempotent-Replayed": "true"} if outcome.duplicate else None
         op_id = outcome.operation_id
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -372,12 +383,12 @@ class HttpServer:
             changed = self.deps.results_changed()
             result = await self.deps.store.result_for(op_id)
             if result is not None:
-                return web.json_response({**result, "operation_id": op_id})
+                return web.json_response({**result, "operation_id": op_id}, headers=replayed)
             left = deadline - loop.time()
             if left <= 0:
                 op = await self.deps.store.operation(op_id)
                 return web.json_response({"operation_id": op_id, "status": op.status.value,
-                                          "game_id": job.game_id, "job": kind.value}, status=202)
+                                          "game_id": job.game_id, "job": kind.value}, status=202, headers=replayed)
             try:
                 await asyncio.wait_for(changed.wait(), left)
             except TimeoutError:

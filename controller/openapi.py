@@ -72,6 +72,13 @@ def openapi_document() -> dict[str, Any]:
     wait = {"name": "wait", "in": "query", "required": False,
             "description": "seconds to wait for the job's result (default 30)",
             "schema": {"type": "number", "minimum": 0, "maximum": 300}}
+    key = {"name": "Idempotency-Key", "in": "header", "required": False,
+           "description": "a key of the caller's choosing: the same key sent again by the same token (a retry "
+                          "after a lost answer) is the same job; its first operation is answered, with the "
+                          "header Idempotent-Replayed: true, and nothing is asked twice. Another request under a "
+                          "key the token used already is refused (422). Kept as long as the operation log keeps "
+                          "the operation",
+           "schema": {"type": "string", "pattern": "^\"?[A-Za-z0-9._:~+/=-]{1,128}\"?$"}}
     errors = {
         "400": {"description": "invalid request", "content": {"application/json": {
             "schema": {"oneOf": [{"$ref": "#/components/schemas/JobResult"},
@@ -256,13 +263,15 @@ def openapi_document() -> dict[str, Any]:
         paths[f"/api/v1/runtimes/{{game_id}}/{path}"] = {"post": {
             "operationId": f"{path.replace('-', '_')}Runtime",
             "summary": f"A {kind.value} job: changes desired state like a stream job, waits for its result",
-            "parameters": [game_id, wait],
+            "parameters": [game_id, wait, key],
             "requestBody": bodies[kind],
             "responses": {
                 "200": {"description": "the job's result (outcome success or failure)", "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/JobResultWithOperation"}}}},
                 "202": {"description": "accepted; the wait ran out before the result", "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
+                "422": {"description": "the Idempotency-Key was used by this token for another request",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
                 **errors}}}
 
     drain_paths, drain_schemas = openapi_parts()

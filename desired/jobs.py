@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -84,9 +85,37 @@ class Job:
     drain: DrainStep | None = None  # a drain's job: tagged with it; its game's row changes in the job's transaction
     actor: str = ""  # who asked: "token:NAME" (REST) or "stream:STREAM" (the operation log's actor)
     requested_by: str = ""  # a job entry's (or REST body's) optional requested_by: on whose behalf
+    # A REST job's Idempotency-Key: the same key from the same token is the same job (``request_digest``).
+    idempotency_key: str = ""
 
 
 MAX_REQUESTED_BY = 128
+IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}")
+
+
+class KeyReused(ValueError):
+    """An Idempotency-Key its token already used for another request (another game, job or field)."""
+
+
+def parse_idempotency_key(raw: str | None) -> str:
+    """An Idempotency-Key header: 1-128 characters of letters, digits and ``._:~+/=-`` (a UUID, a base64
+    token), bare or as a quoted string; "" when absent. ValueError when malformed."""
+    if raw is None:
+        return ""
+    key = raw.strip()
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValueError("the Idempotency-Key header must be 1-128 characters: letters, digits and ._:~+/=-")
+    return key
+
+
+def request_digest(job: Job) -> str:
+    """What a job asks, as a digest: a job sent again under its Idempotency-Key must ask the same."""
+    fields = [job.kind.value, job.game_id, job.image_ref or "", job.reason.value if job.reason else "",
+              "" if job.turn_interval is None else str(job.turn_interval), "force" if job.force else "",
+              job.requested_by]
+    return hashlib.sha256("\x00".join(fields).encode()).hexdigest()[:32]
 
 
 def actor_of(job: Job) -> str | None:

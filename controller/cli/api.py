@@ -91,7 +91,8 @@ class ApiClient:
             await self._session.close()
 
     async def call(self, method: str, path: str, *, query: dict[str, str] | None = None,
-                   body: dict[str, Any] | None = None, timeout: float | None = None) -> Answer:
+                   body: dict[str, Any] | None = None, timeout: float | None = None,
+                   headers: dict[str, str] | None = None) -> Answer:
         """``timeout``: seconds for the whole call (SLACK by default). A change (not a GET) whose answer did not
         come once it was sent (a timeout, a cut connection, a proxy's 502 or 504 or another error page of a
         proxy's) is ``AnswerLost``: it may have been applied. One that never left is ApiError "cannot reach"."""
@@ -100,7 +101,7 @@ class ApiClient:
         changes = method not in ("GET", "HEAD")
         try:
             # connect (a name lookup, the connection) ends before the whole call can: a timeout there never left
-            async with self._session.request(method, self.url + path, params=query, json=body,
+            async with self._session.request(method, self.url + path, params=query, json=body, headers=headers,
                                              timeout=aiohttp.ClientTimeout(total=total,
                                                                            connect=min(CONNECT, total / 2))) as resp:
                 text = await resp.text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from typing import Any
 
 from controller.cli import api
@@ -58,6 +59,9 @@ def add_parsers(sub: Any) -> None:
                             help="at once, even while the engine generates a turn")
         jp.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                         help="how long to wait for the result (0-300, default 30)")
+        jp.add_argument("--idempotency-key", metavar="KEY",
+                        help="the job's Idempotency-Key (default: a new one): a command sent again with the key "
+                             "a lost answer printed is the same job, applied at most once")
         jp.add_argument("--json", action="store_true")
     sp = sub.add_parser("schedule", parents=[api], help="set a game's turn interval (0: no schedule) (REST)")
     sp.add_argument("game_id", metavar="GAME", type=game_id_arg)
@@ -168,8 +172,14 @@ async def _job(client: ApiClient, args: argparse.Namespace) -> int:
         body["reason"] = args.reason
     if getattr(args, "force", False):
         body["force"] = True
-    answer = await client.call("POST", f"/api/v1/runtimes/{args.game_id}/{command}", query={"wait": f"{args.wait:g}"},
-                               body=body, timeout=args.wait + api.SLACK)
+    key = args.idempotency_key or str(uuid.uuid4())
+    try:
+        answer = await client.call("POST", f"/api/v1/runtimes/{args.game_id}/{command}",
+                                   query={"wait": f"{args.wait:g}"}, body=body, timeout=args.wait + api.SLACK,
+                                   headers={"Idempotency-Key": key})
+    except api.AnswerLost as exc:
+        raise api.AnswerLost(f"{exc}; or send it again with --idempotency-key {key}: it is then applied at most "
+                             "once") from None
     if answer.status not in (200, 202):
         if args.json and isinstance(answer.body, dict):
             print_json(answer.body)

@@ -150,17 +150,18 @@ def operation_from_json(obj: dict[str, Any]) -> Operation:
 
 INSERT_OP_WITH_ID = (
     "INSERT INTO runtime_operations (id, game_id, op, source, status, generation, stream, entry_id, params,"
-    " error_code, error_message, created_at, finished_at, actor, requested_by)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15)")
+    " error_code, error_message, created_at, finished_at, actor, requested_by, idempotency_key)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14, $15, $16)")
 INSERT_RESULT = "INSERT INTO job_results (result_id, operation_id, game_id, fields) VALUES ($1, $2, $3, $4::jsonb)"
 
 
 def op_row(op_id: int, game_id: str, op: JobKind, source: OpSource, status: OpStatus, generation: int,
             stream: str | None, entry_id: str | None, params: dict[str, Any], now: datetime, code: ErrorCode | None,
-            message: str | None, actor: str | None = None, requested_by: str | None = None) -> tuple[Any, ...]:
+            message: str | None, actor: str | None = None, requested_by: str | None = None,
+            idempotency_key: str | None = None) -> tuple[Any, ...]:
     return (op_id, game_id, op.value, source.value, status.value, generation, stream, entry_id, json.dumps(params),
             code.value if code else None, message, now, now if status.is_final else None, actor or None,
-            requested_by or None)
+            requested_by or None, idempotency_key or None)
 
 
 def result_row(op_id: int | None, result: JobResult) -> tuple[Any, ...]:

@@ -28,8 +28,19 @@ from desired.db.rows import (
     result_row,
     version_from_row,
 )
-from desired.errors import NotFound
-from desired.jobs import Decision, DecisionAction, InvalidJob, Job, RecordDefaults, actor_of, decide, replaces
+from desired.errors import NotFound, UniqueViolation
+from desired.jobs import (
+    Decision,
+    DecisionAction,
+    InvalidJob,
+    Job,
+    KeyReused,
+    RecordDefaults,
+    actor_of,
+    decide,
+    replaces,
+    request_digest,
+)
 from desired.model import (
     DesiredStatus,
     ErrorCode,
@@ -46,6 +57,7 @@ from desired.values import Rejection, SubmitOutcome
 # Seconds an admission waits for its games' locks (Postgres' lock_timeout, for its transaction only): past it,
 # StoreBusy (desired/db/pool.py), which the intake takes as that game's, holding its entries, not as an outage.
 LOCK_WAIT = 5.0
+IDEMPOTENCY_INDEX = "runtime_operations_idempotency_key"  # migrations/0023_idempotency_keys.sql
 
 
 @translating
@@ -60,7 +72,14 @@ class Submissions(StoreBase):
         is recognised by its (stream, entry_id) and changes nothing. With ``registry`` (the
         version policy), a start or patch that would run a new image needs an active version.
         """
-        return (await self.submit_many([job], defaults, registry=registry))[0]
+        try:
+            return (await self.submit_many([job], defaults, registry=registry))[0]
+        except UniqueViolation as exc:
+            # The same key sent at once for another game (whose lock this admission did not hold): the first
+            # committed, and this one is judged against it (the same request: its operation; another: KeyReused).
+            if not job.idempotency_key or exc.constraint != IDEMPOTENCY_INDEX:
+                raise
+            return (await self.submit_many([job], defaults, registry=registry))[0]
 
     async def submit_many(self, items: list[Job | Rejection], defaults: RecordDefaults, *,
                           registry: bool = False) -> list[SubmitOutcome]:
@@ -108,6 +127,16 @@ class Submissions(StoreBase):
                 ids = [r[0] for r in await conn.fetch(
                     "SELECT nextval(pg_get_serial_sequence('runtime_operations', 'id')) FROM generate_series(1, $1)",
                     len(items))]
+            # REST jobs sent with an Idempotency-Key: the operation each key (of its token) already names. Read
+            # under the games' locks: a retry of the same job waits for the first one's admission to commit.
+            keys = [(actor_of(i) or "", i.idempotency_key) for i in items if isinstance(i, Job) and i.idempotency_key]
+            known: dict[tuple[str, str], tuple[int, str | None]] = {}
+            if keys:
+                known = {(r["actor"], r["idempotency_key"]): (r["id"], r["digest"]) for r in await conn.fetch(
+                    "SELECT o.id, o.actor, o.idempotency_key, o.params ->> 'request_digest' AS digest"
+                    " FROM runtime_operations o JOIN unnest($1::text[], $2::text[]) AS k(actor, key)"
+                    " ON o.actor = k.actor AND o.idempotency_key = k.key",
+                    [k[0] for k in keys], [k[1] for k in keys])}
             ops: list[tuple[Any, ...]] = []
             results: list[tuple[Any, ...]] = []
 
@@ -138,6 +167,14 @@ class Submissions(StoreBase):
                     outcomes.append(SubmitOutcome(operation_id=op_id, decision=None))
                     continue
                 job = item
+                if job.idempotency_key:
+                    seen = known.get((actor_of(job) or "", job.idempotency_key))
+                    if seen is not None:
+                        if seen[1] != request_digest(job):
+                            raise KeyReused(f"the Idempotency-Key {job.idempotency_key!r} was used by this token for "
+                                            f"another request (operation {seen[0]}); a new request needs a new key")
+                        outcomes.append(SubmitOutcome(operation_id=seen[0], decision=None, duplicate=True))
+                        continue
                 current = records.get(job.game_id)
                 decision = await self._decide(conn, current, job, now, defaults, registry)
                 if decision.action is DecisionAction.SKIP:  # its operation id stays unused
@@ -146,7 +183,9 @@ class Submissions(StoreBase):
                 params = {k: v for k, v in (("image_ref", job.image_ref),
                                             ("reason", job.reason.value if job.reason else None),
                                             ("force", job.force),
-                                            ("drain_id", job.drain.drain_id if job.drain else None)) if v}
+                                            ("drain_id", job.drain.drain_id if job.drain else None),
+                                            ("request_digest", request_digest(job) if job.idempotency_key else None))
+                          if v}
                 if job.force and decision.waits and decision.record is not None:
                     # An operator's force: this generation's disruption does not wait for a generation.
                     forced = decision.record.replace(force_generation=decision.record.generation)
@@ -174,7 +213,7 @@ class Submissions(StoreBase):
                 ops.append(op_row(op_id, job.game_id, job.kind, job.source, status,
                                    decision.op_generation, job.stream or None, job.entry_id or None, params, now,
                                    decision.error_code if status is OpStatus.FAILED else None,
-                                   decision.message or None, actor_of(job), job.requested_by))
+                                   decision.message or None, actor_of(job), job.requested_by, job.idempotency_key))
                 if decision.action in (DecisionAction.REPLAY, DecisionAction.REJECT):
                     results.append(result_row(op_id, JobResult(
                         result_id=str(uuid.uuid4()), game_id=job.game_id,

@@ -185,3 +185,35 @@ async def test_a_pause_and_a_reconcile_during_a_long_turn_are_answered_before_it
     turn = await api.result(forced, "force_next_turn", timeout=40)
     assert (turn["outcome"], turn["error_code"]) == ("success", ""), turn
     assert engine_turn(api, game) == 1 and (await runtime(api, game))["turn"] == 1
+
+
+async def test_a_force_next_turn_sent_again_under_its_idempotency_key_asks_for_no_second_turn(api):
+    """A retry after a lost answer (the CLI's exit 3) asked the engine for another turn: REST jobs had no
+    idempotency key. The same key again is the same job: its first operation is answered, replayed, and the
+    engine generates one turn; another request under that key is a 422; a malformed key a 400."""
+    ctl = await api.start(**FAST)
+    game = "idem1"
+    status, res = await api.job(game, "start", {"image_ref": STUB_10})
+    assert res["outcome"] == "success", res
+    await eventually(lambda: _turn_at_least(api, game, 0), what="the engine's turn known")
+    key = {"Idempotency-Key": "3f6c1d2e-9a41-4b7e-8d0e-5c2a7b9e1f00"}
+    first, replays = await api.job(game, "force-next-turn", headers=key), []
+    assert first[0] == 200 and first[1]["outcome"] == "success", first
+    for _ in range(2):  # sent again after its answer came (and was lost on the way)
+        status, body, resp = await api.request("POST", f"/api/v1/runtimes/{game}/force-next-turn",
+                                               headers={"Idempotency-Key": f'"{key["Idempotency-Key"]}"'})
+        replays.append((status, body, resp.headers.get("Idempotent-Replayed")))
+    assert [(s, b["operation_id"], b["result_id"], h) for s, b, h in replays] == [
+        (200, first[1]["operation_id"], first[1]["result_id"], "true")] * 2, replays
+    await settled(ctl, horizon=3)
+    assert engine_turn(api, game) == 1 and (await runtime(api, game))["turn"] == 1
+    ops = [o for o in (await api.get(f"/api/v1/runtimes/{game}/operations"))[1]["operations"]
+           if o["op"] == "force_next_turn"]
+    assert [o["id"] for o in ops] == [first[1]["operation_id"]], ops
+    status, body = await api.job(game, "pause", headers=key)  # the key of another request
+    assert status == 422 and "another request" in body["error"], body
+    status, body = await api.job(game, "force-next-turn", {"force": False}, headers={"Idempotency-Key": "a b"})
+    assert status == 400 and "Idempotency-Key" in body["error_message"], body
+    status, res = await api.job(game, "force-next-turn", headers={"Idempotency-Key": "another-key"})
+    assert res["outcome"] == "success" and res["operation_id"] != first[1]["operation_id"], res
+    assert engine_turn(api, game) == 2  # a new key is a new job

@@ -454,10 +454,11 @@ async def test_a_job_whose_answer_is_lost_after_it_was_sent_is_not_told_as_unrea
     from controller.cli.api import with_api
     from tests.support.net import free_port
 
-    got = []
+    got, keys = [], []
 
     async def job(request: web.Request) -> web.Response:
         got.append(request.path)  # admitted here; the answer is late
+        keys.append(request.headers.get("Idempotency-Key"))
         await asyncio.sleep(5)
         return web.json_response({"outcome": "success"})
 
@@ -470,14 +471,22 @@ async def test_a_job_whose_answer_is_lost_after_it_was_sent_is_not_told_as_unrea
     try:
         for url, want in ((f"http://127.0.0.1:{srv.port}", 3), (f"http://127.0.0.1:{free_port()}", 1)):
             args = argparse.Namespace(command="force-next-turn", game_id="g1", wait=0, json=False, url=url,
-                                      token_file=None)
+                                      token_file=None, idempotency_key=None)
             code = await with_api(args, lambda c, a=args: runtimes._job(c, a))
             err = capsys.readouterr().err
             assert code == want, err
             if want == 3:
                 assert "may have been" in err and "rtmanager operations g1" in err and got
+                # stop 45: it says how to send it again safely, with the key the server got
+                assert keys[-1] and f"--idempotency-key {keys[-1]}" in err, (keys, err)
             else:
                 assert "cannot reach" in err
+        # sent again with that key: the same key goes out
+        args = argparse.Namespace(command="force-next-turn", game_id="g1", wait=0, json=False,
+                                  url=f"http://127.0.0.1:{srv.port}", token_file=None, idempotency_key=keys[-1])
+        assert await with_api(args, lambda c: runtimes._job(c, args)) == 3
+        assert len(keys) == 2 and keys[1] == keys[0], keys
+        capsys.readouterr()
     finally:
         await srv.close()
 
@@ -534,7 +543,7 @@ async def test_a_proxys_error_page_after_a_change_was_forwarded_exits_3_and_a_hu
 
     def job(url: str):
         args = argparse.Namespace(command="force-next-turn", game_id="g1", wait=0, json=False, url=url,
-                                  token_file=None)
+                                  token_file=None, idempotency_key=None)
         return with_api(args, lambda c: runtimes._job(c, args))
 
     try:
