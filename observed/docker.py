@@ -367,11 +367,11 @@ class DockerBackend(DaemonClient):
         def stop_raw() -> None:
             api = self._docker().api
             try:
-                api.stop(container_id, timeout=max(0, int(grace)))
+                api.stop(container_id, timeout=max(0, math.ceil(grace)))
             except docker.errors.APIError as exc:
                 if exc.status_code == 409 and "paused" in str(exc).lower():
                     api.unpause(container_id)  # a paused process cannot take SIGTERM
-                    api.stop(container_id, timeout=max(0, int(grace)))
+                    api.stop(container_id, timeout=max(0, math.ceil(grace)))
                 else:
                     raise
 
