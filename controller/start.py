@@ -79,6 +79,11 @@ class Starts:
                         and not record.rolling_back else None)
             record = await self.store.mark_starting(record, rollback_image=rollback)
         if kind is ActionKind.RECREATE and container is not None:
+            if storage.needs_backup(record, spec.image):
+                # The room for the copy, measured before the running engine is touched: a copy refused after
+                # its removal cost a healthy game a stop and a start (its save cut) for nothing. Measured again
+                # below, once the engine has stopped (what it saved on the way out counts too).
+                await self.states.check_copy_room(record)
             await self.backend.remove(container.id, await self.stop_grace(record, container))  # SIGTERM first
             container = None
         made = container is None

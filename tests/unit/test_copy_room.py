@@ -99,3 +99,30 @@ async def test_a_copy_a_kill_cut_short_is_not_counted_against_the_room_for_the_n
     rec = await w.sync("g1")
     assert w.results("g1")[-1] == ("patch", "success", "") and rec.current_image_ref == IMG2
     assert not partial.exists()
+
+
+async def test_a_patch_refused_for_its_copys_room_never_touches_the_running_engine(tmp_path, monkeypatch):
+    """Red-team, stop 45: the room for the copy was measured only after the running engine had been stopped
+    and removed, so a refused patch cost a healthy game a stop and a start of its old image (its save cut
+    for nothing). The room is measured before the engine is touched."""
+    w = World(tmp_path, RTMANAGER_STATE_MIN_FREE="1000000")
+    rec = await started(w)
+    [before] = w.running("g1")
+    (Path(rec.state_path) / "save").write_bytes(b"x" * 4_000_000)
+    monkeypatch.setattr(statedir_module, "free_space", lambda root: (4_500_000, 10**10))
+    removed = []
+    real_remove = w.backend.remove
+
+    async def remove(container_id, grace):
+        removed.append(container_id)
+        return await real_remove(container_id, grace)
+
+    w.backend.remove = remove
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    for _ in range(4):
+        rec = await w.sync("g1")
+        if rec.converged:
+            break
+    assert w.results("g1")[-1] == ("patch", "failure", "storage_full")
+    assert removed == [] and [c.id for c in w.running("g1")] == [before.id]
+    assert rec.converged and rec.status.value == "running" and rec.current_container_id == before.id
