@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from controller.access import cli_actor
@@ -91,6 +92,31 @@ async def status(settings: Settings) -> int:
     return 0
 
 
+ADOPT_REVISIONS = 1_000  # spec revisions looked through for the one an adopted unit was made at
+
+
+def adopted_revision(settings: Settings, game: str, image: str, unit_hash: str | None) -> int | None:
+    """The spec revision at which this controller's settings make the spec hash ``unit_hash`` for the game on
+    ``image`` (each restart or move of a game gives it a new revision), or None. An adopted record at
+    another revision would ask for another unit: the game's engine replaced as soon as it is adopted."""
+    from controller.spec import Specs
+    from desired.model import DesiredStatus, RuntimeRecord, Status
+
+    if not unit_hash:
+        return None
+    now = datetime.now(UTC)
+    defaults = settings.record_defaults
+    base = RuntimeRecord(
+        game_id=game, status=Status.STARTING, current_container_id=None, current_image_ref=None,
+        engine_endpoint=defaults.endpoint(game), state_path=defaults.state_path(game),
+        docker_network=defaults.docker_network, started_at=None, stopped_at=None, removed_at=None, last_op_at=now,
+        created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=image, generation=1,
+        observed_generation=0)
+    specs = Specs(settings)
+    return next((rev for rev in range(ADOPT_REVISIONS)
+                 if specs.want_hash(base.replace(spec_revision=rev)) == unit_hash), None)
+
+
 async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
     """Records that want the unowned containers running, on their own image and state directory: only of an
     image allowed now (the controller would otherwise confirm it running as it is), each naming its unit."""
@@ -136,13 +162,21 @@ async def adopt(settings: Settings, games: list[str], everything: bool) -> int:
                 print(f"{game}: {refusal}; not adopted (dispose of it, or allow the image first)", file=sys.stderr)
                 failures += 1
                 continue
+            revision = adopted_revision(settings, game, image, seen.spec_hash)
             try:
-                await store.adopt(game, image, settings.record_defaults, container_id=seen.id, actor=cli_actor())
+                await store.adopt(game, image, settings.record_defaults, container_id=seen.id, actor=cli_actor(),
+                                  spec_revision=revision or 0, node_id=seen.node)
             except InvalidJob as exc:
                 print(f"{game}: {exc.message}", file=sys.stderr)
                 failures += 1
                 continue
-            print(f"{game}: adopted (desired running on {image}, state {expected})")
+            where = f" on node {seen.node}" if seen.node else ""
+            print(f"{game}: adopted (desired running on {image}, state {expected}{where}; no turn clock: "
+                  f"rtmanager schedule {game} SECONDS sets it)")
+            if revision is None:
+                print(f"{game}: its unit was not made from this controller's settings as they are now; the "
+                      "controller replaces it with one that is (at a turn boundary), as for any game",
+                      file=sys.stderr)
     return 1 if failures else 0
 
 

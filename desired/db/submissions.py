@@ -289,11 +289,14 @@ class Submissions(StoreBase):
             return SubmitOutcome(operation_id=op_id, decision=None)
 
     async def adopt(self, game_id: str, image_ref: str, defaults: RecordDefaults,
-                    container_id: str | None = None, *, actor: str | None = None) -> RuntimeRecord:
+                    container_id: str | None = None, *, actor: str | None = None, spec_revision: int = 0,
+                    node_id: str | None = None) -> RuntimeRecord:
         """An operator hands an unowned unit back to rtmanager: a record that wants it running on its
         own image and state directory, naming the unit (``container_id``): a unit renamed from outside is
-        found by it, not only by its name, so no second engine is made beside it. InvalidJob when the
-        game already has a record."""
+        found by it, not only by its name, so no second engine is made beside it. ``spec_revision``: the
+        one the unit was made at (a game restarted or moved before its record was lost), so that the unit is
+        the one the record asks for, not one to recreate; ``node_id``: the node it runs on, where its state
+        is (a Swarm). InvalidJob when the game already has a record."""
         async with self._tx() as (conn, now):
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", GAME_LOCK_SPACE, game_id)
             if await conn.fetchval("SELECT 1 FROM runtime_records WHERE game_id = $1", game_id):
@@ -306,10 +309,11 @@ class Submissions(StoreBase):
                 engine_endpoint=defaults.endpoint(game_id), state_path=defaults.state_path(game_id),
                 docker_network=defaults.docker_network, started_at=None, stopped_at=None, removed_at=None,
                 last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING, desired_image_ref=image_ref,
-                generation=1, observed_generation=0)
+                generation=1, observed_generation=0, spec_revision=spec_revision, node_id=node_id)
             record = await self._write(conn, None, record, now)
             await self._insert_op(conn, game_id, JobKind.RECONCILE, OpSource.ADMIN, OpStatus.SUCCEEDED, 1, None,
-                                  None, {"event": "adopt", "image_ref": image_ref, "container_id": container_id},
+                                  None, {"event": "adopt", "image_ref": image_ref, "container_id": container_id,
+                                         "spec_revision": spec_revision, "node_id": node_id},
                                   now, None, None, actor=actor)
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, game_id)
             return record

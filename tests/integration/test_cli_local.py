@@ -31,7 +31,7 @@ def settings_of(env: dict[str, str], **over: str) -> Settings:
 
 
 def unit(docker_client, settings: Settings, game: str, *, database: str = "", sleeper: bool = False,
-         epoch: int = 0):
+         epoch: int = 0, spec_hash: str = ""):
     """A container of this instance for ``game`` with no record, its state directory mounted as a
     controller would mount it; ``sleeper``: PID 1 is ``sleep``, which SIGTERM does not end."""
     state = settings.record_defaults.state_path(game)
@@ -42,6 +42,8 @@ def unit(docker_client, settings: Settings, game: str, *, database: str = "", sl
         labels["com.galaxy.database"] = database
     if epoch:
         labels["com.galaxy.epoch"] = str(epoch)
+    if spec_hash:
+        labels["com.galaxy.spec-hash"] = spec_hash
     extra = {"entrypoint": ["/bin/sleep"], "command": ["60"]} if sleeper else {}
     return docker_client.containers.run(STUB, name=f"galaxy-game-{game}", labels=labels, detach=True,
                                         network_mode="none",
@@ -199,3 +201,43 @@ async def test_the_local_undrain_refuses_a_number_while_a_node_is_drained(rtm_en
     assert (await store.get_drain(host.id))[0].status.value != "draining"
     assert await drains(settings, undrain("k3x9abc", node=True)) == 0
     assert (await store.get_drain(node.id))[0].status.value != "draining"
+
+
+async def test_adopt_keeps_the_unit_it_adopts_at_the_spec_revision_it_was_made_at(rtm_env, docker_client, pool,
+                                                                                    capsys):
+    """Red-team, stop 45: an adopted record was written at spec revision 0, so a unit made after a restart or
+    a move (revision 1 or more) was not the unit the record asked for: the controller replaced it at once,
+    with no image to roll back to (and, on a Swarm, unpinned: on another node, on an empty directory). The
+    adoption now finds the revision the unit's spec hash was made at; a unit made from other settings is
+    adopted and said to be replaced."""
+    from controller.cli.local import adopted_revision
+    from controller.spec import Specs
+
+    settings = settings_of(rtm_env)
+    await claimed(pool, settings)
+    made_at = 3
+    template = await _template(settings, "rev-1")
+    want = Specs(settings).want_hash(template.replace(spec_revision=made_at))
+    assert want and adopted_revision(settings, "rev-1", STUB, want) == made_at
+    unit(docker_client, settings, "rev-1", spec_hash=want)
+    unit(docker_client, settings, "rev-2", spec_hash="0123456789abcdef")
+    assert await adopt(settings, ["rev-1", "rev-2"], False) == 0
+    out, err = capsys.readouterr()
+    kept = await Store(pool).get("rev-1")
+    assert kept.spec_revision == made_at and Specs(settings).want_hash(kept) == want
+    assert "rev-1" not in err and "schedule rev-1" in out
+    other = await Store(pool).get("rev-2")
+    assert other.spec_revision == 0 and "rev-2: its unit was not made from this controller's settings" in err
+
+
+async def _template(settings: Settings, game: str):
+    from datetime import UTC, datetime
+
+    from desired.model import DesiredStatus, RuntimeRecord, Status
+    now = datetime.now(UTC)
+    d = settings.record_defaults
+    return RuntimeRecord(game_id=game, status=Status.STARTING, current_container_id=None, current_image_ref=None,
+                         engine_endpoint=d.endpoint(game), state_path=d.state_path(game),
+                         docker_network=d.docker_network, started_at=None, stopped_at=None, removed_at=None,
+                         last_op_at=now, created_at=now, desired_status=DesiredStatus.RUNNING,
+                         desired_image_ref=STUB, generation=1, observed_generation=0)
