@@ -398,6 +398,10 @@ class Reconciler:
         except PermanentError as exc:
             result = "failed"
             assert record is not None
+            if action.kind is ActionKind.RECREATE and ours is not None and record.status.is_up:
+                kept = await self._kept(record, ours, exc)
+                if kept is not None:
+                    return kept
             if record.status is Status.NODE_LOST and action.kind in _RESTORING:
                 # The first start after its node came back: what fails is the engine the node's dockerd
                 # stopped when the node went down (Swarm shows its task running until the node's agent
@@ -426,6 +430,32 @@ class Reconciler:
             self.metrics.reconciles.labels(action.kind.value, result).inc()
             self.metrics.reconcile_seconds.labels(action.kind.value).observe(
                 asyncio.get_running_loop().time() - started)
+
+    async def _kept(self, record: RuntimeRecord, unit: ObservedContainer, exc: PermanentError) -> Step | None:
+        """A replacement of the running engine failed; None unless that engine still runs (the failure came
+        before it was touched: an image no longer allowed, one that cannot be pulled, no room for the copy).
+        Then the game keeps it. A drift nobody asked for (a setting changed) stays as it is, said in the log
+        and tried again later: no crash, no stop. A job's generation is answered with the failure and desired
+        state goes back to that engine (its image and spec revision), as a patch's failure goes back to the
+        image it replaced; a restart has no other image to go back to, and stopping a healthy game for it
+        would destroy what nobody asked to end."""
+        found = await self.backend.inspect(unit.id)
+        if found is None or not found.running or found.id != record.current_container_id:
+            return None
+        if record.converged:
+            log.error("the engine's unit is no longer the one the settings make, and replacing it failed before "
+                      "it was touched: %s; the running engine is kept, and the replacement tried again in %gs",
+                      exc.message, self.settings.runtime.resync_interval,
+                      extra={"game_id": record.game_id, "error_code": exc.code.value})
+            return requeue(self.settings.runtime.resync_interval, "a drift whose replacement failed untouched")
+        base = record.replace(desired_image_ref=record.current_image_ref)
+        revision = next((rev for rev in range(record.spec_revision,
+                                              max(-1, record.spec_revision - REVISIONS_BACK - 1), -1)
+                         if found.spec_hash == self.specs.want_hash(base.replace(spec_revision=rev))), None)
+        if revision is None:
+            return None  # not an engine this record's settings make: the failure goes the usual way
+        await self._fail(record, exc.code, exc.message, kept_revision=revision)
+        return AGAIN
 
     async def _renamed(self, record: RuntimeRecord) -> ObservedContainer | None:
         """No unit of the game has its name: the unit the record names, when it is still there under another
@@ -644,9 +674,10 @@ class Reconciler:
         await self.store.note_disruption_overdue(record, action.kind.value, waited, note)
 
     # ---------------------------------------------------------------- failures
-    async def _fail(self, record: RuntimeRecord, code: ErrorCode, message: str, *, answer_now: bool = False) -> None:
+    async def _fail(self, record: RuntimeRecord, code: ErrorCode, message: str, *, answer_now: bool = False,
+                    kept_revision: int | None = None) -> None:
         new = await self.store.fail_generation(record.game_id, record.generation, code, message,
-                                               answer_now=answer_now)
+                                               answer_now=answer_now, kept_revision=kept_revision)
         if new is None:
             return  # a newer generation took over meanwhile
         stopping = not answer_now and new.desired_status is DesiredStatus.STOPPED

@@ -239,7 +239,7 @@ def keeps_running(cur: RuntimeRecord, asked: Collection[JobKind]) -> bool:
 
 
 def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
-           asked: Collection[JobKind] = ()) -> tuple[RuntimeRecord, str | None]:
+           asked: Collection[JobKind] = (), kept_revision: int | None = None) -> tuple[RuntimeRecord, str | None]:
     """The current generation cannot converge: its jobs (of the kinds ``asked``) get this failure, and
     a new generation asks for what is safe now. Returns the new record and the image rolled back to
     (or None).
@@ -255,6 +255,9 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
       engine is not on the image rolled back to) goes on (``answered_unconverged``), and its own
       failure stops the game as below;
     * a game a job was replacing while it ran goes back to the image it ran (once);
+    * a game whose running engine the failed replacement never touched (``kept_revision``: that engine is the
+      unit at this spec revision; a restart refused before it began, say) goes back to that engine: its
+      image and spec revision, so the engine that runs is the one asked for;
     * anything else is no longer wanted running: Lobby was told the job failed, so the
       controller must not later run a game Lobby believes dead.
     """
@@ -270,6 +273,10 @@ def failed(cur: RuntimeRecord, now: datetime, *, code: ErrorCode, message: str,
     target = rollback_target(cur) if cur.desired_status is DesiredStatus.RUNNING else None
     if target:
         return cur.replace(desired_image_ref=target, rolling_back=True, **common), target
+    if (kept_revision is not None and cur.desired_status is DesiredStatus.RUNNING and cur.current_container_id
+            and cur.current_image_ref):
+        return cur.replace(desired_image_ref=cur.current_image_ref, spec_revision=kept_revision, rolling_back=False,
+                           **common), None
     return cur.replace(desired_status=DesiredStatus.STOPPED, rolling_back=False, **common), None
 
 

@@ -936,7 +936,7 @@ class FakeStore:
         return new
 
     async def fail_generation(self, game_id: str, generation: int, code: ErrorCode, message: str, *,
-                              answer_now: bool = False) -> RuntimeRecord | None:
+                              answer_now: bool = False, kept_revision: int | None = None) -> RuntimeRecord | None:
         now = self._check()
         cur = self.records.get(game_id)
         if cur is None or cur.generation != generation:
@@ -944,7 +944,8 @@ class FakeStore:
         jobs = [o for o in self.ops if o.game_id == game_id and o.status in (OpStatus.QUEUED, OpStatus.RUNNING)
                 and o.generation <= generation]
         asked = {o.op for o in jobs}
-        new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
+        new, target = transitions.failed(cur, now, code=code, message=message, asked=asked,
+                                         kept_revision=kept_revision)
         self._swap(cur, new)
         if transitions.keeps_running(cur, asked):
             self._answer_failing(new, generation, code, message, now,

@@ -404,14 +404,16 @@ class Transitions(StoreBase):
                                                                 error_code=code, message=message), now)
 
     async def fail_generation(self, game_id: str, generation: int, code: ErrorCode,
-                              message: str, *, answer_now: bool = False) -> RuntimeRecord | None:
+                              message: str, *, answer_now: bool = False,
+                              kept_revision: int | None = None) -> RuntimeRecord | None:
         """``generation`` cannot converge: answer its jobs with this failure, and ask for what is safe
         now (desired/transitions.py ``failed``: roll back, stop, or keep removing).
 
         When a game that was wanted running is to be stopped, its jobs are not answered yet: the
         failure is recorded on them and answered by the transition that records the game stopped (results come after
         convergence: Lobby never hears of a failed start while its engine still runs). With
-        ``answer_now`` (a job overdue) they are answered at once.
+        ``answer_now`` (a job overdue) they are answered at once. ``kept_revision``: the running engine was
+        not touched, and is the unit at that spec revision: the game keeps it (``transitions.failed``).
 
         Returns the new record, or None when a newer generation took over meanwhile."""
         async with self._tx() as (conn, now):
@@ -423,7 +425,8 @@ class Transitions(StoreBase):
                 return None
             jobs = await self._pending_ops(conn, game_id, generation)
             asked = {op.op for op in jobs}
-            new, target = transitions.failed(cur, now, code=code, message=message, asked=asked)
+            new, target = transitions.failed(cur, now, code=code, message=message, asked=asked,
+                                             kept_revision=kept_revision)
             new = await self._write(conn, cur, new, now)
             if transitions.keeps_running(cur, asked):
                 await self._answer_failing(conn, new, jobs, code, message, now, failing=FAILING_UNCONVERGED)

@@ -1,0 +1,81 @@
+"""Red-team, stop 45: a replacement refused before it touched the running engine stopped a healthy game.
+
+* A restart (same image) refused by the allowlist or the registry (``ImageRejected``, raised before any side
+  effect) had nothing to roll back to, so the failed generation asked for the game stopped.
+* A drift nobody asked for (a setting changed, so the unit's spec hash is no longer the wanted one) of a game
+  whose image is no longer allowed, or can no longer be pulled, was failed (stopped) or counted as crashes
+  until the crash policy gave the game up, although its engine ran on, healthy, the whole time.
+
+A failed replacement whose engine is still running keeps it: a job's generation is answered with the failure
+and desired state goes back to that engine (its image and spec revision); a drift is left as it is, said in the
+log, and tried again later."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from controller.spec import Specs
+from desired.jobs import ImageAllowlist
+from desired.model import DesiredStatus, JobKind, Status
+from tests.support.world import IMG, World, started
+
+
+def _narrowed(w: World, *, drift: bool = False) -> None:
+    s = w.reconciler.settings
+    s = dataclasses.replace(s, images=dataclasses.replace(s.images,
+                                                          image_allowlist=ImageAllowlist("galaxy/engine-stub:9.*")))
+    if drift:
+        s = dataclasses.replace(s, engine=dataclasses.replace(s.engine, engine_pids=999))
+    _settings(w, s)
+
+
+def _settings(w: World, s) -> None:
+    w.reconciler.settings = s
+    w.reconciler.starts.settings = s
+    w.reconciler.specs = Specs(s, w.reconciler.specs.database)
+
+
+async def test_a_restart_refused_before_it_touched_the_engine_keeps_the_game_running(tmp_path) -> None:
+    w = World(tmp_path)
+    rec = await started(w)
+    [unit] = w.running("g1")
+    _narrowed(w)
+    await w.job(JobKind.RESTART, "g1")
+    for _ in range(3):
+        rec = await w.sync("g1")
+    assert w.results("g1")[-1] == ("restart", "failure", "image_rejected")
+    assert [c.id for c in w.running("g1")] == [unit.id] and w.backend.ops("stop") == []
+    assert rec.desired_status is DesiredStatus.RUNNING and rec.status is Status.RUNNING and rec.converged
+    assert rec.current_container_id == unit.id and rec.desired_image_ref == IMG
+    seen = await w.backend.inspect(unit.id)
+    assert seen is not None and w.reconciler.specs.want_hash(rec) == seen.spec_hash  # it asks for what runs
+    await w.sync("g1")
+    assert [c.id for c in w.running("g1")] == [unit.id]
+
+
+async def test_a_drift_whose_image_is_no_longer_allowed_keeps_the_running_engine(tmp_path) -> None:
+    w = World(tmp_path)
+    rec = await started(w)
+    [unit] = w.running("g1")
+    results = list(w.results("g1"))
+    _narrowed(w, drift=True)
+    for _ in range(4):
+        rec = await w.sync("g1")
+        w.store.clock.advance(400)
+    assert [c.id for c in w.running("g1")] == [unit.id] and w.backend.ops("stop") == []
+    assert rec.desired_status is DesiredStatus.RUNNING and rec.status is Status.RUNNING and rec.crash_count == 0
+    assert w.results("g1") == results  # nobody asked: nothing to answer
+
+
+async def test_a_drift_whose_image_cannot_be_pulled_is_no_crash(tmp_path) -> None:
+    w = World(tmp_path)
+    rec = await started(w)
+    [unit] = w.running("g1")
+    w.backend.images.discard(IMG)  # the host can no longer find or pull it; the engine runs on
+    s = w.reconciler.settings
+    _settings(w, dataclasses.replace(s, engine=dataclasses.replace(s.engine, engine_pids=999)))
+    for _ in range(12):
+        rec = await w.sync("g1")
+        w.store.clock.advance(400)
+    assert [c.id for c in w.running("g1")] == [unit.id] and w.backend.ops("stop") == []
+    assert rec.desired_status is DesiredStatus.RUNNING and rec.crash_count == 0, rec
