@@ -299,6 +299,12 @@ def _plan(
         if container is not None and container.running:
             return Action(ActionKind.STOP, "desired stopped")
         current_id = container.id if container is not None else None
+        if (container is None and record.status is Status.STOPPED and record.converged and record.current_container_id
+                and cleanup_ttl > 0 and record.stopped_at is not None
+                and now - record.stopped_at >= timedelta(seconds=cleanup_ttl)):
+            # The cleanup's removal was done and its record was not (a kill between the two, or a database
+            # restored to before it): recorded now. Before the TTL, a container gone is only "nothing runs".
+            return Action(ActionKind.CLEANUP, f"stopped for more than {cleanup_ttl:g}s; its container is gone")
         if record.status is Status.STOPPED and record.converged and record.current_container_id == current_id:
             if (container is not None and cleanup_ttl > 0 and record.stopped_at is not None
                     and now - record.stopped_at >= timedelta(seconds=cleanup_ttl)):

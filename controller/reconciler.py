@@ -457,6 +457,22 @@ class Reconciler:
         await self._fail(record, exc.code, exc.message, kept_revision=revision)
         return AGAIN
 
+    async def _stopped_later(self, record: RuntimeRecord, unit: ObservedContainer) -> Step | None:
+        """The cleanup TTL counts from the engine's own stop when it is later than the record's (a database
+        restored from an older backup, whose game was started and stopped again on the same container since):
+        a removal for good waits until the TTL has passed from that stop too. None when it has."""
+        found = await self.backend.inspect(unit.id)
+        finished = found.finished_at if found is not None else None
+        if finished is None or record.stopped_at is None or finished <= record.stopped_at:
+            return None
+        left = self.settings.runtime.cleanup_ttl - (self.clock.now() - finished).total_seconds()
+        if left <= 0:
+            return None
+        log.warning("not removing yet: the engine stopped at %s, later than the record says (%s; a database "
+                    "restored from an older backup?); the cleanup TTL counts from the later stop",
+                    finished.isoformat(), record.stopped_at.isoformat(), extra={"game_id": record.game_id})
+        return requeue(min(left, self.settings.runtime.resync_interval), "the engine stopped later than recorded")
+
     async def _renamed(self, record: RuntimeRecord) -> ObservedContainer | None:
         """No unit of the game has its name: the unit the record names, when it is still there under another
         name (renamed from outside) and is this instance's unit of this game. It is the game's engine: creating
@@ -570,7 +586,7 @@ class Reconciler:
         if self.fence is not None and not self.fence.valid_locally:
             raise Fenced("the leadership term lapsed before a backend action")
         assert record is not None
-        if kind in (ActionKind.STOP, ActionKind.REMOVE, ActionKind.CLEANUP):
+        if kind in (ActionKind.STOP, ActionKind.REMOVE) or (kind is ActionKind.CLEANUP and container is not None):
             assert container is not None
             grace = await self.starts.stop_grace(record, container)  # the engine's version's, or the global one
         if kind is ActionKind.BLOCKED:
@@ -613,19 +629,25 @@ class Reconciler:
         elif kind is ActionKind.RECOVER:
             assert container is not None
             return await self.crashes.recover(record, container)
-        elif kind in (ActionKind.REMOVE, ActionKind.CLEANUP):
-            assert container is not None
-            if kind is ActionKind.CLEANUP:
+        elif kind is ActionKind.CLEANUP:
+            if container is not None:
+                later = await self._stopped_later(record, container)
+                if later is not None:
+                    return later
                 log.info("removing container stopped for longer than the cleanup TTL",
                          extra={"game_id": record.game_id, "container_id": container.id})
+                await self.backend.remove(container.id, grace)
+            else:  # removed before a kill cut the cleanup short (or a restore of the database undid its record)
+                log.info("the container of a game stopped for longer than the cleanup TTL is gone: recording the "
+                         "cleanup", extra={"game_id": record.game_id, "container_id": record.current_container_id})
+            await self.store.cleaned_up(record.game_id, record.generation)
+        elif kind is ActionKind.REMOVE:
+            assert container is not None
             await self.backend.remove(container.id, grace)
-            if kind is ActionKind.CLEANUP:
-                await self.store.cleaned_up(record.game_id, record.generation)
-            else:
-                # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
-                # retention, the state the replaced engine left, as a stop does.
-                await self.states.restore_at_stop(record, self._runs_replaced(record, container))
-                await self.store.mark_removed(record)
+            # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
+            # retention, the state the replaced engine left, as a stop does.
+            await self.states.restore_at_stop(record, self._runs_replaced(record, container))
+            await self.store.mark_removed(record)
         elif kind is ActionKind.MARK_REMOVED:
             # No unit (a removal cut after the unit went, or one removed from outside): what a removal
             # during a replacement owes the state directory is done here, as MARK_STOPPED does.
