@@ -44,6 +44,16 @@ class Crashes:
         if seen.node and seen.node in await self.backend.lost_nodes():
             return AGAIN  # not a crash: its node is lost (the next look sees the unit so and says node_lost)
         if seen.running:  # not an exit: an engine that stopped answering for too long
+            # Asked first: the record's word may be stale (an engine busy past the generation timeout that
+            # answers again, a record restored from before a short blip). One that answers is not restarted:
+            # what it says is written (running, generating, ...), and the next look plans from that.
+            probe = await self.health.probe(
+                record.replace(admin_token=seen.admin_token) if seen.admin_token else record, seen.address)
+            if probe.healthy:
+                log.warning("the engine answers again after being unreachable: not restarted",
+                            extra={"game_id": record.game_id})
+                await self.health.record_probe(record, probe)
+                return AGAIN
             await self.backend.stop(seen.id, await self.starts.stop_grace(record, seen))
             return await self.count(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,

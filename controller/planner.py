@@ -128,9 +128,11 @@ def planned_disruption(action: Action, record: RuntimeRecord, container: Observe
                    else f"{left:.0f}s of RTMANAGER_DISRUPTION_WAIT left")
             return Action(ActionKind.WAIT, f"{action.kind.value} waits: the engine is generating {nxt} ({why})",
                           delay=min(DISRUPTION_POLL, max(left, own)), check_engine=True, then=action.kind)
+        # Asked once more: a generation begun since the wait began (a record restored from an older backup,
+        # a turn that ended unseen) has a wait of its own (desired/transitions.py ``observed``).
         return Action(action.kind, f"{action.reason}; the engine still generates a turn after {waited:.0f}s "
                                    f"(RTMANAGER_DISRUPTION_WAIT {disruption_wait:g}s): going ahead anyway",
-                      overdue=waited)
+                      overdue=waited, check_engine=True)
     return Action(action.kind, action.reason, check_engine=True)
 
 

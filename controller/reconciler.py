@@ -557,6 +557,10 @@ class Reconciler:
                                    f"(RTMANAGER_DISRUPTION_WAIT): going ahead anyway", overdue=waited)
 
     async def _check_look(self, record: RuntimeRecord, looked: Look, action: Action) -> Action | Step:
+        if action.overdue is not None and action.kind is not ActionKind.WAIT:
+            # Its wait ran out: it goes ahead, generating or not, unless what the engine said changed the record
+            # (a generation begun since the wait began: plan again, on its own wait).
+            return action if looked in (Look.GO, Look.UNKNOWN, Look.GENERATING) else AGAIN
         if looked in (Look.GENERATING, Look.UNKNOWN) and action.kind is ActionKind.WAIT:
             return requeue(action.delay, action.reason)
         if looked is Look.GENERATING and not record.status.is_up:

@@ -338,8 +338,10 @@ class Turns:
         with when the wait began (so that a restart of the controller does not reset the limit), and
         returned with the record as it is now. No answer, a garbage answer or no admin API is not
         generating: the disruption goes ahead."""
-        if not container.running or not container.address:
+        if not container.running:
             return Look.GO, record
+        if not container.address:  # it cannot be asked (no address on its node): the record's word stands
+            return (Look.UNKNOWN if record.status is Status.GENERATION_IN_PROGRESS else Look.GO), record
         probe = await self.health.probe(_asking(record, container), container.address)
         s = self.settings
         try:
@@ -347,9 +349,12 @@ class Turns:
                 log.info("the engine is generating turn %s: the disruption waits for it", (probe.turn or 0) + 1,
                          extra={"game_id": record.game_id})
                 warn_turn_back(record, probe)
-                await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
-                                                    generation_timeout=s.engine.generation_timeout,
-                                                    disruption_waits=True)
+                seen = await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
+                                                           generation_timeout=s.engine.generation_timeout,
+                                                           disruption_waits=True)
+                began = record.disruption_wait_since
+                if began is not None and seen.disruption_wait_since != began:
+                    return Look.CHANGED, seen  # another generation than the one waited for: its own wait
                 return Look.GENERATING, record
             if probe.healthy:
                 seen = await self.health.record_probe(record, probe)
@@ -357,10 +362,11 @@ class Turns:
                     return (Look.IDLE if probe.phase is not None else Look.CHANGED), seen
         except Conflict:
             return Look.CHANGED, record  # the record moved on meanwhile: plan again before disrupting anything
-        if probe.healthy and probe.phase is None:
-            # It answers its health path but not its status (busy, slow, refusing us, garbage): it
-            # may be generating. Where the record says it was, the wait goes on, bounded from the
-            # first such look as from the first "generating" (or no limit would ever run out).
+        if (probe.healthy and probe.phase is None) or record.status is Status.GENERATION_IN_PROGRESS:
+            # It answers its health path but not its status (busy, slow, refusing us, garbage), or nothing at all
+            # while the record knows it generates (rtmanager asked for the turn): a generation can keep an engine
+            # too busy to answer. Where the record says it was, the wait goes on, bounded from the first such
+            # look as from the first "generating" (or no limit would ever run out).
             if record.status is Status.GENERATION_IN_PROGRESS and record.disruption_wait_since is None:
                 try:
                     await self.store.note_disruption_wait(record)

@@ -178,6 +178,11 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
             changes["generation_started_at"] = None
         if probe.phase != "generating":
             changes["disruption_wait_since"] = None  # the generation a disruption waited for is over
+        elif (cur.disruption_wait_since is not None and probe.turn is not None and cur.turn is not None
+              and probe.turn != cur.turn):
+            # Another generation than the one the wait began for (its turn done since, unseen; or a record
+            # restored from an older backup): the disruption waits for this one from now.
+            changes["disruption_wait_since"] = now
         if probe.turn is not None and cur.turn is not None and probe.turn > cur.turn:
             changes["last_turn_at"] = now
         elif probe.turn is not None and cur.turn is not None and probe.turn < cur.turn:

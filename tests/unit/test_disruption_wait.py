@@ -32,9 +32,10 @@ TABLE = [
     ("wait counted from its start", GEN, ST, ours(), {"admin_api": True, **waiting(599)}, LIMIT, A.WAIT, True,
      False),
     # the limit ran out: go ahead, and say so
-    ("limit reached: stop", GEN, ST, ours(), {"admin_api": True, **waiting(600)}, LIMIT, A.STOP, False, True),
+    # (asked once more: a generation begun since the wait began has a wait of its own; stop 45)
+    ("limit reached: stop", GEN, ST, ours(), {"admin_api": True, **waiting(600)}, LIMIT, A.STOP, True, True),
     ("limit reached: recreate", GEN, R, ours(spec_hash=OLD_HASH), {"admin_api": True, **waiting(900)}, LIMIT,
-     A.RECREATE, False, True),
+     A.RECREATE, True, True),
     # not known to generate: go ahead, but ask the engine right before (the probe may be stale)
     ("idle: stop asks first", Status.RUNNING, ST, ours(), {"admin_api": True}, LIMIT, A.STOP, True, False),
     ("idle: recreate asks first", Status.RUNNING, R, ours(spec_hash=OLD_HASH), {"admin_api": True}, LIMIT,
@@ -310,7 +311,9 @@ def test_a_grace_is_not_part_of_the_spec_hash(tmp_path):
 @pytest.mark.parametrize("failure", ["unreachable", "garbage"])
 async def test_an_engine_that_stops_answering_while_a_stop_waits_is_stopped(w, failure):
     """A status that fails while the health path answers may be a busy engine: the wait goes on.
-    Once the engine answers nothing at all, it is not generating: the stop goes ahead."""
+    Once the engine answers nothing at all, it may still be busy generating (stop 45: it was taken for
+    one that is not, and the turn cut): the wait goes on until RTMANAGER_DISRUPTION_WAIT, then the stop
+    goes ahead."""
     from desired.model import JobKind
     from observed.errors import EngineError, EngineUnreachable
     await generating(w)
@@ -325,6 +328,9 @@ async def test_an_engine_that_stops_answering_while_a_stop_waits_is_stopped(w, f
     [c] = w.running("g1")
     w.backend.behaviour[c.image] = "mute"  # now it answers nothing at all
     w.store.clock.advance(2)
+    rec = await w.sync("g1")
+    assert stops(w) == [] and rec.status is Status.GENERATION_IN_PROGRESS
+    w.store.clock.advance(60)  # RTMANAGER_DISRUPTION_WAIT (60 s) from the first look that waited
     rec = await w.sync("g1")
     assert len(stops(w)) == 1 and rec.status is Status.STOPPED
 
