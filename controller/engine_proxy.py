@@ -68,6 +68,17 @@ _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 _SAFE_SEGMENT = "-._~!$&'()*+,;=:@"  # RFC 3986 pchar, less the percent sign
 
 
+def closed(record: RuntimeRecord) -> str | None:
+    """Why the gateway may not reach the game's engine now, or None: it is not up (or known unreachable), or
+    a stop of it is under way (it saves its state on its way out: a request now could be acknowledged and
+    lost, or change the state in the middle of the save)."""
+    if record.status not in PROXIED:
+        return f"game {record.game_id} is {record.status.value}, its engine is not reachable now"
+    if record.stopping_since is not None:
+        return f"game {record.game_id}: its engine is stopping (saving its state); it takes no more requests"
+    return None
+
+
 class PathRefused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -238,6 +249,9 @@ class EngineRoutes:
             return found
         record, host = found
         game = record.game_id
+        why = closed(record)
+        if why is not None:
+            return web.json_response({"error": why, "status": record.status.value}, status=409)
         why = refusal(self._in_flight.get(game, 0), sum(self._in_flight.values()))
         if why is not None:
             return web.json_response({"error": f"game {game}: {why}; send this again later"}, status=503,

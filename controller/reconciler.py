@@ -457,6 +457,13 @@ class Reconciler:
         await self._fail(record, exc.code, exc.message, kept_revision=revision)
         return AGAIN
 
+    async def _stopping(self, record: RuntimeRecord, unit: ObservedContainer) -> RuntimeRecord:
+        """Before the running engine the record names is asked to stop: written, so that the gateway's
+        pass-through (every replica's, from the record) sends it nothing more while it saves its state."""
+        if record.status.is_up and record.current_container_id == unit.id and record.stopping_since is None:
+            return await self.store.mark_stopping(record)
+        return record
+
     async def _stopped_later(self, record: RuntimeRecord, unit: ObservedContainer) -> Step | None:
         """The cleanup TTL counts from the engine's own stop when it is later than the record's (a database
         restored from an older backup, whose game was started and stopped again on the same container since):
@@ -612,6 +619,7 @@ class Reconciler:
                             "restore of the database, Lobby may have to send its start again)",
                             record.stopped_at.isoformat() if record.stopped_at else "?",
                             extra={"game_id": record.game_id, "container_id": container.id})
+            record = await self._stopping(record, container)
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             try:
@@ -647,6 +655,7 @@ class Reconciler:
             await self.store.cleaned_up(record.game_id, record.generation)
         elif kind is ActionKind.REMOVE:
             assert container is not None
+            record = await self._stopping(record, container)
             await self.backend.remove(container.id, grace)
             # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
             # retention, the state the replaced engine left, as a stop does.

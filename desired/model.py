@@ -253,6 +253,9 @@ class RuntimeRecord:
     # waits until the drain's deadline, not only RTMANAGER_DISRUPTION_WAIT) (desired).
     disruption_until: datetime | None = None
     disruption_generation: int | None = None
+    # Observed: a stop of the running engine is under way (it saves its state on its way out); the
+    # gateway's pass-through sends it nothing more. Set right before the stop, cleared by the next status.
+    stopping_since: datetime | None = None
     # The secret of the unit (ENGINE_ADMIN_TOKEN), sent with every admin call; recorded before the unit
     # is created. Never shown: not in repr, REST answers (SECRET_FIELDS), snapshots or logs.
     admin_token: str = field(default="", repr=False)

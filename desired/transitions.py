@@ -42,7 +42,7 @@ def _touch(cur: RuntimeRecord, now: datetime) -> datetime:
 def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -> RuntimeRecord:
     """About to create or start the engine (a job's change, or a restart after a crash)."""
     return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now), admin_api=None,
-                       node_lost_since=None,
+                       node_lost_since=None, stopping_since=None,
                        probe_failures=0, unreachable_since=None, generation_started_at=None,
                        disruption_wait_since=None,
                        rollback_image_ref=rollback_image if cur.status is not Status.STARTING
@@ -70,7 +70,7 @@ def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
                        started_at=started, stopped_at=None, health=Health.HEALTHY, health_checked_at=now,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
                        rolling_back=False, probe_failures=0, unreachable_since=None, last_op_at=_touch(cur, now),
-                       node_id=cur.node_id or node, node_lost_since=None,
+                       node_id=cur.node_id or node, node_lost_since=None, stopping_since=None,
                        disruption_wait_since=cur.disruption_wait_since if up else None)
 
 
@@ -99,7 +99,13 @@ def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
                        observed_generation=cur.generation if converged else cur.observed_generation,
                        restart_not_before=None,
                        rollback_image_ref=None, rolling_back=False, last_op_at=_touch(cur, now),
-                       disruption_wait_since=None, node_lost_since=None)
+                       disruption_wait_since=None, node_lost_since=None, stopping_since=None)
+
+
+def stopping(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+    """The running engine is about to be asked to stop (SIGTERM, its save, the grace): the gateway's
+    pass-through sends it nothing more from now on."""
+    return cur.replace(stopping_since=now, last_op_at=_touch(cur, now))
 
 
 def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
@@ -108,7 +114,7 @@ def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
                        removed_at=cur.removed_at or _at_least(now, cur.created_at), health=Health.UNKNOWN,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
                        rolling_back=False, last_op_at=_touch(cur, now), disruption_wait_since=None,
-                       node_lost_since=None)
+                       node_lost_since=None, stopping_since=None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -884,6 +884,11 @@ class FakeStore:
                                    generation_timeout=generation_timeout)
         return self._swap(cur, transitions.disruption_waiting(new, now) if disruption_waits else new)
 
+    async def mark_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, False)
+        return self._swap(cur, transitions.stopping(cur, now))
+
     async def note_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)

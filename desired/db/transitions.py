@@ -298,6 +298,10 @@ class Transitions(StoreBase):
             return transitions.disruption_waiting(new, now) if disruption_waits else new
         return await self._transition(rec, change)
 
+    async def mark_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
+        """The running engine is about to be asked to stop (desired/transitions.py ``stopping``)."""
+        return await self._transition(rec, transitions.stopping)
+
     async def note_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
         """A planned disruption waits for a turn the record says is generated, the engine not saying
         otherwise: the wait's limit counts from now (if no earlier look began it)."""
