@@ -89,6 +89,7 @@ log = logging.getLogger("rtmanager.reconciler")
 MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
+STOP_SLACK = 15.0  # seconds past its grace before a stop under way (not seen to end) is signalled again
 REVISIONS_BACK = 32  # spec revisions before the record's at which an engine may still be the replaced image's
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
@@ -457,11 +458,21 @@ class Reconciler:
         await self._fail(record, exc.code, exc.message, kept_revision=revision)
         return AGAIN
 
-    async def _stopping(self, record: RuntimeRecord, unit: ObservedContainer) -> RuntimeRecord:
+    async def _stopping(self, record: RuntimeRecord, unit: ObservedContainer, grace: float) -> RuntimeRecord | Step:
         """Before the running engine the record names is asked to stop: written, so that the gateway's
-        pass-through (every replica's, from the record) sends it nothing more while it saves its state."""
-        if record.status.is_up and record.current_container_id == unit.id and record.stopping_since is None:
+        pass-through (every replica's, from the record) sends it nothing more while it saves its state. A stop
+        of it already begun less than its grace (and STOP_SLACK) ago (a predecessor's, in its grace when this
+        leader took over; or this one's, whose call timed out) is waited for, not signalled again: a second
+        SIGTERM lands in the middle of the engine's save. The step to wait, then."""
+        if not (record.status.is_up and record.current_container_id == unit.id):
+            return record
+        if record.stopping_since is None:
             return await self.store.mark_stopping(record)
+        left = grace + STOP_SLACK - (self.clock.now() - record.stopping_since).total_seconds()
+        if left > 0 and unit.running:
+            log.info("a stop of the engine begun %s is under way: waiting %.0fs for its grace, not signalling "
+                     "it again", record.stopping_since.isoformat(), left, extra={"game_id": record.game_id})
+            return requeue(min(left, DISRUPTION_POLL * 5), "a stop of the engine is under way")
         return record
 
     async def _stopped_later(self, record: RuntimeRecord, unit: ObservedContainer) -> Step | None:
@@ -619,7 +630,10 @@ class Reconciler:
                             "restore of the database, Lobby may have to send its start again)",
                             record.stopped_at.isoformat() if record.stopped_at else "?",
                             extra={"game_id": record.game_id, "container_id": container.id})
-            record = await self._stopping(record, container)
+            stopping = await self._stopping(record, container, grace)
+            if not isinstance(stopping, RuntimeRecord):
+                return stopping
+            record = stopping
             await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             try:
@@ -655,7 +669,10 @@ class Reconciler:
             await self.store.cleaned_up(record.game_id, record.generation)
         elif kind is ActionKind.REMOVE:
             assert container is not None
-            record = await self._stopping(record, container)
+            stopping = await self._stopping(record, container, grace)
+            if not isinstance(stopping, RuntimeRecord):
+                return stopping
+            record = stopping
             await self.backend.remove(container.id, grace)
             # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
             # retention, the state the replaced engine left, as a stop does.
