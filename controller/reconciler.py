@@ -441,7 +441,12 @@ class Reconciler:
         image it replaced; a restart has no other image to go back to, and stopping a healthy game for it
         would destroy what nobody asked to end."""
         found = await self.backend.inspect(unit.id)
-        if found is None or not found.running or found.id != record.current_container_id:
+        if found is None or found.state != "running" or found.id != record.current_container_id:
+            return None  # touched, gone, or paused from outside (a frozen engine is no engine to keep)
+        if found.node is not None and (found.node in record.avoid_nodes or record.node_id != found.node):
+            # A move (a drain's, a node loss's, a job admitted as one): keeping the unit would keep the game on
+            # the node it must leave, and the drain would never end. The failure goes the usual way: stopped,
+            # and undrain starts it again on its node.
             return None
         if record.converged:
             log.error("the engine's unit is no longer the one the settings make, and replacing it failed before "
@@ -538,7 +543,7 @@ class Reconciler:
         the record)."""
         if action.kind is ActionKind.RECREATE and container.id != record.current_container_id:
             return await self._check_unnamed(record, container, action), record
-        looked, seen = await self.turns.engine_generating(record, container)
+        looked, seen = await self.turns.engine_generating(record, container, overdue=action.overdue is not None)
         if looked is Look.IDLE:
             # It has just said it is not generating, and that answer was written: plan on the written record
             # and carry out the disruption it still asks for without asking again. Asking again would let an

@@ -85,6 +85,8 @@ class Turns:
         # game -> (turn asked for, first lost answer) while the answers to its turn requests are lost
         # (``_maybe_taken``): bounded from the first, whatever came between (in this process).
         self._lost: dict[str, tuple[int, datetime]] = {}
+        # (game, generation) whose planned disruption's wait was restarted for a later turn (``engine_generating``)
+        self._waits_restarted: set[tuple[str, int]] = set()
 
     def _took(self, record: RuntimeRecord) -> None:
         """The engine is seen generating, or at the turn: whatever it refused before is over. (A 202 alone is
@@ -332,16 +334,23 @@ class Turns:
         probe = await self.health.probe(_asking(record, container).replace(admin_api=None), container.address)
         return probe.healthy and probe.phase == "generating"
 
-    async def engine_generating(self, record: RuntimeRecord,
-                                container: ObservedContainer) -> tuple[Look, RuntimeRecord]:
+    async def engine_generating(self, record: RuntimeRecord, container: ObservedContainer, *,
+                                overdue: bool = False) -> tuple[Look, RuntimeRecord]:
         """Right before a planned disruption: is the engine generating a turn? Its answer is recorded,
         with when the wait began (so that a restart of the controller does not reset the limit), and
         returned with the record as it is now. No answer, a garbage answer or no admin API is not
-        generating: the disruption goes ahead."""
+        generating, unless the record knows it generates: the disruption goes ahead.
+
+        ``overdue``: the wait has run out. A later turn than the one the wait began for (that turn ended
+        unseen, or the record was restored from an older backup and its wait is not this turn's) gets a wait
+        of its own, once per generation of the record (in this process): an engine whose turn flips, or
+        that generates back to back, cannot hold the disruption for ever."""
         if not container.running:
             return Look.GO, record
         if not container.address:  # it cannot be asked (no address on its node): the record's word stands
-            return (Look.UNKNOWN if record.status is Status.GENERATION_IN_PROGRESS else Look.GO), record
+            if record.status is not Status.GENERATION_IN_PROGRESS:
+                return Look.GO, record
+            return await self._unanswered(record)
         probe = await self.health.probe(_asking(record, container), container.address)
         s = self.settings
         try:
@@ -352,9 +361,14 @@ class Turns:
                 seen = await self.store.record_observation(record, probe, unreachable_after=s.engine.unreachable_after,
                                                            generation_timeout=s.engine.generation_timeout,
                                                            disruption_waits=True)
-                began = record.disruption_wait_since
-                if began is not None and seen.disruption_wait_since != began:
-                    return Look.CHANGED, seen  # another generation than the one waited for: its own wait
+                key = (record.game_id, record.generation)
+                if (overdue and probe.turn is not None and record.turn is not None and probe.turn > record.turn
+                        and key not in self._waits_restarted):
+                    self._waits_restarted.add(key)
+                    log.warning("the engine generates turn %d, a later one than the wait began for (turn %d): "
+                                "the disruption waits for it too", probe.turn + 1, record.turn + 1,
+                                extra={"game_id": record.game_id})
+                    return Look.CHANGED, await self.store.restart_disruption_wait(seen)
                 return Look.GENERATING, record
             if probe.healthy:
                 seen = await self.health.record_probe(record, probe)
@@ -362,15 +376,21 @@ class Turns:
                     return (Look.IDLE if probe.phase is not None else Look.CHANGED), seen
         except Conflict:
             return Look.CHANGED, record  # the record moved on meanwhile: plan again before disrupting anything
+        if probe.healthy and probe.phase is None and record.status is not Status.GENERATION_IN_PROGRESS:
+            return Look.UNKNOWN, record
         if (probe.healthy and probe.phase is None) or record.status is Status.GENERATION_IN_PROGRESS:
             # It answers its health path but not its status (busy, slow, refusing us, garbage), or nothing at all
             # while the record knows it generates (rtmanager asked for the turn): a generation can keep an engine
-            # too busy to answer. Where the record says it was, the wait goes on, bounded from the first such
-            # look as from the first "generating" (or no limit would ever run out).
-            if record.status is Status.GENERATION_IN_PROGRESS and record.disruption_wait_since is None:
-                try:
-                    await self.store.note_disruption_wait(record)
-                except Conflict:
-                    return Look.CHANGED, record
-            return Look.UNKNOWN, record
+            # too busy to answer.
+            return await self._unanswered(record)
         return Look.GO, record
+
+    async def _unanswered(self, record: RuntimeRecord) -> tuple[Look, RuntimeRecord]:
+        """The engine of a record that says it generates a turn cannot say otherwise now: the wait goes on,
+        bounded from the first such look as from the first "generating" (or no limit would ever run out)."""
+        if record.disruption_wait_since is None:
+            try:
+                await self.store.note_disruption_wait(record)
+            except Conflict:
+                return Look.CHANGED, record
+        return Look.UNKNOWN, record

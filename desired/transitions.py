@@ -102,6 +102,12 @@ def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
                        disruption_wait_since=None, node_lost_since=None, stopping_since=None)
 
 
+def disruption_wait_restarted(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+    """The engine generates a later turn than the one a planned disruption's wait began for (that turn ended
+    unseen, or the record was restored from an older backup): the wait counts from now, for this one."""
+    return cur.replace(disruption_wait_since=now, last_op_at=_touch(cur, now))
+
+
 def stopping(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
     """The running engine is about to be asked to stop (SIGTERM, its save, the grace): the gateway's
     pass-through sends it nothing more from now on."""
@@ -184,11 +190,6 @@ def observed(cur: RuntimeRecord, now: datetime, probe: Probe, *, unreachable_aft
             changes["generation_started_at"] = None
         if probe.phase != "generating":
             changes["disruption_wait_since"] = None  # the generation a disruption waited for is over
-        elif (cur.disruption_wait_since is not None and probe.turn is not None and cur.turn is not None
-              and probe.turn != cur.turn):
-            # Another generation than the one the wait began for (its turn done since, unseen; or a record
-            # restored from an older backup): the disruption waits for this one from now.
-            changes["disruption_wait_since"] = now
         if probe.turn is not None and cur.turn is not None and probe.turn > cur.turn:
             changes["last_turn_at"] = now
         elif probe.turn is not None and cur.turn is not None and probe.turn < cur.turn:

@@ -298,6 +298,10 @@ class Transitions(StoreBase):
             return transitions.disruption_waiting(new, now) if disruption_waits else new
         return await self._transition(rec, change)
 
+    async def restart_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
+        """desired/transitions.py ``disruption_wait_restarted``."""
+        return await self._transition(rec, transitions.disruption_wait_restarted)
+
     async def mark_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
         """The running engine is about to be asked to stop (desired/transitions.py ``stopping``)."""
         return await self._transition(rec, transitions.stopping)

@@ -79,3 +79,34 @@ async def test_a_drift_whose_image_cannot_be_pulled_is_no_crash(tmp_path) -> Non
         w.store.clock.advance(400)
     assert [c.id for c in w.running("g1")] == [unit.id] and w.backend.ops("stop") == []
     assert rec.desired_status is DesiredStatus.RUNNING and rec.crash_count == 0, rec
+
+
+async def test_a_drain_move_refused_before_it_touched_the_engine_does_not_keep_the_game_on_the_node(tmp_path) -> None:
+    """Review of the fix: keeping the unit of a refused move kept the game on the node it must leave (its pin
+    cleared, the node avoided), converged, and the drain never ended. A move is not kept: it fails as before
+    (the game stopped; undrain starts it again on its node)."""
+    from desired import transitions
+
+    w = World(tmp_path)
+    w.backend.nodes = ["n1", "n2"]
+    rec = await started(w)
+    assert rec.node_id == "n1"
+    w.store.records["g1"] = transitions.drain_moved(rec, w.store.clock.now(), node="n1", forced=True, deadline=None)
+    _narrowed(w)
+    for _ in range(4):
+        rec = await w.sync("g1")
+    assert not (rec.converged and rec.status is Status.RUNNING and w.running("g1")), rec
+    assert rec.desired_status is DesiredStatus.STOPPED
+
+
+async def test_a_unit_paused_from_outside_whose_replacement_is_refused_is_not_kept_frozen(tmp_path) -> None:
+    """Review of the fix: a paused unit counts as running for Docker; keeping it kept a frozen engine for ever."""
+    w = World(tmp_path)
+    await started(w)
+    [c] = w.running("g1")
+    c.state = "paused"
+    _narrowed(w)
+    for _ in range(4):
+        w.store.clock.advance(400)
+        rec = await w.sync("g1")
+    assert rec.desired_status is DesiredStatus.STOPPED, rec

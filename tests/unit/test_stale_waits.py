@@ -95,3 +95,48 @@ async def test_the_unreachable_restart_asks_the_engine_first(tmp_path) -> None:
     rec = await w.sync("g1")
     assert w.backend.ops("stop") == [] and rec.crash_count == 0, rec
     assert rec.status is Status.GENERATION_IN_PROGRESS and len(w.running("g1")) == 1
+
+
+async def test_an_engine_whose_turn_flips_cannot_hold_a_stop_for_ever(tmp_path) -> None:
+    """Review of the fix: each look that found another turn restarted the wait, with no cap: an engine whose
+    status flipped between two turns held the stop (and its job's answer) for ever. A later turn restarts the
+    wait once per generation."""
+    from observed.engine import EngineStatus
+
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60")
+    await started(w)
+    turn_engine(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
+    n = {"i": 0}
+
+    async def status(host, *, token=""):
+        n["i"] += 1
+        return EngineStatus(turn=n["i"] % 2, phase="generating")  # turn 0, then 1, then 0, ... stuck generating
+
+    w.engine.status = status
+    await w.job(JobKind.STOP, "g1")
+    for _ in range(6):  # 366 s: at most two waits of 60 s and their polls
+        w.store.clock.advance(61)
+        rec = await w.sync("g1")
+    assert len(w.backend.ops("stop")) == 1 and rec.status is Status.STOPPED, rec
+
+
+async def test_a_generating_engine_with_no_address_is_waited_for_within_the_limit(tmp_path) -> None:
+    """Review of the fix: a unit with no address (off the game network) while the record says generating
+    never began the wait's clock, so the stop was held for ever."""
+    import dataclasses
+
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60", RTMANAGER_HEALTH_INTERVAL="0")
+    await started(w)
+    turn_engine(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
+    real = w.backend._observe
+    w.backend._observe = lambda c: dataclasses.replace(real(c), address=None)
+    await w.job(JobKind.STOP, "g1")
+    rec = await w.sync("g1")
+    assert w.backend.ops("stop") == [] and rec.disruption_wait_since is not None
+    w.store.clock.advance(61)
+    rec = await w.sync("g1")
+    assert len(w.backend.ops("stop")) == 1 and rec.status is Status.STOPPED, rec
