@@ -30,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from datetime import timedelta
 
 from controller.config import Settings
 from controller.crashes import Crashes
@@ -89,6 +90,7 @@ log = logging.getLogger("rtmanager.reconciler")
 MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
+CLOCK_SKEW = timedelta(seconds=120)  # what may part the daemon's clock from the database's
 STOP_SLACK = 15.0  # seconds past its grace before a stop under way (not seen to end) is signalled again
 REVISIONS_BACK = 32  # spec revisions before the record's at which an engine may still be the replaced image's
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
@@ -486,9 +488,13 @@ class Reconciler:
         a removal for good waits until the TTL has passed from that stop too. None when it has."""
         found = await self.backend.inspect(unit.id)
         finished = found.finished_at if found is not None else None
-        if finished is None or record.stopped_at is None or finished <= record.stopped_at:
+        now = self.clock.now()
+        # Within CLOCK_SKEW of the record's stop it is that stop (the daemon's clock is not the database's);
+        # a time ahead of now is a clock not to be trusted.
+        if (finished is None or record.stopped_at is None or finished <= record.stopped_at + CLOCK_SKEW
+                or finished > now + CLOCK_SKEW):
             return None
-        left = self.settings.runtime.cleanup_ttl - (self.clock.now() - finished).total_seconds()
+        left = self.settings.runtime.cleanup_ttl - (now - finished).total_seconds()
         if left <= 0:
             return None
         log.warning("not removing yet: the engine stopped at %s, later than the record says (%s; a database "

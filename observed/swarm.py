@@ -228,6 +228,10 @@ class SwarmBackend(DaemonClient):
             if cstatus.get("ContainerID") and not task.get("Lost"):
                 exit_code = exit_code_of(cstatus.get("ExitCode"))
             finished_at = _when(status.get("Timestamp"))
+        elif state == "exited" and task is None:
+            # Stopped (scaled to 0) and its tasks forgotten: the scale's time, never earlier than the engine's
+            # stop, stands in for its exit (the cleanup TTL counts from the later of it and the record's stop).
+            finished_at = _when(service.get("UpdatedAt"))
         ip = _task_ip(task, self.network) if task is not None else None
         address = None
         if state == "running" and task is not None:

@@ -67,3 +67,33 @@ async def test_a_stopped_game_whose_container_went_before_the_ttl_is_not_removed
     w.store.clock.advance(3600)
     rec = await w.sync("g1")
     assert rec.status is Status.STOPPED
+
+
+def test_a_stopped_swarm_service_says_when_it_was_scaled_to_zero() -> None:
+    """Review of the fix: on a Swarm a stopped game's service is scaled to 0 and its tasks are soon forgotten,
+    so its unit had no exit time and the TTL still counted from a restored record's stop. The time of the
+    scale to 0 (the service's UpdatedAt: never earlier than the stop) stands in for it."""
+    from observed.swarm import SwarmBackend
+    from tests.unit.test_swarm_nodes import service
+
+    b = SwarmBackend(instance="i", network="net")
+    stopped = {**service(replicas=0), "PreviousSpec": {"Name": "galaxy-game-g1"}, "UpdatedAt": "2026-12-06T10:00:00.5Z"}
+    seen = b._observe(stopped, [])
+    assert seen.state == "exited" and seen.finished_at is not None
+    assert seen.finished_at.isoformat().startswith("2026-12-06T10:00:00")
+    assert b._observe({**service(replicas=1), "UpdatedAt": "2026-12-06T10:00:00Z"}, []).finished_at is None
+
+
+async def test_a_daemon_clock_a_little_ahead_or_far_ahead_does_not_delay_the_cleanup(tmp_path) -> None:
+    """Review of the fix: the daemon's FinishedAt is on the daemon's clock. A few seconds ahead of the
+    database's delayed every cleanup (and said "restored from an older backup?"); one far in the future
+    held it until then. Within 2 minutes of the record's stop it is that stop; ahead of now it is ignored."""
+    for ahead in (timedelta(seconds=30), timedelta(days=30)):
+        w = await _stopped(tmp_path / str(ahead.total_seconds()))
+        c = w.backend.by_name("galaxy-game-g1")
+        assert c is not None
+        stopped_at = w.store.records["g1"].stopped_at
+        c.finished_at = stopped_at + ahead
+        w.store.clock.advance(86400 + 60)
+        rec = await w.sync("g1")
+        assert rec.status is Status.REMOVED, (ahead, rec)
