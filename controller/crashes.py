@@ -13,6 +13,7 @@ from controller.health import Health
 from controller.metrics import Metrics
 from controller.start import Starts
 from controller.step import AGAIN, Step, requeue
+from desired import transitions
 from desired.model import ErrorCode, RuntimeRecord
 from desired.policy import CrashPolicy
 from desired.ports import ReconcilerStore
@@ -21,6 +22,7 @@ from observed.backend import RuntimeBackend
 from observed.model import ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
+EXIT_SEEN = 60.0  # seconds after a stop's grace within which the engine's exit is still taken for that stop's
 
 
 class Crashes:
@@ -59,6 +61,14 @@ class Crashes:
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "
                        "restarted"))
+        if record.stopping_since is not None and transitions.stop_left(
+                record, self.health.clock.now(), await self.starts.stop_grace(record, seen) + EXIT_SEEN) > 0:
+            # A stop of it had begun (a predecessor's, in its grace when it died, then a start; or one whose call
+            # timed out): that stop ended it, not a crash. Started again at once, with no crash counted.
+            log.info("the engine exited after a stop of it began at %s: not a crash; starting it again",
+                     record.stopping_since.isoformat(), extra={"game_id": record.game_id})
+            await self.store.mark_starting(record, rollback_image=None)
+            return AGAIN
         if await self.backend.stopped_by_daemon(seen):
             log.warning("engine stopped by a restart of the container daemon; starting it again (not a crash)",
                         extra={"game_id": record.game_id, "exit_code": seen.exit_code})

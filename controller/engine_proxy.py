@@ -37,6 +37,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
@@ -68,15 +69,28 @@ _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 _SAFE_SEGMENT = "-._~!$&'()*+,;=:@"  # RFC 3986 pchar, less the percent sign
 
 
-def closed(record: RuntimeRecord) -> str | None:
+STALE_STOP = timedelta(seconds=3600 + 300)  # the longest stop grace, and room: a mark older is no stop under way
+
+
+def closed(record: RuntimeRecord, now: datetime | None = None) -> str | None:
     """Why the gateway may not reach the game's engine now, or None: it is not up (or known unreachable), or
     a stop of it is under way (it saves its state on its way out: a request now could be acknowledged and
     lost, or change the state in the middle of the save)."""
     if record.status not in PROXIED:
         return f"game {record.game_id} is {record.status.value}, its engine is not reachable now"
-    if record.stopping_since is not None:
+    if stop_under_way(record, datetime.now(UTC) if now is None else now):
         return f"game {record.game_id}: its engine is stopping (saving its state); it takes no more requests"
     return None
+
+
+def stop_under_way(record: RuntimeRecord, now: datetime) -> bool:
+    """The record's mark of a stop of its engine under way, unless it is stale: older than the engine's start
+    (a replica of an older version, during a rolling upgrade, started it again without clearing the mark),
+    or older than any stop grace (at most an hour) could be."""
+    since = record.stopping_since
+    if since is None or (record.started_at is not None and since < record.started_at):
+        return False
+    return now - since <= STALE_STOP
 
 
 class PathRefused(Exception):

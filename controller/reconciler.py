@@ -91,7 +91,6 @@ MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
 CLOCK_SKEW = timedelta(seconds=120)  # what may part the daemon's clock from the database's
-STOP_SLACK = 15.0  # seconds past its grace before a stop under way (not seen to end) is signalled again
 REVISIONS_BACK = 32  # spec revisions before the record's at which an engine may still be the replaced image's
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
@@ -445,7 +444,8 @@ class Reconciler:
         found = await self.backend.inspect(unit.id)
         if found is None or found.state != "running" or found.id != record.current_container_id:
             return None  # touched, gone, or paused from outside (a frozen engine is no engine to keep)
-        if found.node is not None and (found.node in record.avoid_nodes or record.node_id != found.node):
+        if found.node is not None and (found.node in record.avoid_nodes
+                                       or (record.node_id is not None and record.node_id != found.node)):
             # A move (a drain's, a node loss's, a job admitted as one): keeping the unit would keep the game on
             # the node it must leave, and the drain would never end. The failure goes the usual way: stopped,
             # and undrain starts it again on its node.
@@ -475,12 +475,25 @@ class Reconciler:
             return record
         if record.stopping_since is None:
             return await self.store.mark_stopping(record)
-        left = grace + STOP_SLACK - (self.clock.now() - record.stopping_since).total_seconds()
+        left = transitions.stop_left(record, self.clock.now(), grace)
         if left > 0 and unit.running:
             log.info("a stop of the engine begun %s is under way: waiting %.0fs for its grace, not signalling "
                      "it again", record.stopping_since.isoformat(), left, extra={"game_id": record.game_id})
             return requeue(min(left, DISRUPTION_POLL * 5), "a stop of the engine is under way")
         return record
+
+    async def _stop_over(self, record: RuntimeRecord, unit: ObservedContainer | None) -> RuntimeRecord | Step:
+        """An up game wanted running whose record marks a stop of its engine (one whose call raised, then a
+        start; or a predecessor's, in its grace when it died): before the running engine is recorded right or
+        asked for a turn, that stop is waited out (its exit is then a start's business, not a crash), and then
+        the mark cleared (the pass-through open again). The step to wait, or the record."""
+        if (record.stopping_since is None or not record.status.is_up or unit is None
+                or unit.id != record.current_container_id):
+            return record
+        left = transitions.stop_left(record, self.clock.now(), await self.starts.stop_grace(record, unit))
+        if left > 0 and unit.running:
+            return requeue(min(left, DISRUPTION_POLL * 5), "a stop of the engine may still be under way")
+        return await self.store.clear_stopping(record)
 
     async def _stopped_later(self, record: RuntimeRecord, unit: ObservedContainer) -> Step | None:
         """The cleanup TTL counts from the engine's own stop when it is later than the record's (a database
@@ -632,7 +645,9 @@ class Reconciler:
                 # it replaces is the rollback's, on its restored state, and what it wrote since is the state a
                 # failure goes back to.
                 record = await self.store.mark_rollback_overtaken(record, container_id=container.id)
-            await self.starts.run(kind, record, container, spec)
+            waited = await self.starts.run(kind, record, container, spec)
+            if waited is not None:
+                return waited
         elif kind is ActionKind.STOP:
             assert container is not None
             if record.status is Status.STOPPED and record.converged:
@@ -659,6 +674,10 @@ class Reconciler:
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             await self.store.mark_stopped(record, container_id=container.id if container else None)
         elif kind is ActionKind.RECORD:
+            over = await self._stop_over(record, container)
+            if not isinstance(over, RuntimeRecord):
+                return over
+            record = over
             if not transitions.turn_reached(record):  # a turn asked for before the game finished
                 return await self.turns.fail_turn(record, ErrorCode.INVALID_REQUEST,
                                                   f"the game finished at turn {record.turn}")
@@ -698,6 +717,10 @@ class Reconciler:
             return await self._node_loss(kind, record, node)
         elif kind is ActionKind.TURN:
             assert container is not None
+            over = await self._stop_over(record, container)
+            if not isinstance(over, RuntimeRecord):
+                return over
+            record = over
             return await self.turns.turn(record, container)
         return AGAIN
 

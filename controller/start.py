@@ -19,10 +19,11 @@ from controller.config import Settings
 from controller.health import Health, warn_turn_back
 from controller.metrics import Metrics
 from controller.planner import ActionKind
+from controller.step import Step, requeue
 from controller.storage import StateKeeper
 from controller.turns import probe_host
 from controller.units import UnitCache
-from desired import storage, versions
+from desired import storage, transitions, versions
 from desired.errors import ContainerStartFailed, DockerUnavailable, EngineUnhealthy, ImageRejected, Unplaceable
 from desired.model import RuntimeRecord, Status
 from desired.ports import ReconcilerStore
@@ -49,7 +50,7 @@ class Starts:
         self.avoid: Callable[[], Awaitable[frozenset[str]]] | None = None
 
     async def run(self, kind: ActionKind, record: RuntimeRecord, container: ObservedContainer | None,
-                  spec: ContainerSpec) -> None:
+                  spec: ContainerSpec) -> Step | None:
         """CREATE, START, RECREATE or CONFIRM: the unit ``spec`` describes runs and answers its health path,
         and the record says so; a unit adopted from an older attempt returns early (plan again)."""
         # The allowlist holds at every start, not only when a job is accepted: restarts, crash
@@ -73,6 +74,7 @@ class Starts:
                                   "the running unit is kept")
         confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
             and record.current_container_id == container.id
+        resumed = record.status is Status.STARTING
         if record.status is not Status.STARTING and not confirming_up:
             # A job replacing a running engine: remember what it ran, to start it again on failure.
             rollback = (record.current_image_ref if record.status.is_up and not record.converged
@@ -84,7 +86,18 @@ class Starts:
                 # its removal cost a healthy game a stop and a start (its save cut) for nothing. Measured again
                 # below, once the engine has stopped (what it saved on the way out counts too).
                 await self.states.check_copy_room(record)
-            await self.backend.remove(container.id, await self.stop_grace(record, container))  # SIGTERM first
+            grace = await self.stop_grace(record, container)
+            # (the engine the replacement stops, that the mark is of: the record's; not a new unit that failed)
+            left = (transitions.stop_left(record, self.health.clock.now(), grace)
+                    if resumed and container.id == record.current_container_id else 0.0)
+            if left > 0 and container.running:
+                # A removal of this engine begun before (a predecessor's, in its grace when it died; or a call
+                # that timed out) may still be under way: not signalled again into its save.
+                log.info("a removal of the engine begun %s may still be under way: waiting %.0fs",
+                         record.stopping_since.isoformat() if record.stopping_since else "?", left,
+                         extra={"game_id": record.game_id})
+                return requeue(min(left, 5.0), "a removal of the engine may still be under way")
+            await self.backend.remove(container.id, grace)  # SIGTERM first
             container = None
         made = container is None
         if container is None:
@@ -119,7 +132,7 @@ class Starts:
                 # The name was taken: a unit this create did not make (an earlier attempt's, one a restored
                 # database does not know, somebody else's, one being removed). Planned for from a new look,
                 # as any unit found, not started or adopted here.
-                return
+                return None
         if container.admin_token is not None and container.admin_token != record.admin_token:
             # A unit that existed already (the create found one an earlier attempt made, or the record
             # does not know it: a restored database) runs with the token it was created with: record it.
@@ -134,6 +147,7 @@ class Starts:
                 await self.states.finish_restore(record)
             await self.backend.start(container.id)
         await self.confirm(record, container.id, spec)
+        return None
 
     async def _placed(self, spec: ContainerSpec) -> ContainerSpec:
         """The nodes a new unit of ``spec`` avoids, as of now."""

@@ -362,13 +362,17 @@ class Turns:
                                                            generation_timeout=s.engine.generation_timeout,
                                                            disruption_waits=True)
                 key = (record.game_id, record.generation)
-                if (overdue and probe.turn is not None and record.turn is not None and probe.turn > record.turn
+                # The turn the wait began after (a record from before that was kept: its own turn then)
+                base = record.disruption_wait_turn if record.disruption_wait_turn is not None else record.turn
+                if (overdue and probe.turn is not None and base is not None and probe.turn > base
                         and key not in self._waits_restarted):
+                    if len(self._waits_restarted) > 10_000:
+                        self._waits_restarted.clear()
                     self._waits_restarted.add(key)
                     log.warning("the engine generates turn %d, a later one than the wait began for (turn %d): "
-                                "the disruption waits for it too", probe.turn + 1, record.turn + 1,
+                                "the disruption waits for it too", probe.turn + 1, base + 1,
                                 extra={"game_id": record.game_id})
-                    return Look.CHANGED, await self.store.restart_disruption_wait(seen)
+                    return Look.CHANGED, await self.store.restart_disruption_wait(seen, probe.turn)
                 return Look.GENERATING, record
             if probe.healthy:
                 seen = await self.health.record_probe(record, probe)

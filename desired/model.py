@@ -256,6 +256,9 @@ class RuntimeRecord:
     # Observed: a stop of the running engine is under way (it saves its state on its way out); the
     # gateway's pass-through sends it nothing more. Set right before the stop, cleared by the next status.
     stopping_since: datetime | None = None
+    # Observed: the turn the engine had finished when ``disruption_wait_since`` was set (the wait is for the
+    # turn after it); a later turn found generating when the wait has run out gets a wait of its own.
+    disruption_wait_turn: int | None = None
     # The secret of the unit (ENGINE_ADMIN_TOKEN), sent with every admin call; recorded before the unit
     # is created. Never shown: not in repr, REST answers (SECRET_FIELDS), snapshots or logs.
     admin_token: str = field(default="", repr=False)

@@ -42,7 +42,9 @@ def _touch(cur: RuntimeRecord, now: datetime) -> datetime:
 def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -> RuntimeRecord:
     """About to create or start the engine (a job's change, or a restart after a crash)."""
     return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now), admin_api=None,
-                       node_lost_since=None, stopping_since=None,
+                       node_lost_since=None,
+                       # a replacement stops the running engine next (its save, its grace): a stop under way
+                       stopping_since=now if cur.status.is_up else None,
                        probe_failures=0, unreachable_since=None, generation_started_at=None,
                        disruption_wait_since=None,
                        rollback_image_ref=rollback_image if cur.status is not Status.STARTING
@@ -55,7 +57,8 @@ def rollback_overtaken(cur: RuntimeRecord, now: datetime, *, container_id: str) 
     since: its state is the one to keep now. It is the engine the job replaces: the record names it and no
     longer rolls back, so its state is copied before the new image starts (a rollback goes back to that
     copy), and the older copy is not put back over what it wrote."""
-    return cur.replace(current_container_id=container_id, rolling_back=False, last_op_at=_touch(cur, now))
+    return cur.replace(current_container_id=container_id, rolling_back=False, last_op_at=_touch(cur, now),
+                       stopping_since=None)  # the mark was of the engine replaced before, not this one
 
 
 def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
@@ -102,10 +105,28 @@ def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
                        disruption_wait_since=None, node_lost_since=None, stopping_since=None)
 
 
-def disruption_wait_restarted(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
-    """The engine generates a later turn than the one a planned disruption's wait began for (that turn ended
-    unseen, or the record was restored from an older backup): the wait counts from now, for this one."""
-    return cur.replace(disruption_wait_since=now, last_op_at=_touch(cur, now))
+def disruption_wait_restarted(cur: RuntimeRecord, now: datetime, *, turn: int) -> RuntimeRecord:
+    """The engine generates the turn after ``turn``, a later one than the one a planned disruption's wait began
+    for (that turn ended unseen, or the record was restored from an older backup): the wait counts from now,
+    for this one."""
+    return cur.replace(disruption_wait_since=now, disruption_wait_turn=turn, last_op_at=_touch(cur, now))
+
+
+STOP_SLACK = 15.0  # seconds past its grace before a stop under way (not seen to end) is over, or tried again
+
+
+def stop_left(cur: RuntimeRecord, now: datetime, grace: float) -> float:
+    """Seconds a stop of the engine begun at ``stopping_since`` (a predecessor's, or a call that timed out)
+    may still be under way: its grace and STOP_SLACK; 0 when none is, or it is over."""
+    if cur.stopping_since is None:
+        return 0.0
+    return max(0.0, grace + STOP_SLACK - (now - cur.stopping_since).total_seconds())
+
+
+def not_stopping(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
+    """A stop that was under way is over and the engine still runs (it never reached the daemon, or it was
+    refused), and the game is wanted running: the pass-through is open again."""
+    return cur.replace(stopping_since=None, last_op_at=_touch(cur, now))
 
 
 def stopping(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
@@ -349,7 +370,9 @@ def turn_unasked(record: RuntimeRecord) -> RuntimeRecord:
 def disruption_waiting(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
     """A planned disruption found the engine generating a turn: it waits, counted from the first
     time it found so (kept across restarts and failovers of the controller)."""
-    return cur.replace(disruption_wait_since=cur.disruption_wait_since or now)
+    if cur.disruption_wait_since is not None:
+        return cur
+    return cur.replace(disruption_wait_since=now, disruption_wait_turn=cur.turn)
 
 
 def turn_requested(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:

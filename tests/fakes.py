@@ -884,10 +884,15 @@ class FakeStore:
                                    generation_timeout=generation_timeout)
         return self._swap(cur, transitions.disruption_waiting(new, now) if disruption_waits else new)
 
-    async def restart_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
+    async def restart_disruption_wait(self, rec: RuntimeRecord, turn: int) -> RuntimeRecord:
         now = self._check()
         cur = self._guard(rec, False)
-        return self._swap(cur, transitions.disruption_wait_restarted(cur, now))
+        return self._swap(cur, transitions.disruption_wait_restarted(cur, now, turn=turn))
+
+    async def clear_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
+        now = self._check()
+        cur = self._guard(rec, False)
+        return self._swap(cur, transitions.not_stopping(cur, now))
 
     async def mark_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
         now = self._check()

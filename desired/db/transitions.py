@@ -298,9 +298,14 @@ class Transitions(StoreBase):
             return transitions.disruption_waiting(new, now) if disruption_waits else new
         return await self._transition(rec, change)
 
-    async def restart_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
+    async def restart_disruption_wait(self, rec: RuntimeRecord, turn: int) -> RuntimeRecord:
         """desired/transitions.py ``disruption_wait_restarted``."""
-        return await self._transition(rec, transitions.disruption_wait_restarted)
+        return await self._transition(rec, lambda cur, now: transitions.disruption_wait_restarted(cur, now,
+                                                                                                  turn=turn))
+
+    async def clear_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
+        """desired/transitions.py ``not_stopping``."""
+        return await self._transition(rec, transitions.not_stopping)
 
     async def mark_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
         """The running engine is about to be asked to stop (desired/transitions.py ``stopping``)."""

@@ -114,10 +114,18 @@ async def test_the_registry_policy_refuses_what_the_allowlist_alone_would_run(ap
     status, res = await api.job("r1", "restart")
     assert res["outcome"] == "success", res
 
-    # disabled: refused at every container start, crash restarts included; the game is stopped
+    # disabled: refused at every container start, crash restarts included. A restart refused before it touched
+    # the engine leaves it running (stop 45: stopping a healthy game nobody asked to stop was the refusal's
+    # doing, not the job's); once the engine exits, it is not started again and the game is stopped.
     assert (await api.request("PATCH", f"{V}/1.0", json={"status": "disabled"}))[0] == 200
+    [before] = api.containers("r1")
     status, res = await api.job("r1", "restart")
     assert res["error_code"] == "image_rejected" and "disabled" in res["error_message"], res
+    _, body = await api.get("/api/v1/runtimes/r1")
+    assert body["status"] == "running" and body["desired_status"] == "running", body
+    [still] = api.containers("r1")
+    assert still.id == before.id and still.status == "running"
+    still.kill()
 
     async def stopped():
         _, body = await api.get("/api/v1/runtimes/r1")

@@ -110,3 +110,20 @@ async def test_a_unit_paused_from_outside_whose_replacement_is_refused_is_not_ke
         w.store.clock.advance(400)
         rec = await w.sync("g1")
     assert rec.desired_status is DesiredStatus.STOPPED, rec
+
+
+async def test_a_swarm_game_with_no_recorded_node_is_kept_too(tmp_path) -> None:
+    """Review of the fix (125): a game running since before nodes were recorded (node_id NULL) was taken for a
+    move, so a refused restart stopped it again. Only a recorded node that differs, or an avoided one, is a
+    move."""
+    w = World(tmp_path)
+    w.backend.nodes = ["n1", "n2"]
+    rec = await started(w)
+    w.store.records["g1"] = rec.replace(node_id=None)
+    [unit] = w.running("g1")
+    _narrowed(w)
+    await w.job(JobKind.RESTART, "g1")
+    for _ in range(3):
+        rec = await w.sync("g1")
+    assert w.results("g1")[-1] == ("restart", "failure", "image_rejected")
+    assert [c.id for c in w.running("g1")] == [unit.id] and rec.desired_status is DesiredStatus.RUNNING

@@ -140,3 +140,27 @@ async def test_a_generating_engine_with_no_address_is_waited_for_within_the_limi
     w.store.clock.advance(61)
     rec = await w.sync("g1")
     assert len(w.backend.ops("stop")) == 1 and rec.status is Status.STOPPED, rec
+
+
+async def test_a_later_turn_seen_by_a_poll_before_the_wait_ran_out_gets_a_wait_of_its_own(tmp_path) -> None:
+    """Review of the fix (125): the later turn was told by the record's turn, which a poll had already moved
+    on, so a turn that began 30 s before the wait ran out was cut. It is told by the turn the wait began for."""
+    w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60")
+    await started(w)
+    eng = turn_engine(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
+    await w.job(JobKind.STOP, "g1")
+    rec = await w.sync("g1")
+    assert rec.disruption_wait_since is not None and w.backend.ops("stop") == []
+    w.store.clock.advance(30)
+    await w.sync("g1")
+    eng["turn"], eng["phase"] = 1, "generating"  # turn 1 ended unseen; turn 2 began back to back
+    w.store.clock.advance(1)
+    await w.sync("g1")  # a poll: the record's turn is 1 now
+    w.store.clock.advance(30)  # the wait began 61 s ago; turn 2 began 31 s ago
+    await w.sync("g1")
+    assert w.backend.ops("stop") == [], "turn 2 cut 30 s in"
+    w.store.clock.advance(61)
+    rec = await w.sync("g1")
+    assert len(w.backend.ops("stop")) == 1 and rec.status is Status.STOPPED

@@ -25,3 +25,81 @@ async def test_a_stop_begun_by_a_predecessor_is_waited_for_not_signalled_again(t
     w.store.clock.advance(60)  # past its grace and the margin: that stop never came, or did not end it
     rec = await w.sync("g1")
     assert len(w.backend.ops("stop")) == 1 and rec.status is Status.STOPPED
+
+
+async def _a_stop_that_raised(w: World, exc: Exception):
+    from tests.support.world import started as _started
+    await _started(w)
+    real = w.backend.stop
+
+    async def stop(unit_id, grace):
+        w.backend.calls.append(("stop", unit_id, grace))
+        raise exc
+
+    w.backend.stop = stop
+    await w.job(JobKind.STOP, "g1")
+    try:
+        await w.sync("g1")
+    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again later
+        pass
+    w.backend.stop = real
+    return w.store.records["g1"]
+
+
+async def test_a_stop_that_did_not_happen_does_not_close_the_pass_through_of_a_game_started_again(tmp_path) -> None:
+    """Review of the fix (125): a stop whose call raised (a timeout, a refusal), then a start: the game was
+    recorded running with stopping_since still set, so the pass-through answered 409 for good. A running game
+    wanted running waits out a stop that may still be under way, then is recorded without it."""
+    from controller.engine_proxy import closed
+    from observed.errors import BackendUnavailable, Refused
+    from tests.support.world import IMG
+
+    for exc in (BackendUnavailable("timeout"), Refused("no")):
+        w = World(tmp_path / type(exc).__name__, RTMANAGER_STOP_GRACE="30")
+        rec = await _a_stop_that_raised(w, exc)
+        assert rec.stopping_since is not None and rec.status is Status.RUNNING
+        await w.job(JobKind.START, "g1", IMG)
+        rec = await w.sync("g1")
+        w.store.clock.advance(46)  # its grace and the margin
+        rec = await w.sync("g1")
+        assert rec.status is Status.RUNNING and rec.converged and len(w.running("g1")) == 1, rec
+        assert closed(rec) is None, closed(rec)
+
+
+async def test_a_predecessors_stop_that_ends_the_engine_after_a_start_is_no_crash(tmp_path) -> None:
+    """Review of the fix (125): a predecessor's stop under way, then a start: the start was recorded at once
+    and the engine's exit (its save done) was counted as a crash."""
+    from tests.support.world import IMG
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+    await w.job(JobKind.STOP, "g1")
+    rec = w.store.records["g1"]
+    w.store.records["g1"] = rec.replace(stopping_since=w.store.clock.now() - timedelta(seconds=5))
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    [c] = w.running("g1")
+    c.state, c.exit_code = "exited", 0  # the predecessor's SIGTERM ends it
+    for _ in range(3):
+        w.store.clock.advance(20)
+        rec = await w.sync("g1")
+    assert rec.crash_count == 0 and rec.status is Status.RUNNING and w.results("g1")[-1][:2] == ("start", "success")
+
+
+async def test_a_replacements_removal_under_way_is_not_signalled_again(tmp_path) -> None:
+    """Review of the fix (125): a predecessor inside a patch's removal (its grace) died; the next leader removed
+    the engine again at once: a second SIGTERM into its save."""
+    from desired import transitions
+    from tests.support.world import IMG2
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    rec = w.store.records["g1"]
+    w.store.records["g1"] = transitions.starting(rec, w.store.clock.now(), rollback_image=rec.current_image_ref)
+    w.backend.calls.clear()
+    await w.sync("g1")
+    assert w.backend.ops("remove") == [], "a removal in its grace signalled again at once"
+    w.store.clock.advance(46)
+    rec = await w.sync("g1")
+    assert len(w.backend.ops("remove")) == 1 and rec.current_image_ref == IMG2
