@@ -22,6 +22,7 @@ from observed.backend import RuntimeBackend
 from observed.model import ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
+STOP_EXITS = (0, 143, 137)  # an engine's exit after SIGTERM: done, by the signal, or SIGKILLed at the grace's end
 EXIT_SEEN = 60.0  # seconds after a stop's grace within which the engine's exit is still taken for that stop's
 
 
@@ -61,8 +62,9 @@ class Crashes:
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "
                        "restarted"))
-        if record.stopping_since is not None and transitions.stop_left(
-                record, self.health.clock.now(), await self.starts.stop_grace(record, seen) + EXIT_SEEN) > 0:
+        if (record.stopping_since is not None and not seen.oom_killed and seen.exit_code in STOP_EXITS
+                and transitions.stop_left(record, self.health.clock.now(),
+                                          await self.starts.stop_grace(record, seen) + EXIT_SEEN) > 0):
             # A stop of it had begun (a predecessor's, in its grace when it died, then a start; or one whose call
             # timed out): that stop ended it, not a crash. Started again at once, with no crash counted.
             log.info("the engine exited after a stop of it began at %s: not a crash; starting it again",

@@ -473,14 +473,23 @@ class Reconciler:
         SIGTERM lands in the middle of the engine's save. The step to wait, then."""
         if not (record.status.is_up and record.current_container_id == unit.id):
             return record
-        if record.stopping_since is None:
-            return await self.store.mark_stopping(record)
         left = transitions.stop_left(record, self.clock.now(), grace)
         if left > 0 and unit.running:
+            assert record.stopping_since is not None
             log.info("a stop of the engine begun %s is under way: waiting %.0fs for its grace, not signalling "
                      "it again", record.stopping_since.isoformat(), left, extra={"game_id": record.game_id})
             return requeue(min(left, DISRUPTION_POLL * 5), "a stop of the engine is under way")
-        return record
+        return await self.store.mark_stopping(record)  # marked again at each signal: each has its own grace
+
+    async def _signal(self, record: RuntimeRecord, call: Awaitable[None]) -> None:
+        """A stop or removal of the engine, marked just before (``_stopping``): a refusal of the daemon's says
+        no signal went out, so the mark is cleared (nothing to wait out on the next attempt)."""
+        try:
+            await call
+        except Refused:
+            with contextlib.suppress(Conflict):
+                await self.store.clear_stopping(record)
+            raise
 
     async def _stop_over(self, record: RuntimeRecord, unit: ObservedContainer | None) -> RuntimeRecord | Step:
         """An up game wanted running whose record marks a stop of its engine (one whose call raised, then a
@@ -660,7 +669,7 @@ class Reconciler:
             if not isinstance(stopping, RuntimeRecord):
                 return stopping
             record = stopping
-            await self.backend.stop(container.id, grace)  # SIGTERM, the grace, then SIGKILL
+            await self._signal(record, self.backend.stop(container.id, grace))  # SIGTERM, the grace, SIGKILL
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             try:
                 await self.store.mark_stopped(record, container_id=container.id, stopped_now=True)
@@ -703,7 +712,7 @@ class Reconciler:
             if not isinstance(stopping, RuntimeRecord):
                 return stopping
             record = stopping
-            await self.backend.remove(container.id, grace)
+            await self._signal(record, self.backend.remove(container.id, grace))
             # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
             # retention, the state the replaced engine left, as a stop does.
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))

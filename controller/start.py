@@ -10,6 +10,7 @@ its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -24,12 +25,19 @@ from controller.storage import StateKeeper
 from controller.turns import probe_host
 from controller.units import UnitCache
 from desired import storage, transitions, versions
-from desired.errors import ContainerStartFailed, DockerUnavailable, EngineUnhealthy, ImageRejected, Unplaceable
+from desired.errors import (
+    Conflict,
+    ContainerStartFailed,
+    DockerUnavailable,
+    EngineUnhealthy,
+    ImageRejected,
+    Unplaceable,
+)
 from desired.model import RuntimeRecord, Status
 from desired.ports import ReconcilerStore
 from observed.backend import RuntimeBackend
 from observed.engine import EngineClient
-from observed.errors import NodeLost, ObservedError
+from observed.errors import NodeLost, ObservedError, Refused
 from observed.model import ContainerSpec, ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
@@ -74,7 +82,6 @@ class Starts:
                                   "the running unit is kept")
         confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
             and record.current_container_id == container.id
-        resumed = record.status is Status.STARTING
         if record.status is not Status.STARTING and not confirming_up:
             # A job replacing a running engine: remember what it ran, to start it again on failure.
             rollback = (record.current_image_ref if record.status.is_up and not record.converged
@@ -87,17 +94,23 @@ class Starts:
                 # below, once the engine has stopped (what it saved on the way out counts too).
                 await self.states.check_copy_room(record)
             grace = await self.stop_grace(record, container)
-            # (the engine the replacement stops, that the mark is of: the record's; not a new unit that failed)
-            left = (transitions.stop_left(record, self.health.clock.now(), grace)
-                    if resumed and container.id == record.current_container_id else 0.0)
-            if left > 0 and container.running:
-                # A removal of this engine begun before (a predecessor's, in its grace when it died; or a call
-                # that timed out) may still be under way: not signalled again into its save.
-                log.info("a removal of the engine begun %s may still be under way: waiting %.0fs",
-                         record.stopping_since.isoformat() if record.stopping_since else "?", left,
-                         extra={"game_id": record.game_id})
-                return requeue(min(left, 5.0), "a removal of the engine may still be under way")
-            await self.backend.remove(container.id, grace)  # SIGTERM first
+            if container.id == record.current_container_id:  # the engine that ran (not a new unit that failed)
+                left = transitions.stop_left(record, self.health.clock.now(), grace)
+                if left > 0 and container.running:
+                    # A removal of this engine begun before (a predecessor's, in its grace when it died; or a call
+                    # that timed out) may still be under way: not signalled again into its save.
+                    log.info("a removal of the engine begun %s may still be under way: waiting %.0fs",
+                             record.stopping_since.isoformat() if record.stopping_since else "?", left,
+                             extra={"game_id": record.game_id})
+                    return requeue(min(left, 5.0), "a removal of the engine may still be under way")
+                record = await self.store.mark_stopping(record)  # right before the signal, each time
+            try:
+                await self.backend.remove(container.id, grace)  # SIGTERM first
+            except Refused:
+                if record.stopping_since is not None:  # no signal went out: nothing to wait out next time
+                    with contextlib.suppress(Conflict):
+                        await self.store.clear_stopping(record)
+                raise
             container = None
         made = container is None
         if container is None:

@@ -42,9 +42,7 @@ def _touch(cur: RuntimeRecord, now: datetime) -> datetime:
 def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -> RuntimeRecord:
     """About to create or start the engine (a job's change, or a restart after a crash)."""
     return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now), admin_api=None,
-                       node_lost_since=None,
-                       # a replacement stops the running engine next (its save, its grace): a stop under way
-                       stopping_since=now if cur.status.is_up else None,
+                       node_lost_since=None, stopping_since=None,
                        probe_failures=0, unreachable_since=None, generation_started_at=None,
                        disruption_wait_since=None,
                        rollback_image_ref=rollback_image if cur.status is not Status.STARTING

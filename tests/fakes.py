@@ -332,6 +332,7 @@ class FakeContainer:
     started: float = 0.0  # time.monotonic() of its last start
     ip: str | None = None  # its address on the game network when set (else one by its place)
     finished_at: datetime | None = None  # when its engine last exited, as its daemon says (inspect's FinishedAt)
+    oom_killed: bool = False
 
 
 class FakeBackend:
@@ -372,6 +373,7 @@ class FakeBackend:
     def _observe(self, c: FakeContainer) -> ObservedContainer:
         return ObservedContainer(id=c.id, name=c.name, image=c.image, state=c.state, labels=dict(c.labels),
                                  created_at=c.created_at, exit_code=c.exit_code, finished_at=c.finished_at,
+                                 oom_killed=c.oom_killed,
                                  ip_address=self.ip_of(c) if c.state == "running" else None,
                                  address=self.ip_of(c) if c.state == "running" else None,
                                  admin_token=c.admin_token, node=c.node,
