@@ -22,7 +22,9 @@ from observed.backend import RuntimeBackend
 from observed.model import ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
-STOP_EXITS = (0, 143, 137)  # an engine's exit after SIGTERM: done, by the signal, or SIGKILLed at the grace's end
+# An engine's exit after SIGTERM: done, by the signal, or SIGKILLed at the grace's end (no code: a Swarm service
+# scaled to 0 whose tasks are forgotten).
+STOP_EXITS = (0, 143, 137)
 EXIT_SEEN = 60.0  # seconds after a stop's grace within which the engine's exit is still taken for that stop's
 
 
@@ -62,7 +64,8 @@ class Crashes:
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "
                        "restarted"))
-        if (record.stopping_since is not None and not seen.oom_killed and seen.exit_code in STOP_EXITS
+        if (record.stopping_since is not None and not seen.oom_killed
+                and (seen.exit_code is None or seen.exit_code in STOP_EXITS)
                 and transitions.stop_left(record, self.health.clock.now(),
                                           await self.starts.stop_grace(record, seen) + EXIT_SEEN) > 0):
             # A stop of it had begun (a predecessor's, in its grace when it died, then a start; or one whose call

@@ -91,6 +91,7 @@ MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
 CLOCK_SKEW = timedelta(seconds=120)  # what may part the daemon's clock from the database's
+STOP_MARK_BOUND = timedelta(seconds=3600 + 120)  # the longest grace and STOP_SLACK: a stop mark older is over
 REVISIONS_BACK = 32  # spec revisions before the record's at which an engine may still be the replaced image's
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
@@ -471,8 +472,8 @@ class Reconciler:
         of it already begun less than its grace (and STOP_SLACK) ago (a predecessor's, in its grace when this
         leader took over; or this one's, whose call timed out) is waited for, not signalled again: a second
         SIGTERM lands in the middle of the engine's save. The step to wait, then."""
-        if not (record.status.is_up and record.current_container_id == unit.id):
-            return record
+        if not ((record.status.is_up or record.status is Status.STARTING) and record.current_container_id == unit.id):
+            return record  # (a replacement's removal of that engine marks it too: start.py)
         left = transitions.stop_left(record, self.clock.now(), grace)
         if left > 0 and unit.running:
             assert record.stopping_since is not None
@@ -794,6 +795,9 @@ class Reconciler:
             record = await self.store.find(game_id)
             if record is None or record.converged:
                 return
+            if (record.stopping_since is not None and record.desired_status is DesiredStatus.RUNNING
+                    and record.status.is_up and self.clock.now() - record.stopping_since < STOP_MARK_BOUND):
+                return  # a start waits out a stop that may be under way (_stop_over, bounded by its grace)
             until = disruption_deadline(record)  # a drain's stop or move waits until the drain's deadline
             if ((age < timeout + self.settings.runtime.disruption_wait
                  or (until is not None and self.clock.now() < until)) and record.status.is_up

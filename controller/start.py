@@ -82,6 +82,16 @@ class Starts:
                                   "the running unit is kept")
         confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
             and record.current_container_id == container.id
+        if container is not None and container.id == record.current_container_id and container.running:
+            # A stop or removal of this engine begun before (a replacement's, whose call timed out, then a
+            # rollback to it; a predecessor's, in its grace when it died) may still be under way: the engine is
+            # saving on its way out. Not signalled again, and not confirmed running, until it is over.
+            left = transitions.stop_left(record, self.health.clock.now(), await self.stop_grace(record, container))
+            if left > 0:
+                log.info("a stop of the engine begun %s may still be under way: waiting %.0fs",
+                         record.stopping_since.isoformat() if record.stopping_since else "?", left,
+                         extra={"game_id": record.game_id})
+                return requeue(min(left, 5.0), "a stop of the engine may still be under way")
         if record.status is not Status.STARTING and not confirming_up:
             # A job replacing a running engine: remember what it ran, to start it again on failure.
             rollback = (record.current_image_ref if record.status.is_up and not record.converged
@@ -95,14 +105,6 @@ class Starts:
                 await self.states.check_copy_room(record)
             grace = await self.stop_grace(record, container)
             if container.id == record.current_container_id:  # the engine that ran (not a new unit that failed)
-                left = transitions.stop_left(record, self.health.clock.now(), grace)
-                if left > 0 and container.running:
-                    # A removal of this engine begun before (a predecessor's, in its grace when it died; or a call
-                    # that timed out) may still be under way: not signalled again into its save.
-                    log.info("a removal of the engine begun %s may still be under way: waiting %.0fs",
-                             record.stopping_since.isoformat() if record.stopping_since else "?", left,
-                             extra={"game_id": record.game_id})
-                    return requeue(min(left, 5.0), "a removal of the engine may still be under way")
                 record = await self.store.mark_stopping(record)  # right before the signal, each time
             try:
                 await self.backend.remove(container.id, grace)  # SIGTERM first

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from controller.engine_proxy import closed
 from desired.model import DesiredStatus, JobKind, Status
-from tests.support.world import World, started
+from observed.errors import BackendUnavailable
+from tests.support.world import IMG, IMG2, World, started
 
 
 async def test_a_stop_begun_by_a_predecessor_is_waited_for_not_signalled_again(tmp_path) -> None:
@@ -224,3 +226,116 @@ async def test_an_oom_kill_after_a_stop_began_is_a_crash(tmp_path) -> None:
     w.store.clock.advance(10)
     rec = await w.sync("g1")
     assert rec.crash_count == 1, rec
+
+
+async def _a_stop_timed_out(w):
+    real = w.backend.stop
+
+    async def timed_out(unit_id, grace):
+        w.backend.calls.append(("stop", unit_id, grace))
+        raise BackendUnavailable("timeout")
+
+    w.backend.stop = timed_out
+    await w.job(JobKind.STOP, "g1")
+    try:
+        await w.sync("g1")
+    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
+        pass
+    w.backend.stop = real
+
+
+async def test_the_end_of_a_stop_with_no_exit_code_is_no_crash(tmp_path):
+    """Review 127: on a Swarm the end of a stop leaves no exit code (its tasks are forgotten): it was counted
+    as a crash."""
+    # Swarm: a stop is a scale to 0; its tasks are forgotten -> exit_code None
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+    await _a_stop_timed_out(w)
+    assert w.store.records["g1"].stopping_since is not None
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    [c] = w.running("g1")
+    c.state, c.exit_code = "exited", None  # the stop's end, tasks forgotten
+    w.store.clock.advance(10)
+    rec = await w.sync("g1")
+    assert rec.crash_count == 0, rec.crash_count
+
+
+async def test_a_rollback_does_not_take_over_an_engine_its_replacement_already_signalled(tmp_path):
+    """Review 127: a replacement's removal timed out (SIGTERM sent), its retry failed for good before the wait,
+    and the rollback confirmed the engine still saving: recorded running, the pass-through open, its exit a
+    crash. A start of the record's engine waits out a removal under way too."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    [old] = w.running("g1")
+    real = w.backend.remove
+
+    async def remove(unit_id, grace):
+        w.backend.calls.append(("remove", unit_id, grace))
+        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
+
+    w.backend.remove = remove
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    try:
+        await w.sync("g1")
+    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
+        pass
+    w.backend.remove = real
+    w.backend.images.discard(IMG2)  # the next pull of IMG2 fails (registry away): ImageUnavailable, permanent
+    w.store.clock.advance(5)
+    try:
+        await w.sync("g1")
+    except Exception:  # noqa: BLE001
+        pass
+    rec = w.store.records["g1"]
+    assert closed(rec, w.store.clock.now()) is not None  # not recorded running while it saves
+    # the engine, SIGTERMed by the timed-out removal, finishes its save and exits 143
+    old.state, old.exit_code = "exited", 143
+    w.store.clock.advance(30)
+    rec = await w.sync("g1")
+    assert rec.crash_count == 0
+
+
+async def test_a_stop_during_a_replacements_removal_waits_for_it(tmp_path):
+    """Review 127: a stop during a replacement whose removal timed out signalled the engine again at once."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    real = w.backend.remove
+
+    async def remove(unit_id, grace):
+        w.backend.calls.append(("remove", unit_id, grace))
+        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
+
+    w.backend.remove = remove
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    try:
+        await w.sync("g1")
+    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
+        pass
+    w.backend.remove = real
+    await w.job(JobKind.STOP, "g1")
+    w.store.clock.advance(5)
+    await w.sync("g1")
+    assert w.backend.ops("stop") == [], "a second SIGTERM 5 s into the removal's 600 s grace"
+
+
+async def test_a_start_waiting_out_a_stop_is_not_failed_as_overdue(tmp_path):
+    """Review 127: a start waiting out a stop that may be under way (up to its grace) was failed as overdue
+    by a short outage, and the healthy game stopped."""
+    from desired.model import ErrorCode
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    await _a_stop_timed_out(w)   # the stop's call timed out before the daemon got it: the engine runs on
+    await w.job(JobKind.START, "g1", IMG)
+    rec = await w.sync("g1")
+    w.store.clock.advance(301)
+    w.backend.down = True  # a Docker blip during the wait
+    try:
+        await w.sync("g1")
+    except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
+        await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
+                                           w.settings.runtime.job_timeout)
+    w.backend.down = False
+    rec = await w.sync("g1")
+    assert rec.desired_status is DesiredStatus.RUNNING
