@@ -49,6 +49,12 @@ class Crashes:
         if seen.node and seen.node in await self.backend.lost_nodes():
             return AGAIN  # not a crash: its node is lost (the next look sees the unit so and says node_lost)
         if seen.running:  # not an exit: an engine that stopped answering for too long
+            grace = await self.starts.stop_grace(record, seen)
+            left = transitions.stop_left(record, self.health.clock.now(), grace)
+            if left > 0:
+                # A stop of it may be under way (a call that timed out, then a start): it does not answer because
+                # it saves on its way out. Not signalled again, nor counted, until that stop's grace is over.
+                return requeue(min(left, 5.0), "a stop of the engine may still be under way")
             # Asked first: the record's word may be stale (an engine busy past the generation timeout that
             # answers again, a record restored from before a short blip). One that answers is not restarted:
             # what it says is written (running, generating, ...), and the next look plans from that.
@@ -59,7 +65,7 @@ class Crashes:
                             extra={"game_id": record.game_id})
                 await self.health.record_probe(record, probe)
                 return AGAIN
-            await self.backend.stop(seen.id, await self.starts.stop_grace(record, seen))
+            await self.backend.stop(seen.id, grace)
             return await self.count(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "

@@ -91,7 +91,6 @@ MAX_STEPS = 8
 REFUSED_RETRY = 5.0  # seconds before a stop or removal the daemon refused is tried again
 HOLD_RETRY = 5.0  # seconds before a restart a drain holds back is looked at again
 CLOCK_SKEW = timedelta(seconds=120)  # what may part the daemon's clock from the database's
-STOP_MARK_BOUND = timedelta(seconds=3600 + 120)  # the longest grace and STOP_SLACK: a stop mark older is over
 REVISIONS_BACK = 32  # spec revisions before the record's at which an engine may still be the replaced image's
 _RESTORING = (ActionKind.CREATE, ActionKind.START, ActionKind.RECREATE, ActionKind.CONFIRM)
 _DISRUPTING_OPS = (JobKind.STOP, JobKind.RESTART, JobKind.PATCH, JobKind.CLEANUP)  # may wait for a generation first
@@ -796,8 +795,13 @@ class Reconciler:
             if record is None or record.converged:
                 return
             if (record.stopping_since is not None and record.desired_status is DesiredStatus.RUNNING
-                    and record.status.is_up and self.clock.now() - record.stopping_since < STOP_MARK_BOUND):
-                return  # a start waits out a stop that may be under way (_stop_over, bounded by its grace)
+                    and (record.status.is_up or record.status is Status.STARTING)
+                    and transitions.stop_left(record, self.clock.now(),
+                                              await self.starts.stop_grace(record, None)) > 0):
+                # A job waits out a stop or removal of the engine that may be under way (its grace and
+                # STOP_SLACK: _stop_over, start.run): that wait is not the job's delay, and failing it now would
+                # stop an engine that may be healthy.
+                return
             until = disruption_deadline(record)  # a drain's stop or move waits until the drain's deadline
             if ((age < timeout + self.settings.runtime.disruption_wait
                  or (until is not None and self.clock.now() < until)) and record.status.is_up

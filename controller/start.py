@@ -265,10 +265,10 @@ class Starts:
                                     "daemon): it is started again")
         await self.health.raise_exited(seen)
 
-    async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer) -> float:
-        """Seconds between SIGTERM and SIGKILL for the engine this unit runs: its registered version's
-        ``stop_grace`` (whatever RTMANAGER_VERSION_POLICY), else RTMANAGER_STOP_GRACE."""
-        image = record.current_image_ref if record.current_container_id == container.id else None
-        image = image or container.image
+    async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer | None) -> float:
+        """Seconds between SIGTERM and SIGKILL for the engine this unit runs (None: the record's engine): its
+        registered version's ``stop_grace`` (whatever RTMANAGER_VERSION_POLICY), else RTMANAGER_STOP_GRACE."""
+        image = record.current_image_ref if container is None or record.current_container_id == container.id else None
+        image = image or (container.image if container is not None else None)
         entry = await self.store.engine_version_of(image) if image else None
         return versions.stop_grace(entry, self.settings.runtime.stop_grace)

@@ -250,7 +250,8 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
     if verdict.give_up:
         detail = f"crash loop: {verdict.count} crashes within {window:g}s; last: {detail}"
     crash = dict(crash_count=verdict.count, last_crash_at=now, last_error_code=code, last_error_message=detail,
-                 last_op_at=_touch(cur, now), disruption_wait_since=None)
+                 last_op_at=_touch(cur, now), disruption_wait_since=None,
+                 stopping_since=None)  # the engine has exited: no stop of it is under way any more
     if exit_code is not None:
         # An exit code the record's column cannot hold (a daemon's odd answer) is unknown, not a crash unrecorded.
         known = exit_code if exit_code is None or -2**31 <= exit_code <= 2**31 - 1 else None

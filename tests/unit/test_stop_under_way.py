@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from controller.engine_proxy import closed
-from desired.model import DesiredStatus, JobKind, Status
+from desired.model import DesiredStatus, ErrorCode, JobKind, Status
 from observed.errors import BackendUnavailable
 from tests.support.world import IMG, IMG2, World, started
 
@@ -339,3 +339,89 @@ async def test_a_start_waiting_out_a_stop_is_not_failed_as_overdue(tmp_path):
     w.backend.down = False
     rec = await w.sync("g1")
     assert rec.desired_status is DesiredStatus.RUNNING
+
+
+async def test_a_job_is_held_only_for_the_stops_own_grace(tmp_path):
+    """Review 128: the overdue exemption of a job waiting out a stop mark held it for an hour whatever the
+    grace (10 s here, job timeout 300 s): it is bounded by the stop's grace."""
+    w = World(tmp_path)
+    await started(w)
+    await _a_stop_timed_out(w)
+    await w.job(JobKind.START, "g1", IMG)
+    w.backend.down = True
+    w.store.clock.advance(400)
+    try:
+        await w.sync("g1")
+    except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
+        await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
+                                           w.settings.runtime.job_timeout)
+    assert w.results("g1")[-1] == ("start", "failure", "docker_unavailable"), w.results("g1")
+
+async def test_a_restart_waiting_out_its_removal_is_not_failed_by_a_blip(tmp_path):
+    """Review 128: a replacement waiting out its removal (starting) was not covered by the exemption: a blip
+    failed the restart and stopped the engine."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    [old] = w.running("g1")
+    real = w.backend.remove
+
+    async def remove(unit_id, grace):
+        w.backend.calls.append(("remove", unit_id, grace))
+        raise BackendUnavailable("read timeout")
+
+    w.backend.remove = remove
+    await w.job(JobKind.RESTART, "g1")
+    try:
+        await w.sync("g1")
+    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
+        pass
+    w.backend.remove = real
+    rec = w.store.records["g1"]
+    w.store.clock.advance(30)
+    await w.sync("g1")
+    w.store.clock.advance(280)
+    w.backend.down = True
+    try:
+        await w.sync("g1")
+    except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
+        await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
+                                           w.settings.runtime.job_timeout)
+    w.backend.down = False
+    rec = await w.sync("g1")
+    w.store.clock.advance(400)
+    rec = await w.sync("g1")
+    assert rec.desired_status is DesiredStatus.RUNNING
+
+
+async def test_the_unreachable_restart_does_not_signal_into_a_save(tmp_path):
+    """Review 128: the unreachable restart stopped an engine that did not answer because it was saving on its
+    way out of a stop whose call had timed out."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600", RTMANAGER_UNREACHABLE_RESTART_AFTER="60")
+    await started(w)
+    await _a_stop_timed_out(w)  # SIGTERM may have reached it: the engine saves, answers nothing
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")  # RECORD waits out the mark (_stop_over)
+    n = len(w.backend.ops("stop"))
+    w.engine.healthy_after[IMG] = 1e9  # saving: no answer
+    now = w.store.clock.now()
+    w.store.clock.advance(70)
+    w.store.records["g1"] = w.store.records["g1"].replace(status=Status.ENGINE_UNREACHABLE, probe_failures=3,
+                                                          unreachable_since=now)
+    await w.sync("g1")
+    assert len(w.backend.ops("stop")) == n, "a second SIGTERM 70 s into a 600 s grace"
+
+
+def test_a_crash_clears_the_stop_mark() -> None:
+    """Review 128: a crash kept the mark on the starting record, so the restart's next confirm of a fresh
+    process waited out a stop of the engine that had exited."""
+    from desired import transitions
+    from desired.policy import CrashVerdict
+    from tests.support.job_records import NOW, rec
+
+    up = rec(Status.RUNNING, DesiredStatus.RUNNING, gen=1, obs=1, game_id="g1", current_container_id="c1",
+             current_image_ref=IMG, started_at=NOW).replace(stopping_since=NOW)
+    verdict = CrashVerdict(count=1, give_up=False, delay=0.1)
+    crashed = transitions.crashed(up, NOW + timedelta(seconds=1), verdict=verdict,
+                                  code=ErrorCode.CONTAINER_START_FAILED, detail="exit 1", exit_code=1,
+                                  oom_killed=False, window=600)
+    assert crashed.status is Status.STARTING and crashed.stopping_since is None
