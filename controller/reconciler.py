@@ -795,13 +795,15 @@ class Reconciler:
             if record is None or record.converged:
                 return
             if (record.stopping_since is not None and record.desired_status is DesiredStatus.RUNNING
-                    and (record.status.is_up or record.status is Status.STARTING)
-                    and transitions.stop_left(record, self.clock.now(),
-                                              await self.starts.stop_grace(record, None)) > 0):
-                # A job waits out a stop or removal of the engine that may be under way (its grace and
-                # STOP_SLACK: _stop_over, start.run): that wait is not the job's delay, and failing it now would
-                # stop an engine that may be healthy.
-                return
+                    and (record.status.is_up or record.status is Status.STARTING)):
+                grace = await self.starts.stop_grace(record, None)
+                if (transitions.stop_left(record, self.clock.now(), grace) > 0
+                        and age < timeout + grace + transitions.STOP_SLACK):
+                    # A job waits out a stop or removal of the engine that may be under way (its grace and
+                    # STOP_SLACK: _stop_over, start.run): that wait is not the job's delay, and failing it now
+                    # would stop an engine that may be healthy. Once, not again at each removal that fails and
+                    # marks anew: bounded by the job's age.
+                    return
             until = disruption_deadline(record)  # a drain's stop or move waits until the drain's deadline
             if ((age < timeout + self.settings.runtime.disruption_wait
                  or (until is not None and self.clock.now() < until)) and record.status.is_up

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from controller.engine_proxy import closed
 from desired.model import DesiredStatus, ErrorCode, JobKind, Status
 from observed.errors import BackendUnavailable
@@ -425,3 +427,28 @@ def test_a_crash_clears_the_stop_mark() -> None:
                                   code=ErrorCode.CONTAINER_START_FAILED, detail="exit 1", exit_code=1,
                                   oom_killed=False, window=600)
     assert crashed.status is Status.STARTING and crashed.stopping_since is None
+
+
+@pytest.mark.parametrize("stops_first", [False, True])
+async def test_a_restart_whose_removal_keeps_failing_is_answered(tmp_path, stops_first) -> None:
+    """Review 129: each attempt of a failing removal wrote a fresh mark, so the exemption from the overdue
+    answer never ran out: the restart was never answered. It now ends a grace and 15 s past the job timeout."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+
+    async def remove(unit_id, grace):
+        w.backend.calls.append(("remove", unit_id, grace))
+        if stops_first:
+            await w.backend.stop(unit_id, grace)  # the stop goes through, the removal fails
+        raise BackendUnavailable("remove: 500 device or resource busy")
+
+    w.backend.remove = remove
+    await w.job(JobKind.RESTART, "g1")
+    for _ in range(30):  # 600 s; job timeout 300 s, grace 30 s
+        try:
+            await w.sync("g1")
+        except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
+            await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
+                                               w.settings.runtime.job_timeout)
+        w.store.clock.advance(20)
+    assert any(r[0] == "restart" for r in w.results("g1")), "the restart was never answered"
