@@ -35,14 +35,20 @@ def _settings(w: World, s) -> None:
     w.reconciler.specs = Specs(s, w.reconciler.specs.database)
 
 
-async def test_a_restart_refused_before_it_touched_the_engine_keeps_the_game_running(tmp_path) -> None:
-    w = World(tmp_path)
-    rec = await started(w)
-    [unit] = w.running("g1")
+async def _a_refused_restart(w: World):
+    """A restart of g1 once its image is no longer allowed, synced as far as it goes: the record then."""
     _narrowed(w)
     await w.job(JobKind.RESTART, "g1")
     for _ in range(3):
         rec = await w.sync("g1")
+    return rec
+
+
+async def test_a_restart_refused_before_it_touched_the_engine_keeps_the_game_running(tmp_path) -> None:
+    w = World(tmp_path)
+    rec = await started(w)
+    [unit] = w.running("g1")
+    rec = await _a_refused_restart(w)
     assert w.results("g1")[-1] == ("restart", "failure", "image_rejected")
     assert [c.id for c in w.running("g1")] == [unit.id] and w.backend.ops("stop") == []
     assert rec.desired_status is DesiredStatus.RUNNING and rec.status is Status.RUNNING and rec.converged
@@ -121,9 +127,6 @@ async def test_a_swarm_game_with_no_recorded_node_is_kept_too(tmp_path) -> None:
     rec = await started(w)
     w.store.records["g1"] = rec.replace(node_id=None)
     [unit] = w.running("g1")
-    _narrowed(w)
-    await w.job(JobKind.RESTART, "g1")
-    for _ in range(3):
-        rec = await w.sync("g1")
+    rec = await _a_refused_restart(w)
     assert w.results("g1")[-1] == ("restart", "failure", "image_rejected")
     assert [c.id for c in w.running("g1")] == [unit.id] and rec.desired_status is DesiredStatus.RUNNING

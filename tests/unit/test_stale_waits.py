@@ -25,6 +25,16 @@ from observed.errors import EngineUnreachable
 from tests.support.world import IMG, World, started, turn_engine
 
 
+async def _a_stop_waiting_for_a_turn(w: World):
+    """g1 generates a turn rtmanager asked for, and a stop waits for its boundary: (its engine, the record)."""
+    await started(w)
+    eng = turn_engine(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
+    await w.job(JobKind.STOP, "g1")
+    return eng, await w.sync("g1")
+
+
 async def test_a_restored_wait_does_not_cut_a_turn_generated_since(tmp_path) -> None:
     w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60")
     await started(w)
@@ -60,12 +70,7 @@ async def test_a_restored_wait_does_not_cut_a_turn_generated_since(tmp_path) -> 
 
 async def test_a_generating_engine_too_busy_to_answer_is_waited_for(tmp_path) -> None:
     w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60")
-    await started(w)
-    eng = turn_engine(w)
-    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
-    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
-    await w.job(JobKind.STOP, "g1")
-    rec = await w.sync("g1")
+    eng, rec = await _a_stop_waiting_for_a_turn(w)
     assert w.backend.ops("stop") == [] and rec.disruption_wait_since is not None
 
     async def silent(host, *, token=""):
@@ -146,12 +151,7 @@ async def test_a_later_turn_seen_by_a_poll_before_the_wait_ran_out_gets_a_wait_o
     """Review of the fix (125): the later turn was told by the record's turn, which a poll had already moved
     on, so a turn that began 30 s before the wait ran out was cut. It is told by the turn the wait began for."""
     w = World(tmp_path, RTMANAGER_DISRUPTION_WAIT="60")
-    await started(w)
-    eng = turn_engine(w)
-    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
-    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
-    await w.job(JobKind.STOP, "g1")
-    rec = await w.sync("g1")
+    eng, rec = await _a_stop_waiting_for_a_turn(w)
     assert rec.disruption_wait_since is not None and w.backend.ops("stop") == []
     w.store.clock.advance(30)
     await w.sync("g1")

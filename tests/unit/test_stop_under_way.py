@@ -31,23 +31,37 @@ async def test_a_stop_begun_by_a_predecessor_is_waited_for_not_signalled_again(t
     assert len(w.backend.ops("stop")) == 1 and rec.status is Status.STOPPED
 
 
-async def _a_stop_that_raised(w: World, exc: Exception):
-    from tests.support.world import started as _started
-    await _started(w)
-    real = w.backend.stop
+async def _cut(w: World, call: str, exc: Exception, kind: JobKind, image: str | None = None):
+    """A job whose first ``call`` of the backend (``stop`` or ``remove``) raises ``exc`` (recorded as made):
+    one sync, as the worker runs it, then the backend as it was. The record as it is then."""
+    real = getattr(w.backend, call)
 
-    async def stop(unit_id, grace):
-        w.backend.calls.append(("stop", unit_id, grace))
+    async def failing(unit_id, grace):
+        w.backend.calls.append((call, unit_id, grace))
         raise exc
 
-    w.backend.stop = stop
-    await w.job(JobKind.STOP, "g1")
+    setattr(w.backend, call, failing)
+    await w.job(kind, "g1", image)
     try:
         await w.sync("g1")
     except Exception:  # noqa: BLE001 - a temporary error: the worker tries again later
         pass
-    w.backend.stop = real
+    setattr(w.backend, call, real)
     return w.store.records["g1"]
+
+
+async def _as_the_worker(w: World) -> None:
+    """One sync; a temporary error is what the worker makes of it: an overdue job answered."""
+    try:
+        await w.sync("g1")
+    except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
+        await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
+                                           w.settings.runtime.job_timeout)
+
+
+async def _a_stop_that_raised(w: World, exc: Exception):
+    await started(w)
+    return await _cut(w, "stop", exc, JobKind.STOP)
 
 
 async def test_a_stop_that_did_not_happen_does_not_close_the_pass_through_of_a_game_started_again(tmp_path) -> None:
@@ -203,23 +217,11 @@ async def test_a_stop_refused_for_an_hour_is_still_closed_to_the_pass_through_wh
 
 async def test_an_oom_kill_after_a_stop_began_is_a_crash(tmp_path) -> None:
     """Review 126: any exit within a stop's window was taken for that stop's: an OOM kill was not counted."""
-    from observed.errors import BackendUnavailable
     from tests.support.world import IMG
 
     w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
     await started(w)
-    real = w.backend.stop
-
-    async def timed_out(unit_id, grace):
-        raise BackendUnavailable("timeout")
-
-    w.backend.stop = timed_out
-    await w.job(JobKind.STOP, "g1")
-    try:
-        await w.sync("g1")
-    except Exception:  # noqa: BLE001
-        pass
-    w.backend.stop = real
+    await _a_stop_timed_out(w)
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
     [c] = w.running("g1")
@@ -230,20 +232,8 @@ async def test_an_oom_kill_after_a_stop_began_is_a_crash(tmp_path) -> None:
     assert rec.crash_count == 1, rec
 
 
-async def _a_stop_timed_out(w):
-    real = w.backend.stop
-
-    async def timed_out(unit_id, grace):
-        w.backend.calls.append(("stop", unit_id, grace))
-        raise BackendUnavailable("timeout")
-
-    w.backend.stop = timed_out
-    await w.job(JobKind.STOP, "g1")
-    try:
-        await w.sync("g1")
-    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
-        pass
-    w.backend.stop = real
+async def _a_stop_timed_out(w: World) -> None:
+    await _cut(w, "stop", BackendUnavailable("timeout"), JobKind.STOP)
 
 
 async def test_the_end_of_a_stop_with_no_exit_code_is_no_crash(tmp_path):
@@ -270,19 +260,8 @@ async def test_a_rollback_does_not_take_over_an_engine_its_replacement_already_s
     w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
     await started(w)
     [old] = w.running("g1")
-    real = w.backend.remove
-
-    async def remove(unit_id, grace):
-        w.backend.calls.append(("remove", unit_id, grace))
-        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
-
-    w.backend.remove = remove
-    await w.job(JobKind.PATCH, "g1", IMG2)
-    try:
-        await w.sync("g1")
-    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
-        pass
-    w.backend.remove = real
+    await _cut(w, "remove", BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)"),
+               JobKind.PATCH, IMG2)
     w.backend.images.discard(IMG2)  # the next pull of IMG2 fails (registry away): ImageUnavailable, permanent
     w.store.clock.advance(5)
     try:
@@ -302,19 +281,8 @@ async def test_a_stop_during_a_replacements_removal_waits_for_it(tmp_path):
     """Review 127: a stop during a replacement whose removal timed out signalled the engine again at once."""
     w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
     await started(w)
-    real = w.backend.remove
-
-    async def remove(unit_id, grace):
-        w.backend.calls.append(("remove", unit_id, grace))
-        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
-
-    w.backend.remove = remove
-    await w.job(JobKind.PATCH, "g1", IMG2)
-    try:
-        await w.sync("g1")
-    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
-        pass
-    w.backend.remove = real
+    await _cut(w, "remove", BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)"),
+               JobKind.PATCH, IMG2)
     await w.job(JobKind.STOP, "g1")
     w.store.clock.advance(5)
     await w.sync("g1")
@@ -324,7 +292,6 @@ async def test_a_stop_during_a_replacements_removal_waits_for_it(tmp_path):
 async def test_a_start_waiting_out_a_stop_is_not_failed_as_overdue(tmp_path):
     """Review 127: a start waiting out a stop that may be under way (up to its grace) was failed as overdue
     by a short outage, and the healthy game stopped."""
-    from desired.model import ErrorCode
 
     w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
     await started(w)
@@ -333,11 +300,7 @@ async def test_a_start_waiting_out_a_stop_is_not_failed_as_overdue(tmp_path):
     rec = await w.sync("g1")
     w.store.clock.advance(301)
     w.backend.down = True  # a Docker blip during the wait
-    try:
-        await w.sync("g1")
-    except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
-        await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
-                                           w.settings.runtime.job_timeout)
+    await _as_the_worker(w)
     w.backend.down = False
     rec = await w.sync("g1")
     assert rec.desired_status is DesiredStatus.RUNNING
@@ -352,11 +315,7 @@ async def test_a_job_is_held_only_for_the_stops_own_grace(tmp_path):
     await w.job(JobKind.START, "g1", IMG)
     w.backend.down = True
     w.store.clock.advance(400)
-    try:
-        await w.sync("g1")
-    except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
-        await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
-                                           w.settings.runtime.job_timeout)
+    await _as_the_worker(w)
     assert w.results("g1")[-1] == ("start", "failure", "docker_unavailable"), w.results("g1")
 
 async def test_a_restart_waiting_out_its_removal_is_not_failed_by_a_blip(tmp_path):
@@ -365,29 +324,12 @@ async def test_a_restart_waiting_out_its_removal_is_not_failed_by_a_blip(tmp_pat
     w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
     await started(w)
     [old] = w.running("g1")
-    real = w.backend.remove
-
-    async def remove(unit_id, grace):
-        w.backend.calls.append(("remove", unit_id, grace))
-        raise BackendUnavailable("read timeout")
-
-    w.backend.remove = remove
-    await w.job(JobKind.RESTART, "g1")
-    try:
-        await w.sync("g1")
-    except Exception:  # noqa: BLE001 - a temporary error: the worker tries again
-        pass
-    w.backend.remove = real
-    rec = w.store.records["g1"]
+    await _cut(w, "remove", BackendUnavailable("read timeout"), JobKind.RESTART)
     w.store.clock.advance(30)
     await w.sync("g1")
     w.store.clock.advance(280)
     w.backend.down = True
-    try:
-        await w.sync("g1")
-    except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
-        await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
-                                           w.settings.runtime.job_timeout)
+    await _as_the_worker(w)
     w.backend.down = False
     rec = await w.sync("g1")
     w.store.clock.advance(400)
@@ -445,10 +387,6 @@ async def test_a_restart_whose_removal_keeps_failing_is_answered(tmp_path, stops
     w.backend.remove = remove
     await w.job(JobKind.RESTART, "g1")
     for _ in range(30):  # 600 s; job timeout 300 s, grace 30 s
-        try:
-            await w.sync("g1")
-        except Exception as e:  # noqa: BLE001 - what the worker does with a temporary error
-            await w.reconciler.fail_if_overdue("g1", ErrorCode.DOCKER_UNAVAILABLE, str(e),
-                                               w.settings.runtime.job_timeout)
+        await _as_the_worker(w)
         w.store.clock.advance(20)
     assert any(r[0] == "restart" for r in w.results("g1")), "the restart was never answered"
