@@ -79,6 +79,7 @@ from observed.errors import (
     BackendUnavailable,
     ImageMissing,
     NodeLost,
+    NotSent,
     ObservedError,
     Refused,
 )
@@ -482,11 +483,12 @@ class Reconciler:
         return await self.store.mark_stopping(record)  # marked again at each signal: each has its own grace
 
     async def _signal(self, record: RuntimeRecord, call: Awaitable[None]) -> None:
-        """A stop or removal of the engine, marked just before (``_stopping``): a refusal of the daemon's says
-        no signal went out, so the mark is cleared (nothing to wait out on the next attempt)."""
+        """A stop or removal of the engine, marked just before (``_stopping``): a refusal of the daemon's, or a
+        call that never reached it (its socket refused the connection: a daemon restarting), says no signal
+        went out, so the mark is cleared (nothing to wait out on the next attempt)."""
         try:
             await call
-        except Refused:
+        except (Refused, NotSent):
             with contextlib.suppress(Conflict):
                 await self.store.clear_stopping(record)
             raise

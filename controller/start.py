@@ -37,7 +37,7 @@ from desired.model import RuntimeRecord, Status
 from desired.ports import ReconcilerStore
 from observed.backend import RuntimeBackend
 from observed.engine import EngineClient
-from observed.errors import NodeLost, ObservedError, Refused
+from observed.errors import NodeLost, NotSent, ObservedError, Refused
 from observed.model import ContainerSpec, ObservedContainer
 
 log = logging.getLogger("rtmanager.reconciler")
@@ -108,7 +108,7 @@ class Starts:
                 record = await self.store.mark_stopping(record)  # right before the signal, each time
             try:
                 await self.backend.remove(container.id, grace)  # SIGTERM first
-            except Refused:
+            except (Refused, NotSent):
                 if record.stopping_since is not None:  # no signal went out: nothing to wait out next time
                     with contextlib.suppress(Conflict):
                         await self.store.clear_stopping(record)

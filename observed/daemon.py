@@ -26,8 +26,9 @@ import docker.errors
 import docker.transport
 import docker.utils
 import requests.exceptions
+import urllib3.exceptions
 
-from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.errors import BackendUnavailable, ImageMissing, NotSent, Refused
 from observed.jsonarray import iter_array
 from observed.text import safe_text
 
@@ -36,6 +37,25 @@ T = TypeVar("T")
 # Calls that change something: refused once this replica may no longer act (lost leadership).
 MUTATING = frozenset({"network", "pull", "create", "start", "stop", "update", "remove"})
 _TRANSIENT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)
+
+
+def never_sent(exc: BaseException) -> bool:
+    """The driver's error says the request never left: the connection was refused or timed out while it
+    was made, or the daemon's socket is not there. Mutating calls open a new connection each (``_guard``'s
+    caller), and the driver does not retry, so such an error means the daemon never saw the call."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (ConnectionRefusedError, FileNotFoundError, requests.exceptions.ConnectTimeout,
+                          urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)):
+            return True
+        todo += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ()))
+                 if isinstance(x, BaseException)]
+    return False
 
 
 def short_error(exc: BaseException) -> str:
@@ -173,10 +193,11 @@ class DaemonClient:
             raise BackendUnavailable(f"{self.name} {op}: {short_error(exc)}") from exc
         except docker.errors.DockerException as exc:
             self._unreachable()
-            raise BackendUnavailable(f"{self.name} {op}: {short_error(exc)}") from exc
+            raise (NotSent if never_sent(exc) else BackendUnavailable)(f"{self.name} {op}: {short_error(exc)}") from exc
         except _TRANSIENT as exc:
             self._unreachable()
-            raise BackendUnavailable(f"{self.name} {op}: {exc.__class__.__name__}: {exc}") from exc
+            raise (NotSent if never_sent(exc) else BackendUnavailable)(
+                f"{self.name} {op}: {exc.__class__.__name__}: {exc}") from exc
         finally:
             if self._observer is not None:
                 self._observer(op, loop.time() - started, ok)

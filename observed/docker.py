@@ -30,7 +30,7 @@ import requests.exceptions
 
 from observed import restarts
 from observed.daemon import DaemonClient, get_list, short_error
-from observed.errors import BackendUnavailable, ImageMissing, Refused
+from observed.errors import BackendUnavailable, ImageMissing, NotSent, Refused
 from observed.events import REMOVING, STARTING, STOPPING, Echoes, EventWatcher
 from observed.model import (
     LABEL_INSTANCE,
@@ -393,6 +393,8 @@ class DockerBackend(DaemonClient):
                 await self._call("remove", lambda: self._docker().api.remove_container(container_id, force=True))
             except docker.errors.NotFound:
                 return
+            except NotSent as exc:  # the stop went out: not a call that sent nothing
+                raise BackendUnavailable(exc.message) from exc
             except docker.errors.APIError as exc:
                 if exc.status_code == 409 and "already in progress" in str(exc):
                     return

@@ -2,6 +2,7 @@
 
     ObservedError (message is already safe text)
     ├── BackendUnavailable    the daemon did not answer, or answered 5xx: retry with backoff
+    │   └── NotSent           the call never reached the daemon (no connection): nothing was carried out
     ├── ImageMissing          the image is not present and could not be pulled
     ├── Refused               the daemon refused to create or start the container
     └── EngineError           the engine's admin API (see observed/engine.py)
@@ -30,6 +31,12 @@ class ObservedError(Exception):
 
 class BackendUnavailable(ObservedError):
     pass
+
+
+class NotSent(BackendUnavailable):
+    """The call never reached the daemon: its connection was refused, or its socket is gone (a daemon
+    restarting). Nothing was carried out, unlike a timeout or a connection cut after the request went out.
+    A backend's ``stop`` and ``remove`` raise it only when no signal of theirs went out."""
 
 
 class StateBusy(BackendUnavailable):

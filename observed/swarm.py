@@ -63,7 +63,7 @@ import docker
 import docker.errors
 
 from observed.daemon import DaemonClient, get_list, short_error
-from observed.errors import BackendUnavailable, ImageMissing, NodeLost, Refused
+from observed.errors import BackendUnavailable, ImageMissing, NodeLost, NotSent, Refused
 from observed.model import (
     LABEL_GAME_ID,
     LABEL_INSTANCE,
@@ -567,7 +567,10 @@ class SwarmBackend(DaemonClient):
             await self._update(unit_id, lambda s: _set_replicas(s, 0))
         own_grace = int(((service["Spec"].get("TaskTemplate") or {}).get("ContainerSpec") or {})
                         .get("StopGracePeriod") or 0) / 1e9
-        await self._until_stopped(service, max(grace, own_grace) + STOP_MARGIN, _not_done)
+        try:
+            await self._until_stopped(service, max(grace, own_grace) + STOP_MARGIN, _not_done)
+        except NotSent as exc:  # the scale-down went out (now or before): not a stop that sent nothing
+            raise BackendUnavailable(exc.message) from exc
 
     async def _until_stopped(self, service: Mapping[str, Any], timeout: float,
                              blocking: Callable[[Mapping[str, Any]], bool]) -> None:
@@ -605,12 +608,15 @@ class SwarmBackend(DaemonClient):
         service, _ = found
         await self.stop(service["ID"], grace)
         try:
-            await self._call("remove", lambda: self._docker().api.remove_service(service["ID"]))
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as exc:
-            raise BackendUnavailable(f"remove {_name(service)}: {short_error(exc)}") from exc
-        await self._until_gone(service)
+            try:
+                await self._call("remove", lambda: self._docker().api.remove_service(service["ID"]))
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                raise BackendUnavailable(f"remove {_name(service)}: {short_error(exc)}") from exc
+            await self._until_gone(service)
+        except NotSent as exc:  # the stop went out: not a removal that sent nothing
+            raise BackendUnavailable(exc.message) from exc
 
     async def _until_gone(self, service: Mapping[str, Any]) -> None:
         """Swarm forgets a removed service's tasks before their containers are removed: wait for both (the

@@ -178,3 +178,98 @@ async def test_a_mutating_call_that_waited_for_a_thread_past_the_term_is_not_mad
         assert ran == []
     finally:
         client.close()
+
+
+class _Mute(_Handler):
+    """Takes a POST and hangs up without an answer: the daemon may have carried it out."""
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.server.posts.append(self.path)  # type: ignore[attr-defined]
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("socket", ["missing", "not listening"])
+async def test_a_stop_the_daemon_never_got_says_so(tmp_path: Path, socket: str) -> None:
+    """Stop 46: a stop whose connection dockerd refused (its socket gone or not listening: a daemon
+    restarting) raised the same error as a stop whose answer was lost, so the reconciler kept a stop mark
+    for a SIGTERM that never went out (the pass-through closed, the next signal held back a grace)."""
+    import socket as sockets
+
+    from observed.docker import DockerBackend
+    from observed.errors import NotSent
+
+    path = tmp_path / "docker.sock"
+    if socket == "not listening":
+        s = sockets.socket(sockets.AF_UNIX)
+        s.bind(str(path))
+        s.close()
+    backend = DockerBackend(instance="i", network="n", pool_size=1, timeout=5)
+    backend._base_url = f"unix://{path}"
+    try:
+        with pytest.raises(NotSent):
+            await backend.stop("c" * 64, 10)
+    finally:
+        backend.close()
+
+
+async def test_a_stop_whose_answer_was_lost_is_not_taken_for_one_never_sent(tmp_path: Path) -> None:
+    from observed.docker import DockerBackend
+    from observed.errors import NotSent
+
+    path = tmp_path / "docker.sock"
+    server = _Daemon(str(path), _Mute)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    backend = DockerBackend(instance="i", network="n", pool_size=1, timeout=5)
+    backend._base_url = f"unix://{path}"
+    try:
+        with pytest.raises(BackendUnavailable) as raised:
+            await backend.stop("c" * 64, 10)
+        assert not isinstance(raised.value, NotSent), raised.value
+        assert any(p.endswith("/stop?t=10") for p in server.posts), server.posts  # it did reach the daemon
+    finally:
+        backend.close()
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_removal_after_its_stop_went_out_is_not_one_never_sent(tmp_path: Path) -> None:
+    """The stop's SIGTERM went out, then the daemon went away before the removal: no call of the removal's
+    may say that nothing was sent (the stop mark would be cleared while the engine may be saving)."""
+    from observed.docker import DockerBackend
+    from observed.errors import NotSent
+    from observed.swarm import SwarmBackend
+
+    docker_backend = DockerBackend(instance="i", network="n", pool_size=1, timeout=5)
+    docker_backend._base_url = f"unix://{tmp_path / 'gone.sock'}"
+
+    async def stopped(unit_id: str, grace: float) -> None:
+        return None
+
+    docker_backend.stop = stopped  # type: ignore[method-assign]
+    swarm = SwarmBackend(instance="i", network="n", pool_size=1, timeout=5, base_url=f"unix://{tmp_path / 'gone.sock'}")
+    service = {"ID": "s" * 25, "Spec": {"Name": "galaxy-game-g1", "Mode": {"Replicas": {"Replicas": 1}},
+                                        "Labels": {}, "TaskTemplate": {"ContainerSpec": {}}}}
+
+    async def read(unit_id: str):
+        return service, []
+
+    async def updated(unit_id: str, change) -> None:
+        return None
+
+    swarm._read = read  # type: ignore[method-assign]
+    swarm._update = updated  # type: ignore[method-assign]
+    try:
+        for call in (docker_backend.remove("c" * 64, 10), swarm.stop("s" * 25, 10), swarm.remove("s" * 25, 10)):
+            with pytest.raises(BackendUnavailable) as raised:
+                await call
+            assert not isinstance(raised.value, NotSent), raised.value
+
+        async def refused(unit_id: str, change) -> None:  # the scale-down itself never reached the manager
+            raise NotSent("swarm update: connection refused")
+
+        swarm._update = refused  # type: ignore[method-assign]
+        with pytest.raises(NotSent):
+            await swarm.stop("s" * 25, 10)
+    finally:
+        docker_backend.close()
+        swarm.close()

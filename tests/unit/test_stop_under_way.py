@@ -69,14 +69,16 @@ async def test_a_stop_that_did_not_happen_does_not_close_the_pass_through_of_a_g
     recorded running with stopping_since still set, so the pass-through answered 409 for good. A running game
     wanted running waits out a stop that may still be under way, then is recorded without it."""
     from controller.engine_proxy import closed
-    from observed.errors import BackendUnavailable, Refused
+    from observed.errors import BackendUnavailable, NotSent, Refused
     from tests.support.world import IMG
 
-    for exc in (BackendUnavailable("timeout"), Refused("no")):
+    for exc in (BackendUnavailable("timeout"), Refused("no"), NotSent("docker stop: connection refused")):
         w = World(tmp_path / type(exc).__name__, RTMANAGER_STOP_GRACE="30")
         rec = await _a_stop_that_raised(w, exc)
-        # a refusal says no signal went out: no mark (review 126); a timeout may have sent it: marked
-        assert (rec.stopping_since is not None) is isinstance(exc, BackendUnavailable) and rec.status is Status.RUNNING
+        # a refusal, or a call the daemon never got (review 126; stop 46), says no signal went out: no mark; a
+        # timeout may have sent it: marked
+        sent = type(exc) is BackendUnavailable
+        assert (rec.stopping_since is not None) is sent and rec.status is Status.RUNNING, exc
         await w.job(JobKind.START, "g1", IMG)
         rec = await w.sync("g1")
         w.store.clock.advance(46)  # its grace and the margin
@@ -390,3 +392,19 @@ async def test_a_restart_whose_removal_keeps_failing_is_answered(tmp_path, stops
         await _as_the_worker(w)
         w.store.clock.advance(20)
     assert any(r[0] == "restart" for r in w.results("g1")), "the restart was never answered"
+
+
+async def test_a_replacements_removal_the_daemon_never_got_leaves_no_stop_to_wait_out(tmp_path):
+    """Stop 46: a restart whose removal of the engine found dockerd's socket refusing connections (a daemon
+    restarting) kept the stop mark: the retry, once dockerd was back, waited the engine's grace and 15 s
+    before it signalled, and the pass-through was closed that long, for a SIGTERM that never went out."""
+    from observed.errors import NotSent
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    rec = await _cut(w, "remove", NotSent("docker stop: connection refused"), JobKind.RESTART)
+    assert rec.stopping_since is None, rec
+    w.store.clock.advance(5)
+    rec = await w.sync("g1")
+    assert w.backend.ops("remove"), "the retry waited out a stop that never went out"
+    assert rec.status is Status.RUNNING and rec.converged, rec
