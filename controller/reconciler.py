@@ -799,8 +799,13 @@ class Reconciler:
             if (record.stopping_since is not None and record.desired_status is DesiredStatus.RUNNING
                     and (record.status.is_up or record.status is Status.STARTING)):
                 grace = await self.starts.stop_grace(record, None)
+                # The first signal may have come after the job waited for a turn (the disruption wait, or a
+                # drain's deadline, below): that wait, then one stop's grace, bound the job's age.
+                held = timeout + self.settings.runtime.disruption_wait + grace + transitions.STOP_SLACK
+                until = disruption_deadline(record)
                 if (transitions.stop_left(record, self.clock.now(), grace) > 0
-                        and age < timeout + grace + transitions.STOP_SLACK):
+                        and (age < held or (until is not None and self.clock.now() < until + timedelta(
+                            seconds=grace + transitions.STOP_SLACK)))):
                     # A job waits out a stop or removal of the engine that may be under way (its grace and
                     # STOP_SLACK: _stop_over, start.run): that wait is not the job's delay, and failing it now
                     # would stop an engine that may be healthy. Once, not again at each removal that fails and

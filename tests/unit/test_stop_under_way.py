@@ -376,7 +376,8 @@ def test_a_crash_clears_the_stop_mark() -> None:
 @pytest.mark.parametrize("stops_first", [False, True])
 async def test_a_restart_whose_removal_keeps_failing_is_answered(tmp_path, stops_first) -> None:
     """Review 129: each attempt of a failing removal wrote a fresh mark, so the exemption from the overdue
-    answer never ran out: the restart was never answered. It now ends a grace and 15 s past the job timeout."""
+    answer never ran out: the restart was never answered. It now ends past the job timeout, a turn's wait
+    (RTMANAGER_DISRUPTION_WAIT, which may have come before the first signal: review 132), a grace and 15 s."""
     w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
     await started(w)
 
@@ -388,7 +389,7 @@ async def test_a_restart_whose_removal_keeps_failing_is_answered(tmp_path, stops
 
     w.backend.remove = remove
     await w.job(JobKind.RESTART, "g1")
-    for _ in range(30):  # 600 s; job timeout 300 s, grace 30 s
+    for _ in range(50):  # 1,000 s; job timeout 300 s, disruption wait 600 s, grace 30 s
         await _as_the_worker(w)
         w.store.clock.advance(20)
     assert any(r[0] == "restart" for r in w.results("g1")), "the restart was never answered"
@@ -408,3 +409,37 @@ async def test_a_replacements_removal_the_daemon_never_got_leaves_no_stop_to_wai
     rec = await w.sync("g1")
     assert w.backend.ops("remove"), "the retry waited out a stop that never went out"
     assert rec.status is Status.RUNNING and rec.converged, rec
+
+
+async def test_a_restart_that_waited_for_a_turn_is_not_failed_by_one_timed_out_removal(tmp_path):
+    """Review 132 of b40a660: the overdue exemption was bounded by the job's whole age, which a wait for a turn
+    (RTMANAGER_DISRUPTION_WAIT) had used before the removal was first signalled: one timed-out removal then
+    answered the restart docker_unavailable and stopped the game."""
+    from tests.support.world import turn_engine
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+    eng = turn_engine(w)
+    await w.job(JobKind.FORCE_NEXT_TURN, "g1")
+    assert (await w.sync("g1")).status is Status.GENERATION_IN_PROGRESS
+    await w.job(JobKind.RESTART, "g1")
+    for _ in range(25):  # 500 s waiting for the turn to end
+        await _as_the_worker(w)
+        w.store.clock.advance(20)
+    assert w.backend.ops("remove") == []
+    eng["turn"], eng["phase"] = 1, "idle"
+    real = w.backend.remove
+
+    async def once(unit_id, grace):
+        w.backend.calls.append(("remove", unit_id, grace))
+        w.backend.remove = real
+        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
+
+    w.backend.remove = once
+    await _as_the_worker(w)  # marked, then the removal times out
+    for _ in range(5):
+        w.store.clock.advance(20)
+        await _as_the_worker(w)
+    rec = w.store.records["g1"]
+    assert w.results("g1")[-1] == ("restart", "success", ""), w.results("g1")
+    assert rec.desired_status is DesiredStatus.RUNNING and rec.status is Status.RUNNING, rec
