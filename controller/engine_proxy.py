@@ -49,6 +49,7 @@ from yarl import URL
 from desired.errors import NotFound
 from desired.model import GAME_ID_PATTERN, UP, RuntimeRecord, Status
 from desired.ports import SurfaceStore
+from desired.transitions import mark_ahead
 from observed.engine import EngineClient
 from observed.errors import EngineError, EngineRefused, EngineUnsupported
 
@@ -86,9 +87,10 @@ def closed(record: RuntimeRecord, now: datetime | None = None) -> str | None:
 def stop_under_way(record: RuntimeRecord, now: datetime) -> bool:
     """The record's mark of a stop of its engine under way, unless it is stale: older than the engine's start
     (a replica of an older version, during a rolling upgrade, started it again without clearing the mark),
-    or older than any stop grace (at most an hour) could be."""
+    or older than any stop grace (at most an hour) could be, or dated ahead of now by more than clocks part
+    (a clock that went back since it was written)."""
     since = record.stopping_since
-    if since is None or (record.started_at is not None and since < record.started_at):
+    if since is None or (record.started_at is not None and since < record.started_at) or mark_ahead(since, now):
         return False
     return now - since <= STALE_STOP
 

@@ -111,12 +111,21 @@ def disruption_wait_restarted(cur: RuntimeRecord, now: datetime, *, turn: int) -
 
 
 STOP_SLACK = 15.0  # seconds past its grace before a stop under way (not seen to end) is over, or tried again
+# A stop mark further ahead of now than this was written by a clock that has since gone back (or a database
+# primary whose clock ran ahead of its successor's): it dates nothing, and is taken for no stop under way.
+MARK_AHEAD = timedelta(seconds=120)
+
+
+def mark_ahead(since: datetime, now: datetime) -> bool:
+    return since > now + MARK_AHEAD
 
 
 def stop_left(cur: RuntimeRecord, now: datetime, grace: float) -> float:
     """Seconds a stop of the engine begun at ``stopping_since`` (a predecessor's, or a call that timed out)
-    may still be under way: its grace and STOP_SLACK; 0 when none is, or it is over."""
-    if cur.stopping_since is None:
+    may still be under way: its grace and STOP_SLACK; 0 when none is, or it is over, or the mark is dated
+    ahead of now (``MARK_AHEAD``: waited out, it held the game's jobs and its pass-through until the clocks
+    caught up)."""
+    if cur.stopping_since is None or mark_ahead(cur.stopping_since, now):
         return 0.0
     return max(0.0, grace + STOP_SLACK - (now - cur.stopping_since).total_seconds())
 

@@ -443,3 +443,27 @@ async def test_a_restart_that_waited_for_a_turn_is_not_failed_by_one_timed_out_r
     rec = w.store.records["g1"]
     assert w.results("g1")[-1] == ("restart", "success", ""), w.results("g1")
     assert rec.desired_status is DesiredStatus.RUNNING and rec.status is Status.RUNNING, rec
+
+
+@pytest.mark.parametrize("job", [JobKind.STOP, JobKind.RECONCILE])
+async def test_a_mark_dated_ahead_of_the_clock_holds_nothing(tmp_path, job) -> None:
+    """Review 132: a mark written by a clock that has since gone back (a database primary a day ahead of its
+    successor) was waited out until the clocks caught up: the stop was not sent, the job not answered and the
+    pass-through closed for a day. A mark more than MARK_AHEAD ahead of now is taken for no stop under way."""
+    from desired.transitions import MARK_AHEAD
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+    now = w.store.clock.now()
+    w.store.records["g1"] = w.store.records["g1"].replace(stopping_since=now + timedelta(days=1))
+    assert closed(w.store.records["g1"], now) is None
+    await w.job(job, "g1")
+    for _ in range(3):
+        await _as_the_worker(w)
+        w.store.clock.advance(20)
+    assert w.results("g1")[-1][:2] == (job.value, "success"), w.results("g1")
+    assert bool(w.backend.ops("stop")) is (job is JobKind.STOP)
+    # within the clocks' part it is a mark like any
+    rec = w.store.records["g1"].replace(stopping_since=w.store.clock.now() + MARK_AHEAD - timedelta(seconds=1),
+                                        status=Status.RUNNING, started_at=now)
+    assert closed(rec, w.store.clock.now()) is not None
