@@ -65,7 +65,10 @@ class Crashes:
                             extra={"game_id": record.game_id})
                 await self.health.record_probe(record, probe)
                 return AGAIN
-            await self.backend.stop(seen.id, grace)
+            # Marked as every stop of an engine is: a stop call that times out (the engine saving) is waited
+            # out above, not signalled again at the next look.
+            record = await self.store.mark_stopping(record)
+            await self.starts.signal(record, self.backend.stop(seen.id, grace))
             return await self.count(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "

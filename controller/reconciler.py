@@ -79,7 +79,6 @@ from observed.errors import (
     BackendUnavailable,
     ImageMissing,
     NodeLost,
-    NotSent,
     ObservedError,
     Refused,
 )
@@ -482,17 +481,6 @@ class Reconciler:
             return requeue(min(left, DISRUPTION_POLL * 5), "a stop of the engine is under way")
         return await self.store.mark_stopping(record)  # marked again at each signal: each has its own grace
 
-    async def _signal(self, record: RuntimeRecord, call: Awaitable[None]) -> None:
-        """A stop or removal of the engine, marked just before (``_stopping``): a refusal of the daemon's, or a
-        call that never reached it (its socket refused the connection: a daemon restarting), says no signal
-        went out, so the mark is cleared (nothing to wait out on the next attempt)."""
-        try:
-            await call
-        except (Refused, NotSent):
-            with contextlib.suppress(Conflict):
-                await self.store.clear_stopping(record)
-            raise
-
     async def _stop_over(self, record: RuntimeRecord, unit: ObservedContainer | None) -> RuntimeRecord | Step:
         """An up game wanted running whose record marks a stop of its engine (one whose call raised, then a
         start; or a predecessor's, in its grace when it died): before the running engine is recorded right or
@@ -671,7 +659,7 @@ class Reconciler:
             if not isinstance(stopping, RuntimeRecord):
                 return stopping
             record = stopping
-            await self._signal(record, self.backend.stop(container.id, grace))  # SIGTERM, the grace, SIGKILL
+            await self.starts.signal(record, self.backend.stop(container.id, grace))  # SIGTERM, the grace, SIGKILL
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             try:
                 await self.store.mark_stopped(record, container_id=container.id, stopped_now=True)
@@ -714,7 +702,7 @@ class Reconciler:
             if not isinstance(stopping, RuntimeRecord):
                 return stopping
             record = stopping
-            await self._signal(record, self.backend.remove(container.id, grace))
+            await self.starts.signal(record, self.backend.remove(container.id, grace))
             # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
             # retention, the state the replaced engine left, as a stop does.
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))

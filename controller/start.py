@@ -106,13 +106,7 @@ class Starts:
             grace = await self.stop_grace(record, container)
             if container.id == record.current_container_id:  # the engine that ran (not a new unit that failed)
                 record = await self.store.mark_stopping(record)  # right before the signal, each time
-            try:
-                await self.backend.remove(container.id, grace)  # SIGTERM first
-            except (Refused, NotSent):
-                if record.stopping_since is not None:  # no signal went out: nothing to wait out next time
-                    with contextlib.suppress(Conflict):
-                        await self.store.clear_stopping(record)
-                raise
+            await self.signal(record, self.backend.remove(container.id, grace))  # SIGTERM first
             container = None
         made = container is None
         if container is None:
@@ -264,6 +258,19 @@ class Starts:
             raise DockerUnavailable("the container daemon stopped the engine while it started (a restart of the "
                                     "daemon): it is started again")
         await self.health.raise_exited(seen)
+
+    async def signal(self, record: RuntimeRecord, call: Awaitable[None]) -> None:
+        """A stop or removal of an engine, its mark written just before (the caller's): a refusal of the
+        daemon's, or a call that never reached it (its socket refused the connection: a daemon restarting),
+        says no signal went out, so the mark is cleared (nothing to wait out on the next attempt). A call that
+        failed otherwise (a timeout, a connection cut) may have sent it: the mark stays."""
+        try:
+            await call
+        except (Refused, NotSent):
+            if record.stopping_since is not None:
+                with contextlib.suppress(Conflict):
+                    await self.store.clear_stopping(record)
+            raise
 
     async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer | None) -> float:
         """Seconds between SIGTERM and SIGKILL for the engine this unit runs (None: the record's engine): its

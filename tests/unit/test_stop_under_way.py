@@ -357,6 +357,26 @@ async def test_the_unreachable_restart_does_not_signal_into_a_save(tmp_path):
     assert len(w.backend.ops("stop")) == n, "a second SIGTERM 70 s into a 600 s grace"
 
 
+async def test_the_unreachable_restarts_own_stop_is_marked(tmp_path):
+    """Review 132: the unreachable restart stopped the engine without a mark: when that call timed out (the
+    engine saving), the next look probed it, found it silent, and stopped it again 5 s into its grace."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600", RTMANAGER_UNREACHABLE_RESTART_AFTER="60")
+    await started(w)
+    [c] = w.running("g1")
+    w.engine.healthy_after[c.image] = 1e9  # no answer
+    now = w.store.clock.now()
+    w.store.clock.advance(70)
+    w.store.records["g1"] = w.store.records["g1"].replace(status=Status.ENGINE_UNREACHABLE, probe_failures=3,
+                                                          unreachable_since=now)
+    rec = await _cut(w, "stop", BackendUnavailable("docker stop: read timeout (SIGTERM sent, the engine saves)"),
+                     JobKind.RECONCILE)
+    assert w.backend.ops("stop") and rec.stopping_since is not None, rec
+    for _ in range(3):
+        w.store.clock.advance(5)
+        await _as_the_worker(w)
+    assert len(w.backend.ops("stop")) == 1, "a second SIGTERM 15 s into a 600 s grace"
+
+
 def test_a_crash_clears_the_stop_mark() -> None:
     """Review 128: a crash kept the mark on the starting record, so the restart's next confirm of a fresh
     process waited out a stop of the engine that had exited."""
