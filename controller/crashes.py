@@ -67,7 +67,7 @@ class Crashes:
                 return AGAIN
             # Marked as every stop of an engine is: a stop call that times out (the engine saving) is waited
             # out above, not signalled again at the next look.
-            record = await self.store.mark_stopping(record)
+            record = await self.starts.mark(record, seen.id, grace)
             await self.starts.signal(record, self.backend.stop(seen.id, grace))
             return await self.count(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
@@ -76,7 +76,7 @@ class Crashes:
         if (record.stopping_since is not None and not seen.oom_killed
                 and (seen.exit_code is None or seen.exit_code in STOP_EXITS)
                 and transitions.stop_left(record, self.health.clock.now(),
-                                          await self.starts.stop_grace(record, seen) + EXIT_SEEN) > 0):
+                                          await self.starts.stop_grace(record, seen) + EXIT_SEEN, seen.id) > 0):
             # A stop of it had begun (a predecessor's, in its grace when it died, then a start; or one whose call
             # timed out): that stop ended it, not a crash. Started again at once, with no crash counted.
             log.info("the engine exited after a stop of it began at %s: not a crash; starting it again",

@@ -49,7 +49,7 @@ from yarl import URL
 from desired.errors import NotFound
 from desired.model import GAME_ID_PATTERN, UP, RuntimeRecord, Status
 from desired.ports import SurfaceStore
-from desired.transitions import mark_ahead
+from desired.transitions import mark_ahead, stop_mark_of
 from observed.engine import EngineClient
 from observed.errors import EngineError, EngineRefused, EngineUnsupported
 
@@ -89,7 +89,7 @@ def stop_under_way(record: RuntimeRecord, now: datetime) -> bool:
     (a replica of an older version, during a rolling upgrade, started it again without clearing the mark),
     or older than any stop grace (at most an hour) could be, or dated ahead of now by more than clocks part
     (a clock that went back since it was written)."""
-    since = record.stopping_since
+    since = stop_mark_of(record, record.current_container_id)  # a mark of another unit: not this engine's
     if since is None or (record.started_at is not None and since < record.started_at) or mark_ahead(since, now):
         return False
     return now - since <= STALE_STOP

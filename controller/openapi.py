@@ -371,6 +371,7 @@ def openapi_document() -> dict[str, Any]:
                                 "disruption_until": _NULLABLE_TIME,
                                 "disruption_generation": {"type": "integer", "nullable": True},
                                 "node_lost_since": _NULLABLE_TIME, "stopping_since": _NULLABLE_TIME,
+                                "stopping_unit": _NULLABLE_STR,
                                 "disruption_wait_turn": {"type": "integer", "nullable": True},
                                 "avoid_nodes": {"type": "array", "items": {"type": "string"}}}},
                 "EngineVersion": {"type": "object",

@@ -466,30 +466,28 @@ class Reconciler:
         return AGAIN
 
     async def _stopping(self, record: RuntimeRecord, unit: ObservedContainer, grace: float) -> RuntimeRecord | Step:
-        """Before the running engine the record names is asked to stop: written, so that the gateway's
-        pass-through (every replica's, from the record) sends it nothing more while it saves its state. A stop
-        of it already begun less than its grace (and STOP_SLACK) ago (a predecessor's, in its grace when this
-        leader took over; or this one's, whose call timed out) is waited for, not signalled again: a second
-        SIGTERM lands in the middle of the engine's save. The step to wait, then."""
-        if not ((record.status.is_up or record.status is Status.STARTING) and record.current_container_id == unit.id):
-            return record  # (a replacement's removal of that engine marks it too: start.py)
-        left = transitions.stop_left(record, self.clock.now(), grace)
+        """Before a unit of the game is asked to stop: written (``Starts.mark``), so that the gateway's
+        pass-through (every replica's, from the record) sends the record's engine nothing more while it saves
+        its state. A stop of that unit already begun less than its grace (and STOP_SLACK) ago (a predecessor's,
+        in its grace when this leader took over; or this one's, whose call timed out) is waited for, not
+        signalled again: a second SIGTERM lands in the middle of the engine's save. The step to wait, then."""
+        left = transitions.stop_left(record, self.clock.now(), grace, unit.id)
         if left > 0 and unit.running:
-            assert record.stopping_since is not None
-            log.info("a stop of the engine begun %s is under way: waiting %.0fs for its grace, not signalling "
-                     "it again", record.stopping_since.isoformat(), left, extra={"game_id": record.game_id})
+            log.info("a stop of unit %s begun %s is under way: waiting %.0fs for its grace, not signalling it "
+                     "again", unit.id[:12], record.stopping_since.isoformat() if record.stopping_since else "?",
+                     left, extra={"game_id": record.game_id})
             return requeue(min(left, DISRUPTION_POLL * 5), "a stop of the engine is under way")
-        return await self.store.mark_stopping(record)  # marked again at each signal: each has its own grace
+        return await self.starts.mark(record, unit.id, grace)  # marked again at each signal: each has its grace
 
     async def _stop_over(self, record: RuntimeRecord, unit: ObservedContainer | None) -> RuntimeRecord | Step:
         """An up game wanted running whose record marks a stop of its engine (one whose call raised, then a
         start; or a predecessor's, in its grace when it died): before the running engine is recorded right or
         asked for a turn, that stop is waited out (its exit is then a start's business, not a crash), and then
         the mark cleared (the pass-through open again). The step to wait, or the record."""
-        if (record.stopping_since is None or not record.status.is_up or unit is None
-                or unit.id != record.current_container_id):
-            return record
-        left = transitions.stop_left(record, self.clock.now(), await self.starts.stop_grace(record, unit))
+        if (not record.status.is_up or unit is None or unit.id != record.current_container_id
+                or transitions.stop_mark_of(record, unit.id) is None):
+            return record  # no mark, or one of another unit (a replacement's new unit that failed)
+        left = transitions.stop_left(record, self.clock.now(), await self.starts.stop_grace(record, unit), unit.id)
         if left > 0 and unit.running:
             return requeue(min(left, DISRUPTION_POLL * 5), "a stop of the engine may still be under way")
         return await self.store.clear_stopping(record)
@@ -791,7 +789,7 @@ class Reconciler:
                 # drain's deadline, below): that wait, then one stop's grace, bound the job's age.
                 held = timeout + self.settings.runtime.disruption_wait + grace + transitions.STOP_SLACK
                 until = disruption_deadline(record)
-                if (transitions.stop_left(record, self.clock.now(), grace) > 0
+                if (transitions.stop_left(record, self.clock.now(), grace, record.stopping_unit) > 0
                         and (age < held or (until is not None and self.clock.now() < until + timedelta(
                             seconds=grace + transitions.STOP_SLACK)))):
                     # A job waits out a stop or removal of the engine that may be under way (its grace and

@@ -82,11 +82,13 @@ class Starts:
                                   "the running unit is kept")
         confirming_up = kind is ActionKind.CONFIRM and record.status.is_up and container is not None \
             and record.current_container_id == container.id
-        if container is not None and container.id == record.current_container_id and container.running:
-            # A stop or removal of this engine begun before (a replacement's, whose call timed out, then a
-            # rollback to it; a predecessor's, in its grace when it died) may still be under way: the engine is
-            # saving on its way out. Not signalled again, and not confirmed running, until it is over.
-            left = transitions.stop_left(record, self.health.clock.now(), await self.stop_grace(record, container))
+        if container is not None and container.running and transitions.stop_mark_of(record, container.id):
+            # A stop or removal of this unit begun before (a replacement's, whose call timed out, then a
+            # rollback to it; a predecessor's, in its grace when it died; the removal of a replacement's new
+            # unit) may still be under way: the engine is saving on its way out. Not signalled again, and not
+            # confirmed running, until it is over.
+            left = transitions.stop_left(record, self.health.clock.now(), await self.stop_grace(record, container),
+                                         container.id)
             if left > 0:
                 log.info("a stop of the engine begun %s may still be under way: waiting %.0fs",
                          record.stopping_since.isoformat() if record.stopping_since else "?", left,
@@ -104,9 +106,8 @@ class Starts:
                 # below, once the engine has stopped (what it saved on the way out counts too).
                 await self.states.check_copy_room(record)
             grace = await self.stop_grace(record, container)
-            if container.id == record.current_container_id:  # the engine that ran (not a new unit that failed)
-                record = await self.store.mark_stopping(record)  # right before the signal, each time
-            await self.signal(record, self.backend.remove(container.id, grace))  # SIGTERM first
+            record = await self.mark(record, container.id, grace)  # right before the signal, each time
+            record = await self.signal(record, self.backend.remove(container.id, grace), over=True)  # SIGTERM first
             container = None
         made = container is None
         if container is None:
@@ -259,11 +260,24 @@ class Starts:
                                     "daemon): it is started again")
         await self.health.raise_exited(seen)
 
-    async def signal(self, record: RuntimeRecord, call: Awaitable[None]) -> None:
+    async def mark(self, record: RuntimeRecord, unit_id: str, grace: float) -> RuntimeRecord:
+        """Unit ``unit_id`` of the game is about to be asked to stop: the record's stop mark names it from now
+        (``transitions.stopping``). The record holds one mark: a young one of another unit (in its grace and
+        STOP_SLACK) is kept, and this unit's stop goes unmarked (as every stop did before marks named units)."""
+        other = record.stopping_unit or record.current_container_id
+        if other != unit_id and transitions.stop_left(record, self.health.clock.now(), grace, other) > 0:
+            log.info("not marking the stop of unit %s: the record's mark of unit %s is in its grace", unit_id[:12],
+                     (other or "?")[:12], extra={"game_id": record.game_id})
+            return record
+        return await self.store.mark_stopping(record, unit_id)
+
+    async def signal(self, record: RuntimeRecord, call: Awaitable[None], *, over: bool = False) -> RuntimeRecord:
         """A stop or removal of an engine, its mark written just before (the caller's): a refusal of the
         daemon's, or a call that never reached it (its socket refused the connection: a daemon restarting),
         says no signal went out, so the mark is cleared (nothing to wait out on the next attempt). A call that
-        failed otherwise (a timeout, a connection cut) may have sent it: the mark stays."""
+        failed otherwise (a timeout, a connection cut) may have sent it: the mark stays. With ``over``, a call
+        that returned (the unit has exited) clears it too, where no transition that follows would (a
+        replacement's removal: the record's one mark is then free for its new unit's stop)."""
         try:
             await call
         except (Refused, NotSent):
@@ -271,6 +285,10 @@ class Starts:
                 with contextlib.suppress(Conflict):
                     await self.store.clear_stopping(record)
             raise
+        if over and record.stopping_since is not None:
+            with contextlib.suppress(Conflict):
+                return await self.store.clear_stopping(record)
+        return record
 
     async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer | None) -> float:
         """Seconds between SIGTERM and SIGKILL for the engine this unit runs (None: the record's engine): its

@@ -256,6 +256,10 @@ class RuntimeRecord:
     # Observed: a stop of the running engine is under way (it saves its state on its way out); the
     # gateway's pass-through sends it nothing more. Set right before the stop, cleared by the next status.
     stopping_since: datetime | None = None
+    # Observed: the unit that stop is of (the record's engine, or a unit the record does not name: a
+    # replacement's new one that failed or was cut before it was recorded). None: the record's engine (a mark
+    # written before this field was).
+    stopping_unit: str | None = None
     # Observed: the turn the engine had finished when ``disruption_wait_since`` was set (the wait is for the
     # turn after it); a later turn found generating when the wait has run out gets a wait of its own.
     disruption_wait_turn: int | None = None

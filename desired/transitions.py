@@ -42,7 +42,7 @@ def _touch(cur: RuntimeRecord, now: datetime) -> datetime:
 def starting(cur: RuntimeRecord, now: datetime, *, rollback_image: str | None) -> RuntimeRecord:
     """About to create or start the engine (a job's change, or a restart after a crash)."""
     return cur.replace(status=Status.STARTING, health=Health.UNKNOWN, last_op_at=_touch(cur, now), admin_api=None,
-                       node_lost_since=None, stopping_since=None,
+                       node_lost_since=None, stopping_since=None, stopping_unit=None,
                        probe_failures=0, unreachable_since=None, generation_started_at=None,
                        disruption_wait_since=None,
                        rollback_image_ref=rollback_image if cur.status is not Status.STARTING
@@ -56,7 +56,8 @@ def rollback_overtaken(cur: RuntimeRecord, now: datetime, *, container_id: str) 
     longer rolls back, so its state is copied before the new image starts (a rollback goes back to that
     copy), and the older copy is not put back over what it wrote."""
     return cur.replace(current_container_id=container_id, rolling_back=False, last_op_at=_touch(cur, now),
-                       stopping_since=None)  # the mark was of the engine replaced before, not this one
+                       # the mark was of the engine replaced before, not this one
+                       stopping_since=None, stopping_unit=None)
 
 
 def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
@@ -71,7 +72,7 @@ def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,
                        started_at=started, stopped_at=None, health=Health.HEALTHY, health_checked_at=now,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
                        rolling_back=False, probe_failures=0, unreachable_since=None, last_op_at=_touch(cur, now),
-                       node_id=cur.node_id or node, node_lost_since=None, stopping_since=None,
+                       node_id=cur.node_id or node, node_lost_since=None, stopping_since=None, stopping_unit=None,
                        disruption_wait_since=cur.disruption_wait_since if up else None)
 
 
@@ -100,7 +101,7 @@ def stopped(cur: RuntimeRecord, now: datetime, *, container_id: str | None,
                        observed_generation=cur.generation if converged else cur.observed_generation,
                        restart_not_before=None,
                        rollback_image_ref=None, rolling_back=False, last_op_at=_touch(cur, now),
-                       disruption_wait_since=None, node_lost_since=None, stopping_since=None)
+                       disruption_wait_since=None, node_lost_since=None, stopping_since=None, stopping_unit=None)
 
 
 def disruption_wait_restarted(cur: RuntimeRecord, now: datetime, *, turn: int) -> RuntimeRecord:
@@ -120,26 +121,37 @@ def mark_ahead(since: datetime, now: datetime) -> bool:
     return since > now + MARK_AHEAD
 
 
-def stop_left(cur: RuntimeRecord, now: datetime, grace: float) -> float:
-    """Seconds a stop of the engine begun at ``stopping_since`` (a predecessor's, or a call that timed out)
-    may still be under way: its grace and STOP_SLACK; 0 when none is, or it is over, or the mark is dated
-    ahead of now (``MARK_AHEAD``: waited out, it held the game's jobs and its pass-through until the clocks
-    caught up)."""
-    if cur.stopping_since is None or mark_ahead(cur.stopping_since, now):
+def stop_mark_of(cur: RuntimeRecord, unit_id: str | None) -> datetime | None:
+    """When a stop of unit ``unit_id`` was marked, or None when the record's one mark is not of that unit. A
+    mark with no unit (written before marks named one) is of the record's engine."""
+    if cur.stopping_since is None:
+        return None
+    return cur.stopping_since if (cur.stopping_unit or cur.current_container_id) == unit_id else None
+
+
+def stop_left(cur: RuntimeRecord, now: datetime, grace: float, unit_id: str | None = None) -> float:
+    """Seconds a stop of the record's engine (or of unit ``unit_id``) begun at its mark (a predecessor's, or
+    a call that timed out) may still be under way: its grace and STOP_SLACK; 0 when none is, or it is over,
+    or the mark is dated ahead of now (``MARK_AHEAD``: waited out, it held the game's jobs and its
+    pass-through until the clocks caught up)."""
+    since = stop_mark_of(cur, cur.current_container_id if unit_id is None else unit_id)
+    if since is None or mark_ahead(since, now):
         return 0.0
-    return max(0.0, grace + STOP_SLACK - (now - cur.stopping_since).total_seconds())
+    return max(0.0, grace + STOP_SLACK - (now - since).total_seconds())
 
 
 def not_stopping(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
     """A stop that was under way is over and the engine still runs (it never reached the daemon, or it was
     refused), and the game is wanted running: the pass-through is open again."""
-    return cur.replace(stopping_since=None, last_op_at=_touch(cur, now))
+    return cur.replace(stopping_since=None, stopping_unit=None, last_op_at=_touch(cur, now))
 
 
-def stopping(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
-    """The running engine is about to be asked to stop (SIGTERM, its save, the grace): the gateway's
-    pass-through sends it nothing more from now on."""
-    return cur.replace(stopping_since=now, last_op_at=_touch(cur, now))
+def stopping(cur: RuntimeRecord, now: datetime, unit_id: str | None = None) -> RuntimeRecord:
+    """A unit of the game (the record's engine when ``unit_id`` is None) is about to be asked to stop
+    (SIGTERM, its save, the grace): the gateway's pass-through sends the record's engine nothing more from
+    now on, and the stop is not signalled again within its grace."""
+    return cur.replace(stopping_since=now, stopping_unit=unit_id or cur.current_container_id,
+                       last_op_at=_touch(cur, now))
 
 
 def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
@@ -148,7 +160,7 @@ def removed(cur: RuntimeRecord, now: datetime) -> RuntimeRecord:
                        removed_at=cur.removed_at or _at_least(now, cur.created_at), health=Health.UNKNOWN,
                        observed_generation=cur.generation, restart_not_before=None, rollback_image_ref=None,
                        rolling_back=False, last_op_at=_touch(cur, now), disruption_wait_since=None,
-                       node_lost_since=None, stopping_since=None)
+                       node_lost_since=None, stopping_since=None, stopping_unit=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +272,7 @@ def crashed(cur: RuntimeRecord, now: datetime, *, verdict: CrashVerdict, code: E
         detail = f"crash loop: {verdict.count} crashes within {window:g}s; last: {detail}"
     crash = dict(crash_count=verdict.count, last_crash_at=now, last_error_code=code, last_error_message=detail,
                  last_op_at=_touch(cur, now), disruption_wait_since=None,
-                 stopping_since=None)  # the engine has exited: no stop of it is under way any more
+                 stopping_since=None, stopping_unit=None)  # the engine has exited: no stop of it is under way any more
     if exit_code is not None:
         # An exit code the record's column cannot hold (a daemon's odd answer) is unknown, not a crash unrecorded.
         known = exit_code if exit_code is None or -2**31 <= exit_code <= 2**31 - 1 else None

@@ -39,7 +39,7 @@ RECORD_COLUMNS = (
     "unreachable_since", "generation_started_at", "last_turn_at", "snapshot_revision", "paused", "turn_interval",
     "desired_turn", "clock_from", "engine_version", "node_id", "disruption_wait_since", "force_generation",
     "admin_token", "node_lost_since", "avoid_nodes", "disruption_until", "disruption_generation", "stopping_since",
-    "disruption_wait_turn",
+    "disruption_wait_turn", "stopping_unit",
 )
 DESIRED_COLUMNS = frozenset({"desired_status", "desired_image_ref", "generation", "spec_revision",
                               "stop_reason", "last_op_at", "paused", "turn_interval", "desired_turn",

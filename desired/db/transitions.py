@@ -307,9 +307,9 @@ class Transitions(StoreBase):
         """desired/transitions.py ``not_stopping``."""
         return await self._transition(rec, transitions.not_stopping)
 
-    async def mark_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
-        """The running engine is about to be asked to stop (desired/transitions.py ``stopping``)."""
-        return await self._transition(rec, transitions.stopping)
+    async def mark_stopping(self, rec: RuntimeRecord, unit_id: str | None = None) -> RuntimeRecord:
+        """A unit of the game is about to be asked to stop (desired/transitions.py ``stopping``)."""
+        return await self._transition(rec, lambda cur, now: transitions.stopping(cur, now, unit_id))
 
     async def note_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
         """A planned disruption waits for a turn the record says is generated, the engine not saying

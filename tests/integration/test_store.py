@@ -367,6 +367,26 @@ async def test_transition_guards_and_database_timestamps(pool):
         await store.mark_starting(removed, rollback_image=None)
 
 
+async def test_a_stop_mark_names_its_unit_and_is_cleared_whole(pool):
+    """Migration 0026: the mark of a stop under way is stored with the unit it is of (the record's engine, or a
+    unit the record does not name), read back, and cleared with it."""
+    from desired.transitions import stop_mark_of
+
+    store = Store(pool)
+    await store.submit(start("g1", "1-0"), DEFAULTS)
+    rec = await converge_running(store, "g1")
+    other = "d" * 64
+    marked = await store.mark_stopping(rec, other)
+    got = await store.get("g1")
+    assert got.stopping_unit == other and got.stopping_since == marked.stopping_since is not None
+    assert stop_mark_of(got, other) == got.stopping_since and stop_mark_of(got, rec.current_container_id) is None
+    own = await store.mark_stopping(got)  # no unit given: the record's engine
+    assert (await store.get("g1")).stopping_unit == rec.current_container_id == own.stopping_unit
+    cleared = await store.clear_stopping(own)
+    got = await store.get("g1")
+    assert (got.stopping_since, got.stopping_unit) == (None, None) == (cleared.stopping_since, cleared.stopping_unit)
+
+
 async def test_a_generation_answered_while_another_was_accepted_conflicts(pool):
     """A finishing write guards on the generation: a job accepted meanwhile must be looked at first."""
     store = Store(pool)

@@ -487,3 +487,106 @@ async def test_a_mark_dated_ahead_of_the_clock_holds_nothing(tmp_path, job) -> N
     rec = w.store.records["g1"].replace(stopping_since=w.store.clock.now() + MARK_AHEAD - timedelta(seconds=1),
                                         status=Status.RUNNING, started_at=now)
     assert closed(rec, w.store.clock.now()) is not None
+
+
+class _Killed(BaseException):
+    """kill -9 of the process, as a test can make it."""
+
+
+async def test_a_patchs_new_unit_cut_before_it_was_recorded_is_not_removed_twice_in_its_grace(tmp_path):
+    """Review 132: a kill after a patch's new unit started (before it was recorded running), then another
+    patch: only the record's engine was marked, so the new unit's removal whose call timed out was sent again
+    at once, a second SIGTERM into its save. The mark names the unit it is of."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    starts = w.reconciler.starts
+    real_confirm = starts.confirm
+
+    async def killed(*a, **k):
+        raise _Killed()
+
+    starts.confirm = killed
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    try:
+        await w.sync("g1")
+    except _Killed:
+        pass
+    starts.confirm = real_confirm
+    [new] = w.running("g1")
+    assert new.image == IMG2 and w.store.records["g1"].current_container_id != new.id
+    await w.job(JobKind.PATCH, "g1", IMG)  # Lobby goes back
+    real = w.backend.remove
+
+    async def remove(unit_id, grace):
+        w.backend.calls.append(("remove", unit_id, grace))
+        w.backend.remove = real
+        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
+
+    w.backend.remove = remove
+    n = len(w.backend.ops("remove"))
+    await _as_the_worker(w)
+    w.store.clock.advance(5)
+    await _as_the_worker(w)
+    assert len([r for r in w.backend.ops("remove")[n:] if r[1] == new.id]) == 1, w.backend.ops("remove")
+
+
+async def test_a_restarts_new_unit_cut_before_it_was_recorded_is_not_removed_twice_in_its_grace(tmp_path):
+    """Review 132: the same after a restart (its new unit runs the same image, on the same state)."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    starts = w.reconciler.starts
+    real_confirm = starts.confirm
+
+    async def killed(*a, **k):
+        raise _Killed()
+
+    starts.confirm = killed
+    await w.job(JobKind.RESTART, "g1")
+    try:
+        await w.sync("g1")
+    except _Killed:
+        pass
+    starts.confirm = real_confirm
+    [new] = w.running("g1")
+    assert w.store.records["g1"].current_container_id != new.id
+    await w.job(JobKind.RESTART, "g1")
+    real = w.backend.remove
+
+    async def remove(unit_id, grace):
+        w.backend.calls.append(("remove", unit_id, grace))
+        w.backend.remove = real
+        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
+
+    w.backend.remove = remove
+    n = len(w.backend.ops("remove"))
+    await _as_the_worker(w)
+    w.store.clock.advance(5)
+    await _as_the_worker(w)
+    assert len([r for r in w.backend.ops("remove")[n:] if r[1] == new.id]) == 1, w.backend.ops("remove")
+
+
+async def test_a_failed_restarts_new_unit_is_not_stopped_twice_in_its_grace(tmp_path):
+    """Review 132: a restart whose new engine is slow to answer its health path fails (start timeout), the game
+    goes to stopped, and that unit (which the record does not name) was stopped unmarked: a stop call that
+    timed out was sent again 5 s later."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600", RTMANAGER_START_TIMEOUT="0.2")
+    await started(w)
+    [old] = w.running("g1")
+    real = w.backend.stop
+    failed = []
+
+    async def stop(unit_id, grace):
+        if unit_id != old.id and not failed:
+            failed.append(unit_id)
+            w.backend.calls.append(("stop", unit_id, grace))
+            raise BackendUnavailable("docker stop: read timeout (SIGTERM sent, the engine saves)")
+        await real(unit_id, grace)
+
+    w.backend.stop = stop
+    w.engine.healthy_after[IMG] = 1e9  # the new engine loads a big state: no health answer in time
+    await w.job(JobKind.RESTART, "g1")
+    await _as_the_worker(w)
+    assert failed
+    w.store.clock.advance(5)
+    await _as_the_worker(w)
+    assert len([r for r in w.backend.ops("stop") if r[1] == failed[0]]) == 1, w.backend.ops("stop")
