@@ -444,11 +444,12 @@ class Reconciler:
         found = await self.backend.inspect(unit.id)
         if found is None or found.state != "running" or found.id != record.current_container_id:
             return None  # touched, gone, or paused from outside (a frozen engine is no engine to keep)
-        if found.node is not None and (found.node in record.avoid_nodes
-                                       or (record.node_id is not None and record.node_id != found.node)):
+        if found.node is not None and record.node_id != found.node and (
+                found.node in record.avoid_nodes or record.node_id is not None):
             # A move (a drain's, a node loss's, a job admitted as one): keeping the unit would keep the game on
             # the node it must leave, and the drain would never end. The failure goes the usual way: stopped,
-            # and undrain starts it again on its node.
+            # and undrain starts it again on its node. (A node the game once left and is pinned to again, back
+            # there after another move, stays in avoid_nodes: a unit there is no move, as the planner says.)
             return None
         if record.converged:
             log.error("the engine's unit is no longer the one the settings make, and replacing it failed before "

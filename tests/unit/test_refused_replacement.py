@@ -130,3 +130,37 @@ async def test_a_swarm_game_with_no_recorded_node_is_kept_too(tmp_path) -> None:
     rec = await _a_refused_restart(w)
     assert w.results("g1")[-1] == ("restart", "failure", "image_rejected")
     assert [c.id for c in w.running("g1")] == [unit.id] and rec.desired_status is DesiredStatus.RUNNING
+
+
+async def test_a_game_back_on_a_node_it_once_left_is_kept_too(tmp_path) -> None:
+    """Red-team 131: the nodes a game moved off stay in ``avoid_nodes``. Drained off n1 (undrained), then off
+    n2 and placed back on n1, the game runs pinned to n1 with n1 still in that list: a refused restart took the
+    unit for one on a node the game must leave, and stopped the healthy game. A unit on the node the record is
+    pinned to is no move."""
+    from desired import transitions
+
+    w = World(tmp_path)
+    w.backend.nodes = ["n1", "n2", "n3"]
+    drained = {"now": frozenset[str]()}
+
+    async def avoid() -> frozenset[str]:
+        return drained["now"]
+
+    w.reconciler.starts.avoid = avoid
+    rec = await started(w)
+    assert rec.node_id == "n1"
+    for node in ("n1", "n2"):  # drain n1, undrain it; then drain n2, undrain it
+        drained["now"] = frozenset({node})
+        w.store.records["g1"] = transitions.drain_moved(w.store.records["g1"], w.store.clock.now(), node=node,
+                                                        forced=True, deadline=None)
+        for _ in range(3):
+            rec = await w.sync("g1")
+        drained["now"] = frozenset()
+    assert rec.node_id == "n1" and "n1" in rec.avoid_nodes and rec.converged, rec
+    [unit] = w.running("g1")
+    _narrowed(w)
+    await w.job(JobKind.RESTART, "g1")
+    for _ in range(4):
+        rec = await w.sync("g1")
+    assert [c.id for c in w.running("g1")] == [unit.id] and rec.desired_status is DesiredStatus.RUNNING, rec
+    assert w.results("g1")[-1][:3] == ("restart", "failure", "image_rejected"), w.results("g1")
