@@ -240,7 +240,7 @@ def _outcome(game: DrainGame, record: RuntimeRecord | None) -> tuple[str | None,
         if record.desired_status is DesiredStatus.RUNNING:
             return record.node_id, f"moved to node {record.node_id}"
         why = f" ({record.last_error_code.value}: {record.last_error_message})" if record.last_error_code else ""
-        return record.node_id, "stopped instead of moved" + why
+        return None, "stopped instead of moved" + why  # no node: undrain brings back only moves that failed
     if record.desired_status is DesiredStatus.RUNNING:
         return record.node_id, "moved off the node by another job (a start or restart)"
     return record.node_id, "stopped"

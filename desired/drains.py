@@ -362,9 +362,10 @@ def restore_plan(games: Mapping[str, DrainGame], records: Mapping[str, RuntimeRe
         if g.action is DrainAction.MOVE:
             # A move that failed stopped the game (no other node could run it, say): undrain brings it
             # back on its node, unless somebody else stopped or removed it since. A move under way, or one
-            # that succeeded, is not the drain's to undo.
-            if (g.state is not GameState.DONE or rec is None or rec.desired_status is not DesiredStatus.STOPPED
-                    or g.game_id in stopped_since
+            # that succeeded (done with the node it went to: the game stopped later, a crash loop given up
+            # or a lost node's policy, is not the drain's doing), is not the drain's to undo.
+            if (g.state is not GameState.DONE or g.to_node is not None or rec is None
+                    or rec.desired_status is not DesiredStatus.STOPPED or g.game_id in stopped_since
                     or not (g.image_ref or rec.ran_image)):
                 continue
             steps.append(RestoreStep(game=g, verdict=Restore.START, note="its move failed: back on its node"))

@@ -12,6 +12,7 @@ parts; the store's are tests/integration/test_drain_fixes.py):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 
 import pytest
@@ -291,3 +292,23 @@ async def test_an_engine_that_exits_on_a_paused_node_is_treated_as_on_a_drained_
     else:  # its state is on n1: it waits for the node, as for a drained one
         assert rec.status is Status.NODE_LOST and rec.desired_status is DesiredStatus.RUNNING
     assert rec.crash_count == 0
+
+
+def test_a_move_that_succeeded_is_not_undone_by_undrain_after_the_game_stopped_later() -> None:
+    """Red-team 131: moved to node m (done), the game was later given up there (a crash loop, a lost node's
+    policy); undrain took it for a failed move and started it again, pinned to its old node, with the image
+    the drain recorded: a game Lobby was told is stopped ran again, maybe an older image on a newer state."""
+    from controller.drains import _outcome
+
+    given_up = rec(Status.STOPPED, DesiredStatus.STOPPED, gen=9, obs=9, game_id="g1", state_path="/srv/g1",
+                   node_id="nodem", last_error_message="crash loop: 5 crashes within 600s; last: exit 1")
+    g = DrainGame(drain_id=1, game_id="g1", action=DrainAction.MOVE, state=GameState.DONE, generation=4,
+                  taken_at=NOW - timedelta(days=2), image_ref=IMG, from_node="noden", to_node="nodem",
+                  note="moved to node nodem")
+    assert drains.restore_plan({"g1": g}, {"g1": given_up}, stopped_since=set()) == []
+    # and a move that failed is done with no node (the tick's outcome), so undrain brings that one back
+    failed = rec(Status.STOPPED, DesiredStatus.STOPPED, gen=5, obs=5, game_id="g1", state_path="/srv/g1",
+                 node_id="nodem")
+    assert _outcome(g, failed)[0] is None
+    assert drains.restore_plan({"g1": dataclasses.replace(g, to_node=None)}, {"g1": failed}, set())[0].verdict \
+        is Restore.START
