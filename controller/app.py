@@ -235,6 +235,7 @@ class Controller:
         self.drainer = Drainer(store=self.store, admission=self.admission, metrics=self.metrics, clock=self.clock,
                                wake=self.queue.add, nodes=swarm_nodes)
         self.reconciler.hold = self.drainer.hold  # no crash restart on a drained host or node
+        self.reconciler.hold_removal = self.drainer.hold_removal  # nor a removal of what undrain brings back
         self.reconciler.starts.avoid = self.drainer.avoided_nodes  # no new unit on a drained node
         self.rollouts = RolloutLoop(store=self.store, admission=self.admission, metrics=self.metrics,
                                     interval=s.runtime.rollout_interval)

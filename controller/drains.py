@@ -75,6 +75,15 @@ class Drainer:
             return f"node {record.node_id} is drained (the drain moves or stops its games)"
         return None
 
+    async def hold_removal(self, record: RuntimeRecord) -> str | None:
+        """The reconciler's question before a removal nobody asked for (the cleanup TTL), which is final: held
+        as a restart is (``hold``), and also when a drain not undrained yet took the game and may start it
+        again (a move that failed leaves it stopped and pinned nowhere, so no drained node names it)."""
+        held = await self.hold(record)
+        if held is None and await self.store.brought_back_at_undrain(record.game_id):
+            held = "a drain took the game and its undrain starts it again"
+        return held
+
     async def avoided_nodes(self) -> frozenset[str]:
         """The nodes no new unit may land on."""
         return (await self.store.drained_targets()).nodes

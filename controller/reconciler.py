@@ -150,6 +150,7 @@ class Reconciler:
         # host or of the game's node: the drain stops or moves the game instead), or None. Set by the
         # composition root; read from the database at each such restart, never remembered.
         self.hold: Callable[[RuntimeRecord], Awaitable[str | None]] | None = None
+        self.hold_removal: Callable[[RuntimeRecord], Awaitable[str | None]] | None = None
         # (game, (term, generation)) whose queued operations this process claimed, until a job of the game
         # may have been admitted since (``job_admitted``): a turn's poll of the engine claims nothing new.
         self._claimed: dict[str, tuple[int, int]] = {}
@@ -340,10 +341,10 @@ class Reconciler:
             log.info("dry run: would %s: %s", action.kind.value, action.reason,
                      extra={"game_id": game_id, "action": action.kind.value, "dry_run": True})
             return DONE
-        if action.kind is ActionKind.CLEANUP and self.hold is not None and record is not None:
+        if action.kind is ActionKind.CLEANUP and self.hold_removal is not None and record is not None:
             # A removal nobody asked for is final (the game_id cannot be started again): none while a drain
-            # holds the game's host or node, which may have stopped it to start it again at undrain.
-            held = await self.hold(record)
+            # holds the game's host or node, or took the game, and may start it again at undrain.
+            held = await self.hold_removal(record)
             if held is not None:
                 log.info("not removing after the cleanup TTL: %s", held, extra={"game_id": game_id})
                 # At the resync's pace: a drain may hold many stopped games for long, and nothing is urgent.

@@ -112,6 +112,25 @@ async def test_a_move_clears_the_pin_and_revises_the_spec_once(pool):
     await store.finish_games(drain.id, [("g1", "nodea", "moved to node nodea")])
     _, rows = await store.get_drain(drain.id)
     assert [(g.game_id, g.state, g.to_node) for g in rows] == [("g1", GameState.DONE, "nodea")]
+    # done with the node it went to: undrain will not bring it back, so nothing holds its cleanup
+    assert not await store.brought_back_at_undrain("g1")
+
+
+async def test_a_game_a_failed_move_stopped_is_held_from_the_cleanup_until_undrain(pool):
+    """Red-team 131: the cleanup TTL's hold asks whether a drain not undrained yet would start the game again."""
+    store = Store(pool)
+    rec = await running(store, "g1", node="nodeb")
+    drain = await store.create_drain(DrainRequest(node="nodeb", state_shared=True), OpSource.ADMIN)
+    assert not await store.brought_back_at_undrain("g1")  # not taken yet
+    assert await store.take_move(drain, rec, forced=False) is not None
+    assert await store.brought_back_at_undrain("g1")  # a move under way
+    await store.finish_games(drain.id, [("g1", None, "stopped instead of moved")])
+    assert await store.brought_back_at_undrain("g1")  # failed: undrain starts it again
+    assert not await store.brought_back_at_undrain("g2")
+    await store.request_undrain(drain.id)
+    assert await store.brought_back_at_undrain("g1")  # undraining: not yet brought back
+    assert await store.set_drain_status(drain.id, DrainStatus.UNDRAINING, DrainStatus.UNDRAINED)
+    assert not await store.brought_back_at_undrain("g1")
 
 
 async def test_undrain_does_not_bring_back_a_game_stopped_by_another_job_after_the_drain(pool):

@@ -241,7 +241,7 @@ async def test_a_game_stopped_on_a_drained_target_outlives_the_cleanup_ttl(tmp_p
     async def hold(record):
         return "the host is drained" if held else None
 
-    w.reconciler.hold = hold
+    w.reconciler.hold = w.reconciler.hold_removal = hold
     await w.job(JobKind.START, "g1", IMG)
     await w.sync("g1")
     held.append("host")
@@ -327,3 +327,37 @@ async def test_the_drains_list_names_active_nodes_without_waiting_long_for_the_s
                      state_shared=True, nodes=nodes)
     status, body = await named.list()
     assert [d.get("node_name") for d in body["drains"]] == ["worker1", None]
+
+
+async def test_a_game_whose_move_failed_is_not_removed_by_the_cleanup_ttl_before_undrain(tmp_path) -> None:
+    """Red-team 131: a move that failed leaves the game stopped and pinned to no node, so no drained node
+    named it and the hold let the cleanup TTL remove it for good while the drain that would start it again
+    at undrain was still on. The removal's hold also asks whether a drain took the game."""
+    from controller.drains import Drainer
+    from desired.drains import Targets
+    from tests.support.world import IMG, World
+
+    w = World(tmp_path, RTMANAGER_CLEANUP_TTL="60")
+    taken = {"g1"}
+
+    class Store:
+        async def drained_targets(self) -> Targets:
+            return Targets(nodes=frozenset({"n1"}))
+
+        async def brought_back_at_undrain(self, game_id: str) -> bool:
+            return game_id in taken
+
+    drainer = Drainer(store=Store(), admission=None, metrics=None, clock=w.store.clock,  # type: ignore[arg-type]
+                      wake=lambda g: None)
+    w.reconciler.hold, w.reconciler.hold_removal = drainer.hold, drainer.hold_removal
+    await w.job(JobKind.START, "g1", IMG)
+    await w.sync("g1")
+    await w.job(JobKind.STOP, "g1")  # as a failed move leaves it: stopped, node_id None
+    rec = await w.sync("g1")
+    assert rec.status is Status.STOPPED and rec.node_id is None
+    w.store.clock.advance(3600)
+    rec = await w.sync("g1")
+    assert rec.status is Status.STOPPED and not w.backend.ops("remove")
+    taken.clear()  # undrained (or the drain is done with it otherwise): the TTL applies again
+    rec = await w.sync("g1")
+    assert rec.status is Status.REMOVED and w.backend.ops("remove")
