@@ -22,6 +22,9 @@ def _loads(text: str) -> Any:
 async def json_body(request: web.Request) -> Any:
     """The body's JSON value; ValueError (UnicodeDecodeError included) when it is not one, or when its
     Content-Type names a charset Python does not know."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ValueError("the body must be sent uncompressed (Content-Encoding is not accepted)")
     try:
         return await request.json(loads=_loads)
     except LookupError:

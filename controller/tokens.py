@@ -59,7 +59,8 @@ class Role(enum.IntEnum):
         for role in cls:
             if raw == role.label:
                 return role
-        raise InvalidTokens(f"role {raw[:20]!r} is not one of read, operate, admin, gateway")
+        # What was given is not shown: in a line whose columns are swapped it is the secret.
+        raise InvalidTokens("the role (the second column) is not one of read, operate, admin, gateway")
 
 
 class InvalidTokens(ValueError):
@@ -78,28 +79,32 @@ def digest(secret: str | bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
-def _secret_digest(name: str, token: Any, hashed: Any) -> bytes:
+def _secret_digest(token: Any, hashed: Any) -> bytes:
     if (token is None) == (hashed is None):
-        raise InvalidTokens(f"token {name}: give either the token or sha256:HEX")
+        raise InvalidTokens("give either the token or sha256:HEX")
     if hashed is not None:
         m = HASH_PATTERN.fullmatch(hashed) if isinstance(hashed, str) else None
         if m is None:
-            raise InvalidTokens(f"token {name}: the hash must be sha256: and 64 lower-case hex digits")
+            raise InvalidTokens("the hash must be sha256: and 64 lower-case hex digits")
         return bytes.fromhex(m.group(1))
     if not isinstance(token, str) or not MIN_TOKEN <= len(token) <= MAX_TOKEN or not token.isprintable() \
             or any(c.isspace() for c in token):
-        raise InvalidTokens(f"token {name}: the token must be {MIN_TOKEN} to {MAX_TOKEN} printable characters "
-                            "without spaces")
+        raise InvalidTokens(f"the token must be {MIN_TOKEN} to {MAX_TOKEN} printable characters without spaces")
     return digest(token)
 
 
-def _entry(name: Any, role: Any, token: Any, hashed: Any) -> Token:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidTokens("a token name must be 1-64 characters of A-Z a-z 0-9 . _ @ : - (a letter or digit "
-                            "first)")
-    if not isinstance(role, str):
-        raise InvalidTokens(f"token {name}: the role must be read, operate, admin or gateway")
-    return Token(name, Role.parse(role), _secret_digest(name, token, hashed))
+def _entry(where: str, name: Any, role: Any, token: Any, hashed: Any) -> Token:
+    """One token. Its errors name ``where`` it is (a line, an entry), never what a column holds: a line whose
+    columns are swapped holds the secret where the name or the role should be."""
+    try:
+        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+            raise InvalidTokens("a token name must be 1-64 characters of A-Z a-z 0-9 . _ @ : - (a letter or "
+                                "digit first)")
+        if not isinstance(role, str):
+            raise InvalidTokens("the role must be read, operate, admin or gateway")
+        return Token(name, Role.parse(role), _secret_digest(token, hashed))
+    except InvalidTokens as exc:
+        raise InvalidTokens(f"{where}: {exc}") from None
 
 
 def parse_file(text: str) -> list[Token]:
@@ -117,7 +122,7 @@ def parse_file(text: str) -> list[Token]:
             hashed = item.get("sha256")
             if isinstance(hashed, str) and not hashed.startswith("sha256:"):
                 hashed = f"sha256:{hashed}"
-            out.append(_entry(item.get("name"), item.get("role"), item.get("token"), hashed))
+            out.append(_entry(f"entry {i}", item.get("name"), item.get("role"), item.get("token"), hashed))
         return out
     out = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -128,13 +133,8 @@ def parse_file(text: str) -> list[Token]:
         if len(parts) != 3:
             raise InvalidTokens(f"line {n}: expected NAME ROLE TOKEN (or NAME ROLE sha256:HEX)")
         name, role, secret = parts
-        try:
-            if secret.startswith("sha256:"):
-                out.append(_entry(name, role, None, secret))
-            else:
-                out.append(_entry(name, role, secret, None))
-        except InvalidTokens as exc:
-            raise InvalidTokens(f"line {n}: {exc}") from None
+        hashed = secret.startswith("sha256:")
+        out.append(_entry(f"line {n}", name, role, None if hashed else secret, secret if hashed else None))
     return out
 
 
@@ -143,15 +143,15 @@ class TokenSet:
 
     def __init__(self, tokens: Iterable[Token]) -> None:
         self.tokens = tuple(tokens)
-        names: set[str] = set()
-        digests: set[bytes] = set()
-        for t in self.tokens:
-            if t.name in names:
-                raise InvalidTokens(f"token name {t.name} is given twice")
+        names: dict[str, int] = {}
+        digests: dict[bytes, int] = {}
+        for i, t in enumerate(self.tokens, 1):
+            if t.name in names:  # by number: a name column may hold a secret (a line with its columns swapped)
+                raise InvalidTokens(f"tokens {names[t.name]} and {i} have the same name")
             if t.digest in digests:
-                raise InvalidTokens(f"token {t.name} has the same secret as another token")
-            names.add(t.name)
-            digests.add(t.digest)
+                raise InvalidTokens(f"tokens {digests[t.digest]} and {i} have the same secret")
+            names[t.name] = i
+            digests[t.digest] = i
 
     def __bool__(self) -> bool:
         return bool(self.tokens)

@@ -475,3 +475,36 @@ async def test_the_pass_throughs_bounds_hold_under_contention_only(proxy: Proxy,
             t.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
         await players.close()
+
+
+async def test_a_compressed_body_reaches_the_engine_as_it_was_sent(tmp_path: Path) -> None:
+    """Red-team 130: the server decompressed request bodies, so the engine got the plain bytes cut to the
+    compressed Content-Length, still labelled gzip (or a 502 blaming the engine for a garbled one). Bytes go
+    through as they came."""
+    import gzip
+
+    got: dict[str, bytes] = {}
+
+    async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        got["head"], got["body"] = head, await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(engine, "127.0.0.1", 0)
+    p = Proxy(tmp_path, srv.sockets[0].getsockname()[1])
+    p.game("g1", Status.RUNNING)
+    await p.client.start_server()
+    try:
+        packed = gzip.compress(b'{"orders": [' + b"1," * 5000 + b"1]}")
+        status, _, _ = await p.call("POST", "/api/v1/runtimes/g1/engine/proxy/orders", data=packed,
+                                    headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        assert status == 200 and got["body"] == packed, (status, len(got.get("body", b"")), len(packed))
+        assert b"content-encoding: gzip" in got["head"].lower()
+    finally:
+        await p.client.close()
+        await p.engine.close()
+        srv.close()

@@ -253,3 +253,31 @@ async def test_a_large_page_of_runtimes_lets_the_loop_run_while_it_is_written(tm
     finally:
         t.cancel()
         await c.close()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_compressed_or_garbled_body_is_a_400_not_a_500(client, encoding: str):
+    """Red-team 130: aiohttp decompressed request bodies itself, and a body that said gzip and was not raised an
+    error no handler caught: a 500 with a traceback on every JSON route. Bodies must come uncompressed."""
+    import gzip
+
+    for body in (b"{}", gzip.compress(b"{}")):
+        for path in ("/api/v1/rollouts", "/api/v1/admin/engine-versions", "/api/v1/runtimes/g1/start"):
+            resp = await client.post(path, data=body, headers={**H, "Content-Encoding": encoding,
+                                                               "Content-Type": "application/json"})
+            await json_error(resp, 400)
+
+
+async def test_a_malformed_authorization_line_is_not_written_to_the_log(client, caplog):
+    """Red-team 130: aiohttp logged a request it could not parse at ERROR with the parser's error, which quotes
+    the line: a token with a stray byte after it went to the log."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        writer.write(f"GET /api/v1/whoami HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\x01\r\n\r\n".encode())
+        status = (await reader.readline()).split()[1]
+        writer.close()
+    assert status == b"400"
+    assert ADMIN[:12] not in caplog.text, caplog.text
+    assert "not valid HTTP" in caplog.text and not any(r.levelno >= logging.ERROR for r in caplog.records)
