@@ -35,6 +35,7 @@ import asyncio
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -106,6 +107,10 @@ class _TooLarge(Exception):
     pass
 
 
+def _loose(segment: str) -> str:
+    return unicodedata.normalize("NFKC", segment).upper().lower()
+
+
 def engine_path(raw_tail: str, admin_path: str) -> str:
     """The engine path (percent-encoded, starting with ``/``) a raw pass-through tail names, or
     ``PathRefused``: 400 for a path that could mean two things, 403 for one at or under the admin path."""
@@ -128,9 +133,11 @@ def engine_path(raw_tail: str, admin_path: str) -> str:
         if segment.split(";", 1)[0] in ("..", ".") or segment.startswith(".."):
             raise PathRefused(400, "the path must not climb with ..")
         segments.append(segment)
-    # Compared as a server that ignores case and ;parameters (a Tomcat, a Windows host) would see it.
-    bare = [s.split(";", 1)[0].lower() for s in segments]
-    admin = [s.lower() for s in admin_path.split("/") if s]
+    # Compared as a server that ignores case and ;parameters (a Tomcat, a Windows host) would see it, and
+    # loosely: compatibility forms folded (a full-width "ａｄｍｉｎ"), case folded as Java's equalsIgnoreCase
+    # does (upper, then lower: a dotless "ı" or a long "ſ" meets "i" and "s"), on both sides.
+    bare = [_loose(s.split(";", 1)[0]) for s in segments]
+    admin = [_loose(s) for s in admin_path.split("/") if s]
     if bare[:len(admin)] == admin:
         raise PathRefused(403, "the engine's admin API is not reachable through the pass-through")
     return "/" + "/".join(quote(s, safe=_SAFE_SEGMENT) for s in segments)

@@ -68,6 +68,9 @@ ESCAPES = [
     ("%2e%2e/admin/v1", 400), ("x/..;/admin/v1", 400), ("admin;x=1/v1/status", 403), ("admin/v1;x/status", 403),
     ("%2561dmin/v1/status", 400), ("admin%252Fv1/status", 400), ("admin%00/v1/status", 400), ("..", 400),
     ("admin/v1%09/status", 400), ("admin/v1%20/status", 400), ("...", 400),
+    # red-team 130: case folded as an engine comparing like Java's equalsIgnoreCase would (a dotless i, a long s
+    # where the admin path has them), compatibility forms (full-width letters) folded
+    ("adm%C4%B1n/v1/turns", 403), ("%EF%BD%81dmin/v1/status", 403), ("admin/v1/%C5%BFtatus", 403),
 ]
 
 
@@ -76,6 +79,14 @@ def test_no_path_reaches_the_admin_api(tail: str, status: int) -> None:
     with pytest.raises(PathRefused) as refused:
         engine_path(tail, ADMIN_PATH)
     assert refused.value.status == status
+
+
+def test_the_admin_path_is_compared_with_case_folded_as_engines_may() -> None:
+    for tail in ("adm\u0131n/v1/turns", "\uff41dmin/v1/status", "admin/v1/\u017ftatus"):
+        with pytest.raises(PathRefused):
+            engine_path(tail, ADMIN_PATH)
+    with pytest.raises(PathRefused):
+        engine_path("sys/x", "/\u017fys")  # the admin path's own letters are folded the same way
 
 
 def test_a_nested_admin_path_is_compared_by_segments() -> None:
