@@ -52,6 +52,11 @@ POLL = 1.0
 HEARTBEAT = 15.0
 WRITE_TIMEOUT = 10.0
 BUFFER = 64 * 1024  # bytes: the transport's high-water mark and the socket's send buffer
+# Readers catching up (reading history page after page, a filtered one window after window with nothing to
+# send) read one page at a time each and at most this many at once: they share the pool the reconciler and
+# the relay use, and a reader from position 0 over a long history would otherwise hold a connection without
+# a pause, 64 readers 64 of them.
+CATCH_UP_READS = 2
 
 
 class WatchRoutes:
@@ -69,6 +74,7 @@ class WatchRoutes:
         self.clients = 0
         self.peak_buffered = 0  # the most bytes one reader's transport held (the tests' bound)
         self._sequencing = asyncio.Lock()  # one sequencing pass at a time in this process
+        self._catching_up = asyncio.Semaphore(CATCH_UP_READS)
         self._closing = asyncio.Event()  # the server stops: every stream ends now
         metrics.watch_clients.set_function(lambda: self.clients)
 
@@ -126,13 +132,15 @@ class WatchRoutes:
             await self._send(request, resp, sse("ready", _json({"position": after, "head": head}), after))
             sent = after  # the last id the reader was given
             beat = loop.time() + self.heartbeat
+            behind = after < head  # short of the head (at first, or after the last page): catching up
             while True:
                 if not self.in_force(request):
                     log.warning("watch stream ended: the token it was opened with is no longer in force")
                     break
                 changed = self.changed()  # taken before reading: a commit after the read sets it
                 await self._sequence()
-                page = await self.store.watch_read(after, flt, PAGE)
+                async with self._catching_up if behind else contextlib.nullcontext():
+                    page = await self.store.watch_read(after, flt, PAGE)
                 if page.reset:
                     log.info("watch reader reset", extra={"since": after, "reason": page.reset})
                     await self._send(request, resp, sse("reset", _json({
@@ -144,7 +152,13 @@ class WatchRoutes:
                     await self._send(request, resp, sse("snapshot", _json(event.fields), event.position))
                     sent = event.position
                 after = page.scanned
-                if page.scanned < page.head:
+                behind = page.scanned < page.head
+                if behind:
+                    if not page.events and after > sent:
+                        # Nothing matched in that window: the reader is told how far the scan got (its resume
+                        # position), which also makes a reader that does not read wait, as events do.
+                        await self._send(request, resp, sse(None, None, after, comment="keepalive"))
+                        sent = after
                     continue  # more to read now
                 if not follow:
                     break
