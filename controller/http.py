@@ -80,6 +80,8 @@ log = logging.getLogger("rtmanager.http")
 
 DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
+MAX_WAITERS = 1000  # REST requests waiting for their job's result at once, per replica; more are answered 202
+WAITERS_POLL = 5.0  # seconds: the waiters look again even without a commit's signal (a standby's own jobs)
 TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
 MAX_LOG_PAGE = 500
 JSON_SLICE = 250  # records written to JSON between two turns of the event loop (a page of runtimes)
@@ -165,6 +167,72 @@ def actor(request: web.Request) -> str:
     return f"token:{request[TOKEN_NAME]}"
 
 
+class JobWaiters:
+    """The REST requests waiting for their job's result (``?wait=``), looked up together: one query for all
+    of them at each commit of results, not one each (every commit in the fleet woke every waiter, each of
+    which asked Postgres, so N requests made every commit cost N queries). At most MAX_WAITERS at once."""
+
+    def __init__(self, store: Any, changed: Callable[[], asyncio.Event], limit: int = MAX_WAITERS) -> None:
+        self.store = store
+        self.changed = changed
+        self.limit = limit
+        self._waiting: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._joined = asyncio.Event()  # a new waiter: looked up at once (its result may have come meanwhile)
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self._waiting.values())
+
+    async def wait(self, op_id: int, timeout: float) -> dict[str, str] | None:
+        """The operation's result within ``timeout`` seconds, or None (none yet, or too many waiting)."""
+        if timeout <= 0 or len(self) >= self.limit:
+            return None
+        future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(op_id, []).append(future)
+        self._joined.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._look())
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            futures = self._waiting.get(op_id, [])
+            if future in futures:
+                futures.remove(future)
+            if not futures:
+                self._waiting.pop(op_id, None)
+
+    async def _look(self) -> None:
+        """While anyone waits: at each commit of results, one query for every waiting operation."""
+        while self._waiting:
+            changed = self.changed()  # taken before the read: a commit after it sets it
+            self._joined.clear()
+            try:
+                found = await self.store.results_of(list(self._waiting))
+            except Exception as exc:  # noqa: BLE001 - Postgres away: the waiters time out and answer 202 or 503
+                log.warning("could not look up the results REST requests wait for: %s", exc)
+                found = {}
+            for op_id, result in found.items():
+                for future in self._waiting.pop(op_id, []):
+                    if not future.done():
+                        future.set_result(result)
+            if not self._waiting:
+                break
+            waits = {asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._joined.wait())}
+            try:
+                await asyncio.wait(waits, timeout=WAITERS_POLL, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 class _ParseErrorsWithoutText(logging.Filter):
     """aiohttp logs a request it could not parse at ERROR with the parser's error, which quotes the line it
     choked on: an ``Authorization`` header with a stray byte put the token in the log. Such a record is a
@@ -223,6 +291,7 @@ class HttpServer:
         self.drains = DrainApi(deps.drains, backend=deps.backend, state_shared=deps.state_shared,
                                wake=deps.drains_changed, nodes=deps.drain_nodes) if deps.drains is not None else None
         self.watch = WatchRoutes(deps.watch, deps.results_changed, deps.metrics, in_force=self._token_in_force)
+        self.waiters = JobWaiters(deps.store, deps.results_changed)
         self.watch.add(app)
         RolloutRoutes(deps, actor).add(app.router)
         self.engine_routes = EngineRoutes(deps.store, deps.engine, deps.engine_proxy, deps.locate_engine)
@@ -262,6 +331,7 @@ class HttpServer:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
+        await self.waiters.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -400,22 +470,12 @@ class HttpServer:
         # The same key again (a retry after a lost answer): the first request's operation, its result or status.
         replayed = {"Idempotent-Replayed": "true"} if outcome.duplicate else None
         op_id = outcome.operation_id
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            changed = self.deps.results_changed()
-            result = await self.deps.store.result_for(op_id)
-            if result is not None:
-                return web.json_response({**result, "operation_id": op_id}, headers=replayed)
-            left = deadline - loop.time()
-            if left <= 0:
-                op = await self.deps.store.operation(op_id)
-                return web.json_response({"operation_id": op_id, "status": op.status.value,
-                                          "game_id": job.game_id, "job": kind.value}, status=202, headers=replayed)
-            try:
-                await asyncio.wait_for(changed.wait(), left)
-            except TimeoutError:
-                pass
+        result = await self.deps.store.result_for(op_id) or await self.waiters.wait(op_id, wait)
+        if result is not None:
+            return web.json_response({**result, "operation_id": op_id}, headers=replayed)
+        op = await self.deps.store.operation(op_id)
+        return web.json_response({"operation_id": op_id, "status": op.status.value,
+                                  "game_id": job.game_id, "job": kind.value}, status=202, headers=replayed)
 
     async def put_schedule(self, request: web.Request) -> web.Response:
         """The turn clock's interval of a game (``{"turn_interval": seconds}``, 0: no schedule)."""

@@ -1195,6 +1195,16 @@ class FakeStore:
         pending = await self.pending_operations(game_id)
         return (self.clock.now() - pending[0].created_at).total_seconds() if pending else None
 
+    async def result_for(self, op_id: int) -> dict[str, str] | None:
+        return (await self.results_of([op_id])).get(op_id)
+
+    async def results_of(self, op_ids: builtins.list[int]) -> dict[int, dict[str, str]]:
+        self._check()
+        self.result_reads = getattr(self, "result_reads", 0) + 1
+        wanted = set(op_ids)
+        return {r["operation_id"]: dict(r["fields"]) for r in self.results
+                if r["kind"] == "result" and r["operation_id"] in wanted}
+
     def results_for(self, game_id: str | None = None) -> builtins.list[dict[str, str]]:
         """The job results written (snapshots left out), oldest first."""
         return [r["fields"] for r in self.results

@@ -153,6 +153,13 @@ class Outbox(StoreBase):
         raw = await self.pool.fetchval("SELECT fields FROM job_results WHERE operation_id = $1", op_id)
         return json.loads(raw) if isinstance(raw, str) else raw
 
+    async def results_of(self, op_ids: list[int]) -> dict[int, dict[str, str]]:
+        """The results of those operations that have one (the REST requests waiting for theirs, in one query)."""
+        rows = await self.pool.fetch("SELECT operation_id, fields FROM job_results WHERE operation_id = ANY($1)",
+                                     op_ids)
+        return {r["operation_id"]: json.loads(r["fields"]) if isinstance(r["fields"], str) else r["fields"]
+                for r in rows}
+
     async def unpublished(self, limit: int = 100) -> list[PendingResult]:
         return _pending(await self.pool.fetch(f"{UNPUBLISHED} ORDER BY r.seq LIMIT $1", limit))
 

@@ -268,6 +268,17 @@ async def test_converging_answers_the_job_once_with_container_and_endpoint(pool)
     assert await store.pending_operations("g1") == []
 
 
+async def test_the_results_of_several_operations_in_one_read(pool):
+    """The REST requests waiting for their jobs' results are looked up together (controller/http.py JobWaiters)."""
+    store = Store(pool)
+    first = await store.submit(start("g1", "1-0"), DEFAULTS)
+    second = await store.submit(start("g2", "2-0"), DEFAULTS)
+    await converge_running(store, "g1")
+    found = await store.results_of([first.operation_id, second.operation_id, 10**12])
+    assert list(found) == [first.operation_id] and found[first.operation_id]["outcome"] == "success"
+    assert await store.result_for(first.operation_id) == found[first.operation_id]
+
+
 async def test_start_of_running_game_with_same_image_is_replay(pool):
     store = Store(pool)
     await store.submit(start("g1", "1-0"), DEFAULTS)

@@ -303,3 +303,54 @@ def test_the_migration_allows_exactly_the_fleet_ops() -> None:
     check = sql.split("runtime_operations_game_chk", 1)[1].split(";", 1)[0]
     assert set(re.findall(r"'([a-z_]+)'", check)) == set(FLEET_OPS)
     assert set(FLEET_OPS) <= set(LOG_OPS)
+
+
+async def test_requests_waiting_for_results_cost_one_query_a_commit_not_one_each(tmp_path: Path) -> None:
+    """Red-team 130: every commit of results anywhere in the fleet woke every REST request waiting for its
+    job's result, and each asked Postgres: 200 waiters (one job, sent again with its Idempotency-Key) made 10
+    unrelated commits cost 2,000 queries. The waiters are looked up together, and at most MAX_WAITERS wait."""
+    import dataclasses
+
+    from controller import http as http_module
+    from desired.wakeup import Signal
+    from tests.support.waits import eventually
+
+    a = Api(tmp_path)
+    signal = Signal()
+    a.server.deps = dataclasses.replace(a.server.deps, results_changed=signal.next)
+    a.server.waiters.changed = signal.next
+    a.server.waiters.limit = 60
+    await a.client.start_server()
+    try:
+        headers = {"Authorization": f"Bearer {OPERATOR}", "Idempotency-Key": "k1"}
+        body = {"image_ref": "galaxy/engine:1.0"}
+        first = await a.client.post("/api/v1/runtimes/g1/start?wait=0", headers=headers, json=body)
+        assert first.status == 202, await first.text()
+        # 90: the test client's pool has 100 connections
+        waiting = [asyncio.ensure_future(a.client.post("/api/v1/runtimes/g1/start?wait=300", headers=headers,
+                                                       json=body)) for _ in range(90)]
+        await eventually(lambda: len(a.server.waiters) == 60, 30, "the waiters registered")
+        # past the limit: answered at once (which 30 of them is the order they came in)
+        await eventually(lambda: sum(t.done() for t in waiting) == 30, 30, "30 answered at once")
+        assert [t.result().status for t in waiting if t.done()] == [202] * 30
+        held = [t for t in waiting if not t.done()]
+        before = a.store.result_reads
+        for _ in range(10):  # ten commits of other games' results
+            signal.fire()
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await eventually(lambda: a.store.result_reads > before, 10, "a look after the commits")
+        assert a.store.result_reads - before <= 10, a.store.result_reads - before
+        # the jobs' results (this fake store records each request as an operation of its own): one look
+        before = a.store.result_reads
+        for op in a.store.ops:
+            a.store.results.append({"seq": 0, "result_id": "r", "game_id": "g1", "kind": "result",
+                                    "operation_id": op.id, "published": None,
+                                    "fields": {"job": "start", "outcome": "success", "game_id": "g1"}})
+        signal.fire()
+        answers = await asyncio.wait_for(asyncio.gather(*held), 30)
+        assert {r.status for r in answers} == {200} and len(a.server.waiters) == 0
+        assert a.store.result_reads - before <= 2, a.store.result_reads - before
+        assert http_module.MAX_WAITERS >= 60
+    finally:
+        await a.client.close()
