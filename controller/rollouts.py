@@ -104,13 +104,9 @@ class RolloutLoop:
                     settled[g.game_id] = dataclasses.replace(g, state=state, reason=verdict.reason,
                                                              finished_at=now if state.is_final else None)
             games = [settled.get(g.game_id, g) for g in games]
-        if rollout.state is RolloutState.RUNNING and any(g.state is GameState.WAITING for g in games):
-            refusal = rollouts.target_refusal(rollout, await self.store.engine_version_of(rollout.target_image_ref),
-                                              registry=self.admission.registry)
-            if refusal is not None:
-                if await self.store.pause_rollout(rollout.id, refusal):
-                    log.warning("rollout %d paused itself: %s", rollout.id, refusal)
-                return
+        if (rollout.state is RolloutState.RUNNING and any(g.state is GameState.WAITING for g in games)
+                and await self._target_refused(rollout)):
+            return
         not_ready: set[str] = set()  # waiting games briefly not up: passed over this tick, tried next tick
         for _ in range(MAX_ROUNDS):
             plan = rollouts.plan(rollout, games, frozenset(not_ready), frozenset(failing))
@@ -147,6 +143,8 @@ class RolloutLoop:
                     again = True
                     continue
                 else:
+                    if await self._target_refused(rollout):  # read again before each patch: it may be
+                        return  # disabled while a tick starts patches (admission checks it only under registry)
                     reason = f"patching to {rollout.target_version}" + (" (canary)" if canary else "")
                     recorded = await self._submit(rollout, game_id, JobKind.PATCH, rollout.target_image_ref,
                                                   RolloutStep(rollout_id=rollout.id, expect=GameState.WAITING,
@@ -162,6 +160,16 @@ class RolloutLoop:
             games = [started.get(g.game_id, g) for g in games]
             if not again:
                 return
+
+    async def _target_refused(self, rollout: Rollout) -> bool:
+        """The target version refuses new patches now (disabled, deprecated, gone): the rollout pauses itself."""
+        refusal = rollouts.target_refusal(rollout, await self.store.engine_version_of(rollout.target_image_ref),
+                                          registry=self.admission.registry)
+        if refusal is None:
+            return False
+        if await self.store.pause_rollout(rollout.id, refusal):
+            log.warning("rollout %d paused itself: %s", rollout.id, refusal)
+        return True
 
     async def _submit(self, rollout: Rollout, game_id: str, kind: JobKind, image_ref: str | None,
                       step: RolloutStep) -> GameState | None:
