@@ -89,7 +89,8 @@ def stop_under_way(record: RuntimeRecord, now: datetime) -> bool:
     """The record's mark of a stop of its engine under way, unless it is stale: older than the engine's start
     (a replica of an older version, during a rolling upgrade, started it again without clearing the mark),
     or older than any stop grace (at most an hour) could be, or dated ahead of now by more than clocks part
-    (a clock that went back since it was written)."""
+    (a clock that went back since it was written). ``now`` is the database's clock (``desired/clock.py``),
+    as the mark is: this host's wall clock, behind the database's, took every fresh mark for one ahead."""
     since = stop_mark_of(record, record.current_container_id)  # a mark of another unit: not this engine's
     if since is None or (record.started_at is not None and since < record.started_at) or mark_ahead(since, now):
         return False
@@ -272,7 +273,7 @@ class EngineRoutes:
             return found
         record, host = found
         game = record.game_id
-        why = closed(record)
+        why = closed(record, self.store.clock.now())  # marks are the database's time: so is now
         if why is not None:
             return web.json_response({"error": why, "status": record.status.value}, status=409)
         why = refusal(self._in_flight.get(game, 0), sum(self._in_flight.values()))

@@ -125,6 +125,9 @@ class SurfaceStore(RegistryStore, Protocol):
     """The HTTP surface and the CLI: records, operations and results to show, schedules, snapshots
     on demand, adoption, and the database's own state."""
 
+    @property
+    def clock(self) -> Clock: ...  # the database clock's reading of now: the pass-through's stop marks
+
     async def get(self, game_id: str) -> RuntimeRecord: ...
     async def list(self) -> builtins.list[RuntimeRecord]: ...
     async def list_by_status(self, status: Status) -> builtins.list[RuntimeRecord]: ...

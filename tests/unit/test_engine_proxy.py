@@ -519,3 +519,18 @@ async def test_a_compressed_body_reaches_the_engine_as_it_was_sent(tmp_path: Pat
         await p.client.close()
         await p.engine.close()
         srv.close()
+
+
+async def test_a_stop_mark_is_read_against_the_databases_clock(proxy: Proxy) -> None:
+    """Review 133: the pass-through compared the mark (the database's time) with this host's wall clock; on a
+    replica whose clock is behind the database's by more than MARK_AHEAD, every fresh mark read as one from a
+    clock gone back, and the pass-through was open during every save."""
+    from datetime import timedelta
+
+    from desired.clock import ManualClock
+
+    proxy.store.clock = ManualClock(datetime.now(UTC) + timedelta(seconds=150))  # the database, ahead of us
+    rec = proxy.store.records["g1"]
+    proxy.store.records["g1"] = rec.replace(stopping_since=proxy.store.clock.now())  # marked just now
+    status, body, _ = await proxy.call("GET", "/api/v1/runtimes/g1/engine/proxy/orders")
+    assert status == 409 and b"stopping" in body, (status, body)
