@@ -109,7 +109,9 @@ class _TooLarge(Exception):
 
 
 def _loose(segment: str) -> str:
-    return unicodedata.normalize("NFKC", segment).upper().lower()
+    # Python's full case mapping turns a dotted capital "İ" into "i" and a combining dot above, where Java's
+    # one-character mapping gives "i": the dot is dropped (a path that only differs by it is refused too).
+    return unicodedata.normalize("NFKC", segment).upper().lower().replace("\u0307", "")
 
 
 def engine_path(raw_tail: str, admin_path: str) -> str:

@@ -71,6 +71,7 @@ ESCAPES = [
     # red-team 130: case folded as an engine comparing like Java's equalsIgnoreCase would (a dotless i, a long s
     # where the admin path has them), compatibility forms (full-width letters) folded
     ("adm%C4%B1n/v1/turns", 403), ("%EF%BD%81dmin/v1/status", 403), ("admin/v1/%C5%BFtatus", 403),
+    ("adm%C4%B0n/v1/turns", 403),  # a dotted capital I (review 133)
 ]
 
 
@@ -82,7 +83,7 @@ def test_no_path_reaches_the_admin_api(tail: str, status: int) -> None:
 
 
 def test_the_admin_path_is_compared_with_case_folded_as_engines_may() -> None:
-    for tail in ("adm\u0131n/v1/turns", "\uff41dmin/v1/status", "admin/v1/\u017ftatus"):
+    for tail in ("adm\u0131n/v1/turns", "\uff41dmin/v1/status", "admin/v1/\u017ftatus", "adm\u0130n/v1"):
         with pytest.raises(PathRefused):
             engine_path(tail, ADMIN_PATH)
     with pytest.raises(PathRefused):
