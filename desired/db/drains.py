@@ -194,11 +194,13 @@ class Drains(StoreBase):
 
     async def brought_back_at_undrain(self, game_id: str) -> bool:
         """Whether a drain not undrained yet took the game and its undrain may start it again (the drain's
-        stop, or a move under way or one that failed: not a move done with the node it went to)."""
+        stop, or a move under way or one that failed: not a move done with the node it went to, nor a game
+        somebody else stopped or removed since, which undrain leaves as it is: ``restore_plan``)."""
         return bool(await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM drain_games g JOIN drains d ON d.id = g.drain_id WHERE g.game_id = $1"
             " AND d.status IN ('draining', 'drained', 'undraining')"
-            " AND NOT (g.action = 'move' AND g.state = 'done' AND g.to_node IS NOT NULL))", game_id))
+            " AND NOT (g.action = 'move' AND g.state = 'done' AND g.to_node IS NOT NULL)"
+            " AND NOT EXISTS (SELECT 1 FROM runtime_operations o WHERE" + _SOMEBODY_ELSES + "))", game_id))
 
     async def drain_scope(self, drain: Drain) -> tuple[dict[str, RuntimeRecord], dict[str, DrainGame]]:
         """The records the drain may have to take (wanted running on its target) or took, and its game rows."""

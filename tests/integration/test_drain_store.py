@@ -144,8 +144,11 @@ async def test_undrain_does_not_bring_back_a_game_stopped_by_another_job_after_t
                                                      generation=rec.generation)), DEFAULTS)
         assert out.decision.action is DecisionAction.CHANGE
     assert await store.stopped_since(drain.id) == set()
+    assert await store.brought_back_at_undrain("g2")
     await store.submit(stop("g2"), DEFAULTS)  # Lobby stops g2 too, after the drain did
     assert await store.stopped_since(drain.id) == {"g2"}
+    # undrain leaves g2 stopped: nothing holds its cleanup (review 133); g1 is still the drain's to bring back
+    assert not await store.brought_back_at_undrain("g2") and await store.brought_back_at_undrain("g1")
     _, rows = await store.get_drain(drain.id)
     assert {g.game_id: (g.image_ref, g.paused, g.turn_interval) for g in rows} == {
         g: (IMG, False, 0) for g in ("g1", "g2", "g3")}
