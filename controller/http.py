@@ -81,6 +81,7 @@ log = logging.getLogger("rtmanager.http")
 DEFAULT_WAIT = 30.0
 MAX_WAIT = 300.0
 MAX_WAITERS = 1000  # REST requests waiting for their job's result at once, per replica; more are answered 202
+MAX_WAITERS_EACH = 100  # of those, per token: one client cannot take every other client's waits
 WAITERS_POLL = 5.0  # seconds: the waiters look again even without a commit's signal (a standby's own jobs)
 TOKENS_POLL = 1.0  # seconds between looks at RTMANAGER_API_TOKENS_FILE
 MAX_LOG_PAGE = 500
@@ -172,10 +173,13 @@ class JobWaiters:
     of them at each commit of results, not one each (every commit in the fleet woke every waiter, each of
     which asked Postgres, so N requests made every commit cost N queries). At most MAX_WAITERS at once."""
 
-    def __init__(self, store: Any, changed: Callable[[], asyncio.Event], limit: int = MAX_WAITERS) -> None:
+    def __init__(self, store: Any, changed: Callable[[], asyncio.Event], limit: int = MAX_WAITERS,
+                 each: int = MAX_WAITERS_EACH) -> None:
         self.store = store
         self.changed = changed
         self.limit = limit
+        self.each = each
+        self._by: dict[str, int] = {}  # waiters per token
         self._waiting: dict[int, list[asyncio.Future[dict[str, str]]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._joined = asyncio.Event()  # a new waiter: looked up at once (its result may have come meanwhile)
@@ -183,10 +187,12 @@ class JobWaiters:
     def __len__(self) -> int:
         return sum(len(f) for f in self._waiting.values())
 
-    async def wait(self, op_id: int, timeout: float) -> dict[str, str] | None:
-        """The operation's result within ``timeout`` seconds, or None (none yet, or too many waiting)."""
-        if timeout <= 0 or len(self) >= self.limit:
+    async def wait(self, op_id: int, timeout: float, who: str = "") -> dict[str, str] | None:
+        """The operation's result within ``timeout`` seconds, or None (none yet, or too many waiting: in all,
+        or for the token ``who``)."""
+        if timeout <= 0 or len(self) >= self.limit or self._by.get(who, 0) >= self.each:
             return None
+        self._by[who] = self._by.get(who, 0) + 1
         future: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(op_id, []).append(future)
         self._joined.set()
@@ -202,6 +208,9 @@ class JobWaiters:
                 futures.remove(future)
             if not futures:
                 self._waiting.pop(op_id, None)
+            self._by[who] -= 1
+            if not self._by[who]:
+                del self._by[who]
 
     async def _look(self) -> None:
         """While anyone waits: at each commit of results, one query for every waiting operation."""
@@ -470,7 +479,7 @@ class HttpServer:
         # The same key again (a retry after a lost answer): the first request's operation, its result or status.
         replayed = {"Idempotent-Replayed": "true"} if outcome.duplicate else None
         op_id = outcome.operation_id
-        result = await self.deps.store.result_for(op_id) or await self.waiters.wait(op_id, wait)
+        result = await self.deps.store.result_for(op_id) or await self.waiters.wait(op_id, wait, actor(request))
         if result is not None:
             return web.json_response({**result, "operation_id": op_id}, headers=replayed)
         op = await self.deps.store.operation(op_id)
