@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins  # the class defines list(): its annotations spell the builtin type in full
 import json
+import time
 from datetime import datetime
 from typing import Any
 
@@ -22,9 +23,14 @@ class Records(StoreBase):
     written outside the record's compare-and-swap)."""
 
     async def get(self, game_id: str) -> RuntimeRecord:
-        row = await self.pool.fetchrow(f"{SELECT_WITH_VERSION} WHERE game_id = $1", game_id)
+        """The record, and a reading of the database's clock with it: the pass-through compares the record's
+        stop mark (the database's time) with ``clock``, also on a standby, whose fenced writes never read it."""
+        before = time.monotonic()
+        row = await self.pool.fetchrow("SELECT xmin AS row_version, *, now() AS db_now FROM runtime_records"
+                                       " WHERE game_id = $1", game_id)
         if row is None:
             raise NotFound(game_id)
+        self.clock.observe_db(row["db_now"], before, time.monotonic())
         return record_from_row(row)
 
     async def find(self, game_id: str) -> RuntimeRecord | None:

@@ -268,6 +268,21 @@ async def test_converging_answers_the_job_once_with_container_and_endpoint(pool)
     assert await store.pending_operations("g1") == []
 
 
+async def test_a_record_read_also_reads_the_database_clock(pool):
+    """Review 134: a standby's store never read the database's clock (its fenced writes are refused first), so
+    the pass-through compared stop marks with this host's wall clock. Reading a record reads it too."""
+    from datetime import timedelta
+
+    from desired.clock import Clock
+
+    store = Store(pool, clock=Clock())
+    await Store(pool).submit(start("g1", "1-0"), DEFAULTS)
+    assert store.clock._db is None  # nothing read yet: this host's clock
+    await store.get("g1")
+    db_now = await pool.fetchval("SELECT now()")
+    assert store.clock._db is not None and abs(store.clock.now() - db_now) < timedelta(seconds=5)
+
+
 async def test_the_results_of_several_operations_in_one_read(pool):
     """The REST requests waiting for their jobs' results are looked up together (controller/http.py JobWaiters)."""
     store = Store(pool)
