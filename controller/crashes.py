@@ -14,7 +14,7 @@ from controller.metrics import Metrics
 from controller.start import Starts
 from controller.step import AGAIN, Step, requeue
 from desired import transitions
-from desired.model import DesiredStatus, ErrorCode, RuntimeRecord, Status
+from desired.model import ErrorCode, RuntimeRecord, Status
 from desired.policy import CrashPolicy
 from desired.ports import ReconcilerStore
 from desired.values import Crash
@@ -65,21 +65,20 @@ class Crashes:
                             extra={"game_id": record.game_id})
                 await self.health.record_probe(record, probe)
                 return AGAIN
-            # Counted first, then stopped: the engine's exit is then the restart's (the record says starting),
-            # not a crash to count again or to miss, whoever else's stop may have been under way; a stop call
-            # that times out (the engine saving) is waited out by the start through its mark, not signalled
-            # again. A crash policy that gave the game up leaves the stop to the planner (desired stopped).
-            step = await self.count(record, self._unreachable(seen))
-            current = await self.store.find(record.game_id)
-            if (current is not None and current.status is Status.STARTING and current.current_container_id == seen.id
-                    and current.desired_status is DesiredStatus.RUNNING):
-                current = await self.starts.mark(current, seen.id, grace)
-                await self.starts.signal(current, self.backend.stop(seen.id, grace))
-            return step
+            # Marked as every stop of an engine is: a stop call that times out (the engine saving) is waited
+            # out above, not signalled again at the next look.
+            record = await self.starts.mark(record, seen.id, grace)
+            await self.starts.signal(record, self.backend.stop(seen.id, grace))
+            return await self.count(record, self._unreachable(seen))
         if (record.stopping_since is not None and not seen.oom_killed
                 and (seen.exit_code is None or seen.exit_code in STOP_EXITS)
                 and transitions.stop_left(record, self.health.clock.now(),
                                           await self.starts.stop_grace(record, seen) + EXIT_SEEN, seen.id) > 0):
+            if record.status is Status.ENGINE_UNREACHABLE:
+                # The stop was the unreachable restart's own (its call timed out before it counted): the exit
+                # is that restart's, counted as it would have been (an engine that hangs each time reaches
+                # the crash policy's limit, with its backoff, instead of being restarted for ever).
+                return await self.count(record, self._unreachable(seen))
             # A stop of it had begun (a predecessor's, in its grace when it died, then a start; or one whose call
             # timed out): that stop ended it, not a crash. Started again at once, with no crash counted.
             log.info("the engine exited after a stop of it began at %s: not a crash; starting it again",
