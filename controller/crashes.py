@@ -14,7 +14,7 @@ from controller.metrics import Metrics
 from controller.start import Starts
 from controller.step import AGAIN, Step, requeue
 from desired import transitions
-from desired.model import ErrorCode, RuntimeRecord, Status
+from desired.model import ErrorCode, RuntimeRecord
 from desired.policy import CrashPolicy
 from desired.ports import ReconcilerStore
 from desired.values import Crash
@@ -69,16 +69,14 @@ class Crashes:
             # out above, not signalled again at the next look.
             record = await self.starts.mark(record, seen.id, grace)
             await self.starts.signal(record, self.backend.stop(seen.id, grace))
-            return await self.count(record, self._unreachable(seen))
+            return await self.count(record, Crash(
+                code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
+                detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "
+                       "restarted"))
         if (record.stopping_since is not None and not seen.oom_killed
                 and (seen.exit_code is None or seen.exit_code in STOP_EXITS)
                 and transitions.stop_left(record, self.health.clock.now(),
                                           await self.starts.stop_grace(record, seen) + EXIT_SEEN, seen.id) > 0):
-            if record.status is Status.ENGINE_UNREACHABLE:
-                # The stop was the unreachable restart's own (its call timed out before it counted): the exit
-                # is that restart's, counted as it would have been (an engine that hangs each time reaches
-                # the crash policy's limit, with its backoff, instead of being restarted for ever).
-                return await self.count(record, self._unreachable(seen))
             # A stop of it had begun (a predecessor's, in its grace when it died, then a start; or one whose call
             # timed out): that stop ended it, not a crash. Started again at once, with no crash counted.
             log.info("the engine exited after a stop of it began at %s: not a crash; starting it again",
@@ -95,11 +93,6 @@ class Crashes:
         return await self.count(record, Crash(code=ErrorCode.CONTAINER_START_FAILED, detail=detail,
                                               container_id=container.id, exit_code=seen.exit_code,
                                               oom_killed=seen.oom_killed, log_tail=tail))
-
-    def _unreachable(self, seen: ObservedContainer) -> Crash:
-        return Crash(code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
-                     detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "
-                            "restarted")
 
     async def count(self, record: RuntimeRecord, crash: Crash) -> Step:
         """One more crash of a game nobody asked to change; the store applies the crash policy."""

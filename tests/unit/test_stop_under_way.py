@@ -377,27 +377,6 @@ async def test_the_unreachable_restarts_own_stop_is_marked(tmp_path):
     assert len(w.backend.ops("stop")) == 1, "a second SIGTERM 15 s into a 600 s grace"
 
 
-async def test_an_unreachable_engine_whose_stop_timed_out_still_counts_its_crash(tmp_path):
-    """Review 133: once the unreachable restart marked its stop, a stop call that timed out left the mark, and
-    the engine's exit that followed was taken for a stop's (no crash): an engine that hangs each time was
-    restarted for ever, never reaching the crash policy's limit or its backoff."""
-    w = World(tmp_path, RTMANAGER_STOP_GRACE="30", RTMANAGER_UNREACHABLE_RESTART_AFTER="60")
-    await started(w)
-    [c] = w.running("g1")
-    w.engine.healthy_after[c.image] = 1e9
-    now = w.store.clock.now()
-    w.store.clock.advance(70)
-    w.store.records["g1"] = w.store.records["g1"].replace(status=Status.ENGINE_UNREACHABLE, probe_failures=3,
-                                                          unreachable_since=now)
-    await _cut(w, "stop", BackendUnavailable("docker stop: read timeout"), JobKind.RECONCILE)
-    w.backend.crash("g1", 143)  # the SIGTERM did reach it: it exits
-    w.engine.healthy_after[c.image] = 0
-    w.store.clock.advance(5)
-    await _as_the_worker(w)
-    rec = w.store.records["g1"]
-    assert rec.crash_count == 1 and rec.last_error_code is ErrorCode.ENGINE_UNREACHABLE, rec
-
-
 def test_a_crash_clears_the_stop_mark() -> None:
     """Review 128: a crash kept the mark on the starting record, so the restart's next confirm of a fresh
     process waited out a stop of the engine that had exited."""
