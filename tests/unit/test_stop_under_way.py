@@ -590,3 +590,65 @@ async def test_a_failed_restarts_new_unit_is_not_stopped_twice_in_its_grace(tmp_
     w.store.clock.advance(5)
     await _as_the_worker(w)
     assert len([r for r in w.backend.ops("stop") if r[1] == failed[0]]) == 1, w.backend.ops("stop")
+
+
+async def test_a_users_stop_then_start_of_an_unreachable_game_is_no_crash(tmp_path):
+    """Review 134 (of a change since reverted, 887aeaa): an exit of an engine_unreachable game after a stop was
+    counted as the unreachable restart's crash, whoever's stop it was: Lobby's stop then start counted a crash
+    nobody had, and at the crash limit gave up the game Lobby had just started. An exit after a stop began is no
+    crash (these three guard that)."""
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30", RTMANAGER_UNREACHABLE_RESTART_AFTER="600")
+    await started(w)
+    [c] = w.running("g1")
+    w.engine.healthy_after[c.image] = 1e9
+    w.store.records["g1"] = w.store.records["g1"].replace(status=Status.ENGINE_UNREACHABLE, probe_failures=3,
+                                                          unreachable_since=w.store.clock.now())
+    await _cut(w, "stop", BackendUnavailable("docker stop: read timeout"), JobKind.STOP)
+    await w.job(JobKind.START, "g1", IMG)   # Lobby starts it again
+    w.backend.crash("g1", 143)              # the STOP's SIGTERM ends it
+    w.engine.healthy_after[c.image] = 0
+    w.store.clock.advance(5)
+    await _as_the_worker(w)
+    rec = w.store.records["g1"]
+    assert rec.crash_count == 0, rec.last_error_message
+
+
+async def test_a_users_stop_then_start_does_not_give_up_the_game(tmp_path):
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30", RTMANAGER_UNREACHABLE_RESTART_AFTER="600",
+              RTMANAGER_CRASH_LIMIT="1")
+    await started(w)
+    [c] = w.running("g1")
+    w.engine.healthy_after[c.image] = 1e9
+    w.store.records["g1"] = w.store.records["g1"].replace(status=Status.ENGINE_UNREACHABLE, probe_failures=3,
+                                                          unreachable_since=w.store.clock.now())
+    await _cut(w, "stop", BackendUnavailable("docker stop: read timeout"), JobKind.STOP)
+    await w.job(JobKind.START, "g1", IMG)
+    w.backend.crash("g1", 143)
+    w.engine.healthy_after[c.image] = 0
+    w.store.clock.advance(5)
+    for _ in range(3):
+        await _as_the_worker(w)
+        w.store.clock.advance(1)
+    rec = w.store.records["g1"]
+    assert rec.desired_status is DesiredStatus.RUNNING
+
+
+async def test_a_stop_whose_save_made_the_engine_unreachable_then_a_start_is_no_crash(tmp_path):
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="300", RTMANAGER_UNREACHABLE_RESTART_AFTER="600")
+    await started(w)
+    [c] = w.running("g1")
+    rec = await _cut(w, "stop", BackendUnavailable("docker stop: read timeout"), JobKind.STOP)
+    assert rec.status is Status.RUNNING and rec.stopping_since is not None
+    w.engine.healthy_after[c.image] = 1e9  # saving: no answer to the health probe
+    for _ in range(5):
+        w.store.clock.advance(5)
+        rec = w.store.records["g1"]
+        await w.reconciler.observe(rec, w.backend.ip_of(w.running("g1")[0]))
+    rec = w.store.records["g1"]
+    await w.job(JobKind.START, "g1", IMG)
+    w.backend.crash("g1", 0)   # the save is done; the engine exits
+    w.engine.healthy_after[c.image] = 0
+    w.store.clock.advance(5)
+    await _as_the_worker(w)
+    rec = w.store.records["g1"]
+    assert rec.crash_count == 0
