@@ -893,12 +893,12 @@ class FakeStore:
 
     async def clear_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
         now = self._check()
-        cur = self._guard(rec, False)
+        cur = self._guard(rec, True)
         return self._swap(cur, transitions.not_stopping(cur, now))
 
     async def mark_stopping(self, rec: RuntimeRecord, unit_id: str | None = None) -> RuntimeRecord:
         now = self._check()
-        cur = self._guard(rec, False)
+        cur = self._guard(rec, True)
         return self._swap(cur, transitions.stopping(cur, now, unit_id))
 
     async def note_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:

@@ -304,12 +304,16 @@ class Transitions(StoreBase):
                                                                                                   turn=turn))
 
     async def clear_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
-        """desired/transitions.py ``not_stopping``."""
-        return await self._transition(rec, transitions.not_stopping)
+        """desired/transitions.py ``not_stopping``. At the generation it was read at (as ``mark_stopping``): the
+        caller goes on with the record it gets back, and one of a newer generation (a job that landed while the
+        engine stopped) would carry the older generation's action on as the newer's, and answer its jobs."""
+        return await self._transition(rec, transitions.not_stopping, guard_generation=True)
 
     async def mark_stopping(self, rec: RuntimeRecord, unit_id: str | None = None) -> RuntimeRecord:
-        """A unit of the game is about to be asked to stop (desired/transitions.py ``stopping``)."""
-        return await self._transition(rec, lambda cur, now: transitions.stopping(cur, now, unit_id))
+        """A unit of the game is about to be asked to stop (desired/transitions.py ``stopping``); Conflict when
+        a job changed the generation since the record was read (the stop is then planned again)."""
+        return await self._transition(rec, lambda cur, now: transitions.stopping(cur, now, unit_id),
+                                      guard_generation=True)
 
     async def note_disruption_wait(self, rec: RuntimeRecord) -> RuntimeRecord:
         """A planned disruption waits for a turn the record says is generated, the engine not saying

@@ -652,3 +652,28 @@ async def test_a_stop_whose_save_made_the_engine_unreachable_then_a_start_is_no_
     await _as_the_worker(w)
     rec = w.store.records["g1"]
     assert rec.crash_count == 0
+
+
+async def test_a_start_that_lands_during_a_patchs_removal_is_not_answered_with_the_patchs_engine(tmp_path):
+    """The fixed-seed chaos run (seed 25), stop 46: a patch to 1.1 removed the 1.0 engine; a start of 1.0 landed
+    during that removal (a new generation); clearing the removal's stop mark returned the record as it then was,
+    at the start's generation, and the patch went on with it: the 1.1 engine it made answered the start of 1.0.
+    A mark is written and cleared only at the generation it was read at."""
+    from tests.support.world import IMG2
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+
+    async def start_lands() -> None:
+        await w.job(JobKind.START, "g1", IMG)  # Lobby goes back to 1.0 while the removal runs
+
+    w.backend.while_stopping = start_lands
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    for _ in range(6):
+        await _as_the_worker(w)
+        w.store.clock.advance(5)
+    rec = w.store.records["g1"]
+    [unit] = w.running("g1")
+    answered = [r for r in w.store.results_for("g1") if r["job"] == "start"][-1]
+    assert unit.image == IMG and rec.current_image_ref == IMG and rec.converged, (unit.image, rec)
+    assert answered["outcome"] == "success" and answered["container_id"] == unit.id, answered
