@@ -281,14 +281,21 @@ class Starts:
         try:
             await call
         except (Refused, NotSent):
-            if record.stopping_since is not None:
+            if record.stopping_since is not None:  # whatever job landed meanwhile: this mark dates no signal
                 with contextlib.suppress(Conflict):
-                    await self.store.clear_stopping(record)
+                    await self.store.clear_stopping(record, same_generation=False)
             raise
-        if over and record.stopping_since is not None:
-            with contextlib.suppress(Conflict):
-                return await self.store.clear_stopping(record)
-        return record
+        if not over or record.stopping_since is None:
+            return record
+        try:
+            cleared = await self.store.clear_stopping(record, same_generation=False)  # the unit is gone
+        except Conflict:
+            cleared = None
+        if cleared is None or cleared.generation != record.generation:
+            # A job landed while the engine was removed: the plan this removal was part of is not the game's
+            # any more. Planned again from the record as it is (no backup, no new unit for the older plan).
+            raise Conflict(f"{record.game_id}: a job changed the game while its engine was removed")
+        return cleared
 
     async def stop_grace(self, record: RuntimeRecord, container: ObservedContainer | None) -> float:
         """Seconds between SIGTERM and SIGKILL for the engine this unit runs (None: the record's engine): its

@@ -891,9 +891,9 @@ class FakeStore:
         cur = self._guard(rec, False)
         return self._swap(cur, transitions.disruption_wait_restarted(cur, now, turn=turn))
 
-    async def clear_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
+    async def clear_stopping(self, rec: RuntimeRecord, *, same_generation: bool = True) -> RuntimeRecord:
         now = self._check()
-        cur = self._guard(rec, True)
+        cur = self._guard(rec, same_generation)
         return self._swap(cur, transitions.not_stopping(cur, now))
 
     async def mark_stopping(self, rec: RuntimeRecord, unit_id: str | None = None) -> RuntimeRecord:

@@ -303,11 +303,13 @@ class Transitions(StoreBase):
         return await self._transition(rec, lambda cur, now: transitions.disruption_wait_restarted(cur, now,
                                                                                                   turn=turn))
 
-    async def clear_stopping(self, rec: RuntimeRecord) -> RuntimeRecord:
-        """desired/transitions.py ``not_stopping``. At the generation it was read at (as ``mark_stopping``): the
-        caller goes on with the record it gets back, and one of a newer generation (a job that landed while the
-        engine stopped) would carry the older generation's action on as the newer's, and answer its jobs."""
-        return await self._transition(rec, transitions.not_stopping, guard_generation=True)
+    async def clear_stopping(self, rec: RuntimeRecord, *, same_generation: bool = True) -> RuntimeRecord:
+        """desired/transitions.py ``not_stopping``. At the generation it was read at (as ``mark_stopping``), when
+        the caller goes on with the record it gets back: one of a newer generation (a job that landed while the
+        engine stopped) would carry the older generation's action on as the newer's, and answer its jobs.
+        ``same_generation=False`` clears the mark whatever the generation (no signal went out, or the unit is
+        gone): the caller checks the generation itself."""
+        return await self._transition(rec, transitions.not_stopping, guard_generation=same_generation)
 
     async def mark_stopping(self, rec: RuntimeRecord, unit_id: str | None = None) -> RuntimeRecord:
         """A unit of the game is about to be asked to stop (desired/transitions.py ``stopping``); Conflict when

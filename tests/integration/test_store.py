@@ -419,6 +419,9 @@ async def test_a_stop_mark_names_its_unit_and_is_cleared_whole(pool):
         await store.clear_stopping(marked)
     with pytest.raises(Conflict):
         await store.mark_stopping(cleared)
+    # a mark that dates no signal (or a unit gone) is cleared whatever the generation
+    done = await store.clear_stopping(marked, same_generation=False)
+    assert done.stopping_since is None and done.generation == marked.generation + 1
 
 
 async def test_a_generation_answered_while_another_was_accepted_conflicts(pool):

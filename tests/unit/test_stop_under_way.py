@@ -677,3 +677,97 @@ async def test_a_start_that_lands_during_a_patchs_removal_is_not_answered_with_t
     answered = [r for r in w.store.results_for("g1") if r["job"] == "start"][-1]
     assert unit.image == IMG and rec.current_image_ref == IMG and rec.converged, (unit.image, rec)
     assert answered["outcome"] == "success" and answered["container_id"] == unit.id, answered
+
+
+def _land_then_raise(w: World, call: str, exc: Exception, job) -> None:
+    """The first ``call`` of the backend (stop or remove): a job lands while it is in flight, then it raises."""
+    real = getattr(w.backend, call)
+    done: list[int] = []
+
+    async def failing(unit_id, grace):
+        if not done:
+            done.append(1)
+            w.backend.calls.append((call, unit_id, grace))
+            await job()
+            raise exc
+        await real(unit_id, grace)
+
+    setattr(w.backend, call, failing)
+
+
+@pytest.mark.parametrize("refusal", ["Refused", "NotSent"])
+async def test_a_stop_that_sent_nothing_clears_its_mark_whatever_job_landed_meanwhile(tmp_path, refusal):
+    """Review 136 of 0e83569: a stop refused (or never received) while a start landed kept its mark, the clear
+    refused for the new generation: RECORD then waited a grace and 15 s, the pass-through closed, for a SIGTERM
+    that never went out. A mark that dates no signal is cleared whatever the generation."""
+    from observed.errors import NotSent, Refused
+
+    exc = Refused("no") if refusal == "Refused" else NotSent("docker stop: connection refused")
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    _land_then_raise(w, "stop", exc, lambda: w.job(JobKind.START, "g1", IMG))
+    await w.job(JobKind.STOP, "g1")
+    await _as_the_worker(w)
+    w.store.clock.advance(5)
+    rec = await w.sync("g1")
+    assert rec.stopping_since is None and rec.converged and closed(rec, w.store.clock.now()) is None, rec
+
+
+async def test_a_replacement_whose_removal_a_job_overtook_stops_there(tmp_path):
+    """Review 136: after a removal a job overtook (a start landed meanwhile), the replacement went on with its
+    older plan (the state's backup, the new unit's preparation) until a later guard stopped it; its removal's
+    mark stayed, so the next unit's removal went unmarked and was signalled twice. The mark is cleared (the
+    unit is gone) and the replacement is planned again from the record as it is."""
+    from observed.errors import BackendUnavailable
+
+    mute = "galaxy/engine-stub:mute"
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30")
+    await started(w)
+    generations: list[tuple[int, int]] = []
+    real_backup = w.reconciler.states.backup
+
+    async def backup(record):
+        generations.append((record.generation, w.store.records["g1"].generation))
+        await real_backup(record)
+
+    w.reconciler.states.backup = backup
+
+    async def lands() -> None:
+        await w.job(JobKind.START, "g1", mute)  # an engine that never answers: its unit is removed again
+
+    w.backend.while_stopping = lands
+    real_remove, removals = w.backend.remove, []
+
+    async def remove(unit_id, grace):
+        c = w.backend.containers.get(unit_id)
+        rec = w.store.records["g1"]
+        removals.append((c.image if c else None, rec.stopping_unit == unit_id, w.store.clock.now()))
+        if c is not None and c.image == mute and sum(1 for r in removals if r[0] == mute) == 1:
+            w.backend.calls.append(("remove", unit_id, grace))
+            raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
+        await real_remove(unit_id, grace)
+
+    w.backend.remove = remove
+    await w.job(JobKind.PATCH, "g1", IMG2)
+    for _ in range(4):
+        await _as_the_worker(w)
+        w.store.clock.advance(2)
+    assert all(read == now for read, now in generations), generations  # no backup for a superseded plan
+    muted = [r for r in removals if r[0] == mute]
+    assert muted and muted[0][1], "the mute unit's removal went out unmarked"
+    assert len(muted) == 1 or (muted[1][2] - muted[0][2]).total_seconds() >= 45, muted
+
+
+async def test_a_restarts_removal_never_sent_while_a_patch_landed_is_sent_again_at_once(tmp_path):
+    """Review 136: the same for a removal the daemon never got: its mark stayed, and the next attempt waited."""
+    from observed.errors import NotSent
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    await started(w)
+    _land_then_raise(w, "remove", NotSent("docker stop: connection refused"), lambda: w.job(JobKind.PATCH, "g1", IMG2))
+    await w.job(JobKind.RESTART, "g1")
+    await _as_the_worker(w)
+    w.store.clock.advance(5)
+    await _as_the_worker(w)
+    rec = w.store.records["g1"]
+    assert len(w.backend.ops("remove")) == 2 and rec.current_image_ref == IMG2, (w.backend.ops("remove"), rec)
