@@ -265,7 +265,10 @@ class Starts:
         (``transitions.stopping``). The record holds one mark: a young one of another unit (in its grace and
         STOP_SLACK) is kept, and this unit's stop goes unmarked (as every stop did before marks named units)."""
         other = record.stopping_unit or record.current_container_id
-        if other != unit_id and transitions.stop_left(record, self.health.clock.now(), grace, other) > 0:
+        if (other != unit_id and transitions.stop_left(record, self.health.clock.now(), grace, other) > 0
+                and (other is None or await self.backend.inspect(other) is not None)):
+            # (a mark of a unit that is gone dates nothing: a removal whose call timed out after the daemon
+            # removed it, or whose clearing write failed; this unit's stop takes the mark)
             log.info("not marking the stop of unit %s: the record's mark of unit %s is in its grace", unit_id[:12],
                      (other or "?")[:12], extra={"game_id": record.game_id})
             return record

@@ -55,9 +55,11 @@ def rollback_overtaken(cur: RuntimeRecord, now: datetime, *, container_id: str) 
     since: its state is the one to keep now. It is the engine the job replaces: the record names it and no
     longer rolls back, so its state is copied before the new image starts (a rollback goes back to that
     copy), and the older copy is not put back over what it wrote."""
+    mine = cur.stopping_unit == container_id  # a stop of this engine under way (a job's, whose call timed out)
     return cur.replace(current_container_id=container_id, rolling_back=False, last_op_at=_touch(cur, now),
-                       # the mark was of the engine replaced before, not this one
-                       stopping_since=None, stopping_unit=None)
+                       # a mark of the engine replaced before is not this one's; this one's stays (its save)
+                       stopping_since=cur.stopping_since if mine else None,
+                       stopping_unit=container_id if mine else None)
 
 
 def running(cur: RuntimeRecord, now: datetime, *, container_id: str, image: str,

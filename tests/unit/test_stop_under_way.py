@@ -771,3 +771,96 @@ async def test_a_restarts_removal_never_sent_while_a_patch_landed_is_sent_again_
     await _as_the_worker(w)
     rec = w.store.records["g1"]
     assert len(w.backend.ops("remove")) == 2 and rec.current_image_ref == IMG2, (w.backend.ops("remove"), rec)
+
+
+@pytest.mark.parametrize("how", ["timeout_but_gone", "clear_outage"])
+async def test_a_gone_units_mark_does_not_leave_the_next_units_removal_unmarked(tmp_path, how):
+    """Review 137: a removal whose call timed out after the daemon had removed the unit (or whose mark's clearing
+    write failed) left a young mark of a unit that is gone; the next unit's removal was then left unmarked (the
+    record holds one mark), timed out, and was signalled again 2 s later, into its save. A mark of a unit that
+    is gone dates nothing: the next stop takes the mark."""
+    from desired.errors import StoreUnavailable
+    from observed.errors import BackendUnavailable
+
+    mute = "galaxy/engine-stub:mute"
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="30", RTMANAGER_START_TIMEOUT="5")
+    await started(w)
+    real_remove, removals = w.backend.remove, []
+
+    async def remove(unit_id, grace):
+        c = w.backend.containers.get(unit_id)
+        removals.append((c.image if c else None, w.store.records["g1"].stopping_unit == unit_id, w.store.clock.now()))
+        if c is not None and c.image == IMG and how == "timeout_but_gone":
+            await real_remove(unit_id, grace)  # the daemon removed it; the client's call timed out
+            raise BackendUnavailable("docker remove: read timeout")
+        if c is not None and c.image == mute and sum(1 for r in removals if r[0] == mute) == 1:
+            w.backend.calls.append(("remove", unit_id, grace))
+            raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
+        await real_remove(unit_id, grace)
+
+    w.backend.remove = remove
+    if how == "clear_outage":
+        real_clear, failed = w.store.clear_stopping, []
+
+        async def clear(rec, **kw):
+            if not failed:
+                failed.append(1)
+                raise StoreUnavailable("postgres: a blip")
+            return await real_clear(rec, **kw)
+
+        w.store.clear_stopping = clear
+    await w.job(JobKind.PATCH, "g1", mute)
+    for _ in range(6):
+        await _as_the_worker(w)
+        w.store.clock.advance(2)
+    muted = [r for r in removals if r[0] == mute]
+    assert muted and muted[0][1], "the mute unit's removal went out unmarked"
+    assert len(muted) == 1 or (muted[1][2] - muted[0][2]).total_seconds() >= 45, muted
+
+
+async def test_a_rollback_overtaken_keeps_the_mark_of_the_engine_it_takes_over(tmp_path):
+    """Review 137: a stop of the rollback's engine timed out (SIGTERM sent, it saves), then a start of another
+    image overtook the rollback: taking the engine over cleared every mark, also this engine's own, and the
+    replacement removed it 5 s into its 600 s grace."""
+    from observed.errors import BackendUnavailable
+
+    mute = "galaxy/engine-stub:mute"
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600", RTMANAGER_START_TIMEOUT="5")
+    first = (await started(w)).current_container_id
+    real_check, sent = w.engine.check, []
+
+    async def check(host):
+        c = w.backend.by_name("galaxy-game-g1")
+        if c is not None and c.image == IMG and w.store.records["g1"].rolling_back and not sent:
+            sent.append(1)
+            await w.job(JobKind.STOP, "g1")  # Lobby stops the game during the rollback's health wait
+        return await real_check(host)
+
+    w.engine.check = check
+    signals: list[tuple[str, str, object]] = []
+    real_stop, real_remove = w.backend.stop, w.backend.remove
+
+    async def stop(unit_id, grace):
+        c = w.backend.containers.get(unit_id)
+        if c is not None and c.image == IMG and c.state == "running" and unit_id != first:
+            signals.append(("stop", unit_id, w.store.clock.now()))
+            if len(signals) == 1:
+                w.backend.calls.append(("stop", unit_id, grace))
+                await w.job(JobKind.START, "g1", IMG2)  # and starts it again, with 1.1
+                raise BackendUnavailable("docker stop: read timeout (SIGTERM sent, the engine saves)")
+        await real_stop(unit_id, grace)
+
+    async def remove(unit_id, grace):
+        c = w.backend.containers.get(unit_id)
+        if c is not None and c.image == IMG and c.state == "running" and unit_id != first:
+            signals.append(("remove", unit_id, w.store.clock.now()))
+        await real_remove(unit_id, grace)
+
+    w.backend.stop, w.backend.remove = stop, remove
+    await w.job(JobKind.PATCH, "g1", mute)
+    for _ in range(8):
+        await _as_the_worker(w)
+        w.store.clock.advance(5)
+    assert signals, "the rollback's engine was never stopped"
+    later = [s for s in signals[1:] if s[1] == signals[0][1]]
+    assert not later or (later[0][2] - signals[0][2]).total_seconds() >= 600, signals
