@@ -68,7 +68,7 @@ class Crashes:
             # Marked as every stop of an engine is: a stop call that times out (the engine saving) is waited
             # out above, not signalled again at the next look.
             record = await self.starts.mark(record, seen.id, grace)
-            await self.starts.signal(record, self.backend.stop(seen.id, grace))
+            await self.starts.signal(record, seen.id, self.backend.stop(seen.id, grace))
             return await self.count(record, Crash(
                 code=ErrorCode.ENGINE_UNREACHABLE, container_id=seen.id,
                 detail=f"engine did not answer for more than {self.settings.engine.unreachable_restart_after:g}s; "

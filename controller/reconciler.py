@@ -659,7 +659,8 @@ class Reconciler:
             if not isinstance(stopping, RuntimeRecord):
                 return stopping
             record = stopping
-            await self.starts.signal(record, self.backend.stop(container.id, grace))  # SIGTERM, the grace, SIGKILL
+            # SIGTERM, the grace, SIGKILL
+            await self.starts.signal(record, container.id, self.backend.stop(container.id, grace))
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))
             try:
                 await self.store.mark_stopped(record, container_id=container.id, stopped_now=True)
@@ -702,7 +703,7 @@ class Reconciler:
             if not isinstance(stopping, RuntimeRecord):
                 return stopping
             record = stopping
-            await self.starts.signal(record, self.backend.remove(container.id, grace))
+            await self.starts.signal(record, container.id, self.backend.remove(container.id, grace))
             # A removal during a replacement (Lobby's cancel: a stop, then a cleanup) keeps, for the
             # retention, the state the replaced engine left, as a stop does.
             await self.states.restore_at_stop(record, self._runs_replaced(record, container))

@@ -107,7 +107,8 @@ class Starts:
                 await self.states.check_copy_room(record)
             grace = await self.stop_grace(record, container)
             record = await self.mark(record, container.id, grace)  # right before the signal, each time
-            record = await self.signal(record, self.backend.remove(container.id, grace), over=True)  # SIGTERM first
+            # SIGTERM first
+            record = await self.signal(record, container.id, self.backend.remove(container.id, grace), over=True)
             container = None
         made = container is None
         if container is None:
@@ -274,24 +275,29 @@ class Starts:
             return record
         return await self.store.mark_stopping(record, unit_id)
 
-    async def signal(self, record: RuntimeRecord, call: Awaitable[None], *, over: bool = False) -> RuntimeRecord:
+    async def signal(self, record: RuntimeRecord, unit_id: str, call: Awaitable[None], *,
+                     over: bool = False) -> RuntimeRecord:
         """A stop or removal of an engine, its mark written just before (the caller's): a refusal of the
         daemon's, or a call that never reached it (its socket refused the connection: a daemon restarting),
         says no signal went out, so the mark is cleared (nothing to wait out on the next attempt). A call that
         failed otherwise (a timeout, a connection cut) may have sent it: the mark stays. With ``over``, a call
         that returned (the unit has exited) clears it too, where no transition that follows would (a
-        replacement's removal: the record's one mark is then free for its new unit's stop)."""
+        replacement's removal: the record's one mark is then free for its new unit's stop). Only a mark of
+        ``unit_id`` is cleared: another unit's (kept by ``mark``) is that unit's."""
+        mine = transitions.stop_mark_of(record, unit_id) is not None
         try:
             await call
         except (Refused, NotSent):
-            if record.stopping_since is not None:  # whatever job landed meanwhile: this mark dates no signal
+            if mine:  # whatever job landed meanwhile: this mark dates no signal
                 with contextlib.suppress(Conflict):
                     await self.store.clear_stopping(record, same_generation=False)
             raise
-        if not over or record.stopping_since is None:
+        if not over:
             return record
+        cleared: RuntimeRecord | None
         try:
-            cleared = await self.store.clear_stopping(record, same_generation=False)  # the unit is gone
+            cleared = (await self.store.clear_stopping(record, same_generation=False) if mine  # the unit is gone
+                       else await self.store.find(record.game_id))
         except Conflict:
             cleared = None
         if cleared is None or cleared.generation != record.generation:

@@ -864,3 +864,31 @@ async def test_a_rollback_overtaken_keeps_the_mark_of_the_engine_it_takes_over(t
     assert signals, "the rollback's engine was never stopped"
     later = [s for s in signals[1:] if s[1] == signals[0][1]]
     assert not later or (later[0][2] - signals[0][2]).total_seconds() >= 600, signals
+
+
+async def test_a_refused_stop_of_another_unit_does_not_clear_the_engines_mark(tmp_path):
+    """Final read of this stop's change: the record holds one mark, which Starts.mark keeps for the engine in its
+    save while another unit is stopped unmarked; a refusal of that other stop (or its removal) cleared the
+    engine's mark, opening the pass-through in the middle of the save. Only the signalled unit's mark is cleared."""
+    from observed.errors import NotSent
+
+    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
+    rec = await started(w)
+    rec = await w.store.mark_stopping(rec)  # the engine's stop under way (its call timed out)
+    starts = w.reconciler.starts
+    other = "d" * 64
+
+    async def refused() -> None:
+        raise NotSent("docker stop: connection refused")
+
+    kept = await starts.mark(rec, other, 600)
+    assert kept.stopping_unit == rec.current_container_id  # the other unit goes unmarked
+    with pytest.raises(NotSent):
+        await starts.signal(kept, other, refused())
+    assert w.store.records["g1"].stopping_since == rec.stopping_since, "the engine's mark was cleared"
+
+    async def removed() -> None:
+        return None
+
+    assert (await starts.signal(kept, other, removed(), over=True)).stopping_since == rec.stopping_since
+    assert w.store.records["g1"].stopping_since == rec.stopping_since
