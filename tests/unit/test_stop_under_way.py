@@ -493,10 +493,14 @@ class _Killed(BaseException):
     """kill -9 of the process, as a test can make it."""
 
 
-async def test_a_patchs_new_unit_cut_before_it_was_recorded_is_not_removed_twice_in_its_grace(tmp_path):
+@pytest.mark.parametrize(("kind", "image", "back"), [(JobKind.PATCH, IMG2, IMG), (JobKind.RESTART, None, None)],
+                         ids=["patch", "restart"])
+async def test_a_replacements_new_unit_cut_before_it_was_recorded_is_not_removed_twice_in_its_grace(
+        tmp_path, kind, image, back):
     """Review 132: a kill after a patch's new unit started (before it was recorded running), then another
     patch: only the record's engine was marked, so the new unit's removal whose call timed out was sent again
-    at once, a second SIGTERM into its save. The mark names the unit it is of."""
+    at once, a second SIGTERM into its save. The mark names the unit it is of. A restart's new unit the same
+    (it runs the same image, on the same state)."""
     w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
     await started(w)
     starts = w.reconciler.starts
@@ -506,60 +510,17 @@ async def test_a_patchs_new_unit_cut_before_it_was_recorded_is_not_removed_twice
         raise _Killed()
 
     starts.confirm = killed
-    await w.job(JobKind.PATCH, "g1", IMG2)
+    await w.job(kind, "g1", image)
     try:
         await w.sync("g1")
     except _Killed:
         pass
     starts.confirm = real_confirm
     [new] = w.running("g1")
-    assert new.image == IMG2 and w.store.records["g1"].current_container_id != new.id
-    await w.job(JobKind.PATCH, "g1", IMG)  # Lobby goes back
-    real = w.backend.remove
-
-    async def remove(unit_id, grace):
-        w.backend.calls.append(("remove", unit_id, grace))
-        w.backend.remove = real
-        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
-
-    w.backend.remove = remove
-    n = len(w.backend.ops("remove"))
-    await _as_the_worker(w)
-    w.store.clock.advance(5)
-    await _as_the_worker(w)
-    assert len([r for r in w.backend.ops("remove")[n:] if r[1] == new.id]) == 1, w.backend.ops("remove")
-
-
-async def test_a_restarts_new_unit_cut_before_it_was_recorded_is_not_removed_twice_in_its_grace(tmp_path):
-    """Review 132: the same after a restart (its new unit runs the same image, on the same state)."""
-    w = World(tmp_path, RTMANAGER_STOP_GRACE="600")
-    await started(w)
-    starts = w.reconciler.starts
-    real_confirm = starts.confirm
-
-    async def killed(*a, **k):
-        raise _Killed()
-
-    starts.confirm = killed
-    await w.job(JobKind.RESTART, "g1")
-    try:
-        await w.sync("g1")
-    except _Killed:
-        pass
-    starts.confirm = real_confirm
-    [new] = w.running("g1")
-    assert w.store.records["g1"].current_container_id != new.id
-    await w.job(JobKind.RESTART, "g1")
-    real = w.backend.remove
-
-    async def remove(unit_id, grace):
-        w.backend.calls.append(("remove", unit_id, grace))
-        w.backend.remove = real
-        raise BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)")
-
-    w.backend.remove = remove
-    n = len(w.backend.ops("remove"))
-    await _as_the_worker(w)
+    assert new.image == (image or IMG) and w.store.records["g1"].current_container_id != new.id
+    n = len(w.backend.ops("remove"))  # then another job of the kind (a patch: Lobby goes back)
+    await _cut(w, "remove", BackendUnavailable("docker remove: read timeout (SIGTERM sent, the engine saves)"),
+               kind, back)
     w.store.clock.advance(5)
     await _as_the_worker(w)
     assert len([r for r in w.backend.ops("remove")[n:] if r[1] == new.id]) == 1, w.backend.ops("remove")
