@@ -43,6 +43,7 @@ from controller.metrics import Metrics
 from controller.openapi import ACTOR_PATTERN, FORCEABLE, LOG_OPS, MAX_ACTOR, REST_JOBS, openapi_document
 from controller.rollouts_http import RolloutRoutes
 from controller.tokens import InvalidTokens, Role, Token, TokenSource
+from controller.triggers import wait_any
 from controller.watch_http import WatchRoutes
 from desired.errors import NotFound, RtmError, StoreBusy, StoreUnavailable, UniqueViolation
 from desired.jobs import (
@@ -228,12 +229,7 @@ class JobWaiters:
                         future.set_result(result)
             if not self._waiting:
                 break
-            waits = {asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._joined.wait())}
-            try:
-                await asyncio.wait(waits, timeout=WAITERS_POLL, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await wait_any(changed, self._joined, timeout=WAITERS_POLL)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from controller.metrics import Metrics
+from controller.triggers import wait_any
 from controller.watch_openapi import MAX_FILTER
 from desired.errors import StoreUnavailable
 from desired.model import GAME_ID_PATTERN, Status
@@ -182,12 +183,7 @@ class WatchRoutes:
 
     async def _wait(self, changed: asyncio.Event, timeout: float) -> None:
         """Until a commit, the server's shutdown, or ``timeout``."""
-        waits = {asyncio.ensure_future(changed.wait()), asyncio.ensure_future(self._closing.wait())}
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
+        await wait_any(changed, self._closing, timeout=timeout)
 
     async def _send(self, request: web.Request, resp: web.StreamResponse, chunk: bytes) -> None:
         try:
